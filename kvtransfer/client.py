@@ -1,0 +1,188 @@
+"""The decode worker's block fetcher: pulls held blocks from prefill workers into its own paged cache.
+
+Fetches run on one background thread so the engine keeps decoding other
+requests meanwhile; the worker connector collects finished and failed request
+ids with ``take_results()`` every step. A failed fetch fails that request only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .layout import KVLayout
+from .paged import PagedKV, as_bytes_array
+from .transport import DataPlane, TransferError
+from .wire import ChannelClosed, parse_address, recv_msg, send_msg
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+@dataclass
+class LoadJob:
+    """Blocks of one request to pull: remote ids on the prefill side, local ids here."""
+
+    req_id: str
+    address: str
+    remote_req_id: str
+    remote_block_ids: list[int]
+    local_block_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class TransferStats:
+    bytes: int = 0
+    seconds: float = 0.0
+    blocks: int = 0
+    fetches: int = 0
+    failures: int = 0
+
+
+class _Conn:
+    def __init__(self, address: str, kv: PagedKV, planes: dict[str, DataPlane]) -> None:
+        host, port = parse_address(address)
+        self.sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.settimeout(None)
+        hello = {"op": "hello", "layout": kv.layout.to_json(), "planes": list(planes)}
+        for p in planes.values():
+            hello.update(p.local_info())
+        send_msg(self.sock, hello)
+        reply = recv_msg(self.sock)
+        if not reply.get("ok"):
+            raise TransferError(f"prefill worker {address} refused the handshake: {reply.get('error')}")
+        KVLayout.from_json(reply["layout"]).check_compatible(kv.layout)
+        self.plane = planes[reply["plane"]]
+        self.peer = self.plane.connect(reply)
+
+    def call(self, msg: dict) -> dict:
+        send_msg(self.sock, msg)
+        reply = recv_msg(self.sock)
+        if not reply.get("ok"):
+            raise TransferError(str(reply.get("error")))
+        return reply
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class BlockFetcher:
+    """Queue of loads served by one thread; results are taken by the engine step."""
+
+    def __init__(self, kv: PagedKV, planes: dict[str, DataPlane]) -> None:
+        self.kv = kv
+        self._planes = planes
+        self._conns: dict[str, _Conn] = {}
+        self._jobs: queue.Queue[LoadJob | tuple[str, str] | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._finished: set[str] = set()
+        self._failed: set[str] = set()
+        self.stats = TransferStats()
+        self._tags = itertools.count(1)
+        self._thread = threading.Thread(target=self._run, name="tandem-kv-fetch", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: LoadJob) -> None:
+        self._jobs.put(job)
+
+    def submit_release(self, address: str, remote_req_id: str) -> None:
+        self._jobs.put((address, remote_req_id))
+
+    def take_results(self) -> tuple[set[str], set[str]]:
+        """(finished, failed); every failed id is in finished too, as vLLM expects."""
+        with self._lock:
+            done, failed = self._finished, self._failed
+            self._finished, self._failed = set(), set()
+        return done | failed, failed
+
+    def take_stats(self) -> TransferStats:
+        with self._lock:
+            s, self.stats = self.stats, TransferStats()
+        return s
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        for c in self._conns.values():
+            c.close()
+
+    def _conn(self, address: str) -> _Conn:
+        conn = self._conns.get(address)
+        if conn is None:
+            conn = self._conns[address] = _Conn(address, self.kv, self._planes)
+        return conn
+
+    def _drop(self, address: str) -> None:
+        conn = self._conns.pop(address, None)
+        if conn is not None:
+            conn.close()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            if isinstance(job, tuple):
+                address, remote_req_id = job
+                try:
+                    self._conn(address).call({"op": "release", "req": remote_req_id})
+                except (OSError, ChannelClosed, TransferError) as exc:
+                    self._drop(address)
+                    logger.warning("release of remote request %s at %s failed: %s", remote_req_id, address, exc)
+                continue
+            self._load(job)
+
+    def _load(self, job: LoadJob) -> None:
+        t0 = time.perf_counter()
+        try:
+            conn = self._conn(job.address)
+            tag = next(self._tags)
+            reply = conn.call({"op": "fetch", "req": job.remote_req_id, "blocks": job.remote_block_ids, "tag": tag})
+            staging = self.kv.empty(len(job.remote_block_ids))
+            buf = as_bytes_array(staging)
+            if int(reply["nbytes"]) != buf.nbytes:
+                raise TransferError(f"prefill side offers {reply['nbytes']} bytes, expected {buf.nbytes}")
+            conn.plane.recv(conn.peer, conn.sock, buf, tag)
+            self.kv.scatter(job.local_block_ids, staging)
+        except (OSError, ChannelClosed, TransferError, ValueError, KeyError) as exc:
+            self._drop(job.address)
+            logger.error("request %s: KV fetch from %s failed: %s", job.req_id, job.address, exc)
+            with self._lock:
+                self._failed.add(job.req_id)
+                self.stats.failures += 1
+            return
+        dt = time.perf_counter() - t0
+        try:
+            conn.call({"op": "ack", "req": job.remote_req_id})
+        except (OSError, ChannelClosed, TransferError) as exc:
+            # The blocks are here; the prefill side frees them at lease end instead.
+            self._drop(job.address)
+            logger.warning("request %s: ack to %s failed: %s", job.req_id, job.address, exc)
+        logger.debug("request %s: fetched %d blocks (%d bytes) in %.4f s over %s",
+                     job.req_id, len(job.remote_block_ids), buf.nbytes, dt, conn.plane.name)
+        with self._lock:
+            self._finished.add(job.req_id)
+            self.stats.bytes += buf.nbytes
+            self.stats.seconds += dt
+            self.stats.blocks += len(job.remote_block_ids)
+            self.stats.fetches += 1
+
+
+def release_remote(address: str, remote_req_id: str, timeout_s: float = 5.0) -> None:
+    """Tell a prefill worker that nobody will fetch a request's blocks (client cancel)."""
+    host, port = parse_address(address)
+    with socket.create_connection((host, port), timeout=timeout_s) as sock:
+        sock.settimeout(timeout_s)
+        send_msg(sock, {"op": "release", "req": remote_req_id})
+        reply = recv_msg(sock)
+        if not reply.get("ok"):
+            raise TransferError(str(reply.get("error")))

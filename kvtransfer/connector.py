@@ -1,0 +1,132 @@
+"""TandemConnector: Tandem's vLLM v1 KV connector.
+
+vLLM instantiates this class twice, once per role, in different processes:
+  scheduler role (engine core):  get_num_new_matched_tokens, update_state_after_alloc,
+                                 build_connector_meta, request_finished
+  worker role (beside the model): register_kv_caches, start_load_kv,
+                                 get_transfer_results, shutdown
+The roles share no objects; per-step state crosses as TandemConnectorMetadata.
+Loads are asynchronous (whole blocks pulled between steps), so the per-layer
+hooks (wait_for_layer_load, save_kv_layer) have nothing to do.
+
+kv_connector_extra_config keys: engine_id, address (host:port of this
+engine's block server; producers), lease_s, transport (auto | ucx | tcp).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorTransferResults,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from .metadata import TandemConnectorMetadata
+from .scheduler_side import SchedulerSide
+from .worker_side import WorkerSide
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LEASE_S = 30.0
+
+
+class TandemConnector(KVConnectorBase_V1):
+    _cache_hit_source = CacheHitSource.P2P
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
+                 kv_cache_config: KVCacheConfig | None = None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)  # type: ignore[arg-type]
+        ktc = vllm_config.kv_transfer_config
+        extra: dict[str, Any] = dict(ktc.kv_connector_extra_config or {})
+        engine_id = str(extra.get("engine_id") or ktc.engine_id)
+        address = str(extra.get("address", ""))
+        lease_s = float(extra.get("lease_s", DEFAULT_LEASE_S))
+        block_size = vllm_config.cache_config.block_size
+        if ktc.is_kv_producer and not address:
+            raise ValueError("TandemConnector: a producer needs kv_connector_extra_config['address']")
+        self._sched: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._sched = SchedulerSide(engine_id, block_size, address, lease_s)
+        else:
+            mc, pc = vllm_config.model_config, vllm_config.parallel_config
+            if kv_cache_config is None:
+                raise ValueError("TandemConnector: the worker role needs the KV cache config")
+            self._worker = WorkerSide(
+                is_producer=ktc.is_kv_producer,
+                is_consumer=ktc.is_kv_consumer,
+                address=address,
+                transport=str(extra.get("transport", "auto")),
+                num_blocks=kv_cache_config.num_blocks,
+                layout_fields={
+                    "block_size": block_size,
+                    "num_kv_heads": mc.get_num_kv_heads(pc),
+                    "head_size": mc.get_head_size(),
+                },
+            )
+
+    # worker role --------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        assert self._worker is not None
+        self._worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        assert self._worker is not None
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, TandemConnectorMetadata)
+        self._worker.start_step(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
+                      attn_metadata: AttentionMetadata, **kwargs: Any) -> None:
+        return
+
+    def wait_for_save(self) -> None:
+        return
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        assert self._worker is not None
+        sent, recvd, failed = self._worker.transfer_results()
+        return KVConnectorTransferResults(finished_sending=sent, finished_recving=recvd, failed_recving=failed)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        r = self.get_transfer_results(finished_req_ids)
+        return r.finished_sending, r.finished_recving
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+
+    # scheduler role -----------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        assert self._sched is not None
+        return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        assert self._sched is not None
+        self._sched.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        assert self._sched is not None
+        return self._sched.build_connector_meta()
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        assert self._sched is not None
+        return self._sched.request_finished(request, block_ids)

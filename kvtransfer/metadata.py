@@ -1,0 +1,19 @@
+"""Per-step metadata the scheduler half builds and the worker half consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+from .client import LoadJob
+
+
+@dataclass
+class TandemConnectorMetadata(KVConnectorMetadata):
+    # producer: requests that finished and whose blocks are now held for a fetch
+    holds: dict[str, list[int]] = field(default_factory=dict)
+    lease_s: float = 30.0
+    # consumer: blocks to pull, and remote holds to release without pulling
+    loads: list[LoadJob] = field(default_factory=list)
+    releases: list[tuple[str, str]] = field(default_factory=list)

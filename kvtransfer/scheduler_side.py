@@ -1,0 +1,114 @@
+"""The scheduler half of TandemConnector (runs in vLLM's engine-core process).
+
+Producer (prefill engine): a request marked ``produce`` that finishes normally
+keeps its blocks (delayed free) and returns a transfer handle in its output.
+Consumer (decode engine): a request carrying a ``consume`` handle reports the
+handle's prompt tokens as external and loaded asynchronously; the blocks they
+land in are sent to the worker half as a load job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from .client import LoadJob
+from .handle import CONSUME, HANDLE, PRODUCE, TransferHandle
+from .metadata import TandemConnectorMetadata
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class SchedulerSide:
+    def __init__(self, engine_id: str, block_size: int, address: str, lease_s: float) -> None:
+        self.engine_id = engine_id
+        self.block_size = block_size
+        self.address = address
+        self.lease_s = lease_s
+        self._meta = TandemConnectorMetadata(lease_s=lease_s)
+
+    # consumer -----------------------------------------------------------
+    @staticmethod
+    def _consume_params(request: Request) -> dict[str, Any] | None:
+        p = request.kv_transfer_params
+        if not p or p.get("tandem") != CONSUME or p.get("_tandem_done"):
+            return None
+        return p
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        p = self._consume_params(request)
+        if p is None:
+            return 0, False
+        count = int(p["num_tokens"]) - num_computed_tokens
+        return (count, True) if count > 0 else (0, False)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        p = self._consume_params(request)
+        if p is None:
+            return
+        p["_tandem_done"] = True  # one transfer per request
+        handle = TransferHandle.from_params(p)
+        if num_external_tokens == 0:
+            # Everything was already cached here: nothing to pull, free the remote hold.
+            self._meta.releases.append((handle.address, handle.remote_request_id))
+            return
+        local_computed = handle.num_tokens - num_external_tokens
+        first, last = local_computed // self.block_size, _cdiv(handle.num_tokens, self.block_size)
+        local_ids = blocks.get_block_ids()[0]
+        if last > len(local_ids) or last > len(handle.block_ids):
+            raise RuntimeError(
+                f"request {request.request_id}: handle covers blocks {first}..{last} but "
+                f"{len(local_ids)} local and {len(handle.block_ids)} remote blocks exist")
+        self._meta.loads.append(LoadJob(
+            req_id=request.request_id,
+            address=handle.address,
+            remote_req_id=handle.remote_request_id,
+            remote_block_ids=handle.block_ids[first:last],
+            local_block_ids=list(local_ids[first:last]),
+        ))
+
+    # producer -----------------------------------------------------------
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        from vllm.v1.request import RequestStatus
+
+        p = request.kv_transfer_params
+        if not p:
+            return False, None
+        if p.get("tandem") == CONSUME and not p.get("_tandem_done"):
+            # Aborted before its blocks were allocated: free the remote hold now.
+            handle = TransferHandle.from_params(p)
+            self._meta.releases.append((handle.address, handle.remote_request_id))
+            p["_tandem_done"] = True
+            return False, None
+        if p.get("tandem") != PRODUCE:
+            return False, None
+        if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
+            return False, None  # aborted or failed: nothing to hand over
+        num_tokens = min(request.num_computed_tokens, request.num_prompt_tokens)
+        held = list(block_ids[: _cdiv(num_tokens, self.block_size)])
+        if not held:
+            return False, None
+        self._meta.holds[request.request_id] = held
+        handle = TransferHandle(
+            engine_id=self.engine_id,
+            address=self.address,
+            remote_request_id=request.request_id,
+            block_ids=held,
+            num_tokens=num_tokens,
+            lease_deadline=time.time() + self.lease_s,
+        )
+        return True, handle.to_params(HANDLE)
+
+    # both ---------------------------------------------------------------
+    def build_connector_meta(self) -> TandemConnectorMetadata:
+        meta, self._meta = self._meta, TandemConnectorMetadata(lease_s=self.lease_s)
+        return meta

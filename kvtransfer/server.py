@@ -1,0 +1,180 @@
+"""The prefill worker's block server: holds finished requests' blocks under a lease and serves them.
+
+A held request's blocks stay allocated in the engine until one of: the decode
+side acks its fetch, someone releases it (client cancel), or its lease runs
+out. Each of those puts the request id in ``take_freed()``, which the worker
+connector reports to vLLM as finished sending, and vLLM frees the blocks.
+
+Control messages (JSON over TCP, see ``wire``):
+  hello  {layout, planes, ucx_address?} -> {ok, layout, plane, ucx_address?}
+  fetch  {req, blocks, tag}             -> {ok, nbytes} then the bytes on the data plane
+  ack    {req}                          -> {ok}   (the blocks arrived; free them)
+  release {req}                         -> {ok}   (nobody will fetch; free them)
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from .layout import KVLayout, KVLayoutMismatch
+from .paged import PagedKV, as_bytes_array
+from .transport import DataPlane, TransferError, choose_plane
+from .wire import ChannelClosed, recv_msg, send_msg
+
+logger = logging.getLogger(__name__)
+
+# A fetch can arrive a moment before the engine step that registers the hold.
+HOLD_REGISTRATION_WAIT_S = 5.0
+
+
+@dataclass
+class _Hold:
+    block_ids: list[int]
+    deadline: float
+
+
+class HoldTable:
+    """Requests whose blocks are held for a transfer; thread-safe."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._holds: dict[str, _Hold] = {}
+        self._released_early: dict[str, float] = {}
+        self._freed: set[str] = set()
+
+    def hold(self, req_id: str, block_ids: list[int], lease_s: float) -> None:
+        with self._cond:
+            if self._released_early.pop(req_id, None) is not None:
+                self._freed.add(req_id)
+                return
+            self._holds[req_id] = _Hold(list(block_ids), time.monotonic() + lease_s)
+            self._cond.notify_all()
+
+    def get(self, req_id: str, wait_s: float = HOLD_REGISTRATION_WAIT_S) -> list[int]:
+        deadline = time.monotonic() + wait_s
+        with self._cond:
+            while req_id not in self._holds:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise KeyError(f"no KV blocks held for request {req_id} (released, expired or unknown)")
+                self._cond.wait(left)
+            h = self._holds[req_id]
+            if time.monotonic() > h.deadline:
+                raise KeyError(f"the KV lease of request {req_id} ran out")
+            return h.block_ids
+
+    def release(self, req_id: str) -> bool:
+        """Free a hold; a release that comes before its hold frees it on arrival."""
+        with self._cond:
+            if self._holds.pop(req_id, None) is not None:
+                self._freed.add(req_id)
+                return True
+            self._released_early[req_id] = time.monotonic()
+            return False
+
+    def take_freed(self) -> set[str]:
+        now = time.monotonic()
+        with self._cond:
+            for req_id, h in list(self._holds.items()):
+                if now > h.deadline:
+                    logger.warning("request %s: KV lease ran out before decode fetched it; freeing", req_id)
+                    del self._holds[req_id]
+                    self._freed.add(req_id)
+            for req_id, t in list(self._released_early.items()):
+                if now - t > 600:
+                    del self._released_early[req_id]
+            freed, self._freed = self._freed, set()
+            return freed
+
+    def num_blocks_held(self) -> int:
+        with self._cond:
+            return sum(len(h.block_ids) for h in self._holds.values())
+
+
+class BlockServer:
+    """Serves held blocks to decode workers; one thread per control connection."""
+
+    def __init__(self, host: str, port: int, kv: PagedKV, planes: dict[str, DataPlane]) -> None:
+        self.kv = kv
+        self.holds = HoldTable()
+        self._planes = planes
+        self._sock = socket.create_server((host, port), reuse_port=False)
+        self.address = f"{host}:{self._sock.getsockname()[1]}"
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept_loop, name="tandem-kv-server", daemon=True)
+        self._thread.start()
+        logger.info("KV block server on %s (planes: %s)", self.address, ", ".join(planes))
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._serve, args=(conn,), name="tandem-kv-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        plane: DataPlane | None = None
+        peer: object = None
+        with conn:
+            while True:
+                try:
+                    msg = recv_msg(conn)
+                except (ChannelClosed, OSError):
+                    return
+                op = msg.get("op")
+                try:
+                    if op == "hello":
+                        plane, peer = self._hello(conn, msg)
+                    elif op == "fetch":
+                        if plane is None:
+                            raise TransferError("fetch before hello")
+                        self._fetch(conn, msg, plane, peer)
+                    elif op in ("ack", "release"):
+                        freed = self.holds.release(str(msg["req"]))
+                        logger.debug("request %s: %s (held: %s)", msg["req"], op, freed)
+                        send_msg(conn, {"ok": True})
+                    else:
+                        send_msg(conn, {"ok": False, "error": f"unknown op {op!r}"})
+                except (KVLayoutMismatch, KeyError, ValueError, TransferError) as exc:
+                    err = exc.args[0] if isinstance(exc, KeyError) else str(exc)
+                    logger.warning("KV %s from peer failed: %s", op, err)
+                    try:
+                        send_msg(conn, {"ok": False, "error": err})
+                    except OSError:
+                        return
+                except OSError:
+                    return
+
+    def _hello(self, conn: socket.socket, msg: dict) -> tuple[DataPlane, object]:
+        self.kv.layout.check_compatible(KVLayout.from_json(msg["layout"]))
+        plane = choose_plane(self._planes, list(msg.get("planes", ["tcp"])))
+        peer = plane.connect(msg)
+        send_msg(conn, {"ok": True, "plane": plane.name, "layout": self.kv.layout.to_json(), **plane.local_info()})
+        return plane, peer
+
+    def _fetch(self, conn: socket.socket, msg: dict, plane: DataPlane, peer: object) -> None:
+        req_id = str(msg["req"])
+        wanted = [int(b) for b in msg["blocks"]]
+        held = set(self.holds.get(req_id))
+        if not set(wanted) <= held:
+            raise ValueError(f"request {req_id}: asked for blocks that are not held for it")
+        t0 = time.perf_counter()
+        staging = self.kv.gather(wanted)
+        buf = as_bytes_array(staging)
+        send_msg(conn, {"ok": True, "nbytes": int(buf.nbytes)})
+        plane.send(peer, conn, buf, int(msg.get("tag", 0)))
+        logger.debug("request %s: sent %d blocks (%d bytes) in %.4f s over %s",
+                     req_id, len(wanted), buf.nbytes, time.perf_counter() - t0, plane.name)

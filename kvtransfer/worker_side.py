@@ -1,0 +1,69 @@
+"""The worker half of TandemConnector (runs in vLLM's worker process, beside the model).
+
+Producer: owns the BlockServer that serves held blocks and reports freed holds
+as finished sends. Consumer: owns the BlockFetcher that pulls blocks in the
+background and reports finished and failed receives. Neither blocks a step.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .client import BlockFetcher
+from .metadata import TandemConnectorMetadata
+from .paged import PagedKV
+from .server import BlockServer
+from .transport import make_data_planes
+from .wire import parse_address
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerSide:
+    def __init__(self, *, is_producer: bool, is_consumer: bool, address: str, transport: str,
+                 num_blocks: int, layout_fields: dict[str, object]) -> None:
+        self.is_producer = is_producer
+        self.is_consumer = is_consumer
+        self.address = address
+        self.transport = transport
+        self.num_blocks = num_blocks
+        self.layout_fields = layout_fields
+        self.server: BlockServer | None = None
+        self.fetcher: BlockFetcher | None = None
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        kv = PagedKV(list(kv_caches.values()), self.num_blocks, self.layout_fields)
+        planes = make_data_planes(self.transport)
+        logger.info("Tandem KV layout: %s", kv.layout.to_json())
+        if self.is_producer:
+            host, port = parse_address(self.address)
+            self.server = BlockServer(host, port, kv, planes)
+        if self.is_consumer:
+            self.fetcher = BlockFetcher(kv, planes)
+
+    def start_step(self, meta: TandemConnectorMetadata) -> None:
+        if self.server is not None:
+            for req_id, block_ids in meta.holds.items():
+                self.server.holds.hold(req_id, block_ids, meta.lease_s)
+        if self.fetcher is not None:
+            for job in meta.loads:
+                self.fetcher.submit(job)
+            for address, remote_req_id in meta.releases:
+                self.fetcher.submit_release(address, remote_req_id)
+
+    def transfer_results(self) -> tuple[set[str], set[str], set[str]]:
+        """(finished sending, finished receiving, failed receiving)."""
+        sent = self.server.holds.take_freed() if self.server is not None else set()
+        if self.fetcher is not None:
+            recvd, failed = self.fetcher.take_results()
+        else:
+            recvd, failed = set(), set()
+        return sent, recvd, failed
+
+    def shutdown(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        if self.fetcher is not None:
+            self.fetcher.close()
