@@ -1,0 +1,1 @@
+"""The prefill node: hosts vLLM as a KV producer and serves PrefillNode over gRPC."""

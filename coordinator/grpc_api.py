@@ -1,0 +1,80 @@
+"""The Coordinator gRPC service: Generate (server streaming) and ClusterStatus."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import aclosing
+from collections.abc import AsyncIterator
+
+import grpc
+
+from tandem.errors import InvalidRequest, TandemError, grpc_status_of
+from tandem.proto import tandem_pb2 as pb
+from tandem.proto import tandem_pb2_grpc as pb_grpc
+from tandem.sampling import from_proto
+
+from .pipeline import FinishEvent, Pipeline, TokenEvent
+
+logger = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 4 << 20
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    def __init__(self, pipeline: Pipeline, cluster: str) -> None:
+        self.pipeline = pipeline
+        self.cluster = cluster
+
+    async def Generate(self, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            if request.ByteSize() > MAX_REQUEST_BYTES:
+                raise InvalidRequest(f"request is {request.ByteSize()} bytes; at most {MAX_REQUEST_BYTES} accepted")
+            which = request.WhichOneof("prompt")
+            if which is None:
+                raise InvalidRequest("empty prompt: set text or token_ids")
+            prepared = self.pipeline.prepare(
+                request_id=request.request_id,
+                text=request.text if which == "text" else None,
+                token_ids=list(request.token_ids.ids) if which == "token_ids" else None,
+                sampling=from_proto(request.sampling if request.HasField("sampling") else None),
+                model=request.model,
+            )
+            rid = prepared.request_id
+            async with aclosing(self.pipeline.run(prepared)) as events:
+                async for ev in events:
+                    if isinstance(ev, TokenEvent):
+                        yield pb.GenerateResponse(request_id=rid, token_ids=ev.token_ids, text=ev.text)
+                    elif isinstance(ev, FinishEvent):
+                        yield pb.GenerateResponse(request_id=rid, finish=_finish_pb(ev))
+        except TandemError as exc:
+            code, msg = grpc_status_of(exc)
+            await context.abort(code, msg)
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            logger.exception("request %s: internal error", request.request_id or "-")
+            code, msg = grpc_status_of(exc)
+            await context.abort(code, msg)
+
+    async def ClusterStatus(self, request: pb.ClusterStatusRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ClusterStatusResponse:
+        nodes = [
+            pb.NodeInfo(node_id=n.record.node_id, role=n.record.role, grpc_address=n.record.grpc_address,
+                        kv_address=n.record.kv_address, model=n.record.model,
+                        outstanding=n.outstanding, served=n.served)
+            for n in sorted(self.pipeline.router.nodes(), key=lambda n: (n.record.role, n.record.node_id))
+        ]
+        return pb.ClusterStatusResponse(cluster=self.cluster, model=self.pipeline.served_model, nodes=nodes)
+
+
+def _finish_pb(ev: FinishEvent) -> pb.Finish:
+    return pb.Finish(
+        reason=ev.reason, stop_reason=ev.stop_reason,
+        usage=pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens),
+        timings=pb.Timings(ttft_s=ev.ttft_s, e2e_s=ev.e2e_s, prefill_s=ev.prefill_s, decode_s=ev.decode_s,
+                           prefill_node=ev.prefill_node, decode_node=ev.decode_node),
+    )
+
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name

@@ -1,0 +1,117 @@
+"""The coordinator daemon: membership view + router + pipeline behind gRPC and OpenAI HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tandem.membership import MembershipView
+from tandem.proto import tandem_pb2_grpc as pb_grpc
+
+from .grpc_api import SERVICE_NAME, CoordinatorServicer
+from .http_api import OpenAIHttp
+from .pipeline import Pipeline
+from .router import GRPC_OPTIONS, Router
+from .textcodec import TextCodec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CoordinatorConfig:
+    model: str
+    etcd: str
+    cluster: str = "default"
+    served_model_name: str = ""
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    http_port: int = 8000
+    max_model_len: int = 0
+    prefill_timeout_s: float = 300.0
+
+    def finish(self) -> CoordinatorConfig:
+        if not self.model or not Path(self.model).is_dir():
+            raise ValueError(f"--model must be the served model's local directory (for its tokenizer), got {self.model!r}")
+        if not self.etcd:
+            raise ValueError("--etcd (or TANDEM_ETCD) is required, e.g. http://127.0.0.1:2379")
+        if not self.served_model_name:
+            self.served_model_name = Path(self.model).name
+        if not self.max_model_len:
+            cfg = json.loads((Path(self.model) / "config.json").read_text())
+            self.max_model_len = int(cfg.get("max_position_embeddings") or 2048)
+        return self
+
+
+def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    ap.add_argument("--model", default=env("TANDEM_MODEL", ""), help="served model dir, for its tokenizer")
+    ap.add_argument("--etcd", default=env("TANDEM_ETCD", ""))
+    ap.add_argument("--cluster", default=env("TANDEM_CLUSTER", "default"))
+    ap.add_argument("--served-model-name", default=env("TANDEM_SERVED_MODEL_NAME", ""))
+    ap.add_argument("--host", default=env("TANDEM_HOST", "127.0.0.1"))
+    ap.add_argument("--grpc-port", type=int, default=int(env("TANDEM_GRPC_PORT", "50051")))
+    ap.add_argument("--http-port", type=int, default=int(env("TANDEM_HTTP_PORT", "8000")))
+    ap.add_argument("--max-model-len", type=int, default=int(env("TANDEM_MAX_MODEL_LEN", "0")))
+    ap.add_argument("--prefill-timeout-s", type=float, default=float(env("TANDEM_PREFILL_TIMEOUT_S", "300")))
+
+
+def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
+    fields = CoordinatorConfig.__dataclass_fields__
+    return CoordinatorConfig(**{k: v for k, v in vars(args).items() if k in fields}).finish()
+
+
+async def run_coordinator(cfg: CoordinatorConfig) -> None:
+    logger.info("starting coordinator: %s", " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+    codec = TextCodec(cfg.model)
+    router = Router(cfg.served_model_name)
+    view = MembershipView(cfg.etcd, cfg.cluster, on_change=router.on_membership)
+    await view.start()
+
+    def max_model_len() -> int:
+        return min([cfg.max_model_len] + [n.record.max_model_len for n in router.nodes()])
+
+    pipeline = Pipeline(router, codec, max_model_len, cfg.served_model_name, cfg.prefill_timeout_s)
+
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(pipeline, cfg.cluster), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    grpc_port = server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+    await server.start()
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    http = OpenAIHttp(pipeline)
+    runner = web.AppRunner(http.app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.http_port)
+    await site.start()
+    http_port = runner.addresses[0][1]
+    print(f"TANDEM_READY role=coordinator grpc={cfg.host}:{grpc_port} http=http://{cfg.host}:{http_port}",
+          flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        logger.info("shutting down coordinator")
+    finally:
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace=5)
+        await runner.cleanup()
+        await view.close()
+        await router.close()

@@ -1,0 +1,21 @@
+"""The coordinator's Prometheus metrics (vLLM's names where the meaning is the same)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LAT = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+_TOK = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
+
+TTFT = Histogram("vllm:time_to_first_token_seconds", "Request received to first token sent", buckets=_LAT)
+TPOT = Histogram("vllm:request_time_per_output_token_seconds", "Mean time per output token after the first",
+                 buckets=_TOK)
+ITL = Histogram("vllm:inter_token_latency_seconds", "Gap between consecutive tokens sent", buckets=_TOK)
+E2E = Histogram("vllm:e2e_request_latency_seconds", "Request received to last token sent", buckets=_LAT)
+QUEUE = Histogram("vllm:request_queue_time_seconds",
+                  "Request received to prefill started (validation, tokenizing, routing)", buckets=_TOK)
+PREFILL = Histogram("tandem_prefill_call_seconds", "Prefill call as the coordinator sees it", buckets=_LAT)
+RUNNING = Gauge("tandem_requests_running", "Requests the coordinator is serving now")
+REQUESTS = Counter("tandem_requests", "Requests by how they ended", ["status"])
+PROMPT_TOKENS = Counter("vllm:prompt_tokens", "Prompt tokens of admitted requests")
+GENERATION_TOKENS = Counter("vllm:generation_tokens", "Tokens streamed to clients")

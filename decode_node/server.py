@@ -1,0 +1,88 @@
+"""DecodeNode servicer: pull a request's KV from its prefill node and stream the rest of it.
+
+A request's life here: Decode -> engine (prompt + first token, kv "consume")
+-> the connector pulls the held blocks in the background (the request waits
+in vLLM's WAITING_FOR_REMOTE_KVS; other requests keep decoding) -> tokens
+stream back -> a client cancel aborts the engine request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from prometheus_client import Counter, Gauge, Histogram
+
+from tandem.engine import EngineHost
+from tandem.errors import InvalidRequest, NodeFailed, grpc_status_of
+from tandem.handles import consume_params
+from tandem.proto import tandem_pb2 as pb
+from tandem.proto import tandem_pb2_grpc as pb_grpc
+from tandem.sampling import from_proto
+
+logger = logging.getLogger(__name__)
+
+DECODES = Counter("tandem_decode_requests", "Decode requests by outcome", ["outcome"])
+DECODE_INFLIGHT = Gauge("tandem_decode_inflight", "Decode requests in flight on this node")
+KV_WAIT_SECONDS = Histogram("tandem_decode_kv_wait_seconds",
+                            "Decode call start to its first new token (KV pull plus one step)",
+                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+
+
+class DecodeServicer(pb_grpc.DecodeNodeServicer):
+    def __init__(self, engine: EngineHost) -> None:
+        self.engine = engine
+
+    async def Decode(self, request: pb.DecodeRequest,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecodeResponse]:
+        rid = request.request_id
+        with DECODE_INFLIGHT.track_inprogress():
+            try:
+                async for msg in self._decode(request):
+                    yield msg
+            except asyncio.CancelledError:
+                DECODES.labels("cancelled").inc()
+                logger.info("request %s: decode cancelled by the caller", rid)
+                raise
+            except Exception as exc:
+                DECODES.labels("error").inc()
+                code, msg = grpc_status_of(exc)
+                logger.warning("request %s: decode failed: %s", rid, msg)
+                await context.abort(code, msg)
+        DECODES.labels("ok").inc()
+
+    async def _decode(self, request: pb.DecodeRequest) -> AsyncIterator[pb.DecodeResponse]:
+        rid = request.request_id
+        prompt = list(request.prompt_token_ids)
+        if not request.HasField("handle"):
+            raise InvalidRequest("decode needs a KV handle")
+        if request.handle.num_tokens != len(prompt) - 1:
+            raise InvalidRequest(
+                f"the KV handle covers {request.handle.num_tokens} tokens; expected the prompt's "
+                f"{len(prompt) - 1} (the prompt here includes the first token)")
+        sampling = from_proto(request.sampling)
+        sampling.validate(len(prompt), self.engine.max_model_len)
+        t0 = time.perf_counter()
+        first = True
+        async for out in self.engine.generate(rid, prompt, sampling, consume_params(request.handle)):
+            comp = out.outputs[0]
+            if comp.finish_reason == "error":
+                raise NodeFailed(f"KV transfer from {request.handle.address} failed for request {rid}; "
+                                 "see the decode node's log")
+            if first and comp.token_ids:
+                KV_WAIT_SECONDS.observe(time.perf_counter() - t0)
+                if out.num_cached_tokens is not None:
+                    logger.info("request %s: %d prompt tokens arrived as KV", rid, out.num_cached_tokens)
+                first = False
+            yield pb.DecodeResponse(token_ids=list(comp.token_ids), finish_reason=comp.finish_reason or "",
+                                    stop_reason=str(comp.stop_reason) if comp.stop_reason is not None else "")
+
+
+def add_servicer(server: grpc.aio.Server, engine: EngineHost) -> None:
+    pb_grpc.add_DecodeNodeServicer_to_server(DecodeServicer(engine), server)
+
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DecodeNode"].full_name

@@ -1,0 +1,106 @@
+"""PrefillNode servicer: run the prompt for one token, hand back the first token and a KV handle.
+
+A request's life here: Prefill -> engine (max_tokens=1, kv "produce") -> the
+engine holds the blocks under a lease -> the decode node pulls them and acks,
+or Release frees them, or the lease runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import replace
+
+import grpc
+from prometheus_client import Counter, Gauge, Histogram
+
+from tandem.engine import EngineHost
+from tandem.errors import InvalidRequest, grpc_status_of
+from tandem.handles import handle_to_proto
+from tandem.kvtransfer.client import release_remote
+from tandem.kvtransfer.handle import PRODUCE, TransferHandle
+from tandem.kvtransfer.transport import TransferError
+from tandem.proto import tandem_pb2 as pb
+from tandem.proto import tandem_pb2_grpc as pb_grpc
+from tandem.sampling import from_proto
+
+logger = logging.getLogger(__name__)
+
+PREFILLS = Counter("tandem_prefill_requests", "Prefill requests by outcome", ["outcome"])
+PREFILL_INFLIGHT = Gauge("tandem_prefill_inflight", "Prefill requests in flight on this node")
+PREFILL_SECONDS = Histogram("tandem_prefill_seconds", "Time to run one prefill on this node",
+                            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+HANDLES_RELEASED = Counter("tandem_kv_handles_released", "KV handles released without a fetch")
+
+
+class PrefillServicer(pb_grpc.PrefillNodeServicer):
+    def __init__(self, engine: EngineHost) -> None:
+        self.engine = engine
+
+    async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
+        rid = request.request_id
+        t0 = time.perf_counter()
+        with PREFILL_INFLIGHT.track_inprogress():
+            try:
+                resp = await self._prefill(request)
+            except asyncio.CancelledError:
+                PREFILLS.labels("cancelled").inc()
+                logger.info("request %s: prefill cancelled by the caller", rid)
+                raise
+            except Exception as exc:
+                PREFILLS.labels("error").inc()
+                code, msg = grpc_status_of(exc)
+                logger.warning("request %s: prefill failed: %s", rid, msg)
+                await context.abort(code, msg)
+        PREFILLS.labels("ok").inc()
+        PREFILL_SECONDS.observe(time.perf_counter() - t0)
+        return resp
+
+    async def _prefill(self, request: pb.PrefillRequest) -> pb.PrefillResponse:
+        rid = request.request_id
+        prompt = list(request.prompt_token_ids)
+        if not prompt:
+            raise InvalidRequest("empty prompt")
+        sampling = from_proto(request.sampling)
+        one = replace(sampling, max_tokens=1, min_tokens=min(sampling.min_tokens, 1))
+        one.validate(len(prompt), self.engine.max_model_len)
+        t0 = time.perf_counter()
+        final = None
+        async for out in self.engine.generate(rid, prompt, one, {"tandem": PRODUCE} if request.hold_kv else None):
+            final = out
+        if final is None or not final.outputs or not final.outputs[0].token_ids:
+            raise RuntimeError("the engine returned no token")
+        comp = final.outputs[0]
+        resp = pb.PrefillResponse(
+            first_token=comp.token_ids[0],
+            finish_reason=comp.finish_reason or "",
+            num_cached_tokens=final.num_cached_tokens or 0,
+            prefill_s=time.perf_counter() - t0,
+        )
+        if request.hold_kv:
+            params = final.kv_transfer_params
+            if not params:
+                raise RuntimeError("the engine held no KV blocks for this request")
+            resp.handle.CopyFrom(handle_to_proto(TransferHandle.from_params(params)))
+        logger.info("request %s: prefilled %d tokens (%d cached) in %.3f s", rid, len(prompt),
+                    resp.num_cached_tokens, resp.prefill_s)
+        return resp
+
+    async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
+        h = request.handle
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, release_remote, h.address, h.remote_request_id)
+        except (OSError, TransferError) as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"release failed: {exc}")
+        HANDLES_RELEASED.inc()
+        logger.info("request %s: KV handle released", request.request_id)
+        return pb.ReleaseResponse()
+
+
+def add_servicer(server: grpc.aio.Server, engine: EngineHost) -> None:
+    pb_grpc.add_PrefillNodeServicer_to_server(PrefillServicer(engine), server)
+
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PrefillNode"].full_name

@@ -1,0 +1,174 @@
+"""The `tandem` command: run daemons, a local cluster, completions, status, the tiny model."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+
+DEFAULT_COORDINATOR = "127.0.0.1:50051"
+
+
+def _run(coro: object) -> None:
+    import uvloop
+
+    uvloop.run(coro)  # type: ignore[arg-type]
+
+
+def cmd_node(role: str, args: argparse.Namespace) -> int:
+    from .logs import setup_logging
+    from .nodeconfig import config_from_args
+    from .noderuntime import run_node
+
+    setup_logging(role)
+    try:
+        cfg = config_from_args(role, args)
+    except ValueError as exc:
+        print(f"tandem {role}: {exc}", file=sys.stderr)
+        return 2
+    if role == "prefill":
+        from tandem.prefill_node.server import SERVICE_NAME, add_servicer
+    else:
+        from tandem.decode_node.server import SERVICE_NAME, add_servicer
+    _run(run_node(cfg, SERVICE_NAME, add_servicer))
+    return 0
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from tandem.coordinator.main import config_from_args, run_coordinator
+
+    from .logs import setup_logging
+
+    setup_logging("coordinator")
+    try:
+        cfg = config_from_args(args)
+    except ValueError as exc:
+        print(f"tandem coordinator: {exc}", file=sys.stderr)
+        return 2
+    _run(run_coordinator(cfg))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from .client import stream
+
+    async def go() -> int:
+        t0 = time.perf_counter()
+        n = 0
+        kw: dict[str, object] = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+        if args.seed is not None:
+            kw["seed"] = args.seed
+        try:
+            async for msg in stream(args.target, args.prompt, **kw):
+                n += len(msg.token_ids)
+                sys.stdout.write(msg.text)
+                sys.stdout.flush()
+                if msg.HasField("finish"):
+                    f = msg.finish
+                    dt = time.perf_counter() - t0
+                    print(f"\n[finish={f.reason} tokens={f.usage.completion_tokens} ttft={f.timings.ttft_s:.3f}s "
+                          f"e2e={dt:.3f}s prefill={f.timings.prefill_node} decode={f.timings.decode_node}]",
+                          file=sys.stderr)
+        except grpc.aio.AioRpcError as exc:
+            print(f"\ntandem generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+        return 0
+
+    return asyncio.run(go())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import grpc
+
+    from .client import cluster_status
+
+    try:
+        st = asyncio.run(cluster_status(args.target))
+    except grpc.aio.AioRpcError as exc:
+        print(f"tandem status: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print(f"cluster {st.cluster}  model {st.model}")
+    print(f"{'ROLE':8} {'NODE':24} {'GRPC':22} {'KV':22} {'OUTSTANDING':>11} {'SERVED':>8}")
+    for n in st.nodes:
+        print(f"{n.role:8} {n.node_id:24} {n.grpc_address:22} {n.kv_address:22} {n.outstanding:>11} {n.served:>8}")
+    if not st.nodes:
+        print("(no nodes registered)")
+    return 0
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from .model import make_tiny_model, tree_digest
+
+    path = make_tiny_model(args.path, seed=args.seed)
+    print(f"wrote {path} (sha256 {tree_digest(path)[:16]})")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .up import run_up
+
+    return run_up(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tandem.coordinator.main import add_coordinator_args
+
+    from .nodeconfig import add_node_args
+
+    ap = argparse.ArgumentParser(prog="tandem", description="Disaggregated prefill/decode LLM serving")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    up = sub.add_parser("up", help="start a one-machine cluster and stream a demo completion")
+    up.add_argument("--model", default="", help="local HF model dir (default: the seeded tiny model)")
+    up.add_argument("--etcd", default="", help="use this etcd instead of starting one")
+    up.add_argument("--prefill", type=int, default=1, help="prefill nodes")
+    up.add_argument("--decode", type=int, default=1, help="decode nodes")
+    up.add_argument("--kv-transport", default="auto", choices=["auto", "ucx", "tcp"])
+    up.add_argument("--kv-cache-gib", type=int, default=1)
+    up.add_argument("--grpc-port", type=int, default=50051)
+    up.add_argument("--http-port", type=int, default=8000)
+    up.add_argument("--prompt", default="the prefill node sends the key value cache to the decode node")
+    up.add_argument("--max-tokens", type=int, default=48)
+    up.add_argument("--exit-after-demo", action="store_true", help="stop everything after the demo completion")
+    up.add_argument("--log-dir", default="", help="where the daemons' logs go (default: a temp dir)")
+    up.set_defaults(fn=cmd_up)
+
+    co = sub.add_parser("coordinator", help="run the coordinator daemon")
+    add_coordinator_args(co)
+    co.set_defaults(fn=cmd_coordinator)
+    for role in ("prefill", "decode"):
+        p = sub.add_parser(role, help=f"run a {role} node daemon")
+        add_node_args(p)
+        p.set_defaults(fn=lambda a, r=role: cmd_node(r, a))
+
+    g = sub.add_parser("generate", help="stream a completion through the coordinator")
+    g.add_argument("prompt")
+    g.add_argument("--target", default=DEFAULT_COORDINATOR, help="coordinator gRPC address")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.set_defaults(fn=cmd_generate)
+
+    st = sub.add_parser("status", help="show the cluster's nodes and their load")
+    st.add_argument("--target", default=DEFAULT_COORDINATOR)
+    st.set_defaults(fn=cmd_status)
+
+    mo = sub.add_parser("model", help="model utilities")
+    msub = mo.add_subparsers(dest="model_cmd", required=True)
+    mt = msub.add_parser("make-tiny", help="write the seeded random-weight tiny Llama (HF format)")
+    mt.add_argument("path")
+    mt.add_argument("--seed", type=int, default=0)
+    mt.set_defaults(fn=cmd_make_tiny)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""A small gRPC client for the coordinator (used by `tandem generate`, `tandem up` and tests)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from tandem.proto import tandem_pb2 as pb
+from tandem.proto import tandem_pb2_grpc as pb_grpc
+
+
+@dataclass
+class Completion:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish: pb.Finish | None = None
+
+
+async def stream(address: str, prompt: str | list[int], *, request_id: str = "", **sampling: object
+                 ) -> AsyncIterator[pb.GenerateResponse]:
+    """Yield the coordinator's Generate messages for one prompt."""
+    req = pb.GenerateRequest(request_id=request_id, sampling=pb.SamplingParams(**sampling))  # type: ignore[arg-type]
+    if isinstance(prompt, str):
+        req.text = prompt
+    else:
+        req.token_ids.ids.extend(prompt)
+    async with grpc.aio.insecure_channel(address) as ch:
+        async for msg in pb_grpc.CoordinatorStub(ch).Generate(req):
+            yield msg
+
+
+async def complete(address: str, prompt: str | list[int], **kw: object) -> Completion:
+    out = Completion()
+    async for msg in stream(address, prompt, **kw):  # type: ignore[arg-type]
+        out.token_ids.extend(msg.token_ids)
+        out.text += msg.text
+        if msg.HasField("finish"):
+            out.finish = msg.finish
+    return out
+
+
+async def cluster_status(address: str) -> pb.ClusterStatusResponse:
+    async with grpc.aio.insecure_channel(address) as ch:
+        return await pb_grpc.CoordinatorStub(ch).ClusterStatus(pb.ClusterStatusRequest(), timeout=10)

@@ -1,0 +1,208 @@
+"""A one-machine Tandem cluster of real processes: etcd, a coordinator, prefill and decode nodes.
+
+`tandem up` and the end-to-end tests both use it. Each daemon is a child
+process (`python -m tandem.cli <role> ...`) whose output goes to a log file;
+it is ready when it prints its TANDEM_READY line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .etcd_server import LocalEtcd
+from .netutil import free_port
+
+logger = logging.getLogger(__name__)
+
+READY = "TANDEM_READY"
+
+
+@dataclass
+class Daemon:
+    name: str
+    role: str
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[str] | None = None
+    info: dict[str, str] = field(default_factory=dict)
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> None:
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=env, start_new_session=True)
+        threading.Thread(target=self._pump, name=f"log-{self.name}", daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        with open(self.log_path, "a", buffering=1) as log:
+            for line in self.proc.stdout:
+                log.write(line)
+                if line.startswith(READY):
+                    self.info = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+                    self.ready.set()
+
+    def wait_ready(self, deadline: float) -> None:
+        while not self.ready.wait(0.2):
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with code {self.proc.returncode} before it was ready; "
+                                   f"last lines of {self.log_path}:\n{tail(self.log_path)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} was not ready in time; last lines of {self.log_path}:\n"
+                                   f"{tail(self.log_path)}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.proc is not None
+            os.killpg(self.proc.pid, sig)  # the whole group: vLLM's engine processes too
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.proc is None:
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop in %.0f s; killing it", self.name, timeout_s)
+            self.signal(signal.SIGKILL)
+            self.proc.wait()
+        # vLLM's engine children are in the same process group; make sure none lingers.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def tail(path: Path, n: int = 30) -> str:
+    try:
+        return "".join(path.read_text(errors="replace").splitlines(keepends=True)[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def core_plan(num_prefill: int, num_decode: int) -> list[str]:
+    """One core set per node: the machine's cores dealt out, prefill nodes first."""
+    cores = sorted(os.sched_getaffinity(0))
+    n = num_prefill + num_decode
+    if len(cores) < n:
+        # More nodes than cores: they share round-robin (fine for tests, not for speed).
+        return [str(cores[i % len(cores)]) for i in range(n)]
+    per = len(cores) // n
+    plan = []
+    for i in range(n):
+        chunk = cores[i * per:(i + 1) * per]
+        plan.append(f"{chunk[0]}-{chunk[-1]}" if len(chunk) > 1 else str(chunk[0]))
+    return plan
+
+
+@dataclass
+class ClusterSpec:
+    model: str
+    num_prefill: int = 1
+    num_decode: int = 1
+    transport: str = "auto"
+    kv_cache_gib: int = 1
+    max_model_len: int = 0
+    etcd: str = ""  # empty: start a private etcd
+    cluster: str = "default"
+    ttl_s: int = 10
+    lease_s: float = 30.0
+    host: str = "127.0.0.1"
+    grpc_port: int = 0
+    http_port: int = 0
+    log_dir: str = ""
+    extra_node_args: list[str] = field(default_factory=list)
+
+
+class LocalCluster:
+    def __init__(self, spec: ClusterSpec) -> None:
+        self.spec = spec
+        self.log_dir = Path(spec.log_dir or tempfile.mkdtemp(prefix="tandem-run-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.etcd: LocalEtcd | None = None
+        self.etcd_url = spec.etcd
+        self.coordinator: Daemon | None = None
+        self.nodes: list[Daemon] = []
+
+    # endpoints --------------------------------------------------------------
+    @property
+    def grpc_address(self) -> str:
+        assert self.coordinator is not None
+        return self.coordinator.info["grpc"]
+
+    @property
+    def http_url(self) -> str:
+        assert self.coordinator is not None
+        return self.coordinator.info["http"]
+
+    def node(self, name: str) -> Daemon:
+        return next(d for d in self.nodes if d.name == name)
+
+    # lifecycle --------------------------------------------------------------
+    def _cli(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "tandem.cli", *args]
+
+    def start(self, timeout_s: float = 300.0) -> LocalCluster:
+        s = self.spec
+        try:
+            if not self.etcd_url:
+                self.etcd = LocalEtcd(s.host).start()
+                self.etcd_url = self.etcd.url
+            common = ["--etcd", self.etcd_url, "--cluster", s.cluster, "--model", s.model, "--host", s.host]
+            self.coordinator = Daemon(
+                "coordinator", "coordinator",
+                self._cli("coordinator", *common, "--grpc-port", str(s.grpc_port or free_port(s.host)),
+                          "--http-port", str(s.http_port or free_port(s.host)),
+                          *(["--max-model-len", str(s.max_model_len)] if s.max_model_len else [])),
+                self.log_dir / "coordinator.log")
+            self.coordinator.start()
+            plan = core_plan(s.num_prefill, s.num_decode)
+            roles = ["prefill"] * s.num_prefill + ["decode"] * s.num_decode
+            counters = {"prefill": 0, "decode": 0}
+            for role, cores in zip(roles, plan):
+                name = f"{role}-{counters[role]}"
+                counters[role] += 1
+                argv = self._cli(role, *common, "--node-id", name, "--cores", cores,
+                                 "--kv-cache-gib", str(s.kv_cache_gib), "--kv-transport", s.transport,
+                                 "--ttl-s", str(s.ttl_s), "--kv-lease-s", str(s.lease_s),
+                                 *(["--max-model-len", str(s.max_model_len)] if s.max_model_len else []),
+                                 *s.extra_node_args)
+                d = Daemon(name, role, argv, self.log_dir / f"{name}.log")
+                d.start()
+                self.nodes.append(d)
+            deadline = time.monotonic() + timeout_s
+            for d in [self.coordinator, *self.nodes]:
+                d.wait_ready(deadline)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for d in self.nodes:
+            d.signal(signal.SIGTERM)
+        for d in self.nodes:
+            d.stop()
+        if self.coordinator is not None:
+            self.coordinator.stop()
+        if self.etcd is not None:
+            self.etcd.stop()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,123 @@
+"""The vLLM engine host both node kinds share.
+
+Lifecycle, once: start() -> generate()/abort() -> shutdown(). The engine runs
+in-process through vLLM's AsyncLLM (its engine core and worker are vLLM's own
+child processes) with TandemConnector loaded as its KV connector.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from .nodeconfig import NodeConfig
+from .sampling import Sampling
+
+if TYPE_CHECKING:
+    from vllm.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+CONNECTOR_MODULE = "tandem.kvtransfer.connector"
+
+
+class EngineHost:
+    def __init__(self, cfg: NodeConfig, kv_address: str) -> None:
+        self.cfg = cfg
+        self.kv_address = kv_address
+        self._engine: Any = None
+
+    def start(self) -> None:
+        """Start vLLM (tens of seconds on CPU); blocks until it is ready."""
+        cfg = self.cfg
+        # vLLM's CPU backend reads these when it starts its worker process.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
+        if cfg.cores:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cores
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        role = "kv_producer" if cfg.role == "prefill" else "kv_consumer"
+        args = AsyncEngineArgs(
+            model=cfg.model,
+            served_model_name=[cfg.served_model_name],
+            dtype=cfg.dtype,
+            enforce_eager=True,
+            max_model_len=cfg.max_model_len or None,
+            block_size=cfg.block_size,
+            max_num_seqs=cfg.max_num_seqs,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            kv_transfer_config={
+                "kv_connector": "TandemConnector",
+                "kv_connector_module_path": CONNECTOR_MODULE,
+                "kv_role": role,
+                "engine_id": cfg.node_id,
+                "kv_connector_extra_config": {
+                    "engine_id": cfg.node_id,
+                    "address": self.kv_address,
+                    "lease_s": cfg.lease_s,
+                    "transport": cfg.transport,
+                },
+            },
+        )
+        self._engine = AsyncLLM.from_engine_args(args)
+        logger.info("vLLM engine ready: model %s, context %d tokens", cfg.model, self.max_model_len)
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self._engine.model_config.max_model_len)
+
+    def layout(self) -> dict[str, object]:
+        """What the KV layout check compares, as far as the config tells it."""
+        vc = self._engine.vllm_config
+        mc, pc = vc.model_config, vc.parallel_config
+        return {
+            "num_layers": mc.get_num_layers(pc),
+            "block_size": vc.cache_config.block_size,
+            "num_kv_heads": mc.get_num_kv_heads(pc),
+            "head_size": mc.get_head_size(),
+            "dtype": str(mc.dtype).removeprefix("torch."),
+        }
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: Sampling,
+                       kv_params: dict[str, Any] | None) -> AsyncIterator[RequestOutput]:
+        """Stream outputs holding only the new tokens (delta mode); aborts on cancel."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        sp = SamplingParams(
+            n=1,
+            max_tokens=sampling.max_tokens,
+            min_tokens=sampling.min_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else 0,
+            seed=sampling.seed,
+            ignore_eos=sampling.ignore_eos,
+            detokenize=False,
+            output_kind=RequestOutputKind.DELTA,
+            extra_args={"kv_transfer_params": kv_params} if kv_params else None,
+        )
+        finished = False
+        try:
+            async for out in self._engine.generate({"prompt_token_ids": prompt_token_ids}, sp,
+                                                   request_id=request_id):
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        logger.info("request %s: aborting in the engine", request_id)
+        await self._engine.abort(request_id)
+
+    def num_unfinished(self) -> int:
+        return 0 if self._engine is None else int(self._engine.output_processor.get_num_unfinished_requests())
+
+    def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None

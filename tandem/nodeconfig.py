@@ -1,0 +1,92 @@
+"""Configuration of a prefill or decode node: one dataclass, filled from flags and environment."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .membership import DEFAULT_TTL_S
+
+
+@dataclass
+class NodeConfig:
+    role: str
+    model: str
+    etcd: str
+    cluster: str = "default"
+    node_id: str = ""
+    served_model_name: str = ""
+    host: str = "127.0.0.1"
+    grpc_port: int = 0
+    kv_port: int = 0
+    metrics_port: int = 0
+    cores: str = ""
+    kv_cache_gib: int = 1
+    max_model_len: int = 0
+    block_size: int = 32
+    dtype: str = "float32"
+    transport: str = "auto"
+    lease_s: float = 30.0
+    ttl_s: int = DEFAULT_TTL_S
+    max_num_seqs: int = 64
+    enable_prefix_caching: bool = True
+
+    def finish(self) -> NodeConfig:
+        """Fill derived defaults and check everything; raise ValueError with a clear message."""
+        if self.role not in ("prefill", "decode"):
+            raise ValueError(f"role must be prefill or decode, got {self.role!r}")
+        if not self.model or not Path(self.model).is_dir():
+            raise ValueError(f"--model must be a local Hugging Face model directory, got {self.model!r}")
+        if not self.etcd:
+            raise ValueError("--etcd (or TANDEM_ETCD) is required, e.g. http://127.0.0.1:2379")
+        if self.transport not in ("auto", "ucx", "tcp"):
+            raise ValueError(f"--kv-transport must be auto, ucx or tcp, got {self.transport!r}")
+        if self.kv_cache_gib <= 0:
+            raise ValueError(f"--kv-cache-gib must be positive, got {self.kv_cache_gib}")
+        if self.lease_s <= 0 or self.ttl_s <= 0:
+            raise ValueError("--kv-lease-s and --ttl-s must be positive")
+        if not self.node_id:
+            self.node_id = f"{self.role}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        if not self.served_model_name:
+            self.served_model_name = Path(self.model).name
+        return self
+
+    def describe(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in asdict(self).items())
+
+
+def _env(name: str, default: object) -> object:
+    return os.environ.get(f"TANDEM_{name.upper()}", default)
+
+
+def add_node_args(ap: argparse.ArgumentParser) -> None:
+    """Flags of `tandem prefill` / `tandem decode`; each has a TANDEM_<NAME> variable."""
+    ap.add_argument("--model", default=_env("model", ""), help="local HF model dir (TANDEM_MODEL)")
+    ap.add_argument("--etcd", default=_env("etcd", ""), help="etcd URL (TANDEM_ETCD)")
+    ap.add_argument("--cluster", default=_env("cluster", "default"))
+    ap.add_argument("--node-id", default=_env("node_id", ""))
+    ap.add_argument("--served-model-name", default=_env("served_model_name", ""))
+    ap.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to listen on and advertise")
+    ap.add_argument("--grpc-port", type=int, default=int(_env("grpc_port", 0)))  # type: ignore[arg-type]
+    ap.add_argument("--kv-port", type=int, default=int(_env("kv_port", 0)))  # type: ignore[arg-type]
+    ap.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 0)))  # type: ignore[arg-type]
+    ap.add_argument("--cores", default=_env("cores", ""), help="CPU cores for the engine, e.g. 0 or 0-3")
+    ap.add_argument("--kv-cache-gib", type=int, default=int(_env("kv_cache_gib", 1)),  # type: ignore[arg-type]
+                    help="KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE on CPU)")
+    ap.add_argument("--max-model-len", type=int, default=int(_env("max_model_len", 0)))  # type: ignore[arg-type]
+    ap.add_argument("--block-size", type=int, default=int(_env("block_size", 32)))  # type: ignore[arg-type]
+    ap.add_argument("--dtype", default=_env("dtype", "float32"))
+    ap.add_argument("--kv-transport", dest="transport", default=_env("kv_transport", "auto"),
+                    help="auto (UCX, else TCP with a warning) | ucx | tcp")
+    ap.add_argument("--kv-lease-s", dest="lease_s", type=float, default=float(_env("kv_lease_s", 30.0)))  # type: ignore[arg-type]
+    ap.add_argument("--ttl-s", type=int, default=int(_env("ttl_s", DEFAULT_TTL_S)))  # type: ignore[arg-type]
+    ap.add_argument("--max-num-seqs", type=int, default=int(_env("max_num_seqs", 64)))  # type: ignore[arg-type]
+
+
+def config_from_args(role: str, args: argparse.Namespace) -> NodeConfig:
+    fields = NodeConfig.__dataclass_fields__
+    return NodeConfig(role=role, **{k: v for k, v in vars(args).items() if k in fields and k != "role"}).finish()

@@ -1,0 +1,83 @@
+"""`tandem up`: a one-machine cluster in the foreground, a demo completion, Ctrl-C to stop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import threading
+import time
+
+from .client import stream
+from .cluster import ClusterSpec, LocalCluster
+
+
+def _say(msg: str) -> None:
+    print(f"[tandem up] {msg}", flush=True)
+
+
+async def _demo(address: str, prompt: str, max_tokens: int) -> None:
+    _say(f"demo completion (greedy, {max_tokens} tokens) for: {prompt!r}")
+    t0 = time.perf_counter()
+    ttft = None
+    n = 0
+    sys.stdout.write("  ")
+    async for msg in stream(address, prompt, max_tokens=max_tokens, temperature=0.0):
+        if ttft is None and msg.token_ids:
+            ttft = time.perf_counter() - t0
+        n += len(msg.token_ids)
+        sys.stdout.write(msg.text)
+        sys.stdout.flush()
+        if msg.HasField("finish"):
+            dt = time.perf_counter() - t0
+            decode_rate = (n - 1) / (dt - (ttft or 0)) if n > 1 and dt > (ttft or 0) else 0.0
+            print()
+            _say(f"finish={msg.finish.reason} tokens={n} TTFT={ttft or 0:.3f}s "
+                 f"decode={decode_rate:.1f} tok/s e2e={dt:.3f}s "
+                 f"(prefill on {msg.finish.timings.prefill_node}, decode on {msg.finish.timings.decode_node})")
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from .model import ensure_default_model
+
+    model = args.model
+    if not model:
+        _say("making the default seeded tiny model (once) ...")
+        model = str(ensure_default_model())
+    spec = ClusterSpec(model=model, num_prefill=args.prefill, num_decode=args.decode,
+                       transport=args.kv_transport, kv_cache_gib=args.kv_cache_gib, etcd=args.etcd,
+                       grpc_port=args.grpc_port, http_port=args.http_port, log_dir=args.log_dir)
+    cluster = LocalCluster(spec)
+    _say(f"starting etcd, a coordinator, {args.prefill} prefill and {args.decode} decode node(s); "
+         f"logs in {cluster.log_dir}")
+    _say("vLLM engines take about half a minute each to start on CPU ...")
+    t0 = time.monotonic()
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        cluster.start()
+        _say(f"ready in {time.monotonic() - t0:.0f} s")
+        _say(f"etcd         {cluster.etcd_url}")
+        _say(f"coordinator  gRPC {cluster.grpc_address}   OpenAI HTTP {cluster.http_url}")
+        for d in cluster.nodes:
+            _say(f"{d.role:8} {d.name:12} gRPC {d.info.get('grpc')}  KV {d.info.get('kv')}  "
+                 f"metrics http://{d.info.get('metrics')}/metrics")
+        asyncio.run(_demo(cluster.grpc_address, args.prompt, args.max_tokens))
+        if args.exit_after_demo:
+            return 0
+        _say(f"serving; try: tandem generate 'hello' --target {cluster.grpc_address}   (Ctrl-C stops)")
+        while not stop.wait(1.0):
+            dead = [d.name for d in [cluster.coordinator, *cluster.nodes] if d is not None and not d.alive()]
+            if dead:
+                _say(f"daemon(s) exited unexpectedly: {', '.join(dead)}; see {cluster.log_dir}")
+                return 1
+        return 0
+    except Exception as exc:
+        _say(f"failed: {exc}")
+        return 1
+    finally:
+        _say("stopping all daemons ...")
+        cluster.stop()
+        _say("stopped")
