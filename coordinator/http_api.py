@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from tandem.errors import InvalidRequest, openai_error_body
+from tandem.errors import InvalidRequest, TandemError, openai_error_body
 from tandem.sampling import Sampling
 
 from .pipeline import FinishEvent, Pipeline, TokenEvent
@@ -108,8 +108,8 @@ class OpenAIHttp:
                               "code": exc.status}}
             return web.json_response(body, status=exc.status)
         except Exception as exc:
-            if not isinstance(exc, InvalidRequest):
-                logger.warning("HTTP %s failed: %s", request.path, exc)
+            if not isinstance(exc, TandemError):
+                logger.exception("HTTP %s failed", request.path)
             status, body = openai_error_body(exc)
             return web.json_response(body, status=status)
 

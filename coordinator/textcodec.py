@@ -27,7 +27,7 @@ class TextCodec:
         if not self.tok.chat_template:
             raise InvalidRequest("the served model has no chat template; use /v1/completions")
         ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict):  # newer transformers return a BatchEncoding
+        if hasattr(ids, "keys"):  # newer transformers return a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
 

@@ -39,10 +39,9 @@ class LoadJob:
 @dataclass
 class TransferStats:
     bytes: int = 0
-    seconds: float = 0.0
     blocks: int = 0
-    fetches: int = 0
     failures: int = 0
+    fetch_seconds: list[float] = field(default_factory=list)
 
 
 class _Conn:
@@ -167,14 +166,13 @@ class BlockFetcher:
             # The blocks are here; the prefill side frees them at lease end instead.
             self._drop(job.address)
             logger.warning("request %s: ack to %s failed: %s", job.req_id, job.address, exc)
-        logger.debug("request %s: fetched %d blocks (%d bytes) in %.4f s over %s",
+        logger.info("request %s: fetched %d blocks (%d bytes) in %.4f s over %s",
                      job.req_id, len(job.remote_block_ids), buf.nbytes, dt, conn.plane.name)
         with self._lock:
             self._finished.add(job.req_id)
             self.stats.bytes += buf.nbytes
-            self.stats.seconds += dt
             self.stats.blocks += len(job.remote_block_ids)
-            self.stats.fetches += 1
+            self.stats.fetch_seconds.append(dt)
 
 
 def release_remote(address: str, remote_req_id: str, timeout_s: float = 5.0) -> None:

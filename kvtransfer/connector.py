@@ -28,6 +28,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from .metadata import TandemConnectorMetadata
 from .scheduler_side import SchedulerSide
+from .stats import TandemKVStats, TandemPromMetrics
 from .worker_side import WorkerSide
 
 if TYPE_CHECKING:
@@ -109,6 +110,21 @@ class TandemConnector(KVConnectorBase_V1):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         r = self.get_transfer_results(finished_req_ids)
         return r.finished_sending, r.finished_recving
+
+    def get_kv_connector_stats(self) -> TandemKVStats | None:
+        if self._worker is None:
+            return None
+        data = self._worker.take_stats()
+        return TandemKVStats(data=data) if data is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> TandemKVStats:
+        return TandemKVStats(data=dict(data) if data else {})
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict[type, type], labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> TandemPromMetrics:
+        return TandemPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         if self._worker is not None:

@@ -105,9 +105,16 @@ class BlockServer:
         self._sock = socket.create_server((host, port), reuse_port=False)
         self.address = f"{host}:{self._sock.getsockname()[1]}"
         self._closed = False
+        self._bytes_sent = 0
+        self._bytes_lock = threading.Lock()
         self._thread = threading.Thread(target=self._accept_loop, name="tandem-kv-server", daemon=True)
         self._thread.start()
         logger.info("KV block server on %s (planes: %s)", self.address, ", ".join(planes))
+
+    def take_bytes_sent(self) -> int:
+        with self._bytes_lock:
+            n, self._bytes_sent = self._bytes_sent, 0
+        return n
 
     def close(self) -> None:
         self._closed = True
@@ -176,5 +183,7 @@ class BlockServer:
         buf = as_bytes_array(staging)
         send_msg(conn, {"ok": True, "nbytes": int(buf.nbytes)})
         plane.send(peer, conn, buf, int(msg.get("tag", 0)))
+        with self._bytes_lock:
+            self._bytes_sent += int(buf.nbytes)
         logger.debug("request %s: sent %d blocks (%d bytes) in %.4f s over %s",
                      req_id, len(wanted), buf.nbytes, time.perf_counter() - t0, plane.name)

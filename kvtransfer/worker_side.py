@@ -8,6 +8,7 @@ background and reports finished and failed receives. Neither blocks a step.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
@@ -21,6 +22,17 @@ from .wire import parse_address
 logger = logging.getLogger(__name__)
 
 
+def _ensure_logging() -> None:
+    """vLLM's worker process configures only vLLM's loggers; give ours a handler there."""
+    lg = logging.getLogger("tandem")
+    if not lg.handlers and not logging.getLogger().handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s kv-worker %(name)s: %(message)s"))
+        lg.addHandler(h)
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+
+
 class WorkerSide:
     def __init__(self, *, is_producer: bool, is_consumer: bool, address: str, transport: str,
                  num_blocks: int, layout_fields: dict[str, object]) -> None:
@@ -32,6 +44,8 @@ class WorkerSide:
         self.layout_fields = layout_fields
         self.server: BlockServer | None = None
         self.fetcher: BlockFetcher | None = None
+        self._last_held: int | None = None
+        _ensure_logging()
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         kv = PagedKV(list(kv_caches.values()), self.num_blocks, self.layout_fields)
@@ -61,6 +75,23 @@ class WorkerSide:
         else:
             recvd, failed = set(), set()
         return sent, recvd, failed
+
+    def take_stats(self) -> dict[str, Any] | None:
+        """This step's transfer stats, or None when nothing happened since the last call."""
+        data: dict[str, Any] = {"bytes_sent": 0, "bytes_recv": 0, "fetch_seconds": [], "fetch_failures": 0,
+                                "blocks_held": None}
+        if self.server is not None:
+            data["bytes_sent"] = self.server.take_bytes_sent()
+            held = self.server.holds.num_blocks_held()
+            if held != self._last_held:
+                data["blocks_held"] = self._last_held = held
+        if self.fetcher is not None:
+            s = self.fetcher.take_stats()
+            data["bytes_recv"] = s.bytes
+            data["fetch_seconds"] = s.fetch_seconds
+            data["fetch_failures"] = s.failures
+        busy = data["bytes_sent"] or data["bytes_recv"] or data["fetch_seconds"] or data["fetch_failures"]
+        return data if busy or data["blocks_held"] is not None else None
 
     def shutdown(self) -> None:
         if self.server is not None:

@@ -96,7 +96,9 @@ def make_tiny_model(path: str | os.PathLike[str], seed: int = 0,
     fast.save_pretrained(out)
 
     config = LlamaConfig(
-        vocab_size=spec.vocab_size,
+        # The model's vocabulary is exactly the tokenizer's, so every id it can
+        # produce decodes to text (the trainer may stop short of spec.vocab_size).
+        vocab_size=len(fast),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_hidden_layers,

@@ -1,0 +1,84 @@
+"""Transfer statistics: gathered in the worker, carried by vLLM to the node process, exported there.
+
+vLLM moves a connector's KVConnectorStats from its worker to the engine's
+stat loggers, which call TandemPromMetrics.observe() in the node's own process,
+so the metrics appear on the node's /metrics beside vLLM's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+
+
+def _empty() -> dict[str, Any]:
+    return {"bytes_sent": 0, "bytes_recv": 0, "fetch_seconds": [], "fetch_failures": 0, "blocks_held": None}
+
+
+@dataclass
+class TandemKVStats(KVConnectorStats):
+    def __post_init__(self) -> None:
+        if not self.data:
+            self.data = _empty()
+
+    def reset(self) -> None:
+        self.data = _empty()
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        o = other.data
+        d = self.data
+        d["bytes_sent"] += o.get("bytes_sent", 0)
+        d["bytes_recv"] += o.get("bytes_recv", 0)
+        d["fetch_seconds"] = list(d["fetch_seconds"]) + list(o.get("fetch_seconds", []))
+        d["fetch_failures"] += o.get("fetch_failures", 0)
+        if o.get("blocks_held") is not None:
+            d["blocks_held"] = o["blocks_held"]
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        d = self.data
+        secs = d["fetch_seconds"]
+        return {"bytes_sent": d["bytes_sent"], "bytes_recv": d["bytes_recv"], "fetches": len(secs),
+                "fetch_failures": d["fetch_failures"],
+                "avg_fetch_s": round(sum(secs) / len(secs), 6) if secs else 0.0}
+
+    def is_empty(self) -> bool:
+        d = self.data
+        return (not d["bytes_sent"] and not d["bytes_recv"] and not d["fetch_seconds"]
+                and not d["fetch_failures"] and d["blocks_held"] is None)
+
+
+class TandemPromMetrics(KVConnectorPromMetrics):
+    def __init__(self, vllm_config: Any, metric_types: dict[type, type], labelnames: list[str],
+                 per_engine_labelvalues: dict[int, list[object]]) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._held = self._gauge_cls("tandem_kv_blocks_held",
+                                     "KV blocks held for a transfer (prefill side)", labelnames=labelnames)
+        self._bytes = self._counter_cls("tandem_kv_transfer_bytes", "KV bytes moved between engines",
+                                        labelnames=[*labelnames, "direction"])
+        self._secs = self._histogram_cls(
+            "tandem_kv_transfer_seconds", "Time of one request's KV fetch (decode side)", labelnames=labelnames,
+            buckets=[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])
+        self._fail = self._counter_cls("tandem_kv_transfer_failures", "KV fetches that failed",
+                                       labelnames=labelnames)
+        for values in per_engine_labelvalues.values():
+            self._held.labels(*values).set(0)
+            self._bytes.labels(*values, "sent")
+            self._bytes.labels(*values, "received")
+            self._fail.labels(*values)
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        data = getattr(transfer_stats_data, "data", transfer_stats_data)
+        values = self.per_engine_labelvalues[engine_idx]
+        if data.get("blocks_held") is not None:
+            self._held.labels(*values).set(data["blocks_held"])
+        if data.get("bytes_sent"):
+            self._bytes.labels(*values, "sent").inc(data["bytes_sent"])
+        if data.get("bytes_recv"):
+            self._bytes.labels(*values, "received").inc(data["bytes_recv"])
+        for s in data.get("fetch_seconds", []):
+            self._secs.labels(*values).observe(s)
+        if data.get("fetch_failures"):
+            self._fail.labels(*values).inc(data["fetch_failures"])

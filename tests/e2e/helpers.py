@@ -1,0 +1,57 @@
+"""Helpers for the end-to-end tests: metrics scraping, a reference engine, waiting."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def scrape(address: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """All samples of a /metrics endpoint, keyed by (name, sorted labels)."""
+    url = address if address.startswith("http") else f"http://{address}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def metric(samples: dict, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for (n, lab), v in samples.items():
+        d = dict(lab)
+        if n == name and all(d.get(k) == val for k, val in labels.items()):
+            total += v
+    return total
+
+
+def wait_until(pred: Callable[[], bool], timeout_s: float, what: str, every_s: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+REF_SCRIPT = Path(__file__).with_name("reference_engine.py")
+
+
+def reference_outputs(model: Path, cases: list[dict], max_model_len: int) -> list[list[int]]:
+    """Token ids from one plain vLLM engine (no connector), run in its own process."""
+    proc = subprocess.run([sys.executable, str(REF_SCRIPT), str(model), str(max_model_len)],
+                          input=json.dumps(cases), capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"reference engine failed:\n{proc.stderr[-4000:]}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("REF ")][-1]
+    return json.loads(line[4:])

@@ -1,0 +1,254 @@
+"""End to end on a real 1 prefill + 1 decode cluster: real vLLM, real etcd, KV over UCX."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tandem.cluster import ClusterSpec, Daemon, LocalCluster
+from tandem.netutil import free_port
+from tandem.proto import tandem_pb2 as pb
+from tandem.proto import tandem_pb2_grpc as pb_grpc
+
+from .helpers import metric, reference_outputs, scrape, wait_until
+
+pytestmark = pytest.mark.e2e
+
+MAX_MODEL_LEN = 512
+BLOCK = 32
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    spec = ClusterSpec(model=str(tiny_model), transport="ucx", max_model_len=MAX_MODEL_LEN,
+                       log_dir=str(tmp_path_factory.mktemp("logs-ucx")), lease_s=20)
+    with LocalCluster(spec) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def stub(cluster: LocalCluster):
+    ch = grpc.insecure_channel(cluster.grpc_address)
+    yield pb_grpc.CoordinatorStub(ch)
+    ch.close()
+
+
+def generate(stub, ids: list[int], **sampling) -> tuple[list[int], list[pb.GenerateResponse]]:
+    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(**sampling))
+    msgs = list(stub.Generate(req, timeout=120))
+    return [t for m in msgs for t in m.token_ids], msgs
+
+
+def prompt_ids(n: int, salt: int) -> list[int]:
+    # Arbitrary in-vocabulary ids, distinct per prompt so no prefix is shared.
+    return [(7 + salt * 131 + i * 37) % 590 + 5 for i in range(n)]
+
+
+def node_metrics(cluster: LocalCluster, role: str) -> dict:
+    node = next(d for d in cluster.nodes if d.role == role)
+    return scrape(node.info["metrics"])
+
+
+def test_greedy_and_seeded_equal_a_plain_engine(cluster: LocalCluster, stub, tiny_model: Path) -> None:
+    cases = [  # (prompt length, max_tokens): under a block, several blocks, a block multiple, near the context
+        (BLOCK // 2, 24), (3 * BLOCK + 7, 24), (4 * BLOCK, 24), (MAX_MODEL_LEN - 12, 10)]
+    before = node_metrics(cluster, "decode")
+    got = []
+    for salt, (n, max_tokens) in enumerate(cases):
+        ids = prompt_ids(n, salt)
+        out, msgs = generate(stub, ids, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        assert msgs[-1].finish.reason == "length"
+        assert msgs[-1].finish.timings.decode_node == "decode-0"
+        assert len(out) == max_tokens
+        got.append((ids, max_tokens, out))
+    # Seeded sampling: the decode continues from the token the client saw first.
+    seeded_prompt = prompt_ids(40, 99)
+    seeded, msgs = generate(stub, seeded_prompt, max_tokens=12, temperature=0.9, seed=1234, ignore_eos=True)
+    assert msgs[0].token_ids == [seeded[0]]  # the first message carries the prefill's token alone
+
+    after = node_metrics(cluster, "decode")
+    ref_cases = [{"prompt_token_ids": ids, "max_tokens": mt, "ignore_eos": True} for ids, mt, _ in got]
+    ref_cases += [
+        # the prefill's first token is a plain engine's first token under the same seed ...
+        {"prompt_token_ids": seeded_prompt, "max_tokens": 1, "temperature": 0.9, "seed": 1234, "ignore_eos": True},
+        # ... and the decode is a plain engine continuing from prompt + that token
+        {"prompt_token_ids": [*seeded_prompt, seeded[0]], "max_tokens": 11, "temperature": 0.9, "seed": 1234,
+         "ignore_eos": True},
+    ]
+    ref = reference_outputs(tiny_model, ref_cases, MAX_MODEL_LEN)
+    for (ids, _, out), expected in zip(got, ref):
+        assert out == expected, f"prompt of {len(ids)} tokens diverged from the plain engine"
+    assert seeded[:1] == ref[-2]
+    assert seeded[1:] == ref[-1]
+
+    # vLLM's own counters on the decode engine: every prompt token arrived over the transfer;
+    # the only token it computed itself per request is the first generated one (part of its prompt).
+    n_prompt = sum(len(ids) for ids, _, _ in got) + len(seeded_prompt)
+    n_requests = len(got) + 1
+    ext = metric(after, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer") - \
+        metric(before, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer")
+    local = metric(after, "vllm:prompt_tokens_by_source_total", source="local_compute") - \
+        metric(before, "vllm:prompt_tokens_by_source_total", source="local_compute")
+    assert ext == n_prompt
+    assert local == n_requests
+    recv = metric(after, "tandem_kv_transfer_bytes_total", direction="received") - \
+        metric(before, "tandem_kv_transfer_bytes_total", direction="received")
+    assert recv > 0
+    log = (cluster.log_dir / "decode-0.log").read_text()
+    assert "over ucx" in log and "over tcp" not in log
+
+
+def test_bad_input_is_rejected_without_engine_work(cluster: LocalCluster, stub) -> None:
+    before = node_metrics(cluster, "prefill")
+    long_ids = prompt_ids(MAX_MODEL_LEN + 5, 3)
+    bad = [
+        (pb.GenerateRequest(text=""), "empty prompt"),
+        (pb.GenerateRequest(), "empty prompt"),
+        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=long_ids)), "context"),
+        (pb.GenerateRequest(text="hello", sampling=pb.SamplingParams(max_tokens=0)), "max_tokens"),
+        (pb.GenerateRequest(text="hello", sampling=pb.SamplingParams(max_tokens=-3)), "max_tokens"),
+        (pb.GenerateRequest(text="hello", sampling=pb.SamplingParams(max_tokens=MAX_MODEL_LEN)), "context"),
+        (pb.GenerateRequest(text="hello", sampling=pb.SamplingParams(temperature=-0.5)), "temperature"),
+        (pb.GenerateRequest(text="hello", sampling=pb.SamplingParams(top_p=0.0)), "top_p"),
+        (pb.GenerateRequest(text="hello", sampling=pb.SamplingParams(top_p=1.5)), "top_p"),
+        (pb.GenerateRequest(text="hello", model="no-such-model"), "unknown model"),
+        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 999999])), "vocabulary"),
+        (pb.GenerateRequest(text="x" * (5 << 20)), "bytes"),
+    ]
+    for req, words in bad:
+        with pytest.raises(grpc.RpcError) as ei:
+            list(stub.Generate(req, timeout=30))
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value.details()
+        assert words in ei.value.details()
+
+    url = cluster.http_url + "/v1/completions"
+    for body, words in [
+        (b'{"prompt": "hi", "max_tokens": 4, "frobnicate": 1}', "unknown field 'frobnicate'"),
+        (b'{"prompt": "hi", "max_tokens": ', "malformed JSON"),
+        (b'{"prompt": "hi", "max_tokens": 4, "model": "nope"}', "unknown model"),
+        (b'{"prompt": "", "max_tokens": 4}', "empty prompt"),
+        (b'{"prompt": "hi", "max_tokens": 4, "top_p": 2}', "top_p"),
+        (b'{"prompt": "hi", "n": 3}', "'n' is not supported"),
+    ]:
+        req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as he:
+            urllib.request.urlopen(req, timeout=30)
+        assert he.value.code == 400
+        err = json.loads(he.value.read())["error"]
+        assert words in err["message"] and err["type"] == "invalid_request_error"
+
+    after = node_metrics(cluster, "prefill")
+    for name in ("tandem_prefill_requests_total", "vllm:prompt_tokens_total"):
+        assert metric(after, name) == metric(before, name), f"{name} moved on bad input"
+
+
+def test_openai_client_streams_over_http(cluster: LocalCluster) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=cluster.http_url + "/v1", api_key="unused")
+    models = client.models.list()
+    served = models.data[0].id
+    chunks = list(client.completions.create(model=served, prompt="the decode node", max_tokens=8,
+                                            temperature=0, stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 8  # the usage chunk comes last
+    full = client.completions.create(model=served, prompt="the decode node", max_tokens=8, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert full.choices[0].text == "".join(c.choices[0].text for c in chunks if c.choices)
+    assert full.usage.completion_tokens == 8
+    chat = client.chat.completions.create(model=served, messages=[{"role": "user", "content": "hello"}],
+                                          max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 5
+    streamed = list(client.chat.completions.create(model=served, messages=[{"role": "user", "content": "hello"}],
+                                                   max_tokens=5, temperature=0, stream=True,
+                                                   extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == chat.choices[0].message.content
+    with urllib.request.urlopen(cluster.http_url + "/health", timeout=10) as r:
+        assert json.loads(r.read())["nodes"] == {"prefill": 1, "decode": 1}
+
+
+def test_cancel_aborts_both_engines_and_frees_held_blocks(cluster: LocalCluster, stub) -> None:
+    dec_before = node_metrics(cluster, "decode")
+    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt_ids(100, 42)),
+                             sampling=pb.SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+    call = stub.Generate(req, timeout=120)
+    got = [next(call) for _ in range(3)]
+    assert all(m.token_ids for m in got)
+    call.cancel()
+
+    def settled() -> bool:
+        p, d = node_metrics(cluster, "prefill"), node_metrics(cluster, "decode")
+        return (metric(p, "tandem_kv_blocks_held") == 0 and metric(d, "vllm:num_requests_running") == 0
+                and metric(d, "tandem_decode_requests_total", outcome="cancelled")
+                > metric(dec_before, "tandem_decode_requests_total", outcome="cancelled"))
+
+    wait_until(settled, 20, "the decode request to be aborted and the prefill blocks freed")
+
+
+def test_unfetched_handle_is_held_then_released(cluster: LocalCluster) -> None:
+    pnode = next(d for d in cluster.nodes if d.role == "prefill")
+    with grpc.insecure_channel(pnode.info["grpc"]) as ch:
+        prefill = pb_grpc.PrefillNodeStub(ch)
+        resp = prefill.Prefill(pb.PrefillRequest(request_id="held-1", prompt_token_ids=prompt_ids(70, 5),
+                                                 sampling=pb.SamplingParams(temperature=0), hold_kv=True),
+                               timeout=60)
+        assert len(resp.handle.block_ids) == 3 and resp.handle.num_tokens == 70
+        wait_until(lambda: metric(node_metrics(cluster, "prefill"), "tandem_kv_blocks_held") == 3, 20,
+                   "the 3 blocks to show as held")
+        prefill.Release(pb.ReleaseRequest(request_id="held-1", handle=resp.handle), timeout=10)
+    wait_until(lambda: metric(node_metrics(cluster, "prefill"), "tandem_kv_blocks_held") == 0, 20,
+               "the released blocks to be freed")
+
+
+def test_status_and_membership_records(cluster: LocalCluster, stub) -> None:
+    st = stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=10)
+    assert sorted((n.role, n.node_id) for n in st.nodes) == [("decode", "decode-0"), ("prefill", "prefill-0")]
+    out = subprocess.run([sys.executable, "-m", "tandem.cli", "status", "--target", cluster.grpc_address],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "prefill-0" in out.stdout and "decode-0" in out.stdout
+
+    import asyncio
+
+    from tandem.membership import etcd_client
+
+    async def records() -> dict[str, dict]:
+        client = etcd_client(cluster.etcd_url)
+        try:
+            return {kv.key.decode(): json.loads(kv.value) for kv in await client.get_prefix(b"/tandem/default/nodes/")}
+        finally:
+            await client.close()
+
+    recs = asyncio.run(records())
+    p = recs["/tandem/default/nodes/prefill/prefill-0"]
+    assert p["grpc_address"] == next(d for d in cluster.nodes if d.role == "prefill").info["grpc"]
+    assert p["layout"]["block_size"] == BLOCK and p["layout"]["num_kv_heads"] == 2
+    assert p["kv_address"] and p["model"] == st.model
+    assert "/tandem/default/nodes/decode/decode-0" in recs
+
+
+def test_empty_pools_answer_unavailable(cluster: LocalCluster, tiny_model: Path, tmp_path: Path) -> None:
+    # A second coordinator on an empty cluster name: it sees no nodes at all.
+    port = free_port()
+    d = Daemon("coordinator-empty", "coordinator",
+               [sys.executable, "-m", "tandem.cli", "coordinator", "--etcd", cluster.etcd_url, "--cluster", "empty",
+                "--model", str(tiny_model), "--grpc-port", str(port), "--http-port", str(free_port())],
+               tmp_path / "coordinator-empty.log")
+    d.start()
+    try:
+        d.wait_ready(time.monotonic() + 60)
+        with grpc.insecure_channel(d.info["grpc"]) as ch:
+            with pytest.raises(grpc.RpcError) as ei:
+                list(pb_grpc.CoordinatorStub(ch).Generate(pb.GenerateRequest(text="hello"), timeout=10))
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "prefill pool is empty" in ei.value.details()
+    finally:
+        d.stop()
