@@ -93,19 +93,31 @@ def tail(path: Path, n: int = 30) -> str:
         return "(no log)"
 
 
-def core_plan(num_prefill: int, num_decode: int) -> list[str]:
-    """One core set per node: the machine's cores dealt out, prefill nodes first."""
-    cores = sorted(os.sched_getaffinity(0))
-    n = num_prefill + num_decode
+def core_plan(num_prefill: int, num_decode: int, cores: list[int] | None = None) -> list[str]:
+    """One core set per node, prefill nodes first; the two pools never share a core.
+
+    A prefill and a decode engine pinned to the same core starve each other
+    badly (vLLM's worker spins between steps, and a prefill engine that holds
+    blocks steps every millisecond): seen here as decode KV loads that never
+    finished. Nodes of one pool may share cores when there are too few.
+    """
+    cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise ValueError("a local cluster needs at least 2 cores: one for each pool")
+    n_pre = max(1, round(len(cores) * num_prefill / (num_prefill + num_decode)))
+    n_pre = min(n_pre, len(cores) - 1)
+    return _deal(cores[:n_pre], num_prefill) + _deal(cores[n_pre:], num_decode)
+
+
+def _deal(cores: list[int], n: int) -> list[str]:
     if len(cores) < n:
-        # More nodes than cores: they share round-robin (fine for tests, not for speed).
         return [str(cores[i % len(cores)]) for i in range(n)]
     per = len(cores) // n
-    plan = []
+    out = []
     for i in range(n):
         chunk = cores[i * per:(i + 1) * per]
-        plan.append(f"{chunk[0]}-{chunk[-1]}" if len(chunk) > 1 else str(chunk[0]))
-    return plan
+        out.append(f"{chunk[0]}-{chunk[-1]}" if len(chunk) > 1 else str(chunk[0]))
+    return out
 
 
 @dataclass
@@ -125,6 +137,7 @@ class ClusterSpec:
     http_port: int = 0
     log_dir: str = ""
     extra_node_args: list[str] = field(default_factory=list)
+    cores: list[str] = field(default_factory=list)  # per node, prefill nodes first; empty: dealt out
 
 
 class LocalCluster:
@@ -169,7 +182,7 @@ class LocalCluster:
                           *(["--max-model-len", str(s.max_model_len)] if s.max_model_len else [])),
                 self.log_dir / "coordinator.log")
             self.coordinator.start()
-            plan = core_plan(s.num_prefill, s.num_decode)
+            plan = s.cores or core_plan(s.num_prefill, s.num_decode)
             roles = ["prefill"] * s.num_prefill + ["decode"] * s.num_decode
             counters = {"prefill": 0, "decode": 0}
             for role, cores in zip(roles, plan):
