@@ -1,0 +1,151 @@
+"""The block transport without vLLM: hold table, layout checks, and real fetches over TCP and UCX."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from tandem.kvtransfer.client import BlockFetcher, LoadJob, release_remote
+from tandem.kvtransfer.layout import KVLayout, KVLayoutMismatch
+from tandem.kvtransfer.paged import PagedKV
+from tandem.kvtransfer.server import BlockServer, HoldTable
+from tandem.kvtransfer.transport import make_data_planes
+
+NUM_BLOCKS = 64
+FIELDS = {"block_size": 32, "num_kv_heads": 2, "head_size": 64}
+
+
+def paged(fill: str, layers: int = 2, fields: dict | None = None) -> PagedKV:
+    shape = (NUM_BLOCKS, 2, 32, 128)
+    if fill == "random":
+        g = torch.Generator().manual_seed(0)
+        ts = [torch.randn(shape, generator=g) for _ in range(layers)]
+    else:
+        ts = [torch.zeros(shape) for _ in range(layers)]
+    return PagedKV(ts, NUM_BLOCKS, fields or FIELDS)
+
+
+def wait_results(fetcher: BlockFetcher, timeout_s: float = 20) -> tuple[set[str], set[str]]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done, failed = fetcher.take_results()
+        if done:
+            return done, failed
+        time.sleep(0.01)
+    raise AssertionError("the fetch did not finish")
+
+
+def test_hold_table_release_ack_and_lease() -> None:
+    t = HoldTable()
+    t.hold("a", [1, 2], lease_s=30)
+    assert t.get("a") == [1, 2] and t.num_blocks_held() == 2
+    assert t.release("a") is True
+    assert t.take_freed() == {"a"}
+    # a release that arrives before its hold frees the hold on arrival
+    assert t.release("b") is False
+    t.hold("b", [3], lease_s=30)
+    assert t.take_freed() == {"b"} and t.num_blocks_held() == 0
+    # a lease that runs out frees the blocks and refuses fetches
+    t.hold("c", [4], lease_s=0.05)
+    time.sleep(0.1)
+    with pytest.raises(KeyError, match="lease"):
+        t.get("c", wait_s=0)
+    assert t.take_freed() == {"c"}
+    with pytest.raises(KeyError, match="no KV blocks held"):
+        t.get("zzz", wait_s=0.05)
+
+
+def test_layout_mismatch_names_each_field() -> None:
+    a = KVLayout(2, 32, 2, 64, "float32", (2, 32, 128))
+    b = KVLayout(2, 16, 2, 64, "bfloat16", (2, 16, 128))
+    a.check_compatible(KVLayout.from_json(a.to_json()))
+    with pytest.raises(KVLayoutMismatch) as ei:
+        a.check_compatible(b)
+    msg = str(ei.value)
+    assert "block_size" in msg and "dtype" in msg and "num_layers" not in msg
+
+
+def test_gather_scatter_round_trip() -> None:
+    src, dst = paged("random"), paged("zeros")
+    buf = src.gather([5, 1, 9])
+    dst.scatter([0, 2, 4], buf)
+    for s, d in zip(src.views, dst.views):
+        assert torch.equal(d[[0, 2, 4]], s[[5, 1, 9]])
+        assert not d[1].any()
+    with pytest.raises(ValueError, match="block id outside"):
+        src.gather([NUM_BLOCKS])
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ucx"])
+def test_fetch_moves_exactly_the_held_blocks_and_acks(transport: str) -> None:
+    src, dst = paged("random"), paged("zeros")
+    server = BlockServer("127.0.0.1", 0, src, make_data_planes(transport))
+    fetcher = BlockFetcher(dst, make_data_planes(transport))
+    try:
+        server.holds.hold("r1", [3, 7, 8], lease_s=30)
+        fetcher.submit(LoadJob("local-1", server.address, "r1", [3, 7, 8], [10, 11, 12]))
+        done, failed = wait_results(fetcher)
+        assert done == {"local-1"} and not failed
+        for s, d in zip(src.views, dst.views):
+            assert torch.equal(d[[10, 11, 12]], s[[3, 7, 8]])
+        deadline = time.monotonic() + 5
+        freed: set[str] = set()
+        while "r1" not in freed and time.monotonic() < deadline:
+            freed |= server.holds.take_freed()
+            time.sleep(0.01)
+        assert freed == {"r1"}  # the decode side's ack freed the hold
+        assert fetcher.take_stats().bytes == 3 * 2 * src.layout.block_numel * 4
+    finally:
+        fetcher.close()
+        server.close()
+
+
+def test_fetch_of_blocks_not_held_fails_that_request_only() -> None:
+    src, dst = paged("random"), paged("zeros")
+    server = BlockServer("127.0.0.1", 0, src, make_data_planes("tcp"))
+    fetcher = BlockFetcher(dst, make_data_planes("tcp"))
+    try:
+        server.holds.hold("r1", [1, 2], lease_s=30)
+        fetcher.submit(LoadJob("bad", server.address, "r1", [1, 2, 3], [0, 1, 2]))
+        done, failed = wait_results(fetcher)
+        assert done == {"bad"} and failed == {"bad"}
+        fetcher.submit(LoadJob("good", server.address, "r1", [1, 2], [0, 1]))
+        done, failed = wait_results(fetcher)
+        assert done == {"good"} and not failed
+    finally:
+        fetcher.close()
+        server.close()
+
+
+def test_layout_mismatch_fails_at_handshake_never_copies() -> None:
+    src = paged("random")
+    dst = paged("zeros", fields={**FIELDS, "head_size": 128})
+    server = BlockServer("127.0.0.1", 0, src, make_data_planes("tcp"))
+    fetcher = BlockFetcher(dst, make_data_planes("tcp"))
+    try:
+        server.holds.hold("r1", [1], lease_s=30)
+        fetcher.submit(LoadJob("x", server.address, "r1", [1], [0]))
+        done, failed = wait_results(fetcher)
+        assert failed == {"x"}
+        assert not any(v.any() for v in dst.views)
+        assert server.holds.num_blocks_held() == 1  # still held: the lease or a release frees it
+    finally:
+        fetcher.close()
+        server.close()
+
+
+def test_release_from_another_process_frees_the_hold() -> None:
+    server = BlockServer("127.0.0.1", 0, paged("random"), make_data_planes("tcp"))
+    try:
+        server.holds.hold("r9", [4, 5], lease_s=30)
+        release_remote(server.address, "r9")
+        assert server.holds.take_freed() == {"r9"}
+    finally:
+        server.close()
+
+
+def test_unknown_transport_is_an_error() -> None:
+    with pytest.raises(ValueError, match="unknown KV transport"):
+        make_data_planes("carrier-pigeon")
