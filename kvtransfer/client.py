@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from .layout import KVLayout
-from .paged import PagedKV, as_bytes_array
+from .paged import PagedKV, Staging, as_bytes_array
 from .transport import DataPlane, TransferError
 from .wire import ChannelClosed, parse_address, recv_msg, send_msg
 
@@ -88,6 +88,7 @@ class BlockFetcher:
         self._failed: set[str] = set()
         self.stats = TransferStats()
         self._tags = itertools.count(1)
+        self._staging = Staging(kv)
         self._thread = threading.Thread(target=self._run, name="tandem-kv-fetch", daemon=True)
         self._thread.start()
 
@@ -146,12 +147,14 @@ class BlockFetcher:
             conn = self._conn(job.address)
             tag = next(self._tags)
             reply = conn.call({"op": "fetch", "req": job.remote_req_id, "blocks": job.remote_block_ids, "tag": tag})
-            staging = self.kv.empty(len(job.remote_block_ids))
-            buf = as_bytes_array(staging)
-            if int(reply["nbytes"]) != buf.nbytes:
-                raise TransferError(f"prefill side offers {reply['nbytes']} bytes, expected {buf.nbytes}")
-            conn.plane.recv(conn.peer, conn.sock, buf, tag)
-            self.kv.scatter(job.local_block_ids, staging)
+            layers = self._staging.layers(len(job.remote_block_ids))
+            nbytes = sum(t.numel() * t.element_size() for t in layers)
+            if int(reply["nbytes"]) != nbytes or int(reply.get("chunks", 0)) != len(layers):
+                raise TransferError(f"prefill side offers {reply['nbytes']} bytes in {reply.get('chunks')} "
+                                    f"chunks, expected {nbytes} in {len(layers)}")
+            idx = self.kv.index(job.local_block_ids)
+            conn.plane.recv_chunks(conn.peer, conn.sock, [as_bytes_array(t) for t in layers], tag,
+                                   lambda i: self.kv.scatter_layer(i, idx, layers[i]))
         except (OSError, ChannelClosed, TransferError, ValueError, KeyError) as exc:
             self._drop(job.address)
             logger.error("request %s: KV fetch from %s failed: %s", job.req_id, job.address, exc)
@@ -167,10 +170,10 @@ class BlockFetcher:
             self._drop(job.address)
             logger.warning("request %s: ack to %s failed: %s", job.req_id, job.address, exc)
         logger.info("request %s: fetched %d blocks (%d bytes) in %.4f s over %s",
-                     job.req_id, len(job.remote_block_ids), buf.nbytes, dt, conn.plane.name)
+                     job.req_id, len(job.remote_block_ids), nbytes, dt, conn.plane.name)
         with self._lock:
             self._finished.add(job.req_id)
-            self.stats.bytes += buf.nbytes
+            self.stats.bytes += nbytes
             self.stats.blocks += len(job.remote_block_ids)
             self.stats.fetch_seconds.append(dt)
 

@@ -1,4 +1,4 @@
-"""Gather and scatter whole KV blocks of every layer to and from one contiguous buffer."""
+"""Gather and scatter whole KV blocks, layer by layer, to and from a reusable staging buffer."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ class PagedKV:
                 raise ValueError("KV cache layers differ in shape or dtype; not supported")
         self.num_blocks = num_blocks
         first = self.views[0]
+        self.dtype = first.dtype
         self.layout = KVLayout(
             num_layers=len(layers),
             dtype=str(first.dtype).removeprefix("torch."),
@@ -31,25 +32,48 @@ class PagedKV:
             **layout_fields,  # type: ignore[arg-type]
         )
 
-    def empty(self, num_blocks: int) -> torch.Tensor:
-        return torch.empty((len(self.views), num_blocks, *self.layout.block_shape), dtype=self.views[0].dtype)
-
-    def check_ids(self, block_ids: list[int]) -> torch.Tensor:
+    def index(self, block_ids: list[int]) -> torch.Tensor:
         if any(b < 0 or b >= self.num_blocks for b in block_ids):
             raise ValueError(f"block id outside 0..{self.num_blocks - 1}")
         return torch.tensor(block_ids, dtype=torch.long)
 
+    def gather_layer(self, layer: int, idx: torch.Tensor, out: torch.Tensor) -> None:
+        torch.index_select(self.views[layer], 0, idx, out=out)
+
+    def scatter_layer(self, layer: int, idx: torch.Tensor, src: torch.Tensor) -> None:
+        self.views[layer].index_copy_(0, idx, src)
+
     def gather(self, block_ids: list[int]) -> torch.Tensor:
-        idx = self.check_ids(block_ids)
-        out = self.empty(len(block_ids))
-        for i, v in enumerate(self.views):
-            torch.index_select(v, 0, idx, out=out[i])
+        """All layers' blocks in a new [layers, n, *block] tensor (tests and tools)."""
+        idx = self.index(block_ids)
+        out = torch.empty((len(self.views), len(block_ids), *self.layout.block_shape), dtype=self.dtype)
+        for i in range(len(self.views)):
+            self.gather_layer(i, idx, out[i])
         return out
 
     def scatter(self, block_ids: list[int], src: torch.Tensor) -> None:
-        idx = self.check_ids(block_ids)
-        for i, v in enumerate(self.views):
-            v.index_copy_(0, idx, src[i])
+        idx = self.index(block_ids)
+        for i in range(len(self.views)):
+            self.scatter_layer(i, idx, src[i])
+
+
+class Staging:
+    """A staging buffer kept across transfers: fresh memory costs page faults that
+    would otherwise cut copy speed several times over. One per transferring thread."""
+
+    def __init__(self, kv: PagedKV) -> None:
+        self.kv = kv
+        self._buf = torch.empty(0, dtype=kv.dtype)
+
+    def layers(self, num_blocks: int) -> list[torch.Tensor]:
+        """One contiguous [num_blocks, *block] tensor per layer, views into the buffer."""
+        per_layer = num_blocks * self.kv.layout.block_numel
+        need = per_layer * self.kv.layout.num_layers
+        if self._buf.numel() < need:
+            self._buf = torch.empty(max(need, 2 * self._buf.numel()), dtype=self.kv.dtype)
+            self._buf.view(torch.uint8)[:: 4096].zero_()  # touch every page now, once
+        return [self._buf[i * per_layer:(i + 1) * per_layer].view(num_blocks, *self.kv.layout.block_shape)
+                for i in range(self.kv.layout.num_layers)]
 
 
 def as_bytes_array(t: torch.Tensor) -> np.ndarray:

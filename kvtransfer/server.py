@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 from .layout import KVLayout, KVLayoutMismatch
-from .paged import PagedKV, as_bytes_array
+from .paged import PagedKV, Staging, as_bytes_array
 from .transport import DataPlane, TransferError, choose_plane
 from .wire import ChannelClosed, recv_msg, send_msg
 
@@ -135,6 +135,7 @@ class BlockServer:
     def _serve(self, conn: socket.socket) -> None:
         plane: DataPlane | None = None
         peer: object = None
+        staging = Staging(self.kv)
         with conn:
             while True:
                 try:
@@ -148,7 +149,7 @@ class BlockServer:
                     elif op == "fetch":
                         if plane is None:
                             raise TransferError("fetch before hello")
-                        self._fetch(conn, msg, plane, peer)
+                        self._fetch(conn, msg, plane, peer, staging)
                     elif op in ("ack", "release"):
                         freed = self.holds.release(str(msg["req"]))
                         logger.debug("request %s: %s (held: %s)", msg["req"], op, freed)
@@ -172,18 +173,25 @@ class BlockServer:
         send_msg(conn, {"ok": True, "plane": plane.name, "layout": self.kv.layout.to_json(), **plane.local_info()})
         return plane, peer
 
-    def _fetch(self, conn: socket.socket, msg: dict, plane: DataPlane, peer: object) -> None:
+    def _fetch(self, conn: socket.socket, msg: dict, plane: DataPlane, peer: object, staging: Staging) -> None:
         req_id = str(msg["req"])
         wanted = [int(b) for b in msg["blocks"]]
         held = set(self.holds.get(req_id))
         if not set(wanted) <= held:
             raise ValueError(f"request {req_id}: asked for blocks that are not held for it")
         t0 = time.perf_counter()
-        staging = self.kv.gather(wanted)
-        buf = as_bytes_array(staging)
-        send_msg(conn, {"ok": True, "nbytes": int(buf.nbytes)})
-        plane.send(peer, conn, buf, int(msg.get("tag", 0)))
+        idx = self.kv.index(wanted)
+        layers = staging.layers(len(wanted))
+        nbytes = sum(t.numel() * t.element_size() for t in layers)
+        send_msg(conn, {"ok": True, "nbytes": nbytes, "chunks": len(layers)})
+
+        def packed():  # gather layer i while layer i-1 is on its way
+            for i, out in enumerate(layers):
+                self.kv.gather_layer(i, idx, out)
+                yield as_bytes_array(out)
+
+        plane.send_chunks(peer, conn, packed(), int(msg.get("tag", 0)))
         with self._bytes_lock:
-            self._bytes_sent += int(buf.nbytes)
+            self._bytes_sent += nbytes
         logger.debug("request %s: sent %d blocks (%d bytes) in %.4f s over %s",
-                     req_id, len(wanted), buf.nbytes, time.perf_counter() - t0, plane.name)
+                     req_id, len(wanted), nbytes, time.perf_counter() - t0, plane.name)

@@ -19,6 +19,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -35,15 +36,19 @@ class TransferError(RuntimeError):
 
 
 class DataPlane(Protocol):
+    """Moves one fetch as a sequence of chunks (one per layer), so that packing,
+    moving and unpacking overlap instead of running one after another."""
+
     name: str
 
     def local_info(self) -> dict[str, Any]: ...
 
     def connect(self, peer_info: dict[str, Any]) -> object: ...
 
-    def send(self, peer: object, sock: socket.socket, buf: np.ndarray, tag: int) -> None: ...
+    def send_chunks(self, peer: object, sock: socket.socket, chunks: Iterator[np.ndarray], tag: int) -> None: ...
 
-    def recv(self, peer: object, sock: socket.socket, buf: np.ndarray, tag: int) -> None: ...
+    def recv_chunks(self, peer: object, sock: socket.socket, bufs: list[np.ndarray], tag: int,
+                    on_chunk: Callable[[int], None]) -> None: ...
 
 
 class TcpDataPlane:
@@ -57,11 +62,15 @@ class TcpDataPlane:
     def connect(self, peer_info: dict[str, Any]) -> object:
         return None
 
-    def send(self, peer: object, sock: socket.socket, buf: np.ndarray, tag: int) -> None:
-        sock.sendall(memoryview(buf).cast("B"))
+    def send_chunks(self, peer: object, sock: socket.socket, chunks: Iterator[np.ndarray], tag: int) -> None:
+        for buf in chunks:
+            sock.sendall(memoryview(buf).cast("B"))
 
-    def recv(self, peer: object, sock: socket.socket, buf: np.ndarray, tag: int) -> None:
-        recv_exact_into(sock, memoryview(buf).cast("B"))
+    def recv_chunks(self, peer: object, sock: socket.socket, bufs: list[np.ndarray], tag: int,
+                    on_chunk: Callable[[int], None]) -> None:
+        for i, buf in enumerate(bufs):
+            recv_exact_into(sock, memoryview(buf).cast("B"))
+            on_chunk(i)
 
 
 class UcxDataPlane:
@@ -95,23 +104,35 @@ class UcxDataPlane:
         with self._lock:
             return self._api.UCXEndpoint.create_from_worker_address(self._worker, addr, False)
 
-    def _wait(self, req: Any, what: str) -> None:
-        deadline = time.monotonic() + self._timeout_s
-        while not req.completed:
-            self._worker.progress()
-            if time.monotonic() > deadline:
-                raise TransferError(f"UCX {what} did not complete in {self._timeout_s:.0f} s")
-        req.check_error()
+    def _tag(self, tag: int, i: int) -> Any:
+        return self._api.UCXXTag((tag << 16) | i)
 
-    def send(self, peer: object, sock: socket.socket, buf: np.ndarray, tag: int) -> None:
+    def send_chunks(self, peer: object, sock: socket.socket, chunks: Iterator[np.ndarray], tag: int) -> None:
         with self._lock:
-            req = peer.tag_send(self._array(buf), self._api.UCXXTag(tag))  # type: ignore[attr-defined]
-            self._wait(req, "send")
+            reqs = []
+            for i, buf in enumerate(chunks):
+                reqs.append(peer.tag_send(self._array(buf), self._tag(tag, i)))  # type: ignore[attr-defined]
+                self._worker.progress()
+            deadline = time.monotonic() + self._timeout_s
+            while not all(r.completed for r in reqs):
+                self._worker.progress()
+                if time.monotonic() > deadline:
+                    raise TransferError(f"UCX send did not complete in {self._timeout_s:.0f} s")
+            for r in reqs:
+                r.check_error()
 
-    def recv(self, peer: object, sock: socket.socket, buf: np.ndarray, tag: int) -> None:
+    def recv_chunks(self, peer: object, sock: socket.socket, bufs: list[np.ndarray], tag: int,
+                    on_chunk: Callable[[int], None]) -> None:
         with self._lock:
-            req = self._worker.tag_recv(self._array(buf), self._api.UCXXTag(tag))
-            self._wait(req, "receive")
+            reqs = [self._worker.tag_recv(self._array(b), self._tag(tag, i)) for i, b in enumerate(bufs)]
+            deadline = time.monotonic() + self._timeout_s
+            for i, r in enumerate(reqs):
+                while not r.completed:
+                    self._worker.progress()
+                    if time.monotonic() > deadline:
+                        raise TransferError(f"UCX receive did not complete in {self._timeout_s:.0f} s")
+                r.check_error()
+                on_chunk(i)
 
 
 def make_data_planes(transport: str) -> dict[str, DataPlane]:
