@@ -13,12 +13,14 @@ import asyncio
 import logging
 import time
 import uuid
+from contextlib import ExitStack
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
 
 from tandem.errors import InvalidRequest, NodeFailed, error_from_grpc
+from tandem.logs import log_prompts_enabled
 from tandem.proto import tandem_pb2 as pb
 from tandem.sampling import Sampling, to_proto
 
@@ -124,25 +126,28 @@ class Pipeline:
 
     # run --------------------------------------------------------------------
     async def run(self, req: Prepared) -> AsyncIterator[Event]:
-        rid = req.request_id
         s = req.sampling
-        needs_decode = s.max_tokens > 1
         prefill_node = self.router.pick("prefill")
-        decode_node = self.router.pick("decode") if needs_decode else None
+        decode_node = self.router.pick("decode") if s.max_tokens > 1 else None
         m.RUNNING.inc()
         m.PROMPT_TOKENS.inc(len(req.prompt_ids))
         status = "error"
-        try:
-            async for ev in self._run(req, prefill_node, decode_node):
-                if isinstance(ev, FinishEvent):
-                    status = ev.reason
-                yield ev
-        except asyncio.CancelledError:
-            status = "cancelled"
-            raise
-        finally:
-            m.RUNNING.dec()
-            m.REQUESTS.labels(status).inc()
+        with ExitStack() as reserved:
+            if decode_node is not None:
+                # Count the decode node as busy from the moment it is chosen, so that
+                # requests arriving together do not all pick the same idle node.
+                reserved.enter_context(self.router.track(decode_node))
+            try:
+                async for ev in self._run(req, prefill_node, decode_node):
+                    if isinstance(ev, FinishEvent):
+                        status = ev.reason
+                    yield ev
+            except asyncio.CancelledError:
+                status = "cancelled"
+                raise
+            finally:
+                m.RUNNING.dec()
+                m.REQUESTS.labels(status).inc()
 
     async def _run(self, req: Prepared, pnode: NodeClient, dnode: NodeClient | None) -> AsyncIterator[Event]:
         rid, s = req.request_id, req.sampling
@@ -182,36 +187,35 @@ class Pipeline:
             else:
                 out.decode_node = dnode.record.node_id
                 t_dec = time.perf_counter()
-                with self.router.track(dnode):
-                    call = dnode.stub.Decode(pb.DecodeRequest(  # type: ignore[attr-defined]
-                        request_id=rid, prompt_token_ids=[*req.prompt_ids, first],
-                        sampling=to_proto(s.remaining(1), pb.SamplingParams), handle=handle))
-                    owned = False
-                    try:
-                        async for msg in call:
-                            ids = list(msg.token_ids)
-                            if ids:
-                                text, stop = stops.feed(detok.add(ids))
-                                now = time.perf_counter()
-                                m.ITL.observe(now - last_token_at)
-                                m.GENERATION_TOKENS.inc(len(ids))
-                                last_token_at = now
-                                out.completion_tokens += len(ids)
-                                yield TokenEvent(ids, text)
-                            if stop is not None:
-                                out.reason, out.stop_reason = "stop", stop
-                                call.cancel()
-                                break
-                            if msg.finish_reason:
-                                out.reason = msg.finish_reason
-                    except grpc.aio.AioRpcError as exc:
-                        owned = True  # it may never have fetched: free the blocks now
-                        raise error_from_grpc(exc.code(), exc.details() or "",
-                                              f"decode node {dnode.record.node_id}") from exc
-                    except BaseException:
-                        call.cancel()
-                        owned = True
-                        raise
+                call = dnode.stub.Decode(pb.DecodeRequest(  # type: ignore[attr-defined]
+                    request_id=rid, prompt_token_ids=[*req.prompt_ids, first],
+                    sampling=to_proto(s.remaining(1), pb.SamplingParams), handle=handle))
+                owned = False
+                try:
+                    async for msg in call:
+                        ids = list(msg.token_ids)
+                        if ids:
+                            text, stop = stops.feed(detok.add(ids))
+                            now = time.perf_counter()
+                            m.ITL.observe(now - last_token_at)
+                            m.GENERATION_TOKENS.inc(len(ids))
+                            last_token_at = now
+                            out.completion_tokens += len(ids)
+                            yield TokenEvent(ids, text)
+                        if stop is not None:
+                            out.reason, out.stop_reason = "stop", stop
+                            call.cancel()
+                            break
+                        if msg.finish_reason:
+                            out.reason = msg.finish_reason
+                except grpc.aio.AioRpcError as exc:
+                    owned = True  # it may never have fetched: free the blocks now
+                    raise error_from_grpc(exc.code(), exc.details() or "",
+                                          f"decode node {dnode.record.node_id}") from exc
+                except BaseException:
+                    call.cancel()
+                    owned = True
+                    raise
                 out.decode_s = time.perf_counter() - t_dec
                 if not out.reason:
                     raise NodeFailed(f"decode node {dnode.record.node_id} ended the stream without a finish reason")
@@ -225,6 +229,9 @@ class Pipeline:
             logger.info("request %s: %s after %d tokens (ttft %.3f s, e2e %.3f s, prefill %s, decode %s)",
                         rid, out.reason, out.completion_tokens, out.ttft_s, out.e2e_s,
                         out.prefill_node, out.decode_node or "-")
+            if log_prompts_enabled():
+                logger.info("request %s: prompt %r -> output %r", rid,
+                            self.codec.tok.decode(req.prompt_ids), self.codec.tok.decode(detok.ids))
             yield out
         finally:
             if owned and handle is not None:

@@ -8,10 +8,10 @@ stream back -> a client cancel aborts the engine request.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
@@ -39,20 +39,25 @@ class DecodeServicer(pb_grpc.DecodeNodeServicer):
     async def Decode(self, request: pb.DecodeRequest,
                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecodeResponse]:
         rid = request.request_id
+        # A caller's cancel reaches a streaming servicer either as CancelledError or as
+        # the stream simply being closed (GeneratorExit), so the outcome starts as
+        # "cancelled" and only a normal end or an error changes it.
+        outcome = "cancelled"
         with DECODE_INFLIGHT.track_inprogress():
             try:
-                async for msg in self._decode(request):
-                    yield msg
-            except asyncio.CancelledError:
-                DECODES.labels("cancelled").inc()
-                logger.info("request %s: decode cancelled by the caller", rid)
-                raise
+                async with aclosing(self._decode(request)) as stream:
+                    async for msg in stream:
+                        yield msg
+                outcome = "ok"
             except Exception as exc:
-                DECODES.labels("error").inc()
+                outcome = "error"
                 code, msg = grpc_status_of(exc)
                 logger.warning("request %s: decode failed: %s", rid, msg)
                 await context.abort(code, msg)
-        DECODES.labels("ok").inc()
+            finally:
+                DECODES.labels(outcome).inc()
+                if outcome == "cancelled":
+                    logger.info("request %s: decode cancelled by the caller", rid)
 
     async def _decode(self, request: pb.DecodeRequest) -> AsyncIterator[pb.DecodeResponse]:
         rid = request.request_id

@@ -16,13 +16,19 @@ import time
 from dataclasses import dataclass, field
 
 from .layout import KVLayout
-from .paged import PagedKV, Staging, as_bytes_array
+from .paged import PagedKV, Staging, as_bytes_array, runs
 from .transport import DataPlane, TransferError
 from .wire import ChannelClosed, parse_address, recv_msg, send_msg
 
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
+# Past this many runs of consecutive blocks, one staged message per layer beats many small ones.
+MAX_DIRECT_RUNS = 32
+
+
+def _nothing(i: int) -> None:
+    return None
 
 
 @dataclass
@@ -146,15 +152,27 @@ class BlockFetcher:
         try:
             conn = self._conn(job.address)
             tag = next(self._tags)
-            reply = conn.call({"op": "fetch", "req": job.remote_req_id, "blocks": job.remote_block_ids, "tag": tag})
-            layers = self._staging.layers(len(job.remote_block_ids))
-            nbytes = sum(t.numel() * t.element_size() for t in layers)
-            if int(reply["nbytes"]) != nbytes or int(reply.get("chunks", 0)) != len(layers):
+            msg = {"op": "fetch", "req": job.remote_req_id, "blocks": job.remote_block_ids, "tag": tag}
+            segs = runs(job.remote_block_ids, job.local_block_ids)
+            direct = self.kv.direct_ok and len(segs) <= MAX_DIRECT_RUNS
+            if direct:
+                # Blocks land straight in the cache, run by run; no staging copy on either side.
+                msg["runs"] = [n for _, _, n in segs]
+                bufs = self.kv.run_views([d for _, d, _ in segs], [n for _, _, n in segs])
+                on_chunk = _nothing
+            else:
+                layers = self._staging.layers(len(job.remote_block_ids))
+                bufs = [as_bytes_array(t) for t in layers]
+                idx = self.kv.index(job.local_block_ids)
+
+                def on_chunk(i: int) -> None:
+                    self.kv.scatter_layer(i, idx, layers[i])
+            nbytes = sum(b.nbytes for b in bufs)
+            reply = conn.call(msg)
+            if int(reply["nbytes"]) != nbytes or int(reply.get("chunks", 0)) != len(bufs):
                 raise TransferError(f"prefill side offers {reply['nbytes']} bytes in {reply.get('chunks')} "
-                                    f"chunks, expected {nbytes} in {len(layers)}")
-            idx = self.kv.index(job.local_block_ids)
-            conn.plane.recv_chunks(conn.peer, conn.sock, [as_bytes_array(t) for t in layers], tag,
-                                   lambda i: self.kv.scatter_layer(i, idx, layers[i]))
+                                    f"chunks, expected {nbytes} in {len(bufs)}")
+            conn.plane.recv_chunks(conn.peer, conn.sock, bufs, tag, on_chunk)
         except (OSError, ChannelClosed, TransferError, ValueError, KeyError) as exc:
             self._drop(job.address)
             logger.error("request %s: KV fetch from %s failed: %s", job.req_id, job.address, exc)

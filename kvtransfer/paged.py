@@ -32,6 +32,18 @@ class PagedKV:
             **layout_fields,  # type: ignore[arg-type]
         )
 
+    @property
+    def direct_ok(self) -> bool:
+        """Whether a run of consecutive blocks of one layer is one contiguous piece of memory."""
+        return all(v.is_contiguous() for v in self.views)
+
+    def run_views(self, starts: list[int], lengths: list[int]) -> list[np.ndarray]:
+        """Byte views straight into the cache: for each layer, each run of blocks."""
+        for st, n in zip(starts, lengths):
+            if st < 0 or st + n > self.num_blocks:
+                raise ValueError(f"block id outside 0..{self.num_blocks - 1}")
+        return [as_bytes_array(v[st:st + n]) for v in self.views for st, n in zip(starts, lengths)]
+
     def index(self, block_ids: list[int]) -> torch.Tensor:
         if any(b < 0 or b >= self.num_blocks for b in block_ids):
             raise ValueError(f"block id outside 0..{self.num_blocks - 1}")
@@ -55,6 +67,17 @@ class PagedKV:
         idx = self.index(block_ids)
         for i in range(len(self.views)):
             self.scatter_layer(i, idx, src[i])
+
+
+def runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
+    """Split a block mapping into runs consecutive on both sides: (src start, dst start, length)."""
+    out: list[tuple[int, int, int]] = []
+    for s, d in zip(src, dst):
+        if out and s == out[-1][0] + out[-1][2] and d == out[-1][1] + out[-1][2]:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+        else:
+            out.append((s, d, 1))
+    return out
 
 
 class Staging:

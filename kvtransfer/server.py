@@ -180,17 +180,29 @@ class BlockServer:
         if not set(wanted) <= held:
             raise ValueError(f"request {req_id}: asked for blocks that are not held for it")
         t0 = time.perf_counter()
-        idx = self.kv.index(wanted)
-        layers = staging.layers(len(wanted))
-        nbytes = sum(t.numel() * t.element_size() for t in layers)
-        send_msg(conn, {"ok": True, "nbytes": nbytes, "chunks": len(layers)})
+        tag = int(msg.get("tag", 0))
+        if msg.get("runs") is not None:
+            # Direct: runs of consecutive blocks go straight from the cache, no staging copy.
+            lengths = [int(n) for n in msg["runs"]]
+            if sum(lengths) != len(wanted) or not self.kv.direct_ok:
+                raise ValueError(f"request {req_id}: direct fetch runs do not fit this cache")
+            starts = [wanted[sum(lengths[:i])] for i in range(len(lengths))]
+            views = self.kv.run_views(starts, lengths)
+            nbytes = sum(v.nbytes for v in views)
+            send_msg(conn, {"ok": True, "nbytes": nbytes, "chunks": len(views)})
+            plane.send_chunks(peer, conn, iter(views), tag)
+        else:
+            idx = self.kv.index(wanted)
+            layers = staging.layers(len(wanted))
+            nbytes = sum(t.numel() * t.element_size() for t in layers)
+            send_msg(conn, {"ok": True, "nbytes": nbytes, "chunks": len(layers)})
 
-        def packed():  # gather layer i while layer i-1 is on its way
-            for i, out in enumerate(layers):
-                self.kv.gather_layer(i, idx, out)
-                yield as_bytes_array(out)
+            def packed():  # gather layer i while layer i-1 is on its way
+                for i, out in enumerate(layers):
+                    self.kv.gather_layer(i, idx, out)
+                    yield as_bytes_array(out)
 
-        plane.send_chunks(peer, conn, packed(), int(msg.get("tag", 0)))
+            plane.send_chunks(peer, conn, packed(), tag)
         with self._bytes_lock:
             self._bytes_sent += nbytes
         logger.debug("request %s: sent %d blocks (%d bytes) in %.4f s over %s",

@@ -13,7 +13,7 @@ from tandem.kvtransfer.paged import PagedKV
 from tandem.kvtransfer.server import BlockServer, HoldTable
 from tandem.kvtransfer.transport import make_data_planes
 
-NUM_BLOCKS = 64
+NUM_BLOCKS = 128
 FIELDS = {"block_size": 32, "num_kv_heads": 2, "head_size": 64}
 
 
@@ -97,6 +97,30 @@ def test_fetch_moves_exactly_the_held_blocks_and_acks(transport: str) -> None:
             time.sleep(0.01)
         assert freed == {"r1"}  # the decode side's ack freed the hold
         assert fetcher.take_stats().bytes == 3 * 2 * src.layout.block_numel * 4
+    finally:
+        fetcher.close()
+        server.close()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ucx"])
+def test_fragmented_mappings_take_the_staged_path_and_still_land_right(transport: str) -> None:
+    from tandem.kvtransfer.client import MAX_DIRECT_RUNS
+    from tandem.kvtransfer.paged import runs
+
+    src_ids = list(range(0, 2 * (MAX_DIRECT_RUNS + 4), 2))  # every other block: one run per block
+    dst_ids = list(range(len(src_ids)))
+    assert len(runs(src_ids, dst_ids)) > MAX_DIRECT_RUNS
+    assert runs([4, 5, 6, 9], [0, 1, 2, 3]) == [(4, 0, 3), (9, 3, 1)]
+    src, dst = paged("random"), paged("zeros")
+    server = BlockServer("127.0.0.1", 0, src, make_data_planes(transport))
+    fetcher = BlockFetcher(dst, make_data_planes(transport))
+    try:
+        server.holds.hold("r1", src_ids, lease_s=30)
+        fetcher.submit(LoadJob("local", server.address, "r1", src_ids, dst_ids))
+        done, failed = wait_results(fetcher)
+        assert done == {"local"} and not failed
+        for s, d in zip(src.views, dst.views):
+            assert torch.equal(d[dst_ids], s[src_ids])
     finally:
         fetcher.close()
         server.close()

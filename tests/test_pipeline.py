@@ -1,0 +1,158 @@
+"""The coordinator's request pipeline against fake node stubs (no engines, no network)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from tandem.coordinator.pipeline import FinishEvent, Pipeline, TokenEvent
+from tandem.coordinator.router import Router
+from tandem.coordinator.textcodec import TextCodec
+from tandem.membership import NodeRecord
+from tandem.proto import tandem_pb2 as pb
+from tandem.sampling import Sampling
+
+
+class FakePrefill:
+    """PrefillNode stub with knobs: the first token, a delay, whether the engine stopped on EOS."""
+
+    def __init__(self, first: int = 100, delay_s: float = 0.0, finish: str = "length") -> None:
+        self.first, self.delay_s, self.finish = first, delay_s, finish
+        self.calls: list[pb.PrefillRequest] = []
+        self.released: list[str] = []
+
+    async def Prefill(self, req: pb.PrefillRequest, timeout: float | None = None) -> pb.PrefillResponse:
+        self.calls.append(req)
+        await asyncio.sleep(self.delay_s)
+        resp = pb.PrefillResponse(first_token=self.first, finish_reason=self.finish)
+        if req.hold_kv:
+            resp.handle.CopyFrom(pb.KVHandle(remote_request_id=req.request_id, num_tokens=len(req.prompt_token_ids)))
+        return resp
+
+    async def Release(self, req: pb.ReleaseRequest, timeout: float | None = None) -> pb.ReleaseResponse:
+        self.released.append(req.request_id)
+        return pb.ReleaseResponse()
+
+
+class FakeCall:
+    def __init__(self, tokens: list[int], delay_s: float) -> None:
+        self.tokens, self.delay_s, self.cancelled = tokens, delay_s, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __aiter__(self):
+        return self._gen()
+
+    async def _gen(self):
+        for i, t in enumerate(self.tokens):
+            await asyncio.sleep(self.delay_s)
+            last = i == len(self.tokens) - 1
+            yield pb.DecodeResponse(token_ids=[t], finish_reason="length" if last else "")
+
+
+class FakeDecode:
+    def __init__(self, tokens: list[int], delay_s: float = 0.0) -> None:
+        self.tokens, self.delay_s = tokens, delay_s
+        self.calls: list[FakeCall] = []
+
+    def Decode(self, req: pb.DecodeRequest) -> FakeCall:
+        call = FakeCall(self.tokens[: req.sampling.max_tokens], self.delay_s)
+        self.calls.append(call)
+        return call
+
+
+def make(tiny_model: Path, prefill: FakePrefill, decodes: list[FakeDecode]) -> Pipeline:
+    router = Router("tiny")
+    for i, stub in enumerate([prefill, *decodes]):
+        role = "prefill" if i == 0 else "decode"
+        node_id = f"{role}-{i}"
+        router.on_membership(node_id, NodeRecord(node_id, role, f"127.0.0.1:{9000 + i}", "x:1", "tiny", 512))
+        router._nodes[node_id].stub = stub
+    return Pipeline(router, TextCodec(str(tiny_model)), lambda: 512, "tiny")
+
+
+async def collect(p: Pipeline, sampling: Sampling, ids: list[int] | None = None) -> list:
+    req = p.prepare(request_id="", text=None, token_ids=ids or [5, 6, 7], sampling=sampling)
+    return [ev async for ev in p.run(req)]
+
+
+def run_one(tiny_model: Path, prefill: FakePrefill, decodes: list[FakeDecode], sampling: Sampling) -> list:
+    async def go() -> list:
+        evs = await collect(make(tiny_model, prefill, decodes), sampling)
+        await asyncio.sleep(0.05)  # background releases finish
+        return evs
+
+    return asyncio.run(go())
+
+
+def test_concurrent_requests_spread_over_the_decode_pool(tiny_model: Path) -> None:
+    decodes = [FakeDecode([101, 102, 103], delay_s=0.01), FakeDecode([101, 102, 103], delay_s=0.01)]
+    pipelines: list[Pipeline] = []
+
+    async def go() -> list[list]:
+        pipelines.append(make(tiny_model, FakePrefill(delay_s=0.01), decodes))
+        return await asyncio.gather(*[collect(pipelines[0], Sampling(max_tokens=4)) for _ in range(6)])
+
+    results = asyncio.run(go())
+    p = pipelines[0]
+    assert [len(d.calls) for d in decodes] == [3, 3]
+    for evs in results:
+        assert [t for e in evs if isinstance(e, TokenEvent) for t in e.token_ids] == [100, 101, 102, 103]
+        assert evs[-1].reason == "length" and evs[-1].completion_tokens == 4
+    assert all(n.outstanding == 0 for n in p.router.nodes())
+
+
+def test_first_token_comes_before_decode_and_max_tokens_one_skips_decode(tiny_model: Path) -> None:
+    decode = FakeDecode([101])
+    prefill = FakePrefill()
+    evs = run_one(tiny_model, prefill, [decode], Sampling(max_tokens=1))
+    assert isinstance(evs[0], TokenEvent) and evs[0].token_ids == [100]
+    assert isinstance(evs[-1], FinishEvent) and evs[-1].reason == "length"
+    assert not decode.calls and not prefill.calls[0].hold_kv
+
+
+def test_eos_at_prefill_ends_the_request_and_releases_the_blocks(tiny_model: Path) -> None:
+    decode = FakeDecode([101])
+    prefill = FakePrefill(finish="stop")
+    evs = run_one(tiny_model, prefill, [decode], Sampling(max_tokens=8))
+    assert evs[-1].reason == "stop" and not decode.calls
+    assert len(prefill.released) == 1
+
+
+def test_stop_string_cuts_the_text_and_cancels_the_decode(tiny_model: Path) -> None:
+    codec = TextCodec(str(tiny_model))
+    words = codec.encode(" node cache block stream")
+    decode = FakeDecode(words[1:] + [101, 102])
+    evs = run_one(tiny_model, FakePrefill(first=words[0]), [decode], Sampling(max_tokens=20, stop=(" block",)))
+    text = "".join(e.text for e in evs if isinstance(e, TokenEvent))
+    assert text == " node cache"
+    assert evs[-1].reason == "stop" and evs[-1].stop_reason == " block"
+    assert decode.calls[0].cancelled
+
+
+def test_cancel_during_decode_cancels_the_call_and_releases(tiny_model: Path) -> None:
+    decode = FakeDecode(list(range(101, 200)), delay_s=0.05)
+    prefill = FakePrefill()
+    pipelines: list[Pipeline] = []
+
+    async def go() -> None:
+        p = make(tiny_model, prefill, [decode])
+        pipelines.append(p)
+        req = p.prepare(request_id="c1", text=None, token_ids=[5, 6], sampling=Sampling(max_tokens=50))
+        gen = p.run(req)
+        assert (await gen.__anext__()).token_ids == [100]
+        task = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await gen.aclose()
+        await asyncio.sleep(0.05)
+
+    asyncio.run(go())
+    assert decode.calls[0].cancelled
+    assert prefill.released == ["c1"]
+    assert all(n.outstanding == 0 for n in pipelines[0].router.nodes())
