@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
-import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import grpc
 from aiohttp import web
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from tandem.grpcserve import start_grpc, wait_for_stop_signal
 from tandem.membership import MembershipView
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 
 from .grpc_api import SERVICE_NAME, CoordinatorServicer
 from .http_api import OpenAIHttp
 from .pipeline import Pipeline
-from .router import GRPC_OPTIONS, Router
+from .router import Router
 from .textcodec import TextCodec
 
 logger = logging.getLogger(__name__)
@@ -83,15 +79,9 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
 
     pipeline = Pipeline(router, codec, max_model_len, cfg.served_model_name, cfg.prefill_timeout_s)
 
-    server = grpc.aio.server(options=GRPC_OPTIONS)
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(pipeline, cfg.cluster), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    grpc_port = server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
-    await server.start()
-    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    grpc_server = await start_grpc(
+        cfg.host, cfg.grpc_port, SERVICE_NAME,
+        lambda server: pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(pipeline, cfg.cluster), server))
 
     http = OpenAIHttp(pipeline)
     runner = web.AppRunner(http.app, handler_cancellation=True, access_log=None)
@@ -99,19 +89,13 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
     site = web.TCPSite(runner, cfg.host, cfg.http_port)
     await site.start()
     http_port = runner.addresses[0][1]
-    print(f"TANDEM_READY role=coordinator grpc={cfg.host}:{grpc_port} http=http://{cfg.host}:{http_port}",
+    print(f"TANDEM_READY role=coordinator grpc={cfg.host}:{grpc_server.port} http=http://{cfg.host}:{http_port}",
           flush=True)
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await wait_for_stop_signal()
         logger.info("shutting down coordinator")
     finally:
-        await health_servicer.enter_graceful_shutdown()
-        await server.stop(grace=5)
+        await grpc_server.stop()
         await runner.cleanup()
         await view.close()
         await router.close()

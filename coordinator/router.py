@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 import grpc
 
 from tandem.errors import Unavailable
+from tandem.grpcserve import GRPC_OPTIONS
 from tandem.membership import NodeRecord
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
-GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
 
 @dataclass

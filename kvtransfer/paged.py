@@ -14,6 +14,11 @@ class PagedKV:
     def __init__(self, layers: list[torch.Tensor], num_blocks: int, layout_fields: dict[str, object]) -> None:
         if not layers:
             raise ValueError("no KV cache layers were registered")
+        if any(t.device.type != "cpu" for t in layers):
+            # Device KV (cuda_ipc / RDMA through UCX) is not built yet; refuse rather than misbehave.
+            raise NotImplementedError(
+                f"Tandem's KV transfer handles host-memory KV caches only; this engine's is on "
+                f"{layers[0].device}")
         shape = tuple(layers[0].shape)
         if num_blocks not in shape:
             raise ValueError(f"cannot find the block dimension ({num_blocks} blocks) in KV shape {shape}")

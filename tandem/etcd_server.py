@@ -35,10 +35,10 @@ def etcd_binary() -> str:
 class LocalEtcd:
     """An etcd process with a temporary data dir; ``url`` is its client URL."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", client_port: int = 0, peer_port: int = 0) -> None:
         self.host = host
-        self.client_port = free_port(host)
-        self.peer_port = free_port(host)
+        self.client_port = client_port or free_port(host)
+        self.peer_port = peer_port or free_port(host)
         self.url = f"http://{host}:{self.client_port}"
         self._dir = tempfile.mkdtemp(prefix="tandem-etcd-")
         self._proc: subprocess.Popen[bytes] | None = None

@@ -117,12 +117,20 @@ class MembershipView:
         return sorted(self._nodes.values(), key=lambda n: (n.role, n.node_id))
 
     async def start(self) -> None:
-        snapshot = await self._client.get_prefix(self._prefix)
-        for kv in snapshot:
-            self._apply(kv.key, kv.value)
-        self._watch = await self._client.watch_prefix(self._prefix, start_revision=snapshot.header.revision + 1)
+        await self._sync()
         self._task = asyncio.create_task(self._follow(), name="etcd-watch")
         logger.info("watching %s: %d nodes now", self._prefix.decode(), len(self._nodes))
+
+    async def _sync(self) -> None:
+        """Read the whole prefix, drop what is gone, then watch from the next revision."""
+        snapshot = await self._client.get_prefix(self._prefix)
+        present = set()
+        for kv in snapshot:
+            present.add(kv.key)
+            self._apply(kv.key, kv.value)
+        for key in [k for k in self._nodes if k not in present]:
+            self._apply(key, None)
+        self._watch = await self._client.watch_prefix(self._prefix, start_revision=snapshot.header.revision + 1)
 
     def _apply(self, key: bytes, value: bytes | None) -> None:
         if value is None:
@@ -147,9 +155,25 @@ class MembershipView:
             self._on_change(rec.node_id, rec)
 
     async def _follow(self) -> None:
-        assert self._watch is not None
-        async for event in self._watch:
-            self._apply(event.kv.key, event.kv.value if event.kind == "PUT" else None)
+        while True:
+            try:
+                assert self._watch is not None
+                async for event in self._watch:
+                    self._apply(event.kv.key, event.kv.value if event.kind == "PUT" else None)
+                logger.warning("etcd watch ended; re-reading the membership")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("etcd watch failed (%s); re-reading the membership", exc)
+            while True:
+                await asyncio.sleep(1.0)
+                try:
+                    await self._sync()
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    logger.warning("etcd unreachable (%s); retrying", exc)
 
     async def close(self) -> None:
         if self._task is not None:

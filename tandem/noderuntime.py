@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections.abc import Callable
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from . import __version__
 from .engine import EngineHost
+from .grpcserve import start_grpc, wait_for_stop_signal
 from .membership import NodeRecord, Registration
 from .netutil import free_port
 from .nodeconfig import NodeConfig
 
 logger = logging.getLogger(__name__)
-
-GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-
 
 async def run_node(cfg: NodeConfig, service_name: str,
                    add_servicer: Callable[[grpc.aio.Server, EngineHost], None]) -> None:
@@ -31,19 +26,12 @@ async def run_node(cfg: NodeConfig, service_name: str,
     engine = EngineHost(cfg, kv_address)
     await asyncio.get_running_loop().run_in_executor(None, engine.start)
 
-    server = grpc.aio.server(options=GRPC_OPTIONS)
-    add_servicer(server, engine)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
-    await server.start()
-    await health_servicer.set(service_name, health_pb2.HealthCheckResponse.SERVING)
+    grpc_server = await start_grpc(cfg.host, cfg.grpc_port, service_name, lambda server: add_servicer(server, engine))
     httpd, _ = start_http_server(cfg.metrics_port, addr=cfg.host)
     metrics_address = f"{cfg.host}:{httpd.server_port}"
 
     record = NodeRecord(
-        node_id=cfg.node_id, role=cfg.role, grpc_address=f"{cfg.host}:{port}", kv_address=kv_address,
+        node_id=cfg.node_id, role=cfg.role, grpc_address=f"{cfg.host}:{grpc_server.port}", kv_address=kv_address,
         model=cfg.served_model_name, max_model_len=engine.max_model_len, metrics_address=metrics_address,
         layout=engine.layout(), version=__version__,
     )
@@ -53,16 +41,11 @@ async def run_node(cfg: NodeConfig, service_name: str,
     print(f"TANDEM_READY role={cfg.role} node_id={cfg.node_id} grpc={record.grpc_address} "
           f"kv={kv_address} metrics={metrics_address}", flush=True)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await wait_for_stop_signal()
         logger.info("shutting down %s node %s", cfg.role, cfg.node_id)
     finally:
         await registration.close()
-        await health_servicer.enter_graceful_shutdown()
-        await server.stop(grace=5)
+        await grpc_server.stop()
         httpd.shutdown()
         engine.shutdown()

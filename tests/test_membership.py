@@ -36,3 +36,39 @@ def test_register_watch_deregister_and_expire() -> None:
 
     with LocalEtcd() as etcd:
         asyncio.run(go(etcd.url))
+
+
+def test_the_view_resyncs_after_etcd_comes_back() -> None:
+    async def go() -> None:
+        first = LocalEtcd().start()
+        url = first.url
+        try:
+            view = MembershipView(url, "t")
+            await view.start()
+            reg = Registration(url, "t", NodeRecord("p0", "prefill", "127.0.0.1:1", "127.0.0.1:2", "m", 512))
+            await reg.start()
+            t0 = time.monotonic()
+            while not view.nodes("prefill"):
+                assert time.monotonic() - t0 < 5
+                await asyncio.sleep(0.05)
+            reg._task.cancel()
+        finally:
+            first.stop()  # its data goes with it: the new etcd starts empty
+        second = LocalEtcd(client_port=first.client_port, peer_port=first.peer_port).start()
+        try:
+            t0 = time.monotonic()
+            while view.nodes("prefill"):
+                assert time.monotonic() - t0 < 15, "the view kept a node that the new etcd does not have"
+                await asyncio.sleep(0.1)
+            again = Registration(url, "t", NodeRecord("p1", "prefill", "127.0.0.1:3", "127.0.0.1:4", "m", 512))
+            await again.start()
+            t0 = time.monotonic()
+            while [n.node_id for n in view.nodes("prefill")] != ["p1"]:
+                assert time.monotonic() - t0 < 10, "the view did not follow the new etcd"
+                await asyncio.sleep(0.1)
+            await again.close()
+            await view.close()
+        finally:
+            second.stop()
+
+    asyncio.run(go())
