@@ -114,9 +114,6 @@ class EngineHost:
         logger.info("request %s: aborting in the engine", request_id)
         await self._engine.abort(request_id)
 
-    def num_unfinished(self) -> int:
-        return 0 if self._engine is None else int(self._engine.output_processor.get_num_unfinished_requests())
-
     def shutdown(self) -> None:
         if self._engine is not None:
             self._engine.shutdown()

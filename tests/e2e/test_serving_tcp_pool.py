@@ -16,7 +16,6 @@ import pytest
 from tandem.cluster import ClusterSpec, LocalCluster
 from tandem.membership import etcd_client
 from tandem.proto import tandem_pb2 as pb
-from tandem.proto import tandem_pb2_grpc as pb_grpc
 
 from .helpers import reference_outputs, wait_until
 
@@ -32,13 +31,6 @@ def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
                        max_model_len=MAX_MODEL_LEN, ttl_s=TTL_S, log_dir=str(tmp_path_factory.mktemp("logs-tcp")))
     with LocalCluster(spec) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def stub(cluster: LocalCluster):
-    ch = grpc.insecure_channel(cluster.grpc_address)
-    yield pb_grpc.CoordinatorStub(ch)
-    ch.close()
 
 
 def request(ids: list[int], max_tokens: int) -> pb.GenerateRequest:

@@ -40,13 +40,6 @@ def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
         yield c
 
 
-@pytest.fixture(scope="module")
-def stub(cluster: LocalCluster):
-    ch = grpc.insecure_channel(cluster.grpc_address)
-    yield pb_grpc.CoordinatorStub(ch)
-    ch.close()
-
-
 def generate(stub, ids: list[int], **sampling) -> tuple[list[int], list[pb.GenerateResponse]]:
     req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(**sampling))
     msgs = list(stub.Generate(req, timeout=120))
