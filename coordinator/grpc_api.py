@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from contextlib import aclosing
-from collections.abc import AsyncIterator
 
 import grpc
 
@@ -25,8 +24,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.pipeline = pipeline
         self.cluster = cluster
 
-    async def Generate(self, request: pb.GenerateRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        # context.write() style, not an async generator, so that a client's cancel always
+        # lands here and closes the pipeline (which cancels the decode call, frees KV).
         try:
             if request.ByteSize() > MAX_REQUEST_BYTES:
                 raise InvalidRequest(f"request is {request.ByteSize()} bytes; at most {MAX_REQUEST_BYTES} accepted")
@@ -44,9 +44,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             async with aclosing(self.pipeline.run(prepared)) as events:
                 async for ev in events:
                     if isinstance(ev, TokenEvent):
-                        yield pb.GenerateResponse(request_id=rid, token_ids=ev.token_ids, text=ev.text)
+                        await context.write(pb.GenerateResponse(request_id=rid, token_ids=ev.token_ids, text=ev.text))
                     elif isinstance(ev, FinishEvent):
-                        yield pb.GenerateResponse(request_id=rid, finish=_finish_pb(ev))
+                        await context.write(pb.GenerateResponse(request_id=rid, finish=_finish_pb(ev)))
         except TandemError as exc:
             code, msg = grpc_status_of(exc)
             await context.abort(code, msg)

@@ -36,18 +36,18 @@ class DecodeServicer(pb_grpc.DecodeNodeServicer):
     def __init__(self, engine: EngineHost) -> None:
         self.engine = engine
 
-    async def Decode(self, request: pb.DecodeRequest,
-                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecodeResponse]:
+    async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> None:
         rid = request.request_id
-        # A caller's cancel reaches a streaming servicer either as CancelledError or as
-        # the stream simply being closed (GeneratorExit), so the outcome starts as
-        # "cancelled" and only a normal end or an error changes it.
+        # Written with context.write() rather than as an async generator: a caller's
+        # cancel then always lands in this coroutine, so the engine request is aborted
+        # at once (a generator suspended at `yield` would be left running). The outcome
+        # starts as "cancelled"; only a normal end or an error changes it.
         outcome = "cancelled"
         with DECODE_INFLIGHT.track_inprogress():
             try:
                 async with aclosing(self._decode(request)) as stream:
                     async for msg in stream:
-                        yield msg
+                        await context.write(msg)
                 outcome = "ok"
             except Exception as exc:
                 outcome = "error"

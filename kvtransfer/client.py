@@ -23,6 +23,8 @@ from .wire import ChannelClosed, parse_address, recv_msg, send_msg
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
+# No control reply or data piece may take longer: a vanished peer must not stall every load.
+IO_TIMEOUT_S = 30.0
 # Past this many runs of consecutive blocks, one staged message per layer beats many small ones.
 MAX_DIRECT_RUNS = 32
 
@@ -55,7 +57,7 @@ class _Conn:
         host, port = parse_address(address)
         self.sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.settimeout(None)
+        self.sock.settimeout(IO_TIMEOUT_S)
         hello = {"op": "hello", "layout": kv.layout.to_json(), "planes": list(planes)}
         for p in planes.values():
             hello.update(p.local_info())

@@ -190,7 +190,7 @@ class BlockServer:
             views = self.kv.run_views(starts, lengths)
             nbytes = sum(v.nbytes for v in views)
             send_msg(conn, {"ok": True, "nbytes": nbytes, "chunks": len(views)})
-            plane.send_chunks(peer, conn, iter(views), tag)
+            _send_or_hang_up(plane, peer, conn, iter(views), tag)
         else:
             idx = self.kv.index(wanted)
             layers = staging.layers(len(wanted))
@@ -202,8 +202,17 @@ class BlockServer:
                     self.kv.gather_layer(i, idx, out)
                     yield as_bytes_array(out)
 
-            plane.send_chunks(peer, conn, packed(), tag)
+            _send_or_hang_up(plane, peer, conn, packed(), tag)
         with self._bytes_lock:
             self._bytes_sent += nbytes
         logger.debug("request %s: sent %d blocks (%d bytes) in %.4f s over %s",
                      req_id, len(wanted), nbytes, time.perf_counter() - t0, plane.name)
+
+
+def _send_or_hang_up(plane: DataPlane, peer: object, conn: socket.socket, chunks: object, tag: int) -> None:
+    """Once "ok" went out the peer expects bytes, not an error message: on failure, hang up."""
+    try:
+        plane.send_chunks(peer, conn, chunks, tag)  # type: ignore[arg-type]
+    except (TransferError, OSError) as exc:
+        logger.warning("KV send failed mid-transfer, closing the connection: %s", exc)
+        raise ConnectionAbortedError(str(exc)) from exc

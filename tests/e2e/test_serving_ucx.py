@@ -22,7 +22,7 @@ from .helpers import metric, reference_outputs, scrape, wait_until
 
 pytestmark = pytest.mark.e2e
 
-MAX_MODEL_LEN = 512
+MAX_MODEL_LEN = 1024
 BLOCK = 32
 BENCH_SERVE = (
     "import sys\n"
@@ -177,10 +177,11 @@ def test_openai_client_streams_over_http(cluster: LocalCluster) -> None:
 
 def test_cancel_aborts_both_engines_and_frees_held_blocks(cluster: LocalCluster, stub) -> None:
     dec_before = node_metrics(cluster, "decode")
-    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt_ids(100, 42)),
-                             sampling=pb.SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+    # Long enough (about 1000 tokens) that the decode is still running when the cancel lands.
+    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt_ids(MAX_MODEL_LEN - 990, 42)),
+                             sampling=pb.SamplingParams(max_tokens=980, temperature=0, ignore_eos=True))
     call = stub.Generate(req, timeout=120)
-    got = [next(call) for _ in range(3)]
+    got = [next(call) for _ in range(2)]
     assert all(m.token_ids for m in got)
     call.cancel()
 
