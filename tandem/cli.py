@@ -156,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--target", default=DEFAULT_COORDINATOR)
     st.set_defaults(fn=cmd_status)
 
+    be = sub.add_parser("bench", help="measure serving performance")
+    bsub = be.add_subparsers(dest="bench_cmd", required=True)
+    br = bsub.add_parser("run", help="one open-loop run of a seeded workload against a target")
+    from tandem.bench.run import add_goodput_args, add_run_args, cmd_goodput, cmd_run
+
+    add_run_args(br)
+    br.set_defaults(fn=cmd_run)
+    bg = bsub.add_parser("goodput", help="find the highest rate at which >= 90%% of requests meet both SLOs")
+    add_goodput_args(bg)
+    bg.set_defaults(fn=cmd_goodput)
+
     mo = sub.add_parser("model", help="model utilities")
     msub = mo.add_subparsers(dest="model_cmd", required=True)
     mt = msub.add_parser("make-tiny", help="write the seeded random-weight tiny Llama (HF format)")

@@ -271,6 +271,23 @@ def test_vllm_bench_serve_runs_against_the_http_api(cluster: LocalCluster, tiny_
     assert result["completed"] == 4 and result["total_output_tokens"] == 32
 
 
+@pytest.mark.parametrize("scheme", ["http", "tandem-grpc"])
+def test_bench_run_measures_the_cluster(cluster: LocalCluster, tmp_path: Path, scheme: str) -> None:
+    target = cluster.http_url if scheme == "http" else f"tandem-grpc://{cluster.grpc_address}"
+    out = subprocess.run([sys.executable, "-m", "tandem.cli", "bench", "run", "--target", target,
+                          "--workload", "code", "--rate", "3", "--duration", "2", "--seed", "5",
+                          "--max-model-len", str(MAX_MODEL_LEN), "--slo-ttft", "5", "--slo-tpot", "1",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    result = json.loads((tmp_path / "results.json").read_text())
+    s = result["summary"]
+    trace = (tmp_path / "trace.jsonl").read_text().splitlines()
+    assert s["requests"] == s["completed"] == len(trace) == len(result["requests"]) > 0
+    assert all(r["output_tokens"] == json.loads(t)["output_len"] for r, t in zip(result["requests"], trace))
+    assert 0 < s["ttft_s"]["p50"] <= s["e2e_s"]["p50"]
+    assert s["slo_attainment"] == 1.0 and "SLO attainment 100.0%" in out.stdout
+
+
 def test_empty_pools_answer_unavailable(cluster: LocalCluster, tiny_model: Path, tmp_path: Path) -> None:
     # A second coordinator on an empty cluster name: it sees no nodes at all.
     port = free_port()

@@ -1,0 +1,131 @@
+"""Open-loop load generator: sends a trace's requests at their arrival times, never waiting for replies.
+
+Targets: an OpenAI-compatible server (``http://host:port``; /v1/completions,
+streaming, token-id prompts, ``ignore_eos`` so outputs have their planned
+length) or Tandem's coordinator over gRPC (``tandem-grpc://host:port``).
+One asyncio process (uvloop); its own CPU use is reported with the results so
+a saturated client is visible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import time
+from dataclasses import dataclass
+
+from .metrics import RequestTiming
+from .workloads import TraceEntry
+
+
+@dataclass
+class RunResult:
+    timings: list[RequestTiming]
+    duration_s: float
+    client_cpu_s: float
+
+
+async def _openai_one(session: object, url: str, model: str, e: TraceEntry, t0: float,
+                      timeout_s: float) -> RequestTiming:
+    import aiohttp
+
+    rt = RequestTiming(sent=time.perf_counter() - t0, prompt_tokens=e.input_len)
+    body = {"model": model, "prompt": e.input_ids, "max_tokens": e.output_len, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    try:
+        async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:  # type: ignore[attr-defined]
+            if resp.status != 200:
+                rt.ok, rt.error = False, f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return rt
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                msg = json.loads(data)
+                if "error" in msg:
+                    rt.ok, rt.error = False, str(msg["error"])[:200]
+                    break
+                now = time.perf_counter() - t0
+                if msg.get("choices"):
+                    if msg["choices"][0].get("text") or rt.first_token is None:
+                        if rt.first_token is None:
+                            rt.first_token = now
+                        rt.token_times.append(now)
+                elif msg.get("usage"):
+                    rt.output_tokens = int(msg["usage"].get("completion_tokens") or 0)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        rt.ok, rt.error = False, f"{type(exc).__name__}: {exc}"
+    if rt.ok and rt.output_tokens == 0:
+        rt.output_tokens = len(rt.token_times)
+    return rt
+
+
+async def _grpc_one(stub: object, e: TraceEntry, t0: float, timeout_s: float) -> RequestTiming:
+    import grpc
+
+    from tandem.proto import tandem_pb2 as pb
+
+    rt = RequestTiming(sent=time.perf_counter() - t0, prompt_tokens=e.input_len)
+    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=e.input_ids or []), sampling=pb.SamplingParams(
+        max_tokens=e.output_len, temperature=0.0, ignore_eos=True))
+    try:
+        async for msg in stub.Generate(req, timeout=timeout_s):  # type: ignore[attr-defined]
+            if msg.token_ids:
+                now = time.perf_counter() - t0
+                if rt.first_token is None:
+                    rt.first_token = now
+                rt.token_times.extend([now] * len(msg.token_ids))
+                rt.output_tokens += len(msg.token_ids)
+    except grpc.aio.AioRpcError as exc:
+        rt.ok, rt.error = False, f"{exc.code().name}: {exc.details()}"
+    return rt
+
+
+async def run_trace(target: str, entries: list[TraceEntry], *, model: str = "", timeout_s: float = 600.0,
+                    on_done: object = None) -> RunResult:
+    """Send every entry at its arrival time (relative to now); wait for all to finish."""
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    tasks: list[asyncio.Task[RequestTiming]] = []
+    if target.startswith("tandem-grpc://"):
+        import grpc
+
+        from tandem.proto import tandem_pb2_grpc as pb_grpc
+
+        channel = grpc.aio.insecure_channel(target.removeprefix("tandem-grpc://"))
+        stub = pb_grpc.CoordinatorStub(channel)
+
+        def start(e: TraceEntry) -> asyncio.Task[RequestTiming]:
+            return asyncio.create_task(_grpc_one(stub, e, t0, timeout_s))
+        closer = channel.close
+    elif target.startswith(("http://", "https://")):
+        import aiohttp
+
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        url = target.rstrip("/") + "/v1/completions"
+
+        def start(e: TraceEntry) -> asyncio.Task[RequestTiming]:
+            return asyncio.create_task(_openai_one(session, url, model, e, t0, timeout_s))
+        closer = session.close
+    else:
+        raise ValueError(f"unknown target {target!r}; use http://HOST:PORT or tandem-grpc://HOST:PORT")
+    try:
+        for e in entries:
+            delay = e.arrival_s - (time.perf_counter() - t0)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = start(e)
+            if callable(on_done):
+                task.add_done_callback(lambda _t: on_done())  # type: ignore[misc]
+            tasks.append(task)
+        timings = list(await asyncio.gather(*tasks))
+    finally:
+        await closer()
+    duration = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    return RunResult(timings, duration, cpu)

@@ -1,0 +1,93 @@
+"""Serving metrics from per-request timings: TTFT, TPOT, ITL, E2E, SLO attainment, goodput.
+
+Definitions (BENCHMARKS.md):
+  TTFT  request sent -> first token received
+  TPOT  (last token time - first token time) / (output tokens - 1)
+  ITL   gaps between consecutive token arrivals
+  SLO attainment  share of requests meeting both the TTFT and the TPOT SLO
+  goodput at a rate (vLLM's --goodput): requests per second that met every SLO
+Failed requests count as missing every SLO.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestTiming:
+    """One request as the client saw it; times in seconds from the run's start."""
+
+    sent: float
+    first_token: float | None = None
+    token_times: list[float] = field(default_factory=list)  # arrival of every token, first included
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    ok: bool = True
+    error: str = ""
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.sent
+
+    @property
+    def e2e(self) -> float | None:
+        return None if not self.token_times else self.token_times[-1] - self.sent
+
+    @property
+    def tpot(self) -> float | None:
+        if self.output_tokens < 2 or not self.token_times or self.first_token is None:
+            return None
+        return (self.token_times[-1] - self.first_token) / (self.output_tokens - 1)
+
+    @property
+    def itls(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+    def meets(self, slo_ttft: float | None, slo_tpot: float | None) -> bool:
+        if not self.ok or self.ttft is None:
+            return False
+        if slo_ttft is not None and self.ttft > slo_ttft:
+            return False
+        tpot = self.tpot
+        return not (slo_tpot is not None and tpot is not None and tpot > slo_tpot)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default), q in [0, 100]; NaN for no values."""
+    if not values:
+        return math.nan
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _dist(values: list[float]) -> dict[str, float]:
+    return {"mean": sum(values) / len(values) if values else math.nan,
+            "p50": percentile(values, 50), "p90": percentile(values, 90), "p99": percentile(values, 99)}
+
+
+def summarize(reqs: list[RequestTiming], duration_s: float, slo_ttft: float | None,
+              slo_tpot: float | None) -> dict[str, object]:
+    """The run's summary; ``duration_s`` is from the first send to the last completion."""
+    ok = [r for r in reqs if r.ok]
+    met = [r for r in reqs if r.meets(slo_ttft, slo_tpot)]
+    out_tokens = sum(r.output_tokens for r in ok)
+    return {
+        "requests": len(reqs),
+        "completed": len(ok),
+        "failed": len(reqs) - len(ok),
+        "duration_s": duration_s,
+        "throughput_rps": len(ok) / duration_s if duration_s > 0 else math.nan,
+        "output_tokens_per_s": out_tokens / duration_s if duration_s > 0 else math.nan,
+        "ttft_s": _dist([r.ttft for r in ok if r.ttft is not None]),
+        "tpot_s": _dist([r.tpot for r in ok if r.tpot is not None]),
+        "itl_s": _dist([x for r in ok for x in r.itls]),
+        "e2e_s": _dist([r.e2e for r in ok if r.e2e is not None]),
+        "slo": {"ttft_s": slo_ttft, "tpot_s": slo_tpot},
+        "slo_attainment": len(met) / len(reqs) if reqs else math.nan,
+        # vLLM's --goodput: requests per second that met every SLO, at this run's rate
+        "goodput_at_rate_rps": len(met) / duration_s if duration_s > 0 else math.nan,
+    }

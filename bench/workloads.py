@@ -1,0 +1,136 @@
+"""Seeded synthetic workloads, saved and replayed as JSONL traces.
+
+chat       input lognormal around 300 tokens (tail to 2K), output around 250
+summarize  input 2K-8K, output 50-200 (scaled down to fit the model's context)
+code       input around 800, output around 30
+prefix-heavy  many requests sharing a few long prefixes
+burst      chat lengths with bursty (gamma, shape 0.2) arrivals
+Arrivals are open-loop: Poisson (exponential gaps), or gamma with a burstiness
+factor (shape; 1 is Poisson, smaller is burstier), as in vLLM's benchmark.
+Mooncake-style traces (timestamp ms, input_length, output_length, hash_ids) load too.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+WORKLOADS = ("chat", "summarize", "code", "prefix-heavy", "burst")
+FIRST_TOKEN_ID = 5  # ids below are the tiny model's special tokens
+
+
+@dataclass
+class TraceEntry:
+    arrival_s: float
+    input_len: int
+    output_len: int
+    prefix_id: int | None = None
+    input_ids: list[int] | None = None
+    hash_ids: list[int] | None = None
+
+
+def arrivals(rng: random.Random, rate: float, duration_s: float, burstiness: float = 1.0) -> list[float]:
+    """Open-loop arrival times in [0, duration_s): gamma gaps with mean 1/rate and shape ``burstiness``."""
+    if rate <= 0 or duration_s <= 0 or burstiness <= 0:
+        raise ValueError("rate, duration and burstiness must be positive")
+    t, out = 0.0, []
+    while True:
+        t += rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
+        if t >= duration_s:
+            return out
+        out.append(t)
+
+
+def _clip(x: float, lo: int, hi: int) -> int:
+    return int(min(hi, max(lo, round(x))))
+
+
+def _lengths(name: str, rng: random.Random, ctx: int) -> tuple[int, int]:
+    if name in ("chat", "burst", "prefix-heavy"):
+        out = _clip(rng.gauss(250, 50), 16, 512)
+        inp = _clip(rng.lognormvariate(5.7, 0.6), 16, 2048)  # median e^5.7 = 299
+    elif name == "summarize":
+        out = rng.randint(50, 200)
+        inp = rng.randint(2000, 8000)
+    elif name == "code":
+        out = _clip(rng.gauss(30, 8), 4, 64)
+        inp = _clip(rng.gauss(800, 150), 64, 2048)
+    else:
+        raise ValueError(f"unknown workload {name!r}; one of {', '.join(WORKLOADS)}")
+    # Scale down to the model's context, keeping the output.
+    out = min(out, max(1, ctx // 4))
+    inp = min(inp, ctx - out - 1)
+    return max(1, inp), out
+
+
+def generate(name: str, *, rate: float, duration_s: float, seed: int = 0, max_model_len: int = 8192,
+             vocab_size: int = 600, burstiness: float | None = None, with_ids: bool = True) -> list[TraceEntry]:
+    """A seeded trace: the same arguments give the same trace."""
+    if name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; one of {', '.join(WORKLOADS)}")
+    rng = random.Random(f"{name}:{seed}")
+    shape = burstiness if burstiness is not None else (0.2 if name == "burst" else 1.0)
+    times = arrivals(rng, rate, duration_s, shape)
+    prefixes: list[list[int]] = []
+    if name == "prefix-heavy":
+        plen = min(1024, max_model_len // 2)
+        prefixes = [[rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(plen)] for _ in range(4)]
+    out = []
+    for t in times:
+        if name == "prefix-heavy":
+            pid = rng.randrange(len(prefixes))
+            suffix_len = _clip(rng.gauss(64, 16), 8, 128)
+            olen = min(_clip(rng.gauss(128, 32), 16, 256), max_model_len - len(prefixes[pid]) - suffix_len - 1)
+            ids = prefixes[pid] + [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(suffix_len)]
+            out.append(TraceEntry(t, len(ids), max(1, olen), pid, ids if with_ids else None))
+            continue
+        ilen, olen = _lengths(name, rng, max_model_len)
+        ids = [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(ilen)] if with_ids else None
+        out.append(TraceEntry(t, ilen, olen, None, ids))
+    return out
+
+
+def save_trace(path: str | Path, entries: list[TraceEntry]) -> None:
+    with open(path, "w") as f:
+        for e in entries:
+            f.write(json.dumps({k: v for k, v in asdict(e).items() if v is not None}) + "\n")
+
+
+def load_trace(path: str | Path) -> list[TraceEntry]:
+    """A trace saved by save_trace, or a Mooncake-style one (timestamp in ms, hash_ids)."""
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            d = json.loads(line)
+            try:
+                if "timestamp" in d:  # Mooncake
+                    out.append(TraceEntry(float(d["timestamp"]) / 1000.0, int(d["input_length"]),
+                                          int(d["output_length"]), hash_ids=list(d.get("hash_ids") or [])))
+                else:
+                    out.append(TraceEntry(**d))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"{path}:{n}: not a trace line: {exc}") from exc
+    out.sort(key=lambda e: e.arrival_s)
+    return out
+
+
+def materialize(entries: list[TraceEntry], seed: int, vocab_size: int, block_tokens: int = 512) -> None:
+    """Give entries without token ids some: Mooncake hash_ids become shared blocks of ids."""
+    blocks: dict[int, list[int]] = {}
+    for i, e in enumerate(entries):
+        if e.input_ids is not None:
+            continue
+        rng = random.Random(f"materialize:{seed}:{i}")
+        ids: list[int] = []
+        for h in e.hash_ids or []:
+            if h not in blocks:
+                brng = random.Random(f"block:{seed}:{h}")
+                blocks[h] = [brng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(block_tokens)]
+            ids.extend(blocks[h])
+        ids = ids[: e.input_len]
+        ids += [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(e.input_len - len(ids))]
+        e.input_ids = ids

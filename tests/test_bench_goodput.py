@@ -1,0 +1,57 @@
+"""The goodput search: on a pure step function, and on a synthetic server whose capacity is known."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tandem.bench.goodput import find_goodput
+from tandem.bench.run import measure_attainment
+
+
+def test_bisection_converges_on_a_step() -> None:
+    seen: list[tuple[float, int]] = []
+
+    def measure(rate: float, seed: int) -> float:
+        seen.append((rate, seed))
+        return 1.0 if rate <= 3.7 else 0.5
+
+    res = find_goodput(measure, start_rate=1.0, seeds=3, rel_tol=0.02)
+    assert res.stopped_by == "converged"
+    assert 3.6 <= res.goodput_rps <= 3.7 < res.bracket[1]
+    assert {s for _, s in seen} == {0, 1, 2}
+    assert "90%" in res.kind
+
+
+def test_the_median_of_seeds_decides_and_budgets_stop_the_search() -> None:
+    # one seed in three fails everywhere: the median still meets up to the step
+    res = find_goodput(lambda r, s: 0.0 if s == 1 else (1.0 if r <= 8 else 0.0), start_rate=1, seeds=3)
+    assert 7.2 <= res.goodput_rps <= 8
+    capped = find_goodput(lambda r, s: 1.0, start_rate=1, seeds=1, max_probes=4)
+    assert capped.stopped_by == "probe budget" and capped.goodput_rps == 8.0
+    with pytest.raises(ValueError):
+        find_goodput(lambda r, s: 1.0, target=1.5)
+
+
+def test_goodput_on_a_synthetic_server_lands_under_its_capacity() -> None:
+    capacity = 50.0
+    server = subprocess.Popen([sys.executable, "-m", "tandem.bench.synthetic", "--capacity", str(capacity)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("SYNTHETIC_READY"), line
+        url = line.split()[1]
+
+        def measure(rate: float, seed: int) -> float:
+            return measure_attainment(url, "synthetic", "code", rate, 2.0, seed, 2048, 600,
+                                      slo_ttft=0.2, slo_tpot=0.05)
+
+        res = find_goodput(measure, start_rate=10, seeds=1, rel_tol=0.1, budget_s=120)
+        assert res.stopped_by == "converged"
+        assert 0.5 * capacity <= res.goodput_rps <= 1.1 * capacity, res.probes
+        assert res.probes[0].attainment == 1.0  # a fifth of capacity: everything meets
+    finally:
+        server.kill()
+        server.wait()

@@ -1,0 +1,109 @@
+"""Benchmark math and workloads on synthetic data with known answers."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+from tandem.bench.metrics import RequestTiming, percentile, summarize
+from tandem.bench.workloads import arrivals, generate, load_trace, materialize, save_trace
+
+
+def req(sent: float, first: float, step: float, n: int, ok: bool = True) -> RequestTiming:
+    times = [first + i * step for i in range(n)]
+    return RequestTiming(sent=sent, first_token=first, token_times=times, output_tokens=n, ok=ok)
+
+
+def test_per_request_metrics() -> None:
+    r = req(1.0, 1.5, 0.1, 11)
+    assert r.ttft == pytest.approx(0.5)
+    assert r.tpot == pytest.approx(0.1)
+    assert r.e2e == pytest.approx(1.5)
+    assert r.itls == pytest.approx([0.1] * 10)
+    assert r.meets(0.6, 0.11) and not r.meets(0.4, None) and not r.meets(None, 0.05)
+    assert req(0, 0.2, 0.1, 1).tpot is None  # one token: no TPOT, so only TTFT can fail it
+
+
+def test_percentiles_match_numpy_linear() -> None:
+    xs = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert percentile(xs, 50) == 3.0
+    assert percentile(xs, 90) == pytest.approx(4.6)
+    assert percentile(xs, 0) == 1.0 and percentile(xs, 100) == 5.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_summary_attainment_and_goodput() -> None:
+    reqs = [req(0, 0.2, 0.05, 10), req(1, 1.2, 0.05, 10),      # meet both
+            req(2, 3.0, 0.05, 10),                              # TTFT 1.0: misses
+            req(3, 3.2, 0.5, 10),                               # TPOT 0.5: misses
+            RequestTiming(sent=4, ok=False, error="boom")]      # failed: misses everything
+    s = summarize(reqs, duration_s=10.0, slo_ttft=0.5, slo_tpot=0.1)
+    assert (s["requests"], s["completed"], s["failed"]) == (5, 4, 1)
+    assert s["slo_attainment"] == pytest.approx(2 / 5)
+    assert s["goodput_at_rate_rps"] == pytest.approx(0.2)
+    assert s["throughput_rps"] == pytest.approx(0.4)
+    assert s["output_tokens_per_s"] == pytest.approx(4.0)
+    assert s["ttft_s"]["p50"] == pytest.approx(0.2)
+
+
+def test_workloads_are_seeded_and_have_their_shapes() -> None:
+    a = generate("chat", rate=20, duration_s=60, seed=3, max_model_len=4096)
+    b = generate("chat", rate=20, duration_s=60, seed=3, max_model_len=4096)
+    c = generate("chat", rate=20, duration_s=60, seed=4, max_model_len=4096)
+    assert a == b and a != c
+    assert 1000 < len(a) < 1400  # Poisson: about rate x duration
+    ins = [e.input_len for e in a]
+    outs = [e.output_len for e in a]
+    assert 250 < statistics.median(ins) < 350 and max(ins) <= 2048
+    assert 230 < statistics.mean(outs) < 270
+    assert all(len(e.input_ids) == e.input_len for e in a)
+    summ = generate("summarize", rate=5, duration_s=60, seed=0, max_model_len=1024)
+    assert all(e.input_len + e.output_len < 1024 for e in summ)
+    big = generate("summarize", rate=5, duration_s=60, seed=0, max_model_len=16384, with_ids=False)
+    assert min(e.input_len for e in big) >= 2000 and max(e.input_len for e in big) <= 8000
+    code = generate("code", rate=5, duration_s=60, seed=0, max_model_len=4096, with_ids=False)
+    assert 700 < statistics.mean(e.input_len for e in code) < 900
+    assert 20 < statistics.mean(e.output_len for e in code) < 40
+    pre = generate("prefix-heavy", rate=5, duration_s=60, seed=0, max_model_len=4096)
+    by_prefix: dict[int, list[list[int]]] = {}
+    for e in pre:
+        by_prefix.setdefault(e.prefix_id, []).append(e.input_ids[:1024])
+    assert len(by_prefix) == 4 and all(all(p == ps[0] for p in ps) for ps in by_prefix.values())
+
+
+def test_burst_arrivals_are_burstier_than_poisson() -> None:
+    import random
+
+    def cv(xs: list[float]) -> float:
+        gaps = [b - a for a, b in zip(xs, xs[1:])]
+        return statistics.pstdev(gaps) / statistics.mean(gaps)
+
+    poisson = arrivals(random.Random(1), 10, 500)
+    bursty = arrivals(random.Random(1), 10, 500, burstiness=0.2)
+    assert 0.9 < cv(poisson) < 1.1
+    assert cv(bursty) > 1.8
+    assert 4000 < len(bursty) < 6000  # same mean rate
+
+
+def test_trace_round_trip_and_mooncake(tmp_path: Path) -> None:
+    entries = generate("code", rate=5, duration_s=10, seed=1, max_model_len=2048)
+    save_trace(tmp_path / "t.jsonl", entries)
+    assert load_trace(tmp_path / "t.jsonl") == entries
+    moon = tmp_path / "mooncake.jsonl"
+    moon.write_text("\n".join(json.dumps(d) for d in [
+        {"timestamp": 1500, "input_length": 700, "output_length": 20, "hash_ids": [0, 1]},
+        {"timestamp": 0, "input_length": 600, "output_length": 10, "hash_ids": [0, 2]},
+    ]) + "\n")
+    got = load_trace(moon)
+    assert [(e.arrival_s, e.input_len, e.output_len) for e in got] == [(0.0, 600, 10), (1.5, 700, 20)]
+    materialize(got, seed=0, vocab_size=600)
+    assert [len(e.input_ids) for e in got] == [600, 700]
+    assert got[0].input_ids[:512] == got[1].input_ids[:512]  # shared hash id 0: shared first block
+    assert got[0].input_ids[512:600] != got[1].input_ids[512:600]
+    (tmp_path / "bad.jsonl").write_text('{"foo": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        load_trace(tmp_path / "bad.jsonl")
