@@ -58,9 +58,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_trace(out / "trace.jsonl", entries)
-    model = args.model
-    if not model and args.target.startswith("http"):
-        model = _first_model(args.target)
+    model = args.model or ("(the coordinator's)" if args.target.startswith("tandem-grpc://") else "")
+    if not model:
+        try:
+            model = _first_model(args.target)
+        except (OSError, ValueError, KeyError, IndexError) as exc:
+            print(f"tandem bench run: cannot list the models of {args.target}: {exc}", file=sys.stderr)
+            return 2
     total = len(entries)
     done = [0]
     step = max(1, total // 10)
