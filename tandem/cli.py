@@ -100,10 +100,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    from .model import make_tiny_model, tree_digest
+    from .model import PRESETS, make_tiny_model, param_count, tree_digest
 
-    path = make_tiny_model(args.path, seed=args.seed)
-    print(f"wrote {path} (sha256 {tree_digest(path)[:16]})")
+    path = make_tiny_model(args.path, seed=args.seed, spec=PRESETS[args.preset])
+    print(f"wrote {path} ({param_count(path) / 1e6:.1f} M parameters, sha256 {tree_digest(path)[:16]})")
     return 0
 
 
@@ -166,12 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
     bg = bsub.add_parser("goodput", help="find the highest rate at which >= 90%% of requests meet both SLOs")
     add_goodput_args(bg)
     bg.set_defaults(fn=cmd_goodput)
+    from tandem.bench.compare import add_compare_args, cmd_compare
+
+    bc = bsub.add_parser("compare", help="Tandem vs colocated vLLM on the same cores, one report")
+    add_compare_args(bc)
+    bc.set_defaults(fn=cmd_compare)
 
     mo = sub.add_parser("model", help="model utilities")
     msub = mo.add_subparsers(dest="model_cmd", required=True)
     mt = msub.add_parser("make-tiny", help="write the seeded random-weight tiny Llama (HF format)")
     mt.add_argument("path")
     mt.add_argument("--seed", type=int, default=0)
+    mt.add_argument("--preset", choices=["tiny", "bench"], default="tiny",
+                    help="tiny: quick tests (1.5 M parameters); bench: compute-bound prefill (~25 M)")
     mt.set_defaults(fn=cmd_make_tiny)
     return ap
 

@@ -45,6 +45,30 @@ class TinyModelSpec:
     embedding_std: float = 1.0
 
 
+# Big enough that prefill is compute-bound on a CPU core (about 25 M parameters).
+BENCH_SPEC = TinyModelSpec(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                           num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048)
+PRESETS = {"tiny": TinyModelSpec(), "bench": BENCH_SPEC}
+
+
+def param_count(path: str | os.PathLike[str]) -> int:
+    """Parameters in a safetensors model directory (read from the headers only)."""
+    import struct
+
+    total = 0
+    for f in Path(path).glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                count = 1
+                for d in meta["shape"]:
+                    count *= d
+                total += count
+    return total
+
+
 def _corpus(seed: int) -> list[str]:
     rng = random.Random(seed)
     lines = []

@@ -1,0 +1,33 @@
+"""`tandem bench compare` end to end, kept small: real Tandem and real colocated vLLM, one rate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def test_compare_writes_one_report_for_every_system(tiny_model: Path, tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "tandem.cli", "bench", "compare", "--model", str(tiny_model), "--rates", "2",
+         "--duration", "3", "--reps", "1", "--max-model-len", "1024", "--slo-ttft", "2", "--slo-tpot", "0.5",
+         "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    doc = json.loads((tmp_path / "results.json").read_text())
+    names = [s["name"] for s in doc["systems"]]
+    assert names == ["tandem-1:1", "vllm-colocated"]
+    for s in doc["systems"]:
+        (row,) = s["sweep"]
+        rep = row["reps"][0]
+        assert rep["completed"] == rep["requests"] > 0 and rep["failed"] == 0
+        assert s["commands"] and s["version"]
+        assert s["goodput_rps"] in (0.0, 2.0)
+    report = (tmp_path / "report.md").read_text()
+    assert "| tandem-1:1 |" in report and "| vllm-colocated |" in report and "given on the command line" in report
+    for png in ("attainment_vs_rate.png", "latency_cdfs.png", "goodput.png"):
+        assert (tmp_path / png).stat().st_size > 1000
