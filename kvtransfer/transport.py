@@ -104,6 +104,22 @@ class UcxDataPlane:
         with self._lock:
             return self._api.UCXEndpoint.create_from_worker_address(self._worker, addr, False)
 
+    def _progress_until(self, done: Callable[[], bool], what: str) -> None:
+        """Poll UCX until ``done()``; spin briefly, then back off with short sleeps so a
+        wait on a slow peer does not take the core (and the GIL) from the engine."""
+        deadline = time.monotonic() + self._timeout_s
+        spins, pause = 0, 20e-6
+        while not done():
+            if self._worker.progress_once():
+                spins = 0
+                continue
+            spins += 1
+            if spins > 100:
+                time.sleep(pause)
+                pause = min(pause * 2, 1e-3)
+            if time.monotonic() > deadline:
+                raise TransferError(f"UCX {what} did not complete in {self._timeout_s:.0f} s")
+
     def _tag(self, tag: int, i: int) -> Any:
         return self._api.UCXXTag((tag << 16) | i)
 
@@ -113,11 +129,7 @@ class UcxDataPlane:
             for i, buf in enumerate(chunks):
                 reqs.append(peer.tag_send(self._array(buf), self._tag(tag, i)))  # type: ignore[attr-defined]
                 self._worker.progress()
-            deadline = time.monotonic() + self._timeout_s
-            while not all(r.completed for r in reqs):
-                self._worker.progress()
-                if time.monotonic() > deadline:
-                    raise TransferError(f"UCX send did not complete in {self._timeout_s:.0f} s")
+            self._progress_until(lambda: all(r.completed for r in reqs), "send")
             for r in reqs:
                 r.check_error()
 
@@ -125,12 +137,8 @@ class UcxDataPlane:
                     on_chunk: Callable[[int], None]) -> None:
         with self._lock:
             reqs = [self._worker.tag_recv(self._array(b), self._tag(tag, i)) for i, b in enumerate(bufs)]
-            deadline = time.monotonic() + self._timeout_s
             for i, r in enumerate(reqs):
-                while not r.completed:
-                    self._worker.progress()
-                    if time.monotonic() > deadline:
-                        raise TransferError(f"UCX receive did not complete in {self._timeout_s:.0f} s")
+                self._progress_until(lambda r=r: r.completed, "receive")
                 r.check_error()
                 on_chunk(i)
 
