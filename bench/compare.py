@@ -26,6 +26,7 @@ from tandem.cluster import ClusterSpec, LocalCluster
 from tandem.netutil import free_port
 
 from .metrics import summarize
+from .run import first_model
 from .workloads import TraceEntry, generate, materialize
 
 GOAL = 0.9
@@ -118,7 +119,7 @@ def _run(target: str, entries: list[TraceEntry], slo: tuple[float | None, float 
 
     from .loadgen import run_trace
 
-    res = uvloop.run(run_trace(target, entries, model=_model_id(target)))
+    res = uvloop.run(run_trace(target, entries, model=first_model(target)))
     s = summarize(res.timings, res.duration_s, *slo)
     s["client_cpu_share"] = res.client_cpu_s / res.duration_s if res.duration_s else 0.0
     ok = [t for t in res.timings if t.ok]
@@ -127,19 +128,19 @@ def _run(target: str, entries: list[TraceEntry], slo: tuple[float | None, float 
     return s
 
 
-def _model_id(target: str) -> str:
-    with urllib.request.urlopen(target + "/v1/models", timeout=10) as r:
-        return str(json.loads(r.read())["data"][0]["id"])
+def _spaced(workload: str, n: int, gap_s: float, seed: int, max_model_len: int) -> list[TraceEntry]:
+    """``n`` requests of a workload, one every ``gap_s`` seconds (no overlap, no load)."""
+    entries = generate(workload, rate=1.0, duration_s=60, seed=seed, max_model_len=max_model_len)[:n]
+    for i, e in enumerate(entries):
+        e.arrival_s = gap_s * i
+    materialize(entries, seed, 600)
+    return entries
 
 
 def unloaded_slos(target: str, workload: str, max_model_len: int, k_ttft: float, k_tpot: float,
                   n: int = 5) -> dict[str, float]:
     """SLO = k x the median unloaded TTFT / TPOT (one request at a time, 2 s apart)."""
-    entries = generate(workload, rate=1.0, duration_s=60, seed=9999, max_model_len=max_model_len)[:n]
-    for i, e in enumerate(entries):
-        e.arrival_s = 2.0 * i
-    materialize(entries, 9999, 600)
-    s = _run(target, entries, (None, None))
+    s = _run(target, _spaced(workload, n, 2.0, 9999, max_model_len), (None, None))
     ttft, tpot = statistics.median(s["ttft_values"]), statistics.median(s["tpot_values"])
     return {"unloaded_ttft_s": ttft, "unloaded_tpot_s": tpot, "k_ttft": k_ttft, "k_tpot": k_tpot,
             "slo_ttft_s": k_ttft * ttft, "slo_tpot_s": k_tpot * tpot}
@@ -147,11 +148,7 @@ def unloaded_slos(target: str, workload: str, max_model_len: int, k_ttft: float,
 
 def warm_up(system: System, workload: str, max_model_len: int, n: int = 4) -> None:
     """A few unmeasured requests first: a fresh engine's first steps are slow."""
-    entries = generate(workload, rate=1.0, duration_s=60, seed=4242, max_model_len=max_model_len)[:n]
-    for i, e in enumerate(entries):
-        e.arrival_s = 0.5 * i
-    materialize(entries, 4242, 600)
-    _run(system.target, entries, (None, None))
+    _run(system.target, _spaced(workload, n, 0.5, 4242, max_model_len), (None, None))
 
 
 def sweep(system: System, args: argparse.Namespace, slo: tuple[float, float]) -> list[dict[str, Any]]:

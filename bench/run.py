@@ -32,7 +32,7 @@ def add_run_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default="bench/results/run", help="directory for results.json and trace.jsonl")
 
 
-def _first_model(target: str) -> str:
+def first_model(target: str) -> str:
     import urllib.request
 
     with urllib.request.urlopen(target.rstrip("/") + "/v1/models", timeout=10) as r:
@@ -61,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     model = args.model or ("(the coordinator's)" if args.target.startswith("tandem-grpc://") else "")
     if not model:
         try:
-            model = _first_model(args.target)
+            model = first_model(args.target)
         except (OSError, ValueError, KeyError, IndexError) as exc:
             print(f"tandem bench run: cannot list the models of {args.target}: {exc}", file=sys.stderr)
             return 2
@@ -129,7 +129,7 @@ def cmd_goodput(args: argparse.Namespace) -> int:
     if args.slo_ttft is None and args.slo_tpot is None:
         print("tandem bench goodput: give --slo-ttft and/or --slo-tpot", file=sys.stderr)
         return 2
-    model = args.model or (_first_model(args.target) if args.target.startswith("http") else "")
+    model = args.model or (first_model(args.target) if args.target.startswith("http") else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
