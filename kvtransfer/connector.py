@@ -3,7 +3,8 @@
 vLLM instantiates this class twice, once per role, in different processes:
   scheduler role (engine core):  get_num_new_matched_tokens, update_state_after_alloc,
                                  build_connector_meta, request_finished
-  worker role (beside the model): register_kv_caches, start_load_kv,
+  worker role (beside the model): register_kv_caches, bind_connector_metadata
+                                 (holds and loads start here, before the forward),
                                  get_transfer_results, shutdown
 The roles share no objects; per-step state crosses as TandemConnectorMetadata.
 Loads are asynchronous (whole blocks pulled between steps), so the per-layer
@@ -86,11 +87,17 @@ class TandemConnector(KVConnectorBase_V1):
         assert self._worker is not None
         self._worker.register_kv_caches(kv_caches)
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        # Act on the step's metadata here, before the forward pass: vLLM calls
+        # start_load_kv only after the forward when no load is synchronous, and a
+        # hold registered that late would keep a decode's fetch waiting for the
+        # whole step (seconds, behind a long prefill).
+        super().bind_connector_metadata(connector_metadata)
+        assert self._worker is not None and isinstance(connector_metadata, TandemConnectorMetadata)
+        self._worker.start_step(connector_metadata)
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        assert self._worker is not None
-        meta = self._get_connector_metadata()
-        assert isinstance(meta, TandemConnectorMetadata)
-        self._worker.start_step(meta)
+        return  # loads were handed to the fetch thread in bind_connector_metadata
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
