@@ -47,7 +47,6 @@ class LoadJob:
 @dataclass
 class TransferStats:
     bytes: int = 0
-    blocks: int = 0
     failures: int = 0
     fetch_seconds: list[float] = field(default_factory=list)
 
@@ -194,7 +193,6 @@ class BlockFetcher:
         with self._lock:
             self._finished.add(job.req_id)
             self.stats.bytes += nbytes
-            self.stats.blocks += len(job.remote_block_ids)
             self.stats.fetch_seconds.append(dt)
 
 

@@ -119,10 +119,7 @@ class TandemConnector(KVConnectorBase_V1):
         return r.finished_sending, r.finished_recving
 
     def get_kv_connector_stats(self) -> TandemKVStats | None:
-        if self._worker is None:
-            return None
-        data = self._worker.take_stats()
-        return TandemKVStats(data=data) if data is not None else None
+        return self._worker.take_stats() if self._worker is not None else None
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> TandemKVStats:

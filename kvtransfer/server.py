@@ -14,6 +14,7 @@ Control messages (JSON over TCP, see ``wire``):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import socket
 import threading
@@ -184,9 +185,13 @@ class BlockServer:
         if msg.get("runs") is not None:
             # Direct: runs of consecutive blocks go straight from the cache, no staging copy.
             lengths = [int(n) for n in msg["runs"]]
-            if sum(lengths) != len(wanted) or not self.kv.direct_ok:
+            if sum(lengths) != len(wanted) or min(lengths, default=1) < 1 or not self.kv.direct_ok:
                 raise ValueError(f"request {req_id}: direct fetch runs do not fit this cache")
-            starts = [wanted[sum(lengths[:i])] for i in range(len(lengths))]
+            offsets = [0, *itertools.accumulate(lengths)][:-1]
+            starts = [wanted[o] for o in offsets]
+            # Each run must be consecutive ids, or the views below would cover blocks not asked for.
+            if any(wanted[o:o + n] != list(range(wanted[o], wanted[o] + n)) for o, n in zip(offsets, lengths)):
+                raise ValueError(f"request {req_id}: a direct fetch run is not consecutive blocks")
             views = self.kv.run_views(starts, lengths)
             nbytes = sum(v.nbytes for v in views)
             send_msg(conn, {"ok": True, "nbytes": nbytes, "chunks": len(views)})

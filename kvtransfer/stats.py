@@ -13,7 +13,7 @@ from typing import Any
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
 
-def _empty() -> dict[str, Any]:
+def empty_stats() -> dict[str, Any]:
     return {"bytes_sent": 0, "bytes_recv": 0, "fetch_seconds": [], "fetch_failures": 0, "blocks_held": None}
 
 
@@ -21,10 +21,10 @@ def _empty() -> dict[str, Any]:
 class TandemKVStats(KVConnectorStats):
     def __post_init__(self) -> None:
         if not self.data:
-            self.data = _empty()
+            self.data = empty_stats()
 
     def reset(self) -> None:
-        self.data = _empty()
+        self.data = empty_stats()
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         o = other.data

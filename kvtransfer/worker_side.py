@@ -8,7 +8,6 @@ background and reports finished and failed receives. Neither blocks a step.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 
@@ -16,6 +15,7 @@ from .client import BlockFetcher
 from .metadata import TandemConnectorMetadata
 from .paged import PagedKV
 from .server import BlockServer
+from .stats import TandemKVStats, empty_stats
 from .transport import make_data_planes
 from .wire import parse_address
 
@@ -76,10 +76,9 @@ class WorkerSide:
             recvd, failed = set(), set()
         return sent, recvd, failed
 
-    def take_stats(self) -> dict[str, Any] | None:
+    def take_stats(self) -> TandemKVStats | None:
         """This step's transfer stats, or None when nothing happened since the last call."""
-        data: dict[str, Any] = {"bytes_sent": 0, "bytes_recv": 0, "fetch_seconds": [], "fetch_failures": 0,
-                                "blocks_held": None}
+        data = empty_stats()
         if self.server is not None:
             data["bytes_sent"] = self.server.take_bytes_sent()
             held = self.server.holds.num_blocks_held()
@@ -90,8 +89,8 @@ class WorkerSide:
             data["bytes_recv"] = s.bytes
             data["fetch_seconds"] = s.fetch_seconds
             data["fetch_failures"] = s.failures
-        busy = data["bytes_sent"] or data["bytes_recv"] or data["fetch_seconds"] or data["fetch_failures"]
-        return data if busy or data["blocks_held"] is not None else None
+        stats = TandemKVStats(data=data)
+        return None if stats.is_empty() else stats
 
     def shutdown(self) -> None:
         if self.server is not None:

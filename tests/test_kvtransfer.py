@@ -173,3 +173,24 @@ def test_release_from_another_process_frees_the_hold() -> None:
 def test_unknown_transport_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown KV transport"):
         make_data_planes("carrier-pigeon")
+
+
+def test_direct_runs_must_be_consecutive_blocks() -> None:
+    import socket
+
+    from tandem.kvtransfer.wire import recv_msg, send_msg
+
+    src = paged("random")
+    server = BlockServer("127.0.0.1", 0, src, make_data_planes("tcp"))
+    try:
+        server.holds.hold("r1", [1, 3, 4], lease_s=30)
+        host, port = server.address.split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            send_msg(sock, {"op": "hello", "layout": src.layout.to_json(), "planes": ["tcp"]})
+            assert recv_msg(sock)["ok"]
+            # [1, 3] claimed as one run of 2 would serve block 2, which is not held for r1
+            send_msg(sock, {"op": "fetch", "req": "r1", "blocks": [1, 3], "runs": [2], "tag": 1})
+            reply = recv_msg(sock)
+        assert not reply["ok"] and "not consecutive" in reply["error"]
+    finally:
+        server.close()
