@@ -63,13 +63,28 @@ def test_requests_spread_over_the_decode_pool(cluster: LocalCluster, stub) -> No
 
 
 def test_killed_decode_node_ends_its_request_and_leaves_the_pool(cluster: LocalCluster, stub) -> None:
-    call = stub.Generate(request([(5 + 13 * i) % 590 + 5 for i in range(10)], 480), timeout=120)
-    first = next(call)
-    assert first.token_ids
-    status = stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=10)
-    busy = [n.node_id for n in status.nodes if n.role == "decode" and n.outstanding == 1]
-    assert len(busy) == 1
-    victim = cluster.node(busy[0])
+    # Both decode nodes are frozen (SIGSTOP) while the request starts, so it cannot finish before the
+    # kill lands: the first token comes from the prefill node, the picked decode node never answers.
+    # They stay frozen for well under the lease TTL.
+    decodes = [cluster.node("decode-0"), cluster.node("decode-1")]
+    for d in decodes:
+        d.signal(signal.SIGSTOP)
+    try:
+        call = stub.Generate(request([(5 + 13 * i) % 590 + 5 for i in range(10)], 480), timeout=120)
+        first = next(call)
+        assert first.token_ids
+
+        def busy() -> list[str]:
+            status = stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=10)
+            return [n.node_id for n in status.nodes if n.role == "decode" and n.outstanding == 1]
+
+        wait_until(lambda: len(busy()) == 1, 1.5, "the coordinator to pick a decode node", every_s=0.02)
+        victim = cluster.node(busy()[0])
+        victim.signal(signal.SIGKILL)
+    finally:
+        for d in decodes:
+            if d.alive():
+                d.signal(signal.SIGCONT)
     survivor = "decode-1" if victim.name == "decode-0" else "decode-0"
 
     outcome: dict[str, object] = {}
@@ -84,7 +99,6 @@ def test_killed_decode_node_ends_its_request_and_leaves_the_pool(cluster: LocalC
 
     t = threading.Thread(target=drain)
     t.start()
-    victim.signal(signal.SIGKILL)
     t.join(30)
     assert not t.is_alive(), "the in-flight request hung after its decode node died"
     assert outcome.get("code") == grpc.StatusCode.UNAVAILABLE, outcome
