@@ -49,6 +49,12 @@ class NodeConfig:
             raise ValueError(f"--kv-cache-gib must be positive, got {self.kv_cache_gib}")
         if self.lease_s <= 0 or self.ttl_s <= 0:
             raise ValueError("--kv-lease-s and --ttl-s must be positive")
+        if self.cores:
+            wanted = parse_cores(self.cores)
+            missing = wanted - set(os.sched_getaffinity(0))
+            if missing:
+                raise ValueError(f"--cores {self.cores}: cores {sorted(missing)} are not available to this "
+                                 f"process (it may use {sorted(os.sched_getaffinity(0))})")
         if not self.node_id:
             self.node_id = f"{self.role}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
         if not self.served_model_name:
@@ -57,6 +63,21 @@ class NodeConfig:
 
     def describe(self) -> str:
         return " ".join(f"{k}={v}" for k, v in asdict(self).items())
+
+
+def parse_cores(spec: str) -> set[int]:
+    """'0', '0-3', '0,2,4-5' -> a set of core ids; ValueError naming the bad part."""
+    out: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            a, b = int(lo), int(hi or lo)
+        except ValueError:
+            raise ValueError(f"--cores {spec!r}: {part!r} is not a core or a range like 0-3") from None
+        if a < 0 or b < a:
+            raise ValueError(f"--cores {spec!r}: {part!r} is not a valid range")
+        out.update(range(a, b + 1))
+    return out
 
 
 def _env(name: str, default: object) -> object:
@@ -74,7 +95,7 @@ def add_node_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--grpc-port", type=int, default=int(_env("grpc_port", 0)))  # type: ignore[arg-type]
     ap.add_argument("--kv-port", type=int, default=int(_env("kv_port", 0)))  # type: ignore[arg-type]
     ap.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 0)))  # type: ignore[arg-type]
-    ap.add_argument("--cores", default=_env("cores", ""), help="CPU cores for the engine, e.g. 0 or 0-3")
+    ap.add_argument("--cores", default=_env("cores", ""), help="CPU cores the whole node runs on (daemon, vLLM engine core and worker), e.g. 0 or 0-3")
     ap.add_argument("--kv-cache-gib", type=int, default=int(_env("kv_cache_gib", 1)),  # type: ignore[arg-type]
                     help="KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE on CPU)")
     ap.add_argument("--max-model-len", type=int, default=int(_env("max_model_len", 0)))  # type: ignore[arg-type]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -305,3 +306,39 @@ def test_empty_pools_answer_unavailable(cluster: LocalCluster, tiny_model: Path,
         assert "prefill pool is empty" in ei.value.details()
     finally:
         d.stop()
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def test_every_thread_of_a_node_stays_on_its_cores(cluster: LocalCluster) -> None:
+    """The daemon, vLLM's engine-core process and its worker, every thread of each:
+    a floating engine core steals the other pool's core (see cmd_node)."""
+    from tandem.nodeconfig import parse_cores
+
+    for node in cluster.nodes:
+        want = parse_cores(node.argv[node.argv.index("--cores") + 1])
+        assert node.proc is not None
+        procs = _descendants(node.proc.pid)
+        assert len(procs) >= 3, f"{node.name}: expected the daemon, an engine core and a worker, got {procs}"
+        for pid in procs:
+            for tid in Path(f"/proc/{pid}/task").iterdir():
+                try:
+                    got = os.sched_getaffinity(int(tid.name))
+                except ProcessLookupError:
+                    continue
+                assert got <= want, f"{node.name}: thread {tid.name} of pid {pid} may run on {sorted(got)}"
