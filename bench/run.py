@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -29,6 +30,8 @@ def add_run_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--vocab-size", type=int, default=600, help="token ids are drawn below this")
     ap.add_argument("--slo-ttft", type=float, default=None, help="TTFT SLO in seconds")
     ap.add_argument("--slo-tpot", type=float, default=None, help="TPOT SLO in seconds")
+    ap.add_argument("--cores", default="", help="pin the load generator to these cores (e.g. 3), apart from "
+                    "the servers'; default: wherever the OS puts it")
     ap.add_argument("--out", default="bench/results/run", help="directory for results.json and trace.jsonl")
 
 
@@ -65,6 +68,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         except (OSError, ValueError, KeyError, IndexError) as exc:
             print(f"tandem bench run: cannot list the models of {args.target}: {exc}", file=sys.stderr)
             return 2
+    if args.cores:
+        from tandem.nodeconfig import parse_cores
+
+        try:
+            os.sched_setaffinity(0, parse_cores(args.cores))
+        except (ValueError, OSError) as exc:
+            print(f"tandem bench run: --cores {args.cores}: {exc}", file=sys.stderr)
+            return 2
     total = len(entries)
     done = [0]
     step = max(1, total // 10)
@@ -81,6 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary["client_cpu_s"] = res.client_cpu_s
     summary["client_cpu_share"] = res.client_cpu_s / res.duration_s if res.duration_s else math.nan
     result = {"target": args.target, "model": model, "started_unix": t_wall, **source, "summary": summary,
+              "client_cores": sorted(os.sched_getaffinity(0)),
               "goodput_kind": "goodput at a fixed rate (vLLM --goodput): SLO-meeting requests per second",
               "requests": [asdict(t) for t in res.timings]}
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")

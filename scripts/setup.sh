@@ -30,7 +30,10 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   # PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm) do not match the
   # pinned CPU torch and break `import vllm` ("operator torchvision::nms does not exist").
   .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
-  .venv/bin/python -c "import vllm, ucxx, aetcd, grpc" 2>/dev/null \
+  # vLLM imports NIXL as `nixl`: a shim package whose only needed dependency, nixl-cu12, the dev
+  # extra installed (its other one, nixl-cu13, would pull a second CUDA stack).
+  .venv/bin/python -m pip install -q --no-deps nixl==1.5.1
+  .venv/bin/python -c "import vllm, ucxx, aetcd, grpc, nixl._api" 2>/dev/null \
     || { echo "setup: the installed packages do not import; see the errors above" >&2; exit 1; }
   touch "$STAMP"
 fi

