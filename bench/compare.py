@@ -110,8 +110,11 @@ def warm_up(system: System, workload: str, max_model_len: int, n: int = 4) -> No
 
 
 def sweep(system: System, args: argparse.Namespace, slo: tuple[float, float]) -> list[dict[str, Any]]:
+    """One row per probed rate, in order. Once no request meets the SLOs at a rate (median
+    attainment 0), higher rates are not probed: an overloaded system drains its queue for
+    minutes per probe, to measure another 0 (``--probe-all`` probes them anyway)."""
     warm_up(system, args.workload, args.max_model_len)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for ri, rate in enumerate(args.rates):
         reps = []
         for rep in range(args.reps):
@@ -129,6 +132,9 @@ def sweep(system: System, args: argparse.Namespace, slo: tuple[float, float]) ->
         att = [r["slo_attainment"] for r in reps]
         rows.append({"rate": rate, "attainment_median": statistics.median(att), "attainment_min": min(att),
                      "attainment_max": max(att), "reps": reps})
+        if rows[-1]["attainment_median"] == 0 and not args.probe_all and rate != args.rates[-1]:
+            print(f"  {system.name:16} met no SLO at {rate} req/s; not probing higher rates", flush=True)
+            break
     return rows
 
 
@@ -162,8 +168,12 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    shown_rate = doc["rates"][len(doc["rates"]) // 2]
     for s in systems:
-        mid = s["sweep"][len(s["sweep"]) // 2]
+        probed = [r for r in s["sweep"] if r["rate"] <= shown_rate]
+        if not probed:
+            continue
+        mid = probed[-1]
         for ax, key in zip(axes, ("ttft_values", "tpot_values")):
             xs = sorted(v for rep in mid["reps"] for v in rep[key])
             if xs:
@@ -203,8 +213,10 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
     for s in systems:
         ratio = (f"{s['goodput_rps'] / base['goodput_rps']:.2f}x" if base and base["goodput_rps"] > 0
                  else "n/a")
-        cells = [f"{r['attainment_median']:.0%} ({r['attainment_min']:.0%}–{r['attainment_max']:.0%})"
-                 for r in s["sweep"]]
+        by_rate = {r["rate"]: r for r in s["sweep"]}
+        cells = [f"{by_rate[rate]['attainment_median']:.0%} ({by_rate[rate]['attainment_min']:.0%}–"
+                 f"{by_rate[rate]['attainment_max']:.0%})" if rate in by_rate else "not probed (0% below)"
+                 for rate in doc["rates"]]
         lines.append(f"| {s['name']} | {s['goodput_rps']:.2f} | {ratio} | " + " | ".join(cells) + " |")
     lines += ["", "![attainment](attainment_vs_rate.png)", "", "![latency](latency_cdfs.png)", "",
               "![goodput](goodput.png)", "", "## Systems as run", ""]
@@ -232,6 +244,8 @@ def add_compare_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--slo-tpot", type=float, default=None)
     ap.add_argument("--k-ttft", type=float, default=5.0, help="preset: SLO TTFT = k x unloaded TTFT")
     ap.add_argument("--k-tpot", type=float, default=3.0, help="preset: SLO TPOT = k x unloaded TPOT")
+    ap.add_argument("--probe-all", action="store_true",
+                    help="probe every rate even after a system met no SLO at a lower one")
     ap.add_argument("--client-cores", default="auto",
                     help="cores for the load generator, apart from the systems': auto = the last core when "
                          "there are 4 or more, none (shared) below that; or a list like 7; or none")

@@ -153,7 +153,9 @@ class BlockFetcher:
         try:
             conn = self._conn(job.address)
             tag = next(self._tags)
-            msg = {"op": "fetch", "req": job.remote_req_id, "blocks": job.remote_block_ids, "tag": tag}
+            # free_after: the prefill side frees the hold when its send completes; no ack round trip.
+            msg = {"op": "fetch", "req": job.remote_req_id, "blocks": job.remote_block_ids, "tag": tag,
+                   "free_after": True}
             segs = runs(job.remote_block_ids, job.local_block_ids)
             direct = self.kv.direct_ok and len(segs) <= MAX_DIRECT_RUNS
             if direct:
@@ -182,12 +184,6 @@ class BlockFetcher:
                 self.stats.failures += 1
             return
         dt = time.perf_counter() - t0
-        try:
-            conn.call({"op": "ack", "req": job.remote_req_id})
-        except (OSError, ChannelClosed, TransferError) as exc:
-            # The blocks are here; the prefill side frees them at lease end instead.
-            self._drop(job.address)
-            logger.warning("request %s: ack to %s failed: %s", job.req_id, job.address, exc)
         logger.info("request %s: fetched %d blocks (%d bytes) in %.4f s over %s",
                      job.req_id, len(job.remote_block_ids), nbytes, dt, conn.plane.name)
         with self._lock:

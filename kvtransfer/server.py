@@ -1,14 +1,16 @@
 """The prefill worker's block server: holds finished requests' blocks under a lease and serves them.
 
 A held request's blocks stay allocated in the engine until one of: the decode
-side acks its fetch, someone releases it (client cancel), or its lease runs
-out. Each of those puts the request id in ``take_freed()``, which the worker
+side's fetch of them has been sent, someone releases it (client cancel), or
+its lease runs out. Each of those puts the request id in ``take_freed()``, which the worker
 connector reports to vLLM as finished sending, and vLLM frees the blocks.
 
 Control messages (JSON over TCP, see ``wire``):
   hello  {layout, planes, ucx_address?} -> {ok, layout, plane, ucx_address?}
-  fetch  {req, blocks, tag}             -> {ok, nbytes} then the bytes on the data plane
-  ack    {req}                          -> {ok}   (the blocks arrived; free them)
+  fetch  {req, blocks, tag, runs?, free_after?}
+                                        -> {ok, nbytes, chunks} then the bytes on the data plane;
+                                           free_after: free the hold once the send completed
+                                           (its buffers are then reusable: the bytes are out)
   release {req}                         -> {ok}   (nobody will fetch; free them)
 """
 
@@ -151,9 +153,9 @@ class BlockServer:
                         if plane is None:
                             raise TransferError("fetch before hello")
                         self._fetch(conn, msg, plane, peer, staging)
-                    elif op in ("ack", "release"):
+                    elif op == "release":
                         freed = self.holds.release(str(msg["req"]))
-                        logger.debug("request %s: %s (held: %s)", msg["req"], op, freed)
+                        logger.debug("request %s: released (held: %s)", msg["req"], freed)
                         send_msg(conn, {"ok": True})
                     else:
                         send_msg(conn, {"ok": False, "error": f"unknown op {op!r}"})
@@ -208,6 +210,9 @@ class BlockServer:
                     yield as_bytes_array(out)
 
             _send_or_hang_up(plane, peer, conn, packed(), tag)
+        if msg.get("free_after"):
+            # One round trip less than an ack: once the send completed the blocks are no longer read.
+            self.holds.release(req_id)
         with self._bytes_lock:
             self._bytes_sent += nbytes
         logger.debug("request %s: sent %d blocks (%d bytes) in %.4f s over %s",

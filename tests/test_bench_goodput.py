@@ -55,3 +55,28 @@ def test_goodput_on_a_synthetic_server_lands_under_its_capacity() -> None:
     finally:
         server.kill()
         server.wait()
+
+
+def test_compare_sweep_stops_after_a_rate_where_nothing_met_the_slo() -> None:
+    import argparse
+
+    from tandem.bench.compare import goodput_from_sweep, sweep
+    from tandem.bench.systems import System
+
+    server = subprocess.Popen([sys.executable, "-m", "tandem.bench.synthetic", "--capacity", "20"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        url = server.stdout.readline().split()[1]
+        system = System("synthetic", url, [], "synthetic", lambda: None)
+        args = argparse.Namespace(workload="code", rates=[5.0, 10.0, 40.0], reps=1, seed=0, duration=2.0,
+                                  max_model_len=2048, probe_all=False)
+        # 50 ms of "prefill" per request: a 1 ms TTFT SLO is met by nobody, at any rate.
+        rows = sweep(system, args, (0.001, 1.0))
+        assert [r["rate"] for r in rows] == [5.0] and rows[0]["attainment_median"] == 0
+        assert goodput_from_sweep(rows) == 0.0
+        args.probe_all = True
+        easy = sweep(system, args, (5.0, 1.0))  # everything meets: every rate is probed
+        assert [r["rate"] for r in easy] == [5.0, 10.0, 40.0] and easy[0]["attainment_median"] == 1.0
+    finally:
+        server.kill()
+        server.wait()
