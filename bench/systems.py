@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tandem.cluster import ClusterSpec, LocalCluster, core_plan
+from tandem.kvtransfer.transport import DEFAULT_CPU_UCX_TLS
 from tandem.netutil import free_port
 
 NIXL_FIXES = Path(__file__).with_name("nixl_fixes")
@@ -169,8 +170,9 @@ def start_vllm_nixl(model: str, cores: list[int], max_model_len: int, log_dir: P
         if fixed:  # the whole server on its cores, as Tandem pins its nodes (see tandem.cli.cmd_node)
             cmd = ["taskset", "-c", bind, *cmd]
         env = {"VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB, "VLLM_CPU_OMP_THREADS_BIND": bind,
-               "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()), "UCX_TLS": "tcp,sm,self"}
-        if fixed:
+               "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())}
+        if fixed:  # the UCX transports Tandem uses; as shipped, UCX picks its own
+            env["UCX_TLS"] = DEFAULT_CPU_UCX_TLS
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(NIXL_FIXES), os.environ.get("PYTHONPATH")) if p)
         procs.spawn(cmd, env, log_dir / f"{name}-{role}.log")
         commands.append(_shown(env, cmd))
@@ -185,7 +187,8 @@ def start_vllm_nixl(model: str, cores: list[int], max_model_len: int, log_dir: P
     notes = ["the decode server computes every output token, the first included, after pulling the KV: "
              "its TTFT includes the transfer (vLLM's toy-proxy flow)"]
     if fixed:
-        notes.append("each server runs whole on its cores (taskset), as Tandem's nodes do")
+        notes.append("each server runs whole on its cores (taskset), as Tandem's nodes do, and UCX gets "
+                     f"Tandem's transports (UCX_TLS={DEFAULT_CPU_UCX_TLS})")
         notes.append("fixes loaded from bench/nixl_fixes/sitecustomize.py: the worker's sched_setaffinity may "
                      "only narrow its cores (as shipped it moves the forward thread to the machine's last "
                      "core), and NIXL's progress thread sleeps 100 us between polls (as shipped it polls "

@@ -11,7 +11,8 @@ Loads are asynchronous (whole blocks pulled between steps), so the per-layer
 hooks (wait_for_layer_load, save_kv_layer) have nothing to do.
 
 kv_connector_extra_config keys: engine_id, address (host:port of this
-engine's block server; producers), lease_s, transport (auto | ucx | tcp).
+engine's block server; producers), port_reserved (the daemon holds that port
+with SO_REUSEPORT until the server is up), lease_s, transport (auto | ucx | tcp).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class TandemConnector(KVConnectorBase_V1):
                 is_producer=ktc.is_kv_producer,
                 is_consumer=ktc.is_kv_consumer,
                 address=address,
+                port_reserved=bool(extra.get("port_reserved", False)),
                 transport=str(extra.get("transport", "auto")),
                 num_blocks=kv_cache_config.num_blocks,
                 layout_fields={

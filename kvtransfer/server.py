@@ -101,11 +101,14 @@ class HoldTable:
 class BlockServer:
     """Serves held blocks to decode workers; one thread per control connection."""
 
-    def __init__(self, host: str, port: int, kv: PagedKV, planes: dict[str, DataPlane]) -> None:
+    def __init__(self, host: str, port: int, kv: PagedKV, planes: dict[str, DataPlane],
+                 reserved: bool = False) -> None:
+        """``reserved``: the port is held for this server by a socket with SO_REUSEPORT
+        (tandem.netutil.reserve_port in the node daemon), so bind it the same way."""
         self.kv = kv
         self.holds = HoldTable()
         self._planes = planes
-        self._sock = socket.create_server((host, port), reuse_port=False)
+        self._sock = socket.create_server((host, port), reuse_port=reserved)
         self.address = f"{host}:{self._sock.getsockname()[1]}"
         self._closed = False
         self._bytes_sent = 0

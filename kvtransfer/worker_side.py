@@ -35,10 +35,11 @@ def _ensure_logging() -> None:
 
 class WorkerSide:
     def __init__(self, *, is_producer: bool, is_consumer: bool, address: str, transport: str,
-                 num_blocks: int, layout_fields: dict[str, object]) -> None:
+                 num_blocks: int, layout_fields: dict[str, object], port_reserved: bool = False) -> None:
         self.is_producer = is_producer
         self.is_consumer = is_consumer
         self.address = address
+        self.port_reserved = port_reserved
         self.transport = transport
         self.num_blocks = num_blocks
         self.layout_fields = layout_fields
@@ -53,7 +54,7 @@ class WorkerSide:
         logger.info("Tandem KV layout: %s", kv.layout.to_json())
         if self.is_producer:
             host, port = parse_address(self.address)
-            self.server = BlockServer(host, port, kv, planes)
+            self.server = BlockServer(host, port, kv, planes, reserved=self.port_reserved)
         if self.is_consumer:
             self.fetcher = BlockFetcher(kv, planes)
 

@@ -29,13 +29,15 @@ def cmd_node(role: str, args: argparse.Namespace) -> int:
         print(f"tandem {role}: {exc}", file=sys.stderr)
         return 2
     if cfg.cores:
-        # The whole node on its cores, before any thread or engine process exists (they inherit
-        # it): left floating, the daemon and vLLM's engine-core process (which spins while it
+        # The whole node on its cores, before the engine process exists (it inherits them):
+        # left floating, the daemon and vLLM's engine-core process (which spins while it
         # waits for its worker) preempt the other pool's pinned worker. Seen on 2 cores: prefill
         # steps of ~10 ms took up to 1.8 s under load until the nodes were pinned whole.
         from .nodeconfig import parse_cores
 
-        os.sched_setaffinity(0, parse_cores(cfg.cores))
+        cores = parse_cores(cfg.cores)
+        for tid in os.listdir("/proc/self/task"):  # threads started by imports too, not only this one
+            os.sched_setaffinity(int(tid), cores)
     if role == "prefill":
         from tandem.prefill_node.server import SERVICE_NAME, add_servicer
     else:

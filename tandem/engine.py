@@ -24,9 +24,10 @@ CONNECTOR_MODULE = "tandem.kvtransfer.connector"
 
 
 class EngineHost:
-    def __init__(self, cfg: NodeConfig, kv_address: str) -> None:
+    def __init__(self, cfg: NodeConfig, kv_address: str, kv_port_reserved: bool = False) -> None:
         self.cfg = cfg
         self.kv_address = kv_address
+        self.kv_port_reserved = kv_port_reserved
         self._engine: Any = None
 
     def start(self) -> None:
@@ -57,6 +58,7 @@ class EngineHost:
                 "kv_connector_extra_config": {
                     "engine_id": cfg.node_id,
                     "address": self.kv_address,
+                    "port_reserved": self.kv_port_reserved,
                     "lease_s": cfg.lease_s,
                     "transport": cfg.transport,
                 },

@@ -12,6 +12,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def reserve_port(host: str = "127.0.0.1") -> socket.socket:
+    """A port kept for a server that binds it later, in another process (with SO_REUSEPORT).
+
+    The socket is bound with SO_REUSEPORT and never listens: processes that bind
+    without SO_REUSEPORT (vLLM's own ZMQ ports, for one) cannot take the port while
+    it is open, and a listener bound to it with SO_REUSEPORT gets every connection.
+    Close it once that listener is up.
+    """
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind((host, 0))
+    return s
+
+
 def split_hostport(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():

@@ -13,7 +13,7 @@ from . import __version__
 from .engine import EngineHost
 from .grpcserve import start_grpc, wait_for_stop_signal
 from .membership import NodeRecord, Registration
-from .netutil import free_port
+from .netutil import reserve_port
 from .nodeconfig import NodeConfig
 
 logger = logging.getLogger(__name__)
@@ -22,9 +22,17 @@ async def run_node(cfg: NodeConfig, service_name: str,
                    add_servicer: Callable[[grpc.aio.Server, EngineHost], None]) -> None:
     """Start the engine, serve gRPC + /metrics, register in etcd; run until SIGINT/SIGTERM."""
     logger.info("starting %s node: %s", cfg.role, cfg.describe())
-    kv_address = f"{cfg.host}:{cfg.kv_port or free_port(cfg.host)}"
-    engine = EngineHost(cfg, kv_address)
-    await asyncio.get_running_loop().run_in_executor(None, engine.start)
+    # A port picked now is bound by vLLM's worker tens of seconds later; meanwhile vLLM's own
+    # ZMQ sockets took it once (a failed start). Hold it until the block server is up.
+    reservation = None if cfg.kv_port else reserve_port(cfg.host)
+    kv_port = cfg.kv_port or reservation.getsockname()[1]  # type: ignore[union-attr]
+    kv_address = f"{cfg.host}:{kv_port}"
+    engine = EngineHost(cfg, kv_address, kv_port_reserved=reservation is not None)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, engine.start)
+    finally:
+        if reservation is not None:
+            reservation.close()
 
     grpc_server = await start_grpc(cfg.host, cfg.grpc_port, service_name, lambda server: add_servicer(server, engine))
     httpd, _ = start_http_server(cfg.metrics_port, addr=cfg.host)

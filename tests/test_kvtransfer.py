@@ -194,3 +194,29 @@ def test_direct_runs_must_be_consecutive_blocks() -> None:
         assert not reply["ok"] and "not consecutive" in reply["error"]
     finally:
         server.close()
+
+
+def test_a_reserved_port_is_kept_from_others_and_serves_the_block_server() -> None:
+    import socket
+
+    from tandem.netutil import reserve_port
+
+    reservation = reserve_port()
+    port = reservation.getsockname()[1]
+    try:
+        with socket.socket() as other, pytest.raises(OSError):  # e.g. vLLM's ZMQ ports
+            other.bind(("127.0.0.1", port))
+        src, dst = paged("random"), paged("zeros")
+        server = BlockServer("127.0.0.1", port, src, make_data_planes("tcp"), reserved=True)
+    finally:
+        reservation.close()
+    fetcher = BlockFetcher(dst, make_data_planes("tcp"))
+    try:
+        assert server.address == f"127.0.0.1:{port}"
+        server.holds.hold("r", [1, 2], lease_s=30)
+        fetcher.submit(LoadJob("x", server.address, "r", [1, 2], [4, 5]))
+        assert wait_results(fetcher) == ({"x"}, set())
+        assert torch.equal(dst.views[0][[4, 5]], src.views[0][[1, 2]])
+    finally:
+        fetcher.close()
+        server.close()
