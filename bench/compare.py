@@ -5,7 +5,7 @@ Systems: Tandem at each P:D ratio that fits the cores (1:1 on two cores;
 1:2 and 2:1 from three), colocated vLLM (its OpenAI server, chunked prefill,
 every core), and vLLM's own disaggregation (NixlConnector producer and
 consumer on half the cores each, behind a small proxy), as shipped and with
-the CPU fixes of bench/nixl_fixes/ (see bench/systems.py).
+the CPU fixes of bench/nixl-fixes/ (see bench/systems.py).
 SLOs come from flags, or from a preset: k x the unloaded TTFT/TPOT measured
 on colocated vLLM at the start of the run (k is recorded).
 """

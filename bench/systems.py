@@ -1,7 +1,7 @@
 """The systems `tandem bench compare` starts, each on the cores it is given:
 Tandem at a P:D ratio, colocated vLLM, and vLLM's own P/D (NixlConnector, a
 kv_producer and a kv_consumer behind bench/pd_proxy.py), as shipped and with
-the CPU fixes in bench/nixl_fixes/.
+the CPU fixes in bench/nixl-fixes/.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from tandem.cluster import ClusterSpec, LocalCluster, core_plan
 from tandem.kvtransfer.transport import DEFAULT_CPU_UCX_TLS
 from tandem.netutil import free_port
 
-NIXL_FIXES = Path(__file__).with_name("nixl_fixes")
+NIXL_FIXES = Path(__file__).with_name("nixl-fixes")
 KV_CACHE_GIB = "2"
 
 
@@ -157,7 +157,7 @@ def prompt_tokens_by_source(url: str) -> dict[str, float]:
 def start_vllm_nixl(model: str, cores: list[int], max_model_len: int, log_dir: Path, fixed: bool) -> System:
     """vLLM's own disaggregation: a NixlConnector kv_producer (prefill) and kv_consumer (decode),
     each pinned to its half of the cores like Tandem's 1:1, behind the proxy. ``fixed`` loads
-    bench/nixl_fixes/ (affinity kept, NIXL's progress thread paced instead of busy-polling)."""
+    bench/nixl-fixes/ (affinity kept, NIXL's progress thread paced instead of busy-polling)."""
     check_nixl()
     name = "vllm-nixl-fixed" if fixed else "vllm-nixl"
     pre_cores, dec_cores = core_plan(1, 1, cores)
@@ -189,7 +189,7 @@ def start_vllm_nixl(model: str, cores: list[int], max_model_len: int, log_dir: P
     if fixed:
         notes.append("each server runs whole on its cores (taskset), as Tandem's nodes do, and UCX gets "
                      f"Tandem's transports (UCX_TLS={DEFAULT_CPU_UCX_TLS})")
-        notes.append("fixes loaded from bench/nixl_fixes/sitecustomize.py: the worker's sched_setaffinity may "
+        notes.append("fixes loaded from bench/nixl-fixes/sitecustomize.py: the worker's sched_setaffinity may "
                      "only narrow its cores (as shipped it moves the forward thread to the machine's last "
                      "core), and NIXL's progress thread sleeps 100 us between polls (as shipped it polls "
                      "without pause and keeps a core busy, idle or not)")
