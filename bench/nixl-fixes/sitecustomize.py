@@ -1,6 +1,6 @@
 """Fixes for vLLM's NIXL P/D on CPU hosts, loaded into the baseline's processes
 through PYTHONPATH by `tandem bench compare` (the "vllm-nixl-fixed" system).
-Both change only where threads run, never what the engine computes:
+Both change only where and how often threads run, never what the engine computes:
 
 1. vLLM's NIXL worker calls os.sched_setaffinity(0, [last core of each NUMA
    node]) on CPU hosts, which moves the thread that runs the forward pass off
