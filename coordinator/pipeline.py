@@ -13,8 +13,8 @@ import asyncio
 import logging
 import time
 import uuid
-from contextlib import ExitStack
 from collections.abc import AsyncIterator, Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import grpc

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .etcd_server import LocalEtcd
 from .netutil import free_port
+from .nodeconfig import core_spec
 
 logger = logging.getLogger(__name__)
 
@@ -113,11 +114,7 @@ def _deal(cores: list[int], n: int) -> list[str]:
     if len(cores) < n:
         return [str(cores[i % len(cores)]) for i in range(n)]
     per = len(cores) // n
-    out = []
-    for i in range(n):
-        chunk = cores[i * per:(i + 1) * per]
-        out.append(f"{chunk[0]}-{chunk[-1]}" if len(chunk) > 1 else str(chunk[0]))
-    return out
+    return [core_spec(cores[i * per:(i + 1) * per]) for i in range(n)]
 
 
 @dataclass

@@ -80,6 +80,18 @@ def parse_cores(spec: str) -> set[int]:
     return out
 
 
+def core_spec(cores: list[int] | set[int]) -> str:
+    """The inverse of parse_cores: [0, 1, 2, 5] -> '0-2,5' (what --cores and vLLM's
+    VLLM_CPU_OMP_THREADS_BIND take)."""
+    spans: list[list[int]] = []
+    for c in sorted(cores):
+        if spans and c == spans[-1][1] + 1:
+            spans[-1][1] = c
+        else:
+            spans.append([c, c])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in spans)
+
+
 def _env(name: str, default: object) -> object:
     return os.environ.get(f"TANDEM_{name.upper()}", default)
 

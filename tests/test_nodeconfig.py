@@ -29,3 +29,19 @@ def test_a_node_refuses_cores_it_cannot_run_on(tmp_path: Path) -> None:
         cfg.finish()
     ok = NodeConfig(role="prefill", model=str(tmp_path), etcd="http://127.0.0.1:2379", cores="0").finish()
     assert ok.cores == "0"
+
+
+def test_core_spec_is_the_inverse_of_parse_cores() -> None:
+    from tandem.nodeconfig import core_spec
+
+    assert core_spec([5, 0, 1, 2]) == "0-2,5"
+    for spec in ("0", "0-3", "0,2,4-5", "1-2,4-7,9"):
+        assert core_spec(parse_cores(spec)) == spec
+
+
+def test_core_plan_never_names_cores_it_was_not_given() -> None:
+    from tandem.cluster import core_plan
+
+    # Every other core (e.g. one hyperthread of each pair): ranges must not fill the gaps.
+    assert core_plan(1, 1, [0, 2, 4, 6]) == ["0,2", "4,6"]
+    assert core_plan(1, 1, [0, 1, 2, 3]) == ["0-1", "2-3"]
