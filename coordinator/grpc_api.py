@@ -39,8 +39,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 token_ids=list(request.token_ids.ids) if which == "token_ids" else None,
                 sampling=from_proto(request.sampling if request.HasField("sampling") else None),
                 model=request.model,
+                timeout_s=context.time_remaining(),
             )
-            rid = prepared.request_id
+            rid = prepared.public_id
             async with aclosing(self.pipeline.run(prepared)) as events:
                 async for ev in events:
                     if isinstance(ev, TokenEvent):
@@ -53,7 +54,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except Exception as exc:
             if isinstance(exc, grpc.aio.AbortError):
                 raise
-            logger.exception("request %s: internal error", request.request_id or "-")
+            logger.exception("request (client id %r): internal error", request.request_id)
             code, msg = grpc_status_of(exc)
             await context.abort(code, msg)
 
@@ -74,6 +75,7 @@ def _finish_pb(ev: FinishEvent) -> pb.Finish:
         usage=pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens),
         timings=pb.Timings(ttft_s=ev.ttft_s, e2e_s=ev.e2e_s, prefill_s=ev.prefill_s, decode_s=ev.decode_s,
                            prefill_node=ev.prefill_node, decode_node=ev.decode_node),
+        migrations=ev.migrations,
     )
 
 

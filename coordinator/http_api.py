@@ -158,7 +158,7 @@ class OpenAIHttp:
         prepared = self.pipeline.prepare(request_id=str(rid), text=text, token_ids=ids,
                                          sampling=sampling_from_body(body), model=model)
         prefix = "chatcmpl" if chat else "cmpl"
-        oid = f"{prefix}-{prepared.request_id}"
+        oid = f"{prefix}-{prepared.public_id}"
         created = int(time.time())
         served = self.pipeline.served_model
         obj = "chat.completion.chunk" if chat else "text_completion"

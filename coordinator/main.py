@@ -17,7 +17,7 @@ from tandem.proto import tandem_pb2_grpc as pb_grpc
 
 from .grpc_api import SERVICE_NAME, CoordinatorServicer
 from .http_api import OpenAIHttp
-from .pipeline import Pipeline
+from .pipeline import Pipeline, PipelineConfig
 from .router import Router
 from .textcodec import TextCodec
 
@@ -34,13 +34,23 @@ class CoordinatorConfig:
     grpc_port: int = 50051
     http_port: int = 8000
     max_model_len: int = 0
-    prefill_timeout_s: float = 300.0
+    prefill_timeout_s: float = 120.0
+    decode_timeout_s: float = 1800.0
+    stall_s: float = 3.0
+    migration_limit: int = 2
+    pool_wait_s: float = 10.0
+    probe_timeout_s: float = 1.0
 
     def finish(self) -> CoordinatorConfig:
         if not self.model or not Path(self.model).is_dir():
             raise ValueError(f"--model must be the served model's local directory (for its tokenizer), got {self.model!r}")
         if not self.etcd:
             raise ValueError("--etcd (or TANDEM_ETCD) is required, e.g. http://127.0.0.1:2379")
+        for name in ("prefill_timeout_s", "decode_timeout_s", "stall_s", "probe_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.migration_limit < 0 or self.pool_wait_s < 0:
+            raise ValueError("--migration-limit and --pool-wait-s must be >= 0")
         if not self.served_model_name:
             self.served_model_name = Path(self.model).name
         if not self.max_model_len:
@@ -59,7 +69,18 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--grpc-port", type=int, default=int(env("TANDEM_GRPC_PORT", "50051")))
     ap.add_argument("--http-port", type=int, default=int(env("TANDEM_HTTP_PORT", "8000")))
     ap.add_argument("--max-model-len", type=int, default=int(env("TANDEM_MAX_MODEL_LEN", "0")))
-    ap.add_argument("--prefill-timeout-s", type=float, default=float(env("TANDEM_PREFILL_TIMEOUT_S", "300")))
+    ap.add_argument("--prefill-timeout-s", type=float, default=float(env("TANDEM_PREFILL_TIMEOUT_S", "120")),
+                    help="deadline of one Prefill call")
+    ap.add_argument("--decode-timeout-s", type=float, default=float(env("TANDEM_DECODE_TIMEOUT_S", "1800")),
+                    help="deadline of one Decode stream")
+    ap.add_argument("--stall-s", type=float, default=float(env("TANDEM_STALL_S", "3")),
+                    help="a call without progress this long gets a health probe; a node that fails it is "
+                         "treated as dead")
+    ap.add_argument("--migration-limit", type=int, default=int(env("TANDEM_MIGRATION_LIMIT", "2")),
+                    help="times one request may move to another decode node after a failure (0: off)")
+    ap.add_argument("--pool-wait-s", type=float, default=float(env("TANDEM_POOL_WAIT_S", "10")),
+                    help="how long a request waits for a node when its pool is briefly empty")
+    ap.add_argument("--probe-timeout-s", type=float, default=float(env("TANDEM_PROBE_TIMEOUT_S", "1")))
 
 
 def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
@@ -70,14 +91,16 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
 async def run_coordinator(cfg: CoordinatorConfig) -> None:
     logger.info("starting coordinator: %s", " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
     codec = TextCodec(cfg.model)
-    router = Router(cfg.served_model_name)
+    router = Router(cfg.served_model_name, pool_wait_s=cfg.pool_wait_s, probe_timeout_s=cfg.probe_timeout_s)
     view = MembershipView(cfg.etcd, cfg.cluster, on_change=router.on_membership)
     await view.start()
 
     def max_model_len() -> int:
         return min([cfg.max_model_len] + [n.record.max_model_len for n in router.nodes()])
 
-    pipeline = Pipeline(router, codec, max_model_len, cfg.served_model_name, cfg.prefill_timeout_s)
+    pipeline = Pipeline(router, codec, max_model_len, cfg.served_model_name, PipelineConfig(
+        prefill_timeout_s=cfg.prefill_timeout_s, decode_timeout_s=cfg.decode_timeout_s, stall_s=cfg.stall_s,
+        migration_limit=cfg.migration_limit))
 
     grpc_server = await start_grpc(
         cfg.host, cfg.grpc_port, SERVICE_NAME,

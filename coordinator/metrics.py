@@ -19,3 +19,8 @@ RUNNING = Gauge("tandem_requests_running", "Requests the coordinator is serving 
 REQUESTS = Counter("tandem_requests", "Requests by how they ended", ["status"])
 PROMPT_TOKENS = Counter("vllm:prompt_tokens", "Prompt tokens of admitted requests")
 GENERATION_TOKENS = Counter("vllm:generation_tokens", "Tokens streamed to clients")
+MIGRATIONS = Counter("tandem_requests_migrated", "Requests re-issued to other nodes after a node failed mid-request",
+                     ["from_role", "cause"])
+RETRIES = Counter("tandem_prefill_retries", "Prefill calls retried on another node after a failure")
+NODES_DOWN = Counter("tandem_nodes_marked_down", "Times a node was taken out of routing after a failed call",
+                     ["role"])

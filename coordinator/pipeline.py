@@ -1,8 +1,13 @@
 """One request's path through the cluster, shared by the gRPC and HTTP front ends.
 
-  prepare: validate + tokenize (bad input costs no engine work)
-  prefill: pick a prefill node -> Prefill -> first token, streamed at once (TTFT)
+  prepare: validate + tokenize (bad input costs no engine work); mint the request's
+           own id (the client's id is kept for logs and the response only)
+  prefill: pick a prefill node -> Prefill -> first token, streamed at once (TTFT);
+           a prefill node that fails is retried once on another node
   decode:  pick a decode node -> Decode(prompt + first token, KV handle) -> tokens
+  migrate: a decode node that fails or stalls mid-stream does not end the request:
+           prompt + every token already sent is prefilled again and handed to
+           another decode node (a new *leg*); the client sees one unbroken stream
   finish:  stop strings, EOS and length end it; a cancel or failure releases the
            prefill node's held blocks so nothing leaks.
 """
@@ -14,19 +19,20 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, aclosing
 from dataclasses import dataclass, field
 
 import grpc
 
-from tandem.errors import InvalidRequest, NodeFailed, error_from_grpc
+from tandem.errors import InvalidRequest
 from tandem.logs import log_prompts_enabled
 from tandem.proto import tandem_pb2 as pb
 from tandem.sampling import Sampling, to_proto
 
 from . import metrics as m
+from .nodecalls import NodeCallFailed, Watchdog, stream_ended_early
 from .router import NodeClient, Router
-from .textcodec import TextCodec
+from .textcodec import Detokenizer, TextCodec
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +42,17 @@ MAX_REQUEST_ID_CHARS = 128
 
 @dataclass
 class Prepared:
-    request_id: str
+    request_id: str  # minted by the coordinator: engines, KV handles and logs use it
     prompt_ids: list[int]
     sampling: Sampling
+    client_id: str = ""  # the client's own id, for logs and the response only
     received: float = field(default_factory=time.perf_counter)
+    deadline: float | None = None  # perf_counter time by which the client gives up, if it said
+
+    @property
+    def public_id(self) -> str:
+        """The id the client sees: its own, or the minted one when it sent none."""
+        return self.client_id or self.request_id
 
 
 @dataclass
@@ -60,6 +73,7 @@ class FinishEvent:
     decode_s: float = 0.0
     prefill_node: str = ""
     decode_node: str = ""
+    migrations: int = 0
 
 
 Event = TokenEvent | FinishEvent
@@ -92,19 +106,56 @@ class StopMatcher:
         return out
 
 
+@dataclass
+class PipelineConfig:
+    prefill_timeout_s: float = 120.0  # one Prefill call
+    decode_timeout_s: float = 1800.0  # one Decode stream, start to end
+    release_timeout_s: float = 10.0
+    stall_s: float = 3.0  # no progress this long: probe the node's health
+    migration_limit: int = 2  # times one request may move to another decode node
+
+
+class _Progress:
+    """What the client has been sent so far, across every leg of the request."""
+
+    def __init__(self, req: Prepared, detok: Detokenizer, stops: StopMatcher) -> None:
+        self.req = req
+        self.detok = detok
+        self.stops = stops
+        self.sent: list[int] = []
+        self.last_token_at = 0.0
+        self.out = FinishEvent(reason="", prompt_tokens=len(req.prompt_ids), completion_tokens=0)
+
+    def take(self, ids: list[int]) -> tuple[TokenEvent, str | None]:
+        """The event for new tokens, and the stop string they completed (if any)."""
+        text, stop = self.stops.feed(self.detok.add(ids))
+        now = time.perf_counter()
+        if not self.sent:
+            self.out.ttft_s = now - self.req.received
+            m.TTFT.observe(self.out.ttft_s)
+        else:
+            m.ITL.observe(now - self.last_token_at)
+        self.sent.extend(ids)
+        self.out.completion_tokens = len(self.sent)
+        self.last_token_at = now
+        m.GENERATION_TOKENS.inc(len(ids))
+        return TokenEvent(ids, text), stop
+
+
 class Pipeline:
     def __init__(self, router: Router, codec: TextCodec, max_model_len: Callable[[], int],
-                 served_model: str, prefill_timeout_s: float = 300.0) -> None:
+                 served_model: str, cfg: PipelineConfig | None = None) -> None:
         self.router = router
         self.codec = codec
         self.max_model_len = max_model_len
         self.served_model = served_model
-        self.prefill_timeout_s = prefill_timeout_s
+        self.cfg = cfg or PipelineConfig()
+        self.watch = Watchdog(router, self.cfg.stall_s)
         self._background: set[asyncio.Task[None]] = set()
 
     # prepare ----------------------------------------------------------------
     def prepare(self, *, request_id: str, text: str | None, token_ids: list[int] | None,
-                sampling: Sampling, model: str = "") -> Prepared:
+                sampling: Sampling, model: str = "", timeout_s: float | None = None) -> Prepared:
         if model and model != self.served_model:
             raise InvalidRequest(f"unknown model {model!r}; this cluster serves {self.served_model!r}")
         if len(request_id) > MAX_REQUEST_ID_CHARS:
@@ -122,130 +173,186 @@ class Pipeline:
         if len(ids) >= limit:
             raise InvalidRequest(f"prompt is {len(ids)} tokens; the model's context is {limit} tokens")
         sampling.validate(len(ids), limit)
-        return Prepared(request_id or f"req-{uuid.uuid4().hex[:16]}", ids, sampling)
+        # Our own id, whatever the client sent: two clients using the same id never touch
+        # each other's requests (engine aborts, KV holds and releases are keyed by it).
+        rid = f"req-{uuid.uuid4().hex[:16]}"
+        deadline = time.perf_counter() + timeout_s if timeout_s is not None else None
+        if request_id:
+            logger.info("request %s: client id %r", rid, request_id)
+        return Prepared(rid, ids, sampling, client_id=request_id, deadline=deadline)
 
     # run --------------------------------------------------------------------
     async def run(self, req: Prepared) -> AsyncIterator[Event]:
-        s = req.sampling
-        prefill_node = self.router.pick("prefill")
-        decode_node = self.router.pick("decode") if s.max_tokens > 1 else None
         m.RUNNING.inc()
         m.PROMPT_TOKENS.inc(len(req.prompt_ids))
         status = "error"
-        with ExitStack() as reserved:
-            if decode_node is not None:
-                # Count the decode node as busy from the moment it is chosen, so that
-                # requests arriving together do not all pick the same idle node.
-                reserved.enter_context(self.router.track(decode_node))
-            try:
-                async for ev in self._run(req, prefill_node, decode_node):
-                    if isinstance(ev, FinishEvent):
-                        status = ev.reason
-                    yield ev
-            except asyncio.CancelledError:
-                status = "cancelled"
-                raise
-            finally:
-                m.RUNNING.dec()
-                m.REQUESTS.labels(status).inc()
-
-    async def _run(self, req: Prepared, pnode: NodeClient, dnode: NodeClient | None) -> AsyncIterator[Event]:
-        rid, s = req.request_id, req.sampling
-        detok = self.codec.detokenizer()
-        stops = StopMatcher(s.stop)
-        m.QUEUE.observe(time.perf_counter() - req.received)
-
-        t_call = time.perf_counter()
-        with self.router.track(pnode):
-            try:
-                pre = await pnode.stub.Prefill(  # type: ignore[attr-defined]
-                    pb.PrefillRequest(request_id=rid, prompt_token_ids=req.prompt_ids,
-                                      sampling=to_proto(s, pb.SamplingParams), hold_kv=dnode is not None),
-                    timeout=self.prefill_timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                raise error_from_grpc(exc.code(), exc.details() or "", f"prefill node {pnode.record.node_id}") from exc
-        m.PREFILL.observe(time.perf_counter() - t_call)
-        handle = pre.handle if pre.HasField("handle") else None
-        owned = handle is not None  # we must release it unless decode consumes it
-
-        out = FinishEvent(reason="", prompt_tokens=len(req.prompt_ids), completion_tokens=1,
-                          prefill_s=pre.prefill_s, prefill_node=pnode.record.node_id)
         try:
-            first = pre.first_token
-            text, stop = stops.feed(detok.add([first]))
-            now = time.perf_counter()
-            out.ttft_s = now - req.received
-            m.TTFT.observe(out.ttft_s)
-            m.GENERATION_TOKENS.inc()
-            last_token_at = now
-            yield TokenEvent([first], text)
-
-            if stop is not None:
-                out.reason, out.stop_reason = "stop", stop
-            elif pre.finish_reason == "stop" or dnode is None:
-                out.reason = pre.finish_reason or "length"
-            else:
-                out.decode_node = dnode.record.node_id
-                t_dec = time.perf_counter()
-                call = dnode.stub.Decode(pb.DecodeRequest(  # type: ignore[attr-defined]
-                    request_id=rid, prompt_token_ids=[*req.prompt_ids, first],
-                    sampling=to_proto(s.remaining(1), pb.SamplingParams), handle=handle))
-                owned = False
-                try:
-                    async for msg in call:
-                        ids = list(msg.token_ids)
-                        if ids:
-                            text, stop = stops.feed(detok.add(ids))
-                            now = time.perf_counter()
-                            m.ITL.observe(now - last_token_at)
-                            m.GENERATION_TOKENS.inc(len(ids))
-                            last_token_at = now
-                            out.completion_tokens += len(ids)
-                            yield TokenEvent(ids, text)
-                        if stop is not None:
-                            out.reason, out.stop_reason = "stop", stop
-                            call.cancel()
-                            break
-                        if msg.finish_reason:
-                            out.reason = msg.finish_reason
-                except grpc.aio.AioRpcError as exc:
-                    owned = True  # it may never have fetched: free the blocks now
-                    raise error_from_grpc(exc.code(), exc.details() or "",
-                                          f"decode node {dnode.record.node_id}") from exc
-                except BaseException:
-                    call.cancel()
-                    owned = True
-                    raise
-                out.decode_s = time.perf_counter() - t_dec
-                if not out.reason:
-                    raise NodeFailed(f"decode node {dnode.record.node_id} ended the stream without a finish reason")
-            tail = stops.flush() if stop is None else ""
-            if tail:
-                yield TokenEvent([], tail)
-            out.e2e_s = time.perf_counter() - req.received
-            m.E2E.observe(out.e2e_s)
-            if out.completion_tokens > 1:
-                m.TPOT.observe((last_token_at - req.received - out.ttft_s) / (out.completion_tokens - 1))
-            logger.info("request %s: %s after %d tokens (ttft %.3f s, e2e %.3f s, prefill %s, decode %s)",
-                        rid, out.reason, out.completion_tokens, out.ttft_s, out.e2e_s,
-                        out.prefill_node, out.decode_node or "-")
-            if log_prompts_enabled():
-                logger.info("request %s: prompt %r -> output %r", rid,
-                            self.codec.tok.decode(req.prompt_ids), self.codec.tok.decode(detok.ids))
-            yield out
+            async for ev in self._serve(req):
+                if isinstance(ev, FinishEvent):
+                    status = ev.reason
+                yield ev
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
         finally:
-            if owned and handle is not None:
-                self._release_later(rid, pnode, handle)
+            m.RUNNING.dec()
+            m.REQUESTS.labels(status).inc()
+
+    async def _serve(self, req: Prepared) -> AsyncIterator[Event]:
+        """Legs until the request ends: each one prefills what the client has seen so far
+        (the prompt, then also every token sent), then decodes on one decode node."""
+        rid, s = req.request_id, req.sampling
+        prog = _Progress(req, self.codec.detokenizer(), StopMatcher(s.stop))
+        out = prog.out
+        leg = 0
+        while not out.reason:
+            left = s.remaining(len(prog.sent))
+            context = [*req.prompt_ids, *prog.sent]
+            with ExitStack() as legs_end:
+                dnode = None
+                if left.max_tokens > 1:
+                    # Reserved before the prefill, so that requests arriving together spread
+                    # over the pool (and an empty decode pool costs no prefill work).
+                    avoid = {out.decode_node} if out.decode_node else set()
+                    dnode = legs_end.enter_context(self.router.track(await self.router.acquire("decode", avoid)))
+                if leg == 0:
+                    m.QUEUE.observe(time.perf_counter() - req.received)
+                pre, pnode = await self._prefill(req, context, left, hold_kv=dnode is not None, leg=leg)
+                handle = pre.handle if pre.HasField("handle") else None
+                consumed = False  # a completed decode fetched (and so freed) the handle's blocks
+                try:
+                    if leg == 0:
+                        out.prefill_s, out.prefill_node = pre.prefill_s, pnode.node_id
+                    ev, stop = prog.take([pre.first_token])
+                    yield ev
+                    if stop is not None:
+                        out.reason, out.stop_reason = "stop", stop
+                    elif pre.finish_reason == "stop" or dnode is None:
+                        out.reason = pre.finish_reason or "length"
+                    else:
+                        out.decode_node = dnode.node_id
+                        t_dec = time.perf_counter()
+                        try:
+                            async with aclosing(self._decode(req, dnode, [*context, pre.first_token],
+                                                             left.remaining(1), handle, leg)) as stream:
+                                async for msg in stream:
+                                    ids = list(msg.token_ids)
+                                    stop = None
+                                    if ids:
+                                        ev, stop = prog.take(ids)
+                                        yield ev
+                                    if stop is not None:
+                                        out.reason, out.stop_reason = "stop", stop
+                                        break
+                                    if msg.finish_reason:
+                                        out.reason = msg.finish_reason
+                            if not out.reason:
+                                raise stream_ended_early(dnode)
+                            consumed = True  # tokens came, so the decode side fetched the blocks
+                            out.decode_s += time.perf_counter() - t_dec
+                        except NodeCallFailed as failed:
+                            self._migrate_or_raise(req, prog, failed, leg)
+                            leg += 1
+                finally:
+                    if handle is not None and not consumed:
+                        self._release_later(rid, pnode, handle)
+        out.migrations = leg
+        tail = prog.stops.flush() if not out.stop_reason else ""  # stop_reason: a stop string matched
+        if tail:
+            yield TokenEvent([], tail)
+        out.e2e_s = time.perf_counter() - req.received
+        m.E2E.observe(out.e2e_s)
+        if out.completion_tokens > 1:
+            m.TPOT.observe((prog.last_token_at - req.received - out.ttft_s) / (out.completion_tokens - 1))
+        logger.info("request %s: %s after %d tokens (ttft %.3f s, e2e %.3f s, prefill %s, decode %s, "
+                    "migrations %d)", rid, out.reason, out.completion_tokens, out.ttft_s, out.e2e_s,
+                    out.prefill_node, out.decode_node or "-", leg)
+        if log_prompts_enabled():
+            logger.info("request %s: prompt %r -> output %r", rid,
+                        self.codec.tok.decode(req.prompt_ids), self.codec.tok.decode(prog.detok.ids))
+        yield out
+
+    def _migrate_or_raise(self, req: Prepared, prog: _Progress, failed: NodeCallFailed, leg: int) -> None:
+        """Go on to another leg when the failure allows it and the limit is not reached."""
+        if failed.node_failed:
+            self.router.mark_down(failed.node, str(failed.error))
+        if not failed.retryable or leg >= self.cfg.migration_limit:
+            if failed.retryable:
+                logger.warning("request %s: not migrated again (limit %d): %s", req.request_id,
+                               self.cfg.migration_limit, failed.error)
+            raise failed.error from failed
+        m.MIGRATIONS.labels("decode", failed.cause).inc()
+        logger.warning("request %s: migrating after %d tokens sent: %s", req.request_id, len(prog.sent),
+                       failed.error)
+
+    # node calls ---------------------------------------------------------------
+    def _timeout(self, req: Prepared, limit_s: float) -> float:
+        """A call's deadline: its own limit, or less when the client gives up sooner."""
+        if req.deadline is None:
+            return limit_s
+        return max(0.001, min(limit_s, req.deadline - time.perf_counter()))
+
+    async def _prefill(self, req: Prepared, context: list[int], sampling: Sampling, hold_kv: bool,
+                       leg: int) -> tuple[pb.PrefillResponse, NodeClient]:
+        """Prefill ``context`` for one token; a failed node is retried once on another."""
+        avoid: set[str] = set()
+        for attempt in range(2):
+            node = await self.router.acquire("prefill", avoid)
+            call = node.stub.Prefill(  # type: ignore[attr-defined]
+                pb.PrefillRequest(request_id=f"{req.request_id}-p{leg}.{attempt}", prompt_token_ids=context,
+                                  sampling=to_proto(sampling, pb.SamplingParams), hold_kv=hold_kv),
+                timeout=self._timeout(req, self.cfg.prefill_timeout_s))
+            t0 = time.perf_counter()
+            try:
+                with self.router.track(node):
+                    resp = await self.watch.wait(call, node)
+            except NodeCallFailed as failed:
+                if failed.node_failed:
+                    self.router.mark_down(node, str(failed.error))
+                if attempt == 1 or not failed.retryable:
+                    raise failed.error from failed
+                m.RETRIES.inc()
+                logger.warning("request %s: prefill failed, retrying on another node: %s", req.request_id,
+                               failed.error)
+                avoid.add(node.node_id)
+                continue
+            finally:
+                _cancel(call)
+            m.PREFILL.observe(time.perf_counter() - t0)
+            return resp, node
+        raise AssertionError("unreachable")
+
+    async def _decode(self, req: Prepared, node: NodeClient, prompt: list[int], sampling: Sampling,
+                      handle: pb.KVHandle | None, leg: int) -> AsyncIterator[pb.DecodeResponse]:
+        call = node.stub.Decode(  # type: ignore[attr-defined]
+            pb.DecodeRequest(request_id=f"{req.request_id}-d{leg}", prompt_token_ids=prompt,
+                             sampling=to_proto(sampling, pb.SamplingParams), handle=handle),
+            timeout=self._timeout(req, self.cfg.decode_timeout_s))
+        try:
+            while True:
+                msg = await self.watch.wait(call.read(), node)
+                if msg is grpc.aio.EOF:
+                    return
+                yield msg
+        finally:
+            _cancel(call)
 
     def _release_later(self, rid: str, node: NodeClient, handle: pb.KVHandle) -> None:
         async def release() -> None:
             try:
-                await node.stub.Release(pb.ReleaseRequest(request_id=rid, handle=handle), timeout=10)  # type: ignore[attr-defined]
-                logger.info("request %s: released its KV blocks on %s", rid, node.record.node_id)
+                await node.stub.Release(pb.ReleaseRequest(request_id=rid, handle=handle),  # type: ignore[attr-defined]
+                                        timeout=self.cfg.release_timeout_s)
+                logger.info("request %s: released its KV blocks on %s", rid, node.node_id)
             except grpc.aio.AioRpcError as exc:
                 logger.warning("request %s: could not release KV on %s (the lease frees it): %s",
-                               rid, node.record.node_id, exc.details())
+                               rid, node.node_id, exc.details())
 
         task = asyncio.get_running_loop().create_task(release())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _cancel(call: object) -> None:
+    cancel = getattr(call, "cancel", None)
+    if cancel is not None:
+        cancel()

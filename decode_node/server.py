@@ -4,6 +4,11 @@ A request's life here: Decode -> engine (prompt + first token, kv "consume")
 -> the connector pulls the held blocks in the background (the request waits
 in vLLM's WAITING_FOR_REMOTE_KVS; other requests keep decoding) -> tokens
 stream back -> a client cancel aborts the engine request.
+
+A handle that cannot be right (too few blocks for its tokens, a bad address, a
+lease already over) is refused here, before the engine sees it; one that looks
+right but names blocks its holder does not have fails that request alone
+through vLLM's KV load-failure path.
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
 from tandem.engine import EngineHost
-from tandem.errors import InvalidRequest, NodeFailed, grpc_status_of
-from tandem.handles import consume_params
+from tandem.errors import InvalidRequest, KVUnavailable, grpc_status_of
+from tandem.handles import check_for_decode, consume_params
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 from tandem.sampling import from_proto
@@ -62,21 +67,22 @@ class DecodeServicer(pb_grpc.DecodeNodeServicer):
     async def _decode(self, request: pb.DecodeRequest) -> AsyncIterator[pb.DecodeResponse]:
         rid = request.request_id
         prompt = list(request.prompt_token_ids)
+        if not rid:
+            raise InvalidRequest("request_id is required")
         if not request.HasField("handle"):
             raise InvalidRequest("decode needs a KV handle")
-        if request.handle.num_tokens != len(prompt) - 1:
-            raise InvalidRequest(
-                f"the KV handle covers {request.handle.num_tokens} tokens; expected the prompt's "
-                f"{len(prompt) - 1} (the prompt here includes the first token)")
         sampling = from_proto(request.sampling)
         sampling.validate(len(prompt), self.engine.max_model_len)
+        check_for_decode(request.handle, len(prompt), self.engine.block_size)
         t0 = time.perf_counter()
         first = True
         async for out in self.engine.generate(rid, prompt, sampling, consume_params(request.handle)):
             comp = out.outputs[0]
             if comp.finish_reason == "error":
-                raise NodeFailed(f"KV transfer from {request.handle.address} failed for request {rid}; "
-                                 "see the decode node's log")
+                # vLLM's load-failure path ("fail" policy): this request only; the coordinator
+                # can prefill it again.
+                raise KVUnavailable(f"KV transfer from {request.handle.address} failed for request {rid}; "
+                                    "see the decode node's log")
             if first and comp.token_ids:
                 KV_WAIT_SECONDS.observe(time.perf_counter() - t0)
                 if out.num_cached_tokens is not None:

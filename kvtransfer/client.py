@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from .handle import TransferHandle
 from .layout import KVLayout
 from .paged import PagedKV, Staging, as_bytes_array, runs
 from .transport import DataPlane, TransferError
@@ -42,6 +43,7 @@ class LoadJob:
     remote_req_id: str
     remote_block_ids: list[int]
     local_block_ids: list[int] = field(default_factory=list)
+    engine_id: str = ""  # the holder's engine; a restarted holder on the same address refuses the fetch
 
 
 @dataclass
@@ -89,7 +91,7 @@ class BlockFetcher:
         self.kv = kv
         self._planes = planes
         self._conns: dict[str, _Conn] = {}
-        self._jobs: queue.Queue[LoadJob | tuple[str, str] | None] = queue.Queue()
+        self._jobs: queue.Queue[LoadJob | TransferHandle | None] = queue.Queue()
         self._lock = threading.Lock()
         self._finished: set[str] = set()
         self._failed: set[str] = set()
@@ -102,8 +104,14 @@ class BlockFetcher:
     def submit(self, job: LoadJob) -> None:
         self._jobs.put(job)
 
-    def submit_release(self, address: str, remote_req_id: str) -> None:
-        self._jobs.put((address, remote_req_id))
+    def submit_release(self, handle: TransferHandle) -> None:
+        self._jobs.put(handle)
+
+    def fail(self, req_id: str) -> None:
+        """Report a load as failed without trying it (it could not even start)."""
+        with self._lock:
+            self._failed.add(req_id)
+            self.stats.failures += 1
 
     def take_results(self) -> tuple[set[str], set[str]]:
         """(finished, failed); every failed id is in finished too, as vLLM expects."""
@@ -138,13 +146,14 @@ class BlockFetcher:
             job = self._jobs.get()
             if job is None:
                 return
-            if isinstance(job, tuple):
-                address, remote_req_id = job
+            if isinstance(job, TransferHandle):
                 try:
-                    self._conn(address).call({"op": "release", "req": remote_req_id})
-                except (OSError, ChannelClosed, TransferError) as exc:
-                    self._drop(address)
-                    logger.warning("release of remote request %s at %s failed: %s", remote_req_id, address, exc)
+                    self._conn(job.address).call({"op": "release", "req": job.remote_request_id,
+                                                  "engine": job.engine_id})
+                except (OSError, ChannelClosed, TransferError, ValueError) as exc:
+                    self._drop(job.address)
+                    logger.warning("release of remote request %s at %s failed: %s", job.remote_request_id,
+                                   job.address, exc)
                 continue
             self._load(job)
 
@@ -154,8 +163,8 @@ class BlockFetcher:
             conn = self._conn(job.address)
             tag = next(self._tags)
             # free_after: the prefill side frees the hold when its send completes; no ack round trip.
-            msg = {"op": "fetch", "req": job.remote_req_id, "blocks": job.remote_block_ids, "tag": tag,
-                   "free_after": True}
+            msg = {"op": "fetch", "req": job.remote_req_id, "engine": job.engine_id, "blocks": job.remote_block_ids,
+                   "tag": tag, "free_after": True}
             segs = runs(job.remote_block_ids, job.local_block_ids)
             direct = self.kv.direct_ok and len(segs) <= MAX_DIRECT_RUNS
             if direct:
@@ -192,12 +201,12 @@ class BlockFetcher:
             self.stats.fetch_seconds.append(dt)
 
 
-def release_remote(address: str, remote_req_id: str, timeout_s: float = 5.0) -> None:
+def release_remote(address: str, remote_req_id: str, engine_id: str = "", timeout_s: float = 5.0) -> None:
     """Tell a prefill worker that nobody will fetch a request's blocks (client cancel)."""
     host, port = parse_address(address)
     with socket.create_connection((host, port), timeout=timeout_s) as sock:
         sock.settimeout(timeout_s)
-        send_msg(sock, {"op": "release", "req": remote_req_id})
+        send_msg(sock, {"op": "release", "req": remote_req_id, "engine": engine_id})
         reply = recv_msg(sock)
         if not reply.get("ok"):
             raise TransferError(str(reply.get("error")))

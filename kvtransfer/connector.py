@@ -73,6 +73,7 @@ class TandemConnector(KVConnectorBase_V1):
             self._worker = WorkerSide(
                 is_producer=ktc.is_kv_producer,
                 is_consumer=ktc.is_kv_consumer,
+                engine_id=engine_id,
                 address=address,
                 port_reserved=bool(extra.get("port_reserved", False)),
                 transport=str(extra.get("transport", "auto")),

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
 from .client import LoadJob
+from .handle import TransferHandle
 
 
 @dataclass
@@ -16,4 +17,7 @@ class TandemConnectorMetadata(KVConnectorMetadata):
     lease_s: float = 30.0
     # consumer: blocks to pull, and remote holds to release without pulling
     loads: list[LoadJob] = field(default_factory=list)
-    releases: list[tuple[str, str]] = field(default_factory=list)
+    releases: list[TransferHandle] = field(default_factory=list)
+    # consumer: requests whose load cannot even start (a handle that does not fit the blocks
+    # allocated here); reported as failed loads, so vLLM's load-failure policy handles them
+    failures: list[str] = field(default_factory=list)

@@ -48,7 +48,14 @@ class SchedulerSide:
         p = self._consume_params(request)
         if p is None:
             return 0, False
-        count = int(p["num_tokens"]) - num_computed_tokens
+        try:
+            count = TransferHandle.from_params(p).num_tokens - num_computed_tokens
+        except ValueError as exc:
+            # Never raise here: this runs inside vLLM's scheduler, and an exception ends the engine.
+            # (The decode node's edge refuses such handles; this is the last line.)
+            logger.error("request %s: %s; computing its prompt here instead", request.request_id, exc)
+            p["_tandem_done"] = True
+            return 0, False
         return (count, True) if count > 0 else (0, False)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
@@ -56,20 +63,26 @@ class SchedulerSide:
         if p is None:
             return
         p["_tandem_done"] = True  # one transfer per request
-        handle = TransferHandle.from_params(p)
+        handle = TransferHandle.from_params(p)  # parsed once already in get_num_new_matched_tokens
         if num_external_tokens == 0:
             # Everything was already cached here: nothing to pull, free the remote hold.
-            self._meta.releases.append((handle.address, handle.remote_request_id))
+            self._meta.releases.append(handle)
             return
         local_computed = handle.num_tokens - num_external_tokens
         first, last = local_computed // self.block_size, _cdiv(handle.num_tokens, self.block_size)
         local_ids = blocks.get_block_ids()[0]
         if last > len(local_ids) or last > len(handle.block_ids):
-            raise RuntimeError(
-                f"request {request.request_id}: handle covers blocks {first}..{last} but "
-                f"{len(local_ids)} local and {len(handle.block_ids)} remote blocks exist")
+            # Not an exception: it would end the engine and every request in it. This one
+            # request fails its load instead (vLLM's kv_load_failure_policy decides the rest).
+            logger.error("request %s: KV handle covers blocks %d..%d but %d local and %d remote blocks exist; "
+                         "failing its load", request.request_id, first, last, len(local_ids),
+                         len(handle.block_ids))
+            self._meta.failures.append(request.request_id)
+            self._meta.releases.append(handle)
+            return
         self._meta.loads.append(LoadJob(
             req_id=request.request_id,
+            engine_id=handle.engine_id,
             address=handle.address,
             remote_req_id=handle.remote_request_id,
             remote_block_ids=handle.block_ids[first:last],
@@ -86,7 +99,7 @@ class SchedulerSide:
         if p.get("tandem") == CONSUME and not p.get("_tandem_done"):
             # Aborted before its blocks were allocated: free the remote hold now.
             handle = TransferHandle.from_params(p)
-            self._meta.releases.append((handle.address, handle.remote_request_id))
+            self._meta.releases.append(handle)
             p["_tandem_done"] = True
             return False, None
         if p.get("tandem") != PRODUCE:

@@ -23,12 +23,16 @@ import threading
 import time
 from dataclasses import dataclass
 
+from tandem.logs import RateLimitedLog
+
 from .layout import KVLayout, KVLayoutMismatch
 from .paged import PagedKV, Staging, as_bytes_array
 from .transport import DataPlane, TransferError, choose_plane
 from .wire import ChannelClosed, recv_msg, send_msg
 
 logger = logging.getLogger(__name__)
+# Whoever can reach the port can send garbage: one line per 10 s, not one per message.
+_bad_peer_log = RateLimitedLog(logger, every_s=10.0)
 
 # A fetch can arrive a moment before the engine step that registers the hold.
 HOLD_REGISTRATION_WAIT_S = 5.0
@@ -102,10 +106,13 @@ class BlockServer:
     """Serves held blocks to decode workers; one thread per control connection."""
 
     def __init__(self, host: str, port: int, kv: PagedKV, planes: dict[str, DataPlane],
-                 reserved: bool = False) -> None:
+                 engine_id: str = "", reserved: bool = False) -> None:
         """``reserved``: the port is held for this server by a socket with SO_REUSEPORT
-        (tandem.netutil.reserve_port in the node daemon), so bind it the same way."""
+        (tandem.netutil.reserve_port in the node daemon), so bind it the same way.
+        ``engine_id``: fetches and releases that name another engine are refused (they were
+        meant for an earlier process on this address)."""
         self.kv = kv
+        self.engine_id = engine_id
         self.holds = HoldTable()
         self._planes = planes
         self._sock = socket.create_server((host, port), reuse_port=reserved)
@@ -148,8 +155,14 @@ class BlockServer:
                     msg = recv_msg(conn)
                 except (ChannelClosed, OSError):
                     return
-                op = msg.get("op")
+                except ValueError as exc:  # not our framing or not JSON: nothing more to read from it
+                    _bad_peer_log.warning("KV server: closing a connection that sent a malformed message: %s", exc)
+                    return
+                op = msg.get("op") if isinstance(msg, dict) else None
                 try:
+                    if not isinstance(msg, dict):
+                        raise ValueError("a control message must be a JSON object")
+                    self._check_engine(msg)
                     if op == "hello":
                         plane, peer = self._hello(conn, msg)
                     elif op == "fetch":
@@ -162,15 +175,24 @@ class BlockServer:
                         send_msg(conn, {"ok": True})
                     else:
                         send_msg(conn, {"ok": False, "error": f"unknown op {op!r}"})
-                except (KVLayoutMismatch, KeyError, ValueError, TransferError) as exc:
-                    err = exc.args[0] if isinstance(exc, KeyError) else str(exc)
-                    logger.warning("KV %s from peer failed: %s", op, err)
+                except (KVLayoutMismatch, KeyError, ValueError, TypeError, TransferError) as exc:
+                    err = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+                    _bad_peer_log.warning("KV %s from peer failed: %s", str(op)[:32], err)
                     try:
-                        send_msg(conn, {"ok": False, "error": err})
+                        send_msg(conn, {"ok": False, "error": str(err)})
                     except OSError:
                         return
                 except OSError:
                     return
+                except Exception:  # one connection's trouble never reaches the engine
+                    logger.exception("KV server: unexpected error serving %s; closing that connection", str(op)[:32])
+                    return
+
+    def _check_engine(self, msg: dict) -> None:
+        engine = msg.get("engine")
+        if engine and self.engine_id and engine != self.engine_id:
+            raise ValueError(f"these blocks were held by engine {str(engine)[:80]}; this is {self.engine_id} "
+                             "(the node restarted since)")
 
     def _hello(self, conn: socket.socket, msg: dict) -> tuple[DataPlane, object]:
         self.kv.layout.check_compatible(KVLayout.from_json(msg["layout"]))

@@ -34,8 +34,9 @@ def _ensure_logging() -> None:
 
 
 class WorkerSide:
-    def __init__(self, *, is_producer: bool, is_consumer: bool, address: str, transport: str,
+    def __init__(self, *, is_producer: bool, is_consumer: bool, engine_id: str, address: str, transport: str,
                  num_blocks: int, layout_fields: dict[str, object], port_reserved: bool = False) -> None:
+        self.engine_id = engine_id
         self.is_producer = is_producer
         self.is_consumer = is_consumer
         self.address = address
@@ -54,7 +55,7 @@ class WorkerSide:
         logger.info("Tandem KV layout: %s", kv.layout.to_json())
         if self.is_producer:
             host, port = parse_address(self.address)
-            self.server = BlockServer(host, port, kv, planes, reserved=self.port_reserved)
+            self.server = BlockServer(host, port, kv, planes, engine_id=self.engine_id, reserved=self.port_reserved)
         if self.is_consumer:
             self.fetcher = BlockFetcher(kv, planes)
 
@@ -65,8 +66,10 @@ class WorkerSide:
         if self.fetcher is not None:
             for job in meta.loads:
                 self.fetcher.submit(job)
-            for address, remote_req_id in meta.releases:
-                self.fetcher.submit_release(address, remote_req_id)
+            for handle in meta.releases:
+                self.fetcher.submit_release(handle)
+            for req_id in meta.failures:
+                self.fetcher.fail(req_id)
 
     def transfer_results(self) -> tuple[set[str], set[str], set[str]]:
         """(finished sending, finished receiving, failed receiving)."""

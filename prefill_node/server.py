@@ -60,6 +60,8 @@ class PrefillServicer(pb_grpc.PrefillNodeServicer):
     async def _prefill(self, request: pb.PrefillRequest) -> pb.PrefillResponse:
         rid = request.request_id
         prompt = list(request.prompt_token_ids)
+        if not rid or len(rid) > 256:
+            raise InvalidRequest("request_id is required (at most 256 characters)")
         if not prompt:
             raise InvalidRequest("empty prompt")
         sampling = from_proto(request.sampling)
@@ -89,9 +91,16 @@ class PrefillServicer(pb_grpc.PrefillNodeServicer):
 
     async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
         h = request.handle
+        if h.engine_id != self.engine.engine_id:
+            # Held by an earlier process on this address, or not by this node at all: nothing here to free.
+            await context.abort(grpc.StatusCode.NOT_FOUND if h.engine_id else grpc.StatusCode.INVALID_ARGUMENT,
+                                f"this node's engine is {self.engine.engine_id}; the handle names "
+                                f"{h.engine_id[:80] or 'none'}")
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, release_remote, h.address, h.remote_request_id)
+            # Always this node's own block server, whatever address the handle names.
+            await loop.run_in_executor(None, release_remote, self.engine.kv_address, h.remote_request_id,
+                                       h.engine_id)
         except (OSError, TransferError) as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"release failed: {exc}")
         HANDLES_RELEASED.inc()

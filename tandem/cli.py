@@ -11,10 +11,10 @@ import time
 DEFAULT_COORDINATOR = "127.0.0.1:50051"
 
 
-def _run(coro: object) -> None:
+def _run(coro: object) -> int:
     import uvloop
 
-    uvloop.run(coro)  # type: ignore[arg-type]
+    return uvloop.run(coro) or 0  # type: ignore[arg-type]
 
 
 def cmd_node(role: str, args: argparse.Namespace) -> int:
@@ -42,8 +42,7 @@ def cmd_node(role: str, args: argparse.Namespace) -> int:
         from tandem.prefill_node.server import SERVICE_NAME, add_servicer
     else:
         from tandem.decode_node.server import SERVICE_NAME, add_servicer
-    _run(run_node(cfg, SERVICE_NAME, add_servicer))
-    return 0
+    return _run(run_node(cfg, SERVICE_NAME, add_servicer))
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:

@@ -2,16 +2,20 @@
 
 Lifecycle, once: start() -> generate()/abort() -> shutdown(). The engine runs
 in-process through vLLM's AsyncLLM (its engine core and worker are vLLM's own
-child processes) with TandemConnector loaded as its KV connector.
+child processes) with TandemConnector loaded as its KV connector. An engine
+whose core died stays dead (vLLM cannot restart it): ``wait_until_dead``
+returns then, and the node leaves the cluster.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from .errors import InvalidRequest
 from .nodeconfig import NodeConfig
 from .sampling import Sampling
 
@@ -24,8 +28,9 @@ CONNECTOR_MODULE = "tandem.kvtransfer.connector"
 
 
 class EngineHost:
-    def __init__(self, cfg: NodeConfig, kv_address: str, kv_port_reserved: bool = False) -> None:
+    def __init__(self, cfg: NodeConfig, kv_address: str, engine_id: str, kv_port_reserved: bool = False) -> None:
         self.cfg = cfg
+        self.engine_id = engine_id
         self.kv_address = kv_address
         self.kv_port_reserved = kv_port_reserved
         self._engine: Any = None
@@ -54,9 +59,10 @@ class EngineHost:
                 "kv_connector": "TandemConnector",
                 "kv_connector_module_path": CONNECTOR_MODULE,
                 "kv_role": role,
-                "engine_id": cfg.node_id,
+                "engine_id": self.engine_id,
+                "kv_load_failure_policy": cfg.kv_load_failure_policy,
                 "kv_connector_extra_config": {
-                    "engine_id": cfg.node_id,
+                    "engine_id": self.engine_id,
                     "address": self.kv_address,
                     "port_reserved": self.kv_port_reserved,
                     "lease_s": cfg.lease_s,
@@ -70,6 +76,19 @@ class EngineHost:
     @property
     def max_model_len(self) -> int:
         return int(self._engine.model_config.max_model_len)
+
+    @property
+    def block_size(self) -> int:
+        return int(self._engine.vllm_config.cache_config.block_size)
+
+    @property
+    def dead(self) -> bool:
+        return self._engine is not None and bool(self._engine.errored)
+
+    async def wait_until_dead(self, every_s: float = 0.5) -> None:
+        """Return once the engine core has died (it does not come back)."""
+        while not self.dead:
+            await asyncio.sleep(every_s)
 
     def layout(self) -> dict[str, object]:
         """What the KV layout check compares, as far as the config tells it."""
@@ -102,12 +121,18 @@ class EngineHost:
             output_kind=RequestOutputKind.DELTA,
             extra_args={"kv_transfer_params": kv_params} if kv_params else None,
         )
-        finished = False
+        finished = started = False
         try:
             async for out in self._engine.generate({"prompt_token_ids": prompt_token_ids}, sp,
                                                    request_id=request_id):
+                started = True
                 finished = out.finished
                 yield out
+        except ValueError as exc:
+            if started:
+                raise
+            # vLLM's input checks (token ids outside the vocabulary, too long, ...): bad input.
+            raise InvalidRequest(f"the engine refused the request: {exc}") from exc
         finally:
             if not finished:
                 await self.abort(request_id)

@@ -37,6 +37,23 @@ class NodeFailed(TandemError):
     openai_type = "server_error"
 
 
+class DeadlineExceeded(TandemError):
+    """A node accepted a call but did not answer within its deadline."""
+
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    http_status = 504
+    openai_type = "timeout"
+
+
+class KVUnavailable(TandemError):
+    """A request's KV blocks could not be had (fetch failed, lease over, gone with a node):
+    the request cannot go on from them, but it can be prefilled again."""
+
+    grpc_code = grpc.StatusCode.ABORTED
+    http_status = 502
+    openai_type = "server_error"
+
+
 def grpc_status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, TandemError):
         return exc.grpc_code, str(exc)
@@ -47,6 +64,10 @@ def error_from_grpc(code: grpc.StatusCode, details: str, where: str) -> TandemEr
     """Turn a node's gRPC status back into a Tandem error (coordinator side)."""
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidRequest(details)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(f"{where}: {details}")
+    if code == grpc.StatusCode.ABORTED:
+        return KVUnavailable(f"{where}: {details}")
     return NodeFailed(f"{where}: {code.name}: {details}")
 
 

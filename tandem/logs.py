@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 
 
 def setup_logging(component: str, level: str | None = None) -> None:
@@ -23,3 +25,26 @@ def setup_logging(component: str, level: str | None = None) -> None:
 def log_prompts_enabled() -> bool:
     """Prompt and output text are logged only when TANDEM_LOG_PROMPTS=1."""
     return os.environ.get("TANDEM_LOG_PROMPTS") == "1"
+
+
+class RateLimitedLog:
+    """At most one line per ``every_s`` seconds; the next line says how many were left out.
+    For events an outsider can trigger at will (malformed requests), so they cannot flood the log."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 10.0) -> None:
+        self._logger = logger
+        self._every_s = every_s
+        self._last = -float("inf")
+        self._skipped = 0
+        self._lock = threading.Lock()
+
+    def warning(self, msg: str, *args: object) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self._every_s:
+                self._skipped += 1
+                return
+            skipped, self._skipped, self._last = self._skipped, 0, now
+        if skipped:
+            msg += f" ({skipped} more like it in the last {self._every_s:.0f} s not logged)"
+        self._logger.warning(msg, *args)

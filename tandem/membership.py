@@ -3,7 +3,9 @@
 Layout: ``/tandem/<cluster>/nodes/<role>/<node_id>`` -> JSON NodeRecord, bound
 to the node's lease (default TTL 10 s, kept alive at a third of the TTL). A
 node that dies stops refreshing, and etcd deletes its key when the lease runs
-out; a node that exits cleanly revokes its lease at once.
+out; a node that exits cleanly revokes its lease at once. A node whose lease
+ran out while it lived (etcd unreachable, or the node frozen, for longer than
+the TTL) registers again with a fresh lease as soon as it notices.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class NodeRecord:
     metrics_address: str = ""
     layout: dict[str, object] = field(default_factory=dict)
     version: str = ""
+    engine_id: str = ""  # new with every process start; KV handles name it
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -72,19 +75,34 @@ class Registration:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._lease = await self._client.lease(self._ttl_s)
-        await self._client.put(self.key, self.record.to_json(), lease=self._lease)
+        await self._register()
         self._task = asyncio.create_task(self._keepalive(), name="etcd-keepalive")
         logger.info("registered %s in etcd (lease TTL %d s)", self.key.decode(), self._ttl_s)
 
+    async def _register(self) -> None:
+        self._lease = None
+        lease = await self._client.lease(self._ttl_s)
+        await self._client.put(self.key, self.record.to_json(), lease=lease)
+        self._lease = lease
+
     async def _keepalive(self) -> None:
-        assert self._lease is not None
         while True:
             await asyncio.sleep(self._ttl_s / 3)
             try:
-                await self._lease.refresh()
+                if self._lease is None:  # an earlier re-registration failed half way
+                    await self._register()
+                    logger.warning("registered %s again with a new lease", self.key.decode())
+                    continue
+                reply = await self._lease.refresh()
+                if reply is None or reply.TTL <= 0:
+                    logger.warning("the etcd lease of %s ran out (etcd or this node was unreachable for longer "
+                                   "than the %d s TTL); registering again with a new lease",
+                                   self.key.decode(), self._ttl_s)
+                    await self._register()
+            except asyncio.CancelledError:
+                raise
             except Exception as exc:  # etcd unreachable for a moment: keep trying
-                logger.warning("etcd lease refresh failed: %s", exc)
+                logger.warning("etcd lease refresh failed (retrying): %s", exc)
 
     async def close(self) -> None:
         if self._task is not None:

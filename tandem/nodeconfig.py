@@ -34,6 +34,7 @@ class NodeConfig:
     ttl_s: int = DEFAULT_TTL_S
     max_num_seqs: int = 64
     enable_prefix_caching: bool = True
+    kv_load_failure_policy: str = "fail"
 
     def finish(self) -> NodeConfig:
         """Fill derived defaults and check everything; raise ValueError with a clear message."""
@@ -45,6 +46,8 @@ class NodeConfig:
             raise ValueError("--etcd (or TANDEM_ETCD) is required, e.g. http://127.0.0.1:2379")
         if self.transport not in ("auto", "ucx", "tcp"):
             raise ValueError(f"--kv-transport must be auto, ucx or tcp, got {self.transport!r}")
+        if self.kv_load_failure_policy not in ("fail", "recompute"):
+            raise ValueError(f"--kv-load-failure-policy must be fail or recompute, got {self.kv_load_failure_policy!r}")
         if self.kv_cache_gib <= 0:
             raise ValueError(f"--kv-cache-gib must be positive, got {self.kv_cache_gib}")
         if self.lease_s <= 0 or self.ttl_s <= 0:
@@ -118,6 +121,9 @@ def add_node_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kv-lease-s", dest="lease_s", type=float, default=float(_env("kv_lease_s", 30.0)))  # type: ignore[arg-type]
     ap.add_argument("--ttl-s", type=int, default=int(_env("ttl_s", DEFAULT_TTL_S)))  # type: ignore[arg-type]
     ap.add_argument("--max-num-seqs", type=int, default=int(_env("max_num_seqs", 64)))  # type: ignore[arg-type]
+    ap.add_argument("--kv-load-failure-policy", default=_env("kv_load_failure_policy", "fail"),
+                    help="decode nodes, when a request's KV cannot be fetched: fail (that request ends with "
+                         "ABORTED and the coordinator prefills it again elsewhere) | recompute (prefill it here)")
 
 
 def config_from_args(role: str, args: argparse.Namespace) -> NodeConfig:

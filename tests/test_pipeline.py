@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import grpc
 import pytest
 
 from tandem.coordinator.pipeline import FinishEvent, Pipeline, TokenEvent
@@ -37,20 +38,22 @@ class FakePrefill:
 
 
 class FakeCall:
+    """A Decode stream: read() returns one token message at a time, then grpc.aio.EOF."""
+
     def __init__(self, tokens: list[int], delay_s: float) -> None:
         self.tokens, self.delay_s, self.cancelled = tokens, delay_s, False
+        self._i = 0
 
-    def cancel(self) -> None:
+    def cancel(self) -> bool:
         self.cancelled = True
+        return True
 
-    def __aiter__(self):
-        return self._gen()
-
-    async def _gen(self):
-        for i, t in enumerate(self.tokens):
-            await asyncio.sleep(self.delay_s)
-            last = i == len(self.tokens) - 1
-            yield pb.DecodeResponse(token_ids=[t], finish_reason="length" if last else "")
+    async def read(self):
+        if self._i >= len(self.tokens):
+            return grpc.aio.EOF
+        await asyncio.sleep(self.delay_s)
+        t, self._i = self.tokens[self._i], self._i + 1
+        return pb.DecodeResponse(token_ids=[t], finish_reason="length" if self._i == len(self.tokens) else "")
 
 
 class FakeDecode:
@@ -58,7 +61,7 @@ class FakeDecode:
         self.tokens, self.delay_s = tokens, delay_s
         self.calls: list[FakeCall] = []
 
-    def Decode(self, req: pb.DecodeRequest) -> FakeCall:
+    def Decode(self, req: pb.DecodeRequest, timeout: float | None = None) -> FakeCall:
         call = FakeCall(self.tokens[: req.sampling.max_tokens], self.delay_s)
         self.calls.append(call)
         return call
@@ -137,11 +140,13 @@ def test_cancel_during_decode_cancels_the_call_and_releases(tiny_model: Path) ->
     decode = FakeDecode(list(range(101, 200)), delay_s=0.05)
     prefill = FakePrefill()
     pipelines: list[Pipeline] = []
+    rids: list[str] = []
 
     async def go() -> None:
         p = make(tiny_model, prefill, [decode])
         pipelines.append(p)
         req = p.prepare(request_id="c1", text=None, token_ids=[5, 6], sampling=Sampling(max_tokens=50))
+        rids.append(req.request_id)
         gen = p.run(req)
         assert (await gen.__anext__()).token_ids == [100]
         task = asyncio.ensure_future(gen.__anext__())
@@ -154,5 +159,5 @@ def test_cancel_during_decode_cancels_the_call_and_releases(tiny_model: Path) ->
 
     asyncio.run(go())
     assert decode.calls[0].cancelled
-    assert prefill.released == ["c1"]
+    assert prefill.released == [rids[0]] and rids[0] != "c1"  # the coordinator's own id, not the client's
     assert all(n.outstanding == 0 for n in pipelines[0].router.nodes())

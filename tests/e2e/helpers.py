@@ -55,3 +55,43 @@ def reference_outputs(model: Path, cases: list[dict], max_model_len: int) -> lis
         raise RuntimeError(f"reference engine failed:\n{proc.stderr[-4000:]}")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("REF ")][-1]
     return json.loads(line[4:])
+
+
+def registered_nodes(etcd_url: str, cluster: str = "default") -> set[str]:
+    """Node ids registered in etcd now (read straight from etcd, not through a coordinator)."""
+    import asyncio
+
+    from tandem.membership import etcd_client
+
+    async def read() -> set[str]:
+        client = etcd_client(etcd_url)
+        try:
+            kvs = await client.get_prefix(f"/tandem/{cluster}/nodes/".encode())
+            return {kv.key.decode().rsplit("/", 1)[-1] for kv in kvs}
+        finally:
+            await client.close()
+
+    return asyncio.run(read())
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of a process (from /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name may hold spaces; the parent pid is the second field after it.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -1,9 +1,11 @@
 """End to end on a real 1 prefill + 2 decode cluster with the TCP fallback transport:
-equality over TCP, spreading over the decode pool, and a decode node killed mid-stream."""
+equality over TCP, spreading over the decode pool, and what happens when a decode node
+freezes, is handed a lying KV handle, is killed, or loses its engine (in that order: the
+last two tests leave the pool smaller)."""
 
 from __future__ import annotations
 
-import asyncio
+import os
 import signal
 import threading
 import time
@@ -13,11 +15,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tandem.cluster import ClusterSpec, LocalCluster
-from tandem.membership import etcd_client
+from tandem.cluster import ClusterSpec, Daemon, LocalCluster
 from tandem.proto import tandem_pb2 as pb
+from tandem.proto import tandem_pb2_grpc as pb_grpc
 
-from .helpers import reference_outputs, wait_until
+from .helpers import child_pids, metric, process_name, reference_outputs, registered_nodes, scrape, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -33,6 +35,21 @@ def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
         yield c
 
 
+# Greedy prompts whose plain-engine output the tests compare with; computed once for the module.
+EQUALITY = [[(11 + 29 * i) % 590 + 5 for i in range(n)] for n in (20, 150)]
+FROZEN = [(3 + 11 * i) % 590 + 5 for i in range(12)]
+KILLED = [(5 + 13 * i) % 590 + 5 for i in range(10)]
+LONG = 480
+
+
+@pytest.fixture(scope="module")
+def references(tiny_model: Path) -> dict[tuple[int, ...], list[int]]:
+    cases = [(p, 16) for p in EQUALITY] + [(FROZEN, LONG), (KILLED, LONG)]
+    outs = reference_outputs(tiny_model, [{"prompt_token_ids": p, "max_tokens": n, "ignore_eos": True}
+                                          for p, n in cases], MAX_MODEL_LEN)
+    return {tuple(p): out for (p, _), out in zip(cases, outs)}
+
+
 def request(ids: list[int], max_tokens: int) -> pb.GenerateRequest:
     return pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids),
                               sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
@@ -43,12 +60,9 @@ def run(stub, ids: list[int], max_tokens: int) -> tuple[list[int], pb.Finish]:
     return [t for m in msgs for t in m.token_ids], msgs[-1].finish
 
 
-def test_greedy_equality_over_tcp(cluster: LocalCluster, stub, tiny_model: Path) -> None:
-    prompts = [[(11 + 29 * i) % 590 + 5 for i in range(n)] for n in (20, 150)]
-    got = [run(stub, p, 16)[0] for p in prompts]
-    ref = reference_outputs(tiny_model, [{"prompt_token_ids": p, "max_tokens": 16, "ignore_eos": True}
-                                         for p in prompts], MAX_MODEL_LEN)
-    assert got == ref
+def test_greedy_equality_over_tcp(cluster: LocalCluster, stub, references) -> None:
+    got = [run(stub, p, 16)[0] for p in EQUALITY]
+    assert got == [references[tuple(p)] for p in EQUALITY]
     logs = "".join((cluster.log_dir / f"decode-{i}.log").read_text() for i in (0, 1))
     assert "over tcp" in logs and "over ucx" not in logs
 
@@ -62,7 +76,109 @@ def test_requests_spread_over_the_decode_pool(cluster: LocalCluster, stub) -> No
     assert {f.timings.prefill_node for f in finishes} == {"prefill-0"}
 
 
-def test_killed_decode_node_ends_its_request_and_leaves_the_pool(cluster: LocalCluster, stub) -> None:
+def busy_decode_node(cluster: LocalCluster, stub) -> Daemon:
+    """The decode node the coordinator has the one running request on."""
+    def busy() -> list[str]:
+        status = stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=10)
+        return [n.node_id for n in status.nodes if n.role == "decode" and n.outstanding == 1]
+
+    wait_until(lambda: len(busy()) == 1, 5, "the coordinator to pick a decode node", every_s=0.01)
+    return cluster.node(busy()[0])
+
+
+def drain(call) -> dict[str, object]:
+    """Read a Generate stream to its end on a thread; what it ended with."""
+    outcome: dict[str, object] = {"tokens": []}
+
+    def read() -> None:
+        try:
+            for msg in call:
+                outcome["tokens"].extend(msg.token_ids)  # type: ignore[union-attr]
+                if msg.HasField("finish"):
+                    outcome["finish"] = msg.finish
+        except grpc.RpcError as exc:
+            outcome["code"], outcome["details"] = exc.code(), exc.details()
+
+    t = threading.Thread(target=read)
+    t.start()
+    t.join(90)
+    assert not t.is_alive(), "the request hung after its decode node failed"
+    return outcome
+
+
+def blocks_held(cluster: LocalCluster) -> float:
+    return metric(scrape(cluster.node("prefill-0").info["metrics"]), "tandem_kv_blocks_held")
+
+
+def test_frozen_decode_node_mid_stream_is_migrated_and_rejoins_when_it_resumes(cluster: LocalCluster, stub,
+                                                                              references) -> None:
+    call = stub.Generate(request(FROZEN, LONG), timeout=120)
+    head = [next(call) for _ in range(3)]  # the prefill's token, then the decode is streaming
+    victim = busy_decode_node(cluster, stub)
+    victim.signal(signal.SIGSTOP)  # a hung host: its connections stay open, nothing answers
+    frozen_at = time.monotonic()
+    try:
+        outcome = drain(call)
+        survivor = "decode-1" if victim.name == "decode-0" else "decode-0"
+        got = [t for m in head for t in m.token_ids] + outcome["tokens"]  # type: ignore[operator]
+        fin = outcome.get("finish")
+        assert fin is not None, outcome
+        assert fin.reason == "length" and fin.migrations == 1 and fin.timings.decode_node == survivor
+        # No token missing, none twice: the same greedy output as an undisturbed run.
+        assert got == references[tuple(FROZEN)]
+        # Its lease runs out while it is frozen ...
+        wait_until(lambda: victim.name not in registered_nodes(cluster.etcd_url), TTL_S + 10,
+                   "the frozen node's etcd lease to run out")
+    finally:
+        victim.signal(signal.SIGCONT)
+    assert time.monotonic() - frozen_at > TTL_S
+    # ... and once it runs again it registers with a new lease and takes requests again.
+    wait_until(lambda: victim.name in registered_nodes(cluster.etcd_url), 15, "the resumed node to register again")
+    wait_until(lambda: victim.name in {n.node_id for n in stub.ClusterStatus(pb.ClusterStatusRequest()).nodes},
+               10, "the coordinator to see it again")
+    prompts = [[(5 + 7 * i + k) % 590 + 5 for i in range(30)] for k in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        finishes = list(pool.map(lambda p: run(stub, p, 64)[1], prompts))
+    assert {f.timings.decode_node for f in finishes} == {"decode-0", "decode-1"}
+    wait_until(lambda: metric(scrape(victim.info["metrics"]), "vllm:num_requests_running") == 0, 20,
+               "the resumed node to drop the request it held when it froze")
+    wait_until(lambda: blocks_held(cluster) == 0, 20, "every held KV block to be freed")
+
+
+def test_lying_kv_handles_fail_their_request_only(cluster: LocalCluster, stub) -> None:
+    node = cluster.node("decode-0")
+    prompt = [(13 + 3 * i) % 590 + 5 for i in range(70)]
+    with grpc.insecure_channel(node.info["grpc"]) as ch:
+        decode = pb_grpc.DecodeNodeStub(ch)
+
+        def call(handle: pb.KVHandle) -> grpc.RpcError:
+            req = pb.DecodeRequest(request_id=f"lie-{time.monotonic_ns()}", prompt_token_ids=prompt,
+                                   sampling=pb.SamplingParams(max_tokens=4, temperature=0), handle=handle)
+            with pytest.raises(grpc.RpcError) as info:
+                list(decode.Decode(req, timeout=60))
+            return info.value
+
+        good = dict(engine_id="prefill-0-x", address=cluster.node("prefill-0").info["kv"], remote_request_id="nope",
+                    block_ids=[0, 1, 2], num_tokens=69, lease_deadline=time.time() + 60)
+        # Fewer blocks than its tokens need: this once raised inside vLLM's scheduler and killed the engine.
+        err = call(pb.KVHandle(**{**good, "block_ids": [0, 1]}))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "need 3" in err.details()
+        for bad in ({"address": "nowhere"}, {"block_ids": [0, 0, 1]}, {"num_tokens": 12}):
+            assert call(pb.KVHandle(**{**good, **bad})).code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert call(pb.KVHandle(**{**good, "lease_deadline": time.time() - 1})).code() == grpc.StatusCode.ABORTED
+        # Well formed, but the prefill node holds no such blocks: vLLM's load-failure path fails it alone.
+        err = call(pb.KVHandle(**good))
+        assert err.code() == grpc.StatusCode.ABORTED and "KV transfer" in err.details()
+    # The node, its engine and the cluster serve on.
+    assert node.alive()
+    for _ in range(2):
+        _, fin = run(stub, [(9 + 5 * i) % 590 + 5 for i in range(40)], 8)
+        assert fin.reason == "length"
+    m = scrape(node.info["metrics"])
+    assert metric(m, "tandem_decode_requests_total", outcome="error") >= 6
+
+
+def test_killed_decode_node_mid_request_is_migrated(cluster: LocalCluster, stub, references) -> None:
     # Both decode nodes are frozen (SIGSTOP) while the request starts, so it cannot finish before the
     # kill lands: the first token comes from the prefill node, the picked decode node never answers.
     # They stay frozen for well under the lease TTL.
@@ -70,52 +186,43 @@ def test_killed_decode_node_ends_its_request_and_leaves_the_pool(cluster: LocalC
     for d in decodes:
         d.signal(signal.SIGSTOP)
     try:
-        call = stub.Generate(request([(5 + 13 * i) % 590 + 5 for i in range(10)], 480), timeout=120)
+        call = stub.Generate(request(KILLED, LONG), timeout=120)
         first = next(call)
         assert first.token_ids
-
-        def busy() -> list[str]:
-            status = stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=10)
-            return [n.node_id for n in status.nodes if n.role == "decode" and n.outstanding == 1]
-
-        wait_until(lambda: len(busy()) == 1, 1.5, "the coordinator to pick a decode node", every_s=0.02)
-        victim = cluster.node(busy()[0])
+        victim = busy_decode_node(cluster, stub)
         victim.signal(signal.SIGKILL)
     finally:
         for d in decodes:
             if d.alive():
                 d.signal(signal.SIGCONT)
     survivor = "decode-1" if victim.name == "decode-0" else "decode-0"
-
-    outcome: dict[str, object] = {}
-
-    def drain() -> None:
-        try:
-            for _ in call:
-                pass
-            outcome["ended"] = "ok"
-        except grpc.RpcError as exc:
-            outcome["code"], outcome["details"] = exc.code(), exc.details()
-
-    t = threading.Thread(target=drain)
-    t.start()
-    t.join(30)
-    assert not t.is_alive(), "the in-flight request hung after its decode node died"
-    assert outcome.get("code") == grpc.StatusCode.UNAVAILABLE, outcome
-    assert victim.name in str(outcome["details"])
-
-    async def registered() -> set[str]:
-        client = etcd_client(cluster.etcd_url)
-        try:
-            return {kv.key.decode().rsplit("/", 1)[-1] for kv in await client.get_prefix(b"/tandem/default/nodes/")}
-        finally:
-            await client.close()
-
     killed_at = time.monotonic()
-    wait_until(lambda: victim.name not in asyncio.run(registered()), TTL_S + 5, "the dead node's etcd key to expire")
+    outcome = drain(call)
+    fin = outcome.get("finish")
+    assert fin is not None, outcome
+    assert fin.reason == "length" and fin.migrations == 1 and fin.timings.decode_node == survivor
+    assert list(first.token_ids) + outcome["tokens"] == references[tuple(KILLED)]  # type: ignore[operator]
+    # Out of routing at once (the broken stream), long before its etcd lease runs out.
+    for _ in range(3):
+        _, fin = run(stub, [(9 + 7 * i) % 590 + 5 for i in range(30)], 8)
+        assert fin.reason == "length" and fin.timings.decode_node == survivor and fin.migrations == 0
+    wait_until(lambda: victim.name not in registered_nodes(cluster.etcd_url), TTL_S + 5,
+               "the dead node's etcd key to expire")
     assert time.monotonic() - killed_at <= TTL_S + 5
     wait_until(lambda: victim.name not in {n.node_id for n in stub.ClusterStatus(pb.ClusterStatusRequest()).nodes},
                5, "the coordinator to drop the dead node")
-    for _ in range(3):
-        _, fin = run(stub, [(9 + 7 * i) % 590 + 5 for i in range(30)], 8)
-        assert fin.reason == "length" and fin.timings.decode_node == survivor
+    wait_until(lambda: blocks_held(cluster) == 0, 20, "every held KV block to be freed")
+
+
+def test_a_node_whose_engine_dies_leaves_the_cluster_and_exits_nonzero(cluster: LocalCluster, stub) -> None:
+    node = next(d for d in cluster.nodes if d.role == "decode" and d.alive())
+    assert node.proc is not None
+    engines = [p for p in child_pids(node.proc.pid) if "EngineCore" in process_name(p) or
+               "multiprocessing" in process_name(p)]
+    assert engines, f"no engine process under {node.name}: {[process_name(p) for p in child_pids(node.proc.pid)]}"
+    for pid in engines:
+        os.kill(pid, signal.SIGKILL)
+    assert node.proc.wait(30) == 3  # ENGINE_DEAD_EXIT: the supervisor restarts it
+    assert node.name not in registered_nodes(cluster.etcd_url)  # revoked on the way out, not left to expire
+    log = (cluster.log_dir / f"{node.name}.log").read_text()
+    assert "the vLLM engine died; leaving the cluster" in log

@@ -1,0 +1,83 @@
+"""Calls from the coordinator to its nodes: each under a deadline and a stall watch.
+
+A node can fail a call three ways: it answers with an error status, its
+connection breaks (UNAVAILABLE), or it stops answering altogether (a frozen
+process, a partition). The first two end the call at once; for the third,
+``Watchdog`` probes the node's health whenever a call has made no progress
+for ``stall_s`` seconds, and a node that does not answer the probe is given
+up on. A node that is merely slow (it answers its health probe) is waited on
+until the call's deadline, which ends it with DEADLINE_EXCEEDED.
+
+Failures come out as ``NodeCallFailed``: the error to end the request with,
+whether the request may be re-issued on another node, and whether the node
+itself should leave routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import grpc
+
+from tandem.errors import NodeFailed, TandemError, error_from_grpc
+
+from .router import NodeClient, Router
+
+T = TypeVar("T")
+
+# Statuses that say the request (not the node) is at fault, or that the node is fine but the
+# request's KV is gone: the node stays in routing.
+_NODE_FINE = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ABORTED)
+
+
+class NodeCallFailed(Exception):
+    def __init__(self, error: TandemError, node: NodeClient, *, retryable: bool, node_failed: bool,
+                 cause: str) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.node = node
+        self.retryable = retryable  # the request may go on elsewhere
+        self.node_failed = node_failed  # take the node out of routing
+        self.cause = cause  # a short label for metrics and logs
+
+
+def call_failed(exc: grpc.aio.AioRpcError, node: NodeClient) -> NodeCallFailed:
+    code = exc.code()
+    error = error_from_grpc(code, exc.details() or "", f"{node.record.role} node {node.node_id}")
+    return NodeCallFailed(error, node, retryable=code != grpc.StatusCode.INVALID_ARGUMENT,
+                          node_failed=code not in _NODE_FINE, cause=code.name.lower())
+
+
+def stream_ended_early(node: NodeClient) -> NodeCallFailed:
+    return NodeCallFailed(NodeFailed(f"{node.record.role} node {node.node_id} ended the stream without a "
+                                     "finish reason"), node, retryable=True, node_failed=True, cause="ended")
+
+
+class Watchdog:
+    def __init__(self, router: Router, stall_s: float) -> None:
+        self.router = router
+        self.stall_s = stall_s
+
+    async def wait(self, step: Awaitable[T], node: NodeClient) -> T:
+        """Await one step of a call (a unary answer, the next stream message).
+
+        Every ``stall_s`` without a result the node's health is probed; if it does not
+        answer SERVING, the step is abandoned as stalled."""
+        task = asyncio.ensure_future(step)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self.stall_s)
+                if done:
+                    return task.result()
+                if not await self.router.check(node):
+                    raise NodeCallFailed(
+                        NodeFailed(f"{node.record.role} node {node.node_id} stopped answering: no progress for "
+                                   f"{self.stall_s:.1f} s and its health probe failed"),
+                        node, retryable=True, node_failed=True, cause="stalled")
+        except grpc.aio.AioRpcError as exc:
+            raise call_failed(exc, node) from exc
+        finally:
+            if not task.done():
+                task.cancel()

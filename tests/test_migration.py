@@ -1,0 +1,285 @@
+"""Request lifecycle in the coordinator against fake nodes: migration, stalls, retries, deadlines, identity.
+
+The fakes are a "counting model": the token after a context of n tokens is 1000 + n, for prefill
+and decode alike, so an undisturbed request's output is known exactly and a migrated stream can be
+checked for missing or duplicated tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from tandem.coordinator.pipeline import FinishEvent, Pipeline, PipelineConfig, TokenEvent
+from tandem.coordinator.router import Router
+from tandem.coordinator.textcodec import TextCodec
+from tandem.errors import DeadlineExceeded, NodeFailed, TandemError
+from tandem.grpcserve import start_grpc
+from tandem.membership import NodeRecord
+from tandem.proto import tandem_pb2 as pb
+from tandem.proto import tandem_pb2_grpc as pb_grpc
+from tandem.sampling import Sampling
+
+PROMPT = [5, 6, 7]
+ROUTERS: list[Router] = []
+
+
+def undisturbed(n: int, prompt_len: int = len(PROMPT)) -> list[int]:
+    return [1000 + prompt_len + i for i in range(n)]
+
+
+def rpc_error(code: grpc.StatusCode, details: str = "fake") -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+class Prefill:
+    """PrefillNode stub; ``error``: fail every call with this status."""
+
+    def __init__(self, error: grpc.StatusCode | None = None) -> None:
+        self.error = error
+        self.calls: list[pb.PrefillRequest] = []
+        self.released: list[str] = []
+
+    async def Prefill(self, req: pb.PrefillRequest, timeout: float | None = None) -> pb.PrefillResponse:
+        self.calls.append(req)
+        await asyncio.sleep(0)
+        if self.error is not None:
+            raise rpc_error(self.error)
+        resp = pb.PrefillResponse(first_token=1000 + len(req.prompt_token_ids), finish_reason="length")
+        if req.hold_kv:
+            resp.handle.CopyFrom(pb.KVHandle(remote_request_id=req.request_id, num_tokens=len(req.prompt_token_ids)))
+        return resp
+
+    async def Release(self, req: pb.ReleaseRequest, timeout: float | None = None) -> pb.ReleaseResponse:
+        self.released.append(req.handle.remote_request_id)
+        return pb.ReleaseResponse()
+
+
+class Stream:
+    """One Decode stream of the counting model; after ``fail_after`` tokens it fails as told:
+    ``error`` (a status), ``stall`` (never answers again) or ``end`` (ends without a finish)."""
+
+    def __init__(self, req: pb.DecodeRequest, fail_after: int | None, mode: str,
+                 code: grpc.StatusCode) -> None:
+        self.req, self.fail_after, self.mode, self.code = req, fail_after, mode, code
+        self.n = len(req.prompt_token_ids)
+        self.left = req.sampling.max_tokens
+        self.sent = 0
+        self.cancelled = False
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+    async def read(self) -> pb.DecodeResponse:
+        await asyncio.sleep(0.001)
+        if self.fail_after is not None and self.sent >= self.fail_after:
+            if self.mode == "stall":
+                await asyncio.Event().wait()
+            if self.mode == "end":
+                return grpc.aio.EOF
+            raise rpc_error(self.code)
+        if self.sent >= self.left:
+            return grpc.aio.EOF
+        tok = 1000 + self.n + self.sent
+        self.sent += 1
+        return pb.DecodeResponse(token_ids=[tok], finish_reason="length" if self.sent == self.left else "")
+
+
+class Decode:
+    def __init__(self, fail_after: int | None = None, mode: str = "error",
+                 code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+        self.fail_after, self.mode, self.code = fail_after, mode, code
+        self.calls: list[Stream] = []
+
+    def Decode(self, req: pb.DecodeRequest, timeout: float | None = None) -> Stream:
+        call = Stream(req, self.fail_after, self.mode, self.code)
+        self.calls.append(call)
+        return call
+
+
+class Health:
+    def __init__(self, serving: bool) -> None:
+        self.serving = serving
+
+    async def Check(self, req: object, timeout: float | None = None) -> health_pb2.HealthCheckResponse:
+        if not self.serving:
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE, "connection refused")
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
+def make(tiny_model: Path, prefills: list[Prefill], decodes: list[Decode], healthy: dict[str, bool] | None = None,
+         **cfg: float) -> Pipeline:
+    router = Router("tiny", pool_wait_s=1.0)
+    ROUTERS.append(router)
+    nodes = [("prefill", i, s) for i, s in enumerate(prefills)] + [("decode", i, s) for i, s in enumerate(decodes)]
+    for port, (role, i, stub) in enumerate(nodes, start=9100):
+        node_id = f"{role}-{i}"
+        router.on_membership(node_id, NodeRecord(node_id, role, f"127.0.0.1:{port}", "x:1", "tiny", 512))
+        router._nodes[node_id].stub = stub
+        router._nodes[node_id].health = Health((healthy or {}).get(node_id, False))
+    return Pipeline(router, TextCodec(str(tiny_model)), lambda: 512, "tiny", PipelineConfig(**cfg))
+
+
+async def collect(p: Pipeline, max_tokens: int, request_id: str = "") -> list:
+    req = p.prepare(request_id=request_id, text=None, token_ids=PROMPT, sampling=Sampling(max_tokens=max_tokens))
+    return [ev async for ev in p.run(req)]
+
+
+def tokens(evs: list) -> list[int]:
+    return [t for e in evs if isinstance(e, TokenEvent) for t in e.token_ids]
+
+
+@pytest.fixture(autouse=True)
+def loop():
+    """One event loop per test, current from the start (the router's gRPC channels need one)."""
+    lp = asyncio.new_event_loop()
+    asyncio.set_event_loop(lp)
+    yield lp
+    for router in ROUTERS:
+        lp.run_until_complete(router.close())
+    ROUTERS.clear()
+    lp.close()
+    asyncio.set_event_loop(None)
+
+
+def run(coro_fn):
+    async def go():
+        out = await coro_fn()
+        await asyncio.sleep(0.05)  # background releases finish
+        return out
+
+    return asyncio.get_event_loop().run_until_complete(go())
+
+
+@pytest.mark.parametrize("mode", ["error", "stall", "end"])
+def test_a_decode_node_that_fails_mid_stream_is_migrated_without_gaps_or_duplicates(tiny_model: Path,
+                                                                                   mode: str) -> None:
+    prefill, bad, good = Prefill(), Decode(fail_after=5, mode=mode), Decode()
+    p = make(tiny_model, [prefill], [bad, good], stall_s=0.2)
+    bad_node = p.router._nodes["decode-0"]
+    bad_node.outstanding = -1  # make the router pick it first
+    evs = run(lambda: collect(p, 20))
+    assert tokens(evs) == undisturbed(20)
+    fin = evs[-1]
+    assert isinstance(fin, FinishEvent) and fin.reason == "length" and fin.completion_tokens == 20
+    assert fin.migrations == 1 and fin.decode_node == "decode-1"
+    # The second leg prefilled the prompt plus the 6 tokens already sent (1 from prefill, 5 decoded).
+    assert list(prefill.calls[1].prompt_token_ids) == PROMPT + undisturbed(6)
+    assert list(good.calls[0].req.prompt_token_ids) == PROMPT + undisturbed(7)
+    assert good.calls[0].req.sampling.max_tokens == 20 - 7
+    assert not bad_node.up  # out of routing at once, not when its etcd lease runs out
+    assert bad.calls[0].cancelled
+    # Nothing held is left behind: the failed leg's handle is released, the completed one was fetched.
+    assert prefill.released == [prefill.calls[0].request_id]
+
+
+def test_a_slow_decode_node_that_answers_its_health_probe_is_waited_on(tiny_model: Path) -> None:
+    class Slow(Decode):
+        def Decode(self, req, timeout=None):
+            call = super().Decode(req, timeout)
+            orig = call.read
+
+            async def read():
+                await asyncio.sleep(0.3)  # longer than stall_s: the watchdog probes, the node answers
+                return await orig()
+
+            call.read = read  # type: ignore[method-assign]
+            return call
+
+    slow = Slow()
+    p = make(tiny_model, [Prefill()], [slow], healthy={"decode-0": True}, stall_s=0.1)
+    evs = run(lambda: collect(p, 4))
+    assert tokens(evs) == undisturbed(4) and evs[-1].migrations == 0
+    assert p.router._nodes["decode-0"].up
+
+
+def test_kv_unavailable_migrates_but_keeps_the_node_in_routing(tiny_model: Path) -> None:
+    flaky = Decode(fail_after=0, code=grpc.StatusCode.ABORTED)
+    p = make(tiny_model, [Prefill()], [flaky, Decode()])
+    p.router._nodes["decode-0"].outstanding = -1
+    evs = run(lambda: collect(p, 8))
+    assert tokens(evs) == undisturbed(8) and evs[-1].migrations == 1
+    assert p.router._nodes["decode-0"].up
+
+
+def test_migration_stops_at_the_limit_with_a_clear_status(tiny_model: Path) -> None:
+    prefill = Prefill()
+    decodes = [Decode(fail_after=1), Decode(fail_after=1)]
+    p = make(tiny_model, [prefill], decodes, migration_limit=1)
+    with pytest.raises(NodeFailed, match="decode node decode-"):
+        run(lambda: collect(p, 30))
+    assert len(prefill.calls) == 2  # the first leg and one migration
+    assert sorted(prefill.released) == sorted(c.request_id for c in prefill.calls)
+
+
+def test_a_failed_prefill_is_retried_once_on_another_node(tiny_model: Path) -> None:
+    dead, alive = Prefill(error=grpc.StatusCode.UNAVAILABLE), Prefill()
+    p = make(tiny_model, [dead, alive], [Decode()])
+    p.router._nodes["prefill-0"].outstanding = -1
+    evs = run(lambda: collect(p, 6))
+    assert tokens(evs) == undisturbed(6) and evs[-1].prefill_node == "prefill-1"
+    assert len(dead.calls) == 1 and not p.router._nodes["prefill-0"].up
+
+
+def test_bad_input_reported_by_a_node_is_not_retried(tiny_model: Path) -> None:
+    bad = Prefill(error=grpc.StatusCode.INVALID_ARGUMENT)
+    p = make(tiny_model, [bad, Prefill()], [Decode()])
+    p.router._nodes["prefill-0"].outstanding = -1
+    with pytest.raises(TandemError) as info:
+        run(lambda: collect(p, 6))
+    assert info.value.grpc_code == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(bad.calls) == 1 and p.router._nodes["prefill-0"].up
+
+
+def test_requests_get_their_own_ids_whatever_the_client_sent(tiny_model: Path) -> None:
+    prefill = Prefill()
+    p = make(tiny_model, [prefill], [Decode()])
+
+    async def two() -> list[list]:
+        return list(await asyncio.gather(collect(p, 3, "same"), collect(p, 3, "same")))
+
+    run(two)
+    ids = [c.request_id for c in prefill.calls]
+    assert len(set(ids)) == 2 and not any(i.startswith("same") for i in ids)
+    req = p.prepare(request_id="same", text=None, token_ids=PROMPT, sampling=Sampling(max_tokens=2))
+    assert req.public_id == "same" and req.request_id != "same"
+
+
+class HangingPrefill(pb_grpc.PrefillNodeServicer):
+    """Accepts Prefill calls and never answers; its health service says SERVING throughout."""
+
+    async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+def test_a_node_that_accepts_a_call_but_never_answers_ends_it_with_deadline_exceeded(tiny_model: Path) -> None:
+    async def go() -> tuple[BaseException | None, float]:
+        server = await start_grpc("127.0.0.1", 0, "tandem.v1.PrefillNode",
+                                  lambda s: pb_grpc.add_PrefillNodeServicer_to_server(HangingPrefill(), s))
+        router = Router("tiny", pool_wait_s=2.0)
+        router.on_membership("prefill-0", NodeRecord("prefill-0", "prefill", f"127.0.0.1:{server.port}", "x:1",
+                                                     "tiny", 512))
+        p = Pipeline(router, TextCodec(str(tiny_model)), lambda: 512, "tiny",
+                     PipelineConfig(prefill_timeout_s=0.6, stall_s=0.2))
+        t0 = time.monotonic()
+        err = None
+        try:
+            await collect(p, 1)
+        except TandemError as exc:
+            err = exc
+        took = time.monotonic() - t0
+        await router.close()
+        await server.stop(0)
+        return err, took
+
+    err, took = asyncio.get_event_loop().run_until_complete(go())
+    assert isinstance(err, DeadlineExceeded) and err.grpc_code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "prefill node prefill-0" in str(err)
+    assert took < 10  # two attempts of 0.6 s and a probe between them, not a hang
