@@ -63,7 +63,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         nodes = [
             pb.NodeInfo(node_id=n.record.node_id, role=n.record.role, grpc_address=n.record.grpc_address,
                         kv_address=n.record.kv_address, model=n.record.model,
-                        outstanding=n.outstanding, served=n.served)
+                        outstanding=n.outstanding, served=n.served, draining=n.record.draining, down=not n.up)
             for n in sorted(self.pipeline.router.nodes(), key=lambda n: (n.record.role, n.record.node_id))
         ]
         return pb.ClusterStatusResponse(cluster=self.cluster, model=self.pipeline.served_model, nodes=nodes)

@@ -16,8 +16,8 @@ itself should leave routing.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 import grpc
 
@@ -55,29 +55,66 @@ def stream_ended_early(node: NodeClient) -> NodeCallFailed:
                                      "finish reason"), node, retryable=True, node_failed=True, cause="ended")
 
 
+_STREAM_END = object()
+
+
 class Watchdog:
     def __init__(self, router: Router, stall_s: float) -> None:
         self.router = router
         self.stall_s = stall_s
 
-    async def wait(self, step: Awaitable[T], node: NodeClient) -> T:
-        """Await one step of a call (a unary answer, the next stream message).
-
-        Every ``stall_s`` without a result the node's health is probed; if it does not
-        answer SERVING, the step is abandoned as stalled."""
-        task = asyncio.ensure_future(step)
+    async def wait(self, call: Awaitable[T], node: NodeClient) -> T:
+        """Await a unary call. Every ``stall_s`` without an answer the node's health is
+        probed; if it does not answer SERVING, the call is abandoned as stalled."""
+        task = asyncio.ensure_future(call)
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=self.stall_s)
                 if done:
                     return task.result()
-                if not await self.router.check(node):
-                    raise NodeCallFailed(
-                        NodeFailed(f"{node.record.role} node {node.node_id} stopped answering: no progress for "
-                                   f"{self.stall_s:.1f} s and its health probe failed"),
-                        node, retryable=True, node_failed=True, cause="stalled")
+                await self._probe(node)
         except grpc.aio.AioRpcError as exc:
             raise call_failed(exc, node) from exc
         finally:
             if not task.done():
                 task.cancel()
+
+    async def stream(self, call: Any, node: NodeClient) -> AsyncIterator[Any]:
+        """The messages of a server-streaming call, watched the same way: a gap of ``stall_s``
+        between messages gets a health probe. One reader task per call feeds a queue, so the
+        per-message cost is a queue hand-off and a timer, not a task."""
+        queue: asyncio.Queue[object] = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                while (msg := await call.read()) is not grpc.aio.EOF:
+                    queue.put_nowait(msg)
+                queue.put_nowait(_STREAM_END)
+            except Exception as exc:  # handed to the consumer, which raises it
+                queue.put_nowait(exc)
+
+        reader = asyncio.ensure_future(pump())
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self.stall_s):
+                        item = await queue.get()
+                except TimeoutError:
+                    await self._probe(node)
+                    continue
+                if item is _STREAM_END:
+                    return
+                if isinstance(item, grpc.aio.AioRpcError):
+                    raise call_failed(item, node) from item
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            reader.cancel()
+
+    async def _probe(self, node: NodeClient) -> None:
+        if not await self.router.check(node):
+            raise NodeCallFailed(
+                NodeFailed(f"{node.record.role} node {node.node_id} stopped answering: no progress for "
+                           f"{self.stall_s:.1f} s and its health probe failed"),
+                node, retryable=True, node_failed=True, cause="stalled")

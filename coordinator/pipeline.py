@@ -329,11 +329,9 @@ class Pipeline:
                              sampling=to_proto(sampling, pb.SamplingParams), handle=handle),
             timeout=self._timeout(req, self.cfg.decode_timeout_s))
         try:
-            while True:
-                msg = await self.watch.wait(call.read(), node)
-                if msg is grpc.aio.EOF:
-                    return
-                yield msg
+            async with aclosing(self.watch.stream(call, node)) as messages:
+                async for msg in messages:
+                    yield msg
         finally:
             _cancel(call)
 

@@ -4,7 +4,8 @@ Policy for now: least outstanding requests (the coordinator's own count),
 ties broken by fewest served. SLO-aware admission and smarter routing build
 on this later.
 
-A node is routable while it is registered in etcd and not *down*. A failed
+A node is routable while it is registered in etcd, not draining (it finishes
+what it holds, then leaves) and not *down*. A failed
 call (refused connection, broken stream, a stall with a failed health probe)
 marks it down at once, long before its etcd lease runs out; a probe loop
 brings it back as soon as its health service answers SERVING again. When a
@@ -105,11 +106,11 @@ class Router:
     # picking ----------------------------------------------------------------
     def pick(self, role: str, avoid: set[str] = frozenset()) -> NodeClient:  # type: ignore[assignment]
         """The least loaded routable node of ``role``, preferring those not in ``avoid``."""
-        pool = [n for n in self.nodes(role) if n.up]
+        pool = [n for n in self.nodes(role) if n.up and not n.record.draining]
         if not pool:
             registered = len(self.nodes(role))
-            why = (f"its {registered} registered node(s) failed and have not answered since" if registered
-                   else f"the {role} pool is empty")
+            why = (f"its {registered} registered node(s) are draining or failed and have not answered since"
+                   if registered else f"the {role} pool is empty")
             raise Unavailable(f"no {role} node is available for model {self.model!r}: {why}")
         preferred = [n for n in pool if n.node_id not in avoid] or pool
         return min(preferred, key=lambda n: (n.outstanding, n.served, n.node_id))

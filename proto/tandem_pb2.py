@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/proto/tandem.proto\x12\ttandem.v1\"\x84\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x17\n\nmin_tokens\x18\x08 \x01(\x05H\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_min_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xa5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\r\n\x05model\x18\x05 \x01(\tB\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"x\n\x07Timings\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x02 \x01(\x01\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x04 \x01(\x01\x12\x14\n\x0cprefill_node\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65\x63ode_node\x18\x06 \x01(\t\"\x87\x01\n\x06\x46inish\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.tandem.v1.Usage\x12#\n\x07timings\x18\x03 \x01(\x0b\x32\x12.tandem.v1.Timings\x12\x13\n\x0bstop_reason\x18\x04 \x01(\t\x12\x12\n\nmigrations\x18\x05 \x01(\x05\"j\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12!\n\x06\x66inish\x18\x04 \x01(\x0b\x32\x11.tandem.v1.Finish\"\x16\n\x14\x43lusterStatusRequest\"\x87\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x12\n\nkv_address\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x13\n\x0boutstanding\x18\x06 \x01(\x05\x12\x0e\n\x06served\x18\x07 \x01(\x03\"[\n\x15\x43lusterStatusResponse\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x05nodes\x18\x03 \x03(\x0b\x32\x13.tandem.v1.NodeInfo\"\x88\x01\n\x08KVHandle\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x19\n\x11remote_request_id\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x12\x16\n\x0elease_deadline\x18\x06 \x01(\x01\"|\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x0f\n\x07hold_kv\x18\x04 \x01(\x08\"\x90\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12#\n\x06handle\x18\x03 \x01(\x0b\x32\x13.tandem.v1.KVHandle\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\x05\x12\x11\n\tprefill_s\x18\x05 \x01(\x01\"I\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x06handle\x18\x02 \x01(\x0b\x32\x13.tandem.v1.KVHandle\"\x11\n\x0fReleaseResponse\"\x8f\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12#\n\x06handle\x18\x04 \x01(\x0b\x32\x13.tandem.v1.KVHandle\"O\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x13\n\x0bstop_reason\x18\x03 \x01(\t2\xa8\x01\n\x0b\x43oordinator\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12R\n\rClusterStatus\x12\x1f.tandem.v1.ClusterStatusRequest\x1a .tandem.v1.ClusterStatusResponse2\x91\x01\n\x0bPrefillNode\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12@\n\x07Release\x12\x19.tandem.v1.ReleaseRequest\x1a\x1a.tandem.v1.ReleaseResponse2M\n\nDecodeNode\x12?\n\x06\x44\x65\x63ode\x12\x18.tandem.v1.DecodeRequest\x1a\x19.tandem.v1.DecodeResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/proto/tandem.proto\x12\ttandem.v1\"\x84\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x17\n\nmin_tokens\x18\x08 \x01(\x05H\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_min_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xa5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\r\n\x05model\x18\x05 \x01(\tB\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"x\n\x07Timings\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x02 \x01(\x01\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x04 \x01(\x01\x12\x14\n\x0cprefill_node\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65\x63ode_node\x18\x06 \x01(\t\"\x87\x01\n\x06\x46inish\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.tandem.v1.Usage\x12#\n\x07timings\x18\x03 \x01(\x0b\x32\x12.tandem.v1.Timings\x12\x13\n\x0bstop_reason\x18\x04 \x01(\t\x12\x12\n\nmigrations\x18\x05 \x01(\x05\"j\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12!\n\x06\x66inish\x18\x04 \x01(\x0b\x32\x11.tandem.v1.Finish\"\x16\n\x14\x43lusterStatusRequest\"\xa7\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x12\n\nkv_address\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x13\n\x0boutstanding\x18\x06 \x01(\x05\x12\x0e\n\x06served\x18\x07 \x01(\x03\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\x0c\n\x04\x64own\x18\t \x01(\x08\"[\n\x15\x43lusterStatusResponse\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x05nodes\x18\x03 \x03(\x0b\x32\x13.tandem.v1.NodeInfo\"\x88\x01\n\x08KVHandle\x12\x11\n\tengine_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x19\n\x11remote_request_id\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x12\x16\n\x0elease_deadline\x18\x06 \x01(\x01\"|\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x0f\n\x07hold_kv\x18\x04 \x01(\x08\"\x90\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12#\n\x06handle\x18\x03 \x01(\x0b\x32\x13.tandem.v1.KVHandle\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\x05\x12\x11\n\tprefill_s\x18\x05 \x01(\x01\"I\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x06handle\x18\x02 \x01(\x0b\x32\x13.tandem.v1.KVHandle\"\x11\n\x0fReleaseResponse\"\x8f\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12#\n\x06handle\x18\x04 \x01(\x0b\x32\x13.tandem.v1.KVHandle\"O\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x13\n\x0bstop_reason\x18\x03 \x01(\t2\xa8\x01\n\x0b\x43oordinator\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12R\n\rClusterStatus\x12\x1f.tandem.v1.ClusterStatusRequest\x1a .tandem.v1.ClusterStatusResponse2\x91\x01\n\x0bPrefillNode\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12@\n\x07Release\x12\x19.tandem.v1.ReleaseRequest\x1a\x1a.tandem.v1.ReleaseResponse2M\n\nDecodeNode\x12?\n\x06\x44\x65\x63ode\x12\x18.tandem.v1.DecodeRequest\x1a\x19.tandem.v1.DecodeResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,27 +48,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLUSTERSTATUSREQUEST']._serialized_start=923
   _globals['_CLUSTERSTATUSREQUEST']._serialized_end=945
   _globals['_NODEINFO']._serialized_start=948
-  _globals['_NODEINFO']._serialized_end=1083
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=1085
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=1176
-  _globals['_KVHANDLE']._serialized_start=1179
-  _globals['_KVHANDLE']._serialized_end=1315
-  _globals['_PREFILLREQUEST']._serialized_start=1317
-  _globals['_PREFILLREQUEST']._serialized_end=1441
-  _globals['_PREFILLRESPONSE']._serialized_start=1444
-  _globals['_PREFILLRESPONSE']._serialized_end=1588
-  _globals['_RELEASEREQUEST']._serialized_start=1590
-  _globals['_RELEASEREQUEST']._serialized_end=1663
-  _globals['_RELEASERESPONSE']._serialized_start=1665
-  _globals['_RELEASERESPONSE']._serialized_end=1682
-  _globals['_DECODEREQUEST']._serialized_start=1685
-  _globals['_DECODEREQUEST']._serialized_end=1828
-  _globals['_DECODERESPONSE']._serialized_start=1830
-  _globals['_DECODERESPONSE']._serialized_end=1909
-  _globals['_COORDINATOR']._serialized_start=1912
-  _globals['_COORDINATOR']._serialized_end=2080
-  _globals['_PREFILLNODE']._serialized_start=2083
-  _globals['_PREFILLNODE']._serialized_end=2228
-  _globals['_DECODENODE']._serialized_start=2230
-  _globals['_DECODENODE']._serialized_end=2307
+  _globals['_NODEINFO']._serialized_end=1115
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=1117
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=1208
+  _globals['_KVHANDLE']._serialized_start=1211
+  _globals['_KVHANDLE']._serialized_end=1347
+  _globals['_PREFILLREQUEST']._serialized_start=1349
+  _globals['_PREFILLREQUEST']._serialized_end=1473
+  _globals['_PREFILLRESPONSE']._serialized_start=1476
+  _globals['_PREFILLRESPONSE']._serialized_end=1620
+  _globals['_RELEASEREQUEST']._serialized_start=1622
+  _globals['_RELEASEREQUEST']._serialized_end=1695
+  _globals['_RELEASERESPONSE']._serialized_start=1697
+  _globals['_RELEASERESPONSE']._serialized_end=1714
+  _globals['_DECODEREQUEST']._serialized_start=1717
+  _globals['_DECODEREQUEST']._serialized_end=1860
+  _globals['_DECODERESPONSE']._serialized_start=1862
+  _globals['_DECODERESPONSE']._serialized_end=1941
+  _globals['_COORDINATOR']._serialized_start=1944
+  _globals['_COORDINATOR']._serialized_end=2112
+  _globals['_PREFILLNODE']._serialized_start=2115
+  _globals['_PREFILLNODE']._serialized_end=2260
+  _globals['_DECODENODE']._serialized_start=2262
+  _globals['_DECODENODE']._serialized_end=2339
 # @@protoc_insertion_point(module_scope)

@@ -101,12 +101,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"tandem status: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     print(f"cluster {st.cluster}  model {st.model}")
-    print(f"{'ROLE':8} {'NODE':24} {'GRPC':22} {'KV':22} {'OUTSTANDING':>11} {'SERVED':>8}")
+    print(f"{'ROLE':8} {'NODE':24} {'GRPC':22} {'KV':22} {'STATE':9} {'OUTSTANDING':>11} {'SERVED':>8}")
     for n in st.nodes:
-        print(f"{n.role:8} {n.node_id:24} {n.grpc_address:22} {n.kv_address:22} {n.outstanding:>11} {n.served:>8}")
+        state = "down" if n.down else "draining" if n.draining else "up"
+        print(f"{n.role:8} {n.node_id:24} {n.grpc_address:22} {n.kv_address:22} {state:9} {n.outstanding:>11} "
+              f"{n.served:>8}")
     if not st.nodes:
         print("(no nodes registered)")
     return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    from .drain import drain_node
+
+    return asyncio.run(drain_node(args.node_id, args.etcd, args.cluster, args.grace_s, wait=not args.no_wait))
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
@@ -165,6 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="show the cluster's nodes and their load")
     st.add_argument("--target", default=DEFAULT_COORDINATOR)
     st.set_defaults(fn=cmd_status)
+
+    dr = sub.add_parser("drain", help="let a node finish its work, take no new work, and exit")
+    dr.add_argument("node_id")
+    dr.add_argument("--etcd", default=os.environ.get("TANDEM_ETCD", ""), help="etcd URL (TANDEM_ETCD)")
+    dr.add_argument("--cluster", default=os.environ.get("TANDEM_CLUSTER", "default"))
+    dr.add_argument("--grace-s", type=float, default=60.0, help="at most this long to finish what it holds")
+    dr.add_argument("--no-wait", action="store_true", help="ask, and do not wait for the node to leave")
+    dr.set_defaults(fn=cmd_drain)
+
+    from .chaos import add_chaos_args, cmd_chaos
+
+    ch = sub.add_parser("chaos", help="inject faults into a local cluster under load; report what was kept")
+    add_chaos_args(ch)
+    ch.set_defaults(fn=cmd_chaos)
 
     be = sub.add_parser("bench", help="measure serving performance")
     bsub = be.add_subparsers(dest="bench_cmd", required=True)

@@ -2,7 +2,9 @@
 
 `tandem up` and the end-to-end tests both use it. Each daemon is a child
 process (`python -m tandem.cli <role> ...`) whose output goes to a log file;
-it is ready when it prints its TANDEM_READY line.
+it is ready when it prints its TANDEM_READY line. With ``supervise`` on, a
+Supervisor restarts whatever dies or stops answering (etcd included) while
+the rest keeps serving.
 """
 
 from __future__ import annotations
@@ -15,12 +17,17 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .etcd_server import LocalEtcd
 from .netutil import free_port
 from .nodeconfig import core_spec
+from .supervisor import Event, Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +46,9 @@ class Daemon:
     ready: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
+        """Start the process (again, after a kill: the same command line, a fresh READY line)."""
+        self.ready.clear()
+        self.info = {}
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=env, start_new_session=True)
@@ -64,6 +74,31 @@ class Daemon:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def is_ready(self) -> bool:
+        return self.ready.is_set()
+
+    def healthy(self, timeout_s: float = 2.0) -> bool:
+        """The daemon's gRPC health service answers SERVING within ``timeout_s``."""
+        address = self.info.get("grpc")
+        if not address:
+            return False
+        with grpc.insecure_channel(address) as ch:
+            try:
+                resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+            except grpc.RpcError:
+                return False
+        return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (vLLM's engine processes too) and reap it."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
 
     def signal(self, sig: int) -> None:
         if self.alive():
@@ -134,18 +169,22 @@ class ClusterSpec:
     http_port: int = 0
     log_dir: str = ""
     extra_node_args: list[str] = field(default_factory=list)
+    extra_coordinator_args: list[str] = field(default_factory=list)
     cores: list[str] = field(default_factory=list)  # per node, prefill nodes first; empty: dealt out
+    supervise: bool = False  # restart daemons that die or stop answering (tandem up: on)
 
 
 class LocalCluster:
-    def __init__(self, spec: ClusterSpec) -> None:
+    def __init__(self, spec: ClusterSpec, on_event: Callable[[Event], None] | None = None) -> None:
         self.spec = spec
+        self.on_event = on_event
         self.log_dir = Path(spec.log_dir or tempfile.mkdtemp(prefix="tandem-run-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.etcd: LocalEtcd | None = None
         self.etcd_url = spec.etcd
         self.coordinator: Daemon | None = None
         self.nodes: list[Daemon] = []
+        self.supervisor: Supervisor | None = None
 
     # endpoints --------------------------------------------------------------
     @property
@@ -176,7 +215,8 @@ class LocalCluster:
                 "coordinator", "coordinator",
                 self._cli("coordinator", *common, "--grpc-port", str(s.grpc_port or free_port(s.host)),
                           "--http-port", str(s.http_port or free_port(s.host)),
-                          *(["--max-model-len", str(s.max_model_len)] if s.max_model_len else [])),
+                          *(["--max-model-len", str(s.max_model_len)] if s.max_model_len else []),
+                          *s.extra_coordinator_args),
                 self.log_dir / "coordinator.log")
             self.coordinator.start()
             plan = s.cores or core_plan(s.num_prefill, s.num_decode)
@@ -196,12 +236,21 @@ class LocalCluster:
             deadline = time.monotonic() + timeout_s
             for d in [self.coordinator, *self.nodes]:
                 d.wait_ready(deadline)
+            if s.supervise:
+                self.supervisor = Supervisor(self.daemons, on_event=self.on_event).start()
         except BaseException:
             self.stop()
             raise
         return self
 
+    def daemons(self) -> list[Daemon | LocalEtcd]:
+        """Everything this cluster runs, etcd first (when it is this cluster's own)."""
+        out: list[Daemon | LocalEtcd] = [self.etcd] if self.etcd is not None else []
+        return out + ([self.coordinator] if self.coordinator is not None else []) + self.nodes
+
     def stop(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
         for d in self.nodes:
             d.signal(signal.SIGTERM)
         for d in self.nodes:

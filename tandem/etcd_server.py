@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from .netutil import free_port
@@ -35,6 +37,8 @@ def etcd_binary() -> str:
 class LocalEtcd:
     """An etcd process with a temporary data dir; ``url`` is its client URL."""
 
+    name = "etcd"
+
     def __init__(self, host: str = "127.0.0.1", client_port: int = 0, peer_port: int = 0) -> None:
         self.host = host
         self.client_port = client_port or free_port(host)
@@ -44,6 +48,7 @@ class LocalEtcd:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 20.0) -> LocalEtcd:
+        """Start it (again: a restart keeps the data dir, so registrations survive as etcd's do)."""
         cmd = [
             etcd_binary(), "--name", "tandem", "--data-dir", self._dir,
             "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
@@ -52,8 +57,8 @@ class LocalEtcd:
             "--initial-cluster", f"tandem=http://{self.host}:{self.peer_port}",
             "--log-level", "warn",
         ]
-        log = open(os.path.join(self._dir, "etcd.log"), "wb")
-        self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(os.path.join(self._dir, "etcd.log"), "ab") as log:
+            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -66,6 +71,35 @@ class LocalEtcd:
                 time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"etcd did not start listening on {self.url} within {timeout_s:.0f} s")
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def is_ready(self) -> bool:
+        return self.alive()  # start() returns only once it listens
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            assert self._proc is not None
+            self._proc.send_signal(sig)
+
+    def healthy(self, timeout_s: float = 2.0) -> bool:
+        """etcd's own /health says so within ``timeout_s``."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=timeout_s) as r:
+                return bool(json.loads(r.read()).get("health") == "true")
+        except (OSError, ValueError):
+            return False
+
+    def kill(self) -> None:
+        """Stop the process at once, keeping the data dir (for a restart)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:

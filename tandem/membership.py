@@ -37,6 +37,7 @@ class NodeRecord:
     layout: dict[str, object] = field(default_factory=dict)
     version: str = ""
     engine_id: str = ""  # new with every process start; KV handles name it
+    draining: bool = False  # finishing what it holds; takes no new work
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -53,6 +54,12 @@ def nodes_prefix(cluster: str) -> bytes:
 
 def node_key(cluster: str, role: str, node_id: str) -> bytes:
     return f"/tandem/{cluster}/nodes/{role}/{node_id}".encode()
+
+
+def drain_key(cluster: str, node_id: str) -> bytes:
+    """Where `tandem drain` asks a node to drain: JSON {engine_id, grace_s}. The engine id
+    names the process asked, so a node restarted after its drain is not drained again."""
+    return f"/tandem/{cluster}/drain/{node_id}".encode()
 
 
 def etcd_client(url: str) -> aetcd.Client:
@@ -78,6 +85,29 @@ class Registration:
         await self._register()
         self._task = asyncio.create_task(self._keepalive(), name="etcd-keepalive")
         logger.info("registered %s in etcd (lease TTL %d s)", self.key.decode(), self._ttl_s)
+
+    async def update(self, record: NodeRecord) -> None:
+        """Replace the registered record (same key, same lease)."""
+        self.record = record
+        if self._lease is not None:
+            await self._client.put(self.key, record.to_json(), lease=self._lease)
+
+    async def drain_requested(self, cluster: str) -> float | None:
+        """The grace period `tandem drain` asked this node's engine for, or None."""
+        raw = await self._client.get(drain_key(cluster, self.record.node_id))
+        if raw is None:
+            return None
+        try:
+            ask = json.loads(raw.value)
+            if ask.get("engine_id") != self.record.engine_id:
+                return None  # meant for an earlier process of this node
+            return float(ask.get("grace_s", 30.0))
+        except (ValueError, TypeError, AttributeError):
+            logger.warning("ignoring a malformed drain request for %s", self.record.node_id)
+            return None
+
+    async def clear_drain(self, cluster: str) -> None:
+        await self._client.delete(drain_key(cluster, self.record.node_id))
 
     async def _register(self) -> None:
         self._lease = None

@@ -35,6 +35,7 @@ class NodeConfig:
     max_num_seqs: int = 64
     enable_prefix_caching: bool = True
     kv_load_failure_policy: str = "fail"
+    drain_grace_s: float = 30.0
 
     def finish(self) -> NodeConfig:
         """Fill derived defaults and check everything; raise ValueError with a clear message."""
@@ -52,6 +53,8 @@ class NodeConfig:
             raise ValueError(f"--kv-cache-gib must be positive, got {self.kv_cache_gib}")
         if self.lease_s <= 0 or self.ttl_s <= 0:
             raise ValueError("--kv-lease-s and --ttl-s must be positive")
+        if self.drain_grace_s < 0:
+            raise ValueError(f"--drain-grace-s must be >= 0, got {self.drain_grace_s}")
         if self.cores:
             wanted = parse_cores(self.cores)
             missing = wanted - set(os.sched_getaffinity(0))
@@ -121,6 +124,8 @@ def add_node_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kv-lease-s", dest="lease_s", type=float, default=float(_env("kv_lease_s", 30.0)))  # type: ignore[arg-type]
     ap.add_argument("--ttl-s", type=int, default=int(_env("ttl_s", DEFAULT_TTL_S)))  # type: ignore[arg-type]
     ap.add_argument("--max-num-seqs", type=int, default=int(_env("max_num_seqs", 64)))  # type: ignore[arg-type]
+    ap.add_argument("--drain-grace-s", type=float, default=float(_env("drain_grace_s", 30.0)),  # type: ignore[arg-type]
+                    help="on SIGTERM, how long to finish what the node holds before it exits")
     ap.add_argument("--kv-load-failure-policy", default=_env("kv_load_failure_policy", "fail"),
                     help="decode nodes, when a request's KV cannot be fetched: fail (that request ends with "
                          "ABORTED and the coordinator prefills it again elsewhere) | recompute (prefill it here)")

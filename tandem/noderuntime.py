@@ -1,24 +1,29 @@
 """What every node daemon does around its servicer: engine, gRPC server, metrics, etcd, shutdown.
 
-A node ends one of two ways. SIGINT/SIGTERM: it deregisters, stops serving and
-exits 0. Its engine dies: its health service says NOT_SERVING at once, it
-deregisters (the coordinator stops routing to it and moves what it held), and
-the daemon exits with ENGINE_DEAD_EXIT so that its supervisor restarts it.
+A node ends one of two ways. Drained (SIGINT/SIGTERM, or `tandem drain`): it
+marks its record draining (coordinators stop sending it work), finishes what it
+holds (requests in flight, KV blocks held for a fetch) within the grace period,
+deregisters and exits 0; a second signal cuts the wait short. Its engine dies:
+its health service says NOT_SERVING at once, it deregisters (the coordinator
+stops routing to it and moves what it held), and the daemon exits with
+ENGINE_DEAD_EXIT so that its supervisor restarts it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 
 import grpc
-from prometheus_client import start_http_server
+from prometheus_client import REGISTRY, start_http_server
 
 from . import __version__
 from .engine import EngineHost
-from .grpcserve import start_grpc, wait_for_stop_signal
+from .grpcserve import StopSignals, start_grpc
 from .membership import NodeRecord, Registration
 from .netutil import reserve_port
 from .nodeconfig import NodeConfig
@@ -26,6 +31,13 @@ from .nodeconfig import NodeConfig
 logger = logging.getLogger(__name__)
 
 ENGINE_DEAD_EXIT = 3
+# What a node still holds: while any of these is above 0, a drain waits.
+BUSY_METRICS = ("tandem_prefill_inflight", "tandem_decode_inflight", "tandem_kv_blocks_held")
+
+
+def work_held() -> float:
+    """Requests in flight plus KV blocks held here, from this process's own metrics."""
+    return sum(s.value for fam in REGISTRY.collect() for s in fam.samples if s.name in BUSY_METRICS)
 
 
 async def run_node(cfg: NodeConfig, service_name: str,
@@ -62,11 +74,17 @@ async def run_node(cfg: NodeConfig, service_name: str,
     print(f"TANDEM_READY role={cfg.role} node_id={cfg.node_id} grpc={record.grpc_address} "
           f"kv={kv_address} metrics={metrics_address}", flush=True)
 
-    stop = asyncio.ensure_future(wait_for_stop_signal())
+    signals = StopSignals()
+    asked = asyncio.ensure_future(_drain_asked(registration, cfg))
+    stop = asyncio.ensure_future(signals.first.wait())
     died = asyncio.ensure_future(engine.wait_until_dead())
     code = 0
     try:
-        await asyncio.wait({stop, died}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({stop, asked, died}, return_when=asyncio.FIRST_COMPLETED)
+        if not died.done():
+            grace_s = asked.result() if asked.done() else cfg.drain_grace_s
+            why = "tandem drain" if asked.done() else "a stop signal"
+            await _drain(registration, grace_s, why, signals, died)
         if died.done():
             code = ENGINE_DEAD_EXIT
             logger.error("%s node %s: the vLLM engine died; leaving the cluster and exiting with code %d so "
@@ -75,10 +93,57 @@ async def run_node(cfg: NodeConfig, service_name: str,
         else:
             logger.info("shutting down %s node %s", cfg.role, cfg.node_id)
     finally:
-        stop.cancel()
-        died.cancel()
+        for t in (stop, asked, died):
+            t.cancel()
+        if asked.done() and not asked.cancelled() and asked.exception() is None:
+            await _quietly(registration.clear_drain(cfg.cluster))
         await registration.close()
         await grpc_server.stop()
         httpd.shutdown()
         engine.shutdown()
     return code
+
+
+async def _drain_asked(registration: Registration, cfg: NodeConfig, every_s: float = 1.0) -> float:
+    """Return the grace period once `tandem drain` asked this node (this process) to drain."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            grace_s = await registration.drain_requested(cfg.cluster)
+        except Exception as exc:  # etcd unreachable: ask again later
+            logger.debug("could not read drain requests: %s", exc)
+            continue
+        if grace_s is not None:
+            return grace_s
+
+
+async def _drain(registration: Registration, grace_s: float, why: str, signals: StopSignals,
+                 died: asyncio.Future[None]) -> None:
+    """Take no new work; wait (at most ``grace_s``) until what the node holds is done."""
+    node_id = registration.record.node_id
+    logger.info("draining %s (asked by %s): no new work; finishing what it holds (grace %.0f s)", node_id, why,
+                grace_s)
+    await _quietly(registration.update(replace(registration.record, draining=True)))
+    t0 = time.monotonic()
+    last_report = t0
+    while (held := work_held()) > 0:
+        now = time.monotonic()
+        if now - t0 > grace_s:
+            logger.warning("drain of %s: grace period over with %.0f requests and KV blocks still held", node_id,
+                           held)
+            return
+        if signals.again.is_set() or died.done():
+            logger.warning("drain of %s cut short with %.0f requests and KV blocks still held", node_id, held)
+            return
+        if now - last_report > 5:
+            logger.info("drain of %s: %.0f requests and KV blocks still held", node_id, held)
+            last_report = now
+        await asyncio.sleep(0.1)
+    logger.info("drain of %s done in %.1f s", node_id, time.monotonic() - t0)
+
+
+async def _quietly(aw: object) -> None:
+    try:
+        await aw  # type: ignore[misc]
+    except Exception as exc:
+        logger.warning("etcd: %s", exc)

@@ -1,0 +1,158 @@
+"""Keeps a local cluster's daemons running, the way Kubernetes keeps pods running.
+
+Each daemon (etcd included) is probed every ``probe_every_s``: its process
+must be alive and its health must answer within ``probe_timeout_s`` (gRPC
+health for Tandem's daemons, /health for etcd). A daemon that exited, or that
+failed ``failures_to_restart`` probes in a row (a frozen or wedged process),
+is killed and started again after a backoff that doubles with each restart
+that did not last (``min_backoff_s``, 1 s, up to ``max_backoff_s``, 30 s). The rest of the cluster keeps
+serving meanwhile. Every action is an ``Event``: the chaos harness reads
+them, `tandem up` prints them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+logger = logging.getLogger(__name__)
+
+# A restart that then runs this long counts as healthy: the next failure starts the backoff afresh.
+STABLE_AFTER_S = 60.0
+
+
+class Supervised(Protocol):
+    name: str
+
+    def alive(self) -> bool: ...
+
+    def healthy(self, timeout_s: float) -> bool: ...
+
+    def start(self) -> object: ...
+
+    def kill(self) -> None: ...
+
+    def is_ready(self) -> bool: ...
+
+
+@dataclass
+class Event:
+    at: float  # time.time()
+    daemon: str
+    what: str  # "exited" | "unresponsive" | "restarting" | "ready" | "start-failed"
+    detail: str = ""
+
+
+@dataclass
+class _State:
+    phase: str = "running"  # running | down | starting
+    failures: int = 0
+    backoff_s: float = 1.0
+    next_start: float = 0.0
+    started_at: float = 0.0
+    restarts: int = 0
+
+
+class Supervisor:
+    def __init__(self, daemons: Callable[[], list[Supervised]], *, probe_every_s: float = 1.0,
+                 probe_timeout_s: float = 2.0, failures_to_restart: int = 3, min_backoff_s: float = 1.0,
+                 max_backoff_s: float = 30.0,
+                 start_timeout_s: float = 300.0, on_event: Callable[[Event], None] | None = None) -> None:
+        self._daemons = daemons
+        self.probe_every_s = probe_every_s
+        self.probe_timeout_s = probe_timeout_s
+        self.failures_to_restart = failures_to_restart
+        self.min_backoff_s = min_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.start_timeout_s = start_timeout_s
+        self._on_event = on_event
+        self.events: list[Event] = []
+        self._states: dict[str, _State] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="tandem-supervisor", daemon=True)
+
+    def start(self) -> Supervisor:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(30)
+
+    def settled(self) -> bool:
+        """Every daemon running and ready, none waiting for a restart."""
+        daemons = self._daemons()
+        with self._lock:
+            phases = [self._states[d.name].phase if d.name in self._states else "running" for d in daemons]
+        return all(p == "running" for p in phases) and all(d.alive() and d.is_ready() for d in daemons)
+
+    def restarts(self, name: str) -> int:
+        with self._lock:
+            st = self._states.get(name)
+            return st.restarts if st else 0
+
+    def _emit(self, daemon: str, what: str, detail: str = "") -> None:
+        ev = Event(time.time(), daemon, what, detail)
+        with self._lock:
+            self.events.append(ev)
+        logger.warning("supervisor: %s %s %s", daemon, what, detail)
+        if self._on_event is not None:
+            self._on_event(ev)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.probe_every_s):
+            for d in self._daemons():
+                if self._stop.is_set():
+                    return
+                try:
+                    self._tend(d)
+                except Exception:  # one daemon's trouble must not stop the supervision of the others
+                    logger.exception("supervisor: tending %s failed", d.name)
+
+    def _tend(self, d: Supervised) -> None:
+        with self._lock:
+            st = self._states.setdefault(d.name, _State(started_at=time.monotonic(), backoff_s=self.min_backoff_s))
+        now = time.monotonic()
+        if st.phase == "running":
+            if not d.alive():
+                self._down(d, st, "exited", "")
+                return
+            if d.healthy(self.probe_timeout_s):
+                st.failures = 0
+                if now - st.started_at > STABLE_AFTER_S:
+                    st.backoff_s = self.min_backoff_s
+                return
+            st.failures += 1
+            if st.failures >= self.failures_to_restart:
+                d.kill()
+                self._down(d, st, "unresponsive", f"{st.failures} health probes failed in a row")
+        elif st.phase == "down":
+            if now >= st.next_start:
+                self._emit(d.name, "restarting", f"restart {st.restarts + 1}")
+                st.phase, st.started_at = "starting", now
+                st.restarts += 1
+                try:
+                    d.start()
+                except Exception as exc:
+                    self._down(d, st, "start-failed", str(exc))
+        elif st.phase == "starting":
+            if d.is_ready():
+                st.phase, st.failures = "running", 0
+                self._emit(d.name, "ready", f"after {now - st.started_at:.1f} s")
+            elif not d.alive():
+                self._down(d, st, "start-failed", "exited while starting")
+            elif now - st.started_at > self.start_timeout_s:
+                d.kill()
+                self._down(d, st, "start-failed", f"not ready in {self.start_timeout_s:.0f} s")
+
+    def _down(self, d: Supervised, st: _State, what: str, detail: str) -> None:
+        self._emit(d.name, what, detail)
+        st.phase, st.failures = "down", 0
+        st.next_start = time.monotonic() + st.backoff_s
+        st.backoff_s = min(st.backoff_s * 2, self.max_backoff_s)

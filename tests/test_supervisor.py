@@ -1,0 +1,93 @@
+"""The local supervisor against fake daemons: restarts on exit and on failed probes, with backoff."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from tandem.supervisor import Supervisor
+
+
+class FakeDaemon:
+    """Knobs: ``running`` (the process lives), ``answering`` (its health probe succeeds),
+    ``start_fails`` (the next starts raise)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.running = True
+        self.answering = True
+        self.start_fails = 0
+        self.starts = 0
+        self.kills = 0
+        self.changed = threading.Event()
+
+    def alive(self) -> bool:
+        return self.running
+
+    def healthy(self, timeout_s: float) -> bool:
+        return self.running and self.answering
+
+    def is_ready(self) -> bool:
+        return self.running
+
+    def start(self) -> None:
+        self.starts += 1
+        self.changed.set()
+        if self.start_fails:
+            self.start_fails -= 1
+            raise RuntimeError("port in use")
+        self.running, self.answering = True, True
+
+    def kill(self) -> None:
+        self.kills += 1
+        self.running = False
+
+
+def wait_for(pred, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_daemon_that_exits_is_restarted_and_the_others_are_left_alone() -> None:
+    a, b = FakeDaemon("prefill-0"), FakeDaemon("decode-0")
+    sup = Supervisor(lambda: [a, b], probe_every_s=0.02, max_backoff_s=0.2).start()
+    try:
+        a.running = False
+        wait_for(lambda: a.starts == 1 and a.running)
+        wait_for(lambda: any(e.daemon == "prefill-0" and e.what == "ready" for e in sup.events))
+        assert b.starts == 0 and b.kills == 0
+        assert [e.what for e in sup.events if e.daemon == "prefill-0"] == ["exited", "restarting", "ready"]
+        assert sup.restarts("prefill-0") == 1
+    finally:
+        sup.stop()
+
+
+def test_a_frozen_daemon_is_killed_after_failed_probes_and_restarted() -> None:
+    a = FakeDaemon("decode-1")
+    sup = Supervisor(lambda: [a], probe_every_s=0.02, failures_to_restart=3, max_backoff_s=0.2).start()
+    try:
+        a.answering = False
+        wait_for(lambda: a.kills == 1)
+        wait_for(lambda: a.starts == 1 and a.running)
+        unresponsive = [e for e in sup.events if e.what == "unresponsive"]
+        assert len(unresponsive) == 1 and "3 health probes failed" in unresponsive[0].detail
+    finally:
+        sup.stop()
+
+
+def test_failed_starts_back_off() -> None:
+    a = FakeDaemon("etcd")
+    a.start_fails = 3
+    sup = Supervisor(lambda: [a], probe_every_s=0.01, min_backoff_s=0.2, max_backoff_s=10.0).start()
+    try:
+        a.running = False
+        wait_for(lambda: a.running, timeout_s=30)
+        starts = [e.at for e in sup.events if e.what == "restarting"]
+        assert len(starts) == 4
+        gaps = [b - a for a, b in zip(starts, starts[1:])]
+        # 0.4 s, then 0.8 s, then 1.6 s between tries (give or take a probe period)
+        assert gaps[0] < gaps[1] < gaps[2] and gaps[2] > 1.4
+    finally:
+        sup.stop()
