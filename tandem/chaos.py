@@ -173,14 +173,22 @@ class Harness:
         want = {d.name for d in self.cluster.nodes}
         return {n.node_id for n in st.nodes if not n.down and not n.draining} == want
 
-    async def _recovery(self, fault_at: float) -> float | None:
-        """Seconds from the fault to a completed request with the membership reconverged."""
+    def _back(self, victim: str, since_wall: float) -> bool:
+        """The supervisor has seen the victim ready again since the fault."""
+        sup = self.cluster.supervisor
+        return sup is not None and any(e.daemon == victim and e.what == "ready" and e.at >= since_wall
+                                       for e in list(sup.events))
+
+    async def _recovery(self, fault_at: float, victim: str) -> float | None:
+        """Seconds from the fault to a completed request with the membership reconverged
+        (the victim restarted, every node registered, up and not draining)."""
         from tandem.proto import tandem_pb2_grpc as pb_grpc
 
         loop = asyncio.get_running_loop()
+        fault_wall = time.time() - (time.monotonic() - fault_at)
         deadline = fault_at + 300
         while time.monotonic() < deadline:
-            if await loop.run_in_executor(None, self._reconverged):
+            if self._back(victim, fault_wall) and await loop.run_in_executor(None, self._reconverged):
                 async with grpc.aio.insecure_channel(self.cluster.grpc_address, options=CHANNEL_OPTIONS) as ch:
                     probe = Outcome(-1, [7, 8, 9, 10], 4)
                     await _one(pb_grpc.CoordinatorStub(ch), probe, 0.0)
@@ -209,8 +217,9 @@ class Harness:
                     await asyncio.sleep(max(0.0, fault_s - (time.monotonic() - t0)))
                     victim = self._victim(target)
                     victim_name = getattr(victim, "name", "?")
+                    fault_at = time.monotonic()
                     await asyncio.get_running_loop().run_in_executor(None, self._inject, victim, action)
-                    recovery = asyncio.ensure_future(self._recovery(time.monotonic()))
+                    recovery = asyncio.ensure_future(self._recovery(fault_at, victim_name))
                     injected = True
                 await asyncio.sleep(max(0.0, arrival - (time.monotonic() - t0)))
                 tasks.append(asyncio.ensure_future(_one(stub, o, t0)))

@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from .etcd_server import LocalEtcd
 from .netutil import free_port
 from .nodeconfig import core_spec
-from .supervisor import Event, Supervisor
+from .supervisor import OK, REFUSED, SILENT, Event, Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -78,17 +78,18 @@ class Daemon:
     def is_ready(self) -> bool:
         return self.ready.is_set()
 
-    def healthy(self, timeout_s: float = 2.0) -> bool:
-        """The daemon's gRPC health service answers SERVING within ``timeout_s``."""
+    def probe(self, timeout_s: float = 2.0) -> str:
+        """One gRPC health check: supervisor.OK, REFUSED (not serving, or no server on the
+        port) or SILENT (no answer in ``timeout_s``: a frozen or wedged process)."""
         address = self.info.get("grpc")
         if not address:
-            return False
+            return REFUSED
         with grpc.insecure_channel(address) as ch:
             try:
                 resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
-            except grpc.RpcError:
-                return False
-        return resp.status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.RpcError as exc:
+                return SILENT if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else REFUSED
+        return OK if resp.status == health_pb2.HealthCheckResponse.SERVING else REFUSED
 
     def kill(self) -> None:
         """SIGKILL the whole process group (vLLM's engine processes too) and reap it."""

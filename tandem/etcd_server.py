@@ -10,6 +10,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -87,13 +88,18 @@ class LocalEtcd:
             assert self._proc is not None
             self._proc.send_signal(sig)
 
-    def healthy(self, timeout_s: float = 2.0) -> bool:
-        """etcd's own /health says so within ``timeout_s``."""
+    def probe(self, timeout_s: float = 2.0) -> str:
+        """etcd's own /health: "ok", "refused" (unhealthy, or not listening) or "silent"
+        (no answer in ``timeout_s``); the supervisor's vocabulary."""
         try:
             with urllib.request.urlopen(f"{self.url}/health", timeout=timeout_s) as r:
-                return bool(json.loads(r.read()).get("health") == "true")
+                return "ok" if json.loads(r.read()).get("health") == "true" else "refused"
+        except TimeoutError:
+            return "silent"
+        except urllib.error.URLError as exc:
+            return "silent" if isinstance(exc.reason, TimeoutError) else "refused"
         except (OSError, ValueError):
-            return False
+            return "refused"
 
     def kill(self) -> None:
         """Stop the process at once, keeping the data dir (for a restart)."""

@@ -3,9 +3,13 @@
 Each daemon (etcd included) is probed every ``probe_every_s``: its process
 must be alive and its health must answer within ``probe_timeout_s`` (gRPC
 health for Tandem's daemons, /health for etcd). A daemon that exited, or that
-failed ``failures_to_restart`` probes in a row (a frozen or wedged process),
-is killed and started again after a backoff that doubles with each restart
-that did not last (``min_backoff_s``, 1 s, up to ``max_backoff_s``, 30 s). The rest of the cluster keeps
+did not answer ``failures_to_restart`` probes in a row (a frozen or wedged
+process: the port takes the connection, nothing answers), is killed and
+started again after a backoff that doubles with each restart
+that did not last (``min_backoff_s``, 1 s, up to ``max_backoff_s``, 30 s).
+A daemon that answers but is not serving, or refuses the connection, is
+shutting down or busy starting its server: that is given ``refusals_to_restart``
+probes (30) before it counts as stuck, so a drained node can finish exiting. The rest of the cluster keeps
 serving meanwhile. Every action is an ``Event``: the chaos harness reads
 them, `tandem up` prints them.
 """
@@ -25,12 +29,18 @@ logger = logging.getLogger(__name__)
 STABLE_AFTER_S = 60.0
 
 
+OK, REFUSED, SILENT = "ok", "refused", "silent"  # what one probe found
+
+
 class Supervised(Protocol):
     name: str
 
     def alive(self) -> bool: ...
 
-    def healthy(self, timeout_s: float) -> bool: ...
+    def probe(self, timeout_s: float) -> str:
+        """OK (serving), REFUSED (answered, but not serving or refused the connection)
+        or SILENT (no answer within ``timeout_s``)."""
+        ...
 
     def start(self) -> object: ...
 
@@ -50,7 +60,8 @@ class Event:
 @dataclass
 class _State:
     phase: str = "running"  # running | down | starting
-    failures: int = 0
+    failures: int = 0  # silent probes in a row
+    refusals: int = 0  # refused probes in a row
     backoff_s: float = 1.0
     next_start: float = 0.0
     started_at: float = 0.0
@@ -59,13 +70,15 @@ class _State:
 
 class Supervisor:
     def __init__(self, daemons: Callable[[], list[Supervised]], *, probe_every_s: float = 1.0,
-                 probe_timeout_s: float = 2.0, failures_to_restart: int = 3, min_backoff_s: float = 1.0,
+                 probe_timeout_s: float = 2.0, failures_to_restart: int = 3, refusals_to_restart: int = 30,
+                 min_backoff_s: float = 1.0,
                  max_backoff_s: float = 30.0,
                  start_timeout_s: float = 300.0, on_event: Callable[[Event], None] | None = None) -> None:
         self._daemons = daemons
         self.probe_every_s = probe_every_s
         self.probe_timeout_s = probe_timeout_s
         self.failures_to_restart = failures_to_restart
+        self.refusals_to_restart = refusals_to_restart
         self.min_backoff_s = min_backoff_s
         self.max_backoff_s = max_backoff_s
         self.start_timeout_s = start_timeout_s
@@ -123,15 +136,20 @@ class Supervisor:
             if not d.alive():
                 self._down(d, st, "exited", "")
                 return
-            if d.healthy(self.probe_timeout_s):
-                st.failures = 0
+            found = d.probe(self.probe_timeout_s)
+            if found == OK:
+                st.failures = st.refusals = 0
                 if now - st.started_at > STABLE_AFTER_S:
                     st.backoff_s = self.min_backoff_s
                 return
-            st.failures += 1
-            if st.failures >= self.failures_to_restart:
+            if found == SILENT:
+                st.failures, st.refusals = st.failures + 1, 0
+            else:
+                st.failures, st.refusals = 0, st.refusals + 1
+            if st.failures >= self.failures_to_restart or st.refusals >= self.refusals_to_restart:
                 d.kill()
-                self._down(d, st, "unresponsive", f"{st.failures} health probes failed in a row")
+                self._down(d, st, "unresponsive", f"{max(st.failures, st.refusals)} health probes "
+                           f"{'unanswered' if st.failures else 'refused'} in a row")
         elif st.phase == "down":
             if now >= st.next_start:
                 self._emit(d.name, "restarting", f"restart {st.restarts + 1}")
@@ -143,7 +161,7 @@ class Supervisor:
                     self._down(d, st, "start-failed", str(exc))
         elif st.phase == "starting":
             if d.is_ready():
-                st.phase, st.failures = "running", 0
+                st.phase, st.failures, st.refusals = "running", 0, 0
                 self._emit(d.name, "ready", f"after {now - st.started_at:.1f} s")
             elif not d.alive():
                 self._down(d, st, "start-failed", "exited while starting")
@@ -153,6 +171,6 @@ class Supervisor:
 
     def _down(self, d: Supervised, st: _State, what: str, detail: str) -> None:
         self._emit(d.name, what, detail)
-        st.phase, st.failures = "down", 0
+        st.phase, st.failures, st.refusals = "down", 0, 0
         st.next_start = time.monotonic() + st.backoff_s
         st.backoff_s = min(st.backoff_s * 2, self.max_backoff_s)

@@ -24,8 +24,12 @@ class FakeDaemon:
     def alive(self) -> bool:
         return self.running
 
-    def healthy(self, timeout_s: float) -> bool:
-        return self.running and self.answering
+    def probe(self, timeout_s: float) -> str:
+        if not self.running:
+            return "refused"
+        return "ok" if self.answering else self.silence
+
+    silence = "silent"
 
     def is_ready(self) -> bool:
         return self.running
@@ -72,7 +76,7 @@ def test_a_frozen_daemon_is_killed_after_failed_probes_and_restarted() -> None:
         wait_for(lambda: a.kills == 1)
         wait_for(lambda: a.starts == 1 and a.running)
         unresponsive = [e for e in sup.events if e.what == "unresponsive"]
-        assert len(unresponsive) == 1 and "3 health probes failed" in unresponsive[0].detail
+        assert len(unresponsive) == 1 and "3 health probes unanswered" in unresponsive[0].detail
     finally:
         sup.stop()
 
@@ -89,5 +93,20 @@ def test_failed_starts_back_off() -> None:
         gaps = [b - a for a, b in zip(starts, starts[1:])]
         # 0.4 s, then 0.8 s, then 1.6 s between tries (give or take a probe period)
         assert gaps[0] < gaps[1] < gaps[2] and gaps[2] > 1.4
+    finally:
+        sup.stop()
+
+
+def test_a_daemon_that_refuses_probes_while_it_shuts_down_gets_time_to_exit() -> None:
+    a = FakeDaemon("prefill-1")
+    sup = Supervisor(lambda: [a], probe_every_s=0.02, failures_to_restart=3, refusals_to_restart=30,
+                     min_backoff_s=0.05).start()
+    try:
+        a.answering, a.silence = False, "refused"  # a drained node: server stopped, engine still exiting
+        time.sleep(0.3)  # ~15 probes: fewer than refusals_to_restart
+        assert a.kills == 0
+        a.running = False  # it exits by itself
+        wait_for(lambda: a.starts == 1)
+        assert [e.what for e in sup.events][:2] == ["exited", "restarting"]
     finally:
         sup.stop()
