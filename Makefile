@@ -9,7 +9,7 @@ up: setup
 	.venv/bin/tandem up $(ARGS)
 
 test: setup
-	.venv/bin/python -m pytest -ra $(ARGS)
+	.venv/bin/python -m pytest -ra --durations=25 $(ARGS)
 
 bench-kv: setup
 	.venv/bin/python -m tandem.bench.kv_transfer $(ARGS)

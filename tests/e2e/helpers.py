@@ -74,9 +74,9 @@ def registered_nodes(etcd_url: str, cluster: str = "default") -> set[str]:
     return asyncio.run(read())
 
 
-def child_pids(pid: int) -> list[int]:
-    """Direct children of a process (from /proc)."""
-    out = []
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (from /proc)."""
+    children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -85,8 +85,12 @@ def child_pids(pid: int) -> list[int]:
         except OSError:
             continue
         # The command name may hold spaces; the parent pid is the second field after it.
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            out.append(int(entry.name))
+        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
     return out
 
 

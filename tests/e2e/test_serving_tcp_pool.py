@@ -19,7 +19,7 @@ from tandem.cluster import ClusterSpec, Daemon, LocalCluster
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 
-from .helpers import child_pids, metric, process_name, reference_outputs, registered_nodes, scrape, wait_until
+from .helpers import descendants, metric, process_name, reference_outputs, registered_nodes, scrape, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -217,9 +217,9 @@ def test_killed_decode_node_mid_request_is_migrated(cluster: LocalCluster, stub,
 def test_a_node_whose_engine_dies_leaves_the_cluster_and_exits_nonzero(cluster: LocalCluster, stub) -> None:
     node = next(d for d in cluster.nodes if d.role == "decode" and d.alive())
     assert node.proc is not None
-    engines = [p for p in child_pids(node.proc.pid) if "EngineCore" in process_name(p) or
-               "multiprocessing" in process_name(p)]
-    assert engines, f"no engine process under {node.name}: {[process_name(p) for p in child_pids(node.proc.pid)]}"
+    below = descendants(node.proc.pid)[1:]
+    engines = [p for p in below if "EngineCore" in process_name(p) or "multiprocessing" in process_name(p)]
+    assert engines, f"no engine process under {node.name}: {[process_name(p) for p in below]}"
     for pid in engines:
         os.kill(pid, signal.SIGKILL)
     assert node.proc.wait(30) == 3  # ENGINE_DEAD_EXIT: the supervisor restarts it

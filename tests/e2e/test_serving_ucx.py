@@ -23,7 +23,7 @@ from tandem.netutil import free_port
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 
-from .helpers import metric, reference_outputs, scrape, wait_until
+from .helpers import descendants, metric, reference_outputs, scrape, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -400,23 +400,6 @@ def test_empty_pools_answer_unavailable(cluster: LocalCluster, tiny_model: Path,
         d.stop()
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
-
-
 def test_every_thread_of_a_node_stays_on_its_cores(cluster: LocalCluster) -> None:
     """The daemon, vLLM's engine-core process and its worker, every thread of each:
     a floating engine core steals the other pool's core (see cmd_node)."""
@@ -425,7 +408,7 @@ def test_every_thread_of_a_node_stays_on_its_cores(cluster: LocalCluster) -> Non
     for node in cluster.nodes:
         want = parse_cores(node.argv[node.argv.index("--cores") + 1])
         assert node.proc is not None
-        procs = _descendants(node.proc.pid)
+        procs = descendants(node.proc.pid)
         assert len(procs) >= 3, f"{node.name}: expected the daemon, an engine core and a worker, got {procs}"
         for pid in procs:
             for tid in Path(f"/proc/{pid}/task").iterdir():
