@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from tandem.errors import InvalidRequest
+from tandem.errors import DeadlineExceeded, InvalidRequest
 from tandem.logs import log_prompts_enabled
 from tandem.proto import tandem_pb2 as pb
 from tandem.sampling import Sampling, to_proto
@@ -274,6 +274,7 @@ class Pipeline:
 
     def _migrate_or_raise(self, req: Prepared, prog: _Progress, failed: NodeCallFailed, leg: int) -> None:
         """Go on to another leg when the failure allows it and the limit is not reached."""
+        self._raise_if_client_gave_up(req, failed)
         if failed.node_failed:
             self.router.mark_down(failed.node, str(failed.error))
         if not failed.retryable or leg >= self.cfg.migration_limit:
@@ -284,6 +285,13 @@ class Pipeline:
         m.MIGRATIONS.labels("decode", failed.cause).inc()
         logger.warning("request %s: migrating after %d tokens sent: %s", req.request_id, len(prog.sent),
                        failed.error)
+
+    @staticmethod
+    def _raise_if_client_gave_up(req: Prepared, failed: NodeCallFailed) -> None:
+        """A call cut short by the client's own deadline says nothing about the node: no retry,
+        no migration, the node stays in routing."""
+        if req.deadline is not None and time.perf_counter() >= req.deadline - 0.05:
+            raise DeadlineExceeded(f"the client's deadline passed ({failed.error})") from failed
 
     # node calls ---------------------------------------------------------------
     def _timeout(self, req: Prepared, limit_s: float) -> float:
@@ -307,6 +315,7 @@ class Pipeline:
                 with self.router.track(node):
                     resp = await self.watch.wait(call, node)
             except NodeCallFailed as failed:
+                self._raise_if_client_gave_up(req, failed)
                 if failed.node_failed:
                     self.router.mark_down(node, str(failed.error))
                 if attempt == 1 or not failed.retryable:

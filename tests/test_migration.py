@@ -283,3 +283,18 @@ def test_a_node_that_accepts_a_call_but_never_answers_ends_it_with_deadline_exce
     assert isinstance(err, DeadlineExceeded) and err.grpc_code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "prefill node prefill-0" in str(err)
     assert took < 10  # two attempts of 0.6 s and a probe between them, not a hang
+
+
+def test_a_call_cut_by_the_clients_own_deadline_blames_no_node(tiny_model: Path) -> None:
+    slow = Prefill(error=grpc.StatusCode.DEADLINE_EXCEEDED)
+    p = make(tiny_model, [slow, Prefill()], [Decode()])
+    p.router._nodes["prefill-0"].outstanding = -1
+
+    async def go() -> list:
+        req = p.prepare(request_id="", text=None, token_ids=PROMPT, sampling=Sampling(max_tokens=4), timeout_s=0.0)
+        return [ev async for ev in p.run(req)]
+
+    with pytest.raises(DeadlineExceeded, match="client's deadline"):
+        run(go)
+    assert len(slow.calls) == 1  # not retried elsewhere
+    assert p.router._nodes["prefill-0"].up
