@@ -98,9 +98,11 @@ class SchedulerSide:
             return False, None
         if p.get("tandem") == CONSUME and not p.get("_tandem_done"):
             # Aborted before its blocks were allocated: free the remote hold now.
-            handle = TransferHandle.from_params(p)
-            self._meta.releases.append(handle)
             p["_tandem_done"] = True
+            try:
+                self._meta.releases.append(TransferHandle.from_params(p))
+            except ValueError as exc:  # never raise inside vLLM's scheduler
+                logger.error("request %s: %s; nothing to release", request.request_id, exc)
             return False, None
         if p.get("tandem") != PRODUCE:
             return False, None

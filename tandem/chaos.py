@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import random
 import signal
 import subprocess
@@ -305,8 +306,8 @@ def run_scenarios(cluster: LocalCluster, scenarios: list[str], requests: int, ra
     return results
 
 
-def report(results: list[ScenarioResult], command: str) -> str:
-    lines = [
+def report(results: list[ScenarioResult], command: str, context: str) -> str:
+    lines = [context, "",
         "| scenario | victim | requests | completed | clear status | migrated | hung | lost | token mismatches "
         "| KV blocks held after | recovery s |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -350,7 +351,9 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         results = run_scenarios(cluster, names, args.requests, args.rate, args.seed, out)
     command = (f"tandem chaos --scenarios {','.join(names)} --requests {args.requests} --rate {args.rate} "
                f"--seed {args.seed}")
-    table = report(results, command)
+    context = (f"Run {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores, model {Path(model).name}, "
+               f"{args.requests} requests per scenario at {args.rate} req/s (seed {args.seed}).")
+    table = report(results, command, context)
     print(table)
     if args.report:
         Path(args.report).write_text(RELIABILITY_HEAD + table)
@@ -380,5 +383,13 @@ migrated requests whose tokens differ from an undisturbed replay (must be 0);
 nodes once the KV lease plus a margin is over (must be 0); *recovery* runs
 from the fault to the first request completed with the membership
 reconverged (it includes restarting the victim's vLLM engine).
+
+With one coordinator, killing or freezing it ends the streams it carried and
+refuses new ones until the supervisor has restarted it: those requests end
+UNAVAILABLE (a clear status, not a hang); clients that retry, or a second
+coordinator, would carry them. Not covered yet: cutting the KV path between a
+prefill and a decode node (it needs the KV plane over TCP through a proxy the
+harness can close; shared memory cannot be cut that way) and two coordinators
+on one etcd.
 
 """
