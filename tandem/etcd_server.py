@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from .netutil import free_port
+from .supervisor import OK, REFUSED, SILENT
 
 logger = logging.getLogger(__name__)
 
@@ -89,17 +90,17 @@ class LocalEtcd:
             self._proc.send_signal(sig)
 
     def probe(self, timeout_s: float = 2.0) -> str:
-        """etcd's own /health: "ok", "refused" (unhealthy, or not listening) or "silent"
-        (no answer in ``timeout_s``); the supervisor's vocabulary."""
+        """etcd's own /health: OK, REFUSED (unhealthy, or not listening) or SILENT (no answer
+        in ``timeout_s``), as the supervisor counts them."""
         try:
             with urllib.request.urlopen(f"{self.url}/health", timeout=timeout_s) as r:
-                return "ok" if json.loads(r.read()).get("health") == "true" else "refused"
+                return OK if json.loads(r.read()).get("health") == "true" else REFUSED
         except TimeoutError:
-            return "silent"
+            return SILENT
         except urllib.error.URLError as exc:
-            return "silent" if isinstance(exc.reason, TimeoutError) else "refused"
+            return SILENT if isinstance(exc.reason, TimeoutError) else REFUSED
         except (OSError, ValueError):
-            return "refused"
+            return REFUSED
 
     def kill(self) -> None:
         """Stop the process at once, keeping the data dir (for a restart)."""
