@@ -47,6 +47,8 @@ class _Hold:
 class HoldTable:
     """Requests whose blocks are held for a transfer; thread-safe."""
 
+    max_early_releases = 100_000  # releases remembered for holds that have not arrived (yet)
+
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._holds: dict[str, _Hold] = {}
@@ -80,6 +82,10 @@ class HoldTable:
             if self._holds.pop(req_id, None) is not None:
                 self._freed.add(req_id)
                 return True
+            if len(self._released_early) >= self.max_early_releases:
+                # Anyone who reaches the port can send releases for ids that never come:
+                # forget the oldest rather than grow without bound.
+                del self._released_early[next(iter(self._released_early))]
             self._released_early[req_id] = time.monotonic()
             return False
 

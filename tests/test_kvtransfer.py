@@ -57,6 +57,17 @@ def test_hold_table_release_ack_and_lease() -> None:
         t.get("zzz", wait_s=0.05)
 
 
+def test_releases_for_holds_that_never_come_are_bounded() -> None:
+    t = HoldTable()
+    t.max_early_releases = 3
+    for i in range(10):
+        assert t.release(f"ghost-{i}") is False
+    assert len(t._released_early) == 3
+    t.hold("ghost-9", [1], lease_s=30)  # the newest is still remembered: freed on arrival
+    t.hold("ghost-0", [2], lease_s=30)  # the oldest was forgotten: held until fetched or its lease ends
+    assert t.take_freed() == {"ghost-9"} and t.num_blocks_held() == 1
+
+
 def test_layout_mismatch_names_each_field() -> None:
     a = KVLayout(2, 32, 2, 64, "float32", (2, 32, 128))
     b = KVLayout(2, 16, 2, 64, "bfloat16", (2, 16, 128))
