@@ -16,7 +16,7 @@ itself should leave routing.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -46,13 +46,18 @@ class NodeCallFailed(Exception):
 def call_failed(exc: grpc.aio.AioRpcError, node: NodeClient) -> NodeCallFailed:
     code = exc.code()
     error = error_from_grpc(code, exc.details() or "", f"{node.record.role} node {node.node_id}")
-    return NodeCallFailed(error, node, retryable=code != grpc.StatusCode.INVALID_ARGUMENT,
-                          node_failed=code not in _NODE_FINE, cause=code.name.lower())
+    # DEADLINE_EXCEEDED is the call's own deadline running out on a node that kept answering its
+    # health probes (a silent one is caught as stalled first): slow, not dead. Retrying elsewhere
+    # would only pile the same work onto other nodes and stretch the bound the operator set.
+    final = code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return NodeCallFailed(error, node, retryable=not final, node_failed=code not in _NODE_FINE,
+                          cause=code.name.lower())
 
 
-def stream_ended_early(node: NodeClient) -> NodeCallFailed:
-    return NodeCallFailed(NodeFailed(f"{node.record.role} node {node.node_id} ended the stream without a "
-                                     "finish reason"), node, retryable=True, node_failed=True, cause="ended")
+def stream_ended_early(node: NodeClient, reason: str = "") -> NodeCallFailed:
+    how = f"ended the stream with finish reason {reason!r}" if reason else "ended the stream without a finish reason"
+    return NodeCallFailed(NodeFailed(f"{node.record.role} node {node.node_id} {how}"), node, retryable=True,
+                          node_failed=True, cause="ended")
 
 
 _STREAM_END = object()
@@ -63,14 +68,18 @@ class Watchdog:
         self.router = router
         self.stall_s = stall_s
 
-    async def wait(self, call: Awaitable[T], node: NodeClient) -> T:
+    async def wait(self, call: Awaitable[T], node: NodeClient, orphaned: Callable[[T], None] | None = None) -> T:
         """Await a unary call. Every ``stall_s`` without an answer the node's health is
-        probed; if it does not answer SERVING, the call is abandoned as stalled."""
+        probed; if it does not answer SERVING, the call is abandoned as stalled. An answer
+        that came but was never returned (the caller was cancelled meanwhile) goes to
+        ``orphaned``, so that what it holds can be given back."""
         task = asyncio.ensure_future(call)
+        returned = False
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=self.stall_s)
                 if done:
+                    returned = True
                     return task.result()
                 await self._probe(node)
         except grpc.aio.AioRpcError as exc:
@@ -78,6 +87,8 @@ class Watchdog:
         finally:
             if not task.done():
                 task.cancel()
+            elif not returned and orphaned is not None and not task.cancelled() and task.exception() is None:
+                orphaned(task.result())
 
     async def stream(self, call: Any, node: NodeClient) -> AsyncIterator[Any]:
         """The messages of a server-streaming call, watched the same way: a gap of ``stall_s``

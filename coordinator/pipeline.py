@@ -37,6 +37,7 @@ from .textcodec import Detokenizer, TextCodec
 logger = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 1 << 20
+FINISHED = ("length", "stop")  # the finish reasons that end a request; any other is the node's failure
 MAX_REQUEST_ID_CHARS = 128
 
 
@@ -187,11 +188,14 @@ class Pipeline:
         m.PROMPT_TOKENS.inc(len(req.prompt_ids))
         status = "error"
         try:
-            async for ev in self._serve(req):
-                if isinstance(ev, FinishEvent):
-                    status = ev.reason
-                yield ev
-        except asyncio.CancelledError:
+            # aclosing: a client that goes away closes _serve here and now (its decode call is
+            # cancelled, its KV hold released), not whenever the generator is collected.
+            async with aclosing(self._serve(req)) as events:
+                async for ev in events:
+                    if isinstance(ev, FinishEvent):
+                        status = ev.reason
+                    yield ev
+        except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
             raise
         finally:
@@ -218,6 +222,10 @@ class Pipeline:
                 if leg == 0:
                     m.QUEUE.observe(time.perf_counter() - req.received)
                 pre, pnode = await self._prefill(req, context, left, hold_kv=dnode is not None, leg=leg)
+                if dnode is not None and (not dnode.up or dnode.record.draining):
+                    # It failed or began draining while the prompt was prefilled; the handle
+                    # serves any decode node.
+                    dnode = legs_end.enter_context(self.router.track(await self.router.acquire("decode", avoid)))
                 handle = pre.handle if pre.HasField("handle") else None
                 consumed = False  # a completed decode fetched (and so freed) the handle's blocks
                 try:
@@ -245,6 +253,9 @@ class Pipeline:
                                         out.reason, out.stop_reason = "stop", stop
                                         break
                                     if msg.finish_reason:
+                                        if msg.finish_reason not in FINISHED:
+                                            # "abort": the node's engine ended it (shutting down)
+                                            raise stream_ended_early(dnode, msg.finish_reason)
                                         out.reason = msg.finish_reason
                             if not out.reason:
                                 raise stream_ended_early(dnode)
@@ -311,9 +322,14 @@ class Pipeline:
                                   sampling=to_proto(sampling, pb.SamplingParams), hold_kv=hold_kv),
                 timeout=self._timeout(req, self.cfg.prefill_timeout_s))
             t0 = time.perf_counter()
+            def orphaned(resp: pb.PrefillResponse, node: NodeClient = node) -> None:
+                # Answered, but the request was cancelled meanwhile: nobody will fetch its blocks.
+                if resp.HasField("handle"):
+                    self._release_later(req.request_id, node, resp.handle)
+
             try:
                 with self.router.track(node):
-                    resp = await self.watch.wait(call, node)
+                    resp = await self.watch.wait(call, node, orphaned)
             except NodeCallFailed as failed:
                 self._raise_if_client_gave_up(req, failed)
                 if failed.node_failed:

@@ -22,7 +22,7 @@ import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
 from tandem.engine import EngineHost
-from tandem.errors import InvalidRequest, KVUnavailable, grpc_status_of
+from tandem.errors import InvalidRequest, KVUnavailable, NodeFailed, grpc_status_of
 from tandem.handles import check_for_decode, consume_params
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
@@ -78,6 +78,9 @@ class DecodeServicer(pb_grpc.DecodeNodeServicer):
         first = True
         async for out in self.engine.generate(rid, prompt, sampling, consume_params(request.handle)):
             comp = out.outputs[0]
+            if comp.finish_reason == "abort":
+                # The engine ended it without being asked (shutting down): the request is not done.
+                raise NodeFailed(f"decode node's engine aborted request {rid} (shutting down?)")
             if comp.finish_reason == "error":
                 # vLLM's load-failure path ("fail" policy): this request only; the coordinator
                 # can prefill it again.

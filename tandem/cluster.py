@@ -104,7 +104,12 @@ class Daemon:
     def signal(self, sig: int) -> None:
         if self.alive():
             assert self.proc is not None
-            os.killpg(self.proc.pid, sig)  # the whole group: vLLM's engine processes too
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                # The daemon alone: it drains and stops its engine itself. vLLM's engine core,
+                # signalled too, would abort every request it holds at once.
+                self.proc.send_signal(sig)
+            else:
+                os.killpg(self.proc.pid, sig)  # the whole group: vLLM's engine processes too
 
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.proc is None:

@@ -55,6 +55,9 @@ class EngineHost:
             block_size=cfg.block_size,
             max_num_seqs=cfg.max_num_seqs,
             enable_prefix_caching=cfg.enable_prefix_caching,
+            # A stop signal that reaches the engine core too (a terminal's Ctrl-C, a process-group
+            # kill) lets its requests finish like the daemon's own drain, instead of aborting them.
+            shutdown_timeout=int(cfg.drain_grace_s),
             kv_transfer_config={
                 "kv_connector": "TandemConnector",
                 "kv_connector_module_path": CONNECTOR_MODULE,

@@ -112,7 +112,11 @@ class Registration:
     async def _register(self) -> None:
         self._lease = None
         lease = await self._client.lease(self._ttl_s)
-        await self._client.put(self.key, self.record.to_json(), lease=lease)
+        record = self.record
+        await self._client.put(self.key, record.to_json(), lease=lease)
+        while self.record is not record:  # update() ran meanwhile (say, draining): put what it set
+            record = self.record
+            await self._client.put(self.key, record.to_json(), lease=lease)
         self._lease = lease
 
     async def _keepalive(self) -> None:

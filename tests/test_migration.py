@@ -282,7 +282,7 @@ def test_a_node_that_accepts_a_call_but_never_answers_ends_it_with_deadline_exce
     err, took = asyncio.get_event_loop().run_until_complete(go())
     assert isinstance(err, DeadlineExceeded) and err.grpc_code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "prefill node prefill-0" in str(err)
-    assert took < 10  # two attempts of 0.6 s and a probe between them, not a hang
+    assert took < 10  # one attempt of 0.6 s (a slow node is not retried elsewhere), not a hang
 
 
 def test_a_call_cut_by_the_clients_own_deadline_blames_no_node(tiny_model: Path) -> None:
@@ -298,3 +298,52 @@ def test_a_call_cut_by_the_clients_own_deadline_blames_no_node(tiny_model: Path)
         run(go)
     assert len(slow.calls) == 1  # not retried elsewhere
     assert p.router._nodes["prefill-0"].up
+
+
+def test_an_engine_abort_on_the_decode_node_is_a_node_failure_and_migrates(tiny_model: Path) -> None:
+    class Aborting(Decode):
+        def Decode(self, req, timeout=None):
+            call = super().Decode(req, timeout)
+            orig = call.read
+
+            async def read():
+                msg = await orig()
+                if call.sent == 3:  # the engine shut down and aborted the request
+                    msg.finish_reason = "abort"
+                return msg
+
+            call.read = read  # type: ignore[method-assign]
+            return call
+
+    p = make(tiny_model, [Prefill()], [Aborting(), Decode()])
+    p.router._nodes["decode-0"].outstanding = -1
+    evs = run(lambda: collect(p, 10))
+    assert tokens(evs) == undisturbed(10) and evs[-1].reason == "length" and evs[-1].migrations == 1
+    assert not p.router._nodes["decode-0"].up
+
+
+def test_a_prefill_answer_that_lands_after_a_cancel_releases_its_blocks(tiny_model: Path) -> None:
+    class SlowHealth(Health):
+        async def Check(self, req, timeout=None):
+            await asyncio.sleep(0.3)  # the prefill answers while the watchdog waits on this probe
+            return await super().Check(req, timeout)
+
+    class SlowPrefill(Prefill):
+        async def Prefill(self, req, timeout=None):
+            await asyncio.sleep(0.05)
+            return await super().Prefill(req, timeout)
+
+    prefill = SlowPrefill()
+    p = make(tiny_model, [prefill], [Decode()], stall_s=0.02)
+    p.router._nodes["prefill-0"].health = SlowHealth(serving=True)
+
+    async def go() -> None:
+        task = asyncio.ensure_future(collect(p, 8))
+        await asyncio.sleep(0.15)  # answered at ~0.05 s; the probe runs until ~0.32 s
+        assert prefill.calls and not prefill.released
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(go)
+    assert prefill.released == [prefill.calls[0].request_id]
