@@ -255,7 +255,7 @@ def add_compare_args(ap: argparse.ArgumentParser) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     import platform
 
-    from tandem.model import BENCH_SPEC, make_tiny_model, param_count
+    from tandem.local.model import BENCH_SPEC, make_tiny_model, param_count
 
     args.rates = [float(r) for r in str(args.rates).split(",")]
     wanted = [s.strip() for s in args.systems.split(",")]
@@ -279,7 +279,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     elif args.client_cores == "none":
         client = []
     else:
-        from tandem.nodeconfig import parse_cores
+        from tandem.node.config import parse_cores
 
         client = sorted(parse_cores(args.client_cores))
         if not set(client) < set(all_cores):

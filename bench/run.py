@@ -69,7 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"tandem bench run: cannot list the models of {args.target}: {exc}", file=sys.stderr)
             return 2
     if args.cores:
-        from tandem.nodeconfig import parse_cores
+        from tandem.node.config import parse_cores
 
         try:
             os.sched_setaffinity(0, parse_cores(args.cores))

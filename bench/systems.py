@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tandem.cluster import ClusterSpec, LocalCluster, core_plan
+from tandem.local.cluster import ClusterSpec, LocalCluster, core_plan
 from tandem.kvtransfer.transport import DEFAULT_CPU_UCX_TLS
 from tandem.netutil import free_port
-from tandem.nodeconfig import core_spec
+from tandem.node.config import core_spec
 
 NIXL_FIXES = Path(__file__).with_name("nixl-fixes")
 KV_CACHE_GIB = "2"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from tandem.grpcserve import start_grpc, wait_for_stop_signal
+from tandem.grpcserve import StopSignals, start_grpc
 from tandem.membership import MembershipView
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 
@@ -90,6 +90,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
 
 async def run_coordinator(cfg: CoordinatorConfig) -> None:
     logger.info("starting coordinator: %s", " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+    signals = StopSignals()
     codec = TextCodec(cfg.model)
     router = Router(cfg.served_model_name, pool_wait_s=cfg.pool_wait_s, probe_timeout_s=cfg.probe_timeout_s)
     view = MembershipView(cfg.etcd, cfg.cluster, on_change=router.on_membership)
@@ -115,7 +116,7 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
     print(f"TANDEM_READY role=coordinator grpc={cfg.host}:{grpc_server.port} http=http://{cfg.host}:{http_port}",
           flush=True)
     try:
-        await wait_for_stop_signal()
+        await signals.first.wait()
         logger.info("shutting down coordinator")
     finally:
         await grpc_server.stop()

@@ -21,9 +21,9 @@ from contextlib import aclosing
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
-from tandem.engine import EngineHost
 from tandem.errors import InvalidRequest, KVUnavailable, NodeFailed, grpc_status_of
-from tandem.handles import check_for_decode, consume_params
+from tandem.node.engine import EngineHost
+from tandem.node.handles import check_for_decode, consume_params
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 from tandem.sampling import from_proto

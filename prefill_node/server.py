@@ -15,12 +15,12 @@ from dataclasses import replace
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
-from tandem.engine import EngineHost
 from tandem.errors import InvalidRequest, grpc_status_of
-from tandem.handles import handle_to_proto
 from tandem.kvtransfer.client import release_remote
 from tandem.kvtransfer.handle import PRODUCE, TransferHandle
 from tandem.kvtransfer.transport import TransferError
+from tandem.node.engine import EngineHost
+from tandem.node.handles import MAX_REQUEST_ID_CHARS, handle_to_proto
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 from tandem.sampling import from_proto
@@ -60,8 +60,8 @@ class PrefillServicer(pb_grpc.PrefillNodeServicer):
     async def _prefill(self, request: pb.PrefillRequest) -> pb.PrefillResponse:
         rid = request.request_id
         prompt = list(request.prompt_token_ids)
-        if not rid or len(rid) > 256:
-            raise InvalidRequest("request_id is required (at most 256 characters)")
+        if not rid or len(rid) > MAX_REQUEST_ID_CHARS:
+            raise InvalidRequest(f"request_id is required (at most {MAX_REQUEST_ID_CHARS} characters)")
         if not prompt:
             raise InvalidRequest("empty prompt")
         sampling = from_proto(request.sampling)

@@ -19,8 +19,8 @@ def _run(coro: object) -> int:
 
 def cmd_node(role: str, args: argparse.Namespace) -> int:
     from .logs import setup_logging
-    from .nodeconfig import config_from_args
-    from .noderuntime import run_node
+    from .node.config import config_from_args
+    from .node.runtime import run_node
 
     setup_logging(role)
     try:
@@ -33,7 +33,7 @@ def cmd_node(role: str, args: argparse.Namespace) -> int:
         # left floating, the daemon and vLLM's engine-core process (which spins while it
         # waits for its worker) preempt the other pool's pinned worker. Seen on 2 cores: prefill
         # steps of ~10 ms took up to 1.8 s under load until the nodes were pinned whole.
-        from .nodeconfig import parse_cores
+        from .node.config import parse_cores
 
         cores = parse_cores(cfg.cores)
         for tid in os.listdir("/proc/self/task"):  # threads started by imports too, not only this one
@@ -118,7 +118,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    from .model import PRESETS, make_tiny_model, param_count, tree_digest
+    from .local.model import PRESETS, make_tiny_model, param_count, tree_digest
 
     path = make_tiny_model(args.path, seed=args.seed, spec=PRESETS[args.preset])
     print(f"wrote {path} ({param_count(path) / 1e6:.1f} M parameters, sha256 {tree_digest(path)[:16]})")
@@ -126,7 +126,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from .up import run_up
+    from .local.up import run_up
 
     return run_up(args)
 
@@ -134,7 +134,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from tandem.coordinator.main import add_coordinator_args
 
-    from .nodeconfig import add_node_args
+    from .node.config import add_node_args
 
     ap = argparse.ArgumentParser(prog="tandem", description="Disaggregated prefill/decode LLM serving")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--no-wait", action="store_true", help="ask, and do not wait for the node to leave")
     dr.set_defaults(fn=cmd_drain)
 
-    from .chaos import add_chaos_args, cmd_chaos
+    from .local.chaos import add_chaos_args, cmd_chaos
 
     ch = sub.add_parser("chaos", help="inject faults into a local cluster under load; report what was kept")
     add_chaos_args(ch)

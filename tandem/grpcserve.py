@@ -120,15 +120,6 @@ async def start_grpc(host: str, port: int, service_name: str,
     return out
 
 
-async def wait_for_stop_signal() -> None:
-    """Return on the first SIGINT or SIGTERM."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-
-
 class StopSignals:
     """SIGINT/SIGTERM as two events: ``first`` (stop gracefully) and ``again`` (stop now)."""
 

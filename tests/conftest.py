@@ -10,7 +10,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tandem.model import make_tiny_model
+    from tandem.local.model import make_tiny_model
 
     cached = os.environ.get("TANDEM_TEST_MODEL")
     if cached and Path(cached, "tandem_model.json").exists():

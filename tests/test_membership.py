@@ -3,7 +3,7 @@
 import asyncio
 import time
 
-from tandem.etcd_server import LocalEtcd
+from tandem.local.etcd_server import LocalEtcd
 from tandem.membership import MembershipView, NodeRecord, Registration
 
 

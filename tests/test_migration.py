@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -26,6 +27,7 @@ from tandem.proto import tandem_pb2_grpc as pb_grpc
 from tandem.sampling import Sampling
 
 PROMPT = [5, 6, 7]
+OnRead = Callable[["Stream", pb.DecodeResponse], Awaitable[None]]
 ROUTERS: list[Router] = []
 
 
@@ -65,8 +67,8 @@ class Stream:
     ``error`` (a status), ``stall`` (never answers again) or ``end`` (ends without a finish)."""
 
     def __init__(self, req: pb.DecodeRequest, fail_after: int | None, mode: str,
-                 code: grpc.StatusCode) -> None:
-        self.req, self.fail_after, self.mode, self.code = req, fail_after, mode, code
+                 code: grpc.StatusCode, on_read: OnRead | None = None) -> None:
+        self.req, self.fail_after, self.mode, self.code, self.on_read = req, fail_after, mode, code, on_read
         self.n = len(req.prompt_token_ids)
         self.left = req.sampling.max_tokens
         self.sent = 0
@@ -88,17 +90,22 @@ class Stream:
             return grpc.aio.EOF
         tok = 1000 + self.n + self.sent
         self.sent += 1
-        return pb.DecodeResponse(token_ids=[tok], finish_reason="length" if self.sent == self.left else "")
+        msg = pb.DecodeResponse(token_ids=[tok], finish_reason="length" if self.sent == self.left else "")
+        if self.on_read is not None:
+            await self.on_read(self, msg)
+        return msg
 
 
 class Decode:
+    """``on_read(stream, msg)`` runs before each token goes out: it may delay it or change it."""
+
     def __init__(self, fail_after: int | None = None, mode: str = "error",
-                 code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
-        self.fail_after, self.mode, self.code = fail_after, mode, code
+                 code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE, on_read: OnRead | None = None) -> None:
+        self.fail_after, self.mode, self.code, self.on_read = fail_after, mode, code, on_read
         self.calls: list[Stream] = []
 
     def Decode(self, req: pb.DecodeRequest, timeout: float | None = None) -> Stream:
-        call = Stream(req, self.fail_after, self.mode, self.code)
+        call = Stream(req, self.fail_after, self.mode, self.code, self.on_read)
         self.calls.append(call)
         return call
 
@@ -180,19 +187,10 @@ def test_a_decode_node_that_fails_mid_stream_is_migrated_without_gaps_or_duplica
 
 
 def test_a_slow_decode_node_that_answers_its_health_probe_is_waited_on(tiny_model: Path) -> None:
-    class Slow(Decode):
-        def Decode(self, req, timeout=None):
-            call = super().Decode(req, timeout)
-            orig = call.read
+    async def slowly(call: Stream, msg: pb.DecodeResponse) -> None:
+        await asyncio.sleep(0.3)  # longer than stall_s: the watchdog probes, the node answers
 
-            async def read():
-                await asyncio.sleep(0.3)  # longer than stall_s: the watchdog probes, the node answers
-                return await orig()
-
-            call.read = read  # type: ignore[method-assign]
-            return call
-
-    slow = Slow()
+    slow = Decode(on_read=slowly)
     p = make(tiny_model, [Prefill()], [slow], healthy={"decode-0": True}, stall_s=0.1)
     evs = run(lambda: collect(p, 4))
     assert tokens(evs) == undisturbed(4) and evs[-1].migrations == 0
@@ -301,21 +299,11 @@ def test_a_call_cut_by_the_clients_own_deadline_blames_no_node(tiny_model: Path)
 
 
 def test_an_engine_abort_on_the_decode_node_is_a_node_failure_and_migrates(tiny_model: Path) -> None:
-    class Aborting(Decode):
-        def Decode(self, req, timeout=None):
-            call = super().Decode(req, timeout)
-            orig = call.read
+    async def abort_third(call: Stream, msg: pb.DecodeResponse) -> None:
+        if call.sent == 3:  # the engine shut down and aborted the request
+            msg.finish_reason = "abort"
 
-            async def read():
-                msg = await orig()
-                if call.sent == 3:  # the engine shut down and aborted the request
-                    msg.finish_reason = "abort"
-                return msg
-
-            call.read = read  # type: ignore[method-assign]
-            return call
-
-    p = make(tiny_model, [Prefill()], [Aborting(), Decode()])
+    p = make(tiny_model, [Prefill()], [Decode(on_read=abort_third), Decode()])
     p.router._nodes["decode-0"].outstanding = -1
     evs = run(lambda: collect(p, 10))
     assert tokens(evs) == undisturbed(10) and evs[-1].reason == "length" and evs[-1].migrations == 1

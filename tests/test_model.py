@@ -1,7 +1,7 @@
 import json
 from pathlib import Path
 
-from tandem.model import TinyModelSpec, make_tiny_model, tree_digest
+from tandem.local.model import TinyModelSpec, make_tiny_model, tree_digest
 
 
 def test_same_seed_same_bytes_and_other_seed_differs(tmp_path: Path, tiny_model: Path) -> None:

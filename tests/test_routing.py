@@ -4,7 +4,7 @@ import time
 import grpc
 import pytest
 
-from tandem.cluster import core_plan
+from tandem.local.cluster import core_plan
 from tandem.coordinator.router import Router
 from tandem.errors import Unavailable
 from tandem.membership import NodeRecord

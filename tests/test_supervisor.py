@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from tandem.supervisor import Supervisor
+from tandem.local.supervisor import Supervisor
 
 
 class FakeDaemon:

@@ -1,4 +1,4 @@
-"""The chaos suite's CI subset: kill-decode and drain-prefill (tandem/chaos.py, CI_SCENARIOS) on a
+"""The chaos suite's CI subset: kill-decode and drain-prefill (tandem/local/chaos.py, CI_SCENARIOS) on a
 real supervised 2 prefill + 2 decode cluster under a seeded streaming load. The full suite is a
 command (`tandem chaos`), not a test."""
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tandem.chaos import CI_SCENARIOS, chaos_cluster_spec, run_scenarios
-from tandem.cluster import LocalCluster
+from tandem.local.chaos import CI_SCENARIOS, chaos_cluster_spec, run_scenarios
+from tandem.local.cluster import LocalCluster
 
 pytestmark = pytest.mark.e2e
 

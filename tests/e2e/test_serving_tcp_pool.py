@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tandem.cluster import ClusterSpec, Daemon, LocalCluster
+from tandem.local.cluster import ClusterSpec, Daemon, LocalCluster
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tandem.cluster import ClusterSpec, Daemon, LocalCluster
+from tandem.local.cluster import ClusterSpec, Daemon, LocalCluster
 from tandem.netutil import free_port
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
@@ -403,7 +403,7 @@ def test_empty_pools_answer_unavailable(cluster: LocalCluster, tiny_model: Path,
 def test_every_thread_of_a_node_stays_on_its_cores(cluster: LocalCluster) -> None:
     """The daemon, vLLM's engine-core process and its worker, every thread of each:
     a floating engine core steals the other pool's core (see cmd_node)."""
-    from tandem.nodeconfig import parse_cores
+    from tandem.node.config import parse_cores
 
     for node in cluster.nodes:
         want = parse_cores(node.argv[node.argv.index("--cores") + 1])

@@ -15,9 +15,10 @@ import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidRequest
-from .nodeconfig import NodeConfig
-from .sampling import Sampling
+from tandem.errors import InvalidRequest
+from tandem.sampling import Sampling
+
+from .config import NodeConfig
 
 if TYPE_CHECKING:
     from vllm.outputs import RequestOutput

@@ -21,12 +21,13 @@ from dataclasses import replace
 import grpc
 from prometheus_client import REGISTRY, start_http_server
 
-from . import __version__
+from tandem import __version__
+from tandem.grpcserve import StopSignals, start_grpc
+from tandem.membership import NodeRecord, Registration
+from tandem.netutil import reserve_port
+
+from .config import NodeConfig
 from .engine import EngineHost
-from .grpcserve import StopSignals, start_grpc
-from .membership import NodeRecord, Registration
-from .netutil import reserve_port
-from .nodeconfig import NodeConfig
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tandem.nodeconfig import NodeConfig, parse_cores
+from tandem.node.config import NodeConfig, parse_cores
 
 
 def test_parse_cores_takes_singles_ranges_and_lists() -> None:
@@ -32,7 +32,7 @@ def test_a_node_refuses_cores_it_cannot_run_on(tmp_path: Path) -> None:
 
 
 def test_core_spec_is_the_inverse_of_parse_cores() -> None:
-    from tandem.nodeconfig import core_spec
+    from tandem.node.config import core_spec
 
     assert core_spec([5, 0, 1, 2]) == "0-2,5"
     for spec in ("0", "0-3", "0,2,4-5", "1-2,4-7,9"):
@@ -40,7 +40,7 @@ def test_core_spec_is_the_inverse_of_parse_cores() -> None:
 
 
 def test_core_plan_never_names_cores_it_was_not_given() -> None:
-    from tandem.cluster import core_plan
+    from tandem.local.cluster import core_plan
 
     # Every other core (e.g. one hyperthread of each pair): ranges must not fill the gaps.
     assert core_plan(1, 1, [0, 2, 4, 6]) == ["0,2", "4,6"]

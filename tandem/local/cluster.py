@@ -25,8 +25,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .etcd_server import LocalEtcd
-from .netutil import free_port
-from .nodeconfig import core_spec
+from tandem.netutil import free_port
+from tandem.node.config import core_spec
 from .supervisor import OK, REFUSED, SILENT, Event, Supervisor
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .membership import DEFAULT_TTL_S
+from tandem.membership import DEFAULT_TTL_S
 
 
 @dataclass

@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from .client import stream
+from tandem.client import stream
 from .cluster import ClusterSpec, LocalCluster
 
 

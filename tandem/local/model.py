@@ -143,7 +143,7 @@ def make_tiny_model(path: str | os.PathLike[str], seed: int = 0,
     model.to(torch.float32)
     model.save_pretrained(out, safe_serialization=True)
     (out / "tandem_model.json").write_text(
-        json.dumps({"generator": "tandem.model.make_tiny_model", "seed": seed,
+        json.dumps({"generator": "tandem.local.model.make_tiny_model", "seed": seed,
                     "spec": spec.__dict__}, indent=2, sort_keys=True) + "\n")
     return out
 

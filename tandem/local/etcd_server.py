@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .netutil import free_port
+from tandem.netutil import free_port
 from .supervisor import OK, REFUSED, SILENT
 
 logger = logging.getLogger(__name__)
