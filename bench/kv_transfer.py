@@ -42,7 +42,7 @@ def _kv(num_blocks: int, fill: bool):
 def _server(conn, transport: str, num_blocks: int, core: int | None) -> None:
     if core is not None:
         os.sched_setaffinity(0, {core})
-    from tandem.kvtransfer.server import BlockServer
+    from tandem.kvtransfer.block_server import BlockServer
     from tandem.kvtransfer.transport import make_data_planes
 
     server = BlockServer("127.0.0.1", 0, _kv(num_blocks, True), make_data_planes(transport))
@@ -73,7 +73,7 @@ def _memcpy_gbps(nbytes: int, reps: int) -> float:
 
 
 def _bench_transport(transport: str, sizes_mib: list[int], reps: int, cores: tuple[int, int] | None) -> dict:
-    from tandem.kvtransfer.client import BlockFetcher, LoadJob
+    from tandem.kvtransfer.fetcher import BlockFetcher, LoadJob
     from tandem.kvtransfer.transport import make_data_planes
 
     max_blocks = max(sizes_mib) * (1 << 20) // BLOCK_BYTES

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
-from .client import LoadJob
+from .fetcher import LoadJob
 from .handle import TransferHandle
 
 
@@ -21,3 +21,5 @@ class TandemConnectorMetadata(KVConnectorMetadata):
     # consumer: requests whose load cannot even start (a handle that does not fit the blocks
     # allocated here); reported as failed loads, so vLLM's load-failure policy handles them
     failures: list[str] = field(default_factory=list)
+    # consumer: requests that ended (cancelled, migrated away) while their load may be in flight
+    aborts: list[str] = field(default_factory=list)

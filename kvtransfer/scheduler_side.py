@@ -13,7 +13,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from .client import LoadJob
+from .fetcher import LoadJob
 from .handle import CONSUME, HANDLE, PRODUCE, TransferHandle
 from .metadata import TandemConnectorMetadata
 
@@ -87,6 +87,7 @@ class SchedulerSide:
             remote_req_id=handle.remote_request_id,
             remote_block_ids=handle.block_ids[first:last],
             local_block_ids=list(local_ids[first:last]),
+            lease_deadline=handle.lease_deadline,
         ))
 
     # producer -----------------------------------------------------------
@@ -104,9 +105,16 @@ class SchedulerSide:
             except ValueError as exc:  # never raise inside vLLM's scheduler
                 logger.error("request %s: %s; nothing to release", request.request_id, exc)
             return False, None
+        ended_early = request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED)
+        if p.get("tandem") == CONSUME:
+            if ended_early:
+                # Its load may still be in flight: stop it now. vLLM keeps the blocks it fills
+                # until the worker reports the load finished, which an abort does at once.
+                self._meta.aborts.append(request.request_id)
+            return False, None
         if p.get("tandem") != PRODUCE:
             return False, None
-        if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
+        if ended_early:
             return False, None  # aborted or failed: nothing to hand over
         num_tokens = min(request.num_computed_tokens, request.num_prompt_tokens)
         held = list(block_ids[: _cdiv(num_tokens, self.block_size)])

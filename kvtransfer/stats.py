@@ -14,7 +14,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorProm
 
 
 def empty_stats() -> dict[str, Any]:
-    return {"bytes_sent": 0, "bytes_recv": 0, "fetch_seconds": [], "fetch_failures": 0, "blocks_held": None}
+    return {"bytes_sent": 0, "bytes_recv": 0, "fetch_seconds": [], "fetch_failures": 0, "fetch_aborts": 0,
+            "blocks_held": None}
 
 
 @dataclass
@@ -33,6 +34,7 @@ class TandemKVStats(KVConnectorStats):
         d["bytes_recv"] += o.get("bytes_recv", 0)
         d["fetch_seconds"] = list(d["fetch_seconds"]) + list(o.get("fetch_seconds", []))
         d["fetch_failures"] += o.get("fetch_failures", 0)
+        d["fetch_aborts"] = d.get("fetch_aborts", 0) + o.get("fetch_aborts", 0)
         if o.get("blocks_held") is not None:
             d["blocks_held"] = o["blocks_held"]
         return self
@@ -41,13 +43,13 @@ class TandemKVStats(KVConnectorStats):
         d = self.data
         secs = d["fetch_seconds"]
         return {"bytes_sent": d["bytes_sent"], "bytes_recv": d["bytes_recv"], "fetches": len(secs),
-                "fetch_failures": d["fetch_failures"],
+                "fetch_failures": d["fetch_failures"], "fetch_aborts": d.get("fetch_aborts", 0),
                 "avg_fetch_s": round(sum(secs) / len(secs), 6) if secs else 0.0}
 
     def is_empty(self) -> bool:
         d = self.data
         return (not d["bytes_sent"] and not d["bytes_recv"] and not d["fetch_seconds"]
-                and not d["fetch_failures"] and d["blocks_held"] is None)
+                and not d["fetch_failures"] and not d.get("fetch_aborts") and d["blocks_held"] is None)
 
 
 class TandemPromMetrics(KVConnectorPromMetrics):
@@ -63,8 +65,12 @@ class TandemPromMetrics(KVConnectorPromMetrics):
             buckets=[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])
         self._fail = self._counter_cls("tandem_kv_transfer_failures", "KV fetches that failed",
                                        labelnames=labelnames)
+        self._aborts = self._counter_cls("tandem_kv_transfer_aborts",
+                                         "KV fetches stopped because their request ended first",
+                                         labelnames=labelnames)
         for values in per_engine_labelvalues.values():
             self._held.labels(*values).set(0)
+            self._aborts.labels(*values)
             self._bytes.labels(*values, "sent")
             self._bytes.labels(*values, "received")
             self._fail.labels(*values)
@@ -82,3 +88,5 @@ class TandemPromMetrics(KVConnectorPromMetrics):
             self._secs.labels(*values).observe(s)
         if data.get("fetch_failures"):
             self._fail.labels(*values).inc(data["fetch_failures"])
+        if data.get("fetch_aborts"):
+            self._aborts.labels(*values).inc(data["fetch_aborts"])

@@ -10,12 +10,22 @@ addresses swapped over the control channel, without UCX's peer error handling
 (which also rules out shared memory), so a dead peer is noticed by the control
 channel and by the progress timeout instead. ``worker.progress()`` is polled
 only while a transfer is in flight: an idle spin would steal a core.
+
+Isolation: every connection (each decode-side peer lane, each block-server
+connection) forks its own plane, and with it its own UCX worker, so a slow or
+frozen peer holds up only the transfers on its own connection. ucxx cannot
+cancel one posted receive, so a transfer given up mid-way (abort, deadline)
+``retire()``s its plane: that worker is never progressed again, and with the
+TCP and shared-memory transports no byte lands in a posted buffer without the
+receiver's own progress. (RDMA puts into registered memory would; the GPU
+path must cancel through UCX before it frees such blocks.)
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -38,20 +48,46 @@ class TransferError(RuntimeError):
     """A block transfer failed; the request it served cannot use those blocks."""
 
 
+class TransferAborted(TransferError):
+    """The transfer was given up on purpose (its request was cancelled or migrated)."""
+
+
+def _keep_going() -> None:
+    return None
+
+
+# Retired UCX workers: never progressed again, kept so that nothing frees a buffer UCX still
+# points at; the oldest are let go once this many pile up (by then their peers are long gone).
+MAX_RETIRED_WORKERS = 32
+_RETIRED_WORKERS: list[object] = []
+
+
 class DataPlane(Protocol):
     """Moves one fetch as a sequence of chunks (one per layer), so that packing,
     moving and unpacking overlap instead of running one after another."""
 
     name: str
 
+    def fork(self) -> DataPlane:
+        """A plane of the same kind for one connection, independent of every other."""
+        ...
+
+    def retire(self) -> None:
+        """Give this plane up for good after a transfer was abandoned mid-way."""
+        ...
+
     def local_info(self) -> dict[str, Any]: ...
 
     def connect(self, peer_info: dict[str, Any]) -> object: ...
 
-    def send_chunks(self, peer: object, sock: socket.socket, chunks: Iterator[np.ndarray], tag: int) -> None: ...
+    def send_chunks(self, peer: object, sock: socket.socket, chunks: Iterator[np.ndarray], tag: int,
+                    check: Callable[[], None] = _keep_going) -> None: ...
 
     def recv_chunks(self, peer: object, sock: socket.socket, bufs: list[np.ndarray], tag: int,
-                    on_chunk: Callable[[int], None]) -> None: ...
+                    on_chunk: Callable[[int], None], check: Callable[[], None] = _keep_going) -> None:
+        """``check()`` raises to give the transfer up (deadline, abort); it is called between chunks
+        and, for UCX, while polling."""
+        ...
 
 
 class TcpDataPlane:
@@ -59,19 +95,28 @@ class TcpDataPlane:
 
     name = "tcp"
 
+    def fork(self) -> TcpDataPlane:
+        return TcpDataPlane()
+
+    def retire(self) -> None:
+        return None  # the caller closes the socket: nothing else points at the buffers
+
     def local_info(self) -> dict[str, Any]:
         return {}
 
     def connect(self, peer_info: dict[str, Any]) -> object:
         return None
 
-    def send_chunks(self, peer: object, sock: socket.socket, chunks: Iterator[np.ndarray], tag: int) -> None:
+    def send_chunks(self, peer: object, sock: socket.socket, chunks: Iterator[np.ndarray], tag: int,
+                    check: Callable[[], None] = _keep_going) -> None:
         for buf in chunks:
             sock.sendall(memoryview(buf).cast("B"))
 
     def recv_chunks(self, peer: object, sock: socket.socket, bufs: list[np.ndarray], tag: int,
-                    on_chunk: Callable[[int], None]) -> None:
+                    on_chunk: Callable[[int], None], check: Callable[[], None] = _keep_going) -> None:
+        # An abort shuts the socket down, which ends a blocked recv at once.
         for i, buf in enumerate(bufs):
+            check()
             recv_exact_into(sock, memoryview(buf).cast("B"))
             on_chunk(i)
 
@@ -81,20 +126,33 @@ class UcxDataPlane:
 
     name = "ucx"
 
-    def __init__(self, timeout_s: float = 60.0) -> None:
-        os.environ.setdefault("UCX_TLS", DEFAULT_CPU_UCX_TLS)
-        os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
-        try:
-            import ucxx._lib.libucxx as ucx_api
-            from ucxx._lib.arr import Array
-        except Exception as exc:  # ImportError, or the library failing to load
-            raise TransferError(f"UCX (ucxx) cannot be loaded: {exc}") from exc
-        self._api = ucx_api
-        self._array = Array
-        self._ctx = ucx_api.UCXContext({}, (ucx_api.Feature.TAG,))
-        self._worker = ucx_api.UCXWorker(self._ctx)
+    def __init__(self, timeout_s: float = 60.0, _parent: UcxDataPlane | None = None) -> None:
+        if _parent is None:
+            os.environ.setdefault("UCX_TLS", DEFAULT_CPU_UCX_TLS)
+            os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+            try:
+                import ucxx._lib.libucxx as ucx_api
+                from ucxx._lib.arr import Array
+            except Exception as exc:  # ImportError, or the library failing to load
+                raise TransferError(f"UCX (ucxx) cannot be loaded: {exc}") from exc
+            self._api = ucx_api
+            self._array = Array
+            self._ctx = ucx_api.UCXContext({}, (ucx_api.Feature.TAG,))
+        else:  # one context per process, one worker per connection
+            self._api, self._array, self._ctx = _parent._api, _parent._array, _parent._ctx
+        self._worker = self._api.UCXWorker(self._ctx)
         self._lock = threading.Lock()
         self._timeout_s = timeout_s
+        self._retired = False
+
+    def fork(self) -> UcxDataPlane:
+        return UcxDataPlane(self._timeout_s, _parent=self)
+
+    def retire(self) -> None:
+        with self._lock:
+            self._retired = True
+        _RETIRED_WORKERS.append(self._worker)
+        del _RETIRED_WORKERS[:-MAX_RETIRED_WORKERS]
 
     def local_info(self) -> dict[str, Any]:
         return {"ucx_address": bytes(self._worker.address.tobytes()).hex()}
@@ -107,12 +165,17 @@ class UcxDataPlane:
         with self._lock:
             return self._api.UCXEndpoint.create_from_worker_address(self._worker, addr, False)
 
-    def _progress_until(self, done: Callable[[], bool], what: str) -> None:
+    def _progress_until(self, done: Callable[[], bool], what: str, check: Callable[[], None] = _keep_going) -> None:
         """Poll UCX until ``done()``; spin briefly, then back off with short sleeps so a
         wait on a slow peer does not take the core (and the GIL) from the engine."""
+        if self._retired:
+            raise TransferError("this UCX worker was retired after an abandoned transfer")
         deadline = time.monotonic() + self._timeout_s
-        spins, pause = 0, 20e-6
+        spins, pause, polls = 0, 20e-6, 0
         while not done():
+            polls += 1
+            if polls % 64 == 0:
+                check()
             if self._worker.progress_once():
                 spins = 0
                 continue
@@ -126,24 +189,38 @@ class UcxDataPlane:
     def _tag(self, tag: int, i: int) -> Any:
         return self._api.UCXXTag((tag << 16) | i)
 
-    def send_chunks(self, peer: object, sock: socket.socket, chunks: Iterator[np.ndarray], tag: int) -> None:
+    def send_chunks(self, peer: object, sock: socket.socket, chunks: Iterator[np.ndarray], tag: int,
+                    check: Callable[[], None] = _keep_going) -> None:
         with self._lock:
             reqs = []
             for i, buf in enumerate(chunks):
                 reqs.append(peer.tag_send(self._array(buf), self._tag(tag, i)))  # type: ignore[attr-defined]
                 self._worker.progress()
-            self._progress_until(lambda: all(r.completed for r in reqs), "send")
+            self._progress_until(lambda: all(r.completed for r in reqs), "send", check)
             for r in reqs:
                 r.check_error()
 
     def recv_chunks(self, peer: object, sock: socket.socket, bufs: list[np.ndarray], tag: int,
-                    on_chunk: Callable[[int], None]) -> None:
+                    on_chunk: Callable[[int], None], check: Callable[[], None] = _keep_going) -> None:
         with self._lock:
             reqs = [self._worker.tag_recv(self._array(b), self._tag(tag, i)) for i, b in enumerate(bufs)]
             for i, r in enumerate(reqs):
-                self._progress_until(lambda r=r: r.completed, "receive")
+                self._progress_until(lambda r=r: r.completed, "receive", check)
                 r.check_error()
                 on_chunk(i)
+
+
+def peer_hung_up(sock: socket.socket) -> None:
+    """Raise if the peer closed the control channel (a ``check`` for a send in flight)."""
+    try:
+        # select first: a socket with a timeout waits for data inside recv, whatever the flags.
+        readable, _, _ = select.select([sock], [], [], 0)
+        if readable and sock.recv(1, socket.MSG_PEEK) == b"":
+            raise TransferError("the peer hung up mid-transfer")
+    except (BlockingIOError, InterruptedError):
+        return
+    except (OSError, ValueError) as exc:
+        raise TransferError(f"the peer's connection broke mid-transfer: {exc}") from exc
 
 
 def make_data_planes(transport: str) -> dict[str, DataPlane]:

@@ -11,10 +11,10 @@ import logging
 
 import torch
 
-from .client import BlockFetcher
+from .fetcher import BlockFetcher
 from .metadata import TandemConnectorMetadata
 from .paged import PagedKV
-from .server import BlockServer
+from .block_server import BlockServer
 from .stats import TandemKVStats, empty_stats
 from .transport import make_data_planes
 from .wire import parse_address
@@ -70,6 +70,8 @@ class WorkerSide:
                 self.fetcher.submit_release(handle)
             for req_id in meta.failures:
                 self.fetcher.fail(req_id)
+            for req_id in meta.aborts:
+                self.fetcher.abort(req_id)
 
     def transfer_results(self) -> tuple[set[str], set[str], set[str]]:
         """(finished sending, finished receiving, failed receiving)."""
@@ -93,6 +95,7 @@ class WorkerSide:
             data["bytes_recv"] = s.bytes
             data["fetch_seconds"] = s.fetch_seconds
             data["fetch_failures"] = s.failures
+            data["fetch_aborts"] = s.aborts
         stats = TandemKVStats(data=data)
         return None if stats.is_empty() else stats
 

@@ -16,7 +16,7 @@ import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
 from tandem.errors import InvalidRequest, grpc_status_of
-from tandem.kvtransfer.client import release_remote
+from tandem.kvtransfer.fetcher import release_remote
 from tandem.kvtransfer.handle import PRODUCE, TransferHandle
 from tandem.kvtransfer.transport import TransferError
 from tandem.node.engine import EngineHost

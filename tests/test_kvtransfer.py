@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
-from tandem.kvtransfer.client import BlockFetcher, LoadJob, release_remote
+from tandem.kvtransfer.fetcher import BlockFetcher, LoadJob, release_remote
 from tandem.kvtransfer.layout import KVLayout, KVLayoutMismatch
 from tandem.kvtransfer.paged import PagedKV
-from tandem.kvtransfer.server import BlockServer, HoldTable
+from tandem.kvtransfer.block_server import BlockServer, HoldTable
 from tandem.kvtransfer.transport import make_data_planes
 
 NUM_BLOCKS = 128
@@ -115,7 +115,7 @@ def test_fetch_moves_exactly_the_held_blocks_and_frees_the_hold(transport: str) 
 
 @pytest.mark.parametrize("transport", ["tcp", "ucx"])
 def test_fragmented_mappings_take_the_staged_path_and_still_land_right(transport: str) -> None:
-    from tandem.kvtransfer.client import MAX_DIRECT_RUNS
+    from tandem.kvtransfer.fetcher import MAX_DIRECT_RUNS
     from tandem.kvtransfer.paged import runs
 
     src_ids = list(range(0, 2 * (MAX_DIRECT_RUNS + 4), 2))  # every other block: one run per block

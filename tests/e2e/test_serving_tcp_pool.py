@@ -178,6 +178,58 @@ def test_lying_kv_handles_fail_their_request_only(cluster: LocalCluster, stub) -
     assert metric(m, "tandem_decode_requests_total", outcome="error") >= 6
 
 
+def engine_pids(node: Daemon) -> list[int]:
+    assert node.proc is not None
+    below = descendants(node.proc.pid)[1:]
+    pids = [p for p in below if "EngineCore" in process_name(p) or "multiprocessing" in process_name(p)]
+    assert pids, f"no engine process under {node.name}: {[process_name(p) for p in below]}"
+    return pids
+
+
+def test_a_cancel_while_decode_waits_for_remote_kv_frees_both_sides(cluster: LocalCluster, stub) -> None:
+    # A real handle from the prefill node, whose engine processes (its worker runs the KV block
+    # server) are then frozen: the decode node's fetch waits on it, and the cancel lands then.
+    pnode, dnode = cluster.node("prefill-0"), cluster.node("decode-0")
+    prompt = [(17 + 5 * i) % 590 + 5 for i in range(70)]
+    rid = f"kv-wait-{time.monotonic_ns()}"
+    with grpc.insecure_channel(pnode.info["grpc"]) as pch, grpc.insecure_channel(dnode.info["grpc"]) as dch:
+        resp = pb_grpc.PrefillNodeStub(pch).Prefill(
+            pb.PrefillRequest(request_id=rid, prompt_token_ids=prompt, hold_kv=True,
+                              sampling=pb.SamplingParams(max_tokens=50, temperature=0)), timeout=60)
+        wait_until(lambda: blocks_held(cluster) == 3, 20, "the prefill node to hold 3 blocks")
+        before = scrape(dnode.info["metrics"])
+        assert pnode.proc is not None
+        frozen = descendants(pnode.proc.pid)[1:]  # everything below the node daemon
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            call = pb_grpc.DecodeNodeStub(dch).Decode(
+                pb.DecodeRequest(request_id=rid, prompt_token_ids=[*prompt, resp.first_token], handle=resp.handle,
+                                 sampling=pb.SamplingParams(max_tokens=49, temperature=0)), timeout=60)
+            usage = lambda: metric(scrape(dnode.info["metrics"]), "vllm:kv_cache_usage_perc")  # noqa: E731
+            wait_until(lambda: usage() > 0, 20, "the decode engine to allocate blocks and wait for the KV")
+            time.sleep(1.0)  # the fetch is in flight: dialled, handshake sent, no answer
+            assert usage() > 0
+            call.cancel()
+            t0 = time.monotonic()
+            # Freed on the decode side at once, while the holder is still frozen.
+            wait_until(lambda: usage() == 0, 10, "the decode engine to free the blocks it was filling")
+            assert time.monotonic() - t0 < 5
+            after = scrape(dnode.info["metrics"])
+            assert (metric(after, "tandem_kv_transfer_aborts_total")
+                    == metric(before, "tandem_kv_transfer_aborts_total") + 1)
+            assert (metric(after, "tandem_decode_requests_total", outcome="cancelled")
+                    == metric(before, "tandem_decode_requests_total", outcome="cancelled") + 1)
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+    # ... and on the prefill side as soon as it answers again (the aborted fetch's release),
+    # well before its lease would have freed them.
+    wait_until(lambda: blocks_held(cluster) == 0, 10, "the prefill node to free the held blocks")
+    _, fin = run(stub, [(9 + 11 * i) % 590 + 5 for i in range(30)], 8)
+    assert fin.reason == "length"
+
+
 def test_killed_decode_node_mid_request_is_migrated(cluster: LocalCluster, stub, references) -> None:
     # Both decode nodes are frozen (SIGSTOP) while the request starts, so it cannot finish before the
     # kill lands: the first token comes from the prefill node, the picked decode node never answers.
@@ -216,11 +268,7 @@ def test_killed_decode_node_mid_request_is_migrated(cluster: LocalCluster, stub,
 
 def test_a_node_whose_engine_dies_leaves_the_cluster_and_exits_nonzero(cluster: LocalCluster, stub) -> None:
     node = next(d for d in cluster.nodes if d.role == "decode" and d.alive())
-    assert node.proc is not None
-    below = descendants(node.proc.pid)[1:]
-    engines = [p for p in below if "EngineCore" in process_name(p) or "multiprocessing" in process_name(p)]
-    assert engines, f"no engine process under {node.name}: {[process_name(p) for p in below]}"
-    for pid in engines:
+    for pid in engine_pids(node):
         os.kill(pid, signal.SIGKILL)
     assert node.proc.wait(30) == 3  # ENGINE_DEAD_EXIT: the supervisor restarts it
     assert node.name not in registered_nodes(cluster.etcd_url)  # revoked on the way out, not left to expire

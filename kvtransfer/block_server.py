@@ -21,13 +21,15 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from tandem.logs import RateLimitedLog
 
 from .layout import KVLayout, KVLayoutMismatch
 from .paged import PagedKV, Staging, as_bytes_array
-from .transport import DataPlane, TransferError, choose_plane
+from .transport import DataPlane, TransferError, choose_plane, peer_hung_up
 from .wire import ChannelClosed, recv_msg, send_msg
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,11 @@ _bad_peer_log = RateLimitedLog(logger, every_s=10.0)
 
 # A fetch can arrive a moment before the engine step that registers the hold.
 HOLD_REGISTRATION_WAIT_S = 5.0
+# Control connections served at once (each has a thread and, with UCX, its own worker); one more
+# is refused with an error. Decode workers keep one per prefill worker, so this is many nodes' worth.
+MAX_CONNECTIONS = 64
+# One send's socket timeout (TCP plane; the UCX plane has its own): past it the peer is gone.
+SEND_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -54,6 +61,10 @@ class HoldTable:
         self._holds: dict[str, _Hold] = {}
         self._released_early: dict[str, float] = {}
         self._freed: set[str] = set()
+        # Holds being sent now: their blocks are read, so neither a release nor the lease frees
+        # them until the send ends (a release meanwhile takes effect then).
+        self._sending: dict[str, int] = {}
+        self._release_after_send: set[str] = set()
 
     def hold(self, req_id: str, block_ids: list[int], lease_s: float) -> None:
         with self._cond:
@@ -64,21 +75,51 @@ class HoldTable:
             self._cond.notify_all()
 
     def get(self, req_id: str, wait_s: float = HOLD_REGISTRATION_WAIT_S) -> list[int]:
-        deadline = time.monotonic() + wait_s
         with self._cond:
-            while req_id not in self._holds:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise KeyError(f"no KV blocks held for request {req_id} (released, expired or unknown)")
-                self._cond.wait(left)
-            h = self._holds[req_id]
-            if time.monotonic() > h.deadline:
-                raise KeyError(f"the KV lease of request {req_id} ran out")
-            return h.block_ids
+            return self._get(req_id, wait_s)
+
+    def _get(self, req_id: str, wait_s: float) -> list[int]:
+        deadline = time.monotonic() + wait_s
+        while req_id not in self._holds:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise KeyError(f"no KV blocks held for request {req_id} (released, expired or unknown)")
+            self._cond.wait(left)
+        h = self._holds[req_id]
+        if time.monotonic() > h.deadline:
+            raise KeyError(f"the KV lease of request {req_id} ran out")
+        return h.block_ids
+
+    @contextmanager
+    def sending(self, req_id: str, wait_s: float = HOLD_REGISTRATION_WAIT_S) -> Iterator[list[int]]:
+        """The held block ids, kept from being freed while the caller reads them."""
+        with self._cond:
+            block_ids = self._get(req_id, wait_s)
+            self._sending[req_id] = self._sending.get(req_id, 0) + 1
+        try:
+            yield block_ids
+        finally:
+            with self._cond:
+                self._sending[req_id] -= 1
+                if not self._sending[req_id]:
+                    del self._sending[req_id]
+                    if req_id in self._release_after_send:
+                        self._release_after_send.discard(req_id)
+                        self._free(req_id)
+
+    def _free(self, req_id: str) -> bool:
+        if self._holds.pop(req_id, None) is not None:
+            self._freed.add(req_id)
+            return True
+        return False
 
     def release(self, req_id: str) -> bool:
-        """Free a hold; a release that comes before its hold frees it on arrival."""
+        """Free a hold; a release that comes before its hold frees it on arrival, one that
+        comes during its send when the send ends."""
         with self._cond:
+            if req_id in self._sending:
+                self._release_after_send.add(req_id)
+                return True
             if self._holds.pop(req_id, None) is not None:
                 self._freed.add(req_id)
                 return True
@@ -93,7 +134,7 @@ class HoldTable:
         now = time.monotonic()
         with self._cond:
             for req_id, h in list(self._holds.items()):
-                if now > h.deadline:
+                if now > h.deadline and req_id not in self._sending:
                     logger.warning("request %s: KV lease ran out before decode fetched it; freeing", req_id)
                     del self._holds[req_id]
                     self._freed.add(req_id)
@@ -109,7 +150,8 @@ class HoldTable:
 
 
 class BlockServer:
-    """Serves held blocks to decode workers; one thread per control connection."""
+    """Serves held blocks to decode workers; one thread and one forked data plane per control
+    connection (so a slow decode peer holds up only its own transfers), at most MAX_CONNECTIONS."""
 
     def __init__(self, host: str, port: int, kv: PagedKV, planes: dict[str, DataPlane],
                  engine_id: str = "", reserved: bool = False) -> None:
@@ -126,6 +168,7 @@ class BlockServer:
         self._closed = False
         self._bytes_sent = 0
         self._bytes_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._thread = threading.Thread(target=self._accept_loop, name="tandem-kv-server", daemon=True)
         self._thread.start()
         logger.info("KV block server on %s (planes: %s)", self.address, ", ".join(planes))
@@ -149,7 +192,23 @@ class BlockServer:
             except OSError:
                 return
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._serve, args=(conn,), name="tandem-kv-conn", daemon=True).start()
+            if not self._slots.acquire(blocking=False):
+                _bad_peer_log.warning("KV server: %d connections open; refusing another", MAX_CONNECTIONS)
+                try:
+                    conn.settimeout(1.0)
+                    send_msg(conn, {"ok": False, "error": f"the KV server serves at most {MAX_CONNECTIONS} "
+                                                          "connections"})
+                except OSError:
+                    pass
+                conn.close()
+                continue
+            threading.Thread(target=self._serve_one, args=(conn,), name="tandem-kv-conn", daemon=True).start()
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        try:
+            self._serve(conn)
+        finally:
+            self._slots.release()
 
     def _serve(self, conn: socket.socket) -> None:
         plane: DataPlane | None = None
@@ -202,7 +261,7 @@ class BlockServer:
 
     def _hello(self, conn: socket.socket, msg: dict) -> tuple[DataPlane, object]:
         self.kv.layout.check_compatible(KVLayout.from_json(msg["layout"]))
-        plane = choose_plane(self._planes, list(msg.get("planes", ["tcp"])))
+        plane = choose_plane(self._planes, list(msg.get("planes", ["tcp"]))).fork()
         peer = plane.connect(msg)
         send_msg(conn, {"ok": True, "plane": plane.name, "layout": self.kv.layout.to_json(), **plane.local_info()})
         return plane, peer
@@ -210,9 +269,22 @@ class BlockServer:
     def _fetch(self, conn: socket.socket, msg: dict, plane: DataPlane, peer: object, staging: Staging) -> None:
         req_id = str(msg["req"])
         wanted = [int(b) for b in msg["blocks"]]
-        held = set(self.holds.get(req_id))
-        if not set(wanted) <= held:
-            raise ValueError(f"request {req_id}: asked for blocks that are not held for it")
+        with self.holds.sending(req_id) as held:
+            if not set(wanted) <= set(held):
+                raise ValueError(f"request {req_id}: asked for blocks that are not held for it")
+            conn.settimeout(SEND_TIMEOUT_S)  # a frozen peer must not hold the blocks for good
+            try:
+                nbytes = self._send(conn, req_id, wanted, msg, plane, peer, staging)
+            finally:
+                conn.settimeout(None)
+        if msg.get("free_after"):
+            # One round trip less than an ack: once the send completed the blocks are no longer read.
+            self.holds.release(req_id)
+        with self._bytes_lock:
+            self._bytes_sent += nbytes
+
+    def _send(self, conn: socket.socket, req_id: str, wanted: list[int], msg: dict, plane: DataPlane,
+              peer: object, staging: Staging) -> int:
         t0 = time.perf_counter()
         tag = int(msg.get("tag", 0))
         if msg.get("runs") is not None:
@@ -228,7 +300,7 @@ class BlockServer:
             views = self.kv.run_views(starts, lengths)
             nbytes = sum(v.nbytes for v in views)
             send_msg(conn, {"ok": True, "nbytes": nbytes, "chunks": len(views)})
-            _send_or_hang_up(plane, peer, conn, iter(views), tag)
+            self._send_or_hang_up(req_id, plane, peer, conn, iter(views), tag)
         else:
             idx = self.kv.index(wanted)
             layers = staging.layers(len(wanted))
@@ -240,20 +312,22 @@ class BlockServer:
                     self.kv.gather_layer(i, idx, out)
                     yield as_bytes_array(out)
 
-            _send_or_hang_up(plane, peer, conn, packed(), tag)
-        if msg.get("free_after"):
-            # One round trip less than an ack: once the send completed the blocks are no longer read.
-            self.holds.release(req_id)
-        with self._bytes_lock:
-            self._bytes_sent += nbytes
+            self._send_or_hang_up(req_id, plane, peer, conn, packed(), tag)
         logger.debug("request %s: sent %d blocks (%d bytes) in %.4f s over %s",
                      req_id, len(wanted), nbytes, time.perf_counter() - t0, plane.name)
+        return nbytes
 
 
-def _send_or_hang_up(plane: DataPlane, peer: object, conn: socket.socket, chunks: object, tag: int) -> None:
-    """Once "ok" went out the peer expects bytes, not an error message: on failure, hang up."""
-    try:
-        plane.send_chunks(peer, conn, chunks, tag)  # type: ignore[arg-type]
-    except (TransferError, OSError) as exc:
-        logger.warning("KV send failed mid-transfer, closing the connection: %s", exc)
-        raise ConnectionAbortedError(str(exc)) from exc
+    def _send_or_hang_up(self, req_id: str, plane: DataPlane, peer: object, conn: socket.socket, chunks: object,
+                         tag: int) -> None:
+        """Once "ok" went out the peer expects bytes, not an error message: on failure, hang up.
+
+        The hold is freed then (the fetcher gave up on it, or cannot use half of it), and the
+        connection's plane is retired: a send left half-posted on it never progresses again."""
+        try:
+            plane.send_chunks(peer, conn, chunks, tag, lambda: peer_hung_up(conn))  # type: ignore[arg-type]
+        except (TransferError, OSError) as exc:
+            logger.warning("request %s: KV send failed mid-transfer, closing the connection: %s", req_id, exc)
+            plane.retire()
+            self.holds.release(req_id)
+            raise ConnectionAbortedError(str(exc)) from exc
