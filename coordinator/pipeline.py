@@ -209,6 +209,7 @@ class Pipeline:
         prog = _Progress(req, self.codec.detokenizer(), StopMatcher(s.stop))
         out = prog.out
         leg = 0
+        kv_failed_from: set[str] = set()  # prefill nodes whose KV a decode node could not fetch
         while not out.reason:
             left = s.remaining(len(prog.sent))
             context = [*req.prompt_ids, *prog.sent]
@@ -221,7 +222,8 @@ class Pipeline:
                     dnode = legs_end.enter_context(self.router.track(await self.router.acquire("decode", avoid)))
                 if leg == 0:
                     m.QUEUE.observe(time.perf_counter() - req.received)
-                pre, pnode = await self._prefill(req, context, left, hold_kv=dnode is not None, leg=leg)
+                pre, pnode = await self._prefill(req, context, left, hold_kv=dnode is not None, leg=leg,
+                                                 prefer_not=kv_failed_from)
                 if dnode is not None and (not dnode.up or dnode.record.draining):
                     # It failed or began draining while the prompt was prefilled; the handle
                     # serves any decode node.
@@ -263,6 +265,10 @@ class Pipeline:
                             out.decode_s += time.perf_counter() - t_dec
                         except NodeCallFailed as failed:
                             self._migrate_or_raise(req, prog, failed, leg)
+                            if failed.cause == "aborted":
+                                # The KV did not arrive: the path from that prefill node may be
+                                # what failed, so the next leg prefills elsewhere if it can.
+                                kv_failed_from.add(pnode.node_id)
                             leg += 1
                 finally:
                     if handle is not None and not consumed:
@@ -312,9 +318,10 @@ class Pipeline:
         return max(0.001, min(limit_s, req.deadline - time.perf_counter()))
 
     async def _prefill(self, req: Prepared, context: list[int], sampling: Sampling, hold_kv: bool,
-                       leg: int) -> tuple[pb.PrefillResponse, NodeClient]:
-        """Prefill ``context`` for one token; a failed node is retried once on another."""
-        avoid: set[str] = set()
+                       leg: int, prefer_not: set[str]) -> tuple[pb.PrefillResponse, NodeClient]:
+        """Prefill ``context`` for one token; a failed node is retried once on another. Nodes in
+        ``prefer_not`` are picked only when no other is available."""
+        avoid: set[str] = set(prefer_not)
         for attempt in range(2):
             node = await self.router.acquire("prefill", avoid)
             call = node.stub.Prefill(  # type: ignore[attr-defined]

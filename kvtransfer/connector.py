@@ -10,9 +10,11 @@ The roles share no objects; per-step state crosses as TandemConnectorMetadata.
 Loads are asynchronous (whole blocks pulled between steps), so the per-layer
 hooks (wait_for_layer_load, save_kv_layer) have nothing to do.
 
-kv_connector_extra_config keys: engine_id, address (host:port of this
-engine's block server; producers), port_reserved (the daemon holds that port
-with SO_REUSEPORT until the server is up), lease_s, transport (auto | ucx | tcp).
+kv_connector_extra_config keys: engine_id, address (host:port this engine's
+block server binds; producers), advertise (host:port put in handles, when
+decode nodes reach the server through a NAT or proxy; default: address),
+port_reserved (the daemon holds that port with SO_REUSEPORT until the server
+is up), lease_s, transport (auto | ucx | tcp).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class TandemConnector(KVConnectorBase_V1):
         self._sched: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self._sched = SchedulerSide(engine_id, block_size, address, lease_s)
+            self._sched = SchedulerSide(engine_id, block_size, str(extra.get("advertise") or address), lease_s)
         else:
             mc, pc = vllm_config.model_config, vllm_config.parallel_config
             if kv_cache_config is None:

@@ -206,6 +206,19 @@ def test_kv_unavailable_migrates_but_keeps_the_node_in_routing(tiny_model: Path)
     assert p.router._nodes["decode-0"].up
 
 
+def test_after_kv_unavailable_the_next_leg_prefills_on_another_node(tiny_model: Path) -> None:
+    # The KV path from prefill-0 is cut: its handle's fetch fails (ABORTED) on the decode side.
+    # Both prefill nodes are equally loaded, and prefill-0 would win the tie again.
+    first, second = Prefill(), Prefill()
+    p = make(tiny_model, [first, second], [Decode(fail_after=0, code=grpc.StatusCode.ABORTED), Decode()])
+    p.router._nodes["decode-0"].outstanding = -1
+    p.router._nodes["prefill-1"].served = 1
+    evs = run(lambda: collect(p, 8))
+    assert tokens(evs) == undisturbed(8) and evs[-1].migrations == 1
+    assert len(first.calls) == 1 and len(second.calls) == 1
+    assert p.router._nodes["prefill-0"].up  # a KV failure does not take the node out of routing
+
+
 def test_migration_stops_at_the_limit_with_a_clear_status(tiny_model: Path) -> None:
     prefill = Prefill()
     decodes = [Decode(fail_after=1), Decode(fail_after=1)]

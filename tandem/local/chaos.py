@@ -1,11 +1,14 @@
 """`tandem chaos`: faults injected into a real local cluster under a seeded streaming load.
 
-One supervised cluster (etcd, a coordinator, 2 prefill and 2 decode nodes:
+One supervised cluster (etcd, two coordinators, 2 prefill and 2 decode nodes:
 every scenario that restarts a node has a second one in its pool) serves all
 scenarios in turn; the supervisor restarts what a scenario breaks. Per
-scenario: a seeded open-loop load of greedy, fixed-length requests starts;
-a third of the way in, one fault lands (SIGKILL or SIGSTOP of a prefill node,
-a decode node, the coordinator or etcd, or a drain); the load runs to its end.
+scenario: a seeded open-loop load of greedy, fixed-length requests starts,
+spread over both coordinators; a third of the way in, one fault lands
+(SIGKILL or SIGSTOP of a prefill node, a decode node, the first coordinator
+or etcd; a drain; a cut of the KV path from prefill-0, whose KV goes over TCP
+through a proxy; or a rolling restart that drains every node in turn); the
+load runs to its end (for the rolling restart, until every node is back).
 
 Every request is accounted for: completed (all its tokens), ended with a
 clear gRPC status, hung (still open at the client's deadline), or lost
@@ -29,14 +32,20 @@ import signal
 import subprocess
 import sys
 import time
+import threading
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
 
-from .cluster import ClusterSpec, Daemon, LocalCluster
 from tandem.grpcserve import CHANNEL_OPTIONS
+from tandem.netutil import free_port
+
+from .cluster import ClusterSpec, Daemon, LocalCluster
+from .proxy import TcpProxy
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +56,13 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "drain-prefill": ("prefill", "drain"),
     "kill-coordinator": ("coordinator", "kill"), "freeze-coordinator": ("coordinator", "freeze"),
     "kill-etcd": ("etcd", "kill"), "freeze-etcd": ("etcd", "freeze"),
+    "cut-kv": ("kv-path", "cut"), "rolling-restart": ("every-node", "roll"),
 }
-CI_SCENARIOS = ("kill-decode", "drain-prefill")
+CI_SCENARIOS = ("kill-decode", "drain-prefill", "kill-coordinator", "cut-kv")
 KV_LEASE_S = 10.0
 CLIENT_DEADLINE_S = 120.0
+KV_CUT_S = 10.0
+ROLL_STEP_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -63,6 +75,7 @@ class Outcome:
     details: str = ""
     migrations: int = 0
     done_at: float = 0.0
+    front: str = ""  # the coordinator it went through
 
 
 @dataclass
@@ -80,6 +93,7 @@ class ScenarioResult:
     kv_blocks_held_after: float
     recovery_s: float | None
     supervisor_events: list[str]
+    by_front: dict[str, dict[str, int]] = field(default_factory=dict)  # coordinator -> status -> count
 
 
 def workload(n: int, rate: float, seed: int, vocab: int) -> list[tuple[float, list[int], int]]:
@@ -115,9 +129,30 @@ async def _one(stub: object, o: Outcome, t0: float) -> None:
     o.done_at = time.monotonic() - t0
 
 
+class _KVPath:
+    """The cut-able KV path from prefill-0 (its proxy), as a scenario's victim."""
+
+    name = "prefill-0 KV path"
+
+    def __init__(self, proxy: TcpProxy) -> None:
+        self.proxy = proxy
+
+
+class _Roll:
+    """A rolling restart: drain each node in turn and wait until it is back before the next."""
+
+    name = "every node"
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.failed = ""
+
+
 class Harness:
-    def __init__(self, cluster: LocalCluster, requests: int, rate: float, seed: int) -> None:
+    def __init__(self, cluster: LocalCluster, requests: int, rate: float, seed: int,
+                 proxy: TcpProxy | None = None) -> None:
         self.cluster = cluster
+        self.proxy = proxy
         self.requests = requests
         self.rate = rate
         self.seed = seed
@@ -132,6 +167,12 @@ class Harness:
             return c.coordinator
         if target == "etcd":
             return c.etcd
+        if target == "kv-path":
+            if self.proxy is None:
+                raise ValueError("the cut-kv scenario needs the KV proxy (chaos_cluster starts it)")
+            return _KVPath(self.proxy)
+        if target == "every-node":
+            return _Roll()
         busy = self._outstanding()
         pool = [d for d in c.nodes if d.role == target]
         return max(pool, key=lambda d: (busy.get(d.name, 0), d.name))
@@ -155,8 +196,34 @@ class Harness:
         elif action == "freeze":
             victim.signal(signal.SIGSTOP)  # type: ignore[attr-defined]
         elif action == "drain":
-            subprocess.run([sys.executable, "-m", "tandem.cli", "drain", name, "--etcd", self.cluster.etcd_url,
-                            "--no-wait", "--grace-s", "60"], check=True, capture_output=True, timeout=30)
+            self._drain(name)
+        elif action == "cut":
+            victim.proxy.cut(KV_CUT_S)  # type: ignore[attr-defined]
+        elif action == "roll":
+            threading.Thread(target=self._roll, args=(victim,), name="chaos-roll", daemon=True).start()
+
+    def _drain(self, name: str) -> None:
+        subprocess.run([sys.executable, "-m", "tandem.cli", "drain", name, "--etcd", self.cluster.etcd_url,
+                        "--no-wait", "--grace-s", "60"], check=True, capture_output=True, timeout=30)
+
+    def _roll(self, roll: _Roll) -> None:
+        try:
+            for d in list(self.cluster.nodes):
+                since = time.time()
+                logger.warning("chaos: rolling restart: draining %s", d.name)
+                self._drain(d.name)
+                deadline = time.monotonic() + ROLL_STEP_TIMEOUT_S
+                while not (self._back(d.name, since) and self._reconverged()):
+                    if time.monotonic() > deadline:
+                        roll.failed = f"{d.name} was not back within {ROLL_STEP_TIMEOUT_S:.0f} s"
+                        logger.error("chaos: rolling restart: %s", roll.failed)
+                        return
+                    time.sleep(0.5)
+        except Exception as exc:  # reported as not recovered
+            roll.failed = f"{type(exc).__name__}: {exc}"
+            logger.exception("chaos: rolling restart failed")
+        finally:
+            roll.done.set()
 
     # convergence --------------------------------------------------------------
     def _reconverged(self) -> bool:
@@ -180,16 +247,26 @@ class Harness:
         return sup is not None and any(e.daemon == victim and e.what == "ready" and e.at >= since_wall
                                        for e in list(sup.events))
 
-    async def _recovery(self, fault_at: float, victim: str) -> float | None:
+    def _victim_back(self, victim: object, since_wall: float) -> bool:
+        if isinstance(victim, _KVPath):
+            return not victim.proxy.is_cut
+        if isinstance(victim, _Roll):
+            return victim.done.is_set() and not victim.failed
+        return self._back(getattr(victim, "name", "?"), since_wall)
+
+    async def _recovery(self, fault_at: float, victim: object) -> float | None:
         """Seconds from the fault to a completed request with the membership reconverged
         (the victim restarted, every node registered, up and not draining)."""
         from tandem.proto import tandem_pb2_grpc as pb_grpc
 
         loop = asyncio.get_running_loop()
         fault_wall = time.time() - (time.monotonic() - fault_at)
-        deadline = fault_at + 300
+        deadline = fault_at + 300 + (ROLL_STEP_TIMEOUT_S * len(self.cluster.nodes) if isinstance(victim, _Roll)
+                                     else 0)
         while time.monotonic() < deadline:
-            if self._back(victim, fault_wall) and await loop.run_in_executor(None, self._reconverged):
+            if isinstance(victim, _Roll) and victim.failed:
+                return None
+            if self._victim_back(victim, fault_wall) and await loop.run_in_executor(None, self._reconverged):
                 async with grpc.aio.insecure_channel(self.cluster.grpc_address, options=CHANNEL_OPTIONS) as ch:
                     probe = Outcome(-1, [7, 8, 9, 10], 4)
                     await _one(pb_grpc.CoordinatorStub(ch), probe, 0.0)
@@ -203,34 +280,45 @@ class Harness:
         from tandem.proto import tandem_pb2_grpc as pb_grpc
 
         target, action = SCENARIOS[scenario]
-        plan = workload(self.requests, self.rate, self.seed, self.vocab)
-        outcomes = [Outcome(i, p, n) for i, (_, p, n) in enumerate(plan)]
-        fault_s = plan[len(plan) // 3][0]
+        # A rolling restart takes as long as it takes: the load goes on (same rate) until it is done.
+        plan = workload(self.requests * (50 if action == "roll" else 1), self.rate, self.seed, self.vocab)
+        fault_s = plan[self.requests // 3][0]
         n_events = len(self.cluster.supervisor.events) if self.cluster.supervisor else 0
         t0, wall0 = time.monotonic(), time.time()
         tasks: list[asyncio.Task[None]] = []
-        victim_name, recovery = "", None
-        async with grpc.aio.insecure_channel(self.cluster.grpc_address, options=CHANNEL_OPTIONS) as ch:
-            stub = pb_grpc.CoordinatorStub(ch)
-            injected = False
-            for (arrival, _, _), o in zip(plan, outcomes):
-                if not injected and arrival >= fault_s:
+        outcomes: list[Outcome] = []
+        victim_name, recovery, victim = "", None, None
+        fronts = self.cluster.coordinators
+        channels = [grpc.aio.insecure_channel(c.info["grpc"], options=CHANNEL_OPTIONS) for c in fronts]
+        try:
+            stubs = [pb_grpc.CoordinatorStub(ch) for ch in channels]
+            for i, (arrival, prompt, max_tokens) in enumerate(plan):
+                if i >= self.requests and not (isinstance(victim, _Roll) and not victim.done.is_set()):
+                    break
+                if victim is None and arrival >= fault_s:
                     await asyncio.sleep(max(0.0, fault_s - (time.monotonic() - t0)))
                     victim = self._victim(target)
                     victim_name = getattr(victim, "name", "?")
                     fault_at = time.monotonic()
                     await asyncio.get_running_loop().run_in_executor(None, self._inject, victim, action)
-                    recovery = asyncio.ensure_future(self._recovery(fault_at, victim_name))
-                    injected = True
+                    recovery = asyncio.ensure_future(self._recovery(fault_at, victim))
                 await asyncio.sleep(max(0.0, arrival - (time.monotonic() - t0)))
-                tasks.append(asyncio.ensure_future(_one(stub, o, t0)))
+                o = Outcome(i, prompt, max_tokens, front=fronts[i % len(fronts)].name)
+                outcomes.append(o)
+                tasks.append(asyncio.ensure_future(_one(stubs[i % len(stubs)], o, t0)))
             await asyncio.gather(*tasks)
+        finally:
+            for ch in channels:
+                await ch.close()
         recovery_s = await recovery if recovery is not None else None
         mismatches = await self._replay_migrated(outcomes)
         held = await asyncio.get_running_loop().run_in_executor(None, self._blocks_held_settled)
         statuses: dict[str, int] = {}
+        by_front: dict[str, dict[str, int]] = {}
         for o in outcomes:
             statuses[o.status] = statuses.get(o.status, 0) + 1
+            front = by_front.setdefault(o.front, {})
+            front[o.status] = front.get(o.status, 0) + 1
         events = self.cluster.supervisor.events[n_events:] if self.cluster.supervisor else []
         completed = [o for o in outcomes if o.status == "ok"]
         return ScenarioResult(
@@ -241,7 +329,8 @@ class Harness:
             hung=statuses.get("hung", 0), lost=statuses.get("lost", 0)
             + sum(1 for o in completed if len(o.tokens) != o.max_tokens),
             token_mismatches=mismatches, kv_blocks_held_after=held, recovery_s=recovery_s,
-            supervisor_events=[f"+{e.at - wall0:.1f}s {e.daemon} {e.what} {e.detail}".rstrip() for e in events])
+            supervisor_events=[f"+{e.at - wall0:.1f}s {e.daemon} {e.what} {e.detail}".rstrip() for e in events],
+            by_front=by_front)
 
     async def _replay_migrated(self, outcomes: list[Outcome]) -> int:
         """Migrated requests again, undisturbed: each must give the same tokens."""
@@ -283,14 +372,28 @@ def _scrape(address: str, name: str) -> float:
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
 
 
-def chaos_cluster_spec(model: str, log_dir: str) -> ClusterSpec:
-    return ClusterSpec(model=model, num_prefill=2, num_decode=2, ttl_s=3, lease_s=KV_LEASE_S, log_dir=log_dir,
-                       supervise=True, extra_coordinator_args=["--stall-s", "2", "--pool-wait-s", "20"])
+def chaos_cluster_spec(model: str, log_dir: str, kv_port: int, kv_proxy: str) -> ClusterSpec:
+    """2 coordinators, 2 prefill and 2 decode nodes, supervised. prefill-0 binds its KV on
+    ``kv_port`` and advertises ``kv_proxy`` (the proxy in front of it), over TCP only, so that
+    the cut-kv scenario can cut its KV path; the rest move KV over UCX."""
+    return ClusterSpec(model=model, num_prefill=2, num_decode=2, num_coordinators=2, ttl_s=3, lease_s=KV_LEASE_S,
+                       log_dir=log_dir, supervise=True,
+                       extra_coordinator_args=["--stall-s", "2", "--pool-wait-s", "20"],
+                       node_args={"prefill-0": ["--kv-port", str(kv_port), "--kv-advertise", kv_proxy,
+                                                "--kv-transport", "tcp"]})
+
+
+@contextmanager
+def chaos_cluster(model: str, log_dir: str) -> Iterator[tuple[LocalCluster, TcpProxy]]:
+    kv_port = free_port()
+    with TcpProxy(f"127.0.0.1:{kv_port}") as proxy, \
+            LocalCluster(chaos_cluster_spec(model, log_dir, kv_port, proxy.address)) as cluster:
+        yield cluster, proxy
 
 
 def run_scenarios(cluster: LocalCluster, scenarios: list[str], requests: int, rate: float, seed: int,
-                  out_dir: Path | None = None) -> list[ScenarioResult]:
-    harness = Harness(cluster, requests, rate, seed)
+                  out_dir: Path | None = None, proxy: TcpProxy | None = None) -> list[ScenarioResult]:
+    harness = Harness(cluster, requests, rate, seed, proxy)
     results = []
     for name in scenarios:
         print(f"[tandem chaos] {name}: {requests} requests at {rate} req/s ...", flush=True)
@@ -318,7 +421,12 @@ def report(results: list[ScenarioResult], command: str, context: str) -> str:
                      f"{r.migrated} | {r.hung} | {r.lost} | {r.token_mismatches} | {r.kv_blocks_held_after:.0f} | "
                      f"{rec} |")
     statuses = sorted({k for r in results for k in r.statuses if k not in ("ok",)})
-    foot = f"\nStatuses seen: {', '.join(statuses) or 'none'}. Reproduce: `{command}`\n"
+    fronts = [f"- {r.scenario}: " + "; ".join(f"{front} {', '.join(f'{k} {v}' for k, v in sorted(st.items()))}"
+                                            for front, st in sorted(r.by_front.items()))
+              for r in results if any(set(st) != {"ok"} for st in r.by_front.values())]
+    foot = (f"\nStatuses seen: {', '.join(statuses) or 'none'}. Reproduce: `{command}`\n"
+            + ("\nWhere requests did not all complete, per coordinator they went through:\n\n" + "\n".join(fronts) + "\n"
+               if fronts else ""))
     return "\n".join(lines) + "\n" + foot
 
 
@@ -345,10 +453,11 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         return 2
     model = args.model or str(ensure_default_model())
     out = Path(args.out)
-    spec = chaos_cluster_spec(model, str(out / "logs"))
-    print(f"[tandem chaos] starting a supervised cluster (2 prefill, 2 decode); logs in {spec.log_dir}", flush=True)
-    with LocalCluster(spec) as cluster:
-        results = run_scenarios(cluster, names, args.requests, args.rate, args.seed, out)
+    log_dir = out / "logs"
+    print(f"[tandem chaos] starting a supervised cluster (2 coordinators, 2 prefill, 2 decode); logs in {log_dir}",
+          flush=True)
+    with chaos_cluster(model, str(log_dir)) as (cluster, proxy):
+        results = run_scenarios(cluster, names, args.requests, args.rate, args.seed, out, proxy)
     command = (f"tandem chaos --scenarios {','.join(names)} --requests {args.requests} --rate {args.rate} "
                f"--seed {args.seed}")
     context = (f"Run {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores, model {Path(model).name}, "
@@ -367,11 +476,13 @@ def cmd_chaos(args: argparse.Namespace) -> int:
 
 RELIABILITY_HEAD = """# Reliability: the chaos suite
 
-Generated by `tandem chaos` (tandem/local/chaos.py) on a real local cluster: etcd, a
-coordinator, 2 prefill and 2 decode nodes (real vLLM, KV over UCX), supervised
-the way Kubernetes would (a daemon that dies or fails 3 health probes in a row
-is restarted with backoff). Per scenario a seeded open-loop load of greedy,
-fixed-length streaming requests runs; a third of the way in, one fault lands.
+Generated by `tandem chaos` (tandem/local/chaos.py) on a real local cluster: etcd, two
+coordinators, 2 prefill and 2 decode nodes (real vLLM), supervised the way
+Kubernetes would (a daemon that dies or fails 3 health probes in a row is
+restarted with backoff). KV moves over UCX, except from prefill-0, whose KV
+goes over TCP through a proxy the harness can cut. Per scenario a seeded
+open-loop load of greedy, fixed-length streaming requests runs, alternating
+between the two coordinators; a third of the way in, one fault lands.
 
 Columns: *completed* got every token; *clear status* ended with a gRPC status
 naming the cause (for example UNAVAILABLE when the coordinator serving the
@@ -384,12 +495,16 @@ nodes once the KV lease plus a margin is over (must be 0); *recovery* runs
 from the fault to the first request completed with the membership
 reconverged (it includes restarting the victim's vLLM engine).
 
-With one coordinator, killing or freezing it ends the streams it carried and
-refuses new ones until the supervisor has restarted it: those requests end
-UNAVAILABLE (a clear status, not a hang); clients that retry, or a second
-coordinator, would carry them. Not covered yet: cutting the KV path between a
-prefill and a decode node (it needs the KV plane over TCP through a proxy the
-harness can close; shared memory cannot be cut that way) and two coordinators
-on one etcd.
+Coordinators are stateless front doors: killing or freezing the first one
+ends the streams it carried and refuses new ones sent to it until the
+supervisor has restarted it (UNAVAILABLE, a clear status, not a hang), while
+every request through the second one completes; a client that retries on the
+other front door would lose nothing. *cut-kv* closes every connection of
+prefill-0's KV path for 10 s and refuses new ones: fetches from it fail, and
+those requests migrate and prefill on prefill-1 instead. Only TCP can be cut
+this way: the UCX paths between the other nodes run over shared memory, which
+has no connection a proxy could close. *rolling-restart* drains every node in
+turn (each waits until the one before is back) while the load runs until
+the roll is done.
 
 """

@@ -175,7 +175,9 @@ class ClusterSpec:
     http_port: int = 0
     log_dir: str = ""
     extra_node_args: list[str] = field(default_factory=list)
+    node_args: dict[str, list[str]] = field(default_factory=dict)  # node name -> more flags for that node
     extra_coordinator_args: list[str] = field(default_factory=list)
+    num_coordinators: int = 1  # stateless front doors on the same etcd: coordinator, coordinator-1, ...
     cores: list[str] = field(default_factory=list)  # per node, prefill nodes first; empty: dealt out
     supervise: bool = False  # restart daemons that die or stop answering (tandem up: on)
 
@@ -188,11 +190,16 @@ class LocalCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.etcd: LocalEtcd | None = None
         self.etcd_url = spec.etcd
-        self.coordinator: Daemon | None = None
+        self.coordinators: list[Daemon] = []
         self.nodes: list[Daemon] = []
         self.supervisor: Supervisor | None = None
 
     # endpoints --------------------------------------------------------------
+    @property
+    def coordinator(self) -> Daemon | None:
+        """The first coordinator (the one ``grpc_address`` and ``http_url`` name)."""
+        return self.coordinators[0] if self.coordinators else None
+
     @property
     def grpc_address(self) -> str:
         assert self.coordinator is not None
@@ -217,14 +224,19 @@ class LocalCluster:
                 self.etcd = LocalEtcd(s.host).start()
                 self.etcd_url = self.etcd.url
             common = ["--etcd", self.etcd_url, "--cluster", s.cluster, "--model", s.model, "--host", s.host]
-            self.coordinator = Daemon(
-                "coordinator", "coordinator",
-                self._cli("coordinator", *common, "--grpc-port", str(s.grpc_port or free_port(s.host)),
-                          "--http-port", str(s.http_port or free_port(s.host)),
-                          *(["--max-model-len", str(s.max_model_len)] if s.max_model_len else []),
-                          *s.extra_coordinator_args),
-                self.log_dir / "coordinator.log")
-            self.coordinator.start()
+            for i in range(s.num_coordinators):
+                name = "coordinator" if i == 0 else f"coordinator-{i}"
+                fixed = i == 0  # the spec's ports are the first coordinator's
+                coordinator = Daemon(
+                    name, "coordinator",
+                    self._cli("coordinator", *common,
+                              "--grpc-port", str((s.grpc_port if fixed else 0) or free_port(s.host)),
+                              "--http-port", str((s.http_port if fixed else 0) or free_port(s.host)),
+                              *(["--max-model-len", str(s.max_model_len)] if s.max_model_len else []),
+                              *s.extra_coordinator_args),
+                    self.log_dir / f"{name}.log")
+                coordinator.start()
+                self.coordinators.append(coordinator)
             plan = s.cores or core_plan(s.num_prefill, s.num_decode)
             roles = ["prefill"] * s.num_prefill + ["decode"] * s.num_decode
             counters = {"prefill": 0, "decode": 0}
@@ -235,12 +247,12 @@ class LocalCluster:
                                  "--kv-cache-gib", str(s.kv_cache_gib), "--kv-transport", s.transport,
                                  "--ttl-s", str(s.ttl_s), "--kv-lease-s", str(s.lease_s),
                                  *(["--max-model-len", str(s.max_model_len)] if s.max_model_len else []),
-                                 *s.extra_node_args)
+                                 *s.extra_node_args, *s.node_args.get(name, []))
                 d = Daemon(name, role, argv, self.log_dir / f"{name}.log")
                 d.start()
                 self.nodes.append(d)
             deadline = time.monotonic() + timeout_s
-            for d in [self.coordinator, *self.nodes]:
+            for d in [*self.coordinators, *self.nodes]:
                 d.wait_ready(deadline)
             if s.supervise:
                 self.supervisor = Supervisor(self.daemons, on_event=self.on_event).start()
@@ -252,7 +264,7 @@ class LocalCluster:
     def daemons(self) -> list[Daemon | LocalEtcd]:
         """Everything this cluster runs, etcd first (when it is this cluster's own)."""
         out: list[Daemon | LocalEtcd] = [self.etcd] if self.etcd is not None else []
-        return out + ([self.coordinator] if self.coordinator is not None else []) + self.nodes
+        return out + self.coordinators + self.nodes
 
     def stop(self) -> None:
         if self.supervisor is not None:
@@ -261,8 +273,8 @@ class LocalCluster:
             d.signal(signal.SIGTERM)
         for d in self.nodes:
             d.stop()
-        if self.coordinator is not None:
-            self.coordinator.stop()
+        for c in self.coordinators:
+            c.stop()
         if self.etcd is not None:
             self.etcd.stop()
 

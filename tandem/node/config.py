@@ -23,6 +23,7 @@ class NodeConfig:
     host: str = "127.0.0.1"
     grpc_port: int = 0
     kv_port: int = 0
+    kv_advertise: str = ""  # host:port put in KV handles; empty: host:kv_port
     metrics_port: int = 0
     cores: str = ""
     kv_cache_gib: int = 1
@@ -53,6 +54,10 @@ class NodeConfig:
             raise ValueError(f"--kv-cache-gib must be positive, got {self.kv_cache_gib}")
         if self.lease_s <= 0 or self.ttl_s <= 0:
             raise ValueError("--kv-lease-s and --ttl-s must be positive")
+        if self.kv_advertise:
+            from tandem.kvtransfer.wire import parse_address
+
+            parse_address(self.kv_advertise)  # ValueError names the expected form
         if self.drain_grace_s < 0:
             raise ValueError(f"--drain-grace-s must be >= 0, got {self.drain_grace_s}")
         if self.cores:
@@ -112,6 +117,9 @@ def add_node_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to listen on and advertise")
     ap.add_argument("--grpc-port", type=int, default=int(_env("grpc_port", 0)))  # type: ignore[arg-type]
     ap.add_argument("--kv-port", type=int, default=int(_env("kv_port", 0)))  # type: ignore[arg-type]
+    ap.add_argument("--kv-advertise", default=_env("kv_advertise", ""),
+                    help="HOST:PORT that decode nodes dial for this node's KV, when they reach it through "
+                         "something in between (a NAT, a proxy); default HOST:KV_PORT")
     ap.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 0)))  # type: ignore[arg-type]
     ap.add_argument("--cores", default=_env("cores", ""), help="CPU cores the whole node runs on (daemon, vLLM engine core and worker), e.g. 0 or 0-3")
     ap.add_argument("--kv-cache-gib", type=int, default=int(_env("kv_cache_gib", 1)),  # type: ignore[arg-type]

@@ -68,6 +68,7 @@ class EngineHost:
                 "kv_connector_extra_config": {
                     "engine_id": self.engine_id,
                     "address": self.kv_address,
+                    "advertise": cfg.kv_advertise or self.kv_address,
                     "port_reserved": self.kv_port_reserved,
                     "lease_s": cfg.lease_s,
                     "transport": cfg.transport,

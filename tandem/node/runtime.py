@@ -50,10 +50,11 @@ async def run_node(cfg: NodeConfig, service_name: str,
     # ZMQ sockets took it once (a failed start). Hold it until the block server is up.
     reservation = None if cfg.kv_port else reserve_port(cfg.host)
     kv_port = cfg.kv_port or reservation.getsockname()[1]  # type: ignore[union-attr]
-    kv_address = f"{cfg.host}:{kv_port}"
+    kv_bind = f"{cfg.host}:{kv_port}"
+    kv_address = cfg.kv_advertise or kv_bind  # what handles and the node's record carry
     # New with every start: handles minted by an earlier process on this address are refused.
     engine_id = f"{cfg.node_id}-{uuid.uuid4().hex[:8]}"
-    engine = EngineHost(cfg, kv_address, engine_id, kv_port_reserved=reservation is not None)
+    engine = EngineHost(cfg, kv_bind, engine_id, kv_port_reserved=reservation is not None)
     try:
         await asyncio.get_running_loop().run_in_executor(None, engine.start)
     finally:

@@ -1,6 +1,7 @@
-"""The chaos suite's CI subset: kill-decode and drain-prefill (tandem/local/chaos.py, CI_SCENARIOS) on a
-real supervised 2 prefill + 2 decode cluster under a seeded streaming load. The full suite is a
-command (`tandem chaos`), not a test."""
+"""The chaos suite's CI subset (tandem/local/chaos.py, CI_SCENARIOS) on a real supervised cluster of
+2 coordinators, 2 prefill and 2 decode nodes under a seeded streaming load: a killed decode node, a
+drained prefill node, a killed coordinator (one of two front doors), and a cut KV path. The full
+suite, with freezes, etcd and a rolling restart of every node, is a command (`tandem chaos`)."""
 
 from __future__ import annotations
 
@@ -8,30 +9,40 @@ from pathlib import Path
 
 import pytest
 
-from tandem.local.chaos import CI_SCENARIOS, chaos_cluster_spec, run_scenarios
-from tandem.local.cluster import LocalCluster
+from tandem.local.chaos import CI_SCENARIOS, chaos_cluster, run_scenarios
 
 pytestmark = pytest.mark.e2e
+
+REQUESTS = 30
 
 
 @pytest.fixture(scope="module")
 def results(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("chaos")
-    with LocalCluster(chaos_cluster_spec(str(tiny_model), str(out / "logs"))) as cluster:
-        yield {r.scenario: r for r in run_scenarios(cluster, list(CI_SCENARIOS), requests=30, rate=3.0, seed=0,
-                                                     out_dir=out)}
+    with chaos_cluster(str(tiny_model), str(out / "logs")) as (cluster, proxy):
+        res = {r.scenario: r for r in run_scenarios(cluster, list(CI_SCENARIOS), requests=REQUESTS, rate=3.0,
+                                                     seed=0, out_dir=out, proxy=proxy)}
+        res["proxy cuts"] = proxy.cuts  # type: ignore[assignment]
+        yield res
 
 
 @pytest.mark.parametrize("scenario", CI_SCENARIOS)
 def test_nothing_hangs_nothing_is_lost_nothing_leaks(results, scenario: str) -> None:
     r = results[scenario]
-    assert r.requests == 30
+    assert r.requests == REQUESTS
     assert r.hung == 0 and r.lost == 0, r
-    # A dead decode node's requests migrate; a drained node finishes its own: every request completes.
-    assert r.completed == r.requests, r.statuses
     assert r.token_mismatches == 0
     assert r.kv_blocks_held_after == 0
     assert r.recovery_s is not None, "the cluster did not reconverge"
+    # Both coordinators carried the load.
+    assert set(r.by_front) == {"coordinator", "coordinator-1"}
+
+
+@pytest.mark.parametrize("scenario", ["kill-decode", "drain-prefill"])
+def test_a_node_that_dies_or_drains_costs_no_request(results, scenario: str) -> None:
+    r = results[scenario]
+    # A dead decode node's requests migrate; a drained node finishes its own: every request completes.
+    assert r.completed == r.requests, r.statuses
     victim_events = [e for e in r.supervisor_events if f" {r.victim} " in e]
     # The victim left (killed, or drained and exited 0) and the supervisor brought it back.
     assert any(" exited" in e for e in victim_events) and any(" ready" in e for e in victim_events), victim_events
@@ -40,3 +51,23 @@ def test_nothing_hangs_nothing_is_lost_nothing_leaks(results, scenario: str) -> 
 def test_a_drained_node_hands_back_no_request(results) -> None:
     r = results["drain-prefill"]
     assert r.migrated == 0 and r.ended_with_status == 0
+
+
+def test_a_killed_coordinator_ends_only_its_own_streams_and_serves_again_once_restarted(results) -> None:
+    r = results["kill-coordinator"]
+    assert r.victim == "coordinator"
+    # The other front door served every request sent to it, during the fault too.
+    assert r.by_front["coordinator-1"] == {"ok": REQUESTS // 2}, r.by_front
+    # Through the killed one: completed, or ended UNAVAILABLE (a clear status), nothing else.
+    assert set(r.by_front["coordinator"]) <= {"ok", "UNAVAILABLE"}, r.by_front
+    assert r.statuses.get("UNAVAILABLE", 0) >= 1, "the kill landed while nothing was in flight or sent there"
+    assert any(" coordinator exited" in e for e in r.supervisor_events)
+    assert any(" coordinator ready" in e for e in r.supervisor_events)
+
+
+def test_a_cut_kv_path_migrates_its_requests_to_the_other_prefill_node(results) -> None:
+    r = results["cut-kv"]
+    assert results["proxy cuts"] == 1
+    assert r.completed == r.requests, r.statuses
+    assert r.migrated >= 1, "no request's KV went through the cut path while it was cut"
+    assert not r.supervisor_events, "a cut KV path restarts no daemon"
