@@ -74,6 +74,7 @@ def _memcpy_gbps(nbytes: int, reps: int) -> float:
 
 def _bench_transport(transport: str, sizes_mib: list[int], reps: int, cores: tuple[int, int] | None) -> dict:
     from tandem.kvtransfer.fetcher import BlockFetcher, LoadJob
+    from tandem.kvtransfer.handle import TransferHandle
     from tandem.kvtransfer.transport import make_data_planes
 
     max_blocks = max(sizes_mib) * (1 << 20) // BLOCK_BYTES
@@ -96,7 +97,9 @@ def _bench_transport(transport: str, sizes_mib: list[int], reps: int, cores: tup
                 parent.send((req, blocks))
                 parent.recv()
                 t0 = time.perf_counter()
-                fetcher.submit(LoadJob(req, address, req, blocks, blocks))
+                handle = TransferHandle(engine_id="", address=address, remote_request_id=req, block_ids=blocks,
+                                        num_tokens=0, lease_deadline=0.0)
+                fetcher.submit(LoadJob(req, handle, blocks, blocks))
                 while True:
                     done, failed = fetcher.take_results()
                     if done:

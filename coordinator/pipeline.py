@@ -224,9 +224,9 @@ class Pipeline:
                     m.QUEUE.observe(time.perf_counter() - req.received)
                 pre, pnode = await self._prefill(req, context, left, hold_kv=dnode is not None, leg=leg,
                                                  prefer_not=kv_failed_from)
-                if dnode is not None and (not dnode.up or dnode.record.draining):
-                    # It failed or began draining while the prompt was prefilled; the handle
-                    # serves any decode node.
+                if dnode is not None and not self.router.routable(dnode):
+                    # It failed, began draining or left while the prompt was prefilled; the
+                    # handle serves any decode node.
                     dnode = legs_end.enter_context(self.router.track(await self.router.acquire("decode", avoid)))
                 handle = pre.handle if pre.HasField("handle") else None
                 consumed = False  # a completed decode fetched (and so freed) the handle's blocks

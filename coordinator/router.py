@@ -100,6 +100,10 @@ class Router:
                                                                                 options=CHANNEL_OPTIONS))
         self._pulse()
 
+    def routable(self, node: NodeClient) -> bool:
+        """Still a member (this very process), up and not draining."""
+        return self._nodes.get(node.node_id) is node and node.up and not node.record.draining
+
     def nodes(self, role: str | None = None) -> list[NodeClient]:
         return [n for n in self._nodes.values() if role is None or n.record.role == role]
 

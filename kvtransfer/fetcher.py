@@ -53,15 +53,18 @@ def _nothing(i: int) -> None:
 
 @dataclass
 class LoadJob:
-    """Blocks of one request to pull: remote ids on the prefill side, local ids here."""
+    """Blocks of one request to pull: ``handle`` says whose and where (its engine: a holder
+    restarted on the same address refuses the fetch; its lease: past it the blocks are gone);
+    ``remote_block_ids`` are the part of the handle's blocks to pull, into ``local_block_ids``."""
 
     req_id: str
-    address: str
-    remote_req_id: str
+    handle: TransferHandle
     remote_block_ids: list[int]
-    local_block_ids: list[int] = field(default_factory=list)
-    engine_id: str = ""  # the holder's engine; a restarted holder on the same address refuses the fetch
-    lease_deadline: float = 0.0  # unix seconds; 0: unknown. Past it the holder has freed the blocks.
+    local_block_ids: list[int]
+
+    @property
+    def address(self) -> str:
+        return self.handle.address
 
 
 @dataclass
@@ -256,11 +259,11 @@ class _Lane(threading.Thread):
         t0 = time.perf_counter()
         if fetch.aborted:  # while it queued: reported then; the holder still holds its blocks
             fetch.claim()
-            self._release(_handle_of(job))
+            self._release(job.handle)
             return
-        if job.lease_deadline and time.time() > job.lease_deadline:
+        if job.handle.lease_deadline and time.time() > job.handle.lease_deadline:
             logger.error("request %s: the KV lease at %s ran out %.1f s before the fetch could start",
-                         job.req_id, job.address, time.time() - job.lease_deadline)
+                         job.req_id, job.address, time.time() - job.handle.lease_deadline)
             if fetch.claim():
                 self.fetcher._report(job.req_id, failed=True)
             return
@@ -276,7 +279,7 @@ class _Lane(threading.Thread):
                 logger.info("request %s: KV fetch from %s aborted", job.req_id, job.address)
                 if first:
                     self.fetcher._report(job.req_id, aborted=True)
-                self._release(_handle_of(job))  # the holder frees its side now, not at lease end
+                self._release(job.handle)  # the holder frees its side now, not at lease end
             else:
                 logger.error("request %s: KV fetch from %s failed: %s", job.req_id, job.address, exc)
                 if first:
@@ -292,7 +295,8 @@ class _Lane(threading.Thread):
         job, kv = fetch.job, self.fetcher.kv
         tag = next(self.fetcher._tags)
         # free_after: the prefill side frees the hold when its send completes; no ack round trip.
-        msg = {"op": "fetch", "req": job.remote_req_id, "engine": job.engine_id, "blocks": job.remote_block_ids,
+        msg = {"op": "fetch", "req": job.handle.remote_request_id, "engine": job.handle.engine_id,
+               "blocks": job.remote_block_ids,
                "tag": tag, "free_after": True}
         segs = runs(job.remote_block_ids, job.local_block_ids)
         if kv.direct_ok and len(segs) <= MAX_DIRECT_RUNS:
@@ -321,11 +325,6 @@ class _Lane(threading.Thread):
         if self._staging_bufs is None:
             self._staging_bufs = Staging(self.fetcher.kv)
         return self._staging_bufs
-
-
-def _handle_of(job: LoadJob) -> TransferHandle:
-    return TransferHandle(engine_id=job.engine_id, address=job.address, remote_request_id=job.remote_req_id,
-                          block_ids=job.remote_block_ids, num_tokens=0, lease_deadline=job.lease_deadline)
 
 
 class BlockFetcher:

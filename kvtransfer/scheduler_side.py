@@ -80,15 +80,8 @@ class SchedulerSide:
             self._meta.failures.append(request.request_id)
             self._meta.releases.append(handle)
             return
-        self._meta.loads.append(LoadJob(
-            req_id=request.request_id,
-            engine_id=handle.engine_id,
-            address=handle.address,
-            remote_req_id=handle.remote_request_id,
-            remote_block_ids=handle.block_ids[first:last],
-            local_block_ids=list(local_ids[first:last]),
-            lease_deadline=handle.lease_deadline,
-        ))
+        self._meta.loads.append(LoadJob(request.request_id, handle, remote_block_ids=handle.block_ids[first:last],
+                                        local_block_ids=list(local_ids[first:last])))
 
     # producer -----------------------------------------------------------
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:

@@ -12,12 +12,12 @@ import torch
 
 from tandem.kvtransfer import block_server
 from tandem.kvtransfer.block_server import BlockServer, HoldTable
-from tandem.kvtransfer.fetcher import BlockFetcher, LoadJob
+from tandem.kvtransfer.fetcher import BlockFetcher
 from tandem.kvtransfer.paged import PagedKV
 from tandem.kvtransfer.transport import make_data_planes
 from tandem.kvtransfer.wire import ChannelClosed, recv_msg, send_msg
 
-from test_kvtransfer import paged, wait_results
+from test_kvtransfer import job, paged, wait_results
 
 
 class StalledPeer:
@@ -89,11 +89,11 @@ def test_a_stalled_peer_delays_only_its_own_fetches_and_an_abort_stops_them_at_o
     fetcher = BlockFetcher(dst, make_data_planes("tcp"))
     results: dict[str, bool] = {}
     try:
-        fetcher.submit(LoadJob("stuck", stalled.address, "s1", [1, 2], [20, 21]))
-        fetcher.submit(LoadJob("queued", stalled.address, "s2", [3], [22]))
+        fetcher.submit(job("stuck", stalled.address, "s1", [1, 2], [20, 21]))
+        fetcher.submit(job("queued", stalled.address, "s2", [3], [22]))
         wait_for(lambda: stalled.ops("fetch") == ["s1"], 5, "the stalled fetch to start")
         server.holds.hold("r1", [3, 7], lease_s=30)
-        fetcher.submit(LoadJob("good", server.address, "r1", [3, 7], [10, 11]))
+        fetcher.submit(job("good", server.address, "r1", [3, 7], [10, 11]))
         # Another peer's fetch is not held up behind the stalled one.
         wait_for(lambda: collect(fetcher, results) or "good" in results, 5, "the healthy peer's fetch")
         assert results == {"good": False}
@@ -128,10 +128,10 @@ def test_a_fetch_past_its_deadline_fails_and_one_past_its_lease_never_starts() -
     fetcher = BlockFetcher(dst, make_data_planes("tcp"), timeout_s=0.5)
     results: dict[str, bool] = {}
     try:
-        fetcher.submit(LoadJob("slow", stalled.address, "s1", [1], [2]))
+        fetcher.submit(job("slow", stalled.address, "s1", [1], [2]))
         took = wait_for(lambda: collect(fetcher, results) or "slow" in results, 5, "the deadline")
         assert results == {"slow": True} and took < 2.5
-        fetcher.submit(LoadJob("late", stalled.address, "s2", [1], [2], lease_deadline=time.time() - 1))
+        fetcher.submit(job("late", stalled.address, "s2", [1], [2], lease_deadline=time.time() - 1))
         wait_for(lambda: collect(fetcher, results) or "late" in results, 5, "the expired lease")
         assert results["late"] is True and "s2" not in stalled.ops("fetch")
     finally:
@@ -156,7 +156,7 @@ def test_an_abort_mid_transfer_lands_no_byte_and_the_holder_frees_its_blocks(tra
     results: dict[str, bool] = {}
     try:
         server.holds.hold("r1", [1, 2, 3], lease_s=30)
-        fetcher.submit(LoadJob("x", server.address, "r1", [1, 2, 3], [5, 6, 7]))
+        fetcher.submit(job("x", server.address, "r1", [1, 2, 3], [5, 6, 7]))
         assert sending.wait(5)
         fetcher.abort("x")
         took = wait_for(lambda: collect(fetcher, results) or "x" in results, 5, "the abort")
@@ -168,7 +168,7 @@ def test_an_abort_mid_transfer_lands_no_byte_and_the_holder_frees_its_blocks(tra
         # The lane serves the next fetch on a fresh connection (and, for UCX, a fresh worker).
         server._send = send  # type: ignore[method-assign]
         server.holds.hold("r2", [4], lease_s=30)
-        fetcher.submit(LoadJob("y", server.address, "r2", [4], [8]))
+        fetcher.submit(job("y", server.address, "r2", [4], [8]))
         assert wait_results(fetcher) == ({"y"}, set())
         assert torch.equal(dst.views[1][8], src.views[1][4])
     finally:

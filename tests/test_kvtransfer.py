@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tandem.kvtransfer.fetcher import BlockFetcher, LoadJob, release_remote
+from tandem.kvtransfer.handle import TransferHandle
 from tandem.kvtransfer.layout import KVLayout, KVLayoutMismatch
 from tandem.kvtransfer.paged import PagedKV
 from tandem.kvtransfer.block_server import BlockServer, HoldTable
@@ -25,6 +26,13 @@ def paged(fill: str, layers: int = 2, fields: dict | None = None) -> PagedKV:
     else:
         ts = [torch.zeros(shape) for _ in range(layers)]
     return PagedKV(ts, NUM_BLOCKS, fields or FIELDS)
+
+
+def job(req_id: str, address: str, remote_req_id: str, remote_ids: list[int], local_ids: list[int],
+        lease_deadline: float = 0.0) -> LoadJob:
+    handle = TransferHandle(engine_id="", address=address, remote_request_id=remote_req_id, block_ids=remote_ids,
+                            num_tokens=0, lease_deadline=lease_deadline)
+    return LoadJob(req_id, handle, remote_ids, local_ids)
 
 
 def wait_results(fetcher: BlockFetcher, timeout_s: float = 20) -> tuple[set[str], set[str]]:
@@ -96,7 +104,7 @@ def test_fetch_moves_exactly_the_held_blocks_and_frees_the_hold(transport: str) 
     fetcher = BlockFetcher(dst, make_data_planes(transport))
     try:
         server.holds.hold("r1", [3, 7, 8], lease_s=30)
-        fetcher.submit(LoadJob("local-1", server.address, "r1", [3, 7, 8], [10, 11, 12]))
+        fetcher.submit(job("local-1", server.address, "r1", [3, 7, 8], [10, 11, 12]))
         done, failed = wait_results(fetcher)
         assert done == {"local-1"} and not failed
         for s, d in zip(src.views, dst.views):
@@ -127,7 +135,7 @@ def test_fragmented_mappings_take_the_staged_path_and_still_land_right(transport
     fetcher = BlockFetcher(dst, make_data_planes(transport))
     try:
         server.holds.hold("r1", src_ids, lease_s=30)
-        fetcher.submit(LoadJob("local", server.address, "r1", src_ids, dst_ids))
+        fetcher.submit(job("local", server.address, "r1", src_ids, dst_ids))
         done, failed = wait_results(fetcher)
         assert done == {"local"} and not failed
         for s, d in zip(src.views, dst.views):
@@ -143,10 +151,10 @@ def test_fetch_of_blocks_not_held_fails_that_request_only() -> None:
     fetcher = BlockFetcher(dst, make_data_planes("tcp"))
     try:
         server.holds.hold("r1", [1, 2], lease_s=30)
-        fetcher.submit(LoadJob("bad", server.address, "r1", [1, 2, 3], [0, 1, 2]))
+        fetcher.submit(job("bad", server.address, "r1", [1, 2, 3], [0, 1, 2]))
         done, failed = wait_results(fetcher)
         assert done == {"bad"} and failed == {"bad"}
-        fetcher.submit(LoadJob("good", server.address, "r1", [1, 2], [0, 1]))
+        fetcher.submit(job("good", server.address, "r1", [1, 2], [0, 1]))
         done, failed = wait_results(fetcher)
         assert done == {"good"} and not failed
     finally:
@@ -161,7 +169,7 @@ def test_layout_mismatch_fails_at_handshake_never_copies() -> None:
     fetcher = BlockFetcher(dst, make_data_planes("tcp"))
     try:
         server.holds.hold("r1", [1], lease_s=30)
-        fetcher.submit(LoadJob("x", server.address, "r1", [1], [0]))
+        fetcher.submit(job("x", server.address, "r1", [1], [0]))
         done, failed = wait_results(fetcher)
         assert failed == {"x"}
         assert not any(v.any() for v in dst.views)
@@ -225,7 +233,7 @@ def test_a_reserved_port_is_kept_from_others_and_serves_the_block_server() -> No
     try:
         assert server.address == f"127.0.0.1:{port}"
         server.holds.hold("r", [1, 2], lease_s=30)
-        fetcher.submit(LoadJob("x", server.address, "r", [1, 2], [4, 5]))
+        fetcher.submit(job("x", server.address, "r", [1, 2], [4, 5]))
         assert wait_results(fetcher) == ({"x"}, set())
         assert torch.equal(dst.views[0][[4, 5]], src.views[0][[1, 2]])
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -348,3 +349,28 @@ def test_a_prefill_answer_that_lands_after_a_cancel_releases_its_blocks(tiny_mod
 
     run(go)
     assert prefill.released == [prefill.calls[0].request_id]
+
+
+@pytest.mark.parametrize("change", ["left", "draining", "down"])
+def test_a_decode_node_that_stops_being_routable_during_the_prefill_is_replaced(tiny_model: Path,
+                                                                               change: str) -> None:
+    # decode-0 is reserved for the leg before the prefill; while the prefill runs it leaves
+    # etcd (a drain that finished), is marked draining, or is marked down.
+    first, second = Decode(), Decode()
+
+    class Changing(Prefill):
+        async def Prefill(self, req, timeout=None):
+            node = p.router._nodes["decode-0"]
+            if change == "left":
+                p.router.on_membership("decode-0", None)
+            elif change == "draining":
+                p.router.on_membership("decode-0", replace(node.record, draining=True))
+            else:
+                node.down_since = time.monotonic()
+            return await super().Prefill(req, timeout)
+
+    p = make(tiny_model, [Changing()], [first, second])
+    p.router._nodes["decode-1"].outstanding = 1  # decode-0 wins the reservation
+    evs = run(lambda: collect(p, 6))
+    assert tokens(evs) == undisturbed(6) and evs[-1].migrations == 0
+    assert not first.calls and len(second.calls) == 1

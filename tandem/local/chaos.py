@@ -58,7 +58,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "kill-etcd": ("etcd", "kill"), "freeze-etcd": ("etcd", "freeze"),
     "cut-kv": ("kv-path", "cut"), "rolling-restart": ("every-node", "roll"),
 }
-CI_SCENARIOS = ("kill-decode", "drain-prefill", "kill-coordinator", "cut-kv")
+CI_SCENARIOS = ("kill-decode", "drain-prefill", "kill-coordinator", "cut-kv", "freeze-etcd")
 KV_LEASE_S = 10.0
 CLIENT_DEADLINE_S = 120.0
 KV_CUT_S = 10.0

@@ -119,6 +119,9 @@ async def _drain_asked(registration: Registration, cfg: NodeConfig, every_s: flo
             return grace_s
 
 
+DRAIN_SETTLE_S = 2.0
+
+
 async def _drain(registration: Registration, grace_s: float, why: str, signals: StopSignals,
                  died: asyncio.Future[None]) -> None:
     """Take no new work; wait (at most ``grace_s``) until what the node holds is done."""
@@ -128,7 +131,10 @@ async def _drain(registration: Registration, grace_s: float, why: str, signals: 
     await _quietly(registration.update(replace(registration.record, draining=True)))
     t0 = time.monotonic()
     last_report = t0
-    while (held := work_held()) > 0:
+    # A coordinator that picked this node just before it saw the draining flag may still send
+    # the work it reserved it for (a decode after its prefill): give that time to arrive.
+    settle_s = min(DRAIN_SETTLE_S, grace_s)
+    while (held := work_held()) > 0 or time.monotonic() - t0 < settle_s:
         now = time.monotonic()
         if now - t0 > grace_s:
             logger.warning("drain of %s: grace period over with %.0f requests and KV blocks still held", node_id,

@@ -1,7 +1,8 @@
 """The chaos suite's CI subset (tandem/local/chaos.py, CI_SCENARIOS) on a real supervised cluster of
 2 coordinators, 2 prefill and 2 decode nodes under a seeded streaming load: a killed decode node, a
-drained prefill node, a killed coordinator (one of two front doors), and a cut KV path. The full
-suite, with freezes, etcd and a rolling restart of every node, is a command (`tandem chaos`)."""
+drained prefill node, a killed coordinator (one of two front doors), a cut KV path and a frozen etcd
+(longer than the nodes' 3 s lease TTL). The full suite, with the other freezes and kills and a
+rolling restart of every node, is a command (`tandem chaos`)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,14 @@ def test_nothing_hangs_nothing_is_lost_nothing_leaks(results, scenario: str) -> 
     assert r.recovery_s is not None, "the cluster did not reconverge"
     # Both coordinators carried the load.
     assert set(r.by_front) == {"coordinator", "coordinator-1"}
+
+
+def test_an_etcd_outage_costs_no_request_and_membership_reconverges(results) -> None:
+    r = results["freeze-etcd"]
+    # The coordinators serve on their last view meanwhile; the supervisor restarts etcd (3 silent
+    # probes), the nodes register again, and recovery_s (checked above) saw every node back.
+    assert r.completed == r.requests, r.statuses
+    assert any(" etcd ready" in e for e in r.supervisor_events), r.supervisor_events
 
 
 @pytest.mark.parametrize("scenario", ["kill-decode", "drain-prefill"])
