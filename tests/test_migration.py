@@ -374,3 +374,28 @@ def test_a_decode_node_that_stops_being_routable_during_the_prefill_is_replaced(
     evs = run(lambda: collect(p, 6))
     assert tokens(evs) == undisturbed(6) and evs[-1].migrations == 0
     assert not first.calls and len(second.calls) == 1
+
+
+def test_a_seeded_request_migrates_with_its_seed_and_the_context_the_client_saw(tiny_model: Path) -> None:
+    # With a seed, vLLM's output is a function of (context, sampling): the e2e seeded test shows a
+    # leg (prefill token, then decode) equals a plain engine's output for its context. Here: the
+    # second leg gets the same sampling, the prompt plus every token sent, and what is left to do.
+    prefill, first, second = Prefill(), Decode(fail_after=3), Decode()
+    p = make(tiny_model, [prefill], [first, second])
+    p.router._nodes["decode-1"].outstanding = 1
+    sampling = Sampling(max_tokens=10, temperature=0.9, top_p=0.8, seed=1234)
+    req = p.prepare(request_id="", text=None, token_ids=PROMPT, sampling=sampling)
+    evs = run(lambda: _collect(p, req))
+    sent = tokens(evs)
+    assert len(sent) == 10 and evs[-1].migrations == 1
+    # leg 0: the prefill's token and 3 decoded ones reached the client before decode-0 failed
+    leg1_prefill, leg1_decode = prefill.calls[1], second.calls[0].req
+    assert list(leg1_prefill.prompt_token_ids) == [*PROMPT, *sent[:4]]
+    assert list(leg1_decode.prompt_token_ids) == [*PROMPT, *sent[:5]]
+    for s in (leg1_prefill.sampling, leg1_decode.sampling):
+        assert (s.seed, round(s.temperature, 6), round(s.top_p, 6)) == (1234, 0.9, 0.8)
+    assert leg1_decode.sampling.max_tokens == 10 - 5
+
+
+async def _collect(p: Pipeline, req) -> list:
+    return [ev async for ev in p.run(req)]
