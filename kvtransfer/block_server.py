@@ -41,8 +41,12 @@ HOLD_REGISTRATION_WAIT_S = 5.0
 # Control connections served at once (each has a thread and, with UCX, its own worker); one more
 # is refused with an error. Decode workers keep one per prefill worker, so this is many nodes' worth.
 MAX_CONNECTIONS = 64
-# One send's socket timeout (TCP plane; the UCX plane has its own): past it the peer is gone.
+# One send's socket timeout (TCP plane; a UCX send gives up after the plane's 60 s, or as soon
+# as the peer hangs up): past it the peer is gone.
 SEND_TIMEOUT_S = 30.0
+# A connection with no message for this long is closed (its slot freed): decode lanes close their
+# own after 60 s idle, so only a peer that vanished without a word stays this long.
+IDLE_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -192,6 +196,7 @@ class BlockServer:
             except OSError:
                 return
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             if not self._slots.acquire(blocking=False):
                 _bad_peer_log.warning("KV server: %d connections open; refusing another", MAX_CONNECTIONS)
                 try:
@@ -217,8 +222,9 @@ class BlockServer:
         with conn:
             while True:
                 try:
+                    conn.settimeout(IDLE_TIMEOUT_S)
                     msg = recv_msg(conn)
-                except (ChannelClosed, OSError):
+                except (ChannelClosed, OSError):  # closed, broken or idle past IDLE_TIMEOUT_S
                     return
                 except ValueError as exc:  # not our framing or not JSON: nothing more to read from it
                     _bad_peer_log.warning("KV server: closing a connection that sent a malformed message: %s", exc)
@@ -261,7 +267,18 @@ class BlockServer:
 
     def _hello(self, conn: socket.socket, msg: dict) -> tuple[DataPlane, object]:
         self.kv.layout.check_compatible(KVLayout.from_json(msg["layout"]))
-        plane = choose_plane(self._planes, list(msg.get("planes", ["tcp"]))).fork()
+        theirs = list(msg.get("planes", ["tcp"]))
+        choose_plane(self._planes, theirs)  # raises, naming both sides' planes, when none is common
+        plane: DataPlane | None = None
+        for name, mine in self._planes.items():
+            if name in theirs:
+                try:
+                    plane = mine.fork()
+                    break
+                except TransferError as exc:  # e.g. UCX given up in this process: the next one
+                    _bad_peer_log.warning("KV server: not offering %s: %s", name, exc)
+        if plane is None:
+            raise TransferError("no KV transport left that the peer also offers")
         peer = plane.connect(msg)
         send_msg(conn, {"ok": True, "plane": plane.name, "layout": self.kv.layout.to_json(), **plane.local_info()})
         return plane, peer
@@ -273,10 +290,7 @@ class BlockServer:
             if not set(wanted) <= set(held):
                 raise ValueError(f"request {req_id}: asked for blocks that are not held for it")
             conn.settimeout(SEND_TIMEOUT_S)  # a frozen peer must not hold the blocks for good
-            try:
-                nbytes = self._send(conn, req_id, wanted, msg, plane, peer, staging)
-            finally:
-                conn.settimeout(None)
+            nbytes = self._send(conn, req_id, wanted, msg, plane, peer, staging)
         if msg.get("free_after"):
             # One round trip less than an ack: once the send completed the blocks are no longer read.
             self.holds.release(req_id)
@@ -317,7 +331,6 @@ class BlockServer:
                      req_id, len(wanted), nbytes, time.perf_counter() - t0, plane.name)
         return nbytes
 
-
     def _send_or_hang_up(self, req_id: str, plane: DataPlane, peer: object, conn: socket.socket, chunks: object,
                          tag: int) -> None:
         """Once "ok" went out the peer expects bytes, not an error message: on failure, hang up.
@@ -326,8 +339,8 @@ class BlockServer:
         connection's plane is retired: a send left half-posted on it never progresses again."""
         try:
             plane.send_chunks(peer, conn, chunks, tag, lambda: peer_hung_up(conn))  # type: ignore[arg-type]
-        except (TransferError, OSError) as exc:
+        except Exception as exc:  # socket, UCX, a gather that failed: the peer gets no bytes
             logger.warning("request %s: KV send failed mid-transfer, closing the connection: %s", req_id, exc)
-            plane.retire()
+            plane.retire(peer)
             self.holds.release(req_id)
             raise ConnectionAbortedError(str(exc)) from exc

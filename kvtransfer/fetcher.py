@@ -26,13 +26,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from tandem.logs import RateLimitedLog
+
 from .handle import TransferHandle
 from .layout import KVLayout
 from .paged import PagedKV, Staging, as_bytes_array, runs
 from .transport import DataPlane, TransferAborted, TransferError
-from .wire import ChannelClosed, parse_address, recv_msg, send_msg
+from .wire import parse_address, recv_msg, send_msg
 
 logger = logging.getLogger(__name__)
+_fork_log = RateLimitedLog(logger, every_s=60.0)
 
 CONNECT_TIMEOUT_S = 10.0
 # No control reply or data piece may take longer: a vanished peer must not stall its lane for long.
@@ -152,8 +155,17 @@ class _Conn:
     def __init__(self, sock: socket.socket, address: str, kv: PagedKV, planes: dict[str, DataPlane]) -> None:
         """The handshake on a dialled socket (shutting the socket down ends it at once)."""
         self.sock = sock
-        self.planes = {name: p.fork() for name, p in planes.items()}
+        self.plane: DataPlane | None = None
+        self.peer: object = None
+        self.planes: dict[str, DataPlane] = {}
+        for name, p in planes.items():
+            try:
+                self.planes[name] = p.fork()
+            except TransferError as exc:  # e.g. UCX given up in this process: offer the others
+                _fork_log.warning("KV transport %s is not offered: %s", name, exc)
         try:
+            if not self.planes:
+                raise TransferError("no KV transport left to offer")
             hello = {"op": "hello", "layout": kv.layout.to_json(), "planes": list(self.planes)}
             for p in self.planes.values():
                 hello.update(p.local_info())
@@ -176,14 +188,14 @@ class _Conn:
         return reply
 
     def close(self, retire: bool) -> None:
-        """``retire``: a transfer may have been left half-posted on this connection's plane."""
+        """``retire``: a transfer may have been left half-posted on this connection's plane;
+        that plane and its connection to the peer are kept, never progressed again."""
         try:
             self.sock.close()
         except OSError:
             pass
-        if retire:
-            for p in self.planes.values():
-                p.retire()
+        if retire and self.plane is not None:
+            self.plane.retire(self.peer)
 
 
 class _Lane(threading.Thread):
@@ -215,10 +227,16 @@ class _Lane(threading.Thread):
                     continue
                 if item is None:
                     return
-                if isinstance(item, TransferHandle):
-                    self._release(item)
-                else:
-                    self._load(item)
+                try:
+                    if isinstance(item, TransferHandle):
+                        self._release(item)
+                    else:
+                        self._load(item)
+                except Exception:  # a bug here must not strand this lane's other fetches
+                    logger.exception("KV fetch lane %s: unexpected error; going on", self.address)
+                    self._drop(retire=True)
+                    if isinstance(item, Fetch) and item.claim():
+                        self.fetcher._report(item.job.req_id, failed=True)
         finally:
             self._drop(retire=False)
 
@@ -249,7 +267,7 @@ class _Lane(threading.Thread):
     def _release(self, handle: TransferHandle) -> None:
         try:
             self._connection().call({"op": "release", "req": handle.remote_request_id, "engine": handle.engine_id})
-        except (OSError, ChannelClosed, TransferError, ValueError) as exc:
+        except Exception as exc:  # the holder's lease frees it anyway
             self._drop(retire=False)
             logger.warning("release of remote request %s at %s failed: %s", handle.remote_request_id,
                            handle.address, exc)
@@ -257,7 +275,7 @@ class _Lane(threading.Thread):
     def _load(self, fetch: Fetch) -> None:
         job = fetch.job
         t0 = time.perf_counter()
-        if fetch.aborted:  # while it queued: reported then; the holder still holds its blocks
+        if fetch.aborted:  # while it queued: abort() reported it; the holder still holds its blocks
             fetch.claim()
             self._release(job.handle)
             return
@@ -271,8 +289,9 @@ class _Lane(threading.Thread):
             fetch.check()
             conn = self._start(fetch)
             nbytes = self._transfer(fetch, conn)
-        except (OSError, ChannelClosed, TransferError, ValueError, KeyError) as exc:
+        except Exception as exc:  # socket, framing, UCX, torch: this fetch fails, the lane goes on
             # Whatever was half-posted on this connection's plane stays unprogressed for good.
+            # (fetch.state changes on this thread only, so reading it here needs no lock.)
             self._drop(retire=fetch.state is FetchState.RUNNING)
             first = fetch.claim()
             if fetch.aborted:
@@ -285,6 +304,9 @@ class _Lane(threading.Thread):
                 if first:
                     self.fetcher._report(job.req_id, failed=True)
             return
+        if fetch.aborted:
+            # Aborted as it completed: abort() shut the socket, so the next fetch needs a new one.
+            self._drop(retire=False)
         if fetch.claim():
             dt = time.perf_counter() - t0
             logger.info("request %s: fetched %d blocks (%d bytes) in %.4f s over %s",
@@ -392,7 +414,7 @@ class BlockFetcher:
         # Under the lock: an idle lane leaves only when nothing was queued on it (see _retire_lane).
         with self._lock:
             lane = self._lanes.get(address)
-            if lane is None:
+            if lane is None or not lane.is_alive():
                 lane = self._lanes[address] = _Lane(self, address)
                 lane.start()
             return lane.offer(item)

@@ -56,10 +56,13 @@ def _keep_going() -> None:
     return None
 
 
-# Retired UCX workers: never progressed again, kept so that nothing frees a buffer UCX still
-# points at; the oldest are let go once this many pile up (by then their peers are long gone).
-MAX_RETIRED_WORKERS = 32
-_RETIRED_WORKERS: list[object] = []
+# Retired UCX workers, each with its endpoint, its abandoned requests and their buffers: kept
+# for the life of the process and never progressed again. Letting any of them go could progress
+# the worker (ucxx's endpoint and worker destructors do) and land late bytes in blocks that have
+# since been given to another request. Past this many, this process stops forking UCX planes
+# (its transfers go over TCP) rather than hold more.
+MAX_RETIRED_WORKERS = 64
+_RETIRED_WORKERS: list[tuple[object, ...]] = []
 
 
 class DataPlane(Protocol):
@@ -72,8 +75,9 @@ class DataPlane(Protocol):
         """A plane of the same kind for one connection, independent of every other."""
         ...
 
-    def retire(self) -> None:
-        """Give this plane up for good after a transfer was abandoned mid-way."""
+    def retire(self, peer: object) -> None:
+        """Give this plane (and its connection to ``peer``) up for good after a transfer was
+        abandoned mid-way."""
         ...
 
     def local_info(self) -> dict[str, Any]: ...
@@ -98,7 +102,7 @@ class TcpDataPlane:
     def fork(self) -> TcpDataPlane:
         return TcpDataPlane()
 
-    def retire(self) -> None:
+    def retire(self, peer: object) -> None:
         return None  # the caller closes the socket: nothing else points at the buffers
 
     def local_info(self) -> dict[str, Any]:
@@ -144,15 +148,18 @@ class UcxDataPlane:
         self._lock = threading.Lock()
         self._timeout_s = timeout_s
         self._retired = False
+        self._abandoned: list[object] = []  # requests (and their buffers) of a transfer given up
 
     def fork(self) -> UcxDataPlane:
+        if len(_RETIRED_WORKERS) >= MAX_RETIRED_WORKERS:
+            raise TransferError(f"{MAX_RETIRED_WORKERS} UCX workers were retired after abandoned transfers; "
+                                "this process moves KV over TCP from now on")
         return UcxDataPlane(self._timeout_s, _parent=self)
 
-    def retire(self) -> None:
+    def retire(self, peer: object) -> None:
         with self._lock:
             self._retired = True
-        _RETIRED_WORKERS.append(self._worker)
-        del _RETIRED_WORKERS[:-MAX_RETIRED_WORKERS]
+            _RETIRED_WORKERS.append((self._worker, peer, self._abandoned))
 
     def local_info(self) -> dict[str, Any]:
         return {"ucx_address": bytes(self._worker.address.tobytes()).hex()}
@@ -161,9 +168,12 @@ class UcxDataPlane:
         hexaddr = peer_info.get("ucx_address")
         if not hexaddr:
             raise TransferError("peer offered no UCX worker address")
-        addr = self._api.UCXAddress.create_from_buffer(bytes.fromhex(hexaddr))
-        with self._lock:
-            return self._api.UCXEndpoint.create_from_worker_address(self._worker, addr, False)
+        try:
+            addr = self._api.UCXAddress.create_from_buffer(bytes.fromhex(hexaddr))
+            with self._lock:
+                return self._api.UCXEndpoint.create_from_worker_address(self._worker, addr, False)
+        except Exception as exc:
+            raise _as_transfer_error(exc) from exc
 
     def _progress_until(self, done: Callable[[], bool], what: str, check: Callable[[], None] = _keep_going) -> None:
         """Poll UCX until ``done()``; spin briefly, then back off with short sleeps so a
@@ -192,22 +202,39 @@ class UcxDataPlane:
     def send_chunks(self, peer: object, sock: socket.socket, chunks: Iterator[np.ndarray], tag: int,
                     check: Callable[[], None] = _keep_going) -> None:
         with self._lock:
-            reqs = []
-            for i, buf in enumerate(chunks):
-                reqs.append(peer.tag_send(self._array(buf), self._tag(tag, i)))  # type: ignore[attr-defined]
-                self._worker.progress()
-            self._progress_until(lambda: all(r.completed for r in reqs), "send", check)
-            for r in reqs:
-                r.check_error()
+            reqs: list[object] = []
+            try:
+                for i, buf in enumerate(chunks):
+                    arr = self._array(buf)
+                    reqs.append((peer.tag_send(arr, self._tag(tag, i)), arr))  # type: ignore[attr-defined]
+                    self._worker.progress()
+                self._progress_until(lambda: all(r.completed for r, _ in reqs), "send", check)
+                for r, _ in reqs:
+                    r.check_error()
+            except Exception as exc:
+                self._abandoned.append(reqs)  # kept with the worker if it is retired
+                raise _as_transfer_error(exc) from exc
 
     def recv_chunks(self, peer: object, sock: socket.socket, bufs: list[np.ndarray], tag: int,
                     on_chunk: Callable[[int], None], check: Callable[[], None] = _keep_going) -> None:
         with self._lock:
-            reqs = [self._worker.tag_recv(self._array(b), self._tag(tag, i)) for i, b in enumerate(bufs)]
-            for i, r in enumerate(reqs):
-                self._progress_until(lambda r=r: r.completed, "receive", check)
-                r.check_error()
-                on_chunk(i)
+            reqs: list[object] = []
+            try:
+                for i, b in enumerate(bufs):
+                    arr = self._array(b)
+                    reqs.append((self._worker.tag_recv(arr, self._tag(tag, i)), arr))
+                for i, (r, _) in enumerate(reqs):
+                    self._progress_until(lambda r=r: r.completed, "receive", check)
+                    r.check_error()
+                    on_chunk(i)
+            except Exception as exc:
+                self._abandoned.append(reqs)  # kept with the worker if it is retired
+                raise _as_transfer_error(exc) from exc
+
+
+def _as_transfer_error(exc: Exception) -> TransferError:
+    """UCX's own errors (UCXXError and kin derive from Exception only) as TransferError."""
+    return exc if isinstance(exc, TransferError) else TransferError(f"UCX: {type(exc).__name__}: {exc}")
 
 
 def peer_hung_up(sock: socket.socket) -> None:

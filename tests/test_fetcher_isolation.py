@@ -14,6 +14,7 @@ from tandem.kvtransfer import block_server
 from tandem.kvtransfer.block_server import BlockServer, HoldTable
 from tandem.kvtransfer.fetcher import BlockFetcher
 from tandem.kvtransfer.paged import PagedKV
+from tandem.kvtransfer import transport as transport_mod
 from tandem.kvtransfer.transport import make_data_planes
 from tandem.kvtransfer.wire import ChannelClosed, recv_msg, send_msg
 
@@ -153,6 +154,7 @@ def test_an_abort_mid_transfer_lands_no_byte_and_the_holder_frees_its_blocks(tra
 
     server._send = late_send  # type: ignore[method-assign]
     fetcher = BlockFetcher(dst, make_data_planes(transport))
+    retired_before = len(transport_mod._RETIRED_WORKERS)
     results: dict[str, bool] = {}
     try:
         server.holds.hold("r1", [1, 2, 3], lease_s=30)
@@ -171,6 +173,8 @@ def test_an_abort_mid_transfer_lands_no_byte_and_the_holder_frees_its_blocks(tra
         fetcher.submit(job("y", server.address, "r2", [4], [8]))
         assert wait_results(fetcher) == ({"y"}, set())
         assert torch.equal(dst.views[1][8], src.views[1][4])
+        if transport == "ucx":  # the abandoned receive's worker and endpoint are kept, never progressed
+            assert len(transport_mod._RETIRED_WORKERS) > retired_before
     finally:
         fetcher.close()
         server.close()
@@ -211,4 +215,99 @@ def test_the_block_server_refuses_connections_past_its_cap(monkeypatch: pytest.M
     finally:
         for s in socks:
             s.close()
+        server.close()
+
+
+def test_an_unexpected_error_fails_that_fetch_only_and_the_lane_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tandem.kvtransfer import fetcher as fetcher_mod
+
+    src, dst = paged("random"), paged("zeros")
+    server = BlockServer("127.0.0.1", 0, src, make_data_planes("tcp"))
+    fetcher = BlockFetcher(dst, make_data_planes("tcp"))
+    transfer = fetcher_mod._Lane._transfer
+    calls = []
+
+    def flaky(self, fetch, conn):
+        calls.append(fetch.job.req_id)
+        if len(calls) == 1:
+            raise RuntimeError("a bug, or torch out of memory")
+        return transfer(self, fetch, conn)
+
+    monkeypatch.setattr(fetcher_mod._Lane, "_transfer", flaky)
+    try:
+        server.holds.hold("r1", [1], lease_s=30)
+        server.holds.hold("r2", [2], lease_s=30)
+        fetcher.submit(job("a", server.address, "r1", [1], [5]))
+        assert wait_results(fetcher) == ({"a"}, {"a"})
+        fetcher.submit(job("b", server.address, "r2", [2], [6]))
+        assert wait_results(fetcher) == ({"b"}, set())
+        assert torch.equal(dst.views[0][6], src.views[0][2])
+    finally:
+        fetcher.close()
+        server.close()
+
+
+def test_an_abort_as_the_fetch_completes_reports_it_once_and_spares_the_next_fetch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tandem.kvtransfer import fetcher as fetcher_mod
+
+    src, dst = paged("random"), paged("zeros")
+    server = BlockServer("127.0.0.1", 0, src, make_data_planes("tcp"))
+    fetcher = BlockFetcher(dst, make_data_planes("tcp"))
+    transfer = fetcher_mod._Lane._transfer
+
+    def abort_at_the_end(self, fetch, conn):
+        n = transfer(self, fetch, conn)
+        if fetch.job.req_id == "a":
+            fetcher.abort("a")  # lands after the last byte, before the lane reports: shuts the socket
+        return n
+
+    monkeypatch.setattr(fetcher_mod._Lane, "_transfer", abort_at_the_end)
+    results: dict[str, bool] = {}
+    try:
+        server.holds.hold("r1", [1], lease_s=30)
+        server.holds.hold("r2", [2], lease_s=30)
+        fetcher.submit(job("a", server.address, "r1", [1], [5]))
+        wait_for(lambda: collect(fetcher, results) or "a" in results, 5, "the first fetch")
+        fetcher.submit(job("b", server.address, "r2", [2], [6]))
+        wait_for(lambda: collect(fetcher, results) or "b" in results, 5, "the second fetch")
+        assert results == {"a": False, "b": False}  # b did not inherit a's shut socket
+        time.sleep(0.2)
+        collect(fetcher, results)
+        assert set(results) == {"a", "b"}
+    finally:
+        fetcher.close()
+        server.close()
+
+
+def test_ucx_given_up_too_often_falls_back_to_tcp(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tandem.kvtransfer import transport
+
+    monkeypatch.setattr(transport, "MAX_RETIRED_WORKERS", len(transport._RETIRED_WORKERS))
+    src, dst = paged("random"), paged("zeros")
+    server = BlockServer("127.0.0.1", 0, src, make_data_planes("auto"))
+    fetcher = BlockFetcher(dst, make_data_planes("auto"))
+    try:
+        server.holds.hold("r1", [3, 4], lease_s=30)
+        fetcher.submit(job("x", server.address, "r1", [3, 4], [7, 8]))
+        assert wait_results(fetcher) == ({"x"}, set())
+        assert torch.equal(dst.views[1][[7, 8]], src.views[1][[3, 4]])
+        assert fetcher._lanes[server.address]._conn.plane.name == "tcp"
+    finally:
+        fetcher.close()
+        server.close()
+
+
+def test_an_idle_connection_is_closed_and_its_slot_freed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(block_server, "IDLE_TIMEOUT_S", 0.3)
+    src = paged("random")
+    server = BlockServer("127.0.0.1", 0, src, make_data_planes("tcp"))
+    host, port = server.address.split(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            send_msg(s, {"op": "hello", "layout": src.layout.to_json(), "planes": ["tcp"]})
+            assert recv_msg(s)["ok"]
+            assert s.recv(1) == b""  # a peer that went silent is hung up on
+        assert server._slots._value == block_server.MAX_CONNECTIONS  # type: ignore[attr-defined]
+    finally:
         server.close()

@@ -1,0 +1,193 @@
+"""Per-node performance models, fitted online from the node's own timings.
+
+The forms are DistServe's (and what its simulator fits): a prefill of ``n``
+uncached prompt tokens takes ``a + b·n + c·n²`` seconds (the quadratic term is
+attention); a decode step of ``B`` requests holding ``L`` context tokens in all
+takes ``d + e·B + f·L``; a KV transfer of ``x`` bytes takes ``g + h·x``.
+
+Each model is an ``OnlineFit``: least squares over its samples with
+exponential forgetting (the newest ``half_life`` samples count as much as all
+older ones together), so the fit follows a node whose speed drifts, with every
+coefficient kept non-negative (a time never shrinks with more work) by a
+small active-set solve. It keeps only sufficient statistics: memory and
+update cost are constant, whatever the number of samples. Pure Python: the
+coordinator and node daemons import it without numpy.
+
+``state()`` and ``from_state()`` carry a model across processes (a node
+reports it, the coordinator predicts with it). Where this is going (issue 8):
+seeded from a short profile at node start, cached per model, hardware and
+settings, refreshed from every request the node serves, and used by the
+coordinator to predict TTFT and TPOT per candidate node before admitting a
+request. This module is the math; nothing feeds it yet.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """Gaussian elimination with partial pivoting; None when singular."""
+    n = len(b)
+    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    for col in range(n):
+        piv = max(range(col, n), key=lambda r: abs(m[r][col]))
+        if abs(m[piv][col]) < 1e-300:
+            return None
+        m[col], m[piv] = m[piv], m[col]
+        for r in range(n):
+            if r != col:
+                f = m[r][col] / m[col][col]
+                if f:
+                    for c in range(col, n + 1):
+                        m[r][c] -= f * m[col][c]
+    return [m[i][n] / m[i][i] for i in range(n)]
+
+
+@dataclass
+class OnlineFit:
+    """y ≈ Σ coef_i · x_i with coef_i ≥ 0, by forgetting least squares.
+
+    ``names`` label the features (the first is usually the constant 1). ``scale``
+    divides each feature before fitting so that the normal equations stay well
+    conditioned when features differ by orders of magnitude (tokens, tokens²).
+    """
+
+    names: tuple[str, ...]
+    scale: tuple[float, ...]
+    half_life: float = 200.0
+    ridge: float = 1e-9
+    _xtx: list[list[float]] = field(default_factory=list, repr=False)
+    _xty: list[float] = field(default_factory=list, repr=False)
+    weight: float = 0.0  # effective number of samples
+    samples: int = 0  # samples ever added
+    _coef: list[float] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        k = len(self.names)
+        if len(self.scale) != k:
+            raise ValueError("one scale per feature")
+        if not self._xtx:
+            self._xtx = [[0.0] * k for _ in range(k)]
+            self._xty = [0.0] * k
+
+    @property
+    def _decay(self) -> float:
+        return 0.5 ** (1.0 / self.half_life)
+
+    def add(self, x: Sequence[float], y: float) -> None:
+        if len(x) != len(self.names):
+            raise ValueError(f"expected {len(self.names)} features, got {len(x)}")
+        if not (math.isfinite(y) and all(math.isfinite(v) for v in x)):
+            return  # a broken measurement teaches nothing
+        z = [v / s for v, s in zip(x, self.scale)]
+        d = self._decay
+        k = len(z)
+        for i in range(k):
+            row = self._xtx[i]
+            for j in range(k):
+                row[j] = row[j] * d + z[i] * z[j]
+            self._xty[i] = self._xty[i] * d + z[i] * y
+        self.weight = self.weight * d + 1.0
+        self.samples += 1
+        self._coef = None
+
+    def coefficients(self) -> list[float]:
+        """The fitted coefficients in the features' own units (all ≥ 0)."""
+        if self._coef is None:
+            self._coef = [c / s for c, s in zip(self._nnls(), self.scale)]
+        return list(self._coef)
+
+    def _nnls(self) -> list[float]:
+        """Least squares with coef ≥ 0: solve on the free set, drop the most negative, repeat."""
+        k = len(self.names)
+        free = list(range(k))
+        while free:
+            a = [[self._xtx[i][j] + (self.ridge * self.weight if i == j else 0.0) for j in free] for i in free]
+            sol = _solve(a, [self._xty[i] for i in free])
+            if sol is None:
+                free.pop()  # singular (too few distinct samples): fewer features
+                continue
+            if all(c >= 0 for c in sol):
+                out = [0.0] * k
+                for i, c in zip(free, sol):
+                    out[i] = c
+                return out
+            worst = min(range(len(sol)), key=lambda i: sol[i])
+            free.pop(worst)
+        return [0.0] * k
+
+    def predict(self, x: Sequence[float]) -> float:
+        return sum(c * v for c, v in zip(self.coefficients(), x))
+
+    def state(self) -> dict[str, object]:
+        return {"names": list(self.names), "scale": list(self.scale), "half_life": self.half_life,
+                "xtx": [r[:] for r in self._xtx], "xty": self._xty[:], "weight": self.weight,
+                "samples": self.samples}
+
+    @classmethod
+    def from_state(cls, st: dict) -> OnlineFit:
+        return cls(tuple(st["names"]), tuple(float(s) for s in st["scale"]), half_life=float(st["half_life"]),
+                   _xtx=[[float(v) for v in r] for r in st["xtx"]], _xty=[float(v) for v in st["xty"]],
+                   weight=float(st["weight"]), samples=int(st["samples"]))
+
+
+def prefill_fit(half_life: float = 200.0) -> OnlineFit:
+    """seconds ≈ a + b·tokens + c·tokens² for one prefill of ``tokens`` uncached tokens."""
+    return OnlineFit(("const", "tokens", "tokens2"), (1.0, 1e3, 1e6), half_life)
+
+
+def decode_fit(half_life: float = 500.0) -> OnlineFit:
+    """seconds per step ≈ d + e·batch + f·context (all running requests' tokens)."""
+    return OnlineFit(("const", "batch", "context"), (1.0, 10.0, 1e4), half_life)
+
+
+def transfer_fit(half_life: float = 200.0) -> OnlineFit:
+    """seconds ≈ g + h·bytes for one request's KV fetch."""
+    return OnlineFit(("const", "bytes"), (1.0, 1e8), half_life)
+
+
+@dataclass
+class NodeModel:
+    """What one node's timings say about it; every prediction is in seconds."""
+
+    prefill: OnlineFit = field(default_factory=prefill_fit)
+    decode: OnlineFit = field(default_factory=decode_fit)
+    transfer: OnlineFit = field(default_factory=transfer_fit)
+
+    # observations --------------------------------------------------------------
+    def saw_prefill(self, tokens: int, seconds: float) -> None:
+        self.prefill.add((1.0, tokens, tokens * tokens), seconds)
+
+    def saw_decode_step(self, batch: int, context_tokens: int, seconds: float) -> None:
+        self.decode.add((1.0, batch, context_tokens), seconds)
+
+    def saw_transfer(self, nbytes: int, seconds: float) -> None:
+        self.transfer.add((1.0, nbytes), seconds)
+
+    # predictions ---------------------------------------------------------------
+    def prefill_s(self, tokens: int) -> float:
+        return self.prefill.predict((1.0, tokens, tokens * tokens))
+
+    def step_s(self, batch: int, context_tokens: int) -> float:
+        return self.decode.predict((1.0, batch, context_tokens))
+
+    def transfer_s(self, nbytes: int) -> float:
+        return self.transfer.predict((1.0, nbytes))
+
+    def queue_s(self, queued_prompts: Sequence[int]) -> float:
+        """Time until a prefill queued behind these (uncached token counts) starts."""
+        return sum(self.prefill_s(n) for n in queued_prompts)
+
+    def ready(self, min_samples: int = 3) -> bool:
+        return self.prefill.samples >= min_samples or self.decode.samples >= min_samples
+
+    def state(self) -> dict[str, object]:
+        return {"prefill": self.prefill.state(), "decode": self.decode.state(), "transfer": self.transfer.state()}
+
+    @classmethod
+    def from_state(cls, st: dict) -> NodeModel:
+        return cls(OnlineFit.from_state(st["prefill"]), OnlineFit.from_state(st["decode"]),
+                   OnlineFit.from_state(st["transfer"]))

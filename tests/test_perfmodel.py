@@ -1,0 +1,111 @@
+"""The online performance model on synthetic timings with known answers."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tandem.perfmodel import NodeModel, OnlineFit, prefill_fit
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+def test_exact_quadratic_prefill_times_give_back_their_coefficients() -> None:
+    m = NodeModel()
+    a, b, c = 0.012, 2.5e-4, 3e-8
+    for n in range(16, 2049, 37):
+        m.saw_prefill(n, a + b * n + c * n * n)
+    got = m.prefill.coefficients()
+    for want, have in zip((a, b, c), got):
+        assert rel(have, want) < 1e-6, got
+    assert rel(m.prefill_s(700), a + b * 700 + c * 700 * 700) < 1e-6
+
+
+def test_decode_steps_and_transfers_fit_their_linear_forms() -> None:
+    m = NodeModel()
+    rng = random.Random(0)
+    for _ in range(300):
+        batch, ctx = rng.randint(1, 64), rng.randint(100, 60_000)
+        m.saw_decode_step(batch, ctx, 0.004 + 0.0003 * batch + 2e-7 * ctx)
+        nbytes = rng.randint(1 << 16, 1 << 28)
+        m.saw_transfer(nbytes, 0.0008 + nbytes / 7e9)
+    d, e, f = m.decode.coefficients()
+    assert rel(d, 0.004) < 1e-4 and rel(e, 0.0003) < 1e-4 and rel(f, 2e-7) < 1e-4
+    g, h = m.transfer.coefficients()
+    assert rel(g, 0.0008) < 1e-4 and rel(h, 1 / 7e9) < 1e-4
+    assert rel(m.step_s(33, 20_000), 0.004 + 0.0003 * 33 + 2e-7 * 20_000) < 1e-4
+
+
+def test_noisy_timings_predict_within_the_noise() -> None:
+    rng = random.Random(1)
+    m = NodeModel()
+    true = lambda n: 0.02 + 3e-4 * n + 5e-8 * n * n  # noqa: E731
+    for _ in range(400):
+        n = rng.randint(16, 2048)
+        m.saw_prefill(n, true(n) * rng.uniform(0.9, 1.1))
+    for n in (64, 512, 2000):
+        assert rel(m.prefill_s(n), true(n)) < 0.05
+
+
+def test_coefficients_stay_non_negative() -> None:
+    # Linear timings whose best unconstrained fit has a negative intercept and curvature.
+    f = prefill_fit()
+    for n in range(100, 2000, 50):
+        f.add((1.0, n, n * n), 1e-4 * n - 0.003 - 1e-9 * n * n)
+    coef = f.coefficients()
+    assert all(c >= 0 for c in coef), coef
+    assert f.predict((1.0, 0, 0)) >= 0
+
+
+def test_the_fit_follows_a_node_that_slows_down() -> None:
+    m = NodeModel()
+    for i in range(600):
+        n = 16 + (i * 97) % 2000
+        m.saw_prefill(n, 0.01 + 2e-4 * n)
+    for i in range(600):  # twice as slow from now on (a noisy neighbour, thermal throttling)
+        n = 16 + (i * 89) % 2000
+        m.saw_prefill(n, 2 * (0.01 + 2e-4 * n))
+    # Three half-lives (200 samples each) later the old speed weighs an eighth: 7/8 of the way.
+    old, new = 0.01 + 2e-4 * 1000, 2 * (0.01 + 2e-4 * 1000)
+    assert rel(m.prefill_s(1000), old + 7 / 8 * (new - old)) < 0.01
+
+
+def test_one_sample_or_none_predicts_something_finite_and_ready_needs_samples() -> None:
+    m = NodeModel()
+    assert m.prefill_s(100) == 0 and not m.ready()
+    m.saw_prefill(100, 0.05)
+    assert 0 <= m.prefill_s(100) <= 0.06
+    for n in (200, 300):
+        m.saw_prefill(n, 0.05 + 1e-4 * (n - 100))
+    assert m.ready()
+
+
+def test_bad_measurements_are_ignored_and_wrong_shapes_refused() -> None:
+    f = prefill_fit()
+    f.add((1.0, 10, 100), float("nan"))
+    assert f.samples == 0
+    with pytest.raises(ValueError):
+        f.add((1.0, 10), 0.1)
+
+
+def test_state_round_trip_predicts_the_same() -> None:
+    m = NodeModel()
+    for n in range(10, 1000, 10):
+        m.saw_prefill(n, 0.01 + 1e-4 * n)
+        m.saw_decode_step(n % 17 + 1, n * 30, 0.003 + 1e-4 * (n % 17 + 1))
+    again = NodeModel.from_state(m.state())
+    for n in (50, 500, 5000):
+        assert again.prefill_s(n) == pytest.approx(m.prefill_s(n), rel=1e-12)
+    assert again.step_s(8, 9000) == pytest.approx(m.step_s(8, 9000), rel=1e-12)
+    assert OnlineFit.from_state(m.prefill.state()).samples == m.prefill.samples
+
+
+def test_queue_time_is_the_prefills_ahead() -> None:
+    m = NodeModel()
+    for n in range(16, 2048, 64):
+        m.saw_prefill(n, 0.01 + 1e-4 * n)
+    assert m.queue_s([]) == 0
+    assert m.queue_s([100, 1000]) == pytest.approx(m.prefill_s(100) + m.prefill_s(1000))
