@@ -458,8 +458,8 @@ def cmd_chaos(args: argparse.Namespace) -> int:
           flush=True)
     with chaos_cluster(model, str(log_dir)) as (cluster, proxy):
         results = run_scenarios(cluster, names, args.requests, args.rate, args.seed, out, proxy)
-    command = (f"tandem chaos --scenarios {','.join(names)} --requests {args.requests} --rate {args.rate} "
-               f"--seed {args.seed}")
+    which = "" if names == list(SCENARIOS) else f"--scenarios {','.join(names)} "
+    command = f"tandem chaos {which}--requests {args.requests} --rate {args.rate} --seed {args.seed}"
     context = (f"Run {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores, model {Path(model).name}, "
                f"{args.requests} requests per scenario at {args.rate} req/s (seed {args.seed}).")
     table = report(results, command, context)
