@@ -24,6 +24,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from tandem.errors import InvalidRequest, KVUnavailable, NodeFailed, grpc_status_of
 from tandem.node.engine import EngineHost
 from tandem.node.handles import check_for_decode, consume_params
+from tandem.node.perf import NodePerf
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 from tandem.sampling import from_proto
@@ -40,6 +41,7 @@ KV_WAIT_SECONDS = Histogram("tandem_decode_kv_wait_seconds",
 class DecodeServicer(pb_grpc.DecodeNodeServicer):
     def __init__(self, engine: EngineHost) -> None:
         self.engine = engine
+        self.perf = NodePerf()
 
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> None:
         rid = request.request_id
@@ -76,23 +78,28 @@ class DecodeServicer(pb_grpc.DecodeNodeServicer):
         check_for_decode(request.handle, len(prompt), self.engine.block_size)
         t0 = time.perf_counter()
         first = True
-        async for out in self.engine.generate(rid, prompt, sampling, consume_params(request.handle)):
-            comp = out.outputs[0]
-            if comp.finish_reason == "abort":
-                # The engine ended it without being asked (shutting down): the request is not done.
-                raise NodeFailed(f"decode node's engine aborted request {rid} (shutting down?)")
-            if comp.finish_reason == "error":
-                # vLLM's load-failure path ("fail" policy): this request only; the coordinator
-                # can prefill it again.
-                raise KVUnavailable(f"KV transfer from {request.handle.address} failed for request {rid}; "
-                                    "see the decode node's log")
-            if first and comp.token_ids:
-                KV_WAIT_SECONDS.observe(time.perf_counter() - t0)
-                if out.num_cached_tokens is not None:
-                    logger.info("request %s: %d prompt tokens arrived as KV", rid, out.num_cached_tokens)
-                first = False
-            yield pb.DecodeResponse(token_ids=list(comp.token_ids), finish_reason=comp.finish_reason or "",
-                                    stop_reason=str(comp.stop_reason) if comp.stop_reason is not None else "")
+        self.perf.decode_started(rid, len(prompt))
+        try:
+            async for out in self.engine.generate(rid, prompt, sampling, consume_params(request.handle)):
+                comp = out.outputs[0]
+                if comp.finish_reason == "abort":
+                    # The engine ended it without being asked (shutting down): the request is not done.
+                    raise NodeFailed(f"decode node's engine aborted request {rid} (shutting down?)")
+                if comp.finish_reason == "error":
+                    # vLLM's load-failure path ("fail" policy): this request only; the coordinator
+                    # can prefill it again.
+                    raise KVUnavailable(f"KV transfer from {request.handle.address} failed for request {rid}; "
+                                        "see the decode node's log")
+                if first and comp.token_ids:
+                    KV_WAIT_SECONDS.observe(time.perf_counter() - t0)
+                    if out.num_cached_tokens is not None:
+                        logger.info("request %s: %d prompt tokens arrived as KV", rid, out.num_cached_tokens)
+                    first = False
+                self.perf.decode_output(rid, len(comp.token_ids))  # DELTA outputs: the new tokens
+                yield pb.DecodeResponse(token_ids=list(comp.token_ids), finish_reason=comp.finish_reason or "",
+                                        stop_reason=str(comp.stop_reason) if comp.stop_reason is not None else "")
+        finally:
+            self.perf.decode_ended(rid)
 
 
 def add_servicer(server: grpc.aio.Server, engine: EngineHost) -> None:

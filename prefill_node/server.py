@@ -21,6 +21,7 @@ from tandem.kvtransfer.handle import PRODUCE, TransferHandle
 from tandem.kvtransfer.transport import TransferError
 from tandem.node.engine import EngineHost
 from tandem.node.handles import MAX_REQUEST_ID_CHARS, handle_to_proto
+from tandem.node.perf import NodePerf
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 from tandem.sampling import from_proto
@@ -37,6 +38,7 @@ HANDLES_RELEASED = Counter("tandem_kv_handles_released", "KV handles released wi
 class PrefillServicer(pb_grpc.PrefillNodeServicer):
     def __init__(self, engine: EngineHost) -> None:
         self.engine = engine
+        self.perf = NodePerf()
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
         rid = request.request_id
@@ -69,10 +71,13 @@ class PrefillServicer(pb_grpc.PrefillNodeServicer):
         one.validate(len(prompt), self.engine.max_model_len)
         t0 = time.perf_counter()
         final = None
-        async for out in self.engine.generate(rid, prompt, one, {"tandem": PRODUCE} if request.hold_kv else None):
-            final = out
-        if final is None or not final.outputs or not final.outputs[0].token_ids:
-            raise RuntimeError("the engine returned no token")
+        with self.perf.prefill() as run:
+            async for out in self.engine.generate(rid, prompt, one,
+                                                  {"tandem": PRODUCE} if request.hold_kv else None):
+                final = out
+            if final is None or not final.outputs or not final.outputs[0].token_ids:
+                raise RuntimeError("the engine returned no token")
+            run.uncached_tokens = len(prompt) - (final.num_cached_tokens or 0)
         comp = final.outputs[0]
         resp = pb.PrefillResponse(
             first_token=comp.token_ids[0],

@@ -331,6 +331,18 @@ def _random_message(cls: type, rng: random.Random, depth: int = 0) -> object:
     return msg
 
 
+def test_nodes_fit_their_performance_model_from_their_own_requests(cluster: LocalCluster) -> None:
+    # By now the tests above have sent dozens of requests of many prompt lengths.
+    p, d = node_metrics(cluster, "prefill"), node_metrics(cluster, "decode")
+    assert metric(p, "tandem_perf_samples", model="prefill") >= 3
+    coef = {t: metric(p, "tandem_perf_coefficient", model="prefill", term=t) for t in ("const", "tokens", "tokens2")}
+    predict = lambda n: coef["const"] + coef["tokens"] * n + coef["tokens2"] * n * n  # noqa: E731
+    assert predict(500) > predict(10) > 0, coef  # a longer prompt takes longer
+    assert metric(d, "tandem_perf_samples", model="decode") >= 10
+    step = {t: metric(d, "tandem_perf_coefficient", model="decode", term=t) for t in ("const", "batch", "context")}
+    assert step["const"] + step["batch"] + 200 * step["context"] > 0, step  # one request, 200 tokens
+
+
 def test_fuzzing_every_method_and_the_kv_port_crashes_nothing(cluster: LocalCluster, stub) -> None:
     """Random bytes and hostile messages to every method of every daemon's services (taken from the
     service descriptors, so methods added later are covered) and random bytes to the KV port."""

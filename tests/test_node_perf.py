@@ -1,0 +1,72 @@
+"""The node's own performance samples: which timings count, with a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from tandem.node.perf import NodePerf
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_prefill_that_ran_alone_is_a_sample_and_overlapping_ones_are_not() -> None:
+    clock = Clock()
+    perf = NodePerf(clock)
+    with perf.prefill() as run:
+        clock.t += 0.25
+        run.uncached_tokens = 500
+    assert perf.model.prefill.samples == 1
+    # Two overlapping prefills share the engine's steps: neither is a sample.
+    a = perf.prefill()
+    ra = a.__enter__()
+    b = perf.prefill()
+    rb = b.__enter__()
+    clock.t += 0.5
+    ra.uncached_tokens = rb.uncached_tokens = 300
+    b.__exit__(None, None, None)
+    a.__exit__(None, None, None)
+    assert perf.model.prefill.samples == 1
+    # One that failed, or whose cached count is unknown, is not either.
+    with pytest.raises(RuntimeError):
+        with perf.prefill() as run:
+            run.uncached_tokens = 100
+            raise RuntimeError("engine said no")
+    with perf.prefill():
+        clock.t += 0.1
+    assert perf.model.prefill.samples == 1
+
+
+def test_prefill_samples_fit_the_prefill_time() -> None:
+    clock = Clock()
+    perf = NodePerf(clock)
+    for n in range(50, 2000, 75):
+        with perf.prefill() as run:
+            clock.t += 0.01 + 2e-4 * n
+            run.uncached_tokens = n
+    assert perf.model.prefill_s(1000) == pytest.approx(0.01 + 2e-4 * 1000, rel=1e-6)
+
+
+def test_decode_gaps_are_steps_of_the_batch_running_then() -> None:
+    clock = Clock()
+    perf = NodePerf(clock)
+    step = lambda batch, ctx: 0.005 + 0.001 * batch + 1e-6 * ctx  # noqa: E731
+    perf.decode_started("a", 100)
+    perf.decode_output("a", 1)  # its first token: no gap yet
+    for _ in range(3):
+        clock.t += step(1, 101)
+        perf.decode_output("a", 1)
+    assert perf.model.decode.samples == 3
+    perf.decode_started("b", 1000)  # waiting for its KV: not in the batch yet
+    clock.t += step(1, 104)
+    perf.decode_output("a", 1)
+    assert perf.model.decode.samples == 4
+    perf.decode_output("b", 1)
+    perf.decode_ended("a")
+    perf.decode_ended("b")
+    assert perf._streams == {}
