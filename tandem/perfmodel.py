@@ -101,7 +101,9 @@ class OnlineFit:
         return list(self._coef)
 
     def _nnls(self) -> list[float]:
-        """Least squares with coef ≥ 0: solve on the free set, drop the most negative, repeat."""
+        """Least squares with coef ≥ 0, approximately: solve on the free set, drop the most
+        negative, repeat (features never come back, unlike Lawson-Hanson; with three features
+        and the forms here that is the same answer in practice)."""
         k = len(self.names)
         free = list(range(k))
         while free:
@@ -124,13 +126,13 @@ class OnlineFit:
 
     def state(self) -> dict[str, object]:
         return {"names": list(self.names), "scale": list(self.scale), "half_life": self.half_life,
-                "xtx": [r[:] for r in self._xtx], "xty": self._xty[:], "weight": self.weight,
+                "ridge": self.ridge, "xtx": [r[:] for r in self._xtx], "xty": self._xty[:], "weight": self.weight,
                 "samples": self.samples}
 
     @classmethod
     def from_state(cls, st: dict) -> OnlineFit:
         return cls(tuple(st["names"]), tuple(float(s) for s in st["scale"]), half_life=float(st["half_life"]),
-                   _xtx=[[float(v) for v in r] for r in st["xtx"]], _xty=[float(v) for v in st["xty"]],
+                   ridge=float(st.get("ridge", 1e-9)), _xtx=[[float(v) for v in r] for r in st["xtx"]], _xty=[float(v) for v in st["xty"]],
                    weight=float(st["weight"]), samples=int(st["samples"]))
 
 

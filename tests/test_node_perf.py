@@ -66,7 +66,17 @@ def test_decode_gaps_are_steps_of_the_batch_running_then() -> None:
     clock.t += step(1, 104)
     perf.decode_output("a", 1)
     assert perf.model.decode.samples == 4
-    perf.decode_output("b", 1)
-    perf.decode_ended("a")
+    perf.decode_output("b", 1)  # b joins: the batch is now 2 streams, 105 + 1001 context tokens
+    for _ in range(40):  # each step gives both streams a token
+        clock.t += step(2, perf._batch_context)
+        perf.decode_output("a", 1)
+        perf.decode_output("b", 1)
     perf.decode_ended("b")
-    assert perf._streams == {}
+    for _ in range(40):
+        clock.t += step(1, perf._batch_context)
+        perf.decode_output("a", 1)
+    # What was fitted is the step time at the batch and context that ran, not some other count.
+    assert perf.model.step_s(2, 1200) == pytest.approx(step(2, 1200), rel=1e-3)
+    assert perf.model.step_s(1, 200) == pytest.approx(step(1, 200), rel=1e-3)
+    perf.decode_ended("a")
+    assert perf._streams == {} and perf._batch == 0 and perf._batch_context == 0

@@ -51,10 +51,10 @@ class TcpProxy:
                        seconds, len(doomed))
 
     def close(self) -> None:
-        self._closed = True
-        _hang_up(self._listener)
         with self._lock:
+            self._closed = True
             doomed, self._open = self._open, set()
+        _hang_up(self._listener)
         for s in doomed:
             _hang_up(s)
 
@@ -83,7 +83,16 @@ class TcpProxy:
             for s in (client, upstream):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
-                self._open |= {client, upstream}
+                # A cut (or close) may have come while we dialled upstream: it did not see
+                # this pair, so it must not go on.
+                doomed = self.is_cut or self._closed
+                if not doomed:
+                    self._open |= {client, upstream}
+            if doomed:
+                self.refused += 1
+                _hang_up(client)
+                _hang_up(upstream)
+                continue
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 

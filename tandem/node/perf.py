@@ -49,6 +49,10 @@ class NodePerf:
         self._prefills_running = 0
         self._prefill_starts = 0
         self._streams: dict[str, _Stream] = {}
+        # The batch: streams that have produced a token, and their context tokens in all
+        # (kept as running totals: a pass over every stream on every token would cost B² a step).
+        self._batch = 0
+        self._batch_context = 0
         self._exported_at = -float("inf")
 
     # prefill -------------------------------------------------------------------
@@ -69,7 +73,7 @@ class NodePerf:
             self._prefills_running -= 1
             if ok and alone and self._prefill_starts == starts and run.uncached_tokens is not None:
                 self.model.saw_prefill(run.uncached_tokens, self._clock() - t0)
-                self._export()
+            self._export(force=self._prefills_running == 0)  # idle now: show the last samples too
 
     # decode --------------------------------------------------------------------
     def decode_started(self, rid: str, context_tokens: int) -> None:
@@ -80,15 +84,23 @@ class NodePerf:
         if s is None or new_tokens <= 0:
             return
         now = self._clock()
-        if s.last_output is not None and new_tokens == 1:
-            running = [t for t in self._streams.values() if t.last_output is not None]
-            self.model.saw_decode_step(len(running), sum(t.context for t in running), now - s.last_output)
+        if s.last_output is None:  # its first token: it joins the batch
+            self._batch += 1
+            self._batch_context += s.context
+        elif new_tokens == 1:  # one step since its last output (several: coalesced, no sample)
+            self.model.saw_decode_step(self._batch, self._batch_context, now - s.last_output)
             self._export()
         s.last_output = now
         s.context += new_tokens
+        self._batch_context += new_tokens
 
     def decode_ended(self, rid: str) -> None:
-        self._streams.pop(rid, None)
+        s = self._streams.pop(rid, None)
+        if s is not None and s.last_output is not None:
+            self._batch -= 1
+            self._batch_context -= s.context
+        if not self._streams:
+            self._export(force=True)  # idle now: show the last samples too
 
     # export --------------------------------------------------------------------
     def _export(self, force: bool = False) -> None:

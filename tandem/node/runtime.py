@@ -46,20 +46,20 @@ async def run_node(cfg: NodeConfig, service_name: str,
     """Start the engine, serve gRPC + /metrics, register in etcd; run until SIGINT/SIGTERM
     (exit code 0) or until the engine dies (ENGINE_DEAD_EXIT)."""
     logger.info("starting %s node: %s", cfg.role, cfg.describe())
-    # A port picked now is bound by vLLM's worker tens of seconds later; meanwhile vLLM's own
-    # ZMQ sockets took it once (a failed start). Hold it until the block server is up.
-    reservation = None if cfg.kv_port else reserve_port(cfg.host)
-    kv_port = cfg.kv_port or reservation.getsockname()[1]  # type: ignore[union-attr]
+    # The KV port (given, or picked now) is bound by vLLM's worker tens of seconds later;
+    # meanwhile vLLM's own ZMQ sockets took it once (a failed start). Hold it until the block
+    # server is up.
+    reservation = reserve_port(cfg.host, cfg.kv_port)
+    kv_port = reservation.getsockname()[1]
     kv_bind = f"{cfg.host}:{kv_port}"
     kv_address = cfg.kv_advertise or kv_bind  # what handles and the node's record carry
     # New with every start: handles minted by an earlier process on this address are refused.
     engine_id = f"{cfg.node_id}-{uuid.uuid4().hex[:8]}"
-    engine = EngineHost(cfg, kv_bind, engine_id, kv_port_reserved=reservation is not None)
+    engine = EngineHost(cfg, kv_bind, engine_id, kv_port_reserved=True)
     try:
         await asyncio.get_running_loop().run_in_executor(None, engine.start)
     finally:
-        if reservation is not None:
-            reservation.close()
+        reservation.close()
 
     grpc_server = await start_grpc(cfg.host, cfg.grpc_port, service_name, lambda server: add_servicer(server, engine))
     httpd, _ = start_http_server(cfg.metrics_port, addr=cfg.host)
@@ -137,8 +137,9 @@ async def _drain(registration: Registration, grace_s: float, why: str, signals: 
     while (held := work_held()) > 0 or time.monotonic() - t0 < settle_s:
         now = time.monotonic()
         if now - t0 > grace_s:
-            logger.warning("drain of %s: grace period over with %.0f requests and KV blocks still held", node_id,
-                           held)
+            if held > 0:
+                logger.warning("drain of %s: grace period over with %.0f requests and KV blocks still held",
+                               node_id, held)
             return
         if signals.again.is_set() or died.done():
             logger.warning("drain of %s cut short with %.0f requests and KV blocks still held", node_id, held)

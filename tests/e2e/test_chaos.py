@@ -35,8 +35,8 @@ def test_nothing_hangs_nothing_is_lost_nothing_leaks(results, scenario: str) -> 
     assert r.token_mismatches == 0
     assert r.kv_blocks_held_after == 0
     assert r.recovery_s is not None, "the cluster did not reconverge"
-    # Both coordinators carried the load.
-    assert set(r.by_front) == {"coordinator", "coordinator-1"}
+    # Both coordinators carried the load: each completed requests.
+    assert all(r.by_front[f].get("ok", 0) >= 1 for f in ("coordinator", "coordinator-1")), r.by_front
 
 
 def test_an_etcd_outage_costs_no_request_and_membership_reconverges(results) -> None:
