@@ -2,6 +2,8 @@
 
 Usage: python reference_engine.py MODEL MAX_MODEL_LEN < cases.json
 cases: [{"prompt_token_ids": [...], "max_tokens": N, "temperature": 0, "seed": null}, ...]
+A case may say "extend_with": [i, j, ...]: the outputs of those earlier cases are appended to
+its prompt first (a chain of legs, as a migrated request runs them).
 """
 
 import asyncio
@@ -26,7 +28,10 @@ async def main() -> None:
             sp = SamplingParams(max_tokens=c["max_tokens"], temperature=c.get("temperature", 0.0),
                                 seed=c.get("seed"), ignore_eos=c.get("ignore_eos", False), detokenize=False)
             final = None
-            async for out in eng.generate({"prompt_token_ids": c["prompt_token_ids"]}, sp, request_id=f"ref-{i}"):
+            prompt = list(c["prompt_token_ids"])
+            for j in c.get("extend_with", []):
+                prompt += results[j]
+            async for out in eng.generate({"prompt_token_ids": prompt}, sp, request_id=f"ref-{i}"):
                 final = out
             results.append(list(final.outputs[0].token_ids))
     finally:

@@ -39,15 +39,26 @@ def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
 EQUALITY = [[(11 + 29 * i) % 590 + 5 for i in range(n)] for n in (20, 150)]
 FROZEN = [(3 + 11 * i) % 590 + 5 for i in range(12)]
 KILLED = [(5 + 13 * i) % 590 + 5 for i in range(10)]
+SEEDED = [(7 + 19 * i) % 590 + 5 for i in range(25)]
+SEED, TEMPERATURE, SEEDED_TOKENS = 4242, 0.9, 40
 LONG = 480
 
 
 @pytest.fixture(scope="module")
 def references(tiny_model: Path) -> dict[tuple[int, ...], list[int]]:
     cases = [(p, 16) for p in EQUALITY] + [(FROZEN, LONG), (KILLED, LONG)]
+    seeded = {"temperature": TEMPERATURE, "seed": SEED, "ignore_eos": True}
+    # A seeded request whose first decode node never answers runs two legs: the prefill's token t0;
+    # then, on another decode node, a prefill of prompt + [t0] (its token t1) and a decode of the rest.
+    legs = [{"prompt_token_ids": SEEDED, "max_tokens": 1, **seeded},
+            {"prompt_token_ids": SEEDED, "max_tokens": 1, "extend_with": [len(cases)], **seeded},
+            {"prompt_token_ids": SEEDED, "max_tokens": SEEDED_TOKENS - 2,
+             "extend_with": [len(cases), len(cases) + 1], **seeded}]
     outs = reference_outputs(tiny_model, [{"prompt_token_ids": p, "max_tokens": n, "ignore_eos": True}
-                                          for p, n in cases], MAX_MODEL_LEN)
-    return {tuple(p): out for (p, _), out in zip(cases, outs)}
+                                          for p, n in cases] + legs, MAX_MODEL_LEN)
+    refs = {tuple(p): out for (p, _), out in zip(cases, outs)}
+    refs[tuple(SEEDED)] = [t for out in outs[len(cases):] for t in out]
+    return refs
 
 
 def request(ids: list[int], max_tokens: int) -> pb.GenerateRequest:
@@ -143,6 +154,44 @@ def test_frozen_decode_node_mid_stream_is_migrated_and_rejoins_when_it_resumes(c
     wait_until(lambda: metric(scrape(victim.info["metrics"]), "vllm:num_requests_running") == 0, 20,
                "the resumed node to drop the request it held when it froze")
     wait_until(lambda: blocks_held(cluster) == 0, 20, "every held KV block to be freed")
+
+
+def test_a_seeded_request_continues_deterministically_after_a_migration(cluster: LocalCluster, stub,
+                                                                         references) -> None:
+    # Both decode nodes are frozen while the request starts: its first token comes from the prefill
+    # node and the decode node picked for it never answers, so it migrates with exactly that one
+    # token sent. The tokens after the switch must be a plain engine's for prompt + [t0], same seed.
+    decodes = [cluster.node("decode-0"), cluster.node("decode-1")]
+    for d in decodes:
+        d.signal(signal.SIGSTOP)
+    victim = None
+    try:
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=SEEDED), sampling=pb.SamplingParams(
+            max_tokens=SEEDED_TOKENS, temperature=TEMPERATURE, seed=SEED, ignore_eos=True))
+        call = stub.Generate(req, timeout=120)
+        first = next(call)
+        victim = busy_decode_node(cluster, stub)
+        for d in decodes:
+            if d is not victim:
+                d.signal(signal.SIGCONT)
+        outcome = drain(call)
+    finally:
+        for d in decodes:
+            if d is not victim:
+                d.signal(signal.SIGCONT)
+    assert victim is not None
+    try:
+        fin = outcome.get("finish")
+        assert fin is not None, outcome
+        assert fin.reason == "length" and fin.migrations == 1 and fin.timings.decode_node != victim.name
+        assert list(first.token_ids) + outcome["tokens"] == references[tuple(SEEDED)]  # type: ignore[operator]
+    finally:
+        victim.signal(signal.SIGCONT)
+    # It comes back (its lease may have lapsed meanwhile) before the next test needs both.
+    wait_until(lambda: victim.name in registered_nodes(cluster.etcd_url), 15, "the resumed node to register")
+    wait_until(lambda: any(n.node_id == victim.name and not n.down
+                           for n in stub.ClusterStatus(pb.ClusterStatusRequest()).nodes),
+               15, "the coordinator to route to it again")
 
 
 def test_lying_kv_handles_fail_their_request_only(cluster: LocalCluster, stub) -> None:
