@@ -23,7 +23,7 @@ def reserve_port(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     OSError naming it.
     """
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Not SO_REUSEADDR: with it, a listener that sets SO_REUSEADDR (ZMQ's do) could take the port.
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         s.bind((host, port))

@@ -225,6 +225,10 @@ def test_a_reserved_port_is_kept_from_others_and_serves_the_block_server() -> No
     try:
         with socket.socket() as other, pytest.raises(OSError):  # e.g. vLLM's ZMQ ports
             other.bind(("127.0.0.1", port))
+        with socket.socket() as zmq_like, pytest.raises(OSError):  # ZMQ's listeners set SO_REUSEADDR
+            zmq_like.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            zmq_like.bind(("127.0.0.1", port))
+            zmq_like.listen()
         src, dst = paged("random"), paged("zeros")
         server = BlockServer("127.0.0.1", port, src, make_data_planes("tcp"), reserved=True)
     finally:
