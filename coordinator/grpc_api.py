@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import aclosing
 
 import grpc
 
-from tandem.errors import InvalidRequest, TandemError, grpc_status_of
+from tandem.errors import InvalidRequest, TandemError, grpc_status_of, grpc_trailers_of
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 from tandem.sampling import from_proto
 
+from .admission import Slo
 from .pipeline import FinishEvent, Pipeline, TokenEvent
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 sampling=from_proto(request.sampling if request.HasField("sampling") else None),
                 model=request.model,
                 timeout_s=context.time_remaining(),
+                slo=_slo(request),
             )
             rid = prepared.public_id
             async with aclosing(self.pipeline.run(prepared)) as events:
@@ -50,7 +53,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                         await context.write(pb.GenerateResponse(request_id=rid, finish=_finish_pb(ev)))
         except TandemError as exc:
             code, msg = grpc_status_of(exc)
-            await context.abort(code, msg)
+            await context.abort(code, msg, trailing_metadata=grpc_trailers_of(exc))
         except Exception as exc:
             if isinstance(exc, grpc.aio.AbortError):
                 raise
@@ -60,13 +63,26 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     async def ClusterStatus(self, request: pb.ClusterStatusRequest,
                             context: grpc.aio.ServicerContext) -> pb.ClusterStatusResponse:
-        nodes = [
-            pb.NodeInfo(node_id=n.record.node_id, role=n.record.role, grpc_address=n.record.grpc_address,
-                        kv_address=n.record.kv_address, model=n.record.model,
-                        outstanding=n.outstanding, served=n.served, draining=n.record.draining, down=not n.up)
-            for n in sorted(self.pipeline.router.nodes(), key=lambda n: (n.record.role, n.record.node_id))
-        ]
+        nodes = []
+        for n in sorted(self.pipeline.router.nodes(), key=lambda n: (n.record.role, n.record.node_id)):
+            info = pb.NodeInfo(node_id=n.record.node_id, role=n.record.role, grpc_address=n.record.grpc_address,
+                               kv_address=n.record.kv_address, model=n.record.model, outstanding=n.outstanding,
+                               served=n.served, draining=n.record.draining, down=not n.up, load_age_s=-1.0)
+            if n.load is not None:
+                info.prefill_queue = len(n.load.prefill_queue)
+                info.decode_batch = n.load.decode_batch
+                info.perf_samples = sum(f.samples for f in n.load.fits)
+                info.load_age_s = time.monotonic() - n.load_at
+            nodes.append(info)
         return pb.ClusterStatusResponse(cluster=self.cluster, model=self.pipeline.served_model, nodes=nodes)
+
+
+def _slo(request: pb.GenerateRequest) -> Slo:
+    if not request.HasField("slo"):
+        return Slo()
+    s = request.slo
+    return Slo.from_ms(s.ttft_ms if s.HasField("ttft_ms") else None, s.tpot_ms if s.HasField("tpot_ms") else None,
+                       where="slo.")
 
 
 def _finish_pb(ev: FinishEvent) -> pb.Finish:
@@ -74,7 +90,8 @@ def _finish_pb(ev: FinishEvent) -> pb.Finish:
         reason=ev.reason, stop_reason=ev.stop_reason,
         usage=pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens),
         timings=pb.Timings(ttft_s=ev.ttft_s, e2e_s=ev.e2e_s, prefill_s=ev.prefill_s, decode_s=ev.decode_s,
-                           prefill_node=ev.prefill_node, decode_node=ev.decode_node),
+                           prefill_node=ev.prefill_node, decode_node=ev.decode_node,
+                           predicted_ttft_s=ev.predicted_ttft_s, predicted_tpot_s=ev.predicted_tpot_s),
         migrations=ev.migrations,
     )
 

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tandem.errors import InvalidRequest, TandemError, openai_error_body
 from tandem.sampling import Sampling
 
+from .admission import Slo
 from .pipeline import FinishEvent, Pipeline, TokenEvent
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,20 @@ def sampling_from_body(body: dict[str, Any]) -> Sampling:
     )
 
 
+def slo_from_headers(request: web.Request) -> Slo:
+    """x-slo-ttft-ms / x-slo-tpot-ms, milliseconds; a bad value is a 400 naming the header."""
+    def one(name: str) -> float | None:
+        raw = request.headers.get(name)
+        if raw is None:
+            return None
+        try:
+            return float(raw)
+        except ValueError:
+            raise InvalidRequest(f"header {name} must be a number of milliseconds, got {raw[:40]!r}") from None
+
+    return Slo.from_ms(one("x-slo-ttft-ms"), one("x-slo-tpot-ms"), where="header x-slo-")
+
+
 class OpenAIHttp:
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
@@ -111,7 +126,8 @@ class OpenAIHttp:
             if not isinstance(exc, TandemError):
                 logger.exception("HTTP %s failed", request.path)
             status, body = openai_error_body(exc)
-            return web.json_response(body, status=status)
+            headers = exc.details() if isinstance(exc, TandemError) else {}
+            return web.json_response(body, status=status, headers=headers)
 
     async def _json(self, request: web.Request) -> dict[str, Any]:
         try:
@@ -156,7 +172,7 @@ class OpenAIHttp:
             raise InvalidRequest("'model' must be a string")
         rid = body.get("request_id") or request.headers.get("X-Request-Id") or ""
         prepared = self.pipeline.prepare(request_id=str(rid), text=text, token_ids=ids,
-                                         sampling=sampling_from_body(body), model=model)
+                                         sampling=sampling_from_body(body), model=model, slo=slo_from_headers(request))
         prefix = "chatcmpl" if chat else "cmpl"
         oid = f"{prefix}-{prepared.public_id}"
         created = int(time.time())

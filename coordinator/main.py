@@ -15,6 +15,7 @@ from tandem.grpcserve import StopSignals, start_grpc
 from tandem.membership import MembershipView
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 
+from .admission import MODES, Admission, Slo
 from .grpc_api import SERVICE_NAME, CoordinatorServicer
 from .http_api import OpenAIHttp
 from .pipeline import Pipeline, PipelineConfig
@@ -40,6 +41,9 @@ class CoordinatorConfig:
     migration_limit: int = 2
     pool_wait_s: float = 10.0
     probe_timeout_s: float = 1.0
+    admission: str = "on"
+    slo_ttft_ms: float = 0.0  # cluster default SLOs for requests that set none; 0: none
+    slo_tpot_ms: float = 0.0
 
     def finish(self) -> CoordinatorConfig:
         if not self.model or not Path(self.model).is_dir():
@@ -49,6 +53,10 @@ class CoordinatorConfig:
         for name in ("prefill_timeout_s", "decode_timeout_s", "stall_s", "probe_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.admission not in MODES:
+            raise ValueError(f"--admission must be on or off, got {self.admission!r}")
+        if self.slo_ttft_ms < 0 or self.slo_tpot_ms < 0:
+            raise ValueError("--slo-ttft-ms and --slo-tpot-ms must be >= 0 (0: no default SLO)")
         if self.migration_limit < 0 or self.pool_wait_s < 0:
             raise ValueError("--migration-limit and --pool-wait-s must be >= 0")
         if not self.served_model_name:
@@ -81,6 +89,13 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--pool-wait-s", type=float, default=float(env("TANDEM_POOL_WAIT_S", "10")),
                     help="how long a request waits for a node when its pool is briefly empty")
     ap.add_argument("--probe-timeout-s", type=float, default=float(env("TANDEM_PROBE_TIMEOUT_S", "1")))
+    ap.add_argument("--admission", default=env("TANDEM_ADMISSION", "on"),
+                    help="on: refuse (RESOURCE_EXHAUSTED / HTTP 429) a request that no node is predicted to "
+                         "serve within its SLO | off: admit everything (for comparison)")
+    ap.add_argument("--slo-ttft-ms", type=float, default=float(env("TANDEM_SLO_TTFT_MS", "0")),
+                    help="default TTFT objective for requests that set none (0: none)")
+    ap.add_argument("--slo-tpot-ms", type=float, default=float(env("TANDEM_SLO_TPOT_MS", "0")),
+                    help="default TPOT objective for requests that set none (0: none)")
 
 
 def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
@@ -101,7 +116,8 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
 
     pipeline = Pipeline(router, codec, max_model_len, cfg.served_model_name, PipelineConfig(
         prefill_timeout_s=cfg.prefill_timeout_s, decode_timeout_s=cfg.decode_timeout_s, stall_s=cfg.stall_s,
-        migration_limit=cfg.migration_limit))
+        migration_limit=cfg.migration_limit),
+        Admission(router, cfg.admission, Slo.from_ms(cfg.slo_ttft_ms or None, cfg.slo_tpot_ms or None, "--slo-")))
 
     grpc_server = await start_grpc(
         cfg.host, cfg.grpc_port, SERVICE_NAME,

@@ -2,7 +2,9 @@
 
   prepare: validate + tokenize (bad input costs no engine work); mint the request's
            own id (the client's id is kept for logs and the response only)
-  prefill: pick a prefill node -> Prefill -> first token, streamed at once (TTFT);
+  admit:   predict its TTFT and TPOT on every node; start on the best pair, or refuse
+           it (RESOURCE_EXHAUSTED / 429) when none meets its SLO (admission.py)
+  prefill: Prefill on that node -> first token, streamed at once (TTFT);
            a prefill node that fails is retried once on another node
   decode:  pick a decode node -> Decode(prompt + first token, KV handle) -> tokens
   migrate: a decode node that fails or stalls mid-stream does not end the request:
@@ -24,12 +26,13 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from tandem.errors import DeadlineExceeded, InvalidRequest
+from tandem.errors import DeadlineExceeded, InvalidRequest, Rejected
 from tandem.logs import log_prompts_enabled
 from tandem.proto import tandem_pb2 as pb
 from tandem.sampling import Sampling, to_proto
 
 from . import metrics as m
+from .admission import Admission, Plan, Slo
 from .nodecalls import NodeCallFailed, Watchdog, stream_ended_early
 from .router import NodeClient, Router
 from .textcodec import Detokenizer, TextCodec
@@ -49,6 +52,7 @@ class Prepared:
     client_id: str = ""  # the client's own id, for logs and the response only
     received: float = field(default_factory=time.perf_counter)
     deadline: float | None = None  # perf_counter time by which the client gives up, if it said
+    slo: Slo = field(default_factory=Slo)  # the request's own; admission fills in the cluster's defaults
 
     @property
     def public_id(self) -> str:
@@ -75,6 +79,8 @@ class FinishEvent:
     prefill_node: str = ""
     decode_node: str = ""
     migrations: int = 0
+    predicted_ttft_s: float = 0.0  # admission's prediction for the nodes it chose (0: none)
+    predicted_tpot_s: float = 0.0
 
 
 Event = TokenEvent | FinishEvent
@@ -145,8 +151,9 @@ class _Progress:
 
 class Pipeline:
     def __init__(self, router: Router, codec: TextCodec, max_model_len: Callable[[], int],
-                 served_model: str, cfg: PipelineConfig | None = None) -> None:
+                 served_model: str, cfg: PipelineConfig | None = None, admission: Admission | None = None) -> None:
         self.router = router
+        self.admission = admission or Admission(router, "off")
         self.codec = codec
         self.max_model_len = max_model_len
         self.served_model = served_model
@@ -156,7 +163,8 @@ class Pipeline:
 
     # prepare ----------------------------------------------------------------
     def prepare(self, *, request_id: str, text: str | None, token_ids: list[int] | None,
-                sampling: Sampling, model: str = "", timeout_s: float | None = None) -> Prepared:
+                sampling: Sampling, model: str = "", timeout_s: float | None = None,
+                slo: Slo | None = None) -> Prepared:
         if model and model != self.served_model:
             raise InvalidRequest(f"unknown model {model!r}; this cluster serves {self.served_model!r}")
         if len(request_id) > MAX_REQUEST_ID_CHARS:
@@ -180,17 +188,22 @@ class Pipeline:
         deadline = time.perf_counter() + timeout_s if timeout_s is not None else None
         if request_id:
             logger.info("request %s: client id %r", rid, request_id)
-        return Prepared(rid, ids, sampling, client_id=request_id, deadline=deadline)
+        return Prepared(rid, ids, sampling, client_id=request_id, deadline=deadline, slo=slo or Slo())
 
     # run --------------------------------------------------------------------
     async def run(self, req: Prepared) -> AsyncIterator[Event]:
+        try:
+            plan = self.admission.plan(req.request_id, len(req.prompt_ids), req.sampling.max_tokens, req.slo)
+        except Rejected:
+            m.REQUESTS.labels("rejected").inc()
+            raise
         m.RUNNING.inc()
         m.PROMPT_TOKENS.inc(len(req.prompt_ids))
         status = "error"
         try:
             # aclosing: a client that goes away closes _serve here and now (its decode call is
             # cancelled, its KV hold released), not whenever the generator is collected.
-            async with aclosing(self._serve(req)) as events:
+            async with aclosing(self._serve(req, plan)) as events:
                 async for ev in events:
                     if isinstance(ev, FinishEvent):
                         status = ev.reason
@@ -202,12 +215,14 @@ class Pipeline:
             m.RUNNING.dec()
             m.REQUESTS.labels(status).inc()
 
-    async def _serve(self, req: Prepared) -> AsyncIterator[Event]:
+    async def _serve(self, req: Prepared, plan: Plan) -> AsyncIterator[Event]:
         """Legs until the request ends: each one prefills what the client has seen so far
-        (the prompt, then also every token sent), then decodes on one decode node."""
+        (the prompt, then also every token sent), then decodes on one decode node. The first
+        leg starts on admission's choice (``plan``); a migrated leg picks by load alone."""
         rid, s = req.request_id, req.sampling
         prog = _Progress(req, self.codec.detokenizer(), StopMatcher(s.stop))
         out = prog.out
+        out.predicted_ttft_s, out.predicted_tpot_s = plan.ttft_s or 0.0, plan.tpot_s or 0.0
         leg = 0
         kv_failed_from: set[str] = set()  # prefill nodes whose KV a decode node could not fetch
         while not out.reason:
@@ -219,15 +234,18 @@ class Pipeline:
                     # Reserved before the prefill, so that requests arriving together spread
                     # over the pool (and an empty decode pool costs no prefill work).
                     avoid = {out.decode_node} if out.decode_node else set()
-                    dnode = legs_end.enter_context(self.router.track(await self.router.acquire("decode", avoid)))
+                    first = plan.decode if leg == 0 and plan.decode and self.router.routable(plan.decode) else None
+                    dnode = legs_end.enter_context(self.router.track(first or await self.router.acquire("decode", avoid),
+                                                                     len(context)))
                 if leg == 0:
                     m.QUEUE.observe(time.perf_counter() - req.received)
                 pre, pnode = await self._prefill(req, context, left, hold_kv=dnode is not None, leg=leg,
-                                                 prefer_not=kv_failed_from)
+                                                 prefer_not=kv_failed_from, first=plan.prefill if leg == 0 else None)
                 if dnode is not None and not self.router.routable(dnode):
                     # It failed, began draining or left while the prompt was prefilled; the
                     # handle serves any decode node.
-                    dnode = legs_end.enter_context(self.router.track(await self.router.acquire("decode", avoid)))
+                    dnode = legs_end.enter_context(self.router.track(await self.router.acquire("decode", avoid),
+                                                                     len(context)))
                 handle = pre.handle if pre.HasField("handle") else None
                 consumed = False  # a completed decode fetched (and so freed) the handle's blocks
                 try:
@@ -279,8 +297,13 @@ class Pipeline:
             yield TokenEvent([], tail)
         out.e2e_s = time.perf_counter() - req.received
         m.E2E.observe(out.e2e_s)
+        if out.ttft_s > 0 and out.predicted_ttft_s:
+            m.PREDICTION_ERROR.labels("ttft").observe(abs(out.ttft_s - out.predicted_ttft_s) / out.ttft_s)
         if out.completion_tokens > 1:
-            m.TPOT.observe((prog.last_token_at - req.received - out.ttft_s) / (out.completion_tokens - 1))
+            tpot = (prog.last_token_at - req.received - out.ttft_s) / (out.completion_tokens - 1)
+            m.TPOT.observe(tpot)
+            if out.predicted_tpot_s and not leg and tpot > 0:
+                m.PREDICTION_ERROR.labels("tpot").observe(abs(tpot - out.predicted_tpot_s) / tpot)
         logger.info("request %s: %s after %d tokens (ttft %.3f s, e2e %.3f s, prefill %s, decode %s, "
                     "migrations %d)", rid, out.reason, out.completion_tokens, out.ttft_s, out.e2e_s,
                     out.prefill_node, out.decode_node or "-", leg)
@@ -318,12 +341,17 @@ class Pipeline:
         return max(0.001, min(limit_s, req.deadline - time.perf_counter()))
 
     async def _prefill(self, req: Prepared, context: list[int], sampling: Sampling, hold_kv: bool,
-                       leg: int, prefer_not: set[str]) -> tuple[pb.PrefillResponse, NodeClient]:
-        """Prefill ``context`` for one token; a failed node is retried once on another. Nodes in
-        ``prefer_not`` are picked only when no other is available."""
+                       leg: int, prefer_not: set[str], first: NodeClient | None = None,
+                       ) -> tuple[pb.PrefillResponse, NodeClient]:
+        """Prefill ``context`` for one token on ``first`` (when still routable) or the least loaded
+        node; a failed node is retried once on another. Nodes in ``prefer_not`` are picked only
+        when no other is available."""
         avoid: set[str] = set(prefer_not)
         for attempt in range(2):
-            node = await self.router.acquire("prefill", avoid)
+            if attempt == 0 and first is not None and self.router.routable(first):
+                node = first
+            else:
+                node = await self.router.acquire("prefill", avoid)
             call = node.stub.Prefill(  # type: ignore[attr-defined]
                 pb.PrefillRequest(request_id=f"{req.request_id}-p{leg}.{attempt}", prompt_token_ids=context,
                                   sampling=to_proto(sampling, pb.SamplingParams), hold_kv=hold_kv),
@@ -335,7 +363,7 @@ class Pipeline:
                     self._release_later(req.request_id, node, resp.handle)
 
             try:
-                with self.router.track(node):
+                with self.router.track(node, len(context)):
                     resp = await self.watch.wait(call, node, orphaned)
             except NodeCallFailed as failed:
                 self._raise_if_client_gave_up(req, failed)

@@ -1,8 +1,14 @@
-"""Routing: pick a prefill and a decode node from the live membership view.
+"""Routing: the live membership view, each node's load, and picking a node from a pool.
 
-Policy for now: least outstanding requests (the coordinator's own count),
-ties broken by fewest served. SLO-aware admission and smarter routing build
-on this later.
+``pick`` takes the least outstanding requests (the coordinator's own count),
+ties broken by fewest served: what the pipeline falls back on when nothing
+can be predicted, and what a migrated leg uses. The first choice of a new
+request is admission's (coordinator/admission.py), from each node's predicted
+TTFT and TPOT. For that every node streams its load and fitted performance
+model (NodeMonitor.Watch) to the coordinator; ``NodeClient.load`` and
+``NodeClient.model`` hold the latest, and ``track`` keeps the coordinator's
+own requests in flight on each node (with their tokens) for the moments
+between two messages.
 
 A node is routable while it is registered in etcd, not draining (it finishes
 what it holds, then leaves) and not *down*. A failed
@@ -17,6 +23,7 @@ node at all answers UNAVAILABLE at once.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Iterator
@@ -29,6 +36,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tandem.errors import Unavailable
 from tandem.grpcserve import CHANNEL_OPTIONS
 from tandem.membership import NodeRecord
+from tandem.perfmodel import FitView, ModelView
+from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 
 from . import metrics as m
@@ -37,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 PROBE_INTERVAL_S = 0.5
 PROBE_MAX_INTERVAL_S = 5.0
+LOAD_STALE_S = 5.0  # a load message older than this no longer counts (the stream broke)
+_keys = itertools.count()
 
 
 @dataclass
@@ -46,8 +57,14 @@ class NodeClient:
     outstanding: int = 0
     served: int = 0
     down_since: float | None = None  # monotonic; set while the node failed and has not answered since
+    load: pb.NodeLoad | None = None  # its latest NodeMonitor message
+    load_at: float = -1e9  # monotonic time it came
+    model: ModelView = field(default_factory=ModelView)
+    inflight: dict[int, int] = field(default_factory=dict)  # this coordinator's requests there -> tokens
     stub: object = field(init=False)
     health: object = field(init=False)
+    monitor: object = field(init=False)
+    watcher: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         if self.record.role == "prefill":
@@ -55,6 +72,17 @@ class NodeClient:
         else:
             self.stub = pb_grpc.DecodeNodeStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.monitor = pb_grpc.NodeMonitorStub(self.channel)
+
+    def fresh_load(self) -> pb.NodeLoad | None:
+        """Its latest load message, unless the stream went quiet."""
+        return self.load if time.monotonic() - self.load_at < LOAD_STALE_S else None
+
+    def saw_load(self, msg: pb.NodeLoad) -> None:
+        self.load, self.load_at = msg, time.monotonic()
+        fits = {f.name: FitView(tuple(f.terms), tuple(f.coefficients), int(f.samples)) for f in msg.fits}
+        empty = FitView((), (), 0)
+        self.model = ModelView(fits.get("prefill", empty), fits.get("decode", empty), fits.get("transfer", empty))
 
     @property
     def node_id(self) -> str:
@@ -66,10 +94,12 @@ class NodeClient:
 
 
 class Router:
-    def __init__(self, model: str, pool_wait_s: float = 10.0, probe_timeout_s: float = 1.0) -> None:
+    def __init__(self, model: str, pool_wait_s: float = 10.0, probe_timeout_s: float = 1.0,
+                 watch_loads: bool = True) -> None:
         self.model = model
         self.pool_wait_s = pool_wait_s
         self.probe_timeout_s = probe_timeout_s
+        self.watch_loads = watch_loads  # off in unit tests whose nodes are fakes
         self._nodes: dict[str, NodeClient] = {}
         self._left_at: dict[str, float] = {}  # role -> when a node of it last left or failed
         self._changed: asyncio.Event | None = None
@@ -81,6 +111,7 @@ class Router:
         old = self._nodes.pop(node_id, None)
         if record is None:
             if old is not None:
+                _stop_watching(old)
                 # In-flight calls keep their channel until they end; new ones never see it.
                 self._left_at[old.record.role] = time.monotonic()
                 logger.info("routing: removed %s node %s", old.record.role, node_id)
@@ -96,9 +127,30 @@ class Router:
             self._nodes[node_id] = old
         else:
             # A new process (or a new address): a fresh channel, routable at once.
-            self._nodes[node_id] = NodeClient(record, grpc.aio.insecure_channel(record.grpc_address,
-                                                                                options=CHANNEL_OPTIONS))
+            if old is not None:
+                _stop_watching(old)
+            node = NodeClient(record, grpc.aio.insecure_channel(record.grpc_address, options=CHANNEL_OPTIONS))
+            self._nodes[node_id] = node
+            if self.watch_loads:
+                node.watcher = asyncio.get_running_loop().create_task(self._watch(node), name=f"load-{node_id}")
         self._pulse()
+
+    async def _watch(self, node: NodeClient) -> None:
+        """Follow the node's NodeMonitor stream while it is a member; reconnect after a break."""
+        pause = PROBE_INTERVAL_S
+        while self._nodes.get(node.node_id) is node:
+            try:
+                async for msg in node.monitor.Watch(pb.WatchRequest()):  # type: ignore[attr-defined]
+                    node.saw_load(msg)
+                    pause = PROBE_INTERVAL_S
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    logger.warning("routing: node %s has no NodeMonitor service (an older version?); its load "
+                                   "is not known and admission cannot predict it", node.node_id)
+                    return
+                logger.debug("routing: load stream of %s broke: %s", node.node_id, exc.details())
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, PROBE_MAX_INTERVAL_S)
 
     def routable(self, node: NodeClient) -> bool:
         """Still a member (this very process), up and not draining."""
@@ -108,9 +160,12 @@ class Router:
         return [n for n in self._nodes.values() if role is None or n.record.role == role]
 
     # picking ----------------------------------------------------------------
+    def routable_nodes(self, role: str) -> list[NodeClient]:
+        return [n for n in self.nodes(role) if n.up and not n.record.draining]
+
     def pick(self, role: str, avoid: set[str] = frozenset()) -> NodeClient:  # type: ignore[assignment]
         """The least loaded routable node of ``role``, preferring those not in ``avoid``."""
-        pool = [n for n in self.nodes(role) if n.up and not n.record.draining]
+        pool = self.routable_nodes(role)
         if not pool:
             registered = len(self.nodes(role))
             why = (f"its {registered} registered node(s) are draining or failed and have not answered since"
@@ -151,14 +206,18 @@ class Router:
         return left is not None and time.monotonic() - left < self.pool_wait_s
 
     @contextmanager
-    def track(self, node: NodeClient) -> Iterator[NodeClient]:
-        """Count a request as outstanding on ``node`` until the block exits (cancel included)."""
+    def track(self, node: NodeClient, tokens: int = 0) -> Iterator[NodeClient]:
+        """Count a request (of ``tokens`` prompt tokens) as outstanding on ``node`` until the block
+        exits (cancel included)."""
         node.outstanding += 1
         node.served += 1
+        key = next(_keys)
+        node.inflight[key] = tokens
         try:
             yield node
         finally:
             node.outstanding -= 1
+            del node.inflight[key]
 
     # health -----------------------------------------------------------------
     async def check(self, node: NodeClient) -> bool:
@@ -210,4 +269,11 @@ class Router:
         for t in list(self._probes):
             t.cancel()
         for n in self._nodes.values():
+            _stop_watching(n)
             await n.channel.close()
+
+
+def _stop_watching(node: NodeClient) -> None:
+    if node.watcher is not None:
+        node.watcher.cancel()
+        node.watcher = None

@@ -25,6 +25,7 @@ from tandem.errors import InvalidRequest, KVUnavailable, NodeFailed, grpc_status
 from tandem.node.engine import EngineHost
 from tandem.node.handles import check_for_decode, consume_params
 from tandem.node.perf import NodePerf
+from tandem.perfmodel import kv_bytes_per_token
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 from tandem.sampling import from_proto
@@ -39,9 +40,10 @@ KV_WAIT_SECONDS = Histogram("tandem_decode_kv_wait_seconds",
 
 
 class DecodeServicer(pb_grpc.DecodeNodeServicer):
-    def __init__(self, engine: EngineHost) -> None:
+    def __init__(self, engine: EngineHost, perf: NodePerf) -> None:
         self.engine = engine
-        self.perf = NodePerf()
+        self.perf = perf
+        self.kv_bytes_per_token = kv_bytes_per_token(engine.layout())
 
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> None:
         rid = request.request_id
@@ -78,7 +80,8 @@ class DecodeServicer(pb_grpc.DecodeNodeServicer):
         check_for_decode(request.handle, len(prompt), self.engine.block_size)
         t0 = time.perf_counter()
         first = True
-        self.perf.decode_started(rid, len(prompt))
+        kv_bytes = len(request.handle.block_ids) * self.engine.block_size * self.kv_bytes_per_token
+        self.perf.decode_started(rid, len(prompt), kv_bytes)
         try:
             async for out in self.engine.generate(rid, prompt, sampling, consume_params(request.handle)):
                 comp = out.outputs[0]
@@ -102,8 +105,8 @@ class DecodeServicer(pb_grpc.DecodeNodeServicer):
             self.perf.decode_ended(rid)
 
 
-def add_servicer(server: grpc.aio.Server, engine: EngineHost) -> None:
-    pb_grpc.add_DecodeNodeServicer_to_server(DecodeServicer(engine), server)
+def add_servicer(server: grpc.aio.Server, engine: EngineHost, perf: NodePerf) -> None:
+    pb_grpc.add_DecodeNodeServicer_to_server(DecodeServicer(engine, perf), server)
 
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DecodeNode"].full_name

@@ -36,9 +36,9 @@ HANDLES_RELEASED = Counter("tandem_kv_handles_released", "KV handles released wi
 
 
 class PrefillServicer(pb_grpc.PrefillNodeServicer):
-    def __init__(self, engine: EngineHost) -> None:
+    def __init__(self, engine: EngineHost, perf: NodePerf) -> None:
         self.engine = engine
-        self.perf = NodePerf()
+        self.perf = perf
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
         rid = request.request_id
@@ -71,7 +71,7 @@ class PrefillServicer(pb_grpc.PrefillNodeServicer):
         one.validate(len(prompt), self.engine.max_model_len)
         t0 = time.perf_counter()
         final = None
-        with self.perf.prefill() as run:
+        with self.perf.prefill(len(prompt)) as run:
             async for out in self.engine.generate(rid, prompt, one,
                                                   {"tandem": PRODUCE} if request.hold_kv else None):
                 final = out
@@ -113,8 +113,8 @@ class PrefillServicer(pb_grpc.PrefillNodeServicer):
         return pb.ReleaseResponse()
 
 
-def add_servicer(server: grpc.aio.Server, engine: EngineHost) -> None:
-    pb_grpc.add_PrefillNodeServicer_to_server(PrefillServicer(engine), server)
+def add_servicer(server: grpc.aio.Server, engine: EngineHost, perf: NodePerf) -> None:
+    pb_grpc.add_PrefillNodeServicer_to_server(PrefillServicer(engine, perf), server)
 
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PrefillNode"].full_name

@@ -33,18 +33,28 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "sampling", "model")
+    __slots__ = ("request_id", "text", "token_ids", "sampling", "model", "slo")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    SLO_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: TokenIds
     sampling: SamplingParams
     model: str
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
+    slo: Slo
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., model: _Optional[str] = ..., slo: _Optional[_Union[Slo, _Mapping]] = ...) -> None: ...
+
+class Slo(_message.Message):
+    __slots__ = ("ttft_ms", "tpot_ms")
+    TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    TPOT_MS_FIELD_NUMBER: _ClassVar[int]
+    ttft_ms: float
+    tpot_ms: float
+    def __init__(self, ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")
@@ -55,20 +65,24 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("ttft_s", "e2e_s", "prefill_s", "decode_s", "prefill_node", "decode_node")
+    __slots__ = ("ttft_s", "e2e_s", "prefill_s", "decode_s", "prefill_node", "decode_node", "predicted_ttft_s", "predicted_tpot_s")
     TTFT_S_FIELD_NUMBER: _ClassVar[int]
     E2E_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
     DECODE_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_NODE_FIELD_NUMBER: _ClassVar[int]
     DECODE_NODE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_TTFT_S_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_TPOT_S_FIELD_NUMBER: _ClassVar[int]
     ttft_s: float
     e2e_s: float
     prefill_s: float
     decode_s: float
     prefill_node: str
     decode_node: str
-    def __init__(self, ttft_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., prefill_node: _Optional[str] = ..., decode_node: _Optional[str] = ...) -> None: ...
+    predicted_ttft_s: float
+    predicted_tpot_s: float
+    def __init__(self, ttft_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., prefill_node: _Optional[str] = ..., decode_node: _Optional[str] = ..., predicted_ttft_s: _Optional[float] = ..., predicted_tpot_s: _Optional[float] = ...) -> None: ...
 
 class Finish(_message.Message):
     __slots__ = ("reason", "usage", "timings", "stop_reason", "migrations")
@@ -101,7 +115,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "role", "grpc_address", "kv_address", "model", "outstanding", "served", "draining", "down")
+    __slots__ = ("node_id", "role", "grpc_address", "kv_address", "model", "outstanding", "served", "draining", "down", "prefill_queue", "decode_batch", "perf_samples", "load_age_s")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +125,10 @@ class NodeInfo(_message.Message):
     SERVED_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     DOWN_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    DECODE_BATCH_FIELD_NUMBER: _ClassVar[int]
+    PERF_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LOAD_AGE_S_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: str
     grpc_address: str
@@ -120,7 +138,11 @@ class NodeInfo(_message.Message):
     served: int
     draining: bool
     down: bool
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., grpc_address: _Optional[str] = ..., kv_address: _Optional[str] = ..., model: _Optional[str] = ..., outstanding: _Optional[int] = ..., served: _Optional[int] = ..., draining: _Optional[bool] = ..., down: _Optional[bool] = ...) -> None: ...
+    prefill_queue: int
+    decode_batch: int
+    perf_samples: int
+    load_age_s: float
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., grpc_address: _Optional[str] = ..., kv_address: _Optional[str] = ..., model: _Optional[str] = ..., outstanding: _Optional[int] = ..., served: _Optional[int] = ..., draining: _Optional[bool] = ..., down: _Optional[bool] = ..., prefill_queue: _Optional[int] = ..., decode_batch: _Optional[int] = ..., perf_samples: _Optional[int] = ..., load_age_s: _Optional[float] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
     __slots__ = ("cluster", "model", "nodes")
@@ -131,6 +153,42 @@ class ClusterStatusResponse(_message.Message):
     model: str
     nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
     def __init__(self, cluster: _Optional[str] = ..., model: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PerfFit(_message.Message):
+    __slots__ = ("name", "terms", "coefficients", "samples")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TERMS_FIELD_NUMBER: _ClassVar[int]
+    COEFFICIENTS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    terms: _containers.RepeatedScalarFieldContainer[str]
+    coefficients: _containers.RepeatedScalarFieldContainer[float]
+    samples: int
+    def __init__(self, name: _Optional[str] = ..., terms: _Optional[_Iterable[str]] = ..., coefficients: _Optional[_Iterable[float]] = ..., samples: _Optional[int] = ...) -> None: ...
+
+class NodeLoad(_message.Message):
+    __slots__ = ("node_id", "engine_id", "prefill_queue", "decode_batch", "decode_context", "decode_waiting", "fits", "sent_at")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    DECODE_BATCH_FIELD_NUMBER: _ClassVar[int]
+    DECODE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    DECODE_WAITING_FIELD_NUMBER: _ClassVar[int]
+    FITS_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    engine_id: str
+    prefill_queue: _containers.RepeatedScalarFieldContainer[int]
+    decode_batch: int
+    decode_context: int
+    decode_waiting: int
+    fits: _containers.RepeatedCompositeFieldContainer[PerfFit]
+    sent_at: float
+    def __init__(self, node_id: _Optional[str] = ..., engine_id: _Optional[str] = ..., prefill_queue: _Optional[_Iterable[int]] = ..., decode_batch: _Optional[int] = ..., decode_context: _Optional[int] = ..., decode_waiting: _Optional[int] = ..., fits: _Optional[_Iterable[_Union[PerfFit, _Mapping]]] = ..., sent_at: _Optional[float] = ...) -> None: ...
 
 class KVHandle(_message.Message):
     __slots__ = ("engine_id", "address", "remote_request_id", "block_ids", "num_tokens", "lease_deadline")

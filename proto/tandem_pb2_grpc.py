@@ -149,6 +149,90 @@ class Coordinator:
             _registered_method=True)
 
 
+class NodeMonitorStub:
+    """---------------------------------------------------------- internal APIs
+
+    Both node kinds serve it: what the node is doing and how fast it is, pushed
+    to each coordinator as it changes (the coordinator's predictions use it).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Watch = channel.unary_stream(
+                '/tandem.v1.NodeMonitor/Watch',
+                request_serializer=tandem_dot_proto_dot_tandem__pb2.WatchRequest.SerializeToString,
+                response_deserializer=tandem_dot_proto_dot_tandem__pb2.NodeLoad.FromString,
+                _registered_method=True)
+
+
+class NodeMonitorServicer:
+    """---------------------------------------------------------- internal APIs
+
+    Both node kinds serve it: what the node is doing and how fast it is, pushed
+    to each coordinator as it changes (the coordinator's predictions use it).
+    """
+
+    def Watch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_NodeMonitorServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=tandem_dot_proto_dot_tandem__pb2.WatchRequest.FromString,
+                    response_serializer=tandem_dot_proto_dot_tandem__pb2.NodeLoad.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tandem.v1.NodeMonitor', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tandem.v1.NodeMonitor', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class NodeMonitor:
+    """---------------------------------------------------------- internal APIs
+
+    Both node kinds serve it: what the node is doing and how fast it is, pushed
+    to each coordinator as it changes (the coordinator's predictions use it).
+    """
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tandem.v1.NodeMonitor/Watch',
+            tandem_dot_proto_dot_tandem__pb2.WatchRequest.SerializeToString,
+            tandem_dot_proto_dot_tandem__pb2.NodeLoad.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class PrefillNodeStub:
     """Missing associated documentation comment in .proto file."""
 

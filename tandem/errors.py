@@ -12,6 +12,10 @@ class TandemError(Exception):
     http_status = 500
     openai_type = "server_error"
 
+    def details(self) -> dict[str, str]:
+        """What goes out beside the message: HTTP headers and gRPC trailing metadata (lowercase names)."""
+        return {}
+
 
 class InvalidRequest(TandemError):
     """Bad input: rejected before any engine work."""
@@ -27,6 +31,31 @@ class Unavailable(TandemError):
     grpc_code = grpc.StatusCode.UNAVAILABLE
     http_status = 503
     openai_type = "service_unavailable"
+
+
+class Rejected(TandemError):
+    """Admission: no node is predicted to meet the request's SLO; refused before any engine work.
+    Carries both predictions and, when waiting can help, how long to wait."""
+
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 429
+    openai_type = "rate_limit_exceeded"
+
+    def __init__(self, message: str, ttft_s: float | None, tpot_s: float | None, retry_after_s: int | None) -> None:
+        super().__init__(message)
+        self.ttft_s = ttft_s
+        self.tpot_s = tpot_s
+        self.retry_after_s = retry_after_s
+
+    def details(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        if self.ttft_s is not None:
+            out["x-tandem-predicted-ttft-ms"] = f"{self.ttft_s * 1000:.1f}"
+        if self.tpot_s is not None:
+            out["x-tandem-predicted-tpot-ms"] = f"{self.tpot_s * 1000:.1f}"
+        if self.retry_after_s is not None:
+            out["retry-after"] = str(self.retry_after_s)
+        return out
 
 
 class NodeFailed(TandemError):
@@ -54,6 +83,10 @@ class KVUnavailable(TandemError):
     openai_type = "server_error"
 
 
+def grpc_trailers_of(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    return tuple(exc.details().items()) if isinstance(exc, TandemError) else ()
+
+
 def grpc_status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, TandemError):
         return exc.grpc_code, str(exc)
@@ -73,8 +106,12 @@ def error_from_grpc(code: grpc.StatusCode, details: str, where: str) -> TandemEr
 
 def openai_error_body(exc: BaseException) -> tuple[int, dict[str, object]]:
     """(HTTP status, OpenAI-style error body)."""
+    extra: dict[str, object] = {}
     if isinstance(exc, TandemError):
         status, etype, msg = exc.http_status, exc.openai_type, str(exc)
+        if isinstance(exc, Rejected):
+            extra = {"predicted_ttft_ms": None if exc.ttft_s is None else round(exc.ttft_s * 1000, 1),
+                     "predicted_tpot_ms": None if exc.tpot_s is None else round(exc.tpot_s * 1000, 1)}
     else:
         status, etype, msg = 500, "server_error", f"internal error: {type(exc).__name__}"
-    return status, {"error": {"message": msg, "type": etype, "param": None, "code": status}}
+    return status, {"error": {"message": msg, "type": etype, "param": None, "code": status, **extra}}

@@ -104,15 +104,17 @@ class GrpcServer:
         await self.server.stop(grace=grace_s)
 
 
-async def start_grpc(host: str, port: int, service_name: str,
-                     add_servicer: Callable[[grpc.aio.Server], None]) -> GrpcServer:
-    """Start a server with ``service_name`` plus health and reflection; mark it SERVING.
-    ``add_servicer`` gets a server whose registered methods are guarded against malformed bytes."""
+async def start_grpc(host: str, port: int, service_name: str, add_servicer: Callable[[grpc.aio.Server], None],
+                     more_services: tuple[str, ...] = ()) -> GrpcServer:
+    """Start a server with ``service_name`` (and ``more_services``, which ``add_servicer`` adds too)
+    plus health and reflection; mark it SERVING. ``add_servicer`` gets a server whose registered
+    methods are guarded against malformed bytes."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
     add_servicer(_GuardedServer(server))  # type: ignore[arg-type]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection((service_name, *more_services, health.SERVICE_NAME,
+                                         reflection.SERVICE_NAME), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     out = GrpcServer(server, health_servicer, bound, (service_name,))

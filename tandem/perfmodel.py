@@ -13,12 +13,12 @@ small active-set solve. It keeps only sufficient statistics: memory and
 update cost are constant, whatever the number of samples. Pure Python: the
 coordinator and node daemons import it without numpy.
 
-``state()`` and ``from_state()`` carry a model across processes (a node
-reports it, the coordinator predicts with it). Where this is going (issue 8):
-seeded from a short profile at node start, cached per model, hardware and
-settings, refreshed from every request the node serves, and used by the
-coordinator to predict TTFT and TPOT per candidate node before admitting a
-request. This module is the math; nothing feeds it yet.
+``state()`` and ``from_state()`` carry a whole fit (its statistics) across
+processes: a node's startup profile is cached that way. What a node reports to
+the coordinator is only the fitted coefficients (``ModelView``), enough to
+predict with. Who feeds it: tandem/node/perf.py (every request a node serves)
+and tandem/profile.py (a short profile at node start); who predicts with it:
+coordinator/admission.py.
 """
 
 from __future__ import annotations
@@ -193,3 +193,56 @@ class NodeModel:
     def from_state(cls, st: dict) -> NodeModel:
         return cls(OnlineFit.from_state(st["prefill"]), OnlineFit.from_state(st["decode"]),
                    OnlineFit.from_state(st["transfer"]))
+
+
+@dataclass(frozen=True)
+class FitView:
+    """A fit's coefficients, as a node reports them; predicts like the fit."""
+
+    terms: tuple[str, ...]
+    coefficients: tuple[float, ...]
+    samples: int
+
+    def predict(self, x: Sequence[float]) -> float:
+        return sum(c * v for c, v in zip(self.coefficients, x))
+
+
+_EMPTY = FitView((), (), 0)
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """A node's model as the coordinator sees it: coefficients only (see ``NodeModel``)."""
+
+    prefill: FitView = _EMPTY
+    decode: FitView = _EMPTY
+    transfer: FitView = _EMPTY
+
+    @classmethod
+    def of(cls, model: NodeModel) -> ModelView:
+        def view(f: OnlineFit) -> FitView:
+            return FitView(f.names, tuple(f.coefficients()), f.samples) if f.samples else _EMPTY
+
+        return cls(view(model.prefill), view(model.decode), view(model.transfer))
+
+    def prefill_s(self, tokens: int) -> float:
+        return self.prefill.predict((1.0, tokens, tokens * tokens))
+
+    def step_s(self, batch: int, context_tokens: int) -> float:
+        return self.decode.predict((1.0, batch, context_tokens))
+
+    def transfer_s(self, nbytes: int) -> float:
+        return self.transfer.predict((1.0, nbytes))
+
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "fp8": 1}
+
+
+def kv_bytes_per_token(layout: dict) -> int:
+    """K and V of every layer for one token, from a node's KV layout (its etcd record);
+    0 when the layout does not say."""
+    try:
+        per = 2 * int(layout["num_layers"]) * int(layout["num_kv_heads"]) * int(layout["head_size"])
+        return per * DTYPE_BYTES[str(layout["dtype"])]
+    except (KeyError, TypeError, ValueError):
+        return 0

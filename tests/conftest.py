@@ -8,6 +8,15 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def profile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Nodes' startup profiles, cached for this session only: the first cluster profiles (about a
+    second on the tiny model), every later node start and restart finds the file."""
+    path = tmp_path_factory.mktemp("profiles")
+    os.environ["TANDEM_PROFILE_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tandem.local.model import make_tiny_model

@@ -123,7 +123,7 @@ class Health:
 
 def make(tiny_model: Path, prefills: list[Prefill], decodes: list[Decode], healthy: dict[str, bool] | None = None,
          **cfg: float) -> Pipeline:
-    router = Router("tiny", pool_wait_s=1.0)
+    router = Router("tiny", pool_wait_s=1.0, watch_loads=False)
     ROUTERS.append(router)
     nodes = [("prefill", i, s) for i, s in enumerate(prefills)] + [("decode", i, s) for i, s in enumerate(decodes)]
     for port, (role, i, stub) in enumerate(nodes, start=9100):
@@ -275,7 +275,7 @@ def test_a_node_that_accepts_a_call_but_never_answers_ends_it_with_deadline_exce
     async def go() -> tuple[BaseException | None, float]:
         server = await start_grpc("127.0.0.1", 0, "tandem.v1.PrefillNode",
                                   lambda s: pb_grpc.add_PrefillNodeServicer_to_server(HangingPrefill(), s))
-        router = Router("tiny", pool_wait_s=2.0)
+        router = Router("tiny", pool_wait_s=2.0, watch_loads=False)
         router.on_membership("prefill-0", NodeRecord("prefill-0", "prefill", f"127.0.0.1:{server.port}", "x:1",
                                                      "tiny", 512))
         p = Pipeline(router, TextCodec(str(tiny_model)), lambda: 512, "tiny",

@@ -80,3 +80,38 @@ def test_decode_gaps_are_steps_of_the_batch_running_then() -> None:
     assert perf.model.step_s(1, 200) == pytest.approx(step(1, 200), rel=1e-3)
     perf.decode_ended("a")
     assert perf._streams == {} and perf._batch == 0 and perf._batch_context == 0
+
+
+def test_the_load_message_shows_the_work_here_now_and_wakes_its_watchers() -> None:
+    import asyncio
+
+    async def go() -> None:
+        clock = Clock()
+        perf = NodePerf(clock)
+        changed = perf.changed()
+        a = perf.prefill(700)
+        a.__enter__()
+        assert changed.is_set()  # a prefill started: the stream sends at once
+        with perf.prefill(300):
+            assert list(perf.load().prefill_queue) == [700, 300]  # oldest first
+        assert list(perf.load().prefill_queue) == [700]
+        a.__exit__(None, None, None)
+        assert list(perf.load("n", "e").prefill_queue) == []
+        # Decode: a stream waits for its KV until its first token, then is in the batch; the wait
+        # is a transfer sample of its KV bytes.
+        changed = perf.changed()
+        perf.decode_started("x", 200, kv_bytes=1 << 20)
+        assert changed.is_set()
+        msg = perf.load()
+        assert (msg.decode_batch, msg.decode_waiting) == (0, 1)
+        clock.t += 0.03
+        perf.decode_output("x", 1)
+        msg = perf.load()
+        assert (msg.decode_batch, msg.decode_waiting, msg.decode_context) == (1, 0, 201)
+        assert perf.model.transfer.samples == 1
+        fits = {f.name: f for f in msg.fits}
+        assert fits["transfer"].samples == 1 and fits["prefill"].samples == 0
+        perf.decode_ended("x")
+        assert perf.load().decode_batch == 0
+
+    asyncio.run(go())

@@ -17,7 +17,7 @@ def rec(node_id: str, role: str, model: str = "tiny") -> NodeRecord:
 
 def test_least_outstanding_wins_and_empty_pools_say_which() -> None:
     async def go() -> None:
-        r = Router("tiny")
+        r = Router("tiny", watch_loads=False)
         with pytest.raises(Unavailable, match="prefill pool is empty"):
             r.pick("prefill")
         r.on_membership("p0", rec("p0", "prefill"))
@@ -50,7 +50,7 @@ def test_core_plan_keeps_pools_apart() -> None:
 
 def test_a_briefly_empty_pool_waits_a_bounded_time_and_an_unknown_one_answers_at_once() -> None:
     async def go() -> None:
-        r = Router("tiny", pool_wait_s=0.5)
+        r = Router("tiny", pool_wait_s=0.5, watch_loads=False)
         t0 = time.monotonic()
         with pytest.raises(Unavailable, match="decode pool is empty"):
             await r.acquire("decode")  # no decode node ever: at once
@@ -84,7 +84,7 @@ def test_a_node_marked_down_leaves_routing_and_returns_when_it_answers() -> None
             return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
     async def go() -> None:
-        r = Router("tiny", pool_wait_s=5)
+        r = Router("tiny", pool_wait_s=5, watch_loads=False)
         r.on_membership("p0", rec("p0", "prefill"))
         r.on_membership("p1", rec("p1", "prefill"))
         health = Health()

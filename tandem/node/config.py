@@ -37,6 +37,8 @@ class NodeConfig:
     enable_prefix_caching: bool = True
     kv_load_failure_policy: str = "fail"
     drain_grace_s: float = 30.0
+    profile: str = "auto"  # startup profile: auto (cached or run) | fresh | off
+    profile_cache: str = ""  # directory of cached profiles; empty: ~/.cache/tandem/profiles
 
     def finish(self) -> NodeConfig:
         """Fill derived defaults and check everything; raise ValueError with a clear message."""
@@ -58,6 +60,12 @@ class NodeConfig:
             from tandem.kvtransfer.wire import parse_address
 
             parse_address(self.kv_advertise)  # ValueError names the expected form
+        if self.profile not in ("auto", "fresh", "off"):
+            raise ValueError(f"--profile must be auto, fresh or off, got {self.profile!r}")
+        if not self.profile_cache:
+            from tandem.profile import default_cache_dir
+
+            self.profile_cache = str(default_cache_dir())
         if self.drain_grace_s < 0:
             raise ValueError(f"--drain-grace-s must be >= 0, got {self.drain_grace_s}")
         if self.cores:
@@ -134,6 +142,12 @@ def add_node_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-num-seqs", type=int, default=int(_env("max_num_seqs", 64)))  # type: ignore[arg-type]
     ap.add_argument("--drain-grace-s", type=float, default=float(_env("drain_grace_s", 30.0)),  # type: ignore[arg-type]
                     help="on SIGTERM, how long to finish what the node holds before it exits")
+    ap.add_argument("--profile", default=_env("profile", "auto"),
+                    help="the engine's startup profile, which the coordinator predicts TTFT and TPOT from: "
+                         "auto (use the cached one for this model, hardware and settings, or profile now, "
+                         "a few seconds, and cache it) | fresh (profile again) | off")
+    ap.add_argument("--profile-cache", default=_env("profile_cache", ""),
+                    help="directory of cached profiles (default ~/.cache/tandem/profiles)")
     ap.add_argument("--kv-load-failure-policy", default=_env("kv_load_failure_policy", "fail"),
                     help="decode nodes, when a request's KV cannot be fetched: fail (that request ends with "
                          "ABORTED and the coordinator prefills it again elsewhere) | recompute (prefill it here)")

@@ -83,6 +83,10 @@ class EngineHost:
         return int(self._engine.model_config.max_model_len)
 
     @property
+    def vocab_size(self) -> int:
+        return int(self._engine.model_config.get_vocab_size())
+
+    @property
     def block_size(self) -> int:
         return int(self._engine.vllm_config.cache_config.block_size)
 

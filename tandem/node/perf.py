@@ -6,16 +6,23 @@ Overlapping prefills share the engine's steps, so their times say little about
 either one; a node kept busy still gets samples whenever the queue runs dry,
 and the forgetting fit keeps the last ones. Decode: each gap between two
 outputs of one stream is one step of the batch running then (the streams that
-have begun producing tokens, and their context tokens in all).
+have begun producing tokens, and their context tokens in all). Transfer: a
+stream that came with a KV handle, from its start to its first token, is one
+sample of (KV bytes, seconds): the fetch plus the one step that produces the
+token, which is what a request waits for between its first and second token.
 
 The fitted coefficients and sample counts are Prometheus gauges
 (``tandem_perf_coefficient{model,term}``, ``tandem_perf_samples{model}``),
-refreshed at most once a second. The coordinator's use of them (predicting
-TTFT and TPOT per candidate node, admitting or rejecting) comes with issue 8.
+refreshed at most once a second. ``load()`` is the node's state as the
+NodeMonitor stream sends it to coordinators (tandem/node/monitor.py): the
+prefills here now, the decode batch, and the fitted coefficients;
+``changed()`` wakes that stream when work starts or ends.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,7 +30,8 @@ from dataclasses import dataclass
 
 from prometheus_client import Gauge
 
-from tandem.perfmodel import NodeModel, OnlineFit
+from tandem.perfmodel import ModelView, NodeModel, OnlineFit
+from tandem.proto import tandem_pb2 as pb
 
 COEFFICIENT = Gauge("tandem_perf_coefficient", "A fitted coefficient of this node's performance model "
                     "(seconds per unit of the term)", ["model", "term"])
@@ -39,6 +47,8 @@ class PrefillRun:
 @dataclass
 class _Stream:
     context: int  # prompt plus tokens produced so far
+    started: float
+    kv_bytes: int = 0  # KV it fetches before its first token (0: none, or not known)
     last_output: float | None = None  # monotonic; None until its first token
 
 
@@ -54,16 +64,28 @@ class NodePerf:
         self._batch = 0
         self._batch_context = 0
         self._exported_at = -float("inf")
+        self._queue: dict[int, int] = {}  # prefills here now (insertion order: oldest first) -> tokens
+        self._ids = itertools.count()
+        self._changed: asyncio.Event | None = None
+
+    def seed(self, model: NodeModel) -> None:
+        """Start from ``model`` (a cached startup profile); what the node serves refines it."""
+        self.model = model
+        self._export(force=True)
 
     # prefill -------------------------------------------------------------------
     @contextmanager
-    def prefill(self) -> Iterator[PrefillRun]:
-        """Around one prefill; the caller sets ``run.uncached_tokens`` once the engine said how many
-        prompt tokens it found cached. A sample is taken if it completes having run alone."""
+    def prefill(self, tokens: int = 0) -> Iterator[PrefillRun]:
+        """Around one prefill of a ``tokens``-token prompt; the caller sets ``run.uncached_tokens``
+        once the engine said how many prompt tokens it found cached. A sample is taken if it
+        completes having run alone."""
         alone = self._prefills_running == 0
         self._prefills_running += 1
         self._prefill_starts += 1
         starts, t0 = self._prefill_starts, self._clock()
+        key = next(self._ids)
+        self._queue[key] = tokens
+        self._touch()
         run = PrefillRun()
         ok = False
         try:
@@ -71,13 +93,16 @@ class NodePerf:
             ok = True
         finally:
             self._prefills_running -= 1
+            del self._queue[key]
+            self._touch()
             if ok and alone and self._prefill_starts == starts and run.uncached_tokens is not None:
                 self.model.saw_prefill(run.uncached_tokens, self._clock() - t0)
             self._export(force=self._prefills_running == 0)  # idle now: show the last samples too
 
     # decode --------------------------------------------------------------------
-    def decode_started(self, rid: str, context_tokens: int) -> None:
-        self._streams[rid] = _Stream(context_tokens)
+    def decode_started(self, rid: str, context_tokens: int, kv_bytes: int = 0) -> None:
+        self._streams[rid] = _Stream(context_tokens, self._clock(), kv_bytes)
+        self._touch()
 
     def decode_output(self, rid: str, new_tokens: int) -> None:
         s = self._streams.get(rid)
@@ -87,6 +112,9 @@ class NodePerf:
         if s.last_output is None:  # its first token: it joins the batch
             self._batch += 1
             self._batch_context += s.context
+            if s.kv_bytes:
+                self.model.saw_transfer(s.kv_bytes, now - s.started)
+            self._touch()
         elif new_tokens == 1:  # one step since its last output (several: coalesced, no sample)
             self.model.saw_decode_step(self._batch, self._batch_context, now - s.last_output)
             self._export()
@@ -99,8 +127,30 @@ class NodePerf:
         if s is not None and s.last_output is not None:
             self._batch -= 1
             self._batch_context -= s.context
+        self._touch()
         if not self._streams:
             self._export(force=True)  # idle now: show the last samples too
+
+    # state -----------------------------------------------------------------------
+    def load(self, node_id: str = "", engine_id: str = "") -> pb.NodeLoad:
+        """What the node is doing now and how fast it is (the NodeMonitor stream's message)."""
+        view = ModelView.of(self.model)
+        fits = [pb.PerfFit(name=name, terms=list(f.terms), coefficients=list(f.coefficients), samples=f.samples)
+                for name, f in (("prefill", view.prefill), ("decode", view.decode), ("transfer", view.transfer))]
+        return pb.NodeLoad(node_id=node_id, engine_id=engine_id, prefill_queue=list(self._queue.values()),
+                           decode_batch=self._batch, decode_context=self._batch_context,
+                           decode_waiting=len(self._streams) - self._batch, fits=fits, sent_at=time.time())
+
+    def changed(self) -> asyncio.Event:
+        """Set when work started or ended since the event was taken (take a new one after)."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
+
+    def _touch(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     # export --------------------------------------------------------------------
     def _export(self, force: bool = False) -> None:

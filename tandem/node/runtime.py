@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 from prometheus_client import REGISTRY, start_http_server
@@ -25,9 +27,12 @@ from tandem import __version__
 from tandem.grpcserve import StopSignals, start_grpc
 from tandem.membership import NodeRecord, Registration
 from tandem.netutil import reserve_port
+from tandem.profile import seed_from_profile
 
-from .config import NodeConfig
+from . import monitor
+from .config import NodeConfig, parse_cores
 from .engine import EngineHost
+from .perf import NodePerf
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +47,7 @@ def work_held() -> float:
 
 
 async def run_node(cfg: NodeConfig, service_name: str,
-                   add_servicer: Callable[[grpc.aio.Server, EngineHost], None]) -> int:
+                   add_servicer: Callable[[grpc.aio.Server, EngineHost, NodePerf], None]) -> int:
     """Start the engine, serve gRPC + /metrics, register in etcd; run until SIGINT/SIGTERM
     (exit code 0) or until the engine dies (ENGINE_DEAD_EXIT)."""
     logger.info("starting %s node: %s", cfg.role, cfg.describe())
@@ -60,8 +65,26 @@ async def run_node(cfg: NodeConfig, service_name: str,
         await asyncio.get_running_loop().run_in_executor(None, engine.start)
     finally:
         reservation.close()
+    perf = NodePerf()
+    try:
+        said = await seed_from_profile(
+            perf, engine, mode=cfg.profile, cache_dir=Path(cfg.profile_cache), model_dir=cfg.model,
+            settings={"dtype": cfg.dtype, "block_size": engine.block_size, "max_model_len": engine.max_model_len,
+                      "max_num_seqs": cfg.max_num_seqs, "kv_cache_gib": cfg.kv_cache_gib,
+                      "prefix_caching": cfg.enable_prefix_caching},
+            cores=len(parse_cores(cfg.cores)) if cfg.cores else len(os.sched_getaffinity(0)),
+            vocab_size=engine.vocab_size, max_model_len=engine.max_model_len, max_num_seqs=cfg.max_num_seqs)
+    except BaseException:
+        engine.shutdown()
+        raise
+    logger.info("%s node %s: %s", cfg.role, cfg.node_id, said)
 
-    grpc_server = await start_grpc(cfg.host, cfg.grpc_port, service_name, lambda server: add_servicer(server, engine))
+    def add_services(server: grpc.aio.Server) -> None:
+        add_servicer(server, engine, perf)
+        monitor.add_servicer(server, perf, cfg.node_id, engine_id)
+
+    grpc_server = await start_grpc(cfg.host, cfg.grpc_port, service_name, add_services,
+                                   more_services=(monitor.SERVICE_NAME,))
     httpd, _ = start_http_server(cfg.metrics_port, addr=cfg.host)
     metrics_address = f"{cfg.host}:{httpd.server_port}"
 

@@ -331,16 +331,69 @@ def _random_message(cls: type, rng: random.Random, depth: int = 0) -> object:
     return msg
 
 
-def test_nodes_fit_their_performance_model_from_their_own_requests(cluster: LocalCluster) -> None:
-    # By now the tests above have sent dozens of requests of many prompt lengths.
+def test_nodes_fit_their_performance_model_from_their_own_requests(cluster: LocalCluster, stub) -> None:
+    # Each node started from its startup profile; what it serves adds samples: a prefill that ran
+    # alone, one-token decode gaps, and the KV fetch of a request that came with a handle.
+    p0, d0 = node_metrics(cluster, "prefill"), node_metrics(cluster, "decode")
+    assert metric(p0, "tandem_perf_samples", model="prefill") >= 3  # the profile
+    generate(stub, prompt_ids(300, 77), max_tokens=10, temperature=0.0, ignore_eos=True)
     p, d = node_metrics(cluster, "prefill"), node_metrics(cluster, "decode")
-    assert metric(p, "tandem_perf_samples", model="prefill") >= 3
+    assert metric(p, "tandem_perf_samples", model="prefill") == metric(p0, "tandem_perf_samples", model="prefill") + 1
+    assert metric(d, "tandem_perf_samples", model="decode") >= metric(d0, "tandem_perf_samples", model="decode") + 3
+    assert metric(d, "tandem_perf_samples", model="transfer") == metric(d0, "tandem_perf_samples", model="transfer") + 1
     coef = {t: metric(p, "tandem_perf_coefficient", model="prefill", term=t) for t in ("const", "tokens", "tokens2")}
     predict = lambda n: coef["const"] + coef["tokens"] * n + coef["tokens2"] * n * n  # noqa: E731
     assert predict(500) > predict(10) > 0, coef  # a longer prompt takes longer
     assert metric(d, "tandem_perf_samples", model="decode") >= 10
     step = {t: metric(d, "tandem_perf_coefficient", model="decode", term=t) for t in ("const", "batch", "context")}
     assert step["const"] + step["batch"] + 200 * step["context"] > 0, step  # one request, 200 tokens
+
+
+def test_admission_refuses_an_slo_no_node_can_meet_before_any_engine_work(cluster: LocalCluster, stub) -> None:
+    # Every node's load stream, with its profiled model, has reached the coordinator.
+    wait_until(lambda: all(n.perf_samples > 0 and n.load_age_s >= 0
+                           for n in stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=10).nodes),
+               30, "the nodes' models at the coordinator")
+    before, coord0 = node_metrics(cluster, "prefill"), scrape(cluster.http_url + "/metrics")
+    ids = prompt_ids(300, 41)
+    # gRPC: a TTFT objective below any prefill of this prompt.
+    with pytest.raises(grpc.RpcError) as ei:
+        list(stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(max_tokens=8),
+                                              slo=pb.Slo(ttft_ms=0.01)), timeout=30))
+    err = ei.value
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+    assert "predicted TTFT" in err.details() and "not met even on an idle node" in err.details()
+    trailers = dict(err.trailing_metadata())
+    assert float(trailers["x-tandem-predicted-ttft-ms"]) > 0.01
+    assert float(trailers["x-tandem-predicted-tpot-ms"]) > 0
+    assert "retry-after" not in trailers  # waiting would not help
+    # HTTP: a TPOT objective from the header; 429 with both predictions.
+    url = cluster.http_url + "/v1/completions"
+    body = json.dumps({"prompt": "the admission test", "max_tokens": 8}).encode()
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", "x-slo-tpot-ms": "0.001"})
+    with pytest.raises(urllib.error.HTTPError) as he:
+        urllib.request.urlopen(req, timeout=30)
+    assert he.value.code == 429
+    assert float(he.value.headers["x-tandem-predicted-tpot-ms"]) > 0.001
+    e = json.loads(he.value.read())["error"]
+    assert e["type"] == "rate_limit_exceeded" and "predicted TPOT" in e["message"] and e["predicted_tpot_ms"] > 0.001
+    bad = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", "x-slo-ttft-ms": "soon"})
+    with pytest.raises(urllib.error.HTTPError) as he:
+        urllib.request.urlopen(bad, timeout=30)
+    assert he.value.code == 400 and "x-slo-ttft-ms" in json.loads(he.value.read())["error"]["message"]
+    # None of that reached an engine.
+    after, coord = node_metrics(cluster, "prefill"), scrape(cluster.http_url + "/metrics")
+    for name in ("tandem_prefill_requests_total", "vllm:prompt_tokens_total"):
+        assert metric(after, name) == metric(before, name), f"{name} moved for a refused request"
+    assert metric(coord, "tandem_admission_decisions_total", decision="rejected") == \
+        metric(coord0, "tandem_admission_decisions_total", decision="rejected") + 2
+    # An objective the cluster can meet is served, and the finish carries what was predicted.
+    msgs = list(stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), slo=pb.Slo(ttft_ms=60_000, tpot_ms=60_000),
+                                                 sampling=pb.SamplingParams(max_tokens=8, ignore_eos=True)), timeout=60))
+    t = msgs[-1].finish.timings
+    assert msgs[-1].finish.reason == "length" and t.predicted_ttft_s > 0 and t.predicted_tpot_s > 0
+    coord = scrape(cluster.http_url + "/metrics")
+    assert metric(coord, "tandem_prediction_error_ratio_count", metric="ttft") >= 1
 
 
 def test_fuzzing_every_method_and_the_kv_port_crashes_nothing(cluster: LocalCluster, stub) -> None:
@@ -350,7 +403,8 @@ def test_fuzzing_every_method_and_the_kv_port_crashes_nothing(cluster: LocalClus
 
     rng = random.Random(1234)
     address = {"Coordinator": cluster.grpc_address, "PrefillNode": next(d for d in cluster.nodes if d.role == "prefill").info["grpc"],
-               "DecodeNode": next(d for d in cluster.nodes if d.role == "decode").info["grpc"]}
+               "DecodeNode": next(d for d in cluster.nodes if d.role == "decode").info["grpc"],
+               "NodeMonitor": next(d for d in cluster.nodes if d.role == "decode").info["grpc"]}
     codes: dict[str, set[grpc.StatusCode]] = {}
     for service in pb.DESCRIPTOR.services_by_name.values():
         with grpc.insecure_channel(address[service.name]) as ch:
@@ -364,8 +418,9 @@ def test_fuzzing_every_method_and_the_kv_port_crashes_nothing(cluster: LocalClus
                 for raw in payloads:
                     try:
                         result = call(raw, timeout=60)
-                        if method.server_streaming:
-                            list(result)
+                        if method.server_streaming:  # its first message is enough (Watch never ends)
+                            next(iter(result), None)
+                            result.cancel()
                         seen.add(grpc.StatusCode.OK)
                     except grpc.RpcError as exc:
                         assert exc.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED), \

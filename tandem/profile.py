@@ -1,0 +1,199 @@
+"""A node's startup profile: its engine's prefill and decode timings, measured once and cached.
+
+Before a node registers, it runs a short set of requests through its own
+engine (prefills of several prompt lengths; decode batches of several sizes
+and context lengths) through the same ``NodePerf`` that fits its timings
+while it serves, so the coordinator can predict its TTFT and TPOT from its
+first request on. The fitted statistics are cached in a file keyed by what
+the timings depend on: the model's files, the hardware the node runs on
+(CPU model and core count, or GPU name), the engine settings and the
+versions. A restart, a second node of the same kind or the next test run
+finds the file and skips the profile; any change of those keys profiles
+again. KV transfer is not profiled here: the decode node fits it from its
+first fetches (see tandem/node/perf.py).
+
+Modes (``--profile``): ``auto`` uses the cached file or profiles and writes
+one; ``fresh`` always profiles and rewrites it; ``off`` starts with an empty
+model (the node is then predicted only after it has served some requests).
+The planner work (issue 10) extends this module to a full `tandem profile`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import platform
+import random
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tandem import __version__
+from tandem.node.perf import NodePerf
+from tandem.perfmodel import NodeModel
+from tandem.sampling import Sampling
+
+logger = logging.getLogger(__name__)
+
+PROFILE_VERSION = 1
+MODES = ("auto", "fresh", "off")
+PREFILL_LENGTHS = (16, 64, 128, 256, 512, 1024, 2048)
+PREFILL_REPEATS = 2
+# (batch, prompt tokens): batches of several sizes and contexts, so that the decode fit can tell
+# the per-request cost from the per-context-token cost.
+DECODE_RUNS = ((1, 32), (1, 512), (4, 64), (4, 384), (8, 128), (16, 64))
+DECODE_STEPS = 12
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tandem" / "profiles"
+
+
+def _model_identity(model_dir: str) -> list[object]:
+    """What tells one model's files from another's: names, sizes and change times."""
+    out: list[object] = []
+    for p in sorted(Path(model_dir).iterdir()):
+        if p.is_file():
+            st = p.stat()
+            out.append([p.name, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _hardware(cores: int) -> dict[str, object]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": cores, "machine": platform.machine()}
+
+
+def profile_key(model_dir: str, settings: dict[str, object], cores: int) -> dict[str, object]:
+    """Everything a node's timings depend on; a change of any of it means a new profile."""
+    try:
+        from vllm import __version__ as vllm_version
+    except ImportError:  # unit tests without the engine
+        vllm_version = "none"
+    return {"profile_version": PROFILE_VERSION, "tandem": __version__, "vllm": vllm_version,
+            "model": _model_identity(model_dir), "hardware": _hardware(cores), "settings": settings}
+
+
+def cache_file(cache_dir: Path, key: dict[str, object]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_dir / f"profile-{digest}.json"
+
+
+def load_cached(path: Path, key: dict[str, object]) -> NodeModel | None:
+    """The cached model, or None when there is none or it is for something else or unreadable."""
+    try:
+        doc = json.loads(path.read_text())
+        if doc.get("key") != json.loads(json.dumps(key)):
+            return None
+        return NodeModel.from_state(doc["model"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("profile cache %s is unreadable (%s); profiling again", path, exc)
+        return None
+
+
+def save(path: Path, key: dict[str, object], model: NodeModel, took_s: float) -> None:
+    """Write atomically: a node killed mid-write leaves the old file or none, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps({"key": key, "model": model.state(), "took_s": round(took_s, 3),
+                               "written_at": time.time()}, indent=1))
+    os.replace(tmp, path)
+
+
+class Profiler:
+    """Runs the profile requests through an engine (anything with ``generate`` like EngineHost)."""
+
+    def __init__(self, engine: Any, perf: NodePerf, vocab_size: int, max_model_len: int, max_num_seqs: int,
+                 progress: Callable[[str], None] = logger.info, seed: int = 0) -> None:
+        self.engine = engine
+        self.perf = perf
+        self.vocab = vocab_size
+        self.max_len = max_model_len
+        self.max_seqs = max_num_seqs
+        self.progress = progress
+        self.rng = random.Random(seed)
+
+    def _prompt(self, n: int) -> list[int]:
+        # Fresh random ids every time: the engine's prefix cache must not shorten a prefill.
+        return [self.rng.randrange(5, self.vocab) for _ in range(n)]
+
+    async def _one(self, n: int, max_tokens: int, on_output: Callable[[str, int], None] | None = None,
+                   rid: str = "") -> tuple[int, int]:
+        """Run one request; (its cached prompt tokens, tokens produced)."""
+        rid = rid or f"profile-{uuid.uuid4().hex[:12]}"
+        sampling = Sampling(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        cached = produced = 0
+        async for out in self.engine.generate(rid, self._prompt(n), sampling, None):
+            if out.num_cached_tokens is not None:
+                cached = out.num_cached_tokens
+            new = len(out.outputs[0].token_ids)
+            produced += new
+            if on_output is not None:
+                on_output(rid, new)
+        return cached, produced
+
+    async def run(self) -> None:
+        lengths = [n for n in PREFILL_LENGTHS if n + 8 <= self.max_len] or [max(1, self.max_len // 2)]
+        await self._one(lengths[0], 1)  # warm-up: first-call costs are not the node's speed
+        total = len(lengths) * PREFILL_REPEATS + len(DECODE_RUNS)
+        done = 0
+        for n in lengths:
+            for _ in range(PREFILL_REPEATS):
+                with self.perf.prefill(n) as run:
+                    cached, _ = await self._one(n, 1)
+                    run.uncached_tokens = n - cached
+                done += 1
+            self.progress(f"profile {done}/{total}: prefill of {n} tokens")
+        for batch, n in DECODE_RUNS:
+            batch = min(batch, self.max_seqs)
+            n = min(n, self.max_len - DECODE_STEPS - 1)
+            rids = [f"profile-{uuid.uuid4().hex[:12]}" for _ in range(batch)]
+            for rid in rids:
+                self.perf.decode_started(rid, n)
+            try:
+                await asyncio.gather(*(self._one(n, DECODE_STEPS, self.perf.decode_output, rid) for rid in rids))
+            finally:
+                for rid in rids:
+                    self.perf.decode_ended(rid)
+            done += 1
+            self.progress(f"profile {done}/{total}: decode batch of {batch} at {n} prompt tokens")
+
+
+async def seed_from_profile(perf: NodePerf, engine: Any, *, mode: str, cache_dir: Path, model_dir: str,
+                            settings: dict[str, object], cores: int, vocab_size: int, max_model_len: int,
+                            max_num_seqs: int) -> str:
+    """Give ``perf`` its starting model (cached, or profiled now); say what was done."""
+    if mode not in MODES:
+        raise ValueError(f"--profile must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "off":
+        return "profile off: the model starts empty and is fitted from the requests served"
+    key = profile_key(model_dir, settings, cores)
+    path = cache_file(cache_dir, key)
+    if mode == "auto" and (cached := load_cached(path, key)) is not None:
+        perf.seed(cached)
+        return f"performance model from the cached profile {path}"
+    t0 = time.monotonic()
+    logger.info("profiling this node's engine (once per model, hardware and settings; cached in %s)", path)
+    await Profiler(engine, perf, vocab_size, max_model_len, max_num_seqs).run()
+    took = time.monotonic() - t0
+    try:
+        save(path, key, perf.model, took)
+    except OSError as exc:
+        logger.warning("could not cache the profile in %s: %s (the next start profiles again)", path, exc)
+    return f"profiled in {took:.1f} s ({perf.model.prefill.samples} prefill, {perf.model.decode.samples} " \
+           f"decode samples); cached in {path}"

@@ -1,0 +1,161 @@
+"""Admission decisions on a synthetic cluster state: known models, known queues, known answers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from tandem.coordinator.admission import Admission, Slo, decode_estimate, prefill_estimate
+from tandem.errors import InvalidRequest, Rejected, openai_error_body
+from tandem.coordinator.router import Router
+from tandem.membership import NodeRecord
+from tandem.proto import tandem_pb2 as pb
+
+LAYOUT = {"num_layers": 2, "block_size": 16, "num_kv_heads": 2, "head_size": 64, "dtype": "float32"}
+
+
+def fits(prefill: tuple[float, float, float] = (0.01, 0.001, 0.0), decode: tuple[float, float, float] = (0.005, 0.001, 0.0),
+         transfer: tuple[float, float] | None = None) -> list[pb.PerfFit]:
+    out = [pb.PerfFit(name="prefill", terms=["const", "tokens", "tokens2"], coefficients=list(prefill), samples=20),
+           pb.PerfFit(name="decode", terms=["const", "batch", "context"], coefficients=list(decode), samples=50)]
+    if transfer is not None:
+        out.append(pb.PerfFit(name="transfer", terms=["const", "bytes"], coefficients=list(transfer), samples=5))
+    return out
+
+
+def cluster(loads: dict[str, pb.NodeLoad | None]) -> Router:
+    """A router whose nodes (``p*`` prefill, ``d*`` decode) have the given loads; no network."""
+    r = Router("tiny", watch_loads=False)
+    for i, (node_id, load) in enumerate(loads.items()):
+        role = "prefill" if node_id.startswith("p") else "decode"
+        r.on_membership(node_id, NodeRecord(node_id, role, f"127.0.0.1:{9300 + i}", "x:1", "tiny", 4096,
+                                            layout=LAYOUT))
+        if load is not None:
+            r._nodes[node_id].saw_load(load)
+    return r
+
+
+def run(fn):
+    async def go():
+        return fn()
+
+    return asyncio.run(go())
+
+
+def test_the_prefill_node_with_the_shortest_predicted_ttft_is_chosen_and_the_queue_counts() -> None:
+    def go():
+        r = cluster({"p0": pb.NodeLoad(prefill_queue=[1000, 1000], fits=fits()),  # 2 x 1.01 s queued
+                     "p1": pb.NodeLoad(prefill_queue=[200], fits=fits(prefill=(0.01, 0.002, 0.0))),  # 0.41 s
+                     "d0": pb.NodeLoad(fits=fits())})
+        plan = Admission(r).plan("r", 100, 16, Slo())
+        assert plan.prefill is not None and plan.prefill.node_id == "p1"
+        # p1: queue 0.01 + 0.4 = 0.41, then 0.01 + 0.2 = 0.21 for this prompt.
+        assert plan.ttft_s == pytest.approx(0.62)
+        # p0's queue as this coordinator saw it: its own requests count when they are more.
+        with r.track(r._nodes["p1"], 3000):
+            assert prefill_estimate(r._nodes["p1"], 100).seconds == pytest.approx(6.01 + 0.21)
+            assert Admission(r).plan("r", 100, 16, Slo()).prefill.node_id == "p0"
+    run(go)
+
+
+def test_tpot_is_the_fetch_plus_the_steps_of_the_batch_with_the_request_added() -> None:
+    def go():
+        # step = 0.005 + 0.001 * batch + 1e-6 * context; transfer = 0.002 + 1e-9 * bytes
+        r = cluster({"p0": pb.NodeLoad(fits=fits()),
+                     "d0": pb.NodeLoad(decode_batch=9, decode_context=10_000,
+                                       fits=fits(decode=(0.005, 0.001, 1e-6), transfer=(0.002, 1e-9)))})
+        d = decode_estimate(r._nodes["d0"], 100, 11)
+        kv = 112 * 2 * 2 * 2 * 64 * 4  # 100 tokens -> 7 blocks of 16 tokens
+        step = 0.005 + 0.001 * 10 + 1e-6 * (10_000 + 100 + 5)
+        assert d.seconds == pytest.approx((0.002 + 1e-9 * kv + 9 * step) / 10)
+        # On an idle node the same request is faster.
+        assert d.idle_seconds < d.seconds
+    run(go)
+
+
+def test_nodes_predicted_alike_share_the_work() -> None:
+    def go():
+        r = cluster({"p0": pb.NodeLoad(fits=fits(prefill=(0.0100, 0.001, 0.0))),
+                     "p1": pb.NodeLoad(fits=fits(prefill=(0.0101, 0.001, 0.0))),
+                     "p2": pb.NodeLoad(fits=fits(prefill=(0.5, 0.001, 0.0))),  # clearly slower: never
+                     "d0": pb.NodeLoad(fits=fits())})
+        chosen = []
+        for _ in range(4):
+            plan = Admission(r).plan("r", 100, 1, Slo())
+            chosen.append(plan.prefill.node_id)
+            r.track(plan.prefill).__enter__()  # still in flight (its queue alone would not tell)
+        assert sorted(chosen) == ["p0", "p0", "p1", "p1"]
+    run(go)
+
+
+def test_a_request_no_node_can_meet_is_refused_with_the_predictions_and_no_retry_after() -> None:
+    def go():
+        r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(fits=fits())})
+        with pytest.raises(Rejected) as err:
+            Admission(r).plan("r", 100, 16, Slo(ttft_s=0.05))
+        e = err.value
+        assert e.ttft_s == pytest.approx(0.11) and e.tpot_s is not None
+        assert "not met even on an idle node" in str(e)
+        assert e.retry_after_s is None and "retry-after" not in e.details()
+        assert e.details()["x-tandem-predicted-ttft-ms"] == "110.0"
+        assert e.grpc_code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        status, body = openai_error_body(e)
+        assert status == 429 and body["error"]["predicted_ttft_ms"] == 110.0
+        # The same request with admission off goes ahead on the same nodes.
+        plan = Admission(r, "off").plan("r", 100, 16, Slo(ttft_s=0.05))
+        assert plan.prefill.node_id == "p0" and plan.ttft_s == pytest.approx(0.11)
+    run(go)
+
+
+def test_a_miss_from_queued_work_says_when_to_retry() -> None:
+    def go():
+        r = cluster({"p0": pb.NodeLoad(prefill_queue=[2000, 2000], fits=fits()), "d0": pb.NodeLoad(fits=fits())})
+        with pytest.raises(Rejected) as err:
+            Admission(r).plan("r", 100, 16, Slo(ttft_s=0.5))
+        # Queue 2 x 2.01 s + 0.11 s = 4.13 s against 0.5 s: about 4 s until the queue has drained enough.
+        assert err.value.retry_after_s == 4
+        assert err.value.details()["retry-after"] == "4"
+        # A decode batch too big for the TPOT objective: waiting helps too.
+        r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(decode_batch=60, fits=fits())})
+        with pytest.raises(Rejected) as err:
+            Admission(r).plan("r", 100, 16, Slo(tpot_s=0.02))
+        assert "TPOT" in str(err.value) and err.value.retry_after_s == 1
+        # max_tokens 1: no decode, so no TPOT to miss.
+        assert Admission(r).plan("r", 100, 1, Slo(tpot_s=0.02)).decode is None
+    run(go)
+
+
+def test_the_cluster_default_fills_what_the_request_leaves_unset() -> None:
+    def go():
+        r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(fits=fits())})
+        adm = Admission(r, default_slo=Slo(ttft_s=0.05))
+        with pytest.raises(Rejected):
+            adm.plan("r", 100, 16, Slo())
+        assert adm.plan("r", 100, 16, Slo(ttft_s=1.0)).ttft_s == pytest.approx(0.11)
+    run(go)
+
+
+def test_nodes_without_a_model_are_picked_by_load_and_never_refuse() -> None:
+    def go():
+        r = cluster({"p0": None, "p1": None, "d0": pb.NodeLoad()})
+        with r.track(r._nodes["p0"]):
+            plan = Admission(r).plan("r", 100, 16, Slo(ttft_s=0.001, tpot_s=0.001))
+        assert plan.prefill.node_id == "p1" and plan.ttft_s is None and plan.tpot_s is None
+        # A stale load message does not count.
+        r = cluster({"p0": pb.NodeLoad(prefill_queue=[5000], fits=fits()), "d0": None})
+        r._nodes["p0"].load_at -= 60
+        assert prefill_estimate(r._nodes["p0"], 100).seconds == pytest.approx(0.11)
+    run(go)
+
+
+@pytest.mark.parametrize("ttft,tpot", [(0, None), (-5, None), (None, float("nan")), (None, 1e12), ("x", None)])
+def test_bad_slo_values_are_invalid_requests(ttft, tpot) -> None:
+    with pytest.raises(InvalidRequest):
+        Slo.from_ms(ttft, tpot)
+
+
+def test_slo_in_milliseconds_becomes_seconds() -> None:
+    assert Slo.from_ms(250, None) == Slo(0.25, None)
+    assert Slo(None, 0.05).over(Slo(1.0, 1.0)) == Slo(1.0, 0.05)

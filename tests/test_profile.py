@@ -1,0 +1,118 @@
+"""The startup profile: what it measures (on a fake engine with known timings) and its cache."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tandem.node.perf import NodePerf
+from tandem.perfmodel import NodeModel
+from tandem.profile import Profiler, cache_file, load_cached, profile_key, save, seed_from_profile
+
+
+class Clock:
+    t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@dataclass
+class Comp:
+    token_ids: list[int]
+
+
+@dataclass
+class Out:
+    outputs: list[Comp]
+    num_cached_tokens: int | None = 0
+    finished: bool = False
+
+
+@dataclass
+class FakeEngine:
+    """Prefill of n tokens takes 0.02 + 1e-4 n seconds of the fake clock; each request's decode
+    tokens come one step apart (steps of 0.004 s)."""
+
+    clock: Clock
+    prompts: list[list[int]] = field(default_factory=list)
+
+    async def generate(self, rid, prompt, sampling, kv):
+        assert kv is None  # the profile never holds or fetches KV
+        self.prompts.append(prompt)
+        self.clock.t += 0.02 + 1e-4 * len(prompt)
+        for i in range(sampling.max_tokens):
+            if i:
+                await asyncio.sleep(0)
+                self.clock.t += 0.004
+            yield Out([Comp([7])], num_cached_tokens=0, finished=i == sampling.max_tokens - 1)
+
+
+def test_the_profile_fits_the_engines_prefill_time_and_gets_decode_samples() -> None:
+    clock = Clock()
+    perf = NodePerf(clock)
+    engine = FakeEngine(clock)
+    asyncio.run(Profiler(engine, perf, vocab_size=1000, max_model_len=600, max_num_seqs=8,
+                         progress=lambda _: None).run())
+    assert perf.model.prefill_s(400) == pytest.approx(0.02 + 1e-4 * 400, rel=1e-3)
+    assert perf.model.decode.samples > 20
+    # Lengths past the context are left out; prompts never repeat (the prefix cache would hit).
+    assert max(len(p) for p in engine.prompts) <= 600
+    firsts = [tuple(p[:16]) for p in engine.prompts]
+    assert len(set(firsts)) == len(firsts)
+    assert all(5 <= t < 1000 for p in engine.prompts for t in p)
+
+
+def test_the_cache_is_keyed_by_what_the_timings_depend_on(tmp_path: Path) -> None:
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    key = profile_key(str(model_dir), {"dtype": "float32", "block_size": 16}, cores=1)
+    model = NodeModel()
+    for n in (100, 200, 400, 800):
+        model.saw_prefill(n, 0.01 + 1e-4 * n)
+    path = cache_file(tmp_path / "cache", key)
+    save(path, key, model, took_s=1.0)
+    got = load_cached(path, key)
+    assert got is not None and got.prefill_s(300) == pytest.approx(model.prefill_s(300))
+    # Other settings, other cores, other model files: another file, and never this one's model.
+    for other in (profile_key(str(model_dir), {"dtype": "float16", "block_size": 16}, cores=1),
+                  profile_key(str(model_dir), {"dtype": "float32", "block_size": 16}, cores=2)):
+        assert cache_file(tmp_path / "cache", other) != path
+        assert load_cached(path, other) is None
+    (model_dir / "model.safetensors").write_bytes(b"x")
+    assert cache_file(tmp_path / "cache", profile_key(str(model_dir), {"dtype": "float32", "block_size": 16},
+                                                      cores=1)) != path
+    # A torn or foreign file is a miss, not a crash.
+    path.write_text(json.dumps({"key": key, "model": {"prefill": "garbage"}}))
+    assert load_cached(path, key) is None
+    path.write_text("{not json")
+    assert load_cached(path, key) is None
+
+
+def test_auto_profiles_once_and_then_uses_the_cache(tmp_path: Path) -> None:
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    kw = dict(cache_dir=tmp_path / "cache", model_dir=str(model_dir), settings={"dtype": "float32"}, cores=1,
+              vocab_size=1000, max_model_len=600, max_num_seqs=4)
+
+    def start(mode: str) -> tuple[str, FakeEngine, NodePerf]:
+        clock = Clock()
+        perf, engine = NodePerf(clock), FakeEngine(clock)
+        said = asyncio.run(seed_from_profile(perf, engine, mode=mode, **kw))
+        return said, engine, perf
+
+    said, engine, perf = start("auto")
+    assert "profiled" in said and engine.prompts and perf.model.prefill.samples > 0
+    said, engine, perf = start("auto")
+    assert "cached profile" in said and not engine.prompts and perf.model.prefill.samples > 0
+    said, engine, _ = start("fresh")
+    assert "profiled" in said and engine.prompts
+    said, engine, perf = start("off")
+    assert not engine.prompts and perf.model.prefill.samples == 0
+    with pytest.raises(ValueError):
+        start("sometimes")
