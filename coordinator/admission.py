@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 MODES = ("on", "off")
 MAX_SLO_MS = 3_600_000.0
+DEFAULT_STEP_TOKENS = 256  # a decode node's per-step budget when its load does not say
+MIN_OTHERS_TOKENS = 16  # the fewest tokens a running stream is assumed to have left
+LOCAL_GAIN = 0.2  # prefill on the decode node when that starts this much sooner (and both meet the SLO)
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class Plan:
     decode: NodeClient | None
     ttft_s: float | None = None
     tpot_s: float | None = None
+    local: bool = False  # the decode node prefills it (no prefill node)
 
 
 def prefill_estimate(node: NodeClient, tokens: int) -> Estimate:
@@ -99,17 +103,24 @@ def prefill_estimate(node: NodeClient, tokens: int) -> Estimate:
                     f"{run_s * 1000:.0f} ms")
 
 
-def decode_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int) -> Estimate:
-    """Mean time per output token after the first, for a request of ``max_tokens`` (>= 2)."""
-    model = node.model
-    if not model.decode.samples:
-        return Estimate(node, None)
+def _decode_load(node: NodeClient) -> tuple[int, int]:
+    """(streams, their context tokens) on a decode node: as it reports them, or as many as this
+    coordinator has sent there, whichever is more."""
     load = node.fresh_load()
     own = list(node.inflight.values())
     batch, context = len(own), sum(own)
     if load is not None and load.decode_batch + load.decode_waiting >= batch:
         batch = load.decode_batch + load.decode_waiting
         context = max(context, load.decode_context)
+    return batch, context
+
+
+def decode_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int) -> Estimate:
+    """Mean time per output token after the first, for a request of ``max_tokens`` (>= 2)."""
+    model = node.model
+    if not model.decode.samples:
+        return Estimate(node, None)
+    batch, context = _decode_load(node)
     mine = prompt_tokens + max_tokens // 2  # its mean context over the steps
     block = int(node.record.layout.get("block_size", 1) or 1)
     kv = -(-prompt_tokens // block) * block * kv_bytes_per_token(node.record.layout)
@@ -122,6 +133,52 @@ def decode_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int) -> Es
     busy, idle = tpot(batch, context), tpot(0, 0)
     return Estimate(node, busy, idle, f"{node.node_id}: batch {batch} + 1, step {model.step_s(batch + 1, context + mine) * 1000:.1f} ms, "
                                       f"KV {kv >> 10} KiB in {first * 1000:.0f} ms")
+
+
+@dataclass
+class LocalEstimate:
+    """Prefill on decode node ``node`` itself: the request's TTFT and TPOT there, and how much
+    each stream it is decoding would slow down (seconds per token) meanwhile."""
+
+    ttft: Estimate
+    tpot: Estimate | None
+    harm_s: float
+
+
+def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int) -> LocalEstimate | None:
+    """None when the node has no prefill or no decode model yet.
+
+    TTFT = the prefills queued there (its own report, or this coordinator's local prefills
+    still running there, whichever holds more tokens) + this prompt's prefill, both from the
+    node's prefill model (profiled on its own engine, chunks included), + one decode step of
+    its running batch per chunk (``step_tokens`` per step) beside them. TPOT = a step of the
+    batch with this request added (its KV is already there). Harm: every running stream
+    waits for the prefill's chunks once, spread over its tokens (this request's ``max_tokens``
+    stands in for theirs, which the coordinator does not know)."""
+    model = node.model
+    if not (model.prefill.samples and model.decode.samples):
+        return None
+    batch, context = _decode_load(node)
+    load = node.fresh_load()
+    reported = list(load.prefill_queue) if load is not None else []
+    own = list(node.prefilling.values())
+    queue = own if sum(own) > sum(reported) else reported
+    queue_s = sum(model.prefill_s(t) for t in queue)
+    run_s = model.prefill_s(prompt_tokens)
+    step_tokens = (load.step_tokens if load is not None else 0) or DEFAULT_STEP_TOKENS
+    chunks = -(-(sum(queue) + prompt_tokens) // step_tokens)
+    beside_s = chunks * max(0.0, model.step_s(batch, context) - model.step_s(0, 0)) if batch else 0.0
+    ttft = Estimate(node, queue_s + run_s + beside_s, run_s,
+                    f"{node.node_id} (prefill here): queue {len(queue)} prompts {queue_s * 1000:.0f} ms + prefill "
+                    f"{run_s * 1000:.0f} ms + {chunks} steps beside a batch of {batch} {beside_s * 1000:.0f} ms")
+    tpot = None
+    if max_tokens > 1:
+        mine = prompt_tokens + max_tokens // 2
+        tpot = Estimate(node, model.step_s(batch + 1, context + mine), model.step_s(1, mine),
+                        f"{node.node_id} (prefill here): batch {batch} + 1, "
+                        f"step {model.step_s(batch + 1, context + mine) * 1000:.1f} ms")
+    harm = (run_s + beside_s) / max(max_tokens, MIN_OTHERS_TOKENS) if batch else 0.0
+    return LocalEstimate(ttft, tpot, harm)
 
 
 TIE_REL, TIE_ABS_S = 0.05, 0.002  # predictions this close are the same: the load decides
@@ -140,35 +197,64 @@ def _best(estimates: list[Estimate]) -> Estimate:
     return min(pool, key=lambda e: (e.node.outstanding, e.node.served, e.seconds or 0.0, e.node.node_id))
 
 
+@dataclass
+class _Option:
+    ttft: Estimate | None
+    tpot: Estimate | None
+    local: bool = False
+
+    def misses(self, slo: Slo) -> list[tuple[str, Estimate, float]]:
+        out = []
+        for what, e, limit in (("TTFT", self.ttft, slo.ttft_s), ("TPOT", self.tpot, slo.tpot_s)):
+            if limit is not None and e is not None and e.seconds is not None and e.seconds > limit:
+                out.append((what, e, limit))
+        return out
+
+    @property
+    def ttft_s(self) -> float | None:
+        return self.ttft.seconds if self.ttft is not None else None
+
+
 class Admission:
-    def __init__(self, router: Router, mode: str = "on", default_slo: Slo = Slo()) -> None:
+    def __init__(self, router: Router, mode: str = "on", default_slo: Slo = Slo(), local: bool = True) -> None:
         if mode not in MODES:
             raise ValueError(f"--admission must be on or off, got {mode!r}")
         self.router = router
         self.mode = mode
         self.default_slo = default_slo
+        self.local = local  # conditional disaggregation: a decode node may prefill a request itself
 
     def plan(self, rid: str, prompt_tokens: int, max_tokens: int, slo: Slo) -> Plan:
         """The nodes a new request starts on, or Rejected. An empty pool leaves its side to the
         pipeline (which waits for a node or answers UNAVAILABLE)."""
         slo = slo.over(self.default_slo)
+        decoders = self.router.routable_nodes("decode")
         pre = [prefill_estimate(n, prompt_tokens) for n in self.router.routable_nodes("prefill")]
-        dec = ([decode_estimate(n, prompt_tokens, max_tokens) for n in self.router.routable_nodes("decode")]
-               if max_tokens > 1 else [])
+        dec = [decode_estimate(n, prompt_tokens, max_tokens) for n in decoders] if max_tokens > 1 else []
         p = _best(pre) if pre else None
         d = _best(dec) if dec else None
-        plan = Plan(p.node if p else None, d.node if d else None, p.seconds if p else None,
-                    d.seconds if d else None)
+        remote = _Option(p, d) if p is not None else None
+        local = self._local(decoders, prompt_tokens, max_tokens, slo) if self.local else None
+        chosen = _choose(remote, local, slo)
+        if chosen is None:  # no prefill node, and no decode node that could do it: the pipeline waits
+            m.ADMISSIONS.labels("unpredicted").inc()
+            return Plan(None, d.node if d else None)
+        if chosen.local:
+            assert chosen.ttft is not None
+            plan = Plan(None, chosen.ttft.node, chosen.ttft_s, chosen.tpot.seconds if chosen.tpot else None,
+                        local=True)
+        else:
+            plan = Plan(p.node if p else None, d.node if d else None, p.seconds if p else None,
+                        d.seconds if d else None)
         if plan.ttft_s is None and plan.tpot_s is None:
             m.ADMISSIONS.labels("unpredicted").inc()
             return plan
-        misses = []
-        if slo.ttft_s is not None and p is not None and p.seconds is not None and p.seconds > slo.ttft_s:
-            misses.append(("TTFT", p, slo.ttft_s))
-        if slo.tpot_s is not None and d is not None and d.seconds is not None and d.seconds > slo.tpot_s:
-            misses.append(("TPOT", d, slo.tpot_s))
+        misses = chosen.misses(slo)
         if not misses or self.mode == "off":
             m.ADMISSIONS.labels("admitted" if not misses else "over_slo_admitted").inc()
+            if plan.local:
+                logger.info("request %s: prefills on decode node %s (%s)", rid, plan.decode.node_id,  # type: ignore[union-attr]
+                            chosen.ttft.detail if chosen.ttft else "")
             return plan
         m.ADMISSIONS.labels("rejected").inc()
         parts, waits = [], []
@@ -183,3 +269,41 @@ class Admission:
         msg = f"request refused, no node is predicted to meet its SLO: {'; '.join(parts)}"
         logger.info("request %s: %s", rid, msg)
         raise Rejected(msg, plan.ttft_s, plan.tpot_s, retry)
+
+    def _local(self, decoders: list[NodeClient], prompt_tokens: int, max_tokens: int, slo: Slo) -> _Option | None:
+        """The best decode node to prefill this request itself, among those where that does not
+        push the streams they are decoding past the TPOT objective (with none set: where no other
+        prefill is running)."""
+        fits: list[tuple[LocalEstimate, NodeClient]] = []
+        for n in decoders:
+            est = local_estimate(n, prompt_tokens, max_tokens)
+            if est is None:
+                continue
+            batch, context = _decode_load(n)
+            if slo.tpot_s is not None:
+                if batch and n.model.step_s(batch, context) + est.harm_s > slo.tpot_s:
+                    continue
+            elif batch and (n.prefilling or (n.fresh_load() is not None and n.fresh_load().prefill_queue)):
+                continue
+            fits.append((est, n))
+        if not fits:
+            return None
+        best = _best([e.ttft for e, _ in fits])
+        est = next(e for e, n in fits if n is best.node)
+        return _Option(est.ttft, est.tpot, local=True)
+
+
+def _choose(remote: _Option | None, local: _Option | None, slo: Slo) -> _Option | None:
+    """Disaggregated unless prefilling on the decode node is predicted to meet the SLO where the
+    prefill pool would not, or to start clearly sooner (``LOCAL_GAIN``); with no prefill node,
+    the decode node."""
+    if local is None or local.ttft_s is None:
+        return remote
+    if remote is None or remote.ttft_s is None:
+        return local if remote is None else remote
+    local_ok, remote_ok = not local.misses(slo), not remote.misses(slo)
+    if local_ok != remote_ok:
+        return local if local_ok else remote
+    if not local_ok:  # neither: the refusal names the better of the two
+        return local if local.ttft_s < remote.ttft_s else remote
+    return local if local.ttft_s < remote.ttft_s * (1 - LOCAL_GAIN) else remote

@@ -91,7 +91,8 @@ def _finish_pb(ev: FinishEvent) -> pb.Finish:
         usage=pb.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens),
         timings=pb.Timings(ttft_s=ev.ttft_s, e2e_s=ev.e2e_s, prefill_s=ev.prefill_s, decode_s=ev.decode_s,
                            prefill_node=ev.prefill_node, decode_node=ev.decode_node,
-                           predicted_ttft_s=ev.predicted_ttft_s, predicted_tpot_s=ev.predicted_tpot_s),
+                           predicted_ttft_s=ev.predicted_ttft_s, predicted_tpot_s=ev.predicted_tpot_s,
+                           local_prefill=ev.local_prefill),
         migrations=ev.migrations,
     )
 

@@ -42,6 +42,7 @@ class CoordinatorConfig:
     pool_wait_s: float = 10.0
     probe_timeout_s: float = 1.0
     admission: str = "on"
+    conditional_disagg: str = "on"  # a decode node may prefill a request itself when that is predicted faster
     slo_ttft_ms: float = 0.0  # cluster default SLOs for requests that set none; 0: none
     slo_tpot_ms: float = 0.0
 
@@ -55,6 +56,8 @@ class CoordinatorConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.admission not in MODES:
             raise ValueError(f"--admission must be on or off, got {self.admission!r}")
+        if self.conditional_disagg not in ("on", "off"):
+            raise ValueError(f"--conditional-disagg must be on or off, got {self.conditional_disagg!r}")
         if self.slo_ttft_ms < 0 or self.slo_tpot_ms < 0:
             raise ValueError("--slo-ttft-ms and --slo-tpot-ms must be >= 0 (0: no default SLO)")
         if self.migration_limit < 0 or self.pool_wait_s < 0:
@@ -92,6 +95,10 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--admission", default=env("TANDEM_ADMISSION", "on"),
                     help="on: refuse (RESOURCE_EXHAUSTED / HTTP 429) a request that no node is predicted to "
                          "serve within its SLO | off: admit everything (for comparison)")
+    ap.add_argument("--conditional-disagg", default=env("TANDEM_CONDITIONAL_DISAGG", "on"),
+                    help="on: a decode node prefills a request itself when that is predicted to start it "
+                         "clearly sooner (or to meet its SLO where the prefill pool would not) without "
+                         "pushing its running streams past the TPOT objective | off: always disaggregated")
     ap.add_argument("--slo-ttft-ms", type=float, default=float(env("TANDEM_SLO_TTFT_MS", "0")),
                     help="default TTFT objective for requests that set none (0: none)")
     ap.add_argument("--slo-tpot-ms", type=float, default=float(env("TANDEM_SLO_TPOT_MS", "0")),
@@ -117,7 +124,8 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
     pipeline = Pipeline(router, codec, max_model_len, cfg.served_model_name, PipelineConfig(
         prefill_timeout_s=cfg.prefill_timeout_s, decode_timeout_s=cfg.decode_timeout_s, stall_s=cfg.stall_s,
         migration_limit=cfg.migration_limit),
-        Admission(router, cfg.admission, Slo.from_ms(cfg.slo_ttft_ms or None, cfg.slo_tpot_ms or None, "--slo-")))
+        Admission(router, cfg.admission, Slo.from_ms(cfg.slo_ttft_ms or None, cfg.slo_tpot_ms or None, "--slo-"),
+                  local=cfg.conditional_disagg == "on"))
 
     grpc_server = await start_grpc(
         cfg.host, cfg.grpc_port, SERVICE_NAME,

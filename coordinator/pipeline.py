@@ -5,7 +5,9 @@
   admit:   predict its TTFT and TPOT on every node; start on the best pair, or refuse
            it (RESOURCE_EXHAUSTED / 429) when none meets its SLO (admission.py)
   prefill: Prefill on that node -> first token, streamed at once (TTFT);
-           a prefill node that fails is retried once on another node
+           a prefill node that fails is retried once on another node. Or, when
+           admission predicted it faster (conditional disaggregation), the decode
+           node prefills it itself: Decode(prefill_here), no KV handle
   decode:  pick a decode node -> Decode(prompt + first token, KV handle) -> tokens
   migrate: a decode node that fails or stalls mid-stream does not end the request:
            prompt + every token already sent is prefilled again and handed to
@@ -81,6 +83,7 @@ class FinishEvent:
     migrations: int = 0
     predicted_ttft_s: float = 0.0  # admission's prediction for the nodes it chose (0: none)
     predicted_tpot_s: float = 0.0
+    local_prefill: bool = False  # its decode node prefilled it (conditional disaggregation)
 
 
 Event = TokenEvent | FinishEvent
@@ -228,9 +231,13 @@ class Pipeline:
         while not out.reason:
             left = s.remaining(len(prog.sent))
             context = [*req.prompt_ids, *prog.sent]
+            # Conditional disaggregation: admission chose to prefill on the decode node itself.
+            local = leg == 0 and plan.local and plan.decode is not None and self.router.routable(plan.decode)
             with ExitStack() as legs_end:
-                dnode = None
-                if left.max_tokens > 1:
+                dnode = pnode = handle = None
+                if local:
+                    dnode = legs_end.enter_context(self.router.track(plan.decode, len(context)))  # type: ignore[arg-type]
+                elif left.max_tokens > 1:
                     # Reserved before the prefill, so that requests arriving together spread
                     # over the pool (and an empty decode pool costs no prefill work).
                     avoid = {out.decode_node} if out.decode_node else set()
@@ -239,34 +246,48 @@ class Pipeline:
                                                                      len(context)))
                 if leg == 0:
                     m.QUEUE.observe(time.perf_counter() - req.received)
-                pre, pnode = await self._prefill(req, context, left, hold_kv=dnode is not None, leg=leg,
-                                                 prefer_not=kv_failed_from, first=plan.prefill if leg == 0 else None)
-                if dnode is not None and not self.router.routable(dnode):
-                    # It failed, began draining or left while the prompt was prefilled; the
-                    # handle serves any decode node.
-                    dnode = legs_end.enter_context(self.router.track(await self.router.acquire("decode", avoid),
-                                                                     len(context)))
-                handle = pre.handle if pre.HasField("handle") else None
                 consumed = False  # a completed decode fetched (and so freed) the handle's blocks
                 try:
-                    if leg == 0:
-                        out.prefill_s, out.prefill_node = pre.prefill_s, pnode.node_id
-                    ev, stop = prog.take([pre.first_token])
-                    yield ev
-                    if stop is not None:
-                        out.reason, out.stop_reason = "stop", stop
-                    elif pre.finish_reason == "stop" or dnode is None:
-                        out.reason = pre.finish_reason or "length"
+                    if local:
+                        assert dnode is not None
+                        out.prefill_node, out.local_prefill = dnode.node_id, True
+                        prompt, sampling = context, left
                     else:
+                        pre, pnode = await self._prefill(req, context, left, hold_kv=dnode is not None, leg=leg,
+                                                         prefer_not=kv_failed_from,
+                                                         first=plan.prefill if leg == 0 else None)
+                        if dnode is not None and not self.router.routable(dnode):
+                            # It failed, began draining or left while the prompt was prefilled; the
+                            # handle serves any decode node.
+                            dnode = legs_end.enter_context(self.router.track(
+                                await self.router.acquire("decode", avoid), len(context)))
+                        handle = pre.handle if pre.HasField("handle") else None
+                        if leg == 0:
+                            out.prefill_s, out.prefill_node = pre.prefill_s, pnode.node_id
+                        ev, stop = prog.take([pre.first_token])
+                        yield ev
+                        if stop is not None:
+                            out.reason, out.stop_reason = "stop", stop
+                        elif pre.finish_reason == "stop" or dnode is None:
+                            out.reason = pre.finish_reason or "length"
+                        prompt, sampling = [*context, pre.first_token], left.remaining(1)
+                    if not out.reason:
+                        assert dnode is not None
                         out.decode_node = dnode.node_id
                         t_dec = time.perf_counter()
+                        prefilling = legs_end.enter_context(ExitStack())  # a local prefill, until its first token
+                        if local:
+                            prefilling.enter_context(self.router.track_prefill(dnode, len(context)))
                         try:
-                            async with aclosing(self._decode(req, dnode, [*context, pre.first_token],
-                                                             left.remaining(1), handle, leg)) as stream:
+                            async with aclosing(self._decode(req, dnode, prompt, sampling, handle, leg,
+                                                             local)) as stream:
                                 async for msg in stream:
                                     ids = list(msg.token_ids)
                                     stop = None
                                     if ids:
+                                        if local and not prog.sent:
+                                            out.prefill_s = time.perf_counter() - t_dec
+                                        prefilling.close()
                                         ev, stop = prog.take(ids)
                                         yield ev
                                     if stop is not None:
@@ -283,13 +304,13 @@ class Pipeline:
                             out.decode_s += time.perf_counter() - t_dec
                         except NodeCallFailed as failed:
                             self._migrate_or_raise(req, prog, failed, leg)
-                            if failed.cause == "aborted":
+                            if failed.cause == "aborted" and pnode is not None:
                                 # The KV did not arrive: the path from that prefill node may be
                                 # what failed, so the next leg prefills elsewhere if it can.
                                 kv_failed_from.add(pnode.node_id)
                             leg += 1
                 finally:
-                    if handle is not None and not consumed:
+                    if handle is not None and pnode is not None and not consumed:
                         self._release_later(rid, pnode, handle)
         out.migrations = leg
         tail = prog.stops.flush() if not out.stop_reason else ""  # stop_reason: a stop string matched
@@ -383,10 +404,11 @@ class Pipeline:
         raise AssertionError("unreachable")
 
     async def _decode(self, req: Prepared, node: NodeClient, prompt: list[int], sampling: Sampling,
-                      handle: pb.KVHandle | None, leg: int) -> AsyncIterator[pb.DecodeResponse]:
+                      handle: pb.KVHandle | None, leg: int, local: bool = False) -> AsyncIterator[pb.DecodeResponse]:
+        """Stream a decode: from ``handle``'s KV, or (``local``) prefilling ``prompt`` on the node."""
         call = node.stub.Decode(  # type: ignore[attr-defined]
             pb.DecodeRequest(request_id=f"{req.request_id}-d{leg}", prompt_token_ids=prompt,
-                             sampling=to_proto(sampling, pb.SamplingParams), handle=handle),
+                             sampling=to_proto(sampling, pb.SamplingParams), handle=handle, prefill_here=local),
             timeout=self._timeout(req, self.cfg.decode_timeout_s))
         try:
             async with aclosing(self.watch.stream(call, node)) as messages:

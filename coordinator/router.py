@@ -61,6 +61,7 @@ class NodeClient:
     load_at: float = -1e9  # monotonic time it came
     model: ModelView = field(default_factory=ModelView)
     inflight: dict[int, int] = field(default_factory=dict)  # this coordinator's requests there -> tokens
+    prefilling: dict[int, int] = field(default_factory=dict)  # of those, local prefills not done yet -> tokens
     stub: object = field(init=False)
     health: object = field(init=False)
     monitor: object = field(init=False)
@@ -218,6 +219,16 @@ class Router:
         finally:
             node.outstanding -= 1
             del node.inflight[key]
+
+    @contextmanager
+    def track_prefill(self, node: NodeClient, tokens: int) -> Iterator[NodeClient]:
+        """A decode node prefilling a request itself, until its first token (or the block exits)."""
+        key = next(_keys)
+        node.prefilling[key] = tokens
+        try:
+            yield node
+        finally:
+            del node.prefilling[key]
 
     # health -----------------------------------------------------------------
     async def check(self, node: NodeClient) -> bool:

@@ -5,6 +5,12 @@ A request's life here: Decode -> engine (prompt + first token, kv "consume")
 in vLLM's WAITING_FOR_REMOTE_KVS; other requests keep decoding) -> tokens
 stream back -> a client cancel aborts the engine request.
 
+With ``prefill_here`` (conditional disaggregation: the coordinator predicted
+the request would start sooner this way) there is no handle: the engine
+prefills the prompt itself, in chunks of ``--max-num-batched-tokens`` per
+step so that the streams already running keep their pace, and the first
+message carries the first token.
+
 A handle that cannot be right (too few blocks for its tokens, a bad address, a
 lease already over) is refused here, before the engine sees it; one that looks
 right but names blocks its holder does not have fails that request alone
@@ -16,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from contextlib import ExitStack, aclosing
 
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
@@ -34,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 DECODES = Counter("tandem_decode_requests", "Decode requests by outcome", ["outcome"])
 DECODE_INFLIGHT = Gauge("tandem_decode_inflight", "Decode requests in flight on this node")
+LOCAL_PREFILLS = Counter("tandem_decode_local_prefills", "Requests prefilled on this decode node itself "
+                         "(conditional disaggregation)")
 KV_WAIT_SECONDS = Histogram("tandem_decode_kv_wait_seconds",
                             "Decode call start to its first new token (KV pull plus one step)",
                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
@@ -73,36 +81,53 @@ class DecodeServicer(pb_grpc.DecodeNodeServicer):
         prompt = list(request.prompt_token_ids)
         if not rid:
             raise InvalidRequest("request_id is required")
-        if not request.HasField("handle"):
-            raise InvalidRequest("decode needs a KV handle")
+        local = request.prefill_here
+        if local and request.HasField("handle"):
+            raise InvalidRequest("prefill_here takes no KV handle")
+        if not local and not request.HasField("handle"):
+            raise InvalidRequest("decode needs a KV handle (or prefill_here)")
+        if not prompt:
+            raise InvalidRequest("empty prompt")
         sampling = from_proto(request.sampling)
         sampling.validate(len(prompt), self.engine.max_model_len)
-        check_for_decode(request.handle, len(prompt), self.engine.block_size)
+        if not local:
+            check_for_decode(request.handle, len(prompt), self.engine.block_size)
         t0 = time.perf_counter()
         first = True
-        kv_bytes = len(request.handle.block_ids) * self.engine.block_size * self.kv_bytes_per_token
-        self.perf.decode_started(rid, len(prompt), kv_bytes)
-        try:
-            async for out in self.engine.generate(rid, prompt, sampling, consume_params(request.handle)):
-                comp = out.outputs[0]
-                if comp.finish_reason == "abort":
-                    # The engine ended it without being asked (shutting down): the request is not done.
-                    raise NodeFailed(f"decode node's engine aborted request {rid} (shutting down?)")
-                if comp.finish_reason == "error":
-                    # vLLM's load-failure path ("fail" policy): this request only; the coordinator
-                    # can prefill it again.
-                    raise KVUnavailable(f"KV transfer from {request.handle.address} failed for request {rid}; "
-                                        "see the decode node's log")
-                if first and comp.token_ids:
-                    KV_WAIT_SECONDS.observe(time.perf_counter() - t0)
-                    if out.num_cached_tokens is not None:
-                        logger.info("request %s: %d prompt tokens arrived as KV", rid, out.num_cached_tokens)
-                    first = False
-                self.perf.decode_output(rid, len(comp.token_ids))  # DELTA outputs: the new tokens
-                yield pb.DecodeResponse(token_ids=list(comp.token_ids), finish_reason=comp.finish_reason or "",
-                                        stop_reason=str(comp.stop_reason) if comp.stop_reason is not None else "")
-        finally:
-            self.perf.decode_ended(rid)
+        kv_bytes = 0 if local else len(request.handle.block_ids) * self.engine.block_size * self.kv_bytes_per_token
+        with ExitStack() as prefilling:
+            # A local prefill is one of this node's prefills (queue, samples) until its first token.
+            run = prefilling.enter_context(self.perf.prefill(len(prompt))) if local else None
+            self.perf.decode_started(rid, len(prompt), kv_bytes)
+            try:
+                kv = None if local else consume_params(request.handle)
+                async for out in self.engine.generate(rid, prompt, sampling, kv):
+                    comp = out.outputs[0]
+                    if comp.finish_reason == "abort":
+                        # The engine ended it without being asked (shutting down): the request is not done.
+                        raise NodeFailed(f"decode node's engine aborted request {rid} (shutting down?)")
+                    if comp.finish_reason == "error":
+                        # vLLM's load-failure path ("fail" policy): this request only; the coordinator
+                        # can prefill it again.
+                        raise KVUnavailable(f"KV transfer from {request.handle.address} failed for request {rid}; "
+                                            "see the decode node's log")
+                    if first and comp.token_ids:
+                        first = False
+                        if run is not None:
+                            run.uncached_tokens = len(prompt) - (out.num_cached_tokens or 0)
+                            prefilling.close()
+                            LOCAL_PREFILLS.inc()
+                            logger.info("request %s: prefilled %d tokens here (%d cached) in %.3f s", rid,
+                                        len(prompt), out.num_cached_tokens or 0, time.perf_counter() - t0)
+                        else:
+                            KV_WAIT_SECONDS.observe(time.perf_counter() - t0)
+                            if out.num_cached_tokens is not None:
+                                logger.info("request %s: %d prompt tokens arrived as KV", rid, out.num_cached_tokens)
+                    self.perf.decode_output(rid, len(comp.token_ids))  # DELTA outputs: the new tokens
+                    yield pb.DecodeResponse(token_ids=list(comp.token_ids), finish_reason=comp.finish_reason or "",
+                                            stop_reason=str(comp.stop_reason) if comp.stop_reason is not None else "")
+            finally:
+                self.perf.decode_ended(rid)
 
 
 def add_servicer(server: grpc.aio.Server, engine: EngineHost, perf: NodePerf) -> None:

@@ -65,7 +65,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("ttft_s", "e2e_s", "prefill_s", "decode_s", "prefill_node", "decode_node", "predicted_ttft_s", "predicted_tpot_s")
+    __slots__ = ("ttft_s", "e2e_s", "prefill_s", "decode_s", "prefill_node", "decode_node", "predicted_ttft_s", "predicted_tpot_s", "local_prefill")
     TTFT_S_FIELD_NUMBER: _ClassVar[int]
     E2E_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,7 @@ class Timings(_message.Message):
     DECODE_NODE_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_TTFT_S_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_TPOT_S_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_PREFILL_FIELD_NUMBER: _ClassVar[int]
     ttft_s: float
     e2e_s: float
     prefill_s: float
@@ -82,7 +83,8 @@ class Timings(_message.Message):
     decode_node: str
     predicted_ttft_s: float
     predicted_tpot_s: float
-    def __init__(self, ttft_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., prefill_node: _Optional[str] = ..., decode_node: _Optional[str] = ..., predicted_ttft_s: _Optional[float] = ..., predicted_tpot_s: _Optional[float] = ...) -> None: ...
+    local_prefill: bool
+    def __init__(self, ttft_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., prefill_node: _Optional[str] = ..., decode_node: _Optional[str] = ..., predicted_ttft_s: _Optional[float] = ..., predicted_tpot_s: _Optional[float] = ..., local_prefill: _Optional[bool] = ...) -> None: ...
 
 class Finish(_message.Message):
     __slots__ = ("reason", "usage", "timings", "stop_reason", "migrations")
@@ -171,7 +173,7 @@ class PerfFit(_message.Message):
     def __init__(self, name: _Optional[str] = ..., terms: _Optional[_Iterable[str]] = ..., coefficients: _Optional[_Iterable[float]] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class NodeLoad(_message.Message):
-    __slots__ = ("node_id", "engine_id", "prefill_queue", "decode_batch", "decode_context", "decode_waiting", "fits", "sent_at")
+    __slots__ = ("node_id", "engine_id", "prefill_queue", "decode_batch", "decode_context", "decode_waiting", "fits", "sent_at", "step_tokens")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_QUEUE_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +182,7 @@ class NodeLoad(_message.Message):
     DECODE_WAITING_FIELD_NUMBER: _ClassVar[int]
     FITS_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     engine_id: str
     prefill_queue: _containers.RepeatedScalarFieldContainer[int]
@@ -188,7 +191,8 @@ class NodeLoad(_message.Message):
     decode_waiting: int
     fits: _containers.RepeatedCompositeFieldContainer[PerfFit]
     sent_at: float
-    def __init__(self, node_id: _Optional[str] = ..., engine_id: _Optional[str] = ..., prefill_queue: _Optional[_Iterable[int]] = ..., decode_batch: _Optional[int] = ..., decode_context: _Optional[int] = ..., decode_waiting: _Optional[int] = ..., fits: _Optional[_Iterable[_Union[PerfFit, _Mapping]]] = ..., sent_at: _Optional[float] = ...) -> None: ...
+    step_tokens: int
+    def __init__(self, node_id: _Optional[str] = ..., engine_id: _Optional[str] = ..., prefill_queue: _Optional[_Iterable[int]] = ..., decode_batch: _Optional[int] = ..., decode_context: _Optional[int] = ..., decode_waiting: _Optional[int] = ..., fits: _Optional[_Iterable[_Union[PerfFit, _Mapping]]] = ..., sent_at: _Optional[float] = ..., step_tokens: _Optional[int] = ...) -> None: ...
 
 class KVHandle(_message.Message):
     __slots__ = ("engine_id", "address", "remote_request_id", "block_ids", "num_tokens", "lease_deadline")
@@ -245,16 +249,18 @@ class ReleaseResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "handle")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "handle", "prefill_here")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     HANDLE_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_HERE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     handle: KVHandle
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., handle: _Optional[_Union[KVHandle, _Mapping]] = ...) -> None: ...
+    prefill_here: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., handle: _Optional[_Union[KVHandle, _Mapping]] = ..., prefill_here: _Optional[bool] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("token_ids", "finish_reason", "stop_reason")

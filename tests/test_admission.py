@@ -1,4 +1,6 @@
-"""Admission decisions on a synthetic cluster state: known models, known queues, known answers."""
+"""Admission decisions on a synthetic cluster state: known models, known queues, known answers.
+(Tests of the choice between prefill nodes turn local prefill off: the decode nodes here could
+prefill as fast.)"""
 
 from __future__ import annotations
 
@@ -49,14 +51,14 @@ def test_the_prefill_node_with_the_shortest_predicted_ttft_is_chosen_and_the_que
         r = cluster({"p0": pb.NodeLoad(prefill_queue=[1000, 1000], fits=fits()),  # 2 x 1.01 s queued
                      "p1": pb.NodeLoad(prefill_queue=[200], fits=fits(prefill=(0.01, 0.002, 0.0))),  # 0.41 s
                      "d0": pb.NodeLoad(fits=fits())})
-        plan = Admission(r).plan("r", 100, 16, Slo())
+        plan = Admission(r, local=False).plan("r", 100, 16, Slo())
         assert plan.prefill is not None and plan.prefill.node_id == "p1"
         # p1: queue 0.01 + 0.4 = 0.41, then 0.01 + 0.2 = 0.21 for this prompt.
         assert plan.ttft_s == pytest.approx(0.62)
         # p0's queue as this coordinator saw it: its own requests count when they are more.
         with r.track(r._nodes["p1"], 3000):
             assert prefill_estimate(r._nodes["p1"], 100).seconds == pytest.approx(6.01 + 0.21)
-            assert Admission(r).plan("r", 100, 16, Slo()).prefill.node_id == "p0"
+            assert Admission(r, local=False).plan("r", 100, 16, Slo()).prefill.node_id == "p0"
     run(go)
 
 
@@ -113,17 +115,17 @@ def test_a_miss_from_queued_work_says_when_to_retry() -> None:
     def go():
         r = cluster({"p0": pb.NodeLoad(prefill_queue=[2000, 2000], fits=fits()), "d0": pb.NodeLoad(fits=fits())})
         with pytest.raises(Rejected) as err:
-            Admission(r).plan("r", 100, 16, Slo(ttft_s=0.5))
+            Admission(r, local=False).plan("r", 100, 16, Slo(ttft_s=0.5))
         # Queue 2 x 2.01 s + 0.11 s = 4.13 s against 0.5 s: about 4 s until the queue has drained enough.
         assert err.value.retry_after_s == 4
         assert err.value.details()["retry-after"] == "4"
         # A decode batch too big for the TPOT objective: waiting helps too.
         r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(decode_batch=60, fits=fits())})
         with pytest.raises(Rejected) as err:
-            Admission(r).plan("r", 100, 16, Slo(tpot_s=0.02))
+            Admission(r, local=False).plan("r", 100, 16, Slo(tpot_s=0.02))
         assert "TPOT" in str(err.value) and err.value.retry_after_s == 1
         # max_tokens 1: no decode, so no TPOT to miss.
-        assert Admission(r).plan("r", 100, 1, Slo(tpot_s=0.02)).decode is None
+        assert Admission(r, local=False).plan("r", 100, 1, Slo(tpot_s=0.02)).decode is None
     run(go)
 
 
@@ -159,3 +161,66 @@ def test_bad_slo_values_are_invalid_requests(ttft, tpot) -> None:
 def test_slo_in_milliseconds_becomes_seconds() -> None:
     assert Slo.from_ms(250, None) == Slo(0.25, None)
     assert Slo(None, 0.05).over(Slo(1.0, 1.0)) == Slo(1.0, 0.05)
+
+
+def test_a_long_prefill_queue_sends_a_short_prompt_to_prefill_on_the_decode_node() -> None:
+    def go():
+        r = cluster({"p0": pb.NodeLoad(prefill_queue=[2000, 2000], fits=fits()),  # 4.02 s queued
+                     "d0": pb.NodeLoad(fits=fits(), step_tokens=256)})
+        plan = Admission(r).plan("r", 100, 16, Slo())
+        assert plan.local and plan.prefill is None and plan.decode.node_id == "d0"
+        assert plan.ttft_s == pytest.approx(0.11)  # d0 is idle: its own prefill of 100 tokens
+        assert plan.tpot_s == pytest.approx(0.005 + 0.001)  # one step, batch of 1; no fetch
+        # Off: always disaggregated.
+        assert not Admission(r, local=False).plan("r", 100, 16, Slo()).local
+        # An idle prefill pool starts it as soon: disaggregated.
+        r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(fits=fits())})
+        assert not Admission(r).plan("r", 100, 16, Slo()).local
+    run(go)
+
+
+def test_the_decode_node_prefills_only_when_its_streams_keep_their_tpot() -> None:
+    def go():
+        busy = pb.NodeLoad(decode_batch=20, decode_context=20_000, fits=fits(decode=(0.005, 0.001, 1e-6)),
+                           step_tokens=256)
+        r = cluster({"p0": pb.NodeLoad(prefill_queue=[2000, 2000], fits=fits()), "d0": busy})
+        # The batch's step is 0.045 s; a prefill of 1000 tokens (1.01 s + 4 steps beside the batch,
+        # 0.16 s) spread over 16 tokens adds 0.073 s a token: over a 0.1 s objective.
+        plan = Admission(r, "off").plan("r", 1000, 16, Slo(tpot_s=0.1))
+        assert not plan.local
+        # A looser objective allows it; the chunks beside the batch count in its TTFT.
+        plan = Admission(r).plan("r", 1000, 16, Slo(tpot_s=0.2))
+        assert plan.local and plan.ttft_s == pytest.approx(1.01 + 4 * 0.04)
+        # With no TPOT objective, one local prefill at a time on a node that is decoding.
+        with r.track_prefill(r._nodes["d0"], 500):
+            assert not Admission(r).plan("r", 1000, 16, Slo()).local
+        assert Admission(r).plan("r", 1000, 16, Slo()).local
+    run(go)
+
+
+def test_meeting_the_ttft_objective_decides_before_the_margin() -> None:
+    def go():
+        # Remote 0.62 s; local 0.51 s: under the 20 % margin, but only local meets 0.55 s.
+        r = cluster({"p0": pb.NodeLoad(prefill_queue=[500], fits=fits()),
+                     "d0": pb.NodeLoad(fits=fits(prefill=(0.41, 0.001, 0.0)))})
+        assert not Admission(r).plan("r", 100, 16, Slo()).local
+        plan = Admission(r).plan("r", 100, 16, Slo(ttft_s=0.55))
+        assert plan.local and plan.ttft_s == pytest.approx(0.51)
+        # Neither meets 0.3 s: refused, with the better of the two predictions.
+        with pytest.raises(Rejected) as err:
+            Admission(r).plan("r", 100, 16, Slo(ttft_s=0.3))
+        assert "prefill here" in str(err.value) and err.value.ttft_s == pytest.approx(0.51)
+    run(go)
+
+
+def test_an_empty_prefill_pool_is_served_by_the_decode_node() -> None:
+    def go():
+        r = cluster({"d0": pb.NodeLoad(fits=fits())})
+        plan = Admission(r).plan("r", 100, 16, Slo())
+        assert plan.local and plan.decode.node_id == "d0"
+        # With local prefill off, or no model to predict it with, the pipeline waits for a prefill node.
+        assert Admission(r, local=False).plan("r", 100, 16, Slo()).prefill is None
+        r = cluster({"d0": None})
+        plan = Admission(r).plan("r", 100, 16, Slo())
+        assert not plan.local and plan.prefill is None
+    run(go)

@@ -115,3 +115,37 @@ def test_the_load_message_shows_the_work_here_now_and_wakes_its_watchers() -> No
         assert perf.load().decode_batch == 0
 
     asyncio.run(go())
+
+
+def test_a_local_prefill_and_the_decode_steps_it_shares_are_not_samples() -> None:
+    clock = Clock()
+    perf = NodePerf(clock)
+    perf.decode_started("a", 100)
+    perf.decode_output("a", 1)
+    clock.t += 0.01
+    perf.decode_output("a", 1)
+    assert perf.model.decode.samples == 1
+    # A prefill on this node while "a" decodes: its time is shared with a's steps, and a's gaps
+    # meanwhile hold its chunks.
+    with perf.prefill(500) as run:
+        clock.t += 0.3
+        perf.decode_output("a", 1)
+        run.uncached_tokens = 500
+    clock.t += 0.01
+    perf.decode_output("a", 1)  # this gap began during the prefill
+    assert perf.model.prefill.samples == 0 and perf.model.decode.samples == 1
+    clock.t += 0.01
+    perf.decode_output("a", 1)  # a clean step again
+    assert perf.model.decode.samples == 2
+    perf.decode_ended("a")
+    # With no stream decoding, a prefill here is a sample again; one that a stream joined is not.
+    with perf.prefill(500) as run:
+        clock.t += 0.2
+        run.uncached_tokens = 500
+    assert perf.model.prefill.samples == 1
+    with perf.prefill(500) as run:
+        perf.decode_started("b", 10)
+        perf.decode_output("b", 1)
+        perf.decode_ended("b")
+        run.uncached_tokens = 500
+    assert perf.model.prefill.samples == 1

@@ -60,8 +60,10 @@ class FakeDecode:
     def __init__(self, tokens: list[int], delay_s: float = 0.0) -> None:
         self.tokens, self.delay_s = tokens, delay_s
         self.calls: list[FakeCall] = []
+        self.requests: list[pb.DecodeRequest] = []
 
     def Decode(self, req: pb.DecodeRequest, timeout: float | None = None) -> FakeCall:
+        self.requests.append(req)
         call = FakeCall(self.tokens[: req.sampling.max_tokens], self.delay_s)
         self.calls.append(call)
         return call
@@ -161,3 +163,27 @@ def test_cancel_during_decode_cancels_the_call_and_releases(tiny_model: Path) ->
     assert decode.calls[0].cancelled
     assert prefill.released == [rids[0]] and rids[0] != "c1"  # the coordinator's own id, not the client's
     assert all(n.outstanding == 0 for n in pipelines[0].router.nodes())
+
+
+def test_a_request_admission_sends_to_prefill_on_its_decode_node_skips_the_prefill_pool(tiny_model: Path) -> None:
+    fits = [pb.PerfFit(name="prefill", terms=["const", "tokens", "tokens2"], coefficients=[0.01, 0.001, 0], samples=9),
+            pb.PerfFit(name="decode", terms=["const", "batch", "context"], coefficients=[0.005, 0.001, 0], samples=9)]
+    prefill, decode = FakePrefill(), FakeDecode([100, 101, 102, 103])
+
+    async def go() -> tuple[list, Pipeline]:
+        p = make(tiny_model, prefill, [decode])
+        p.router._nodes["prefill-0"].saw_load(pb.NodeLoad(prefill_queue=[3000, 3000], fits=fits))  # ~6 s queued
+        p.router._nodes["decode-1"].saw_load(pb.NodeLoad(fits=fits))
+        return await collect(p, Sampling(max_tokens=4)), p
+
+    evs, p = asyncio.run(go())
+    assert [t for e in evs if isinstance(e, TokenEvent) for t in e.token_ids] == [100, 101, 102, 103]
+    fin = evs[-1]
+    assert fin.reason == "length" and fin.local_prefill and fin.prefill_node == fin.decode_node == "decode-1"
+    assert fin.predicted_ttft_s == pytest.approx(0.013)  # 3 prompt tokens on an idle decode node
+    assert not prefill.calls and not prefill.released
+    (req,) = decode.requests
+    assert req.prefill_here and not req.HasField("handle") and list(req.prompt_token_ids) == [5, 6, 7]
+    assert req.sampling.max_tokens == 4  # the first token comes from this stream too
+    node = p.router._nodes["decode-1"]
+    assert node.outstanding == 0 and not node.prefilling and not node.inflight

@@ -12,6 +12,9 @@ from pathlib import Path
 from tandem.membership import DEFAULT_TTL_S
 
 
+DECODE_STEP_TOKENS = 256
+
+
 @dataclass
 class NodeConfig:
     role: str
@@ -34,6 +37,7 @@ class NodeConfig:
     lease_s: float = 30.0
     ttl_s: int = DEFAULT_TTL_S
     max_num_seqs: int = 64
+    max_num_batched_tokens: int = 0  # tokens one engine step may take; 0: decode 256, prefill vLLM's default
     enable_prefix_caching: bool = True
     kv_load_failure_policy: str = "fail"
     drain_grace_s: float = 30.0
@@ -52,6 +56,15 @@ class NodeConfig:
             raise ValueError(f"--kv-transport must be auto, ucx or tcp, got {self.transport!r}")
         if self.kv_load_failure_policy not in ("fail", "recompute"):
             raise ValueError(f"--kv-load-failure-policy must be fail or recompute, got {self.kv_load_failure_policy!r}")
+        if self.max_num_batched_tokens < 0:
+            raise ValueError(f"--max-num-batched-tokens must be >= 0, got {self.max_num_batched_tokens}")
+        if not self.max_num_batched_tokens and self.role == "decode":
+            # A prefill on the decode node (conditional disaggregation) goes in chunks this size,
+            # so the streams it decodes meanwhile keep their pace.
+            self.max_num_batched_tokens = max(DECODE_STEP_TOKENS, self.max_num_seqs)
+        if self.max_num_batched_tokens and self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"--max-num-batched-tokens ({self.max_num_batched_tokens}) must be at least "
+                             f"--max-num-seqs ({self.max_num_seqs})")
         if self.kv_cache_gib <= 0:
             raise ValueError(f"--kv-cache-gib must be positive, got {self.kv_cache_gib}")
         if self.lease_s <= 0 or self.ttl_s <= 0:
@@ -140,6 +153,10 @@ def add_node_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kv-lease-s", dest="lease_s", type=float, default=float(_env("kv_lease_s", 30.0)))  # type: ignore[arg-type]
     ap.add_argument("--ttl-s", type=int, default=int(_env("ttl_s", DEFAULT_TTL_S)))  # type: ignore[arg-type]
     ap.add_argument("--max-num-seqs", type=int, default=int(_env("max_num_seqs", 64)))  # type: ignore[arg-type]
+    ap.add_argument("--max-num-batched-tokens", type=int, default=int(_env("max_num_batched_tokens", 0)),  # type: ignore[arg-type]
+                    help="tokens one engine step may take (vLLM's chunked-prefill budget); decode nodes "
+                         f"default to {DECODE_STEP_TOKENS}, so a prompt they prefill themselves goes in "
+                         "chunks beside the streams they decode; prefill nodes to vLLM's default")
     ap.add_argument("--drain-grace-s", type=float, default=float(_env("drain_grace_s", 30.0)),  # type: ignore[arg-type]
                     help="on SIGTERM, how long to finish what the node holds before it exits")
     ap.add_argument("--profile", default=_env("profile", "auto"),

@@ -55,6 +55,7 @@ class EngineHost:
             max_model_len=cfg.max_model_len or None,
             block_size=cfg.block_size,
             max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens or None,
             enable_prefix_caching=cfg.enable_prefix_caching,
             # A stop signal that reaches the engine core too (a terminal's Ctrl-C, a process-group
             # kill) lets its requests finish like the daemon's own drain, instead of aborting them.

@@ -1,12 +1,15 @@
 """This node's own timings, as its requests run, fitted into a ``NodeModel`` and exported.
 
 Prefill: a prefill that ran alone (no other prefill on this node started or
-was running meanwhile) is one sample of (uncached prompt tokens, seconds).
+was running meanwhile, and no decode stream was producing tokens: a decode
+node prefilling locally shares its steps with its batch) is one sample of
+(uncached prompt tokens, seconds).
 Overlapping prefills share the engine's steps, so their times say little about
 either one; a node kept busy still gets samples whenever the queue runs dry,
 and the forgetting fit keeps the last ones. Decode: each gap between two
 outputs of one stream is one step of the batch running then (the streams that
-have begun producing tokens, and their context tokens in all). Transfer: a
+have begun producing tokens, and their context tokens in all), unless a
+prefill ran on the node meanwhile (its chunks were in those steps). Transfer: a
 stream that came with a KV handle, from its start to its first token, is one
 sample of (KV bytes, seconds): the fetch plus the one step that produces the
 token, which is what a request waits for between its first and second token.
@@ -50,11 +53,13 @@ class _Stream:
     started: float
     kv_bytes: int = 0  # KV it fetches before its first token (0: none, or not known)
     last_output: float | None = None  # monotonic; None until its first token
+    epoch: int = 0  # the node's prefill epoch at its last output
 
 
 class NodePerf:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, step_tokens: int = 0) -> None:
         self.model = NodeModel()
+        self.step_tokens = step_tokens  # the engine's per-step token budget (reported; 0: not set)
         self._clock = clock
         self._prefills_running = 0
         self._prefill_starts = 0
@@ -64,6 +69,8 @@ class NodePerf:
         self._batch = 0
         self._batch_context = 0
         self._exported_at = -float("inf")
+        self._prefill_epoch = 0  # changes whenever a prefill starts or ends
+        self._joins = 0  # streams that joined the batch, ever
         self._queue: dict[int, int] = {}  # prefills here now (insertion order: oldest first) -> tokens
         self._ids = itertools.count()
         self._changed: asyncio.Event | None = None
@@ -79,10 +86,11 @@ class NodePerf:
         """Around one prefill of a ``tokens``-token prompt; the caller sets ``run.uncached_tokens``
         once the engine said how many prompt tokens it found cached. A sample is taken if it
         completes having run alone."""
-        alone = self._prefills_running == 0
+        alone = self._prefills_running == 0 and self._batch == 0
         self._prefills_running += 1
         self._prefill_starts += 1
-        starts, t0 = self._prefill_starts, self._clock()
+        self._prefill_epoch += 1
+        starts, joins, t0 = self._prefill_starts, self._joins, self._clock()
         key = next(self._ids)
         self._queue[key] = tokens
         self._touch()
@@ -93,9 +101,11 @@ class NodePerf:
             ok = True
         finally:
             self._prefills_running -= 1
+            self._prefill_epoch += 1
             del self._queue[key]
             self._touch()
-            if ok and alone and self._prefill_starts == starts and run.uncached_tokens is not None:
+            undisturbed = self._prefill_starts == starts and self._joins == joins and self._batch == 0
+            if ok and alone and undisturbed and run.uncached_tokens is not None:
                 self.model.saw_prefill(run.uncached_tokens, self._clock() - t0)
             self._export(force=self._prefills_running == 0)  # idle now: show the last samples too
 
@@ -111,14 +121,18 @@ class NodePerf:
         now = self._clock()
         if s.last_output is None:  # its first token: it joins the batch
             self._batch += 1
+            self._joins += 1
             self._batch_context += s.context
             if s.kv_bytes:
                 self.model.saw_transfer(s.kv_bytes, now - s.started)
             self._touch()
-        elif new_tokens == 1:  # one step since its last output (several: coalesced, no sample)
+        elif new_tokens == 1 and s.epoch == self._prefill_epoch and not self._prefills_running:
+            # One step since its last output (several: coalesced; a prefill meanwhile: its chunks were
+            # in the steps; neither is a sample).
             self.model.saw_decode_step(self._batch, self._batch_context, now - s.last_output)
             self._export()
         s.last_output = now
+        s.epoch = self._prefill_epoch
         s.context += new_tokens
         self._batch_context += new_tokens
 
@@ -139,7 +153,8 @@ class NodePerf:
                 for name, f in (("prefill", view.prefill), ("decode", view.decode), ("transfer", view.transfer))]
         return pb.NodeLoad(node_id=node_id, engine_id=engine_id, prefill_queue=list(self._queue.values()),
                            decode_batch=self._batch, decode_context=self._batch_context,
-                           decode_waiting=len(self._streams) - self._batch, fits=fits, sent_at=time.time())
+                           decode_waiting=len(self._streams) - self._batch, fits=fits, sent_at=time.time(),
+                           step_tokens=self.step_tokens)
 
     def changed(self) -> asyncio.Event:
         """Set when work started or ended since the event was taken (take a new one after)."""

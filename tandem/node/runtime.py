@@ -65,12 +65,13 @@ async def run_node(cfg: NodeConfig, service_name: str,
         await asyncio.get_running_loop().run_in_executor(None, engine.start)
     finally:
         reservation.close()
-    perf = NodePerf()
+    perf = NodePerf(step_tokens=cfg.max_num_batched_tokens)
     try:
         said = await seed_from_profile(
             perf, engine, mode=cfg.profile, cache_dir=Path(cfg.profile_cache), model_dir=cfg.model,
             settings={"dtype": cfg.dtype, "block_size": engine.block_size, "max_model_len": engine.max_model_len,
                       "max_num_seqs": cfg.max_num_seqs, "kv_cache_gib": cfg.kv_cache_gib,
+                      "max_num_batched_tokens": cfg.max_num_batched_tokens,
                       "prefix_caching": cfg.enable_prefix_caching},
             cores=len(parse_cores(cfg.cores)) if cfg.cores else len(os.sched_getaffinity(0)),
             vocab_size=engine.vocab_size, max_model_len=engine.max_model_len, max_num_seqs=cfg.max_num_seqs)

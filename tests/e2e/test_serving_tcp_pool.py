@@ -40,13 +40,14 @@ EQUALITY = [[(11 + 29 * i) % 590 + 5 for i in range(n)] for n in (20, 150)]
 FROZEN = [(3 + 11 * i) % 590 + 5 for i in range(12)]
 KILLED = [(5 + 13 * i) % 590 + 5 for i in range(10)]
 SEEDED = [(7 + 19 * i) % 590 + 5 for i in range(25)]
+SHORT = [(9 + 23 * i) % 590 + 5 for i in range(24)]
 SEED, TEMPERATURE, SEEDED_TOKENS = 4242, 0.9, 40
 LONG = 480
 
 
 @pytest.fixture(scope="module")
 def references(tiny_model: Path) -> dict[tuple[int, ...], list[int]]:
-    cases = [(p, 16) for p in EQUALITY] + [(FROZEN, LONG), (KILLED, LONG)]
+    cases = [(p, 16) for p in EQUALITY] + [(FROZEN, LONG), (KILLED, LONG), (SHORT, 16)]
     seeded = {"temperature": TEMPERATURE, "seed": SEED, "ignore_eos": True}
     # A seeded request whose first decode node never answers runs two legs: the prefill's token t0;
     # then, on another decode node, a prefill of prompt + [t0] (its token t1) and a decode of the rest.
@@ -84,7 +85,52 @@ def test_requests_spread_over_the_decode_pool(cluster: LocalCluster, stub) -> No
         finishes = list(pool.map(lambda p: run(stub, p, 48)[1], prompts))
     assert all(f.reason == "length" for f in finishes)
     assert {f.timings.decode_node for f in finishes} == {"decode-0", "decode-1"}
-    assert {f.timings.prefill_node for f in finishes} == {"prefill-0"}
+    # Disaggregated, or (conditional disaggregation) prefilled on its own decode node.
+    assert all(f.timings.prefill_node == ("prefill-0" if not f.timings.local_prefill else f.timings.decode_node)
+               for f in finishes)
+
+
+def test_a_short_prompt_prefills_on_a_decode_node_while_the_prefill_queue_is_long(cluster: LocalCluster, stub,
+                                                                                 references) -> None:
+    # The prefill node's engine is frozen with three 400-token prompts in it; the node itself still
+    # answers and reports that queue, so the coordinator predicts seconds of wait there, and a
+    # short prompt starts sooner on an idle decode node.
+    prefill = cluster.node("prefill-0")
+    before = {d.name: scrape(d.info["metrics"]) for d in cluster.nodes if d.role == "decode"}
+    longs = [[(k * 17 + 3 * i) % 590 + 5 for i in range(400)] for k in range(3)]
+
+    def prefill_queue() -> int:
+        nodes = stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=10).nodes
+        return next(n.prefill_queue for n in nodes if n.node_id == "prefill-0")
+
+    frozen = engine_pids(prefill)
+    with grpc.insecure_channel(prefill.info["grpc"]) as ch, ThreadPoolExecutor(3) as pool:
+        direct = pb_grpc.PrefillNodeStub(ch)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            pending = [pool.submit(direct.Prefill, pb.PrefillRequest(
+                request_id=f"queued-{k}", prompt_token_ids=ids, sampling=pb.SamplingParams(max_tokens=1)), timeout=120)
+                for k, ids in enumerate(longs)]
+            wait_until(lambda: prefill_queue() == 3, 10, "the prefill node to report its queue", every_s=0.05)
+            got, fin = run(stub, SHORT, 16)
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+        assert all(f.result(timeout=120).first_token >= 0 for f in pending)
+    t = fin.timings
+    assert t.local_prefill and t.prefill_node == t.decode_node and fin.reason == "length", fin
+    assert t.predicted_ttft_s > 0
+    assert got == references[tuple(SHORT)]  # greedy output as a plain engine's
+    # Its decode node computed the prompt itself (vLLM's own count), and says it prefilled locally.
+    after = scrape(cluster.node(t.decode_node).info["metrics"])
+    was = before[t.decode_node]
+    assert metric(after, "vllm:prompt_tokens_by_source_total", source="local_compute") >= \
+        metric(was, "vllm:prompt_tokens_by_source_total", source="local_compute") + len(SHORT)
+    assert metric(after, "tandem_decode_local_prefills_total") == metric(was, "tandem_decode_local_prefills_total") + 1
+    # With the queue gone, the same prompt is disaggregated again.
+    wait_until(lambda: prefill_queue() == 0, 10, "the prefill node's queue to drain")
+    assert not run(stub, SHORT, 4)[1].timings.local_prefill
 
 
 def busy_decode_node(cluster: LocalCluster, stub) -> Daemon:
