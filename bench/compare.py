@@ -77,7 +77,7 @@ def _run(target: str, entries: list[TraceEntry], slo: tuple[float | None, float 
 
     model = first_model(target)
     with PINNING.client_side():
-        res = uvloop.run(run_trace(target, entries, model=model))
+        res = uvloop.run(run_trace(target, entries, model=model, slo=slo))
     s = summarize(res.timings, res.duration_s, *slo)
     s["client_cpu_share"] = res.client_cpu_s / res.duration_s if res.duration_s else 0.0
     ok = [t for t in res.timings if t.ok]
@@ -126,8 +126,8 @@ def sweep(system: System, args: argparse.Namespace, slo: tuple[float, float]) ->
             materialize(entries, seed, 600)
             s = _run(system.target, entries, slo)
             print(f"  {system.name:16} rate {rate:5.2f} rep {rep}: attainment {s['slo_attainment']:.0%}, "
-                  f"TTFT p50 {s['ttft_s']['p50'] * 1000:.0f} ms, TPOT p50 {s['tpot_s']['p50'] * 1000:.1f} ms",
-                  flush=True)
+                  f"TTFT p50 {s['ttft_s']['p50'] * 1000:.0f} ms, TPOT p50 {s['tpot_s']['p50'] * 1000:.1f} ms, "
+                  f"refused {s['rejected']}", flush=True)
             reps.append(s)
         att = [r["slo_attainment"] for r in reps]
         rows.append({"rate": rate, "attainment_median": statistics.median(att), "attainment_min": min(att),
@@ -181,7 +181,8 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
                         label=f"{s['name']} @ {mid['rate']} req/s")
     for ax, name, slo in zip(axes, ("TTFT (s)", "TPOT (s)"), (doc["slo"]["ttft_s"], doc["slo"]["tpot_s"])):
         ax.axvline(slo, color="red", linestyle="--", label="SLO")
-        ax.set_xlabel(name)
+        ax.set_xlabel(name + ", log scale")
+        ax.set_xscale("log")  # one system 100x slower must not flatten the others against zero
         ax.set_ylabel("share of requests")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
@@ -218,6 +219,26 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
                  f"{by_rate[rate]['attainment_max']:.0%})" if rate in by_rate else "not probed (0% below)"
                  for rate in doc["rates"]]
         lines.append(f"| {s['name']} | {s['goodput_rps']:.2f} | {ratio} | " + " | ".join(cells) + " |")
+    lines += ["", "Per system and rate (medians over the repetitions): requests refused by admission, "
+              "share prefilled on a decode node, and Tandem's prediction error |actual - predicted| / actual "
+              "(client-side TTFT/TPOT against what admission predicted), p50 / p90.", "",
+              "| system | rate | refused | local prefill | TTFT error p50 / p90 | TPOT error p50 / p90 |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for s in systems:
+        for r in s["sweep"]:
+            reps = r["reps"]
+
+            def med(f: Any) -> float:
+                vals = [v for v in (f(rep) for rep in reps) if v == v]  # NaN: not reported
+                return statistics.median(vals) if vals else float("nan")
+
+            refused = med(lambda rep: rep["rejected"] / rep["requests"] if rep["requests"] else 0.0)
+            local = med(lambda rep: rep.get("local_prefill_share", float("nan")))
+            err = {k: (med(lambda rep, k=k: rep["prediction_error"][k]["p50"]),
+                       med(lambda rep, k=k: rep["prediction_error"][k]["p90"])) for k in ("ttft", "tpot")}
+            cells = [f"{refused:.0%}", "–" if local != local else f"{local:.0%}"]
+            cells += ["–" if e[0] != e[0] else f"{e[0]:.0%} / {e[1]:.0%}" for e in (err["ttft"], err["tpot"])]
+            lines.append(f"| {s['name']} | {r['rate']} | " + " | ".join(cells) + " |")
     lines += ["", "![attainment](attainment_vs_rate.png)", "", "![latency](latency_cdfs.png)", "",
               "![goodput](goodput.png)", "", "## Systems as run", ""]
     for s in systems:
@@ -238,8 +259,11 @@ def add_compare_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--reps", type=int, default=2, help="seeded repetitions per rate")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-model-len", type=int, default=2048)
-    ap.add_argument("--systems", default="tandem,vllm-colocated,vllm-nixl,vllm-nixl-fixed",
-                    help="which systems, comma separated (tandem runs every P:D ratio that fits the cores)")
+    ap.add_argument("--systems", default="tandem,tandem-noadmit,vllm-colocated,vllm-nixl,vllm-nixl-fixed",
+                    help="which systems, comma separated (tandem runs every P:D ratio that fits the cores): "
+                         "tandem (admission on, conditional disaggregation on), tandem-noadmit (admission "
+                         "off), tandem-disagg (both off: always disaggregated, accepts everything), "
+                         "vllm-colocated, vllm-nixl, vllm-nixl-fixed")
     ap.add_argument("--slo-ttft", type=float, default=None)
     ap.add_argument("--slo-tpot", type=float, default=None)
     ap.add_argument("--k-ttft", type=float, default=5.0, help="preset: SLO TTFT = k x unloaded TTFT")
@@ -259,7 +283,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     args.rates = [float(r) for r in str(args.rates).split(",")]
     wanted = [s.strip() for s in args.systems.split(",")]
-    known = {"tandem", "vllm-colocated", "vllm-nixl", "vllm-nixl-fixed"}
+    known = {"tandem", "tandem-noadmit", "tandem-disagg", "vllm-colocated", "vllm-nixl", "vllm-nixl-fixed"}
     if set(wanted) - known:
         raise SystemExit(f"unknown system(s) {sorted(set(wanted) - known)}; known: {sorted(known)}")
     if {"vllm-nixl", "vllm-nixl-fixed"} & set(wanted):
@@ -304,9 +328,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     slo = (slo_doc["ttft_s"], slo_doc["tpot_s"])
     systems_doc = []
     starters = []
-    if "tandem" in wanted:
-        starters += [(f"tandem-{p}:{d}", lambda p=p, d=d: start_tandem(model, p, d, args.max_model_len, out, cores))
-                     for p, d in ratios_for(len(cores))]
+    for variant in ("", "-noadmit", "-disagg"):
+        if f"tandem{variant}" in wanted:
+            starters += [(f"tandem-{p}:{d}{variant}",
+                          lambda p=p, d=d, v=variant: start_tandem(model, p, d, args.max_model_len, out, cores, v))
+                         for p, d in ratios_for(len(cores))]
     if "vllm-colocated" in wanted:
         starters.append(("vllm-colocated", lambda: start_vllm_colocated(model, cores, args.max_model_len, out)))
     for name, fixed in (("vllm-nixl", False), ("vllm-nixl-fixed", True)):

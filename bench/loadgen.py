@@ -26,18 +26,29 @@ class RunResult:
     client_cpu_s: float
 
 
+def _ms(v: str | None) -> float | None:
+    return float(v) / 1000.0 if v else None
+
+
 async def _openai_one(session: object, url: str, model: str, e: TraceEntry, t0: float,
-                      timeout_s: float) -> RequestTiming:
+                      timeout_s: float, slo_headers: dict[str, str]) -> RequestTiming:
     import aiohttp
 
     rt = RequestTiming(sent=time.perf_counter() - t0, prompt_tokens=e.input_len)
     body = {"model": model, "prompt": e.input_ids, "max_tokens": e.output_len, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     try:
-        async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:  # type: ignore[attr-defined]
+        async with session.post(url, json=body, headers=slo_headers,  # type: ignore[attr-defined]
+                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             if resp.status != 200:
                 rt.ok, rt.error = False, f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                rt.rejected = resp.status == 429
                 return rt
+            # Tandem says what its admission predicted and where the prompt was prefilled.
+            rt.predicted_ttft = _ms(resp.headers.get("x-tandem-predicted-ttft-ms"))
+            rt.predicted_tpot = _ms(resp.headers.get("x-tandem-predicted-tpot-ms"))
+            if "x-tandem-prefill" in resp.headers:
+                rt.local_prefill = resp.headers["x-tandem-prefill"] == "local"
             async for raw in resp.content:
                 line = raw.decode().strip()
                 if not line.startswith("data:"):
@@ -64,7 +75,8 @@ async def _openai_one(session: object, url: str, model: str, e: TraceEntry, t0: 
     return rt
 
 
-async def _grpc_one(stub: object, e: TraceEntry, t0: float, timeout_s: float) -> RequestTiming:
+async def _grpc_one(stub: object, e: TraceEntry, t0: float, timeout_s: float,
+                    slo: tuple[float | None, float | None]) -> RequestTiming:
     import grpc
 
     from tandem.proto import tandem_pb2 as pb
@@ -72,6 +84,10 @@ async def _grpc_one(stub: object, e: TraceEntry, t0: float, timeout_s: float) ->
     rt = RequestTiming(sent=time.perf_counter() - t0, prompt_tokens=e.input_len)
     req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=e.input_ids or []), sampling=pb.SamplingParams(
         max_tokens=e.output_len, temperature=0.0, ignore_eos=True))
+    if slo[0] is not None:
+        req.slo.ttft_ms = slo[0] * 1000
+    if slo[1] is not None:
+        req.slo.tpot_ms = slo[1] * 1000
     try:
         async for msg in stub.Generate(req, timeout=timeout_s):  # type: ignore[attr-defined]
             if msg.token_ids:
@@ -80,14 +96,24 @@ async def _grpc_one(stub: object, e: TraceEntry, t0: float, timeout_s: float) ->
                     rt.first_token = now
                 rt.token_times.extend([now] * len(msg.token_ids))
                 rt.output_tokens += len(msg.token_ids)
+            if msg.HasField("finish"):
+                t = msg.finish.timings
+                rt.predicted_ttft = t.predicted_ttft_s or None
+                rt.predicted_tpot = t.predicted_tpot_s or None
+                rt.local_prefill = t.local_prefill
+                rt.server = {"ttft_s": t.ttft_s, "dispatch_s": t.dispatch_s, "prefill_call_s": t.prefill_call_s,
+                             "prefill_s": t.prefill_s}
     except grpc.aio.AioRpcError as exc:
         rt.ok, rt.error = False, f"{exc.code().name}: {exc.details()}"
+        rt.rejected = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     return rt
 
 
 async def run_trace(target: str, entries: list[TraceEntry], *, model: str = "", timeout_s: float = 600.0,
-                    on_done: object = None) -> RunResult:
-    """Send every entry at its arrival time (relative to now); wait for all to finish."""
+                    on_done: object = None, slo: tuple[float | None, float | None] = (None, None)) -> RunResult:
+    """Send every entry at its arrival time (relative to now); wait for all to finish. ``slo``
+    (seconds) goes with each request (x-slo-* headers, or GenerateRequest.slo): Tandem admits by
+    it, other servers ignore it."""
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     tasks: list[asyncio.Task[RequestTiming]] = []
@@ -100,16 +126,17 @@ async def run_trace(target: str, entries: list[TraceEntry], *, model: str = "", 
         stub = pb_grpc.CoordinatorStub(channel)
 
         def start(e: TraceEntry) -> asyncio.Task[RequestTiming]:
-            return asyncio.create_task(_grpc_one(stub, e, t0, timeout_s))
+            return asyncio.create_task(_grpc_one(stub, e, t0, timeout_s, slo))
         closer = channel.close
     elif target.startswith(("http://", "https://")):
         import aiohttp
 
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         url = target.rstrip("/") + "/v1/completions"
+        slo_headers = {f"x-slo-{k}-ms": f"{v * 1000:.3f}" for k, v in zip(("ttft", "tpot"), slo) if v is not None}
 
         def start(e: TraceEntry) -> asyncio.Task[RequestTiming]:
-            return asyncio.create_task(_openai_one(session, url, model, e, t0, timeout_s))
+            return asyncio.create_task(_openai_one(session, url, model, e, t0, timeout_s, slo_headers))
         closer = session.close
     else:
         raise ValueError(f"unknown target {target!r}; use http://HOST:PORT or tandem-grpc://HOST:PORT")

@@ -26,6 +26,11 @@ class RequestTiming:
     prompt_tokens: int = 0
     ok: bool = True
     error: str = ""
+    rejected: bool = False  # refused by admission (HTTP 429 / RESOURCE_EXHAUSTED): a miss, not a failure
+    predicted_ttft: float | None = None  # Tandem's admission prediction, when the server says
+    predicted_tpot: float | None = None
+    local_prefill: bool | None = None  # Tandem: prefilled on its decode node
+    server: dict[str, float] = field(default_factory=dict)  # Tandem over gRPC: the coordinator's own timings
 
     @property
     def ttft(self) -> float | None:
@@ -69,16 +74,48 @@ def _dist(values: list[float]) -> dict[str, float]:
             "p50": percentile(values, 50), "p90": percentile(values, 90), "p99": percentile(values, 99)}
 
 
+def _error(pairs: list[tuple[float | None, float | None]]) -> dict[str, float]:
+    """|actual - predicted| / actual over the requests that have both."""
+    errs = [abs(a - p) / a for a, p in pairs if a is not None and p is not None and a > 0]
+    return {"n": len(errs), "p50": percentile(errs, 50), "p90": percentile(errs, 90)}
+
+
+def ttft_breakdown(reqs: list[RequestTiming]) -> dict[str, dict[str, float]]:
+    """Where each TTFT went (Tandem over gRPC), per part: the coordinator before its prefill call
+    (validation, tokenizing, admission, routing), the call's own overhead (gRPC, the node's
+    servicer, engine queueing beyond the prefill itself), the prefill as the node timed it, the
+    relay from the call's answer to the token leaving the coordinator, and the client side
+    (network, client's own loop)."""
+    parts: dict[str, list[float]] = {k: [] for k in ("dispatch", "call_overhead", "prefill", "relay", "client")}
+    for r in reqs:
+        sv = r.server
+        if not r.ok or r.ttft is None or "ttft_s" not in sv:
+            continue
+        parts["dispatch"].append(sv["dispatch_s"])
+        parts["call_overhead"].append(max(0.0, sv["prefill_call_s"] - sv["prefill_s"]))
+        parts["prefill"].append(sv["prefill_s"])
+        parts["relay"].append(max(0.0, sv["ttft_s"] - sv["dispatch_s"] - sv["prefill_call_s"]))
+        parts["client"].append(max(0.0, r.ttft - sv["ttft_s"]))
+    return {k: _dist(v) for k, v in parts.items() if v}
+
+
 def summarize(reqs: list[RequestTiming], duration_s: float, slo_ttft: float | None,
               slo_tpot: float | None) -> dict[str, object]:
-    """The run's summary; ``duration_s`` is from the first send to the last completion."""
+    """The run's summary; ``duration_s`` is from the first send to the last completion. A request
+    refused by admission counts as missing its SLO (and as rejected, not failed)."""
     ok = [r for r in reqs if r.ok]
     met = [r for r in reqs if r.meets(slo_ttft, slo_tpot)]
     out_tokens = sum(r.output_tokens for r in ok)
+    local = [r.local_prefill for r in ok if r.local_prefill is not None]
     return {
         "requests": len(reqs),
         "completed": len(ok),
-        "failed": len(reqs) - len(ok),
+        "rejected": sum(r.rejected for r in reqs),
+        "failed": len(reqs) - len(ok) - sum(r.rejected for r in reqs),
+        "local_prefill_share": sum(local) / len(local) if local else math.nan,
+        "prediction_error": {"ttft": _error([(r.ttft, r.predicted_ttft) for r in ok]),
+                             "tpot": _error([(r.tpot, r.predicted_tpot) for r in ok])},
+        "ttft_breakdown": ttft_breakdown(reqs),
         "duration_s": duration_s,
         "throughput_rps": len(ok) / duration_s if duration_s > 0 else math.nan,
         "output_tokens_per_s": out_tokens / duration_s if duration_s > 0 else math.nan,

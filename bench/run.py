@@ -87,7 +87,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     print(f"tandem bench run: {total} requests over {entries[-1].arrival_s:.1f} s against {args.target}", flush=True)
     t_wall = time.time()
-    res = uvloop.run(run_trace(args.target, entries, model=model, on_done=progress))
+    res = uvloop.run(run_trace(args.target, entries, model=model, on_done=progress,
+                               slo=(args.slo_ttft, args.slo_tpot)))
     summary = summarize(res.timings, res.duration_s, args.slo_ttft, args.slo_tpot)
     summary["client_cpu_s"] = res.client_cpu_s
     summary["client_cpu_share"] = res.client_cpu_s / res.duration_s if res.duration_s else math.nan
@@ -106,7 +107,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  {k[:-2].upper():5} p50 {d['p50'] * 1000:8.1f} ms  p90 {d['p90'] * 1000:8.1f} ms  "
               f"p99 {d['p99'] * 1000:8.1f} ms")
     print(f"  SLO attainment {s['slo_attainment']:.1%} (TTFT {args.slo_ttft} s, TPOT {args.slo_tpot} s); "
-          f"goodput at this rate {s['goodput_at_rate_rps']:.2f} req/s")
+          f"goodput at this rate {s['goodput_at_rate_rps']:.2f} req/s; {s['rejected']} refused by admission")
+    for k, d in s["ttft_breakdown"].items():
+        print(f"  TTFT part {k:14} p50 {d['p50'] * 1000:8.1f} ms  mean {d['mean'] * 1000:8.1f} ms")
     print(f"wrote {out / 'results.json'}, {report} and {out / 'trace.jsonl'}")
     return 0 if s["failed"] == 0 else 1
 
@@ -131,7 +134,7 @@ def measure_attainment(target: str, model: str, workload: str, rate: float, dura
                        vocab_size=vocab_size, burstiness=burstiness)
     if not entries:
         return 1.0
-    res = uvloop.run(run_trace(target, entries, model=model))
+    res = uvloop.run(run_trace(target, entries, model=model, slo=(slo_ttft, slo_tpot)))
     return float(summarize(res.timings, res.duration_s, slo_ttft, slo_tpot)["slo_attainment"])
 
 

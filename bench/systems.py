@@ -193,14 +193,22 @@ def start_vllm_nixl(model: str, cores: list[int], max_model_len: int, log_dir: P
                   facts=lambda: {"decode_prompt_tokens_by_source": prompt_tokens_by_source(urls[1])})
 
 
+TANDEM_VARIANTS = {
+    "": [],  # as shipped: admission on (by each request's SLO), conditional disaggregation on
+    "-noadmit": ["--admission", "off"],
+    "-disagg": ["--admission", "off", "--conditional-disagg", "off"],
+}
+
+
 def start_tandem(model: str, num_prefill: int, num_decode: int, max_model_len: int, log_dir: Path,
-                 cores: list[int]) -> System:
+                 cores: list[int], variant: str = "") -> System:
     spec = ClusterSpec(model=model, num_prefill=num_prefill, num_decode=num_decode, max_model_len=max_model_len,
                        kv_cache_gib=int(KV_CACHE_GIB), cores=core_plan(num_prefill, num_decode, cores),
-                       log_dir=str(log_dir / f"tandem-{num_prefill}p{num_decode}d"))
+                       log_dir=str(log_dir / f"tandem-{num_prefill}p{num_decode}d{variant}"),
+                       extra_coordinator_args=TANDEM_VARIANTS[variant])
     cluster = LocalCluster(spec).start()
     cmds = [cluster.coordinator.argv[1:]] + [d.argv[1:] for d in cluster.nodes]  # type: ignore[union-attr]
     from tandem import __version__
 
-    return System(f"tandem-{num_prefill}:{num_decode}", cluster.http_url, cmds,
+    return System(f"tandem-{num_prefill}:{num_decode}{variant}", cluster.http_url, cmds,
                   f"tandem {__version__} on {vllm_version()}", cluster.stop)

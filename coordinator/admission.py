@@ -295,8 +295,8 @@ class Admission:
 
 def _choose(remote: _Option | None, local: _Option | None, slo: Slo) -> _Option | None:
     """Disaggregated unless prefilling on the decode node is predicted to meet the SLO where the
-    prefill pool would not, or to start clearly sooner (``LOCAL_GAIN``); with no prefill node,
-    the decode node."""
+    prefill pool would not, or, when the prefill pool has work queued, to start clearly sooner
+    (``LOCAL_GAIN``); with no prefill node, the decode node."""
     if local is None or local.ttft_s is None:
         return remote
     if remote is None or remote.ttft_s is None:
@@ -306,4 +306,8 @@ def _choose(remote: _Option | None, local: _Option | None, slo: Slo) -> _Option 
         return local if local_ok else remote
     if not local_ok:  # neither: the refusal names the better of the two
         return local if local.ttft_s < remote.ttft_s else remote
-    return local if local.ttft_s < remote.ttft_s * (1 - LOCAL_GAIN) else remote
+    # Both meet it: only a queue in the prefill pool is worth the decode node's time (two idle
+    # nodes differ by the noise of their fits, and the decode node's steps are its streams').
+    assert remote.ttft is not None
+    queued = remote.ttft_s - (remote.ttft.idle_seconds or 0.0) > 0
+    return local if queued and local.ttft_s < remote.ttft_s * (1 - LOCAL_GAIN) else remote

@@ -92,7 +92,8 @@ def _finish_pb(ev: FinishEvent) -> pb.Finish:
         timings=pb.Timings(ttft_s=ev.ttft_s, e2e_s=ev.e2e_s, prefill_s=ev.prefill_s, decode_s=ev.decode_s,
                            prefill_node=ev.prefill_node, decode_node=ev.decode_node,
                            predicted_ttft_s=ev.predicted_ttft_s, predicted_tpot_s=ev.predicted_tpot_s,
-                           local_prefill=ev.local_prefill),
+                           local_prefill=ev.local_prefill, dispatch_s=ev.dispatch_s,
+                           prefill_call_s=ev.prefill_call_s),
         migrations=ev.migrations,
     )
 

@@ -193,7 +193,8 @@ class OpenAIHttp:
             # The first event (the first token) comes before the headers, so that a
             # request that fails in routing or prefill still gets a proper HTTP error.
             head = await events.__anext__()
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               **prepared.plan_headers()})
             await resp.prepare(request)
             first = True
             try:
@@ -227,7 +228,7 @@ class OpenAIHttp:
             ch = {"index": 0, "text": full, "logprobs": None, "finish_reason": finish.reason}
             obj_name = "text_completion"
         return web.json_response({"id": oid, "object": obj_name, "created": created, "model": served,
-                                  "choices": [ch], "usage": _usage(finish)})
+                                  "choices": [ch], "usage": _usage(finish)}, headers=prepared.plan_headers())
 
     @staticmethod
     async def _sse(resp: web.StreamResponse, ev: object, oid: str, obj: str, created: int, served: str,

@@ -55,6 +55,18 @@ class Prepared:
     received: float = field(default_factory=time.perf_counter)
     deadline: float | None = None  # perf_counter time by which the client gives up, if it said
     slo: Slo = field(default_factory=Slo)  # the request's own; admission fills in the cluster's defaults
+    plan: Plan | None = None  # admission's, once run() has started
+
+    def plan_headers(self) -> dict[str, str]:
+        """What admission predicted and chose, for the HTTP response's headers."""
+        out: dict[str, str] = {}
+        if self.plan is not None:
+            if self.plan.ttft_s is not None:
+                out["x-tandem-predicted-ttft-ms"] = f"{self.plan.ttft_s * 1000:.1f}"
+            if self.plan.tpot_s is not None:
+                out["x-tandem-predicted-tpot-ms"] = f"{self.plan.tpot_s * 1000:.2f}"
+            out["x-tandem-prefill"] = "local" if self.plan.local else "disaggregated"
+        return out
 
     @property
     def public_id(self) -> str:
@@ -83,6 +95,8 @@ class FinishEvent:
     migrations: int = 0
     predicted_ttft_s: float = 0.0  # admission's prediction for the nodes it chose (0: none)
     predicted_tpot_s: float = 0.0
+    dispatch_s: float = 0.0  # received -> the first prefill (or local decode) call sent: validation, admission, routing
+    prefill_call_s: float = 0.0  # that call, as the coordinator saw it, until the first token came
     local_prefill: bool = False  # its decode node prefilled it (conditional disaggregation)
 
 
@@ -200,6 +214,7 @@ class Pipeline:
         except Rejected:
             m.REQUESTS.labels("rejected").inc()
             raise
+        req.plan = plan
         m.RUNNING.inc()
         m.PROMPT_TOKENS.inc(len(req.prompt_ids))
         status = "error"
@@ -245,7 +260,8 @@ class Pipeline:
                     dnode = legs_end.enter_context(self.router.track(first or await self.router.acquire("decode", avoid),
                                                                      len(context)))
                 if leg == 0:
-                    m.QUEUE.observe(time.perf_counter() - req.received)
+                    out.dispatch_s = time.perf_counter() - req.received
+                    m.QUEUE.observe(out.dispatch_s)
                 consumed = False  # a completed decode fetched (and so freed) the handle's blocks
                 try:
                     if local:
@@ -264,6 +280,7 @@ class Pipeline:
                         handle = pre.handle if pre.HasField("handle") else None
                         if leg == 0:
                             out.prefill_s, out.prefill_node = pre.prefill_s, pnode.node_id
+                            out.prefill_call_s = time.perf_counter() - req.received - out.dispatch_s
                         ev, stop = prog.take([pre.first_token])
                         yield ev
                         if stop is not None:
@@ -286,7 +303,7 @@ class Pipeline:
                                     stop = None
                                     if ids:
                                         if local and not prog.sent:
-                                            out.prefill_s = time.perf_counter() - t_dec
+                                            out.prefill_s = out.prefill_call_s = time.perf_counter() - t_dec
                                         prefilling.close()
                                         ev, stop = prog.take(ids)
                                         yield ev

@@ -65,7 +65,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("ttft_s", "e2e_s", "prefill_s", "decode_s", "prefill_node", "decode_node", "predicted_ttft_s", "predicted_tpot_s", "local_prefill")
+    __slots__ = ("ttft_s", "e2e_s", "prefill_s", "decode_s", "prefill_node", "decode_node", "predicted_ttft_s", "predicted_tpot_s", "local_prefill", "dispatch_s", "prefill_call_s")
     TTFT_S_FIELD_NUMBER: _ClassVar[int]
     E2E_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,8 @@ class Timings(_message.Message):
     PREDICTED_TTFT_S_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_TPOT_S_FIELD_NUMBER: _ClassVar[int]
     LOCAL_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    DISPATCH_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CALL_S_FIELD_NUMBER: _ClassVar[int]
     ttft_s: float
     e2e_s: float
     prefill_s: float
@@ -84,7 +86,9 @@ class Timings(_message.Message):
     predicted_ttft_s: float
     predicted_tpot_s: float
     local_prefill: bool
-    def __init__(self, ttft_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., prefill_node: _Optional[str] = ..., decode_node: _Optional[str] = ..., predicted_ttft_s: _Optional[float] = ..., predicted_tpot_s: _Optional[float] = ..., local_prefill: _Optional[bool] = ...) -> None: ...
+    dispatch_s: float
+    prefill_call_s: float
+    def __init__(self, ttft_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., prefill_node: _Optional[str] = ..., decode_node: _Optional[str] = ..., predicted_ttft_s: _Optional[float] = ..., predicted_tpot_s: _Optional[float] = ..., local_prefill: _Optional[bool] = ..., dispatch_s: _Optional[float] = ..., prefill_call_s: _Optional[float] = ...) -> None: ...
 
 class Finish(_message.Message):
     __slots__ = ("reason", "usage", "timings", "stop_reason", "migrations")

@@ -173,9 +173,11 @@ def test_a_long_prefill_queue_sends_a_short_prompt_to_prefill_on_the_decode_node
         assert plan.tpot_s == pytest.approx(0.005 + 0.001)  # one step, batch of 1; no fetch
         # Off: always disaggregated.
         assert not Admission(r, local=False).plan("r", 100, 16, Slo()).local
-        # An idle prefill pool starts it as soon: disaggregated.
-        r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(fits=fits())})
+        # An idle prefill pool: disaggregated, even where the decode node's fit says it is faster.
+        r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(fits=fits(prefill=(0.001, 0.0005, 0.0)))})
         assert not Admission(r).plan("r", 100, 16, Slo()).local
+        # ... unless only the decode node meets the objective.
+        assert Admission(r).plan("r", 100, 16, Slo(ttft_s=0.1)).local
     run(go)
 
 

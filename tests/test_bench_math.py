@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tandem.bench.metrics import RequestTiming, percentile, summarize
+from tandem.bench.metrics import RequestTiming, percentile, summarize, ttft_breakdown
 from tandem.bench.workloads import arrivals, generate, load_trace, materialize, save_trace
 
 
@@ -107,3 +107,28 @@ def test_trace_round_trip_and_mooncake(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"foo": 1}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         load_trace(tmp_path / "bad.jsonl")
+
+
+def test_refused_requests_are_misses_and_predictions_are_scored() -> None:
+    a = req(0, 0.5, 0.1, 11)
+    a.predicted_ttft, a.predicted_tpot, a.local_prefill = 0.4, 0.1, True  # 20 % and 0 % off
+    b = req(1, 1.2, 0.05, 11)
+    b.predicted_ttft, b.local_prefill = 0.3, False  # 50 % off; no TPOT prediction
+    refused = RequestTiming(sent=2, ok=False, rejected=True, error="HTTP 429")
+    s = summarize([a, b, refused], 10.0, 1.0, 1.0)
+    assert (s["completed"], s["rejected"], s["failed"]) == (2, 1, 0)
+    assert s["slo_attainment"] == pytest.approx(2 / 3)  # the refused one missed
+    assert s["local_prefill_share"] == 0.5
+    err = s["prediction_error"]
+    assert err["ttft"]["n"] == 2 and err["ttft"]["p50"] == pytest.approx(0.35)
+    assert err["tpot"]["n"] == 1 and err["tpot"]["p50"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_the_ttft_breakdown_adds_up_to_what_the_client_saw() -> None:
+    r = req(0, 0.5, 0.1, 3)
+    r.server = {"ttft_s": 0.45, "dispatch_s": 0.01, "prefill_call_s": 0.4, "prefill_s": 0.3}
+    parts = ttft_breakdown([r, req(0, 0.5, 0.1, 3)])  # the second has no server timings: left out
+    got = {k: v["p50"] for k, v in parts.items()}
+    assert got == pytest.approx({"dispatch": 0.01, "call_overhead": 0.1, "prefill": 0.3, "relay": 0.04,
+                                 "client": 0.05})
+    assert sum(got.values()) == pytest.approx(r.ttft)

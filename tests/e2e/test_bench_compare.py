@@ -17,6 +17,7 @@ def test_compare_writes_one_report_for_every_system(tiny_model: Path, tmp_path: 
     out = subprocess.run(
         [sys.executable, "-m", "tandem.cli", "bench", "compare", "--model", str(tiny_model), "--rates", "2",
          "--duration", "3", "--reps", "1", "--max-model-len", "1024", "--slo-ttft", "2", "--slo-tpot", "0.5",
+         "--systems", "tandem,vllm-colocated,vllm-nixl,vllm-nixl-fixed",
          "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     doc = json.loads((tmp_path / "results.json").read_text())
@@ -28,6 +29,9 @@ def test_compare_writes_one_report_for_every_system(tiny_model: Path, tmp_path: 
         assert rep["completed"] == rep["requests"] > 0 and rep["failed"] == 0
         assert s["commands"] and s["version"]
         assert s["goodput_rps"] in (0.0, 2.0)
+    # Tandem's responses said what its admission predicted (checked against what the client saw).
+    tandem = doc["systems"][0]["sweep"][0]["reps"][0]
+    assert tandem["rejected"] == 0 and tandem["prediction_error"]["ttft"]["n"] == tandem["completed"]
     for s in doc["systems"][2:]:
         # vLLM's P/D really disaggregated: the decode server took the prompts' KV over NIXL.
         by_source = s["facts"]["decode_prompt_tokens_by_source"]
@@ -38,6 +42,7 @@ def test_compare_writes_one_report_for_every_system(tiny_model: Path, tmp_path: 
     report = (tmp_path / "report.md").read_text()
     for name in names:
         assert f"| {name} |" in report
+    assert "TTFT error p50 / p90" in report
     assert "given on the command line" in report and "load generator" in report
     for png in ("attainment_vs_rate.png", "latency_cdfs.png", "goodput.png"):
         assert (tmp_path / png).stat().st_size > 1000
