@@ -82,10 +82,11 @@ def _error(pairs: list[tuple[float | None, float | None]]) -> dict[str, float]:
 
 def ttft_breakdown(reqs: list[RequestTiming]) -> dict[str, dict[str, float]]:
     """Where each TTFT went (Tandem over gRPC), per part: the coordinator before its prefill call
-    (validation, tokenizing, admission, routing), the call's own overhead (gRPC, the node's
-    servicer, engine queueing beyond the prefill itself), the prefill as the node timed it, the
-    relay from the call's answer to the token leaving the coordinator, and the client side
-    (network, client's own loop)."""
+    (quota, admission, a batch request's wait, routing), the call's own overhead (gRPC, the node's
+    servicer, engine queueing beyond the prefill itself), the prefill as the node timed it (a
+    local prefill: as the coordinator did, so no overhead part), the relay from the call's answer
+    to the token leaving the coordinator, and the client side (network, the client's own loop,
+    and the coordinator's validation and tokenizing, which come before its clock starts)."""
     parts: dict[str, list[float]] = {k: [] for k in ("dispatch", "call_overhead", "prefill", "relay", "client")}
     for r in reqs:
         sv = r.server

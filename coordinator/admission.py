@@ -86,6 +86,7 @@ class Plan:
     ttft_s: float | None = None
     tpot_s: float | None = None
     local: bool = False  # the decode node prefills it (no prefill node)
+    queued_s: float = 0.0  # of ttft_s, the wait for work already queued there
 
 
 def prefill_estimate(node: NodeClient, tokens: int) -> Estimate:
@@ -187,14 +188,28 @@ TIE_REL, TIE_ABS_S = 0.05, 0.002  # predictions this close are the same: the loa
 def _best(estimates: list[Estimate]) -> Estimate:
     """The lowest prediction; among those within ``TIE_REL`` / ``TIE_ABS_S`` of it (two nodes of one
     kind differ by the noise of their fits), the least loaded, so equal nodes share the work.
-    Nodes with no prediction only when none has one."""
+    A node with no model yet is taken first while it is idle, otherwise only when none has one."""
     known = [e for e in estimates if e.seconds is not None]
+    # Beside nodes that have a model, one without gets work while it is idle: its first requests
+    # are its samples (otherwise it would never learn).
+    learning = [e for e in estimates if e.seconds is None and e.node.outstanding == 0] if known else []
+    if learning:
+        return min(learning, key=lambda e: (e.node.served, e.node.node_id))
     if known:
         low = min(e.seconds for e in known)  # type: ignore[type-var]
         pool = [e for e in known if e.seconds <= max(low * (1 + TIE_REL), low + TIE_ABS_S)]  # type: ignore[operator]
     else:
         pool = estimates
     return min(pool, key=lambda e: (e.node.outstanding, e.node.served, e.seconds or 0.0, e.node.node_id))
+
+
+class _Decisions:
+    def __init__(self, count: bool) -> None:
+        self.count = count
+
+    def __call__(self, decision: str) -> None:
+        if self.count:
+            m.ADMISSIONS.labels(decision).inc()
 
 
 @dataclass
@@ -224,9 +239,11 @@ class Admission:
         self.default_slo = default_slo
         self.local = local  # conditional disaggregation: a decode node may prefill a request itself
 
-    def plan(self, rid: str, prompt_tokens: int, max_tokens: int, slo: Slo) -> Plan:
+    def plan(self, rid: str, prompt_tokens: int, max_tokens: int, slo: Slo, count: bool = True) -> Plan:
         """The nodes a new request starts on, or Rejected. An empty pool leaves its side to the
-        pipeline (which waits for a node or answers UNAVAILABLE)."""
+        pipeline (which waits for a node or answers UNAVAILABLE). ``count=False``: a look, not a
+        decision (the batch queue's), so no metric moves and nothing is logged."""
+        decide = _Decisions(count)
         slo = slo.over(self.default_slo)
         decoders = self.router.routable_nodes("decode")
         pre = [prefill_estimate(n, prompt_tokens) for n in self.router.routable_nodes("prefill")]
@@ -237,7 +254,7 @@ class Admission:
         local = self._local(decoders, prompt_tokens, max_tokens, slo) if self.local else None
         chosen = _choose(remote, local, slo)
         if chosen is None:  # no prefill node, and no decode node that could do it: the pipeline waits
-            m.ADMISSIONS.labels("unpredicted").inc()
+            decide("unpredicted")
             return Plan(None, d.node if d else None)
         if chosen.local:
             assert chosen.ttft is not None
@@ -247,16 +264,18 @@ class Admission:
             plan = Plan(p.node if p else None, d.node if d else None, p.seconds if p else None,
                         d.seconds if d else None)
         if plan.ttft_s is None and plan.tpot_s is None:
-            m.ADMISSIONS.labels("unpredicted").inc()
+            decide("unpredicted")
             return plan
+        if chosen.ttft is not None and chosen.ttft.seconds is not None:
+            plan.queued_s = max(0.0, chosen.ttft.seconds - (chosen.ttft.idle_seconds or 0.0))
         misses = chosen.misses(slo)
         if not misses or self.mode == "off":
-            m.ADMISSIONS.labels("admitted" if not misses else "over_slo_admitted").inc()
-            if plan.local:
+            decide("admitted" if not misses else "over_slo_admitted")
+            if plan.local and count:
                 logger.info("request %s: prefills on decode node %s (%s)", rid, plan.decode.node_id,  # type: ignore[union-attr]
                             chosen.ttft.detail if chosen.ttft else "")
             return plan
-        m.ADMISSIONS.labels("rejected").inc()
+        decide("rejected")
         parts, waits = [], []
         for what, e, limit in misses:
             assert e.seconds is not None
@@ -267,7 +286,8 @@ class Admission:
                 waits.append(max(1, math.ceil(e.seconds - limit)) if what == "TTFT" else 1)
         retry = max(waits) if len(waits) == len(misses) else None
         msg = f"request refused, no node is predicted to meet its SLO: {'; '.join(parts)}"
-        logger.info("request %s: %s", rid, msg)
+        if count:
+            logger.info("request %s: %s", rid, msg)
         raise Rejected(msg, plan.ttft_s, plan.tpot_s, retry)
 
     def _local(self, decoders: list[NodeClient], prompt_tokens: int, max_tokens: int, slo: Slo) -> _Option | None:
@@ -283,7 +303,7 @@ class Admission:
             if slo.tpot_s is not None:
                 if batch and n.model.step_s(batch, context) + est.harm_s > slo.tpot_s:
                     continue
-            elif batch and (n.prefilling or (n.fresh_load() is not None and n.fresh_load().prefill_queue)):
+            elif batch and (n.prefilling or ((load := n.fresh_load()) is not None and load.prefill_queue)):
                 continue
             fits.append((est, n))
         if not fits:

@@ -43,6 +43,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 model=request.model,
                 timeout_s=context.time_remaining(),
                 slo=_slo(request),
+                priority=request.priority,
+                tenant=request.tenant,
             )
             rid = prepared.public_id
             async with aclosing(self.pipeline.run(prepared)) as events:

@@ -172,7 +172,9 @@ class OpenAIHttp:
             raise InvalidRequest("'model' must be a string")
         rid = body.get("request_id") or request.headers.get("X-Request-Id") or ""
         prepared = self.pipeline.prepare(request_id=str(rid), text=text, token_ids=ids,
-                                         sampling=sampling_from_body(body), model=model, slo=slo_from_headers(request))
+                                         sampling=sampling_from_body(body), model=model, slo=slo_from_headers(request),
+                                         priority=request.headers.get("x-priority", ""),
+                                         tenant=request.headers.get("x-tenant", ""))
         prefix = "chatcmpl" if chat else "cmpl"
         oid = f"{prefix}-{prepared.public_id}"
         created = int(time.time())

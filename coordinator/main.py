@@ -16,6 +16,7 @@ from tandem.membership import MembershipView
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 
 from .admission import MODES, Admission, Slo
+from .traffic import BatchQueue, Quotas, parse_quotas
 from .grpc_api import SERVICE_NAME, CoordinatorServicer
 from .http_api import OpenAIHttp
 from .pipeline import Pipeline, PipelineConfig
@@ -45,6 +46,11 @@ class CoordinatorConfig:
     conditional_disagg: str = "on"  # a decode node may prefill a request itself when that is predicted faster
     slo_ttft_ms: float = 0.0  # cluster default SLOs for requests that set none; 0: none
     slo_tpot_ms: float = 0.0
+    tenant_quota: str = ""  # TENANT=TOKENS_PER_S,...
+    default_tenant_quota: float = 0.0  # tokens/s for each tenant not named; 0: unlimited
+    quota_burst_s: float = 10.0
+    batch_queue: int = 256
+    batch_max_wait_s: float = 300.0
 
     def finish(self) -> CoordinatorConfig:
         if not self.model or not Path(self.model).is_dir():
@@ -58,6 +64,11 @@ class CoordinatorConfig:
             raise ValueError(f"--admission must be on or off, got {self.admission!r}")
         if self.conditional_disagg not in ("on", "off"):
             raise ValueError(f"--conditional-disagg must be on or off, got {self.conditional_disagg!r}")
+        parse_quotas(self.tenant_quota)  # ValueError naming the bad part
+        if self.default_tenant_quota < 0 or self.quota_burst_s <= 0:
+            raise ValueError("--default-tenant-quota must be >= 0 and --quota-burst-s positive")
+        if self.batch_queue < 0 or self.batch_max_wait_s <= 0:
+            raise ValueError("--batch-queue must be >= 0 and --batch-max-wait-s positive")
         if self.slo_ttft_ms < 0 or self.slo_tpot_ms < 0:
             raise ValueError("--slo-ttft-ms and --slo-tpot-ms must be >= 0 (0: no default SLO)")
         if self.migration_limit < 0 or self.pool_wait_s < 0:
@@ -99,6 +110,16 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
                     help="on: a decode node prefills a request itself when that is predicted to start it "
                          "clearly sooner (or to meet its SLO where the prefill pool would not) without "
                          "pushing its running streams past the TPOT objective | off: always disaggregated")
+    ap.add_argument("--tenant-quota", default=env("TANDEM_TENANT_QUOTA", ""),
+                    help="token quotas, TENANT=TOKENS_PER_SECOND,... (a request costs prompt + max_tokens)")
+    ap.add_argument("--default-tenant-quota", type=float, default=float(env("TANDEM_DEFAULT_TENANT_QUOTA", "0")),
+                    help="tokens/s for each tenant --tenant-quota does not name, each on its own (0: unlimited)")
+    ap.add_argument("--quota-burst-s", type=float, default=float(env("TANDEM_QUOTA_BURST_S", "10")),
+                    help="a tenant may burst this many seconds of its quota")
+    ap.add_argument("--batch-queue", type=int, default=int(env("TANDEM_BATCH_QUEUE", "256")),
+                    help="batch requests that may wait for spare capacity; more are refused")
+    ap.add_argument("--batch-max-wait-s", type=float, default=float(env("TANDEM_BATCH_MAX_WAIT_S", "300")),
+                    help="a batch request that found no spare capacity this long is refused")
     ap.add_argument("--slo-ttft-ms", type=float, default=float(env("TANDEM_SLO_TTFT_MS", "0")),
                     help="default TTFT objective for requests that set none (0: none)")
     ap.add_argument("--slo-tpot-ms", type=float, default=float(env("TANDEM_SLO_TPOT_MS", "0")),
@@ -121,11 +142,14 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
     def max_model_len() -> int:
         return min([cfg.max_model_len] + [n.record.max_model_len for n in router.nodes()])
 
+    admission = Admission(router, cfg.admission,
+                          Slo.from_ms(cfg.slo_ttft_ms or None, cfg.slo_tpot_ms or None, "--slo-"),
+                          local=cfg.conditional_disagg == "on")
     pipeline = Pipeline(router, codec, max_model_len, cfg.served_model_name, PipelineConfig(
         prefill_timeout_s=cfg.prefill_timeout_s, decode_timeout_s=cfg.decode_timeout_s, stall_s=cfg.stall_s,
-        migration_limit=cfg.migration_limit),
-        Admission(router, cfg.admission, Slo.from_ms(cfg.slo_ttft_ms or None, cfg.slo_tpot_ms or None, "--slo-"),
-                  local=cfg.conditional_disagg == "on"))
+        migration_limit=cfg.migration_limit), admission,
+        Quotas(parse_quotas(cfg.tenant_quota), cfg.default_tenant_quota, cfg.quota_burst_s),
+        BatchQueue(admission, cfg.batch_queue, cfg.batch_max_wait_s))
 
     grpc_server = await start_grpc(
         cfg.host, cfg.grpc_port, SERVICE_NAME,

@@ -25,7 +25,9 @@ RETRIES = Counter("tandem_prefill_retries", "Prefill calls retried on another no
 NODES_DOWN = Counter("tandem_nodes_marked_down", "Times a node was taken out of routing after a failed call",
                      ["role"])
 ADMISSIONS = Counter("tandem_admission_decisions", "New requests by admission's decision: admitted, rejected, "
-                     "over_slo_admitted (admission off), unpredicted (no node model yet)", ["decision"])
+                     "over_slo_admitted (admission off), unpredicted (no node model yet), over_quota, "
+                     "batch_admitted, batch_queue_full, batch_expired", ["decision"])
+BATCH_QUEUE = Gauge("tandem_batch_queue_depth", "Batch requests waiting at the coordinator for spare capacity")
 PREDICTION_ERROR = Histogram("tandem_prediction_error_ratio",
                              "|actual - predicted| / actual for each request's TTFT and TPOT", ["metric"],
                              buckets=(0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0))

@@ -38,6 +38,7 @@ from .admission import Admission, Plan, Slo
 from .nodecalls import NodeCallFailed, Watchdog, stream_ended_early
 from .router import NodeClient, Router
 from .textcodec import Detokenizer, TextCodec
+from .traffic import BatchQueue, Quotas, check_priority, check_tenant
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class Prepared:
     deadline: float | None = None  # perf_counter time by which the client gives up, if it said
     slo: Slo = field(default_factory=Slo)  # the request's own; admission fills in the cluster's defaults
     plan: Plan | None = None  # admission's, once run() has started
+    priority: str = "interactive"  # or "batch" (traffic.py)
+    tenant: str = ""
 
     def plan_headers(self) -> dict[str, str]:
         """What admission predicted and chose, for the HTTP response's headers."""
@@ -168,9 +171,12 @@ class _Progress:
 
 class Pipeline:
     def __init__(self, router: Router, codec: TextCodec, max_model_len: Callable[[], int],
-                 served_model: str, cfg: PipelineConfig | None = None, admission: Admission | None = None) -> None:
+                 served_model: str, cfg: PipelineConfig | None = None, admission: Admission | None = None,
+                 quotas: Quotas | None = None, batch_queue: BatchQueue | None = None) -> None:
         self.router = router
         self.admission = admission or Admission(router, "off")
+        self.quotas = quotas or Quotas()
+        self.batch = batch_queue or BatchQueue(self.admission)
         self.codec = codec
         self.max_model_len = max_model_len
         self.served_model = served_model
@@ -181,7 +187,7 @@ class Pipeline:
     # prepare ----------------------------------------------------------------
     def prepare(self, *, request_id: str, text: str | None, token_ids: list[int] | None,
                 sampling: Sampling, model: str = "", timeout_s: float | None = None,
-                slo: Slo | None = None) -> Prepared:
+                slo: Slo | None = None, priority: str = "", tenant: str = "") -> Prepared:
         if model and model != self.served_model:
             raise InvalidRequest(f"unknown model {model!r}; this cluster serves {self.served_model!r}")
         if len(request_id) > MAX_REQUEST_ID_CHARS:
@@ -205,12 +211,27 @@ class Pipeline:
         deadline = time.perf_counter() + timeout_s if timeout_s is not None else None
         if request_id:
             logger.info("request %s: client id %r", rid, request_id)
-        return Prepared(rid, ids, sampling, client_id=request_id, deadline=deadline, slo=slo or Slo())
+        return Prepared(rid, ids, sampling, client_id=request_id, deadline=deadline, slo=slo or Slo(),
+                        priority=check_priority(priority), tenant=check_tenant(tenant))
 
     # run --------------------------------------------------------------------
     async def run(self, req: Prepared) -> AsyncIterator[Event]:
+        cost = len(req.prompt_ids) + req.sampling.max_tokens
         try:
-            plan = self.admission.plan(req.request_id, len(req.prompt_ids), req.sampling.max_tokens, req.slo)
+            # Paid first (a tenant over its quota holds no place in the batch queue), paid back
+            # when admission refuses: a refused request uses nothing.
+            self.quotas.charge(req.tenant, cost)
+            try:
+                if req.priority == "batch":
+                    left = None if req.deadline is None else req.deadline - time.perf_counter()
+                    plan = await self.batch.admit(req.request_id, len(req.prompt_ids), req.sampling.max_tokens,
+                                                  req.slo, left)
+                else:
+                    plan = self.admission.plan(req.request_id, len(req.prompt_ids), req.sampling.max_tokens,
+                                               req.slo)
+            except BaseException:
+                self.quotas.refund(req.tenant, cost)
+                raise
         except Rejected:
             m.REQUESTS.labels("rejected").inc()
             raise
@@ -272,12 +293,13 @@ class Pipeline:
                         pre, pnode = await self._prefill(req, context, left, hold_kv=dnode is not None, leg=leg,
                                                          prefer_not=kv_failed_from,
                                                          first=plan.prefill if leg == 0 else None)
+                        # Known to the finally below before anything else can fail or wait.
+                        handle = pre.handle if pre.HasField("handle") else None
                         if dnode is not None and not self.router.routable(dnode):
                             # It failed, began draining or left while the prompt was prefilled; the
                             # handle serves any decode node.
                             dnode = legs_end.enter_context(self.router.track(
                                 await self.router.acquire("decode", avoid), len(context)))
-                        handle = pre.handle if pre.HasField("handle") else None
                         if leg == 0:
                             out.prefill_s, out.prefill_node = pre.prefill_s, pnode.node_id
                             out.prefill_call_s = time.perf_counter() - req.received - out.dispatch_s

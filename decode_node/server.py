@@ -107,6 +107,8 @@ class DecodeServicer(pb_grpc.DecodeNodeServicer):
                         # The engine ended it without being asked (shutting down): the request is not done.
                         raise NodeFailed(f"decode node's engine aborted request {rid} (shutting down?)")
                     if comp.finish_reason == "error":
+                        if local:
+                            raise NodeFailed(f"decode node's engine failed request {rid}; see its log")
                         # vLLM's load-failure path ("fail" policy): this request only; the coordinator
                         # can prefill it again.
                         raise KVUnavailable(f"KV transfer from {request.handle.address} failed for request {rid}; "

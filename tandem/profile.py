@@ -30,6 +30,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,14 @@ def _hardware(cores: int) -> dict[str, object]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": cores, "machine": platform.machine()}
+    # NVIDIA GPUs from the driver's own files (no CUDA call in this process).
+    gpus = []
+    for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
+        try:
+            gpus += [ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines() if ln.startswith("Model:")]
+        except OSError:
+            pass
+    return {"cpu": cpu, "cores": cores, "machine": platform.machine(), "gpus": gpus}
 
 
 def profile_key(model_dir: str, settings: dict[str, object], cores: int) -> dict[str, object]:
@@ -134,17 +142,24 @@ class Profiler:
 
     async def _one(self, n: int, max_tokens: int, on_output: Callable[[str, int], None] | None = None,
                    rid: str = "") -> tuple[int, int]:
-        """Run one request; (its cached prompt tokens, tokens produced)."""
+        """Run one request; (its cached prompt tokens, tokens produced). With ``on_output`` (a decode
+        run) it is one of the node's prefills until its first token, as a served one is: the
+        other streams' gaps that hold its prefill chunks are then not taken as decode steps."""
         rid = rid or f"profile-{uuid.uuid4().hex[:12]}"
         sampling = Sampling(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         cached = produced = 0
-        async for out in self.engine.generate(rid, self._prompt(n), sampling, None):
-            if out.num_cached_tokens is not None:
-                cached = out.num_cached_tokens
-            new = len(out.outputs[0].token_ids)
-            produced += new
+        with ExitStack() as prefilling:
             if on_output is not None:
-                on_output(rid, new)
+                prefilling.enter_context(self.perf.prefill(n))
+            async for out in self.engine.generate(rid, self._prompt(n), sampling, None):
+                if out.num_cached_tokens is not None:
+                    cached = out.num_cached_tokens
+                new = len(out.outputs[0].token_ids)
+                produced += new
+                if new:
+                    prefilling.close()
+                if on_output is not None:
+                    on_output(rid, new)
         return cached, produced
 
     async def run(self) -> None:

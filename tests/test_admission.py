@@ -226,3 +226,14 @@ def test_an_empty_prefill_pool_is_served_by_the_decode_node() -> None:
         plan = Admission(r).plan("r", 100, 16, Slo())
         assert not plan.local and plan.prefill is None
     run(go)
+
+
+def test_a_node_without_a_model_gets_work_while_idle_so_it_can_learn() -> None:
+    def go():
+        r = cluster({"p0": pb.NodeLoad(fits=fits()), "p1": None, "d0": pb.NodeLoad(fits=fits())})
+        adm = Admission(r, local=False)
+        assert adm.plan("r", 100, 16, Slo()).prefill.node_id == "p1"  # idle: it learns
+        with r.track(r._nodes["p1"], 100):
+            plan = adm.plan("r", 100, 16, Slo(ttft_s=0.5))
+            assert plan.prefill.node_id == "p0" and plan.ttft_s == pytest.approx(0.11)
+    run(go)

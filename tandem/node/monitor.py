@@ -27,20 +27,31 @@ class NodeMonitorServicer(pb_grpc.NodeMonitorServicer):
         self.perf = perf
         self.node_id = node_id
         self.engine_id = engine_id
+        self.closing = asyncio.Event()
+
+    def close(self) -> None:
+        """End every stream (the node is stopping: its server's grace period need not wait for them)."""
+        self.closing.set()
 
     async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> None:
-        while True:
-            changed = self.perf.changed()
-            await context.write(self.perf.load(self.node_id, self.engine_id))
-            try:
-                await asyncio.wait_for(changed.wait(), HEARTBEAT_S)
-            except TimeoutError:
-                continue
-            await asyncio.sleep(MIN_GAP_S)
+        closing = asyncio.ensure_future(self.closing.wait())
+        try:
+            while not self.closing.is_set():
+                changed = asyncio.ensure_future(self.perf.changed().wait())
+                await context.write(self.perf.load(self.node_id, self.engine_id))
+                done, _ = await asyncio.wait({changed, closing}, timeout=HEARTBEAT_S,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+                if changed in done:
+                    await asyncio.sleep(MIN_GAP_S)
+        finally:
+            closing.cancel()
 
 
-def add_servicer(server: grpc.aio.Server, perf: NodePerf, node_id: str, engine_id: str) -> None:
-    pb_grpc.add_NodeMonitorServicer_to_server(NodeMonitorServicer(perf, node_id, engine_id), server)
+def add_servicer(server: grpc.aio.Server, perf: NodePerf, node_id: str, engine_id: str) -> NodeMonitorServicer:
+    servicer = NodeMonitorServicer(perf, node_id, engine_id)
+    pb_grpc.add_NodeMonitorServicer_to_server(servicer, server)
+    return servicer
 
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NodeMonitor"].full_name

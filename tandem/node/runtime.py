@@ -80,9 +80,11 @@ async def run_node(cfg: NodeConfig, service_name: str,
         raise
     logger.info("%s node %s: %s", cfg.role, cfg.node_id, said)
 
+    watchers: list[monitor.NodeMonitorServicer] = []
+
     def add_services(server: grpc.aio.Server) -> None:
         add_servicer(server, engine, perf)
-        monitor.add_servicer(server, perf, cfg.node_id, engine_id)
+        watchers.append(monitor.add_servicer(server, perf, cfg.node_id, engine_id))
 
     grpc_server = await start_grpc(cfg.host, cfg.grpc_port, service_name, add_services,
                                    more_services=(monitor.SERVICE_NAME,))
@@ -124,6 +126,8 @@ async def run_node(cfg: NodeConfig, service_name: str,
         if asked.done() and not asked.cancelled() and asked.exception() is None:
             await _quietly(registration.clear_drain(cfg.cluster))
         await registration.close()
+        for w in watchers:
+            w.close()
         await grpc_server.stop()
         httpd.shutdown()
         engine.shutdown()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -131,6 +132,88 @@ def test_a_short_prompt_prefills_on_a_decode_node_while_the_prefill_queue_is_lon
     # With the queue gone, the same prompt is disaggregated again.
     wait_until(lambda: prefill_queue() == 0, 10, "the prefill node's queue to drain")
     assert not run(stub, SHORT, 4)[1].timings.local_prefill
+
+
+def test_batch_waits_for_spare_capacity_and_a_tenant_over_quota_is_refused(cluster: LocalCluster, tiny_model: Path,
+                                                                           tmp_path: Path) -> None:
+    # A second coordinator on the same cluster, always disaggregated (so the prefill node's queue is
+    # the only way in), with a 200-token bucket for tenant "small".
+    from tandem.netutil import free_port
+
+    d = Daemon("coordinator-traffic", "coordinator",
+               [sys.executable, "-m", "tandem.cli", "coordinator", "--etcd", cluster.etcd_url, "--model",
+                str(tiny_model), "--grpc-port", str(free_port()), "--http-port", str(free_port()),
+                "--max-model-len", str(MAX_MODEL_LEN), "--conditional-disagg", "off",
+                "--tenant-quota", "small=20", "--quota-burst-s", "10"],
+               tmp_path / "coordinator-traffic.log")
+    d.start()
+    try:
+        d.wait_ready(time.monotonic() + 60)
+        with grpc.insecure_channel(d.info["grpc"]) as ch:
+            front = pb_grpc.CoordinatorStub(ch)
+            wait_until(lambda: (lambda nodes: len(nodes) == 3 and all(n.perf_samples > 0 for n in nodes))(
+                front.ClusterStatus(pb.ClusterStatusRequest()).nodes), 30, "the nodes and their loads")
+            # The prefill node's engine is frozen with work in it.
+            prefill = cluster.node("prefill-0")
+            frozen = engine_pids(prefill)
+            first_at: dict[str, float] = {}
+
+            def timed(name: str, req: pb.GenerateRequest) -> pb.Finish:
+                msg = None
+                for msg in front.Generate(req, timeout=120):
+                    first_at.setdefault(name, time.monotonic())
+                assert msg is not None
+                return msg.finish
+
+            with grpc.insecure_channel(prefill.info["grpc"]) as pch, ThreadPoolExecutor(4) as pool:
+                direct = pb_grpc.PrefillNodeStub(pch)
+                for pid in frozen:
+                    os.kill(pid, signal.SIGSTOP)
+                try:
+                    queued = [pool.submit(direct.Prefill, pb.PrefillRequest(
+                        request_id=f"held-{k}", prompt_token_ids=[(k + 3 * i) % 590 + 5 for i in range(300)],
+                        sampling=pb.SamplingParams(max_tokens=1)), timeout=120) for k in range(2)]
+                    wait_until(lambda: next(n.prefill_queue for n in front.ClusterStatus(pb.ClusterStatusRequest()).nodes
+                                            if n.node_id == "prefill-0") == 2, 10, "the queue to show")
+                    batch = pool.submit(timed, "batch", pb.GenerateRequest(
+                        token_ids=pb.TokenIds(ids=SHORT), priority="batch",
+                        sampling=pb.SamplingParams(max_tokens=8, ignore_eos=True)))
+                    wait_until(lambda: metric(scrape(d.info["http"] + "/metrics"), "tandem_batch_queue_depth") == 1,
+                               10, "the batch request to wait at the coordinator")
+                    interactive = pool.submit(timed, "interactive", pb.GenerateRequest(
+                        token_ids=pb.TokenIds(ids=SHORT[:20]), sampling=pb.SamplingParams(max_tokens=8, ignore_eos=True)))
+                    wait_until(lambda: next(n.prefill_queue for n in front.ClusterStatus(pb.ClusterStatusRequest()).nodes
+                                            if n.node_id == "prefill-0") == 3, 10, "the interactive request to queue")
+                    time.sleep(0.5)
+                    assert not batch.done()  # still waiting for spare capacity, not refused
+                finally:
+                    for pid in frozen:
+                        os.kill(pid, signal.SIGCONT)
+                assert all(f.result(timeout=60) for f in queued)
+                assert interactive.result(timeout=60).reason == "length"
+                assert batch.result(timeout=60).reason == "length"
+            # Sent later, the interactive request had its first token first: the batch one waited for the
+            # prefill node's queue (the interactive prefill included) to be empty.
+            assert first_at["interactive"] < first_at["batch"]
+            coord = scrape(d.info["http"] + "/metrics")
+            assert metric(coord, "tandem_admission_decisions_total", decision="batch_admitted") == 1
+            # Tenant "small": 200 tokens per 10 s; 150 + 8 fit, the same again does not.
+            req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=SHORT * 6 + SHORT[:6]), tenant="small",
+                                     sampling=pb.SamplingParams(max_tokens=8, ignore_eos=True))
+            assert len(req.token_ids.ids) == 150
+            assert list(front.Generate(req, timeout=60))[-1].finish.reason == "length"
+            before = scrape(prefill.info["metrics"])
+            with pytest.raises(grpc.RpcError) as err:
+                list(front.Generate(req, timeout=60))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "over its quota" in err.value.details() and int(dict(err.value.trailing_metadata())["retry-after"]) >= 1
+            assert metric(scrape(prefill.info["metrics"]), "tandem_prefill_requests_total") == \
+                metric(before, "tandem_prefill_requests_total")
+            # Another tenant is not held back by it.
+            other = pb.GenerateRequest(token_ids=req.token_ids, tenant="other", sampling=req.sampling)
+            assert list(front.Generate(other, timeout=60))[-1].finish.reason == "length"
+    finally:
+        d.stop()
 
 
 def busy_decode_node(cluster: LocalCluster, stub) -> Daemon:
@@ -369,3 +452,4 @@ def test_a_node_whose_engine_dies_leaves_the_cluster_and_exits_nonzero(cluster: 
     assert node.name not in registered_nodes(cluster.etcd_url)  # revoked on the way out, not left to expire
     log = (cluster.log_dir / f"{node.name}.log").read_text()
     assert "the vLLM engine died; leaving the cluster" in log
+
