@@ -261,8 +261,9 @@ def add_compare_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--systems", default="tandem,tandem-noadmit,vllm-colocated,vllm-nixl,vllm-nixl-fixed",
                     help="which systems, comma separated (tandem runs every P:D ratio that fits the cores): "
-                         "tandem (admission on, conditional disaggregation on), tandem-noadmit (admission "
-                         "off), tandem-disagg (both off: always disaggregated, accepts everything), "
+                         "tandem (admission on, conditional disaggregation on), tandem-headroom (admission "
+                         "with 10 %% TPOT headroom), tandem-noadmit (admission off), tandem-disagg (both off: "
+                         "always disaggregated, accepts everything), "
                          "vllm-colocated, vllm-nixl, vllm-nixl-fixed")
     ap.add_argument("--slo-ttft", type=float, default=None)
     ap.add_argument("--slo-tpot", type=float, default=None)
@@ -283,7 +284,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     args.rates = [float(r) for r in str(args.rates).split(",")]
     wanted = [s.strip() for s in args.systems.split(",")]
-    known = {"tandem", "tandem-noadmit", "tandem-disagg", "vllm-colocated", "vllm-nixl", "vllm-nixl-fixed"}
+    known = {"tandem", "tandem-headroom", "tandem-noadmit", "tandem-disagg", "vllm-colocated", "vllm-nixl",
+             "vllm-nixl-fixed"}
     if set(wanted) - known:
         raise SystemExit(f"unknown system(s) {sorted(set(wanted) - known)}; known: {sorted(known)}")
     if {"vllm-nixl", "vllm-nixl-fixed"} & set(wanted):
@@ -328,7 +330,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     slo = (slo_doc["ttft_s"], slo_doc["tpot_s"])
     systems_doc = []
     starters = []
-    for variant in ("", "-noadmit", "-disagg"):
+    for variant in ("", "-headroom", "-noadmit", "-disagg"):
         if f"tandem{variant}" in wanted:
             starters += [(f"tandem-{p}:{d}{variant}",
                           lambda p=p, d=d, v=variant: start_tandem(model, p, d, args.max_model_len, out, cores, v))

@@ -196,6 +196,7 @@ def start_vllm_nixl(model: str, cores: list[int], max_model_len: int, log_dir: P
 TANDEM_VARIANTS = {
     "": [],  # as shipped: admission on (by each request's SLO), conditional disaggregation on
     "-noadmit": ["--admission", "off"],
+    "-headroom": ["--admission-headroom", "0.1"],  # TPOT checked against 90 % of its objective
     "-disagg": ["--admission", "off", "--conditional-disagg", "off"],
 }
 

@@ -41,6 +41,7 @@ MAX_SLO_MS = 3_600_000.0
 DEFAULT_STEP_TOKENS = 256  # a decode node's per-step budget when its load does not say
 MIN_OTHERS_TOKENS = 16  # the fewest tokens a running stream is assumed to have left
 LOCAL_GAIN = 0.2  # prefill on the decode node when that starts this much sooner (and both meet the SLO)
+MAX_PREFILL_BUSY = 0.8  # the most of a decode node's time its local prefills are taken to hold
 
 
 @dataclass(frozen=True)
@@ -116,23 +117,29 @@ def _decode_load(node: NodeClient) -> tuple[int, int]:
     return batch, context
 
 
+def _stepper(node: NodeClient):  # type: ignore[no-untyped-def]
+    """The node's decode step time as its streams see it: the fitted step (which leaves out the
+    steps it shared with local prefills) stretched by the share of recent time spent on those."""
+    load = node.fresh_load()
+    busy = min(MAX_PREFILL_BUSY, load.prefill_busy) if load is not None else 0.0
+    return lambda b, ctx: node.model.step_s(b, ctx) / (1.0 - busy)
+
+
 def decode_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int) -> Estimate:
     """Mean time per output token after the first, for a request of ``max_tokens`` (>= 2)."""
     model = node.model
     if not model.decode.samples:
         return Estimate(node, None)
+    step = _stepper(node)
     batch, context = _decode_load(node)
     mine = prompt_tokens + max_tokens // 2  # its mean context over the steps
     block = int(node.record.layout.get("block_size", 1) or 1)
     kv = -(-prompt_tokens // block) * block * kv_bytes_per_token(node.record.layout)
     # The fetch plus its first step; with no transfer samples yet, one step stands in for it.
     first = model.transfer_s(kv) if model.transfer.samples else model.step_s(batch + 1, context + mine)
-
-    def tpot(b: int, ctx: int) -> float:
-        return (first + (max_tokens - 2) * model.step_s(b + 1, ctx + mine)) / (max_tokens - 1)
-
-    busy, idle = tpot(batch, context), tpot(0, 0)
-    return Estimate(node, busy, idle, f"{node.node_id}: batch {batch} + 1, step {model.step_s(batch + 1, context + mine) * 1000:.1f} ms, "
+    busy = (first + (max_tokens - 2) * step(batch + 1, context + mine)) / (max_tokens - 1)
+    idle = (first + (max_tokens - 2) * model.step_s(1, mine)) / (max_tokens - 1)
+    return Estimate(node, busy, idle, f"{node.node_id}: batch {batch} + 1, step {step(batch + 1, context + mine) * 1000:.1f} ms, "
                                       f"KV {kv >> 10} KiB in {first * 1000:.0f} ms")
 
 
@@ -159,6 +166,7 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int) -> Loc
     model = node.model
     if not (model.prefill.samples and model.decode.samples):
         return None
+    step = _stepper(node)
     batch, context = _decode_load(node)
     load = node.fresh_load()
     reported = list(load.prefill_queue) if load is not None else []
@@ -168,16 +176,16 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int) -> Loc
     run_s = model.prefill_s(prompt_tokens)
     step_tokens = (load.step_tokens if load is not None else 0) or DEFAULT_STEP_TOKENS
     chunks = -(-(sum(queue) + prompt_tokens) // step_tokens)
-    beside_s = chunks * max(0.0, model.step_s(batch, context) - model.step_s(0, 0)) if batch else 0.0
+    beside_s = chunks * max(0.0, step(batch, context) - model.step_s(0, 0)) if batch else 0.0
     ttft = Estimate(node, queue_s + run_s + beside_s, run_s,
                     f"{node.node_id} (prefill here): queue {len(queue)} prompts {queue_s * 1000:.0f} ms + prefill "
                     f"{run_s * 1000:.0f} ms + {chunks} steps beside a batch of {batch} {beside_s * 1000:.0f} ms")
     tpot = None
     if max_tokens > 1:
         mine = prompt_tokens + max_tokens // 2
-        tpot = Estimate(node, model.step_s(batch + 1, context + mine), model.step_s(1, mine),
+        tpot = Estimate(node, step(batch + 1, context + mine), model.step_s(1, mine),
                         f"{node.node_id} (prefill here): batch {batch} + 1, "
-                        f"step {model.step_s(batch + 1, context + mine) * 1000:.1f} ms")
+                        f"step {step(batch + 1, context + mine) * 1000:.1f} ms")
     harm = (run_s + beside_s) / max(max_tokens, MIN_OTHERS_TOKENS) if batch else 0.0
     return LocalEstimate(ttft, tpot, harm)
 
@@ -231,9 +239,16 @@ class _Option:
 
 
 class Admission:
-    def __init__(self, router: Router, mode: str = "on", default_slo: Slo = Slo(), local: bool = True) -> None:
+    def __init__(self, router: Router, mode: str = "on", default_slo: Slo = Slo(), local: bool = True,
+                 headroom: float = 0.0) -> None:
         if mode not in MODES:
             raise ValueError(f"--admission must be on or off, got {mode!r}")
+        if not 0.0 <= headroom < 1.0:
+            raise ValueError(f"--admission-headroom must be in [0, 1), got {headroom}")
+        # Admit against the TPOT objective less this share: a decode batch keeps growing after a
+        # request joins it. (A prefill queue does not grow ahead of a request already in it, and
+        # the TTFT predictions are close: no headroom there.)
+        self.headroom = headroom
         self.router = router
         self.mode = mode
         self.default_slo = default_slo
@@ -244,7 +259,9 @@ class Admission:
         pipeline (which waits for a node or answers UNAVAILABLE). ``count=False``: a look, not a
         decision (the batch queue's), so no metric moves and nothing is logged."""
         decide = _Decisions(count)
-        slo = slo.over(self.default_slo)
+        asked = slo.over(self.default_slo)
+        keep = 1.0 - self.headroom
+        slo = Slo(asked.ttft_s, None if asked.tpot_s is None else asked.tpot_s * keep)
         decoders = self.router.routable_nodes("decode")
         pre = [prefill_estimate(n, prompt_tokens) for n in self.router.routable_nodes("prefill")]
         dec = [decode_estimate(n, prompt_tokens, max_tokens) for n in decoders] if max_tokens > 1 else []
@@ -280,7 +297,9 @@ class Admission:
         for what, e, limit in misses:
             assert e.seconds is not None
             never = e.idle_seconds is not None and e.idle_seconds > limit
-            parts.append(f"predicted {what} {e.seconds * 1000:.0f} ms > SLO {limit * 1000:.0f} ms "
+            target = (f" (the SLO {limit / keep * 1000:.0f} ms less {self.headroom:.0%} headroom)"
+                      if self.headroom and what == "TPOT" else "")
+            parts.append(f"predicted {what} {e.seconds * 1000:.0f} ms > {limit * 1000:.0f} ms{target} "
                          f"({e.detail}){'; not met even on an idle node' if never else ''}")
             if not never:
                 waits.append(max(1, math.ceil(e.seconds - limit)) if what == "TTFT" else 1)
@@ -301,7 +320,7 @@ class Admission:
                 continue
             batch, context = _decode_load(n)
             if slo.tpot_s is not None:
-                if batch and n.model.step_s(batch, context) + est.harm_s > slo.tpot_s:
+                if batch and _stepper(n)(batch, context) + est.harm_s > slo.tpot_s:
                     continue
             elif batch and (n.prefilling or ((load := n.fresh_load()) is not None and load.prefill_queue)):
                 continue

@@ -43,6 +43,7 @@ class CoordinatorConfig:
     pool_wait_s: float = 10.0
     probe_timeout_s: float = 1.0
     admission: str = "on"
+    admission_headroom: float = 0.0  # admit against the TPOT objective less this share
     conditional_disagg: str = "on"  # a decode node may prefill a request itself when that is predicted faster
     slo_ttft_ms: float = 0.0  # cluster default SLOs for requests that set none; 0: none
     slo_tpot_ms: float = 0.0
@@ -62,6 +63,8 @@ class CoordinatorConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.admission not in MODES:
             raise ValueError(f"--admission must be on or off, got {self.admission!r}")
+        if not 0.0 <= self.admission_headroom < 1.0:
+            raise ValueError(f"--admission-headroom must be in [0, 1), got {self.admission_headroom}")
         if self.conditional_disagg not in ("on", "off"):
             raise ValueError(f"--conditional-disagg must be on or off, got {self.conditional_disagg!r}")
         parse_quotas(self.tenant_quota)  # ValueError naming the bad part
@@ -106,6 +109,10 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--admission", default=env("TANDEM_ADMISSION", "on"),
                     help="on: refuse (RESOURCE_EXHAUSTED / HTTP 429) a request that no node is predicted to "
                          "serve within its SLO | off: admit everything (for comparison)")
+    ap.add_argument("--admission-headroom", type=float, default=float(env("TANDEM_ADMISSION_HEADROOM", "0")),
+                    help="admit only what is predicted to meet its TPOT objective less this share (a "
+                         "decode batch grows after a request joins it; 0.1 measured no better than 0 "
+                         "on the bench, see docs/PERFORMANCE.md)")
     ap.add_argument("--conditional-disagg", default=env("TANDEM_CONDITIONAL_DISAGG", "on"),
                     help="on: a decode node prefills a request itself when that is predicted to start it "
                          "clearly sooner (or to meet its SLO where the prefill pool would not) without "
@@ -144,7 +151,7 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
 
     admission = Admission(router, cfg.admission,
                           Slo.from_ms(cfg.slo_ttft_ms or None, cfg.slo_tpot_ms or None, "--slo-"),
-                          local=cfg.conditional_disagg == "on")
+                          local=cfg.conditional_disagg == "on", headroom=cfg.admission_headroom)
     pipeline = Pipeline(router, codec, max_model_len, cfg.served_model_name, PipelineConfig(
         prefill_timeout_s=cfg.prefill_timeout_s, decode_timeout_s=cfg.decode_timeout_s, stall_s=cfg.stall_s,
         migration_limit=cfg.migration_limit), admission,

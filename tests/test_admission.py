@@ -237,3 +237,22 @@ def test_a_node_without_a_model_gets_work_while_idle_so_it_can_learn() -> None:
             plan = adm.plan("r", 100, 16, Slo(ttft_s=0.5))
             assert plan.prefill.node_id == "p0" and plan.ttft_s == pytest.approx(0.11)
     run(go)
+
+
+def test_headroom_and_a_decode_node_busy_with_local_prefills() -> None:
+    def go():
+        r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(fits=fits())})
+        # TPOT 6 ms predicted against 6.5 ms: met, but not with 10 % kept for the batch to grow.
+        assert Admission(r, local=False).plan("r", 100, 16, Slo(tpot_s=0.0065)).tpot_s == pytest.approx(0.006)
+        with pytest.raises(Rejected, match="less 10% headroom"):
+            Admission(r, local=False, headroom=0.1).plan("r", 100, 16, Slo(tpot_s=0.0065))
+        # TTFT keeps no headroom: its queue does not grow ahead of it.
+        assert Admission(r, local=False, headroom=0.1).plan("r", 100, 16, Slo(ttft_s=0.111)).ttft_s == \
+            pytest.approx(0.11)
+        # A decode node that spent half of its recent time prefilling locally gives its streams
+        # half the steps: each step takes twice as long for them.
+        calm = decode_estimate(r._nodes["d0"], 100, 16).seconds
+        r._nodes["d0"].saw_load(pb.NodeLoad(fits=fits(), prefill_busy=0.5))
+        assert decode_estimate(r._nodes["d0"], 100, 16).seconds == pytest.approx(
+            (0.006 + 14 * 2 * 0.006) / 15) and calm == pytest.approx(0.006)
+    run(go)

@@ -149,3 +149,20 @@ def test_a_local_prefill_and_the_decode_steps_it_shares_are_not_samples() -> Non
         perf.decode_ended("b")
         run.uncached_tokens = 500
     assert perf.model.prefill.samples == 1
+
+
+def test_prefill_busy_is_the_share_of_recent_time_with_a_prefill_running() -> None:
+    clock = Clock()
+    perf = NodePerf(clock)
+    assert perf.prefill_busy() == 0.0
+    with perf.prefill(100):
+        clock.t += 2.0
+        with perf.prefill(100):  # overlapping ones count once
+            clock.t += 1.0
+    clock.t += 2.0
+    assert perf.prefill_busy(window_s=10.0) == pytest.approx(0.3)
+    with perf.prefill(100):
+        clock.t += 1.0
+        assert perf.load().prefill_busy == pytest.approx(0.4)  # the running one counts so far
+    clock.t += 20.0
+    assert perf.prefill_busy(window_s=10.0) == 0.0  # all of it out of the window

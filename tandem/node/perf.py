@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ COEFFICIENT = Gauge("tandem_perf_coefficient", "A fitted coefficient of this nod
                     "(seconds per unit of the term)", ["model", "term"])
 SAMPLES = Gauge("tandem_perf_samples", "Timings the node's performance model was fitted from", ["model"])
 EXPORT_EVERY_S = 1.0
+BUSY_WINDOW_S = 10.0
 
 
 @dataclass
@@ -70,6 +72,8 @@ class NodePerf:
         self._batch_context = 0
         self._exported_at = -float("inf")
         self._prefill_epoch = 0  # changes whenever a prefill starts or ends
+        self._busy: deque[tuple[float, float]] = deque()  # recent spans with a prefill running (start, end)
+        self._busy_since: float | None = None  # start of the span running now
         self._joins = 0  # streams that joined the batch, ever
         self._queue: dict[int, int] = {}  # prefills here now (insertion order: oldest first) -> tokens
         self._ids = itertools.count()
@@ -91,6 +95,8 @@ class NodePerf:
         self._prefill_starts += 1
         self._prefill_epoch += 1
         starts, joins, t0 = self._prefill_starts, self._joins, self._clock()
+        if self._busy_since is None:
+            self._busy_since = t0
         key = next(self._ids)
         self._queue[key] = tokens
         self._touch()
@@ -103,6 +109,9 @@ class NodePerf:
             self._prefills_running -= 1
             self._prefill_epoch += 1
             del self._queue[key]
+            if not self._prefills_running and self._busy_since is not None:
+                self._busy.append((self._busy_since, self._clock()))
+                self._busy_since = None
             self._touch()
             undisturbed = self._prefill_starts == starts and self._joins == joins and self._batch == 0
             if ok and alone and undisturbed and run.uncached_tokens is not None:
@@ -146,6 +155,16 @@ class NodePerf:
             self._export(force=True)  # idle now: show the last samples too
 
     # state -----------------------------------------------------------------------
+    def prefill_busy(self, window_s: float = BUSY_WINDOW_S) -> float:
+        """The share of the last ``window_s`` seconds during which a prefill ran here (on a decode
+        node: the part of its steps its streams shared with local prefills)."""
+        now = self._clock()
+        start = now - window_s
+        while self._busy and self._busy[0][1] <= start:
+            self._busy.popleft()
+        spans = [*self._busy, *([(self._busy_since, now)] if self._busy_since is not None else [])]
+        return min(1.0, sum(e - max(s, start) for s, e in spans if e > start) / window_s)
+
     def load(self, node_id: str = "", engine_id: str = "") -> pb.NodeLoad:
         """What the node is doing now and how fast it is (the NodeMonitor stream's message)."""
         view = ModelView.of(self.model)
@@ -154,7 +173,7 @@ class NodePerf:
         return pb.NodeLoad(node_id=node_id, engine_id=engine_id, prefill_queue=list(self._queue.values()),
                            decode_batch=self._batch, decode_context=self._batch_context,
                            decode_waiting=len(self._streams) - self._batch, fits=fits, sent_at=time.time(),
-                           step_tokens=self.step_tokens)
+                           step_tokens=self.step_tokens, prefill_busy=self.prefill_busy())
 
     def changed(self) -> asyncio.Event:
         """Set when work started or ended since the event was taken (take a new one after)."""
