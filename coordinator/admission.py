@@ -76,6 +76,7 @@ class Estimate:
     seconds: float | None  # None: the node has no model yet
     idle_seconds: float | None = None  # the same on an idle node
     detail: str = ""
+    queue_s: float = 0.0  # of ``seconds``, the wait for work already queued there
 
 
 @dataclass
@@ -100,7 +101,7 @@ def prefill_estimate(node: NodeClient, tokens: int) -> Estimate:
     queue = own if sum(own) > sum(reported) else reported
     queue_s = sum(model.prefill_s(t) for t in queue)
     run_s = model.prefill_s(tokens)
-    return Estimate(node, queue_s + run_s, run_s,
+    return Estimate(node, queue_s + run_s, run_s, queue_s=queue_s, detail=
                     f"{node.node_id}: queue {len(queue)} prompts {queue_s * 1000:.0f} ms + prefill "
                     f"{run_s * 1000:.0f} ms")
 
@@ -176,8 +177,9 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int) -> Loc
     run_s = model.prefill_s(prompt_tokens)
     step_tokens = (load.step_tokens if load is not None else 0) or DEFAULT_STEP_TOKENS
     chunks = -(-(sum(queue) + prompt_tokens) // step_tokens)
-    beside_s = chunks * max(0.0, step(batch, context) - model.step_s(0, 0)) if batch else 0.0
-    ttft = Estimate(node, queue_s + run_s + beside_s, run_s,
+    # Its chunks' steps carry the batch too (the fitted step: that is what a step beside a chunk costs).
+    beside_s = chunks * max(0.0, model.step_s(batch, context) - model.step_s(0, 0)) if batch else 0.0
+    ttft = Estimate(node, queue_s + run_s + beside_s, run_s, queue_s=queue_s, detail=
                     f"{node.node_id} (prefill here): queue {len(queue)} prompts {queue_s * 1000:.0f} ms + prefill "
                     f"{run_s * 1000:.0f} ms + {chunks} steps beside a batch of {batch} {beside_s * 1000:.0f} ms")
     tpot = None
@@ -190,12 +192,17 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int) -> Loc
     return LocalEstimate(ttft, tpot, harm)
 
 
-TIE_REL, TIE_ABS_S = 0.05, 0.002  # predictions this close are the same: the load decides
+# Predictions this close are the same, and the load decides: two nodes of one kind differ by the
+# noise of their fits (a node just restarted from its cached profile against one refined by what
+# it served), and a node that is never picked never refines its fit. Real differences are larger:
+# one prefill queued doubles a prediction.
+TIE_REL, TIE_ABS_S = 0.2, 0.005
+IDLE_TIE = 3.0
 
 
 def _best(estimates: list[Estimate]) -> Estimate:
-    """The lowest prediction; among those within ``TIE_REL`` / ``TIE_ABS_S`` of it (two nodes of one
-    kind differ by the noise of their fits), the least loaded, so equal nodes share the work.
+    """The lowest prediction; among those within ``TIE_REL`` / ``TIE_ABS_S`` of it, the least
+    loaded, so nodes alike share the work.
     A node with no model yet is taken first while it is idle, otherwise only when none has one."""
     known = [e for e in estimates if e.seconds is not None]
     # Beside nodes that have a model, one without gets work while it is idle: its first requests
@@ -204,8 +211,20 @@ def _best(estimates: list[Estimate]) -> Estimate:
     if learning:
         return min(learning, key=lambda e: (e.node.served, e.node.node_id))
     if known:
-        low = min(e.seconds for e in known)  # type: ignore[type-var]
-        pool = [e for e in known if e.seconds <= max(low * (1 + TIE_REL), low + TIE_ABS_S)]  # type: ignore[operator]
+        best = min(known, key=lambda e: e.seconds)  # type: ignore[arg-type,return-value]
+        low = best.seconds
+        assert low is not None
+
+        def alike(e: Estimate) -> bool:
+            assert e.seconds is not None
+            if e.seconds <= max(low * (1 + TIE_REL), low + TIE_ABS_S):
+                return True
+            # Two idle nodes: only their fits differ, and a node just restarted carries its cached
+            # profile's (taken at startup, a few times slower than what a node serving warm
+            # predicts). Within IDLE_TIE of each other they take turns, and both keep learning.
+            return e.queue_s == 0 and best.queue_s == 0 and e.seconds <= low * IDLE_TIE
+
+        pool = [e for e in known if alike(e)]
     else:
         pool = estimates
     return min(pool, key=lambda e: (e.node.outstanding, e.node.served, e.seconds or 0.0, e.node.node_id))
@@ -284,7 +303,7 @@ class Admission:
             decide("unpredicted")
             return plan
         if chosen.ttft is not None and chosen.ttft.seconds is not None:
-            plan.queued_s = max(0.0, chosen.ttft.seconds - (chosen.ttft.idle_seconds or 0.0))
+            plan.queued_s = chosen.ttft.queue_s
         misses = chosen.misses(slo)
         if not misses or self.mode == "off":
             decide("admitted" if not misses else "over_slo_admitted")
@@ -348,5 +367,5 @@ def _choose(remote: _Option | None, local: _Option | None, slo: Slo) -> _Option 
     # Both meet it: only a queue in the prefill pool is worth the decode node's time (two idle
     # nodes differ by the noise of their fits, and the decode node's steps are its streams').
     assert remote.ttft is not None
-    queued = remote.ttft_s - (remote.ttft.idle_seconds or 0.0) > 0
+    queued = remote.ttft.queue_s > 0
     return local if queued and local.ttft_s < remote.ttft_s * (1 - LOCAL_GAIN) else remote

@@ -235,6 +235,9 @@ class Pipeline:
         except Rejected:
             m.REQUESTS.labels("rejected").inc()
             raise
+        except (asyncio.CancelledError, GeneratorExit):  # gone while a batch request waited
+            m.REQUESTS.labels("cancelled").inc()
+            raise
         req.plan = plan
         m.RUNNING.inc()
         m.PROMPT_TOKENS.inc(len(req.prompt_ids))

@@ -124,10 +124,10 @@ class Quotas:
         if bucket is None:
             bucket = self._buckets[tenant] = TokenBucket(rate, rate * self.burst_s)
         now = self.clock()
+        if len(self._buckets) > MAX_IDLE_BUCKETS:
+            self._forget_full(now)
         wait = bucket.take(tokens, now)
         if not wait:
-            if len(self._buckets) > MAX_IDLE_BUCKETS:
-                self._forget_full(now)
             return
         m.ADMISSIONS.labels("over_quota").inc()
         who = f"tenant {tenant!r}" if tenant else "requests without a tenant"
@@ -189,7 +189,7 @@ class BatchQueue:
         objective counts from its arrival: what it waited is gone from it, and from the prediction.
         Rejected when its objective can no longer be met (never, or not in the time left)."""
         waited = self.clock() - w.arrived
-        slo = w.slo
+        slo = w.slo.over(self.admission.default_slo)  # the cluster's default counts from arrival too
         if slo.ttft_s is not None:
             if slo.ttft_s <= waited:
                 raise Rejected(f"batch request {w.rid} waited {waited:.1f} s for spare capacity, past its TTFT "

@@ -27,7 +27,7 @@ from contextlib import ExitStack, aclosing
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
-from tandem.errors import InvalidRequest, KVUnavailable, NodeFailed, grpc_status_of
+from tandem.errors import InvalidRequest, KVUnavailable, NodeFailed, RequestAborted, grpc_status_of
 from tandem.node.engine import EngineHost
 from tandem.node.handles import check_for_decode, consume_params
 from tandem.node.perf import NodePerf
@@ -107,8 +107,8 @@ class DecodeServicer(pb_grpc.DecodeNodeServicer):
                         # The engine ended it without being asked (shutting down): the request is not done.
                         raise NodeFailed(f"decode node's engine aborted request {rid} (shutting down?)")
                     if comp.finish_reason == "error":
-                        if local:
-                            raise NodeFailed(f"decode node's engine failed request {rid}; see its log")
+                        if local:  # this request only: the node stays in routing
+                            raise RequestAborted(f"decode node's engine failed request {rid}; see its log")
                         # vLLM's load-failure path ("fail" policy): this request only; the coordinator
                         # can prefill it again.
                         raise KVUnavailable(f"KV transfer from {request.handle.address} failed for request {rid}; "

@@ -83,6 +83,14 @@ class KVUnavailable(TandemError):
     openai_type = "server_error"
 
 
+class RequestAborted(TandemError):
+    """One request failed on a node that is otherwise fine; it can run again elsewhere."""
+
+    grpc_code = grpc.StatusCode.ABORTED
+    http_status = 502
+    openai_type = "server_error"
+
+
 def grpc_trailers_of(exc: BaseException) -> tuple[tuple[str, str], ...]:
     return tuple(exc.details().items()) if isinstance(exc, TandemError) else ()
 

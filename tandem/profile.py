@@ -205,6 +205,7 @@ async def seed_from_profile(perf: NodePerf, engine: Any, *, mode: str, cache_dir
     t0 = time.monotonic()
     logger.info("profiling this node's engine (once per model, hardware and settings; cached in %s)", path)
     await Profiler(engine, perf, vocab_size, max_model_len, max_num_seqs).run()
+    perf.forget_busy()  # the profile's prefills are not the node's load
     took = time.monotonic() - t0
     try:
         save(path, key, perf.model, took)

@@ -256,3 +256,23 @@ def test_headroom_and_a_decode_node_busy_with_local_prefills() -> None:
         assert decode_estimate(r._nodes["d0"], 100, 16).seconds == pytest.approx(
             (0.006 + 14 * 2 * 0.006) / 15) and calm == pytest.approx(0.006)
     run(go)
+
+
+def test_idle_nodes_whose_fits_differ_take_turns_and_a_queue_still_decides() -> None:
+    def go():
+        # p1 restarted from its cached profile: it predicts 2.5x what p0, warm, does. Both idle.
+        r = cluster({"p0": pb.NodeLoad(fits=fits(prefill=(0.004, 0.0001, 0.0))),
+                     "p1": pb.NodeLoad(fits=fits(prefill=(0.010, 0.00025, 0.0))), "d0": pb.NodeLoad(fits=fits())})
+        adm = Admission(r, local=False)
+        with r.track(r._nodes["p0"]):  # p0 busy with a request whose prompt is not queued yet
+            assert adm.plan("r", 100, 16, Slo()).prefill.node_id == "p1"
+        # With a prefill queued, p1 is no longer idle: the queue, not the fit, decides again.
+        r._nodes["p1"].saw_load(pb.NodeLoad(prefill_queue=[100], fits=fits(prefill=(0.010, 0.00025, 0.0))))
+        with r.track(r._nodes["p0"]):
+            assert adm.plan("r", 100, 16, Slo()).prefill.node_id == "p0"
+        # Far apart (a node many times slower) even idle nodes are not alike.
+        r = cluster({"p0": pb.NodeLoad(fits=fits(prefill=(0.004, 0.0001, 0.0))),
+                     "p1": pb.NodeLoad(fits=fits(prefill=(0.1, 0.001, 0.0))), "d0": pb.NodeLoad(fits=fits())})
+        with r.track(r._nodes["p0"]):
+            assert Admission(r, local=False).plan("r", 100, 16, Slo()).prefill.node_id == "p0"
+    run(go)

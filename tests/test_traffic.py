@@ -129,3 +129,28 @@ def test_a_batch_requests_ttft_objective_counts_its_wait_and_an_impossible_one_i
         assert plan.ttft_s == pytest.approx(1.95 + 0.11)  # what it waited, then its prefill
 
     asyncio.run(go())
+
+
+def test_the_clusters_default_ttft_objective_counts_a_batch_requests_wait_too() -> None:
+    async def go() -> None:
+        r = cluster({"p0": pb.NodeLoad(prefill_queue=[500], fits=fits()), "d0": pb.NodeLoad(fits=fits())})
+        clock = Clock()
+        q = BatchQueue(Admission(r, local=False, default_slo=Slo(ttft_s=2.0)), size=4, max_wait_s=30, clock=clock)
+        late = asyncio.ensure_future(q.admit("late", 100, 16, Slo()))
+        await asyncio.sleep(0.1)
+        clock.t = 2.5
+        with pytest.raises(Rejected, match="past its TTFT objective"):
+            await asyncio.wait_for(late, 1)
+
+    asyncio.run(go())
+
+
+def test_a_local_start_is_spare_capacity_even_beside_running_streams() -> None:
+    async def go() -> None:
+        # No prefill node; the decode node is decoding: its local prefill has nothing queued ahead.
+        r = cluster({"d0": pb.NodeLoad(decode_batch=4, decode_context=400, fits=fits(), step_tokens=64)})
+        q = BatchQueue(Admission(r), size=4, max_wait_s=30)
+        plan = await asyncio.wait_for(q.admit("b", 300, 16, Slo()), 1)
+        assert plan.local and plan.queued_s == 0.0
+
+    asyncio.run(go())

@@ -35,6 +35,7 @@ class NodeMonitorServicer(pb_grpc.NodeMonitorServicer):
 
     async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> None:
         closing = asyncio.ensure_future(self.closing.wait())
+        changed: asyncio.Future[bool] | None = None
         try:
             while not self.closing.is_set():
                 changed = asyncio.ensure_future(self.perf.changed().wait())
@@ -46,6 +47,8 @@ class NodeMonitorServicer(pb_grpc.NodeMonitorServicer):
                     await asyncio.sleep(MIN_GAP_S)
         finally:
             closing.cancel()
+            if changed is not None:
+                changed.cancel()
 
 
 def add_servicer(server: grpc.aio.Server, perf: NodePerf, node_id: str, engine_id: str) -> NodeMonitorServicer:

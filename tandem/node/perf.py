@@ -155,6 +155,12 @@ class NodePerf:
             self._export(force=True)  # idle now: show the last samples too
 
     # state -----------------------------------------------------------------------
+    def forget_busy(self) -> None:
+        """Start ``prefill_busy`` afresh (after the startup profile: its prefills are not load)."""
+        self._busy.clear()
+        if self._busy_since is not None:
+            self._busy_since = self._clock()
+
     def prefill_busy(self, window_s: float = BUSY_WINDOW_S) -> float:
         """The share of the last ``window_s`` seconds during which a prefill ran here (on a decode
         node: the part of its steps its streams shared with local prefills)."""
