@@ -126,6 +126,7 @@ class Quotas:
         now = self.clock()
         if len(self._buckets) > MAX_IDLE_BUCKETS:
             self._forget_full(now)
+            self._buckets[tenant] = bucket  # this one is in use: what it is charged now must stay charged
         wait = bucket.take(tokens, now)
         if not wait:
             return

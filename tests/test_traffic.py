@@ -154,3 +154,22 @@ def test_a_local_start_is_spare_capacity_even_beside_running_streams() -> None:
         assert plan.local and plan.queued_s == 0.0
 
     asyncio.run(go())
+
+
+def test_forgetting_full_buckets_keeps_the_one_being_charged() -> None:
+    import tandem.coordinator.traffic as traffic
+
+    clock = Clock()
+    q = Quotas({}, default_rate=10, burst_s=1, clock=clock)
+    old = traffic.MAX_IDLE_BUCKETS
+    traffic.MAX_IDLE_BUCKETS = 2
+    try:
+        for name in ("a", "b", "c"):
+            q.charge(name, 1)
+        clock.t = 5.0  # a, b and c have refilled
+        q.charge("d", 10)  # trims the full ones, but d's own stays
+        with pytest.raises(Rejected):
+            q.charge("d", 1)  # d spent its bucket: still spent
+        assert "a" not in q._buckets
+    finally:
+        traffic.MAX_IDLE_BUCKETS = old
