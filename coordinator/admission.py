@@ -95,15 +95,21 @@ def prefill_estimate(node: NodeClient, tokens: int) -> Estimate:
     model = node.model
     if not model.prefill.samples:
         return Estimate(node, None)
-    load = node.fresh_load()
-    reported = list(load.prefill_queue) if load is not None else []
-    own = list(node.inflight.values())
-    queue = own if sum(own) > sum(reported) else reported
+    queue = _prefill_queue(node, node.inflight)
     queue_s = sum(model.prefill_s(t) for t in queue)
     run_s = model.prefill_s(tokens)
     return Estimate(node, queue_s + run_s, run_s, queue_s=queue_s, detail=
                     f"{node.node_id}: queue {len(queue)} prompts {queue_s * 1000:.0f} ms + prefill "
                     f"{run_s * 1000:.0f} ms")
+
+
+def _prefill_queue(node: NodeClient, own: dict[int, int]) -> list[int]:
+    """Prompt tokens of the prefills waiting or running there: as the node reports them, or this
+    coordinator's own (``own``) when those hold more tokens (sent since the node's last report)."""
+    load = node.fresh_load()
+    reported = list(load.prefill_queue) if load is not None else []
+    mine = list(own.values())
+    return mine if sum(mine) > sum(reported) else reported
 
 
 def _decode_load(node: NodeClient) -> tuple[int, int]:
@@ -170,9 +176,7 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int) -> Loc
     step = _stepper(node)
     batch, context = _decode_load(node)
     load = node.fresh_load()
-    reported = list(load.prefill_queue) if load is not None else []
-    own = list(node.prefilling.values())
-    queue = own if sum(own) > sum(reported) else reported
+    queue = _prefill_queue(node, node.prefilling)
     queue_s = sum(model.prefill_s(t) for t in queue)
     run_s = model.prefill_s(prompt_tokens)
     step_tokens = (load.step_tokens if load is not None else 0) or DEFAULT_STEP_TOKENS

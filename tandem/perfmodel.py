@@ -151,8 +151,26 @@ def transfer_fit(half_life: float = 200.0) -> OnlineFit:
     return OnlineFit(("const", "bytes"), (1.0, 1e8), half_life)
 
 
+class _Predicts:
+    """The predictions (seconds) from three fits, whatever holds them: a ``NodeModel``'s own
+    fits, or the coefficients a ``ModelView`` carries."""
+
+    prefill: OnlineFit | FitView
+    decode: OnlineFit | FitView
+    transfer: OnlineFit | FitView
+
+    def prefill_s(self, tokens: int) -> float:
+        return self.prefill.predict((1.0, tokens, tokens * tokens))
+
+    def step_s(self, batch: int, context_tokens: int) -> float:
+        return self.decode.predict((1.0, batch, context_tokens))
+
+    def transfer_s(self, nbytes: int) -> float:
+        return self.transfer.predict((1.0, nbytes))
+
+
 @dataclass
-class NodeModel:
+class NodeModel(_Predicts):
     """What one node's timings say about it; every prediction is in seconds."""
 
     prefill: OnlineFit = field(default_factory=prefill_fit)
@@ -168,16 +186,6 @@ class NodeModel:
 
     def saw_transfer(self, nbytes: int, seconds: float) -> None:
         self.transfer.add((1.0, nbytes), seconds)
-
-    # predictions ---------------------------------------------------------------
-    def prefill_s(self, tokens: int) -> float:
-        return self.prefill.predict((1.0, tokens, tokens * tokens))
-
-    def step_s(self, batch: int, context_tokens: int) -> float:
-        return self.decode.predict((1.0, batch, context_tokens))
-
-    def transfer_s(self, nbytes: int) -> float:
-        return self.transfer.predict((1.0, nbytes))
 
     def queue_s(self, queued_prompts: Sequence[int]) -> float:
         """Time until a prefill queued behind these (uncached token counts) starts."""
@@ -211,7 +219,7 @@ _EMPTY = FitView((), (), 0)
 
 
 @dataclass(frozen=True)
-class ModelView:
+class ModelView(_Predicts):
     """A node's model as the coordinator sees it: coefficients only (see ``NodeModel``)."""
 
     prefill: FitView = _EMPTY
@@ -224,15 +232,6 @@ class ModelView:
             return FitView(f.names, tuple(f.coefficients()), f.samples) if f.samples else _EMPTY
 
         return cls(view(model.prefill), view(model.decode), view(model.transfer))
-
-    def prefill_s(self, tokens: int) -> float:
-        return self.prefill.predict((1.0, tokens, tokens * tokens))
-
-    def step_s(self, batch: int, context_tokens: int) -> float:
-        return self.decode.predict((1.0, batch, context_tokens))
-
-    def transfer_s(self, nbytes: int) -> float:
-        return self.transfer.predict((1.0, nbytes))
 
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "fp8": 1}
