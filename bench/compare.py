@@ -23,7 +23,7 @@ from typing import Any
 
 from .metrics import summarize
 from .run import first_model
-from .systems import System, check_nixl, start_tandem, start_vllm_colocated, start_vllm_nixl
+from .systems import TANDEM_VARIANTS, System, check_nixl, start_tandem, start_vllm_colocated, start_vllm_nixl
 from .workloads import TraceEntry, generate, materialize
 
 GOAL = 0.9
@@ -263,7 +263,9 @@ def add_compare_args(ap: argparse.ArgumentParser) -> None:
                     help="which systems, comma separated (tandem runs every P:D ratio that fits the cores): "
                          "tandem (admission on, conditional disaggregation on), tandem-headroom (admission "
                          "with 10 %% TPOT headroom), tandem-noadmit (admission off), tandem-disagg (both off: "
-                         "always disaggregated, accepts everything), "
+                         "always disaggregated, accepts everything), tandem-fifo (prefills sent at once, run "
+                         "in arrival order), tandem-engine (sent at once, vLLM priority scheduling by "
+                         "deadline), "
                          "vllm-colocated, vllm-nixl, vllm-nixl-fixed")
     ap.add_argument("--slo-ttft", type=float, default=None)
     ap.add_argument("--slo-tpot", type=float, default=None)
@@ -284,8 +286,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     args.rates = [float(r) for r in str(args.rates).split(",")]
     wanted = [s.strip() for s in args.systems.split(",")]
-    known = {"tandem", "tandem-headroom", "tandem-noadmit", "tandem-disagg", "vllm-colocated", "vllm-nixl",
-             "vllm-nixl-fixed"}
+    known = {f"tandem{v}" for v in TANDEM_VARIANTS} | {"vllm-colocated", "vllm-nixl", "vllm-nixl-fixed"}
     if set(wanted) - known:
         raise SystemExit(f"unknown system(s) {sorted(set(wanted) - known)}; known: {sorted(known)}")
     if {"vllm-nixl", "vllm-nixl-fixed"} & set(wanted):
@@ -330,7 +331,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     slo = (slo_doc["ttft_s"], slo_doc["tpot_s"])
     systems_doc = []
     starters = []
-    for variant in ("", "-headroom", "-noadmit", "-disagg"):
+    for variant in TANDEM_VARIANTS:
         if f"tandem{variant}" in wanted:
             starters += [(f"tandem-{p}:{d}{variant}",
                           lambda p=p, d=d, v=variant: start_tandem(model, p, d, args.max_model_len, out, cores, v))

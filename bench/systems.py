@@ -193,11 +193,17 @@ def start_vllm_nixl(model: str, cores: list[int], max_model_len: int, log_dir: P
                   facts=lambda: {"decode_prompt_tokens_by_source": prompt_tokens_by_source(urls[1])})
 
 
-TANDEM_VARIANTS = {
-    "": [],  # as shipped: admission on (by each request's SLO), conditional disaggregation on
-    "-noadmit": ["--admission", "off"],
-    "-headroom": ["--admission-headroom", "0.1"],  # TPOT checked against 90 % of its objective
-    "-disagg": ["--admission", "off", "--conditional-disagg", "off"],
+# variant -> (coordinator flags, node flags)
+TANDEM_VARIANTS: dict[str, tuple[list[str], list[str]]] = {
+    # as shipped: admission on (by each request's SLO), conditional disaggregation on, the prefill
+    # queue held at the coordinator in deadline-slack order
+    "": ([], []),
+    "-noadmit": (["--admission", "off"], []),
+    "-headroom": (["--admission-headroom", "0.1"], []),  # TPOT checked against 90 % of its objective
+    "-disagg": (["--admission", "off", "--conditional-disagg", "off"], []),
+    "-fifo": (["--prefill-order", "fifo"], []),  # every prefill sent at once, the engine's arrival order
+    # every prefill sent at once, vLLM's priority scheduling by deadline
+    "-engine": (["--prefill-order", "engine"], ["--scheduling-policy", "priority"]),
 }
 
 
@@ -206,7 +212,8 @@ def start_tandem(model: str, num_prefill: int, num_decode: int, max_model_len: i
     spec = ClusterSpec(model=model, num_prefill=num_prefill, num_decode=num_decode, max_model_len=max_model_len,
                        kv_cache_gib=int(KV_CACHE_GIB), cores=core_plan(num_prefill, num_decode, cores),
                        log_dir=str(log_dir / f"tandem-{num_prefill}p{num_decode}d{variant}"),
-                       extra_coordinator_args=TANDEM_VARIANTS[variant])
+                       extra_coordinator_args=TANDEM_VARIANTS[variant][0],
+                       extra_node_args=TANDEM_VARIANTS[variant][1])
     cluster = LocalCluster(spec).start()
     cmds = [cluster.coordinator.argv[1:]] + [d.argv[1:] for d in cluster.nodes]  # type: ignore[union-attr]
     from tandem import __version__

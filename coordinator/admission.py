@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 from tandem.errors import InvalidRequest, Rejected
 from tandem.perfmodel import kv_bytes_per_token
 
 from . import metrics as m
+from .prefillq import PrefillOrder
 from .router import NodeClient, Router
 
 logger = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ class Estimate:
     idle_seconds: float | None = None  # the same on an idle node
     detail: str = ""
     queue_s: float = 0.0  # of ``seconds``, the wait for work already queued there
+    pushes: int = 0  # queued requests it would push past their TTFT objective (prefill order)
 
 
 @dataclass
@@ -91,13 +94,23 @@ class Plan:
     queued_s: float = 0.0  # of ttft_s, the wait for work already queued there
 
 
-def prefill_estimate(node: NodeClient, tokens: int) -> Estimate:
+def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None = None,
+                     arrival: float = 0.0, ttft_s: float | None = None) -> Estimate:
+    """With ``order``: the wait is where the prefill order (prefillq.py) would put a request
+    that arrived at ``arrival`` with TTFT objective ``ttft_s`` among this coordinator's own
+    requests for the node; otherwise (or with nothing of this coordinator's there) the whole
+    queue the node reports, in arrival order."""
     model = node.model
     if not model.prefill.samples:
         return Estimate(node, None)
+    run_s = model.prefill_s(tokens)
+    where = order.predict(node, tokens, arrival, ttft_s) if order is not None else None
+    if where is not None:
+        return Estimate(node, where.wait_s + run_s, run_s, queue_s=where.wait_s, pushes=where.pushes, detail=
+                        f"{node.node_id}: {where.wait_s * 1000:.0f} ms before its turn ({order.order} order) + "  # type: ignore[union-attr]
+                        f"prefill {run_s * 1000:.0f} ms")
     queue = _prefill_queue(node, node.inflight)
     queue_s = sum(model.prefill_s(t) for t in queue)
-    run_s = model.prefill_s(tokens)
     return Estimate(node, queue_s + run_s, run_s, queue_s=queue_s, detail=
                     f"{node.node_id}: queue {len(queue)} prompts {queue_s * 1000:.0f} ms + prefill "
                     f"{run_s * 1000:.0f} ms")
@@ -250,10 +263,14 @@ class _Option:
     local: bool = False
 
     def misses(self, slo: Slo) -> list[tuple[str, Estimate, float]]:
+        """("TTFT" | "TPOT" | "queue", the estimate, the objective) for each objective it misses;
+        "queue": it meets its own TTFT only by pushing queued requests past theirs."""
         out = []
         for what, e, limit in (("TTFT", self.ttft, slo.ttft_s), ("TPOT", self.tpot, slo.tpot_s)):
             if limit is not None and e is not None and e.seconds is not None and e.seconds > limit:
                 out.append((what, e, limit))
+        if slo.ttft_s is not None and self.ttft is not None and self.ttft.pushes and not out:
+            out.append(("queue", self.ttft, slo.ttft_s))
         return out
 
     @property
@@ -263,7 +280,7 @@ class _Option:
 
 class Admission:
     def __init__(self, router: Router, mode: str = "on", default_slo: Slo = Slo(), local: bool = True,
-                 headroom: float = 0.0) -> None:
+                 headroom: float = 0.0, order: PrefillOrder | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"--admission must be on or off, got {mode!r}")
         if not 0.0 <= headroom < 1.0:
@@ -276,17 +293,24 @@ class Admission:
         self.mode = mode
         self.default_slo = default_slo
         self.local = local  # conditional disaggregation: a decode node may prefill a request itself
+        self.order = order or PrefillOrder(router, "slack")
 
-    def plan(self, rid: str, prompt_tokens: int, max_tokens: int, slo: Slo, count: bool = True) -> Plan:
+    def plan(self, rid: str, prompt_tokens: int, max_tokens: int, slo: Slo, count: bool = True,
+             arrival: float | None = None) -> Plan:
         """The nodes a new request starts on, or Rejected. An empty pool leaves its side to the
         pipeline (which waits for a node or answers UNAVAILABLE). ``count=False``: a look, not a
-        decision (the batch queue's), so no metric moves and nothing is logged."""
+        decision (the batch queue's), so no metric moves and nothing is logged. ``arrival``
+        (perf_counter; default now): when its TTFT started counting."""
         decide = _Decisions(count)
         asked = slo.over(self.default_slo)
         keep = 1.0 - self.headroom
         slo = Slo(asked.ttft_s, None if asked.tpot_s is None else asked.tpot_s * keep)
+        arrival = time.perf_counter() if arrival is None else arrival
         decoders = self.router.routable_nodes("decode")
-        pre = [prefill_estimate(n, prompt_tokens) for n in self.router.routable_nodes("prefill")]
+        pre = [prefill_estimate(n, prompt_tokens, self.order, arrival, slo.ttft_s)
+               for n in self.router.routable_nodes("prefill")]
+        # A node where it would push queued requests past their objective only when every node would.
+        pre = [e for e in pre if not e.pushes] or pre
         dec = [decode_estimate(n, prompt_tokens, max_tokens) for n in decoders] if max_tokens > 1 else []
         p = _best(pre) if pre else None
         d = _best(dec) if dec else None
@@ -319,6 +343,11 @@ class Admission:
         parts, waits = [], []
         for what, e, limit in misses:
             assert e.seconds is not None
+            if what == "queue":
+                parts.append(f"predicted TTFT {e.seconds * 1000:.0f} ms meets {limit * 1000:.0f} ms only by pushing "
+                             f"{e.pushes} queued request(s) past theirs ({e.detail})")
+                waits.append(1)
+                continue
             never = e.idle_seconds is not None and e.idle_seconds > limit
             target = (f" (the SLO {limit / keep * 1000:.0f} ms less {self.headroom:.0%} headroom)"
                       if self.headroom and what == "TPOT" else "")

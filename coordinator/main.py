@@ -16,6 +16,7 @@ from tandem.membership import MembershipView
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 
 from .admission import MODES, Admission, Slo
+from .prefillq import ORDERS, PrefillOrder
 from .traffic import BatchQueue, Quotas, parse_quotas
 from .grpc_api import SERVICE_NAME, CoordinatorServicer
 from .http_api import OpenAIHttp
@@ -45,6 +46,8 @@ class CoordinatorConfig:
     admission: str = "on"
     admission_headroom: float = 0.0  # admit against the TPOT objective less this share
     conditional_disagg: str = "on"  # a decode node may prefill a request itself when that is predicted faster
+    prefill_order: str = "slack"  # where the prefill queue lives and its order (prefillq.py)
+    prefill_depth: int = 1  # with slack: requests each prefill node runs at a time
     slo_ttft_ms: float = 0.0  # cluster default SLOs for requests that set none; 0: none
     slo_tpot_ms: float = 0.0
     tenant_quota: str = ""  # TENANT=TOKENS_PER_S,...
@@ -63,6 +66,10 @@ class CoordinatorConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.admission not in MODES:
             raise ValueError(f"--admission must be on or off, got {self.admission!r}")
+        if self.prefill_order not in ORDERS:
+            raise ValueError(f"--prefill-order must be one of {', '.join(ORDERS)}, got {self.prefill_order!r}")
+        if self.prefill_depth < 1:
+            raise ValueError(f"--prefill-depth must be at least 1, got {self.prefill_depth}")
         if not 0.0 <= self.admission_headroom < 1.0:
             raise ValueError(f"--admission-headroom must be in [0, 1), got {self.admission_headroom}")
         if self.conditional_disagg not in ("on", "off"):
@@ -117,6 +124,13 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
                     help="on: a decode node prefills a request itself when that is predicted to start it "
                          "clearly sooner (or to meet its SLO where the prefill pool would not) without "
                          "pushing its running streams past the TPOT objective | off: always disaggregated")
+    ap.add_argument("--prefill-order", default=env("TANDEM_PREFILL_ORDER", "slack"),
+                    help="slack: requests wait here and each prefill node gets --prefill-depth at a time, "
+                         "earliest deadline first among those that can still meet their TTFT objective | "
+                         "engine: sent at once with the deadline as vLLM priority (prefill nodes run "
+                         "--scheduling-policy priority) | fifo: sent at once, run in arrival order")
+    ap.add_argument("--prefill-depth", type=int, default=int(env("TANDEM_PREFILL_DEPTH", "1")),
+                    help="with --prefill-order slack: prefills each node runs at a time")
     ap.add_argument("--tenant-quota", default=env("TANDEM_TENANT_QUOTA", ""),
                     help="token quotas, TENANT=TOKENS_PER_SECOND,... (a request costs prompt + max_tokens)")
     ap.add_argument("--default-tenant-quota", type=float, default=float(env("TANDEM_DEFAULT_TENANT_QUOTA", "0")),
@@ -151,7 +165,8 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
 
     admission = Admission(router, cfg.admission,
                           Slo.from_ms(cfg.slo_ttft_ms or None, cfg.slo_tpot_ms or None, "--slo-"),
-                          local=cfg.conditional_disagg == "on", headroom=cfg.admission_headroom)
+                          local=cfg.conditional_disagg == "on", headroom=cfg.admission_headroom,
+                          order=PrefillOrder(router, cfg.prefill_order, cfg.prefill_depth))
     pipeline = Pipeline(router, codec, max_model_len, cfg.served_model_name, PipelineConfig(
         prefill_timeout_s=cfg.prefill_timeout_s, decode_timeout_s=cfg.decode_timeout_s, stall_s=cfg.stall_s,
         migration_limit=cfg.migration_limit), admission,

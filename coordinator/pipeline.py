@@ -36,6 +36,7 @@ from tandem.sampling import Sampling, to_proto
 from . import metrics as m
 from .admission import Admission, Plan, Slo
 from .nodecalls import NodeCallFailed, Watchdog, stream_ended_early
+from .prefillq import NodeGone
 from .router import NodeClient, Router
 from .textcodec import Detokenizer, TextCodec
 from .traffic import BatchQueue, Quotas, check_priority, check_tenant
@@ -228,7 +229,7 @@ class Pipeline:
                                                   req.slo, left)
                 else:
                     plan = self.admission.plan(req.request_id, len(req.prompt_ids), req.sampling.max_tokens,
-                                               req.slo)
+                                               req.slo, arrival=req.received)
             except BaseException:
                 self.quotas.refund(req.tenant, cost)
                 raise
@@ -407,27 +408,43 @@ class Pipeline:
                        leg: int, prefer_not: set[str], first: NodeClient | None = None,
                        ) -> tuple[pb.PrefillResponse, NodeClient]:
         """Prefill ``context`` for one token on ``first`` (when still routable) or the least loaded
-        node; a failed node is retried once on another. Nodes in ``prefer_not`` are picked only
-        when no other is available."""
+        node, in its turn there (prefillq.py); a failed node is retried once on another, and one
+        that leaves routing while the request waits for its turn is simply replaced. Nodes in
+        ``prefer_not`` are picked only when no other is available."""
         avoid: set[str] = set(prefer_not)
-        for attempt in range(2):
+        order = self.admission.order
+        ttft_s = req.slo.over(self.admission.default_slo).ttft_s
+        attempt = 0
+        while True:
             if attempt == 0 and first is not None and self.router.routable(first):
                 node = first
             else:
                 node = await self.router.acquire("prefill", avoid)
-            call = node.stub.Prefill(  # type: ignore[attr-defined]
-                pb.PrefillRequest(request_id=f"{req.request_id}-p{leg}.{attempt}", prompt_token_ids=context,
-                                  sampling=to_proto(sampling, pb.SamplingParams), hold_kv=hold_kv),
-                timeout=self._timeout(req, self.cfg.prefill_timeout_s))
-            t0 = time.perf_counter()
+            # A migrated leg: its client is mid-stream, it goes first.
+            turn = order.entry(node, req.request_id, len(context), req.received, ttft_s, urgent=leg > 0)
+
             def orphaned(resp: pb.PrefillResponse, node: NodeClient = node) -> None:
                 # Answered, but the request was cancelled meanwhile: nobody will fetch its blocks.
                 if resp.HasField("handle"):
                     self._release_later(req.request_id, node, resp.handle)
 
+            call = None
             try:
                 with self.router.track(node, len(context)):
-                    resp = await self.watch.wait(call, node, orphaned)
+                    async with order.turn(node, turn):
+                        call = node.stub.Prefill(  # type: ignore[attr-defined]
+                            pb.PrefillRequest(request_id=f"{req.request_id}-p{leg}.{attempt}",
+                                              prompt_token_ids=context,
+                                              sampling=to_proto(sampling, pb.SamplingParams), hold_kv=hold_kv,
+                                              priority=order.engine_priority(node, turn)),
+                            timeout=self._timeout(req, self.cfg.prefill_timeout_s))
+                        t0 = time.perf_counter()
+                        resp = await self.watch.wait(call, node, orphaned)
+            except NodeGone as gone:
+                logger.info("request %s: %s; another node", req.request_id, gone)
+                avoid.add(node.node_id)
+                first = None
+                continue
             except NodeCallFailed as failed:
                 self._raise_if_client_gave_up(req, failed)
                 if failed.node_failed:
@@ -438,12 +455,13 @@ class Pipeline:
                 logger.warning("request %s: prefill failed, retrying on another node: %s", req.request_id,
                                failed.error)
                 avoid.add(node.node_id)
+                attempt += 1
                 continue
             finally:
-                _cancel(call)
+                if call is not None:
+                    _cancel(call)
             m.PREFILL.observe(time.perf_counter() - t0)
             return resp, node
-        raise AssertionError("unreachable")
 
     async def _decode(self, req: Prepared, node: NodeClient, prompt: list[int], sampling: Sampling,
                       handle: pb.KVHandle | None, leg: int, local: bool = False) -> AsyncIterator[pb.DecodeResponse]:

@@ -73,7 +73,8 @@ class PrefillServicer(pb_grpc.PrefillNodeServicer):
         final = None
         with self.perf.prefill(len(prompt)) as run:
             async for out in self.engine.generate(rid, prompt, one,
-                                                  {"tandem": PRODUCE} if request.hold_kv else None):
+                                                  {"tandem": PRODUCE} if request.hold_kv else None,
+                                                  priority=request.priority):
                 final = out
             if final is None or not final.outputs or not final.outputs[0].token_ids:
                 raise RuntimeError("the engine returned no token")

@@ -38,6 +38,7 @@ class NodeRecord:
     version: str = ""
     engine_id: str = ""  # new with every process start; KV handles name it
     draining: bool = False  # finishing what it holds; takes no new work
+    scheduling: str = "fcfs"  # its engine's scheduling policy: fcfs or priority (PrefillRequest.priority)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

@@ -40,6 +40,7 @@ class NodeConfig:
     max_num_batched_tokens: int = 0  # tokens one engine step may take; 0: decode 256, prefill vLLM's default
     enable_prefix_caching: bool = True
     kv_load_failure_policy: str = "fail"
+    scheduling_policy: str = "fcfs"  # the engine's: fcfs | priority (the coordinator's --prefill-order engine)
     drain_grace_s: float = 30.0
     profile: str = "auto"  # startup profile: auto (cached or run) | fresh | off
     profile_cache: str = ""  # directory of cached profiles; empty: ~/.cache/tandem/profiles
@@ -56,6 +57,8 @@ class NodeConfig:
             raise ValueError(f"--kv-transport must be auto, ucx or tcp, got {self.transport!r}")
         if self.kv_load_failure_policy not in ("fail", "recompute"):
             raise ValueError(f"--kv-load-failure-policy must be fail or recompute, got {self.kv_load_failure_policy!r}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"--scheduling-policy must be fcfs or priority, got {self.scheduling_policy!r}")
         if self.max_num_batched_tokens < 0:
             raise ValueError(f"--max-num-batched-tokens must be >= 0, got {self.max_num_batched_tokens}")
         if not self.max_num_batched_tokens and self.role == "decode":
@@ -165,6 +168,9 @@ def add_node_args(ap: argparse.ArgumentParser) -> None:
                          "a few seconds, and cache it) | fresh (profile again) | off")
     ap.add_argument("--profile-cache", default=_env("profile_cache", ""),
                     help="directory of cached profiles (default ~/.cache/tandem/profiles)")
+    ap.add_argument("--scheduling-policy", default=_env("scheduling_policy", "fcfs"),
+                    help="the engine's queue order: fcfs (arrival) | priority (lowest PrefillRequest.priority "
+                         "first: run prefill nodes so for the coordinator's --prefill-order engine)")
     ap.add_argument("--kv-load-failure-policy", default=_env("kv_load_failure_policy", "fail"),
                     help="decode nodes, when a request's KV cannot be fetched: fail (that request ends with "
                          "ABORTED and the coordinator prefills it again elsewhere) | recompute (prefill it here)")

@@ -57,6 +57,7 @@ class EngineHost:
             max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens or None,
             enable_prefix_caching=cfg.enable_prefix_caching,
+            scheduling_policy=cfg.scheduling_policy,
             # A stop signal that reaches the engine core too (a terminal's Ctrl-C, a process-group
             # kill) lets its requests finish like the daemon's own drain, instead of aborting them.
             shutdown_timeout=int(cfg.drain_grace_s),
@@ -113,8 +114,9 @@ class EngineHost:
         }
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: Sampling,
-                       kv_params: dict[str, Any] | None) -> AsyncIterator[RequestOutput]:
-        """Stream outputs holding only the new tokens (delta mode); aborts on cancel."""
+                       kv_params: dict[str, Any] | None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Stream outputs holding only the new tokens (delta mode); aborts on cancel. ``priority``
+        (lower first) counts only where the engine runs the priority policy."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -134,7 +136,8 @@ class EngineHost:
         finished = started = False
         try:
             async for out in self._engine.generate({"prompt_token_ids": prompt_token_ids}, sp,
-                                                   request_id=request_id):
+                                                   request_id=request_id,
+                                                   priority=priority if self.cfg.scheduling_policy == "priority" else 0):
                 started = True
                 finished = out.finished
                 yield out

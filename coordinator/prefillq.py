@@ -1,0 +1,253 @@
+"""The order in which a prefill node's requests run: where the prefill queue lives, and its policy.
+
+``--prefill-order``:
+
+  slack   (default) the queue lives here, at the coordinator: each prefill node
+          gets ``--prefill-depth`` requests at a time (default 1, so the engine
+          never batches a short prompt with a 2K-token one and makes it wait for
+          the whole step), and the next one is picked by deadline slack:
+          earliest deadline first among the requests that can still meet their
+          TTFT objective, the ones that cannot (Moore-Hodgson: the longest are
+          dropped until the rest fit) after them. That order serves the most
+          requests in time that one prefill node can.
+  engine  the queue lives in vLLM: every request goes to the node at once with
+          its deadline as its priority (the node's engine runs
+          ``--scheduling-policy priority``); vLLM runs the earliest deadlines
+          first but batches what waits into one step.
+  fifo    every request goes to the node at once; the engine runs them in
+          arrival order (Tandem before this module).
+
+A request's deadline is its arrival plus its TTFT objective (its own or the
+cluster's default); one without any waits at most ``NO_SLO_S`` before it counts
+as late. A migrated leg (a client already mid-stream) goes first. A request the
+schedule finds late anyway is not dropped: it runs when the on-time ones are
+done, or first once it has been late longer than its objective (no starvation).
+Admission asks ``predict`` where a new request would go and whether it would
+push a queued one past its deadline (then it is refused, not them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from .router import NodeClient, Router
+
+logger = logging.getLogger(__name__)
+
+ORDERS = ("slack", "engine", "fifo")
+NO_SLO_S = 10.0  # a request without a TTFT objective is late after this long
+ROUTABLE_POLL_S = 0.5  # how often a waiting request checks its node is still routable
+
+WAITING = Gauge("tandem_prefill_queue_depth", "Requests held at the coordinator for a prefill node")
+WAIT = Histogram("tandem_prefill_queue_seconds", "Time a request waited at the coordinator for its prefill node",
+                 buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+LATE = Counter("tandem_prefill_late_dispatches",
+               "Prefills sent after their deadline had been given up (the schedule could not meet it)")
+
+
+class NodeGone(Exception):
+    """The node left routing while a request waited for it: pick another."""
+
+
+@dataclass(eq=False)
+class Entry:
+    rid: str
+    tokens: int
+    arrival: float  # perf_counter
+    deadline: float  # perf_counter
+    run_s: float  # its prefill there, as the node's model predicts (0: no model)
+    urgent: bool = False  # a migrated leg: first
+    seq: int = 0
+    queued: float = field(default_factory=time.perf_counter)
+    started: float = 0.0
+    go: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def budget(self) -> float:
+        return self.deadline - self.arrival
+
+
+def schedule(entries: list[Entry], start: float) -> tuple[list[Entry], list[Entry]]:
+    """(on time, late): the order to run ``entries`` from time ``start`` on one node.
+
+    Urgent entries first, then earliest deadline first among a largest set that all meet
+    their deadlines (Moore-Hodgson: walking in deadline order, whenever one would finish
+    late the longest taken so far is dropped), then the dropped ones in arrival order."""
+    urgent = sorted((e for e in entries if e.urgent), key=lambda e: e.seq)
+    t = start + sum(e.run_s for e in urgent)
+    taken: list[Entry] = []
+    late: list[Entry] = []
+    for e in sorted((e for e in entries if not e.urgent), key=lambda e: (e.deadline, e.seq)):
+        taken.append(e)
+        t += e.run_s
+        if t > e.deadline:
+            longest = max(taken, key=lambda x: (x.run_s, x.seq))
+            taken.remove(longest)
+            late.append(longest)
+            t -= longest.run_s
+    late.sort(key=lambda e: e.seq)
+    return urgent + taken, late
+
+
+@dataclass
+class Prediction:
+    wait_s: float  # from now until its prefill starts
+    pushes: int  # queued requests it would make miss their deadline
+
+
+class _NodeQueue:
+    def __init__(self) -> None:
+        self.waiting: list[Entry] = []
+        self.running: list[Entry] = []
+
+    def start_at(self, now: float) -> float:
+        """When the node is free of what it runs now (for this coordinator)."""
+        return now + sum(max(0.0, e.run_s - (now - e.started)) for e in self.running)
+
+
+class PrefillOrder:
+    def __init__(self, router: Router, order: str = "slack", depth: int = 1) -> None:
+        if order not in ORDERS:
+            raise ValueError(f"--prefill-order must be one of {', '.join(ORDERS)}, got {order!r}")
+        if depth < 1:
+            raise ValueError(f"--prefill-depth must be at least 1, got {depth}")
+        self.router = router
+        self.order = order
+        self.depth = depth
+        self._queues: dict[str, _NodeQueue] = {}
+        self._seq = itertools.count()
+        self._warned: set[str] = set()
+
+    @property
+    def holds(self) -> bool:
+        """Requests wait here (``slack``), not in the node's engine."""
+        return self.order == "slack"
+
+    def entry(self, node: NodeClient, rid: str, tokens: int, arrival: float, ttft_s: float | None,
+              urgent: bool = False) -> Entry:
+        model = node.model
+        run_s = model.prefill_s(tokens) if model.prefill.samples else 0.0
+        deadline = arrival + (ttft_s if ttft_s is not None else NO_SLO_S)
+        return Entry(rid, tokens, arrival, deadline, run_s, urgent, next(self._seq))
+
+    def engine_priority(self, node: NodeClient, e: Entry) -> int:
+        """For ``engine``: vLLM runs the lowest first; milliseconds of wall-clock deadline (the
+        same scale from every coordinator), 0 for a migrated leg."""
+        if self.order != "engine" or e.urgent:
+            return 0
+        if node.record.scheduling != "priority" and node.node_id not in self._warned:
+            self._warned.add(node.node_id)
+            logger.warning("--prefill-order engine: prefill node %s runs --scheduling-policy %s, so it "
+                           "ignores the deadlines sent with its requests (arrival order there)", node.node_id,
+                           node.record.scheduling)
+        return max(1, int((time.time() + (e.deadline - time.perf_counter())) * 1000))
+
+    def predict(self, node: NodeClient, tokens: int, arrival: float, ttft_s: float | None) -> Prediction | None:
+        """Where a new request would wait on ``node``; None where this coordinator keeps no
+        queue for it (``fifo``) or nothing is queued."""
+        q = self._queues.get(node.node_id)
+        if self.order == "fifo" or q is None or not (q.waiting or q.running):
+            return None
+        now = time.perf_counter()
+        new = self.entry(node, "", tokens, arrival, ttft_s)
+        if self.order == "engine":
+            # vLLM runs the earliest deadlines first; which one it runs now is not known here:
+            # the earliest sent counts as running.
+            ahead = [e for e in q.running[1:] if e.urgent or e.deadline <= new.deadline]
+            start = _NodeQueue.start_at(_one(q.running[:1]), now)
+            return Prediction(start - now + sum(e.run_s for e in ahead), 0)
+        start = q.start_at(now)
+        before, before_late = schedule(q.waiting, start)
+        on_time, late = schedule([*q.waiting, new], start)
+        pushes = sum(1 for e in late if e is not new and e not in before_late)
+        order = on_time + late
+        ahead = order[:order.index(new)]
+        return Prediction(start - now + sum(e.run_s for e in ahead), pushes)
+
+    @asynccontextmanager
+    async def turn(self, node: NodeClient, e: Entry) -> AsyncIterator[None]:
+        """Hold ``e`` until it may go to ``node``, and for as long as its call runs there.
+        NodeGone when the node leaves routing while it waits."""
+        q = self._queues.setdefault(node.node_id, _NodeQueue())
+        if not self.holds:
+            e.started = time.perf_counter()
+            q.running.append(e)
+            try:
+                yield
+            finally:
+                q.running.remove(e)
+                self._forget(node.node_id, q)
+            return
+        q.waiting.append(e)
+        WAITING.inc()
+        try:
+            self._pump(q)
+            while not e.go.is_set():
+                if not self.router.routable(node):
+                    raise NodeGone(f"prefill node {node.node_id} left routing while request {e.rid} waited")
+                try:
+                    await asyncio.wait_for(e.go.wait(), ROUTABLE_POLL_S)
+                except TimeoutError:
+                    pass
+        except BaseException:
+            if e in q.waiting:
+                q.waiting.remove(e)
+                WAITING.dec()
+            elif e in q.running:  # picked just as it gave up
+                q.running.remove(e)
+            self._pump(q)
+            self._forget(node.node_id, q)
+            raise
+        WAIT.observe(e.started - e.queued)
+        try:
+            yield
+        finally:
+            q.running.remove(e)
+            self._pump(q)
+            self._forget(node.node_id, q)
+
+    def _pump(self, q: _NodeQueue) -> None:
+        """Send the next requests while the node has room for them."""
+        while q.waiting and len(q.running) < self.depth:
+            now = time.perf_counter()
+            nxt = self._next(q, now)
+            q.waiting.remove(nxt)
+            WAITING.dec()
+            nxt.started = now
+            q.running.append(nxt)
+            nxt.go.set()
+
+    def _next(self, q: _NodeQueue, now: float) -> Entry:
+        # A request late for longer than its own objective goes first: late ones are not starved.
+        starved = [e for e in q.waiting if not e.urgent and now > e.deadline + e.budget]
+        if starved and not any(e.urgent for e in q.waiting):
+            return _late(min(starved, key=lambda e: e.seq), now)
+        on_time, late = schedule(q.waiting, q.start_at(now))
+        return on_time[0] if on_time else _late(late[0], now)
+
+    def _forget(self, node_id: str, q: _NodeQueue) -> None:
+        if not q.waiting and not q.running and self._queues.get(node_id) is q:
+            del self._queues[node_id]
+
+
+def _late(e: Entry, now: float) -> Entry:
+    LATE.inc()
+    logger.info("request %s: prefill sent late, predicted %.0f ms past its TTFT objective (queued %.0f ms)",
+                e.rid, max(0.0, now + e.run_s - e.deadline) * 1000, (now - e.queued) * 1000)
+    return e
+
+
+def _one(entries: list[Entry]) -> _NodeQueue:
+    q = _NodeQueue()
+    q.running = list(entries)
+    return q
+
+
