@@ -24,7 +24,7 @@ from typing import Any
 from .metrics import summarize
 from .run import first_model
 from .systems import TANDEM_VARIANTS, System, check_nixl, start_tandem, start_vllm_colocated, start_vllm_nixl
-from .workloads import TraceEntry, generate, materialize
+from .workloads import TraceEntry, assign_tiers, generate, materialize
 
 GOAL = 0.9
 
@@ -109,13 +109,23 @@ def warm_up(system: System, workload: str, max_model_len: int, n: int = 4) -> No
     _run(system.target, _spaced(workload, n, 0.5, 4242, max_model_len), (None, None))
 
 
-def sweep(system: System, args: argparse.Namespace, slo: tuple[float, float]) -> list[dict[str, Any]]:
+def sweep(system: System, args: argparse.Namespace, slo: tuple[float, float],
+          overload: list[tuple[float, float]] = (), warm: bool = True,  # type: ignore[assignment]
+          swept: bool = True) -> list[dict[str, Any]]:
     """One row per probed rate, in order. Once no request meets the SLOs at a rate (median
     attainment 0), higher rates are not probed: an overloaded system drains its queue for
-    minutes per probe, to measure another 0 (``--probe-all`` probes them anyway)."""
-    warm_up(system, args.workload, args.max_model_len)
+    minutes per probe, to measure another 0 (``--probe-all`` probes them anyway). Then the
+    ``overload`` probes, (multiple of the goodput, rate), each whatever came before (only
+    those when not ``swept``)."""
+    if warm:
+        warm_up(system, args.workload, args.max_model_len)
     rows: list[dict[str, Any]] = []
-    for ri, rate in enumerate(args.rates):
+    probes = [(ri, rate, None) for ri, rate in enumerate(args.rates)] if swept else []
+    probes += [(100 + i, rate, k) for i, (k, rate) in enumerate(overload)]
+    stop = False
+    for ri, rate, k in probes:
+        if stop and k is None:
+            continue
         reps = []
         for rep in range(args.reps):
             # A fresh seed per probe: replaying one seed at every rate would make every
@@ -124,6 +134,8 @@ def sweep(system: System, args: argparse.Namespace, slo: tuple[float, float]) ->
             entries = generate(args.workload, rate=rate, duration_s=args.duration, seed=seed,
                                max_model_len=args.max_model_len)
             materialize(entries, seed, 600)
+            if getattr(args, "ttft_tiers", None):
+                assign_tiers(entries, args.ttft_tiers, seed)
             s = _run(system.target, entries, slo)
             print(f"  {system.name:16} rate {rate:5.2f} rep {rep}: attainment {s['slo_attainment']:.0%}, "
                   f"TTFT p50 {s['ttft_s']['p50'] * 1000:.0f} ms, TPOT p50 {s['tpot_s']['p50'] * 1000:.1f} ms, "
@@ -131,11 +143,21 @@ def sweep(system: System, args: argparse.Namespace, slo: tuple[float, float]) ->
             reps.append(s)
         att = [r["slo_attainment"] for r in reps]
         rows.append({"rate": rate, "attainment_median": statistics.median(att), "attainment_min": min(att),
-                     "attainment_max": max(att), "reps": reps})
-        if rows[-1]["attainment_median"] == 0 and not args.probe_all and rate != args.rates[-1]:
+                     "attainment_max": max(att), "reps": reps,
+                     "in_slo_rps": statistics.median(r["goodput_at_rate_rps"] for r in reps)})
+        if k is not None:
+            rows[-1]["x_goodput"] = k
+        elif rows[-1]["attainment_median"] == 0 and not args.probe_all and rate != args.rates[-1]:
             print(f"  {system.name:16} met no SLO at {rate} req/s; not probing higher rates", flush=True)
-            break
+            stop = True
     return rows
+
+
+def overload_rates(multiples: list[float], rows: list[dict[str, Any]], rates: list[float]) -> list[tuple[float, float]]:
+    """(multiple, rate) for each multiple of the goodput read off ``rows`` (the lowest swept rate
+    when none met the goal)."""
+    g = goodput_from_sweep(rows) or min(rates)
+    return [(k, round(k * g, 3)) for k in multiples]
 
 
 def goodput_from_sweep(rows: list[dict[str, Any]]) -> float:
@@ -158,6 +180,8 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
                           [r["attainment_max"] - r["attainment_median"] for r in s["sweep"]]],
                     marker="o", capsize=3, label=s["name"])
     ax.axhline(GOAL, color="red", linestyle="--", label="90%")
+    for s in systems:
+        s["sweep"].sort(key=lambda r: r["rate"])
     ax.set_xlabel("arrival rate (req/s)")
     ax.set_ylabel("SLO attainment")
     ax.set_ylim(-0.02, 1.02)
@@ -221,8 +245,9 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
         lines.append(f"| {s['name']} | {s['goodput_rps']:.2f} | {ratio} | " + " | ".join(cells) + " |")
     lines += ["", "Per system and rate (medians over the repetitions): requests refused by admission, "
               "share prefilled on a decode node, and Tandem's prediction error |actual - predicted| / actual "
-              "(client-side TTFT/TPOT against what admission predicted), p50 / p90.", "",
-              "| system | rate | refused | local prefill | TTFT error p50 / p90 | TPOT error p50 / p90 |",
+              "(client-side TTFT/TPOT against what admission predicted), p50 / p90, and in brackets the median "
+              "signed error (predicted - actual) / actual: below 0, predictions too low.", "",
+              "| system | rate | refused (of them: not even on an idle node) | local prefill | TTFT error p50 / p90 | TPOT error p50 / p90 |",
               "|---|---:|---:|---:|---:|---:|"]
     for s in systems:
         for r in s["sweep"]:
@@ -233,12 +258,60 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
                 return statistics.median(vals) if vals else float("nan")
 
             refused = med(lambda rep: rep["rejected"] / rep["requests"] if rep["requests"] else 0.0)
+            hopeless = med(lambda rep: rep.get("rejected_hopeless", 0) / rep["requests"] if rep["requests"] else 0.0)
             local = med(lambda rep: rep.get("local_prefill_share", float("nan")))
             err = {k: (med(lambda rep, k=k: rep["prediction_error"][k]["p50"]),
-                       med(lambda rep, k=k: rep["prediction_error"][k]["p90"])) for k in ("ttft", "tpot")}
-            cells = [f"{refused:.0%}", "–" if local != local else f"{local:.0%}"]
-            cells += ["–" if e[0] != e[0] else f"{e[0]:.0%} / {e[1]:.0%}" for e in (err["ttft"], err["tpot"])]
+                       med(lambda rep, k=k: rep["prediction_error"][k]["p90"]),
+                       med(lambda rep, k=k: rep["prediction_error"][k].get("bias", float("nan"))))
+                   for k in ("ttft", "tpot")}
+            cells = [f"{refused:.0%} ({hopeless:.0%})", "–" if local != local else f"{local:.0%}"]
+            cells += ["–" if e[0] != e[0] else f"{e[0]:.0%} / {e[1]:.0%} ({e[2]:+.0%})" for e in (err["ttft"], err["tpot"])]
             lines.append(f"| {s['name']} | {r['rate']} | " + " | ".join(cells) + " |")
+    if doc.get("ttft_tiers"):
+        lines += ["", f"SLO tiers: each request's TTFT objective is {' or '.join(f'{k:g}x' for k in doc['ttft_tiers'])} "
+                  "the run's (seeded, equal shares). Attainment per tier (medians over the repetitions):", "",
+                  "| system | rate | " + " | ".join(f"TTFT {k:g}x" for k in doc["ttft_tiers"]) + " |",
+                  "|---|---:|" + "---:|" * len(doc["ttft_tiers"])]
+        for s in systems:
+            for r in s["sweep"]:
+                cells = []
+                for k in doc["ttft_tiers"]:
+                    key = f"{doc['slo']['ttft_s'] * k * 1000:.0f}"
+                    vals = [rep["attainment_by_ttft_slo"][key] for rep in r["reps"]
+                            if key in rep.get("attainment_by_ttft_slo", {})]
+                    cells.append(f"{statistics.median(vals):.0%}" if vals else "–")
+                lines.append(f"| {s['name']} | {r['rate']} | " + " | ".join(cells) + " |")
+    if doc.get("overload"):
+        ks = [k for k, _ in doc["overload"]]
+        lines += ["", f"Overload: probes at {', '.join(f'{k:g}x' for k in ks)} the goodput of "
+                  f"{systems[0]['name']} ({', '.join(f'{r:g}' for _, r in doc['overload'])} req/s), every "
+                  "system at the same rates. In-SLO throughput: requests per second that met both SLOs "
+                  "(medians over the repetitions); the last column, at the highest multiple against the "
+                  "system's peak in-SLO throughput anywhere in the run (the goal with admission on: >= 90 %).",
+                  "", "| system | " + " | ".join(f"in-SLO req/s @ {k:g}x" for k in ks)
+                  + f" | @ {ks[-1]:g}x vs peak |", "|---|" + "---:|" * (len(ks) + 1)]
+        for s in systems:
+            by_k = {r["x_goodput"]: r for r in s["sweep"] if "x_goodput" in r}
+            peak = max((r["in_slo_rps"] for r in s["sweep"]), default=0.0)
+            cells = [f"{by_k[k]['in_slo_rps']:.2f}" if k in by_k else "–" for k in ks]
+            last = by_k.get(ks[-1])
+            held = f"{last['in_slo_rps'] / peak:.0%}" if last and peak > 0 else "–"
+            lines.append(f"| {s['name']} | " + " | ".join(cells) + f" | {held} |")
+    lines += ["", "Prediction error per node (TTFT by the node that prefilled, TPOT by the decode node; "
+              "p50 / p90, every request of every rate pooled):", ""]
+    for s in systems:
+        per: dict[str, dict[str, list[float]]] = {}
+        for r in s["sweep"]:
+            for rep in r["reps"]:
+                for metric, nodes in rep.get("prediction_error_by_node", {}).items():
+                    for node, e in nodes.items():
+                        per.setdefault(f"{metric} {node}", {"p50": [], "p90": []})
+                        per[f"{metric} {node}"]["p50"].append(e["p50"])
+                        per[f"{metric} {node}"]["p90"].append(e["p90"])
+        if per:
+            lines.append(f"- {s['name']}: " + ", ".join(
+                f"{key} {statistics.median(v['p50']):.0%} / {statistics.median(v['p90']):.0%}"
+                for key, v in sorted(per.items())))
     lines += ["", "![attainment](attainment_vs_rate.png)", "", "![latency](latency_cdfs.png)", "",
               "![goodput](goodput.png)", "", "## Systems as run", ""]
     for s in systems:
@@ -260,7 +333,8 @@ def add_compare_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--systems", default="tandem,tandem-noadmit,vllm-colocated,vllm-nixl,vllm-nixl-fixed",
-                    help="which systems, comma separated (tandem runs every P:D ratio that fits the cores): "
+                    help="which systems, comma separated, run in this order (tandem runs every P:D ratio "
+                         "that fits the cores): "
                          "tandem (admission on, conditional disaggregation on), tandem-headroom (admission "
                          "with 10 %% TPOT headroom), tandem-noadmit (admission off), tandem-disagg (both off: "
                          "always disaggregated, accepts everything), tandem-fifo (prefills sent at once, run "
@@ -271,6 +345,12 @@ def add_compare_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--slo-tpot", type=float, default=None)
     ap.add_argument("--k-ttft", type=float, default=5.0, help="preset: SLO TTFT = k x unloaded TTFT")
     ap.add_argument("--k-tpot", type=float, default=3.0, help="preset: SLO TPOT = k x unloaded TPOT")
+    ap.add_argument("--ttft-tiers", default="",
+                    help="SLO tiers: each request's TTFT objective is the run's times one of these, e.g. "
+                         "1,4 (half tight, half relaxed; seeded); attainment is against each one's own")
+    ap.add_argument("--overload", default="",
+                    help="also probe every system at these multiples of the first system's goodput, e.g. "
+                         "1,1.5,2 (goodput held under overload; the report has its table)")
     ap.add_argument("--probe-all", action="store_true",
                     help="probe every rate even after a system met no SLO at a lower one")
     ap.add_argument("--client-cores", default="auto",
@@ -285,6 +365,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from tandem.local.model import BENCH_SPEC, make_tiny_model, param_count
 
     args.rates = [float(r) for r in str(args.rates).split(",")]
+    args.ttft_tiers = [float(k) for k in str(args.ttft_tiers).split(",") if k.strip()]
     wanted = [s.strip() for s in args.systems.split(",")]
     known = {f"tandem{v}" for v in TANDEM_VARIANTS} | {"vllm-colocated", "vllm-nixl", "vllm-nixl-fixed"}
     if set(wanted) - known:
@@ -331,21 +412,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
     slo = (slo_doc["ttft_s"], slo_doc["tpot_s"])
     systems_doc = []
     starters = []
-    for variant in TANDEM_VARIANTS:
-        if f"tandem{variant}" in wanted:
+    for name in wanted:  # in the order given (run the same systems in reverse to see drift)
+        if name.startswith("tandem"):
+            variant = name.removeprefix("tandem")
             starters += [(f"tandem-{p}:{d}{variant}",
                           lambda p=p, d=d, v=variant: start_tandem(model, p, d, args.max_model_len, out, cores, v))
                          for p, d in ratios_for(len(cores))]
-    if "vllm-colocated" in wanted:
-        starters.append(("vllm-colocated", lambda: start_vllm_colocated(model, cores, args.max_model_len, out)))
-    for name, fixed in (("vllm-nixl", False), ("vllm-nixl-fixed", True)):
-        if name in wanted:
+        elif name == "vllm-colocated":
+            starters.append((name, lambda: start_vllm_colocated(model, cores, args.max_model_len, out)))
+        else:
+            fixed = name == "vllm-nixl-fixed"
             starters.append((name, lambda fixed=fixed: start_vllm_nixl(model, cores, args.max_model_len, out, fixed)))
+    multiples = [float(k) for k in str(args.overload).split(",") if k.strip()]
+    overload: list[tuple[float, float]] = []
     for name, start in starters:
         print(f"starting {name} ...", flush=True)
         system = start()
         try:
-            rows = sweep(system, args, slo)
+            rows = sweep(system, args, slo, overload)
+            if multiples and not overload:  # the first system: its goodput sets the overload rates
+                overload = overload_rates(multiples, rows, args.rates)
+                print(f"  overload probes at {overload} (multiple, req/s)", flush=True)
+                rows += sweep(system, args, slo, overload, warm=False, swept=False)
             facts = system.facts()
         finally:
             system.stop()
@@ -355,6 +443,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     doc = {"machine": f"{platform.platform()}, {len(all_cores)} cores", "client": PINNING.describe(), "model": model,
            "model_params_m": param_count(model) / 1e6, "workload": args.workload, "rates": args.rates,
            "duration_s": args.duration, "reps": args.reps, "slo": slo_doc, "systems": systems_doc,
+           "overload": overload, "ttft_tiers": args.ttft_tiers,
            "goodput_kind": "DistServe goodput from a rate sweep (highest swept rate with >= 90% attainment)"}
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     report = write_report(out, doc)

@@ -35,6 +35,9 @@ async def _openai_one(session: object, url: str, model: str, e: TraceEntry, t0: 
     import aiohttp
 
     rt = RequestTiming(sent=time.perf_counter() - t0, prompt_tokens=e.input_len)
+    if e.ttft_scale is not None and "x-slo-ttft-ms" in slo_headers:  # an SLO tier of its own
+        rt.slo_ttft = float(slo_headers["x-slo-ttft-ms"]) / 1000 * e.ttft_scale
+        slo_headers = {**slo_headers, "x-slo-ttft-ms": f"{rt.slo_ttft * 1000:.3f}"}
     body = {"model": model, "prompt": e.input_ids, "max_tokens": e.output_len, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     try:
@@ -43,12 +46,16 @@ async def _openai_one(session: object, url: str, model: str, e: TraceEntry, t0: 
             if resp.status != 200:
                 rt.ok, rt.error = False, f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 rt.rejected = resp.status == 429
+                # Tandem leaves Retry-After out when not even an idle node could meet the SLO.
+                rt.hopeless = rt.rejected and "retry-after" not in resp.headers
                 return rt
             # Tandem says what its admission predicted and where the prompt was prefilled.
             rt.predicted_ttft = _ms(resp.headers.get("x-tandem-predicted-ttft-ms"))
             rt.predicted_tpot = _ms(resp.headers.get("x-tandem-predicted-tpot-ms"))
             if "x-tandem-prefill" in resp.headers:
                 rt.local_prefill = resp.headers["x-tandem-prefill"] == "local"
+            rt.prefill_node = resp.headers.get("x-tandem-prefill-node", "")
+            rt.decode_node = resp.headers.get("x-tandem-decode-node", "")
             async for raw in resp.content:
                 line = raw.decode().strip()
                 if not line.startswith("data:"):
@@ -82,6 +89,9 @@ async def _grpc_one(stub: object, e: TraceEntry, t0: float, timeout_s: float,
     from tandem.proto import tandem_pb2 as pb
 
     rt = RequestTiming(sent=time.perf_counter() - t0, prompt_tokens=e.input_len)
+    if e.ttft_scale is not None and slo[0] is not None:  # an SLO tier of its own
+        rt.slo_ttft = slo[0] * e.ttft_scale
+        slo = (rt.slo_ttft, slo[1])
     req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=e.input_ids or []), sampling=pb.SamplingParams(
         max_tokens=e.output_len, temperature=0.0, ignore_eos=True))
     if slo[0] is not None:
@@ -101,18 +111,22 @@ async def _grpc_one(stub: object, e: TraceEntry, t0: float, timeout_s: float,
                 rt.predicted_ttft = t.predicted_ttft_s or None
                 rt.predicted_tpot = t.predicted_tpot_s or None
                 rt.local_prefill = t.local_prefill
+                rt.prefill_node, rt.decode_node = t.prefill_node, t.decode_node
                 rt.server = {"ttft_s": t.ttft_s, "dispatch_s": t.dispatch_s, "prefill_call_s": t.prefill_call_s,
                              "prefill_s": t.prefill_s}
     except grpc.aio.AioRpcError as exc:
         rt.ok, rt.error = False, f"{exc.code().name}: {exc.details()}"
         rt.rejected = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        trailers = dict(exc.trailing_metadata() or ())
+        rt.hopeless = rt.rejected and "retry-after" not in trailers
     return rt
 
 
 async def run_trace(target: str, entries: list[TraceEntry], *, model: str = "", timeout_s: float = 600.0,
                     on_done: object = None, slo: tuple[float | None, float | None] = (None, None)) -> RunResult:
     """Send every entry at its arrival time (relative to now); wait for all to finish. ``slo``
-    (seconds) goes with each request (x-slo-* headers, or GenerateRequest.slo): Tandem admits by
+    (seconds) goes with each request (x-slo-* headers, or GenerateRequest.slo), its TTFT
+    objective scaled by the entry's ``ttft_scale`` where it has one: Tandem admits and orders by
     it, other servers ignore it."""
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()

@@ -27,10 +27,14 @@ class RequestTiming:
     ok: bool = True
     error: str = ""
     rejected: bool = False  # refused by admission (HTTP 429 / RESOURCE_EXHAUSTED): a miss, not a failure
+    hopeless: bool = False  # refused without Retry-After: not even an idle node meets its SLO
     predicted_ttft: float | None = None  # Tandem's admission prediction, when the server says
     predicted_tpot: float | None = None
     local_prefill: bool | None = None  # Tandem: prefilled on its decode node
+    prefill_node: str = ""  # Tandem: the nodes the predictions were for
+    decode_node: str = ""
     server: dict[str, float] = field(default_factory=dict)  # Tandem over gRPC: the coordinator's own timings
+    slo_ttft: float | None = None  # its own TTFT objective, where it had one apart from the run's
 
     @property
     def ttft(self) -> float | None:
@@ -51,8 +55,10 @@ class RequestTiming:
         return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
 
     def meets(self, slo_ttft: float | None, slo_tpot: float | None) -> bool:
+        """Both objectives met (the TTFT objective: its own, where it had one)."""
         if not self.ok or self.ttft is None:
             return False
+        slo_ttft = self.slo_ttft if self.slo_ttft is not None else slo_ttft
         if slo_ttft is not None and self.ttft > slo_ttft:
             return False
         tpot = self.tpot
@@ -69,15 +75,39 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def _by_slo(reqs: list[RequestTiming]) -> dict[float, list[RequestTiming]]:
+    out: dict[float, list[RequestTiming]] = {}
+    for r in reqs:
+        if r.slo_ttft is not None:
+            out.setdefault(r.slo_ttft, []).append(r)
+    return dict(sorted(out.items()))
+
+
 def _dist(values: list[float]) -> dict[str, float]:
     return {"mean": sum(values) / len(values) if values else math.nan,
             "p50": percentile(values, 50), "p90": percentile(values, 90), "p99": percentile(values, 99)}
 
 
 def _error(pairs: list[tuple[float | None, float | None]]) -> dict[str, float]:
-    """|actual - predicted| / actual over the requests that have both."""
-    errs = [abs(a - p) / a for a, p in pairs if a is not None and p is not None and a > 0]
-    return {"n": len(errs), "p50": percentile(errs, 50), "p90": percentile(errs, 90)}
+    """|actual - predicted| / actual over the requests that have both; ``bias``: the median of
+    (predicted - actual) / actual (below 0: predictions too low)."""
+    signed = [(p - a) / a for a, p in pairs if a is not None and p is not None and a > 0]
+    errs = [abs(x) for x in signed]
+    return {"n": len(errs), "p50": percentile(errs, 50), "p90": percentile(errs, 90),
+            "bias": percentile(signed, 50)}
+
+
+def error_by_node(reqs: list[RequestTiming]) -> dict[str, dict[str, dict[str, float]]]:
+    """Prediction error per node: TTFT by the node that prefilled, TPOT by the decode node."""
+    out: dict[str, dict[str, dict[str, float]]] = {"ttft": {}, "tpot": {}}
+    for metric, node_of, pair in (("ttft", lambda r: r.prefill_node, lambda r: (r.ttft, r.predicted_ttft)),
+                                  ("tpot", lambda r: r.decode_node, lambda r: (r.tpot, r.predicted_tpot))):
+        by: dict[str, list[tuple[float | None, float | None]]] = {}
+        for r in reqs:
+            if r.ok and node_of(r):
+                by.setdefault(node_of(r), []).append(pair(r))
+        out[metric] = {node: e for node, pairs in sorted(by.items()) if (e := _error(pairs))["n"]}
+    return out
 
 
 def ttft_breakdown(reqs: list[RequestTiming]) -> dict[str, dict[str, float]]:
@@ -112,10 +142,12 @@ def summarize(reqs: list[RequestTiming], duration_s: float, slo_ttft: float | No
         "requests": len(reqs),
         "completed": len(ok),
         "rejected": sum(r.rejected for r in reqs),
+        "rejected_hopeless": sum(r.hopeless for r in reqs),
         "failed": len(reqs) - len(ok) - sum(r.rejected for r in reqs),
         "local_prefill_share": sum(local) / len(local) if local else math.nan,
         "prediction_error": {"ttft": _error([(r.ttft, r.predicted_ttft) for r in ok]),
                              "tpot": _error([(r.tpot, r.predicted_tpot) for r in ok])},
+        "prediction_error_by_node": error_by_node(reqs),
         "ttft_breakdown": ttft_breakdown(reqs),
         "duration_s": duration_s,
         "throughput_rps": len(ok) / duration_s if duration_s > 0 else math.nan,
@@ -126,6 +158,9 @@ def summarize(reqs: list[RequestTiming], duration_s: float, slo_ttft: float | No
         "e2e_s": _dist([r.e2e for r in ok if r.e2e is not None]),
         "slo": {"ttft_s": slo_ttft, "tpot_s": slo_tpot},
         "slo_attainment": len(met) / len(reqs) if reqs else math.nan,
+        # With SLO tiers: attainment per TTFT objective (ms).
+        "attainment_by_ttft_slo": {f"{t * 1000:.0f}": sum(r.meets(slo_ttft, slo_tpot) for r in rs) / len(rs)
+                                   for t, rs in _by_slo(reqs).items()},
         # vLLM's --goodput: requests per second that met every SLO, at this run's rate
         "goodput_at_rate_rps": len(met) / duration_s if duration_s > 0 else math.nan,
     }

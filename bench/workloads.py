@@ -29,6 +29,7 @@ class TraceEntry:
     prefix_id: int | None = None
     input_ids: list[int] | None = None
     hash_ids: list[int] | None = None
+    ttft_scale: float | None = None  # its TTFT objective is the run's times this (SLO tiers)
 
 
 def arrivals(rng: random.Random, rate: float, duration_s: float, burstiness: float = 1.0) -> list[float]:
@@ -116,6 +117,14 @@ def load_trace(path: str | Path) -> list[TraceEntry]:
                 raise ValueError(f"{path}:{n}: not a trace line: {exc}") from exc
     out.sort(key=lambda e: e.arrival_s)
     return out
+
+
+def assign_tiers(entries: list[TraceEntry], scales: list[float], seed: int) -> None:
+    """Give each entry one of ``scales`` (its TTFT objective = the run's x scale), seeded, in
+    equal shares on average: requests of several SLO tiers in one stream."""
+    rng = random.Random(f"tiers:{seed}")
+    for e in entries:
+        e.ttft_scale = rng.choice(scales)
 
 
 def materialize(entries: list[TraceEntry], seed: int, vocab_size: int, block_tokens: int = 512) -> None:

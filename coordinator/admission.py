@@ -103,17 +103,23 @@ def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None =
     model = node.model
     if not model.prefill.samples:
         return Estimate(node, None)
-    run_s = model.prefill_s(tokens)
+    f = node.factor("ttft")
+    run_s = model.prefill_s(tokens) * f
     where = order.predict(node, tokens, arrival, ttft_s) if order is not None else None
     if where is not None:
-        return Estimate(node, where.wait_s + run_s, run_s, queue_s=where.wait_s, pushes=where.pushes, detail=
-                        f"{node.node_id}: {where.wait_s * 1000:.0f} ms before its turn ({order.order} order) + "  # type: ignore[union-attr]
-                        f"prefill {run_s * 1000:.0f} ms")
+        wait_s = where.wait_s * f
+        return Estimate(node, wait_s + run_s, run_s, queue_s=wait_s, pushes=where.pushes, detail=
+                        f"{node.node_id}: {wait_s * 1000:.0f} ms before its turn ({order.order} order) + "  # type: ignore[union-attr]
+                        f"prefill {run_s * 1000:.0f} ms{_calibrated(f)}")
     queue = _prefill_queue(node, node.inflight)
-    queue_s = sum(model.prefill_s(t) for t in queue)
+    queue_s = sum(model.prefill_s(t) for t in queue) * f
     return Estimate(node, queue_s + run_s, run_s, queue_s=queue_s, detail=
                     f"{node.node_id}: queue {len(queue)} prompts {queue_s * 1000:.0f} ms + prefill "
-                    f"{run_s * 1000:.0f} ms")
+                    f"{run_s * 1000:.0f} ms{_calibrated(f)}")
+
+
+def _calibrated(f: float) -> str:
+    return f" (x{f:.2f}, learned)" if abs(f - 1.0) >= 0.005 else ""
 
 
 def _prefill_queue(node: NodeClient, own: dict[int, int]) -> list[int]:
@@ -145,6 +151,17 @@ def _stepper(node: NodeClient):  # type: ignore[no-untyped-def]
     return lambda b, ctx: node.model.step_s(b, ctx) / (1.0 - busy)
 
 
+def _life_load(node: NodeClient) -> tuple[float, float]:
+    """(streams, context tokens) a new request on this decode node decodes beside, on average
+    over its life: half the batch there now (its streams end as the request goes on) and half the
+    node's recent average (those that arrive meanwhile, in steady state: Little's law)."""
+    batch, context = _decode_load(node)
+    load = node.fresh_load()
+    if load is None or load.decode_batch_mean <= 0:
+        return float(batch), float(context)
+    return (batch + load.decode_batch_mean) / 2, (context + load.decode_context_mean) / 2
+
+
 def decode_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int) -> Estimate:
     """Mean time per output token after the first, for a request of ``max_tokens`` (>= 2)."""
     model = node.model
@@ -152,15 +169,19 @@ def decode_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int) -> Es
         return Estimate(node, None)
     step = _stepper(node)
     batch, context = _decode_load(node)
+    life_batch, life_context = _life_load(node)
     mine = prompt_tokens + max_tokens // 2  # its mean context over the steps
     block = int(node.record.layout.get("block_size", 1) or 1)
     kv = -(-prompt_tokens // block) * block * kv_bytes_per_token(node.record.layout)
     # The fetch plus its first step; with no transfer samples yet, one step stands in for it.
     first = model.transfer_s(kv) if model.transfer.samples else model.step_s(batch + 1, context + mine)
-    busy = (first + (max_tokens - 2) * step(batch + 1, context + mine)) / (max_tokens - 1)
-    idle = (first + (max_tokens - 2) * model.step_s(1, mine)) / (max_tokens - 1)
-    return Estimate(node, busy, idle, f"{node.node_id}: batch {batch} + 1, step {step(batch + 1, context + mine) * 1000:.1f} ms, "
-                                      f"KV {kv >> 10} KiB in {first * 1000:.0f} ms")
+    f = node.factor("tpot")
+    each = step(life_batch + 1, life_context + mine)
+    busy = (first + (max_tokens - 2) * each) / (max_tokens - 1) * f
+    idle = (first + (max_tokens - 2) * model.step_s(1, mine)) / (max_tokens - 1) * f
+    return Estimate(node, busy, idle, f"{node.node_id}: batch {batch} now, {life_batch:.1f} + 1 over its life, step "
+                                      f"{each * 1000:.1f} ms, KV {kv >> 10} KiB in {first * 1000:.0f} ms"
+                                      f"{_calibrated(f)}")
 
 
 @dataclass
@@ -189,22 +210,26 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int) -> Loc
     step = _stepper(node)
     batch, context = _decode_load(node)
     load = node.fresh_load()
+    f = node.factor("ttft_local")
     queue = _prefill_queue(node, node.prefilling)
-    queue_s = sum(model.prefill_s(t) for t in queue)
-    run_s = model.prefill_s(prompt_tokens)
+    queue_s = sum(model.prefill_s(t) for t in queue) * f
+    run_s = model.prefill_s(prompt_tokens) * f
     step_tokens = (load.step_tokens if load is not None else 0) or DEFAULT_STEP_TOKENS
     chunks = -(-(sum(queue) + prompt_tokens) // step_tokens)
     # Its chunks' steps carry the batch too (the fitted step: that is what a step beside a chunk costs).
-    beside_s = chunks * max(0.0, model.step_s(batch, context) - model.step_s(0, 0)) if batch else 0.0
+    beside_s = chunks * max(0.0, model.step_s(batch, context) - model.step_s(0, 0)) * f if batch else 0.0
     ttft = Estimate(node, queue_s + run_s + beside_s, run_s, queue_s=queue_s, detail=
                     f"{node.node_id} (prefill here): queue {len(queue)} prompts {queue_s * 1000:.0f} ms + prefill "
-                    f"{run_s * 1000:.0f} ms + {chunks} steps beside a batch of {batch} {beside_s * 1000:.0f} ms")
+                    f"{run_s * 1000:.0f} ms + {chunks} steps beside a batch of {batch} {beside_s * 1000:.0f} ms"
+                    f"{_calibrated(f)}")
     tpot = None
     if max_tokens > 1:
         mine = prompt_tokens + max_tokens // 2
-        tpot = Estimate(node, step(batch + 1, context + mine), model.step_s(1, mine),
-                        f"{node.node_id} (prefill here): batch {batch} + 1, "
-                        f"step {step(batch + 1, context + mine) * 1000:.1f} ms")
+        life_batch, life_context = _life_load(node)
+        ft = node.factor("tpot")
+        tpot = Estimate(node, step(life_batch + 1, life_context + mine) * ft, model.step_s(1, mine) * ft,
+                        f"{node.node_id} (prefill here): batch {batch} now, {life_batch:.1f} + 1 over its life, "
+                        f"step {step(life_batch + 1, life_context + mine) * 1000:.1f} ms{_calibrated(ft)}")
     harm = (run_s + beside_s) / max(max_tokens, MIN_OTHERS_TOKENS) if batch else 0.0
     return LocalEstimate(ttft, tpot, harm)
 

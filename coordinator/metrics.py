@@ -13,7 +13,7 @@ TPOT = Histogram("vllm:request_time_per_output_token_seconds", "Mean time per ou
 ITL = Histogram("vllm:inter_token_latency_seconds", "Gap between consecutive tokens sent", buckets=_TOK)
 E2E = Histogram("vllm:e2e_request_latency_seconds", "Request received to last token sent", buckets=_LAT)
 QUEUE = Histogram("vllm:request_queue_time_seconds",
-                  "Request received to prefill started (validation, tokenizing, routing)", buckets=_TOK)
+                  "Request received to its prefill call sent (admission, routing, its turn at the prefill node)", buckets=_TOK)
 PREFILL = Histogram("tandem_prefill_call_seconds", "Prefill call as the coordinator sees it", buckets=_LAT)
 RUNNING = Gauge("tandem_requests_running", "Requests the coordinator is serving now")
 REQUESTS = Counter("tandem_requests", "Requests by how they ended", ["status"])
@@ -27,6 +27,8 @@ NODES_DOWN = Counter("tandem_nodes_marked_down", "Times a node was taken out of 
 ADMISSIONS = Counter("tandem_admission_decisions", "New requests by admission's decision: admitted, rejected, "
                      "over_slo_admitted (admission off), unpredicted (no node model yet), over_quota, "
                      "batch_admitted, batch_queue_full, batch_expired", ["decision"])
+CALIBRATION = Gauge("tandem_prediction_calibration", "Factor a node's predictions are multiplied by, learned "
+                    "online from its finished requests (kind: ttft, ttft_local, tpot)", ["node", "kind"])
 BATCH_QUEUE = Gauge("tandem_batch_queue_depth", "Batch requests waiting at the coordinator for spare capacity")
 PREDICTION_ERROR = Histogram("tandem_prediction_error_ratio",
                              "|actual - predicted| / actual for each request's TTFT and TPOT", ["metric"],

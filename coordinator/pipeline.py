@@ -60,6 +60,7 @@ class Prepared:
     plan: Plan | None = None  # admission's, once run() has started
     priority: str = "interactive"  # or "batch" (traffic.py)
     tenant: str = ""
+    prefill_sent_at: float = 0.0  # perf_counter when its latest Prefill call went out
 
     def plan_headers(self) -> dict[str, str]:
         """What admission predicted and chose, for the HTTP response's headers."""
@@ -70,6 +71,12 @@ class Prepared:
             if self.plan.tpot_s is not None:
                 out["x-tandem-predicted-tpot-ms"] = f"{self.plan.tpot_s * 1000:.2f}"
             out["x-tandem-prefill"] = "local" if self.plan.local else "disaggregated"
+            # The nodes the predictions are for (a retry or migration may move it later).
+            prefill = self.plan.decode if self.plan.local else self.plan.prefill
+            if prefill is not None:
+                out["x-tandem-prefill-node"] = prefill.node_id
+            if self.plan.decode is not None:
+                out["x-tandem-decode-node"] = self.plan.decode.node_id
         return out
 
     @property
@@ -99,7 +106,7 @@ class FinishEvent:
     migrations: int = 0
     predicted_ttft_s: float = 0.0  # admission's prediction for the nodes it chose (0: none)
     predicted_tpot_s: float = 0.0
-    dispatch_s: float = 0.0  # received -> the first prefill (or local decode) call sent: validation, admission, routing
+    dispatch_s: float = 0.0  # received -> the first prefill (or local decode) call sent: admission, routing, its turn
     prefill_call_s: float = 0.0  # that call, as the coordinator saw it, until the first token came
     local_prefill: bool = False  # its decode node prefilled it (conditional disaggregation)
 
@@ -284,7 +291,7 @@ class Pipeline:
                     first = plan.decode if leg == 0 and plan.decode and self.router.routable(plan.decode) else None
                     dnode = legs_end.enter_context(self.router.track(first or await self.router.acquire("decode", avoid),
                                                                      len(context)))
-                if leg == 0:
+                if leg == 0 and local:  # its call goes now (a prefill node's: after its turn there)
                     out.dispatch_s = time.perf_counter() - req.received
                     m.QUEUE.observe(out.dispatch_s)
                 consumed = False  # a completed decode fetched (and so freed) the handle's blocks
@@ -306,7 +313,9 @@ class Pipeline:
                                 await self.router.acquire("decode", avoid), len(context)))
                         if leg == 0:
                             out.prefill_s, out.prefill_node = pre.prefill_s, pnode.node_id
-                            out.prefill_call_s = time.perf_counter() - req.received - out.dispatch_s
+                            out.dispatch_s = req.prefill_sent_at - req.received
+                            m.QUEUE.observe(out.dispatch_s)
+                            out.prefill_call_s = time.perf_counter() - req.prefill_sent_at
                         ev, stop = prog.take([pre.first_token])
                         yield ev
                         if stop is not None:
@@ -361,13 +370,19 @@ class Pipeline:
             yield TokenEvent([], tail)
         out.e2e_s = time.perf_counter() - req.received
         m.E2E.observe(out.e2e_s)
+        # Every prediction is scored, and teaches the node it was made for (when the request ran there).
         if out.ttft_s > 0 and out.predicted_ttft_s:
             m.PREDICTION_ERROR.labels("ttft").observe(abs(out.ttft_s - out.predicted_ttft_s) / out.ttft_s)
+            where = plan.decode if plan.local else plan.prefill
+            if where is not None and where.node_id == out.prefill_node:
+                where.calibrate("ttft_local" if plan.local else "ttft", out.predicted_ttft_s, out.ttft_s)
         if out.completion_tokens > 1:
             tpot = (prog.last_token_at - req.received - out.ttft_s) / (out.completion_tokens - 1)
             m.TPOT.observe(tpot)
             if out.predicted_tpot_s and not leg and tpot > 0:
                 m.PREDICTION_ERROR.labels("tpot").observe(abs(tpot - out.predicted_tpot_s) / tpot)
+                if plan.decode is not None and plan.decode.node_id == out.decode_node:
+                    plan.decode.calibrate("tpot", out.predicted_tpot_s, tpot)
         logger.info("request %s: %s after %d tokens (ttft %.3f s, e2e %.3f s, prefill %s, decode %s, "
                     "migrations %d)", rid, out.reason, out.completion_tokens, out.ttft_s, out.e2e_s,
                     out.prefill_node, out.decode_node or "-", leg)
@@ -431,14 +446,14 @@ class Pipeline:
             call = None
             try:
                 with self.router.track(node, len(context)):
-                    async with order.turn(node, turn):
+                    async with order.turn(node, turn, req.deadline):
                         call = node.stub.Prefill(  # type: ignore[attr-defined]
                             pb.PrefillRequest(request_id=f"{req.request_id}-p{leg}.{attempt}",
                                               prompt_token_ids=context,
                                               sampling=to_proto(sampling, pb.SamplingParams), hold_kv=hold_kv,
                                               priority=order.engine_priority(node, turn)),
                             timeout=self._timeout(req, self.cfg.prefill_timeout_s))
-                        t0 = time.perf_counter()
+                        t0 = req.prefill_sent_at = time.perf_counter()
                         resp = await self.watch.wait(call, node, orphaned)
             except NodeGone as gone:
                 logger.info("request %s: %s; another node", req.request_id, gone)

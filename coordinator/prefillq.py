@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from tandem.errors import DeadlineExceeded
+
 from .router import NodeClient, Router
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ class Entry:
     deadline: float  # perf_counter
     run_s: float  # its prefill there, as the node's model predicts (0: no model)
     urgent: bool = False  # a migrated leg: first
+    has_slo: bool = True  # False: its deadline is NO_SLO_S after arrival, no objective of its own
     seq: int = 0
     queued: float = field(default_factory=time.perf_counter)
     started: float = 0.0
@@ -100,7 +103,7 @@ def schedule(entries: list[Entry], start: float) -> tuple[list[Entry], list[Entr
 @dataclass
 class Prediction:
     wait_s: float  # from now until its prefill starts
-    pushes: int  # queued requests it would make miss their deadline
+    pushes: int  # how many more queued requests would miss their TTFT objective with it than without
 
 
 class _NodeQueue:
@@ -122,7 +125,7 @@ class PrefillOrder:
         self.router = router
         self.order = order
         self.depth = depth
-        self._queues: dict[str, _NodeQueue] = {}
+        self._queues: dict[tuple[str, str], _NodeQueue] = {}  # (node id, engine id): a restart is a new queue
         self._seq = itertools.count()
         self._warned: set[str] = set()
 
@@ -136,7 +139,7 @@ class PrefillOrder:
         model = node.model
         run_s = model.prefill_s(tokens) if model.prefill.samples else 0.0
         deadline = arrival + (ttft_s if ttft_s is not None else NO_SLO_S)
-        return Entry(rid, tokens, arrival, deadline, run_s, urgent, next(self._seq))
+        return Entry(rid, tokens, arrival, deadline, run_s, urgent, ttft_s is not None, next(self._seq))
 
     def engine_priority(self, node: NodeClient, e: Entry) -> int:
         """For ``engine``: vLLM runs the lowest first; milliseconds of wall-clock deadline (the
@@ -152,8 +155,9 @@ class PrefillOrder:
 
     def predict(self, node: NodeClient, tokens: int, arrival: float, ttft_s: float | None) -> Prediction | None:
         """Where a new request would wait on ``node``; None where this coordinator keeps no
-        queue for it (``fifo``) or nothing is queued."""
-        q = self._queues.get(node.node_id)
+        queue for it (``fifo``) or nothing is queued. With ``engine`` nobody is counted as
+        pushed: vLLM orders what it holds, the coordinator only sends."""
+        q = self._queues.get(_key(node))
         if self.order == "fifo" or q is None or not (q.waiting or q.running):
             return None
         now = time.perf_counter()
@@ -164,19 +168,27 @@ class PrefillOrder:
             ahead = [e for e in q.running[1:] if e.urgent or e.deadline <= new.deadline]
             start = _NodeQueue.start_at(_one(q.running[:1]), now)
             return Prediction(start - now + sum(e.run_s for e in ahead), 0)
-        start = q.start_at(now)
-        before, before_late = schedule(q.waiting, start)
-        on_time, late = schedule([*q.waiting, new], start)
-        pushes = sum(1 for e in late if e is not new and e not in before_late)
+        # Those starved go first (_next), then the schedule.
+        starved = [e for e in q.waiting if _starved(e, now)]
+        rest = [e for e in q.waiting if not _starved(e, now)]
+        start = q.start_at(now) + sum(e.run_s for e in starved)
+        _, before_late = schedule(rest, start)
+        on_time, late = schedule([*rest, new], start)
+        # Moore-Hodgson may swap whom it gives up: what counts is how many more miss with it
+        # (only those with an objective of their own).
+        pushes = max(0, sum(e.has_slo for e in late if e is not new) - sum(e.has_slo for e in before_late))
         order = on_time + late
         ahead = order[:order.index(new)]
         return Prediction(start - now + sum(e.run_s for e in ahead), pushes)
 
     @asynccontextmanager
-    async def turn(self, node: NodeClient, e: Entry) -> AsyncIterator[None]:
+    async def turn(self, node: NodeClient, e: Entry, give_up_at: float | None = None) -> AsyncIterator[None]:
         """Hold ``e`` until it may go to ``node``, and for as long as its call runs there.
-        NodeGone when the node leaves routing while it waits."""
-        q = self._queues.setdefault(node.node_id, _NodeQueue())
+        NodeGone when the node leaves routing before its turn (or as it comes: a node that just
+        failed a call wakes the next one before the caller has marked it down);
+        DeadlineExceeded at ``give_up_at`` (perf_counter; the client's deadline)."""
+        key = _key(node)
+        q = self._queues.setdefault(key, _NodeQueue())
         if not self.holds:
             e.started = time.perf_counter()
             q.running.append(e)
@@ -184,19 +196,28 @@ class PrefillOrder:
                 yield
             finally:
                 q.running.remove(e)
-                self._forget(node.node_id, q)
+                self._forget(key, q)
             return
         q.waiting.append(e)
         WAITING.inc()
         try:
             self._pump(q)
-            while not e.go.is_set():
+            while True:
                 if not self.router.routable(node):
                     raise NodeGone(f"prefill node {node.node_id} left routing while request {e.rid} waited")
+                if e.go.is_set():
+                    break
+                left = None if give_up_at is None else give_up_at - time.perf_counter()
+                if left is not None and left <= 0:
+                    raise DeadlineExceeded(f"the client's deadline passed while request {e.rid} waited "
+                                           f"{time.perf_counter() - e.queued:.1f} s for prefill node {node.node_id}")
                 try:
-                    await asyncio.wait_for(e.go.wait(), ROUTABLE_POLL_S)
+                    await asyncio.wait_for(e.go.wait(), ROUTABLE_POLL_S if left is None else min(left, ROUTABLE_POLL_S))
                 except TimeoutError:
                     pass
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # Python 3.11's wait_for can swallow a cancel
+                    raise asyncio.CancelledError()
         except BaseException:
             if e in q.waiting:
                 q.waiting.remove(e)
@@ -204,7 +225,7 @@ class PrefillOrder:
             elif e in q.running:  # picked just as it gave up
                 q.running.remove(e)
             self._pump(q)
-            self._forget(node.node_id, q)
+            self._forget(key, q)
             raise
         WAIT.observe(e.started - e.queued)
         try:
@@ -212,7 +233,7 @@ class PrefillOrder:
         finally:
             q.running.remove(e)
             self._pump(q)
-            self._forget(node.node_id, q)
+            self._forget(key, q)
 
     def _pump(self, q: _NodeQueue) -> None:
         """Send the next requests while the node has room for them."""
@@ -227,15 +248,23 @@ class PrefillOrder:
 
     def _next(self, q: _NodeQueue, now: float) -> Entry:
         # A request late for longer than its own objective goes first: late ones are not starved.
-        starved = [e for e in q.waiting if not e.urgent and now > e.deadline + e.budget]
+        starved = [e for e in q.waiting if _starved(e, now)]
         if starved and not any(e.urgent for e in q.waiting):
             return _late(min(starved, key=lambda e: e.seq), now)
         on_time, late = schedule(q.waiting, q.start_at(now))
         return on_time[0] if on_time else _late(late[0], now)
 
-    def _forget(self, node_id: str, q: _NodeQueue) -> None:
-        if not q.waiting and not q.running and self._queues.get(node_id) is q:
-            del self._queues[node_id]
+    def _forget(self, key: tuple[str, str], q: _NodeQueue) -> None:
+        if not q.waiting and not q.running and self._queues.get(key) is q:
+            del self._queues[key]
+
+
+def _key(node: NodeClient) -> tuple[str, str]:
+    return node.node_id, node.record.engine_id
+
+
+def _starved(e: Entry, now: float) -> bool:
+    return not e.urgent and now > e.deadline + e.budget
 
 
 def _late(e: Entry, now: float) -> Entry:

@@ -25,8 +25,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 from collections.abc import Iterator
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -47,6 +49,10 @@ logger = logging.getLogger(__name__)
 PROBE_INTERVAL_S = 0.5
 PROBE_MAX_INTERVAL_S = 5.0
 LOAD_STALE_S = 5.0  # a load message older than this no longer counts (the stream broke)
+CALIBRATION_RATE = 0.1  # share of a finished request's log error a node's prediction factor moves by
+MAX_LOG_ERR = math.log(2.0)  # one request moves it by at most this (times the rate)
+MAX_LOG_BIAS = math.log(3.0)  # the factor stays within 1/3 .. 3
+CALIBRATION = m.CALIBRATION
 _keys = itertools.count()
 
 
@@ -62,6 +68,9 @@ class NodeClient:
     model: ModelView = field(default_factory=ModelView)
     inflight: dict[int, int] = field(default_factory=dict)  # this coordinator's requests there -> tokens
     prefilling: dict[int, int] = field(default_factory=dict)  # of those, local prefills not done yet -> tokens
+    # Online bias correction of this node's predictions, per kind (ttft, ttft_local, tpot): the log of
+    # a factor, moved towards log(actual / predicted) by every request that finished (see calibrate).
+    bias: dict[str, float] = field(default_factory=dict)
     stub: object = field(init=False)
     health: object = field(init=False)
     monitor: object = field(init=False)
@@ -84,6 +93,23 @@ class NodeClient:
         fits = {f.name: FitView(tuple(f.terms), tuple(f.coefficients), int(f.samples)) for f in msg.fits}
         empty = FitView((), (), 0)
         self.model = ModelView(fits.get("prefill", empty), fits.get("decode", empty), fits.get("transfer", empty))
+
+    def factor(self, kind: str) -> float:
+        """What this node's ``kind`` predictions are multiplied by (1 until requests finished)."""
+        return math.exp(self.bias.get(kind, 0.0))
+
+    def calibrate(self, kind: str, predicted_s: float, actual_s: float) -> None:
+        """One finished request: ``predicted_s`` (as admission gave it, this factor included)
+        against what it took. The factor moves by CALIBRATION_RATE of the log error (at most
+        log 2 a request), so a steady bias of the fitted model (time it leaves out: the node's
+        daemon, the relay, the wait for the step running when a request arrives) is learned in
+        some tens of requests, and one outlier moves it little."""
+        if predicted_s <= 0 or actual_s <= 0:
+            return
+        err = max(-MAX_LOG_ERR, min(MAX_LOG_ERR, math.log(actual_s / predicted_s)))
+        b = max(-MAX_LOG_BIAS, min(MAX_LOG_BIAS, self.bias.get(kind, 0.0) + CALIBRATION_RATE * err))
+        self.bias[kind] = b
+        CALIBRATION.labels(self.node_id, kind).set(math.exp(b))
 
     @property
     def node_id(self) -> str:
@@ -113,6 +139,9 @@ class Router:
         if record is None:
             if old is not None:
                 _stop_watching(old)
+                for kind in old.bias:
+                    with contextlib.suppress(KeyError):
+                        CALIBRATION.remove(node_id, kind)
                 # In-flight calls keep their channel until they end; new ones never see it.
                 self._left_at[old.record.role] = time.monotonic()
                 logger.info("routing: removed %s node %s", old.record.role, node_id)

@@ -181,7 +181,7 @@ class PerfFit(_message.Message):
     def __init__(self, name: _Optional[str] = ..., terms: _Optional[_Iterable[str]] = ..., coefficients: _Optional[_Iterable[float]] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class NodeLoad(_message.Message):
-    __slots__ = ("node_id", "engine_id", "prefill_queue", "decode_batch", "decode_context", "decode_waiting", "fits", "sent_at", "step_tokens", "prefill_busy")
+    __slots__ = ("node_id", "engine_id", "prefill_queue", "decode_batch", "decode_context", "decode_waiting", "fits", "sent_at", "step_tokens", "prefill_busy", "decode_batch_mean", "decode_context_mean")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_QUEUE_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +192,8 @@ class NodeLoad(_message.Message):
     SENT_AT_FIELD_NUMBER: _ClassVar[int]
     STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_BUSY_FIELD_NUMBER: _ClassVar[int]
+    DECODE_BATCH_MEAN_FIELD_NUMBER: _ClassVar[int]
+    DECODE_CONTEXT_MEAN_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     engine_id: str
     prefill_queue: _containers.RepeatedScalarFieldContainer[int]
@@ -202,7 +204,9 @@ class NodeLoad(_message.Message):
     sent_at: float
     step_tokens: int
     prefill_busy: float
-    def __init__(self, node_id: _Optional[str] = ..., engine_id: _Optional[str] = ..., prefill_queue: _Optional[_Iterable[int]] = ..., decode_batch: _Optional[int] = ..., decode_context: _Optional[int] = ..., decode_waiting: _Optional[int] = ..., fits: _Optional[_Iterable[_Union[PerfFit, _Mapping]]] = ..., sent_at: _Optional[float] = ..., step_tokens: _Optional[int] = ..., prefill_busy: _Optional[float] = ...) -> None: ...
+    decode_batch_mean: float
+    decode_context_mean: float
+    def __init__(self, node_id: _Optional[str] = ..., engine_id: _Optional[str] = ..., prefill_queue: _Optional[_Iterable[int]] = ..., decode_batch: _Optional[int] = ..., decode_context: _Optional[int] = ..., decode_waiting: _Optional[int] = ..., fits: _Optional[_Iterable[_Union[PerfFit, _Mapping]]] = ..., sent_at: _Optional[float] = ..., step_tokens: _Optional[int] = ..., prefill_busy: _Optional[float] = ..., decode_batch_mean: _Optional[float] = ..., decode_context_mean: _Optional[float] = ...) -> None: ...
 
 class KVHandle(_message.Message):
     __slots__ = ("engine_id", "address", "remote_request_id", "block_ids", "num_tokens", "lease_deadline")

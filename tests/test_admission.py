@@ -276,3 +276,37 @@ def test_idle_nodes_whose_fits_differ_take_turns_and_a_queue_still_decides() -> 
         with r.track(r._nodes["p0"]):
             assert Admission(r, local=False).plan("r", 100, 16, Slo()).prefill.node_id == "p0"
     run(go)
+
+
+def test_a_nodes_steady_bias_is_learned_from_finished_requests_and_outliers_move_it_little() -> None:
+    def go():
+        r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(fits=fits())})
+        node = r._nodes["p0"]
+        raw = prefill_estimate(node, 100).seconds  # 0.01 + 0.1 = 0.11 s
+        assert raw == pytest.approx(0.11) and node.factor("ttft") == 1.0
+        # Every request takes 30 % longer than the fit says (time the fit leaves out).
+        for _ in range(80):
+            node.calibrate("ttft", prefill_estimate(node, 100).seconds, raw * 1.3)
+        assert node.factor("ttft") == pytest.approx(1.3, rel=0.02)
+        assert prefill_estimate(node, 100).seconds == pytest.approx(raw * node.factor("ttft"))
+        assert "learned" in prefill_estimate(node, 100).detail
+        # One request 100x off moves the factor by at most 2 ** 0.1.
+        before = node.factor("ttft")
+        node.calibrate("ttft", raw * before, raw * 100)
+        assert node.factor("ttft") / before == pytest.approx(2 ** 0.1)
+        # Kinds are apart: the decode node's TPOT is untouched.
+        assert r._nodes["d0"].factor("tpot") == 1.0
+    run(go)
+
+
+def test_tpot_counts_the_batch_over_the_requests_life_not_only_now() -> None:
+    def go():
+        # Two streams now, ten on average lately: over its life it decodes beside (2 + 10) / 2 = 6.
+        r = cluster({"p0": pb.NodeLoad(fits=fits()),
+                     "d0": pb.NodeLoad(decode_batch=2, decode_context=200, decode_batch_mean=10.0,
+                                       decode_context_mean=1000.0, fits=fits(decode=(0.005, 0.001, 0.0)))})
+        d = decode_estimate(r._nodes["d0"], 100, 11)
+        # No transfer samples: the first step (batch now + 1) stands in for the fetch.
+        assert d.seconds == pytest.approx((0.005 + 0.001 * 3 + 9 * (0.005 + 0.001 * 7)) / 10)
+        assert "6.0 + 1 over its life" in d.detail
+    run(go)

@@ -74,6 +74,9 @@ def test_compare_sweep_stops_after_a_rate_where_nothing_met_the_slo() -> None:
         rows = sweep(system, args, (0.001, 1.0))
         assert [r["rate"] for r in rows] == [5.0] and rows[0]["attainment_median"] == 0
         assert goodput_from_sweep(rows) == 0.0
+        # Overload probes run whatever came before, and say their multiple.
+        over = sweep(system, args, (0.001, 1.0), [(1.5, 7.5)], warm=False, swept=False)
+        assert [(r["rate"], r["x_goodput"]) for r in over] == [(7.5, 1.5)] and over[0]["in_slo_rps"] == 0
         args.probe_all = True
         easy = sweep(system, args, (5.0, 1.0))  # everything meets: every rate is probed
         assert [r["rate"] for r in easy] == [5.0, 10.0, 40.0] and easy[0]["attainment_median"] == 1.0

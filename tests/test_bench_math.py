@@ -121,7 +121,40 @@ def test_refused_requests_are_misses_and_predictions_are_scored() -> None:
     assert s["local_prefill_share"] == 0.5
     err = s["prediction_error"]
     assert err["ttft"]["n"] == 2 and err["ttft"]["p50"] == pytest.approx(0.35)
+    assert err["ttft"]["bias"] == pytest.approx((-0.2 + 0.5) / 2)  # one 20 % low, one 50 % high
     assert err["tpot"]["n"] == 1 and err["tpot"]["p50"] == pytest.approx(0.0, abs=1e-9)
+    # Per node: TTFT by the node that prefilled, TPOT by the decode node; nodes unknown are left out.
+    a.prefill_node, a.decode_node, b.prefill_node = "p0", "d0", "p1"
+    by = summarize([a, b, refused], 10.0, 1.0, 1.0)["prediction_error_by_node"]
+    assert by["ttft"]["p0"]["p50"] == pytest.approx(0.2) and by["ttft"]["p1"]["p50"] == pytest.approx(0.5)
+    assert list(by["tpot"]) == ["d0"] and by["tpot"]["d0"]["n"] == 1
+
+
+def test_the_report_has_the_overload_table_and_errors_per_node(tmp_path: Path) -> None:
+    from tandem.bench.compare import write_report
+
+    def probe(rate: float, met: int, x: float | None = None) -> dict:
+        # The ones that miss, miss their TPOT (2 s a token); every TTFT is 0.2 s, predicted 0.24.
+        reqs = [req(i * 0.1, i * 0.1 + 0.2, 0.01 if i < met else 2.0, 5) for i in range(10)]
+        for r in reqs:
+            r.predicted_ttft, r.prefill_node, r.decode_node = 0.24, "p0", "d0"
+        s = summarize(reqs, 10.0, 1.0, 1.0)
+        s.update(client_cpu_share=0.1, ttft_values=[r.ttft for r in reqs], tpot_values=[r.tpot for r in reqs])
+        row = {"rate": rate, "attainment_median": met / 10, "attainment_min": met / 10,
+               "attainment_max": met / 10, "reps": [s], "in_slo_rps": s["goodput_at_rate_rps"]}
+        if x is not None:
+            row["x_goodput"] = x
+        return row
+
+    system = {"name": "tandem-1:1", "version": "t", "commands": [], "goodput_rps": 1.0,
+              "sweep": [probe(1.0, 10), probe(2.0, 9, 2.0), probe(1.0, 10, 1.0)]}
+    doc = {"machine": "m", "client": "c", "model": "x", "model_params_m": 1.0, "workload": "chat",
+           "duration_s": 10, "reps": 1, "rates": [1.0], "systems": [system], "overload": [(1.0, 1.0), (2.0, 2.0)],
+           "slo": {"ttft_s": 1.0, "tpot_s": 1.0, "how": "given"}}
+    text = write_report(tmp_path, doc).read_text()
+    # 9 of 10 in SLO over 10 s at 2x, against a peak of 10 in 10 s: 90 % held.
+    assert "| tandem-1:1 | 1.00 | 0.90 | 90% |" in text
+    assert "ttft p0 20% / 20%" in text and (tmp_path / "attainment_vs_rate.png").exists()
 
 
 def test_the_ttft_breakdown_adds_up_to_what_the_client_saw() -> None:
@@ -132,3 +165,17 @@ def test_the_ttft_breakdown_adds_up_to_what_the_client_saw() -> None:
     assert got == pytest.approx({"dispatch": 0.01, "call_overhead": 0.1, "prefill": 0.3, "relay": 0.04,
                                  "client": 0.05})
     assert sum(got.values()) == pytest.approx(r.ttft)
+
+
+def test_slo_tiers_are_seeded_and_each_request_is_judged_by_its_own() -> None:
+    from tandem.bench.workloads import assign_tiers
+
+    a, b = (generate("chat", rate=5, duration_s=20, seed=1, with_ids=False) for _ in range(2))
+    assign_tiers(a, [1.0, 4.0], seed=7)
+    assign_tiers(b, [1.0, 4.0], seed=7)
+    assert [e.ttft_scale for e in a] == [e.ttft_scale for e in b]
+    assert {e.ttft_scale for e in a} == {1.0, 4.0}
+    tight, relaxed = req(0, 0.5, 0.01, 3), req(0, 0.5, 0.01, 3)  # both 0.5 s to the first token
+    tight.slo_ttft, relaxed.slo_ttft = 0.2, 0.8
+    s = summarize([tight, relaxed], 10.0, 0.2, 1.0)
+    assert s["slo_attainment"] == 0.5 and s["attainment_by_ttft_slo"] == {"200": 0.0, "800": 1.0}

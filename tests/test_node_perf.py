@@ -166,3 +166,27 @@ def test_prefill_busy_is_the_share_of_recent_time_with_a_prefill_running() -> No
         assert perf.load().prefill_busy == pytest.approx(0.4)  # the running one counts so far
     clock.t += 20.0
     assert perf.prefill_busy(window_s=10.0) == 0.0  # all of it out of the window
+
+
+def test_the_decode_batch_is_also_reported_as_a_moving_average() -> None:
+    import math
+
+    from tandem.node import perf as perf_mod
+
+    clock = Clock()
+    perf = NodePerf(clock)
+    clock.t += 30.0  # idle: the average stays 0
+    assert perf.decode_means() == (0.0, 0.0)
+    for rid in ("a", "b"):
+        perf.decode_started(rid, 100)
+        perf.decode_output(rid, 1)  # both join the batch: 2 streams, 202 context tokens
+    clock.t += perf_mod.BATCH_MEAN_S  # one time constant later
+    batch, context = perf.decode_means()
+    assert batch == pytest.approx(2 * (1 - math.exp(-1)))
+    assert context == pytest.approx(202 * (1 - math.exp(-1)))
+    load = perf.load()
+    assert load.decode_batch == 2 and load.decode_batch_mean == pytest.approx(batch)
+    perf.decode_ended("a")
+    perf.decode_ended("b")
+    clock.t += 100 * perf_mod.BATCH_MEAN_S  # long idle again: back to about 0
+    assert perf.decode_means()[0] == pytest.approx(0.0, abs=1e-6)

@@ -13,14 +13,14 @@ import pytest
 from tandem.coordinator import prefillq
 from tandem.coordinator.admission import Admission, Slo, prefill_estimate
 from tandem.coordinator.prefillq import Entry, NodeGone, PrefillOrder, schedule
-from tandem.errors import Rejected
+from tandem.errors import DeadlineExceeded, Rejected
 from tandem.proto import tandem_pb2 as pb
 
 from test_admission import cluster, fits
 
 
 def E(seq: int, run_s: float, deadline: float, urgent: bool = False, arrival: float = 0.0) -> Entry:
-    return Entry(f"r{seq}", 100, arrival, deadline, run_s, urgent, seq)
+    return Entry(f"r{seq}", 100, arrival, deadline, run_s, urgent=urgent, seq=seq)
 
 
 def names(entries: list[Entry]) -> list[str]:
@@ -77,16 +77,17 @@ def test_the_node_gets_one_at_a_time_and_the_tightest_deadline_next() -> None:
                 if hold:
                     await release.wait()
 
+        waiting0 = prefillq.WAITING._value.get()
         first = asyncio.create_task(req("running", 100, 5.0, hold=True))
         await asyncio.sleep(0.01)
         rest = [asyncio.create_task(req("long", 2000, 5.0)), asyncio.create_task(req("nolimit", 50, None)),
                 asyncio.create_task(req("short", 50, 1.0))]
         await asyncio.sleep(0.01)
         assert ran == ["running"]  # depth 1: the others wait here, not in the engine
-        assert prefillq.WAITING._value.get() == 3
+        assert prefillq.WAITING._value.get() == waiting0 + 3
         release.set()
         await asyncio.gather(first, *rest)
-        assert prefillq.WAITING._value.get() == 0
+        assert prefillq.WAITING._value.get() == waiting0 and order._queues == {}
         return ran
 
     # short's deadline is 1 s, long's 5 s, nolimit's NO_SLO_S (10 s).
@@ -100,8 +101,65 @@ def test_fifo_and_engine_orders_hold_nothing() -> None:
             order = PrefillOrder(FakeRouter(), name)  # type: ignore[arg-type]
             now = time.perf_counter()
             async with order.turn(node, order.entry(node, "a", 100, now, 1.0)):
+                # Both go at once: the second does not wait for the first.
                 async with order.turn(node, order.entry(node, "b", 100, now, 1.0)):
-                    pass
+                    running = [e.rid for q in order._queues.values() for e in q.running]
+                    assert running == ["a", "b"]
+            assert order._queues == {}
+    asyncio.run(go())
+
+
+def test_a_node_that_fails_a_call_does_not_get_the_next_one() -> None:
+    """The running call fails and wakes the next request before the caller marks the node
+    down: that request must not be sent there (it would spend its retry on a dead node)."""
+    async def go() -> None:
+        node, router = _node(), FakeRouter()
+        order = PrefillOrder(router, "slack")  # type: ignore[arg-type]
+        now = time.perf_counter()
+        started = asyncio.Event()
+
+        async def failing() -> None:
+            async with order.turn(node, order.entry(node, "a", 100, now, 5.0)):
+                started.set()
+                await asyncio.sleep(0.01)
+                raise ConnectionError("node died")
+
+        async def next_one() -> None:
+            async with order.turn(node, order.entry(node, "b", 100, now, 5.0)):
+                raise AssertionError("sent to a node marked down")
+
+        a = asyncio.create_task(failing())
+        await started.wait()
+        b = asyncio.create_task(next_one())
+        with pytest.raises(ConnectionError):
+            try:
+                await a
+            finally:
+                router.up = False  # what the pipeline does when the call fails: mark_down
+        with pytest.raises(NodeGone):
+            await b
+        assert order._queues == {}
+    asyncio.run(go())
+
+
+def test_a_waiter_gives_up_at_the_clients_deadline() -> None:
+    async def go() -> None:
+        node = _node()
+        order = PrefillOrder(FakeRouter(), "slack")  # type: ignore[arg-type]
+        now = time.perf_counter()
+        hold = asyncio.Event()
+
+        async def running() -> None:
+            async with order.turn(node, order.entry(node, "a", 100, now, 5.0)):
+                await hold.wait()
+
+        t = asyncio.create_task(running())
+        await asyncio.sleep(0)
+        with pytest.raises(DeadlineExceeded, match="waited"):
+            async with order.turn(node, order.entry(node, "b", 100, now, 5.0), time.perf_counter() + 0.05):
+                raise AssertionError("its turn never came")
+        hold.set()
+        await t
     asyncio.run(go())
 
 
@@ -215,6 +273,36 @@ def test_predictions_follow_the_order_and_count_whom_a_request_would_push() -> N
         assert plan.ttft_s == pytest.approx(0.6, abs=0.05)
         with pytest.raises(Rejected, match=r"only by pushing 1 queued request"):
             adm.plan("pushy", 300, 1, Slo(ttft_s=0.9), arrival=now)
+        hold.set()
+        await asyncio.gather(*tasks)
+    asyncio.run(go())
+
+
+def test_pushes_count_how_many_more_miss_not_whom_moore_hodgson_swaps() -> None:
+    async def go() -> None:
+        node = _node(1.0)  # 1 s per 100 tokens
+        order = PrefillOrder(FakeRouter(), "slack", depth=1)  # type: ignore[arg-type]
+        now = time.perf_counter()
+        hold = asyncio.Event()
+
+        async def req(rid: str, tokens: int, ttft_s: float | None) -> None:
+            async with order.turn(node, order.entry(node, rid, tokens, now, ttft_s)):
+                await hold.wait()
+
+        tasks = [asyncio.create_task(req("running", 1, 60.0))]  # ~0 s, holds the node
+        await asyncio.sleep(0)
+        # X: 2 s due at 2.5; Y: 3 s due at 4.5 - only one of them can make it: Y is given up.
+        tasks += [asyncio.create_task(req("X", 200, 2.5)), asyncio.create_task(req("Y", 300, 4.5))]
+        await asyncio.sleep(0)
+        # N: 1 s due at 1.2. With it, N and Y fit (1 + 3 = 4 <= 4.5) and X is given up instead:
+        # as many miss as before, so N pushes nobody.
+        p = order.predict(node, 100, now, 1.2)
+        assert p is not None and p.pushes == 0 and p.wait_s == pytest.approx(0.0, abs=0.05)
+        # Without an objective, Z (10 s) is nobody whose miss counts.
+        tasks.append(asyncio.create_task(req("Z", 700, None)))
+        await asyncio.sleep(0)
+        p = order.predict(node, 100, now, 1.2)
+        assert p is not None and p.pushes == 0
         hold.set()
         await asyncio.gather(*tasks)
     asyncio.run(go())

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -42,6 +43,7 @@ COEFFICIENT = Gauge("tandem_perf_coefficient", "A fitted coefficient of this nod
 SAMPLES = Gauge("tandem_perf_samples", "Timings the node's performance model was fitted from", ["model"])
 EXPORT_EVERY_S = 1.0
 BUSY_WINDOW_S = 10.0
+BATCH_MEAN_S = 10.0  # time constant of the decode batch's moving average
 
 
 @dataclass
@@ -70,6 +72,10 @@ class NodePerf:
         # (kept as running totals: a pass over every stream on every token would cost B² a step).
         self._batch = 0
         self._batch_context = 0
+        # Their moving averages over time (exponential, BATCH_MEAN_S), as of _mean_at.
+        self._batch_mean = 0.0
+        self._context_mean = 0.0
+        self._mean_at = clock()
         self._exported_at = -float("inf")
         self._prefill_epoch = 0  # changes whenever a prefill starts or ends
         self._busy: deque[tuple[float, float]] = deque()  # recent spans with a prefill running (start, end)
@@ -129,6 +135,7 @@ class NodePerf:
             return
         now = self._clock()
         if s.last_output is None:  # its first token: it joins the batch
+            self._advance_means(now)
             self._batch += 1
             self._joins += 1
             self._batch_context += s.context
@@ -143,11 +150,13 @@ class NodePerf:
         s.last_output = now
         s.epoch = self._prefill_epoch
         s.context += new_tokens
+        self._advance_means(now)
         self._batch_context += new_tokens
 
     def decode_ended(self, rid: str) -> None:
         s = self._streams.pop(rid, None)
         if s is not None and s.last_output is not None:
+            self._advance_means(self._clock())
             self._batch -= 1
             self._batch_context -= s.context
         self._touch()
@@ -155,6 +164,21 @@ class NodePerf:
             self._export(force=True)  # idle now: show the last samples too
 
     # state -----------------------------------------------------------------------
+    def _advance_means(self, now: float) -> None:
+        """Bring the moving averages up to ``now`` (the batch held its value since the last call)."""
+        dt = now - self._mean_at
+        if dt <= 0:
+            return
+        keep = math.exp(-dt / BATCH_MEAN_S)
+        self._batch_mean = self._batch + (self._batch_mean - self._batch) * keep
+        self._context_mean = self._batch_context + (self._context_mean - self._batch_context) * keep
+        self._mean_at = now
+
+    def decode_means(self) -> tuple[float, float]:
+        """(batch, context tokens), averaged over about the last ``BATCH_MEAN_S`` seconds."""
+        self._advance_means(self._clock())
+        return self._batch_mean, self._context_mean
+
     def forget_busy(self) -> None:
         """Start ``prefill_busy`` afresh (after the startup profile: its prefills are not load)."""
         self._busy.clear()
@@ -176,10 +200,12 @@ class NodePerf:
         view = ModelView.of(self.model)
         fits = [pb.PerfFit(name=name, terms=list(f.terms), coefficients=list(f.coefficients), samples=f.samples)
                 for name, f in (("prefill", view.prefill), ("decode", view.decode), ("transfer", view.transfer))]
+        batch_mean, context_mean = self.decode_means()
         return pb.NodeLoad(node_id=node_id, engine_id=engine_id, prefill_queue=list(self._queue.values()),
                            decode_batch=self._batch, decode_context=self._batch_context,
                            decode_waiting=len(self._streams) - self._batch, fits=fits, sent_at=time.time(),
-                           step_tokens=self.step_tokens, prefill_busy=self.prefill_busy())
+                           step_tokens=self.step_tokens, prefill_busy=self.prefill_busy(),
+                           decode_batch_mean=batch_mean, decode_context_mean=context_mean)
 
     def changed(self) -> asyncio.Event:
         """Set when work started or ended since the event was taken (take a new one after)."""

@@ -32,6 +32,9 @@ def test_compare_writes_one_report_for_every_system(tiny_model: Path, tmp_path: 
     # Tandem's responses said what its admission predicted (checked against what the client saw).
     tandem = doc["systems"][0]["sweep"][0]["reps"][0]
     assert tandem["rejected"] == 0 and tandem["prediction_error"]["ttft"]["n"] == tandem["completed"]
+    # ... per node: the nodes its headers named.
+    by_node = tandem["prediction_error_by_node"]
+    assert sum(e["n"] for e in by_node["ttft"].values()) == tandem["completed"] and by_node["tpot"]
     for s in doc["systems"][2:]:
         # vLLM's P/D really disaggregated: the decode server took the prompts' KV over NIXL.
         by_source = s["facts"]["decode_prompt_tokens_by_source"]
@@ -42,7 +45,7 @@ def test_compare_writes_one_report_for_every_system(tiny_model: Path, tmp_path: 
     report = (tmp_path / "report.md").read_text()
     for name in names:
         assert f"| {name} |" in report
-    assert "TTFT error p50 / p90" in report
+    assert "TTFT error p50 / p90" in report and "Prediction error per node" in report
     assert "given on the command line" in report and "load generator" in report
     for png in ("attainment_vs_rate.png", "latency_cdfs.png", "goodput.png"):
         assert (tmp_path / png).stat().st_size > 1000

@@ -394,6 +394,9 @@ def test_admission_refuses_an_slo_no_node_can_meet_before_any_engine_work(cluste
     assert msgs[-1].finish.reason == "length" and t.predicted_ttft_s > 0 and t.predicted_tpot_s > 0
     coord = scrape(cluster.http_url + "/metrics")
     assert metric(coord, "tandem_prediction_error_ratio_count", metric="ttft") >= 1
+    # It took its turn at the prefill node through the coordinator's queue (--prefill-order slack).
+    assert metric(coord, "tandem_prefill_queue_seconds_count") > metric(coord0, "tandem_prefill_queue_seconds_count")
+    assert metric(coord, "tandem_prefill_queue_depth") == 0
 
 
 def test_fuzzing_every_method_and_the_kv_port_crashes_nothing(cluster: LocalCluster, stub) -> None:
