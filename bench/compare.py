@@ -172,6 +172,9 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
     import matplotlib.pyplot as plt
 
     systems = doc["systems"]
+    for s in systems:  # overload probes apart from the sweep (results written before kept them in it)
+        s.setdefault("overload", [r for r in s["sweep"] if "x_goodput" in r])
+        s["sweep"] = sorted((r for r in s["sweep"] if "x_goodput" not in r), key=lambda r: r["rate"])
     fig, ax = plt.subplots(figsize=(7, 4))
     for s in systems:
         rates = [r["rate"] for r in s["sweep"]]
@@ -180,8 +183,6 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
                           [r["attainment_max"] - r["attainment_median"] for r in s["sweep"]]],
                     marker="o", capsize=3, label=s["name"])
     ax.axhline(GOAL, color="red", linestyle="--", label="90%")
-    for s in systems:
-        s["sweep"].sort(key=lambda r: r["rate"])
     ax.set_xlabel("arrival rate (req/s)")
     ax.set_ylabel("SLO attainment")
     ax.set_ylim(-0.02, 1.02)
@@ -265,7 +266,8 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
                        med(lambda rep, k=k: rep["prediction_error"][k].get("bias", float("nan"))))
                    for k in ("ttft", "tpot")}
             cells = [f"{refused:.0%} ({hopeless:.0%})", "–" if local != local else f"{local:.0%}"]
-            cells += ["–" if e[0] != e[0] else f"{e[0]:.0%} / {e[1]:.0%} ({e[2]:+.0%})" for e in (err["ttft"], err["tpot"])]
+            cells += ["–" if e[0] != e[0] else f"{e[0]:.0%} / {e[1]:.0%}" + ("" if e[2] != e[2] else f" ({e[2]:+.0%})")
+                      for e in (err["ttft"], err["tpot"])]
             lines.append(f"| {s['name']} | {r['rate']} | " + " | ".join(cells) + " |")
     if doc.get("ttft_tiers"):
         lines += ["", f"SLO tiers: each request's TTFT objective is {' or '.join(f'{k:g}x' for k in doc['ttft_tiers'])} "
@@ -291,8 +293,8 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
                   "", "| system | " + " | ".join(f"in-SLO req/s @ {k:g}x" for k in ks)
                   + f" | @ {ks[-1]:g}x vs peak |", "|---|" + "---:|" * (len(ks) + 1)]
         for s in systems:
-            by_k = {r["x_goodput"]: r for r in s["sweep"] if "x_goodput" in r}
-            peak = max((r["in_slo_rps"] for r in s["sweep"]), default=0.0)
+            by_k = {r["x_goodput"]: r for r in s["overload"]}
+            peak = max((r["in_slo_rps"] for r in s["sweep"] + s["overload"] if "in_slo_rps" in r), default=0.0)
             cells = [f"{by_k[k]['in_slo_rps']:.2f}" if k in by_k else "–" for k in ks]
             last = by_k.get(ks[-1])
             held = f"{last['in_slo_rps'] / peak:.0%}" if last and peak > 0 else "–"
@@ -301,7 +303,7 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
               "p50 / p90, every request of every rate pooled):", ""]
     for s in systems:
         per: dict[str, dict[str, list[float]]] = {}
-        for r in s["sweep"]:
+        for r in s["sweep"] + s["overload"]:
             for rep in r["reps"]:
                 for metric, nodes in rep.get("prediction_error_by_node", {}).items():
                     for node, e in nodes.items():
@@ -429,16 +431,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"starting {name} ...", flush=True)
         system = start()
         try:
-            rows = sweep(system, args, slo, overload)
+            rows = sweep(system, args, slo)
             if multiples and not overload:  # the first system: its goodput sets the overload rates
                 overload = overload_rates(multiples, rows, args.rates)
                 print(f"  overload probes at {overload} (multiple, req/s)", flush=True)
-                rows += sweep(system, args, slo, overload, warm=False, swept=False)
+            over = sweep(system, args, slo, overload, warm=False, swept=False) if overload else []
             facts = system.facts()
         finally:
             system.stop()
         systems_doc.append({"name": system.name, "version": system.version, "commands": system.commands,
-                            "notes": system.notes, "facts": facts, "sweep": rows,
+                            "notes": system.notes, "facts": facts, "sweep": rows, "overload": over,
                             "goodput_rps": goodput_from_sweep(rows)})
     doc = {"machine": f"{platform.platform()}, {len(all_cores)} cores", "client": PINNING.describe(), "model": model,
            "model_params_m": param_count(model) / 1e6, "workload": args.workload, "rates": args.rates,

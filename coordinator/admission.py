@@ -80,6 +80,7 @@ class Estimate:
     detail: str = ""
     queue_s: float = 0.0  # of ``seconds``, the wait for work already queued there
     pushes: int = 0  # queued requests it would push past their TTFT objective (prefill order)
+    factor: float = 1.0  # the node's learned calibration, in ``seconds`` (not in ``idle_seconds``)
 
 
 @dataclass
@@ -92,6 +93,8 @@ class Plan:
     tpot_s: float | None = None
     local: bool = False  # the decode node prefills it (no prefill node)
     queued_s: float = 0.0  # of ttft_s, the wait for work already queued there
+    ttft_factor: float = 1.0  # the calibration factors in ttft_s / tpot_s (their model-only values:
+    tpot_factor: float = 1.0  # divided by these; what the nodes learn from)
 
 
 def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None = None,
@@ -104,16 +107,17 @@ def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None =
     if not model.prefill.samples:
         return Estimate(node, None)
     f = node.factor("ttft")
-    run_s = model.prefill_s(tokens) * f
+    idle_s = model.prefill_s(tokens)
+    run_s = idle_s * f
     where = order.predict(node, tokens, arrival, ttft_s) if order is not None else None
     if where is not None:
         wait_s = where.wait_s * f
-        return Estimate(node, wait_s + run_s, run_s, queue_s=wait_s, pushes=where.pushes, detail=
+        return Estimate(node, wait_s + run_s, idle_s, queue_s=wait_s, pushes=where.pushes, factor=f, detail=
                         f"{node.node_id}: {wait_s * 1000:.0f} ms before its turn ({order.order} order) + "  # type: ignore[union-attr]
                         f"prefill {run_s * 1000:.0f} ms{_calibrated(f)}")
     queue = _prefill_queue(node, node.inflight)
     queue_s = sum(model.prefill_s(t) for t in queue) * f
-    return Estimate(node, queue_s + run_s, run_s, queue_s=queue_s, detail=
+    return Estimate(node, queue_s + run_s, idle_s, queue_s=queue_s, factor=f, detail=
                     f"{node.node_id}: queue {len(queue)} prompts {queue_s * 1000:.0f} ms + prefill "
                     f"{run_s * 1000:.0f} ms{_calibrated(f)}")
 
@@ -178,8 +182,8 @@ def decode_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int) -> Es
     f = node.factor("tpot")
     each = step(life_batch + 1, life_context + mine)
     busy = (first + (max_tokens - 2) * each) / (max_tokens - 1) * f
-    idle = (first + (max_tokens - 2) * model.step_s(1, mine)) / (max_tokens - 1) * f
-    return Estimate(node, busy, idle, f"{node.node_id}: batch {batch} now, {life_batch:.1f} + 1 over its life, step "
+    idle = (first + (max_tokens - 2) * model.step_s(1, mine)) / (max_tokens - 1)
+    return Estimate(node, busy, idle, factor=f, detail=f"{node.node_id}: batch {batch} now, {life_batch:.1f} + 1 over its life, step "
                                       f"{each * 1000:.1f} ms, KV {kv >> 10} KiB in {first * 1000:.0f} ms"
                                       f"{_calibrated(f)}")
 
@@ -213,12 +217,13 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int) -> Loc
     f = node.factor("ttft_local")
     queue = _prefill_queue(node, node.prefilling)
     queue_s = sum(model.prefill_s(t) for t in queue) * f
-    run_s = model.prefill_s(prompt_tokens) * f
+    idle_s = model.prefill_s(prompt_tokens)
+    run_s = idle_s * f
     step_tokens = (load.step_tokens if load is not None else 0) or DEFAULT_STEP_TOKENS
     chunks = -(-(sum(queue) + prompt_tokens) // step_tokens)
     # Its chunks' steps carry the batch too (the fitted step: that is what a step beside a chunk costs).
     beside_s = chunks * max(0.0, model.step_s(batch, context) - model.step_s(0, 0)) * f if batch else 0.0
-    ttft = Estimate(node, queue_s + run_s + beside_s, run_s, queue_s=queue_s, detail=
+    ttft = Estimate(node, queue_s + run_s + beside_s, idle_s, queue_s=queue_s, factor=f, detail=
                     f"{node.node_id} (prefill here): queue {len(queue)} prompts {queue_s * 1000:.0f} ms + prefill "
                     f"{run_s * 1000:.0f} ms + {chunks} steps beside a batch of {batch} {beside_s * 1000:.0f} ms"
                     f"{_calibrated(f)}")
@@ -227,8 +232,8 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int) -> Loc
         mine = prompt_tokens + max_tokens // 2
         life_batch, life_context = _life_load(node)
         ft = node.factor("tpot")
-        tpot = Estimate(node, step(life_batch + 1, life_context + mine) * ft, model.step_s(1, mine) * ft,
-                        f"{node.node_id} (prefill here): batch {batch} now, {life_batch:.1f} + 1 over its life, "
+        tpot = Estimate(node, step(life_batch + 1, life_context + mine) * ft, model.step_s(1, mine), factor=ft,
+                        detail=f"{node.node_id} (prefill here): batch {batch} now, {life_batch:.1f} + 1 over its life, "
                         f"step {step(life_batch + 1, life_context + mine) * 1000:.1f} ms{_calibrated(ft)}")
     harm = (run_s + beside_s) / max(max_tokens, MIN_OTHERS_TOKENS) if batch else 0.0
     return LocalEstimate(ttft, tpot, harm)
@@ -348,10 +353,12 @@ class Admission:
         if chosen.local:
             assert chosen.ttft is not None
             plan = Plan(None, chosen.ttft.node, chosen.ttft_s, chosen.tpot.seconds if chosen.tpot else None,
-                        local=True)
+                        local=True, ttft_factor=chosen.ttft.factor,
+                        tpot_factor=chosen.tpot.factor if chosen.tpot else 1.0)
         else:
             plan = Plan(p.node if p else None, d.node if d else None, p.seconds if p else None,
-                        d.seconds if d else None)
+                        d.seconds if d else None, ttft_factor=p.factor if p else 1.0,
+                        tpot_factor=d.factor if d else 1.0)
         if plan.ttft_s is None and plan.tpot_s is None:
             decide("unpredicted")
             return plan

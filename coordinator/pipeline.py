@@ -374,15 +374,17 @@ class Pipeline:
         if out.ttft_s > 0 and out.predicted_ttft_s:
             m.PREDICTION_ERROR.labels("ttft").observe(abs(out.ttft_s - out.predicted_ttft_s) / out.ttft_s)
             where = plan.decode if plan.local else plan.prefill
-            if where is not None and where.node_id == out.prefill_node:
-                where.calibrate("ttft_local" if plan.local else "ttft", out.predicted_ttft_s, out.ttft_s)
+            if where is not None and where.node_id == out.prefill_node and self.router.current(where):
+                where.calibrate("ttft_local" if plan.local else "ttft", out.predicted_ttft_s / plan.ttft_factor,
+                                out.ttft_s)
         if out.completion_tokens > 1:
             tpot = (prog.last_token_at - req.received - out.ttft_s) / (out.completion_tokens - 1)
             m.TPOT.observe(tpot)
             if out.predicted_tpot_s and not leg and tpot > 0:
                 m.PREDICTION_ERROR.labels("tpot").observe(abs(tpot - out.predicted_tpot_s) / tpot)
-                if plan.decode is not None and plan.decode.node_id == out.decode_node:
-                    plan.decode.calibrate("tpot", out.predicted_tpot_s, tpot)
+                if (plan.decode is not None and plan.decode.node_id == out.decode_node
+                        and self.router.current(plan.decode)):
+                    plan.decode.calibrate("tpot", out.predicted_tpot_s / plan.tpot_factor, tpot)
         logger.info("request %s: %s after %d tokens (ttft %.3f s, e2e %.3f s, prefill %s, decode %s, "
                     "migrations %d)", rid, out.reason, out.completion_tokens, out.ttft_s, out.e2e_s,
                     out.prefill_node, out.decode_node or "-", leg)

@@ -49,9 +49,8 @@ logger = logging.getLogger(__name__)
 PROBE_INTERVAL_S = 0.5
 PROBE_MAX_INTERVAL_S = 5.0
 LOAD_STALE_S = 5.0  # a load message older than this no longer counts (the stream broke)
-CALIBRATION_RATE = 0.1  # share of a finished request's log error a node's prediction factor moves by
-MAX_LOG_ERR = math.log(2.0)  # one request moves it by at most this (times the rate)
-MAX_LOG_BIAS = math.log(3.0)  # the factor stays within 1/3 .. 3
+CALIBRATION_RATE = 0.1  # weight of each finished request in a node's prediction factor (moving average)
+MAX_LOG_BIAS = math.log(3.0)  # each request's log error is clipped to this: the factor stays within 1/3 .. 3
 CALIBRATION = m.CALIBRATION
 _keys = itertools.count()
 
@@ -69,7 +68,7 @@ class NodeClient:
     inflight: dict[int, int] = field(default_factory=dict)  # this coordinator's requests there -> tokens
     prefilling: dict[int, int] = field(default_factory=dict)  # of those, local prefills not done yet -> tokens
     # Online bias correction of this node's predictions, per kind (ttft, ttft_local, tpot): the log of
-    # a factor, moved towards log(actual / predicted) by every request that finished (see calibrate).
+    # a factor, the moving average of log(actual / model's prediction) over finished requests.
     bias: dict[str, float] = field(default_factory=dict)
     stub: object = field(init=False)
     health: object = field(init=False)
@@ -98,17 +97,19 @@ class NodeClient:
         """What this node's ``kind`` predictions are multiplied by (1 until requests finished)."""
         return math.exp(self.bias.get(kind, 0.0))
 
-    def calibrate(self, kind: str, predicted_s: float, actual_s: float) -> None:
-        """One finished request: ``predicted_s`` (as admission gave it, this factor included)
-        against what it took. The factor moves by CALIBRATION_RATE of the log error (at most
-        log 2 a request), so a steady bias of the fitted model (time it leaves out: the node's
+    def calibrate(self, kind: str, model_s: float, actual_s: float) -> None:
+        """One finished request: what the fitted model alone predicted for it (``model_s``, no
+        factor: a factor read when it was admitted, many finishes ago on a busy node, would
+        make this a lagging feedback loop that swings) against what it took. The log factor is
+        a moving average (weight CALIBRATION_RATE) of log(actual / model), each clipped to
+        within log 3, so a steady bias of the fitted model (time it leaves out: the node's
         daemon, the relay, the wait for the step running when a request arrives) is learned in
         some tens of requests, and one outlier moves it little."""
-        if predicted_s <= 0 or actual_s <= 0:
+        if model_s <= 0 or actual_s <= 0:
             return
-        err = max(-MAX_LOG_ERR, min(MAX_LOG_ERR, math.log(actual_s / predicted_s)))
-        b = max(-MAX_LOG_BIAS, min(MAX_LOG_BIAS, self.bias.get(kind, 0.0) + CALIBRATION_RATE * err))
-        self.bias[kind] = b
+        err = max(-MAX_LOG_BIAS, min(MAX_LOG_BIAS, math.log(actual_s / model_s)))
+        b = self.bias.get(kind, 0.0)
+        self.bias[kind] = b = b + CALIBRATION_RATE * (err - b)
         CALIBRATION.labels(self.node_id, kind).set(math.exp(b))
 
     @property
@@ -234,6 +235,10 @@ class Router:
             return True
         left = self._left_at.get(role)
         return left is not None and time.monotonic() - left < self.pool_wait_s
+
+    def current(self, node: NodeClient) -> bool:
+        """Whether ``node`` is still the member of its id (not gone, not replaced by a restart)."""
+        return self._nodes.get(node.node_id) is node
 
     @contextmanager
     def track(self, node: NodeClient, tokens: int = 0) -> Iterator[NodeClient]:

@@ -147,7 +147,7 @@ def test_the_report_has_the_overload_table_and_errors_per_node(tmp_path: Path) -
         return row
 
     system = {"name": "tandem-1:1", "version": "t", "commands": [], "goodput_rps": 1.0,
-              "sweep": [probe(1.0, 10), probe(2.0, 9, 2.0), probe(1.0, 10, 1.0)]}
+              "sweep": [probe(1.0, 10)], "overload": [probe(2.0, 9, 2.0), probe(1.0, 10, 1.0)]}
     doc = {"machine": "m", "client": "c", "model": "x", "model_params_m": 1.0, "workload": "chat",
            "duration_s": 10, "reps": 1, "rates": [1.0], "systems": [system], "overload": [(1.0, 1.0), (2.0, 2.0)],
            "slo": {"ttft_s": 1.0, "tpot_s": 1.0, "how": "given"}}

@@ -160,6 +160,7 @@ def test_a_waiter_gives_up_at_the_clients_deadline() -> None:
                 raise AssertionError("its turn never came")
         hold.set()
         await t
+        assert order._queues == {}
     asyncio.run(go())
 
 
