@@ -215,6 +215,21 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
     fig.savefig(out / "latency_cdfs.png", dpi=110)
     plt.close(fig)
 
+    if any(s["overload"] for s in systems):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for s in systems:
+            rows = sorted((r for r in s["sweep"] + s["overload"] if "in_slo_rps" in r), key=lambda r: r["rate"])
+            ax.plot([r["rate"] for r in rows], [r["in_slo_rps"] for r in rows], marker="o", label=s["name"])
+        top = max(r["rate"] for s in systems for r in s["sweep"] + s["overload"])
+        ax.plot([0, top], [0, top], color="grey", linestyle=":", label="everything in SLO")
+        ax.set_xlabel("arrival rate (req/s)")
+        ax.set_ylabel("requests/s within both SLOs")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "in_slo_vs_rate.png", dpi=110)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar([s["name"] for s in systems], [s["goodput_rps"] for s in systems])
     ax.set_ylabel("goodput (req/s)")
@@ -285,8 +300,10 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
                 lines.append(f"| {s['name']} | {r['rate']} | " + " | ".join(cells) + " |")
     if doc.get("overload"):
         ks = [k for k, _ in doc["overload"]]
-        lines += ["", f"Overload: probes at {', '.join(f'{k:g}x' for k in ks)} the goodput of "
-                  f"{systems[0]['name']} ({', '.join(f'{r:g}' for _, r in doc['overload'])} req/s), every "
+        base = (f"the goodput of {systems[0]['name']}" if systems[0]["goodput_rps"] > 0 else
+                f"the lowest swept rate ({systems[0]['name']} met the goal at none)")
+        lines += ["", f"Overload: probes at {', '.join(f'{k:g}x' for k in ks)} {base} "
+                  f"({', '.join(f'{r:g}' for _, r in doc['overload'])} req/s), every "
                   "system at the same rates. In-SLO throughput: requests per second that met both SLOs "
                   "(medians over the repetitions); the last column, at the highest multiple against the "
                   "system's peak in-SLO throughput anywhere in the run (the goal with admission on: >= 90 %).",
@@ -299,6 +316,7 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
             last = by_k.get(ks[-1])
             held = f"{last['in_slo_rps'] / peak:.0%}" if last and peak > 0 else "–"
             lines.append(f"| {s['name']} | " + " | ".join(cells) + f" | {held} |")
+        lines += ["", "![in-SLO throughput](in_slo_vs_rate.png)"]
     lines += ["", "Prediction error per node (TTFT by the node that prefilled, TPOT by the decode node; "
               "p50 / p90, every request of every rate pooled):", ""]
     for s in systems:

@@ -370,6 +370,9 @@ class Admission:
             if plan.local and count:
                 logger.info("request %s: prefills on decode node %s (%s)", rid, plan.decode.node_id,  # type: ignore[union-attr]
                             chosen.ttft.detail if chosen.ttft else "")
+            elif count:  # what each prediction stood on, to compare with the finish's actual times
+                logger.info("request %s: admitted: %s; %s", rid, chosen.ttft.detail if chosen.ttft else "-",
+                            chosen.tpot.detail if chosen.tpot else "-")
             return plan
         decide("rejected")
         parts, waits = [], []

@@ -377,6 +377,7 @@ class Pipeline:
             if where is not None and where.node_id == out.prefill_node and self.router.current(where):
                 where.calibrate("ttft_local" if plan.local else "ttft", out.predicted_ttft_s / plan.ttft_factor,
                                 out.ttft_s)
+        tpot = 0.0
         if out.completion_tokens > 1:
             tpot = (prog.last_token_at - req.received - out.ttft_s) / (out.completion_tokens - 1)
             m.TPOT.observe(tpot)
@@ -385,9 +386,11 @@ class Pipeline:
                 if (plan.decode is not None and plan.decode.node_id == out.decode_node
                         and self.router.current(plan.decode)):
                     plan.decode.calibrate("tpot", out.predicted_tpot_s / plan.tpot_factor, tpot)
-        logger.info("request %s: %s after %d tokens (ttft %.3f s, e2e %.3f s, prefill %s, decode %s, "
-                    "migrations %d)", rid, out.reason, out.completion_tokens, out.ttft_s, out.e2e_s,
-                    out.prefill_node, out.decode_node or "-", leg)
+        logger.info("request %s: %s after %d tokens (ttft %.3f s, tpot %.1f ms, e2e %.3f s, prefill %s%s, "
+                    "decode %s, migrations %d; predicted ttft %.3f s, tpot %.1f ms)", rid, out.reason,
+                    out.completion_tokens, out.ttft_s, tpot * 1000, out.e2e_s, out.prefill_node,
+                    " (local)" if out.local_prefill else "", out.decode_node or "-", leg, out.predicted_ttft_s,
+                    out.predicted_tpot_s * 1000)
         if log_prompts_enabled():
             logger.info("request %s: prompt %r -> output %r", rid,
                         self.codec.tok.decode(req.prompt_ids), self.codec.tok.decode(prog.detok.ids))

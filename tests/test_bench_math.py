@@ -155,6 +155,7 @@ def test_the_report_has_the_overload_table_and_errors_per_node(tmp_path: Path) -
     # 9 of 10 in SLO over 10 s at 2x, against a peak of 10 in 10 s: 90 % held.
     assert "| tandem-1:1 | 1.00 | 0.90 | 90% |" in text
     assert "ttft p0 20% / 20%" in text and (tmp_path / "attainment_vs_rate.png").exists()
+    assert (tmp_path / "in_slo_vs_rate.png").stat().st_size > 1000
 
 
 def test_the_ttft_breakdown_adds_up_to_what_the_client_saw() -> None:
