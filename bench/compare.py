@@ -165,6 +165,14 @@ def goodput_from_sweep(rows: list[dict[str, Any]]) -> float:
     return max([r["rate"] for r in rows if r["attainment_median"] >= GOAL], default=0.0)
 
 
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_report(out: Path, doc: dict[str, Any]) -> Path:
     import matplotlib
 
@@ -188,9 +196,7 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "attainment_vs_rate.png", dpi=110)
-    plt.close(fig)
+    _save(fig, out / "attainment_vs_rate.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     shown_rate = doc["rates"][len(doc["rates"]) // 2]
@@ -211,9 +217,7 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
         ax.set_ylabel("share of requests")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "latency_cdfs.png", dpi=110)
-    plt.close(fig)
+    _save(fig, out / "latency_cdfs.png")
 
     if any(s["overload"] for s in systems):
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -226,17 +230,13 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
         ax.set_ylabel("requests/s within both SLOs")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "in_slo_vs_rate.png", dpi=110)
-        plt.close(fig)
+        _save(fig, out / "in_slo_vs_rate.png")
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar([s["name"] for s in systems], [s["goodput_rps"] for s in systems])
     ax.set_ylabel("goodput (req/s)")
     ax.set_title("DistServe goodput from the rate sweep")
-    fig.tight_layout()
-    fig.savefig(out / "goodput.png", dpi=110)
-    plt.close(fig)
+    _save(fig, out / "goodput.png")
 
     base = next((s for s in systems if s["name"] == "vllm-colocated"), None)
     client_peak = max((rep["client_cpu_share"] for s in systems for r in s["sweep"] for rep in r["reps"]),

@@ -94,7 +94,8 @@ class Plan:
     local: bool = False  # the decode node prefills it (no prefill node)
     queued_s: float = 0.0  # of ttft_s, the wait for work already queued there
     ttft_factor: float = 1.0  # the calibration factors in ttft_s / tpot_s (their model-only values:
-    tpot_factor: float = 1.0  # divided by these; what the nodes learn from)
+    tpot_factor: float = 1.0  # divided by these, less waited_s; what the nodes learn from)
+    waited_s: float = 0.0  # of ttft_s, the time a batch request waited in the batch queue (traffic.py)
 
 
 def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None = None,
@@ -366,13 +367,12 @@ class Admission:
             plan.queued_s = chosen.ttft.queue_s
         misses = chosen.misses(slo)
         if not misses or self.mode == "off":
-            decide("admitted" if not misses else "over_slo_admitted")
-            if plan.local and count:
-                logger.info("request %s: prefills on decode node %s (%s)", rid, plan.decode.node_id,  # type: ignore[union-attr]
-                            chosen.ttft.detail if chosen.ttft else "")
-            elif count:  # what each prediction stood on, to compare with the finish's actual times
-                logger.info("request %s: admitted: %s; %s", rid, chosen.ttft.detail if chosen.ttft else "-",
-                            chosen.tpot.detail if chosen.tpot else "-")
+            decision = "admitted" if not misses else "over_slo_admitted"
+            decide(decision)
+            if count:  # what each prediction stood on, to compare with the finish's actual times
+                logger.info("request %s: %s%s: %s; %s", rid, decision,
+                            f", prefills on decode node {plan.decode.node_id}" if plan.local else "",  # type: ignore[union-attr]
+                            chosen.ttft.detail if chosen.ttft else "-", chosen.tpot.detail if chosen.tpot else "-")
             return plan
         decide("rejected")
         parts, waits = [], []
@@ -430,8 +430,10 @@ def _choose(remote: _Option | None, local: _Option | None, slo: Slo) -> _Option 
     local_ok, remote_ok = not local.misses(slo), not remote.misses(slo)
     if local_ok != remote_ok:
         return local if local_ok else remote
-    if not local_ok:  # neither: the refusal names the better of the two
-        return local if local.ttft_s < remote.ttft_s else remote
+    if not local_ok:
+        # Neither: the prefill pool (refused with its numbers; with admission off, served there: a
+        # prefill that misses anyway must not also stall the decode node's streams).
+        return remote
     # Both meet it: only a queue in the prefill pool is worth the decode node's time (two idle
     # nodes differ by the noise of their fits, and the decode node's steps are its streams').
     assert remote.ttft is not None

@@ -375,8 +375,9 @@ class Pipeline:
             m.PREDICTION_ERROR.labels("ttft").observe(abs(out.ttft_s - out.predicted_ttft_s) / out.ttft_s)
             where = plan.decode if plan.local else plan.prefill
             if where is not None and where.node_id == out.prefill_node and self.router.current(where):
-                where.calibrate("ttft_local" if plan.local else "ttft", out.predicted_ttft_s / plan.ttft_factor,
-                                out.ttft_s)
+                # A batch request's wait in the batch queue is in both; the node learns from the rest.
+                where.calibrate("ttft_local" if plan.local else "ttft",
+                                (out.predicted_ttft_s - plan.waited_s) / plan.ttft_factor, out.ttft_s - plan.waited_s)
         tpot = 0.0
         if out.completion_tokens > 1:
             tpot = (prog.last_token_at - req.received - out.ttft_s) / (out.completion_tokens - 1)

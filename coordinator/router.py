@@ -157,9 +157,13 @@ class Router:
             old.record = record
             self._nodes[node_id] = old
         else:
-            # A new process (or a new address): a fresh channel, routable at once.
+            # A new process (or a new address): a fresh channel, routable at once, predictions
+            # uncalibrated again.
             if old is not None:
                 _stop_watching(old)
+                for kind in old.bias:
+                    with contextlib.suppress(KeyError):
+                        CALIBRATION.remove(node_id, kind)
             node = NodeClient(record, grpc.aio.insecure_channel(record.grpc_address, options=CHANNEL_OPTIONS))
             self._nodes[node_id] = node
             if self.watch_loads:

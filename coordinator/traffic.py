@@ -207,6 +207,7 @@ class BatchQueue:
             return None
         if plan.ttft_s is not None:
             plan.ttft_s += waited
+            plan.waited_s = waited
         return plan
 
     async def _dispatch(self) -> None:

@@ -208,10 +208,13 @@ def test_meeting_the_ttft_objective_decides_before_the_margin() -> None:
         assert not Admission(r).plan("r", 100, 16, Slo()).local
         plan = Admission(r).plan("r", 100, 16, Slo(ttft_s=0.55))
         assert plan.local and plan.ttft_s == pytest.approx(0.51)
-        # Neither meets 0.3 s: refused, with the better of the two predictions.
+        # Neither meets 0.3 s: refused with the prefill pool's prediction; with admission off it
+        # is served there (a prefill that misses anyway must not also stall the decode node).
         with pytest.raises(Rejected) as err:
             Admission(r).plan("r", 100, 16, Slo(ttft_s=0.3))
-        assert "prefill here" in str(err.value) and err.value.ttft_s == pytest.approx(0.51)
+        assert "p0" in str(err.value) and err.value.ttft_s == pytest.approx(0.62)
+        off = Admission(r, "off").plan("r", 100, 16, Slo(ttft_s=0.3))
+        assert not off.local and off.prefill.node_id == "p0"
     run(go)
 
 

@@ -64,6 +64,19 @@ def _node(run_s_per_100_tokens: float = 0.1):  # type: ignore[no-untyped-def]
     return r._nodes["p0"]
 
 
+async def _occupy(order: PrefillOrder, node, now: float) -> tuple[asyncio.Task[None], asyncio.Event]:  # type: ignore[no-untyped-def]
+    """A request that holds the node's turn until the event is set."""
+    hold = asyncio.Event()
+
+    async def running() -> None:
+        async with order.turn(node, order.entry(node, "a", 100, now, 5.0)):
+            await hold.wait()
+
+    task = asyncio.create_task(running())
+    await asyncio.sleep(0.01)
+    return task, hold
+
+
 def test_the_node_gets_one_at_a_time_and_the_tightest_deadline_next() -> None:
     async def go() -> list[str]:
         node, ran = _node(), []
@@ -147,14 +160,7 @@ def test_a_waiter_gives_up_at_the_clients_deadline() -> None:
         node = _node()
         order = PrefillOrder(FakeRouter(), "slack")  # type: ignore[arg-type]
         now = time.perf_counter()
-        hold = asyncio.Event()
-
-        async def running() -> None:
-            async with order.turn(node, order.entry(node, "a", 100, now, 5.0)):
-                await hold.wait()
-
-        t = asyncio.create_task(running())
-        await asyncio.sleep(0)
+        t, hold = await _occupy(order, node, now)
         with pytest.raises(DeadlineExceeded, match="waited"):
             async with order.turn(node, order.entry(node, "b", 100, now, 5.0), time.perf_counter() + 0.05):
                 raise AssertionError("its turn never came")
@@ -186,14 +192,7 @@ def test_a_request_waiting_for_a_node_that_leaves_routing_is_told_to_go_elsewher
         node, router = _node(), FakeRouter()
         order = PrefillOrder(router, "slack")  # type: ignore[arg-type]
         now = time.perf_counter()
-        hold = asyncio.Event()
-
-        async def running() -> None:
-            async with order.turn(node, order.entry(node, "a", 100, now, 5.0)):
-                await hold.wait()
-
-        t = asyncio.create_task(running())
-        await asyncio.sleep(0.01)
+        t, hold = await _occupy(order, node, now)
         router.up = False
         with pytest.raises(NodeGone):
             async with order.turn(node, order.entry(node, "b", 100, now, 5.0)):
