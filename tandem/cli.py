@@ -120,6 +120,34 @@ def cmd_drain(args: argparse.Namespace) -> int:
     return asyncio.run(drain_node(args.node_id, args.etcd, args.cluster, args.grace_s, wait=not args.no_wait))
 
 
+def _disk_tier(path: str):  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    from tandem.kvstore.tiers import DiskTier
+
+    if not Path(path).is_dir():
+        raise SystemExit(f"--dir {path}: no such directory")
+    return DiskTier(path, cap_bytes=sys.maxsize, durable=False)
+
+
+def cmd_kvstore_stats(args: argparse.Namespace) -> int:
+    disk = _disk_tier(args.dir)
+    chunks, held = len(disk), disk.held
+    print(f"{args.dir}: {chunks} chunks, {held / 2**20:.1f} MiB")
+    if args.verify:
+        bad = sum(disk.get(k) is None for k in list(disk._index))
+        print(f"verified {chunks} chunks: {bad} failed their check and were removed")
+    return 0
+
+
+def cmd_kvstore_clear(args: argparse.Namespace) -> int:
+    disk = _disk_tier(args.dir)
+    chunks, held = len(disk), disk.held
+    disk.clear()
+    print(f"{args.dir}: removed {chunks} chunks, {held / 2**20:.1f} MiB")
+    return 0
+
+
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from .local.model import PRESETS, make_tiny_model, param_count, tree_digest
 
@@ -206,6 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
     bc = bsub.add_parser("compare", help="Tandem vs colocated vLLM on the same cores, one report")
     add_compare_args(bc)
     bc.set_defaults(fn=cmd_compare)
+
+    kv = sub.add_parser("kvstore", help="look at or clear a KV store's disk tier")
+    kvsub = kv.add_subparsers(dest="kvstore_cmd", required=True)
+    ks = kvsub.add_parser("stats", help="chunks and bytes held in a disk tier directory")
+    ks.add_argument("--dir", required=True, help="the node's --kvstore-dir")
+    ks.add_argument("--verify", action="store_true",
+                    help="read every chunk and check it; the ones that fail are removed and counted")
+    ks.set_defaults(fn=cmd_kvstore_stats)
+    kc = kvsub.add_parser("clear", help="remove every chunk from a disk tier directory")
+    kc.add_argument("--dir", required=True)
+    kc.set_defaults(fn=cmd_kvstore_clear)
 
     mo = sub.add_parser("model", help="model utilities")
     msub = mo.add_subparsers(dest="model_cmd", required=True)

@@ -1,0 +1,40 @@
+"""Content addresses for KV chunks: a chained hash of the token ids, bound to the model and layout.
+
+A chunk is ``chunk_tokens`` consecutive prompt tokens (a whole number of KV
+blocks). Its key is SHA-256 over the previous chunk's key and its own token
+ids, so a key names the whole prefix up to the chunk's end, not only the
+chunk: two prompts share a key exactly when they share every token up to
+there. The chain starts from a namespace that binds what makes KV bytes
+mean something (the model's identity, the KV layout and dtype, the block
+and chunk sizes), so two models or two layouts never share a key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Mapping, Sequence
+
+KEY_BYTES = 32
+
+
+def namespace(model: str, layout: Mapping[str, object], chunk_tokens: int) -> bytes:
+    """The chain's start for one model (its identity: name and weights' fingerprint, as the
+    caller knows it) and one KV layout (layers, KV heads, head size, dtype, block size)."""
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    doc = {"model": model, "layout": {k: layout[k] for k in sorted(layout)}, "chunk_tokens": chunk_tokens,
+           "v": 1}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).digest()
+
+
+def chunk_keys(ns: bytes, token_ids: Sequence[int], chunk_tokens: int) -> list[bytes]:
+    """One key per whole chunk of ``token_ids`` (a partial last chunk has none: it is not stored)."""
+    keys = []
+    prev = ns
+    for start in range(0, len(token_ids) - chunk_tokens + 1, chunk_tokens):
+        chunk = token_ids[start:start + chunk_tokens]
+        prev = hashlib.sha256(prev + struct.pack(f"<{len(chunk)}q", *chunk)).digest()
+        keys.append(prev)
+    return keys

@@ -1,0 +1,356 @@
+"""The KV store's tiers: host RAM (LRU, byte cap) over a disk directory (byte cap), checksummed.
+
+  put(key, data)   into RAM; what RAM evicts is written behind to disk by one
+                   background thread through a bounded queue: a full queue drops
+                   the save and counts it (never blocks the caller)
+  get(key)         RAM, else disk (verified: a hit there is promoted to RAM)
+  longest_prefix   how many leading keys of a chain are held (no data moved)
+
+Disk files are written whole to a temporary name and renamed into place, and
+carry a header with the key, the payload's length and its SHA-256: a torn
+write (a temporary file left by a crash), a flipped byte or a truncated file
+is a miss that is counted and removed, never wrong data. The directory is
+scanned at start, so the disk tier survives a restart.
+
+Not here yet (issue 9 goes on): sharing the RAM tier between a node's
+processes, the connector that saves and loads engine blocks, KV events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import struct
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from prometheus_client import Counter, Gauge
+
+from .keys import KEY_BYTES
+
+logger = logging.getLogger(__name__)
+
+HITS = Counter("tandem_kvstore_hits", "Chunks found, by tier", ["tier"])
+MISSES = Counter("tandem_kvstore_misses", "Chunks looked up and found in no tier")
+BYTES = Counter("tandem_kvstore_bytes", "Bytes stored into or loaded from a tier", ["tier", "direction"])
+EVICTIONS = Counter("tandem_kvstore_evictions", "Chunks evicted from a tier to stay under its cap", ["tier"])
+DROPPED = Counter("tandem_kvstore_dropped_saves", "Chunks not written to disk: the write-behind queue was full")
+CORRUPT = Counter("tandem_kvstore_corrupt_chunks", "Disk chunks that failed their check (removed, counted as misses)")
+HELD = Gauge("tandem_kvstore_held_bytes", "Bytes held, by tier", ["tier"])
+
+MAGIC = b"TKVC"
+VERSION = 1
+_HEADER = struct.Struct(f"<4sHH{KEY_BYTES}sQ32s")  # magic, version, reserved, key, payload length, sha256
+TMP_PREFIX = ".tmp-"
+
+
+class RamTier:
+    """Chunks in this process's memory, least recently used first out."""
+
+    def __init__(self, cap_bytes: int) -> None:
+        if cap_bytes < 0:
+            raise ValueError(f"RAM tier cap must be >= 0 bytes, got {cap_bytes}")
+        self.cap = cap_bytes
+        self.held = 0
+        self._chunks: OrderedDict[bytes, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, key: bytes) -> bool:
+        with self._lock:
+            return key in self._chunks
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def get(self, key: bytes) -> bytes | None:
+        with self._lock:
+            data = self._chunks.get(key)
+            if data is not None:
+                self._chunks.move_to_end(key)
+            return data
+
+    def put(self, key: bytes, data: bytes) -> list[tuple[bytes, bytes]]:
+        """Hold ``data``; return what was evicted to make room (oldest first). A chunk larger
+        than the whole cap is not held (it comes back as evicted)."""
+        if len(data) > self.cap:
+            return [(key, data)]
+        with self._lock:
+            old = self._chunks.pop(key, None)
+            if old is not None:
+                self.held -= len(old)
+            self._chunks[key] = data
+            self.held += len(data)
+            out = []
+            while self.held > self.cap:
+                k, d = self._chunks.popitem(last=False)
+                self.held -= len(d)
+                out.append((k, d))
+            HELD.labels("ram").set(self.held)
+        if out:
+            EVICTIONS.labels("ram").inc(len(out))
+        return out
+
+    def clear(self) -> None:
+        with self._lock:
+            self._chunks.clear()
+            self.held = 0
+            HELD.labels("ram").set(0)
+
+
+class DiskTier:
+    """Chunks as files under ``root`` (two-level by key), least recently used first out."""
+
+    def __init__(self, root: str | Path, cap_bytes: int, durable: bool = True) -> None:
+        if cap_bytes < 0:
+            raise ValueError(f"disk tier cap must be >= 0 bytes, got {cap_bytes}")
+        self.root = Path(root)
+        self.cap = cap_bytes
+        self.durable = durable  # fsync each file before it is renamed into place
+        self.held = 0
+        self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> file size, least recent first
+        self._lock = threading.Lock()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._scan()
+
+    def _path(self, key: bytes) -> Path:
+        h = key.hex()
+        return self.root / h[:2] / h
+
+    def _scan(self) -> None:
+        """Index what an earlier process left (oldest first); remove its torn writes."""
+        found = []
+        for p in self.root.glob("*/*"):
+            if p.name.startswith(TMP_PREFIX):
+                p.unlink(missing_ok=True)
+                continue
+            try:
+                key = bytes.fromhex(p.name)
+                st = p.stat()
+            except (ValueError, OSError):
+                continue
+            if len(key) == KEY_BYTES:
+                found.append((st.st_mtime, key, st.st_size))
+        for _, key, size in sorted(found):
+            self._index[key] = size
+            self.held += size
+        self._evict_over_cap()
+        HELD.labels("disk").set(self.held)
+        if found:
+            logger.info("KV store: disk tier %s holds %d chunks, %d MiB", self.root, len(self._index),
+                        self.held >> 20)
+
+    def __contains__(self, key: bytes) -> bool:
+        with self._lock:
+            return key in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def put(self, key: bytes, data: bytes) -> None:
+        size = _HEADER.size + len(data)
+        if size > self.cap:
+            return
+        path = self._path(key)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.parent / f"{TMP_PREFIX}{path.name}.{os.getpid()}.{threading.get_ident()}"
+        header = _HEADER.pack(MAGIC, VERSION, 0, key, len(data), hashlib.sha256(data).digest())
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.write(data)
+            if self.durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        with self._lock:
+            old = self._index.pop(key, None)
+            if old is not None:
+                self.held -= old
+            self._index[key] = size
+            self.held += size
+            self._evict_over_cap()
+            HELD.labels("disk").set(self.held)
+        BYTES.labels("disk", "stored").inc(len(data))
+
+    def _evict_over_cap(self) -> None:
+        n = 0
+        while self.held > self.cap and self._index:
+            key, size = self._index.popitem(last=False)
+            self.held -= size
+            self._path(key).unlink(missing_ok=True)
+            n += 1
+        if n:
+            EVICTIONS.labels("disk").inc(n)
+
+    def get(self, key: bytes) -> bytes | None:
+        """The chunk, verified; None when absent or when it fails its check (then removed)."""
+        with self._lock:
+            if key not in self._index:
+                return None
+            self._index.move_to_end(key)
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:  # evicted meanwhile
+            return None
+        why = _check(raw, key)
+        if why:
+            CORRUPT.inc()
+            logger.warning("KV store: chunk %s on disk failed its check (%s); removed", key.hex()[:16], why)
+            self._forget(key, path)
+            return None
+        data = raw[_HEADER.size:]
+        BYTES.labels("disk", "loaded").inc(len(data))
+        return data
+
+    def _forget(self, key: bytes, path: Path) -> None:
+        with self._lock:
+            size = self._index.pop(key, None)
+            if size is not None:
+                self.held -= size
+            HELD.labels("disk").set(self.held)
+        path.unlink(missing_ok=True)
+
+    def drop_page_cache(self, key: bytes) -> None:
+        """Ask the kernel to forget the chunk's cached pages (benchmarks: a hit is then a disk read)."""
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    def clear(self) -> None:
+        with self._lock:
+            keys = list(self._index)
+            self._index.clear()
+            self.held = 0
+            HELD.labels("disk").set(0)
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)
+
+
+def _check(raw: bytes, key: bytes) -> str:
+    """Why ``raw`` is not a good chunk file for ``key`` ('' when it is)."""
+    if len(raw) < _HEADER.size:
+        return "shorter than its header"
+    magic, version, _, k, length, digest = _HEADER.unpack_from(raw)
+    if magic != MAGIC or version != VERSION:
+        return "not a chunk file of this version"
+    if k != key:
+        return "holds another key"
+    if len(raw) - _HEADER.size != length:
+        return f"payload {len(raw) - _HEADER.size} bytes, header says {length}"
+    if hashlib.sha256(memoryview(raw)[_HEADER.size:]).digest() != digest:
+        return "checksum mismatch"
+    return ""
+
+
+class TieredStore:
+    """RAM over disk (either may be absent), with write-behind of RAM's evictions."""
+
+    def __init__(self, ram: RamTier | None, disk: DiskTier | None, queue_chunks: int = 64) -> None:
+        self.ram = ram
+        self.disk = disk
+        self._writes: queue.Queue[tuple[bytes, bytes] | None] = queue.Queue(maxsize=queue_chunks)
+        # On their way to disk (out of RAM, not yet in a file): still found, served from here.
+        self._pending: dict[bytes, bytes] = {}
+        self._pending_lock = threading.Lock()
+        self._writer: threading.Thread | None = None
+        if disk is not None:
+            self._writer = threading.Thread(target=self._write_behind, name="kvstore-writer", daemon=True)
+            self._writer.start()
+
+    def put(self, key: bytes, data: bytes) -> None:
+        """Store a chunk; never blocks on the disk."""
+        if self.ram is not None:
+            BYTES.labels("ram", "stored").inc(len(data))
+            spill = self.ram.put(key, data)
+        else:
+            spill = [(key, data)]
+        for k, d in spill:
+            if self.disk is not None and k not in self.disk:
+                self._enqueue(k, d)
+
+    def _enqueue(self, key: bytes, data: bytes) -> None:
+        with self._pending_lock:
+            if key in self._pending:
+                return
+            try:
+                self._writes.put_nowait((key, data))
+            except queue.Full:
+                DROPPED.inc()
+                return
+            self._pending[key] = data
+
+    def get(self, key: bytes) -> bytes | None:
+        if self.ram is not None and (data := self.ram.get(key)) is not None:
+            HITS.labels("ram").inc()
+            BYTES.labels("ram", "loaded").inc(len(data))
+            return data
+        with self._pending_lock:
+            data = self._pending.get(key)
+        if data is not None:  # evicted from RAM a moment ago, still on its way to disk
+            HITS.labels("ram").inc()
+            BYTES.labels("ram", "loaded").inc(len(data))
+            return data
+        if self.disk is not None and (data := self.disk.get(key)) is not None:
+            HITS.labels("disk").inc()
+            if self.ram is not None:  # promoted; what it pushes out is already on disk or goes there
+                for k, d in self.ram.put(key, data):
+                    if k not in self.disk:
+                        self._enqueue(k, d)
+            return data
+        MISSES.inc()
+        return None
+
+    def contains(self, key: bytes) -> bool:
+        if (self.ram is not None and key in self.ram) or (self.disk is not None and key in self.disk):
+            return True
+        with self._pending_lock:
+            return key in self._pending
+
+    def longest_prefix(self, keys: list[bytes]) -> int:
+        """How many of ``keys`` (a chain, first chunk first) are held from the start."""
+        n = 0
+        for k in keys:
+            if not self.contains(k):
+                break
+            n += 1
+        return n
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait until every queued write reached the disk."""
+        deadline = time.monotonic() + timeout_s
+        while self._writes.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writes.put(None)
+            self._writer.join(timeout=30)
+            self._writer = None
+
+    def _write_behind(self) -> None:
+        while True:
+            item = self._writes.get()
+            try:
+                if item is None:
+                    return
+                assert self.disk is not None
+                try:
+                    self.disk.put(*item)
+                except OSError as exc:
+                    DROPPED.inc()
+                    logger.warning("KV store: could not write a chunk to %s: %s", self.disk.root, exc)
+                finally:
+                    with self._pending_lock:
+                        self._pending.pop(item[0], None)
+            finally:
+                self._writes.task_done()

@@ -1,0 +1,186 @@
+"""The KV store's keys and tiers (kvstore/): chained keys, caps and eviction order, write-behind,
+promotion, and a disk tier that turns every kind of damage into a counted miss, never wrong data."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from tandem.kvstore import tiers
+from tandem.kvstore.keys import chunk_keys, namespace
+from tandem.kvstore.tiers import DiskTier, RamTier, TieredStore
+
+LAYOUT = {"num_layers": 2, "block_size": 16, "num_kv_heads": 2, "head_size": 64, "dtype": "float32"}
+
+
+def counter(c) -> float:  # type: ignore[no-untyped-def]
+    return c._value.get()
+
+
+def test_keys_name_the_whole_prefix_and_bind_model_and_layout() -> None:
+    ns = namespace("tiny", LAYOUT, 32)
+    a = chunk_keys(ns, list(range(100)), 32)
+    assert len(a) == 3  # the 4 tokens past the last whole chunk have no key
+    b = chunk_keys(ns, list(range(64)) + [7] * 36, 32)
+    assert b[:2] == a[:2] and b[2] != a[2]  # same first 64 tokens, then not
+    c = chunk_keys(ns, [999] + list(range(1, 100)), 32)
+    assert all(x != y for x, y in zip(a, c))  # one token differs at the start: every key differs
+    assert chunk_keys(namespace("other", LAYOUT, 32), list(range(100)), 32)[0] != a[0]
+    assert chunk_keys(namespace("tiny", {**LAYOUT, "dtype": "bfloat16"}, 32), list(range(100)), 32)[0] != a[0]
+    assert chunk_keys(namespace("tiny", LAYOUT, 16), list(range(100)), 16)[1] != a[0]
+    with pytest.raises(ValueError):
+        namespace("tiny", LAYOUT, 0)
+
+
+def test_ram_tier_evicts_least_recently_used_first() -> None:
+    ram = RamTier(cap_bytes=300)
+    assert ram.put(b"a", b"x" * 100) == [] and ram.put(b"b", b"y" * 100) == [] and ram.put(b"c", b"z" * 100) == []
+    assert ram.get(b"a") == b"x" * 100  # a is now the most recent
+    out = ram.put(b"d", b"w" * 100)
+    assert [k for k, _ in out] == [b"b"] and ram.held == 300
+    assert ram.put(b"huge", b"h" * 301) == [(b"huge", b"h" * 301)]  # larger than the cap: not held
+    assert b"huge" not in ram and len(ram) == 3
+
+
+def test_disk_tier_survives_a_restart_and_keeps_its_cap_and_order(tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path, cap_bytes=3 * (tiers._HEADER.size + 100), durable=False)
+    for k in (b"a" * 32, b"b" * 32, b"c" * 32):
+        disk.put(k, k[:1] * 100)
+        os.utime(disk._path(k), (0, len(disk)))  # distinct mtimes: the restart keeps the order
+    again = DiskTier(tmp_path, cap_bytes=disk.cap, durable=False)
+    assert len(again) == 3 and again.get(b"b" * 32) == b"b" * 100
+    again.put(b"d" * 32, b"d" * 100)  # over the cap: the least recently used (a) goes
+    assert b"a" * 32 not in again and not again._path(b"a" * 32).exists()
+    assert again.get(b"c" * 32) == b"c" * 100 and again.get(b"d" * 32) == b"d" * 100
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "other-key", "empty"])
+def test_damaged_disk_chunks_are_counted_misses_and_removed(tmp_path: Path, damage: str) -> None:
+    disk = DiskTier(tmp_path, cap_bytes=1 << 20, durable=False)
+    key, other = b"k" * 32, b"o" * 32
+    disk.put(key, os.urandom(4096))
+    path = disk._path(key)
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        raw[-100] ^= 0x01
+    elif damage == "truncate":
+        raw = raw[:-1]
+    elif damage == "other-key":  # a file renamed onto the wrong key
+        disk.put(other, os.urandom(4096))
+        raw = bytearray(disk._path(other).read_bytes())
+    else:
+        raw = bytearray()
+    path.write_bytes(bytes(raw))
+    corrupt0 = counter(tiers.CORRUPT)
+    assert disk.get(key) is None
+    assert counter(tiers.CORRUPT) == corrupt0 + 1 and not path.exists() and key not in disk
+
+
+def test_a_torn_write_left_by_a_crash_is_removed_at_start(tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path, cap_bytes=1 << 20, durable=False)
+    disk.put(b"k" * 32, b"data")
+    torn = disk._path(b"t" * 32).parent / f"{tiers.TMP_PREFIX}{(b't' * 32).hex()}.1.1"
+    torn.parent.mkdir(exist_ok=True)
+    torn.write_bytes(b"TKVC half a chunk")
+    again = DiskTier(tmp_path, cap_bytes=1 << 20, durable=False)
+    assert not torn.exists() and len(again) == 1 and again.get(b"t" * 32) is None
+
+
+def test_ram_evictions_are_written_behind_and_disk_hits_promoted(tmp_path: Path) -> None:
+    store = TieredStore(RamTier(250), DiskTier(tmp_path, 1 << 20, durable=False))
+    try:
+        keys = [bytes([i]) * 32 for i in range(4)]
+        for k in keys:
+            store.put(k, k[:1] * 100)
+        store.flush()
+        # RAM holds the last two; the first two went to disk behind it.
+        assert keys[2] in store.ram and keys[3] in store.ram  # type: ignore[operator]
+        assert keys[0] in store.disk and keys[1] in store.disk  # type: ignore[operator]
+        disk_hits = counter(tiers.HITS.labels("disk"))
+        assert store.get(keys[0]) == keys[0][:1] * 100
+        assert counter(tiers.HITS.labels("disk")) == disk_hits + 1
+        assert keys[0] in store.ram  # type: ignore[operator]
+        # Promoting it pushed keys[2] out of RAM: on its way to disk it is still found.
+        assert store.longest_prefix(keys + [b"z" * 32]) == 4
+        assert store.longest_prefix([b"z" * 32] + keys) == 0
+        misses = counter(tiers.MISSES)
+        assert store.get(b"z" * 32) is None and counter(tiers.MISSES) == misses + 1
+    finally:
+        store.close()
+
+
+def test_saves_are_dropped_and_counted_when_the_disk_falls_behind(tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path, 1 << 20, durable=False)
+    gate = threading.Event()
+    slow_put = disk.put
+
+    def stalled(key: bytes, data: bytes) -> None:
+        gate.wait(10)
+        slow_put(key, data)
+
+    disk.put = stalled  # type: ignore[method-assign]
+    store = TieredStore(None, disk, queue_chunks=2)
+    try:
+        dropped = counter(tiers.DROPPED)
+        for i in range(6):  # one being written, two queued, three dropped: put never waits
+            store.put(bytes([i]) * 32, b"x" * 10)
+        assert counter(tiers.DROPPED) >= dropped + 3
+        assert store.get(bytes([1]) * 32) == b"x" * 10  # queued for the disk: served from the queue
+        assert store.get(bytes([5]) * 32) is None  # dropped: a miss, not an error
+    finally:
+        gate.set()
+        store.flush()
+        store.close()
+
+
+def test_concurrent_saves_and_loads_of_one_chunk_never_read_a_torn_file(tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path, 1 << 24, durable=False)
+    key = b"k" * 32
+    versions = [bytes([v]) * 65536 for v in range(4)]
+    disk.put(key, versions[0])
+    stop = threading.Event()
+    bad: list[bytes] = []
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            disk.put(key, versions[i % 4])
+            i += 1
+
+    def reader() -> None:
+        while not stop.is_set():
+            data = disk.get(key)
+            if data is not None and data not in versions:
+                bad.append(data[:8])
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=reader), threading.Thread(target=reader)]
+    corrupt0 = counter(tiers.CORRUPT)
+    for t in threads:
+        t.start()
+    threading.Event().wait(1.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert bad == [] and counter(tiers.CORRUPT) == corrupt0
+
+
+def test_kvstore_stats_verify_and_clear_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tandem.cli import main
+
+    disk = DiskTier(tmp_path, 1 << 20, durable=False)
+    for i in range(3):
+        disk.put(bytes([i]) * 32, os.urandom(1000))
+    bad = disk._path(bytes([1]) * 32)
+    bad.write_bytes(bad.read_bytes()[:-10])
+    assert main(["kvstore", "stats", "--dir", str(tmp_path)]) == 0
+    assert "3 chunks" in capsys.readouterr().out
+    assert main(["kvstore", "stats", "--dir", str(tmp_path), "--verify"]) == 0
+    assert "1 failed their check and were removed" in capsys.readouterr().out
+    assert main(["kvstore", "clear", "--dir", str(tmp_path)]) == 0
+    assert "removed 2 chunks" in capsys.readouterr().out
+    assert DiskTier(tmp_path, 1 << 20).held == 0
+    with pytest.raises(SystemExit, match="no such directory"):
+        main(["kvstore", "stats", "--dir", str(tmp_path / "nope")])
