@@ -29,10 +29,13 @@ def namespace(model: str, layout: Mapping[str, object], chunk_tokens: int) -> by
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).digest()
 
 
-def chunk_keys(ns: bytes, token_ids: Sequence[int], chunk_tokens: int) -> list[bytes]:
-    """One key per whole chunk of ``token_ids`` (a partial last chunk has none: it is not stored)."""
+def chunk_keys(ns: bytes, token_ids: Sequence[int], chunk_tokens: int, extra: bytes = b"") -> list[bytes]:
+    """One key per whole chunk of ``token_ids`` (a partial last chunk has none: it is not stored).
+    ``extra``: whatever else makes this request's KV differ for the same token ids (a LoRA
+    adapter, the hashes of images behind placeholder tokens, a cache salt), hashed into every
+    key, so such requests share KV only with their own kind."""
     keys = []
-    prev = ns
+    prev = hashlib.sha256(ns + hashlib.sha256(extra).digest()).digest() if extra else ns
     for start in range(0, len(token_ids) - chunk_tokens + 1, chunk_tokens):
         chunk = token_ids[start:start + chunk_tokens]
         prev = hashlib.sha256(prev + struct.pack(f"<{len(chunk)}q", *chunk)).digest()

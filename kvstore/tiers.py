@@ -18,11 +18,13 @@ processes, the connector that saves and loads engine blocks, KV events.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import queue
 import struct
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -46,6 +48,7 @@ MAGIC = b"TKVC"
 VERSION = 1
 _HEADER = struct.Struct(f"<4sHH{KEY_BYTES}sQ32s")  # magic, version, reserved, key, payload length, sha256
 TMP_PREFIX = ".tmp-"
+TMP_STALE_S = 600.0  # a temporary file this old is a crash's torn write (younger: another process writing)
 
 
 class RamTier:
@@ -112,6 +115,7 @@ class DiskTier:
         self.durable = durable  # fsync each file before it is renamed into place
         self.held = 0
         self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> file size, least recent first
+        self._gen: dict[bytes, int] = {}  # key -> how many times it was written (a stale reader's check)
         self._lock = threading.Lock()
         self.root.mkdir(parents=True, exist_ok=True)
         self._scan()
@@ -123,16 +127,22 @@ class DiskTier:
     def _scan(self) -> None:
         """Index what an earlier process left (oldest first); remove its torn writes."""
         found = []
+        now = time.time()
         for p in self.root.glob("*/*"):
+            try:
+                st = p.stat()
+            except OSError:
+                continue
             if p.name.startswith(TMP_PREFIX):
-                p.unlink(missing_ok=True)
+                if now - st.st_mtime > TMP_STALE_S:
+                    p.unlink(missing_ok=True)
                 continue
             try:
                 key = bytes.fromhex(p.name)
-                st = p.stat()
-            except (ValueError, OSError):
+            except ValueError:
                 continue
-            if len(key) == KEY_BYTES:
+            # Only files exactly where _path puts them (lowercase hex, in their two-letter folder).
+            if len(key) == KEY_BYTES and p.is_file() and p.name == key.hex() and p.parent.name == p.name[:2]:
                 found.append((st.st_mtime, key, st.st_size))
         for _, key, size in sorted(found):
             self._index[key] = size
@@ -151,34 +161,43 @@ class DiskTier:
         return len(self._index)
 
     def put(self, key: bytes, data: bytes) -> None:
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"a chunk key is {KEY_BYTES} bytes, got {len(key)}")
         size = _HEADER.size + len(data)
         if size > self.cap:
             return
         path = self._path(key)
         path.parent.mkdir(exist_ok=True)
-        tmp = path.parent / f"{TMP_PREFIX}{path.name}.{os.getpid()}.{threading.get_ident()}"
         header = _HEADER.pack(MAGIC, VERSION, 0, key, len(data), hashlib.sha256(data).digest())
-        with open(tmp, "wb") as f:
-            f.write(header)
-            f.write(data)
-            if self.durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-        with self._lock:
-            old = self._index.pop(key, None)
-            if old is not None:
-                self.held -= old
-            self._index[key] = size
-            self.held += size
-            self._evict_over_cap()
-            HELD.labels("disk").set(self.held)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)  # unique across processes
+        try:
+            with open(fd, "wb") as f:
+                f.write(header)
+                f.write(data)
+                if self.durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            with self._lock:  # the rename and the index change together: a stale reader sees a new generation
+                os.replace(tmp, path)
+                old = self._index.pop(key, None)
+                if old is not None:
+                    self.held -= old
+                self._index[key] = size
+                self._gen[key] = self._gen.get(key, 0) + 1
+                self.held += size
+                self._evict_over_cap()
+                HELD.labels("disk").set(self.held)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         BYTES.labels("disk", "stored").inc(len(data))
 
     def _evict_over_cap(self) -> None:
         n = 0
         while self.held > self.cap and self._index:
             key, size = self._index.popitem(last=False)
+            self._gen.pop(key, None)
             self.held -= size
             self._path(key).unlink(missing_ok=True)
             n += 1
@@ -191,29 +210,37 @@ class DiskTier:
             if key not in self._index:
                 return None
             self._index.move_to_end(key)
+            gen = self._gen.get(key, 0)
         path = self._path(key)
         try:
             with open(path, "rb") as f:
                 raw = f.read()
-        except FileNotFoundError:  # evicted meanwhile
+        except OSError as exc:  # gone (evicted meanwhile, cleared by hand) or unreadable: a miss
+            if not isinstance(exc, FileNotFoundError):
+                logger.warning("KV store: could not read chunk %s: %s", key.hex()[:16], exc)
+            self._forget(key, gen, path)
             return None
         why = _check(raw, key)
         if why:
-            CORRUPT.inc()
-            logger.warning("KV store: chunk %s on disk failed its check (%s); removed", key.hex()[:16], why)
-            self._forget(key, path)
+            if self._forget(key, gen, path):
+                CORRUPT.inc()
+                logger.warning("KV store: chunk %s on disk failed its check (%s); removed", key.hex()[:16], why)
             return None
         data = raw[_HEADER.size:]
         BYTES.labels("disk", "loaded").inc(len(data))
         return data
 
-    def _forget(self, key: bytes, path: Path) -> None:
+    def _forget(self, key: bytes, gen: int, path: Path) -> bool:
+        """Drop a chunk that failed, unless it was written again since it was read (then the file
+        there is the new one); True when it was dropped."""
         with self._lock:
-            size = self._index.pop(key, None)
-            if size is not None:
-                self.held -= size
+            if key not in self._index or self._gen.get(key, 0) != gen:
+                return False
+            self.held -= self._index.pop(key)
+            self._gen.pop(key, None)
             HELD.labels("disk").set(self.held)
-        path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+        return True
 
     def drop_page_cache(self, key: bytes) -> None:
         """Ask the kernel to forget the chunk's cached pages (benchmarks: a hit is then a disk read)."""
@@ -230,6 +257,7 @@ class DiskTier:
         with self._lock:
             keys = list(self._index)
             self._index.clear()
+            self._gen.clear()
             self.held = 0
             HELD.labels("disk").set(0)
         for key in keys:
@@ -311,10 +339,12 @@ class TieredStore:
         return None
 
     def contains(self, key: bytes) -> bool:
-        if (self.ram is not None and key in self.ram) or (self.disk is not None and key in self.disk):
+        if self.ram is not None and key in self.ram:
             return True
-        with self._pending_lock:
-            return key in self._pending
+        with self._pending_lock:  # before the disk: the writer moves a chunk from here to there
+            if key in self._pending:
+                return True
+        return self.disk is not None and key in self.disk
 
     def longest_prefix(self, keys: list[bytes]) -> int:
         """How many of ``keys`` (a chain, first chunk first) are held from the start."""
@@ -331,10 +361,13 @@ class TieredStore:
         while self._writes.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.005)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 30.0) -> None:
         if self._writer is not None:
-            self._writes.put(None)
-            self._writer.join(timeout=30)
+            try:
+                self._writes.put(None, timeout=timeout_s)
+            except queue.Full:
+                logger.warning("KV store: the disk writer did not drain its queue in %.0f s", timeout_s)
+            self._writer.join(timeout=timeout_s)
             self._writer = None
 
     def _write_behind(self) -> None:
@@ -346,7 +379,7 @@ class TieredStore:
                 assert self.disk is not None
                 try:
                     self.disk.put(*item)
-                except OSError as exc:
+                except Exception as exc:  # the writer must live on: a failed save is a dropped one
                     DROPPED.inc()
                     logger.warning("KV store: could not write a chunk to %s: %s", self.disk.root, exc)
                 finally:

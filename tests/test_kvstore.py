@@ -28,6 +28,9 @@ def test_keys_name_the_whole_prefix_and_bind_model_and_layout() -> None:
     assert b[:2] == a[:2] and b[2] != a[2]  # same first 64 tokens, then not
     c = chunk_keys(ns, [999] + list(range(1, 100)), 32)
     assert all(x != y for x, y in zip(a, c))  # one token differs at the start: every key differs
+    # Something else behind the same tokens (an adapter, an image): other keys.
+    assert chunk_keys(ns, list(range(100)), 32, extra=b"lora:7")[0] != a[0]
+    assert chunk_keys(ns, list(range(100)), 32, extra=b"") == a
     assert chunk_keys(namespace("other", LAYOUT, 32), list(range(100)), 32)[0] != a[0]
     assert chunk_keys(namespace("tiny", {**LAYOUT, "dtype": "bfloat16"}, 32), list(range(100)), 32)[0] != a[0]
     assert chunk_keys(namespace("tiny", LAYOUT, 16), list(range(100)), 16)[1] != a[0]
@@ -47,14 +50,16 @@ def test_ram_tier_evicts_least_recently_used_first() -> None:
 
 def test_disk_tier_survives_a_restart_and_keeps_its_cap_and_order(tmp_path: Path) -> None:
     disk = DiskTier(tmp_path, cap_bytes=3 * (tiers._HEADER.size + 100), durable=False)
-    for k in (b"a" * 32, b"b" * 32, b"c" * 32):
+    for k in (b"c" * 32, b"a" * 32, b"b" * 32):  # written in this order (not the keys' order)
         disk.put(k, k[:1] * 100)
         os.utime(disk._path(k), (0, len(disk)))  # distinct mtimes: the restart keeps the order
     again = DiskTier(tmp_path, cap_bytes=disk.cap, durable=False)
-    assert len(again) == 3 and again.get(b"b" * 32) == b"b" * 100
-    again.put(b"d" * 32, b"d" * 100)  # over the cap: the least recently used (a) goes
-    assert b"a" * 32 not in again and not again._path(b"a" * 32).exists()
-    assert again.get(b"c" * 32) == b"c" * 100 and again.get(b"d" * 32) == b"d" * 100
+    assert len(again) == 3 and again.get(b"a" * 32) == b"a" * 100  # a is used: c is now the oldest
+    again.put(b"d" * 32, b"d" * 100)  # over the cap: the least recently used (c) goes
+    assert b"c" * 32 not in again and not again._path(b"c" * 32).exists()
+    assert again.get(b"b" * 32) == b"b" * 100 and again.get(b"d" * 32) == b"d" * 100
+    with pytest.raises(ValueError):
+        again.put(b"short", b"x")
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "other-key", "empty"])
@@ -85,8 +90,16 @@ def test_a_torn_write_left_by_a_crash_is_removed_at_start(tmp_path: Path) -> Non
     torn = disk._path(b"t" * 32).parent / f"{tiers.TMP_PREFIX}{(b't' * 32).hex()}.1.1"
     torn.parent.mkdir(exist_ok=True)
     torn.write_bytes(b"TKVC half a chunk")
+    writing = torn.with_name(torn.name + "-live")  # another process's write in progress: left alone
+    writing.write_bytes(b"TKVC")
+    os.utime(torn, (0, 0))  # the crash was long ago
     again = DiskTier(tmp_path, cap_bytes=1 << 20, durable=False)
-    assert not torn.exists() and len(again) == 1 and again.get(b"t" * 32) is None
+    assert not torn.exists() and writing.exists() and len(again) == 1 and again.get(b"t" * 32) is None
+    # Files that are not where chunks go are not chunks (a directory, uppercase hex, a wrong folder).
+    (tmp_path / "zz" / ("AB" * 32)).parent.mkdir()
+    (tmp_path / "zz" / ("AB" * 32)).write_bytes(b"x")
+    (tmp_path / "ab" / ("ab" * 32)).mkdir(parents=True)
+    assert len(DiskTier(tmp_path, cap_bytes=1 << 20, durable=False)) == 1
 
 
 def test_ram_evictions_are_written_behind_and_disk_hits_promoted(tmp_path: Path) -> None:
@@ -110,6 +123,30 @@ def test_ram_evictions_are_written_behind_and_disk_hits_promoted(tmp_path: Path)
         assert store.get(b"z" * 32) is None and counter(tiers.MISSES) == misses + 1
     finally:
         store.close()
+
+
+def test_a_chunk_on_its_way_to_disk_is_still_found(tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path, 1 << 20, durable=False)
+    gate = threading.Event()
+    real_put = disk.put
+
+    def stalled(key: bytes, data: bytes) -> None:
+        gate.wait(10)
+        real_put(key, data)
+
+    disk.put = stalled  # type: ignore[method-assign]
+    store = TieredStore(RamTier(100), disk)
+    try:
+        store.put(b"a" * 32, b"a" * 100)
+        store.put(b"b" * 32, b"b" * 100)  # pushes a out of RAM; its write waits at the gate
+        assert b"a" * 32 not in store.ram and b"a" * 32 not in disk  # type: ignore[operator]
+        assert store.contains(b"a" * 32) and store.longest_prefix([b"a" * 32, b"b" * 32]) == 2
+        assert store.get(b"a" * 32) == b"a" * 100
+    finally:
+        gate.set()
+        store.flush()
+        store.close()
+    assert disk.get(b"a" * 32) == b"a" * 100
 
 
 def test_saves_are_dropped_and_counted_when_the_disk_falls_behind(tmp_path: Path) -> None:
@@ -136,7 +173,7 @@ def test_saves_are_dropped_and_counted_when_the_disk_falls_behind(tmp_path: Path
         store.close()
 
 
-def test_concurrent_saves_and_loads_of_one_chunk_never_read_a_torn_file(tmp_path: Path) -> None:
+def test_concurrent_saves_and_loads_of_one_chunk_never_read_a_torn_file_nor_count_one(tmp_path: Path) -> None:
     disk = DiskTier(tmp_path, 1 << 24, durable=False)
     key = b"k" * 32
     versions = [bytes([v]) * 65536 for v in range(4)]
@@ -156,7 +193,8 @@ def test_concurrent_saves_and_loads_of_one_chunk_never_read_a_torn_file(tmp_path
             if data is not None and data not in versions:
                 bad.append(data[:8])
 
-    threads = [threading.Thread(target=writer), threading.Thread(target=reader), threading.Thread(target=reader)]
+    threads = [threading.Thread(target=writer), threading.Thread(target=writer), threading.Thread(target=reader),
+               threading.Thread(target=reader)]
     corrupt0 = counter(tiers.CORRUPT)
     for t in threads:
         t.start()
