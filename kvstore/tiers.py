@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import queue
@@ -115,7 +116,10 @@ class DiskTier:
         self.durable = durable  # fsync each file before it is renamed into place
         self.held = 0
         self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> file size, least recent first
-        self._gen: dict[bytes, int] = {}  # key -> how many times it was written (a stale reader's check)
+        # key -> the write that made its file (one counter for all keys, so a key evicted and written
+        # again never gets an old number back): a stale reader's check.
+        self._gen: dict[bytes, int] = {}
+        self._write_no = itertools.count(1)
         self._lock = threading.Lock()
         self.root.mkdir(parents=True, exist_ok=True)
         self._scan()
@@ -183,7 +187,7 @@ class DiskTier:
                 if old is not None:
                     self.held -= old
                 self._index[key] = size
-                self._gen[key] = self._gen.get(key, 0) + 1
+                self._gen[key] = next(self._write_no)
                 self.held += size
                 self._evict_over_cap()
                 HELD.labels("disk").set(self.held)
