@@ -233,9 +233,10 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int) -> Loc
         mine = prompt_tokens + max_tokens // 2
         life_batch, life_context = _life_load(node)
         ft = node.factor("tpot")
-        tpot = Estimate(node, step(life_batch + 1, life_context + mine) * ft, model.step_s(1, mine), factor=ft,
+        each = step(life_batch + 1, life_context + mine)
+        tpot = Estimate(node, each * ft, model.step_s(1, mine), factor=ft,
                         detail=f"{node.node_id} (prefill here): batch {batch} now, {life_batch:.1f} + 1 over its life, "
-                        f"step {step(life_batch + 1, life_context + mine) * 1000:.1f} ms{_calibrated(ft)}")
+                        f"step {each * 1000:.1f} ms{_calibrated(ft)}")
     harm = (run_s + beside_s) / max(max_tokens, MIN_OTHERS_TOKENS) if batch else 0.0
     return LocalEstimate(ttft, tpot, harm)
 

@@ -38,7 +38,7 @@ from .admission import Admission, Plan, Slo
 from .nodecalls import NodeCallFailed, Watchdog, stream_ended_early
 from .prefillq import NodeGone
 from .router import NodeClient, Router
-from .textcodec import Detokenizer, TextCodec
+from .textcodec import Detokenizer, StopMatcher, TextCodec
 from .traffic import BatchQueue, Quotas, check_priority, check_tenant
 
 logger = logging.getLogger(__name__)
@@ -112,33 +112,6 @@ class FinishEvent:
 
 
 Event = TokenEvent | FinishEvent
-
-
-class StopMatcher:
-    """Finds stop strings in streamed text, holding back what could still become one."""
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self.stops = stops
-        self._hold = max((len(s) for s in stops), default=1) - 1
-        self._pending = ""
-
-    def feed(self, delta: str) -> tuple[str, str | None]:
-        """(text safe to emit, the stop string that matched or None)."""
-        if not self.stops:
-            return delta, None
-        self._pending += delta
-        hits = [(self._pending.find(s), s) for s in self.stops if s in self._pending]
-        if hits:
-            pos, stop = min(hits)
-            out, self._pending = self._pending[:pos], ""
-            return out, stop
-        cut = max(0, len(self._pending) - self._hold)
-        out, self._pending = self._pending[:cut], self._pending[cut:]
-        return out, None
-
-    def flush(self) -> str:
-        out, self._pending = self._pending, ""
-        return out
 
 
 @dataclass

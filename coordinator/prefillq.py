@@ -111,9 +111,10 @@ class _NodeQueue:
         self.waiting: list[Entry] = []
         self.running: list[Entry] = []
 
-    def start_at(self, now: float) -> float:
-        """When the node is free of what it runs now (for this coordinator)."""
-        return now + sum(max(0.0, e.run_s - (now - e.started)) for e in self.running)
+
+def _free_at(running: list[Entry], now: float) -> float:
+    """When the node is free of ``running`` (what it runs now for this coordinator)."""
+    return now + sum(max(0.0, e.run_s - (now - e.started)) for e in running)
 
 
 class PrefillOrder:
@@ -166,12 +167,12 @@ class PrefillOrder:
             # vLLM runs the earliest deadlines first; which one it runs now is not known here:
             # the earliest sent counts as running.
             ahead = [e for e in q.running[1:] if e.urgent or e.deadline <= new.deadline]
-            start = _NodeQueue.start_at(_one(q.running[:1]), now)
+            start = _free_at(q.running[:1], now)
             return Prediction(start - now + sum(e.run_s for e in ahead), 0)
         # Those starved go first (_next), then the schedule.
         starved = [e for e in q.waiting if _starved(e, now)]
         rest = [e for e in q.waiting if not _starved(e, now)]
-        start = q.start_at(now) + sum(e.run_s for e in starved)
+        start = _free_at(q.running, now) + sum(e.run_s for e in starved)
         _, before_late = schedule(rest, start)
         on_time, late = schedule([*rest, new], start)
         # Moore-Hodgson may swap whom it gives up: what counts is how many more miss with it
@@ -251,7 +252,7 @@ class PrefillOrder:
         starved = [e for e in q.waiting if _starved(e, now)]
         if starved and not any(e.urgent for e in q.waiting):
             return _late(min(starved, key=lambda e: e.seq), now)
-        on_time, late = schedule(q.waiting, q.start_at(now))
+        on_time, late = schedule(q.waiting, _free_at(q.running, now))
         return on_time[0] if on_time else _late(late[0], now)
 
     def _forget(self, key: tuple[str, str], q: _NodeQueue) -> None:
@@ -272,11 +273,5 @@ def _late(e: Entry, now: float) -> Entry:
     logger.info("request %s: prefill sent late, predicted %.0f ms past its TTFT objective (queued %.0f ms)",
                 e.rid, max(0.0, now + e.run_s - e.deadline) * 1000, (now - e.queued) * 1000)
     return e
-
-
-def _one(entries: list[Entry]) -> _NodeQueue:
-    q = _NodeQueue()
-    q.running = list(entries)
-    return q
 
 

@@ -1,4 +1,4 @@
-"""Tokenizing prompts and turning streamed token ids back into text deltas."""
+"""Tokenizing prompts, turning streamed token ids back into text deltas, and finding stop strings in them."""
 
 from __future__ import annotations
 
@@ -66,3 +66,30 @@ class Detokenizer:
             # re-anchor the window on what has now been emitted
             return delta
         return ""
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text, holding back what could still become one."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = stops
+        self._hold = max((len(s) for s in stops), default=1) - 1
+        self._pending = ""
+
+    def feed(self, delta: str) -> tuple[str, str | None]:
+        """(text safe to emit, the stop string that matched or None)."""
+        if not self.stops:
+            return delta, None
+        self._pending += delta
+        hits = [(self._pending.find(s), s) for s in self.stops if s in self._pending]
+        if hits:
+            pos, stop = min(hits)
+            out, self._pending = self._pending[:pos], ""
+            return out, stop
+        cut = max(0, len(self._pending) - self._hold)
+        out, self._pending = self._pending[:cut], self._pending[cut:]
+        return out, None
+
+    def flush(self) -> str:
+        out, self._pending = self._pending, ""
+        return out

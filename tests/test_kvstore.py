@@ -125,8 +125,8 @@ def test_ram_evictions_are_written_behind_and_disk_hits_promoted(tmp_path: Path)
         store.close()
 
 
-def test_a_chunk_on_its_way_to_disk_is_still_found(tmp_path: Path) -> None:
-    disk = DiskTier(tmp_path, 1 << 20, durable=False)
+def _stall_writes(disk: DiskTier) -> threading.Event:
+    """Make every write to ``disk`` wait until the returned event is set."""
     gate = threading.Event()
     real_put = disk.put
 
@@ -135,6 +135,12 @@ def test_a_chunk_on_its_way_to_disk_is_still_found(tmp_path: Path) -> None:
         real_put(key, data)
 
     disk.put = stalled  # type: ignore[method-assign]
+    return gate
+
+
+def test_a_chunk_on_its_way_to_disk_is_still_found(tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path, 1 << 20, durable=False)
+    gate = _stall_writes(disk)
     store = TieredStore(RamTier(100), disk)
     try:
         store.put(b"a" * 32, b"a" * 100)
@@ -151,14 +157,7 @@ def test_a_chunk_on_its_way_to_disk_is_still_found(tmp_path: Path) -> None:
 
 def test_saves_are_dropped_and_counted_when_the_disk_falls_behind(tmp_path: Path) -> None:
     disk = DiskTier(tmp_path, 1 << 20, durable=False)
-    gate = threading.Event()
-    slow_put = disk.put
-
-    def stalled(key: bytes, data: bytes) -> None:
-        gate.wait(10)
-        slow_put(key, data)
-
-    disk.put = stalled  # type: ignore[method-assign]
+    gate = _stall_writes(disk)
     store = TieredStore(None, disk, queue_chunks=2)
     try:
         dropped = counter(tiers.DROPPED)

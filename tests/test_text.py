@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from tandem.coordinator.pipeline import StopMatcher
+from tandem.coordinator.textcodec import StopMatcher
 from tandem.coordinator.textcodec import TextCodec
 from tandem.errors import InvalidRequest
 
