@@ -259,6 +259,9 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
                  f"{by_rate[rate]['attainment_max']:.0%})" if rate in by_rate else "not probed (0% below)"
                  for rate in doc["rates"]]
         lines.append(f"| {s['name']} | {s['goodput_rps']:.2f} | {ratio} | " + " | ".join(cells) + " |")
+    for f in doc.get("failed", []):
+        lines += ["", f"**{f['name']} did not start**, so it has no results in this run:", "", "```",
+                  f["error"], "```"]
     lines += ["", "Per system and rate (medians over the repetitions): requests refused by admission, "
               "share prefilled on a decode node, and Tandem's prediction error |actual - predicted| / actual "
               "(client-side TTFT/TPOT against what admission predicted), p50 / p90, and in brackets the median "
@@ -445,9 +448,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
             starters.append((name, lambda fixed=fixed: start_vllm_nixl(model, cores, args.max_model_len, out, fixed)))
     multiples = [float(k) for k in str(args.overload).split(",") if k.strip()]
     overload: list[tuple[float, float]] = []
+    failed: list[dict[str, str]] = []
     for name, start in starters:
         print(f"starting {name} ...", flush=True)
-        system = start()
+        try:
+            system = start()
+        except RuntimeError as exc:  # did not come up: the others are still measured, the report says so
+            print(f"  {name} did not start: {exc}", flush=True)
+            failed.append({"name": name, "error": str(exc)})
+            continue
         try:
             rows = sweep(system, args, slo)
             if multiples and not overload:  # the first system: its goodput sets the overload rates
@@ -463,6 +472,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     doc = {"machine": f"{platform.platform()}, {len(all_cores)} cores", "client": PINNING.describe(), "model": model,
            "model_params_m": param_count(model) / 1e6, "workload": args.workload, "rates": args.rates,
            "duration_s": args.duration, "reps": args.reps, "slo": slo_doc, "systems": systems_doc,
+           "failed": failed,
            "overload": overload, "ttft_tiers": args.ttft_tiers,
            "goodput_kind": "DistServe goodput from a rate sweep (highest swept rate with >= 90% attainment)"}
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
@@ -470,4 +480,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for s in systems_doc:
         print(f"{s['name']:16} goodput {s['goodput_rps']:.2f} req/s")
     print(f"wrote {out / 'results.json'} and {report}")
-    return 0
+    for f in failed:
+        print(f"{f['name']} did not start (see the report)")
+    return 1 if failed else 0

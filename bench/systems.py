@@ -57,14 +57,27 @@ def nixl_version() -> str:
     return _installed("nixl", "nixl-cu12")
 
 
+def _log_tails(logs: list[Path], lines: int = 15) -> str:
+    """The last lines of each log, for an error message that has to explain itself (CI keeps no files)."""
+    parts = []
+    for log in logs:
+        try:
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+        except OSError as exc:
+            tail = [f"(unreadable: {exc})"]
+        parts.append(f"--- last {len(tail)} lines of {log}:\n" + "\n".join(tail))
+    return "\n".join(parts)
+
+
 def _wait_http(url: str, procs: list[subprocess.Popen[bytes]], logs: list[Path], timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         for proc, log in zip(procs, logs):
             if proc.poll() is not None:
-                raise RuntimeError(f"a server exited with {proc.returncode} before {url} was up; see {log}")
+                raise RuntimeError(f"a server exited with {proc.returncode} before {url} was up\n"
+                                   + _log_tails([log]))
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not come up in {timeout_s:.0f} s; see {', '.join(map(str, logs))}")
+            raise RuntimeError(f"{url} did not come up in {timeout_s:.0f} s\n" + _log_tails(logs))
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as r:
                 if r.status == 200:
@@ -150,15 +163,13 @@ def prompt_tokens_by_source(url: str) -> dict[str, float]:
     return out
 
 
-def start_vllm_nixl(model: str, cores: list[int], max_model_len: int, log_dir: Path, fixed: bool) -> System:
-    """vLLM's own disaggregation: a NixlConnector kv_producer (prefill) and kv_consumer (decode),
-    each pinned to its half of the cores like Tandem's 1:1, behind the proxy. ``fixed`` loads
-    bench/nixl-fixes/ (affinity kept, NIXL's progress thread paced instead of busy-polling)."""
-    check_nixl()
-    name = "vllm-nixl-fixed" if fixed else "vllm-nixl"
+def nixl_servers(model: str, cores: list[int], max_model_len: int, fixed: bool
+                 ) -> list[tuple[str, list[str], dict[str, str], int]]:
+    """vLLM's NixlConnector kv_producer (prefill) and kv_consumer (decode), each on its half of the
+    cores like Tandem's 1:1: (role, command, env, port) for each. ``fixed`` loads bench/nixl-fixes/
+    (affinity kept, NIXL's progress thread paced instead of busy-polling) and Tandem's UCX transports."""
     pre_cores, dec_cores = core_plan(1, 1, cores)
-    procs = Processes()
-    commands, urls = [], []
+    servers = []
     for role, bind in (("producer", pre_cores), ("consumer", dec_cores)):
         port = free_port()
         kv = ('{"kv_connector":"NixlConnector","kv_role":"kv_%s","kv_buffer_device":"cpu"}' % role)
@@ -170,6 +181,17 @@ def start_vllm_nixl(model: str, cores: list[int], max_model_len: int, log_dir: P
         if fixed:  # the UCX transports Tandem uses; as shipped, UCX picks its own
             env["UCX_TLS"] = DEFAULT_CPU_UCX_TLS
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(NIXL_FIXES), os.environ.get("PYTHONPATH")) if p)
+        servers.append((role, cmd, env, port))
+    return servers
+
+
+def start_vllm_nixl(model: str, cores: list[int], max_model_len: int, log_dir: Path, fixed: bool) -> System:
+    """vLLM's own disaggregation (see nixl_servers) behind the P/D proxy."""
+    check_nixl()
+    name = "vllm-nixl-fixed" if fixed else "vllm-nixl"
+    procs = Processes()
+    commands, urls = [], []
+    for role, cmd, env, port in nixl_servers(model, cores, max_model_len, fixed):
         procs.spawn(cmd, env, log_dir / f"{name}-{role}.log")
         commands.append(_shown(env, cmd))
         urls.append(f"http://127.0.0.1:{port}")

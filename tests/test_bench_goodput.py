@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -83,3 +84,50 @@ def test_compare_sweep_stops_after_a_rate_where_nothing_met_the_slo() -> None:
     finally:
         server.kill()
         server.wait()
+
+
+def test_nixl_as_shipped_and_fixed_differ_only_by_the_fixes() -> None:
+    from tandem.bench.systems import nixl_servers
+
+    shipped = nixl_servers("/m", [0, 1], 1024, fixed=False)
+    fixed = nixl_servers("/m", [0, 1], 1024, fixed=True)
+    assert [s[0] for s in shipped] == [s[0] for s in fixed] == ["producer", "consumer"]
+    for (_, cmd, env, _), (_, fcmd, fenv, _), bind in zip(shipped, fixed, ("0", "1")):
+        assert env["VLLM_CPU_OMP_THREADS_BIND"] == fenv["VLLM_CPU_OMP_THREADS_BIND"] == bind
+        assert "taskset" not in cmd and "PYTHONPATH" not in env and "UCX_TLS" not in env
+        assert fcmd[:3] == ["taskset", "-c", bind] and fcmd[3:5] == cmd[:2]
+        assert "nixl-fixes" in fenv["PYTHONPATH"] and fenv["UCX_TLS"]
+
+
+def test_compare_reports_a_system_that_did_not_start_and_measures_the_rest(
+        tiny_model, tmp_path, monkeypatch) -> None:
+    import tandem.bench.compare as compare
+    from tandem.bench.systems import System
+    from tandem.cli import build_parser
+
+    server = subprocess.Popen([sys.executable, "-m", "tandem.bench.synthetic", "--capacity", "20"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        url = server.stdout.readline().split()[1]
+        stopped = []
+
+        def refuse(*_a, **_k):
+            raise RuntimeError("http://127.0.0.1:1 did not come up in 300 s\n--- last 1 lines of x.log:\nboom")
+
+        monkeypatch.setattr(compare, "start_vllm_colocated", refuse)
+        monkeypatch.setattr(compare, "start_tandem", lambda *a, **k: System(
+            "tandem-1:1", url, [["tandem", "up"]], "synthetic", lambda: stopped.append(1)))
+        args = build_parser().parse_args(
+            ["bench", "compare", "--model", str(tiny_model), "--rates", "5", "--duration", "1", "--reps", "1",
+             "--slo-ttft", "2", "--slo-tpot", "0.5", "--workload", "code", "--overload", "",
+             "--systems", "vllm-colocated,tandem", "--out", str(tmp_path)])
+        assert args.fn(args) == 1  # a system missing from the comparison is a failed run ...
+    finally:
+        server.kill()
+        server.wait()
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert [s["name"] for s in doc["systems"]] == ["tandem-1:1"] and stopped == [1]  # ... the rest measured
+    assert doc["systems"][0]["sweep"][0]["reps"][0]["completed"] > 0
+    assert [f["name"] for f in doc["failed"]] == ["vllm-colocated"] and "boom" in doc["failed"][0]["error"]
+    report = (tmp_path / "report.md").read_text()
+    assert "**vllm-colocated did not start**" in report and "boom" in report
