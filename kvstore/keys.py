@@ -15,6 +15,7 @@ import hashlib
 import json
 import struct
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 KEY_BYTES = 32
 
@@ -41,3 +42,19 @@ def chunk_keys(ns: bytes, token_ids: Sequence[int], chunk_tokens: int, extra: by
         prev = hashlib.sha256(prev + struct.pack(f"<{len(chunk)}q", *chunk)).digest()
         keys.append(prev)
     return keys
+
+
+def model_identity(model_dir: str | Path) -> str:
+    """What names a model's weights for the namespace: its directory, its config and, per weight
+    file, name, size and modification time (weights replaced in place get a new identity, without
+    reading gigabytes at start)."""
+    root = Path(model_dir).resolve()
+    h = hashlib.sha256()
+    cfg = root / "config.json"
+    if cfg.is_file():
+        h.update(cfg.read_bytes())
+    for p in sorted(root.iterdir()):
+        if p.suffix in (".safetensors", ".bin", ".pt", ".gguf") and p.is_file():
+            st = p.stat()
+            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return f"{root}#{h.hexdigest()[:16]}"

@@ -18,6 +18,7 @@ processes, the connector that saves and loads engine blocks, KV events.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import itertools
@@ -31,19 +32,37 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from prometheus_client import Counter, Gauge
-
 from .keys import KEY_BYTES
 
 logger = logging.getLogger(__name__)
 
-HITS = Counter("tandem_kvstore_hits", "Chunks found, by tier", ["tier"])
-MISSES = Counter("tandem_kvstore_misses", "Chunks looked up and found in no tier")
-BYTES = Counter("tandem_kvstore_bytes", "Bytes stored into or loaded from a tier", ["tier", "direction"])
-EVICTIONS = Counter("tandem_kvstore_evictions", "Chunks evicted from a tier to stay under its cap", ["tier"])
-DROPPED = Counter("tandem_kvstore_dropped_saves", "Chunks not written to disk: the write-behind queue was full")
-CORRUPT = Counter("tandem_kvstore_corrupt_chunks", "Disk chunks that failed their check (removed, counted as misses)")
-HELD = Gauge("tandem_kvstore_held_bytes", "Bytes held, by tier", ["tier"])
+
+class Counts:
+    """The store's event counts, plain numbers. The node exports them through vLLM's stat loggers
+    (kvtransfer/stats.py: the store lives in vLLM's engine-core process, not the node's), as
+    tandem_kvstore_*: hits.<tier>, misses, bytes.<tier>.<stored|loaded>, evictions.<tier>,
+    dropped_saves, corrupt_chunks."""
+
+    def __init__(self) -> None:
+        self._c: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+
+    def add(self, name: str, n: int = 1) -> None:
+        if n:
+            with self._lock:
+                self._c[name] += n
+
+    def get(self, name: str) -> int:
+        with self._lock:
+            return self._c[name]
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._c)
+
+
+COUNTS = Counts()
+HELD: dict[str, int] = {"ram": 0, "disk": 0}  # bytes held per tier, as last set
 
 MAGIC = b"TKVC"
 VERSION = 1
@@ -93,16 +112,16 @@ class RamTier:
                 k, d = self._chunks.popitem(last=False)
                 self.held -= len(d)
                 out.append((k, d))
-            HELD.labels("ram").set(self.held)
+            HELD["ram"] = self.held
         if out:
-            EVICTIONS.labels("ram").inc(len(out))
+            COUNTS.add("evictions.ram", len(out))
         return out
 
     def clear(self) -> None:
         with self._lock:
             self._chunks.clear()
             self.held = 0
-            HELD.labels("ram").set(0)
+            HELD["ram"] = 0
 
 
 class DiskTier:
@@ -152,7 +171,7 @@ class DiskTier:
             self._index[key] = size
             self.held += size
         self._evict_over_cap()
-        HELD.labels("disk").set(self.held)
+        HELD["disk"] = self.held
         if found:
             logger.info("KV store: disk tier %s holds %d chunks, %d MiB", self.root, len(self._index),
                         self.held >> 20)
@@ -190,12 +209,12 @@ class DiskTier:
                 self._gen[key] = next(self._write_no)
                 self.held += size
                 self._evict_over_cap()
-                HELD.labels("disk").set(self.held)
+                HELD["disk"] = self.held
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        BYTES.labels("disk", "stored").inc(len(data))
+        COUNTS.add("bytes.disk.stored", len(data))
 
     def _evict_over_cap(self) -> None:
         n = 0
@@ -206,7 +225,7 @@ class DiskTier:
             self._path(key).unlink(missing_ok=True)
             n += 1
         if n:
-            EVICTIONS.labels("disk").inc(n)
+            COUNTS.add("evictions.disk", n)
 
     def get(self, key: bytes) -> bytes | None:
         """The chunk, verified; None when absent or when it fails its check (then removed)."""
@@ -227,11 +246,11 @@ class DiskTier:
         why = _check(raw, key)
         if why:
             if self._forget(key, gen, path):
-                CORRUPT.inc()
+                COUNTS.add("corrupt_chunks")
                 logger.warning("KV store: chunk %s on disk failed its check (%s); removed", key.hex()[:16], why)
             return None
         data = raw[_HEADER.size:]
-        BYTES.labels("disk", "loaded").inc(len(data))
+        COUNTS.add("bytes.disk.loaded", len(data))
         return data
 
     def _forget(self, key: bytes, gen: int, path: Path) -> bool:
@@ -242,7 +261,7 @@ class DiskTier:
                 return False
             self.held -= self._index.pop(key)
             self._gen.pop(key, None)
-            HELD.labels("disk").set(self.held)
+            HELD["disk"] = self.held
             path.unlink(missing_ok=True)
         return True
 
@@ -263,7 +282,7 @@ class DiskTier:
             self._index.clear()
             self._gen.clear()
             self.held = 0
-            HELD.labels("disk").set(0)
+            HELD["disk"] = 0
         for key in keys:
             self._path(key).unlink(missing_ok=True)
 
@@ -302,7 +321,7 @@ class TieredStore:
     def put(self, key: bytes, data: bytes) -> None:
         """Store a chunk; never blocks on the disk."""
         if self.ram is not None:
-            BYTES.labels("ram", "stored").inc(len(data))
+            COUNTS.add("bytes.ram.stored", len(data))
             spill = self.ram.put(key, data)
         else:
             spill = [(key, data)]
@@ -317,29 +336,29 @@ class TieredStore:
             try:
                 self._writes.put_nowait((key, data))
             except queue.Full:
-                DROPPED.inc()
+                COUNTS.add("dropped_saves")
                 return
             self._pending[key] = data
 
     def get(self, key: bytes) -> bytes | None:
         if self.ram is not None and (data := self.ram.get(key)) is not None:
-            HITS.labels("ram").inc()
-            BYTES.labels("ram", "loaded").inc(len(data))
+            COUNTS.add("hits.ram")
+            COUNTS.add("bytes.ram.loaded", len(data))
             return data
         with self._pending_lock:
             data = self._pending.get(key)
         if data is not None:  # evicted from RAM a moment ago, still on its way to disk
-            HITS.labels("ram").inc()
-            BYTES.labels("ram", "loaded").inc(len(data))
+            COUNTS.add("hits.ram")
+            COUNTS.add("bytes.ram.loaded", len(data))
             return data
         if self.disk is not None and (data := self.disk.get(key)) is not None:
-            HITS.labels("disk").inc()
+            COUNTS.add("hits.disk")
             if self.ram is not None:  # promoted; what it pushes out is already on disk or goes there
                 for k, d in self.ram.put(key, data):
                     if k not in self.disk:
                         self._enqueue(k, d)
             return data
-        MISSES.inc()
+        COUNTS.add("misses")
         return None
 
     def contains(self, key: bytes) -> bool:
@@ -384,7 +403,7 @@ class TieredStore:
                 try:
                     self.disk.put(*item)
                 except Exception as exc:  # the writer must live on: a failed save is a dropped one
-                    DROPPED.inc()
+                    COUNTS.add("dropped_saves")
                     logger.warning("KV store: could not write a chunk to %s: %s", self.disk.root, exc)
                 finally:
                     with self._pending_lock:

@@ -30,8 +30,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from .metadata import TandemConnectorMetadata
+from .handle import CONSUME
+from .metadata import TandemConnectorMetadata, TandemWorkerMetadata
 from .scheduler_side import SchedulerSide
+from .store_side import StoreConfig, open_store_scheduler
 from .stats import TandemKVStats, TandemPromMetrics
 from .worker_side import WorkerSide
 
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 logger = logging.getLogger(__name__)
@@ -66,8 +69,10 @@ class TandemConnector(KVConnectorBase_V1):
             raise ValueError("TandemConnector: a producer needs kv_connector_extra_config['address']")
         self._sched: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
+        store = StoreConfig.parse(extra, kv_cache_config)
         if role == KVConnectorRole.SCHEDULER:
-            self._sched = SchedulerSide(engine_id, block_size, str(extra.get("advertise") or address), lease_s)
+            self._sched = SchedulerSide(engine_id, block_size, str(extra.get("advertise") or address), lease_s,
+                                        store=open_store_scheduler(store, block_size) if store else None)
         else:
             mc, pc = vllm_config.model_config, vllm_config.parallel_config
             if kv_cache_config is None:
@@ -85,6 +90,7 @@ class TandemConnector(KVConnectorBase_V1):
                     "num_kv_heads": mc.get_num_kv_heads(pc),
                     "head_size": mc.get_head_size(),
                 },
+                store=store,
             )
 
     # worker role --------------------------------------------------------
@@ -124,7 +130,12 @@ class TandemConnector(KVConnectorBase_V1):
         return r.finished_sending, r.finished_recving
 
     def get_kv_connector_stats(self) -> TandemKVStats | None:
-        return self._worker.take_stats() if self._worker is not None else None
+        if self._worker is not None:
+            return self._worker.take_stats()
+        return self._sched.take_stats() if self._sched is not None else None
+
+    def build_connector_worker_meta(self) -> TandemWorkerMetadata | None:
+        return self._worker.worker_meta() if self._worker is not None else None
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> TandemKVStats:
@@ -138,6 +149,8 @@ class TandemConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+        if self._sched is not None and self._sched.store is not None:
+            self._sched.store.store.close()  # what is queued for the disk gets there first
 
     # scheduler role -----------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -147,6 +160,24 @@ class TandemConnector(KVConnectorBase_V1):
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         assert self._sched is not None
         self._sched.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int
+                                       ) -> dict[CacheHitSource, int]:
+        if num_external_tokens == 0:
+            return {}
+        p = request.kv_transfer_params
+        # From the prefill node (a transfer), or from this node's KV store (host memory).
+        source = CacheHitSource.P2P if p and p.get("tandem") == CONSUME else CacheHitSource.HOST
+        return {source: num_external_tokens}
+
+    def has_pending_push_work(self) -> bool:
+        # Keep vLLM stepping while the worker copies a finished request's prompt into the store:
+        # its chunks become ready for lookups only when a step brings the news back.
+        return self._sched is not None and self._sched.store is not None and self._sched.store.saving
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        assert self._sched is not None
+        self._sched.update_connector_output(connector_output)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._sched is not None

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
 from .fetcher import LoadJob
 from .handle import TransferHandle
+from .store_side import StoreJob
 
 
 @dataclass
@@ -23,3 +24,21 @@ class TandemConnectorMetadata(KVConnectorMetadata):
     failures: list[str] = field(default_factory=list)
     # consumer: requests that ended (cancelled, migrated away) while their load may be in flight
     aborts: list[str] = field(default_factory=list)
+    # the node's KV store: chunks to copy from its RAM tier into blocks (a lookup's hit), blocks to
+    # copy into it (a finished request's prompt), and loads that cannot even start
+    store_loads: list[StoreJob] = field(default_factory=list)
+    store_saves: list[StoreJob] = field(default_factory=list)
+    store_failures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TandemWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker to scheduler, per step: the KV store saves that ended (request id -> copied)."""
+
+    saves: dict[str, bool] = field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, TandemWorkerMetadata)
+        for rid, ok in other.saves.items():
+            self.saves[rid] = self.saves.get(rid, True) and ok
+        return self

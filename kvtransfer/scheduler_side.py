@@ -5,6 +5,8 @@ keeps its blocks (delayed free) and returns a transfer handle in its output.
 Consumer (decode engine): a request carrying a ``consume`` handle reports the
 handle's prompt tokens as external and loaded asynchronously; the blocks they
 land in are sent to the worker half as a load job.
+Any other request, with the node's KV store on: its stored prefix is loaded
+from the store, and its prompt saved there when it finishes (store_side.py).
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from .fetcher import LoadJob
 from .handle import CONSUME, HANDLE, PRODUCE, TransferHandle
-from .metadata import TandemConnectorMetadata
+from .metadata import TandemConnectorMetadata, TandemWorkerMetadata
+from .stats import TandemKVStats, empty_stats
+from .store_side import StoreScheduler
 
 if TYPE_CHECKING:
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.request import Request
 
@@ -29,8 +34,10 @@ def _cdiv(a: int, b: int) -> int:
 
 
 class SchedulerSide:
-    def __init__(self, engine_id: str, block_size: int, address: str, lease_s: float) -> None:
+    def __init__(self, engine_id: str, block_size: int, address: str, lease_s: float,
+                 store: StoreScheduler | None = None) -> None:
         self.engine_id = engine_id
+        self.store = store
         self.block_size = block_size
         self.address = address
         self.lease_s = lease_s
@@ -47,6 +54,8 @@ class SchedulerSide:
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         p = self._consume_params(request)
         if p is None:
+            if self.store is not None and not self._is_consumer(request):
+                return self.store.lookup(request, num_computed_tokens)
             return 0, False
         try:
             count = TransferHandle.from_params(p).num_tokens - num_computed_tokens
@@ -61,6 +70,12 @@ class SchedulerSide:
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         p = self._consume_params(request)
         if p is None:
+            if self.store is not None and not self._is_consumer(request):
+                job, failed = self.store.after_alloc(request, blocks.get_block_ids()[0], num_external_tokens)
+                if job is not None:
+                    self._meta.store_loads.append(job)
+                if failed:
+                    self._meta.store_failures.append(request.request_id)
             return
         p["_tandem_done"] = True  # one transfer per request
         handle = TransferHandle.from_params(p)  # parsed once already in get_num_new_matched_tokens
@@ -83,8 +98,28 @@ class SchedulerSide:
         self._meta.loads.append(LoadJob(request.request_id, handle, remote_block_ids=handle.block_ids[first:last],
                                         local_block_ids=list(local_ids[first:last])))
 
+    @staticmethod
+    def _is_consumer(request: Request) -> bool:
+        p = request.kv_transfer_params
+        return bool(p) and p.get("tandem") == CONSUME
+
     # producer -----------------------------------------------------------
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Whether vLLM must keep the blocks until the worker reports the request as sent (a
+        producer's hold, a store save, or both), and the params to put in its output."""
+        from vllm.v1.request import RequestStatus
+
+        delay, params = self._finished(request, block_ids)
+        if self.store is not None:
+            ended_early = request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED,
+                                                 RequestStatus.FINISHED_STOPPED)
+            job = self.store.on_finished(request, block_ids, ended_early)
+            if job is not None:
+                self._meta.store_saves.append(job)
+                delay = True
+        return delay, params
+
+    def _finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         from vllm.v1.request import RequestStatus
 
         p = request.kv_transfer_params
@@ -125,6 +160,24 @@ class SchedulerSide:
         return True, handle.to_params(HANDLE)
 
     # both ---------------------------------------------------------------
+    def update_connector_output(self, out: KVConnectorOutput) -> None:
+        if self.store is None:
+            return
+        self.store.loads_done(set(out.finished_recving or ()) | set(out.failed_recving or ()))
+        meta = out.kv_connector_worker_meta
+        if isinstance(meta, TandemWorkerMetadata) and meta.saves:
+            self.store.saves_done(meta.saves)
+
+    def take_stats(self) -> TandemKVStats | None:
+        """The KV store's counts since the last call (the store lives in this process)."""
+        data = self.store.stats() if self.store is not None else None
+        if data is None:
+            return None
+        stats = TandemKVStats(data=empty_stats())
+        stats.data["store"] = data["counts"]
+        stats.data["store_held"] = data["held"]
+        return stats
+
     def build_connector_meta(self) -> TandemConnectorMetadata:
         meta, self._meta = self._meta, TandemConnectorMetadata(lease_s=self.lease_s)
         return meta

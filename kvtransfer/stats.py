@@ -37,6 +37,18 @@ class TandemKVStats(KVConnectorStats):
         d["fetch_aborts"] = d.get("fetch_aborts", 0) + o.get("fetch_aborts", 0)
         if o.get("blocks_held") is not None:
             d["blocks_held"] = o["blocks_held"]
+        # the KV store: counts from the scheduler half, copy timings from the worker half
+        if o.get("store"):
+            mine = d.setdefault("store", {})
+            for k, v in o["store"].items():
+                mine[k] = mine.get(k, 0) + v
+        if o.get("store_held") is not None:
+            d["store_held"] = o["store_held"]
+        for k in ("store_load_seconds", "store_save_seconds"):
+            if o.get(k):
+                d[k] = list(d.get(k, [])) + list(o[k])
+        if o.get("store_load_bytes"):
+            d["store_load_bytes"] = d.get("store_load_bytes", 0) + o["store_load_bytes"]
         return self
 
     def reduce(self) -> dict[str, int | float]:
@@ -49,7 +61,9 @@ class TandemKVStats(KVConnectorStats):
     def is_empty(self) -> bool:
         d = self.data
         return (not d["bytes_sent"] and not d["bytes_recv"] and not d["fetch_seconds"]
-                and not d["fetch_failures"] and not d.get("fetch_aborts") and d["blocks_held"] is None)
+                and not d["fetch_failures"] and not d.get("fetch_aborts") and d["blocks_held"] is None
+                and not d.get("store") and d.get("store_held") is None and not d.get("store_load_seconds")
+                and not d.get("store_save_seconds"))
 
 
 class TandemPromMetrics(KVConnectorPromMetrics):
@@ -68,6 +82,31 @@ class TandemPromMetrics(KVConnectorPromMetrics):
         self._aborts = self._counter_cls("tandem_kv_transfer_aborts",
                                          "KV fetches stopped because their request ended first",
                                          labelnames=labelnames)
+        # The node's KV store (tandem.kvstore), counted in the engine's processes, exported here.
+        self._st_hits = self._counter_cls("tandem_kvstore_hits", "Chunks found in the KV store, by tier "
+                                          "(a disk hit is promoted to RAM, then loaded: counted in both)",
+                                          labelnames=[*labelnames, "tier"])
+        self._st_misses = self._counter_cls("tandem_kvstore_misses",
+                                            "Whole prompt chunks found neither in the engine's cache nor the store",
+                                            labelnames=labelnames)
+        self._st_tokens = self._counter_cls("tandem_kvstore_hit_tokens", "Prompt tokens loaded from the KV store",
+                                            labelnames=labelnames)
+        self._st_bytes = self._counter_cls("tandem_kvstore_bytes", "Bytes stored into or loaded from a tier",
+                                           labelnames=[*labelnames, "tier", "direction"])
+        self._st_evict = self._counter_cls("tandem_kvstore_evictions", "Chunks evicted to stay under a tier's cap",
+                                           labelnames=[*labelnames, "tier"])
+        self._st_dropped = self._counter_cls("tandem_kvstore_dropped_saves",
+                                             "Chunks not saved: no free RAM slot, or the disk queue was full",
+                                             labelnames=labelnames)
+        self._st_corrupt = self._counter_cls("tandem_kvstore_corrupt_chunks",
+                                             "Disk chunks that failed their check (removed, counted as misses)",
+                                             labelnames=labelnames)
+        self._st_held = self._gauge_cls("tandem_kvstore_held_bytes", "Bytes held in the KV store, by tier",
+                                        labelnames=[*labelnames, "tier"])
+        self._st_load = self._histogram_cls(
+            "tandem_kvstore_copy_seconds", "One request's copy between the KV store's RAM tier and the engine's "
+            "blocks (worker thread, off the forward pass)", labelnames=[*labelnames, "direction"],
+            buckets=[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25])
         for values in per_engine_labelvalues.values():
             self._held.labels(*values).set(0)
             self._aborts.labels(*values)
@@ -90,3 +129,31 @@ class TandemPromMetrics(KVConnectorPromMetrics):
             self._fail.labels(*values).inc(data["fetch_failures"])
         if data.get("fetch_aborts"):
             self._aborts.labels(*values).inc(data["fetch_aborts"])
+        self._observe_store(data, values)
+
+    def _observe_store(self, data: dict[str, Any], values: list[object]) -> None:
+        for name, n in (data.get("store") or {}).items():
+            kind, _, rest = name.partition(".")
+            if kind == "hits" and rest in ("ram", "disk"):
+                self._st_hits.labels(*values, rest).inc(n)
+            elif kind == "misses" and not rest:
+                self._st_misses.labels(*values).inc(n)
+            elif kind == "hit_tokens":
+                self._st_tokens.labels(*values).inc(n)
+            elif kind == "bytes":
+                tier, _, direction = rest.partition(".")
+                self._st_bytes.labels(*values, tier, direction).inc(n)
+            elif kind == "evictions":
+                self._st_evict.labels(*values, rest).inc(n)
+            elif kind == "dropped_saves":
+                self._st_dropped.labels(*values).inc(n)
+            elif kind == "corrupt_chunks":
+                self._st_corrupt.labels(*values).inc(n)
+        for tier, n in (data.get("store_held") or {}).items():
+            self._st_held.labels(*values, tier).set(n)
+        for s in data.get("store_load_seconds", []):
+            self._st_load.labels(*values, "load").observe(s)
+        for s in data.get("store_save_seconds", []):
+            self._st_load.labels(*values, "save").observe(s)
+        if data.get("store_load_bytes"):
+            self._st_bytes.labels(*values, "ram", "loaded").inc(data["store_load_bytes"])

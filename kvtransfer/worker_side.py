@@ -2,7 +2,10 @@
 
 Producer: owns the BlockServer that serves held blocks and reports freed holds
 as finished sends. Consumer: owns the BlockFetcher that pulls blocks in the
-background and reports finished and failed receives. Neither blocks a step.
+background and reports finished and failed receives. With the KV store on:
+creates the shared RAM arena and owns the StoreCopier, whose loads end as
+finished receives and whose saves as finished sends (with a producer's hold,
+when both have ended). None of it blocks a step.
 """
 
 from __future__ import annotations
@@ -12,10 +15,11 @@ import logging
 import torch
 
 from .fetcher import BlockFetcher
-from .metadata import TandemConnectorMetadata
+from .metadata import TandemConnectorMetadata, TandemWorkerMetadata
 from .paged import PagedKV
 from .block_server import BlockServer
 from .stats import TandemKVStats, empty_stats
+from .store_side import StoreConfig, StoreCopier
 from .transport import make_data_planes
 from .wire import parse_address
 
@@ -35,7 +39,8 @@ def _ensure_logging() -> None:
 
 class WorkerSide:
     def __init__(self, *, is_producer: bool, is_consumer: bool, engine_id: str, address: str, transport: str,
-                 num_blocks: int, layout_fields: dict[str, object], port_reserved: bool = False) -> None:
+                 num_blocks: int, layout_fields: dict[str, object], port_reserved: bool = False,
+                 store: StoreConfig | None = None) -> None:
         self.engine_id = engine_id
         self.is_producer = is_producer
         self.is_consumer = is_consumer
@@ -48,6 +53,22 @@ class WorkerSide:
         self.fetcher: BlockFetcher | None = None
         self._last_held: int | None = None
         _ensure_logging()
+        self.store_cfg = store
+        self.arena = None
+        self.copier: StoreCopier | None = None
+        self._held_reqs: set[str] = set()  # held by the block server
+        self._saving: set[str] = set()  # a store save in flight
+        self._freed_saving: set[str] = set()  # hold released, save still in flight
+        self._saves_ended: dict[str, bool] = {}  # for the scheduler half, next step
+        self._store_failed: set[str] = set()
+        self._store_secs: list[float] = []
+        self._store_save_secs: list[float] = []
+        self._store_bytes = 0
+        if store is not None:
+            from tandem.kvstore.arena import Arena
+
+            # Created here, before the scheduler half exists (vLLM starts the worker first); it opens it.
+            self.arena = Arena(store.arena_path, store.num_slots, store.slot_bytes, create=True)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         kv = PagedKV(list(kv_caches.values()), self.num_blocks, self.layout_fields)
@@ -58,11 +79,21 @@ class WorkerSide:
             self.server = BlockServer(host, port, kv, planes, engine_id=self.engine_id, reserved=self.port_reserved)
         if self.is_consumer:
             self.fetcher = BlockFetcher(kv, planes)
+        if self.arena is not None and self.store_cfg is not None:
+            self.copier = StoreCopier(kv, self.arena, self.store_cfg.chunk_blocks)
 
     def start_step(self, meta: TandemConnectorMetadata) -> None:
         if self.server is not None:
             for req_id, block_ids in meta.holds.items():
                 self.server.holds.hold(req_id, block_ids, meta.lease_s)
+                self._held_reqs.add(req_id)
+        if self.copier is not None:
+            for job in meta.store_loads:
+                self.copier.submit("load", job)
+            for job in meta.store_saves:
+                self._saving.add(job.req_id)
+                self.copier.submit("save", job)
+        self._store_failed.update(meta.store_failures)
         if self.fetcher is not None:
             for job in meta.loads:
                 self.fetcher.submit(job)
@@ -75,12 +106,46 @@ class WorkerSide:
 
     def transfer_results(self) -> tuple[set[str], set[str], set[str]]:
         """(finished sending, finished receiving, failed receiving)."""
-        sent = self.server.holds.take_freed() if self.server is not None else set()
+        freed = self.server.holds.take_freed() if self.server is not None else set()
         if self.fetcher is not None:
             recvd, failed = self.fetcher.take_results()
         else:
             recvd, failed = set(), set()
-        return sent, recvd, failed
+        failed |= self._store_failed
+        self._store_failed = set()
+        saved: dict[str, bool] = {}
+        if self.copier is not None:
+            done = self.copier.take()
+            recvd |= done.loads
+            failed |= done.failed
+            saved = done.saves
+            self._saves_ended.update(saved)
+            self._store_secs += done.load_seconds
+            self._store_save_secs += done.save_seconds
+            self._store_bytes += done.load_bytes
+        return self._sent(freed, set(saved)), recvd, failed
+
+    def _sent(self, freed: set[str], saved: set[str]) -> set[str]:
+        """Requests whose blocks vLLM may free: every hold released and every save copied."""
+        out = set()
+        for rid in freed:
+            self._held_reqs.discard(rid)
+            if rid in self._saving:
+                self._freed_saving.add(rid)
+            else:
+                out.add(rid)
+        for rid in saved:
+            self._saving.discard(rid)
+            if rid not in self._held_reqs:
+                self._freed_saving.discard(rid)
+                out.add(rid)
+        return out
+
+    def worker_meta(self) -> TandemWorkerMetadata | None:
+        if not self._saves_ended:
+            return None
+        meta, self._saves_ended = TandemWorkerMetadata(saves=self._saves_ended), {}
+        return meta
 
     def take_stats(self) -> TandemKVStats | None:
         """This step's transfer stats, or None when nothing happened since the last call."""
@@ -96,6 +161,10 @@ class WorkerSide:
             data["fetch_seconds"] = s.fetch_seconds
             data["fetch_failures"] = s.failures
             data["fetch_aborts"] = s.aborts
+        if self._store_secs or self._store_save_secs:
+            data["store_load_seconds"], self._store_secs = self._store_secs, []
+            data["store_save_seconds"], self._store_save_secs = self._store_save_secs, []
+            data["store_load_bytes"], self._store_bytes = self._store_bytes, 0
         stats = TandemKVStats(data=data)
         return None if stats.is_empty() else stats
 
@@ -104,3 +173,5 @@ class WorkerSide:
             self.server.close()
         if self.fetcher is not None:
             self.fetcher.close()
+        if self.copier is not None:
+            self.copier.close()

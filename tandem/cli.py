@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--prefill", type=int, default=1, help="prefill nodes")
     up.add_argument("--decode", type=int, default=1, help="decode nodes")
     up.add_argument("--kv-transport", default="auto", choices=["auto", "ucx", "tcp"])
-    up.add_argument("--kv-cache-gib", type=int, default=1)
+    up.add_argument("--kv-cache-gib", type=float, default=1.0)
     up.add_argument("--grpc-port", type=int, default=50051)
     up.add_argument("--http-port", type=int, default=8000)
     up.add_argument("--prompt", default="the prefill node sends the key value cache to the decode node")

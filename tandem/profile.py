@@ -204,7 +204,10 @@ async def seed_from_profile(perf: NodePerf, engine: Any, *, mode: str, cache_dir
         return f"performance model from the cached profile {path}"
     t0 = time.monotonic()
     logger.info("profiling this node's engine (once per model, hardware and settings; cached in %s)", path)
-    await Profiler(engine, perf, vocab_size, max_model_len, max_num_seqs).run()
+    # A new seed each run: a node's KV store (its disk tier outlives restarts) must never have seen
+    # these prompts, or their prefills would be loads.
+    await Profiler(engine, perf, vocab_size, max_model_len, max_num_seqs,
+                   seed=int.from_bytes(os.urandom(4), "little")).run()
     perf.forget_busy()  # the profile's prefills are not the node's load
     took = time.monotonic() - t0
     try:

@@ -16,10 +16,6 @@ from tandem.kvstore.tiers import DiskTier, RamTier, TieredStore
 LAYOUT = {"num_layers": 2, "block_size": 16, "num_kv_heads": 2, "head_size": 64, "dtype": "float32"}
 
 
-def counter(c) -> float:  # type: ignore[no-untyped-def]
-    return c._value.get()
-
-
 def test_keys_name_the_whole_prefix_and_bind_model_and_layout() -> None:
     ns = namespace("tiny", LAYOUT, 32)
     a = chunk_keys(ns, list(range(100)), 32)
@@ -79,9 +75,9 @@ def test_damaged_disk_chunks_are_counted_misses_and_removed(tmp_path: Path, dama
     else:
         raw = bytearray()
     path.write_bytes(bytes(raw))
-    corrupt0 = counter(tiers.CORRUPT)
+    corrupt0 = tiers.COUNTS.get("corrupt_chunks")
     assert disk.get(key) is None
-    assert counter(tiers.CORRUPT) == corrupt0 + 1 and not path.exists() and key not in disk
+    assert tiers.COUNTS.get("corrupt_chunks") == corrupt0 + 1 and not path.exists() and key not in disk
 
 
 def test_a_torn_write_left_by_a_crash_is_removed_at_start(tmp_path: Path) -> None:
@@ -112,15 +108,15 @@ def test_ram_evictions_are_written_behind_and_disk_hits_promoted(tmp_path: Path)
         # RAM holds the last two; the first two went to disk behind it.
         assert keys[2] in store.ram and keys[3] in store.ram  # type: ignore[operator]
         assert keys[0] in store.disk and keys[1] in store.disk  # type: ignore[operator]
-        disk_hits = counter(tiers.HITS.labels("disk"))
+        disk_hits = tiers.COUNTS.get("hits.disk")
         assert store.get(keys[0]) == keys[0][:1] * 100
-        assert counter(tiers.HITS.labels("disk")) == disk_hits + 1
+        assert tiers.COUNTS.get("hits.disk") == disk_hits + 1
         assert keys[0] in store.ram  # type: ignore[operator]
         # Promoting it pushed keys[2] out of RAM: on its way to disk it is still found.
         assert store.longest_prefix(keys + [b"z" * 32]) == 4
         assert store.longest_prefix([b"z" * 32] + keys) == 0
-        misses = counter(tiers.MISSES)
-        assert store.get(b"z" * 32) is None and counter(tiers.MISSES) == misses + 1
+        misses = tiers.COUNTS.get("misses")
+        assert store.get(b"z" * 32) is None and tiers.COUNTS.get("misses") == misses + 1
     finally:
         store.close()
 
@@ -160,10 +156,10 @@ def test_saves_are_dropped_and_counted_when_the_disk_falls_behind(tmp_path: Path
     gate = _stall_writes(disk)
     store = TieredStore(None, disk, queue_chunks=2)
     try:
-        dropped = counter(tiers.DROPPED)
+        dropped = tiers.COUNTS.get("dropped_saves")
         for i in range(6):  # one being written, two queued, three dropped: put never waits
             store.put(bytes([i]) * 32, b"x" * 10)
-        assert counter(tiers.DROPPED) >= dropped + 3
+        assert tiers.COUNTS.get("dropped_saves") >= dropped + 3
         assert store.get(bytes([1]) * 32) == b"x" * 10  # queued for the disk: served from the queue
         assert store.get(bytes([5]) * 32) is None  # dropped: a miss, not an error
     finally:
@@ -194,14 +190,14 @@ def test_concurrent_saves_and_loads_of_one_chunk_never_read_a_torn_file_nor_coun
 
     threads = [threading.Thread(target=writer), threading.Thread(target=writer), threading.Thread(target=reader),
                threading.Thread(target=reader)]
-    corrupt0 = counter(tiers.CORRUPT)
+    corrupt0 = tiers.COUNTS.get("corrupt_chunks")
     for t in threads:
         t.start()
     threading.Event().wait(1.0)
     stop.set()
     for t in threads:
         t.join()
-    assert bad == [] and counter(tiers.CORRUPT) == corrupt0
+    assert bad == [] and tiers.COUNTS.get("corrupt_chunks") == corrupt0
 
 
 def test_kvstore_stats_verify_and_clear_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -221,3 +217,101 @@ def test_kvstore_stats_verify_and_clear_from_the_cli(tmp_path: Path, capsys: pyt
     assert DiskTier(tmp_path, 1 << 20).held == 0
     with pytest.raises(SystemExit, match="no such directory"):
         main(["kvstore", "stats", "--dir", str(tmp_path / "nope")])
+
+
+# The node's store as the connector's scheduler half uses it (arena + index + disk thread) -------------
+
+def _arena(tmp_path: Path, slots: int = 4, slot_bytes: int = 4096):
+    from tandem.kvstore.arena import Arena
+
+    return Arena(tmp_path / "arena", slots, slot_bytes, create=True)
+
+
+def test_arena_is_shared_through_its_file_and_refuses_a_mismatch(tmp_path: Path) -> None:
+    from tandem.kvstore.arena import Arena
+
+    a = _arena(tmp_path)
+    b = Arena(tmp_path / "arena", 4, 4096, create=False)  # the other half opens it
+    a.write(2, b"\x07" * 4096)
+    assert b.read(2) == b"\x07" * 4096
+    b.unlink()
+    assert not (tmp_path / "arena").exists() and a.read(2)[:1] == b"\x07"  # mapped memory outlives the name
+    with pytest.raises(RuntimeError, match="missing"):
+        Arena(tmp_path / "arena", 4, 4096, create=False)
+    _arena(tmp_path)
+    with pytest.raises(RuntimeError, match="exists already"):
+        _arena(tmp_path)
+    with pytest.raises(RuntimeError, match="disagree"):
+        Arena(tmp_path / "arena", 8, 4096, create=False)
+    with pytest.raises(ValueError):
+        a.write(9, b"\x00" * 4096)
+
+
+def test_slot_index_evicts_least_recently_used_and_never_a_pinned_slot() -> None:
+    from tandem.kvstore.arena import SlotIndex
+
+    idx = SlotIndex(2)
+    a, b, c = b"a" * 32, b"b" * 32, b"c" * 32
+    sa = idx.reserve(a)
+    assert sa is not None and not idx.ready(a) and idx.has(a)
+    assert idx.reserve(b) is not None and idx.reserve(c) is None  # both being filled: pinned
+    idx.fill_done(a, ok=True)
+    idx.fill_done(b, ok=False)  # a failed fill frees its slot
+    assert idx.ready(a) and not idx.has(b)
+    assert idx.reserve(c) is not None  # the freed slot
+    idx.fill_done(c, ok=True)
+    slot_c = idx.slot(c)
+    idx.pin(a)  # a load reads a
+    assert idx.reserve(b) == slot_c and not idx.has(c)  # a is pinned: c, the other, goes
+    assert idx.evictions == 1
+    idx.fill_done(b, ok=True)
+    idx.unpin(a)
+    idx.touch(a)  # a used last: b is the least recently used
+    slot_b = idx.slot(b)
+    assert idx.reserve(c) == slot_b and idx.ready(a) and not idx.has(b)
+    idx.pin(a)  # a pinned, c being filled: nothing to evict
+    assert idx.reserve(b) is None and idx.num_ready() == 1
+
+
+def test_node_store_promotes_from_disk_saves_through_to_disk_and_drops_under_pressure(tmp_path: Path) -> None:
+    from tandem.kvstore.nodestore import NodeStore
+
+    disk = DiskTier(tmp_path / "disk", 1 << 20)
+    store = NodeStore(_arena(tmp_path, slots=2), disk)
+    try:
+        k = chunk_keys(namespace("m", LAYOUT, 32), list(range(128)), 32)  # four chained chunks
+        # A save: reserved, filled by "the worker", then ready and written through to disk.
+        slot = store.reserve_for_save(k[0])
+        assert slot is not None and store.count_ready(k, 0) == 0
+        store.arena.write(slot, b"\x01" * 4096)
+        store.saved([k[0]], ok=True)
+        assert store.count_ready(k, 0) == 1 and store.reserve_for_save(k[0]) is None  # held: not again
+        store.flush()
+        assert k[0] in disk and disk.get(k[0]) == b"\x01" * 4096
+        # Chunks on disk only (another run's) come up into RAM, verified; the chain stops at a gap.
+        disk.put(k[1], b"\x02" * 4096)
+        disk.put(k[3], b"\x04" * 4096)
+        assert store.promote(k, 1) == 1  # k[2] is missing: k[3] cannot follow it
+        store.flush()
+        assert store.count_ready(k, 0) == 2 and store.arena.read(store.index.slot(k[1])) == b"\x02" * 4096
+        # Both slots pinned by loads: a save has nowhere to go, and is dropped and counted.
+        assert store.pin_for_load(k[:2]) is not None
+        dropped = tiers.COUNTS.get("dropped_saves")
+        assert store.reserve_for_save(k[2]) is None and tiers.COUNTS.get("dropped_saves") == dropped + 1
+        assert store.pin_for_load(k[:3]) is None  # not all ready: nothing pinned
+        store.unpin(k[:2])
+        # A corrupt file on the way up is a miss, removed, and its slot freed.
+        path = disk._path(k[3])
+        raw = bytearray(path.read_bytes())
+        raw[-1] ^= 1
+        path.write_bytes(bytes(raw))
+        disk.put(k[2], b"\x03" * 4096)
+        corrupt = tiers.COUNTS.get("corrupt_chunks")
+        assert store.promote(k, 2) == 2
+        store.flush()
+        assert tiers.COUNTS.get("corrupt_chunks") == corrupt + 1 and k[3] not in disk
+        # Two slots for k[2] and k[3] evicted k[0] and k[1] (least recently used first); k[3]'s is free again.
+        assert store.count_ready(k, 2) == 1 and len(store.index) == 1 and store.index.evictions == 2
+        assert store.held_bytes() == {"ram": 4096, "disk": disk.held}
+    finally:
+        store.close()

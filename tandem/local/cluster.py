@@ -164,7 +164,7 @@ class ClusterSpec:
     num_prefill: int = 1
     num_decode: int = 1
     transport: str = "auto"
-    kv_cache_gib: int = 1
+    kv_cache_gib: float = 1.0
     max_model_len: int = 0
     etcd: str = ""  # empty: start a private etcd
     cluster: str = "default"

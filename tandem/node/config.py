@@ -29,7 +29,7 @@ class NodeConfig:
     kv_advertise: str = ""  # host:port put in KV handles; empty: host:kv_port
     metrics_port: int = 0
     cores: str = ""
-    kv_cache_gib: int = 1
+    kv_cache_gib: float = 1.0  # fractions too (benchmarks shrink the engine's cache below a working set)
     max_model_len: int = 0
     block_size: int = 32
     dtype: str = "float32"
@@ -44,6 +44,13 @@ class NodeConfig:
     drain_grace_s: float = 30.0
     profile: str = "auto"  # startup profile: auto (cached or run) | fresh | off
     profile_cache: str = ""  # directory of cached profiles; empty: ~/.cache/tandem/profiles
+    # The node's KV store (tandem.kvstore): a RAM tier shared by the engine's processes, and a disk
+    # tier under it. 0 GiB of RAM: off.
+    kvstore_ram_gib: float = 0.0
+    kvstore_dir: str = ""
+    kvstore_disk_gib: float = 10.0
+    kvstore_chunk_tokens: int = 256
+    kvstore_save: bool = True
 
     def finish(self) -> NodeConfig:
         """Fill derived defaults and check everything; raise ValueError with a clear message."""
@@ -90,6 +97,16 @@ class NodeConfig:
             if missing:
                 raise ValueError(f"--cores {self.cores}: cores {sorted(missing)} are not available to this "
                                  f"process (it may use {sorted(os.sched_getaffinity(0))})")
+        if self.kvstore_ram_gib < 0 or self.kvstore_disk_gib < 0:
+            raise ValueError("--kvstore-ram-gib and --kvstore-disk-gib must be >= 0")
+        if self.kvstore_dir and not self.kvstore_ram_gib:
+            raise ValueError("--kvstore-dir needs a RAM tier too (--kvstore-ram-gib): disk chunks are "
+                             "loaded through it")
+        if self.kvstore_ram_gib and (self.kvstore_chunk_tokens <= 0 or self.kvstore_chunk_tokens % self.block_size):
+            raise ValueError(f"--kvstore-chunk-tokens ({self.kvstore_chunk_tokens}) must be a positive multiple "
+                             f"of --block-size ({self.block_size})")
+        if self.kvstore_dir:
+            self.kvstore_dir = str(Path(self.kvstore_dir).expanduser().resolve())
         if not self.node_id:
             self.node_id = f"{self.role}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
         if not self.served_model_name:
@@ -146,7 +163,7 @@ def add_node_args(ap: argparse.ArgumentParser) -> None:
                          "something in between (a NAT, a proxy); default HOST:KV_PORT")
     ap.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 0)))  # type: ignore[arg-type]
     ap.add_argument("--cores", default=_env("cores", ""), help="CPU cores the whole node runs on (daemon, vLLM engine core and worker), e.g. 0 or 0-3")
-    ap.add_argument("--kv-cache-gib", type=int, default=int(_env("kv_cache_gib", 1)),  # type: ignore[arg-type]
+    ap.add_argument("--kv-cache-gib", type=float, default=float(_env("kv_cache_gib", 1)),  # type: ignore[arg-type]
                     help="KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE on CPU)")
     ap.add_argument("--max-model-len", type=int, default=int(_env("max_model_len", 0)))  # type: ignore[arg-type]
     ap.add_argument("--block-size", type=int, default=int(_env("block_size", 32)))  # type: ignore[arg-type]
@@ -174,8 +191,25 @@ def add_node_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kv-load-failure-policy", default=_env("kv_load_failure_policy", "fail"),
                     help="decode nodes, when a request's KV cannot be fetched: fail (that request ends with "
                          "ABORTED and the coordinator prefills it again elsewhere) | recompute (prefill it here)")
+    ap.add_argument("--kvstore-ram-gib", type=float, default=float(_env("kvstore_ram_gib", 0.0)),  # type: ignore[arg-type]
+                    help="the KV store's RAM tier (shared memory, reserved at start): prompts' KV kept after "
+                         "their requests end and loaded instead of recomputed when a prompt starts the same "
+                         "way; 0: no KV store")
+    ap.add_argument("--kvstore-dir", default=_env("kvstore_dir", ""),
+                    help="the KV store's disk tier: a directory of its own per node (survives restarts; "
+                         "see `tandem kvstore stats|clear`); empty: RAM only")
+    ap.add_argument("--kvstore-disk-gib", type=float, default=float(_env("kvstore_disk_gib", 10.0)),  # type: ignore[arg-type]
+                    help="the disk tier's cap (least recently used chunks go first)")
+    ap.add_argument("--kvstore-chunk-tokens", type=int, default=int(_env("kvstore_chunk_tokens", 256)),  # type: ignore[arg-type]
+                    help="tokens per stored chunk, a multiple of --block-size (a prompt's partial last chunk "
+                         "is not stored)")
+    ap.add_argument("--kvstore-save", default=_env("kvstore_save", "on"), choices=["on", "off"],
+                    help="off: only load what the store holds, never add to it")
 
 
 def config_from_args(role: str, args: argparse.Namespace) -> NodeConfig:
     fields = NodeConfig.__dataclass_fields__
-    return NodeConfig(role=role, **{k: v for k, v in vars(args).items() if k in fields and k != "role"}).finish()
+    values = {k: v for k, v in vars(args).items() if k in fields and k != "role"}
+    if "kvstore_save" in values:
+        values["kvstore_save"] = values["kvstore_save"] in ("on", True)
+    return NodeConfig(role=role, **values).finish()

@@ -35,12 +35,16 @@ class EngineHost:
         self.kv_address = kv_address
         self.kv_port_reserved = kv_port_reserved
         self._engine: Any = None
+        self._arena = ""  # the KV store's shared-memory file, while it has a name
 
     def start(self) -> None:
         """Start vLLM (tens of seconds on CPU); blocks until it is ready."""
         cfg = self.cfg
         # vLLM's CPU backend reads these when it starts its worker process.
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.kv_cache_gib)
+        # The engine's KV cache, in bytes (vLLM's VLLM_CPU_KVCACHE_SPACE takes whole GiB only, and
+        # would override this: the flag decides).
+        if os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
+            logger.info("VLLM_CPU_KVCACHE_SPACE ignored: --kv-cache-gib sizes the engine's KV cache")
         if cfg.cores:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cores
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -55,6 +59,7 @@ class EngineHost:
             max_model_len=cfg.max_model_len or None,
             block_size=cfg.block_size,
             max_num_seqs=cfg.max_num_seqs,
+            kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30),
             max_num_batched_tokens=cfg.max_num_batched_tokens or None,
             enable_prefix_caching=cfg.enable_prefix_caching,
             scheduling_policy=cfg.scheduling_policy,
@@ -74,11 +79,35 @@ class EngineHost:
                     "port_reserved": self.kv_port_reserved,
                     "lease_s": cfg.lease_s,
                     "transport": cfg.transport,
+                    **self._kvstore_config(),
                 },
             },
         )
-        self._engine = AsyncLLM.from_engine_args(args)
+        try:
+            self._engine = AsyncLLM.from_engine_args(args)
+        finally:
+            self._drop_arena_name()  # opened by then, or the engine did not start
         logger.info("vLLM engine ready: model %s, context %d tokens", cfg.model, self.max_model_len)
+
+    def _kvstore_config(self) -> dict[str, Any]:
+        """The connector's kvstore_* keys (tandem.kvtransfer.store_side.StoreConfig); none when off."""
+        cfg = self.cfg
+        if not cfg.kvstore_ram_gib:
+            return {}
+        from tandem.kvstore.keys import model_identity
+
+        self._arena = f"/dev/shm/tandem-kv-{os.getpid()}-{self.engine_id}"
+        return {
+            "kvstore_ram_bytes": int(cfg.kvstore_ram_gib * 2**30),
+            # the worker creates it, the engine core opens it and drops the name (nothing is left
+            # behind, even on a crash)
+            "kvstore_arena": self._arena,
+            "kvstore_dir": cfg.kvstore_dir,
+            "kvstore_disk_bytes": int(cfg.kvstore_disk_gib * 2**30),
+            "kvstore_chunk_blocks": cfg.kvstore_chunk_tokens // cfg.block_size,
+            "kvstore_save": cfg.kvstore_save,
+            "kvstore_model_id": model_identity(cfg.model) + f"|{cfg.dtype}",
+        }
 
     @property
     def max_model_len(self) -> int:
@@ -158,3 +187,10 @@ class EngineHost:
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
+        self._drop_arena_name()
+
+    def _drop_arena_name(self) -> None:
+        from pathlib import Path
+
+        if self._arena:
+            Path(self._arena).unlink(missing_ok=True)

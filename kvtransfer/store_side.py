@@ -1,0 +1,344 @@
+"""TandemConnector's use of the node's KV store (tandem.kvstore), both halves.
+
+Scheduler half (StoreScheduler): a request's prompt is cut into chunks of whole
+blocks keyed by a chained hash (kvstore/keys.py). Before vLLM computes it, the
+longest run of chunks ready in the shared RAM tier after what the engine's own
+prefix cache holds is reported as external tokens, loaded asynchronously; a
+run that continues on disk is first promoted to RAM (the request waits a step
+or two). When a request finishes, the whole prompt chunks the store lacks are
+saved: vLLM keeps their blocks until the worker has copied them out.
+
+Worker half (StoreCopier): one thread copies between the engine's KV blocks
+and the arena's slots, off the forward path; loads end as finished receives,
+saves as finished sends (with a producer's hold: whichever ends last).
+
+Left out, on purpose: requests with images or LoRA adapters (their KV depends
+on more than the token ids; a cache salt is bound into the keys) and prompts
+given as embeddings.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from tandem.kvstore.keys import chunk_keys
+from tandem.kvstore.tiers import COUNTS
+
+if TYPE_CHECKING:
+    from tandem.kvstore.arena import Arena
+    from tandem.kvstore.nodestore import NodeStore
+    from vllm.v1.request import Request
+
+    from .paged import PagedKV
+
+logger = logging.getLogger(__name__)
+
+PROMOTE_WAIT_S = 2.0  # a request waits at most this long for its chunks to come up from disk
+
+
+@dataclass
+class StoreConfig:
+    """What both halves derive from the node's kv_connector_extra_config (kvstore_* keys) and the
+    engine's KV cache config; None from ``parse`` when the store is off."""
+
+    arena_path: str
+    num_slots: int
+    slot_bytes: int
+    chunk_blocks: int
+    namespace: bytes
+    disk_dir: str
+    disk_bytes: int
+    save: bool
+
+    @classmethod
+    def parse(cls, extra: dict[str, Any], kv_cache_config: Any) -> StoreConfig | None:
+        from tandem.kvstore.keys import namespace
+
+        ram = int(extra.get("kvstore_ram_bytes", 0))
+        if ram <= 0:
+            return None
+        if kv_cache_config is None:
+            raise ValueError("TandemConnector: the KV store needs the KV cache config")
+        groups = kv_cache_config.kv_cache_groups
+        if len(groups) != 1:
+            raise ValueError(f"the KV store handles models with one KV cache group; this one has {len(groups)} "
+                             "(turn the store off: --kvstore-ram-gib 0)")
+        spec, layers = groups[0].kv_cache_spec, len(groups[0].layer_names)
+        chunk_blocks = int(extra.get("kvstore_chunk_blocks", 8))
+        slot_bytes = spec.page_size_bytes * layers * chunk_blocks
+        if ram < slot_bytes:
+            raise ValueError(f"--kvstore-ram-gib holds not even one chunk ({slot_bytes / 2**20:.1f} MiB: "
+                             f"{chunk_blocks} blocks of {layers} layers)")
+        layout = {"layers": layers, "block_size": spec.block_size, "page_bytes": spec.page_size_bytes,
+                  "kv_heads": getattr(spec, "num_kv_heads", None), "head_size": getattr(spec, "head_size", None),
+                  "dtype": str(getattr(spec, "dtype", ""))}
+        return cls(arena_path=str(extra["kvstore_arena"]), num_slots=ram // slot_bytes, slot_bytes=slot_bytes,
+                   chunk_blocks=chunk_blocks,
+                   namespace=namespace(str(extra["kvstore_model_id"]), layout, spec.block_size * chunk_blocks),
+                   disk_dir=str(extra.get("kvstore_dir") or ""), disk_bytes=int(extra.get("kvstore_disk_bytes", 0)),
+                   save=bool(extra.get("kvstore_save", True)))
+
+
+def open_store_scheduler(cfg: StoreConfig, block_size: int) -> StoreScheduler:
+    """The scheduler half's store: opens the arena the worker half created (and drops its name),
+    and the disk tier (this process holds its directory's lock)."""
+    from pathlib import Path
+
+    from tandem.kvstore.arena import Arena, lock_dir
+    from tandem.kvstore.nodestore import NodeStore
+    from tandem.kvstore.tiers import DiskTier
+
+    arena = Arena(cfg.arena_path, cfg.num_slots, cfg.slot_bytes, create=False)
+    arena.unlink()
+    disk = None
+    if cfg.disk_dir:
+        lock_dir(Path(cfg.disk_dir))
+        disk = DiskTier(cfg.disk_dir, cfg.disk_bytes)
+    logger.info("KV store: RAM tier %d chunks of %.1f MiB (%d tokens each)%s", cfg.num_slots,
+                cfg.slot_bytes / 2**20, block_size * cfg.chunk_blocks,
+                f", disk tier {cfg.disk_dir} ({cfg.disk_bytes / 2**30:.1f} GiB)" if disk else "")
+    return StoreScheduler(NodeStore(arena, disk), cfg.namespace, block_size, cfg.chunk_blocks, cfg.save)
+
+
+@dataclass
+class StoreJob:
+    """Copy between engine blocks and arena slots: ``pieces`` are (slot, first block in the slot,
+    blocks), in order; ``block_ids`` the engine blocks, as many, in the same order."""
+
+    req_id: str
+    pieces: list[tuple[int, int, int]]
+    block_ids: list[int]
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(n for _, _, n in self.pieces)
+
+
+@dataclass
+class _Req:
+    keys: list[bytes]
+    waiting_since: float | None = None  # for chunks coming up from disk
+    hit_end: int = 0  # tokens covered once the planned load is done
+    local: int = 0  # tokens the engine's own prefix cache had, at the last lookup
+    allocated: bool = False
+
+
+def store_eligible(request: Request) -> bool:
+    return (request.prompt_token_ids is not None and not request.mm_features
+            and request.lora_request is None)
+
+
+class StoreScheduler:
+    def __init__(self, store: NodeStore, namespace: bytes, block_size: int, chunk_blocks: int,
+                 save: bool) -> None:
+        self.store = store
+        self.ns = namespace
+        self.block_size = block_size
+        self.chunk_blocks = chunk_blocks
+        self.chunk_tokens = block_size * chunk_blocks
+        self.save = save
+        self._reqs: dict[str, _Req] = {}
+        self._loading: dict[str, list[bytes]] = {}
+        self._saving: dict[str, list[bytes]] = {}
+
+    def _keys(self, request: Request) -> list[bytes]:
+        salt = (request.cache_salt or "").encode()
+        assert request.prompt_token_ids is not None
+        return chunk_keys(self.ns, request.prompt_token_ids, self.chunk_tokens, extra=salt)
+
+    def lookup(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        if not store_eligible(request) or request.skip_reading_prefix_cache:
+            return 0, False
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            st = self._reqs[request.request_id] = _Req(self._keys(request))
+        st.allocated = False  # a lookup starts a new allocation (after a preemption too)
+        st.local = num_computed_tokens
+        start = num_computed_tokens // self.chunk_tokens
+        n = self.store.count_ready(st.keys, start)
+        if self.store.disk is not None:
+            rest = st.keys[start + n:]
+            now = time.monotonic()
+            if st.waiting_since is None:
+                st.waiting_since = now
+                if rest and self.store.promote(st.keys, start + n):
+                    return None, False  # ask again once they are in RAM
+            elif now - st.waiting_since < PROMOTE_WAIT_S and self.store.promoting(rest[:1]):
+                return None, False
+        end = (start + n) * self.chunk_tokens
+        if end <= num_computed_tokens:
+            return 0, False
+        st.hit_end = end
+        return end - num_computed_tokens, True
+
+    def after_alloc(self, request: Request, block_ids: list[int], num_external_tokens: int
+                    ) -> tuple[StoreJob | None, bool]:
+        """The load of a lookup's hit into the blocks vLLM allocated: (job, failed)."""
+        st = self._reqs.get(request.request_id)
+        if st is None or st.allocated:
+            return None, False
+        st.allocated = True
+        covered = st.local + num_external_tokens
+        COUNTS.add("misses", max(0, len(st.keys) - covered // self.chunk_tokens))
+        if num_external_tokens == 0:
+            return None, False
+        bs, cb = self.block_size, self.chunk_blocks
+        first_b, last_b = (st.hit_end - num_external_tokens) // bs, st.hit_end // bs
+        c0, c1 = first_b // cb, last_b // cb
+        keys = st.keys[c0:c1]
+        slots = self.store.pin_for_load(keys)
+        if slots is None or last_b > len(block_ids):
+            # Cannot happen while one thread schedules (nothing evicts between the lookup and here);
+            # if it does, this request's load fails, never the engine.
+            logger.error("request %s: its stored prefix went away before its load; failing the load",
+                         request.request_id)
+            if slots is not None:
+                self.store.unpin(keys)
+            return None, True
+        pieces = []
+        for c, slot in zip(range(c0, c1), slots):
+            lo = max(first_b, c * cb)
+            pieces.append((slot, lo - c * cb, (c + 1) * cb - lo))
+        self._loading[request.request_id] = keys
+        COUNTS.add("hits.ram", len(keys))
+        COUNTS.add("hit_tokens", num_external_tokens)
+        return StoreJob(request.request_id, pieces, list(block_ids[first_b:last_b])), False
+
+    def loads_done(self, req_ids: set[str]) -> None:
+        for rid in req_ids:
+            keys = self._loading.pop(rid, None)
+            if keys is not None:
+                self.store.unpin(keys)
+
+    def on_finished(self, request: Request, block_ids: list[int], ended_early: bool) -> StoreJob | None:
+        """A save of the prompt's whole chunks the store lacks, or None."""
+        st = self._reqs.pop(request.request_id, None)
+        if not self.save or ended_early or not store_eligible(request):
+            return None
+        keys = st.keys if st is not None else self._keys(request)
+        n = min(request.num_computed_tokens, request.num_prompt_tokens, len(block_ids) * self.block_size)
+        cb = self.chunk_blocks
+        pieces, bids, saving = [], [], []
+        for c in range(min(n // self.chunk_tokens, len(keys))):
+            slot = self.store.reserve_for_save(keys[c])
+            if slot is None:
+                continue
+            pieces.append((slot, 0, cb))
+            bids += block_ids[c * cb:(c + 1) * cb]
+            saving.append(keys[c])
+        if not pieces:
+            return None
+        self._saving[request.request_id] = saving
+        return StoreJob(request.request_id, pieces, bids)
+
+    @property
+    def saving(self) -> bool:
+        return bool(self._saving)
+
+    def saves_done(self, results: dict[str, bool]) -> None:
+        for rid, ok in results.items():
+            keys = self._saving.pop(rid, None)
+            if keys is not None:
+                self.store.saved(keys, ok)
+
+    def stats(self) -> dict[str, Any] | None:
+        """Counts since the last call and bytes held now (None when nothing changed)."""
+        held = self.store.held_bytes()
+        counts = COUNTS.snapshot()
+        last = getattr(self, "_last", {})
+        delta = {k: v - last.get(k, 0) for k, v in counts.items() if v != last.get(k, 0)}
+        self._last = counts
+        if not delta and held == getattr(self, "_last_held", None):
+            return None
+        self._last_held = held
+        return {"counts": delta, "held": held}
+
+
+@dataclass
+class _Copied:
+    loads: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
+    saves: dict[str, bool] = field(default_factory=dict)
+    load_seconds: list[float] = field(default_factory=list)
+    load_bytes: int = 0
+    save_seconds: list[float] = field(default_factory=list)
+
+
+class StoreCopier:
+    """The worker half: copies between engine blocks and arena slots on one thread."""
+
+    def __init__(self, kv: PagedKV, arena: Arena, chunk_blocks: int) -> None:
+        layout = kv.layout
+        itemsize = torch.tensor([], dtype=kv.dtype).element_size()
+        want = layout.num_layers * chunk_blocks * layout.block_numel * itemsize
+        if want != arena.slot_bytes:
+            raise RuntimeError(f"KV store: a chunk of this engine's KV is {want} bytes, the arena's slots "
+                               f"{arena.slot_bytes} (the connector's halves disagree on the layout)")
+        flat = torch.from_numpy(np.frombuffer(arena.buffer(), dtype=np.uint8))
+        self.slots = flat.view(kv.dtype).view(arena.num_slots, layout.num_layers, chunk_blocks,
+                                              *layout.block_shape)
+        self.kv = kv
+        self.block_bytes = layout.num_layers * layout.block_numel * itemsize
+        self._jobs: queue.Queue[tuple[str, StoreJob] | None] = queue.Queue()
+        self._done = _Copied()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="kvstore-copier", daemon=True)
+        self._thread.start()
+
+    def submit(self, kind: str, job: StoreJob) -> None:
+        self._jobs.put((kind, job))
+
+    def take(self) -> _Copied:
+        with self._lock:
+            done, self._done = self._done, _Copied()
+        return done
+
+    def _run(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            kind, job = item
+            t0 = time.perf_counter()
+            ok = True
+            try:
+                self._copy(kind, job)
+            except Exception:
+                ok = False
+                logger.exception("KV store: %s of request %s failed", kind, job.req_id)
+            secs = time.perf_counter() - t0
+            with self._lock:
+                if kind == "load":
+                    # A failed copy is a bug, not a bad chunk (those never reach RAM); it is a failed
+                    # load all the same, which vLLM's kv_load_failure_policy handles.
+                    (self._done.loads if ok else self._done.failed).add(job.req_id)
+                    self._done.load_seconds.append(secs)
+                    self._done.load_bytes += job.num_blocks * self.block_bytes if ok else 0
+                else:
+                    self._done.saves[job.req_id] = ok
+                    self._done.save_seconds.append(secs)
+
+    def _copy(self, kind: str, job: StoreJob) -> None:
+        views = self.kv.views
+        at = 0
+        for slot, first, n in job.pieces:
+            idx = self.kv.index(job.block_ids[at:at + n])
+            at += n
+            for layer, view in enumerate(views):
+                part = self.slots[slot, layer, first:first + n]
+                if kind == "load":
+                    view.index_copy_(0, idx, part)
+                else:
+                    torch.index_select(view, 0, idx, out=part)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=10)
