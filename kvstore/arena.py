@@ -184,6 +184,12 @@ class SlotIndex:
         if e is not None:
             e.pins -= 1
 
+    def drop_unpinned(self) -> int:
+        """Free every slot not pinned; how many stayed."""
+        for k in [k for k, e in self._entries.items() if e.pins == 0]:
+            self._drop(k)
+        return len(self._entries)
+
     def _drop(self, key: bytes) -> None:
         e = self._entries.pop(key)
         self._free.append(e.slot)

@@ -182,6 +182,17 @@ class NodeStore:
             COUNTS.add("dropped_saves")
             logger.warning("KV store: could not write a chunk to %s: %s", self.disk.root, exc)
 
+    def drop_ram(self) -> bool:
+        """Forget every RAM chunk not in use (the disk keeps its copies, their cached pages dropped, so
+        the next hit there reads the disk); False when some were in use and stayed."""
+        with self._lock:
+            kept = self.index.drop_unpinned()
+            keys = list(self.disk.keys()) if self.disk is not None else []
+        for k in keys:
+            assert self.disk is not None
+            self.disk.drop_page_cache(k)
+        return kept == 0
+
     # the rest ---------------------------------------------------------------
     def held_bytes(self) -> dict[str, int]:
         with self._lock:

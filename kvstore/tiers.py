@@ -183,6 +183,10 @@ class DiskTier:
     def __len__(self) -> int:
         return len(self._index)
 
+    def keys(self) -> list[bytes]:
+        with self._lock:
+            return list(self._index)
+
     def put(self, key: bytes, data: bytes) -> None:
         if len(key) != KEY_BYTES:
             raise ValueError(f"a chunk key is {KEY_BYTES} bytes, got {len(key)}")

@@ -170,6 +170,12 @@ class TandemConnector(KVConnectorBase_V1):
         source = CacheHitSource.P2P if p and p.get("tandem") == CONSUME else CacheHitSource.HOST
         return {source: num_external_tokens}
 
+    def reset_cache(self) -> bool | None:
+        # vLLM's reset_prefix_cache(reset_connector=True): the KV store's RAM tier.
+        if self._sched is None or self._sched.store is None:
+            return None
+        return self._sched.store.store.drop_ram()
+
     def has_pending_push_work(self) -> bool:
         # Keep vLLM stepping while the worker copies a finished request's prompt into the store:
         # its chunks become ready for lookups only when a step brings the news back.

@@ -168,6 +168,20 @@ class WatchRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ResetCacheRequest(_message.Message):
+    __slots__ = ("store_ram",)
+    STORE_RAM_FIELD_NUMBER: _ClassVar[int]
+    store_ram: bool
+    def __init__(self, store_ram: _Optional[bool] = ...) -> None: ...
+
+class ResetCacheResponse(_message.Message):
+    __slots__ = ("reset", "detail")
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    reset: bool
+    detail: str
+    def __init__(self, reset: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
+
 class PerfFit(_message.Message):
     __slots__ = ("name", "terms", "coefficients", "samples")
     NAME_FIELD_NUMBER: _ClassVar[int]

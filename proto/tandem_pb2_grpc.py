@@ -167,6 +167,11 @@ class NodeMonitorStub:
                 request_serializer=tandem_dot_proto_dot_tandem__pb2.WatchRequest.SerializeToString,
                 response_deserializer=tandem_dot_proto_dot_tandem__pb2.NodeLoad.FromString,
                 _registered_method=True)
+        self.ResetCache = channel.unary_unary(
+                '/tandem.v1.NodeMonitor/ResetCache',
+                request_serializer=tandem_dot_proto_dot_tandem__pb2.ResetCacheRequest.SerializeToString,
+                response_deserializer=tandem_dot_proto_dot_tandem__pb2.ResetCacheResponse.FromString,
+                _registered_method=True)
 
 
 class NodeMonitorServicer:
@@ -182,6 +187,15 @@ class NodeMonitorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResetCache(self, request, context):
+        """Empty the engine's own prefix cache; with store_ram, the KV store's RAM tier too (its disk tier
+        stays, its files' pages dropped from the page cache). For measuring cold paths (benchmarks,
+        operators); requests running meanwhile are not touched.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeMonitorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -189,6 +203,11 @@ def add_NodeMonitorServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=tandem_dot_proto_dot_tandem__pb2.WatchRequest.FromString,
                     response_serializer=tandem_dot_proto_dot_tandem__pb2.NodeLoad.SerializeToString,
+            ),
+            'ResetCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetCache,
+                    request_deserializer=tandem_dot_proto_dot_tandem__pb2.ResetCacheRequest.FromString,
+                    response_serializer=tandem_dot_proto_dot_tandem__pb2.ResetCacheResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +241,33 @@ class NodeMonitor:
             '/tandem.v1.NodeMonitor/Watch',
             tandem_dot_proto_dot_tandem__pb2.WatchRequest.SerializeToString,
             tandem_dot_proto_dot_tandem__pb2.NodeLoad.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.NodeMonitor/ResetCache',
+            tandem_dot_proto_dot_tandem__pb2.ResetCacheRequest.SerializeToString,
+            tandem_dot_proto_dot_tandem__pb2.ResetCacheResponse.FromString,
             options,
             channel_credentials,
             insecure,

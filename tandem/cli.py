@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--decode", type=int, default=1, help="decode nodes")
     up.add_argument("--kv-transport", default="auto", choices=["auto", "ucx", "tcp"])
     up.add_argument("--kv-cache-gib", type=float, default=1.0)
+    up.add_argument("--kvstore-ram-gib", type=float, default=0.25,
+                    help="each node's KV store RAM tier (prompts' KV kept for reuse); 0: off")
+    up.add_argument("--kvstore-dir", default="",
+                    help="the KV store's disk tier, one folder per node under this one; empty: RAM only")
     up.add_argument("--grpc-port", type=int, default=50051)
     up.add_argument("--http-port", type=int, default=8000)
     up.add_argument("--prompt", default="the prefill node sends the key value cache to the decode node")

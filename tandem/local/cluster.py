@@ -180,6 +180,8 @@ class ClusterSpec:
     num_coordinators: int = 1  # stateless front doors on the same etcd: coordinator, coordinator-1, ...
     cores: list[str] = field(default_factory=list)  # per node, prefill nodes first; empty: dealt out
     supervise: bool = False  # restart daemons that die or stop answering (tandem up: on)
+    kvstore_ram_gib: float = 0.0  # each node's KV store RAM tier; 0: no store
+    kvstore_root: str = ""  # each node's disk tier in <root>/<node name>; empty: RAM only
 
 
 class LocalCluster:
@@ -193,6 +195,13 @@ class LocalCluster:
         self.coordinators: list[Daemon] = []
         self.nodes: list[Daemon] = []
         self.supervisor: Supervisor | None = None
+
+    def _kvstore_args(self, name: str) -> list[str]:
+        s = self.spec
+        if not s.kvstore_ram_gib:
+            return []
+        return ["--kvstore-ram-gib", str(s.kvstore_ram_gib),
+                *(["--kvstore-dir", str(Path(s.kvstore_root) / name)] if s.kvstore_root else [])]
 
     # endpoints --------------------------------------------------------------
     @property
@@ -247,7 +256,7 @@ class LocalCluster:
                                  "--kv-cache-gib", str(s.kv_cache_gib), "--kv-transport", s.transport,
                                  "--ttl-s", str(s.ttl_s), "--kv-lease-s", str(s.lease_s),
                                  *(["--max-model-len", str(s.max_model_len)] if s.max_model_len else []),
-                                 *s.extra_node_args, *s.node_args.get(name, []))
+                                 *self._kvstore_args(name), *s.extra_node_args, *s.node_args.get(name, []))
                 d = Daemon(name, role, argv, self.log_dir / f"{name}.log")
                 d.start()
                 self.nodes.append(d)

@@ -48,7 +48,7 @@ def run_up(args: argparse.Namespace) -> int:
     spec = ClusterSpec(model=model, num_prefill=args.prefill, num_decode=args.decode,
                        transport=args.kv_transport, kv_cache_gib=args.kv_cache_gib, etcd=args.etcd,
                        grpc_port=args.grpc_port, http_port=args.http_port, log_dir=args.log_dir,
-                       supervise=True)
+                       supervise=True, kvstore_ram_gib=args.kvstore_ram_gib, kvstore_root=args.kvstore_dir)
     cluster = LocalCluster(spec, on_event=lambda ev: _say(f"supervisor: {ev.daemon} {ev.what} {ev.detail}".rstrip()))
     _say(f"starting etcd, a coordinator, {args.prefill} prefill and {args.decode} decode node(s); "
          f"logs in {cluster.log_dir}")

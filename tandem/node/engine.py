@@ -109,6 +109,13 @@ class EngineHost:
             "kvstore_model_id": model_identity(cfg.model) + f"|{cfg.dtype}",
         }
 
+    async def reset_cache(self, store_ram: bool) -> bool:
+        """Empty the engine's prefix cache (and the KV store's RAM tier); False when some was in use."""
+        ok = bool(await self._engine.reset_prefix_cache(reset_connector=store_ram))
+        logger.info("cache reset (%s): %s", "engine and KV store RAM" if store_ram else "engine",
+                    "done" if ok else "some blocks in use, kept")
+        return ok
+
     @property
     def max_model_len(self) -> int:
         return int(self._engine.model_config.max_model_len)

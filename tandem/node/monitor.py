@@ -10,6 +10,7 @@ predicts each request's TTFT and TPOT from it (coordinator/admission.py).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -23,11 +24,22 @@ HEARTBEAT_S = 1.0
 
 
 class NodeMonitorServicer(pb_grpc.NodeMonitorServicer):
-    def __init__(self, perf: NodePerf, node_id: str, engine_id: str) -> None:
+    def __init__(self, perf: NodePerf, node_id: str, engine_id: str,
+                 reset_cache: Callable[[bool], Awaitable[bool]] | None = None) -> None:
         self.perf = perf
         self.node_id = node_id
         self.engine_id = engine_id
+        self.reset_cache = reset_cache
         self.closing = asyncio.Event()
+
+    async def ResetCache(self, request: pb.ResetCacheRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.ResetCacheResponse:
+        if self.reset_cache is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node cannot reset its cache")
+        assert self.reset_cache is not None
+        ok = await self.reset_cache(request.store_ram)
+        what = "the engine's prefix cache" + (" and the KV store's RAM tier" if request.store_ram else "")
+        return pb.ResetCacheResponse(reset=ok, detail=f"{what}: {'emptied' if ok else 'some of it in use, kept'}")
 
     def close(self) -> None:
         """End every stream (the node is stopping: its server's grace period need not wait for them)."""
@@ -51,8 +63,9 @@ class NodeMonitorServicer(pb_grpc.NodeMonitorServicer):
                 changed.cancel()
 
 
-def add_servicer(server: grpc.aio.Server, perf: NodePerf, node_id: str, engine_id: str) -> NodeMonitorServicer:
-    servicer = NodeMonitorServicer(perf, node_id, engine_id)
+def add_servicer(server: grpc.aio.Server, perf: NodePerf, node_id: str, engine_id: str,
+                 reset_cache: Callable[[bool], Awaitable[bool]] | None = None) -> NodeMonitorServicer:
+    servicer = NodeMonitorServicer(perf, node_id, engine_id, reset_cache)
     pb_grpc.add_NodeMonitorServicer_to_server(servicer, server)
     return servicer
 

@@ -84,7 +84,7 @@ async def run_node(cfg: NodeConfig, service_name: str,
 
     def add_services(server: grpc.aio.Server) -> None:
         add_servicer(server, engine, perf)
-        watchers.append(monitor.add_servicer(server, perf, cfg.node_id, engine_id))
+        watchers.append(monitor.add_servicer(server, perf, cfg.node_id, engine_id, engine.reset_cache))
 
     grpc_server = await start_grpc(cfg.host, cfg.grpc_port, service_name, add_services,
                                    more_services=(monitor.SERVICE_NAME,))

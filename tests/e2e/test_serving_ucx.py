@@ -40,7 +40,8 @@ BENCH_SERVE = (
 @pytest.fixture(scope="module")
 def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     spec = ClusterSpec(model=str(tiny_model), transport="ucx", max_model_len=MAX_MODEL_LEN,
-                       log_dir=str(tmp_path_factory.mktemp("logs-ucx")), lease_s=20)
+                       log_dir=str(tmp_path_factory.mktemp("logs-ucx")), lease_s=20,
+                       kvstore_ram_gib=0.05, kvstore_root=str(tmp_path_factory.mktemp("kvstore")))
     with LocalCluster(spec) as c:
         yield c
 
@@ -487,3 +488,40 @@ def test_every_thread_of_a_node_stays_on_its_cores(cluster: LocalCluster) -> Non
                 except ProcessLookupError:
                     continue
                 assert got <= want, f"{node.name}: thread {tid.name} of pid {pid} may run on {sorted(got)}"
+
+
+def test_a_prompt_comes_back_from_the_kv_stores_ram_then_its_disk_with_the_same_tokens(
+        cluster: LocalCluster, stub) -> None:
+    prefill = next(d for d in cluster.nodes if d.role == "prefill")
+    ch = grpc.insecure_channel(prefill.info["grpc"])
+    monitor = pb_grpc.NodeMonitorStub(ch)
+    ids = prompt_ids(300, 77)  # one whole 256-token chunk and a rest
+
+    def run() -> list[int]:
+        out, msgs = generate(stub, ids, max_tokens=16, temperature=0.0, ignore_eos=True)
+        assert msgs[-1].finish.timings.prefill_node == prefill.name  # not a local prefill on the decode node
+        return out
+
+    def counts() -> tuple[float, float, float]:
+        m = scrape(prefill.info["metrics"])
+        return (metric(m, "tandem_kvstore_hit_tokens_total"), metric(m, "tandem_kvstore_hits_total", tier="ram"),
+                metric(m, "tandem_kvstore_hits_total", tier="disk"))
+
+    try:
+        cold = run()  # computed, and its chunk saved (RAM, then written through to disk)
+        wait_until(lambda: metric(scrape(prefill.info["metrics"]), "tandem_kvstore_held_bytes", tier="disk") > 0,
+                   30, "the chunk on disk")
+        # The engine's own cache emptied: the chunk comes from the store's RAM tier.
+        assert monitor.ResetCache(pb.ResetCacheRequest(), timeout=30).reset
+        tokens0, ram0, disk0 = counts()
+        assert run() == cold
+        wait_until(lambda: counts()[0] >= tokens0 + 256, 10, "256 prompt tokens loaded from the store")
+        assert counts()[1:] == (ram0 + 1, disk0)
+        # Its RAM tier emptied too: the chunk comes up from disk (verified), then loads as before.
+        reset = monitor.ResetCache(pb.ResetCacheRequest(store_ram=True), timeout=30)
+        assert reset.reset and "RAM tier" in reset.detail
+        assert run() == cold
+        wait_until(lambda: counts()[0] >= tokens0 + 512, 10, "the second load, from disk")
+        assert counts()[1:] == (ram0 + 2, disk0 + 1)
+    finally:
+        ch.close()
