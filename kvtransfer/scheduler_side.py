@@ -163,7 +163,8 @@ class SchedulerSide:
     def update_connector_output(self, out: KVConnectorOutput) -> None:
         if self.store is None:
             return
-        self.store.loads_done(set(out.finished_recving or ()) | set(out.failed_recving or ()))
+        self.store.loads_done(set(out.finished_recving or ()) | set(out.failed_recving or ()),
+                              failed=set(out.failed_recving or ()))
         meta = out.kv_connector_worker_meta
         if isinstance(meta, TandemWorkerMetadata) and meta.saves:
             self.store.saves_done(meta.saves)

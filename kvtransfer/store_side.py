@@ -72,6 +72,13 @@ class StoreConfig:
             raise ValueError(f"the KV store handles models with one KV cache group; this one has {len(groups)} "
                              "(turn the store off: --kvstore-ram-gib 0)")
         spec, layers = groups[0].kv_cache_spec, len(groups[0].layer_names)
+        from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
+
+        if not isinstance(spec, FullAttentionSpec) or isinstance(spec, MLAAttentionSpec):
+            # Sliding-window or chunked-local layers drop a prompt's early blocks; MLA lays KV out
+            # otherwise. Neither is handled yet.
+            raise ValueError(f"the KV store handles full-attention KV caches only, not {type(spec).__name__} "
+                             "(turn the store off: --kvstore-ram-gib 0)")
         chunk_blocks = int(extra.get("kvstore_chunk_blocks", 8))
         slot_bytes = spec.page_size_bytes * layers * chunk_blocks
         if ram < slot_bytes:
@@ -129,6 +136,7 @@ class _Req:
     hit_end: int = 0  # tokens covered once the planned load is done
     local: int = 0  # tokens the engine's own prefix cache had, at the last lookup
     allocated: bool = False
+    off: bool = False  # its load failed once: no more store loads for it
 
 
 def store_eligible(request: Request) -> bool:
@@ -160,6 +168,8 @@ class StoreScheduler:
         st = self._reqs.get(request.request_id)
         if st is None:
             st = self._reqs[request.request_id] = _Req(self._keys(request))
+        if st.off:
+            return 0, False
         st.allocated = False  # a lookup starts a new allocation (after a preemption too)
         st.local = num_computed_tokens
         start = num_computed_tokens // self.chunk_tokens
@@ -168,8 +178,8 @@ class StoreScheduler:
             rest = st.keys[start + n:]
             now = time.monotonic()
             if st.waiting_since is None:
-                st.waiting_since = now
                 if rest and self.store.promote(st.keys, start + n):
+                    st.waiting_since = now
                     return None, False  # ask again once they are in RAM
             elif now - st.waiting_since < PROMOTE_WAIT_S and self.store.promoting(rest[:1]):
                 return None, False
@@ -186,6 +196,7 @@ class StoreScheduler:
         if st is None or st.allocated:
             return None, False
         st.allocated = True
+        st.waiting_since = None  # a later lookup (after a preemption) may promote again
         covered = st.local + num_external_tokens
         COUNTS.add("misses", max(0, len(st.keys) - covered // self.chunk_tokens))
         if num_external_tokens == 0:
@@ -212,11 +223,18 @@ class StoreScheduler:
         COUNTS.add("hit_tokens", num_external_tokens)
         return StoreJob(request.request_id, pieces, list(block_ids[first_b:last_b])), False
 
-    def loads_done(self, req_ids: set[str]) -> None:
+    def loads_done(self, req_ids: set[str], failed: set[str] | None = None) -> None:
         for rid in req_ids:
             keys = self._loading.pop(rid, None)
             if keys is not None:
                 self.store.unpin(keys)
+                if failed and rid in failed:
+                    # Only a bug gets here (bad chunks never reach RAM). vLLM's kv_load_failure_policy
+                    # ends the request (fail) or recomputes it (recompute): then without the store,
+                    # so the same failure cannot repeat.
+                    st = self._reqs.get(rid)
+                    if st is not None:
+                        st.off = True
 
     def on_finished(self, request: Request, block_ids: list[int], ended_early: bool) -> StoreJob | None:
         """A save of the prompt's whole chunks the store lacks, or None."""

@@ -58,7 +58,6 @@ class WorkerSide:
         self.copier: StoreCopier | None = None
         self._held_reqs: set[str] = set()  # held by the block server
         self._saving: set[str] = set()  # a store save in flight
-        self._freed_saving: set[str] = set()  # hold released, save still in flight
         self._saves_ended: dict[str, bool] = {}  # for the scheduler half, next step
         self._store_failed: set[str] = set()
         self._store_secs: list[float] = []
@@ -111,12 +110,14 @@ class WorkerSide:
             recvd, failed = self.fetcher.take_results()
         else:
             recvd, failed = set(), set()
+        # A failed receive is a finished one too (vLLM counts it finished only when it is in both).
         failed |= self._store_failed
+        recvd |= self._store_failed
         self._store_failed = set()
         saved: dict[str, bool] = {}
         if self.copier is not None:
             done = self.copier.take()
-            recvd |= done.loads
+            recvd |= done.loads | done.failed
             failed |= done.failed
             saved = done.saves
             self._saves_ended.update(saved)
@@ -130,15 +131,12 @@ class WorkerSide:
         out = set()
         for rid in freed:
             self._held_reqs.discard(rid)
-            if rid in self._saving:
-                self._freed_saving.add(rid)
-            else:
-                out.add(rid)
+            if rid not in self._saving:
+                out.add(rid)  # (else its save, when done, says so)
         for rid in saved:
             self._saving.discard(rid)
             if rid not in self._held_reqs:
-                self._freed_saving.discard(rid)
-                out.add(rid)
+                out.add(rid)  # (else the hold's release says so)
         return out
 
     def worker_meta(self) -> TandemWorkerMetadata | None:
