@@ -1,19 +1,12 @@
-"""The KV store's tiers: host RAM (LRU, byte cap) over a disk directory (byte cap), checksummed.
-
-  put(key, data)   into RAM; what RAM evicts is written behind to disk by one
-                   background thread through a bounded queue: a full queue drops
-                   the save and counts it (never blocks the caller)
-  get(key)         RAM, else disk (verified: a hit there is promoted to RAM)
-  longest_prefix   how many leading keys of a chain are held (no data moved)
+"""The KV store's disk tier (a directory, byte cap, least recently used first out), checksummed,
+and the store's event counts. The RAM tier is kvstore/arena.py; the two are joined, for a node,
+by kvstore/nodestore.py.
 
 Disk files are written whole to a temporary name and renamed into place, and
 carry a header with the key, the payload's length and its SHA-256: a torn
 write (a temporary file left by a crash), a flipped byte or a truncated file
 is a miss that is counted and removed, never wrong data. The directory is
 scanned at start, so the disk tier survives a restart.
-
-Not here yet (issue 9 goes on): sharing the RAM tier between a node's
-processes, the connector that saves and loads engine blocks, KV events.
 """
 
 from __future__ import annotations
@@ -24,7 +17,6 @@ import hashlib
 import itertools
 import logging
 import os
-import queue
 import struct
 import tempfile
 import threading
@@ -69,59 +61,6 @@ VERSION = 1
 _HEADER = struct.Struct(f"<4sHH{KEY_BYTES}sQ32s")  # magic, version, reserved, key, payload length, sha256
 TMP_PREFIX = ".tmp-"
 TMP_STALE_S = 600.0  # a temporary file this old is a crash's torn write (younger: another process writing)
-
-
-class RamTier:
-    """Chunks in this process's memory, least recently used first out."""
-
-    def __init__(self, cap_bytes: int) -> None:
-        if cap_bytes < 0:
-            raise ValueError(f"RAM tier cap must be >= 0 bytes, got {cap_bytes}")
-        self.cap = cap_bytes
-        self.held = 0
-        self._chunks: OrderedDict[bytes, bytes] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __contains__(self, key: bytes) -> bool:
-        with self._lock:
-            return key in self._chunks
-
-    def __len__(self) -> int:
-        return len(self._chunks)
-
-    def get(self, key: bytes) -> bytes | None:
-        with self._lock:
-            data = self._chunks.get(key)
-            if data is not None:
-                self._chunks.move_to_end(key)
-            return data
-
-    def put(self, key: bytes, data: bytes) -> list[tuple[bytes, bytes]]:
-        """Hold ``data``; return what was evicted to make room (oldest first). A chunk larger
-        than the whole cap is not held (it comes back as evicted)."""
-        if len(data) > self.cap:
-            return [(key, data)]
-        with self._lock:
-            old = self._chunks.pop(key, None)
-            if old is not None:
-                self.held -= len(old)
-            self._chunks[key] = data
-            self.held += len(data)
-            out = []
-            while self.held > self.cap:
-                k, d = self._chunks.popitem(last=False)
-                self.held -= len(d)
-                out.append((k, d))
-            HELD["ram"] = self.held
-        if out:
-            COUNTS.add("evictions.ram", len(out))
-        return out
-
-    def clear(self) -> None:
-        with self._lock:
-            self._chunks.clear()
-            self.held = 0
-            HELD["ram"] = 0
 
 
 class DiskTier:
@@ -305,112 +244,3 @@ def _check(raw: bytes, key: bytes) -> str:
     if hashlib.sha256(memoryview(raw)[_HEADER.size:]).digest() != digest:
         return "checksum mismatch"
     return ""
-
-
-class TieredStore:
-    """RAM over disk (either may be absent), with write-behind of RAM's evictions."""
-
-    def __init__(self, ram: RamTier | None, disk: DiskTier | None, queue_chunks: int = 64) -> None:
-        self.ram = ram
-        self.disk = disk
-        self._writes: queue.Queue[tuple[bytes, bytes] | None] = queue.Queue(maxsize=queue_chunks)
-        # On their way to disk (out of RAM, not yet in a file): still found, served from here.
-        self._pending: dict[bytes, bytes] = {}
-        self._pending_lock = threading.Lock()
-        self._writer: threading.Thread | None = None
-        if disk is not None:
-            self._writer = threading.Thread(target=self._write_behind, name="kvstore-writer", daemon=True)
-            self._writer.start()
-
-    def put(self, key: bytes, data: bytes) -> None:
-        """Store a chunk; never blocks on the disk."""
-        if self.ram is not None:
-            COUNTS.add("bytes.ram.stored", len(data))
-            spill = self.ram.put(key, data)
-        else:
-            spill = [(key, data)]
-        for k, d in spill:
-            if self.disk is not None and k not in self.disk:
-                self._enqueue(k, d)
-
-    def _enqueue(self, key: bytes, data: bytes) -> None:
-        with self._pending_lock:
-            if key in self._pending:
-                return
-            try:
-                self._writes.put_nowait((key, data))
-            except queue.Full:
-                COUNTS.add("dropped_saves")
-                return
-            self._pending[key] = data
-
-    def get(self, key: bytes) -> bytes | None:
-        if self.ram is not None and (data := self.ram.get(key)) is not None:
-            COUNTS.add("hits.ram")
-            COUNTS.add("bytes.ram.loaded", len(data))
-            return data
-        with self._pending_lock:
-            data = self._pending.get(key)
-        if data is not None:  # evicted from RAM a moment ago, still on its way to disk
-            COUNTS.add("hits.ram")
-            COUNTS.add("bytes.ram.loaded", len(data))
-            return data
-        if self.disk is not None and (data := self.disk.get(key)) is not None:
-            COUNTS.add("hits.disk")
-            if self.ram is not None:  # promoted; what it pushes out is already on disk or goes there
-                for k, d in self.ram.put(key, data):
-                    if k not in self.disk:
-                        self._enqueue(k, d)
-            return data
-        COUNTS.add("misses")
-        return None
-
-    def contains(self, key: bytes) -> bool:
-        if self.ram is not None and key in self.ram:
-            return True
-        with self._pending_lock:  # before the disk: the writer moves a chunk from here to there
-            if key in self._pending:
-                return True
-        return self.disk is not None and key in self.disk
-
-    def longest_prefix(self, keys: list[bytes]) -> int:
-        """How many of ``keys`` (a chain, first chunk first) are held from the start."""
-        n = 0
-        for k in keys:
-            if not self.contains(k):
-                break
-            n += 1
-        return n
-
-    def flush(self, timeout_s: float = 30.0) -> None:
-        """Wait until every queued write reached the disk."""
-        deadline = time.monotonic() + timeout_s
-        while self._writes.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.005)
-
-    def close(self, timeout_s: float = 30.0) -> None:
-        if self._writer is not None:
-            try:
-                self._writes.put(None, timeout=timeout_s)
-            except queue.Full:
-                logger.warning("KV store: the disk writer did not drain its queue in %.0f s", timeout_s)
-            self._writer.join(timeout=timeout_s)
-            self._writer = None
-
-    def _write_behind(self) -> None:
-        while True:
-            item = self._writes.get()
-            try:
-                if item is None:
-                    return
-                assert self.disk is not None
-                try:
-                    self.disk.put(*item)
-                except Exception as exc:  # the writer must live on: a failed save is a dropped one
-                    COUNTS.add("dropped_saves")
-                    logger.warning("KV store: could not write a chunk to %s: %s", self.disk.root, exc)
-                finally:
-                    with self._pending_lock:
-                        self._pending.pop(item[0], None)
-            finally:
-                self._writes.task_done()

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from tandem.kvstore import tiers
 from tandem.kvstore.keys import chunk_keys, namespace
-from tandem.kvstore.tiers import DiskTier, RamTier, TieredStore
+from tandem.kvstore.tiers import DiskTier
 
 LAYOUT = {"num_layers": 2, "block_size": 16, "num_kv_heads": 2, "head_size": 64, "dtype": "float32"}
 
@@ -32,16 +33,6 @@ def test_keys_name_the_whole_prefix_and_bind_model_and_layout() -> None:
     assert chunk_keys(namespace("tiny", LAYOUT, 16), list(range(100)), 16)[1] != a[0]
     with pytest.raises(ValueError):
         namespace("tiny", LAYOUT, 0)
-
-
-def test_ram_tier_evicts_least_recently_used_first() -> None:
-    ram = RamTier(cap_bytes=300)
-    assert ram.put(b"a", b"x" * 100) == [] and ram.put(b"b", b"y" * 100) == [] and ram.put(b"c", b"z" * 100) == []
-    assert ram.get(b"a") == b"x" * 100  # a is now the most recent
-    out = ram.put(b"d", b"w" * 100)
-    assert [k for k, _ in out] == [b"b"] and ram.held == 300
-    assert ram.put(b"huge", b"h" * 301) == [(b"huge", b"h" * 301)]  # larger than the cap: not held
-    assert b"huge" not in ram and len(ram) == 3
 
 
 def test_disk_tier_survives_a_restart_and_keeps_its_cap_and_order(tmp_path: Path) -> None:
@@ -98,29 +89,6 @@ def test_a_torn_write_left_by_a_crash_is_removed_at_start(tmp_path: Path) -> Non
     assert len(DiskTier(tmp_path, cap_bytes=1 << 20, durable=False)) == 1
 
 
-def test_ram_evictions_are_written_behind_and_disk_hits_promoted(tmp_path: Path) -> None:
-    store = TieredStore(RamTier(250), DiskTier(tmp_path, 1 << 20, durable=False))
-    try:
-        keys = [bytes([i]) * 32 for i in range(4)]
-        for k in keys:
-            store.put(k, k[:1] * 100)
-        store.flush()
-        # RAM holds the last two; the first two went to disk behind it.
-        assert keys[2] in store.ram and keys[3] in store.ram  # type: ignore[operator]
-        assert keys[0] in store.disk and keys[1] in store.disk  # type: ignore[operator]
-        disk_hits = tiers.COUNTS.get("hits.disk")
-        assert store.get(keys[0]) == keys[0][:1] * 100
-        assert tiers.COUNTS.get("hits.disk") == disk_hits + 1
-        assert keys[0] in store.ram  # type: ignore[operator]
-        # Promoting it pushed keys[2] out of RAM: on its way to disk it is still found.
-        assert store.longest_prefix(keys + [b"z" * 32]) == 4
-        assert store.longest_prefix([b"z" * 32] + keys) == 0
-        misses = tiers.COUNTS.get("misses")
-        assert store.get(b"z" * 32) is None and tiers.COUNTS.get("misses") == misses + 1
-    finally:
-        store.close()
-
-
 def _stall_writes(disk: DiskTier) -> threading.Event:
     """Make every write to ``disk`` wait until the returned event is set."""
     gate = threading.Event()
@@ -134,38 +102,31 @@ def _stall_writes(disk: DiskTier) -> threading.Event:
     return gate
 
 
-def test_a_chunk_on_its_way_to_disk_is_still_found(tmp_path: Path) -> None:
-    disk = DiskTier(tmp_path, 1 << 20, durable=False)
-    gate = _stall_writes(disk)
-    store = TieredStore(RamTier(100), disk)
-    try:
-        store.put(b"a" * 32, b"a" * 100)
-        store.put(b"b" * 32, b"b" * 100)  # pushes a out of RAM; its write waits at the gate
-        assert b"a" * 32 not in store.ram and b"a" * 32 not in disk  # type: ignore[operator]
-        assert store.contains(b"a" * 32) and store.longest_prefix([b"a" * 32, b"b" * 32]) == 2
-        assert store.get(b"a" * 32) == b"a" * 100
-    finally:
-        gate.set()
-        store.flush()
-        store.close()
-    assert disk.get(b"a" * 32) == b"a" * 100
+def test_disk_writes_are_dropped_and_counted_when_the_disk_falls_behind(tmp_path: Path) -> None:
+    from tandem.kvstore.nodestore import NodeStore
 
-
-def test_saves_are_dropped_and_counted_when_the_disk_falls_behind(tmp_path: Path) -> None:
-    disk = DiskTier(tmp_path, 1 << 20, durable=False)
+    disk = DiskTier(tmp_path / "disk", 1 << 20, durable=False)
     gate = _stall_writes(disk)
-    store = TieredStore(None, disk, queue_chunks=2)
+    store = NodeStore(_arena(tmp_path, slots=8), disk, queue_chunks=2)
     try:
         dropped = tiers.COUNTS.get("dropped_saves")
-        for i in range(6):  # one being written, two queued, three dropped: put never waits
-            store.put(bytes([i]) * 32, b"x" * 10)
-        assert tiers.COUNTS.get("dropped_saves") >= dropped + 3
-        assert store.get(bytes([1]) * 32) == b"x" * 10  # queued for the disk: served from the queue
-        assert store.get(bytes([5]) * 32) is None  # dropped: a miss, not an error
+        keys = [bytes([i]) * 32 for i in range(6)]
+        for k in keys:
+            store.reserve_for_save(k)
+        store.saved(keys[:1], ok=True)  # its write starts, and waits at the gate
+        deadline = time.monotonic() + 10
+        while store._tasks.qsize() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        store.saved(keys[1:], ok=True)  # each queued for the disk: two fit, three are dropped
+        assert tiers.COUNTS.get("dropped_saves") == dropped + 3
+        assert store.count_ready(keys, 0) == 6  # RAM has them all: the caller never waited
+        # The two queued keep their slots pinned (the one being written copied its slot out first).
+        assert store.index.drop_unpinned() == 2
     finally:
         gate.set()
         store.flush()
         store.close()
+    assert sum(k in disk for k in keys) == 3
 
 
 def test_concurrent_saves_and_loads_of_one_chunk_never_read_a_torn_file_nor_count_one(tmp_path: Path) -> None:
