@@ -239,6 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_args(bc)
     bc.set_defaults(fn=cmd_compare)
 
+    from tandem.bench.kvstore_tiers import add_args as add_kvstore_bench_args
+    from tandem.bench.kvstore_tiers import cmd_kvstore as cmd_kvstore_bench
+
+    bk = bsub.add_parser("kvstore", help="TTFT of the same long-prefix requests: recomputed, from the engine's "
+                                         "cache, from the KV store's RAM tier, from its disk tier")
+    add_kvstore_bench_args(bk)
+    bk.set_defaults(fn=cmd_kvstore_bench)
+
     kv = sub.add_parser("kvstore", help="look at or clear a KV store's disk tier")
     kvsub = kv.add_subparsers(dest="kvstore_cmd", required=True)
     ks = kvsub.add_parser("stats", help="chunks and bytes held in a disk tier directory")
