@@ -132,7 +132,7 @@ def sweep(system: System, args: argparse.Namespace, slo: tuple[float, float],
             # run after the first a prefix-cache hit. The same probe is identical across systems.
             seed = args.seed + 1000 * ri + rep
             entries = generate(args.workload, rate=rate, duration_s=args.duration, seed=seed,
-                               max_model_len=args.max_model_len)
+                               max_model_len=args.max_model_len, prefixes_n=getattr(args, "prefixes", None))
             materialize(entries, seed, 600)
             if getattr(args, "ttft_tiers", None):
                 assign_tiers(entries, args.ttft_tiers, seed)
@@ -350,6 +350,8 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
 def add_compare_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default="", help="HF model dir (default: the seeded bench model, made once)")
     ap.add_argument("--workload", default="chat")
+    ap.add_argument("--prefixes", type=int, default=None,
+                    help="prefix-heavy: shared prefixes; multi-turn: conversations at once (the working set)")
     ap.add_argument("--rates", default="0.5,1,2", help="arrival rates to sweep, req/s")
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per probe")
     ap.add_argument("--reps", type=int, default=2, help="seeded repetitions per rate")

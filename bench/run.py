@@ -21,6 +21,8 @@ def add_run_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--target", required=True, help="http://HOST:PORT (OpenAI API) or tandem-grpc://HOST:PORT")
     ap.add_argument("--model", default="", help="model name for OpenAI targets (default: the server's first)")
     ap.add_argument("--workload", default="chat", choices=WORKLOADS)
+    ap.add_argument("--prefixes", type=int, default=None,
+                    help="prefix-heavy: shared prefixes; multi-turn: conversations at once (the working set)")
     ap.add_argument("--trace", default="", help="replay this JSONL trace (ours or Mooncake-style) instead")
     ap.add_argument("--rate", type=float, default=1.0, help="mean arrival rate, requests/s")
     ap.add_argument("--burstiness", type=float, default=None, help="gamma shape of the gaps; 1 = Poisson")
@@ -51,9 +53,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         entries = generate(args.workload, rate=args.rate, duration_s=args.duration, seed=args.seed,
                            max_model_len=args.max_model_len, vocab_size=args.vocab_size,
-                           burstiness=args.burstiness)
+                           burstiness=args.burstiness, prefixes_n=args.prefixes)
         source = {"workload": args.workload, "rate": args.rate, "duration_s": args.duration, "seed": args.seed,
-                  "burstiness": args.burstiness}
+                  "burstiness": args.burstiness, "prefixes": args.prefixes}
     materialize(entries, args.seed, args.vocab_size)
     if not entries:
         print("tandem bench run: the workload has no requests; raise --rate or --duration", file=sys.stderr)

@@ -3,7 +3,10 @@
 chat       input lognormal around 300 tokens (tail to 2K), output around 250
 summarize  input 2K-8K, output 50-200 (scaled down to fit the model's context)
 code       input around 800, output around 30
-prefix-heavy  many requests sharing a few long prefixes
+prefix-heavy  many requests sharing a few long prefixes (``prefixes`` of them, 4 by default)
+multi-turn  conversations: each turn resends the conversation so far (earlier turns and a
+           stand-in for each reply) and adds about 64 tokens; ``prefixes`` conversations at once
+           (16 by default), one restarting when it would outgrow the context
 burst      chat lengths with bursty (gamma, shape 0.2) arrivals
 Arrivals are open-loop: Poisson (exponential gaps), or gamma with a burstiness
 factor (shape; 1 is Poisson, smaller is burstier), as in vLLM's benchmark.
@@ -17,7 +20,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-WORKLOADS = ("chat", "summarize", "code", "prefix-heavy", "burst")
+WORKLOADS = ("chat", "summarize", "code", "prefix-heavy", "multi-turn", "burst")
 FIRST_TOKEN_ID = 5  # ids below are the tiny model's special tokens
 
 
@@ -67,17 +70,22 @@ def _lengths(name: str, rng: random.Random, ctx: int) -> tuple[int, int]:
 
 
 def generate(name: str, *, rate: float, duration_s: float, seed: int = 0, max_model_len: int = 8192,
-             vocab_size: int = 600, burstiness: float | None = None, with_ids: bool = True) -> list[TraceEntry]:
-    """A seeded trace: the same arguments give the same trace."""
+             vocab_size: int = 600, burstiness: float | None = None, with_ids: bool = True,
+             prefixes_n: int | None = None) -> list[TraceEntry]:
+    """A seeded trace: the same arguments give the same trace. ``prefixes_n``: prefix-heavy's shared
+    prefixes, multi-turn's conversations at once (the working set)."""
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; one of {', '.join(WORKLOADS)}")
     rng = random.Random(f"{name}:{seed}")
     shape = burstiness if burstiness is not None else (0.2 if name == "burst" else 1.0)
     times = arrivals(rng, rate, duration_s, shape)
+    if name == "multi-turn":
+        return _multi_turn(rng, times, max_model_len, vocab_size, prefixes_n or 16)
     prefixes: list[list[int]] = []
     if name == "prefix-heavy":
         plen = min(1024, max_model_len // 2)
-        prefixes = [[rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(plen)] for _ in range(4)]
+        prefixes = [[rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(plen)]
+                    for _ in range(prefixes_n or 4)]
     out = []
     for t in times:
         if name == "prefix-heavy":
@@ -90,6 +98,25 @@ def generate(name: str, *, rate: float, duration_s: float, seed: int = 0, max_mo
         ilen, olen = _lengths(name, rng, max_model_len)
         ids = [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(ilen)] if with_ids else None
         out.append(TraceEntry(t, ilen, olen, None, ids))
+    return out
+
+
+def _multi_turn(rng: random.Random, times: list[float], max_model_len: int, vocab_size: int,
+                conversations: int) -> list[TraceEntry]:
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(n)]
+
+    system = tokens(min(256, max_model_len // 8))  # every conversation starts with the same instructions
+    history: list[list[int]] = [list(system) for _ in range(conversations)]
+    out = []
+    for t in times:
+        c = rng.randrange(conversations)
+        user, reply = _clip(rng.gauss(64, 16), 16, 128), _clip(rng.gauss(64, 16), 16, 128)
+        if len(history[c]) + user + reply + 1 > max_model_len:
+            history[c] = list(system)  # a new conversation in its place
+        ids = history[c] + tokens(user)
+        out.append(TraceEntry(t, len(ids), reply, c, ids))
+        history[c] = ids + tokens(reply)  # the next turn resends this one and a stand-in for its reply
     return out
 
 

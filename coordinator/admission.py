@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass
 
 from tandem.errors import InvalidRequest, Rejected
-from tandem.perfmodel import kv_bytes_per_token
+from tandem.perfmodel import ModelView, kv_bytes_per_token
 
 from . import metrics as m
 from .prefillq import PrefillOrder
@@ -44,6 +45,12 @@ DEFAULT_STEP_TOKENS = 256  # a decode node's per-step budget when its load does 
 MIN_OTHERS_TOKENS = 16  # the fewest tokens a running stream is assumed to have left
 LOCAL_GAIN = 0.2  # prefill on the decode node when that starts this much sooner (and both meet the SLO)
 MAX_PREFILL_BUSY = 0.8  # the most of a decode node's time its local prefills are taken to hold
+ROUTINGS = ("prefix", "least-loaded", "random")
+# A prompt token loaded from a KV store instead of computed: its copy into the engine's blocks (and from
+# disk, its read, check and promotion first). Measured with `tandem bench kvstore` (2 cores, fp32,
+# 16 KiB of KV per token): a RAM hit about 6 ms per 1K tokens over the engine's own cache, a disk
+# hit about 37 ms more.
+LOAD_S_PER_TOKEN = {"ram": 6e-6, "disk": 4.2e-5}
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,7 @@ class Estimate:
     queue_s: float = 0.0  # of ``seconds``, the wait for work already queued there
     pushes: int = 0  # queued requests it would push past their TTFT objective (prefill order)
     factor: float = 1.0  # the node's learned calibration, in ``seconds`` (not in ``idle_seconds``)
+    cached_tokens: tuple[int, int] = (0, 0)  # prompt tokens its KV store holds (of them on disk only)
 
 
 @dataclass
@@ -99,28 +107,43 @@ class Plan:
 
 
 def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None = None,
-                     arrival: float = 0.0, ttft_s: float | None = None) -> Estimate:
+                     arrival: float = 0.0, ttft_s: float | None = None, cached: tuple[int, int] = (0, 0)
+                     ) -> Estimate:
     """With ``order``: the wait is where the prefill order (prefillq.py) would put a request
     that arrived at ``arrival`` with TTFT objective ``ttft_s`` among this coordinator's own
     requests for the node; otherwise (or with nothing of this coordinator's there) the whole
-    queue the node reports, in arrival order."""
+    queue the node reports, in arrival order. ``cached``: (prompt tokens the node's KV store
+    holds from the start, of them on disk only): loaded, not computed."""
     model = node.model
     if not model.prefill.samples:
-        return Estimate(node, None)
+        return Estimate(node, None, cached_tokens=cached)
     f = node.factor("ttft")
-    idle_s = model.prefill_s(tokens)
+    held, on_disk = cached
+    held = min(held, tokens - 1)  # the last prompt token is always computed
+    idle_s = _prefill_after(model, tokens, held) + (held - on_disk) * LOAD_S_PER_TOKEN["ram"] \
+        + on_disk * LOAD_S_PER_TOKEN["disk"]
     run_s = idle_s * f
-    where = order.predict(node, tokens, arrival, ttft_s) if order is not None else None
+    hit = f", {held} tokens held there ({on_disk} on disk)" if held > 0 else ""
+    where = order.predict(node, tokens - max(held, 0), arrival, ttft_s) if order is not None else None
     if where is not None:
         wait_s = where.wait_s * f
-        return Estimate(node, wait_s + run_s, idle_s, queue_s=wait_s, pushes=where.pushes, factor=f, detail=
+        return Estimate(node, wait_s + run_s, idle_s, queue_s=wait_s, pushes=where.pushes, factor=f,
+                        cached_tokens=cached, detail=
                         f"{node.node_id}: {wait_s * 1000:.0f} ms before its turn ({order.order} order) + "  # type: ignore[union-attr]
-                        f"prefill {run_s * 1000:.0f} ms{_calibrated(f)}")
+                        f"prefill {run_s * 1000:.0f} ms{_calibrated(f)}{hit}")
     queue = _prefill_queue(node, node.inflight)
     queue_s = sum(model.prefill_s(t) for t in queue) * f
-    return Estimate(node, queue_s + run_s, idle_s, queue_s=queue_s, factor=f, detail=
+    return Estimate(node, queue_s + run_s, idle_s, queue_s=queue_s, factor=f, cached_tokens=cached, detail=
                     f"{node.node_id}: queue {len(queue)} prompts {queue_s * 1000:.0f} ms + prefill "
-                    f"{run_s * 1000:.0f} ms{_calibrated(f)}")
+                    f"{run_s * 1000:.0f} ms{_calibrated(f)}{hit}")
+
+
+def _prefill_after(model: ModelView, tokens: int, held: int) -> float:
+    """A prefill of ``tokens`` whose first ``held`` are loaded, by the fit const + a·n + b·n²: the
+    new tokens' linear part and their attention over the whole prompt (n² - held²), once the const."""
+    if held <= 0:
+        return model.prefill_s(tokens)
+    return model.prefill_s(tokens) - model.prefill_s(held) + model.prefill_s(0)
 
 
 def _calibrated(f: float) -> str:
@@ -266,6 +289,8 @@ def _best(estimates: list[Estimate]) -> Estimate:
 
         def alike(e: Estimate) -> bool:
             assert e.seconds is not None
+            if e.cached_tokens != best.cached_tokens:
+                return False  # a prefix held in one node's KV store is a real difference, not fit noise
             if e.seconds <= max(low * (1 + TIE_REL), low + TIE_ABS_S):
                 return True
             # Two idle nodes: only their fits differ, and a node just restarted carries its cached
@@ -312,9 +337,17 @@ class _Option:
 
 class Admission:
     def __init__(self, router: Router, mode: str = "on", default_slo: Slo = Slo(), local: bool = True,
-                 headroom: float = 0.0, order: PrefillOrder | None = None) -> None:
+                 headroom: float = 0.0, order: PrefillOrder | None = None, routing: str = "prefix",
+                 rng: random.Random | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"--admission must be on or off, got {mode!r}")
+        if routing not in ROUTINGS:
+            raise ValueError(f"--routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
+        # prefix: each prefill node's predicted TTFT counts what its KV store holds of the prompt (loaded,
+        # not computed), so a request goes where its prefix is unless that node's queue costs more;
+        # least-loaded: the same predictions without that credit; random: any routable prefill node.
+        self.routing = routing
+        self.rng = rng or random.Random()
         if not 0.0 <= headroom < 1.0:
             raise ValueError(f"--admission-headroom must be in [0, 1), got {headroom}")
         # Admit against the TPOT objective less this share: a decode batch keeps growing after a
@@ -328,23 +361,26 @@ class Admission:
         self.order = order or PrefillOrder(router, "slack")
 
     def plan(self, rid: str, prompt_tokens: int, max_tokens: int, slo: Slo, count: bool = True,
-             arrival: float | None = None) -> Plan:
+             arrival: float | None = None, prompt_ids: list[int] | None = None) -> Plan:
         """The nodes a new request starts on, or Rejected. An empty pool leaves its side to the
         pipeline (which waits for a node or answers UNAVAILABLE). ``count=False``: a look, not a
         decision (the batch queue's), so no metric moves and nothing is logged. ``arrival``
-        (perf_counter; default now): when its TTFT started counting."""
+        (perf_counter; default now): when its TTFT started counting. ``prompt_ids``: for prefix
+        routing (without them, no node gets credit for a cached prefix)."""
         decide = _Decisions(count)
         asked = slo.over(self.default_slo)
         keep = 1.0 - self.headroom
         slo = Slo(asked.ttft_s, None if asked.tpot_s is None else asked.tpot_s * keep)
         arrival = time.perf_counter() if arrival is None else arrival
         decoders = self.router.routable_nodes("decode")
-        pre = [prefill_estimate(n, prompt_tokens, self.order, arrival, slo.ttft_s)
-               for n in self.router.routable_nodes("prefill")]
+        prefills = self.router.routable_nodes("prefill")
+        held = self._held(prefills, prompt_ids) if self.routing == "prefix" and prompt_ids else {}
+        pre = [prefill_estimate(n, prompt_tokens, self.order, arrival, slo.ttft_s, held.get(n.node_id, (0, 0)))
+               for n in prefills]
         # A node where it would push queued requests past their objective only when every node would.
         pre = [e for e in pre if not e.pushes] or pre
         dec = [decode_estimate(n, prompt_tokens, max_tokens) for n in decoders] if max_tokens > 1 else []
-        p = _best(pre) if pre else None
+        p = (self.rng.choice(pre) if self.routing == "random" else _best(pre)) if pre else None
         d = _best(dec) if dec else None
         remote = _Option(p, d) if p is not None else None
         local = self._local(decoders, prompt_tokens, max_tokens, slo) if self.local else None
@@ -366,6 +402,10 @@ class Admission:
             return plan
         if chosen.ttft is not None and chosen.ttft.seconds is not None:
             plan.queued_s = chosen.ttft.queue_s
+        if count and not chosen.local and p is not None and p.cached_tokens[0]:
+            m.PREFIX_TOKENS.labels("ram").inc(p.cached_tokens[0] - p.cached_tokens[1])
+            if p.cached_tokens[1]:
+                m.PREFIX_TOKENS.labels("disk").inc(p.cached_tokens[1])
         misses = chosen.misses(slo)
         if not misses or self.mode == "off":
             decision = "admitted" if not misses else "over_slo_admitted"
@@ -396,6 +436,22 @@ class Admission:
         if count:
             logger.info("request %s: %s", rid, msg)
         raise Rejected(msg, plan.ttft_s, plan.tpot_s, retry)
+
+    @staticmethod
+    def _held(nodes: list[NodeClient], prompt_ids: list[int]) -> dict[str, tuple[int, int]]:
+        """Per node: (prompt tokens its KV store holds from the start, of them on disk only). Nodes of
+        one model and KV layout share a key space: the keys are computed once per key space."""
+        keys: dict[tuple[bytes, int], list[bytes]] = {}
+        out = {}
+        for n in nodes:
+            ix = n.chunks
+            if not ix.held:
+                continue
+            space = (ix.namespace, ix.chunk_tokens)
+            if space not in keys:
+                keys[space] = ix.keys_for(prompt_ids)
+            out[n.node_id] = ix.cached_tokens(keys[space])
+        return out
 
     def _local(self, decoders: list[NodeClient], prompt_tokens: int, max_tokens: int, slo: Slo) -> _Option | None:
         """The best decode node to prefill this request itself, among those where that does not

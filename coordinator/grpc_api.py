@@ -75,6 +75,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 info.decode_batch = n.load.decode_batch
                 info.perf_samples = sum(f.samples for f in n.load.fits)
                 info.load_age_s = time.monotonic() - n.load_at
+                info.kv_chunks_disk = sum(1 for t in n.chunks.held.values() if t == "disk")
+                info.kv_chunks_ram = len(n.chunks.held) - info.kv_chunks_disk
             nodes.append(info)
         return pb.ClusterStatusResponse(cluster=self.cluster, model=self.pipeline.served_model, nodes=nodes)
 

@@ -48,6 +48,7 @@ class CoordinatorConfig:
     conditional_disagg: str = "on"  # a decode node may prefill a request itself when that is predicted faster
     prefill_order: str = "slack"  # where the prefill queue lives and its order (prefillq.py)
     prefill_depth: int = 1  # with slack: requests each prefill node runs at a time
+    routing: str = "prefix"  # how a prefill node is picked (admission.py ROUTINGS)
     slo_ttft_ms: float = 0.0  # cluster default SLOs for requests that set none; 0: none
     slo_tpot_ms: float = 0.0
     tenant_quota: str = ""  # TENANT=TOKENS_PER_S,...
@@ -68,6 +69,10 @@ class CoordinatorConfig:
             raise ValueError(f"--admission must be on or off, got {self.admission!r}")
         if self.prefill_order not in ORDERS:
             raise ValueError(f"--prefill-order must be one of {', '.join(ORDERS)}, got {self.prefill_order!r}")
+        from .admission import ROUTINGS
+
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"--routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
         if self.prefill_depth < 1:
             raise ValueError(f"--prefill-depth must be at least 1, got {self.prefill_depth}")
         if not 0.0 <= self.admission_headroom < 1.0:
@@ -129,6 +134,10 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
                          "earliest deadline first among those that can still meet their TTFT objective | "
                          "engine: sent at once with the deadline as vLLM priority (prefill nodes run "
                          "--scheduling-policy priority) | fifo: sent at once, run in arrival order")
+    ap.add_argument("--routing", default=env("TANDEM_ROUTING", "prefix"),
+                    help="how a prefill node is picked: prefix (the lowest predicted TTFT, counting the "
+                         "prompt's prefix its KV store holds as loaded, not computed) | least-loaded (the "
+                         "same without that credit) | random (for comparison)")
     ap.add_argument("--prefill-depth", type=int, default=int(env("TANDEM_PREFILL_DEPTH", "1")),
                     help="with --prefill-order slack: prefills each node runs at a time")
     ap.add_argument("--tenant-quota", default=env("TANDEM_TENANT_QUOTA", ""),
@@ -166,7 +175,7 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
     admission = Admission(router, cfg.admission,
                           Slo.from_ms(cfg.slo_ttft_ms or None, cfg.slo_tpot_ms or None, "--slo-"),
                           local=cfg.conditional_disagg == "on", headroom=cfg.admission_headroom,
-                          order=PrefillOrder(router, cfg.prefill_order, cfg.prefill_depth))
+                          order=PrefillOrder(router, cfg.prefill_order, cfg.prefill_depth), routing=cfg.routing)
     pipeline = Pipeline(router, codec, max_model_len, cfg.served_model_name, PipelineConfig(
         prefill_timeout_s=cfg.prefill_timeout_s, decode_timeout_s=cfg.decode_timeout_s, stall_s=cfg.stall_s,
         migration_limit=cfg.migration_limit), admission,

@@ -209,7 +209,7 @@ class Pipeline:
                                                   req.slo, left)
                 else:
                     plan = self.admission.plan(req.request_id, len(req.prompt_ids), req.sampling.max_tokens,
-                                               req.slo, arrival=req.received)
+                                               req.slo, arrival=req.received, prompt_ids=req.prompt_ids)
             except BaseException:
                 self.quotas.refund(req.tenant, cost)
                 raise

@@ -37,6 +37,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tandem.errors import Unavailable
 from tandem.grpcserve import CHANNEL_OPTIONS
+from tandem.kvstore.held import ChunkIndex
 from tandem.membership import NodeRecord
 from tandem.perfmodel import FitView, ModelView
 from tandem.proto import tandem_pb2 as pb
@@ -70,6 +71,7 @@ class NodeClient:
     # Online bias correction of this node's predictions, per kind (ttft, ttft_local, tpot): the log of
     # a factor, the moving average of log(actual / model's prediction) over finished requests.
     bias: dict[str, float] = field(default_factory=dict)
+    chunks: ChunkIndex = field(default_factory=ChunkIndex)  # what its KV store holds (prefix routing)
     stub: object = field(init=False)
     health: object = field(init=False)
     monitor: object = field(init=False)
@@ -89,6 +91,9 @@ class NodeClient:
 
     def saw_load(self, msg: pb.NodeLoad) -> None:
         self.load, self.load_at = msg, time.monotonic()
+        if msg.kv_whole or msg.kv_ram or msg.kv_disk or msg.kv_gone or msg.kv_namespace:
+            self.chunks.update(msg.kv_whole, msg.kv_ram, msg.kv_disk, msg.kv_gone, msg.kv_namespace,
+                               msg.kv_chunk_tokens)
         fits = {f.name: FitView(tuple(f.terms), tuple(f.coefficients), int(f.samples)) for f in msg.fits}
         empty = FitView((), (), 0)
         self.model = ModelView(fits.get("prefill", empty), fits.get("decode", empty), fits.get("transfer", empty))

@@ -18,6 +18,7 @@ import fcntl
 import mmap
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,11 +124,12 @@ class SlotIndex:
     """Which chunk key is in which slot, least recently used first. Not thread-safe: the caller
     (the scheduler half's store) holds its lock around every call."""
 
-    def __init__(self, num_slots: int) -> None:
+    def __init__(self, num_slots: int, on_drop: Callable[[bytes], None] | None = None) -> None:
         self.num_slots = num_slots
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
         self._free = list(range(num_slots - 1, -1, -1))
         self.evictions = 0
+        self.on_drop = on_drop  # a ready chunk left (evicted or dropped)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -162,6 +164,8 @@ class SlotIndex:
                 return None
             slot = self._entries.pop(victim).slot
             self.evictions += 1
+            if self.on_drop is not None:
+                self.on_drop(victim)
         self._entries[key] = _Entry(slot, ready=False, pins=1)
         return slot
 
@@ -187,7 +191,10 @@ class SlotIndex:
     def drop_unpinned(self) -> int:
         """Free every slot not pinned; how many stayed."""
         for k in [k for k, e in self._entries.items() if e.pins == 0]:
+            ready = self._entries[k].ready
             self._drop(k)
+            if ready and self.on_drop is not None:
+                self.on_drop(k)
         return len(self._entries)
 
     def _drop(self, key: bytes) -> None:

@@ -40,8 +40,14 @@ class NodeStore:
         self.arena = arena
         self.disk = disk
         self.slot_bytes = arena.slot_bytes
-        self.index = SlotIndex(arena.num_slots)
+        self._events: list[tuple[str, str, str]] = []  # ("+" | "-", key hex, tier): for routing
+        self._events_lock = threading.Lock()
+        self.index = SlotIndex(arena.num_slots, on_drop=lambda k: self._note("-", k, "ram"))
         self._lock = threading.Lock()
+        if disk is not None:
+            for k in disk.keys():  # what an earlier run left
+                self._note("+", k, "disk")
+            disk.on_change = lambda op, k: self._note(op, k, "disk")
         self._tasks: queue.Queue[_Task | None] = queue.Queue(maxsize=queue_chunks)
         self._promoting: set[bytes] = set()
         self._last_evictions = 0
@@ -49,6 +55,16 @@ class NodeStore:
         if disk is not None:
             self._io = threading.Thread(target=self._run, name="kvstore-io", daemon=True)
             self._io.start()
+
+    def _note(self, op: str, key: bytes, tier: str) -> None:
+        with self._events_lock:
+            self._events.append((op, key.hex(), tier))
+
+    def take_events(self) -> list[tuple[str, str, str]]:
+        """What entered or left a tier since the last call (kvstore/held.py)."""
+        with self._events_lock:
+            out, self._events = self._events, []
+        return out
 
     # lookups --------------------------------------------------------------
     def count_ready(self, keys: list[bytes], start: int) -> int:
@@ -124,6 +140,8 @@ class NodeStore:
                 if not self.index.has(k):
                     continue
                 self.index.fill_done(k, ok)
+                if ok:
+                    self._note("+", k, "ram")
                 if ok and self.disk is not None and k not in self.disk:
                     writes.append((k, self.index.pin(k)))
         if ok:
@@ -168,6 +186,8 @@ class NodeStore:
             with self._lock:
                 self._promoting.discard(task.key)
                 self.index.fill_done(task.key, ok=data is not None)
+            if data is not None:
+                self._note("+", task.key, "ram")
         COUNTS.add("hits.disk" if data is not None else "misses.disk")
 
     def _write_one(self, task: _Task) -> None:

@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 from .keys import KEY_BYTES
@@ -79,6 +80,7 @@ class DiskTier:
         self._gen: dict[bytes, int] = {}
         self._write_no = itertools.count(1)
         self._lock = threading.Lock()
+        self.on_change: Callable[[str, bytes], None] | None = None  # ("+" | "-", key), under the lock
         self.root.mkdir(parents=True, exist_ok=True)
         self._scan()
 
@@ -151,6 +153,8 @@ class DiskTier:
                 self._index[key] = size
                 self._gen[key] = next(self._write_no)
                 self.held += size
+                if self.on_change is not None and old is None:
+                    self.on_change("+", key)
                 self._evict_over_cap()
                 HELD["disk"] = self.held
         except BaseException:
@@ -165,6 +169,8 @@ class DiskTier:
             key, size = self._index.popitem(last=False)
             self._gen.pop(key, None)
             self.held -= size
+            if self.on_change is not None:
+                self.on_change("-", key)
             self._path(key).unlink(missing_ok=True)
             n += 1
         if n:
@@ -204,6 +210,8 @@ class DiskTier:
                 return False
             self.held -= self._index.pop(key)
             self._gen.pop(key, None)
+            if self.on_change is not None:
+                self.on_change("-", key)
             HELD["disk"] = self.held
             path.unlink(missing_ok=True)
         return True

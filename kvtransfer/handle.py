@@ -14,6 +14,9 @@ from typing import Any
 PRODUCE = "produce"
 HANDLE = "handle"
 CONSUME = "consume"
+# Set (true) in a request's kv_transfer_params: the node's KV store neither loads nor saves it
+# (the startup profile's random prompts).
+NO_STORE = "tandem_no_store"
 
 
 @dataclass(frozen=True)

@@ -177,6 +177,7 @@ class SchedulerSide:
         stats = TandemKVStats(data=empty_stats())
         stats.data["store"] = data["counts"]
         stats.data["store_held"] = data["held"]
+        stats.data["store_events"] = data["events"]
         return stats
 
     def build_connector_meta(self) -> TandemConnectorMetadata:

@@ -7,10 +7,16 @@ so the metrics appear on the node's /metrics beside vLLM's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+
+
+# Called in the node's process with each batch of the KV store's events (kvstore/held.py): the
+# node's daemon registers its HeldChunks.apply here.
+STORE_EVENT_SINKS: list[Callable[[list[tuple[str, str, str]]], None]] = []
 
 
 def empty_stats() -> dict[str, Any]:
@@ -49,6 +55,8 @@ class TandemKVStats(KVConnectorStats):
                 d[k] = list(d.get(k, [])) + list(o[k])
         if o.get("store_load_bytes"):
             d["store_load_bytes"] = d.get("store_load_bytes", 0) + o["store_load_bytes"]
+        if o.get("store_events"):
+            d["store_events"] = list(d.get("store_events", [])) + list(o["store_events"])
         return self
 
     def reduce(self) -> dict[str, int | float]:
@@ -63,7 +71,7 @@ class TandemKVStats(KVConnectorStats):
         return (not d["bytes_sent"] and not d["bytes_recv"] and not d["fetch_seconds"]
                 and not d["fetch_failures"] and not d.get("fetch_aborts") and d["blocks_held"] is None
                 and not d.get("store") and d.get("store_held") is None and not d.get("store_load_seconds")
-                and not d.get("store_save_seconds"))
+                and not d.get("store_save_seconds") and not d.get("store_events"))
 
 
 class TandemPromMetrics(KVConnectorPromMetrics):
@@ -132,6 +140,9 @@ class TandemPromMetrics(KVConnectorPromMetrics):
         self._observe_store(data, values)
 
     def _observe_store(self, data: dict[str, Any], values: list[object]) -> None:
+        if data.get("store_events"):
+            for sink in STORE_EVENT_SINKS:
+                sink(data["store_events"])
         for name, n in (data.get("store") or {}).items():
             kind, _, rest = name.partition(".")
             if kind == "hits" and rest in ("ram", "disk"):

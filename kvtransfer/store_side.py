@@ -32,6 +32,8 @@ import torch
 from tandem.kvstore.keys import chunk_keys
 from tandem.kvstore.tiers import COUNTS
 
+from .handle import NO_STORE
+
 if TYPE_CHECKING:
     from tandem.kvstore.arena import Arena
     from tandem.kvstore.nodestore import NodeStore
@@ -141,7 +143,7 @@ class _Req:
 
 def store_eligible(request: Request) -> bool:
     return (request.prompt_token_ids is not None and not request.mm_features
-            and request.lora_request is None)
+            and request.lora_request is None and not (request.kv_transfer_params or {}).get(NO_STORE))
 
 
 class StoreScheduler:
@@ -274,10 +276,14 @@ class StoreScheduler:
         last = getattr(self, "_last", {})
         delta = {k: v - last.get(k, 0) for k, v in counts.items() if v != last.get(k, 0)}
         self._last = counts
-        if not delta and held == getattr(self, "_last_held", None):
+        events = self.store.take_events()
+        if not getattr(self, "_named", False):  # the key space, once, before any key
+            events.insert(0, ("ns", self.ns.hex(), str(self.chunk_tokens)))
+            self._named = True
+        if not delta and not events and held == getattr(self, "_last_held", None):
             return None
         self._last_held = held
-        return {"counts": delta, "held": held}
+        return {"counts": delta, "held": held, "events": events}
 
 
 @dataclass

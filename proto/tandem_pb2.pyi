@@ -125,7 +125,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "role", "grpc_address", "kv_address", "model", "outstanding", "served", "draining", "down", "prefill_queue", "decode_batch", "perf_samples", "load_age_s")
+    __slots__ = ("node_id", "role", "grpc_address", "kv_address", "model", "outstanding", "served", "draining", "down", "prefill_queue", "decode_batch", "perf_samples", "load_age_s", "kv_chunks_ram", "kv_chunks_disk")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +139,8 @@ class NodeInfo(_message.Message):
     DECODE_BATCH_FIELD_NUMBER: _ClassVar[int]
     PERF_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LOAD_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    KV_CHUNKS_RAM_FIELD_NUMBER: _ClassVar[int]
+    KV_CHUNKS_DISK_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: str
     grpc_address: str
@@ -152,7 +154,9 @@ class NodeInfo(_message.Message):
     decode_batch: int
     perf_samples: int
     load_age_s: float
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., grpc_address: _Optional[str] = ..., kv_address: _Optional[str] = ..., model: _Optional[str] = ..., outstanding: _Optional[int] = ..., served: _Optional[int] = ..., draining: _Optional[bool] = ..., down: _Optional[bool] = ..., prefill_queue: _Optional[int] = ..., decode_batch: _Optional[int] = ..., perf_samples: _Optional[int] = ..., load_age_s: _Optional[float] = ...) -> None: ...
+    kv_chunks_ram: int
+    kv_chunks_disk: int
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., grpc_address: _Optional[str] = ..., kv_address: _Optional[str] = ..., model: _Optional[str] = ..., outstanding: _Optional[int] = ..., served: _Optional[int] = ..., draining: _Optional[bool] = ..., down: _Optional[bool] = ..., prefill_queue: _Optional[int] = ..., decode_batch: _Optional[int] = ..., perf_samples: _Optional[int] = ..., load_age_s: _Optional[float] = ..., kv_chunks_ram: _Optional[int] = ..., kv_chunks_disk: _Optional[int] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
     __slots__ = ("cluster", "model", "nodes")
@@ -195,7 +199,7 @@ class PerfFit(_message.Message):
     def __init__(self, name: _Optional[str] = ..., terms: _Optional[_Iterable[str]] = ..., coefficients: _Optional[_Iterable[float]] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class NodeLoad(_message.Message):
-    __slots__ = ("node_id", "engine_id", "prefill_queue", "decode_batch", "decode_context", "decode_waiting", "fits", "sent_at", "step_tokens", "prefill_busy", "decode_batch_mean", "decode_context_mean")
+    __slots__ = ("node_id", "engine_id", "prefill_queue", "decode_batch", "decode_context", "decode_waiting", "fits", "sent_at", "step_tokens", "prefill_busy", "decode_batch_mean", "decode_context_mean", "kv_whole", "kv_ram", "kv_disk", "kv_gone", "kv_namespace", "kv_chunk_tokens")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_QUEUE_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +212,12 @@ class NodeLoad(_message.Message):
     PREFILL_BUSY_FIELD_NUMBER: _ClassVar[int]
     DECODE_BATCH_MEAN_FIELD_NUMBER: _ClassVar[int]
     DECODE_CONTEXT_MEAN_FIELD_NUMBER: _ClassVar[int]
+    KV_WHOLE_FIELD_NUMBER: _ClassVar[int]
+    KV_RAM_FIELD_NUMBER: _ClassVar[int]
+    KV_DISK_FIELD_NUMBER: _ClassVar[int]
+    KV_GONE_FIELD_NUMBER: _ClassVar[int]
+    KV_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    KV_CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     engine_id: str
     prefill_queue: _containers.RepeatedScalarFieldContainer[int]
@@ -220,7 +230,13 @@ class NodeLoad(_message.Message):
     prefill_busy: float
     decode_batch_mean: float
     decode_context_mean: float
-    def __init__(self, node_id: _Optional[str] = ..., engine_id: _Optional[str] = ..., prefill_queue: _Optional[_Iterable[int]] = ..., decode_batch: _Optional[int] = ..., decode_context: _Optional[int] = ..., decode_waiting: _Optional[int] = ..., fits: _Optional[_Iterable[_Union[PerfFit, _Mapping]]] = ..., sent_at: _Optional[float] = ..., step_tokens: _Optional[int] = ..., prefill_busy: _Optional[float] = ..., decode_batch_mean: _Optional[float] = ..., decode_context_mean: _Optional[float] = ...) -> None: ...
+    kv_whole: bool
+    kv_ram: _containers.RepeatedScalarFieldContainer[bytes]
+    kv_disk: _containers.RepeatedScalarFieldContainer[bytes]
+    kv_gone: _containers.RepeatedScalarFieldContainer[bytes]
+    kv_namespace: bytes
+    kv_chunk_tokens: int
+    def __init__(self, node_id: _Optional[str] = ..., engine_id: _Optional[str] = ..., prefill_queue: _Optional[_Iterable[int]] = ..., decode_batch: _Optional[int] = ..., decode_context: _Optional[int] = ..., decode_waiting: _Optional[int] = ..., fits: _Optional[_Iterable[_Union[PerfFit, _Mapping]]] = ..., sent_at: _Optional[float] = ..., step_tokens: _Optional[int] = ..., prefill_busy: _Optional[float] = ..., decode_batch_mean: _Optional[float] = ..., decode_context_mean: _Optional[float] = ..., kv_whole: _Optional[bool] = ..., kv_ram: _Optional[_Iterable[bytes]] = ..., kv_disk: _Optional[_Iterable[bytes]] = ..., kv_gone: _Optional[_Iterable[bytes]] = ..., kv_namespace: _Optional[bytes] = ..., kv_chunk_tokens: _Optional[int] = ...) -> None: ...
 
 class KVHandle(_message.Message):
     __slots__ = ("engine_id", "address", "remote_request_id", "block_ids", "num_tokens", "lease_deadline")

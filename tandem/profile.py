@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem import __version__
+from tandem.kvtransfer.handle import NO_STORE
 from tandem.node.perf import NodePerf
 from tandem.perfmodel import NodeModel
 from tandem.sampling import Sampling
@@ -151,7 +152,8 @@ class Profiler:
         with ExitStack() as prefilling:
             if on_output is not None:
                 prefilling.enter_context(self.perf.prefill(n))
-            async for out in self.engine.generate(rid, self._prompt(n), sampling, None):
+            # Not saved to the node's KV store: random prompts no one sends again.
+            async for out in self.engine.generate(rid, self._prompt(n), sampling, {NO_STORE: True}):
                 if out.num_cached_tokens is not None:
                     cached = out.num_cached_tokens
                 new = len(out.outputs[0].token_ids)

@@ -321,3 +321,74 @@ def test_tpot_counts_the_batch_over_the_requests_life_not_only_now() -> None:
         assert d.seconds == pytest.approx((0.005 + 0.001 * 3 + 9 * (0.005 + 0.001 * 7)) / 10)
         assert "6.0 + 1 over its life" in d.detail
     run(go)
+
+
+def test_prefix_routing_sends_a_prompt_where_its_prefix_is_held_unless_that_queue_costs_more() -> None:
+    import random
+
+    from tandem.kvstore.held import ChunkIndex, HeldChunks
+    from tandem.kvstore.keys import chunk_keys, namespace
+
+    ns = namespace("tiny", LAYOUT, 256)
+    prompt = list(range(5, 1029))  # 1024 tokens: four chunks of 256
+    keys = chunk_keys(ns, prompt, 256)
+
+    def held(n_ram: int, n_disk: int = 0, queue: list[int] | None = None) -> pb.NodeLoad:
+        # What the node's NodeMonitor stream carries: HeldChunks fed the store's events, read whole.
+        h = HeldChunks()
+        h.apply([("ns", ns.hex(), "256")] + [("+", k.hex(), "ram") for k in keys[:n_ram]]
+                + [("+", k.hex(), "disk") for k in keys[n_ram:n_ram + n_disk]])
+        whole, changes, _ = h.since(None)
+        return pb.NodeLoad(prefill_queue=queue or [], fits=fits(prefill=(0.01, 0.0005, 0.0)), kv_whole=whole,
+                           kv_namespace=h.namespace, kv_chunk_tokens=h.chunk_tokens,
+                           kv_ram=[k for k, s in changes.items() if s == "ram"],
+                           kv_disk=[k for k, s in changes.items() if s == "disk"])
+
+    def go():
+        r = cluster({"p0": held(0), "p1": held(3, 1), "d0": pb.NodeLoad(fits=fits())})
+        assert r._nodes["p1"].chunks.cached_tokens(keys) == (1024, 256)
+        plan = Admission(r, local=False).plan("r", len(prompt), 16, Slo(), prompt_ids=prompt)
+        assert plan.prefill.node_id == "p1"
+        # 1023 tokens loaded (the last one computed): 0.01 + 0.0005 x 1 + 767 x 6 us + 256 x 42 us.
+        assert plan.ttft_s == pytest.approx(0.01 + 0.0005 + 767 * 6e-6 + 256 * 4.2e-5)
+        # Without the credit the two idle nodes are alike: the load decides, not the cache.
+        blind = Admission(r, local=False, routing="least-loaded").plan("r", len(prompt), 16, Slo(), prompt_ids=prompt)
+        assert blind.ttft_s == pytest.approx(0.01 + 0.0005 * 1024)
+        # The holder's queue costs more than computing the prompt elsewhere: it goes elsewhere.
+        r2 = cluster({"p0": held(0), "p1": held(4, queue=[4000]), "d0": pb.NodeLoad(fits=fits())})
+        assert Admission(r2, local=False).plan("r", len(prompt), 16, Slo(), prompt_ids=prompt).prefill.node_id == "p0"
+        # Random picks among the routable nodes, seeded.
+        picks = {Admission(r, local=False, routing="random", rng=random.Random(s)).plan(
+            "r", len(prompt), 16, Slo(), prompt_ids=prompt).prefill.node_id for s in range(20)}
+        assert picks == {"p0", "p1"}
+        # What changes later arrives as deltas: p1 loses its first chunk, and with it the whole prefix.
+        r._nodes["p1"].saw_load(pb.NodeLoad(fits=fits(prefill=(0.01, 0.0005, 0.0)), kv_gone=[keys[0]]))
+        assert r._nodes["p1"].chunks.cached_tokens(keys) == (0, 0)
+        with pytest.raises(ValueError, match="--routing"):
+            Admission(r, routing="sticky")
+    run(go)
+
+
+def test_held_chunks_give_each_stream_the_whole_picture_once_then_the_changes() -> None:
+    from tandem.kvstore import held as held_mod
+    from tandem.kvstore.held import HeldChunks
+
+    a, b, c = b"a" * 32, b"b" * 32, b"c" * 32
+    woke = []
+    h = HeldChunks(on_change=lambda: woke.append(1))
+    h.apply([("+", a.hex(), "ram"), ("+", a.hex(), "disk"), ("+", b.hex(), "disk")])
+    whole, changes, pos = h.since(None)
+    assert whole and changes == {a: "ram", b: "disk"} and woke == [1]
+    h.apply([("-", a.hex(), "ram"), ("+", c.hex(), "ram"), ("-", b.hex(), "disk")])
+    whole, changes, pos2 = h.since(pos)
+    assert not whole and changes == {a: "disk", c: "ram", b: ""}
+    assert h.since(pos2)[1] == {}
+    # A stream that fell behind the kept log gets the whole picture again.
+    old_max = held_mod.LOG_MAX
+    held_mod.LOG_MAX = 4
+    try:
+        h.apply([("+", (bytes([i]) * 32).hex(), "ram") for i in range(10)])
+        whole, changes, _ = h.since(pos2)
+        assert whole and len(changes) == 12  # a (disk), c and the ten new ones (ram)
+    finally:
+        held_mod.LOG_MAX = old_max

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tandem.bench.metrics import RequestTiming, percentile, summarize, ttft_breakdown
-from tandem.bench.workloads import arrivals, generate, load_trace, materialize, save_trace
+from tandem.bench.workloads import TraceEntry, arrivals, generate, load_trace, materialize, save_trace
 
 
 def req(sent: float, first: float, step: float, n: int, ok: bool = True) -> RequestTiming:
@@ -73,6 +73,23 @@ def test_workloads_are_seeded_and_have_their_shapes() -> None:
     for e in pre:
         by_prefix.setdefault(e.prefix_id, []).append(e.input_ids[:1024])
     assert len(by_prefix) == 4 and all(all(p == ps[0] for p in ps) for ps in by_prefix.values())
+    wide = generate("prefix-heavy", rate=5, duration_s=60, seed=0, max_model_len=4096, prefixes_n=12)
+    assert len({e.prefix_id for e in wide}) == 12
+    # Multi-turn: each turn of a conversation starts with the whole previous turn (prompt and a reply).
+    turns = generate("multi-turn", rate=10, duration_s=60, seed=0, max_model_len=1024, prefixes_n=5)
+    assert turns == generate("multi-turn", rate=10, duration_s=60, seed=0, max_model_len=1024, prefixes_n=5)
+    last: dict[int, TraceEntry] = {}
+    grew = 0
+    for e in turns:
+        assert e.input_len + e.output_len < 1024 and len(e.input_ids) == e.input_len
+        prev = last.get(e.prefix_id)
+        if prev is not None and e.input_len > prev.input_len:
+            assert e.input_ids[:prev.input_len] == prev.input_ids  # the conversation so far, resent
+            assert e.input_len >= prev.input_len + prev.output_len + 16  # its reply, then a new message
+            grew += 1
+        last[e.prefix_id] = e
+    assert len(last) == 5 and grew > len(turns) // 2
+    assert len({tuple(e.input_ids[:128]) for e in turns}) == 1  # one system prompt for all
 
 
 def test_burst_arrivals_are_burstier_than_poisson() -> None:

@@ -274,5 +274,14 @@ def test_node_store_promotes_from_disk_saves_through_to_disk_and_drops_under_pre
         # Two slots for k[2] and k[3] evicted k[0] and k[1] (least recently used first); k[3]'s is free again.
         assert store.count_ready(k, 2) == 1 and len(store.index) == 1 and store.index.evictions == 2
         assert store.held_bytes() == {"ram": 4096, "disk": disk.held}
+        # Everything that entered or left a tier, in order, for the node's KV events (kvstore/held.py).
+        from tandem.kvstore.held import HeldChunks
+
+        events = store.take_events()
+        assert ("+", k[0].hex(), "ram") in events and ("+", k[0].hex(), "disk") in events
+        assert ("-", k[0].hex(), "ram") in events and ("-", k[3].hex(), "disk") in events
+        held = HeldChunks()
+        held.apply(events)
+        assert [held.state(x) for x in k] == ["disk", "disk", "ram", ""] and store.take_events() == []
     finally:
         store.close()

@@ -42,7 +42,8 @@ class FakeEngine:
     prompts: list[list[int]] = field(default_factory=list)
 
     async def generate(self, rid, prompt, sampling, kv):
-        assert kv is None  # the profile never holds or fetches KV
+        # The profile never holds or fetches KV, nor leaves its random prompts in the node's KV store.
+        assert kv == {"tandem_no_store": True}
         self.prompts.append(prompt)
         self.clock.t += 0.02 + 1e-4 * len(prompt)
         for i in range(sampling.max_tokens):

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from tandem.kvstore.held import DISK, RAM, HeldChunks
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 
@@ -25,8 +26,10 @@ HEARTBEAT_S = 1.0
 
 class NodeMonitorServicer(pb_grpc.NodeMonitorServicer):
     def __init__(self, perf: NodePerf, node_id: str, engine_id: str,
-                 reset_cache: Callable[[bool], Awaitable[bool]] | None = None) -> None:
+                 reset_cache: Callable[[bool], Awaitable[bool]] | None = None,
+                 held: HeldChunks | None = None) -> None:
         self.perf = perf
+        self.held = held
         self.node_id = node_id
         self.engine_id = engine_id
         self.reset_cache = reset_cache
@@ -48,10 +51,14 @@ class NodeMonitorServicer(pb_grpc.NodeMonitorServicer):
     async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> None:
         closing = asyncio.ensure_future(self.closing.wait())
         changed: asyncio.Future[bool] | None = None
+        pos: int | None = None  # this stream's place in the KV store's changes
         try:
             while not self.closing.is_set():
                 changed = asyncio.ensure_future(self.perf.changed().wait())
-                await context.write(self.perf.load(self.node_id, self.engine_id))
+                msg = self.perf.load(self.node_id, self.engine_id)
+                if self.held is not None:
+                    pos = _held_into(msg, self.held, pos)
+                await context.write(msg)
                 done, _ = await asyncio.wait({changed, closing}, timeout=HEARTBEAT_S,
                                              return_when=asyncio.FIRST_COMPLETED)
                 changed.cancel()
@@ -63,9 +70,19 @@ class NodeMonitorServicer(pb_grpc.NodeMonitorServicer):
                 changed.cancel()
 
 
+def _held_into(msg: pb.NodeLoad, held: HeldChunks, pos: int | None) -> int:
+    whole, changes, pos = held.since(pos)
+    msg.kv_whole = whole
+    msg.kv_namespace, msg.kv_chunk_tokens = held.namespace, held.chunk_tokens
+    for key, state in changes.items():
+        (msg.kv_ram if state == RAM else msg.kv_disk if state == DISK else msg.kv_gone).append(key)
+    return pos
+
+
 def add_servicer(server: grpc.aio.Server, perf: NodePerf, node_id: str, engine_id: str,
-                 reset_cache: Callable[[bool], Awaitable[bool]] | None = None) -> NodeMonitorServicer:
-    servicer = NodeMonitorServicer(perf, node_id, engine_id, reset_cache)
+                 reset_cache: Callable[[bool], Awaitable[bool]] | None = None,
+                 held: HeldChunks | None = None) -> NodeMonitorServicer:
+    servicer = NodeMonitorServicer(perf, node_id, engine_id, reset_cache, held)
     pb_grpc.add_NodeMonitorServicer_to_server(servicer, server)
     return servicer
 

@@ -213,6 +213,10 @@ class NodePerf:
             self._changed = asyncio.Event()
         return self._changed
 
+    def notify(self) -> None:
+        """Wake the NodeMonitor streams: something they carry changed (the KV store's chunks)."""
+        self._touch()
+
     def _touch(self) -> None:
         if self._changed is not None:
             self._changed.set()

@@ -61,11 +61,21 @@ async def run_node(cfg: NodeConfig, service_name: str,
     # New with every start: handles minted by an earlier process on this address are refused.
     engine_id = f"{cfg.node_id}-{uuid.uuid4().hex[:8]}"
     engine = EngineHost(cfg, kv_bind, engine_id, kv_port_reserved=True)
+    held = None
+    if cfg.kvstore_ram_gib:  # the KV store's chunks, from its events (before the engine makes any)
+        from tandem.kvstore.held import HeldChunks
+        from tandem.kvtransfer.stats import STORE_EVENT_SINKS
+
+        held = HeldChunks()
+        STORE_EVENT_SINKS.append(held.apply)
     try:
         await asyncio.get_running_loop().run_in_executor(None, engine.start)
     finally:
         reservation.close()
     perf = NodePerf(step_tokens=cfg.max_num_batched_tokens)
+    if held is not None:
+        loop = asyncio.get_running_loop()
+        held.on_change = lambda: loop.call_soon_threadsafe(perf.notify)
     try:
         said = await seed_from_profile(
             perf, engine, mode=cfg.profile, cache_dir=Path(cfg.profile_cache), model_dir=cfg.model,
@@ -84,7 +94,7 @@ async def run_node(cfg: NodeConfig, service_name: str,
 
     def add_services(server: grpc.aio.Server) -> None:
         add_servicer(server, engine, perf)
-        watchers.append(monitor.add_servicer(server, perf, cfg.node_id, engine_id, engine.reset_cache))
+        watchers.append(monitor.add_servicer(server, perf, cfg.node_id, engine_id, engine.reset_cache, held))
 
     grpc_server = await start_grpc(cfg.host, cfg.grpc_port, service_name, add_services,
                                    more_services=(monitor.SERVICE_NAME,))

@@ -1,0 +1,58 @@
+"""Prefix-aware routing on a real cluster of 2 prefill nodes (each with a KV store) and 1 decode node:
+the store's events reach the coordinator, a prompt that shares a held prefix goes to the node that holds
+it (its cached tokens counted), and prompts without one still go by load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tandem.local.cluster import ClusterSpec, LocalCluster
+from tandem.proto import tandem_pb2 as pb
+from tandem.proto import tandem_pb2_grpc as pb_grpc
+
+from .helpers import metric, scrape, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    spec = ClusterSpec(model=str(tiny_model), num_prefill=2, num_decode=1, max_model_len=1024,
+                       log_dir=str(tmp_path_factory.mktemp("logs-routing")), kvstore_ram_gib=0.05)
+    with LocalCluster(spec) as c:
+        yield c
+
+
+def ids(n: int, salt: int) -> list[int]:
+    return [(11 + salt * 97 + i * 31) % 590 + 5 for i in range(n)]
+
+
+def test_a_held_prefix_draws_its_requests_and_other_prompts_go_by_load(cluster: LocalCluster, stub) -> None:
+    def prefill_node(prompt: list[int]) -> str:
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt),
+                                 sampling=pb.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        msgs = list(stub.Generate(req, timeout=120))
+        assert msgs[-1].finish.reason == "length"
+        return msgs[-1].finish.timings.prefill_node
+
+    def chunks() -> dict[str, int]:
+        st = stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=10)
+        return {n.node_id: n.kv_chunks_ram for n in st.nodes if n.role == "prefill"}
+
+    def cached() -> float:
+        return metric(scrape(cluster.http_url + "/metrics"), "tandem_routing_cached_tokens_total")
+
+    shared = ids(512, 1)  # two whole 256-token chunks
+    holder = prefill_node(shared + ids(60, 2))
+    wait_until(lambda: chunks().get(holder, 0) >= 2, 30, f"the coordinator to learn what {holder} holds")
+    other = next(n for n in chunks() if n != holder)
+    assert chunks()[other] == 0
+    before = cached()
+    for salt in range(3, 7):  # the same 512 tokens, then a new tail each time
+        assert prefill_node(shared + ids(40, salt)) == holder
+    assert cached() == before + 4 * 512
+    # Nothing held for these: the idle nodes are alike and the one that served less takes them.
+    assert {prefill_node(ids(300, salt)) for salt in range(20, 23)} == {other}
