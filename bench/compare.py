@@ -173,6 +173,18 @@ def _save(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
+def _memory_line(doc: dict[str, Any]) -> str:
+    mem = doc.get("memory") or {}
+    if not mem:
+        return ""
+    line = f"KV memory: each engine's cache {mem['kv_cache_gib']:g} GiB"
+    if mem["kvstore_ram_gib"]:
+        line += (f"; Tandem's nodes a KV store RAM tier of {mem['kvstore_ram_gib']:g} GiB each"
+                 f"{' over a disk tier' if mem['kvstore_disk'] else ''}; colocated vLLM's cache "
+                 f"{mem['colocated_kv_gib']:g} GiB (engine cache plus RAM tier)")
+    return line + (f". Working set: {doc['prefixes']} prefixes / conversations." if doc.get("prefixes") else ".")
+
+
 def write_report(out: Path, doc: dict[str, Any]) -> Path:
     import matplotlib
 
@@ -246,6 +258,7 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
              f"float32). Workload `{doc['workload']}`, {doc['duration_s']} s of arrivals per probe, "
              f"{doc['reps']} repetition(s) per rate, rates {doc['rates']} req/s.",
              f"SLO: TTFT {doc['slo']['ttft_s']:.3f} s, TPOT {doc['slo']['tpot_s']:.4f} s ({doc['slo']['how']}).",
+             _memory_line(doc),
              f"Client: {doc['client']}; its CPU use was at most {client_peak:.0%} of a core in any probe.",
              "Goodput here is the DistServe kind, read off the sweep: the highest swept rate at which the "
              "median attainment is at least 90%.", "",
@@ -352,6 +365,13 @@ def add_compare_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--workload", default="chat")
     ap.add_argument("--prefixes", type=int, default=None,
                     help="prefix-heavy: shared prefixes; multi-turn: conversations at once (the working set)")
+    ap.add_argument("--kv-cache-gib", type=float, default=2.0,
+                    help="each engine's own KV cache (fractions too: make it smaller than the working set)")
+    ap.add_argument("--kvstore-ram-gib", type=float, default=0.0,
+                    help="Tandem's nodes get a KV store RAM tier each (0: none); colocated vLLM's cache "
+                         "grows by as much (the same KV memory)")
+    ap.add_argument("--kvstore-disk", action="store_true",
+                    help="Tandem's nodes get a KV store disk tier each too (under --out, emptied before each system)")
     ap.add_argument("--rates", default="0.5,1,2", help="arrival rates to sweep, req/s")
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per probe")
     ap.add_argument("--reps", type=int, default=2, help="seeded repetitions per rate")
@@ -406,6 +426,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
             print("making the seeded bench model ...", flush=True)
             make_tiny_model(model, seed=0, spec=BENCH_SPEC)
     global PINNING
+    from . import systems
+
+    if args.kvstore_disk and not args.kvstore_ram_gib:
+        raise SystemExit("--kvstore-disk needs --kvstore-ram-gib (chunks on disk load through RAM)")
+    systems.MEMORY = systems.Memory(args.kv_cache_gib, args.kvstore_ram_gib,
+                                    str(out / "kvstore") if args.kvstore_disk else "")
     all_cores = sorted(os.sched_getaffinity(0))
     if args.client_cores == "auto":
         client = all_cores[-1:] if len(all_cores) >= 4 else []
@@ -475,7 +501,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
            "model_params_m": param_count(model) / 1e6, "workload": args.workload, "rates": args.rates,
            "duration_s": args.duration, "reps": args.reps, "slo": slo_doc, "systems": systems_doc,
            "failed": failed,
-           "overload": overload, "ttft_tiers": args.ttft_tiers,
+           "overload": overload, "ttft_tiers": args.ttft_tiers, "prefixes": args.prefixes,
+           "memory": {"kv_cache_gib": args.kv_cache_gib, "kvstore_ram_gib": args.kvstore_ram_gib,
+                      "kvstore_disk": bool(args.kvstore_disk), "colocated_kv_gib": systems.MEMORY.colocated_gib},
            "goodput_kind": "DistServe goodput from a rate sweep (highest swept rate with >= 90% attainment)"}
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     report = write_report(out, doc)

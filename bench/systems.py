@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +23,29 @@ from tandem.netutil import free_port
 from tandem.node.config import core_spec
 
 NIXL_FIXES = Path(__file__).with_name("nixl-fixes")
-KV_CACHE_GIB = "2"
+
+
+@dataclass
+class Memory:
+    """KV memory every system of a run gets (set once by `tandem bench compare`)."""
+
+    kv_cache_gib: float = 2.0  # each engine's own KV cache
+    kvstore_ram_gib: float = 0.0  # Tandem's nodes: a KV store RAM tier each (0: no store)
+    kvstore_root: str = ""  # Tandem's nodes: a disk tier each, under this directory ("": none)
+
+    @property
+    def colocated_gib(self) -> float:
+        """Colocated vLLM's cache: Tandem's engine cache plus its RAM tier (the same memory for KV)."""
+        return self.kv_cache_gib + self.kvstore_ram_gib
+
+    @staticmethod
+    def vllm_flags(gib: float) -> tuple[list[str], dict[str, str]]:
+        """vLLM server flags and env for a KV cache of ``gib`` (fractions too: VLLM_CPU_KVCACHE_SPACE,
+        whole GiB only, is emptied so it cannot override)."""
+        return ["--kv-cache-memory-bytes", str(int(gib * 2**30))], {"VLLM_CPU_KVCACHE_SPACE": ""}
+
+
+MEMORY = Memory()
 
 
 @dataclass
@@ -133,8 +156,9 @@ def _vllm_server(model: str, max_model_len: int, port: int, *extra: str) -> list
 
 def start_vllm_colocated(model: str, cores: list[int], max_model_len: int, log_dir: Path) -> System:
     port = free_port()
-    cmd = _vllm_server(model, max_model_len, port, "--enable-chunked-prefill")
-    env = {"VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB, "VLLM_CPU_OMP_THREADS_BIND": core_spec(cores)}
+    kv_flags, kv_env = Memory.vllm_flags(MEMORY.colocated_gib)
+    cmd = _vllm_server(model, max_model_len, port, "--enable-chunked-prefill", *kv_flags)
+    env = {**kv_env, "VLLM_CPU_OMP_THREADS_BIND": core_spec(cores)}
     procs = Processes()
     procs.spawn(cmd, env, log_dir / "vllm-colocated.log")
     url = f"http://127.0.0.1:{port}"
@@ -173,10 +197,11 @@ def nixl_servers(model: str, cores: list[int], max_model_len: int, fixed: bool
     for role, bind in (("producer", pre_cores), ("consumer", dec_cores)):
         port = free_port()
         kv = ('{"kv_connector":"NixlConnector","kv_role":"kv_%s","kv_buffer_device":"cpu"}' % role)
-        cmd = _vllm_server(model, max_model_len, port, "--kv-transfer-config", kv)
+        kv_flags, kv_env = Memory.vllm_flags(MEMORY.kv_cache_gib)
+        cmd = _vllm_server(model, max_model_len, port, "--kv-transfer-config", kv, *kv_flags)
         if fixed:  # the whole server on its cores, as Tandem pins its nodes (see tandem.cli.cmd_node)
             cmd = ["taskset", "-c", bind, *cmd]
-        env = {"VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB, "VLLM_CPU_OMP_THREADS_BIND": bind,
+        env = {**kv_env, "VLLM_CPU_OMP_THREADS_BIND": bind,
                "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())}
         if fixed:  # the UCX transports Tandem uses; as shipped, UCX picks its own
             env["UCX_TLS"] = DEFAULT_CPU_UCX_TLS
@@ -231,9 +256,14 @@ TANDEM_VARIANTS: dict[str, tuple[list[str], list[str]]] = {
 
 def start_tandem(model: str, num_prefill: int, num_decode: int, max_model_len: int, log_dir: Path,
                  cores: list[int], variant: str = "") -> System:
+    store_dir = Path(MEMORY.kvstore_root) / f"{num_prefill}p{num_decode}d{variant}" if MEMORY.kvstore_root else None
+    if store_dir is not None:
+        shutil.rmtree(store_dir, ignore_errors=True)  # every system starts cold: nothing from a run before
     spec = ClusterSpec(model=model, num_prefill=num_prefill, num_decode=num_decode, max_model_len=max_model_len,
-                       kv_cache_gib=int(KV_CACHE_GIB), cores=core_plan(num_prefill, num_decode, cores),
+                       kv_cache_gib=MEMORY.kv_cache_gib, cores=core_plan(num_prefill, num_decode, cores),
                        log_dir=str(log_dir / f"tandem-{num_prefill}p{num_decode}d{variant}"),
+                       kvstore_ram_gib=MEMORY.kvstore_ram_gib,
+                       kvstore_root=str(store_dir or ""),
                        extra_coordinator_args=TANDEM_VARIANTS[variant][0],
                        extra_node_args=TANDEM_VARIANTS[variant][1])
     cluster = LocalCluster(spec).start()
