@@ -39,10 +39,10 @@ class Memory:
         return self.kv_cache_gib + self.kvstore_ram_gib
 
     @staticmethod
-    def vllm_flags(gib: float) -> tuple[list[str], dict[str, str]]:
+    def vllm_flags(gib: float) -> tuple[list[str], dict[str, str | None]]:
         """vLLM server flags and env for a KV cache of ``gib`` (fractions too: VLLM_CPU_KVCACHE_SPACE,
-        whole GiB only, is emptied so it cannot override)."""
-        return ["--kv-cache-memory-bytes", str(int(gib * 2**30))], {"VLLM_CPU_KVCACHE_SPACE": ""}
+        whole GiB only, is unset (None) so it cannot override)."""
+        return ["--kv-cache-memory-bytes", str(int(gib * 2**30))], {"VLLM_CPU_KVCACHE_SPACE": None}
 
 
 MEMORY = Memory()
@@ -116,10 +116,12 @@ class Processes:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[Path] = []
 
-    def spawn(self, cmd: list[str], env: dict[str, str], log: Path) -> None:
+    def spawn(self, cmd: list[str], env: dict[str, str | None], log: Path) -> None:
+        """``env`` over this process's environment; a None value unsets that variable."""
+        full = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
         with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
             self.procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                               env={**os.environ, **env}, start_new_session=True))
+                                               env=full, start_new_session=True))
         self.logs.append(log)
 
     def wait(self, url: str) -> None:
@@ -143,9 +145,11 @@ class Processes:
                 p.wait()
 
 
-def _shown(env: dict[str, str], cmd: list[str]) -> list[str]:
+def _shown(env: dict[str, str | None], cmd: list[str]) -> list[str]:
     """A command line as a user would type it: its env vars, then the command, ``python`` for the interpreter."""
-    return [f"{k}={v}" for k, v in env.items()] + ["python" if c == sys.executable else c for c in cmd]
+    unset = [w for k, v in env.items() if v is None for w in ("-u", k)]
+    return ((["env", *unset] if unset else []) + [f"{k}={v}" for k, v in env.items() if v is not None]
+            + ["python" if c == sys.executable else c for c in cmd])
 
 
 def _vllm_server(model: str, max_model_len: int, port: int, *extra: str) -> list[str]:

@@ -104,6 +104,7 @@ class Plan:
     ttft_factor: float = 1.0  # the calibration factors in ttft_s / tpot_s (their model-only values:
     tpot_factor: float = 1.0  # divided by these, less waited_s; what the nodes learn from)
     waited_s: float = 0.0  # of ttft_s, the time a batch request waited in the batch queue (traffic.py)
+    prefill_held: int = 0  # prompt tokens the prefill node's KV store holds (loaded there, not computed)
 
 
 def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None = None,
@@ -120,6 +121,7 @@ def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None =
     f = node.factor("ttft")
     held, on_disk = cached
     held = min(held, tokens - 1)  # the last prompt token is always computed
+    on_disk = min(on_disk, held)
     idle_s = _prefill_after(model, tokens, held) + (held - on_disk) * LOAD_S_PER_TOKEN["ram"] \
         + on_disk * LOAD_S_PER_TOKEN["disk"]
     run_s = idle_s * f
@@ -289,7 +291,7 @@ def _best(estimates: list[Estimate]) -> Estimate:
 
         def alike(e: Estimate) -> bool:
             assert e.seconds is not None
-            if e.cached_tokens != best.cached_tokens:
+            if e.cached_tokens[0] != best.cached_tokens[0]:
                 return False  # a prefix held in one node's KV store is a real difference, not fit noise
             if e.seconds <= max(low * (1 + TIE_REL), low + TIE_ABS_S):
                 return True
@@ -402,6 +404,8 @@ class Admission:
             return plan
         if chosen.ttft is not None and chosen.ttft.seconds is not None:
             plan.queued_s = chosen.ttft.queue_s
+        if not chosen.local and p is not None:
+            plan.prefill_held = min(p.cached_tokens[0], prompt_tokens - 1)
         if count and not chosen.local and p is not None and p.cached_tokens[0]:
             m.PREFIX_TOKENS.labels("ram").inc(p.cached_tokens[0] - p.cached_tokens[1])
             if p.cached_tokens[1]:
@@ -445,7 +449,7 @@ class Admission:
         out = {}
         for n in nodes:
             ix = n.chunks
-            if not ix.held:
+            if not ix.held or n.fresh_load() is None:  # a stream gone quiet: its picture may be stale
                 continue
             space = (ix.namespace, ix.chunk_tokens)
             if space not in keys:

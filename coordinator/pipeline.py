@@ -414,8 +414,13 @@ class Pipeline:
                 node = first
             else:
                 node = await self.router.acquire("prefill", avoid)
+            # Its prefill's work there: less the prefix the node's KV store holds (what admission
+            # credited it with), so the requests queued behind it are predicted right.
+            plan = req.plan
+            held = plan.prefill_held if plan is not None and node is plan.prefill and leg == 0 else 0
+            work = max(1, len(context) - held)
             # A migrated leg: its client is mid-stream, it goes first.
-            turn = order.entry(node, req.request_id, len(context), req.received, ttft_s, urgent=leg > 0)
+            turn = order.entry(node, req.request_id, work, req.received, ttft_s, urgent=leg > 0)
 
             def orphaned(resp: pb.PrefillResponse, node: NodeClient = node) -> None:
                 # Answered, but the request was cancelled meanwhile: nobody will fetch its blocks.
@@ -424,7 +429,7 @@ class Pipeline:
 
             call = None
             try:
-                with self.router.track(node, len(context)):
+                with self.router.track(node, work):
                     async with order.turn(node, turn, req.deadline):
                         call = node.stub.Prefill(  # type: ignore[attr-defined]
                             pb.PrefillRequest(request_id=f"{req.request_id}-p{leg}.{attempt}",

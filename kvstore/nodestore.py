@@ -60,6 +60,13 @@ class NodeStore:
         with self._events_lock:
             self._events.append((op, key.hex(), tier))
 
+    def pending(self) -> bool:
+        """Disk work queued or events not yet taken (vLLM keeps stepping until they are out)."""
+        with self._events_lock:
+            if self._events:
+                return True
+        return bool(self._tasks.unfinished_tasks)
+
     def take_events(self) -> list[tuple[str, str, str]]:
         """What entered or left a tier since the last call (kvstore/held.py)."""
         with self._events_lock:
@@ -183,11 +190,11 @@ class NodeStore:
             if data is not None:
                 self.arena.write(task.slot, data)
         finally:
-            with self._lock:
+            with self._lock:  # the event too: an eviction right after must be noted after it
                 self._promoting.discard(task.key)
                 self.index.fill_done(task.key, ok=data is not None)
-            if data is not None:
-                self._note("+", task.key, "ram")
+                if data is not None:
+                    self._note("+", task.key, "ram")
         COUNTS.add("hits.disk" if data is not None else "misses.disk")
 
     def _write_one(self, task: _Task) -> None:

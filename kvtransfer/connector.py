@@ -179,7 +179,10 @@ class TandemConnector(KVConnectorBase_V1):
     def has_pending_push_work(self) -> bool:
         # Keep vLLM stepping while the worker copies a finished request's prompt into the store:
         # its chunks become ready for lookups only when a step brings the news back.
-        return self._sched is not None and self._sched.store is not None and self._sched.store.saving
+        # Also while its disk work or its events (KV events, for routing) are pending: they travel only
+        # with a step's stats.
+        store = self._sched.store if self._sched is not None else None
+        return store is not None and (store.saving or store.store.pending())
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         assert self._sched is not None

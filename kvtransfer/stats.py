@@ -7,12 +7,15 @@ so the metrics appear on the node's /metrics beside vLLM's.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
+
+logger = logging.getLogger(__name__)
 
 # Called in the node's process with each batch of the KV store's events (kvstore/held.py): the
 # node's daemon registers its HeldChunks.apply here.
@@ -142,7 +145,10 @@ class TandemPromMetrics(KVConnectorPromMetrics):
     def _observe_store(self, data: dict[str, Any], values: list[object]) -> None:
         if data.get("store_events"):
             for sink in STORE_EVENT_SINKS:
-                sink(data["store_events"])
+                try:
+                    sink(data["store_events"])
+                except Exception:  # never into vLLM's output handling (it would fail every request)
+                    logger.exception("KV store events: a sink failed")
         for name, n in (data.get("store") or {}).items():
             kind, _, rest = name.partition(".")
             if kind == "hits" and rest in ("ram", "disk"):

@@ -348,7 +348,8 @@ def test_prefix_routing_sends_a_prompt_where_its_prefix_is_held_unless_that_queu
         r = cluster({"p0": held(0), "p1": held(3, 1), "d0": pb.NodeLoad(fits=fits())})
         assert r._nodes["p1"].chunks.cached_tokens(keys) == (1024, 256)
         plan = Admission(r, local=False).plan("r", len(prompt), 16, Slo(), prompt_ids=prompt)
-        assert plan.prefill.node_id == "p1"
+        # ... and says how much of the prompt is held there: its prefill queues as that much less work.
+        assert plan.prefill.node_id == "p1" and plan.prefill_held == 1023
         # 1023 tokens loaded (the last one computed): 0.01 + 0.0005 x 1 + 767 x 6 us + 256 x 42 us.
         assert plan.ttft_s == pytest.approx(0.01 + 0.0005 + 767 * 6e-6 + 256 * 4.2e-5)
         # Without the credit the two idle nodes are alike: the load decides, not the cache.
