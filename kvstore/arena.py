@@ -46,7 +46,7 @@ class Arena:
                 try:
                     os.posix_fallocate(fd, 0, size)  # the RAM now, or a clear error (not SIGBUS later)
                 except OSError as exc:
-                    if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+                    if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
                         raise RuntimeError(
                             f"KV store: no room for a {size / 2**30:.2f} GiB RAM tier in {self.path.parent} "
                             f"(free: {_free_bytes(self.path.parent) / 2**30:.2f} GiB); lower --kvstore-ram-gib "

@@ -285,3 +285,21 @@ def test_node_store_promotes_from_disk_saves_through_to_disk_and_drops_under_pre
         assert [held.state(x) for x in k] == ["disk", "disk", "ram", ""] and store.take_events() == []
     finally:
         store.close()
+
+
+def test_a_disk_tier_directory_serves_one_node_at_a_time(tmp_path: Path) -> None:
+    from tandem.kvstore.arena import lock_dir
+
+    fd = lock_dir(tmp_path / "d")
+    with pytest.raises(RuntimeError, match="in use by another node"):
+        lock_dir(tmp_path / "d")
+    os.close(fd)  # the first node exits: its lock goes with it
+    os.close(lock_dir(tmp_path / "d"))
+
+
+def test_a_ram_tier_with_no_room_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
+    from tandem.kvstore.arena import Arena
+
+    with pytest.raises(RuntimeError, match="no room for a .* GiB RAM tier"):
+        Arena(tmp_path / "huge", 1 << 20, 1 << 30, create=True)  # a pebibyte
+    assert not (tmp_path / "huge").exists()
