@@ -173,6 +173,19 @@ def _save(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
+def bench_model(model: str, out: Path) -> str:
+    """``model``, or the seeded bench model under ``out`` (made once)."""
+    from tandem.local.model import BENCH_SPEC, make_tiny_model
+
+    if model:
+        return model
+    path = out / "model-bench-seed0"
+    if not Path(path, "tandem_model.json").exists():
+        print("making the seeded bench model ...", flush=True)
+        make_tiny_model(str(path), seed=0, spec=BENCH_SPEC)
+    return str(path)
+
+
 def _memory_line(doc: dict[str, Any]) -> str:
     mem = doc.get("memory") or {}
     if not mem:
@@ -407,7 +420,7 @@ def add_compare_args(ap: argparse.ArgumentParser) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     import platform
 
-    from tandem.local.model import BENCH_SPEC, make_tiny_model, param_count
+    from tandem.local.model import param_count
 
     args.rates = [float(r) for r in str(args.rates).split(",")]
     args.ttft_tiers = [float(k) for k in str(args.ttft_tiers).split(",") if k.strip()]
@@ -419,12 +432,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         check_nixl()  # before any measurement, not after the first systems ran
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = args.model
-    if not model:
-        model = str(out / "model-bench-seed0")
-        if not Path(model, "tandem_model.json").exists():
-            print("making the seeded bench model ...", flush=True)
-            make_tiny_model(model, seed=0, spec=BENCH_SPEC)
+    model = bench_model(args.model, out)
     global PINNING
     from . import systems
 

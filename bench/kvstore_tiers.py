@@ -68,20 +68,15 @@ def cmd_kvstore(args: argparse.Namespace) -> int:
     import grpc
 
     from tandem.local.cluster import ClusterSpec, LocalCluster, core_plan
-    from tandem.local.model import BENCH_SPEC, make_tiny_model, param_count
+    from tandem.local.model import param_count
     from tandem.proto import tandem_pb2 as pb
     from tandem.proto import tandem_pb2_grpc as pb_grpc
 
-    from .compare import _save
+    from .compare import _save, bench_model
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = args.model
-    if not model:
-        model = str(out / "model-bench-seed0")
-        if not Path(model, "tandem_model.json").exists():
-            print("making the seeded bench model ...", flush=True)
-            make_tiny_model(model, seed=0, spec=BENCH_SPEC)
+    model = bench_model(args.model, out)
     if args.prefix_tokens + args.suffix_tokens + 8 > args.max_model_len:
         raise SystemExit("--prefix-tokens + --suffix-tokens must fit in --max-model-len")
     store_dir = out / "kvstore-disk"
