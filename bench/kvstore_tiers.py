@@ -72,7 +72,8 @@ def cmd_kvstore(args: argparse.Namespace) -> int:
     from tandem.proto import tandem_pb2 as pb
     from tandem.proto import tandem_pb2_grpc as pb_grpc
 
-    from .compare import _save, bench_model
+    from .compare import bench_model
+    from .compare_report import save_plot
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,7 +141,7 @@ def cmd_kvstore(args: argparse.Namespace) -> int:
     ax.set_ylabel("TTFT, median (bar) to p90 (ms)")
     ax.set_title(f"{args.prefix_tokens}-token prefix + {args.suffix_tokens} new tokens; red: goal")
     ax.grid(True, axis="y", alpha=0.3)
-    _save(fig, out / "ttft_by_tier.png")
+    save_plot(fig, out / "ttft_by_tier.png")
     lines = ["# tandem bench kvstore", "",
              f"Machine: {doc['machine']}. Model `{model}` ({doc['model_params_m']:.1f} M parameters, float32). "
              f"{args.prompts} prompts x {args.rounds} rounds, each a {args.prefix_tokens}-token prefix and "

@@ -31,10 +31,11 @@ import time
 from dataclasses import dataclass
 
 from tandem.errors import InvalidRequest, Rejected
-from tandem.perfmodel import ModelView, kv_bytes_per_token
+from tandem.perfmodel import kv_bytes_per_token
 
 from . import metrics as m
 from .prefillq import PrefillOrder
+from .prefix import ROUTINGS, held_prefixes, load_s, prefill_after_load
 from .router import NodeClient, Router
 
 logger = logging.getLogger(__name__)
@@ -45,12 +46,6 @@ DEFAULT_STEP_TOKENS = 256  # a decode node's per-step budget when its load does 
 MIN_OTHERS_TOKENS = 16  # the fewest tokens a running stream is assumed to have left
 LOCAL_GAIN = 0.2  # prefill on the decode node when that starts this much sooner (and both meet the SLO)
 MAX_PREFILL_BUSY = 0.8  # the most of a decode node's time its local prefills are taken to hold
-ROUTINGS = ("prefix", "least-loaded", "random")
-# A prompt token loaded from a KV store instead of computed: its copy into the engine's blocks (and from
-# disk, its read, check and promotion first). Measured with `tandem bench kvstore` (2 cores, fp32,
-# 16 KiB of KV per token): a RAM hit about 6 ms per 1K tokens over the engine's own cache, a disk
-# hit about 37 ms more.
-LOAD_S_PER_TOKEN = {"ram": 6e-6, "disk": 4.2e-5}
 
 
 @dataclass(frozen=True)
@@ -122,11 +117,10 @@ def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None =
     held, on_disk = cached
     held = min(held, tokens - 1)  # the last prompt token is always computed
     on_disk = min(on_disk, held)
-    idle_s = _prefill_after(model, tokens, held) + (held - on_disk) * LOAD_S_PER_TOKEN["ram"] \
-        + on_disk * LOAD_S_PER_TOKEN["disk"]
+    idle_s = prefill_after_load(model, tokens, held) + load_s(held, on_disk)
     run_s = idle_s * f
     hit = f", {held} tokens held there ({on_disk} on disk)" if held > 0 else ""
-    where = order.predict(node, tokens - max(held, 0), arrival, ttft_s) if order is not None else None
+    where = order.predict(node, tokens - held, arrival, ttft_s) if order is not None else None
     if where is not None:
         wait_s = where.wait_s * f
         return Estimate(node, wait_s + run_s, idle_s, queue_s=wait_s, pushes=where.pushes, factor=f,
@@ -138,14 +132,6 @@ def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None =
     return Estimate(node, queue_s + run_s, idle_s, queue_s=queue_s, factor=f, cached_tokens=cached, detail=
                     f"{node.node_id}: queue {len(queue)} prompts {queue_s * 1000:.0f} ms + prefill "
                     f"{run_s * 1000:.0f} ms{_calibrated(f)}{hit}")
-
-
-def _prefill_after(model: ModelView, tokens: int, held: int) -> float:
-    """A prefill of ``tokens`` whose first ``held`` are loaded, by the fit const + a·n + b·n²: the
-    new tokens' linear part and their attention over the whole prompt (n² - held²), once the const."""
-    if held <= 0:
-        return model.prefill_s(tokens)
-    return model.prefill_s(tokens) - model.prefill_s(held) + model.prefill_s(0)
 
 
 def _calibrated(f: float) -> str:
@@ -376,7 +362,7 @@ class Admission:
         arrival = time.perf_counter() if arrival is None else arrival
         decoders = self.router.routable_nodes("decode")
         prefills = self.router.routable_nodes("prefill")
-        held = self._held(prefills, prompt_ids) if self.routing == "prefix" and prompt_ids else {}
+        held = held_prefixes(prefills, prompt_ids) if self.routing == "prefix" and prompt_ids else {}
         pre = [prefill_estimate(n, prompt_tokens, self.order, arrival, slo.ttft_s, held.get(n.node_id, (0, 0)))
                for n in prefills]
         # A node where it would push queued requests past their objective only when every node would.
@@ -440,22 +426,6 @@ class Admission:
         if count:
             logger.info("request %s: %s", rid, msg)
         raise Rejected(msg, plan.ttft_s, plan.tpot_s, retry)
-
-    @staticmethod
-    def _held(nodes: list[NodeClient], prompt_ids: list[int]) -> dict[str, tuple[int, int]]:
-        """Per node: (prompt tokens its KV store holds from the start, of them on disk only). Nodes of
-        one model and KV layout share a key space: the keys are computed once per key space."""
-        keys: dict[tuple[bytes, int], list[bytes]] = {}
-        out = {}
-        for n in nodes:
-            ix = n.chunks
-            if not ix.held or n.fresh_load() is None:  # a stream gone quiet: its picture may be stale
-                continue
-            space = (ix.namespace, ix.chunk_tokens)
-            if space not in keys:
-                keys[space] = ix.keys_for(prompt_ids)
-            out[n.node_id] = ix.cached_tokens(keys[space])
-        return out
 
     def _local(self, decoders: list[NodeClient], prompt_tokens: int, max_tokens: int, slo: Slo) -> _Option | None:
         """The best decode node to prefill this request itself, among those where that does not

@@ -48,7 +48,7 @@ class CoordinatorConfig:
     conditional_disagg: str = "on"  # a decode node may prefill a request itself when that is predicted faster
     prefill_order: str = "slack"  # where the prefill queue lives and its order (prefillq.py)
     prefill_depth: int = 1  # with slack: requests each prefill node runs at a time
-    routing: str = "prefix"  # how a prefill node is picked (admission.py ROUTINGS)
+    routing: str = "prefix"  # how a prefill node is picked (prefix.py ROUTINGS)
     slo_ttft_ms: float = 0.0  # cluster default SLOs for requests that set none; 0: none
     slo_tpot_ms: float = 0.0
     tenant_quota: str = ""  # TENANT=TOKENS_PER_S,...
@@ -69,7 +69,7 @@ class CoordinatorConfig:
             raise ValueError(f"--admission must be on or off, got {self.admission!r}")
         if self.prefill_order not in ORDERS:
             raise ValueError(f"--prefill-order must be one of {', '.join(ORDERS)}, got {self.prefill_order!r}")
-        from .admission import ROUTINGS
+        from .prefix import ROUTINGS
 
         if self.routing not in ROUTINGS:
             raise ValueError(f"--routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")

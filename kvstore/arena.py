@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .tiers import COUNTS
+
 
 class Arena:
     """``num_slots`` slots of ``slot_bytes`` in a shared file, mapped into this process."""
@@ -164,6 +166,7 @@ class SlotIndex:
                 return None
             slot = self._entries.pop(victim).slot
             self.evictions += 1
+            COUNTS.add("evictions.ram")
             if self.on_drop is not None:
                 self.on_drop(victim)
         self._entries[key] = _Entry(slot, ready=False, pins=1)

@@ -50,7 +50,6 @@ class NodeStore:
             disk.on_change = lambda op, k: self._note(op, k, "disk")
         self._tasks: queue.Queue[_Task | None] = queue.Queue(maxsize=queue_chunks)
         self._promoting: set[bytes] = set()
-        self._last_evictions = 0
         self._io: threading.Thread | None = None
         if disk is not None:
             self._io = threading.Thread(target=self._run, name="kvstore-io", daemon=True)
@@ -224,8 +223,6 @@ class NodeStore:
     def held_bytes(self) -> dict[str, int]:
         with self._lock:
             ram = self.index.num_ready() * self.slot_bytes
-            ev, self._last_evictions = self.index.evictions - self._last_evictions, self.index.evictions
-        COUNTS.add("evictions.ram", ev)
         return {"ram": ram, "disk": self.disk.held if self.disk is not None else 0}
 
     def flush(self, timeout_s: float = 30.0) -> None:

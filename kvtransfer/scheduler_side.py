@@ -109,19 +109,17 @@ class SchedulerSide:
         producer's hold, a store save, or both), and the params to put in its output."""
         from vllm.v1.request import RequestStatus
 
-        delay, params = self._finished(request, block_ids)
+        ended_early = request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED)
+        delay, params = self._finished(request, block_ids, ended_early)
         if self.store is not None:
-            ended_early = request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED,
-                                                 RequestStatus.FINISHED_STOPPED)
             job = self.store.on_finished(request, block_ids, ended_early)
             if job is not None:
                 self._meta.store_saves.append(job)
                 delay = True
         return delay, params
 
-    def _finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        from vllm.v1.request import RequestStatus
-
+    def _finished(self, request: Request, block_ids: list[int], ended_early: bool
+                  ) -> tuple[bool, dict[str, Any] | None]:
         p = request.kv_transfer_params
         if not p:
             return False, None
@@ -133,7 +131,6 @@ class SchedulerSide:
             except ValueError as exc:  # never raise inside vLLM's scheduler
                 logger.error("request %s: %s; nothing to release", request.request_id, exc)
             return False, None
-        ended_early = request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED)
         if p.get("tandem") == CONSUME:
             if ended_early:
                 # Its load may still be in flight: stop it now. vLLM keeps the blocks it fills

@@ -87,8 +87,7 @@ class StoreConfig:
             raise ValueError(f"--kvstore-ram-gib holds not even one chunk ({slot_bytes / 2**20:.1f} MiB: "
                              f"{chunk_blocks} blocks of {layers} layers)")
         layout = {"layers": layers, "block_size": spec.block_size, "page_bytes": spec.page_size_bytes,
-                  "kv_heads": getattr(spec, "num_kv_heads", None), "head_size": getattr(spec, "head_size", None),
-                  "dtype": str(getattr(spec, "dtype", ""))}
+                  "kv_heads": spec.num_kv_heads, "head_size": spec.head_size, "dtype": str(spec.dtype)}
         return cls(arena_path=str(extra["kvstore_arena"]), num_slots=ram // slot_bytes, slot_bytes=slot_bytes,
                    chunk_blocks=chunk_blocks,
                    namespace=namespace(str(extra["kvstore_model_id"]), layout, spec.block_size * chunk_blocks),
@@ -158,6 +157,9 @@ class StoreScheduler:
         self._reqs: dict[str, _Req] = {}
         self._loading: dict[str, list[bytes]] = {}
         self._saving: dict[str, list[bytes]] = {}
+        self._counted: dict[str, int] = {}  # the store's counts at the last stats()
+        self._held: dict[str, int] | None = None  # its bytes held per tier at the last stats()
+        self._named = False  # the key space sent (the first stats())
 
     def _keys(self, request: Request) -> list[bytes]:
         salt = (request.cache_salt or "").encode()
@@ -273,16 +275,15 @@ class StoreScheduler:
         """Counts since the last call and bytes held now (None when nothing changed)."""
         held = self.store.held_bytes()
         counts = COUNTS.snapshot()
-        last = getattr(self, "_last", {})
-        delta = {k: v - last.get(k, 0) for k, v in counts.items() if v != last.get(k, 0)}
-        self._last = counts
+        delta = {k: v - self._counted.get(k, 0) for k, v in counts.items() if v != self._counted.get(k, 0)}
+        self._counted = counts
         events = self.store.take_events()
-        if not getattr(self, "_named", False):  # the key space, once, before any key
+        if not self._named:  # the key space, once, before any key
             events.insert(0, ("ns", self.ns.hex(), str(self.chunk_tokens)))
             self._named = True
-        if not delta and not events and held == getattr(self, "_last_held", None):
+        if not delta and not events and held == self._held:
             return None
-        self._last_held = held
+        self._held = held
         return {"counts": delta, "held": held, "events": events}
 
 
@@ -291,6 +292,10 @@ class _Copied:
     loads: set[str] = field(default_factory=set)
     failed: set[str] = field(default_factory=set)
     saves: dict[str, bool] = field(default_factory=dict)
+
+
+@dataclass
+class _CopyStats:
     load_seconds: list[float] = field(default_factory=list)
     load_bytes: int = 0
     save_seconds: list[float] = field(default_factory=list)
@@ -313,6 +318,7 @@ class StoreCopier:
         self.block_bytes = layout.num_layers * layout.block_numel * itemsize
         self._jobs: queue.Queue[tuple[str, StoreJob] | None] = queue.Queue()
         self._done = _Copied()
+        self._stats = _CopyStats()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="kvstore-copier", daemon=True)
         self._thread.start()
@@ -321,9 +327,16 @@ class StoreCopier:
         self._jobs.put((kind, job))
 
     def take(self) -> _Copied:
+        """The loads and saves that ended since the last call."""
         with self._lock:
             done, self._done = self._done, _Copied()
         return done
+
+    def take_stats(self) -> _CopyStats:
+        """Copy times and bytes since the last call (read with the connector's stats, not each step)."""
+        with self._lock:
+            stats, self._stats = self._stats, _CopyStats()
+        return stats
 
     def _run(self) -> None:
         while True:
@@ -344,11 +357,11 @@ class StoreCopier:
                     # A failed copy is a bug, not a bad chunk (those never reach RAM); it is a failed
                     # load all the same, which vLLM's kv_load_failure_policy handles.
                     (self._done.loads if ok else self._done.failed).add(job.req_id)
-                    self._done.load_seconds.append(secs)
-                    self._done.load_bytes += job.num_blocks * self.block_bytes if ok else 0
+                    self._stats.load_seconds.append(secs)
+                    self._stats.load_bytes += job.num_blocks * self.block_bytes if ok else 0
                 else:
                     self._done.saves[job.req_id] = ok
-                    self._done.save_seconds.append(secs)
+                    self._stats.save_seconds.append(secs)
 
     def _copy(self, kind: str, job: StoreJob) -> None:
         views = self.kv.views

@@ -60,9 +60,6 @@ class WorkerSide:
         self._saving: set[str] = set()  # a store save in flight
         self._saves_ended: dict[str, bool] = {}  # for the scheduler half, next step
         self._store_failed: set[str] = set()
-        self._store_secs: list[float] = []
-        self._store_save_secs: list[float] = []
-        self._store_bytes = 0
         if store is not None:
             from tandem.kvstore.arena import Arena
 
@@ -121,9 +118,6 @@ class WorkerSide:
             failed |= done.failed
             saved = done.saves
             self._saves_ended.update(saved)
-            self._store_secs += done.load_seconds
-            self._store_save_secs += done.save_seconds
-            self._store_bytes += done.load_bytes
         return self._sent(freed, set(saved)), recvd, failed
 
     def _sent(self, freed: set[str], saved: set[str]) -> set[str]:
@@ -159,10 +153,11 @@ class WorkerSide:
             data["fetch_seconds"] = s.fetch_seconds
             data["fetch_failures"] = s.failures
             data["fetch_aborts"] = s.aborts
-        if self._store_secs or self._store_save_secs:
-            data["store_load_seconds"], self._store_secs = self._store_secs, []
-            data["store_save_seconds"], self._store_save_secs = self._store_save_secs, []
-            data["store_load_bytes"], self._store_bytes = self._store_bytes, 0
+        if self.copier is not None:
+            c = self.copier.take_stats()
+            if c.load_seconds or c.save_seconds:
+                data["store_load_seconds"], data["store_save_seconds"] = c.load_seconds, c.save_seconds
+                data["store_load_bytes"] = c.load_bytes
         stats = TandemKVStats(data=data)
         return None if stats.is_empty() else stats
 

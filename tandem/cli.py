@@ -136,7 +136,7 @@ def cmd_kvstore_stats(args: argparse.Namespace) -> int:
     chunks, held = len(disk), disk.held
     print(f"{args.dir}: {chunks} chunks, {held / 2**20:.1f} MiB")
     if args.verify:
-        bad = sum(disk.get(k) is None for k in list(disk._index))
+        bad = sum(disk.get(k) is None for k in disk.keys())
         print(f"verified {chunks} chunks: {bad} failed their check and were removed")
     return 0
 
