@@ -1,8 +1,9 @@
 """`tandem bench kvstore`: TTFT of the same requests when their long prefix is recomputed, found in
 the engine's own prefix cache, loaded from the KV store's RAM tier, and loaded from its disk tier.
 
-One 1:1 Tandem cluster on this machine's cores, the KV store on (RAM and disk), admission off (this
-measures latency, not policy). The same prompts, one at a time, in phases:
+One 1:1 Tandem cluster on this machine's cores, the KV store on (RAM and disk), admission and
+conditional disaggregation off (this measures the prefill node's tiers, not policy). The same
+prompts, one at a time, in phases:
 
   recompute   first sight: the prefill node computes every token (and saves the whole chunks)
   engine      again at once: the engine's own prefix cache has them (the reference)
@@ -83,7 +84,10 @@ def cmd_kvstore(args: argparse.Namespace) -> int:
     store_dir = out / "kvstore-disk"
     spec = ClusterSpec(model=model, num_prefill=1, num_decode=1, max_model_len=args.max_model_len,
                        cores=core_plan(1, 1), log_dir=str(out / "logs"), kvstore_ram_gib=args.ram_gib,
-                       kvstore_root=str(store_dir), extra_coordinator_args=["--admission", "off"])
+                       kvstore_root=str(store_dir),
+                       # Every prefill on the prefill node, whose caches the phases empty: a prefill the
+                       # coordinator moves to the decode node (conditional disaggregation) measures nothing here.
+                       extra_coordinator_args=["--admission", "off", "--conditional-disagg", "off"])
     print(f"starting a 1:1 cluster with the KV store on (logs in {out / 'logs'}) ...", flush=True)
     rng = random.Random(f"kvstore-bench:{args.seed}")
     rows: list[dict[str, Any]] = []
@@ -145,7 +149,8 @@ def cmd_kvstore(args: argparse.Namespace) -> int:
     lines = ["# tandem bench kvstore", "",
              f"Machine: {doc['machine']}. Model `{model}` ({doc['model_params_m']:.1f} M parameters, float32). "
              f"{args.prompts} prompts x {args.rounds} rounds, each a {args.prefix_tokens}-token prefix and "
-             f"{args.suffix_tokens} more tokens; one request at a time through the coordinator (admission off), "
+             f"{args.suffix_tokens} more tokens; one request at a time through the coordinator (admission "
+             "and conditional disaggregation off), "
              f"a 1:1 cluster, KV store RAM tier {args.ram_gib} GiB over a disk tier.", "",
              "| where the prefix came from | TTFT median | p90 | vs recompute | goal |", "|---|---:|---:|---:|---:|"]
     for p in PHASES:
