@@ -4,7 +4,8 @@ Producer (prefill engine): a request marked ``produce`` that finishes normally
 keeps its blocks (delayed free) and returns a transfer handle in its output.
 Consumer (decode engine): a request carrying a ``consume`` handle reports the
 handle's prompt tokens as external and loaded asynchronously; the blocks they
-land in are sent to the worker half as a load job.
+land in are sent to the worker half as a load job; with the node's KV store on,
+the chunks it has ready in RAM are copied from there and only the rest is pulled.
 Any other request, with the node's KV store on: its stored prefix is loaded
 from the store, and its prompt saved there when it finishes (store_side.py).
 """
@@ -94,6 +95,15 @@ class SchedulerSide:
                          len(handle.block_ids))
             self._meta.failures.append(request.request_id)
             self._meta.releases.append(handle)
+            return
+        if self.store is not None:
+            # The chunks this node's own store has ready come from there; the transfer brings the rest.
+            job = self.store.load_beside(request, local_ids, first * self.block_size, handle.num_tokens)
+            if job is not None:
+                self._meta.store_loads.append(job)
+                first += job.num_blocks
+        if first >= last:
+            self._meta.releases.append(handle)  # all of it was here
             return
         self._meta.loads.append(LoadJob(request.request_id, handle, remote_block_ids=handle.block_ids[first:last],
                                         local_block_ids=list(local_ids[first:last])))

@@ -205,27 +205,54 @@ class StoreScheduler:
         COUNTS.add("misses", max(0, len(st.keys) - covered // self.chunk_tokens))
         if num_external_tokens == 0:
             return None, False
-        bs, cb = self.block_size, self.chunk_blocks
-        first_b, last_b = (st.hit_end - num_external_tokens) // bs, st.hit_end // bs
-        c0, c1 = first_b // cb, last_b // cb
-        keys = st.keys[c0:c1]
-        slots = self.store.pin_for_load(keys)
-        if slots is None or last_b > len(block_ids):
+        bs = self.block_size
+        job = self._pin_job(request.request_id, st, block_ids, (st.hit_end - num_external_tokens) // bs,
+                            st.hit_end // bs)
+        if job is None:
             # Cannot happen while one thread schedules (nothing evicts between the lookup and here);
             # if it does, this request's load fails, never the engine.
             logger.error("request %s: its stored prefix went away before its load; failing the load",
                          request.request_id)
-            if slots is not None:
-                self.store.unpin(keys)
             return None, True
+        return job, False
+
+    def load_beside(self, request: Request, block_ids: list[int], start: int, end: int) -> StoreJob | None:
+        """For a request whose prompt KV arrives by transfer (a decode node's): a load of the chunks
+        ready in the RAM tier from token ``start`` (block aligned) on, up to ``end`` at most, so the
+        transfer brings only the rest. A local copy never loses to a fetch over the network; chunks
+        on disk are not waited for (the transfer is already there). None when nothing is ready."""
+        if not store_eligible(request) or request.skip_reading_prefix_cache:
+            return None
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            st = self._reqs[request.request_id] = _Req(self._keys(request))
+        first_c = start // self.chunk_tokens
+        n = self.store.count_ready(st.keys, first_c)
+        stop = min(first_c + n, end // self.chunk_tokens) * self.chunk_tokens
+        COUNTS.add("misses", max(0, len(st.keys) - max(start, stop) // self.chunk_tokens))
+        if stop <= start:
+            return None
+        return self._pin_job(request.request_id, st, block_ids, start // self.block_size, stop // self.block_size)
+
+    def _pin_job(self, req_id: str, st: _Req, block_ids: list[int], first_b: int, last_b: int) -> StoreJob | None:
+        """Pin the chunks that hold blocks first_b..last_b and plan their copy into ``block_ids``
+        (None if a chunk is gone or the blocks are not all there)."""
+        cb = self.chunk_blocks
+        c0, c1 = first_b // cb, -(-last_b // cb)
+        keys = st.keys[c0:c1]
+        if last_b > len(block_ids):
+            return None
+        slots = self.store.pin_for_load(keys)
+        if slots is None:
+            return None
         pieces = []
         for c, slot in zip(range(c0, c1), slots):
             lo = max(first_b, c * cb)
-            pieces.append((slot, lo - c * cb, (c + 1) * cb - lo))
-        self._loading[request.request_id] = keys
+            pieces.append((slot, lo - c * cb, min(last_b, (c + 1) * cb) - lo))
+        self._loading[req_id] = keys
         COUNTS.add("hits.ram", len(keys))
-        COUNTS.add("hit_tokens", num_external_tokens)
-        return StoreJob(request.request_id, pieces, list(block_ids[first_b:last_b])), False
+        COUNTS.add("hit_tokens", (last_b - first_b) * self.block_size)
+        return StoreJob(req_id, pieces, list(block_ids[first_b:last_b]))
 
     def loads_done(self, req_ids: set[str], failed: set[str] | None = None) -> None:
         for rid in req_ids:

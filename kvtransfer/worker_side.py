@@ -60,6 +60,8 @@ class WorkerSide:
         self._saving: set[str] = set()  # a store save in flight
         self._saves_ended: dict[str, bool] = {}  # for the scheduler half, next step
         self._store_failed: set[str] = set()
+        self._parts: dict[str, int] = {}  # a load in two parts (store and transfer): parts not yet ended
+        self._part_failed: set[str] = set()  # ... and whether one failed
         if store is not None:
             from tandem.kvstore.arena import Arena
 
@@ -90,6 +92,8 @@ class WorkerSide:
                 self._saving.add(job.req_id)
                 self.copier.submit("save", job)
         self._store_failed.update(meta.store_failures)
+        for rid in {j.req_id for j in meta.store_loads} & {j.req_id for j in meta.loads}:
+            self._parts[rid] = 2
         if self.fetcher is not None:
             for job in meta.loads:
                 self.fetcher.submit(job)
@@ -103,22 +107,35 @@ class WorkerSide:
     def transfer_results(self) -> tuple[set[str], set[str], set[str]]:
         """(finished sending, finished receiving, failed receiving)."""
         freed = self.server.holds.take_freed() if self.server is not None else set()
+        recvd, failed = set(), set()
         if self.fetcher is not None:
-            recvd, failed = self.fetcher.take_results()
-        else:
-            recvd, failed = set(), set()
+            self._ended(*self.fetcher.take_results(), recvd, failed)
         # A failed receive is a finished one too (vLLM counts it finished only when it is in both).
-        failed |= self._store_failed
-        recvd |= self._store_failed
+        self._ended(self._store_failed, self._store_failed, recvd, failed)
         self._store_failed = set()
         saved: dict[str, bool] = {}
         if self.copier is not None:
             done = self.copier.take()
-            recvd |= done.loads | done.failed
-            failed |= done.failed
+            self._ended(done.loads | done.failed, done.failed, recvd, failed)
             saved = done.saves
             self._saves_ended.update(saved)
         return self._sent(freed, set(saved)), recvd, failed
+
+    def _ended(self, ended: set[str], bad: set[str], recvd: set[str], failed: set[str]) -> None:
+        """Loads that ended in one source (the fetcher, the store): a load in two parts ends with its
+        last part, failed if either part failed."""
+        for rid in ended:
+            if rid in bad:
+                self._part_failed.add(rid)
+            left = self._parts.get(rid, 1) - 1
+            if left > 0:
+                self._parts[rid] = left
+                continue
+            self._parts.pop(rid, None)
+            recvd.add(rid)
+            if rid in self._part_failed:
+                self._part_failed.discard(rid)
+                failed.add(rid)
 
     def _sent(self, freed: set[str], saved: set[str]) -> set[str]:
         """Requests whose blocks vLLM may free: every hold released and every save copied."""

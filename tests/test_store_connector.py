@@ -97,3 +97,76 @@ def test_a_load_that_fails_is_finished_and_failed_and_the_store_is_off_for_that_
     sched.loads_done(recvd, failed=bad)
     assert sched.lookup(again, 0) == (0, False)  # recomputed without the store
     assert sched.store.index.drop_unpinned() == 0  # its slot was unpinned all the same
+
+
+class _FakeFetcher:
+    """Stands in for the decode node's BlockFetcher (the real one, over UCX and TCP: test_kvtransfer
+    and tests/e2e); it ends a load when told to."""
+
+    def __init__(self) -> None:
+        self.jobs: list = []
+        self.ended: set[str] = set()
+
+    def submit(self, job) -> None:  # type: ignore[no-untyped-def]
+        self.jobs.append(job)
+
+    def take_results(self) -> tuple[set[str], set[str]]:
+        done, self.ended = self.ended, set()
+        return done, set()
+
+
+def test_a_decode_node_fills_its_stored_chunks_itself_and_pulls_only_the_rest(tmp_path: Path) -> None:
+    from tandem.kvtransfer.handle import CONSUME, TransferHandle
+    from tandem.kvtransfer.scheduler_side import SchedulerSide
+
+    store, worker, layers = halves(tmp_path)
+    ids = list(range(100, 123))  # 23 tokens: two whole chunks of 8 and a rest, in six blocks
+    save = store.on_finished(request("a", ids, computed=23), block_ids=[10, 11, 12, 13, 14, 15], ended_early=False)
+    step(worker, TandemConnectorMetadata(store_saves=[save]), lambda s: "a" in s[0])
+    store.saves_done(worker.worker_meta().saves)  # type: ignore[union-attr]
+
+    sched = SchedulerSide("e", BLOCK, "", 30.0, store=store)
+    handle = TransferHandle("p", "127.0.0.1:1", "remote-c", [0, 1, 2, 3, 4, 5], 23, time.time() + 30)
+    consumer = request("c", ids)
+    consumer.kv_transfer_params = handle.to_params(CONSUME)
+    # The engine's own cache has the first block: the rest is external, as it was without a store.
+    assert sched.get_num_new_matched_tokens(consumer, 4) == (19, True)
+    sched.update_state_after_alloc(consumer, SimpleNamespace(get_block_ids=lambda: [[30, 31, 32, 33, 34, 35]]), 19)
+    meta = sched.build_connector_meta()
+    (load,), (fetch,) = meta.store_loads, meta.loads
+    assert load.block_ids == [31, 32, 33]  # blocks 1..3 (the rest of both stored chunks) from the store
+    assert fetch.remote_block_ids == [4, 5] and fetch.local_block_ids == [34, 35]  # the rest from the prefill node
+
+    worker.fetcher = fake = _FakeFetcher()  # type: ignore[assignment]
+    worker.start_step(meta)
+    assert fake.jobs == [fetch]
+    deadline = time.monotonic() + 10
+    while not torch.equal(layers[0][:, 33], layers[0][:, 13]):  # the store's part landed...
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.05)
+    assert "c" not in worker.transfer_results()[1]  # ...but the load ends only with the transfer's part
+    fake.ended.add("c")
+    _, recvd, failed = worker.transfer_results()
+    assert recvd == {"c"} and not failed
+    for t in layers:
+        assert torch.equal(t[:, [31, 32, 33]], t[:, [11, 12, 13]])
+
+
+def test_a_decode_node_whose_store_has_the_whole_prompt_releases_the_transfer(tmp_path: Path) -> None:
+    from tandem.kvtransfer.handle import CONSUME, TransferHandle
+    from tandem.kvtransfer.scheduler_side import SchedulerSide
+
+    store, worker, _ = halves(tmp_path)
+    ids = list(range(16))  # two whole chunks, nothing else
+    save = store.on_finished(request("a", ids, computed=16), block_ids=[10, 11, 12, 13], ended_early=False)
+    step(worker, TandemConnectorMetadata(store_saves=[save]), lambda s: "a" in s[0])
+    store.saves_done(worker.worker_meta().saves)  # type: ignore[union-attr]
+    sched = SchedulerSide("e", BLOCK, "", 30.0, store=store)
+    handle = TransferHandle("p", "127.0.0.1:1", "remote-c", [0, 1, 2, 3], 16, time.time() + 30)
+    consumer = request("c", ids)
+    consumer.kv_transfer_params = handle.to_params(CONSUME)
+    assert sched.get_num_new_matched_tokens(consumer, 0) == (16, True)
+    sched.update_state_after_alloc(consumer, SimpleNamespace(get_block_ids=lambda: [[20, 21, 22, 23]]), 16)
+    meta = sched.build_connector_meta()
+    assert not meta.loads and meta.releases == [handle] and meta.store_loads[0].block_ids == [20, 21, 22, 23]

@@ -507,10 +507,31 @@ def test_a_prompt_comes_back_from_the_kv_stores_ram_then_its_disk_with_the_same_
         return (metric(m, "tandem_kvstore_hit_tokens_total"), metric(m, "tandem_kvstore_hits_total", tier="ram"),
                 metric(m, "tandem_kvstore_hits_total", tier="disk"))
 
+    decode = next(d for d in cluster.nodes if d.role == "decode")
+    dch = grpc.insecure_channel(decode.info["grpc"])
+
+    def decode_counts() -> tuple[float, float]:
+        m = scrape(decode.info["metrics"])
+        return (metric(m, "tandem_kvstore_hit_tokens_total"),
+                metric(m, "tandem_kv_transfer_bytes_total", direction="received"))
+
     try:
-        cold = run()  # computed, and its chunk saved (RAM, then written through to disk)
+        before = decode_counts()
+        cold = run()  # computed, and its chunk saved (RAM, then written through to disk), on both nodes
+        wait_until(lambda: decode_counts()[1] > before[1], 10, "the transfer counted")
+        whole = decode_counts()[1] - before[1]  # ten 32-token blocks
         wait_until(lambda: metric(scrape(prefill.info["metrics"]), "tandem_kvstore_held_bytes", tier="disk") > 0,
                    30, "the chunk on disk")
+        wait_until(lambda: metric(scrape(decode.info["metrics"]), "tandem_kvstore_held_bytes", tier="ram") > 0,
+                   30, "the chunk in the decode node's store")
+        # The decode node's engine cache emptied: its own store fills the first chunk's blocks, the
+        # transfer brings only the rest (two 32-token blocks of the 300 tokens' ten).
+        hit0, recv0 = decode_counts()
+        assert pb_grpc.NodeMonitorStub(dch).ResetCache(pb.ResetCacheRequest(), timeout=30).reset
+        assert run() == cold
+        wait_until(lambda: decode_counts()[0] >= hit0 + 256, 10, "256 tokens from the decode node's store")
+        wait_until(lambda: decode_counts()[1] > recv0, 10, "the rest's transfer counted")
+        assert decode_counts()[1] - recv0 == whole * 2 / 10, (whole, decode_counts()[1] - recv0)
         # The engine's own cache emptied: the chunk comes from the store's RAM tier.
         assert monitor.ResetCache(pb.ResetCacheRequest(), timeout=30).reset
         tokens0, ram0, disk0 = counts()
@@ -525,3 +546,4 @@ def test_a_prompt_comes_back_from_the_kv_stores_ram_then_its_disk_with_the_same_
         assert counts()[1:] == (ram0 + 2, disk0 + 1)
     finally:
         ch.close()
+        dch.close()
