@@ -12,7 +12,11 @@ prompts, one at a time, in phases:
 
 Each phase's TTFT (client-side, to the first token through the coordinator) is compared with the
 recompute phase of the same run. Goals (issue 9): RAM <= 0.3x and disk <= 0.5x recompute for a
-shared prefix of >= 1K tokens. Writes results.json, report.md and ttft_by_tier.png.
+shared prefix of >= 1K tokens.
+
+Before the cluster starts: the RAM tier's hit rate under each eviction policy, the multi-turn and
+prefix-heavy workloads replayed through the store's index at caps below their working sets
+(bench/eviction_replay.py; no engine). Writes results.json, report.md and ttft_by_tier.png.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--ram-gib", type=float, default=1.0, help="the KV store's RAM tier")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--replay-requests", type=int, default=1200,
+                    help="requests per workload in the eviction policies' replay")
+    ap.add_argument("--eviction-only", action="store_true", help="only the eviction policies' replay (no cluster)")
     ap.add_argument("--out", default="bench/results/kvstore", help="where results.json, report.md and plots go")
 
 
@@ -65,6 +72,20 @@ def _ttft(stub: Any, ids: list[int]) -> tuple[float, list[int], str]:
     return first, tokens, node
 
 
+def eviction_rows(args: argparse.Namespace, chunk_tokens: int = 256) -> list[dict[str, Any]]:
+    from .eviction_replay import policy_table
+    from .workloads import generate
+
+    n = args.replay_requests
+    workloads = {}
+    for name, working_set in (("multi-turn", 64), ("prefix-heavy", 16)):
+        entries = generate(name, rate=10.0, duration_s=n / 10.0 * 1.5, seed=args.seed,
+                           max_model_len=args.max_model_len, prefixes_n=working_set)[:n]
+        workloads[f"{name} ({working_set} {'conversations' if name == 'multi-turn' else 'prefixes'})"] = [
+            e.input_ids or [] for e in entries]
+    return policy_table(workloads, chunk_tokens)
+
+
 def cmd_kvstore(args: argparse.Namespace) -> int:
     import grpc
 
@@ -76,8 +97,25 @@ def cmd_kvstore(args: argparse.Namespace) -> int:
     from .compare import bench_model
     from .compare_report import save_plot
 
+    from .eviction_replay import table_lines
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    print(f"replaying {args.replay_requests} requests per workload through each eviction policy ...", flush=True)
+    eviction = eviction_rows(args)
+    eviction_md = ["## The RAM tier's hit rate per eviction policy", "",
+                   f"Chunk hit rate (whole 256-token chunks found in the RAM tier / looked up) with "
+                   f"{args.replay_requests} requests of each workload replayed in arrival order through the "
+                   "node store's own lookups and saves (`bench/eviction_replay.py`: the store's index, no "
+                   "engine, no engine prefix cache in front, no disk tier under it), at RAM caps below "
+                   "the working set. Best per row in bold.", "", *table_lines(eviction), ""]
+    print("\n".join(eviction_md[4:]), flush=True)
+    if args.eviction_only:
+        (out / "results.json").write_text(json.dumps({"eviction": eviction}, indent=1) + "\n")
+        (out / "report.md").write_text("\n".join(["# tandem bench kvstore (eviction replay only)", "",
+                                                   *eviction_md]))
+        print(f"wrote {out / 'results.json'} and {out / 'report.md'}")
+        return 0
     model = bench_model(args.model, out)
     if args.prefix_tokens + args.suffix_tokens + 8 > args.max_model_len:
         raise SystemExit("--prefix-tokens + --suffix-tokens must fit in --max-model-len")
@@ -128,7 +166,7 @@ def cmd_kvstore(args: argparse.Namespace) -> int:
     doc = {"machine": f"{platform.platform()}", "model": model, "model_params_m": param_count(model) / 1e6,
            "prefix_tokens": args.prefix_tokens, "suffix_tokens": args.suffix_tokens, "prompts": args.prompts,
            "rounds": args.rounds, "ram_gib": args.ram_gib, "summary": summary, "rows": rows,
-           "token_mismatches": mismatches, "goals": GOALS}
+           "token_mismatches": mismatches, "goals": GOALS, "eviction": eviction}
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
 
     import matplotlib
@@ -158,7 +196,7 @@ def cmd_kvstore(args: argparse.Namespace) -> int:
         lines.append(f"| {p} | {med[p] * 1000:.1f} ms | {summary[p]['p90_s'] * 1000:.1f} ms | "
                      f"{summary[p]['vs_recompute']:.2f}x | {goal} |")
     lines += ["", f"Outputs that differed from the recompute phase's: {mismatches} (must be 0).", "",
-              "![TTFT by tier](ttft_by_tier.png)", ""]
+              "![TTFT by tier](ttft_by_tier.png)", "", *eviction_md]
     (out / "report.md").write_text("\n".join(lines))
     for p in PHASES:
         print(f"{p:9} TTFT median {med[p] * 1000:7.1f} ms ({summary[p]['vs_recompute']:.2f}x recompute)")

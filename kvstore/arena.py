@@ -122,12 +122,26 @@ class _Entry:
     pins: int = 0  # a fill, loads or a disk write in flight: not evictable
 
 
-class SlotIndex:
-    """Which chunk key is in which slot, least recently used first. Not thread-safe: the caller
-    (the scheduler half's store) holds its lock around every call."""
+# The RAM tier's eviction policies (`--kvstore-eviction`; `tandem bench kvstore` replays workloads
+# through each and reports its hit rate):
+#   tail-first  least recently used first; of one prompt's chunks, the later ones before the earlier
+#               (a chunk is no use without the ones before it, and the early ones are what other
+#               prompts share)
+#   lru         least recently used first, a prompt's chunks in prompt order (so its first goes first)
+#   fifo        first stored, first evicted; use does not count
+EVICTIONS = ("tail-first", "lru", "fifo")
 
-    def __init__(self, num_slots: int, on_drop: Callable[[bytes], None] | None = None) -> None:
+
+class SlotIndex:
+    """Which chunk key is in which slot, in eviction order (see EVICTIONS). Not thread-safe: the
+    caller (the scheduler half's store) holds its lock around every call."""
+
+    def __init__(self, num_slots: int, on_drop: Callable[[bytes], None] | None = None,
+                 policy: str = "tail-first") -> None:
+        if policy not in EVICTIONS:
+            raise ValueError(f"unknown eviction policy {policy!r} (one of {', '.join(EVICTIONS)})")
         self.num_slots = num_slots
+        self.policy = policy
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
         self._free = list(range(num_slots - 1, -1, -1))
         self.evictions = 0
@@ -150,12 +164,17 @@ class SlotIndex:
     def slot(self, key: bytes) -> int:
         return self._entries[key].slot
 
-    def touch(self, key: bytes) -> None:
-        self._entries.move_to_end(key)
+    def used(self, keys: list[bytes]) -> None:
+        """One prompt used (or stored) these chunks, given in prompt order."""
+        if self.policy == "fifo":
+            return
+        for k in reversed(keys) if self.policy == "tail-first" else keys:
+            if k in self._entries:
+                self._entries.move_to_end(k)
 
     def reserve(self, key: bytes) -> int | None:
-        """A slot for ``key`` to be filled (pinned, not ready), evicting the least recently used
-        unpinned chunk when none is free; None when every slot is pinned."""
+        """A slot for ``key`` to be filled (pinned, not ready), evicting the first unpinned
+        chunk in eviction order when none is free; None when every slot is pinned."""
         if key in self._entries:
             raise ValueError("this key has a slot already")
         if self._free:

@@ -36,13 +36,14 @@ class _Task:
 
 
 class NodeStore:
-    def __init__(self, arena: Arena, disk: DiskTier | None, queue_chunks: int = 64) -> None:
+    def __init__(self, arena: Arena, disk: DiskTier | None, queue_chunks: int = 64,
+                 eviction: str = "tail-first") -> None:
         self.arena = arena
         self.disk = disk
         self.slot_bytes = arena.slot_bytes
         self._events: list[tuple[str, str, str]] = []  # ("+" | "-", key hex, tier): for routing
         self._events_lock = threading.Lock()
-        self.index = SlotIndex(arena.num_slots, on_drop=lambda k: self._note("-", k, "ram"))
+        self.index = SlotIndex(arena.num_slots, on_drop=lambda k: self._note("-", k, "ram"), policy=eviction)
         self._lock = threading.Lock()
         if disk is not None:
             for k in disk.keys():  # what an earlier run left
@@ -80,8 +81,8 @@ class NodeStore:
             for k in keys[start:]:
                 if not self.index.ready(k):
                     break
-                self.index.touch(k)
                 n += 1
+            self.index.used(keys[:start + n])
         return n
 
     def promote(self, keys: list[bytes], start: int) -> int:
@@ -150,6 +151,7 @@ class NodeStore:
                     self._note("+", k, "ram")
                 if ok and self.disk is not None and k not in self.disk:
                     writes.append((k, self.index.pin(k)))
+            self.index.used(keys)
         if ok:
             COUNTS.add("bytes.ram.stored", len(keys) * self.slot_bytes)
         for k, slot in writes:

@@ -59,6 +59,7 @@ class StoreConfig:
     disk_dir: str
     disk_bytes: int
     save: bool
+    eviction: str = "tail-first"
 
     @classmethod
     def parse(cls, extra: dict[str, Any], kv_cache_config: Any) -> StoreConfig | None:
@@ -92,7 +93,8 @@ class StoreConfig:
                    chunk_blocks=chunk_blocks,
                    namespace=namespace(str(extra["kvstore_model_id"]), layout, spec.block_size * chunk_blocks),
                    disk_dir=str(extra.get("kvstore_dir") or ""), disk_bytes=int(extra.get("kvstore_disk_bytes", 0)),
-                   save=bool(extra.get("kvstore_save", True)))
+                   save=bool(extra.get("kvstore_save", True)),
+                   eviction=str(extra.get("kvstore_eviction", "tail-first")))
 
 
 def open_store_scheduler(cfg: StoreConfig, block_size: int) -> StoreScheduler:
@@ -110,10 +112,10 @@ def open_store_scheduler(cfg: StoreConfig, block_size: int) -> StoreScheduler:
     if cfg.disk_dir:
         lock_dir(Path(cfg.disk_dir))
         disk = DiskTier(cfg.disk_dir, cfg.disk_bytes)
-    logger.info("KV store: RAM tier %d chunks of %.1f MiB (%d tokens each)%s", cfg.num_slots,
-                cfg.slot_bytes / 2**20, block_size * cfg.chunk_blocks,
+    logger.info("KV store: RAM tier %d chunks of %.1f MiB (%d tokens each, %s eviction)%s", cfg.num_slots,
+                cfg.slot_bytes / 2**20, block_size * cfg.chunk_blocks, cfg.eviction,
                 f", disk tier {cfg.disk_dir} ({cfg.disk_bytes / 2**30:.1f} GiB)" if disk else "")
-    return StoreScheduler(NodeStore(arena, disk), cfg.namespace, block_size, cfg.chunk_blocks, cfg.save)
+    return StoreScheduler(NodeStore(arena, disk, eviction=cfg.eviction), cfg.namespace, block_size, cfg.chunk_blocks, cfg.save)
 
 
 @dataclass

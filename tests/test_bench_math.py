@@ -197,3 +197,19 @@ def test_slo_tiers_are_seeded_and_each_request_is_judged_by_its_own() -> None:
     tight.slo_ttft, relaxed.slo_ttft = 0.2, 0.8
     s = summarize([tight, relaxed], 10.0, 0.2, 1.0)
     assert s["slo_attainment"] == 0.5 and s["attainment_by_ttft_slo"] == {"200": 0.0, "800": 1.0}
+
+
+def test_eviction_replay_counts_the_store_hits_of_each_policy() -> None:
+    from tandem.bench.eviction_replay import policy_table, replay, working_set
+
+    a = list(range(5, 5 + 64))  # four chunks of 16
+    b = a[:32] + list(range(100, 132))  # shares a's first two
+    assert working_set([a, b], 16) == 6
+    room = replay([a, b, a], num_slots=6, chunk_tokens=16, policy="lru")
+    assert (room["hit_chunks"], room["chunks"]) == (2 + 4, 12)  # b finds a's first two, a all four
+    # Four slots: b's two new chunks evict two of a's: LRU and tail-first its last two (b has just used
+    # its first two), FIFO its first two, so the last request finds nothing.
+    tight = {p: replay([a, b, a], num_slots=4, chunk_tokens=16, policy=p)["hit_chunks"] for p in ("lru", "tail-first", "fifo")}
+    assert tight == {"lru": 2 + 2, "tail-first": 2 + 2, "fifo": 2 + 0}
+    rows = policy_table({"w": [a, b, a]}, 16, fractions=(0.5,))
+    assert {r["policy"] for r in rows} == {"tail-first", "lru", "fifo"} and all(r["slots"] == 3 for r in rows)

@@ -211,7 +211,7 @@ def test_arena_is_shared_through_its_file_and_refuses_a_mismatch(tmp_path: Path)
 def test_slot_index_evicts_least_recently_used_and_never_a_pinned_slot() -> None:
     from tandem.kvstore.arena import SlotIndex
 
-    idx = SlotIndex(2)
+    idx = SlotIndex(2, policy="lru")
     a, b, c = b"a" * 32, b"b" * 32, b"c" * 32
     sa = idx.reserve(a)
     assert sa is not None and not idx.ready(a) and idx.has(a)
@@ -227,11 +227,46 @@ def test_slot_index_evicts_least_recently_used_and_never_a_pinned_slot() -> None
     assert idx.evictions == 1
     idx.fill_done(b, ok=True)
     idx.unpin(a)
-    idx.touch(a)  # a used last: b is the least recently used
+    idx.used([a])  # a used last: b is the least recently used
     slot_b = idx.slot(b)
     assert idx.reserve(c) == slot_b and idx.ready(a) and not idx.has(b)
     idx.pin(a)  # a pinned, c being filled: nothing to evict
     assert idx.reserve(b) is None and idx.num_ready() == 1
+
+
+# Three new chunks pushed through four slots holding p0-p1-p2 and q1 (a prompt that shares p0): tail-first
+# keeps p0 and q1 (the prompt that used them last) longest; LRU drops p0 last of them and leaves q1, which
+# needs it, orphaned; FIFO drops by age alone.
+@pytest.mark.parametrize("policy,evicted", [("tail-first", ["p2", "p1", "q1"]), ("lru", ["p1", "p2", "p0"]),
+                                            ("fifo", ["p0", "p1", "p2"])])
+def test_each_eviction_policy_evicts_in_its_order(policy: str, evicted: list[str]) -> None:
+    from tandem.kvstore.arena import SlotIndex
+
+    idx = SlotIndex(4, policy=policy)
+    keys = {n: n.encode() * 16 for n in ("p0", "p1", "p2", "q1", "x", "y", "z")}
+
+    def store(*names: str) -> None:  # as a save does: reserve, fill, then one use of the run
+        for n in names:
+            assert idx.reserve(keys[n]) is not None
+            idx.fill_done(keys[n], ok=True)
+        idx.used([keys[n] for n in names])
+
+    store("p0", "p1", "p2")  # one prompt's three chunks
+    store("q1")  # a prompt sharing p0: it stored its second chunk only...
+    idx.used([keys["p0"], keys["q1"]])  # ...and used p0 with it
+    gone = []
+    for n in ("x", "y", "z"):
+        before = {k for k in keys if idx.has(keys[k])}
+        store(n)
+        gone += sorted(before - {k for k in keys if idx.has(keys[k])})
+    assert gone == evicted
+
+
+def test_an_unknown_eviction_policy_is_refused() -> None:
+    from tandem.kvstore.arena import SlotIndex
+
+    with pytest.raises(ValueError, match="tail-first"):
+        SlotIndex(2, policy="mru")
 
 
 def test_node_store_promotes_from_disk_saves_through_to_disk_and_drops_under_pressure(tmp_path: Path) -> None:

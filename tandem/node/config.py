@@ -9,6 +9,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tandem.kvstore.arena import EVICTIONS
 from tandem.membership import DEFAULT_TTL_S
 
 
@@ -51,6 +52,7 @@ class NodeConfig:
     kvstore_disk_gib: float = 10.0
     kvstore_chunk_tokens: int = 256
     kvstore_save: bool = True
+    kvstore_eviction: str = "tail-first"
 
     def finish(self) -> NodeConfig:
         """Fill derived defaults and check everything; raise ValueError with a clear message."""
@@ -205,6 +207,9 @@ def add_node_args(ap: argparse.ArgumentParser) -> None:
                          "is not stored)")
     ap.add_argument("--kvstore-save", default=_env("kvstore_save", "on"), choices=["on", "off"],
                     help="off: only load what the store holds, never add to it")
+    ap.add_argument("--kvstore-eviction", default=_env("kvstore_eviction", "tail-first"), choices=list(EVICTIONS),
+                    help="the RAM tier's eviction policy: tail-first (least recently used first, a prompt's "
+                         "later chunks before its earlier ones, which other prompts share), lru, fifo")
 
 
 def config_from_args(role: str, args: argparse.Namespace) -> NodeConfig:

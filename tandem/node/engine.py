@@ -106,6 +106,7 @@ class EngineHost:
             "kvstore_disk_bytes": int(cfg.kvstore_disk_gib * 2**30),
             "kvstore_chunk_blocks": cfg.kvstore_chunk_tokens // cfg.block_size,
             "kvstore_save": cfg.kvstore_save,
+            "kvstore_eviction": cfg.kvstore_eviction,
             "kvstore_model_id": model_identity(cfg.model) + f"|{cfg.dtype}",
         }
 
