@@ -37,6 +37,17 @@ def ratios_for(cores: int) -> list[tuple[int, int]]:
     return out
 
 
+def parse_ratios(text: str) -> list[tuple[int, int]]:
+    """``--ratios 2:1,1:1`` as [(2, 1), (1, 1)]."""
+    out = []
+    for part in text.split(","):
+        p, sep, d = part.strip().partition(":")
+        if not sep or not p.isdigit() or not d.isdigit() or int(p) < 1 or int(d) < 1:
+            raise SystemExit(f"--ratios: {part.strip()!r} is not P:D (e.g. 2:1)")
+        out.append((int(p), int(d)))
+    return out
+
+
 class Pinning:
     """Where the load generator runs. With cores to spare (4 or more) the last core is the
     client's and the systems get the rest; on fewer, the client shares the systems' cores
@@ -202,8 +213,12 @@ def add_compare_args(ap: argparse.ArgumentParser) -> None:
                          "with 10 %% TPOT headroom), tandem-noadmit (admission off), tandem-disagg (both off: "
                          "always disaggregated, accepts everything), tandem-fifo (prefills sent at once, run "
                          "in arrival order), tandem-engine (sent at once, vLLM priority scheduling by "
-                         "deadline), "
+                         "deadline), tandem-leastloaded and tandem-random (routing that ignores what the "
+                         "nodes' KV stores hold), "
                          "vllm-colocated, vllm-nixl, vllm-nixl-fixed")
+    ap.add_argument("--ratios", default="",
+                    help="Tandem's P:D ratios, e.g. 2:1,1:1 (default: every ratio with a core per node; nodes "
+                         "of one pool share cores when there are fewer)")
     ap.add_argument("--slo-ttft", type=float, default=None)
     ap.add_argument("--slo-tpot", type=float, default=None)
     ap.add_argument("--k-ttft", type=float, default=5.0, help="preset: SLO TTFT = k x unloaded TTFT")
@@ -281,7 +296,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             variant = name.removeprefix("tandem")
             starters += [(f"tandem-{p}:{d}{variant}",
                           lambda p=p, d=d, v=variant: start_tandem(model, p, d, args.max_model_len, out, cores, v))
-                         for p, d in ratios_for(len(cores))]
+                         for p, d in (parse_ratios(args.ratios) if args.ratios else ratios_for(len(cores)))]
         elif name == "vllm-colocated":
             starters.append((name, lambda: start_vllm_colocated(model, cores, args.max_model_len, out)))
         else:

@@ -255,7 +255,40 @@ TANDEM_VARIANTS: dict[str, tuple[list[str], list[str]]] = {
     "-fifo": (["--prefill-order", "fifo"], []),  # every prefill sent at once, the engine's arrival order
     # every prefill sent at once, vLLM's priority scheduling by deadline
     "-engine": (["--prefill-order", "engine"], ["--scheduling-policy", "priority"]),
+    # prefix-aware routing (the default) against routing that ignores what the nodes' KV stores hold
+    "-leastloaded": (["--routing", "least-loaded"], []),
+    "-random": (["--routing", "random"], []),
 }
+
+
+def _metric_sum(url: str, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def cache_facts(cluster: LocalCluster) -> dict[str, Any]:
+    """Where the prefill nodes' prompt tokens came from, and how the prefills were spread over them."""
+    prompt = cached = 0.0
+    per_node, hits, misses = {}, 0.0, 0.0
+    for d in cluster.nodes:
+        if d.role != "prefill":
+            continue
+        url = d.info["metrics"]
+        prompt += _metric_sum(url, "tandem_prefill_prompt_tokens_total")
+        cached += _metric_sum(url, "tandem_prefill_cached_tokens_total")
+        hits += _metric_sum(url, "tandem_kvstore_hits_total")
+        misses += _metric_sum(url, "tandem_kvstore_misses_total")
+        per_node[d.name] = int(_metric_sum(url, "tandem_prefill_requests_total", outcome="ok"))
+    out: dict[str, Any] = {"prefill_prompt_tokens": int(prompt), "prefill_cached_tokens": int(cached),
+                           "prefill_token_hit_rate": round(cached / prompt, 4) if prompt else 0.0,
+                           "prefills_per_node": per_node}
+    if hits or misses:
+        out["kvstore_chunk_hit_rate"] = round(hits / (hits + misses), 4)
+    return out
 
 
 def start_tandem(model: str, num_prefill: int, num_decode: int, max_model_len: int, log_dir: Path,
@@ -275,4 +308,4 @@ def start_tandem(model: str, num_prefill: int, num_decode: int, max_model_len: i
     from tandem import __version__
 
     return System(f"tandem-{num_prefill}:{num_decode}{variant}", cluster.http_url, cmds,
-                  f"tandem {__version__} on {vllm_version()}", cluster.stop)
+                  f"tandem {__version__} on {vllm_version()}", cluster.stop, facts=lambda: cache_facts(cluster))

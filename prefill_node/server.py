@@ -32,6 +32,9 @@ PREFILLS = Counter("tandem_prefill_requests", "Prefill requests by outcome", ["o
 PREFILL_INFLIGHT = Gauge("tandem_prefill_inflight", "Prefill requests in flight on this node")
 PREFILL_SECONDS = Histogram("tandem_prefill_seconds", "Time to run one prefill on this node",
                             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+PROMPT_TOKENS = Counter("tandem_prefill_prompt_tokens", "Prompt tokens of the prefills this node ran")
+CACHED_TOKENS = Counter("tandem_prefill_cached_tokens", "Prompt tokens a prefill found computed already "
+                        "(the engine's own prefix cache or the node's KV store) instead of computing them")
 HANDLES_RELEASED = Counter("tandem_kv_handles_released", "KV handles released without a fetch")
 
 
@@ -79,6 +82,8 @@ class PrefillServicer(pb_grpc.PrefillNodeServicer):
             if final is None or not final.outputs or not final.outputs[0].token_ids:
                 raise RuntimeError("the engine returned no token")
             run.uncached_tokens = len(prompt) - (final.num_cached_tokens or 0)
+        PROMPT_TOKENS.inc(len(prompt))
+        CACHED_TOKENS.inc(final.num_cached_tokens or 0)
         comp = final.outputs[0]
         resp = pb.PrefillResponse(
             first_token=comp.token_ids[0],

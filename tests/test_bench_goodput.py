@@ -115,19 +115,31 @@ def test_compare_reports_a_system_that_did_not_start_and_measures_the_rest(
             raise RuntimeError("http://127.0.0.1:1 did not come up in 300 s\n--- last 1 lines of x.log:\nboom")
 
         monkeypatch.setattr(compare, "start_vllm_colocated", refuse)
-        monkeypatch.setattr(compare, "start_tandem", lambda *a, **k: System(
-            "tandem-1:1", url, [["tandem", "up"]], "synthetic", lambda: stopped.append(1)))
+        ratios = []
+        monkeypatch.setattr(compare, "start_tandem", lambda *a, **k: ratios.append(a[1:3]) or System(
+            "tandem-2:1", url, [["tandem", "up"]], "synthetic", lambda: stopped.append(1),
+            facts=lambda: {"prefill_token_hit_rate": 0.25, "prefills_per_node": {"p0": 3, "p1": 1}}))
         args = build_parser().parse_args(
             ["bench", "compare", "--model", str(tiny_model), "--rates", "5", "--duration", "1", "--reps", "1",
              "--slo-ttft", "2", "--slo-tpot", "0.5", "--workload", "code", "--overload", "",
-             "--systems", "vllm-colocated,tandem", "--out", str(tmp_path)])
+             "--systems", "vllm-colocated,tandem", "--ratios", "2:1", "--out", str(tmp_path)])
         assert args.fn(args) == 1  # a system missing from the comparison is a failed run ...
     finally:
         server.kill()
         server.wait()
     doc = json.loads((tmp_path / "results.json").read_text())
-    assert [s["name"] for s in doc["systems"]] == ["tandem-1:1"] and stopped == [1]  # ... the rest measured
+    assert [s["name"] for s in doc["systems"]] == ["tandem-2:1"] and stopped == [1]  # ... the rest measured
+    assert ratios == [(2, 1)]
     assert doc["systems"][0]["sweep"][0]["reps"][0]["completed"] > 0
     assert [f["name"] for f in doc["failed"]] == ["vllm-colocated"] and "boom" in doc["failed"][0]["error"]
     report = (tmp_path / "report.md").read_text()
     assert "**vllm-colocated did not start**" in report and "boom" in report
+    assert "| tandem-2:1 | " in report and "| 25.0% | – | p0: 3, p1: 1 |" in report  # its cache facts
+
+
+def test_ratios_parse_and_a_bad_one_is_refused() -> None:
+    from tandem.bench.compare import parse_ratios
+
+    assert parse_ratios("2:1, 1:1") == [(2, 1), (1, 1)]
+    with pytest.raises(SystemExit, match="P:D"):
+        parse_ratios("2-1")
