@@ -319,7 +319,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 overload = overload_rates(multiples, rows, args.rates)
                 print(f"  overload probes at {overload} (multiple, req/s)", flush=True)
             over = sweep(system, args, slo, overload, warm=False, swept=False) if overload else []
-            facts = system.facts()
+            try:
+                facts = system.facts()
+            except Exception as exc:  # the measurements stand without them
+                print(f"  {name}: could not collect its facts: {exc!r}", flush=True)
+                facts = {"facts_error": repr(exc)}
         finally:
             system.stop()
         systems_doc.append({"name": system.name, "version": system.version, "commands": system.commands,

@@ -69,9 +69,9 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
         seen.setdefault((r["workload"], r["cap_fraction"]), {})[r["policy"]] = r
     for (wl, f), by in seen.items():
         any_row = next(iter(by.values()))
-        best = max(by[p]["hit_rate"] for p in by)
-        cells = [(f"**{by[p]['hit_rate']:.1%}**" if by[p]["hit_rate"] == best else f"{by[p]['hit_rate']:.1%}")
-                 for p in EVICTIONS]
+        shown = {p: f"{by[p]['hit_rate']:.1%}" for p in EVICTIONS}
+        best = shown[max(EVICTIONS, key=lambda p: by[p]["hit_rate"])]
+        cells = [f"**{shown[p]}**" if shown[p] == best else shown[p] for p in EVICTIONS]
         lines.append(f"| {wl} | {any_row['slots']} ({f:.0%} of {any_row['working_set_chunks']}) | "
                      + " | ".join(cells) + " |")
     return lines

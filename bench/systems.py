@@ -261,10 +261,11 @@ TANDEM_VARIANTS: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
-def _metric_sum(url: str, name: str, **labels: str) -> float:
+def _metric_sum(address: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples (with these labels) on a daemon's metrics endpoint (host:port)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(url, timeout=10) as r:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
         text = r.read().decode()
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
