@@ -35,7 +35,7 @@ from tandem.perfmodel import kv_bytes_per_token
 
 from . import metrics as m
 from .prefillq import PrefillOrder
-from .prefix import ROUTINGS, held_prefixes, load_s, prefill_after_load
+from .prefix import ROUTINGS, Held, held_prefixes, load_s, prefill_after_load
 from .router import NodeClient, Router
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class Estimate:
     queue_s: float = 0.0  # of ``seconds``, the wait for work already queued there
     pushes: int = 0  # queued requests it would push past their TTFT objective (prefill order)
     factor: float = 1.0  # the node's learned calibration, in ``seconds`` (not in ``idle_seconds``)
-    cached_tokens: tuple[int, int] = (0, 0)  # prompt tokens its KV store holds (of them on disk only)
+    cached_tokens: Held = Held()  # what it holds of the prompt (engine prefix cache, KV store)
 
 
 @dataclass
@@ -99,27 +99,27 @@ class Plan:
     ttft_factor: float = 1.0  # the calibration factors in ttft_s / tpot_s (their model-only values:
     tpot_factor: float = 1.0  # divided by these, less waited_s; what the nodes learn from)
     waited_s: float = 0.0  # of ttft_s, the time a batch request waited in the batch queue (traffic.py)
-    prefill_held: int = 0  # prompt tokens the prefill node's KV store holds (loaded there, not computed)
+    prefill_held: int = 0  # prompt tokens the prefill node holds (cached or loaded there, not computed)
 
 
 def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None = None,
-                     arrival: float = 0.0, ttft_s: float | None = None, cached: tuple[int, int] = (0, 0)
+                     arrival: float = 0.0, ttft_s: float | None = None, cached: Held = Held()
                      ) -> Estimate:
     """With ``order``: the wait is where the prefill order (prefillq.py) would put a request
     that arrived at ``arrival`` with TTFT objective ``ttft_s`` among this coordinator's own
     requests for the node; otherwise (or with nothing of this coordinator's there) the whole
-    queue the node reports, in arrival order. ``cached``: (prompt tokens the node's KV store
-    holds from the start, of them on disk only): loaded, not computed."""
+    queue the node reports, in arrival order. ``cached``: what the node holds of the prompt from
+    its start (in its engine's prefix cache, or loaded from its KV store): not computed."""
     model = node.model
     if not model.prefill.samples:
         return Estimate(node, None, cached_tokens=cached)
     f = node.factor("ttft")
-    held, on_disk = cached
-    held = min(held, tokens - 1)  # the last prompt token is always computed
-    on_disk = min(on_disk, held)
-    idle_s = prefill_after_load(model, tokens, held) + load_s(held, on_disk)
+    cached = cached.capped(tokens - 1)  # the last prompt token is always computed
+    held = cached.tokens
+    idle_s = prefill_after_load(model, tokens, held) + load_s(cached.loaded, cached.disk)
     run_s = idle_s * f
-    hit = f", {held} tokens held there ({on_disk} on disk)" if held > 0 else ""
+    hit = (f", {held} tokens held there ({cached.engine} in its engine's cache, {cached.disk} on disk)"
+           if held > 0 else "")
     where = order.predict(node, tokens - held, arrival, ttft_s) if order is not None else None
     if where is not None:
         wait_s = where.wait_s * f
@@ -258,6 +258,9 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int) -> Loc
 # one prefill queued doubles a prediction.
 TIE_REL, TIE_ABS_S = 0.2, 0.005
 IDLE_TIE = 3.0
+# Nodes whose held prefixes of a prompt differ by fewer tokens than this are still "alike" (a block or
+# two of a common start is not worth giving up the sharing of work between them).
+AFFINITY_TOKENS = 128
 
 
 def _best(estimates: list[Estimate]) -> Estimate:
@@ -277,8 +280,8 @@ def _best(estimates: list[Estimate]) -> Estimate:
 
         def alike(e: Estimate) -> bool:
             assert e.seconds is not None
-            if e.cached_tokens[0] != best.cached_tokens[0]:
-                return False  # a prefix held in one node's KV store is a real difference, not fit noise
+            if abs(e.cached_tokens.tokens - best.cached_tokens.tokens) >= AFFINITY_TOKENS:
+                return False  # a prefix held on one node is a real difference, not fit noise
             if e.seconds <= max(low * (1 + TIE_REL), low + TIE_ABS_S):
                 return True
             # Two idle nodes: only their fits differ, and a node just restarted carries its cached
@@ -363,7 +366,7 @@ class Admission:
         decoders = self.router.routable_nodes("decode")
         prefills = self.router.routable_nodes("prefill")
         held = held_prefixes(prefills, prompt_ids) if self.routing == "prefix" and prompt_ids else {}
-        pre = [prefill_estimate(n, prompt_tokens, self.order, arrival, slo.ttft_s, held.get(n.node_id, (0, 0)))
+        pre = [prefill_estimate(n, prompt_tokens, self.order, arrival, slo.ttft_s, held.get(n.node_id, Held()))
                for n in prefills]
         # A node where it would push queued requests past their objective only when every node would.
         pre = [e for e in pre if not e.pushes] or pre
@@ -391,11 +394,12 @@ class Admission:
         if chosen.ttft is not None and chosen.ttft.seconds is not None:
             plan.queued_s = chosen.ttft.queue_s
         if not chosen.local and p is not None:
-            plan.prefill_held = min(p.cached_tokens[0], prompt_tokens - 1)
-        if count and not chosen.local and p is not None and p.cached_tokens[0]:
-            m.PREFIX_TOKENS.labels("ram").inc(p.cached_tokens[0] - p.cached_tokens[1])
-            if p.cached_tokens[1]:
-                m.PREFIX_TOKENS.labels("disk").inc(p.cached_tokens[1])
+            plan.prefill_held = p.cached_tokens.capped(prompt_tokens - 1).tokens
+        if count and not chosen.local and p is not None and p.cached_tokens.tokens:
+            c = p.cached_tokens.capped(prompt_tokens - 1)
+            for where, n in (("engine", c.engine), ("ram", c.loaded - c.disk), ("disk", c.disk)):
+                if n:
+                    m.PREFIX_TOKENS.labels(where).inc(n)
         misses = chosen.misses(slo)
         if not misses or self.mode == "off":
             decision = "admitted" if not misses else "over_slo_admitted"

@@ -1,10 +1,16 @@
-"""Prefix-aware routing's arithmetic: what each prefill node's KV store holds of a prompt (from the
-chunks its NodeMonitor stream reports, kvstore/held.py), and what a prefill costs when that much of
-the prompt is loaded instead of computed. Admission (admission.py) credits each node with it."""
+"""Prefix-aware routing's arithmetic: what each prefill node holds of a prompt, in its engine's own
+prefix cache (the blocks its KV events report, kvstore/engine_events.py) and in its KV store (the
+chunks its store's events report, kvstore/held.py), both from its NodeMonitor stream; and what a
+prefill costs when that much of the prompt is cached or loaded instead of computed. Admission
+(admission.py) credits each node with it."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from tandem.perfmodel import ModelView
+
+from tandem.kvstore.held import ChunkIndex
 
 from .router import NodeClient
 
@@ -16,19 +22,45 @@ ROUTINGS = ("prefix", "least-loaded", "random")
 LOAD_S_PER_TOKEN = {"ram": 6e-6, "disk": 4.2e-5}
 
 
-def held_prefixes(nodes: list[NodeClient], prompt_ids: list[int]) -> dict[str, tuple[int, int]]:
-    """Per node: (prompt tokens its KV store holds from the start, of them on disk only). Nodes of
-    one model and KV layout share a key space: the keys are computed once per key space."""
+class Held(NamedTuple):
+    """What a node holds of a prompt, from its start."""
+
+    tokens: int = 0  # prompt tokens held: in the engine's prefix cache or in the KV store
+    disk: int = 0  # of them, to load from the KV store's disk tier
+    engine: int = 0  # of them, in the engine's own prefix cache (nothing to load)
+
+    def capped(self, tokens: int) -> Held:
+        """At most ``tokens`` (the last prompt token is always computed), the engine's part first."""
+        held = min(self.tokens, tokens)
+        engine = min(self.engine, held)
+        return Held(held, min(self.disk, held - engine), engine)
+
+    @property
+    def loaded(self) -> int:
+        """Tokens to copy in from the KV store (RAM or disk)."""
+        return self.tokens - self.engine
+
+
+def held_prefixes(nodes: list[NodeClient], prompt_ids: list[int]) -> dict[str, Held]:
+    """Per node, what it holds of the prompt: the engine's cached blocks, and past them the KV store's
+    chunks (loaded). Nodes of one model and KV layout share a key space: the keys are computed once
+    per key space."""
     keys: dict[tuple[bytes, int], list[bytes]] = {}
-    out = {}
-    for n in nodes:
-        ix = n.chunks
-        if not ix.held or n.fresh_load() is None:  # a stream gone quiet: its picture may be stale
-            continue
+
+    def cached(ix: ChunkIndex) -> tuple[int, int]:
         space = (ix.namespace, ix.chunk_tokens)
         if space not in keys:
             keys[space] = ix.keys_for(prompt_ids)
-        out[n.node_id] = ix.cached_tokens(keys[space])
+        return ix.cached_tokens(keys[space])
+
+    out = {}
+    for n in nodes:
+        if not (n.chunks.held or n.blocks.held) or n.fresh_load() is None:  # a quiet stream: maybe stale
+            continue
+        store, disk = cached(n.chunks) if n.chunks.held else (0, 0)
+        engine = cached(n.blocks)[0] if n.blocks.held else 0
+        tokens = max(store, engine)
+        out[n.node_id] = Held(tokens, min(disk, tokens - engine), engine)
     return out
 
 

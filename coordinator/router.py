@@ -72,6 +72,7 @@ class NodeClient:
     # a factor, the moving average of log(actual / model's prediction) over finished requests.
     bias: dict[str, float] = field(default_factory=dict)
     chunks: ChunkIndex = field(default_factory=ChunkIndex)  # what its KV store holds (prefix routing)
+    blocks: ChunkIndex = field(default_factory=ChunkIndex)  # what its engine's prefix cache holds
     stub: object = field(init=False)
     health: object = field(init=False)
     monitor: object = field(init=False)
@@ -91,6 +92,8 @@ class NodeClient:
 
     def saw_load(self, msg: pb.NodeLoad) -> None:
         self.load, self.load_at = msg, time.monotonic()
+        if msg.eng_whole or msg.eng_held or msg.eng_gone or msg.eng_namespace:
+            self.blocks.update(msg.eng_whole, msg.eng_held, (), msg.eng_gone, msg.eng_namespace, msg.eng_block_tokens)
         if msg.kv_whole or msg.kv_ram or msg.kv_disk or msg.kv_gone or msg.kv_namespace:
             self.chunks.update(msg.kv_whole, msg.kv_ram, msg.kv_disk, msg.kv_gone, msg.kv_namespace,
                                msg.kv_chunk_tokens)

@@ -125,7 +125,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "role", "grpc_address", "kv_address", "model", "outstanding", "served", "draining", "down", "prefill_queue", "decode_batch", "perf_samples", "load_age_s", "kv_chunks_ram", "kv_chunks_disk")
+    __slots__ = ("node_id", "role", "grpc_address", "kv_address", "model", "outstanding", "served", "draining", "down", "prefill_queue", "decode_batch", "perf_samples", "load_age_s", "kv_chunks_ram", "kv_chunks_disk", "kv_engine_blocks")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,7 @@ class NodeInfo(_message.Message):
     LOAD_AGE_S_FIELD_NUMBER: _ClassVar[int]
     KV_CHUNKS_RAM_FIELD_NUMBER: _ClassVar[int]
     KV_CHUNKS_DISK_FIELD_NUMBER: _ClassVar[int]
+    KV_ENGINE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: str
     grpc_address: str
@@ -156,7 +157,8 @@ class NodeInfo(_message.Message):
     load_age_s: float
     kv_chunks_ram: int
     kv_chunks_disk: int
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., grpc_address: _Optional[str] = ..., kv_address: _Optional[str] = ..., model: _Optional[str] = ..., outstanding: _Optional[int] = ..., served: _Optional[int] = ..., draining: _Optional[bool] = ..., down: _Optional[bool] = ..., prefill_queue: _Optional[int] = ..., decode_batch: _Optional[int] = ..., perf_samples: _Optional[int] = ..., load_age_s: _Optional[float] = ..., kv_chunks_ram: _Optional[int] = ..., kv_chunks_disk: _Optional[int] = ...) -> None: ...
+    kv_engine_blocks: int
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., grpc_address: _Optional[str] = ..., kv_address: _Optional[str] = ..., model: _Optional[str] = ..., outstanding: _Optional[int] = ..., served: _Optional[int] = ..., draining: _Optional[bool] = ..., down: _Optional[bool] = ..., prefill_queue: _Optional[int] = ..., decode_batch: _Optional[int] = ..., perf_samples: _Optional[int] = ..., load_age_s: _Optional[float] = ..., kv_chunks_ram: _Optional[int] = ..., kv_chunks_disk: _Optional[int] = ..., kv_engine_blocks: _Optional[int] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
     __slots__ = ("cluster", "model", "nodes")
@@ -199,7 +201,7 @@ class PerfFit(_message.Message):
     def __init__(self, name: _Optional[str] = ..., terms: _Optional[_Iterable[str]] = ..., coefficients: _Optional[_Iterable[float]] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class NodeLoad(_message.Message):
-    __slots__ = ("node_id", "engine_id", "prefill_queue", "decode_batch", "decode_context", "decode_waiting", "fits", "sent_at", "step_tokens", "prefill_busy", "decode_batch_mean", "decode_context_mean", "kv_whole", "kv_ram", "kv_disk", "kv_gone", "kv_namespace", "kv_chunk_tokens")
+    __slots__ = ("node_id", "engine_id", "prefill_queue", "decode_batch", "decode_context", "decode_waiting", "fits", "sent_at", "step_tokens", "prefill_busy", "decode_batch_mean", "decode_context_mean", "kv_whole", "kv_ram", "kv_disk", "kv_gone", "kv_namespace", "kv_chunk_tokens", "eng_whole", "eng_held", "eng_gone", "eng_namespace", "eng_block_tokens")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_QUEUE_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +220,11 @@ class NodeLoad(_message.Message):
     KV_GONE_FIELD_NUMBER: _ClassVar[int]
     KV_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KV_CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ENG_WHOLE_FIELD_NUMBER: _ClassVar[int]
+    ENG_HELD_FIELD_NUMBER: _ClassVar[int]
+    ENG_GONE_FIELD_NUMBER: _ClassVar[int]
+    ENG_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    ENG_BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     engine_id: str
     prefill_queue: _containers.RepeatedScalarFieldContainer[int]
@@ -236,7 +243,12 @@ class NodeLoad(_message.Message):
     kv_gone: _containers.RepeatedScalarFieldContainer[bytes]
     kv_namespace: bytes
     kv_chunk_tokens: int
-    def __init__(self, node_id: _Optional[str] = ..., engine_id: _Optional[str] = ..., prefill_queue: _Optional[_Iterable[int]] = ..., decode_batch: _Optional[int] = ..., decode_context: _Optional[int] = ..., decode_waiting: _Optional[int] = ..., fits: _Optional[_Iterable[_Union[PerfFit, _Mapping]]] = ..., sent_at: _Optional[float] = ..., step_tokens: _Optional[int] = ..., prefill_busy: _Optional[float] = ..., decode_batch_mean: _Optional[float] = ..., decode_context_mean: _Optional[float] = ..., kv_whole: _Optional[bool] = ..., kv_ram: _Optional[_Iterable[bytes]] = ..., kv_disk: _Optional[_Iterable[bytes]] = ..., kv_gone: _Optional[_Iterable[bytes]] = ..., kv_namespace: _Optional[bytes] = ..., kv_chunk_tokens: _Optional[int] = ...) -> None: ...
+    eng_whole: bool
+    eng_held: _containers.RepeatedScalarFieldContainer[bytes]
+    eng_gone: _containers.RepeatedScalarFieldContainer[bytes]
+    eng_namespace: bytes
+    eng_block_tokens: int
+    def __init__(self, node_id: _Optional[str] = ..., engine_id: _Optional[str] = ..., prefill_queue: _Optional[_Iterable[int]] = ..., decode_batch: _Optional[int] = ..., decode_context: _Optional[int] = ..., decode_waiting: _Optional[int] = ..., fits: _Optional[_Iterable[_Union[PerfFit, _Mapping]]] = ..., sent_at: _Optional[float] = ..., step_tokens: _Optional[int] = ..., prefill_busy: _Optional[float] = ..., decode_batch_mean: _Optional[float] = ..., decode_context_mean: _Optional[float] = ..., kv_whole: _Optional[bool] = ..., kv_ram: _Optional[_Iterable[bytes]] = ..., kv_disk: _Optional[_Iterable[bytes]] = ..., kv_gone: _Optional[_Iterable[bytes]] = ..., kv_namespace: _Optional[bytes] = ..., kv_chunk_tokens: _Optional[int] = ..., eng_whole: _Optional[bool] = ..., eng_held: _Optional[_Iterable[bytes]] = ..., eng_gone: _Optional[_Iterable[bytes]] = ..., eng_namespace: _Optional[bytes] = ..., eng_block_tokens: _Optional[int] = ...) -> None: ...
 
 class KVHandle(_message.Message):
     __slots__ = ("engine_id", "address", "remote_request_id", "block_ids", "num_tokens", "lease_deadline")

@@ -102,12 +102,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     print(f"cluster {st.cluster}  model {st.model}")
     print(f"{'ROLE':8} {'NODE':24} {'GRPC':22} {'KV':22} {'STATE':9} {'OUTSTANDING':>11} {'SERVED':>8} "
-          f"{'QUEUE':>5} {'BATCH':>5} {'SAMPLES':>7} {'KV CHUNKS RAM/DISK':>18}")
+          f"{'QUEUE':>5} {'BATCH':>5} {'SAMPLES':>7} {'KV CHUNKS RAM/DISK':>18} {'ENGINE BLOCKS':>13}")
     for n in st.nodes:
         state = "down" if n.down else "draining" if n.draining else "up"
         load = (f"{n.prefill_queue:>5} {n.decode_batch:>5} {n.perf_samples:>7} "
-                f"{f'{n.kv_chunks_ram}/{n.kv_chunks_disk}':>18}" if n.load_age_s >= 0
-                else f"{'-':>5} {'-':>5} {'-':>7} {'-':>18}")
+                f"{f'{n.kv_chunks_ram}/{n.kv_chunks_disk}':>18} {n.kv_engine_blocks:>13}" if n.load_age_s >= 0
+                else f"{'-':>5} {'-':>5} {'-':>7} {'-':>18} {'-':>13}")
         print(f"{n.role:8} {n.node_id:24} {n.grpc_address:22} {n.kv_address:22} {state:9} {n.outstanding:>11} "
               f"{n.served:>8} {load}")
     if not st.nodes:

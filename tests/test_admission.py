@@ -323,6 +323,44 @@ def test_tpot_counts_the_batch_over_the_requests_life_not_only_now() -> None:
     run(go)
 
 
+def test_the_engines_own_prefix_cache_is_credited_without_a_load_and_the_store_beyond_it_with_one() -> None:
+    from tandem.coordinator.prefix import Held, held_prefixes
+    from tandem.kvstore.held import HeldChunks
+    from tandem.kvstore.keys import chunk_keys, namespace
+
+    prompt = list(range(5, 1029))  # 1024 tokens
+    store_ns, eng_ns = namespace("tiny", LAYOUT, 256), namespace("tiny", {"engine_block": 32}, 32)
+    chunks, blocks = chunk_keys(store_ns, prompt, 256), chunk_keys(eng_ns, prompt, 32)
+
+    def load(n_chunks: int, n_blocks: int, queue: list[int] | None = None) -> pb.NodeLoad:
+        msg = pb.NodeLoad(prefill_queue=queue or [], fits=fits(prefill=(0.01, 0.0005, 0.0)))
+        for keys, n, ns, size, eng in ((chunks, n_chunks, store_ns, 256, False), (blocks, n_blocks, eng_ns, 32, True)):
+            h = HeldChunks()
+            h.apply([("ns", ns.hex(), str(size))] + [("+", k.hex(), "ram") for k in keys[:n]])
+            whole, changes, _ = h.since(None)
+            if eng:
+                msg.eng_whole, msg.eng_namespace, msg.eng_block_tokens = whole, ns, size
+                msg.eng_held.extend(changes)
+            else:
+                msg.kv_whole, msg.kv_namespace, msg.kv_chunk_tokens = whole, ns, size
+                msg.kv_ram.extend(changes)
+        return msg
+
+    def go():
+        # p0: 10 blocks (320 tokens) in its engine's cache, 2 chunks (512) in its store; p1: 20 blocks, no store.
+        r = cluster({"p0": load(2, 10), "p1": load(0, 20), "d0": pb.NodeLoad(fits=fits())})
+        held = held_prefixes([r._nodes["p0"], r._nodes["p1"]], prompt)
+        assert held == {"p0": Held(512, 0, 320), "p1": Held(640, 0, 640)}
+        plan = Admission(r, local=False).plan("r", len(prompt), 16, Slo(), prompt_ids=prompt)
+        # p1: 640 tokens cached in its engine, nothing to load; p0 would load 192 from its store.
+        assert plan.prefill.node_id == "p1" and plan.prefill_held == 640
+        assert plan.ttft_s == pytest.approx(0.01 + 0.0005 * (1024 - 640))
+        # Capped at what is computed (the last prompt token never is held): the engine's part first.
+        assert Held(640, 0, 640).capped(100) == Held(100, 0, 100)
+        assert Held(512, 256, 320).capped(1023) == Held(512, 192, 320)
+    run(go)
+
+
 def test_prefix_routing_sends_a_prompt_where_its_prefix_is_held_unless_that_queue_costs_more() -> None:
     import random
 

@@ -53,6 +53,8 @@ class NodeConfig:
     kvstore_chunk_tokens: int = 256
     kvstore_save: bool = True
     kvstore_eviction: str = "tail-first"
+    # Publish the engine's prefix cache (vLLM's KV events) to coordinators, for prefix-aware routing.
+    engine_kv_events: bool = True
 
     def finish(self) -> NodeConfig:
         """Fill derived defaults and check everything; raise ValueError with a clear message."""
@@ -207,6 +209,9 @@ def add_node_args(ap: argparse.ArgumentParser) -> None:
                          "is not stored)")
     ap.add_argument("--kvstore-save", default=_env("kvstore_save", "on"), choices=["on", "off"],
                     help="off: only load what the store holds, never add to it")
+    ap.add_argument("--engine-kv-events", default=_env("engine_kv_events", "on"), choices=["on", "off"],
+                    help="tell coordinators what the engine's own prefix cache holds (vLLM's KV events), "
+                         "so prefix-aware routing credits it")
     ap.add_argument("--kvstore-eviction", default=_env("kvstore_eviction", "tail-first"), choices=list(EVICTIONS),
                     help="the RAM tier's eviction policy: tail-first (least recently used first, a prompt's "
                          "later chunks before its earlier ones, which other prompts share), lru, fifo")
@@ -215,6 +220,7 @@ def add_node_args(ap: argparse.ArgumentParser) -> None:
 def config_from_args(role: str, args: argparse.Namespace) -> NodeConfig:
     fields = NodeConfig.__dataclass_fields__
     values = {k: v for k, v in vars(args).items() if k in fields and k != "role"}
-    if "kvstore_save" in values:
-        values["kvstore_save"] = values["kvstore_save"] in ("on", True)
+    for flag in ("kvstore_save", "engine_kv_events"):
+        if flag in values:
+            values[flag] = values[flag] in ("on", True)
     return NodeConfig(role=role, **values).finish()

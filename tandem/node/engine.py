@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import tempfile
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,9 @@ class EngineHost:
         self.kv_port_reserved = kv_port_reserved
         self._engine: Any = None
         self._arena = ""  # the KV store's shared-memory file, while it has a name
+        # Where vLLM publishes its KV events (the daemon subscribes); "" when off.
+        self.events_endpoint = (f"ipc://{tempfile.gettempdir()}/tandem-kvev-{os.getpid()}-{engine_id[-8:]}"
+                                if cfg.engine_kv_events and cfg.enable_prefix_caching else "")
 
     def start(self) -> None:
         """Start vLLM (tens of seconds on CPU); blocks until it is ready."""
@@ -47,6 +51,7 @@ class EngineHost:
             logger.info("VLLM_CPU_KVCACHE_SPACE ignored: --kv-cache-gib sizes the engine's KV cache")
         if cfg.cores:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cores
+        from vllm.config import KVEventsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -63,6 +68,8 @@ class EngineHost:
             max_num_batched_tokens=cfg.max_num_batched_tokens or None,
             enable_prefix_caching=cfg.enable_prefix_caching,
             scheduling_policy=cfg.scheduling_policy,
+            kv_events_config=KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
+                                            endpoint=self.events_endpoint) if self.events_endpoint else None,
             # A stop signal that reaches the engine core too (a terminal's Ctrl-C, a process-group
             # kill) lets its requests finish like the daemon's own drain, instead of aborting them.
             shutdown_timeout=int(cfg.drain_grace_s),

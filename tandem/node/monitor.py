@@ -27,9 +27,10 @@ HEARTBEAT_S = 1.0
 class NodeMonitorServicer(pb_grpc.NodeMonitorServicer):
     def __init__(self, perf: NodePerf, node_id: str, engine_id: str,
                  reset_cache: Callable[[bool], Awaitable[bool]] | None = None,
-                 held: HeldChunks | None = None) -> None:
+                 held: HeldChunks | None = None, engine_held: HeldChunks | None = None) -> None:
         self.perf = perf
         self.held = held
+        self.engine_held = engine_held
         self.node_id = node_id
         self.engine_id = engine_id
         self.reset_cache = reset_cache
@@ -52,12 +53,15 @@ class NodeMonitorServicer(pb_grpc.NodeMonitorServicer):
         closing = asyncio.ensure_future(self.closing.wait())
         changed: asyncio.Future[bool] | None = None
         pos: int | None = None  # this stream's place in the KV store's changes
+        epos: int | None = None  # ... in the engine cache's
         try:
             while not self.closing.is_set():
                 changed = asyncio.ensure_future(self.perf.changed().wait())
                 msg = self.perf.load(self.node_id, self.engine_id)
                 if self.held is not None:
                     pos = _held_into(msg, self.held, pos)
+                if self.engine_held is not None:
+                    epos = _engine_into(msg, self.engine_held, epos)
                 await context.write(msg)
                 done, _ = await asyncio.wait({changed, closing}, timeout=HEARTBEAT_S,
                                              return_when=asyncio.FIRST_COMPLETED)
@@ -79,10 +83,19 @@ def _held_into(msg: pb.NodeLoad, held: HeldChunks, pos: int | None) -> int:
     return pos
 
 
+def _engine_into(msg: pb.NodeLoad, held: HeldChunks, pos: int | None) -> int:
+    whole, changes, pos = held.since(pos)
+    msg.eng_whole = whole
+    msg.eng_namespace, msg.eng_block_tokens = held.namespace, held.chunk_tokens
+    for key, state in changes.items():
+        (msg.eng_held if state else msg.eng_gone).append(key)
+    return pos
+
+
 def add_servicer(server: grpc.aio.Server, perf: NodePerf, node_id: str, engine_id: str,
                  reset_cache: Callable[[bool], Awaitable[bool]] | None = None,
-                 held: HeldChunks | None = None) -> NodeMonitorServicer:
-    servicer = NodeMonitorServicer(perf, node_id, engine_id, reset_cache, held)
+                 held: HeldChunks | None = None, engine_held: HeldChunks | None = None) -> NodeMonitorServicer:
+    servicer = NodeMonitorServicer(perf, node_id, engine_id, reset_cache, held, engine_held)
     pb_grpc.add_NodeMonitorServicer_to_server(servicer, server)
     return servicer
 

@@ -68,14 +68,28 @@ async def run_node(cfg: NodeConfig, service_name: str,
 
         held = HeldChunks()
         STORE_EVENT_SINKS.append(held.apply)
+    engine_held, events = None, None
+    if engine.events_endpoint:  # subscribed before the engine publishes anything
+        from tandem.kvstore.engine_events import EngineBlocks, EngineEventsSubscriber
+        from tandem.kvstore.held import HeldChunks
+        from tandem.kvstore.keys import model_identity, namespace
+
+        engine_held = HeldChunks()
+        ns = namespace(model_identity(cfg.model) + f"|{cfg.dtype}", {"engine_block": cfg.block_size}, cfg.block_size)
+        events = EngineEventsSubscriber(engine.events_endpoint, EngineBlocks(ns, cfg.block_size, engine_held).batch)
     try:
         await asyncio.get_running_loop().run_in_executor(None, engine.start)
+    except BaseException:
+        if events is not None:
+            events.close()
+        raise
     finally:
         reservation.close()
     perf = NodePerf(step_tokens=cfg.max_num_batched_tokens)
-    if held is not None:
-        loop = asyncio.get_running_loop()
-        held.on_change = lambda: loop.call_soon_threadsafe(perf.notify)
+    loop = asyncio.get_running_loop()
+    for picture in (held, engine_held):
+        if picture is not None:
+            picture.on_change = lambda: loop.call_soon_threadsafe(perf.notify)
     try:
         said = await seed_from_profile(
             perf, engine, mode=cfg.profile, cache_dir=Path(cfg.profile_cache), model_dir=cfg.model,
@@ -94,7 +108,8 @@ async def run_node(cfg: NodeConfig, service_name: str,
 
     def add_services(server: grpc.aio.Server) -> None:
         add_servicer(server, engine, perf)
-        watchers.append(monitor.add_servicer(server, perf, cfg.node_id, engine_id, engine.reset_cache, held))
+        watchers.append(monitor.add_servicer(server, perf, cfg.node_id, engine_id, engine.reset_cache, held,
+                                             engine_held))
 
     grpc_server = await start_grpc(cfg.host, cfg.grpc_port, service_name, add_services,
                                    more_services=(monitor.SERVICE_NAME,))
@@ -141,6 +156,8 @@ async def run_node(cfg: NodeConfig, service_name: str,
         await grpc_server.stop()
         httpd.shutdown()
         engine.shutdown()
+        if events is not None:
+            events.close()
     return code
 
 

@@ -56,3 +56,32 @@ def test_a_held_prefix_draws_its_requests_and_other_prompts_go_by_load(cluster: 
     assert cached() == before + 4 * 512
     # Nothing held for these: the idle nodes are alike and the one that served less takes them.
     assert {prefill_node(ids(300, salt)) for salt in range(20, 23)} == {other}
+
+
+def test_a_prefix_shorter_than_a_store_chunk_draws_its_requests_by_the_engines_kv_events(
+        cluster: LocalCluster, stub) -> None:
+    def prefill_node(prompt: list[int]) -> str:
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt),
+                                 sampling=pb.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        msgs = list(stub.Generate(req, timeout=120))
+        assert msgs[-1].finish.reason == "length"
+        return msgs[-1].finish.timings.prefill_node
+
+    def engine_blocks() -> dict[str, int]:
+        st = stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=10)
+        return {n.node_id: n.kv_engine_blocks for n in st.nodes if n.role == "prefill"}
+
+    def credited() -> float:
+        return metric(scrape(cluster.http_url + "/metrics"), "tandem_routing_cached_tokens_total", tier="engine")
+
+    # Six 32-token blocks: less than one 256-token chunk, so the KV store keeps none of it; only the
+    # engine's own prefix cache has it, and only its KV events tell the coordinator.
+    shared = ids(192, 40)
+    before_blocks = engine_blocks()
+    holder = prefill_node(shared + ids(30, 41))
+    wait_until(lambda: engine_blocks()[holder] >= before_blocks[holder] + 6, 30,
+               f"the coordinator to learn what {holder}'s engine cache holds")
+    before = credited()
+    for salt in range(42, 45):
+        assert prefill_node(shared + ids(30, salt)) == holder
+    assert credited() == before + 3 * 192
