@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import statistics
 from collections.abc import Iterator
 from pathlib import Path
@@ -219,6 +220,9 @@ def add_compare_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--ratios", default="",
                     help="Tandem's P:D ratios, e.g. 2:1,1:1 (default: every ratio with a core per node; nodes "
                          "of one pool share cores when there are fewer)")
+    ap.add_argument("--tandem-flags", default="",
+                    help="more coordinator flags for every Tandem system, after its variant's (e.g. "
+                         "\"--conditional-disagg off\" to compare routing policies on the prefill pool alone)")
     ap.add_argument("--slo-ttft", type=float, default=None)
     ap.add_argument("--slo-tpot", type=float, default=None)
     ap.add_argument("--k-ttft", type=float, default=5.0, help="preset: SLO TTFT = k x unloaded TTFT")
@@ -295,7 +299,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if name.startswith("tandem"):
             variant = name.removeprefix("tandem")
             starters += [(f"tandem-{p}:{d}{variant}",
-                          lambda p=p, d=d, v=variant: start_tandem(model, p, d, args.max_model_len, out, cores, v))
+                          lambda p=p, d=d, v=variant: start_tandem(model, p, d, args.max_model_len, out, cores, v,
+                                                                   shlex.split(args.tandem_flags)))
                          for p, d in (parse_ratios(args.ratios) if args.ratios else ratios_for(len(cores)))]
         elif name == "vllm-colocated":
             starters.append((name, lambda: start_vllm_colocated(model, cores, args.max_model_len, out)))

@@ -293,7 +293,8 @@ def cache_facts(cluster: LocalCluster) -> dict[str, Any]:
 
 
 def start_tandem(model: str, num_prefill: int, num_decode: int, max_model_len: int, log_dir: Path,
-                 cores: list[int], variant: str = "") -> System:
+                 cores: list[int], variant: str = "", coordinator_flags: list[str] | None = None) -> System:
+    """Tandem at P:D, its variant's flags, then ``coordinator_flags`` (compare's --tandem-flags)."""
     store_dir = Path(MEMORY.kvstore_root) / f"{num_prefill}p{num_decode}d{variant}" if MEMORY.kvstore_root else None
     if store_dir is not None:
         shutil.rmtree(store_dir, ignore_errors=True)  # every system starts cold: nothing from a run before
@@ -302,7 +303,7 @@ def start_tandem(model: str, num_prefill: int, num_decode: int, max_model_len: i
                        log_dir=str(log_dir / f"tandem-{num_prefill}p{num_decode}d{variant}"),
                        kvstore_ram_gib=MEMORY.kvstore_ram_gib,
                        kvstore_root=str(store_dir or ""),
-                       extra_coordinator_args=TANDEM_VARIANTS[variant][0],
+                       extra_coordinator_args=TANDEM_VARIANTS[variant][0] + list(coordinator_flags or []),
                        extra_node_args=TANDEM_VARIANTS[variant][1])
     cluster = LocalCluster(spec).start()
     cmds = [cluster.coordinator.argv[1:]] + [d.argv[1:] for d in cluster.nodes]  # type: ignore[union-attr]
