@@ -252,6 +252,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     known = {f"tandem{v}" for v in TANDEM_VARIANTS} | {"vllm-colocated", "vllm-nixl", "vllm-nixl-fixed"}
     if set(wanted) - known:
         raise SystemExit(f"unknown system(s) {sorted(set(wanted) - known)}; known: {sorted(known)}")
+    extra = {w for w in shlex.split(args.tandem_flags) if w.startswith("--")}
+    for name in wanted:  # a variant's own flags win silently otherwise (the last one given)
+        own = TANDEM_VARIANTS[name.removeprefix("tandem")][0] if name.startswith("tandem") else []
+        if extra & set(own):
+            raise SystemExit(f"--tandem-flags sets {', '.join(sorted(extra & set(own)))}, which {name} sets itself")
     if {"vllm-nixl", "vllm-nixl-fixed"} & set(wanted):
         check_nixl()  # before any measurement, not after the first systems ran
     out = Path(args.out)

@@ -32,7 +32,7 @@ def replay(prompts: list[list[int]], num_slots: int, chunk_tokens: int, policy: 
             hits, chunks = hits + n, chunks + len(keys)
             hit_tokens, tokens = hit_tokens + n * chunk_tokens, tokens + len(ids)
             reserved = [k for k in keys[n:] if store.reserve_for_save(k) is not None]
-            store.saved(reserved, True)
+            store.saved(reserved, True, run=keys)
         store.close()
         arena.close()
     return {"policy": policy, "slots": num_slots, "hit_chunks": hits, "chunks": chunks,

@@ -281,7 +281,7 @@ def cache_facts(cluster: LocalCluster) -> dict[str, Any]:
         url = d.info["metrics"]
         prompt += _metric_sum(url, "tandem_prefill_prompt_tokens_total")
         cached += _metric_sum(url, "tandem_prefill_cached_tokens_total")
-        hits += _metric_sum(url, "tandem_kvstore_hits_total")
+        hits += _metric_sum(url, "tandem_kvstore_hits_total", tier="ram")  # a disk hit is loaded from RAM too
         misses += _metric_sum(url, "tandem_kvstore_misses_total")
         per_node[d.name] = int(_metric_sum(url, "tandem_prefill_requests_total", outcome="ok"))
     out: dict[str, Any] = {"prefill_prompt_tokens": int(prompt), "prefill_cached_tokens": int(cached),

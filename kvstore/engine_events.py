@@ -40,7 +40,7 @@ class EngineBlocks:
         held.apply([("ns", namespace.hex(), str(block_tokens))])
         self._ours: dict[Any, bytes] = {}  # vLLM's hash -> our key
         self._last_seq: int | None = None
-        self._warned = False
+        self._odd_sizes: set[int] = set()
 
     def batch(self, seq: int, events: list[Any]) -> None:
         """One published batch (``seq``: the publisher's sequence number)."""
@@ -74,12 +74,16 @@ class EngineBlocks:
     def _stored(self, ev: Any) -> list[tuple[str, str, str]]:
         if getattr(ev, "group_idx", None) not in (None, 0) or ev.lora_id is not None:
             return []
+        if getattr(ev, "kv_cache_spec_kind", None) not in (None, "full_attention"):
+            return []  # a sliding window's blocks are not a prefix
         if ev.block_size != self.block_tokens:
-            if not self._warned:
+            if ev.block_size > self.block_tokens and ev.block_size not in self._odd_sizes:
+                self._odd_sizes.add(ev.block_size)
                 logger.warning("engine KV events: blocks of %d tokens, expected %d; left out of routing",
                                ev.block_size, self.block_tokens)
-                self._warned = True
-            return []
+            return []  # (smaller: a partial block's hash, not a cached block)
+        if len(ev.token_ids) != len(ev.block_hashes) * self.block_tokens:
+            return []  # not one run of whole blocks: nothing to key safely
         if ev.parent_block_hash is None:
             prev = self.namespace
         elif ev.parent_block_hash in self._ours:

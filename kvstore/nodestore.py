@@ -139,8 +139,9 @@ class NodeStore:
             COUNTS.add("dropped_saves")
         return slot
 
-    def saved(self, keys: list[bytes], ok: bool) -> None:
-        """The worker filled (or failed to fill) these reserved slots."""
+    def saved(self, keys: list[bytes], ok: bool, run: list[bytes] | None = None) -> None:
+        """The worker filled (or failed to fill) these reserved slots; ``run``: the prompt's chunks
+        they belong to, in prompt order (all of them used now, for the eviction order)."""
         writes = []
         with self._lock:
             for k in keys:
@@ -151,7 +152,7 @@ class NodeStore:
                     self._note("+", k, "ram")
                 if ok and self.disk is not None and k not in self.disk:
                     writes.append((k, self.index.pin(k)))
-            self.index.used(keys)
+            self.index.used(run if run is not None else keys)
         if ok:
             COUNTS.add("bytes.ram.stored", len(keys) * self.slot_bytes)
         for k, slot in writes:

@@ -16,6 +16,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from tandem.kvstore.tiers import COUNTS
+
 from .fetcher import LoadJob
 from .handle import CONSUME, HANDLE, PRODUCE, TransferHandle
 from .metadata import TandemConnectorMetadata, TandemWorkerMetadata
@@ -122,10 +124,15 @@ class SchedulerSide:
         ended_early = request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED)
         delay, params = self._finished(request, block_ids, ended_early)
         if self.store is not None:
+            t0 = time.perf_counter()
             job = self.store.on_finished(request, block_ids, ended_early)
             if job is not None:
                 self._meta.store_saves.append(job)
                 delay = True
+                COUNTS.add("saves")
+            # What saves cost the engine's step: planning them here, committing them in
+            # update_connector_output (the copies run on the worker's copier thread, beside the step).
+            COUNTS.add("save_step_ns", int((time.perf_counter() - t0) * 1e9))
         return delay, params
 
     def _finished(self, request: Request, block_ids: list[int], ended_early: bool
@@ -174,7 +181,9 @@ class SchedulerSide:
                               failed=set(out.failed_recving or ()))
         meta = out.kv_connector_worker_meta
         if isinstance(meta, TandemWorkerMetadata) and meta.saves:
-            self.store.saves_done(meta.saves)
+            t0 = time.perf_counter()
+            self.store.saves_done(meta.saves)  # (committing them: on the step's path too)
+            COUNTS.add("save_step_ns", int((time.perf_counter() - t0) * 1e9))
 
     def take_stats(self) -> TandemKVStats | None:
         """The KV store's counts since the last call (the store lives in this process)."""

@@ -112,6 +112,13 @@ class TandemPromMetrics(KVConnectorPromMetrics):
         self._st_corrupt = self._counter_cls("tandem_kvstore_corrupt_chunks",
                                              "Disk chunks that failed their check (removed, counted as misses)",
                                              labelnames=labelnames)
+        self._st_saves = self._counter_cls("tandem_kvstore_saves", "Requests whose prompt chunks were saved",
+                                           labelnames=labelnames)
+        self._st_save_step = self._counter_cls(
+            "tandem_kvstore_save_step_seconds", "Time the engine's steps spent on saves: planning them as "
+            "requests end and committing them once copied (the copies run beside the step: "
+            "tandem_kvstore_copy_seconds)",
+            labelnames=labelnames)
         self._st_held = self._gauge_cls("tandem_kvstore_held_bytes", "Bytes held in the KV store, by tier",
                                         labelnames=[*labelnames, "tier"])
         self._st_load = self._histogram_cls(
@@ -166,6 +173,10 @@ class TandemPromMetrics(KVConnectorPromMetrics):
                 self._st_dropped.labels(*values).inc(n)
             elif kind == "corrupt_chunks":
                 self._st_corrupt.labels(*values).inc(n)
+            elif kind == "saves":
+                self._st_saves.labels(*values).inc(n)
+            elif kind == "save_step_ns":
+                self._st_save_step.labels(*values).inc(n / 1e9)
         for tier, n in (data.get("store_held") or {}).items():
             self._st_held.labels(*values, tier).set(n)
         for s in data.get("store_load_seconds", []):

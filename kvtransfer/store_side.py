@@ -158,7 +158,7 @@ class StoreScheduler:
         self.save = save
         self._reqs: dict[str, _Req] = {}
         self._loading: dict[str, list[bytes]] = {}
-        self._saving: dict[str, list[bytes]] = {}
+        self._saving: dict[str, tuple[list[bytes], list[bytes]]] = {}  # (chunks saved, the prompt's run)
         self._counted: dict[str, int] = {}  # the store's counts at the last stats()
         self._held: dict[str, int] | None = None  # its bytes held per tier at the last stats()
         self._named = False  # the key space sent (the first stats())
@@ -287,7 +287,7 @@ class StoreScheduler:
             saving.append(keys[c])
         if not pieces:
             return None
-        self._saving[request.request_id] = saving
+        self._saving[request.request_id] = (saving, keys[:n // self.chunk_tokens])
         return StoreJob(request.request_id, pieces, bids)
 
     @property
@@ -296,9 +296,9 @@ class StoreScheduler:
 
     def saves_done(self, results: dict[str, bool]) -> None:
         for rid, ok in results.items():
-            keys = self._saving.pop(rid, None)
-            if keys is not None:
-                self.store.saved(keys, ok)
+            saving = self._saving.pop(rid, None)
+            if saving is not None:
+                self.store.saved(saving[0], ok, run=saving[1])
 
     def stats(self) -> dict[str, Any] | None:
         """Counts since the last call and bytes held now (None when nothing changed)."""

@@ -143,3 +143,12 @@ def test_ratios_parse_and_a_bad_one_is_refused() -> None:
     assert parse_ratios("2:1, 1:1") == [(2, 1), (1, 1)]
     with pytest.raises(SystemExit, match="P:D"):
         parse_ratios("2-1")
+
+
+def test_tandem_flags_a_variant_sets_itself_are_refused_before_any_work() -> None:
+    from tandem.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "compare", "--systems", "tandem,tandem-random",
+                                      "--tandem-flags", "--routing least-loaded"])
+    with pytest.raises(SystemExit, match="--routing, which tandem-random sets itself"):
+        args.fn(args)

@@ -86,3 +86,13 @@ def test_the_subscriber_reads_a_zmq_stream_as_vllms_publisher_sends_it(tmp_path)
     finally:
         sub.close()
         pub.close()
+
+
+def test_partial_blocks_odd_sizes_and_runs_that_do_not_add_up_are_left_out() -> None:
+    held = HeldChunks()
+    eng = EngineBlocks(namespace("m", {}, BS), BS, held)
+    eng.batch(0, [stored([b"p"], None, [1, 2], bs=2),  # a partial block's hash
+                  stored([b"big"], None, list(range(8)), bs=8),  # another block size
+                  stored([b"short"], None, [1, 2, 3]),  # tokens that do not fill its blocks
+                  stored([b"w"], None, [1, 2, 3, 4], kv_cache_spec_kind="sliding_window")])
+    assert not held.ram

@@ -338,3 +338,18 @@ def test_a_ram_tier_with_no_room_is_a_clear_error_and_leaves_nothing(tmp_path: P
     with pytest.raises(RuntimeError, match="no room for a .* GiB RAM tier"):
         Arena(tmp_path / "huge", 1 << 20, 1 << 30, create=True)  # a pebibyte
     assert not (tmp_path / "huge").exists()
+
+
+def test_a_save_counts_the_prompts_whole_run_as_used_so_tail_first_keeps_its_head(tmp_path: Path) -> None:
+    from tandem.kvstore.arena import Arena
+    from tandem.kvstore.nodestore import NodeStore
+
+    store = NodeStore(Arena(tmp_path / "arena", 3, 8, create=True), None, eviction="tail-first")
+    a, b, c, x = (n.encode() * 32 for n in "abcx")
+    assert store.reserve_for_save(a) is not None
+    store.saved([a], True, run=[a])
+    assert store.count_ready([a, b, c], 0) == 1  # a later prompt finds a, computes b and c...
+    reserved = [k for k in (b, c) if store.reserve_for_save(k) is not None]
+    store.saved(reserved, True, run=[a, b, c])  # ...and saves them: its whole run was used, head last
+    assert store.reserve_for_save(x) is not None  # full: the tail goes first
+    assert store.index.ready(a) and store.index.ready(b) and not store.index.has(c)

@@ -38,8 +38,13 @@ class EngineHost:
         self._engine: Any = None
         self._arena = ""  # the KV store's shared-memory file, while it has a name
         # Where vLLM publishes its KV events (the daemon subscribes); "" when off.
-        self.events_endpoint = (f"ipc://{tempfile.gettempdir()}/tandem-kvev-{os.getpid()}-{engine_id[-8:]}"
-                                if cfg.engine_kv_events and cfg.enable_prefix_caching else "")
+        self.events_endpoint = ""
+        if cfg.engine_kv_events and cfg.enable_prefix_caching:
+            name = f"tandem-kvev-{os.getpid()}-{engine_id[-8:]}"
+            where = tempfile.gettempdir()
+            if len(os.path.join(where, name)) > 100:  # a Unix socket's path has at most 107 bytes
+                where = "/tmp"
+            self.events_endpoint = f"ipc://{os.path.join(where, name)}"
 
     def start(self) -> None:
         """Start vLLM (tens of seconds on CPU); blocks until it is ready."""

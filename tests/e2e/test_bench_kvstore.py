@@ -29,3 +29,8 @@ def test_bench_kvstore_measures_every_tier_with_the_same_tokens(tiny_model: Path
     report = (tmp_path / "report.md").read_text()
     assert "| ram |" in report and "| disk |" in report and "(must be 0)" in report
     assert (tmp_path / "ttft_by_tier.png").stat().st_size > 1000
+    # Each prompt (and the warm-up) saved once, in the recompute phase; the cost of it measured.
+    assert doc["save_cost"]["saves"] >= 2 and doc["save_cost"]["step_s_per_save"] > 0
+    assert doc["save_cost"]["copy_s_per_save"] > 0 and "on the engine's step" in report
+    # The eviction policies' replay, before the cluster.
+    assert {r["policy"] for r in doc["eviction"]} == {"tail-first", "lru", "fifo"} and "| tail-first |" in report

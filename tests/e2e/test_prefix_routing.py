@@ -21,7 +21,10 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     spec = ClusterSpec(model=str(tiny_model), num_prefill=2, num_decode=1, max_model_len=1024,
-                       log_dir=str(tmp_path_factory.mktemp("logs-routing")), kvstore_ram_gib=0.05)
+                       log_dir=str(tmp_path_factory.mktemp("logs-routing")), kvstore_ram_gib=0.05,
+                       # Every prefill on a prefill node: on a tiny model a local prefill on the decode
+                       # node (conditional disaggregation) is a timing call either way.
+                       extra_coordinator_args=["--conditional-disagg", "off"])
     with LocalCluster(spec) as c:
         yield c
 
