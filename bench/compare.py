@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import shlex
 import statistics
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from .compare_report import GOAL, write_report
 from .metrics import summarize
 from .run import first_model
 from .systems import TANDEM_VARIANTS, System, check_nixl, start_tandem, start_vllm_colocated, start_vllm_nixl
-from .workloads import TraceEntry, assign_tiers, generate, materialize
+from .workloads import FIRST_TOKEN_ID, TraceEntry, assign_tiers, corpus, generate, materialize
 
 
 
@@ -107,6 +108,19 @@ def _spaced(workload: str, n: int, gap_s: float, seed: int, max_model_len: int) 
     return entries
 
 
+def warm_corpus(system: System, args: argparse.Namespace) -> None:
+    """--warm-prefixes: each prefix of the corpus once, one at a time, unmeasured (as a deployment's
+    shared system prompts or documents have been seen before the traffic being measured)."""
+    prefixes = corpus(args.prefixes or 4, args.max_model_len, 600, random.Random(f"corpus:{args.seed}"))
+    entries = [TraceEntry(0.0, len(p) + 8, 2, i, p + [FIRST_TOKEN_ID + i % 7] * 8) for i, p in enumerate(prefixes)]
+    print(f"  {system.name}: warming {len(entries)} prefixes of the corpus ...", flush=True)
+    t = 0.0
+    for e in entries:  # one at a time: a warm-up, not load
+        e.arrival_s = t
+        t += 1.5
+    _run(system.target, entries, (None, None))
+
+
 def unloaded_slos(target: str, workload: str, max_model_len: int, k_ttft: float, k_tpot: float,
                   n: int = 5) -> dict[str, float]:
     """SLO = k x the median unloaded TTFT / TPOT (one request at a time, 2 s apart)."""
@@ -131,6 +145,8 @@ def sweep(system: System, args: argparse.Namespace, slo: tuple[float, float],
     those when not ``swept``)."""
     if warm:
         warm_up(system, args.workload, args.max_model_len)
+        if getattr(args, "warm_prefixes", False):
+            warm_corpus(system, args)
     rows: list[dict[str, Any]] = []
     probes = [(ri, rate, None) for ri, rate in enumerate(args.rates)] if swept else []
     probes += [(100 + i, rate, k) for i, (k, rate) in enumerate(overload)]
@@ -144,7 +160,8 @@ def sweep(system: System, args: argparse.Namespace, slo: tuple[float, float],
             # run after the first a prefix-cache hit. The same probe is identical across systems.
             seed = args.seed + 1000 * ri + rep
             entries = generate(args.workload, rate=rate, duration_s=args.duration, seed=seed,
-                               max_model_len=args.max_model_len, prefixes_n=getattr(args, "prefixes", None))
+                               max_model_len=args.max_model_len, prefixes_n=getattr(args, "prefixes", None),
+                               corpus_seed=args.seed if getattr(args, "warm_prefixes", False) else None)
             materialize(entries, seed, 600)
             if getattr(args, "ttft_tiers", None):
                 assign_tiers(entries, args.ttft_tiers, seed)
@@ -195,6 +212,9 @@ def add_compare_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--workload", default="chat")
     ap.add_argument("--prefixes", type=int, default=None,
                     help="prefix-heavy: shared prefixes; multi-turn: conversations at once (the working set)")
+    ap.add_argument("--warm-prefixes", action="store_true",
+                    help="prefix-heavy: one corpus of prefixes for every probe (the tails still differ), each "
+                         "prefix sent once before the sweep: steady state, not each probe's first sights")
     ap.add_argument("--kv-cache-gib", type=float, default=2.0,
                     help="each engine's own KV cache (fractions too: make it smaller than the working set)")
     ap.add_argument("--kvstore-ram-gib", type=float, default=0.0,
@@ -344,6 +364,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
            "duration_s": args.duration, "reps": args.reps, "slo": slo_doc, "systems": systems_doc,
            "failed": failed,
            "overload": overload, "ttft_tiers": args.ttft_tiers, "prefixes": args.prefixes,
+           "warm_prefixes": bool(args.warm_prefixes),
            "memory": {"kv_cache_gib": args.kv_cache_gib, "kvstore_ram_gib": args.kvstore_ram_gib,
                       "kvstore_disk": bool(args.kvstore_disk), "colocated_kv_gib": systems.MEMORY.colocated_gib},
            "goodput_kind": "DistServe goodput from a rate sweep (highest swept rate with >= 90% attainment)"}

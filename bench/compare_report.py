@@ -27,7 +27,11 @@ def _memory_line(doc: dict[str, Any]) -> str:
         line += (f"; Tandem's nodes a KV store RAM tier of {mem['kvstore_ram_gib']:g} GiB each"
                  f"{' over a disk tier' if mem['kvstore_disk'] else ''}; colocated vLLM's cache "
                  f"{mem['colocated_kv_gib']:g} GiB (engine cache plus RAM tier)")
-    return line + (f". Working set: {doc['prefixes']} prefixes / conversations." if doc.get("prefixes") else ".")
+    line += f". Working set: {doc['prefixes']} prefixes / conversations" if doc.get("prefixes") else ""
+    if doc.get("warm_prefixes"):
+        line += (" (one corpus of prefixes for every probe, each prefix sent once before the sweep: steady state, "
+                 "not each probe's first sights)")
+    return line + "."
 
 
 def write_report(out: Path, doc: dict[str, Any]) -> Path:

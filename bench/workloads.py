@@ -71,9 +71,10 @@ def _lengths(name: str, rng: random.Random, ctx: int) -> tuple[int, int]:
 
 def generate(name: str, *, rate: float, duration_s: float, seed: int = 0, max_model_len: int = 8192,
              vocab_size: int = 600, burstiness: float | None = None, with_ids: bool = True,
-             prefixes_n: int | None = None) -> list[TraceEntry]:
+             prefixes_n: int | None = None, corpus_seed: int | None = None) -> list[TraceEntry]:
     """A seeded trace: the same arguments give the same trace. ``prefixes_n``: prefix-heavy's shared
-    prefixes, multi-turn's conversations at once (the working set)."""
+    prefixes, multi-turn's conversations at once (the working set). ``corpus_seed``: prefix-heavy's
+    prefixes from this seed instead of ``seed`` (one corpus of prefixes under traces that differ)."""
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; one of {', '.join(WORKLOADS)}")
     rng = random.Random(f"{name}:{seed}")
@@ -83,9 +84,8 @@ def generate(name: str, *, rate: float, duration_s: float, seed: int = 0, max_mo
         return _multi_turn(rng, times, max_model_len, vocab_size, prefixes_n or 16)
     prefixes: list[list[int]] = []
     if name == "prefix-heavy":
-        plen = min(1024, max_model_len // 2)
-        prefixes = [[rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(plen)]
-                    for _ in range(prefixes_n or 4)]
+        prefixes = corpus(prefixes_n or 4, max_model_len, vocab_size,
+                          rng if corpus_seed is None else random.Random(f"corpus:{corpus_seed}"))
     out = []
     for t in times:
         if name == "prefix-heavy":
@@ -99,6 +99,12 @@ def generate(name: str, *, rate: float, duration_s: float, seed: int = 0, max_mo
         ids = [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(ilen)] if with_ids else None
         out.append(TraceEntry(t, ilen, olen, None, ids))
     return out
+
+
+def corpus(n: int, max_model_len: int, vocab_size: int, rng: random.Random) -> list[list[int]]:
+    """prefix-heavy's shared prefixes: ``n`` of min(1024, context / 2) tokens."""
+    plen = min(1024, max_model_len // 2)
+    return [[rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(plen)] for _ in range(n)]
 
 
 def _multi_turn(rng: random.Random, times: list[float], max_model_len: int, vocab_size: int,

@@ -210,13 +210,15 @@ class LocalEstimate:
     harm_s: float
 
 
-def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int) -> LocalEstimate | None:
+def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached: Held = Held()
+                   ) -> LocalEstimate | None:
     """None when the node has no prefill or no decode model yet.
 
     TTFT = the prefills queued there (its own report, or this coordinator's local prefills
     still running there, whichever holds more tokens) + this prompt's prefill, both from the
     node's prefill model (profiled on its own engine, chunks included), + one decode step of
-    its running batch per chunk (``step_tokens`` per step) beside them. TPOT = a step of the
+    its running batch per chunk (``step_tokens`` per step) beside them; ``cached``: what the node
+    holds of the prompt (its engine's prefix cache, its KV store), not computed. TPOT = a step of the
     batch with this request added (its KV is already there). Harm: every running stream
     waits for the prefill's chunks once, spread over its tokens (this request's ``max_tokens``
     stands in for theirs, which the coordinator does not know)."""
@@ -229,16 +231,18 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int) -> Loc
     f = node.factor("ttft_local")
     queue = _prefill_queue(node, node.prefilling)
     queue_s = sum(model.prefill_s(t) for t in queue) * f
-    idle_s = model.prefill_s(prompt_tokens)
+    cached = cached.capped(prompt_tokens - 1)  # the last prompt token is always computed
+    idle_s = prefill_after_load(model, prompt_tokens, cached.tokens) + load_s(cached.loaded, cached.disk)
     run_s = idle_s * f
     step_tokens = (load.step_tokens if load is not None else 0) or DEFAULT_STEP_TOKENS
-    chunks = -(-(sum(queue) + prompt_tokens) // step_tokens)
+    chunks = -(-(sum(queue) + prompt_tokens - cached.tokens) // step_tokens)
     # Its chunks' steps carry the batch too (the fitted step: that is what a step beside a chunk costs).
     beside_s = chunks * max(0.0, model.step_s(batch, context) - model.step_s(0, 0)) * f if batch else 0.0
-    ttft = Estimate(node, queue_s + run_s + beside_s, idle_s, queue_s=queue_s, factor=f, detail=
-                    f"{node.node_id} (prefill here): queue {len(queue)} prompts {queue_s * 1000:.0f} ms + prefill "
-                    f"{run_s * 1000:.0f} ms + {chunks} steps beside a batch of {batch} {beside_s * 1000:.0f} ms"
-                    f"{_calibrated(f)}")
+    hit = f", {cached.tokens} tokens held there" if cached.tokens else ""
+    ttft = Estimate(node, queue_s + run_s + beside_s, idle_s, queue_s=queue_s, factor=f, cached_tokens=cached,
+                    detail=f"{node.node_id} (prefill here): queue {len(queue)} prompts {queue_s * 1000:.0f} ms + "
+                    f"prefill {run_s * 1000:.0f} ms + {chunks} steps beside a batch of {batch} "
+                    f"{beside_s * 1000:.0f} ms{_calibrated(f)}{hit}")
     tpot = None
     if max_tokens > 1:
         mine = prompt_tokens + max_tokens // 2
@@ -365,7 +369,9 @@ class Admission:
         arrival = time.perf_counter() if arrival is None else arrival
         decoders = self.router.routable_nodes("decode")
         prefills = self.router.routable_nodes("prefill")
-        held = held_prefixes(prefills, prompt_ids) if self.routing == "prefix" and prompt_ids else {}
+        # What each node holds of the prompt: a prefill node's for the prefill pool, a decode node's for
+        # a local prefill there (its engine's cache has the prompts it decoded).
+        held = held_prefixes(prefills + decoders, prompt_ids) if self.routing == "prefix" and prompt_ids else {}
         pre = [prefill_estimate(n, prompt_tokens, self.order, arrival, slo.ttft_s, held.get(n.node_id, Held()))
                for n in prefills]
         # A node where it would push queued requests past their objective only when every node would.
@@ -374,7 +380,7 @@ class Admission:
         p = (self.rng.choice(pre) if self.routing == "random" else _best(pre)) if pre else None
         d = _best(dec) if dec else None
         remote = _Option(p, d) if p is not None else None
-        local = self._local(decoders, prompt_tokens, max_tokens, slo) if self.local else None
+        local = self._local(decoders, prompt_tokens, max_tokens, slo, held) if self.local else None
         chosen = _choose(remote, local, slo)
         if chosen is None:  # no prefill node, and no decode node that could do it: the pipeline waits
             decide("unpredicted")
@@ -395,8 +401,8 @@ class Admission:
             plan.queued_s = chosen.ttft.queue_s
         if not chosen.local and p is not None:
             plan.prefill_held = p.cached_tokens.capped(prompt_tokens - 1).tokens
-        if count and not chosen.local and p is not None and p.cached_tokens.tokens:
-            c = p.cached_tokens.capped(prompt_tokens - 1)
+        if count and chosen.ttft is not None and chosen.ttft.cached_tokens.tokens:  # (a local prefill's too)
+            c = chosen.ttft.cached_tokens
             for where, n in (("engine", c.engine), ("ram", c.loaded - c.disk), ("disk", c.disk)):
                 if n:
                     m.PREFIX_TOKENS.labels(where).inc(n)
@@ -431,13 +437,14 @@ class Admission:
             logger.info("request %s: %s", rid, msg)
         raise Rejected(msg, plan.ttft_s, plan.tpot_s, retry)
 
-    def _local(self, decoders: list[NodeClient], prompt_tokens: int, max_tokens: int, slo: Slo) -> _Option | None:
+    def _local(self, decoders: list[NodeClient], prompt_tokens: int, max_tokens: int, slo: Slo,
+               held: dict[str, Held]) -> _Option | None:
         """The best decode node to prefill this request itself, among those where that does not
         push the streams they are decoding past the TPOT objective (with none set: where no other
         prefill is running)."""
         fits: list[tuple[LocalEstimate, NodeClient]] = []
         for n in decoders:
-            est = local_estimate(n, prompt_tokens, max_tokens)
+            est = local_estimate(n, prompt_tokens, max_tokens, held.get(n.node_id, Held()))
             if est is None:
                 continue
             batch, context = _decode_load(n)

@@ -33,6 +33,6 @@ BATCH_QUEUE = Gauge("tandem_batch_queue_depth", "Batch requests waiting at the c
 PREDICTION_ERROR = Histogram("tandem_prediction_error_ratio",
                              "|actual - predicted| / actual for each request's TTFT and TPOT", ["metric"],
                              buckets=(0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0))
-PREFIX_TOKENS = Counter("tandem_routing_cached_tokens", "Prompt tokens the chosen node was known to hold when the "
-                        "request was routed (a prompt's prefix cached or loaded there, not computed), by where: "
+PREFIX_TOKENS = Counter("tandem_routing_cached_tokens", "Prompt tokens the chosen node (a prefill node, or the "
+                        "decode node for a local prefill) was known to hold when the request was routed (a prompt's prefix cached or loaded there, not computed), by where: "
                         "engine (its prefix cache), ram or disk (its KV store)", ["tier"])

@@ -361,6 +361,34 @@ def test_the_engines_own_prefix_cache_is_credited_without_a_load_and_the_store_b
     run(go)
 
 
+def test_a_local_prefill_on_a_decode_node_is_credited_with_what_its_engine_cache_holds() -> None:
+    from tandem.coordinator.admission import local_estimate
+    from tandem.coordinator.prefix import Held, held_prefixes
+    from tandem.kvstore.held import HeldChunks
+    from tandem.kvstore.keys import chunk_keys, namespace
+
+    prompt = list(range(5, 1029))
+    ns = namespace("tiny", {"engine_block": 32}, 32)
+    h = HeldChunks()
+    h.apply([("ns", ns.hex(), "32")] + [("+", k.hex(), "ram") for k in chunk_keys(ns, prompt, 32)[:20]])
+    whole, changes, _ = h.since(None)
+
+    def go():
+        # The decode node decoded this conversation's last turn: its engine's cache has 640 tokens of it.
+        r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(
+            fits=fits(), eng_whole=whole, eng_namespace=ns, eng_block_tokens=32, eng_held=list(changes))})
+        d0 = r._nodes["d0"]
+        assert held_prefixes([r._nodes["p0"], d0], prompt) == {"d0": Held(640, 0, 640)}
+        blind, credited = local_estimate(d0, 1024, 16), local_estimate(d0, 1024, 16, Held(640, 0, 640))
+        assert blind.ttft.seconds == pytest.approx(0.01 + 0.001 * 1024)
+        assert credited.ttft.seconds == pytest.approx(0.01 + 0.001 * 384) and "640 tokens held there" in \
+            credited.ttft.detail
+        # The pool's node holds nothing of it, the decode node most of it: the decode node prefills it.
+        plan = Admission(r).plan("r", len(prompt), 16, Slo(ttft_s=0.5), prompt_ids=prompt)
+        assert plan.local and plan.decode.node_id == "d0"
+    run(go)
+
+
 def test_prefix_routing_sends_a_prompt_where_its_prefix_is_held_unless_that_queue_costs_more() -> None:
     import random
 

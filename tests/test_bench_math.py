@@ -213,3 +213,15 @@ def test_eviction_replay_counts_the_store_hits_of_each_policy() -> None:
     assert tight == {"lru": 2 + 2, "tail-first": 2 + 2, "fifo": 2 + 0}
     rows = policy_table({"w": [a, b, a]}, 16, fractions=(0.5,))
     assert {r["policy"] for r in rows} == {"tail-first", "lru", "fifo"} and all(r["slots"] == 3 for r in rows)
+
+
+def test_a_prefix_corpus_is_shared_by_traces_of_different_seeds() -> None:
+    from tandem.bench.workloads import generate
+
+    a = generate("prefix-heavy", rate=5, duration_s=10, seed=1, max_model_len=2048, prefixes_n=3, corpus_seed=7)
+    b = generate("prefix-heavy", rate=5, duration_s=10, seed=2, max_model_len=2048, prefixes_n=3, corpus_seed=7)
+    pa = {tuple(e.input_ids[:1024]) for e in a}
+    assert pa == {tuple(e.input_ids[:1024]) for e in b} and len(pa) == 3  # the same three prefixes...
+    assert [e.input_ids for e in a] != [e.input_ids for e in b]  # ...under different requests
+    c = generate("prefix-heavy", rate=5, duration_s=10, seed=1, max_model_len=2048, prefixes_n=3)
+    assert {tuple(e.input_ids[:1024]) for e in c} != pa  # without a corpus: the trace's own seed
