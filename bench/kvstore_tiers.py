@@ -214,7 +214,8 @@ def cmd_kvstore(args: argparse.Namespace) -> int:
                      f"{summary[p]['vs_recompute']:.2f}x | {goal} |")
     lines += ["", f"Outputs that differed from the recompute phase's: {mismatches} (must be 0).", "",
               f"Saving ({save_cost['saves']:.0f} requests saved): "
-              f"{save_cost['step_s_per_save'] * 1e6:.0f} us per request on the engine's step (planning and committing the save), "
+              f"{save_cost['step_s_per_save'] * 1e6:.0f} us per request on the engine's step (planning and "
+              "committing the save), "
               f"{save_cost['copy_s_per_save'] * 1000:.2f} ms per request copying out on the worker's copier thread "
               "beside the forward pass; against a recompute TTFT of "
               f"{med['recompute'] * 1000:.0f} ms.", "",

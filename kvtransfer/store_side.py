@@ -115,7 +115,8 @@ def open_store_scheduler(cfg: StoreConfig, block_size: int) -> StoreScheduler:
     logger.info("KV store: RAM tier %d chunks of %.1f MiB (%d tokens each, %s eviction)%s", cfg.num_slots,
                 cfg.slot_bytes / 2**20, block_size * cfg.chunk_blocks, cfg.eviction,
                 f", disk tier {cfg.disk_dir} ({cfg.disk_bytes / 2**30:.1f} GiB)" if disk else "")
-    return StoreScheduler(NodeStore(arena, disk, eviction=cfg.eviction), cfg.namespace, block_size, cfg.chunk_blocks, cfg.save)
+    return StoreScheduler(NodeStore(arena, disk, eviction=cfg.eviction), cfg.namespace, block_size,
+                          cfg.chunk_blocks, cfg.save)
 
 
 @dataclass

@@ -4,6 +4,7 @@ types, and the subscriber on a real ZMQ stream encoded as vLLM's publisher encod
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from tandem.kvstore.engine_events import EngineBlocks, EngineEventsSubscriber
 from tandem.kvstore.held import ChunkIndex, HeldChunks
@@ -61,7 +62,7 @@ def test_a_lost_message_drops_the_whole_picture() -> None:
     assert not held.ram
 
 
-def test_the_subscriber_reads_a_zmq_stream_as_vllms_publisher_sends_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_the_subscriber_reads_a_zmq_stream_as_vllms_publisher_sends_it(tmp_path: Path) -> None:
     import msgspec
     import zmq
     from vllm.distributed.kv_events import KVEventBatch
