@@ -272,6 +272,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     known = {f"tandem{v}" for v in TANDEM_VARIANTS} | {"vllm-colocated", "vllm-nixl", "vllm-nixl-fixed"}
     if set(wanted) - known:
         raise SystemExit(f"unknown system(s) {sorted(set(wanted) - known)}; known: {sorted(known)}")
+    if args.warm_prefixes and args.workload != "prefix-heavy":
+        raise SystemExit("--warm-prefixes warms prefix-heavy's corpus of prefixes; use it with --workload prefix-heavy")
     extra = {w for w in shlex.split(args.tandem_flags) if w.startswith("--")}
     for name in wanted:  # a variant's own flags win silently otherwise (the last one given)
         own = TANDEM_VARIANTS[name.removeprefix("tandem")][0] if name.startswith("tandem") else []

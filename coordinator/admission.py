@@ -99,7 +99,7 @@ class Plan:
     ttft_factor: float = 1.0  # the calibration factors in ttft_s / tpot_s (their model-only values:
     tpot_factor: float = 1.0  # divided by these, less waited_s; what the nodes learn from)
     waited_s: float = 0.0  # of ttft_s, the time a batch request waited in the batch queue (traffic.py)
-    prefill_held: int = 0  # prompt tokens the prefill node holds (cached or loaded there, not computed)
+    prefill_held: int = 0  # prompt tokens the prefilling node holds (cached or loaded there, not computed)
 
 
 def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None = None,
@@ -111,10 +111,10 @@ def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None =
     queue the node reports, in arrival order. ``cached``: what the node holds of the prompt from
     its start (in its engine's prefix cache, or loaded from its KV store): not computed."""
     model = node.model
+    cached = cached.capped(tokens - 1)  # the last prompt token is always computed
     if not model.prefill.samples:
         return Estimate(node, None, cached_tokens=cached)
     f = node.factor("ttft")
-    cached = cached.capped(tokens - 1)  # the last prompt token is always computed
     held = cached.tokens
     idle_s = prefill_after_load(model, tokens, held) + load_s(cached.loaded, cached.disk)
     run_s = idle_s * f
@@ -399,8 +399,8 @@ class Admission:
             return plan
         if chosen.ttft is not None and chosen.ttft.seconds is not None:
             plan.queued_s = chosen.ttft.queue_s
-        if not chosen.local and p is not None:
-            plan.prefill_held = p.cached_tokens.capped(prompt_tokens - 1).tokens
+        if chosen.ttft is not None:  # a prefill node's, or the decode node's for a local prefill
+            plan.prefill_held = chosen.ttft.cached_tokens.capped(prompt_tokens - 1).tokens
         if count and chosen.ttft is not None and chosen.ttft.cached_tokens.tokens:  # (a local prefill's too)
             c = chosen.ttft.cached_tokens
             for where, n in (("engine", c.engine), ("ram", c.loaded - c.disk), ("disk", c.disk)):

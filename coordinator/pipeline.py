@@ -301,8 +301,9 @@ class Pipeline:
                         out.decode_node = dnode.node_id
                         t_dec = time.perf_counter()
                         prefilling = legs_end.enter_context(ExitStack())  # a local prefill, until its first token
-                        if local:
-                            prefilling.enter_context(self.router.track_prefill(dnode, len(context)))
+                        if local:  # its work there: less the prefix admission credited the node with
+                            held = req.plan.prefill_held if req.plan is not None and leg == 0 else 0
+                            prefilling.enter_context(self.router.track_prefill(dnode, max(1, len(context) - held)))
                         try:
                             async with aclosing(self._decode(req, dnode, prompt, sampling, handle, leg,
                                                              local)) as stream:

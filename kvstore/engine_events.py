@@ -29,6 +29,11 @@ from .held import RAM, HeldChunks
 
 logger = logging.getLogger(__name__)
 
+# KV cache kinds whose cached blocks do not stand for a whole prefix (a window drops early blocks;
+# state-space and cross-attention caches are not per token of the prompt).
+NOT_A_PREFIX = {"sliding_window", "sliding_window_mla", "chunked_local_attention", "mamba", "cross_attention",
+                "encoder_only_attention"}
+
 
 class EngineBlocks:
     """vLLM's block hashes -> Tandem's keys, and the picture they make (``held``)."""
@@ -74,8 +79,8 @@ class EngineBlocks:
     def _stored(self, ev: Any) -> list[tuple[str, str, str]]:
         if getattr(ev, "group_idx", None) not in (None, 0) or ev.lora_id is not None:
             return []
-        if getattr(ev, "kv_cache_spec_kind", None) not in (None, "full_attention"):
-            return []  # a sliding window's blocks are not a prefix
+        if getattr(ev, "kv_cache_spec_kind", None) in NOT_A_PREFIX:
+            return []
         if ev.block_size != self.block_tokens:
             if ev.block_size > self.block_tokens and ev.block_size not in self._odd_sizes:
                 self._odd_sizes.add(ev.block_size)

@@ -130,9 +130,9 @@ class SchedulerSide:
                 self._meta.store_saves.append(job)
                 delay = True
                 COUNTS.add("saves")
-            # What saves cost the engine's step: planning them here, committing them in
-            # update_connector_output (the copies run on the worker's copier thread, beside the step).
-            COUNTS.add("save_step_ns", int((time.perf_counter() - t0) * 1e9))
+                # What saves cost the engine's step: planning them here, committing them in
+                # update_connector_output (the copies run on the worker's copier thread, beside the step).
+                COUNTS.add("save_step_ns", int((time.perf_counter() - t0) * 1e9))
         return delay, params
 
     def _finished(self, request: Request, block_ids: list[int], ended_early: bool

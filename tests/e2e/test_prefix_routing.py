@@ -33,14 +33,16 @@ def ids(n: int, salt: int) -> list[int]:
     return [(11 + salt * 97 + i * 31) % 590 + 5 for i in range(n)]
 
 
-def test_a_held_prefix_draws_its_requests_and_other_prompts_go_by_load(cluster: LocalCluster, stub) -> None:
-    def prefill_node(prompt: list[int]) -> str:
-        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt),
-                                 sampling=pb.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
-        msgs = list(stub.Generate(req, timeout=120))
-        assert msgs[-1].finish.reason == "length"
-        return msgs[-1].finish.timings.prefill_node
+def prefill_node(stub, prompt: list[int]) -> str:  # type: ignore[no-untyped-def]
+    """The prefill node that served a short greedy request for ``prompt``."""
+    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt),
+                             sampling=pb.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    msgs = list(stub.Generate(req, timeout=120))
+    assert msgs[-1].finish.reason == "length"
+    return msgs[-1].finish.timings.prefill_node
 
+
+def test_a_held_prefix_draws_its_requests_and_other_prompts_go_by_load(cluster: LocalCluster, stub) -> None:
     def chunks() -> dict[str, int]:
         st = stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=10)
         return {n.node_id: n.kv_chunks_ram for n in st.nodes if n.role == "prefill"}
@@ -49,27 +51,20 @@ def test_a_held_prefix_draws_its_requests_and_other_prompts_go_by_load(cluster: 
         return metric(scrape(cluster.http_url + "/metrics"), "tandem_routing_cached_tokens_total")
 
     shared = ids(512, 1)  # two whole 256-token chunks
-    holder = prefill_node(shared + ids(60, 2))
+    holder = prefill_node(stub, shared + ids(60, 2))
     wait_until(lambda: chunks().get(holder, 0) >= 2, 30, f"the coordinator to learn what {holder} holds")
     other = next(n for n in chunks() if n != holder)
     assert chunks()[other] == 0
     before = cached()
     for salt in range(3, 7):  # the same 512 tokens, then a new tail each time
-        assert prefill_node(shared + ids(40, salt)) == holder
+        assert prefill_node(stub, shared + ids(40, salt)) == holder
     assert cached() == before + 4 * 512
     # Nothing held for these: the idle nodes are alike and the one that served less takes them.
-    assert {prefill_node(ids(300, salt)) for salt in range(20, 23)} == {other}
+    assert {prefill_node(stub, ids(300, salt)) for salt in range(20, 23)} == {other}
 
 
 def test_a_prefix_shorter_than_a_store_chunk_draws_its_requests_by_the_engines_kv_events(
         cluster: LocalCluster, stub) -> None:
-    def prefill_node(prompt: list[int]) -> str:
-        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt),
-                                 sampling=pb.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
-        msgs = list(stub.Generate(req, timeout=120))
-        assert msgs[-1].finish.reason == "length"
-        return msgs[-1].finish.timings.prefill_node
-
     def engine_blocks() -> dict[str, int]:
         st = stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=10)
         return {n.node_id: n.kv_engine_blocks for n in st.nodes if n.role == "prefill"}
@@ -81,10 +76,10 @@ def test_a_prefix_shorter_than_a_store_chunk_draws_its_requests_by_the_engines_k
     # engine's own prefix cache has it, and only its KV events tell the coordinator.
     shared = ids(192, 40)
     before_blocks = engine_blocks()
-    holder = prefill_node(shared + ids(30, 41))
+    holder = prefill_node(stub, shared + ids(30, 41))
     wait_until(lambda: engine_blocks()[holder] >= before_blocks[holder] + 6, 30,
                f"the coordinator to learn what {holder}'s engine cache holds")
     before = credited()
     for salt in range(42, 45):
-        assert prefill_node(shared + ids(30, salt)) == holder
+        assert prefill_node(stub, shared + ids(30, salt)) == holder
     assert credited() == before + 3 * 192
