@@ -495,7 +495,7 @@ def test_a_prompt_comes_back_from_the_kv_stores_ram_then_its_disk_with_the_same_
     prefill = next(d for d in cluster.nodes if d.role == "prefill")
     ch = grpc.insecure_channel(prefill.info["grpc"])
     monitor = pb_grpc.NodeMonitorStub(ch)
-    ids = prompt_ids(300, 77)  # one whole 256-token chunk and a rest
+    ids = prompt_ids(300, 311)  # one whole 256-token chunk and a rest; no other test sends its blocks
 
     def run() -> list[int]:
         out, msgs = generate(stub, ids, max_tokens=16, temperature=0.0, ignore_eos=True)
