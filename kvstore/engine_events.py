@@ -18,14 +18,13 @@ removal was lost would draw requests to a node that no longer has it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import struct
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from .held import RAM, HeldChunks
+from .keys import next_key
 
 logger = logging.getLogger(__name__)
 
@@ -100,10 +99,7 @@ class EngineBlocks:
         for i, h in enumerate(ev.block_hashes):
             if i < len(extra) and extra[i] is not None:
                 break  # this block and every one after it depend on more than their tokens
-            chunk = ev.token_ids[i * bs:(i + 1) * bs]
-            if len(chunk) != bs:
-                break
-            prev = hashlib.sha256(prev + struct.pack(f"<{bs}q", *chunk)).digest()
+            prev = next_key(prev, ev.token_ids[i * bs:(i + 1) * bs])
             self._ours[h] = prev
             out.append(("+", prev.hex(), RAM))
         return out

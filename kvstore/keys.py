@@ -30,6 +30,11 @@ def namespace(model: str, layout: Mapping[str, object], chunk_tokens: int) -> by
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).digest()
 
 
+def next_key(prev: bytes, chunk: Sequence[int]) -> bytes:
+    """The key of ``chunk`` following the key ``prev`` (the namespace for a prompt's first chunk)."""
+    return hashlib.sha256(prev + struct.pack(f"<{len(chunk)}q", *chunk)).digest()
+
+
 def chunk_keys(ns: bytes, token_ids: Sequence[int], chunk_tokens: int, extra: bytes = b"") -> list[bytes]:
     """One key per whole chunk of ``token_ids`` (a partial last chunk has none: it is not stored).
     ``extra``: whatever else makes this request's KV differ for the same token ids (a LoRA
@@ -38,8 +43,7 @@ def chunk_keys(ns: bytes, token_ids: Sequence[int], chunk_tokens: int, extra: by
     keys = []
     prev = hashlib.sha256(ns + hashlib.sha256(extra).digest()).digest() if extra else ns
     for start in range(0, len(token_ids) - chunk_tokens + 1, chunk_tokens):
-        chunk = token_ids[start:start + chunk_tokens]
-        prev = hashlib.sha256(prev + struct.pack(f"<{len(chunk)}q", *chunk)).digest()
+        prev = next_key(prev, token_ids[start:start + chunk_tokens])
         keys.append(prev)
     return keys
 
