@@ -216,10 +216,15 @@ def add_compare_args(ap: argparse.ArgumentParser) -> None:
                     help="prefix-heavy: one corpus of prefixes for every probe (the tails still differ), each "
                          "prefix sent once before the sweep: steady state, not each probe's first sights")
     ap.add_argument("--kv-cache-gib", type=float, default=2.0,
-                    help="each engine's own KV cache (fractions too: make it smaller than the working set)")
+                    help="each engine's own KV cache (fractions too: make it smaller than the working set); "
+                         "each prefill engine's when --decode-kv-cache-gib is given")
+    ap.add_argument("--decode-kv-cache-gib", type=float, default=0.0,
+                    help="each decode engine's own KV cache (Tandem's and vllm-nixl's; its running batch lives "
+                         "there); 0: --kv-cache-gib")
     ap.add_argument("--kvstore-ram-gib", type=float, default=0.0,
-                    help="Tandem's nodes get a KV store RAM tier each (0: none); colocated vLLM's cache "
-                         "grows by as much (the same KV memory)")
+                    help="Tandem's nodes get a KV store RAM tier each (0: none). Colocated vLLM's one cache "
+                         "is as large as all the KV memory of the run's largest Tandem cluster: every engine's "
+                         "cache and every RAM tier")
     ap.add_argument("--kvstore-disk", action="store_true",
                     help="Tandem's nodes get a KV store disk tier each too (under --out, emptied before each system)")
     ap.add_argument("--rates", default="0.5,1,2", help="arrival rates to sweep, req/s")
@@ -289,8 +294,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if args.kvstore_disk and not args.kvstore_ram_gib:
         raise SystemExit("--kvstore-disk needs --kvstore-ram-gib (chunks on disk load through RAM)")
-    systems.MEMORY = systems.Memory(args.kv_cache_gib, args.kvstore_ram_gib,
-                                    str(out / "kvstore") if args.kvstore_disk else "")
     all_cores = sorted(os.sched_getaffinity(0))
     if args.client_cores == "auto":
         client = all_cores[-1:] if len(all_cores) >= 4 else []
@@ -304,6 +307,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise SystemExit(f"--client-cores {args.client_cores}: must be some, not all, of {all_cores}")
     PINNING = Pinning(all_cores, client)
     cores = PINNING.systems
+    layouts = parse_ratios(args.ratios) if args.ratios else ratios_for(len(cores))
+    systems.MEMORY = systems.Memory(args.kv_cache_gib, args.kvstore_ram_gib,
+                                    str(out / "kvstore") if args.kvstore_disk else "",
+                                    args.decode_kv_cache_gib, tuple(layouts))
     print(PINNING.describe(), flush=True)
     slo_doc: dict[str, Any]
     if args.slo_ttft is not None and args.slo_tpot is not None:
@@ -328,7 +335,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             starters += [(f"tandem-{p}:{d}{variant}",
                           lambda p=p, d=d, v=variant: start_tandem(model, p, d, args.max_model_len, out, cores, v,
                                                                    shlex.split(args.tandem_flags)))
-                         for p, d in (parse_ratios(args.ratios) if args.ratios else ratios_for(len(cores)))]
+                         for p, d in layouts]
         elif name == "vllm-colocated":
             starters.append((name, lambda: start_vllm_colocated(model, cores, args.max_model_len, out)))
         else:
@@ -367,8 +374,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
            "failed": failed,
            "overload": overload, "ttft_tiers": args.ttft_tiers, "prefixes": args.prefixes,
            "warm_prefixes": bool(args.warm_prefixes),
-           "memory": {"kv_cache_gib": args.kv_cache_gib, "kvstore_ram_gib": args.kvstore_ram_gib,
-                      "kvstore_disk": bool(args.kvstore_disk), "colocated_kv_gib": systems.MEMORY.colocated_gib},
+           "memory": {"kv_cache_gib": args.kv_cache_gib, "decode_kv_cache_gib": systems.MEMORY.decode_gib,
+                      "kvstore_ram_gib": args.kvstore_ram_gib, "kvstore_disk": bool(args.kvstore_disk),
+                      "colocated_kv_gib": systems.MEMORY.colocated_gib,
+                      "tandem_kv_gib": {f"{p}:{d}": systems.MEMORY.tandem_gib(p, d) for p, d in layouts}},
            "goodput_kind": "DistServe goodput from a rate sweep (highest swept rate with >= 90% attainment)"}
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     report = write_report(out, doc)

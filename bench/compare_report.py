@@ -22,11 +22,18 @@ def _memory_line(doc: dict[str, Any]) -> str:
     mem = doc.get("memory") or {}
     if not mem:
         return ""
-    line = f"KV memory: each engine's cache {mem['kv_cache_gib']:g} GiB"
+    dec = mem.get("decode_kv_cache_gib", mem["kv_cache_gib"])
+    line = (f"KV memory: each engine's cache {mem['kv_cache_gib']:g} GiB" if dec == mem["kv_cache_gib"] else
+            f"KV memory: each prefill engine's cache {mem['kv_cache_gib']:g} GiB, each decode engine's {dec:g} GiB")
     if mem["kvstore_ram_gib"]:
         line += (f"; Tandem's nodes a KV store RAM tier of {mem['kvstore_ram_gib']:g} GiB each"
-                 f"{' over a disk tier' if mem['kvstore_disk'] else ''}; colocated vLLM's cache "
-                 f"{mem['colocated_kv_gib']:g} GiB (engine cache plus RAM tier)")
+                 f"{' over a disk tier' if mem['kvstore_disk'] else ''}")
+    totals = mem.get("tandem_kv_gib")
+    if totals:  # since sitting 9: colocated vLLM gets all the KV memory of the largest Tandem cluster
+        line += (f"; all of Tandem's KV memory (engines and RAM tiers) {', '.join(f'{v:g} GiB at {k}' for k, v in totals.items())}"
+                 f"; colocated vLLM's one cache {mem['colocated_kv_gib']:g} GiB (as much)")
+    elif mem["kvstore_ram_gib"]:
+        line += f"; colocated vLLM's cache {mem['colocated_kv_gib']:g} GiB (one engine cache plus one RAM tier)"
     line += f". Working set: {doc['prefixes']} prefixes / conversations" if doc.get("prefixes") else ""
     if doc.get("warm_prefixes"):
         line += (" (one corpus of prefixes for every probe, each prefix sent once before the sweep: steady state, "

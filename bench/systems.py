@@ -29,14 +29,26 @@ NIXL_FIXES = Path(__file__).with_name("nixl-fixes")
 class Memory:
     """KV memory every system of a run gets (set once by `tandem bench compare`)."""
 
-    kv_cache_gib: float = 2.0  # each engine's own KV cache
+    kv_cache_gib: float = 2.0  # each engine's own KV cache (each prefill engine's, with decode_kv_cache_gib)
     kvstore_ram_gib: float = 0.0  # Tandem's nodes: a KV store RAM tier each (0: no store)
     kvstore_root: str = ""  # Tandem's nodes: a disk tier each, under this directory ("": none)
+    decode_kv_cache_gib: float = 0.0  # each decode engine's own KV cache (0: kv_cache_gib)
+    layouts: tuple[tuple[int, int], ...] = ((1, 1),)  # the P:D layouts of the run's Tandem systems
+
+    @property
+    def decode_gib(self) -> float:
+        return self.decode_kv_cache_gib or self.kv_cache_gib
+
+    def tandem_gib(self, num_prefill: int, num_decode: int) -> float:
+        """All of a Tandem P:D cluster's KV memory: every engine's cache and every node's RAM tier."""
+        return (num_prefill * self.kv_cache_gib + num_decode * self.decode_gib
+                + (num_prefill + num_decode) * self.kvstore_ram_gib)
 
     @property
     def colocated_gib(self) -> float:
-        """Colocated vLLM's cache: Tandem's engine cache plus its RAM tier (the same memory for KV)."""
-        return self.kv_cache_gib + self.kvstore_ram_gib
+        """Colocated vLLM's one cache: as much KV memory as the largest Tandem cluster of the run
+        holds in all its engines' caches and RAM tiers together (the disk tier is not memory)."""
+        return max(self.tandem_gib(p, d) for p, d in self.layouts)
 
     @staticmethod
     def vllm_flags(gib: float) -> tuple[list[str], dict[str, str | None]]:
@@ -201,7 +213,7 @@ def nixl_servers(model: str, cores: list[int], max_model_len: int, fixed: bool
     for role, bind in (("producer", pre_cores), ("consumer", dec_cores)):
         port = free_port()
         kv = ('{"kv_connector":"NixlConnector","kv_role":"kv_%s","kv_buffer_device":"cpu"}' % role)
-        kv_flags, kv_env = Memory.vllm_flags(MEMORY.kv_cache_gib)
+        kv_flags, kv_env = Memory.vllm_flags(MEMORY.kv_cache_gib if role == "producer" else MEMORY.decode_gib)
         cmd = _vllm_server(model, max_model_len, port, "--kv-transfer-config", kv, *kv_flags)
         if fixed:  # the whole server on its cores, as Tandem pins its nodes (see tandem.cli.cmd_node)
             cmd = ["taskset", "-c", bind, *cmd]
@@ -299,7 +311,8 @@ def start_tandem(model: str, num_prefill: int, num_decode: int, max_model_len: i
     if store_dir is not None:
         shutil.rmtree(store_dir, ignore_errors=True)  # every system starts cold: nothing from a run before
     spec = ClusterSpec(model=model, num_prefill=num_prefill, num_decode=num_decode, max_model_len=max_model_len,
-                       kv_cache_gib=MEMORY.kv_cache_gib, cores=core_plan(num_prefill, num_decode, cores),
+                       kv_cache_gib=MEMORY.kv_cache_gib, decode_kv_cache_gib=MEMORY.decode_kv_cache_gib,
+                       cores=core_plan(num_prefill, num_decode, cores),
                        log_dir=str(log_dir / f"tandem-{num_prefill}p{num_decode}d{variant}"),
                        kvstore_ram_gib=MEMORY.kvstore_ram_gib,
                        kvstore_root=str(store_dir or ""),

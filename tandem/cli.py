@@ -177,7 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--prefill", type=int, default=1, help="prefill nodes")
     up.add_argument("--decode", type=int, default=1, help="decode nodes")
     up.add_argument("--kv-transport", default="auto", choices=["auto", "ucx", "tcp"])
-    up.add_argument("--kv-cache-gib", type=float, default=1.0)
+    up.add_argument("--kv-cache-gib", type=float, default=1.0,
+                    help="each engine's own KV cache, GiB (fractions too); each prefill engine's when "
+                         "--decode-kv-cache-gib is given")
+    up.add_argument("--decode-kv-cache-gib", type=float, default=0.0,
+                    help="each decode engine's own KV cache, GiB: the running batch lives there, so it "
+                         "may want more than a prefill engine; 0: --kv-cache-gib")
     up.add_argument("--kvstore-ram-gib", type=float, default=0.25,
                     help="each node's KV store RAM tier (prompts' KV kept for reuse); 0: off")
     up.add_argument("--kvstore-dir", default="",

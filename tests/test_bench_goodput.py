@@ -122,7 +122,8 @@ def test_compare_reports_a_system_that_did_not_start_and_measures_the_rest(
         args = build_parser().parse_args(
             ["bench", "compare", "--model", str(tiny_model), "--rates", "5", "--duration", "1", "--reps", "1",
              "--slo-ttft", "2", "--slo-tpot", "0.5", "--workload", "code", "--overload", "",
-             "--systems", "vllm-colocated,tandem", "--ratios", "2:1", "--out", str(tmp_path)])
+             "--systems", "vllm-colocated,tandem", "--ratios", "2:1", "--out", str(tmp_path),
+             "--kv-cache-gib", "0.05", "--decode-kv-cache-gib", "0.3", "--kvstore-ram-gib", "0.1"])
         assert args.fn(args) == 1  # a system missing from the comparison is a failed run ...
     finally:
         server.kill()
@@ -135,6 +136,27 @@ def test_compare_reports_a_system_that_did_not_start_and_measures_the_rest(
     report = (tmp_path / "report.md").read_text()
     assert "**vllm-colocated did not start**" in report and "boom" in report
     assert "| tandem-2:1 | " in report and "| 25.0% | – | p0: 3, p1: 1 |" in report  # its cache facts
+    # colocated vLLM is given all of 2:1's KV memory: 2 x 0.05 + 0.3 (engines) + 3 x 0.1 (RAM tiers)
+    assert doc["memory"]["tandem_kv_gib"] == {"2:1": pytest.approx(0.7)}
+    assert doc["memory"]["colocated_kv_gib"] == pytest.approx(0.7)
+    assert "each decode engine's 0.3 GiB" in report and "colocated vLLM's one cache 0.7 GiB" in report
+
+
+def test_colocated_vllm_gets_all_of_the_largest_tandem_clusters_kv_memory() -> None:
+    from tandem.bench import systems
+
+    mem = systems.Memory(0.1, 0.15, "", 0.4, ((1, 1), (2, 1)))
+    assert mem.tandem_gib(1, 1) == pytest.approx(0.1 + 0.4 + 2 * 0.15)
+    assert mem.colocated_gib == pytest.approx(2 * 0.1 + 0.4 + 3 * 0.15)
+    assert systems.Memory(0.2, 0.0).colocated_gib == pytest.approx(0.4)  # no decode size: both engines 0.2
+    old = systems.MEMORY
+    systems.MEMORY = mem
+    try:  # vLLM's own P/D sizes its engines like Tandem's
+        sizes = [int(cmd[cmd.index("--kv-cache-memory-bytes") + 1])
+                 for _, cmd, _, _ in systems.nixl_servers("/m", [0, 1], 1024, fixed=False)]
+    finally:
+        systems.MEMORY = old
+    assert sizes == [int(0.1 * 2**30), int(0.4 * 2**30)]
 
 
 def test_ratios_parse_and_a_bad_one_is_refused() -> None:

@@ -164,7 +164,8 @@ class ClusterSpec:
     num_prefill: int = 1
     num_decode: int = 1
     transport: str = "auto"
-    kv_cache_gib: float = 1.0
+    kv_cache_gib: float = 1.0  # each engine's own KV cache (each prefill engine's, with decode_kv_cache_gib)
+    decode_kv_cache_gib: float = 0.0  # each decode engine's own KV cache; 0: kv_cache_gib
     max_model_len: int = 0
     etcd: str = ""  # empty: start a private etcd
     cluster: str = "default"
@@ -253,7 +254,9 @@ class LocalCluster:
                 name = f"{role}-{counters[role]}"
                 counters[role] += 1
                 argv = self._cli(role, *common, "--node-id", name, "--cores", cores,
-                                 "--kv-cache-gib", str(s.kv_cache_gib), "--kv-transport", s.transport,
+                                 "--kv-cache-gib", str(s.decode_kv_cache_gib if role == "decode" and
+                                                       s.decode_kv_cache_gib else s.kv_cache_gib),
+                                 "--kv-transport", s.transport,
                                  "--ttl-s", str(s.ttl_s), "--kv-lease-s", str(s.lease_s),
                                  *(["--max-model-len", str(s.max_model_len)] if s.max_model_len else []),
                                  *self._kvstore_args(name), *s.extra_node_args, *s.node_args.get(name, []))

@@ -46,7 +46,8 @@ def run_up(args: argparse.Namespace) -> int:
         _say("making the default seeded tiny model (once) ...")
         model = str(ensure_default_model())
     spec = ClusterSpec(model=model, num_prefill=args.prefill, num_decode=args.decode,
-                       transport=args.kv_transport, kv_cache_gib=args.kv_cache_gib, etcd=args.etcd,
+                       transport=args.kv_transport, kv_cache_gib=args.kv_cache_gib,
+                       decode_kv_cache_gib=args.decode_kv_cache_gib, etcd=args.etcd,
                        grpc_port=args.grpc_port, http_port=args.http_port, log_dir=args.log_dir,
                        supervise=True, kvstore_ram_gib=args.kvstore_ram_gib, kvstore_root=args.kvstore_dir)
     cluster = LocalCluster(spec, on_event=lambda ev: _say(f"supervisor: {ev.daemon} {ev.what} {ev.detail}".rstrip()))
