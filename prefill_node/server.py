@@ -16,7 +16,6 @@ import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
 from tandem.errors import InvalidRequest, grpc_status_of
-from tandem.kvtransfer.fetcher import release_remote
 from tandem.kvtransfer.handle import PRODUCE, TransferHandle
 from tandem.kvtransfer.transport import TransferError
 from tandem.node.engine import EngineHost
@@ -107,11 +106,8 @@ class PrefillServicer(pb_grpc.PrefillNodeServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND if h.engine_id else grpc.StatusCode.INVALID_ARGUMENT,
                                 f"this node's engine is {self.engine.engine_id}; the handle names "
                                 f"{h.engine_id[:80] or 'none'}")
-        loop = asyncio.get_running_loop()
         try:
-            # Always this node's own block server, whatever address the handle names.
-            await loop.run_in_executor(None, release_remote, self.engine.kv_address, h.remote_request_id,
-                                       h.engine_id)
+            await self.engine.release_held(h.remote_request_id, h.engine_id)
         except (OSError, TransferError) as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"release failed: {exc}")
         HANDLES_RELEASED.inc()

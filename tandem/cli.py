@@ -253,6 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_kvstore_bench_args(bk)
     bk.set_defaults(fn=cmd_kvstore_bench)
 
+    from tandem.plan import add_args as add_plan_args
+    from tandem.plan import cmd_plan
+
+    pl = sub.add_parser("plan", help="the best prefill:decode ratio for a workload and SLOs, simulated from "
+                                     "node profiles (goodput per split of --nodes)")
+    add_plan_args(pl)
+    pl.set_defaults(fn=cmd_plan)
+
     kv = sub.add_parser("kvstore", help="look at or clear a KV store's disk tier")
     kvsub = kv.add_subparsers(dest="kvstore_cmd", required=True)
     ks = kvsub.add_parser("stats", help="chunks and bytes held in a disk tier directory")

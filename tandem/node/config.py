@@ -55,6 +55,8 @@ class NodeConfig:
     kvstore_eviction: str = "tail-first"
     # Publish the engine's prefix cache (vLLM's KV events) to coordinators, for prefix-aware routing.
     engine_kv_events: bool = True
+    # A simulated node (tandem/node/simengine.py): no engine, times from this profile file.
+    simulate: str = ""
 
     def finish(self) -> NodeConfig:
         """Fill derived defaults and check everything; raise ValueError with a clear message."""
@@ -111,6 +113,15 @@ class NodeConfig:
                              f"of --block-size ({self.block_size})")
         if self.kvstore_dir:
             self.kvstore_dir = str(Path(self.kvstore_dir).expanduser().resolve())
+        if self.simulate:
+            if self.kvstore_ram_gib:
+                raise ValueError("--simulate: a simulated node has no KV store (--kvstore-ram-gib must be 0)")
+            from tandem.sim import Timings
+
+            try:
+                Timings.load(self.simulate)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"--simulate {self.simulate}: {exc}") from None
         if not self.node_id:
             self.node_id = f"{self.role}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
         if not self.served_model_name:
@@ -215,6 +226,11 @@ def add_node_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kvstore-eviction", default=_env("kvstore_eviction", "tail-first"), choices=list(EVICTIONS),
                     help="the RAM tier's eviction policy: tail-first (least recently used first, a prompt's "
                          "later chunks before its earlier ones, which other prompts share), lru, fifo")
+    ap.add_argument("--simulate", default=_env("simulate", ""), metavar="PROFILE",
+                    help="a simulated node for load tests and the simulator's checks: the real daemon, API "
+                         "and registration, no engine; its times come from PROFILE (a node's cached profile "
+                         "file or {prefill, decode, transfer} coefficients) and its KV handles are fake "
+                         "(only simulated decode nodes take them)")
 
 
 def config_from_args(role: str, args: argparse.Namespace) -> NodeConfig:

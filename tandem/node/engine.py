@@ -199,6 +199,15 @@ class EngineHost:
             if not finished:
                 await self.abort(request_id)
 
+    async def release_held(self, remote_request_id: str, engine_id: str) -> None:
+        """Free the blocks this engine holds for a request's fetch (OSError / TransferError when its
+        block server cannot be reached)."""
+        from tandem.kvtransfer.fetcher import release_remote
+
+        # Always this node's own block server, whatever address a handle names.
+        await asyncio.get_running_loop().run_in_executor(None, release_remote, self.kv_address, remote_request_id,
+                                                         engine_id)
+
     async def abort(self, request_id: str) -> None:
         logger.info("request %s: aborting in the engine", request_id)
         await self._engine.abort(request_id)

@@ -28,11 +28,13 @@ from tandem.grpcserve import StopSignals, start_grpc
 from tandem.membership import NodeRecord, Registration
 from tandem.netutil import reserve_port
 from tandem.profile import seed_from_profile
+from tandem.sim import Timings
 
 from . import monitor
 from .config import NodeConfig, parse_cores
 from .engine import EngineHost
 from .perf import NodePerf
+from .simengine import SimEngine
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +62,12 @@ async def run_node(cfg: NodeConfig, service_name: str,
     kv_address = cfg.kv_advertise or kv_bind  # what handles and the node's record carry
     # New with every start: handles minted by an earlier process on this address are refused.
     engine_id = f"{cfg.node_id}-{uuid.uuid4().hex[:8]}"
-    engine = EngineHost(cfg, kv_bind, engine_id, kv_port_reserved=True)
+    engine: EngineHost | SimEngine
+    if cfg.simulate:  # no engine: times from a profile, fake KV handles (load tests, the simulator's checks)
+        timings = Timings.load(cfg.simulate)
+        engine = SimEngine(cfg, kv_bind, f"sim:{engine_id}", timings)
+    else:
+        engine = EngineHost(cfg, kv_bind, engine_id, kv_port_reserved=True)
     held = None
     if cfg.kvstore_ram_gib:  # the KV store's chunks, from its events (before the engine makes any)
         from tandem.kvstore.held import HeldChunks
@@ -91,14 +98,18 @@ async def run_node(cfg: NodeConfig, service_name: str,
         if picture is not None:
             picture.on_change = lambda: loop.call_soon_threadsafe(perf.notify)
     try:
-        said = await seed_from_profile(
-            perf, engine, mode=cfg.profile, cache_dir=Path(cfg.profile_cache), model_dir=cfg.model,
-            settings={"dtype": cfg.dtype, "block_size": engine.block_size, "max_model_len": engine.max_model_len,
-                      "max_num_seqs": cfg.max_num_seqs, "kv_cache_gib": cfg.kv_cache_gib,
-                      "max_num_batched_tokens": cfg.max_num_batched_tokens,
-                      "prefix_caching": cfg.enable_prefix_caching},
-            cores=len(parse_cores(cfg.cores)) if cfg.cores else len(os.sched_getaffinity(0)),
-            vocab_size=engine.vocab_size, max_model_len=engine.max_model_len, max_num_seqs=cfg.max_num_seqs)
+        if isinstance(engine, SimEngine):
+            perf.seed(engine.timings.to_model())
+            said = f"simulated: times from {cfg.simulate}"
+        else:
+            said = await seed_from_profile(
+                perf, engine, mode=cfg.profile, cache_dir=Path(cfg.profile_cache), model_dir=cfg.model,
+                settings={"dtype": cfg.dtype, "block_size": engine.block_size, "max_model_len": engine.max_model_len,
+                          "max_num_seqs": cfg.max_num_seqs, "kv_cache_gib": cfg.kv_cache_gib,
+                          "max_num_batched_tokens": cfg.max_num_batched_tokens,
+                          "prefix_caching": cfg.enable_prefix_caching},
+                cores=len(parse_cores(cfg.cores)) if cfg.cores else len(os.sched_getaffinity(0)),
+                vocab_size=engine.vocab_size, max_model_len=engine.max_model_len, max_num_seqs=cfg.max_num_seqs)
     except BaseException:
         engine.shutdown()
         raise

@@ -1,0 +1,187 @@
+"""`tandem plan`: the best prefill:decode ratio for a workload and its SLOs, from node profiles.
+
+For every split of ``--nodes`` into P prefill and D decode nodes, the
+simulator (tandem/sim.py) plays seeded traces of the workload at a rate
+found by bisection (DistServe goodput: the highest rate with at least 90 %
+of requests meeting both objectives, tandem/bench/goodput.py), and the plan
+ranks the splits by goodput per node. Each row also says which objective
+gave out first just above its goodput, so the engineer sees why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tandem.bench.goodput import find_goodput
+from tandem.bench.workloads import WORKLOADS, generate
+from tandem.sim import NOT_MODELLED, SimConfig, Timings, attainment, simulate, summary
+
+
+def trace(workload: str, rate: float, requests: int, seed: int, max_model_len: int) -> list[Any]:
+    """About ``requests`` arrivals of the workload at ``rate`` (lengths only, no token ids)."""
+    return generate(workload, rate=rate, duration_s=requests / rate, seed=seed, max_model_len=max_model_len,
+                    with_ids=False)
+
+
+def ratio_goodput(cfg: SimConfig, workload: str, slo_ttft_s: float, slo_tpot_s: float, *, requests: int = 2000,
+                  seeds: int = 2, max_model_len: int = 2048, start_rate: float = 1.0,
+                  rel_tol: float = 0.05) -> dict[str, Any]:
+    """One P:D split's simulated goodput, and what it looks like there and just above."""
+
+    def measure(rate: float, seed: int) -> float:
+        return attainment(simulate(cfg, trace(workload, rate, requests, seed, max_model_len)), slo_ttft_s, slo_tpot_s)
+
+    res = find_goodput(measure, start_rate=start_rate, seeds=seeds, rel_tol=rel_tol, budget_s=600.0, max_probes=40)
+    row: dict[str, Any] = {"prefill": cfg.num_prefill, "decode": cfg.num_decode,
+                           "goodput_rps": res.goodput_rps, "bracket": list(res.bracket),
+                           "per_node_rps": res.goodput_rps / (cfg.num_prefill + cfg.num_decode),
+                           "probes": [[p.rate, p.attainment] for p in res.probes], "stopped_by": res.stopped_by}
+    if res.goodput_rps > 0:
+        row["at_goodput"] = summary(simulate(cfg, trace(workload, res.goodput_rps, requests, 0, max_model_len)),
+                                    slo_ttft_s, slo_tpot_s)
+    above = simulate(cfg, trace(workload, res.bracket[1], requests, 0, max_model_len))
+    late = sum(1 for o in above if not o.completed or o.ttft_s > slo_ttft_s)
+    slow = sum(1 for o in above if o.completed and o.tpot_s > slo_tpot_s)
+    row["limited_by"] = "TTFT (prefill)" if late >= slow else "TPOT (decode)"
+    return row
+
+
+def plan(prefill: Timings, decode: Timings, nodes: int, workload: str, slo_ttft_s: float, slo_tpot_s: float, *,
+         kv_bytes_per_token: int = 0, max_batch: int = 256, kv_capacity_tokens: int = 0, order: str = "slack",
+         requests: int = 2000, seeds: int = 2, max_model_len: int = 2048,
+         progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    """Every P:D split of ``nodes``, best goodput per node first."""
+    if nodes < 2:
+        raise ValueError("a plan needs at least 2 nodes (one prefill, one decode)")
+    if workload not in WORKLOADS:
+        raise ValueError(f"unknown workload {workload!r}; one of {', '.join(WORKLOADS)}")
+    rows = []
+    t0 = time.monotonic()
+    for p in range(1, nodes):
+        cfg = SimConfig(p, nodes - p, prefill, decode, kv_bytes_per_token, max_batch, kv_capacity_tokens, order,
+                        slo_ttft_s)
+        row = ratio_goodput(cfg, workload, slo_ttft_s, slo_tpot_s, requests=requests, seeds=seeds,
+                            max_model_len=max_model_len, start_rate=max(0.25, nodes / 4))
+        rows.append(row)
+        progress(f"[{p}/{nodes - 1}] {p}:{nodes - p}  goodput {row['goodput_rps']:.3g} req/s "
+                 f"({row['per_node_rps']:.3g} per node), limited by {row['limited_by']}")
+    ranked = sorted(rows, key=lambda r: -r["goodput_rps"])
+    return {"workload": workload, "nodes": nodes, "slo": {"ttft_s": slo_ttft_s, "tpot_s": slo_tpot_s},
+            "prefill_profile": prefill.doc(), "decode_profile": decode.doc(), "kv_bytes_per_token": kv_bytes_per_token,
+            "max_batch": max_batch, "kv_capacity_tokens": kv_capacity_tokens, "order": order,
+            "requests_per_probe": requests, "seeds": seeds, "not_modelled": list(NOT_MODELLED),
+            "transfer_modelled": any(decode.transfer), "rows": rows,
+            "best": f"{ranked[0]['prefill']}:{ranked[0]['decode']}", "took_s": round(time.monotonic() - t0, 2)}
+
+
+def table(doc: dict[str, Any]) -> list[str]:
+    lines = ["| P:D | goodput req/s | per node | TTFT p90 at goodput | TPOT p90 at goodput | gives out first |",
+             "|---|---:|---:|---:|---:|---|"]
+    for r in doc["rows"]:
+        at = r.get("at_goodput") or {}
+
+        def ms(v: float | None) -> str:
+            return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v * 1000:.0f} ms"
+
+        best = " (best)" if f"{r['prefill']}:{r['decode']}" == doc["best"] else ""
+        lines.append(f"| {r['prefill']}:{r['decode']}{best} | {r['goodput_rps']:.3g} | {r['per_node_rps']:.3g} | "
+                     f"{ms(at.get('ttft_p90_s'))} | {ms(at.get('tpot_p90_s'))} | {r['limited_by']} |")
+    return lines
+
+
+def write_report(out: Path, doc: dict[str, Any]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(json.dumps(doc, indent=1) + "\n")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [f"{r['prefill']}:{r['decode']}" for r in doc["rows"]]
+    ax1.bar(labels, [r["goodput_rps"] for r in doc["rows"]], color="tab:blue")
+    ax1.set_xlabel("prefill:decode")
+    ax1.set_ylabel("simulated goodput, req/s")
+    ax1.set_title(f"{doc['workload']} on {doc['nodes']} nodes")
+    for r, label in zip(doc["rows"], labels):
+        pts = sorted(r["probes"])
+        ax2.plot([p[0] for p in pts], [p[1] * 100 for p in pts], marker="o", label=label)
+    ax2.axhline(90, color="grey", linestyle="--", linewidth=1)
+    ax2.set_xlabel("arrival rate, req/s")
+    ax2.set_ylabel("SLO attainment, %")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "plan.png", dpi=110)
+    plt.close(fig)
+    slo = doc["slo"]
+    md = [f"# tandem plan: {doc['workload']}, {doc['nodes']} nodes", "",
+          f"SLOs: TTFT ≤ {slo['ttft_s'] * 1000:.0f} ms, TPOT ≤ {slo['tpot_s'] * 1000:.0f} ms, for ≥ 90 % of requests. "
+          f"Simulated: {doc['requests_per_probe']} requests per probe, median of {doc['seeds']} seeds; "
+          f"coordinator queue in {doc['order']} order.", "",
+          f"Profiles: prefill nodes `{doc['prefill_profile']['source'] or 'given'}`, decode nodes "
+          f"`{doc['decode_profile']['source'] or 'given'}`.", "",
+          *table(doc), "",
+          f"**Best: {doc['best']}.**", "", "![plan](plan.png)", "",
+          f"Not modelled yet: {', '.join(doc['not_modelled'])}."]
+    if not doc["transfer_modelled"]:
+        md.append("The decode profile has no KV transfer timings: transfers take no time here.")
+    (out / "plan.md").write_text("\n".join(md) + "\n")
+    return out / "plan.md"
+
+
+def newest_profile() -> Path | None:
+    from tandem.profile import default_cache_dir
+
+    files = sorted(default_cache_dir().glob("profile-*.json"), key=lambda p: p.stat().st_mtime)
+    return files[-1] if files else None
+
+
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--workload", default="chat", choices=WORKLOADS)
+    ap.add_argument("--slo-ttft", type=float, required=True, help="TTFT objective, seconds")
+    ap.add_argument("--slo-tpot", type=float, required=True, help="TPOT objective, seconds")
+    ap.add_argument("--nodes", type=int, default=4, help="nodes to split into prefill and decode")
+    ap.add_argument("--profile", default="",
+                    help="a node profile (a node's cached profile file or {prefill, decode, transfer} "
+                         "coefficients) for every node; default: the newest cached profile on this host")
+    ap.add_argument("--prefill-profile", default="", help="the prefill nodes' profile (default: --profile)")
+    ap.add_argument("--decode-profile", default="", help="the decode nodes' profile (default: --profile)")
+    ap.add_argument("--kv-bytes-per-token", type=int, default=0,
+                    help="KV bytes per token, for the transfer time (0: transfers cost only their constant)")
+    ap.add_argument("--max-batch", type=int, default=256, help="a decode node's most running requests")
+    ap.add_argument("--kv-capacity-tokens", type=int, default=0, help="a decode node's KV cache in tokens (0: unbounded)")
+    ap.add_argument("--order", default="slack", choices=["slack", "fifo"], help="the coordinator's prefill queue order")
+    ap.add_argument("--requests", type=int, default=2000, help="requests per simulated probe")
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--out", default="bench/results/plan")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    default = args.profile or (str(p) if (p := newest_profile()) else "")
+    pre_path, dec_path = args.prefill_profile or default, args.decode_profile or default
+    if not pre_path or not dec_path:
+        print("tandem plan: no profile given and none cached on this host; start a node once (it profiles "
+              "itself) or give --profile FILE", file=sys.stderr)
+        return 2
+    try:
+        prefill, decode = Timings.load(pre_path), Timings.load(dec_path)
+    except (OSError, ValueError) as exc:
+        print(f"tandem plan: {exc}", file=sys.stderr)
+        return 2
+    print(f"profiles: prefill {pre_path}, decode {dec_path}", flush=True)
+    doc = plan(prefill, decode, args.nodes, args.workload, args.slo_ttft, args.slo_tpot,
+               kv_bytes_per_token=args.kv_bytes_per_token, max_batch=args.max_batch,
+               kv_capacity_tokens=args.kv_capacity_tokens, order=args.order, requests=args.requests,
+               seeds=args.seeds, max_model_len=args.max_model_len, progress=lambda m: print("  " + m, flush=True))
+    report = write_report(Path(args.out), doc)
+    print("\n".join(table(doc)))
+    print(f"best: {doc['best']} ({doc['took_s']} s); wrote {report} and plan.png")
+    return 0

@@ -1,0 +1,264 @@
+"""A discrete-event simulator of a Tandem cluster, driven by node profiles.
+
+It plays a trace (``tandem bench``'s workloads) through P prefill and D decode
+nodes whose times come from a profile (``Timings``: DistServe's forms, the
+same ones the nodes fit online, see tandem/perfmodel.py):
+
+- **Coordinator.** Requests wait in one queue at the coordinator, in arrival
+  order (``fifo``) or by deadline slack (``slack``: the latest start that still
+  meets the TTFT objective, as Tandem ships), and go to a prefill node when it
+  is free. Each prefill node runs one prefill at a time: ``prefill_s(tokens)``.
+- **First token.** The prefill produces the first token (TTFT ends there).
+- **Transfer.** The decode node with the fewest requests assigned takes the
+  request; its KV arrives ``transfer_s(bytes)`` later (transfers do not
+  contend with each other: a simplification).
+- **Decode.** Continuous batching: a step of B running requests holding L
+  context tokens takes ``step_s(B, L)`` and gives each of them a token; a
+  request that arrives mid-step joins at the next step, up to ``max_batch``
+  and, when ``kv_capacity_tokens`` is set, while its whole prompt and output
+  fit beside the running ones (reserved up front: no preemption).
+
+Not modelled yet (the simulator says so in its results): admission control,
+conditional disaggregation (local prefills on a decode node), prefix caching,
+chunked prefill mixing prompts into decode steps, and network contention.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tandem.perfmodel import NodeModel
+
+ORDERS = ("fifo", "slack")
+NOT_MODELLED = ("admission control", "conditional disaggregation", "prefix caching",
+                "chunked prefill beside decode steps", "transfer contention")
+
+
+@dataclass(frozen=True)
+class Timings:
+    """A node's times in seconds: prefill ``a + b·n + c·n²`` of n uncached tokens; decode step
+    ``d + e·B + f·L`` for B requests holding L context tokens; KV transfer ``g + h·bytes``."""
+
+    prefill: tuple[float, float, float]
+    decode: tuple[float, float, float]
+    transfer: tuple[float, float] = (0.0, 0.0)
+    source: str = ""
+
+    def prefill_s(self, tokens: int) -> float:
+        a, b, c = self.prefill
+        return a + b * tokens + c * tokens * tokens
+
+    def step_s(self, batch: int, context_tokens: int) -> float:
+        d, e, f = self.decode
+        return d + e * batch + f * context_tokens
+
+    def transfer_s(self, nbytes: int) -> float:
+        g, h = self.transfer
+        return g + h * nbytes
+
+    @classmethod
+    def of_model(cls, model: NodeModel, source: str = "") -> Timings:
+        def coef(fit: Any, n: int) -> tuple[float, ...]:
+            c = tuple(fit.coefficients()) if fit.samples else ()
+            return c if len(c) == n else (0.0,) * n
+
+        prefill, decode = coef(model.prefill, 3), coef(model.decode, 3)
+        if not any(prefill) or not any(decode):
+            raise ValueError(f"{source or 'the model'} has no prefill or no decode timings")
+        return cls(prefill, decode, coef(model.transfer, 2), source)  # type: ignore[arg-type]
+
+    @classmethod
+    def load(cls, path: str | Path) -> Timings:
+        """A node's cached profile (tandem/profile.py's file) or a plain file of coefficients:
+        ``{"prefill": [a, b, c], "decode": [d, e, f], "transfer": [g, h]}`` (e.g. from a
+        published table)."""
+        doc = json.loads(Path(path).read_text())
+        if "model" in doc:
+            return cls.of_model(NodeModel.from_state(doc["model"]), str(path))
+        try:
+            return cls(tuple(map(float, doc["prefill"])), tuple(map(float, doc["decode"])),  # type: ignore[arg-type]
+                       tuple(map(float, doc.get("transfer", (0.0, 0.0)))), str(path))  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: not a profile (need prefill [a, b, c] and decode [d, e, f]): {exc}") from exc
+
+    def to_model(self) -> NodeModel:
+        """A node model that predicts these times (fitted to exact samples of them): what a
+        simulated node reports to the coordinator."""
+        m = NodeModel()
+        for n in (16, 64, 256, 512, 1024, 2048, 4096, 8192):
+            m.saw_prefill(n, self.prefill_s(n))
+        for b, ctx in ((1, 64), (1, 2048), (4, 512), (8, 8192), (32, 4096), (64, 32768), (16, 1024)):
+            m.saw_decode_step(b, ctx, self.step_s(b, ctx))
+        if any(self.transfer):
+            for x in (10**4, 10**6, 10**8, 10**9):
+                m.saw_transfer(x, self.transfer_s(x))
+        return m
+
+    def doc(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SimConfig:
+    num_prefill: int
+    num_decode: int
+    prefill: Timings  # the prefill nodes' times
+    decode: Timings  # the decode nodes' times (their step and transfer fits)
+    kv_bytes_per_token: int = 0
+    max_batch: int = 256
+    kv_capacity_tokens: int = 0  # each decode node's KV cache; 0: unbounded
+    order: str = "slack"
+    slo_ttft_s: float = 0.0  # for the slack order
+
+    def __post_init__(self) -> None:
+        if self.num_prefill < 1 or self.num_decode < 1:
+            raise ValueError("a cluster needs at least one prefill and one decode node")
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.order == "slack" and self.slo_ttft_s <= 0:
+            raise ValueError("the slack order needs the TTFT objective (slo_ttft_s)")
+
+
+@dataclass
+class Outcome:
+    arrival_s: float
+    ttft_s: float = math.nan
+    tpot_s: float = 0.0  # 0 for a one-token output
+    e2e_s: float = math.nan
+    prefill_node: int = -1
+    decode_node: int = -1
+    completed: bool = False
+
+
+@dataclass
+class _Decode:
+    running: list[tuple[int, int]] = field(default_factory=list)  # heap of (finish step, request)
+    waiting: list[int] = field(default_factory=list)
+    assigned: int = 0
+    step_no: int = 0
+    base: int = 0  # Σ (prompt + 1 − join step) of the running: context = base + B·step_no
+    reserved: int = 0  # KV tokens reserved by the running requests
+    stepping: bool = False
+
+
+def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
+    """Each entry of ``trace`` needs ``arrival_s``, ``input_len`` and ``output_len``; one Outcome per
+    entry, in the trace's order. Requests that cannot fit a decode node's KV cache at all end
+    uncompleted."""
+    out = [Outcome(e.arrival_s) for e in trace]
+    events: list[tuple[float, int, int, int, int]] = []  # (time, seq, kind, node, request)
+    seq = 0
+
+    def push(t: float, kind: int, node: int, req: int) -> None:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(events, (t, seq, kind, node, req))
+
+    ARRIVE, PREFILLED, JOIN, STEPPED, START = range(5)
+    for i, e in enumerate(trace):
+        push(e.arrival_s, ARRIVE, -1, i)
+    queue: list[tuple[float, int]] = []
+    idle = list(range(cfg.num_prefill))
+    decodes = [_Decode() for _ in range(cfg.num_decode)]
+    produced_start: dict[int, float] = {}
+
+    def dispatch(now: float) -> None:
+        while idle and queue:
+            _, i = heapq.heappop(queue)
+            node = idle.pop(0)
+            out[i].prefill_node = node
+            push(now + cfg.prefill.prefill_s(trace[i].input_len), PREFILLED, node, i)
+
+    def step(d: int, now: float) -> None:
+        dn = decodes[d]
+        while dn.waiting and len(dn.running) < cfg.max_batch:
+            i = dn.waiting[0]
+            need = trace[i].input_len + trace[i].output_len
+            if cfg.kv_capacity_tokens and dn.reserved + need > cfg.kv_capacity_tokens and dn.running:
+                break
+            dn.waiting.pop(0)
+            dn.reserved += need
+            heapq.heappush(dn.running, (dn.step_no + trace[i].output_len - 1, i))
+            dn.base += trace[i].input_len + 1 - dn.step_no
+        if not dn.running:
+            dn.stepping = False
+            return
+        dn.stepping = True
+        b = len(dn.running)
+        push(now + cfg.decode.step_s(b, dn.base + b * dn.step_no), STEPPED, d, -1)
+
+    while events:
+        now, _, kind, node, i = heapq.heappop(events)
+        if kind == ARRIVE:
+            e = trace[i]
+            key = e.arrival_s if cfg.order == "fifo" else e.arrival_s + cfg.slo_ttft_s - cfg.prefill.prefill_s(e.input_len)
+            heapq.heappush(queue, (key, i))
+            dispatch(now)
+        elif kind == PREFILLED:
+            idle.append(node)
+            idle.sort()
+            o, e = out[i], trace[i]
+            o.ttft_s = now - o.arrival_s
+            produced_start[i] = now
+            dispatch(now)
+            if e.output_len <= 1:
+                o.e2e_s, o.completed = o.ttft_s, True
+                continue
+            if cfg.kv_capacity_tokens and e.input_len + e.output_len > cfg.kv_capacity_tokens:
+                continue  # can never fit a decode node: not completed
+            d = min(range(cfg.num_decode), key=lambda k: (decodes[k].assigned, k))
+            decodes[d].assigned += 1
+            o.decode_node = d
+            push(now + cfg.decode.transfer_s(e.input_len * cfg.kv_bytes_per_token), JOIN, d, i)
+        elif kind == JOIN:
+            decodes[node].waiting.append(i)
+            if not decodes[node].stepping:  # start after every other join of this instant: one batch
+                decodes[node].stepping = True
+                push(now, START, node, -1)
+        elif kind == START:
+            step(node, now)
+        else:  # STEPPED
+            dn = decodes[node]
+            dn.step_no += 1
+            while dn.running and dn.running[0][0] <= dn.step_no:
+                _, r = heapq.heappop(dn.running)
+                e, o = trace[r], out[r]
+                dn.base -= e.input_len + 1 - (dn.step_no - (e.output_len - 1))
+                dn.reserved -= e.input_len + e.output_len
+                dn.assigned -= 1
+                o.e2e_s = now - o.arrival_s
+                o.tpot_s = (now - produced_start.pop(r)) / (e.output_len - 1)
+                o.completed = True
+            step(node, now)
+    return out
+
+
+def attainment(outcomes: Sequence[Outcome], slo_ttft_s: float, slo_tpot_s: float) -> float:
+    """The share of requests that completed within both objectives."""
+    if not outcomes:
+        return 0.0
+    ok = sum(1 for o in outcomes if o.completed and o.ttft_s <= slo_ttft_s and o.tpot_s <= slo_tpot_s)
+    return ok / len(outcomes)
+
+
+def summary(outcomes: Sequence[Outcome], slo_ttft_s: float, slo_tpot_s: float) -> dict[str, float]:
+    done = [o for o in outcomes if o.completed]
+
+    def pct(vals: list[float], q: float) -> float:
+        if not vals:
+            return math.nan
+        vals = sorted(vals)
+        return vals[min(len(vals) - 1, int(q * len(vals)))]
+
+    ttft = [o.ttft_s for o in done]
+    tpot = [o.tpot_s for o in done if o.tpot_s > 0]
+    return {"requests": len(outcomes), "completed": len(done),
+            "attainment": attainment(outcomes, slo_ttft_s, slo_tpot_s),
+            "ttft_p50_s": pct(ttft, 0.5), "ttft_p90_s": pct(ttft, 0.9),
+            "tpot_p50_s": pct(tpot, 0.5), "tpot_p90_s": pct(tpot, 0.9)}

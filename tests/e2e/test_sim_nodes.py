@@ -1,0 +1,98 @@
+"""Simulated nodes (`--simulate PROFILE`) on the real protocol: they register in etcd, serve
+through the real coordinator with their profile's times and fake KV handles, and leave. No
+engine runs here (these nodes are for load tests and the simulator's checks only)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tandem.local.cluster import ClusterSpec, LocalCluster
+from tandem.proto import tandem_pb2 as pb
+from tandem.proto import tandem_pb2_grpc as pb_grpc
+
+from .helpers import metric, registered_nodes, scrape, wait_until
+
+pytestmark = pytest.mark.e2e
+
+# prefill 50 ms + 0.1 ms per token; decode steps 20 ms + 1 ms per request; transfer 5 ms
+PROFILE = {"prefill": [0.05, 1e-4, 0.0], "decode": [0.02, 0.001, 0.0], "transfer": [0.005, 0.0]}
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("sim")
+    (tmp / "profile.json").write_text(json.dumps(PROFILE))
+    # always disaggregated: every request's KV goes through a (fake) handle
+    spec = ClusterSpec(model=str(tiny_model), num_prefill=1, num_decode=2, max_model_len=512, ttl_s=3,
+                       log_dir=str(tmp / "logs"), extra_node_args=["--simulate", str(tmp / "profile.json")],
+                       extra_coordinator_args=["--conditional-disagg", "off", "--admission", "off"])
+    with LocalCluster(spec) as c:
+        yield c
+
+
+def generate(stub: pb_grpc.CoordinatorStub, ids: list[int], n: int) -> tuple[list[int], pb.Finish]:
+    msgs = list(stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(
+        max_tokens=n, temperature=0, ignore_eos=True)), timeout=60))
+    return [t for m in msgs for t in m.token_ids], msgs[-1].finish
+
+
+def test_simulated_nodes_serve_through_the_coordinator_with_their_profiles_times(cluster: LocalCluster, stub) -> None:
+    assert registered_nodes(cluster.etcd_url) == {"prefill-0", "decode-0", "decode-1"}
+    prompt = [(7 + 13 * i) % 590 + 5 for i in range(200)]
+    a, fin = generate(stub, prompt, 30)
+    assert len(a) == 30 and fin.reason == "length" and fin.usage.completion_tokens == 30
+    # the profile's times: one prefill of 200 tokens is 70 ms; 29 steps at batch 1 of 21 ms each
+    t = fin.timings
+    assert t.prefill_s == pytest.approx(0.07, abs=0.02) and not t.local_prefill
+    assert t.decode_s >= 29 * 0.021
+    b, fin_b = generate(stub, prompt, 30)
+    assert b == a  # deterministic tokens, whichever decode node took it
+    # the KV handle went from the prefill node to a decode node (and back, released by the fetch)
+    decode_ok = sum(metric(scrape(d.info["metrics"]), "tandem_decode_requests_total", outcome="ok")
+                    for d in cluster.nodes if d.role == "decode")
+    assert decode_ok == 2
+    assert metric(scrape(cluster.node("prefill-0").info["metrics"]), "tandem_prefill_requests_total",
+                  outcome="ok") == 2
+    for d in cluster.nodes:  # no engine was started
+        log = d.log_path.read_text()
+        assert "simulated: times from" in log and "vLLM engine ready" not in log
+
+
+def test_decode_steps_batch_requests_on_a_simulated_node(cluster: LocalCluster, stub) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [[(3 + 7 * i + k) % 590 + 5 for i in range(40)] for k in range(8)]
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(8) as ex:
+        outs = list(ex.map(lambda p: generate(stub, p, 50), prompts))
+    took = time.monotonic() - t0
+    assert all(len(toks) == 50 for toks, _ in outs)
+    # one at a time these would take 8 x (49 steps x 21 ms) = 8.2 s of decoding; batched on two
+    # decode nodes, about 49 steps of ~24 ms each (plus prefills of 54 ms each, one at a time)
+    assert took < 4.0
+
+
+def test_simulated_nodes_leave_the_cluster_when_stopped(cluster: LocalCluster, stub) -> None:
+    node = cluster.node("decode-1")
+    node.signal(signal.SIGTERM)
+    assert node.proc.wait(timeout=30) == 0
+    wait_until(lambda: "decode-1" not in registered_nodes(cluster.etcd_url), 10, "decode-1 to deregister")
+    toks, fin = generate(stub, [11, 12, 13, 14], 5)  # the other decode node serves on
+    assert len(toks) == 5 and fin.timings.decode_node == "decode-0"
+
+
+def test_a_real_node_refuses_a_bad_simulate_profile(tiny_model: Path, tmp_path: Path) -> None:
+    import subprocess
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    proc = subprocess.run([sys.executable, "-m", "tandem.cli", "prefill", "--model", str(tiny_model), "--etcd",
+                           "http://127.0.0.1:1", "--simulate", str(bad)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--simulate" in proc.stderr and "not a profile" in proc.stderr

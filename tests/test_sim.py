@@ -1,0 +1,146 @@
+"""The cluster simulator and `tandem plan` (no engines: synthetic profiles)."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from dataclasses import dataclass
+
+import pytest
+
+from tandem.sim import SimConfig, Timings, attainment, simulate
+
+
+@dataclass
+class Req:
+    arrival_s: float
+    input_len: int
+    output_len: int
+
+
+def poisson(rate: float, n: int, seed: int, input_len: int = 100, output_len: int = 1) -> list[Req]:
+    rng, t, out = random.Random(seed), 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        out.append(Req(t, input_len, output_len))
+    return out
+
+
+def test_one_prefill_node_is_an_md1_queue() -> None:
+    service, rate = 0.1, 5.0  # deterministic 100 ms prefills at rho = 0.5
+    t = Timings((service, 0.0, 0.0), (0.01, 0.0, 0.0))
+    cfg = SimConfig(1, 1, t, t, order="fifo")
+    waits = [o.ttft_s - service for o in simulate(cfg, poisson(rate, 60000, seed=1))]
+    rho = rate * service
+    expected = rho * service / (2 * (1 - rho))  # Pollaczek-Khinchine for deterministic service
+    assert statistics.fmean(waits) == pytest.approx(expected, rel=0.04)
+    assert min(waits) > -1e-9  # nothing starts before it arrives
+
+
+def test_decode_steps_batch_and_cost_by_batch_and_context() -> None:
+    # a step costs 10 ms + 1 ms per request + 1 us per context token; prefills take 50 ms
+    t = Timings((0.05, 0.0, 0.0), (0.010, 0.001, 1e-6))
+    cfg = SimConfig(2, 1, t, t, order="fifo")
+    one = simulate(cfg, [Req(0.0, 1000, 11)])[0]
+    assert one.ttft_s == pytest.approx(0.05)
+    # ten steps at batch 1 whose context grows 1001, 1002, ... 1010
+    steps = [0.011 + 1e-6 * (1001 + k) for k in range(10)]
+    assert one.tpot_s == pytest.approx(sum(steps) / 10)
+    assert one.e2e_s == pytest.approx(0.05 + sum(steps))
+    a, b = simulate(cfg, [Req(0.0, 1000, 11), Req(0.0, 1000, 11)])  # two prefill nodes: both at once
+    assert a.prefill_node != b.prefill_node and a.ttft_s == b.ttft_s == pytest.approx(0.05)
+    both = [0.012 + 1e-6 * 2 * (1001 + k) for k in range(10)]  # one batch of two
+    assert a.tpot_s == b.tpot_s == pytest.approx(sum(both) / 10)
+
+
+def test_slack_order_starts_the_request_with_the_least_slack_first_and_fifo_does_not() -> None:
+    # one prefill node, busy for 0.5 s; then a short prompt, then a long one whose latest start
+    # (arrival + 2.6 s objective - its 2 s prefill) comes much sooner than the short one's
+    t = Timings((0.0, 0.001, 0.0), (0.01, 0.0, 0.0))
+    reqs = [Req(0.0, 500, 1), Req(0.01, 300, 1), Req(0.02, 2000, 1)]
+    fifo = simulate(SimConfig(1, 1, t, t, order="fifo"), reqs)
+    slack = simulate(SimConfig(1, 1, t, t, order="slack", slo_ttft_s=2.6), reqs)
+    assert fifo[1].ttft_s == pytest.approx(0.8 - 0.01) and fifo[2].ttft_s == pytest.approx(2.8 - 0.02)
+    assert slack[2].ttft_s == pytest.approx(2.5 - 0.02) and slack[1].ttft_s == pytest.approx(2.8 - 0.01)
+    assert slack[2].ttft_s < 2.6 < fifo[2].ttft_s  # only the slack order meets the long one's objective
+
+
+def test_kv_capacity_holds_requests_back_and_one_that_never_fits_ends_uncompleted() -> None:
+    t = Timings((0.001, 0.0, 0.0), (0.01, 0.0, 0.0))
+    cfg = SimConfig(1, 1, t, t, kv_capacity_tokens=300, order="fifo")
+    a, b, c = simulate(cfg, [Req(0.0, 100, 101), Req(0.0, 100, 101), Req(0.0, 400, 5)])
+    assert a.completed and b.completed and not c.completed
+    assert b.e2e_s > a.e2e_s + 0.9  # b waited for a's 100 steps: both do not fit at once
+    assert attainment([a, b, c], 10.0, 1.0) == pytest.approx(2 / 3)
+
+
+def test_transfer_time_is_added_before_decoding() -> None:
+    t = Timings((0.05, 0.0, 0.0), (0.01, 0.0, 0.0), (0.002, 1e-9))
+    cfg = SimConfig(1, 1, t, t, kv_bytes_per_token=1000, order="fifo")
+    o = simulate(cfg, [Req(0.0, 1000, 2)])[0]
+    assert o.e2e_s == pytest.approx(0.05 + 0.002 + 1e-9 * 1000 * 1000 + 0.01)
+
+
+def test_plan_finds_the_known_best_ratio() -> None:
+    from tandem.plan import plan
+
+    # prefill-bound: ~0.3 s per prompt, decode steps nearly free -> most nodes should prefill
+    heavy_prefill = Timings((0.05, 0.001, 0.0), (0.005, 0.0001, 0.0))
+    doc = plan(heavy_prefill, heavy_prefill, 4, "chat", 2.0, 0.05, requests=400, seeds=1)
+    assert doc["best"] == "3:1"
+    by = {f"{r['prefill']}:{r['decode']}": r for r in doc["rows"]}
+    assert by["3:1"]["goodput_rps"] > by["2:2"]["goodput_rps"] > by["1:3"]["goodput_rps"] > 0
+    assert by["1:3"]["limited_by"] == "TTFT (prefill)"
+    # decode-bound: cheap prefills, steps that grow fast with the batch -> most nodes should decode
+    heavy_decode = Timings((0.005, 0.00001, 0.0), (0.01, 0.004, 0.0))
+    doc = plan(heavy_decode, heavy_decode, 4, "chat", 2.0, 0.05, requests=400, seeds=1)
+    assert doc["best"] == "1:3"
+    assert {r["limited_by"] for r in doc["rows"]} == {"TPOT (decode)"}
+
+
+def test_profiles_load_from_a_node_cache_file_and_from_coefficients(tmp_path) -> None:
+    from tandem.perfmodel import NodeModel
+
+    m = NodeModel()
+    for n in (100, 200, 400, 800):
+        m.saw_prefill(n, 0.01 + 1e-4 * n)
+    for b, ctx in ((1, 100), (4, 800), (8, 3000), (2, 50)):
+        m.saw_decode_step(b, ctx, 0.005 + 0.001 * b + 1e-6 * ctx)
+    cached = tmp_path / "profile-x.json"
+    cached.write_text(json.dumps({"key": {}, "model": m.state()}))
+    t = Timings.load(cached)
+    assert t.prefill_s(500) == pytest.approx(0.06, rel=1e-3)
+    assert t.step_s(4, 800) == pytest.approx(0.0098, rel=1e-3)
+    assert t.transfer == (0.0, 0.0)  # no fetch seen: nothing invented
+    plain = tmp_path / "gpu.json"
+    plain.write_text(json.dumps({"prefill": [0.02, 1e-5, 0], "decode": [0.01, 1e-4, 1e-7], "transfer": [1e-4, 4e-11]}))
+    assert Timings.load(plain).transfer_s(10**9) == pytest.approx(0.0401)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"prefill": [1]}))
+    with pytest.raises(ValueError, match="not a profile"):
+        Timings.load(bad)
+    empty = tmp_path / "profile-empty.json"
+    empty.write_text(json.dumps({"key": {}, "model": NodeModel().state()}))
+    with pytest.raises(ValueError, match="no prefill or no decode"):
+        Timings.load(empty)
+
+
+def test_tandem_plan_command_writes_its_report(tmp_path, capsys) -> None:
+    from tandem.cli import build_parser
+
+    prof = tmp_path / "p.json"
+    prof.write_text(json.dumps({"prefill": [0.05, 0.001, 0], "decode": [0.005, 0.0001, 0]}))
+    args = build_parser().parse_args(["plan", "--profile", str(prof), "--nodes", "3", "--workload", "code",
+                                      "--slo-ttft", "2", "--slo-tpot", "0.05", "--requests", "300", "--seeds", "1",
+                                      "--out", str(tmp_path / "plan")])
+    assert args.fn(args) == 0
+    doc = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert [f"{r['prefill']}:{r['decode']}" for r in doc["rows"]] == ["1:2", "2:1"] and doc["best"] == "2:1"
+    md = (tmp_path / "plan" / "plan.md").read_text()
+    assert "| 2:1 (best) |" in md and "transfers take no time" in md
+    assert (tmp_path / "plan" / "plan.png").stat().st_size > 0
+    assert "best: 2:1" in capsys.readouterr().out
+    args = build_parser().parse_args(["plan", "--profile", str(tmp_path / "missing.json"), "--slo-ttft", "1",
+                                      "--slo-tpot", "0.1"])
+    assert args.fn(args) == 2
