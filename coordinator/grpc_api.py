@@ -35,7 +35,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             which = request.WhichOneof("prompt")
             if which is None:
                 raise InvalidRequest("empty prompt: set text or token_ids")
-            prepared = self.pipeline.prepare(
+            prepared = await self.pipeline.prepare_async(
                 request_id=request.request_id,
                 text=request.text if which == "text" else None,
                 token_ids=list(request.token_ids.ids) if which == "token_ids" else None,

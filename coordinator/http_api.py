@@ -162,7 +162,7 @@ class OpenAIHttp:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise InvalidRequest("'messages' must be a non-empty list")
-        ids = self.pipeline.codec.encode_chat(messages)
+        ids = await self.pipeline.codec.encode_chat_async(messages)
         return await self._serve(request, body, None, ids, chat=True)
 
     async def _serve(self, request: web.Request, body: dict[str, Any], text: str | None, ids: list[int] | None,
@@ -171,7 +171,7 @@ class OpenAIHttp:
         if not isinstance(model, str):
             raise InvalidRequest("'model' must be a string")
         rid = body.get("request_id") or request.headers.get("X-Request-Id") or ""
-        prepared = self.pipeline.prepare(request_id=str(rid), text=text, token_ids=ids,
+        prepared = await self.pipeline.prepare_async(request_id=str(rid), text=text, token_ids=ids,
                                          sampling=sampling_from_body(body), model=model, slo=slo_from_headers(request),
                                          priority=request.headers.get("x-priority", ""),
                                          tenant=request.headers.get("x-tenant", ""))

@@ -23,6 +23,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 from contextlib import ExitStack, aclosing
 from dataclasses import dataclass, field
 
@@ -38,7 +39,7 @@ from .admission import Admission, Plan, Slo
 from .nodecalls import NodeCallFailed, Watchdog, stream_ended_early
 from .prefillq import NodeGone
 from .router import NodeClient, Router
-from .textcodec import Detokenizer, StopMatcher, TextCodec
+from .textcodec import INLINE_CHARS, Detokenizer, StopMatcher, TextCodec
 from .traffic import BatchQueue, Quotas, check_priority, check_tenant
 
 logger = logging.getLogger(__name__)
@@ -194,6 +195,13 @@ class Pipeline:
             logger.info("request %s: client id %r", rid, request_id)
         return Prepared(rid, ids, sampling, client_id=request_id, deadline=deadline, slo=slo or Slo(),
                         priority=check_priority(priority), tenant=check_tenant(tenant))
+
+    async def prepare_async(self, *, text: str | None, **kw: Any) -> Prepared:
+        """``prepare``, with a long text tokenized on a worker thread instead of the event loop."""
+        if text and INLINE_CHARS < len(text) <= MAX_PROMPT_CHARS:
+            kw["token_ids"] = await self.codec.encode_async(text)
+            text = None
+        return self.prepare(text=text, **kw)
 
     # run --------------------------------------------------------------------
     async def run(self, req: Prepared) -> AsyncIterator[Event]:

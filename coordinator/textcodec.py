@@ -2,23 +2,136 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+from pathlib import Path
 from typing import Any
 
 from tandem.errors import InvalidRequest
 
+logger = logging.getLogger(__name__)
+
+# Texts longer than this are tokenized on a worker thread (the tokenizers library releases the
+# GIL), so a long prompt never holds the coordinator's event loop; shorter ones cost less inline
+# than the thread hop.
+INLINE_CHARS = 4096
+
+
+class FastTokenizer:
+    """The model's tokenizer.json through the ``tokenizers`` library alone: no transformers, no
+    torch in the coordinator. Chat templates are rendered with jinja2 the way transformers does
+    (a sandbox, trim_blocks and lstrip_blocks, loop controls, ``raise_exception``,
+    ``strftime_now``, the special tokens by name) and tokenized without added special tokens."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        try:
+            config = json.loads((model_dir / "tokenizer_config.json").read_text())
+        except FileNotFoundError:
+            config = {}
+        self.special: dict[str, str] = {}
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            v = config.get(name)
+            if isinstance(v, dict):
+                v = v.get("content")
+            if isinstance(v, str):
+                self.special[name] = v
+        eos = self.special.get("eos_token")
+        self.eos_token_id: int | None = self._tok.token_to_id(eos) if eos else None
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        jinja_file = model_dir / "chat_template.jinja"
+        if jinja_file.exists():
+            template = jinja_file.read_text()
+        self.chat_template: str | None = template if isinstance(template, str) and template else None
+        self._compiled: Any = None
+
+    def __len__(self) -> int:
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return str(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        if self._compiled is None:
+            def raise_exception(message: str) -> None:
+                raise jinja2.exceptions.TemplateError(message)
+
+            def strftime_now(fmt: str) -> str:
+                import datetime
+
+                return datetime.datetime.now().strftime(fmt)
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols", _generation_extension()])
+            env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: \
+                json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+            env.globals["raise_exception"] = raise_exception
+            env.globals["strftime_now"] = strftime_now
+            self._compiled = env.from_string(self.chat_template or "")
+        try:
+            return str(self._compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=True,
+                                             **self.special))
+        except jinja2.exceptions.TemplateError as exc:
+            raise InvalidRequest(f"the chat template refused the messages: {exc}") from None
+
+
+def _generation_extension() -> Any:
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        """``{% generation %}...{% endgeneration %}`` (assistant masks in transformers): the body as is."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    return Generation
+
 
 class TextCodec:
-    """The served model's tokenizer (loaded from its local directory; no hub access)."""
+    """The served model's tokenizer, from its local directory (no hub access): tokenizer.json
+    through the ``tokenizers`` library; only a model without one goes through transformers
+    (slower to load, and it imports torch; the coordinator says so when it starts)."""
 
     def __init__(self, model_dir: str) -> None:
-        from transformers import AutoTokenizer
+        path = Path(model_dir)
+        self.tok: Any
+        if (path / "tokenizer.json").exists():
+            self.tok = FastTokenizer(path)
+            self.backend = "tokenizers"
+        else:
+            logger.warning("%s has no tokenizer.json: tokenizing through transformers (it imports torch and "
+                           "loads more slowly)", model_dir)
+            from transformers import AutoTokenizer
 
-        self.tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            self.tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            self.backend = "transformers"
         self.eos_token_id: int | None = self.tok.eos_token_id
         self.vocab_size = len(self.tok)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=True))
+
+    async def encode_async(self, text: str) -> list[int]:
+        """``encode``, on a worker thread when the text is long."""
+        if len(text) <= INLINE_CHARS:
+            return self.encode(text)
+        return await asyncio.get_running_loop().run_in_executor(None, self.encode, text)
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         for i, m in enumerate(messages):
@@ -26,10 +139,18 @@ class TextCodec:
                 raise InvalidRequest(f"messages[{i}] must have a string 'role' and a string 'content'")
         if not self.tok.chat_template:
             raise InvalidRequest("the served model has no chat template; use /v1/completions")
+        if isinstance(self.tok, FastTokenizer):
+            return self.tok.encode(self.tok.render_chat(messages), add_special_tokens=False)
         ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if hasattr(ids, "keys"):  # newer transformers return a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
+
+    async def encode_chat_async(self, messages: list[dict[str, Any]]) -> list[int]:
+        if sum(len(m.get("content", "")) for m in messages if isinstance(m, dict)
+               and isinstance(m.get("content"), str)) <= INLINE_CHARS:
+            return self.encode_chat(messages)
+        return await asyncio.get_running_loop().run_in_executor(None, self.encode_chat, messages)
 
     def check_ids(self, ids: list[int]) -> None:
         bad = [t for t in ids if t < 0 or t >= self.vocab_size]

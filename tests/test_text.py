@@ -37,8 +37,51 @@ def test_incremental_detokenizing_equals_decoding_all_at_once(tiny_model: Path) 
 def test_chat_and_id_checks(tiny_model: Path) -> None:
     codec = TextCodec(str(tiny_model))
     ids = codec.encode_chat([{"role": "user", "content": "hello"}])
-    assert ids[-1] == codec.tok.convert_tokens_to_ids("<|assistant|>")
+    assert codec.tok.decode(ids[-1:], skip_special_tokens=False) == "<|assistant|>"
     with pytest.raises(InvalidRequest, match="messages\\[0\\]"):
         codec.encode_chat([{"role": "user"}])
     with pytest.raises(InvalidRequest, match="outside the vocabulary"):
         codec.check_ids([1, codec.vocab_size])
+
+
+def test_the_coordinator_tokenizes_like_transformers_without_importing_it(tiny_model: Path) -> None:
+    import asyncio
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    codec = TextCodec(str(tiny_model))
+    assert codec.backend == "tokenizers"
+    ref = AutoTokenizer.from_pretrained(str(tiny_model), local_files_only=True)
+    texts = ["hello", "the prefill node sends the key value cache to the decode node, fast!", " leading space",
+             "ünïcödé ✓ and a tab\there", "x" * 5000]
+    for t in texts:
+        assert codec.encode(t) == list(ref.encode(t, add_special_tokens=True))
+        assert asyncio.run(codec.encode_async(t)) == codec.encode(t)  # the long one on a worker thread
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    want = ref.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    want = want["input_ids"] if hasattr(want, "keys") else want
+    assert codec.encode_chat(msgs) == list(want)
+    ids = codec.encode(texts[1])
+    assert codec.tok.decode(ids) == ref.decode(ids, skip_special_tokens=True)
+    assert codec.eos_token_id == ref.eos_token_id and codec.vocab_size == len(ref)
+    # the coordinator's process: neither transformers nor torch
+    code = (f"import sys; from tandem.coordinator.textcodec import TextCodec; TextCodec({str(tiny_model)!r}); "
+            "import tandem.coordinator.main; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+def test_a_chat_template_that_raises_is_a_clear_error(tiny_model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model, model)
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools here') }}{% endif %}"
+        "{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}")
+    codec = TextCodec(str(model))
+    assert codec.tok.decode(codec.encode_chat([{"role": "user", "content": "hi"}])) == "hi"
+    with pytest.raises(InvalidRequest, match="no tools here"):
+        codec.encode_chat([{"role": "tool", "content": "x"}])
