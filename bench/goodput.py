@@ -42,8 +42,11 @@ class GoodputResult:
 
 def find_goodput(measure: Callable[[float, int], float], *, start_rate: float = 1.0, seeds: int = 3,
                  target: float = 0.9, rel_tol: float = 0.1, max_rate: float = 1e4, budget_s: float = 600.0,
-                 max_probes: int = 30, progress: Callable[[str], None] = lambda _m: None) -> GoodputResult:
-    """``measure(rate, seed)`` runs one seeded probe and returns its SLO attainment (0..1)."""
+                 max_probes: int = 30, progress: Callable[[str], None] = lambda _m: None,
+                 min_rate: float = 0.0) -> GoodputResult:
+    """``measure(rate, seed)`` runs one seeded probe and returns its SLO attainment (0..1). With
+    ``min_rate``, a search that finds nothing meeting the target down to that rate stops there
+    (goodput 0) instead of bisecting towards zero."""
     if not 0 < target <= 1 or start_rate <= 0 or seeds < 1:
         raise ValueError("target must be in (0, 1], start_rate positive, seeds at least 1")
     t0 = time.monotonic()
@@ -75,6 +78,8 @@ def find_goodput(measure: Callable[[float, int], float], *, start_rate: float = 
             return GoodputResult(lo, target, (lo, hi), probes, why)
     # Bisect [lo, hi): lo meets (or is 0), hi misses.
     while hi - lo > rel_tol * hi:
+        if lo == 0 and hi <= min_rate:
+            return GoodputResult(0.0, target, (lo, hi), probes, "below the lowest rate")
         if (why := out_of_budget()):
             return GoodputResult(lo, target, (lo, hi), probes, why)
         mid = (lo + hi) / 2

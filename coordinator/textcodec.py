@@ -12,9 +12,9 @@ from tandem.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
 
-# Texts longer than this are tokenized on a worker thread (the tokenizers library releases the
-# GIL), so a long prompt never holds the coordinator's event loop; shorter ones cost less inline
-# than the thread hop.
+# Texts longer than this are tokenized on a worker thread through the tokenizers library's batch
+# call, which releases the GIL (its single-text encode does not), so a long prompt never holds
+# the coordinator's event loop; shorter ones cost less inline than the thread hop.
 INLINE_CHARS = 4096
 
 
@@ -28,10 +28,13 @@ class FastTokenizer:
         from tokenizers import Tokenizer
 
         self._tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        try:
-            config = json.loads((model_dir / "tokenizer_config.json").read_text())
-        except FileNotFoundError:
-            config = {}
+        config: dict[str, Any] = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins, as in transformers
+            try:
+                config.update(json.loads((model_dir / name).read_text()))
+            except FileNotFoundError:
+                pass
+        self.clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
         self.special: dict[str, str] = {}
         for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
             v = config.get(name)
@@ -56,8 +59,17 @@ class FastTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
+    def encode_off_gil(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The same ids; the GIL released while it runs (for a worker thread)."""
+        return list(self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return str(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
+        text = str(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
+        if self.clean_up_spaces:  # what transformers does with the flag
+            for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+                text = text.replace(a, b)
+        return text
 
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
         import jinja2
@@ -129,9 +141,9 @@ class TextCodec:
 
     async def encode_async(self, text: str) -> list[int]:
         """``encode``, on a worker thread when the text is long."""
-        if len(text) <= INLINE_CHARS:
+        if len(text) <= INLINE_CHARS or not isinstance(self.tok, FastTokenizer):
             return self.encode(text)
-        return await asyncio.get_running_loop().run_in_executor(None, self.encode, text)
+        return await asyncio.get_running_loop().run_in_executor(None, self.tok.encode_off_gil, text)
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         for i, m in enumerate(messages):
@@ -140,15 +152,16 @@ class TextCodec:
         if not self.tok.chat_template:
             raise InvalidRequest("the served model has no chat template; use /v1/completions")
         if isinstance(self.tok, FastTokenizer):
-            return self.tok.encode(self.tok.render_chat(messages), add_special_tokens=False)
+            return self.tok.encode_off_gil(self.tok.render_chat(messages), add_special_tokens=False)
         ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if hasattr(ids, "keys"):  # newer transformers return a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
 
     async def encode_chat_async(self, messages: list[dict[str, Any]]) -> list[int]:
-        if sum(len(m.get("content", "")) for m in messages if isinstance(m, dict)
-               and isinstance(m.get("content"), str)) <= INLINE_CHARS:
+        if not isinstance(self.tok, FastTokenizer) or sum(
+                len(m.get("content", "")) for m in messages if isinstance(m, dict)
+                and isinstance(m.get("content"), str)) <= INLINE_CHARS:
             return self.encode_chat(messages)
         return await asyncio.get_running_loop().run_in_executor(None, self.encode_chat, messages)
 

@@ -245,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_args(bc)
     bc.set_defaults(fn=cmd_compare)
 
+    from tandem.bench.coordinator_load import add_args as add_coordinator_bench_args
+    from tandem.bench.coordinator_load import cmd_coordinator as cmd_coordinator_bench
+
+    bco = bsub.add_parser("coordinator", help="what the coordinator adds per request and per token, with "
+                                              "simulated nodes behind it (added TTFT, CPU per request/token)")
+    add_coordinator_bench_args(bco)
+    bco.set_defaults(fn=cmd_coordinator_bench)
+
     from tandem.bench.kvstore_tiers import add_args as add_kvstore_bench_args
     from tandem.bench.kvstore_tiers import cmd_kvstore as cmd_kvstore_bench
 

@@ -38,7 +38,8 @@ def ratio_goodput(cfg: SimConfig, workload: str, slo_ttft_s: float, slo_tpot_s: 
     def measure(rate: float, seed: int) -> float:
         return attainment(simulate(cfg, trace(workload, rate, requests, seed, max_model_len)), slo_ttft_s, slo_tpot_s)
 
-    res = find_goodput(measure, start_rate=start_rate, seeds=seeds, rel_tol=rel_tol, budget_s=600.0, max_probes=40)
+    res = find_goodput(measure, start_rate=start_rate, seeds=seeds, rel_tol=rel_tol, budget_s=600.0, max_probes=40,
+                       min_rate=start_rate / 64)
     row: dict[str, Any] = {"prefill": cfg.num_prefill, "decode": cfg.num_decode,
                            "goodput_rps": res.goodput_rps, "bracket": list(res.bracket),
                            "per_node_rps": res.goodput_rps / (cfg.num_prefill + cfg.num_decode),
@@ -47,14 +48,22 @@ def ratio_goodput(cfg: SimConfig, workload: str, slo_ttft_s: float, slo_tpot_s: 
         row["at_goodput"] = summary(simulate(cfg, trace(workload, res.goodput_rps, requests, 0, max_model_len)),
                                     slo_ttft_s, slo_tpot_s)
     above = simulate(cfg, trace(workload, res.bracket[1], requests, 0, max_model_len))
-    late = sum(1 for o in above if not o.completed or o.ttft_s > slo_ttft_s)
-    slow = sum(1 for o in above if o.completed and o.tpot_s > slo_tpot_s)
-    row["limited_by"] = "TTFT (prefill)" if late >= slow else "TPOT (decode)"
+    row["limited_by"] = limited_by(above, slo_ttft_s, slo_tpot_s)
     return row
 
 
+def limited_by(outcomes: list[Any], slo_ttft_s: float, slo_tpot_s: float) -> str:
+    """Which objective the most requests missed (at a rate just above the goodput)."""
+    too_big = sum(1 for o in outcomes if o.never_fits)
+    late = sum(1 for o in outcomes if not o.never_fits and (not o.completed or o.ttft_s > slo_ttft_s))
+    slow = sum(1 for o in outcomes if o.completed and o.tpot_s > slo_tpot_s)
+    if not (too_big or late or slow):
+        return "–"
+    return max((late, "TTFT (prefill)"), (slow, "TPOT (decode)"), (too_big, "decode KV cache (requests larger)"))[1]
+
+
 def plan(prefill: Timings, decode: Timings, nodes: int, workload: str, slo_ttft_s: float, slo_tpot_s: float, *,
-         kv_bytes_per_token: int = 0, max_batch: int = 256, kv_capacity_tokens: int = 0, order: str = "slack",
+         kv_bytes_per_token: int = 0, max_batch: int = 64, kv_capacity_tokens: int = 0, order: str = "slack",
          requests: int = 2000, seeds: int = 2, max_model_len: int = 2048,
          progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     """Every P:D split of ``nodes``, best goodput per node first."""
@@ -73,12 +82,13 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str, slo_ttft_
         progress(f"[{p}/{nodes - 1}] {p}:{nodes - p}  goodput {row['goodput_rps']:.3g} req/s "
                  f"({row['per_node_rps']:.3g} per node), limited by {row['limited_by']}")
     ranked = sorted(rows, key=lambda r: -r["goodput_rps"])
+    best = f"{ranked[0]['prefill']}:{ranked[0]['decode']}" if ranked[0]["goodput_rps"] > 0 else "none"
     return {"workload": workload, "nodes": nodes, "slo": {"ttft_s": slo_ttft_s, "tpot_s": slo_tpot_s},
             "prefill_profile": prefill.doc(), "decode_profile": decode.doc(), "kv_bytes_per_token": kv_bytes_per_token,
             "max_batch": max_batch, "kv_capacity_tokens": kv_capacity_tokens, "order": order,
             "requests_per_probe": requests, "seeds": seeds, "not_modelled": list(NOT_MODELLED),
             "transfer_modelled": any(decode.transfer), "rows": rows,
-            "best": f"{ranked[0]['prefill']}:{ranked[0]['decode']}", "took_s": round(time.monotonic() - t0, 2)}
+            "best": best, "took_s": round(time.monotonic() - t0, 2)}
 
 
 def table(doc: dict[str, Any]) -> list[str]:
@@ -97,13 +107,39 @@ def table(doc: dict[str, Any]) -> list[str]:
 
 
 def write_report(out: Path, doc: dict[str, Any]) -> Path:
-    import matplotlib
+    """plan.json and plan.md, then plan.png (when matplotlib is installed: the `dev` extra)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(json.dumps(doc, indent=1) + "\n")
+    plotted = _plot(out / "plan.png", doc)
+    slo = doc["slo"]
+    kv = f", in a KV cache of {doc['kv_capacity_tokens']} tokens" if doc["kv_capacity_tokens"] else ""
+    verdict = (f"**Best: {doc['best']}.**" if doc["best"] != "none" else
+               "**No split meets the objectives for 90 % of requests at any rate tried**: the objectives are "
+               "tighter than these nodes can serve this workload (see TTFT/TPOT above, and what gives out first).")
+    md = [f"# tandem plan: {doc['workload']}, {doc['nodes']} nodes", "",
+          f"SLOs: TTFT ≤ {slo['ttft_s'] * 1000:.0f} ms, TPOT ≤ {slo['tpot_s'] * 1000:.0f} ms, for ≥ 90 % of requests. "
+          f"Simulated: {doc['requests_per_probe']} requests per probe, median of {doc['seeds']} seeds; "
+          f"coordinator queue in {doc['order']} order; a decode node runs at most {doc['max_batch']} requests"
+          f"{kv}.", "",
+          f"Profiles: prefill nodes `{doc['prefill_profile']['source'] or 'given'}`, decode nodes "
+          f"`{doc['decode_profile']['source'] or 'given'}`.", "",
+          *table(doc), "", verdict, "",
+          "![plan](plan.png)" if plotted else "(plan.png needs matplotlib: pip install 'tandem-serve[dev]')", "",
+          f"Not modelled yet: {', '.join(doc['not_modelled'])}."]
+    if not doc["transfer_modelled"]:
+        md.append("The decode profile has no KV transfer timings: transfers take no time here.")
+    (out / "plan.md").write_text("\n".join(md) + "\n")
+    return out / "plan.md"
 
+
+def _plot(path: Path, doc: dict[str, Any]) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(json.dumps(doc, indent=1) + "\n")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     labels = [f"{r['prefill']}:{r['decode']}" for r in doc["rows"]]
     ax1.bar(labels, [r["goodput_rps"] for r in doc["rows"]], color="tab:blue")
@@ -118,22 +154,9 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
     ax2.set_ylabel("SLO attainment, %")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "plan.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    slo = doc["slo"]
-    md = [f"# tandem plan: {doc['workload']}, {doc['nodes']} nodes", "",
-          f"SLOs: TTFT ≤ {slo['ttft_s'] * 1000:.0f} ms, TPOT ≤ {slo['tpot_s'] * 1000:.0f} ms, for ≥ 90 % of requests. "
-          f"Simulated: {doc['requests_per_probe']} requests per probe, median of {doc['seeds']} seeds; "
-          f"coordinator queue in {doc['order']} order.", "",
-          f"Profiles: prefill nodes `{doc['prefill_profile']['source'] or 'given'}`, decode nodes "
-          f"`{doc['decode_profile']['source'] or 'given'}`.", "",
-          *table(doc), "",
-          f"**Best: {doc['best']}.**", "", "![plan](plan.png)", "",
-          f"Not modelled yet: {', '.join(doc['not_modelled'])}."]
-    if not doc["transfer_modelled"]:
-        md.append("The decode profile has no KV transfer timings: transfers take no time here.")
-    (out / "plan.md").write_text("\n".join(md) + "\n")
-    return out / "plan.md"
+    return True
 
 
 def newest_profile() -> Path | None:
@@ -155,7 +178,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--decode-profile", default="", help="the decode nodes' profile (default: --profile)")
     ap.add_argument("--kv-bytes-per-token", type=int, default=0,
                     help="KV bytes per token, for the transfer time (0: transfers cost only their constant)")
-    ap.add_argument("--max-batch", type=int, default=256, help="a decode node's most running requests")
+    ap.add_argument("--max-batch", type=int, default=64,
+                    help="a decode node's most running requests (a node's --max-num-seqs, 64 by default)")
     ap.add_argument("--kv-capacity-tokens", type=int, default=0, help="a decode node's KV cache in tokens (0: unbounded)")
     ap.add_argument("--order", default="slack", choices=["slack", "fifo"], help="the coordinator's prefill queue order")
     ap.add_argument("--requests", type=int, default=2000, help="requests per simulated probe")
@@ -183,5 +207,5 @@ def cmd_plan(args: argparse.Namespace) -> int:
                seeds=args.seeds, max_model_len=args.max_model_len, progress=lambda m: print("  " + m, flush=True))
     report = write_report(Path(args.out), doc)
     print("\n".join(table(doc)))
-    print(f"best: {doc['best']} ({doc['took_s']} s); wrote {report} and plan.png")
+    print(f"best: {doc['best']} ({doc['took_s']} s); wrote {report}")
     return 0

@@ -4,10 +4,14 @@ It plays a trace (``tandem bench``'s workloads) through P prefill and D decode
 nodes whose times come from a profile (``Timings``: DistServe's forms, the
 same ones the nodes fit online, see tandem/perfmodel.py):
 
-- **Coordinator.** Requests wait in one queue at the coordinator, in arrival
-  order (``fifo``) or by deadline slack (``slack``: the latest start that still
-  meets the TTFT objective, as Tandem ships), and go to a prefill node when it
-  is free. Each prefill node runs one prefill at a time: ``prefill_s(tokens)``.
+- **Coordinator.** Requests wait in one queue at the coordinator and go to a
+  prefill node when it is free, in arrival order (``fifo``) or by deadline
+  (``slack``, close to Tandem's default order: earliest deadline first among
+  the requests that can still meet their TTFT objective, then the ones that
+  cannot, oldest first; Tandem's own queue is one per prefill node and drops
+  the longest requests when a set cannot all make it (Moore-Hodgson), which
+  this single queue does not). Each prefill node runs one prefill at a time:
+  ``prefill_s(tokens)``.
 - **First token.** The prefill produces the first token (TTFT ends there).
 - **Transfer.** The decode node with the fewest requests assigned takes the
   request; its KV arrives ``transfer_s(bytes)`` later (transfers do not
@@ -50,6 +54,14 @@ class Timings:
     transfer: tuple[float, float] = (0.0, 0.0)
     source: str = ""
 
+    def __post_init__(self) -> None:
+        for name, want in (("prefill", 3), ("decode", 3), ("transfer", 2)):
+            v = getattr(self, name)
+            if len(v) != want or not all(isinstance(c, (int, float)) and math.isfinite(c) and c >= 0 for c in v):
+                raise ValueError(f"{self.source or 'a profile'}: {name} needs {want} finite coefficients >= 0, got {list(v)}")
+        if not any(self.prefill) or not any(self.decode):
+            raise ValueError(f"{self.source or 'a profile'} has no prefill or no decode timings")
+
     def prefill_s(self, tokens: int) -> float:
         a, b, c = self.prefill
         return a + b * tokens + c * tokens * tokens
@@ -68,24 +80,24 @@ class Timings:
             c = tuple(fit.coefficients()) if fit.samples else ()
             return c if len(c) == n else (0.0,) * n
 
-        prefill, decode = coef(model.prefill, 3), coef(model.decode, 3)
-        if not any(prefill) or not any(decode):
-            raise ValueError(f"{source or 'the model'} has no prefill or no decode timings")
-        return cls(prefill, decode, coef(model.transfer, 2), source)  # type: ignore[arg-type]
+        return cls(coef(model.prefill, 3), coef(model.decode, 3), coef(model.transfer, 2), source)  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: str | Path) -> Timings:
         """A node's cached profile (tandem/profile.py's file) or a plain file of coefficients:
         ``{"prefill": [a, b, c], "decode": [d, e, f], "transfer": [g, h]}`` (e.g. from a
         published table)."""
-        doc = json.loads(Path(path).read_text())
-        if "model" in doc:
-            return cls.of_model(NodeModel.from_state(doc["model"]), str(path))
         try:
+            doc = json.loads(Path(path).read_text())
+            if isinstance(doc, dict) and "model" in doc:
+                return cls.of_model(NodeModel.from_state(doc["model"]), str(path))
             return cls(tuple(map(float, doc["prefill"])), tuple(map(float, doc["decode"])),  # type: ignore[arg-type]
                        tuple(map(float, doc.get("transfer", (0.0, 0.0)))), str(path))  # type: ignore[arg-type]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: not a profile (need prefill [a, b, c] and decode [d, e, f]): {exc}") from exc
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            if isinstance(exc, ValueError) and str(path) in str(exc):
+                raise
+            raise ValueError(f"{path}: not a profile (need a node's cached profile, or prefill [a, b, c] and "
+                             f"decode [d, e, f]): {exc!r}") from None
 
     def to_model(self) -> NodeModel:
         """A node model that predicts these times (fitted to exact samples of them): what a
@@ -134,6 +146,7 @@ class Outcome:
     prefill_node: int = -1
     decode_node: int = -1
     completed: bool = False
+    never_fits: bool = False  # larger than a decode node's whole KV cache
 
 
 @dataclass
@@ -163,14 +176,26 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
     ARRIVE, PREFILLED, JOIN, STEPPED, START = range(5)
     for i, e in enumerate(trace):
         push(e.arrival_s, ARRIVE, -1, i)
-    queue: list[tuple[float, int]] = []
+    queue: list[tuple[float, int]] = []  # (deadline or arrival, request)
+    late: list[int] = []  # slack order: requests that can no longer meet their deadline, oldest first
     idle = list(range(cfg.num_prefill))
     decodes = [_Decode() for _ in range(cfg.num_decode)]
     produced_start: dict[int, float] = {}
 
+    def next_request(now: float) -> int | None:
+        while queue:
+            key, i = queue[0]
+            # a request that cannot make its deadline now never can again: after the ones that can
+            if cfg.order == "slack" and now + cfg.prefill.prefill_s(trace[i].input_len) > key:
+                heapq.heappop(queue)
+                heapq.heappush(late, i)
+                continue
+            heapq.heappop(queue)
+            return i
+        return heapq.heappop(late) if late else None
+
     def dispatch(now: float) -> None:
-        while idle and queue:
-            _, i = heapq.heappop(queue)
+        while idle and (i := next_request(now)) is not None:
             node = idle.pop(0)
             out[i].prefill_node = node
             push(now + cfg.prefill.prefill_s(trace[i].input_len), PREFILLED, node, i)
@@ -197,8 +222,7 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         now, _, kind, node, i = heapq.heappop(events)
         if kind == ARRIVE:
             e = trace[i]
-            key = e.arrival_s if cfg.order == "fifo" else e.arrival_s + cfg.slo_ttft_s - cfg.prefill.prefill_s(e.input_len)
-            heapq.heappush(queue, (key, i))
+            heapq.heappush(queue, (e.arrival_s if cfg.order == "fifo" else e.arrival_s + cfg.slo_ttft_s, i))
             dispatch(now)
         elif kind == PREFILLED:
             idle.append(node)
@@ -211,7 +235,8 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
                 o.e2e_s, o.completed = o.ttft_s, True
                 continue
             if cfg.kv_capacity_tokens and e.input_len + e.output_len > cfg.kv_capacity_tokens:
-                continue  # can never fit a decode node: not completed
+                o.never_fits = True  # can never fit a decode node: not completed
+                continue
             d = min(range(cfg.num_decode), key=lambda k: (decodes[k].assigned, k))
             decodes[d].assigned += 1
             o.decode_node = d

@@ -54,23 +54,23 @@ def test_decode_steps_batch_and_cost_by_batch_and_context() -> None:
     assert a.tpot_s == b.tpot_s == pytest.approx(sum(both) / 10)
 
 
-def test_slack_order_starts_the_request_with_the_least_slack_first_and_fifo_does_not() -> None:
-    # one prefill node, busy for 0.5 s; then a short prompt, then a long one whose latest start
-    # (arrival + 2.6 s objective - its 2 s prefill) comes much sooner than the short one's
+def test_slack_order_runs_what_can_still_make_its_deadline_first_and_fifo_does_not() -> None:
+    # one prefill node, busy for 0.5 s; then a long prompt that can no longer make its 1 s
+    # objective, then a short one that still can
     t = Timings((0.0, 0.001, 0.0), (0.01, 0.0, 0.0))
-    reqs = [Req(0.0, 500, 1), Req(0.01, 300, 1), Req(0.02, 2000, 1)]
+    reqs = [Req(0.0, 500, 1), Req(0.01, 2000, 1), Req(0.02, 100, 1)]
     fifo = simulate(SimConfig(1, 1, t, t, order="fifo"), reqs)
-    slack = simulate(SimConfig(1, 1, t, t, order="slack", slo_ttft_s=2.6), reqs)
-    assert fifo[1].ttft_s == pytest.approx(0.8 - 0.01) and fifo[2].ttft_s == pytest.approx(2.8 - 0.02)
-    assert slack[2].ttft_s == pytest.approx(2.5 - 0.02) and slack[1].ttft_s == pytest.approx(2.8 - 0.01)
-    assert slack[2].ttft_s < 2.6 < fifo[2].ttft_s  # only the slack order meets the long one's objective
+    slack = simulate(SimConfig(1, 1, t, t, order="slack", slo_ttft_s=1.0), reqs)
+    assert fifo[1].ttft_s == pytest.approx(2.5 - 0.01) and fifo[2].ttft_s == pytest.approx(2.6 - 0.02)
+    assert slack[2].ttft_s == pytest.approx(0.6 - 0.02) and slack[1].ttft_s == pytest.approx(2.6 - 0.01)
+    assert attainment(slack, 1.0, 1.0) == pytest.approx(2 / 3) and attainment(fifo, 1.0, 1.0) == pytest.approx(1 / 3)
 
 
 def test_kv_capacity_holds_requests_back_and_one_that_never_fits_ends_uncompleted() -> None:
     t = Timings((0.001, 0.0, 0.0), (0.01, 0.0, 0.0))
     cfg = SimConfig(1, 1, t, t, kv_capacity_tokens=300, order="fifo")
     a, b, c = simulate(cfg, [Req(0.0, 100, 101), Req(0.0, 100, 101), Req(0.0, 400, 5)])
-    assert a.completed and b.completed and not c.completed
+    assert a.completed and b.completed and not c.completed and c.never_fits
     assert b.e2e_s > a.e2e_s + 0.9  # b waited for a's 100 steps: both do not fit at once
     assert attainment([a, b, c], 10.0, 1.0) == pytest.approx(2 / 3)
 
@@ -116,10 +116,12 @@ def test_profiles_load_from_a_node_cache_file_and_from_coefficients(tmp_path) ->
     plain = tmp_path / "gpu.json"
     plain.write_text(json.dumps({"prefill": [0.02, 1e-5, 0], "decode": [0.01, 1e-4, 1e-7], "transfer": [1e-4, 4e-11]}))
     assert Timings.load(plain).transfer_s(10**9) == pytest.approx(0.0401)
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"prefill": [1]}))
-    with pytest.raises(ValueError, match="not a profile"):
-        Timings.load(bad)
+    for bad_doc in ({"prefill": [1]}, {"prefill": [1], "decode": [0.1, 0, 0]}, [1, 2],
+                    {"prefill": [0.1, -1, 0], "decode": [0.1, 0, 0]}, {"model": {"prefill": {}}}):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(bad_doc))
+        with pytest.raises(ValueError, match="not a profile|coefficients >= 0"):
+            Timings.load(bad)
     empty = tmp_path / "profile-empty.json"
     empty.write_text(json.dumps({"key": {}, "model": NodeModel().state()}))
     with pytest.raises(ValueError, match="no prefill or no decode"):
@@ -141,6 +143,15 @@ def test_tandem_plan_command_writes_its_report(tmp_path, capsys) -> None:
     assert "| 2:1 (best) |" in md and "transfers take no time" in md
     assert (tmp_path / "plan" / "plan.png").stat().st_size > 0
     assert "best: 2:1" in capsys.readouterr().out
+    # objectives no split can meet: said so, and the search stops instead of bisecting towards 0
+    args = build_parser().parse_args(["plan", "--profile", str(prof), "--nodes", "2", "--workload", "code",
+                                      "--slo-ttft", "0.01", "--slo-tpot", "0.05", "--requests", "200", "--seeds", "1",
+                                      "--out", str(tmp_path / "none")])
+    assert args.fn(args) == 0
+    doc = json.loads((tmp_path / "none" / "plan.json").read_text())
+    assert doc["best"] == "none" and doc["rows"][0]["stopped_by"] == "below the lowest rate"
+    assert len(doc["rows"][0]["probes"]) <= 8 and doc["rows"][0]["limited_by"] == "TTFT (prefill)"
+    assert "No split meets the objectives" in (tmp_path / "none" / "plan.md").read_text()
     args = build_parser().parse_args(["plan", "--profile", str(tmp_path / "missing.json"), "--slo-ttft", "1",
                                       "--slo-tpot", "0.1"])
     assert args.fn(args) == 2

@@ -85,3 +85,35 @@ def test_a_chat_template_that_raises_is_a_clear_error(tiny_model: Path, tmp_path
     assert codec.tok.decode(codec.encode_chat([{"role": "user", "content": "hi"}])) == "hi"
     with pytest.raises(InvalidRequest, match="no tools here"):
         codec.encode_chat([{"role": "tool", "content": "x"}])
+
+
+def test_a_long_prompt_is_tokenized_without_holding_the_event_loop(tiny_model: Path) -> None:
+    import asyncio
+    import time
+
+    codec = TextCodec(str(tiny_model))
+    text = "the prefill node sends the key value cache to the decode node " * 4000  # 252K characters
+    t0 = time.perf_counter()
+    want = codec.encode(text)
+    inline_s = time.perf_counter() - t0
+
+    async def main() -> tuple[list[int], float]:
+        gaps, last = [], time.perf_counter()
+
+        async def tick() -> None:
+            nonlocal last
+            while True:
+                await asyncio.sleep(0.001)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        ticker = asyncio.ensure_future(tick())
+        ids = await codec.encode_async(text)
+        ticker.cancel()
+        return ids, max(gaps, default=0.0)
+
+    ids, worst_gap = asyncio.run(main())
+    assert ids == want
+    # the loop kept ticking while the worker thread tokenized (inline it would stop for all of it)
+    assert worst_gap < inline_s / 3, (worst_gap, inline_s)

@@ -118,10 +118,13 @@ class NodeConfig:
                 raise ValueError("--simulate: a simulated node has no KV store (--kvstore-ram-gib must be 0)")
             from tandem.sim import Timings
 
+            from tandem.node.simengine import model_facts
+
             try:
                 Timings.load(self.simulate)
             except (OSError, ValueError) as exc:
                 raise ValueError(f"--simulate {self.simulate}: {exc}") from None
+            model_facts(self.model)  # the model's shape, which the node announces (ValueError names the file)
         if not self.node_id:
             self.node_id = f"{self.role}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
         if not self.served_model_name:

@@ -7,7 +7,8 @@ prefill at a time takes ``prefill_s(uncached tokens)``; the running requests adv
 decode steps of ``step_s(batch, context)``; a request that arrives with a KV handle waits
 ``transfer_s(bytes)`` before it joins (no bytes move: the handles are fake, and only a simulated
 node takes them). Tokens are a deterministic function of the prompt and the position, so a
-request's output is the same wherever it runs. Prefills and decode steps alternate when both wait.
+request's output is the same whether it is prefilled and decoded on one node or two.
+Prefills and decode steps alternate when both wait.
 
 For load tests of the coordinator and for the simulator's validation only: every correctness
 test runs real engines.
@@ -59,6 +60,7 @@ class _Seq:
     out: asyncio.Queue[_Output | None] = field(default_factory=asyncio.Queue)
     produced: int = 0
     ready_at: float = 0.0  # a consumed request: when its (simulated) KV has arrived
+    cancelled: bool = False  # aborted (perhaps mid-prefill, out of every list): emit nothing more
 
     def token(self, vocab_size: int) -> int:
         """A function of the prompt and the position only, inside the vocabulary (it is fed back)."""
@@ -90,12 +92,14 @@ class SimEngine:
         self.vocab_size = self.facts["vocab_size"]
         self.block_size = cfg.block_size
         self.dead = False
+        self._died = asyncio.Event()
         self._prefills: list[_Seq] = []
         self._incoming: list[_Seq] = []
         self._running: list[_Seq] = []
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
-        self._held: dict[str, float] = {}  # fake handles: remote request id -> lease deadline
+        self._held: dict[str, float] = {}  # asked to hold KV, until its handle is minted: rid -> lease deadline
+        self._current: _Seq | None = None  # the prefill running now
 
     def start(self) -> None:
         logger.info("simulated engine ready (times from %s): model %s, context %d tokens",
@@ -107,7 +111,7 @@ class SimEngine:
                 "head_size": f["head_size"], "dtype": self.cfg.dtype}
 
     async def wait_until_dead(self) -> None:
-        await asyncio.Event().wait()  # a simulated engine does not die
+        await self._died.wait()  # only if its loop failed (a bug): the node then leaves like a dead engine
 
     async def reset_cache(self, store_ram: bool) -> bool:
         return True
@@ -121,11 +125,28 @@ class SimEngine:
 
     # the engine loop --------------------------------------------------------------
     def _kick(self) -> None:
+        if self.dead:
+            return
         if self._loop_task is None:
             self._wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
+            self._loop_task.add_done_callback(self._loop_ended)
         assert self._wake is not None
         self._wake.set()
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        logger.error("the simulated engine's loop failed: %r; its requests end and the node leaves",
+                     task.exception())
+        self.dead = True
+        self._died.set()
+        stranded = [*self._prefills, *self._incoming, *self._running, *([self._current] if self._current else [])]
+        for s in stranded:
+            s.out.put_nowait(None)  # ends its stream without a finish: the call fails
+        for q in (self._prefills, self._incoming, self._running):
+            q.clear()
+        self._current = None
 
     async def _run(self) -> None:
         assert self._wake is not None
@@ -135,8 +156,9 @@ class SimEngine:
                 self._incoming.remove(s)
                 self._running.append(s)
             if self._prefills:
-                s = self._prefills.pop(0)
+                s = self._current = self._prefills.pop(0)
                 await asyncio.sleep(self.timings.prefill_s(len(s.prompt)))
+                self._current = None
                 self._emit(s, first=True)
             if self._running:
                 batch = self._running[: self.cfg.max_num_seqs]
@@ -153,16 +175,18 @@ class SimEngine:
                     pass
 
     def _emit(self, s: _Seq, first: bool = False) -> None:
+        if s.cancelled:
+            return
         tok = s.token(self.vocab_size)
         s.produced += 1
         done = s.produced >= s.max_tokens or len(s.prompt) + s.produced >= self.max_model_len
         out = _Output([_Completion([tok], "length" if done else None)], finished=done,
                       num_cached_tokens=0 if first else None)
-        if first and s.rid in self._held:
+        if first and s.rid in self._held:  # nothing is held really: the handle is all there is
             nblocks = -(-len(s.prompt) // self.block_size)
             out.kv_transfer_params = TransferHandle(
                 self.engine_id, self.kv_address, s.rid, list(range(nblocks)), len(s.prompt),
-                self._held[s.rid]).to_params(HANDLE)
+                self._held.pop(s.rid)).to_params(HANDLE)
         s.out.put_nowait(out)
         if done:
             if s in self._running:
@@ -180,6 +204,8 @@ class SimEngine:
                                  f"a context of {self.max_model_len}")
         s = _Seq(request_id, list(prompt_token_ids), max(1, sampling.max_tokens))
         kind = (kv_params or {}).get("tandem")
+        if self.dead:
+            raise RuntimeError("the simulated engine's loop failed; see the node's log")
         if kind == CONSUME:
             handle = TransferHandle.from_params(kv_params or {})
             if not handle.engine_id.startswith("sim:"):
@@ -204,9 +230,13 @@ class SimEngine:
                 await self.abort(request_id)
 
     async def abort(self, request_id: str) -> None:
+        self._held.pop(request_id, None)
         for q in (self._prefills, self._incoming, self._running):
             for s in [s for s in q if s.rid == request_id]:
+                s.cancelled = True  # (one in the step running now is in its batch still)
                 q.remove(s)
+        if self._current is not None and self._current.rid == request_id:
+            self._current.cancelled = True  # in its prefill now: it ends there
 
     def _kv_bytes_per_token(self) -> int:
         from tandem.perfmodel import kv_bytes_per_token

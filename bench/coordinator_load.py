@@ -1,0 +1,260 @@
+"""`tandem bench coordinator`: what the coordinator itself adds, with simulated nodes behind it.
+
+The coordinator runs pinned to its own core(s); simulated prefill and decode nodes
+(`--simulate`, times from a fixed profile) and the load generator share the rest. Each
+probe sends open-loop Poisson arrivals at one rate over gRPC and measures, per request:
+
+- **added TTFT**: the client's TTFT minus the prefill node's own time for it (the node
+  reports it): ingress, tokenizing (prompts are text), admission, routing, any wait in
+  the coordinator's prefill queue (none while the nodes keep up), the prefill call's
+  round trip, the relay of the first token;
+- **CPU per request and per token**: the coordinator process's CPU time over the probe
+  (from /proc) divided by the requests and tokens it relayed.
+
+A probe whose load generator fell behind its schedule (it shares its core with the nodes)
+says so: the rate it reached is reported beside the one asked for. With py-spy installed
+the report adds where the coordinator's time goes at the highest rate (top functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# A node's fixed times: the coordinator's share stands out against them.
+PROFILE = {"prefill": [0.002, 0.0, 0.0], "decode": [0.005, 0.0, 0.0], "transfer": [0.0005, 0.0]}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pin(pid: int, cores: set[int]) -> None:
+    """Every thread of a process on these cores (its children inherit them)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
+
+
+def pct(vals: list[float], q: float) -> float:
+    if not vals:
+        return float("nan")
+    vals = sorted(vals)
+    return vals[min(len(vals) - 1, int(q * len(vals)))]
+
+
+async def probe(address: str, rate: float, duration_s: float, prompt_tokens: int, output_tokens: int,
+                seed: int) -> dict[str, Any]:
+    import grpc
+
+    from tandem.proto import tandem_pb2 as pb
+    from tandem.proto import tandem_pb2_grpc as pb_grpc
+
+    rng = random.Random(seed)
+    words = ["prefill", "decode", "node", "cache", "key", "value", "sends", "the", "to", "fast"]
+    channels = [grpc.aio.insecure_channel(address) for _ in range(4)]
+    stubs = [pb_grpc.CoordinatorStub(ch) for ch in channels]
+    added, ttfts, errors, tokens, lag = [], [], 0, 0, []
+
+    async def one(i: int, at: float) -> None:
+        nonlocal errors, tokens
+        # text, so the coordinator tokenizes it (about one token per word here)
+        text = " ".join(rng.choice(words) for _ in range(prompt_tokens))
+        req = pb.GenerateRequest(text=text, sampling=pb.SamplingParams(
+            max_tokens=output_tokens, temperature=0, ignore_eos=True))
+        t0 = time.perf_counter()
+        lag.append(t0 - at)
+        first = None
+        try:
+            async for msg in stubs[i % len(stubs)].Generate(req, timeout=60):
+                if first is None and msg.token_ids:
+                    first = time.perf_counter()
+                tokens += len(msg.token_ids)
+                if msg.HasField("finish"):
+                    t = msg.finish.timings
+                    if first is not None:
+                        ttfts.append(first - t0)
+                        added.append(first - t0 - t.prefill_s)
+        except grpc.aio.AioRpcError:
+            errors += 1
+
+    t_start = time.perf_counter()
+    tasks, t, i = [], 0.0, 0
+    while True:
+        t += rng.expovariate(rate)
+        if t >= duration_s:
+            break
+        delay = t_start + t - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(i, t_start + t)))
+        i += 1
+    sent_s = time.perf_counter() - t_start
+    await asyncio.gather(*tasks)
+    for ch in channels:
+        await ch.close()
+    return {"rate": rate, "requests": i, "sent_rate": i / sent_s if sent_s else 0.0, "errors": errors,
+            "tokens": tokens, "added_ttft_p50_ms": pct(added, 0.5) * 1000, "added_ttft_p99_ms": pct(added, 0.99) * 1000,
+            "ttft_p50_ms": pct(ttfts, 0.5) * 1000, "ttft_p99_ms": pct(ttfts, 0.99) * 1000,
+            "send_lag_p99_ms": pct(lag, 0.99) * 1000}
+
+
+def py_spy_top(pid: int, seconds: float, out: Path) -> list[tuple[str, float]]:
+    """The coordinator's top functions by own samples (py-spy record, raw), or [] without py-spy."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(exe).exists():
+        return []
+    raw = out / "coordinator-profile.txt"
+    subprocess.run([exe, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))), "--format", "raw",
+                    "--rate", "200", "--output", str(raw), "--nonblocking"], capture_output=True, timeout=seconds + 60)
+    if not raw.exists():
+        return []
+    own: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        leaf = stack.split(";")[-1]
+        own[leaf] = own.get(leaf, 0) + int(n)
+        total += int(n)
+    return [(k, v / total) for k, v in sorted(own.items(), key=lambda kv: -kv[1])[:15]] if total else []
+
+
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--rates", default="100,250,500,1000", help="arrival rates to probe, req/s")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds of arrivals per probe")
+    ap.add_argument("--prefill", type=int, default=4, help="simulated prefill nodes")
+    ap.add_argument("--decode", type=int, default=4, help="simulated decode nodes")
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--output-tokens", type=int, default=16)
+    ap.add_argument("--coordinator-cores", default="0", help="the coordinator's cores; the rest run the "
+                                                             "nodes and the load generator")
+    ap.add_argument("--model", default="", help="the tokenizer's model dir (default: the seeded tiny model)")
+    ap.add_argument("--out", default="bench/results/coordinator")
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from tandem.local.cluster import ClusterSpec, LocalCluster
+    from tandem.local.model import ensure_default_model
+    from tandem.node.config import core_spec, parse_cores
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.json").write_text(json.dumps(PROFILE))
+    mine = set(parse_cores(args.coordinator_cores))
+    if not mine < set(os.sched_getaffinity(0)):
+        raise SystemExit(f"--coordinator-cores {args.coordinator_cores}: must be some, not all, of the cores this "
+                         f"process may use ({sorted(os.sched_getaffinity(0))})")
+    rest = sorted(set(os.sched_getaffinity(0)) - mine)
+    if not rest:
+        raise SystemExit("--coordinator-cores must leave at least one core for the nodes and the load generator")
+    model = args.model or str(ensure_default_model())
+    spec = ClusterSpec(model=model, num_prefill=args.prefill, num_decode=args.decode, max_model_len=2048,
+                       cores=[core_spec(rest)] * (args.prefill + args.decode), log_dir=str(out / "logs"),
+                       extra_node_args=["--simulate", str(out / "profile.json")],
+                       extra_coordinator_args=["--conditional-disagg", "off"])
+    rows = []
+    top: list[tuple[str, float]] = []
+    with LocalCluster(spec) as cluster:
+        assert cluster.coordinator is not None and cluster.coordinator.proc is not None
+        pid = cluster.coordinator.proc.pid
+        pin(pid, mine)
+        pin(os.getpid(), set(rest))
+        print(f"coordinator pid {pid} on cores {sorted(mine)}; {args.prefill} + {args.decode} simulated nodes and "
+              f"the load generator on {rest}", flush=True)
+        uvloop.run(probe(cluster.grpc_address, 20, 3, args.prompt_tokens, args.output_tokens, 99))  # warm-up
+        rates = [float(r) for r in args.rates.split(",")]
+        for k, rate in enumerate(rates):
+            c0, w0 = cpu_seconds(pid), time.perf_counter()
+            last = k == len(rates) - 1
+            spy = None
+            if last:  # where the time goes, at the highest rate
+                import threading
+
+                spy = threading.Thread(target=lambda: top.extend(py_spy_top(pid, args.duration * 0.8, out)))
+                spy.start()
+            row = uvloop.run(probe(cluster.grpc_address, rate, args.duration, args.prompt_tokens,
+                                   args.output_tokens, k))
+            if spy is not None:
+                spy.join()
+            cpu, wall = cpu_seconds(pid) - c0, time.perf_counter() - w0
+            row.update({"coordinator_cpu_share": cpu / wall, "cpu_us_per_request": cpu / max(1, row["requests"]) * 1e6,
+                        "cpu_us_per_token": cpu / max(1, row["tokens"]) * 1e6,
+                        "tokens_per_s": row["tokens"] / wall})
+            rows.append(row)
+            print(f"  {rate:g} req/s (sent {row['sent_rate']:.0f}): added TTFT p50 {row['added_ttft_p50_ms']:.2f} ms, "
+                  f"p99 {row['added_ttft_p99_ms']:.2f} ms; coordinator CPU {row['coordinator_cpu_share']:.0%}, "
+                  f"{row['cpu_us_per_request']:.0f} us/request, {row['cpu_us_per_token']:.1f} us/token; "
+                  f"errors {row['errors']}", flush=True)
+    doc = {"profile": PROFILE, "prefill_nodes": args.prefill, "decode_nodes": args.decode,
+           "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
+           "coordinator_cores": sorted(mine), "other_cores": rest, "rows": rows,
+           "top_functions": [[f, s] for f, s in top],
+           "goal": "added TTFT p99 <= 1 ms at 1,000 req/s; relay >= 100k tokens/s per coordinator process"}
+    (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
+    write_report(out, doc)
+    print(f"wrote {out / 'results.json'} and {out / 'report.md'}")
+    return 0
+
+
+def write_report(out: Path, doc: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = doc["rows"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    sent = [r["sent_rate"] for r in rows]
+    a1.plot(sent, [r["added_ttft_p50_ms"] for r in rows], marker="o", label="p50")
+    a1.plot(sent, [r["added_ttft_p99_ms"] for r in rows], marker="o", label="p99")
+    a1.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="goal (p99)")
+    a1.set_xlabel("requests/s sent")
+    a1.set_ylabel("TTFT added by the coordinator, ms")
+    a1.set_yscale("log")
+    a1.legend()
+    a2.plot(sent, [r["cpu_us_per_request"] for r in rows], marker="o")
+    a2.set_xlabel("requests/s sent")
+    a2.set_ylabel("coordinator CPU per request, us")
+    fig.tight_layout()
+    fig.savefig(out / "coordinator.png", dpi=110)
+    plt.close(fig)
+    lines = ["# The coordinator under load (simulated nodes)", "",
+             f"{doc['prefill_nodes']} prefill + {doc['decode_nodes']} decode simulated nodes (profile {doc['profile']}); "
+             f"{doc['prompt_tokens']}-token prompts, {doc['output_tokens']} output tokens; the coordinator on cores "
+             f"{doc['coordinator_cores']}, nodes and load generator on {doc['other_cores']}. Goal: {doc['goal']}.", "",
+             "| asked req/s | sent req/s | added TTFT p50 | p99 | coordinator CPU | CPU/request | CPU/token | "
+             "tokens/s | errors |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['rate']:g} | {r['sent_rate']:.0f} | {r['added_ttft_p50_ms']:.2f} ms | "
+                     f"{r['added_ttft_p99_ms']:.2f} ms | {r['coordinator_cpu_share']:.0%} | {r['cpu_us_per_request']:.0f} us | "
+                     f"{r['cpu_us_per_token']:.1f} us | {r['tokens_per_s']:.0f} | {r['errors']} |")
+    lines += ["", "![coordinator](coordinator.png)", ""]
+    if doc["top_functions"]:
+        lines += ["Where the coordinator's time goes at the highest rate (py-spy, own samples):", "",
+                  "| function | share |", "|---|---:|"]
+        lines += [f"| `{f}` | {s:.1%} |" for f, s in doc["top_functions"]]
+    else:
+        lines.append("(install py-spy for where the coordinator's time goes)")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    add_args(ap)
+    sys.exit(cmd_coordinator(ap.parse_args()))
