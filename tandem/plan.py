@@ -186,9 +186,19 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--out", default="bench/results/plan")
+    ap.add_argument("--validate", action="store_true",
+                    help="instead of a plan: run a real 1:1 cluster on this host at --rates and the simulator on the "
+                         "same traces, and report predicted against measured attainment, TTFT and TPOT")
+    ap.add_argument("--rates", default="0.5,1,1.5,2", help="--validate: arrival rates, req/s")
+    ap.add_argument("--duration", type=float, default=60.0, help="--validate: seconds of arrivals per rate")
+    ap.add_argument("--model", default="", help="--validate: the model (default: the seeded bench model)")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.validate:
+        from tandem.plan_validate import cmd_validate
+
+        return cmd_validate(args)
     default = args.profile or (str(p) if (p := newest_profile()) else "")
     pre_path, dec_path = args.prefill_profile or default, args.decode_profile or default
     if not pre_path or not dec_path:

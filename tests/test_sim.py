@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 import random
 import statistics
 from dataclasses import dataclass
@@ -155,3 +157,20 @@ def test_tandem_plan_command_writes_its_report(tmp_path, capsys) -> None:
     args = build_parser().parse_args(["plan", "--profile", str(tmp_path / "missing.json"), "--slo-ttft", "1",
                                       "--slo-tpot", "0.1"])
     assert args.fn(args) == 2
+
+
+def test_validation_reads_the_nodes_profiles_and_the_goodput_each_side_implies(tmp_path) -> None:
+    from tandem.plan_validate import goodput, node_profile, rel_error
+
+    log = tmp_path / "prefill-0.log"
+    log.write_text("x INFO starting\n2026 INFO prefill node p: performance model from the cached profile "
+                   "/c/profile-ab12.json\n")
+    assert node_profile(log) == Path("/c/profile-ab12.json")
+    log.write_text("2026 INFO decode node d: profiled in 3.1 s (14 prefill, 40 decode samples); cached in /c/p-1.json\n")
+    assert node_profile(log) == Path("/c/p-1.json")
+    log.write_text("profile off: the model starts empty\n")
+    with pytest.raises(RuntimeError, match="no profile named"):
+        node_profile(log)
+    rows = [{"rate": 2.0, "m": 0.5}, {"rate": 0.5, "m": 1.0}, {"rate": 1.0, "m": 0.93}, {"rate": 3.0, "m": 0.95}]
+    assert goodput(rows, "m") == 1.0  # the first miss ends it (3.0 meeting again is noise)
+    assert rel_error(1.1, 1.0) == pytest.approx(0.1) and math.isnan(rel_error(1.0, 0.0))
