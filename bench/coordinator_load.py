@@ -118,7 +118,7 @@ def py_spy_top(pid: int, seconds: float, out: Path) -> list[tuple[str, float]]:
         return []
     raw = out / "coordinator-profile.txt"
     subprocess.run([exe, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))), "--format", "raw",
-                    "--rate", "200", "--output", str(raw), "--nonblocking"], capture_output=True, timeout=seconds + 60)
+                    "--rate", "200", "--output", str(raw), "--nonblocking", "--gil"], capture_output=True, timeout=seconds + 60)
     if not raw.exists():
         return []
     own: dict[str, int] = {}
@@ -246,7 +246,7 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
                      f"{r['cpu_us_per_token']:.1f} us | {r['tokens_per_s']:.0f} | {r['errors']} |")
     lines += ["", "![coordinator](coordinator.png)", ""]
     if doc["top_functions"]:
-        lines += ["Where the coordinator's time goes at the highest rate (py-spy, own samples):", "",
+        lines += ["Where the coordinator's time goes at the highest rate (py-spy, samples of the thread holding the GIL, by the function on top):", "",
                   "| function | share |", "|---|---:|"]
         lines += [f"| `{f}` | {s:.1%} |" for f, s in doc["top_functions"]]
     else:
