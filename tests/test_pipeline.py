@@ -187,3 +187,51 @@ def test_a_request_admission_sends_to_prefill_on_its_decode_node_skips_the_prefi
     assert req.sampling.max_tokens == 4  # the first token comes from this stream too
     node = p.router._nodes["decode-1"]
     assert node.outstanding == 0 and not node.prefilling and not node.inflight
+
+
+def test_decode_messages_that_wait_are_taken_together_and_none_is_lost(tiny_model: Path) -> None:
+    from tandem.coordinator.nodecalls import Watchdog
+
+    tokens = list(range(200, 230))
+    router = Router("tiny", watch_loads=False)
+    watch = Watchdog(router, stall_s=5.0)
+    from tandem.coordinator.pipeline import merge_decode
+
+    async def read_all(merge, slow_consumer: bool) -> list[list[int]]:
+        out = []
+        async for msg in watch.stream(FakeCall(tokens, 0.0), None, merge=merge):  # type: ignore[arg-type]
+            out.append(list(msg.token_ids))
+            if slow_consumer:
+                await asyncio.sleep(0.01)  # the node's messages pile up meanwhile
+            last = msg
+        assert last.finish_reason == "length"
+        return out
+
+    merged = asyncio.run(read_all(merge_decode, True))
+    assert [t for m in merged for t in m] == tokens and len(merged) < len(tokens) / 2
+    plain = asyncio.run(read_all(None, True))
+    assert plain == [[t] for t in tokens]
+    # nothing folds into a message that ended its stream
+    end = pb.DecodeResponse(token_ids=[1], finish_reason="stop")
+    assert merge_decode(end, pb.DecodeResponse(token_ids=[2])) is None
+    both = merge_decode(pb.DecodeResponse(token_ids=[1]), pb.DecodeResponse(token_ids=[2, 3], finish_reason="length"))
+    assert list(both.token_ids) == [1, 2, 3] and both.finish_reason == "length"
+
+
+def test_a_request_with_stop_strings_gets_each_decode_message_alone(tiny_model: Path, monkeypatch) -> None:
+    from tandem.coordinator.nodecalls import Watchdog
+    from tandem.coordinator.pipeline import merge_decode
+
+    seen = []
+    real = Watchdog.stream
+
+    def spy(self, call, node, merge=None):
+        seen.append(merge)
+        return real(self, call, node, merge=merge)
+
+    monkeypatch.setattr(Watchdog, "stream", spy)
+    for stop in (("zzzz",), ()):
+        evs = run_one(tiny_model, FakePrefill(), [FakeDecode(list(range(300, 340)))],
+                      Sampling(max_tokens=20, stop=stop))
+        assert [t for e in evs if isinstance(e, TokenEvent) for t in e.token_ids] == [100, *range(300, 319)]
+    assert seen == [None, merge_decode]  # a stop string must end the stream at the token that completed it
