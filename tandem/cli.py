@@ -203,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
         add_node_args(p)
         p.set_defaults(fn=lambda a, r=role: cmd_node(r, a))
 
+    from tandem.profile_cmd import add_args as add_profile_args
+    from tandem.profile_cmd import cmd_profile
+
+    pr = sub.add_parser("profile", help="measure this host's engine once (prefill, decode steps, KV transfer) and "
+                                        "cache the profile where nodes and `tandem plan` find it")
+    add_profile_args(pr)
+    pr.set_defaults(fn=cmd_profile)
+
     g = sub.add_parser("generate", help="stream a completion through the coordinator")
     g.add_argument("prompt")
     g.add_argument("--target", default=DEFAULT_COORDINATOR, help="coordinator gRPC address")

@@ -96,6 +96,19 @@ def profile_key(model_dir: str, settings: dict[str, object], cores: int) -> dict
             "model": _model_identity(model_dir), "hardware": _hardware(cores), "settings": settings}
 
 
+def node_settings(cfg: Any, engine: Any) -> dict[str, object]:
+    """The engine settings a node's timings depend on (part of its profile's key)."""
+    return {"dtype": cfg.dtype, "block_size": engine.block_size, "max_model_len": engine.max_model_len,
+            "max_num_seqs": cfg.max_num_seqs, "kv_cache_gib": cfg.kv_cache_gib,
+            "max_num_batched_tokens": cfg.max_num_batched_tokens, "prefix_caching": cfg.enable_prefix_caching}
+
+
+def node_cores(cfg: Any) -> int:
+    from tandem.node.config import parse_cores
+
+    return len(parse_cores(cfg.cores)) if cfg.cores else len(os.sched_getaffinity(0))
+
+
 def cache_file(cache_dir: Path, key: dict[str, object]) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return cache_dir / f"profile-{digest}.json"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -27,11 +26,11 @@ from tandem import __version__
 from tandem.grpcserve import StopSignals, start_grpc
 from tandem.membership import NodeRecord, Registration
 from tandem.netutil import reserve_port
-from tandem.profile import seed_from_profile
+from tandem.profile import node_cores, node_settings, seed_from_profile
 from tandem.sim import Timings
 
 from . import monitor
-from .config import NodeConfig, parse_cores
+from .config import NodeConfig
 from .engine import EngineHost
 from .perf import NodePerf
 from .simengine import SimEngine
@@ -104,12 +103,7 @@ async def run_node(cfg: NodeConfig, service_name: str,
         else:
             said = await seed_from_profile(
                 perf, engine, mode=cfg.profile, cache_dir=Path(cfg.profile_cache), model_dir=cfg.model,
-                settings={"dtype": cfg.dtype, "block_size": engine.block_size, "max_model_len": engine.max_model_len,
-                          "max_num_seqs": cfg.max_num_seqs, "kv_cache_gib": cfg.kv_cache_gib,
-                          "max_num_batched_tokens": cfg.max_num_batched_tokens,
-                          "prefix_caching": cfg.enable_prefix_caching},
-                cores=len(parse_cores(cfg.cores)) if cfg.cores else len(os.sched_getaffinity(0)),
-                vocab_size=engine.vocab_size, max_model_len=engine.max_model_len, max_num_seqs=cfg.max_num_seqs)
+                settings=node_settings(cfg, engine), cores=node_cores(cfg), vocab_size=engine.vocab_size, max_model_len=engine.max_model_len, max_num_seqs=cfg.max_num_seqs)
     except BaseException:
         engine.shutdown()
         raise

@@ -1,0 +1,130 @@
+"""`tandem profile`: measure a node's engine on this host, with its progress shown, and cache
+the profile where a node with the same model, hardware and settings finds it when it starts
+(and where `tandem plan` looks by default).
+
+It runs the same startup profile a node runs (prefill time against uncached prompt tokens;
+decode step time against batch and context), then KV transfer time against bytes: fetches of
+several sizes between two processes over the node's transport, through Tandem's own block
+server and fetcher (the node's startup profile has no transfer timings: a node learns them from
+its first fetches). An existing profile for the same key is kept unless ``--fresh``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+
+def add_args(ap: argparse.ArgumentParser) -> None:
+    from tandem.node.config import add_node_args
+
+    add_node_args(ap)
+    ap.add_argument("--role", choices=["prefill", "decode"], default="prefill",
+                    help="the node kind whose settings to profile with (decode nodes step 256 tokens at most)")
+    ap.add_argument("--fresh", action="store_true", help="measure again even when a profile for this key exists")
+    ap.add_argument("--transfer-mib", default="1,4,16,64",
+                    help="KV fetch sizes to time, MiB (empty: no transfer timings)")
+
+
+class Bar:
+    """One line that redraws on a terminal (plain lines otherwise): [####----] 7/20 what."""
+
+    def __init__(self, width: int = 28) -> None:
+        self.width = width
+        self.tty = sys.stdout.isatty()
+
+    def __call__(self, msg: str) -> None:
+        head, _, what = msg.partition(": ")
+        try:
+            done, total = (int(x) for x in head.split()[-1].split("/"))
+        except ValueError:
+            print(msg, flush=True)
+            return
+        filled = self.width * done // max(1, total)
+        line = f"[{'#' * filled}{'-' * (self.width - filled)}] {done}/{total} {what}"
+        if self.tty:
+            print("\r" + line.ljust(90), end="" if done < total else "\n", flush=True)
+        else:
+            print(line, flush=True)
+
+
+def transfer_samples(transport: str, sizes_mib: list[int], cores: list[int], progress: Bar) -> list[tuple[int, float]]:
+    """(bytes, median seconds) of KV fetches between two processes over ``transport``."""
+    from tandem.bench.kv_transfer import _bench_transport
+
+    pair = (cores[0], cores[1]) if len(cores) >= 2 else None
+    out = []
+    for i, mib in enumerate(sizes_mib):
+        row = _bench_transport(transport, [mib], 3, pair)["rows"][0]
+        out.append((int(row["bytes"]), float(row["median_s"])))
+        progress(f"transfer {i + 1}/{len(sizes_mib)}: {mib} MiB in {row['median_s'] * 1000:.1f} ms")
+    return out
+
+
+async def _profile(args: argparse.Namespace) -> int:
+    from tandem.netutil import reserve_port
+    from tandem.node.config import config_from_args
+    from tandem.node.engine import EngineHost
+    from tandem.node.perf import NodePerf
+    from tandem.profile import Profiler, cache_file, load_cached, node_cores, node_settings, profile_key, save
+    from tandem.sim import Timings
+
+    if not args.etcd:
+        args.etcd = "unused://profile"  # a profile registers nowhere
+    try:
+        cfg = config_from_args(args.role, args)
+        sizes = [int(m) for m in str(args.transfer_mib).split(",") if m.strip()]
+    except ValueError as exc:
+        print(f"tandem profile: {exc}", file=sys.stderr)
+        return 2
+    reservation = reserve_port(cfg.host, cfg.kv_port)
+    kv_bind = f"{cfg.host}:{reservation.getsockname()[1]}"
+    engine = EngineHost(cfg, kv_bind, f"profile-{uuid.uuid4().hex[:8]}", kv_port_reserved=True)
+    print(f"starting the engine ({cfg.model}, {args.role} settings) ...", flush=True)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, engine.start)
+    finally:
+        reservation.close()
+    bar = Bar()
+    try:
+        key = profile_key(cfg.model, node_settings(cfg, engine), node_cores(cfg))
+        path = cache_file(Path(cfg.profile_cache), key)
+        if not args.fresh and (cached := load_cached(path, key)) is not None:
+            print(f"a profile for this model, hardware and settings exists: {path} (--fresh measures again)")
+            model = cached
+        else:
+            t0 = time.monotonic()
+            perf = NodePerf(step_tokens=cfg.max_num_batched_tokens)
+            await Profiler(engine, perf, engine.vocab_size, engine.max_model_len, cfg.max_num_seqs, progress=bar,
+                           seed=int.from_bytes(os.urandom(4), "little")).run()
+            model = perf.model
+            engine.shutdown()  # the transfer runs on these cores next
+            if sizes:
+                transport = "ucx" if cfg.transport == "auto" else cfg.transport
+                for nbytes, seconds in transfer_samples(transport, sizes, sorted(os.sched_getaffinity(0)), bar):
+                    model.saw_transfer(nbytes, seconds)
+            save(path, key, model, time.monotonic() - t0)
+            print(f"profiled in {time.monotonic() - t0:.1f} s; cached in {path}")
+    finally:
+        engine.shutdown()
+    t = Timings.of_model(model, str(path))
+    a, b, c = t.prefill
+    d, e, f = t.decode
+    g, h = t.transfer
+    print(f"prefill  {a * 1000:.2f} ms + {b * 1e6:.2f} us/token + {c * 1e9:.3f} ns/token^2   (512 tokens: "
+          f"{t.prefill_s(512) * 1000:.1f} ms)")
+    print(f"decode   {d * 1000:.2f} ms + {e * 1000:.3f} ms/request + {f * 1e6:.3f} us/context token   "
+          f"(batch 16 x 512: {t.step_s(16, 16 * 512) * 1000:.1f} ms per step)")
+    print(f"transfer {g * 1000:.2f} ms + {h * 1e9:.3f} s/GB" if any(t.transfer) else
+          "transfer (not measured)")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    return asyncio.run(_profile(args))

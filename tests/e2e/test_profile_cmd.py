@@ -1,0 +1,39 @@
+"""`tandem profile` on the real engine: progress shown, a profile with transfer timings cached
+where a node with the same settings looks for it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def test_tandem_profile_measures_and_caches_where_a_node_finds_it(tiny_model: Path, tmp_path: Path) -> None:
+    from tandem.node.config import NodeConfig
+    from tandem.profile import cache_file, node_cores, node_settings, profile_key
+    from tandem.sim import Timings
+
+    cache = tmp_path / "profiles"
+    proc = subprocess.run([sys.executable, "-m", "tandem.cli", "profile", "--model", str(tiny_model), "--cores", "0",
+                           "--kv-cache-gib", "0.25", "--max-model-len", "512", "--profile-cache", str(cache),
+                           "--transfer-mib", "1,4"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "[" in out and "prefill of" in out and "transfer 2/2" in out and "cached in" in out
+    files = list(cache.glob("profile-*.json"))
+    assert len(files) == 1
+    doc = json.loads(files[0].read_text())
+    assert doc["model"]["transfer"]["samples"] == 2 and doc["model"]["prefill"]["samples"] > 0
+    t = Timings.load(files[0])
+    assert t.transfer_s(4 << 20) > t.transfer_s(1 << 20) > 0
+    # the key a prefill node with these flags computes names this very file
+    cfg = NodeConfig(role="prefill", model=str(tiny_model), etcd="x", cores="0", kv_cache_gib=0.25,
+                     max_model_len=512, profile_cache=str(cache)).finish()
+    engine = SimpleNamespace(block_size=cfg.block_size, max_model_len=512)
+    assert cache_file(cache, profile_key(str(tiny_model), node_settings(cfg, engine), node_cores(cfg))) == files[0]
