@@ -90,14 +90,10 @@ class Watchdog:
             elif not returned and orphaned is not None and not task.cancelled() and task.exception() is None:
                 orphaned(task.result())
 
-    async def stream(self, call: Any, node: NodeClient,
-                     merge: Callable[[Any, Any], Any | None] | None = None) -> AsyncIterator[Any]:
+    async def stream(self, call: Any, node: NodeClient) -> AsyncIterator[Any]:
         """The messages of a server-streaming call, watched the same way: a gap of ``stall_s``
         between messages gets a health probe. One reader task per call feeds a queue, so the
-        per-message cost is a queue hand-off and a timer, not a task. With ``merge``, messages
-        that are already waiting when one is taken are folded into it (``merge(a, b)``: one
-        message, or None when they cannot be): a consumer that falls behind catches up in one
-        step instead of one per message, and one that keeps up sees every message as it came."""
+        per-message cost is a queue hand-off and a timer, not a task."""
         queue: asyncio.Queue[object] = asyncio.Queue()
 
         async def pump() -> None:
@@ -109,31 +105,20 @@ class Watchdog:
                 queue.put_nowait(exc)
 
         reader = asyncio.ensure_future(pump())
-        held: object = None  # taken from the queue while merging, not merged: the next item
         try:
             while True:
-                if held is not None:
-                    item, held = held, None
-                else:
-                    try:
-                        async with asyncio.timeout(self.stall_s):
-                            item = await queue.get()
-                    except TimeoutError:
-                        await self._probe(node)
-                        continue
+                try:
+                    async with asyncio.timeout(self.stall_s):
+                        item = await queue.get()
+                except TimeoutError:
+                    await self._probe(node)
+                    continue
                 if item is _STREAM_END:
                     return
                 if isinstance(item, grpc.aio.AioRpcError):
                     raise call_failed(item, node) from item
                 if isinstance(item, Exception):
                     raise item
-                while merge is not None and not queue.empty():
-                    nxt = queue.get_nowait()
-                    both = None if nxt is _STREAM_END or isinstance(nxt, Exception) else merge(item, nxt)
-                    if both is None:
-                        held = nxt
-                        break
-                    item = both
                 yield item
         finally:
             reader.cancel()

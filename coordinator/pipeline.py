@@ -151,15 +151,6 @@ class _Progress:
         return TokenEvent(ids, text), stop
 
 
-def merge_decode(a: pb.DecodeResponse, b: pb.DecodeResponse) -> pb.DecodeResponse | None:
-    """Two decode messages as one (their tokens in order, the second's ending); None after a
-    message that ended the stream."""
-    if a.finish_reason:
-        return None
-    return pb.DecodeResponse(token_ids=[*a.token_ids, *b.token_ids], finish_reason=b.finish_reason,
-                             stop_reason=b.stop_reason)
-
-
 class Pipeline:
     def __init__(self, router: Router, codec: TextCodec, max_model_len: Callable[[], int],
                  served_model: str, cfg: PipelineConfig | None = None, admission: Admission | None = None,
@@ -496,10 +487,7 @@ class Pipeline:
                              sampling=to_proto(sampling, pb.SamplingParams), handle=handle, prefill_here=local),
             timeout=self._timeout(req, self.cfg.decode_timeout_s))
         try:
-            # Tokens that wait are taken together; not with stop strings, whose match must end the
-            # stream at the token that completed it.
-            merge = None if sampling.stop else merge_decode
-            async with aclosing(self.watch.stream(call, node, merge=merge)) as messages:
+            async with aclosing(self.watch.stream(call, node)) as messages:
                 async for msg in messages:
                     yield msg
         finally:
