@@ -33,7 +33,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 
 class Bar:
-    """One line that redraws on a terminal (plain lines otherwise): [####----] 7/20 what."""
+    """One line that redraws on a terminal (plain lines otherwise): profile [####----] 7/20 what."""
 
     def __init__(self, width: int = 28) -> None:
         self.width = width
@@ -41,13 +41,14 @@ class Bar:
 
     def __call__(self, msg: str) -> None:
         head, _, what = msg.partition(": ")
+        label, _, count = head.rpartition(" ")
         try:
-            done, total = (int(x) for x in head.split()[-1].split("/"))
+            done, total = (int(x) for x in count.split("/"))
         except ValueError:
             print(msg, flush=True)
             return
         filled = self.width * done // max(1, total)
-        line = f"[{'#' * filled}{'-' * (self.width - filled)}] {done}/{total} {what}"
+        line = f"{label:8} [{'#' * filled}{'-' * (self.width - filled)}] {done}/{total} {what}"
         if self.tty:
             print("\r" + line.ljust(90), end="" if done < total else "\n", flush=True)
         else:

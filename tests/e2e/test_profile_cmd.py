@@ -25,7 +25,8 @@ def test_tandem_profile_measures_and_caches_where_a_node_finds_it(tiny_model: Pa
                            "--transfer-mib", "1,4"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    assert "[" in out and "prefill of" in out and "transfer 2/2" in out and "cached in" in out
+    assert "profile  [" in out and "14/14 decode batch" in out and "transfer [" in out and "2/2 4 MiB" in out
+    assert "cached in" in out and "transfer " in out.splitlines()[-1]
     files = list(cache.glob("profile-*.json"))
     assert len(files) == 1
     doc = json.loads(files[0].read_text())
