@@ -72,7 +72,8 @@ def _memcpy_gbps(nbytes: int, reps: int) -> float:
     return nbytes / statistics.median(times) / 1e9
 
 
-def _bench_transport(transport: str, sizes_mib: list[int], reps: int, cores: tuple[int, int] | None) -> dict:
+def _bench_transport(transport: str, sizes_mib: list[int], reps: int, cores: tuple[int, int] | None,
+                     quiet: bool = False) -> dict:
     from tandem.kvtransfer.fetcher import BlockFetcher, LoadJob
     from tandem.kvtransfer.handle import TransferHandle
     from tandem.kvtransfer.transport import make_data_planes
@@ -82,9 +83,22 @@ def _bench_transport(transport: str, sizes_mib: list[int], reps: int, cores: tup
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_server, args=(child, transport, max_blocks + 1, cores[0] if cores else None))
     proc.start()
+    child.close()  # the server's end: if it dies, recv() below ends instead of waiting forever
+    before = os.sched_getaffinity(0)
     if cores:
         os.sched_setaffinity(0, {cores[1]})
-    address = parent.recv()
+    try:
+        if not parent.poll(120):
+            proc.kill()
+            raise RuntimeError(f"the {transport} block server did not start in 120 s")
+        address = parent.recv()
+    except EOFError:
+        os.sched_setaffinity(0, before)
+        raise RuntimeError(f"the {transport} block server process died before it listened "
+                           f"(exit code {proc.exitcode})") from None
+    except BaseException:
+        os.sched_setaffinity(0, before)
+        raise
     fetcher = BlockFetcher(_kv(max_blocks + 1, False), make_data_planes(transport))
     rows = []
     try:
@@ -112,13 +126,13 @@ def _bench_transport(transport: str, sizes_mib: list[int], reps: int, cores: tup
             med = statistics.median(times)
             rows.append({"mib": mib, "bytes": n * BLOCK_BYTES, "blocks": n, "median_s": med,
                          "gbps": n * BLOCK_BYTES / med / 1e9, "min_s": min(times), "max_s": max(times)})
-            print(f"  {transport:4} {mib:4d} MiB: {rows[-1]['gbps']:6.2f} GB/s (median of {reps})", flush=True)
+            if not quiet:
+                print(f"  {transport:4} {mib:4d} MiB: {rows[-1]['gbps']:6.2f} GB/s (median of {reps})", flush=True)
     finally:
         parent.send(None)
         proc.join(30)
         fetcher.close()
-        if cores:
-            os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+        os.sched_setaffinity(0, before)
     return {"transport": transport, "rows": rows}
 
 

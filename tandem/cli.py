@@ -33,11 +33,9 @@ def cmd_node(role: str, args: argparse.Namespace) -> int:
         # left floating, the daemon and vLLM's engine-core process (which spins while it
         # waits for its worker) preempt the other pool's pinned worker. Seen on 2 cores: prefill
         # steps of ~10 ms took up to 1.8 s under load until the nodes were pinned whole.
-        from .node.config import parse_cores
+        from .node.config import pin_process
 
-        cores = parse_cores(cfg.cores)
-        for tid in os.listdir("/proc/self/task"):  # threads started by imports too, not only this one
-            os.sched_setaffinity(int(tid), cores)
+        pin_process(cfg.cores)
     if role == "prefill":
         from tandem.prefill_node.server import SERVICE_NAME, add_servicer
     else:

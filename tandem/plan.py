@@ -188,7 +188,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default="bench/results/plan")
     ap.add_argument("--validate", action="store_true",
                     help="instead of a plan: run a real 1:1 cluster on this host at --rates and the simulator on the "
-                         "same traces, and report predicted against measured attainment, TTFT and TPOT")
+                         "same traces, and report predicted against measured attainment, TTFT and TPOT (the "
+                         "simulator takes the profiles the nodes started from; --profile, --order and the KV "
+                         "flags are for plans only)")
     ap.add_argument("--rates", default="0.5,1,1.5,2", help="--validate: arrival rates, req/s")
     ap.add_argument("--duration", type=float, default=60.0, help="--validate: seconds of arrivals per rate")
     ap.add_argument("--model", default="", help="--validate: the model (default: the seeded bench model)")

@@ -25,11 +25,11 @@ PROFILE_LINE = re.compile(r"(?:cached profile|cached in) (\S+\.json)")
 
 
 def node_profile(log: Path) -> Path:
-    """The profile file a node started from, from its log."""
-    for line in log.read_text(errors="replace").splitlines():
-        if (m := PROFILE_LINE.search(line)):
-            return Path(m.group(1))
-    raise RuntimeError(f"{log}: no profile named (a node started with --profile off?)")
+    """The profile file a node started from, from its log (the last start's: logs are appended)."""
+    found = [m.group(1) for line in log.read_text(errors="replace").splitlines() if (m := PROFILE_LINE.search(line))]
+    if not found:
+        raise RuntimeError(f"{log}: no profile named (a node started with --profile off?)")
+    return Path(found[-1])
 
 
 def goodput(rows: list[dict[str, Any]], key: str) -> float:
@@ -64,7 +64,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
         logs = out / "tandem-1p1d-disagg"
         pre_path, dec_path = node_profile(logs / "prefill-0.log"), node_profile(logs / "decode-0.log")
         prefill, decode = Timings.load(pre_path), Timings.load(dec_path)
-        cfg = SimConfig(1, 1, prefill, decode, max_batch=args.max_batch, order="slack", slo_ttft_s=args.slo_ttft)
+        from tandem.node.simengine import model_facts
+        from tandem.perfmodel import kv_bytes_per_token
+
+        facts = model_facts(model)
+        per_token = kv_bytes_per_token({**facts, "dtype": "float32"})  # the nodes' --dtype default
+        cfg = SimConfig(1, 1, prefill, decode, kv_bytes_per_token=per_token, max_batch=args.max_batch,
+                        order="slack", slo_ttft_s=args.slo_ttft)
         print(f"profiles: prefill {pre_path}, decode {dec_path}", flush=True)
         from tandem.bench.compare import warm_up
 
@@ -92,7 +98,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         system.stop()
     for r in rows:
         r["measured_attainment"], r["predicted_attainment"] = r["measured"]["attainment"], r["predicted"]["attainment"]
-    doc = {"workload": args.workload, "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
+    doc = {"transfer_modelled": any(decode.transfer), "workload": args.workload, "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
            "duration_s": args.duration, "model": model, "prefill_profile": prefill.doc(), "decode_profile": decode.doc(),
            "rows": rows, "goodput": {"measured": goodput(rows, "measured_attainment"),
                                      "predicted": goodput(rows, "predicted_attainment")},
@@ -125,6 +131,8 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
                                   for k in ("ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s")) + " |")
     g = doc["goodput"]
     lines += ["", f"Goodput on these rates: measured {g['measured']:g} req/s, predicted {g['predicted']:g} req/s.",
-              "", "Not modelled: " + ", ".join(NOT_MODELLED) + "; "
-              "the nodes' startup profiles have no KV transfer timings, so transfers take no time in the simulator."]
+              "", "Not modelled: " + ", ".join(NOT_MODELLED) + "."]
+    if not doc["transfer_modelled"]:
+        lines.append("The decode node's profile has no KV transfer timings (a node's startup profile has none; "
+                     "`tandem profile` adds them): transfers take no time in the simulator.")
     (out / "validate.md").write_text("\n".join(lines) + "\n")

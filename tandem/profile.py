@@ -9,13 +9,13 @@ the timings depend on: the model's files, the hardware the node runs on
 (CPU model and core count, or GPU name), the engine settings and the
 versions. A restart, a second node of the same kind or the next test run
 finds the file and skips the profile; any change of those keys profiles
-again. KV transfer is not profiled here: the decode node fits it from its
-first fetches (see tandem/node/perf.py).
+again. A node's startup profile has no KV transfer timings (the decode node
+fits them from its first fetches, see tandem/node/perf.py); `tandem profile`
+(tandem/profile_cmd.py) writes the same file with them added.
 
 Modes (``--profile``): ``auto`` uses the cached file or profiles and writes
 one; ``fresh`` always profiles and rewrites it; ``off`` starts with an empty
 model (the node is then predicted only after it has served some requests).
-The planner work (issue 10) extends this module to a full `tandem profile`.
 """
 
 from __future__ import annotations

@@ -56,13 +56,14 @@ class Bar:
 
 
 def transfer_samples(transport: str, sizes_mib: list[int], cores: list[int], progress: Bar) -> list[tuple[int, float]]:
-    """(bytes, median seconds) of KV fetches between two processes over ``transport``."""
+    """(bytes, median seconds) of KV fetches between two processes over ``transport`` (auto: UCX,
+    else TCP, as a node picks), the server and the fetcher on two of ``cores`` (one core: both)."""
     from tandem.bench.kv_transfer import _bench_transport
 
     pair = (cores[0], cores[1]) if len(cores) >= 2 else None
     out = []
     for i, mib in enumerate(sizes_mib):
-        row = _bench_transport(transport, [mib], 3, pair)["rows"][0]
+        row = _bench_transport(transport, [mib], 3, pair, quiet=True)["rows"][0]
         out.append((int(row["bytes"]), float(row["median_s"])))
         progress(f"transfer {i + 1}/{len(sizes_mib)}: {mib} MiB in {row['median_s'] * 1000:.1f} ms")
     return out
@@ -70,7 +71,7 @@ def transfer_samples(transport: str, sizes_mib: list[int], cores: list[int], pro
 
 async def _profile(args: argparse.Namespace) -> int:
     from tandem.netutil import reserve_port
-    from tandem.node.config import config_from_args
+    from tandem.node.config import config_from_args, parse_cores, pin_process
     from tandem.node.engine import EngineHost
     from tandem.node.perf import NodePerf
     from tandem.profile import Profiler, cache_file, load_cached, node_cores, node_settings, profile_key, save
@@ -84,6 +85,8 @@ async def _profile(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"tandem profile: {exc}", file=sys.stderr)
         return 2
+    if cfg.cores:  # as `tandem prefill|decode --cores` runs: the whole process there (see tandem.cli.cmd_node)
+        pin_process(cfg.cores)
     reservation = reserve_port(cfg.host, cfg.kv_port)
     kv_bind = f"{cfg.host}:{reservation.getsockname()[1]}"
     engine = EngineHost(cfg, kv_bind, f"profile-{uuid.uuid4().hex[:8]}", kv_port_reserved=True)
@@ -97,7 +100,8 @@ async def _profile(args: argparse.Namespace) -> int:
         key = profile_key(cfg.model, node_settings(cfg, engine), node_cores(cfg))
         path = cache_file(Path(cfg.profile_cache), key)
         if not args.fresh and (cached := load_cached(path, key)) is not None:
-            print(f"a profile for this model, hardware and settings exists: {path} (--fresh measures again)")
+            print(f"a profile for this model, hardware and settings exists: {path} (--fresh measures again"
+                  f"{'' if cached.transfer.samples else ', and adds the KV transfer timings it lacks'})")
             model = cached
         else:
             t0 = time.monotonic()
@@ -106,11 +110,12 @@ async def _profile(args: argparse.Namespace) -> int:
                            seed=int.from_bytes(os.urandom(4), "little")).run()
             model = perf.model
             engine.shutdown()  # the transfer runs on these cores next
+            save(path, key, model, time.monotonic() - t0)  # kept even if the transfer part fails
             if sizes:
-                transport = "ucx" if cfg.transport == "auto" else cfg.transport
-                for nbytes, seconds in transfer_samples(transport, sizes, sorted(os.sched_getaffinity(0)), bar):
+                cores = sorted(parse_cores(cfg.cores)) if cfg.cores else sorted(os.sched_getaffinity(0))
+                for nbytes, seconds in transfer_samples(cfg.transport, sizes, cores, bar):
                     model.saw_transfer(nbytes, seconds)
-            save(path, key, model, time.monotonic() - t0)
+                save(path, key, model, time.monotonic() - t0)
             print(f"profiled in {time.monotonic() - t0:.1f} s; cached in {path}")
     finally:
         engine.shutdown()

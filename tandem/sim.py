@@ -275,11 +275,10 @@ def attainment(outcomes: Sequence[Outcome], slo_ttft_s: float, slo_tpot_s: float
 def summary(outcomes: Sequence[Outcome], slo_ttft_s: float, slo_tpot_s: float) -> dict[str, float]:
     done = [o for o in outcomes if o.completed]
 
+    from tandem.bench.metrics import percentile  # the measurements' own, so the two compare
+
     def pct(vals: list[float], q: float) -> float:
-        if not vals:
-            return math.nan
-        vals = sorted(vals)
-        return vals[min(len(vals) - 1, int(q * len(vals)))]
+        return percentile(vals, q * 100) if vals else math.nan
 
     ttft = [o.ttft_s for o in done]
     tpot = [o.tpot_s for o in done if o.tpot_s > 0]

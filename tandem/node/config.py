@@ -150,6 +150,17 @@ def parse_cores(spec: str) -> set[int]:
     return out
 
 
+def pin_process(spec: str) -> None:
+    """Every thread of this process on the cores of ``spec`` (processes it starts later inherit
+    them): a node whole on its cores, its engine's core and worker processes included."""
+    cores = parse_cores(spec)
+    for tid in os.listdir("/proc/self/task"):  # threads started by imports too, not only this one
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
+
+
 def core_spec(cores: list[int] | set[int]) -> str:
     """The inverse of parse_cores: [0, 1, 2, 5] -> '0-2,5' (what --cores and vLLM's
     VLLM_CPU_OMP_THREADS_BIND take)."""

@@ -26,13 +26,13 @@ def test_tandem_profile_measures_and_caches_where_a_node_finds_it(tiny_model: Pa
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "profile  [" in out and "14/14 decode batch" in out and "transfer [" in out and "2/2 4 MiB" in out
-    assert "cached in" in out and "transfer " in out.splitlines()[-1]
+    assert "cached in" in out and out.splitlines()[-1].startswith("transfer ") and "not measured" not in out
     files = list(cache.glob("profile-*.json"))
     assert len(files) == 1
     doc = json.loads(files[0].read_text())
     assert doc["model"]["transfer"]["samples"] == 2 and doc["model"]["prefill"]["samples"] > 0
     t = Timings.load(files[0])
-    assert t.transfer_s(4 << 20) > t.transfer_s(1 << 20) > 0
+    assert any(t.transfer) and t.transfer_s(4 << 20) > 0
     # the key a prefill node with these flags computes names this very file
     cfg = NodeConfig(role="prefill", model=str(tiny_model), etcd="x", cores="0", kv_cache_gib=0.25,
                      max_model_len=512, profile_cache=str(cache)).finish()
