@@ -39,20 +39,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def pin(pid: int, cores: set[int]) -> None:
-    """Every thread of a process on these cores (its children inherit them)."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            os.sched_setaffinity(int(tid), cores)
-        except ProcessLookupError:  # a thread that ended meanwhile
-            pass
-
-
 def pct(vals: list[float], q: float) -> float:
-    if not vals:
-        return float("nan")
-    vals = sorted(vals)
-    return vals[min(len(vals) - 1, int(q * len(vals)))]
+    """The benchmarks' own percentile (linear interpolation), q in [0, 1]."""
+    from .metrics import percentile
+
+    return percentile(vals, q * 100)
 
 
 async def probe(address: str, rate: float, duration_s: float, prompt_tokens: int, output_tokens: int,
@@ -151,7 +142,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
     from tandem.local.cluster import ClusterSpec, LocalCluster
     from tandem.local.model import ensure_default_model
-    from tandem.node.config import core_spec, parse_cores
+    from tandem.node.config import core_spec, parse_cores, pin_threads
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -173,8 +164,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     with LocalCluster(spec) as cluster:
         assert cluster.coordinator is not None and cluster.coordinator.proc is not None
         pid = cluster.coordinator.proc.pid
-        pin(pid, mine)
-        pin(os.getpid(), set(rest))
+        pin_threads(pid, mine)
+        pin_threads(os.getpid(), set(rest))
         print(f"coordinator pid {pid} on cores {sorted(mine)}; {args.prefill} + {args.decode} simulated nodes and "
               f"the load generator on {rest}", flush=True)
         uvloop.run(probe(cluster.grpc_address, 20, 3, args.prompt_tokens, args.output_tokens, 99))  # warm-up

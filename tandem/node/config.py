@@ -150,15 +150,19 @@ def parse_cores(spec: str) -> set[int]:
     return out
 
 
-def pin_process(spec: str) -> None:
-    """Every thread of this process on the cores of ``spec`` (processes it starts later inherit
-    them): a node whole on its cores, its engine's core and worker processes included."""
-    cores = parse_cores(spec)
-    for tid in os.listdir("/proc/self/task"):  # threads started by imports too, not only this one
+def pin_threads(pid: int | str, cores: set[int]) -> None:
+    """Every thread of a process on ``cores`` (processes it starts later inherit them)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):  # threads started by imports too, not only the main one
         try:
             os.sched_setaffinity(int(tid), cores)
         except ProcessLookupError:  # a thread that ended meanwhile
             pass
+
+
+def pin_process(spec: str) -> None:
+    """This process whole on the cores of ``spec``: a node, its engine's core and worker
+    processes included."""
+    pin_threads("self", parse_cores(spec))
 
 
 def core_spec(cores: list[int] | set[int]) -> str:

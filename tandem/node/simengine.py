@@ -27,6 +27,7 @@ from typing import Any
 
 from tandem.errors import InvalidRequest
 from tandem.kvtransfer.handle import CONSUME, HANDLE, PRODUCE, TransferHandle
+from tandem.perfmodel import kv_bytes_per_token
 from tandem.sampling import Sampling
 from tandem.sim import Timings
 
@@ -91,6 +92,7 @@ class SimEngine:
         self.max_model_len = cfg.max_model_len or self.facts["max_position_embeddings"]
         self.vocab_size = self.facts["vocab_size"]
         self.block_size = cfg.block_size
+        self.kv_bytes_per_token = kv_bytes_per_token(self.layout())
         self.dead = False
         self._died = asyncio.Event()
         self._prefills: list[_Seq] = []
@@ -210,7 +212,7 @@ class SimEngine:
             handle = TransferHandle.from_params(kv_params or {})
             if not handle.engine_id.startswith("sim:"):
                 raise InvalidRequest("a simulated decode node takes only a simulated prefill node's KV handles")
-            nbytes = handle.num_tokens * self._kv_bytes_per_token()
+            nbytes = handle.num_tokens * self.kv_bytes_per_token
             # The prompt ends with the first token, which the prefill produced: count it as produced.
             s.prompt, s.produced, s.max_tokens = s.prompt[:-1], 1, s.max_tokens + 1
             s.ready_at = time.monotonic() + self.timings.transfer_s(nbytes)
@@ -237,8 +239,3 @@ class SimEngine:
                 q.remove(s)
         if self._current is not None and self._current.rid == request_id:
             self._current.cancelled = True  # in its prefill now: it ends there
-
-    def _kv_bytes_per_token(self) -> int:
-        from tandem.perfmodel import kv_bytes_per_token
-
-        return kv_bytes_per_token(self.layout())
