@@ -20,14 +20,24 @@ def _run(coro: object) -> int:
 def cmd_node(role: str, args: argparse.Namespace) -> int:
     from .logs import setup_logging
     from .node.config import config_from_args
-    from .node.runtime import run_node
+    from .node.runtime import RESTART_EXIT, run_node
 
-    setup_logging(role)
+    asked = role
     try:
         cfg = config_from_args(role, args)
+        role = _assigned_role(cfg.etcd, cfg.cluster, cfg.node_id) or role
+        if role != asked:
+            cfg = config_from_args(role, args)
     except ValueError as exc:
-        print(f"tandem {role}: {exc}", file=sys.stderr)
+        print(f"tandem {asked}: {exc}", file=sys.stderr)
         return 2
+    setup_logging(role)
+    if role != asked:
+        import logging
+
+        logging.getLogger("tandem.node").warning(
+            "node %s runs as a %s node: `tandem role` gave it that role (etcd %s), over the command line's "
+            "%s", cfg.node_id, role, f"/tandem/{cfg.cluster}/roles/{cfg.node_id}", asked)
     if cfg.cores:
         # The whole node on its cores, before the engine process exists (it inherits them):
         # left floating, the daemon and vLLM's engine-core process (which spins while it
@@ -40,7 +50,46 @@ def cmd_node(role: str, args: argparse.Namespace) -> int:
         from tandem.prefill_node.server import SERVICE_NAME, add_servicer
     else:
         from tandem.decode_node.server import SERVICE_NAME, add_servicer
-    return _run(run_node(cfg, SERVICE_NAME, add_servicer))
+    code = _run(run_node(cfg, SERVICE_NAME, add_servicer))
+    if code == RESTART_EXIT:
+        _restart_in_place(cfg.node_id)
+    return code
+
+
+def _assigned_role(etcd_url: str, cluster: str, node_id: str, wait_s: float = 15.0) -> str | None:
+    """The role `tandem role` gave this node in etcd, or None. ValueError when etcd cannot be
+    read within ``wait_s`` (the node could not join anyway) or the entry is malformed."""
+    from .membership import assigned_role
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return asyncio.run(assigned_role(etcd_url, cluster, node_id))
+        except ValueError:
+            raise
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                raise ValueError(f"cannot read this node's role from etcd at {etcd_url}: {exc}") from None
+            time.sleep(1.0)
+
+
+def _restart_in_place(node_id: str) -> None:
+    """Start this command again in this process (a role switch): same command line and node id
+    (an id made up at start would otherwise change), the role from etcd. Returns only if the exec
+    failed: the caller then exits with RESTART_EXIT, for a supervisor to restart it."""
+    import logging
+
+    os.environ["TANDEM_NODE_ID"] = node_id
+    argv = [sys.executable, *sys.orig_argv[1:]]
+    logging.getLogger("tandem.node").info("node %s: starting again (%s)", node_id, " ".join(argv[:4]))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(sys.executable, argv)
+    except OSError as exc:
+        print(f"tandem: could not start node {node_id} again ({exc}); exiting for a supervisor to restart it",
+              file=sys.stderr)
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
@@ -117,6 +166,13 @@ def cmd_drain(args: argparse.Namespace) -> int:
     from .drain import drain_node
 
     return asyncio.run(drain_node(args.node_id, args.etcd, args.cluster, args.grace_s, wait=not args.no_wait))
+
+
+def cmd_role(args: argparse.Namespace) -> int:
+    from .drain import switch_role
+
+    return asyncio.run(switch_role(args.node_id, args.role, args.etcd, args.cluster, args.grace_s,
+                                   wait=not args.no_wait, timeout_s=args.timeout_s))
 
 
 def _disk_tier(path: str):  # type: ignore[no-untyped-def]
@@ -228,6 +284,18 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--grace-s", type=float, default=60.0, help="at most this long to finish what it holds")
     dr.add_argument("--no-wait", action="store_true", help="ask, and do not wait for the node to leave")
     dr.set_defaults(fn=cmd_drain)
+
+    ro = sub.add_parser("role", help="switch a node to the other role: it drains, then starts again in that role "
+                                     "(same node id, no cluster restart)")
+    ro.add_argument("node_id")
+    ro.add_argument("role", choices=["prefill", "decode"])
+    ro.add_argument("--etcd", default=os.environ.get("TANDEM_ETCD", ""), help="etcd URL (TANDEM_ETCD)")
+    ro.add_argument("--cluster", default=os.environ.get("TANDEM_CLUSTER", "default"))
+    ro.add_argument("--grace-s", type=float, default=60.0, help="at most this long to finish what it holds")
+    ro.add_argument("--timeout-s", type=float, default=600.0,
+                    help="how long to wait for it to join in the new role (its engine starts meanwhile)")
+    ro.add_argument("--no-wait", action="store_true", help="ask, and do not wait for it to come back")
+    ro.set_defaults(fn=cmd_role)
 
     from .local.chaos import add_chaos_args, cmd_chaos
 

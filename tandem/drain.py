@@ -1,4 +1,5 @@
-"""`tandem drain NODE_ID`: ask one node (the process running now) to finish its work and leave."""
+"""`tandem drain NODE_ID`: ask one node (the process running now) to finish its work and leave;
+`tandem role NODE_ID ROLE`: the same, and it comes back in the other role."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import sys
 import time
 
-from .membership import NodeRecord, drain_key, etcd_client, nodes_prefix
+from .membership import ROLES, NodeRecord, drain_key, etcd_client, nodes_prefix, role_key
 
 
 async def drain_node(node_id: str, etcd_url: str, cluster: str, grace_s: float, wait: bool = True) -> int:
@@ -44,3 +45,51 @@ async def _find(client: object, cluster: str, node_id: str) -> NodeRecord | None
         if kv.key.decode().rsplit("/", 1)[-1] == node_id:
             return NodeRecord.from_json(kv.value)
     return None
+
+
+async def switch_role(node_id: str, role: str, etcd_url: str, cluster: str, grace_s: float, wait: bool = True,
+                      timeout_s: float = 600.0) -> int:
+    """`tandem role NODE_ID prefill|decode`: give the node that role in etcd, then drain it with a
+    restart: it finishes what it holds, leaves, and starts again (same process, same node id) in
+    the new role. Waits until it has joined in that role, unless ``wait`` is off."""
+    if not etcd_url:
+        print("tandem role: --etcd (or TANDEM_ETCD) is required", file=sys.stderr)
+        return 2
+    if role not in ROLES:
+        print(f"tandem role: the role must be one of {', '.join(ROLES)}, got {role!r}", file=sys.stderr)
+        return 2
+    client = etcd_client(etcd_url)
+    try:
+        record = await _find(client, cluster, node_id)
+        if record is None:
+            print(f"tandem role: no node {node_id!r} is registered in cluster {cluster!r} (`tandem status` lists "
+                  "them)", file=sys.stderr)
+            return 1
+        await client.put(role_key(cluster, node_id), json.dumps({"role": role}).encode())
+        if record.role == role:
+            print(f"{node_id} is a {role} node already", flush=True)
+            return 0
+        await client.put(drain_key(cluster, node_id),
+                         json.dumps({"engine_id": record.engine_id, "grace_s": grace_s, "restart": True}).encode())
+        print(f"switching {node_id} from {record.role} to {role}: it takes no new work, finishes what it holds "
+              f"(grace {grace_s:.0f} s), and starts again as a {role} node", flush=True)
+        if not wait:
+            return 0
+        t0 = time.monotonic()
+        said = ""
+        while time.monotonic() - t0 < timeout_s:
+            now = await _find(client, cluster, node_id)
+            if now is not None and now.engine_id != record.engine_id and now.role == role and not now.draining:
+                print(f"{node_id} joined as a {role} node after {time.monotonic() - t0:.1f} s", flush=True)
+                return 0
+            state = ("draining" if now is not None and now.engine_id == record.engine_id
+                     else "starting its engine" if now is None else f"registered as {now.role}")
+            if state != said:
+                print(f"  {node_id}: {state} ({time.monotonic() - t0:.0f} s)", flush=True)
+                said = state
+            await asyncio.sleep(0.5)
+        print(f"tandem role: {node_id} has not joined as a {role} node after {timeout_s:.0f} s; its log says why",
+              file=sys.stderr)
+        return 1
+    finally:
+        await client.close()

@@ -58,9 +58,41 @@ def node_key(cluster: str, role: str, node_id: str) -> bytes:
 
 
 def drain_key(cluster: str, node_id: str) -> bytes:
-    """Where `tandem drain` asks a node to drain: JSON {engine_id, grace_s}. The engine id
-    names the process asked, so a node restarted after its drain is not drained again."""
+    """Where `tandem drain` (and `tandem role`) ask a node to drain: JSON {engine_id, grace_s,
+    restart}. The engine id names the process asked, so a node restarted after its drain is not
+    drained again; with restart, the node starts itself again once drained (a role switch)."""
     return f"/tandem/{cluster}/drain/{node_id}".encode()
+
+
+def role_key(cluster: str, node_id: str) -> bytes:
+    """The role `tandem role` gave a node: JSON {role}. It outlives the node's processes (no
+    lease): the node takes it at every start, over the role on its command line."""
+    return f"/tandem/{cluster}/roles/{node_id}".encode()
+
+
+@dataclass(frozen=True)
+class DrainAsk:
+    grace_s: float
+    restart: bool = False  # start again once drained (in the role etcd gives it) instead of exiting
+
+
+async def assigned_role(etcd_url: str, cluster: str, node_id: str) -> str | None:
+    """The role `tandem role` gave ``node_id``, or None; ValueError for a malformed entry."""
+    client = etcd_client(etcd_url)
+    try:
+        raw = await client.get(role_key(cluster, node_id))
+    finally:
+        await client.close()
+    if raw is None:
+        return None
+    try:
+        role = json.loads(raw.value)["role"]
+    except (ValueError, TypeError, KeyError):
+        role = None
+    if role not in ROLES:
+        raise ValueError(f"the role assigned to {node_id} in etcd ({role_key(cluster, node_id).decode()}) is "
+                         f"malformed: {raw.value[:100]!r}")
+    return str(role)
 
 
 def etcd_client(url: str) -> aetcd.Client:
@@ -93,8 +125,8 @@ class Registration:
         if self._lease is not None:
             await self._client.put(self.key, record.to_json(), lease=self._lease)
 
-    async def drain_requested(self, cluster: str) -> float | None:
-        """The grace period `tandem drain` asked this node's engine for, or None."""
+    async def drain_requested(self, cluster: str) -> DrainAsk | None:
+        """What `tandem drain` or `tandem role` asked of this node's engine, or None."""
         raw = await self._client.get(drain_key(cluster, self.record.node_id))
         if raw is None:
             return None
@@ -102,7 +134,7 @@ class Registration:
             ask = json.loads(raw.value)
             if ask.get("engine_id") != self.record.engine_id:
                 return None  # meant for an earlier process of this node
-            return float(ask.get("grace_s", 30.0))
+            return DrainAsk(float(ask.get("grace_s", 30.0)), bool(ask.get("restart", False)))
         except (ValueError, TypeError, AttributeError):
             logger.warning("ignoring a malformed drain request for %s", self.record.node_id)
             return None

@@ -72,3 +72,40 @@ def test_the_view_resyncs_after_etcd_comes_back() -> None:
             second.stop()
 
     asyncio.run(go())
+
+
+def test_drain_asks_and_assigned_roles() -> None:
+    import json
+
+    import pytest
+
+    from tandem.membership import DrainAsk, assigned_role, drain_key, etcd_client, role_key
+
+    async def go(url: str) -> None:
+        reg = Registration(url, "t", NodeRecord("p0", "prefill", "127.0.0.1:1", "127.0.0.1:2", "m", 512,
+                                                engine_id="p0-aaa"))
+        await reg.start()
+        client = etcd_client(url)
+        try:
+            assert await reg.drain_requested("t") is None
+            assert await assigned_role(url, "t", "p0") is None
+            # meant for an earlier process of this node: not this one's
+            await client.put(drain_key("t", "p0"), json.dumps({"engine_id": "p0-old", "grace_s": 5}).encode())
+            assert await reg.drain_requested("t") is None
+            await client.put(drain_key("t", "p0"), json.dumps({"engine_id": "p0-aaa", "grace_s": 5}).encode())
+            assert await reg.drain_requested("t") == DrainAsk(5.0, restart=False)
+            await client.put(drain_key("t", "p0"),
+                             json.dumps({"engine_id": "p0-aaa", "grace_s": 7, "restart": True}).encode())
+            assert await reg.drain_requested("t") == DrainAsk(7.0, restart=True)
+            await client.put(role_key("t", "p0"), json.dumps({"role": "decode"}).encode())
+            assert await assigned_role(url, "t", "p0") == "decode"
+            assert await assigned_role(url, "other", "p0") is None
+            await client.put(role_key("t", "p0"), b'{"role": "verifier"}')
+            with pytest.raises(ValueError, match="malformed"):
+                await assigned_role(url, "t", "p0")
+        finally:
+            await client.close()
+            await reg.close()
+
+    with LocalEtcd() as etcd:
+        asyncio.run(go(etcd.url))

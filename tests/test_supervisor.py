@@ -20,6 +20,7 @@ class FakeDaemon:
         self.starts = 0
         self.kills = 0
         self.changed = threading.Event()
+        self.ready = True
 
     def alive(self) -> bool:
         return self.running
@@ -32,7 +33,7 @@ class FakeDaemon:
     silence = "silent"
 
     def is_ready(self) -> bool:
-        return self.running
+        return self.running and self.ready
 
     def start(self) -> None:
         self.starts += 1
@@ -108,5 +109,38 @@ def test_a_daemon_that_refuses_probes_while_it_shuts_down_gets_time_to_exit() ->
         a.running = False  # it exits by itself
         wait_for(lambda: a.starts == 1)
         assert [e.what for e in sup.events][:2] == ["exited", "restarting"]
+    finally:
+        sup.stop()
+
+
+def test_a_daemon_that_restarts_itself_in_place_is_waited_for_not_killed() -> None:
+    a = FakeDaemon("prefill-1")
+    sup = Supervisor(lambda: [a], probe_every_s=0.02, failures_to_restart=3, refusals_to_restart=5,
+                     start_timeout_s=5.0).start()
+    try:
+        # A role switch: the process lives on, says it is not ready, and answers no probe meanwhile
+        # (many more probe periods than refusals_to_restart).
+        a.ready, a.answering, a.silence = False, False, "refused"
+        wait_for(lambda: any(e.what == "restarting-in-place" for e in sup.events))
+        time.sleep(0.5)
+        assert a.kills == 0 and a.starts == 0
+        a.ready, a.answering = True, True
+        wait_for(lambda: any(e.what == "ready" for e in sup.events))
+        assert [e.what for e in sup.events] == ["restarting-in-place", "ready"]
+        assert sup.settled()
+    finally:
+        sup.stop()
+
+
+def test_a_daemon_that_never_comes_back_from_restarting_in_place_is_killed_and_started() -> None:
+    a = FakeDaemon("decode-1")
+    sup = Supervisor(lambda: [a], probe_every_s=0.02, start_timeout_s=0.3, min_backoff_s=0.05).start()
+    try:
+        a.ready = False
+        wait_for(lambda: a.kills == 1)
+        a.ready = True
+        wait_for(lambda: a.starts == 1 and a.running)
+        whats = [e.what for e in sup.events]
+        assert whats[:3] == ["restarting-in-place", "start-failed", "restarting"], whats
     finally:
         sup.stop()

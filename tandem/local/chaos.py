@@ -7,8 +7,10 @@ scenario: a seeded open-loop load of greedy, fixed-length requests starts,
 spread over both coordinators; a third of the way in, one fault lands
 (SIGKILL or SIGSTOP of a prefill node, a decode node, the first coordinator
 or etcd; a drain; a cut of the KV path from prefill-0, whose KV goes over TCP
-through a proxy; or a rolling restart that drains every node in turn); the
-load runs to its end (for the rolling restart, until every node is back).
+through a proxy; a rolling restart that drains every node in turn; or a role
+switch, `tandem role`, of a decode node, asked while it streams, to prefill
+and, once it has served there, back); the load runs to its end (for the rolling restart, until every
+node is back).
 
 Every request is accounted for: completed (all its tokens), ended with a
 clear gRPC status, hung (still open at the client's deadline), or lost
@@ -58,8 +60,11 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "kill-coordinator": ("coordinator", "kill"), "freeze-coordinator": ("coordinator", "freeze"),
     "kill-etcd": ("etcd", "kill"), "freeze-etcd": ("etcd", "freeze"),
     "cut-kv": ("kv-path", "cut"), "rolling-restart": ("every-node", "roll"),
+    "switch-roles": ("decode", "switch"),
 }
-CI_SCENARIOS = ("kill-decode", "drain-prefill", "kill-coordinator", "cut-kv", "freeze-etcd")
+CI_SCENARIOS = ("kill-decode", "drain-prefill", "kill-coordinator", "cut-kv", "freeze-etcd", "switch-roles")
+SWITCH_PROBES = 6  # requests sent at most, after a switch, until the switched node has served one
+SWITCH_WAIT_S = 5.0  # how long a switch waits for its node to hold a request
 KV_LEASE_S = 10.0
 CLIENT_DEADLINE_S = 120.0
 KV_CUT_S = 10.0
@@ -75,6 +80,7 @@ class Outcome:
     status: str = ""  # "ok", a gRPC status name, "hung" or "lost"
     details: str = ""
     migrations: int = 0
+    sent_at: float = 0.0  # seconds from the scenario's start, like done_at
     done_at: float = 0.0
     front: str = ""  # the coordinator it went through
 
@@ -95,6 +101,10 @@ class ScenarioResult:
     recovery_s: float | None
     supervisor_events: list[str]
     by_front: dict[str, dict[str, int]] = field(default_factory=dict)  # coordinator -> status -> count
+    # switch-roles: the roles the victim took in turn, requests it served in each (by the coordinator's
+    # count) and requests in flight when a switch was asked (each replayed undisturbed: token_mismatches)
+    switches: list[dict[str, object]] = field(default_factory=list)
+    in_flight_at_switch: int = 0
 
 
 def workload(n: int, rate: float, seed: int, vocab: int) -> list[tuple[float, list[int], int]]:
@@ -114,6 +124,7 @@ async def _one(stub: object, o: Outcome, t0: float) -> None:
     req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=o.prompt), sampling=pb.SamplingParams(
         max_tokens=o.max_tokens, temperature=0.0, ignore_eos=True))
     sent = time.monotonic()
+    o.sent_at = sent - t0
     finished = False
     try:
         async for msg in stub.Generate(req, timeout=CLIENT_DEADLINE_S):  # type: ignore[attr-defined]
@@ -139,6 +150,22 @@ class _KVPath:
         self.proxy = proxy
 
 
+class _Switch:
+    """A role switch there and back (`tandem role`): a decode node, asked while it streams, becomes a
+    prefill node, serves a request as one, and becomes a decode node again, so the next scenario
+    finds the pools as before."""
+
+    def __init__(self, node: Daemon) -> None:
+        self.node = node
+        self.name = node.name
+        self.done = threading.Event()
+        self.failed = ""
+        self.asked_at: list[float] = []  # monotonic: when each switch was asked
+        self.steps: list[dict[str, object]] = []
+        self.probes: list[Outcome] = []
+        self.holding: list[int] = []  # requests the coordinator had in flight on it when each switch was asked
+
+
 class _Roll:
     """A rolling restart: drain each node in turn and wait until it is back before the next."""
 
@@ -162,8 +189,10 @@ class Harness:
         self.vocab = TextCodec(cluster.spec.model).vocab_size
 
     # faults -------------------------------------------------------------------
-    def _victim(self, target: str) -> Daemon | object:
+    def _victim(self, target: str, action: str = "") -> Daemon | object:
         c = self.cluster
+        if action == "switch":
+            return _Switch(self._victim(target))  # type: ignore[arg-type]
         if target == "coordinator":
             return c.coordinator
         if target == "etcd":
@@ -178,14 +207,15 @@ class Harness:
         pool = [d for d in c.nodes if d.role == target]
         return max(pool, key=lambda d: (busy.get(d.name, 0), d.name))
 
-    def _outstanding(self) -> dict[str, int]:
+    def _outstanding(self, field: str = "outstanding") -> dict[str, int]:
+        """Per node, what the coordinator has in flight there (or, with field="served", has sent there)."""
         from tandem.proto import tandem_pb2 as pb
         from tandem.proto import tandem_pb2_grpc as pb_grpc
 
         try:
             with grpc.insecure_channel(self.cluster.grpc_address) as ch:
                 st = pb_grpc.CoordinatorStub(ch).ClusterStatus(pb.ClusterStatusRequest(), timeout=2)
-            return {n.node_id: n.outstanding for n in st.nodes}
+            return {n.node_id: getattr(n, field) for n in st.nodes}
         except grpc.RpcError:
             return {}
 
@@ -202,10 +232,65 @@ class Harness:
             victim.proxy.cut(KV_CUT_S)  # type: ignore[attr-defined]
         elif action == "roll":
             threading.Thread(target=self._roll, args=(victim,), name="chaos-roll", daemon=True).start()
+        elif action == "switch":
+            threading.Thread(target=self._switch, args=(victim,), name="chaos-switch", daemon=True).start()
 
     def _drain(self, name: str) -> None:
         subprocess.run([sys.executable, "-m", "tandem.cli", "drain", name, "--etcd", self.cluster.etcd_url,
                         "--no-wait", "--grace-s", "60"], check=True, capture_output=True, timeout=30)
+
+    def _switch(self, sw: _Switch) -> None:
+        start_role = sw.node.role
+        try:
+            for role in ("decode" if start_role == "prefill" else "prefill", start_role):
+                # Asked while it holds work, when it does within SWITCH_WAIT_S: that work must finish there.
+                wait_until = time.monotonic() + SWITCH_WAIT_S
+                while not (holding := self._outstanding().get(sw.name, 0)) and time.monotonic() < wait_until:
+                    time.sleep(0.05)
+                since = time.time()
+                logger.warning("chaos: switching %s to %s (%d requests in flight there)", sw.name, role, holding)
+                sw.asked_at.append(time.monotonic())
+                sw.holding.append(holding)
+                subprocess.run([sys.executable, "-m", "tandem.cli", "role", sw.name, role, "--etcd",
+                                self.cluster.etcd_url, "--cluster", self.cluster.spec.cluster, "--no-wait",
+                                "--grace-s", "60"], check=True, capture_output=True, timeout=30)
+                deadline = time.monotonic() + ROLL_STEP_TIMEOUT_S
+                while not (self._back(sw.name, since) and sw.node.role == role and self._reconverged()):
+                    if time.monotonic() > deadline:
+                        sw.failed = f"{sw.name} was not back as a {role} node within {ROLL_STEP_TIMEOUT_S:.0f} s"
+                        logger.error("chaos: %s", sw.failed)
+                        return
+                    time.sleep(0.5)
+                served = self._served_by(sw, role) if role != start_role else 0
+                sw.steps.append({"role": role, "held_when_asked": holding,
+                                 "back_after_s": round(time.time() - since, 1), "served": served})
+        except Exception as exc:  # reported as not recovered
+            sw.failed = f"{type(exc).__name__}: {exc}"
+            logger.exception("chaos: role switch failed")
+        finally:
+            sw.done.set()
+
+    def _served_by(self, sw: _Switch, role: str) -> int:
+        """Send requests until the switched node has served one in its new role (the coordinator
+        counts what it sent there; a node new to a pool is the least loaded); how many it served."""
+        from tandem.proto import tandem_pb2_grpc as pb_grpc
+
+        async def go() -> int:
+            plan = workload(SWITCH_PROBES, 1.0, self.seed + 1, self.vocab)
+            async with grpc.aio.insecure_channel(self.cluster.grpc_address, options=CHANNEL_OPTIONS) as ch:
+                stub = pb_grpc.CoordinatorStub(ch)
+                for i, (_, prompt, max_tokens) in enumerate(plan):
+                    if self._outstanding(field="served").get(sw.name, 0):
+                        break
+                    probe = Outcome(-1 - i, prompt, min(max_tokens, 32))
+                    await _one(stub, probe, time.monotonic())
+                    sw.probes.append(probe)
+            return self._outstanding(field="served").get(sw.name, 0)
+
+        served = asyncio.run(go())
+        if not served:
+            raise RuntimeError(f"{sw.name} served no request as a {role} node ({SWITCH_PROBES} sent)")
+        return served
 
     def _roll(self, roll: _Roll) -> None:
         try:
@@ -251,7 +336,7 @@ class Harness:
     def _victim_back(self, victim: object, since_wall: float) -> bool:
         if isinstance(victim, _KVPath):
             return not victim.proxy.is_cut
-        if isinstance(victim, _Roll):
+        if isinstance(victim, (_Roll, _Switch)):
             return victim.done.is_set() and not victim.failed
         return self._back(getattr(victim, "name", "?"), since_wall)
 
@@ -262,10 +347,10 @@ class Harness:
 
         loop = asyncio.get_running_loop()
         fault_wall = time.time() - (time.monotonic() - fault_at)
-        deadline = fault_at + 300 + (ROLL_STEP_TIMEOUT_S * len(self.cluster.nodes) if isinstance(victim, _Roll)
-                                     else 0)
+        steps = len(self.cluster.nodes) if isinstance(victim, _Roll) else 2 if isinstance(victim, _Switch) else 0
+        deadline = fault_at + 300 + ROLL_STEP_TIMEOUT_S * steps
         while time.monotonic() < deadline:
-            if isinstance(victim, _Roll) and victim.failed:
+            if isinstance(victim, (_Roll, _Switch)) and victim.failed:
                 return None
             if self._victim_back(victim, fault_wall) and await loop.run_in_executor(None, self._reconverged):
                 async with grpc.aio.insecure_channel(self.cluster.grpc_address, options=CHANNEL_OPTIONS) as ch:
@@ -298,7 +383,7 @@ class Harness:
                     break
                 if victim is None and arrival >= fault_s:
                     await asyncio.sleep(max(0.0, fault_s - (time.monotonic() - t0)))
-                    victim = self._victim(target)
+                    victim = self._victim(target, action)
                     victim_name = getattr(victim, "name", "?")
                     fault_at = time.monotonic()
                     await asyncio.get_running_loop().run_in_executor(None, self._inject, victim, action)
@@ -312,7 +397,15 @@ class Harness:
             for ch in channels:
                 await ch.close()
         recovery_s = await recovery if recovery is not None else None
-        mismatches = await self._replay_migrated(outcomes)
+        # Migrated requests, and with a role switch those in flight when one was asked and those the
+        # switched node served: each must give the same tokens again, undisturbed.
+        switched: list[Outcome] = []
+        if isinstance(victim, _Switch):
+            asked = [a - t0 for a in victim.asked_at]
+            switched = [o for o in outcomes if any(o.sent_at <= a < o.done_at for a in asked)]
+        replay = [o for o in outcomes if o.migrations or o in switched]
+        replay += victim.probes if isinstance(victim, _Switch) else []
+        mismatches = await self._replay(replay)
         held = await asyncio.get_running_loop().run_in_executor(None, self._blocks_held_settled)
         statuses: dict[str, int] = {}
         by_front: dict[str, dict[str, int]] = {}
@@ -331,22 +424,23 @@ class Harness:
             + sum(1 for o in completed if len(o.tokens) != o.max_tokens),
             token_mismatches=mismatches, kv_blocks_held_after=held, recovery_s=recovery_s,
             supervisor_events=[f"+{e.at - wall0:.1f}s {e.daemon} {e.what} {e.detail}".rstrip() for e in events],
-            by_front=by_front)
+            by_front=by_front, switches=victim.steps if isinstance(victim, _Switch) else [],
+            in_flight_at_switch=len(switched))
 
-    async def _replay_migrated(self, outcomes: list[Outcome]) -> int:
-        """Migrated requests again, undisturbed: each must give the same tokens."""
+    async def _replay(self, outcomes: list[Outcome]) -> int:
+        """Completed requests again, undisturbed: how many gave other tokens (or did not complete)."""
         from tandem.proto import tandem_pb2_grpc as pb_grpc
 
-        migrated = [o for o in outcomes if o.migrations and o.status == "ok"]
+        done = [o for o in outcomes if o.status == "ok"]
         bad = 0
         async with grpc.aio.insecure_channel(self.cluster.grpc_address, options=CHANNEL_OPTIONS) as ch:
             stub = pb_grpc.CoordinatorStub(ch)
-            for o in migrated:
+            for o in done:
                 again = Outcome(o.index, o.prompt, o.max_tokens)
                 await _one(stub, again, 0.0)
                 if again.status != "ok" or again.tokens != o.tokens:
                     bad += 1
-                    logger.error("chaos: request %d differs after migration (%s)", o.index, again.status)
+                    logger.error("chaos: request %d differs when replayed (%s)", o.index, again.status)
         return bad
 
     def _blocks_held_settled(self) -> float:

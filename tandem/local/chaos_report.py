@@ -23,7 +23,14 @@ def report(results: list[ScenarioResult], command: str, context: str) -> str:
     fronts = [f"- {r.scenario}: " + "; ".join(f"{front} {', '.join(f'{k} {v}' for k, v in sorted(st.items()))}"
                                             for front, st in sorted(r.by_front.items()))
               for r in results if any(set(st) != {"ok"} for st in r.by_front.values())]
-    foot = (f"\nStatuses seen: {', '.join(statuses) or 'none'}. Reproduce: `{command}`\n"
+    switches = [f"- {r.scenario}: {r.victim} " + " -> ".join(
+        f"{s['role']} (asked with {s['held_when_asked']} in flight there, back after {s['back_after_s']} s"
+        + (f", served {s['served']})" if s["served"] else ")")
+        for s in r.switches) + f"; {r.in_flight_at_switch} requests were in flight in the cluster when a switch was asked"
+        for r in results if r.switches]
+    foot = ("\nRole switches (each replays the requests in flight when it was asked, and those the switched "
+            "node served; token mismatches counts them too):\n\n" + "\n".join(switches) + "\n"
+            if switches else "") + (f"\nStatuses seen: {', '.join(statuses) or 'none'}. Reproduce: `{command}`\n"
             + ("\nWhere requests did not all complete, per coordinator they went through:\n\n" + "\n".join(fronts) + "\n"
                if fronts else ""))
     return "\n".join(lines) + "\n" + foot

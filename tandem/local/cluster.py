@@ -26,12 +26,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .etcd_server import LocalEtcd
 from tandem.netutil import free_port
-from tandem.node.config import core_spec
+from tandem.node.config import READY_LINE, RESTARTING_LINE, core_spec
 from .supervisor import OK, REFUSED, SILENT, Event, Supervisor
 
 logger = logging.getLogger(__name__)
 
-READY = "TANDEM_READY"
 
 
 @dataclass
@@ -59,9 +58,13 @@ class Daemon:
         with open(self.log_path, "a", buffering=1) as log:
             for line in self.proc.stdout:
                 log.write(line)
-                if line.startswith(READY):
+                if line.startswith(READY_LINE):
                     self.info = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+                    self.role = self.info.get("role", self.role)  # `tandem role` may have changed it
                     self.ready.set()
+                elif line.startswith(RESTARTING_LINE):  # it starts again in place: not ready until it says so
+                    self.ready.clear()
+                    self.info = {}
 
     def wait_ready(self, deadline: float) -> None:
         while not self.ready.wait(0.2):
@@ -254,8 +257,8 @@ class LocalCluster:
                 name = f"{role}-{counters[role]}"
                 counters[role] += 1
                 argv = self._cli(role, *common, "--node-id", name, "--cores", cores,
-                                 "--kv-cache-gib", str(s.decode_kv_cache_gib if role == "decode" and
-                                                       s.decode_kv_cache_gib else s.kv_cache_gib),
+                                 "--kv-cache-gib", str(s.kv_cache_gib),
+                                 "--decode-kv-cache-gib", str(s.decode_kv_cache_gib),
                                  "--kv-transport", s.transport,
                                  "--ttl-s", str(s.ttl_s), "--kv-lease-s", str(s.lease_s),
                                  *(["--max-model-len", str(s.max_model_len)] if s.max_model_len else []),

@@ -10,7 +10,8 @@ that did not last (``min_backoff_s``, 1 s, up to ``max_backoff_s``, 30 s).
 A daemon that answers but is not serving, or refuses the connection, is
 shutting down or busy starting its server: that is given ``refusals_to_restart``
 probes (30) before it counts as stuck, so a drained node can finish exiting. The rest of the cluster keeps
-serving meanwhile. Every action is an ``Event``: the chaos harness reads
+serving meanwhile. A daemon that says it restarts itself (no longer ready while
+its process lives on: a node switching role) is waited for like a start. Every action is an ``Event``: the chaos harness reads
 them, `tandem up` prints them.
 """
 
@@ -53,7 +54,7 @@ class Supervised(Protocol):
 class Event:
     at: float  # time.time()
     daemon: str
-    what: str  # "exited" | "unresponsive" | "restarting" | "ready" | "start-failed"
+    what: str  # "exited" | "unresponsive" | "restarting" | "restarting-in-place" | "ready" | "start-failed"
     detail: str = ""
 
 
@@ -135,6 +136,10 @@ class Supervisor:
         if st.phase == "running":
             if not d.alive():
                 self._down(d, st, "exited", "")
+                return
+            if not d.is_ready():  # it restarts itself in place (a role switch): wait as for a start
+                st.phase, st.started_at, st.failures, st.refusals = "starting", now, 0, 0
+                self._emit(d.name, "restarting-in-place", "the process starts again by itself")
                 return
             found = d.probe(self.probe_timeout_s)
             if found == OK:

@@ -14,6 +14,10 @@ from tandem.membership import DEFAULT_TTL_S
 
 
 DECODE_STEP_TOKENS = 256
+# The lines a supervisor (tandem up, tests) follows in a node's output: ready (with its addresses),
+# and starting again in place (a role switch; not ready until its next READY line).
+READY_LINE = "TANDEM_READY"
+RESTARTING_LINE = "TANDEM_RESTARTING"
 
 
 @dataclass
@@ -31,6 +35,9 @@ class NodeConfig:
     metrics_port: int = 0
     cores: str = ""
     kv_cache_gib: float = 1.0  # fractions too (benchmarks shrink the engine's cache below a working set)
+    # A decode engine's, when it differs (it holds the running batch): a node `tandem role` switches
+    # takes the size of its new role. 0: kv_cache_gib.
+    decode_kv_cache_gib: float = 0.0
     max_model_len: int = 0
     block_size: int = 32
     dtype: str = "float32"
@@ -81,8 +88,11 @@ class NodeConfig:
         if self.max_num_batched_tokens and self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"--max-num-batched-tokens ({self.max_num_batched_tokens}) must be at least "
                              f"--max-num-seqs ({self.max_num_seqs})")
-        if self.kv_cache_gib <= 0:
-            raise ValueError(f"--kv-cache-gib must be positive, got {self.kv_cache_gib}")
+        if self.kv_cache_gib <= 0 or self.decode_kv_cache_gib < 0:
+            raise ValueError(f"--kv-cache-gib must be positive and --decode-kv-cache-gib >= 0, got "
+                             f"{self.kv_cache_gib} and {self.decode_kv_cache_gib}")
+        if self.role == "decode" and self.decode_kv_cache_gib:
+            self.kv_cache_gib = self.decode_kv_cache_gib
         if self.lease_s <= 0 or self.ttl_s <= 0:
             raise ValueError("--kv-lease-s and --ttl-s must be positive")
         if self.kv_advertise:
@@ -197,7 +207,10 @@ def add_node_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 0)))  # type: ignore[arg-type]
     ap.add_argument("--cores", default=_env("cores", ""), help="CPU cores the whole node runs on (daemon, vLLM engine core and worker), e.g. 0 or 0-3")
     ap.add_argument("--kv-cache-gib", type=float, default=float(_env("kv_cache_gib", 1)),  # type: ignore[arg-type]
-                    help="KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE on CPU)")
+                    help="the engine's KV cache, GiB, fractions too (VLLM_CPU_KVCACHE_SPACE on CPU)")
+    ap.add_argument("--decode-kv-cache-gib", type=float, default=float(_env("decode_kv_cache_gib", 0)),  # type: ignore[arg-type]
+                    help="the engine's KV cache while the node is a decode node, when that should differ "
+                         "(the running batch lives there; `tandem role` may switch the node); 0: --kv-cache-gib")
     ap.add_argument("--max-model-len", type=int, default=int(_env("max_model_len", 0)))  # type: ignore[arg-type]
     ap.add_argument("--block-size", type=int, default=int(_env("block_size", 32)))  # type: ignore[arg-type]
     ap.add_argument("--dtype", default=_env("dtype", "float32"))

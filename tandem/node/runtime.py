@@ -1,9 +1,11 @@
 """What every node daemon does around its servicer: engine, gRPC server, metrics, etcd, shutdown.
 
-A node ends one of two ways. Drained (SIGINT/SIGTERM, or `tandem drain`): it
+A node ends one of three ways. Drained (SIGINT/SIGTERM, or `tandem drain`): it
 marks its record draining (coordinators stop sending it work), finishes what it
 holds (requests in flight, KV blocks held for a fetch) within the grace period,
-deregisters and exits 0; a second signal cuts the wait short. Its engine dies:
+deregisters and exits 0; a second signal cuts the wait short. Switched (`tandem
+role`): drained the same way, then it starts again, in the same process (exec)
+with the same node id, in the role etcd now gives it. Its engine dies:
 its health service says NOT_SERVING at once, it deregisters (the coordinator
 stops routing to it and moves what it held), and the daemon exits with
 ENGINE_DEAD_EXIT so that its supervisor restarts it.
@@ -24,13 +26,13 @@ from prometheus_client import REGISTRY, start_http_server
 
 from tandem import __version__
 from tandem.grpcserve import StopSignals, start_grpc
-from tandem.membership import NodeRecord, Registration
+from tandem.membership import DrainAsk, NodeRecord, Registration
 from tandem.netutil import reserve_port
 from tandem.profile import node_cores, node_settings, seed_from_profile
 from tandem.sim import Timings
 
 from . import monitor
-from .config import NodeConfig
+from .config import READY_LINE, RESTARTING_LINE, NodeConfig
 from .engine import EngineHost
 from .perf import NodePerf
 from .simengine import SimEngine
@@ -38,6 +40,9 @@ from .simengine import SimEngine
 logger = logging.getLogger(__name__)
 
 ENGINE_DEAD_EXIT = 3
+# run_node's answer when the node is to start again (a role switch): cmd_node execs itself. Were
+# that exec to fail, this is the exit code (EX_TEMPFAIL), and a supervisor's restart does the same.
+RESTART_EXIT = 75
 # What a node still holds: while any of these is above 0, a drain waits.
 BUSY_METRICS = ("tandem_prefill_inflight", "tandem_decode_inflight", "tandem_kv_blocks_held")
 
@@ -129,7 +134,7 @@ async def run_node(cfg: NodeConfig, service_name: str,
     registration = Registration(cfg.etcd, cfg.cluster, record, cfg.ttl_s)
     await registration.start()
     # One line a supervisor (tandem up, tests) can wait for.
-    print(f"TANDEM_READY role={cfg.role} node_id={cfg.node_id} grpc={record.grpc_address} "
+    print(f"{READY_LINE} role={cfg.role} node_id={cfg.node_id} grpc={record.grpc_address} "
           f"kv={kv_address} metrics={metrics_address}", flush=True)
 
     signals = StopSignals()
@@ -139,15 +144,21 @@ async def run_node(cfg: NodeConfig, service_name: str,
     code = 0
     try:
         await asyncio.wait({stop, asked, died}, return_when=asyncio.FIRST_COMPLETED)
+        ask = asked.result() if asked.done() else None
+        if ask is not None and ask.restart and not died.done():
+            print(f"{RESTARTING_LINE} role={cfg.role} node_id={cfg.node_id} why=tandem-role", flush=True)
         if not died.done():
-            grace_s = asked.result() if asked.done() else cfg.drain_grace_s
-            why = "tandem drain" if asked.done() else "a stop signal"
+            grace_s = ask.grace_s if ask is not None else cfg.drain_grace_s
+            why = ("tandem role" if ask.restart else "tandem drain") if ask is not None else "a stop signal"
             await _drain(registration, grace_s, why, signals, died)
         if died.done():
             code = ENGINE_DEAD_EXIT
             logger.error("%s node %s: the vLLM engine died; leaving the cluster and exiting with code %d so "
                          "that the supervisor restarts the node", cfg.role, cfg.node_id, code)
             await grpc_server.set_serving(False)
+        elif ask is not None and ask.restart and not signals.first.is_set():
+            code = RESTART_EXIT
+            logger.info("%s node %s drained: starting again in the role etcd gives it", cfg.role, cfg.node_id)
         else:
             logger.info("shutting down %s node %s", cfg.role, cfg.node_id)
     finally:
@@ -166,17 +177,17 @@ async def run_node(cfg: NodeConfig, service_name: str,
     return code
 
 
-async def _drain_asked(registration: Registration, cfg: NodeConfig, every_s: float = 1.0) -> float:
-    """Return the grace period once `tandem drain` asked this node (this process) to drain."""
+async def _drain_asked(registration: Registration, cfg: NodeConfig, every_s: float = 1.0) -> DrainAsk:
+    """What `tandem drain` or `tandem role` asked of this node (this process), once asked."""
     while True:
         await asyncio.sleep(every_s)
         try:
-            grace_s = await registration.drain_requested(cfg.cluster)
+            ask = await registration.drain_requested(cfg.cluster)
         except Exception as exc:  # etcd unreachable: ask again later
             logger.debug("could not read drain requests: %s", exc)
             continue
-        if grace_s is not None:
-            return grace_s
+        if ask is not None:
+            return ask
 
 
 DRAIN_SETTLE_S = 2.0

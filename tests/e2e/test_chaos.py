@@ -1,7 +1,7 @@
 """The chaos suite's CI subset (tandem/local/chaos.py, CI_SCENARIOS) on a real supervised cluster of
 2 coordinators, 2 prefill and 2 decode nodes under a seeded streaming load: a killed decode node, a
-drained prefill node, a killed coordinator (one of two front doors), a cut KV path and a frozen etcd
-(longer than the nodes' 3 s lease TTL). The full suite, with the other freezes and kills and a
+drained prefill node, a killed coordinator (one of two front doors), a cut KV path, a frozen etcd
+(longer than the nodes' 3 s lease TTL) and a decode node switched to prefill and back (`tandem role`). The full suite, with the other freezes and kills and a
 rolling restart of every node, is a command (`tandem chaos`)."""
 
 from __future__ import annotations
@@ -80,3 +80,20 @@ def test_a_cut_kv_path_migrates_its_requests_to_the_other_prefill_node(results) 
     assert r.completed == r.requests, r.statuses
     assert r.migrated >= 1, "no request's KV went through the cut path while it was cut"
     assert not r.supervisor_events, "a cut KV path restarts no daemon"
+
+
+def test_a_role_switch_keeps_every_request_and_its_greedy_output(results) -> None:
+    r = results["switch-roles"]
+    assert r.completed == r.requests, r.statuses
+    assert r.migrated == 0 and r.ended_with_status == 0
+    # Asked while it streamed, it finished those streams, went to prefill, served there (through the
+    # real coordinator), and came back to decode, each time restarting in place (the supervisor
+    # waited; it killed nothing).
+    assert [s["role"] for s in r.switches] == ["prefill", "decode"], r.switches
+    assert r.switches[0]["held_when_asked"] >= 1 and r.switches[0]["served"] >= 1, r.switches
+    victim_events = [e for e in r.supervisor_events if f" {r.victim} " in e]
+    assert sum(" restarting-in-place" in e for e in victim_events) == 2, victim_events
+    assert not any(" exited" in e or " unresponsive" in e for e in victim_events), victim_events
+    # Requests in flight when the switch was asked finished where they were; replayed undisturbed
+    # (with the ones the switched node decoded), each gave the same tokens (token_mismatches, above).
+    assert r.in_flight_at_switch >= r.switches[0]["held_when_asked"]
