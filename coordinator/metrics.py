@@ -7,6 +7,10 @@ from prometheus_client import Counter, Gauge, Histogram
 _LAT = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 _TOK = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
 
+# Per-request lengths, fine enough that `tandem plan --live` can replay the mix in its simulator.
+LENGTHS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144,
+           8192, 12288, 16384, 32768, 65536, 131072)
+
 TTFT = Histogram("vllm:time_to_first_token_seconds", "Request received to first token sent", buckets=_LAT)
 TPOT = Histogram("vllm:request_time_per_output_token_seconds", "Mean time per output token after the first",
                  buckets=_TOK)
@@ -36,3 +40,9 @@ PREDICTION_ERROR = Histogram("tandem_prediction_error_ratio",
 PREFIX_TOKENS = Counter("tandem_routing_cached_tokens", "Prompt tokens the chosen node (a prefill node, or the "
                         "decode node for a local prefill) was known to hold when the request was routed (a prompt's prefix cached or loaded there, not computed), by where: "
                         "engine (its prefix cache), ram or disk (its KV store)", ["tier"])
+REQUEST_PROMPT_TOKENS = Histogram("vllm:request_prompt_tokens", "Prompt tokens of each finished request",
+                                  buckets=LENGTHS)
+REQUEST_GENERATION_TOKENS = Histogram("vllm:request_generation_tokens", "Tokens streamed for each finished request",
+                                      buckets=LENGTHS)
+SLO_MET = Counter("tandem_requests_slo", "Finished requests by whether they met both their objectives (TTFT, and "
+                  "TPOT when they streamed more than one token)", ["met"])

@@ -377,6 +377,13 @@ class Pipeline:
                 if (plan.decode is not None and plan.decode.node_id == out.decode_node
                         and self.router.current(plan.decode)):
                     plan.decode.calibrate("tpot", out.predicted_tpot_s / plan.tpot_factor, tpot)
+        # What `tandem plan --live` replays and checks its predictions against.
+        m.REQUEST_PROMPT_TOKENS.observe(len(req.prompt_ids))
+        m.REQUEST_GENERATION_TOKENS.observe(out.completion_tokens)
+        slo = req.slo.over(self.admission.default_slo)
+        met = (out.reason in ("length", "stop") and (slo.ttft_s is None or out.ttft_s <= slo.ttft_s)
+               and (out.completion_tokens <= 1 or slo.tpot_s is None or tpot <= slo.tpot_s))
+        m.SLO_MET.labels("yes" if met else "no").inc()
         logger.info("request %s: %s after %d tokens (ttft %.3f s, tpot %.1f ms, e2e %.3f s, prefill %s%s, "
                     "decode %s, migrations %d; predicted ttft %.3f s, tpot %.1f ms)", rid, out.reason,
                     out.completion_tokens, out.ttft_s, tpot * 1000, out.e2e_s, out.prefill_node,

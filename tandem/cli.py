@@ -327,6 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_coordinator_bench_args(bco)
     bco.set_defaults(fn=cmd_coordinator_bench)
 
+    from tandem.bench.shift import add_args as add_shift_args
+    from tandem.bench.shift import cmd_shift
+
+    bsh = bsub.add_parser("shift", help="a workload that shifts halfway (prefill-bound, then decode-bound) on "
+                                        "simulated nodes, with and without `tandem plan --live --apply`")
+    add_shift_args(bsh)
+    bsh.set_defaults(fn=cmd_shift)
+
     from tandem.bench.kvstore_tiers import add_args as add_kvstore_bench_args
     from tandem.bench.kvstore_tiers import cmd_kvstore as cmd_kvstore_bench
 

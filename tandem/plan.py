@@ -21,16 +21,20 @@ from typing import Any
 
 from tandem.bench.goodput import find_goodput
 from tandem.bench.workloads import WORKLOADS, generate
+from tandem.mix import Mix
 from tandem.sim import NOT_MODELLED, SimConfig, Timings, attainment, simulate, summary
 
 
-def trace(workload: str, rate: float, requests: int, seed: int, max_model_len: int) -> list[Any]:
-    """About ``requests`` arrivals of the workload at ``rate`` (lengths only, no token ids)."""
+def trace(workload: str | Mix, rate: float, requests: int, seed: int, max_model_len: int) -> list[Any]:
+    """About ``requests`` arrivals of the workload (a `tandem bench` workload, or a mix a
+    coordinator measured) at ``rate``: lengths only, no token ids."""
+    if isinstance(workload, Mix):
+        return workload.trace(rate, requests, seed, max_model_len)
     return generate(workload, rate=rate, duration_s=requests / rate, seed=seed, max_model_len=max_model_len,
                     with_ids=False)
 
 
-def ratio_goodput(cfg: SimConfig, workload: str, slo_ttft_s: float, slo_tpot_s: float, *, requests: int = 2000,
+def ratio_goodput(cfg: SimConfig, workload: str | Mix, slo_ttft_s: float, slo_tpot_s: float, *, requests: int = 2000,
                   seeds: int = 2, max_model_len: int = 2048, start_rate: float = 1.0,
                   rel_tol: float = 0.05) -> dict[str, Any]:
     """One P:D split's simulated goodput, and what it looks like there and just above."""
@@ -62,14 +66,14 @@ def limited_by(outcomes: list[Any], slo_ttft_s: float, slo_tpot_s: float) -> str
     return max((late, "TTFT (prefill)"), (slow, "TPOT (decode)"), (too_big, "decode KV cache (requests larger)"))[1]
 
 
-def plan(prefill: Timings, decode: Timings, nodes: int, workload: str, slo_ttft_s: float, slo_tpot_s: float, *,
+def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo_ttft_s: float, slo_tpot_s: float, *,
          kv_bytes_per_token: int = 0, max_batch: int = 64, kv_capacity_tokens: int = 0, order: str = "slack",
          requests: int = 2000, seeds: int = 2, max_model_len: int = 2048,
          progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     """Every P:D split of ``nodes``, best goodput per node first."""
     if nodes < 2:
         raise ValueError("a plan needs at least 2 nodes (one prefill, one decode)")
-    if workload not in WORKLOADS:
+    if isinstance(workload, str) and workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; one of {', '.join(WORKLOADS)}")
     rows = []
     t0 = time.monotonic()
@@ -83,7 +87,8 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str, slo_ttft_
                  f"({row['per_node_rps']:.3g} per node), limited by {row['limited_by']}")
     ranked = sorted(rows, key=lambda r: -r["goodput_rps"])
     best = f"{ranked[0]['prefill']}:{ranked[0]['decode']}" if ranked[0]["goodput_rps"] > 0 else "none"
-    return {"workload": workload, "nodes": nodes, "slo": {"ttft_s": slo_ttft_s, "tpot_s": slo_tpot_s},
+    return {"workload": workload if isinstance(workload, str) else f"measured ({workload.describe()})",
+            "nodes": nodes, "slo": {"ttft_s": slo_ttft_s, "tpot_s": slo_tpot_s},
             "prefill_profile": prefill.doc(), "decode_profile": decode.doc(), "kv_bytes_per_token": kv_bytes_per_token,
             "max_batch": max_batch, "kv_capacity_tokens": kv_capacity_tokens, "order": order,
             "requests_per_probe": requests, "seeds": seeds, "not_modelled": list(NOT_MODELLED),
@@ -194,6 +199,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rates", default="0.5,1,1.5,2", help="--validate: arrival rates, req/s")
     ap.add_argument("--duration", type=float, default=60.0, help="--validate: seconds of arrivals per rate")
     ap.add_argument("--model", default="", help="--validate: the model (default: the seeded bench model)")
+    from tandem.plan_live import add_args as add_live_args
+
+    add_live_args(ap)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -213,6 +221,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"tandem plan: {exc}", file=sys.stderr)
         return 2
     print(f"profiles: prefill {pre_path}, decode {dec_path}", flush=True)
+    if args.live:
+        from tandem.plan_live import cmd_live
+
+        return cmd_live(args, prefill, decode)
     doc = plan(prefill, decode, args.nodes, args.workload, args.slo_ttft, args.slo_tpot,
                kv_bytes_per_token=args.kv_bytes_per_token, max_batch=args.max_batch,
                kv_capacity_tokens=args.kv_capacity_tokens, order=args.order, requests=args.requests,

@@ -87,6 +87,37 @@ def test_decode_steps_batch_requests_on_a_simulated_node(cluster: LocalCluster, 
     assert took < 4.0
 
 
+def test_the_live_planner_reads_the_real_coordinator_and_recommends_a_prefill_node(cluster: LocalCluster, stub,
+                                                                                    tmp_path: Path) -> None:
+    """`tandem plan --live` (recommending only) on this 1:2 cluster under prompts of 400 tokens and
+    outputs of 2: prefill-bound, so it asks for a decode node to become a prefill node, and checks
+    its last prediction against what the coordinator measured."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps(PROFILE))
+    planner = subprocess.Popen(
+        [sys.executable, "-m", "tandem.cli", "plan", "--live", "--profile", str(profile), "--slo-ttft", "0.5",
+         "--slo-tpot", "0.05", "--target", cluster.grpc_address, "--metrics-url", cluster.http_url + "/metrics",
+         "--window-s", "30", "--every-s", "1", "--confirm", "1", "--min-requests", "10", "--max-model-len", "512",
+         "--live-for-s", "14", "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(3)  # its first read: the window starts there
+    prompts = [[(5 + 11 * i + k) % 590 + 5 for i in range(400)] for k in range(60)]
+    with ThreadPoolExecutor(4) as ex:
+        outs = list(ex.map(lambda p: generate(stub, p, 2), prompts))
+    assert all(len(toks) == 2 for toks, _ in outs)
+    said, _ = planner.communicate(timeout=60)
+    assert planner.returncode == 0, said
+    recs = [json.loads(x) for x in (tmp_path / "live.jsonl").read_text().splitlines()]
+    moves = [r["move"] for r in recs if r.get("move")]
+    assert moves and all(m[0].startswith("decode-") and m[1] == "prefill" for m in moves), said
+    decided = next(r for r in recs if r.get("move"))
+    assert decided["split"] == "1:2" and decided["best"] == "2:1" and decided["mix"]["mean_prompt"] == 400
+    assert any("check" in r for r in recs), said  # a prediction checked against the next window
+    assert "switch decode-" in said and "to prefill" in said
+
+
 def test_simulated_nodes_leave_the_cluster_when_stopped(cluster: LocalCluster, stub) -> None:
     node = cluster.node("decode-1")
     node.signal(signal.SIGTERM)

@@ -1,0 +1,249 @@
+"""`tandem plan --live`: watch a running cluster's workload; recommend, or with --apply make, role switches.
+
+Every ``--every-s`` seconds it reads the coordinator's /metrics (tandem/mix.py) and
+its cluster status. Over the last ``--window-s`` that gives the workload as it is
+now: arrival rate, prompt and output lengths, and the share of requests that met
+their objectives. It plans the cluster's current number of nodes on that mix (the
+simulator, from the nodes' profiles: tandem/plan.py) and compares the best
+prefill:decode split with the one running. When the best split's predicted goodput
+beats the running one's by ``--min-gain`` in ``--confirm`` windows in a row, it
+recommends moving one node (the least busy one of the pool that has too many)
+to the other pool; with ``--apply`` it does so (`tandem role`), waits until the
+node has joined in its new role, and starts a fresh window (the one before mixed
+two splits). One node per decision: a plan that moves several gets there in steps,
+each checked again on fresh measurements.
+
+Every window it also says how far its previous prediction was from what happened:
+the attainment it predicted for the running split at the rate and mix it saw,
+against the attainment the coordinator measured over the window that followed.
+Its objectives (``--slo-ttft``, ``--slo-tpot``) should be the coordinator's
+defaults, which the measured attainment counts against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tandem.mix import Mix, Scrape, scrape
+from tandem.sim import SimConfig, Timings, attainment, simulate
+
+
+@dataclass
+class Pools:
+    prefill: list[tuple[str, int]]  # (node id, requests in flight there) of routable nodes
+    decode: list[tuple[str, int]]
+
+    @property
+    def split(self) -> tuple[int, int]:
+        return len(self.prefill), len(self.decode)
+
+
+def pools(target: str) -> Pools:
+    """The coordinator's routable nodes (up, not draining) by role."""
+    import grpc
+
+    from tandem.proto import tandem_pb2 as pb
+    from tandem.proto import tandem_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as ch:
+        st = pb_grpc.CoordinatorStub(ch).ClusterStatus(pb.ClusterStatusRequest(), timeout=5)
+    out = Pools([], [])
+    for n in st.nodes:
+        if not n.down and not n.draining:
+            getattr(out, n.role).append((n.node_id, n.outstanding))
+    return out
+
+
+def choose_move(current: tuple[int, int], best: tuple[int, int], now: Pools) -> tuple[str, str] | None:
+    """(node id, its new role): one node from the pool that has more than the best split wants,
+    the one with the least in flight (then by id); None when the split is already the best."""
+    if current == best:
+        return None
+    src, role = (now.prefill, "decode") if best[0] < current[0] else (now.decode, "prefill")
+    if len(src) < 2:
+        return None  # never empty a pool
+    node = min(src, key=lambda n: (n[1], n[0]))[0]
+    return node, role
+
+
+@dataclass
+class Options:
+    slo_ttft_s: float
+    slo_tpot_s: float
+    window_s: float = 60.0
+    every_s: float = 15.0
+    min_gain: float = 0.15
+    confirm: int = 2
+    min_requests: int = 30
+    requests: int = 600  # per simulated probe
+    seeds: int = 1
+    max_model_len: int = 2048
+    kv_bytes_per_token: int = 0
+    max_batch: int = 64
+    kv_capacity_tokens: int = 0
+    order: str = "slack"
+
+
+class LivePlanner:
+    """One decision per ``step(scrape, pools)``; ``switch`` (when given) performs a move."""
+
+    def __init__(self, prefill: Timings, decode: Timings, opts: Options) -> None:
+        self.prefill, self.decode, self.o = prefill, decode, opts
+        self.snaps: deque[Scrape] = deque()
+        self.streak = 0
+        self.prediction: tuple[Scrape, float] | None = None  # (from when, predicted attainment)
+
+    def fresh_window(self) -> None:
+        self.snaps.clear()
+        self.streak = 0
+        self.prediction = None
+
+    def step(self, snap: Scrape, now: Pools) -> dict[str, Any]:
+        from tandem.plan import plan
+
+        self.snaps.append(snap)
+        while len(self.snaps) > 1 and snap.at - self.snaps[1].at >= self.o.window_s:
+            self.snaps.popleft()
+        P, D = now.split
+        rec: dict[str, Any] = {"split": f"{P}:{D}", "window_s": round(snap.at - self.snaps[0].at, 1)}
+        if self.prediction is not None:  # what the last prediction said, against what happened since
+            since, predicted = self.prediction
+            seen = Mix.between(since, snap)
+            if seen.requests:
+                rec["check"] = {"predicted_attainment": round(predicted, 3),
+                                "measured_attainment": round(seen.attainment, 3), "requests": seen.requests,
+                                "error": round(seen.attainment - predicted, 3)}
+        mix = Mix.between(self.snaps[0], snap)
+        rec["mix"] = {"requests": mix.requests, "rate_rps": round(mix.rate, 3), "mean_prompt": round(mix.mean_prompt),
+                      "mean_output": round(mix.mean_output),
+                      "attainment": None if math.isnan(mix.attainment) else round(mix.attainment, 3)}
+        if P < 1 or D < 1 or mix.requests < self.o.min_requests:
+            rec["action"] = ("waiting: a pool has no routable node" if P < 1 or D < 1 else
+                             f"waiting: {mix.requests} of {self.o.min_requests} requests in the window")
+            self.streak = 0
+            return rec
+        doc = plan(self.prefill, self.decode, P + D, mix, self.o.slo_ttft_s, self.o.slo_tpot_s,
+                   kv_bytes_per_token=self.o.kv_bytes_per_token, max_batch=self.o.max_batch,
+                   kv_capacity_tokens=self.o.kv_capacity_tokens, order=self.o.order, requests=self.o.requests,
+                   seeds=self.o.seeds, max_model_len=self.o.max_model_len)
+        rows = {(r["prefill"], r["decode"]): r["goodput_rps"] for r in doc["rows"]}
+        best = max(rows, key=lambda k: (rows[k], -abs(k[0] - P)))  # ties: the split nearest the current one
+        cfg = SimConfig(P, D, self.prefill, self.decode, self.o.kv_bytes_per_token, self.o.max_batch,
+                        self.o.kv_capacity_tokens, self.o.order, self.o.slo_ttft_s)
+        predicted = attainment(simulate(cfg, mix.trace(mix.rate, self.o.requests, 0, self.o.max_model_len)),
+                               self.o.slo_ttft_s, self.o.slo_tpot_s)
+        self.prediction = (snap, predicted)
+        gain = rows[best] / rows[(P, D)] - 1 if rows[(P, D)] > 0 else (math.inf if rows[best] > 0 else 0.0)
+        rec.update({"goodput_rps": {f"{p}:{d}": round(g, 3) for (p, d), g in rows.items()},
+                    "best": f"{best[0]}:{best[1]}", "gain": None if math.isinf(gain) else round(gain, 3),
+                    "predicted_attainment": round(predicted, 3)})
+        if best != (P, D) and gain >= self.o.min_gain:
+            self.streak += 1
+        else:
+            self.streak = 0
+        move = choose_move((P, D), best, now) if self.streak >= self.o.confirm else None
+        rec["move"] = list(move) if move else None
+        rec["action"] = (f"switch {move[0]} to {move[1]}" if move else
+                         f"keep {P}:{D}" + (f" ({self.streak}/{self.o.confirm} windows favour {best[0]}:{best[1]})"
+                                            if self.streak else ""))
+        return rec
+
+
+def line(rec: dict[str, Any]) -> str:
+    mix = rec["mix"]
+    parts = [f"{rec['split']}", f"{mix['requests']} req in {rec['window_s']:.0f} s ({mix['rate_rps']:.2f}/s), "
+             f"prompt {mix['mean_prompt']}, output {mix['mean_output']}"]
+    if mix["attainment"] is not None:
+        parts.append(f"met {mix['attainment'] * 100:.0f}%")
+    if "best" in rec:
+        parts.append(f"predicted {rec['predicted_attainment'] * 100:.0f}%; best {rec['best']} "
+                     + " ".join(f"{k}={v:.2f}" for k, v in rec["goodput_rps"].items()))
+    if "check" in rec:
+        c = rec["check"]
+        parts.append(f"last prediction {c['predicted_attainment'] * 100:.0f}% vs measured "
+                     f"{c['measured_attainment'] * 100:.0f}%")
+    return " | ".join(parts) + f" -> {rec['action']}"
+
+
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--live", action="store_true",
+                    help="instead of a plan: watch a running cluster (--target, --metrics-url) and recommend role "
+                         "switches as its workload moves; --apply makes them")
+    ap.add_argument("--target", default="127.0.0.1:50051", help="--live: the coordinator's gRPC address")
+    ap.add_argument("--metrics-url", default="http://127.0.0.1:8000/metrics",
+                    help="--live: the coordinator's /metrics (its HTTP port)")
+    ap.add_argument("--etcd", default="", help="--live --apply: etcd URL (TANDEM_ETCD)")
+    ap.add_argument("--cluster", default="default")
+    ap.add_argument("--apply", action="store_true", help="--live: make the switches (`tandem role`), one at a time")
+    ap.add_argument("--window-s", type=float, default=60.0, help="--live: the workload is measured over this long")
+    ap.add_argument("--every-s", type=float, default=15.0, help="--live: a decision this often")
+    ap.add_argument("--min-gain", type=float, default=0.15,
+                    help="--live: switch when the best split's predicted goodput beats the current one's by this "
+                         "much (0.15: 15 %%)")
+    ap.add_argument("--confirm", type=int, default=2, help="--live: ... in this many windows in a row")
+    ap.add_argument("--min-requests", type=int, default=30, help="--live: no decision on fewer finished requests")
+    ap.add_argument("--live-for-s", type=float, default=0.0, help="--live: stop after this long (0: until Ctrl-C)")
+    ap.add_argument("--grace-s", type=float, default=60.0, help="--live --apply: a switched node's drain grace")
+
+
+def cmd_live(args: argparse.Namespace, prefill: Timings, decode: Timings) -> int:
+    import os
+
+    etcd = args.etcd or os.environ.get("TANDEM_ETCD", "")
+    if args.apply and not etcd:
+        print("tandem plan --live --apply: --etcd (or TANDEM_ETCD) is required to switch roles", file=sys.stderr)
+        return 2
+    if args.window_s <= 0 or args.every_s <= 0 or args.confirm < 1:
+        print("tandem plan --live: --window-s and --every-s must be positive, --confirm at least 1", file=sys.stderr)
+        return 2
+    opts = Options(args.slo_ttft, args.slo_tpot, args.window_s, args.every_s, args.min_gain, args.confirm,
+                   args.min_requests, min(args.requests, 600), 1, args.max_model_len, args.kv_bytes_per_token,
+                   args.max_batch, args.kv_capacity_tokens, args.order)
+    planner = LivePlanner(prefill, decode, opts)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "live.jsonl"
+    print(f"watching {args.metrics_url} and {args.target}: a decision every {args.every_s:g} s over the last "
+          f"{args.window_s:g} s ({'switching' if args.apply else 'recommending only'}); log {log}", flush=True)
+    t_end = time.monotonic() + args.live_for_s if args.live_for_s else math.inf
+    with log.open("a") as f:
+        try:
+            while time.monotonic() < t_end:
+                t = time.monotonic()
+                try:
+                    snap, now = scrape(args.metrics_url, t), pools(args.target)
+                    rec = planner.step(snap, now)
+                except Exception as exc:  # a coordinator restart, a network blip: say so, go on
+                    rec = {"error": f"{type(exc).__name__}: {exc}"}
+                    planner.fresh_window()
+                    print(f"[plan --live] cannot read the cluster: {rec['error']}", flush=True)
+                else:
+                    print(f"[plan --live] {line(rec)}", flush=True)
+                    if args.apply and rec.get("move"):
+                        rec["switched"] = _switch(rec["move"], etcd, args)
+                        planner.fresh_window()
+                rec["at"] = time.time()
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                time.sleep(max(0.0, args.every_s - (time.monotonic() - t)))
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def _switch(move: list[str], etcd: str, args: argparse.Namespace) -> dict[str, Any]:
+    from tandem.drain import switch_role
+
+    node, role = move
+    t0 = time.monotonic()
+    code = asyncio.run(switch_role(node, role, etcd, args.cluster, args.grace_s, wait=True))
+    return {"node": node, "role": role, "ok": code == 0, "took_s": round(time.monotonic() - t0, 1)}

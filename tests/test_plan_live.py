@@ -1,0 +1,102 @@
+"""The live planner on synthetic measurements: the mix a coordinator's histograms give, the split
+it recommends as the mix moves, one node at a time, and the check of its last prediction."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from tandem.mix import Mix, Scrape, parse
+from tandem.plan_live import LivePlanner, Options, Pools, choose_move
+from tandem.sim import Timings
+
+BOUNDS = (16.0, 64.0, 256.0, 1024.0, math.inf)
+
+
+def scrape(at: float, prompts: list[int], outputs: list[int], met: int, missed: int) -> Scrape:
+    def hist(xs: list[int]) -> tuple[tuple[float, float], ...]:
+        return tuple((le, float(sum(1 for x in xs if x <= le))) for le in BOUNDS)
+
+    return Scrape(at, hist(prompts), hist(outputs), float(sum(prompts)), float(sum(outputs)), met, missed)
+
+
+def test_a_window_between_two_reads_of_the_coordinators_histograms() -> None:
+    text = "\n".join([
+        "# TYPE vllm:request_prompt_tokens histogram",
+        *[f'vllm:request_prompt_tokens_bucket{{le="{le}"}} {c}' for le, c in (("16.0", 0), ("64.0", 2), ("+Inf", 3))],
+        "vllm:request_prompt_tokens_count 3", "vllm:request_prompt_tokens_sum 2100",
+        "# TYPE vllm:request_generation_tokens histogram",
+        *[f'vllm:request_generation_tokens_bucket{{le="{le}"}} {c}' for le, c in (("16.0", 1), ("64.0", 3), ("+Inf", 3))],
+        "vllm:request_generation_tokens_count 3", "vllm:request_generation_tokens_sum 90",
+        "# TYPE tandem_requests_slo counter",
+        'tandem_requests_slo_total{met="yes"} 2', 'tandem_requests_slo_total{met="no"} 1', ""])
+    b = parse(text, at=10.0)
+    a = Scrape(0.0, ((16.0, 0.0), (64.0, 1.0), (math.inf, 1.0)), ((16.0, 0.0), (64.0, 1.0), (math.inf, 1.0)),
+               50.0, 40.0, 1.0, 0.0)
+    mix = Mix.between(a, b)
+    assert mix.requests == 2 and mix.rate == pytest.approx(0.2)
+    assert mix.prompt == ((16.0, 64.0, 1.0), (64.0, math.inf, 1.0))
+    assert mix.output == ((0.0, 16.0, 1.0), (16.0, 64.0, 1.0))
+    assert mix.mean_prompt == pytest.approx(1025) and mix.mean_output == pytest.approx(25)
+    assert mix.attainment == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="restarted"):
+        Mix.between(b, a)
+    with pytest.raises(ValueError, match="histograms"):
+        parse("# TYPE x counter\nx_total 1\n", at=0.0)
+
+
+def test_a_trace_drawn_from_a_window_keeps_its_lengths_and_rate() -> None:
+    rng = random.Random(0)
+    prompts = [rng.randint(300, 1000) for _ in range(200)]
+    outputs = [rng.randint(20, 60) for _ in range(200)]
+    mix = Mix.between(scrape(0, [], [], 0, 0), scrape(100, prompts, outputs, 200, 0))
+    tr = mix.trace(rate=4.0, requests=2000, seed=1, max_model_len=4096)
+    assert 1800 < len(tr) < 2200
+    assert all(256 < e.input_len <= 1024 and 16 < e.output_len <= 64 for e in tr)
+    assert tr[-1].arrival_s == pytest.approx(500, rel=0.1)
+
+
+def test_choose_move_takes_the_least_busy_node_of_the_pool_with_too_many_and_never_empties_one() -> None:
+    now = Pools(prefill=[("p0", 3), ("p1", 0), ("p2", 1)], decode=[("d0", 5)])
+    assert choose_move((3, 1), (1, 3), now) == ("p1", "decode")
+    assert choose_move((3, 1), (3, 1), now) is None
+    assert choose_move((1, 1), (2, 0), Pools([("p0", 0)], [("d0", 0)])) is None
+
+
+# Prefill costs 1 ms per prompt token; a decode step 2 ms + 4 ms per running request.
+SLOW_PREFILL = Timings((0.01, 1e-3, 0.0), (0.002, 4e-3, 0.0))
+
+
+def test_the_live_planner_follows_the_mix_one_node_at_a_time_after_confirming() -> None:
+    opts = Options(slo_ttft_s=2.0, slo_tpot_s=0.05, window_s=100, min_gain=0.15, confirm=2, min_requests=20,
+                   requests=300)
+    lp = LivePlanner(SLOW_PREFILL, SLOW_PREFILL, opts)
+    now = Pools(prefill=[("p0", 0)], decode=[("d0", 0), ("d1", 2), ("d2", 0)])
+    # Long prompts, short outputs: prefill-bound, so 1:3 is the wrong way round.
+    rng = random.Random(0)
+    long_prompts = [rng.randint(800, 1000) for _ in range(150)]
+    short_out = [rng.randint(4, 12) for _ in range(150)]
+    lp.step(scrape(0, [], [], 0, 0), now)
+    first = lp.step(scrape(50, long_prompts, short_out, 100, 50), now)
+    assert first["best"] != "1:3" and first["goodput_rps"][first["best"]] > first["goodput_rps"]["1:3"]
+    assert first["move"] is None and "1/2 windows" in first["action"]  # not yet confirmed
+    second = lp.step(scrape(60, long_prompts + long_prompts[:10], short_out + short_out[:10], 105, 55), now)
+    assert second["move"] == ["d0", "prefill"]  # one node, the least busy decode node
+    # The previous window's prediction is checked against what the coordinator measured since.
+    assert second["check"]["measured_attainment"] == pytest.approx(0.5)
+    assert second["check"]["predicted_attainment"] == first["predicted_attainment"]
+
+
+def test_the_live_planner_keeps_a_split_that_is_best_and_waits_for_enough_requests() -> None:
+    lp = LivePlanner(SLOW_PREFILL, SLOW_PREFILL, Options(slo_ttft_s=2.0, slo_tpot_s=0.05, min_requests=20,
+                                                         requests=300))
+    now = Pools(prefill=[("p0", 0), ("p1", 0), ("p2", 0)], decode=[("d0", 0)])
+    lp.step(scrape(0, [], [], 0, 0), now)
+    few = lp.step(scrape(10, [900] * 5, [8] * 5, 5, 0), now)
+    assert few["action"].startswith("waiting: 5 of 20")
+    rng = random.Random(1)
+    rec = lp.step(scrape(60, [rng.randint(800, 1000) for _ in range(150)], [rng.randint(4, 12) for _ in range(150)],
+                         150, 0), now)
+    assert rec["best"] == "3:1" and rec["move"] is None and rec["action"] == "keep 3:1"
