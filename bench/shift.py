@@ -52,7 +52,7 @@ def phase_stats(reqs: list[Any], t0: float, t1: float, slo: tuple[float, float])
     tpot = [r.tpot for r in mine if r.ok and r.tpot is not None]
     return {"requests": len(mine), "met": len(met), "refused": sum(1 for r in mine if r.rejected),
             "failed": sum(1 for r in mine if not r.ok and not r.rejected),
-            "attainment": len(met) / len(mine) if mine else 0.0, "goodput_rps": len(met) / (t1 - t0),
+            "attainment": len(met) / len(mine) if mine else 0.0, "goodput_rps": len(met) / (t1 - t0) if t1 > t0 else 0.0,
             "ttft_p90_s": percentile(ttft, 90) if ttft else None, "tpot_p90_s": percentile(tpot, 90) if tpot else None}
 
 
@@ -85,7 +85,7 @@ def run_once(mode: str, entries: list[Any], args: argparse.Namespace, out: Path,
         res = uvloop.run(run_trace("tandem-grpc://" + cluster.grpc_address, entries, slo=slo, timeout_s=300))
         if planner is not None:
             planner.terminate()
-            planner.wait(30)
+            planner.wait(120)
     a, b = args.phase_a_s, args.phase_a_s + args.phase_b_s
     decisions = []
     if mode == "live" and (d / "live.jsonl").exists():

@@ -44,5 +44,7 @@ REQUEST_PROMPT_TOKENS = Histogram("vllm:request_prompt_tokens", "Prompt tokens o
                                   buckets=LENGTHS)
 REQUEST_GENERATION_TOKENS = Histogram("vllm:request_generation_tokens", "Tokens streamed for each finished request",
                                       buckets=LENGTHS)
-SLO_MET = Counter("tandem_requests_slo", "Finished requests by whether they met both their objectives (TTFT, and "
-                  "TPOT when they streamed more than one token)", ["met"])
+SLO_MET = Counter("tandem_requests_slo", "Requests that ended (not cancelled by their client) by how they fared "
+                  "against their objectives: yes (served, TTFT and, past one token, TPOT met), no (missed one, "
+                  "refused or failed), none (no objective: neither the request nor the coordinator set one)",
+                  ["met"])

@@ -62,6 +62,7 @@ class Prepared:
     priority: str = "interactive"  # or "batch" (traffic.py)
     tenant: str = ""
     prefill_sent_at: float = 0.0  # perf_counter when its latest Prefill call went out
+    slo_met: str = ""  # once served to the end: "yes" or "no" (both objectives met), "none" (it had none)
 
     def plan_headers(self) -> dict[str, str]:
         """What admission predicted and chose, for the HTTP response's headers."""
@@ -231,6 +232,7 @@ class Pipeline:
                 raise
         except Rejected:
             m.REQUESTS.labels("rejected").inc()
+            m.SLO_MET.labels(self._unmet(req)).inc()
             raise
         except (asyncio.CancelledError, GeneratorExit):  # gone while a batch request waited
             m.REQUESTS.labels("cancelled").inc()
@@ -253,6 +255,13 @@ class Pipeline:
         finally:
             m.RUNNING.dec()
             m.REQUESTS.labels(status).inc()
+            if status != "cancelled":  # the client's choice, not the cluster's miss
+                m.SLO_MET.labels(req.slo_met or self._unmet(req)).inc()
+
+    def _unmet(self, req: Prepared) -> str:
+        """How a request that was not served to the end counts against its objectives."""
+        slo = req.slo.over(self.admission.default_slo)
+        return "none" if slo.ttft_s is None and slo.tpot_s is None else "no"
 
     async def _serve(self, req: Prepared, plan: Plan) -> AsyncIterator[Event]:
         """Legs until the request ends: each one prefills what the client has seen so far
@@ -377,13 +386,13 @@ class Pipeline:
                 if (plan.decode is not None and plan.decode.node_id == out.decode_node
                         and self.router.current(plan.decode)):
                     plan.decode.calibrate("tpot", out.predicted_tpot_s / plan.tpot_factor, tpot)
-        # What `tandem plan --live` replays and checks its predictions against.
+        # What `tandem plan --live` replays and checks its predictions against (run() counts it).
         m.REQUEST_PROMPT_TOKENS.observe(len(req.prompt_ids))
         m.REQUEST_GENERATION_TOKENS.observe(out.completion_tokens)
         slo = req.slo.over(self.admission.default_slo)
         met = (out.reason in ("length", "stop") and (slo.ttft_s is None or out.ttft_s <= slo.ttft_s)
                and (out.completion_tokens <= 1 or slo.tpot_s is None or tpot <= slo.tpot_s))
-        m.SLO_MET.labels("yes" if met else "no").inc()
+        req.slo_met = "none" if slo.ttft_s is None and slo.tpot_s is None else "yes" if met else "no"
         logger.info("request %s: %s after %d tokens (ttft %.3f s, tpot %.1f ms, e2e %.3f s, prefill %s%s, "
                     "decode %s, migrations %d; predicted ttft %.3f s, tpot %.1f ms)", rid, out.reason,
                     out.completion_tokens, out.ttft_s, tpot * 1000, out.e2e_s, out.prefill_node,

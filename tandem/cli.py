@@ -169,8 +169,13 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 def cmd_role(args: argparse.Namespace) -> int:
-    from .drain import switch_role
+    from .drain import clear_role, switch_role
 
+    if args.clear == bool(args.role):
+        print("tandem role: give a role (prefill or decode) or --clear", file=sys.stderr)
+        return 2
+    if args.clear:
+        return asyncio.run(clear_role(args.node_id, args.etcd, args.cluster))
     return asyncio.run(switch_role(args.node_id, args.role, args.etcd, args.cluster, args.grace_s,
                                    wait=not args.no_wait, timeout_s=args.timeout_s))
 
@@ -265,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_profile_args(pr)
     pr.set_defaults(fn=cmd_profile)
 
+    from tandem.profile_table import add_args as add_fit_args
+    from tandem.profile_table import cmd_fit
+
+    ft = sub.add_parser("fit-profile", help="a node profile fitted from a published table of GPU timings "
+                                            "(Splitwise's perf_model.csv format), for `tandem plan --profile`")
+    add_fit_args(ft)
+    ft.set_defaults(fn=cmd_fit)
+
     g = sub.add_parser("generate", help="stream a completion through the coordinator")
     g.add_argument("prompt")
     g.add_argument("--target", default=DEFAULT_COORDINATOR, help="coordinator gRPC address")
@@ -288,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     ro = sub.add_parser("role", help="switch a node to the other role: it drains, then starts again in that role "
                                      "(same node id, no cluster restart)")
     ro.add_argument("node_id")
-    ro.add_argument("role", choices=["prefill", "decode"])
+    ro.add_argument("role", nargs="?", choices=["prefill", "decode"])
+    ro.add_argument("--clear", action="store_true",
+                    help="instead: forget the role given before; the node takes its command line's at its next start")
     ro.add_argument("--etcd", default=os.environ.get("TANDEM_ETCD", ""), help="etcd URL (TANDEM_ETCD)")
     ro.add_argument("--cluster", default=os.environ.get("TANDEM_CLUSTER", "default"))
     ro.add_argument("--grace-s", type=float, default=60.0, help="at most this long to finish what it holds")

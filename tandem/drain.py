@@ -63,11 +63,16 @@ async def switch_role(node_id: str, role: str, etcd_url: str, cluster: str, grac
         record = await _find(client, cluster, node_id)
         if record is None:
             print(f"tandem role: no node {node_id!r} is registered in cluster {cluster!r} (`tandem status` lists "
-                  "them)", file=sys.stderr)
+                  "them; `tandem role --clear` forgets the role of one that is gone)", file=sys.stderr)
             return 1
         await client.put(role_key(cluster, node_id), json.dumps({"role": role}).encode())
         if record.role == role:
-            print(f"{node_id} is a {role} node already", flush=True)
+            pending = await client.get(drain_key(cluster, node_id))
+            if pending is not None and json.loads(pending.value).get("engine_id") == record.engine_id:
+                await client.delete(drain_key(cluster, node_id))  # an earlier switch it had not begun: off
+                print(f"{node_id} is a {role} node: the switch asked before is called off", flush=True)
+            else:
+                print(f"{node_id} is a {role} node already", flush=True)
             return 0
         await client.put(drain_key(cluster, node_id),
                          json.dumps({"engine_id": record.engine_id, "grace_s": grace_s, "restart": True}).encode())
@@ -93,3 +98,21 @@ async def switch_role(node_id: str, role: str, etcd_url: str, cluster: str, grac
         return 1
     finally:
         await client.close()
+
+
+async def clear_role(node_id: str, etcd_url: str, cluster: str) -> int:
+    """`tandem role NODE_ID --clear`: forget the role `tandem role` gave a node; it takes its command
+    line's role at its next start (a running node keeps the one it has)."""
+    if not etcd_url:
+        print("tandem role: --etcd (or TANDEM_ETCD) is required", file=sys.stderr)
+        return 2
+    client = etcd_client(etcd_url)
+    try:
+        deleted = await client.delete(role_key(cluster, node_id))
+        record = await _find(client, cluster, node_id)
+    finally:
+        await client.close()
+    now = f"; it runs as a {record.role} node now" if record is not None else ""
+    print(f"{node_id}: {'role forgotten' if deleted else 'no role was given'}: it takes its command line's role at "
+          f"its next start{now}", flush=True)
+    return 0

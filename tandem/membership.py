@@ -222,8 +222,11 @@ class MembershipView:
             gone = self._nodes.pop(key, None)
             if gone is not None:
                 logger.info("node left: %s %s", gone.role, gone.node_id)
+                # A node that switched role has a record under its new role's key; the old one may
+                # outlive it (a lease that expired instead of being revoked): the node is still there.
+                still = next((n for n in self._nodes.values() if n.node_id == gone.node_id), None)
                 if self._on_change:
-                    self._on_change(gone.node_id, None)
+                    self._on_change(gone.node_id, still)
             return
         try:
             rec = NodeRecord.from_json(value)

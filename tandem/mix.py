@@ -2,8 +2,9 @@
 
 The coordinator counts each finished request's prompt and output tokens in
 two histograms (``vllm:request_prompt_tokens``, ``vllm:request_generation_tokens``,
-buckets fine enough for this) and whether it met its objectives
-(``tandem_requests_slo{met}``). Two scrapes some time apart give a window:
+buckets fine enough for this) and how each request that ended there fared
+against its objectives (``tandem_requests_slo{met}``: yes; no, refused and
+failed too; none, when it had no objective). Two scrapes some time apart give a window:
 its arrival rate, its lengths, its measured attainment. `tandem plan --live`
 simulates traces drawn from that window.
 
@@ -35,8 +36,10 @@ class Scrape:
     output: tuple[tuple[float, float], ...]
     prompt_sum: float
     output_sum: float
-    met: float  # requests that met both objectives
-    missed: float
+    met: float  # requests that ended meeting both their objectives
+    missed: float  # ... missing one, refused or failed
+    unjudged: float = 0.0  # ... with no objective to meet (neither the request nor the coordinator set one)
+    started: float = 0.0  # the coordinator process's start time (0: not on the page)
 
 
 def parse(text: str, at: float) -> Scrape:
@@ -46,7 +49,8 @@ def parse(text: str, at: float) -> Scrape:
 
     buckets: dict[str, list[tuple[float, float]]] = {PROMPT: [], OUTPUT: []}
     sums = {PROMPT: 0.0, OUTPUT: 0.0}
-    met = missed = 0.0
+    slo = {"yes": 0.0, "no": 0.0, "none": 0.0}
+    started = 0.0
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             for name in (PROMPT, OUTPUT):
@@ -54,15 +58,14 @@ def parse(text: str, at: float) -> Scrape:
                     buckets[name].append((float(s.labels["le"]), s.value))
                 elif s.name == name + "_sum":
                     sums[name] = s.value
-            if s.name == SLO:
-                if s.labels.get("met") == "yes":
-                    met += s.value
-                else:
-                    missed += s.value
+            if s.name == SLO and s.labels.get("met") in slo:
+                slo[s.labels["met"]] += s.value
+            elif s.name == "process_start_time_seconds":
+                started = s.value
     if not buckets[PROMPT] or not buckets[OUTPUT]:
         raise ValueError(f"no {PROMPT} / {OUTPUT} histograms on that page: is it a Tandem coordinator's /metrics?")
     return Scrape(at, tuple(sorted(buckets[PROMPT])), tuple(sorted(buckets[OUTPUT])), sums[PROMPT], sums[OUTPUT],
-                  met, missed)
+                  slo["yes"], slo["no"], slo["none"], started)
 
 
 def scrape(url: str, at: float, timeout_s: float = 5.0) -> Scrape:
@@ -72,15 +75,17 @@ def scrape(url: str, at: float, timeout_s: float = 5.0) -> Scrape:
 
 @dataclass(frozen=True)
 class Mix:
-    """One window: requests finished, their rate, and their lengths as (lo, hi, count) buckets."""
+    """One window: requests that ended in it (served, refused or failed), their rate, the lengths
+    of those served as (lo, hi, count] buckets, and the share that met their objectives."""
 
     window_s: float
-    requests: int
+    requests: int  # ended in the window: the rate's numerator
+    served: int  # of them, served to the end: the lengths' count
     prompt: tuple[tuple[float, float, float], ...]
     output: tuple[tuple[float, float, float], ...]
     mean_prompt: float
     mean_output: float
-    attainment: float  # measured: the share that met both objectives (nan: none finished)
+    attainment: float  # measured, of the requests that had an objective (nan: none had one)
 
     @property
     def rate(self) -> float:
@@ -88,30 +93,38 @@ class Mix:
 
     @classmethod
     def between(cls, a: Scrape, b: Scrape) -> Mix:
-        """What finished after ``a`` and by ``b``, two reads of one coordinator (a later read
-        with smaller counts: it restarted; ValueError)."""
+        """What ended after ``a`` and by ``b``, two reads of one coordinator; ValueError when it
+        restarted in between (its start time changed, or a count went down) or the two reads
+        have different buckets."""
+        restarted = ValueError("the coordinator restarted between two reads: its counts start again")
+        if a.started and b.started and a.started != b.started:
+            raise restarted
 
         def delta(x: tuple[tuple[float, float], ...], y: tuple[tuple[float, float], ...]) -> list[tuple[float, float, float]]:
+            if [le for le, _ in x] != [le for le, _ in y] and x:
+                raise ValueError("two reads of the coordinator have different histogram buckets")
             before = dict(x)
             out, lo, prev = [], 0.0, 0.0
             for le, cum in y:
                 got = cum - before.get(le, 0.0)
-                if got < prev - 1e-9:
-                    raise ValueError("the coordinator's counts went down between two reads: it restarted")
+                if got < prev - 1e-9 or cum < before.get(le, 0.0):
+                    raise restarted
                 if got > prev:
                     out.append((lo, le, got - prev))
                 lo, prev = le, got
             return out
 
-        requests = (b.met + b.missed) - (a.met + a.missed)
         prompt, output = delta(a.prompt, b.prompt), delta(a.output, b.output)
+        judged = (b.met + b.missed) - (a.met + a.missed)
+        ended = judged + b.unjudged - a.unjudged
         n = sum(c for _, _, c in prompt)
-        if requests < 0 or n < 0:
-            raise ValueError("the coordinator's counts went down between two reads: it restarted")
-        return cls(window_s=b.at - a.at, requests=int(round(n)), prompt=tuple(prompt), output=tuple(output),
+        if min(b.met - a.met, b.missed - a.missed, b.unjudged - a.unjudged) < 0:
+            raise restarted
+        return cls(window_s=b.at - a.at, requests=int(round(max(ended, n))), served=int(round(n)),
+                   prompt=tuple(prompt), output=tuple(output),
                    mean_prompt=(b.prompt_sum - a.prompt_sum) / n if n else 0.0,
                    mean_output=(b.output_sum - a.output_sum) / n if n else 0.0,
-                   attainment=(b.met - a.met) / requests if requests > 0 else math.nan)
+                   attainment=(b.met - a.met) / judged if judged > 0 else math.nan)
 
     def _draw(self, buckets: tuple[tuple[float, float, float], ...], rng: random.Random, cum: list[float]) -> int:
         i = bisect.bisect_right(cum, rng.random() * cum[-1])
@@ -145,7 +158,7 @@ class Mix:
         return max(lr(self.mean_prompt, other.mean_prompt), lr(self.mean_output, other.mean_output))
 
     def describe(self) -> str:
-        return (f"{self.requests} requests in {self.window_s:.0f} s ({self.rate:.2f} req/s), prompt mean "
+        return (f"{self.requests} requests in {self.window_s:.0f} s ({self.rate:.2f} req/s), {self.served} served: prompt mean "
                 f"{self.mean_prompt:.0f} tokens, output mean {self.mean_output:.0f}")
 
 

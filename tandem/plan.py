@@ -196,6 +196,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
                          "same traces, and report predicted against measured attainment, TTFT and TPOT (the "
                          "simulator takes the profiles the nodes started from; --profile, --order and the KV "
                          "flags are for plans only)")
+    ap.add_argument("--simulated", default="", metavar="P:D,...",
+                    help="--validate: instead of the real 1:1 cluster, these splits as simulated nodes (times from "
+                         "--profile) against the simulator: a check of its cluster model, labelled as simulated")
     ap.add_argument("--rates", default="0.5,1,1.5,2", help="--validate: arrival rates, req/s")
     ap.add_argument("--duration", type=float, default=60.0, help="--validate: seconds of arrivals per rate")
     ap.add_argument("--model", default="", help="--validate: the model (default: the seeded bench model)")
@@ -205,7 +208,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    if args.validate:
+    if args.validate and not args.simulated:
         from tandem.plan_validate import cmd_validate
 
         return cmd_validate(args)
@@ -221,6 +224,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"tandem plan: {exc}", file=sys.stderr)
         return 2
     print(f"profiles: prefill {pre_path}, decode {dec_path}", flush=True)
+    if args.validate:
+        from tandem.plan_validate import validate_simulated
+
+        return validate_simulated(args, Path(pre_path))
     if args.live:
         from tandem.plan_live import cmd_live
 

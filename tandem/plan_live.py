@@ -26,12 +26,16 @@ import argparse
 import asyncio
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import grpc
 
 from tandem.mix import Mix, Scrape, scrape
 from tandem.sim import SimConfig, Timings, attainment, simulate
@@ -118,17 +122,22 @@ class LivePlanner:
         if self.prediction is not None:  # what the last prediction said, against what happened since
             since, predicted = self.prediction
             seen = Mix.between(since, snap)
-            if seen.requests:
+            if seen.requests and not math.isnan(seen.attainment):
                 rec["check"] = {"predicted_attainment": round(predicted, 3),
                                 "measured_attainment": round(seen.attainment, 3), "requests": seen.requests,
                                 "error": round(seen.attainment - predicted, 3)}
+            elif seen.requests:
+                rec["check"] = {"predicted_attainment": round(predicted, 3), "measured_attainment": None,
+                                "requests": seen.requests, "error": None,
+                                "why": "no objectives: set the coordinator's --slo-ttft-ms / --slo-tpot-ms"}
         mix = Mix.between(self.snaps[0], snap)
-        rec["mix"] = {"requests": mix.requests, "rate_rps": round(mix.rate, 3), "mean_prompt": round(mix.mean_prompt),
+        rec["mix"] = {"requests": mix.requests, "served": mix.served, "rate_rps": round(mix.rate, 3),
+                      "mean_prompt": round(mix.mean_prompt),
                       "mean_output": round(mix.mean_output),
                       "attainment": None if math.isnan(mix.attainment) else round(mix.attainment, 3)}
-        if P < 1 or D < 1 or mix.requests < self.o.min_requests:
+        if P < 1 or D < 1 or mix.served < self.o.min_requests:
             rec["action"] = ("waiting: a pool has no routable node" if P < 1 or D < 1 else
-                             f"waiting: {mix.requests} of {self.o.min_requests} requests in the window")
+                             f"waiting: {mix.served} of {self.o.min_requests} requests served in the window")
             self.streak = 0
             return rec
         doc = plan(self.prefill, self.decode, P + D, mix, self.o.slo_ttft_s, self.o.slo_tpot_s,
@@ -167,7 +176,7 @@ def line(rec: dict[str, Any]) -> str:
     if "best" in rec:
         parts.append(f"predicted {rec['predicted_attainment'] * 100:.0f}%; best {rec['best']} "
                      + " ".join(f"{k}={v:.2f}" for k, v in rec["goodput_rps"].items()))
-    if "check" in rec:
+    if "check" in rec and rec["check"]["measured_attainment"] is not None:
         c = rec["check"]
         parts.append(f"last prediction {c['predicted_attainment'] * 100:.0f}% vs measured "
                      f"{c['measured_attainment'] * 100:.0f}%")
@@ -202,8 +211,9 @@ def cmd_live(args: argparse.Namespace, prefill: Timings, decode: Timings) -> int
     if args.apply and not etcd:
         print("tandem plan --live --apply: --etcd (or TANDEM_ETCD) is required to switch roles", file=sys.stderr)
         return 2
-    if args.window_s <= 0 or args.every_s <= 0 or args.confirm < 1:
-        print("tandem plan --live: --window-s and --every-s must be positive, --confirm at least 1", file=sys.stderr)
+    if args.window_s <= 0 or args.every_s <= 0 or args.confirm < 1 or args.min_requests < 1:
+        print("tandem plan --live: --window-s and --every-s must be positive, --confirm and --min-requests at "
+              "least 1", file=sys.stderr)
         return 2
     opts = Options(args.slo_ttft, args.slo_tpot, args.window_s, args.every_s, args.min_gain, args.confirm,
                    args.min_requests, min(args.requests, 600), 1, args.max_model_len, args.kv_bytes_per_token,
@@ -215,28 +225,33 @@ def cmd_live(args: argparse.Namespace, prefill: Timings, decode: Timings) -> int
     print(f"watching {args.metrics_url} and {args.target}: a decision every {args.every_s:g} s over the last "
           f"{args.window_s:g} s ({'switching' if args.apply else 'recommending only'}); log {log}", flush=True)
     t_end = time.monotonic() + args.live_for_s if args.live_for_s else math.inf
+    stop = threading.Event()  # SIGINT / SIGTERM: end after the decision (or switch) under way
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    applying = args.apply
     with log.open("a") as f:
-        try:
-            while time.monotonic() < t_end:
-                t = time.monotonic()
-                try:
-                    snap, now = scrape(args.metrics_url, t), pools(args.target)
-                    rec = planner.step(snap, now)
-                except Exception as exc:  # a coordinator restart, a network blip: say so, go on
-                    rec = {"error": f"{type(exc).__name__}: {exc}"}
+        while time.monotonic() < t_end and not stop.is_set():
+            t = time.monotonic()
+            try:
+                snap, now = scrape(args.metrics_url, t), pools(args.target)
+                rec = planner.step(snap, now)
+            except (OSError, ValueError, grpc.RpcError) as exc:  # unreachable, or restarted: a fresh window
+                rec = {"error": f"{type(exc).__name__}: {exc}"}
+                planner.fresh_window()
+                print(f"[plan --live] cannot read the cluster: {rec['error']}", flush=True)
+            else:
+                print(f"[plan --live] {line(rec)}", flush=True)
+                if applying and rec.get("move"):
+                    rec["switched"] = _switch(rec["move"], etcd, args)
                     planner.fresh_window()
-                    print(f"[plan --live] cannot read the cluster: {rec['error']}", flush=True)
-                else:
-                    print(f"[plan --live] {line(rec)}", flush=True)
-                    if args.apply and rec.get("move"):
-                        rec["switched"] = _switch(rec["move"], etcd, args)
-                        planner.fresh_window()
-                rec["at"] = time.time()
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
-                time.sleep(max(0.0, args.every_s - (time.monotonic() - t)))
-        except KeyboardInterrupt:
-            pass
+                    if not rec["switched"]["ok"]:
+                        applying = False
+                        print(f"[plan --live] the switch failed ({rec['switched']['why']}); recommending only from "
+                              "now on", flush=True)
+            rec["at"] = time.time()
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            stop.wait(max(0.0, args.every_s - (time.monotonic() - t)))
     return 0
 
 
@@ -245,5 +260,9 @@ def _switch(move: list[str], etcd: str, args: argparse.Namespace) -> dict[str, A
 
     node, role = move
     t0 = time.monotonic()
-    code = asyncio.run(switch_role(node, role, etcd, args.cluster, args.grace_s, wait=True))
-    return {"node": node, "role": role, "ok": code == 0, "took_s": round(time.monotonic() - t0, 1)}
+    try:
+        code = asyncio.run(switch_role(node, role, etcd, args.cluster, args.grace_s, wait=True))
+        why = "" if code == 0 else f"tandem role exited {code}"
+    except Exception as exc:  # etcd unreachable, say
+        code, why = 1, f"{type(exc).__name__}: {exc}"
+    return {"node": node, "role": role, "ok": code == 0, "why": why, "took_s": round(time.monotonic() - t0, 1)}

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -80,20 +81,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             entries = generate(args.workload, rate=rate, duration_s=args.duration, seed=seed,
                                max_model_len=args.max_model_len)
             materialize(entries, seed, 600)
-            measured = _run(system.target, entries, slo)
-            predicted = summary(simulate(cfg, entries), *slo)
-            row = {"rate": rate, "requests": len(entries),
-                   "measured": {"attainment": measured["slo_attainment"], "ttft_p50_s": measured["ttft_s"]["p50"],
-                                "ttft_p90_s": measured["ttft_s"]["p90"], "tpot_p50_s": measured["tpot_s"]["p50"],
-                                "tpot_p90_s": measured["tpot_s"]["p90"], "failed": measured["failed"]},
-                   "predicted": {k2: predicted[k2] for k2 in ("attainment", "ttft_p50_s", "ttft_p90_s", "tpot_p50_s",
-                                                              "tpot_p90_s")}}
-            row["error"] = {k2: rel_error(row["predicted"][k2], row["measured"][k2]) for k2 in row["predicted"]}
-            rows.append(row)
-            m, p = row["measured"], row["predicted"]
-            print(f"  {rate:g} req/s: attainment measured {m['attainment']:.0%} predicted {p['attainment']:.0%}; "
-                  f"TTFT p50 {m['ttft_p50_s'] * 1000:.0f} / {p['ttft_p50_s'] * 1000:.0f} ms; TPOT p50 "
-                  f"{m['tpot_p50_s'] * 1000:.1f} / {p['tpot_p50_s'] * 1000:.1f} ms", flush=True)
+            rows.append(side_by_side(_run(system.target, entries, slo), summary(simulate(cfg, entries), *slo),
+                                     rate, len(entries)))
     finally:
         system.stop()
     for r in rows:
@@ -110,25 +99,109 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_report(out: Path, doc: dict[str, Any]) -> None:
+def side_by_side(measured: dict[str, Any], predicted: dict[str, float], rate: float, requests: int) -> dict[str, Any]:
+    """One rate's row: a run's summary (bench/metrics.py) beside the simulator's, and their errors."""
+    row = {"rate": rate, "requests": requests,
+           "measured": {"attainment": measured["slo_attainment"], "ttft_p50_s": measured["ttft_s"]["p50"],
+                        "ttft_p90_s": measured["ttft_s"]["p90"], "tpot_p50_s": measured["tpot_s"]["p50"],
+                        "tpot_p90_s": measured["tpot_s"]["p90"], "failed": measured["failed"]},
+           "predicted": {k: predicted[k] for k in ("attainment", "ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s")}}
+    row["error"] = {k: rel_error(row["predicted"][k], row["measured"][k]) for k in row["predicted"]}
+    m, p = row["measured"], row["predicted"]
+    print(f"  {rate:g} req/s: attainment measured {m['attainment']:.0%} predicted {p['attainment']:.0%}; "
+          f"TTFT p50 {m['ttft_p50_s'] * 1000:.0f} / {p['ttft_p50_s'] * 1000:.0f} ms; TPOT p50 "
+          f"{m['tpot_p50_s'] * 1000:.1f} / {p['tpot_p50_s'] * 1000:.1f} ms", flush=True)
+    return row
+
+
+def validate_simulated(args: argparse.Namespace, profile: Path) -> int:
+    """`--validate --simulated P:D,...`: each split as a cluster of simulated nodes (the real
+    coordinator, daemons and protocol; times from ``profile``) against the simulator on the same
+    traces. It checks the simulator's model of the cluster (queueing, routing, batching), not of
+    an engine: both sides take their times from one profile. Labelled as simulated."""
+    from tandem.bench.compare import _run
+    from tandem.bench.workloads import generate, materialize
+    from tandem.local.cluster import ClusterSpec, LocalCluster
+    from tandem.local.model import ensure_default_model
+    from tandem.node.simengine import model_facts
+    from tandem.perfmodel import kv_bytes_per_token
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings = Timings.load(profile)
+    model = str(ensure_default_model())
+    per_token = kv_bytes_per_token({**model_facts(model), "dtype": "float32"})  # what a simulated node moves
+    slo = (args.slo_ttft, args.slo_tpot)
+    rates = [float(r) for r in args.rates.split(",")]
+    clusters = []
+    for split in args.simulated.split(","):
+        try:
+            p, d = (int(x) for x in split.split(":"))
+            cfg = SimConfig(p, d, timings, timings, kv_bytes_per_token=per_token, max_batch=args.max_batch,
+                            order="slack", slo_ttft_s=args.slo_ttft)
+        except ValueError as exc:
+            print(f"tandem plan --validate --simulated: {split!r}: {exc} (want P:D, e.g. 2:1)", file=sys.stderr)
+            return 2
+        print(f"simulated nodes {p}:{d} (profile {profile}) ...", flush=True)
+        spec = ClusterSpec(model=model, num_prefill=p, num_decode=d, max_model_len=args.max_model_len,
+                           log_dir=str(out / f"sim-{p}x{d}" / "logs"), extra_node_args=["--simulate", str(profile)],
+                           extra_coordinator_args=["--conditional-disagg", "off", "--admission", "off"])
+        rows = []
+        with LocalCluster(spec) as cluster:
+            for k, rate in enumerate(rates):
+                seed = 7000 + k
+                entries = generate(args.workload, rate=rate, duration_s=args.duration, seed=seed,
+                                   max_model_len=args.max_model_len)
+                materialize(entries, seed, 600)
+                rows.append(side_by_side(_run(cluster.http_url, entries, slo), summary(simulate(cfg, entries), *slo),
+                                         rate, len(entries)))
+        for r in rows:
+            r["measured_attainment"], r["predicted_attainment"] = r["measured"]["attainment"], r["predicted"]["attainment"]
+        clusters.append({"split": f"{p}:{d}", "rows": rows,
+                         "goodput": {"measured": goodput(rows, "measured_attainment"),
+                                     "predicted": goodput(rows, "predicted_attainment")}})
+    doc = {"simulated_nodes": True, "profile": timings.doc(), "workload": args.workload,
+           "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot}, "duration_s": args.duration,
+           "kv_bytes_per_token": per_token, "clusters": clusters, "goal": "predictions within 15 % of measurement"}
+    (out / "validate-simulated.json").write_text(json.dumps(doc, indent=1) + "\n")
+    lines = [f"# tandem plan --validate --simulated: {args.workload}, SIMULATED NODES", "",
+             "Each split runs as simulated nodes (`--simulate`: the real coordinator, daemons, etcd and gRPC; no "
+             "engine, times from one profile) and through the simulator, on the same seeded traces, always "
+             "disaggregated, admission off. Both sides take their times from the same profile, so this checks the "
+             "simulator's model of the cluster (queueing, routing, batching, the coordinator's own time), not its "
+             "model of an engine (the real 1:1 `--validate` does that).", ""]
+    for c in clusters:
+        lines += [f"## {c['split']} (simulated nodes)", "", *table_lines(c["rows"]), "",
+                  f"Goodput on these rates: measured {c['goodput']['measured']:g} req/s, predicted "
+                  f"{c['goodput']['predicted']:g} req/s.", ""]
+    (out / "validate-simulated.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / 'validate-simulated.md'}")
+    return 0
+
+
+def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     def ms(v: float) -> str:
         return "–" if v is None or math.isnan(v) else f"{v * 1000:.0f}"
 
     def err(v: float) -> str:
         return "–" if v is None or math.isnan(v) else f"{v:.0%}"
 
-    lines = [f"# tandem plan --validate: {doc['workload']}, 1:1 on this host", "",
-             f"SLOs TTFT ≤ {doc['slo']['ttft_s'] * 1000:.0f} ms, TPOT ≤ {doc['slo']['tpot_s'] * 1000:.0f} ms; "
-             f"{doc['duration_s']:g} s of arrivals per rate; the same seeded trace to the real cluster (always "
-             "disaggregated, admission off) and to the simulator, whose times come from the profiles the two "
-             "nodes started from. Goal: " + doc["goal"] + ".", "",
-             "| req/s | attainment measured / predicted | TTFT p50 ms m / p (err) | TTFT p90 ms m / p (err) | "
+    lines = ["| req/s | attainment measured / predicted | TTFT p50 ms m / p (err) | TTFT p90 ms m / p (err) | "
              "TPOT p50 ms m / p (err) | TPOT p90 ms m / p (err) |", "|---:|---:|---:|---:|---:|---:|"]
-    for r in doc["rows"]:
+    for r in rows:
         m, p, e = r["measured"], r["predicted"], r["error"]
         lines.append(f"| {r['rate']:g} | {m['attainment']:.0%} / {p['attainment']:.0%} | "
                      + " | ".join(f"{ms(m[k])} / {ms(p[k])} ({err(e[k])})"
                                   for k in ("ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s")) + " |")
+    return lines
+
+
+def write_report(out: Path, doc: dict[str, Any]) -> None:
+    lines = [f"# tandem plan --validate: {doc['workload']}, 1:1 on this host", "",
+             f"SLOs TTFT ≤ {doc['slo']['ttft_s'] * 1000:.0f} ms, TPOT ≤ {doc['slo']['tpot_s'] * 1000:.0f} ms; "
+             f"{doc['duration_s']:g} s of arrivals per rate; the same seeded trace to the real cluster (always "
+             "disaggregated, admission off) and to the simulator, whose times come from the profiles the two "
+             "nodes started from. Goal: " + doc["goal"] + ".", "", *table_lines(doc["rows"])]
     g = doc["goodput"]
     lines += ["", f"Goodput on these rates: measured {g['measured']:g} req/s, predicted {g['predicted']:g} req/s.",
               "", "Not modelled: " + ", ".join(NOT_MODELLED) + "."]

@@ -109,3 +109,35 @@ def test_drain_asks_and_assigned_roles() -> None:
 
     with LocalEtcd() as etcd:
         asyncio.run(go(etcd.url))
+
+
+def test_a_stale_record_under_a_nodes_old_role_does_not_take_it_out_of_the_view() -> None:
+    """A node that switched role registers under its new role's key; when the old key goes later
+    (its lease expired instead of being revoked), the view says the node is still there."""
+    seen: list[tuple[str, str | None]] = []
+
+    async def go(url: str) -> None:
+        view = MembershipView(url, "t", on_change=lambda nid, rec: seen.append((nid, rec.role if rec else None)))
+        await view.start()
+        old = Registration(url, "t", NodeRecord("n0", "prefill", "127.0.0.1:1", "127.0.0.1:2", "m", 512,
+                                                engine_id="n0-a"), ttl_s=2)
+        await old.start()
+        old._task.cancel()  # it stops refreshing: its key expires by itself
+        new = Registration(url, "t", NodeRecord("n0", "decode", "127.0.0.1:3", "127.0.0.1:4", "m", 512,
+                                                engine_id="n0-b"))
+        await new.start()
+        t0 = time.monotonic()
+        while ("n0", "decode") not in seen or view.nodes("prefill"):
+            assert time.monotonic() - t0 < 8, seen
+            await asyncio.sleep(0.05)
+        assert seen[-1] == ("n0", "decode")  # the old key's removal reported the node as it is now
+        assert [n.role for n in view.all_nodes()] == ["decode"]
+        await new.close()
+        t0 = time.monotonic()
+        while seen[-1] != ("n0", None):
+            assert time.monotonic() - t0 < 3, seen
+            await asyncio.sleep(0.05)
+        await view.close()
+
+    with LocalEtcd() as etcd:
+        asyncio.run(go(etcd.url))

@@ -47,6 +47,27 @@ def test_a_window_between_two_reads_of_the_coordinators_histograms() -> None:
         parse("# TYPE x counter\nx_total 1\n", at=0.0)
 
 
+def test_a_restarted_coordinator_or_requests_without_objectives_are_told_apart() -> None:
+    from dataclasses import replace
+
+    a = scrape(0, [100] * 4, [10] * 4, 3, 1)
+    b = scrape(30, [100] * 10, [10] * 10, 6, 4)
+    assert Mix.between(a, b).attainment == pytest.approx(0.5)
+    # a restart that happens to leave every count higher: its start time says so
+    with pytest.raises(ValueError, match="restarted"):
+        Mix.between(replace(a, started=1000.0), replace(b, started=2000.0))
+    # requests with no objective count in the rate, not in the attainment; refused ones (judged,
+    # never served) count in both
+    c = replace(b, met=3.0, missed=1.0, unjudged=6.0)
+    m = Mix.between(a, c)
+    assert m.requests == 6 and m.served == 6 and math.isnan(m.attainment)
+    d = replace(b, missed=9.0)  # 5 more refused: 11 ended, 6 served, 3 met
+    m = Mix.between(a, d)
+    assert m.requests == 11 and m.served == 6 and m.attainment == pytest.approx(3 / 11)
+    with pytest.raises(ValueError, match="buckets"):
+        Mix.between(a, replace(b, prompt=b.prompt[1:]))
+
+
 def test_a_trace_drawn_from_a_window_keeps_its_lengths_and_rate() -> None:
     rng = random.Random(0)
     prompts = [rng.randint(300, 1000) for _ in range(200)]

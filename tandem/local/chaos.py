@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -45,6 +46,7 @@ import grpc
 
 from tandem.grpcserve import CHANNEL_OPTIONS
 from tandem.netutil import free_port
+from tandem.node.config import BUSY_METRICS
 
 from .cluster import ClusterSpec, Daemon, LocalCluster
 from .chaos_report import RELIABILITY_HEAD, report
@@ -65,6 +67,9 @@ SCENARIOS: dict[str, tuple[str, str]] = {
 CI_SCENARIOS = ("kill-decode", "drain-prefill", "kill-coordinator", "cut-kv", "freeze-etcd", "switch-roles")
 SWITCH_PROBES = 6  # requests sent at most, after a switch, until the switched node has served one
 SWITCH_WAIT_S = 5.0  # how long a switch waits for its node to hold a request
+LONG_STREAMS, LONG_TOKENS = 4, 900  # streams started just before the first switch, so it has work to finish
+# A node's log line when a drain begins (tandem/node/runtime.py): what it held then.
+DRAIN_LINE = re.compile(r"draining \S+ \(asked by tandem role\): .*?\((\d+) requests and KV blocks held now")
 KV_LEASE_S = 10.0
 CLIENT_DEADLINE_S = 120.0
 KV_CUT_S = 10.0
@@ -187,6 +192,7 @@ class Harness:
         from tandem.coordinator.textcodec import TextCodec
 
         self.vocab = TextCodec(cluster.spec.model).vocab_size
+        self.t0 = time.monotonic()
 
     # faults -------------------------------------------------------------------
     def _victim(self, target: str, action: str = "") -> Daemon | object:
@@ -208,16 +214,23 @@ class Harness:
         return max(pool, key=lambda d: (busy.get(d.name, 0), d.name))
 
     def _outstanding(self, field: str = "outstanding") -> dict[str, int]:
-        """Per node, what the coordinator has in flight there (or, with field="served", has sent there)."""
+        """Per node, what the coordinators have in flight there (or, with field="served", have sent
+        there), summed over every coordinator that answers."""
         from tandem.proto import tandem_pb2 as pb
         from tandem.proto import tandem_pb2_grpc as pb_grpc
 
-        try:
-            with grpc.insecure_channel(self.cluster.grpc_address) as ch:
-                st = pb_grpc.CoordinatorStub(ch).ClusterStatus(pb.ClusterStatusRequest(), timeout=2)
-            return {n.node_id: getattr(n, field) for n in st.nodes}
-        except grpc.RpcError:
-            return {}
+        out: dict[str, int] = {}
+        for c in self.cluster.coordinators:
+            if not c.info.get("grpc"):
+                continue
+            try:
+                with grpc.insecure_channel(c.info["grpc"]) as ch:
+                    st = pb_grpc.CoordinatorStub(ch).ClusterStatus(pb.ClusterStatusRequest(), timeout=2)
+            except grpc.RpcError:
+                continue
+            for n in st.nodes:
+                out[n.node_id] = out.get(n.node_id, 0) + getattr(n, field)
+        return out
 
     def _inject(self, victim: object, action: str) -> None:
         name = getattr(victim, "name", "?")
@@ -243,12 +256,19 @@ class Harness:
         start_role = sw.node.role
         try:
             for role in ("decode" if start_role == "prefill" else "prefill", start_role):
-                # Asked while it holds work, when it does within SWITCH_WAIT_S: that work must finish there.
+                streams = None
+                if role != start_role:
+                    # Asked while it holds work (long streams, so they outlast the ask): that work must
+                    # finish there, and each stream is replayed.
+                    streams = threading.Thread(target=self._long_streams, args=(sw,), name="chaos-long", daemon=True)
+                    streams.start()
                 wait_until = time.monotonic() + SWITCH_WAIT_S
-                while not (holding := self._outstanding().get(sw.name, 0)) and time.monotonic() < wait_until:
+                while not (holding := int(self._held(sw.node))) and time.monotonic() < wait_until:
                     time.sleep(0.05)
                 since = time.time()
-                logger.warning("chaos: switching %s to %s (%d requests in flight there)", sw.name, role, holding)
+                drains_before = len(self._drain_lines(sw.node))
+                logger.warning("chaos: switching %s to %s (%d requests and KV blocks held there)", sw.name, role,
+                               holding)
                 sw.asked_at.append(time.monotonic())
                 sw.holding.append(holding)
                 subprocess.run([sys.executable, "-m", "tandem.cli", "role", sw.name, role, "--etcd",
@@ -261,14 +281,52 @@ class Harness:
                         logger.error("chaos: %s", sw.failed)
                         return
                     time.sleep(0.5)
+                if streams is not None:
+                    streams.join(CLIENT_DEADLINE_S)
                 served = self._served_by(sw, role) if role != start_role else 0
+                drains = self._drain_lines(sw.node)[drains_before:]
                 sw.steps.append({"role": role, "held_when_asked": holding,
+                                 "held_at_drain": int(drains[0]) if drains else None,
                                  "back_after_s": round(time.time() - since, 1), "served": served})
         except Exception as exc:  # reported as not recovered
             sw.failed = f"{type(exc).__name__}: {exc}"
             logger.exception("chaos: role switch failed")
         finally:
             sw.done.set()
+
+    def _held(self, node: Daemon) -> float:
+        """Requests in flight and KV blocks held on a node, by its own metrics."""
+        address = node.info.get("metrics")
+        return sum(_scrape(address, n) for n in BUSY_METRICS) if address else 0.0
+
+    @staticmethod
+    def _drain_lines(node: Daemon) -> list[str]:
+        """What the node held when each role switch's drain began, from its log (oldest first)."""
+        try:
+            text = node.log_path.read_text(errors="replace")
+        except OSError:
+            return []
+        return DRAIN_LINE.findall(text)
+
+    def _long_streams(self, sw: _Switch) -> None:
+        """LONG_STREAMS greedy requests of LONG_TOKENS tokens through every coordinator; kept in
+        ``sw.probes`` (replayed after the scenario)."""
+        from tandem.proto import tandem_pb2_grpc as pb_grpc
+
+        async def go() -> None:
+            plan = workload(LONG_STREAMS, 1.0, self.seed + 2, self.vocab)
+            fronts = self.cluster.coordinators
+            channels = [grpc.aio.insecure_channel(c.info["grpc"], options=CHANNEL_OPTIONS) for c in fronts]
+            try:
+                outs = [Outcome(-100 - i, prompt[:16], LONG_TOKENS) for i, (_, prompt, _n) in enumerate(plan)]
+                sw.probes.extend(outs)
+                await asyncio.gather(*(_one(pb_grpc.CoordinatorStub(channels[i % len(channels)]), o, self.t0)
+                                       for i, o in enumerate(outs)))
+            finally:
+                for ch in channels:
+                    await ch.close()
+
+        asyncio.run(go())
 
     def _served_by(self, sw: _Switch, role: str) -> int:
         """Send requests until the switched node has served one in its new role (the coordinator
@@ -283,7 +341,7 @@ class Harness:
                     if self._outstanding(field="served").get(sw.name, 0):
                         break
                     probe = Outcome(-1 - i, prompt, min(max_tokens, 32))
-                    await _one(stub, probe, time.monotonic())
+                    await _one(stub, probe, self.t0)
                     sw.probes.append(probe)
             return self._outstanding(field="served").get(sw.name, 0)
 
@@ -371,6 +429,7 @@ class Harness:
         fault_s = plan[self.requests // 3][0]
         n_events = len(self.cluster.supervisor.events) if self.cluster.supervisor else 0
         t0, wall0 = time.monotonic(), time.time()
+        self.t0 = t0  # the scenario's clock: Outcome.sent_at / done_at, the switch thread's requests too
         tasks: list[asyncio.Task[None]] = []
         outcomes: list[Outcome] = []
         victim_name, recovery, victim = "", None, None
@@ -400,11 +459,12 @@ class Harness:
         # Migrated requests, and with a role switch those in flight when one was asked and those the
         # switched node served: each must give the same tokens again, undisturbed.
         switched: list[Outcome] = []
+        replay = [o for o in outcomes if o.migrations]
         if isinstance(victim, _Switch):
             asked = [a - t0 for a in victim.asked_at]
-            switched = [o for o in outcomes if any(o.sent_at <= a < o.done_at for a in asked)]
-        replay = [o for o in outcomes if o.migrations or o in switched]
-        replay += victim.probes if isinstance(victim, _Switch) else []
+            switched = [o for o in outcomes + victim.probes if any(o.sent_at <= a < o.done_at for a in asked)]
+            replay = [o for o in outcomes if o.migrations or any(o.sent_at <= a < o.done_at for a in asked)]
+            replay += victim.probes
         mismatches = await self._replay(replay)
         held = await asyncio.get_running_loop().run_in_executor(None, self._blocks_held_settled)
         statuses: dict[str, int] = {}

@@ -24,7 +24,8 @@ def report(results: list[ScenarioResult], command: str, context: str) -> str:
                                             for front, st in sorted(r.by_front.items()))
               for r in results if any(set(st) != {"ok"} for st in r.by_front.values())]
     switches = [f"- {r.scenario}: {r.victim} " + " -> ".join(
-        f"{s['role']} (asked with {s['held_when_asked']} in flight there, back after {s['back_after_s']} s"
+        f"{s['role']} (asked with {s['held_when_asked']} requests and KV blocks held there, "
+        f"{s['held_at_drain']} when its drain began; back after {s['back_after_s']} s"
         + (f", served {s['served']})" if s["served"] else ")")
         for s in r.switches) + f"; {r.in_flight_at_switch} requests were in flight in the cluster when a switch was asked"
         for r in results if r.switches]

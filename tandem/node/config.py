@@ -18,6 +18,8 @@ DECODE_STEP_TOKENS = 256
 # and starting again in place (a role switch; not ready until its next READY line).
 READY_LINE = "TANDEM_READY"
 RESTARTING_LINE = "TANDEM_RESTARTING"
+# What a node still holds, by its own metrics: while any of these is above 0, a drain waits.
+BUSY_METRICS = ("tandem_prefill_inflight", "tandem_decode_inflight", "tandem_kv_blocks_held")
 
 
 @dataclass

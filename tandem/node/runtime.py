@@ -32,7 +32,7 @@ from tandem.profile import node_cores, node_settings, seed_from_profile
 from tandem.sim import Timings
 
 from . import monitor
-from .config import READY_LINE, RESTARTING_LINE, NodeConfig
+from .config import BUSY_METRICS, READY_LINE, RESTARTING_LINE, NodeConfig
 from .engine import EngineHost
 from .perf import NodePerf
 from .simengine import SimEngine
@@ -43,8 +43,6 @@ ENGINE_DEAD_EXIT = 3
 # run_node's answer when the node is to start again (a role switch): cmd_node execs itself. Were
 # that exec to fail, this is the exit code (EX_TEMPFAIL), and a supervisor's restart does the same.
 RESTART_EXIT = 75
-# What a node still holds: while any of these is above 0, a drain waits.
-BUSY_METRICS = ("tandem_prefill_inflight", "tandem_decode_inflight", "tandem_kv_blocks_held")
 
 
 def work_held() -> float:
@@ -145,8 +143,6 @@ async def run_node(cfg: NodeConfig, service_name: str,
     try:
         await asyncio.wait({stop, asked, died}, return_when=asyncio.FIRST_COMPLETED)
         ask = asked.result() if asked.done() else None
-        if ask is not None and ask.restart and not died.done():
-            print(f"{RESTARTING_LINE} role={cfg.role} node_id={cfg.node_id} why=tandem-role", flush=True)
         if not died.done():
             grace_s = ask.grace_s if ask is not None else cfg.drain_grace_s
             why = ("tandem role" if ask.restart else "tandem drain") if ask is not None else "a stop signal"
@@ -158,6 +154,9 @@ async def run_node(cfg: NodeConfig, service_name: str,
             await grpc_server.set_serving(False)
         elif ask is not None and ask.restart and not signals.first.is_set():
             code = RESTART_EXIT
+            # Health answered SERVING through the drain; from here nothing answers until the next
+            # READY line, which a supervisor waits for as for a start.
+            print(f"{RESTARTING_LINE} role={cfg.role} node_id={cfg.node_id} why=tandem-role", flush=True)
             logger.info("%s node %s drained: starting again in the role etcd gives it", cfg.role, cfg.node_id)
         else:
             logger.info("shutting down %s node %s", cfg.role, cfg.node_id)
@@ -174,6 +173,9 @@ async def run_node(cfg: NodeConfig, service_name: str,
         engine.shutdown()
         if events is not None:
             events.close()
+    if code == RESTART_EXIT and signals.first.is_set():  # told to stop while it was stopping to restart
+        logger.info("%s node %s: a stop signal came while it restarted; exiting instead", cfg.role, cfg.node_id)
+        code = 0
     return code
 
 
@@ -197,8 +199,8 @@ async def _drain(registration: Registration, grace_s: float, why: str, signals: 
                  died: asyncio.Future[None]) -> None:
     """Take no new work; wait (at most ``grace_s``) until what the node holds is done."""
     node_id = registration.record.node_id
-    logger.info("draining %s (asked by %s): no new work; finishing what it holds (grace %.0f s)", node_id, why,
-                grace_s)
+    logger.info("draining %s (asked by %s): no new work; finishing what it holds (%.0f requests and KV blocks "
+                "held now; grace %.0f s)", node_id, why, work_held(), grace_s)
     await _quietly(registration.update(replace(registration.record, draining=True)))
     t0 = time.monotonic()
     last_report = t0

@@ -90,10 +90,12 @@ def test_a_role_switch_keeps_every_request_and_its_greedy_output(results) -> Non
     # real coordinator), and came back to decode, each time restarting in place (the supervisor
     # waited; it killed nothing).
     assert [s["role"] for s in r.switches] == ["prefill", "decode"], r.switches
-    assert r.switches[0]["held_when_asked"] >= 1 and r.switches[0]["served"] >= 1, r.switches
+    # It held streams when its drain began (its own log says how many), and served as a prefill node.
+    assert (r.switches[0]["held_at_drain"] or 0) >= 1 and r.switches[0]["served"] >= 1, r.switches
     victim_events = [e for e in r.supervisor_events if f" {r.victim} " in e]
     assert sum(" restarting-in-place" in e for e in victim_events) == 2, victim_events
     assert not any(" exited" in e or " unresponsive" in e for e in victim_events), victim_events
-    # Requests in flight when the switch was asked finished where they were; replayed undisturbed
-    # (with the ones the switched node decoded), each gave the same tokens (token_mismatches, above).
-    assert r.in_flight_at_switch >= r.switches[0]["held_when_asked"]
+    # Those streams finished where they were: replayed undisturbed, with every other request in
+    # flight at a switch and those the switched node served, each gave the same tokens
+    # (token_mismatches, checked above).
+    assert r.in_flight_at_switch >= 1
