@@ -34,13 +34,28 @@ def trace(workload: str | Mix, rate: float, requests: int, seed: int, max_model_
                     with_ids=False)
 
 
+MIN_DURATION_S = 60.0
+COARSE_ABOVE = 16  # more nodes than this: a coarse pass over the splits, then a fine one near its best
+
+
+def probe_size(rate: float, requests: int, min_duration_s: float) -> int:
+    """Requests in one probe: at least ``requests``, and at least ``min_duration_s`` of arrivals.
+    A probe of a fixed count at a high rate lasts less than one request does (a second of arrivals
+    at 2,000 req/s against ten-second decodes): the cluster never fills, and its goodput looks
+    many times what it is."""
+    return max(requests, math.ceil(rate * min_duration_s))
+
+
 def ratio_goodput(cfg: SimConfig, workload: str | Mix, slo_ttft_s: float, slo_tpot_s: float, *, requests: int = 2000,
                   seeds: int = 2, max_model_len: int = 2048, start_rate: float = 1.0,
-                  rel_tol: float = 0.05) -> dict[str, Any]:
+                  rel_tol: float = 0.05, min_duration_s: float = MIN_DURATION_S) -> dict[str, Any]:
     """One P:D split's simulated goodput, and what it looks like there and just above."""
 
+    def n(rate: float) -> int:
+        return probe_size(rate, requests, min_duration_s)
+
     def measure(rate: float, seed: int) -> float:
-        return attainment(simulate(cfg, trace(workload, rate, requests, seed, max_model_len)), slo_ttft_s, slo_tpot_s)
+        return attainment(simulate(cfg, trace(workload, rate, n(rate), seed, max_model_len)), slo_ttft_s, slo_tpot_s)
 
     res = find_goodput(measure, start_rate=start_rate, seeds=seeds, rel_tol=rel_tol, budget_s=600.0, max_probes=40,
                        min_rate=start_rate / 64)
@@ -49,9 +64,9 @@ def ratio_goodput(cfg: SimConfig, workload: str | Mix, slo_ttft_s: float, slo_tp
                            "per_node_rps": res.goodput_rps / (cfg.num_prefill + cfg.num_decode),
                            "probes": [[p.rate, p.attainment] for p in res.probes], "stopped_by": res.stopped_by}
     if res.goodput_rps > 0:
-        row["at_goodput"] = summary(simulate(cfg, trace(workload, res.goodput_rps, requests, 0, max_model_len)),
-                                    slo_ttft_s, slo_tpot_s)
-    above = simulate(cfg, trace(workload, res.bracket[1], requests, 0, max_model_len))
+        row["at_goodput"] = summary(simulate(cfg, trace(workload, res.goodput_rps, n(res.goodput_rps), 0,
+                                                        max_model_len)), slo_ttft_s, slo_tpot_s)
+    above = simulate(cfg, trace(workload, res.bracket[1], n(res.bracket[1]), 0, max_model_len))
     row["limited_by"] = limited_by(above, slo_ttft_s, slo_tpot_s)
     return row
 
@@ -68,30 +83,45 @@ def limited_by(outcomes: list[Any], slo_ttft_s: float, slo_tpot_s: float) -> str
 
 def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo_ttft_s: float, slo_tpot_s: float, *,
          kv_bytes_per_token: int = 0, max_batch: int = 64, kv_capacity_tokens: int = 0, order: str = "slack",
-         requests: int = 2000, seeds: int = 2, max_model_len: int = 2048,
+         requests: int = 2000, seeds: int = 2, max_model_len: int = 2048, min_duration_s: float = MIN_DURATION_S,
          progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
-    """Every P:D split of ``nodes``, best goodput per node first."""
+    """P:D splits of ``nodes``, best goodput per node first: every split up to COARSE_ABOVE nodes;
+    above, every ``step``-th split (``nodes // COARSE_ABOVE``), then every split within a step of
+    the best of those (goodput rises, then falls, with P)."""
     if nodes < 2:
         raise ValueError("a plan needs at least 2 nodes (one prefill, one decode)")
     if isinstance(workload, str) and workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; one of {', '.join(WORKLOADS)}")
-    rows = []
+    done: dict[int, dict[str, Any]] = {}
     t0 = time.monotonic()
-    for p in range(1, nodes):
+    step = max(1, nodes // COARSE_ABOVE)
+
+    def run(p: int) -> None:
         cfg = SimConfig(p, nodes - p, prefill, decode, kv_bytes_per_token, max_batch, kv_capacity_tokens, order,
                         slo_ttft_s)
         row = ratio_goodput(cfg, workload, slo_ttft_s, slo_tpot_s, requests=requests, seeds=seeds,
-                            max_model_len=max_model_len, start_rate=max(0.25, nodes / 4))
-        rows.append(row)
-        progress(f"[{p}/{nodes - 1}] {p}:{nodes - p}  goodput {row['goodput_rps']:.3g} req/s "
+                            max_model_len=max_model_len, start_rate=max(0.25, nodes / 4),
+                            min_duration_s=min_duration_s)
+        done[p] = row
+        progress(f"[{len(done)}] {p}:{nodes - p}  goodput {row['goodput_rps']:.3g} req/s "
                  f"({row['per_node_rps']:.3g} per node), limited by {row['limited_by']}")
+
+    for p in sorted({*range(1, nodes, step), nodes - 1}):
+        run(p)
+    if step > 1:
+        best_p = max(done, key=lambda p: done[p]["goodput_rps"])
+        for p in range(max(1, best_p - step + 1), min(nodes - 1, best_p + step - 1) + 1):
+            if p not in done:
+                run(p)
+    rows = [done[p] for p in sorted(done)]
     ranked = sorted(rows, key=lambda r: -r["goodput_rps"])
     best = f"{ranked[0]['prefill']}:{ranked[0]['decode']}" if ranked[0]["goodput_rps"] > 0 else "none"
     return {"workload": workload if isinstance(workload, str) else f"measured ({workload.describe()})",
             "nodes": nodes, "slo": {"ttft_s": slo_ttft_s, "tpot_s": slo_tpot_s},
             "prefill_profile": prefill.doc(), "decode_profile": decode.doc(), "kv_bytes_per_token": kv_bytes_per_token,
             "max_batch": max_batch, "kv_capacity_tokens": kv_capacity_tokens, "order": order,
-            "requests_per_probe": requests, "seeds": seeds, "not_modelled": list(NOT_MODELLED),
+            "requests_per_probe": requests, "min_duration_s": min_duration_s, "seeds": seeds,
+            "splits_evaluated": len(rows), "splits": nodes - 1, "not_modelled": list(NOT_MODELLED),
             "transfer_modelled": any(decode.transfer), "rows": rows,
             "best": best, "took_s": round(time.monotonic() - t0, 2)}
 
@@ -123,12 +153,16 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
                "tighter than these nodes can serve this workload (see TTFT/TPOT above, and what gives out first).")
     md = [f"# tandem plan: {doc['workload']}, {doc['nodes']} nodes", "",
           f"SLOs: TTFT ≤ {slo['ttft_s'] * 1000:.0f} ms, TPOT ≤ {slo['tpot_s'] * 1000:.0f} ms, for ≥ 90 % of requests. "
-          f"Simulated: {doc['requests_per_probe']} requests per probe, median of {doc['seeds']} seeds; "
+          f"Simulated: at least {doc['requests_per_probe']} requests and {doc.get('min_duration_s', 0):g} s of "
+          f"arrivals per probe, median of {doc['seeds']} seeds; "
           f"coordinator queue in {doc['order']} order; a decode node runs at most {doc['max_batch']} requests"
           f"{kv}.", "",
           f"Profiles: prefill nodes `{doc['prefill_profile']['source'] or 'given'}`, decode nodes "
           f"`{doc['decode_profile']['source'] or 'given'}`.", "",
           *table(doc), "", verdict, "",
+          *([f"{doc['splits_evaluated']} of the {doc['splits']} splits evaluated: every "
+             f"{max(1, doc['nodes'] // COARSE_ABOVE)}th, then every one near the best of those.", ""]
+            if doc.get("splits_evaluated", 0) < doc.get("splits", 0) else []),
           "![plan](plan.png)" if plotted else "(plan.png needs matplotlib: pip install 'tandem-serve[dev]')", "",
           f"Not modelled yet: {', '.join(doc['not_modelled'])}."]
     if not doc["transfer_modelled"]:
@@ -187,7 +221,10 @@ def add_args(ap: argparse.ArgumentParser) -> None:
                     help="a decode node's most running requests (a node's --max-num-seqs, 64 by default)")
     ap.add_argument("--kv-capacity-tokens", type=int, default=0, help="a decode node's KV cache in tokens (0: unbounded)")
     ap.add_argument("--order", default="slack", choices=["slack", "fifo"], help="the coordinator's prefill queue order")
-    ap.add_argument("--requests", type=int, default=2000, help="requests per simulated probe")
+    ap.add_argument("--requests", type=int, default=2000,
+                    help="requests per simulated probe, at least (and at least --min-duration-s of arrivals)")
+    ap.add_argument("--min-duration-s", type=float, default=MIN_DURATION_S,
+                    help="seconds of arrivals per simulated probe, at least: long enough for the cluster to fill")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--out", default="bench/results/plan")
@@ -235,7 +272,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     doc = plan(prefill, decode, args.nodes, args.workload, args.slo_ttft, args.slo_tpot,
                kv_bytes_per_token=args.kv_bytes_per_token, max_batch=args.max_batch,
                kv_capacity_tokens=args.kv_capacity_tokens, order=args.order, requests=args.requests,
-               seeds=args.seeds, max_model_len=args.max_model_len, progress=lambda m: print("  " + m, flush=True))
+               seeds=args.seeds, max_model_len=args.max_model_len, min_duration_s=args.min_duration_s,
+               progress=lambda m: print("  " + m, flush=True))
     report = write_report(Path(args.out), doc)
     print("\n".join(table(doc)))
     print(f"best: {doc['best']} ({doc['took_s']} s); wrote {report}")

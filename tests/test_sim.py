@@ -101,6 +101,32 @@ def test_plan_finds_the_known_best_ratio() -> None:
     assert {r["limited_by"] for r in doc["rows"]} == {"TPOT (decode)"}
 
 
+def test_a_probe_lasts_long_enough_for_the_cluster_to_fill() -> None:
+    from tandem.plan import probe_size, trace
+
+    assert probe_size(2.0, 2000, 60) == 2000 and probe_size(2000.0, 2000, 60) == 120_000
+    # Why: outputs of ~250 tokens at 40 ms steps keep a request ~10 s; 2,000 requests at 2,000
+    # req/s arrive within a second, before the first one ends, and meet a TPOT objective that a
+    # minute of the same rate misses (each decode node holds at most 64).
+    t = Timings((0.02, 6e-5, 0.0), (0.03, 2e-4, 2e-7))
+    cfg = SimConfig(45, 19, t, t, max_batch=64, order="fifo")
+    short = attainment(simulate(cfg, trace("chat", 2000.0, 2000, 0, 4096)), 1.0, 0.1)
+    full = attainment(simulate(cfg, trace("chat", 2000.0, probe_size(2000.0, 2000, 60), 0, 4096)), 1.0, 0.1)
+    assert short > 0.5 > 0.1 > full
+
+
+def test_a_plan_of_many_nodes_searches_coarse_then_fine_around_the_best() -> None:
+    from tandem.plan import plan
+
+    t = Timings((0.05, 0.001, 0.0), (0.005, 0.0001, 0.0))
+    doc = plan(t, t, 40, "chat", 2.0, 0.05, requests=100, seeds=1, min_duration_s=5)
+    done = [r["prefill"] for r in doc["rows"]]
+    assert doc["splits"] == 39 and doc["splits_evaluated"] == len(done) < 39
+    assert {1, 3, 5, 39} <= set(done)  # every 2nd split, and the last
+    best = int(doc["best"].split(":")[0])
+    assert {best - 1, best + 1} & set(range(1, 40)) <= set(done)  # its neighbours were evaluated
+
+
 def test_profiles_load_from_a_node_cache_file_and_from_coefficients(tmp_path) -> None:
     from tandem.perfmodel import NodeModel
 
