@@ -236,11 +236,17 @@ class Pipeline:
             raise
         except (asyncio.CancelledError, GeneratorExit):  # gone while a batch request waited
             m.REQUESTS.labels("cancelled").inc()
+            self._count_cancelled(req, got_token=False)
+            raise
+        except Exception:
+            m.REQUESTS.labels("error").inc()
+            m.SLO_MET.labels(self._unmet(req)).inc()
             raise
         req.plan = plan
         m.RUNNING.inc()
         m.PROMPT_TOKENS.inc(len(req.prompt_ids))
         status = "error"
+        got_token = False
         try:
             # aclosing: a client that goes away closes _serve here and now (its decode call is
             # cancelled, its KV hold released), not whenever the generator is collected.
@@ -248,6 +254,8 @@ class Pipeline:
                 async for ev in events:
                     if isinstance(ev, FinishEvent):
                         status = ev.reason
+                    elif isinstance(ev, TokenEvent) and ev.token_ids:
+                        got_token = True
                     yield ev
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
@@ -255,13 +263,23 @@ class Pipeline:
         finally:
             m.RUNNING.dec()
             m.REQUESTS.labels(status).inc()
-            if status != "cancelled":  # the client's choice, not the cluster's miss
+            if status == "cancelled":
+                self._count_cancelled(req, got_token)
+            else:
                 m.SLO_MET.labels(req.slo_met or self._unmet(req)).inc()
 
     def _unmet(self, req: Prepared) -> str:
         """How a request that was not served to the end counts against its objectives."""
         slo = req.slo.over(self.admission.default_slo)
         return "none" if slo.ttft_s is None and slo.tpot_s is None else "no"
+
+    def _count_cancelled(self, req: Prepared, got_token: bool) -> None:
+        """A request its client gave up on counts against the objectives only when it had
+        already missed one: no first token by its TTFT objective (a client timing out an
+        overloaded cluster); otherwise the choice was the client's."""
+        slo = req.slo.over(self.admission.default_slo)
+        if not got_token and slo.ttft_s is not None and time.perf_counter() - req.received > slo.ttft_s:
+            m.SLO_MET.labels("no").inc()
 
     async def _serve(self, req: Prepared, plan: Plan) -> AsyncIterator[Event]:
         """Legs until the request ends: each one prefills what the client has seen so far

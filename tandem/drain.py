@@ -68,7 +68,10 @@ async def switch_role(node_id: str, role: str, etcd_url: str, cluster: str, grac
         await client.put(role_key(cluster, node_id), json.dumps({"role": role}).encode())
         if record.role == role:
             pending = await client.get(drain_key(cluster, node_id))
-            if pending is not None and json.loads(pending.value).get("engine_id") == record.engine_id:
+            if record.draining:  # it began an earlier switch (or a drain): it ends as it began, in this role
+                print(f"{node_id} is draining already; it starts again as a {role} node if a switch drains it",
+                      flush=True)
+            elif pending is not None and json.loads(pending.value).get("engine_id") == record.engine_id:
                 await client.delete(drain_key(cluster, node_id))  # an earlier switch it had not begun: off
                 print(f"{node_id} is a {role} node: the switch asked before is called off", flush=True)
             else:

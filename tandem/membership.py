@@ -222,11 +222,8 @@ class MembershipView:
             gone = self._nodes.pop(key, None)
             if gone is not None:
                 logger.info("node left: %s %s", gone.role, gone.node_id)
-                # A node that switched role has a record under its new role's key; the old one may
-                # outlive it (a lease that expired instead of being revoked): the node is still there.
-                still = next((n for n in self._nodes.values() if n.node_id == gone.node_id), None)
                 if self._on_change:
-                    self._on_change(gone.node_id, still)
+                    self._on_change(gone.node_id, self._current(gone.node_id))
             return
         try:
             rec = NodeRecord.from_json(value)
@@ -240,7 +237,14 @@ class MembershipView:
             logger.info("node joined: %s %s at %s", rec.role, rec.node_id, rec.grpc_address)
         self._nodes[key] = rec
         if self._on_change:
-            self._on_change(rec.node_id, rec)
+            self._on_change(rec.node_id, self._current(rec.node_id))
+
+    def _current(self, node_id: str) -> NodeRecord | None:
+        """The node's record; of two (a node that switched role, whose old record outlives it: a
+        lease that expired rather than being revoked), the one not draining: the old process
+        marked its record draining before it left."""
+        mine = [n for n in self._nodes.values() if n.node_id == node_id]
+        return min(mine, key=lambda n: n.draining) if mine else None
 
     async def _follow(self) -> None:
         while True:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import math
 import signal
@@ -95,6 +96,7 @@ class Options:
     max_batch: int = 64
     kv_capacity_tokens: int = 0
     order: str = "slack"
+    min_duration_s: float = 120.0  # of arrivals per simulated probe (tandem.plan.MIN_DURATION_S)
 
 
 class LivePlanner:
@@ -112,7 +114,7 @@ class LivePlanner:
         self.prediction = None
 
     def step(self, snap: Scrape, now: Pools) -> dict[str, Any]:
-        from tandem.plan import plan
+        from tandem.plan import plan, probe_size
 
         self.snaps.append(snap)
         while len(self.snaps) > 1 and snap.at - self.snaps[1].at >= self.o.window_s:
@@ -143,12 +145,14 @@ class LivePlanner:
         doc = plan(self.prefill, self.decode, P + D, mix, self.o.slo_ttft_s, self.o.slo_tpot_s,
                    kv_bytes_per_token=self.o.kv_bytes_per_token, max_batch=self.o.max_batch,
                    kv_capacity_tokens=self.o.kv_capacity_tokens, order=self.o.order, requests=self.o.requests,
-                   seeds=self.o.seeds, max_model_len=self.o.max_model_len)
+                   seeds=self.o.seeds, max_model_len=self.o.max_model_len, min_duration_s=self.o.min_duration_s,
+                   also=(P,))
         rows = {(r["prefill"], r["decode"]): r["goodput_rps"] for r in doc["rows"]}
         best = max(rows, key=lambda k: (rows[k], -abs(k[0] - P)))  # ties: the split nearest the current one
         cfg = SimConfig(P, D, self.prefill, self.decode, self.o.kv_bytes_per_token, self.o.max_batch,
                         self.o.kv_capacity_tokens, self.o.order, self.o.slo_ttft_s)
-        predicted = attainment(simulate(cfg, mix.trace(mix.rate, self.o.requests, 0, self.o.max_model_len)),
+        n = probe_size(mix.rate, self.o.requests, self.o.min_duration_s)
+        predicted = attainment(simulate(cfg, mix.trace(mix.rate, n, 0, self.o.max_model_len)),
                                self.o.slo_ttft_s, self.o.slo_tpot_s)
         self.prediction = (snap, predicted)
         gain = rows[best] / rows[(P, D)] - 1 if rows[(P, D)] > 0 else (math.inf if rows[best] > 0 else 0.0)
@@ -226,8 +230,13 @@ def cmd_live(args: argparse.Namespace, prefill: Timings, decode: Timings) -> int
           f"{args.window_s:g} s ({'switching' if args.apply else 'recommending only'}); log {log}", flush=True)
     t_end = time.monotonic() + args.live_for_s if args.live_for_s else math.inf
     stop = threading.Event()  # SIGINT / SIGTERM: end after the decision (or switch) under way
+    def on_signal(*_: object) -> None:
+        if stop.is_set():  # a second one: now (a switch under way is left to finish by itself)
+            raise KeyboardInterrupt
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     applying = args.apply
     with log.open("a") as f:
         while time.monotonic() < t_end and not stop.is_set():
@@ -235,7 +244,7 @@ def cmd_live(args: argparse.Namespace, prefill: Timings, decode: Timings) -> int
             try:
                 snap, now = scrape(args.metrics_url, t), pools(args.target)
                 rec = planner.step(snap, now)
-            except (OSError, ValueError, grpc.RpcError) as exc:  # unreachable, or restarted: a fresh window
+            except (OSError, ValueError, grpc.RpcError, http.client.HTTPException) as exc:  # unreachable, restarted
                 rec = {"error": f"{type(exc).__name__}: {exc}"}
                 planner.fresh_window()
                 print(f"[plan --live] cannot read the cluster: {rec['error']}", flush=True)

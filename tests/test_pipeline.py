@@ -187,3 +187,43 @@ def test_a_request_admission_sends_to_prefill_on_its_decode_node_skips_the_prefi
     assert req.sampling.max_tokens == 4  # the first token comes from this stream too
     node = p.router._nodes["decode-1"]
     assert node.outstanding == 0 and not node.prefilling and not node.inflight
+
+
+def test_every_request_that_ends_counts_once_against_its_objectives(tiny_model: Path) -> None:
+    """tandem_requests_slo_total: served and met (yes), served late (no), no objective (none), and a
+    client that gave up after its TTFT objective had passed without a token (no)."""
+    from prometheus_client import REGISTRY
+
+    from tandem.coordinator.admission import Slo
+
+    def counts() -> dict[str, float]:
+        return {met: REGISTRY.get_sample_value("tandem_requests_slo_total", {"met": met}) or 0.0
+                for met in ("yes", "no", "none")}
+
+    async def one(p: Pipeline, slo: Slo) -> None:
+        req = p.prepare(request_id="", text=None, token_ids=[5, 6], sampling=Sampling(max_tokens=3), slo=slo)
+        [ev async for ev in p.run(req)]
+
+    async def gives_up(p: Pipeline, slo: Slo) -> None:
+        req = p.prepare(request_id="", text=None, token_ids=[5, 6], sampling=Sampling(max_tokens=3), slo=slo)
+        gen = p.run(req)
+        task = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0.1)  # past its 50 ms objective, before the prefill's 0.3 s
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await gen.aclose()
+
+    async def go() -> None:
+        fast = make(tiny_model, FakePrefill(), [FakeDecode([101, 102])])
+        slow = make(tiny_model, FakePrefill(delay_s=0.3), [FakeDecode([101, 102])])
+        before = counts()
+        await one(fast, Slo(ttft_s=5.0, tpot_s=5.0))
+        await one(slow, Slo(ttft_s=0.05))
+        await one(fast, Slo())
+        await gives_up(slow, Slo(ttft_s=0.05))
+        await gives_up(slow, Slo())  # no objective to miss: the client's choice, not counted
+        after = counts()
+        assert {k: after[k] - before[k] for k in after} == {"yes": 1, "no": 2, "none": 1}
+
+    asyncio.run(go())

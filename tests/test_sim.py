@@ -115,14 +115,26 @@ def test_a_probe_lasts_long_enough_for_the_cluster_to_fill() -> None:
     assert short > 0.5 > 0.1 > full
 
 
+def test_a_probe_whose_last_arrivals_miss_does_not_meet_the_target() -> None:
+    from tandem.plan import steady_attainment
+    from tandem.sim import Outcome
+
+    # 90 % overall, but a backlog building: the last third of the arrivals met 70 %
+    outs = [Outcome(arrival_s=float(i), ttft_s=0.1, completed=True) for i in range(90)]
+    for o in outs[60:69]:
+        o.ttft_s = 5.0  # late
+    assert steady_attainment(outs, 1.0, 1.0) == pytest.approx(21 / 30)
+    assert steady_attainment(outs[:60], 1.0, 1.0) == 1.0
+
+
 def test_a_plan_of_many_nodes_searches_coarse_then_fine_around_the_best() -> None:
     from tandem.plan import plan
 
     t = Timings((0.05, 0.001, 0.0), (0.005, 0.0001, 0.0))
-    doc = plan(t, t, 40, "chat", 2.0, 0.05, requests=100, seeds=1, min_duration_s=5)
+    doc = plan(t, t, 40, "chat", 2.0, 0.05, requests=100, seeds=1, min_duration_s=5, also=(6,))
     done = [r["prefill"] for r in doc["rows"]]
-    assert doc["splits"] == 39 and doc["splits_evaluated"] == len(done) < 39
-    assert {1, 3, 5, 39} <= set(done)  # every 2nd split, and the last
+    assert doc["splits"] == 39 and doc["splits_evaluated"] == len(done) < 39 and doc["search_step"] == 3
+    assert {1, 4, 7, 37, 39, 6} <= set(done)  # one in 3, the last, and the one asked for
     best = int(doc["best"].split(":")[0])
     assert {best - 1, best + 1} & set(range(1, 40)) <= set(done)  # its neighbours were evaluated
 
