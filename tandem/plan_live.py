@@ -96,7 +96,7 @@ class Options:
     max_batch: int = 64
     kv_capacity_tokens: int = 0
     order: str = "slack"
-    min_duration_s: float = 120.0  # of arrivals per simulated probe (tandem.plan.MIN_DURATION_S)
+    min_duration_s: float = 300.0  # of arrivals per simulated probe (tandem.plan.MIN_DURATION_S)
 
 
 class LivePlanner:

@@ -119,12 +119,16 @@ def test_a_probe_whose_last_arrivals_miss_does_not_meet_the_target() -> None:
     from tandem.plan import steady_attainment
     from tandem.sim import Outcome
 
-    # 90 % overall, but a backlog building: the last third of the arrivals met 70 %
+    # 90 % overall, but a backlog building: the middle third met 100 %, the last 70 %; one more
+    # third that way is 40 %
     outs = [Outcome(arrival_s=float(i), ttft_s=0.1, completed=True) for i in range(90)]
     for o in outs[60:69]:
         o.ttft_s = 5.0  # late
-    assert steady_attainment(outs, 1.0, 1.0) == pytest.approx(21 / 30)
+    assert steady_attainment(outs, 1.0, 1.0) == pytest.approx(0.4)
     assert steady_attainment(outs[:60], 1.0, 1.0) == 1.0
+    # the same misses spread evenly (no trend): the probe's own 90 %
+    flat = [Outcome(arrival_s=float(i), ttft_s=5.0 if i % 10 == 0 else 0.1, completed=True) for i in range(90)]
+    assert steady_attainment(flat, 1.0, 1.0) == pytest.approx(0.9)
 
 
 def test_a_plan_of_many_nodes_searches_coarse_then_fine_around_the_best() -> None:
