@@ -263,6 +263,10 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--out", default="bench/results/plan")
+    ap.add_argument("--parallel", default="", metavar="NAME=GPUS:PROFILE[:KV_TOKENS],...",
+                    help="instead of one plan: per-node parallel settings on --gpus GPUs (e.g. tensor parallel 4 "
+                         "and 8, each with its profile and its node's KV cache in tokens), ranked by goodput per GPU")
+    ap.add_argument("--gpus", type=int, default=64, help="--parallel: GPUs in all")
     ap.add_argument("--validate", action="store_true",
                     help="instead of a plan: run a real 1:1 cluster on this host at --rates and the simulator on the "
                          "same traces, and report predicted against measured attainment, TTFT and TPOT (the "
@@ -279,7 +283,75 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     add_live_args(ap)
 
 
+def parse_parallel(spec: str) -> list[tuple[str, int, str, int]]:
+    """``NAME=GPUS:PROFILE[:KV_TOKENS],...`` -> [(name, GPUs per node, profile path, a node's KV
+    cache in tokens, 0: unbounded)]; ValueError naming the bad part."""
+    out = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        name, _, rest = part.partition("=")
+        fields = rest.split(":")
+        try:
+            if not name or len(fields) not in (2, 3) or int(fields[0]) < 1:
+                raise ValueError
+            out.append((name, int(fields[0]), fields[1], int(fields[2]) if len(fields) == 3 else 0))
+        except ValueError:
+            raise ValueError(f"--parallel {part!r}: want NAME=GPUS:PROFILE[:KV_TOKENS], e.g. tp4=4:tp4.json:550000")
+    if not out:
+        raise ValueError("--parallel names no setting")
+    return out
+
+
+def plan_parallel(settings: list[tuple[str, int, str, int]], gpus: int, workload: str, slo_ttft_s: float,
+                  slo_tpot_s: float, out: Path, progress: Callable[[str], None] = lambda _m: None,
+                  **kw: Any) -> dict[str, Any]:
+    """Per-node parallel settings on ``gpus`` GPUs: for each, ``gpus // GPUs per node`` nodes
+    planned as usual (its own profile and KV cache); ranked by goodput per GPU."""
+    rows = []
+    for name, per_node, path, kv_tokens in settings:
+        nodes = gpus // per_node
+        if nodes < 2:
+            raise ValueError(f"{name}: {gpus} GPUs make {nodes} node(s) of {per_node}; a plan needs 2")
+        t = Timings.load(path)
+        progress(f"{name}: {nodes} nodes of {per_node} GPUs, profile {path}")
+        doc = plan(t, t, nodes, workload, slo_ttft_s, slo_tpot_s, kv_capacity_tokens=kv_tokens, progress=progress,
+                   **kw)
+        write_report(out / name, doc)
+        best = max(doc["rows"], key=lambda r: r["goodput_rps"])
+        rows.append({"setting": name, "gpus_per_node": per_node, "nodes": nodes, "profile": path,
+                     "kv_capacity_tokens": kv_tokens, "best": doc["best"], "goodput_rps": best["goodput_rps"],
+                     "per_gpu_rps": best["goodput_rps"] / (nodes * per_node), "limited_by": best["limited_by"]})
+    ranked = sorted(rows, key=lambda r: -r["per_gpu_rps"])
+    res = {"gpus": gpus, "workload": workload, "slo": {"ttft_s": slo_ttft_s, "tpot_s": slo_tpot_s}, "rows": rows,
+           "best": ranked[0]["setting"] if ranked[0]["goodput_rps"] > 0 else "none"}
+    (out / "parallel.json").write_text(json.dumps(res, indent=1) + "\n")
+    md = [f"# tandem plan --parallel: {workload} on {gpus} GPUs", "",
+          f"SLOs: TTFT ≤ {slo_ttft_s * 1000:.0f} ms, TPOT ≤ {slo_tpot_s * 1000:.0f} ms. Each setting's own plan "
+          "is in its folder.", "",
+          "| setting | GPUs per node | nodes | KV cache per node, tokens | best P:D | goodput req/s | per GPU |",
+          "|---|---:|---:|---:|---|---:|---:|"]
+    for r in rows:
+        md.append(f"| {r['setting']}{' (best)' if r['setting'] == res['best'] else ''} | {r['gpus_per_node']} | "
+                  f"{r['nodes']} | {r['kv_capacity_tokens'] or 'unbounded'} | {r['best']} | {r['goodput_rps']:.3g} | "
+                  f"{r['per_gpu_rps']:.3g} |")
+    (out / "parallel.md").write_text("\n".join(md) + "\n")
+    return res
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.parallel:
+        try:
+            settings = parse_parallel(args.parallel)
+            res = plan_parallel(settings, args.gpus, args.workload, args.slo_ttft, args.slo_tpot, Path(args.out),
+                                progress=lambda m: print("  " + m, flush=True),
+                                kv_bytes_per_token=args.kv_bytes_per_token, max_batch=args.max_batch,
+                                order=args.order, requests=args.requests, seeds=args.seeds,
+                                max_model_len=args.max_model_len, min_duration_s=args.min_duration_s)
+        except (OSError, ValueError) as exc:
+            print(f"tandem plan: {exc}", file=sys.stderr)
+            return 2
+        print((Path(args.out) / "parallel.md").read_text())
+        print(f"best per GPU: {res['best']}")
+        return 0
     if args.validate and not args.simulated:
         from tandem.plan_validate import cmd_validate
 

@@ -217,3 +217,25 @@ def test_validation_reads_the_nodes_profiles_and_the_goodput_each_side_implies(t
     rows = [{"rate": 2.0, "m": 0.5}, {"rate": 0.5, "m": 1.0}, {"rate": 1.0, "m": 0.93}, {"rate": 3.0, "m": 0.95}]
     assert goodput(rows, "m") == 1.0  # the first miss ends it (3.0 meeting again is noise)
     assert rel_error(1.1, 1.0) == pytest.approx(0.1) and math.isnan(rel_error(1.0, 0.0))
+
+
+def test_plan_parallel_ranks_per_node_parallel_settings_by_goodput_per_gpu(tmp_path) -> None:
+    from tandem.plan import parse_parallel, plan_parallel
+
+    # The same GPU time in both settings' profiles: nodes of 4 GPUs run twice as fast as nodes
+    # of 2, so goodput per GPU about ties.
+    slow = {"prefill": [0.02, 4e-4, 0], "decode": [0.01, 2e-3, 0]}
+    fast = {"prefill": [0.01, 2e-4, 0], "decode": [0.005, 1e-3, 0]}
+    (tmp_path / "slow.json").write_text(json.dumps(slow))
+    (tmp_path / "fast.json").write_text(json.dumps(fast))
+    settings = parse_parallel(f"tp2=2:{tmp_path / 'slow.json'},tp4=4:{tmp_path / 'fast.json'}:50000")
+    assert settings == [("tp2", 2, str(tmp_path / "slow.json"), 0), ("tp4", 4, str(tmp_path / "fast.json"), 50000)]
+    res = plan_parallel(settings, 16, "code", 1.0, 0.1, tmp_path / "out", requests=200, seeds=1, min_duration_s=30,
+                        max_model_len=2048)
+    rows = {r["setting"]: r for r in res["rows"]}
+    assert rows["tp2"]["nodes"] == 8 and rows["tp4"]["nodes"] == 4
+    assert rows["tp4"]["per_gpu_rps"] == pytest.approx(rows["tp2"]["per_gpu_rps"], rel=0.35)
+    assert (tmp_path / "out" / "tp2" / "plan.md").exists() and "| tp" in (tmp_path / "out" / "parallel.md").read_text()
+    for bad in ("tp2", "tp2=x:p.json", "=2:p.json", "tp2=0:p.json"):
+        with pytest.raises(ValueError, match="--parallel"):
+            parse_parallel(bad)
