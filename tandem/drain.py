@@ -41,10 +41,11 @@ async def drain_node(node_id: str, etcd_url: str, cluster: str, grace_s: float, 
 
 
 async def _find(client: object, cluster: str, node_id: str) -> NodeRecord | None:
-    for kv in await client.get_prefix(nodes_prefix(cluster)):  # type: ignore[attr-defined]
-        if kv.key.decode().rsplit("/", 1)[-1] == node_id:
-            return NodeRecord.from_json(kv.value)
-    return None
+    """The node's record; of two (a role switch whose old record has not expired yet), the one not
+    draining."""
+    mine = [NodeRecord.from_json(kv.value) for kv in await client.get_prefix(nodes_prefix(cluster))  # type: ignore[attr-defined]
+            if kv.key.decode().rsplit("/", 1)[-1] == node_id]
+    return min(mine, key=lambda n: n.draining) if mine else None
 
 
 async def switch_role(node_id: str, role: str, etcd_url: str, cluster: str, grace_s: float, wait: bool = True,
