@@ -106,7 +106,8 @@ def limited_by(outcomes: list[Any], slo_ttft_s: float, slo_tpot_s: float) -> str
 def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo_ttft_s: float, slo_tpot_s: float, *,
          kv_bytes_per_token: int = 0, max_batch: int = 64, kv_capacity_tokens: int = 0, order: str = "slack",
          requests: int = 2000, seeds: int = 2, max_model_len: int = 2048, min_duration_s: float = MIN_DURATION_S,
-         also: tuple[int, ...] = (), progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+         also: tuple[int, ...] = (), admission: bool = False,
+         progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     """P:D splits of ``nodes`` (and the prefill counts in ``also``, always), best goodput per node
     first: every split when there are at most COARSE_SPLITS; else one in ``step`` (so that about
     COARSE_SPLITS are), then every split within a step of the best of those (goodput rises, then
@@ -121,7 +122,7 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
 
     def run(p: int) -> None:
         cfg = SimConfig(p, nodes - p, prefill, decode, kv_bytes_per_token, max_batch, kv_capacity_tokens, order,
-                        slo_ttft_s)
+                        slo_ttft_s, slo_tpot_s, admission)
         row = ratio_goodput(cfg, workload, slo_ttft_s, slo_tpot_s, requests=requests, seeds=seeds,
                             max_model_len=max_model_len, start_rate=max(0.25, nodes / 4),
                             min_duration_s=min_duration_s)
@@ -145,6 +146,7 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
             "max_batch": max_batch, "kv_capacity_tokens": kv_capacity_tokens, "order": order,
             "requests_per_probe": requests, "min_duration_s": min_duration_s, "seeds": seeds,
             "splits_evaluated": len(rows), "splits": nodes - 1, "search_step": step, "rel_tol": 0.05,
+            "admission": admission,
             "not_modelled": list(NOT_MODELLED),
             "transfer_modelled": any(decode.transfer), "rows": rows,
             "best": best, "took_s": round(time.monotonic() - t0, 2)}
@@ -191,6 +193,7 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
           "meets the target only if the last third of its arrivals does too, and is not clearly declining from "
           "the middle third (a backlog that builds slowly).", "",
           "![plan](plan.png)" if plotted else "(plan.png needs matplotlib: pip install 'tandem-serve[dev]')", "",
+          f"Admission: {'on (a request predicted to miss is refused, and counts as missed)' if doc.get('admission') else 'off (`--admission on` models it)'}. "
           f"Not modelled yet: {', '.join(doc['not_modelled'])}."]
     if not doc["transfer_modelled"]:
         md.append("The decode profile has no KV transfer timings: transfers take no time here.")
@@ -256,6 +259,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
                     help="a decode node's most running requests (a node's --max-num-seqs, 64 by default)")
     ap.add_argument("--kv-capacity-tokens", type=int, default=0, help="a decode node's KV cache in tokens (0: unbounded)")
     ap.add_argument("--order", default="slack", choices=["slack", "fifo"], help="the coordinator's prefill queue order")
+    ap.add_argument("--admission", default="off", choices=["on", "off"],
+                    help="model admission: refuse at arrival what the profile predicts will miss an objective")
     ap.add_argument("--requests", type=int, default=2000,
                     help="requests per simulated probe, at least (and at least --min-duration-s of arrivals)")
     ap.add_argument("--min-duration-s", type=float, default=MIN_DURATION_S,
@@ -345,7 +350,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                 progress=lambda m: print("  " + m, flush=True),
                                 kv_bytes_per_token=args.kv_bytes_per_token, max_batch=args.max_batch,
                                 order=args.order, requests=args.requests, seeds=args.seeds,
-                                max_model_len=args.max_model_len, min_duration_s=args.min_duration_s)
+                                max_model_len=args.max_model_len, min_duration_s=args.min_duration_s,
+                                admission=args.admission == "on")
         except (OSError, ValueError) as exc:
             print(f"tandem plan: {exc}", file=sys.stderr)
             return 2
@@ -380,7 +386,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                kv_bytes_per_token=args.kv_bytes_per_token, max_batch=args.max_batch,
                kv_capacity_tokens=args.kv_capacity_tokens, order=args.order, requests=args.requests,
                seeds=args.seeds, max_model_len=args.max_model_len, min_duration_s=args.min_duration_s,
-               progress=lambda m: print("  " + m, flush=True))
+               admission=args.admission == "on", progress=lambda m: print("  " + m, flush=True))
     report = write_report(Path(args.out), doc)
     print("\n".join(table(doc)))
     print(f"best: {doc['best']} ({doc['took_s']} s); wrote {report}")

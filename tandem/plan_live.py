@@ -97,6 +97,7 @@ class Options:
     kv_capacity_tokens: int = 0
     order: str = "slack"
     min_duration_s: float = 300.0  # of arrivals per simulated probe (tandem.plan.MIN_DURATION_S)
+    admission: bool = False  # model the coordinator's admission (its default is on: --admission on)
 
 
 class LivePlanner:
@@ -146,11 +147,11 @@ class LivePlanner:
                    kv_bytes_per_token=self.o.kv_bytes_per_token, max_batch=self.o.max_batch,
                    kv_capacity_tokens=self.o.kv_capacity_tokens, order=self.o.order, requests=self.o.requests,
                    seeds=self.o.seeds, max_model_len=self.o.max_model_len, min_duration_s=self.o.min_duration_s,
-                   also=(P,))
+                   also=(P,), admission=self.o.admission)
         rows = {(r["prefill"], r["decode"]): r["goodput_rps"] for r in doc["rows"]}
         best = max(rows, key=lambda k: (rows[k], -abs(k[0] - P)))  # ties: the split nearest the current one
         cfg = SimConfig(P, D, self.prefill, self.decode, self.o.kv_bytes_per_token, self.o.max_batch,
-                        self.o.kv_capacity_tokens, self.o.order, self.o.slo_ttft_s)
+                        self.o.kv_capacity_tokens, self.o.order, self.o.slo_ttft_s, self.o.slo_tpot_s, self.o.admission)
         n = probe_size(mix.rate, self.o.requests, self.o.min_duration_s)
         predicted = attainment(simulate(cfg, mix.trace(mix.rate, n, 0, self.o.max_model_len)),
                                self.o.slo_ttft_s, self.o.slo_tpot_s)
@@ -221,7 +222,8 @@ def cmd_live(args: argparse.Namespace, prefill: Timings, decode: Timings) -> int
         return 2
     opts = Options(args.slo_ttft, args.slo_tpot, args.window_s, args.every_s, args.min_gain, args.confirm,
                    args.min_requests, min(args.requests, 600), 1, args.max_model_len, args.kv_bytes_per_token,
-                   args.max_batch, args.kv_capacity_tokens, args.order)
+                   args.max_batch, args.kv_capacity_tokens, args.order, args.min_duration_s,
+                   args.admission == "on")
     planner = LivePlanner(prefill, decode, opts)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,14 @@ same ones the nodes fit online, see tandem/perfmodel.py):
   and, when ``kv_capacity_tokens`` is set, while its whole prompt and output
   fit beside the running ones (reserved up front: no preemption).
 
-Not modelled yet (the simulator says so in its results): admission control,
-conditional disaggregation (local prefills on a decode node), prefix caching,
+- **Admission** (``admission``, off by default): at arrival, the prefill work ahead shared by the
+  prefill pool plus the request's own prefill against the TTFT objective, and a step of the least
+  loaded decode node with it added against TPOT; a request predicted to miss either is refused
+  (it counts as missed). Tandem's own admission predicts per node, learns a bias per node, and
+  may prefill on a decode node instead; this does not.
+
+Not modelled yet (the simulator says so in its results): conditional disaggregation (local
+prefills on a decode node), prefix caching,
 chunked prefill mixing prompts into decode steps, and network contention.
 """
 
@@ -40,7 +46,7 @@ from typing import Any
 from tandem.perfmodel import NodeModel
 
 ORDERS = ("fifo", "slack")
-NOT_MODELLED = ("admission control", "conditional disaggregation", "prefix caching",
+NOT_MODELLED = ("conditional disaggregation", "prefix caching",
                 "chunked prefill beside decode steps", "transfer contention")
 
 
@@ -126,7 +132,9 @@ class SimConfig:
     max_batch: int = 256
     kv_capacity_tokens: int = 0  # each decode node's KV cache; 0: unbounded
     order: str = "slack"
-    slo_ttft_s: float = 0.0  # for the slack order
+    slo_ttft_s: float = 0.0  # for the slack order, and admission
+    slo_tpot_s: float = 0.0  # for admission
+    admission: bool = False  # refuse at arrival what is predicted to miss an objective
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or self.num_decode < 1:
@@ -135,6 +143,8 @@ class SimConfig:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         if self.order == "slack" and self.slo_ttft_s <= 0:
             raise ValueError("the slack order needs the TTFT objective (slo_ttft_s)")
+        if self.admission and (self.slo_ttft_s <= 0 or self.slo_tpot_s <= 0):
+            raise ValueError("admission needs both objectives (slo_ttft_s, slo_tpot_s)")
 
 
 @dataclass
@@ -147,6 +157,7 @@ class Outcome:
     decode_node: int = -1
     completed: bool = False
     never_fits: bool = False  # larger than a decode node's whole KV cache
+    refused: bool = False  # admission predicted it would miss an objective
 
 
 @dataclass
@@ -179,8 +190,23 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
     queue: list[tuple[float, int]] = []  # (deadline or arrival, request)
     late: list[int] = []  # slack order: requests that can no longer meet their deadline, oldest first
     idle = list(range(cfg.num_prefill))
+    busy_until = [0.0] * cfg.num_prefill  # when each prefill node's current prefill ends
+    queued_s = 0.0  # prefill time of the requests waiting at the coordinator
     decodes = [_Decode() for _ in range(cfg.num_decode)]
     produced_start: dict[int, float] = {}
+
+    def admit(i: int, now: float) -> bool:
+        """Admission, from the same profile: the prefill work ahead of it shared by the prefill
+        pool, plus its own prefill, against the TTFT objective; a step of the least loaded decode
+        node with it added (its batch, their contexts half way through it), against TPOT."""
+        e = trace[i]
+        ahead = queued_s + sum(max(0.0, t - now) for t in busy_until)
+        ttft = ahead / cfg.num_prefill + cfg.prefill.prefill_s(e.input_len)
+        dn = min(decodes, key=lambda d: d.assigned)
+        b = min(dn.assigned + 1, cfg.max_batch)
+        ctx = (dn.base + len(dn.running) * dn.step_no) + e.input_len + e.output_len // 2
+        tpot = cfg.decode.step_s(b, ctx) if e.output_len > 1 else 0.0
+        return ttft <= cfg.slo_ttft_s and tpot <= cfg.slo_tpot_s
 
     def next_request(now: float) -> int | None:
         while queue:
@@ -195,10 +221,14 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         return heapq.heappop(late) if late else None
 
     def dispatch(now: float) -> None:
+        nonlocal queued_s
         while idle and (i := next_request(now)) is not None:
             node = idle.pop(0)
             out[i].prefill_node = node
-            push(now + cfg.prefill.prefill_s(trace[i].input_len), PREFILLED, node, i)
+            took = cfg.prefill.prefill_s(trace[i].input_len)
+            queued_s -= took
+            busy_until[node] = now + took
+            push(now + took, PREFILLED, node, i)
 
     def step(d: int, now: float) -> None:
         dn = decodes[d]
@@ -222,7 +252,11 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         now, _, kind, node, i = heapq.heappop(events)
         if kind == ARRIVE:
             e = trace[i]
+            if cfg.admission and not admit(i, now):
+                out[i].refused = True
+                continue
             heapq.heappush(queue, (e.arrival_s if cfg.order == "fifo" else e.arrival_s + cfg.slo_ttft_s, i))
+            queued_s += cfg.prefill.prefill_s(e.input_len)
             dispatch(now)
         elif kind == PREFILLED:
             idle.append(node)
@@ -282,7 +316,7 @@ def summary(outcomes: Sequence[Outcome], slo_ttft_s: float, slo_tpot_s: float) -
 
     ttft = [o.ttft_s for o in done]
     tpot = [o.tpot_s for o in done if o.tpot_s > 0]
-    return {"requests": len(outcomes), "completed": len(done),
+    return {"requests": len(outcomes), "completed": len(done), "refused": sum(1 for o in outcomes if o.refused),
             "attainment": attainment(outcomes, slo_ttft_s, slo_tpot_s),
             "ttft_p50_s": pct(ttft, 0.5), "ttft_p90_s": pct(ttft, 0.9),
             "tpot_p50_s": pct(tpot, 0.5), "tpot_p90_s": pct(tpot, 0.9)}

@@ -239,3 +239,24 @@ def test_plan_parallel_ranks_per_node_parallel_settings_by_goodput_per_gpu(tmp_p
     for bad in ("tp2", "tp2=x:p.json", "=2:p.json", "tp2=0:p.json"):
         with pytest.raises(ValueError, match="--parallel"):
             parse_parallel(bad)
+
+
+def test_admission_refuses_what_would_miss_so_the_admitted_meet_their_objectives() -> None:
+    from tandem.plan import trace
+    from tandem.sim import summary
+
+    t = Timings((0.02, 4e-4, 0.0), (0.01, 2e-3, 0.0))
+    over = trace("code", 8.0, 1500, 0, 2048)  # one prefill node serves ~3 req/s of these
+    plain = simulate(SimConfig(1, 1, t, t, order="fifo", slo_ttft_s=1.0), over)
+    admitted = simulate(SimConfig(1, 1, t, t, order="fifo", slo_ttft_s=1.0, slo_tpot_s=0.06, admission=True), over)
+    s_plain, s_adm = summary(plain, 1.0, 0.06), summary(admitted, 1.0, 0.06)
+    assert s_plain["refused"] == 0 and s_plain["attainment"] < 0.1  # the queue grows: nearly all late
+    assert 0.4 < s_adm["refused"] / len(over) < 0.8
+    served = [o for o in admitted if not o.refused]
+    assert sum(1 for o in served if o.ttft_s <= 1.0) / len(served) > 0.95
+    assert s_adm["attainment"] > 5 * s_plain["attainment"]  # refused count as missed, and still far more met
+    light = trace("code", 0.5, 400, 0, 2048)  # refused only when arrivals bunch up behind a prefill
+    light_out = simulate(SimConfig(1, 1, t, t, order="fifo", slo_ttft_s=1.0, slo_tpot_s=0.06, admission=True), light)
+    assert sum(o.refused for o in light_out) / len(light) < 0.05
+    with pytest.raises(ValueError, match="admission needs both"):
+        SimConfig(1, 1, t, t, order="fifo", admission=True)
