@@ -5,9 +5,10 @@ and protocol; no engines) start 3:1, the best split for the first phase. Phase A
 sends `code` requests (prompts ~800 tokens, outputs ~30: prefill-bound), phase B
 `chat` requests (prompts ~300, outputs ~250: decode-bound), both at ``--rate``; by
 the simulator, phase B wants 1:3. The same seeded trace runs twice, each on a fresh
-cluster: *static* keeps 3:1 throughout; *live* runs `tandem plan --live --apply`
-beside it (its own process, watching the coordinator's /metrics), which switches
-nodes with `tandem role` when the measured mix moves.
+cluster: *static* keeps 3:1 throughout; *live* runs `tandem plan --live --apply
+--admission on` beside it (its own process, watching the coordinator's /metrics;
+the coordinator runs its default admission, which the planner models), which
+switches nodes with `tandem role` when the measured mix moves.
 
 Per run and phase: SLO attainment (refused requests count as missed), goodput as
 the requests per second that met both objectives, TTFT and TPOT p90, and for the
@@ -79,7 +80,8 @@ def run_once(mode: str, entries: list[Any], args: argparse.Namespace, out: Path,
                  "--slo-ttft", str(args.slo_ttft), "--slo-tpot", str(args.slo_tpot), "--target", cluster.grpc_address,
                  "--metrics-url", cluster.http_url + "/metrics", "--etcd", cluster.etcd_url,
                  "--cluster", spec.cluster, "--window-s", str(args.window_s), "--every-s", str(args.every_s),
-                 "--min-requests", "20", "--max-model-len", str(MAX_MODEL_LEN), "--out", str(d)],
+                 "--min-requests", "20", "--max-model-len", str(MAX_MODEL_LEN), "--admission", "on",
+                 "--out", str(d)],
                 stdout=open(d / "planner.log", "w"), stderr=subprocess.STDOUT)
         wall0 = time.time()
         res = uvloop.run(run_trace("tandem-grpc://" + cluster.grpc_address, entries, slo=slo, timeout_s=300))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -35,15 +36,18 @@ def trace(workload: str | Mix, rate: float, requests: int, seed: int, max_model_
 
 
 MIN_DURATION_S = 300.0
+DECODE_BACKLOG_S = 1.0  # a mean wait for a decode batch above this, and growing: past the pool's capacity
 COARSE_SPLITS = 16  # more splits than this: a coarse pass of about this many, then a fine one near its best
 
 
 def steady_attainment(outcomes: list[Any], slo_ttft_s: float, slo_tpot_s: float) -> float:
     """A probe's attainment as the cluster would hold it: the lowest of all its requests' and the
-    last third of its arrivals'; and when the last third is clearly worse than the middle third
-    (by more than two standard errors, and 2 points), where that trend leads one third later. A
-    rate just above what the cluster serves builds a backlog slowly: a probe's share can clear the
-    target while its last requests already miss, and more so the longer it runs."""
+    last third of its arrivals'; when the last third is clearly worse than the middle third (by
+    more than two standard errors, and 2 points), where that trend leads one third later; and 0
+    when the wait for a place in a decode batch grows (past DECODE_BACKLOG_S, half as much again
+    as in the middle third). A rate just above what the cluster serves builds a backlog slowly: a
+    probe's share can clear the target while its last requests already miss, and more so the
+    longer it runs."""
     if not outcomes:
         return 0.0
     end = outcomes[-1].arrival_s
@@ -56,6 +60,12 @@ def steady_attainment(outcomes: list[Any], slo_ttft_s: float, slo_tpot_s: float)
         noise = 2 * math.sqrt(max(p * (1 - p), 1e-9) * (1 / len(mid) + 1 / len(last)))
         if a_mid - a_last > max(0.02, noise):
             out = min(out, max(0.0, a_last - (a_mid - a_last)))
+        # A decode pool past its capacity: requests wait longer and longer for a place in a batch.
+        # The objectives may hold for minutes while that wait grows, but it grows without bound
+        # and every request ends up missing: where it leads, 0.
+        w_mid, w_last = (statistics.fmean([o.decode_wait_s for o in x]) for x in (mid, last))
+        if w_last > DECODE_BACKLOG_S and w_last > 1.5 * w_mid:
+            out = 0.0
     return out
 
 
@@ -190,8 +200,8 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
              "then every one within that step of the best of those.", ""]
             if doc.get("splits_evaluated", 0) < doc.get("splits", 0) else []),
           "Each goodput is a bisection to within 5 %: splits closer than that are not told apart. A probe "
-          "meets the target only if the last third of its arrivals does too, and is not clearly declining from "
-          "the middle third (a backlog that builds slowly).", "",
+          "meets the target only if the last third of its arrivals does too, is not clearly declining from the "
+          "middle third, and the wait for a decode batch does not grow (a backlog that builds slowly).", "",
           "![plan](plan.png)" if plotted else "(plan.png needs matplotlib: pip install 'tandem-serve[dev]')", "",
           f"Admission: {'on (a request predicted to miss is refused, and counts as missed)' if doc.get('admission') else 'off (`--admission on` models it)'}. "
           f"Not modelled yet: {', '.join(doc['not_modelled'])}."]

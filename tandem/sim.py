@@ -158,6 +158,7 @@ class Outcome:
     completed: bool = False
     never_fits: bool = False  # larger than a decode node's whole KV cache
     refused: bool = False  # admission predicted it would miss an objective
+    decode_wait_s: float = 0.0  # its KV arrived at the decode node -> it joined the running batch
 
 
 @dataclass
@@ -194,6 +195,7 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
     queued_s = 0.0  # prefill time of the requests waiting at the coordinator
     decodes = [_Decode() for _ in range(cfg.num_decode)]
     produced_start: dict[int, float] = {}
+    joined_at: dict[int, float] = {}  # requests waiting at a decode node for a place in its batch
 
     def admit(i: int, now: float) -> bool:
         """Admission, from the same profile: the prefill work ahead of it shared by the prefill
@@ -238,6 +240,7 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             if cfg.kv_capacity_tokens and dn.reserved + need > cfg.kv_capacity_tokens and dn.running:
                 break
             dn.waiting.pop(0)
+            out[i].decode_wait_s = now - joined_at.pop(i)
             dn.reserved += need
             heapq.heappush(dn.running, (dn.step_no + trace[i].output_len - 1, i))
             dn.base += trace[i].input_len + 1 - dn.step_no
@@ -277,6 +280,7 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             push(now + cfg.decode.transfer_s(e.input_len * cfg.kv_bytes_per_token), JOIN, d, i)
         elif kind == JOIN:
             decodes[node].waiting.append(i)
+            joined_at[i] = now
             if not decodes[node].stepping:  # start after every other join of this instant: one batch
                 decodes[node].stepping = True
                 push(now, START, node, -1)

@@ -260,3 +260,21 @@ def test_admission_refuses_what_would_miss_so_the_admitted_meet_their_objectives
     assert sum(o.refused for o in light_out) / len(light) < 0.05
     with pytest.raises(ValueError, match="admission needs both"):
         SimConfig(1, 1, t, t, order="fifo", admission=True)
+
+
+def test_a_decode_pool_past_its_capacity_fails_a_probe_before_its_objectives_do() -> None:
+    from tandem.plan import steady_attainment, trace
+
+    # 30 decode slots of ~3 s requests serve ~10 req/s; at 11 req/s the wait for a slot grows for
+    # as long as the probe runs (to ~30 s, ~0.12 s per token), while a 500 ms TPOT still holds.
+    t = Timings((0.001, 0.0, 0.0), (0.012, 0.0, 0.0))
+    cfg = SimConfig(2, 1, t, t, max_batch=30, order="fifo")
+
+    def probe(rate: float) -> tuple[float, float]:
+        out = simulate(cfg, trace("chat", rate, int(rate * 300), 0, 4096))
+        return attainment(out, 5.0, 0.5), steady_attainment(out, 5.0, 0.5)
+
+    over_plain, over_steady = probe(11.0)
+    assert over_plain > 0.9 and over_steady == 0.0
+    under_plain, under_steady = probe(8.0)
+    assert under_plain == under_steady == 1.0
