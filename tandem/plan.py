@@ -60,13 +60,24 @@ def steady_attainment(outcomes: list[Any], slo_ttft_s: float, slo_tpot_s: float)
         noise = 2 * math.sqrt(max(p * (1 - p), 1e-9) * (1 / len(mid) + 1 / len(last)))
         if a_mid - a_last > max(0.02, noise):
             out = min(out, max(0.0, a_last - (a_mid - a_last)))
-        # A decode pool past its capacity: requests wait longer and longer for a place in a batch.
-        # The objectives may hold for minutes while that wait grows, but it grows without bound
-        # and every request ends up missing: where it leads, 0.
-        w_mid, w_last = (statistics.fmean([o.decode_wait_s for o in x]) for x in (mid, last))
-        if w_last > DECODE_BACKLOG_S and w_last > 1.5 * w_mid:
-            out = 0.0
-    return out
+    # A decode pool past its capacity: requests wait longer and longer for a place in a batch.
+    # The objectives may hold for minutes while that wait grows, but it grows without bound and
+    # every request ends up missing: where it leads, 0.
+    return 0.0 if decode_backlog(outcomes) else out
+
+
+def decode_backlog(outcomes: list[Any]) -> bool:
+    """The wait for a place in a decode batch grows: past DECODE_BACKLOG_S in the last third of the
+    arrivals, and half as much again as in the middle third."""
+    if not outcomes:
+        return False
+    end = outcomes[-1].arrival_s
+    mid = [o.decode_wait_s for o in outcomes if end / 3 <= o.arrival_s < end * 2 / 3]
+    last = [o.decode_wait_s for o in outcomes if o.arrival_s >= end * 2 / 3]
+    if not mid or not last:
+        return False
+    w_mid, w_last = statistics.fmean(mid), statistics.fmean(last)
+    return w_last > DECODE_BACKLOG_S and w_last > 1.5 * w_mid
 
 
 def probe_size(rate: float, requests: int, min_duration_s: float) -> int:
@@ -109,7 +120,7 @@ def limited_by(outcomes: list[Any], slo_ttft_s: float, slo_tpot_s: float) -> str
     late = sum(1 for o in outcomes if not o.never_fits and (not o.completed or o.ttft_s > slo_ttft_s))
     slow = sum(1 for o in outcomes if o.completed and o.tpot_s > slo_tpot_s)
     if not (too_big or late or slow):
-        return "–"
+        return "decode capacity (a growing backlog)" if decode_backlog(outcomes) else "–"
     return max((late, "TTFT (prefill)"), (slow, "TPOT (decode)"), (too_big, "decode KV cache (requests larger)"))[1]
 
 
