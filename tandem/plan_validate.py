@@ -49,18 +49,16 @@ def rel_error(predicted: float, measured: float) -> float:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from tandem.bench import systems
-    from tandem.bench.compare import _run, bench_model
-    from tandem.bench.workloads import generate, materialize
+    from tandem.bench.compare import bench_model
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = bench_model(getattr(args, "model", ""), out)
     rates = [float(r) for r in args.rates.split(",")]
     cores = sorted(os.sched_getaffinity(0))
-    slo = (args.slo_ttft, args.slo_tpot)
     print(f"starting a real 1:1 cluster (always disaggregated, admission off) on cores {cores} ...", flush=True)
     system = systems.start_tandem(model, 1, 1, args.max_model_len, out, cores, "-disagg")
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         logs = out / "tandem-1p1d-disagg"
         pre_path, dec_path = node_profile(logs / "prefill-0.log"), node_profile(logs / "decode-0.log")
@@ -76,17 +74,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from tandem.bench.compare import warm_up
 
         warm_up(system, args.workload, args.max_model_len)
-        for k, rate in enumerate(rates):
-            seed = 7000 + k
-            entries = generate(args.workload, rate=rate, duration_s=args.duration, seed=seed,
-                               max_model_len=args.max_model_len)
-            materialize(entries, seed, 600)
-            rows.append(side_by_side(_run(system.target, entries, slo), summary(simulate(cfg, entries), *slo),
-                                     rate, len(entries)))
+        rows = rate_rows(system.target, cfg, args, rates)
     finally:
         system.stop()
-    for r in rows:
-        r["measured_attainment"], r["predicted_attainment"] = r["measured"]["attainment"], r["predicted"]["attainment"]
     doc = {"transfer_modelled": any(decode.transfer), "workload": args.workload, "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
            "duration_s": args.duration, "model": model, "prefill_profile": prefill.doc(), "decode_profile": decode.doc(),
            "rows": rows, "goodput": {"measured": goodput(rows, "measured_attainment"),
@@ -97,6 +87,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"goodput measured {doc['goodput']['measured']:g} req/s, predicted {doc['goodput']['predicted']:g} req/s; "
           f"wrote {out / 'validate.md'}")
     return 0
+
+
+def rate_rows(target: str, cfg: SimConfig, args: argparse.Namespace, rates: list[float]) -> list[dict[str, Any]]:
+    """Each rate's seeded trace sent to ``target`` and played through the simulator: side by side."""
+    from tandem.bench.compare import _run
+    from tandem.bench.workloads import generate, materialize
+
+    slo = (args.slo_ttft, args.slo_tpot)
+    rows = []
+    for k, rate in enumerate(rates):
+        seed = 7000 + k
+        entries = generate(args.workload, rate=rate, duration_s=args.duration, seed=seed,
+                           max_model_len=args.max_model_len)
+        materialize(entries, seed, 600)
+        row = side_by_side(_run(target, entries, slo), summary(simulate(cfg, entries), *slo), rate, len(entries))
+        row["measured_attainment"], row["predicted_attainment"] = row["measured"]["attainment"], row["predicted"]["attainment"]
+        rows.append(row)
+    return rows
 
 
 def side_by_side(measured: dict[str, Any], predicted: dict[str, float], rate: float, requests: int) -> dict[str, Any]:
@@ -119,8 +127,6 @@ def validate_simulated(args: argparse.Namespace, profile: Path) -> int:
     coordinator, daemons and protocol; times from ``profile``) against the simulator on the same
     traces. It checks the simulator's model of the cluster (queueing, routing, batching), not of
     an engine: both sides take their times from one profile. Labelled as simulated."""
-    from tandem.bench.compare import _run
-    from tandem.bench.workloads import generate, materialize
     from tandem.local.cluster import ClusterSpec, LocalCluster
     from tandem.local.model import ensure_default_model
     from tandem.node.simengine import model_facts
@@ -131,7 +137,6 @@ def validate_simulated(args: argparse.Namespace, profile: Path) -> int:
     timings = Timings.load(profile)
     model = str(ensure_default_model())
     per_token = kv_bytes_per_token({**model_facts(model), "dtype": "float32"})  # what a simulated node moves
-    slo = (args.slo_ttft, args.slo_tpot)
     rates = [float(r) for r in args.rates.split(",")]
     clusters = []
     for split in args.simulated.split(","):
@@ -146,17 +151,8 @@ def validate_simulated(args: argparse.Namespace, profile: Path) -> int:
         spec = ClusterSpec(model=model, num_prefill=p, num_decode=d, max_model_len=args.max_model_len,
                            log_dir=str(out / f"sim-{p}x{d}" / "logs"), extra_node_args=["--simulate", str(profile)],
                            extra_coordinator_args=["--conditional-disagg", "off", "--admission", "off"])
-        rows = []
         with LocalCluster(spec) as cluster:
-            for k, rate in enumerate(rates):
-                seed = 7000 + k
-                entries = generate(args.workload, rate=rate, duration_s=args.duration, seed=seed,
-                                   max_model_len=args.max_model_len)
-                materialize(entries, seed, 600)
-                rows.append(side_by_side(_run(cluster.http_url, entries, slo), summary(simulate(cfg, entries), *slo),
-                                         rate, len(entries)))
-        for r in rows:
-            r["measured_attainment"], r["predicted_attainment"] = r["measured"]["attainment"], r["predicted"]["attainment"]
+            rows = rate_rows(cluster.http_url, cfg, args, rates)
         clusters.append({"split": f"{p}:{d}", "rows": rows,
                          "goodput": {"measured": goodput(rows, "measured_attainment"),
                                      "predicted": goodput(rows, "predicted_attainment")}})

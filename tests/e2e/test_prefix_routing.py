@@ -4,6 +4,8 @@ it (its cached tokens counted), and prompts without one still go by load."""
 
 from __future__ import annotations
 
+import time
+
 from pathlib import Path
 
 import grpc
@@ -75,7 +77,15 @@ def test_a_prefix_shorter_than_a_store_chunk_draws_its_requests_by_the_engines_k
     # Six 32-token blocks: less than one 256-token chunk, so the KV store keeps none of it; only the
     # engine's own prefix cache has it, and only its KV events tell the coordinator.
     shared = ids(192, 40)
-    before_blocks = engine_blocks()
+    # The KV events of the requests before this test may still be arriving: counted before they
+    # have, they would pass for this prompt's blocks. Start from a count that holds still.
+    before_blocks, t0 = engine_blocks(), time.monotonic()
+    while time.monotonic() - t0 < 15:
+        time.sleep(0.5)
+        now = engine_blocks()
+        if now == before_blocks:
+            break
+        before_blocks = now
     holder = prefill_node(stub, shared + ids(30, 41))
     wait_until(lambda: engine_blocks()[holder] >= before_blocks[holder] + 6, 30,
                f"the coordinator to learn what {holder}'s engine cache holds")
