@@ -129,9 +129,11 @@ def _bench_transport(transport: str, sizes_mib: list[int], reps: int, cores: tup
             if not quiet:
                 print(f"  {transport:4} {mib:4d} MiB: {rows[-1]['gbps']:6.2f} GB/s (median of {reps})", flush=True)
     finally:
+        # the fetcher's connections close while the server is still there to answer
+        if not fetcher.close(wait_s=30):
+            print(f"  the {transport} fetcher's lanes did not end in 30 s", flush=True)
         parent.send(None)
         proc.join(30)
-        fetcher.close()
         os.sched_setaffinity(0, before)
     return {"transport": transport, "rows": rows}
 

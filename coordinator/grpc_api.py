@@ -14,6 +14,7 @@ from tandem.proto import tandem_pb2_grpc as pb_grpc
 from tandem.sampling import from_proto
 
 from .admission import Slo
+from .auth import ApiKeys
 from .pipeline import FinishEvent, Pipeline, TokenEvent
 
 logger = logging.getLogger(__name__)
@@ -22,14 +23,20 @@ MAX_REQUEST_BYTES = 4 << 20
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    def __init__(self, pipeline: Pipeline, cluster: str) -> None:
+    def __init__(self, pipeline: Pipeline, cluster: str, keys: ApiKeys | None = None) -> None:
         self.pipeline = pipeline
         self.cluster = cluster
+        self.keys = keys or ApiKeys(env="")
+
+    def _tenant(self, context: grpc.aio.ServicerContext, claimed: str) -> str:
+        auth = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
+        return self.keys.tenant(auth if isinstance(auth, str) else None, claimed)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         # context.write() style, not an async generator, so that a client's cancel always
         # lands here and closes the pipeline (which cancels the decode call, frees KV).
         try:
+            tenant = self._tenant(context, request.tenant)
             if request.ByteSize() > MAX_REQUEST_BYTES:
                 raise InvalidRequest(f"request is {request.ByteSize()} bytes; at most {MAX_REQUEST_BYTES} accepted")
             which = request.WhichOneof("prompt")
@@ -44,7 +51,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 timeout_s=context.time_remaining(),
                 slo=_slo(request),
                 priority=request.priority,
-                tenant=request.tenant,
+                tenant=tenant,
             )
             rid = prepared.public_id
             async with aclosing(self.pipeline.run(prepared)) as events:
@@ -65,6 +72,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     async def ClusterStatus(self, request: pb.ClusterStatusRequest,
                             context: grpc.aio.ServicerContext) -> pb.ClusterStatusResponse:
+        try:
+            self._tenant(context, "")
+        except TandemError as exc:
+            code, msg = grpc_status_of(exc)
+            await context.abort(code, msg)
         nodes = []
         for n in sorted(self.pipeline.router.nodes(), key=lambda n: (n.record.role, n.record.node_id)):
             info = pb.NodeInfo(node_id=n.record.node_id, role=n.record.role, grpc_address=n.record.grpc_address,

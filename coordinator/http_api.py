@@ -1,9 +1,10 @@
 """OpenAI-compatible HTTP API on the coordinator (aiohttp).
 
 /v1/completions and /v1/chat/completions (SSE streaming or one JSON body),
-/v1/models, /health, /metrics. Errors use OpenAI's error body. Fields that the
-API names but Tandem does not implement are accepted only at their neutral
-value; anything else, and any unknown field, is a 400 naming it.
+/v1/models and /v1/models/{id}, vLLM's /tokenize, /detokenize and /version,
+/health (liveness: the process serves), /ready (both pools have a node), /metrics.
+Request bodies are the pydantic models of ``openai_protocol``; errors use
+OpenAI's error body.
 """
 
 from __future__ import annotations
@@ -17,74 +18,16 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+import tandem
 from tandem.errors import InvalidRequest, TandemError, openai_error_body
-from tandem.sampling import Sampling
+
+from . import openai_protocol as proto
 
 from .admission import Slo
+from .auth import ApiKeys
 from .pipeline import FinishEvent, Pipeline, TokenEvent
 
 logger = logging.getLogger(__name__)
-
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
-           "ignore_eos", "min_tokens", "user", "request_id"}
-# Named by the API, accepted only at the value that changes nothing.
-_NEUTRAL: dict[str, tuple[object, ...]] = {
-    "n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (None, False, 0), "top_logprobs": (None, 0),
-    "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "repetition_penalty": (1, 1.0),
-    "min_p": (0, 0.0), "suffix": (None, ""), "logit_bias": (None, {}), "max_completion_tokens": (None,),
-}
-COMPLETION_FIELDS = _COMMON | {"prompt"}
-CHAT_FIELDS = _COMMON | {"messages"}
-
-
-def _check_fields(body: dict[str, Any], allowed: set[str]) -> None:
-    for k, v in body.items():
-        if k in allowed:
-            continue
-        if k in _NEUTRAL:
-            if v not in _NEUTRAL[k]:
-                raise InvalidRequest(f"'{k}' is not supported by this server (only {_NEUTRAL[k][0]!r})")
-            continue
-        raise InvalidRequest(f"unknown field '{k}'")
-
-
-def _typed(body: dict[str, Any], key: str, kinds: tuple[type, ...], default: object) -> Any:
-    v = body.get(key, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) and bool not in kinds:
-        raise InvalidRequest(f"'{key}' must be {' or '.join(k.__name__ for k in kinds)}")
-    if not isinstance(v, kinds):
-        raise InvalidRequest(f"'{key}' must be {' or '.join(k.__name__ for k in kinds)}")
-    return v
-
-
-def sampling_from_body(body: dict[str, Any]) -> Sampling:
-    stop = body.get("stop")
-    if stop is None:
-        stops: tuple[str, ...] = ()
-    elif isinstance(stop, str):
-        stops = (stop,)
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        stops = tuple(stop)
-    else:
-        raise InvalidRequest("'stop' must be a string or a list of strings")
-    max_tokens = body.get("max_tokens")
-    if max_tokens is None:
-        max_tokens = body.get("max_completion_tokens", 16)
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-        raise InvalidRequest("'max_tokens' must be an integer")
-    return Sampling(
-        max_tokens=max_tokens,
-        temperature=float(_typed(body, "temperature", (int, float), 1.0)),
-        top_p=float(_typed(body, "top_p", (int, float), 1.0)),
-        top_k=int(_typed(body, "top_k", (int,), 0)) if body.get("top_k") != -1 else 0,
-        seed=_typed(body, "seed", (int,), None),
-        stop=stops,
-        ignore_eos=bool(_typed(body, "ignore_eos", (bool,), False)),
-        min_tokens=int(_typed(body, "min_tokens", (int,), 0)),
-    )
-
 
 def slo_from_headers(request: web.Request) -> Slo:
     """x-slo-ttft-ms / x-slo-tpot-ms, milliseconds; a bad value is a 400 naming the header."""
@@ -100,21 +43,34 @@ def slo_from_headers(request: web.Request) -> Slo:
     return Slo.from_ms(one("x-slo-ttft-ms"), one("x-slo-tpot-ms"), where="header x-slo-")
 
 
+# What an API key guards (with keys on); probes, metrics and the version stay open, as in vLLM.
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/version"})
+
+
 class OpenAIHttp:
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, keys: ApiKeys | None = None) -> None:
         self.pipeline = pipeline
+        self.keys = keys or ApiKeys(env="")
         self.app = web.Application(client_max_size=8 << 20, middlewares=[self._errors])
         self.app.add_routes([
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat),
             web.get("/v1/models", self.models),
+            web.get("/v1/models/{model_id:.+}", self.model),
+            web.post("/tokenize", self.tokenize),
+            web.post("/detokenize", self.detokenize),
+            web.get("/version", self.version),
             web.get("/health", self.health),
+            web.get("/ready", self.ready),
             web.get("/metrics", self.metrics),
         ])
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
         try:
+            if request.path not in OPEN_PATHS:
+                request["tenant"] = self.keys.tenant(request.headers.get("Authorization"),
+                                                     request.headers.get("x-tenant", ""))
             return await handler(request)
         except web.HTTPException as exc:
             if exc.status < 400:
@@ -129,52 +85,33 @@ class OpenAIHttp:
             headers = exc.details() if isinstance(exc, TandemError) else {}
             return web.json_response(body, status=status, headers=headers)
 
-    async def _json(self, request: web.Request) -> dict[str, Any]:
+    async def _json(self, request: web.Request) -> object:
         try:
-            body = await request.json()
+            return await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise InvalidRequest(f"malformed JSON body: {exc}") from exc
-        if not isinstance(body, dict):
-            raise InvalidRequest("the JSON body must be an object")
-        return body
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await self._json(request)
-        _check_fields(body, COMPLETION_FIELDS)
-        prompt = body.get("prompt")
-        text: str | None = None
-        ids: list[int] | None = None
-        if isinstance(prompt, str):
-            text = prompt
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids = prompt
-        elif isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            text = prompt[0]
-        elif prompt in (None, "", []):
-            raise InvalidRequest("empty prompt")
-        else:
-            raise InvalidRequest("'prompt' must be a string or a list of token ids (batches are not supported)")
-        return await self._serve(request, body, text, ids, chat=False)
+        body: proto.CompletionRequest = proto.parse(proto.CompletionRequest, await self._json(request))
+        text, ids = body.text_or_ids()
+        return await self._serve(request, body, text, ids, body.sampling(proto.COMPLETION_DEFAULT_MAX_TOKENS),
+                                 chat=False)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        body = await self._json(request)
-        _check_fields(body, CHAT_FIELDS)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise InvalidRequest("'messages' must be a non-empty list")
-        ids = await self.pipeline.codec.encode_chat_async(messages)
-        return await self._serve(request, body, None, ids, chat=True)
+        body: proto.ChatRequest = proto.parse(proto.ChatRequest, await self._json(request))
+        self.pipeline.check_model(body.model or "")
+        ids = await self.pipeline.codec.encode_chat_async(body.plain_messages())
+        # as vLLM's chat API: with no limit given, the output may fill the rest of the context
+        sampling = body.sampling(max(1, self.pipeline.max_model_len() - len(ids)))
+        return await self._serve(request, body, None, ids, sampling, chat=True)
 
-    async def _serve(self, request: web.Request, body: dict[str, Any], text: str | None, ids: list[int] | None,
-                     chat: bool) -> web.StreamResponse:
-        model = body.get("model") or ""
-        if not isinstance(model, str):
-            raise InvalidRequest("'model' must be a string")
-        rid = body.get("request_id") or request.headers.get("X-Request-Id") or ""
-        prepared = await self.pipeline.prepare_async(request_id=str(rid), text=text, token_ids=ids,
-                                         sampling=sampling_from_body(body), model=model, slo=slo_from_headers(request),
+    async def _serve(self, request: web.Request, body: proto.ChatRequest | proto.CompletionRequest, text: str | None,
+                     ids: list[int] | None, sampling: Any, chat: bool) -> web.StreamResponse:
+        rid = body.request_id or request.headers.get("X-Request-Id") or ""
+        prepared = await self.pipeline.prepare_async(request_id=rid, text=text, token_ids=ids,
+                                         sampling=sampling, model=body.model or "", slo=slo_from_headers(request),
                                          priority=request.headers.get("x-priority", ""),
-                                         tenant=request.headers.get("x-tenant", ""))
+                                         tenant=request["tenant"])
         prefix = "chatcmpl" if chat else "cmpl"
         oid = f"{prefix}-{prepared.public_id}"
         created = int(time.time())
@@ -189,8 +126,9 @@ class OpenAIHttp:
                 return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             return {"index": 0, "text": delta_text, "logprobs": None, "finish_reason": finish}
 
-        if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        if body.stream:
+            include_usage, continuous = body.usage_options()
+            prompt_tokens, completion_tokens = len(prepared.prompt_ids), 0
             events = self.pipeline.run(prepared)
             # The first event (the first token) comes before the headers, so that a
             # request that fails in routing or prefill still gets a proper HTTP error.
@@ -202,7 +140,10 @@ class OpenAIHttp:
             try:
                 async with aclosing(events):
                     async for ev in _chain(head, events):
-                        await self._sse(resp, ev, oid, obj, created, served, first, include_usage, choice)
+                        if isinstance(ev, TokenEvent):
+                            completion_tokens += len(ev.token_ids)
+                        running = _counts(prompt_tokens, completion_tokens) if continuous else None
+                        await self._sse(resp, ev, oid, obj, created, served, first, include_usage, choice, running)
                         first = False
             except Exception as exc:
                 status, err = openai_error_body(exc)
@@ -234,36 +175,88 @@ class OpenAIHttp:
 
     @staticmethod
     async def _sse(resp: web.StreamResponse, ev: object, oid: str, obj: str, created: int, served: str,
-                   first: bool, include_usage: bool, choice: Any) -> None:
+                   first: bool, include_usage: bool, choice: Any, running: dict[str, int] | None) -> None:
+        """One chunk; ``running``: usage so far, on every chunk (``continuous_usage_stats``)."""
+        extra = {} if running is None else {"usage": running}
         if isinstance(ev, TokenEvent):
             chunk = {"id": oid, "object": obj, "created": created, "model": served,
-                     "choices": [choice(ev.text, None, first)]}
+                     "choices": [choice(ev.text, None, first)], **extra}
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
         elif isinstance(ev, FinishEvent):
             chunk = {"id": oid, "object": obj, "created": created, "model": served,
-                     "choices": [choice("", ev.reason, first)]}
+                     "choices": [choice("", ev.reason, first)], **extra}
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
             if include_usage:
                 usage = {"id": oid, "object": obj, "created": created, "model": served, "choices": [],
                          "usage": _usage(ev)}
                 await resp.write(f"data: {json.dumps(usage)}\n\n".encode())
 
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.pipeline.served_model, "object": "model", "created": 0, "owned_by": "tandem",
+                "root": self.pipeline.served_model, "parent": None, "max_model_len": self.pipeline.max_model_len()}
+
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [
-            {"id": self.pipeline.served_model, "object": "model", "created": 0, "owned_by": "tandem"}]})
+        return web.json_response({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        wanted = request.match_info["model_id"]
+        if wanted != self.pipeline.served_model:
+            return web.json_response({"error": {"message": f"The model `{wanted}` does not exist.",
+                                                "type": "NotFoundError", "param": "model", "code": 404}},
+                                     status=404)
+        return web.json_response(self._model_card())
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /tokenize: a prompt, or chat messages as the chat API renders them."""
+        raw = await self._json(request)
+        codec = self.pipeline.codec
+        body: proto.TokenizeChat | proto.TokenizeCompletion
+        if isinstance(raw, dict) and "messages" in raw:
+            body = proto.parse(proto.TokenizeChat, raw)
+            self.pipeline.check_model(body.model or "")
+            ids = await codec.encode_chat_async(body.plain_messages())
+        else:
+            body = proto.parse(proto.TokenizeCompletion, raw)
+            self.pipeline.check_model(body.model or "")
+            ids = await codec.encode_async(body.prompt, add_special_tokens=body.add_special_tokens)
+        out: dict[str, Any] = {"count": len(ids), "max_model_len": self.pipeline.max_model_len(), "tokens": ids,
+                               "token_strs": codec.token_strs(ids) if body.return_token_strs else None}
+        return web.json_response(out)
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        body: proto.DetokenizeRequest = proto.parse(proto.DetokenizeRequest, await self._json(request))
+        self.pipeline.check_model(body.model or "")
+        self.pipeline.codec.check_ids(body.tokens)
+        return web.json_response({"prompt": self.pipeline.codec.tok.decode(body.tokens)})
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": tandem.__version__})
 
     async def health(self, request: web.Request) -> web.Response:
-        pools = {r: len(self.pipeline.router.nodes(r)) for r in ("prefill", "decode")}
+        """Liveness: this process answers. An empty pool is not a reason to restart it (see /ready)."""
+        return web.json_response({"status": "ok", "nodes": self._pools()})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        """Readiness: both pools have a node, so a request can be served."""
+        pools = self._pools()
         ok = all(pools.values())
-        return web.json_response({"status": "ok" if ok else "degraded", "nodes": pools}, status=200 if ok else 503)
+        return web.json_response({"status": "ready" if ok else "not ready", "nodes": pools},
+                                 status=200 if ok else 503)
+
+    def _pools(self) -> dict[str, int]:
+        return {r: len(self.pipeline.router.nodes(r)) for r in ("prefill", "decode")}
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def _usage(ev: FinishEvent) -> dict[str, int]:
-    return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-            "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+    return _counts(ev.prompt_tokens, ev.completion_tokens)
+
+
+def _counts(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 async def _chain(head: object, rest: Any) -> Any:

@@ -22,6 +22,7 @@ from .grpc_api import SERVICE_NAME, CoordinatorServicer
 from .http_api import OpenAIHttp
 from .pipeline import Pipeline, PipelineConfig
 from .router import Router
+from .auth import ApiKeys, check_keys
 from .textcodec import TextCodec
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class CoordinatorConfig:
     quota_burst_s: float = 10.0
     batch_queue: int = 256
     batch_max_wait_s: float = 300.0
+    api_keys_file: str = ""  # TENANT=KEY lines (auth.py); TANDEM_API_KEYS adds keys from the environment
 
     def finish(self) -> CoordinatorConfig:
         if not self.model or not Path(self.model).is_dir():
@@ -88,6 +90,9 @@ class CoordinatorConfig:
             raise ValueError("--slo-ttft-ms and --slo-tpot-ms must be >= 0 (0: no default SLO)")
         if self.migration_limit < 0 or self.pool_wait_s < 0:
             raise ValueError("--migration-limit and --pool-wait-s must be >= 0")
+        if self.api_keys_file and not Path(self.api_keys_file).is_file():
+            raise ValueError(f"--api-keys-file {self.api_keys_file!r} is not a file")
+        check_keys(self.api_keys_file)  # ValueError naming the entry, never the key
         if not self.served_model_name:
             self.served_model_name = Path(self.model).name
         if not self.max_model_len:
@@ -150,6 +155,10 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
                     help="batch requests that may wait for spare capacity; more are refused")
     ap.add_argument("--batch-max-wait-s", type=float, default=float(env("TANDEM_BATCH_MAX_WAIT_S", "300")),
                     help="a batch request that found no spare capacity this long is refused")
+    ap.add_argument("--api-keys-file", default=env("TANDEM_API_KEYS_FILE", ""),
+                    help="require an API key (Authorization: Bearer KEY) on every request; the file has one "
+                         "TENANT=KEY a line and is read again when it changes. TANDEM_API_KEYS (TENANT=KEY,...) "
+                         "adds keys from the environment. A request's tenant is its key's.")
     ap.add_argument("--slo-ttft-ms", type=float, default=float(env("TANDEM_SLO_TTFT_MS", "0")),
                     help="default TTFT objective for requests that set none (0: none)")
     ap.add_argument("--slo-tpot-ms", type=float, default=float(env("TANDEM_SLO_TPOT_MS", "0")),
@@ -164,6 +173,7 @@ def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
 async def run_coordinator(cfg: CoordinatorConfig) -> None:
     logger.info("starting coordinator: %s", " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
     signals = StopSignals()
+    keys = ApiKeys(cfg.api_keys_file)  # before anything starts: a bad file is a clear error
     codec = TextCodec(cfg.model)
     router = Router(cfg.served_model_name, pool_wait_s=cfg.pool_wait_s, probe_timeout_s=cfg.probe_timeout_s)
     view = MembershipView(cfg.etcd, cfg.cluster, on_change=router.on_membership)
@@ -184,9 +194,9 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
 
     grpc_server = await start_grpc(
         cfg.host, cfg.grpc_port, SERVICE_NAME,
-        lambda server: pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(pipeline, cfg.cluster), server))
+        lambda server: pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(pipeline, cfg.cluster, keys), server))
 
-    http = OpenAIHttp(pipeline)
+    http = OpenAIHttp(pipeline, keys)
     runner = web.AppRunner(http.app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.http_port)

@@ -194,9 +194,13 @@ class Pipeline:
         return Prepared(rid, ids, sampling, client_id=request_id, deadline=deadline, slo=slo or Slo(),
                         priority=check_priority(priority), tenant=check_tenant(tenant))
 
-    def _check_names(self, model: str, request_id: str) -> None:
+    def check_model(self, model: str) -> None:
+        """An empty name means the served model."""
         if model and model != self.served_model:
             raise InvalidRequest(f"unknown model {model!r}; this cluster serves {self.served_model!r}")
+
+    def _check_names(self, model: str, request_id: str) -> None:
+        self.check_model(model)
         if len(request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidRequest(f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters")
 

@@ -63,6 +63,9 @@ class FastTokenizer:
         """The same ids; the GIL released while it runs (for a worker thread)."""
         return list(self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
 
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str | None]:
+        return [self._tok.id_to_token(i) for i in ids]
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         text = str(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
         if self.clean_up_spaces:  # what transformers does with the flag
@@ -136,14 +139,19 @@ class TextCodec:
         self.eos_token_id: int | None = self.tok.eos_token_id
         self.vocab_size = len(self.tok)
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tok.encode(text, add_special_tokens=True))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=add_special_tokens))
 
-    async def encode_async(self, text: str) -> list[int]:
+    async def encode_async(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """``encode``, on a worker thread when the text is long."""
         if len(text) <= INLINE_CHARS or not isinstance(self.tok, FastTokenizer):
-            return self.encode(text)
-        return await asyncio.get_running_loop().run_in_executor(None, self.tok.encode_off_gil, text)
+            return self.encode(text, add_special_tokens)
+        return await asyncio.get_running_loop().run_in_executor(None, self.tok.encode_off_gil, text,
+                                                                add_special_tokens)
+
+    def token_strs(self, ids: list[int]) -> list[str | None]:
+        """Each id's token as the vocabulary spells it (vLLM's /tokenize ``token_strs``)."""
+        return list(self.tok.convert_ids_to_tokens(ids))
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         for i, m in enumerate(messages):

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 from tandem.logs import RateLimitedLog
 
+from .capability import CapabilityRefused
+from .capability import check as check_capability
 from .layout import KVLayout, KVLayoutMismatch
 from .paged import PagedKV, Staging, as_bytes_array
 from .transport import DataPlane, TransferError, choose_plane, peer_hung_up
@@ -158,12 +160,14 @@ class BlockServer:
     connection (so a slow decode peer holds up only its own transfers), at most MAX_CONNECTIONS."""
 
     def __init__(self, host: str, port: int, kv: PagedKV, planes: dict[str, DataPlane],
-                 engine_id: str = "", reserved: bool = False) -> None:
+                 engine_id: str = "", reserved: bool = False, secret: bytes | None = None) -> None:
         """``reserved``: the port is held for this server by a socket with SO_REUSEPORT
         (tandem.netutil.reserve_port in the node daemon), so bind it the same way.
         ``engine_id``: fetches and releases that name another engine are refused (they were
-        meant for an earlier process on this address)."""
+        meant for an earlier process on this address). ``secret``: every fetch and release must
+        carry its handle's capability (capability.py); None serves anyone who names a held request."""
         self.kv = kv
+        self._secret = secret
         self.engine_id = engine_id
         self.holds = HoldTable()
         self._planes = planes
@@ -175,7 +179,8 @@ class BlockServer:
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._thread = threading.Thread(target=self._accept_loop, name="tandem-kv-server", daemon=True)
         self._thread.start()
-        logger.info("KV block server on %s (planes: %s)", self.address, ", ".join(planes))
+        logger.info("KV block server on %s (planes: %s; %s)", self.address, ", ".join(planes),
+                    "fetches need a capability" if secret is not None else "UNAUTHENTICATED: no KV secret")
 
     def take_bytes_sent(self) -> int:
         with self._bytes_lock:
@@ -241,6 +246,7 @@ class BlockServer:
                             raise TransferError("fetch before hello")
                         self._fetch(conn, msg, plane, peer, staging)
                     elif op == "release":
+                        check_capability(self._secret, self.engine_id, msg)
                         freed = self.holds.release(str(msg["req"]))
                         logger.debug("request %s: released (held: %s)", msg["req"], freed)
                         send_msg(conn, {"ok": True})
@@ -250,7 +256,8 @@ class BlockServer:
                     err = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
                     _bad_peer_log.warning("KV %s from peer failed: %s", str(op)[:32], err)
                     try:
-                        send_msg(conn, {"ok": False, "error": str(err)})
+                        send_msg(conn, {"ok": False, "error": str(err),
+                                        **({"denied": True} if isinstance(exc, CapabilityRefused) else {})})
                     except OSError:
                         return
                 except OSError:
@@ -285,6 +292,7 @@ class BlockServer:
 
     def _fetch(self, conn: socket.socket, msg: dict, plane: DataPlane, peer: object, staging: Staging) -> None:
         req_id = str(msg["req"])
+        check_capability(self._secret, self.engine_id, msg)  # before a block is looked at
         wanted = [int(b) for b in msg["blocks"]]
         with self.holds.sending(req_id) as held:
             if not set(wanted) <= set(held):

@@ -30,6 +30,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from .capability import load_secret
 from .handle import CONSUME
 from .metadata import TandemConnectorMetadata, TandemWorkerMetadata
 from .scheduler_side import SchedulerSide
@@ -64,6 +65,8 @@ class TandemConnector(KVConnectorBase_V1):
         engine_id = str(extra.get("engine_id") or ktc.engine_id)
         address = str(extra.get("address", ""))
         lease_s = float(extra.get("lease_s", DEFAULT_LEASE_S))
+        # the file's path travels in the config (which vLLM logs), never the secret itself
+        secret = load_secret(extra["kv_secret_file"]) if extra.get("kv_secret_file") else None
         block_size = vllm_config.cache_config.block_size
         if ktc.is_kv_producer and not address:
             raise ValueError("TandemConnector: a producer needs kv_connector_extra_config['address']")
@@ -72,7 +75,8 @@ class TandemConnector(KVConnectorBase_V1):
         store = StoreConfig.parse(extra, kv_cache_config)
         if role == KVConnectorRole.SCHEDULER:
             self._sched = SchedulerSide(engine_id, block_size, str(extra.get("advertise") or address), lease_s,
-                                        store=open_store_scheduler(store, block_size) if store else None)
+                                        store=open_store_scheduler(store, block_size) if store else None,
+                                        secret=secret)
         else:
             mc, pc = vllm_config.model_config, vllm_config.parallel_config
             if kv_cache_config is None:
@@ -91,6 +95,7 @@ class TandemConnector(KVConnectorBase_V1):
                     "head_size": mc.get_head_size(),
                 },
                 store=store,
+                secret=secret,
             )
 
     # worker role --------------------------------------------------------

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 from tandem.logs import RateLimitedLog
 
+from .capability import CapabilityRefused
+from .capability import fields as cap_fields
 from .handle import TransferHandle
 from .layout import KVLayout
 from .paged import PagedKV, Staging, as_bytes_array, runs
@@ -266,7 +268,8 @@ class _Lane(threading.Thread):
 
     def _release(self, handle: TransferHandle) -> None:
         try:
-            self._connection().call({"op": "release", "req": handle.remote_request_id, "engine": handle.engine_id})
+            self._connection().call({"op": "release", "req": handle.remote_request_id, "engine": handle.engine_id,
+                                     **cap_fields(handle.capability, handle.num_tokens, handle.lease_deadline)})
         except Exception as exc:  # the holder's lease frees it anyway
             self._drop(retire=False)
             logger.warning("release of remote request %s at %s failed: %s", handle.remote_request_id,
@@ -319,7 +322,8 @@ class _Lane(threading.Thread):
         # free_after: the prefill side frees the hold when its send completes; no ack round trip.
         msg = {"op": "fetch", "req": job.handle.remote_request_id, "engine": job.handle.engine_id,
                "blocks": job.remote_block_ids,
-               "tag": tag, "free_after": True}
+               "tag": tag, "free_after": True,
+               **cap_fields(job.handle.capability, job.handle.num_tokens, job.handle.lease_deadline)}
         segs = runs(job.remote_block_ids, job.local_block_ids)
         if kv.direct_ok and len(segs) <= MAX_DIRECT_RUNS:
             # Blocks land straight in the cache, run by run; no staging copy on either side.
@@ -404,11 +408,18 @@ class BlockFetcher:
             s, self.stats = self.stats, TransferStats()
         return s
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 0.0) -> bool:
+        """Ends every lane after the work queued on it; ``wait_s``: wait that long for them to have
+        closed their connections (a process about to exit waits: a lane thread still tearing a UCX
+        endpoint down while the interpreter exits can abort the process). True when all ended."""
         with self._lock:
             lanes, self._lanes = list(self._lanes.values()), {}
         for lane in lanes:
             lane.offer(None)  # type: ignore[arg-type]
+        deadline = time.monotonic() + wait_s
+        for lane in lanes:
+            lane.join(max(0.0, deadline - time.monotonic()))
+        return not any(lane.is_alive() for lane in lanes)
 
     def _offer(self, address: str, item: Fetch | TransferHandle) -> bool:
         # Under the lock: an idle lane leaves only when nothing was queued on it (see _retire_lane).
@@ -444,12 +455,15 @@ class BlockFetcher:
                     self.stats.fetch_seconds.append(seconds)
 
 
-def release_remote(address: str, remote_req_id: str, engine_id: str = "", timeout_s: float = 5.0) -> None:
-    """Tell a prefill worker that nobody will fetch a request's blocks (client cancel)."""
+def release_remote(address: str, remote_req_id: str, engine_id: str = "", timeout_s: float = 5.0,
+                   handle: TransferHandle | None = None) -> None:
+    """Tell a prefill worker that nobody will fetch a request's blocks (client cancel); ``handle``
+    carries the capability a block server with a KV secret asks for."""
     host, port = parse_address(address)
     with socket.create_connection((host, port), timeout=timeout_s) as sock:
         sock.settimeout(timeout_s)
-        send_msg(sock, {"op": "release", "req": remote_req_id, "engine": engine_id})
+        send_msg(sock, {"op": "release", "req": remote_req_id, "engine": engine_id,
+                        **(cap_fields(handle.capability, handle.num_tokens, handle.lease_deadline) if handle else {})})
         reply = recv_msg(sock)
         if not reply.get("ok"):
-            raise TransferError(str(reply.get("error")))
+            raise (CapabilityRefused if reply.get("denied") else TransferError)(str(reply.get("error")))

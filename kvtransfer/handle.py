@@ -27,6 +27,7 @@ class TransferHandle:
     block_ids: list[int]
     num_tokens: int
     lease_deadline: float  # unix seconds
+    capability: str = ""  # capability.sign's HMAC; empty where the cluster has no KV secret
 
     def to_params(self, kind: str) -> dict[str, Any]:
         return {"tandem": kind, **asdict(self)}
@@ -41,6 +42,7 @@ class TransferHandle:
                 block_ids=[int(b) for b in params["block_ids"]],
                 num_tokens=int(params["num_tokens"]),
                 lease_deadline=float(params["lease_deadline"]),
+                capability=str(params.get("capability") or ""),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed KV transfer handle: {exc}") from exc

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from tandem.kvstore.tiers import COUNTS
 
+from .capability import sign
 from .fetcher import LoadJob
 from .handle import CONSUME, HANDLE, PRODUCE, TransferHandle
 from .metadata import TandemConnectorMetadata, TandemWorkerMetadata
@@ -38,8 +39,9 @@ def _cdiv(a: int, b: int) -> int:
 
 class SchedulerSide:
     def __init__(self, engine_id: str, block_size: int, address: str, lease_s: float,
-                 store: StoreScheduler | None = None) -> None:
+                 store: StoreScheduler | None = None, secret: bytes | None = None) -> None:
         self.engine_id = engine_id
+        self.secret = secret  # signs each handle (capability.py)
         self.store = store
         self.block_size = block_size
         self.address = address
@@ -163,13 +165,16 @@ class SchedulerSide:
         if not held:
             return False, None
         self._meta.holds[request.request_id] = held
+        deadline = time.time() + self.lease_s
         handle = TransferHandle(
             engine_id=self.engine_id,
             address=self.address,
             remote_request_id=request.request_id,
             block_ids=held,
             num_tokens=num_tokens,
-            lease_deadline=time.time() + self.lease_s,
+            lease_deadline=deadline,
+            capability=sign(self.secret, self.engine_id, request.request_id, num_tokens, deadline)
+            if self.secret is not None else "",
         )
         return True, handle.to_params(HANDLE)
 

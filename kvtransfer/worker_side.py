@@ -40,8 +40,9 @@ def _ensure_logging() -> None:
 class WorkerSide:
     def __init__(self, *, is_producer: bool, is_consumer: bool, engine_id: str, address: str, transport: str,
                  num_blocks: int, layout_fields: dict[str, object], port_reserved: bool = False,
-                 store: StoreConfig | None = None) -> None:
+                 store: StoreConfig | None = None, secret: bytes | None = None) -> None:
         self.engine_id = engine_id
+        self.secret = secret
         self.is_producer = is_producer
         self.is_consumer = is_consumer
         self.address = address
@@ -74,7 +75,8 @@ class WorkerSide:
         logger.info("Tandem KV layout: %s", kv.layout.to_json())
         if self.is_producer:
             host, port = parse_address(self.address)
-            self.server = BlockServer(host, port, kv, planes, engine_id=self.engine_id, reserved=self.port_reserved)
+            self.server = BlockServer(host, port, kv, planes, engine_id=self.engine_id, reserved=self.port_reserved,
+                                      secret=self.secret)
         if self.is_consumer:
             self.fetcher = BlockFetcher(kv, planes)
         if self.arena is not None and self.store_cfg is not None:

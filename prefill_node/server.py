@@ -17,9 +17,10 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from tandem.errors import InvalidRequest, grpc_status_of
 from tandem.kvtransfer.handle import PRODUCE, TransferHandle
+from tandem.kvtransfer.capability import CapabilityRefused
 from tandem.kvtransfer.transport import TransferError
 from tandem.node.engine import EngineHost
-from tandem.node.handles import MAX_REQUEST_ID_CHARS, handle_to_proto
+from tandem.node.handles import MAX_REQUEST_ID_CHARS, handle_from_proto, handle_to_proto
 from tandem.node.perf import NodePerf
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
@@ -107,7 +108,9 @@ class PrefillServicer(pb_grpc.PrefillNodeServicer):
                                 f"this node's engine is {self.engine.engine_id}; the handle names "
                                 f"{h.engine_id[:80] or 'none'}")
         try:
-            await self.engine.release_held(h.remote_request_id, h.engine_id)
+            await self.engine.release_held(h.remote_request_id, h.engine_id, handle_from_proto(h))
+        except CapabilityRefused as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"release refused: {exc}")
         except (OSError, TransferError) as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"release failed: {exc}")
         HANDLES_RELEASED.inc()

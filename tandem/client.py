@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -18,8 +19,14 @@ class Completion:
     finish: pb.Finish | None = None
 
 
-async def stream(address: str, prompt: str | list[int], *, request_id: str = "", **sampling: object
-                 ) -> AsyncIterator[pb.GenerateResponse]:
+def _auth(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The call's metadata: ``api_key``, else TANDEM_API_KEY, as a bearer token (none when neither is set)."""
+    key = api_key if api_key is not None else os.environ.get("TANDEM_API_KEY", "")
+    return (("authorization", f"Bearer {key}"),) if key else ()
+
+
+async def stream(address: str, prompt: str | list[int], *, request_id: str = "", api_key: str | None = None,
+                 **sampling: object) -> AsyncIterator[pb.GenerateResponse]:
     """Yield the coordinator's Generate messages for one prompt."""
     req = pb.GenerateRequest(request_id=request_id, sampling=pb.SamplingParams(**sampling))  # type: ignore[arg-type]
     if isinstance(prompt, str):
@@ -27,7 +34,7 @@ async def stream(address: str, prompt: str | list[int], *, request_id: str = "",
     else:
         req.token_ids.ids.extend(prompt)
     async with grpc.aio.insecure_channel(address) as ch:
-        async for msg in pb_grpc.CoordinatorStub(ch).Generate(req):
+        async for msg in pb_grpc.CoordinatorStub(ch).Generate(req, metadata=_auth(api_key)):
             yield msg
 
 
@@ -41,6 +48,7 @@ async def complete(address: str, prompt: str | list[int], **kw: object) -> Compl
     return out
 
 
-async def cluster_status(address: str) -> pb.ClusterStatusResponse:
+async def cluster_status(address: str, api_key: str | None = None) -> pb.ClusterStatusResponse:
     async with grpc.aio.insecure_channel(address) as ch:
-        return await pb_grpc.CoordinatorStub(ch).ClusterStatus(pb.ClusterStatusRequest(), timeout=10)
+        return await pb_grpc.CoordinatorStub(ch).ClusterStatus(pb.ClusterStatusRequest(), timeout=10,
+                                                               metadata=_auth(api_key))

@@ -25,6 +25,17 @@ class InvalidRequest(TandemError):
     openai_type = "invalid_request_error"
 
 
+class Unauthenticated(TandemError):
+    """No API key, or one the coordinator does not know: refused before any work."""
+
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
+    openai_type = "authentication_error"
+
+    def details(self) -> dict[str, str]:
+        return {"www-authenticate": "Bearer"}
+
+
 class Unavailable(TandemError):
     """No node can take the request now (an empty pool, a node gone)."""
 

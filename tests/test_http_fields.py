@@ -1,22 +1,59 @@
+"""The OpenAI request bodies: pydantic models, strict, with errors that name the field."""
+
 import pytest
 
-from tandem.coordinator.http_api import COMPLETION_FIELDS, _check_fields, sampling_from_body
+from tandem.coordinator.openai_protocol import ChatRequest, CompletionRequest, DetokenizeRequest, parse
 from tandem.errors import InvalidRequest
 
 
 def test_unknown_fields_and_unsupported_values_are_named() -> None:
-    _check_fields({"prompt": "x", "n": 1, "logprobs": None, "repetition_penalty": 1.0}, COMPLETION_FIELDS)
-    with pytest.raises(InvalidRequest, match="unknown field 'bogus'"):
-        _check_fields({"prompt": "x", "bogus": 1}, COMPLETION_FIELDS)
-    with pytest.raises(InvalidRequest, match="'n' is not supported"):
-        _check_fields({"prompt": "x", "n": 2}, COMPLETION_FIELDS)
+    parse(CompletionRequest, {"prompt": "x", "n": 1, "logprobs": None, "repetition_penalty": 1.0})
+    for body, words in [({"bogus": 1}, "unknown field 'bogus'"), ({"n": 2}, "'n' is not supported"),
+                        ({"stream": True, "stream_options": {"x": 1}}, "unknown field 'stream_options.x'"),
+                        ({"stream_options": {"include_usage": True}}, "only be defined when `stream=True`")]:
+        with pytest.raises(InvalidRequest, match=words.replace("(", r"\(")):
+            parse(CompletionRequest, {"prompt": "x", **body})
+    with pytest.raises(InvalidRequest, match="'tools' is not supported"):
+        parse(ChatRequest, {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]})
+    with pytest.raises(InvalidRequest, match="unknown field 'messages.0.tool_calls'"):
+        parse(ChatRequest, {"messages": [{"role": "user", "content": "x", "tool_calls": []}]})
 
 
-def test_sampling_from_body_types() -> None:
-    s = sampling_from_body({"max_tokens": 5, "temperature": 0, "stop": "x", "seed": 3, "ignore_eos": True})
+def test_sampling_types_are_never_coerced() -> None:
+    s = parse(CompletionRequest, {"prompt": "x", "max_tokens": 5, "temperature": 0, "stop": "x", "seed": 3,
+                                  "ignore_eos": True}).sampling(16)
     assert (s.max_tokens, s.temperature, s.stop, s.seed, s.ignore_eos) == (5, 0.0, ("x",), 3, True)
-    assert sampling_from_body({}).max_tokens == 16
+    assert parse(CompletionRequest, {"prompt": "x"}).sampling(16).max_tokens == 16
     for bad, words in [({"max_tokens": "5"}, "max_tokens"), ({"temperature": "hot"}, "temperature"),
-                       ({"stop": [1]}, "stop"), ({"seed": 1.5}, "seed"), ({"max_tokens": True}, "max_tokens")]:
+                       ({"stop": [1]}, "'stop' must be a string or a list of strings"), ({"seed": 1.5}, "seed"),
+                       ({"max_tokens": True}, "max_tokens"), ({"prompt": [1, "a"]}, "'prompt' must be")]:
         with pytest.raises(InvalidRequest, match=words):
-            sampling_from_body(bad)
+            parse(CompletionRequest, {"prompt": "x", **bad})
+    with pytest.raises(InvalidRequest, match="'tokens.1'"):
+        parse(DetokenizeRequest, {"tokens": [1, "a"]})
+    with pytest.raises(InvalidRequest, match="must be an object"):
+        parse(CompletionRequest, ["x"])
+
+
+def test_chat_takes_max_completion_tokens_and_text_parts() -> None:
+    body = {"messages": [{"role": "system", "content": "be brief"},
+                         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+            "max_tokens": 4, "max_completion_tokens": 7}
+    req = parse(ChatRequest, body)
+    assert req.plain_messages() == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a\nb"}]
+    assert req.sampling(100).max_tokens == 7  # max_completion_tokens supersedes max_tokens, as in vLLM
+    assert parse(ChatRequest, {"messages": body["messages"]}).sampling(100).max_tokens == 100
+    with pytest.raises(InvalidRequest, match="type 'image_url': this server takes text parts only"):
+        parse(ChatRequest, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
+    with pytest.raises(InvalidRequest, match="'messages.0.content' must be a string or a list of text parts"):
+        parse(ChatRequest, {"messages": [{"role": "user", "content": 5}]})
+    with pytest.raises(InvalidRequest, match="'messages'"):
+        parse(ChatRequest, {"messages": []})
+
+
+def test_a_batch_of_prompts_is_refused_by_name() -> None:
+    assert parse(CompletionRequest, {"prompt": ["one"]}).text_or_ids() == ("one", None)
+    assert parse(CompletionRequest, {"prompt": [3, 4]}).text_or_ids() == (None, [3, 4])
+    for prompt, words in [(["a", "b"], "batches are not supported"), ([], "empty prompt"), ("", "empty prompt")]:
+        with pytest.raises(InvalidRequest, match=words):
+            parse(CompletionRequest, {"prompt": prompt}).text_or_ids()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from tandem.kvtransfer.capability import CapabilityRefused, load_secret, sign, write_secret
 from tandem.kvtransfer.fetcher import BlockFetcher, LoadJob, release_remote
 from tandem.kvtransfer.handle import TransferHandle
 from tandem.kvtransfer.layout import KVLayout, KVLayoutMismatch
@@ -243,3 +246,75 @@ def test_a_reserved_port_is_kept_from_others_and_serves_the_block_server() -> No
     finally:
         fetcher.close()
         server.close()
+
+
+# the authenticated KV data plane: a block server with a cluster secret sends nothing for a
+# handle it did not issue, whose capability was forged or expired, or that was released
+SECRET = b"s" * 40
+ENGINE = "prefill-0-abcd1234"
+
+
+def handle(address: str, req: str, blocks: list[int], *, secret: bytes | None = SECRET, lease_s: float = 30,
+           engine: str = ENGINE, num_tokens: int = 64) -> TransferHandle:
+    deadline = time.time() + lease_s
+    cap = sign(secret, engine, req, num_tokens, deadline) if secret else ""
+    return TransferHandle(engine_id=engine, address=address, remote_request_id=req, block_ids=blocks,
+                          num_tokens=num_tokens, lease_deadline=deadline, capability=cap)
+
+
+def test_only_a_handle_the_engine_signed_gets_blocks() -> None:
+    src, dst = paged("random"), paged("zeros")
+    server = BlockServer("127.0.0.1", 0, src, make_data_planes("tcp"), engine_id=ENGINE, secret=SECRET)
+    fetcher = BlockFetcher(dst, make_data_planes("tcp"))
+    try:
+        server.holds.hold("r1", [3, 4], lease_s=30)
+        good = handle(server.address, "r1", [3, 4])
+        refused = {
+            "unsigned": handle(server.address, "r1", [3, 4], secret=None),
+            "another secret": handle(server.address, "r1", [3, 4], secret=b"x" * 40),
+            "another request's": TransferHandle(**{**good.__dict__, "remote_request_id": "r2"}),
+            "a later deadline": TransferHandle(**{**good.__dict__, "lease_deadline": good.lease_deadline + 60}),
+            "expired": handle(server.address, "r1", [3, 4], lease_s=-1),
+        }
+        for name, h in refused.items():
+            fetcher.submit(LoadJob(f"bad-{name}", h, [3, 4], [0, 1]))
+            done, failed = wait_results(fetcher)
+            assert failed == {f"bad-{name}"}, name
+        assert not any(v.any() for v in dst.views)  # not one byte arrived
+        assert server.holds.num_blocks_held() == 2
+        # a release needs the capability too
+        with pytest.raises(CapabilityRefused, match="does not match"):
+            release_remote(server.address, "r1", ENGINE, handle=refused["another secret"])
+        with pytest.raises(CapabilityRefused, match="no KV capability"):
+            release_remote(server.address, "r1", ENGINE)
+        assert server.holds.num_blocks_held() == 2
+        fetcher.submit(LoadJob("good", good, [3, 4], [0, 1]))
+        done, failed = wait_results(fetcher)
+        assert done == {"good"} and not failed
+        for s, d in zip(src.views, dst.views):
+            assert torch.equal(d[[0, 1]], s[[3, 4]])
+        # after the fetch freed it (and after a release): nothing, even with a valid capability
+        server.holds.hold("r5", [6], lease_s=30)
+        h5 = handle(server.address, "r5", [6])
+        release_remote(server.address, "r5", ENGINE, handle=h5)
+        for again, h, blocks in (("again", good, [3, 4]), ("released", h5, [6])):
+            fetcher.submit(LoadJob(again, h, blocks, [8, 9][:len(blocks)]))
+            done, failed = wait_results(fetcher, timeout_s=30)
+            assert failed == {again}
+        assert not any(v[[8, 9]].any() for v in dst.views)
+    finally:
+        fetcher.close()
+        server.close()
+
+
+def test_secret_files_are_long_and_private(tmp_path: Path) -> None:
+    path = write_secret(tmp_path / "secret")
+    assert len(load_secret(path)) >= 32 and (os.stat(path).st_mode & 0o777) == 0o600
+    os.chmod(path, 0o644)
+    with pytest.raises(ValueError, match="readable by its owner only"):
+        load_secret(path)
+    short = tmp_path / "short"
+    short.write_text("abc")
+    os.chmod(short, 0o600)
+    with pytest.raises(ValueError, match="at least 32 bytes"):
+        load_secret(short)

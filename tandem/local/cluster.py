@@ -186,6 +186,10 @@ class ClusterSpec:
     supervise: bool = False  # restart daemons that die or stop answering (tandem up: on)
     kvstore_ram_gib: float = 0.0  # each node's KV store RAM tier; 0: no store
     kvstore_root: str = ""  # each node's disk tier in <root>/<node name>; empty: RAM only
+    # The nodes' shared KV secret (capability.py): this file, or (empty) a new one in the log dir;
+    # kv_auth False runs the KV ports unauthenticated.
+    kv_secret_file: str = ""
+    kv_auth: bool = True
 
 
 class LocalCluster:
@@ -199,6 +203,16 @@ class LocalCluster:
         self.coordinators: list[Daemon] = []
         self.nodes: list[Daemon] = []
         self.supervisor: Supervisor | None = None
+
+    def _kv_secret(self) -> str:
+        if not self.spec.kv_auth:
+            return ""
+        if self.spec.kv_secret_file:
+            return self.spec.kv_secret_file
+        from tandem.kvtransfer.capability import write_secret
+
+        path = self.log_dir / "kv-secret"
+        return str(path if path.exists() else write_secret(path))
 
     def _kvstore_args(self, name: str) -> list[str]:
         s = self.spec
@@ -237,6 +251,7 @@ class LocalCluster:
                 self.etcd = LocalEtcd(s.host).start()
                 self.etcd_url = self.etcd.url
             common = ["--etcd", self.etcd_url, "--cluster", s.cluster, "--model", s.model, "--host", s.host]
+            secret = self._kv_secret()
             for i in range(s.num_coordinators):
                 name = "coordinator" if i == 0 else f"coordinator-{i}"
                 fixed = i == 0  # the spec's ports are the first coordinator's
@@ -260,6 +275,7 @@ class LocalCluster:
                                  "--kv-cache-gib", str(s.kv_cache_gib),
                                  "--decode-kv-cache-gib", str(s.decode_kv_cache_gib),
                                  "--kv-transport", s.transport,
+                                 *(["--kv-secret-file", secret] if secret else []),
                                  "--ttl-s", str(s.ttl_s), "--kv-lease-s", str(s.lease_s),
                                  *(["--max-model-len", str(s.max_model_len)] if s.max_model_len else []),
                                  *self._kvstore_args(name), *s.extra_node_args, *s.node_args.get(name, []))

@@ -34,6 +34,7 @@ class NodeConfig:
     grpc_port: int = 0
     kv_port: int = 0
     kv_advertise: str = ""  # host:port put in KV handles; empty: host:kv_port
+    kv_secret_file: str = ""  # the cluster's KV secret (kvtransfer/capability.py); empty: unauthenticated
     metrics_port: int = 0
     cores: str = ""
     kv_cache_gib: float = 1.0  # fractions too (benchmarks shrink the engine's cache below a working set)
@@ -97,6 +98,13 @@ class NodeConfig:
             self.kv_cache_gib = self.decode_kv_cache_gib
         if self.lease_s <= 0 or self.ttl_s <= 0:
             raise ValueError("--kv-lease-s and --ttl-s must be positive")
+        if self.kv_secret_file:
+            from tandem.kvtransfer.capability import load_secret
+
+            try:
+                load_secret(self.kv_secret_file)  # ValueError: short, or readable by others
+            except OSError as exc:
+                raise ValueError(f"--kv-secret-file: {exc}") from exc
         if self.kv_advertise:
             from tandem.kvtransfer.wire import parse_address
 
@@ -206,6 +214,10 @@ def add_node_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kv-advertise", default=_env("kv_advertise", ""),
                     help="HOST:PORT that decode nodes dial for this node's KV, when they reach it through "
                          "something in between (a NAT, a proxy); default HOST:KV_PORT")
+    ap.add_argument("--kv-secret-file", default=_env("kv_secret_file", ""),
+                    help="the cluster's KV secret (the same file on every node, mode 600): each KV handle "
+                         "carries a capability signed with it, and this node's block server sends blocks only "
+                         "for a valid one. Without it the KV port serves anyone who names a held request.")
     ap.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 0)))  # type: ignore[arg-type]
     ap.add_argument("--cores", default=_env("cores", ""), help="CPU cores the whole node runs on (daemon, vLLM engine core and worker), e.g. 0 or 0-3")
     ap.add_argument("--kv-cache-gib", type=float, default=float(_env("kv_cache_gib", 1)),  # type: ignore[arg-type]

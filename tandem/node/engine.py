@@ -91,6 +91,7 @@ class EngineHost:
                     "port_reserved": self.kv_port_reserved,
                     "lease_s": cfg.lease_s,
                     "transport": cfg.transport,
+                    "kv_secret_file": cfg.kv_secret_file,
                     **self._kvstore_config(),
                 },
             },
@@ -199,14 +200,14 @@ class EngineHost:
             if not finished:
                 await self.abort(request_id)
 
-    async def release_held(self, remote_request_id: str, engine_id: str) -> None:
+    async def release_held(self, remote_request_id: str, engine_id: str, handle: Any = None) -> None:
         """Free the blocks this engine holds for a request's fetch (OSError / TransferError when its
-        block server cannot be reached)."""
+        block server cannot be reached; CapabilityRefused when ``handle`` lacks a valid capability)."""
         from tandem.kvtransfer.fetcher import release_remote
 
         # Always this node's own block server, whatever address a handle names.
-        await asyncio.get_running_loop().run_in_executor(None, release_remote, self.kv_address, remote_request_id,
-                                                         engine_id)
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: release_remote(self.kv_address, remote_request_id, engine_id, handle=handle))
 
     async def abort(self, request_id: str) -> None:
         logger.info("request %s: aborting in the engine", request_id)

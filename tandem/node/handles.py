@@ -16,12 +16,14 @@ MAX_REQUEST_ID_CHARS = 256
 
 def handle_to_proto(h: TransferHandle) -> pb.KVHandle:
     return pb.KVHandle(engine_id=h.engine_id, address=h.address, remote_request_id=h.remote_request_id,
-                       block_ids=h.block_ids, num_tokens=h.num_tokens, lease_deadline=h.lease_deadline)
+                       block_ids=h.block_ids, num_tokens=h.num_tokens, lease_deadline=h.lease_deadline,
+                       capability=h.capability)
 
 
 def handle_from_proto(m: pb.KVHandle) -> TransferHandle:
     return TransferHandle(engine_id=m.engine_id, address=m.address, remote_request_id=m.remote_request_id,
-                          block_ids=list(m.block_ids), num_tokens=m.num_tokens, lease_deadline=m.lease_deadline)
+                          block_ids=list(m.block_ids), num_tokens=m.num_tokens, lease_deadline=m.lease_deadline,
+                          capability=m.capability)
 
 
 def consume_params(m: pb.KVHandle) -> dict[str, Any]:

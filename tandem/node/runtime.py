@@ -55,6 +55,9 @@ async def run_node(cfg: NodeConfig, service_name: str,
     """Start the engine, serve gRPC + /metrics, register in etcd; run until SIGINT/SIGTERM
     (exit code 0) or until the engine dies (ENGINE_DEAD_EXIT)."""
     logger.info("starting %s node: %s", cfg.role, cfg.describe())
+    if not cfg.kv_secret_file and not cfg.simulate:
+        logger.warning("no --kv-secret-file: this node's KV port sends held blocks to anyone who can reach it "
+                       "and names the request (give every node the cluster's secret file)")
     # The KV port (given, or picked now) is bound by vLLM's worker tens of seconds later;
     # meanwhile vLLM's own ZMQ sockets took it once (a failed start). Hold it until the block
     # server is up.

