@@ -7,8 +7,8 @@ and the start-up log. Clients send ``Authorization: Bearer KEY`` (HTTP header or
 gRPC metadata). With keys on, a request's tenant is its key's: a tenant the
 client names itself is ignored. Presented keys are hashed and compared with every
 known key's hash in constant time; the file is read again when it changes
-(checked at most once a second), and a file that no longer parses leaves the
-keys as they were, with an error in the log. No key ever goes into a log line
+(checked at most once a second): a file that no longer parses leaves the keys
+as they were, with an error in the log; a file removed revokes its keys. No key ever goes into a log line
 or a metric label.
 """
 
@@ -21,7 +21,7 @@ import os
 import time
 from pathlib import Path
 
-from tandem.errors import Unauthenticated
+from tandem.errors import InvalidRequest, Unauthenticated
 
 from .traffic import check_tenant
 
@@ -43,14 +43,18 @@ def parse_keys(text: str, where: str, sep: str = "\n") -> list[tuple[bytes, str]
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
+        # An entry that fails is named by its number only: written the wrong way round, what
+        # stands where the tenant should is a key.
         tenant, eq, key = line.partition("=")
         tenant, key = tenant.strip(), key.strip()
         if not eq or not tenant or not key:
             raise ValueError(f"{where}, entry {n}: expected TENANT=KEY")
         if len(key) < MIN_KEY_CHARS:
-            raise ValueError(f"{where}, entry {n} (tenant {tenant!r}): a key needs at least {MIN_KEY_CHARS} "
-                             "characters")
-        check_tenant(tenant)
+            raise ValueError(f"{where}, entry {n}: a key needs at least {MIN_KEY_CHARS} characters")
+        try:
+            check_tenant(tenant)
+        except InvalidRequest as exc:
+            raise ValueError(f"{where}, entry {n}: {exc}") from None
         out.append((_digest(key), tenant))
     digests = [d for d, _ in out]
     if len(set(digests)) != len(digests):
@@ -79,7 +83,8 @@ class ApiKeys:
         if self.path is not None:
             self._stamp = self._file_stamp()
             self._from_file = parse_keys(self.path.read_text(), str(self.path))  # a bad file stops the start
-        self.enabled = self.path is not None or bool(self._from_env)
+        # a set variable turns keys on even when it names none (then nothing gets in)
+        self.enabled = self.path is not None or bool(self._env.strip())
         if self.enabled:
             self._log_counts("API keys on")
 
@@ -107,6 +112,11 @@ class ApiKeys:
             self._from_file = parse_keys(self.path.read_text(), str(self.path))
             self._stamp = stamp
             self._log_counts("API keys reloaded")
+        except FileNotFoundError:  # removed: its keys are revoked
+            if self._from_file or self._stamp is not None:
+                logger.error("API keys file %s is gone: its keys no longer get in", self.path)
+            self._from_file, self._stamp = [], None
+            return
         except (OSError, ValueError) as exc:
             if str(exc) != self._last_error:  # once per problem, not once a second
                 logger.error("API keys file %s changed but cannot be used (the previous keys stay): %s",
@@ -123,7 +133,8 @@ class ApiKeys:
         scheme, _, presented = (authorization or "").strip().partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
             raise Unauthenticated("an API key is required: send 'Authorization: Bearer KEY'")
-        d = _digest(presented.strip())
+        # surrogateescape: aiohttp hands over a non-UTF-8 header byte as a surrogate
+        d = hashlib.sha256(presented.strip().encode(errors="surrogateescape")).digest()
         found = ""
         for known, tenant in self._from_env + self._from_file:  # every entry, match or not: constant time
             if hmac.compare_digest(d, known):

@@ -227,7 +227,8 @@ class OpenAIHttp:
         body: proto.DetokenizeRequest = proto.parse(proto.DetokenizeRequest, await self._json(request))
         self.pipeline.check_model(body.model or "")
         self.pipeline.codec.check_ids(body.tokens)
-        return web.json_response({"prompt": self.pipeline.codec.tok.decode(body.tokens)})
+        # special tokens kept, as vLLM's /detokenize
+        return web.json_response({"prompt": self.pipeline.codec.tok.decode(body.tokens, skip_special_tokens=False)})
 
     async def version(self, request: web.Request) -> web.Response:
         return web.json_response({"version": tandem.__version__})
@@ -238,7 +239,7 @@ class OpenAIHttp:
 
     async def ready(self, request: web.Request) -> web.Response:
         """Readiness: both pools have a node, so a request can be served."""
-        pools = self._pools()
+        pools = {r: len(self.pipeline.router.routable_nodes(r)) for r in ("prefill", "decode")}
         ok = all(pools.values())
         return web.json_response({"status": "ready" if ok else "not ready", "nodes": pools},
                                  status=200 if ok else 503)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ from aiohttp import web
 from tandem.grpcserve import StopSignals, start_grpc
 from tandem.membership import MembershipView
 from tandem.proto import tandem_pb2_grpc as pb_grpc
+from tandem.tls import TlsConfig, add_tls_args
 
 from .admission import MODES, Admission, Slo
 from .prefillq import ORDERS, PrefillOrder
@@ -58,6 +60,14 @@ class CoordinatorConfig:
     batch_queue: int = 256
     batch_max_wait_s: float = 300.0
     api_keys_file: str = ""  # TENANT=KEY lines (auth.py); TANDEM_API_KEYS adds keys from the environment
+    tls_cert: str = ""  # tandem/tls.py: TLS on the gRPC and HTTP ports, mutual TLS to the nodes
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_client_auth: str = "required"
+
+    @property
+    def tls(self) -> TlsConfig:
+        return TlsConfig(self.tls_cert, self.tls_key, self.tls_ca, self.tls_client_auth)
 
     def finish(self) -> CoordinatorConfig:
         if not self.model or not Path(self.model).is_dir():
@@ -93,6 +103,7 @@ class CoordinatorConfig:
         if self.api_keys_file and not Path(self.api_keys_file).is_file():
             raise ValueError(f"--api-keys-file {self.api_keys_file!r} is not a file")
         check_keys(self.api_keys_file)  # ValueError naming the entry, never the key
+        self.tls.check()
         if not self.served_model_name:
             self.served_model_name = Path(self.model).name
         if not self.max_model_len:
@@ -159,6 +170,7 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
                     help="require an API key (Authorization: Bearer KEY) on every request; the file has one "
                          "TENANT=KEY a line and is read again when it changes. TANDEM_API_KEYS (TENANT=KEY,...) "
                          "adds keys from the environment. A request's tenant is its key's.")
+    add_tls_args(ap, front_door=True)
     ap.add_argument("--slo-ttft-ms", type=float, default=float(env("TANDEM_SLO_TTFT_MS", "0")),
                     help="default TTFT objective for requests that set none (0: none)")
     ap.add_argument("--slo-tpot-ms", type=float, default=float(env("TANDEM_SLO_TPOT_MS", "0")),
@@ -175,7 +187,8 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
     signals = StopSignals()
     keys = ApiKeys(cfg.api_keys_file)  # before anything starts: a bad file is a clear error
     codec = TextCodec(cfg.model)
-    router = Router(cfg.served_model_name, pool_wait_s=cfg.pool_wait_s, probe_timeout_s=cfg.probe_timeout_s)
+    router = Router(cfg.served_model_name, pool_wait_s=cfg.pool_wait_s, probe_timeout_s=cfg.probe_timeout_s,
+                    tls=cfg.tls)
     view = MembershipView(cfg.etcd, cfg.cluster, on_change=router.on_membership)
     await view.start()
 
@@ -194,20 +207,26 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
 
     grpc_server = await start_grpc(
         cfg.host, cfg.grpc_port, SERVICE_NAME,
-        lambda server: pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(pipeline, cfg.cluster, keys), server))
+        lambda server: pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(pipeline, cfg.cluster, keys), server),
+        tls=cfg.tls)
 
     http = OpenAIHttp(pipeline, keys)
     runner = web.AppRunner(http.app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.http_port)
+    ssl_ctx = cfg.tls.server_ssl_context() if cfg.tls.on else None
+    reloading = asyncio.get_running_loop().create_task(cfg.tls.keep_reloading(ssl_ctx)) if ssl_ctx else None
+    site = web.TCPSite(runner, cfg.host, cfg.http_port, ssl_context=ssl_ctx)
     await site.start()
     http_port = runner.addresses[0][1]
-    print(f"TANDEM_READY role=coordinator grpc={cfg.host}:{grpc_server.port} http=http://{cfg.host}:{http_port}",
+    scheme = "https" if ssl_ctx else "http"
+    print(f"TANDEM_READY role=coordinator grpc={cfg.host}:{grpc_server.port} http={scheme}://{cfg.host}:{http_port}",
           flush=True)
     try:
         await signals.first.wait()
         logger.info("shutting down coordinator")
     finally:
+        if reloading is not None:
+            reloading.cancel()
         await grpc_server.stop()
         await runner.cleanup()
         await view.close()

@@ -34,6 +34,11 @@ CHAT_NEUTRAL: dict[str, tuple[object, ...]] = {
 }
 
 
+def _same(value: object, allowed: object) -> bool:
+    """Equal and of the same type: ``true`` is not 1, ``0`` is not ``false``."""
+    return type(value) is type(allowed) and value == allowed
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -120,7 +125,7 @@ class _Common(_Strict):
             raise InvalidRequest("the JSON body must be an object")
         neutral = {**NEUTRAL, **(CHAT_NEUTRAL if cls is ChatRequest else {})}
         for k, allowed in neutral.items():
-            if k in data and data[k] not in allowed:
+            if k in data and not any(_same(data[k], a) for a in allowed):
                 raise InvalidRequest(f"'{k}' is not supported by this server (only {allowed[0]!r})")
         if data.get("stream_options") and not data.get("stream"):
             raise InvalidRequest("Stream options can only be defined when `stream=True`.")
@@ -148,7 +153,8 @@ class _Common(_Strict):
     def usage_options(self) -> tuple[bool, bool]:
         """(a usage chunk at the end, usage on every chunk)."""
         o = self.stream_options
-        return (bool(o and o.include_usage), bool(o and o.continuous_usage_stats))
+        usage = bool(o and o.include_usage)
+        return usage, usage and bool(o and o.continuous_usage_stats)  # as vLLM: only with include_usage
 
 
 class CompletionRequest(_Common):
@@ -194,6 +200,8 @@ class TokenizeChat(_Strict):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: Literal[True] = True
+    add_special_tokens: Literal[False] = False  # vLLM's chat default; the template has them
+    continue_final_message: Literal[False] = False
     return_token_strs: bool = False
 
     def plain_messages(self) -> list[dict[str, str]]:

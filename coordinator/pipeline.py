@@ -251,6 +251,7 @@ class Pipeline:
         m.PROMPT_TOKENS.inc(len(req.prompt_ids))
         status = "error"
         got_token = False
+        produced = 0
         try:
             # aclosing: a client that goes away closes _serve here and now (its decode call is
             # cancelled, its KV hold released), not whenever the generator is collected.
@@ -260,11 +261,15 @@ class Pipeline:
                         status = ev.reason
                     elif isinstance(ev, TokenEvent) and ev.token_ids:
                         got_token = True
+                        produced += len(ev.token_ids)
                     yield ev
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
             raise
         finally:
+            # What it reserved and did not produce goes back (a chat request with no limit
+            # reserves the rest of the context).
+            self.quotas.refund(req.tenant, max(0, req.sampling.max_tokens - produced))
             m.RUNNING.dec()
             m.REQUESTS.labels(status).inc()
             if status == "cancelled":

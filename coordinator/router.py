@@ -42,6 +42,7 @@ from tandem.membership import NodeRecord
 from tandem.perfmodel import FitView, ModelView
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
+from tandem.tls import TlsConfig
 
 from . import metrics as m
 
@@ -131,8 +132,9 @@ class NodeClient:
 
 class Router:
     def __init__(self, model: str, pool_wait_s: float = 10.0, probe_timeout_s: float = 1.0,
-                 watch_loads: bool = True) -> None:
+                 watch_loads: bool = True, tls: TlsConfig | None = None) -> None:
         self.model = model
+        self.tls = tls or TlsConfig()  # mutual TLS to the nodes when on
         self.pool_wait_s = pool_wait_s
         self.probe_timeout_s = probe_timeout_s
         self.watch_loads = watch_loads  # off in unit tests whose nodes are fakes
@@ -172,7 +174,7 @@ class Router:
                 for kind in old.bias:
                     with contextlib.suppress(KeyError):
                         CALIBRATION.remove(node_id, kind)
-            node = NodeClient(record, grpc.aio.insecure_channel(record.grpc_address, options=CHANNEL_OPTIONS))
+            node = NodeClient(record, self.tls.aio_channel(record.grpc_address, options=CHANNEL_OPTIONS))
             self._nodes[node_id] = node
             if self.watch_loads:
                 node.watcher = asyncio.get_running_loop().create_task(self._watch(node), name=f"load-{node_id}")

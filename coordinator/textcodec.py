@@ -63,7 +63,7 @@ class FastTokenizer:
         """The same ids; the GIL released while it runs (for a worker thread)."""
         return list(self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
 
-    def convert_ids_to_tokens(self, ids: list[int]) -> list[str | None]:
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str | None]:  # as transformers' tokenizers
         return [self._tok.id_to_token(i) for i in ids]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

@@ -10,11 +10,11 @@ or the client's own deadline) or when the queue is full. So under overload
 batch work stops first and interactive requests are refused only once no
 batch work is left to stop.
 
-Quotas. Each tenant (a request field; API keys will map to tenants later) has
+Quotas. Each tenant (a request field, or with API keys on the key's tenant) has
 a token bucket of ``rate`` tokens a second holding at most ``burst_s`` seconds
-of them; a request costs its prompt tokens plus ``max_tokens`` and is refused
+of them; a request reserves its prompt tokens plus ``max_tokens`` and is refused
 (429, with the Retry-After when the bucket will hold enough) when the bucket
-cannot pay. Tenants without a quota of their own share none: the default
+cannot pay; the output tokens it did not produce go back when it ends. Tenants without a quota of their own share none: the default
 quota applies to each of them separately; no default means unlimited.
 """
 

@@ -184,6 +184,6 @@ class WorkerSide:
         if self.server is not None:
             self.server.close()
         if self.fetcher is not None:
-            self.fetcher.close()
+            self.fetcher.close(wait_s=2.0)  # its lanes' UCX endpoints go before the process does
         if self.copier is not None:
             self.copier.close()

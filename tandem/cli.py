@@ -119,7 +119,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.seed is not None:
             kw["seed"] = args.seed
         try:
-            async for msg in stream(args.target, args.prompt, **kw):
+            async for msg in stream(args.target, args.prompt, tls=_client_tls(args), **kw):
                 n += len(msg.token_ids)
                 sys.stdout.write(msg.text)
                 sys.stdout.flush()
@@ -137,13 +137,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+def _client_tls(args: argparse.Namespace) -> "TlsConfig":
+    from .tls import TlsConfig
+
+    return TlsConfig(args.tls_cert, args.tls_key, args.tls_ca).check()
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from .tls import cmd_certs
+
+    return cmd_certs(args)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import grpc
 
     from .client import cluster_status
 
     try:
-        st = asyncio.run(cluster_status(args.target))
+        st = asyncio.run(cluster_status(args.target, tls=_client_tls(args)))
     except grpc.aio.AioRpcError as exc:
         print(f"tandem status: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
@@ -226,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tandem.coordinator.main import add_coordinator_args
 
     from .node.config import add_node_args
+    from .tls import add_tls_args
 
     ap = argparse.ArgumentParser(prog="tandem", description="Disaggregated prefill/decode LLM serving")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -284,10 +297,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
+    add_tls_args(g)
     g.set_defaults(fn=cmd_generate)
+
+    ce = sub.add_parser("certs", help="a development CA and certificates for TLS between the daemons and their "
+                                      "clients")
+    ce_sub = ce.add_subparsers(dest="certs_cmd", required=True)
+    mk = ce_sub.add_parser("make", help="write ca.pem, server.pem (the daemons') and client.pem, with their keys; "
+                                        "again in the same DIR: new certificates from the same CA (the daemons "
+                                        "reload them)")
+    mk.add_argument("dir")
+    mk.add_argument("--hosts", default="", help="the daemons' host names and addresses, comma separated (localhost "
+                                                "and 127.0.0.1 are always in)")
+    mk.add_argument("--days", type=int, default=365)
+    mk.set_defaults(fn=_cmd_certs)
 
     st = sub.add_parser("status", help="show the cluster's nodes and their load")
     st.add_argument("--target", default=DEFAULT_COORDINATOR)
+    add_tls_args(st)
     st.set_defaults(fn=cmd_status)
 
     dr = sub.add_parser("drain", help="let a node finish its work, take no new work, and exit")

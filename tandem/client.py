@@ -6,10 +6,9 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import grpc
-
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
+from tandem.tls import TlsConfig
 
 
 @dataclass
@@ -26,14 +25,14 @@ def _auth(api_key: str | None) -> tuple[tuple[str, str], ...]:
 
 
 async def stream(address: str, prompt: str | list[int], *, request_id: str = "", api_key: str | None = None,
-                 **sampling: object) -> AsyncIterator[pb.GenerateResponse]:
+                 tls: TlsConfig | None = None, **sampling: object) -> AsyncIterator[pb.GenerateResponse]:
     """Yield the coordinator's Generate messages for one prompt."""
     req = pb.GenerateRequest(request_id=request_id, sampling=pb.SamplingParams(**sampling))  # type: ignore[arg-type]
     if isinstance(prompt, str):
         req.text = prompt
     else:
         req.token_ids.ids.extend(prompt)
-    async with grpc.aio.insecure_channel(address) as ch:
+    async with (tls or TlsConfig()).aio_channel(address) as ch:
         async for msg in pb_grpc.CoordinatorStub(ch).Generate(req, metadata=_auth(api_key)):
             yield msg
 
@@ -48,7 +47,8 @@ async def complete(address: str, prompt: str | list[int], **kw: object) -> Compl
     return out
 
 
-async def cluster_status(address: str, api_key: str | None = None) -> pb.ClusterStatusResponse:
-    async with grpc.aio.insecure_channel(address) as ch:
+async def cluster_status(address: str, api_key: str | None = None, tls: TlsConfig | None = None
+                         ) -> pb.ClusterStatusResponse:
+    async with (tls or TlsConfig()).aio_channel(address) as ch:
         return await pb_grpc.CoordinatorStub(ch).ClusterStatus(pb.ClusterStatusRequest(), timeout=10,
                                                                metadata=_auth(api_key))

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter
 
 from .logs import RateLimitedLog
+from .tls import TlsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -105,17 +106,20 @@ class GrpcServer:
 
 
 async def start_grpc(host: str, port: int, service_name: str, add_servicer: Callable[[grpc.aio.Server], None],
-                     more_services: tuple[str, ...] = ()) -> GrpcServer:
+                     more_services: tuple[str, ...] = (), tls: TlsConfig | None = None) -> GrpcServer:
     """Start a server with ``service_name`` (and ``more_services``, which ``add_servicer`` adds too)
     plus health and reflection; mark it SERVING. ``add_servicer`` gets a server whose registered
-    methods are guarded against malformed bytes."""
+    methods are guarded against malformed bytes. ``tls`` (when on): TLS, mutual with a CA."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
     add_servicer(_GuardedServer(server))  # type: ignore[arg-type]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((service_name, *more_services, health.SERVICE_NAME,
                                          reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is not None and tls.on:
+        bound = server.add_secure_port(f"{host}:{port}", tls.server_credentials())
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     out = GrpcServer(server, health_servicer, bound, (service_name,))
     await out.set_serving(True)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from .errors import InvalidRequest
 
 MAX_STOP_STRINGS = 16
+INT32_MAX = 2**31 - 1  # the wire's top_k (SamplingParams is int32 there)
 
 
 @dataclass(frozen=True)
@@ -33,12 +35,14 @@ class Sampling:
             raise InvalidRequest(
                 f"prompt ({prompt_len} tokens) plus max_tokens ({self.max_tokens}) is "
                 f"{prompt_len + self.max_tokens}, past the model's context of {max_model_len} tokens")
-        if not self.temperature >= 0.0:
-            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 <= self.temperature < math.inf:
+            raise InvalidRequest(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InvalidRequest(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if not 0 <= self.top_k <= INT32_MAX:
+            raise InvalidRequest(f"top_k must be in [0, {INT32_MAX}] (0 turns it off), got {self.top_k}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise InvalidRequest(f"seed must fit in 64 bits, got {self.seed}")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             raise InvalidRequest(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         if len(self.stop) > MAX_STOP_STRINGS or any(not s for s in self.stop):

@@ -36,8 +36,29 @@ def test_bad_entries_are_named_by_line_never_by_key(tmp_path: Path) -> None:
         assert A not in str(ei.value) and "short" not in str(ei.value)
     f = tmp_path / "keys"
     f.write_text("acme=short\n")
-    with pytest.raises(ValueError, match=f"{f}, entry 1 \\(tenant 'acme'\\): a key needs at least"):
+    with pytest.raises(ValueError, match=f"{f}, entry 1: a key needs at least"):
         check_keys(str(f))
+    # written the wrong way round, the key stands where the tenant should: never repeated
+    for line in (f"{A}=acme", f"{A}=", f"{'x' * 70}={A}"):
+        with pytest.raises(ValueError, match="entry 1") as ei:
+            parse_keys(line, "keys")
+        assert A not in str(ei.value) and "x" * 70 not in str(ei.value)
+
+
+def test_a_removed_file_revokes_its_keys_and_a_blank_variable_still_turns_keys_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(auth, "RELOAD_CHECK_S", 0.0)
+    f = tmp_path / "keys"
+    f.write_text(f"acme={A}\n")
+    keys = ApiKeys(str(f), env="")
+    assert keys.tenant(f"Bearer {A}", "") == "acme"
+    f.unlink()
+    with pytest.raises(Unauthenticated):
+        keys.tenant(f"Bearer {A}", "")
+    with pytest.raises(Unauthenticated):
+        ApiKeys(env=" , ").tenant(f"Bearer {A}", "")
+    with pytest.raises(Unauthenticated):  # a header byte that is not UTF-8 (aiohttp's surrogate)
+        ApiKeys(env=f"ops={A}").tenant("Bearer \udcff", "")
 
 
 def test_a_changed_file_is_read_again_and_a_broken_one_keeps_the_old_keys(

@@ -10,7 +10,8 @@ def test_unknown_fields_and_unsupported_values_are_named() -> None:
     parse(CompletionRequest, {"prompt": "x", "n": 1, "logprobs": None, "repetition_penalty": 1.0})
     for body, words in [({"bogus": 1}, "unknown field 'bogus'"), ({"n": 2}, "'n' is not supported"),
                         ({"stream": True, "stream_options": {"x": 1}}, "unknown field 'stream_options.x'"),
-                        ({"stream_options": {"include_usage": True}}, "only be defined when `stream=True`")]:
+                        ({"stream_options": {"include_usage": True}}, "only be defined when `stream=True`"),
+                        ({"n": True}, "'n' is not supported"), ({"echo": 0}, "'echo' is not supported")]:
         with pytest.raises(InvalidRequest, match=words.replace("(", r"\(")):
             parse(CompletionRequest, {"prompt": "x", **body})
     with pytest.raises(InvalidRequest, match="'tools' is not supported"):
@@ -57,3 +58,21 @@ def test_a_batch_of_prompts_is_refused_by_name() -> None:
     for prompt, words in [(["a", "b"], "batches are not supported"), ([], "empty prompt"), ("", "empty prompt")]:
         with pytest.raises(InvalidRequest, match=words):
             parse(CompletionRequest, {"prompt": prompt}).text_or_ids()
+
+
+def test_usage_on_every_chunk_only_with_include_usage_as_vllm() -> None:
+    def opts(o: dict) -> tuple[bool, bool]:
+        return parse(CompletionRequest, {"prompt": "x", "stream": True, "stream_options": o}).usage_options()
+
+    assert opts({"include_usage": True, "continuous_usage_stats": True}) == (True, True)
+    assert opts({"continuous_usage_stats": True}) == (False, False)
+    assert opts({"include_usage": True}) == (True, False)
+
+
+def test_out_of_range_sampling_is_a_clear_error_not_a_crash_on_the_wire() -> None:
+    from tandem.sampling import Sampling
+
+    for s, words in [(Sampling(top_k=2**40), "top_k"), (Sampling(seed=2**70), "seed"),
+                     (Sampling(temperature=float("inf")), "temperature")]:
+        with pytest.raises(InvalidRequest, match=words):
+            s.validate(1, 100)

@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from .etcd_server import LocalEtcd
 from tandem.netutil import free_port
 from tandem.node.config import READY_LINE, RESTARTING_LINE, core_spec
+from tandem.tls import TlsConfig
 from .supervisor import OK, REFUSED, SILENT, Event, Supervisor
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class Daemon:
     argv: list[str]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    tls: TlsConfig = field(default_factory=TlsConfig)  # what its health probe dials with
     proc: subprocess.Popen[str] | None = None
     info: dict[str, str] = field(default_factory=dict)
     ready: threading.Event = field(default_factory=threading.Event)
@@ -87,7 +89,7 @@ class Daemon:
         address = self.info.get("grpc")
         if not address:
             return REFUSED
-        with grpc.insecure_channel(address) as ch:
+        with self.tls.channel(address) as ch:
             try:
                 resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
             except grpc.RpcError as exc:
@@ -190,6 +192,9 @@ class ClusterSpec:
     # kv_auth False runs the KV ports unauthenticated.
     kv_secret_file: str = ""
     kv_auth: bool = True
+    # Mutual TLS on every gRPC port and the coordinator's HTTP API, with certificates `tandem certs
+    # make` writes into <log dir>/certs (client.pem there is a client's).
+    tls: bool = False
 
 
 class LocalCluster:
@@ -203,6 +208,26 @@ class LocalCluster:
         self.coordinators: list[Daemon] = []
         self.nodes: list[Daemon] = []
         self.supervisor: Supervisor | None = None
+        self.tls = TlsConfig()  # the daemons' own (server) certificate, when spec.tls
+        self.client_tls = TlsConfig()  # a client's
+
+    def tls_args(self) -> list[str]:
+        if not self.spec.tls:
+            return []
+        if not self.tls.on:
+            from tandem.tls import make_certs
+
+            p = make_certs(self.log_dir / "certs", [self.spec.host])
+            self.tls = TlsConfig(str(p["server"]), str(p["server_key"]), str(p["ca"]))
+            self.client_tls = TlsConfig(str(p["client"]), str(p["client_key"]), str(p["ca"]))
+        return ["--tls-cert", self.tls.cert, "--tls-key", self.tls.key, "--tls-ca", self.tls.ca]
+
+    def channel(self, address: str) -> grpc.Channel:
+        """A channel to one of this cluster's daemons, with a client certificate when it runs TLS."""
+        return self.client_tls.channel(address)
+
+    def aio_channel(self, address: str, options: object = None) -> grpc.aio.Channel:
+        return self.client_tls.aio_channel(address, options)
 
     def _kv_secret(self) -> str:
         if not self.spec.kv_auth:
@@ -250,7 +275,8 @@ class LocalCluster:
             if not self.etcd_url:
                 self.etcd = LocalEtcd(s.host).start()
                 self.etcd_url = self.etcd.url
-            common = ["--etcd", self.etcd_url, "--cluster", s.cluster, "--model", s.model, "--host", s.host]
+            common = ["--etcd", self.etcd_url, "--cluster", s.cluster, "--model", s.model, "--host", s.host,
+                      *self.tls_args()]
             secret = self._kv_secret()
             for i in range(s.num_coordinators):
                 name = "coordinator" if i == 0 else f"coordinator-{i}"
@@ -262,7 +288,7 @@ class LocalCluster:
                               "--http-port", str((s.http_port if fixed else 0) or free_port(s.host)),
                               *(["--max-model-len", str(s.max_model_len)] if s.max_model_len else []),
                               *s.extra_coordinator_args),
-                    self.log_dir / f"{name}.log")
+                    self.log_dir / f"{name}.log", tls=self.tls)
                 coordinator.start()
                 self.coordinators.append(coordinator)
             plan = s.cores or core_plan(s.num_prefill, s.num_decode)
@@ -279,7 +305,7 @@ class LocalCluster:
                                  "--ttl-s", str(s.ttl_s), "--kv-lease-s", str(s.lease_s),
                                  *(["--max-model-len", str(s.max_model_len)] if s.max_model_len else []),
                                  *self._kvstore_args(name), *s.extra_node_args, *s.node_args.get(name, []))
-                d = Daemon(name, role, argv, self.log_dir / f"{name}.log")
+                d = Daemon(name, role, argv, self.log_dir / f"{name}.log", tls=self.tls)
                 d.start()
                 self.nodes.append(d)
             deadline = time.monotonic() + timeout_s

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tandem.kvstore.arena import EVICTIONS
 from tandem.membership import DEFAULT_TTL_S
+from tandem.tls import TlsConfig, add_tls_args
 
 
 DECODE_STEP_TOKENS = 256
@@ -35,6 +36,9 @@ class NodeConfig:
     kv_port: int = 0
     kv_advertise: str = ""  # host:port put in KV handles; empty: host:kv_port
     kv_secret_file: str = ""  # the cluster's KV secret (kvtransfer/capability.py); empty: unauthenticated
+    tls_cert: str = ""  # tandem/tls.py: TLS on the node's gRPC port, clients' certificates required with a CA
+    tls_key: str = ""
+    tls_ca: str = ""
     metrics_port: int = 0
     cores: str = ""
     kv_cache_gib: float = 1.0  # fractions too (benchmarks shrink the engine's cache below a working set)
@@ -68,6 +72,10 @@ class NodeConfig:
     # A simulated node (tandem/node/simengine.py): no engine, times from this profile file.
     simulate: str = ""
 
+    @property
+    def tls(self) -> TlsConfig:
+        return TlsConfig(self.tls_cert, self.tls_key, self.tls_ca)
+
     def finish(self) -> NodeConfig:
         """Fill derived defaults and check everything; raise ValueError with a clear message."""
         if self.role not in ("prefill", "decode"):
@@ -98,6 +106,7 @@ class NodeConfig:
             self.kv_cache_gib = self.decode_kv_cache_gib
         if self.lease_s <= 0 or self.ttl_s <= 0:
             raise ValueError("--kv-lease-s and --ttl-s must be positive")
+        self.tls.check()
         if self.kv_secret_file:
             from tandem.kvtransfer.capability import load_secret
 
@@ -214,6 +223,7 @@ def add_node_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kv-advertise", default=_env("kv_advertise", ""),
                     help="HOST:PORT that decode nodes dial for this node's KV, when they reach it through "
                          "something in between (a NAT, a proxy); default HOST:KV_PORT")
+    add_tls_args(ap)
     ap.add_argument("--kv-secret-file", default=_env("kv_secret_file", ""),
                     help="the cluster's KV secret (the same file on every node, mode 600): each KV handle "
                          "carries a capability signed with it, and this node's block server sends blocks only "

@@ -123,7 +123,7 @@ async def run_node(cfg: NodeConfig, service_name: str,
                                              engine_held))
 
     grpc_server = await start_grpc(cfg.host, cfg.grpc_port, service_name, add_services,
-                                   more_services=(monitor.SERVICE_NAME,))
+                                   more_services=(monitor.SERVICE_NAME,), tls=cfg.tls)
     httpd, _ = start_http_server(cfg.metrics_port, addr=cfg.host)
     metrics_address = f"{cfg.host}:{httpd.server_port}"
 

@@ -11,6 +11,6 @@ from tandem.proto import tandem_pb2_grpc as pb_grpc
 @pytest.fixture(scope="module")
 def stub(cluster):
     """A Coordinator stub on the module's cluster."""
-    ch = grpc.insecure_channel(cluster.grpc_address)
+    ch = cluster.channel(cluster.grpc_address)
     yield pb_grpc.CoordinatorStub(ch)
     ch.close()

@@ -13,10 +13,11 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 
-def scrape(address: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """All samples of a /metrics endpoint, keyed by (name, sorted labels)."""
+def scrape(address: str, context: object = None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """All samples of a /metrics endpoint, keyed by (name, sorted labels); ``context``: an SSL
+    context for an https one."""
     url = address if address.startswith("http") else f"http://{address}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as r:
+    with urllib.request.urlopen(url, timeout=10, context=context) as r:  # type: ignore[arg-type]
         text = r.read().decode()
     out = {}
     for fam in text_string_to_metric_families(text):

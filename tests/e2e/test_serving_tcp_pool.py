@@ -1,15 +1,20 @@
 """End to end on a real 1 prefill + 2 decode cluster with the TCP fallback transport:
-equality over TCP, spreading over the decode pool, and what happens when a decode node
+equality over TCP, spreading over the decode pool, all of it over mutual TLS, and what happens when a decode node
 freezes, is handed a lying KV handle, is killed, or loses its engine (in that order: the
 last two tests leave the pool smaller)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import ssl
+import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,8 +35,10 @@ TTL_S = 3
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    # mutual TLS on every gRPC port and the HTTP API: every test here goes through it
     spec = ClusterSpec(model=str(tiny_model), num_prefill=1, num_decode=2, transport="tcp",
-                       max_model_len=MAX_MODEL_LEN, ttl_s=TTL_S, log_dir=str(tmp_path_factory.mktemp("logs-tcp")))
+                       max_model_len=MAX_MODEL_LEN, ttl_s=TTL_S, log_dir=str(tmp_path_factory.mktemp("logs-tcp")),
+                       tls=True)
     with LocalCluster(spec) as c:
         yield c
 
@@ -105,7 +112,7 @@ def test_a_short_prompt_prefills_on_a_decode_node_while_the_prefill_queue_is_lon
         return next(n.prefill_queue for n in nodes if n.node_id == "prefill-0")
 
     frozen = engine_pids(prefill)
-    with grpc.insecure_channel(prefill.info["grpc"]) as ch, ThreadPoolExecutor(3) as pool:
+    with cluster.channel(prefill.info["grpc"]) as ch, ThreadPoolExecutor(3) as pool:
         direct = pb_grpc.PrefillNodeStub(ch)
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
@@ -144,12 +151,12 @@ def test_batch_waits_for_spare_capacity_and_a_tenant_over_quota_is_refused(clust
                [sys.executable, "-m", "tandem.cli", "coordinator", "--etcd", cluster.etcd_url, "--model",
                 str(tiny_model), "--grpc-port", str(free_port()), "--http-port", str(free_port()),
                 "--max-model-len", str(MAX_MODEL_LEN), "--conditional-disagg", "off",
-                "--tenant-quota", "small=20", "--quota-burst-s", "10"],
+                "--tenant-quota", "small=20", "--quota-burst-s", "10", *cluster.tls_args()],
                tmp_path / "coordinator-traffic.log")
     d.start()
     try:
         d.wait_ready(time.monotonic() + 60)
-        with grpc.insecure_channel(d.info["grpc"]) as ch:
+        with cluster.channel(d.info["grpc"]) as ch:
             front = pb_grpc.CoordinatorStub(ch)
             wait_until(lambda: (lambda nodes: len(nodes) == 3 and all(n.perf_samples > 0 for n in nodes))(
                 front.ClusterStatus(pb.ClusterStatusRequest()).nodes), 30, "the nodes and their loads")
@@ -165,7 +172,7 @@ def test_batch_waits_for_spare_capacity_and_a_tenant_over_quota_is_refused(clust
                 assert msg is not None
                 return msg.finish
 
-            with grpc.insecure_channel(prefill.info["grpc"]) as pch, ThreadPoolExecutor(4) as pool:
+            with cluster.channel(prefill.info["grpc"]) as pch, ThreadPoolExecutor(4) as pool:
                 direct = pb_grpc.PrefillNodeStub(pch)
                 for pid in frozen:
                     os.kill(pid, signal.SIGSTOP)
@@ -178,7 +185,7 @@ def test_batch_waits_for_spare_capacity_and_a_tenant_over_quota_is_refused(clust
                     batch = pool.submit(timed, "batch", pb.GenerateRequest(
                         token_ids=pb.TokenIds(ids=SHORT), priority="batch",
                         sampling=pb.SamplingParams(max_tokens=8, ignore_eos=True)))
-                    wait_until(lambda: metric(scrape(d.info["http"] + "/metrics"), "tandem_batch_queue_depth") == 1,
+                    wait_until(lambda: metric(scrape(d.info["http"] + "/metrics", cluster.client_tls.client_ssl_context()), "tandem_batch_queue_depth") == 1,
                                10, "the batch request to wait at the coordinator")
                     interactive = pool.submit(timed, "interactive", pb.GenerateRequest(
                         token_ids=pb.TokenIds(ids=SHORT[:20]), sampling=pb.SamplingParams(max_tokens=8, ignore_eos=True)))
@@ -195,7 +202,7 @@ def test_batch_waits_for_spare_capacity_and_a_tenant_over_quota_is_refused(clust
             # Sent later, the interactive request had its first token first: the batch one waited for the
             # prefill node's queue (the interactive prefill included) to be empty.
             assert first_at["interactive"] < first_at["batch"]
-            coord = scrape(d.info["http"] + "/metrics")
+            coord = scrape(d.info["http"] + "/metrics", cluster.client_tls.client_ssl_context())
             assert metric(coord, "tandem_admission_decisions_total", decision="batch_admitted") == 1
             # Tenant "small": 200 tokens per 10 s; 150 + 8 fit, the same again does not.
             req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=SHORT * 6 + SHORT[:6]), tenant="small",
@@ -248,6 +255,46 @@ def drain(call) -> dict[str, object]:
 
 def blocks_held(cluster: LocalCluster) -> float:
     return metric(scrape(cluster.node("prefill-0").info["metrics"]), "tandem_kv_blocks_held")
+
+
+def test_mutual_tls_refuses_a_client_without_the_clusters_certificate_before_any_work(
+        cluster: LocalCluster, tmp_path: Path) -> None:
+    from tandem.tls import make_certs
+
+    prefill = next(d for d in cluster.nodes if d.role == "prefill")
+    before = scrape(prefill.info["metrics"])
+    other = make_certs(tmp_path / "other", ["127.0.0.1"])  # a CA the cluster does not know
+    ca = Path(cluster.client_tls.ca).read_bytes()
+    req = request(EQUALITY[0], 4)
+    for address in (cluster.grpc_address, prefill.info["grpc"]):
+        for ch in (grpc.insecure_channel(address),
+                   grpc.secure_channel(address, grpc.ssl_channel_credentials(ca)),
+                   grpc.secure_channel(address, grpc.ssl_channel_credentials(
+                       ca, other["client_key"].read_bytes(), other["client"].read_bytes()))):
+            with ch, pytest.raises(grpc.RpcError) as ei:
+                if address == cluster.grpc_address:
+                    list(pb_grpc.CoordinatorStub(ch).Generate(req, timeout=10))
+                else:
+                    pb_grpc.PrefillNodeStub(ch).Prefill(pb.PrefillRequest(request_id="x", prompt_token_ids=[5, 6]),
+                                                        timeout=10)
+            assert ei.value.code() == grpc.StatusCode.UNAVAILABLE, ei.value
+    after = scrape(prefill.info["metrics"])
+    assert metric(after, "tandem_prefill_requests_total") == metric(before, "tandem_prefill_requests_total")
+    # HTTPS: with the client certificate a completion comes; without one the handshake fails
+    assert cluster.http_url.startswith("https://")
+    body = json.dumps({"prompt": EQUALITY[0], "max_tokens": 4, "temperature": 0, "ignore_eos": True}).encode()
+    post = urllib.request.Request(cluster.http_url + "/v1/completions", data=body,
+                                  headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(post, context=cluster.client_tls.client_ssl_context(), timeout=60) as r:
+        assert json.loads(r.read())["usage"]["completion_tokens"] == 4
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(post, context=ssl.create_default_context(cafile=cluster.client_tls.ca), timeout=10)
+    # the CLI, with the client's files
+    tls = cluster.client_tls
+    out = subprocess.run([sys.executable, "-m", "tandem.cli", "generate", "hello", "--target", cluster.grpc_address,
+                          "--max-tokens", "3", "--tls-cert", tls.cert, "--tls-key", tls.key, "--tls-ca", tls.ca],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "finish=length tokens=3" in out.stderr, out.stderr[-2000:]
 
 
 def test_frozen_decode_node_mid_stream_is_migrated_and_rejoins_when_it_resumes(cluster: LocalCluster, stub,
@@ -326,7 +373,7 @@ def test_a_seeded_request_continues_deterministically_after_a_migration(cluster:
 def test_lying_kv_handles_fail_their_request_only(cluster: LocalCluster, stub) -> None:
     node = cluster.node("decode-0")
     prompt = [(13 + 3 * i) % 590 + 5 for i in range(70)]
-    with grpc.insecure_channel(node.info["grpc"]) as ch:
+    with cluster.channel(node.info["grpc"]) as ch:
         decode = pb_grpc.DecodeNodeStub(ch)
 
         def call(handle: pb.KVHandle) -> grpc.RpcError:
@@ -370,7 +417,7 @@ def test_a_cancel_while_decode_waits_for_remote_kv_frees_both_sides(cluster: Loc
     pnode, dnode = cluster.node("prefill-0"), cluster.node("decode-0")
     prompt = [(17 + 5 * i) % 590 + 5 for i in range(70)]
     rid = f"kv-wait-{time.monotonic_ns()}"
-    with grpc.insecure_channel(pnode.info["grpc"]) as pch, grpc.insecure_channel(dnode.info["grpc"]) as dch:
+    with cluster.channel(pnode.info["grpc"]) as pch, cluster.channel(dnode.info["grpc"]) as dch:
         resp = pb_grpc.PrefillNodeStub(pch).Prefill(
             pb.PrefillRequest(request_id=rid, prompt_token_ids=prompt, hold_kv=True,
                               sampling=pb.SamplingParams(max_tokens=50, temperature=0)), timeout=60)

@@ -1,0 +1,131 @@
+"""TLS and mutual TLS on a real gRPC server and on the coordinator's HTTP port (aiohttp): who gets in,
+and a certificate rotated in place is served from the next handshake on."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import ssl
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tandem import tls as tls_mod
+from tandem.grpcserve import start_grpc
+from tandem.tls import TlsConfig, make_certs
+
+
+def served_serial(port: int, client: TlsConfig, alpn: str = "h2") -> int:
+    """The serial number of the certificate the server on ``port`` shows now."""
+    ctx = client.client_ssl_context()
+    ctx.set_alpn_protocols([alpn])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+        der = s.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+@pytest.fixture()
+def certs(tmp_path: Path) -> dict[str, Path]:
+    return make_certs(tmp_path / "certs", ["127.0.0.1"])
+
+
+def test_grpc_mutual_tls_lets_in_only_the_cas_clients_and_reloads_its_certificate(
+        certs: dict[str, Path], tmp_path: Path) -> None:
+    server_tls = TlsConfig(str(certs["server"]), str(certs["server_key"]), str(certs["ca"])).check()
+    client_tls = TlsConfig(str(certs["client"]), str(certs["client_key"]), str(certs["ca"]))
+    other = make_certs(tmp_path / "other", ["127.0.0.1"])  # another CA's client
+
+    async def go() -> None:
+        server = await start_grpc("127.0.0.1", 0, "tandem.v1.Test", lambda s: None, tls=server_tls)
+        address = f"127.0.0.1:{server.port}"
+
+        async def check(channel: grpc.aio.Channel) -> str:
+            async with channel:
+                try:
+                    r = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name
+
+        try:
+            assert await check(client_tls.aio_channel(address)) == "SERVING"
+            assert await check(grpc.aio.insecure_channel(address)) == "UNAVAILABLE"
+            ca = certs["ca"].read_bytes()
+            assert await check(grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(ca))) == "UNAVAILABLE"
+            wrong = grpc.ssl_channel_credentials(ca, other["client_key"].read_bytes(), other["client"].read_bytes())
+            assert await check(grpc.aio.secure_channel(address, wrong)) == "UNAVAILABLE"
+            # a rotation: new certificates from the same CA, written over the served files
+            before = served_serial(server.port, client_tls)
+            make_certs(certs["ca"].parent, ["127.0.0.1"])
+            assert served_serial(server.port, client_tls) != before
+            assert await check(client_tls.aio_channel(address)) == "SERVING"  # the client files rotated too
+        finally:
+            await server.stop(0)
+
+    asyncio.run(go())
+
+
+def test_https_with_client_auth_and_reload(certs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiohttp import web
+
+    monkeypatch.setattr(tls_mod, "RELOAD_CHECK_S", 0.05)
+    server_tls = TlsConfig(str(certs["server"]), str(certs["server_key"]), str(certs["ca"]))
+    client_tls = TlsConfig(str(certs["client"]), str(certs["client_key"]), str(certs["ca"]))
+
+    async def go() -> None:
+        app = web.Application()
+        async def ok(request: web.Request) -> web.Response:
+            return web.json_response({"ok": True})
+
+        app.add_routes([web.get("/ok", ok)])
+        runner = web.AppRunner(app)
+        await runner.setup()
+        ctx = server_tls.server_ssl_context()
+        reload = asyncio.get_running_loop().create_task(server_tls.keep_reloading(ctx))
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+        await site.start()
+        port = runner.addresses[0][1]
+        loop = asyncio.get_running_loop()
+        try:
+            def get(context: ssl.SSLContext) -> str:
+                import urllib.request
+
+                try:
+                    with urllib.request.urlopen(f"https://127.0.0.1:{port}/ok", context=context, timeout=5) as r:
+                        return str(r.status)
+                except OSError as exc:
+                    return type(exc).__name__
+
+            assert await loop.run_in_executor(None, get, client_tls.client_ssl_context()) == "200"
+            no_cert = ssl.create_default_context(cafile=str(certs["ca"]))
+            assert await loop.run_in_executor(None, get, no_cert) != "200"
+            before = await loop.run_in_executor(None, served_serial, port, client_tls, "http/1.1")
+            make_certs(certs["ca"].parent, ["127.0.0.1"])
+            deadline = time.monotonic() + 5
+            while await loop.run_in_executor(None, served_serial, port, client_tls, "http/1.1") == before:
+                assert time.monotonic() < deadline, "the HTTP port still shows the old certificate"
+                await asyncio.sleep(0.05)
+        finally:
+            reload.cancel()
+            await runner.cleanup()
+
+    asyncio.run(go())
+
+
+def test_config_errors_name_the_flag(certs: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--tls-cert and --tls-key go together"):
+        TlsConfig(cert=str(certs["server"])).check()
+    with pytest.raises(ValueError, match="--tls-ca: '/nope' is not a file"):
+        TlsConfig(str(certs["server"]), str(certs["server_key"]), "/nope").check()
+    mismatched = TlsConfig(str(certs["server"]), str(certs["client_key"]))
+    with pytest.raises(ValueError, match="cannot be used"):
+        mismatched.check()
+    assert (os.stat(certs["server_key"]).st_mode & 0o777) == 0o600
+    shutil.rmtree(tmp_path / "certs")
