@@ -64,10 +64,11 @@ class CoordinatorConfig:
     tls_key: str = ""
     tls_ca: str = ""
     tls_client_auth: str = "required"
+    tls_server_name: str = ""
 
     @property
     def tls(self) -> TlsConfig:
-        return TlsConfig(self.tls_cert, self.tls_key, self.tls_ca, self.tls_client_auth)
+        return TlsConfig(self.tls_cert, self.tls_key, self.tls_ca, self.tls_client_auth, self.tls_server_name)
 
     def finish(self) -> CoordinatorConfig:
         if not self.model or not Path(self.model).is_dir():

@@ -31,14 +31,15 @@ class CapabilityRefused(ValueError):
 
 
 def load_secret(path: str | Path) -> bytes:
-    """The secret's bytes (surrounding whitespace dropped); ValueError when short or readable by others."""
+    """The secret's bytes (surrounding whitespace dropped); ValueError when short or readable by
+    others (group-readable passes: Kubernetes mounts a secret so for a pod's fsGroup)."""
     p = Path(path)
     data = p.read_bytes().strip()
     if len(data) < MIN_SECRET_BYTES:
         raise ValueError(f"{p}: a KV secret needs at least {MIN_SECRET_BYTES} bytes (tandem up writes one; or "
                          "`head -c 48 /dev/urandom | base64 > FILE`)")
-    if p.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ValueError(f"{p}: a KV secret must be readable by its owner only (chmod 600 {p})")
+    if p.stat().st_mode & stat.S_IRWXO:
+        raise ValueError(f"{p}: a KV secret must not be readable by others (chmod 600 {p})")
     return data
 
 

@@ -37,3 +37,12 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
     || { echo "setup: the installed packages do not import; see the errors above" >&2; exit 1; }
   touch "$STAMP"
 fi
+# deploy/'s checks need kubectl (its kustomize) and systemd-analyze from the host.
+if ! command -v systemd-analyze >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "setup: installing systemd (systemd-analyze checks deploy/systemd)"
+  apt-get install -y -q systemd >/dev/null
+fi
+for t in kubectl systemd-analyze; do
+  command -v "$t" >/dev/null 2>&1 || echo "setup: $t is missing: tests/test_deploy.py will fail until it is installed" \
+    "(kubectl >= 1.27 from your distribution or Kubernetes' packages; systemd-analyze from systemd)" >&2
+done

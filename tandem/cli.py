@@ -140,7 +140,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _client_tls(args: argparse.Namespace) -> "TlsConfig":
     from .tls import TlsConfig
 
-    return TlsConfig(args.tls_cert, args.tls_key, args.tls_ca).check()
+    return TlsConfig(args.tls_cert, args.tls_key, args.tls_ca, server_name=args.tls_server_name).check()
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        tls = _client_tls(args)
+    except ValueError as exc:
+        print(f"tandem probe: {exc}", file=sys.stderr)
+        return 2
+    with tls.channel(args.target) as ch:
+        try:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout_s)
+        except grpc.RpcError as exc:
+            print(f"{args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    state = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    print(f"{args.target}: {state}")
+    return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
@@ -316,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--target", default=DEFAULT_COORDINATOR)
     add_tls_args(st)
     st.set_defaults(fn=cmd_status)
+
+    pr = sub.add_parser("probe", help="one gRPC health check of a daemon: exit 0 when it serves, 1 when not "
+                                      "(for container and service health checks, TLS too)")
+    pr.add_argument("target", help="the daemon's gRPC address, HOST:PORT")
+    pr.add_argument("--timeout-s", type=float, default=3.0)
+    add_tls_args(pr)
+    pr.set_defaults(fn=cmd_probe)
 
     dr = sub.add_parser("drain", help="let a node finish its work, take no new work, and exit")
     dr.add_argument("node_id")

@@ -52,6 +52,7 @@ class TlsConfig:
     key: str = ""
     ca: str = ""
     client_auth: str = "required"  # for servers with a CA: required | none
+    server_name: str = ""  # verify the daemons it dials as this name, not their address (pods' IPs change)
 
     @property
     def on(self) -> bool:
@@ -118,15 +119,21 @@ class TlsConfig:
         key, cert, ca = self._read()
         return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
+    def _options(self, options: Any) -> list[tuple[str, Any]]:
+        out = list(options or [])
+        if self.server_name:
+            out.append(("grpc.ssl_target_name_override", self.server_name))
+        return out
+
     def aio_channel(self, address: str, options: Any = None) -> grpc.aio.Channel:
         if not self.on:
             return grpc.aio.insecure_channel(address, options=options)
-        return grpc.aio.secure_channel(address, self.channel_credentials(), options=options)
+        return grpc.aio.secure_channel(address, self.channel_credentials(), options=self._options(options))
 
     def channel(self, address: str, options: Any = None) -> grpc.Channel:
         if not self.on:
             return grpc.insecure_channel(address, options=options)
-        return grpc.secure_channel(address, self.channel_credentials(), options=options)
+        return grpc.secure_channel(address, self.channel_credentials(), options=self._options(options))
 
     # HTTP -------------------------------------------------------------------
     def server_ssl_context(self) -> ssl.SSLContext:
@@ -173,6 +180,9 @@ def add_tls_args(ap: argparse.ArgumentParser, *, front_door: bool = False) -> No
     ap.add_argument("--tls-ca", default=env("TANDEM_TLS_CA", ""),
                     help="the cluster CA (TANDEM_TLS_CA): verifies the daemons this one dials and, for mutual TLS, "
                          "its clients")
+    ap.add_argument("--tls-server-name", default=env("TANDEM_TLS_SERVER_NAME", ""),
+                    help="verify the daemons this one dials as this name (in their certificate) rather than by "
+                         "the address it dials: for pods whose addresses change (TANDEM_TLS_SERVER_NAME)")
     if front_door:
         ap.add_argument("--tls-client-auth", default=env("TANDEM_TLS_CLIENT_AUTH", "required"),
                         choices=CLIENT_AUTH,
@@ -181,14 +191,16 @@ def add_tls_args(ap: argparse.ArgumentParser, *, front_door: bool = False) -> No
 
 
 def tls_from_args(args: argparse.Namespace) -> TlsConfig:
-    return TlsConfig(args.tls_cert, args.tls_key, args.tls_ca, getattr(args, "tls_client_auth", "required")).check()
+    return TlsConfig(args.tls_cert, args.tls_key, args.tls_ca, getattr(args, "tls_client_auth", "required"),
+                     args.tls_server_name).check()
 
 
 # certificates ----------------------------------------------------------------
-def make_certs(out_dir: str | Path, hosts: list[str], days: int = 365) -> dict[str, Path]:
+def make_certs(out_dir: str | Path, hosts: list[str], days: int = 365, loopback: bool = True) -> dict[str, Path]:
     """A development CA and, signed by it, ``server`` (the daemons' certificate: server and client
     use, for ``hosts``) and ``client`` (a client's). Keys are written mode 600. Where ``out_dir``
-    already has a CA (ca.pem, ca.key), it signs new certificates (a rotation the daemons reload)."""
+    already has a CA (ca.pem, ca.key), it signs new certificates (a rotation the daemons reload).
+    ``loopback``: localhost and 127.0.0.1 are among the hosts too."""
     import datetime
     import ipaddress
 
@@ -243,7 +255,7 @@ def make_certs(out_dir: str | Path, hosts: list[str], days: int = 365) -> dict[s
         paths[name] = write_cert(name, b.sign(ca_key, hashes.SHA256()))
 
     sans: list[Any] = []
-    for h in dict.fromkeys([*hosts, "localhost", "127.0.0.1"]):
+    for h in dict.fromkeys([*hosts, *(["localhost", "127.0.0.1"] if loopback else [])]):
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:

@@ -311,7 +311,7 @@ def test_secret_files_are_long_and_private(tmp_path: Path) -> None:
     path = write_secret(tmp_path / "secret")
     assert len(load_secret(path)) >= 32 and (os.stat(path).st_mode & 0o777) == 0o600
     os.chmod(path, 0o644)
-    with pytest.raises(ValueError, match="readable by its owner only"):
+    with pytest.raises(ValueError, match="must not be readable by others"):
         load_secret(path)
     short = tmp_path / "short"
     short.write_text("abc")

@@ -72,6 +72,33 @@ def test_grpc_mutual_tls_lets_in_only_the_cas_clients_and_reloads_its_certificat
     asyncio.run(go())
 
 
+def test_a_daemon_is_verified_by_name_where_its_address_is_not_in_its_certificate(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "named", ["tandem-node"], loopback=False)  # as pods with changing addresses
+    server_tls = TlsConfig(str(certs["server"]), str(certs["server_key"]), str(certs["ca"]))
+    client = TlsConfig(str(certs["server"]), str(certs["server_key"]), str(certs["ca"]))
+
+    async def go() -> None:
+        server = await start_grpc("127.0.0.1", 0, "tandem.v1.Test", lambda s: None, tls=server_tls)
+        address = f"127.0.0.1:{server.port}"
+
+        async def code(tls: TlsConfig) -> str:
+            async with tls.aio_channel(address) as ch:
+                try:
+                    await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    return "OK"
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name
+
+        try:
+            assert await code(client) == "UNAVAILABLE"  # 127.0.0.1 is not in the certificate
+            assert await code(TlsConfig(client.cert, client.key, client.ca, server_name="tandem-node")) == "OK"
+            assert await code(TlsConfig(client.cert, client.key, client.ca, server_name="other")) == "UNAVAILABLE"
+        finally:
+            await server.stop(0)
+
+    asyncio.run(go())
+
+
 def test_https_with_client_auth_and_reload(certs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     from aiohttp import web
 

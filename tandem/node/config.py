@@ -39,6 +39,7 @@ class NodeConfig:
     tls_cert: str = ""  # tandem/tls.py: TLS on the node's gRPC port, clients' certificates required with a CA
     tls_key: str = ""
     tls_ca: str = ""
+    tls_server_name: str = ""  # unused by a node (it dials no daemon); the flag is shared
     metrics_port: int = 0
     cores: str = ""
     kv_cache_gib: float = 1.0  # fractions too (benchmarks shrink the engine's cache below a working set)
