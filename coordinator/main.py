@@ -65,10 +65,12 @@ class CoordinatorConfig:
     tls_ca: str = ""
     tls_client_auth: str = "required"
     tls_server_name: str = ""
+    tls_client_ca: str = ""
 
     @property
     def tls(self) -> TlsConfig:
-        return TlsConfig(self.tls_cert, self.tls_key, self.tls_ca, self.tls_client_auth, self.tls_server_name)
+        return TlsConfig(self.tls_cert, self.tls_key, self.tls_ca, self.tls_client_auth, self.tls_server_name,
+                         self.tls_client_ca)
 
     def finish(self) -> CoordinatorConfig:
         if not self.model or not Path(self.model).is_dir():
@@ -104,7 +106,7 @@ class CoordinatorConfig:
         if self.api_keys_file and not Path(self.api_keys_file).is_file():
             raise ValueError(f"--api-keys-file {self.api_keys_file!r} is not a file")
         check_keys(self.api_keys_file)  # ValueError naming the entry, never the key
-        self.tls.check()
+        self.tls.check("coordinator")
         if not self.served_model_name:
             self.served_model_name = Path(self.model).name
         if not self.max_model_len:

@@ -169,12 +169,19 @@ class Router:
         else:
             # A new process (or a new address): a fresh channel, routable at once, predictions
             # uncalibrated again.
+            try:
+                channel = self.tls.aio_channel(record.grpc_address, options=CHANNEL_OPTIONS)
+            except (OSError, ValueError) as exc:  # TLS files unreadable now: keep what there was
+                logger.error("routing: cannot dial %s node %s with the TLS files: %s", record.role, node_id, exc)
+                if old is not None:
+                    self._nodes[node_id] = old
+                return
             if old is not None:
                 _stop_watching(old)
                 for kind in old.bias:
                     with contextlib.suppress(KeyError):
                         CALIBRATION.remove(node_id, kind)
-            node = NodeClient(record, self.tls.aio_channel(record.grpc_address, options=CHANNEL_OPTIONS))
+            node = NodeClient(record, channel)
             self._nodes[node_id] = node
             if self.watch_loads:
                 node.watcher = asyncio.get_running_loop().create_task(self._watch(node), name=f"load-{node_id}")

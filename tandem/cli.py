@@ -112,6 +112,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .client import stream
 
+    try:
+        tls = _client_tls(args)
+    except ValueError as exc:
+        print(f"tandem generate: {exc}", file=sys.stderr)
+        return 2
+
     async def go() -> int:
         t0 = time.perf_counter()
         n = 0
@@ -119,7 +125,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.seed is not None:
             kw["seed"] = args.seed
         try:
-            async for msg in stream(args.target, args.prompt, tls=_client_tls(args), **kw):
+            async for msg in stream(args.target, args.prompt, tls=tls, **kw):
                 n += len(msg.token_ids)
                 sys.stdout.write(msg.text)
                 sys.stdout.flush()
@@ -140,7 +146,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _client_tls(args: argparse.Namespace) -> "TlsConfig":
     from .tls import TlsConfig
 
-    return TlsConfig(args.tls_cert, args.tls_key, args.tls_ca, server_name=args.tls_server_name).check()
+    return TlsConfig(args.tls_cert, args.tls_key, args.tls_ca, server_name=args.tls_server_name).check("client")
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -176,6 +182,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     try:
         st = asyncio.run(cluster_status(args.target, tls=_client_tls(args)))
+    except ValueError as exc:
+        print(f"tandem status: {exc}", file=sys.stderr)
+        return 2
     except grpc.aio.AioRpcError as exc:
         print(f"tandem status: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
@@ -323,12 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     ce = sub.add_parser("certs", help="a development CA and certificates for TLS between the daemons and their "
                                       "clients")
     ce_sub = ce.add_subparsers(dest="certs_cmd", required=True)
-    mk = ce_sub.add_parser("make", help="write ca.pem, server.pem (the daemons') and client.pem, with their keys; "
-                                        "again in the same DIR: new certificates from the same CA (the daemons "
-                                        "reload them)")
+    mk = ce_sub.add_parser("make", help="write ca.pem and client-ca.pem (the daemons' and the clients' CAs), "
+                                        "server.pem (the daemons') and client.pem, with their keys; again in the "
+                                        "same DIR: new certificates from the same CAs (the daemons reload them)")
     mk.add_argument("dir")
     mk.add_argument("--hosts", default="", help="the daemons' host names and addresses, comma separated (localhost "
-                                                "and 127.0.0.1 are always in)")
+                                                "and 127.0.0.1 are always in; a rotation names them all again)")
     mk.add_argument("--days", type=int, default=365)
     mk.set_defaults(fn=_cmd_certs)
 

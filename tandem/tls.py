@@ -1,21 +1,27 @@
 """TLS and mutual TLS for Tandem's gRPC ports and the coordinator's HTTP API.
 
-Every daemon takes the same three files: ``--tls-cert`` and ``--tls-key`` (its
-own certificate, served on its ports and shown as its client certificate when
-it dials another daemon) and ``--tls-ca`` (the cluster CA: it verifies the
-daemons this one dials, and, with client auth ``required``, every client that
-connects). Nodes always require a client certificate when they have a CA; the
-coordinator's front door takes ``--tls-client-auth required|none`` (``none``:
-clients need no certificate, API keys then say who they are).
+Two certificate authorities, so that a client's certificate never opens a node:
 
-The server side reloads its certificate and key when the files change: gRPC asks
-for them at each handshake (``dynamic_ssl_server_credentials``; the files are
-stat'ed, and read only when changed), the HTTP API's SSL context loads them
-again within a second. Channels a daemon dials read the files when they are
-made; a coordinator makes one per node process, so a node that restarts, or
-one that joins, gets the new files.
+- the **cluster CA** (``--tls-ca``) signs the daemons' own certificates
+  (``--tls-cert``/``--tls-key``: served on their ports, shown when they dial one
+  another). A node with TLS takes only clients whose certificate this CA signed:
+  the coordinators (and tools holding a daemon's certificate, such as probes);
+- the **client CA** (``--tls-client-ca``, the coordinator's front door only)
+  signs clients' certificates. With ``--tls-client-auth required`` (the default
+  when TLS is on) the coordinator takes only clients this CA signed; with
+  ``none`` clients need no certificate, and API keys say who they are.
 
-``tandem certs make DIR`` writes a development CA and certificates.
+The server side reloads its certificate, key and CAs when the files change: gRPC
+at the first handshake after (``dynamic_ssl_server_credentials``: the files are
+stat'ed at each handshake and read only when changed), the HTTP API within a
+second. A change that does not load (a key that does not match its certificate,
+a half-copied file) is logged once and the previous files stay in use. The HTTP
+port adds a new CA to what it trusts; it drops a replaced one only on restart.
+Channels a daemon dials read the files when they are made: a coordinator makes
+one per node process, so it shows a rotated certificate to nodes that start (or
+restart) after the rotation; restart it to show it to the others.
+
+``tandem certs make DIR`` writes both CAs and a daemon and a client certificate.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import asyncio
 import logging
 import os
 import ssl
+import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,63 +46,102 @@ CLIENT_AUTH = ("required", "none")
 RELOAD_CHECK_S = 1.0
 
 
-def _stamp(paths: list[str]) -> tuple[tuple[float, int], ...]:
+def _stamp(paths: list[str]) -> tuple[tuple[int, ...], ...]:
     out = []
     for p in paths:
         st = os.stat(p)
-        out.append((st.st_mtime, st.st_size))
+        out.append((st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_size))
     return tuple(out)
+
+
+def _load(cert: str, key: str, cas: list[str]) -> tuple[bytes, bytes, bytes | None]:
+    """(key, cert, CA bundle) read once each; ValueError unless the key is the certificate's and
+    every CA file holds certificates (a rotation half-way through, a wrong key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    key_b, cert_b = Path(key).read_bytes(), Path(cert).read_bytes()
+    try:
+        pub = x509.load_pem_x509_certificate(cert_b).public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        mine = serialization.load_pem_private_key(key_b, password=None).public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    except ValueError as exc:
+        raise ValueError(f"{cert} or {key} is not a PEM certificate and key: {exc}") from None
+    if pub != mine:
+        raise ValueError(f"{key} is not the key of {cert}")
+    bundle = _load_cas(cas)
+    return key_b, cert_b, bundle or None
 
 
 @dataclass(frozen=True)
 class TlsConfig:
     cert: str = ""
     key: str = ""
-    ca: str = ""
-    client_auth: str = "required"  # for servers with a CA: required | none
+    ca: str = ""  # the cluster CA: verifies the daemons this one dials, and a node's clients
+    client_auth: str = "required"  # the coordinator's front door: required | none
     server_name: str = ""  # verify the daemons it dials as this name, not their address (pods' IPs change)
+    client_ca: str = ""  # the coordinator's front door: the CA its clients' certificates come from
 
     @property
     def on(self) -> bool:
+        """Serves TLS (a daemon with a certificate)."""
         return bool(self.cert)
 
-    def check(self, where: str = "--tls") -> TlsConfig:
-        """ValueError naming what is missing or unreadable; loads the files once to prove them."""
-        if not (self.cert or self.key or self.ca):
+    @property
+    def dials_tls(self) -> bool:
+        """Dials with TLS: a certificate to show, or only a CA to verify the server with."""
+        return bool(self.cert or self.ca)
+
+    def check(self, role: str = "client", where: str = "--tls") -> TlsConfig:
+        """ValueError naming what is missing or does not load. ``role``: node (TLS needs the cluster
+        CA: only daemons it signed may call a node), coordinator, or client (a CA alone verifies
+        a server that asks for no certificate)."""
+        if not (self.cert or self.key or self.ca or self.client_ca):
             return self
-        if not (self.cert and self.key):
+        if bool(self.cert) != bool(self.key):
             raise ValueError(f"{where}-cert and {where}-key go together")
         if self.client_auth not in CLIENT_AUTH:
             raise ValueError(f"{where}-client-auth must be one of {', '.join(CLIENT_AUTH)}, got {self.client_auth!r}")
-        for flag, path in (("cert", self.cert), ("key", self.key), ("ca", self.ca)):
+        for flag, path in (("cert", self.cert), ("key", self.key), ("ca", self.ca), ("client-ca", self.client_ca)):
             if path and not Path(path).is_file():
                 raise ValueError(f"{where}-{flag}: {path!r} is not a file")
+        if role != "client" and not self.cert:
+            raise ValueError(f"{where}-ca without {where}-cert and {where}-key: a daemon serves TLS with its own "
+                             "certificate")
+        if role == "node" and not self.ca:
+            raise ValueError(f"a node with TLS needs {where}-ca: only daemons the cluster CA signed may call it")
+        if role == "coordinator" and self.client_auth == "required" and not (self.client_ca or self.ca):
+            raise ValueError(f"{where}-client-auth required needs {where}-client-ca (or {where}-ca): the CA its "
+                             "clients' certificates come from")
         try:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(self.cert, self.key)
-            if self.ca:
-                ctx.load_verify_locations(self.ca)
-        except (ssl.SSLError, OSError) as exc:
-            raise ValueError(f"{where}: the certificate, key or CA cannot be used: {exc}") from exc
+            if self.cert:
+                _load(self.cert, self.key, [p for p in (self.ca, self.client_ca) if p])
+            elif self.ca:
+                _load_cas([self.ca])
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{where}: {exc}") from None
         return self
 
     @property
     def mutual(self) -> bool:
-        return bool(self.ca) and self.client_auth == "required"
+        return bool(self._client_roots) and self.client_auth == "required"
 
-    def _read(self) -> tuple[bytes, bytes, bytes | None]:
-        return (Path(self.key).read_bytes(), Path(self.cert).read_bytes(),
-                Path(self.ca).read_bytes() if self.ca else None)
+    @property
+    def _client_roots(self) -> str:
+        """The CA the clients of this daemon's ports are verified against."""
+        return self.client_ca or self.ca
 
     # gRPC -------------------------------------------------------------------
     def server_credentials(self) -> grpc.ServerCredentials:
         """Reloaded at the first handshake after the files change."""
-        files = [p for p in (self.cert, self.key, self.ca) if p]
+        roots = [self._client_roots] if self._client_roots else []
+        files = [self.cert, self.key, *roots]
         lock = threading.Lock()
-        state = {"stamp": _stamp(files)}
+        state: dict[str, Any] = {"stamp": _stamp(files), "error": ""}
 
-        def config() -> Any:
-            key, cert, ca = self._read()
+        def config(loaded: tuple[bytes, bytes, bytes | None]) -> Any:
+            key, cert, ca = loaded
             return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
         def fetch() -> Any:
@@ -103,20 +150,25 @@ class TlsConfig:
                     stamp = _stamp(files)
                     if stamp == state["stamp"]:
                         return None
-                    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.cert, self.key)  # a matching pair
-                    cfg = config()
-                    state["stamp"] = stamp
-                except Exception as exc:  # a half-written file: keep serving the old one, try again
-                    logger.error("TLS: %s changed but cannot be loaded (the previous certificate stays): %s",
-                                 self.cert, exc)
+                    cfg = config(_load(self.cert, self.key, roots))  # read once, checked, then served
+                    state["stamp"], state["error"] = stamp, ""
+                except Exception as exc:  # keep serving the old files; say so once per problem
+                    if str(exc) != state["error"]:
+                        logger.error("TLS: %s changed but cannot be used (the previous certificate stays): %s",
+                                     self.cert, exc)
+                    state["error"] = str(exc)
                     return None
             logger.info("TLS: certificate reloaded from %s", self.cert)
             return cfg
 
-        return grpc.dynamic_ssl_server_credentials(config(), fetch, require_client_authentication=self.mutual)
+        return grpc.dynamic_ssl_server_credentials(config(_load(self.cert, self.key, roots)), fetch,
+                                                   require_client_authentication=self.mutual)
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
-        key, cert, ca = self._read()
+        ca = _load_cas([self.ca]) if self.ca else None
+        if not self.cert:
+            return grpc.ssl_channel_credentials(root_certificates=ca)
+        key, cert, _ = _load(self.cert, self.key, [])
         return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
     def _options(self, options: Any) -> list[tuple[str, Any]]:
@@ -126,23 +178,36 @@ class TlsConfig:
         return out
 
     def aio_channel(self, address: str, options: Any = None) -> grpc.aio.Channel:
-        if not self.on:
+        if not self.dials_tls:
             return grpc.aio.insecure_channel(address, options=options)
         return grpc.aio.secure_channel(address, self.channel_credentials(), options=self._options(options))
 
     def channel(self, address: str, options: Any = None) -> grpc.Channel:
-        if not self.on:
+        if not self.dials_tls:
             return grpc.insecure_channel(address, options=options)
         return grpc.secure_channel(address, self.channel_credentials(), options=self._options(options))
 
     # HTTP -------------------------------------------------------------------
     def server_ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(self.cert, self.key)
-        if self.ca:
-            ctx.load_verify_locations(self.ca)
+        self._load_into(ctx)
         ctx.verify_mode = ssl.CERT_REQUIRED if self.mutual else ssl.CERT_NONE
         return ctx
+
+    def _load_into(self, ctx: ssl.SSLContext) -> None:
+        """The files, read once and checked, loaded into ``ctx`` from private copies: a load that
+        could fail half-way (OpenSSL keeps a new certificate whose key did not load) never
+        touches ``ctx``."""
+        roots = [self._client_roots] if self._client_roots else []
+        key, cert, ca = _load(self.cert, self.key, roots)
+        with tempfile.TemporaryDirectory(prefix="tandem-tls-") as d:
+            cert_p, key_p = Path(d, "cert.pem"), Path(d, "key.pem")
+            cert_p.write_bytes(cert)
+            key_p.write_bytes(key)
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_p, key_p)  # proves the pair first
+            ctx.load_cert_chain(cert_p, key_p)
+        if ca:
+            ctx.load_verify_locations(cadata=ca.decode())
 
     def client_ssl_context(self) -> ssl.SSLContext:
         """For an HTTPS client of a Tandem daemon: verifies it with the CA, shows this certificate."""
@@ -153,54 +218,68 @@ class TlsConfig:
 
     async def keep_reloading(self, ctx: ssl.SSLContext) -> None:
         """Load the files into ``ctx`` again whenever they change (new connections get them)."""
-        files = [p for p in (self.cert, self.key, self.ca) if p]
-        stamp = _stamp(files)
+        files = [p for p in (self.cert, self.key, self._client_roots) if p]
+        stamp, error = _stamp(files), ""
         while True:
             await asyncio.sleep(RELOAD_CHECK_S)
             try:
                 now = _stamp(files)
                 if now == stamp:
                     continue
-                ctx.load_cert_chain(self.cert, self.key)
-                if self.ca:
-                    ctx.load_verify_locations(self.ca)
-                stamp = now
+                self._load_into(ctx)
+                stamp, error = now, ""
                 logger.info("TLS: HTTP certificate reloaded from %s", self.cert)
-            except (OSError, ssl.SSLError) as exc:
-                logger.error("TLS: %s changed but cannot be loaded (the previous certificate stays): %s",
-                             self.cert, exc)
+            except (OSError, ValueError, ssl.SSLError) as exc:
+                if str(exc) != error:
+                    logger.error("TLS: %s changed but cannot be used (the previous certificate stays): %s",
+                                 self.cert, exc)
+                error = str(exc)
+
+
+def _load_cas(paths: list[str]) -> bytes:
+    from cryptography import x509
+
+    out = b""
+    for p in paths:
+        data = Path(p).read_bytes()
+        try:
+            x509.load_pem_x509_certificates(data)
+        except ValueError as exc:
+            raise ValueError(f"{p} holds no PEM certificate: {exc}") from None
+        out += data if data.endswith(b"\n") else data + b"\n"
+    return out
 
 
 def add_tls_args(ap: argparse.ArgumentParser, *, front_door: bool = False) -> None:
     env = os.environ.get
     ap.add_argument("--tls-cert", default=env("TANDEM_TLS_CERT", ""),
-                    help="this daemon's certificate (PEM): its ports serve TLS, and it shows it to the daemons it "
-                         "dials (TANDEM_TLS_CERT; default: no TLS)")
+                    help="this process's certificate (PEM): a daemon serves TLS with it and shows it to the daemons "
+                         "it dials; a client shows it to the coordinator (TANDEM_TLS_CERT; default: no TLS)")
     ap.add_argument("--tls-key", default=env("TANDEM_TLS_KEY", ""), help="its private key (TANDEM_TLS_KEY)")
     ap.add_argument("--tls-ca", default=env("TANDEM_TLS_CA", ""),
-                    help="the cluster CA (TANDEM_TLS_CA): verifies the daemons this one dials and, for mutual TLS, "
-                         "its clients")
+                    help="the cluster CA (TANDEM_TLS_CA): verifies the daemons this process dials, and a node's "
+                         "clients (only daemons it signed may call a node)")
     ap.add_argument("--tls-server-name", default=env("TANDEM_TLS_SERVER_NAME", ""),
-                    help="verify the daemons this one dials as this name (in their certificate) rather than by "
+                    help="verify the daemons this process dials as this name (in their certificate) rather than by "
                          "the address it dials: for pods whose addresses change (TANDEM_TLS_SERVER_NAME)")
     if front_door:
+        ap.add_argument("--tls-client-ca", default=env("TANDEM_TLS_CLIENT_CA", ""),
+                        help="the CA the coordinator's clients' certificates come from (TANDEM_TLS_CLIENT_CA; "
+                             "default: --tls-ca)")
         ap.add_argument("--tls-client-auth", default=env("TANDEM_TLS_CLIENT_AUTH", "required"),
                         choices=CLIENT_AUTH,
-                        help="with --tls-ca: must clients of the coordinator show a certificate the CA signed "
+                        help="must the coordinator's clients show a certificate the client CA signed "
                              "(TANDEM_TLS_CLIENT_AUTH; default required; none: API keys say who they are)")
-
-
-def tls_from_args(args: argparse.Namespace) -> TlsConfig:
-    return TlsConfig(args.tls_cert, args.tls_key, args.tls_ca, getattr(args, "tls_client_auth", "required"),
-                     args.tls_server_name).check()
 
 
 # certificates ----------------------------------------------------------------
 def make_certs(out_dir: str | Path, hosts: list[str], days: int = 365, loopback: bool = True) -> dict[str, Path]:
-    """A development CA and, signed by it, ``server`` (the daemons' certificate: server and client
-    use, for ``hosts``) and ``client`` (a client's). Keys are written mode 600. Where ``out_dir``
-    already has a CA (ca.pem, ca.key), it signs new certificates (a rotation the daemons reload).
-    ``loopback``: localhost and 127.0.0.1 are among the hosts too."""
+    """Two development CAs (``ca``: the daemons', ``client-ca``: the clients') and, signed by them,
+    ``server`` (the daemons' certificate: server and client use, for ``hosts``) and ``client``
+    (a client's). Keys are written mode 600, every file replaced whole. Where ``out_dir`` already
+    has the CAs, they sign new certificates (a rotation the daemons reload); a CA certificate
+    whose key is not there is an error, never a new CA. ``loopback``: localhost and 127.0.0.1
+    are among the hosts too."""
     import datetime
     import ipaddress
 
@@ -215,8 +294,7 @@ def make_certs(out_dir: str | Path, hosts: list[str], days: int = 365, loopback:
 
     def write(path: Path, data: bytes, mode: int) -> Path:
         """Whole or not at all (a daemon reloading it never reads half a file)."""
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{path.name}.")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.chmod(tmp, mode)
@@ -230,21 +308,34 @@ def make_certs(out_dir: str | Path, hosts: list[str], days: int = 365, loopback:
     def write_cert(name: str, cert: Any) -> Path:
         return write(out / f"{name}.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
-    if (out / "ca.pem").exists() and (out / "ca.key").exists():
-        ca = x509.load_pem_x509_certificate((out / "ca.pem").read_bytes())
-        ca_key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
-        ca_name = ca.subject
-        paths: dict[str, Path] = {"ca": out / "ca.pem", "ca_key": out / "ca.key"}
-    else:
-        ca_key, ca_name, ca = _new_ca(now, days)
-        paths = {"ca": write_cert("ca", ca), "ca_key": write_key("ca", ca_key)}
+    paths: dict[str, Path] = {}
 
-    def issue(name: str, common_name: str, usages: list[Any], sans: list[Any]) -> None:
+    def authority(name: str, title: str) -> tuple[Any, Any]:
+        cert_p, key_p = out / f"{name}.pem", out / f"{name}.key"
+        if cert_p.exists():
+            if not key_p.exists():
+                raise ValueError(f"{cert_p} is here but its key {key_p} is not: put the key back to sign new "
+                                 f"certificates with it (a new CA in place of it would cut every daemon off)")
+            ca = x509.load_pem_x509_certificate(cert_p.read_bytes())
+            key = serialization.load_pem_private_key(key_p.read_bytes(), password=None)
+            spki = serialization.PublicFormat.SubjectPublicKeyInfo
+            if ca.public_key().public_bytes(serialization.Encoding.DER, spki) != \
+                    key.public_key().public_bytes(serialization.Encoding.DER, spki):
+                raise ValueError(f"{key_p} is not the key of {cert_p}")
+        else:
+            key, ca = _new_ca(now, days, title)
+            write_key(name, key)
+            write_cert(name, ca)
+        paths[name.replace("-", "_")], paths[f"{name.replace('-', '_')}_key"] = cert_p, key_p
+        return key, ca
+
+    def issue(name: str, common_name: str, usages: list[Any], sans: list[Any], ca_key: Any, ca: Any) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
+        not_after = min(now + datetime.timedelta(days=days), ca.not_valid_after_utc)
         b = (x509.CertificateBuilder()
              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-             .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+             .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(not_after)
              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
              .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False))
@@ -254,18 +345,21 @@ def make_certs(out_dir: str | Path, hosts: list[str], days: int = 365, loopback:
         paths[f"{name}_key"] = write_key(name, key)
         paths[name] = write_cert(name, b.sign(ca_key, hashes.SHA256()))
 
+    ca_key, ca = authority("ca", "Tandem development CA (daemons)")
+    client_ca_key, client_ca = authority("client-ca", "Tandem development CA (clients)")
     sans: list[Any] = []
     for h in dict.fromkeys([*hosts, *(["localhost", "127.0.0.1"] if loopback else [])]):
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:
             sans.append(x509.DNSName(h))
-    issue("server", "tandem daemon", [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], sans)
-    issue("client", "tandem client", [ExtendedKeyUsageOID.CLIENT_AUTH], [])
+    issue("server", "tandem daemon", [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], sans,
+          ca_key, ca)
+    issue("client", "tandem client", [ExtendedKeyUsageOID.CLIENT_AUTH], [], client_ca_key, client_ca)
     return paths
 
 
-def _new_ca(now: Any, days: int) -> tuple[Any, Any, Any]:
+def _new_ca(now: Any, days: int, title: str) -> tuple[Any, Any]:
     import datetime
 
     from cryptography import x509
@@ -274,7 +368,7 @@ def _new_ca(now: Any, days: int) -> tuple[Any, Any, Any]:
     from cryptography.x509.oid import NameOID
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Tandem development CA")])
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, title)])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
           .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
           .not_valid_after(now + datetime.timedelta(days=days))
@@ -284,17 +378,23 @@ def _new_ca(now: Any, days: int) -> tuple[Any, Any, Any]:
                                        key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
           .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
           .sign(ca_key, hashes.SHA256()))
-    return ca_key, ca_name, ca
+    return ca_key, ca
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
-    paths = make_certs(args.dir, hosts, args.days)
-    print(f"wrote a development CA and certificates to {args.dir} (valid {args.days} days, hosts: "
+    try:
+        paths = make_certs(args.dir, hosts, args.days)
+    except ValueError as exc:
+        print(f"tandem certs make: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote certificates to {args.dir} (valid {args.days} days at most, hosts: "
           f"{', '.join(dict.fromkeys([*hosts, 'localhost', '127.0.0.1']))}):")
     for name, path in paths.items():
-        print(f"  {name:11} {path}")
-    print(f"daemons: --tls-cert {paths['server']} --tls-key {paths['server_key']} --tls-ca {paths['ca']}\n"
-          f"clients: --tls-cert {paths['client']} --tls-key {paths['client_key']} --tls-ca {paths['ca']}\n"
-          f"keep {paths['ca_key']} away from the cluster: it signs new certificates")
+        print(f"  {name:13} {path}")
+    print(f"daemons:         --tls-cert {paths['server']} --tls-key {paths['server_key']} --tls-ca {paths['ca']}\n"
+          f"the coordinator: also --tls-client-ca {paths['client_ca']}\n"
+          f"clients:         --tls-cert {paths['client']} --tls-key {paths['client_key']} --tls-ca {paths['ca']}\n"
+          f"keep {paths['ca_key']} and {paths['client_ca_key']} away from the cluster: they sign new certificates "
+          "(run this again with them here to rotate; the daemons reload)")
     return 0

@@ -38,7 +38,9 @@ def certs(tmp_path: Path) -> dict[str, Path]:
 
 def test_grpc_mutual_tls_lets_in_only_the_cas_clients_and_reloads_its_certificate(
         certs: dict[str, Path], tmp_path: Path) -> None:
-    server_tls = TlsConfig(str(certs["server"]), str(certs["server_key"]), str(certs["ca"])).check()
+    # a coordinator's front door: clients come with the client CA's certificates
+    server_tls = TlsConfig(str(certs["server"]), str(certs["server_key"]), str(certs["ca"]),
+                           client_ca=str(certs["client_ca"])).check("coordinator")
     client_tls = TlsConfig(str(certs["client"]), str(certs["client_key"]), str(certs["ca"]))
     other = make_certs(tmp_path / "other", ["127.0.0.1"])  # another CA's client
 
@@ -68,6 +70,15 @@ def test_grpc_mutual_tls_lets_in_only_the_cas_clients_and_reloads_its_certificat
             assert await check(client_tls.aio_channel(address)) == "SERVING"  # the client files rotated too
         finally:
             await server.stop(0)
+        # a node: only the cluster CA's certificates (the daemons') get in, never a client's
+        node_tls = TlsConfig(str(certs["server"]), str(certs["server_key"]), str(certs["ca"])).check("node")
+        node = await start_grpc("127.0.0.1", 0, "tandem.v1.Test", lambda s: None, tls=node_tls)
+        address = f"127.0.0.1:{node.port}"
+        try:
+            assert await check(client_tls.aio_channel(address)) == "UNAVAILABLE"
+            assert await check(node_tls.aio_channel(address)) == "SERVING"
+        finally:
+            await node.stop(0)
 
     asyncio.run(go())
 
@@ -103,7 +114,8 @@ def test_https_with_client_auth_and_reload(certs: dict[str, Path], monkeypatch: 
     from aiohttp import web
 
     monkeypatch.setattr(tls_mod, "RELOAD_CHECK_S", 0.05)
-    server_tls = TlsConfig(str(certs["server"]), str(certs["server_key"]), str(certs["ca"]))
+    server_tls = TlsConfig(str(certs["server"]), str(certs["server_key"]), str(certs["ca"]),
+                           client_ca=str(certs["client_ca"]))
     client_tls = TlsConfig(str(certs["client"]), str(certs["client_key"]), str(certs["ca"]))
 
     async def go() -> None:
@@ -134,6 +146,13 @@ def test_https_with_client_auth_and_reload(certs: dict[str, Path], monkeypatch: 
             no_cert = ssl.create_default_context(cafile=str(certs["ca"]))
             assert await loop.run_in_executor(None, get, no_cert) != "200"
             before = await loop.run_in_executor(None, served_serial, port, client_tls, "http/1.1")
+            # a bad change (a certificate whose key is not beside it) leaves the live one serving
+            good_cert = certs["server"].read_bytes()
+            certs["server"].write_bytes(certs["client"].read_bytes())
+            await asyncio.sleep(0.3)
+            assert await loop.run_in_executor(None, served_serial, port, client_tls, "http/1.1") == before
+            assert await loop.run_in_executor(None, get, client_tls.client_ssl_context()) == "200"
+            certs["server"].write_bytes(good_cert)
             make_certs(certs["ca"].parent, ["127.0.0.1"])
             deadline = time.monotonic() + 5
             while await loop.run_in_executor(None, served_serial, port, client_tls, "http/1.1") == before:
@@ -149,10 +168,21 @@ def test_https_with_client_auth_and_reload(certs: dict[str, Path], monkeypatch: 
 def test_config_errors_name_the_flag(certs: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--tls-cert and --tls-key go together"):
         TlsConfig(cert=str(certs["server"])).check()
+    with pytest.raises(ValueError, match="a node with TLS needs --tls-ca"):
+        TlsConfig(str(certs["server"]), str(certs["server_key"])).check("node")
+    with pytest.raises(ValueError, match="--tls-client-auth required needs --tls-client-ca"):
+        TlsConfig(str(certs["server"]), str(certs["server_key"])).check("coordinator")
+    assert TlsConfig(ca=str(certs["ca"])).check("client").dials_tls  # a client may verify the server only
+    # a CA certificate whose key was put away: an error, never a new CA behind the daemons' backs
+    ca_before = certs["ca"].read_bytes()
+    certs["ca_key"].rename(tmp_path / "ca.key.safe")
+    with pytest.raises(ValueError, match="its key .* is not"):
+        make_certs(certs["ca"].parent, ["127.0.0.1"])
+    assert certs["ca"].read_bytes() == ca_before
     with pytest.raises(ValueError, match="--tls-ca: '/nope' is not a file"):
         TlsConfig(str(certs["server"]), str(certs["server_key"]), "/nope").check()
-    mismatched = TlsConfig(str(certs["server"]), str(certs["client_key"]))
-    with pytest.raises(ValueError, match="cannot be used"):
-        mismatched.check()
+    mismatched = TlsConfig(str(certs["server"]), str(certs["client_key"]), str(certs["ca"]))
+    with pytest.raises(ValueError, match="is not the key of"):
+        mismatched.check("node")
     assert (os.stat(certs["server_key"]).st_mode & 0o777) == 0o600
     shutil.rmtree(tmp_path / "certs")

@@ -211,23 +211,32 @@ class LocalCluster:
         self.tls = TlsConfig()  # the daemons' own (server) certificate, when spec.tls
         self.client_tls = TlsConfig()  # a client's
 
-    def tls_args(self) -> list[str]:
+    def tls_args(self, coordinator: bool = False) -> list[str]:
+        """A daemon's TLS flags; empty ones without TLS (so that TANDEM_TLS_* in the environment
+        cannot turn it on behind this cluster's probes)."""
         if not self.spec.tls:
-            return []
+            return ["--tls-cert", "", "--tls-key", "", "--tls-ca", ""]
         if not self.tls.on:
             from tandem.tls import make_certs
 
             p = make_certs(self.log_dir / "certs", [self.spec.host])
             self.tls = TlsConfig(str(p["server"]), str(p["server_key"]), str(p["ca"]))
             self.client_tls = TlsConfig(str(p["client"]), str(p["client_key"]), str(p["ca"]))
-        return ["--tls-cert", self.tls.cert, "--tls-key", self.tls.key, "--tls-ca", self.tls.ca]
+            self._client_ca = str(p["client_ca"])
+        return ["--tls-cert", self.tls.cert, "--tls-key", self.tls.key, "--tls-ca", self.tls.ca,
+                *(["--tls-client-ca", self._client_ca] if coordinator else [])]
 
     def channel(self, address: str) -> grpc.Channel:
-        """A channel to one of this cluster's daemons, with a client certificate when it runs TLS."""
+        """A client's channel to a coordinator of this cluster (its client certificate with TLS)."""
         return self.client_tls.channel(address)
 
     def aio_channel(self, address: str, options: object = None) -> grpc.aio.Channel:
         return self.client_tls.aio_channel(address, options)
+
+    def node_channel(self, address: str) -> grpc.Channel:
+        """A channel to a node, as a daemon dials it (with TLS only the cluster CA's certificates
+        get in: the daemons' own)."""
+        return self.tls.channel(address)
 
     def _kv_secret(self) -> str:
         if not self.spec.kv_auth:
@@ -275,15 +284,14 @@ class LocalCluster:
             if not self.etcd_url:
                 self.etcd = LocalEtcd(s.host).start()
                 self.etcd_url = self.etcd.url
-            common = ["--etcd", self.etcd_url, "--cluster", s.cluster, "--model", s.model, "--host", s.host,
-                      *self.tls_args()]
+            common = ["--etcd", self.etcd_url, "--cluster", s.cluster, "--model", s.model, "--host", s.host]
             secret = self._kv_secret()
             for i in range(s.num_coordinators):
                 name = "coordinator" if i == 0 else f"coordinator-{i}"
                 fixed = i == 0  # the spec's ports are the first coordinator's
                 coordinator = Daemon(
                     name, "coordinator",
-                    self._cli("coordinator", *common,
+                    self._cli("coordinator", *common, *self.tls_args(coordinator=True),
                               "--grpc-port", str((s.grpc_port if fixed else 0) or free_port(s.host)),
                               "--http-port", str((s.http_port if fixed else 0) or free_port(s.host)),
                               *(["--max-model-len", str(s.max_model_len)] if s.max_model_len else []),
@@ -297,7 +305,7 @@ class LocalCluster:
             for role, cores in zip(roles, plan):
                 name = f"{role}-{counters[role]}"
                 counters[role] += 1
-                argv = self._cli(role, *common, "--node-id", name, "--cores", cores,
+                argv = self._cli(role, *common, *self.tls_args(), "--node-id", name, "--cores", cores,
                                  "--kv-cache-gib", str(s.kv_cache_gib),
                                  "--decode-kv-cache-gib", str(s.decode_kv_cache_gib),
                                  "--kv-transport", s.transport,

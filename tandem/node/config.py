@@ -107,7 +107,7 @@ class NodeConfig:
             self.kv_cache_gib = self.decode_kv_cache_gib
         if self.lease_s <= 0 or self.ttl_s <= 0:
             raise ValueError("--kv-lease-s and --ttl-s must be positive")
-        self.tls.check()
+        self.tls.check("node")
         if self.kv_secret_file:
             from tandem.kvtransfer.capability import load_secret
 
