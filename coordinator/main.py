@@ -24,6 +24,7 @@ from .grpc_api import SERVICE_NAME, CoordinatorServicer
 from .http_api import OpenAIHttp
 from .pipeline import Pipeline, PipelineConfig
 from .router import Router
+from . import metrics
 from .auth import ApiKeys, check_keys
 from .textcodec import TextCodec
 
@@ -189,6 +190,7 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
     logger.info("starting coordinator: %s", " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
     signals = StopSignals()
     keys = ApiKeys(cfg.api_keys_file)  # before anything starts: a bad file is a clear error
+    metrics.bind(cfg.served_model_name)
     codec = TextCodec(cfg.model)
     router = Router(cfg.served_model_name, pool_wait_s=cfg.pool_wait_s, probe_timeout_s=cfg.probe_timeout_s,
                     tls=cfg.tls)

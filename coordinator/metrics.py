@@ -1,6 +1,15 @@
-"""The coordinator's Prometheus metrics (vLLM's names where the meaning is the same)."""
+"""The coordinator's Prometheus metrics (vLLM's names where the meaning is the same).
+
+Series with vLLM's names carry its ``model_name`` label and its bucket bounds, so
+that dashboards written for vLLM work on Tandem's front door. Until ``bind()``
+names the served model (at the coordinator's start) they carry an empty name.
+The request-length histograms the live planner replays (``tandem plan --live``)
+keep finer buckets under Tandem's own names.
+"""
 
 from __future__ import annotations
+
+import contextlib
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -11,18 +20,31 @@ _TOK = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5
 LENGTHS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144,
            8192, 12288, 16384, 32768, 65536, 131072)
 
-TTFT = Histogram("vllm:time_to_first_token_seconds", "Request received to first token sent", buckets=_LAT)
-TPOT = Histogram("vllm:request_time_per_output_token_seconds", "Mean time per output token after the first",
-                 buckets=_TOK)
-ITL = Histogram("vllm:inter_token_latency_seconds", "Gap between consecutive tokens sent", buckets=_TOK)
-E2E = Histogram("vllm:e2e_request_latency_seconds", "Request received to last token sent", buckets=_LAT)
-QUEUE = Histogram("vllm:request_queue_time_seconds",
-                  "Request received to its prefill call sent (admission, routing, its turn at the prefill node)", buckets=_TOK)
+# vLLM's bucket bounds (vllm/v1/metrics/buckets.py, 0.32): the coordinator imports no vLLM.
+VLLM_TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+             80.0, 160.0, 640.0, 2560.0)
+VLLM_ITL = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+VLLM_REQUEST = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+                960.0, 1920.0, 7680.0)
+# vLLM's 1-2-5 token buckets (it caps them at the model's context; these go to 10M tokens)
+VLLM_TOKENS = tuple(m * 10 ** e for e in range(8) for m in (1, 2, 5))
+_MODEL = ["model_name"]
+
+_TTFT = Histogram("vllm:time_to_first_token_seconds", "Request received to first token sent", _MODEL,
+                  buckets=VLLM_TTFT)
+_TPOT = Histogram("vllm:request_time_per_output_token_seconds", "Mean time per output token after the first",
+                  _MODEL, buckets=VLLM_ITL)
+_ITL = Histogram("vllm:inter_token_latency_seconds", "Gap between consecutive tokens sent", _MODEL, buckets=VLLM_ITL)
+_E2E = Histogram("vllm:e2e_request_latency_seconds", "Request received to last token sent", _MODEL,
+                 buckets=VLLM_REQUEST)
+_QUEUE = Histogram("vllm:request_queue_time_seconds",
+                   "Request received to its prefill call sent (admission, routing, its turn at the prefill node)",
+                   _MODEL, buckets=VLLM_REQUEST)
 PREFILL = Histogram("tandem_prefill_call_seconds", "Prefill call as the coordinator sees it", buckets=_LAT)
 RUNNING = Gauge("tandem_requests_running", "Requests the coordinator is serving now")
 REQUESTS = Counter("tandem_requests", "Requests by how they ended", ["status"])
-PROMPT_TOKENS = Counter("vllm:prompt_tokens", "Prompt tokens of admitted requests")
-GENERATION_TOKENS = Counter("vllm:generation_tokens", "Tokens streamed to clients")
+_PROMPT_TOKENS = Counter("vllm:prompt_tokens", "Prompt tokens of admitted requests", _MODEL)
+_GENERATION_TOKENS = Counter("vllm:generation_tokens", "Tokens streamed to clients", _MODEL)
 MIGRATIONS = Counter("tandem_requests_migrated", "Requests re-issued to other nodes after a node failed mid-request",
                      ["from_role", "cause"])
 RETRIES = Counter("tandem_prefill_retries", "Prefill calls retried on another node after a failure")
@@ -40,11 +62,42 @@ PREDICTION_ERROR = Histogram("tandem_prediction_error_ratio",
 PREFIX_TOKENS = Counter("tandem_routing_cached_tokens", "Prompt tokens the chosen node (a prefill node, or the "
                         "decode node for a local prefill) was known to hold when the request was routed (a prompt's prefix cached or loaded there, not computed), by where: "
                         "engine (its prefix cache), ram or disk (its KV store)", ["tier"])
-REQUEST_PROMPT_TOKENS = Histogram("vllm:request_prompt_tokens", "Prompt tokens of each finished request",
-                                  buckets=LENGTHS)
-REQUEST_GENERATION_TOKENS = Histogram("vllm:request_generation_tokens", "Tokens streamed for each finished request",
-                                      buckets=LENGTHS)
+_REQUEST_PROMPT_TOKENS = Histogram("vllm:request_prompt_tokens", "Prompt tokens of each finished request",
+                                   _MODEL, buckets=VLLM_TOKENS)
+_REQUEST_GENERATION_TOKENS = Histogram("vllm:request_generation_tokens", "Tokens streamed for each finished request",
+                                       _MODEL, buckets=VLLM_TOKENS)
+MIX_PROMPT_TOKENS = Histogram("tandem_request_prompt_tokens", "Prompt tokens of each finished request (the "
+                              "buckets `tandem plan --live` replays)", buckets=LENGTHS)
+MIX_GENERATION_TOKENS = Histogram("tandem_request_generation_tokens", "Tokens streamed for each finished request "
+                                  "(the buckets `tandem plan --live` replays)", buckets=LENGTHS)
 SLO_MET = Counter("tandem_requests_slo", "Requests that ended (not cancelled by their client) by how they fared "
                   "against their objectives: yes (served, TTFT and, past one token, TPOT met), no (missed one, "
                   "refused or failed), none (no objective: neither the request nor the coordinator set one)",
                   ["met"])
+
+_FAMILIES = {"TTFT": _TTFT, "TPOT": _TPOT, "ITL": _ITL, "E2E": _E2E, "QUEUE": _QUEUE, "PROMPT_TOKENS": _PROMPT_TOKENS,
+             "GENERATION_TOKENS": _GENERATION_TOKENS, "REQUEST_PROMPT_TOKENS": _REQUEST_PROMPT_TOKENS,
+             "REQUEST_GENERATION_TOKENS": _REQUEST_GENERATION_TOKENS}
+_bound = ""
+
+
+def bind(model_name: str) -> None:
+    """Name the served model on every vLLM-named series (once, before the first request)."""
+    global _bound
+    for attr, family in _FAMILIES.items():
+        if _bound != model_name:
+            with contextlib.suppress(KeyError):
+                family.remove(_bound)
+        globals()[attr] = family.labels(model_name)
+    _bound = model_name
+
+
+TTFT = _TTFT.labels("")
+TPOT = _TPOT.labels("")
+ITL = _ITL.labels("")
+E2E = _E2E.labels("")
+QUEUE = _QUEUE.labels("")
+PROMPT_TOKENS = _PROMPT_TOKENS.labels("")
+GENERATION_TOKENS = _GENERATION_TOKENS.labels("")
+REQUEST_PROMPT_TOKENS = _REQUEST_PROMPT_TOKENS.labels("")
+REQUEST_GENERATION_TOKENS = _REQUEST_GENERATION_TOKENS.labels("")

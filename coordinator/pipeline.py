@@ -416,6 +416,8 @@ class Pipeline:
         # What `tandem plan --live` replays and checks its predictions against (run() counts it).
         m.REQUEST_PROMPT_TOKENS.observe(len(req.prompt_ids))
         m.REQUEST_GENERATION_TOKENS.observe(out.completion_tokens)
+        m.MIX_PROMPT_TOKENS.observe(len(req.prompt_ids))
+        m.MIX_GENERATION_TOKENS.observe(out.completion_tokens)
         slo = req.slo.over(self.admission.default_slo)
         met = (out.reason in ("length", "stop") and (slo.ttft_s is None or out.ttft_s <= slo.ttft_s)
                and (out.completion_tokens <= 1 or slo.tpot_s is None or tpot <= slo.tpot_s))

@@ -1,8 +1,8 @@
 """A workload's mix of prompt and output lengths as a coordinator measured it.
 
 The coordinator counts each finished request's prompt and output tokens in
-two histograms (``vllm:request_prompt_tokens``, ``vllm:request_generation_tokens``,
-buckets fine enough for this) and how each request that ended there fared
+two histograms (``tandem_request_prompt_tokens``, ``tandem_request_generation_tokens``:
+vLLM's series of the same meaning, with its coarser 1-2-5 buckets, are beside them) and how each request that ended there fared
 against its objectives (``tandem_requests_slo{met}``: yes; no, refused and
 failed too; none, when it had no objective). Two scrapes some time apart give a window:
 its arrival rate, its lengths, its measured attainment. `tandem plan --live`
@@ -22,8 +22,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-PROMPT = "vllm:request_prompt_tokens"
-OUTPUT = "vllm:request_generation_tokens"
+PROMPT = "tandem_request_prompt_tokens"  # finer buckets than vLLM's series of the same meaning
+OUTPUT = "tandem_request_generation_tokens"
 SLO = "tandem_requests_slo_total"
 
 

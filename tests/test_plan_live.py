@@ -24,12 +24,12 @@ def scrape(at: float, prompts: list[int], outputs: list[int], met: int, missed: 
 
 def test_a_window_between_two_reads_of_the_coordinators_histograms() -> None:
     text = "\n".join([
-        "# TYPE vllm:request_prompt_tokens histogram",
-        *[f'vllm:request_prompt_tokens_bucket{{le="{le}"}} {c}' for le, c in (("16.0", 0), ("64.0", 2), ("+Inf", 3))],
-        "vllm:request_prompt_tokens_count 3", "vllm:request_prompt_tokens_sum 2100",
-        "# TYPE vllm:request_generation_tokens histogram",
-        *[f'vllm:request_generation_tokens_bucket{{le="{le}"}} {c}' for le, c in (("16.0", 1), ("64.0", 3), ("+Inf", 3))],
-        "vllm:request_generation_tokens_count 3", "vllm:request_generation_tokens_sum 90",
+        "# TYPE tandem_request_prompt_tokens histogram",
+        *[f'tandem_request_prompt_tokens_bucket{{le="{le}"}} {c}' for le, c in (("16.0", 0), ("64.0", 2), ("+Inf", 3))],
+        "tandem_request_prompt_tokens_count 3", "tandem_request_prompt_tokens_sum 2100",
+        "# TYPE tandem_request_generation_tokens histogram",
+        *[f'tandem_request_generation_tokens_bucket{{le="{le}"}} {c}' for le, c in (("16.0", 1), ("64.0", 3), ("+Inf", 3))],
+        "tandem_request_generation_tokens_count 3", "tandem_request_generation_tokens_sum 90",
         "# TYPE tandem_requests_slo counter",
         'tandem_requests_slo_total{met="yes"} 2', 'tandem_requests_slo_total{met="no"} 1', ""])
     b = parse(text, at=10.0)

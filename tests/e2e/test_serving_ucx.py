@@ -678,3 +678,37 @@ def _status_of(post, auth: str, body: dict) -> int:
         return 200
     except urllib.error.HTTPError as exc:
         return exc.code
+
+
+def test_the_grafana_dashboard_reads_only_metrics_the_cluster_exports(cluster: LocalCluster, stub) -> None:
+    """deploy/grafana/tandem.json: every series its queries name is a family the coordinator or a
+    node exports (labelled families count once declared, before their first sample)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    generate(stub, prompt_ids(40, 97), max_tokens=4, ignore_eos=True)  # traffic, whatever ran before
+    dash = json.loads((Path(__file__).resolve().parents[2] / "deploy/grafana/tandem.json").read_text())
+    assert {v["name"] for v in dash["templating"]["list"]} == {"datasource", "model"}
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)) >= 10
+
+    def family(name: str) -> str:
+        for suffix in ("_bucket", "_count", "_sum", "_total", "_created"):
+            name = name.removesuffix(suffix)
+        return name
+
+    exported: set[str] = set()
+    for url in [cluster.http_url + "/metrics", *(f"http://{d.info['metrics']}/metrics" for d in cluster.nodes)]:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            exported |= {family(f.name) for f in text_string_to_metric_families(r.read().decode())}
+    named = set()
+    for panel in dash["panels"]:
+        assert panel["targets"], panel["title"]
+        for t in panel["targets"]:
+            named |= {family(n) for n in re.findall(r"\b((?:vllm:|tandem_)[A-Za-z0-9_:]+)", t["expr"])}
+    assert len(named) >= 15
+    assert not named - exported, f"the dashboard reads series nothing exports: {sorted(named - exported)}"
+    # the front door's vLLM-named series carry the served model, as vLLM's own do
+    coord = scrape(cluster.http_url + "/metrics")
+    served = json.loads(urllib.request.urlopen(cluster.http_url + "/v1/models", timeout=10).read())["data"][0]["id"]
+    assert metric(coord, "vllm:time_to_first_token_seconds_count", model_name=served) >= 1
+    assert metric(coord, "vllm:time_to_first_token_seconds_count", model_name="") == 0
