@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -309,6 +310,17 @@ def test_cli_generate_health_and_reflection(cluster: LocalCluster) -> None:
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
         names = {s.name for r in replies for s in r.list_services_response.service}
     assert {"tandem.v1.Coordinator", "grpc.health.v1.Health"} <= names
+    probe = subprocess.run([sys.executable, "-m", "tandem.cli", "probe", cluster.grpc_address], capture_output=True,
+                           text=True, timeout=60)
+    assert probe.returncode == 0 and "SERVING" in probe.stdout, probe.stderr
+    # the live view: redrawn with each node's rate until Ctrl-C, which ends it cleanly
+    watch = subprocess.Popen([sys.executable, "-m", "tandem.cli", "status", "--target", cluster.grpc_address,
+                              "--watch", "0.3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    watch.send_signal(signal.SIGINT)
+    out_w, err_w = watch.communicate(timeout=30)
+    assert watch.returncode == 0, err_w
+    assert out_w.count("\x1b[2J") >= 2 and "REQ/S" in out_w and "prefill-0" in out_w and "Traceback" not in err_w
 
 
 @pytest.mark.parametrize("backend,endpoint", [("openai", "/v1/completions"), ("openai-chat", "/v1/chat/completions")])
