@@ -123,25 +123,25 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cluster", default=env("TANDEM_CLUSTER", "default"))
     ap.add_argument("--served-model-name", default=env("TANDEM_SERVED_MODEL_NAME", ""))
     ap.add_argument("--host", default=env("TANDEM_HOST", "127.0.0.1"))
-    ap.add_argument("--grpc-port", type=int, default=int(env("TANDEM_GRPC_PORT", "50051")))
-    ap.add_argument("--http-port", type=int, default=int(env("TANDEM_HTTP_PORT", "8000")))
-    ap.add_argument("--max-model-len", type=int, default=int(env("TANDEM_MAX_MODEL_LEN", "0")))
-    ap.add_argument("--prefill-timeout-s", type=float, default=float(env("TANDEM_PREFILL_TIMEOUT_S", "120")),
+    ap.add_argument("--grpc-port", type=int, default=env("TANDEM_GRPC_PORT", "50051"))
+    ap.add_argument("--http-port", type=int, default=env("TANDEM_HTTP_PORT", "8000"))
+    ap.add_argument("--max-model-len", type=int, default=env("TANDEM_MAX_MODEL_LEN", "0"))
+    ap.add_argument("--prefill-timeout-s", type=float, default=env("TANDEM_PREFILL_TIMEOUT_S", "120"),
                     help="deadline of one Prefill call")
-    ap.add_argument("--decode-timeout-s", type=float, default=float(env("TANDEM_DECODE_TIMEOUT_S", "1800")),
+    ap.add_argument("--decode-timeout-s", type=float, default=env("TANDEM_DECODE_TIMEOUT_S", "1800"),
                     help="deadline of one Decode stream")
-    ap.add_argument("--stall-s", type=float, default=float(env("TANDEM_STALL_S", "3")),
+    ap.add_argument("--stall-s", type=float, default=env("TANDEM_STALL_S", "3"),
                     help="a call without progress this long gets a health probe; a node that fails it is "
                          "treated as dead")
-    ap.add_argument("--migration-limit", type=int, default=int(env("TANDEM_MIGRATION_LIMIT", "2")),
+    ap.add_argument("--migration-limit", type=int, default=env("TANDEM_MIGRATION_LIMIT", "2"),
                     help="times one request may move to another decode node after a failure (0: off)")
-    ap.add_argument("--pool-wait-s", type=float, default=float(env("TANDEM_POOL_WAIT_S", "10")),
+    ap.add_argument("--pool-wait-s", type=float, default=env("TANDEM_POOL_WAIT_S", "10"),
                     help="how long a request waits for a node when its pool is briefly empty")
-    ap.add_argument("--probe-timeout-s", type=float, default=float(env("TANDEM_PROBE_TIMEOUT_S", "1")))
+    ap.add_argument("--probe-timeout-s", type=float, default=env("TANDEM_PROBE_TIMEOUT_S", "1"))
     ap.add_argument("--admission", default=env("TANDEM_ADMISSION", "on"),
                     help="on: refuse (RESOURCE_EXHAUSTED / HTTP 429) a request that no node is predicted to "
                          "serve within its SLO | off: admit everything (for comparison)")
-    ap.add_argument("--admission-headroom", type=float, default=float(env("TANDEM_ADMISSION_HEADROOM", "0")),
+    ap.add_argument("--admission-headroom", type=float, default=env("TANDEM_ADMISSION_HEADROOM", "0"),
                     help="admit only what is predicted to meet its TPOT objective less this share (a "
                          "decode batch grows after a request joins it; 0.1 measured no better than 0 "
                          "on the bench, see docs/PERFORMANCE.md)")
@@ -158,26 +158,26 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
                     help="how a prefill node is picked: prefix (the lowest predicted TTFT, counting the "
                          "prompt's prefix its KV store holds as loaded, not computed) | least-loaded (the "
                          "same without that credit) | random (for comparison)")
-    ap.add_argument("--prefill-depth", type=int, default=int(env("TANDEM_PREFILL_DEPTH", "1")),
+    ap.add_argument("--prefill-depth", type=int, default=env("TANDEM_PREFILL_DEPTH", "1"),
                     help="with --prefill-order slack: prefills each node runs at a time")
     ap.add_argument("--tenant-quota", default=env("TANDEM_TENANT_QUOTA", ""),
                     help="token quotas, TENANT=TOKENS_PER_SECOND,... (a request costs prompt + max_tokens)")
-    ap.add_argument("--default-tenant-quota", type=float, default=float(env("TANDEM_DEFAULT_TENANT_QUOTA", "0")),
+    ap.add_argument("--default-tenant-quota", type=float, default=env("TANDEM_DEFAULT_TENANT_QUOTA", "0"),
                     help="tokens/s for each tenant --tenant-quota does not name, each on its own (0: unlimited)")
-    ap.add_argument("--quota-burst-s", type=float, default=float(env("TANDEM_QUOTA_BURST_S", "10")),
+    ap.add_argument("--quota-burst-s", type=float, default=env("TANDEM_QUOTA_BURST_S", "10"),
                     help="a tenant may burst this many seconds of its quota")
-    ap.add_argument("--batch-queue", type=int, default=int(env("TANDEM_BATCH_QUEUE", "256")),
+    ap.add_argument("--batch-queue", type=int, default=env("TANDEM_BATCH_QUEUE", "256"),
                     help="batch requests that may wait for spare capacity; more are refused")
-    ap.add_argument("--batch-max-wait-s", type=float, default=float(env("TANDEM_BATCH_MAX_WAIT_S", "300")),
+    ap.add_argument("--batch-max-wait-s", type=float, default=env("TANDEM_BATCH_MAX_WAIT_S", "300"),
                     help="a batch request that found no spare capacity this long is refused")
     ap.add_argument("--api-keys-file", default=env("TANDEM_API_KEYS_FILE", ""),
                     help="require an API key (Authorization: Bearer KEY) on every request; the file has one "
                          "TENANT=KEY a line and is read again when it changes. TANDEM_API_KEYS (TENANT=KEY,...) "
                          "adds keys from the environment. A request's tenant is its key's.")
     add_tls_args(ap, front_door=True)
-    ap.add_argument("--slo-ttft-ms", type=float, default=float(env("TANDEM_SLO_TTFT_MS", "0")),
+    ap.add_argument("--slo-ttft-ms", type=float, default=env("TANDEM_SLO_TTFT_MS", "0"),
                     help="default TTFT objective for requests that set none (0: none)")
-    ap.add_argument("--slo-tpot-ms", type=float, default=float(env("TANDEM_SLO_TPOT_MS", "0")),
+    ap.add_argument("--slo-tpot-ms", type=float, default=env("TANDEM_SLO_TPOT_MS", "0"),
                     help="default TPOT objective for requests that set none (0: none)")
 
 

@@ -486,7 +486,57 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--preset", choices=["tiny", "bench"], default="tiny",
                     help="tiny: quick tests (1.5 M parameters); bench: compute-bound prefill (~25 M)")
     mt.set_defaults(fn=cmd_make_tiny)
+    from . import __version__
+
+    ap.add_argument("--version", action="version", version=f"tandem {__version__}")
+    annotate_help(ap)
     return ap
+
+
+# The daemons read every flag from a TANDEM_<FLAG> variable too; other commands only their TLS flags.
+ENV_COMMANDS = ("coordinator", "prefill", "decode")
+
+
+def env_name(option: str) -> str:
+    return "TANDEM_" + option.removeprefix("--").upper().replace("-", "_")
+
+
+def _checked(kind: type, env: str) -> object:
+    """``kind`` as an argparse type whose error names the variable a bad default came from."""
+    def convert(raw: str) -> object:
+        try:
+            return kind(raw)
+        except (TypeError, ValueError):
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{raw!r} is not {what} (from the flag, or {env} in the "
+                                             "environment)") from None
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def annotate_help(parser: argparse.ArgumentParser, env_all: bool = False) -> None:
+    """Every flag's help says its default and, where one is read, its environment variable; a
+    number read from the environment that is not one is an argparse error naming the variable."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                annotate_help(sub, env_all=name in ENV_COMMANDS)
+            continue
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if not longs or action.help == argparse.SUPPRESS or longs[0] in ("--help", "--version"):
+            continue
+        env = env_name(longs[0]) if env_all or longs[0].startswith("--tls-") else ""
+        if env and action.type in (int, float):
+            action.type = _checked(action.type, env)
+        help_text = action.help or ""
+        notes = []
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in help_text.lower():
+            notes.append("default: %(default)s")
+        if env and env not in help_text:
+            notes.append(env)
+        if notes:
+            action.help = f"{help_text} ({'; '.join(notes)})".strip()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 
 
 
+class StartStopped(Exception):
+    """A stop was asked for while the cluster was starting; what had started was stopped."""
+
+
 @dataclass
 class Daemon:
     name: str
@@ -278,7 +282,11 @@ class LocalCluster:
     def _cli(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "tandem.cli", *args]
 
-    def start(self, timeout_s: float = 300.0) -> LocalCluster:
+    def start(self, timeout_s: float = 300.0, progress: Callable[[str], None] | None = None,
+              stop: threading.Event | None = None) -> LocalCluster:
+        """Start everything and wait until each daemon is ready; ``progress`` hears each one that
+        gets there and, every 10 s, which are still starting; ``stop`` set meanwhile stops what
+        started and raises StartStopped."""
         s = self.spec
         try:
             if not self.etcd_url:
@@ -316,15 +324,38 @@ class LocalCluster:
                 d = Daemon(name, role, argv, self.log_dir / f"{name}.log", tls=self.tls)
                 d.start()
                 self.nodes.append(d)
-            deadline = time.monotonic() + timeout_s
-            for d in [*self.coordinators, *self.nodes]:
-                d.wait_ready(deadline)
+            self._wait_ready([*self.coordinators, *self.nodes], timeout_s, progress, stop)
             if s.supervise:
                 self.supervisor = Supervisor(self.daemons, on_event=self.on_event).start()
         except BaseException:
             self.stop()
             raise
         return self
+
+    @staticmethod
+    def _wait_ready(pending: list[Daemon], timeout_s: float, progress: Callable[[str], None] | None,
+                    stop: threading.Event | None) -> None:
+        t0 = time.monotonic()
+        deadline, noted = t0 + timeout_s, t0
+        while pending:
+            for d in list(pending):
+                if d.is_ready():
+                    pending.remove(d)
+                    if progress:
+                        progress(f"{d.name} ready ({time.monotonic() - t0:.0f} s)")
+                elif d.proc is not None and d.proc.poll() is not None:
+                    d.wait_ready(deadline)  # raises: it exited, with its log's last lines
+            if not pending:
+                return
+            if stop is not None and stop.is_set():
+                raise StartStopped(f"stopped while {', '.join(d.name for d in pending)} started")
+            now = time.monotonic()
+            if now > deadline:
+                pending[0].wait_ready(deadline)  # raises, with its log's last lines
+            if progress and now - noted >= 10:
+                noted = now
+                progress(f"waiting for {', '.join(d.name for d in pending)} ({now - t0:.0f} s)")
+            time.sleep(0.2)
 
     def daemons(self) -> list[Daemon | LocalEtcd]:
         """Everything this cluster runs, etcd first (when it is this cluster's own)."""

@@ -10,7 +10,7 @@ import threading
 import time
 
 from tandem.client import stream
-from .cluster import ClusterSpec, LocalCluster
+from .cluster import ClusterSpec, LocalCluster, StartStopped
 
 
 def _say(msg: str) -> None:
@@ -59,7 +59,11 @@ def run_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        cluster.start()
+        try:
+            cluster.start(progress=_say, stop=stop)
+        except StartStopped:
+            _say("stopped during start-up")
+            return 130
         _say(f"ready in {time.monotonic() - t0:.0f} s")
         _say(f"etcd         {cluster.etcd_url}")
         _say(f"coordinator  gRPC {cluster.grpc_address}   OpenAI HTTP {cluster.http_url}")

@@ -219,8 +219,8 @@ def add_node_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--node-id", default=_env("node_id", ""))
     ap.add_argument("--served-model-name", default=_env("served_model_name", ""))
     ap.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to listen on and advertise")
-    ap.add_argument("--grpc-port", type=int, default=int(_env("grpc_port", 0)))  # type: ignore[arg-type]
-    ap.add_argument("--kv-port", type=int, default=int(_env("kv_port", 0)))  # type: ignore[arg-type]
+    ap.add_argument("--grpc-port", type=int, default=_env("grpc_port", 0))
+    ap.add_argument("--kv-port", type=int, default=_env("kv_port", 0))
     ap.add_argument("--kv-advertise", default=_env("kv_advertise", ""),
                     help="HOST:PORT that decode nodes dial for this node's KV, when they reach it through "
                          "something in between (a NAT, a proxy); default HOST:KV_PORT")
@@ -229,26 +229,26 @@ def add_node_args(ap: argparse.ArgumentParser) -> None:
                     help="the cluster's KV secret (the same file on every node, mode 600): each KV handle "
                          "carries a capability signed with it, and this node's block server sends blocks only "
                          "for a valid one. Without it the KV port serves anyone who names a held request.")
-    ap.add_argument("--metrics-port", type=int, default=int(_env("metrics_port", 0)))  # type: ignore[arg-type]
+    ap.add_argument("--metrics-port", type=int, default=_env("metrics_port", 0))
     ap.add_argument("--cores", default=_env("cores", ""), help="CPU cores the whole node runs on (daemon, vLLM engine core and worker), e.g. 0 or 0-3")
-    ap.add_argument("--kv-cache-gib", type=float, default=float(_env("kv_cache_gib", 1)),  # type: ignore[arg-type]
+    ap.add_argument("--kv-cache-gib", type=float, default=_env("kv_cache_gib", 1),
                     help="the engine's KV cache, GiB, fractions too (VLLM_CPU_KVCACHE_SPACE on CPU)")
-    ap.add_argument("--decode-kv-cache-gib", type=float, default=float(_env("decode_kv_cache_gib", 0)),  # type: ignore[arg-type]
+    ap.add_argument("--decode-kv-cache-gib", type=float, default=_env("decode_kv_cache_gib", 0),
                     help="the engine's KV cache while the node is a decode node, when that should differ "
                          "(the running batch lives there; `tandem role` may switch the node); 0: --kv-cache-gib")
-    ap.add_argument("--max-model-len", type=int, default=int(_env("max_model_len", 0)))  # type: ignore[arg-type]
-    ap.add_argument("--block-size", type=int, default=int(_env("block_size", 32)))  # type: ignore[arg-type]
+    ap.add_argument("--max-model-len", type=int, default=_env("max_model_len", 0))
+    ap.add_argument("--block-size", type=int, default=_env("block_size", 32))
     ap.add_argument("--dtype", default=_env("dtype", "float32"))
     ap.add_argument("--kv-transport", dest="transport", default=_env("kv_transport", "auto"),
                     help="auto (UCX, else TCP with a warning) | ucx | tcp")
-    ap.add_argument("--kv-lease-s", dest="lease_s", type=float, default=float(_env("kv_lease_s", 30.0)))  # type: ignore[arg-type]
-    ap.add_argument("--ttl-s", type=int, default=int(_env("ttl_s", DEFAULT_TTL_S)))  # type: ignore[arg-type]
-    ap.add_argument("--max-num-seqs", type=int, default=int(_env("max_num_seqs", 64)))  # type: ignore[arg-type]
-    ap.add_argument("--max-num-batched-tokens", type=int, default=int(_env("max_num_batched_tokens", 0)),  # type: ignore[arg-type]
+    ap.add_argument("--kv-lease-s", dest="lease_s", type=float, default=_env("kv_lease_s", 30.0))
+    ap.add_argument("--ttl-s", type=int, default=_env("ttl_s", DEFAULT_TTL_S))
+    ap.add_argument("--max-num-seqs", type=int, default=_env("max_num_seqs", 64))
+    ap.add_argument("--max-num-batched-tokens", type=int, default=_env("max_num_batched_tokens", 0),
                     help="tokens one engine step may take (vLLM's chunked-prefill budget); decode nodes "
                          f"default to {DECODE_STEP_TOKENS}, so a prompt they prefill themselves goes in "
                          "chunks beside the streams they decode; prefill nodes to vLLM's default")
-    ap.add_argument("--drain-grace-s", type=float, default=float(_env("drain_grace_s", 30.0)),  # type: ignore[arg-type]
+    ap.add_argument("--drain-grace-s", type=float, default=_env("drain_grace_s", 30.0),
                     help="on SIGTERM, how long to finish what the node holds before it exits")
     ap.add_argument("--profile", default=_env("profile", "auto"),
                     help="the engine's startup profile, which the coordinator predicts TTFT and TPOT from: "
@@ -262,16 +262,16 @@ def add_node_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kv-load-failure-policy", default=_env("kv_load_failure_policy", "fail"),
                     help="decode nodes, when a request's KV cannot be fetched: fail (that request ends with "
                          "ABORTED and the coordinator prefills it again elsewhere) | recompute (prefill it here)")
-    ap.add_argument("--kvstore-ram-gib", type=float, default=float(_env("kvstore_ram_gib", 0.0)),  # type: ignore[arg-type]
+    ap.add_argument("--kvstore-ram-gib", type=float, default=_env("kvstore_ram_gib", 0.0),
                     help="the KV store's RAM tier (shared memory, reserved at start): prompts' KV kept after "
                          "their requests end and loaded instead of recomputed when a prompt starts the same "
                          "way; 0: no KV store")
     ap.add_argument("--kvstore-dir", default=_env("kvstore_dir", ""),
                     help="the KV store's disk tier: a directory of its own per node (survives restarts; "
                          "see `tandem kvstore stats|clear`); empty: RAM only")
-    ap.add_argument("--kvstore-disk-gib", type=float, default=float(_env("kvstore_disk_gib", 10.0)),  # type: ignore[arg-type]
+    ap.add_argument("--kvstore-disk-gib", type=float, default=_env("kvstore_disk_gib", 10.0),
                     help="the disk tier's cap (least recently used chunks go first)")
-    ap.add_argument("--kvstore-chunk-tokens", type=int, default=int(_env("kvstore_chunk_tokens", 256)),  # type: ignore[arg-type]
+    ap.add_argument("--kvstore-chunk-tokens", type=int, default=_env("kvstore_chunk_tokens", 256),
                     help="tokens per stored chunk, a multiple of --block-size (a prompt's partial last chunk "
                          "is not stored)")
     ap.add_argument("--kvstore-save", default=_env("kvstore_save", "on"), choices=["on", "off"],

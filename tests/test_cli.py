@@ -1,0 +1,58 @@
+"""The CLI's conventions: --version, every daemon flag read from its TANDEM_* variable and saying
+so in --help with its default, and a bad value in the environment a clear error."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from tandem import __version__
+from tandem.cli import ENV_COMMANDS, build_parser, env_name
+
+
+def _sub(ap: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    return next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+
+
+def _flags(cmd: str) -> list[argparse.Action]:
+    return [a for a in _sub(build_parser(), cmd)._actions
+            if a.option_strings and a.option_strings[-1].startswith("--") and a.dest != "help"]
+
+
+@pytest.mark.parametrize("cmd", ENV_COMMANDS)
+def test_every_daemon_flag_reads_its_variable_and_its_help_says_so(cmd: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    actions = _flags(cmd)
+    assert len(actions) > 15
+    wanted = {}
+    for a in actions:
+        opt = next(o for o in a.option_strings if o.startswith("--"))
+        assert env_name(opt) in (a.help or ""), f"{cmd} {opt}: --help does not name {env_name(opt)}"
+        if a.choices:
+            value = next(str(c) for c in a.choices if str(c) != str(a.default))
+        elif a.type is not None and a.type.__name__ == "int":
+            value = "7"
+        elif a.type is not None and a.type.__name__ == "float":
+            value = "7.5"
+        else:
+            value = f"from-env-{a.dest}"
+        monkeypatch.setenv(env_name(opt), value)
+        wanted[a.dest] = value
+    args = build_parser().parse_args([cmd])
+    missed = {d: (v, getattr(args, d)) for d, v in wanted.items() if str(getattr(args, d)) != v}
+    assert not missed, f"tandem {cmd}: flags that do not read their variable: {missed}"
+
+
+def test_version_and_a_bad_number_in_the_environment() -> None:
+    run = [sys.executable, "-m", "tandem.cli"]
+    out = subprocess.run([*run, "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == f"tandem {__version__}"
+    env = {**__import__("os").environ, "TANDEM_GRPC_PORT": "fifty", "TANDEM_KV_CACHE_GIB": "lots"}
+    helped = subprocess.run([*run, "prefill", "--help"], capture_output=True, text=True, timeout=60, env=env)
+    assert helped.returncode == 0 and "Traceback" not in helped.stderr and "TANDEM_KV_CACHE_GIB" in helped.stdout
+    bad = subprocess.run([*run, "prefill", "--model", "/m", "--etcd", "http://x:1"], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "'fifty' is not an integer (from the flag, or TANDEM_GRPC_PORT in the environment)" in bad.stderr
