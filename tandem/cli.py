@@ -334,7 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_coordinator_args(co)
     co.set_defaults(fn=cmd_coordinator)
     for role in ("prefill", "decode"):
-        p = sub.add_parser(role, help=f"run a {role} node daemon")
+        # allow_abbrev off: a vLLM flag that starts like one of Tandem's goes to vLLM, whole
+        p = sub.add_parser(role, help=f"run a {role} node daemon (vLLM's engine flags are taken too)",
+                           allow_abbrev=False,
+                           epilog="vLLM's engine arguments (`vllm serve --help`) are passed to the node's engine; "
+                                  "Tandem's flags win where names overlap.")
         add_node_args(p)
         p.set_defaults(fn=lambda a, r=role: cmd_node(r, a))
 
@@ -540,7 +544,18 @@ def annotate_help(parser: argparse.ArgumentParser, env_all: bool = False) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.cmd in ("prefill", "decode"):
+        from .node.engine_args import parse_engine_args
+
+        try:
+            args.engine_args = parse_engine_args(extra)
+        except ValueError as exc:
+            print(f"tandem {args.cmd}: {exc}", file=sys.stderr)
+            return 2
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args.fn(args) or 0)
 
 

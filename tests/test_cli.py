@@ -56,3 +56,30 @@ def test_version_and_a_bad_number_in_the_environment() -> None:
                          timeout=60, env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "'fifty' is not an integer (from the flag, or TANDEM_GRPC_PORT in the environment)" in bad.stderr
+
+
+def test_vllm_engine_flags_pass_through_tandems_win_and_owned_ones_are_refused() -> None:
+    from tandem.node.engine_args import parse_engine_args
+
+    args, extra = build_parser().parse_known_args(
+        ["prefill", "--max-model-len", "256", "--gpu-memory-utilization", "0.5", "--enforce-eager",
+         "--download-dir", "/d"])
+    assert args.max_model_len == 256  # Tandem's own flag, taken before vLLM sees it
+    given = parse_engine_args(extra)
+    assert given == {"gpu_memory_utilization": 0.5, "enforce_eager": True, "download_dir": "/d"}
+    for flags, words in [(["--kv-transfer-config", '{"kv_connector": "X"}'], "--kv-transfer-config is Tandem's"),
+                         (["--kv-cache-memory-bytes", "1000"], "use --kv-cache-gib"),
+                         (["--frobnicate", "3"], "unrecognized arguments: --frobnicate 3")]:
+        with pytest.raises(ValueError, match=words):
+            parse_engine_args(flags)
+    assert parse_engine_args([]) == {}
+
+
+def test_an_unknown_node_flag_is_a_clear_error_before_any_engine_starts() -> None:
+    out = subprocess.run([sys.executable, "-m", "tandem.cli", "decode", "--model", "/nope", "--etcd", "http://x:1",
+                          "--frobnicate", "3"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "unrecognized arguments: --frobnicate 3" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "tandem.cli", "coordinator", "--frobnicate"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "unrecognized arguments: --frobnicate" in out.stderr

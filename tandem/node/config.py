@@ -6,7 +6,7 @@ import argparse
 import os
 import socket
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tandem.kvstore.arena import EVICTIONS
@@ -55,6 +55,7 @@ class NodeConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 0  # tokens one engine step may take; 0: decode 256, prefill vLLM's default
     enable_prefix_caching: bool = True
+    engine_args: dict = field(default_factory=dict)  # vLLM's own flags from the command line (engine_args.py)
     kv_load_failure_policy: str = "fail"
     scheduling_policy: str = "fcfs"  # the engine's: fcfs | priority (the coordinator's --prefill-order engine)
     drain_grace_s: float = 30.0

@@ -61,7 +61,7 @@ class EngineHost:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         role = "kv_producer" if cfg.role == "prefill" else "kv_consumer"
-        args = AsyncEngineArgs(
+        tandem = dict(
             model=cfg.model,
             served_model_name=[cfg.served_model_name],
             dtype=cfg.dtype,
@@ -96,6 +96,13 @@ class EngineHost:
                 },
             },
         )
+        # vLLM's flags from the command line, then Tandem's settings over them; these two are only
+        # Tandem's defaults (no flag of its own), so an operator's vLLM flag for them keeps.
+        given = dict(cfg.engine_args)
+        for name in ("enforce_eager", "enable_prefix_caching"):
+            if name in given:
+                tandem.pop(name)
+        args = AsyncEngineArgs(**{**given, **tandem})
         try:
             self._engine = AsyncLLM.from_engine_args(args)
         finally:

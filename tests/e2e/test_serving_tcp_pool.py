@@ -31,6 +31,7 @@ pytestmark = pytest.mark.e2e
 
 MAX_MODEL_LEN = 512
 TTL_S = 3
+VLLM_FLAG_DIR = "/tmp/tandem-vllm-flag-seen"  # a vLLM engine flag on the nodes' command line (never written to)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     # mutual TLS on every gRPC port and the HTTP API: every test here goes through it
     spec = ClusterSpec(model=str(tiny_model), num_prefill=1, num_decode=2, transport="tcp",
                        max_model_len=MAX_MODEL_LEN, ttl_s=TTL_S, log_dir=str(tmp_path_factory.mktemp("logs-tcp")),
-                       tls=True)
+                       tls=True, extra_node_args=["--download-dir", VLLM_FLAG_DIR])
     with LocalCluster(spec) as c:
         yield c
 
@@ -292,6 +293,9 @@ def test_mutual_tls_refuses_a_client_without_the_clusters_certificate_before_any
         assert json.loads(r.read())["usage"]["completion_tokens"] == 4
     with pytest.raises(OSError):  # the handshake, or under TLS 1.3 the first read, is refused
         urllib.request.urlopen(post, context=ssl.create_default_context(cafile=cluster.client_tls.ca), timeout=10)
+    # a vLLM engine flag on the nodes' command line reached their engines
+    for d in cluster.nodes:
+        assert f"download_dir='{VLLM_FLAG_DIR}'" in d.log_path.read_text(), d.name
     # the CLI, with the client's files
     tls = cluster.client_tls
     out = subprocess.run([sys.executable, "-m", "tandem.cli", "generate", "hello", "--target", cluster.grpc_address,
