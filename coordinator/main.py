@@ -13,7 +13,7 @@ from pathlib import Path
 from aiohttp import web
 
 from tandem.grpcserve import StopSignals, start_grpc
-from tandem.membership import MembershipView
+from tandem.membership import MembershipView, add_etcd_tls_args, check_etcd_tls, use_etcd_tls
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 from tandem.tls import TlsConfig, add_tls_args
 
@@ -67,6 +67,9 @@ class CoordinatorConfig:
     tls_client_auth: str = "required"
     tls_server_name: str = ""
     tls_client_ca: str = ""
+    etcd_ca: str = ""  # an https:// etcd (membership.py)
+    etcd_cert: str = ""
+    etcd_key: str = ""
 
     @property
     def tls(self) -> TlsConfig:
@@ -108,6 +111,14 @@ class CoordinatorConfig:
             raise ValueError(f"--api-keys-file {self.api_keys_file!r} is not a file")
         check_keys(self.api_keys_file)  # ValueError naming the entry, never the key
         self.tls.check("coordinator")
+        check_etcd_tls(self.etcd, self.etcd_cert, self.etcd_key, self.etcd_ca)
+        if not (Path(self.model) / "tokenizer.json").exists():
+            import importlib.util
+
+            if importlib.util.find_spec("transformers") is None:
+                raise ValueError(f"{self.model} has no tokenizer.json, and transformers (which reads other "
+                                 "tokenizers) is not installed: pip install 'tandem-serve[node]', or save the "
+                                 "tokenizer as tokenizer.json")
         if not self.served_model_name:
             self.served_model_name = Path(self.model).name
         if not self.max_model_len:
@@ -175,6 +186,7 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
                          "TENANT=KEY a line and is read again when it changes. TANDEM_API_KEYS (TENANT=KEY,...) "
                          "adds keys from the environment. A request's tenant is its key's.")
     add_tls_args(ap, front_door=True)
+    add_etcd_tls_args(ap)
     ap.add_argument("--slo-ttft-ms", type=float, default=env("TANDEM_SLO_TTFT_MS", "0"),
                     help="default TTFT objective for requests that set none (0: none)")
     ap.add_argument("--slo-tpot-ms", type=float, default=env("TANDEM_SLO_TPOT_MS", "0"),
@@ -190,6 +202,7 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
     logger.info("starting coordinator: %s", " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
     signals = StopSignals()
     keys = ApiKeys(cfg.api_keys_file)  # before anything starts: a bad file is a clear error
+    use_etcd_tls(cfg.etcd_cert, cfg.etcd_key, cfg.etcd_ca)
     metrics.bind(cfg.served_model_name)
     codec = TextCodec(cfg.model)
     router = Router(cfg.served_model_name, pool_wait_s=cfg.pool_wait_s, probe_timeout_s=cfg.probe_timeout_s,

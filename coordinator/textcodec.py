@@ -132,7 +132,12 @@ class TextCodec:
         else:
             logger.warning("%s has no tokenizer.json: tokenizing through transformers (it imports torch and "
                            "loads more slowly)", model_dir)
-            from transformers import AutoTokenizer
+            try:
+                from transformers import AutoTokenizer
+            except ImportError:
+                raise ValueError(f"{model_dir} has no tokenizer.json, and transformers (which reads other "
+                                 "tokenizers) is not installed: pip install 'tandem-serve[node]', or save the "
+                                 "tokenizer as tokenizer.json") from None
 
             self.tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
             self.backend = "transformers"

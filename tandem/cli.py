@@ -113,6 +113,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     try:
         tls = _client_tls(args)
+        if args.retries < 0:
+            raise ValueError(f"--retries must be >= 0, got {args.retries}")
     except ValueError as exc:
         print(f"tandem generate: {exc}", file=sys.stderr)
         return 2
@@ -206,6 +208,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     try:
         tls = _client_tls(args)
+        if args.watch < 0:
+            raise ValueError(f"--watch must be >= 0 seconds, got {args.watch}")
     except ValueError as exc:
         print(f"tandem status: {exc}", file=sys.stderr)
         return 2
@@ -519,6 +523,17 @@ def _checked(kind: type, env: str) -> object:
     return convert
 
 
+def _one_of(choices: list[str], env: str) -> object:
+    def convert(raw: str) -> str:
+        if raw not in choices:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not one of {', '.join(choices)} (from the flag, or {env} "
+                                             "in the environment)")
+        return raw
+
+    convert.__name__ = "choice"
+    return convert
+
+
 def annotate_help(parser: argparse.ArgumentParser, env_all: bool = False) -> None:
     """Every flag's help says its default and, where one is read, its environment variable; a
     number read from the environment that is not one is an argparse error naming the variable."""
@@ -533,6 +548,8 @@ def annotate_help(parser: argparse.ArgumentParser, env_all: bool = False) -> Non
         env = env_name(longs[0]) if env_all or longs[0].startswith("--tls-") else ""
         if env and action.type in (int, float):
             action.type = _checked(action.type, env)
+        elif env and action.choices and action.type is None:  # argparse never checks a default's choice
+            action.type = _one_of([str(c) for c in action.choices], env)
         help_text = action.help or ""
         notes = []
         if action.default not in (None, False, argparse.SUPPRESS) and "default" not in help_text.lower():
@@ -553,6 +570,10 @@ def main(argv: list[str] | None = None) -> int:
             args.engine_args = parse_engine_args(extra)
         except ValueError as exc:
             print(f"tandem {args.cmd}: {exc}", file=sys.stderr)
+            return 2
+        except ImportError as exc:
+            print(f"tandem {args.cmd}: {' '.join(extra)}: vLLM engine flags need vLLM, which does not import "
+                  f"here ({exc}): install tandem-serve[cpu] or [gpu]", file=sys.stderr)
             return 2
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

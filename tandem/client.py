@@ -31,8 +31,8 @@ from typing import Any
 
 import grpc
 
-from tandem.errors import (DeadlineExceeded, InvalidRequest, KVUnavailable, NodeFailed, Rejected, TandemError,
-                           Unauthenticated, Unavailable)
+from tandem.errors import (DeadlineExceeded, InvalidRequest, KVUnavailable, NodeFailed, Rejected, RequestAborted,
+                           TandemError, Unauthenticated, Unavailable)
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 from tandem.tls import TlsConfig
@@ -42,11 +42,13 @@ SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "igno
 
 @dataclass
 class Chunk:
-    """One streamed message: new tokens and their text; ``finish`` on the last one."""
+    """One streamed message: new tokens and their text; ``finish`` on the last one; the id the
+    coordinator gave the request."""
 
     token_ids: list[int]
     text: str
     finish: pb.Finish | None = None
+    request_id: str = ""
 
 
 @dataclass
@@ -68,6 +70,8 @@ def error_of(exc: grpc.RpcError) -> TandemError:
         except (KeyError, ValueError):
             return None
 
+    if trailers.get("x-tandem-error") in _BY_NAME and trailers["x-tandem-error"] != "Rejected":
+        return _BY_NAME[trailers["x-tandem-error"]](details)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidRequest(details)
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
@@ -82,9 +86,12 @@ def error_of(exc: grpc.RpcError) -> TandemError:
         return DeadlineExceeded(details)
     if code == grpc.StatusCode.ABORTED:
         return KVUnavailable(details)
-    if code == grpc.StatusCode.INTERNAL:
-        return NodeFailed(details) if "node" in details else TandemError(details)
     return TandemError(f"{code.name}: {details}")
+
+
+# The coordinator names the type in its trailers; these take just a message.
+_BY_NAME: dict[str, type[TandemError]] = {c.__name__: c for c in (
+    InvalidRequest, Unauthenticated, Unavailable, NodeFailed, DeadlineExceeded, KVUnavailable, RequestAborted)}
 
 
 def _request(prompt: str | list[int], request_id: str, model: str, slo_ttft_ms: float | None,
@@ -112,6 +119,8 @@ class _Base:
     def __init__(self, target: str = "127.0.0.1:50051", *, api_key: str | None = None, tls: TlsConfig | None = None,
                  retries: int = 3, backoff_s: float = 0.25, max_backoff_s: float = 4.0,
                  timeout_s: float | None = None) -> None:
+        if retries < 0 or backoff_s < 0 or max_backoff_s < 0:
+            raise ValueError("retries, backoff_s and max_backoff_s must be >= 0")
         self.target = target
         key = api_key if api_key is not None else os.environ.get("TANDEM_API_KEY", "")
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {key}"),) if key else ()
@@ -143,16 +152,19 @@ class Client(_Base):
             try:
                 for msg in self._stub.Generate(req, metadata=self._metadata, timeout=timeout):
                     got = True
-                    yield Chunk(list(msg.token_ids), msg.text, msg.finish if msg.HasField("finish") else None)
+                    yield Chunk(list(msg.token_ids), msg.text, msg.finish if msg.HasField("finish") else None,
+                                msg.request_id)
                 return
             except grpc.RpcError as exc:
-                if got or exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
-                    raise error_of(exc) from None
+                err = error_of(exc)
+                if got or type(err) is not Unavailable or attempt == self.retries:
+                    raise err from None
                 time.sleep(self._pause(attempt))
 
     def complete(self, prompt: str | list[int], **kw: Any) -> Completion:
-        out = Completion(request_id=kw.get("request_id", ""))
+        out = Completion()
         for chunk in self.stream(prompt, **kw):
+            out.request_id = chunk.request_id or out.request_id
             out.token_ids.extend(chunk.token_ids)
             out.text += chunk.text
             out.finish = chunk.finish or out.finish
@@ -192,16 +204,19 @@ class AsyncClient(_Base):
             try:
                 async for msg in self._stub.Generate(req, metadata=self._metadata, timeout=timeout):
                     got = True
-                    yield Chunk(list(msg.token_ids), msg.text, msg.finish if msg.HasField("finish") else None)
+                    yield Chunk(list(msg.token_ids), msg.text, msg.finish if msg.HasField("finish") else None,
+                                msg.request_id)
                 return
             except grpc.aio.AioRpcError as exc:
-                if got or exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
-                    raise error_of(exc) from None
+                err = error_of(exc)
+                if got or type(err) is not Unavailable or attempt == self.retries:
+                    raise err from None
                 await asyncio.sleep(self._pause(attempt))
 
     async def complete(self, prompt: str | list[int], **kw: Any) -> Completion:
-        out = Completion(request_id=kw.get("request_id", ""))
+        out = Completion()
         async for chunk in self.stream(prompt, **kw):
+            out.request_id = chunk.request_id or out.request_id
             out.token_ids.extend(chunk.token_ids)
             out.text += chunk.text
             out.finish = chunk.finish or out.finish

@@ -103,7 +103,11 @@ class RequestAborted(TandemError):
 
 
 def grpc_trailers_of(exc: BaseException) -> tuple[tuple[str, str], ...]:
-    return tuple(exc.details().items()) if isinstance(exc, TandemError) else ()
+    """Its details, and its type (``x-tandem-error``: a client maps it back, since two types share
+    a status code)."""
+    if not isinstance(exc, TandemError):
+        return ()
+    return (*exc.details().items(), ("x-tandem-error", type(exc).__name__))
 
 
 def grpc_status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -13,11 +13,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlparse
 
 import aetcd
+import grpc
+
+from .tls import TlsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +99,79 @@ async def assigned_role(etcd_url: str, cluster: str, node_id: str) -> str | None
     return str(role)
 
 
+def etcd_tls() -> TlsConfig:
+    """How this process dials an ``https://`` etcd: TANDEM_ETCD_CA (the CA that signed etcd's
+    certificate) and, where etcd asks clients for one (--client-cert-auth), TANDEM_ETCD_CERT and
+    TANDEM_ETCD_KEY. The daemons' --etcd-ca/--etcd-cert/--etcd-key set these."""
+    return TlsConfig(os.environ.get("TANDEM_ETCD_CERT", ""), os.environ.get("TANDEM_ETCD_KEY", ""),
+                     os.environ.get("TANDEM_ETCD_CA", ""))
+
+
+def use_etcd_tls(cert: str, key: str, ca: str) -> None:
+    """This process's (and its children's) ``etcd_tls()``: a daemon's --etcd-* flags."""
+    for name, value in (("TANDEM_ETCD_CERT", cert), ("TANDEM_ETCD_KEY", key), ("TANDEM_ETCD_CA", ca)):
+        if value:
+            os.environ[name] = value
+
+
+def add_etcd_tls_args(ap: object) -> None:
+    env = os.environ.get
+    ap.add_argument("--etcd-ca", default=env("TANDEM_ETCD_CA", ""),  # type: ignore[attr-defined]
+                    help="for an https:// etcd: the CA that signed its certificate")
+    ap.add_argument("--etcd-cert", default=env("TANDEM_ETCD_CERT", ""),  # type: ignore[attr-defined]
+                    help="for an etcd that asks clients for a certificate (--client-cert-auth): this one")
+    ap.add_argument("--etcd-key", default=env("TANDEM_ETCD_KEY", ""),  # type: ignore[attr-defined]
+                    help="its private key")
+
+
+def check_etcd_tls(url: str, cert: str, key: str, ca: str) -> None:
+    """ValueError when an https:// etcd has no CA or the files do not load."""
+    if url.startswith("https://") and not ca:
+        raise ValueError(f"--etcd {url} is https: give --etcd-ca (the CA that signed etcd's certificate)")
+    TlsConfig(cert, key, ca).check("client", where="--etcd")
+
+
+class _TlsClient(aetcd.Client):
+    """aetcd over TLS: aetcd itself dials only in plaintext, so ``connect`` makes the same stubs
+    on a secure channel."""
+
+    def __init__(self, credentials: grpc.ChannelCredentials, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._is_connecting:
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        from aetcd import rpc, watcher
+
+        try:
+            self._is_connecting = True
+            self.channel = grpc.aio.secure_channel(f"{self._host}:{self._port}", self._credentials,
+                                                   options=list(self._options.items()))
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata)
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+
 def etcd_client(url: str) -> aetcd.Client:
-    """An aetcd client for ``http://host:port`` (or ``host:port``)."""
+    """An aetcd client for ``http://host:port`` (or ``host:port``), or ``https://`` with ``etcd_tls()``."""
     parsed = urlparse(url if "://" in url else f"http://{url}")
-    if not parsed.hostname or not parsed.port:
-        raise ValueError(f"bad etcd URL {url!r}; expected http://host:port")
+    if not parsed.hostname or not parsed.port or parsed.scheme not in ("http", "https"):
+        raise ValueError(f"bad etcd URL {url!r}; expected http://host:port or https://host:port")
+    if parsed.scheme == "https":
+        tls = etcd_tls()
+        if not tls.ca:
+            raise ValueError(f"{url} is https: give the CA that signed etcd's certificate (--etcd-ca or "
+                             "TANDEM_ETCD_CA)")
+        return _TlsClient(tls.channel_credentials(), host=parsed.hostname, port=parsed.port, timeout=5)
     return aetcd.Client(host=parsed.hostname, port=parsed.port, timeout=5)
 
 

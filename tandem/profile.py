@@ -98,9 +98,14 @@ def profile_key(model_dir: str, settings: dict[str, object], cores: int) -> dict
 
 def node_settings(cfg: Any, engine: Any) -> dict[str, object]:
     """The engine settings a node's timings depend on (part of its profile's key)."""
-    return {"dtype": cfg.dtype, "block_size": engine.block_size, "max_model_len": engine.max_model_len,
-            "max_num_seqs": cfg.max_num_seqs, "kv_cache_gib": cfg.kv_cache_gib,
-            "max_num_batched_tokens": cfg.max_num_batched_tokens, "prefix_caching": cfg.enable_prefix_caching}
+    out: dict[str, object] = {
+        "dtype": cfg.dtype, "block_size": engine.block_size, "max_model_len": engine.max_model_len,
+        "max_num_seqs": cfg.max_num_seqs, "kv_cache_gib": cfg.kv_cache_gib,
+        "max_num_batched_tokens": cfg.max_num_batched_tokens, "prefix_caching": cfg.enable_prefix_caching}
+    engine_args = getattr(cfg, "engine_args", None)
+    if engine_args:  # vLLM's own flags (parallelism, quantization, compilation) change timings too
+        out["vllm_flags"] = json.dumps(engine_args, sort_keys=True, default=str)
+    return out
 
 
 def node_cores(cfg: Any) -> int:

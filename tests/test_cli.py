@@ -67,8 +67,13 @@ def test_vllm_engine_flags_pass_through_tandems_win_and_owned_ones_are_refused()
     assert args.max_model_len == 256  # Tandem's own flag, taken before vLLM sees it
     given = parse_engine_args(extra)
     assert given == {"gpu_memory_utilization": 0.5, "enforce_eager": True, "download_dir": "/d"}
-    for flags, words in [(["--kv-transfer-config", '{"kv_connector": "X"}'], "--kv-transfer-config is Tandem's"),
+    # vLLM's own syntax, and a flag whose value equals vLLM's default (given all the same)
+    assert parse_engine_args(["--no-enforce-eager", "-O3", "--gpu_memory_utilization", "0.6"]) == \
+        {"enforce_eager": False, "optimization_level": "3", "gpu_memory_utilization": 0.6}
+    for flags, words in [(["--kv-transfer-config", '{"kv_connector": "X"}'], "--kv-transfer-config.* is Tandem's"),
                          (["--kv-cache-memory-bytes", "1000"], "use --kv-cache-gib"),
+                         (["--max_model_len", "64"], "use --max-model-len"),  # another spelling of Tandem's
+                         (["--max-num-seq", "3"], "unrecognized arguments: --max-num-seq"),  # no abbreviations
                          (["--frobnicate", "3"], "unrecognized arguments: --frobnicate 3")]:
         with pytest.raises(ValueError, match=words):
             parse_engine_args(flags)
@@ -83,3 +88,12 @@ def test_an_unknown_node_flag_is_a_clear_error_before_any_engine_starts() -> Non
     out = subprocess.run([sys.executable, "-m", "tandem.cli", "coordinator", "--frobnicate"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "unrecognized arguments: --frobnicate" in out.stderr
+
+
+def test_a_choice_from_the_environment_is_checked_like_one_on_the_command_line(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TANDEM_KVSTORE_SAVE", "yes")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["prefill"])
+    monkeypatch.setenv("TANDEM_KVSTORE_SAVE", "off")
+    assert build_parser().parse_args(["prefill"]).kvstore_save == "off"

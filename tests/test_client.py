@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from tandem.client import AsyncClient, Client, error_of
-from tandem.errors import InvalidRequest, Rejected, TandemError, Unauthenticated, Unavailable
+from tandem.errors import InvalidRequest, NodeFailed, Rejected, TandemError, Unauthenticated, Unavailable
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 
@@ -36,6 +36,9 @@ class Fake(pb_grpc.CoordinatorServicer):
         if request.text == "reject":
             context.abort_with_status(_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "no node meets the SLO",
                                               (("x-tandem-predicted-ttft-ms", "812.5"), ("retry-after", "3"))))
+        if request.text == "node-failed":  # UNAVAILABLE's code, but a node failed: not retried
+            context.abort_with_status(_status(grpc.StatusCode.UNAVAILABLE, "decode-0 failed twice",
+                                              (("x-tandem-error", "NodeFailed"),)))
         if request.text == "bad":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty prompt")
         if n <= self.unavailable:
@@ -105,6 +108,10 @@ def test_errors_are_tandems_own_types(fake) -> None:
             assert ei.value.ttft_s == pytest.approx(0.8125) and ei.value.retry_after_s == 3
             with pytest.raises(InvalidRequest, match="empty prompt"):
                 await c.complete("bad")
+            calls = f.calls
+            with pytest.raises(NodeFailed, match="decode-0 failed twice"):
+                await c.complete("node-failed")
+            assert f.calls == calls + 1  # named by its trailer, and not tried again
             with pytest.raises(Unauthenticated):
                 await c.status()
             assert (await c.complete([5, 6])).text == "ab"

@@ -141,3 +141,49 @@ def test_a_stale_record_under_a_nodes_old_role_does_not_take_it_out_of_the_view(
 
     with LocalEtcd() as etcd:
         asyncio.run(go(etcd.url))
+
+
+def test_membership_over_tls_to_an_etcd_that_asks_clients_for_a_certificate(tmp_path, monkeypatch) -> None:
+    import pytest
+
+    from tandem.local.supervisor import OK
+    from tandem.membership import check_etcd_tls, etcd_client
+    from tandem.tls import TlsConfig, make_certs
+
+    certs = make_certs(tmp_path / "certs", ["127.0.0.1"])
+    daemon = TlsConfig(str(certs["server"]), str(certs["server_key"]), str(certs["ca"]))
+
+    async def register_and_see(url: str) -> set[str]:
+        view = MembershipView(url, "t")
+        await view.start()
+        reg = Registration(url, "t", NodeRecord("p0", "prefill", "127.0.0.1:1", "127.0.0.1:2", "m", 512), ttl_s=3)
+        await reg.start()
+        try:
+            t0 = time.monotonic()
+            while not view.all_nodes() and time.monotonic() - t0 < 5:
+                await asyncio.sleep(0.05)
+            return {n.node_id for n in view.all_nodes()}
+        finally:
+            await reg.close()
+            await view.close()
+
+    async def refused(url: str) -> bool:
+        client = etcd_client(url)
+        try:
+            await asyncio.wait_for(client.get(b"x"), 5)
+            return False
+        except Exception:
+            return True
+        finally:
+            await client.close()
+
+    with LocalEtcd(tls=daemon) as etcd:
+        assert etcd.url.startswith("https://") and etcd.probe() == OK
+        with pytest.raises(ValueError, match="give --etcd-ca"):
+            check_etcd_tls(etcd.url, "", "", "")
+        monkeypatch.setenv("TANDEM_ETCD_CA", daemon.ca)
+        assert asyncio.run(refused(etcd.url))  # no client certificate: etcd refuses
+        monkeypatch.setenv("TANDEM_ETCD_CERT", daemon.cert)
+        monkeypatch.setenv("TANDEM_ETCD_KEY", daemon.key)
+        assert asyncio.run(register_and_see(etcd.url)) == {"p0"}
+        assert asyncio.run(refused(etcd.url.replace("https://", "http://")))  # plaintext to a TLS etcd

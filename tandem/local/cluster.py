@@ -196,8 +196,8 @@ class ClusterSpec:
     # kv_auth False runs the KV ports unauthenticated.
     kv_secret_file: str = ""
     kv_auth: bool = True
-    # Mutual TLS on every gRPC port and the coordinator's HTTP API, with certificates `tandem certs
-    # make` writes into <log dir>/certs (client.pem there is a client's).
+    # Mutual TLS on every gRPC port, the coordinator's HTTP API and this cluster's own etcd, with
+    # certificates `tandem certs make` writes into <log dir>/certs (client.pem there is a client's).
     tls: bool = False
 
 
@@ -228,7 +228,9 @@ class LocalCluster:
             self.client_tls = TlsConfig(str(p["client"]), str(p["client_key"]), str(p["ca"]))
             self._client_ca = str(p["client_ca"])
         return ["--tls-cert", self.tls.cert, "--tls-key", self.tls.key, "--tls-ca", self.tls.ca,
-                *(["--tls-client-ca", self._client_ca] if coordinator else [])]
+                *(["--tls-client-ca", self._client_ca] if coordinator else []),
+                *(["--etcd-ca", self.tls.ca, "--etcd-cert", self.tls.cert, "--etcd-key", self.tls.key]
+                  if self.etcd_url.startswith("https://") else [])]
 
     def channel(self, address: str) -> grpc.Channel:
         """A client's channel to a coordinator of this cluster (its client certificate with TLS)."""
@@ -290,8 +292,14 @@ class LocalCluster:
         s = self.spec
         try:
             if not self.etcd_url:
-                self.etcd = LocalEtcd(s.host).start()
+                self.tls_args()  # with TLS: the certificates first, etcd serves with the daemons'
+                self.etcd = LocalEtcd(s.host, tls=self.tls if s.tls else None).start()
                 self.etcd_url = self.etcd.url
+            if self.etcd_url.startswith("https://"):
+                # this process (its tests, its tools) and the daemons dial etcd with the daemons' files
+                from tandem.membership import use_etcd_tls
+
+                use_etcd_tls(self.tls.cert, self.tls.key, self.tls.ca)
             common = ["--etcd", self.etcd_url, "--cluster", s.cluster, "--model", s.model, "--host", s.host]
             secret = self._kv_secret()
             for i in range(s.num_coordinators):
@@ -339,11 +347,15 @@ class LocalCluster:
         deadline, noted = t0 + timeout_s, t0
         while pending:
             for d in list(pending):
+                exited = d.proc is not None and d.proc.poll() is not None
+                if d.is_ready() and exited:  # it got there, then died
+                    raise RuntimeError(f"{d.name} exited with code {d.proc.returncode} right after it was ready; "
+                                       f"last lines of {d.log_path}:\n{tail(d.log_path)}")
                 if d.is_ready():
                     pending.remove(d)
                     if progress:
                         progress(f"{d.name} ready ({time.monotonic() - t0:.0f} s)")
-                elif d.proc is not None and d.proc.poll() is not None:
+                elif exited:
                     d.wait_ready(deadline)  # raises: it exited, with its log's last lines
             if not pending:
                 return

@@ -15,6 +15,8 @@ import urllib.request
 from pathlib import Path
 
 from tandem.netutil import free_port
+from tandem.tls import TlsConfig
+
 from .supervisor import OK, REFUSED, SILENT
 
 logger = logging.getLogger(__name__)
@@ -41,11 +43,15 @@ class LocalEtcd:
 
     name = "etcd"
 
-    def __init__(self, host: str = "127.0.0.1", client_port: int = 0, peer_port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", client_port: int = 0, peer_port: int = 0,
+                 tls: TlsConfig | None = None) -> None:
+        """``tls``: serve clients over TLS with this certificate and, with its CA, take only
+        clients whose certificate that CA signed."""
         self.host = host
         self.client_port = client_port or free_port(host)
         self.peer_port = peer_port or free_port(host)
-        self.url = f"http://{host}:{self.client_port}"
+        self.tls = tls if tls is not None and tls.on else None
+        self.url = f"{'https' if self.tls else 'http'}://{host}:{self.client_port}"
         self._dir = tempfile.mkdtemp(prefix="tandem-etcd-")
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -58,6 +64,8 @@ class LocalEtcd:
             "--initial-advertise-peer-urls", f"http://{self.host}:{self.peer_port}",
             "--initial-cluster", f"tandem=http://{self.host}:{self.peer_port}",
             "--log-level", "warn",
+            *(["--cert-file", self.tls.cert, "--key-file", self.tls.key] if self.tls else []),
+            *(["--client-cert-auth", "--trusted-ca-file", self.tls.ca] if self.tls and self.tls.ca else []),
         ]
         with open(os.path.join(self._dir, "etcd.log"), "ab") as log:
             self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -93,7 +101,8 @@ class LocalEtcd:
         """etcd's own /health: OK, REFUSED (unhealthy, or not listening) or SILENT (no answer
         in ``timeout_s``), as the supervisor counts them."""
         try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=timeout_s) as r:
+            ctx = self.tls.client_ssl_context() if self.tls else None
+            with urllib.request.urlopen(f"{self.url}/health", timeout=timeout_s, context=ctx) as r:
                 return OK if json.loads(r.read()).get("health") == "true" else REFUSED
         except TimeoutError:
             return SILENT

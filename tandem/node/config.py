@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tandem.kvstore.arena import EVICTIONS
-from tandem.membership import DEFAULT_TTL_S
+from tandem.membership import DEFAULT_TTL_S, add_etcd_tls_args, check_etcd_tls, use_etcd_tls
 from tandem.tls import TlsConfig, add_tls_args
 
 
@@ -40,6 +40,9 @@ class NodeConfig:
     tls_key: str = ""
     tls_ca: str = ""
     tls_server_name: str = ""  # unused by a node (it dials no daemon); the flag is shared
+    etcd_ca: str = ""  # an https:// etcd (membership.py)
+    etcd_cert: str = ""
+    etcd_key: str = ""
     metrics_port: int = 0
     cores: str = ""
     kv_cache_gib: float = 1.0  # fractions too (benchmarks shrink the engine's cache below a working set)
@@ -109,6 +112,8 @@ class NodeConfig:
         if self.lease_s <= 0 or self.ttl_s <= 0:
             raise ValueError("--kv-lease-s and --ttl-s must be positive")
         self.tls.check("node")
+        check_etcd_tls(self.etcd, self.etcd_cert, self.etcd_key, self.etcd_ca)
+        use_etcd_tls(self.etcd_cert, self.etcd_key, self.etcd_ca)
         if self.kv_secret_file:
             from tandem.kvtransfer.capability import load_secret
 
@@ -226,6 +231,7 @@ def add_node_args(ap: argparse.ArgumentParser) -> None:
                     help="HOST:PORT that decode nodes dial for this node's KV, when they reach it through "
                          "something in between (a NAT, a proxy); default HOST:KV_PORT")
     add_tls_args(ap)
+    add_etcd_tls_args(ap)
     ap.add_argument("--kv-secret-file", default=_env("kv_secret_file", ""),
                     help="the cluster's KV secret (the same file on every node, mode 600): each KV handle "
                          "carries a capability signed with it, and this node's block server sends blocks only "
@@ -296,4 +302,6 @@ def config_from_args(role: str, args: argparse.Namespace) -> NodeConfig:
     for flag in ("kvstore_save", "engine_kv_events"):
         if flag in values:
             values[flag] = values[flag] in ("on", True)
+    if "enable_prefix_caching" in values.get("engine_args", {}):  # vLLM's flag: the node's setting too
+        values["enable_prefix_caching"] = bool(values["engine_args"]["enable_prefix_caching"])
     return NodeConfig(role=role, **values).finish()

@@ -719,8 +719,13 @@ def test_the_grafana_dashboard_reads_only_metrics_the_cluster_exports(cluster: L
             named |= {family(n) for n in re.findall(r"\b((?:vllm:|tandem_)[A-Za-z0-9_:]+)", t["expr"])}
     assert len(named) >= 15
     assert not named - exported, f"the dashboard reads series nothing exports: {sorted(named - exported)}"
-    # the front door's vLLM-named series carry the served model, as vLLM's own do
+    # the nodes' engines export vLLM's names too, with an engine label: the dashboard's engine=""
+    # keeps to the coordinators'
+    node = scrape(f"http://{cluster.nodes[0].info['metrics']}/metrics")
+    assert any(n == "vllm:prompt_tokens_total" and "engine" in dict(lab) for n, lab in node)
+    # the front door's vLLM-named series carry the served model, as vLLM's own do, and no engine
     coord = scrape(cluster.http_url + "/metrics")
+    assert not any(n.startswith("vllm:") and "engine" in dict(lab) for n, lab in coord)
     served = json.loads(urllib.request.urlopen(cluster.http_url + "/v1/models", timeout=10).read())["data"][0]["id"]
     assert metric(coord, "vllm:time_to_first_token_seconds_count", model_name=served) >= 1
     assert metric(coord, "vllm:time_to_first_token_seconds_count", model_name="") == 0
