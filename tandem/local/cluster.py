@@ -219,7 +219,9 @@ class LocalCluster:
         """A daemon's TLS flags; empty ones without TLS (so that TANDEM_TLS_* in the environment
         cannot turn it on behind this cluster's probes)."""
         if not self.spec.tls:
-            return ["--tls-cert", "", "--tls-key", "", "--tls-ca", ""]
+            return ["--tls-cert", "", "--tls-key", "", "--tls-ca", "",
+                    *(["--etcd-ca", "", "--etcd-cert", "", "--etcd-key", ""]
+                      if not self.etcd_url.startswith("https://") else [])]
         if not self.tls.on:
             from tandem.tls import make_certs
 
@@ -230,7 +232,10 @@ class LocalCluster:
         return ["--tls-cert", self.tls.cert, "--tls-key", self.tls.key, "--tls-ca", self.tls.ca,
                 *(["--tls-client-ca", self._client_ca] if coordinator else []),
                 *(["--etcd-ca", self.tls.ca, "--etcd-cert", self.tls.cert, "--etcd-key", self.tls.key]
-                  if self.etcd_url.startswith("https://") else [])]
+                  if self._own_tls_etcd() else [])]
+
+    def _own_tls_etcd(self) -> bool:
+        return self.etcd is not None and self.etcd.tls is not None
 
     def channel(self, address: str) -> grpc.Channel:
         """A client's channel to a coordinator of this cluster (its client certificate with TLS)."""
@@ -295,7 +300,7 @@ class LocalCluster:
                 self.tls_args()  # with TLS: the certificates first, etcd serves with the daemons'
                 self.etcd = LocalEtcd(s.host, tls=self.tls if s.tls else None).start()
                 self.etcd_url = self.etcd.url
-            if self.etcd_url.startswith("https://"):
+            if self._own_tls_etcd():
                 # this process (its tests, its tools) and the daemons dial etcd with the daemons' files
                 from tandem.membership import use_etcd_tls
 

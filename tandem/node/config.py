@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tandem.kvstore.arena import EVICTIONS
-from tandem.membership import DEFAULT_TTL_S, add_etcd_tls_args, check_etcd_tls, use_etcd_tls
+from tandem.membership import DEFAULT_TTL_S, add_etcd_tls_args, check_etcd_tls
 from tandem.tls import TlsConfig, add_tls_args
 
 
@@ -113,7 +113,6 @@ class NodeConfig:
             raise ValueError("--kv-lease-s and --ttl-s must be positive")
         self.tls.check("node")
         check_etcd_tls(self.etcd, self.etcd_cert, self.etcd_key, self.etcd_ca)
-        use_etcd_tls(self.etcd_cert, self.etcd_key, self.etcd_ca)
         if self.kv_secret_file:
             from tandem.kvtransfer.capability import load_secret
 
