@@ -575,7 +575,7 @@ def annotate_help(parser: argparse.ArgumentParser, env_all: bool = False) -> Non
             action.type = _one_of([str(c) for c in action.choices], env)
         help_text = action.help or ""
         notes = []
-        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in help_text.lower():
+        if action.default not in (None, False, "", argparse.SUPPRESS) and "default" not in help_text.lower():
             notes.append("default: %(default)s")
         if env and env not in help_text:
             notes.append(env)
