@@ -237,27 +237,3 @@ class AsyncClient(_Base):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-# The functions earlier code calls ------------------------------------------------
-async def stream(address: str, prompt: str | list[int], *, request_id: str = "", api_key: str | None = None,
-                 tls: TlsConfig | None = None, **sampling: Any) -> AsyncIterator[pb.GenerateResponse]:
-    """The coordinator's raw Generate messages for one prompt (no retries)."""
-    async with AsyncClient(address, api_key=api_key, tls=tls, retries=0) as c:
-        req = _request(prompt, request_id, "", None, None, "", "", sampling)
-        try:
-            async for msg in c._stub.Generate(req, metadata=c._metadata):
-                yield msg
-        except grpc.aio.AioRpcError as exc:
-            raise error_of(exc) from None
-
-
-async def complete(address: str, prompt: str | list[int], **kw: Any) -> Completion:
-    async with AsyncClient(address, api_key=kw.pop("api_key", None), tls=kw.pop("tls", None), retries=0) as c:
-        return await c.complete(prompt, **kw)
-
-
-async def cluster_status(address: str, api_key: str | None = None, tls: TlsConfig | None = None
-                         ) -> pb.ClusterStatusResponse:
-    async with AsyncClient(address, api_key=api_key, tls=tls) as c:
-        return await c.status()

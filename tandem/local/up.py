@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from tandem.client import stream
+from tandem.client import AsyncClient
 from .cluster import ClusterSpec, LocalCluster, StartStopped
 
 
@@ -23,13 +23,15 @@ async def _demo(address: str, prompt: str, max_tokens: int) -> None:
     ttft = None
     n = 0
     sys.stdout.write("  ")
-    async for msg in stream(address, prompt, max_tokens=max_tokens, temperature=0.0):
-        if ttft is None and msg.token_ids:
-            ttft = time.perf_counter() - t0
-        n += len(msg.token_ids)
-        sys.stdout.write(msg.text)
-        sys.stdout.flush()
-        if msg.HasField("finish"):
+    async with AsyncClient(address, retries=0) as client:
+        async for msg in client.stream(prompt, max_tokens=max_tokens, temperature=0.0):
+            if ttft is None and msg.token_ids:
+                ttft = time.perf_counter() - t0
+            n += len(msg.token_ids)
+            sys.stdout.write(msg.text)
+            sys.stdout.flush()
+            if msg.finish is None:
+                continue
             dt = time.perf_counter() - t0
             decode_rate = (n - 1) / (dt - (ttft or 0)) if n > 1 and dt > (ttft or 0) else 0.0
             print()

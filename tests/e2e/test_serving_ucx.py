@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -736,9 +737,15 @@ def test_a_coordinator_only_install_serves_against_the_clusters_nodes(cluster: L
     """The wheel built from this repository, in a fresh virtual environment with its core
     dependencies only (no vLLM, torch or UCX), runs a coordinator over this cluster's nodes."""
     wheels = tmp_path / "wheels"
+    # from a copy of the tracked files: building in place leaves setuptools' build/ in the repository
+    src = tmp_path / "src"
+    tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parents[2]).stdout.split()
+    for name in tracked:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(Path(__file__).resolve().parents[2] / name, src / name)
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                            str(wheels), str(Path(__file__).resolve().parents[2])],
-                           capture_output=True, text=True, timeout=300)
+                            str(wheels), str(src)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     venv = tmp_path / "venv"
     subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True, timeout=120)
