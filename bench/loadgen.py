@@ -11,12 +11,33 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from tandem.tls import TlsConfig
 
 from .metrics import RequestTiming
 from .workloads import TraceEntry
+
+
+@dataclass(frozen=True)
+class Dial:
+    """How the load generator reaches a secured target: TLS (https:// or a TLS coordinator's gRPC
+    port; a CA alone verifies a front door that asks for no certificate) and an API key (default
+    TANDEM_API_KEY), sent as ``authorization: Bearer``."""
+
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    api_key: str = field(default_factory=lambda: os.environ.get("TANDEM_API_KEY", ""))
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def ssl_context(self, url: str) -> object:
+        """For an https URL: verified with the CA, showing the certificate; None for http."""
+        return self.tls.client_ssl_context() if url.startswith("https://") else None
 
 
 @dataclass
@@ -32,6 +53,7 @@ def _ms(v: str | None) -> float | None:
 
 async def _openai_one(session: object, url: str, model: str, e: TraceEntry, t0: float,
                       timeout_s: float, slo_headers: dict[str, str]) -> RequestTiming:
+    """``slo_headers``: also the API key's (they all go with the request)."""
     import aiohttp
 
     rt = RequestTiming(sent=time.perf_counter() - t0, prompt_tokens=e.input_len)
@@ -83,7 +105,7 @@ async def _openai_one(session: object, url: str, model: str, e: TraceEntry, t0: 
 
 
 async def _grpc_one(stub: object, e: TraceEntry, t0: float, timeout_s: float,
-                    slo: tuple[float | None, float | None]) -> RequestTiming:
+                    slo: tuple[float | None, float | None], metadata: tuple[tuple[str, str], ...] = ()) -> RequestTiming:
     import grpc
 
     from tandem.proto import tandem_pb2 as pb
@@ -99,7 +121,7 @@ async def _grpc_one(stub: object, e: TraceEntry, t0: float, timeout_s: float,
     if slo[1] is not None:
         req.slo.tpot_ms = slo[1] * 1000
     try:
-        async for msg in stub.Generate(req, timeout=timeout_s):  # type: ignore[attr-defined]
+        async for msg in stub.Generate(req, timeout=timeout_s, metadata=metadata):  # type: ignore[attr-defined]
             if msg.token_ids:
                 now = time.perf_counter() - t0
                 if rt.first_token is None:
@@ -123,11 +145,13 @@ async def _grpc_one(stub: object, e: TraceEntry, t0: float, timeout_s: float,
 
 
 async def run_trace(target: str, entries: list[TraceEntry], *, model: str = "", timeout_s: float = 600.0,
-                    on_done: object = None, slo: tuple[float | None, float | None] = (None, None)) -> RunResult:
+                    on_done: object = None, slo: tuple[float | None, float | None] = (None, None),
+                    dial: Dial | None = None) -> RunResult:
     """Send every entry at its arrival time (relative to now); wait for all to finish. ``slo``
     (seconds) goes with each request (x-slo-* headers, or GenerateRequest.slo), its TTFT
     objective scaled by the entry's ``ttft_scale`` where it has one: Tandem admits and orders by
-    it, other servers ignore it."""
+    it, other servers ignore it. ``dial``: TLS and the API key (default: TANDEM_API_KEY, no TLS)."""
+    dial = dial or Dial()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     tasks: list[asyncio.Task[RequestTiming]] = []
@@ -136,18 +160,21 @@ async def run_trace(target: str, entries: list[TraceEntry], *, model: str = "", 
 
         from tandem.proto import tandem_pb2_grpc as pb_grpc
 
-        channel = grpc.aio.insecure_channel(target.removeprefix("tandem-grpc://"))
+        channel = dial.tls.aio_channel(target.removeprefix("tandem-grpc://"))
         stub = pb_grpc.CoordinatorStub(channel)
+        metadata = tuple(dial.headers.items())
 
         def start(e: TraceEntry) -> asyncio.Task[RequestTiming]:
-            return asyncio.create_task(_grpc_one(stub, e, t0, timeout_s, slo))
+            return asyncio.create_task(_grpc_one(stub, e, t0, timeout_s, slo, metadata))
         closer = channel.close
     elif target.startswith(("http://", "https://")):
         import aiohttp
 
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        ctx = dial.ssl_context(target)
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ssl=ctx if ctx else True))
         url = target.rstrip("/") + "/v1/completions"
         slo_headers = {f"x-slo-{k}-ms": f"{v * 1000:.3f}" for k, v in zip(("ttft", "tpot"), slo) if v is not None}
+        slo_headers.update(dial.headers)
 
         def start(e: TraceEntry) -> asyncio.Task[RequestTiming]:
             return asyncio.create_task(_openai_one(session, url, model, e, t0, timeout_s, slo_headers))

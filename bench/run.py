@@ -11,7 +11,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .loadgen import run_trace
+from tandem.tls import TlsConfig, add_tls_args
+
+from .loadgen import Dial, run_trace
 from .metrics import summarize
 from .report import write_run_report
 from .workloads import WORKLOADS, generate, load_trace, materialize, save_trace
@@ -35,18 +37,40 @@ def add_run_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cores", default="", help="pin the load generator to these cores (e.g. 3), apart from "
                     "the servers'; default: wherever the OS puts it")
     ap.add_argument("--out", default="bench/results/run", help="directory for results.json and trace.jsonl")
+    # a secured target: https:// or a TLS coordinator (a CA alone verifies one that asks for no
+    # certificate); its API key comes from TANDEM_API_KEY
+    add_tls_args(ap)
 
 
-def first_model(target: str) -> str:
+def dial_of(args: argparse.Namespace, cmd: str) -> Dial | None:
+    """The target's TLS and API key; None (said) when the TLS files do not load."""
+    tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_ca, server_name=args.tls_server_name)
+    try:
+        tls.check("client")
+    except ValueError as exc:
+        print(f"tandem bench {cmd}: {exc}", file=sys.stderr)
+        return None
+    if tls.dials_tls and args.target.startswith("http://"):
+        print(f"tandem bench {cmd}: --tls-* given but the target is http://; use https://", file=sys.stderr)
+        return None
+    return Dial(tls)
+
+
+def first_model(target: str, dial: Dial | None = None) -> str:
     import urllib.request
 
-    with urllib.request.urlopen(target.rstrip("/") + "/v1/models", timeout=10) as r:
+    dial = dial or Dial()
+    req = urllib.request.Request(target.rstrip("/") + "/v1/models", headers=dial.headers)
+    with urllib.request.urlopen(req, timeout=10, context=dial.ssl_context(target)) as r:  # type: ignore[arg-type]
         return str(json.loads(r.read())["data"][0]["id"])
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     import uvloop
 
+    dial = dial_of(args, "run")
+    if dial is None:
+        return 2
     if args.trace:
         entries = load_trace(args.trace)
         source = {"trace": args.trace}
@@ -66,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     model = args.model or ("(the coordinator's)" if args.target.startswith("tandem-grpc://") else "")
     if not model:
         try:
-            model = first_model(args.target)
+            model = first_model(args.target, dial)
         except (OSError, ValueError, KeyError, IndexError) as exc:
             print(f"tandem bench run: cannot list the models of {args.target}: {exc}", file=sys.stderr)
             return 2
@@ -90,7 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"tandem bench run: {total} requests over {entries[-1].arrival_s:.1f} s against {args.target}", flush=True)
     t_wall = time.time()
     res = uvloop.run(run_trace(args.target, entries, model=model, on_done=progress,
-                               slo=(args.slo_ttft, args.slo_tpot)))
+                               slo=(args.slo_ttft, args.slo_tpot), dial=dial))
     summary = summarize(res.timings, res.duration_s, args.slo_ttft, args.slo_tpot)
     summary["client_cpu_s"] = res.client_cpu_s
     summary["client_cpu_share"] = res.client_cpu_s / res.duration_s if res.duration_s else math.nan
@@ -128,7 +152,7 @@ def add_goodput_args(ap: argparse.ArgumentParser) -> None:
 
 def measure_attainment(target: str, model: str, workload: str, rate: float, duration_s: float, seed: int,
                        max_model_len: int, vocab_size: int, slo_ttft: float | None, slo_tpot: float | None,
-                       burstiness: float | None = None) -> float:
+                       burstiness: float | None = None, dial: Dial | None = None) -> float:
     """One seeded open-loop probe; its SLO attainment."""
     import uvloop
 
@@ -136,7 +160,7 @@ def measure_attainment(target: str, model: str, workload: str, rate: float, dura
                        vocab_size=vocab_size, burstiness=burstiness)
     if not entries:
         return 1.0
-    res = uvloop.run(run_trace(target, entries, model=model, slo=(slo_ttft, slo_tpot)))
+    res = uvloop.run(run_trace(target, entries, model=model, slo=(slo_ttft, slo_tpot), dial=dial))
     return float(summarize(res.timings, res.duration_s, slo_ttft, slo_tpot)["slo_attainment"])
 
 
@@ -146,14 +170,17 @@ def cmd_goodput(args: argparse.Namespace) -> int:
     if args.slo_ttft is None and args.slo_tpot is None:
         print("tandem bench goodput: give --slo-ttft and/or --slo-tpot", file=sys.stderr)
         return 2
-    model = args.model or (first_model(args.target) if args.target.startswith("http") else "")
+    dial = dial_of(args, "goodput")
+    if dial is None:
+        return 2
+    model = args.model or (first_model(args.target, dial) if args.target.startswith("http") else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     def measure(rate: float, seed: int) -> float:
         return measure_attainment(args.target, model, args.workload, rate, args.duration, args.seed + seed,
                                   args.max_model_len, args.vocab_size, args.slo_ttft, args.slo_tpot,
-                                  args.burstiness)
+                                  args.burstiness, dial)
 
     res = find_goodput(measure, start_rate=args.start_rate, seeds=args.seeds, target=args.attain,
                        rel_tol=args.tol, budget_s=args.budget, progress=lambda m: print("  " + m, flush=True))

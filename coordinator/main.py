@@ -45,6 +45,7 @@ class CoordinatorConfig:
     decode_timeout_s: float = 1800.0
     stall_s: float = 3.0
     migration_limit: int = 2
+    stream_interval: int = 1
     pool_wait_s: float = 10.0
     probe_timeout_s: float = 1.0
     admission: str = "on"
@@ -107,6 +108,8 @@ class CoordinatorConfig:
             raise ValueError("--slo-ttft-ms and --slo-tpot-ms must be >= 0 (0: no default SLO)")
         if self.migration_limit < 0 or self.pool_wait_s < 0:
             raise ValueError("--migration-limit and --pool-wait-s must be >= 0")
+        if self.stream_interval < 1:
+            raise ValueError(f"--stream-interval must be at least 1, got {self.stream_interval}")
         if self.api_keys_file and not Path(self.api_keys_file).is_file():
             raise ValueError(f"--api-keys-file {self.api_keys_file!r} is not a file")
         check_keys(self.api_keys_file)  # ValueError naming the entry, never the key
@@ -146,6 +149,10 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
                          "treated as dead")
     ap.add_argument("--migration-limit", type=int, default=env("TANDEM_MIGRATION_LIMIT", "2"),
                     help="times one request may move to another decode node after a failure (0: off)")
+    ap.add_argument("--stream-interval", type=int, default=env("TANDEM_STREAM_INTERVAL", "1"),
+                    help="tokens per streamed message after the first (vLLM's --stream-interval): 1 sends each "
+                         "token at once; more relays more tokens per CPU second (the decode node's stream and "
+                         "the client's) at the cost of burstier inter-token times")
     ap.add_argument("--pool-wait-s", type=float, default=env("TANDEM_POOL_WAIT_S", "10"),
                     help="how long a request waits for a node when its pool is briefly empty")
     ap.add_argument("--probe-timeout-s", type=float, default=env("TANDEM_PROBE_TIMEOUT_S", "1"))
@@ -205,8 +212,9 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
     use_etcd_tls(cfg.etcd_cert, cfg.etcd_key, cfg.etcd_ca)
     metrics.bind(cfg.served_model_name)
     codec = TextCodec(cfg.model)
+    # after a certificate rotation the old channels to the nodes close once no call on them can be left
     router = Router(cfg.served_model_name, pool_wait_s=cfg.pool_wait_s, probe_timeout_s=cfg.probe_timeout_s,
-                    tls=cfg.tls)
+                    tls=cfg.tls, retire_channels_after_s=max(cfg.decode_timeout_s, cfg.prefill_timeout_s) + 60)
     view = MembershipView(cfg.etcd, cfg.cluster, on_change=router.on_membership)
     await view.start()
 
@@ -219,7 +227,7 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
                           order=PrefillOrder(router, cfg.prefill_order, cfg.prefill_depth), routing=cfg.routing)
     pipeline = Pipeline(router, codec, max_model_len, cfg.served_model_name, PipelineConfig(
         prefill_timeout_s=cfg.prefill_timeout_s, decode_timeout_s=cfg.decode_timeout_s, stall_s=cfg.stall_s,
-        migration_limit=cfg.migration_limit), admission,
+        migration_limit=cfg.migration_limit, stream_interval=cfg.stream_interval), admission,
         Quotas(parse_quotas(cfg.tenant_quota), cfg.default_tenant_quota, cfg.quota_burst_s),
         BatchQueue(admission, cfg.batch_queue, cfg.batch_max_wait_s))
 
@@ -232,7 +240,10 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
     runner = web.AppRunner(http.app, handler_cancellation=True, access_log=None)
     await runner.setup()
     ssl_ctx = cfg.tls.server_ssl_context() if cfg.tls.on else None
-    reloading = asyncio.get_running_loop().create_task(cfg.tls.keep_reloading(ssl_ctx)) if ssl_ctx else None
+    loop = asyncio.get_running_loop()
+    reloading = [loop.create_task(cfg.tls.keep_reloading(ssl_ctx))] if ssl_ctx else []
+    if cfg.tls.dials_tls:  # and the certificate it shows the nodes
+        reloading.append(loop.create_task(router.keep_certificate_fresh()))
     site = web.TCPSite(runner, cfg.host, cfg.http_port, ssl_context=ssl_ctx)
     await site.start()
     http_port = runner.addresses[0][1]
@@ -243,8 +254,8 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
         await signals.first.wait()
         logger.info("shutting down coordinator")
     finally:
-        if reloading is not None:
-            reloading.cancel()
+        for task in reloading:
+            task.cancel()
         await grpc_server.stop()
         await runner.cleanup()
         await view.close()

@@ -123,6 +123,7 @@ class PipelineConfig:
     release_timeout_s: float = 10.0
     stall_s: float = 3.0  # no progress this long: probe the node's health
     migration_limit: int = 2  # times one request may move to another decode node
+    stream_interval: int = 1  # tokens per decode message after the first (DecodeRequest.stream_interval)
 
 
 class _Progress:
@@ -529,7 +530,8 @@ class Pipeline:
         """Stream a decode: from ``handle``'s KV, or (``local``) prefilling ``prompt`` on the node."""
         call = node.stub.Decode(  # type: ignore[attr-defined]
             pb.DecodeRequest(request_id=f"{req.request_id}-d{leg}", prompt_token_ids=prompt,
-                             sampling=to_proto(sampling, pb.SamplingParams), handle=handle, prefill_here=local),
+                             sampling=to_proto(sampling, pb.SamplingParams), handle=handle, prefill_here=local,
+                             stream_interval=self.cfg.stream_interval),
             timeout=self._timeout(req, self.cfg.decode_timeout_s))
         try:
             async with aclosing(self.watch.stream(call, node)) as messages:

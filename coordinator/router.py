@@ -42,7 +42,7 @@ from tandem.membership import NodeRecord
 from tandem.perfmodel import FitView, ModelView
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
-from tandem.tls import TlsConfig
+from tandem.tls import TlsConfig, file_stamp
 
 from . import metrics as m
 
@@ -80,6 +80,15 @@ class NodeClient:
     watcher: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
+        self._bind()
+
+    def redial(self, channel: grpc.aio.Channel) -> grpc.aio.Channel:
+        """New calls go on ``channel``; the old one is returned (calls on it run on until it closes)."""
+        old, self.channel = self.channel, channel
+        self._bind()
+        return old
+
+    def _bind(self) -> None:
         if self.record.role == "prefill":
             self.stub = pb_grpc.PrefillNodeStub(self.channel)
         else:
@@ -132,9 +141,13 @@ class NodeClient:
 
 class Router:
     def __init__(self, model: str, pool_wait_s: float = 10.0, probe_timeout_s: float = 1.0,
-                 watch_loads: bool = True, tls: TlsConfig | None = None) -> None:
+                 watch_loads: bool = True, tls: TlsConfig | None = None, retire_channels_after_s: float = 3600.0) -> None:
+        """``retire_channels_after_s``: after a certificate rotation, the old channels close this long
+        after new calls moved off them (longer than any call's deadline: none is cut short)."""
         self.model = model
         self.tls = tls or TlsConfig()  # mutual TLS to the nodes when on
+        self.retire_channels_after_s = retire_channels_after_s
+        self._retired: set[asyncio.TimerHandle] = set()
         self.pool_wait_s = pool_wait_s
         self.probe_timeout_s = probe_timeout_s
         self.watch_loads = watch_loads  # off in unit tests whose nodes are fakes
@@ -331,7 +344,52 @@ class Router:
             self._changed.set()
             self._changed = None
 
+    async def keep_certificate_fresh(self, every_s: float = 5.0) -> None:
+        """Dial the nodes with the coordinator's certificate again whenever its files change (a
+        rotation): new calls show the new one at once, calls under way finish on the old channel."""
+        files = [p for p in (self.tls.cert, self.tls.key, self.tls.ca) if p]
+        if not files:
+            return
+        stamp, error = file_stamp(files), ""
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                now = file_stamp(files)
+                if now == stamp:
+                    continue
+                self.tls.channel_credentials()  # loads and checks them: a half-copied rotation waits
+            except (OSError, ValueError) as exc:
+                if str(exc) != error:
+                    logger.error("TLS: %s changed but cannot be used (the nodes keep being dialled with the "
+                                 "previous certificate): %s", self.tls.cert, exc)
+                error = str(exc)
+                continue
+            stamp, error = now, ""
+            self.redial_all()
+
+    def redial_all(self) -> int:
+        """A new channel to every node, from the TLS files as they are now; the old ones close
+        ``retire_channels_after_s`` later. Returns how many."""
+        loop = asyncio.get_running_loop()
+        n = 0
+        for node in list(self._nodes.values()):
+            old = node.redial(self.tls.aio_channel(node.record.grpc_address, options=CHANNEL_OPTIONS))
+            handle: asyncio.TimerHandle
+
+            def close(old: grpc.aio.Channel = old) -> None:
+                self._retired.discard(handle)
+                loop.create_task(old.close())
+
+            handle = loop.call_later(self.retire_channels_after_s, close)
+            self._retired.add(handle)
+            n += 1
+        logger.info("TLS: dialling the nodes with the certificate from %s now (%d channels; the old ones close "
+                    "in %.0f s)", self.tls.cert or self.tls.ca, n, self.retire_channels_after_s)
+        return n
+
     async def close(self) -> None:
+        for h in list(self._retired):
+            h.cancel()
         for t in list(self._probes):
             t.cancel()
         for n in self._nodes.values():

@@ -101,7 +101,8 @@ class DecodeServicer(pb_grpc.DecodeNodeServicer):
             self.perf.decode_started(rid, len(prompt), kv_bytes)
             try:
                 kv = None if local else consume_params(request.handle)
-                async for out in self.engine.generate(rid, prompt, sampling, kv):
+                async for out in self.engine.generate(rid, prompt, sampling, kv,
+                                                      stream_interval=max(1, request.stream_interval)):
                     comp = out.outputs[0]
                     if comp.finish_reason == "abort":
                         # The engine ended it without being asked (shutting down): the request is not done.

@@ -5,8 +5,10 @@ side's fetch of them has been sent, someone releases it (client cancel), or
 its lease runs out. Each of those puts the request id in ``take_freed()``, which the worker
 connector reports to vLLM as finished sending, and vLLM frees the blocks.
 
-Control messages (JSON over TCP, see ``wire``):
-  hello  {layout, planes, ucx_address?} -> {ok, layout, plane, ucx_address?}
+Control messages (JSON over TCP, or TLS: see ``wire`` and ``secure``):
+  hello  {layout, planes, ucx_address?, ts?, auth?}
+                                        -> {ok, layout, plane, ucx_address?}
+                                           ts, auth: the KV secret's proof, when the server has one
   fetch  {req, blocks, tag, runs?, free_after?}
                                         -> {ok, nbytes, chunks} then the bytes on the data plane;
                                            free_after: free the hold once the send completed
@@ -31,6 +33,7 @@ from .capability import CapabilityRefused
 from .capability import check as check_capability
 from .layout import KVLayout, KVLayoutMismatch
 from .paged import PagedKV, Staging, as_bytes_array
+from .secure import PREAUTH_TIMEOUT_S, ControlSecurity
 from .transport import DataPlane, TransferError, choose_plane, peer_hung_up
 from .wire import ChannelClosed, recv_msg, send_msg
 
@@ -160,14 +163,16 @@ class BlockServer:
     connection (so a slow decode peer holds up only its own transfers), at most MAX_CONNECTIONS."""
 
     def __init__(self, host: str, port: int, kv: PagedKV, planes: dict[str, DataPlane],
-                 engine_id: str = "", reserved: bool = False, secret: bytes | None = None) -> None:
+                 engine_id: str = "", reserved: bool = False, security: ControlSecurity | None = None) -> None:
         """``reserved``: the port is held for this server by a socket with SO_REUSEPORT
         (tandem.netutil.reserve_port in the node daemon), so bind it the same way.
         ``engine_id``: fetches and releases that name another engine are refused (they were
-        meant for an earlier process on this address). ``secret``: every fetch and release must
-        carry its handle's capability (capability.py); None serves anyone who names a held request."""
+        meant for an earlier process on this address). ``security`` (secure.py): TLS on the control
+        connection, and with a KV secret a hello must prove it and every fetch and release carry its
+        handle's capability (capability.py); None serves anyone who names a held request."""
         self.kv = kv
-        self._secret = secret
+        self._security = security or ControlSecurity()
+        self._secret = self._security.secret
         self.engine_id = engine_id
         self.holds = HoldTable()
         self._planes = planes
@@ -180,7 +185,7 @@ class BlockServer:
         self._thread = threading.Thread(target=self._accept_loop, name="tandem-kv-server", daemon=True)
         self._thread.start()
         logger.info("KV block server on %s (planes: %s; %s)", self.address, ", ".join(planes),
-                    "fetches need a capability" if secret is not None else "UNAUTHENTICATED: no KV secret")
+                    self._security.describe)
 
     def take_bytes_sent(self) -> int:
         with self._bytes_lock:
@@ -204,18 +209,25 @@ class BlockServer:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             if not self._slots.acquire(blocking=False):
                 _bad_peer_log.warning("KV server: %d connections open; refusing another", MAX_CONNECTIONS)
-                try:
-                    conn.settimeout(1.0)
-                    send_msg(conn, {"ok": False, "error": f"the KV server serves at most {MAX_CONNECTIONS} "
-                                                          "connections"})
-                except OSError:
-                    pass
+                if self._security.tls is None:  # a TLS peer could not read a plain message: just hang up
+                    try:
+                        conn.settimeout(1.0)
+                        send_msg(conn, {"ok": False, "error": f"the KV server serves at most {MAX_CONNECTIONS} "
+                                                              "connections"})
+                    except OSError:
+                        pass
                 conn.close()
                 continue
             threading.Thread(target=self._serve_one, args=(conn,), name="tandem-kv-conn", daemon=True).start()
 
     def _serve_one(self, conn: socket.socket) -> None:
         try:
+            try:
+                conn = self._security.accept(conn)
+            except OSError as exc:  # ssl.SSLError too: no certificate, another CA's, not TLS at all
+                _bad_peer_log.warning("KV server: TLS handshake with a peer failed: %s", exc)
+                conn.close()
+                return
             self._serve(conn)
         finally:
             self._slots.release()
@@ -224,10 +236,13 @@ class BlockServer:
         plane: DataPlane | None = None
         peer: object = None
         staging = Staging(self.kv)
+        # Until the peer proves itself (TLS did, or a hello with the secret's proof) it holds a slot
+        # only briefly; a peer that fails to is hung up on.
+        proved = self._security.authenticated_by_transport
         with conn:
             while True:
                 try:
-                    conn.settimeout(IDLE_TIMEOUT_S)
+                    conn.settimeout(IDLE_TIMEOUT_S if proved else PREAUTH_TIMEOUT_S)
                     msg = recv_msg(conn)
                 except (ChannelClosed, OSError):  # closed, broken or idle past IDLE_TIMEOUT_S
                     return
@@ -240,6 +255,12 @@ class BlockServer:
                         raise ValueError("a control message must be a JSON object")
                     self._check_engine(msg)
                     if op == "hello":
+                        try:
+                            self._security.check_hello(msg)
+                        except CapabilityRefused:
+                            proved = False if self._secret is not None else proved
+                            raise
+                        proved = True
                         plane, peer = self._hello(conn, msg)
                     elif op == "fetch":
                         if plane is None:
@@ -247,6 +268,7 @@ class BlockServer:
                         self._fetch(conn, msg, plane, peer, staging)
                     elif op == "release":
                         check_capability(self._secret, self.engine_id, msg)
+                        proved = True
                         freed = self.holds.release(str(msg["req"]))
                         logger.debug("request %s: released (held: %s)", msg["req"], freed)
                         send_msg(conn, {"ok": True})
@@ -259,6 +281,8 @@ class BlockServer:
                         send_msg(conn, {"ok": False, "error": str(err),
                                         **({"denied": True} if isinstance(exc, CapabilityRefused) else {})})
                     except OSError:
+                        return
+                    if not proved:  # one message to prove itself, no more
                         return
                 except OSError:
                     return

@@ -10,7 +10,8 @@ byte unless it matches and the lease has not passed. The blocks it can reach are
 those the engine itself holds for that request (``HoldTable``): nothing for a
 handle it never issued, nothing after a release or after the lease.
 
-What this does not do: the KV bytes themselves cross UCX or TCP unencrypted.
+What this does not do: encrypt anything. The control connection is TLS when the
+nodes have certificates (secure.py); over UCX the KV bytes cross unencrypted.
 """
 
 from __future__ import annotations

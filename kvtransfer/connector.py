@@ -14,7 +14,8 @@ kv_connector_extra_config keys: engine_id, address (host:port this engine's
 block server binds; producers), advertise (host:port put in handles, when
 decode nodes reach the server through a NAT or proxy; default: address),
 port_reserved (the daemon holds that port with SO_REUSEPORT until the server
-is up), lease_s, transport (auto | ucx | tcp).
+is up), lease_s, transport (auto | ucx | tcp), kv_secret_file, tls_cert, tls_key,
+tls_ca, tls_server_name (secure.py: the control connection's TLS; paths only).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .capability import load_secret
 from .handle import CONSUME
 from .metadata import TandemConnectorMetadata, TandemWorkerMetadata
 from .scheduler_side import SchedulerSide
+from .secure import ControlSecurity, ControlTlsFiles
 from .store_side import StoreConfig, open_store_scheduler
 from .stats import TandemKVStats, TandemPromMetrics
 from .worker_side import WorkerSide
@@ -95,7 +97,7 @@ class TandemConnector(KVConnectorBase_V1):
                     "head_size": mc.get_head_size(),
                 },
                 store=store,
-                secret=secret,
+                security=ControlSecurity(secret, ControlTlsFiles.from_extra(extra).config()),
             )
 
     # worker role --------------------------------------------------------

@@ -33,8 +33,9 @@ from .capability import fields as cap_fields
 from .handle import TransferHandle
 from .layout import KVLayout
 from .paged import PagedKV, Staging, as_bytes_array, runs
+from .secure import ControlSecurity, finish_handshake
 from .transport import DataPlane, TransferAborted, TransferError
-from .wire import parse_address, recv_msg, send_msg
+from .wire import recv_msg, send_msg
 
 logger = logging.getLogger(__name__)
 _fork_log = RateLimitedLog(logger, every_s=60.0)
@@ -147,15 +148,16 @@ class _Conn:
     """A control connection to one peer, and the lane's own data plane for it."""
 
     @staticmethod
-    def dial(address: str) -> socket.socket:
-        host, port = parse_address(address)
-        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def dial(address: str, security: ControlSecurity) -> socket.socket:
+        """Connected; its TLS handshake (when TLS is on) is left to ``__init__``."""
+        sock = security.dial(address, CONNECT_TIMEOUT_S, handshake=False)
         sock.settimeout(IO_TIMEOUT_S)
         return sock
 
-    def __init__(self, sock: socket.socket, address: str, kv: PagedKV, planes: dict[str, DataPlane]) -> None:
-        """The handshake on a dialled socket (shutting the socket down ends it at once)."""
+    def __init__(self, sock: socket.socket, address: str, kv: PagedKV, planes: dict[str, DataPlane],
+                 security: ControlSecurity) -> None:
+        """The handshakes (TLS, then Tandem's) on a dialled socket (shutting the socket down ends them
+        at once)."""
         self.sock = sock
         self.plane: DataPlane | None = None
         self.peer: object = None
@@ -168,7 +170,9 @@ class _Conn:
         try:
             if not self.planes:
                 raise TransferError("no KV transport left to offer")
-            hello = {"op": "hello", "layout": kv.layout.to_json(), "planes": list(self.planes)}
+            finish_handshake(self.sock)
+            hello = {"op": "hello", "layout": kv.layout.to_json(), "planes": list(self.planes),
+                     **security.hello_fields()}
             for p in self.planes.values():
                 hello.update(p.local_info())
             send_msg(self.sock, hello)
@@ -244,7 +248,8 @@ class _Lane(threading.Thread):
 
     def _connection(self) -> _Conn:
         if self._conn is None:
-            self._conn = _Conn(_Conn.dial(self.address), self.address, self.fetcher.kv, self.fetcher._planes)
+            f = self.fetcher
+            self._conn = _Conn(_Conn.dial(self.address, f.security), self.address, f.kv, f._planes, f.security)
         return self._conn
 
     def _start(self, fetch: Fetch) -> _Conn:
@@ -254,11 +259,12 @@ class _Lane(threading.Thread):
             if not fetch.start(self._conn.sock):
                 raise TransferAborted(f"request {fetch.job.req_id}: KV fetch aborted")
             return self._conn
-        sock = _Conn.dial(self.address)
+        f = self.fetcher
+        sock = _Conn.dial(self.address, f.security)
         if not fetch.start(sock):
             sock.close()
             raise TransferAborted(f"request {fetch.job.req_id}: KV fetch aborted")
-        self._conn = _Conn(sock, self.address, self.fetcher.kv, self.fetcher._planes)
+        self._conn = _Conn(sock, self.address, f.kv, f._planes, f.security)
         return self._conn
 
     def _drop(self, retire: bool) -> None:
@@ -356,8 +362,10 @@ class _Lane(threading.Thread):
 class BlockFetcher:
     """Lanes of fetches, one per peer; results are taken by the engine step."""
 
-    def __init__(self, kv: PagedKV, planes: dict[str, DataPlane], timeout_s: float = FETCH_TIMEOUT_S) -> None:
+    def __init__(self, kv: PagedKV, planes: dict[str, DataPlane], timeout_s: float = FETCH_TIMEOUT_S,
+                 security: ControlSecurity | None = None) -> None:
         self.kv = kv
+        self.security = security or ControlSecurity()
         self._planes = planes
         self._timeout_s = timeout_s
         self._lock = threading.Lock()
@@ -456,11 +464,11 @@ class BlockFetcher:
 
 
 def release_remote(address: str, remote_req_id: str, engine_id: str = "", timeout_s: float = 5.0,
-                   handle: TransferHandle | None = None) -> None:
+                   handle: TransferHandle | None = None, security: ControlSecurity | None = None) -> None:
     """Tell a prefill worker that nobody will fetch a request's blocks (client cancel); ``handle``
-    carries the capability a block server with a KV secret asks for."""
-    host, port = parse_address(address)
-    with socket.create_connection((host, port), timeout=timeout_s) as sock:
+    carries the capability a block server with a KV secret asks for; ``security``: the TLS files
+    its control port takes."""
+    with (security or ControlSecurity()).dial(address, timeout_s) as sock:
         sock.settimeout(timeout_s)
         send_msg(sock, {"op": "release", "req": remote_req_id, "engine": engine_id,
                         **(cap_fields(handle.capability, handle.num_tokens, handle.lease_deadline) if handle else {})})

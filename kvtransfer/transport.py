@@ -242,7 +242,9 @@ def peer_hung_up(sock: socket.socket) -> None:
     try:
         # select first: a socket with a timeout waits for data inside recv, whatever the flags.
         readable, _, _ = select.select([sock], [], [], 0)
-        if readable and sock.recv(1, socket.MSG_PEEK) == b"":
+        # The TCP bytes themselves, under TLS too (an SSL socket takes no flags): only a closed
+        # connection reads b"" there.
+        if readable and socket.socket.recv(sock, 1, socket.MSG_PEEK) == b"":
             raise TransferError("the peer hung up mid-transfer")
     except (BlockingIOError, InterruptedError):
         return

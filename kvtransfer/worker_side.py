@@ -18,6 +18,7 @@ from .fetcher import BlockFetcher
 from .metadata import TandemConnectorMetadata, TandemWorkerMetadata
 from .paged import PagedKV
 from .block_server import BlockServer
+from .secure import ControlSecurity
 from .stats import TandemKVStats, empty_stats
 from .store_side import StoreConfig, StoreCopier
 from .transport import make_data_planes
@@ -40,9 +41,9 @@ def _ensure_logging() -> None:
 class WorkerSide:
     def __init__(self, *, is_producer: bool, is_consumer: bool, engine_id: str, address: str, transport: str,
                  num_blocks: int, layout_fields: dict[str, object], port_reserved: bool = False,
-                 store: StoreConfig | None = None, secret: bytes | None = None) -> None:
+                 store: StoreConfig | None = None, security: ControlSecurity | None = None) -> None:
         self.engine_id = engine_id
-        self.secret = secret
+        self.security = security or ControlSecurity()
         self.is_producer = is_producer
         self.is_consumer = is_consumer
         self.address = address
@@ -76,9 +77,9 @@ class WorkerSide:
         if self.is_producer:
             host, port = parse_address(self.address)
             self.server = BlockServer(host, port, kv, planes, engine_id=self.engine_id, reserved=self.port_reserved,
-                                      secret=self.secret)
+                                      security=self.security)
         if self.is_consumer:
-            self.fetcher = BlockFetcher(kv, planes)
+            self.fetcher = BlockFetcher(kv, planes, security=self.security)
         if self.arena is not None and self.store_cfg is not None:
             self.copier = StoreCopier(kv, self.arena, self.store_cfg.chunk_blocks)
 

@@ -525,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # The daemons read every flag from a TANDEM_<FLAG> variable too; other commands only their TLS flags.
-ENV_COMMANDS = ("coordinator", "prefill", "decode")
+ENV_COMMANDS = ("coordinator", "prefill", "decode", "profile")  # their flags read TANDEM_* (but NO_ENV's)
+NO_ENV = "tandem_no_env"  # an action with this attribute set reads no environment variable
 
 
 def env_name(option: str) -> str:
@@ -568,7 +569,8 @@ def annotate_help(parser: argparse.ArgumentParser, env_all: bool = False) -> Non
         longs = [o for o in action.option_strings if o.startswith("--")]
         if not longs or action.help == argparse.SUPPRESS or longs[0] in ("--help", "--version"):
             continue
-        env = env_name(longs[0]) if env_all or longs[0].startswith("--tls-") else ""
+        env = env_name(longs[0]) if (env_all and not getattr(action, NO_ENV, False)) or longs[0].startswith("--tls-") \
+            else ""
         if env and action.type in (int, float):
             action.type = _checked(action.type, env)
         elif env and action.choices and action.type is None:  # argparse never checks a default's choice

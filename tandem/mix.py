@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import math
 import random
+import ssl
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
@@ -68,8 +69,9 @@ def parse(text: str, at: float) -> Scrape:
                   slo["yes"], slo["no"], slo["none"], started)
 
 
-def scrape(url: str, at: float, timeout_s: float = 5.0) -> Scrape:
-    with urllib.request.urlopen(url, timeout=timeout_s) as r:
+def scrape(url: str, at: float, timeout_s: float = 5.0, context: ssl.SSLContext | None = None) -> Scrape:
+    """``context``: how an https URL is verified (and the client certificate it shows)."""
+    with urllib.request.urlopen(url, timeout=timeout_s, context=context) as r:
         return parse(r.read().decode(), at)
 
 

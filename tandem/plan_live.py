@@ -36,10 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
-
+from tandem.client import Client
+from tandem.errors import TandemError
+from tandem.membership import add_etcd_tls_args, check_etcd_tls, use_etcd_tls
 from tandem.mix import Mix, Scrape, scrape
 from tandem.sim import SimConfig, Timings, attainment, simulate
+from tandem.tls import TlsConfig, add_tls_args
 
 
 @dataclass
@@ -52,15 +54,9 @@ class Pools:
         return len(self.prefill), len(self.decode)
 
 
-def pools(target: str) -> Pools:
+def pools(client: Client) -> Pools:
     """The coordinator's routable nodes (up, not draining) by role."""
-    import grpc
-
-    from tandem.proto import tandem_pb2 as pb
-    from tandem.proto import tandem_pb2_grpc as pb_grpc
-
-    with grpc.insecure_channel(target) as ch:
-        st = pb_grpc.CoordinatorStub(ch).ClusterStatus(pb.ClusterStatusRequest(), timeout=5)
+    st = client.status(timeout_s=5)
     out = Pools([], [])
     for n in st.nodes:
         if not n.down and not n.draining:
@@ -207,6 +203,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--min-requests", type=int, default=30, help="--live: no decision on fewer finished requests")
     ap.add_argument("--live-for-s", type=float, default=0.0, help="--live: stop after this long (0: until Ctrl-C)")
     ap.add_argument("--grace-s", type=float, default=60.0, help="--live --apply: a switched node's drain grace")
+    # the coordinator's TLS (its /metrics too, when --metrics-url is https) and etcd's, for --apply
+    add_tls_args(ap)
+    add_etcd_tls_args(ap)
 
 
 def cmd_live(args: argparse.Namespace, prefill: Timings, decode: Timings) -> int:
@@ -220,6 +219,19 @@ def cmd_live(args: argparse.Namespace, prefill: Timings, decode: Timings) -> int
         print("tandem plan --live: --window-s and --every-s must be positive, --confirm and --min-requests at "
               "least 1", file=sys.stderr)
         return 2
+    tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_ca, server_name=args.tls_server_name)
+    try:
+        tls.check("client")
+        if args.apply:
+            check_etcd_tls(etcd, args.etcd_cert, args.etcd_key, args.etcd_ca)
+    except ValueError as exc:
+        print(f"tandem plan --live: {exc}", file=sys.stderr)
+        return 2
+    if args.apply:
+        use_etcd_tls(args.etcd_cert, args.etcd_key, args.etcd_ca)
+    # TANDEM_API_KEY, as for every client; an https --metrics-url is verified with --tls-ca
+    client = Client(args.target, tls=tls, retries=0)
+    metrics_ctx = tls.client_ssl_context() if args.metrics_url.startswith("https://") else None
     opts = Options(args.slo_ttft, args.slo_tpot, args.window_s, args.every_s, args.min_gain, args.confirm,
                    args.min_requests, min(args.requests, 600), 1, args.max_model_len, args.kv_bytes_per_token,
                    args.max_batch, args.kv_capacity_tokens, args.order, args.min_duration_s,
@@ -240,13 +252,13 @@ def cmd_live(args: argparse.Namespace, prefill: Timings, decode: Timings) -> int
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     applying = args.apply
-    with log.open("a") as f:
+    with log.open("a") as f, client:
         while time.monotonic() < t_end and not stop.is_set():
             t = time.monotonic()
             try:
-                snap, now = scrape(args.metrics_url, t), pools(args.target)
+                snap, now = scrape(args.metrics_url, t, context=metrics_ctx), pools(client)
                 rec = planner.step(snap, now)
-            except (OSError, ValueError, grpc.RpcError, http.client.HTTPException) as exc:  # unreachable, restarted
+            except (OSError, ValueError, TandemError, http.client.HTTPException) as exc:  # unreachable, restarted
                 rec = {"error": f"{type(exc).__name__}: {exc}"}
                 planner.fresh_window()
                 print(f"[plan --live] cannot read the cluster: {rec['error']}", flush=True)

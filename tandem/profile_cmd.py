@@ -24,12 +24,15 @@ from typing import Any
 def add_args(ap: argparse.ArgumentParser) -> None:
     from tandem.node.config import add_node_args
 
-    add_node_args(ap)
-    ap.add_argument("--role", choices=["prefill", "decode"], default="prefill",
-                    help="the node kind whose settings to profile with (decode nodes step 256 tokens at most)")
-    ap.add_argument("--fresh", action="store_true", help="measure again even when a profile for this key exists")
-    ap.add_argument("--transfer-mib", default="1,4,16,64",
-                    help="KV fetch sizes to time, MiB (empty: no transfer timings)")
+    add_node_args(ap)  # the node's flags, each with its TANDEM_* variable; these three have none:
+    own = [ap.add_argument("--role", choices=["prefill", "decode"], default="prefill",
+                           help="the node kind whose settings to profile with (decode nodes step 256 tokens at most)"),
+           ap.add_argument("--fresh", action="store_true",
+                           help="measure again even when a profile for this key exists"),
+           ap.add_argument("--transfer-mib", default="1,4,16,64",
+                           help="KV fetch sizes to time, MiB (empty: no transfer timings)")]
+    for action in own:
+        setattr(action, "tandem_no_env", True)  # tandem.cli.NO_ENV
 
 
 class Bar:

@@ -17,9 +17,10 @@ stat'ed at each handshake and read only when changed), the HTTP API within a
 second. A change that does not load (a key that does not match its certificate,
 a half-copied file) is logged once and the previous files stay in use. The HTTP
 port adds a new CA to what it trusts; it drops a replaced one only on restart.
-Channels a daemon dials read the files when they are made: a coordinator makes
-one per node process, so it shows a rotated certificate to nodes that start (or
-restart) after the rotation; restart it to show it to the others.
+The coordinator dials the nodes with the new files within 5 s of a change
+(``Router.keep_certificate_fresh``: new calls on new channels, calls under way
+finish on the old ones); a node's KV control port and its fetcher take them at
+the next connection (``ReloadingContext``).
 
 ``tandem certs make DIR`` writes both CAs and a daemon and a client certificate.
 """
@@ -34,6 +35,7 @@ import ssl
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,7 @@ CLIENT_AUTH = ("required", "none")
 RELOAD_CHECK_S = 1.0
 
 
-def _stamp(paths: list[str]) -> tuple[tuple[int, ...], ...]:
+def file_stamp(paths: list[str]) -> tuple[tuple[int, ...], ...]:
     out = []
     for p in paths:
         st = os.stat(p)
@@ -138,7 +140,7 @@ class TlsConfig:
         roots = [self._client_roots] if self._client_roots else []
         files = [self.cert, self.key, *roots]
         lock = threading.Lock()
-        state: dict[str, Any] = {"stamp": _stamp(files), "error": ""}
+        state: dict[str, Any] = {"stamp": file_stamp(files), "error": ""}
 
         def config(loaded: tuple[bytes, bytes, bytes | None]) -> Any:
             key, cert, ca = loaded
@@ -147,7 +149,7 @@ class TlsConfig:
         def fetch() -> Any:
             with lock:
                 try:
-                    stamp = _stamp(files)
+                    stamp = file_stamp(files)
                     if stamp == state["stamp"]:
                         return None
                     cfg = config(_load(self.cert, self.key, roots))  # read once, checked, then served
@@ -216,14 +218,22 @@ class TlsConfig:
             ctx.load_cert_chain(self.cert, self.key)
         return ctx
 
+    def reloading_context(self, side: str) -> ReloadingContext:
+        """``side`` server or client: an SSL context made again when the files change."""
+        if side == "server":
+            files = [p for p in (self.cert, self.key, self._client_roots) if p]
+            return ReloadingContext(self.server_ssl_context, files, self.cert)
+        files = [p for p in (self.cert, self.key, self.ca) if p]
+        return ReloadingContext(self.client_ssl_context, files, self.cert or self.ca)
+
     async def keep_reloading(self, ctx: ssl.SSLContext) -> None:
         """Load the files into ``ctx`` again whenever they change (new connections get them)."""
         files = [p for p in (self.cert, self.key, self._client_roots) if p]
-        stamp, error = _stamp(files), ""
+        stamp, error = file_stamp(files), ""
         while True:
             await asyncio.sleep(RELOAD_CHECK_S)
             try:
-                now = _stamp(files)
+                now = file_stamp(files)
                 if now == stamp:
                     continue
                 self._load_into(ctx)
@@ -234,6 +244,37 @@ class TlsConfig:
                     logger.error("TLS: %s changed but cannot be used (the previous certificate stays): %s",
                                  self.cert, exc)
                 error = str(exc)
+
+
+class ReloadingContext:
+    """An SSL context for plain sockets (the KV control connection), made again from its files
+    when they change (checked at most once a second, at ``get``); a change that does not load
+    keeps the previous context and is logged once."""
+
+    def __init__(self, make: Any, files: list[str], what: str) -> None:
+        self._make, self._files, self._what = make, files, what
+        self._lock = threading.Lock()
+        self._ctx: ssl.SSLContext = make()
+        self._stamp = file_stamp(files)
+        self._checked = time.monotonic()
+        self._error = ""
+
+    def get(self) -> ssl.SSLContext:
+        with self._lock:
+            if time.monotonic() - self._checked < RELOAD_CHECK_S:
+                return self._ctx
+            self._checked = time.monotonic()
+            try:
+                stamp = file_stamp(self._files)
+                if stamp != self._stamp:
+                    self._ctx, self._stamp, self._error = self._make(), stamp, ""
+                    logger.info("TLS: KV control certificate reloaded from %s", self._what)
+            except (OSError, ValueError, ssl.SSLError) as exc:
+                if str(exc) != self._error:
+                    logger.error("TLS: %s changed but cannot be used (the previous certificate stays): %s",
+                                 self._what, exc)
+                self._error = str(exc)
+            return self._ctx
 
 
 def _load_cas(paths: list[str]) -> bytes:

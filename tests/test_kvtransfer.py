@@ -15,6 +15,7 @@ from tandem.kvtransfer.handle import TransferHandle
 from tandem.kvtransfer.layout import KVLayout, KVLayoutMismatch
 from tandem.kvtransfer.paged import PagedKV
 from tandem.kvtransfer.block_server import BlockServer, HoldTable
+from tandem.kvtransfer.secure import ControlSecurity
 from tandem.kvtransfer.transport import make_data_planes
 
 NUM_BLOCKS = 128
@@ -264,8 +265,9 @@ def handle(address: str, req: str, blocks: list[int], *, secret: bytes | None = 
 
 def test_only_a_handle_the_engine_signed_gets_blocks() -> None:
     src, dst = paged("random"), paged("zeros")
-    server = BlockServer("127.0.0.1", 0, src, make_data_planes("tcp"), engine_id=ENGINE, secret=SECRET)
-    fetcher = BlockFetcher(dst, make_data_planes("tcp"))
+    server = BlockServer("127.0.0.1", 0, src, make_data_planes("tcp"), engine_id=ENGINE,
+                         security=ControlSecurity(SECRET))
+    fetcher = BlockFetcher(dst, make_data_planes("tcp"), security=ControlSecurity(SECRET))
     try:
         server.holds.hold("r1", [3, 4], lease_s=30)
         good = handle(server.address, "r1", [3, 4])

@@ -76,3 +76,18 @@ def test_a_failed_loop_ends_its_requests_and_the_node_leaves(tiny_model: Path) -
             await collect(e.generate("r2", [5], Sampling(max_tokens=1), None))
 
     asyncio.run(main())
+
+
+def test_a_stream_interval_groups_tokens_as_vllm_does(tiny_model: Path) -> None:
+    async def main() -> None:
+        e = engine(tiny_model)
+        prompt = [21, 22, 23]
+        one = [o.outputs[0].token_ids for o in await collect(e.generate("a", prompt, Sampling(max_tokens=8), None))]
+        four = [o.outputs[0].token_ids for o in await collect(
+            e.generate("b", prompt, Sampling(max_tokens=8), None, stream_interval=4))]
+        assert [len(x) for x in one] == [1] * 8
+        # the first at once, then groups of 4, the last at once with what is left
+        assert [len(x) for x in four] == [1, 4, 3] and sum(four, []) == sum(one, [])
+        e.shutdown()
+
+    asyncio.run(main())

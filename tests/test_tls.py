@@ -186,3 +186,49 @@ def test_config_errors_name_the_flag(certs: dict[str, Path], tmp_path: Path) -> 
         mismatched.check("node")
     assert (os.stat(certs["server_key"]).st_mode & 0o777) == 0o600
     shutil.rmtree(tmp_path / "certs")
+
+
+def test_the_coordinator_dials_its_nodes_with_a_rotated_certificate(certs: dict[str, Path]) -> None:
+    from tandem.coordinator.router import Router
+    from tandem.membership import NodeRecord
+
+    node_tls = TlsConfig(str(certs["server"]), str(certs["server_key"]), str(certs["ca"])).check("node")
+    daemon_tls = TlsConfig(str(certs["server"]), str(certs["server_key"]), str(certs["ca"]))
+
+    async def go() -> None:
+        async def who(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            pem = context.auth_context()["x509_pem_cert"][0]  # the certificate the caller showed
+            return str(x509.load_pem_x509_certificate(pem).serial_number).encode()
+
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "test.Who", {"Ask": grpc.unary_unary_rpc_method_handler(who)}),))
+        port = server.add_secure_port("127.0.0.1:0", node_tls.server_credentials())
+        await server.start()
+        router = Router("m", watch_loads=False, tls=daemon_tls, retire_channels_after_s=0.5)
+        router.on_membership("p0", NodeRecord("p0", "prefill", f"127.0.0.1:{port}", "x", "m", 512, engine_id="e1"))
+        node = router.nodes()[0]
+
+        async def ask(ch: grpc.aio.Channel) -> bytes:
+            return await ch.unary_unary("/test.Who/Ask")(b"", timeout=5)
+
+        fresh = asyncio.create_task(router.keep_certificate_fresh(every_s=0.1))
+        try:
+            old = node.channel
+            before = await ask(old)
+            make_certs(certs["ca"].parent, ["127.0.0.1"])  # rotated in place, same CA
+            deadline = time.monotonic() + 5
+            while node.channel is old:
+                assert time.monotonic() < deadline, "the router kept dialling with the old certificate"
+                await asyncio.sleep(0.05)
+            assert await ask(node.channel) != before  # new calls show the new certificate
+            assert await ask(old) == before  # the old channel serves on for calls under way ...
+            await asyncio.sleep(0.8)
+            with pytest.raises(grpc.aio.UsageError, match="closed"):  # ... and closes once no call can be left on it
+                await ask(old)
+        finally:
+            fresh.cancel()
+            await router.close()
+            await server.stop(0)
+
+    asyncio.run(go())

@@ -224,7 +224,7 @@ class Harness:
             if not c.info.get("grpc"):
                 continue
             try:
-                with grpc.insecure_channel(c.info["grpc"]) as ch:
+                with self.cluster.channel(c.info["grpc"]) as ch:
                     st = pb_grpc.CoordinatorStub(ch).ClusterStatus(pb.ClusterStatusRequest(), timeout=2)
             except grpc.RpcError:
                 continue
@@ -316,7 +316,7 @@ class Harness:
         async def go() -> None:
             plan = workload(LONG_STREAMS, 1.0, self.seed + 2, self.vocab)
             fronts = self.cluster.coordinators
-            channels = [grpc.aio.insecure_channel(c.info["grpc"], options=CHANNEL_OPTIONS) for c in fronts]
+            channels = [self.cluster.aio_channel(c.info["grpc"], CHANNEL_OPTIONS) for c in fronts]
             try:
                 outs = [Outcome(-100 - i, prompt[:16], LONG_TOKENS) for i, (_, prompt, _n) in enumerate(plan)]
                 sw.probes.extend(outs)
@@ -335,7 +335,7 @@ class Harness:
 
         async def go() -> int:
             plan = workload(SWITCH_PROBES, 1.0, self.seed + 1, self.vocab)
-            async with grpc.aio.insecure_channel(self.cluster.grpc_address, options=CHANNEL_OPTIONS) as ch:
+            async with self.cluster.aio_channel(self.cluster.grpc_address, CHANNEL_OPTIONS) as ch:
                 stub = pb_grpc.CoordinatorStub(ch)
                 for i, (_, prompt, max_tokens) in enumerate(plan):
                     if self._outstanding(field="served").get(sw.name, 0):
@@ -378,7 +378,7 @@ class Harness:
         if sup is None or not sup.settled():
             return False
         try:
-            with grpc.insecure_channel(self.cluster.grpc_address) as ch:
+            with self.cluster.channel(self.cluster.grpc_address) as ch:
                 st = pb_grpc.CoordinatorStub(ch).ClusterStatus(pb.ClusterStatusRequest(), timeout=2)
         except grpc.RpcError:
             return False
@@ -411,7 +411,7 @@ class Harness:
             if isinstance(victim, (_Roll, _Switch)) and victim.failed:
                 return None
             if self._victim_back(victim, fault_wall) and await loop.run_in_executor(None, self._reconverged):
-                async with grpc.aio.insecure_channel(self.cluster.grpc_address, options=CHANNEL_OPTIONS) as ch:
+                async with self.cluster.aio_channel(self.cluster.grpc_address, CHANNEL_OPTIONS) as ch:
                     probe = Outcome(-1, [7, 8, 9, 10], 4)
                     await _one(pb_grpc.CoordinatorStub(ch), probe, 0.0)
                 if probe.status == "ok":
@@ -434,7 +434,7 @@ class Harness:
         outcomes: list[Outcome] = []
         victim_name, recovery, victim = "", None, None
         fronts = self.cluster.coordinators
-        channels = [grpc.aio.insecure_channel(c.info["grpc"], options=CHANNEL_OPTIONS) for c in fronts]
+        channels = [self.cluster.aio_channel(c.info["grpc"], CHANNEL_OPTIONS) for c in fronts]
         try:
             stubs = [pb_grpc.CoordinatorStub(ch) for ch in channels]
             for i, (arrival, prompt, max_tokens) in enumerate(plan):
@@ -493,7 +493,7 @@ class Harness:
 
         done = [o for o in outcomes if o.status == "ok"]
         bad = 0
-        async with grpc.aio.insecure_channel(self.cluster.grpc_address, options=CHANNEL_OPTIONS) as ch:
+        async with self.cluster.aio_channel(self.cluster.grpc_address, CHANNEL_OPTIONS) as ch:
             stub = pb_grpc.CoordinatorStub(ch)
             for o in done:
                 again = Outcome(o.index, o.prompt, o.max_tokens)
@@ -527,22 +527,23 @@ def _scrape(address: str, name: str) -> float:
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
 
 
-def chaos_cluster_spec(model: str, log_dir: str, kv_port: int, kv_proxy: str) -> ClusterSpec:
+def chaos_cluster_spec(model: str, log_dir: str, kv_port: int, kv_proxy: str, tls: bool = False) -> ClusterSpec:
     """2 coordinators, 2 prefill and 2 decode nodes, supervised. prefill-0 binds its KV on
     ``kv_port`` and advertises ``kv_proxy`` (the proxy in front of it), over TCP only, so that
-    the cut-kv scenario can cut its KV path; the rest move KV over UCX."""
+    the cut-kv scenario can cut its KV path; the rest move KV over UCX. ``tls``: every port
+    (and etcd, and the KV control connections) mutual TLS."""
     return ClusterSpec(model=model, num_prefill=2, num_decode=2, num_coordinators=2, ttl_s=3, lease_s=KV_LEASE_S,
-                       log_dir=log_dir, supervise=True,
+                       log_dir=log_dir, supervise=True, tls=tls,
                        extra_coordinator_args=["--stall-s", "2", "--pool-wait-s", "20"],
                        node_args={"prefill-0": ["--kv-port", str(kv_port), "--kv-advertise", kv_proxy,
                                                 "--kv-transport", "tcp"]})
 
 
 @contextmanager
-def chaos_cluster(model: str, log_dir: str) -> Iterator[tuple[LocalCluster, TcpProxy]]:
+def chaos_cluster(model: str, log_dir: str, tls: bool = False) -> Iterator[tuple[LocalCluster, TcpProxy]]:
     kv_port = free_port()
     with TcpProxy(f"127.0.0.1:{kv_port}") as proxy, \
-            LocalCluster(chaos_cluster_spec(model, log_dir, kv_port, proxy.address)) as cluster:
+            LocalCluster(chaos_cluster_spec(model, log_dir, kv_port, proxy.address, tls)) as cluster:
         yield cluster, proxy
 
 
@@ -573,6 +574,8 @@ def add_chaos_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default="", help="local HF model dir (default: the seeded tiny model)")
     ap.add_argument("--out", default="bench/results/chaos", help="where each scenario's JSON goes")
     ap.add_argument("--report", default="", help="also write the Markdown table here (e.g. docs/RELIABILITY.md)")
+    ap.add_argument("--tls", action="store_true",
+                    help="run the cluster with mutual TLS everywhere (gRPC, HTTP, etcd, the KV control connections)")
 
 
 def cmd_chaos(args: argparse.Namespace) -> int:
@@ -588,12 +591,13 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     model = args.model or str(ensure_default_model())
     out = Path(args.out)
     log_dir = out / "logs"
-    print(f"[tandem chaos] starting a supervised cluster (2 coordinators, 2 prefill, 2 decode); logs in {log_dir}",
-          flush=True)
-    with chaos_cluster(model, str(log_dir)) as (cluster, proxy):
+    print(f"[tandem chaos] starting a supervised cluster (2 coordinators, 2 prefill, 2 decode"
+          f"{'; mutual TLS' if args.tls else ''}); logs in {log_dir}", flush=True)
+    with chaos_cluster(model, str(log_dir), tls=args.tls) as (cluster, proxy):
         results = run_scenarios(cluster, names, args.requests, args.rate, args.seed, out, proxy)
     which = "" if names == list(SCENARIOS) else f"--scenarios {','.join(names)} "
-    command = f"tandem chaos {which}--requests {args.requests} --rate {args.rate} --seed {args.seed}"
+    command = (f"tandem chaos {which}--requests {args.requests} --rate {args.rate} --seed {args.seed}"
+               f"{' --tls' if args.tls else ''}")
     context = (f"Run {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores, model {Path(model).name}, "
                f"{args.requests} requests per scenario at {args.rate} req/s (seed {args.seed}).")
     table = report(results, command, context)

@@ -317,7 +317,8 @@ class LocalCluster:
                               "--http-port", str((s.http_port if fixed else 0) or free_port(s.host)),
                               *(["--max-model-len", str(s.max_model_len)] if s.max_model_len else []),
                               *s.extra_coordinator_args),
-                    self.log_dir / f"{name}.log", tls=self.tls)
+                    # its front door takes the client CA's certificates, not the daemons'
+                    self.log_dir / f"{name}.log", tls=self.client_tls)
                 coordinator.start()
                 self.coordinators.append(coordinator)
             plan = s.cores or core_plan(s.num_prefill, s.num_decode)

@@ -39,7 +39,7 @@ class NodeConfig:
     tls_cert: str = ""  # tandem/tls.py: TLS on the node's gRPC port, clients' certificates required with a CA
     tls_key: str = ""
     tls_ca: str = ""
-    tls_server_name: str = ""  # unused by a node (it dials no daemon); the flag is shared
+    tls_server_name: str = ""  # a decode node verifies prefill nodes' KV ports as this name (kvtransfer/secure.py)
     etcd_ca: str = ""  # an https:// etcd (membership.py)
     etcd_cert: str = ""
     etcd_key: str = ""
@@ -79,7 +79,7 @@ class NodeConfig:
 
     @property
     def tls(self) -> TlsConfig:
-        return TlsConfig(self.tls_cert, self.tls_key, self.tls_ca)
+        return TlsConfig(self.tls_cert, self.tls_key, self.tls_ca, server_name=self.tls_server_name)
 
     def finish(self) -> NodeConfig:
         """Fill derived defaults and check everything; raise ValueError with a clear message."""

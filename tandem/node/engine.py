@@ -45,6 +45,7 @@ class EngineHost:
         self.kv_address = kv_address
         self.kv_port_reserved = kv_port_reserved
         self._engine: Any = None
+        self._kv_security: Any = None  # its block server's control-connection security, for releases
         self._arena = ""  # the KV store's shared-memory file, while it has a name
         # Where vLLM publishes its KV events (the daemon subscribes); "" when off.
         self.events_endpoint = ""
@@ -104,6 +105,8 @@ class EngineHost:
                     "lease_s": cfg.lease_s,
                     "transport": cfg.transport,
                     "kv_secret_file": cfg.kv_secret_file,
+                    # the KV control connection's TLS: the node's own files (paths; secure.py)
+                    **self._kv_tls_files().to_extra(),
                     **self._kvstore_config(),
                 },
             },
@@ -183,9 +186,11 @@ class EngineHost:
         }
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: Sampling,
-                       kv_params: dict[str, Any] | None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       kv_params: dict[str, Any] | None, priority: int = 0,
+                       stream_interval: int = 1) -> AsyncIterator[RequestOutput]:
         """Stream outputs holding only the new tokens (delta mode); aborts on cancel. ``priority``
-        (lower first) counts only where the engine runs the priority policy."""
+        (lower first) counts only where the engine runs the priority policy; ``stream_interval``:
+        tokens per output after the first (vLLM's; an engine-wide --stream-interval raises it)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -200,6 +205,7 @@ class EngineHost:
             ignore_eos=sampling.ignore_eos,
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
+            stream_interval=stream_interval if stream_interval > 1 else None,
             extra_args={"kv_transfer_params": kv_params} if kv_params else None,
         )
         finished = started = False
@@ -219,14 +225,30 @@ class EngineHost:
             if not finished:
                 await self.abort(request_id)
 
+    def _kv_tls_files(self) -> Any:
+        from tandem.kvtransfer.secure import ControlTlsFiles
+
+        cfg = self.cfg
+        return ControlTlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_ca, cfg.tls_server_name)
+
     async def release_held(self, remote_request_id: str, engine_id: str, handle: Any = None) -> None:
         """Free the blocks this engine holds for a request's fetch (OSError / TransferError when its
         block server cannot be reached; CapabilityRefused when ``handle`` lacks a valid capability)."""
         from tandem.kvtransfer.fetcher import release_remote
+        from tandem.kvtransfer.secure import ControlSecurity, ControlTlsFiles
 
+        if self._kv_security is None:
+            files = self._kv_tls_files()
+            host = self.kv_address.rpartition(":")[0]
+            if not files.server_name and host in ("0.0.0.0", "::", "[::]", ""):
+                # its own port, dialled on loopback: verified as localhost (tandem certs make puts it in)
+                files = ControlTlsFiles(files.cert, files.key, files.ca, "localhost")
+            self._kv_security = ControlSecurity(tls=files.config())
+        security = self._kv_security
         # Always this node's own block server, whatever address a handle names.
         await asyncio.get_running_loop().run_in_executor(
-            None, lambda: release_remote(self.kv_address, remote_request_id, engine_id, handle=handle))
+            None, lambda: release_remote(self.kv_address, remote_request_id, engine_id, handle=handle,
+                                         security=security))
 
     async def abort(self, request_id: str) -> None:
         logger.info("request %s: aborting in the engine", request_id)

@@ -61,6 +61,9 @@ class _Seq:
     out: asyncio.Queue[_Output | None] = field(default_factory=asyncio.Queue)
     produced: int = 0
     ready_at: float = 0.0  # a consumed request: when its (simulated) KV has arrived
+    interval: int = 1  # tokens per output after the first, as vLLM's stream_interval
+    pending: list[int] = field(default_factory=list)  # made, not yet put out (interval > 1)
+    sent_any: bool = False
     cancelled: bool = False  # aborted (perhaps mid-prefill, out of every list): emit nothing more
 
     def token(self, vocab_size: int) -> int:
@@ -179,11 +182,15 @@ class SimEngine:
     def _emit(self, s: _Seq, first: bool = False) -> None:
         if s.cancelled:
             return
-        tok = s.token(self.vocab_size)
+        s.pending.append(s.token(self.vocab_size))
         s.produced += 1
         done = s.produced >= s.max_tokens or len(s.prompt) + s.produced >= self.max_model_len
-        out = _Output([_Completion([tok], "length" if done else None)], finished=done,
+        if s.sent_any and not done and len(s.pending) < s.interval:
+            return  # vLLM's stream_interval: the first and the last at once, the rest in groups
+        s.sent_any = True
+        out = _Output([_Completion(s.pending, "length" if done else None)], finished=done,
                       num_cached_tokens=0 if first else None)
+        s.pending = []
         if first and s.rid in self._held:  # nothing is held really: the handle is all there is
             nblocks = -(-len(s.prompt) // self.block_size)
             out.kv_transfer_params = TransferHandle(
@@ -198,13 +205,14 @@ class SimEngine:
             self._running.append(s)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: Sampling,
-                       kv_params: dict[str, Any] | None, priority: int = 0) -> AsyncIterator[_Output]:
+                       kv_params: dict[str, Any] | None, priority: int = 0,
+                       stream_interval: int = 1) -> AsyncIterator[_Output]:
         if any(t < 0 or t >= self.vocab_size for t in prompt_token_ids):
             raise InvalidRequest(f"the engine refused the request: token ids must be in [0, {self.vocab_size})")
         if len(prompt_token_ids) >= self.max_model_len:
             raise InvalidRequest(f"the engine refused the request: {len(prompt_token_ids)} prompt tokens do not fit "
                                  f"a context of {self.max_model_len}")
-        s = _Seq(request_id, list(prompt_token_ids), max(1, sampling.max_tokens))
+        s = _Seq(request_id, list(prompt_token_ids), max(1, sampling.max_tokens), interval=max(1, stream_interval))
         kind = (kv_params or {}).get("tandem")
         if self.dead:
             raise RuntimeError("the simulated engine's loop failed; see the node's log")

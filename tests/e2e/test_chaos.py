@@ -20,7 +20,8 @@ REQUESTS = 30
 @pytest.fixture(scope="module")
 def results(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("chaos")
-    with chaos_cluster(str(tiny_model), str(out / "logs")) as (cluster, proxy):
+    # mutual TLS everywhere, the KV control connections too: the promises hold under it
+    with chaos_cluster(str(tiny_model), str(out / "logs"), tls=True) as (cluster, proxy):
         res = {r.scenario: r for r in run_scenarios(cluster, list(CI_SCENARIOS), requests=REQUESTS, rate=3.0,
                                                      seed=0, out_dir=out, proxy=proxy)}
         res["proxy cuts"] = proxy.cuts  # type: ignore[assignment]

@@ -304,6 +304,46 @@ def test_mutual_tls_refuses_a_client_without_the_clusters_certificate_before_any
     assert out.returncode == 0 and "finish=length tokens=3" in out.stderr, out.stderr[-2000:]
 
 
+def test_kv_control_ports_take_only_tls_peers_and_the_tools_dial_with_the_clients_files(
+        cluster: LocalCluster, tmp_path: Path) -> None:
+    import socket
+
+    from tandem.kvtransfer.wire import ChannelClosed, parse_address, recv_msg, send_msg
+
+    # a prefill node's KV control port: plain text is hung up on at the handshake
+    prefill = next(d for d in cluster.nodes if d.role == "prefill")
+    with socket.create_connection(parse_address(prefill.info["kv"]), timeout=10) as raw:
+        send_msg(raw, {"op": "release", "req": "x"})
+        with pytest.raises((ChannelClosed, ConnectionResetError)):
+            recv_msg(raw)
+    tls = cluster.client_tls
+    files = ["--tls-cert", tls.cert, "--tls-key", tls.key, "--tls-ca", tls.ca]
+    # `tandem bench run` over HTTPS and over the coordinator's TLS gRPC port
+    for target in (cluster.http_url, "tandem-grpc://" + cluster.grpc_address):
+        out = subprocess.run([sys.executable, "-m", "tandem.cli", "bench", "run", "--target", target, "--workload",
+                              "chat", "--rate", "4", "--duration", "1", "--max-model-len", "128",
+                              "--out", str(tmp_path / "bench"), *files], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        s = json.loads((tmp_path / "bench" / "results.json").read_text())["summary"]
+        assert s["completed"] == s["requests"] > 0, (target, s)
+    # `tandem plan --live` reads the cluster's status and its HTTPS /metrics with them; without, it cannot
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"prefill": [0.05, 1e-4, 0.0], "decode": [0.02, 0.001, 0.0],
+                                   "transfer": [0.005, 0.0]}))
+    for name, extra in (("with", files), ("without", [])):
+        out_dir = tmp_path / f"live-{name}"
+        out = subprocess.run([sys.executable, "-m", "tandem.cli", "plan", "--live", "--profile", str(profile),
+                              "--slo-ttft", "0.5", "--slo-tpot", "0.05", "--target", cluster.grpc_address,
+                              "--metrics-url", cluster.http_url + "/metrics", "--every-s", "1", "--live-for-s", "1.5",
+                              "--max-model-len", str(MAX_MODEL_LEN), "--out", str(out_dir), *extra],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        recs = [json.loads(x) for x in (out_dir / "live.jsonl").read_text().splitlines()]
+        assert recs and all(("error" in r) == (name == "without") for r in recs), (name, recs)
+        if name == "with":
+            assert all(r["split"] == "1:2" for r in recs), recs
+
+
 def test_frozen_decode_node_mid_stream_is_migrated_and_rejoins_when_it_resumes(cluster: LocalCluster, stub,
                                                                               references) -> None:
     call = stub.Generate(request(FROZEN, LONG), timeout=120)

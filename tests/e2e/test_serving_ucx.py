@@ -685,6 +685,32 @@ def test_api_keys_refuse_before_any_work_and_a_request_runs_as_its_keys_tenant(
         coord.stop()
 
 
+def test_a_stream_interval_groups_tokens_and_changes_none(cluster: LocalCluster, stub, tiny_model: Path,
+                                                         tmp_path: Path) -> None:
+    """A second coordinator over the same nodes with --stream-interval 4: vLLM's engine on the decode
+    node groups the tokens; the client gets the same tokens in fewer messages."""
+    grpc_port = free_port()
+    coord = Daemon("coordinator-interval", "coordinator", [
+        sys.executable, "-m", "tandem.cli", "coordinator", "--etcd", cluster.etcd_url, "--cluster",
+        cluster.spec.cluster, "--model", str(tiny_model), "--grpc-port", str(grpc_port), "--http-port",
+        str(free_port()), "--max-model-len", str(MAX_MODEL_LEN), "--stream-interval", "4",
+        "--conditional-disagg", "off"], tmp_path / "coordinator-interval.log")
+    coord.start()
+    try:
+        coord.wait_ready(time.monotonic() + 120)
+        ids = prompt_ids(50, 77)
+        want, every = generate(stub, ids, max_tokens=15, temperature=0.0, ignore_eos=True)
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+            got, grouped = generate(pb_grpc.CoordinatorStub(ch), ids, max_tokens=15, temperature=0.0, ignore_eos=True)
+        assert got == want
+        assert [len(m.token_ids) for m in every if m.token_ids] == [1] * 15
+        # the prefill's token, the decode's first at once, then groups of 4 and the rest
+        assert [len(m.token_ids) for m in grouped if m.token_ids] == [1, 1, 4, 4, 4, 1]
+        assert grouped[-1].finish.usage.completion_tokens == 15
+    finally:
+        coord.stop()
+
+
 def _status_of(post, auth: str, body: dict) -> int:
     try:
         post(auth, body)
