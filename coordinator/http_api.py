@@ -26,6 +26,7 @@ from . import openai_protocol as proto
 from .admission import Slo
 from .auth import ApiKeys
 from .pipeline import FinishEvent, Pipeline, TokenEvent
+from .workers import metrics_page
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +249,9 @@ class OpenAIHttp:
         return {r: len(self.pipeline.router.nodes(r)) for r in ("prefill", "decode")}
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        # several workers behind this port (--workers): the sum over all of them
+        body = metrics_page() or generate_latest()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def _usage(ev: FinishEvent) -> dict[str, int]:

@@ -24,6 +24,7 @@ from .grpc_api import SERVICE_NAME, CoordinatorServicer
 from .http_api import OpenAIHttp
 from .pipeline import Pipeline, PipelineConfig
 from .router import Router
+from .workers import worker_index
 from . import metrics
 from .auth import ApiKeys, check_keys
 from .textcodec import TextCodec
@@ -46,6 +47,7 @@ class CoordinatorConfig:
     stall_s: float = 3.0
     migration_limit: int = 2
     stream_interval: int = 1
+    workers: int = 1
     pool_wait_s: float = 10.0
     probe_timeout_s: float = 1.0
     admission: str = "on"
@@ -110,6 +112,8 @@ class CoordinatorConfig:
             raise ValueError("--migration-limit and --pool-wait-s must be >= 0")
         if self.stream_interval < 1:
             raise ValueError(f"--stream-interval must be at least 1, got {self.stream_interval}")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {self.workers}")
         if self.api_keys_file and not Path(self.api_keys_file).is_file():
             raise ValueError(f"--api-keys-file {self.api_keys_file!r} is not a file")
         check_keys(self.api_keys_file)  # ValueError naming the entry, never the key
@@ -153,6 +157,9 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
                     help="tokens per streamed message after the first (vLLM's --stream-interval): 1 sends each "
                          "token at once; more relays more tokens per CPU second (the decode node's stream and "
                          "the client's) at the cost of burstier inter-token times")
+    ap.add_argument("--workers", type=int, default=env("TANDEM_WORKERS", "1"),
+                    help="coordinator processes behind the same gRPC and HTTP ports (SO_REUSEPORT), one core "
+                         "each at most; /metrics sums them (coordinator/workers.py)")
     ap.add_argument("--pool-wait-s", type=float, default=env("TANDEM_POOL_WAIT_S", "10"),
                     help="how long a request waits for a node when its pool is briefly empty")
     ap.add_argument("--probe-timeout-s", type=float, default=env("TANDEM_PROBE_TIMEOUT_S", "1"))
@@ -244,7 +251,8 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
     reloading = [loop.create_task(cfg.tls.keep_reloading(ssl_ctx))] if ssl_ctx else []
     if cfg.tls.dials_tls:  # and the certificate it shows the nodes
         reloading.append(loop.create_task(router.keep_certificate_fresh()))
-    site = web.TCPSite(runner, cfg.host, cfg.http_port, ssl_context=ssl_ctx)
+    # a worker of several (--workers): the port is shared with its siblings
+    site = web.TCPSite(runner, cfg.host, cfg.http_port, ssl_context=ssl_ctx, reuse_port=worker_index() is not None)
     await site.start()
     http_port = runner.addresses[0][1]
     scheme = "https" if ssl_ctx else "http"

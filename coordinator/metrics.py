@@ -10,6 +10,7 @@ keep finer buckets under Tandem's own names.
 from __future__ import annotations
 
 import contextlib
+import os
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -41,7 +42,7 @@ _QUEUE = Histogram("vllm:request_queue_time_seconds",
                    "Request received to its prefill call sent (admission, routing, its turn at the prefill node)",
                    _MODEL, buckets=VLLM_REQUEST)
 PREFILL = Histogram("tandem_prefill_call_seconds", "Prefill call as the coordinator sees it", buckets=_LAT)
-RUNNING = Gauge("tandem_requests_running", "Requests the coordinator is serving now")
+RUNNING = Gauge("tandem_requests_running", "Requests the coordinator is serving now", multiprocess_mode="livesum")
 REQUESTS = Counter("tandem_requests", "Requests by how they ended", ["status"])
 _PROMPT_TOKENS = Counter("vllm:prompt_tokens", "Prompt tokens of admitted requests", _MODEL)
 _GENERATION_TOKENS = Counter("vllm:generation_tokens", "Tokens streamed to clients", _MODEL)
@@ -54,8 +55,21 @@ ADMISSIONS = Counter("tandem_admission_decisions", "New requests by admission's 
                      "over_slo_admitted (admission off), unpredicted (no node model yet), over_quota, "
                      "batch_admitted, batch_queue_full, batch_expired", ["decision"])
 CALIBRATION = Gauge("tandem_prediction_calibration", "Factor a node's predictions are multiplied by, learned "
-                    "online from its finished requests (kind: ttft, ttft_local, tpot)", ["node", "kind"])
-BATCH_QUEUE = Gauge("tandem_batch_queue_depth", "Batch requests waiting at the coordinator for spare capacity")
+                    "online from its finished requests (kind: ttft, ttft_local, tpot)", ["node", "kind"],
+                    multiprocess_mode="livemostrecent")
+
+
+def forget_calibration(node_id: str, kind: str) -> None:
+    """Drop a node's calibration series (it left). With several workers (multiprocess mode, which
+    cannot remove a series) it stays until the worker ends."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    with contextlib.suppress(KeyError):
+        CALIBRATION.remove(node_id, kind)
+
+
+BATCH_QUEUE = Gauge("tandem_batch_queue_depth", "Batch requests waiting at the coordinator for spare capacity",
+                    multiprocess_mode="livesum")
 PREDICTION_ERROR = Histogram("tandem_prediction_error_ratio",
                              "|actual - predicted| / actual for each request's TTFT and TPOT", ["metric"],
                              buckets=(0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0))

@@ -48,7 +48,8 @@ ORDERS = ("slack", "engine", "fifo")
 NO_SLO_S = 10.0  # a request without a TTFT objective is late after this long
 ROUTABLE_POLL_S = 0.5  # how often a waiting request checks its node is still routable
 
-WAITING = Gauge("tandem_prefill_queue_depth", "Requests held at the coordinator for a prefill node")
+WAITING = Gauge("tandem_prefill_queue_depth", "Requests held at the coordinator for a prefill node",
+                multiprocess_mode="livesum")
 WAIT = Histogram("tandem_prefill_queue_seconds", "Time a request waited at the coordinator for its prefill node",
                  buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 LATE = Counter("tandem_prefill_late_dispatches",

@@ -28,7 +28,6 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -164,8 +163,7 @@ class Router:
             if old is not None:
                 _stop_watching(old)
                 for kind in old.bias:
-                    with contextlib.suppress(KeyError):
-                        CALIBRATION.remove(node_id, kind)
+                    m.forget_calibration(node_id, kind)
                 # In-flight calls keep their channel until they end; new ones never see it.
                 self._left_at[old.record.role] = time.monotonic()
                 logger.info("routing: removed %s node %s", old.record.role, node_id)
@@ -192,8 +190,7 @@ class Router:
             if old is not None:
                 _stop_watching(old)
                 for kind in old.bias:
-                    with contextlib.suppress(KeyError):
-                        CALIBRATION.remove(node_id, kind)
+                    m.forget_calibration(node_id, kind)
             node = NodeClient(record, channel)
             self._nodes[node_id] = node
             if self.watch_loads:

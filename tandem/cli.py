@@ -97,15 +97,19 @@ def _restart_in_place(node_id: str) -> None:
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from tandem.coordinator.main import config_from_args, run_coordinator
+    from tandem.coordinator.workers import run_workers, worker_index
 
     from .logs import setup_logging
 
-    setup_logging("coordinator")
+    index = worker_index()
+    setup_logging("coordinator" if index is None else f"coordinator-w{index}")
     try:
         cfg = config_from_args(args)
     except ValueError as exc:
         print(f"tandem coordinator: {exc}", file=sys.stderr)
         return 2
+    if cfg.workers > 1 and index is None:  # this process supervises; the workers serve
+        return run_workers(cfg.workers, args.given_argv, cfg.host, cfg.grpc_port, cfg.http_port)
     _run(run_coordinator(cfg))
     return 0
 
@@ -587,7 +591,9 @@ def annotate_help(parser: argparse.ArgumentParser, env_all: bool = False) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(given)
+    args.given_argv = given[given.index(args.cmd) + 1:] if args.cmd in given else []  # the command's own flags
     if args.cmd in ("prefill", "decode"):
         from .node.engine_args import parse_engine_args
 

@@ -685,30 +685,66 @@ def test_api_keys_refuse_before_any_work_and_a_request_runs_as_its_keys_tenant(
         coord.stop()
 
 
-def test_a_stream_interval_groups_tokens_and_changes_none(cluster: LocalCluster, stub, tiny_model: Path,
-                                                         tmp_path: Path) -> None:
-    """A second coordinator over the same nodes with --stream-interval 4: vLLM's engine on the decode
-    node groups the tokens; the client gets the same tokens in fewer messages."""
-    grpc_port = free_port()
-    coord = Daemon("coordinator-interval", "coordinator", [
+def test_two_coordinator_workers_behind_one_address_and_a_stream_interval(cluster: LocalCluster, stub,
+                                                                           tiny_model: Path, tmp_path: Path) -> None:
+    """A second coordinator over the same nodes: --workers 2 (two processes on one gRPC and one HTTP
+    port, /metrics summed over both) and --stream-interval 4 (vLLM's engine on the decode node
+    groups the tokens: the same tokens in fewer messages)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    grpc_port, http_port = free_port(), free_port()
+    log = tmp_path / "coordinator-workers.log"
+    coord = Daemon("coordinator-workers", "coordinator", [
         sys.executable, "-m", "tandem.cli", "coordinator", "--etcd", cluster.etcd_url, "--cluster",
         cluster.spec.cluster, "--model", str(tiny_model), "--grpc-port", str(grpc_port), "--http-port",
-        str(free_port()), "--max-model-len", str(MAX_MODEL_LEN), "--stream-interval", "4",
-        "--conditional-disagg", "off"], tmp_path / "coordinator-interval.log")
+        str(http_port), "--max-model-len", str(MAX_MODEL_LEN), "--stream-interval", "4",
+        "--conditional-disagg", "off", "--workers", "2"], log)
     coord.start()
     try:
         coord.wait_ready(time.monotonic() + 120)
+        assert coord.info["workers"] == "2" and coord.info["grpc"].endswith(f":{grpc_port}")
         ids = prompt_ids(50, 77)
         want, every = generate(stub, ids, max_tokens=15, temperature=0.0, ignore_eos=True)
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
-            got, grouped = generate(pb_grpc.CoordinatorStub(ch), ids, max_tokens=15, temperature=0.0, ignore_eos=True)
-        assert got == want
         assert [len(m.token_ids) for m in every if m.token_ids] == [1] * 15
-        # the prefill's token, the decode's first at once, then groups of 4 and the rest
-        assert [len(m.token_ids) for m in grouped if m.token_ids] == [1, 1, 4, 4, 4, 1]
-        assert grouped[-1].finish.usage.completion_tokens == 15
+
+        def one(k: int) -> tuple[list[int], list[int]]:  # a connection of its own each
+            with grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                got, msgs = generate(pb_grpc.CoordinatorStub(ch), ids, max_tokens=15, temperature=0.0,
+                                     ignore_eos=True)
+            return got, [len(m.token_ids) for m in msgs if m.token_ids]
+
+        with ThreadPoolExecutor(4) as ex:
+            results = list(ex.map(one, range(16)))
+        for got, sizes in results:
+            assert got == want
+            # the prefill's token, the decode's first at once, then groups of 4 and the rest
+            assert sizes == [1, 1, 4, 4, 4, 1]
+        # both workers served (16 connections the kernel spread over the two)
+        served = {w: len(re.findall(rf"coordinator-w{w} .*: request \S+: length after 15 tokens", log.read_text()))
+                  for w in (0, 1)}
+        assert served[0] + served[1] == 16 and min(served.values()) >= 1, served
+        # /metrics, whichever worker answers, counts both
+        for _ in range(4):
+            page = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10).read().decode()
+            done = sum(float(v) for v in re.findall(r'^tandem_requests_total\{status="length"\} (\S+)$', page, re.M))
+            assert done == 16, page[:2000]
+        # a worker killed: the supervisor starts it again; the other serves meanwhile, no count is lost
+        assert coord.proc is not None
+        workers = [p for p in descendants(coord.proc.pid) if p != coord.proc.pid]
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGKILL)
+        wait_until(lambda: "exited with code -9; starting it again" in log.read_text(), timeout_s=10,
+                   what="the supervisor noticing")
+        assert one(99)[0] == want
+        wait_until(lambda: "ready again" in log.read_text(), timeout_s=60, what="the worker back")
+        with ThreadPoolExecutor(4) as ex:
+            assert all(got == want for got, _ in ex.map(one, range(8)))
+        page = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10).read().decode()
+        assert sum(float(v) for v in re.findall(r'^tandem_requests_total\{status="length"\} (\S+)$', page,
+                                                re.M)) == 16 + 1 + 8
     finally:
         coord.stop()
+    assert coord.proc is not None and coord.proc.returncode == 0, log.read_text()[-3000:]
 
 
 def _status_of(post, auth: str, body: dict) -> int:
