@@ -32,7 +32,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
            ap.add_argument("--transfer-mib", default="1,4,16,64",
                            help="KV fetch sizes to time, MiB (empty: no transfer timings)")]
     for action in own:
-        setattr(action, "tandem_no_env", True)  # tandem.cli.NO_ENV
+        setattr(action, "tandem_no_env", True)  # tandem.cli_help.NO_ENV
 
 
 class Bar:

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from tandem import __version__
-from tandem.cli import ENV_COMMANDS, NO_ENV, build_parser, env_name
+from tandem.cli import build_parser
+from tandem.cli_help import ENV_COMMANDS, NO_ENV, env_name
 
 
 def _sub(ap: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
