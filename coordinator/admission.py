@@ -28,6 +28,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tandem.errors import InvalidRequest, Rejected
@@ -79,11 +80,15 @@ class Estimate:
     node: NodeClient
     seconds: float | None  # None: the node has no model yet
     idle_seconds: float | None = None  # the same on an idle node
-    detail: str = ""
+    describe: Callable[[], str] = lambda: ""  # what it stood on, made only when logged or refused
     queue_s: float = 0.0  # of ``seconds``, the wait for work already queued there
     pushes: int = 0  # queued requests it would push past their TTFT objective (prefill order)
     factor: float = 1.0  # the node's learned calibration, in ``seconds`` (not in ``idle_seconds``)
     cached_tokens: Held = Held()  # what it holds of the prompt (engine prefix cache, KV store)
+
+    @property
+    def detail(self) -> str:
+        return self.describe()
 
 
 @dataclass
@@ -124,12 +129,12 @@ def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None =
     if where is not None:
         wait_s = where.wait_s * f
         return Estimate(node, wait_s + run_s, idle_s, queue_s=wait_s, pushes=where.pushes, factor=f,
-                        cached_tokens=cached, detail=
+                        cached_tokens=cached, describe=lambda:
                         f"{node.node_id}: {wait_s * 1000:.0f} ms before its turn ({order.order} order) + "  # type: ignore[union-attr]
                         f"prefill {run_s * 1000:.0f} ms{_calibrated(f)}{hit}")
     queue = _prefill_queue(node, node.inflight)
     queue_s = sum(model.prefill_s(t) for t in queue) * f
-    return Estimate(node, queue_s + run_s, idle_s, queue_s=queue_s, factor=f, cached_tokens=cached, detail=
+    return Estimate(node, queue_s + run_s, idle_s, queue_s=queue_s, factor=f, cached_tokens=cached, describe=lambda:
                     f"{node.node_id}: queue {len(queue)} prompts {queue_s * 1000:.0f} ms + prefill "
                     f"{run_s * 1000:.0f} ms{_calibrated(f)}{hit}")
 
@@ -195,7 +200,7 @@ def decode_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int) -> Es
     each = step(life_batch + 1, life_context + mine)
     busy = (first + (max_tokens - 2) * each) / (max_tokens - 1) * f
     idle = (first + (max_tokens - 2) * model.step_s(1, mine)) / (max_tokens - 1)
-    return Estimate(node, busy, idle, factor=f, detail=f"{node.node_id}: batch {batch} now, {life_batch:.1f} + 1 over its life, step "
+    return Estimate(node, busy, idle, factor=f, describe=lambda: f"{node.node_id}: batch {batch} now, {life_batch:.1f} + 1 over its life, step "
                                       f"{each * 1000:.1f} ms, KV {kv >> 10} KiB in {first * 1000:.0f} ms"
                                       f"{_calibrated(f)}")
 
@@ -240,7 +245,7 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
     beside_s = chunks * max(0.0, model.step_s(batch, context) - model.step_s(0, 0)) * f if batch else 0.0
     hit = f", {cached.tokens} tokens held there" if cached.tokens else ""
     ttft = Estimate(node, queue_s + run_s + beside_s, idle_s, queue_s=queue_s, factor=f, cached_tokens=cached,
-                    detail=f"{node.node_id} (prefill here): queue {len(queue)} prompts {queue_s * 1000:.0f} ms + "
+                    describe=lambda: f"{node.node_id} (prefill here): queue {len(queue)} prompts {queue_s * 1000:.0f} ms + "
                     f"prefill {run_s * 1000:.0f} ms + {chunks} steps beside a batch of {batch} "
                     f"{beside_s * 1000:.0f} ms{_calibrated(f)}{hit}")
     tpot = None
@@ -250,7 +255,7 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
         ft = node.factor("tpot")
         each = step(life_batch + 1, life_context + mine)
         tpot = Estimate(node, each * ft, model.step_s(1, mine), factor=ft,
-                        detail=f"{node.node_id} (prefill here): batch {batch} now, {life_batch:.1f} + 1 over its life, "
+                        describe=lambda: f"{node.node_id} (prefill here): batch {batch} now, {life_batch:.1f} + 1 over its life, "
                         f"step {each * 1000:.1f} ms{_calibrated(ft)}")
     harm = (run_s + beside_s) / max(max_tokens, MIN_OTHERS_TOKENS) if batch else 0.0
     return LocalEstimate(ttft, tpot, harm)

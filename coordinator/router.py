@@ -77,6 +77,7 @@ class NodeClient:
     health: object = field(init=False)
     monitor: object = field(init=False)
     watcher: asyncio.Task[None] | None = None
+    _fits: object = None  # the fits the model was last built from (NodeLoad.fits)
 
     def __post_init__(self) -> None:
         self._bind()
@@ -106,9 +107,11 @@ class NodeClient:
         if msg.kv_whole or msg.kv_ram or msg.kv_disk or msg.kv_gone or msg.kv_namespace:
             self.chunks.update(msg.kv_whole, msg.kv_ram, msg.kv_disk, msg.kv_gone, msg.kv_namespace,
                                msg.kv_chunk_tokens)
-        fits = {f.name: FitView(tuple(f.terms), tuple(f.coefficients), int(f.samples)) for f in msg.fits}
-        empty = FitView((), (), 0)
-        self.model = ModelView(fits.get("prefill", empty), fits.get("decode", empty), fits.get("transfer", empty))
+        if msg.fits != self._fits:  # most load messages carry the fits unchanged: rebuilt only when not
+            self._fits = msg.fits
+            fits = {f.name: FitView(tuple(f.terms), tuple(f.coefficients), int(f.samples)) for f in msg.fits}
+            empty = FitView((), (), 0)
+            self.model = ModelView(fits.get("prefill", empty), fits.get("decode", empty), fits.get("transfer", empty))
 
     def factor(self, kind: str) -> float:
         """What this node's ``kind`` predictions are multiplied by (1 until requests finished)."""
