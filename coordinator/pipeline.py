@@ -144,8 +144,10 @@ class _Progress:
         if not self.sent:
             self.out.ttft_s = now - self.req.received
             m.TTFT.observe(self.out.ttft_s)
-        else:
-            m.ITL.observe(now - self.last_token_at)
+        elif ids:  # a group (--stream-interval): its gap spread over its tokens, as vLLM counts per token
+            each = (now - self.last_token_at) / len(ids)
+            for _ in ids:
+                m.ITL.observe(each)
         self.sent.extend(ids)
         self.out.completion_tokens = len(self.sent)
         self.last_token_at = now

@@ -149,7 +149,7 @@ class Router:
         self.model = model
         self.tls = tls or TlsConfig()  # mutual TLS to the nodes when on
         self.retire_channels_after_s = retire_channels_after_s
-        self._retired: set[asyncio.TimerHandle] = set()
+        self._retired: dict[grpc.aio.Channel, asyncio.TimerHandle] = {}  # old channels -> when they close
         self.pool_wait_s = pool_wait_s
         self.probe_timeout_s = probe_timeout_s
         self.watch_loads = watch_loads  # off in unit tests whose nodes are fakes
@@ -373,23 +373,30 @@ class Router:
         loop = asyncio.get_running_loop()
         n = 0
         for node in list(self._nodes.values()):
-            old = node.redial(self.tls.aio_channel(node.record.grpc_address, options=CHANNEL_OPTIONS))
-            handle: asyncio.TimerHandle
-
-            def close(old: grpc.aio.Channel = old) -> None:
-                self._retired.discard(handle)
-                loop.create_task(old.close())
-
-            handle = loop.call_later(self.retire_channels_after_s, close)
-            self._retired.add(handle)
+            try:
+                channel = self.tls.aio_channel(node.record.grpc_address, options=CHANNEL_OPTIONS)
+            except (OSError, ValueError) as exc:  # the files changed again meanwhile: the next change retries
+                logger.error("TLS: cannot dial %s node %s with the new files (it keeps the old channel): %s",
+                             node.record.role, node.node_id, exc)
+                continue
+            old = node.redial(channel)
+            self._retired[old] = loop.call_later(self.retire_channels_after_s, self._close_retired, old)
             n += 1
         logger.info("TLS: dialling the nodes with the certificate from %s now (%d channels; the old ones close "
                     "in %.0f s)", self.tls.cert or self.tls.ca, n, self.retire_channels_after_s)
         return n
 
+    def _close_retired(self, old: grpc.aio.Channel) -> None:
+        self._retired.pop(old, None)
+        task = asyncio.get_running_loop().create_task(old.close())
+        self._probes.add(task)  # kept until done (the probes' set: close() cancels what is left)
+        task.add_done_callback(self._probes.discard)
+
     async def close(self) -> None:
-        for h in list(self._retired):
+        for old, h in list(self._retired.items()):
             h.cancel()
+            await old.close()
+        self._retired.clear()
         for t in list(self._probes):
             t.cancel()
         for n in self._nodes.values():

@@ -38,11 +38,13 @@ def worker_index() -> int | None:
     return int(raw) if raw and raw.isdigit() else None
 
 
-def _die_with_parent() -> None:  # in the child, before exec: SIGTERM when the supervisor dies
-    import ctypes
+_LIBC = None  # loaded in the supervisor: a child between fork and exec only calls into it
 
+
+def _die_with_parent() -> None:  # in the child, before exec: SIGTERM when the supervisor dies
     PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class _Worker:
@@ -80,6 +82,10 @@ def run_workers(n: int, argv: list[str], host: str, grpc_port: int, http_port: i
     """Start and supervise ``n`` workers of ``tandem coordinator`` ``argv`` (its flags as given)."""
     from tandem.netutil import free_port
 
+    global _LIBC
+    import ctypes
+
+    _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
     grpc_port = grpc_port or free_port(host)
     http_port = http_port or free_port(host)
     metrics_dir = tempfile.mkdtemp(prefix="tandem-coordinator-metrics-")
@@ -89,11 +95,13 @@ def run_workers(n: int, argv: list[str], host: str, grpc_port: int, http_port: i
            "--http-port", str(http_port), "--workers", "1"]
     workers = [_Worker(i, cmd, env) for i in range(n)]
     stopping = threading.Event()
+    signalled: set[int] = set()  # pids told to stop (once each: a second signal stops a coordinator hard)
 
     def on_signal(signum: int, _frame: object) -> None:
         stopping.set()
         for w in workers:
-            if w.proc is not None and w.proc.poll() is None:
+            if w.proc is not None and w.proc.poll() is None and w.proc.pid not in signalled:
+                signalled.add(w.proc.pid)
                 w.proc.send_signal(signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -118,7 +126,7 @@ def run_workers(n: int, argv: list[str], host: str, grpc_port: int, http_port: i
         fields = dict(kv.split("=", 1) for kv in first[1:] if "=" in kv)
         print(f"{READY} role=coordinator grpc={fields.get('grpc', f'{host}:{grpc_port}')} "
               f"http={fields.get('http', f'http://{host}:{http_port}')} workers={n}", flush=True)
-        return _supervise(workers, stopping, metrics_dir)
+        return _supervise(workers, stopping, signalled, metrics_dir)
     finally:
         for w in workers:
             if w.proc is not None and w.proc.poll() is None:
@@ -132,7 +140,7 @@ def run_workers(n: int, argv: list[str], host: str, grpc_port: int, http_port: i
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _supervise(workers: list[_Worker], stopping: threading.Event, metrics_dir: str) -> int:
+def _supervise(workers: list[_Worker], stopping: threading.Event, signalled: set[int], metrics_dir: str) -> int:
     """Until a stop signal: a worker that exits is started again (after a pause that grows with
     its restarts); its live gauges are dropped from the shared metrics."""
     from prometheus_client import multiprocess
@@ -141,15 +149,20 @@ def _supervise(workers: list[_Worker], stopping: threading.Event, metrics_dir: s
         for w in workers:
             if w.proc is None or w.proc.poll() is None:
                 continue
-            code = w.proc.returncode
-            multiprocess.mark_process_dead(w.proc.pid, metrics_dir)
+            dead, code = w.proc.pid, w.proc.returncode
+            w.proc = None  # seen: its exit is not the stop's
+            multiprocess.mark_process_dead(dead, metrics_dir)
             pause = RESTART_BACKOFF_S[min(w.restarts, len(RESTART_BACKOFF_S) - 1)]
-            print(f"tandem coordinator: worker {w.index} (pid {w.proc.pid}) exited with code {code}; "
+            print(f"tandem coordinator: worker {w.index} (pid {dead}) exited with code {code}; "
                   f"starting it again in {pause:.0f} s", file=sys.stderr, flush=True)
             if stopping.wait(pause):
                 break
             w.restarts += 1
             w.start()
+    for w in workers:  # one started while the signal came was not there to get it
+        if w.proc is not None and w.proc.poll() is None and w.proc.pid not in signalled:
+            signalled.add(w.proc.pid)
+            w.proc.terminate()
     codes = []
     for w in workers:
         if w.proc is not None:

@@ -98,7 +98,7 @@ class DecodeServicer(pb_grpc.DecodeNodeServicer):
         with ExitStack() as prefilling:
             # A local prefill is one of this node's prefills (queue, samples) until its first token.
             run = prefilling.enter_context(self.perf.prefill(len(prompt))) if local else None
-            self.perf.decode_started(rid, len(prompt), kv_bytes)
+            self.perf.decode_started(rid, len(prompt), kv_bytes, interval=max(1, request.stream_interval))
             try:
                 kv = None if local else consume_params(request.handle)
                 async for out in self.engine.generate(rid, prompt, sampling, kv,

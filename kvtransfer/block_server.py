@@ -33,7 +33,7 @@ from .capability import CapabilityRefused
 from .capability import check as check_capability
 from .layout import KVLayout, KVLayoutMismatch
 from .paged import PagedKV, Staging, as_bytes_array
-from .secure import PREAUTH_TIMEOUT_S, ControlSecurity
+from .secure import PREAUTH_MAX_BYTES, PREAUTH_TIMEOUT_S, ControlSecurity
 from .transport import DataPlane, TransferError, choose_plane, peer_hung_up
 from .wire import ChannelClosed, recv_msg, send_msg
 
@@ -205,8 +205,12 @@ class BlockServer:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            except OSError:  # the peer reset it already: that connection only, never the accept loop
+                conn.close()
+                continue
             if not self._slots.acquire(blocking=False):
                 _bad_peer_log.warning("KV server: %d connections open; refusing another", MAX_CONNECTIONS)
                 if self._security.tls is None:  # a TLS peer could not read a plain message: just hang up
@@ -236,15 +240,20 @@ class BlockServer:
         plane: DataPlane | None = None
         peer: object = None
         staging = Staging(self.kv)
-        # Until the peer proves itself (TLS did, or a hello with the secret's proof) it holds a slot
-        # only briefly; a peer that fails to is hung up on.
+        # Until the peer proves itself (TLS did, or its first message: a hello with the secret's
+        # proof, or a release with its capability) it has one small message and PREAUTH_TIMEOUT_S
+        # in all to do so; whatever else it sends, it is hung up on after that message.
         proved = self._security.authenticated_by_transport
+        preauth_until = time.monotonic() + PREAUTH_TIMEOUT_S
         with conn:
             while True:
                 try:
-                    conn.settimeout(IDLE_TIMEOUT_S if proved else PREAUTH_TIMEOUT_S)
-                    msg = recv_msg(conn)
-                except (ChannelClosed, OSError):  # closed, broken or idle past IDLE_TIMEOUT_S
+                    if proved:
+                        conn.settimeout(IDLE_TIMEOUT_S)
+                        msg = recv_msg(conn)
+                    else:
+                        msg = recv_msg(conn, deadline=preauth_until, max_bytes=PREAUTH_MAX_BYTES)
+                except (ChannelClosed, OSError):  # closed, broken, or idle past its time
                     return
                 except ValueError as exc:  # not our framing or not JSON: nothing more to read from it
                     _bad_peer_log.warning("KV server: closing a connection that sent a malformed message: %s", exc)
@@ -282,12 +291,12 @@ class BlockServer:
                                         **({"denied": True} if isinstance(exc, CapabilityRefused) else {})})
                     except OSError:
                         return
-                    if not proved:  # one message to prove itself, no more
-                        return
                 except OSError:
                     return
                 except Exception:  # one connection's trouble never reaches the engine
                     logger.exception("KV server: unexpected error serving %s; closing that connection", str(op)[:32])
+                    return
+                if not proved:  # one message to prove itself, no more
                     return
 
     def _check_engine(self, msg: dict) -> None:

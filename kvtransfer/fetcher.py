@@ -171,11 +171,10 @@ class _Conn:
             if not self.planes:
                 raise TransferError("no KV transport left to offer")
             finish_handshake(self.sock)
-            hello = {"op": "hello", "layout": kv.layout.to_json(), "planes": list(self.planes),
-                     **security.hello_fields()}
+            hello = {"op": "hello", "layout": kv.layout.to_json(), "planes": list(self.planes)}
             for p in self.planes.values():
                 hello.update(p.local_info())
-            send_msg(self.sock, hello)
+            send_msg(self.sock, security.sign_hello(hello))
             reply = recv_msg(self.sock)
             if not reply.get("ok"):
                 raise TransferError(f"prefill worker {address} refused the handshake: {reply.get('error')}")

@@ -9,19 +9,25 @@ Two layers, each on when configured, both on in a production cluster:
   On the TCP data plane the block bytes follow on the same connection, so they
   are encrypted too; over UCX they are not (UCX has no encryption).
 - **The KV secret** (``--kv-secret-file``): a connection's first message (its
-  ``hello``) proves the peer holds the cluster secret, an HMAC over a fresh
-  timestamp; fetches and releases also carry their handle's capability
-  (capability.py). A peer without the secret is hung up on after one message.
+  ``hello``) proves the peer holds the cluster secret, an HMAC over the whole
+  hello with a fresh timestamp; fetches and releases also carry their handle's
+  capability (capability.py). A peer without the secret is hung up on after one
+  message. Without TLS a sniffed hello can be replayed within the timestamp's
+  window (for a connection slot, never for blocks: each fetch needs its
+  capability); TLS closes that too.
 
 Until a peer has proved itself (the TLS handshake, or an authenticated first
-message) it has ``PREAUTH_TIMEOUT_S`` to do so: someone who merely reaches the
-port can hold a connection slot for seconds, not for the idle timeout.
+message) it has ``PREAUTH_TIMEOUT_S`` in all and one message of at most
+``PREAUTH_MAX_BYTES`` to do so, and is hung up on after that message whatever
+it was: someone who merely reaches the port holds a connection slot for
+seconds, not for the idle timeout.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import socket
 import ssl
 import time
@@ -37,10 +43,15 @@ from .wire import parse_address
 HELLO_WINDOW_S = 120.0
 # A peer that has not proved itself within this long is hung up on.
 PREAUTH_TIMEOUT_S = 10.0
+# ... and its one message before that may be at most this large (a hello is a few hundred bytes).
+PREAUTH_MAX_BYTES = 64 << 10
 
 
-def hello_proof(secret: bytes, ts: float) -> str:
-    return hmac.new(secret, b"tandem-kv-hello\0" + repr(float(ts)).encode(), hashlib.sha256).hexdigest()
+def hello_proof(secret: bytes, hello: dict) -> str:
+    """The HMAC of a hello's every field but ``auth`` (its timestamp ``ts`` among them): a sniffed
+    hello replayed within the window cannot carry another data-plane address or layout."""
+    body = json.dumps({k: v for k, v in hello.items() if k != "auth"}, sort_keys=True, separators=(",", ":"))
+    return hmac.new(secret, b"tandem-kv-hello\0" + body.encode(), hashlib.sha256).hexdigest()
 
 
 class ControlSecurity:
@@ -84,16 +95,18 @@ class ControlSecurity:
         if abs(time.time() - float(ts)) > HELLO_WINDOW_S:
             raise CapabilityRefused(f"the hello's timestamp is {time.time() - float(ts):+.0f} s off this node's "
                                     "clock (more than allowed: synchronise the nodes' clocks)")
-        if not hmac.compare_digest(hello_proof(self.secret, float(ts)), proof):
+        if not hmac.compare_digest(hello_proof(self.secret, msg), proof):
             raise CapabilityRefused("the hello does not prove the cluster's KV secret (a different "
                                     "--kv-secret-file on this node and its peer)")
 
     # client ------------------------------------------------------------------
-    def hello_fields(self) -> dict[str, object]:
+    def sign_hello(self, hello: dict) -> dict:
+        """``hello`` with the KV secret's proof (unchanged without a secret)."""
         if self.secret is None:
-            return {}
-        ts = time.time()
-        return {"ts": ts, "auth": hello_proof(self.secret, ts)}
+            return hello
+        signed = {**hello, "ts": time.time()}
+        signed["auth"] = hello_proof(self.secret, signed)
+        return signed
 
     def dial(self, address: str, timeout_s: float, handshake: bool = True) -> socket.socket:
         """A connected socket to a block server; TLS-wrapped when TLS is on. ``handshake`` False:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import time
 from typing import Any
 
 _LEN = struct.Struct("!I")
@@ -24,24 +25,32 @@ def send_msg(sock: socket.socket, msg: dict[str, Any]) -> None:
     sock.sendall(_LEN.pack(len(body)) + body)
 
 
-def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
+def recv_exact_into(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:
+    """``deadline`` (monotonic): socket.timeout once it passes, however the bytes trickle in."""
     got = 0
     n = len(view)
     while got < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("the KV control message did not arrive in time")
+            sock.settimeout(left)
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
             raise ChannelClosed("peer closed the KV control channel")
         got += k
 
 
-def recv_msg(sock: socket.socket) -> dict[str, Any]:
+def recv_msg(sock: socket.socket, deadline: float | None = None, max_bytes: int = MAX_HEADER_BYTES) -> dict[str, Any]:
+    """One message, whole by ``deadline`` (monotonic; None: the socket's own timeout per read);
+    ValueError past ``max_bytes`` (before a byte of the body is read or allocated)."""
     head = bytearray(_LEN.size)
-    recv_exact_into(sock, memoryview(head))
+    recv_exact_into(sock, memoryview(head), deadline)
     (n,) = _LEN.unpack(head)
-    if n > MAX_HEADER_BYTES:
-        raise ValueError(f"KV control message of {n} bytes is larger than allowed")
+    if n > max_bytes:
+        raise ValueError(f"KV control message of {n} bytes is larger than allowed ({max_bytes})")
     body = bytearray(n)
-    recv_exact_into(sock, memoryview(body))
+    recv_exact_into(sock, memoryview(body), deadline)
     return json.loads(body)
 
 

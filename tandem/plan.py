@@ -23,7 +23,7 @@ from typing import Any
 from tandem.bench.goodput import find_goodput
 from tandem.bench.workloads import WORKLOADS, generate
 from tandem.mix import Mix
-from tandem.sim import NOT_MODELLED, SimConfig, Timings, attainment, simulate, summary
+from tandem.sim import LOCAL_OFF, NOT_MODELLED, SimConfig, Timings, attainment, simulate, summary
 
 
 def trace(workload: str | Mix, rate: float, requests: int, seed: int, max_model_len: int) -> list[Any]:
@@ -168,7 +168,7 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
             "requests_per_probe": requests, "min_duration_s": min_duration_s, "seeds": seeds,
             "splits_evaluated": len(rows), "splits": nodes - 1, "search_step": step, "rel_tol": 0.05,
             "admission": admission,
-            "not_modelled": list(NOT_MODELLED),
+            "not_modelled": [*NOT_MODELLED, LOCAL_OFF],
             "transfer_modelled": any(decode.transfer), "rows": rows,
             "best": best, "took_s": round(time.monotonic() - t0, 2)}
 
@@ -304,6 +304,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rates", default="0.5,1,1.5,2", help="--validate: arrival rates, req/s")
     ap.add_argument("--duration", type=float, default=60.0, help="--validate: seconds of arrivals per rate")
     ap.add_argument("--model", default="", help="--validate: the model (default: the seeded bench model)")
+    ap.add_argument("--conditional-disagg", default="off", choices=["on", "off"],
+                    help="--validate: on: the real cluster and the simulator may prefill a request on the decode "
+                         "node (as the coordinator decides, admission off); off: always disaggregated")
     from tandem.plan_live import add_args as add_live_args
 
     add_live_args(ap)

@@ -1,8 +1,10 @@
 """`tandem plan --validate`: the simulator's predictions against a real cluster, side by side.
 
 It starts a real 1:1 cluster on this host (the seeded bench model unless
-``--model``), always disaggregated with admission off (what the simulator
-models), reads the profiles its two nodes started from, and for each rate
+``--model``) with admission off, always disaggregated or, with
+``--conditional-disagg on``, prefilling on the decode node where the
+coordinator chooses to (the simulator then applies the same rule), reads the
+profiles its two nodes started from, and for each rate
 sends one seeded trace to the cluster and plays the very same trace through
 the simulator. The report puts measured and predicted SLO attainment, TTFT
 and TPOT side by side with the error of each, and the goodput each implies
@@ -20,7 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tandem.sim import NOT_MODELLED, SimConfig, Timings, simulate, summary
+from tandem.node.config import DECODE_STEP_TOKENS
+from tandem.sim import LOCAL_OFF, NOT_MODELLED, SimConfig, Timings, simulate, summary
 
 PROFILE_LINE = re.compile(r"(?:cached profile|cached in) (\S+\.json)")
 
@@ -56,11 +59,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     model = bench_model(getattr(args, "model", ""), out)
     rates = [float(r) for r in args.rates.split(",")]
     cores = sorted(os.sched_getaffinity(0))
-    print(f"starting a real 1:1 cluster (always disaggregated, admission off) on cores {cores} ...", flush=True)
-    system = systems.start_tandem(model, 1, 1, args.max_model_len, out, cores, "-disagg")
+    local = getattr(args, "conditional_disagg", "off") == "on"
+    variant = "-noadmit" if local else "-disagg"
+    print(f"starting a real 1:1 cluster ({describe(local)}) on cores {cores} ...", flush=True)
+    system = systems.start_tandem(model, 1, 1, args.max_model_len, out, cores, variant)
     rows: list[dict[str, Any]] = []
     try:
-        logs = out / "tandem-1p1d-disagg"
+        logs = out / f"tandem-1p1d{variant}"
         pre_path, dec_path = node_profile(logs / "prefill-0.log"), node_profile(logs / "decode-0.log")
         prefill, decode = Timings.load(pre_path), Timings.load(dec_path)
         from tandem.node.simengine import model_facts
@@ -68,8 +73,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
         facts = model_facts(model)
         per_token = kv_bytes_per_token({**facts, "dtype": "float32"})  # the nodes' --dtype default
+        # the coordinator's defaults (no SLO of its own: the trace's go with each request)
         cfg = SimConfig(1, 1, prefill, decode, kv_bytes_per_token=per_token, max_batch=args.max_batch,
-                        order="slack", slo_ttft_s=args.slo_ttft)
+                        order="slack", slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot, local=local,
+                        step_tokens=DECODE_STEP_TOKENS)
         print(f"profiles: prefill {pre_path}, decode {dec_path}", flush=True)
         from tandem.bench.compare import warm_up
 
@@ -77,7 +84,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         rows = rate_rows(system.target, cfg, args, rates)
     finally:
         system.stop()
-    doc = {"transfer_modelled": any(decode.transfer), "workload": args.workload, "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
+    doc = {"transfer_modelled": any(decode.transfer), "conditional_disagg": local, "workload": args.workload, "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
            "duration_s": args.duration, "model": model, "prefill_profile": prefill.doc(), "decode_profile": decode.doc(),
            "rows": rows, "goodput": {"measured": goodput(rows, "measured_attainment"),
                                      "predicted": goodput(rows, "predicted_attainment")},
@@ -87,6 +94,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"goodput measured {doc['goodput']['measured']:g} req/s, predicted {doc['goodput']['predicted']:g} req/s; "
           f"wrote {out / 'validate.md'}")
     return 0
+
+
+def describe(local: bool) -> str:
+    return ("admission off, a request prefilled on the decode node where the coordinator chooses to" if local
+            else "always disaggregated, admission off")
 
 
 def rate_rows(target: str, cfg: SimConfig, args: argparse.Namespace, rates: list[float]) -> list[dict[str, Any]]:
@@ -115,10 +127,14 @@ def side_by_side(measured: dict[str, Any], predicted: dict[str, float], rate: fl
                         "tpot_p90_s": measured["tpot_s"]["p90"], "failed": measured["failed"]},
            "predicted": {k: predicted[k] for k in ("attainment", "ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s")}}
     row["error"] = {k: rel_error(row["predicted"][k], row["measured"][k]) for k in row["predicted"]}
+    # the share prefilled on the decode node (conditional disaggregation), measured and simulated
+    row["local_share"] = {"measured": measured.get("local_prefill_share", math.nan),
+                          "predicted": predicted.get("local_prefill_share", math.nan)}
     m, p = row["measured"], row["predicted"]
     print(f"  {rate:g} req/s: attainment measured {m['attainment']:.0%} predicted {p['attainment']:.0%}; "
           f"TTFT p50 {m['ttft_p50_s'] * 1000:.0f} / {p['ttft_p50_s'] * 1000:.0f} ms; TPOT p50 "
-          f"{m['tpot_p50_s'] * 1000:.1f} / {p['tpot_p50_s'] * 1000:.1f} ms", flush=True)
+          f"{m['tpot_p50_s'] * 1000:.1f} / {p['tpot_p50_s'] * 1000:.1f} ms; prefilled on the decode node "
+          f"{share(row['local_share']['measured'])} / {share(row['local_share']['predicted'])}", flush=True)
     return row
 
 
@@ -175,6 +191,10 @@ def validate_simulated(args: argparse.Namespace, profile: Path) -> int:
     return 0
 
 
+def share(v: float | None) -> str:
+    return "–" if v is None or math.isnan(v) else f"{v:.0%}"
+
+
 def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     def ms(v: float) -> str:
         return "–" if v is None or math.isnan(v) else f"{v * 1000:.0f}"
@@ -183,24 +203,28 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
         return "–" if v is None or math.isnan(v) else f"{v:.0%}"
 
     lines = ["| req/s | attainment measured / predicted | TTFT p50 ms m / p (err) | TTFT p90 ms m / p (err) | "
-             "TPOT p50 ms m / p (err) | TPOT p90 ms m / p (err) |", "|---:|---:|---:|---:|---:|---:|"]
+             "TPOT p50 ms m / p (err) | TPOT p90 ms m / p (err) | prefilled on the decode node m / p |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         m, p, e = r["measured"], r["predicted"], r["error"]
+        loc = r.get("local_share", {})
         lines.append(f"| {r['rate']:g} | {m['attainment']:.0%} / {p['attainment']:.0%} | "
                      + " | ".join(f"{ms(m[k])} / {ms(p[k])} ({err(e[k])})"
-                                  for k in ("ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s")) + " |")
+                                  for k in ("ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s"))
+                     + f" | {share(loc.get('measured'))} / {share(loc.get('predicted'))} |")
     return lines
 
 
 def write_report(out: Path, doc: dict[str, Any]) -> None:
     lines = [f"# tandem plan --validate: {doc['workload']}, 1:1 on this host", "",
              f"SLOs TTFT ≤ {doc['slo']['ttft_s'] * 1000:.0f} ms, TPOT ≤ {doc['slo']['tpot_s'] * 1000:.0f} ms; "
-             f"{doc['duration_s']:g} s of arrivals per rate; the same seeded trace to the real cluster (always "
-             "disaggregated, admission off) and to the simulator, whose times come from the profiles the two "
-             "nodes started from. Goal: " + doc["goal"] + ".", "", *table_lines(doc["rows"])]
+             f"{doc['duration_s']:g} s of arrivals per rate; the same seeded trace to the real cluster "
+             f"({describe(doc.get('conditional_disagg', False))}) and to the simulator, whose times come from the "
+             "profiles the two nodes started from. Goal: " + doc["goal"] + ".", "", *table_lines(doc["rows"])]
     g = doc["goodput"]
     lines += ["", f"Goodput on these rates: measured {g['measured']:g} req/s, predicted {g['predicted']:g} req/s.",
-              "", "Not modelled: " + ", ".join(NOT_MODELLED) + "."]
+              "", "Not modelled: " + ", ".join([*NOT_MODELLED, *([] if doc.get("conditional_disagg") else
+                                                                 [LOCAL_OFF])]) + "."]
     if not doc["transfer_modelled"]:
         lines.append("The decode node's profile has no KV transfer timings (a node's startup profile has none; "
                      "`tandem profile` adds them): transfers take no time in the simulator.")

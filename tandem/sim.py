@@ -28,9 +28,17 @@ same ones the nodes fit online, see tandem/perfmodel.py):
   (it counts as missed). Tandem's own admission predicts per node, learns a bias per node, and
   may prefill on a decode node instead; this does not.
 
-Not modelled yet (the simulator says so in its results): conditional disaggregation (local
-prefills on a decode node), prefix caching,
-chunked prefill mixing prompts into decode steps, and network contention.
+- **Conditional disaggregation** (``local``, off by default): at arrival the request is
+  prefilled on a decode node itself when Tandem's admission would choose that (the same rule,
+  ``coordinator/admission._choose``, on this simulator's predictions): predicted to meet the TTFT
+  objective where the prefill pool would not, or, with work queued in the pool, to start
+  ``LOCAL_GAIN`` sooner; never where its prefill would push the node's streams past the TPOT
+  objective (with none set: never beside another local prefill). There it goes in chunks of
+  ``step_tokens`` inside the node's decode steps (vLLM's chunked prefill): each such step takes
+  the batch's step plus the chunk's share of the decode node's own prefill time; its first token
+  comes with the last chunk, and it joins the batch at the next step (no transfer).
+
+Not modelled yet (the simulator says so in its results): prefix caching and network contention.
 """
 
 from __future__ import annotations
@@ -46,8 +54,8 @@ from typing import Any
 from tandem.perfmodel import NodeModel
 
 ORDERS = ("fifo", "slack")
-NOT_MODELLED = ("conditional disaggregation", "prefix caching",
-                "chunked prefill beside decode steps", "transfer contention")
+NOT_MODELLED = ("prefix caching", "transfer contention")
+LOCAL_OFF = "conditional disaggregation (every request prefilled in the prefill pool)"
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,8 @@ class SimConfig:
     slo_ttft_s: float = 0.0  # for the slack order, and admission
     slo_tpot_s: float = 0.0  # for admission
     admission: bool = False  # refuse at arrival what is predicted to miss an objective
+    local: bool = False  # conditional disaggregation: prefill on a decode node when admission would
+    step_tokens: int = 256  # a decode node's prompt tokens per step (its --max-num-batched-tokens)
 
     def __post_init__(self) -> None:
         if self.num_prefill < 1 or self.num_decode < 1:
@@ -159,6 +169,7 @@ class Outcome:
     never_fits: bool = False  # larger than a decode node's whole KV cache
     refused: bool = False  # admission predicted it would miss an objective
     decode_wait_s: float = 0.0  # its KV arrived at the decode node -> it joined the running batch
+    local: bool = False  # prefilled on its decode node (conditional disaggregation)
 
 
 @dataclass
@@ -170,6 +181,9 @@ class _Decode:
     base: int = 0  # Σ (prompt + 1 − join step) of the running: context = base + B·step_no
     reserved: int = 0  # KV tokens reserved by the running requests
     stepping: bool = False
+    local: list[int] = field(default_factory=list)  # requests it prefills itself, in order
+    local_left: dict[int, int] = field(default_factory=dict)  # ... their prompt tokens not yet computed
+    chunk: tuple[int, int] | None = None  # (request, tokens) of the local prefill in the step running
 
 
 def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
@@ -210,6 +224,42 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         tpot = cfg.decode.step_s(b, ctx) if e.output_len > 1 else 0.0
         return ttft <= cfg.slo_ttft_s and tpot <= cfg.slo_tpot_s
 
+    def local_choice(i: int, now: float) -> int | None:
+        """The decode node to prefill request ``i`` on, or None for the prefill pool (admission's rule)."""
+        from tandem.coordinator.admission import LOCAL_GAIN, MIN_OTHERS_TOKENS
+
+        e, dec = trace[i], cfg.decode
+        wait = (queued_s + sum(max(0.0, t - now) for t in busy_until)) / cfg.num_prefill
+        remote = wait + cfg.prefill.prefill_s(e.input_len)
+        best: tuple[float, int] | None = None
+        for d, dn in enumerate(decodes):
+            b = len(dn.running)
+            ctx = dn.base + b * dn.step_no
+            ahead = sum(dn.local_left.values())
+            queue_s = sum(dec.prefill_s(t) for t in dn.local_left.values())
+            run_s = dec.prefill_s(e.input_len)
+            chunks = -(-(ahead + e.input_len) // cfg.step_tokens)
+            beside = chunks * max(0.0, dec.step_s(b, ctx) - dec.step_s(0, 0)) if b else 0.0
+            if cfg.slo_tpot_s > 0:
+                harm = (run_s + beside) / max(e.output_len, MIN_OTHERS_TOKENS)
+                if b and dec.step_s(b, ctx) + harm > cfg.slo_tpot_s:
+                    continue
+            elif b and dn.local:
+                continue
+            ttft = queue_s + run_s + beside
+            if best is None or ttft < best[0]:
+                best = (ttft, d)
+        if best is None:
+            return None
+        local, d = best
+        local_ok = cfg.slo_ttft_s <= 0 or local <= cfg.slo_ttft_s
+        remote_ok = cfg.slo_ttft_s <= 0 or remote <= cfg.slo_ttft_s
+        if local_ok != remote_ok:
+            return d if local_ok else None
+        if not local_ok:
+            return None
+        return d if wait > 0 and local < remote * (1 - LOCAL_GAIN) else None
+
     def next_request(now: float) -> int | None:
         while queue:
             key, i = queue[0]
@@ -244,12 +294,22 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             dn.reserved += need
             heapq.heappush(dn.running, (dn.step_no + trace[i].output_len - 1, i))
             dn.base += trace[i].input_len + 1 - dn.step_no
-        if not dn.running:
+        took = 0.0
+        if dn.local:  # a chunk of the local prefill at its head rides in this step
+            r = dn.local[0]
+            left = dn.local_left[r]
+            c = min(cfg.step_tokens, left)
+            done = trace[r].input_len - left
+            took = cfg.decode.prefill_s(done + c) - (cfg.decode.prefill_s(done) if done else 0.0)
+            dn.chunk = (r, c)
+        if not dn.running and dn.chunk is None:
             dn.stepping = False
             return
         dn.stepping = True
         b = len(dn.running)
-        push(now + cfg.decode.step_s(b, dn.base + b * dn.step_no), STEPPED, d, -1)
+        if b:
+            took += cfg.decode.step_s(b, dn.base + b * dn.step_no)
+        push(now + took, STEPPED, d, -1)
 
     while events:
         now, _, kind, node, i = heapq.heappop(events)
@@ -257,6 +317,16 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             e = trace[i]
             if cfg.admission and not admit(i, now):
                 out[i].refused = True
+                continue
+            if cfg.local and (d := local_choice(i, now)) is not None:
+                dn = decodes[d]
+                out[i].local, out[i].decode_node = True, d
+                dn.assigned += 1
+                dn.local.append(i)
+                dn.local_left[i] = e.input_len
+                if not dn.stepping:
+                    dn.stepping = True
+                    push(now, START, d, -1)
                 continue
             heapq.heappush(queue, (e.arrival_s if cfg.order == "fifo" else e.arrival_s + cfg.slo_ttft_s, i))
             queued_s += cfg.prefill.prefill_s(e.input_len)
@@ -298,6 +368,22 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
                 o.e2e_s = now - o.arrival_s
                 o.tpot_s = (now - produced_start.pop(r)) / (e.output_len - 1)
                 o.completed = True
+            if dn.chunk is not None:  # a local prefill's chunk went with the step
+                r, c = dn.chunk
+                dn.chunk = None
+                dn.local_left[r] -= c
+                if not dn.local_left[r]:  # its last: the first token, and it joins the batch next step
+                    del dn.local_left[r]
+                    dn.local.pop(0)
+                    e, o = trace[r], out[r]
+                    o.ttft_s = now - o.arrival_s
+                    if e.output_len <= 1:
+                        o.e2e_s, o.completed = o.ttft_s, True
+                        dn.assigned -= 1
+                    else:
+                        produced_start[r] = now
+                        joined_at[r] = now
+                        dn.waiting.insert(0, r)
             step(node, now)
     return out
 
@@ -321,6 +407,7 @@ def summary(outcomes: Sequence[Outcome], slo_ttft_s: float, slo_tpot_s: float) -
     ttft = [o.ttft_s for o in done]
     tpot = [o.tpot_s for o in done if o.tpot_s > 0]
     return {"requests": len(outcomes), "completed": len(done), "refused": sum(1 for o in outcomes if o.refused),
+            "local_prefill_share": sum(1 for o in done if o.local) / len(done) if done else math.nan,
             "attainment": attainment(outcomes, slo_ttft_s, slo_tpot_s),
             "ttft_p50_s": pct(ttft, 0.5), "ttft_p90_s": pct(ttft, 0.9),
             "tpot_p50_s": pct(tpot, 0.5), "tpot_p90_s": pct(tpot, 0.9)}

@@ -140,12 +140,17 @@ def test_without_tls_a_hello_must_prove_the_kv_secret() -> None:
             finally:
                 f.close()
         layout = src.layout.to_json()
-        for name, extra, why in (
-                ("none", {}, "requires the cluster's KV secret"),
-                ("stale", {"ts": time.time() - 3600, "auth": hello_proof(SECRET, time.time() - 3600)}, "clock"),
-                ("forged", {"ts": time.time(), "auth": "0" * 64}, "does not prove")):
+        hello = {"op": "hello", "layout": layout, "planes": ["tcp"]}
+        stale = {**hello, "ts": time.time() - 3600}
+        fresh = ControlSecurity(SECRET).sign_hello(hello)
+        for name, sent, why in (
+                ("none", hello, "requires the cluster's KV secret"),
+                ("stale", {**stale, "auth": hello_proof(SECRET, stale)}, "clock"),
+                ("forged", {**hello, "ts": time.time(), "auth": "0" * 64}, "does not prove"),
+                # a signed hello replayed with another data plane: the proof covers every field
+                ("altered", {**fresh, "planes": ["ucx"], "ucx_address": "00"}, "does not prove")):
             with socket.create_connection(parse_address(server.address), timeout=5) as raw:
-                send_msg(raw, {"op": "hello", "layout": layout, "planes": ["tcp"], **extra})
+                send_msg(raw, sent)
                 reply = recv_msg(raw)
                 assert not reply["ok"] and reply["denied"] and why in reply["error"], name
                 with pytest.raises((ChannelClosed, ConnectionResetError)):  # and hung up on
@@ -193,4 +198,34 @@ def test_silent_peers_lose_their_connection_slots_quickly(monkeypatch: pytest.Mo
     finally:
         for s in silent:
             s.close()
+        server.close()
+
+
+def test_an_unproved_peer_gets_one_small_message_and_the_window_in_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    import struct
+
+    monkeypatch.setattr(block_server_mod, "PREAUTH_TIMEOUT_S", 0.6)
+    server = BlockServer("127.0.0.1", 0, paged(True), make_data_planes("tcp"), engine_id=ENGINE,
+                         security=ControlSecurity(SECRET))
+    address = parse_address(server.address)
+    try:
+        # any message but a proof: answered, then hung up on (it cannot keep the slot with chatter)
+        with socket.create_connection(address, timeout=5) as raw:
+            send_msg(raw, {"op": "nope"})
+            assert not recv_msg(raw)["ok"]
+            assert raw.recv(1) == b""
+        # a message trickled in a byte at a time: hung up on when the window ends, not per byte
+        with socket.create_connection(address, timeout=5) as raw:
+            raw.sendall(struct.pack("!I", 100))
+            t0 = time.monotonic()
+            with pytest.raises((BrokenPipeError, ConnectionResetError)):
+                for _ in range(50):
+                    raw.sendall(b" ")
+                    time.sleep(0.1)
+            assert time.monotonic() - t0 < 2.0
+        # a large message announced before proving anything: refused before it is read
+        with socket.create_connection(address, timeout=5) as raw:
+            raw.sendall(struct.pack("!I", 8 << 20))
+            assert raw.recv(1) == b""
+    finally:
         server.close()

@@ -190,3 +190,18 @@ def test_the_decode_batch_is_also_reported_as_a_moving_average() -> None:
     perf.decode_ended("b")
     clock.t += 100 * perf_mod.BATCH_MEAN_S  # long idle again: back to about 0
     assert perf.decode_means()[0] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_stream_interval_group_is_a_sample_of_its_steps() -> None:
+    clock = Clock()
+    perf = NodePerf(clock)
+    perf.decode_started("a", 100, interval=4)
+    perf.decode_output("a", 1)  # the first at once
+    clock.t += 0.08
+    perf.decode_output("a", 4)  # four steps of 20 ms
+    assert perf.model.decode.samples == 1
+    assert perf.model.step_s(1, 101) == pytest.approx(0.02, rel=0.05)
+    clock.t += 0.05
+    perf.decode_output("a", 3)  # the last, short group: not a whole interval, not a sample
+    assert perf.model.decode.samples == 1
+    perf.decode_ended("a")

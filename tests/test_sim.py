@@ -278,3 +278,26 @@ def test_a_decode_pool_past_its_capacity_fails_a_probe_before_its_objectives_do(
     assert over_plain > 0.9 and over_steady == 0.0
     under_plain, under_steady = probe(8.0)
     assert under_plain == under_steady == 1.0
+
+
+def test_local_prefills_on_the_decode_node_follow_admissions_rule_and_go_in_chunks() -> None:
+    # prefill 1 ms per token on both kinds of node (a + b*n); steps 10 ms; 200-token prompts
+    t = Timings((0.0, 0.001, 0.0), (0.010, 0.0, 0.0))
+    base = dict(order="slack", slo_ttft_s=1.0, slo_tpot_s=0.1, step_tokens=64)
+    # alone on an idle cluster: the prefill pool has no queue, so never locally
+    alone = simulate(SimConfig(1, 1, t, t, local=True, **base), [Req(0.0, 200, 5)])[0]
+    assert not alone.local and alone.prefill_node == 0 and alone.ttft_s == pytest.approx(0.2)
+    # three at once: the second would wait 200 ms for the prefill node, so it prefills on the idle
+    # decode node instead, in four chunks of at most 64 tokens inside four steps (the prompt's
+    # 200 ms of compute spread over them; nothing decodes there yet, so no step time beside)
+    outs = simulate(SimConfig(1, 1, t, t, local=True, **base), [Req(0.0, 200, 5) for _ in range(3)])
+    assert [o.local for o in outs] == [False, True, False]
+    assert outs[1].decode_node == 0 and outs[1].ttft_s == pytest.approx(0.2)
+    assert all(o.completed for o in outs)
+    off = simulate(SimConfig(1, 1, t, t, **base), [Req(0.0, 200, 5) for _ in range(3)])
+    assert not any(o.local for o in off) and max(o.ttft_s for o in off) == pytest.approx(0.6)
+    assert max(o.ttft_s for o in outs) < max(o.ttft_s for o in off)
+    # a TPOT objective its prefill would push the decoding streams past: never locally
+    tight = dict(base, slo_tpot_s=0.011)
+    busy = [Req(0.0, 10, 200), Req(0.05, 200, 5), Req(0.05, 200, 5)]
+    assert not any(o.local for o in simulate(SimConfig(1, 1, t, t, local=True, **tight), busy))

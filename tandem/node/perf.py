@@ -58,6 +58,7 @@ class _Stream:
     kv_bytes: int = 0  # KV it fetches before its first token (0: none, or not known)
     last_output: float | None = None  # monotonic; None until its first token
     epoch: int = 0  # the node's prefill epoch at its last output
+    interval: int = 1  # tokens its outputs group after the first (vLLM's stream_interval)
 
 
 class NodePerf:
@@ -125,8 +126,8 @@ class NodePerf:
             self._export(force=self._prefills_running == 0)  # idle now: show the last samples too
 
     # decode --------------------------------------------------------------------
-    def decode_started(self, rid: str, context_tokens: int, kv_bytes: int = 0) -> None:
-        self._streams[rid] = _Stream(context_tokens, self._clock(), kv_bytes)
+    def decode_started(self, rid: str, context_tokens: int, kv_bytes: int = 0, interval: int = 1) -> None:
+        self._streams[rid] = _Stream(context_tokens, self._clock(), kv_bytes, interval=max(1, interval))
         self._touch()
 
     def decode_output(self, rid: str, new_tokens: int) -> None:
@@ -142,10 +143,10 @@ class NodePerf:
             if s.kv_bytes:
                 self.model.saw_transfer(s.kv_bytes, now - s.started)
             self._touch()
-        elif new_tokens == 1 and s.epoch == self._prefill_epoch and not self._prefills_running:
-            # One step since its last output (several: coalesced; a prefill meanwhile: its chunks were
-            # in the steps; neither is a sample).
-            self.model.saw_decode_step(self._batch, self._batch_context, now - s.last_output)
+        elif new_tokens == s.interval and s.epoch == self._prefill_epoch and not self._prefills_running:
+            # One step since its last output, or its stream interval's steps (more: coalesced behind a
+            # slow reader; a prefill meanwhile: its chunks were in the steps; neither is a sample).
+            self.model.saw_decode_step(self._batch, self._batch_context, (now - s.last_output) / new_tokens)
             self._export()
         s.last_output = now
         s.epoch = self._prefill_epoch
