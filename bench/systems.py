@@ -70,6 +70,7 @@ class System:
     notes: list[str] = field(default_factory=list)
     # Called after the measurements: facts for the report (e.g. where prompt tokens came from).
     facts: Callable[[], dict[str, Any]] = dict
+    nodes: dict[str, str] = field(default_factory=dict)  # Tandem: node name -> its gRPC address
 
 
 def _installed(name: str, *dists: str) -> str:
@@ -323,4 +324,5 @@ def start_tandem(model: str, num_prefill: int, num_decode: int, max_model_len: i
     from tandem import __version__
 
     return System(f"tandem-{num_prefill}:{num_decode}{variant}", cluster.http_url, cmds,
-                  f"tandem {__version__} on {vllm_version()}", cluster.stop, facts=lambda: cache_facts(cluster))
+                  f"tandem {__version__} on {vllm_version()}", cluster.stop, facts=lambda: cache_facts(cluster),
+                  nodes={d.name: d.info["grpc"] for d in cluster.nodes})

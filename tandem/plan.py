@@ -304,6 +304,10 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rates", default="0.5,1,1.5,2", help="--validate: arrival rates, req/s")
     ap.add_argument("--duration", type=float, default=60.0, help="--validate: seconds of arrivals per rate")
     ap.add_argument("--model", default="", help="--validate: the model (default: the seeded bench model)")
+    ap.add_argument("--fits", default="profile", choices=["profile", "learned"],
+                    help="--validate: the simulator's times from the profiles the nodes started from, or from "
+                         "the fits they have learned while serving (read before each rate: the rates before it "
+                         "and the warm-up), as admission predicts")
     ap.add_argument("--conditional-disagg", default="off", choices=["on", "off"],
                     help="--validate: on: the real cluster and the simulator may prefill a request on the decode "
                          "node (as the coordinator decides, admission off); off: always disaggregated")

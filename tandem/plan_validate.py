@@ -19,6 +19,8 @@ import math
 import os
 import re
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     rates = [float(r) for r in args.rates.split(",")]
     cores = sorted(os.sched_getaffinity(0))
     local = getattr(args, "conditional_disagg", "off") == "on"
+    fits = getattr(args, "fits", "profile")
     variant = "-noadmit" if local else "-disagg"
     print(f"starting a real 1:1 cluster ({describe(local)}) on cores {cores} ...", flush=True)
     system = systems.start_tandem(model, 1, 1, args.max_model_len, out, cores, variant)
@@ -81,10 +84,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from tandem.bench.compare import warm_up
 
         warm_up(system, args.workload, args.max_model_len)
-        rows = rate_rows(system.target, cfg, args, rates)
+        fresh: Callable[[], SimConfig] | None = None
+        if fits == "learned":
+            def fresh() -> SimConfig:  # before each rate: the fits the nodes learned over the rates before it
+                return replace(cfg, prefill=learned_timings(system.nodes["prefill-0"], "prefill-0, learned"),
+                               decode=learned_timings(system.nodes["decode-0"], "decode-0, learned"))
+        rows = rate_rows(system.target, cfg, args, rates, fresh)
     finally:
         system.stop()
-    doc = {"transfer_modelled": any(decode.transfer), "conditional_disagg": local, "workload": args.workload, "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
+    doc = {"transfer_modelled": any(decode.transfer), "conditional_disagg": local, "fits": fits,
+           "workload": args.workload, "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
            "duration_s": args.duration, "model": model, "prefill_profile": prefill.doc(), "decode_profile": decode.doc(),
            "rows": rows, "goodput": {"measured": goodput(rows, "measured_attainment"),
                                      "predicted": goodput(rows, "predicted_attainment")},
@@ -96,13 +105,32 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def learned_timings(grpc_address: str, source: str) -> Timings:
+    """A node's fits as it has learned them while serving (its NodeMonitor stream's latest message):
+    what admission predicts with. A negative coefficient (a fit's noise) counts as 0."""
+    import grpc
+
+    from tandem.proto import tandem_pb2 as pb
+    from tandem.proto import tandem_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(grpc_address) as ch:
+        call = pb_grpc.NodeMonitorStub(ch).Watch(pb.WatchRequest(), timeout=10)
+        msg = next(iter(call))
+        call.cancel()
+    fits = {f.name: tuple(max(0.0, c) for c in f.coefficients) for f in msg.fits if f.samples}
+    return Timings(fits.get("prefill", (0.0, 0.0, 0.0)), fits.get("decode", (0.0, 0.0, 0.0)),  # type: ignore[arg-type]
+                   fits.get("transfer", (0.0, 0.0)), source)  # type: ignore[arg-type]
+
+
 def describe(local: bool) -> str:
     return ("admission off, a request prefilled on the decode node where the coordinator chooses to" if local
             else "always disaggregated, admission off")
 
 
-def rate_rows(target: str, cfg: SimConfig, args: argparse.Namespace, rates: list[float]) -> list[dict[str, Any]]:
-    """Each rate's seeded trace sent to ``target`` and played through the simulator: side by side."""
+def rate_rows(target: str, cfg: SimConfig, args: argparse.Namespace, rates: list[float],
+              fresh: Callable[[], SimConfig] | None = None) -> list[dict[str, Any]]:
+    """Each rate's seeded trace sent to ``target`` and played through the simulator: side by side.
+    ``fresh``: the simulator's configuration made again before each rate (the nodes' learned fits)."""
     from tandem.bench.compare import _run
     from tandem.bench.workloads import generate, materialize
 
@@ -113,7 +141,11 @@ def rate_rows(target: str, cfg: SimConfig, args: argparse.Namespace, rates: list
         entries = generate(args.workload, rate=rate, duration_s=args.duration, seed=seed,
                            max_model_len=args.max_model_len)
         materialize(entries, seed, 600)
-        row = side_by_side(_run(target, entries, slo), summary(simulate(cfg, entries), *slo), rate, len(entries))
+        if fresh is not None:
+            cfg = fresh()
+        predicted = summary(simulate(cfg, entries), *slo)  # before the run: only what was known then
+        row = side_by_side(_run(target, entries, slo), predicted, rate, len(entries))
+        row["decode_fit"], row["prefill_fit"] = list(cfg.decode.decode), list(cfg.prefill.prefill)
         row["measured_attainment"], row["predicted_attainment"] = row["measured"]["attainment"], row["predicted"]["attainment"]
         rows.append(row)
     return rows
@@ -219,8 +251,10 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
     lines = [f"# tandem plan --validate: {doc['workload']}, 1:1 on this host", "",
              f"SLOs TTFT ≤ {doc['slo']['ttft_s'] * 1000:.0f} ms, TPOT ≤ {doc['slo']['tpot_s'] * 1000:.0f} ms; "
              f"{doc['duration_s']:g} s of arrivals per rate; the same seeded trace to the real cluster "
-             f"({describe(doc.get('conditional_disagg', False))}) and to the simulator, whose times come from the "
-             "profiles the two nodes started from. Goal: " + doc["goal"] + ".", "", *table_lines(doc["rows"])]
+             f"({describe(doc.get('conditional_disagg', False))}) and to the simulator, whose times come from "
+             + ("the fits the two nodes had learned while serving, read before each rate"
+                if doc.get("fits") == "learned" else "the profiles the two nodes started from")
+             + ". Goal: " + doc["goal"] + ".", "", *table_lines(doc["rows"])]
     g = doc["goodput"]
     lines += ["", f"Goodput on these rates: measured {g['measured']:g} req/s, predicted {g['predicted']:g} req/s.",
               "", "Not modelled: " + ", ".join([*NOT_MODELLED, *([] if doc.get("conditional_disagg") else

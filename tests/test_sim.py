@@ -301,3 +301,34 @@ def test_local_prefills_on_the_decode_node_follow_admissions_rule_and_go_in_chun
     tight = dict(base, slo_tpot_s=0.011)
     busy = [Req(0.0, 10, 200), Req(0.05, 200, 5), Req(0.05, 200, 5)]
     assert not any(o.local for o in simulate(SimConfig(1, 1, t, t, local=True, **tight), busy))
+
+
+def test_plan_validate_reads_a_nodes_learned_fits_from_its_monitor_stream() -> None:
+    import threading
+    from concurrent import futures
+
+    import grpc
+
+    from tandem.plan_validate import learned_timings
+    from tandem.proto import tandem_pb2 as pb
+    from tandem.proto import tandem_pb2_grpc as pb_grpc
+
+    class Monitor(pb_grpc.NodeMonitorServicer):
+        def Watch(self, request, context):  # type: ignore[no-untyped-def]
+            yield pb.NodeLoad(fits=[
+                pb.PerfFit(name="prefill", terms=["const", "tokens", "tokens2"], coefficients=[0.01, 1e-4, 0.0], samples=9),
+                pb.PerfFit(name="decode", terms=["const", "batch", "context"], coefficients=[0.02, 0.003, -1e-9],
+                           samples=40),
+                pb.PerfFit(name="transfer", terms=["const", "bytes"], coefficients=[0.0, 0.0], samples=0)])
+            threading.Event().wait(5)  # a stream that stays open, as a node's does
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    pb_grpc.add_NodeMonitorServicer_to_server(Monitor(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        t = learned_timings(f"127.0.0.1:{port}", "decode-0, learned")
+        assert t.prefill == (0.01, 1e-4, 0.0) and t.decode == (0.02, 0.003, 0.0)  # a negative one counts as 0
+        assert t.transfer == (0.0, 0.0) and t.step_s(10, 1000) == pytest.approx(0.05)
+    finally:
+        server.stop(0)
