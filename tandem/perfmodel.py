@@ -64,6 +64,11 @@ class OnlineFit:
     weight: float = 0.0  # effective number of samples
     samples: int = 0  # samples ever added
     _coef: list[float] | None = field(default=None, repr=False)
+    # A prior that never decays (``hold_as_prior``): the startup profile's grid, which sets features
+    # apart that serving moves together (a decode batch and its context grow as one).
+    _prior_xtx: list[list[float]] | None = field(default=None, repr=False)
+    _prior_xty: list[float] | None = field(default=None, repr=False)
+    _prior_weight: float = 0.0
 
     def __post_init__(self) -> None:
         k = len(self.names)
@@ -94,6 +99,20 @@ class OnlineFit:
         self.samples += 1
         self._coef = None
 
+    def hold_as_prior(self, weight: float = 50.0) -> None:
+        """What the fit holds now becomes a prior of ``weight`` samples that forgetting never erodes;
+        the samples that follow refine it: they decide the directions they span (a light prior
+        barely biases those), it keeps the rest."""
+        w = min(1.0, weight / self.weight) if self.weight > 0 else 0.0
+        self._prior_xtx = [[v * w for v in r] for r in self._xtx]
+        self._prior_xty = [v * w for v in self._xty]
+        self._prior_weight = self.weight * w
+        k = len(self.names)
+        self._xtx = [[0.0] * k for _ in range(k)]
+        self._xty = [0.0] * k
+        self.weight = 0.0
+        self._coef = None
+
     def coefficients(self) -> list[float]:
         """The fitted coefficients in the features' own units (all ≥ 0)."""
         if self._coef is None:
@@ -105,10 +124,15 @@ class OnlineFit:
         negative, repeat (features never come back, unlike Lawson-Hanson; with three features
         and the forms here that is the same answer in practice)."""
         k = len(self.names)
+        xtx, xty, weight = self._xtx, self._xty, self.weight
+        if self._prior_xtx is not None and self._prior_xty is not None:
+            xtx = [[xtx[i][j] + self._prior_xtx[i][j] for j in range(k)] for i in range(k)]
+            xty = [xty[i] + self._prior_xty[i] for i in range(k)]
+            weight += self._prior_weight
         free = list(range(k))
         while free:
-            a = [[self._xtx[i][j] + (self.ridge * self.weight if i == j else 0.0) for j in free] for i in free]
-            sol = _solve(a, [self._xty[i] for i in free])
+            a = [[xtx[i][j] + (self.ridge * weight if i == j else 0.0) for j in free] for i in free]
+            sol = _solve(a, [xty[i] for i in free])
             if sol is None:
                 free.pop()  # singular (too few distinct samples): fewer features
                 continue
@@ -125,9 +149,15 @@ class OnlineFit:
         return sum(c * v for c, v in zip(self.coefficients(), x))
 
     def state(self) -> dict[str, object]:
+        """Its statistics (a prior folded in: restored, it predicts the same until samples come)."""
+        k = len(self.names)
+        xtx, xty, weight = [r[:] for r in self._xtx], self._xty[:], self.weight
+        if self._prior_xtx is not None and self._prior_xty is not None:
+            xtx = [[xtx[i][j] + self._prior_xtx[i][j] for j in range(k)] for i in range(k)]
+            xty = [xty[i] + self._prior_xty[i] for i in range(k)]
+            weight += self._prior_weight
         return {"names": list(self.names), "scale": list(self.scale), "half_life": self.half_life,
-                "ridge": self.ridge, "xtx": [r[:] for r in self._xtx], "xty": self._xty[:], "weight": self.weight,
-                "samples": self.samples}
+                "ridge": self.ridge, "xtx": xtx, "xty": xty, "weight": weight, "samples": self.samples}
 
     @classmethod
     def from_state(cls, st: dict) -> OnlineFit:

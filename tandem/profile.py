@@ -234,5 +234,6 @@ async def seed_from_profile(perf: NodePerf, engine: Any, *, mode: str, cache_dir
         save(path, key, perf.model, took)
     except OSError as exc:
         logger.warning("could not cache the profile in %s: %s (the next start profiles again)", path, exc)
+    perf.hold_profile()
     return f"profiled in {took:.1f} s ({perf.model.prefill.samples} prefill, {perf.model.decode.samples} " \
            f"decode samples); cached in {path}"

@@ -89,6 +89,14 @@ class NodePerf:
     def seed(self, model: NodeModel) -> None:
         """Start from ``model`` (a cached startup profile); what the node serves refines it."""
         self.model = model
+        self.hold_profile()
+
+    def hold_profile(self) -> None:
+        """The decode fit's startup profile becomes its lasting prior: its grid of batches and
+        contexts tells the two apart, which the steps served cannot (a batch and its context grow
+        together), so forgetting must not wash it out (plan --validate, twelfth sitting: a fit
+        from serving alone swung its batch term 1.0 → 2.7 → 0 ms between rates)."""
+        self.model.decode.hold_as_prior()
         self._export(force=True)
 
     # prefill -------------------------------------------------------------------
