@@ -128,8 +128,8 @@ def run_workers(n: int, argv: list[str], host: str, grpc_port: int, http_port: i
               f"http={fields.get('http', f'http://{host}:{http_port}')} workers={n}", flush=True)
         return _supervise(workers, stopping, signalled, metrics_dir)
     finally:
-        for w in workers:
-            if w.proc is not None and w.proc.poll() is None:
+        for w in workers:  # those not told yet (told twice, a coordinator stops hard)
+            if w.proc is not None and w.proc.poll() is None and w.proc.pid not in signalled:
                 w.proc.terminate()
         for w in workers:
             if w.proc is not None:

@@ -270,6 +270,7 @@ class BlockServer:
                             proved = False if self._secret is not None else proved
                             raise
                         proved = True
+                        conn.settimeout(IDLE_TIMEOUT_S)  # its reply is not bound by the pre-auth window
                         plane, peer = self._hello(conn, msg)
                     elif op == "fetch":
                         if plane is None:
@@ -278,6 +279,7 @@ class BlockServer:
                     elif op == "release":
                         check_capability(self._secret, self.engine_id, msg)
                         proved = True
+                        conn.settimeout(IDLE_TIMEOUT_S)
                         freed = self.holds.release(str(msg["req"]))
                         logger.debug("request %s: released (held: %s)", msg["req"], freed)
                         send_msg(conn, {"ok": True})

@@ -103,10 +103,15 @@ class OnlineFit:
         """What the fit holds now becomes a prior of ``weight`` samples that forgetting never erodes;
         the samples that follow refine it: they decide the directions they span (a light prior
         barely biases those), it keeps the rest."""
-        w = min(1.0, weight / self.weight) if self.weight > 0 else 0.0
-        self._prior_xtx = [[v * w for v in r] for r in self._xtx]
-        self._prior_xty = [v * w for v in self._xty]
-        self._prior_weight = self.weight * w
+        if self.weight <= 0:
+            return  # nothing to hold (a second call with no samples since keeps the prior as it is)
+        w = min(1.0, weight / self.weight)
+        k = len(self.names)
+        old_xtx = self._prior_xtx or [[0.0] * k for _ in range(k)]
+        old_xty = self._prior_xty or [0.0] * k
+        self._prior_xtx = [[o + v * w for o, v in zip(orow, r)] for orow, r in zip(old_xtx, self._xtx)]
+        self._prior_xty = [o + v * w for o, v in zip(old_xty, self._xty)]
+        self._prior_weight += self.weight * w
         k = len(self.names)
         self._xtx = [[0.0] * k for _ in range(k)]
         self._xty = [0.0] * k

@@ -259,7 +259,7 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
     lines += ["", f"Goodput on these rates: measured {g['measured']:g} req/s, predicted {g['predicted']:g} req/s.",
               "", "Not modelled: " + ", ".join([*NOT_MODELLED, *([] if doc.get("conditional_disagg") else
                                                                  [LOCAL_OFF])]) + "."]
-    if not doc["transfer_modelled"]:
+    if not doc["transfer_modelled"] and doc.get("fits") != "learned":
         lines.append("The decode node's profile has no KV transfer timings (a node's startup profile has none; "
                      "`tandem profile` adds them): transfers take no time in the simulator.")
     (out / "validate.md").write_text("\n".join(lines) + "\n")

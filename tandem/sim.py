@@ -32,10 +32,12 @@ same ones the nodes fit online, see tandem/perfmodel.py):
   prefilled on a decode node itself when Tandem's admission would choose that (the same rule,
   ``coordinator/admission._choose``, on this simulator's predictions): predicted to meet the TTFT
   objective where the prefill pool would not, or, with work queued in the pool, to start
-  ``LOCAL_GAIN`` sooner; never where its prefill would push the node's streams past the TPOT
-  objective (with none set: never beside another local prefill). There it goes in chunks of
-  ``step_tokens`` inside the node's decode steps (vLLM's chunked prefill): each such step takes
-  the batch's step plus the chunk's share of the decode node's own prefill time; its first token
+  ``LOCAL_GAIN`` sooner (each option's TPOT checked too); never where its prefill would push the
+  node's streams past the TPOT objective (with none set: never beside another local prefill). A
+  node's load is every request sent there, as the coordinator counts it. There the prompt goes in
+  chunks of ``step_tokens`` inside the node's decode steps (vLLM's chunked prefill): each such step
+  takes the chunk's share of the decode node's own prefill time plus what the batch's step costs
+  over an empty one (admission's ``beside``); its first token
   comes with the last chunk, and it joins the batch at the next step (no transfer).
 
 Not modelled yet (the simulator says so in its results): prefix caching and network contention.
@@ -155,6 +157,11 @@ class SimConfig:
             raise ValueError("the slack order needs the TTFT objective (slo_ttft_s)")
         if self.admission and (self.slo_ttft_s <= 0 or self.slo_tpot_s <= 0):
             raise ValueError("admission needs both objectives (slo_ttft_s, slo_tpot_s)")
+        if self.admission and self.local:
+            raise ValueError("admission and local prefills are not modelled together (admission here refuses "
+                             "before it would look at a decode node)")
+        if self.step_tokens < 1:
+            raise ValueError(f"step_tokens must be at least 1, got {self.step_tokens}")
 
 
 @dataclass
@@ -224,17 +231,30 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         tpot = cfg.decode.step_s(b, ctx) if e.output_len > 1 else 0.0
         return ttft <= cfg.slo_ttft_s and tpot <= cfg.slo_tpot_s
 
+    def load(dn: _Decode) -> tuple[int, int]:
+        """(requests, their context tokens) on a decode node as the coordinator counts them: every
+        one sent there (running, waiting for a place, its KV arriving, prefilling there)."""
+        ctx = dn.base + len(dn.running) * dn.step_no
+        ctx += sum(trace[w].input_len for w in dn.waiting) + sum(trace[r].input_len for r in dn.local)
+        return dn.assigned, ctx
+
     def local_choice(i: int, now: float) -> int | None:
         """The decode node to prefill request ``i`` on, or None for the prefill pool (admission's rule)."""
         from tandem.coordinator.admission import LOCAL_GAIN, MIN_OTHERS_TOKENS
 
         e, dec = trace[i], cfg.decode
+        mine = e.input_len + e.output_len // 2
+
+        def tpot_misses(dn: _Decode) -> bool:  # a step of its batch with this request in it
+            b, ctx = load(dn)
+            return cfg.slo_tpot_s > 0 and e.output_len > 1 and dec.step_s(b + 1, ctx + mine) > cfg.slo_tpot_s
+
         wait = (queued_s + sum(max(0.0, t - now) for t in busy_until)) / cfg.num_prefill
         remote = wait + cfg.prefill.prefill_s(e.input_len)
+        remote_tpot_misses = tpot_misses(min(decodes, key=lambda x: x.assigned))
         best: tuple[float, int] | None = None
         for d, dn in enumerate(decodes):
-            b = len(dn.running)
-            ctx = dn.base + b * dn.step_no
+            b, ctx = load(dn)
             ahead = sum(dn.local_left.values())
             queue_s = sum(dec.prefill_s(t) for t in dn.local_left.values())
             run_s = dec.prefill_s(e.input_len)
@@ -252,8 +272,8 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         if best is None:
             return None
         local, d = best
-        local_ok = cfg.slo_ttft_s <= 0 or local <= cfg.slo_ttft_s
-        remote_ok = cfg.slo_ttft_s <= 0 or remote <= cfg.slo_ttft_s
+        local_ok = (cfg.slo_ttft_s <= 0 or local <= cfg.slo_ttft_s) and not tpot_misses(decodes[d])
+        remote_ok = (cfg.slo_ttft_s <= 0 or remote <= cfg.slo_ttft_s) and not remote_tpot_misses
         if local_ok != remote_ok:
             return d if local_ok else None
         if not local_ok:
@@ -308,7 +328,10 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         dn.stepping = True
         b = len(dn.running)
         if b:
-            took += cfg.decode.step_s(b, dn.base + b * dn.step_no)
+            step_s = cfg.decode.step_s(b, dn.base + b * dn.step_no)
+            # beside a chunk, the step adds what it costs over an empty one (the chunk's prefill time
+            # already holds a step's overhead: the decode node's prefill fit was measured in chunks)
+            took += step_s - cfg.decode.step_s(0, 0) if dn.chunk is not None else step_s
         push(now + took, STEPPED, d, -1)
 
     while events:

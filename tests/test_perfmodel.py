@@ -141,3 +141,16 @@ def test_a_held_prior_keeps_what_the_profile_set_apart_when_serving_moves_featur
     # off it, the held prior still tells batch from context; serving alone splits them by its noise
     assert worst["held"] < 0.15 and worst["alone"] > 0.3, worst
     assert held.state()["weight"] > alone.state()["weight"]  # the prior is in its saved statistics
+
+
+def test_holding_a_prior_twice_keeps_it() -> None:
+    from tandem.perfmodel import decode_fit
+
+    f = decode_fit()
+    for b in (1, 4, 16):
+        for n in (64, 512):
+            f.add((1.0, b, b * n), 0.01 + 0.001 * b + 1e-6 * b * n)
+    before = f.coefficients()
+    f.hold_as_prior()
+    f.hold_as_prior()  # nothing new since: the prior stays as it was
+    assert f.coefficients() == pytest.approx(before, rel=1e-6, abs=1e-12)
