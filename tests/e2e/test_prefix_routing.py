@@ -96,4 +96,7 @@ def test_a_prefix_shorter_than_a_store_chunk_draws_its_requests_by_the_engines_k
     # its KV events alone: the KV store holds none of it).
     drawn = sum(prefill_node(stub, shared + ids(30, salt)) == holder for salt in range(42, 46))
     assert drawn >= 1
-    assert credited() == before + drawn * 192
+    # each credit is the 192 tokens an engine holds; a request the other node took also puts the
+    # prefix in that node's engine, so a later one there is credited too (CI saw one)
+    gained = credited() - before
+    assert gained % 192 == 0 and drawn * 192 <= gained <= 4 * 192, (gained, drawn)
