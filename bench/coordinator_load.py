@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tandem.local.procs import process_tree
+
 # A node's fixed times: the coordinator's share stands out against them.
 PROFILE = {"prefill": [0.002, 0.0, 0.0], "decode": [0.005, 0.0, 0.0], "transfer": [0.0005, 0.0]}
 
@@ -37,20 +39,6 @@ PROFILE = {"prefill": [0.002, 0.0, 0.0], "decode": [0.005, 0.0, 0.0], "transfer"
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def tree(pid: int) -> list[int]:
-    """``pid`` and every process below it (a coordinator's workers)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for tid in os.listdir(f"/proc/{p}/task"):
-            try:
-                todo += [int(c) for c in Path(f"/proc/{p}/task/{tid}/children").read_text().split()]
-            except OSError:
-                pass
-    return out
 
 
 def tree_cpu_seconds(pids: list[int]) -> float:
@@ -188,7 +176,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     top: list[tuple[str, float]] = []
     with LocalCluster(spec) as cluster:
         assert cluster.coordinator is not None and cluster.coordinator.proc is not None
-        pids = tree(cluster.coordinator.proc.pid)  # with --workers: the supervisor and its workers
+        pids = process_tree(cluster.coordinator.proc.pid)  # with --workers: the supervisor and its workers
         pid = pids[-1]  # the one py-spy looks at (a worker, with several)
         for p in pids:
             pin_threads(p, mine)

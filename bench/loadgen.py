@@ -156,8 +156,6 @@ async def run_trace(target: str, entries: list[TraceEntry], *, model: str = "", 
     t0 = time.perf_counter()
     tasks: list[asyncio.Task[RequestTiming]] = []
     if target.startswith("tandem-grpc://"):
-        import grpc
-
         from tandem.proto import tandem_pb2_grpc as pb_grpc
 
         channel = dial.tls.aio_channel(target.removeprefix("tandem-grpc://"))

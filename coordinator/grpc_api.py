@@ -15,7 +15,8 @@ from tandem.sampling import from_proto
 
 from .admission import Slo
 from .auth import ApiKeys
-from .pipeline import FinishEvent, Pipeline, TokenEvent
+from .pipeline import Pipeline
+from .request import FinishEvent, TokenEvent
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ from . import openai_protocol as proto
 
 from .admission import Slo
 from .auth import ApiKeys
-from .pipeline import FinishEvent, Pipeline, TokenEvent
+from .pipeline import Pipeline
+from .request import FinishEvent, TokenEvent
 from .workers import metrics_page
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,8 @@ from .prefillq import ORDERS, PrefillOrder
 from .traffic import BatchQueue, Quotas, parse_quotas
 from .grpc_api import SERVICE_NAME, CoordinatorServicer
 from .http_api import OpenAIHttp
-from .pipeline import Pipeline, PipelineConfig
+from .pipeline import Pipeline
+from .request import PipelineConfig
 from .router import Router
 from .workers import worker_index
 from . import metrics

@@ -41,7 +41,7 @@ from tandem.membership import NodeRecord
 from tandem.perfmodel import FitView, ModelView
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
-from tandem.tls import TlsConfig, file_stamp
+from tandem.tls import FileWatch, TlsConfig
 
 from . import metrics as m
 
@@ -350,22 +350,12 @@ class Router:
         files = [p for p in (self.tls.cert, self.tls.key, self.tls.ca) if p]
         if not files:
             return
-        stamp, error = file_stamp(files), ""
+        watch = FileWatch(files, self.tls.cert or self.tls.ca, "the nodes keep being dialled with the previous certificate")
         while True:
             await asyncio.sleep(every_s)
-            try:
-                now = file_stamp(files)
-                if now == stamp:
-                    continue
-                self.tls.channel_credentials()  # loads and checks them: a half-copied rotation waits
-            except (OSError, ValueError) as exc:
-                if str(exc) != error:
-                    logger.error("TLS: %s changed but cannot be used (the nodes keep being dialled with the "
-                                 "previous certificate): %s", self.tls.cert, exc)
-                error = str(exc)
-                continue
-            stamp, error = now, ""
-            self.redial_all()
+            # channel_credentials loads and checks them: a half-copied rotation waits
+            if watch.reload(self.tls.channel_credentials) is not None:
+                self.redial_all()
 
     def redial_all(self) -> int:
         """A new channel to every node, from the TLS files as they are now; the old ones close

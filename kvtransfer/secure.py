@@ -33,7 +33,7 @@ import ssl
 import time
 from dataclasses import dataclass
 
-from tandem.tls import ReloadingContext, TlsConfig
+from tandem.tls import TlsConfig
 
 from .capability import CapabilityRefused
 from .wire import parse_address

@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_etcd_tls_args(ro)
     ro.set_defaults(fn=cmd_role)
 
-    from .local.chaos import add_chaos_args, cmd_chaos
+    from .local.chaos_cmd import add_chaos_args, cmd_chaos
 
     ch = sub.add_parser("chaos", help="inject faults into a local cluster under load; report what was kept")
     add_chaos_args(ch)

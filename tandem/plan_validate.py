@@ -84,11 +84,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from tandem.bench.compare import warm_up
 
         warm_up(system, args.workload, args.max_model_len)
-        fresh: Callable[[], SimConfig] | None = None
-        if fits == "learned":
-            def fresh() -> SimConfig:  # before each rate: the fits the nodes learned over the rates before it
-                return replace(cfg, prefill=learned_timings(system.nodes["prefill-0"], "prefill-0, learned"),
-                               decode=learned_timings(system.nodes["decode-0"], "decode-0, learned"))
+        def learned() -> SimConfig:  # before each rate: the fits the nodes learned over the rates before it
+            return replace(cfg, prefill=learned_timings(system.nodes["prefill-0"], "prefill-0, learned"),
+                           decode=learned_timings(system.nodes["decode-0"], "decode-0, learned"))
+
+        fresh: Callable[[], SimConfig] | None = learned if fits == "learned" else None
         rows = rate_rows(system.target, cfg, args, rates, fresh)
     finally:
         system.stop()

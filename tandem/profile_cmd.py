@@ -18,7 +18,6 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:

@@ -36,9 +36,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -48,12 +49,42 @@ CLIENT_AUTH = ("required", "none")
 RELOAD_CHECK_S = 1.0
 
 
+T = TypeVar("T")
+
+
 def file_stamp(paths: list[str]) -> tuple[tuple[int, ...], ...]:
     out = []
     for p in paths:
         st = os.stat(p)
         out.append((st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_size))
     return tuple(out)
+
+
+class FileWatch:
+    """Files loaded again when they change. A change that does not load keeps what was loaded
+    before (``keeps`` says what, in the log) and is logged once per problem; the next change of
+    the files tries again."""
+
+    def __init__(self, files: list[str], what: str, keeps: str = "the previous certificate stays") -> None:
+        self.files, self._what, self._keeps = list(files), what, keeps
+        self._stamp = file_stamp(self.files)
+        self._error = ""
+
+    def reload(self, load: Callable[[], T]) -> T | None:
+        """``load()``'s result (never None) when the files changed since the last good load and
+        it loaded; None when they did not change, or they did and it failed."""
+        try:
+            stamp = file_stamp(self.files)
+            if stamp == self._stamp:
+                return None
+            out = load()
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            if str(exc) != self._error:
+                logger.error("TLS: %s changed but cannot be used (%s): %s", self._what, self._keeps, exc)
+            self._error = str(exc)
+            return None
+        self._stamp, self._error = stamp, ""
+        return out
 
 
 def _load(cert: str, key: str, cas: list[str]) -> tuple[bytes, bytes, bytes | None]:
@@ -140,27 +171,21 @@ class TlsConfig:
         roots = [self._client_roots] if self._client_roots else []
         files = [self.cert, self.key, *roots]
         lock = threading.Lock()
-        state: dict[str, Any] = {"stamp": file_stamp(files), "error": ""}
+        watch = FileWatch(files, self.cert)
 
         def config(loaded: tuple[bytes, bytes, bytes | None]) -> Any:
             key, cert, ca = loaded
             return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
-        def fetch() -> Any:
-            with lock:
-                try:
-                    stamp = file_stamp(files)
-                    if stamp == state["stamp"]:
-                        return None
-                    cfg = config(_load(self.cert, self.key, roots))  # read once, checked, then served
-                    state["stamp"], state["error"] = stamp, ""
-                except Exception as exc:  # keep serving the old files; say so once per problem
-                    if str(exc) != state["error"]:
-                        logger.error("TLS: %s changed but cannot be used (the previous certificate stays): %s",
-                                     self.cert, exc)
-                    state["error"] = str(exc)
-                    return None
-            logger.info("TLS: certificate reloaded from %s", self.cert)
+        def fetch() -> Any:  # called by gRPC's core at each handshake: never raises
+            try:
+                with lock:
+                    cfg = watch.reload(lambda: config(_load(self.cert, self.key, roots)))  # read once, checked
+            except Exception:
+                logger.exception("TLS: reloading %s failed (the previous certificate stays)", self.cert)
+                return None
+            if cfg is not None:
+                logger.info("TLS: certificate reloaded from %s", self.cert)
             return cfg
 
         return grpc.dynamic_ssl_server_credentials(config(_load(self.cert, self.key, roots)), fetch,
@@ -196,7 +221,7 @@ class TlsConfig:
         ctx.verify_mode = ssl.CERT_REQUIRED if self.mutual else ssl.CERT_NONE
         return ctx
 
-    def _load_into(self, ctx: ssl.SSLContext) -> None:
+    def _load_into(self, ctx: ssl.SSLContext) -> ssl.SSLContext:
         """The files, read once and checked, loaded into ``ctx`` from private copies: a load that
         could fail half-way (OpenSSL keeps a new certificate whose key did not load) never
         touches ``ctx``."""
@@ -210,6 +235,7 @@ class TlsConfig:
             ctx.load_cert_chain(cert_p, key_p)
         if ca:
             ctx.load_verify_locations(cadata=ca.decode())
+        return ctx
 
     def client_ssl_context(self) -> ssl.SSLContext:
         """For an HTTPS client of a Tandem daemon: verifies it with the CA, shows this certificate."""
@@ -228,22 +254,11 @@ class TlsConfig:
 
     async def keep_reloading(self, ctx: ssl.SSLContext) -> None:
         """Load the files into ``ctx`` again whenever they change (new connections get them)."""
-        files = [p for p in (self.cert, self.key, self._client_roots) if p]
-        stamp, error = file_stamp(files), ""
+        watch = FileWatch([p for p in (self.cert, self.key, self._client_roots) if p], self.cert)
         while True:
             await asyncio.sleep(RELOAD_CHECK_S)
-            try:
-                now = file_stamp(files)
-                if now == stamp:
-                    continue
-                self._load_into(ctx)
-                stamp, error = now, ""
+            if watch.reload(lambda: self._load_into(ctx)) is not None:
                 logger.info("TLS: HTTP certificate reloaded from %s", self.cert)
-            except (OSError, ValueError, ssl.SSLError) as exc:
-                if str(exc) != error:
-                    logger.error("TLS: %s changed but cannot be used (the previous certificate stays): %s",
-                                 self.cert, exc)
-                error = str(exc)
 
 
 class ReloadingContext:
@@ -251,29 +266,21 @@ class ReloadingContext:
     when they change (checked at most once a second, at ``get``); a change that does not load
     keeps the previous context and is logged once."""
 
-    def __init__(self, make: Any, files: list[str], what: str) -> None:
-        self._make, self._files, self._what = make, files, what
+    def __init__(self, make: Callable[[], ssl.SSLContext], files: list[str], what: str) -> None:
+        self._make, self._what = make, what
         self._lock = threading.Lock()
-        self._ctx: ssl.SSLContext = make()
-        self._stamp = file_stamp(files)
+        self._ctx = make()
+        self._watch = FileWatch(files, what)
         self._checked = time.monotonic()
-        self._error = ""
 
     def get(self) -> ssl.SSLContext:
         with self._lock:
             if time.monotonic() - self._checked < RELOAD_CHECK_S:
                 return self._ctx
             self._checked = time.monotonic()
-            try:
-                stamp = file_stamp(self._files)
-                if stamp != self._stamp:
-                    self._ctx, self._stamp, self._error = self._make(), stamp, ""
-                    logger.info("TLS: KV control certificate reloaded from %s", self._what)
-            except (OSError, ValueError, ssl.SSLError) as exc:
-                if str(exc) != self._error:
-                    logger.error("TLS: %s changed but cannot be used (the previous certificate stays): %s",
-                                 self._what, exc)
-                self._error = str(exc)
+            if (ctx := self._watch.reload(self._make)) is not None:
+                self._ctx = ctx
+                logger.info("TLS: KV control certificate reloaded from %s", self._what)
             return self._ctx
 
 

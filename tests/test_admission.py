@@ -392,7 +392,7 @@ def test_a_local_prefill_on_a_decode_node_is_credited_with_what_its_engine_cache
 def test_prefix_routing_sends_a_prompt_where_its_prefix_is_held_unless_that_queue_costs_more() -> None:
     import random
 
-    from tandem.kvstore.held import ChunkIndex, HeldChunks
+    from tandem.kvstore.held import HeldChunks
     from tandem.kvstore.keys import chunk_keys, namespace
 
     ns = namespace("tiny", LAYOUT, 256)

@@ -17,7 +17,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from tandem.coordinator.pipeline import FinishEvent, Pipeline, PipelineConfig, TokenEvent
+from tandem.coordinator.pipeline import Pipeline
+from tandem.coordinator.request import FinishEvent, PipelineConfig, TokenEvent
 from tandem.coordinator.router import Router
 from tandem.coordinator.textcodec import TextCodec
 from tandem.errors import DeadlineExceeded, NodeFailed, TandemError

@@ -8,7 +8,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tandem.coordinator.pipeline import FinishEvent, Pipeline, TokenEvent
+from tandem.coordinator.pipeline import Pipeline
+from tandem.coordinator.request import FinishEvent, TokenEvent
 from tandem.coordinator.router import Router
 from tandem.coordinator.textcodec import TextCodec
 from tandem.membership import NodeRecord

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import grpc
 import pytest
 
 from tandem.proto import tandem_pb2_grpc as pb_grpc

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tandem.local.chaos import CI_SCENARIOS, chaos_cluster, run_scenarios
+from tandem.local.chaos import CI_SCENARIOS
+from tandem.local.chaos_cmd import chaos_cluster, run_scenarios
 
 pytestmark = pytest.mark.e2e
 

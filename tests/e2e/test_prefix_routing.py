@@ -8,7 +8,6 @@ import time
 
 from pathlib import Path
 
-import grpc
 import pytest
 
 from tandem.local.cluster import ClusterSpec, LocalCluster

@@ -22,10 +22,11 @@ import grpc
 import pytest
 
 from tandem.local.cluster import ClusterSpec, Daemon, LocalCluster
+from tandem.local.procs import process_tree
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 
-from .helpers import descendants, metric, process_name, reference_outputs, registered_nodes, scrape, wait_until
+from .helpers import metric, process_name, reference_outputs, registered_nodes, scrape, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -452,7 +453,7 @@ def test_lying_kv_handles_fail_their_request_only(cluster: LocalCluster, stub) -
 
 def engine_pids(node: Daemon) -> list[int]:
     assert node.proc is not None
-    below = descendants(node.proc.pid)[1:]
+    below = process_tree(node.proc.pid)[1:]
     pids = [p for p in below if "EngineCore" in process_name(p) or "multiprocessing" in process_name(p)]
     assert pids, f"no engine process under {node.name}: {[process_name(p) for p in below]}"
     return pids
@@ -471,7 +472,7 @@ def test_a_cancel_while_decode_waits_for_remote_kv_frees_both_sides(cluster: Loc
         wait_until(lambda: blocks_held(cluster) == 3, 20, "the prefill node to hold 3 blocks")
         before = scrape(dnode.info["metrics"])
         assert pnode.proc is not None
-        frozen = descendants(pnode.proc.pid)[1:]  # everything below the node daemon
+        frozen = process_tree(pnode.proc.pid)[1:]  # everything below the node daemon
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
         try:

@@ -21,11 +21,12 @@ import grpc
 import pytest
 
 from tandem.local.cluster import ClusterSpec, Daemon, LocalCluster
+from tandem.local.procs import process_tree
 from tandem.netutil import free_port
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 
-from .helpers import descendants, metric, reference_outputs, scrape, wait_until
+from .helpers import metric, reference_outputs, scrape, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -544,7 +545,7 @@ def test_every_thread_of_a_node_stays_on_its_cores(cluster: LocalCluster) -> Non
     for node in cluster.nodes:
         want = parse_cores(node.argv[node.argv.index("--cores") + 1])
         assert node.proc is not None
-        procs = descendants(node.proc.pid)
+        procs = process_tree(node.proc.pid)
         assert len(procs) >= 3, f"{node.name}: expected the daemon, an engine core and a worker, got {procs}"
         for pid in procs:
             for tid in Path(f"/proc/{pid}/task").iterdir():
@@ -730,7 +731,7 @@ def test_two_coordinator_workers_behind_one_address_and_a_stream_interval(cluste
             assert done == 16, page[:2000]
         # a worker killed: the supervisor starts it again; the other serves meanwhile, no count is lost
         assert coord.proc is not None
-        workers = [p for p in descendants(coord.proc.pid) if p != coord.proc.pid]
+        workers = [p for p in process_tree(coord.proc.pid) if p != coord.proc.pid]
         assert len(workers) == 2, workers
         os.kill(workers[1], signal.SIGKILL)
         wait_until(lambda: "exited with code -9; starting it again" in log.read_text(), timeout_s=10,

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 
 from tandem.local.cluster import ClusterSpec, LocalCluster
