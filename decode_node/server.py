@@ -30,7 +30,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from tandem.errors import InvalidRequest, KVUnavailable, NodeFailed, RequestAborted, grpc_status_of
 from tandem.node.engine import EngineHost
 from tandem.node.handles import check_for_decode, consume_params
-from tandem.node.perf import NodePerf
+from tandem.node.perf import EngineClock, NodePerf
 from tandem.perfmodel import kv_bytes_per_token
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
@@ -126,7 +126,8 @@ class DecodeServicer(pb_grpc.DecodeNodeServicer):
                             KV_WAIT_SECONDS.observe(time.perf_counter() - t0)
                             if out.num_cached_tokens is not None:
                                 logger.info("request %s: %d prompt tokens arrived as KV", rid, out.num_cached_tokens)
-                    self.perf.decode_output(rid, len(comp.token_ids))  # DELTA outputs: the new tokens
+                    # DELTA outputs: the new tokens; timed on the engine's clock
+                    self.perf.decode_output(rid, len(comp.token_ids), EngineClock.of(out))
                     yield pb.DecodeResponse(token_ids=list(comp.token_ids), finish_reason=comp.finish_reason or "",
                                             stop_reason=str(comp.stop_reason) if comp.stop_reason is not None else "")
             finally:

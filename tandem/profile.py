@@ -36,20 +36,23 @@ from typing import Any
 
 from tandem import __version__
 from tandem.kvtransfer.handle import NO_STORE
-from tandem.node.perf import NodePerf
+from tandem.node.perf import EngineClock, NodePerf
 from tandem.perfmodel import NodeModel
 from tandem.sampling import Sampling
 
 logger = logging.getLogger(__name__)
 
-PROFILE_VERSION = 1
+# 2: decode steps timed on the engine's clock, each stream out of the batch at its own end, and a
+# batch of 32 (version 1's short runs read a batch's steps 2x too cheap: its tail was counted whole)
+PROFILE_VERSION = 2
 MODES = ("auto", "fresh", "off")
 PREFILL_LENGTHS = (16, 64, 128, 256, 512, 1024, 2048)
 PREFILL_REPEATS = 2
 # (batch, prompt tokens): batches of several sizes and contexts, so that the decode fit can tell
 # the per-request cost from the per-context-token cost.
-DECODE_RUNS = ((1, 32), (1, 512), (4, 64), (4, 384), (8, 128), (16, 64))
-DECODE_STEPS = 12
+DECODE_RUNS = ((1, 32), (1, 512), (4, 64), (4, 384), (8, 128), (16, 64), (8, 1024), (32, 64))
+DECODE_STEPS = 12  # steps of each run's whole batch, after its last prompt
+DEFAULT_STEP_TOKENS = 2048  # an engine's prompt tokens a step, when the node does not say (vLLM's default)
 
 
 def default_cache_dir() -> Path:
@@ -159,8 +162,8 @@ class Profiler:
         # Fresh random ids every time: the engine's prefix cache must not shorten a prefill.
         return [self.rng.randrange(5, self.vocab) for _ in range(n)]
 
-    async def _one(self, n: int, max_tokens: int, on_output: Callable[[str, int], None] | None = None,
-                   rid: str = "") -> tuple[int, int]:
+    async def _one(self, n: int, max_tokens: int,
+                   on_output: Callable[[str, int, EngineClock | None], None] | None = None, rid: str = "") -> tuple[int, int]:
         """Run one request; (its cached prompt tokens, tokens produced). With ``on_output`` (a decode
         run) it is one of the node's prefills until its first token, as a served one is: the
         other streams' gaps that hold its prefill chunks are then not taken as decode steps."""
@@ -179,8 +182,19 @@ class Profiler:
                 if new:
                     prefilling.close()
                 if on_output is not None:
-                    on_output(rid, new)
+                    on_output(rid, new, EngineClock.of(out))
         return cached, produced
+
+    async def _stream(self, n: int, max_tokens: int) -> None:
+        """One stream of a decode run: in the batch from its first token to its last (the batch is
+        one smaller once it ends, whatever the others do: the streams that end first make the
+        last steps smaller ones)."""
+        rid = f"profile-{uuid.uuid4().hex[:12]}"
+        self.perf.decode_started(rid, n)
+        try:
+            await self._one(n, max_tokens, self.perf.decode_output, rid)
+        finally:
+            self.perf.decode_ended(rid)
 
     async def run(self) -> None:
         lengths = [n for n in PREFILL_LENGTHS if n + 8 <= self.max_len] or [max(1, self.max_len // 2)]
@@ -196,15 +210,11 @@ class Profiler:
             self.progress(f"profile {done}/{total}: prefill of {n} tokens")
         for batch, n in DECODE_RUNS:
             batch = min(batch, self.max_seqs)
-            n = min(n, self.max_len - DECODE_STEPS - 1)
-            rids = [f"profile-{uuid.uuid4().hex[:12]}" for _ in range(batch)]
-            for rid in rids:
-                self.perf.decode_started(rid, n)
-            try:
-                await asyncio.gather(*(self._one(n, DECODE_STEPS, self.perf.decode_output, rid) for rid in rids))
-            finally:
-                for rid in rids:
-                    self.perf.decode_ended(rid)
+            # Enough tokens each that the whole batch decodes DECODE_STEPS steps together once the
+            # last prompt is in (the engine takes step_tokens of prompts a step).
+            steps = DECODE_STEPS + -(-batch * n // (self.perf.step_tokens or DEFAULT_STEP_TOKENS))
+            n = min(n, self.max_len - steps - 1)
+            await asyncio.gather(*(self._stream(n, steps) for _ in range(batch)))
             done += 1
             self.progress(f"profile {done}/{total}: decode batch of {batch} at {n} prompt tokens")
 

@@ -205,3 +205,23 @@ def test_a_stream_interval_group_is_a_sample_of_its_steps() -> None:
     perf.decode_output("a", 3)  # the last, short group: not a whole interval, not a sample
     assert perf.model.decode.samples == 1
     perf.decode_ended("a")
+
+
+def test_steps_are_timed_on_the_engines_clock_when_it_gives_one() -> None:
+    """Outputs that reach the node late and in a burst (its core busy with the steps) read short
+    gaps here; the engine's own timestamps give the steps as they ran, coalesced outputs too."""
+    from tandem.node.perf import EngineClock
+
+    clock = Clock()
+    perf = NodePerf(clock)
+    perf.decode_started("a", 100)
+    perf.decode_output("a", 1, EngineClock(10.0, 1))  # its first token
+    clock.t += 0.001  # the next output is read 1 ms later here, but came 50 ms later there
+    perf.decode_output("a", 1, EngineClock(10.05, 2))
+    assert perf.model.decode.samples == 1
+    assert perf.model.step_s(1, 101) == pytest.approx(0.05, rel=0.05)
+    clock.t += 0.2
+    perf.decode_output("a", 2, EngineClock(10.15, 4))  # two steps in one output: 50 ms each
+    assert perf.model.decode.samples == 2
+    assert perf.model.step_s(1, 102) == pytest.approx(0.05, rel=0.05)
+    perf.decode_ended("a")

@@ -9,7 +9,11 @@ either one; a node kept busy still gets samples whenever the queue runs dry,
 and the forgetting fit keeps the last ones. Decode: each gap between two
 outputs of one stream is one step of the batch running then (the streams that
 have begun producing tokens, and their context tokens in all), unless a
-prefill ran on the node meanwhile (its chunks were in those steps). Transfer: a
+prefill ran on the node meanwhile (its chunks were in those steps). The gap is
+taken on the engine core's clock when the engine gives one (``EngineClock``):
+the outputs reach this process late and in bursts when its core is busy with
+the steps, and gaps seen here then read short after a late one (measured: a
+batch of 32 whose steps took 57 ms read as 35 ms). Transfer: a
 stream that came with a KV handle, from its start to its first token, is one
 sample of (KV bytes, seconds): the fetch plus the one step that produces the
 token, which is what a request waits for between its first and second token.
@@ -59,6 +63,24 @@ class _Stream:
     last_output: float | None = None  # monotonic; None until its first token
     epoch: int = 0  # the node's prefill epoch at its last output
     interval: int = 1  # tokens its outputs group after the first (vLLM's stream_interval)
+    engine_at: EngineClock | None = None  # the engine's own clock at its last output, when it gives one
+
+
+@dataclass(frozen=True)
+class EngineClock:
+    """The engine core's own time of a stream's latest token and how many it has produced (vLLM's
+    per-request stats): steps timed where they ran, not when this process got to their outputs."""
+
+    token_at: float
+    tokens: int
+
+    @classmethod
+    def of(cls, out: object) -> EngineClock | None:
+        """For a vLLM ``RequestOutput``: when the engine core produced its latest token and how many
+        the request has produced by then (its stats; None without them, as from a simulated engine)."""
+        stats = getattr(out, "metrics", None)
+        at, tokens = getattr(stats, "last_token_ts", 0.0), getattr(stats, "num_generation_tokens", 0)
+        return cls(at, tokens) if at and tokens else None
 
 
 class NodePerf:
@@ -82,6 +104,9 @@ class NodePerf:
         self._busy: deque[tuple[float, float]] = deque()  # recent spans with a prefill running (start, end)
         self._busy_since: float | None = None  # start of the span running now
         self._joins = 0  # streams that joined the batch, ever
+        # The engine's clock at the last token of the streams ended here: a step at or before it had
+        # such a stream in it, which the batch no longer counts (no sample).
+        self._left_at = -math.inf
         self._queue: dict[int, int] = {}  # prefills here now (insertion order: oldest first) -> tokens
         self._ids = itertools.count()
         self._changed: asyncio.Event | None = None
@@ -138,11 +163,13 @@ class NodePerf:
         self._streams[rid] = _Stream(context_tokens, self._clock(), kv_bytes, interval=max(1, interval))
         self._touch()
 
-    def decode_output(self, rid: str, new_tokens: int) -> None:
+    def decode_output(self, rid: str, new_tokens: int, engine: EngineClock | None = None) -> None:
+        """``new_tokens`` came for stream ``rid``; ``engine``: the engine's clock for them, if it has one."""
         s = self._streams.get(rid)
         if s is None or new_tokens <= 0:
             return
         now = self._clock()
+        last_engine, s.engine_at = s.engine_at, engine
         if s.last_output is None:  # its first token: it joins the batch
             self._advance_means(now)
             self._batch += 1
@@ -151,11 +178,18 @@ class NodePerf:
             if s.kv_bytes:
                 self.model.saw_transfer(s.kv_bytes, now - s.started)
             self._touch()
-        elif new_tokens == s.interval and s.epoch == self._prefill_epoch and not self._prefills_running:
-            # One step since its last output, or its stream interval's steps (more: coalesced behind a
-            # slow reader; a prefill meanwhile: its chunks were in the steps; neither is a sample).
-            self.model.saw_decode_step(self._batch, self._batch_context, (now - s.last_output) / new_tokens)
-            self._export()
+        elif s.epoch == self._prefill_epoch and not self._prefills_running:  # no prefill in these steps
+            if engine is not None and last_engine is not None:
+                steps = engine.tokens - last_engine.tokens
+                if steps > 0 and engine.token_at > max(last_engine.token_at, self._left_at):
+                    self.model.saw_decode_step(self._batch, self._batch_context,
+                                               (engine.token_at - last_engine.token_at) / steps)
+                    self._export()
+            elif engine is None and new_tokens == s.interval:
+                # Timed here: one step since its last output, or its stream interval's steps (more:
+                # coalesced behind a slow reader, no sample).
+                self.model.saw_decode_step(self._batch, self._batch_context, (now - s.last_output) / new_tokens)
+                self._export()
         s.last_output = now
         s.epoch = self._prefill_epoch
         s.context += new_tokens
@@ -164,6 +198,8 @@ class NodePerf:
 
     def decode_ended(self, rid: str) -> None:
         s = self._streams.pop(rid, None)
+        if s is not None and s.engine_at is not None:
+            self._left_at = max(self._left_at, s.engine_at.token_at)
         if s is not None and s.last_output is not None:
             self._advance_means(self._clock())
             self._batch -= 1
