@@ -128,6 +128,8 @@ class DecodeServicer(pb_grpc.DecodeNodeServicer):
                                 logger.info("request %s: %d prompt tokens arrived as KV", rid, out.num_cached_tokens)
                     # DELTA outputs: the new tokens; timed on the engine's clock
                     self.perf.decode_output(rid, len(comp.token_ids), EngineClock.of(out))
+                    if out.finished:  # out of the batch now, not once its last message is written
+                        self.perf.decode_ended(rid)
                     yield pb.DecodeResponse(token_ids=list(comp.token_ids), finish_reason=comp.finish_reason or "",
                                             stop_reason=str(comp.stop_reason) if comp.stop_reason is not None else "")
             finally:

@@ -214,6 +214,9 @@ class Profiler:
             # last prompt is in (the engine takes step_tokens of prompts a step).
             steps = DECODE_STEPS + -(-batch * n // (self.perf.step_tokens or DEFAULT_STEP_TOKENS))
             n = min(n, self.max_len - steps - 1)
+            if n < 1:  # a context too short for this run's prompts and steps
+                done += 1
+                continue
             await asyncio.gather(*(self._stream(n, steps) for _ in range(batch)))
             done += 1
             self.progress(f"profile {done}/{total}: decode batch of {batch} at {n} prompt tokens")

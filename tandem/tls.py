@@ -78,7 +78,7 @@ class FileWatch:
             if stamp == self._stamp:
                 return None
             out = load()
-        except (OSError, ValueError, ssl.SSLError) as exc:
+        except Exception as exc:  # any failure to load (an encrypted key, an unknown algorithm...) keeps the old
             if str(exc) != self._error:
                 logger.error("TLS: %s changed but cannot be used (%s): %s", self._what, self._keeps, exc)
             self._error = str(exc)
@@ -177,13 +177,9 @@ class TlsConfig:
             key, cert, ca = loaded
             return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
-        def fetch() -> Any:  # called by gRPC's core at each handshake: never raises
-            try:
-                with lock:
-                    cfg = watch.reload(lambda: config(_load(self.cert, self.key, roots)))  # read once, checked
-            except Exception:
-                logger.exception("TLS: reloading %s failed (the previous certificate stays)", self.cert)
-                return None
+        def fetch() -> Any:  # called by gRPC's core at each handshake: never raises (FileWatch)
+            with lock:
+                cfg = watch.reload(lambda: config(_load(self.cert, self.key, roots)))  # read once, checked
             if cfg is not None:
                 logger.info("TLS: certificate reloaded from %s", self.cert)
             return cfg

@@ -225,3 +225,31 @@ def test_steps_are_timed_on_the_engines_clock_when_it_gives_one() -> None:
     assert perf.model.decode.samples == 2
     assert perf.model.step_s(1, 102) == pytest.approx(0.05, rel=0.05)
     perf.decode_ended("a")
+
+
+def test_a_span_of_steps_that_a_stream_joined_or_left_midway_is_no_sample() -> None:
+    from tandem.node.perf import EngineClock
+
+    clock = Clock()
+    perf = NodePerf(clock)
+    perf.decode_started("a", 100)
+    perf.decode_started("b", 100)
+    perf.decode_output("a", 1, EngineClock(1.00, 1))
+    perf.decode_output("a", 1, EngineClock(1.05, 2))  # a alone in that step: a sample
+    assert perf.model.decode.samples == 1
+    perf.decode_output("b", 1, EngineClock(1.10, 1))  # b joins (its first token) in the step at 1.10
+    perf.decode_output("a", 1, EngineClock(1.10, 3))  # a's step at 1.10 had b in it, and b is counted: a sample
+    assert perf.model.decode.samples == 2
+    perf.decode_output("b", 1, EngineClock(1.20, 2))
+    perf.decode_output("a", 2, EngineClock(1.30, 5))  # two steps from 1.10, b was in both: a sample
+    assert perf.model.decode.samples == 4
+    perf.decode_started("c", 100)
+    perf.decode_output("c", 1, EngineClock(1.40, 1))  # c joins at 1.40
+    perf.decode_output("a", 2, EngineClock(1.50, 7))  # a's two steps from 1.30: c was in only one
+    assert perf.model.decode.samples == 4
+    perf.decode_output("c", 1, EngineClock(1.50, 2))  # one step: a sample
+    assert perf.model.decode.samples == 5
+    perf.decode_ended("c")  # c's last token came at 1.50
+    perf.decode_output("b", 2, EngineClock(1.50, 4))  # b's span 1.20..1.50 held c: no sample
+    perf.decode_output("a", 1, EngineClock(1.55, 8))  # after c left: a sample
+    assert perf.model.decode.samples == 6

@@ -104,9 +104,12 @@ class NodePerf:
         self._busy: deque[tuple[float, float]] = deque()  # recent spans with a prefill running (start, end)
         self._busy_since: float | None = None  # start of the span running now
         self._joins = 0  # streams that joined the batch, ever
-        # The engine's clock at the last token of the streams ended here: a step at or before it had
-        # such a stream in it, which the batch no longer counts (no sample).
+        # On the engine's clock: the last token of the latest stream to end here, and the first
+        # token of the latest to join. A span of steps is a sample only when it began after the one
+        # (the batch no longer counts a stream that was in it) and, over several steps, after the
+        # other (the batch counts a stream that was not in its first steps).
         self._left_at = -math.inf
+        self._joined_at = -math.inf
         self._queue: dict[int, int] = {}  # prefills here now (insertion order: oldest first) -> tokens
         self._ids = itertools.count()
         self._changed: asyncio.Event | None = None
@@ -177,11 +180,15 @@ class NodePerf:
             self._batch_context += s.context
             if s.kv_bytes:
                 self.model.saw_transfer(s.kv_bytes, now - s.started)
+            if engine is not None:
+                self._joined_at = max(self._joined_at, engine.token_at)
             self._touch()
         elif s.epoch == self._prefill_epoch and not self._prefills_running:  # no prefill in these steps
             if engine is not None and last_engine is not None:
                 steps = engine.tokens - last_engine.tokens
-                if steps > 0 and engine.token_at > max(last_engine.token_at, self._left_at):
+                began = last_engine.token_at
+                if (steps > 0 and engine.token_at > began and self._left_at <= began
+                        and (steps == 1 or self._joined_at <= began)):
                     self.model.saw_decode_step(self._batch, self._batch_context,
                                                (engine.token_at - last_engine.token_at) / steps)
                     self._export()
