@@ -216,6 +216,8 @@ class Profiler:
             n = min(n, self.max_len - steps - 1)
             if n < 1:  # a context too short for this run's prompts and steps
                 done += 1
+                self.progress(f"profile {done}/{total}: decode batch of {batch} skipped (no room in a context of "
+                              f"{self.max_len} tokens)")
                 continue
             await asyncio.gather(*(self._stream(n, steps) for _ in range(batch)))
             done += 1
