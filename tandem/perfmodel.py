@@ -27,6 +27,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+VLLM_STEP_TOKENS = 2048  # an engine's tokens a step when its node does not set them (vLLM's default)
+
 
 def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
     """Gaussian elimination with partial pivoting; None when singular."""
@@ -184,6 +186,13 @@ def decode_fit(half_life: float = 500.0) -> OnlineFit:
 def transfer_fit(half_life: float = 200.0) -> OnlineFit:
     """seconds ≈ g + h·bytes for one request's KV fetch."""
     return OnlineFit(("const", "bytes"), (1.0, 1e8), half_life)
+
+
+def chunk_steps(tokens: int, step_tokens: int, batch: float) -> int:
+    """The engine steps a prefill of ``tokens`` takes beside a decode batch of ``batch``: vLLM's
+    scheduler gives each running stream its token first and the prompt the rest of the step's
+    ``step_tokens`` (at least one)."""
+    return -(-tokens // max(1, step_tokens - round(batch)))
 
 
 class _Predicts:

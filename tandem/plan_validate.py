@@ -146,6 +146,7 @@ def rate_rows(target: str, cfg: SimConfig, args: argparse.Namespace, rates: list
         predicted = summary(simulate(cfg, entries), *slo)  # before the run: only what was known then
         row = side_by_side(_run(target, entries, slo), predicted, rate, len(entries))
         row["decode_fit"], row["prefill_fit"] = list(cfg.decode.decode), list(cfg.prefill.prefill)
+        row["local_prefill_fit"] = list(cfg.decode.prefill)  # the decode node's own prefills
         row["measured_attainment"], row["predicted_attainment"] = row["measured"]["attainment"], row["predicted"]["attainment"]
         rows.append(row)
     return rows

@@ -37,7 +37,7 @@ from typing import Any
 from tandem import __version__
 from tandem.kvtransfer.handle import NO_STORE
 from tandem.node.perf import EngineClock, NodePerf
-from tandem.perfmodel import NodeModel
+from tandem.perfmodel import VLLM_STEP_TOKENS, NodeModel
 from tandem.sampling import Sampling
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,6 @@ PREFILL_REPEATS = 2
 # the per-request cost from the per-context-token cost.
 DECODE_RUNS = ((1, 32), (1, 512), (4, 64), (4, 384), (8, 128), (16, 64), (8, 1024), (32, 64))
 DECODE_STEPS = 12  # steps of each run's whole batch, after its last prompt
-DEFAULT_STEP_TOKENS = 2048  # an engine's prompt tokens a step, when the node does not say (vLLM's default)
 
 
 def default_cache_dir() -> Path:
@@ -212,7 +211,7 @@ class Profiler:
             batch = min(batch, self.max_seqs)
             # Enough tokens each that the whole batch decodes DECODE_STEPS steps together once the
             # last prompt is in (the engine takes step_tokens of prompts a step).
-            steps = DECODE_STEPS + -(-batch * n // (self.perf.step_tokens or DEFAULT_STEP_TOKENS))
+            steps = DECODE_STEPS + -(-batch * n // (self.perf.step_tokens or VLLM_STEP_TOKENS))
             n = min(n, self.max_len - steps - 1)
             if n < 1:  # a context too short for this run's prompts and steps
                 done += 1

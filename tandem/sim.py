@@ -35,7 +35,8 @@ same ones the nodes fit online, see tandem/perfmodel.py):
   ``LOCAL_GAIN`` sooner (each option's TPOT checked too); never where its prefill would push the
   node's streams past the TPOT objective (with none set: never beside another local prefill). A
   node's load is every request sent there, as the coordinator counts it. There the prompt goes in
-  chunks of ``step_tokens`` inside the node's decode steps (vLLM's chunked prefill): each such step
+  chunks inside the node's decode steps (vLLM's chunked prefill: ``step_tokens`` a step, less
+  one for each stream decoding there, whose tokens the scheduler takes first): each such step
   takes the chunk's share of the decode node's own prefill time plus what the batch's step costs
   over an empty one (admission's ``beside``); its first token
   comes with the last chunk, and it joins the batch at the next step (no transfer).
@@ -53,7 +54,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tandem.perfmodel import NodeModel
+from tandem.perfmodel import NodeModel, chunk_steps
 
 ORDERS = ("fifo", "slack")
 NOT_MODELLED = ("prefix caching", "transfer contention")
@@ -258,7 +259,7 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             ahead = sum(dn.local_left.values())
             queue_s = sum(dec.prefill_s(t) for t in dn.local_left.values())
             run_s = dec.prefill_s(e.input_len)
-            chunks = -(-(ahead + e.input_len) // cfg.step_tokens)
+            chunks = chunk_steps(ahead + e.input_len, cfg.step_tokens, b)
             beside = chunks * max(0.0, dec.step_s(b, ctx) - dec.step_s(0, 0)) if b else 0.0
             if cfg.slo_tpot_s > 0:
                 harm = (run_s + beside) / max(e.output_len, MIN_OTHERS_TOKENS)
@@ -318,7 +319,7 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         if dn.local:  # a chunk of the local prefill at its head rides in this step
             r = dn.local[0]
             left = dn.local_left[r]
-            c = min(cfg.step_tokens, left)
+            c = min(max(1, cfg.step_tokens - len(dn.running)), left)  # the streams' tokens go first
             done = trace[r].input_len - left
             took = cfg.decode.prefill_s(done + c) - (cfg.decode.prefill_s(done) if done else 0.0)
             dn.chunk = (r, c)

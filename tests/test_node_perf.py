@@ -117,7 +117,7 @@ def test_the_load_message_shows_the_work_here_now_and_wakes_its_watchers() -> No
     asyncio.run(go())
 
 
-def test_a_local_prefill_and_the_decode_steps_it_shares_are_not_samples() -> None:
+def test_the_decode_steps_a_local_prefill_shares_are_not_samples() -> None:
     clock = Clock()
     perf = NodePerf(clock)
     perf.decode_started("a", 100)
@@ -125,30 +125,59 @@ def test_a_local_prefill_and_the_decode_steps_it_shares_are_not_samples() -> Non
     clock.t += 0.01
     perf.decode_output("a", 1)
     assert perf.model.decode.samples == 1
-    # A prefill on this node while "a" decodes: its time is shared with a's steps, and a's gaps
-    # meanwhile hold its chunks.
+    # A prefill on this node while "a" decodes: a's gaps meanwhile hold its chunks.
     with perf.prefill(500) as run:
         clock.t += 0.3
         perf.decode_output("a", 1)
         run.uncached_tokens = 500
     clock.t += 0.01
     perf.decode_output("a", 1)  # this gap began during the prefill
-    assert perf.model.prefill.samples == 0 and perf.model.decode.samples == 1
+    assert perf.model.decode.samples == 1
     clock.t += 0.01
     perf.decode_output("a", 1)  # a clean step again
     assert perf.model.decode.samples == 2
     perf.decode_ended("a")
-    # With no stream decoding, a prefill here is a sample again; one that a stream joined is not.
-    with perf.prefill(500) as run:
-        clock.t += 0.2
-        run.uncached_tokens = 500
-    assert perf.model.prefill.samples == 1
+    # A prefill that a stream joined and left with no time passing says nothing of either.
+    prefills = perf.model.prefill.samples
     with perf.prefill(500) as run:
         perf.decode_started("b", 10)
         perf.decode_output("b", 1)
         perf.decode_ended("b")
         run.uncached_tokens = 500
-    assert perf.model.prefill.samples == 1
+    assert perf.model.prefill.samples == prefills
+
+
+def test_a_local_prefill_beside_a_batch_is_a_sample_less_what_the_batch_added() -> None:
+    """A decode node's prefill fit must learn at load too (its local prefills there overran the
+    idle profile up to 2x): the prefill's time less its steps' batch share is a sample."""
+    clock = Clock()
+    perf = NodePerf(clock, step_tokens=256)
+    for b in (1, 4, 16, 32):  # step = 5 ms + 1 ms a stream + 1 us a context token, exactly
+        for ctx in (100, 5000, 20_000):
+            perf.model.saw_decode_step(b, ctx, 0.005 + 0.001 * b + 1e-6 * ctx)
+    seen: list[tuple[int, float]] = []
+    perf.model.saw_prefill = lambda tokens, seconds: seen.append((tokens, seconds))  # type: ignore[method-assign]
+    for i in range(10):
+        perf.decode_started(f"s{i}", 999)
+        perf.decode_output(f"s{i}", 1)  # 10 streams of 1,000 context tokens decoding
+    with perf.prefill(500) as run:
+        clock.t += 1.0
+        run.uncached_tokens = 500
+    # 500 tokens beside 10 streams: 246 a step, 3 steps, each 10 ms + 10 ms of context over an empty one.
+    assert seen[0][0] == 500 and seen[0][1] == pytest.approx(1.0 - 3 * (0.010 + 0.010), rel=1e-3)
+    # Not alone among prefills: no sample (their steps are shared).
+    with perf.prefill(100), perf.prefill(100) as run:
+        clock.t += 0.5
+        run.uncached_tokens = 100
+    assert len(seen) == 1
+    # With no decode fit yet the batch's share is unknown: no sample either.
+    fresh = NodePerf(clock, step_tokens=256)
+    fresh.decode_started("x", 999)
+    fresh.decode_output("x", 1)
+    with fresh.prefill(500) as run:
+        clock.t += 1.0
+        run.uncached_tokens = 500
+    assert fresh.model.prefill.samples == 0
 
 
 def test_prefill_busy_is_the_share_of_recent_time_with_a_prefill_running() -> None:

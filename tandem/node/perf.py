@@ -6,7 +6,13 @@ node prefilling locally shares its steps with its batch) is one sample of
 (uncached prompt tokens, seconds).
 Overlapping prefills share the engine's steps, so their times say little about
 either one; a node kept busy still gets samples whenever the queue runs dry,
-and the forgetting fit keeps the last ones. Decode: each gap between two
+and the forgetting fit keeps the last ones. A decode node's local prefill that
+ran as its only prefill beside a batch is a sample too, less what the batch
+added to its steps (``chunk_steps`` of the batch's mean over the prefill, each
+costing the decode fit's step over an empty one): without it a decode node's
+prefill fit would stay its idle startup profile, which its local prefills
+overrun under load (a 128-token one: 125 ms learned at 2 req/s against 96 ms
+profiled idle). Decode: each gap between two
 outputs of one stream is one step of the batch running then (the streams that
 have begun producing tokens, and their context tokens in all), unless a
 prefill ran on the node meanwhile (its chunks were in those steps). The gap is
@@ -39,7 +45,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Gauge
 
-from tandem.perfmodel import ModelView, NodeModel, OnlineFit
+from tandem.perfmodel import VLLM_STEP_TOKENS, ModelView, NodeModel, OnlineFit, chunk_steps
 from tandem.proto import tandem_pb2 as pb
 
 COEFFICIENT = Gauge("tandem_perf_coefficient", "A fitted coefficient of this node's performance model "
@@ -99,6 +105,9 @@ class NodePerf:
         self._batch_mean = 0.0
         self._context_mean = 0.0
         self._mean_at = clock()
+        # ... and their integrals over time, as of _mean_at (a span's mean: difference / duration).
+        self._batch_area = 0.0
+        self._context_area = 0.0
         self._exported_at = -float("inf")
         self._prefill_epoch = 0  # changes whenever a prefill starts or ends
         self._busy: deque[tuple[float, float]] = deque()  # recent spans with a prefill running (start, end)
@@ -133,7 +142,10 @@ class NodePerf:
         """Around one prefill of a ``tokens``-token prompt; the caller sets ``run.uncached_tokens``
         once the engine said how many prompt tokens it found cached. A sample is taken if it
         completes having run alone."""
-        alone = self._prefills_running == 0 and self._batch == 0
+        sole = self._prefills_running == 0
+        alone = sole and self._batch == 0
+        self._advance_means(self._clock())
+        areas = (self._batch_area, self._context_area)
         self._prefills_running += 1
         self._prefill_starts += 1
         self._prefill_epoch += 1
@@ -156,10 +168,29 @@ class NodePerf:
                 self._busy.append((self._busy_since, self._clock()))
                 self._busy_since = None
             self._touch()
+            took = self._clock() - t0
             undisturbed = self._prefill_starts == starts and self._joins == joins and self._batch == 0
             if ok and alone and undisturbed and run.uncached_tokens is not None:
-                self.model.saw_prefill(run.uncached_tokens, self._clock() - t0)
+                self.model.saw_prefill(run.uncached_tokens, took)
+            elif ok and sole and self._prefill_starts == starts and run.uncached_tokens and took > 0:
+                self._saw_prefill_beside(run.uncached_tokens, took, areas)
             self._export(force=self._prefills_running == 0)  # idle now: show the last samples too
+
+    def _saw_prefill_beside(self, tokens: int, took: float, areas: tuple[float, float]) -> None:
+        """A prefill of ``tokens`` that shared its steps with a decode batch took ``took`` seconds;
+        ``areas``: the batch's integrals when it started. The prefill's own share is a sample."""
+        if not self.model.decode.samples:
+            return  # what the batch added is not known yet
+        self._advance_means(self._clock())
+        batch = (self._batch_area - areas[0]) / took
+        context = (self._context_area - areas[1]) / took
+        if batch <= 0:
+            self.model.saw_prefill(tokens, took)  # the batch had left before it began
+            return
+        steps = chunk_steps(tokens, self.step_tokens or VLLM_STEP_TOKENS, batch)
+        own = took - steps * max(0.0, self.model.step_s(batch, context) - self.model.step_s(0, 0))
+        if own > 0:
+            self.model.saw_prefill(tokens, own)
 
     # decode --------------------------------------------------------------------
     def decode_started(self, rid: str, context_tokens: int, kv_bytes: int = 0, interval: int = 1) -> None:
@@ -221,6 +252,8 @@ class NodePerf:
         dt = now - self._mean_at
         if dt <= 0:
             return
+        self._batch_area += self._batch * dt
+        self._context_area += self._batch_context * dt
         keep = math.exp(-dt / BATCH_MEAN_S)
         self._batch_mean = self._batch + (self._batch_mean - self._batch) * keep
         self._context_mean = self._batch_context + (self._context_mean - self._batch_context) * keep
