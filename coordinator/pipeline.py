@@ -196,6 +196,10 @@ class Pipeline:
         out.predicted_ttft_s, out.predicted_tpot_s = plan.ttft_s or 0.0, plan.tpot_s or 0.0
         leg = 0
         kv_failed_from: set[str] = set()  # prefill nodes whose KV a decode node could not fetch
+
+        def to_come() -> int:  # its output tokens still to come, at most (admission looks ahead with them)
+            return s.max_tokens - len(prog.sent)
+
         while not out.reason:
             left = s.remaining(len(prog.sent))
             context = [*req.prompt_ids, *prog.sent]
@@ -204,14 +208,14 @@ class Pipeline:
             with ExitStack() as legs_end:
                 dnode = pnode = handle = None
                 if local:
-                    dnode = legs_end.enter_context(self.router.track(plan.decode, len(context)))  # type: ignore[arg-type]
+                    dnode = legs_end.enter_context(self.router.track(plan.decode, len(context), to_come))  # type: ignore[arg-type]
                 elif left.max_tokens > 1:
                     # Reserved before the prefill, so that requests arriving together spread
                     # over the pool (and an empty decode pool costs no prefill work).
                     avoid = {out.decode_node} if out.decode_node else set()
                     first = plan.decode if leg == 0 and plan.decode and self.router.routable(plan.decode) else None
                     dnode = legs_end.enter_context(self.router.track(first or await self.router.acquire("decode", avoid),
-                                                                     len(context)))
+                                                                     len(context), to_come))
                 if leg == 0 and local:  # its call goes now (a prefill node's: after its turn there)
                     out.dispatch_s = time.perf_counter() - req.received
                     m.QUEUE.observe(out.dispatch_s)
@@ -231,7 +235,7 @@ class Pipeline:
                             # It failed, began draining or left while the prompt was prefilled; the
                             # handle serves any decode node.
                             dnode = legs_end.enter_context(self.router.track(
-                                await self.router.acquire("decode", avoid), len(context)))
+                                await self.router.acquire("decode", avoid), len(context), to_come))
                         if leg == 0:
                             out.prefill_s, out.prefill_node = pre.prefill_s, pnode.node_id
                             out.dispatch_s = req.prefill_sent_at - req.received

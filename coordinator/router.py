@@ -27,7 +27,8 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -52,8 +53,48 @@ PROBE_MAX_INTERVAL_S = 5.0
 LOAD_STALE_S = 5.0  # a load message older than this no longer counts (the stream broke)
 CALIBRATION_RATE = 0.1  # weight of each finished request in a node's prediction factor (moving average)
 MAX_LOG_BIAS = math.log(3.0)  # each request's log error is clipped to this: the factor stays within 1/3 .. 3
+ARRIVAL_WINDOW_S = 20.0  # the recent requests to a decode node that admission's forward view counts
 CALIBRATION = m.CALIBRATION
 _keys = itertools.count()
+
+
+class Arrivals:
+    """The requests sent to a node over the last ``window_s`` seconds: their rate, and the mean
+    of the output tokens each asked for."""
+
+    def __init__(self, window_s: float = ARRIVAL_WINDOW_S) -> None:
+        self.window_s = window_s
+        self._seen: deque[tuple[float, int]] = deque()
+        self._tokens = 0
+
+    def add(self, tokens: int, now: float | None = None) -> None:
+        self._seen.append((time.monotonic() if now is None else now, tokens))
+        self._tokens += tokens
+
+    def rate(self, now: float | None = None) -> tuple[float, float]:
+        """(requests a second, their mean output tokens) over the window up to ``now``."""
+        now = time.monotonic() if now is None else now
+        while self._seen and self._seen[0][0] <= now - self.window_s:
+            self._tokens -= self._seen.popleft()[1]
+        n = len(self._seen)
+        return n / self.window_s, (self._tokens / n if n else 0.0)
+
+
+class Tally(dict[int, int]):
+    """Requests -> tokens, with the tokens' sum kept as they come and go (``total``): admission
+    reads it for every candidate node of every request, and a sum over a node's whole batch each
+    time would cost the coordinator O(batch) a node a request. Entries change by ``[k] = v`` and
+    ``del`` only."""
+
+    total: int = 0
+
+    def __setitem__(self, key: int, tokens: int) -> None:
+        self.total += tokens - self.get(key, 0)
+        super().__setitem__(key, tokens)
+
+    def __delitem__(self, key: int) -> None:
+        self.total -= self[key]
+        super().__delitem__(key)
 
 
 @dataclass
@@ -66,8 +107,12 @@ class NodeClient:
     load: pb.NodeLoad | None = None  # its latest NodeMonitor message
     load_at: float = -1e9  # monotonic time it came
     model: ModelView = field(default_factory=ModelView)
-    inflight: dict[int, int] = field(default_factory=dict)  # this coordinator's requests there -> tokens
-    prefilling: dict[int, int] = field(default_factory=dict)  # of those, local prefills not done yet -> tokens
+    inflight: Tally = field(default_factory=lambda: Tally())  # this coordinator's requests there -> tokens
+    prefilling: Tally = field(default_factory=lambda: Tally())  # of those, local prefills not done yet -> tokens
+    # On a decode node: of this coordinator's requests there, those whose tokens to come it knows
+    # (-> a callable saying how many), and the requests it sent there lately (admission's forward view).
+    left: dict[int, Callable[[], int]] = field(default_factory=dict)
+    arrivals: Arrivals = field(default_factory=lambda: Arrivals())
     # Online bias correction of this node's predictions, per kind (ttft, ttft_local, tpot): the log of
     # a factor, the moving average of log(actual / model's prediction) over finished requests.
     bias: dict[str, float] = field(default_factory=dict)
@@ -275,18 +320,23 @@ class Router:
         return self._nodes.get(node.node_id) is node
 
     @contextmanager
-    def track(self, node: NodeClient, tokens: int = 0) -> Iterator[NodeClient]:
+    def track(self, node: NodeClient, tokens: int = 0, left: Callable[[], int] | None = None) -> Iterator[NodeClient]:
         """Count a request (of ``tokens`` prompt tokens) as outstanding on ``node`` until the block
-        exits (cancel included)."""
+        exits (cancel included). ``left``: on a decode node, how many output tokens it has still to
+        come (at most), asked whenever admission looks ahead there."""
         node.outstanding += 1
         node.served += 1
         key = next(_keys)
         node.inflight[key] = tokens
+        if left is not None:
+            node.left[key] = left
+            node.arrivals.add(left())
         try:
             yield node
         finally:
             node.outstanding -= 1
             del node.inflight[key]
+            node.left.pop(key, None)
 
     @contextmanager
     def track_prefill(self, node: NodeClient, tokens: int) -> Iterator[NodeClient]:

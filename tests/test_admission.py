@@ -11,7 +11,7 @@ import pytest
 
 from tandem.coordinator.admission import Admission, Slo, decode_estimate, prefill_estimate
 from tandem.errors import InvalidRequest, Rejected, openai_error_body
-from tandem.coordinator.router import Router
+from tandem.coordinator.router import Arrivals, Router, Tally
 from tandem.membership import NodeRecord
 from tandem.proto import tandem_pb2 as pb
 
@@ -186,13 +186,14 @@ def test_the_decode_node_prefills_only_when_its_streams_keep_their_tpot() -> Non
         busy = pb.NodeLoad(decode_batch=20, decode_context=20_000, fits=fits(decode=(0.005, 0.001, 1e-6)),
                            step_tokens=256)
         r = cluster({"p0": pb.NodeLoad(prefill_queue=[2000, 2000], fits=fits()), "d0": busy})
-        # The batch's step is 0.045 s; a prefill of 1000 tokens (1.01 s + 4 steps beside the batch,
-        # 0.16 s) spread over 16 tokens adds 0.073 s a token: over a 0.1 s objective.
+        # The batch's step is 0.045 s; a prefill of 1000 tokens (1.01 s + 5 steps beside the batch of
+        # 20, which takes 20 of each step's 256 tokens: 0.2 s) spread over 16 tokens adds 0.076 s a
+        # token: over a 0.1 s objective.
         plan = Admission(r, "off").plan("r", 1000, 16, Slo(tpot_s=0.1))
         assert not plan.local
         # A looser objective allows it; the chunks beside the batch count in its TTFT.
         plan = Admission(r).plan("r", 1000, 16, Slo(tpot_s=0.2))
-        assert plan.local and plan.ttft_s == pytest.approx(1.01 + 4 * 0.04)
+        assert plan.local and plan.ttft_s == pytest.approx(1.01 + 5 * 0.04)
         # With no TPOT objective, one local prefill at a time on a node that is decoding.
         with r.track_prefill(r._nodes["d0"], 500):
             assert not Admission(r).plan("r", 1000, 16, Slo()).local
@@ -321,6 +322,32 @@ def test_tpot_counts_the_batch_over_the_requests_life_not_only_now() -> None:
         assert d.seconds == pytest.approx((0.005 + 0.001 * 3 + 9 * (0.005 + 0.001 * 7)) / 10)
         assert "6.0 + 1 over its life" in d.detail
     run(go)
+
+
+def test_tpot_looks_ahead_with_the_tokens_its_streams_have_to_come_and_the_arrival_rate() -> None:
+    def go():
+        r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(fits=fits(decode=(0.005, 0.001, 0.0)))})
+        node = r._nodes["d0"]
+        # Two streams there: one ends in 5 steps, the other outlasts a new request of 11 tokens.
+        with r.track(node, 100, lambda: 5), r.track(node, 100, lambda: 100):
+            d = decode_estimate(node, 100, 11)
+            staying = (5 + 11) / 11
+            # They arrived within the window: 2 in 20 s, asking 52.5 tokens on average; a step of the
+            # batch with the request is 8 ms, so 0.0008 arrive a step, each staying past its 11 steps.
+            arriving = 2 / 20 * 0.008 * 11 / 2
+            each = 0.005 + 0.001 * (staying + arriving + 1)
+            assert d.seconds == pytest.approx((0.008 + 9 * each) / 10)
+            assert f"{staying + arriving:.1f} + 1 over its life" in d.detail
+        assert not node.left  # they left with their requests
+
+
+def test_arrivals_count_the_requests_of_the_last_window() -> None:
+    a = Arrivals(window_s=10.0)
+    a.add(100, now=0.0)
+    a.add(300, now=5.0)
+    assert a.rate(now=9.0) == (0.2, 200.0)
+    assert a.rate(now=12.0) == (0.1, 300.0)  # the first is out of the window
+    assert a.rate(now=20.0) == (0.0, 0.0)
 
 
 def test_the_engines_own_prefix_cache_is_credited_without_a_load_and_the_store_beyond_it_with_one() -> None:
@@ -459,3 +486,15 @@ def test_held_chunks_give_each_stream_the_whole_picture_once_then_the_changes() 
         assert whole and len(changes) == 12  # a (disk), c and the ten new ones (ram)
     finally:
         held_mod.LOG_MAX = old_max
+
+
+def test_a_tally_keeps_the_sum_of_its_tokens_as_requests_come_and_go() -> None:
+    t = Tally()
+    t[1], t[2] = 500, 700
+    t[1] = 300  # a request's tokens changed
+    del t[2]
+    t[3] = 40
+    assert t.total == 340 == sum(t.values()) and len(t) == 2
+    with pytest.raises(KeyError):
+        del t[2]
+    assert t.total == 340
