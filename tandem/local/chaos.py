@@ -19,14 +19,14 @@ the scenario and must match token for token. KV blocks held on every live
 node must drop to 0 within the KV lease plus a margin. Recovery time runs from
 the fault to the first request completed with the membership reconverged
 (every node registered, up and not draining). Results: one JSON per scenario
-and a Markdown table (docs/RELIABILITY.md). The command and its cluster: chaos_cmd.py.
+and a Markdown table (docs/RELIABILITY.md). The command and its cluster: chaos_cmd.py; the load and what it
+records: chaos_load.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import re
 import signal
 import subprocess
@@ -34,13 +34,13 @@ import sys
 import time
 import threading
 import urllib.request
-from dataclasses import dataclass, field
 
 import grpc
 
 from tandem.grpcserve import CHANNEL_OPTIONS
 from tandem.node.config import BUSY_METRICS
 
+from .chaos_load import CLIENT_DEADLINE_S, Outcome, ScenarioResult, send_one, workload
 from .cluster import Daemon, LocalCluster
 from .proxy import TcpProxy
 
@@ -63,79 +63,8 @@ LONG_STREAMS, LONG_TOKENS = 4, 900  # streams started just before the first swit
 # A node's log line when a drain begins (tandem/node/runtime.py): what it held then.
 DRAIN_LINE = re.compile(r"draining \S+ \(asked by tandem role\): .*?\((\d+) requests and KV blocks held now")
 KV_LEASE_S = 10.0
-CLIENT_DEADLINE_S = 120.0
 KV_CUT_S = 10.0
 ROLL_STEP_TIMEOUT_S = 300.0
-
-
-@dataclass
-class Outcome:
-    index: int
-    prompt: list[int]
-    max_tokens: int
-    tokens: list[int] = field(default_factory=list)
-    status: str = ""  # "ok", a gRPC status name, "hung" or "lost"
-    details: str = ""
-    migrations: int = 0
-    sent_at: float = 0.0  # seconds from the scenario's start, like done_at
-    done_at: float = 0.0
-    front: str = ""  # the coordinator it went through
-
-
-@dataclass
-class ScenarioResult:
-    scenario: str
-    victim: str
-    requests: int
-    completed: int
-    ended_with_status: int
-    statuses: dict[str, int]
-    migrated: int
-    hung: int
-    lost: int
-    token_mismatches: int
-    kv_blocks_held_after: float
-    recovery_s: float | None
-    supervisor_events: list[str]
-    by_front: dict[str, dict[str, int]] = field(default_factory=dict)  # coordinator -> status -> count
-    # switch-roles: the roles the victim took in turn, requests it served in each (by the coordinator's
-    # count) and requests in flight when a switch was asked (each replayed undisturbed: token_mismatches)
-    switches: list[dict[str, object]] = field(default_factory=list)
-    in_flight_at_switch: int = 0
-
-
-def workload(n: int, rate: float, seed: int, vocab: int) -> list[tuple[float, list[int], int]]:
-    """(arrival s, prompt ids, max_tokens) for n requests; Poisson arrivals at ``rate``."""
-    rng = random.Random(seed)
-    t, out = 0.0, []
-    for _ in range(n):
-        t += rng.expovariate(rate)
-        prompt = [rng.randrange(5, vocab) for _ in range(rng.randrange(16, 160))]
-        out.append((t, prompt, rng.randrange(24, 128)))
-    return out
-
-
-async def _one(stub: object, o: Outcome, t0: float) -> None:
-    from tandem.proto import tandem_pb2 as pb
-
-    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=o.prompt), sampling=pb.SamplingParams(
-        max_tokens=o.max_tokens, temperature=0.0, ignore_eos=True))
-    sent = time.monotonic()
-    o.sent_at = sent - t0
-    finished = False
-    try:
-        async for msg in stub.Generate(req, timeout=CLIENT_DEADLINE_S):  # type: ignore[attr-defined]
-            o.tokens.extend(msg.token_ids)
-            if msg.HasField("finish"):
-                finished = True
-                o.migrations = msg.finish.migrations
-        o.status = "ok" if finished else "lost"
-    except grpc.aio.AioRpcError as exc:
-        hung = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - sent >= CLIENT_DEADLINE_S - 1
-        o.status, o.details = ("hung" if hung else exc.code().name), (exc.details() or "")[:200]
-    except Exception as exc:  # anything else is a request we cannot account for
-        o.status, o.details = "lost", f"{type(exc).__name__}: {exc}"[:200]
-    o.done_at = time.monotonic() - t0
 
 
 class _KVPath:
@@ -312,7 +241,7 @@ class Harness:
             try:
                 outs = [Outcome(-100 - i, prompt[:16], LONG_TOKENS) for i, (_, prompt, _n) in enumerate(plan)]
                 sw.probes.extend(outs)
-                await asyncio.gather(*(_one(pb_grpc.CoordinatorStub(channels[i % len(channels)]), o, self.t0)
+                await asyncio.gather(*(send_one(pb_grpc.CoordinatorStub(channels[i % len(channels)]), o, self.t0)
                                        for i, o in enumerate(outs)))
             finally:
                 for ch in channels:
@@ -333,7 +262,7 @@ class Harness:
                     if self._outstanding(field="served").get(sw.name, 0):
                         break
                     probe = Outcome(-1 - i, prompt, min(max_tokens, 32))
-                    await _one(stub, probe, self.t0)
+                    await send_one(stub, probe, self.t0)
                     sw.probes.append(probe)
             return self._outstanding(field="served").get(sw.name, 0)
 
@@ -405,7 +334,7 @@ class Harness:
             if self._victim_back(victim, fault_wall) and await loop.run_in_executor(None, self._reconverged):
                 async with self.cluster.aio_channel(self.cluster.grpc_address, CHANNEL_OPTIONS) as ch:
                     probe = Outcome(-1, [7, 8, 9, 10], 4)
-                    await _one(pb_grpc.CoordinatorStub(ch), probe, 0.0)
+                    await send_one(pb_grpc.CoordinatorStub(ch), probe, 0.0)
                 if probe.status == "ok":
                     return time.monotonic() - fault_at
             await asyncio.sleep(0.25)
@@ -442,7 +371,7 @@ class Harness:
                 await asyncio.sleep(max(0.0, arrival - (time.monotonic() - t0)))
                 o = Outcome(i, prompt, max_tokens, front=fronts[i % len(fronts)].name)
                 outcomes.append(o)
-                tasks.append(asyncio.ensure_future(_one(stubs[i % len(stubs)], o, t0)))
+                tasks.append(asyncio.ensure_future(send_one(stubs[i % len(stubs)], o, t0)))
             await asyncio.gather(*tasks)
         finally:
             for ch in channels:
@@ -489,7 +418,7 @@ class Harness:
             stub = pb_grpc.CoordinatorStub(ch)
             for o in done:
                 again = Outcome(o.index, o.prompt, o.max_tokens)
-                await _one(stub, again, 0.0)
+                await send_one(stub, again, 0.0)
                 if again.status != "ok" or again.tokens != o.tokens:
                     bad += 1
                     logger.error("chaos: request %d differs when replayed (%s)", o.index, again.status)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from tandem.netutil import free_port
 
-from .chaos import KV_LEASE_S, SCENARIOS, Harness, ScenarioResult
+from .chaos import KV_LEASE_S, SCENARIOS, Harness
+from .chaos_load import ScenarioResult
 from .chaos_report import RELIABILITY_HEAD, report
 from .cluster import ClusterSpec, LocalCluster
 from .proxy import TcpProxy

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .chaos import ScenarioResult
+    from .chaos_load import ScenarioResult
 
 
 def report(results: list[ScenarioResult], command: str, context: str) -> str:
