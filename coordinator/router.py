@@ -68,16 +68,20 @@ class Arrivals:
         self._tokens = 0
 
     def add(self, tokens: int, now: float | None = None) -> None:
-        self._seen.append((time.monotonic() if now is None else now, tokens))
+        now = time.monotonic() if now is None else now
+        self._forget(now)
+        self._seen.append((now, tokens))
         self._tokens += tokens
 
     def rate(self, now: float | None = None) -> tuple[float, float]:
         """(requests a second, their mean output tokens) over the window up to ``now``."""
-        now = time.monotonic() if now is None else now
-        while self._seen and self._seen[0][0] <= now - self.window_s:
-            self._tokens -= self._seen.popleft()[1]
+        self._forget(time.monotonic() if now is None else now)
         n = len(self._seen)
         return n / self.window_s, (self._tokens / n if n else 0.0)
+
+    def _forget(self, now: float) -> None:
+        while self._seen and self._seen[0][0] <= now - self.window_s:
+            self._tokens -= self._seen.popleft()[1]
 
 
 class Tally(dict[int, int]):
@@ -324,13 +328,14 @@ class Router:
         """Count a request (of ``tokens`` prompt tokens) as outstanding on ``node`` until the block
         exits (cancel included). ``left``: on a decode node, how many output tokens it has still to
         come (at most), asked whenever admission looks ahead there."""
+        to_come = left() if left is not None else 0
         node.outstanding += 1
         node.served += 1
         key = next(_keys)
         node.inflight[key] = tokens
         if left is not None:
             node.left[key] = left
-            node.arrivals.add(left())
+            node.arrivals.add(to_come)
         try:
             yield node
         finally:

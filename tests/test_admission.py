@@ -338,7 +338,16 @@ def test_tpot_looks_ahead_with_the_tokens_its_streams_have_to_come_and_the_arriv
             each = 0.005 + 0.001 * (staying + arriving + 1)
             assert d.seconds == pytest.approx((0.008 + 9 * each) / 10)
             assert f"{staying + arriving:.1f} + 1 over its life" in d.detail
+            # A request of 200 tokens outlasts the arrivals' mean of 52.5: each stays 52.5 of its
+            # steps, so 52.5 - 52.5^2 / 400 of them are there on average, a step's worth each.
+            d = decode_estimate(node, 100, 200)
+            staying = (5 + 100) / 200
+            arriving = 2 / 20 * 0.008 * (52.5 - 52.5 ** 2 / 400)
+            assert f"{staying + arriving:.1f} + 1 over its life" in d.detail
+            each = 0.005 + 0.001 * (staying + arriving + 1)
+            assert d.seconds == pytest.approx((0.008 + 198 * each) / 199)
         assert not node.left  # they left with their requests
+    run(go)
 
 
 def test_arrivals_count_the_requests_of_the_last_window() -> None:

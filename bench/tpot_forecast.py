@@ -1,0 +1,163 @@
+"""How well can a TPOT be predicted when the request is admitted? An analysis of a coordinator log.
+
+A request's TPOT is the mean step of the decode batch over its life, and that batch holds the
+requests that arrive after it was admitted. This reads each finished request from a
+coordinator's log (its per-request line: decode start = finish - e2e + TTFT, finish, tokens,
+measured and predicted TPOT), rebuilds the decode batch over time, and fits one line
+TPOT = a + b·batch in-sample (the fit is the same for every forecast, so the rows differ only in
+the batch each assumes). It then scores batch forecasts of growing knowledge:
+
+- ``now``: the streams decoding when the request starts, and the request.
+- ``half``: half that and half the last 10 s average (admission's forecast until the
+  fourteenth sitting).
+- ``forward``: the streams there now for as much of the request's life as each really stays
+  (what admission now forecasts from their tokens to come), plus arrivals at the last 20 s
+  rate, each staying the recent mean decode time.
+- ``oracle``: the batch's true average over the request's life (unknowable at admission).
+
+``admission`` is what the coordinator predicted. If ``oracle`` is close and ``forward`` is not,
+the error is the arrivals after admission, which no prediction made at admission can know.
+
+    python -m tandem.bench.tpot_forecast bench/results/compare/tandem-1p1d/coordinator.log
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import datetime
+import re
+import statistics
+import sys
+from dataclasses import dataclass
+
+LINE = re.compile(r"^(\S+ \S+) .*after (\d+) tokens \(ttft ([\d.]+) s, tpot ([\d.]+) ms, e2e ([\d.]+) s, "
+                  r".*decode (\S+), .*predicted ttft [\d.]+ s, tpot ([\d.]+) ms")
+RATE_WINDOW_S = 20.0
+MEAN_WINDOW_S = 10.0
+
+
+@dataclass
+class Req:
+    start: float  # its first token (it joins the decode batch)
+    end: float
+    tokens: int
+    tpot: float
+    predicted: float
+    node: str  # its decode node
+
+
+def read(path: str) -> list[Req]:
+    out = []
+    for line in open(path, encoding="utf-8", errors="replace"):
+        m = LINE.search(line)
+        if not m:
+            continue
+        end = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        tokens, ttft, e2e = int(m.group(2)), float(m.group(3)), float(m.group(5))
+        tpot, predicted = float(m.group(4)) / 1000, float(m.group(7)) / 1000
+        if tokens >= 3 and tpot > 0 and predicted > 0:  # a TPOT of one or two gaps says little
+            out.append(Req(end - e2e + ttft, end, tokens, tpot, predicted, m.group(6)))
+    return sorted(out, key=lambda r: r.start)
+
+
+class Batch:
+    """The number of requests decoding over time, from their (start, end) spans."""
+
+    def __init__(self, reqs: list[Req]) -> None:
+        events = sorted([(r.start, 1) for r in reqs] + [(r.end, -1) for r in reqs])
+        self.times, self.counts, n = [], [], 0
+        for t, d in events:
+            n += d
+            self.times.append(t)
+            self.counts.append(n)
+
+    def mean(self, a: float, b: float) -> float:
+        """Its time average over [a, b]."""
+        if b <= a:
+            return self.at(a)
+        i = bisect.bisect_right(self.times, a)
+        area, t, n = 0.0, a, self.counts[i - 1] if i else 0
+        while i < len(self.times) and self.times[i] < b:
+            area += n * (self.times[i] - t)
+            t, n = self.times[i], self.counts[i]
+            i += 1
+        return (area + n * (b - t)) / (b - a)
+
+    def at(self, t: float) -> int:
+        i = bisect.bisect_right(self.times, t)
+        return self.counts[i - 1] if i else 0
+
+
+def pct(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(q * len(v)))]
+
+
+def analyse(all_reqs: list[Req]) -> dict[str, dict[str, float]]:
+    """Each decode node's batch apart; the forecasts' errors over all requests."""
+    reqs: list[Req] = []
+    forecasts: dict[str, list[float]] = {"now": [], "half": [], "forward": [], "oracle": []}
+    for node in sorted({r.node for r in all_reqs}):
+        mine = [r for r in all_reqs if r.node == node]
+        for name, xs in _forecasts(mine).items():
+            forecasts[name] += xs
+        reqs += mine
+    n = len(reqs)
+    oracle = forecasts["oracle"]
+    mx, my = sum(oracle) / n, sum(r.tpot for r in reqs) / n
+    var = sum((x - mx) ** 2 for x in oracle)
+    slope = sum((x - mx) * (r.tpot - my) for x, r in zip(oracle, reqs)) / var if var else 0.0
+    const = my - slope * mx
+    out = {}
+    for name, xs in forecasts.items():
+        err = [abs(const + slope * x - r.tpot) / r.tpot for x, r in zip(xs, reqs)]
+        out[name] = {"p50": pct(err, 0.5), "p90": pct(err, 0.9)}
+    err = [abs(r.predicted - r.tpot) / r.tpot for r in reqs]
+    out["admission"] = {"p50": pct(err, 0.5), "p90": pct(err, 0.9)}
+    out["fit"] = {"const_s": const, "per_stream_s": slope, "requests": n}
+    return out
+
+
+def _forecasts(reqs: list[Req]) -> dict[str, list[float]]:
+    """The batch each forecast expects over each request's life, on one decode node."""
+    batch = Batch(reqs)
+    starts = [r.start for r in reqs]
+    forecasts: dict[str, list[float]] = {"now": [], "half": [], "forward": [],
+                                         "oracle": [batch.mean(r.start, r.end) for r in reqs]}
+    for r in reqs:
+        others = [q for q in reqs if q.start <= r.start < q.end and q is not r]
+        life = r.end - r.start
+        forecasts["now"].append(len(others) + 1)
+        recent = batch.mean(r.start - MEAN_WINDOW_S, r.start)
+        forecasts["half"].append((len(others) + recent) / 2 + 1)
+        staying = sum(min(q.end - r.start, life) for q in others) / life
+        rate = (bisect.bisect_left(starts, r.start) - bisect.bisect_left(starts, r.start - RATE_WINDOW_S)) / RATE_WINDOW_S
+        done = [q.end - q.start for q in reqs if r.start - 120 < q.end <= r.start]
+        stay = statistics.mean(done) if done else life
+        # arrivals at ``rate``, each staying ``stay``: the mean over the life of rate · min(t, stay)
+        arriving = rate * (stay - stay * stay / (2 * life) if life > stay else life / 2)
+        forecasts["forward"].append(staying + arriving + 1)
+    return forecasts
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("log", help="a coordinator log (its per-request lines)")
+    args = ap.parse_args(argv)
+    reqs = read(args.log)
+    if len(reqs) < 10:
+        print(f"{args.log}: {len(reqs)} finished requests with a prediction; too few", file=sys.stderr)
+        return 1
+    res = analyse(reqs)
+    fit = res.pop("fit")
+    print(f"{fit['requests']} requests; TPOT = {fit['const_s'] * 1000:.1f} ms + "
+          f"{fit['per_stream_s'] * 1000:.2f} ms a stream (fitted on the true batch over each life)")
+    print("TPOT error with the batch forecast from:")
+    for name, e in res.items():
+        print(f"  {name:10s} p50 {e['p50']:6.1%}  p90 {e['p90']:6.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
