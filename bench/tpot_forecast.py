@@ -15,7 +15,8 @@ the batch each assumes). It then scores batch forecasts of growing knowledge:
   rate, each staying the recent mean decode time.
 - ``oracle``: the batch's true average over the request's life (unknowable at admission).
 
-``admission`` is what the coordinator predicted. If ``oracle`` is close and ``forward`` is not,
+``admission`` is what the coordinator predicted (and, where the log gives it, the same without
+the factor each node learned from finished requests). If ``oracle`` is close and ``forward`` is not,
 the error is the arrivals after admission, which no prediction made at admission can know.
 
     python -m tandem.bench.tpot_forecast bench/results/compare/tandem-1p1d/coordinator.log
@@ -32,7 +33,7 @@ import sys
 from dataclasses import dataclass
 
 LINE = re.compile(r"^(\S+ \S+) .*after (\d+) tokens \(ttft ([\d.]+) s, tpot ([\d.]+) ms, e2e ([\d.]+) s, "
-                  r".*decode (\S+), .*predicted ttft [\d.]+ s, tpot ([\d.]+) ms")
+                  r".*decode (\S+), .*predicted ttft [\d.]+ s, tpot ([\d.]+) ms(?:, learned factors x[\d.]+, x([\d.]+))?")
 RATE_WINDOW_S = 20.0
 MEAN_WINDOW_S = 10.0
 
@@ -45,6 +46,7 @@ class Req:
     tpot: float
     predicted: float
     node: str  # its decode node
+    factor: float = 0.0  # the learned factor in ``predicted`` (0: the log does not say)
 
 
 def read(path: str) -> list[Req]:
@@ -57,7 +59,7 @@ def read(path: str) -> list[Req]:
         tokens, ttft, e2e = int(m.group(2)), float(m.group(3)), float(m.group(5))
         tpot, predicted = float(m.group(4)) / 1000, float(m.group(7)) / 1000
         if tokens >= 3 and tpot > 0 and predicted > 0:  # a TPOT of one or two gaps says little
-            out.append(Req(end - e2e + ttft, end, tokens, tpot, predicted, m.group(6)))
+            out.append(Req(end - e2e + ttft, end, tokens, tpot, predicted, m.group(6), float(m.group(8) or 0)))
     return sorted(out, key=lambda r: r.start)
 
 
@@ -115,6 +117,9 @@ def analyse(all_reqs: list[Req]) -> dict[str, dict[str, float]]:
         out[name] = {"p50": pct(err, 0.5), "p90": pct(err, 0.9)}
     err = [abs(r.predicted - r.tpot) / r.tpot for r in reqs]
     out["admission"] = {"p50": pct(err, 0.5), "p90": pct(err, 0.9)}
+    if all(r.factor > 0 for r in reqs):  # and without the factor it learned from finished requests
+        err = [abs(r.predicted / r.factor - r.tpot) / r.tpot for r in reqs]
+        out["admission, no factor"] = {"p50": pct(err, 0.5), "p90": pct(err, 0.9)}
     out["fit"] = {"const_s": const, "per_stream_s": slope, "requests": n}
     return out
 
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{fit['per_stream_s'] * 1000:.2f} ms a stream (fitted on the true batch over each life)")
     print("TPOT error with the batch forecast from:")
     for name, e in res.items():
-        print(f"  {name:10s} p50 {e['p50']:6.1%}  p90 {e['p90']:6.1%}")
+        print(f"  {name:21s} p50 {e['p50']:6.1%}  p90 {e['p90']:6.1%}")
     return 0
 
 

@@ -1,0 +1,44 @@
+"""bench/tpot_forecast.py on a synthetic coordinator log whose TPOTs follow the batch exactly."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import pytest
+
+from tandem.bench.tpot_forecast import Batch, Req, analyse, read
+
+
+def test_the_batch_over_a_life_is_its_time_average() -> None:
+    b = Batch([Req(0.0, 10.0, 100, 0.01, 0.01, "d"), Req(5.0, 15.0, 100, 0.01, 0.01, "d")])
+    assert b.mean(0.0, 10.0) == pytest.approx(1.5)  # one stream, then two for the second half
+    assert b.mean(10.0, 15.0) == pytest.approx(1.0)
+    assert b.at(7.0) == 2 and b.at(20.0) == 0
+
+
+def test_tpots_that_follow_the_batch_are_found_by_the_oracle_and_the_log_is_read(tmp_path: Path) -> None:
+    # Requests every 2 s, each decoding 5 s: TPOT = 10 ms + 4 ms a stream of its life's mean batch.
+    spans = [(2.0 * i, 2.0 * i + 5.0) for i in range(20)] + [(100.0, 103.0)]  # and one on another node
+    reqs = [Req(a, b, 200, 0.0, 0.0, "decode-0" if a < 100 else "decode-1") for a, b in spans]
+    for r in reqs:
+        mine = [q for q in reqs if q.node == r.node]
+        r.tpot = 0.010 + 0.004 * Batch(mine).mean(r.start, r.end)
+    t0 = datetime.datetime(2026, 12, 1, 12, 0, 0).timestamp()
+    lines = []
+    for r in sorted(reqs, key=lambda r: r.end):
+        stamp = datetime.datetime.fromtimestamp(t0 + r.end).strftime("%Y-%m-%d %H:%M:%S,%f")[:-3]
+        ttft, e2e = 0.2, r.end - r.start + 0.2
+        lines.append(f"{stamp} INFO coordinator tandem.coordinator.request: request req-x: length after 200 tokens "
+                     f"(ttft {ttft:.3f} s, tpot {r.tpot * 1000:.1f} ms, e2e {e2e:.3f} s, prefill prefill-0, decode "
+                     f"{r.node}, migrations 0; predicted ttft 0.200 s, tpot {r.tpot * 1100:.1f} ms, learned factors "
+                     f"x1.00, x1.10)")
+    log = tmp_path / "coordinator.log"
+    log.write_text("\n".join(lines) + "\n")
+    got = read(str(log))
+    assert len(got) == len(reqs) and {r.node for r in got} == {"decode-0", "decode-1"}
+    res = analyse(got)
+    assert res["fit"]["per_stream_s"] == pytest.approx(0.004, rel=0.05)
+    assert res["oracle"]["p90"] < 0.02  # the batch over each life explains every TPOT
+    assert res["admission"]["p50"] == pytest.approx(0.1, abs=0.01)  # predicted 10 % high throughout
+    assert res["admission, no factor"]["p90"] < 0.01  # ... all of it the learned factor
