@@ -27,10 +27,13 @@ from __future__ import annotations
 import argparse
 import bisect
 import datetime
+import math
 import re
 import statistics
 import sys
 from dataclasses import dataclass
+
+from tandem.coordinator.router import MAX_LOG_BIAS
 
 LINE = re.compile(r"^(\S+ \S+) .*after (\d+) tokens \(ttft ([\d.]+) s, tpot ([\d.]+) ms, e2e ([\d.]+) s, "
                   r".*decode (\S+), .*predicted ttft [\d.]+ s, tpot ([\d.]+) ms(?:, learned factors x[\d.]+, x([\d.]+))?")
@@ -47,6 +50,7 @@ class Req:
     predicted: float
     node: str  # its decode node
     factor: float = 0.0  # the learned factor in ``predicted`` (0: the log does not say)
+    admitted: float = 0.0  # when it arrived (its prediction was made then)
 
 
 def read(path: str) -> list[Req]:
@@ -59,7 +63,8 @@ def read(path: str) -> list[Req]:
         tokens, ttft, e2e = int(m.group(2)), float(m.group(3)), float(m.group(5))
         tpot, predicted = float(m.group(4)) / 1000, float(m.group(7)) / 1000
         if tokens >= 3 and tpot > 0 and predicted > 0:  # a TPOT of one or two gaps says little
-            out.append(Req(end - e2e + ttft, end, tokens, tpot, predicted, m.group(6), float(m.group(8) or 0)))
+            out.append(Req(end - e2e + ttft, end, tokens, tpot, predicted, m.group(6), float(m.group(8) or 0),
+                           end - e2e))
     return sorted(out, key=lambda r: r.start)
 
 
@@ -146,9 +151,33 @@ def _forecasts(reqs: list[Req]) -> dict[str, list[float]]:
     return forecasts
 
 
+def replay_factor(reqs: list[Req], rate: float) -> dict[str, float]:
+    """TPOT error had each node's factor been learned at ``rate`` a request (coordinator/router.py
+    ``NodeClient.calibrate``): the model's own predictions (the logged ones less their factor),
+    each multiplied by the factor learned from the requests finished before it arrived."""
+    events = sorted([(r.admitted, 0, i) for i, r in enumerate(reqs)] + [(r.end, 1, i) for i, r in enumerate(reqs)])
+    bias: dict[str, float] = {}
+    predicted: dict[int, float] = {}
+    err = []
+    for _, finished, i in events:
+        r = reqs[i]
+        model = r.predicted / r.factor
+        b = bias.get(r.node, 0.0)
+        if not finished:
+            predicted[i] = model * math.exp(b)
+            continue
+        one = max(-MAX_LOG_BIAS, min(MAX_LOG_BIAS, math.log(r.tpot / model)))
+        bias[r.node] = b + rate * (one - b)
+        err.append(abs(predicted[i] - r.tpot) / r.tpot)
+    return {"p50": pct(err, 0.5), "p90": pct(err, 0.9)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("log", help="a coordinator log (its per-request lines)")
+    ap.add_argument("--factor-rates", default="0.1,0.05,0.02,0.01,0",
+                    help="replay each node's TPOT factor learned at these weights a request (logs that give "
+                         "the factors only)")
     args = ap.parse_args(argv)
     reqs = read(args.log)
     if len(reqs) < 10:
@@ -161,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     print("TPOT error with the batch forecast from:")
     for name, e in res.items():
         print(f"  {name:21s} p50 {e['p50']:6.1%}  p90 {e['p90']:6.1%}")
+    if all(r.factor > 0 for r in reqs) and args.factor_rates:
+        print("admission's TPOT error with its factor learned at (weight a request):")
+        for rate in (float(x) for x in args.factor_rates.split(",")):
+            e = replay_factor(reqs, rate)
+            print(f"  {rate:<21g} p50 {e['p50']:6.1%}  p90 {e['p90']:6.1%}")
     return 0
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tandem.bench.tpot_forecast import Batch, Req, analyse, read
+from tandem.bench.tpot_forecast import Batch, Req, analyse, read, replay_factor
 
 
 def test_the_batch_over_a_life_is_its_time_average() -> None:
@@ -42,3 +42,5 @@ def test_tpots_that_follow_the_batch_are_found_by_the_oracle_and_the_log_is_read
     assert res["oracle"]["p90"] < 0.02  # the batch over each life explains every TPOT
     assert res["admission"]["p50"] == pytest.approx(0.1, abs=0.01)  # predicted 10 % high throughout
     assert res["admission, no factor"]["p90"] < 0.01  # ... all of it the learned factor
+    # The model alone is right here: a factor learned at any weight stays 1.
+    assert replay_factor(got, 0.1)["p90"] < 0.01
