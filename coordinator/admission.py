@@ -206,14 +206,16 @@ def _life_load(node: NodeClient, tokens: int) -> tuple[float, float]:
     return life, life * each
 
 
-def decode_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int) -> Estimate:
-    """Mean time per output token after the first, for a request of ``max_tokens`` (>= 2)."""
+def decode_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int,
+                    life: tuple[float, float] | None = None) -> Estimate:
+    """Mean time per output token after the first, for a request of ``max_tokens`` (>= 2).
+    ``life``: ``_life_load(node, max_tokens)`` when the caller has it already."""
     model = node.model
     if not model.decode.samples:
         return Estimate(node, None)
     step = _stepper(node)
     batch, context = _decode_load(node)
-    life_batch, life_context = _life_load(node, max_tokens)
+    life_batch, life_context = life or _life_load(node, max_tokens)
     mine = prompt_tokens + max_tokens // 2  # its mean context over the steps
     block = int(node.record.layout.get("block_size", 1) or 1)
     kv = -(-prompt_tokens // block) * block * kv_bytes_per_token(node.record.layout)
@@ -238,8 +240,8 @@ class LocalEstimate:
     harm_s: float
 
 
-def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached: Held = Held()
-                   ) -> LocalEstimate | None:
+def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached: Held = Held(),
+                   life: tuple[float, float] | None = None) -> LocalEstimate | None:
     """None when the node has no prefill or no decode model yet.
 
     TTFT = the prefills queued there (its own report, or this coordinator's local prefills
@@ -274,7 +276,7 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
     tpot = None
     if max_tokens > 1:
         mine = prompt_tokens + max_tokens // 2
-        life_batch, life_context = _life_load(node, max_tokens)
+        life_batch, life_context = life or _life_load(node, max_tokens)
         ft = node.factor("tpot")
         each = step(life_batch + 1, life_context + mine)
         tpot = Estimate(node, each * ft, model.step_s(1, mine), factor=ft,
@@ -404,11 +406,13 @@ class Admission:
                for n in prefills]
         # A node where it would push queued requests past their objective only when every node would.
         pre = [e for e in pre if not e.pushes] or pre
-        dec = [decode_estimate(n, prompt_tokens, max_tokens) for n in decoders] if max_tokens > 1 else []
+        # Each decode node's batch over the request's life, looked at once (O(its streams)).
+        lives = {n.node_id: _life_load(n, max_tokens) for n in decoders} if max_tokens > 1 else {}
+        dec = [decode_estimate(n, prompt_tokens, max_tokens, lives[n.node_id]) for n in decoders] if lives else []
         p = (self.rng.choice(pre) if self.routing == "random" else _best(pre)) if pre else None
         d = _best(dec) if dec else None
         remote = _Option(p, d) if p is not None else None
-        local = self._local(decoders, prompt_tokens, max_tokens, slo, held) if self.local else None
+        local = self._local(decoders, prompt_tokens, max_tokens, slo, held, lives) if self.local else None
         chosen = _choose(remote, local, slo)
         if chosen is None:  # no prefill node, and no decode node that could do it: the pipeline waits
             decide("unpredicted")
@@ -466,13 +470,13 @@ class Admission:
         raise Rejected(msg, plan.ttft_s, plan.tpot_s, retry)
 
     def _local(self, decoders: list[NodeClient], prompt_tokens: int, max_tokens: int, slo: Slo,
-               held: dict[str, Held]) -> _Option | None:
+               held: dict[str, Held], lives: dict[str, tuple[float, float]]) -> _Option | None:
         """The best decode node to prefill this request itself, among those where that does not
         push the streams they are decoding past the TPOT objective (with none set: where no other
         prefill is running)."""
         fits: list[tuple[LocalEstimate, NodeClient]] = []
         for n in decoders:
-            est = local_estimate(n, prompt_tokens, max_tokens, held.get(n.node_id, Held()))
+            est = local_estimate(n, prompt_tokens, max_tokens, held.get(n.node_id, Held()), lives.get(n.node_id))
             if est is None:
                 continue
             batch, context = _decode_load(n)
