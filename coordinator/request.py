@@ -159,11 +159,14 @@ def account(req: Prepared, plan: Plan, prog: Progress, leg: int, router: Router,
     met = (out.reason in ("length", "stop") and (slo.ttft_s is None or out.ttft_s <= slo.ttft_s)
            and (out.completion_tokens <= 1 or slo.tpot_s is None or tpot <= slo.tpot_s))
     req.slo_met = "none" if slo.ttft_s is None and slo.tpot_s is None else "yes" if met else "no"
+    # (TTFT's parts too: until its prefill call went out, then that call until the first token.)
     logger.info("request %s: %s after %d tokens (ttft %.3f s, tpot %.1f ms, e2e %.3f s, prefill %s%s, "
-                "decode %s, migrations %d; predicted ttft %.3f s, tpot %.1f ms, learned factors x%.2f, x%.2f)",
+                "decode %s, migrations %d, dispatch %.3f s, prefill call %.3f s; predicted ttft %.3f s, "
+                "tpot %.1f ms, learned factors x%.2f, x%.2f)",
                 rid, out.reason, out.completion_tokens, out.ttft_s, tpot * 1000, out.e2e_s, out.prefill_node,
-                " (local)" if out.local_prefill else "", out.decode_node or "-", leg, out.predicted_ttft_s,
-                out.predicted_tpot_s * 1000, plan.ttft_factor, plan.tpot_factor)
+                " (local)" if out.local_prefill else "", out.decode_node or "-", leg, out.dispatch_s,
+                out.prefill_call_s, out.predicted_ttft_s, out.predicted_tpot_s * 1000, plan.ttft_factor,
+                plan.tpot_factor)
     if log_prompts_enabled():
         logger.info("request %s: prompt %r -> output %r", rid,
                     decode(req.prompt_ids), decode(prog.detok.ids))

@@ -31,7 +31,7 @@ def test_tpots_that_follow_the_batch_are_found_by_the_oracle_and_the_log_is_read
         ttft, e2e = 0.2, r.end - r.start + 0.2
         lines.append(f"{stamp} INFO coordinator tandem.coordinator.request: request req-x: length after 200 tokens "
                      f"(ttft {ttft:.3f} s, tpot {r.tpot * 1000:.1f} ms, e2e {e2e:.3f} s, prefill prefill-0, decode "
-                     f"{r.node}, migrations 0; predicted ttft 0.200 s, tpot {r.tpot * 1100:.1f} ms, learned factors "
+                     f"{r.node}, migrations 0, dispatch 0.010 s, prefill call 0.190 s; predicted ttft 0.200 s, tpot {r.tpot * 1100:.1f} ms, learned factors "
                      f"x1.00, x1.10)")
     log = tmp_path / "coordinator.log"
     log.write_text("\n".join(lines) + "\n")
