@@ -185,7 +185,7 @@ class NodePerf:
         batch = (self._batch_area - areas[0]) / took
         context = (self._context_area - areas[1]) / took
         if batch <= 0:
-            self.model.saw_prefill(tokens, took)  # the batch had left before it began
+            self.model.saw_prefill(tokens, took)  # no stream decoded while it ran
             return
         steps = chunk_steps(tokens, self.step_tokens or VLLM_STEP_TOKENS, batch)
         own = took - steps * max(0.0, self.model.step_s(batch, context) - self.model.step_s(0, 0))
