@@ -179,7 +179,7 @@ def _life_load(node: NodeClient, tokens: int) -> tuple[float, float]:
     node's recent rate, each staying for the recent mean of output tokens asked for. Streams the
     node reports beyond this coordinator's (another coordinator's) count like its own. Without
     streams of its own there, as before: half the batch now, half the node's recent average.
-    Measured on a coordinator log (bench/tpot_forecast.py, the thirteenth sitting's run): TPOT
+    Measured on a coordinator log (bench/forecast.py, the thirteenth sitting's run): TPOT
     error p50 15 % and p90 33 % with this view, 22 % and 40 % with the half-and-half one, 5 % and
     12 % knowing the batch to come; the rest is when the later requests arrive, which no forecast
     made now knows. O(streams) a node: each one's tokens to come are asked."""

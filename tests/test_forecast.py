@@ -1,4 +1,4 @@
-"""bench/tpot_forecast.py on a synthetic coordinator log whose TPOTs follow the batch exactly."""
+"""bench/forecast.py on a synthetic coordinator log whose TPOTs follow the batch exactly."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tandem.bench.tpot_forecast import Batch, Req, analyse, read, replay_factor
+from tandem.bench.forecast import Batch, Req, analyse, read, replay_factor, ttft_parts
 
 
 def test_the_batch_over_a_life_is_its_time_average() -> None:
@@ -31,8 +31,8 @@ def test_tpots_that_follow_the_batch_are_found_by_the_oracle_and_the_log_is_read
         ttft, e2e = 0.2, r.end - r.start + 0.2
         lines.append(f"{stamp} INFO coordinator tandem.coordinator.request: request req-x: length after 200 tokens "
                      f"(ttft {ttft:.3f} s, tpot {r.tpot * 1000:.1f} ms, e2e {e2e:.3f} s, prefill prefill-0, decode "
-                     f"{r.node}, migrations 0, dispatch 0.010 s, prefill call 0.190 s; predicted ttft 0.200 s, tpot {r.tpot * 1100:.1f} ms, learned factors "
-                     f"x1.00, x1.10)")
+                     f"{r.node}, migrations 0, dispatch 0.100 s, prefill call 0.100 s; predicted ttft 0.250 s, tpot "
+                     f"{r.tpot * 1100:.1f} ms, learned factors x1.00, x1.10, of the ttft waiting 0.150 s)")
     log = tmp_path / "coordinator.log"
     log.write_text("\n".join(lines) + "\n")
     got = read(str(log))
@@ -44,3 +44,6 @@ def test_tpots_that_follow_the_batch_are_found_by_the_oracle_and_the_log_is_read
     assert res["admission, no factor"]["p90"] < 0.01  # ... all of it the learned factor
     # The model alone is right here: a factor learned at any weight stays 1.
     assert replay_factor(got, 0.1)["p90"] < 0.01
+    # TTFT 0.2 s predicted 0.25 s: all of the 25 % in the wait (0.15 s predicted, 0.1 s measured).
+    t = ttft_parts(str(log))["prefill node"]
+    assert t["p50"] == pytest.approx(0.25) and t["wait_p50"] == pytest.approx(0.25) and t["rest_p90"] == pytest.approx(0)

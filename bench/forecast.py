@@ -1,7 +1,7 @@
-"""How well can a TPOT be predicted when the request is admitted? An analysis of a coordinator log.
+"""How well can TTFT and TPOT be predicted when a request is admitted? An analysis of a coordinator log.
 
-A request's TPOT is the mean step of the decode batch over its life, and that batch holds the
-requests that arrive after it was admitted. This reads each finished request from a
+TPOT. A request's TPOT is the mean step of the decode batch over its life, and that batch holds
+the requests that arrive after it was admitted. This reads each finished request from a
 coordinator's log (its per-request line: decode start = finish - e2e + TTFT, finish, tokens,
 measured and predicted TPOT), rebuilds the decode batch over time, and fits one line
 TPOT = a + b·batch in-sample (the fit is the same for every forecast, so the rows differ only in
@@ -19,7 +19,11 @@ the batch each assumes). It then scores batch forecasts of growing knowledge:
 the factor each node learned from finished requests). If ``oracle`` is close and ``forward`` is not,
 the error is the arrivals after admission, which no prediction made at admission can know.
 
-    python -m tandem.bench.tpot_forecast bench/results/compare/tandem-1p1d/coordinator.log
+TTFT (logs that give its parts): the error of admission's TTFT, of its wait before the prefill
+call went out against the wait measured, and of the rest (the prefill call) had the wait been
+known: which of the two parts the error is in.
+
+    python -m tandem.bench.forecast bench/results/compare/tandem-1p1d/coordinator.log
 """
 
 from __future__ import annotations
@@ -172,6 +176,34 @@ def replay_factor(reqs: list[Req], rate: float) -> dict[str, float]:
     return {"p50": pct(err, 0.5), "p90": pct(err, 0.9)}
 
 
+TTFT_LINE = re.compile(r"ttft ([\d.]+) s, .*prefill \S+( \(local\))?, .*dispatch ([\d.]+) s, prefill call ([\d.]+) s; "
+                       r"predicted ttft ([\d.]+) s, .*of the ttft waiting ([\d.]+) s\)")
+
+
+def ttft_parts(path: str) -> dict[str, dict[str, float]]:
+    """Admission's TTFT error, and where it lies: in the wait before the prefill call went out
+    (predicted against measured, relative to the TTFT), or in the rest (the prediction with the
+    measured wait put in place of the predicted one). Requests prefilled on a decode node apart."""
+    out: dict[str, dict[str, float]] = {}
+    rows: dict[str, list[tuple[float, float, float, float]]] = {"prefill node": [], "decode node (local)": []}
+    for line in open(path, encoding="utf-8", errors="replace"):
+        m = TTFT_LINE.search(line)
+        if m and float(m.group(1)) > 0 and float(m.group(5)) > 0:
+            rows["decode node (local)" if m.group(2) else "prefill node"].append(
+                (float(m.group(1)), float(m.group(3)), float(m.group(5)), float(m.group(6))))
+    for where, rs in rows.items():
+        if len(rs) < 5:
+            continue
+        whole = [abs(pred - ttft) / ttft for ttft, _, pred, _ in rs]
+        wait = [abs(waiting - dispatch) / ttft for ttft, dispatch, _, waiting in rs]
+        rest = [abs(pred - waiting + dispatch - ttft) / ttft for ttft, dispatch, pred, waiting in rs]
+        out[where] = {"requests": len(rs), "p50": pct(whole, 0.5), "p90": pct(whole, 0.9),
+                      "wait_p50": pct(wait, 0.5), "wait_p90": pct(wait, 0.9),
+                      "rest_p50": pct(rest, 0.5), "rest_p90": pct(rest, 0.9),
+                      "waited_share": sum(1 for _, d, _, _ in rs if d > 0.02) / len(rs)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("log", help="a coordinator log (its per-request lines)")
@@ -195,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         for rate in (float(x) for x in args.factor_rates.split(",")):
             e = replay_factor(reqs, rate)
             print(f"  {rate:<21g} p50 {e['p50']:6.1%}  p90 {e['p90']:6.1%}")
+    for where, e in ttft_parts(args.log).items():
+        print(f"TTFT, prefilled on a {where} ({e['requests']:.0f} requests, {e['waited_share']:.0%} waited over 20 ms "
+              f"before their call): error p50 {e['p50']:.1%} p90 {e['p90']:.1%}; of it the wait p50 "
+              f"{e['wait_p50']:.1%} p90 {e['wait_p90']:.1%}; the rest, with the wait known, p50 {e['rest_p50']:.1%} "
+              f"p90 {e['rest_p90']:.1%}")
     return 0
 
 
