@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from tandem.coordinator.router import MAX_LOG_BIAS
 
 LINE = re.compile(r"^(\S+ \S+) .*after (\d+) tokens \(ttft ([\d.]+) s, tpot ([\d.]+) ms, e2e ([\d.]+) s, "
-                  r".*decode (\S+), .*predicted ttft [\d.]+ s, tpot ([\d.]+) ms(?:, learned factors x[\d.]+, x([\d.]+))?")
+                  r".*decode (\S+), migrations (\d+).*predicted ttft [\d.]+ s, tpot ([\d.]+) ms"
+                  r"(?:, learned factors x[\d.]+, x([\d.]+))?")
 RATE_WINDOW_S = 20.0
 MEAN_WINDOW_S = 10.0
 
@@ -65,9 +66,10 @@ def read(path: str) -> list[Req]:
             continue
         end = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
         tokens, ttft, e2e = int(m.group(2)), float(m.group(3)), float(m.group(5))
-        tpot, predicted = float(m.group(4)) / 1000, float(m.group(7)) / 1000
-        if tokens >= 3 and tpot > 0 and predicted > 0:  # a TPOT of one or two gaps says little
-            out.append(Req(end - e2e + ttft, end, tokens, tpot, predicted, m.group(6), float(m.group(8) or 0),
+        tpot, predicted = float(m.group(4)) / 1000, float(m.group(8)) / 1000
+        # A TPOT of one or two gaps says little; a migrated request's prediction was for another node.
+        if tokens >= 3 and tpot > 0 and predicted > 0 and e2e > ttft and m.group(7) == "0":
+            out.append(Req(end - e2e + ttft, end, tokens, tpot, predicted, m.group(6), float(m.group(9) or 0),
                            end - e2e))
     return sorted(out, key=lambda r: r.start)
 
@@ -183,7 +185,10 @@ TTFT_LINE = re.compile(r"ttft ([\d.]+) s, .*prefill \S+( \(local\))?, .*dispatch
 def ttft_parts(path: str) -> dict[str, dict[str, float]]:
     """Admission's TTFT error, and where it lies: in the wait before the prefill call went out
     (predicted against measured, relative to the TTFT), or in the rest (the prediction with the
-    measured wait put in place of the predicted one). Requests prefilled on a decode node apart."""
+    measured wait put in place of the predicted one). Requests prefilled on a decode node apart,
+    and only their whole error: their predicted wait is the decode node's own queue, which
+    passes after the call went out (as does a prefill node's, when admission had nothing of its
+    own queued there to place the request among)."""
     out: dict[str, dict[str, float]] = {}
     rows: dict[str, list[tuple[float, float, float, float]]] = {"prefill node": [], "decode node (local)": []}
     for line in open(path, encoding="utf-8", errors="replace"):
@@ -198,9 +203,10 @@ def ttft_parts(path: str) -> dict[str, dict[str, float]]:
         wait = [abs(waiting - dispatch) / ttft for ttft, dispatch, _, waiting in rs]
         rest = [abs(pred - waiting + dispatch - ttft) / ttft for ttft, dispatch, pred, waiting in rs]
         out[where] = {"requests": len(rs), "p50": pct(whole, 0.5), "p90": pct(whole, 0.9),
-                      "wait_p50": pct(wait, 0.5), "wait_p90": pct(wait, 0.9),
-                      "rest_p50": pct(rest, 0.5), "rest_p90": pct(rest, 0.9),
                       "waited_share": sum(1 for _, d, _, _ in rs if d > 0.02) / len(rs)}
+        if where == "prefill node":
+            out[where].update(wait_p50=pct(wait, 0.5), wait_p90=pct(wait, 0.9), rest_p50=pct(rest, 0.5),
+                              rest_p90=pct(rest, 0.9))
     return out
 
 
@@ -228,10 +234,10 @@ def main(argv: list[str] | None = None) -> int:
             e = replay_factor(reqs, rate)
             print(f"  {rate:<21g} p50 {e['p50']:6.1%}  p90 {e['p90']:6.1%}")
     for where, e in ttft_parts(args.log).items():
+        split = (f"; of it the wait p50 {e['wait_p50']:.1%} p90 {e['wait_p90']:.1%}; the rest, with the wait "
+                 f"known, p50 {e['rest_p50']:.1%} p90 {e['rest_p90']:.1%}" if "wait_p50" in e else "")
         print(f"TTFT, prefilled on a {where} ({e['requests']:.0f} requests, {e['waited_share']:.0%} waited over 20 ms "
-              f"before their call): error p50 {e['p50']:.1%} p90 {e['p90']:.1%}; of it the wait p50 "
-              f"{e['wait_p50']:.1%} p90 {e['wait_p90']:.1%}; the rest, with the wait known, p50 {e['rest_p50']:.1%} "
-              f"p90 {e['rest_p90']:.1%}")
+              f"before their call): error p50 {e['p50']:.1%} p90 {e['p90']:.1%}{split}")
     return 0
 
 
