@@ -37,6 +37,7 @@ import statistics
 import sys
 from dataclasses import dataclass
 
+from tandem.bench.metrics import percentile
 from tandem.coordinator.router import MAX_LOG_BIAS
 
 LINE = re.compile(r"^(\S+ \S+) .*after (\d+) tokens \(ttft ([\d.]+) s, tpot ([\d.]+) ms, e2e ([\d.]+) s, "
@@ -102,9 +103,8 @@ class Batch:
         return self.counts[i - 1] if i else 0
 
 
-def pct(values: list[float], q: float) -> float:
-    v = sorted(values)
-    return v[min(len(v) - 1, int(q * len(v)))]
+def p50_p90(err: list[float]) -> dict[str, float]:
+    return {"p50": percentile(err, 50), "p90": percentile(err, 90)}
 
 
 def analyse(all_reqs: list[Req]) -> dict[str, dict[str, float]]:
@@ -125,12 +125,12 @@ def analyse(all_reqs: list[Req]) -> dict[str, dict[str, float]]:
     out = {}
     for name, xs in forecasts.items():
         err = [abs(const + slope * x - r.tpot) / r.tpot for x, r in zip(xs, reqs)]
-        out[name] = {"p50": pct(err, 0.5), "p90": pct(err, 0.9)}
+        out[name] = p50_p90(err)
     err = [abs(r.predicted - r.tpot) / r.tpot for r in reqs]
-    out["admission"] = {"p50": pct(err, 0.5), "p90": pct(err, 0.9)}
+    out["admission"] = p50_p90(err)
     if all(r.factor > 0 for r in reqs):  # and without the factor it learned from finished requests
         err = [abs(r.predicted / r.factor - r.tpot) / r.tpot for r in reqs]
-        out["admission, no factor"] = {"p50": pct(err, 0.5), "p90": pct(err, 0.9)}
+        out["admission, no factor"] = p50_p90(err)
     out["fit"] = {"const_s": const, "per_stream_s": slope, "requests": n}
     return out
 
@@ -175,7 +175,7 @@ def replay_factor(reqs: list[Req], rate: float) -> dict[str, float]:
         one = max(-MAX_LOG_BIAS, min(MAX_LOG_BIAS, math.log(r.tpot / model)))
         bias[r.node] = b + rate * (one - b)
         err.append(abs(predicted[i] - r.tpot) / r.tpot)
-    return {"p50": pct(err, 0.5), "p90": pct(err, 0.9)}
+    return p50_p90(err)
 
 
 TTFT_LINE = re.compile(r"ttft ([\d.]+) s, .*prefill \S+( \(local\))?, .*dispatch ([\d.]+) s, prefill call ([\d.]+) s; "
@@ -202,11 +202,11 @@ def ttft_parts(path: str) -> dict[str, dict[str, float]]:
         whole = [abs(pred - ttft) / ttft for ttft, _, pred, _ in rs]
         wait = [abs(waiting - dispatch) / ttft for ttft, dispatch, _, waiting in rs]
         rest = [abs(pred - waiting + dispatch - ttft) / ttft for ttft, dispatch, pred, waiting in rs]
-        out[where] = {"requests": len(rs), "p50": pct(whole, 0.5), "p90": pct(whole, 0.9),
+        out[where] = {"requests": len(rs), **p50_p90(whole),
                       "waited_share": sum(1 for _, d, _, _ in rs if d > 0.02) / len(rs)}
         if where == "prefill node":
-            out[where].update(wait_p50=pct(wait, 0.5), wait_p90=pct(wait, 0.9), rest_p50=pct(rest, 0.5),
-                              rest_p90=pct(rest, 0.9))
+            out[where].update({f"{part}_{k}": v for part, err in (("wait", wait), ("rest", rest))
+                               for k, v in p50_p90(err).items()})
     return out
 
 
