@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tandem.errors import InvalidRequest, Rejected
-from tandem.perfmodel import chunk_steps, kv_bytes_per_token
+from tandem.perfmodel import beside_s, chunk_steps, kv_bytes_per_token
 
 from . import metrics as m
 from .prefillq import PrefillOrder
@@ -266,13 +266,13 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
     run_s = idle_s * f
     step_tokens = (load.step_tokens if load is not None else 0) or DEFAULT_STEP_TOKENS
     chunks = chunk_steps(sum(queue) + prompt_tokens - cached.tokens, step_tokens, batch)
-    # Its chunks' steps carry the batch too (the fitted step: that is what a step beside a chunk costs).
-    beside_s = chunks * max(0.0, model.step_s(batch, context) - model.step_s(0, 0)) * f if batch else 0.0
+    # Its chunks' steps carry the batch too: what the batch adds to each.
+    batch_s = chunks * beside_s(model, batch, context) * f
     hit = f", {cached.tokens} tokens held there" if cached.tokens else ""
-    ttft = Estimate(node, queue_s + run_s + beside_s, idle_s, queue_s=queue_s, factor=f, cached_tokens=cached,
+    ttft = Estimate(node, queue_s + run_s + batch_s, idle_s, queue_s=queue_s, factor=f, cached_tokens=cached,
                     describe=lambda: f"{node.node_id} (prefill here): queue {len(queue)} prompts {queue_s * 1000:.0f} ms + "
                     f"prefill {run_s * 1000:.0f} ms + {chunks} steps beside a batch of {batch} "
-                    f"{beside_s * 1000:.0f} ms{_calibrated(f)}{hit}")
+                    f"{batch_s * 1000:.0f} ms{_calibrated(f)}{hit}")
     tpot = None
     if max_tokens > 1:
         mine = prompt_tokens + max_tokens // 2
@@ -282,7 +282,7 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
         tpot = Estimate(node, each * ft, model.step_s(1, mine), factor=ft,
                         describe=lambda: f"{node.node_id} (prefill here): batch {batch} now, {life_batch:.1f} + 1 over its life, "
                         f"step {each * 1000:.1f} ms{_calibrated(ft)}")
-    harm = (run_s + beside_s) / max(max_tokens, MIN_OTHERS_TOKENS) if batch else 0.0
+    harm = (run_s + batch_s) / max(max_tokens, MIN_OTHERS_TOKENS) if batch else 0.0
     return LocalEstimate(ttft, tpot, harm)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 VLLM_STEP_TOKENS = 2048  # an engine's tokens a step when its node does not set them (vLLM's default)
 
@@ -188,11 +189,26 @@ def transfer_fit(half_life: float = 200.0) -> OnlineFit:
     return OnlineFit(("const", "bytes"), (1.0, 1e8), half_life)
 
 
-def chunk_steps(tokens: int, step_tokens: int, batch: float) -> int:
-    """The engine steps a prefill of ``tokens`` takes beside a decode batch of ``batch``: vLLM's
-    scheduler gives each running stream its token first and the prompt the rest of the step's
+def chunk_tokens(step_tokens: int, batch: float) -> int:
+    """A prompt's tokens in one engine step beside a decode batch of ``batch``: vLLM's scheduler
+    gives each running stream its token first and the prompt the rest of the step's
     ``step_tokens`` (at least one)."""
-    return -(-tokens // max(1, step_tokens - round(batch)))
+    return max(1, step_tokens - round(batch))
+
+
+def chunk_steps(tokens: int, step_tokens: int, batch: float) -> int:
+    """The engine steps a prefill of ``tokens`` takes beside a decode batch of ``batch``."""
+    return -(-tokens // chunk_tokens(step_tokens, batch))
+
+
+class Steps(Protocol):
+    def step_s(self, batch: float, context_tokens: float) -> float: ...
+
+
+def beside_s(model: Steps, batch: float, context_tokens: float) -> float:
+    """What a decode batch adds to a step that carries a prefill chunk: the batch's step over an
+    empty one (the chunk's prefill time, fitted in chunks, already holds a step's overhead)."""
+    return max(0.0, model.step_s(batch, context_tokens) - model.step_s(0, 0)) if batch > 0 else 0.0
 
 
 class _Predicts:

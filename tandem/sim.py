@@ -54,7 +54,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tandem.perfmodel import NodeModel, chunk_steps
+from tandem.perfmodel import NodeModel, beside_s, chunk_steps, chunk_tokens
 
 ORDERS = ("fifo", "slack")
 NOT_MODELLED = ("prefix caching", "transfer contention")
@@ -260,7 +260,7 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             queue_s = sum(dec.prefill_s(t) for t in dn.local_left.values())
             run_s = dec.prefill_s(e.input_len)
             chunks = chunk_steps(ahead + e.input_len, cfg.step_tokens, b)
-            beside = chunks * max(0.0, dec.step_s(b, ctx) - dec.step_s(0, 0)) if b else 0.0
+            beside = chunks * beside_s(dec, b, ctx)
             if cfg.slo_tpot_s > 0:
                 harm = (run_s + beside) / max(e.output_len, MIN_OTHERS_TOKENS)
                 if b and dec.step_s(b, ctx) + harm > cfg.slo_tpot_s:
@@ -319,7 +319,7 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         if dn.local:  # a chunk of the local prefill at its head rides in this step
             r = dn.local[0]
             left = dn.local_left[r]
-            c = min(max(1, cfg.step_tokens - len(dn.running)), left)  # the streams' tokens go first
+            c = min(chunk_tokens(cfg.step_tokens, len(dn.running)), left)
             done = trace[r].input_len - left
             took = cfg.decode.prefill_s(done + c) - (cfg.decode.prefill_s(done) if done else 0.0)
             dn.chunk = (r, c)
@@ -327,12 +327,11 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             dn.stepping = False
             return
         dn.stepping = True
-        b = len(dn.running)
-        if b:
-            step_s = cfg.decode.step_s(b, dn.base + b * dn.step_no)
-            # beside a chunk, the step adds what it costs over an empty one (the chunk's prefill time
-            # already holds a step's overhead: the decode node's prefill fit was measured in chunks)
-            took += step_s - cfg.decode.step_s(0, 0) if dn.chunk is not None else step_s
+        b, ctx = len(dn.running), dn.base + len(dn.running) * dn.step_no
+        if dn.chunk is not None:
+            took += beside_s(cfg.decode, b, ctx)  # the chunk's own time holds the step's overhead
+        else:
+            took += cfg.decode.step_s(b, ctx)
         push(now + took, STEPPED, d, -1)
 
     while events:

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Gauge
 
-from tandem.perfmodel import VLLM_STEP_TOKENS, ModelView, NodeModel, OnlineFit, chunk_steps
+from tandem.perfmodel import VLLM_STEP_TOKENS, ModelView, NodeModel, OnlineFit, beside_s, chunk_steps
 from tandem.proto import tandem_pb2 as pb
 
 COEFFICIENT = Gauge("tandem_perf_coefficient", "A fitted coefficient of this node's performance model "
@@ -188,7 +188,7 @@ class NodePerf:
             self.model.saw_prefill(tokens, took)  # no stream decoded while it ran
             return
         steps = chunk_steps(tokens, self.step_tokens or VLLM_STEP_TOKENS, batch)
-        own = took - steps * max(0.0, self.model.step_s(batch, context) - self.model.step_s(0, 0))
+        own = took - steps * beside_s(self.model, batch, context)
         if own > 0:
             self.model.saw_prefill(tokens, own)
 
