@@ -1,13 +1,10 @@
 """Admission: predict a new request's TTFT and TPOT on every candidate node, pick, or refuse.
 
-For each routable prefill node the predicted TTFT is the time its queue
-(the prefills there now, as its load stream says, or this coordinator's own
-in flight there, whichever is more) takes plus this prompt's prefill, both
-from the node's fitted model (tandem/perfmodel.py). For each routable decode
-node the predicted TPOT is the mean gap after the first token: the KV fetch
-plus one step (the node's ``transfer`` fit, by KV bytes) and then
-``max_tokens - 2`` steps of its batch with this request added (its
-``decode`` fit, by batch size and context tokens).
+For each routable prefill node the predicted TTFT is the wait for its turn
+there plus this prompt's prefill; for each routable decode node the predicted
+TPOT is the mean gap after the first token (the KV fetch, then the steps of
+the batch it joins); and on a decode node that would prefill it itself, both
+(estimates.py makes each, from the node's fitted model, tandem/perfmodel.py).
 
 The request goes to the prefill node with the lowest predicted TTFT and the
 decode node with the lowest predicted TPOT (the pair with the most headroom,
@@ -28,25 +25,22 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from tandem.errors import InvalidRequest, Rejected
-from tandem.perfmodel import beside_s, chunk_steps, kv_bytes_per_token
 
 from . import metrics as m
+from .estimates import (Estimate, LocalEstimate, decode_estimate, decode_load, life_load, local_estimate,
+                        prefill_estimate, stepper)
 from .prefillq import PrefillOrder
-from .prefix import ROUTINGS, Held, held_prefixes, load_s, prefill_after_load
-from .router import NodeClient, Router, Tally
+from .prefix import ROUTINGS, Held, held_prefixes
+from .router import NodeClient, Router
 
 logger = logging.getLogger(__name__)
 
 MODES = ("on", "off")
 MAX_SLO_MS = 3_600_000.0
-DEFAULT_STEP_TOKENS = 256  # a decode node's per-step budget when its load does not say
-MIN_OTHERS_TOKENS = 16  # the fewest tokens a running stream is assumed to have left
 LOCAL_GAIN = 0.2  # prefill on the decode node when that starts this much sooner (and both meet the SLO)
-MAX_PREFILL_BUSY = 0.8  # the most of a decode node's time its local prefills are taken to hold
 
 
 @dataclass(frozen=True)
@@ -76,22 +70,6 @@ class Slo:
 
 
 @dataclass
-class Estimate:
-    node: NodeClient
-    seconds: float | None  # None: the node has no model yet
-    idle_seconds: float | None = None  # the same on an idle node
-    describe: Callable[[], str] = lambda: ""  # what it stood on, made only when logged or refused
-    queue_s: float = 0.0  # of ``seconds``, the wait for work already queued there
-    pushes: int = 0  # queued requests it would push past their TTFT objective (prefill order)
-    factor: float = 1.0  # the node's learned calibration, in ``seconds`` (not in ``idle_seconds``)
-    cached_tokens: Held = Held()  # what it holds of the prompt (engine prefix cache, KV store)
-
-    @property
-    def detail(self) -> str:
-        return self.describe()
-
-
-@dataclass
 class Plan:
     """Where a request starts, and what was predicted for it there (None: not predicted)."""
 
@@ -105,185 +83,6 @@ class Plan:
     tpot_factor: float = 1.0  # divided by these, less waited_s; what the nodes learn from)
     waited_s: float = 0.0  # of ttft_s, the time a batch request waited in the batch queue (traffic.py)
     prefill_held: int = 0  # prompt tokens the prefilling node holds (cached or loaded there, not computed)
-
-
-def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None = None,
-                     arrival: float = 0.0, ttft_s: float | None = None, cached: Held = Held()
-                     ) -> Estimate:
-    """With ``order``: the wait is where the prefill order (prefillq.py) would put a request
-    that arrived at ``arrival`` with TTFT objective ``ttft_s`` among this coordinator's own
-    requests for the node; otherwise (or with nothing of this coordinator's there) the whole
-    queue the node reports, in arrival order. ``cached``: what the node holds of the prompt from
-    its start (in its engine's prefix cache, or loaded from its KV store): not computed."""
-    model = node.model
-    cached = cached.capped(tokens - 1)  # the last prompt token is always computed
-    if not model.prefill.samples:
-        return Estimate(node, None, cached_tokens=cached)
-    f = node.factor("ttft")
-    held = cached.tokens
-    idle_s = prefill_after_load(model, tokens, held) + load_s(cached.loaded, cached.disk)
-    run_s = idle_s * f
-    hit = (f", {held} tokens held there ({cached.engine} in its engine's cache, {cached.disk} on disk)"
-           if held > 0 else "")
-    where = order.predict(node, tokens - held, arrival, ttft_s) if order is not None else None
-    if where is not None:
-        wait_s = where.wait_s * f
-        return Estimate(node, wait_s + run_s, idle_s, queue_s=wait_s, pushes=where.pushes, factor=f,
-                        cached_tokens=cached, describe=lambda:
-                        f"{node.node_id}: {wait_s * 1000:.0f} ms before its turn ({order.order} order) + "  # type: ignore[union-attr]
-                        f"prefill {run_s * 1000:.0f} ms{_calibrated(f)}{hit}")
-    queue = _prefill_queue(node, node.inflight)
-    queue_s = sum(model.prefill_s(t) for t in queue) * f
-    return Estimate(node, queue_s + run_s, idle_s, queue_s=queue_s, factor=f, cached_tokens=cached, describe=lambda:
-                    f"{node.node_id}: queue {len(queue)} prompts {queue_s * 1000:.0f} ms + prefill "
-                    f"{run_s * 1000:.0f} ms{_calibrated(f)}{hit}")
-
-
-def _calibrated(f: float) -> str:
-    return f" (x{f:.2f}, learned)" if abs(f - 1.0) >= 0.005 else ""
-
-
-def _prefill_queue(node: NodeClient, own: Tally) -> list[int]:
-    """Prompt tokens of the prefills waiting or running there: as the node reports them, or this
-    coordinator's own (``own``) when those hold more tokens (sent since the node's last report)."""
-    load = node.fresh_load()
-    reported = list(load.prefill_queue) if load is not None else []
-    return list(own.values()) if own.total > sum(reported) else reported
-
-
-def _decode_load(node: NodeClient) -> tuple[int, int]:
-    """(streams, their context tokens) on a decode node: as it reports them, or as many as this
-    coordinator has sent there, whichever is more."""
-    load = node.fresh_load()
-    batch, context = len(node.inflight), node.inflight.total
-    if load is not None and load.decode_batch + load.decode_waiting >= batch:
-        batch = load.decode_batch + load.decode_waiting
-        context = max(context, load.decode_context)
-    return batch, context
-
-
-def _stepper(node: NodeClient):  # type: ignore[no-untyped-def]
-    """The node's decode step time as its streams see it: the fitted step (which leaves out the
-    steps it shared with local prefills) stretched by the share of recent time spent on those."""
-    load = node.fresh_load()
-    busy = min(MAX_PREFILL_BUSY, load.prefill_busy) if load is not None else 0.0
-    return lambda b, ctx: node.model.step_s(b, ctx) / (1.0 - busy)
-
-
-def _life_load(node: NodeClient, tokens: int) -> tuple[float, float]:
-    """(streams, context tokens) a new request of ``tokens`` output tokens on this decode node
-    decodes beside, on average over its steps (its TPOT is their mean step).
-
-    Looking ahead: each stream this coordinator has there stays for as many of those steps as it
-    has tokens to come (a node's streams step together), and requests keep arriving at the
-    node's recent rate, each staying for the recent mean of output tokens asked for. Streams the
-    node reports beyond this coordinator's (another coordinator's) count like its own. Without
-    streams of its own there, as before: half the batch now, half the node's recent average.
-    Measured on a coordinator log (bench/forecast.py, the thirteenth sitting's run): TPOT
-    error p50 15 % and p90 33 % with this view, 22 % and 40 % with the half-and-half one, 5 % and
-    12 % knowing the batch to come; the rest is when the later requests arrive, which no forecast
-    made now knows. O(streams) a node: each one's tokens to come are asked."""
-    batch, context = _decode_load(node)
-    load = node.fresh_load()
-    lefts = [f() for f in node.left.values()]
-    if not lefts or tokens < 1:
-        if load is None or load.decode_batch_mean <= 0:
-            return float(batch), float(context)
-        return (batch + load.decode_batch_mean) / 2, (context + load.decode_context_mean) / 2
-    others = max(1.0, batch / len(lefts))  # the node's streams per one of this coordinator's
-    staying = sum(min(max(n, 0), tokens) for n in lefts) / tokens * others
-    rate, mean_tokens = node.arrivals.rate()
-    per_step = rate * others * _stepper(node)(batch + 1, context)  # requests arriving a step
-    # Those arriving over its steps at per_step, each staying mean_tokens steps: the mean over
-    # [0, tokens] of per_step * min(t, mean_tokens).
-    arriving = per_step * (mean_tokens - mean_tokens * mean_tokens / (2 * tokens) if tokens > mean_tokens
-                           else tokens / 2)
-    life = staying + arriving
-    if batch:
-        each = context / batch
-    else:  # the recent streams' mean context stands in for the arrivals'
-        each = load.decode_context_mean / load.decode_batch_mean if load and load.decode_batch_mean > 0 else 0.0
-    return life, life * each
-
-
-def decode_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int,
-                    life: tuple[float, float] | None = None) -> Estimate:
-    """Mean time per output token after the first, for a request of ``max_tokens`` (>= 2).
-    ``life``: ``_life_load(node, max_tokens)`` when the caller has it already."""
-    model = node.model
-    if not model.decode.samples:
-        return Estimate(node, None)
-    step = _stepper(node)
-    batch, context = _decode_load(node)
-    life_batch, life_context = life or _life_load(node, max_tokens)
-    mine = prompt_tokens + max_tokens // 2  # its mean context over the steps
-    block = int(node.record.layout.get("block_size", 1) or 1)
-    kv = -(-prompt_tokens // block) * block * kv_bytes_per_token(node.record.layout)
-    # The fetch plus its first step; with no transfer samples yet, one step stands in for it.
-    first = model.transfer_s(kv) if model.transfer.samples else model.step_s(batch + 1, context + mine)
-    f = node.factor("tpot")
-    each = step(life_batch + 1, life_context + mine)
-    busy = (first + (max_tokens - 2) * each) / (max_tokens - 1) * f
-    idle = (first + (max_tokens - 2) * model.step_s(1, mine)) / (max_tokens - 1)
-    return Estimate(node, busy, idle, factor=f, describe=lambda: f"{node.node_id}: batch {batch} now, {life_batch:.1f} + 1 over its life, step "
-                                      f"{each * 1000:.1f} ms, KV {kv >> 10} KiB in {first * 1000:.0f} ms"
-                                      f"{_calibrated(f)}")
-
-
-@dataclass
-class LocalEstimate:
-    """Prefill on decode node ``node`` itself: the request's TTFT and TPOT there, and how much
-    each stream it is decoding would slow down (seconds per token) meanwhile."""
-
-    ttft: Estimate
-    tpot: Estimate | None
-    harm_s: float
-
-
-def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached: Held = Held(),
-                   life: tuple[float, float] | None = None) -> LocalEstimate | None:
-    """None when the node has no prefill or no decode model yet.
-
-    TTFT = the prefills queued there (its own report, or this coordinator's local prefills
-    still running there, whichever holds more tokens) + this prompt's prefill, both from the
-    node's prefill model (profiled on its own engine, chunks included), + one decode step of
-    its running batch per chunk (``step_tokens`` a step, less a token per stream) beside them; ``cached``: what the node
-    holds of the prompt (its engine's prefix cache, its KV store), not computed. TPOT = a step of the
-    batch with this request added (its KV is already there). Harm: every running stream
-    waits for the prefill's chunks once, spread over its tokens (this request's ``max_tokens``
-    stands in for theirs, which the coordinator does not know)."""
-    model = node.model
-    if not (model.prefill.samples and model.decode.samples):
-        return None
-    step = _stepper(node)
-    batch, context = _decode_load(node)
-    load = node.fresh_load()
-    f = node.factor("ttft_local")
-    queue = _prefill_queue(node, node.prefilling)
-    queue_s = sum(model.prefill_s(t) for t in queue) * f
-    cached = cached.capped(prompt_tokens - 1)  # the last prompt token is always computed
-    idle_s = prefill_after_load(model, prompt_tokens, cached.tokens) + load_s(cached.loaded, cached.disk)
-    run_s = idle_s * f
-    step_tokens = (load.step_tokens if load is not None else 0) or DEFAULT_STEP_TOKENS
-    chunks = chunk_steps(sum(queue) + prompt_tokens - cached.tokens, step_tokens, batch)
-    # Its chunks' steps carry the batch too: what the batch adds to each.
-    batch_s = chunks * beside_s(model, batch, context) * f
-    hit = f", {cached.tokens} tokens held there" if cached.tokens else ""
-    ttft = Estimate(node, queue_s + run_s + batch_s, idle_s, queue_s=queue_s, factor=f, cached_tokens=cached,
-                    describe=lambda: f"{node.node_id} (prefill here): queue {len(queue)} prompts {queue_s * 1000:.0f} ms + "
-                    f"prefill {run_s * 1000:.0f} ms + {chunks} steps beside a batch of {batch} "
-                    f"{batch_s * 1000:.0f} ms{_calibrated(f)}{hit}")
-    tpot = None
-    if max_tokens > 1:
-        mine = prompt_tokens + max_tokens // 2
-        life_batch, life_context = life or _life_load(node, max_tokens)
-        ft = node.factor("tpot")
-        each = step(life_batch + 1, life_context + mine)
-        tpot = Estimate(node, each * ft, model.step_s(1, mine), factor=ft,
-                        describe=lambda: f"{node.node_id} (prefill here): batch {batch} now, {life_batch:.1f} + 1 over its life, "
-                        f"step {each * 1000:.1f} ms{_calibrated(ft)}")
-    harm = (run_s + batch_s) / max(max_tokens, MIN_OTHERS_TOKENS) if batch else 0.0
-    return LocalEstimate(ttft, tpot, harm)
 
 
 # Predictions this close are the same, and the load decides: two nodes of one kind differ by the
@@ -407,7 +206,7 @@ class Admission:
         # A node where it would push queued requests past their objective only when every node would.
         pre = [e for e in pre if not e.pushes] or pre
         # Each decode node's batch over the request's life, looked at once (O(its streams)).
-        lives = {n.node_id: _life_load(n, max_tokens) for n in decoders} if max_tokens > 1 else {}
+        lives = {n.node_id: life_load(n, max_tokens) for n in decoders} if max_tokens > 1 else {}
         dec = [decode_estimate(n, prompt_tokens, max_tokens, lives[n.node_id]) for n in decoders] if lives else []
         p = (self.rng.choice(pre) if self.routing == "random" else _best(pre)) if pre else None
         d = _best(dec) if dec else None
@@ -479,9 +278,9 @@ class Admission:
             est = local_estimate(n, prompt_tokens, max_tokens, held.get(n.node_id, Held()), lives.get(n.node_id))
             if est is None:
                 continue
-            batch, context = _decode_load(n)
+            batch, context = decode_load(n)
             if slo.tpot_s is not None:
-                if batch and _stepper(n)(batch, context) + est.harm_s > slo.tpot_s:
+                if batch and stepper(n)(batch, context) + est.harm_s > slo.tpot_s:
                     continue
             elif batch and (n.prefilling or ((load := n.fresh_load()) is not None and load.prefill_queue)):
                 continue

@@ -241,7 +241,8 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
 
     def local_choice(i: int, now: float) -> int | None:
         """The decode node to prefill request ``i`` on, or None for the prefill pool (admission's rule)."""
-        from tandem.coordinator.admission import LOCAL_GAIN, MIN_OTHERS_TOKENS
+        from tandem.coordinator.admission import LOCAL_GAIN
+        from tandem.coordinator.estimates import MIN_OTHERS_TOKENS
 
         e, dec = trace[i], cfg.decode
         mine = e.input_len + e.output_len // 2

@@ -9,7 +9,8 @@ import asyncio
 import grpc
 import pytest
 
-from tandem.coordinator.admission import Admission, Slo, decode_estimate, prefill_estimate
+from tandem.coordinator.admission import Admission, Slo
+from tandem.coordinator.estimates import decode_estimate, prefill_estimate
 from tandem.errors import InvalidRequest, Rejected, openai_error_body
 from tandem.coordinator.router import CALIBRATION_RATE, Arrivals, Router, Tally
 from tandem.membership import NodeRecord
@@ -398,7 +399,7 @@ def test_the_engines_own_prefix_cache_is_credited_without_a_load_and_the_store_b
 
 
 def test_a_local_prefill_on_a_decode_node_is_credited_with_what_its_engine_cache_holds() -> None:
-    from tandem.coordinator.admission import local_estimate
+    from tandem.coordinator.estimates import local_estimate
     from tandem.coordinator.prefix import Held, held_prefixes
     from tandem.kvstore.held import HeldChunks
     from tandem.kvstore.keys import chunk_keys, namespace

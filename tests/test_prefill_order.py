@@ -11,7 +11,8 @@ import time
 import pytest
 
 from tandem.coordinator import prefillq
-from tandem.coordinator.admission import Admission, Slo, prefill_estimate
+from tandem.coordinator.admission import Admission, Slo
+from tandem.coordinator.estimates import prefill_estimate
 from tandem.coordinator.prefillq import Entry, NodeGone, PrefillOrder, schedule
 from tandem.errors import DeadlineExceeded, Rejected
 from tandem.proto import tandem_pb2 as pb
