@@ -40,12 +40,13 @@ def ratios_for(cores: int) -> list[tuple[int, int]]:
 
 
 def parse_ratios(text: str) -> list[tuple[int, int]]:
-    """``--ratios 2:1,1:1`` as [(2, 1), (1, 1)]."""
+    """``--ratios 2:1,1:1`` as [(2, 1), (1, 1)]; 0:N is a cluster without a prefill pool (its decode
+    nodes prefill what they decode: Tandem's conditional disaggregation, always local)."""
     out = []
     for part in text.split(","):
         p, sep, d = part.strip().partition(":")
-        if not sep or not p.isdigit() or not d.isdigit() or int(p) < 1 or int(d) < 1:
-            raise SystemExit(f"--ratios: {part.strip()!r} is not P:D (e.g. 2:1)")
+        if not sep or not p.isdigit() or not d.isdigit() or int(p) < 0 or int(d) < 1:
+            raise SystemExit(f"--ratios: {part.strip()!r} is not P:D (e.g. 2:1, or 0:2 for no prefill pool)")
         out.append((int(p), int(d)))
     return out
 
@@ -244,7 +245,8 @@ def add_compare_args(ap: argparse.ArgumentParser) -> None:
                          "vllm-colocated, vllm-nixl, vllm-nixl-fixed")
     ap.add_argument("--ratios", default="",
                     help="Tandem's P:D ratios, e.g. 2:1,1:1 (default: every ratio with a core per node; nodes "
-                         "of one pool share cores when there are fewer)")
+                         "of one pool share cores when there are fewer); 0:N: no prefill pool, the decode nodes "
+                         "prefill what they decode")
     ap.add_argument("--tandem-flags", default="",
                     help="more coordinator flags for every Tandem system, after its variant's (e.g. "
                          "\"--conditional-disagg off\" to compare routing policies on the prefill pool alone)")

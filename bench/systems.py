@@ -308,6 +308,11 @@ def cache_facts(cluster: LocalCluster) -> dict[str, Any]:
 def start_tandem(model: str, num_prefill: int, num_decode: int, max_model_len: int, log_dir: Path,
                  cores: list[int], variant: str = "", coordinator_flags: list[str] | None = None) -> System:
     """Tandem at P:D, its variant's flags, then ``coordinator_flags`` (compare's --tandem-flags)."""
+    flags = TANDEM_VARIANTS[variant][0] + list(coordinator_flags or [])
+    off = [i for i, f in enumerate(flags) if f == "--conditional-disagg" and flags[i + 1:i + 2] == ["off"]]
+    if num_prefill == 0 and off:
+        raise SystemExit(f"tandem{variant} at 0:{num_decode}: with no prefill pool the decode nodes must prefill, "
+                         "and --conditional-disagg off forbids it")
     store_dir = Path(MEMORY.kvstore_root) / f"{num_prefill}p{num_decode}d{variant}" if MEMORY.kvstore_root else None
     if store_dir is not None:
         shutil.rmtree(store_dir, ignore_errors=True)  # every system starts cold: nothing from a run before
@@ -317,7 +322,7 @@ def start_tandem(model: str, num_prefill: int, num_decode: int, max_model_len: i
                        log_dir=str(log_dir / f"tandem-{num_prefill}p{num_decode}d{variant}"),
                        kvstore_ram_gib=MEMORY.kvstore_ram_gib,
                        kvstore_root=str(store_dir or ""),
-                       extra_coordinator_args=TANDEM_VARIANTS[variant][0] + list(coordinator_flags or []),
+                       extra_coordinator_args=flags,
                        extra_node_args=TANDEM_VARIANTS[variant][1])
     cluster = LocalCluster(spec).start()
     cmds = [cluster.coordinator.argv[1:]] + [d.argv[1:] for d in cluster.nodes]  # type: ignore[union-attr]

@@ -142,12 +142,17 @@ class _Option:
     ttft: Estimate | None
     tpot: Estimate | None
     local: bool = False
+    # A local prefill with no prefill pool to send it to instead: its decode node's running
+    # streams' step, with the prefill's stall spread over their tokens.
+    others: Estimate | None = None
 
     def misses(self, slo: Slo) -> list[tuple[str, Estimate, float]]:
-        """("TTFT" | "TPOT" | "queue", the estimate, the objective) for each objective it misses;
-        "queue": it meets its own TTFT only by pushing queued requests past theirs."""
+        """("TTFT" | "TPOT" | "others" | "queue", the estimate, the objective) for each objective
+        it misses; "others": its prefill would push the node's running streams past the TPOT
+        objective; "queue": it meets its own TTFT only by pushing queued requests past theirs."""
         out = []
-        for what, e, limit in (("TTFT", self.ttft, slo.ttft_s), ("TPOT", self.tpot, slo.tpot_s)):
+        for what, e, limit in (("TTFT", self.ttft, slo.ttft_s), ("TPOT", self.tpot, slo.tpot_s),
+                               ("others", self.others, slo.tpot_s)):
             if limit is not None and e is not None and e.seconds is not None and e.seconds > limit:
                 out.append((what, e, limit))
         if slo.ttft_s is not None and self.ttft is not None and self.ttft.pushes and not out:
@@ -211,7 +216,7 @@ class Admission:
         p = (self.rng.choice(pre) if self.routing == "random" else _best(pre)) if pre else None
         d = _best(dec) if dec else None
         remote = _Option(p, d) if p is not None else None
-        local = self._local(decoders, prompt_tokens, max_tokens, slo, held, lives) if self.local else None
+        local = self._local(decoders, prompt_tokens, max_tokens, slo, held, lives, alone=not prefills) if self.local else None
         chosen = _choose(remote, local, slo)
         if chosen is None:  # no prefill node, and no decode node that could do it: the pipeline waits
             decide("unpredicted")
@@ -255,6 +260,11 @@ class Admission:
                              f"{e.pushes} queued request(s) past theirs ({e.detail})")
                 waits.append(1)
                 continue
+            if what == "others":
+                parts.append(f"prefilling it would slow the running streams to {e.seconds * 1000:.0f} ms a token "
+                             f"> {limit * 1000:.0f} ms ({e.detail})")
+                waits.append(1)
+                continue
             never = e.idle_seconds is not None and e.idle_seconds > limit
             target = (f" (the SLO {limit / keep * 1000:.0f} ms less {self.headroom:.0%} headroom)"
                       if self.headroom and what == "TPOT" else "")
@@ -269,27 +279,37 @@ class Admission:
         raise Rejected(msg, plan.ttft_s, plan.tpot_s, retry)
 
     def _local(self, decoders: list[NodeClient], prompt_tokens: int, max_tokens: int, slo: Slo,
-               held: dict[str, Held], lives: dict[str, tuple[float, float]]) -> _Option | None:
+               held: dict[str, Held], lives: dict[str, tuple[float, float]], alone: bool = False) -> _Option | None:
         """The best decode node to prefill this request itself, among those where that does not
         push the streams they are decoding past the TPOT objective (with none set: where no other
-        prefill is running)."""
+        prefill is running). ``alone``: there is no prefill node to send it to instead, so with
+        no such node the best of the rest, carrying what it would do to their streams (a miss:
+        admission refuses it)."""
         fits: list[tuple[LocalEstimate, NodeClient]] = []
+        harmful: list[tuple[LocalEstimate, NodeClient, float]] = []
         for n in decoders:
             est = local_estimate(n, prompt_tokens, max_tokens, held.get(n.node_id, Held()), lives.get(n.node_id))
             if est is None:
                 continue
             batch, context = decode_load(n)
             if slo.tpot_s is not None:
-                if batch and stepper(n)(batch, context) + est.harm_s > slo.tpot_s:
+                if batch and (theirs := stepper(n)(batch, context) + est.harm_s) > slo.tpot_s:
+                    harmful.append((est, n, theirs))
                     continue
-            elif batch and (n.prefilling or ((load := n.fresh_load()) is not None and load.prefill_queue)):
+            elif batch and not alone and (n.prefilling or ((load := n.fresh_load()) is not None and load.prefill_queue)):
                 continue
             fits.append((est, n))
-        if not fits:
+        if fits:
+            best = _best([e.ttft for e, _ in fits])
+            est = next(e for e, n in fits if n is best.node)
+            return _Option(est.ttft, est.tpot, local=True)
+        if not (alone and harmful):
             return None
-        best = _best([e.ttft for e, _ in fits])
-        est = next(e for e, n in fits if n is best.node)
-        return _Option(est.ttft, est.tpot, local=True)
+        est, n, theirs = min(harmful, key=lambda h: h[2])
+        batch = decode_load(n)[0]
+        others = Estimate(n, theirs, describe=lambda: f"{n.node_id}: its {batch} running streams' step with this "
+                          f"prefill's stall spread over their tokens (no prefill node to send it to)")
+        return _Option(est.ttft, est.tpot, local=True, others=others)
 
 
 def _choose(remote: _Option | None, local: _Option | None, slo: Slo) -> _Option | None:

@@ -2,7 +2,8 @@
 
 /v1/completions and /v1/chat/completions (SSE streaming or one JSON body),
 /v1/models and /v1/models/{id}, vLLM's /tokenize, /detokenize and /version,
-/health (liveness: the process serves), /ready (both pools have a node), /metrics.
+/health (liveness: the process serves), /ready (a request can be served: both pools have a node,
+or the decode pool alone when it prefills too), /metrics.
 Request bodies are the pydantic models of ``openai_protocol``; errors use
 OpenAI's error body.
 """
@@ -240,9 +241,12 @@ class OpenAIHttp:
         return web.json_response({"status": "ok", "nodes": self._pools()})
 
     async def ready(self, request: web.Request) -> web.Response:
-        """Readiness: both pools have a node, so a request can be served."""
-        pools = {r: len(self.pipeline.router.routable_nodes(r)) for r in ("prefill", "decode")}
-        ok = all(pools.values())
+        """Readiness: both pools have a node, so a request can be served; or, with no prefill pool
+        (P:D 0:N) and conditional disaggregation on, the decode pool alone (its nodes prefill)."""
+        router = self.pipeline.router
+        pools = {r: len(router.routable_nodes(r)) for r in ("prefill", "decode")}
+        ok = pools["decode"] > 0 and (pools["prefill"] > 0 or (self.pipeline.admission.local and
+                                                              router.pool_absent("prefill")))
         return web.json_response({"status": "ready" if ok else "not ready", "nodes": pools},
                                  status=200 if ok else 503)
 

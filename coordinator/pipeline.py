@@ -203,17 +203,16 @@ class Pipeline:
         while not out.reason:
             left = s.remaining(len(prog.sent))
             context = [*req.prompt_ids, *prog.sent]
-            # Conditional disaggregation: admission chose to prefill on the decode node itself.
-            local = leg == 0 and plan.local and plan.decode is not None and self.router.routable(plan.decode)
+            avoid = {out.decode_node} if out.decode_node else set()
+            first = plan.decode if leg == 0 and plan.decode and self.router.routable(plan.decode) else None
+            # Conditional disaggregation: admission chose to prefill on the decode node itself; or
+            # the cluster has no prefill pool (P:D 0:N), and every leg prefills where it decodes.
+            local = (first is not None and plan.local) or (self.admission.local and self.router.pool_absent("prefill"))
             with ExitStack() as legs_end:
                 dnode = pnode = handle = None
-                if local:
-                    dnode = legs_end.enter_context(self.router.track(plan.decode, len(context), to_come))  # type: ignore[arg-type]
-                elif left.max_tokens > 1:
+                if local or left.max_tokens > 1:
                     # Reserved before the prefill, so that requests arriving together spread
                     # over the pool (and an empty decode pool costs no prefill work).
-                    avoid = {out.decode_node} if out.decode_node else set()
-                    first = plan.decode if leg == 0 and plan.decode and self.router.routable(plan.decode) else None
                     dnode = legs_end.enter_context(self.router.track(first or await self.router.acquire("decode", avoid),
                                                                      len(context), to_come))
                 if leg == 0 and local:  # its call goes now (a prefill node's: after its turn there)

@@ -315,6 +315,11 @@ class Router:
                 except TimeoutError:
                     pass
 
+    def pool_absent(self, role: str) -> bool:
+        """The pool has no routable node and none is coming back soon (``acquire`` would answer
+        UNAVAILABLE at once): a cluster deployed without it, or one whose nodes left long ago."""
+        return not self.routable_nodes(role) and not self._expecting(role)
+
     def _expecting(self, role: str) -> bool:
         """Whether a node of ``role`` may come (back) soon: one is registered but down, or one
         left within the last ``pool_wait_s``."""

@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start a one-machine cluster and stream a demo completion")
     up.add_argument("--model", default="", help="local HF model dir (default: the seeded tiny model)")
     up.add_argument("--etcd", default="", help="use this etcd instead of starting one")
-    up.add_argument("--prefill", type=int, default=1, help="prefill nodes")
+    up.add_argument("--prefill", type=int, default=1,
+                    help="prefill nodes; 0: none, the decode nodes prefill what they decode")
     up.add_argument("--decode", type=int, default=1, help="decode nodes")
     up.add_argument("--kv-transport", default="auto", choices=["auto", "ucx", "tcp"])
     up.add_argument("--kv-cache-gib", type=float, default=1.0,

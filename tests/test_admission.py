@@ -233,6 +233,24 @@ def test_an_empty_prefill_pool_is_served_by_the_decode_node() -> None:
     run(go)
 
 
+def test_with_no_prefill_pool_a_prefill_that_would_slow_the_streams_past_their_tpot_is_refused() -> None:
+    def go():
+        busy = pb.NodeLoad(decode_batch=20, decode_context=20_000, fits=fits(decode=(0.005, 0.001, 1e-6)),
+                           step_tokens=256)
+        r = cluster({"d0": busy})
+        # As in the test above: 1,000 tokens' prefill spread over 16 tokens adds 0.076 s a token to
+        # the batch's 0.045 s step. With a prefill node it would go there; with none it is refused.
+        with pytest.raises(Rejected) as err:
+            Admission(r).plan("r", 1000, 16, Slo(tpot_s=0.1))
+        assert "slow the running streams to 121 ms a token > 100 ms" in str(err.value)
+        assert "no prefill node to send it to" in str(err.value) and err.value.retry_after_s == 1
+        # A short prompt's stall is small enough: served there.
+        assert Admission(r).plan("r", 50, 16, Slo(tpot_s=0.1)).local
+        # Admission off: served there all the same (and counted over its objective).
+        assert Admission(r, "off").plan("r", 1000, 16, Slo(tpot_s=0.1)).local
+    run(go)
+
+
 def test_a_node_without_a_model_gets_work_while_idle_so_it_can_learn() -> None:
     def go():
         r = cluster({"p0": pb.NodeLoad(fits=fits()), "p1": None, "d0": pb.NodeLoad(fits=fits())})

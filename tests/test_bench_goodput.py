@@ -162,9 +162,10 @@ def test_colocated_vllm_gets_all_of_the_largest_tandem_clusters_kv_memory() -> N
 def test_ratios_parse_and_a_bad_one_is_refused() -> None:
     from tandem.bench.compare import parse_ratios
 
-    assert parse_ratios("2:1, 1:1") == [(2, 1), (1, 1)]
-    with pytest.raises(SystemExit, match="P:D"):
-        parse_ratios("2-1")
+    assert parse_ratios("2:1, 1:1, 0:2") == [(2, 1), (1, 1), (0, 2)]
+    for bad in ("2-1", "1:0"):
+        with pytest.raises(SystemExit, match="P:D"):
+            parse_ratios(bad)
 
 
 def test_tandem_flags_a_variant_sets_itself_are_refused_before_any_work() -> None:

@@ -400,3 +400,23 @@ def test_a_seeded_request_migrates_with_its_seed_and_the_context_the_client_saw(
 
 async def _collect(p: Pipeline, req) -> list:
     return [ev async for ev in p.run(req)]
+
+
+def test_with_no_prefill_pool_every_leg_prefills_on_its_decode_node(tiny_model: Path) -> None:
+    """P:D 0:N: the decode nodes prefill what they decode, a migrated leg included."""
+    bad, good = Decode(fail_after=5), Decode()
+    p = make(tiny_model, [], [bad, good], stall_s=0.2)
+    p.router._nodes["decode-0"].outstanding = -1  # make the router pick it first
+    evs = run(lambda: collect(p, 20))
+    assert tokens(evs) == undisturbed(20)
+    fin = evs[-1]
+    assert isinstance(fin, FinishEvent) and fin.reason == "length" and fin.migrations == 1
+    assert fin.local_prefill and fin.decode_node == "decode-1"
+    (first,), (second,) = bad.calls, good.calls
+    assert first.req.prefill_here and list(first.req.prompt_token_ids) == PROMPT
+    # The second leg prefills the prompt and the 5 tokens the client has, and streams the rest.
+    assert second.req.prefill_here and list(second.req.prompt_token_ids) == PROMPT + undisturbed(5)
+    assert second.req.sampling.max_tokens == 15 and not second.req.HasField("handle")
+    # One token: the decode node's stream gives it.
+    evs = run(lambda: collect(p, 1))
+    assert tokens(evs) == undisturbed(1) and evs[-1].local_prefill

@@ -46,6 +46,10 @@ def test_core_plan_keeps_pools_apart() -> None:
     assert core_plan(2, 2, list(range(8))) == ["0-1", "2-3", "4-5", "6-7"]
     with pytest.raises(ValueError, match="at least 2 cores"):
         core_plan(1, 1, [0])
+    # No prefill pool: the decode nodes have every core, one core enough.
+    assert core_plan(0, 2, [0, 1]) == ["0", "1"] and core_plan(0, 1, [0, 1]) == ["0-1"] and core_plan(0, 1, [3]) == ["3"]
+    with pytest.raises(ValueError, match="needs a decode node"):
+        core_plan(1, 0, [0, 1])
 
 
 def test_a_briefly_empty_pool_waits_a_bounded_time_and_an_unknown_one_answers_at_once() -> None:

@@ -150,9 +150,14 @@ def core_plan(num_prefill: int, num_decode: int, cores: list[int] | None = None)
     A prefill and a decode engine pinned to the same core starve each other
     badly (vLLM's worker spins between steps, and a prefill engine that holds
     blocks steps every millisecond): seen here as decode KV loads that never
-    finished. Nodes of one pool may share cores when there are too few.
+    finished. Nodes of one pool may share cores when there are too few. With no prefill pool
+    (P:D 0:N, the decode nodes prefill what they decode) the decode nodes have every core.
     """
     cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    if num_decode < 1 or num_prefill < 0:
+        raise ValueError(f"P:D {num_prefill}:{num_decode}: a cluster needs a decode node, and no fewer than 0 prefill nodes")
+    if num_prefill == 0:
+        return _deal(cores, num_decode)
     if len(cores) < 2:
         raise ValueError("a local cluster needs at least 2 cores: one for each pool")
     n_pre = max(1, round(len(cores) * num_prefill / (num_prefill + num_decode)))
