@@ -282,7 +282,8 @@ class Admission:
                held: dict[str, Held], lives: dict[str, tuple[float, float]], alone: bool = False) -> _Option | None:
         """The best decode node to prefill this request itself, among those where that does not
         push the streams they are decoding past the TPOT objective (with none set: where no other
-        prefill is running). ``alone``: there is no prefill node to send it to instead, so with
+        prefill is running): the soonest start among those that meet both of its objectives, or
+        with none, among them all. ``alone``: there is no prefill node to send it to instead, so with
         no such node the best of the rest, carrying what it would do to their streams (a miss:
         admission refuses it)."""
         fits: list[tuple[LocalEstimate, NodeClient]] = []
@@ -300,8 +301,11 @@ class Admission:
                 continue
             fits.append((est, n))
         if fits:
-            best = _best([e.ttft for e, _ in fits])
-            est = next(e for e, n in fits if n is best.node)
+            # The soonest start among the nodes that meet both objectives there, if any do (a node
+            # holding the prompt's prefix starts it soonest, but its batch may be the larger).
+            meet = [(e, n) for e, n in fits if not _Option(e.ttft, e.tpot).misses(slo)] or fits
+            best = _best([e.ttft for e, _ in meet])
+            est = next(e for e, n in meet if n is best.node)
             return _Option(est.ttft, est.tpot, local=True)
         if not (alone and harmful):
             return None

@@ -127,12 +127,13 @@ def limited_by(outcomes: list[Any], slo_ttft_s: float, slo_tpot_s: float) -> str
 def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo_ttft_s: float, slo_tpot_s: float, *,
          kv_bytes_per_token: int = 0, max_batch: int = 64, kv_capacity_tokens: int = 0, order: str = "slack",
          requests: int = 2000, seeds: int = 2, max_model_len: int = 2048, min_duration_s: float = MIN_DURATION_S,
-         also: tuple[int, ...] = (), admission: bool = False,
+         also: tuple[int, ...] = (), admission: bool = False, local: bool = False,
          progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     """P:D splits of ``nodes`` (and the prefill counts in ``also``, always), best goodput per node
     first: every split when there are at most COARSE_SPLITS; else one in ``step`` (so that about
     COARSE_SPLITS are), then every split within a step of the best of those (goodput rises, then
-    falls, with P)."""
+    falls, with P). ``local``: conditional disaggregation (the simulator's), and 0:N among the
+    splits (no prefill pool: the decode nodes prefill what they decode)."""
     if nodes < 2:
         raise ValueError("a plan needs at least 2 nodes (one prefill, one decode)")
     if isinstance(workload, str) and workload not in WORKLOADS:
@@ -143,7 +144,7 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
 
     def run(p: int) -> None:
         cfg = SimConfig(p, nodes - p, prefill, decode, kv_bytes_per_token, max_batch, kv_capacity_tokens, order,
-                        slo_ttft_s, slo_tpot_s, admission)
+                        slo_ttft_s, slo_tpot_s, admission, local)
         row = ratio_goodput(cfg, workload, slo_ttft_s, slo_tpot_s, requests=requests, seeds=seeds,
                             max_model_len=max_model_len, start_rate=max(0.25, nodes / 4),
                             min_duration_s=min_duration_s)
@@ -151,11 +152,12 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
         progress(f"[{len(done)}] {p}:{nodes - p}  goodput {row['goodput_rps']:.3g} req/s "
                  f"({row['per_node_rps']:.3g} per node), limited by {row['limited_by']}")
 
-    for p in sorted({*range(1, nodes, step), nodes - 1, *(q for q in also if 1 <= q < nodes)}):
+    lo = 0 if local else 1
+    for p in sorted({*range(lo, nodes, step), nodes - 1, *(q for q in also if lo <= q < nodes)}):
         run(p)
     if step > 1 and max(r["goodput_rps"] for r in done.values()) > 0:
         best_p = max(done, key=lambda p: done[p]["goodput_rps"])
-        for p in range(max(1, best_p - step + 1), min(nodes - 1, best_p + step - 1) + 1):
+        for p in range(max(lo, best_p - step + 1), min(nodes - 1, best_p + step - 1) + 1):
             if p not in done:
                 run(p)
     rows = [done[p] for p in sorted(done)]
@@ -167,8 +169,8 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
             "max_batch": max_batch, "kv_capacity_tokens": kv_capacity_tokens, "order": order,
             "requests_per_probe": requests, "min_duration_s": min_duration_s, "seeds": seeds,
             "splits_evaluated": len(rows), "splits": nodes - 1, "search_step": step, "rel_tol": 0.05,
-            "admission": admission,
-            "not_modelled": [*NOT_MODELLED, LOCAL_OFF],
+            "admission": admission, "local": local,
+            "not_modelled": [*NOT_MODELLED, *([] if local else [LOCAL_OFF])],
             "transfer_modelled": any(decode.transfer), "rows": rows,
             "best": best, "took_s": round(time.monotonic() - t0, 2)}
 
@@ -309,8 +311,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
                          "the fits they have learned while serving (read before each rate: the rates before it "
                          "and the warm-up), as admission predicts")
     ap.add_argument("--conditional-disagg", default="off", choices=["on", "off"],
-                    help="--validate: on: the real cluster and the simulator may prefill a request on the decode "
-                         "node (as the coordinator decides, admission off); off: always disaggregated")
+                    help="on: the simulator may prefill a request on the decode node (as the coordinator decides, "
+                         "admission off), and a plan also weighs 0:N (no prefill pool); with --validate the real "
+                         "cluster too; off: always disaggregated")
     from tandem.plan_live import add_args as add_live_args
 
     add_live_args(ap)
@@ -410,11 +413,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from tandem.plan_live import cmd_live
 
         return cmd_live(args, prefill, decode)
+    if args.admission == "on" and args.conditional_disagg == "on":
+        print("tandem plan: the simulator does not model admission and local prefills together; give one of "
+              "--admission on, --conditional-disagg on", file=sys.stderr)
+        return 2
     doc = plan(prefill, decode, args.nodes, args.workload, args.slo_ttft, args.slo_tpot,
                kv_bytes_per_token=args.kv_bytes_per_token, max_batch=args.max_batch,
                kv_capacity_tokens=args.kv_capacity_tokens, order=args.order, requests=args.requests,
                seeds=args.seeds, max_model_len=args.max_model_len, min_duration_s=args.min_duration_s,
-               admission=args.admission == "on", progress=lambda m: print("  " + m, flush=True))
+               admission=args.admission == "on", local=args.conditional_disagg == "on",
+               progress=lambda m: print("  " + m, flush=True))
     report = write_report(Path(args.out), doc)
     print("\n".join(table(doc)))
     print(f"best: {doc['best']} ({doc['took_s']} s); wrote {report}")

@@ -39,7 +39,8 @@ same ones the nodes fit online, see tandem/perfmodel.py):
   one for each stream decoding there, whose tokens the scheduler takes first): each such step
   takes the chunk's share of the decode node's own prefill time plus what the batch's step costs
   over an empty one (admission's ``beside``); its first token
-  comes with the last chunk, and it joins the batch at the next step (no transfer).
+  comes with the last chunk, and it joins the batch at the next step (no transfer). With no
+  prefill pool (P:D 0:N) every request prefills on the decode node where it starts soonest.
 
 Not modelled yet (the simulator says so in its results): prefix caching and network contention.
 """
@@ -150,8 +151,9 @@ class SimConfig:
     step_tokens: int = 256  # a decode node's prompt tokens per step (its --max-num-batched-tokens)
 
     def __post_init__(self) -> None:
-        if self.num_prefill < 1 or self.num_decode < 1:
-            raise ValueError("a cluster needs at least one prefill and one decode node")
+        if self.num_decode < 1 or self.num_prefill < (0 if self.local else 1):
+            raise ValueError("a cluster needs a decode node, and a prefill node unless its decode nodes prefill "
+                             "(local)")
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         if self.order == "slack" and self.slo_ttft_s <= 0:
@@ -251,24 +253,28 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             b, ctx = load(dn)
             return cfg.slo_tpot_s > 0 and e.output_len > 1 and dec.step_s(b + 1, ctx + mine) > cfg.slo_tpot_s
 
+        def local_ttft(dn: _Decode) -> tuple[float, float]:
+            """(its TTFT there, what its prefill adds to each of the node's streams' tokens)"""
+            b, ctx = load(dn)
+            queue_s = sum(dec.prefill_s(t) for t in dn.local_left.values())
+            run_s = dec.prefill_s(e.input_len)
+            beside = chunk_steps(sum(dn.local_left.values()) + e.input_len, cfg.step_tokens, b) * beside_s(dec, b, ctx)
+            return queue_s + run_s + beside, (run_s + beside) / max(e.output_len, MIN_OTHERS_TOKENS)
+
+        if not cfg.num_prefill:  # no prefill pool: the decode node where it starts soonest, whatever it costs
+            return min(range(len(decodes)), key=lambda d: local_ttft(decodes[d])[0])
         wait = (queued_s + sum(max(0.0, t - now) for t in busy_until)) / cfg.num_prefill
         remote = wait + cfg.prefill.prefill_s(e.input_len)
         remote_tpot_misses = tpot_misses(min(decodes, key=lambda x: x.assigned))
         best: tuple[float, int] | None = None
         for d, dn in enumerate(decodes):
             b, ctx = load(dn)
-            ahead = sum(dn.local_left.values())
-            queue_s = sum(dec.prefill_s(t) for t in dn.local_left.values())
-            run_s = dec.prefill_s(e.input_len)
-            chunks = chunk_steps(ahead + e.input_len, cfg.step_tokens, b)
-            beside = chunks * beside_s(dec, b, ctx)
+            ttft, harm = local_ttft(dn)
             if cfg.slo_tpot_s > 0:
-                harm = (run_s + beside) / max(e.output_len, MIN_OTHERS_TOKENS)
                 if b and dec.step_s(b, ctx) + harm > cfg.slo_tpot_s:
                     continue
             elif b and dn.local:
                 continue
-            ttft = queue_s + run_s + beside
             if best is None or ttft < best[0]:
                 best = (ttft, d)
         if best is None:

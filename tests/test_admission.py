@@ -251,6 +251,19 @@ def test_with_no_prefill_pool_a_prefill_that_would_slow_the_streams_past_their_t
     run(go)
 
 
+def test_a_local_prefill_goes_where_both_objectives_are_met_before_where_it_starts_soonest() -> None:
+    def go():
+        # d0 starts it sooner (a fast prefill, one chunk beside its 44 streams: 45 ms) but its batch
+        # steps at 50 ms with it, over the 49.5 ms objective; d1 is idle and slow to prefill (200 ms).
+        r = cluster({"d0": pb.NodeLoad(decode_batch=44, fits=fits(prefill=(0.001, 1e-5, 0.0)), step_tokens=256),
+                     "d1": pb.NodeLoad(fits=fits(prefill=(0.19, 0.001, 0.0)), step_tokens=256)})
+        plan = Admission(r).plan("r", 10, 1000, Slo(tpot_s=0.0495))
+        assert plan.local and plan.decode.node_id == "d1" and plan.ttft_s == pytest.approx(0.2)
+        # With no objective to meet, the soonest start.
+        assert Admission(r).plan("r", 10, 1000, Slo()).decode.node_id == "d0"
+    run(go)
+
+
 def test_a_node_without_a_model_gets_work_while_idle_so_it_can_learn() -> None:
     def go():
         r = cluster({"p0": pb.NodeLoad(fits=fits()), "p1": None, "d0": pb.NodeLoad(fits=fits())})

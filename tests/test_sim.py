@@ -303,6 +303,25 @@ def test_local_prefills_on_the_decode_node_follow_admissions_rule_and_go_in_chun
     assert not any(o.local for o in simulate(SimConfig(1, 1, t, t, local=True, **tight), busy))
 
 
+def test_with_no_prefill_pool_every_request_prefills_on_a_decode_node_and_a_plan_weighs_it() -> None:
+    from tandem.plan import plan
+
+    t = Timings((0.0, 0.001, 0.0), (0.010, 0.0, 0.0))
+    cfg = SimConfig(0, 1, t, t, local=True, order="slack", slo_ttft_s=1.0, slo_tpot_s=0.1, step_tokens=64)
+    # one after the other on the one decode node: 200 ms of chunks each
+    outs = simulate(cfg, [Req(0.0, 200, 5), Req(0.0, 200, 5)])
+    assert all(o.local and o.completed and o.decode_node == 0 for o in outs)
+    assert [o.ttft_s for o in outs] == [pytest.approx(0.2), pytest.approx(0.4)]
+    with pytest.raises(ValueError, match="a prefill node unless"):
+        SimConfig(0, 1, t, t, order="fifo")
+    # decode-bound (cheap prefills, steps that grow fast with the batch): every node decoding wins
+    heavy_decode = Timings((0.005, 0.00001, 0.0), (0.01, 0.004, 0.0))
+    doc = plan(heavy_decode, heavy_decode, 4, "chat", 2.0, 0.05, requests=400, seeds=1, local=True)
+    by = {f"{r['prefill']}:{r['decode']}": r for r in doc["rows"]}
+    assert doc["best"] == "0:4" and by["0:4"]["goodput_rps"] > by["1:3"]["goodput_rps"] > 0
+    assert doc["local"] and not any("conditional" in x for x in doc["not_modelled"])
+
+
 def test_plan_validate_reads_a_nodes_learned_fits_from_its_monitor_stream() -> None:
     import threading
     from concurrent import futures

@@ -140,6 +140,70 @@ def test_simulated_nodes_leave_the_cluster_when_stopped(cluster: LocalCluster, s
     assert len(toks) == 5 and fin.timings.decode_node == "decode-0"
 
 
+def sim_tokens(cluster: LocalCluster, prompt: list[int], n: int) -> list[int]:
+    """What a simulated engine makes for ``prompt`` prefilled and decoded on one node."""
+    from tandem.node.simengine import _Seq, model_facts
+
+    seq, vocab = _Seq("r", prompt, n), model_facts(str(cluster.spec.model))["vocab_size"]
+    out = []
+    for _ in range(n):
+        out.append(seq.token(vocab))
+        seq.produced += 1
+    return out
+
+
+def test_with_no_prefill_pool_the_decode_nodes_prefill_and_a_killed_one_is_migrated(tiny_model: Path,
+                                                                                    tmp_path: Path) -> None:
+    """P:D 0:2: every request prefills on its decode node, a one-token one too; a decode node killed
+    mid-stream hands its request to the other, which prefills what the client has seen."""
+    import threading
+    import urllib.request
+
+    import grpc
+
+    (tmp_path / "profile.json").write_text(json.dumps(PROFILE))
+    spec = ClusterSpec(model=str(tiny_model), num_prefill=0, num_decode=2, max_model_len=512, ttl_s=3,
+                       log_dir=str(tmp_path / "logs"), extra_node_args=["--simulate", str(tmp_path / "profile.json")])
+    with LocalCluster(spec) as c, grpc.insecure_channel(c.grpc_address) as ch:
+        stub = pb_grpc.CoordinatorStub(ch)
+        with urllib.request.urlopen(c.http_url + "/ready", timeout=10) as r:  # the decode pool alone serves
+            assert json.loads(r.read())["nodes"] == {"prefill": 0, "decode": 2}
+        prompt = [(7 + 13 * i) % 590 + 5 for i in range(100)]
+        for n in (8, 1):
+            toks, fin = generate(stub, prompt, n)
+            assert toks == sim_tokens(c, prompt, n) and fin.reason == "length"
+            assert fin.timings.local_prefill and fin.timings.prefill_node == fin.timings.decode_node
+        # 200 tokens of ~21 ms steps: killed after its first tokens, the request goes on elsewhere.
+        call = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=pb.SamplingParams(
+            max_tokens=200, temperature=0, ignore_eos=True)), timeout=60)
+        got: list[int] = []
+        finish: list[pb.Finish] = []
+        started = threading.Event()
+
+        def read() -> None:
+            for msg in call:
+                got.extend(msg.token_ids)
+                if len(got) >= 3:
+                    started.set()
+                if msg.HasField("finish"):
+                    finish.append(msg.finish)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert started.wait(30)
+        busy = [n.node_id for n in stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=10).nodes if n.outstanding]
+        assert len(busy) == 1, busy
+        c.node(busy[0]).signal(signal.SIGKILL)
+        reader.join(60)
+        (fin,) = finish
+        assert fin.reason == "length" and fin.migrations == 1 and fin.timings.local_prefill
+        assert fin.timings.decode_node != busy[0] and len(got) == 200
+        # The first leg's tokens, then the second leg's: a prefill of the prompt and those tokens.
+        first = sim_tokens(c, prompt, 200)
+        cut = next(i for i, (a, b) in enumerate(zip(got, first)) if a != b)
+        assert 3 <= cut < 200 and got[cut:] == sim_tokens(c, prompt + got[:cut], 200 - cut)
+
+
 def test_a_real_node_refuses_a_bad_simulate_profile(tiny_model: Path, tmp_path: Path) -> None:
     import subprocess
 
