@@ -26,7 +26,8 @@ from typing import Any
 from .compare_report import GOAL, write_report
 from .metrics import summarize
 from .run import first_model
-from .systems import TANDEM_VARIANTS, System, check_nixl, start_tandem, start_vllm_colocated, start_vllm_nixl
+from .systems import (TANDEM_VARIANTS, System, check_nixl, prefills_on_decode_nodes, start_tandem, start_vllm_colocated,
+                      start_vllm_nixl)
 from .workloads import FIRST_TOKEN_ID, TraceEntry, assign_tiers, corpus, generate, materialize
 
 
@@ -286,6 +287,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         own = TANDEM_VARIANTS[name.removeprefix("tandem")][0] if name.startswith("tandem") else []
         if extra & set(own):
             raise SystemExit(f"--tandem-flags sets {', '.join(sorted(extra & set(own)))}, which {name} sets itself")
+    no_pool = args.ratios and any(p == 0 for p, _ in parse_ratios(args.ratios))
+    for name in wanted if no_pool else []:  # a 0:N cluster whose decode nodes may not prefill serves nothing
+        if name.startswith("tandem") and not prefills_on_decode_nodes(
+                TANDEM_VARIANTS[name.removeprefix("tandem")][0] + shlex.split(args.tandem_flags)):
+            raise SystemExit(f"{name} at 0:N: with no prefill pool the decode nodes must prefill, and its "
+                             "--conditional-disagg off forbids it (leave 0:N out of --ratios for it)")
     if {"vllm-nixl", "vllm-nixl-fixed"} & set(wanted):
         check_nixl()  # before any measurement, not after the first systems ran
     out = Path(args.out)

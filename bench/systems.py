@@ -285,18 +285,27 @@ def _metric_sum(address: str, name: str, **labels: str) -> float:
 
 
 def cache_facts(cluster: LocalCluster) -> dict[str, Any]:
-    """Where the prefill nodes' prompt tokens came from, and how the prefills were spread over them."""
+    """Where the prefill nodes' prompt tokens came from, and how the prefills were spread over them
+    (with no prefill pool, 0:N: the decode nodes', by their engines' own count of each prompt
+    token's source; every prompt there is theirs to prefill, so a KV-store load counts as cached)."""
     prompt = cached = 0.0
     per_node, hits, misses = {}, 0.0, 0.0
+    alone = not any(d.role == "prefill" for d in cluster.nodes)
     for d in cluster.nodes:
-        if d.role != "prefill":
+        if d.role != ("decode" if alone else "prefill"):
             continue
         url = d.info["metrics"]
-        prompt += _metric_sum(url, "tandem_prefill_prompt_tokens_total")
-        cached += _metric_sum(url, "tandem_prefill_cached_tokens_total")
+        if alone:
+            by = prompt_tokens_by_source(f"http://{url}")
+            prompt += sum(by.values())
+            cached += by.get("local_cache_hit", 0.0) + by.get("external_kv_transfer", 0.0)
+            per_node[d.name] = int(_metric_sum(url, "tandem_decode_local_prefills_total"))
+        else:
+            prompt += _metric_sum(url, "tandem_prefill_prompt_tokens_total")
+            cached += _metric_sum(url, "tandem_prefill_cached_tokens_total")
+            per_node[d.name] = int(_metric_sum(url, "tandem_prefill_requests_total", outcome="ok"))
         hits += _metric_sum(url, "tandem_kvstore_hits_total", tier="ram")  # a disk hit is loaded from RAM too
         misses += _metric_sum(url, "tandem_kvstore_misses_total")
-        per_node[d.name] = int(_metric_sum(url, "tandem_prefill_requests_total", outcome="ok"))
     out: dict[str, Any] = {"prefill_prompt_tokens": int(prompt), "prefill_cached_tokens": int(cached),
                            "prefill_token_hit_rate": round(cached / prompt, 4) if prompt else 0.0,
                            "prefills_per_node": per_node}
@@ -305,14 +314,22 @@ def cache_facts(cluster: LocalCluster) -> dict[str, Any]:
     return out
 
 
+def prefills_on_decode_nodes(flags: list[str]) -> bool:
+    """Whether a coordinator started with these flags (and this environment) lets its decode nodes
+    prefill (``--conditional-disagg``, the last one given; else TANDEM_CONDITIONAL_DISAGG; else on)."""
+    value = os.environ.get("TANDEM_CONDITIONAL_DISAGG", "on")
+    for i, f in enumerate(flags):
+        if f == "--conditional-disagg" and i + 1 < len(flags):
+            value = flags[i + 1]
+        elif f.startswith("--conditional-disagg="):
+            value = f.split("=", 1)[1]
+    return value != "off"
+
+
 def start_tandem(model: str, num_prefill: int, num_decode: int, max_model_len: int, log_dir: Path,
                  cores: list[int], variant: str = "", coordinator_flags: list[str] | None = None) -> System:
     """Tandem at P:D, its variant's flags, then ``coordinator_flags`` (compare's --tandem-flags)."""
     flags = TANDEM_VARIANTS[variant][0] + list(coordinator_flags or [])
-    off = [i for i, f in enumerate(flags) if f == "--conditional-disagg" and flags[i + 1:i + 2] == ["off"]]
-    if num_prefill == 0 and off:
-        raise SystemExit(f"tandem{variant} at 0:{num_decode}: with no prefill pool the decode nodes must prefill, "
-                         "and --conditional-disagg off forbids it")
     store_dir = Path(MEMORY.kvstore_root) / f"{num_prefill}p{num_decode}d{variant}" if MEMORY.kvstore_root else None
     if store_dir is not None:
         shutil.rmtree(store_dir, ignore_errors=True)  # every system starts cold: nothing from a run before

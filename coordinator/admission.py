@@ -216,7 +216,8 @@ class Admission:
         p = (self.rng.choice(pre) if self.routing == "random" else _best(pre)) if pre else None
         d = _best(dec) if dec else None
         remote = _Option(p, d) if p is not None else None
-        local = self._local(decoders, prompt_tokens, max_tokens, slo, held, lives, alone=not prefills) if self.local else None
+        local = self._local(decoders, prompt_tokens, max_tokens, slo, held, lives,
+                            alone=self.router.pool_absent("prefill")) if self.local else None
         chosen = _choose(remote, local, slo)
         if chosen is None:  # no prefill node, and no decode node that could do it: the pipeline waits
             decide("unpredicted")
@@ -283,18 +284,25 @@ class Admission:
         """The best decode node to prefill this request itself, among those where that does not
         push the streams they are decoding past the TPOT objective (with none set: where no other
         prefill is running): the soonest start among those that meet both of its objectives, or
-        with none, among them all. ``alone``: there is no prefill node to send it to instead, so with
-        no such node the best of the rest, carrying what it would do to their streams (a miss:
-        admission refuses it)."""
+        with none, among them all. ``alone``: there is no prefill pool to send it to instead (none
+        registered, none coming back), so with no such node the best of the rest, carrying what it
+        would do to their streams (a miss: admission refuses it)."""
         fits: list[tuple[LocalEstimate, NodeClient]] = []
         harmful: list[tuple[LocalEstimate, NodeClient, float]] = []
+        unknown = 0
         for n in decoders:
             est = local_estimate(n, prompt_tokens, max_tokens, held.get(n.node_id, Held()), lives.get(n.node_id))
             if est is None:
+                unknown += 1
                 continue
             batch, context = decode_load(n)
-            if slo.tpot_s is not None:
-                if batch and (theirs := stepper(n)(batch, context) + est.harm_s) > slo.tpot_s:
+            if slo.tpot_s is not None and batch:
+                # Its streams' step: stretched by the node's recent share of time in local prefills
+                # (those to come, at the recent rate), or this prefill's own stall spread over
+                # their tokens when that is more (a longer prompt than the recent ones): not both,
+                # the recent share already counts a prefill like this one.
+                theirs = max(stepper(n)(batch, context), n.model.step_s(batch, context) + est.harm_s)
+                if theirs > slo.tpot_s:
                     harmful.append((est, n, theirs))
                     continue
             elif batch and not alone and (n.prefilling or ((load := n.fresh_load()) is not None and load.prefill_queue)):
@@ -307,8 +315,8 @@ class Admission:
             best = _best([e.ttft for e, _ in meet])
             est = next(e for e, n in meet if n is best.node)
             return _Option(est.ttft, est.tpot, local=True)
-        if not (alone and harmful):
-            return None
+        if not (alone and harmful) or unknown:
+            return None  # (a node with no model yet takes it by load: it learns from it)
         est, n, theirs = min(harmful, key=lambda h: h[2])
         batch = decode_load(n)[0]
         others = Estimate(n, theirs, describe=lambda: f"{n.node_id}: its {batch} running streams' step with this "

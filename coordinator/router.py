@@ -208,6 +208,7 @@ class Router:
         self.watch_loads = watch_loads  # off in unit tests whose nodes are fakes
         self._nodes: dict[str, NodeClient] = {}
         self._left_at: dict[str, float] = {}  # role -> when a node of it last left or failed
+        self._absent: dict[str, bool] = {}  # role -> its pool was absent when last asked (said once a change)
         self._changed: asyncio.Event | None = None
         self._probes: set[asyncio.Task[None]] = set()
 
@@ -317,8 +318,18 @@ class Router:
 
     def pool_absent(self, role: str) -> bool:
         """The pool has no routable node and none is coming back soon (``acquire`` would answer
-        UNAVAILABLE at once): a cluster deployed without it, or one whose nodes left long ago."""
-        return not self.routable_nodes(role) and not self._expecting(role)
+        UNAVAILABLE at once): a cluster deployed without it, or one whose nodes left (or were
+        marked down and their etcd keys expired) more than ``pool_wait_s`` ago. Each change is
+        logged, once (asked only where the decode nodes can stand in: conditional disaggregation)."""
+        absent = not self.routable_nodes(role) and not self._expecting(role)
+        if absent != self._absent.get(role, False):
+            self._absent[role] = absent
+            if absent:
+                logger.warning("routing: no %s node is registered, and none left within the last %.0f s: the "
+                               "decode nodes prefill every request until one joins", role, self.pool_wait_s)
+            else:
+                logger.info("routing: the %s pool has a node again", role)
+        return absent
 
     def _expecting(self, role: str) -> bool:
         """Whether a node of ``role`` may come (back) soon: one is registered but down, or one

@@ -135,7 +135,7 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
     falls, with P). ``local``: conditional disaggregation (the simulator's), and 0:N among the
     splits (no prefill pool: the decode nodes prefill what they decode)."""
     if nodes < 2:
-        raise ValueError("a plan needs at least 2 nodes (one prefill, one decode)")
+        raise ValueError("a plan needs at least 2 nodes (a split of them)")
     if isinstance(workload, str) and workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; one of {', '.join(WORKLOADS)}")
     done: dict[int, dict[str, Any]] = {}
@@ -168,7 +168,7 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
             "prefill_profile": prefill.doc(), "decode_profile": decode.doc(), "kv_bytes_per_token": kv_bytes_per_token,
             "max_batch": max_batch, "kv_capacity_tokens": kv_capacity_tokens, "order": order,
             "requests_per_probe": requests, "min_duration_s": min_duration_s, "seeds": seeds,
-            "splits_evaluated": len(rows), "splits": nodes - 1, "search_step": step, "rel_tol": 0.05,
+            "splits_evaluated": len(rows), "splits": nodes - lo, "search_step": step, "rel_tol": 0.05,
             "admission": admission, "local": local,
             "not_modelled": [*NOT_MODELLED, *([] if local else [LOCAL_OFF])],
             "transfer_modelled": any(decode.transfer), "rows": rows,

@@ -262,7 +262,7 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             return queue_s + run_s + beside, (run_s + beside) / max(e.output_len, MIN_OTHERS_TOKENS)
 
         if not cfg.num_prefill:  # no prefill pool: the decode node where it starts soonest, whatever it costs
-            return min(range(len(decodes)), key=lambda d: local_ttft(decodes[d])[0])
+            return min(range(len(decodes)), key=lambda d: (local_ttft(decodes[d])[0], decodes[d].assigned))
         wait = (queued_s + sum(max(0.0, t - now) for t in busy_until)) / cfg.num_prefill
         remote = wait + cfg.prefill.prefill_s(e.input_len)
         remote_tpot_misses = tpot_misses(min(decodes, key=lambda x: x.assigned))

@@ -178,3 +178,8 @@ def test_tandem_flags_a_variant_sets_itself_are_refused_before_any_work() -> Non
     args = build_parser().parse_args(["bench", "compare", "--workload", "chat", "--warm-prefixes"])
     with pytest.raises(SystemExit, match="--workload prefix-heavy"):
         args.fn(args)
+    # 0:N with a variant (or --tandem-flags) that keeps the decode nodes from prefilling
+    for flags in (["--systems", "tandem,tandem-disagg"], ["--systems", "tandem", "--tandem-flags=--conditional-disagg=off"]):
+        args = build_parser().parse_args(["bench", "compare", "--ratios", "1:1,0:2", *flags])
+        with pytest.raises(SystemExit, match="the decode nodes must prefill"):
+            args.fn(args)
