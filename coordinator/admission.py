@@ -319,8 +319,9 @@ class Admission:
             return None  # (a node with no model yet takes it by load: it learns from it)
         est, n, theirs = min(harmful, key=lambda h: h[2])
         batch = decode_load(n)[0]
-        others = Estimate(n, theirs, describe=lambda: f"{n.node_id}: its {batch} running streams' step with this "
-                          f"prefill's stall spread over their tokens (no prefill node to send it to)")
+        others = Estimate(n, theirs, describe=lambda: f"{n.node_id}: its {batch} running streams' step, stretched by "
+                          f"its recent local prefills or with this one's stall spread over their tokens, whichever "
+                          f"is more (no prefill node to send it to)")
         return _Option(est.ttft, est.tpot, local=True, others=others)
 
 

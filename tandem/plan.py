@@ -140,7 +140,8 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
         raise ValueError(f"unknown workload {workload!r}; one of {', '.join(WORKLOADS)}")
     done: dict[int, dict[str, Any]] = {}
     t0 = time.monotonic()
-    step = max(1, math.ceil((nodes - 1) / COARSE_SPLITS))
+    lo = 0 if local else 1  # the fewest prefill nodes a split has
+    step = max(1, math.ceil((nodes - lo) / COARSE_SPLITS))
 
     def run(p: int) -> None:
         cfg = SimConfig(p, nodes - p, prefill, decode, kv_bytes_per_token, max_batch, kv_capacity_tokens, order,
@@ -152,7 +153,6 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
         progress(f"[{len(done)}] {p}:{nodes - p}  goodput {row['goodput_rps']:.3g} req/s "
                  f"({row['per_node_rps']:.3g} per node), limited by {row['limited_by']}")
 
-    lo = 0 if local else 1
     for p in sorted({*range(lo, nodes, step), nodes - 1, *(q for q in also if lo <= q < nodes)}):
         run(p)
     if step > 1 and max(r["goodput_rps"] for r in done.values()) > 0:
