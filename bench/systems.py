@@ -284,10 +284,11 @@ def _metric_sum(address: str, name: str, **labels: str) -> float:
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
-def cache_facts(cluster: LocalCluster) -> dict[str, Any]:
+def cache_facts(cluster: LocalCluster, started: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
     """Where the prefill nodes' prompt tokens came from, and how the prefills were spread over them
     (with no prefill pool, 0:N: the decode nodes', by their engines' own count of each prompt
-    token's source; every prompt there is theirs to prefill, so a KV-store load counts as cached)."""
+    token's source, less ``started``, those counts when the cluster was up: the engines' startup
+    profile; every prompt there is theirs to prefill, so a KV-store load counts as cached)."""
     prompt = cached = 0.0
     per_node, hits, misses = {}, 0.0, 0.0
     alone = not any(d.role == "prefill" for d in cluster.nodes)
@@ -296,7 +297,8 @@ def cache_facts(cluster: LocalCluster) -> dict[str, Any]:
             continue
         url = d.info["metrics"]
         if alone:
-            by = prompt_tokens_by_source(f"http://{url}")
+            by, was = prompt_tokens_by_source(f"http://{url}"), (started or {}).get(d.name, {})
+            by = {k: v - was.get(k, 0.0) for k, v in by.items()}
             prompt += sum(by.values())
             cached += by.get("local_cache_hit", 0.0) + by.get("external_kv_transfer", 0.0)
             per_node[d.name] = int(_metric_sum(url, "tandem_decode_local_prefills_total"))
@@ -342,9 +344,12 @@ def start_tandem(model: str, num_prefill: int, num_decode: int, max_model_len: i
                        extra_coordinator_args=flags,
                        extra_node_args=TANDEM_VARIANTS[variant][1])
     cluster = LocalCluster(spec).start()
+    # 0:N: the decode engines' own prompt-token counts already hold their startup profile's
+    started = {d.name: prompt_tokens_by_source(f"http://{d.info['metrics']}") for d in cluster.nodes} \
+        if num_prefill == 0 else {}
     cmds = [cluster.coordinator.argv[1:]] + [d.argv[1:] for d in cluster.nodes]  # type: ignore[union-attr]
     from tandem import __version__
 
     return System(f"tandem-{num_prefill}:{num_decode}{variant}", cluster.http_url, cmds,
-                  f"tandem {__version__} on {vllm_version()}", cluster.stop, facts=lambda: cache_facts(cluster),
+                  f"tandem {__version__} on {vllm_version()}", cluster.stop, facts=lambda: cache_facts(cluster, started),
                   nodes={d.name: d.info["grpc"] for d in cluster.nodes})

@@ -289,11 +289,11 @@ class Admission:
         would do to their streams (a miss: admission refuses it)."""
         fits: list[tuple[LocalEstimate, NodeClient]] = []
         harmful: list[tuple[LocalEstimate, NodeClient, float]] = []
-        unknown = 0
+        unknown: list[NodeClient] = []
         for n in decoders:
             est = local_estimate(n, prompt_tokens, max_tokens, held.get(n.node_id, Held()), lives.get(n.node_id))
             if est is None:
-                unknown += 1
+                unknown.append(n)
                 continue
             batch, context = decode_load(n)
             if slo.tpot_s is not None and batch:
@@ -315,8 +315,11 @@ class Admission:
             best = _best([e.ttft for e, _ in meet])
             est = next(e for e, n in meet if n is best.node)
             return _Option(est.ttft, est.tpot, local=True)
-        if not (alone and harmful) or unknown:
-            return None  # (a node with no model yet takes it by load: it learns from it)
+        if not (alone and (harmful or unknown)):
+            return None
+        if unknown:  # a node with no model yet takes it (the least loaded): unpredicted, it learns from it
+            m = min(unknown, key=lambda n: (n.outstanding, n.served, n.node_id))
+            return _Option(Estimate(m, None), None, local=True)
         est, n, theirs = min(harmful, key=lambda h: h[2])
         batch = decode_load(n)[0]
         others = Estimate(n, theirs, describe=lambda: f"{n.node_id}: its {batch} running streams' step, stretched by "
@@ -330,7 +333,7 @@ def _choose(remote: _Option | None, local: _Option | None, slo: Slo) -> _Option 
     prefill pool would not, or, when the prefill pool has work queued, to start clearly sooner
     (``LOCAL_GAIN``); with no prefill node, the decode node."""
     if local is None or local.ttft_s is None:
-        return remote
+        return remote if remote is not None or local is None else local  # (no prefill pool: unpredicted)
     if remote is None or remote.ttft_s is None:
         return local if remote is None else remote
     local_ok, remote_ok = not local.misses(slo), not remote.misses(slo)

@@ -225,11 +225,12 @@ def test_an_empty_prefill_pool_is_served_by_the_decode_node() -> None:
         r = cluster({"d0": pb.NodeLoad(fits=fits())})
         plan = Admission(r).plan("r", 100, 16, Slo())
         assert plan.local and plan.decode.node_id == "d0"
-        # With local prefill off, or no model to predict it with, the pipeline waits for a prefill node.
+        # With local prefill off the pipeline waits for a prefill node; with no model to predict it
+        # with, the decode node takes it unpredicted (and learns from it).
         assert Admission(r, local=False).plan("r", 100, 16, Slo()).prefill is None
         r = cluster({"d0": None})
         plan = Admission(r).plan("r", 100, 16, Slo())
-        assert not plan.local and plan.prefill is None
+        assert plan.local and plan.prefill is None and plan.decode.node_id == "d0" and plan.ttft_s is None
     run(go)
 
 
@@ -248,6 +249,12 @@ def test_with_no_prefill_pool_a_prefill_that_would_slow_the_streams_past_their_t
         assert Admission(r).plan("r", 50, 16, Slo(tpot_s=0.1)).local
         # Admission off: served there all the same (and counted over its objective).
         assert Admission(r, "off").plan("r", 1000, 16, Slo(tpot_s=0.1)).local
+        # A decode node with no model yet takes it instead, unpredicted (it learns from it), and the
+        # least loaded of such nodes.
+        r = cluster({"d0": busy, "d1": None, "d2": None})
+        r._nodes["d1"].outstanding = 2
+        plan = Admission(r).plan("r", 1000, 16, Slo(tpot_s=0.1))
+        assert plan.local and plan.decode.node_id == "d2" and plan.ttft_s is None and plan.tpot_s is None
     run(go)
 
 

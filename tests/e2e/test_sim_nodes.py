@@ -157,6 +157,7 @@ def test_with_no_prefill_pool_the_decode_nodes_prefill_and_a_killed_one_is_migra
     """P:D 0:2: every request prefills on its decode node, a one-token one too; a decode node killed
     mid-stream hands its request to the other, which prefills what the client has seen."""
     import threading
+    import urllib.error
     import urllib.request
 
     import grpc
@@ -167,8 +168,11 @@ def test_with_no_prefill_pool_the_decode_nodes_prefill_and_a_killed_one_is_migra
     with LocalCluster(spec) as c, grpc.insecure_channel(c.grpc_address) as ch:
         stub = pb_grpc.CoordinatorStub(ch)
         def ready() -> dict:
-            with urllib.request.urlopen(c.http_url + "/ready", timeout=10) as r:  # the decode pool alone serves
-                return json.loads(r.read())
+            try:
+                with urllib.request.urlopen(c.http_url + "/ready", timeout=10) as r:  # the decode pool alone serves
+                    return json.loads(r.read())
+            except urllib.error.HTTPError as not_ready:  # 503 until it sees a decode node
+                return json.loads(not_ready.read())
 
         wait_until(lambda: ready()["nodes"]["decode"] == 2, 10, "the coordinator to see both decode nodes")
         assert ready() == {"status": "ready", "nodes": {"prefill": 0, "decode": 2}}
