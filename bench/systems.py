@@ -318,14 +318,14 @@ def cache_facts(cluster: LocalCluster, started: dict[str, dict[str, float]] | No
 
 def prefills_on_decode_nodes(flags: list[str]) -> bool:
     """Whether a coordinator started with these flags (and this environment) lets its decode nodes
-    prefill (``--conditional-disagg``, the last one given; else TANDEM_CONDITIONAL_DISAGG; else on)."""
-    value = os.environ.get("TANDEM_CONDITIONAL_DISAGG", "on")
-    for i, f in enumerate(flags):
-        if f == "--conditional-disagg" and i + 1 < len(flags):
-            value = flags[i + 1]
-        elif f.startswith("--conditional-disagg="):
-            value = f.split("=", 1)[1]
-    return value != "off"
+    prefill: read by the coordinator's own argument parser, as the coordinator will read them."""
+    import argparse
+
+    from tandem.coordinator.main import add_coordinator_args
+
+    ap = argparse.ArgumentParser(prog="tandem coordinator", add_help=False)
+    add_coordinator_args(ap)
+    return ap.parse_known_args(flags)[0].conditional_disagg != "off"
 
 
 def start_tandem(model: str, num_prefill: int, num_decode: int, max_model_len: int, log_dir: Path,
