@@ -31,14 +31,13 @@ from __future__ import annotations
 import argparse
 import bisect
 import datetime
-import math
 import re
 import statistics
 import sys
 from dataclasses import dataclass
 
 from tandem.bench.metrics import percentile
-from tandem.coordinator.router import MAX_LOG_BIAS
+from tandem.coordinator.calibration import Calibration
 
 LINE = re.compile(r"^(\S+ \S+) .*after (\d+) tokens \(ttft ([\d.]+) s, tpot ([\d.]+) ms, e2e ([\d.]+) s, "
                   r".*decode (\S+), migrations (\d+).*predicted ttft [\d.]+ s, tpot ([\d.]+) ms"
@@ -157,23 +156,23 @@ def _forecasts(reqs: list[Req]) -> dict[str, list[float]]:
     return forecasts
 
 
-def replay_factor(reqs: list[Req], rate: float) -> dict[str, float]:
-    """TPOT error had each node's factor been learned at ``rate`` a request (coordinator/router.py
-    ``NodeClient.calibrate``): the model's own predictions (the logged ones less their factor),
-    each multiplied by the factor learned from the requests finished before it arrived."""
+def replay_factor(reqs: list[Req], rate: float, lines: bool = True) -> dict[str, float]:
+    """TPOT error had each node's calibration been learned at ``rate`` a request (coordinator/
+    calibration.py; ``lines=False``: a factor only, as before the sixteenth sitting): the model's
+    own predictions (the logged ones less their learned factor), each put through the calibration
+    learned from the requests finished before it arrived."""
     events = sorted([(r.admitted, 0, i) for i, r in enumerate(reqs)] + [(r.end, 1, i) for i, r in enumerate(reqs)])
-    bias: dict[str, float] = {}
+    cal: dict[str, Calibration] = {}
     predicted: dict[int, float] = {}
     err = []
     for _, finished, i in events:
         r = reqs[i]
         model = r.predicted / r.factor
-        b = bias.get(r.node, 0.0)
+        c = cal.setdefault(r.node, Calibration(rate=rate, lines=lines))
         if not finished:
-            predicted[i] = model * math.exp(b)
+            predicted[i] = c(model)
             continue
-        one = max(-MAX_LOG_BIAS, min(MAX_LOG_BIAS, math.log(r.tpot / model)))
-        bias[r.node] = b + rate * (one - b)
+        c.learn(model, r.tpot)
         err.append(abs(predicted[i] - r.tpot) / r.tpot)
     return p50_p90(err)
 
@@ -214,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("log", help="a coordinator log (its per-request lines)")
     ap.add_argument("--factor-rates", default="0.1,0.05,0.02,0.01,0",
-                    help="replay each node's TPOT factor learned at these weights a request (logs that give "
-                         "the factors only)")
+                    help="replay each node's TPOT calibration learned at these weights a request (logs that "
+                         "give the factors only)")
     args = ap.parse_args(argv)
     reqs = read(args.log)
     if len(reqs) < 10:
@@ -229,10 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, e in res.items():
         print(f"  {name:21s} p50 {e['p50']:6.1%}  p90 {e['p90']:6.1%}")
     if all(r.factor > 0 for r in reqs) and args.factor_rates:
-        print("admission's TPOT error with its factor learned at (weight a request):")
+        print("admission's TPOT error with its calibration learned at (weight a request): a line, or a factor")
         for rate in (float(x) for x in args.factor_rates.split(",")):
-            e = replay_factor(reqs, rate)
-            print(f"  {rate:<21g} p50 {e['p50']:6.1%}  p90 {e['p90']:6.1%}")
+            e, f = replay_factor(reqs, rate), replay_factor(reqs, rate, lines=False)
+            print(f"  {rate:<21g} line p50 {e['p50']:6.1%}  p90 {e['p90']:6.1%}   "
+                  f"factor p50 {f['p50']:6.1%}  p90 {f['p90']:6.1%}")
     for where, e in ttft_parts(args.log).items():
         split = (f"; of it the wait p50 {e['wait_p50']:.1%} p90 {e['wait_p90']:.1%}; the rest, with the wait "
                  f"known, p50 {e['rest_p50']:.1%} p90 {e['rest_p90']:.1%}" if "wait_p50" in e else "")

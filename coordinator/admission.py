@@ -301,7 +301,8 @@ class Admission:
                 # (those to come, at the recent rate), or this prefill's own stall spread over
                 # their tokens when that is more (a longer prompt than the recent ones): not both,
                 # the recent share already counts a prefill like this one.
-                theirs = max(stepper(n)(batch, context), n.model.step_s(batch, context) + est.harm_s)
+                # (Calibrated as its TPOT predictions: a raw one scatters far wider than what happens.)
+                theirs = n.calibrated("tpot", max(stepper(n)(batch, context), n.model.step_s(batch, context) + est.harm_s))
                 if theirs > slo.tpot_s:
                     harmful.append((est, n, theirs))
                     continue

@@ -58,21 +58,22 @@ def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None =
     cached = cached.capped(tokens - 1)  # the last prompt token is always computed
     if not model.prefill.samples:
         return Estimate(node, None, cached_tokens=cached)
-    f = node.factor("ttft")
     held = cached.tokens
     idle_s = prefill_after_load(model, tokens, held) + load_s(cached.loaded, cached.disk)
-    run_s = idle_s * f
     hit = (f", {held} tokens held there ({cached.engine} in its engine's cache, {cached.disk} on disk)"
            if held > 0 else "")
     where = order.predict(node, tokens - held, arrival, ttft_s) if order is not None else None
     if where is not None:
-        wait_s = where.wait_s * f
+        f = node.factor("ttft", where.wait_s + idle_s)  # (both parts scaled alike: the calibration's share)
+        wait_s, run_s = where.wait_s * f, idle_s * f
         return Estimate(node, wait_s + run_s, idle_s, queue_s=wait_s, pushes=where.pushes, factor=f,
                         cached_tokens=cached, describe=lambda:
                         f"{node.node_id}: {wait_s * 1000:.0f} ms before its turn ({order.order} order) + "  # type: ignore[union-attr]
                         f"prefill {run_s * 1000:.0f} ms{_calibrated(f)}{hit}")
     queue = _prefill_queue(node, node.inflight)
-    queue_s = sum(model.prefill_s(t) for t in queue) * f
+    raw_queue_s = sum(model.prefill_s(t) for t in queue)
+    f = node.factor("ttft", raw_queue_s + idle_s)
+    queue_s, run_s = raw_queue_s * f, idle_s * f
     return Estimate(node, queue_s + run_s, idle_s, queue_s=queue_s, factor=f, cached_tokens=cached, describe=lambda:
                     f"{node.node_id}: queue {len(queue)} prompts {queue_s * 1000:.0f} ms + prefill "
                     f"{run_s * 1000:.0f} ms{_calibrated(f)}{hit}")
@@ -160,9 +161,10 @@ def decode_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int,
     kv = -(-prompt_tokens // block) * block * kv_bytes_per_token(node.record.layout)
     # The fetch plus its first step; with no transfer samples yet, one step stands in for it.
     first = model.transfer_s(kv) if model.transfer.samples else model.step_s(batch + 1, context + mine)
-    f = node.factor("tpot")
     each = step(life_batch + 1, life_context + mine)
-    busy = (first + (max_tokens - 2) * each) / (max_tokens - 1) * f
+    raw = (first + (max_tokens - 2) * each) / (max_tokens - 1)
+    f = node.factor("tpot", raw)
+    busy = raw * f
     idle = (first + (max_tokens - 2) * model.step_s(1, mine)) / (max_tokens - 1)
     return Estimate(node, busy, idle, factor=f, describe=lambda: f"{node.node_id}: batch {batch} now, {life_batch:.1f} + 1 over its life, step "
                                       f"{each * 1000:.1f} ms, KV {kv >> 10} KiB in {first * 1000:.0f} ms"
@@ -197,16 +199,16 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
     step = stepper(node)
     batch, context = decode_load(node)
     load = node.fresh_load()
-    f = node.factor("ttft_local")
     queue = _prefill_queue(node, node.prefilling)
-    queue_s = sum(model.prefill_s(t) for t in queue) * f
+    raw_queue_s = sum(model.prefill_s(t) for t in queue)
     cached = cached.capped(prompt_tokens - 1)  # the last prompt token is always computed
     idle_s = prefill_after_load(model, prompt_tokens, cached.tokens) + load_s(cached.loaded, cached.disk)
-    run_s = idle_s * f
     step_tokens = (load.step_tokens if load is not None else 0) or DEFAULT_STEP_TOKENS
     chunks = chunk_steps(sum(queue) + prompt_tokens - cached.tokens, step_tokens, batch)
     # Its chunks' steps carry the batch too: what the batch adds to each.
-    batch_s = chunks * beside_s(model, batch, context) * f
+    raw_batch_s = chunks * beside_s(model, batch, context)
+    f = node.factor("ttft_local", raw_queue_s + idle_s + raw_batch_s)
+    queue_s, run_s, batch_s = raw_queue_s * f, idle_s * f, raw_batch_s * f
     hit = f", {cached.tokens} tokens held there" if cached.tokens else ""
     ttft = Estimate(node, queue_s + run_s + batch_s, idle_s, queue_s=queue_s, factor=f, cached_tokens=cached,
                     describe=lambda: f"{node.node_id} (prefill here): queue {len(queue)} prompts {queue_s * 1000:.0f} ms + "
@@ -216,8 +218,8 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
     if max_tokens > 1:
         mine = prompt_tokens + max_tokens // 2
         life_batch, life_context = life or life_load(node, max_tokens)
-        ft = node.factor("tpot")
         each = step(life_batch + 1, life_context + mine)
+        ft = node.factor("tpot", each)
         tpot = Estimate(node, each * ft, model.step_s(1, mine), factor=ft,
                         describe=lambda: f"{node.node_id} (prefill here): batch {batch} now, {life_batch:.1f} + 1 over its life, "
                         f"step {each * 1000:.1f} ms{_calibrated(ft)}")

@@ -54,9 +54,19 @@ NODES_DOWN = Counter("tandem_nodes_marked_down", "Times a node was taken out of 
 ADMISSIONS = Counter("tandem_admission_decisions", "New requests by admission's decision: admitted, rejected, "
                      "over_slo_admitted (admission off), unpredicted (no node model yet), over_quota, "
                      "batch_admitted, batch_queue_full, batch_expired", ["decision"])
-CALIBRATION = Gauge("tandem_prediction_calibration", "Factor a node's predictions are multiplied by, learned "
-                    "online from its finished requests (kind: ttft, ttft_local, tpot)", ["node", "kind"],
-                    multiprocess_mode="livemostrecent")
+# A node's predictions of one kind go through a line, learned online from its finished requests
+# (coordinator/calibration.py): predicted = intercept + slope x the model's own; until a line can be
+# fitted, the intercept is 0 and the slope a plain factor.
+CALIBRATION = Gauge("tandem_prediction_calibration", "Slope of the line (a factor: intercept 0) a node's predictions "
+                    "go through, learned online from its finished requests (kind: ttft, ttft_local, tpot)",
+                    ["node", "kind"], multiprocess_mode="livemostrecent")
+CALIBRATION_INTERCEPT = Gauge("tandem_prediction_calibration_intercept_seconds", "Intercept of that line",
+                              ["node", "kind"], multiprocess_mode="livemostrecent")
+
+
+def export_calibration(node_id: str, kind: str, intercept_s: float, slope: float) -> None:
+    CALIBRATION.labels(node_id, kind).set(slope)
+    CALIBRATION_INTERCEPT.labels(node_id, kind).set(intercept_s)
 
 
 def forget_calibration(node_id: str, kind: str) -> None:
@@ -64,8 +74,9 @@ def forget_calibration(node_id: str, kind: str) -> None:
     cannot remove a series) it stays until the worker ends."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return
-    with contextlib.suppress(KeyError):
-        CALIBRATION.remove(node_id, kind)
+    for gauge in (CALIBRATION, CALIBRATION_INTERCEPT):
+        with contextlib.suppress(KeyError):
+            gauge.remove(node_id, kind)
 
 
 BATCH_QUEUE = Gauge("tandem_batch_queue_depth", "Batch requests waiting at the coordinator for spare capacity",

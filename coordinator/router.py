@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -45,20 +44,14 @@ from tandem.proto import tandem_pb2_grpc as pb_grpc
 from tandem.tls import FileWatch, TlsConfig
 
 from . import metrics as m
+from .calibration import Calibration
 
 logger = logging.getLogger(__name__)
 
 PROBE_INTERVAL_S = 0.5
 PROBE_MAX_INTERVAL_S = 5.0
 LOAD_STALE_S = 5.0  # a load message older than this no longer counts (the stream broke)
-# Weight of each finished request in a node's prediction factor (a moving average over ~1/w requests).
-# 0.1 made the factor noise: each request's error is mostly the arrivals after it was admitted, and
-# a factor from the last ~10 swung 0.90-1.23 with no bias to correct (fourteenth sitting: TPOT error
-# p50/p90 21/43 % with it, 15/36 % with the model alone, 17/37 % at 0.02 replayed on the same log).
-CALIBRATION_RATE = 0.02
-MAX_LOG_BIAS = math.log(3.0)  # each request's log error is clipped to this: the factor stays within 1/3 .. 3
 ARRIVAL_WINDOW_S = 20.0  # the recent requests to a decode node that admission's forward view counts
-CALIBRATION = m.CALIBRATION
 _keys = itertools.count()
 
 
@@ -121,9 +114,9 @@ class NodeClient:
     # (-> a callable saying how many), and the requests it sent there lately (admission's forward view).
     left: dict[int, Callable[[], int]] = field(default_factory=dict)
     arrivals: Arrivals = field(default_factory=lambda: Arrivals())
-    # Online bias correction of this node's predictions, per kind (ttft, ttft_local, tpot): the log of
-    # a factor, the moving average of log(actual / model's prediction) over finished requests.
-    bias: dict[str, float] = field(default_factory=dict)
+    # How this node's predictions turn out, per kind (ttft, ttft_local, tpot), learned online from
+    # its finished requests (calibration.py).
+    calibrations: dict[str, Calibration] = field(default_factory=dict)
     chunks: ChunkIndex = field(default_factory=ChunkIndex)  # what its KV store holds (prefix routing)
     blocks: ChunkIndex = field(default_factory=ChunkIndex)  # what its engine's prefix cache holds
     stub: object = field(init=False)
@@ -166,24 +159,21 @@ class NodeClient:
             empty = FitView((), (), 0)
             self.model = ModelView(fits.get("prefill", empty), fits.get("decode", empty), fits.get("transfer", empty))
 
-    def factor(self, kind: str) -> float:
-        """What this node's ``kind`` predictions are multiplied by (1 until requests finished)."""
-        return math.exp(self.bias.get(kind, 0.0))
+    def calibrated(self, kind: str, raw_s: float) -> float:
+        """A raw ``kind`` prediction for this node (the fitted model's), as its finished requests
+        say such predictions turn out (itself until one has finished)."""
+        c = self.calibrations.get(kind)
+        return c(raw_s) if c is not None else raw_s
+
+    def factor(self, kind: str, raw_s: float) -> float:
+        """``calibrated(kind, raw_s)`` over ``raw_s``: what the log calls the learned factor."""
+        return self.calibrated(kind, raw_s) / raw_s if raw_s > 0 else 1.0
 
     def calibrate(self, kind: str, model_s: float, actual_s: float) -> None:
-        """One finished request: what the fitted model alone predicted for it (``model_s``, no
-        factor: a factor read when it was admitted, many finishes ago on a busy node, would
-        make this a lagging feedback loop that swings) against what it took. The log factor is
-        a moving average (weight CALIBRATION_RATE) of log(actual / model), each clipped to
-        within log 3, so a steady bias of the fitted model (time it leaves out: the node's
-        daemon, the relay, the wait for the step running when a request arrives) is learned in
-        some 50 requests, and one outlier moves it little."""
-        if model_s <= 0 or actual_s <= 0:
-            return
-        err = max(-MAX_LOG_BIAS, min(MAX_LOG_BIAS, math.log(actual_s / model_s)))
-        b = self.bias.get(kind, 0.0)
-        self.bias[kind] = b = b + CALIBRATION_RATE * (err - b)
-        CALIBRATION.labels(self.node_id, kind).set(math.exp(b))
+        """One finished request: what the fitted model alone predicted for it against what it took."""
+        c = self.calibrations.setdefault(kind, Calibration())
+        c.learn(model_s, actual_s)
+        m.export_calibration(self.node_id, kind, *(c.line() or (0.0, c(1.0))))
 
     @property
     def node_id(self) -> str:
@@ -219,7 +209,7 @@ class Router:
         if record is None:
             if old is not None:
                 _stop_watching(old)
-                for kind in old.bias:
+                for kind in old.calibrations:
                     m.forget_calibration(node_id, kind)
                 # In-flight calls keep their channel until they end; new ones never see it.
                 self._left_at[old.record.role] = time.monotonic()
@@ -246,7 +236,7 @@ class Router:
                 return
             if old is not None:
                 _stop_watching(old)
-                for kind in old.bias:
+                for kind in old.calibrations:
                     m.forget_calibration(node_id, kind)
             node = NodeClient(record, channel)
             self._nodes[node_id] = node

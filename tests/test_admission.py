@@ -5,14 +5,16 @@ prefill as fast.)"""
 from __future__ import annotations
 
 import asyncio
+import random
 
 import grpc
 import pytest
 
 from tandem.coordinator.admission import Admission, Slo
 from tandem.coordinator.estimates import decode_estimate, prefill_estimate
+from tandem.coordinator.calibration import MIN_SAMPLES, MIN_SLOPE, RATE, Calibration
+from tandem.coordinator.router import Arrivals, Router, Tally
 from tandem.errors import InvalidRequest, Rejected, openai_error_body
-from tandem.coordinator.router import CALIBRATION_RATE, Arrivals, Router, Tally
 from tandem.membership import NodeRecord
 from tandem.proto import tandem_pb2 as pb
 
@@ -326,13 +328,14 @@ def test_a_nodes_steady_bias_is_learned_from_finished_requests_and_outliers_move
         r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(fits=fits())})
         node = r._nodes["p0"]
         raw = prefill_estimate(node, 100).seconds  # 0.01 + 0.1 = 0.11 s
-        assert raw == pytest.approx(0.11) and node.factor("ttft") == 1.0
+        assert raw == pytest.approx(0.11) and node.factor("ttft", raw) == 1.0
         # Every request takes 30 % longer than the fit says (time the fit leaves out). The node
         # learns from the model's own prediction, whatever factor was in use when each request
         # was admitted (on a busy node, many finishes ago): no feedback loop to swing.
         for _ in range(300):  # (some 50 requests make most of it; 300, all but 0.2 %)
             node.calibrate("ttft", raw, raw * 1.3)
-        assert node.factor("ttft") == pytest.approx(1.3, rel=0.01)
+        # (Every raw prediction alike: no line through one point, a factor.)
+        assert node.factor("ttft", raw) == pytest.approx(1.3, rel=0.01)
         est = prefill_estimate(node, 100)
         assert est.seconds == pytest.approx(raw * 1.3, rel=0.01) and "learned" in est.detail
         # Idle-node predictions (which decide "never met, no Retry-After") stay the model's own.
@@ -342,11 +345,11 @@ def test_a_nodes_steady_bias_is_learned_from_finished_requests_and_outliers_move
         plan = Admission(r, local=False).plan("r", 100, 1, Slo())
         assert plan.ttft_s / plan.ttft_factor == pytest.approx(raw)
         # One request 100x off counts as 3x, with the weight of one request.
-        before = node.factor("ttft")
+        before = node.factor("ttft", raw)
         node.calibrate("ttft", raw, raw * 100)
-        assert node.factor("ttft") / before == pytest.approx((3 / before) ** CALIBRATION_RATE)
+        assert node.factor("ttft", raw) / before == pytest.approx((3 / before) ** RATE)
         # Kinds are apart: the decode node's TPOT is untouched.
-        assert r._nodes["d0"].factor("tpot") == 1.0
+        assert r._nodes["d0"].factor("tpot", 0.05) == 1.0
     run(go)
 
 
@@ -546,3 +549,53 @@ def test_a_tally_keeps_the_sum_of_its_tokens_as_requests_come_and_go() -> None:
     with pytest.raises(KeyError):
         del t[2]
     assert t.total == 340
+
+
+def test_raw_predictions_that_scatter_wider_than_outcomes_are_drawn_to_what_happened() -> None:
+    # Raw TPOT predictions 20..100 ms whose outcomes are 50 ms, whatever was predicted (the
+    # fifteenth sitting's 0:1 run: what arrives after admission decides the TPOT, not what the
+    # node held then). A factor can only scale them; the line learns that a raw 95 ms means ~50.
+    rng = random.Random(0)
+    cal, factor = Calibration(), Calibration(lines=False)
+    for _ in range(MIN_SAMPLES - 1):
+        raw = rng.uniform(0.02, 0.1)
+        cal.learn(raw, 0.05)
+        factor.learn(raw, 0.05)
+    assert cal.line() is None and cal(0.095) == pytest.approx(factor(0.095))  # too few yet: a factor
+    for _ in range(300):
+        raw = rng.uniform(0.02, 0.1)
+        cal.learn(raw, 0.05 + rng.uniform(-0.005, 0.005))
+        factor.learn(raw, 0.05)
+    a, b = cal.line()
+    # The outcomes do not follow the raw predictions at all: the slope is held at its floor (a raw
+    # prediction still carries the node's state: a sudden load moves it before any finish does).
+    assert b == MIN_SLOPE
+    assert cal(0.095) == pytest.approx(0.05 + MIN_SLOPE * (0.095 - 0.06), abs=0.004)
+    assert cal(0.095) < 0.087 < factor(0.095)  # admitted against an 87 ms objective; the factor refused it
+    # Outcomes that do follow the raw predictions (a steady bias of 30 %): the line is that factor.
+    steady = Calibration()
+    for _ in range(300):
+        raw = rng.uniform(0.02, 0.1)
+        steady.learn(raw, raw * 1.3)
+    a, b = steady.line()
+    assert b == pytest.approx(1.3, rel=0.01) and a == pytest.approx(0.0, abs=1e-4)
+
+
+def test_a_decode_node_refusal_on_tpot_uses_its_calibrated_prediction() -> None:
+    def go():
+        r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(
+            decode_batch=30, decode_context=3000, decode_batch_mean=30, decode_context_mean=3000, fits=fits())})
+        adm = Admission(r, local=False)
+        slo = Slo(tpot_s=0.03)
+        with pytest.raises(Rejected):
+            adm.plan("r", 100, 16, slo)  # raw: 31 streams' step, 36 ms
+        d0 = r._nodes["d0"]
+        raw = decode_estimate(d0, 100, 16).seconds
+        assert raw > 0.03
+        rng = random.Random(1)
+        for _ in range(200):  # what such predictions turned out to be on this node: ~25 ms
+            d0.calibrate("tpot", rng.uniform(raw * 0.3, raw * 1.2), 0.025)
+        plan = adm.plan("r", 100, 16, slo)
+        assert plan.tpot_s < 0.03 and plan.decode.node_id == "d0"
+        assert plan.tpot_s / plan.tpot_factor == pytest.approx(raw)  # the raw value is still recovered
+    run(go)

@@ -1,0 +1,89 @@
+"""How a node's predictions of one kind turn out: learned online from its finished requests.
+
+Admission predicts from the node's fitted model (tandem/perfmodel.py) and its load now; what the
+request then sees also depends on what arrives after it, which no prediction made now knows. So
+the raw predictions scatter far wider than what happens: on the fifteenth sitting's logs, 0:1
+requests predicted a TPOT of 81-94 ms took 50 ms on average (p90 60 ms), the same as those
+predicted 31-45 ms, and admission refused them against an 87 ms objective that colocated vLLM met
+at that rate. The correlation of raw TPOT prediction and outcome was 0.17 there (0.40 at 1:1).
+
+A ``Calibration`` maps a raw prediction to what requests given that raw prediction took: a
+least-squares line ``actual = a + b * raw`` over the recent finished requests (exponentially
+weighted, ``RATE`` a request), with its slope kept within [``MIN_SLOPE``, ``MAX_SLOPE``]: the raw
+prediction does carry the node's state, and the floor keeps admission answering a sudden load
+before the finished requests show it. Until ``MIN_SAMPLES`` requests have finished, or while the
+raw predictions hardly vary (a line through one point is no line), it is a factor: the moving
+average of log(actual / raw), each clipped to within log 3, as before.
+
+Replayed on those logs (bench/forecast.py's method, each request predicted from those finished
+before it arrived): TPOT error p90 83 -> 42 % at 0:1, 45 -> 31 % at 1:1, 51 -> 38 % multi-turn.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# Weight of each finished request (a moving average over ~1/w requests). 0.1 made the factor noise:
+# each request's error is mostly the arrivals after it was admitted (fourteenth sitting).
+RATE = 0.02
+MAX_LOG_BIAS = math.log(3.0)  # each request's log error is clipped to this: the factor stays within 1/3 .. 3
+MIN_SAMPLES = 30  # finished requests before the line is used
+MIN_SPREAD = 0.1  # the raw predictions' standard deviation, as a share of their mean, for a line
+MIN_SLOPE, MAX_SLOPE = 0.25, 1.5
+
+
+@dataclass
+class Calibration:
+    rate: float = RATE
+    lines: bool = True  # False: a factor only (for comparison: bench/forecast.py)
+    samples: int = 0
+    log_bias: float = 0.0
+    # Exponentially weighted sums: of the weights, raw, actual, raw², raw·actual.
+    w: float = 0.0
+    x: float = 0.0
+    y: float = 0.0
+    xx: float = 0.0
+    xy: float = 0.0
+
+    def learn(self, raw_s: float, actual_s: float) -> None:
+        """One finished request: what the model alone predicted for it (no calibration: one read
+        when it was admitted, many finishes ago on a busy node, would make this a lagging
+        feedback loop that swings) against what it took."""
+        if not (raw_s > 0 and actual_s > 0 and math.isfinite(raw_s) and math.isfinite(actual_s)):
+            return
+        self.samples += 1
+        err = max(-MAX_LOG_BIAS, min(MAX_LOG_BIAS, math.log(actual_s / raw_s)))
+        self.log_bias += self.rate * (err - self.log_bias)
+        keep = 1.0 - self.rate
+        self.w = self.w * keep + 1.0
+        self.x = self.x * keep + raw_s
+        self.y = self.y * keep + actual_s
+        self.xx = self.xx * keep + raw_s * raw_s
+        self.xy = self.xy * keep + raw_s * actual_s
+
+    def line(self) -> tuple[float, float] | None:
+        """(a, b) of actual = a + b * raw, or None while it is a factor."""
+        if not self.lines or self.samples < MIN_SAMPLES or self.w <= 0:
+            return None
+        mx, my = self.x / self.w, self.y / self.w
+        var = self.xx / self.w - mx * mx
+        if mx <= 0 or var <= (MIN_SPREAD * mx) ** 2:
+            return None
+        b = min(MAX_SLOPE, max(MIN_SLOPE, (self.xy / self.w - mx * my) / var))
+        return my - b * mx, b
+
+    def __call__(self, raw_s: float) -> float:
+        """The prediction for a raw one (never below a tenth of it: a line fitted on a narrow
+        range must not send a far larger raw prediction to zero)."""
+        fit = self.line()
+        if fit is None:
+            return raw_s * math.exp(self.log_bias)
+        a, b = fit
+        return max(raw_s * 0.1, a + b * raw_s)
+
+    def describe(self) -> str:
+        fit = self.line()
+        if fit is None:
+            return f"x{math.exp(self.log_bias):.2f}"
+        return f"{fit[0] * 1000:.0f} ms + {fit[1]:.2f} x"
