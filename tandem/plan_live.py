@@ -64,14 +64,17 @@ def pools(client: Client) -> Pools:
     return out
 
 
-def choose_move(current: tuple[int, int], best: tuple[int, int], now: Pools) -> tuple[str, str] | None:
+def choose_move(current: tuple[int, int], best: tuple[int, int], now: Pools, local: bool = False
+                ) -> tuple[str, str] | None:
     """(node id, its new role): one node from the pool that has more than the best split wants,
-    the one with the least in flight (then by id); None when the split is already the best."""
+    the one with the least in flight (then by id); None when the split is already the best.
+    ``local``: the decode nodes prefill when there is no prefill pool (the coordinator's
+    conditional disaggregation), so the last prefill node may go; the last decode node never."""
     if current == best:
         return None
     src, role = (now.prefill, "decode") if best[0] < current[0] else (now.decode, "prefill")
-    if len(src) < 2:
-        return None  # never empty a pool
+    if len(src) < (1 if local and role == "decode" else 2):
+        return None  # never empty a pool the cluster cannot serve without
     node = min(src, key=lambda n: (n[1], n[0]))[0]
     return node, role
 
@@ -94,6 +97,7 @@ class Options:
     order: str = "slack"
     min_duration_s: float = 300.0  # of arrivals per simulated probe (tandem.plan.MIN_DURATION_S)
     admission: bool = False  # model the coordinator's admission (its default is on: --admission on)
+    local: bool = False  # the coordinator's conditional disaggregation (--conditional-disagg on): 0:N splits too
 
 
 class LivePlanner:
@@ -134,8 +138,9 @@ class LivePlanner:
                       "mean_prompt": round(mix.mean_prompt),
                       "mean_output": round(mix.mean_output),
                       "attainment": None if math.isnan(mix.attainment) else round(mix.attainment, 3)}
-        if P < 1 or D < 1 or mix.served < self.o.min_requests:
-            rec["action"] = ("waiting: a pool has no routable node" if P < 1 or D < 1 else
+        lacking = P < (0 if self.o.local else 1) or D < 1
+        if lacking or mix.served < self.o.min_requests:
+            rec["action"] = ("waiting: a pool has no routable node" if lacking else
                              f"waiting: {mix.served} of {self.o.min_requests} requests served in the window")
             self.streak = 0
             return rec
@@ -143,11 +148,12 @@ class LivePlanner:
                    kv_bytes_per_token=self.o.kv_bytes_per_token, max_batch=self.o.max_batch,
                    kv_capacity_tokens=self.o.kv_capacity_tokens, order=self.o.order, requests=self.o.requests,
                    seeds=self.o.seeds, max_model_len=self.o.max_model_len, min_duration_s=self.o.min_duration_s,
-                   also=(P,), admission=self.o.admission)
+                   also=(P,), admission=self.o.admission, local=self.o.local)
         rows = {(r["prefill"], r["decode"]): r["goodput_rps"] for r in doc["rows"]}
         best = max(rows, key=lambda k: (rows[k], -abs(k[0] - P)))  # ties: the split nearest the current one
         cfg = SimConfig(P, D, self.prefill, self.decode, self.o.kv_bytes_per_token, self.o.max_batch,
-                        self.o.kv_capacity_tokens, self.o.order, self.o.slo_ttft_s, self.o.slo_tpot_s, self.o.admission)
+                        self.o.kv_capacity_tokens, self.o.order, self.o.slo_ttft_s, self.o.slo_tpot_s, self.o.admission,
+                        self.o.local)
         n = probe_size(mix.rate, self.o.requests, self.o.min_duration_s)
         predicted = attainment(simulate(cfg, mix.trace(mix.rate, n, 0, self.o.max_model_len)),
                                self.o.slo_ttft_s, self.o.slo_tpot_s)
@@ -160,7 +166,7 @@ class LivePlanner:
             self.streak += 1
         else:
             self.streak = 0
-        move = choose_move((P, D), best, now) if self.streak >= self.o.confirm else None
+        move = choose_move((P, D), best, now, self.o.local) if self.streak >= self.o.confirm else None
         rec["move"] = list(move) if move else None
         rec["action"] = (f"switch {move[0]} to {move[1]}" if move else
                          f"keep {P}:{D}" + (f" ({self.streak}/{self.o.confirm} windows favour {best[0]}:{best[1]})"
@@ -235,7 +241,7 @@ def cmd_live(args: argparse.Namespace, prefill: Timings, decode: Timings) -> int
     opts = Options(args.slo_ttft, args.slo_tpot, args.window_s, args.every_s, args.min_gain, args.confirm,
                    args.min_requests, min(args.requests, 600), 1, args.max_model_len, args.kv_bytes_per_token,
                    args.max_batch, args.kv_capacity_tokens, args.order, args.min_duration_s,
-                   args.admission == "on")
+                   args.admission == "on", args.conditional_disagg == "on")
     planner = LivePlanner(prefill, decode, opts)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ same ones the nodes fit online, see tandem/perfmodel.py):
 - **Admission** (``admission``, off by default): at arrival, the prefill work ahead shared by the
   prefill pool plus the request's own prefill against the TTFT objective, and a step of the least
   loaded decode node with it added against TPOT; a request predicted to miss either is refused
-  (it counts as missed). Tandem's own admission predicts per node, learns a bias per node, and
+  (it counts as missed). Tandem's own admission predicts per node, calibrates per node, and
   may prefill on a decode node instead; this does not.
 
 - **Conditional disaggregation** (``local``, off by default): at arrival the request is

@@ -121,3 +121,23 @@ def test_the_live_planner_keeps_a_split_that_is_best_and_waits_for_enough_reques
     rec = lp.step(scrape(60, [rng.randint(800, 1000) for _ in range(150)], [rng.randint(4, 12) for _ in range(150)],
                          150, 0), now)
     assert rec["best"] == "3:1" and rec["move"] is None and rec["action"] == "keep 3:1"
+
+
+def test_with_conditional_disaggregation_the_last_prefill_node_may_go_and_0_to_n_is_planned() -> None:
+    # The decode nodes prefill when there is no prefill pool: 1:2 -> 0:3 empties the prefill pool.
+    assert choose_move((1, 2), (0, 3), Pools([("p0", 0)], [("d0", 0), ("d1", 0)]), local=True) == ("p0", "decode")
+    assert choose_move((1, 2), (0, 3), Pools([("p0", 0)], [("d0", 0), ("d1", 0)])) is None  # without: never
+    assert choose_move((0, 1), (1, 0), Pools([], [("d0", 0)]), local=True) is None  # the last decode node stays
+    # A 0:3 cluster is planned, not waited on: short prompts, long outputs (decode-bound).
+    lp = LivePlanner(SLOW_PREFILL, SLOW_PREFILL, Options(slo_ttft_s=2.0, slo_tpot_s=0.2, min_requests=20,
+                                                         requests=300, local=True))
+    now = Pools(prefill=[], decode=[("d0", 0), ("d1", 0), ("d2", 0)])
+    lp.step(scrape(0, [], [], 0, 0), now)
+    rng = random.Random(2)
+    rec = lp.step(scrape(60, [rng.randint(20, 40) for _ in range(100)], [rng.randint(100, 200) for _ in range(100)],
+                         100, 0), now)
+    assert not rec["action"].startswith("waiting") and "0:3" in rec["goodput_rps"]
+    # Without conditional disaggregation a cluster with no prefill node is waited on.
+    lp = LivePlanner(SLOW_PREFILL, SLOW_PREFILL, Options(slo_ttft_s=2.0, slo_tpot_s=0.2, min_requests=20, requests=300))
+    lp.step(scrape(0, [], [], 0, 0), now)
+    assert lp.step(scrape(60, [30] * 100, [150] * 100, 100, 0), now)["action"] == "waiting: a pool has no routable node"
