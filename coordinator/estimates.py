@@ -16,6 +16,7 @@ what it stood on.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -89,6 +90,29 @@ def _prefill_queue(node: NodeClient, own: Tally) -> list[int]:
     load = node.fresh_load()
     reported = list(load.prefill_queue) if load is not None else []
     return list(own.values()) if own.total > sum(reported) else reported
+
+
+def _local_queue(node: NodeClient, step_tokens: int, batch: int, context: int) -> list[int]:
+    """Prompt tokens still to prefill of the local prefills on a decode node: as it reports them,
+    or this coordinator's own when those hold more. Of its own, the oldest (the engine runs them
+    in turn) has been running since it was sent, or since the one before it ended, and is that
+    far through (a share of what its prefill and the steps beside it take). Counted whole, it
+    was most of the TTFT refusals of the sixteenth sitting's 0:1 run: each one's queue was one
+    prefill, counted from its start whatever share of it had run."""
+    load = node.fresh_load()
+    reported = list(load.prefill_queue) if load is not None else []
+    own = node.prefilling
+    if own.total <= sum(reported):
+        return reported
+    queue = list(own.values())
+    oldest = next(iter(own))
+    began = max(node.prefilling_since.get(oldest, 0.0), node.prefilled_at)
+    first = queue[0]
+    takes = node.model.prefill_s(first) + chunk_steps(first, step_tokens, batch) * beside_s(node.model, batch, context)
+    if takes > 0:
+        done = min(1.0, max(0.0, time.perf_counter() - began) / takes)
+        queue[0] = round(first * (1.0 - done))
+    return queue
 
 
 def decode_load(node: NodeClient) -> tuple[int, int]:
@@ -199,11 +223,11 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
     step = stepper(node)
     batch, context = decode_load(node)
     load = node.fresh_load()
-    queue = _prefill_queue(node, node.prefilling)
-    raw_queue_s = sum(model.prefill_s(t) for t in queue)
+    step_tokens = (load.step_tokens if load is not None else 0) or DEFAULT_STEP_TOKENS
+    queue = _local_queue(node, step_tokens, batch, context)
+    raw_queue_s = sum(model.prefill_s(t) for t in queue if t > 0)
     cached = cached.capped(prompt_tokens - 1)  # the last prompt token is always computed
     idle_s = prefill_after_load(model, prompt_tokens, cached.tokens) + load_s(cached.loaded, cached.disk)
-    step_tokens = (load.step_tokens if load is not None else 0) or DEFAULT_STEP_TOKENS
     chunks = chunk_steps(sum(queue) + prompt_tokens - cached.tokens, step_tokens, batch)
     # Its chunks' steps carry the batch too: what the batch adds to each.
     raw_batch_s = chunks * beside_s(model, batch, context)

@@ -110,6 +110,8 @@ class NodeClient:
     model: ModelView = field(default_factory=ModelView)
     inflight: Tally = field(default_factory=lambda: Tally())  # this coordinator's requests there -> tokens
     prefilling: Tally = field(default_factory=lambda: Tally())  # of those, local prefills not done yet -> tokens
+    prefilling_since: dict[int, float] = field(default_factory=dict)  # -> when each was sent (perf_counter)
+    prefilled_at: float = 0.0  # when the last local prefill there ended (perf_counter)
     # On a decode node: of this coordinator's requests there, those whose tokens to come it knows
     # (-> a callable saying how many), and the requests it sent there lately (admission's forward view).
     left: dict[int, Callable[[], int]] = field(default_factory=dict)
@@ -358,10 +360,13 @@ class Router:
         """A decode node prefilling a request itself, until its first token (or the block exits)."""
         key = next(_keys)
         node.prefilling[key] = tokens
+        node.prefilling_since[key] = time.perf_counter()
         try:
             yield node
         finally:
             del node.prefilling[key]
+            del node.prefilling_since[key]
+            node.prefilled_at = time.perf_counter()
 
     # health -----------------------------------------------------------------
     async def check(self, node: NodeClient) -> bool:

@@ -40,7 +40,9 @@ same ones the nodes fit online, see tandem/perfmodel.py):
   takes the chunk's share of the decode node's own prefill time plus what the batch's step costs
   over an empty one (admission's ``beside``); its first token
   comes with the last chunk, and it joins the batch at the next step (no transfer). With no
-  prefill pool (P:D 0:N) every request prefills on the decode node where it starts soonest.
+  prefill pool (P:D 0:N) every request prefills on a decode node, picked as the coordinator's
+  ``_best`` picks: the soonest start among the nodes meeting both objectives (or all), and of
+  those within its tie band the least loaded.
 
 Not modelled yet (the simulator says so in its results): prefix caching and network contention.
 """
@@ -261,8 +263,19 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             beside = chunk_steps(sum(dn.local_left.values()) + e.input_len, cfg.step_tokens, b) * beside_s(dec, b, ctx)
             return queue_s + run_s + beside, (run_s + beside) / max(e.output_len, MIN_OTHERS_TOKENS)
 
-        if not cfg.num_prefill:  # no prefill pool: the decode node where it starts soonest, whatever it costs
-            return min(range(len(decodes)), key=lambda d: (local_ttft(decodes[d])[0], decodes[d].assigned))
+        if not cfg.num_prefill:
+            # No prefill pool: a decode node whatever it costs, as the coordinator's _best picks it: among
+            # those meeting both objectives (or all, with none), the soonest start; those within TIE_REL /
+            # TIE_ABS_S of it are alike, and the least loaded of them takes it.
+            from tandem.coordinator.admission import TIE_ABS_S, TIE_REL
+
+            starts = [local_ttft(dn)[0] for dn in decodes]
+            pool = [d for d, dn in enumerate(decodes)
+                    if (cfg.slo_ttft_s <= 0 or starts[d] <= cfg.slo_ttft_s) and not tpot_misses(dn)] \
+                or list(range(len(decodes)))
+            low = min(starts[d] for d in pool)
+            alike = [d for d in pool if starts[d] <= max(low * (1 + TIE_REL), low + TIE_ABS_S)]
+            return min(alike, key=lambda d: (decodes[d].assigned, d))
         wait = (queued_s + sum(max(0.0, t - now) for t in busy_until)) / cfg.num_prefill
         remote = wait + cfg.prefill.prefill_s(e.input_len)
         remote_tpot_misses = tpot_misses(min(decodes, key=lambda x: x.assigned))

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from tandem.coordinator.admission import Admission, Slo
-from tandem.coordinator.estimates import decode_estimate, prefill_estimate
+from tandem.coordinator.estimates import decode_estimate, local_estimate, prefill_estimate
 from tandem.coordinator.calibration import MIN_SAMPLES, MIN_SLOPE, RATE, Calibration
 from tandem.coordinator.router import Arrivals, Router, Tally
 from tandem.errors import InvalidRequest, Rejected, openai_error_body
@@ -598,4 +598,31 @@ def test_a_decode_node_refusal_on_tpot_uses_its_calibrated_prediction() -> None:
         plan = adm.plan("r", 100, 16, slo)
         assert plan.tpot_s < 0.03 and plan.decode.node_id == "d0"
         assert plan.tpot_s / plan.tpot_factor == pytest.approx(raw)  # the raw value is still recovered
+    run(go)
+
+
+def test_a_local_prefill_running_for_a_while_counts_only_what_is_left_of_it() -> None:
+    def go():
+        # An idle decode node (prefill 0.01 s + 1 ms a token): a 500-token local prefill takes 0.51 s.
+        r = cluster({"d0": pb.NodeLoad(fits=fits(), step_tokens=1000)})
+        d0 = r._nodes["d0"]
+        alone = local_estimate(d0, 100, 16).ttft.seconds  # 0.11 s
+        with r.track_prefill(d0, 500):
+            key = next(iter(d0.prefilling))
+            just_sent = local_estimate(d0, 100, 16).ttft.seconds
+            assert just_sent == pytest.approx(alone + 0.51, abs=0.01)  # all of it ahead
+            d0.prefilling_since[key] -= 0.255  # half way through
+            assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.01 + 0.25, abs=0.01)
+            d0.prefilling_since[key] -= 10.0  # overdue: nothing of it counted
+            assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone, abs=0.001)
+        assert not d0.prefilling and not d0.prefilling_since
+        # The next one waited for the one before: it runs from when that one ended, not from when sent.
+        first, second = r.track_prefill(d0, 500), r.track_prefill(d0, 300)
+        first.__enter__()
+        second.__enter__()
+        for key in d0.prefilling_since:
+            d0.prefilling_since[key] -= 10.0  # both sent long ago
+        first.__exit__(None, None, None)  # the 500-token one ends now: the 300-token one starts
+        assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.31, abs=0.01)
+        second.__exit__(None, None, None)
     run(go)

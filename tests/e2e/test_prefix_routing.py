@@ -12,7 +12,6 @@ import pytest
 
 from tandem.local.cluster import ClusterSpec, LocalCluster
 from tandem.proto import tandem_pb2 as pb
-from tandem.proto import tandem_pb2_grpc as pb_grpc
 
 from .helpers import metric, scrape, wait_until
 
