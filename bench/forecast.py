@@ -37,7 +37,7 @@ import sys
 from dataclasses import dataclass
 
 from tandem.bench.metrics import percentile
-from tandem.coordinator.calibration import Calibration
+from tandem.coordinator.calibration import MIN_SLOPE, Calibration
 
 LINE = re.compile(r"^(\S+ \S+) .*after (\d+) tokens \(ttft ([\d.]+) s, tpot ([\d.]+) ms, e2e ([\d.]+) s, "
                   r".*decode (\S+), migrations (\d+).*predicted ttft [\d.]+ s, tpot ([\d.]+) ms"
@@ -168,7 +168,7 @@ def replay_factor(reqs: list[Req], rate: float, lines: bool = True) -> dict[str,
     for _, finished, i in events:
         r = reqs[i]
         model = r.predicted / r.factor
-        c = cal.setdefault(r.node, Calibration(rate=rate, lines=lines))
+        c = cal.setdefault(r.node, Calibration(rate=rate, lines=lines, min_slope=MIN_SLOPE["tpot"]))
         if not finished:
             predicted[i] = c(model)
             continue
@@ -213,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("log", help="a coordinator log (its per-request lines)")
     ap.add_argument("--factor-rates", default="0.1,0.05,0.02,0.01,0",
-                    help="replay each node's TPOT calibration learned at these weights a request (logs that "
-                         "give the factors only)")
+                    help="replay each node's TPOT calibration learned at these weights a request (0: the "
+                         "line over all the log so far, the factor left at 1; logs that give the factors only)")
     args = ap.parse_args(argv)
     reqs = read(args.log)
     if len(reqs) < 10:

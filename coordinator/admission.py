@@ -301,8 +301,10 @@ class Admission:
                 # (those to come, at the recent rate), or this prefill's own stall spread over
                 # their tokens when that is more (a longer prompt than the recent ones): not both,
                 # the recent share already counts a prefill like this one.
-                # (Calibrated as its TPOT predictions: a raw one scatters far wider than what happens.)
-                theirs = n.calibrated("tpot", max(stepper(n)(batch, context), n.model.step_s(batch, context) + est.harm_s))
+                # (Their step calibrated as the node's TPOT predictions, a raw one scattering far wider
+                # than what happens; this prefill's stall, a prefill time, as its TTFT there.)
+                theirs = max(n.calibrated("tpot", stepper(n)(batch, context)),
+                             n.calibrated("tpot", n.model.step_s(batch, context)) + est.harm_s)
                 if theirs > slo.tpot_s:
                     harmful.append((est, n, theirs))
                     continue

@@ -13,7 +13,8 @@ weighted, ``RATE`` a request), with its slope kept within [``MIN_SLOPE``, ``MAX_
 prediction does carry the node's state, and the floor keeps admission answering a sudden load
 before the finished requests show it. Until ``MIN_SAMPLES`` requests have finished, or while the
 raw predictions hardly vary (a line through one point is no line), it is a factor: the moving
-average of log(actual / raw), each clipped to within log 3, as before.
+average of log(actual / raw), as before. Either way each outcome is clipped to within
+``MAX_RATIO`` of its raw prediction, and so is each calibrated prediction.
 
 Replayed on those logs (bench/forecast.py's method, each request predicted from those finished
 before it arrived): TPOT error p90 83 -> 42 % at 0:1, 45 -> 31 % at 1:1, 51 -> 38 % multi-turn.
@@ -27,16 +28,25 @@ from dataclasses import dataclass
 # Weight of each finished request (a moving average over ~1/w requests). 0.1 made the factor noise:
 # each request's error is mostly the arrivals after it was admitted (fourteenth sitting).
 RATE = 0.02
-MAX_LOG_BIAS = math.log(3.0)  # each request's log error is clipped to this: the factor stays within 1/3 .. 3
+# Each outcome counts as at most this many times its raw prediction (and at least its inverse), and
+# so does each calibrated prediction: one stalled request moves the line as little as it moved the
+# factor, and a line cannot make a prediction more than 3x or less than a third of the model's own.
+MAX_RATIO = 3.0
 MIN_SAMPLES = 30  # finished requests before the line is used
 MIN_SPREAD = 0.1  # the raw predictions' standard deviation, as a share of their mean, for a line
-MIN_SLOPE, MAX_SLOPE = 0.25, 1.5
+# The slope's floor per kind: TPOT's raw predictions were found nearly uninformative (0.25 keeps a
+# sudden load counting); a TTFT is mostly a queue, which its raw prediction does see (slopes of
+# 0.61-1.14 on the fifteenth and sixteenth sittings' logs).
+MIN_SLOPE = {"tpot": 0.25}
+MIN_SLOPE_OTHER = 0.5
+MAX_SLOPE = 1.5
 
 
 @dataclass
 class Calibration:
     rate: float = RATE
     lines: bool = True  # False: a factor only (for comparison: bench/forecast.py)
+    min_slope: float = MIN_SLOPE_OTHER
     samples: int = 0
     log_bias: float = 0.0
     # Exponentially weighted sums: of the weights, raw, actual, raw², raw·actual.
@@ -53,8 +63,8 @@ class Calibration:
         if not (raw_s > 0 and actual_s > 0 and math.isfinite(raw_s) and math.isfinite(actual_s)):
             return
         self.samples += 1
-        err = max(-MAX_LOG_BIAS, min(MAX_LOG_BIAS, math.log(actual_s / raw_s)))
-        self.log_bias += self.rate * (err - self.log_bias)
+        actual_s = min(raw_s * MAX_RATIO, max(raw_s / MAX_RATIO, actual_s))
+        self.log_bias += self.rate * (math.log(actual_s / raw_s) - self.log_bias)
         keep = 1.0 - self.rate
         self.w = self.w * keep + 1.0
         self.x = self.x * keep + raw_s
@@ -70,20 +80,17 @@ class Calibration:
         var = self.xx / self.w - mx * mx
         if mx <= 0 or var <= (MIN_SPREAD * mx) ** 2:
             return None
-        b = min(MAX_SLOPE, max(MIN_SLOPE, (self.xy / self.w - mx * my) / var))
+        b = min(MAX_SLOPE, max(self.min_slope, (self.xy / self.w - mx * my) / var))
         return my - b * mx, b
 
     def __call__(self, raw_s: float) -> float:
-        """The prediction for a raw one (never below a tenth of it: a line fitted on a narrow
-        range must not send a far larger raw prediction to zero)."""
+        """The prediction for a raw one: within a third and 3x of it."""
         fit = self.line()
         if fit is None:
             return raw_s * math.exp(self.log_bias)
         a, b = fit
-        return max(raw_s * 0.1, a + b * raw_s)
+        return min(raw_s * MAX_RATIO, max(raw_s / MAX_RATIO, a + b * raw_s))
 
-    def describe(self) -> str:
-        fit = self.line()
-        if fit is None:
-            return f"x{math.exp(self.log_bias):.2f}"
-        return f"{fit[0] * 1000:.0f} ms + {fit[1]:.2f} x"
+    @classmethod
+    def of(cls, kind: str) -> Calibration:
+        return cls(min_slope=MIN_SLOPE.get(kind, MIN_SLOPE_OTHER))

@@ -108,7 +108,8 @@ def _local_queue(node: NodeClient, step_tokens: int, batch: int, context: int) -
     oldest = next(iter(own))
     began = max(node.prefilling_since.get(oldest, 0.0), node.prefilled_at)
     first = queue[0]
-    takes = node.model.prefill_s(first) + chunk_steps(first, step_tokens, batch) * beside_s(node.model, batch, context)
+    takes = node.calibrated("ttft_local", node.model.prefill_s(first)
+                            + chunk_steps(first, step_tokens, batch) * beside_s(node.model, batch, context))
     if takes > 0:
         done = min(1.0, max(0.0, time.perf_counter() - began) / takes)
         queue[0] = round(first * (1.0 - done))

@@ -173,7 +173,9 @@ class NodeClient:
 
     def calibrate(self, kind: str, model_s: float, actual_s: float) -> None:
         """One finished request: what the fitted model alone predicted for it against what it took."""
-        c = self.calibrations.setdefault(kind, Calibration())
+        c = self.calibrations.get(kind)
+        if c is None:
+            c = self.calibrations[kind] = Calibration.of(kind)
         c.learn(model_s, actual_s)
         m.export_calibration(self.node_id, kind, *(c.line() or (0.0, c(1.0))))
 
@@ -364,9 +366,10 @@ class Router:
         try:
             yield node
         finally:
+            if next(iter(node.prefilling)) == key:  # the oldest ended: the next one runs from now
+                node.prefilled_at = time.perf_counter()
             del node.prefilling[key]
             del node.prefilling_since[key]
-            node.prefilled_at = time.perf_counter()
 
     # health -----------------------------------------------------------------
     async def check(self, node: NodeClient) -> bool:

@@ -410,14 +410,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from tandem.plan_validate import validate_simulated
 
         return validate_simulated(args, Path(pre_path))
-    if args.admission == "on" and args.conditional_disagg == "on":
-        print("tandem plan: the simulator does not model admission and local prefills together; give one of "
-              "--admission on, --conditional-disagg on", file=sys.stderr)
-        return 2
     if args.live:
         from tandem.plan_live import cmd_live
 
         return cmd_live(args, prefill, decode)
+    if args.admission == "on" and args.conditional_disagg == "on":
+        print("tandem plan: the simulator does not model admission and local prefills together; give one of "
+              "--admission on, --conditional-disagg on", file=sys.stderr)
+        return 2
     doc = plan(prefill, decode, args.nodes, args.workload, args.slo_ttft, args.slo_tpot,
                kv_bytes_per_token=args.kv_bytes_per_token, max_batch=args.max_batch,
                kv_capacity_tokens=args.kv_capacity_tokens, order=args.order, requests=args.requests,

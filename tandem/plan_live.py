@@ -238,10 +238,14 @@ def cmd_live(args: argparse.Namespace, prefill: Timings, decode: Timings) -> int
     # TANDEM_API_KEY, as for every client; an https --metrics-url is verified with --tls-ca
     client = Client(args.target, tls=tls, retries=0)
     metrics_ctx = tls.client_ssl_context() if args.metrics_url.startswith("https://") else None
+    local = args.conditional_disagg == "on"
+    if local and args.admission == "on":  # (the coordinator's defaults: both on)
+        print("tandem plan --live: the simulator models admission or local prefills, not both: it plans with "
+              "local prefills (0:N splits too) and without admission", flush=True)
     opts = Options(args.slo_ttft, args.slo_tpot, args.window_s, args.every_s, args.min_gain, args.confirm,
                    args.min_requests, min(args.requests, 600), 1, args.max_model_len, args.kv_bytes_per_token,
                    args.max_batch, args.kv_capacity_tokens, args.order, args.min_duration_s,
-                   args.admission == "on", args.conditional_disagg == "on")
+                   args.admission == "on" and not local, local)
     planner = LivePlanner(prefill, decode, opts)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -40,9 +40,11 @@ same ones the nodes fit online, see tandem/perfmodel.py):
   takes the chunk's share of the decode node's own prefill time plus what the batch's step costs
   over an empty one (admission's ``beside``); its first token
   comes with the last chunk, and it joins the batch at the next step (no transfer). With no
-  prefill pool (P:D 0:N) every request prefills on a decode node, picked as the coordinator's
-  ``_best`` picks: the soonest start among the nodes meeting both objectives (or all), and of
-  those within its tie band the least loaded.
+  prefill pool (P:D 0:N) every request prefills on a decode node: the soonest start among the
+  nodes meeting both objectives (or all), and of those within the coordinator's tie band
+  (``TIE_REL`` / ``TIE_ABS_S``) the one with the fewest requests sent there (the coordinator
+  also passes over nodes whose streams the prefill would push past TPOT while another will do;
+  this does not).
 
 Not modelled yet (the simulator says so in its results): prefix caching and network contention.
 """
@@ -264,9 +266,9 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             return queue_s + run_s + beside, (run_s + beside) / max(e.output_len, MIN_OTHERS_TOKENS)
 
         if not cfg.num_prefill:
-            # No prefill pool: a decode node whatever it costs, as the coordinator's _best picks it: among
-            # those meeting both objectives (or all, with none), the soonest start; those within TIE_REL /
-            # TIE_ABS_S of it are alike, and the least loaded of them takes it.
+            # No prefill pool: a decode node whatever it costs: among those meeting both objectives (or
+            # all, with none), the soonest start; those within the coordinator's TIE_REL / TIE_ABS_S of
+            # it are alike, and the least loaded of them takes it.
             from tandem.coordinator.admission import TIE_ABS_S, TIE_REL
 
             starts = [local_ttft(dn)[0] for dn in decodes]

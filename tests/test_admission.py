@@ -12,7 +12,7 @@ import pytest
 
 from tandem.coordinator.admission import Admission, Slo
 from tandem.coordinator.estimates import decode_estimate, local_estimate, prefill_estimate
-from tandem.coordinator.calibration import MIN_SAMPLES, MIN_SLOPE, RATE, Calibration
+from tandem.coordinator.calibration import MAX_RATIO, MIN_SAMPLES, MIN_SLOPE, RATE, Calibration
 from tandem.coordinator.router import Arrivals, Router, Tally
 from tandem.errors import InvalidRequest, Rejected, openai_error_body
 from tandem.membership import NodeRecord
@@ -556,7 +556,7 @@ def test_raw_predictions_that_scatter_wider_than_outcomes_are_drawn_to_what_happ
     # fifteenth sitting's 0:1 run: what arrives after admission decides the TPOT, not what the
     # node held then). A factor can only scale them; the line learns that a raw 95 ms means ~50.
     rng = random.Random(0)
-    cal, factor = Calibration(), Calibration(lines=False)
+    cal, factor = Calibration.of("tpot"), Calibration(lines=False)
     for _ in range(MIN_SAMPLES - 1):
         raw = rng.uniform(0.02, 0.1)
         cal.learn(raw, 0.05)
@@ -569,11 +569,11 @@ def test_raw_predictions_that_scatter_wider_than_outcomes_are_drawn_to_what_happ
     a, b = cal.line()
     # The outcomes do not follow the raw predictions at all: the slope is held at its floor (a raw
     # prediction still carries the node's state: a sudden load moves it before any finish does).
-    assert b == MIN_SLOPE
-    assert cal(0.095) == pytest.approx(0.05 + MIN_SLOPE * (0.095 - 0.06), abs=0.004)
+    assert b == MIN_SLOPE["tpot"]
+    assert cal(0.095) == pytest.approx(0.05 + b * (0.095 - 0.06), abs=0.004)
     assert cal(0.095) < 0.087 < factor(0.095)  # admitted against an 87 ms objective; the factor refused it
     # Outcomes that do follow the raw predictions (a steady bias of 30 %): the line is that factor.
-    steady = Calibration()
+    steady = Calibration.of("tpot")
     for _ in range(300):
         raw = rng.uniform(0.02, 0.1)
         steady.learn(raw, raw * 1.3)
@@ -625,4 +625,38 @@ def test_a_local_prefill_running_for_a_while_counts_only_what_is_left_of_it() ->
         first.__exit__(None, None, None)  # the 500-token one ends now: the 300-token one starts
         assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.31, abs=0.01)
         second.__exit__(None, None, None)
+    run(go)
+
+
+def test_one_stalled_request_moves_a_fitted_line_little() -> None:
+    rng = random.Random(3)
+    cal = Calibration.of("ttft")
+    for _ in range(300):
+        raw = rng.uniform(0.1, 0.5)
+        cal.learn(raw, raw)  # the model is right
+    before = cal(0.3)
+    cal.learn(0.3, 30.0)  # a 100x stall (a VM hiccup) counts as 3x, with the weight of one request
+    assert cal(0.3) == pytest.approx(before, rel=0.05)
+    # And no line takes a prediction past 3x (or under a third) of the model's own.
+    steep = Calibration.of("ttft")
+    for _ in range(300):
+        raw = rng.uniform(0.1, 0.5)
+        steep.learn(raw, 0.5 + raw)  # a large intercept
+    assert steep(0.01) == pytest.approx(0.01 * MAX_RATIO)
+
+
+def test_the_harm_check_calibrates_the_streams_step_but_not_the_prefills_stall() -> None:
+    def go():
+        busy = pb.NodeLoad(decode_batch=20, decode_context=20_000, fits=fits(decode=(0.005, 0.001, 1e-6)),
+                           step_tokens=256)
+        r = cluster({"p0": pb.NodeLoad(prefill_queue=[2000, 2000], fits=fits()), "d0": busy})
+        d0 = r._nodes["d0"]
+        rng = random.Random(4)
+        for _ in range(300):  # this node's TPOT predictions turned out ~30 ms whatever they said
+            d0.calibrate("tpot", rng.uniform(0.02, 0.1), 0.03)
+        # The batch's step is 0.045 s raw (~0.026 calibrated); a 1000-token prefill adds 0.076 s to each
+        # of their tokens (a prefill time: the TPOT line does not shrink it): over a 0.1 s objective.
+        assert not Admission(r, "off").plan("r", 1000, 16, Slo(tpot_s=0.1)).local
+        # Beside a short prompt (stall 0.01 s) the calibrated step leaves room: it prefills there.
+        assert Admission(r, "off").plan("r", 40, 16, Slo(tpot_s=0.1)).local
     run(go)
