@@ -610,9 +610,9 @@ def test_a_local_prefill_running_for_a_while_counts_only_what_is_left_of_it() ->
         with r.track_prefill(d0, 500):
             key = next(iter(d0.prefilling))
             just_sent = local_estimate(d0, 100, 16).ttft.seconds
-            assert just_sent == pytest.approx(alone + 0.51, abs=0.01)  # all of it ahead
+            assert just_sent == pytest.approx(alone + 0.51, abs=0.05)  # all of it ahead
             d0.prefilling_since[key] -= 0.255  # half way through
-            assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.01 + 0.25, abs=0.01)
+            assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.01 + 0.25, abs=0.05)
             d0.prefilling_since[key] -= 10.0  # overdue: nothing of it counted
             assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone, abs=0.001)
         assert not d0.prefilling and not d0.prefilling_since
@@ -623,7 +623,7 @@ def test_a_local_prefill_running_for_a_while_counts_only_what_is_left_of_it() ->
         for key in d0.prefilling_since:
             d0.prefilling_since[key] -= 10.0  # both sent long ago
         first.__exit__(None, None, None)  # the 500-token one ends now: the 300-token one starts
-        assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.31, abs=0.01)
+        assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.31, abs=0.05)
         second.__exit__(None, None, None)
     run(go)
 
