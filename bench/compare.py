@@ -242,7 +242,8 @@ def add_compare_args(ap: argparse.ArgumentParser) -> None:
                          "always disaggregated, accepts everything), tandem-fifo (prefills sent at once, run "
                          "in arrival order), tandem-engine (sent at once, vLLM priority scheduling by "
                          "deadline), tandem-leastloaded and tandem-random (routing that ignores what the "
-                         "nodes' KV stores hold), "
+                         "nodes' KV stores hold), tandem-bigstep (nodes with a 2048-token step budget, "
+                         "vLLM's default here, instead of the decode nodes' 256), "
                          "vllm-colocated, vllm-nixl, vllm-nixl-fixed")
     ap.add_argument("--ratios", default="",
                     help="Tandem's P:D ratios, e.g. 2:1,1:1 (default: every ratio with a core per node; nodes "

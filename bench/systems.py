@@ -271,6 +271,9 @@ TANDEM_VARIANTS: dict[str, tuple[list[str], list[str]]] = {
     # prefix-aware routing (the default) against routing that ignores what the nodes' KV stores hold
     "-leastloaded": (["--routing", "least-loaded"], []),
     "-random": (["--routing", "random"], []),
+    # decode engines that take vLLM's own per-step budget on this backend (2048 tokens, as colocated
+    # vLLM's) instead of Tandem's 256: a prompt they prefill goes in fewer, longer steps
+    "-bigstep": ([], ["--max-num-batched-tokens", "2048"]),
 }
 
 
