@@ -17,7 +17,7 @@ average of log(actual / raw), as before. Either way each outcome is clipped to w
 ``MAX_RATIO`` of its raw prediction, and so is each calibrated prediction.
 
 Replayed on those logs (bench/forecast.py's method, each request predicted from those finished
-before it arrived): TPOT error p90 83 -> 42 % at 0:1, 45 -> 31 % at 1:1, 51 -> 38 % multi-turn.
+before it arrived): TPOT error p90 79 -> 41 % at 0:1, 46 -> 31 % at 1:1, 51 -> 41 % multi-turn.
 """
 
 from __future__ import annotations
