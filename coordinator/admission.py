@@ -96,6 +96,11 @@ IDLE_TIE = 3.0
 AFFINITY_TOKENS = 128
 
 
+def tied(seconds: float, low: float) -> bool:
+    """Whether a prediction of ``seconds`` is as good as the lowest, ``low`` (``TIE_REL`` / ``TIE_ABS_S``)."""
+    return seconds <= max(low * (1 + TIE_REL), low + TIE_ABS_S)
+
+
 def _best(estimates: list[Estimate]) -> Estimate:
     """The lowest prediction; among those within ``TIE_REL`` / ``TIE_ABS_S`` of it, the least
     loaded, so nodes alike share the work.
@@ -115,7 +120,7 @@ def _best(estimates: list[Estimate]) -> Estimate:
             assert e.seconds is not None
             if abs(e.cached_tokens.tokens - best.cached_tokens.tokens) >= AFFINITY_TOKENS:
                 return False  # a prefix held on one node is a real difference, not fit noise
-            if e.seconds <= max(low * (1 + TIE_REL), low + TIE_ABS_S):
+            if tied(e.seconds, low):
                 return True
             # Two idle nodes: only their fits differ, and a node just restarted carries its cached
             # profile's (taken at startup, a few times slower than what a node serving warm

@@ -84,36 +84,36 @@ def _calibrated(f: float) -> str:
     return f" (x{f:.2f}, learned)" if abs(f - 1.0) >= 0.005 else ""
 
 
-def _prefill_queue(node: NodeClient, own: Tally) -> list[int]:
+def _prefill_queue(node: NodeClient, own: Tally, oldest_left: Callable[[int], int] | None = None) -> list[int]:
     """Prompt tokens of the prefills waiting or running there: as the node reports them, or this
-    coordinator's own (``own``) when those hold more tokens (sent since the node's last report)."""
+    coordinator's own (``own``) when those hold more tokens (sent since the node's last report),
+    the oldest of them as ``oldest_left`` says is left of it."""
     load = node.fresh_load()
     reported = list(load.prefill_queue) if load is not None else []
-    return list(own.values()) if own.total > sum(reported) else reported
-
-
-def _local_queue(node: NodeClient, step_tokens: int, batch: int, context: int) -> list[int]:
-    """Prompt tokens still to prefill of the local prefills on a decode node: as it reports them,
-    or this coordinator's own when those hold more. Of its own, the oldest (the engine runs them
-    in turn) has been running since it was sent, or since the one before it ended, and is that
-    far through (a share of what its prefill and the steps beside it take). Counted whole, it
-    was most of the TTFT refusals of the sixteenth sitting's 0:1 run: each one's queue was one
-    prefill, counted from its start whatever share of it had run."""
-    load = node.fresh_load()
-    reported = list(load.prefill_queue) if load is not None else []
-    own = node.prefilling
     if own.total <= sum(reported):
         return reported
     queue = list(own.values())
-    oldest = next(iter(own))
-    began = max(node.prefilling_since.get(oldest, 0.0), node.prefilled_at)
-    first = queue[0]
-    takes = node.calibrated("ttft_local", node.model.prefill_s(first)
-                            + chunk_steps(first, step_tokens, batch) * beside_s(node.model, batch, context))
-    if takes > 0:
-        done = min(1.0, max(0.0, time.perf_counter() - began) / takes)
-        queue[0] = round(first * (1.0 - done))
+    if oldest_left is not None:
+        queue[0] = oldest_left(queue[0])
     return queue
+
+
+def _local_queue(node: NodeClient, step_tokens: int, batch: int, context: int) -> list[int]:
+    """Prompt tokens still to prefill of the local prefills on a decode node (``_prefill_queue``).
+    Of this coordinator's own, the oldest (the engine runs them in turn) has been running since it
+    was sent, or since the one before it ended, and is that far through (a share of what its
+    prefill and the steps beside it take). Counted whole, it was most of the TTFT refusals of the
+    sixteenth sitting's 0:1 run: each one's queue was one prefill, counted from its start whatever
+    share of it had run."""
+    def left(first: int) -> int:
+        began = max(node.prefilling_since.get(next(iter(node.prefilling)), 0.0), node.prefilled_at)
+        takes = node.calibrated("ttft_local", node.model.prefill_s(first)
+                                + chunk_steps(first, step_tokens, batch) * beside_s(node.model, batch, context))
+        if takes <= 0:
+            return first
+        return round(first * (1.0 - min(1.0, max(0.0, time.perf_counter() - began) / takes)))
+
+    return _prefill_queue(node, node.prefilling, left)
 
 
 def decode_load(node: NodeClient) -> tuple[int, int]:

@@ -257,6 +257,9 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             b, ctx = load(dn)
             return cfg.slo_tpot_s > 0 and e.output_len > 1 and dec.step_s(b + 1, ctx + mine) > cfg.slo_tpot_s
 
+        def meets(ttft: float, tpot_missed: bool) -> bool:  # both objectives
+            return (cfg.slo_ttft_s <= 0 or ttft <= cfg.slo_ttft_s) and not tpot_missed
+
         def local_ttft(dn: _Decode) -> tuple[float, float]:
             """(its TTFT there, what its prefill adds to each of the node's streams' tokens)"""
             b, ctx = load(dn)
@@ -269,14 +272,12 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             # No prefill pool: a decode node whatever it costs: among those meeting both objectives (or
             # all, with none), the soonest start; those within the coordinator's TIE_REL / TIE_ABS_S of
             # it are alike, and the least loaded of them takes it.
-            from tandem.coordinator.admission import TIE_ABS_S, TIE_REL
+            from tandem.coordinator.admission import tied
 
             starts = [local_ttft(dn)[0] for dn in decodes]
-            pool = [d for d, dn in enumerate(decodes)
-                    if (cfg.slo_ttft_s <= 0 or starts[d] <= cfg.slo_ttft_s) and not tpot_misses(dn)] \
-                or list(range(len(decodes)))
+            pool = [d for d, dn in enumerate(decodes) if meets(starts[d], tpot_misses(dn))] or list(range(len(decodes)))
             low = min(starts[d] for d in pool)
-            alike = [d for d in pool if starts[d] <= max(low * (1 + TIE_REL), low + TIE_ABS_S)]
+            alike = [d for d in pool if tied(starts[d], low)]
             return min(alike, key=lambda d: (decodes[d].assigned, d))
         wait = (queued_s + sum(max(0.0, t - now) for t in busy_until)) / cfg.num_prefill
         remote = wait + cfg.prefill.prefill_s(e.input_len)
@@ -295,8 +296,8 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         if best is None:
             return None
         local, d = best
-        local_ok = (cfg.slo_ttft_s <= 0 or local <= cfg.slo_ttft_s) and not tpot_misses(decodes[d])
-        remote_ok = (cfg.slo_ttft_s <= 0 or remote <= cfg.slo_ttft_s) and not remote_tpot_misses
+        local_ok = meets(local, tpot_misses(decodes[d]))
+        remote_ok = meets(remote, remote_tpot_misses)
         if local_ok != remote_ok:
             return d if local_ok else None
         if not local_ok:
