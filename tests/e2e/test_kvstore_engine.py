@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import reference_outputs
-
 pytestmark = pytest.mark.e2e
 
 MAX_MODEL_LEN = 1024
@@ -28,17 +26,23 @@ def run_engine(model: Path, store_dir: str, rounds: int, cases: list[dict]) -> l
     return [json.loads(ln[6:]) for ln in proc.stdout.splitlines() if ln.startswith("ROUND ")]
 
 
-def test_greedy_output_is_the_plain_engines_with_hits_from_ram_from_disk_and_past_corrupt_chunks(
-        tiny_model: Path, tmp_path: Path) -> None:
+def _prompts() -> list[list[int]]:
     rng = random.Random(9)
     # mid-block, a block multiple that is not a chunk multiple, a chunk multiple (all of it stored),
     # shorter than a chunk (nothing to store), and two sharing their first 128 tokens
-    lengths = [300, 224, 256, 40]
-    prompts = [[rng.randrange(1, 500) for _ in range(n)] for n in lengths]
+    prompts = [[rng.randrange(1, 500) for _ in range(n)] for n in (300, 224, 256, 40)]
     shared = [rng.randrange(1, 500) for _ in range(128)]
-    prompts += [shared + [rng.randrange(1, 500) for _ in range(50)], shared + [rng.randrange(1, 500) for _ in range(70)]]
-    cases = [{"prompt_token_ids": p, "max_tokens": 8} for p in prompts]
-    ref = reference_outputs(tiny_model, cases, MAX_MODEL_LEN)
+    return prompts + [shared + [rng.randrange(1, 500) for _ in range(n)] for n in (50, 70)]
+
+
+PROMPTS = _prompts()
+# A plain engine's outputs for these, computed once a session with the other modules' (conftest.py).
+REFERENCE_CASES = [{"prompt_token_ids": p, "max_tokens": 8} for p in PROMPTS]
+
+
+def test_greedy_output_is_the_plain_engines_with_hits_from_ram_from_disk_and_past_corrupt_chunks(
+        tiny_model: Path, tmp_path: Path, references) -> None:
+    prompts, cases, ref = PROMPTS, REFERENCE_CASES, references
     whole = [len(p) // CHUNK * CHUNK for p in prompts]
     disk = tmp_path / "kvstore"
 

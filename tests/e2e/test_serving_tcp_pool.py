@@ -26,7 +26,7 @@ from tandem.local.procs import process_tree
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 
-from .helpers import metric, process_name, reference_outputs, registered_nodes, scrape, wait_until
+from .helpers import metric, process_name, registered_nodes, scrape, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -55,20 +55,23 @@ SEED, TEMPERATURE, SEEDED_TOKENS = 4242, 0.9, 40
 LONG = 480
 
 
+CASES = [(p, 16) for p in EQUALITY] + [(FROZEN, LONG), (KILLED, LONG), (SHORT, 16)]
+_SEEDED = {"temperature": TEMPERATURE, "seed": SEED, "ignore_eos": True}
+# A plain engine's outputs for these, computed once a session with the other modules' (conftest.py).
+# A seeded request whose first decode node never answers runs two legs: the prefill's token t0;
+# then, on another decode node, a prefill of prompt + [t0] (its token t1) and a decode of the rest.
+REFERENCE_CASES = [{"prompt_token_ids": p, "max_tokens": n, "ignore_eos": True} for p, n in CASES] + [
+    {"prompt_token_ids": SEEDED, "max_tokens": 1, **_SEEDED},
+    {"prompt_token_ids": SEEDED, "max_tokens": 1, "extend_with": [len(CASES)], **_SEEDED},
+    {"prompt_token_ids": SEEDED, "max_tokens": SEEDED_TOKENS - 2, "extend_with": [len(CASES), len(CASES) + 1],
+     **_SEEDED}]
+
+
 @pytest.fixture(scope="module")
-def references(tiny_model: Path) -> dict[tuple[int, ...], list[int]]:
-    cases = [(p, 16) for p in EQUALITY] + [(FROZEN, LONG), (KILLED, LONG), (SHORT, 16)]
-    seeded = {"temperature": TEMPERATURE, "seed": SEED, "ignore_eos": True}
-    # A seeded request whose first decode node never answers runs two legs: the prefill's token t0;
-    # then, on another decode node, a prefill of prompt + [t0] (its token t1) and a decode of the rest.
-    legs = [{"prompt_token_ids": SEEDED, "max_tokens": 1, **seeded},
-            {"prompt_token_ids": SEEDED, "max_tokens": 1, "extend_with": [len(cases)], **seeded},
-            {"prompt_token_ids": SEEDED, "max_tokens": SEEDED_TOKENS - 2,
-             "extend_with": [len(cases), len(cases) + 1], **seeded}]
-    outs = reference_outputs(tiny_model, [{"prompt_token_ids": p, "max_tokens": n, "ignore_eos": True}
-                                          for p, n in cases] + legs, MAX_MODEL_LEN)
-    refs = {tuple(p): out for (p, _), out in zip(cases, outs)}
-    refs[tuple(SEEDED)] = [t for out in outs[len(cases):] for t in out]
+def references(plain_outputs) -> dict[tuple[int, ...], list[int]]:
+    outs = plain_outputs[__name__]
+    refs = {tuple(p): out for (p, _), out in zip(CASES, outs)}
+    refs[tuple(SEEDED)] = [t for out in outs[len(CASES):] for t in out]
     return refs
 
 

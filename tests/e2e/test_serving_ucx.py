@@ -26,7 +26,7 @@ from tandem.netutil import free_port
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 
-from .helpers import metric, reference_outputs, scrape, wait_until
+from .helpers import metric, scrape, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -65,12 +65,23 @@ def node_metrics(cluster: LocalCluster, role: str) -> dict:
     return scrape(node.info["metrics"])
 
 
-def test_greedy_and_seeded_equal_a_plain_engine(cluster: LocalCluster, stub, tiny_model: Path) -> None:
-    cases = [  # (prompt length, max_tokens): under a block, several blocks, a block multiple, near the context
-        (BLOCK // 2, 24), (3 * BLOCK + 7, 24), (4 * BLOCK, 24), (MAX_MODEL_LEN - 12, 10)]
+# (prompt length, max_tokens): under a block, several blocks, a block multiple, near the context
+GREEDY = [(BLOCK // 2, 24), (3 * BLOCK + 7, 24), (4 * BLOCK, 24), (MAX_MODEL_LEN - 12, 10)]
+SEEDED_PROMPT, SEED = prompt_ids(40, 99), 1234
+# A plain engine's outputs for these, computed once a session with the other modules' (conftest.py).
+REFERENCE_CASES = [{"prompt_token_ids": prompt_ids(n, salt), "max_tokens": mt, "ignore_eos": True}
+                   for salt, (n, mt) in enumerate(GREEDY)] + [
+    # the prefill's first token is a plain engine's first token under the same seed ...
+    {"prompt_token_ids": SEEDED_PROMPT, "max_tokens": 1, "temperature": 0.9, "seed": SEED, "ignore_eos": True},
+    # ... and the decode is a plain engine continuing from prompt + that token
+    {"prompt_token_ids": SEEDED_PROMPT, "extend_with": [len(GREEDY)], "max_tokens": 11, "temperature": 0.9,
+     "seed": SEED, "ignore_eos": True}]
+
+
+def test_greedy_and_seeded_equal_a_plain_engine(cluster: LocalCluster, stub, references) -> None:
     before = node_metrics(cluster, "decode")
     got = []
-    for salt, (n, max_tokens) in enumerate(cases):
+    for salt, (n, max_tokens) in enumerate(GREEDY):
         ids = prompt_ids(n, salt)
         out, msgs = generate(stub, ids, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         assert msgs[-1].finish.reason == "length"
@@ -78,28 +89,18 @@ def test_greedy_and_seeded_equal_a_plain_engine(cluster: LocalCluster, stub, tin
         assert len(out) == max_tokens
         got.append((ids, max_tokens, out))
     # Seeded sampling: the decode continues from the token the client saw first.
-    seeded_prompt = prompt_ids(40, 99)
-    seeded, msgs = generate(stub, seeded_prompt, max_tokens=12, temperature=0.9, seed=1234, ignore_eos=True)
+    seeded, msgs = generate(stub, SEEDED_PROMPT, max_tokens=12, temperature=0.9, seed=SEED, ignore_eos=True)
     assert msgs[0].token_ids == [seeded[0]]  # the first message carries the prefill's token alone
 
     after = node_metrics(cluster, "decode")
-    ref_cases = [{"prompt_token_ids": ids, "max_tokens": mt, "ignore_eos": True} for ids, mt, _ in got]
-    ref_cases += [
-        # the prefill's first token is a plain engine's first token under the same seed ...
-        {"prompt_token_ids": seeded_prompt, "max_tokens": 1, "temperature": 0.9, "seed": 1234, "ignore_eos": True},
-        # ... and the decode is a plain engine continuing from prompt + that token
-        {"prompt_token_ids": [*seeded_prompt, seeded[0]], "max_tokens": 11, "temperature": 0.9, "seed": 1234,
-         "ignore_eos": True},
-    ]
-    ref = reference_outputs(tiny_model, ref_cases, MAX_MODEL_LEN)
-    for (ids, _, out), expected in zip(got, ref):
+    for (ids, _, out), expected in zip(got, references):
         assert out == expected, f"prompt of {len(ids)} tokens diverged from the plain engine"
-    assert seeded[:1] == ref[-2]
-    assert seeded[1:] == ref[-1]
+    assert seeded[:1] == references[-2]
+    assert seeded[1:] == references[-1]
 
     # vLLM's own counters on the decode engine: every prompt token arrived over the transfer;
     # the only token it computed itself per request is the first generated one (part of its prompt).
-    n_prompt = sum(len(ids) for ids, _, _ in got) + len(seeded_prompt)
+    n_prompt = sum(len(ids) for ids, _, _ in got) + len(SEEDED_PROMPT)
     n_requests = len(got) + 1
     ext = metric(after, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer") - \
         metric(before, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer")
