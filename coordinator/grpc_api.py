@@ -55,12 +55,26 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 tenant=tenant,
             )
             rid = prepared.public_id
+            # The last tokens wait for the finish (the accounting between them takes microseconds)
+            # and go in one message with it: a message less per request.
+            held: pb.GenerateResponse | None = None
             async with aclosing(self.pipeline.run(prepared)) as events:
                 async for ev in events:
                     if isinstance(ev, TokenEvent):
-                        await context.write(pb.GenerateResponse(request_id=rid, token_ids=ev.token_ids, text=ev.text))
+                        if held is None:
+                            msg = pb.GenerateResponse(request_id=rid, token_ids=ev.token_ids, text=ev.text)
+                        else:  # a stop matcher's tail after them
+                            msg = held
+                            msg.token_ids.extend(ev.token_ids)
+                            msg.text += ev.text
+                        held = msg if ev.last else None
+                        if held is None:
+                            await context.write(msg)
                     elif isinstance(ev, FinishEvent):
-                        await context.write(pb.GenerateResponse(request_id=rid, finish=_finish_pb(ev)))
+                        msg = held or pb.GenerateResponse(request_id=rid)
+                        held = None
+                        msg.finish.CopyFrom(_finish_pb(ev))
+                        await context.write(msg)
         except TandemError as exc:
             code, msg = grpc_status_of(exc)
             await context.abort(code, msg, trailing_metadata=grpc_trailers_of(exc))

@@ -241,11 +241,12 @@ class Pipeline:
                             m.QUEUE.observe(out.dispatch_s)
                             out.prefill_call_s = time.perf_counter() - req.prefill_sent_at
                         ev, stop = prog.take([pre.first_token])
-                        yield ev
                         if stop is not None:
                             out.reason, out.stop_reason = "stop", stop
                         elif pre.finish_reason == "stop" or dnode is None:
                             out.reason = pre.finish_reason or "length"
+                        ev.last = bool(out.reason)
+                        yield ev
                         prompt, sampling = [*context, pre.first_token], left.remaining(1)
                     if not out.reason:
                         assert dnode is not None
@@ -266,6 +267,7 @@ class Pipeline:
                                             out.prefill_s = out.prefill_call_s = time.perf_counter() - t_dec
                                         prefilling.close()
                                         ev, stop = prog.take(ids)
+                                        ev.last = stop is not None or msg.finish_reason in FINISHED
                                         yield ev
                                     if stop is not None:
                                         out.reason, out.stop_reason = "stop", stop
@@ -292,7 +294,7 @@ class Pipeline:
         out.migrations = leg
         tail = prog.stops.flush() if not out.stop_reason else ""  # stop_reason: a stop string matched
         if tail:
-            yield TokenEvent([], tail)
+            yield TokenEvent([], tail, last=True)
         account(req, plan, prog, leg, self.router, self.admission.default_slo, self.codec.tok.decode)
         yield out
 

@@ -62,6 +62,9 @@ class Prepared:
 class TokenEvent:
     token_ids: list[int]
     text: str
+    # The request's last tokens: only its finish comes after them (a front end may send the two
+    # in one message).
+    last: bool = False
 
 
 @dataclass

@@ -228,3 +228,62 @@ def test_every_request_that_ends_counts_once_against_its_objectives(tiny_model: 
         assert {k: after[k] - before[k] for k in after} == {"yes": 1, "no": 2, "none": 1}
 
     asyncio.run(go())
+
+
+class FakeContext:
+    """The grpc.aio servicer context Generate uses: the messages it writes."""
+
+    def __init__(self) -> None:
+        self.written: list[pb.GenerateResponse] = []
+
+    def invocation_metadata(self):
+        return ()
+
+    def time_remaining(self) -> float:
+        return 60.0
+
+    async def write(self, msg: pb.GenerateResponse) -> None:
+        self.written.append(msg)
+
+    async def abort(self, code, details, trailing_metadata=()):
+        raise AssertionError(f"aborted {code}: {details}")
+
+
+def generate_messages(tiny_model: Path, prefill: FakePrefill, decodes: list[FakeDecode],
+                      sampling: pb.SamplingParams) -> list[pb.GenerateResponse]:
+    from tandem.coordinator.grpc_api import CoordinatorServicer
+
+    async def go() -> list[pb.GenerateResponse]:
+        ctx = FakeContext()
+        servicer = CoordinatorServicer(make(tiny_model, prefill, decodes), "test")
+        await servicer.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6, 7]), sampling=sampling), ctx)
+        await asyncio.sleep(0.05)
+        return ctx.written
+
+    return asyncio.run(go())
+
+
+def test_the_last_tokens_go_with_the_finish_in_one_message(tiny_model: Path) -> None:
+    msgs = generate_messages(tiny_model, FakePrefill(), [FakeDecode([101, 102, 103])],
+                             pb.SamplingParams(max_tokens=4))
+    # The first token alone (the TTFT), one message per decode message, the last one with the finish.
+    assert [list(m.token_ids) for m in msgs] == [[100], [101], [102], [103]]
+    assert [m.HasField("finish") for m in msgs] == [False, False, False, True]
+    assert msgs[-1].finish.reason == "length" and msgs[-1].finish.usage.completion_tokens == 4
+    # A request of one token: that token and its finish, one message.
+    (only,) = generate_messages(tiny_model, FakePrefill(), [FakeDecode([101])], pb.SamplingParams(max_tokens=1))
+    assert list(only.token_ids) == [100] and only.finish.reason == "length"
+
+
+def test_a_stop_strings_held_back_text_goes_with_the_finish(tiny_model: Path) -> None:
+    codec = TextCodec(str(tiny_model))
+    words = codec.encode(" node cache block stream")
+    # " blo" could begin the stop string " block!" until the stream ends without it: held back, then
+    # flushed with the finish.
+    msgs = generate_messages(tiny_model, FakePrefill(first=words[0]), [FakeDecode(words[1:3])],
+                             pb.SamplingParams(max_tokens=3, stop=[" block!"]))
+    assert "".join(m.text for m in msgs) == " node cache block"
+    # its token, the text held back until the end (flushed after it) and the finish: one message
+    assert len(msgs) == 3 and list(msgs[-1].token_ids) == words[2:3] and msgs[-1].text.endswith(" block")
+    assert msgs[-1].finish.reason == "length" and not any(m.HasField("finish") for m in msgs[:-1])
+    assert [t for m in msgs for t in m.token_ids] == words[:3]
