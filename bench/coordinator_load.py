@@ -14,6 +14,11 @@ probe sends open-loop Poisson arrivals at one rate over gRPC and measures, per r
 A probe whose load generator fell behind its schedule (it shares its core with the nodes)
 says so: the rate it reached is reported beside the one asked for. With py-spy installed
 the report adds where the coordinator's time goes at the highest rate (top functions).
+
+The baseline, measured in the same run at the same rates on the same core (``--floor``, on by
+default): grpc.aio alone making the same three calls a request costs, with the same messages,
+and nothing else (bench/grpc_floor.py). The coordinator's CPU per request less the floor's is
+what Tandem's own code costs.
 """
 
 from __future__ import annotations
@@ -145,6 +150,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--coordinator-cores", default="0", help="the coordinator's cores; the rest run the "
                                                              "nodes and the load generator")
     ap.add_argument("--model", default="", help="the tokenizer's model dir (default: the seeded tiny model)")
+    ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure the baseline: grpc.aio alone making the same calls (bench/grpc_floor.py)")
     ap.add_argument("--out", default="bench/results/coordinator")
 
 
@@ -207,16 +214,64 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
                   f"p99 {row['added_ttft_p99_ms']:.2f} ms; coordinator CPU {row['coordinator_cpu_share']:.0%}, "
                   f"{row['cpu_us_per_request']:.0f} us/request, {row['cpu_us_per_token']:.1f} us/token; "
                   f"errors {row['errors']}", flush=True)
+    floor = measure_floor(rates, args, mine, set(rest)) if args.floor else []
+    for row, base in zip(rows, floor):
+        row["floor_cpu_us_per_request"] = base["cpu_us_per_request"]
     doc = {"profile": PROFILE, "prefill_nodes": args.prefill, "decode_nodes": args.decode,
            "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
            "stream_interval": args.stream_interval, "workers": args.workers,
            "coordinator_cores": sorted(mine), "other_cores": rest, "rows": rows,
-           "top_functions": [[f, s] for f, s in top],
+           "top_functions": [[f, s] for f, s in top], "floor_rows": floor,
            "goal": "added TTFT p99 <= 1 ms at 1,000 req/s; relay >= 100k tokens/s per coordinator process"}
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     write_report(out, doc)
     print(f"wrote {out / 'results.json'} and {out / 'report.md'}")
     return 0
+
+
+def measure_floor(rates: list[float], args: argparse.Namespace, mine: set[int], rest: set[int]
+                  ) -> list[dict[str, Any]]:
+    """The baseline at each rate: bench/grpc_floor.py's relay on the coordinator's cores, its nodes
+    and the load generator on the rest; the relay's CPU per request."""
+    import uvloop
+
+    from tandem.netutil import free_port
+    from tandem.node.config import pin_threads
+
+    node_port, relay_port = free_port(), free_port()
+    procs: list[subprocess.Popen[str]] = []
+    rows = []
+    try:
+        for argv, cores in ((["nodes", str(node_port)], rest),
+                            (["relay", str(relay_port), f"127.0.0.1:{node_port}"], mine)):
+            proc = subprocess.Popen([sys.executable, "-m", "tandem.bench.grpc_floor", *argv], stdout=subprocess.PIPE,
+                                    text=True)
+            procs.append(proc)
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                raise SystemExit(f"the grpc.aio baseline's {argv[0]} did not start (exit {proc.poll()})")
+            pin_threads(proc.pid, cores)
+        relay = procs[-1].pid
+        address = f"127.0.0.1:{relay_port}"
+        uvloop.run(probe(address, 20, 3, args.prompt_tokens, args.output_tokens, 99))  # warm-up
+        for k, rate in enumerate(rates):
+            c0, w0 = cpu_seconds(relay), time.perf_counter()
+            row = uvloop.run(probe(address, rate, args.duration, args.prompt_tokens, args.output_tokens, k))
+            cpu, wall = cpu_seconds(relay) - c0, time.perf_counter() - w0
+            row.update({"cpu_share": cpu / wall, "cpu_us_per_request": cpu / max(1, row["requests"]) * 1e6})
+            rows.append(row)
+            print(f"  baseline, grpc.aio alone making the same calls, {rate:g} req/s (sent {row['sent_rate']:.0f}): "
+                  f"CPU {row['cpu_share']:.0%}, {row['cpu_us_per_request']:.0f} us/request; errors {row['errors']}",
+                  flush=True)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return rows
 
 
 def write_report(out: Path, doc: dict[str, Any]) -> None:
@@ -235,7 +290,13 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
     a1.set_ylabel("TTFT added by the coordinator, ms")
     a1.set_yscale("log")
     a1.legend()
-    a2.plot(sent, [r["cpu_us_per_request"] for r in rows], marker="o")
+    a2.plot(sent, [r["cpu_us_per_request"] for r in rows], marker="o", label="coordinator")
+    floor = doc.get("floor_rows") or []
+    if floor:
+        a2.plot([r["sent_rate"] for r in floor], [r["cpu_us_per_request"] for r in floor], marker="o",
+                label="grpc.aio alone, the same calls")
+        a2.legend()
+    a2.set_ylim(bottom=0)
     a2.set_xlabel("requests/s sent")
     a2.set_ylabel("coordinator CPU per request, us")
     fig.tight_layout()
@@ -252,6 +313,15 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
         lines.append(f"| {r['rate']:g} | {r['sent_rate']:.0f} | {r['added_ttft_p50_ms']:.2f} ms | "
                      f"{r['added_ttft_p99_ms']:.2f} ms | {r['coordinator_cpu_share']:.0%} | {r['cpu_us_per_request']:.0f} us | "
                      f"{r['cpu_us_per_token']:.1f} us | {r['tokens_per_s']:.0f} | {r['errors']} |")
+    if floor:
+        lines += ["", "The baseline in the same run, same core and rates: grpc.aio alone making the three calls a "
+                  "request costs (the client's stream, one Prefill, one Decode stream) with the same messages and "
+                  "nothing else (bench/grpc_floor.py).", "",
+                  "| asked req/s | sent req/s | its CPU/request | the coordinator's | Tandem's own (the difference) |",
+                  "|---:|---:|---:|---:|---:|"]
+        for r, b in zip(rows, floor):
+            lines.append(f"| {b['rate']:g} | {b['sent_rate']:.0f} | {b['cpu_us_per_request']:.0f} us | "
+                         f"{r['cpu_us_per_request']:.0f} us | {r['cpu_us_per_request'] - b['cpu_us_per_request']:.0f} us |")
     lines += ["", "![coordinator](coordinator.png)", ""]
     if doc["top_functions"]:
         lines += ["Where the coordinator's time goes at the highest rate (py-spy, samples of the thread holding the GIL, by the function on top):", "",

@@ -1,0 +1,110 @@
+"""The floor under `tandem bench coordinator`: grpc.aio alone, doing the calls a request costs.
+
+A *relay* serves the Coordinator's Generate and, for each request, makes the calls the real
+coordinator makes: one Prefill (unary) and one Decode (server streaming) to *nodes* that answer
+at once with the same messages the simulated nodes send (the first token; then the decode's
+first token alone and the rest with the finish), and streams the client the same messages (the
+prefill's token; the decode's first; the rest with the finish). No tokenizing, admission, routing, watchdog, metrics or
+logs: what is left is what the library costs for those three calls. Run beside the coordinator,
+on the same core and at the same rates, it says how much of the coordinator's CPU per request is
+Tandem's own and how much the calls' floor.
+
+  python -m tandem.bench.grpc_floor nodes PORT
+  python -m tandem.bench.grpc_floor relay PORT NODES_ADDRESS
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+PREFILL_S = 0.002  # the simulated nodes' times (coordinator_load.PROFILE): the same calls in flight
+STEP_S = 0.005
+
+
+async def serve_nodes(port: int) -> None:
+    import grpc
+
+    from tandem.proto import tandem_pb2 as pb
+    from tandem.proto import tandem_pb2_grpc as pb_grpc
+
+    class Prefill(pb_grpc.PrefillNodeServicer):
+        async def Prefill(self, request, context):  # type: ignore[no-untyped-def]
+            await asyncio.sleep(PREFILL_S)
+            return pb.PrefillResponse(first_token=7, finish_reason="", prefill_s=PREFILL_S,
+                                      handle=pb.KVHandle(remote_request_id=request.request_id))
+
+    class Decode(pb_grpc.DecodeNodeServicer):
+        async def Decode(self, request, context):  # type: ignore[no-untyped-def]
+            n = request.sampling.max_tokens
+            await asyncio.sleep(STEP_S)
+            await context.write(pb.DecodeResponse(token_ids=[8]))
+            if n > 1:
+                await asyncio.sleep(STEP_S * (n - 1))
+                await context.write(pb.DecodeResponse(token_ids=[9] * (n - 1), finish_reason="length"))
+
+    server = grpc.aio.server()
+    pb_grpc.add_PrefillNodeServicer_to_server(Prefill(), server)
+    pb_grpc.add_DecodeNodeServicer_to_server(Decode(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
+async def serve_relay(port: int, nodes: str) -> None:
+    import grpc
+
+    from tandem.proto import tandem_pb2 as pb
+    from tandem.proto import tandem_pb2_grpc as pb_grpc
+
+    channel = grpc.aio.insecure_channel(nodes)
+    prefill, decode = pb_grpc.PrefillNodeStub(channel), pb_grpc.DecodeNodeStub(channel)
+
+    class Relay(pb_grpc.CoordinatorServicer):
+        async def Generate(self, request, context):  # type: ignore[no-untyped-def]
+            n = request.sampling.max_tokens
+            pre = await prefill.Prefill(pb.PrefillRequest(request_id="r", prompt_token_ids=[1] * 64,
+                                                          sampling=request.sampling, hold_kv=True))
+            await context.write(pb.GenerateResponse(request_id="r", token_ids=[pre.first_token]))
+            if n <= 1:
+                return
+            sampling = pb.SamplingParams()
+            sampling.CopyFrom(request.sampling)
+            sampling.max_tokens = n - 1
+            held = None
+            async for msg in decode.Decode(pb.DecodeRequest(request_id="r", prompt_token_ids=[1] * 65,
+                                                            sampling=sampling, handle=pre.handle)):
+                out = pb.GenerateResponse(request_id="r", token_ids=msg.token_ids)
+                if msg.finish_reason:
+                    out.finish.reason = msg.finish_reason
+                    out.finish.timings.prefill_s = pre.prefill_s
+                    held = out
+                else:
+                    await context.write(out)
+            if held is not None:
+                await context.write(held)
+
+    server = grpc.aio.server()
+    pb_grpc.add_CoordinatorServicer_to_server(Relay(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
+def main(argv: list[str]) -> int:
+    import uvloop
+
+    if len(argv) == 2 and argv[0] == "nodes":
+        uvloop.run(serve_nodes(int(argv[1])))
+    elif len(argv) == 3 and argv[0] == "relay":
+        uvloop.run(serve_relay(int(argv[1]), argv[2]))
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
