@@ -616,6 +616,17 @@ def test_a_local_prefill_running_for_a_while_counts_only_what_is_left_of_it() ->
             d0.prefilling_since[key] -= 10.0  # overdue: nothing of it counted
             assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone, abs=0.001)
         assert not d0.prefilling and not d0.prefilling_since
+        # The node's own report of it (its whole prompt, as nodes report them) counts the same.
+        with r.track_prefill(d0, 500):
+            key = next(iter(d0.prefilling))
+            d0.saw_load(pb.NodeLoad(fits=fits(), step_tokens=1000, prefill_queue=[500]))
+            assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.51, abs=0.05)
+            d0.prefilling_since[key] -= 0.255
+            d0.prefilled_at -= 10.0  # (the one before ended long before this one was sent)
+            assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.01 + 0.25, abs=0.05)
+        # Reported with none of this coordinator's there (another's, or one that just ended): whole.
+        assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.51, abs=0.05)
+        d0.saw_load(pb.NodeLoad(fits=fits(), step_tokens=1000))
         # The next one waited for the one before: it runs from when that one ended, not from when sent.
         first, second = r.track_prefill(d0, 500), r.track_prefill(d0, 300)
         first.__enter__()
