@@ -13,7 +13,9 @@ weighted, ``RATE`` a request), with its slope kept within [``MIN_SLOPE``, ``MAX_
 prediction does carry the node's state, and the floor keeps admission answering a sudden load
 before the finished requests show it. Until ``MIN_SAMPLES`` requests have finished, or while the
 raw predictions hardly vary (a line through one point is no line), it is a factor: the moving
-average of log(actual / raw), as before. Either way each outcome is clipped to within
+average of log(actual / raw), as before. Once a line, it stays one until their spread falls to
+half of what made it one (``MIN_SPREAD``): a spread hovering at the bound does not flip each
+prediction between the two. Either way each outcome is clipped to within
 ``MAX_RATIO`` of its raw prediction, and so is each calibrated prediction.
 
 Replayed on those logs (bench/forecast.py's method, each request predicted from those finished
@@ -55,6 +57,7 @@ class Calibration:
     y: float = 0.0
     xx: float = 0.0
     xy: float = 0.0
+    lined: bool = False  # a line now (hysteresis between factor and line: see the module's doc)
 
     def learn(self, raw_s: float, actual_s: float) -> None:
         """One finished request: what the model alone predicted for it (no calibration: one read
@@ -71,15 +74,17 @@ class Calibration:
         self.y = self.y * keep + actual_s
         self.xx = self.xx * keep + raw_s * raw_s
         self.xy = self.xy * keep + raw_s * actual_s
+        if self.lines and self.samples >= MIN_SAMPLES:
+            mx = self.x / self.w
+            spread = (MIN_SPREAD / 2 if self.lined else MIN_SPREAD) * mx
+            self.lined = mx > 0 and self.xx / self.w - mx * mx > spread * spread
 
     def line(self) -> tuple[float, float] | None:
         """(a, b) of actual = a + b * raw, or None while it is a factor."""
-        if not self.lines or self.samples < MIN_SAMPLES or self.w <= 0:
+        if not self.lined:
             return None
         mx, my = self.x / self.w, self.y / self.w
         var = self.xx / self.w - mx * mx
-        if mx <= 0 or var <= (MIN_SPREAD * mx) ** 2:
-            return None
         b = min(MAX_SLOPE, max(self.min_slope, (self.xy / self.w - mx * my) / var))
         return my - b * mx, b
 

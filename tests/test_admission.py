@@ -671,3 +671,25 @@ def test_the_harm_check_calibrates_the_streams_step_but_not_the_prefills_stall()
         # Beside a short prompt (stall 0.01 s) the calibrated step leaves room: it prefills there.
         assert Admission(r, "off").plan("r", 40, 16, Slo(tpot_s=0.1)).local
     run(go)
+
+
+def test_a_line_stays_a_line_until_the_spread_falls_well_below_what_made_it_one() -> None:
+    rng = random.Random(4)
+    cal = Calibration.of("ttft")
+
+    def feed(n: int, spread: float) -> None:
+        for _ in range(n):
+            raw = 0.3 * (1.0 + rng.uniform(-spread, spread) * 3 ** 0.5)  # standard deviation: spread x 0.3
+            cal.learn(raw, 0.1 + 0.5 * raw)
+
+    feed(20, 0.02)
+    assert cal.line() is None  # too few yet
+    feed(200, 0.2)
+    a, b = cal.line()
+    assert (a, b) == (pytest.approx(0.1, abs=0.01), pytest.approx(0.5, abs=0.02))
+    feed(300, 0.07)  # under the 10 % that makes a line, over the 5 % that keeps one
+    assert cal.line() is not None
+    feed(300, 0.01)  # hardly varying: a factor (of what they took, 0.25 s for 0.3 s raw)
+    assert cal.line() is None and cal(0.3) == pytest.approx(0.25, rel=0.02)
+    feed(300, 0.07)  # and from a factor, 7 % does not make a line again
+    assert cal.line() is None
