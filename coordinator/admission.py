@@ -302,7 +302,7 @@ class Admission:
                 continue
             batch, context = decode_load(n)
             if slo.tpot_s is not None and batch:
-                # Its streams' step: stretched by the node's recent share of time in local prefills
+                # Its streams' step: with the node's recent share of time in local prefills beside it
                 # (those to come, at the recent rate), or this prefill's own stall spread over
                 # their tokens when that is more (a longer prompt than the recent ones): not both,
                 # the recent share already counts a prefill like this one.
@@ -330,8 +330,8 @@ class Admission:
             return _Option(Estimate(m, None), None, local=True)
         est, n, theirs = min(harmful, key=lambda h: h[2])
         batch = decode_load(n)[0]
-        others = Estimate(n, theirs, describe=lambda: f"{n.node_id}: its {batch} running streams' step, stretched by "
-                          f"its recent local prefills or with this one's stall spread over their tokens, whichever "
+        others = Estimate(n, theirs, describe=lambda: f"{n.node_id}: its {batch} running streams' step, with "
+                          f"its recent local prefills beside it or with this one's stall spread over their tokens, whichever "
                           f"is more (no prefill node to send it to)")
         return _Option(est.ttft, est.tpot, local=True, others=others)
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tandem.perfmodel import beside_s, chunk_steps, kv_bytes_per_token
+from tandem.perfmodel import beside_s, chunk_steps, chunk_tokens, kv_bytes_per_token
 
 from .prefillq import PrefillOrder
 from .prefix import Held, load_s, prefill_after_load
@@ -85,16 +85,19 @@ def _calibrated(f: float) -> str:
 
 
 def _prefill_queue(node: NodeClient, own: Tally, oldest_left: Callable[[int], int] | None = None) -> list[int]:
-    """Prompt tokens of the prefills waiting or running there: as the node reports them, or this
-    coordinator's own (``own``) when those hold more tokens (sent since the node's last report).
-    With some of its own there, the oldest (running) as ``oldest_left`` says is left of it: the
-    node reports each prefill's whole prompt, so taking its report as it is counted a prefill
-    about to end as if it had just begun (the seventeenth sitting found that in the sixteenth's
-    0:1 logs: requests predicted to wait ~200 ms behind one waited ~10 ms)."""
+    """Tokens to prefill of the prefills waiting or running there: this coordinator's own
+    (``own``: each one's prompt less what admission credited the node with holding), or the
+    node's report when it lists more prefills than that (another coordinator's, or one that
+    just ended). The report carries whole prompts: with prefixes held there, taking it
+    whenever its sum was larger (as until the seventeenth sitting) counted cached tokens as
+    work; on that sitting's 0:2 multi-turn run a request predicted to wait 0.9 s behind two
+    such prefills was answered in 0.17 s. With some of its own there, the oldest (running) as
+    ``oldest_left`` says is left of it."""
     load = node.fresh_load()
     reported = list(load.prefill_queue) if load is not None else []
-    queue = reported if own.total <= sum(reported) else list(own.values())
-    if oldest_left is not None and queue and own:
+    mine = [t for t in own.values() if t > 0]  # (a request tracked with no prompt there yet: none)
+    queue = reported if len(reported) > len(mine) else mine
+    if oldest_left is not None and queue and mine:
         queue[0] = min(queue[0], oldest_left(queue[0]))
     return queue
 
@@ -129,11 +132,30 @@ def decode_load(node: NodeClient) -> tuple[int, int]:
 
 
 def stepper(node: NodeClient):  # type: ignore[no-untyped-def]
-    """The node's decode step time as its streams see it: the fitted step (which leaves out the
-    steps it shared with local prefills) stretched by the share of recent time spent on those."""
+    """The node's decode step time as its streams see it, with local prefills beside them a
+    share ``busy`` of the recent time (``NodeLoad.prefill_busy``): the engine runs their chunks in
+    its steps, so a stream still gets a token every step, but the steps that carry a chunk take
+    longer (the chunk's prefill and what the batch adds to it, ``beside_s``). Over a time T, then,
+    (1 - busy) T / pure + busy T / mixed steps, a token each: the mean gap is their weighted
+    harmonic mean. (Until the seventeenth sitting the fitted step was stretched by 1 / (1 - busy),
+    as if no stream stepped while a prefill ran: at 0:2 multi-turn, busy near 0.7, it predicted
+    steps of 220 ms at a batch of 16 that took ~60 ms, and most refusals were TPOT ones.) Without
+    a prefill model, that stretch (``busy`` at most ``MAX_PREFILL_BUSY``)."""
     load = node.fresh_load()
-    busy = min(MAX_PREFILL_BUSY, load.prefill_busy) if load is not None else 0.0
-    return lambda b, ctx: node.model.step_s(b, ctx) / (1.0 - busy)
+    busy = min(1.0, max(0.0, load.prefill_busy)) if load is not None else 0.0
+    model = node.model
+    if busy <= 0.0:
+        return model.step_s
+    if not model.prefill.samples:
+        stretch = 1.0 - min(MAX_PREFILL_BUSY, busy)
+        return lambda b, ctx: model.step_s(b, ctx) / stretch
+    step_tokens = (load.step_tokens if load is not None else 0) or DEFAULT_STEP_TOKENS
+
+    def step(b: float, ctx: float) -> float:
+        pure = model.step_s(b, ctx)
+        mixed = max(pure, model.prefill_s(chunk_tokens(step_tokens, b)) + beside_s(model, b, ctx))
+        return 1.0 / ((1.0 - busy) / pure + busy / mixed) if pure > 0 else mixed * busy
+    return step
 
 
 def life_load(node: NodeClient, tokens: int) -> tuple[float, float]:

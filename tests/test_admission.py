@@ -294,12 +294,25 @@ def test_headroom_and_a_decode_node_busy_with_local_prefills() -> None:
         # TTFT keeps no headroom: its queue does not grow ahead of it.
         assert Admission(r, local=False, headroom=0.1).plan("r", 100, 16, Slo(ttft_s=0.111)).ttft_s == \
             pytest.approx(0.11)
-        # A decode node that spent half of its recent time prefilling locally gives its streams
-        # half the steps: each step takes twice as long for them.
+        # A decode node that spent half of its recent time on steps carrying local prefill chunks:
+        # its streams step through both kinds, a token a step. A pure step of the batch with this
+        # request 6 ms; one with a chunk of 255 tokens (256 a step, less the stream's) 265 ms of
+        # prefill + 1 ms the stream adds: 1 / (0.5 / 6 ms + 0.5 / 266 ms) a token.
         calm = decode_estimate(r._nodes["d0"], 100, 16).seconds
         r._nodes["d0"].saw_load(pb.NodeLoad(fits=fits(), prefill_busy=0.5))
-        assert decode_estimate(r._nodes["d0"], 100, 16).seconds == pytest.approx(
-            (0.006 + 14 * 2 * 0.006) / 15) and calm == pytest.approx(0.006)
+        each = 1 / (0.5 / 0.006 + 0.5 / 0.266)
+        assert decode_estimate(r._nodes["d0"], 100, 16).seconds == pytest.approx((0.006 + 14 * each) / 15)
+        assert calm == pytest.approx(0.006)
+        # Small chunks (a 16-token step budget) cost little more than a pure step: far less than
+        # the stretch by 1 / (1 - busy) that counted no stream as stepping while a prefill ran.
+        r._nodes["d0"].saw_load(pb.NodeLoad(fits=fits(), prefill_busy=0.5, step_tokens=16))
+        mixed = 0.01 + 0.001 * 15 + 0.001
+        each = 1 / (0.5 / 0.006 + 0.5 / mixed)
+        assert decode_estimate(r._nodes["d0"], 100, 16).seconds == pytest.approx((0.006 + 14 * each) / 15)
+        assert each < 0.006 / 0.5
+        # A node with no prefill model yet: that stretch, busy capped at 0.8.
+        r._nodes["d0"].saw_load(pb.NodeLoad(fits=fits()[1:], prefill_busy=0.9))
+        assert decode_estimate(r._nodes["d0"], 100, 16).seconds == pytest.approx((0.006 + 14 * 0.006 / 0.2) / 15)
     run(go)
 
 
@@ -693,3 +706,19 @@ def test_a_line_stays_a_line_until_the_spread_falls_well_below_what_made_it_one(
     assert cal.line() is None and cal(0.3) == pytest.approx(0.25, rel=0.02)
     feed(300, 0.07)  # and from a factor, 7 % does not make a line again
     assert cal.line() is None
+
+
+def test_a_queued_prefill_counts_what_it_computes_not_the_whole_prompt_the_node_reports() -> None:
+    def go():
+        # An idle decode node (prefill 0.01 s + 1 ms a token); a local prefill of a 1,000-token
+        # prompt whose first 900 tokens it holds: 100 to compute.
+        r = cluster({"d0": pb.NodeLoad(fits=fits(), step_tokens=1000)})
+        d0 = r._nodes["d0"]
+        alone = local_estimate(d0, 100, 16).ttft.seconds
+        with r.track_prefill(d0, 100):
+            d0.saw_load(pb.NodeLoad(fits=fits(), step_tokens=1000, prefill_queue=[1000]))  # the node: whole
+            assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.11, abs=0.01)
+            # A second prefill there that this coordinator did not send: the report, whole prompts.
+            d0.saw_load(pb.NodeLoad(fits=fits(), step_tokens=1000, prefill_queue=[1000, 300]))
+            assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 1.01 + 0.31, abs=0.01)
+    run(go)
