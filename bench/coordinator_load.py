@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import random
+import select
 import shutil
 import subprocess
 import sys
@@ -243,13 +244,15 @@ def measure_floor(rates: list[float], args: argparse.Namespace, mine: set[int], 
     rows = []
     try:
         for argv, cores in ((["nodes", str(node_port)], rest),
-                            (["relay", str(relay_port), f"127.0.0.1:{node_port}"], mine)):
+                            (["relay", str(relay_port), f"127.0.0.1:{node_port}", str(args.stream_interval),
+                              str(args.prompt_tokens)], mine)):
             proc = subprocess.Popen([sys.executable, "-m", "tandem.bench.grpc_floor", *argv], stdout=subprocess.PIPE,
                                     text=True)
             procs.append(proc)
             assert proc.stdout is not None
-            if proc.stdout.readline().strip() != "ready":
-                raise SystemExit(f"the grpc.aio baseline's {argv[0]} did not start (exit {proc.poll()})")
+            ready, _, _ = select.select([proc.stdout], [], [], 60)
+            if not ready or proc.stdout.readline().strip() != "ready":
+                raise SystemExit(f"the grpc.aio baseline's {argv[0]} did not start within 60 s (exit {proc.poll()})")
             pin_threads(proc.pid, cores)
         relay = procs[-1].pid
         address = f"127.0.0.1:{relay_port}"
@@ -271,6 +274,9 @@ def measure_floor(rates: list[float], args: argparse.Namespace, mine: set[int], 
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
     return rows
 
 

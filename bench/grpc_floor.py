@@ -3,14 +3,15 @@
 A *relay* serves the Coordinator's Generate and, for each request, makes the calls the real
 coordinator makes: one Prefill (unary) and one Decode (server streaming) to *nodes* that answer
 at once with the same messages the simulated nodes send (the first token; then the decode's
-first token alone and the rest with the finish), and streams the client the same messages (the
-prefill's token; the decode's first; the rest with the finish). No tokenizing, admission, routing, watchdog, metrics or
+first token alone, then its tokens ``--stream-interval`` at a time, the last group with the
+finish), and streams the client the same messages (the prefill's token; each of the decode's;
+the last with the finish). No tokenizing, admission, routing, watchdog, metrics or
 logs: what is left is what the library costs for those three calls. Run beside the coordinator,
 on the same core and at the same rates, it says how much of the coordinator's CPU per request is
 Tandem's own and how much the calls' floor.
 
   python -m tandem.bench.grpc_floor nodes PORT
-  python -m tandem.bench.grpc_floor relay PORT NODES_ADDRESS
+  python -m tandem.bench.grpc_floor relay PORT NODES_ADDRESS STREAM_INTERVAL PROMPT_TOKENS
 """
 
 from __future__ import annotations
@@ -36,12 +37,17 @@ async def serve_nodes(port: int) -> None:
 
     class Decode(pb_grpc.DecodeNodeServicer):
         async def Decode(self, request, context):  # type: ignore[no-untyped-def]
-            n = request.sampling.max_tokens
+            # As the decode engine streams (vLLM's stream_interval): the first token at once, then
+            # the rest ``interval`` at a time, the last group with the finish.
+            n, interval = request.sampling.max_tokens, max(1, request.stream_interval)
             await asyncio.sleep(STEP_S)
-            await context.write(pb.DecodeResponse(token_ids=[8]))
-            if n > 1:
-                await asyncio.sleep(STEP_S * (n - 1))
-                await context.write(pb.DecodeResponse(token_ids=[9] * (n - 1), finish_reason="length"))
+            await context.write(pb.DecodeResponse(token_ids=[8], finish_reason="" if n > 1 else "length"))
+            sent = 1
+            while sent < n:
+                k = min(interval, n - sent)
+                await asyncio.sleep(STEP_S * k)
+                sent += k
+                await context.write(pb.DecodeResponse(token_ids=[9] * k, finish_reason="length" if sent == n else ""))
 
     server = grpc.aio.server()
     pb_grpc.add_PrefillNodeServicer_to_server(Prefill(), server)
@@ -52,7 +58,7 @@ async def serve_nodes(port: int) -> None:
     await server.wait_for_termination()
 
 
-async def serve_relay(port: int, nodes: str) -> None:
+async def serve_relay(port: int, nodes: str, interval: int, prompt_tokens: int) -> None:
     import grpc
 
     from tandem.proto import tandem_pb2 as pb
@@ -64,7 +70,7 @@ async def serve_relay(port: int, nodes: str) -> None:
     class Relay(pb_grpc.CoordinatorServicer):
         async def Generate(self, request, context):  # type: ignore[no-untyped-def]
             n = request.sampling.max_tokens
-            pre = await prefill.Prefill(pb.PrefillRequest(request_id="r", prompt_token_ids=[1] * 64,
+            pre = await prefill.Prefill(pb.PrefillRequest(request_id="r", prompt_token_ids=[1] * prompt_tokens,
                                                           sampling=request.sampling, hold_kv=True))
             await context.write(pb.GenerateResponse(request_id="r", token_ids=[pre.first_token]))
             if n <= 1:
@@ -73,8 +79,9 @@ async def serve_relay(port: int, nodes: str) -> None:
             sampling.CopyFrom(request.sampling)
             sampling.max_tokens = n - 1
             held = None
-            async for msg in decode.Decode(pb.DecodeRequest(request_id="r", prompt_token_ids=[1] * 65,
-                                                            sampling=sampling, handle=pre.handle)):
+            async for msg in decode.Decode(pb.DecodeRequest(request_id="r", prompt_token_ids=[1] * (prompt_tokens + 1),
+                                                            sampling=sampling, handle=pre.handle,
+                                                            stream_interval=interval)):
                 out = pb.GenerateResponse(request_id="r", token_ids=msg.token_ids)
                 if msg.finish_reason:
                     out.finish.reason = msg.finish_reason
@@ -98,8 +105,8 @@ def main(argv: list[str]) -> int:
 
     if len(argv) == 2 and argv[0] == "nodes":
         uvloop.run(serve_nodes(int(argv[1])))
-    elif len(argv) == 3 and argv[0] == "relay":
-        uvloop.run(serve_relay(int(argv[1]), argv[2]))
+    elif len(argv) == 5 and argv[0] == "relay":
+        uvloop.run(serve_relay(int(argv[1]), argv[2], int(argv[3]), int(argv[4])))
     else:
         print(__doc__, file=sys.stderr)
         return 2

@@ -86,20 +86,19 @@ def _calibrated(f: float) -> str:
 
 def _prefill_queue(node: NodeClient, own: Tally, oldest_left: Callable[[int], int] | None = None) -> list[int]:
     """Tokens to prefill of the prefills waiting or running there: this coordinator's own
-    (``own``: each one's prompt less what admission credited the node with holding), or the
-    node's report when it lists more prefills than that (another coordinator's, or one that
-    just ended). The report carries whole prompts: with prefixes held there, taking it
-    whenever its sum was larger (as until the seventeenth sitting) counted cached tokens as
-    work; on that sitting's 0:2 multi-turn run a request predicted to wait 0.9 s behind two
-    such prefills was answered in 0.17 s. With some of its own there, the oldest (running) as
-    ``oldest_left`` says is left of it."""
+    (``own``: each one's prompt less what admission credited the node with holding, the oldest
+    as ``oldest_left`` says is left of it), and, when the node reports more prefills than that,
+    the rest of its report (another coordinator's, or one that just ended), whole prompts. The
+    report carries whole prompts: with prefixes held there, taking it whenever its sum was
+    larger (as until the seventeenth sitting) counted cached tokens as work; on that sitting's
+    0:2 multi-turn run a request predicted to wait 0.9 s behind two such prefills was answered
+    in 0.17 s."""
     load = node.fresh_load()
     reported = list(load.prefill_queue) if load is not None else []
     mine = [t for t in own.values() if t > 0]  # (a request tracked with no prompt there yet: none)
-    queue = reported if len(reported) > len(mine) else mine
-    if oldest_left is not None and queue and mine:
-        queue[0] = min(queue[0], oldest_left(queue[0]))
-    return queue
+    if oldest_left is not None and mine:
+        mine[0] = min(mine[0], oldest_left(mine[0]))
+    return mine + reported[len(mine):]
 
 
 def _local_queue(node: NodeClient, step_tokens: int, batch: int, context: int) -> list[int]:

@@ -36,6 +36,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         # context.write() style, not an async generator, so that a client's cancel always
         # lands here and closes the pipeline (which cancels the decode call, frees KV).
+        held: pb.GenerateResponse | None = None
         try:
             tenant = self._tenant(context, request.tenant)
             if request.ByteSize() > MAX_REQUEST_BYTES:
@@ -55,9 +56,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 tenant=tenant,
             )
             rid = prepared.public_id
-            # The last tokens wait for the finish (the accounting between them takes microseconds)
-            # and go in one message with it: a message less per request.
-            held: pb.GenerateResponse | None = None
+            # The last tokens wait for the finish (between them: the decode stream's close and the
+            # accounting) and go in one message with it: a message less per request. Should the
+            # request fail in between, they are sent before its status.
             async with aclosing(self.pipeline.run(prepared)) as events:
                 async for ev in events:
                     if isinstance(ev, TokenEvent):
@@ -76,12 +77,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                         msg.finish.CopyFrom(_finish_pb(ev))
                         await context.write(msg)
         except TandemError as exc:
+            await _flush(context, held)
             code, msg = grpc_status_of(exc)
             await context.abort(code, msg, trailing_metadata=grpc_trailers_of(exc))
         except Exception as exc:
             if isinstance(exc, grpc.aio.AbortError):
                 raise
             logger.exception("request (client id %r): internal error", request.request_id)
+            await _flush(context, held)
             code, msg = grpc_status_of(exc)
             await context.abort(code, msg)
 
@@ -107,6 +110,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 info.kv_engine_blocks = len(n.blocks.held)
             nodes.append(info)
         return pb.ClusterStatusResponse(cluster=self.cluster, model=self.pipeline.served_model, nodes=nodes)
+
+
+async def _flush(context: grpc.aio.ServicerContext, held: pb.GenerateResponse | None) -> None:
+    """Tokens held for the finish, sent ahead of the error that came instead (best effort: the
+    client may be gone)."""
+    if held is not None:
+        try:
+            await context.write(held)
+        except Exception:  # the status that follows is what matters
+            pass
 
 
 def _slo(request: pb.GenerateRequest) -> Slo:

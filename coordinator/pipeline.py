@@ -282,6 +282,14 @@ class Pipeline:
                             consumed = True  # tokens came, so the decode side fetched the blocks
                             out.decode_s += time.perf_counter() - t_dec
                         except NodeCallFailed as failed:
+                            if out.reason:
+                                # Its finish had come (with its last tokens, which the client may
+                                # not have been sent yet): the stream failing as it closed (the
+                                # client's deadline, the node going away) changes nothing for it.
+                                logger.info("request %s: finished; its stream then failed: %s", rid, failed.error)
+                                consumed = True
+                                out.decode_s += time.perf_counter() - t_dec
+                                continue
                             self._migrate_or_raise(req, prog, failed, leg)
                             if failed.cause == "aborted" and pnode is not None:
                                 # The KV did not arrive: the path from that prefill node may be

@@ -287,3 +287,30 @@ def test_a_stop_strings_held_back_text_goes_with_the_finish(tiny_model: Path) ->
     assert len(msgs) == 3 and list(msgs[-1].token_ids) == words[2:3] and msgs[-1].text.endswith(" block")
     assert msgs[-1].finish.reason == "length" and not any(m.HasField("finish") for m in msgs[:-1])
     assert [t for m in msgs for t in m.token_ids] == words[:3]
+
+
+class FailingAfterFinish(FakeCall):
+    """A Decode stream whose close fails after its last message (the finish) came."""
+
+    async def read(self):
+        if self._i >= len(self.tokens):
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       "connection reset")
+        return await super().read()
+
+
+class FailingDecode(FakeDecode):
+    def Decode(self, req: pb.DecodeRequest, timeout: float | None = None) -> FakeCall:
+        self.requests.append(req)
+        call = FailingAfterFinish(self.tokens[: req.sampling.max_tokens], self.delay_s)
+        self.calls.append(call)
+        return call
+
+
+def test_a_stream_that_fails_after_its_finish_ends_the_request_as_finished(tiny_model: Path) -> None:
+    decode, other = FailingDecode([101, 102, 103]), FakeDecode([201, 202, 203])
+    msgs = generate_messages(tiny_model, FakePrefill(), [decode, other], pb.SamplingParams(max_tokens=4))
+    # Every token once, the last ones with the finish; not migrated to the other decode node.
+    assert [t for m in msgs for t in m.token_ids] == [100, 101, 102, 103]
+    assert msgs[-1].finish.reason == "length" and msgs[-1].finish.migrations == 0
+    assert len(decode.calls) == 1 and not other.calls

@@ -24,7 +24,10 @@ def plain_outputs(request: pytest.FixtureRequest, tiny_model: Path) -> dict[str,
     """A plain vLLM engine's outputs for every collected module's ``REFERENCE_CASES``, computed once a
     session in one engine: {module name: its cases' token ids, in its order}. A case's
     ``extend_with`` counts within its own module's list."""
-    modules = {item.module.__name__: item.module for item in request.session.items}
+    # The modules of the tests collected to run that use them (not merely defined beside them).
+    modules = {item.module.__name__: item.module for item in request.session.items
+               if getattr(item, "module", None) is not None
+               and "plain_outputs" in getattr(item, "fixturenames", ())}
     groups = {name: mod for name, mod in sorted(modules.items()) if hasattr(mod, "REFERENCE_CASES")}
     cases: list[dict] = []
     spans: dict[str, tuple[int, int]] = {}
