@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,20 @@ async def probe(address: str, rate: float, duration_s: float, prompt_tokens: int
             "send_lag_p99_ms": pct(lag, 0.99) * 1000}
 
 
+def measured_probe(address: str, rate: float, args: argparse.Namespace, seed: int,
+                   cpu: Callable[[], float]) -> dict[str, Any]:
+    """One probe (``probe``) and what ``cpu`` (CPU seconds of the process(es) under test) counted
+    over it: the probe's row with that CPU's share of the wall time and per request and token."""
+    import uvloop
+
+    c0, w0 = cpu(), time.perf_counter()
+    row = uvloop.run(probe(address, rate, args.duration, args.prompt_tokens, args.output_tokens, seed))
+    used, wall = cpu() - c0, time.perf_counter() - w0
+    row.update({"cpu_share": used / wall, "cpu_us_per_request": used / max(1, row["requests"]) * 1e6,
+                "cpu_us_per_token": used / max(1, row["tokens"]) * 1e6, "tokens_per_s": row["tokens"] / wall})
+    return row
+
+
 def py_spy_top(pid: int, seconds: float, out: Path) -> list[tuple[str, float]]:
     """The coordinator's top functions by own samples (py-spy record, raw), or [] without py-spy."""
     exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -194,7 +209,6 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         uvloop.run(probe(cluster.grpc_address, 20, 3, args.prompt_tokens, args.output_tokens, 99))  # warm-up
         rates = [float(r) for r in args.rates.split(",")]
         for k, rate in enumerate(rates):
-            c0, w0 = tree_cpu_seconds(pids), time.perf_counter()
             last = k == len(rates) - 1
             spy = None
             if last:  # where the time goes, at the highest rate
@@ -202,14 +216,10 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
                 spy = threading.Thread(target=lambda: top.extend(py_spy_top(pid, args.duration * 0.8, out)))
                 spy.start()
-            row = uvloop.run(probe(cluster.grpc_address, rate, args.duration, args.prompt_tokens,
-                                   args.output_tokens, k))
+            row = measured_probe(cluster.grpc_address, rate, args, k, lambda: tree_cpu_seconds(pids))
             if spy is not None:
                 spy.join()
-            cpu, wall = tree_cpu_seconds(pids) - c0, time.perf_counter() - w0
-            row.update({"coordinator_cpu_share": cpu / wall, "cpu_us_per_request": cpu / max(1, row["requests"]) * 1e6,
-                        "cpu_us_per_token": cpu / max(1, row["tokens"]) * 1e6,
-                        "tokens_per_s": row["tokens"] / wall})
+            row["coordinator_cpu_share"] = row.pop("cpu_share")
             rows.append(row)
             print(f"  {rate:g} req/s (sent {row['sent_rate']:.0f}): added TTFT p50 {row['added_ttft_p50_ms']:.2f} ms, "
                   f"p99 {row['added_ttft_p99_ms']:.2f} ms; coordinator CPU {row['coordinator_cpu_share']:.0%}, "
@@ -258,10 +268,7 @@ def measure_floor(rates: list[float], args: argparse.Namespace, mine: set[int], 
         address = f"127.0.0.1:{relay_port}"
         uvloop.run(probe(address, 20, 3, args.prompt_tokens, args.output_tokens, 99))  # warm-up
         for k, rate in enumerate(rates):
-            c0, w0 = cpu_seconds(relay), time.perf_counter()
-            row = uvloop.run(probe(address, rate, args.duration, args.prompt_tokens, args.output_tokens, k))
-            cpu, wall = cpu_seconds(relay) - c0, time.perf_counter() - w0
-            row.update({"cpu_share": cpu / wall, "cpu_us_per_request": cpu / max(1, row["requests"]) * 1e6})
+            row = measured_probe(address, rate, args, k, lambda: cpu_seconds(relay))
             rows.append(row)
             print(f"  baseline, grpc.aio alone making the same calls, {rate:g} req/s (sent {row['sent_rate']:.0f}): "
                   f"CPU {row['cpu_share']:.0%}, {row['cpu_us_per_request']:.0f} us/request; errors {row['errors']}",
