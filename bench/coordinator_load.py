@@ -166,6 +166,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--coordinator-cores", default="0", help="the coordinator's cores; the rest run the "
                                                              "nodes and the load generator")
     ap.add_argument("--model", default="", help="the tokenizer's model dir (default: the seeded tiny model)")
+    ap.add_argument("--node-calls", default="stream",
+                    help="the coordinator's --node-calls, one cluster each in turn: stream, call, or "
+                         "stream,call (the same rates for both, and the baseline both ways)")
     ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
                     help="also measure the baseline: grpc.aio alone making the same calls (bench/grpc_floor.py)")
     ap.add_argument("--out", default="bench/results/coordinator")
@@ -189,48 +192,54 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     if not rest:
         raise SystemExit("--coordinator-cores must leave at least one core for the nodes and the load generator")
     model = args.model or str(ensure_default_model())
-    spec = ClusterSpec(model=model, num_prefill=args.prefill, num_decode=args.decode, max_model_len=2048,
-                       cores=[core_spec(rest)] * (args.prefill + args.decode), log_dir=str(out / "logs"),
-                       extra_node_args=["--simulate", str(out / "profile.json")],
-                       extra_coordinator_args=["--conditional-disagg", "off",
-                                               "--stream-interval", str(args.stream_interval),
-                                               "--workers", str(args.workers)])
-    rows = []
+    modes = [m.strip() for m in args.node_calls.split(",") if m.strip()]
+    if not modes or any(m not in ("stream", "call") for m in modes) or len(set(modes)) != len(modes):
+        raise SystemExit(f"--node-calls: stream, call or both, comma-separated; got {args.node_calls!r}")
+    rates = [float(r) for r in args.rates.split(",")]
+    rows: list[dict[str, Any]] = []
     top: list[tuple[str, float]] = []
-    with LocalCluster(spec) as cluster:
-        assert cluster.coordinator is not None and cluster.coordinator.proc is not None
-        pids = process_tree(cluster.coordinator.proc.pid)  # with --workers: the supervisor and its workers
-        pid = pids[-1]  # the one py-spy looks at (a worker, with several)
-        for p in pids:
-            pin_threads(p, mine)
-        pin_threads(os.getpid(), set(rest))
-        print(f"coordinator pid {pid} on cores {sorted(mine)}; {args.prefill} + {args.decode} simulated nodes and "
-              f"the load generator on {rest}", flush=True)
-        uvloop.run(probe(cluster.grpc_address, 20, 3, args.prompt_tokens, args.output_tokens, 99))  # warm-up
-        rates = [float(r) for r in args.rates.split(",")]
-        for k, rate in enumerate(rates):
-            last = k == len(rates) - 1
-            spy = None
-            if last:  # where the time goes, at the highest rate
-                import threading
+    for mode in modes:
+        spec = ClusterSpec(model=model, num_prefill=args.prefill, num_decode=args.decode, max_model_len=2048,
+                           cores=[core_spec(rest)] * (args.prefill + args.decode), log_dir=str(out / "logs" / mode),
+                           extra_node_args=["--simulate", str(out / "profile.json")],
+                           extra_coordinator_args=["--conditional-disagg", "off",
+                                                   "--stream-interval", str(args.stream_interval),
+                                                   "--workers", str(args.workers), "--node-calls", mode])
+        with LocalCluster(spec) as cluster:
+            assert cluster.coordinator is not None and cluster.coordinator.proc is not None
+            pids = process_tree(cluster.coordinator.proc.pid)  # with --workers: the supervisor and its workers
+            pid = pids[-1]  # the one py-spy looks at (a worker, with several)
+            for p in pids:
+                pin_threads(p, mine)
+            pin_threads(os.getpid(), set(rest))
+            print(f"--node-calls {mode}: coordinator pid {pid} on cores {sorted(mine)}; {args.prefill} + "
+                  f"{args.decode} simulated nodes and the load generator on {rest}", flush=True)
+            uvloop.run(probe(cluster.grpc_address, 20, 3, args.prompt_tokens, args.output_tokens, 99))  # warm-up
+            for k, rate in enumerate(rates):
+                spy = None
+                if mode == modes[0] and k == len(rates) - 1:  # where the time goes, at the highest rate
+                    import threading
 
-                spy = threading.Thread(target=lambda: top.extend(py_spy_top(pid, args.duration * 0.8, out)))
-                spy.start()
-            row = measured_probe(cluster.grpc_address, rate, args, k, lambda: tree_cpu_seconds(pids))
-            if spy is not None:
-                spy.join()
-            row["coordinator_cpu_share"] = row.pop("cpu_share")
-            rows.append(row)
-            print(f"  {rate:g} req/s (sent {row['sent_rate']:.0f}): added TTFT p50 {row['added_ttft_p50_ms']:.2f} ms, "
-                  f"p99 {row['added_ttft_p99_ms']:.2f} ms; coordinator CPU {row['coordinator_cpu_share']:.0%}, "
-                  f"{row['cpu_us_per_request']:.0f} us/request, {row['cpu_us_per_token']:.1f} us/token; "
-                  f"errors {row['errors']}", flush=True)
-    floor = measure_floor(rates, args, mine, set(rest)) if args.floor else []
-    for row, base in zip(rows, floor):
-        row["floor_cpu_us_per_request"] = base["cpu_us_per_request"]
+                    spy = threading.Thread(target=lambda: top.extend(py_spy_top(pid, args.duration * 0.8, out)))
+                    spy.start()
+                row = measured_probe(cluster.grpc_address, rate, args, k, lambda: tree_cpu_seconds(pids))
+                if spy is not None:
+                    spy.join()
+                row["coordinator_cpu_share"] = row.pop("cpu_share")
+                row["node_calls"] = mode
+                rows.append(row)
+                print(f"  {rate:g} req/s (sent {row['sent_rate']:.0f}): added TTFT p50 {row['added_ttft_p50_ms']:.2f} ms, "
+                      f"p99 {row['added_ttft_p99_ms']:.2f} ms; coordinator CPU {row['coordinator_cpu_share']:.0%}, "
+                      f"{row['cpu_us_per_request']:.0f} us/request, {row['cpu_us_per_token']:.1f} us/token; "
+                      f"errors {row['errors']}", flush=True)
+    floor = [r for mode in modes for r in measure_floor(rates, args, mine, set(rest), mode)] if args.floor else []
+    for row in rows:
+        base = next((b for b in floor if b["node_calls"] == row["node_calls"] and b["rate"] == row["rate"]), None)
+        if base is not None:
+            row["floor_cpu_us_per_request"] = base["cpu_us_per_request"]
     doc = {"profile": PROFILE, "prefill_nodes": args.prefill, "decode_nodes": args.decode,
            "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
-           "stream_interval": args.stream_interval, "workers": args.workers,
+           "stream_interval": args.stream_interval, "workers": args.workers, "node_calls": modes,
            "coordinator_cores": sorted(mine), "other_cores": rest, "rows": rows,
            "top_functions": [[f, s] for f, s in top], "floor_rows": floor,
            "goal": "added TTFT p99 <= 1 ms at 1,000 req/s; relay >= 100k tokens/s per coordinator process"}
@@ -240,10 +249,11 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     return 0
 
 
-def measure_floor(rates: list[float], args: argparse.Namespace, mine: set[int], rest: set[int]
-                  ) -> list[dict[str, Any]]:
+def measure_floor(rates: list[float], args: argparse.Namespace, mine: set[int], rest: set[int],
+                  mode: str = "call") -> list[dict[str, Any]]:
     """The baseline at each rate: bench/grpc_floor.py's relay on the coordinator's cores, its nodes
-    and the load generator on the rest; the relay's CPU per request."""
+    and the load generator on the rest; the relay's CPU per request. ``mode``: its node calls, a
+    gRPC call each (``call``) or messages on one stream (``stream``), as ``--node-calls``."""
     import uvloop
 
     from tandem.netutil import free_port
@@ -255,7 +265,7 @@ def measure_floor(rates: list[float], args: argparse.Namespace, mine: set[int], 
     try:
         for argv, cores in ((["nodes", str(node_port)], rest),
                             (["relay", str(relay_port), f"127.0.0.1:{node_port}", str(args.stream_interval),
-                              str(args.prompt_tokens)], mine)):
+                              str(args.prompt_tokens), mode], mine)):
             proc = subprocess.Popen([sys.executable, "-m", "tandem.bench.grpc_floor", *argv], stdout=subprocess.PIPE,
                                     text=True)
             procs.append(proc)
@@ -269,8 +279,9 @@ def measure_floor(rates: list[float], args: argparse.Namespace, mine: set[int], 
         uvloop.run(probe(address, 20, 3, args.prompt_tokens, args.output_tokens, 99))  # warm-up
         for k, rate in enumerate(rates):
             row = measured_probe(address, rate, args, k, lambda: cpu_seconds(relay))
+            row["node_calls"] = mode
             rows.append(row)
-            print(f"  baseline, grpc.aio alone making the same calls, {rate:g} req/s (sent {row['sent_rate']:.0f}): "
+            print(f"  baseline ({mode}), grpc.aio alone making the same calls, {rate:g} req/s (sent {row['sent_rate']:.0f}): "
                   f"CPU {row['cpu_share']:.0%}, {row['cpu_us_per_request']:.0f} us/request; errors {row['errors']}",
                   flush=True)
     finally:
@@ -294,21 +305,29 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     rows = doc["rows"]
+    floor = doc.get("floor_rows") or []
+    modes = doc.get("node_calls") or ["call"]
+
+    def of(rs: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+        return [r for r in rs if r.get("node_calls", "call") == mode]
+
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    sent = [r["sent_rate"] for r in rows]
-    a1.plot(sent, [r["added_ttft_p50_ms"] for r in rows], marker="o", label="p50")
-    a1.plot(sent, [r["added_ttft_p99_ms"] for r in rows], marker="o", label="p99")
+    for mode in modes:
+        mine = of(rows, mode)
+        sent = [r["sent_rate"] for r in mine]
+        a1.plot(sent, [r["added_ttft_p50_ms"] for r in mine], marker="o", label=f"p50, {mode}")
+        a1.plot(sent, [r["added_ttft_p99_ms"] for r in mine], marker="o", label=f"p99, {mode}")
+        a2.plot(sent, [r["cpu_us_per_request"] for r in mine], marker="o", label=f"coordinator, --node-calls {mode}")
+        base = of(floor, mode)
+        if base:
+            a2.plot([r["sent_rate"] for r in base], [r["cpu_us_per_request"] for r in base], marker="o",
+                    linestyle="--", label=f"grpc.aio alone, the same calls ({mode})")
     a1.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="goal (p99)")
     a1.set_xlabel("requests/s sent")
     a1.set_ylabel("TTFT added by the coordinator, ms")
     a1.set_yscale("log")
-    a1.legend()
-    a2.plot(sent, [r["cpu_us_per_request"] for r in rows], marker="o", label="coordinator")
-    floor = doc.get("floor_rows") or []
-    if floor:
-        a2.plot([r["sent_rate"] for r in floor], [r["cpu_us_per_request"] for r in floor], marker="o",
-                label="grpc.aio alone, the same calls")
-        a2.legend()
+    a1.legend(fontsize=7)
+    a2.legend(fontsize=7)
     a2.set_ylim(bottom=0)
     a2.set_xlabel("requests/s sent")
     a2.set_ylabel("coordinator CPU per request, us")
@@ -320,24 +339,33 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
              f"{doc['prompt_tokens']}-token prompts, {doc['output_tokens']} output tokens, stream interval "
              f"{doc.get('stream_interval', 1)}; the coordinator ({doc.get('workers', 1)} process(es)) on cores "
              f"{doc['coordinator_cores']}, nodes and load generator on {doc['other_cores']}. Goal: {doc['goal']}.", "",
-             "| asked req/s | sent req/s | added TTFT p50 | p99 | coordinator CPU | CPU/request | CPU/token | "
-             "tokens/s | errors |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "`--node-calls stream`: the Prefill and Decode calls to each node as messages on one long-lived stream; "
+             "`call`: a gRPC call each.", "",
+             "| node calls | asked req/s | sent req/s | added TTFT p50 | p99 | coordinator CPU | CPU/request | "
+             "CPU/token | tokens/s | errors |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['rate']:g} | {r['sent_rate']:.0f} | {r['added_ttft_p50_ms']:.2f} ms | "
-                     f"{r['added_ttft_p99_ms']:.2f} ms | {r['coordinator_cpu_share']:.0%} | {r['cpu_us_per_request']:.0f} us | "
+        lines.append(f"| {r.get('node_calls', 'call')} | {r['rate']:g} | {r['sent_rate']:.0f} | "
+                     f"{r['added_ttft_p50_ms']:.2f} ms | {r['added_ttft_p99_ms']:.2f} ms | "
+                     f"{r['coordinator_cpu_share']:.0%} | {r['cpu_us_per_request']:.0f} us | "
                      f"{r['cpu_us_per_token']:.1f} us | {r['tokens_per_s']:.0f} | {r['errors']} |")
     if floor:
-        lines += ["", "The baseline in the same run, same core and rates: grpc.aio alone making the three calls a "
-                  "request costs (the client's stream, one Prefill, one Decode stream) with the same messages and "
-                  "nothing else (bench/grpc_floor.py).", "",
-                  "| asked req/s | sent req/s | its CPU/request | the coordinator's | Tandem's own (the difference) |",
-                  "|---:|---:|---:|---:|---:|"]
-        for r, b in zip(rows, floor):
-            lines.append(f"| {b['rate']:g} | {b['sent_rate']:.0f} | {b['cpu_us_per_request']:.0f} us | "
-                         f"{r['cpu_us_per_request']:.0f} us | {r['cpu_us_per_request'] - b['cpu_us_per_request']:.0f} us |")
+        lines += ["", "The baseline in the same run, same core and rates: grpc.aio alone doing what a request "
+                  "costs (the client's stream, a Prefill and a Decode: as calls, or as messages on one stream a "
+                  "node) with the same messages and nothing else (bench/grpc_floor.py).", "",
+                  "| node calls | asked req/s | sent req/s | its CPU/request | the coordinator's | "
+                  "Tandem's own (the difference) |", "|---|---:|---:|---:|---:|---:|"]
+        for b in floor:
+            r = next((r for r in rows if r.get("node_calls", "call") == b.get("node_calls", "call")
+                      and r["rate"] == b["rate"]), None)
+            if r is None:
+                continue
+            lines.append(f"| {b.get('node_calls', 'call')} | {b['rate']:g} | {b['sent_rate']:.0f} | "
+                         f"{b['cpu_us_per_request']:.0f} us | {r['cpu_us_per_request']:.0f} us | "
+                         f"{r['cpu_us_per_request'] - b['cpu_us_per_request']:.0f} us |")
     lines += ["", "![coordinator](coordinator.png)", ""]
     if doc["top_functions"]:
-        lines += ["Where the coordinator's time goes at the highest rate (py-spy, samples of the thread holding the GIL, by the function on top):", "",
+        lines += [f"Where the coordinator's time goes at the highest rate (`--node-calls {modes[0]}`; py-spy, samples "
+                  "of the thread holding the GIL, by the function on top):", "",
                   "| function | share |", "|---|---:|"]
         lines += [f"| `{f}` | {s:.1%} |" for f, s in doc["top_functions"]]
     else:

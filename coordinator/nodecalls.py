@@ -92,19 +92,24 @@ class Watchdog:
 
     async def stream(self, call: Any, node: NodeClient) -> AsyncIterator[Any]:
         """The messages of a server-streaming call, watched the same way: a gap of ``stall_s``
-        between messages gets a health probe. One reader task per call feeds a queue, so the
-        per-message cost is a queue hand-off and a timer, not a task."""
-        queue: asyncio.Queue[object] = asyncio.Queue()
+        between messages gets a health probe. One reader task per call feeds a queue (a call on
+        a call stream has its own), so the per-message cost is a queue hand-off and a timer, not a
+        task."""
+        # A call on a node's call stream (callstream.py) has its replies in a queue already.
+        queue: asyncio.Queue[object] | None = getattr(call, "items", None)
+        reader = None
+        if queue is None:
+            queue = asyncio.Queue()
 
-        async def pump() -> None:
-            try:
-                while (msg := await call.read()) is not grpc.aio.EOF:
-                    queue.put_nowait(msg)
-                queue.put_nowait(_STREAM_END)
-            except Exception as exc:  # handed to the consumer, which raises it
-                queue.put_nowait(exc)
+            async def pump(queue: asyncio.Queue[object]) -> None:
+                try:
+                    while (msg := await call.read()) is not grpc.aio.EOF:
+                        queue.put_nowait(msg)
+                    queue.put_nowait(_STREAM_END)
+                except Exception as exc:  # handed to the consumer, which raises it
+                    queue.put_nowait(exc)
 
-        reader = asyncio.ensure_future(pump())
+            reader = asyncio.ensure_future(pump(queue))
         try:
             while True:
                 try:
@@ -113,15 +118,16 @@ class Watchdog:
                 except TimeoutError:
                     await self._probe(node)
                     continue
-                if item is _STREAM_END:
+                if item is _STREAM_END or item is grpc.aio.EOF:
                     return
                 if isinstance(item, grpc.aio.AioRpcError):
                     raise call_failed(item, node) from item
-                if isinstance(item, Exception):
+                if isinstance(item, BaseException):  # (a cancelled call-stream call: CancelledError)
                     raise item
                 yield item
         finally:
-            reader.cancel()
+            if reader is not None:
+                reader.cancel()
 
     async def _probe(self, node: NodeClient) -> None:
         if not await self.router.check(node):

@@ -367,7 +367,7 @@ class Pipeline:
             try:
                 with self.router.track(node, work):
                     async with order.turn(node, turn, req.deadline):
-                        call = node.stub.Prefill(  # type: ignore[attr-defined]
+                        call = node.calls.Prefill(  # type: ignore[attr-defined]
                             pb.PrefillRequest(request_id=f"{req.request_id}-p{leg}.{attempt}",
                                               prompt_token_ids=context,
                                               sampling=to_proto(sampling, pb.SamplingParams), hold_kv=hold_kv,
@@ -401,7 +401,7 @@ class Pipeline:
     async def _decode(self, req: Prepared, node: NodeClient, prompt: list[int], sampling: Sampling,
                       handle: pb.KVHandle | None, leg: int, local: bool = False) -> AsyncIterator[pb.DecodeResponse]:
         """Stream a decode: from ``handle``'s KV, or (``local``) prefilling ``prompt`` on the node."""
-        call = node.stub.Decode(  # type: ignore[attr-defined]
+        call = node.calls.Decode(  # type: ignore[attr-defined]
             pb.DecodeRequest(request_id=f"{req.request_id}-d{leg}", prompt_token_ids=prompt,
                              sampling=to_proto(sampling, pb.SamplingParams), handle=handle, prefill_here=local,
                              stream_interval=self.cfg.stream_interval),

@@ -45,6 +45,7 @@ from tandem.tls import FileWatch, TlsConfig
 
 from . import metrics as m
 from .calibration import Calibration
+from .callstream import NodeStream, call_mode_of
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,9 @@ class NodeClient:
     calibrations: dict[str, Calibration] = field(default_factory=dict)
     chunks: ChunkIndex = field(default_factory=ChunkIndex)  # what its KV store holds (prefix routing)
     blocks: ChunkIndex = field(default_factory=ChunkIndex)  # what its engine's prefix cache holds
+    call_mode: str = "stream"  # its Prefill / Decode calls: on one NodeCalls stream, or a gRPC call each
     stub: object = field(init=False)
+    stream: NodeStream | None = field(init=False, default=None)  # with call_mode "stream"
     health: object = field(init=False)
     monitor: object = field(init=False)
     watcher: asyncio.Task[None] | None = None
@@ -133,8 +136,20 @@ class NodeClient:
     def redial(self, channel: grpc.aio.Channel) -> grpc.aio.Channel:
         """New calls go on ``channel``; the old one is returned (calls on it run on until it closes)."""
         old, self.channel = self.channel, channel
+        self.retire()
         self._bind()
         return old
+
+    def retire(self) -> None:
+        """No new calls on its call stream; the calls on it run to their end (a node that left,
+        a channel replaced)."""
+        if self.stream is not None:
+            self.stream.retire()
+
+    @property
+    def calls(self) -> object:
+        """What its Prefill and Decode calls are made on: its call stream, or its stub."""
+        return self.stream if self.stream is not None else self.stub
 
     def _bind(self) -> None:
         if self.record.role == "prefill":
@@ -143,6 +158,8 @@ class NodeClient:
             self.stub = pb_grpc.DecodeNodeStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.monitor = pb_grpc.NodeMonitorStub(self.channel)
+        self.stream = (NodeStream(self.channel, f"{self.record.role} node {self.record.node_id}")
+                       if call_mode_of(self.call_mode) == "stream" else None)
 
     def fresh_load(self) -> pb.NodeLoad | None:
         """Its latest load message, unless the stream went quiet."""
@@ -190,10 +207,12 @@ class NodeClient:
 
 class Router:
     def __init__(self, model: str, pool_wait_s: float = 10.0, probe_timeout_s: float = 1.0,
-                 watch_loads: bool = True, tls: TlsConfig | None = None, retire_channels_after_s: float = 3600.0) -> None:
+                 watch_loads: bool = True, tls: TlsConfig | None = None, retire_channels_after_s: float = 3600.0,
+                 node_calls: str = "stream") -> None:
         """``retire_channels_after_s``: after a certificate rotation, the old channels close this long
         after new calls moved off them (longer than any call's deadline: none is cut short)."""
         self.model = model
+        self.node_calls = call_mode_of(node_calls)  # --node-calls (callstream.py)
         self.tls = tls or TlsConfig()  # mutual TLS to the nodes when on
         self.retire_channels_after_s = retire_channels_after_s
         self._retired: dict[grpc.aio.Channel, asyncio.TimerHandle] = {}  # old channels -> when they close
@@ -213,6 +232,7 @@ class Router:
         if record is None:
             if old is not None:
                 _stop_watching(old)
+                old.retire()
                 for kind in old.calibrations:
                     m.forget_calibration(node_id, kind)
                 # In-flight calls keep their channel until they end; new ones never see it.
@@ -240,9 +260,10 @@ class Router:
                 return
             if old is not None:
                 _stop_watching(old)
+                old.retire()
                 for kind in old.calibrations:
                     m.forget_calibration(node_id, kind)
-            node = NodeClient(record, channel)
+            node = NodeClient(record, channel, call_mode=self.node_calls)
             self._nodes[node_id] = node
             if self.watch_loads:
                 node.watcher = asyncio.get_running_loop().create_task(self._watch(node), name=f"load-{node_id}")
@@ -464,6 +485,8 @@ class Router:
             t.cancel()
         for n in self._nodes.values():
             _stop_watching(n)
+            if n.stream is not None:
+                n.stream.close()
             await n.channel.close()
 
 

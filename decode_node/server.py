@@ -28,6 +28,7 @@ import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
 from tandem.errors import InvalidRequest, KVUnavailable, NodeFailed, RequestAborted, grpc_status_of
+from tandem.node.calls import NodeCallsServicer, add_calls_servicer
 from tandem.node.engine import EngineHost
 from tandem.node.handles import check_for_decode, consume_params
 from tandem.node.perf import EngineClock, NodePerf
@@ -54,23 +55,32 @@ class DecodeServicer(pb_grpc.DecodeNodeServicer):
         self.kv_bytes_per_token = kv_bytes_per_token(engine.layout())
 
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> None:
+        # Written with context.write() rather than as an async generator: a caller's cancel then
+        # always lands in this coroutine (and through ``serve`` in the engine request, aborted at
+        # once); a generator suspended at `yield` would be left running.
+        try:
+            async with aclosing(self.serve(request)) as stream:
+                async for msg in stream:
+                    await context.write(msg)
+        except Exception as exc:
+            await context.abort(*grpc_status_of(exc))
+
+    async def serve(self, request: pb.DecodeRequest) -> AsyncIterator[pb.DecodeResponse]:
+        """One decode's messages, counted and logged: for the Decode RPC and for a call on a
+        NodeCalls stream (tandem/node/calls.py). Raises what it failed with; the caller makes it a
+        status. The outcome starts as "cancelled"; only a normal end or an error changes it."""
         rid = request.request_id
-        # Written with context.write() rather than as an async generator: a caller's
-        # cancel then always lands in this coroutine, so the engine request is aborted
-        # at once (a generator suspended at `yield` would be left running). The outcome
-        # starts as "cancelled"; only a normal end or an error changes it.
         outcome = "cancelled"
         with DECODE_INFLIGHT.track_inprogress():
             try:
                 async with aclosing(self._decode(request)) as stream:
                     async for msg in stream:
-                        await context.write(msg)
+                        yield msg
                 outcome = "ok"
             except Exception as exc:
                 outcome = "error"
-                code, msg = grpc_status_of(exc)
-                logger.warning("request %s: decode failed: %s", rid, msg)
-                await context.abort(code, msg)
+                logger.warning("request %s: decode failed: %s", rid, grpc_status_of(exc)[1])
+                raise
             finally:
                 DECODES.labels(outcome).inc()
                 if outcome == "cancelled":
@@ -136,8 +146,12 @@ class DecodeServicer(pb_grpc.DecodeNodeServicer):
                 self.perf.decode_ended(rid)
 
 
-def add_servicer(server: grpc.aio.Server, engine: EngineHost, perf: NodePerf) -> None:
-    pb_grpc.add_DecodeNodeServicer_to_server(DecodeServicer(engine, perf), server)
+def add_servicer(server: grpc.aio.Server, engine: EngineHost, perf: NodePerf) -> NodeCallsServicer:
+    """The DecodeNode service, and the NodeCalls service carrying its calls as messages (returned:
+    the node closes its streams when it stops)."""
+    servicer = DecodeServicer(engine, perf)
+    pb_grpc.add_DecodeNodeServicer_to_server(servicer, server)
+    return add_calls_servicer(server, decode=servicer)
 
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DecodeNode"].full_name

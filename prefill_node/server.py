@@ -19,6 +19,7 @@ from tandem.errors import InvalidRequest, grpc_status_of
 from tandem.kvtransfer.handle import PRODUCE, TransferHandle
 from tandem.kvtransfer.capability import CapabilityRefused
 from tandem.kvtransfer.transport import TransferError
+from tandem.node.calls import NodeCallsServicer, add_calls_servicer
 from tandem.node.engine import EngineHost
 from tandem.node.handles import MAX_REQUEST_ID_CHARS, handle_from_proto, handle_to_proto
 from tandem.node.perf import NodePerf
@@ -44,6 +45,15 @@ class PrefillServicer(pb_grpc.PrefillNodeServicer):
         self.perf = perf
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
+        try:
+            return await self.serve(request)
+        except Exception as exc:
+            await context.abort(*grpc_status_of(exc))
+            raise  # (abort raises)
+
+    async def serve(self, request: pb.PrefillRequest) -> pb.PrefillResponse:
+        """One prefill, counted and logged: for the Prefill RPC and for a call on a NodeCalls
+        stream (tandem/node/calls.py). Raises what it failed with; the caller makes it a status."""
         rid = request.request_id
         t0 = time.perf_counter()
         with PREFILL_INFLIGHT.track_inprogress():
@@ -55,9 +65,8 @@ class PrefillServicer(pb_grpc.PrefillNodeServicer):
                 raise
             except Exception as exc:
                 PREFILLS.labels("error").inc()
-                code, msg = grpc_status_of(exc)
-                logger.warning("request %s: prefill failed: %s", rid, msg)
-                await context.abort(code, msg)
+                logger.warning("request %s: prefill failed: %s", rid, grpc_status_of(exc)[1])
+                raise
         PREFILLS.labels("ok").inc()
         PREFILL_SECONDS.observe(time.perf_counter() - t0)
         return resp
@@ -118,8 +127,12 @@ class PrefillServicer(pb_grpc.PrefillNodeServicer):
         return pb.ReleaseResponse()
 
 
-def add_servicer(server: grpc.aio.Server, engine: EngineHost, perf: NodePerf) -> None:
-    pb_grpc.add_PrefillNodeServicer_to_server(PrefillServicer(engine, perf), server)
+def add_servicer(server: grpc.aio.Server, engine: EngineHost, perf: NodePerf) -> NodeCallsServicer:
+    """The PrefillNode service, and the NodeCalls service carrying its calls as messages (returned:
+    the node closes its streams when it stops)."""
+    servicer = PrefillServicer(engine, perf)
+    pb_grpc.add_PrefillNodeServicer_to_server(servicer, server)
+    return add_calls_servicer(server, prefill=servicer)
 
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PrefillNode"].full_name

@@ -250,6 +250,52 @@ class NodeLoad(_message.Message):
     eng_block_tokens: int
     def __init__(self, node_id: _Optional[str] = ..., engine_id: _Optional[str] = ..., prefill_queue: _Optional[_Iterable[int]] = ..., decode_batch: _Optional[int] = ..., decode_context: _Optional[int] = ..., decode_waiting: _Optional[int] = ..., fits: _Optional[_Iterable[_Union[PerfFit, _Mapping]]] = ..., sent_at: _Optional[float] = ..., step_tokens: _Optional[int] = ..., prefill_busy: _Optional[float] = ..., decode_batch_mean: _Optional[float] = ..., decode_context_mean: _Optional[float] = ..., kv_whole: _Optional[bool] = ..., kv_ram: _Optional[_Iterable[bytes]] = ..., kv_disk: _Optional[_Iterable[bytes]] = ..., kv_gone: _Optional[_Iterable[bytes]] = ..., kv_namespace: _Optional[bytes] = ..., kv_chunk_tokens: _Optional[int] = ..., eng_whole: _Optional[bool] = ..., eng_held: _Optional[_Iterable[bytes]] = ..., eng_gone: _Optional[_Iterable[bytes]] = ..., eng_namespace: _Optional[bytes] = ..., eng_block_tokens: _Optional[int] = ...) -> None: ...
 
+class NodeCall(_message.Message):
+    __slots__ = ("call_id", "prefill", "decode", "cancel")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    prefill: PrefillRequest
+    decode: DecodeRequest
+    cancel: bool
+    def __init__(self, call_id: _Optional[int] = ..., prefill: _Optional[_Union[PrefillRequest, _Mapping]] = ..., decode: _Optional[_Union[DecodeRequest, _Mapping]] = ..., cancel: _Optional[bool] = ...) -> None: ...
+
+class NodeCallBatch(_message.Message):
+    __slots__ = ("calls",)
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    calls: _containers.RepeatedCompositeFieldContainer[NodeCall]
+    def __init__(self, calls: _Optional[_Iterable[_Union[NodeCall, _Mapping]]] = ...) -> None: ...
+
+class CallError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class NodeReply(_message.Message):
+    __slots__ = ("call_id", "prefill", "decode", "error", "done")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    prefill: PrefillResponse
+    decode: DecodeResponse
+    error: CallError
+    done: bool
+    def __init__(self, call_id: _Optional[int] = ..., prefill: _Optional[_Union[PrefillResponse, _Mapping]] = ..., decode: _Optional[_Union[DecodeResponse, _Mapping]] = ..., error: _Optional[_Union[CallError, _Mapping]] = ..., done: _Optional[bool] = ...) -> None: ...
+
+class NodeReplyBatch(_message.Message):
+    __slots__ = ("replies",)
+    REPLIES_FIELD_NUMBER: _ClassVar[int]
+    replies: _containers.RepeatedCompositeFieldContainer[NodeReply]
+    def __init__(self, replies: _Optional[_Iterable[_Union[NodeReply, _Mapping]]] = ...) -> None: ...
+
 class KVHandle(_message.Message):
     __slots__ = ("engine_id", "address", "remote_request_id", "block_ids", "num_tokens", "lease_deadline", "capability")
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]

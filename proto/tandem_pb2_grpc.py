@@ -279,6 +279,99 @@ class NodeMonitor:
             _registered_method=True)
 
 
+class NodeCallsStub:
+    """Both node kinds serve it: a coordinator's calls to the node as messages on one long-lived
+    stream, instead of a gRPC call each (a call costs the coordinator ~1 ms of CPU, a message on an
+    open stream ~30 µs). Each call is a PrefillRequest (one reply) or a DecodeRequest (replies until
+    the one with a finish_reason); a call ends early with an error reply, or when the coordinator
+    cancels it. Several replies ready at once go in one message. Cancelling the stream (the
+    coordinator gone) cancels every call on it; a node that stops serves its calls to their end,
+    then ends the stream.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Session = channel.stream_stream(
+                '/tandem.v1.NodeCalls/Session',
+                request_serializer=tandem_dot_proto_dot_tandem__pb2.NodeCallBatch.SerializeToString,
+                response_deserializer=tandem_dot_proto_dot_tandem__pb2.NodeReplyBatch.FromString,
+                _registered_method=True)
+
+
+class NodeCallsServicer:
+    """Both node kinds serve it: a coordinator's calls to the node as messages on one long-lived
+    stream, instead of a gRPC call each (a call costs the coordinator ~1 ms of CPU, a message on an
+    open stream ~30 µs). Each call is a PrefillRequest (one reply) or a DecodeRequest (replies until
+    the one with a finish_reason); a call ends early with an error reply, or when the coordinator
+    cancels it. Several replies ready at once go in one message. Cancelling the stream (the
+    coordinator gone) cancels every call on it; a node that stops serves its calls to their end,
+    then ends the stream.
+    """
+
+    def Session(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_NodeCallsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=tandem_dot_proto_dot_tandem__pb2.NodeCallBatch.FromString,
+                    response_serializer=tandem_dot_proto_dot_tandem__pb2.NodeReplyBatch.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tandem.v1.NodeCalls', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tandem.v1.NodeCalls', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class NodeCalls:
+    """Both node kinds serve it: a coordinator's calls to the node as messages on one long-lived
+    stream, instead of a gRPC call each (a call costs the coordinator ~1 ms of CPU, a message on an
+    open stream ~30 µs). Each call is a PrefillRequest (one reply) or a DecodeRequest (replies until
+    the one with a finish_reason); a call ends early with an error reply, or when the coordinator
+    cancels it. Several replies ready at once go in one message. Cancelling the stream (the
+    coordinator gone) cancels every call on it; a node that stops serves its calls to their end,
+    then ends the stream.
+    """
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tandem.v1.NodeCalls/Session',
+            tandem_dot_proto_dot_tandem__pb2.NodeCallBatch.SerializeToString,
+            tandem_dot_proto_dot_tandem__pb2.NodeReplyBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class PrefillNodeStub:
     """Missing associated documentation comment in .proto file."""
 

@@ -37,33 +37,41 @@ MALFORMED = Counter("tandem_grpc_malformed_requests", "Requests whose bytes were
 _malformed_log = RateLimitedLog(logger, every_s=10.0)
 
 
-class _Malformed:
+class Malformed:
     """Stands in for a request whose bytes did not parse, so the servicer is never called."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, method: str, reason: str) -> None:
+        self.method = method
         self.reason = reason
+
+    def note(self) -> None:
+        """Counted, and one rate-limited warning line."""
+        MALFORMED.labels(self.method).inc()
+        _malformed_log.warning("rejected a malformed request: %s", self.reason)
 
 
 def _guard(method: str, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """The same handler, but bytes that are not a valid message end the call with
     INVALID_ARGUMENT and one rate-limited warning line (gRPC's own answer is UNKNOWN plus a
     traceback per call: a log-flooding lever for anyone who can reach the port)."""
-    if h.request_streaming:
-        return h
     parse = h.request_deserializer
 
     def safe_parse(raw: bytes) -> object:
         try:
             return parse(raw)
         except Exception as exc:
-            return _Malformed(f"{method}: the request is not a valid message ({type(exc).__name__})")
+            return Malformed(method, f"{method}: the request is not a valid message ({type(exc).__name__})")
+
+    if h.request_streaming:
+        # A stream's handler reads each message itself: one that did not parse reaches it as a
+        # ``Malformed``, and the handler ends the stream with its reason (tandem/node/calls.py).
+        return h._replace(request_deserializer=safe_parse)
 
     behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]] = h.unary_unary or h.unary_stream
 
     async def guarded(request: object, context: grpc.aio.ServicerContext) -> Any:
-        if isinstance(request, _Malformed):
-            MALFORMED.labels(method).inc()
-            _malformed_log.warning("rejected a malformed request: %s", request.reason)
+        if isinstance(request, Malformed):
+            request.note()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         return await behavior(request, context)
 

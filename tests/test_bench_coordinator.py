@@ -12,11 +12,12 @@ from tandem.bench.coordinator_load import measure_floor
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the baseline pins its relay and nodes apart")
-def test_the_baseline_relays_what_the_coordinator_would_with_its_messages() -> None:
+@pytest.mark.parametrize("mode", ["call", "stream"])
+def test_the_baseline_relays_what_the_coordinator_would_with_its_messages(mode: str) -> None:
     cores = sorted(os.sched_getaffinity(0))
     for interval, messages in ((16, 3), (4, 6)):
         args = argparse.Namespace(duration=1.0, prompt_tokens=16, output_tokens=16, stream_interval=interval)
-        (row,) = measure_floor([20.0], args, {cores[0]}, set(cores[1:]))
+        (row,) = measure_floor([20.0], args, {cores[0]}, set(cores[1:]), mode)
         assert row["requests"] > 5 and row["errors"] == 0
         # Every request: all its tokens, in the coordinator's messages at that --stream-interval: the
         # prefill's token, the decode's first, the other 14 `interval` at a time, the last with the

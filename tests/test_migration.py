@@ -23,6 +23,7 @@ from tandem.coordinator.router import Router
 from tandem.coordinator.textcodec import TextCodec
 from tandem.errors import DeadlineExceeded, NodeFailed, TandemError
 from tandem.grpcserve import start_grpc
+from tandem.node.calls import add_calls_servicer
 from tandem.membership import NodeRecord
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
@@ -124,7 +125,7 @@ class Health:
 
 def make(tiny_model: Path, prefills: list[Prefill], decodes: list[Decode], healthy: dict[str, bool] | None = None,
          **cfg: float) -> Pipeline:
-    router = Router("tiny", pool_wait_s=1.0, watch_loads=False)
+    router = Router("tiny", pool_wait_s=1.0, watch_loads=False, node_calls="call")  # the fakes stand in for the stubs
     ROUTERS.append(router)
     nodes = [("prefill", i, s) for i, s in enumerate(prefills)] + [("decode", i, s) for i, s in enumerate(decodes)]
     for port, (role, i, stub) in enumerate(nodes, start=9100):
@@ -272,11 +273,24 @@ class HangingPrefill(pb_grpc.PrefillNodeServicer):
         raise AssertionError("unreachable")
 
 
-def test_a_node_that_accepts_a_call_but_never_answers_ends_it_with_deadline_exceeded(tiny_model: Path) -> None:
+class HangingServe:
+    """The same behind a NodeCalls stream (PrefillServicer.serve's place)."""
+
+    async def serve(self, request: pb.PrefillRequest) -> pb.PrefillResponse:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("node_calls", ["stream", "call"])
+def test_a_node_that_accepts_a_call_but_never_answers_ends_it_with_deadline_exceeded(tiny_model: Path,
+                                                                                       node_calls: str) -> None:
+    def add(s: grpc.aio.Server) -> None:
+        pb_grpc.add_PrefillNodeServicer_to_server(HangingPrefill(), s)
+        add_calls_servicer(s, prefill=HangingServe())  # type: ignore[arg-type]
+
     async def go() -> tuple[BaseException | None, float]:
-        server = await start_grpc("127.0.0.1", 0, "tandem.v1.PrefillNode",
-                                  lambda s: pb_grpc.add_PrefillNodeServicer_to_server(HangingPrefill(), s))
-        router = Router("tiny", pool_wait_s=2.0, watch_loads=False)
+        server = await start_grpc("127.0.0.1", 0, "tandem.v1.PrefillNode", add)
+        router = Router("tiny", pool_wait_s=2.0, watch_loads=False, node_calls=node_calls)
         router.on_membership("prefill-0", NodeRecord("prefill-0", "prefill", f"127.0.0.1:{server.port}", "x:1",
                                                      "tiny", 512))
         p = Pipeline(router, TextCodec(str(tiny_model)), lambda: 512, "tiny",

@@ -71,7 +71,7 @@ class FakeDecode:
 
 
 def make(tiny_model: Path, prefill: FakePrefill, decodes: list[FakeDecode]) -> Pipeline:
-    router = Router("tiny", watch_loads=False)
+    router = Router("tiny", watch_loads=False, node_calls="call")  # the fakes stand in for the stubs
     for i, stub in enumerate([prefill, *decodes]):
         role = "prefill" if i == 0 else "decode"
         node_id = f"{role}-{i}"

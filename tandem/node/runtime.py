@@ -32,6 +32,8 @@ from tandem.profile import node_cores, node_settings, seed_from_profile
 from tandem.sim import Timings
 
 from . import monitor
+from .calls import SERVICE_NAME as CALLS_SERVICE
+from .calls import NodeCallsServicer
 from .config import BUSY_METRICS, READY_LINE, RESTARTING_LINE, NodeConfig
 from .engine import EngineHost
 from .perf import NodePerf
@@ -51,7 +53,7 @@ def work_held() -> float:
 
 
 async def run_node(cfg: NodeConfig, service_name: str,
-                   add_servicer: Callable[[grpc.aio.Server, EngineHost, NodePerf], None]) -> int:
+                   add_servicer: Callable[[grpc.aio.Server, EngineHost, NodePerf], NodeCallsServicer]) -> int:
     """Start the engine, serve gRPC + /metrics, register in etcd; run until SIGINT/SIGTERM
     (exit code 0) or until the engine dies (ENGINE_DEAD_EXIT)."""
     logger.info("starting %s node: %s", cfg.role, cfg.describe())
@@ -116,14 +118,15 @@ async def run_node(cfg: NodeConfig, service_name: str,
     logger.info("%s node %s: %s", cfg.role, cfg.node_id, said)
 
     watchers: list[monitor.NodeMonitorServicer] = []
+    calls: list[NodeCallsServicer] = []
 
     def add_services(server: grpc.aio.Server) -> None:
-        add_servicer(server, engine, perf)
+        calls.append(add_servicer(server, engine, perf))
         watchers.append(monitor.add_servicer(server, perf, cfg.node_id, engine_id, engine.reset_cache, held,
                                              engine_held))
 
     grpc_server = await start_grpc(cfg.host, cfg.grpc_port, service_name, add_services,
-                                   more_services=(monitor.SERVICE_NAME,), tls=cfg.tls)
+                                   more_services=(monitor.SERVICE_NAME, CALLS_SERVICE), tls=cfg.tls)
     httpd, _ = start_http_server(cfg.metrics_port, addr=cfg.host)
     metrics_address = f"{cfg.host}:{httpd.server_port}"
 
@@ -171,6 +174,11 @@ async def run_node(cfg: NodeConfig, service_name: str,
         await registration.close()
         for w in watchers:
             w.close()
+        # The coordinators' call streams end once their calls have (drained: none are left), so
+        # that the server's stop does not wait out its grace for them.
+        for c in calls:
+            c.close()
+            await c.wait_closed(STREAMS_CLOSE_S)
         await grpc_server.stop()
         httpd.shutdown()
         engine.shutdown()
@@ -196,6 +204,7 @@ async def _drain_asked(registration: Registration, cfg: NodeConfig, every_s: flo
 
 
 DRAIN_SETTLE_S = 2.0
+STREAMS_CLOSE_S = 5.0  # the most a stopping node waits for its call streams' calls (then its server's grace)
 
 
 async def _drain(registration: Registration, grace_s: float, why: str, signals: StopSignals,

@@ -376,6 +376,9 @@ def _random_message(cls: type, rng: random.Random, depth: int = 0) -> object:
                 return rng.choice([0, -1, 1, 7, 600, 2**31 - 1, -(2**31), rng.randrange(-1000, 100000)])
             if f.type in (F.TYPE_INT64, F.TYPE_SINT64, F.TYPE_SFIXED64):
                 return rng.choice([0, -1, 2**63 - 1, -(2**63), rng.randrange(-10**12, 10**12)])
+            if f.type in (F.TYPE_UINT64, F.TYPE_FIXED64, F.TYPE_UINT32, F.TYPE_FIXED32):
+                top = 2**64 - 1 if f.type in (F.TYPE_UINT64, F.TYPE_FIXED64) else 2**32 - 1
+                return rng.choice([0, 1, 2, top, rng.randrange(0, 1000)])
             if f.type == F.TYPE_DOUBLE:
                 return rng.choice([0.0, -1.0, float("nan"), float("inf"), -float("inf"), 1e308, rng.random()])
             if f.type == F.TYPE_BOOL:
@@ -475,7 +478,8 @@ def test_fuzzing_every_method_and_the_kv_port_crashes_nothing(cluster: LocalClus
     rng = random.Random(1234)
     address = {"Coordinator": cluster.grpc_address, "PrefillNode": next(d for d in cluster.nodes if d.role == "prefill").info["grpc"],
                "DecodeNode": next(d for d in cluster.nodes if d.role == "decode").info["grpc"],
-               "NodeMonitor": next(d for d in cluster.nodes if d.role == "decode").info["grpc"]}
+               "NodeMonitor": next(d for d in cluster.nodes if d.role == "decode").info["grpc"],
+               "NodeCalls": next(d for d in cluster.nodes if d.role == "decode").info["grpc"]}
     codes: dict[str, set[grpc.StatusCode]] = {}
     for service in pb.DESCRIPTOR.services_by_name.values():
         with grpc.insecure_channel(address[service.name]) as ch:
