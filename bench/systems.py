@@ -264,6 +264,8 @@ TANDEM_VARIANTS: dict[str, tuple[list[str], list[str]]] = {
     "": ([], []),
     "-noadmit": (["--admission", "off"], []),
     "-headroom": (["--admission-headroom", "0.1"], []),  # TPOT checked against 90 % of its objective
+    # each newcomer checked against its own objective only (running streams' budgets not protected)
+    "-unprotected": (["--protect-streams", "off"], []),
     "-disagg": (["--admission", "off", "--conditional-disagg", "off"], []),
     "-fifo": (["--prefill-order", "fifo"], []),  # every prefill sent at once, the engine's arrival order
     # every prefill sent at once, vLLM's priority scheduling by deadline

@@ -31,7 +31,7 @@ from tandem.errors import InvalidRequest, Rejected
 
 from . import metrics as m
 from .estimates import (Estimate, LocalEstimate, decode_estimate, decode_load, life_load, local_estimate,
-                        prefill_estimate, stepper)
+                        prefill_estimate, pushed, stepper)
 from .prefillq import PrefillOrder
 from .prefix import ROUTINGS, Held, held_prefixes
 from .router import NodeClient, Router
@@ -152,9 +152,10 @@ class _Option:
     others: Estimate | None = None
 
     def misses(self, slo: Slo) -> list[tuple[str, Estimate, float]]:
-        """("TTFT" | "TPOT" | "others" | "queue", the estimate, the objective) for each objective
-        it misses; "others": its prefill would push the node's running streams past the TPOT
-        objective; "queue": it meets its own TTFT only by pushing queued requests past theirs."""
+        """("TTFT" | "TPOT" | "others" | "queue" | "streams", the estimate, the objective) for each
+        objective it misses; "others": its prefill would push the node's running streams past the
+        TPOT objective; "queue": it meets its own TTFT only by pushing queued requests past
+        theirs; "streams": it meets its own TPOT only by pushing running streams past theirs."""
         out = []
         for what, e, limit in (("TTFT", self.ttft, slo.ttft_s), ("TPOT", self.tpot, slo.tpot_s),
                                ("others", self.others, slo.tpot_s)):
@@ -162,6 +163,8 @@ class _Option:
                 out.append((what, e, limit))
         if slo.ttft_s is not None and self.ttft is not None and self.ttft.pushes and not out:
             out.append(("queue", self.ttft, slo.ttft_s))
+        if slo.tpot_s is not None and self.tpot is not None and self.tpot.pushes and not out:
+            out.append(("streams", self.tpot, slo.tpot_s))
         return out
 
     @property
@@ -172,7 +175,7 @@ class _Option:
 class Admission:
     def __init__(self, router: Router, mode: str = "on", default_slo: Slo = Slo(), local: bool = True,
                  headroom: float = 0.0, order: PrefillOrder | None = None, routing: str = "prefix",
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, protect: bool = True) -> None:
         if mode not in MODES:
             raise ValueError(f"--admission must be on or off, got {mode!r}")
         if routing not in ROUTINGS:
@@ -192,6 +195,10 @@ class Admission:
         self.mode = mode
         self.default_slo = default_slo
         self.local = local  # conditional disaggregation: a decode node may prefill a request itself
+        # A newcomer may not push a running stream past its TPOT objective (estimates.pushed); off:
+        # it is checked against its own objective only, a local prefill's stall against the
+        # objective spread over the newcomer's tokens (as until the eighteenth sitting).
+        self.protect = protect
         self.order = order or PrefillOrder(router, "slack")
 
     def plan(self, rid: str, prompt_tokens: int, max_tokens: int, slo: Slo, count: bool = True,
@@ -217,7 +224,10 @@ class Admission:
         pre = [e for e in pre if not e.pushes] or pre
         # Each decode node's batch over the request's life, looked at once (O(its streams)).
         lives = {n.node_id: life_load(n, max_tokens) for n in decoders} if max_tokens > 1 else {}
-        dec = [decode_estimate(n, prompt_tokens, max_tokens, lives[n.node_id]) for n in decoders] if lives else []
+        dec = ([decode_estimate(n, prompt_tokens, max_tokens, lives[n.node_id], self.protect) for n in decoders]
+               if lives else [])
+        # A node where it would push running streams past their objective only when every node would.
+        dec = [e for e in dec if not e.pushes] or dec
         p = (self.rng.choice(pre) if self.routing == "random" else _best(pre)) if pre else None
         d = _best(dec) if dec else None
         remote = _Option(p, d) if p is not None else None
@@ -266,9 +276,14 @@ class Admission:
                              f"{e.pushes} queued request(s) past theirs ({e.detail})")
                 waits.append(1)
                 continue
+            if what == "streams":
+                parts.append(f"predicted TPOT {e.seconds * 1000:.0f} ms meets {limit * 1000:.0f} ms only by pushing "
+                             f"{e.pushes} running stream(s) past theirs ({e.detail})")
+                waits.append(1)
+                continue
             if what == "others":
-                parts.append(f"prefilling it would slow the running streams to {e.seconds * 1000:.0f} ms a token "
-                             f"> {limit * 1000:.0f} ms ({e.detail})")
+                parts.append(f"prefilling it on the decode node would push its running streams past the TPOT "
+                             f"objective: {e.detail}")
                 waits.append(1)
                 continue
             never = e.idle_seconds is not None and e.idle_seconds > limit
@@ -293,7 +308,7 @@ class Admission:
         registered, none coming back), so with no such node the best of the rest, carrying what it
         would do to their streams (a miss: admission refuses it)."""
         fits: list[tuple[LocalEstimate, NodeClient]] = []
-        harmful: list[tuple[LocalEstimate, NodeClient, float]] = []
+        harmful: list[tuple[LocalEstimate, NodeClient, float, str]] = []
         unknown: list[NodeClient] = []
         for n in decoders:
             est = local_estimate(n, prompt_tokens, max_tokens, held.get(n.node_id, Held()), lives.get(n.node_id))
@@ -301,7 +316,22 @@ class Admission:
                 unknown.append(n)
                 continue
             batch, context = decode_load(n)
-            if slo.tpot_s is not None and batch:
+            if self.protect and slo.tpot_s is not None and batch and n.budgets and len(n.budgets) >= batch:
+                # Every stream there is this coordinator's, and it knows what each has left of its
+                # objective: none may be pushed past it (``pushed``), by the step with this request
+                # in the batch and the node's recent share of local prefills beside it, or by the
+                # plain step and this prefill's stall once, whichever is more for it.
+                step = stepper(n)
+                pushes = pushed(n, n.calibrated("tpot", step(batch, context)),
+                                n.calibrated("tpot", step(batch + 1, context + prompt_tokens)), est.stall_s,
+                                n.calibrated("tpot", n.model.step_s(batch + 1, context + prompt_tokens)))
+                if pushes:
+                    # (Above the objective, so a miss; the fewest pushed first.)
+                    harmful.append((est, n, slo.tpot_s * (1.0 + pushes),
+                                    f"prefilling it there would push {pushes} of its running streams past their "
+                                    f"TPOT objective (a stall of {est.stall_s * 1000:.0f} ms once)"))
+                    continue
+            elif slo.tpot_s is not None and batch:
                 # Its streams' step: with the node's recent share of time in local prefills beside it
                 # (those to come, at the recent rate), or this prefill's own stall spread over
                 # their tokens when that is more (a longer prompt than the recent ones): not both,
@@ -311,7 +341,10 @@ class Admission:
                 theirs = max(n.calibrated("tpot", stepper(n)(batch, context)),
                              n.calibrated("tpot", n.model.step_s(batch, context)) + est.harm_s)
                 if theirs > slo.tpot_s:
-                    harmful.append((est, n, theirs))
+                    harmful.append((est, n, theirs, f"it would slow the running streams to {theirs * 1000:.0f} ms a "
+                                    f"token > {slo.tpot_s * 1000:.0f} ms (its {batch} streams' step, with its recent "
+                                    "local prefills beside it or with this one's stall spread over their tokens, "
+                                    "whichever is more)"))
                     continue
             elif batch and not alone and (n.prefilling or ((load := n.fresh_load()) is not None and load.prefill_queue)):
                 continue
@@ -328,11 +361,8 @@ class Admission:
         if unknown:  # a node with no model yet takes it (the least loaded): unpredicted, it learns from it
             m = min(unknown, key=lambda n: (n.outstanding, n.served, n.node_id))
             return _Option(Estimate(m, None), None, local=True)
-        est, n, theirs = min(harmful, key=lambda h: h[2])
-        batch = decode_load(n)[0]
-        others = Estimate(n, theirs, describe=lambda: f"{n.node_id}: its {batch} running streams' step, with "
-                          f"its recent local prefills beside it or with this one's stall spread over their tokens, whichever "
-                          f"is more (no prefill node to send it to)")
+        est, n, theirs, why = min(harmful, key=lambda h: h[2])
+        others = Estimate(n, theirs, describe=lambda: f"{n.node_id}: {why} (no prefill node to send it to)")
         return _Option(est.ttft, est.tpot, local=True, others=others)
 
 

@@ -38,7 +38,9 @@ class Estimate:
     idle_seconds: float | None = None  # the same on an idle node
     describe: Callable[[], str] = lambda: ""  # what it stood on, made only when logged or refused
     queue_s: float = 0.0  # of ``seconds``, the wait for work already queued there
-    pushes: int = 0  # queued requests it would push past their TTFT objective (prefill order)
+    # queued requests it would push past their TTFT objective (prefill order); on a decode node,
+    # running streams it would push past their TPOT objective (``pushed``)
+    pushes: int = 0
     factor: float = 1.0  # the node's learned calibration, in ``seconds`` (not in ``idle_seconds``)
     cached_tokens: Held = Held()  # what it holds of the prompt (engine prefix cache, KV store)
 
@@ -193,10 +195,41 @@ def life_load(node: NodeClient, tokens: int) -> tuple[float, float]:
     return life, life * each
 
 
+def pushed(node: NodeClient, step_now: float, step_new: float, stall_s: float = 0.0,
+           slower: float | None = None) -> int:
+    """How many of this coordinator's streams on ``node`` a newcomer would push past their TPOT
+    objective: those that meet it at ``step_now`` a token (what the node's step is now) for the
+    rest of their tokens, but not at ``step_new`` (the step with the newcomer in the batch), nor
+    when they also wait ``stall_s`` once (its prefill, when the node prefills it) on top of
+    ``slower`` a token (the step with it and without that stall; default ``step_new``). Streams that
+    miss it at the present pace already are not the newcomer's doing and do not count: they
+    would block every request from the node while they last. (Until the eighteenth sitting a
+    newcomer was checked against its own objective only, and a local prefill's stall against
+    the objective spread over the newcomer's tokens: a stream admitted near its objective was
+    pushed past it by those that joined its batch after it, most of the TPOT misses on the
+    seventeenth sitting's 0:2 multi-turn runs.)"""
+    if not node.budgets or step_new <= 0:
+        return 0
+    now = time.perf_counter()
+    slower = step_new if slower is None else slower
+    n = 0
+    for budget in node.budgets.values():
+        got = budget(now)
+        if got is None:
+            continue
+        secs, tokens = got
+        if secs < step_now * tokens:
+            continue  # missing it already at the pace it has now
+        if max(step_new * tokens, slower * tokens + stall_s) > secs:
+            n += 1
+    return n
+
+
 def decode_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int,
-                    life: tuple[float, float] | None = None) -> Estimate:
+                    life: tuple[float, float] | None = None, protect: bool = True) -> Estimate:
     """Mean time per output token after the first, for a request of ``max_tokens`` (>= 2).
-    ``life``: ``life_load(node, max_tokens)`` when the caller has it already."""
+    ``life``: ``life_load(node, max_tokens)`` when the caller has it already. Its ``pushes``
+    (with ``protect``): the running streams it would push past their objective (``pushed``)."""
     model = node.model
     if not model.decode.samples:
         return Estimate(node, None)
@@ -213,9 +246,12 @@ def decode_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int,
     f = node.factor("tpot", raw)
     busy = raw * f
     idle = (first + (max_tokens - 2) * model.step_s(1, mine)) / (max_tokens - 1)
-    return Estimate(node, busy, idle, factor=f, describe=lambda: f"{node.node_id}: batch {batch} now, {life_batch:.1f} + 1 over its life, step "
-                                      f"{each * 1000:.1f} ms, KV {kv >> 10} KiB in {first * 1000:.0f} ms"
-                                      f"{_calibrated(f)}")
+    pushes = pushed(node, node.calibrated("tpot", step(batch, context)),
+                    node.calibrated("tpot", step(batch + 1, context + prompt_tokens))) if batch and protect else 0
+    return Estimate(node, busy, idle, factor=f, pushes=pushes,
+                    describe=lambda: f"{node.node_id}: batch {batch} now, {life_batch:.1f} + 1 over its life, step "
+                                     f"{each * 1000:.1f} ms, KV {kv >> 10} KiB in {first * 1000:.0f} ms"
+                                     f"{_calibrated(f)}")
 
 
 @dataclass
@@ -226,6 +262,7 @@ class LocalEstimate:
     ttft: Estimate
     tpot: Estimate | None
     harm_s: float
+    stall_s: float = 0.0  # its prefill's time there: what each running stream waits for it, once
 
 
 def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached: Held = Held(),
@@ -271,6 +308,6 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
                         describe=lambda: f"{node.node_id} (prefill here): batch {batch} now, {life_batch:.1f} + 1 over its life, "
                         f"step {each * 1000:.1f} ms{_calibrated(ft)}")
     harm = (run_s + batch_s) / max(max_tokens, MIN_OTHERS_TOKENS) if batch else 0.0
-    return LocalEstimate(ttft, tpot, harm)
+    return LocalEstimate(ttft, tpot, harm, run_s + batch_s)
 
 

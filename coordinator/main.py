@@ -55,6 +55,7 @@ class CoordinatorConfig:
     probe_timeout_s: float = 1.0
     admission: str = "on"
     admission_headroom: float = 0.0  # admit against the TPOT objective less this share
+    protect_streams: str = "on"  # a newcomer may not push a running stream past its TPOT objective
     conditional_disagg: str = "on"  # a decode node may prefill a request itself when that is predicted faster
     prefill_order: str = "slack"  # where the prefill queue lives and its order (prefillq.py)
     prefill_depth: int = 1  # with slack: requests each prefill node runs at a time
@@ -102,6 +103,8 @@ class CoordinatorConfig:
             raise ValueError(f"--prefill-depth must be at least 1, got {self.prefill_depth}")
         if not 0.0 <= self.admission_headroom < 1.0:
             raise ValueError(f"--admission-headroom must be in [0, 1), got {self.admission_headroom}")
+        if self.protect_streams not in ("on", "off"):
+            raise ValueError(f"--protect-streams must be on or off, got {self.protect_streams!r}")
         if self.conditional_disagg not in ("on", "off"):
             raise ValueError(f"--conditional-disagg must be on or off, got {self.conditional_disagg!r}")
         parse_quotas(self.tenant_quota)  # ValueError naming the bad part
@@ -178,6 +181,10 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
                     help="admit only what is predicted to meet its TPOT objective less this share (a "
                          "decode batch grows after a request joins it; 0.1 measured no better than 0 "
                          "on the bench, see docs/PERFORMANCE.md)")
+    ap.add_argument("--protect-streams", default=env("TANDEM_PROTECT_STREAMS", "on"),
+                    help="on: admission refuses (or sends elsewhere) a request that would push a running stream "
+                         "past its TPOT objective, from what each has left of it | off: each request is checked "
+                         "against its own objective only (for comparison)")
     ap.add_argument("--conditional-disagg", default=env("TANDEM_CONDITIONAL_DISAGG", "on"),
                     help="on: a decode node prefills a request itself when that is predicted to start it "
                          "clearly sooner (or to meet its SLO where the prefill pool would not) without "
@@ -240,7 +247,8 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
     admission = Admission(router, cfg.admission,
                           Slo.from_ms(cfg.slo_ttft_ms or None, cfg.slo_tpot_ms or None, "--slo-"),
                           local=cfg.conditional_disagg == "on", headroom=cfg.admission_headroom,
-                          order=PrefillOrder(router, cfg.prefill_order, cfg.prefill_depth), routing=cfg.routing)
+                          order=PrefillOrder(router, cfg.prefill_order, cfg.prefill_depth), routing=cfg.routing,
+                          protect=cfg.protect_streams == "on")
     pipeline = Pipeline(router, codec, max_model_len, cfg.served_model_name, PipelineConfig(
         prefill_timeout_s=cfg.prefill_timeout_s, decode_timeout_s=cfg.decode_timeout_s, stall_s=cfg.stall_s,
         migration_limit=cfg.migration_limit, stream_interval=cfg.stream_interval), admission,

@@ -200,6 +200,20 @@ class Pipeline:
         def to_come() -> int:  # its output tokens still to come, at most (admission looks ahead with them)
             return s.max_tokens - len(prog.sent)
 
+        tpot_s = req.slo.over(self.admission.default_slo).tpot_s
+
+        def budget(now: float) -> tuple[float, int] | None:
+            """What it has left of its TPOT objective: the time its remaining tokens may take and how
+            many (as if it runs to max_tokens); all of it before its first token."""
+            n, done = s.max_tokens, len(prog.sent)
+            if n < 2 or done >= n:
+                return None
+            if not done:
+                return tpot_s * (n - 1), n - 1  # type: ignore[operator]
+            return tpot_s * (n - 1) - (now - req.received - out.ttft_s), n - done  # type: ignore[operator]
+
+        stream_budget = budget if tpot_s is not None else None
+
         while not out.reason:
             left = s.remaining(len(prog.sent))
             context = [*req.prompt_ids, *prog.sent]
@@ -214,7 +228,7 @@ class Pipeline:
                     # Reserved before the prefill, so that requests arriving together spread
                     # over the pool (and an empty decode pool costs no prefill work).
                     dnode = legs_end.enter_context(self.router.track(first or await self.router.acquire("decode", avoid),
-                                                                     len(context), to_come))
+                                                                     len(context), to_come, stream_budget))
                 if leg == 0 and local:  # its call goes now (a prefill node's: after its turn there)
                     out.dispatch_s = time.perf_counter() - req.received
                     m.QUEUE.observe(out.dispatch_s)
@@ -234,7 +248,7 @@ class Pipeline:
                             # It failed, began draining or left while the prompt was prefilled; the
                             # handle serves any decode node.
                             dnode = legs_end.enter_context(self.router.track(
-                                await self.router.acquire("decode", avoid), len(context), to_come))
+                                await self.router.acquire("decode", avoid), len(context), to_come, stream_budget))
                         if leg == 0:
                             out.prefill_s, out.prefill_node = pre.prefill_s, pnode.node_id
                             out.dispatch_s = req.prefill_sent_at - req.received

@@ -116,6 +116,10 @@ class NodeClient:
     # On a decode node: of this coordinator's requests there, those whose tokens to come it knows
     # (-> a callable saying how many), and the requests it sent there lately (admission's forward view).
     left: dict[int, Callable[[], int]] = field(default_factory=dict)
+    # Of those with a TPOT objective: (seconds it has left within it, tokens it has left to make),
+    # asked with the time now (perf_counter); None once nothing is left to protect (admission's
+    # check that a newcomer pushes no running stream past its objective, estimates.pushed).
+    budgets: dict[int, Callable[[float], tuple[float, int] | None]] = field(default_factory=dict)
     arrivals: Arrivals = field(default_factory=lambda: Arrivals())
     # How this node's predictions turn out, per kind (ttft, ttft_local, tpot), learned online from
     # its finished requests (calibration.py).
@@ -359,10 +363,12 @@ class Router:
         return self._nodes.get(node.node_id) is node
 
     @contextmanager
-    def track(self, node: NodeClient, tokens: int = 0, left: Callable[[], int] | None = None) -> Iterator[NodeClient]:
+    def track(self, node: NodeClient, tokens: int = 0, left: Callable[[], int] | None = None,
+              budget: Callable[[float], tuple[float, int] | None] | None = None) -> Iterator[NodeClient]:
         """Count a request (of ``tokens`` prompt tokens) as outstanding on ``node`` until the block
         exits (cancel included). ``left``: on a decode node, how many output tokens it has still to
-        come (at most), asked whenever admission looks ahead there."""
+        come (at most), asked whenever admission looks ahead there; ``budget``: what it has left of
+        its TPOT objective (``NodeClient.budgets``)."""
         to_come = left() if left is not None else 0
         node.outstanding += 1
         node.served += 1
@@ -371,12 +377,15 @@ class Router:
         if left is not None:
             node.left[key] = left
             node.arrivals.add(to_come)
+        if budget is not None:
+            node.budgets[key] = budget
         try:
             yield node
         finally:
             node.outstanding -= 1
             del node.inflight[key]
             node.left.pop(key, None)
+            node.budgets.pop(key, None)
 
     @contextmanager
     def track_prefill(self, node: NodeClient, tokens: int) -> Iterator[NodeClient]:

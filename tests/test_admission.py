@@ -723,3 +723,57 @@ def test_a_queued_prefill_counts_what_it_computes_not_the_whole_prompt_the_node_
             d0.saw_load(pb.NodeLoad(fits=fits(), step_tokens=1000, prefill_queue=[1000, 300]))
             assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.11 + 0.31, abs=0.01)
     run(go)
+
+
+def _stream(r: Router, node_id: str, secs: float, tokens: int):  # type: ignore[no-untyped-def]
+    """A running stream of this coordinator's on a decode node with ``secs`` left of its TPOT
+    objective for ``tokens`` more tokens (held until the returned context exits)."""
+    return r.track(r._nodes[node_id], 100, lambda: tokens, lambda now: (secs, tokens))
+
+
+def test_a_newcomer_that_would_push_a_running_stream_past_its_tpot_goes_elsewhere_or_is_refused() -> None:
+    def go():
+        # step = 0.005 + 0.001 * batch: 14 ms a token at the reported batch of 9, 15 ms with one more.
+        busy = dict(decode_batch=9, fits=fits(decode=(0.005, 0.001, 0.0)))
+        r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(**busy)})
+        edge = _stream(r, "d0", 1.45, 100)  # meets its objective at 14 ms a token, not at 15
+        doomed = _stream(r, "d0", 1.3, 100)  # misses it already: not the newcomer's doing
+        easy = _stream(r, "d0", 5.0, 100)
+        with edge, doomed, easy:
+            d = decode_estimate(r._nodes["d0"], 100, 16)
+            assert d.pushes == 1
+            with pytest.raises(Rejected) as err:
+                Admission(r, local=False).plan("r", 100, 16, Slo(tpot_s=0.1))
+            assert "only by pushing 1 running stream(s) past theirs" in str(err.value)
+            assert err.value.retry_after_s == 1
+            # Off (for comparison), or admission off: admitted on its own objective.
+            assert Admission(r, local=False, protect=False).plan("r", 100, 16, Slo(tpot_s=0.1)).decode.node_id == "d0"
+            assert Admission(r, "off", local=False).plan("r", 100, 16, Slo(tpot_s=0.1)).decode.node_id == "d0"
+            # Without a TPOT objective nothing is protected.
+            Admission(r, local=False).plan("r", 100, 16, Slo())
+        # A second decode node, busier (more of this coordinator's streams) but pushing nobody, takes it.
+        r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(**busy), "d1": pb.NodeLoad(**busy)})
+        with _stream(r, "d1", 9.0, 100), _stream(r, "d1", 9.0, 100), _stream(r, "d1", 9.0, 100):
+            with _stream(r, "d0", 1.45, 100):
+                assert Admission(r, local=False).plan("r", 100, 16, Slo(tpot_s=0.1)).decode.node_id == "d1"
+            # Once that stream has more time left, the less loaded d0 takes it again.
+            with _stream(r, "d0", 1.6, 100):
+                assert Admission(r, local=False).plan("r", 100, 16, Slo(tpot_s=0.1)).decode.node_id == "d0"
+    run(go)
+
+
+def test_a_local_prefill_whose_stall_would_push_a_running_stream_past_its_tpot_is_refused() -> None:
+    def go():
+        r = cluster({"d0": pb.NodeLoad(decode_batch=2, fits=fits(decode=(0.005, 0.001, 0.0)), step_tokens=256)})
+        # 50 tokens left with 0.2 s to spare at 8 ms a token (the step with the newcomer).
+        with _stream(r, "d0", 50 * 0.008 + 0.2, 50), _stream(r, "d0", 100.0, 50):
+            # A 1,000-token prompt stalls the batch over a second: refused (no prefill pool to send it to).
+            with pytest.raises(Rejected) as err:
+                Admission(r).plan("r", 1000, 16, Slo(tpot_s=0.1))
+            assert "push 1 of its running streams past their TPOT objective" in str(err.value)
+            assert "no prefill node to send it to" in str(err.value)
+            # A 50-token one stalls it some 60 ms: prefilled there.
+            assert Admission(r).plan("r", 50, 16, Slo(tpot_s=0.1)).local
+            # Off: the stall is spread over the newcomer's tokens and checked against the objective.
+            assert Admission(r, protect=False).plan("r", 1000, 16, Slo(tpot_s=0.1)).local
+    run(go)

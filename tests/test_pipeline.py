@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import grpc
@@ -314,3 +315,32 @@ def test_a_stream_that_fails_after_its_finish_ends_the_request_as_finished(tiny_
     assert [t for m in msgs for t in m.token_ids] == [100, 101, 102, 103]
     assert msgs[-1].finish.reason == "length" and msgs[-1].finish.migrations == 0
     assert len(decode.calls) == 1 and not other.calls
+
+
+def test_a_running_stream_tells_admission_what_is_left_of_its_tpot_objective(tiny_model: Path) -> None:
+    from tandem.coordinator.admission import Slo
+
+    async def go() -> list[tuple[float, int] | None]:
+        p = make(tiny_model, FakePrefill(), [FakeDecode([101, 102, 103, 104, 105], delay_s=0.02)])
+        node = p.router._nodes["decode-1"]
+        seen: list[tuple[float, int] | None] = []
+        req = p.prepare(request_id="", text=None, token_ids=[5, 6, 7], sampling=Sampling(max_tokens=6),
+                        slo=Slo(tpot_s=0.1))
+        async for ev in p.run(req):
+            if isinstance(ev, TokenEvent):
+                (budget,) = node.budgets.values()
+                seen.append(budget(time.perf_counter()))
+        assert not node.budgets  # gone with the request
+        # Without a TPOT objective: nothing to protect.
+        req = p.prepare(request_id="", text=None, token_ids=[5, 6, 7], sampling=Sampling(max_tokens=6))
+        async for ev in p.run(req):
+            assert not node.budgets
+        return seen
+
+    seen = asyncio.run(go())
+    # After k of 6 tokens: 6 - k tokens left, and 5 x 0.1 s less the time since the first token.
+    assert [s[1] for s in seen[:-1]] == [5, 4, 3, 2, 1]  # type: ignore[index]
+    secs = [s[0] for s in seen[:-1]]  # type: ignore[index]
+    assert secs[0] == pytest.approx(0.5, abs=0.01) and all(a > b for a, b in zip(secs, secs[1:]))
+    assert 0.5 - secs[-1] == pytest.approx(4 * 0.02, abs=0.03)
+    assert seen[-1] is None  # its last token: nothing left to make
