@@ -316,9 +316,9 @@ class Admission:
                 unknown.append(n)
                 continue
             batch, context = decode_load(n)
-            if self.protect and slo.tpot_s is not None and batch and n.budgets and len(n.budgets) >= batch:
-                # Every stream there is this coordinator's, and it knows what each has left of its
-                # objective: none may be pushed past it (``pushed``), by the step with this request
+            if self.protect and slo.tpot_s is not None and batch and _all_known(n):
+                # Every stream running there is this coordinator's, and it knows what each has left of
+                # its objective: none may be pushed past it (``pushed``), by the step with this request
                 # in the batch and the node's recent share of local prefills beside it, or by the
                 # plain step and this prefill's stall once, whichever is more for it.
                 step = stepper(n)
@@ -364,6 +364,18 @@ class Admission:
         est, n, theirs, why = min(harmful, key=lambda h: h[2])
         others = Estimate(n, theirs, describe=lambda: f"{n.node_id}: {why} (no prefill node to send it to)")
         return _Option(est.ttft, est.tpot, local=True, others=others)
+
+
+def _all_known(node: NodeClient) -> bool:
+    """Whether this coordinator knows what each stream running on ``node`` has left of its TPOT
+    objective: as many of its streams there have their first token (and a budget) as the node
+    reports running (another coordinator's, or one without an objective, would not be protected)."""
+    if not node.budgets:
+        return False
+    now = time.perf_counter()
+    known = sum(1 for b in node.budgets.values() if b(now) is not None)
+    load = node.fresh_load()
+    return known >= (load.decode_batch if load is not None else len(node.inflight))
 
 
 def _choose(remote: _Option | None, local: _Option | None, slo: Slo) -> _Option | None:

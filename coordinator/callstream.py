@@ -30,9 +30,10 @@ from tandem.proto import tandem_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 MODES = ("stream", "call")
-# Calls a message at most: each carries its prompt's token ids (at most the model's context), and a
-# message must stay under the channels' 64 MiB limit (tandem/grpcserve.py).
+# Calls a message at most, and their bytes: each carries its prompt's token ids, and a message must
+# stay under the channels' 64 MiB limit (tandem/grpcserve.py); one call alone always goes.
 MAX_BATCH = 32
+MAX_BATCH_BYTES = 16 << 20
 
 
 def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
@@ -54,6 +55,8 @@ class _Decode:
 
     async def read(self) -> Any:
         item = await self.items.get()
+        if item is grpc.aio.EOF:
+            self.put(item)  # (read again: the end again, as a gRPC call answers)
         if isinstance(item, BaseException):
             raise item
         return item
@@ -158,9 +161,9 @@ class NodeStream:
         loop = asyncio.get_running_loop()
         reader = loop.create_task(self._read(call), name=f"calls-read {self.label}")
         writer = loop.create_task(self._write(call, wake), name=f"calls-write {self.label}")
-        # Kept by the loop only weakly: held here until done.
-        self._tasks = {reader, writer}
+        # Kept by the loop only weakly: held here until done (an ended stream's too).
         for t in (reader, writer):
+            self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
 
     def _send(self, call: pb.NodeCall) -> None:
@@ -172,7 +175,11 @@ class NodeStream:
         try:
             while call is self._call:
                 if self._out:
-                    batch, self._out = self._out[:MAX_BATCH], self._out[MAX_BATCH:]
+                    k, size = 0, 0
+                    while k < min(len(self._out), MAX_BATCH) and (k == 0 or size < MAX_BATCH_BYTES):
+                        size += self._out[k].ByteSize()
+                        k += 1
+                    batch, self._out = self._out[:k], self._out[k:]
                     await call.write(pb.NodeCallBatch(calls=batch))
                     continue
                 if self._retired and not self._pending:

@@ -204,12 +204,11 @@ class Pipeline:
 
         def budget(now: float) -> tuple[float, int] | None:
             """What it has left of its TPOT objective: the time its remaining tokens may take and how
-            many (as if it runs to max_tokens); all of it before its first token."""
+            many (as if it runs to max_tokens). None before its first token (a wait then is its
+            TTFT's) and after its last."""
             n, done = s.max_tokens, len(prog.sent)
-            if n < 2 or done >= n:
+            if not done or done >= n:
                 return None
-            if not done:
-                return tpot_s * (n - 1), n - 1  # type: ignore[operator]
             return tpot_s * (n - 1) - (now - req.received - out.ttft_s), n - done  # type: ignore[operator]
 
         stream_budget = budget if tpot_s is not None else None

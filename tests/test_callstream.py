@@ -272,6 +272,34 @@ def test_a_retired_stream_lets_its_calls_finish_and_takes_no_new_ones() -> None:
     asyncio.run(go())
 
 
+def test_a_call_cancelled_in_the_message_that_starts_it_leaves_nothing_running() -> None:
+    """The coordinator's writer can send a call and its cancel together (it was busy writing while
+    the caller gave up): the node runs nothing, and the stream still ends when its caller's half
+    does."""
+    async def go() -> None:
+        prefills = Prefills()
+        server, servicer = await serve(prefills, Decodes())
+        ch = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+        try:
+            call = ch.stream_stream("/tandem.v1.NodeCalls/Session", request_serializer=pb.NodeCallBatch.SerializeToString,
+                                    response_deserializer=pb.NodeReplyBatch.FromString)()
+            await call.write(pb.NodeCallBatch(calls=[pb.NodeCall(call_id=1, prefill=prefill_req("p-1")),
+                                                     pb.NodeCall(call_id=1, cancel=True),
+                                                     pb.NodeCall(call_id=2, prefill=prefill_req("p-2"))]))
+            await call.done_writing()
+            replies = []
+            async with asyncio.timeout(5):  # the stream ends: no call is left running on it
+                while (batch := await call.read()) is not grpc.aio.EOF:
+                    replies.extend(batch.replies)
+            assert [r.call_id for r in replies] == [2] and prefills.started == ["p-2"]
+            assert not servicer._sessions
+        finally:
+            await ch.close()
+            await server.stop(0)
+
+    asyncio.run(go())
+
+
 def test_bytes_that_are_not_a_message_end_the_stream_with_invalid_argument() -> None:
     async def go() -> None:
         server, _ = await serve(Prefills(), Decodes())

@@ -155,7 +155,10 @@ class _Session:
             self.send(error_reply(cid, grpc.StatusCode.UNIMPLEMENTED,
                                   f"this node {serves}; the call is {kind or 'empty'}"))
             return
-        self.calls[cid] = asyncio.ensure_future(body)
+        task = self.calls[cid] = asyncio.ensure_future(body)
+        # Cleaned up when it ends, however: a task cancelled before it first ran (its cancel came in
+        # the same message) never enters its body, so a ``finally`` there would not run.
+        task.add_done_callback(lambda _, cid=cid: self._ended(cid))
         self.idle.clear()
 
     async def _prefill(self, cid: int, request: pb.PrefillRequest) -> None:
@@ -164,8 +167,6 @@ class _Session:
             self.send(pb.NodeReply(call_id=cid, prefill=await self.servicer.prefill.serve(request)))
         except Exception as exc:
             self.send(error_reply(cid, *grpc_status_of(exc)))
-        finally:
-            self._ended(cid)
 
     async def _decode(self, cid: int, request: pb.DecodeRequest) -> None:
         assert self.servicer.decode is not None
@@ -179,8 +180,6 @@ class _Session:
                 self.send(pb.NodeReply(call_id=cid, done=True))
         except Exception as exc:
             self.send(error_reply(cid, *grpc_status_of(exc)))
-        finally:
-            self._ended(cid)
 
     def _ended(self, cid: int) -> None:
         self.calls.pop(cid, None)
