@@ -266,6 +266,8 @@ TANDEM_VARIANTS: dict[str, tuple[list[str], list[str]]] = {
     "-headroom": (["--admission-headroom", "0.1"], []),  # TPOT checked against 90 % of its objective
     # each newcomer checked against its own objective only (running streams' budgets not protected)
     "-unprotected": (["--protect-streams", "off"], []),
+    # admission that does not predict the wait for room in a decode node's KV cache
+    "-roomblind": (["--kv-room", "off"], []),
     "-disagg": (["--admission", "off", "--conditional-disagg", "off"], []),
     "-fifo": (["--prefill-order", "fifo"], []),  # every prefill sent at once, the engine's arrival order
     # every prefill sent at once, vLLM's priority scheduling by deadline

@@ -175,7 +175,7 @@ class _Option:
 class Admission:
     def __init__(self, router: Router, mode: str = "on", default_slo: Slo = Slo(), local: bool = True,
                  headroom: float = 0.0, order: PrefillOrder | None = None, routing: str = "prefix",
-                 rng: random.Random | None = None, protect: bool = True) -> None:
+                 rng: random.Random | None = None, protect: bool = True, kv_room: bool = True) -> None:
         if mode not in MODES:
             raise ValueError(f"--admission must be on or off, got {mode!r}")
         if routing not in ROUTINGS:
@@ -199,6 +199,8 @@ class Admission:
         # it is checked against its own objective only, a local prefill's stall against the
         # objective spread over the newcomer's tokens (as until the eighteenth sitting).
         self.protect = protect
+        # A prompt waits for room in a decode node's KV cache (estimates.kv_wait); off: not predicted.
+        self.kv_room = kv_room
         self.order = order or PrefillOrder(router, "slack")
 
     def plan(self, rid: str, prompt_tokens: int, max_tokens: int, slo: Slo, count: bool = True,
@@ -224,7 +226,7 @@ class Admission:
         pre = [e for e in pre if not e.pushes] or pre
         # Each decode node's batch over the request's life, looked at once (O(its streams)).
         lives = {n.node_id: life_load(n, max_tokens) for n in decoders} if max_tokens > 1 else {}
-        dec = ([decode_estimate(n, prompt_tokens, max_tokens, lives[n.node_id], self.protect) for n in decoders]
+        dec = ([decode_estimate(n, prompt_tokens, max_tokens, lives[n.node_id], self.protect, self.kv_room) for n in decoders]
                if lives else [])
         # A node where it would push running streams past their objective only when every node would.
         dec = [e for e in dec if not e.pushes] or dec
@@ -311,7 +313,8 @@ class Admission:
         harmful: list[tuple[LocalEstimate, NodeClient, float, str]] = []
         unknown: list[NodeClient] = []
         for n in decoders:
-            est = local_estimate(n, prompt_tokens, max_tokens, held.get(n.node_id, Held()), lives.get(n.node_id))
+            est = local_estimate(n, prompt_tokens, max_tokens, held.get(n.node_id, Held()), lives.get(n.node_id),
+                                 self.kv_room)
             if est is None:
                 unknown.append(n)
                 continue

@@ -82,6 +82,19 @@ def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None =
                     f"{run_s * 1000:.0f} ms{_calibrated(f)}{hit}")
 
 
+def block_tokens(node: NodeClient) -> int:
+    return int(node.record.layout.get("block_size", 1) or 1)
+
+
+def blocks(node: NodeClient, tokens: int) -> int:
+    """The KV blocks ``tokens`` take on ``node``."""
+    return -(-tokens // block_tokens(node))
+
+
+def _room(room_s: float, short: int) -> str:
+    return f" + {room_s * 1000:.0f} ms for KV room ({short} tokens short)" if short else ""
+
+
 def _calibrated(f: float) -> str:
     return f" (x{f:.2f}, learned)" if abs(f - 1.0) >= 0.005 else ""
 
@@ -130,6 +143,41 @@ def decode_load(node: NodeClient) -> tuple[int, int]:
         batch = load.decode_batch + load.decode_waiting
         context = max(context, load.decode_context)
     return batch, context
+
+
+def kv_wait(node: NodeClient, tokens: int, step_s: float) -> tuple[float, int]:
+    """(seconds, tokens short): how long work needing ``tokens`` more of a decode node's KV cache
+    (a prompt's blocks, and what its local prefills queued ahead still need) waits for room there,
+    and how far short the cache is now. vLLM admits a waiting request only when its blocks fit in
+    the free ones (those only the prefix cache holds count as free), so it waits until running
+    streams end and free theirs, while those still running grow a token a step each.
+
+    The free room is the node's report (``NodeLoad.kv_free_tokens``; none: no wait). A stream of
+    this coordinator's there ends after the tokens it has to come (``NodeClient.left``) at
+    ``step_s`` a step and frees its prompt's tokens (``NodeClient.inflight``; what it made is
+    freed too, unknown and left out); streams the node reports beyond those grow and never end
+    here. If even all of those are not enough, the wait
+    is until the last of them ends. (The eighteenth sitting's 0:2 multi-turn run: local prefills
+    on decode nodes with a batch of 14-16 in a 9,824-token cache took 1.7-2 s where 0.3-0.4 s
+    was predicted, and most TTFTs over 1 s were predicted at half or less: the prompt waited for
+    room.)"""
+    load = node.fresh_load()
+    if load is None or load.kv_tokens <= 0:
+        return 0.0, 0
+    short = tokens - load.kv_free_tokens
+    if short <= 0:
+        return 0.0, 0
+    ends = sorted((max(0, left()), node.inflight.get(key, 0)) for key, left in node.left.items())
+    if not ends:
+        return 0.0, short
+    batch, _ = decode_load(node)
+    others = max(0, batch - len(ends))  # streams it does not know the ends of: they grow all along
+    freed = steps = 0  # the prompt tokens those ended so far free (with all they grew meanwhile)
+    for i, (steps, ctx) in enumerate(ends):
+        freed += ctx
+        if freed - (len(ends) - i - 1 + others) * steps >= short:  # less what those running grew
+            break
+    return steps * step_s, short
 
 
 def stepper(node: NodeClient):  # type: ignore[no-untyped-def]
@@ -226,7 +274,7 @@ def pushed(node: NodeClient, step_now: float, step_new: float, stall_s: float = 
 
 
 def decode_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int,
-                    life: tuple[float, float] | None = None, protect: bool = True) -> Estimate:
+                    life: tuple[float, float] | None = None, protect: bool = True, kv_room: bool = True) -> Estimate:
     """Mean time per output token after the first, for a request of ``max_tokens`` (>= 2).
     ``life``: ``life_load(node, max_tokens)`` when the caller has it already. Its ``pushes``
     (with ``protect``): the running streams it would push past their objective (``pushed``)."""
@@ -237,10 +285,12 @@ def decode_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int,
     batch, context = decode_load(node)
     life_batch, life_context = life or life_load(node, max_tokens)
     mine = prompt_tokens + max_tokens // 2  # its mean context over the steps
-    block = int(node.record.layout.get("block_size", 1) or 1)
-    kv = -(-prompt_tokens // block) * block * kv_bytes_per_token(node.record.layout)
-    # The fetch plus its first step; with no transfer samples yet, one step stands in for it.
-    first = model.transfer_s(kv) if model.transfer.samples else model.step_s(batch + 1, context + mine)
+    kv = blocks(node, prompt_tokens) * block_tokens(node) * kv_bytes_per_token(node.record.layout)
+    # The fetch plus its first step; with no transfer samples yet, one step stands in for it. Its
+    # blocks wait for room in the node's KV cache first (``kv_wait``; with ``kv_room``).
+    room_s, short = (kv_wait(node, (blocks(node, prompt_tokens) + 1) * block_tokens(node),
+                             node.calibrated("tpot", step(batch, context))) if kv_room else (0.0, 0))
+    first = room_s + (model.transfer_s(kv) if model.transfer.samples else model.step_s(batch + 1, context + mine))
     each = step(life_batch + 1, life_context + mine)
     raw = (first + (max_tokens - 2) * each) / (max_tokens - 1)
     f = node.factor("tpot", raw)
@@ -251,6 +301,7 @@ def decode_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int,
     return Estimate(node, busy, idle, factor=f, pushes=pushes,
                     describe=lambda: f"{node.node_id}: batch {batch} now, {life_batch:.1f} + 1 over its life, step "
                                      f"{each * 1000:.1f} ms, KV {kv >> 10} KiB in {first * 1000:.0f} ms"
+                                     f"{_room(room_s, short)}"
                                      f"{_calibrated(f)}")
 
 
@@ -266,14 +317,16 @@ class LocalEstimate:
 
 
 def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached: Held = Held(),
-                   life: tuple[float, float] | None = None) -> LocalEstimate | None:
+                   life: tuple[float, float] | None = None, kv_room: bool = True) -> LocalEstimate | None:
     """None when the node has no prefill or no decode model yet.
 
     TTFT = the prefills queued there (its own report, or this coordinator's local prefills
     still running there, whichever holds more tokens) + this prompt's prefill, both from the
     node's prefill model (profiled on its own engine, chunks included), + one decode step of
-    its running batch per chunk (``step_tokens`` a step, less a token per stream) beside them; ``cached``: what the node
-    holds of the prompt (its engine's prefix cache, its KV store), not computed. TPOT = a step of the
+    its running batch per chunk (``step_tokens`` a step, less a token per stream) beside them, + the
+    wait for room in its KV cache for those prompts' blocks (``kv_wait``; with ``kv_room``);
+    ``cached``: what the node holds of the prompt (its engine's prefix cache, its KV store), not
+    computed. TPOT = a step of the
     batch with this request added (its KV is already there). Harm: every running stream
     waits for the prefill's chunks once, spread over its tokens (this request's ``max_tokens``
     stands in for theirs, which the coordinator does not know)."""
@@ -291,13 +344,18 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
     chunks = chunk_steps(sum(queue) + prompt_tokens - cached.tokens, step_tokens, batch)
     # Its chunks' steps carry the batch too: what the batch adds to each.
     raw_batch_s = chunks * beside_s(model, batch, context)
-    f = node.factor("ttft_local", raw_queue_s + idle_s + raw_batch_s)
-    queue_s, run_s, batch_s = raw_queue_s * f, idle_s * f, raw_batch_s * f
+    # Every block of the prompt comes out of the free ones (a prefix-cached block the engine holds
+    # for no running stream counts as free until this request takes it), and one for its first token.
+    raw_room_s, short = (kv_wait(node, sum(queue) + (blocks(node, prompt_tokens) + 1) * block_tokens(node),
+                                 node.calibrated("tpot", step(batch, context))) if kv_room else (0.0, 0))
+    f = node.factor("ttft_local", raw_queue_s + idle_s + raw_batch_s + raw_room_s)
+    queue_s, run_s, batch_s, room_s = raw_queue_s * f, idle_s * f, raw_batch_s * f, raw_room_s * f
     hit = f", {cached.tokens} tokens held there" if cached.tokens else ""
-    ttft = Estimate(node, queue_s + run_s + batch_s, idle_s, queue_s=queue_s, factor=f, cached_tokens=cached,
+    ttft = Estimate(node, queue_s + run_s + batch_s + room_s, idle_s, queue_s=queue_s + room_s, factor=f,
+                    cached_tokens=cached,
                     describe=lambda: f"{node.node_id} (prefill here): queue {len(queue)} prompts {queue_s * 1000:.0f} ms + "
                     f"prefill {run_s * 1000:.0f} ms + {chunks} steps beside a batch of {batch} "
-                    f"{batch_s * 1000:.0f} ms{_calibrated(f)}{hit}")
+                    f"{batch_s * 1000:.0f} ms{_room(room_s, short)}{_calibrated(f)}{hit}")
     tpot = None
     if max_tokens > 1:
         mine = prompt_tokens + max_tokens // 2

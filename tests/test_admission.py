@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from tandem.coordinator.admission import Admission, Slo
-from tandem.coordinator.estimates import decode_estimate, local_estimate, prefill_estimate
+from tandem.coordinator.estimates import decode_estimate, kv_wait, local_estimate, prefill_estimate
 from tandem.coordinator.calibration import MAX_RATIO, MIN_SAMPLES, MIN_SLOPE, RATE, Calibration
 from tandem.coordinator.router import Arrivals, Router, Tally
 from tandem.errors import InvalidRequest, Rejected, openai_error_body
@@ -776,4 +776,46 @@ def test_a_local_prefill_whose_stall_would_push_a_running_stream_past_its_tpot_i
             assert Admission(r).plan("r", 50, 16, Slo(tpot_s=0.1)).local
             # Off: the stall is spread over the newcomer's tokens and checked against the objective.
             assert Admission(r, protect=False).plan("r", 1000, 16, Slo(tpot_s=0.1)).local
+    run(go)
+
+
+def test_a_prompt_whose_blocks_do_not_fit_waits_until_enough_streams_end() -> None:
+    def go():
+        # 100 of the cache's 2,000 tokens free; three streams of 600-token prompts with 10, 20 and
+        # 50 tokens to come; a step of 8 ms (0.005 + 0.001 x 3).
+        room = dict(decode_batch=3, fits=fits(decode=(0.005, 0.001, 0.0)), step_tokens=256, kv_tokens=2000)
+        r = cluster({"d0": pb.NodeLoad(kv_free_tokens=100, **room), "d1": pb.NodeLoad(kv_free_tokens=1900, **room)})
+        d0 = r._nodes["d0"]
+        with r.track(d0, 600, lambda: 10), r.track(d0, 600, lambda: 50), r.track(d0, 600, lambda: 20):
+            # 300 tokens are 19 blocks of 16, and one for the first token: 320, 220 short. The first
+            # stream to end (10 steps) frees 600, less the 2 x 10 the other two grew meanwhile.
+            assert kv_wait(d0, 320, 0.008) == (pytest.approx(0.08), 220)
+            # 1,024 are 924 short: 580 freed after 10 steps are not enough, 1,180 after 20 are.
+            assert kv_wait(d0, 1024, 0.008) == (pytest.approx(0.16), 924)
+            # More than all of them free: until the last one ends.
+            assert kv_wait(d0, 5000, 0.008)[0] == pytest.approx(0.4)
+            assert kv_wait(d0, 100, 0.008) == (0.0, 0)
+            with_room = local_estimate(d0, 300, 16)
+            blind = local_estimate(d0, 300, 16, kv_room=False)
+            assert with_room.ttft.seconds == pytest.approx(blind.ttft.seconds + 0.08)
+            assert "80 ms for KV room (220 tokens short)" in with_room.ttft.detail
+            # KV arriving from a prefill node waits for its blocks likewise (the fetch's first gap).
+            assert (decode_estimate(d0, 300, 16).seconds
+                    == pytest.approx(decode_estimate(d0, 300, 16, kv_room=False).seconds + 0.08 / 15))
+            # Of two decode nodes alike but for their room, the one with room prefills it: it starts
+            # sooner there.
+            assert Admission(r).plan("r", 300, 16, Slo()).decode.node_id == "d1"
+            # A TTFT objective the wait breaks refuses it where no node has room.
+            d1 = r._nodes["d1"]
+            d1.saw_load(pb.NodeLoad(kv_free_tokens=100, **room))
+            ttft = with_room.ttft.seconds
+            with r.track(d1, 600, lambda: 10), r.track(d1, 600, lambda: 50), r.track(d1, 600, lambda: 20):
+                with pytest.raises(Rejected) as err:
+                    Admission(r).plan("r", 300, 16, Slo(ttft_s=ttft - 0.04))
+                assert "for KV room" in str(err.value)
+                assert Admission(r, kv_room=False).plan("r", 300, 16, Slo(ttft_s=ttft - 0.04)).local
+        # A node that does not report its cache (a simulated engine): no wait.
+        r = cluster({"d0": pb.NodeLoad(decode_batch=3, fits=fits())})
+        with r.track(r._nodes["d0"], 600, lambda: 10):
+            assert kv_wait(r._nodes["d0"], 10_000, 0.008) == (0.0, 0)
     run(go)

@@ -274,3 +274,25 @@ def test_a_span_of_steps_that_a_stream_joined_or_left_midway_is_no_sample() -> N
     perf.decode_output("b", 2, EngineClock(1.50, 4))  # b's span 1.20..1.50 held c: no sample
     perf.decode_output("a", 1, EngineClock(1.55, 8))  # after c left: a sample
     assert perf.model.decode.samples == 6
+
+
+def test_the_engines_kv_room_comes_from_vllms_scheduler_stats_and_goes_out_in_the_load() -> None:
+    from types import SimpleNamespace
+
+    from vllm.v1.metrics.stats import SchedulerStats
+
+    from tandem.node.engine import KvRoom
+
+    room = KvRoom()
+    perf = NodePerf()
+    perf.kv_room = room.tokens
+    assert room.tokens() is None and perf.load().kv_tokens == 0  # before the engine's first step
+    cache = SimpleNamespace(num_gpu_blocks=0, block_size=16)
+    logger = room.factory()(SimpleNamespace(cache_config=cache), 0)
+    cache.num_gpu_blocks = 101  # set once the engine has sized its cache (one is vLLM's null block)
+    logger.record(None, None)  # a step without scheduler stats changes nothing
+    assert room.tokens() is None
+    logger.record(SchedulerStats(kv_cache_usage=0.25, num_waiting_reqs=2, num_skipped_waiting_reqs=1), None)
+    assert room.tokens() == (1600, 1200, 3)
+    load = perf.load()
+    assert (load.kv_tokens, load.kv_free_tokens, load.engine_waiting) == (1600, 1200, 3)

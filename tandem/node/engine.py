@@ -38,6 +38,53 @@ def require_host_kv(device_type: str) -> None:
             "Tandem's KV transfer moves host-memory KV caches only (device KV over NVLink/RDMA is not built "
             "yet). Install the CPU engine (TANDEM_EXTRA=cpu scripts/setup.sh, the cpu extra) to run nodes here.")
 
+class KvRoom:
+    """What room the engine's KV cache has, from vLLM's per-step scheduler stats (a stat logger
+    in the engine's frontend, this process): its blocks in all, the share in use (blocks that
+    only the prefix cache holds count as free: the engine evicts them for new work), and the
+    requests its scheduler holds waiting (a prefill whose blocks do not fit waits there).
+    A decode node reports it (NodeLoad.kv_tokens, kv_free_tokens, engine_waiting): a local
+    prefill, or KV arriving, that does not fit waits until running streams end."""
+
+    def __init__(self) -> None:
+        self.blocks = 0  # the cache's blocks (0: not known yet)
+        self.block_size = 0
+        self.usage = 0.0
+        self.waiting = 0
+
+    def factory(self):  # type: ignore[no-untyped-def]
+        """A per-engine stat logger factory for AsyncLLM (vLLM's StatLoggerFactory)."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        room = self
+
+        class _Logger(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                self.cache = vllm_config.cache_config
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                       engine_idx: int = 0) -> None:
+                if scheduler_stats is None:
+                    return
+                room.blocks = int(self.cache.num_gpu_blocks or 0)
+                room.block_size = int(self.cache.block_size or 0)
+                room.usage = float(scheduler_stats.kv_cache_usage)
+                room.waiting = int(scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _Logger
+
+    def tokens(self) -> tuple[int, int, int] | None:
+        """(the cache's tokens, of them free, requests waiting in the engine); None before the
+        engine's first step."""
+        if not self.blocks:
+            return None
+        total = (self.blocks - 1) * self.block_size  # (vLLM keeps one null block)
+        return total, round(total * (1.0 - min(1.0, max(0.0, self.usage)))), self.waiting
+
+
 class EngineHost:
     def __init__(self, cfg: NodeConfig, kv_address: str, engine_id: str, kv_port_reserved: bool = False) -> None:
         self.cfg = cfg
@@ -47,6 +94,7 @@ class EngineHost:
         self._engine: Any = None
         self._kv_security: Any = None  # its block server's control-connection security, for releases
         self._arena = ""  # the KV store's shared-memory file, while it has a name
+        self.kv_room = KvRoom()
         # Where vLLM publishes its KV events (the daemon subscribes); "" when off.
         self.events_endpoint = ""
         if cfg.engine_kv_events and cfg.enable_prefix_caching:
@@ -119,7 +167,7 @@ class EngineHost:
                 tandem.pop(name)
         args = AsyncEngineArgs(**{**given, **tandem})
         try:
-            self._engine = AsyncLLM.from_engine_args(args)
+            self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[self.kv_room.factory()])
         finally:
             self._drop_arena_name()  # opened by then, or the engine did not start
         logger.info("vLLM engine ready: model %s, context %d tokens", cfg.model, self.max_model_len)

@@ -122,6 +122,9 @@ class NodePerf:
         self._queue: dict[int, int] = {}  # prefills here now (insertion order: oldest first) -> tokens
         self._ids = itertools.count()
         self._changed: asyncio.Event | None = None
+        # The engine's KV cache: (tokens, of them free, requests waiting in its scheduler), or None
+        # while not known (engine.KvRoom.tokens; a simulated engine has none).
+        self.kv_room: Callable[[], tuple[int, int, int] | None] = lambda: None
 
     def seed(self, model: NodeModel) -> None:
         """Start from ``model`` (a cached startup profile); what the node serves refines it."""
@@ -286,11 +289,13 @@ class NodePerf:
         fits = [pb.PerfFit(name=name, terms=list(f.terms), coefficients=list(f.coefficients), samples=f.samples)
                 for name, f in (("prefill", view.prefill), ("decode", view.decode), ("transfer", view.transfer))]
         batch_mean, context_mean = self.decode_means()
+        kv_tokens, kv_free, waiting = self.kv_room() or (0, 0, 0)
         return pb.NodeLoad(node_id=node_id, engine_id=engine_id, prefill_queue=list(self._queue.values()),
                            decode_batch=self._batch, decode_context=self._batch_context,
                            decode_waiting=len(self._streams) - self._batch, fits=fits, sent_at=time.time(),
                            step_tokens=self.step_tokens, prefill_busy=self.prefill_busy(),
-                           decode_batch_mean=batch_mean, decode_context_mean=context_mean)
+                           decode_batch_mean=batch_mean, decode_context_mean=context_mean,
+                           kv_tokens=kv_tokens, kv_free_tokens=kv_free, engine_waiting=waiting)
 
     def changed(self) -> asyncio.Event:
         """Set when work started or ended since the event was taken (take a new one after)."""

@@ -100,6 +100,8 @@ async def run_node(cfg: NodeConfig, service_name: str,
     finally:
         reservation.close()
     perf = NodePerf(step_tokens=cfg.max_num_batched_tokens)
+    if isinstance(engine, EngineHost):
+        perf.kv_room = engine.kv_room.tokens
     loop = asyncio.get_running_loop()
     for picture in (held, engine_held):
         if picture is not None:

@@ -418,6 +418,15 @@ def test_nodes_fit_their_performance_model_from_their_own_requests(cluster: Loca
     assert metric(d, "tandem_perf_samples", model="decode") >= 10
     step = {t: metric(d, "tandem_perf_coefficient", model="decode", term=t) for t in ("const", "batch", "context")}
     assert step["const"] + step["batch"] + 200 * step["context"] > 0, step  # one request, 200 tokens
+    # The decode node reports its engine's KV cache (from vLLM's scheduler stats), in whole 32-token
+    # blocks, and as much free or less (its streams ended: some).
+    decode = next(n for n in cluster.nodes if n.role == "decode")
+    with grpc.insecure_channel(decode.info["grpc"]) as ch:
+        watch = pb_grpc.NodeMonitorStub(ch).Watch(pb.WatchRequest(), timeout=30)
+        load = next(iter(watch))
+        watch.cancel()
+    assert load.kv_tokens > 0 and load.kv_tokens % 32 == 0, load.kv_tokens
+    assert 0 < load.kv_free_tokens <= load.kv_tokens and load.engine_waiting == 0
 
 
 def test_admission_refuses_an_slo_no_node_can_meet_before_any_engine_work(cluster: LocalCluster, stub) -> None:
