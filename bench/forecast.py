@@ -21,7 +21,8 @@ the error is the arrivals after admission, which no prediction made at admission
 
 TTFT (logs that give its parts): the error of admission's TTFT, of its wait before the prefill
 call went out against the wait measured, and of the rest (the prefill call) had the wait been
-known: which of the two parts the error is in.
+known: which of the two parts the error is in. Local prefills' TTFT error also apart by whether
+admission predicted a wait for room in the decode node's KV cache, and for those over 1 s.
 
     python -m tandem.bench.forecast bench/results/compare/tandem-1p1d/coordinator.log
 """
@@ -209,6 +210,37 @@ def ttft_parts(path: str) -> dict[str, dict[str, float]]:
     return out
 
 
+ADMITTED_LOCAL = re.compile(r"request (\S+): admitted, prefills on decode node ([^;]*)")
+FINISHED_LOCAL = re.compile(r"request (\S+): \w+ after \d+ tokens \(ttft ([\d.]+) s, .*\(local\), .*"
+                            r"predicted ttft ([\d.]+) s")
+
+
+def ttft_local_room(path: str, slow_s: float = 1.0) -> dict[str, dict[str, float]]:
+    """Admission's TTFT error on local prefills, apart by whether it predicted a wait for room in
+    the decode node's KV cache (its admission line's "for KV room"), and on those whose TTFT was
+    over ``slow_s`` (the ones near an objective): p50, p90 and the median signed error
+    (predicted - actual) / actual (below 0: predicted too low)."""
+    room: dict[str, bool] = {}
+    rows: list[tuple[bool, float, float]] = []
+    for line in open(path, encoding="utf-8", errors="replace"):
+        if ": admitted, prefills on decode node" in line:
+            m = ADMITTED_LOCAL.search(line)
+            if m:  # (its TTFT's part: up to the TPOT's, after the ";")
+                room[m.group(1)] = "for KV room" in m.group(2)
+        elif "(local)" in line and (m := FINISHED_LOCAL.search(line)) and m.group(1) in room:
+            ttft, pred = float(m.group(2)), float(m.group(3))
+            if ttft > 0 and pred > 0:
+                rows.append((room[m.group(1)], ttft, pred))
+    out: dict[str, dict[str, float]] = {}
+    for name, rs in (("KV room wait predicted", [r for r in rows if r[0]]),
+                     ("no KV room wait predicted", [r for r in rows if not r[0]]),
+                     (f"TTFT over {slow_s:g} s", [r for r in rows if r[1] > slow_s])):
+        if rs:
+            out[name] = {"requests": len(rs), **p50_p90([abs(p - t) / t for _, t, p in rs]),
+                         "signed_p50": percentile([(p - t) / t for _, t, p in rs], 50)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("log", help="a coordinator log (its per-request lines)")
@@ -238,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                  f"known, p50 {e['rest_p50']:.1%} p90 {e['rest_p90']:.1%}" if "wait_p50" in e else "")
         print(f"TTFT, prefilled on a {where} ({e['requests']:.0f} requests, {e['waited_share']:.0%} waited over 20 ms "
               f"before their call): error p50 {e['p50']:.1%} p90 {e['p90']:.1%}{split}")
+    for name, e in ttft_local_room(args.log).items():
+        print(f"TTFT of local prefills, {name} ({e['requests']:.0f} requests): error p50 {e['p50']:.1%} "
+              f"p90 {e['p90']:.1%}, median signed {e['signed_p50']:+.1%}")
     return 0
 
 

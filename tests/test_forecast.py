@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tandem.bench.forecast import Batch, Req, analyse, read, replay_factor, ttft_parts
+from tandem.bench.forecast import Batch, Req, analyse, read, replay_factor, ttft_local_room, ttft_parts
 
 
 def test_the_batch_over_a_life_is_its_time_average() -> None:
@@ -48,3 +48,27 @@ def test_tpots_that_follow_the_batch_are_found_by_the_oracle_and_the_log_is_read
     # TTFT 0.2 s predicted 0.25 s: all of the 25 % in the wait (0.15 s predicted, 0.1 s measured).
     t = ttft_parts(str(log))["prefill node"]
     assert t["p50"] == pytest.approx(0.25) and t["wait_p50"] == pytest.approx(0.25) and t["rest_p90"] == pytest.approx(0)
+
+
+def test_local_prefills_ttft_error_is_split_by_the_kv_room_wait_admission_predicted(tmp_path: Path) -> None:
+    def admitted(rid: str, room: str) -> str:
+        return (f"2026-12-02 06:30:52,435 INFO coordinator tandem.coordinator.admission: request {rid}: admitted, "
+                f"prefills on decode node decode-0: decode-0 (prefill here): queue 0 prompts 0 ms + prefill 330 ms "
+                f"+ 2 steps beside a batch of 14 56 ms{room} (x0.87, learned); decode-0 (prefill here): batch 14 "
+                "now, 13.4 + 1 over its life, step 60.0 ms + 9 ms for KV room (1 tokens short)")
+
+    def finished(rid: str, ttft: float, pred: float) -> str:
+        return (f"2026-12-02 06:30:57,833 INFO coordinator tandem.coordinator.request: request {rid}: length after "
+                f"51 tokens (ttft {ttft:.3f} s, tpot 72.9 ms, e2e 5.399 s, prefill decode-0 (local), decode "
+                f"decode-0, migrations 0, dispatch 0.003 s, prefill call 1.753 s; predicted ttft {pred:.3f} s, tpot "
+                "69.8 ms, learned factors x0.8717, x0.7120, of the ttft waiting 0.000 s)")
+
+    log = tmp_path / "coordinator.log"
+    log.write_text("\n".join([admitted("a", " + 900 ms for KV room (300 tokens short)"), finished("a", 1.5, 1.2),
+                              admitted("b", ""), finished("b", 0.2, 0.25), admitted("c", ""), finished("c", 2.0, 0.5),
+                              finished("d", 0.3, 0.3)]) + "\n")  # (d: no admission line, left out)
+    got = ttft_local_room(str(log))
+    assert got["KV room wait predicted"]["requests"] == 1 and got["KV room wait predicted"]["p50"] == pytest.approx(0.2)
+    assert got["no KV room wait predicted"]["requests"] == 2  # (the TPOT part's room does not count)
+    over = got["TTFT over 1 s"]
+    assert over["requests"] == 2 and over["signed_p50"] == pytest.approx((-0.2 - 0.75) / 2)
