@@ -132,6 +132,9 @@ class TandemConnector(KVConnectorBase_V1):
         sent, recvd, failed = self._worker.transfer_results()
         return KVConnectorTransferResults(finished_sending=sent, finished_recving=recvd, failed_recving=failed)
 
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_load_errors() if self._worker is not None else set()
+
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         r = self.get_transfer_results(finished_req_ids)
         return r.finished_sending, r.finished_recving

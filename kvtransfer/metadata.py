@@ -33,12 +33,15 @@ class TandemConnectorMetadata(KVConnectorMetadata):
 
 @dataclass
 class TandemWorkerMetadata(KVConnectorWorkerMetadata):
-    """Worker to scheduler, per step: the KV store saves that ended (request id -> copied)."""
+    """Worker to scheduler, per step: the KV store saves that ended, and its sync loads copied
+    (request id -> copied)."""
 
     saves: dict[str, bool] = field(default_factory=dict)
+    loads: dict[str, bool] = field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, TandemWorkerMetadata)
-        for rid, ok in other.saves.items():
-            self.saves[rid] = self.saves.get(rid, True) and ok
+        for mine, theirs in ((self.saves, other.saves), (self.loads, other.loads)):
+            for rid, ok in theirs.items():
+                mine[rid] = mine.get(rid, True) and ok
         return self

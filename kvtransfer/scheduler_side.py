@@ -185,6 +185,8 @@ class SchedulerSide:
         self.store.loads_done(set(out.finished_recving or ()) | set(out.failed_recving or ()),
                               failed=set(out.failed_recving or ()))
         meta = out.kv_connector_worker_meta
+        if isinstance(meta, TandemWorkerMetadata) and meta.loads:  # sync loads copied: their chunks unpinned
+            self.store.loads_done(set(meta.loads), failed={rid for rid, ok in meta.loads.items() if not ok})
         if isinstance(meta, TandemWorkerMetadata) and meta.saves:
             t0 = time.perf_counter()
             self.store.saves_done(meta.saves)  # (committing them: on the step's path too)

@@ -61,6 +61,8 @@ class WorkerSide:
         self._held_reqs: set[str] = set()  # held by the block server
         self._saving: set[str] = set()  # a store save in flight
         self._saves_ended: dict[str, bool] = {}  # for the scheduler half, next step
+        self._sync_loads_ended: dict[str, bool] = {}  # sync store loads copied this step (-> ok), likewise
+        self._load_errors: set[int] = set()  # blocks a sync load failed to fill (vLLM asks each step)
         self._store_failed: set[str] = set()
         self._parts: dict[str, int] = {}  # a load in two parts (store and transfer): parts not yet ended
         self._part_failed: set[str] = set()  # ... and whether one failed
@@ -90,12 +92,17 @@ class WorkerSide:
                 self._held_reqs.add(req_id)
         if self.copier is not None:
             for job in meta.store_loads:
-                self.copier.submit("load", job)
+                if job.sync:  # before this step's forward reads its blocks
+                    ok = self._sync_loads_ended[job.req_id] = self.copier.load_now(job)
+                    if not ok:
+                        self._load_errors.update(job.block_ids)
+                else:
+                    self.copier.submit("load", job)
             for job in meta.store_saves:
                 self._saving.add(job.req_id)
                 self.copier.submit("save", job)
         self._store_failed.update(meta.store_failures)
-        for rid in {j.req_id for j in meta.store_loads} & {j.req_id for j in meta.loads}:
+        for rid in {j.req_id for j in meta.store_loads if not j.sync} & {j.req_id for j in meta.loads}:
             self._parts[rid] = 2
         if self.fetcher is not None:
             for job in meta.loads:
@@ -154,10 +161,17 @@ class WorkerSide:
         return out
 
     def worker_meta(self) -> TandemWorkerMetadata | None:
-        if not self._saves_ended:
+        if not self._saves_ended and not self._sync_loads_ended:
             return None
-        meta, self._saves_ended = TandemWorkerMetadata(saves=self._saves_ended), {}
+        meta = TandemWorkerMetadata(saves=self._saves_ended, loads=self._sync_loads_ended)
+        self._saves_ended, self._sync_loads_ended = {}, {}
         return meta
+
+    def take_load_errors(self) -> set[int]:
+        """Blocks the sync loads of the step just run failed to fill (vLLM's
+        get_block_ids_with_load_errors: its kv_load_failure_policy ends or recomputes them)."""
+        errors, self._load_errors = self._load_errors, set()
+        return errors
 
     def take_stats(self) -> TandemKVStats | None:
         """This step's transfer stats, or None when nothing happened since the last call."""

@@ -170,3 +170,59 @@ def test_a_decode_node_whose_store_has_the_whole_prompt_releases_the_transfer(tm
     sched.update_state_after_alloc(consumer, SimpleNamespace(get_block_ids=lambda: [[20, 21, 22, 23]]), 16)
     meta = sched.build_connector_meta()
     assert not meta.loads and meta.releases == [handle] and meta.store_loads[0].block_ids == [20, 21, 22, 23]
+
+
+def _saved(sched: StoreScheduler, worker: WorkerSide, ids: list[int], blocks: list[int]) -> None:
+    save = sched.on_finished(request("a", ids, computed=len(ids)), block_ids=blocks, ended_early=False)
+    assert save is not None
+    step(worker, TandemConnectorMetadata(store_saves=[save]), lambda s: "a" in s[0])
+    sched.saves_done(worker.worker_meta().saves)  # type: ignore[union-attr]
+
+
+def test_a_sync_load_is_copied_before_the_step_and_reported_in_the_worker_metadata(tmp_path: Path) -> None:
+    sched, worker, layers = halves(tmp_path)
+    sched.sync_loads = True
+    ids = list(range(100, 123))
+    _saved(sched, worker, ids, [10, 11, 12, 13, 14, 15])
+    again = request("b", ids)
+    # Not async: vLLM counts the 12 tokens computed now and schedules the rest in this same step.
+    assert sched.lookup(again, num_computed_tokens=4) == (12, False)
+    job, failed = sched.after_alloc(again, [30, 31, 32, 33, 34, 35], 12)
+    assert not failed and job is not None and job.sync and job.block_ids == [31, 32, 33]
+    worker.start_step(TandemConnectorMetadata(store_loads=[job]))
+    for t in layers:  # copied by the time the step's forward would run
+        assert torch.equal(t[:, [31, 32, 33]], t[:, [11, 12, 13]])
+    assert worker.transfer_results()[1] == set()  # not a receive vLLM waits for
+    meta = worker.worker_meta()
+    assert meta is not None and meta.loads == {"b": True} and worker.take_load_errors() == set()
+    sched.loads_done(set(meta.loads))
+    assert sched.store.index.drop_unpinned() == 0  # unpinned once the worker said so
+
+
+def test_a_sync_load_that_fails_reports_its_blocks_and_turns_the_store_off_for_that_request(tmp_path: Path) -> None:
+    sched, worker, _ = halves(tmp_path)
+    sched.sync_loads = True
+    ids = list(range(9))
+    _saved(sched, worker, ids, [1, 2, 3])
+    again = request("b", ids)
+    assert sched.lookup(again, 0) == (8, False)
+    job, _ = sched.after_alloc(again, [1, BLOCKS + 5, 7], 8)  # a block outside the cache: the copy raises
+    worker.start_step(TandemConnectorMetadata(store_loads=[job]))
+    assert worker.take_load_errors() == {1, BLOCKS + 5}  # vLLM's load-failure policy takes it from there
+    meta = worker.worker_meta()
+    assert meta is not None and meta.loads == {"b": False}
+    sched.loads_done(set(meta.loads), failed={r for r, ok in meta.loads.items() if not ok})
+    assert sched.lookup(again, 0) == (0, False)
+    assert sched.store.index.drop_unpinned() == 0
+
+
+def test_a_sync_hit_of_a_whole_prompt_leaves_its_last_block_to_compute(tmp_path: Path) -> None:
+    sched, worker, _ = halves(tmp_path)
+    ids = list(range(16))  # two whole chunks of 8: the whole prompt is stored
+    _saved(sched, worker, ids, [1, 2, 3, 4])
+    assert sched.lookup(request("b", ids), 0) == (16, True)  # async: vLLM recomputes the last token itself
+    sched.sync_loads = True
+    c = request("c", ids)
+    assert sched.lookup(c, 0) == (15, False)  # all but its last token, which the step computes
+    job, _ = sched.after_alloc(c, [20, 21, 22, 23], 15)
+    assert job is not None and job.block_ids == [20, 21, 22, 23]  # the last block loaded whole

@@ -72,6 +72,7 @@ class NodeConfig:
     kvstore_chunk_tokens: int = 256
     kvstore_save: bool = True
     kvstore_eviction: str = "tail-first"
+    kvstore_load: str = "sync"  # a hit in the KV store's RAM tier: copied in before the step (sync) or beside it
     # Publish the engine's prefix cache (vLLM's KV events) to coordinators, for prefix-aware routing.
     engine_kv_events: bool = True
     # A simulated node (tandem/node/simengine.py): no engine, times from this profile file.
@@ -140,6 +141,8 @@ class NodeConfig:
                                  f"process (it may use {sorted(os.sched_getaffinity(0))})")
         if self.kvstore_ram_gib < 0 or self.kvstore_disk_gib < 0:
             raise ValueError("--kvstore-ram-gib and --kvstore-disk-gib must be >= 0")
+        if self.kvstore_load not in ("sync", "async"):
+            raise ValueError(f"--kvstore-load must be sync or async, got {self.kvstore_load!r}")
         if self.kvstore_dir and not self.kvstore_ram_gib:
             raise ValueError("--kvstore-dir needs a RAM tier too (--kvstore-ram-gib): disk chunks are "
                              "loaded through it")
@@ -288,6 +291,10 @@ def add_node_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kvstore-eviction", default=_env("kvstore_eviction", "tail-first"), choices=list(EVICTIONS),
                     help="the RAM tier's eviction policy: tail-first (least recently used first, a prompt's "
                          "later chunks before its earlier ones, which other prompts share), lru, fifo")
+    ap.add_argument("--kvstore-load", default=_env("kvstore_load", "sync"), choices=["sync", "async"],
+                    help="a prompt's chunks found in the KV store's RAM tier: copied into its blocks before the "
+                         "step that computes the rest (sync), or beside the step, the prompt waiting a step "
+                         "for them (async)")
     ap.add_argument("--simulate", default=_env("simulate", ""), metavar="PROFILE",
                     help="a simulated node for load tests and the simulator's checks: the real daemon, API "
                          "and registration, no engine; its times come from PROFILE (a node's cached profile "

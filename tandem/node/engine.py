@@ -190,6 +190,7 @@ class EngineHost:
             "kvstore_chunk_blocks": cfg.kvstore_chunk_tokens // cfg.block_size,
             "kvstore_save": cfg.kvstore_save,
             "kvstore_eviction": cfg.kvstore_eviction,
+            "kvstore_load": cfg.kvstore_load,
             "kvstore_model_id": model_identity(cfg.model) + f"|{cfg.dtype}",
         }
 
