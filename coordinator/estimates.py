@@ -160,7 +160,9 @@ def kv_wait(node: NodeClient, tokens: int, step_s: float) -> tuple[float, int]:
     is until the last of them ends. (The eighteenth sitting's 0:2 multi-turn run: local prefills
     on decode nodes with a batch of 14-16 in a 9,824-token cache took 1.7-2 s where 0.3-0.4 s
     was predicted, and most TTFTs over 1 s were predicted at half or less: the prompt waited for
-    room.)"""
+    room.) Left out: a stream reserved there whose KV has not arrived yet (its prefill on a prefill
+    node, its fetch) takes room first, and a burst between two reports sees the same free room
+    (a local prefill's own queue, in ``tokens``, is the exception)."""
     load = node.fresh_load()
     if load is None or load.kv_tokens <= 0:
         return 0.0, 0
@@ -287,9 +289,16 @@ def decode_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int,
     mine = prompt_tokens + max_tokens // 2  # its mean context over the steps
     kv = blocks(node, prompt_tokens) * block_tokens(node) * kv_bytes_per_token(node.record.layout)
     # The fetch plus its first step; with no transfer samples yet, one step stands in for it. Its
-    # blocks wait for room in the node's KV cache first (``kv_wait``; with ``kv_room``).
-    room_s, short = (kv_wait(node, (blocks(node, prompt_tokens) + 1) * block_tokens(node),
-                             node.calibrated("tpot", step(batch, context))) if kv_room else (0.0, 0))
+    # blocks wait for room in the node's KV cache first (``kv_wait``; with ``kv_room``), behind what
+    # the node's local prefills still need (vLLM holds those blocks back from an arriving load).
+    # (The raw step: the node's TPOT calibration scales this whole prediction.)
+    room_s, short = 0.0, 0
+    if kv_room:
+        load = node.fresh_load()
+        step_tokens = (load.step_tokens if load is not None else 0) or DEFAULT_STEP_TOKENS
+        ahead = sum(_local_queue(node, step_tokens, batch, context))
+        room_s, short = kv_wait(node, ahead + (blocks(node, prompt_tokens) + 1) * block_tokens(node),
+                                step(batch, context))
     first = room_s + (model.transfer_s(kv) if model.transfer.samples else model.step_s(batch + 1, context + mine))
     each = step(life_batch + 1, life_context + mine)
     raw = (first + (max_tokens - 2) * each) / (max_tokens - 1)
@@ -346,8 +355,9 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
     raw_batch_s = chunks * beside_s(model, batch, context)
     # Every block of the prompt comes out of the free ones (a prefix-cached block the engine holds
     # for no running stream counts as free until this request takes it), and one for its first token.
+    # (At the raw step: the node's local-prefill calibration scales this whole prediction.)
     raw_room_s, short = (kv_wait(node, sum(queue) + (blocks(node, prompt_tokens) + 1) * block_tokens(node),
-                                 node.calibrated("tpot", step(batch, context))) if kv_room else (0.0, 0))
+                                 step(batch, context)) if kv_room else (0.0, 0))
     f = node.factor("ttft_local", raw_queue_s + idle_s + raw_batch_s + raw_room_s)
     queue_s, run_s, batch_s, room_s = raw_queue_s * f, idle_s * f, raw_batch_s * f, raw_room_s * f
     hit = f", {cached.tokens} tokens held there" if cached.tokens else ""

@@ -60,9 +60,6 @@ def stream_ended_early(node: NodeClient, reason: str = "") -> NodeCallFailed:
                           node_failed=True, cause="ended")
 
 
-_STREAM_END = object()
-
-
 class Watchdog:
     def __init__(self, router: Router, stall_s: float) -> None:
         self.router = router
@@ -105,7 +102,7 @@ class Watchdog:
                 try:
                     while (msg := await call.read()) is not grpc.aio.EOF:
                         queue.put_nowait(msg)
-                    queue.put_nowait(_STREAM_END)
+                    queue.put_nowait(grpc.aio.EOF)
                 except Exception as exc:  # handed to the consumer, which raises it
                     queue.put_nowait(exc)
 
@@ -118,7 +115,7 @@ class Watchdog:
                 except TimeoutError:
                     await self._probe(node)
                     continue
-                if item is _STREAM_END or item is grpc.aio.EOF:
+                if item is grpc.aio.EOF:  # (a call-stream call's queue ends so too)
                     return
                 if isinstance(item, grpc.aio.AioRpcError):
                     raise call_failed(item, node) from item
