@@ -268,8 +268,8 @@ TANDEM_VARIANTS: dict[str, tuple[list[str], list[str]]] = {
     "-unprotected": (["--protect-streams", "off"], []),
     # admission that does not predict the wait for room in a decode node's KV cache
     "-roomblind": (["--kv-room", "off"], []),
-    # nodes whose KV store hits load beside the step (the request waits a step for them), not before it
-    "-asyncload": ([], ["--kvstore-load", "async"]),
+    # nodes whose KV store hits load before the step that computes the prompt's rest, not beside it
+    "-syncload": ([], ["--kvstore-load", "sync"]),
     "-disagg": (["--admission", "off", "--conditional-disagg", "off"], []),
     "-fifo": (["--prefill-order", "fifo"], []),  # every prefill sent at once, the engine's arrival order
     # every prefill sent at once, vLLM's priority scheduling by deadline

@@ -72,7 +72,7 @@ class NodeConfig:
     kvstore_chunk_tokens: int = 256
     kvstore_save: bool = True
     kvstore_eviction: str = "tail-first"
-    kvstore_load: str = "sync"  # a hit in the KV store's RAM tier: copied in before the step (sync) or beside it
+    kvstore_load: str = "async"  # a hit in the KV store's RAM tier: copied in beside the step (async) or before it
     # Publish the engine's prefix cache (vLLM's KV events) to coordinators, for prefix-aware routing.
     engine_kv_events: bool = True
     # A simulated node (tandem/node/simengine.py): no engine, times from this profile file.
@@ -291,10 +291,10 @@ def add_node_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kvstore-eviction", default=_env("kvstore_eviction", "tail-first"), choices=list(EVICTIONS),
                     help="the RAM tier's eviction policy: tail-first (least recently used first, a prompt's "
                          "later chunks before its earlier ones, which other prompts share), lru, fifo")
-    ap.add_argument("--kvstore-load", default=_env("kvstore_load", "sync"), choices=["sync", "async"],
-                    help="a prompt's chunks found in the KV store's RAM tier: copied into its blocks before the "
-                         "step that computes the rest (sync), or beside the step, the prompt waiting a step "
-                         "for them (async)")
+    ap.add_argument("--kvstore-load", default=_env("kvstore_load", "async"), choices=["async", "sync"],
+                    help="a prompt's chunks found in the KV store's RAM tier: copied into its blocks beside the "
+                         "step, the prompt waiting a step for them (async), or before the step that computes "
+                         "the rest (sync; measured no better yet, see docs/PERFORMANCE.md)")
     ap.add_argument("--simulate", default=_env("simulate", ""), metavar="PROFILE",
                     help="a simulated node for load tests and the simulator's checks: the real daemon, API "
                          "and registration, no engine; its times come from PROFILE (a node's cached profile "

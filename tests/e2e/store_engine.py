@@ -23,6 +23,7 @@ async def main() -> None:
 
     model, max_len, store_dir, rounds, chunk = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), \
         int(sys.argv[5])
+    load = sys.argv[6] if len(sys.argv) > 6 else "async"
     cases = json.load(sys.stdin)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -31,7 +32,8 @@ async def main() -> None:
     extra = {"engine_id": f"store-test-{os.getpid()}", "address": f"127.0.0.1:{port}", "transport": "tcp",
              "kvstore_ram_bytes": 64 << 20, "kvstore_arena": arena,
              "kvstore_dir": "" if store_dir == "-" else store_dir, "kvstore_disk_bytes": 1 << 30,
-             "kvstore_chunk_blocks": chunk // 32, "kvstore_model_id": model_identity(model)}
+             "kvstore_chunk_blocks": chunk // 32, "kvstore_model_id": model_identity(model),
+             "kvstore_load": load}
     eng = AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=model, dtype="float32", enforce_eager=True, max_model_len=max_len, block_size=32,
         kv_transfer_config={"kv_connector": "TandemConnector",

@@ -19,9 +19,9 @@ CHUNK = 64  # two blocks of 32: short prompts span several chunks
 SCRIPT = Path(__file__).with_name("store_engine.py")
 
 
-def run_engine(model: Path, store_dir: str, rounds: int, cases: list[dict]) -> list[dict]:
+def run_engine(model: Path, store_dir: str, rounds: int, cases: list[dict], load: str = "async") -> list[dict]:
     proc = subprocess.run([sys.executable, str(SCRIPT), str(model), str(MAX_MODEL_LEN), store_dir, str(rounds),
-                           str(CHUNK)], input=json.dumps(cases), capture_output=True, text=True, timeout=600)
+                           str(CHUNK), load], input=json.dumps(cases), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(ln[6:]) for ln in proc.stdout.splitlines() if ln.startswith("ROUND ")]
 
@@ -76,3 +76,12 @@ def test_greedy_output_is_the_plain_engines_with_hits_from_ram_from_disk_and_pas
     assert sum(damaged["cached"]) < sum(warm["cached"])
     assert not flipped.exists() or flipped.read_bytes() != bytes(raw)  # removed (or written again, whole)
     assert not torn.exists() and first_chunk
+
+
+def test_sync_loads_from_ram_give_the_plain_engines_tokens(tiny_model: Path, tmp_path: Path, references) -> None:
+    # --kvstore-load sync: the RAM tier's hits copied in before the step that computes the rest; a
+    # prompt stored whole computes its last token only.
+    whole = [len(p) // CHUNK * CHUNK for p in PROMPTS]
+    cold, warm = run_engine(tiny_model, "-", 2, REFERENCE_CASES, load="sync")
+    assert cold["outputs"] == references and warm["outputs"] == references
+    assert warm["cached"] == [w - (w == len(p)) for w, p in zip(whole, PROMPTS)], warm
