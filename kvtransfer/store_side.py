@@ -164,8 +164,8 @@ class StoreScheduler:
         # step it was scheduled in, and a prompt that arrived after it and started its prefill
         # meanwhile runs whole before it (the engine serves running prefills first). On the
         # nineteenth sitting's 0:2 multi-turn runs that cut the prompts overtaken so by a third,
-        # but attainment at 4-4.5 req/s came out lower in six probes of six (docs/PERFORMANCE.md,
-        # not understood yet): off by default.
+        # but attainment at 4-4.5 req/s came out 79 % against 86 % over six probes, with twice the
+        # TPOT misses (docs/PERFORMANCE.md; not understood yet): off by default.
         self.sync_loads = sync_loads
         self.ns = namespace
         self.block_size = block_size
