@@ -192,15 +192,17 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
     cached = [s for s in systems if "prefill_token_hit_rate" in s.get("facts", {})]
     if cached:
         lines += ["", "Prompt tokens the prefill nodes (at 0:N the decode nodes) found computed already (engine "
-                  "prefix cache or KV store) over the whole run, and how the prefills spread over the nodes:", "",
-                  "| system | goodput (req/s) | prompt tokens cached | KV store chunk hit rate | prefills per node |",
-                  "|---|---:|---:|---:|---|"]
+                  "prefix cache or KV store) over the whole run, the streams the engines preempted (out of KV "
+                  "blocks), and how the prefills spread over the nodes:", "",
+                  "| system | goodput (req/s) | prompt tokens cached | KV store chunk hit rate | engine preemptions "
+                  "| prefills per node |",
+                  "|---|---:|---:|---:|---:|---|"]
         for s in cached:
             f = s["facts"]
             store = f"{f['kvstore_chunk_hit_rate']:.1%}" if "kvstore_chunk_hit_rate" in f else "–"
             spread = ", ".join(f"{n}: {c}" for n, c in sorted(f.get("prefills_per_node", {}).items()))
             lines.append(f"| {s['name']} | {s['goodput_rps']:.2f} | {f['prefill_token_hit_rate']:.1%} | {store} | "
-                         f"{spread} |")
+                         f"{f.get('engine_preemptions', '–')} | {spread} |")
     lines += ["", "Prediction error per node (TTFT by the node that prefilled, TPOT by the decode node; "
               "p50 / p90, every request of every rate pooled):", ""]
     for s in systems:

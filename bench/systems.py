@@ -298,10 +298,12 @@ def cache_facts(cluster: LocalCluster, started: dict[str, dict[str, float]] | No
     (with no prefill pool, 0:N: the decode nodes', by their engines' own count of each prompt
     token's source, less ``started``, those counts when the cluster was up: the engines' startup
     profile; every prompt there is theirs to prefill, so a KV-store load counts as cached)."""
-    prompt = cached = 0.0
+    prompt = cached = preempted = 0.0
     per_node, hits, misses = {}, 0.0, 0.0
     alone = not any(d.role == "prefill" for d in cluster.nodes)
     for d in cluster.nodes:
+        # Streams the engines preempted (out of KV blocks: recomputed later), every node's.
+        preempted += _metric_sum(d.info["metrics"], "vllm:num_preemptions_total")
         if d.role != ("decode" if alone else "prefill"):
             continue
         url = d.info["metrics"]
@@ -319,7 +321,7 @@ def cache_facts(cluster: LocalCluster, started: dict[str, dict[str, float]] | No
         misses += _metric_sum(url, "tandem_kvstore_misses_total")
     out: dict[str, Any] = {"prefill_prompt_tokens": int(prompt), "prefill_cached_tokens": int(cached),
                            "prefill_token_hit_rate": round(cached / prompt, 4) if prompt else 0.0,
-                           "prefills_per_node": per_node}
+                           "prefills_per_node": per_node, "engine_preemptions": int(preempted)}
     if hits or misses:
         out["kvstore_chunk_hit_rate"] = round(hits / (hits + misses), 4)
     return out

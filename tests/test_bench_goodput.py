@@ -118,7 +118,8 @@ def test_compare_reports_a_system_that_did_not_start_and_measures_the_rest(
         ratios = []
         monkeypatch.setattr(compare, "start_tandem", lambda *a, **k: ratios.append(a[1:3]) or System(
             "tandem-2:1", url, [["tandem", "up"]], "synthetic", lambda: stopped.append(1),
-            facts=lambda: {"prefill_token_hit_rate": 0.25, "prefills_per_node": {"p0": 3, "p1": 1}}))
+            facts=lambda: {"prefill_token_hit_rate": 0.25, "prefills_per_node": {"p0": 3, "p1": 1},
+                           "engine_preemptions": 7}))
         args = build_parser().parse_args(
             ["bench", "compare", "--model", str(tiny_model), "--rates", "5", "--duration", "1", "--reps", "1",
              "--slo-ttft", "2", "--slo-tpot", "0.5", "--workload", "code", "--overload", "",
@@ -135,7 +136,7 @@ def test_compare_reports_a_system_that_did_not_start_and_measures_the_rest(
     assert [f["name"] for f in doc["failed"]] == ["vllm-colocated"] and "boom" in doc["failed"][0]["error"]
     report = (tmp_path / "report.md").read_text()
     assert "**vllm-colocated did not start**" in report and "boom" in report
-    assert "| tandem-2:1 | " in report and "| 25.0% | – | p0: 3, p1: 1 |" in report  # its cache facts
+    assert "| tandem-2:1 | " in report and "| 25.0% | – | 7 | p0: 3, p1: 1 |" in report  # its cache facts
     # colocated vLLM is given all of 2:1's KV memory: 2 x 0.05 + 0.3 (engines) + 3 x 0.1 (RAM tiers)
     assert doc["memory"]["tandem_kv_gib"] == {"2:1": pytest.approx(0.7)}
     assert doc["memory"]["colocated_kv_gib"] == pytest.approx(0.7)
