@@ -298,12 +298,15 @@ def cache_facts(cluster: LocalCluster, started: dict[str, dict[str, float]] | No
     (with no prefill pool, 0:N: the decode nodes', by their engines' own count of each prompt
     token's source, less ``started``, those counts when the cluster was up: the engines' startup
     profile; every prompt there is theirs to prefill, so a KV-store load counts as cached)."""
-    prompt = cached = preempted = 0.0
+    prompt = cached = preempted = load_s = loads = 0.0
     per_node, hits, misses = {}, 0.0, 0.0
     alone = not any(d.role == "prefill" for d in cluster.nodes)
     for d in cluster.nodes:
         # Streams the engines preempted (out of KV blocks: recomputed later), every node's.
         preempted += _metric_sum(d.info["metrics"], "vllm:num_preemptions_total")
+        # What the KV store's loads took (copies between its RAM tier and the engine's blocks).
+        load_s += _metric_sum(d.info["metrics"], "tandem_kvstore_copy_seconds_sum", direction="load")
+        loads += _metric_sum(d.info["metrics"], "tandem_kvstore_copy_seconds_count", direction="load")
         if d.role != ("decode" if alone else "prefill"):
             continue
         url = d.info["metrics"]
@@ -324,6 +327,8 @@ def cache_facts(cluster: LocalCluster, started: dict[str, dict[str, float]] | No
                            "prefills_per_node": per_node, "engine_preemptions": int(preempted)}
     if hits or misses:
         out["kvstore_chunk_hit_rate"] = round(hits / (hits + misses), 4)
+    if loads:
+        out["kvstore_load_copy_ms_mean"] = round(load_s / loads * 1000, 3)
     return out
 
 

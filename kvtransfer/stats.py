@@ -123,7 +123,8 @@ class TandemPromMetrics(KVConnectorPromMetrics):
                                         labelnames=[*labelnames, "tier"])
         self._st_load = self._histogram_cls(
             "tandem_kvstore_copy_seconds", "One request's copy between the KV store's RAM tier and the engine's "
-            "blocks (worker thread, off the forward pass)", labelnames=[*labelnames, "direction"],
+            "blocks (the copier thread, beside the step; a sync load, --kvstore-load sync, on the worker's thread "
+            "before the forward)", labelnames=[*labelnames, "direction"],
             buckets=[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25])
         for values in per_engine_labelvalues.values():
             self._held.labels(*values).set(0)
