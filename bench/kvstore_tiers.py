@@ -90,12 +90,13 @@ def eviction_rows(args: argparse.Namespace, chunk_tokens: int = 256) -> list[dic
 def _save_cost(metrics: str) -> dict[str, float]:
     """What saving cost the prefill node: its steps' planning time (on the forward path) and the
     copies (on the worker's copier thread, beside the forward pass), per saved request."""
-    from .systems import _metric_sum
+    from .systems import metric_sum, scrape
 
-    saves = _metric_sum(metrics, "tandem_kvstore_saves_total")
-    step_s = _metric_sum(metrics, "tandem_kvstore_save_step_seconds_total")
-    copy_s = _metric_sum(metrics, "tandem_kvstore_copy_seconds_sum", direction="save")
-    copies = _metric_sum(metrics, "tandem_kvstore_copy_seconds_count", direction="save")
+    got = scrape(metrics)
+    saves = metric_sum(got, "tandem_kvstore_saves_total")
+    step_s = metric_sum(got, "tandem_kvstore_save_step_seconds_total")
+    copy_s = metric_sum(got, "tandem_kvstore_copy_seconds_sum", direction="save")
+    copies = metric_sum(got, "tandem_kvstore_copy_seconds_count", direction="save")
     return {"saves": saves, "step_s_per_save": step_s / saves if saves else 0.0,
             "copy_s_per_save": copy_s / copies if copies else 0.0}
 

@@ -283,14 +283,18 @@ TANDEM_VARIANTS: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
-def _metric_sum(address: str, name: str, **labels: str) -> float:
-    """The sum of a metric's samples (with these labels) on a daemon's metrics endpoint (host:port)."""
+def scrape(address: str) -> list[Any]:
+    """Every sample on a daemon's metrics endpoint (host:port)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
         text = r.read().decode()
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    return [s for fam in text_string_to_metric_families(text) for s in fam.samples]
+
+
+def metric_sum(samples: list[Any], name: str, **labels: str) -> float:
+    """The sum of a metric's samples (``scrape``'s) with these labels."""
+    return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 def cache_facts(cluster: LocalCluster, started: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
@@ -302,26 +306,27 @@ def cache_facts(cluster: LocalCluster, started: dict[str, dict[str, float]] | No
     per_node, hits, misses = {}, 0.0, 0.0
     alone = not any(d.role == "prefill" for d in cluster.nodes)
     for d in cluster.nodes:
+        url = d.info["metrics"]
+        got = scrape(url)
         # Streams the engines preempted (out of KV blocks: recomputed later), every node's.
-        preempted += _metric_sum(d.info["metrics"], "vllm:num_preemptions_total")
+        preempted += metric_sum(got, "vllm:num_preemptions_total")
         # What the KV store's loads took (copies between its RAM tier and the engine's blocks).
-        load_s += _metric_sum(d.info["metrics"], "tandem_kvstore_copy_seconds_sum", direction="load")
-        loads += _metric_sum(d.info["metrics"], "tandem_kvstore_copy_seconds_count", direction="load")
+        load_s += metric_sum(got, "tandem_kvstore_copy_seconds_sum", direction="load")
+        loads += metric_sum(got, "tandem_kvstore_copy_seconds_count", direction="load")
         if d.role != ("decode" if alone else "prefill"):
             continue
-        url = d.info["metrics"]
         if alone:
             by, was = prompt_tokens_by_source(f"http://{url}"), (started or {}).get(d.name, {})
             by = {k: v - was.get(k, 0.0) for k, v in by.items()}
             prompt += sum(by.values())
             cached += by.get("local_cache_hit", 0.0) + by.get("external_kv_transfer", 0.0)
-            per_node[d.name] = int(_metric_sum(url, "tandem_decode_local_prefills_total"))
+            per_node[d.name] = int(metric_sum(got, "tandem_decode_local_prefills_total"))
         else:
-            prompt += _metric_sum(url, "tandem_prefill_prompt_tokens_total")
-            cached += _metric_sum(url, "tandem_prefill_cached_tokens_total")
-            per_node[d.name] = int(_metric_sum(url, "tandem_prefill_requests_total", outcome="ok"))
-        hits += _metric_sum(url, "tandem_kvstore_hits_total", tier="ram")  # a disk hit is loaded from RAM too
-        misses += _metric_sum(url, "tandem_kvstore_misses_total")
+            prompt += metric_sum(got, "tandem_prefill_prompt_tokens_total")
+            cached += metric_sum(got, "tandem_prefill_cached_tokens_total")
+            per_node[d.name] = int(metric_sum(got, "tandem_prefill_requests_total", outcome="ok"))
+        hits += metric_sum(got, "tandem_kvstore_hits_total", tier="ram")  # a disk hit is loaded from RAM too
+        misses += metric_sum(got, "tandem_kvstore_misses_total")
     out: dict[str, Any] = {"prefill_prompt_tokens": int(prompt), "prefill_cached_tokens": int(cached),
                            "prefill_token_hit_rate": round(cached / prompt, 4) if prompt else 0.0,
                            "prefills_per_node": per_node, "engine_preemptions": int(preempted)}

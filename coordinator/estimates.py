@@ -21,10 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tandem.perfmodel import beside_s, chunk_steps, chunk_tokens, kv_bytes_per_token
+from tandem.proto import tandem_pb2 as pb
 
 from .prefillq import PrefillOrder
 from .prefix import Held, load_s, prefill_after_load
-from .router import NodeClient, Tally
+from .nodeclient import NodeClient, Tally
 
 DEFAULT_STEP_TOKENS = 256  # a decode node's per-step budget when its load does not say
 MIN_OTHERS_TOKENS = 16  # the fewest tokens a running stream is assumed to have left
@@ -116,7 +117,7 @@ def _prefill_queue(node: NodeClient, own: Tally, oldest_left: Callable[[int], in
     return mine + reported[len(mine):]
 
 
-def _local_queue(node: NodeClient, step_tokens: int, batch: int, context: int) -> list[int]:
+def _local_queue(node: NodeClient, budget: int, batch: int, context: int) -> list[int]:
     """Prompt tokens still to prefill of the local prefills on a decode node (``_prefill_queue``).
     Of this coordinator's own, the oldest (the engine runs them in turn) has been running since it
     was sent, or since the one before it ended, and is that far through (a share of what its
@@ -126,12 +127,17 @@ def _local_queue(node: NodeClient, step_tokens: int, batch: int, context: int) -
     def left(first: int) -> int:
         began = max(node.prefilling_since.get(next(iter(node.prefilling)), 0.0), node.prefilled_at)
         takes = node.calibrated("ttft_local", node.model.prefill_s(first)
-                                + chunk_steps(first, step_tokens, batch) * beside_s(node.model, batch, context))
+                                + chunk_steps(first, budget, batch) * beside_s(node.model, batch, context))
         if takes <= 0:
             return first
         return round(first * (1.0 - min(1.0, max(0.0, time.perf_counter() - began) / takes)))
 
     return _prefill_queue(node, node.prefilling, left)
+
+
+def step_tokens(load: pb.NodeLoad | None) -> int:
+    """A decode node's per-step token budget (``NodeLoad.step_tokens``), as its load reports it."""
+    return (load.step_tokens if load is not None else 0) or DEFAULT_STEP_TOKENS
 
 
 def decode_load(node: NodeClient) -> tuple[int, int]:
@@ -145,7 +151,7 @@ def decode_load(node: NodeClient) -> tuple[int, int]:
     return batch, context
 
 
-def kv_wait(node: NodeClient, tokens: int, step_s: float) -> tuple[float, int]:
+def kv_wait(node: NodeClient, tokens: int, step_s: float, batch: int) -> tuple[float, int]:
     """(seconds, tokens short): how long work needing ``tokens`` more of a decode node's KV cache
     (a prompt's blocks, and what its local prefills queued ahead still need) waits for room there,
     and how far short the cache is now. vLLM admits a waiting request only when its blocks fit in
@@ -160,19 +166,21 @@ def kv_wait(node: NodeClient, tokens: int, step_s: float) -> tuple[float, int]:
     is until the last of them ends. (The eighteenth sitting's 0:2 multi-turn run: local prefills
     on decode nodes with a batch of 14-16 in a 9,824-token cache took 1.7-2 s where 0.3-0.4 s
     was predicted, and most TTFTs over 1 s were predicted at half or less: the prompt waited for
-    room.) Left out: a stream reserved there whose KV has not arrived yet (its prefill on a prefill
-    node, its fetch) takes room first, and a burst between two reports sees the same free room
-    (a local prefill's own queue, in ``tokens``, is the exception)."""
+    room.) The streams this coordinator reserved there whose prompts a prefill node is computing
+    (``NodeClient.awaiting``) take their blocks first: they arrive sooner, and the node's report
+    does not count them yet. Left out: requests in the engine's queue that hold no blocks yet
+    (``NodeLoad.engine_waiting``; of this coordinator's, a local prefill's queue is in ``tokens``),
+    and other coordinators' reservations."""
     load = node.fresh_load()
     if load is None or load.kv_tokens <= 0:
         return 0.0, 0
-    short = tokens - load.kv_free_tokens
+    awaiting = node.awaiting.total + len(node.awaiting) * block_tokens(node)  # (rounded up to blocks, at most)
+    short = tokens + awaiting - load.kv_free_tokens
     if short <= 0:
         return 0.0, 0
     ends = sorted((max(0, left()), node.inflight.get(key, 0)) for key, left in node.left.items())
     if not ends:
         return 0.0, short
-    batch, _ = decode_load(node)
     others = max(0, batch - len(ends))  # streams it does not know the ends of: they grow all along
     freed = steps = 0  # the prompt tokens those ended so far free (with all they grew meanwhile)
     for i, (steps, ctx) in enumerate(ends):
@@ -200,11 +208,11 @@ def stepper(node: NodeClient):  # type: ignore[no-untyped-def]
     if not model.prefill.samples:
         stretch = 1.0 - min(MAX_PREFILL_BUSY, busy)
         return lambda b, ctx: model.step_s(b, ctx) / stretch
-    step_tokens = (load.step_tokens if load is not None else 0) or DEFAULT_STEP_TOKENS
+    budget = step_tokens(load)
 
     def step(b: float, ctx: float) -> float:
         pure = model.step_s(b, ctx)
-        mixed = max(pure, model.prefill_s(chunk_tokens(step_tokens, b)) + beside_s(model, b, ctx))
+        mixed = max(pure, model.prefill_s(chunk_tokens(budget, b)) + beside_s(model, b, ctx))
         return 1.0 / ((1.0 - busy) / pure + busy / mixed) if pure > 0 else mixed * busy
     return step
 
@@ -294,11 +302,9 @@ def decode_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int,
     # (The raw step: the node's TPOT calibration scales this whole prediction.)
     room_s, short = 0.0, 0
     if kv_room:
-        load = node.fresh_load()
-        step_tokens = (load.step_tokens if load is not None else 0) or DEFAULT_STEP_TOKENS
-        ahead = sum(_local_queue(node, step_tokens, batch, context))
+        ahead = sum(_local_queue(node, step_tokens(node.fresh_load()), batch, context))
         room_s, short = kv_wait(node, ahead + (blocks(node, prompt_tokens) + 1) * block_tokens(node),
-                                step(batch, context))
+                                step(batch, context), batch)
     first = room_s + (model.transfer_s(kv) if model.transfer.samples else model.step_s(batch + 1, context + mine))
     each = step(life_batch + 1, life_context + mine)
     raw = (first + (max_tokens - 2) * each) / (max_tokens - 1)
@@ -344,20 +350,19 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
         return None
     step = stepper(node)
     batch, context = decode_load(node)
-    load = node.fresh_load()
-    step_tokens = (load.step_tokens if load is not None else 0) or DEFAULT_STEP_TOKENS
-    queue = _local_queue(node, step_tokens, batch, context)
+    budget = step_tokens(node.fresh_load())
+    queue = _local_queue(node, budget, batch, context)
     raw_queue_s = sum(model.prefill_s(t) for t in queue if t > 0)
     cached = cached.capped(prompt_tokens - 1)  # the last prompt token is always computed
     idle_s = prefill_after_load(model, prompt_tokens, cached.tokens) + load_s(cached.loaded, cached.disk)
-    chunks = chunk_steps(sum(queue) + prompt_tokens - cached.tokens, step_tokens, batch)
+    chunks = chunk_steps(sum(queue) + prompt_tokens - cached.tokens, budget, batch)
     # Its chunks' steps carry the batch too: what the batch adds to each.
     raw_batch_s = chunks * beside_s(model, batch, context)
     # Every block of the prompt comes out of the free ones (a prefix-cached block the engine holds
     # for no running stream counts as free until this request takes it), and one for its first token.
     # (At the raw step: the node's local-prefill calibration scales this whole prediction.)
     raw_room_s, short = (kv_wait(node, sum(queue) + (blocks(node, prompt_tokens) + 1) * block_tokens(node),
-                                 step(batch, context)) if kv_room else (0.0, 0))
+                                 step(batch, context), batch) if kv_room else (0.0, 0))
     f = node.factor("ttft_local", raw_queue_s + idle_s + raw_batch_s + raw_room_s)
     queue_s, run_s, batch_s, room_s = raw_queue_s * f, idle_s * f, raw_batch_s * f, raw_room_s * f
     hit = f", {cached.tokens} tokens held there" if cached.tokens else ""

@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import ExitStack, aclosing
+from contextlib import ExitStack, aclosing, nullcontext
 from typing import Any
 
 import grpc
@@ -238,9 +238,11 @@ class Pipeline:
                         out.prefill_node, out.local_prefill = dnode.node_id, True
                         prompt, sampling = context, left
                     else:
-                        pre, pnode = await self._prefill(req, context, left, hold_kv=dnode is not None, leg=leg,
-                                                         prefer_not=kv_failed_from,
-                                                         first=plan.prefill if leg == 0 else None)
+                        with (self.router.track_awaiting(dnode, len(context)) if dnode is not None
+                              else nullcontext()):
+                            pre, pnode = await self._prefill(req, context, left, hold_kv=dnode is not None, leg=leg,
+                                                             prefer_not=kv_failed_from,
+                                                             first=plan.prefill if leg == 0 else None)
                         # Known to the finally below before anything else can fail or wait.
                         handle = pre.handle if pre.HasField("handle") else None
                         if dnode is not None and not self.router.routable(dnode):

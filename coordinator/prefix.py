@@ -12,7 +12,7 @@ from tandem.perfmodel import ModelView
 
 from tandem.kvstore.held import ChunkIndex
 
-from .router import NodeClient
+from .nodeclient import NodeClient
 
 ROUTINGS = ("prefix", "least-loaded", "random")
 # A prompt token loaded from a KV store instead of computed: its copy into the engine's blocks (and from

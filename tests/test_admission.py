@@ -11,9 +11,10 @@ import grpc
 import pytest
 
 from tandem.coordinator.admission import Admission, Slo
-from tandem.coordinator.estimates import decode_estimate, kv_wait, local_estimate, prefill_estimate
+from tandem.coordinator.estimates import decode_estimate, decode_load, kv_wait, local_estimate, prefill_estimate
 from tandem.coordinator.calibration import MAX_RATIO, MIN_SAMPLES, MIN_SLOPE, RATE, Calibration
-from tandem.coordinator.router import Arrivals, Router, Tally
+from tandem.coordinator.nodeclient import Arrivals, Tally
+from tandem.coordinator.router import Router
 from tandem.errors import InvalidRequest, Rejected, openai_error_body
 from tandem.membership import NodeRecord
 from tandem.proto import tandem_pb2 as pb
@@ -789,12 +790,17 @@ def test_a_prompt_whose_blocks_do_not_fit_waits_until_enough_streams_end() -> No
         with r.track(d0, 600, lambda: 10), r.track(d0, 600, lambda: 50), r.track(d0, 600, lambda: 20):
             # 300 tokens are 19 blocks of 16, and one for the first token: 320, 220 short. The first
             # stream to end (10 steps) frees 600, less the 2 x 10 the other two grew meanwhile.
-            assert kv_wait(d0, 320, 0.008) == (pytest.approx(0.08), 220)
+            assert kv_wait(d0, 320, 0.008, decode_load(d0)[0]) == (pytest.approx(0.08), 220)
             # 1,024 are 924 short: 580 freed after 10 steps are not enough, 1,180 after 20 are.
-            assert kv_wait(d0, 1024, 0.008) == (pytest.approx(0.16), 924)
+            assert kv_wait(d0, 1024, 0.008, decode_load(d0)[0]) == (pytest.approx(0.16), 924)
             # More than all of them free: until the last one ends.
-            assert kv_wait(d0, 5000, 0.008)[0] == pytest.approx(0.4)
-            assert kv_wait(d0, 100, 0.008) == (0.0, 0)
+            assert kv_wait(d0, 5000, 0.008, decode_load(d0)[0])[0] == pytest.approx(0.4)
+            assert kv_wait(d0, 100, 0.008, decode_load(d0)[0]) == (0.0, 0)
+            # A stream reserved there whose prompt a prefill node computes takes its blocks first:
+            # 80 tokens are 5 blocks, and one for its first token; 100 + 96 > 100 free.
+            with r.track(d0, 80, lambda: 100), r.track_awaiting(d0, 80):
+                assert kv_wait(d0, 100, 0.008, decode_load(d0)[0]) == (pytest.approx(0.08), 96)
+            assert kv_wait(d0, 100, 0.008, decode_load(d0)[0]) == (0.0, 0)  # its call went: the report counts it
             with_room = local_estimate(d0, 300, 16)
             blind = local_estimate(d0, 300, 16, kv_room=False)
             assert with_room.ttft.seconds == pytest.approx(blind.ttft.seconds + 0.08)
@@ -817,5 +823,5 @@ def test_a_prompt_whose_blocks_do_not_fit_waits_until_enough_streams_end() -> No
         # A node that does not report its cache (a simulated engine): no wait.
         r = cluster({"d0": pb.NodeLoad(decode_batch=3, fits=fits())})
         with r.track(r._nodes["d0"], 600, lambda: 10):
-            assert kv_wait(r._nodes["d0"], 10_000, 0.008) == (0.0, 0)
+            assert kv_wait(r._nodes["d0"], 10_000, 0.008, 0) == (0.0, 0)
     run(go)

@@ -1,0 +1,184 @@
+"""A node as the coordinator sees it (``NodeClient``): its channel and call stream, its latest
+load message and fitted model, the requests this coordinator has there (``Tally``), the recent
+arrivals admission's forward view counts (``Arrivals``), and how its predictions turn out
+(calibration.py). router.py keeps the membership view and picks among them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+
+from tandem.kvstore.held import ChunkIndex
+from tandem.membership import NodeRecord
+from tandem.perfmodel import FitView, ModelView
+from tandem.proto import tandem_pb2 as pb
+from tandem.proto import tandem_pb2_grpc as pb_grpc
+
+from . import metrics as m
+from .calibration import Calibration
+from .callstream import NodeStream, call_mode_of
+
+LOAD_STALE_S = 5.0  # a load message older than this no longer counts (the stream broke)
+ARRIVAL_WINDOW_S = 20.0  # the recent requests to a decode node that admission's forward view counts
+
+
+class Arrivals:
+    """The requests sent to a node over the last ``window_s`` seconds: their rate, and the mean
+    of the output tokens each asked for."""
+
+    def __init__(self, window_s: float = ARRIVAL_WINDOW_S) -> None:
+        self.window_s = window_s
+        self._seen: deque[tuple[float, int]] = deque()
+        self._tokens = 0
+
+    def add(self, tokens: int, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._forget(now)
+        self._seen.append((now, tokens))
+        self._tokens += tokens
+
+    def rate(self, now: float | None = None) -> tuple[float, float]:
+        """(requests a second, their mean output tokens) over the window up to ``now``."""
+        self._forget(time.monotonic() if now is None else now)
+        n = len(self._seen)
+        return n / self.window_s, (self._tokens / n if n else 0.0)
+
+    def _forget(self, now: float) -> None:
+        while self._seen and self._seen[0][0] <= now - self.window_s:
+            self._tokens -= self._seen.popleft()[1]
+
+
+class Tally(dict[int, int]):
+    """Requests -> tokens, with the tokens' sum kept as they come and go (``total``): admission
+    reads it for every candidate node of every request, and a sum over a node's whole batch each
+    time would cost the coordinator O(batch) a node a request. Entries change by ``[k] = v`` and
+    ``del`` only."""
+
+    total: int = 0
+
+    def __setitem__(self, key: int, tokens: int) -> None:
+        self.total += tokens - self.get(key, 0)
+        super().__setitem__(key, tokens)
+
+    def __delitem__(self, key: int) -> None:
+        self.total -= self[key]
+        super().__delitem__(key)
+
+
+@dataclass
+class NodeClient:
+    record: NodeRecord
+    channel: grpc.aio.Channel
+    outstanding: int = 0
+    served: int = 0
+    down_since: float | None = None  # monotonic; set while the node failed and has not answered since
+    load: pb.NodeLoad | None = None  # its latest NodeMonitor message
+    load_at: float = -1e9  # monotonic time it came
+    model: ModelView = field(default_factory=ModelView)
+    inflight: Tally = field(default_factory=lambda: Tally())  # this coordinator's requests there -> tokens
+    prefilling: Tally = field(default_factory=lambda: Tally())  # of those, local prefills not done yet -> tokens
+    prefilling_since: dict[int, float] = field(default_factory=dict)  # -> when each was sent (perf_counter)
+    prefilled_at: float = 0.0  # when the last local prefill there ended (perf_counter)
+    # Of those, streams reserved there whose KV is being prefilled elsewhere -> prompt tokens: the
+    # node has not seen them yet, and their blocks come out of its free KV room when they arrive.
+    awaiting: Tally = field(default_factory=lambda: Tally())
+    # On a decode node: of this coordinator's requests there, those whose tokens to come it knows
+    # (-> a callable saying how many), and the requests it sent there lately (admission's forward view).
+    left: dict[int, Callable[[], int]] = field(default_factory=dict)
+    # Of those with a TPOT objective: (seconds it has left within it, tokens it has left to make),
+    # asked with the time now (perf_counter); None once nothing is left to protect (admission's
+    # check that a newcomer pushes no running stream past its objective, estimates.pushed).
+    budgets: dict[int, Callable[[float], tuple[float, int] | None]] = field(default_factory=dict)
+    arrivals: Arrivals = field(default_factory=lambda: Arrivals())
+    # How this node's predictions turn out, per kind (ttft, ttft_local, tpot), learned online from
+    # its finished requests (calibration.py).
+    calibrations: dict[str, Calibration] = field(default_factory=dict)
+    chunks: ChunkIndex = field(default_factory=ChunkIndex)  # what its KV store holds (prefix routing)
+    blocks: ChunkIndex = field(default_factory=ChunkIndex)  # what its engine's prefix cache holds
+    call_mode: str = "stream"  # its Prefill / Decode calls: on one NodeCalls stream, or a gRPC call each
+    stub: object = field(init=False)
+    stream: NodeStream | None = field(init=False, default=None)  # with call_mode "stream"
+    health: object = field(init=False)
+    monitor: object = field(init=False)
+    watcher: asyncio.Task[None] | None = None
+    _fits: object = None  # the fits the model was last built from (NodeLoad.fits)
+
+    def __post_init__(self) -> None:
+        self._bind()
+
+    def redial(self, channel: grpc.aio.Channel) -> grpc.aio.Channel:
+        """New calls go on ``channel``; the old one is returned (calls on it run on until it closes)."""
+        old, self.channel = self.channel, channel
+        self.retire()
+        self._bind()
+        return old
+
+    def retire(self) -> None:
+        """No new calls on its call stream; the calls on it run to their end (a node that left,
+        a channel replaced)."""
+        if self.stream is not None:
+            self.stream.retire()
+
+    @property
+    def calls(self) -> object:
+        """What its Prefill and Decode calls are made on: its call stream, or its stub."""
+        return self.stream if self.stream is not None else self.stub
+
+    def _bind(self) -> None:
+        if self.record.role == "prefill":
+            self.stub = pb_grpc.PrefillNodeStub(self.channel)
+        else:
+            self.stub = pb_grpc.DecodeNodeStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.monitor = pb_grpc.NodeMonitorStub(self.channel)
+        self.stream = (NodeStream(self.channel, f"{self.record.role} node {self.record.node_id}")
+                       if call_mode_of(self.call_mode) == "stream" else None)
+
+    def fresh_load(self) -> pb.NodeLoad | None:
+        """Its latest load message, unless the stream went quiet."""
+        return self.load if time.monotonic() - self.load_at < LOAD_STALE_S else None
+
+    def saw_load(self, msg: pb.NodeLoad) -> None:
+        self.load, self.load_at = msg, time.monotonic()
+        if msg.eng_whole or msg.eng_held or msg.eng_gone or msg.eng_namespace:
+            self.blocks.update(msg.eng_whole, msg.eng_held, (), msg.eng_gone, msg.eng_namespace, msg.eng_block_tokens)
+        if msg.kv_whole or msg.kv_ram or msg.kv_disk or msg.kv_gone or msg.kv_namespace:
+            self.chunks.update(msg.kv_whole, msg.kv_ram, msg.kv_disk, msg.kv_gone, msg.kv_namespace,
+                               msg.kv_chunk_tokens)
+        if msg.fits != self._fits:  # most load messages carry the fits unchanged: rebuilt only when not
+            self._fits = msg.fits
+            fits = {f.name: FitView(tuple(f.terms), tuple(f.coefficients), int(f.samples)) for f in msg.fits}
+            empty = FitView((), (), 0)
+            self.model = ModelView(fits.get("prefill", empty), fits.get("decode", empty), fits.get("transfer", empty))
+
+    def calibrated(self, kind: str, raw_s: float) -> float:
+        """A raw ``kind`` prediction for this node (the fitted model's), as its finished requests
+        say such predictions turn out (itself until one has finished)."""
+        c = self.calibrations.get(kind)
+        return c(raw_s) if c is not None else raw_s
+
+    def factor(self, kind: str, raw_s: float) -> float:
+        """``calibrated(kind, raw_s)`` over ``raw_s``: what the log calls the learned factor."""
+        return self.calibrated(kind, raw_s) / raw_s if raw_s > 0 else 1.0
+
+    def calibrate(self, kind: str, model_s: float, actual_s: float) -> None:
+        """One finished request: what the fitted model alone predicted for it against what it took."""
+        c = self.calibrations.get(kind)
+        if c is None:
+            c = self.calibrations[kind] = Calibration.of(kind)
+        c.learn(model_s, actual_s)
+        m.export_calibration(self.node_id, kind, *(c.line() or (0.0, c(1.0))))
+
+    @property
+    def node_id(self) -> str:
+        return self.record.node_id
+
+    @property
+    def up(self) -> bool:
+        return self.down_since is None
