@@ -263,7 +263,8 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         def local_ttft(dn: _Decode) -> tuple[float, float]:
             """(its TTFT there, what its prefill adds to each of the node's streams' tokens)"""
             b, ctx = load(dn)
-            queue_s = sum(dec.prefill_s(t) for t in dn.local_left.values())
+            # (admission's estimates.queued_prefill_s: the queued prompts share the steps' fixed cost)
+            queue_s = sum(dec.prefill_s(t) - dec.prefill_s(0) for t in dn.local_left.values() if t > 0)
             run_s = dec.prefill_s(e.input_len)
             beside = chunk_steps(sum(dn.local_left.values()) + e.input_len, cfg.step_tokens, b) * beside_s(dec, b, ctx)
             return queue_s + run_s + beside, (run_s + beside) / max(e.output_len, MIN_OTHERS_TOKENS)

@@ -11,7 +11,8 @@ import grpc
 import pytest
 
 from tandem.coordinator.admission import Admission, Slo
-from tandem.coordinator.estimates import decode_estimate, decode_load, kv_wait, local_estimate, prefill_estimate
+from tandem.coordinator.estimates import (decode_estimate, decode_load, kv_wait, local_estimate, prefill_estimate,
+                                          queued_prefill_s)
 from tandem.coordinator.calibration import MAX_RATIO, MIN_SAMPLES, MIN_SLOPE, RATE, Calibration
 from tandem.coordinator.nodeclient import Arrivals, Tally
 from tandem.coordinator.router import Router
@@ -624,9 +625,10 @@ def test_a_local_prefill_running_for_a_while_counts_only_what_is_left_of_it() ->
         with r.track_prefill(d0, 500):
             key = next(iter(d0.prefilling))
             just_sent = local_estimate(d0, 100, 16).ttft.seconds
-            assert just_sent == pytest.approx(alone + 0.51, abs=0.05)  # all of it ahead
+            # All of it ahead, less the prefill's constant: its last chunk's step carries this one's first.
+            assert just_sent == pytest.approx(alone + 0.50, abs=0.005)
             d0.prefilling_since[key] -= 0.255  # half way through
-            assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.01 + 0.25, abs=0.05)
+            assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.25, abs=0.005)
             d0.prefilling_since[key] -= 10.0  # overdue: nothing of it counted
             assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone, abs=0.001)
         assert not d0.prefilling and not d0.prefilling_since
@@ -634,12 +636,12 @@ def test_a_local_prefill_running_for_a_while_counts_only_what_is_left_of_it() ->
         with r.track_prefill(d0, 500):
             key = next(iter(d0.prefilling))
             d0.saw_load(pb.NodeLoad(fits=fits(), step_tokens=1000, prefill_queue=[500]))
-            assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.51, abs=0.05)
+            assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.50, abs=0.005)
             d0.prefilling_since[key] -= 0.255
             d0.prefilled_at -= 10.0  # (the one before ended long before this one was sent)
-            assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.01 + 0.25, abs=0.05)
+            assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.25, abs=0.005)
         # Reported with none of this coordinator's there (another's, or one that just ended): whole.
-        assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.51, abs=0.05)
+        assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.50, abs=0.005)
         d0.saw_load(pb.NodeLoad(fits=fits(), step_tokens=1000))
         # The next one waited for the one before: it runs from when that one ended, not from when sent.
         first, second = r.track_prefill(d0, 500), r.track_prefill(d0, 300)
@@ -648,8 +650,21 @@ def test_a_local_prefill_running_for_a_while_counts_only_what_is_left_of_it() ->
         for key in d0.prefilling_since:
             d0.prefilling_since[key] -= 10.0  # both sent long ago
         first.__exit__(None, None, None)  # the 500-token one ends now: the 300-token one starts
-        assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.31, abs=0.05)
+        assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.30, abs=0.005)
         second.__exit__(None, None, None)
+    run(go)
+
+
+def test_queued_local_prefills_share_the_steps_fixed_cost() -> None:
+    def go():
+        # Prefill 0.01 s + 1 ms a token + 1 us a token squared: two queued prompts of 100 and 200
+        # tokens add their tokens' time (0.11 + 0.24 s), the constant once: with this prompt's own.
+        r = cluster({"d0": pb.NodeLoad(fits=fits(prefill=(0.01, 0.001, 1e-6)), step_tokens=1000)})
+        d0 = r._nodes["d0"]
+        assert queued_prefill_s(d0.model, [100, 0, 200]) == pytest.approx(0.35)
+        alone = local_estimate(d0, 50, 16).ttft.seconds
+        with r.track_prefill(d0, 100), r.track_prefill(d0, 200):
+            assert local_estimate(d0, 50, 16).ttft.seconds == pytest.approx(alone + 0.35, abs=0.005)
     run(go)
 
 
@@ -718,11 +733,12 @@ def test_a_queued_prefill_counts_what_it_computes_not_the_whole_prompt_the_node_
         alone = local_estimate(d0, 100, 16).ttft.seconds
         with r.track_prefill(d0, 100):
             d0.saw_load(pb.NodeLoad(fits=fits(), step_tokens=1000, prefill_queue=[1000]))  # the node: whole
-            assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.11, abs=0.01)
+            # (Queued prompts add their tokens' time; the constant comes once, with this one's.)
+            assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.10, abs=0.005)
             # A second prefill there that this coordinator did not send (another coordinator's): its
             # own as it counts it, and the other as the node reports it, its whole prompt.
             d0.saw_load(pb.NodeLoad(fits=fits(), step_tokens=1000, prefill_queue=[1000, 300]))
-            assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.11 + 0.31, abs=0.01)
+            assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.10 + 0.30, abs=0.005)
     run(go)
 
 
