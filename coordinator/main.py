@@ -57,6 +57,7 @@ class CoordinatorConfig:
     admission_headroom: float = 0.0  # admit against the TPOT objective less this share
     protect_streams: str = "on"  # a newcomer may not push a running stream past its TPOT objective
     kv_room: str = "on"  # admission predicts the wait for room in a decode node's KV cache
+    admission_candidates: int = 8  # the most nodes of each pool a request's predictions look at (0: all)
     conditional_disagg: str = "on"  # a decode node may prefill a request itself when that is predicted faster
     prefill_order: str = "slack"  # where the prefill queue lives and its order (prefillq.py)
     prefill_depth: int = 1  # with slack: requests each prefill node runs at a time
@@ -106,6 +107,8 @@ class CoordinatorConfig:
             raise ValueError(f"--admission-headroom must be in [0, 1), got {self.admission_headroom}")
         if self.protect_streams not in ("on", "off"):
             raise ValueError(f"--protect-streams must be on or off, got {self.protect_streams!r}")
+        if self.admission_candidates < 0:
+            raise ValueError(f"--admission-candidates must be >= 0, got {self.admission_candidates}")
         if self.kv_room not in ("on", "off"):
             raise ValueError(f"--kv-room must be on or off, got {self.kv_room!r}")
         if self.conditional_disagg not in ("on", "off"):
@@ -191,6 +194,10 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kv-room", default=env("TANDEM_KV_ROOM", "on"),
                     help="on: admission predicts the wait for room in a decode node's KV cache (a prompt whose "
                          "blocks do not fit waits until running streams end) | off: not (for comparison)")
+    ap.add_argument("--admission-candidates", type=int, default=env("TANDEM_ADMISSION_CANDIDATES", "8"),
+                    help="the most nodes of each pool a request's predictions look at: those holding the most "
+                         "of its prompt, then the least loaded; 0: every node (admission's cost per request "
+                         "grows with the pool)")
     ap.add_argument("--conditional-disagg", default=env("TANDEM_CONDITIONAL_DISAGG", "on"),
                     help="on: a decode node prefills a request itself when that is predicted to start it "
                          "clearly sooner (or to meet its SLO where the prefill pool would not) without "
@@ -254,7 +261,8 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
                           Slo.from_ms(cfg.slo_ttft_ms or None, cfg.slo_tpot_ms or None, "--slo-"),
                           local=cfg.conditional_disagg == "on", headroom=cfg.admission_headroom,
                           order=PrefillOrder(router, cfg.prefill_order, cfg.prefill_depth), routing=cfg.routing,
-                          protect=cfg.protect_streams == "on", kv_room=cfg.kv_room == "on")
+                          protect=cfg.protect_streams == "on", kv_room=cfg.kv_room == "on",
+                          candidates=cfg.admission_candidates)
     pipeline = Pipeline(router, codec, max_model_len, cfg.served_model_name, PipelineConfig(
         prefill_timeout_s=cfg.prefill_timeout_s, decode_timeout_s=cfg.decode_timeout_s, stall_s=cfg.stall_s,
         migration_limit=cfg.migration_limit, stream_interval=cfg.stream_interval), admission,

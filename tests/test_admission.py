@@ -10,11 +10,12 @@ import random
 import grpc
 import pytest
 
-from tandem.coordinator.admission import Admission, Slo
+from tandem.coordinator.admission import Admission, Slo, candidates
 from tandem.coordinator.estimates import (decode_estimate, decode_load, kv_wait, local_estimate, prefill_estimate,
                                           queued_prefill_s)
 from tandem.coordinator.calibration import MAX_RATIO, MIN_SAMPLES, MIN_SLOPE, RATE, Calibration
 from tandem.coordinator.nodeclient import Arrivals, Tally
+from tandem.coordinator.prefix import Held
 from tandem.coordinator.router import Router
 from tandem.errors import InvalidRequest, Rejected, openai_error_body
 from tandem.membership import NodeRecord
@@ -652,6 +653,30 @@ def test_a_local_prefill_running_for_a_while_counts_only_what_is_left_of_it() ->
         first.__exit__(None, None, None)  # the 500-token one ends now: the 300-token one starts
         assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.30, abs=0.005)
         second.__exit__(None, None, None)
+    run(go)
+
+
+def test_a_request_looks_at_the_prefix_holders_and_the_least_loaded_nodes_of_a_big_pool() -> None:
+    def go():
+        r = cluster({f"p{i}": pb.NodeLoad(fits=fits()) for i in range(6)} | {"d0": pb.NodeLoad(fits=fits())})
+        nodes = r.routable_nodes("prefill")
+        by_id = {n.node_id: n for n in nodes}
+        with r.track(by_id["p0"], 900), r.track(by_id["p1"], 700), r.track(by_id["p2"], 500), \
+                r.track(by_id["p5"], 5000):
+            tokens = lambda n: n.inflight.total  # noqa: E731
+            # Up to k, all of them; 0: all of them.
+            assert candidates(nodes, {}, 6, tokens) == nodes and candidates(nodes, {}, 0, tokens) == nodes
+            # Past k: the least loaded (p3, p4 idle, then p2).
+            assert [n.node_id for n in candidates(nodes, {}, 3, tokens)] == ["p3", "p4", "p2"]
+            # A node holding the prompt's prefix is looked at however loaded (up to half of k).
+            held = {"p5": Held(512), "p1": Held(256)}
+            assert [n.node_id for n in candidates(nodes, held, 3, tokens)] == ["p5", "p3", "p4"]
+            assert [n.node_id for n in candidates(nodes, held, 4, tokens)] == ["p5", "p1", "p3", "p4"]
+            # Admission predicts among them only: its choice is one of the idle ones.
+            plan = Admission(r, local=False, candidates=2).plan("r", 100, 16, Slo())
+            assert plan.prefill.node_id in ("p3", "p4")
+        with pytest.raises(ValueError, match="--admission-candidates"):
+            Admission(r, candidates=-1)
     run(go)
 
 
