@@ -15,12 +15,15 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from tandem.local.cluster import ClusterSpec, LocalCluster, core_plan
 from tandem.kvtransfer.transport import DEFAULT_CPU_UCX_TLS
 from tandem.netutil import free_port
 from tandem.node.config import core_spec
+
+if TYPE_CHECKING:
+    from prometheus_client.samples import Sample
 
 NIXL_FIXES = Path(__file__).with_name("nixl-fixes")
 
@@ -283,7 +286,7 @@ TANDEM_VARIANTS: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
-def scrape(address: str) -> list[Any]:
+def scrape(address: str) -> list[Sample]:
     """Every sample on a daemon's metrics endpoint (host:port)."""
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -292,7 +295,7 @@ def scrape(address: str) -> list[Any]:
     return [s for fam in text_string_to_metric_families(text) for s in fam.samples]
 
 
-def metric_sum(samples: list[Any], name: str, **labels: str) -> float:
+def metric_sum(samples: list[Sample], name: str, **labels: str) -> float:
     """The sum of a metric's samples (``scrape``'s) with these labels."""
     return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 

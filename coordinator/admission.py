@@ -1,7 +1,8 @@
 """Admission: predict a new request's TTFT and TPOT on every candidate node, pick, or refuse.
 
-For each routable prefill node the predicted TTFT is the wait for its turn
-there plus this prompt's prefill; for each routable decode node the predicted
+For each candidate prefill node (up to ``--admission-candidates`` of the
+routable ones: ``candidates``) the predicted TTFT is the wait for its turn
+there plus this prompt's prefill; for each candidate decode node the predicted
 TPOT is the mean gap after the first token (the KV fetch, then the steps of
 the batch it joins); and on a decode node that would prefill it itself, both
 (estimates.py makes each, from the node's fitted model, tandem/perfmodel.py).
@@ -28,7 +29,6 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from tandem.errors import InvalidRequest, Rejected
 
@@ -37,7 +37,8 @@ from .estimates import (Estimate, LocalEstimate, decode_estimate, decode_load, l
                         prefill_estimate, pushed, stepper)
 from .prefillq import PrefillOrder
 from .prefix import ROUTINGS, Held, held_prefixes
-from .router import NodeClient, Router
+from .nodeclient import NodeClient
+from .router import Router
 
 logger = logging.getLogger(__name__)
 
@@ -178,20 +179,32 @@ class _Option:
 
 
 def candidates(nodes: list[NodeClient], held: dict[str, Held], k: int,
-               load: Callable[[NodeClient], Any]) -> list[NodeClient]:
+               load: Callable[[NodeClient], tuple[int, int]]) -> list[NodeClient]:
     """Of a pool, the nodes a request's predictions look at: all of them up to ``k`` (0: all);
     past that, those holding the most of its prompt (up to half of ``k``), then the least loaded
-    by ``load`` (this coordinator's own counts, kept as requests come and go). Each node's
-    prediction walks its queue or its streams, so admission's cost per request grew with the
-    pool: a fifth of the coordinator's own CPU with 4 + 4 nodes on the twentieth sitting's
+    by ``load`` (``prefill_rank``, ``decode_rank``: what the node reports or this coordinator
+    counts). Each node's prediction walks its queue or its streams, so admission's cost per
+    request grew with the pool: a fifth of the coordinator's own CPU with 4 + 4 nodes on the twentieth sitting's
     load run. Power-of-k choices: the node a full look would pick is almost always among the
     least loaded and the prefix holders."""
     if k <= 0 or len(nodes) <= k:
         return nodes
     holders = sorted((n for n in nodes if held.get(n.node_id, NO_HOLD).tokens > 0),
-                     key=lambda n: -held[n.node_id].tokens)[:k // 2]
+                     key=lambda n: (-held[n.node_id].tokens, load(n)))[:k // 2]
     taken = {n.node_id for n in holders}
     return holders + heapq.nsmallest(k - len(holders), (n for n in nodes if n.node_id not in taken), key=load)
+
+
+def prefill_rank(node: NodeClient) -> tuple[int, int]:
+    """A prefill node's load for ``candidates``: the prompt tokens queued or running there, this
+    coordinator's or the node's report (other coordinators' too), whichever is more."""
+    load = node.fresh_load()
+    return max(node.inflight.total, sum(load.prefill_queue) if load is not None else 0), 0
+
+
+def decode_rank(node: NodeClient) -> tuple[int, int]:
+    """A decode node's for ``candidates``: its streams, then their context tokens (``decode_load``)."""
+    return decode_load(node)
 
 
 class Admission:
@@ -248,8 +261,8 @@ class Admission:
         # a local prefill there (its engine's cache has the prompts it decoded).
         held = held_prefixes(prefills + decoders, prompt_ids) if self.routing == "prefix" and prompt_ids else {}
         if self.routing != "random":
-            prefills = candidates(prefills, held, self.candidates, lambda n: n.inflight.total)
-        decoders = candidates(decoders, held, self.candidates, lambda n: (len(n.inflight), n.inflight.total))
+            prefills = candidates(prefills, held, self.candidates, prefill_rank)
+        decoders = candidates(decoders, held, self.candidates, decode_rank)
         pre = [prefill_estimate(n, prompt_tokens, self.order, arrival, slo.ttft_s, held.get(n.node_id, Held()))
                for n in prefills]
         # A node where it would push queued requests past their objective only when every node would.

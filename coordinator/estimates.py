@@ -180,14 +180,15 @@ def kv_wait(node: NodeClient, tokens: int, step_s: float, batch: int) -> tuple[f
     on decode nodes with a batch of 14-16 in a 9,824-token cache took 1.7-2 s where 0.3-0.4 s
     was predicted, and most TTFTs over 1 s were predicted at half or less: the prompt waited for
     room.) The streams this coordinator reserved there whose prompts a prefill node is computing
-    (``NodeClient.awaiting``) take their blocks first: they arrive sooner, and the node's report
-    does not count them yet. Left out: requests in the engine's queue that hold no blocks yet
+    (``NodeClient.awaiting``) take blocks too, and the node's report does not count them yet: a
+    fetch arriving after them waits behind them, and a local prefill, whose chunks take their
+    blocks step by step, meets them as they arrive. Left out: requests in the engine's queue that hold no blocks yet
     (``NodeLoad.engine_waiting``; of this coordinator's, a local prefill's queue is in ``tokens``),
     and other coordinators' reservations."""
     load = node.fresh_load()
     if load is None or load.kv_tokens <= 0:
         return 0.0, 0
-    awaiting = node.awaiting.total + len(node.awaiting) * block_tokens(node)  # (rounded up to blocks, at most)
+    awaiting = node.awaiting.total + len(node.awaiting) * block_tokens(node)  # (a block over each, at most)
     short = tokens + awaiting - load.kv_free_tokens
     if short <= 0:
         return 0.0, 0

@@ -23,7 +23,8 @@ import grpc
 
 from tandem.errors import NodeFailed, TandemError, error_from_grpc
 
-from .router import NodeClient, Router
+from .nodeclient import NodeClient
+from .router import Router
 
 T = TypeVar("T")
 

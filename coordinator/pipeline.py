@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import ExitStack, aclosing, nullcontext
+from contextlib import ExitStack, aclosing
 from typing import Any
 
 import grpc
@@ -36,7 +36,8 @@ from . import metrics as m
 from .admission import Admission, Plan, Slo
 from .nodecalls import NodeCallFailed, Watchdog, stream_ended_early
 from .prefillq import NodeGone
-from .router import NodeClient, Router
+from .nodeclient import NodeClient
+from .router import Router
 from .request import Event, FinishEvent, PipelineConfig, Prepared, Progress, TokenEvent, account
 from .textcodec import INLINE_CHARS, StopMatcher, TextCodec
 from .traffic import BatchQueue, Quotas, check_priority, check_tenant
@@ -223,6 +224,10 @@ class Pipeline:
             local = (first is not None and plan.local) or (self.admission.local and self.router.pool_absent("prefill"))
             with ExitStack() as legs_end:
                 dnode = pnode = handle = None
+                # A reserved decode node counts this stream's prompt as coming (admission's KV room)
+                # from before its prefill elsewhere until its first token there: by then its blocks
+                # are the node's, in the node's reports.
+                awaiting = legs_end.enter_context(ExitStack())
                 if local or left.max_tokens > 1:
                     # Reserved before the prefill, so that requests arriving together spread
                     # over the pool (and an empty decode pool costs no prefill work).
@@ -238,18 +243,20 @@ class Pipeline:
                         out.prefill_node, out.local_prefill = dnode.node_id, True
                         prompt, sampling = context, left
                     else:
-                        with (self.router.track_awaiting(dnode, len(context)) if dnode is not None
-                              else nullcontext()):
-                            pre, pnode = await self._prefill(req, context, left, hold_kv=dnode is not None, leg=leg,
-                                                             prefer_not=kv_failed_from,
-                                                             first=plan.prefill if leg == 0 else None)
+                        if dnode is not None:
+                            awaiting.enter_context(self.router.track_awaiting(dnode, len(context)))
+                        pre, pnode = await self._prefill(req, context, left, hold_kv=dnode is not None, leg=leg,
+                                                         prefer_not=kv_failed_from,
+                                                         first=plan.prefill if leg == 0 else None)
                         # Known to the finally below before anything else can fail or wait.
                         handle = pre.handle if pre.HasField("handle") else None
                         if dnode is not None and not self.router.routable(dnode):
                             # It failed, began draining or left while the prompt was prefilled; the
                             # handle serves any decode node.
+                            awaiting.close()
                             dnode = legs_end.enter_context(self.router.track(
                                 await self.router.acquire("decode", avoid), len(context), to_come, stream_budget))
+                            awaiting.enter_context(self.router.track_awaiting(dnode, len(context)))
                         if leg == 0:
                             out.prefill_s, out.prefill_node = pre.prefill_s, pnode.node_id
                             out.dispatch_s = req.prefill_sent_at - req.received
@@ -281,6 +288,7 @@ class Pipeline:
                                         if local and not prog.sent:
                                             out.prefill_s = out.prefill_call_s = time.perf_counter() - t_dec
                                         prefilling.close()
+                                        awaiting.close()
                                         ev, stop = prog.take(ids)
                                         ev.last = stop is not None or msg.finish_reason in FINISHED
                                         yield ev

@@ -40,7 +40,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from tandem.errors import DeadlineExceeded
 
-from .router import NodeClient, Router
+from .nodeclient import NodeClient
+from .router import Router
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Routing: the live membership view, each node's load, and picking a node from a pool.
+"""Routing: the live membership view, and picking a node from a pool (a node as the coordinator
+sees it, its load and its model: nodeclient.py).
 
 ``pick`` takes the least outstanding requests (the coordinator's own count),
 ties broken by fewest served: what the pipeline falls back on when nothing
@@ -243,8 +244,10 @@ class Router:
 
     @contextmanager
     def track_awaiting(self, node: NodeClient, tokens: int) -> Iterator[NodeClient]:
-        """A stream reserved on decode node ``node`` (``track``) while a prefill node computes its
-        ``tokens`` prompt tokens, until its decode call goes there (admission's KV room counts them)."""
+        """A stream reserved on decode node ``node`` (``track``) whose ``tokens`` prompt tokens a
+        prefill node computes, until its first token there (admission's KV room counts them: the
+        node's reports do not yet; for the moments between its blocks' allocation and its first
+        token, both do, on the safe side)."""
         key = next(_keys)
         node.awaiting[key] = tokens
         try:

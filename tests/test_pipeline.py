@@ -344,3 +344,44 @@ def test_a_running_stream_tells_admission_what_is_left_of_its_tpot_objective(tin
     assert secs[0] == pytest.approx(0.5, abs=0.01) and all(a > b for a, b in zip(secs, secs[1:]))
     assert 0.5 - secs[-1] == pytest.approx(4 * 0.02, abs=0.03)
     assert seen[-1] is None  # its last token: nothing left to make
+
+
+def test_a_reserved_decode_node_counts_the_prompt_as_coming_until_its_first_token(tiny_model: Path) -> None:
+    async def go() -> dict[str, int]:
+        seen: dict[str, int] = {}
+
+        class Watching(FakePrefill):
+            async def Prefill(self, req: pb.PrefillRequest, timeout: float | None = None) -> pb.PrefillResponse:
+                seen["prefilling"] = node.awaiting.total
+                return await super().Prefill(req, timeout)
+
+        class WatchingDecode(FakeDecode):
+            def Decode(self, req: pb.DecodeRequest, timeout: float | None = None) -> FakeCall:
+                seen["fetching"] = node.awaiting.total
+                return super().Decode(req, timeout)
+
+        p = make(tiny_model, Watching(), [WatchingDecode([101, 102, 103])])
+        node = p.router._nodes["decode-1"]
+        req = p.prepare(request_id="", text=None, token_ids=[5, 6, 7], sampling=Sampling(max_tokens=4))
+        tokens = 0
+        async for ev in p.run(req):
+            if isinstance(ev, TokenEvent):
+                tokens += 1
+                if tokens == 2:  # its first token from the decode node
+                    seen["decoding"] = node.awaiting.total
+        seen["ended"] = len(node.awaiting)
+        # A request cancelled while a prefill node computes it leaves nothing counted.
+        p2 = make(tiny_model, FakePrefill(delay_s=5.0), [FakeDecode([101, 102])])
+        node2 = p2.router._nodes["decode-1"]
+        task = asyncio.ensure_future(collect(p2, Sampling(max_tokens=3)))
+        await asyncio.sleep(0.1)
+        seen["cancel_prefilling"] = node2.awaiting.total
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        seen["cancelled"] = len(node2.awaiting)
+        return seen
+
+    seen = asyncio.run(go())
+    assert seen == {"prefilling": 3, "fetching": 3, "decoding": 0, "ended": 0, "cancel_prefilling": 3,
+                    "cancelled": 0}
