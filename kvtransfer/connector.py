@@ -31,6 +31,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from tandem.logs import ensure_engine_logging
+
 from .capability import load_secret
 from .handle import CONSUME
 from .metadata import TandemConnectorMetadata, TandemWorkerMetadata
@@ -76,6 +78,7 @@ class TandemConnector(KVConnectorBase_V1):
         self._worker: WorkerSide | None = None
         store = StoreConfig.parse(extra, kv_cache_config)
         if role == KVConnectorRole.SCHEDULER:
+            ensure_engine_logging("kv-sched")  # the engine core's process: its lines reach the node's log
             self._sched = SchedulerSide(engine_id, block_size, str(extra.get("advertise") or address), lease_s,
                                         store=open_store_scheduler(store, block_size) if store else None,
                                         secret=secret)

@@ -200,8 +200,11 @@ class StoreScheduler:
             rest = st.keys[start + n:]
             now = time.monotonic()
             if st.waiting_since is None:
-                if rest and self.store.promote(st.keys, start + n):
+                coming = self.store.promote(st.keys, start + n) if rest else 0
+                if coming:
                     st.waiting_since = now
+                    logger.info("request %s: waiting for %d chunk(s) of its prefix to come up from the KV store's "
+                                "disk tier (%d ready in RAM)", request.request_id, coming, n)
                     return None, False  # ask again once they are in RAM
             elif now - st.waiting_since < PROMOTE_WAIT_S and self.store.promoting(rest[:1]):
                 return None, False
@@ -241,6 +244,9 @@ class StoreScheduler:
                 return StoreJob(request.request_id, [], list(block_ids[first:last]), sync=True, broken=True), False
             return None, True
         job.sync = self.sync_loads
+        logger.info("request %s: %d prompt tokens from the KV store's RAM tier (%s), %d from the engine's cache",
+                    request.request_id, num_external_tokens, "before its step" if job.sync else "beside the step",
+                    st.local)
         return job, False
 
     def load_beside(self, request: Request, block_ids: list[int], start: int, end: int) -> StoreJob | None:

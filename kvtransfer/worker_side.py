@@ -14,6 +14,8 @@ import logging
 
 import torch
 
+from tandem.logs import ensure_engine_logging
+
 from .fetcher import BlockFetcher
 from .metadata import TandemConnectorMetadata, TandemWorkerMetadata
 from .paged import PagedKV
@@ -25,17 +27,6 @@ from .transport import make_data_planes
 from .wire import parse_address
 
 logger = logging.getLogger(__name__)
-
-
-def _ensure_logging() -> None:
-    """vLLM's worker process configures only vLLM's loggers; give ours a handler there."""
-    lg = logging.getLogger("tandem")
-    if not lg.handlers and not logging.getLogger().handlers:
-        h = logging.StreamHandler()
-        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s kv-worker %(name)s: %(message)s"))
-        lg.addHandler(h)
-        lg.setLevel(logging.INFO)
-        lg.propagate = False
 
 
 class WorkerSide:
@@ -54,7 +45,7 @@ class WorkerSide:
         self.server: BlockServer | None = None
         self.fetcher: BlockFetcher | None = None
         self._last_held: int | None = None
-        _ensure_logging()
+        ensure_engine_logging("kv-worker")
         self.store_cfg = store
         self.arena = None
         self.copier: StoreCopier | None = None

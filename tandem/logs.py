@@ -22,6 +22,21 @@ def setup_logging(component: str, level: str | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def ensure_engine_logging(label: str) -> None:
+    """In a vLLM engine process (its core: the connector's scheduler half; its worker), which
+    configures only vLLM's loggers: a handler for Tandem's, in the daemons' format, ``label``
+    in the component's place (kv-sched, kv-worker). Without it their INFO lines were lost and
+    their errors came out bare (Python's last-resort handler)."""
+    lg = logging.getLogger("tandem")
+    if lg.handlers or logging.getLogger().handlers:
+        return
+    h = logging.StreamHandler()
+    h.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {label} %(name)s: %(message)s"))
+    lg.addHandler(h)
+    lg.setLevel((os.environ.get("TANDEM_LOG_LEVEL") or "INFO").upper())
+    lg.propagate = False
+
+
 def log_prompts_enabled() -> bool:
     """Prompt and output text are logged only when TANDEM_LOG_PROMPTS=1."""
     return os.environ.get("TANDEM_LOG_PROMPTS") == "1"

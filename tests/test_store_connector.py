@@ -4,10 +4,14 @@ arena, on CPU tensors laid out as vLLM's CPU backend lays them out. Real engines
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from tandem.kvstore.arena import Arena
@@ -56,7 +60,9 @@ def step(worker: WorkerSide, meta: TandemConnectorMetadata, until) -> tuple[set,
     return seen
 
 
-def test_a_saved_prompt_is_loaded_into_other_blocks_bit_for_bit(tmp_path: Path) -> None:
+def test_a_saved_prompt_is_loaded_into_other_blocks_bit_for_bit(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="tandem.kvtransfer.store_side")
     sched, worker, layers = halves(tmp_path)
     ids = list(range(100, 123))  # 23 tokens: two whole chunks of 8, and a rest
     done = request("a", ids, computed=23)
@@ -73,6 +79,9 @@ def test_a_saved_prompt_is_loaded_into_other_blocks_bit_for_bit(tmp_path: Path) 
     assert sched.lookup(again, num_computed_tokens=4) == (12, True)
     job, failed = sched.after_alloc(again, [30, 31, 32, 33, 34, 35], 12)
     assert not failed and job is not None and job.block_ids == [31, 32, 33]
+    # The node's log says where the request's prompt came from (no prompt text).
+    assert "request b: 12 prompt tokens from the KV store's RAM tier (beside the step), 4 from the engine's cache" \
+        in caplog.text
     _, recvd, bad = step(worker, TandemConnectorMetadata(store_loads=[job]), lambda s: "b" in s[1])
     assert not bad
     for t in layers:
@@ -226,3 +235,12 @@ def test_a_sync_hit_of_a_whole_prompt_leaves_its_last_block_to_compute(tmp_path:
     assert sched.lookup(c, 0) == (15, False)  # all but its last token, which the step computes
     job, _ = sched.after_alloc(c, [20, 21, 22, 23], 15)
     assert job is not None and job.block_ids == [20, 21, 22, 23]  # the last block loaded whole
+
+
+def test_tandems_lines_in_an_engine_process_come_out_in_the_daemons_format() -> None:
+    # A fresh process like vLLM's engine core: nothing configures the tandem loggers there.
+    code = ("import logging; from tandem.logs import ensure_engine_logging; ensure_engine_logging('kv-sched'); "
+            "logging.getLogger('tandem.kvtransfer.store_side').info('request r: hello')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "INFO kv-sched tandem.kvtransfer.store_side: request r: hello" in out.stderr
