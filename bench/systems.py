@@ -273,6 +273,8 @@ TANDEM_VARIANTS: dict[str, tuple[list[str], list[str]]] = {
     "-roomblind": (["--kv-room", "off"], []),
     # nodes whose KV store hits load before the step that computes the prompt's rest, not beside it
     "-syncload": ([], ["--kvstore-load", "sync"]),
+    # nodes whose engine step does not wait for chunks coming up from disk (asked again each step)
+    "-nopromotewait": ([], ["--kvstore-promote-wait-ms", "0"]),
     "-disagg": (["--admission", "off", "--conditional-disagg", "off"], []),
     "-fifo": (["--prefill-order", "fifo"], []),  # every prefill sent at once, the engine's arrival order
     # every prefill sent at once, vLLM's priority scheduling by deadline

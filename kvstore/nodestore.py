@@ -45,6 +45,7 @@ class NodeStore:
         self._events_lock = threading.Lock()
         self.index = SlotIndex(arena.num_slots, on_drop=lambda k: self._note("-", k, "ram"), policy=eviction)
         self._lock = threading.Lock()
+        self._promoted = threading.Condition(self._lock)  # a promotion ended (wait_promoted)
         if disk is not None:
             for k in disk.keys():  # what an earlier run left
                 self._note("+", k, "disk")
@@ -113,6 +114,11 @@ class NodeStore:
     def promoting(self, keys: list[bytes]) -> bool:
         with self._lock:
             return any(k in self._promoting for k in keys)
+
+    def wait_promoted(self, keys: list[bytes], timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` until none of ``keys`` is on its way up from disk; whether so."""
+        with self._promoted:
+            return self._promoted.wait_for(lambda: not any(k in self._promoting for k in keys), timeout_s)
 
     # loads ----------------------------------------------------------------
     def pin_for_load(self, keys: list[bytes]) -> list[int] | None:
@@ -197,6 +203,7 @@ class NodeStore:
                 self.index.fill_done(task.key, ok=data is not None)
                 if data is not None:
                     self._note("+", task.key, "ram")
+                self._promoted.notify_all()
         COUNTS.add("hits.disk" if data is not None else "misses.disk")
 
     def _write_one(self, task: _Task) -> None:

@@ -244,3 +244,26 @@ def test_tandems_lines_in_an_engine_process_come_out_in_the_daemons_format() -> 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "INFO kv-sched tandem.kvtransfer.store_side: request r: hello" in out.stderr
+
+
+def test_a_lookup_waits_in_its_step_for_chunks_coming_up_from_disk(tmp_path: Path) -> None:
+    from tandem.kvstore.tiers import DiskTier
+
+    sched, worker, layers = halves(tmp_path)
+    disk_store = NodeStore(sched.store.arena, DiskTier(str(tmp_path / "disk"), 1 << 30))
+    ids = list(range(100, 123))  # two whole chunks of 8, and a rest
+    results = {}
+    for inline in (0.0, 5.0):
+        sched = StoreScheduler(disk_store, sched.ns, BLOCK, CHUNK_BLOCKS, save=True, promote_inline_s=inline)
+        save = sched.on_finished(request("a", ids, computed=23), block_ids=[10, 11, 12, 13, 14, 15],
+                                 ended_early=False)
+        if save is not None:  # (the second round finds them stored already)
+            step(worker, TandemConnectorMetadata(store_saves=[save]), lambda s: "a" in s[0])
+            sched.saves_done(worker.worker_meta().saves)
+        disk_store._tasks.join()  # written behind to disk
+        assert disk_store.drop_ram()  # out of RAM: on disk only
+        # The chunks start up from disk; without waiting the request is asked again a step later, with
+        # the wait it loads in this step.
+        results[inline] = sched.lookup(request(f"b{inline}", ids), num_computed_tokens=0)
+    assert results[0.0] == (None, False)
+    assert results[5.0] == (16, True)

@@ -73,6 +73,7 @@ class NodeConfig:
     kvstore_save: bool = True
     kvstore_eviction: str = "tail-first"
     kvstore_load: str = "async"  # a hit in the KV store's RAM tier: copied in beside the step (async) or before it
+    kvstore_promote_wait_ms: float = 20.0  # how long a lookup waits in the step for chunks coming up from disk
     # Publish the engine's prefix cache (vLLM's KV events) to coordinators, for prefix-aware routing.
     engine_kv_events: bool = True
     # A simulated node (tandem/node/simengine.py): no engine, times from this profile file.
@@ -141,6 +142,8 @@ class NodeConfig:
                                  f"process (it may use {sorted(os.sched_getaffinity(0))})")
         if self.kvstore_ram_gib < 0 or self.kvstore_disk_gib < 0:
             raise ValueError("--kvstore-ram-gib and --kvstore-disk-gib must be >= 0")
+        if self.kvstore_promote_wait_ms < 0:
+            raise ValueError(f"--kvstore-promote-wait-ms must be >= 0, got {self.kvstore_promote_wait_ms}")
         if self.kvstore_load not in ("sync", "async"):
             raise ValueError(f"--kvstore-load must be sync or async, got {self.kvstore_load!r}")
         if self.kvstore_dir and not self.kvstore_ram_gib:
@@ -295,6 +298,10 @@ def add_node_args(ap: argparse.ArgumentParser) -> None:
                     help="a prompt's chunks found in the KV store's RAM tier: copied into its blocks beside the "
                          "step, the prompt waiting a step for them (async), or before the step that computes "
                          "the rest (sync; measured no better yet, see docs/PERFORMANCE.md)")
+    ap.add_argument("--kvstore-promote-wait-ms", type=float, default=_env("kvstore_promote_wait_ms", 20.0),
+                    help="a prompt's chunks found on the KV store's disk tier: how long the engine's step waits "
+                         "for them to come up to RAM, so they load in that step (the step's other requests "
+                         "wait with it); 0: the request is asked again each step until they are up")
     ap.add_argument("--simulate", default=_env("simulate", ""), metavar="PROFILE",
                     help="a simulated node for load tests and the simulator's checks: the real daemon, API "
                          "and registration, no engine; its times come from PROFILE (a node's cached profile "

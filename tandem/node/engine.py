@@ -191,6 +191,7 @@ class EngineHost:
             "kvstore_save": cfg.kvstore_save,
             "kvstore_eviction": cfg.kvstore_eviction,
             "kvstore_load": cfg.kvstore_load,
+            "kvstore_promote_wait_ms": cfg.kvstore_promote_wait_ms,
             "kvstore_model_id": model_identity(cfg.model) + f"|{cfg.dtype}",
         }
 
