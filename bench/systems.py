@@ -7,7 +7,6 @@ the CPU fixes in bench/nixl-fixes/.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -196,14 +195,16 @@ def check_nixl() -> None:
 
 
 def prompt_tokens_by_source(url: str) -> dict[str, float]:
-    """vllm:prompt_tokens_by_source_total from a vLLM server's /metrics, summed per source."""
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
+    """vllm:prompt_tokens_by_source_total from a vLLM server's /metrics (http://host:port), summed per source."""
+    return tokens_by_source(scrape(url.removeprefix("http://")))
+
+
+def tokens_by_source(samples: list[Sample]) -> dict[str, float]:
+    """vllm:prompt_tokens_by_source_total among ``scrape``'s samples, summed per source."""
     out: dict[str, float] = {}
-    for m in re.finditer(r'^vllm:prompt_tokens_by_source_total\{([^}]*)\} (\S+)$', text, re.M):
-        src = re.search(r'source="([^"]+)"', m.group(1))
-        if src:
-            out[src.group(1)] = out.get(src.group(1), 0.0) + float(m.group(2))
+    for s in samples:
+        if s.name == "vllm:prompt_tokens_by_source_total" and "source" in s.labels:
+            out[s.labels["source"]] = out.get(s.labels["source"], 0.0) + s.value
     return out
 
 
@@ -321,7 +322,7 @@ def cache_facts(cluster: LocalCluster, started: dict[str, dict[str, float]] | No
         if d.role != ("decode" if alone else "prefill"):
             continue
         if alone:
-            by, was = prompt_tokens_by_source(f"http://{url}"), (started or {}).get(d.name, {})
+            by, was = tokens_by_source(got), (started or {}).get(d.name, {})
             by = {k: v - was.get(k, 0.0) for k, v in by.items()}
             prompt += sum(by.values())
             cached += by.get("local_cache_hit", 0.0) + by.get("external_kv_transfer", 0.0)

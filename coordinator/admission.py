@@ -182,8 +182,8 @@ def candidates(nodes: list[NodeClient], held: dict[str, Held], k: int,
                load: Callable[[NodeClient], tuple[int, int]]) -> list[NodeClient]:
     """Of a pool, the nodes a request's predictions look at: all of them up to ``k`` (0: all);
     past that, those holding the most of its prompt (up to half of ``k``), then the least loaded
-    by ``load`` (``prefill_rank``, ``decode_rank``: what the node reports or this coordinator
-    counts). Each node's prediction walks its queue or its streams, so admission's cost per
+    by ``load`` (``prefill_rank``; a decode node's ``decode_load``: what the node reports or
+    this coordinator counts). Each node's prediction walks its queue or its streams, so admission's cost per
     request grew with the pool: a fifth of the coordinator's own CPU with 4 + 4 nodes on the twentieth sitting's
     load run. Power-of-k choices: the node a full look would pick is almost always among the
     least loaded and the prefix holders."""
@@ -200,11 +200,6 @@ def prefill_rank(node: NodeClient) -> tuple[int, int]:
     coordinator's or the node's report (other coordinators' too), whichever is more."""
     load = node.fresh_load()
     return max(node.inflight.total, sum(load.prefill_queue) if load is not None else 0), 0
-
-
-def decode_rank(node: NodeClient) -> tuple[int, int]:
-    """A decode node's for ``candidates``: its streams, then their context tokens (``decode_load``)."""
-    return decode_load(node)
 
 
 class Admission:
@@ -262,7 +257,7 @@ class Admission:
         held = held_prefixes(prefills + decoders, prompt_ids) if self.routing == "prefix" and prompt_ids else {}
         if self.routing != "random":
             prefills = candidates(prefills, held, self.candidates, prefill_rank)
-        decoders = candidates(decoders, held, self.candidates, decode_rank)
+        decoders = candidates(decoders, held, self.candidates, decode_load)
         pre = [prefill_estimate(n, prompt_tokens, self.order, arrival, slo.ttft_s, held.get(n.node_id, Held()))
                for n in prefills]
         # A node where it would push queued requests past their objective only when every node would.

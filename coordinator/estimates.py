@@ -182,9 +182,9 @@ def kv_wait(node: NodeClient, tokens: int, step_s: float, batch: int) -> tuple[f
     room.) The streams this coordinator reserved there whose prompts a prefill node is computing
     (``NodeClient.awaiting``) take blocks too, and the node's report does not count them yet: a
     fetch arriving after them waits behind them, and a local prefill, whose chunks take their
-    blocks step by step, meets them as they arrive. Left out: requests in the engine's queue that hold no blocks yet
-    (``NodeLoad.engine_waiting``; of this coordinator's, a local prefill's queue is in ``tokens``),
-    and other coordinators' reservations."""
+    blocks step by step, meets them as they arrive. Left out: requests in the engine's queue that
+    hold no blocks yet (``NodeLoad.engine_waiting``; of this coordinator's, a local prefill's queue
+    is in ``tokens``), and other coordinators' reservations."""
     load = node.fresh_load()
     if load is None or load.kv_tokens <= 0:
         return 0.0, 0
