@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from tandem.errors import InvalidRequest, Rejected
 
 from . import metrics as m
-from .estimates import (Estimate, LocalEstimate, decode_estimate, decode_load, life_load, local_estimate,
-                        prefill_estimate, pushed, stepper)
+from .estimates import (DecodeView, Estimate, LocalEstimate, decode_estimate, decode_load, decode_view, life_load,
+                        local_estimate, prefill_estimate, pushed)
 from .prefillq import PrefillOrder
 from .prefix import ROUTINGS, Held, held_prefixes
 from .nodeclient import NodeClient
@@ -262,16 +262,18 @@ class Admission:
                for n in prefills]
         # A node where it would push queued requests past their objective only when every node would.
         pre = [e for e in pre if not e.pushes] or pre
-        # Each decode node's batch over the request's life, looked at once (O(its streams)).
-        lives = {n.node_id: life_load(n, max_tokens) for n in decoders} if max_tokens > 1 else {}
-        dec = ([decode_estimate(n, prompt_tokens, max_tokens, lives[n.node_id], self.protect, self.kv_room) for n in decoders]
-               if lives else [])
+        # Each decode node's state, and its batch over the request's life, looked at once (O(its streams)).
+        views = {n.node_id: decode_view(n) for n in decoders}
+        lives = ({n.node_id: life_load(n, max_tokens, views[n.node_id]) for n in decoders} if max_tokens > 1
+                 else {})
+        dec = ([decode_estimate(n, prompt_tokens, max_tokens, lives[n.node_id], self.protect, self.kv_room,
+                                views[n.node_id]) for n in decoders] if lives else [])
         # A node where it would push running streams past their objective only when every node would.
         dec = [e for e in dec if not e.pushes] or dec
         p = (self.rng.choice(pre) if self.routing == "random" else _best(pre)) if pre else None
         d = _best(dec) if dec else None
         remote = _Option(p, d) if p is not None else None
-        local = self._local(decoders, prompt_tokens, max_tokens, slo, held, lives,
+        local = self._local(decoders, prompt_tokens, max_tokens, slo, held, lives, views,
                             alone=self.router.pool_absent("prefill")) if self.local else None
         chosen = _choose(remote, local, slo)
         if chosen is None:  # no prefill node, and no decode node that could do it: the pipeline waits
@@ -340,7 +342,8 @@ class Admission:
         raise Rejected(msg, plan.ttft_s, plan.tpot_s, retry)
 
     def _local(self, decoders: list[NodeClient], prompt_tokens: int, max_tokens: int, slo: Slo,
-               held: dict[str, Held], lives: dict[str, tuple[float, float]], alone: bool = False) -> _Option | None:
+               held: dict[str, Held], lives: dict[str, tuple[float, float]], views: dict[str, DecodeView],
+               alone: bool = False) -> _Option | None:
         """The best decode node to prefill this request itself, among those where that does not
         push the streams they are decoding past the TPOT objective (with none set: where no other
         prefill is running): the soonest start among those that meet both of its objectives, or
@@ -351,19 +354,19 @@ class Admission:
         harmful: list[tuple[LocalEstimate, NodeClient, float, str]] = []
         unknown: list[NodeClient] = []
         for n in decoders:
+            view = views[n.node_id]
             est = local_estimate(n, prompt_tokens, max_tokens, held.get(n.node_id, Held()), lives.get(n.node_id),
-                                 self.kv_room)
+                                 self.kv_room, view)
             if est is None:
                 unknown.append(n)
                 continue
-            batch, context = decode_load(n)
-            if self.protect and slo.tpot_s is not None and batch and _all_known(n):
+            batch, context, step = view.batch, view.context, view.step
+            if self.protect and slo.tpot_s is not None and batch and _all_known(view):
                 # Every stream running there is this coordinator's, and it knows what each has left of
                 # its objective: none may be pushed past it (``pushed``), by the step with this request
                 # in the batch and the node's recent share of local prefills beside it, or by the
                 # plain step and this prefill's stall once, whichever is more for it.
-                step = stepper(n)
-                pushes = pushed(n, n.calibrated("tpot", step(batch, context)),
+                pushes = pushed(view.budgets, n.calibrated("tpot", view.step_now),
                                 n.calibrated("tpot", step(batch + 1, context + prompt_tokens)), est.stall_s,
                                 n.calibrated("tpot", n.model.step_s(batch + 1, context + prompt_tokens)))
                 if pushes:
@@ -379,7 +382,7 @@ class Admission:
                 # the recent share already counts a prefill like this one.
                 # (Their step calibrated as the node's TPOT predictions, a raw one scattering far wider
                 # than what happens; this prefill's stall, a prefill time, as its TTFT there.)
-                theirs = max(n.calibrated("tpot", stepper(n)(batch, context)),
+                theirs = max(n.calibrated("tpot", view.step_now),
                              n.calibrated("tpot", n.model.step_s(batch, context)) + est.harm_s)
                 if theirs > slo.tpot_s:
                     harmful.append((est, n, theirs, f"it would slow the running streams to {theirs * 1000:.0f} ms a "
@@ -387,7 +390,7 @@ class Admission:
                                     "local prefills beside it or with this one's stall spread over their tokens, "
                                     "whichever is more)"))
                     continue
-            elif batch and not alone and (n.prefilling or ((load := n.fresh_load()) is not None and load.prefill_queue)):
+            elif batch and not alone and (n.prefilling or (view.load is not None and view.load.prefill_queue)):
                 continue
             fits.append((est, n))
         if fits:
@@ -407,16 +410,14 @@ class Admission:
         return _Option(est.ttft, est.tpot, local=True, others=others)
 
 
-def _all_known(node: NodeClient) -> bool:
-    """Whether this coordinator knows what each stream running on ``node`` has left of its TPOT
-    objective: as many of its streams there have their first token (and a budget) as the node
+def _all_known(view: DecodeView) -> bool:
+    """Whether this coordinator knows what each stream running on the view's node has left of its
+    TPOT objective: as many of its streams there have their first token (and a budget) as the node
     reports running (another coordinator's, or one without an objective, would not be protected)."""
-    if not node.budgets:
+    if not view.node.budgets:
         return False
-    now = time.perf_counter()
-    known = sum(1 for b in node.budgets.values() if b(now) is not None)
-    load = node.fresh_load()
-    return known >= (load.decode_batch if load is not None else len(node.inflight))
+    load = view.load
+    return len(view.budgets) >= (load.decode_batch if load is not None else len(view.node.inflight))
 
 
 def _choose(remote: _Option | None, local: _Option | None, slo: Slo) -> _Option | None:

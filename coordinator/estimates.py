@@ -153,15 +153,46 @@ def queued_prefill_s(model: ModelView, queue: list[int]) -> float:
     return sum(model.prefill_s(t) - base for t in queue if t > 0)
 
 
-def decode_load(node: NodeClient) -> tuple[int, int]:
-    """(streams, their context tokens) on a decode node: as it reports them, or as many as this
-    coordinator has sent there, whichever is more."""
-    load = node.fresh_load()
+def decode_load(node: NodeClient, load: pb.NodeLoad | None = None) -> tuple[int, int]:
+    """(streams, their context tokens) on a decode node: as it reports them (``load``: its fresh
+    report, when the caller has it), or as many as this coordinator has sent there, whichever is more."""
+    if load is None:
+        load = node.fresh_load()
     batch, context = len(node.inflight), node.inflight.total
     if load is not None and load.decode_batch + load.decode_waiting >= batch:
         batch = load.decode_batch + load.decode_waiting
         context = max(context, load.decode_context)
     return batch, context
+
+
+@dataclass
+class DecodeView:
+    """A decode node's state as one admission decision reads it (``decode_view``): built once per
+    node per request, so its TPOT estimate, its local-prefill estimate and the check on its running
+    streams all read the same numbers, each worked out once. (Until the twenty-first sitting each
+    estimate rebuilt them, the queue walk and the streams' budgets twice a node a request.)"""
+
+    node: NodeClient
+    load: pb.NodeLoad | None  # its fresh load report (None: none)
+    batch: int  # ``decode_load``
+    context: int
+    step: Callable[[float, float], float]  # ``stepper``
+    step_now: float  # its step with the batch it has: ``step(batch, context)``
+    budget: int  # its per-step token budget (``step_tokens``)
+    queue: list[int]  # its local prefills' tokens still to prefill (``_local_queue``)
+    # this coordinator's streams there with a TPOT objective: (seconds left within it, tokens to come)
+    budgets: list[tuple[float, int]]
+
+
+def decode_view(node: NodeClient) -> DecodeView:
+    load = node.fresh_load()
+    batch, context = decode_load(node, load)
+    budget = step_tokens(load)
+    now = time.perf_counter()
+    budgets = [got for b in node.budgets.values() if (got := b(now)) is not None]
+    step = stepper(node, load)
+    return DecodeView(node, load, batch, context, step, step(batch, context), budget,
+                      _local_queue(node, budget, batch, context), budgets)
 
 
 def kv_wait(node: NodeClient, tokens: int, step_s: float, batch: int) -> tuple[float, int]:
@@ -204,7 +235,7 @@ def kv_wait(node: NodeClient, tokens: int, step_s: float, batch: int) -> tuple[f
     return steps * step_s, short
 
 
-def stepper(node: NodeClient):  # type: ignore[no-untyped-def]
+def stepper(node: NodeClient, load: pb.NodeLoad | None = None):  # type: ignore[no-untyped-def]
     """The node's decode step time as its streams see it, with local prefills beside them a
     share ``busy`` of the recent time (``NodeLoad.prefill_busy``): the engine runs their chunks in
     its steps, so a stream still gets a token every step, but the steps that carry a chunk take
@@ -213,8 +244,9 @@ def stepper(node: NodeClient):  # type: ignore[no-untyped-def]
     harmonic mean. (Until the seventeenth sitting the fitted step was stretched by 1 / (1 - busy),
     as if no stream stepped while a prefill ran: at 0:2 multi-turn, busy near 0.7, it predicted
     steps of 220 ms at a batch of 16 that took ~60 ms, and most refusals were TPOT ones.) Without
-    a prefill model, that stretch (``busy`` at most ``MAX_PREFILL_BUSY``)."""
-    load = node.fresh_load()
+    a prefill model, that stretch (``busy`` at most ``MAX_PREFILL_BUSY``). ``load``: as ``decode_load``."""
+    if load is None:
+        load = node.fresh_load()
     busy = min(1.0, max(0.0, load.prefill_busy)) if load is not None else 0.0
     model = node.model
     if busy <= 0.0:
@@ -231,7 +263,7 @@ def stepper(node: NodeClient):  # type: ignore[no-untyped-def]
     return step
 
 
-def life_load(node: NodeClient, tokens: int) -> tuple[float, float]:
+def life_load(node: NodeClient, tokens: int, view: DecodeView | None = None) -> tuple[float, float]:
     """(streams, context tokens) a new request of ``tokens`` output tokens on this decode node
     decodes beside, on average over its steps (its TPOT is their mean step).
 
@@ -243,9 +275,10 @@ def life_load(node: NodeClient, tokens: int) -> tuple[float, float]:
     Measured on a coordinator log (bench/forecast.py, the thirteenth sitting's run): TPOT
     error p50 15 % and p90 33 % with this view, 22 % and 40 % with the half-and-half one, 5 % and
     12 % knowing the batch to come; the rest is when the later requests arrive, which no forecast
-    made now knows. O(streams) a node: each one's tokens to come are asked."""
-    batch, context = decode_load(node)
-    load = node.fresh_load()
+    made now knows. O(streams) a node: each one's tokens to come are asked. ``view``: the node's
+    ``decode_view``, when the caller has it."""
+    view = view or decode_view(node)
+    batch, context, load = view.batch, view.context, view.load
     lefts = [f() for f in node.left.values()]
     if not lefts or tokens < 1:
         if load is None or load.decode_batch_mean <= 0:
@@ -254,7 +287,7 @@ def life_load(node: NodeClient, tokens: int) -> tuple[float, float]:
     others = max(1.0, batch / len(lefts))  # the node's streams per one of this coordinator's
     staying = sum(min(max(n, 0), tokens) for n in lefts) / tokens * others
     rate, mean_tokens = node.arrivals.rate()
-    per_step = rate * others * stepper(node)(batch + 1, context)  # requests arriving a step
+    per_step = rate * others * view.step(batch + 1, context)  # requests arriving a step
     # Those arriving over its steps at per_step, each staying mean_tokens steps: the mean over
     # [0, tokens] of per_step * min(t, mean_tokens).
     arriving = per_step * (mean_tokens - mean_tokens * mean_tokens / (2 * tokens) if tokens > mean_tokens
@@ -267,9 +300,10 @@ def life_load(node: NodeClient, tokens: int) -> tuple[float, float]:
     return life, life * each
 
 
-def pushed(node: NodeClient, step_now: float, step_new: float, stall_s: float = 0.0,
+def pushed(budgets: list[tuple[float, int]], step_now: float, step_new: float, stall_s: float = 0.0,
            slower: float | None = None) -> int:
-    """How many of this coordinator's streams on ``node`` a newcomer would push past their TPOT
+    """How many of this coordinator's streams on a node (``budgets``: ``DecodeView.budgets``, what
+    each has left of its TPOT objective) a newcomer would push past their TPOT
     objective: those that meet it at ``step_now`` a token (what the node's step is now) for the
     rest of their tokens, but not at ``step_new`` (the step with the newcomer in the batch), nor
     when they also wait ``stall_s`` once (its prefill, when the node prefills it) on top of
@@ -280,16 +314,11 @@ def pushed(node: NodeClient, step_now: float, step_new: float, stall_s: float = 
     the objective spread over the newcomer's tokens: a stream admitted near its objective was
     pushed past it by those that joined its batch after it, most of the TPOT misses on the
     seventeenth sitting's 0:2 multi-turn runs.)"""
-    if not node.budgets or step_new <= 0:
+    if not budgets or step_new <= 0:
         return 0
-    now = time.perf_counter()
     slower = step_new if slower is None else slower
     n = 0
-    for budget in node.budgets.values():
-        got = budget(now)
-        if got is None:
-            continue
-        secs, tokens = got
+    for secs, tokens in budgets:
         if secs < step_now * tokens:
             continue  # missing it already at the pace it has now
         if max(step_new * tokens, slower * tokens + stall_s) > secs:
@@ -298,16 +327,18 @@ def pushed(node: NodeClient, step_now: float, step_new: float, stall_s: float = 
 
 
 def decode_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int,
-                    life: tuple[float, float] | None = None, protect: bool = True, kv_room: bool = True) -> Estimate:
+                    life: tuple[float, float] | None = None, protect: bool = True, kv_room: bool = True,
+                    view: DecodeView | None = None) -> Estimate:
     """Mean time per output token after the first, for a request of ``max_tokens`` (>= 2).
-    ``life``: ``life_load(node, max_tokens)`` when the caller has it already. Its ``pushes``
-    (with ``protect``): the running streams it would push past their objective (``pushed``)."""
+    ``life``: ``life_load(node, max_tokens)`` and ``view``: ``decode_view(node)``, when the caller
+    has them already. Its ``pushes`` (with ``protect``): the running streams it would push past
+    their objective (``pushed``)."""
     model = node.model
     if not model.decode.samples:
         return Estimate(node, None)
-    step = stepper(node)
-    batch, context = decode_load(node)
-    life_batch, life_context = life or life_load(node, max_tokens)
+    view = view or decode_view(node)
+    step, batch, context = view.step, view.batch, view.context
+    life_batch, life_context = life or life_load(node, max_tokens, view)
     mine = prompt_tokens + max_tokens // 2  # its mean context over the steps
     kv = blocks(node, prompt_tokens) * block_tokens(node) * kv_bytes_per_token(node.record.layout)
     # The fetch plus its first step; with no transfer samples yet, one step stands in for it. Its
@@ -316,16 +347,15 @@ def decode_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int,
     # (The raw step: the node's TPOT calibration scales this whole prediction.)
     room_s, short = 0.0, 0
     if kv_room:
-        ahead = sum(_local_queue(node, step_tokens(node.fresh_load()), batch, context))
-        room_s, short = kv_wait(node, ahead + (blocks(node, prompt_tokens) + 1) * block_tokens(node),
-                                step(batch, context), batch)
+        room_s, short = kv_wait(node, sum(view.queue) + (blocks(node, prompt_tokens) + 1) * block_tokens(node),
+                                view.step_now, batch)
     first = room_s + (model.transfer_s(kv) if model.transfer.samples else model.step_s(batch + 1, context + mine))
     each = step(life_batch + 1, life_context + mine)
     raw = (first + (max_tokens - 2) * each) / (max_tokens - 1)
     f = node.factor("tpot", raw)
     busy = raw * f
     idle = (first + (max_tokens - 2) * model.step_s(1, mine)) / (max_tokens - 1)
-    pushes = pushed(node, node.calibrated("tpot", step(batch, context)),
+    pushes = pushed(view.budgets, node.calibrated("tpot", view.step_now),
                     node.calibrated("tpot", step(batch + 1, context + prompt_tokens))) if batch and protect else 0
     return Estimate(node, busy, idle, factor=f, pushes=pushes,
                     describe=lambda: f"{node.node_id}: batch {batch} now, {life_batch:.1f} + 1 over its life, step "
@@ -346,7 +376,8 @@ class LocalEstimate:
 
 
 def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached: Held = Held(),
-                   life: tuple[float, float] | None = None, kv_room: bool = True) -> LocalEstimate | None:
+                   life: tuple[float, float] | None = None, kv_room: bool = True,
+                   view: DecodeView | None = None) -> LocalEstimate | None:
     """None when the node has no prefill or no decode model yet.
 
     TTFT = the prefills queued there (its own report, or this coordinator's local prefills
@@ -358,14 +389,13 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
     computed. TPOT = a step of the
     batch with this request added (its KV is already there). Harm: every running stream
     waits for the prefill's chunks once, spread over its tokens (this request's ``max_tokens``
-    stands in for theirs, which the coordinator does not know)."""
+    stands in for theirs, which the coordinator does not know). ``life``, ``view``: as
+    ``decode_estimate``'s."""
     model = node.model
     if not (model.prefill.samples and model.decode.samples):
         return None
-    step = stepper(node)
-    batch, context = decode_load(node)
-    budget = step_tokens(node.fresh_load())
-    queue = _local_queue(node, budget, batch, context)
+    view = view or decode_view(node)
+    step, batch, context, budget, queue = view.step, view.batch, view.context, view.budget, view.queue
     raw_queue_s = queued_prefill_s(model, queue)
     cached = cached.capped(prompt_tokens - 1)  # the last prompt token is always computed
     idle_s = prefill_after_load(model, prompt_tokens, cached.tokens) + load_s(cached.loaded, cached.disk)
@@ -376,7 +406,7 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
     # for no running stream counts as free until this request takes it), and one for its first token.
     # (At the raw step: the node's local-prefill calibration scales this whole prediction.)
     raw_room_s, short = (kv_wait(node, sum(queue) + (blocks(node, prompt_tokens) + 1) * block_tokens(node),
-                                 step(batch, context), batch) if kv_room else (0.0, 0))
+                                 view.step_now, batch) if kv_room else (0.0, 0))
     f = node.factor("ttft_local", raw_queue_s + idle_s + raw_batch_s + raw_room_s)
     queue_s, run_s, batch_s, room_s = raw_queue_s * f, idle_s * f, raw_batch_s * f, raw_room_s * f
     hit = f", {cached.tokens} tokens held there" if cached.tokens else ""
@@ -388,7 +418,7 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
     tpot = None
     if max_tokens > 1:
         mine = prompt_tokens + max_tokens // 2
-        life_batch, life_context = life or life_load(node, max_tokens)
+        life_batch, life_context = life or life_load(node, max_tokens, view)
         each = step(life_batch + 1, life_context + mine)
         ft = node.factor("tpot", each)
         tpot = Estimate(node, each * ft, model.step_s(1, mine), factor=ft,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol
 
 VLLM_STEP_TOKENS = 2048  # an engine's tokens a step when its node does not set them (vLLM's default)
@@ -274,6 +275,13 @@ class FitView:
     def predict(self, x: Sequence[float]) -> float:
         return sum(c * v for c, v in zip(self.coefficients, x))
 
+    @cached_property
+    def c3(self) -> tuple[float, float, float]:
+        """The first three coefficients (zeros for those it lacks): ``ModelView``'s predictions,
+        made hundreds of times a request by admission, unrolled."""
+        c = tuple(self.coefficients[:3])
+        return c + (0.0,) * (3 - len(c))  # type: ignore[return-value]
+
 
 _EMPTY = FitView((), (), 0)
 
@@ -285,6 +293,19 @@ class ModelView(_Predicts):
     prefill: FitView = _EMPTY
     decode: FitView = _EMPTY
     transfer: FitView = _EMPTY
+
+    # ``_Predicts``' predictions unrolled (the same sums): admission makes hundreds a request.
+    def prefill_s(self, tokens: int) -> float:
+        c0, c1, c2 = self.prefill.c3
+        return c0 + c1 * tokens + c2 * tokens * tokens
+
+    def step_s(self, batch: int, context_tokens: int) -> float:
+        c0, c1, c2 = self.decode.c3
+        return c0 + c1 * batch + c2 * context_tokens
+
+    def transfer_s(self, nbytes: int) -> float:
+        c0, c1, _ = self.transfer.c3
+        return c0 + c1 * nbytes
 
     @classmethod
     def of(cls, model: NodeModel) -> ModelView:
