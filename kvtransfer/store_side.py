@@ -160,7 +160,7 @@ def store_eligible(request: Request) -> bool:
 
 class StoreScheduler:
     def __init__(self, store: NodeStore, namespace: bytes, block_size: int, chunk_blocks: int,
-                 save: bool, sync_loads: bool = False, promote_inline_s: float = 0.0) -> None:
+                 save: bool, sync_loads: bool = False, promote_inline_s: float = DEFAULT_PROMOTE_INLINE_S) -> None:
         self.store = store
         # With sync_loads a lookup's hit (its chunks in RAM) loads before the step that computes the
         # prompt's rest (StoreJob.sync), not beside it: an async load keeps the request out of the
