@@ -110,12 +110,15 @@ class Watchdog:
             reader = asyncio.ensure_future(pump(queue))
         try:
             while True:
-                try:
-                    async with asyncio.timeout(self.stall_s):
-                        item = await queue.get()
-                except TimeoutError:
-                    await self._probe(node)
-                    continue
+                if not queue.empty():  # (no timer for what is there already)
+                    item = queue.get_nowait()
+                else:
+                    try:
+                        async with asyncio.timeout(self.stall_s):
+                            item = await queue.get()
+                    except TimeoutError:
+                        await self._probe(node)
+                        continue
                 if item is grpc.aio.EOF:  # (a call-stream call's queue ends so too)
                     return
                 if isinstance(item, grpc.aio.AioRpcError):

@@ -119,9 +119,7 @@ class Progress:
             self.out.ttft_s = now - self.req.received
             m.TTFT.observe(self.out.ttft_s)
         elif ids:  # a group (--stream-interval): its gap spread over its tokens, as vLLM counts per token
-            each = (now - self.last_token_at) / len(ids)
-            for _ in ids:
-                m.ITL.observe(each)
+            m.observe_many(m.ITL, (now - self.last_token_at) / len(ids), len(ids))
         self.sent.extend(ids)
         self.out.completion_tokens = len(self.sent)
         self.last_token_at = now
