@@ -354,6 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_coordinator_bench_args(bco)
     bco.set_defaults(fn=cmd_coordinator_bench)
 
+    from tandem.bench.admission_cost import add_args as add_admission_bench_args
+    from tandem.bench.admission_cost import cmd_admission as cmd_admission_bench
+
+    bad = bsub.add_parser("admission", help="the CPU one admission decision costs, by pool size and "
+                                             "--admission-candidates (a synthetic busy cluster, no nodes)")
+    add_admission_bench_args(bad)
+    bad.set_defaults(fn=cmd_admission_bench)
+
     from tandem.bench.shift import add_args as add_shift_args
     from tandem.bench.shift import cmd_shift
 

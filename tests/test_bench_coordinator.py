@@ -25,3 +25,29 @@ def test_the_baseline_relays_what_the_coordinator_would_with_its_messages(mode: 
         assert row["tokens"] == 16 * row["requests"]
         assert row["messages"] == messages * row["requests"], interval
         assert row["cpu_us_per_request"] > 0
+
+
+def test_the_admission_bench_times_decisions_on_a_cluster_whose_decode_nodes_are_busy(tmp_path) -> None:
+    import asyncio
+    import json
+
+    from tandem.bench.admission_cost import busy_cluster, cmd_admission
+    from tandem.coordinator.admission import Admission, Slo
+    from tandem.coordinator.estimates import decode_view
+
+    async def go() -> None:
+        r = busy_cluster(4, 6)
+        view = decode_view(r._nodes["d0"])
+        # What each decision walks there: the streams with their budgets, a local prefill, a short cache.
+        assert (view.batch, view.context, len(view.budgets)) == (6, 3600, 6)
+        assert len(view.queue) == 1 and 0 < view.queue[0] <= 300  # (the running one: some of it done)
+        plan = Admission(r, "off").plan("x", 512, 64, Slo(1.5, 0.1), count=False, prompt_ids=list(range(512)))
+        assert plan.ttft_s is not None and plan.ttft_s > 0 and plan.tpot_s is not None and plan.tpot_s > 0
+
+    asyncio.run(go())
+    args = argparse.Namespace(pools="1,2", candidates="1,0", streams=2, iterations=2, repeats=1, out=str(tmp_path))
+    assert cmd_admission(args) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["pool"], r["candidates"]) for r in doc["rows"]] == [(1, 1), (2, 1), (1, 0), (2, 0)]
+    assert all(r["us_per_plan"] > 0 for r in doc["rows"])
+    assert (tmp_path / "admission-cost.png").stat().st_size > 0 and "| 2 |" in (tmp_path / "report.md").read_text()
