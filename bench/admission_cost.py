@@ -70,7 +70,7 @@ def busy_cluster(pool: int, streams: int) -> Any:
             n.left[key] = (lambda k=k: 10 + 5 * k)
             n.budgets[key] = (lambda t, k=k: (3.0, 10 + 5 * k))
         n.prefilling[i * 1000 + 999] = 300
-        n.prefilling_since[i * 1000 + 999] = now
+        n.prefilling_since[i * 1000 + 999] = now + 1e6  # (its progress held still: none done, every decision)
         for _ in range(20):
             n.arrivals.add(64)
     return r

@@ -263,7 +263,8 @@ class Admission:
         # A node where it would push queued requests past their objective only when every node would.
         pre = [e for e in pre if not e.pushes] or pre
         # Each decode node's state, and its batch over the request's life, looked at once (O(its streams)).
-        views = {n.node_id: decode_view(n) for n in decoders}
+        views = ({n.node_id: decode_view(n, self.protect) for n in decoders} if max_tokens > 1 or self.local
+                 else {})
         lives = ({n.node_id: life_load(n, max_tokens, views[n.node_id]) for n in decoders} if max_tokens > 1
                  else {})
         dec = ([decode_estimate(n, prompt_tokens, max_tokens, lives[n.node_id], self.protect, self.kv_room,
@@ -366,7 +367,7 @@ class Admission:
                 # its objective: none may be pushed past it (``pushed``), by the step with this request
                 # in the batch and the node's recent share of local prefills beside it, or by the
                 # plain step and this prefill's stall once, whichever is more for it.
-                pushes = pushed(view.budgets, n.calibrated("tpot", view.step_now),
+                pushes = pushed(view.tpot_left, n.calibrated("tpot", view.step_now),
                                 n.calibrated("tpot", step(batch + 1, context + prompt_tokens)), est.stall_s,
                                 n.calibrated("tpot", n.model.step_s(batch + 1, context + prompt_tokens)))
                 if pushes:
@@ -417,7 +418,7 @@ def _all_known(view: DecodeView) -> bool:
     if not view.node.budgets:
         return False
     load = view.load
-    return len(view.budgets) >= (load.decode_batch if load is not None else len(view.node.inflight))
+    return len(view.tpot_left) >= (load.decode_batch if load is not None else len(view.node.inflight))
 
 
 def _choose(remote: _Option | None, local: _Option | None, slo: Slo) -> _Option | None:

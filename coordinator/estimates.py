@@ -165,7 +165,7 @@ def decode_load(node: NodeClient, load: pb.NodeLoad | None = None) -> tuple[int,
     return batch, context
 
 
-@dataclass
+@dataclass(frozen=True)
 class DecodeView:
     """A decode node's state as one admission decision reads it (``decode_view``): built once per
     node per request, so its TPOT estimate, its local-prefill estimate and the check on its running
@@ -178,21 +178,23 @@ class DecodeView:
     context: int
     step: Callable[[float, float], float]  # ``stepper``
     step_now: float  # its step with the batch it has: ``step(batch, context)``
-    budget: int  # its per-step token budget (``step_tokens``)
+    step_tokens: int  # its per-step token budget (``step_tokens``)
     queue: list[int]  # its local prefills' tokens still to prefill (``_local_queue``)
-    # this coordinator's streams there with a TPOT objective: (seconds left within it, tokens to come)
-    budgets: list[tuple[float, int]]
+    # this coordinator's streams there with a TPOT objective: (seconds left within it, tokens to
+    # come); asked only for a decision that protects running streams (else empty)
+    tpot_left: list[tuple[float, int]]
 
 
-def decode_view(node: NodeClient) -> DecodeView:
+def decode_view(node: NodeClient, tpot_left: bool = True) -> DecodeView:
+    """``tpot_left``: ask each stream what it has left of its objective (admission's ``protect``)."""
     load = node.fresh_load()
     batch, context = decode_load(node, load)
     budget = step_tokens(load)
-    now = time.perf_counter()
-    budgets = [got for b in node.budgets.values() if (got := b(now)) is not None]
     step = stepper(node, load)
+    now = time.perf_counter()
+    left = [got for b in node.budgets.values() if (got := b(now)) is not None] if tpot_left else []
     return DecodeView(node, load, batch, context, step, step(batch, context), budget,
-                      _local_queue(node, budget, batch, context), budgets)
+                      _local_queue(node, budget, batch, context), left)
 
 
 def kv_wait(node: NodeClient, tokens: int, step_s: float, batch: int) -> tuple[float, int]:
@@ -300,10 +302,10 @@ def life_load(node: NodeClient, tokens: int, view: DecodeView | None = None) -> 
     return life, life * each
 
 
-def pushed(budgets: list[tuple[float, int]], step_now: float, step_new: float, stall_s: float = 0.0,
+def pushed(tpot_left: list[tuple[float, int]], step_now: float, step_new: float, stall_s: float = 0.0,
            slower: float | None = None) -> int:
-    """How many of this coordinator's streams on a node (``budgets``: ``DecodeView.budgets``, what
-    each has left of its TPOT objective) a newcomer would push past their TPOT
+    """How many of this coordinator's streams on a node (``tpot_left``: ``DecodeView.tpot_left``,
+    what each has left of its TPOT objective) a newcomer would push past their TPOT
     objective: those that meet it at ``step_now`` a token (what the node's step is now) for the
     rest of their tokens, but not at ``step_new`` (the step with the newcomer in the batch), nor
     when they also wait ``stall_s`` once (its prefill, when the node prefills it) on top of
@@ -314,11 +316,11 @@ def pushed(budgets: list[tuple[float, int]], step_now: float, step_new: float, s
     the objective spread over the newcomer's tokens: a stream admitted near its objective was
     pushed past it by those that joined its batch after it, most of the TPOT misses on the
     seventeenth sitting's 0:2 multi-turn runs.)"""
-    if not budgets or step_new <= 0:
+    if not tpot_left or step_new <= 0:
         return 0
     slower = step_new if slower is None else slower
     n = 0
-    for secs, tokens in budgets:
+    for secs, tokens in tpot_left:
         if secs < step_now * tokens:
             continue  # missing it already at the pace it has now
         if max(step_new * tokens, slower * tokens + stall_s) > secs:
@@ -336,7 +338,7 @@ def decode_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int,
     model = node.model
     if not model.decode.samples:
         return Estimate(node, None)
-    view = view or decode_view(node)
+    view = view or decode_view(node, protect)
     step, batch, context = view.step, view.batch, view.context
     life_batch, life_context = life or life_load(node, max_tokens, view)
     mine = prompt_tokens + max_tokens // 2  # its mean context over the steps
@@ -355,7 +357,7 @@ def decode_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int,
     f = node.factor("tpot", raw)
     busy = raw * f
     idle = (first + (max_tokens - 2) * model.step_s(1, mine)) / (max_tokens - 1)
-    pushes = pushed(view.budgets, node.calibrated("tpot", view.step_now),
+    pushes = pushed(view.tpot_left, node.calibrated("tpot", view.step_now),
                     node.calibrated("tpot", step(batch + 1, context + prompt_tokens))) if batch and protect else 0
     return Estimate(node, busy, idle, factor=f, pushes=pushes,
                     describe=lambda: f"{node.node_id}: batch {batch} now, {life_batch:.1f} + 1 over its life, step "
@@ -395,7 +397,7 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
     if not (model.prefill.samples and model.decode.samples):
         return None
     view = view or decode_view(node)
-    step, batch, context, budget, queue = view.step, view.batch, view.context, view.budget, view.queue
+    step, batch, context, budget, queue = view.step, view.batch, view.context, view.step_tokens, view.queue
     raw_queue_s = queued_prefill_s(model, queue)
     cached = cached.capped(prompt_tokens - 1)  # the last prompt token is always computed
     idle_s = prefill_after_load(model, prompt_tokens, cached.tokens) + load_s(cached.loaded, cached.disk)

@@ -91,8 +91,8 @@ class Watchdog:
     async def stream(self, call: Any, node: NodeClient) -> AsyncIterator[Any]:
         """The messages of a server-streaming call, watched the same way: a gap of ``stall_s``
         between messages gets a health probe. One reader task per call feeds a queue (a call on
-        a call stream has its own), so the per-message cost is a queue hand-off and a timer, not a
-        task."""
+        a call stream has its own), so the per-message cost is a queue hand-off (and a timer when
+        the queue is empty), not a task."""
         # A call on a node's call stream (callstream.py) has its replies in a queue already.
         queue: asyncio.Queue[object] | None = getattr(call, "items", None)
         reader = None

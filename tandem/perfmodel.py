@@ -297,7 +297,7 @@ class ModelView(_Predicts):
     # ``_Predicts``' predictions unrolled (the same sums): admission makes hundreds a request.
     def prefill_s(self, tokens: int) -> float:
         c0, c1, c2 = self.prefill.c3
-        return c0 + c1 * tokens + c2 * tokens * tokens
+        return c0 + c1 * tokens + c2 * (tokens * tokens)
 
     def step_s(self, batch: int, context_tokens: int) -> float:
         c0, c1, c2 = self.decode.c3

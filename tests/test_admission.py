@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import grpc
 import pytest
 
 from tandem.coordinator.admission import Admission, Slo, candidates
-from tandem.coordinator.estimates import (decode_estimate, decode_load, kv_wait, local_estimate, prefill_estimate,
-                                          queued_prefill_s)
+from tandem.coordinator.estimates import (decode_estimate, decode_load, decode_view, kv_wait, local_estimate,
+                                          prefill_estimate, queued_prefill_s)
 from tandem.coordinator.calibration import MAX_RATIO, MIN_SAMPLES, MIN_SLOPE, RATE, Calibration
 from tandem.coordinator.nodeclient import Arrivals, Tally
 from tandem.coordinator.prefix import Held
@@ -801,6 +802,34 @@ def test_a_newcomer_that_would_push_a_running_stream_past_its_tpot_goes_elsewher
             # Once that stream has more time left, the less loaded d0 takes it again.
             with _stream(r, "d0", 1.6, 100):
                 assert Admission(r, local=False).plan("r", 100, 16, Slo(tpot_s=0.1)).decode.node_id == "d0"
+    run(go)
+
+
+def test_a_decision_reads_each_decode_node_once_and_predicts_as_without_the_shared_view() -> None:
+    def go():
+        r = cluster({"p0": pb.NodeLoad(fits=fits()),
+                     "d0": pb.NodeLoad(decode_batch=3, prefill_busy=0.3, step_tokens=256, kv_tokens=4000,
+                                       kv_free_tokens=200, fits=fits(decode=(0.005, 0.001, 1e-6))),
+                     "d1": pb.NodeLoad(decode_batch=1, fits=fits())})
+        asked: list[int] = []
+
+        def stream(i: int):  # type: ignore[no-untyped-def]
+            return r.track(r._nodes["d0"], 300, lambda: 40, lambda now: asked.append(i) or (5.0, 40))
+
+        with stream(0), stream(1), stream(2), r.track_prefill(r._nodes["d0"], 500):
+            for key in r._nodes["d0"].prefilling_since:  # (its progress held still: the same queue each look)
+                r._nodes["d0"].prefilling_since[key] = time.perf_counter() + 1e6
+            Admission(r).plan("r", 200, 32, Slo(ttft_s=1.5, tpot_s=0.1))
+            assert sorted(asked) == [0, 1, 2]  # TPOT, local prefill and protection: one look at each stream
+            asked.clear()
+            Admission(r, protect=False).plan("r", 200, 32, Slo(ttft_s=1.5, tpot_s=0.1))
+            assert asked == []  # nothing to protect: not asked
+            d0 = r._nodes["d0"]
+            view = decode_view(d0)
+            for est, alone in ((decode_estimate(d0, 200, 32, view=view), decode_estimate(d0, 200, 32)),
+                               (local_estimate(d0, 200, 32, view=view).ttft, local_estimate(d0, 200, 32).ttft)):
+                assert est.seconds == pytest.approx(alone.seconds) and est.pushes == alone.pushes
+                assert est.detail.split("(x")[0] == alone.detail.split("(x")[0]
     run(go)
 
 

@@ -39,8 +39,7 @@ def test_the_admission_bench_times_decisions_on_a_cluster_whose_decode_nodes_are
         r = busy_cluster(4, 6)
         view = decode_view(r._nodes["d0"])
         # What each decision walks there: the streams with their budgets, a local prefill, a short cache.
-        assert (view.batch, view.context, len(view.budgets)) == (6, 3600, 6)
-        assert len(view.queue) == 1 and 0 < view.queue[0] <= 300  # (the running one: some of it done)
+        assert (view.batch, view.context, len(view.tpot_left), view.queue) == (6, 3600, 6, [300])
         plan = Admission(r, "off").plan("x", 512, 64, Slo(1.5, 0.1), count=False, prompt_ids=list(range(512)))
         assert plan.ttft_s is not None and plan.ttft_s > 0 and plan.tpot_s is not None and plan.tpot_s > 0
 
@@ -49,5 +48,6 @@ def test_the_admission_bench_times_decisions_on_a_cluster_whose_decode_nodes_are
     assert cmd_admission(args) == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     assert [(r["pool"], r["candidates"]) for r in doc["rows"]] == [(1, 1), (2, 1), (1, 0), (2, 0)]
-    assert all(r["us_per_plan"] > 0 for r in doc["rows"])
-    assert (tmp_path / "admission-cost.png").stat().st_size > 0 and "| 2 |" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert (tmp_path / "admission-cost.png").stat().st_size > 0
+    assert "| 1 | " in report and "| 2 | " in report and "candidates 0 | candidates 1" in report

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tandem.bench.forecast import Batch, Req, analyse, read, replay_factor, ttft_local_room, ttft_parts
+from tandem.bench.forecast import (Batch, Req, analyse, read, replay_factor, ttft_local_by_batch, ttft_local_room,
+                                    ttft_parts)
 
 
 def test_the_batch_over_a_life_is_its_time_average() -> None:
@@ -72,3 +73,33 @@ def test_local_prefills_ttft_error_is_split_by_the_kv_room_wait_admission_predic
     assert got["no KV room wait predicted"]["requests"] == 2  # (the TPOT part's room does not count)
     over = got["TTFT over 1 s"]
     assert over["requests"] == 2 and over["signed_p50"] == pytest.approx((-0.2 - 0.75) / 2)
+
+
+def test_plain_local_prefills_ttft_error_is_split_by_the_batch_at_admission(tmp_path: Path) -> None:
+    def admitted(rid: str, queue: int, batch: int, step_ms: float, held: str = "") -> str:
+        return (f"2026-12-02 06:30:52,435 INFO coordinator tandem.coordinator.admission: request {rid}: admitted, "
+                f"prefills on decode node decode-0: decode-0 (prefill here): queue {queue} prompts 0 ms + prefill 200 ms "
+                f"+ 2 steps beside a batch of {batch} 56 ms (x0.87, learned){held}; decode-0 (prefill here): batch "
+                f"{batch} now, 13.4 + 1 over its life, step {step_ms:.1f} ms")
+
+    def finished(rid: str, ttft: float, pred: float) -> str:
+        return (f"2026-12-02 06:30:57,833 INFO coordinator tandem.coordinator.request: request {rid}: length after "
+                f"51 tokens (ttft {ttft:.3f} s, tpot 72.9 ms, e2e 5.399 s, prefill decode-0 (local), decode "
+                f"decode-0, migrations 0, dispatch 0.003 s, prefill call 0.300 s; predicted ttft {pred:.3f} s, tpot "
+                "69.8 ms, learned factors x0.8717, x0.7120, of the ttft waiting 0.000 s)")
+
+    log = tmp_path / "coordinator.log"
+    log.write_text("\n".join([
+        admitted("a", 0, 0, 20.0), finished("a", 0.200, 0.200),
+        admitted("b", 0, 10, 60.0), finished("b", 0.330, 0.300),
+        admitted("c", 0, 11, 60.0), finished("c", 0.320, 0.300),
+        admitted("d", 0, 12, 80.0), finished("d", 0.340, 0.300),
+        admitted("e", 1, 12, 60.0), finished("e", 0.900, 0.300),  # (a prompt queued ahead: left out)
+        admitted("f", 0, 12, 60.0, ", 64 tokens held there"), finished("f", 0.900, 0.300),  # (held: left out)
+    ]) + "\n")
+    got = ttft_local_by_batch(str(log))
+    assert set(got) == {"batch 0", "batch 9-12"}
+    assert got["batch 0"]["requests"] == 1 and got["batch 0"]["excess_ms_p50"] == pytest.approx(0.0)
+    nine = got["batch 9-12"]
+    assert nine["requests"] == 3 and nine["excess_ms_p50"] == pytest.approx(30.0)
+    assert nine["step_ms_p50"] == pytest.approx(60.0) and nine["p50"] == pytest.approx(30 / 330)

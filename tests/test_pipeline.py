@@ -387,24 +387,32 @@ def test_a_reserved_decode_node_counts_the_prompt_as_coming_until_its_first_toke
                     "cancelled": 0}
 
 
-def test_observe_many_records_what_as_many_observations_would() -> None:
-    from prometheus_client import CollectorRegistry, Histogram
+@pytest.mark.parametrize("mode", ["one process", "multiprocess"])
+def test_observe_many_records_what_as_many_observations_would(mode: str, tmp_path, monkeypatch) -> None:
+    from prometheus_client import CollectorRegistry, Histogram, values
+    from prometheus_client.multiprocess import MultiProcessCollector
 
     from tandem.coordinator.metrics import observe_many
 
     reg = CollectorRegistry()
-    one = Histogram("one_by_one", "", buckets=(0.01, 0.1, 1.0), registry=reg)
-    many = Histogram("at_once", "", buckets=(0.01, 0.1, 1.0), registry=reg)
+    if mode == "multiprocess":  # as under --workers (PROMETHEUS_MULTIPROC_DIR): values in mmapped files
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+        monkeypatch.setattr(values, "ValueClass", values.MultiProcessValue())
+    one = Histogram("one_by_one", "", buckets=(0.01, 0.1, 1.0), registry=None if mode == "multiprocess" else reg)
+    many = Histogram("at_once", "", buckets=(0.01, 0.1, 1.0), registry=None if mode == "multiprocess" else reg)
+    if mode == "multiprocess":
+        MultiProcessCollector(reg, path=str(tmp_path))
     for value, n in ((0.005, 3), (0.05, 16), (5.0, 2), (0.1, 1)):
         for _ in range(n):
             one.observe(value)
         observe_many(many, value, n)
 
     def samples(name: str) -> list[tuple[str, dict, float]]:
-        return [(s.name.replace(name, ""), s.labels, s.value) for f in reg.collect() if f.name == name
-                for s in f.samples if not s.name.endswith("_created")]
+        return sorted((s.name.replace(name, ""), sorted(s.labels.items()), s.value) for f in reg.collect()
+                      if f.name == name for s in f.samples if not s.name.endswith("_created"))
 
     a, b = samples("one_by_one"), samples("at_once")
-    assert [(k, lab) for k, lab, _ in a] == [(k, lab) for k, lab, _ in b]
+    assert a and [(k, lab) for k, lab, _ in a] == [(k, lab) for k, lab, _ in b]
     assert [v for _, _, v in a] == pytest.approx([v for _, _, v in b])  # (the sum: one product, not n adds)
-    assert dict((k, v) for k, lab, v in samples("at_once") if k == "_count")["_count"] == 22
+    assert dict((k, v) for k, lab, v in b if k == "_count")["_count"] == 22
+    assert dict((k, v) for k, lab, v in b if k == "_bucket" and lab == [("le", "0.1")])["_bucket"] == 20
