@@ -272,8 +272,6 @@ TANDEM_VARIANTS: dict[str, tuple[list[str], list[str]]] = {
     "-unprotected": (["--protect-streams", "off"], []),
     # admission that does not predict the wait for room in a decode node's KV cache
     "-roomblind": (["--kv-room", "off"], []),
-    # admission that leaves out a local prefill's wait for the decode step in progress
-    "-nostepwait": (["--step-wait", "off"], []),
     # nodes whose KV store hits load before the step that computes the prompt's rest, not beside it
     "-syncload": ([], ["--kvstore-load", "sync"]),
     # nodes whose engine step does not wait for chunks coming up from disk (asked again each step)

@@ -206,7 +206,7 @@ class Admission:
     def __init__(self, router: Router, mode: str = "on", default_slo: Slo = Slo(), local: bool = True,
                  headroom: float = 0.0, order: PrefillOrder | None = None, routing: str = "prefix",
                  rng: random.Random | None = None, protect: bool = True, kv_room: bool = True,
-                 candidates: int = DEFAULT_CANDIDATES, step_wait: bool = True) -> None:
+                 candidates: int = DEFAULT_CANDIDATES) -> None:
         if mode not in MODES:
             raise ValueError(f"--admission must be on or off, got {mode!r}")
         if routing not in ROUTINGS:
@@ -232,8 +232,6 @@ class Admission:
         self.protect = protect
         # A prompt waits for room in a decode node's KV cache (estimates.kv_wait); off: not predicted.
         self.kv_room = kv_room
-        # A local prefill waits out the decode step in progress (estimates.local_estimate); off: not predicted.
-        self.step_wait = step_wait
         # The most nodes of each pool a request's predictions look at (``candidates``); 0: all.
         if candidates < 0:
             raise ValueError(f"--admission-candidates must be >= 0, got {candidates}")
@@ -359,7 +357,7 @@ class Admission:
         for n in decoders:
             view = views[n.node_id]
             est = local_estimate(n, prompt_tokens, max_tokens, held.get(n.node_id, Held()), lives.get(n.node_id),
-                                 self.kv_room, view, self.step_wait)
+                                 self.kv_room, view)
             if est is None:
                 unknown.append(n)
                 continue

@@ -379,7 +379,7 @@ class LocalEstimate:
 
 def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached: Held = Held(),
                    life: tuple[float, float] | None = None, kv_room: bool = True,
-                   view: DecodeView | None = None, step_wait: bool = True) -> LocalEstimate | None:
+                   view: DecodeView | None = None) -> LocalEstimate | None:
     """None when the node has no prefill or no decode model yet.
 
     TTFT = the prefills queued there (its own report, or this coordinator's local prefills
@@ -392,13 +392,7 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
     batch with this request added (its KV is already there). Harm: every running stream
     waits for the prefill's chunks once, spread over its tokens (this request's ``max_tokens``
     stands in for theirs, which the coordinator does not know). ``life``, ``view``: as
-    ``decode_estimate``'s.
-
-    With ``step_wait``, a prompt that finds the node decoding and no local prefill ahead also
-    waits out the step in progress: the engine takes new requests between steps, so a request
-    arriving at a random moment of a step waits half of one on average (``DecodeView.step_now``;
-    with a local prefill ahead, the queue's progress already runs to the moment). Left out until
-    the twenty-first sitting."""
+    ``decode_estimate``'s."""
     model = node.model
     if not (model.prefill.samples and model.decode.samples):
         return None
@@ -410,23 +404,19 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
     chunks = chunk_steps(sum(queue) + prompt_tokens - cached.tokens, budget, batch)
     # Its chunks' steps carry the batch too: what the batch adds to each.
     raw_batch_s = chunks * beside_s(model, batch, context)
-    raw_step_s = view.step_now / 2 if step_wait and batch and not any(queue) else 0.0
     # Every block of the prompt comes out of the free ones (a prefix-cached block the engine holds
     # for no running stream counts as free until this request takes it), and one for its first token.
     # (At the raw step: the node's local-prefill calibration scales this whole prediction.)
     raw_room_s, short = (kv_wait(node, sum(queue) + (blocks(node, prompt_tokens) + 1) * block_tokens(node),
                                  view.step_now, batch) if kv_room else (0.0, 0))
-    f = node.factor("ttft_local", raw_queue_s + idle_s + raw_batch_s + raw_room_s + raw_step_s)
-    queue_s, run_s, batch_s, room_s, step_s = (raw_queue_s * f, idle_s * f, raw_batch_s * f, raw_room_s * f,
-                                               raw_step_s * f)
+    f = node.factor("ttft_local", raw_queue_s + idle_s + raw_batch_s + raw_room_s)
+    queue_s, run_s, batch_s, room_s = raw_queue_s * f, idle_s * f, raw_batch_s * f, raw_room_s * f
     hit = f", {cached.tokens} tokens held there" if cached.tokens else ""
-    in_step = f" + {step_s * 1000:.0f} ms for the step in progress" if step_s else ""
-    # (The step in progress is not "work queued there": two decode nodes with no prompt queued stay alike.)
-    ttft = Estimate(node, queue_s + run_s + batch_s + room_s + step_s, idle_s, queue_s=queue_s + room_s, factor=f,
+    ttft = Estimate(node, queue_s + run_s + batch_s + room_s, idle_s, queue_s=queue_s + room_s, factor=f,
                     cached_tokens=cached,
                     describe=lambda: f"{node.node_id} (prefill here): queue {len(queue)} prompts {queue_s * 1000:.0f} ms + "
                     f"prefill {run_s * 1000:.0f} ms + {chunks} steps beside a batch of {batch} "
-                    f"{batch_s * 1000:.0f} ms{in_step}{_room(room_s, short)}{_calibrated(f)}{hit}")
+                    f"{batch_s * 1000:.0f} ms{_room(room_s, short)}{_calibrated(f)}{hit}")
     tpot = None
     if max_tokens > 1:
         mine = prompt_tokens + max_tokens // 2

@@ -57,7 +57,6 @@ class CoordinatorConfig:
     admission_headroom: float = 0.0  # admit against the TPOT objective less this share
     protect_streams: str = "on"  # a newcomer may not push a running stream past its TPOT objective
     kv_room: str = "on"  # admission predicts the wait for room in a decode node's KV cache
-    step_wait: str = "on"  # a local prefill's TTFT counts half the decode step in progress
     admission_candidates: int = 8  # the most nodes of each pool a request's predictions look at (0: all)
     conditional_disagg: str = "on"  # a decode node may prefill a request itself when that is predicted faster
     prefill_order: str = "slack"  # where the prefill queue lives and its order (prefillq.py)
@@ -112,8 +111,6 @@ class CoordinatorConfig:
             raise ValueError(f"--admission-candidates must be >= 0, got {self.admission_candidates}")
         if self.kv_room not in ("on", "off"):
             raise ValueError(f"--kv-room must be on or off, got {self.kv_room!r}")
-        if self.step_wait not in ("on", "off"):
-            raise ValueError(f"--step-wait must be on or off, got {self.step_wait!r}")
         if self.conditional_disagg not in ("on", "off"):
             raise ValueError(f"--conditional-disagg must be on or off, got {self.conditional_disagg!r}")
         parse_quotas(self.tenant_quota)  # ValueError naming the bad part
@@ -197,9 +194,6 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kv-room", default=env("TANDEM_KV_ROOM", "on"),
                     help="on: admission predicts the wait for room in a decode node's KV cache (a prompt whose "
                          "blocks do not fit waits until running streams end) | off: not (for comparison)")
-    ap.add_argument("--step-wait", default=env("TANDEM_STEP_WAIT", "on"),
-                    help="on: a request a decode node prefills itself is predicted to wait out the step its "
-                         "engine is in (half a step of its running batch) | off: not (for comparison)")
     ap.add_argument("--admission-candidates", type=int, default=env("TANDEM_ADMISSION_CANDIDATES", "8"),
                     help="the most nodes of each pool a request's predictions look at: those holding the most "
                          "of its prompt, then the least loaded; 0: every node (admission's cost per request "
@@ -268,7 +262,7 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
                           local=cfg.conditional_disagg == "on", headroom=cfg.admission_headroom,
                           order=PrefillOrder(router, cfg.prefill_order, cfg.prefill_depth), routing=cfg.routing,
                           protect=cfg.protect_streams == "on", kv_room=cfg.kv_room == "on",
-                          candidates=cfg.admission_candidates, step_wait=cfg.step_wait == "on")
+                          candidates=cfg.admission_candidates)
     pipeline = Pipeline(router, codec, max_model_len, cfg.served_model_name, PipelineConfig(
         prefill_timeout_s=cfg.prefill_timeout_s, decode_timeout_s=cfg.decode_timeout_s, stall_s=cfg.stall_s,
         migration_limit=cfg.migration_limit, stream_interval=cfg.stream_interval), admission,
