@@ -95,11 +95,11 @@ def test_plain_local_prefills_ttft_error_is_split_by_the_batch_at_admission(tmp_
         admitted("c", 0, 11, 60.0), finished("c", 0.320, 0.300),
         admitted("d", 0, 12, 80.0), finished("d", 0.340, 0.300),
         admitted("e", 1, 12, 60.0), finished("e", 0.900, 0.300),  # (a prompt queued ahead: left out)
-        admitted("f", 0, 12, 60.0, ", 64 tokens held there"), finished("f", 0.900, 0.300),  # (held: left out)
+        admitted("f", 0, 12, 60.0, ", 64 tokens held there"), finished("f", 0.350, 0.300),  # (held: counted)
     ]) + "\n")
     got = ttft_local_by_batch(str(log))
     assert set(got) == {"batch 0", "batch 9-12"}
     assert got["batch 0"]["requests"] == 1 and got["batch 0"]["excess_ms_p50"] == pytest.approx(0.0)
     nine = got["batch 9-12"]
-    assert nine["requests"] == 3 and nine["excess_ms_p50"] == pytest.approx(30.0)
-    assert nine["step_ms_p50"] == pytest.approx(60.0) and nine["p50"] == pytest.approx(30 / 330)
+    assert nine["requests"] == 4 and nine["excess_ms_p50"] == pytest.approx(35.0)  # (30, 20, 40, 50)
+    assert nine["step_ms_p50"] == pytest.approx(60.0) and nine["p50"] == pytest.approx((30 / 330 + 40 / 340) / 2)
