@@ -11,9 +11,9 @@ with a prompt no node holds; conditional disaggregation on (a decode node's loca
 estimate is made too), as a coordinator runs by default.
 
 For each pool size (``--pools``: nodes of each kind) and candidate cap (``--candidates``), the
-mean microseconds a decision takes over ``--iterations``. The whole coordinator's CPU per
-request, with gRPC and the relay, is `tandem bench coordinator`'s; this is the part of it that
-grows with the cluster.
+mean CPU microseconds a decision takes over ``--iterations`` (the fastest of ``--repeats``).
+The whole coordinator's CPU per request, with gRPC and the relay, is `tandem bench
+coordinator`'s; this is the part of it that grows with the cluster.
 
     tandem bench admission --pools 2,4,8,16,32 --candidates 8,0
 """
@@ -79,7 +79,7 @@ def busy_cluster(pool: int, streams: int) -> Any:
 def time_plans(pool: int, streams: int, cap: int, iterations: int, repeats: int = 3) -> float:
     """Mean CPU seconds of one ``Admission.plan`` on ``busy_cluster(pool, streams)`` with ``cap``
     candidates: the least of ``repeats`` means over ``iterations`` (this VM's speed wanders; the
-    thread's CPU time, not the wall's, leaves out the time the VM was not running it)."""
+    thread's CPU time, not the wall's, leaves out the time other processes held the core)."""
     from tandem.coordinator.admission import Admission, Slo
 
     async def go() -> float:
@@ -155,7 +155,8 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
     plt.close(fig)
     lines = ["# What one admission decision costs", "",
              f"`Admission.plan` alone on a synthetic busy cluster ({doc['streams_per_decode_node']} streams on each "
-             f"decode node, conditional disaggregation on): the mean of {doc['iterations']} decisions, the fastest of "
+             f"decode node, conditional disaggregation on): the thread's CPU time, the mean of "
+             f"{doc['iterations']} decisions, the fastest of "
              f"{doc['repeats']} such runs.", "",
              "| nodes of each kind | " + " | ".join(f"candidates {c}" for c in caps) + " |",
              "|---:|" + "---:|" * len(caps)]

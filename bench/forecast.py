@@ -251,10 +251,11 @@ def ttft_local_by_batch(path: str) -> dict[str, dict[str, float]]:
     node, no wait for KV room predicted; a prefix held there or not: a multi-turn prompt almost
     always has one), apart by the batch the decode node was running at admission: p50 and p90 of
     the error, and the median of what the TTFT took beyond the prediction (actual - predicted,
-    ms) against the median step of that batch (the admission line's TPOT step). A new request
+    ms) against the median step admission predicted for the request's TPOT there (its life's
+    batch with it added, before the learned factor: near the node's step, not its step now). A new request
     enters the engine between two steps, so it waits out the step in progress; an excess growing
     with the batch, near half its step, would be that wait left out. (On the twenty-first
-    sitting's 0:2 multi-turn run it was not: the excess stayed near -5 ms from batch 1 to 12,
+    sitting's 0:2 multi-turn run it was not: the excess stayed at -3 to -5 ms from batch 1 to 12,
     the nodes' local-prefill fits, learned at load, holding that wait already.)"""
     seen: dict[str, tuple[int, float]] = {}
     rows: list[tuple[int, float, float, float]] = []

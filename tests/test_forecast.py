@@ -75,7 +75,7 @@ def test_local_prefills_ttft_error_is_split_by_the_kv_room_wait_admission_predic
     assert over["requests"] == 2 and over["signed_p50"] == pytest.approx((-0.2 - 0.75) / 2)
 
 
-def test_plain_local_prefills_ttft_error_is_split_by_the_batch_at_admission(tmp_path: Path) -> None:
+def test_local_prefills_with_none_queued_ahead_have_their_ttft_error_split_by_the_batch(tmp_path: Path) -> None:
     def admitted(rid: str, queue: int, batch: int, step_ms: float, held: str = "") -> str:
         return (f"2026-12-02 06:30:52,435 INFO coordinator tandem.coordinator.admission: request {rid}: admitted, "
                 f"prefills on decode node decode-0: decode-0 (prefill here): queue {queue} prompts 0 ms + prefill 200 ms "
@@ -96,6 +96,7 @@ def test_plain_local_prefills_ttft_error_is_split_by_the_batch_at_admission(tmp_
         admitted("d", 0, 12, 80.0), finished("d", 0.340, 0.300),
         admitted("e", 1, 12, 60.0), finished("e", 0.900, 0.300),  # (a prompt queued ahead: left out)
         admitted("f", 0, 12, 60.0, ", 64 tokens held there"), finished("f", 0.350, 0.300),  # (held: counted)
+        admitted("g", 0, 12, 60.0, " + 90 ms for KV room (40 tokens short)"), finished("g", 0.900, 0.300),  # (left out)
     ]) + "\n")
     got = ttft_local_by_batch(str(log))
     assert set(got) == {"batch 0", "batch 9-12"}
