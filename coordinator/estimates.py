@@ -170,7 +170,7 @@ class DecodeView:
     """A decode node's state as one admission decision reads it (``decode_view``): built once per
     node per request, so its TPOT estimate, its local-prefill estimate and the check on its running
     streams all read the same numbers, each worked out once. (Until the twenty-first sitting each
-    estimate rebuilt them, the queue walk and the streams' budgets twice a node a request.)"""
+    estimate rebuilt them, the queue walk more than once and the streams' budgets three times a node a request.)"""
 
     node: NodeClient
     load: pb.NodeLoad | None  # its fresh load report (None: none)
@@ -279,7 +279,7 @@ def life_load(node: NodeClient, tokens: int, view: DecodeView | None = None) -> 
     12 % knowing the batch to come; the rest is when the later requests arrive, which no forecast
     made now knows. O(streams) a node: each one's tokens to come are asked. ``view``: the node's
     ``decode_view``, when the caller has it."""
-    view = view or decode_view(node)
+    view = view or decode_view(node, tpot_left=False)
     batch, context, load = view.batch, view.context, view.load
     lefts = [f() for f in node.left.values()]
     if not lefts or tokens < 1:
@@ -396,7 +396,7 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
     model = node.model
     if not (model.prefill.samples and model.decode.samples):
         return None
-    view = view or decode_view(node)
+    view = view or decode_view(node, tpot_left=False)
     step, batch, context, budget, queue = view.step, view.batch, view.context, view.step_tokens, view.queue
     raw_queue_s = queued_prefill_s(model, queue)
     cached = cached.capped(prompt_tokens - 1)  # the last prompt token is always computed

@@ -51,6 +51,14 @@ def test_tpots_that_follow_the_batch_are_found_by_the_oracle_and_the_log_is_read
     assert t["p50"] == pytest.approx(0.25) and t["wait_p50"] == pytest.approx(0.25) and t["rest_p90"] == pytest.approx(0)
 
 
+def finished(rid: str, ttft: float, pred: float, call: float = 0.3) -> str:
+    """A coordinator log's line for a request that prefilled on its decode node and finished."""
+    return (f"2026-12-02 06:30:57,833 INFO coordinator tandem.coordinator.request: request {rid}: length after "
+            f"51 tokens (ttft {ttft:.3f} s, tpot 72.9 ms, e2e 5.399 s, prefill decode-0 (local), decode "
+            f"decode-0, migrations 0, dispatch 0.003 s, prefill call {call:.3f} s; predicted ttft {pred:.3f} s, tpot "
+            "69.8 ms, learned factors x0.8717, x0.7120, of the ttft waiting 0.000 s)")
+
+
 def test_local_prefills_ttft_error_is_split_by_the_kv_room_wait_admission_predicted(tmp_path: Path) -> None:
     def admitted(rid: str, room: str) -> str:
         return (f"2026-12-02 06:30:52,435 INFO coordinator tandem.coordinator.admission: request {rid}: admitted, "
@@ -58,14 +66,8 @@ def test_local_prefills_ttft_error_is_split_by_the_kv_room_wait_admission_predic
                 f"+ 2 steps beside a batch of 14 56 ms{room} (x0.87, learned); decode-0 (prefill here): batch 14 "
                 "now, 13.4 + 1 over its life, step 60.0 ms + 9 ms for KV room (1 tokens short)")
 
-    def finished(rid: str, ttft: float, pred: float) -> str:
-        return (f"2026-12-02 06:30:57,833 INFO coordinator tandem.coordinator.request: request {rid}: length after "
-                f"51 tokens (ttft {ttft:.3f} s, tpot 72.9 ms, e2e 5.399 s, prefill decode-0 (local), decode "
-                f"decode-0, migrations 0, dispatch 0.003 s, prefill call 1.753 s; predicted ttft {pred:.3f} s, tpot "
-                "69.8 ms, learned factors x0.8717, x0.7120, of the ttft waiting 0.000 s)")
-
     log = tmp_path / "coordinator.log"
-    log.write_text("\n".join([admitted("a", " + 900 ms for KV room (300 tokens short)"), finished("a", 1.5, 1.2),
+    log.write_text("\n".join([admitted("a", " + 900 ms for KV room (300 tokens short)"), finished("a", 1.5, 1.2, call=1.753),
                               admitted("b", ""), finished("b", 0.2, 0.25), admitted("c", ""), finished("c", 2.0, 0.5),
                               finished("d", 0.3, 0.3)]) + "\n")  # (d: no admission line, left out)
     got = ttft_local_room(str(log))
@@ -81,12 +83,6 @@ def test_local_prefills_with_none_queued_ahead_have_their_ttft_error_split_by_th
                 f"prefills on decode node decode-0: decode-0 (prefill here): queue {queue} prompts 0 ms + prefill 200 ms "
                 f"+ 2 steps beside a batch of {batch} 56 ms (x0.87, learned){held}; decode-0 (prefill here): batch "
                 f"{batch} now, 13.4 + 1 over its life, step {step_ms:.1f} ms")
-
-    def finished(rid: str, ttft: float, pred: float) -> str:
-        return (f"2026-12-02 06:30:57,833 INFO coordinator tandem.coordinator.request: request {rid}: length after "
-                f"51 tokens (ttft {ttft:.3f} s, tpot 72.9 ms, e2e 5.399 s, prefill decode-0 (local), decode "
-                f"decode-0, migrations 0, dispatch 0.003 s, prefill call 0.300 s; predicted ttft {pred:.3f} s, tpot "
-                "69.8 ms, learned factors x0.8717, x0.7120, of the ttft waiting 0.000 s)")
 
     log = tmp_path / "coordinator.log"
     log.write_text("\n".join([
