@@ -27,6 +27,7 @@ from .nodeclient import NodeClient
 from .router import Router
 
 T = TypeVar("T")
+_STALLED = object()  # Watchdog.stream's timer, in a stream's queue: no message for stall_s
 
 # Statuses that say the request (not the node) is at fault, or that the node is fine but the
 # request's KV is gone: the node stays in routing.
@@ -89,10 +90,11 @@ class Watchdog:
                 orphaned(task.result())
 
     async def stream(self, call: Any, node: NodeClient) -> AsyncIterator[Any]:
-        """The messages of a server-streaming call, watched the same way: a gap of ``stall_s``
-        between messages gets a health probe. One reader task per call feeds a queue (a call on
-        a call stream has its own), so the per-message cost is a queue hand-off (and a timer when
-        the queue is empty), not a task."""
+        """The messages of a server-streaming call, watched the same way: a wait of ``stall_s``
+        for the next message gets a health probe. The call is cancelled when the stream closes
+        (a no-op for one that ended). One reader task per call feeds a queue (a call on a call
+        stream has its own), so the per-message cost is a queue hand-off; the stall watch is one
+        timer a call that moves itself on when it fires, not a timer a message."""
         # A call on a node's call stream (callstream.py) has its replies in a queue already.
         queue: asyncio.Queue[object] | None = getattr(call, "items", None)
         reader = None
@@ -108,17 +110,33 @@ class Watchdog:
                     queue.put_nowait(exc)
 
             reader = asyncio.ensure_future(pump(queue))
+        loop = asyncio.get_running_loop()
+        waiting_since: float | None = None  # when this stream began waiting on an empty queue
+
+        def check() -> None:
+            """The timer: a wait of ``stall_s`` wakes the stream to probe; otherwise it moves on
+            to when the wait now running (or the next) would reach it."""
+            nonlocal timer
+            now = loop.time()
+            if waiting_since is not None and now - waiting_since >= self.stall_s:
+                timer = None
+                queue.put_nowait(_STALLED)
+            else:
+                timer = loop.call_at((now if waiting_since is None else waiting_since) + self.stall_s, check)
+
+        timer: asyncio.TimerHandle | None = loop.call_later(self.stall_s, check)
         try:
             while True:
-                if not queue.empty():  # (no timer for what is there already)
-                    item = queue.get_nowait()
+                if queue.empty():
+                    waiting_since = loop.time()
+                    item = await queue.get()
+                    waiting_since = None
                 else:
-                    try:
-                        async with asyncio.timeout(self.stall_s):
-                            item = await queue.get()
-                    except TimeoutError:
-                        await self._probe(node)
-                        continue
+                    item = queue.get_nowait()
+                if item is _STALLED:
+                    await self._probe(node)  # (raises when the node does not answer)
+                    timer = loop.call_later(self.stall_s, check)
+                    continue
                 if item is grpc.aio.EOF:  # (a call-stream call's queue ends so too)
                     return
                 if isinstance(item, grpc.aio.AioRpcError):
@@ -127,8 +145,13 @@ class Watchdog:
                     raise item
                 yield item
         finally:
+            if timer is not None:
+                timer.cancel()
             if reader is not None:
                 reader.cancel()
+            cancel = getattr(call, "cancel", None)
+            if cancel is not None:
+                cancel()
 
     async def _probe(self, node: NodeClient) -> None:
         if not await self.router.check(node):

@@ -58,6 +58,7 @@ class Pipeline:
         self.quotas = quotas or Quotas()
         self.batch = batch_queue or BatchQueue(self.admission)
         self.codec = codec
+        codec.detokenizer()  # (which kind streams get is worked out now, not on the first request)
         self.max_model_len = max_model_len
         self.served_model = served_model
         self.cfg = cfg or PipelineConfig()
@@ -278,6 +279,7 @@ class Pipeline:
                         if local:  # its work there: less the prefix admission credited the node with
                             held = req.plan.prefill_held if req.plan is not None and leg == 0 else 0
                             prefilling.enter_context(self.router.track_prefill(dnode, max(1, len(context) - held)))
+                        started = False  # its tokens came on this leg
                         try:
                             async with aclosing(self._decode(req, dnode, prompt, sampling, handle, leg,
                                                              local)) as stream:
@@ -285,10 +287,12 @@ class Pipeline:
                                     ids = list(msg.token_ids)
                                     stop = None
                                     if ids:
-                                        if local and not prog.sent:
-                                            out.prefill_s = out.prefill_call_s = time.perf_counter() - t_dec
-                                        prefilling.close()
-                                        awaiting.close()
+                                        if not started:
+                                            started = True
+                                            if local and not prog.sent:
+                                                out.prefill_s = out.prefill_call_s = time.perf_counter() - t_dec
+                                            prefilling.close()
+                                            awaiting.close()
                                         ev, stop = prog.take(ids)
                                         ev.last = stop is not None or msg.finish_reason in FINISHED
                                         yield ev
@@ -421,20 +425,16 @@ class Pipeline:
             m.PREFILL.observe(time.perf_counter() - t0)
             return resp, node
 
-    async def _decode(self, req: Prepared, node: NodeClient, prompt: list[int], sampling: Sampling,
-                      handle: pb.KVHandle | None, leg: int, local: bool = False) -> AsyncIterator[pb.DecodeResponse]:
-        """Stream a decode: from ``handle``'s KV, or (``local``) prefilling ``prompt`` on the node."""
+    def _decode(self, req: Prepared, node: NodeClient, prompt: list[int], sampling: Sampling,
+                handle: pb.KVHandle | None, leg: int, local: bool = False) -> AsyncIterator[pb.DecodeResponse]:
+        """Stream a decode: from ``handle``'s KV, or (``local``) prefilling ``prompt`` on the node.
+        Closing the stream cancels the call."""
         call = node.calls.Decode(  # type: ignore[attr-defined]
             pb.DecodeRequest(request_id=f"{req.request_id}-d{leg}", prompt_token_ids=prompt,
                              sampling=to_proto(sampling, pb.SamplingParams), handle=handle, prefill_here=local,
                              stream_interval=self.cfg.stream_interval),
             timeout=self._timeout(req, self.cfg.decode_timeout_s))
-        try:
-            async with aclosing(self.watch.stream(call, node)) as messages:
-                async for msg in messages:
-                    yield msg
-        finally:
-            _cancel(call)
+        return self.watch.stream(call, node)
 
     def _release_later(self, rid: str, node: NodeClient, handle: pb.KVHandle) -> None:
         async def release() -> None:

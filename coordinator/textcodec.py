@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import logging
+import random
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,38 @@ class FastTokenizer:
                 text = text.replace(a, b)
         return text
 
+    def byte_table(self) -> list[bytes] | None:
+        """Each id's bytes, for a tokenizer whose decoder is ByteLevel alone (GPT-2's, Llama 3's,
+        Qwen's): decoding is then joining the tokens' bytes (a special token's: none) and reading
+        them as UTF-8, which a stream can do a message at a time without decoding again. None for
+        any other decoder, with the cleanup of spaces, or when the table does not decode the
+        whole vocabulary (and random runs of it) exactly as the tokenizer does."""
+        from tokenizers.decoders import ByteLevel
+
+        if self.clean_up_spaces or not isinstance(self._tok.decoder, ByteLevel):
+            return None
+        chars = _byte_chars()
+        special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        n = len(self)
+        table: list[bytes] = []
+        for i in range(n):
+            token = self._tok.id_to_token(i)
+            if token is None or i in special:
+                table.append(b"")
+            elif all(c in chars for c in token):  # (as the decoder: a token it cannot map goes as its UTF-8)
+                table.append(bytes(chars[c] for c in token))
+            else:
+                table.append(token.encode())
+        rng = random.Random(0)
+        runs = [list(range(i, min(n, i + 64))) for i in range(0, n, 64)]
+        runs += [[rng.randrange(n) for _ in range(32)] for _ in range(64)]
+        for ids in runs:
+            if b"".join(table[i] for i in ids).decode("utf-8", "replace") != self.decode(ids):
+                logger.info("the tokenizer's ByteLevel decoder does more than join bytes (ids %d..): streams "
+                            "are detokenized through it", ids[0])
+                return None
+        return table
+
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -101,6 +135,13 @@ class FastTokenizer:
             raise InvalidRequest(f"the chat template refused the messages: {exc}") from None
 
 
+def _byte_chars() -> dict[str, int]:
+    """ByteLevel's alphabet: the character standing for each byte (GPT-2's bytes_to_unicode), inverted."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + k): b for k, b in enumerate(others)}}
+
+
 def _generation_extension() -> Any:
     from jinja2 import nodes
     from jinja2.ext import Extension
@@ -116,6 +157,9 @@ def _generation_extension() -> Any:
             return nodes.Scope(body, lineno=lineno)
 
     return Generation
+
+
+_UNKNOWN = object()
 
 
 class TextCodec:
@@ -143,6 +187,7 @@ class TextCodec:
             self.backend = "transformers"
         self.eos_token_id: int | None = self.tok.eos_token_id
         self.vocab_size = len(self.tok)
+        self._bytes: object = _UNKNOWN  # detokenizer()'s table
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=add_special_tokens))
@@ -183,7 +228,13 @@ class TextCodec:
         if bad:
             raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
 
-    def detokenizer(self) -> Detokenizer:
+    def detokenizer(self) -> Detokenizer | ByteDetokenizer:
+        """A stream's detokenizer: by the token bytes when the tokenizer allows it (``byte_table``,
+        worked out at the first call), else through the tokenizer's decoder."""
+        if self._bytes is _UNKNOWN:
+            self._bytes = self.tok.byte_table() if isinstance(self.tok, FastTokenizer) else None
+        if self._bytes is not None:
+            return ByteDetokenizer(self._bytes)  # type: ignore[arg-type]
         return Detokenizer(self.tok)
 
 
@@ -213,6 +264,23 @@ class Detokenizer:
             # re-anchor the window on what has now been emitted
             return delta
         return ""
+
+
+class ByteDetokenizer:
+    """Incremental detokenizing for a ByteLevel tokenizer (``FastTokenizer.byte_table``): each
+    message's tokens' bytes through one incremental UTF-8 reader, so a character split across
+    messages waits until it is whole, and bytes that are no character come out as the
+    replacement character at once, as decoding the whole output would have them."""
+
+    def __init__(self, table: list[bytes]) -> None:
+        self._table = table
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.ids: list[int] = []
+
+    def add(self, new_ids: list[int]) -> str:
+        self.ids.extend(new_ids)
+        table, n = self._table, len(self._table)
+        return str(self._utf8.decode(b"".join([table[i] if 0 <= i < n else b"" for i in new_ids])))
 
 
 class StopMatcher:

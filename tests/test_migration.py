@@ -200,6 +200,52 @@ def test_a_slow_decode_node_that_answers_its_health_probe_is_waited_on(tiny_mode
     assert p.router._nodes["decode-0"].up
 
 
+def test_the_stall_watch_probes_a_wait_of_stall_s_only() -> None:
+    """One timer a call, not one a message: messages closer together than stall_s never probe,
+    however long the stream runs, nor does a consumer busy elsewhere while they queue up; a wait
+    of stall_s for the next one probes; closing the stream cancels the call."""
+    from tandem.coordinator.nodecalls import Watchdog
+
+    class Checks:
+        probes = 0
+
+        async def check(self, node: object) -> bool:
+            Checks.probes += 1
+            return True
+
+    class Call:
+        def __init__(self) -> None:
+            self.items: asyncio.Queue[object] = asyncio.Queue()
+            self.cancelled = False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    async def go() -> tuple[list[tuple[object, int]], Call]:
+        call, seen = Call(), []
+
+        async def feed() -> None:
+            for i in range(8):  # 0.4 s of messages 0.05 s apart
+                await asyncio.sleep(0.05)
+                call.items.put_nowait(i)
+            await asyncio.sleep(0.3)  # a wait: probed once at 0.2 s (a second would come at 0.4 s)
+            call.items.put_nowait(8)
+            call.items.put_nowait(grpc.aio.EOF)
+
+        feeder = asyncio.ensure_future(feed())
+        async for item in Watchdog(Checks(), stall_s=0.2).stream(call, object()):  # type: ignore[arg-type]
+            seen.append((item, Checks.probes))
+            if item == 1:
+                await asyncio.sleep(0.25)  # busy elsewhere (a slow client) while messages queue: no wait
+        await feeder
+        return seen, call
+
+    seen, call = asyncio.run(go())
+    assert [item for item, _ in seen] == list(range(9))
+    assert all(probes == 0 for _, probes in seen[:8]) and seen[8][1] == 1
+    assert call.cancelled
+
+
 def test_kv_unavailable_migrates_but_keeps_the_node_in_routing(tiny_model: Path) -> None:
     flaky = Decode(fail_after=0, code=grpc.StatusCode.ABORTED)
     p = make(tiny_model, [Prefill()], [flaky, Decode()])

@@ -1,9 +1,12 @@
+import json
+import random
+import shutil
 from pathlib import Path
 
 import pytest
 
-from tandem.coordinator.textcodec import StopMatcher
-from tandem.coordinator.textcodec import TextCodec
+from tandem.coordinator import textcodec
+from tandem.coordinator.textcodec import ByteDetokenizer, Detokenizer, StopMatcher, TextCodec
 from tandem.errors import InvalidRequest
 
 
@@ -32,6 +35,52 @@ def test_incremental_detokenizing_equals_decoding_all_at_once(tiny_model: Path) 
     d = codec.detokenizer()
     text = "".join(d.add([t]) for t in ids)
     assert text == codec.tok.decode(ids)
+
+
+@pytest.mark.parametrize("kind", ["bytes", "decoder"])
+def test_a_stream_detokenized_a_message_at_a_time_is_the_whole_output_decoded(tiny_model: Path, kind: str) -> None:
+    """Random ids (special tokens, characters split across messages, bytes that are no
+    character), in messages of 1 to 16 tokens: what the stream sends, and then what a plain
+    token after them completes, is decoding them all at once."""
+    codec = TextCodec(str(tiny_model))
+    assert isinstance(codec.detokenizer(), ByteDetokenizer)  # (ByteLevel: the table decodes as the tokenizer)
+    bang = codec.encode("!", add_special_tokens=False)
+    rng = random.Random(7)
+    split_chars = 0
+    for _ in range(400):
+        ids = [rng.randrange(codec.vocab_size) for _ in range(rng.randrange(1, 60))]
+        step = rng.choice([1, 2, 3, 16])
+        d = codec.detokenizer() if kind == "bytes" else Detokenizer(codec.tok)
+        sent = "".join(d.add(ids[i:i + step]) for i in range(0, len(ids), step))
+        split_chars += sent != codec.tok.decode(ids)  # (something held back at the end)
+        assert sent + d.add(bang) == codec.tok.decode(ids + bang)
+    assert split_chars > 0  # (the case that matters came up)
+
+
+def test_only_a_tokenizer_that_decodes_by_joining_bytes_gets_the_byte_table(tiny_model: Path, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_model / name).exists():
+            shutil.copy(tiny_model / name, tmp_path / name)
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    spec["decoder"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    codec = TextCodec(str(tmp_path))
+    assert codec.tok.byte_table() is None and isinstance(codec.detokenizer(), Detokenizer)
+    ids = codec.encode("the prefill node sends the cache", add_special_tokens=False)
+    d = codec.detokenizer()
+    assert "".join(d.add([t]) for t in ids) == codec.tok.decode(ids)
+    # The cleanup of spaces is the decoder's too; so a table that decodes otherwise than the tokenizer.
+    spaces = tmp_path / "spaces"
+    spaces.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model / name, spaces / name)
+    config = json.loads((spaces / "tokenizer_config.json").read_text())
+    (spaces / "tokenizer_config.json").write_text(json.dumps({**config, "clean_up_tokenization_spaces": True}))
+    assert TextCodec(str(spaces)).tok.byte_table() is None
+    real = textcodec._byte_chars
+    monkeypatch.setattr(textcodec, "_byte_chars", lambda: {**real(), "a": ord("b"), "b": ord("a")})
+    assert TextCodec(str(tiny_model)).tok.byte_table() is None
 
 
 def test_chat_and_id_checks(tiny_model: Path) -> None:
