@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from bisect import bisect_left
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -111,18 +112,29 @@ def observe_many(hist: Histogram, value: float, n: int) -> None:
     streamed together (``--stream-interval``), their gap spread over them, as vLLM counts per token.
     A call a token was a tenth of the coordinator's time relaying long outputs (twenty-first
     sitting). prometheus_client has no such call: this adds to the histogram's own parts as its
-    ``observe`` does (0.26: ``_sum``, ``_upper_bounds``, ``_buckets``), and makes the calls
-    when they are not there."""
+    ``observe`` does (0.26: ``_sum``, ``_upper_bounds``, ``_buckets``; a bisection for the bucket),
+    and makes the calls when they are not there. For one (``n`` 1) it is the same, without
+    ``observe``'s checks, which are for a histogram with labels still to give and for exemplars."""
     buckets = getattr(hist, "_buckets", None)
-    if n > 1 and buckets is not None and hasattr(hist, "_sum") and hasattr(hist, "_upper_bounds"):
+    if buckets is not None and hasattr(hist, "_sum") and hasattr(hist, "_upper_bounds"):
         hist._sum.inc(value * n)
-        for i, bound in enumerate(hist._upper_bounds):
-            if value <= bound:
-                buckets[i].inc(n)
-                break
+        bounds = hist._upper_bounds
+        i = bisect_left(bounds, value)  # the first bound >= value (the last is +Inf)
+        buckets[min(i, len(bounds) - 1)].inc(n)
         return
     for _ in range(n):
         hist.observe(value)
+
+
+def add(counter: Counter, n: float) -> None:
+    """``counter.inc(n)`` for a counter with its labels given, without the checks of ``inc``
+    (labels still to give, a negative ``n``): a call a streamed message (prometheus_client 0.26:
+    ``_value``), ``inc`` when it is not there."""
+    value = getattr(counter, "_value", None)
+    if value is not None and n >= 0:
+        value.inc(n)
+    else:
+        counter.inc(n)
 
 
 def bind(model_name: str) -> None:

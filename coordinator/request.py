@@ -123,7 +123,7 @@ class Progress:
         self.sent.extend(ids)
         self.out.completion_tokens = len(self.sent)
         self.last_token_at = now
-        m.GENERATION_TOKENS.inc(len(ids))
+        m.add(m.GENERATION_TOKENS, len(ids))
         return TokenEvent(ids, text), stop
 
 

@@ -388,11 +388,11 @@ def test_a_reserved_decode_node_counts_the_prompt_as_coming_until_its_first_toke
 
 
 @pytest.mark.parametrize("mode", ["one process", "multiprocess"])
-def test_observe_many_records_what_as_many_observations_would(mode: str, tmp_path, monkeypatch) -> None:
-    from prometheus_client import CollectorRegistry, Histogram, values
+def test_observe_many_and_add_record_what_as_many_observations_and_inc_would(mode: str, tmp_path, monkeypatch) -> None:
+    from prometheus_client import CollectorRegistry, Counter, Histogram, values
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    from tandem.coordinator.metrics import observe_many
+    from tandem.coordinator.metrics import add, observe_many
 
     reg = CollectorRegistry()
     if mode == "multiprocess":  # as under --workers (PROMETHEUS_MULTIPROC_DIR): values in mmapped files
@@ -416,3 +416,9 @@ def test_observe_many_records_what_as_many_observations_would(mode: str, tmp_pat
     assert [v for _, _, v in a] == pytest.approx([v for _, _, v in b])  # (the sum: one product, not n adds)
     assert dict((k, v) for k, lab, v in b if k == "_count")["_count"] == 22
     assert dict((k, v) for k, lab, v in b if k == "_bucket" and lab == [("le", "0.1")])["_bucket"] == 20
+    # And a counter's: add() as inc().
+    counted = Counter("counted", "", ["model"], registry=None if mode == "multiprocess" else reg).labels("m")
+    for n in (1, 16, 3):
+        add(counted, n)
+    assert [s.value for f in reg.collect() if f.name == "counted" for s in f.samples
+            if s.name == "counted_total"] == [20]
