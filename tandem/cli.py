@@ -362,6 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_admission_bench_args(bad)
     bad.set_defaults(fn=cmd_admission_bench)
 
+    from tandem.bench.relay_cost import add_args as add_relay_bench_args
+    from tandem.bench.relay_cost import cmd_relay as cmd_relay_bench
+
+    brl = bsub.add_parser("relay", help="the CPU the coordinator's own code spends a streamed message, by "
+                                        "--stream-interval (in one process, no network)")
+    add_relay_bench_args(brl)
+    brl.set_defaults(fn=cmd_relay_bench)
+
     from tandem.bench.shift import add_args as add_shift_args
     from tandem.bench.shift import cmd_shift
 

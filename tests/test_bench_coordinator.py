@@ -51,3 +51,17 @@ def test_the_admission_bench_times_decisions_on_a_cluster_whose_decode_nodes_are
     report = (tmp_path / "report.md").read_text()
     assert (tmp_path / "admission-cost.png").stat().st_size > 0
     assert "| 1 | " in report and "| 2 | " in report and "candidates 0 | candidates 1" in report
+
+
+def test_the_relay_bench_sends_every_token_of_every_request_through_the_pipeline(tmp_path, tiny_model) -> None:
+    import json
+
+    from tandem.bench.relay_cost import cmd_relay
+
+    args = argparse.Namespace(intervals="1,4", requests=3, tokens=9, repeats=1, model=str(tiny_model), out=str(tmp_path))
+    assert cmd_relay(args) == 0  # (it raises when a request's tokens did not all reach its client)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    # A message for the prefill's token, then the decode's 8 one or four at a time (the last with the finish).
+    assert [(r["interval"], r["messages"]) for r in doc["rows"]] == [(1, 3 * 9), (4, 3 * 3)]
+    assert (tmp_path / "relay-cost.png").stat().st_size > 0
+    assert "| 4 | 9 |" in (tmp_path / "report.md").read_text()
