@@ -22,7 +22,10 @@ the error is the arrivals after admission, which no prediction made at admission
 TTFT (logs that give its parts): the error of admission's TTFT, of its wait before the prefill
 call went out against the wait measured, and of the rest (the prefill call) had the wait been
 known: which of the two parts the error is in. Local prefills' TTFT error also apart by whether
-admission predicted a wait for room in the decode node's KV cache, and for those over 1 s.
+admission predicted a wait for room in the decode node's KV cache, and for those over 1 s; by the
+batch at admission; by the local prefills admitted to the same node while theirs ran; and, with
+the decode nodes' logs beside the coordinator's (decode-*.log, as `tandem bench compare` leaves
+them), by whether the prefix admission credited the node with is what its engine had.
 
     python -m tandem.bench.forecast bench/results/compare/tandem-1p1d/coordinator.log
 """
@@ -32,6 +35,8 @@ from __future__ import annotations
 import argparse
 import bisect
 import datetime
+import glob
+import os
 import re
 import statistics
 import sys
@@ -279,6 +284,90 @@ def ttft_local_by_batch(path: str) -> dict[str, dict[str, float]]:
     return out
 
 
+ADMITTED_LOCAL_AT = re.compile(r"^(\S+ \S+) .*request (\S+): admitted, prefills on decode node ([^:]+): \S+ "
+                               r"\(prefill here\): queue (\d+) prompts")
+LATER_BUCKETS = ((0, 0), (1, 1), (2, 10**9))
+
+
+def ttft_local_by_later(path: str) -> dict[str, dict[str, float]]:
+    """Admission's TTFT error on local prefills with none queued ahead at admission, apart by how
+    many local prefills were admitted to the same decode node while theirs ran (from its
+    admission to its first token): what no prediction made at admission knows. vLLM gives a
+    prefill under way its step's token budget first and the newcomer the rest, so a newcomer does
+    not take its place but lengthens the steps it shares. p50 and p90 of the error, and the
+    actual / predicted TTFT at p10, p50 and p90 (the spread with none admitted after it is what
+    the engine and the machine add by themselves)."""
+    admitted: dict[str, tuple[float, str, int]] = {}
+    finished: dict[str, tuple[float, float]] = {}
+    for line in open(path, encoding="utf-8", errors="replace"):
+        if ": admitted, prefills on decode node" in line:
+            m = ADMITTED_LOCAL_AT.search(line)
+            if m:
+                at = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                admitted[m.group(2)] = (at, m.group(3), int(m.group(4)))
+        elif "(local)" in line and (m := FINISHED_LOCAL.search(line)):
+            finished[m.group(1)] = (float(m.group(2)), float(m.group(3)))
+    starts: dict[str, list[float]] = {}
+    for at, node, _ in admitted.values():
+        starts.setdefault(node, []).append(at)
+    for times in starts.values():
+        times.sort()
+    rows: list[tuple[int, float, float]] = []
+    for rid, (ttft, pred) in finished.items():
+        if rid not in admitted or ttft <= 0 or pred <= 0:
+            continue
+        at, node, queued = admitted[rid]
+        if queued:
+            continue
+        times = starts[node]
+        later = bisect.bisect_left(times, at + ttft) - bisect.bisect_right(times, at)
+        rows.append((later, ttft, pred))
+    out: dict[str, dict[str, float]] = {}
+    for lo, hi in LATER_BUCKETS:
+        rs = [r for r in rows if lo <= r[0] <= hi]
+        if rs:
+            ratio = [t / p for _, t, p in rs]
+            name = f"{lo} admitted after it" if lo == hi else f"{lo} or more admitted after it"
+            out[name] = {"requests": len(rs), **p50_p90([abs(p - t) / t for _, t, p in rs]),
+                         "ratio_p10": percentile(ratio, 10), "ratio_p50": percentile(ratio, 50),
+                         "ratio_p90": percentile(ratio, 90)}
+    return out
+
+
+PREFILLED_HERE = re.compile(r"request (\S+)-d0: prefilled \d+ tokens here \((\d+) cached\)")
+HELD_THERE = re.compile(r", (\d+) tokens held there")
+
+
+def ttft_local_by_credit(path: str, node_logs: list[str]) -> dict[str, dict[str, float]]:
+    """Admission's TTFT error on local prefills, apart by whether the prefix it credited the
+    decode node with (its admission line's "N tokens held there", from the coordinator's index of
+    what each node holds) is what the node's engine then had (the node's "prefilled N tokens here
+    (M cached)" line, its first leg's; ``node_logs``: the decode nodes' logs). A wrong index would
+    show here: a prefix gone since (credited more), or one the index did not know (credited less)."""
+    credited: dict[str, int] = {}
+    finished: dict[str, tuple[float, float]] = {}
+    for line in open(path, encoding="utf-8", errors="replace"):
+        if ": admitted, prefills on decode node" in line and (m := ADMITTED_LOCAL.search(line)):
+            held = HELD_THERE.search(m.group(2).split(";")[0])
+            credited[m.group(1)] = int(held.group(1)) if held else 0
+        elif "(local)" in line and (m := FINISHED_LOCAL.search(line)):
+            finished[m.group(1)] = (float(m.group(2)), float(m.group(3)))
+    cached: dict[str, int] = {}
+    for node_log in node_logs:
+        for line in open(node_log, encoding="utf-8", errors="replace"):
+            if "tokens here (" in line and (m := PREFILLED_HERE.search(line)):
+                cached[m.group(1)] = int(m.group(2))
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for rid, (ttft, pred) in finished.items():
+        if rid in credited and rid in cached and ttft > 0 and pred > 0:
+            gap = credited[rid] - cached[rid]
+            name = "as the engine had" if gap == 0 else "more than the engine had" if gap > 0 else \
+                "less than the engine had"
+            groups.setdefault(name, []).append((ttft, pred))
+    return {name: {"requests": len(rs), **p50_p90([abs(p - t) / t for t, p in rs]),
+                   "signed_p50": percentile([(p - t) / t for t, p in rs], 50)} for name, rs in groups.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("log", help="a coordinator log (its per-request lines)")
@@ -315,6 +404,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"TTFT of local prefills with none queued and no room wait, decode {name} "
               f"({e['requests']:.0f} requests): error p50 {e['p50']:.1%} p90 {e['p90']:.1%}, median excess "
               f"{e['excess_ms_p50']:+.0f} ms against a median step of {e['step_ms_p50']:.0f} ms")
+    node_logs = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(args.log)), "decode-*.log")))
+    for name, e in ttft_local_by_credit(args.log, node_logs).items():
+        print(f"TTFT of local prefills credited with a prefix {name} ({e['requests']:.0f} requests): error "
+              f"p50 {e['p50']:.1%} p90 {e['p90']:.1%}, median signed {e['signed_p50']:+.1%}")
+    for name, e in ttft_local_by_later(args.log).items():
+        print(f"TTFT of local prefills with none queued, {name} on its node ({e['requests']:.0f} requests): "
+              f"error p50 {e['p50']:.1%} p90 {e['p90']:.1%}; actual / predicted p10 {e['ratio_p10']:.2f} "
+              f"p50 {e['ratio_p50']:.2f} p90 {e['ratio_p90']:.2f}")
     return 0
 
 

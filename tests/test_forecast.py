@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tandem.bench.forecast import (Batch, Req, analyse, read, replay_factor, ttft_local_by_batch, ttft_local_room,
-                                    ttft_parts)
+from tandem.bench.forecast import (Batch, Req, analyse, read, replay_factor, ttft_local_by_batch, ttft_local_by_credit,
+                                    ttft_local_by_later, ttft_local_room, ttft_parts)
 
 
 def test_the_batch_over_a_life_is_its_time_average() -> None:
@@ -100,3 +100,52 @@ def test_local_prefills_with_none_queued_ahead_have_their_ttft_error_split_by_th
     nine = got["batch 9-12"]
     assert nine["requests"] == 4 and nine["excess_ms_p50"] == pytest.approx(35.0)  # (30, 20, 40, 50)
     assert nine["step_ms_p50"] == pytest.approx(60.0) and nine["p50"] == pytest.approx((30 / 330 + 40 / 340) / 2)
+
+
+def test_local_prefills_ttft_error_is_split_by_the_local_prefills_admitted_to_their_node_while_theirs_ran(
+        tmp_path: Path) -> None:
+    def admitted(at: str, rid: str, node: str, queue: int = 0) -> str:
+        return (f"2026-12-02 06:30:{at} INFO coordinator tandem.coordinator.admission: request {rid}: admitted, "
+                f"prefills on decode node {node}: {node} (prefill here): queue {queue} prompts 0 ms + prefill 200 ms "
+                f"+ 2 steps beside a batch of 3 56 ms (x0.87, learned); {node} (prefill here): batch 3 now, "
+                "3.4 + 1 over its life, step 40.0 ms")
+
+    log = tmp_path / "coordinator.log"
+    log.write_text("\n".join([
+        admitted("50,000", "a", "decode-0"), finished("a", 0.500, 0.400),  # b after it (c: another node)
+        admitted("50,200", "b", "decode-0"), finished("b", 0.200, 0.250),  # none after it (0.2-0.4 s)
+        admitted("50,300", "c", "decode-1"), finished("c", 0.300, 0.300),
+        admitted("50,600", "d", "decode-0"), finished("d", 0.200, 0.200),
+        admitted("50,650", "e", "decode-0", queue=1), finished("e", 0.300, 0.100),  # (queued ahead: left out)
+    ]) + "\n")
+    got = ttft_local_by_later(str(log))
+    assert set(got) == {"0 admitted after it", "1 admitted after it"}  # (e counts as one after d)
+    one = got["1 admitted after it"]
+    assert [one["requests"], one["ratio_p50"]] == [2, pytest.approx((1.25 + 1.0) / 2)]  # a, and d (e after it)
+    none = got["0 admitted after it"]
+    assert none["requests"] == 2 and none["ratio_p10"] == pytest.approx(0.82) and none["ratio_p90"] == pytest.approx(0.98)
+
+
+def test_local_prefills_ttft_error_is_split_by_whether_the_credited_prefix_was_the_engines(tmp_path: Path) -> None:
+    def admitted(rid: str, held: int) -> str:
+        there = f", {held} tokens held there" if held else ""
+        return (f"2026-12-02 06:30:52,435 INFO coordinator tandem.coordinator.admission: request {rid}: admitted, "
+                f"prefills on decode node decode-0: decode-0 (prefill here): queue 0 prompts 0 ms + prefill 200 ms "
+                f"+ 2 steps beside a batch of 3 56 ms (x0.87, learned){there}; decode-0 (prefill here): batch 3 now, "
+                "3.4 + 1 over its life, step 40.0 ms, 999 tokens held there")  # (the TPOT part's: not read)
+
+    def prefilled(rid: str, cached: int) -> str:
+        return (f"2026-12-02 06:30:52,900 INFO decode tandem.decode_node.server: request {rid}-d0: prefilled 600 "
+                f"tokens here ({cached} cached) in 0.300 s")
+
+    log = tmp_path / "coordinator.log"
+    log.write_text("\n".join([admitted("a", 256), finished("a", 0.3, 0.3), admitted("b", 0), finished("b", 0.2, 0.4),
+                              admitted("c", 512), finished("c", 0.5, 0.25), admitted("d", 256),
+                              finished("d", 0.4, 0.3)]) + "\n")
+    node = tmp_path / "decode-0.log"
+    node.write_text("\n".join([prefilled("a", 256), prefilled("b", 256), prefilled("c", 256)]) + "\n")  # (d: none)
+    got = ttft_local_by_credit(str(log), [str(node)])
+    assert {k: v["requests"] for k, v in got.items()} == {"as the engine had": 1, "less than the engine had": 1,
+                                                         "more than the engine had": 1}
+    assert got["less than the engine had"]["signed_p50"] == pytest.approx(1.0)  # (predicted 0.4 s, took 0.2 s)
+    assert got["more than the engine had"]["signed_p50"] == pytest.approx(-0.5)
