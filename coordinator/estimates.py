@@ -64,8 +64,7 @@ def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None =
         return Estimate(node, None, cached_tokens=cached)
     held = cached.tokens
     idle_s = prefill_after_load(model, tokens, held) + load_s(cached.loaded, cached.disk)
-    hit = (f", {held} tokens held there ({cached.engine} in its engine's cache, {cached.disk} on disk)"
-           if held > 0 else "")
+    hit = _held(cached)
     where = order.predict(node, tokens - held, arrival, ttft_s) if order is not None else None
     if where is not None:
         f = node.factor("ttft", where.wait_s + idle_s)  # (both parts scaled alike: the calibration's share)
@@ -90,6 +89,13 @@ def block_tokens(node: NodeClient) -> int:
 def blocks(node: NodeClient, tokens: int) -> int:
     """The KV blocks ``tokens`` take on ``node``."""
     return -(-tokens // block_tokens(node))
+
+
+def _held(cached: Held) -> str:
+    """An estimate's words for the prefix credited to its node, and where it is (the rest: its KV store's RAM)."""
+    if not cached.tokens:
+        return ""
+    return f", {cached.tokens} tokens held there ({cached.engine} in its engine's cache, {cached.disk} on disk)"
 
 
 def _room(room_s: float, short: int) -> str:
@@ -411,12 +417,11 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
                                  view.step_now, batch) if kv_room else (0.0, 0))
     f = node.factor("ttft_local", raw_queue_s + idle_s + raw_batch_s + raw_room_s)
     queue_s, run_s, batch_s, room_s = raw_queue_s * f, idle_s * f, raw_batch_s * f, raw_room_s * f
-    hit = f", {cached.tokens} tokens held there" if cached.tokens else ""
     ttft = Estimate(node, queue_s + run_s + batch_s + room_s, idle_s, queue_s=queue_s + room_s, factor=f,
                     cached_tokens=cached,
                     describe=lambda: f"{node.node_id} (prefill here): queue {len(queue)} prompts {queue_s * 1000:.0f} ms + "
                     f"prefill {run_s * 1000:.0f} ms + {chunks} steps beside a batch of {batch} "
-                    f"{batch_s * 1000:.0f} ms{_room(room_s, short)}{_calibrated(f)}{hit}")
+                    f"{batch_s * 1000:.0f} ms{_room(room_s, short)}{_calibrated(f)}{_held(cached)}")
     tpot = None
     if max_tokens > 1:
         mine = prompt_tokens + max_tokens // 2
