@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from contextlib import aclosing
+from json.encoder import encode_basestring_ascii  # what json.dumps makes of a str
 from typing import Any
 
 from aiohttp import web
@@ -121,17 +122,8 @@ class OpenAIHttp:
         served = self.pipeline.served_model
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def choice(delta_text: str, finish: str | None, first: bool) -> dict[str, Any]:
-            if chat:
-                delta: dict[str, Any] = {"content": delta_text}
-                if first:
-                    delta["role"] = "assistant"
-                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return {"index": 0, "text": delta_text, "logprobs": None, "finish_reason": finish}
-
         if body.stream:
             include_usage, continuous = body.usage_options()
-            prompt_tokens, completion_tokens = len(prepared.prompt_ids), 0
             events = self.pipeline.run(prepared)
             # The first event (the first token) comes before the headers, so that a
             # request that fails in routing or prefill still gets a proper HTTP error.
@@ -139,15 +131,13 @@ class OpenAIHttp:
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                **prepared.plan_headers()})
             await resp.prepare(request)
-            first = True
+            sse = SseChunks({"id": oid, "object": obj, "created": created, "model": served}, chat, include_usage,
+                            len(prepared.prompt_ids) if continuous else None)
             try:
                 async with aclosing(events):
-                    async for ev in _chain(head, events):
-                        if isinstance(ev, TokenEvent):
-                            completion_tokens += len(ev.token_ids)
-                        running = _counts(prompt_tokens, completion_tokens) if continuous else None
-                        await self._sse(resp, ev, oid, obj, created, served, first, include_usage, choice, running)
-                        first = False
+                    await resp.write(sse.event(head))
+                    async for ev in events:
+                        await resp.write(sse.event(ev))
             except Exception as exc:
                 status, err = openai_error_body(exc)
                 logger.warning("request %s: stream ended by error: %s", prepared.request_id, err["error"])
@@ -175,24 +165,6 @@ class OpenAIHttp:
             obj_name = "text_completion"
         return web.json_response({"id": oid, "object": obj_name, "created": created, "model": served,
                                   "choices": [ch], "usage": _usage(finish)}, headers=prepared.plan_headers())
-
-    @staticmethod
-    async def _sse(resp: web.StreamResponse, ev: object, oid: str, obj: str, created: int, served: str,
-                   first: bool, include_usage: bool, choice: Any, running: dict[str, int] | None) -> None:
-        """One chunk; ``running``: usage so far, on every chunk (``continuous_usage_stats``)."""
-        extra = {} if running is None else {"usage": running}
-        if isinstance(ev, TokenEvent):
-            chunk = {"id": oid, "object": obj, "created": created, "model": served,
-                     "choices": [choice(ev.text, None, first)], **extra}
-            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        elif isinstance(ev, FinishEvent):
-            chunk = {"id": oid, "object": obj, "created": created, "model": served,
-                     "choices": [choice("", ev.reason, first)], **extra}
-            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            if include_usage:
-                usage = {"id": oid, "object": obj, "created": created, "model": served, "choices": [],
-                         "usage": _usage(ev)}
-                await resp.write(f"data: {json.dumps(usage)}\n\n".encode())
 
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.pipeline.served_model, "object": "model", "created": 0, "owned_by": "tandem",
@@ -268,7 +240,53 @@ def _counts(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def _chain(head: object, rest: Any) -> Any:
-    yield head
-    async for ev in rest:
-        yield ev
+_MARK = "\x00tandem-text\x00"  # stands for a chunk's text while its two parts around it are made
+
+
+class SseChunks:
+    """One streamed response's server-sent events, each chunk's JSON what ``json.dumps`` gives of its
+    dict (OpenAI's chunk: id, object, created, model, choices, then usage when asked for on every
+    chunk). A token chunk after the first, the common case, is its text's JSON string between two
+    parts made once; the rest are made whole."""
+
+    def __init__(self, head: dict[str, Any], chat: bool, include_usage: bool, running_from: int | None) -> None:
+        self.head = head
+        self.chat = chat
+        self.include_usage = include_usage
+        self.prompt_tokens = running_from  # usage so far on every chunk (continuous_usage_stats) when set
+        self.completion_tokens = 0
+        self.first = True
+        self.around: tuple[str, str] | None = None
+        if running_from is None:
+            parts = f"data: {self._whole(_MARK, None, first=False)}\n\n".split(json.dumps(_MARK))
+            if len(parts) == 2:  # (else the id or model held the mark: every chunk made whole)
+                self.around = parts[0], parts[1]
+
+    def _whole(self, text: str, finish: str | None, first: bool) -> str:
+        if self.chat:
+            delta: dict[str, Any] = {"content": text}
+            if first:
+                delta["role"] = "assistant"
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        chunk = {**self.head, "choices": [choice]}
+        if self.prompt_tokens is not None:
+            chunk["usage"] = _counts(self.prompt_tokens, self.completion_tokens)
+        return json.dumps(chunk)
+
+    def event(self, ev: object) -> bytes:
+        """What to write for a pipeline event: its chunk (a finish: and the usage chunk when asked)."""
+        if isinstance(ev, TokenEvent):
+            self.completion_tokens += len(ev.token_ids)
+            if self.around is not None and not self.first:
+                return f"{self.around[0]}{encode_basestring_ascii(ev.text)}{self.around[1]}".encode()
+            out = f"data: {self._whole(ev.text, None, self.first)}\n\n"
+        elif isinstance(ev, FinishEvent):
+            out = f"data: {self._whole('', ev.reason, self.first)}\n\n"
+            if self.include_usage:
+                out += f"data: {json.dumps({**self.head, 'choices': [], 'usage': _usage(ev)})}\n\n"
+        else:
+            raise TypeError(f"no server-sent event for a {type(ev).__name__}")
+        self.first = False
+        return out.encode()

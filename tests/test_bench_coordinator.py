@@ -58,10 +58,24 @@ def test_the_relay_bench_sends_every_token_of_every_request_through_the_pipeline
 
     from tandem.bench.relay_cost import cmd_relay
 
-    args = argparse.Namespace(intervals="1,4", requests=3, tokens=9, repeats=1, model=str(tiny_model), out=str(tmp_path))
-    assert cmd_relay(args) == 0  # (it raises when a request's tokens did not all reach its client)
+    args = argparse.Namespace(intervals="1,4", apis="grpc,http", requests=3, tokens=9, repeats=1,
+                              model=str(tiny_model), out=str(tmp_path))
+    # (it raises when a request's tokens did not all reach its client, or an HTTP stream's text is not theirs)
+    assert cmd_relay(args) == 0
     doc = json.loads((tmp_path / "results.json").read_text())
-    # A message for the prefill's token, then the decode's 8 one or four at a time (the last with the finish).
-    assert [(r["interval"], r["messages"]) for r in doc["rows"]] == [(1, 3 * 9), (4, 3 * 3)]
+    # gRPC: a message for the prefill's token, then the decode's 8 one or four at a time (the last with the
+    # finish); HTTP: the same token events, then the finish's own.
+    assert [(r["api"], r["interval"], r["messages"]) for r in doc["rows"]] == [
+        ("grpc", 1, 3 * 9), ("http", 1, 3 * 10), ("grpc", 4, 3 * 3), ("http", 4, 3 * 4)]
     assert (tmp_path / "relay-cost.png").stat().st_size > 0
-    assert "| 4 | 9 |" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "| grpc | 4 | 9 |" in report and "| http | 4 | 12 |" in report
+
+
+def test_the_relay_bench_refuses_an_unknown_front_end(tmp_path, tiny_model) -> None:
+    from tandem.bench.relay_cost import cmd_relay
+
+    args = argparse.Namespace(intervals="1", apis="grpc,websocket", requests=1, tokens=2, repeats=1,
+                              model=str(tiny_model), out=str(tmp_path))
+    with pytest.raises(SystemExit, match="--apis: some of grpc, http"):
+        cmd_relay(args)

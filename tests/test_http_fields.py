@@ -76,3 +76,52 @@ def test_out_of_range_sampling_is_a_clear_error_not_a_crash_on_the_wire() -> Non
                      (Sampling(temperature=float("inf")), "temperature")]:
         with pytest.raises(InvalidRequest, match=words):
             s.validate(1, 100)
+
+
+def _reference_chunks(events: list, head: dict, chat: bool, include_usage: bool, prompt: int | None) -> bytes:
+    """The stream's bytes made the plain way: each chunk's dict through json.dumps."""
+    import json
+
+    from tandem.coordinator.request import TokenEvent
+
+    out, done, first = [], 0, True
+    for ev in events:
+        if isinstance(ev, TokenEvent):
+            done += len(ev.token_ids)
+        text, finish = (ev.text, None) if isinstance(ev, TokenEvent) else ("", ev.reason)
+        if chat:
+            choice = {"index": 0, "delta": {"content": text, **({"role": "assistant"} if first else {})},
+                      "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        usage = {} if prompt is None else {"usage": {"prompt_tokens": prompt, "completion_tokens": done,
+                                                     "total_tokens": prompt + done}}
+        out.append(f"data: {json.dumps({**head, 'choices': [choice], **usage})}\n\n")
+        if not isinstance(ev, TokenEvent) and include_usage:
+            total = {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
+                     "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+            out.append(f"data: {json.dumps({**head, 'choices': [], 'usage': total})}\n\n")
+        first = False
+    return "".join(out).encode()
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("usage", ["none", "end", "every"])
+def test_sse_chunks_are_byte_for_byte_what_json_dumps_makes_of_each_chunk(chat: bool, usage: str) -> None:
+    import random
+
+    from tandem.coordinator.http_api import _MARK, SseChunks
+    from tandem.coordinator.request import FinishEvent, TokenEvent
+
+    rng = random.Random(7)
+    alphabet = ['"', "\\", "\n", "\t", "\x00", "\x1f", "\u2028", "é", "漢", "😀", "\ud800", "a", " ", "/", "<"]
+    texts = ["", *("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6))) for _ in range(300))]
+    events = [TokenEvent([1] * rng.randint(0, 3), t) for t in texts] + [FinishEvent("stop", 4, 17)]
+    for head in ({"id": "cmpl-1", "object": "text_completion", "created": 5, "model": "m"},
+                 {"id": _MARK, "object": "text_completion", "created": 5, "model": "m"},  # (made whole)
+                 {"id": "cmpl-\"é", "object": "chat.completion.chunk", "created": 0, "model": 'a"b'}):
+        prompt = 4 if usage == "every" else None
+        sse = SseChunks(head, chat, usage != "none", prompt)
+        assert b"".join(sse.event(ev) for ev in events) == _reference_chunks(events, head, chat, usage != "none",
+                                                                             prompt)
+        assert (sse.around is not None) == (head["id"] != _MARK and usage != "every")
