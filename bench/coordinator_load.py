@@ -116,14 +116,84 @@ async def probe(address: str, rate: float, duration_s: float, prompt_tokens: int
             "send_lag_p99_ms": pct(lag, 0.99) * 1000}
 
 
+async def probe_http(base_url: str, rate: float, duration_s: float, prompt_tokens: int, output_tokens: int,
+                     seed: int) -> dict[str, Any]:
+    """``probe`` over the OpenAI HTTP API: /v1/completions streamed as server-sent events, the
+    usage chunk asked for (its completion tokens are the tokens counted). The stream carries no
+    node timings, so there is no added TTFT here, only the client's TTFT."""
+    import aiohttp
+
+    rng = random.Random(seed)
+    words = ["prefill", "decode", "node", "cache", "key", "value", "sends", "the", "to", "fast"]
+    ttfts, errors, tokens, messages, lag = [], 0, 0, 0, []
+
+    async def one(session: aiohttp.ClientSession, at: float) -> None:
+        nonlocal errors, tokens, messages
+        body = {"prompt": " ".join(rng.choice(words) for _ in range(prompt_tokens)), "max_tokens": output_tokens,
+                "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        t0 = time.perf_counter()
+        lag.append(t0 - at)
+        first, usage = None, None
+        try:
+            async with session.post(f"{base_url}/v1/completions", json=body,
+                                    timeout=aiohttp.ClientTimeout(total=60)) as resp:
+                if resp.status != 200:
+                    errors += 1
+                    return
+                async for line in resp.content:
+                    if not line.startswith(b"data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:  # the stream ended by an error
+                        errors += 1
+                        return
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    elif chunk["choices"]:
+                        messages += 1
+                        if first is None and chunk["choices"][0]["text"]:
+                            first = time.perf_counter()
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            errors += 1
+            return
+        if usage is None or first is None:
+            errors += 1
+            return
+        tokens += usage["completion_tokens"]
+        ttfts.append(first - t0)
+
+    t_start = time.perf_counter()
+    tasks, t, i = [], 0.0, 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        while True:
+            t += rng.expovariate(rate)
+            if t >= duration_s:
+                break
+            delay = t_start + t - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(session, t_start + t)))
+            i += 1
+        sent_s = time.perf_counter() - t_start
+        await asyncio.gather(*tasks)
+    return {"rate": rate, "requests": i, "sent_rate": i / sent_s if sent_s else 0.0, "errors": errors,
+            "tokens": tokens, "messages": messages, "added_ttft_p50_ms": None, "added_ttft_p99_ms": None,
+            "ttft_p50_ms": pct(ttfts, 0.5) * 1000, "ttft_p99_ms": pct(ttfts, 0.99) * 1000,
+            "send_lag_p99_ms": pct(lag, 0.99) * 1000}
+
+
 def measured_probe(address: str, rate: float, args: argparse.Namespace, seed: int,
-                   cpu: Callable[[], float]) -> dict[str, Any]:
-    """One probe (``probe``) and what ``cpu`` (CPU seconds of the process(es) under test) counted
-    over it: the probe's row with that CPU's share of the wall time and per request and token."""
+                   cpu: Callable[[], float], http_url: str = "") -> dict[str, Any]:
+    """One probe (``probe``, or ``probe_http`` at ``http_url`` when given) and what ``cpu`` (CPU
+    seconds of the process(es) under test) counted over it: the probe's row with that CPU's share
+    of the wall time and per request and token."""
     import uvloop
 
     c0, w0 = cpu(), time.perf_counter()
-    row = uvloop.run(probe(address, rate, args.duration, args.prompt_tokens, args.output_tokens, seed))
+    if http_url:
+        row = uvloop.run(probe_http(http_url, rate, args.duration, args.prompt_tokens, args.output_tokens, seed))
+    else:
+        row = uvloop.run(probe(address, rate, args.duration, args.prompt_tokens, args.output_tokens, seed))
     used, wall = cpu() - c0, time.perf_counter() - w0
     row.update({"cpu_share": used / wall, "cpu_us_per_request": used / max(1, row["requests"]) * 1e6,
                 "cpu_us_per_token": used / max(1, row["tokens"]) * 1e6, "tokens_per_s": row["tokens"] / wall})
@@ -169,6 +239,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--node-calls", default="stream",
                     help="the coordinator's --node-calls, one cluster each in turn: stream, call, or "
                          "stream,call (the same rates for both, and the baseline both ways)")
+    ap.add_argument("--api", default="grpc",
+                    help="the clients' front end: grpc (Generate), http (/v1/completions streamed as server-sent "
+                         "events), or both, comma-separated (the baseline is gRPC's)")
     ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
                     help="also measure the baseline: grpc.aio alone making the same calls (bench/grpc_floor.py)")
     ap.add_argument("--out", default="bench/results/coordinator")
@@ -195,6 +268,9 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.node_calls.split(",") if m.strip()]
     if not modes or any(m not in ("stream", "call") for m in modes) or len(set(modes)) != len(modes):
         raise SystemExit(f"--node-calls: stream, call or both, comma-separated; got {args.node_calls!r}")
+    apis = [a.strip() for a in args.api.split(",") if a.strip()]
+    if not apis or any(a not in ("grpc", "http") for a in apis) or len(set(apis)) != len(apis):
+        raise SystemExit(f"--api: grpc, http or both, comma-separated; got {args.api!r}")
     rates = [float(r) for r in args.rates.split(",")]
     rows: list[dict[str, Any]] = []
     top: list[tuple[str, float]] = []
@@ -215,31 +291,36 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             print(f"--node-calls {mode}: coordinator pid {pid} on cores {sorted(mine)}; {args.prefill} + "
                   f"{args.decode} simulated nodes and the load generator on {rest}", flush=True)
             uvloop.run(probe(cluster.grpc_address, 20, 3, args.prompt_tokens, args.output_tokens, 99))  # warm-up
-            for k, rate in enumerate(rates):
-                spy = None
-                if mode == modes[0] and k == len(rates) - 1:  # where the time goes, at the highest rate
-                    import threading
+            for api in apis:
+                for k, rate in enumerate(rates):
+                    spy = None
+                    if (mode, api) == (modes[0], apis[0]) and k == len(rates) - 1:  # where the time goes, at the top rate
+                        import threading
 
-                    spy = threading.Thread(target=lambda: top.extend(py_spy_top(pid, args.duration * 0.8, out)))
-                    spy.start()
-                row = measured_probe(cluster.grpc_address, rate, args, k, lambda: tree_cpu_seconds(pids))
-                if spy is not None:
-                    spy.join()
-                row["coordinator_cpu_share"] = row.pop("cpu_share")
-                row["node_calls"] = mode
-                rows.append(row)
-                print(f"  {rate:g} req/s (sent {row['sent_rate']:.0f}): added TTFT p50 {row['added_ttft_p50_ms']:.2f} ms, "
-                      f"p99 {row['added_ttft_p99_ms']:.2f} ms; coordinator CPU {row['coordinator_cpu_share']:.0%}, "
-                      f"{row['cpu_us_per_request']:.0f} us/request, {row['cpu_us_per_token']:.1f} us/token; "
-                      f"errors {row['errors']}", flush=True)
+                        spy = threading.Thread(target=lambda: top.extend(py_spy_top(pid, args.duration * 0.8, out)))
+                        spy.start()
+                    row = measured_probe(cluster.grpc_address, rate, args, k, lambda: tree_cpu_seconds(pids),
+                                         http_url=cluster.http_url if api == "http" else "")
+                    if spy is not None:
+                        spy.join()
+                    row["coordinator_cpu_share"] = row.pop("cpu_share")
+                    row["node_calls"] = mode
+                    row["api"] = api
+                    rows.append(row)
+                    added = ("added TTFT n/a" if row["added_ttft_p50_ms"] is None else
+                             f"added TTFT p50 {row['added_ttft_p50_ms']:.2f} ms, p99 {row['added_ttft_p99_ms']:.2f} ms")
+                    print(f"  {api}, {rate:g} req/s (sent {row['sent_rate']:.0f}): {added}, TTFT p50 "
+                          f"{row['ttft_p50_ms']:.2f} ms; coordinator CPU {row['coordinator_cpu_share']:.0%}, "
+                          f"{row['cpu_us_per_request']:.0f} us/request, {row['cpu_us_per_token']:.1f} us/token; "
+                          f"errors {row['errors']}", flush=True)
     floor = [r for mode in modes for r in measure_floor(rates, args, mine, set(rest), mode)] if args.floor else []
     for row in rows:
         base = next((b for b in floor if b["node_calls"] == row["node_calls"] and b["rate"] == row["rate"]), None)
-        if base is not None:
+        if base is not None and row["api"] == "grpc":
             row["floor_cpu_us_per_request"] = base["cpu_us_per_request"]
     doc = {"profile": PROFILE, "prefill_nodes": args.prefill, "decode_nodes": args.decode,
            "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
-           "stream_interval": args.stream_interval, "workers": args.workers, "node_calls": modes,
+           "stream_interval": args.stream_interval, "workers": args.workers, "node_calls": modes, "apis": apis,
            "coordinator_cores": sorted(mine), "other_cores": rest, "rows": rows,
            "top_functions": [[f, s] for f, s in top], "floor_rows": floor,
            "goal": "added TTFT p99 <= 1 ms at 1,000 req/s; relay >= 100k tokens/s per coordinator process"}
@@ -308,16 +389,21 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
     floor = doc.get("floor_rows") or []
     modes = doc.get("node_calls") or ["call"]
 
-    def of(rs: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
-        return [r for r in rs if r.get("node_calls", "call") == mode]
+    apis = doc.get("apis") or ["grpc"]
+
+    def of(rs: list[dict[str, Any]], mode: str, api: str = "grpc") -> list[dict[str, Any]]:
+        return [r for r in rs if r.get("node_calls", "call") == mode and r.get("api", "grpc") == api]
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     for mode in modes:
-        mine = of(rows, mode)
-        sent = [r["sent_rate"] for r in mine]
-        a1.plot(sent, [r["added_ttft_p50_ms"] for r in mine], marker="o", label=f"p50, {mode}")
-        a1.plot(sent, [r["added_ttft_p99_ms"] for r in mine], marker="o", label=f"p99, {mode}")
-        a2.plot(sent, [r["cpu_us_per_request"] for r in mine], marker="o", label=f"coordinator, --node-calls {mode}")
+        for api in apis:
+            mine = of(rows, mode, api)
+            sent = [r["sent_rate"] for r in mine]
+            if api == "grpc":  # (an HTTP stream carries no node timings: no added TTFT)
+                a1.plot(sent, [r["added_ttft_p50_ms"] for r in mine], marker="o", label=f"p50, {mode}")
+                a1.plot(sent, [r["added_ttft_p99_ms"] for r in mine], marker="o", label=f"p99, {mode}")
+            a2.plot(sent, [r["cpu_us_per_request"] for r in mine], marker="o",
+                    label=f"coordinator, {api}, --node-calls {mode}")
         base = of(floor, mode)
         if base:
             a2.plot([r["sent_rate"] for r in base], [r["cpu_us_per_request"] for r in base], marker="o",
@@ -341,11 +427,17 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
              f"{doc['coordinator_cores']}, nodes and load generator on {doc['other_cores']}. Goal: {doc['goal']}.", "",
              "`--node-calls stream`: the Prefill and Decode calls to each node as messages on one long-lived stream; "
              "`call`: a gRPC call each.", "",
-             "| node calls | asked req/s | sent req/s | added TTFT p50 | p99 | coordinator CPU | CPU/request | "
-             "CPU/token | tokens/s | errors |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "`http`: the clients stream /v1/completions as server-sent events (no node timings come back, so "
+             "no added TTFT; the TTFT is the client's, the simulated prefill's 2 ms in it).", "",
+             "| api | node calls | asked req/s | sent req/s | added TTFT p50 | p99 | TTFT p50 | coordinator CPU | "
+             "CPU/request | CPU/token | tokens/s | errors |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def ms(v: float | None) -> str:
+        return "–" if v is None else f"{v:.2f} ms"
+
     for r in rows:
-        lines.append(f"| {r.get('node_calls', 'call')} | {r['rate']:g} | {r['sent_rate']:.0f} | "
-                     f"{r['added_ttft_p50_ms']:.2f} ms | {r['added_ttft_p99_ms']:.2f} ms | "
+        lines.append(f"| {r.get('api', 'grpc')} | {r.get('node_calls', 'call')} | {r['rate']:g} | {r['sent_rate']:.0f} | "
+                     f"{ms(r['added_ttft_p50_ms'])} | {ms(r['added_ttft_p99_ms'])} | {ms(r.get('ttft_p50_ms'))} | "
                      f"{r['coordinator_cpu_share']:.0%} | {r['cpu_us_per_request']:.0f} us | "
                      f"{r['cpu_us_per_token']:.1f} us | {r['tokens_per_s']:.0f} | {r['errors']} |")
     if floor:
@@ -356,7 +448,7 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
                   "Tandem's own (the difference) |", "|---|---:|---:|---:|---:|---:|"]
         for b in floor:
             r = next((r for r in rows if r.get("node_calls", "call") == b.get("node_calls", "call")
-                      and r["rate"] == b["rate"]), None)
+                      and r.get("api", "grpc") == "grpc" and r["rate"] == b["rate"]), None)
             if r is None:
                 continue
             lines.append(f"| {b.get('node_calls', 'call')} | {b['rate']:g} | {b['sent_rate']:.0f} | "
@@ -364,7 +456,8 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
                          f"{r['cpu_us_per_request'] - b['cpu_us_per_request']:.0f} us |")
     lines += ["", "![coordinator](coordinator.png)", ""]
     if doc["top_functions"]:
-        lines += [f"Where the coordinator's time goes at the highest rate (`--node-calls {modes[0]}`; py-spy, samples "
+        lines += [f"Where the coordinator's time goes at the highest rate ({apis[0]}, `--node-calls {modes[0]}`; "
+                  "py-spy, samples "
                   "of the thread holding the GIL, by the function on top):", "",
                   "| function | share |", "|---|---:|"]
         lines += [f"| `{f}` | {s:.1%} |" for f, s in doc["top_functions"]]

@@ -86,6 +86,21 @@ def test_decode_steps_batch_requests_on_a_simulated_node(cluster: LocalCluster, 
     assert took < 4.0
 
 
+def test_the_coordinator_bench_streams_over_http_and_counts_every_token(cluster: LocalCluster) -> None:
+    """`tandem bench coordinator --api http`'s probe: /v1/completions as server-sent events."""
+    import uvloop
+
+    from tandem.bench.coordinator_load import probe_http
+
+    row = uvloop.run(probe_http(cluster.http_url, rate=8, duration_s=1.0, prompt_tokens=12, output_tokens=5, seed=3))
+    assert row["requests"] >= 1 and row["errors"] == 0
+    assert row["tokens"] == 5 * row["requests"]  # each stream's usage chunk: its 5 tokens
+    # a chunk a token (--stream-interval 1) and the finish's
+    assert row["messages"] == 6 * row["requests"]
+    assert row["ttft_p50_ms"] >= 50  # the simulated prefill of 50 ms is in it
+    assert row["added_ttft_p50_ms"] is None
+
+
 def test_the_live_planner_reads_the_real_coordinator_and_recommends_a_prefill_node(cluster: LocalCluster, stub,
                                                                                     tmp_path: Path) -> None:
     """`tandem plan --live` (recommending only) on this 1:2 cluster under prompts of 400 tokens and
