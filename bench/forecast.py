@@ -19,6 +19,10 @@ the batch each assumes). It then scores batch forecasts of growing knowledge:
 the factor each node learned from finished requests). If ``oracle`` is close and ``forward`` is not,
 the error is the arrivals after admission, which no prediction made at admission can know.
 
+Where decode nodes prefill too (0:N, conditional disaggregation), how much of the TPOT error
+their local prefills make: the share of each request's life its node spent in one, and the best
+fits with and without it.
+
 TTFT (logs that give its parts): the error of admission's TTFT, of its wait before the prefill
 call went out against the wait measured, and of the rest (the prefill call) had the wait been
 known: which of the two parts the error is in. Local prefills' TTFT error also apart by whether
@@ -368,6 +372,67 @@ def ttft_local_by_credit(path: str, node_logs: list[str]) -> dict[str, dict[str,
                    "signed_p50": percentile([(p - t) / t for t, p in rs], 50)} for name, rs in groups.items()}
 
 
+LOCAL_SPAN = re.compile(r"^(\S+ \S+) .*after \d+ tokens \(ttft [\d.]+ s, tpot [\d.]+ ms, e2e ([\d.]+) s, "
+                        r"prefill (\S+) \(local\), .*dispatch ([\d.]+) s, prefill call ([\d.]+) s")
+RECENT_S = 5.0
+
+
+def _lstsq_errors(cols: list[list[float]], y: list[float]) -> dict[str, float]:
+    """p50 and p90 of |fit - y| / y for y fitted in-sample as a line in ``cols`` (and a constant)."""
+    import numpy as np
+
+    x = np.column_stack([np.ones(len(y)), *[np.asarray(c, dtype=float) for c in cols]])
+    yy = np.asarray(y, dtype=float)
+    coef = np.linalg.lstsq(x, yy, rcond=None)[0]
+    return p50_p90(list(np.abs(x @ coef - yy) / yy))
+
+
+def tpot_by_local_prefills(path: str) -> dict[str, dict[str, float]]:
+    """How much of the TPOT error is the decode node's own prefills (P:D 0:N, conditional
+    disaggregation): while a decode node runs a local prefill, the steps of its streams carry the
+    prompt's chunks and take longer. For each request, the share of its decode life during which
+    its node was in a local prefill call (each call's span from the coordinator's lines: arrival +
+    dispatch, for the prefill call's time), all of it and the part from prefills admitted before
+    it (what admission could know). Fitted in-sample as TPOT = a + b·batch (+ c·share), the batch
+    the oracle's (its life's true mean) or admission's ``forward`` forecast, and scored as
+    ``analyse`` does: how far the best prediction from each pair of inputs can get."""
+    spans: dict[str, list[tuple[float, float, float]]] = {}  # node: (admitted, call start, call end)
+    for line in open(path, encoding="utf-8", errors="replace"):
+        if "(local)" in line and (m := LOCAL_SPAN.search(line)):
+            end = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            arrived = end - float(m.group(2))
+            start = arrived + float(m.group(4))
+            spans.setdefault(m.group(3), []).append((arrived, start, start + float(m.group(5))))
+    reqs = read(path)
+    if not spans or len(reqs) < 10:
+        return {}
+
+    def share(node: str, a: float, b: float, admitted_before: float | None = None) -> float:
+        busy = sum(max(0.0, min(b, hi) - max(a, lo)) for adm, lo, hi in spans.get(node, [])
+                   if admitted_before is None or adm < admitted_before)
+        return busy / (b - a) if b > a else 0.0
+
+    rows: list[tuple[Req, float, float]] = []
+    for node in sorted({r.node for r in reqs}):
+        mine = [r for r in reqs if r.node == node]
+        f = _forecasts(mine)
+        rows += list(zip(mine, f["oracle"], f["forward"]))
+    y = [r.tpot for r, _, _ in rows]
+    life = [share(r.node, r.start, r.end) for r, _, _ in rows]
+    known = [share(r.node, r.start, r.end, admitted_before=r.admitted) for r, _, _ in rows]
+    recent = [share(r.node, r.admitted - RECENT_S, r.admitted) for r, _, _ in rows]
+    oracle, forward = [o for _, o, _ in rows], [w for _, _, w in rows]
+    return {
+        "batch (oracle)": _lstsq_errors([oracle], y),
+        "batch and local prefills' share of its life (both oracle)": _lstsq_errors([oracle, life], y),
+        "batch (forward)": _lstsq_errors([forward], y),
+        f"batch (forward) and the share in the {RECENT_S:g} s before admission": _lstsq_errors([forward, recent], y),
+        "batch (forward) and the share of prefills admitted before it": _lstsq_errors([forward, known], y),
+        "shares": {"life_mean": statistics.mean(life), "known_mean": statistics.mean(known),
+                   "requests": len(rows)},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("log", help="a coordinator log (its per-request lines)")
@@ -392,6 +457,13 @@ def main(argv: list[str] | None = None) -> int:
             e, f = replay_factor(reqs, rate), replay_factor(reqs, rate, lines=False)
             print(f"  {rate:<21g} line p50 {e['p50']:6.1%}  p90 {e['p90']:6.1%}   "
                   f"factor p50 {f['p50']:6.1%}  p90 {f['p90']:6.1%}")
+    local = tpot_by_local_prefills(args.log)
+    if local:
+        sh = local.pop("shares")
+        print(f"TPOT and the decode nodes' own prefills: a local prefill ran for {sh['life_mean']:.1%} of a request's "
+              f"decode life on average, {sh['known_mean']:.1%} from prefills admitted before it; TPOT fitted on")
+        for name, e in local.items():
+            print(f"  {name:62s} p50 {e['p50']:6.1%}  p90 {e['p90']:6.1%}")
     for where, e in ttft_parts(args.log).items():
         split = (f"; of it the wait p50 {e['wait_p50']:.1%} p90 {e['wait_p90']:.1%}; the rest, with the wait "
                  f"known, p50 {e['rest_p50']:.1%} p90 {e['rest_p90']:.1%}" if "wait_p50" in e else "")

@@ -149,3 +149,35 @@ def test_local_prefills_ttft_error_is_split_by_whether_the_credited_prefix_was_t
                                                          "more than the engine had": 1}
     assert got["less than the engine had"]["signed_p50"] == pytest.approx(1.0)  # (predicted 0.4 s, took 0.2 s)
     assert got["more than the engine had"]["signed_p50"] == pytest.approx(-0.5)
+
+
+def test_tpot_that_follows_the_batch_and_the_nodes_own_prefills_is_fitted_with_both(tmp_path: Path) -> None:
+    from tandem.bench.forecast import tpot_by_local_prefills
+
+    # One decode node that prefills every request itself: arrivals every 1.5 s, prefill calls of
+    # 0.1-0.7 s, decode lives of 2-4 s; TPOT = 10 ms + 4 ms a stream + 50 ms x the share of the
+    # life spent in a local prefill call.
+    t0 = datetime.datetime(2026, 12, 1, 12, 0, 0).timestamp()
+    calls = [(1.5 * i, 1.5 * i + 0.01, 1.5 * i + 0.01 + 0.1 + 0.2 * (i % 4)) for i in range(40)]
+    reqs = [Req(hi, hi + 2.0 + (i * 7 % 5) * 0.5, 100, 0.0, 0.0, "decode-0", admitted=adm)
+            for i, (adm, _, hi) in enumerate(calls)]
+    for r in reqs:
+        busy = sum(max(0.0, min(r.end, hi) - max(r.start, lo)) for _, lo, hi in calls)
+        r.tpot = 0.010 + 0.004 * Batch(reqs).mean(r.start, r.end) + 0.05 * busy / (r.end - r.start)
+    lines = []
+    for r, (adm, lo, hi) in sorted(zip(reqs, calls), key=lambda x: x[0].end):
+        stamp = datetime.datetime.fromtimestamp(t0 + r.end).strftime("%Y-%m-%d %H:%M:%S,%f")[:-3]
+        lines.append(f"{stamp} INFO coordinator tandem.coordinator.request: request req-x: length after 100 tokens "
+                     f"(ttft {r.start - adm:.3f} s, tpot {r.tpot * 1000:.3f} ms, e2e {r.end - adm:.3f} s, prefill "
+                     f"decode-0 (local), decode decode-0, migrations 0, dispatch {lo - adm:.3f} s, prefill call "
+                     f"{hi - lo:.3f} s; predicted ttft 0.300 s, tpot 20.0 ms, learned factors x1.00, x1.00, of the "
+                     "ttft waiting 0.000 s)")
+    log = tmp_path / "coordinator.log"
+    log.write_text("\n".join(lines) + "\n")
+    res = tpot_by_local_prefills(str(log))
+    assert res["shares"]["requests"] == 40 and 0.05 < res["shares"]["life_mean"] < 0.3
+    assert res["shares"]["known_mean"] == 0.0  # every call overlapping a life was admitted after it
+    assert res["batch and local prefills' share of its life (both oracle)"]["p90"] < 0.01  # (the log's rounding)
+    assert res["batch (oracle)"]["p90"] > 0.02  # the batch alone leaves the prefills' part out
+    (tmp_path / "disaggregated.log").write_text("\n".join(ln.replace(" (local)", "") for ln in lines) + "\n")
+    assert tpot_by_local_prefills(str(tmp_path / "disaggregated.log")) == {}  # no local prefills: nothing to say
