@@ -19,9 +19,9 @@ the batch each assumes). It then scores batch forecasts of growing knowledge:
 the factor each node learned from finished requests). If ``oracle`` is close and ``forward`` is not,
 the error is the arrivals after admission, which no prediction made at admission can know.
 
-Where decode nodes prefill too (0:N, conditional disaggregation), how much of the TPOT error
-their local prefills make: the share of each request's life its node spent in one, and the best
-fits with and without it.
+How much of the TPOT error is the decode nodes' other work: their own prefills (0:N, conditional
+disaggregation) and, with their logs beside the coordinator's, their KV fetches: the share of each
+request's life its node spent in each, and the best fits with and without them.
 
 TTFT (logs that give its parts): the error of admission's TTFT, of its wait before the prefill
 call went out against the wait measured, and of the rest (the prefill call) had the wait been
@@ -387,28 +387,48 @@ def _lstsq_errors(cols: list[list[float]], y: list[float]) -> dict[str, float]:
     return p50_p90(list(np.abs(x @ coef - yy) / yy))
 
 
-def tpot_by_local_prefills(path: str) -> dict[str, dict[str, float]]:
-    """How much of the TPOT error is the decode node's own prefills (P:D 0:N, conditional
-    disaggregation): while a decode node runs a local prefill, the steps of its streams carry the
-    prompt's chunks and take longer. For each request, the share of its decode life during which
-    its node was in a local prefill call (each call's span from the coordinator's lines: arrival +
-    dispatch, for the prefill call's time), all of it and the part from prefills admitted before
-    it (what admission could know). Fitted in-sample as TPOT = a + b·batch (+ c·share), the batch
-    the oracle's (its life's true mean) or admission's ``forward`` forecast, and scored as
-    ``analyse`` does: how far the best prediction from each pair of inputs can get."""
-    spans: dict[str, list[tuple[float, float, float]]] = {}  # node: (admitted, call start, call end)
+FETCHED = re.compile(r"^(\S+ \S+) .*request \S+: fetched \d+ blocks \((\d+) bytes\) in ([\d.]+) s")
+
+
+def _spans(path: str, node_logs: list[str]) -> dict[str, dict[str, list[tuple[float, float, float]]]]:
+    """What else each decode node did beside decoding, as (admitted, start, end) spans: its local
+    prefill calls (from the coordinator's finished lines: arrival + dispatch, for the call's time;
+    admitted: the request's arrival) and its KV fetches (from its own log, decode-N.log: each
+    fetch's line ends it; admitted: its start)."""
+    out: dict[str, dict[str, list[tuple[float, float, float]]]] = {"prefill": {}, "fetch": {}}
     for line in open(path, encoding="utf-8", errors="replace"):
         if "(local)" in line and (m := LOCAL_SPAN.search(line)):
             end = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
             arrived = end - float(m.group(2))
             start = arrived + float(m.group(4))
-            spans.setdefault(m.group(3), []).append((arrived, start, start + float(m.group(5))))
+            out["prefill"].setdefault(m.group(3), []).append((arrived, start, start + float(m.group(5))))
+    for log in node_logs:
+        node = os.path.basename(log).rsplit(".", 1)[0]
+        for line in open(log, encoding="utf-8", errors="replace"):
+            if ": fetched " in line and (m := FETCHED.search(line)):
+                end = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                out["fetch"].setdefault(node, []).append((end - float(m.group(3)), end - float(m.group(3)), end))
+    return out
+
+
+def tpot_by_node_work(path: str, node_logs: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """How much of the TPOT error is the decode node's other work: its own prefills (P:D 0:N,
+    conditional disaggregation), whose chunks ride in its streams' steps, and its KV fetches
+    (disaggregated requests' KV coming in on the node's core). For each request, the share of its
+    decode life during which its node was in a local prefill call, and the share it was fetching
+    KV (given the decode nodes' logs), all of it and the part admission could know (prefills
+    admitted, fetches started, before the request was). Fitted in-sample as TPOT = a + b·batch
+    (+ c·share ...), the batch the oracle's (its life's true mean) or admission's ``forward``
+    forecast, and scored as ``analyse`` does: how far the best prediction from each set of inputs
+    gets."""
+    spans = _spans(path, node_logs or [])
     reqs = read(path)
-    if not spans or len(reqs) < 10:
+    kinds = [k for k in ("prefill", "fetch") if spans[k]]
+    if not kinds or len(reqs) < 10:
         return {}
 
-    def share(node: str, a: float, b: float, admitted_before: float | None = None) -> float:
-        busy = sum(max(0.0, min(b, hi) - max(a, lo)) for adm, lo, hi in spans.get(node, [])
+    def share(kind: str, node: str, a: float, b: float, admitted_before: float | None = None) -> float:
+        busy = sum(max(0.0, min(b, hi) - max(a, lo)) for adm, lo, hi in spans[kind].get(node, [])
                    if admitted_before is None or adm < admitted_before)
         return busy / (b - a) if b > a else 0.0
 
@@ -418,19 +438,27 @@ def tpot_by_local_prefills(path: str) -> dict[str, dict[str, float]]:
         f = _forecasts(mine)
         rows += list(zip(mine, f["oracle"], f["forward"]))
     y = [r.tpot for r, _, _ in rows]
-    life = [share(r.node, r.start, r.end) for r, _, _ in rows]
-    known = [share(r.node, r.start, r.end, admitted_before=r.admitted) for r, _, _ in rows]
-    recent = [share(r.node, r.admitted - RECENT_S, r.admitted) for r, _, _ in rows]
     oracle, forward = [o for _, o, _ in rows], [w for _, _, w in rows]
-    return {
-        "batch (oracle)": _lstsq_errors([oracle], y),
-        "batch and local prefills' share of its life (both oracle)": _lstsq_errors([oracle, life], y),
+    words = {"prefill": "local prefills'", "fetch": "KV fetches'"}
+    life = {k: [share(k, r.node, r.start, r.end) for r, _, _ in rows] for k in kinds}
+    known = {k: [share(k, r.node, r.start, r.end, admitted_before=r.admitted) for r, _, _ in rows] for k in kinds}
+    recent = {k: [share(k, r.node, r.admitted - RECENT_S, r.admitted) for r, _, _ in rows] for k in kinds}
+    every = " and ".join(words[k] for k in kinds)
+    out: dict[str, dict[str, float]] = {"batch (oracle)": _lstsq_errors([oracle], y)}
+    if len(kinds) > 1:
+        for k in kinds:
+            out[f"batch and {words[k]} share of its life (oracle)"] = _lstsq_errors([oracle, life[k]], y)
+    out.update({
+        f"batch and {every} share of its life (oracle)": _lstsq_errors([oracle, *life.values()], y),
         "batch (forward)": _lstsq_errors([forward], y),
-        f"batch (forward) and the share in the {RECENT_S:g} s before admission": _lstsq_errors([forward, recent], y),
-        "batch (forward) and the share of prefills admitted before it": _lstsq_errors([forward, known], y),
-        "shares": {"life_mean": statistics.mean(life), "known_mean": statistics.mean(known),
-                   "requests": len(rows)},
-    }
+        f"batch (forward) and the share in the {RECENT_S:g} s before admission":
+            _lstsq_errors([forward, *recent.values()], y),
+        "batch (forward) and the share known at admission": _lstsq_errors([forward, *known.values()], y),
+    })
+    for k in kinds:
+        out[f"shares: {k}"] = {"life_mean": statistics.mean(life[k]), "known_mean": statistics.mean(known[k]),
+                               "requests": len(rows)}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -457,12 +485,16 @@ def main(argv: list[str] | None = None) -> int:
             e, f = replay_factor(reqs, rate), replay_factor(reqs, rate, lines=False)
             print(f"  {rate:<21g} line p50 {e['p50']:6.1%}  p90 {e['p90']:6.1%}   "
                   f"factor p50 {f['p50']:6.1%}  p90 {f['p90']:6.1%}")
-    local = tpot_by_local_prefills(args.log)
-    if local:
-        sh = local.pop("shares")
-        print(f"TPOT and the decode nodes' own prefills: a local prefill ran for {sh['life_mean']:.1%} of a request's "
-              f"decode life on average, {sh['known_mean']:.1%} from prefills admitted before it; TPOT fitted on")
-        for name, e in local.items():
+    node_logs = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(args.log)), "decode-*.log")))
+    work = tpot_by_node_work(args.log, node_logs)
+    if work:
+        what = {"prefill": "in a local prefill", "fetch": "fetching KV"}
+        for key in [k for k in work if k.startswith("shares: ")]:
+            sh, kind = work.pop(key), key.split(": ")[1]
+            print(f"TPOT and the decode nodes' other work: {what[kind]} for {sh['life_mean']:.1%} of a request's decode "
+                  f"life on average ({sh['known_mean']:.1%} from work admitted before it)")
+        print("TPOT fitted on")
+        for name, e in work.items():
             print(f"  {name:62s} p50 {e['p50']:6.1%}  p90 {e['p90']:6.1%}")
     for where, e in ttft_parts(args.log).items():
         split = (f"; of it the wait p50 {e['wait_p50']:.1%} p90 {e['wait_p90']:.1%}; the rest, with the wait "
@@ -476,7 +508,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"TTFT of local prefills with none queued and no room wait, decode {name} "
               f"({e['requests']:.0f} requests): error p50 {e['p50']:.1%} p90 {e['p90']:.1%}, median excess "
               f"{e['excess_ms_p50']:+.0f} ms against a median step of {e['step_ms_p50']:.0f} ms")
-    node_logs = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(args.log)), "decode-*.log")))
     for name, e in ttft_local_by_credit(args.log, node_logs).items():
         print(f"TTFT of local prefills credited with a prefix {name} ({e['requests']:.0f} requests): error "
               f"p50 {e['p50']:.1%} p90 {e['p90']:.1%}, median signed {e['signed_p50']:+.1%}")

@@ -152,7 +152,7 @@ def test_local_prefills_ttft_error_is_split_by_whether_the_credited_prefix_was_t
 
 
 def test_tpot_that_follows_the_batch_and_the_nodes_own_prefills_is_fitted_with_both(tmp_path: Path) -> None:
-    from tandem.bench.forecast import tpot_by_local_prefills
+    from tandem.bench.forecast import tpot_by_node_work
 
     # One decode node that prefills every request itself: arrivals every 1.5 s, prefill calls of
     # 0.1-0.7 s, decode lives of 2-4 s; TPOT = 10 ms + 4 ms a stream + 50 ms x the share of the
@@ -174,10 +174,23 @@ def test_tpot_that_follows_the_batch_and_the_nodes_own_prefills_is_fitted_with_b
                      "ttft waiting 0.000 s)")
     log = tmp_path / "coordinator.log"
     log.write_text("\n".join(lines) + "\n")
-    res = tpot_by_local_prefills(str(log))
-    assert res["shares"]["requests"] == 40 and 0.05 < res["shares"]["life_mean"] < 0.3
-    assert res["shares"]["known_mean"] == 0.0  # every call overlapping a life was admitted after it
-    assert res["batch and local prefills' share of its life (both oracle)"]["p90"] < 0.01  # (the log's rounding)
+    res = tpot_by_node_work(str(log))
+    assert res["shares: prefill"]["requests"] == 40 and 0.05 < res["shares: prefill"]["life_mean"] < 0.3
+    assert res["shares: prefill"]["known_mean"] == 0.0  # every call overlapping a life was admitted after it
+    assert "shares: fetch" not in res  # (no decode node's log given)
+    assert res["batch and local prefills' share of its life (oracle)"]["p90"] < 0.01  # (the log's rounding)
     assert res["batch (oracle)"]["p90"] > 0.02  # the batch alone leaves the prefills' part out
+
+    # The same TPOTs and lives, disaggregated: the decode node fetched each request's KV over the
+    # same spans as the calls above (its log's lines end them).
     (tmp_path / "disaggregated.log").write_text("\n".join(ln.replace(" (local)", "") for ln in lines) + "\n")
-    assert tpot_by_local_prefills(str(tmp_path / "disaggregated.log")) == {}  # no local prefills: nothing to say
+    assert tpot_by_node_work(str(tmp_path / "disaggregated.log")) == {}  # no local prefills, no node logs
+    node_log = tmp_path / "decode-0.log"
+    node_log.write_text("".join(
+        datetime.datetime.fromtimestamp(t0 + hi).strftime("%Y-%m-%d %H:%M:%S,%f")[:-3]
+        + f" INFO decode-0 tandem.kvtransfer.fetcher: request req-{i}: fetched 9 blocks (1179648 bytes) in "
+          f"{hi - lo:.4f} s over tcp\n" for i, (_, lo, hi) in enumerate(calls)))
+    res = tpot_by_node_work(str(tmp_path / "disaggregated.log"), [str(node_log)])
+    assert "shares: prefill" not in res and res["shares: fetch"]["requests"] == 40
+    assert res["batch and KV fetches' share of its life (oracle)"]["p90"] < 0.01
+    assert res["batch (oracle)"]["p90"] > 0.02
