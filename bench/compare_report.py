@@ -191,9 +191,9 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
         lines += ["", "![in-SLO throughput](in_slo_vs_rate.png)"]
     cached = [s for s in systems if "prefill_token_hit_rate" in s.get("facts", {})]
     if cached:
-        lines += ["", "Prompt tokens the prefill nodes (at 0:N the decode nodes) found computed already (engine "
-                  "prefix cache or KV store) over the whole run, the streams the engines preempted (out of KV "
-                  "blocks), and how the prefills spread over the nodes:", "",
+        lines += ["", "Prompt tokens the prefill nodes (at 0:N the decode nodes; colocated vLLM: its one engine) found "
+                  "computed already (engine prefix cache or KV store) over the whole run, the streams the engines "
+                  "preempted (out of KV blocks), and how the prefills spread over the nodes:", "",
                   "| system | goodput (req/s) | prompt tokens cached | KV store chunk hit rate | engine preemptions "
                   "| prefills per node |",
                   "|---|---:|---:|---:|---:|---|"]

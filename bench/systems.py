@@ -182,7 +182,20 @@ def start_vllm_colocated(model: str, cores: list[int], max_model_len: int, log_d
     procs.spawn(cmd, env, log_dir / "vllm-colocated.log")
     url = f"http://127.0.0.1:{port}"
     procs.wait(url)
-    return System("vllm-colocated", url, [_shown(env, cmd)], vllm_version(), procs.stop)
+    started = prompt_tokens_by_source(url)
+    return System("vllm-colocated", url, [_shown(env, cmd)], vllm_version(), procs.stop,
+                  facts=lambda: engine_cache_facts(scrape(url.removeprefix("http://")), started))
+
+
+def engine_cache_facts(samples: list[Sample], started: dict[str, float]) -> dict[str, Any]:
+    """A colocated vLLM's ``cache_facts``: where its prompt tokens came from by its own count (less
+    ``started``, the counts when it was up), computed already being its prefix cache's hits, and
+    the streams it preempted."""
+    by = {k: v - started.get(k, 0.0) for k, v in tokens_by_source(samples).items()}
+    prompt, cached = sum(by.values()), by.get("local_cache_hit", 0.0) + by.get("external_kv_transfer", 0.0)
+    return {"prefill_prompt_tokens": int(prompt), "prefill_cached_tokens": int(cached),
+            "prefill_token_hit_rate": round(cached / prompt, 4) if prompt else 0.0,
+            "engine_preemptions": int(metric_sum(samples, "vllm:num_preemptions_total"))}
 
 
 def check_nixl() -> None:

@@ -184,3 +184,22 @@ def test_tandem_flags_a_variant_sets_itself_are_refused_before_any_work() -> Non
         args = build_parser().parse_args(["bench", "compare", "--ratios", "1:1,0:2", *flags])
         with pytest.raises(SystemExit, match="the decode nodes must prefill"):
             args.fn(args)
+
+
+def test_colocated_vllms_cache_facts_are_its_prefix_cache_hits_since_it_started() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tandem.bench.systems import engine_cache_facts
+
+    text = """# TYPE vllm:prompt_tokens_by_source_total counter
+vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="local_compute"} 400.0
+vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="local_cache_hit"} 700.0
+vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="external_kv_transfer"} 0.0
+# TYPE vllm:num_preemptions_total counter
+vllm:num_preemptions_total{engine="0",model_name="m"} 3.0
+"""
+    samples = [s for fam in text_string_to_metric_families(text) for s in fam.samples]
+    # 100 computed and 100 from the cache before the sweep (the preset's and warm-up's requests)
+    facts = engine_cache_facts(samples, {"local_compute": 100.0, "local_cache_hit": 100.0})
+    assert facts == {"prefill_prompt_tokens": 900, "prefill_cached_tokens": 600, "prefill_token_hit_rate": 0.6667,
+                     "engine_preemptions": 3}
