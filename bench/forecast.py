@@ -300,7 +300,10 @@ def ttft_local_by_later(path: str) -> dict[str, dict[str, float]]:
     prefill under way its step's token budget first and the newcomer the rest, so a newcomer does
     not take its place but lengthens the steps it shares. p50 and p90 of the error, and the
     actual / predicted TTFT at p10, p50 and p90 (the spread with none admitted after it is what
-    the engine and the machine add by themselves)."""
+    the engine and the machine add by themselves). The window is the admission line's time plus
+    the TTFT, which counts from arrival: it runs past the first token by the wait before
+    admission (a few ms here), and an admission logged in the same millisecond as this one's is
+    not counted in it."""
     admitted: dict[str, tuple[float, str, int]] = {}
     finished: dict[str, tuple[float, float]] = {}
     for line in open(path, encoding="utf-8", errors="replace"):

@@ -11,7 +11,9 @@ HTTP stream's text is checked afterwards against the tokens' own), and
 decode calls whose replies arrive in their queues as a node's call stream puts them there
 (callstream.py): a reply a turn of the event loop for every open call, prepared beforehand.
 What is timed is the thread's CPU from the first request to the last finish, per message sent
-to a client and per token; the fastest of ``--repeats`` runs (this VM's speed wanders).
+to a client and per token; the fastest of ``--repeats`` runs (this VM's speed wanders). The
+stubs' own share is in it too, the same in every run: the feeder's loop turn and a pop and a
+put a message, and the client side's keeping of what it is sent.
 
     tandem bench relay --intervals 1,16 --apis grpc,http --requests 64 --tokens 256
 """

@@ -64,7 +64,6 @@ def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None =
         return Estimate(node, None, cached_tokens=cached)
     held = cached.tokens
     idle_s = prefill_after_load(model, tokens, held) + load_s(cached.loaded, cached.disk)
-    hit = _held(cached)
     where = order.predict(node, tokens - held, arrival, ttft_s) if order is not None else None
     if where is not None:
         f = node.factor("ttft", where.wait_s + idle_s)  # (both parts scaled alike: the calibration's share)
@@ -72,14 +71,14 @@ def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None =
         return Estimate(node, wait_s + run_s, idle_s, queue_s=wait_s, pushes=where.pushes, factor=f,
                         cached_tokens=cached, describe=lambda:
                         f"{node.node_id}: {wait_s * 1000:.0f} ms before its turn ({order.order} order) + "  # type: ignore[union-attr]
-                        f"prefill {run_s * 1000:.0f} ms{_calibrated(f)}{hit}")
+                        f"prefill {run_s * 1000:.0f} ms{_calibrated(f)}{_held(cached)}")
     queue = _prefill_queue(node, node.inflight)
     raw_queue_s = sum(model.prefill_s(t) for t in queue)
     f = node.factor("ttft", raw_queue_s + idle_s)
     queue_s, run_s = raw_queue_s * f, idle_s * f
     return Estimate(node, queue_s + run_s, idle_s, queue_s=queue_s, factor=f, cached_tokens=cached, describe=lambda:
                     f"{node.node_id}: queue {len(queue)} prompts {queue_s * 1000:.0f} ms + prefill "
-                    f"{run_s * 1000:.0f} ms{_calibrated(f)}{hit}")
+                    f"{run_s * 1000:.0f} ms{_calibrated(f)}{_held(cached)}")
 
 
 def block_tokens(node: NodeClient) -> int:

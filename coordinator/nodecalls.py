@@ -28,6 +28,7 @@ from .router import Router
 
 T = TypeVar("T")
 _STALLED = object()  # Watchdog.stream's timer, in a stream's queue: no message for stall_s
+_TICK_S = 1e-3  # the event loop clock's step (uvloop's: a millisecond)
 
 # Statuses that say the request (not the node) is at fault, or that the node is fine but the
 # request's KV is gone: the node stays in routing.
@@ -92,7 +93,8 @@ class Watchdog:
     async def stream(self, call: Any, node: NodeClient) -> AsyncIterator[Any]:
         """The messages of a server-streaming call, watched the same way: a wait of ``stall_s``
         for the next message gets a health probe. The call is cancelled when the stream closes
-        (a no-op for one that ended). One reader task per call feeds a queue (a call on a call
+        (a no-op for one that ended); a stream closed before its first message was asked for
+        never ran, so its caller cancels the call then (``async for`` always asks at once). One reader task per call feeds a queue (a call on a call
         stream has its own), so the per-message cost is a queue hand-off; the stall watch is one
         timer a call that moves itself on when it fires, not a timer a message."""
         # A call on a node's call stream (callstream.py) has its replies in a queue already.
@@ -114,15 +116,18 @@ class Watchdog:
         waiting_since: float | None = None  # when this stream began waiting on an empty queue
 
         def check() -> None:
-            """The timer: a wait of ``stall_s`` wakes the stream to probe; otherwise it moves on
-            to when the wait now running (or the next) would reach it."""
+            """The timer: a wait of ``stall_s`` (on a queue still empty: a message put this turn
+            ends the wait) wakes the stream to probe; otherwise it moves on to when the wait now
+            running (or the next) would reach it, at least a clock tick on (uvloop's clock moves
+            in whole milliseconds: a timer due a hair early must not set itself again at once)."""
             nonlocal timer
             now = loop.time()
-            if waiting_since is not None and now - waiting_since >= self.stall_s:
+            if waiting_since is not None and now - waiting_since >= self.stall_s - _TICK_S and queue.empty():
                 timer = None
                 queue.put_nowait(_STALLED)
             else:
-                timer = loop.call_at((now if waiting_since is None else waiting_since) + self.stall_s, check)
+                due = (now if waiting_since is None else waiting_since) + self.stall_s
+                timer = loop.call_at(max(due, now + _TICK_S), check)
 
         timer: asyncio.TimerHandle | None = loop.call_later(self.stall_s, check)
         try:

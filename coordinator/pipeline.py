@@ -327,7 +327,14 @@ class Pipeline:
                     if handle is not None and pnode is not None and not consumed:
                         self._release_later(rid, pnode, handle)
         out.migrations = leg
-        tail = prog.stops.flush() if not out.stop_reason else ""  # stop_reason: a stop string matched
+        tail = ""
+        if not out.stop_reason:  # (stop_reason: a stop string matched, and what followed it is not sent)
+            # the text the detokenizer held for an unfinished last character, and the stop matcher's
+            held, stop = prog.stops.feed(prog.detok.flush())
+            if stop is not None:
+                out.reason, out.stop_reason, tail = "stop", stop, held
+            else:
+                tail = held + prog.stops.flush()
         if tail:
             yield TokenEvent([], tail, last=True)
         account(req, plan, prog, leg, self.router, self.admission.default_slo, self.codec.tok.decode)

@@ -15,7 +15,7 @@ from tandem.sampling import Sampling
 from . import metrics as m
 from .admission import Plan, Slo
 from .router import Router
-from .textcodec import Detokenizer, StopMatcher
+from .textcodec import ByteDetokenizer, Detokenizer, StopMatcher
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class PipelineConfig:
 class Progress:
     """What the client has been sent so far, across every leg of the request."""
 
-    def __init__(self, req: Prepared, detok: Detokenizer, stops: StopMatcher) -> None:
+    def __init__(self, req: Prepared, detok: Detokenizer | ByteDetokenizer, stops: StopMatcher) -> None:
         self.req = req
         self.detok = detok
         self.stops = stops

@@ -77,8 +77,9 @@ class FastTokenizer:
         return text
 
     def byte_table(self) -> list[bytes] | None:
-        """Each id's bytes, for a tokenizer whose decoder is ByteLevel alone (GPT-2's, Llama 3's,
-        Qwen's): decoding is then joining the tokens' bytes (a special token's: none) and reading
+        """Each id's bytes, for a tokenizer whose decoder is ByteLevel alone and that asks for no
+        cleanup of spaces (Qwen 2's, the tiny model's; not Llama 3's, whose config asks for the
+        cleanup): decoding is then joining the tokens' bytes (a special token's: none) and reading
         them as UTF-8, which a stream can do a message at a time without decoding again. None for
         any other decoder, with the cleanup of spaces, or when the table does not decode the
         whole vocabulary (and random runs of it) exactly as the tokenizer does."""
@@ -265,6 +266,14 @@ class Detokenizer:
             return delta
         return ""
 
+    def flush(self) -> str:
+        """At the end of the output: the text held back because it ended in an unfinished
+        character, without that character (a message's whole text waits on its last one)."""
+        prefix = self._tok.decode(self.ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
+        full = self._tok.decode(self.ids[self._prefix_offset:], skip_special_tokens=True)
+        self._prefix_offset = self._read_offset = len(self.ids)
+        return full[len(prefix):].rstrip("\ufffd") if len(full) > len(prefix) else ""
+
 
 class ByteDetokenizer:
     """Incremental detokenizing for a ByteLevel tokenizer (``FastTokenizer.byte_table``): each
@@ -281,6 +290,12 @@ class ByteDetokenizer:
         self.ids.extend(new_ids)
         table, n = self._table, len(self._table)
         return str(self._utf8.decode(b"".join([table[i] if 0 <= i < n else b"" for i in new_ids])))
+
+    def flush(self) -> str:
+        """At the end of the output: nothing more (the bytes of an unfinished last character are
+        dropped, as ``Detokenizer.flush`` drops it; every whole character went out already)."""
+        self._utf8.reset()
+        return ""
 
 
 class StopMatcher:

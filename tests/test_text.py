@@ -54,6 +54,12 @@ def test_a_stream_detokenized_a_message_at_a_time_is_the_whole_output_decoded(ti
         sent = "".join(d.add(ids[i:i + step]) for i in range(0, len(ids), step))
         split_chars += sent != codec.tok.decode(ids)  # (something held back at the end)
         assert sent + d.add(bang) == codec.tok.decode(ids + bang)
+        # Or the output ends there: what is held comes out at the finish, less an unfinished last
+        # character (the whole decode's trailing replacement characters), never a whole message's text.
+        d = codec.detokenizer() if kind == "bytes" else Detokenizer(codec.tok)
+        ended = "".join(d.add(ids[i:i + step]) for i in range(0, len(ids), step)) + d.flush()
+        whole = codec.tok.decode(ids)
+        assert whole.startswith(ended) and ended.rstrip("\ufffd") == whole.rstrip("\ufffd")
     assert split_chars > 0  # (the case that matters came up)
 
 
