@@ -59,6 +59,26 @@ def pct(vals: list[float], q: float) -> float:
     return percentile(vals, q * 100)
 
 
+async def open_loop(rng: random.Random, rate: float, duration_s: float,
+                    one: Callable[[int, float], Any]) -> tuple[int, float]:
+    """Poisson arrivals at ``rate`` for ``duration_s``: ``one(k, when it was due)`` started for each,
+    open loop (never waiting for one to end); then all of them awaited. (requests, seconds sending)."""
+    t_start = time.perf_counter()
+    tasks, t, i = [], 0.0, 0
+    while True:
+        t += rng.expovariate(rate)
+        if t >= duration_s:
+            break
+        delay = t_start + t - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(i, t_start + t)))
+        i += 1
+    sent_s = time.perf_counter() - t_start
+    await asyncio.gather(*tasks)
+    return i, sent_s
+
+
 async def probe(address: str, rate: float, duration_s: float, prompt_tokens: int, output_tokens: int,
                 seed: int) -> dict[str, Any]:
     import grpc
@@ -95,19 +115,7 @@ async def probe(address: str, rate: float, duration_s: float, prompt_tokens: int
         except grpc.aio.AioRpcError:
             errors += 1
 
-    t_start = time.perf_counter()
-    tasks, t, i = [], 0.0, 0
-    while True:
-        t += rng.expovariate(rate)
-        if t >= duration_s:
-            break
-        delay = t_start + t - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(one(i, t_start + t)))
-        i += 1
-    sent_s = time.perf_counter() - t_start
-    await asyncio.gather(*tasks)
+    i, sent_s = await open_loop(rng, rate, duration_s, one)
     for ch in channels:
         await ch.close()
     return {"rate": rate, "requests": i, "sent_rate": i / sent_s if sent_s else 0.0, "errors": errors,
@@ -162,20 +170,8 @@ async def probe_http(base_url: str, rate: float, duration_s: float, prompt_token
         tokens += usage["completion_tokens"]
         ttfts.append(first - t0)
 
-    t_start = time.perf_counter()
-    tasks, t, i = [], 0.0, 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        while True:
-            t += rng.expovariate(rate)
-            if t >= duration_s:
-                break
-            delay = t_start + t - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(one(session, t_start + t)))
-            i += 1
-        sent_s = time.perf_counter() - t_start
-        await asyncio.gather(*tasks)
+        i, sent_s = await open_loop(rng, rate, duration_s, lambda k, at: one(session, at))
     return {"rate": rate, "requests": i, "sent_rate": i / sent_s if sent_s else 0.0, "errors": errors,
             "tokens": tokens, "messages": messages, "added_ttft_p50_ms": None, "added_ttft_p99_ms": None,
             "ttft_p50_ms": pct(ttfts, 0.5) * 1000, "ttft_p99_ms": pct(ttfts, 0.99) * 1000,
