@@ -28,6 +28,15 @@ from pathlib import Path
 from typing import Any
 
 
+FIRST_TOKEN = 7  # the prefill's
+
+
+def _decode_ids(tokens: int, interval: int) -> list[list[int]]:
+    """The decode replies' token ids, ``interval`` a reply (the prefill's token came first)."""
+    n = tokens - 1
+    return [[3 + (k + i) % 200 for i in range(min(interval, n - k))] for k in range(0, n, interval)]
+
+
 def _fakes(tokens: int, interval: int) -> tuple[Any, Any]:
     """A router with one prefill and one decode node whose stubs answer at once, the decode's
     replies prepared; the feeder that puts them into each call's queue, one a loop turn."""
@@ -39,7 +48,7 @@ def _fakes(tokens: int, interval: int) -> tuple[Any, Any]:
 
     class Prefill:
         async def Prefill(self, req: Any, timeout: float | None = None) -> Any:
-            resp = pb.PrefillResponse(first_token=7, finish_reason="")
+            resp = pb.PrefillResponse(first_token=FIRST_TOKEN, finish_reason="")
             resp.handle.CopyFrom(pb.KVHandle(remote_request_id=req.request_id, num_tokens=len(req.prompt_token_ids)))
             return resp
 
@@ -57,8 +66,9 @@ def _fakes(tokens: int, interval: int) -> tuple[Any, Any]:
     # A decode call's replies (its first token came from the prefill), made before the clock starts;
     # each call pops its own copy of the list.
     n = tokens - 1
-    replies = [pb.DecodeResponse(token_ids=[3 + (k + i) % 200 for i in range(min(interval, n - k))],
-                                 finish_reason="length" if k + interval >= n else "") for k in range(0, n, interval)]
+    groups = _decode_ids(tokens, interval)
+    replies = [pb.DecodeResponse(token_ids=ids, finish_reason="length" if k == len(groups) - 1 else "")
+               for k, ids in enumerate(groups)]
     replies = [*replies, grpc.aio.EOF][::-1]
 
     class Decode:
@@ -153,9 +163,7 @@ class _HttpClient:
 
 def _expected_text(codec: Any, tokens: int, interval: int) -> str:
     """What a request's stream must add up to: the prefill's token, then the decode's."""
-    n = tokens - 1
-    ids = [7] + [3 + (k + i) % 200 for k in range(0, n, interval) for i in range(min(interval, n - k))]
-    return codec.tok.decode(ids)
+    return codec.tok.decode([FIRST_TOKEN] + [t for ids in _decode_ids(tokens, interval) for t in ids])
 
 
 def time_relay(model: str, requests: int, tokens: int, interval: int, repeats: int,

@@ -130,7 +130,11 @@ class OpenAIHttp:
             head = await events.__anext__()
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                **prepared.plan_headers()})
-            await resp.prepare(request)
+            try:
+                await resp.prepare(request)
+            except BaseException:  # (the client went away): the request's work ends now, not when collected
+                await events.aclose()
+                raise
             sse = SseChunks({"id": oid, "object": obj, "created": created, "model": served}, chat, include_usage,
                             len(prepared.prompt_ids) if continuous else None)
             try:

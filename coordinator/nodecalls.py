@@ -30,6 +30,17 @@ T = TypeVar("T")
 _STALLED = object()  # Watchdog.stream's timer, in a stream's queue: no message for stall_s
 _TICK_S = 1e-3  # the event loop clock's step (uvloop's: a millisecond)
 
+def _stall_due(now: float, waiting_since: float | None, stall_s: float, queue_empty: bool) -> float | None:
+    """The stall timer's decision at ``now``: None when the stream has waited ``stall_s`` on a queue
+    still empty (a message put this turn ends the wait), which wakes it to probe; otherwise when to
+    look again: when the wait now running (or the next) would reach ``stall_s``, and at least a
+    clock tick on (uvloop's clock moves in whole milliseconds, so a timer can fire a hair early:
+    it must neither miss the stall nor set itself again for a time already past)."""
+    if waiting_since is not None and now - waiting_since >= stall_s - _TICK_S and queue_empty:
+        return None
+    return max((now if waiting_since is None else waiting_since) + stall_s, now + _TICK_S)
+
+
 # Statuses that say the request (not the node) is at fault, or that the node is fine but the
 # request's KV is gone: the node stays in routing.
 _NODE_FINE = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ABORTED)
@@ -94,9 +105,10 @@ class Watchdog:
         """The messages of a server-streaming call, watched the same way: a wait of ``stall_s``
         for the next message gets a health probe. The call is cancelled when the stream closes
         (a no-op for one that ended); a stream closed before its first message was asked for
-        never ran, so its caller cancels the call then (``async for`` always asks at once). One reader task per call feeds a queue (a call on a call
-        stream has its own), so the per-message cost is a queue hand-off; the stall watch is one
-        timer a call that moves itself on when it fires, not a timer a message."""
+        never ran and does not cancel its call, so callers iterate it at once (``async for``).
+        One reader task per call feeds a queue (a call on a call stream has its own), so the
+        per-message cost is a queue hand-off; the stall watch is one timer a call that moves
+        itself on when it fires, not a timer a message."""
         # A call on a node's call stream (callstream.py) has its replies in a queue already.
         queue: asyncio.Queue[object] | None = getattr(call, "items", None)
         reader = None
@@ -116,18 +128,15 @@ class Watchdog:
         waiting_since: float | None = None  # when this stream began waiting on an empty queue
 
         def check() -> None:
-            """The timer: a wait of ``stall_s`` (on a queue still empty: a message put this turn
-            ends the wait) wakes the stream to probe; otherwise it moves on to when the wait now
-            running (or the next) would reach it, at least a clock tick on (uvloop's clock moves
-            in whole milliseconds: a timer due a hair early must not set itself again at once)."""
+            """The timer (``_stall_due``): wakes the stream to probe, or moves itself on."""
             nonlocal timer
             now = loop.time()
-            if waiting_since is not None and now - waiting_since >= self.stall_s - _TICK_S and queue.empty():
+            due = _stall_due(now, waiting_since, self.stall_s, queue.empty())
+            if due is None:
                 timer = None
                 queue.put_nowait(_STALLED)
             else:
-                due = (now if waiting_since is None else waiting_since) + self.stall_s
-                timer = loop.call_at(max(due, now + _TICK_S), check)
+                timer = loop.call_at(due, check)
 
         timer: asyncio.TimerHandle | None = loop.call_later(self.stall_s, check)
         try:

@@ -199,7 +199,7 @@ vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="external_kv
 vllm:num_preemptions_total{engine="0",model_name="m"} 3.0
 """
     samples = [s for fam in text_string_to_metric_families(text) for s in fam.samples]
-    # 100 computed and 100 from the cache before the sweep (the preset's and warm-up's requests)
+    # 100 computed and 100 from the cache when the server was up (`started`: what it counted before the run)
     facts = engine_cache_facts(samples, {"local_compute": 100.0, "local_cache_hit": 100.0})
     assert facts == {"prefill_prompt_tokens": 900, "prefill_cached_tokens": 600, "prefill_token_hit_rate": 0.6667,
                      "engine_preemptions": 3}

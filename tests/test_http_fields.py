@@ -117,6 +117,7 @@ def test_sse_chunks_are_byte_for_byte_what_json_dumps_makes_of_each_chunk(chat: 
     alphabet = ['"', "\\", "\n", "\t", "\x00", "\x1f", "\u2028", "é", "漢", "😀", "\ud800", "a", " ", "/", "<"]
     texts = ["", *("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6))) for _ in range(300))]
     events = [TokenEvent([1] * rng.randint(0, 3), t) for t in texts] + [FinishEvent("stop", 4, 17)]
+    finish_only = [FinishEvent("length", 4, 0)]  # (no token came: the finish is the first chunk)
     for head in ({"id": "cmpl-1", "object": "text_completion", "created": 5, "model": "m"},
                  {"id": _MARK, "object": "text_completion", "created": 5, "model": "m"},  # (made whole)
                  {"id": "cmpl-\"é", "object": "chat.completion.chunk", "created": 0, "model": 'a"b'}):
@@ -125,3 +126,6 @@ def test_sse_chunks_are_byte_for_byte_what_json_dumps_makes_of_each_chunk(chat: 
         assert b"".join(sse.event(ev) for ev in events) == _reference_chunks(events, head, chat, usage != "none",
                                                                              prompt)
         assert (sse.around is not None) == (head["id"] != _MARK and usage != "every")
+        sse = SseChunks(head, chat, usage != "none", prompt)
+        assert b"".join(sse.event(ev) for ev in finish_only) == _reference_chunks(finish_only, head, chat,
+                                                                                  usage != "none", prompt)

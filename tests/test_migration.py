@@ -251,6 +251,49 @@ def test_the_stall_watch_probes_a_wait_of_stall_s_only() -> None:
         assert call.cancelled
 
 
+def test_the_stall_timer_fires_a_tick_early_and_never_sets_itself_for_a_time_past() -> None:
+    from tandem.coordinator.nodecalls import _TICK_S, _stall_due
+
+    assert _stall_due(5.0, None, 0.2, True) == pytest.approx(5.2)  # no wait running: stall_s on
+    assert _stall_due(5.1, 5.0, 0.2, True) == pytest.approx(5.2)  # a wait running: when it reaches stall_s
+    assert _stall_due(5.2, 5.0, 0.2, True) is None  # it has: probe
+    assert _stall_due(5.2 - _TICK_S / 2, 5.0, 0.2, True) is None  # a clock that moves in ticks fired it early
+    # A message already in the queue ends the wait this turn: no probe, and the next look is a tick
+    # on, not at the due time already past (which would fire again at once, and again).
+    assert _stall_due(5.25, 5.0, 0.2, False) == pytest.approx(5.25 + _TICK_S)
+
+
+@pytest.mark.parametrize("held, stop, text, reason", [("ab", (), "ab", "length"),
+                                                    ("xSTOPy", ("STOP",), "x", "stop")])
+def test_what_the_detokenizer_held_at_the_end_is_sent_and_a_stop_string_in_it_still_stops(
+        tiny_model: Path, held: str, stop: tuple[str, ...], text: str, reason: str) -> None:
+    """An output that ends inside a character: its text held for it comes out at the finish (through
+    the stop matcher: a stop string there ends it as one found earlier would)."""
+    class Held:  # holds every token's text until the end
+        def __init__(self) -> None:
+            self.ids: list[int] = []
+
+        def add(self, ids: list[int]) -> str:
+            self.ids.extend(ids)
+            return ""
+
+        def flush(self) -> str:
+            return held
+
+    p = make(tiny_model, [Prefill()], [Decode()])
+    p.codec.detokenizer = Held  # type: ignore[method-assign]
+
+    async def go() -> list:
+        req = p.prepare(request_id="", text=None, token_ids=PROMPT, sampling=Sampling(max_tokens=4, stop=stop))
+        return [ev async for ev in p.run(req)]
+
+    evs = run(go)
+    assert tokens(evs) == undisturbed(4) and "".join(e.text for e in evs if isinstance(e, TokenEvent)) == text
+    assert evs[-2].token_ids == [] and evs[-2].last  # the held text: its own last event, before the finish
+    fin = evs[-1]
+    assert (fin.reason, fin.stop_reason, fin.completion_tokens) == (reason, "STOP" if stop else "", 4)
+
+
 def test_kv_unavailable_migrates_but_keeps_the_node_in_routing(tiny_model: Path) -> None:
     flaky = Decode(fail_after=0, code=grpc.StatusCode.ABORTED)
     p = make(tiny_model, [Prefill()], [flaky, Decode()])
