@@ -30,6 +30,7 @@ T = TypeVar("T")
 _STALLED = object()  # Watchdog.stream's timer, in a stream's queue: no message for stall_s
 _TICK_S = 1e-3  # the event loop clock's step (uvloop's: a millisecond)
 
+
 def _stall_due(now: float, waiting_since: float | None, stall_s: float, queue_empty: bool) -> float | None:
     """The stall timer's decision at ``now``: None when the stream has waited ``stall_s`` on a queue
     still empty (a message put this turn ends the wait), which wakes it to probe; otherwise when to
