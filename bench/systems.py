@@ -191,8 +191,7 @@ def engine_cache_facts(samples: list[Sample], started: dict[str, float]) -> dict
     """A colocated vLLM's ``cache_facts``: where its prompt tokens came from by its own count (less
     ``started``, the counts when it was up), computed already being its prefix cache's hits, and
     the streams it preempted."""
-    by = {k: v - started.get(k, 0.0) for k, v in tokens_by_source(samples).items()}
-    prompt, cached = sum(by.values()), by.get("local_cache_hit", 0.0) + by.get("external_kv_transfer", 0.0)
+    prompt, cached = engine_prompt_tokens(samples, started)
     return {"prefill_prompt_tokens": int(prompt), "prefill_cached_tokens": int(cached),
             "prefill_token_hit_rate": round(cached / prompt, 4) if prompt else 0.0,
             "engine_preemptions": int(metric_sum(samples, "vllm:num_preemptions_total"))}
@@ -210,6 +209,13 @@ def check_nixl() -> None:
 def prompt_tokens_by_source(url: str) -> dict[str, float]:
     """vllm:prompt_tokens_by_source_total from a vLLM server's /metrics (http://host:port), summed per source."""
     return tokens_by_source(scrape(url.removeprefix("http://")))
+
+
+def engine_prompt_tokens(samples: list[Sample], started: dict[str, float]) -> tuple[float, float]:
+    """(prompt tokens, of them found computed already) by a vLLM engine's own count of each prompt
+    token's source, less ``started`` (its counts at a start line); a KV load counts as computed."""
+    by = {k: v - started.get(k, 0.0) for k, v in tokens_by_source(samples).items()}
+    return sum(by.values()), by.get("local_cache_hit", 0.0) + by.get("external_kv_transfer", 0.0)
 
 
 def tokens_by_source(samples: list[Sample]) -> dict[str, float]:
@@ -335,10 +341,8 @@ def cache_facts(cluster: LocalCluster, started: dict[str, dict[str, float]] | No
         if d.role != ("decode" if alone else "prefill"):
             continue
         if alone:
-            by, was = tokens_by_source(got), (started or {}).get(d.name, {})
-            by = {k: v - was.get(k, 0.0) for k, v in by.items()}
-            prompt += sum(by.values())
-            cached += by.get("local_cache_hit", 0.0) + by.get("external_kv_transfer", 0.0)
+            p, c = engine_prompt_tokens(got, (started or {}).get(d.name, {}))
+            prompt, cached = prompt + p, cached + c
             per_node[d.name] = int(metric_sum(got, "tandem_decode_local_prefills_total"))
         else:
             prompt += metric_sum(got, "tandem_prefill_prompt_tokens_total")

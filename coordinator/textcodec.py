@@ -254,12 +254,16 @@ class Detokenizer:
         self._prefix_offset = 0
         self._read_offset = 0
 
-    def add(self, new_ids: list[int]) -> str:
-        self.ids.extend(new_ids)
+    def _unsent(self) -> str:
+        """The text of the tokens after the last emitted, decoded with the window before them."""
         prefix = self._tok.decode(self.ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
         full = self._tok.decode(self.ids[self._prefix_offset:], skip_special_tokens=True)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            delta = full[len(prefix):]
+        return full[len(prefix):]
+
+    def add(self, new_ids: list[int]) -> str:
+        self.ids.extend(new_ids)
+        delta = self._unsent()
+        if delta and not delta.endswith("\ufffd"):
             self._prefix_offset = max(0, len(self.ids) - self.WINDOW)
             self._read_offset = len(self.ids)
             # re-anchor the window on what has now been emitted
@@ -269,10 +273,9 @@ class Detokenizer:
     def flush(self) -> str:
         """At the end of the output: the text held back because it ended in an unfinished
         character, without that character (a message's whole text waits on its last one)."""
-        prefix = self._tok.decode(self.ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
-        full = self._tok.decode(self.ids[self._prefix_offset:], skip_special_tokens=True)
+        delta = self._unsent()
         self._prefix_offset = self._read_offset = len(self.ids)
-        return full[len(prefix):].rstrip("\ufffd") if len(full) > len(prefix) else ""
+        return delta.rstrip("\ufffd")
 
 
 class ByteDetokenizer:
