@@ -152,7 +152,7 @@ def test_local_prefills_ttft_error_is_split_by_whether_the_credited_prefix_was_t
 
 
 def test_tpot_that_follows_the_batch_and_the_nodes_own_prefills_is_fitted_with_both(tmp_path: Path) -> None:
-    from tandem.bench.forecast import tpot_by_node_work
+    from tandem.bench.forecast_work import tpot_by_node_work
 
     # One decode node that prefills every request itself: arrivals every 1.5 s, prefill calls of
     # 0.1-0.7 s, decode lives of 2-4 s; TPOT = 10 ms + 4 ms a stream + 50 ms x the share of the
