@@ -23,16 +23,20 @@ from typing import Any
 from tandem.bench.goodput import find_goodput
 from tandem.bench.workloads import WORKLOADS, generate
 from tandem.mix import Mix
-from tandem.sim import LOCAL_OFF, NOT_MODELLED, SimConfig, Timings, attainment, simulate, summary
+from tandem.sim import LOCAL_OFF, NO_PREFIX_CACHE, NOT_MODELLED, SimConfig, Timings, attainment, simulate, summary
+
+SHARING = ("prefix-heavy", "multi-turn")  # the workloads whose prompts share prefixes
 
 
-def trace(workload: str | Mix, rate: float, requests: int, seed: int, max_model_len: int) -> list[Any]:
+def trace(workload: str | Mix, rate: float, requests: int, seed: int, max_model_len: int,
+          ids: bool = False) -> list[Any]:
     """About ``requests`` arrivals of the workload (a `tandem bench` workload, or a mix a
-    coordinator measured) at ``rate``: lengths only, no token ids."""
+    coordinator measured) at ``rate``: lengths only, and with ``ids`` the token ids of the
+    workloads whose prompts share prefixes (for the simulator's prefix caches)."""
     if isinstance(workload, Mix):
         return workload.trace(rate, requests, seed, max_model_len)
     return generate(workload, rate=rate, duration_s=requests / rate, seed=seed, max_model_len=max_model_len,
-                    with_ids=False)
+                    with_ids=ids and workload in SHARING)
 
 
 MIN_DURATION_S = 300.0
@@ -96,8 +100,10 @@ def ratio_goodput(cfg: SimConfig, workload: str | Mix, slo_ttft_s: float, slo_tp
     def n(rate: float) -> int:
         return probe_size(rate, requests, min_duration_s)
 
+    ids = cfg.prefix_cache
+
     def measure(rate: float, seed: int) -> float:
-        return steady_attainment(simulate(cfg, trace(workload, rate, n(rate), seed, max_model_len)), slo_ttft_s,
+        return steady_attainment(simulate(cfg, trace(workload, rate, n(rate), seed, max_model_len, ids)), slo_ttft_s,
                                  slo_tpot_s)
 
     res = find_goodput(measure, start_rate=start_rate, seeds=seeds, rel_tol=rel_tol, budget_s=600.0, max_probes=40,
@@ -108,8 +114,8 @@ def ratio_goodput(cfg: SimConfig, workload: str | Mix, slo_ttft_s: float, slo_tp
                            "probes": [[p.rate, p.attainment] for p in res.probes], "stopped_by": res.stopped_by}
     if res.goodput_rps > 0:
         row["at_goodput"] = summary(simulate(cfg, trace(workload, res.goodput_rps, n(res.goodput_rps), 0,
-                                                        max_model_len)), slo_ttft_s, slo_tpot_s)
-    above = simulate(cfg, trace(workload, res.bracket[1], n(res.bracket[1]), 0, max_model_len))
+                                                        max_model_len, ids)), slo_ttft_s, slo_tpot_s)
+    above = simulate(cfg, trace(workload, res.bracket[1], n(res.bracket[1]), 0, max_model_len, ids))
     row["limited_by"] = limited_by(above, slo_ttft_s, slo_tpot_s)
     return row
 
@@ -127,13 +133,15 @@ def limited_by(outcomes: list[Any], slo_ttft_s: float, slo_tpot_s: float) -> str
 def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo_ttft_s: float, slo_tpot_s: float, *,
          kv_bytes_per_token: int = 0, max_batch: int = 64, kv_capacity_tokens: int = 0, order: str = "slack",
          requests: int = 2000, seeds: int = 2, max_model_len: int = 2048, min_duration_s: float = MIN_DURATION_S,
-         also: tuple[int, ...] = (), admission: bool = False, local: bool = False,
-         progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+         also: tuple[int, ...] = (), admission: bool = False, local: bool = False, prefix_cache: bool = True,
+         prefill_cache_tokens: int = 0, progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     """P:D splits of ``nodes`` (and the prefill counts in ``also``, always), best goodput per node
     first: every split when there are at most COARSE_SPLITS; else one in ``step`` (so that about
     COARSE_SPLITS are), then every split within a step of the best of those (goodput rises, then
     falls, with P). ``local``: conditional disaggregation (the simulator's), and 0:N among the
-    splits (no prefill pool: the decode nodes prefill what they decode)."""
+    splits (no prefill pool: the decode nodes prefill what they decode). ``prefix_cache``: the
+    engines' prefix caches, a prefill engine's ``prefill_cache_tokens`` (0: unbounded), a decode
+    engine's ``kv_capacity_tokens``."""
     if nodes < 2:
         raise ValueError("a plan needs at least 2 nodes (a split of them)")
     if isinstance(workload, str) and workload not in WORKLOADS:
@@ -145,7 +153,8 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
 
     def run(p: int) -> None:
         cfg = SimConfig(p, nodes - p, prefill, decode, kv_bytes_per_token, max_batch, kv_capacity_tokens, order,
-                        slo_ttft_s, slo_tpot_s, admission, local)
+                        slo_ttft_s, slo_tpot_s, admission, local, prefix_cache=prefix_cache,
+                        prefill_cache_tokens=prefill_cache_tokens)
         row = ratio_goodput(cfg, workload, slo_ttft_s, slo_tpot_s, requests=requests, seeds=seeds,
                             max_model_len=max_model_len, start_rate=max(0.25, nodes / 4),
                             min_duration_s=min_duration_s)
@@ -169,8 +178,9 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
             "max_batch": max_batch, "kv_capacity_tokens": kv_capacity_tokens, "order": order,
             "requests_per_probe": requests, "min_duration_s": min_duration_s, "seeds": seeds,
             "splits_evaluated": len(rows), "splits": nodes - lo, "search_step": step, "rel_tol": 0.05,
-            "admission": admission, "local": local,
-            "not_modelled": [*NOT_MODELLED, *([] if local else [LOCAL_OFF])],
+            "admission": admission, "local": local, "prefix_cache": prefix_cache,
+            "prefill_cache_tokens": prefill_cache_tokens,
+            "not_modelled": [*NOT_MODELLED, *([] if local else [LOCAL_OFF]), *([] if prefix_cache else [NO_PREFIX_CACHE])],
             "transfer_modelled": any(decode.transfer), "rows": rows,
             "best": best, "took_s": round(time.monotonic() - t0, 2)}
 
@@ -281,6 +291,11 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-batch", type=int, default=64,
                     help="a decode node's most running requests (a node's --max-num-seqs, 64 by default)")
     ap.add_argument("--kv-capacity-tokens", type=int, default=0, help="a decode node's KV cache in tokens (0: unbounded)")
+    ap.add_argument("--prefix-cache", default="on", choices=["on", "off"],
+                    help="the engines' prefix caches: a prompt's prefix that a node's engine holds is not computed "
+                         "again (the prefix-heavy and multi-turn workloads share prefixes; the others do not)")
+    ap.add_argument("--prefill-cache-tokens", type=int, default=0,
+                    help="a prefill node's KV cache (its prefix cache) in tokens (0: unbounded)")
     ap.add_argument("--order", default="slack", choices=["slack", "fifo"], help="the coordinator's prefill queue order")
     ap.add_argument("--admission", default="off", choices=["on", "off"],
                     help="model admission: refuse at arrival what the profile predicts will miss an objective")
@@ -350,8 +365,8 @@ def plan_parallel(settings: list[tuple[str, int, str, int]], gpus: int, workload
             raise ValueError(f"{name}: {gpus} GPUs make {nodes} node(s) of {per_node}; a plan needs 2")
         t = Timings.load(path)
         progress(f"{name}: {nodes} nodes of {per_node} GPUs, profile {path}")
-        doc = plan(t, t, nodes, workload, slo_ttft_s, slo_tpot_s, kv_capacity_tokens=kv_tokens, progress=progress,
-                   **kw)
+        doc = plan(t, t, nodes, workload, slo_ttft_s, slo_tpot_s, kv_capacity_tokens=kv_tokens,
+                   prefill_cache_tokens=kv_tokens, progress=progress, **kw)
         write_report(out / name, doc)
         best = max(doc["rows"], key=lambda r: r["goodput_rps"])
         rows.append({"setting": name, "gpus_per_node": per_node, "nodes": nodes, "profile": path,
@@ -383,7 +398,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                 kv_bytes_per_token=args.kv_bytes_per_token, max_batch=args.max_batch,
                                 order=args.order, requests=args.requests, seeds=args.seeds,
                                 max_model_len=args.max_model_len, min_duration_s=args.min_duration_s,
-                                admission=args.admission == "on")
+                                admission=args.admission == "on", prefix_cache=args.prefix_cache == "on")
         except (OSError, ValueError) as exc:
             print(f"tandem plan: {exc}", file=sys.stderr)
             return 2
@@ -423,6 +438,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                kv_capacity_tokens=args.kv_capacity_tokens, order=args.order, requests=args.requests,
                seeds=args.seeds, max_model_len=args.max_model_len, min_duration_s=args.min_duration_s,
                admission=args.admission == "on", local=args.conditional_disagg == "on",
+               prefix_cache=args.prefix_cache == "on", prefill_cache_tokens=args.prefill_cache_tokens,
                progress=lambda m: print("  " + m, flush=True))
     report = write_report(Path(args.out), doc)
     print("\n".join(table(doc)))

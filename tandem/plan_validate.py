@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.node.config import DECODE_STEP_TOKENS
-from tandem.sim import LOCAL_OFF, NOT_MODELLED, SimConfig, Timings, simulate, summary
+from tandem.sim import LOCAL_OFF, NO_PREFIX_CACHE, NOT_MODELLED, SimConfig, Timings, simulate, summary
 
 PROFILE_LINE = re.compile(r"(?:cached profile|cached in) (\S+\.json)")
 
@@ -76,10 +76,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
         facts = model_facts(model)
         per_token = kv_bytes_per_token({**facts, "dtype": "float32"})  # the nodes' --dtype default
-        # the coordinator's defaults (no SLO of its own: the trace's go with each request)
+        # the coordinator's defaults (no SLO of its own: the trace's go with each request); the
+        # engines' KV caches as the bench gives them (systems.MEMORY), their prefix caches with them
         cfg = SimConfig(1, 1, prefill, decode, kv_bytes_per_token=per_token, max_batch=args.max_batch,
                         order="slack", slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot, local=local,
-                        step_tokens=DECODE_STEP_TOKENS)
+                        step_tokens=DECODE_STEP_TOKENS, prefix_cache=getattr(args, "prefix_cache", "on") == "on",
+                        prefill_cache_tokens=int(systems.MEMORY.kv_cache_gib * 2**30) // per_token,
+                        kv_capacity_tokens=int(systems.MEMORY.decode_gib * 2**30) // per_token)
         print(f"profiles: prefill {pre_path}, decode {dec_path}", flush=True)
         from tandem.bench.compare import warm_up
 
@@ -93,6 +96,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     finally:
         system.stop()
     doc = {"transfer_modelled": any(decode.transfer), "conditional_disagg": local, "fits": fits,
+           "prefix_cache": cfg.prefix_cache, "prefill_cache_tokens": cfg.prefill_cache_tokens,
+           "kv_capacity_tokens": cfg.kv_capacity_tokens,
            "workload": args.workload, "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
            "duration_s": args.duration, "model": model, "prefill_profile": prefill.doc(), "decode_profile": decode.doc(),
            "rows": rows, "goodput": {"measured": goodput(rows, "measured_attainment"),
@@ -144,7 +149,11 @@ def rate_rows(target: str, cfg: SimConfig, args: argparse.Namespace, rates: list
         if fresh is not None:
             cfg = fresh()
         predicted = summary(simulate(cfg, entries), *slo)  # before the run: only what was known then
+        # what the simulator said without the engines' prefix caches, where that differs
+        bare = summary(simulate(replace(cfg, prefix_cache=False), entries), *slo) if cfg.prefix_cache else None
         row = side_by_side(_run(target, entries, slo), predicted, rate, len(entries))
+        if bare is not None and json.dumps(bare, sort_keys=True) != json.dumps(predicted, sort_keys=True):
+            row["predicted_without_prefix_cache"] = bare
         row["decode_fit"], row["prefill_fit"] = list(cfg.decode.decode), list(cfg.prefill.prefill)
         row["local_prefill_fit"] = list(cfg.decode.prefill)  # the decode node's own prefills
         row["measured_attainment"], row["predicted_attainment"] = row["measured"]["attainment"], row["predicted"]["attainment"]
@@ -256,10 +265,17 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
              + ("the fits the two nodes had learned while serving, read before each rate"
                 if doc.get("fits") == "learned" else "the profiles the two nodes started from")
              + ". Goal: " + doc["goal"] + ".", "", *table_lines(doc["rows"])]
+    bare = [r for r in doc["rows"] if "predicted_without_prefix_cache" in r]
+    if bare:
+        lines += ["", "Without the engines' prefix caches the simulator would have said (TTFT p50 / p90, TPOT "
+                  "p50 ms, attainment): " + "; ".join(
+                      f"{r['rate']:g} req/s {b['ttft_p50_s'] * 1000:.0f} / {b['ttft_p90_s'] * 1000:.0f}, "
+                      f"{b['tpot_p50_s'] * 1000:.0f}, {b['attainment']:.0%}"
+                      for r in bare for b in [r["predicted_without_prefix_cache"]]) + "."]
     g = doc["goodput"]
     lines += ["", f"Goodput on these rates: measured {g['measured']:g} req/s, predicted {g['predicted']:g} req/s.",
-              "", "Not modelled: " + ", ".join([*NOT_MODELLED, *([] if doc.get("conditional_disagg") else
-                                                                 [LOCAL_OFF])]) + "."]
+              "", "Not modelled: " + ", ".join([*NOT_MODELLED, *([] if doc.get("conditional_disagg") else [LOCAL_OFF]),
+                                                 *([] if doc.get("prefix_cache", True) else [NO_PREFIX_CACHE])]) + "."]
     if not doc["transfer_modelled"] and doc.get("fits") != "learned":
         lines.append("The decode node's profile has no KV transfer timings (a node's startup profile has none; "
                      "`tandem profile` adds them): transfers take no time in the simulator.")

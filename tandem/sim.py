@@ -46,7 +46,17 @@ same ones the nodes fit online, see tandem/perfmodel.py):
   also passes over nodes whose streams the prefill would push past TPOT while another will do;
   this does not).
 
-Not modelled yet (the simulator says so in its results): prefix caching and network contention.
+- **Prefix caching** (``prefix_cache``, off by default; entries with ``input_ids``): each
+  node's engine keeps the whole blocks of the prompts it computed (or, on a decode node, took in
+  as KV) by a hash of their tokens chained to the blocks before (vLLM's prefix cache); a prefill
+  computes only the tokens past the longest run of them from the prompt's start (the last prompt
+  token always: ``prefill_s`` of the uncached tokens, the form the nodes fit), and the predictions
+  above count that too. Of the idle prefill nodes, the one holding the longest prefix takes a
+  request (Tandem's router credits a held prefix against load). A prefill engine keeps
+  ``prefill_cache_tokens`` (0: no bound), least recently used out first; a decode engine what
+  its running requests leave of ``kv_capacity_tokens``.
+
+Not modelled yet (the simulator says so in its results): the KV store's tiers and network contention.
 """
 
 from __future__ import annotations
@@ -54,6 +64,7 @@ from __future__ import annotations
 import heapq
 import json
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,7 +73,9 @@ from typing import Any
 from tandem.perfmodel import NodeModel, beside_s, chunk_steps, chunk_tokens
 
 ORDERS = ("fifo", "slack")
-NOT_MODELLED = ("prefix caching", "transfer contention")
+NOT_MODELLED = ("the KV store's tiers", "transfer contention")
+NO_PREFIX_CACHE = "prefix caching (every prompt computed whole)"
+BLOCK_TOKENS = 16  # vLLM's default block: its prefix cache holds whole ones
 LOCAL_OFF = "conditional disaggregation (every request prefilled in the prefill pool)"
 
 
@@ -153,6 +166,8 @@ class SimConfig:
     admission: bool = False  # refuse at arrival what is predicted to miss an objective
     local: bool = False  # conditional disaggregation: prefill on a decode node when admission would
     step_tokens: int = 256  # a decode node's prompt tokens per step (its --max-num-batched-tokens)
+    prefix_cache: bool = False  # the engines' prefix caches (entries with input_ids)
+    prefill_cache_tokens: int = 0  # each prefill engine's KV cache, which its prefix cache is; 0: unbounded
 
     def __post_init__(self) -> None:
         if self.num_decode < 1 or self.num_prefill < (0 if self.local else 1):
@@ -169,6 +184,8 @@ class SimConfig:
                              "before it would look at a decode node)")
         if self.step_tokens < 1:
             raise ValueError(f"step_tokens must be at least 1, got {self.step_tokens}")
+        if self.prefill_cache_tokens < 0 or self.kv_capacity_tokens < 0:
+            raise ValueError("KV cache sizes are token counts >= 0 (0: unbounded)")
 
 
 @dataclass
@@ -198,6 +215,59 @@ class _Decode:
     local: list[int] = field(default_factory=list)  # requests it prefills itself, in order
     local_left: dict[int, int] = field(default_factory=dict)  # ... their prompt tokens not yet computed
     chunk: tuple[int, int] | None = None  # (request, tokens) of the local prefill in the step running
+    local_total: dict[int, int] = field(default_factory=dict)  # ... and the tokens each computes in all
+
+
+class PrefixCache:
+    """An engine's prefix cache as the simulator keeps it: block keys (a prompt's whole blocks, each
+    key chained to the blocks before it: ``block_keys``), least recently used first."""
+
+    def __init__(self, capacity_tokens: int = 0) -> None:
+        self.capacity = capacity_tokens // BLOCK_TOKENS if capacity_tokens else 0  # blocks; 0: unbounded
+        self._blocks: OrderedDict[int, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def cached(self, keys: Sequence[int], prompt_tokens: int, touch: bool = False) -> int:
+        """Tokens of the prompt's longest cached prefix (whole blocks; never the whole prompt: the
+        engine computes its last token in any case). ``touch``: the blocks found are used now."""
+        n = 0
+        for key in keys[:max(0, prompt_tokens - 1) // BLOCK_TOKENS]:
+            if key not in self._blocks:
+                break
+            n += 1
+        if touch:
+            self._use(keys[:n])
+        return n * BLOCK_TOKENS
+
+    def add(self, keys: Sequence[int], capacity: int | None = None) -> None:
+        """The blocks are in the cache now, the latest used; the least recently used go past
+        ``capacity`` blocks (default: the cache's own; 0: unbounded)."""
+        self._use(keys)
+        self.trim(self.capacity if capacity is None else capacity)
+
+    def _use(self, keys: Sequence[int]) -> None:
+        # A prompt's last block first, as vLLM frees a request's blocks: of one prompt's blocks
+        # the tail goes first, and the prefix its head is for others stays findable longest.
+        for key in reversed(keys):
+            self._blocks[key] = None
+            self._blocks.move_to_end(key)
+
+    def trim(self, capacity: int) -> None:
+        if capacity > 0:
+            while len(self._blocks) > capacity:
+                self._blocks.popitem(last=False)
+
+
+def block_keys(ids: Sequence[int]) -> list[int]:
+    """A prompt's whole blocks, each named by its tokens and the key of the block before it (two
+    prompts share a block's key only when they share everything up to its end)."""
+    keys, h = [], 0
+    for k in range(0, len(ids) - BLOCK_TOKENS + 1, BLOCK_TOKENS):
+        h = hash((h, tuple(ids[k:k + BLOCK_TOKENS])))
+        keys.append(h)
+    return keys
 
 
 def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
@@ -224,6 +294,33 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
     decodes = [_Decode() for _ in range(cfg.num_decode)]
     produced_start: dict[int, float] = {}
     joined_at: dict[int, float] = {}  # requests waiting at a decode node for a place in its batch
+    # Prefix caching: each engine's cache; each request's block keys (none without input_ids or
+    # with prefix caching off); what each queued request's prefill was counted at in ``queued_s``.
+    prefill_caches = [PrefixCache(cfg.prefill_cache_tokens) for _ in range(cfg.num_prefill)]
+    decode_caches = [PrefixCache() for _ in range(cfg.num_decode)]
+    keys_of: dict[int, list[int]] = {}
+    queued_cost: dict[int, float] = {}
+
+    def keys(i: int) -> list[int]:
+        if i not in keys_of:
+            ids = getattr(trace[i], "input_ids", None) if cfg.prefix_cache else None
+            keys_of[i] = block_keys(ids) if ids else []
+        return keys_of[i]
+
+    def pool_uncached(i: int) -> int:
+        """Its prompt tokens past the longest prefix a prefill node holds (what the pool computes)."""
+        held = max((c.cached(keys(i), trace[i].input_len) for c in prefill_caches), default=0)
+        return trace[i].input_len - held
+
+    def decode_room(d: int) -> int:
+        """Blocks decode node ``d``'s cache may keep beside its running requests (0: unbounded)."""
+        if not cfg.kv_capacity_tokens:
+            return 0
+        return max(1, (cfg.kv_capacity_tokens - decodes[d].reserved) // BLOCK_TOKENS)
+
+    def decode_uncached(d: int, i: int, touch: bool = False) -> int:
+        decode_caches[d].trim(decode_room(d))
+        return trace[i].input_len - decode_caches[d].cached(keys(i), trace[i].input_len, touch)
 
     def admit(i: int, now: float) -> bool:
         """Admission, from the same profile: the prefill work ahead of it shared by the prefill
@@ -231,7 +328,7 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         node with it added (its batch, their contexts half way through it), against TPOT."""
         e = trace[i]
         ahead = queued_s + sum(max(0.0, t - now) for t in busy_until)
-        ttft = ahead / cfg.num_prefill + cfg.prefill.prefill_s(e.input_len)
+        ttft = ahead / cfg.num_prefill + cfg.prefill.prefill_s(pool_uncached(i))
         dn = min(decodes, key=lambda d: d.assigned)
         b = min(dn.assigned + 1, cfg.max_batch)
         ctx = (dn.base + len(dn.running) * dn.step_no) + e.input_len + e.output_len // 2
@@ -265,8 +362,9 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             b, ctx = load(dn)
             # (admission's estimates.queued_prefill_s: the queued prompts share the steps' fixed cost)
             queue_s = sum(dec.prefill_s(t) - dec.prefill_s(0) for t in dn.local_left.values() if t > 0)
-            run_s = dec.prefill_s(e.input_len)
-            beside = chunk_steps(sum(dn.local_left.values()) + e.input_len, cfg.step_tokens, b) * beside_s(dec, b, ctx)
+            own = decode_uncached(decodes.index(dn), i)
+            run_s = dec.prefill_s(own)
+            beside = chunk_steps(sum(dn.local_left.values()) + own, cfg.step_tokens, b) * beside_s(dec, b, ctx)
             return queue_s + run_s + beside, (run_s + beside) / max(e.output_len, MIN_OTHERS_TOKENS)
 
         if not cfg.num_prefill:
@@ -281,7 +379,7 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             alike = [d for d in pool if tied(starts[d], low)]
             return min(alike, key=lambda d: (decodes[d].assigned, d))
         wait = (queued_s + sum(max(0.0, t - now) for t in busy_until)) / cfg.num_prefill
-        remote = wait + cfg.prefill.prefill_s(e.input_len)
+        remote = wait + cfg.prefill.prefill_s(pool_uncached(i))
         remote_tpot_misses = tpot_misses(min(decodes, key=lambda x: x.assigned))
         best: tuple[float, int] | None = None
         for d, dn in enumerate(decodes):
@@ -309,7 +407,7 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         while queue:
             key, i = queue[0]
             # a request that cannot make its deadline now never can again: after the ones that can
-            if cfg.order == "slack" and now + cfg.prefill.prefill_s(trace[i].input_len) > key:
+            if cfg.order == "slack" and now + queued_cost[i] > key:
                 heapq.heappop(queue)
                 heapq.heappush(late, i)
                 continue
@@ -320,10 +418,13 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
     def dispatch(now: float) -> None:
         nonlocal queued_s
         while idle and (i := next_request(now)) is not None:
-            node = idle.pop(0)
+            # the idle node holding the longest prefix of it (the first of those)
+            node = max(idle, key=lambda n: (prefill_caches[n].cached(keys(i), trace[i].input_len), -n))
+            idle.remove(node)
             out[i].prefill_node = node
-            took = cfg.prefill.prefill_s(trace[i].input_len)
-            queued_s -= took
+            took = cfg.prefill.prefill_s(trace[i].input_len - prefill_caches[node].cached(keys(i), trace[i].input_len,
+                                                                                          touch=True))
+            queued_s -= queued_cost.pop(i)
             busy_until[node] = now + took
             push(now + took, PREFILLED, node, i)
 
@@ -344,7 +445,7 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             r = dn.local[0]
             left = dn.local_left[r]
             c = min(chunk_tokens(cfg.step_tokens, len(dn.running)), left)
-            done = trace[r].input_len - left
+            done = dn.local_total[r] - left
             took = cfg.decode.prefill_s(done + c) - (cfg.decode.prefill_s(done) if done else 0.0)
             dn.chunk = (r, c)
         if not dn.running and dn.chunk is None:
@@ -370,17 +471,19 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
                 out[i].local, out[i].decode_node = True, d
                 dn.assigned += 1
                 dn.local.append(i)
-                dn.local_left[i] = e.input_len
+                dn.local_left[i] = dn.local_total[i] = decode_uncached(d, i, touch=True)
                 if not dn.stepping:
                     dn.stepping = True
                     push(now, START, d, -1)
                 continue
             heapq.heappush(queue, (e.arrival_s if cfg.order == "fifo" else e.arrival_s + cfg.slo_ttft_s, i))
-            queued_s += cfg.prefill.prefill_s(e.input_len)
+            queued_cost[i] = cfg.prefill.prefill_s(pool_uncached(i))
+            queued_s += queued_cost[i]
             dispatch(now)
         elif kind == PREFILLED:
             idle.append(node)
             idle.sort()
+            prefill_caches[node].add(keys(i))
             o, e = out[i], trace[i]
             o.ttft_s = now - o.arrival_s
             produced_start[i] = now
@@ -396,6 +499,7 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             o.decode_node = d
             push(now + cfg.decode.transfer_s(e.input_len * cfg.kv_bytes_per_token), JOIN, d, i)
         elif kind == JOIN:
+            decode_caches[node].add(keys(i), decode_room(node))  # its KV, arrived, is in the engine's cache
             decodes[node].waiting.append(i)
             joined_at[i] = now
             if not decodes[node].stepping:  # start after every other join of this instant: one batch
@@ -420,8 +524,9 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
                 dn.chunk = None
                 dn.local_left[r] -= c
                 if not dn.local_left[r]:  # its last: the first token, and it joins the batch next step
-                    del dn.local_left[r]
+                    del dn.local_left[r], dn.local_total[r]
                     dn.local.pop(0)
+                    decode_caches[node].add(keys(r), decode_room(node))
                     e, o = trace[r], out[r]
                     o.ttft_s = now - o.arrival_s
                     if e.output_len <= 1:

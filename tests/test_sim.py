@@ -351,3 +351,76 @@ def test_plan_validate_reads_a_nodes_learned_fits_from_its_monitor_stream() -> N
         assert t.transfer == (0.0, 0.0) and t.step_s(10, 1000) == pytest.approx(0.05)
     finally:
         server.stop(0)
+
+
+@dataclass
+class Prompt:
+    arrival_s: float
+    input_len: int
+    output_len: int
+    input_ids: list[int]
+
+
+def prompts(*spec: tuple[float, list[int]], output_len: int = 3) -> list[Prompt]:
+    return [Prompt(t, len(ids), output_len, ids) for t, ids in spec]
+
+
+def test_the_prefix_cache_finds_whole_blocks_from_the_start_and_drops_the_least_recently_used() -> None:
+    from tandem.sim import BLOCK_TOKENS, PrefixCache, block_keys
+
+    a, b = list(range(100, 164)), list(range(200, 264))  # four blocks each
+    cache = PrefixCache(capacity_tokens=8 * BLOCK_TOKENS)
+    cache.add(block_keys(a))
+    assert cache.cached(block_keys(a + [1] * 20), 84) == 64  # a's four blocks; the tail's one whole block is not held
+    assert cache.cached(block_keys(a), 64) == 48  # never the whole prompt: its last token is computed
+    assert cache.cached(block_keys([7] + a), 65) == 0  # the same tokens after another: other keys
+    assert cache.cached(block_keys(a[:16] + b[16:]), 64) == 16  # shared up to the first block's end only
+    cache.add(block_keys(b))
+    cache.cached(block_keys(a), 64, touch=True)  # a's first three blocks used since
+    cache.add(block_keys(list(range(300, 332))))  # two blocks more than the eight it keeps
+    assert len(cache) == 8
+    # out first: the least recently used, and of one prompt its last block (as vLLM frees them),
+    # so a's unused fourth block and b's fourth went, and both prompts' heads are still found
+    longer = [1] * 16
+    assert cache.cached(block_keys(a + longer), 80) == 48 and cache.cached(block_keys(b + longer), 80) == 48
+    cache.add(block_keys(list(range(400, 464))))  # four more: b's three, the oldest now, and a's third
+    assert cache.cached(block_keys(b), 64) == 0 and cache.cached(block_keys(a), 64) == 32
+
+
+def test_the_simulator_computes_only_what_no_engine_holds_and_routes_to_the_holder() -> None:
+    t = Timings((0.0, 0.001, 0.0), (0.010, 0.0, 0.0))  # 1 ms a computed prompt token
+    a = list(range(100, 612))  # 512 tokens: 32 blocks
+    cfg = SimConfig(1, 1, t, t, order="fifo", prefix_cache=True)
+    first, again, longer = simulate(cfg, prompts((0.0, a), (10.0, a), (20.0, a + list(range(700, 764)))))
+    assert first.ttft_s == pytest.approx(0.512)
+    assert again.ttft_s == pytest.approx(0.016)  # 31 blocks held; the last block computed
+    assert longer.ttft_s == pytest.approx(0.064)  # 32 held, its own 64 computed
+    off = simulate(SimConfig(1, 1, t, t, order="fifo"), prompts((0.0, a), (10.0, a)))
+    assert [o.ttft_s for o in off] == [pytest.approx(0.512)] * 2
+    # a prefill engine too small for the prompt keeps what fits of its head
+    small = simulate(SimConfig(1, 1, t, t, order="fifo", prefix_cache=True, prefill_cache_tokens=256),
+                     prompts((0.0, a), (10.0, a)))
+    assert small[1].ttft_s == pytest.approx(0.256)
+    # two prefill nodes, both idle: the one holding the prefix takes it
+    b = list(range(1000, 1512))
+    outs = simulate(SimConfig(2, 1, t, t, order="fifo", prefix_cache=True),
+                    prompts((0.0, a), (0.0, b), (10.0, b), (20.0, a)))
+    assert [o.prefill_node for o in outs] == [0, 1, 1, 0]
+    assert [o.ttft_s for o in outs[2:]] == [pytest.approx(0.016)] * 2
+
+
+def test_a_decode_node_prefilling_locally_uses_what_its_engine_holds() -> None:
+    t = Timings((0.0, 0.001, 0.0), (0.010, 0.0, 0.0))
+    a = list(range(100, 612))
+    cfg = SimConfig(0, 1, t, t, local=True, order="slack", slo_ttft_s=5.0, slo_tpot_s=1.0, step_tokens=512,
+                    prefix_cache=True)
+    first, again = simulate(cfg, prompts((0.0, a), (10.0, a)))
+    assert first.local and again.local
+    assert first.ttft_s == pytest.approx(0.512) and again.ttft_s == pytest.approx(0.016)
+    # its KV cache mostly held by a running request (460 of 600 tokens): 8 blocks stay cached beside
+    # it, the running one's 3 prompt blocks (used last) and the first 5 of the prompt's
+    tight = simulate(SimConfig(0, 1, t, t, local=True, order="slack", slo_ttft_s=5.0, slo_tpot_s=1.0,
+                               step_tokens=512, prefix_cache=True, kv_capacity_tokens=600),
+                     [Prompt(0.0, 512, 3, a), Prompt(0.6, 60, 400, list(range(2000, 2060))),
+                      Prompt(1.0, 512, 3, a)])
+    assert tight[2].ttft_s == pytest.approx(0.512 - 0.080)
