@@ -64,7 +64,7 @@ def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None =
         return Estimate(node, None, cached_tokens=cached)
     held = cached.tokens
     idle_s = prefill_after_load(model, tokens, held) + load_s(cached.loaded, cached.disk)
-    where = order.predict(node, tokens - held, arrival, ttft_s) if order is not None else None
+    where = order.predict(node, tokens - held, arrival, ttft_s, held) if order is not None else None
     if where is not None:
         f = node.factor("ttft", where.wait_s + idle_s)  # (both parts scaled alike: the calibration's share)
         wait_s, run_s = where.wait_s * f, idle_s * f

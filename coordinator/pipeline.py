@@ -390,7 +390,8 @@ class Pipeline:
             held = plan.prefill_held if plan is not None and node is plan.prefill and leg == 0 else 0
             work = max(1, len(context) - held)
             # A migrated leg: its client is mid-stream, it goes first.
-            turn = order.entry(node, req.request_id, work, req.received, ttft_s, urgent=leg > 0)
+            turn = order.entry(node, req.request_id, work, req.received, ttft_s, urgent=leg > 0,
+                               cached=len(context) - work)
 
             def orphaned(resp: pb.PrefillResponse, node: NodeClient = node) -> None:
                 # Answered, but the request was cancelled meanwhile: nobody will fetch its blocks.

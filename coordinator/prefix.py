@@ -65,11 +65,10 @@ def held_prefixes(nodes: list[NodeClient], prompt_ids: list[int]) -> dict[str, H
 
 
 def prefill_after_load(model: ModelView, tokens: int, held: int) -> float:
-    """A prefill of ``tokens`` whose first ``held`` are loaded, by the fit const + a·n + b·n²: the
-    new tokens' linear part and their attention over the whole prompt (n² - held²), once the const."""
-    if held <= 0:
-        return model.prefill_s(tokens)
-    return model.prefill_s(tokens) - model.prefill_s(held) + model.prefill_s(0)
+    """A prefill of ``tokens`` whose first ``held`` are loaded: the new tokens' linear part and
+    their attention over the whole prompt (tandem/perfmodel.py's form with ``cached``)."""
+    held = max(0, held)
+    return model.prefill_s(tokens - held, held)
 
 
 def load_s(held: int, on_disk: int) -> float:

@@ -2,7 +2,13 @@
 
 The forms are DistServe's (and what its simulator fits): a prefill of ``n``
 uncached prompt tokens takes ``a + b·n + c·n²`` seconds (the quadratic term is
-attention); a decode step of ``B`` requests holding ``L`` context tokens in all
+attention), and after ``h`` tokens found cached ``a + b·n + c·(n² + 2·n·h)``: the
+new tokens attend to the cached ones too, ``(n + h)² − h²`` pairs (the twenty-fourth
+sitting, a 1:1 multi-turn run at 1–3 req/s: prefill calls of ~160 new tokens took 68
+ms after 300–700 cached and 80 ms after more, where the form without ``h`` said 61
+for both; refitted on those calls, p50 / p90 error 11.8 / 25.4 % without ``h``, 8.0
+/ 19.1 % with it, 7.8 / 18.5 % with a fourth coefficient for ``n·h`` instead:
+not worth one); a decode step of ``B`` requests holding ``L`` context tokens in all
 takes ``d + e·B + f·L``; a KV transfer of ``x`` bytes takes ``g + h·x``.
 
 Each model is an ``OnlineFit``: least squares over its samples with
@@ -176,7 +182,8 @@ class OnlineFit:
 
 
 def prefill_fit(half_life: float = 200.0) -> OnlineFit:
-    """seconds ≈ a + b·tokens + c·tokens² for one prefill of ``tokens`` uncached tokens."""
+    """seconds ≈ a + b·tokens + c·tokens2 for one prefill of ``tokens`` uncached tokens after
+    ``cached`` ones: tokens2 = tokens · (tokens + 2·cached) (tokens² with nothing cached)."""
     return OnlineFit(("const", "tokens", "tokens2"), (1.0, 1e3, 1e6), half_life)
 
 
@@ -220,8 +227,9 @@ class _Predicts:
     decode: OnlineFit | FitView
     transfer: OnlineFit | FitView
 
-    def prefill_s(self, tokens: int) -> float:
-        return self.prefill.predict((1.0, tokens, tokens * tokens))
+    def prefill_s(self, tokens: int, cached: int = 0) -> float:
+        """A prefill of ``tokens`` uncached prompt tokens after ``cached`` ones found cached."""
+        return self.prefill.predict((1.0, tokens, tokens * (tokens + 2 * cached)))
 
     def step_s(self, batch: int, context_tokens: int) -> float:
         return self.decode.predict((1.0, batch, context_tokens))
@@ -239,8 +247,9 @@ class NodeModel(_Predicts):
     transfer: OnlineFit = field(default_factory=transfer_fit)
 
     # observations --------------------------------------------------------------
-    def saw_prefill(self, tokens: int, seconds: float) -> None:
-        self.prefill.add((1.0, tokens, tokens * tokens), seconds)
+    def saw_prefill(self, tokens: int, seconds: float, cached: int = 0) -> None:
+        """A prefill of ``tokens`` uncached prompt tokens, after ``cached`` found cached, took ``seconds``."""
+        self.prefill.add((1.0, tokens, tokens * (tokens + 2 * cached)), seconds)
 
     def saw_decode_step(self, batch: int, context_tokens: int, seconds: float) -> None:
         self.decode.add((1.0, batch, context_tokens), seconds)
@@ -295,9 +304,9 @@ class ModelView(_Predicts):
     transfer: FitView = _EMPTY
 
     # ``_Predicts``' predictions unrolled (the same sums): admission makes hundreds a request.
-    def prefill_s(self, tokens: int) -> float:
+    def prefill_s(self, tokens: int, cached: int = 0) -> float:
         c0, c1, c2 = self.prefill.c3
-        return c0 + c1 * tokens + c2 * (tokens * tokens)
+        return c0 + c1 * tokens + c2 * (tokens * (tokens + 2 * cached))
 
     def step_s(self, batch: int, context_tokens: int) -> float:
         c0, c1, c2 = self.decode.c3

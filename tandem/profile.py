@@ -44,10 +44,14 @@ logger = logging.getLogger(__name__)
 
 # 2: decode steps timed on the engine's clock, each stream out of the batch at its own end, and a
 # batch of 32 (version 1's short runs read a batch's steps 2x too cheap: its tail was counted whole)
-PROFILE_VERSION = 2
+# 3: prefills after a cached prefix too (their new tokens attend to it: perfmodel.py's form)
+PROFILE_VERSION = 3
 MODES = ("auto", "fresh", "off")
 PREFILL_LENGTHS = (16, 64, 128, 256, 512, 1024, 2048)
 PREFILL_REPEATS = 2
+# (cached prefix, new tokens): prefills after a prefix the engine holds, each run twice (a new
+# prefix each time), so that the fit tells the new tokens' attention to the cached ones apart
+PREFIX_RUNS = ((256, 32), (512, 128), (1024, 64), (1024, 256), (1536, 32))
 # (batch, prompt tokens): batches of several sizes and contexts, so that the decode fit can tell
 # the per-request cost from the per-context-token cost.
 DECODE_RUNS = ((1, 32), (1, 512), (4, 64), (4, 384), (8, 128), (16, 64), (8, 1024), (32, 64))
@@ -162,10 +166,12 @@ class Profiler:
         return [self.rng.randrange(5, self.vocab) for _ in range(n)]
 
     async def _one(self, n: int, max_tokens: int,
-                   on_output: Callable[[str, int, EngineClock | None], None] | None = None, rid: str = "") -> tuple[int, int]:
-        """Run one request; (its cached prompt tokens, tokens produced). With ``on_output`` (a decode
-        run) it is one of the node's prefills until its first token, as a served one is: the
-        other streams' gaps that hold its prefill chunks are then not taken as decode steps."""
+                   on_output: Callable[[str, int, EngineClock | None], None] | None = None, rid: str = "",
+                   ids: list[int] | None = None) -> tuple[int, int]:
+        """Run one request (of ``ids``, or ``n`` fresh ones); (its cached prompt tokens, tokens
+        produced). With ``on_output`` (a decode run) it is one of the node's prefills until its
+        first token, as a served one is: the other streams' gaps that hold its prefill chunks are
+        then not taken as decode steps."""
         rid = rid or f"profile-{uuid.uuid4().hex[:12]}"
         sampling = Sampling(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         cached = produced = 0
@@ -173,7 +179,7 @@ class Profiler:
             if on_output is not None:
                 prefilling.enter_context(self.perf.prefill(n))
             # Not saved to the node's KV store: random prompts no one sends again.
-            async for out in self.engine.generate(rid, self._prompt(n), sampling, {NO_STORE: True}):
+            async for out in self.engine.generate(rid, ids or self._prompt(n), sampling, {NO_STORE: True}):
                 if out.num_cached_tokens is not None:
                     cached = out.num_cached_tokens
                 new = len(out.outputs[0].token_ids)
@@ -197,8 +203,9 @@ class Profiler:
 
     async def run(self) -> None:
         lengths = [n for n in PREFILL_LENGTHS if n + 8 <= self.max_len] or [max(1, self.max_len // 2)]
+        prefixed = [(h, n) for h, n in PREFIX_RUNS if h + n + 8 <= self.max_len]
         await self._one(lengths[0], 1)  # warm-up: first-call costs are not the node's speed
-        total = len(lengths) * PREFILL_REPEATS + len(DECODE_RUNS)
+        total = len(lengths) * PREFILL_REPEATS + len(prefixed) + len(DECODE_RUNS)
         done = 0
         for n in lengths:
             for _ in range(PREFILL_REPEATS):
@@ -207,6 +214,15 @@ class Profiler:
                     run.uncached_tokens = n - cached
                 done += 1
             self.progress(f"profile {done}/{total}: prefill of {n} tokens")
+        for h, n in prefixed:
+            for _ in range(PREFILL_REPEATS):
+                prefix = self._prompt(h)
+                await self._one(h, 1, ids=prefix)  # now in the engine's prefix cache (not a sample)
+                with self.perf.prefill(h + n) as run:
+                    cached, _ = await self._one(h + n, 1, ids=prefix + self._prompt(n))
+                    run.uncached_tokens = h + n - cached
+            done += 1
+            self.progress(f"profile {done}/{total}: prefill of {n} tokens after {h} cached")
         for batch, n in DECODE_RUNS:
             batch = min(batch, self.max_seqs)
             # Enough tokens each that the whole batch decodes DECODE_STEPS steps together once the

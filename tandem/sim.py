@@ -50,7 +50,7 @@ same ones the nodes fit online, see tandem/perfmodel.py):
   node's engine keeps the whole blocks of the prompts it computed (or, on a decode node, took in
   as KV) by a hash of their tokens chained to the blocks before (vLLM's prefix cache); a prefill
   computes only the tokens past the longest run of them from the prompt's start (the last prompt
-  token always: ``prefill_s`` of the uncached tokens, the form the nodes fit), and the predictions
+  token always: ``prefill_s`` of the uncached tokens after the cached ones), and the predictions
   above count that too. Of the idle prefill nodes, the one holding the longest prefix takes a
   request (Tandem's router credits a held prefix against load). A prefill engine keeps
   ``prefill_cache_tokens`` (0: no bound), least recently used out first; a decode engine what
@@ -81,7 +81,8 @@ LOCAL_OFF = "conditional disaggregation (every request prefilled in the prefill 
 
 @dataclass(frozen=True)
 class Timings:
-    """A node's times in seconds: prefill ``a + b·n + c·n²`` of n uncached tokens; decode step
+    """A node's times in seconds: prefill ``a + b·n + c·n·(n + 2h)`` of n uncached tokens after h
+    cached (tandem/perfmodel.py); decode step
     ``d + e·B + f·L`` for B requests holding L context tokens; KV transfer ``g + h·bytes``."""
 
     prefill: tuple[float, float, float]
@@ -97,9 +98,9 @@ class Timings:
         if not any(self.prefill) or not any(self.decode):
             raise ValueError(f"{self.source or 'a profile'} has no prefill or no decode timings")
 
-    def prefill_s(self, tokens: int) -> float:
+    def prefill_s(self, tokens: int, cached: int = 0) -> float:
         a, b, c = self.prefill
-        return a + b * tokens + c * tokens * tokens
+        return a + b * tokens + c * tokens * (tokens + 2 * cached)
 
     def step_s(self, batch: int, context_tokens: int) -> float:
         d, e, f = self.decode
@@ -215,7 +216,7 @@ class _Decode:
     local: list[int] = field(default_factory=list)  # requests it prefills itself, in order
     local_left: dict[int, int] = field(default_factory=dict)  # ... their prompt tokens not yet computed
     chunk: tuple[int, int] | None = None  # (request, tokens) of the local prefill in the step running
-    local_total: dict[int, int] = field(default_factory=dict)  # ... and the tokens each computes in all
+    local_total: dict[int, tuple[int, int]] = field(default_factory=dict)  # ... (to compute in all, cached)
 
 
 class PrefixCache:
@@ -307,10 +308,10 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             keys_of[i] = block_keys(ids) if ids else []
         return keys_of[i]
 
-    def pool_uncached(i: int) -> int:
-        """Its prompt tokens past the longest prefix a prefill node holds (what the pool computes)."""
+    def pool_prefill_s(i: int) -> float:
+        """Its prefill past the longest prefix a prefill node holds (what the pool computes)."""
         held = max((c.cached(keys(i), trace[i].input_len) for c in prefill_caches), default=0)
-        return trace[i].input_len - held
+        return cfg.prefill.prefill_s(trace[i].input_len - held, held)
 
     def decode_room(d: int) -> int:
         """Blocks decode node ``d``'s cache may keep beside its running requests (0: unbounded)."""
@@ -318,9 +319,9 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             return 0
         return max(1, (cfg.kv_capacity_tokens - decodes[d].reserved) // BLOCK_TOKENS)
 
-    def decode_uncached(d: int, i: int, touch: bool = False) -> int:
+    def decode_cached(d: int, i: int, touch: bool = False) -> int:
         decode_caches[d].trim(decode_room(d))
-        return trace[i].input_len - decode_caches[d].cached(keys(i), trace[i].input_len, touch)
+        return decode_caches[d].cached(keys(i), trace[i].input_len, touch)
 
     def admit(i: int, now: float) -> bool:
         """Admission, from the same profile: the prefill work ahead of it shared by the prefill
@@ -328,7 +329,7 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         node with it added (its batch, their contexts half way through it), against TPOT."""
         e = trace[i]
         ahead = queued_s + sum(max(0.0, t - now) for t in busy_until)
-        ttft = ahead / cfg.num_prefill + cfg.prefill.prefill_s(pool_uncached(i))
+        ttft = ahead / cfg.num_prefill + pool_prefill_s(i)
         dn = min(decodes, key=lambda d: d.assigned)
         b = min(dn.assigned + 1, cfg.max_batch)
         ctx = (dn.base + len(dn.running) * dn.step_no) + e.input_len + e.output_len // 2
@@ -362,8 +363,9 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             b, ctx = load(dn)
             # (admission's estimates.queued_prefill_s: the queued prompts share the steps' fixed cost)
             queue_s = sum(dec.prefill_s(t) - dec.prefill_s(0) for t in dn.local_left.values() if t > 0)
-            own = decode_uncached(decodes.index(dn), i)
-            run_s = dec.prefill_s(own)
+            held = decode_cached(decodes.index(dn), i)
+            own = e.input_len - held
+            run_s = dec.prefill_s(own, held)
             beside = chunk_steps(sum(dn.local_left.values()) + own, cfg.step_tokens, b) * beside_s(dec, b, ctx)
             return queue_s + run_s + beside, (run_s + beside) / max(e.output_len, MIN_OTHERS_TOKENS)
 
@@ -379,7 +381,7 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             alike = [d for d in pool if tied(starts[d], low)]
             return min(alike, key=lambda d: (decodes[d].assigned, d))
         wait = (queued_s + sum(max(0.0, t - now) for t in busy_until)) / cfg.num_prefill
-        remote = wait + cfg.prefill.prefill_s(pool_uncached(i))
+        remote = wait + pool_prefill_s(i)
         remote_tpot_misses = tpot_misses(min(decodes, key=lambda x: x.assigned))
         best: tuple[float, int] | None = None
         for d, dn in enumerate(decodes):
@@ -422,8 +424,8 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             node = max(idle, key=lambda n: (prefill_caches[n].cached(keys(i), trace[i].input_len), -n))
             idle.remove(node)
             out[i].prefill_node = node
-            took = cfg.prefill.prefill_s(trace[i].input_len - prefill_caches[node].cached(keys(i), trace[i].input_len,
-                                                                                          touch=True))
+            held = prefill_caches[node].cached(keys(i), trace[i].input_len, touch=True)
+            took = cfg.prefill.prefill_s(trace[i].input_len - held, held)
             queued_s -= queued_cost.pop(i)
             busy_until[node] = now + took
             push(now + took, PREFILLED, node, i)
@@ -445,8 +447,9 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             r = dn.local[0]
             left = dn.local_left[r]
             c = min(chunk_tokens(cfg.step_tokens, len(dn.running)), left)
-            done = dn.local_total[r] - left
-            took = cfg.decode.prefill_s(done + c) - (cfg.decode.prefill_s(done) if done else 0.0)
+            total, held = dn.local_total[r]
+            done = total - left
+            took = cfg.decode.prefill_s(done + c, held) - (cfg.decode.prefill_s(done, held) if done else 0.0)
             dn.chunk = (r, c)
         if not dn.running and dn.chunk is None:
             dn.stepping = False
@@ -471,13 +474,15 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
                 out[i].local, out[i].decode_node = True, d
                 dn.assigned += 1
                 dn.local.append(i)
-                dn.local_left[i] = dn.local_total[i] = decode_uncached(d, i, touch=True)
+                held = decode_cached(d, i, touch=True)
+                dn.local_left[i] = e.input_len - held
+                dn.local_total[i] = (e.input_len - held, held)
                 if not dn.stepping:
                     dn.stepping = True
                     push(now, START, d, -1)
                 continue
             heapq.heappush(queue, (e.arrival_s if cfg.order == "fifo" else e.arrival_s + cfg.slo_ttft_s, i))
-            queued_cost[i] = cfg.prefill.prefill_s(pool_uncached(i))
+            queued_cost[i] = pool_prefill_s(i)
             queued_s += queued_cost[i]
             dispatch(now)
         elif kind == PREFILLED:

@@ -52,6 +52,20 @@ def test_prefill_samples_fit_the_prefill_time() -> None:
     assert perf.model.prefill_s(1000) == pytest.approx(0.01 + 2e-4 * 1000, rel=1e-6)
 
 
+def test_a_prefill_after_a_cached_prefix_is_a_sample_of_its_new_tokens_after_it() -> None:
+    # A prompt of ``tokens`` the engine found ``tokens - uncached`` of cached: the sample is the
+    # uncached tokens after that many (their attention to the cached ones costs)
+    clock = Clock()
+    perf = NodePerf(clock)
+    took = lambda n, h: 0.01 + 2e-4 * n + 1e-7 * n * (n + 2 * h)  # noqa: E731
+    for n, h in [(n, h) for n in range(50, 1000, 90) for h in (0, 512, 1536)]:
+        with perf.prefill(n + h) as run:
+            clock.t += took(n, h)
+            run.uncached_tokens = n
+    assert perf.model.prefill_s(100, 1000) == pytest.approx(took(100, 1000), rel=1e-6)
+    assert perf.model.prefill_s(100) == pytest.approx(took(100, 0), rel=1e-6)
+
+
 def test_decode_gaps_are_steps_of_the_batch_running_then() -> None:
     clock = Clock()
     perf = NodePerf(clock)
@@ -148,7 +162,7 @@ def test_a_local_prefill_beside_a_batch_is_a_sample_less_what_the_batch_added() 
         for ctx in (100, 5000, 20_000):
             perf.model.saw_decode_step(b, ctx, 0.005 + 0.001 * b + 1e-6 * ctx)
     seen: list[tuple[int, float]] = []
-    perf.model.saw_prefill = lambda tokens, seconds: seen.append((tokens, seconds))  # type: ignore[method-assign]
+    perf.model.saw_prefill = lambda tokens, seconds, cached=0: seen.append((tokens, seconds))  # type: ignore[method-assign]
     for i in range(10):
         perf.decode_started(f"s{i}", 999)
         perf.decode_output(f"s{i}", 1)  # 10 streams of 1,000 context tokens decoding

@@ -24,6 +24,27 @@ def test_exact_quadratic_prefill_times_give_back_their_coefficients() -> None:
     assert rel(m.prefill_s(700), a + b * 700 + c * 700 * 700) < 1e-6
 
 
+def test_a_prefill_after_a_cached_prefix_is_its_new_tokens_attending_to_the_whole_prompt() -> None:
+    from tandem.coordinator.prefix import prefill_after_load
+    from tandem.perfmodel import ModelView
+
+    m = NodeModel()
+    a, b, c = 0.012, 2.5e-4, 3e-8
+    rng = random.Random(1)
+    for _ in range(200):  # fresh prompts and ones after a cached prefix, mixed
+        n, h = rng.randrange(1, 2048), rng.choice((0, 0, rng.randrange(16, 4096)))
+        m.saw_prefill(n, a + b * n + c * ((n + h) ** 2 - h * h), cached=h)
+    for want, have in zip((a, b, c), m.prefill.coefficients()):
+        assert rel(have, want) < 1e-6
+    view = ModelView.of(m)
+    for n, h in ((100, 0), (100, 1000), (7, 3000)):
+        want = a + b * n + c * ((n + h) ** 2 - h * h)
+        assert rel(m.prefill_s(n, h), want) < 1e-6 and rel(view.prefill_s(n, h), want) < 1e-6
+        # the coordinator's credit for a prefix a node holds: the same prefill, of the whole prompt
+        assert rel(prefill_after_load(view, n + h, h), want) < 1e-6
+    assert m.prefill_s(100, 1000) > m.prefill_s(100)
+
+
 def test_decode_steps_and_transfers_fit_their_linear_forms() -> None:
     m = NodeModel()
     rng = random.Random(0)

@@ -33,10 +33,15 @@ class Out:
     finished: bool = False
 
 
+def prefill_time(n: int, cached: int = 0) -> float:
+    return 0.02 + 1e-4 * n + 1e-8 * n * (n + 2 * cached)
+
+
 @dataclass
 class FakeEngine:
-    """Prefill of n tokens takes 0.02 + 1e-4 n seconds of the fake clock; each request's decode
-    tokens come one step apart (steps of 0.004 s)."""
+    """Prefill of n uncached tokens after h cached takes ``prefill_time`` of the fake clock (a
+    prompt that extends the one before it finds that one's whole 16-token blocks cached); each
+    request's decode tokens come one step apart (steps of 0.004 s)."""
 
     clock: Clock
     prompts: list[list[int]] = field(default_factory=list)
@@ -44,13 +49,15 @@ class FakeEngine:
     async def generate(self, rid, prompt, sampling, kv):
         # The profile never holds or fetches KV, nor leaves its random prompts in the node's KV store.
         assert kv == {"tandem_no_store": True}
+        before = self.prompts[-1] if self.prompts else []
+        cached = len(before) // 16 * 16 if len(prompt) > len(before) and prompt[:len(before)] == before else 0
         self.prompts.append(prompt)
-        self.clock.t += 0.02 + 1e-4 * len(prompt)
+        self.clock.t += prefill_time(len(prompt) - cached, cached)
         for i in range(sampling.max_tokens):
             if i:
                 await asyncio.sleep(0)
                 self.clock.t += 0.004
-            yield Out([Comp([7])], num_cached_tokens=0, finished=i == sampling.max_tokens - 1)
+            yield Out([Comp([7])], num_cached_tokens=cached, finished=i == sampling.max_tokens - 1)
 
 
 def test_the_profile_fits_the_engines_prefill_time_and_gets_decode_samples() -> None:
@@ -59,12 +66,17 @@ def test_the_profile_fits_the_engines_prefill_time_and_gets_decode_samples() -> 
     engine = FakeEngine(clock)
     asyncio.run(Profiler(engine, perf, vocab_size=1000, max_model_len=600, max_num_seqs=8,
                          progress=lambda _: None).run())
-    assert perf.model.prefill_s(400) == pytest.approx(0.02 + 1e-4 * 400, rel=1e-3)
+    assert perf.model.prefill_s(400) == pytest.approx(prefill_time(400), rel=1e-3)
+    # prefills after a cached prefix (256 + 32 fits this context): the new tokens' attention to it
+    assert perf.model.prefill_s(32, 256) == pytest.approx(prefill_time(32, 256), rel=1e-3)
+    assert perf.model.prefill_s(32, 256) > perf.model.prefill_s(32)
     assert perf.model.decode.samples > 20
-    # Lengths past the context are left out; prompts never repeat (the prefix cache would hit).
+    # Lengths past the context are left out; prompts never repeat (the prefix cache would hit)
+    # but where a prompt is a prefix cached on purpose and the next one extends it.
     assert max(len(p) for p in engine.prompts) <= 600
-    firsts = [tuple(p[:16]) for p in engine.prompts]
-    assert len(set(firsts)) == len(firsts)
+    fresh = [p for k, p in enumerate(engine.prompts) if not (k and p[:len(engine.prompts[k - 1])] == engine.prompts[k - 1])]
+    firsts = [tuple(p[:16]) for p in fresh]
+    assert len(set(firsts)) == len(firsts) and len(fresh) < len(engine.prompts)
     assert all(5 <= t < 1000 for p in engine.prompts for t in p)
 
 

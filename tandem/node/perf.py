@@ -173,27 +173,29 @@ class NodePerf:
             self._touch()
             took = self._clock() - t0
             undisturbed = self._prefill_starts == starts and self._joins == joins and self._batch == 0
+            cached = max(0, tokens - (run.uncached_tokens or 0))  # (0 when the prompt's length is not given)
             if ok and alone and undisturbed and run.uncached_tokens is not None:
-                self.model.saw_prefill(run.uncached_tokens, took)
+                self.model.saw_prefill(run.uncached_tokens, took, cached)
             elif ok and sole and self._prefill_starts == starts and run.uncached_tokens and took > 0:
-                self._saw_prefill_beside(run.uncached_tokens, took, areas)
+                self._saw_prefill_beside(run.uncached_tokens, took, areas, cached)
             self._export(force=self._prefills_running == 0)  # idle now: show the last samples too
 
-    def _saw_prefill_beside(self, tokens: int, took: float, areas: tuple[float, float]) -> None:
-        """A prefill of ``tokens`` that shared its steps with a decode batch took ``took`` seconds;
-        ``areas``: the batch's integrals when it started. The prefill's own share is a sample."""
+    def _saw_prefill_beside(self, tokens: int, took: float, areas: tuple[float, float], cached: int = 0) -> None:
+        """A prefill of ``tokens`` (after ``cached`` found cached) that shared its steps with a
+        decode batch took ``took`` seconds; ``areas``: the batch's integrals when it started. The
+        prefill's own share is a sample."""
         if not self.model.decode.samples:
             return  # what the batch added is not known yet
         self._advance_means(self._clock())
         batch = (self._batch_area - areas[0]) / took
         context = (self._context_area - areas[1]) / took
         if batch <= 0:
-            self.model.saw_prefill(tokens, took)  # no stream decoded while it ran
+            self.model.saw_prefill(tokens, took, cached)  # no stream decoded while it ran
             return
         steps = chunk_steps(tokens, self.step_tokens or VLLM_STEP_TOKENS, batch)
         own = took - steps * beside_s(self.model, batch, context)
         if own > 0:
-            self.model.saw_prefill(tokens, own)
+            self.model.saw_prefill(tokens, own, cached)
 
     # decode --------------------------------------------------------------------
     def decode_started(self, rid: str, context_tokens: int, kv_bytes: int = 0, interval: int = 1) -> None:

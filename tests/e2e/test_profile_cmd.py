@@ -25,9 +25,10 @@ def test_tandem_profile_measures_and_caches_where_a_node_finds_it(tiny_model: Pa
                            "--transfer-mib", "1,4"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    from tandem.profile import DECODE_RUNS, PREFILL_LENGTHS, PREFILL_REPEATS
+    from tandem.profile import DECODE_RUNS, PREFILL_LENGTHS, PREFILL_REPEATS, PREFIX_RUNS
 
-    steps = sum(1 for n in PREFILL_LENGTHS if n + 8 <= 512) * PREFILL_REPEATS + len(DECODE_RUNS)
+    steps = (sum(1 for n in PREFILL_LENGTHS if n + 8 <= 512) * PREFILL_REPEATS + len(DECODE_RUNS)
+             + sum(1 for h, n in PREFIX_RUNS if h + n + 8 <= 512))
     assert "profile  [" in out and f"{steps}/{steps} decode batch" in out and "transfer [" in out and "2/2 4 MiB" in out
     assert "cached in" in out and out.splitlines()[-1].startswith("transfer ") and "not measured" not in out
     files = list(cache.glob("profile-*.json"))
