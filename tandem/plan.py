@@ -29,14 +29,15 @@ SHARING = ("prefix-heavy", "multi-turn")  # the workloads whose prompts share pr
 
 
 def trace(workload: str | Mix, rate: float, requests: int, seed: int, max_model_len: int,
-          ids: bool = False) -> list[Any]:
+          ids: bool = False, prefixes: int = 0) -> list[Any]:
     """About ``requests`` arrivals of the workload (a `tandem bench` workload, or a mix a
     coordinator measured) at ``rate``: lengths only, and with ``ids`` the token ids of the
-    workloads whose prompts share prefixes (for the simulator's prefix caches)."""
+    workloads whose prompts share prefixes (for the simulator's prefix caches). ``prefixes``:
+    prefix-heavy's prefixes, multi-turn's conversations (0: the workload's own number)."""
     if isinstance(workload, Mix):
         return workload.trace(rate, requests, seed, max_model_len)
     return generate(workload, rate=rate, duration_s=requests / rate, seed=seed, max_model_len=max_model_len,
-                    with_ids=ids and workload in SHARING)
+                    with_ids=ids and workload in SHARING, prefixes_n=prefixes or None)
 
 
 MIN_DURATION_S = 300.0
@@ -94,7 +95,7 @@ def probe_size(rate: float, requests: int, min_duration_s: float) -> int:
 
 def ratio_goodput(cfg: SimConfig, workload: str | Mix, slo_ttft_s: float, slo_tpot_s: float, *, requests: int = 2000,
                   seeds: int = 2, max_model_len: int = 2048, start_rate: float = 1.0,
-                  rel_tol: float = 0.05, min_duration_s: float = MIN_DURATION_S) -> dict[str, Any]:
+                  rel_tol: float = 0.05, min_duration_s: float = MIN_DURATION_S, prefixes: int = 0) -> dict[str, Any]:
     """One P:D split's simulated goodput, and what it looks like there and just above."""
 
     def n(rate: float) -> int:
@@ -103,8 +104,8 @@ def ratio_goodput(cfg: SimConfig, workload: str | Mix, slo_ttft_s: float, slo_tp
     ids = cfg.prefix_cache
 
     def measure(rate: float, seed: int) -> float:
-        return steady_attainment(simulate(cfg, trace(workload, rate, n(rate), seed, max_model_len, ids)), slo_ttft_s,
-                                 slo_tpot_s)
+        return steady_attainment(simulate(cfg, trace(workload, rate, n(rate), seed, max_model_len, ids, prefixes)),
+                                 slo_ttft_s, slo_tpot_s)
 
     res = find_goodput(measure, start_rate=start_rate, seeds=seeds, rel_tol=rel_tol, budget_s=600.0, max_probes=40,
                        min_rate=start_rate / 64)
@@ -114,8 +115,8 @@ def ratio_goodput(cfg: SimConfig, workload: str | Mix, slo_ttft_s: float, slo_tp
                            "probes": [[p.rate, p.attainment] for p in res.probes], "stopped_by": res.stopped_by}
     if res.goodput_rps > 0:
         row["at_goodput"] = summary(simulate(cfg, trace(workload, res.goodput_rps, n(res.goodput_rps), 0,
-                                                        max_model_len, ids)), slo_ttft_s, slo_tpot_s)
-    above = simulate(cfg, trace(workload, res.bracket[1], n(res.bracket[1]), 0, max_model_len, ids))
+                                                        max_model_len, ids, prefixes)), slo_ttft_s, slo_tpot_s)
+    above = simulate(cfg, trace(workload, res.bracket[1], n(res.bracket[1]), 0, max_model_len, ids, prefixes))
     row["limited_by"] = limited_by(above, slo_ttft_s, slo_tpot_s)
     return row
 
@@ -134,14 +135,17 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
          kv_bytes_per_token: int = 0, max_batch: int = 64, kv_capacity_tokens: int = 0, order: str = "slack",
          requests: int = 2000, seeds: int = 2, max_model_len: int = 2048, min_duration_s: float = MIN_DURATION_S,
          also: tuple[int, ...] = (), admission: bool = False, local: bool = False, prefix_cache: bool = True,
-         prefill_cache_tokens: int = 0, progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+         prefill_cache_tokens: int = 0, store_ram_tokens: int = 0, store_disk: bool = False, prefixes: int = 0,
+         progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     """P:D splits of ``nodes`` (and the prefill counts in ``also``, always), best goodput per node
     first: every split when there are at most COARSE_SPLITS; else one in ``step`` (so that about
     COARSE_SPLITS are), then every split within a step of the best of those (goodput rises, then
     falls, with P). ``local``: conditional disaggregation (the simulator's), and 0:N among the
     splits (no prefill pool: the decode nodes prefill what they decode). ``prefix_cache``: the
     engines' prefix caches, a prefill engine's ``prefill_cache_tokens`` (0: unbounded), a decode
-    engine's ``kv_capacity_tokens``."""
+    engine's ``kv_capacity_tokens``; with ``store_ram_tokens`` a KV store on each node (a RAM tier
+    of that many tokens, over a disk tier with ``store_disk``). ``prefixes``: the workload's
+    prefixes or conversations (0: its own number)."""
     if nodes < 2:
         raise ValueError("a plan needs at least 2 nodes (a split of them)")
     if isinstance(workload, str) and workload not in WORKLOADS:
@@ -154,10 +158,11 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
     def run(p: int) -> None:
         cfg = SimConfig(p, nodes - p, prefill, decode, kv_bytes_per_token, max_batch, kv_capacity_tokens, order,
                         slo_ttft_s, slo_tpot_s, admission, local, prefix_cache=prefix_cache,
-                        prefill_cache_tokens=prefill_cache_tokens)
+                        prefill_cache_tokens=prefill_cache_tokens, store_ram_tokens=store_ram_tokens,
+                        store_disk=store_disk)
         row = ratio_goodput(cfg, workload, slo_ttft_s, slo_tpot_s, requests=requests, seeds=seeds,
                             max_model_len=max_model_len, start_rate=max(0.25, nodes / 4),
-                            min_duration_s=min_duration_s)
+                            min_duration_s=min_duration_s, prefixes=prefixes)
         done[p] = row
         progress(f"[{len(done)}] {p}:{nodes - p}  goodput {row['goodput_rps']:.3g} req/s "
                  f"({row['per_node_rps']:.3g} per node), limited by {row['limited_by']}")
@@ -179,7 +184,8 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
             "requests_per_probe": requests, "min_duration_s": min_duration_s, "seeds": seeds,
             "splits_evaluated": len(rows), "splits": nodes - lo, "search_step": step, "rel_tol": 0.05,
             "admission": admission, "local": local, "prefix_cache": prefix_cache,
-            "prefill_cache_tokens": prefill_cache_tokens,
+            "prefill_cache_tokens": prefill_cache_tokens, "store_ram_tokens": store_ram_tokens,
+            "store_disk": store_disk, "prefixes": prefixes,
             "not_modelled": [*NOT_MODELLED, *([] if local else [LOCAL_OFF]), *([] if prefix_cache else [NO_PREFIX_CACHE])],
             "transfer_modelled": any(decode.transfer), "rows": rows,
             "best": best, "took_s": round(time.monotonic() - t0, 2)}
@@ -296,6 +302,20 @@ def add_args(ap: argparse.ArgumentParser) -> None:
                          "again (the prefix-heavy and multi-turn workloads share prefixes; the others do not)")
     ap.add_argument("--prefill-cache-tokens", type=int, default=0,
                     help="a prefill node's KV cache (its prefix cache) in tokens (0: unbounded)")
+    ap.add_argument("--store-ram-tokens", type=int, default=0,
+                    help="each node's KV store RAM tier in tokens (0: no KV store; with --prefix-cache on)")
+    ap.add_argument("--store-disk", action="store_true", help="a disk tier below each node's RAM tier")
+    ap.add_argument("--prefixes", type=int, default=0,
+                    help="prefix-heavy's shared prefixes, multi-turn's conversations at once (0: the workload's "
+                         "own: 4 and 16)")
+    ap.add_argument("--kv-cache-gib", type=float, default=2.0,
+                    help="--validate: each engine's KV cache on the real cluster (and in the simulator), as "
+                         "`tandem bench compare` gives it")
+    ap.add_argument("--decode-kv-cache-gib", type=float, default=0.0,
+                    help="--validate: the decode engine's KV cache (0: --kv-cache-gib)")
+    ap.add_argument("--kvstore-ram-gib", type=float, default=0.0,
+                    help="--validate: a KV store RAM tier on each node (0: none)")
+    ap.add_argument("--kvstore-disk", action="store_true", help="--validate: a disk tier below it")
     ap.add_argument("--order", default="slack", choices=["slack", "fifo"], help="the coordinator's prefill queue order")
     ap.add_argument("--admission", default="off", choices=["on", "off"],
                     help="model admission: refuse at arrival what the profile predicts will miss an objective")
@@ -429,6 +449,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from tandem.plan_live import cmd_live
 
         return cmd_live(args, prefill, decode)
+    if args.store_disk and not args.store_ram_tokens:
+        print("tandem plan: --store-disk needs --store-ram-tokens (chunks on disk load through RAM)", file=sys.stderr)
+        return 2
     if args.admission == "on" and args.conditional_disagg == "on":
         print("tandem plan: the simulator does not model admission and local prefills together; give one of "
               "--admission on, --conditional-disagg on", file=sys.stderr)
@@ -439,6 +462,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                seeds=args.seeds, max_model_len=args.max_model_len, min_duration_s=args.min_duration_s,
                admission=args.admission == "on", local=args.conditional_disagg == "on",
                prefix_cache=args.prefix_cache == "on", prefill_cache_tokens=args.prefill_cache_tokens,
+               store_ram_tokens=args.store_ram_tokens, store_disk=args.store_disk, prefixes=args.prefixes,
                progress=lambda m: print("  " + m, flush=True))
     report = write_report(Path(args.out), doc)
     print("\n".join(table(doc)))

@@ -56,9 +56,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from tandem.bench import systems
     from tandem.bench.compare import bench_model
 
+    ram_gib, disk = getattr(args, "kvstore_ram_gib", 0.0), getattr(args, "kvstore_disk", False)
+    if disk and not ram_gib:
+        print("tandem plan --validate: --kvstore-disk needs --kvstore-ram-gib (chunks on disk load through RAM)",
+              file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = bench_model(getattr(args, "model", ""), out)
+    # the real cluster's KV memory, as `tandem bench compare` gives it (and the simulator the same)
+    systems.MEMORY = systems.Memory(getattr(args, "kv_cache_gib", 2.0), ram_gib, str(out / "kvstore") if disk else "",
+                                    getattr(args, "decode_kv_cache_gib", 0.0))
     rates = [float(r) for r in args.rates.split(",")]
     cores = sorted(os.sched_getaffinity(0))
     local = getattr(args, "conditional_disagg", "off") == "on"
@@ -82,7 +90,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                         order="slack", slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot, local=local,
                         step_tokens=DECODE_STEP_TOKENS, prefix_cache=getattr(args, "prefix_cache", "on") == "on",
                         prefill_cache_tokens=int(systems.MEMORY.kv_cache_gib * 2**30) // per_token,
-                        kv_capacity_tokens=int(systems.MEMORY.decode_gib * 2**30) // per_token)
+                        kv_capacity_tokens=int(systems.MEMORY.decode_gib * 2**30) // per_token,
+                        store_ram_tokens=int(ram_gib * 2**30) // per_token, store_disk=disk)
         print(f"profiles: prefill {pre_path}, decode {dec_path}", flush=True)
         from tandem.bench.compare import warm_up
 
@@ -97,7 +106,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         system.stop()
     doc = {"transfer_modelled": any(decode.transfer), "conditional_disagg": local, "fits": fits,
            "prefix_cache": cfg.prefix_cache, "prefill_cache_tokens": cfg.prefill_cache_tokens,
-           "kv_capacity_tokens": cfg.kv_capacity_tokens,
+           "kv_capacity_tokens": cfg.kv_capacity_tokens, "store_ram_tokens": cfg.store_ram_tokens,
+           "store_disk": cfg.store_disk, "prefixes": getattr(args, "prefixes", 0),
            "workload": args.workload, "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
            "duration_s": args.duration, "model": model, "prefill_profile": prefill.doc(), "decode_profile": decode.doc(),
            "rows": rows, "goodput": {"measured": goodput(rows, "measured_attainment"),
@@ -144,16 +154,23 @@ def rate_rows(target: str, cfg: SimConfig, args: argparse.Namespace, rates: list
     for k, rate in enumerate(rates):
         seed = 7000 + k
         entries = generate(args.workload, rate=rate, duration_s=args.duration, seed=seed,
-                           max_model_len=args.max_model_len)
+                           max_model_len=args.max_model_len, prefixes_n=getattr(args, "prefixes", 0) or None)
         materialize(entries, seed, 600)
         if fresh is not None:
             cfg = fresh()
         predicted = summary(simulate(cfg, entries), *slo)  # before the run: only what was known then
-        # what the simulator said without the engines' prefix caches, where that differs
-        bare = summary(simulate(replace(cfg, prefix_cache=False), entries), *slo) if cfg.prefix_cache else None
+        # what the simulator said without the KV store, and without the engines' prefix caches too,
+        # where that differs
+        bare = {}
+        if cfg.prefix_cache and cfg.store_ram_tokens:
+            bare["predicted_without_kv_store"] = replace(cfg, store_ram_tokens=0, store_disk=False)
+        if cfg.prefix_cache:
+            bare["predicted_without_prefix_cache"] = replace(cfg, prefix_cache=False)
         row = side_by_side(_run(target, entries, slo), predicted, rate, len(entries))
-        if bare is not None and json.dumps(bare, sort_keys=True) != json.dumps(predicted, sort_keys=True):
-            row["predicted_without_prefix_cache"] = bare
+        for key, other in bare.items():
+            said = summary(simulate(other, entries), *slo)
+            if json.dumps(said, sort_keys=True) != json.dumps(predicted, sort_keys=True):
+                row[key] = said
         row["decode_fit"], row["prefill_fit"] = list(cfg.decode.decode), list(cfg.prefill.prefill)
         row["local_prefill_fit"] = list(cfg.decode.prefill)  # the decode node's own prefills
         row["measured_attainment"], row["predicted_attainment"] = row["measured"]["attainment"], row["predicted"]["attainment"]
@@ -264,14 +281,22 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
              f"({describe(doc.get('conditional_disagg', False))}) and to the simulator, whose times come from "
              + ("the fits the two nodes had learned while serving, read before each rate"
                 if doc.get("fits") == "learned" else "the profiles the two nodes started from")
-             + ". Goal: " + doc["goal"] + ".", "", *table_lines(doc["rows"])]
-    bare = [r for r in doc["rows"] if "predicted_without_prefix_cache" in r]
-    if bare:
-        lines += ["", "Without the engines' prefix caches the simulator would have said (TTFT p50 / p90, TPOT "
-                  "p50 ms, attainment): " + "; ".join(
-                      f"{r['rate']:g} req/s {b['ttft_p50_s'] * 1000:.0f} / {b['ttft_p90_s'] * 1000:.0f}, "
-                      f"{b['tpot_p50_s'] * 1000:.0f}, {b['attainment']:.0%}"
-                      for r in bare for b in [r["predicted_without_prefix_cache"]]) + "."]
+             + ". Goal: " + doc["goal"] + ".", ""]
+    if "kv_capacity_tokens" in doc:
+        lines += [f"KV memory, the same on both sides: the prefill engine's cache {doc['prefill_cache_tokens']:,} "
+                  f"tokens, the decode engine's {doc['kv_capacity_tokens']:,}"
+                  + (f", a KV store on each node: RAM {doc['store_ram_tokens']:,} tokens"
+                     + (" over a disk tier" if doc.get("store_disk") else "") if doc.get("store_ram_tokens") else "")
+                  + ("" if doc.get("prefix_cache") else "; the simulator's prefix caches off") + ".", ""]
+    lines += table_lines(doc["rows"])
+    for key, what in (("predicted_without_kv_store", "the KV store"),
+                      ("predicted_without_prefix_cache", "the engines' prefix caches (and the KV store)")):
+        bare = [r for r in doc["rows"] if key in r]
+        if bare:
+            lines += ["", f"Without {what} the simulator would have said (TTFT p50 / p90, TPOT p50 ms, "
+                      "attainment): " + "; ".join(
+                          f"{r['rate']:g} req/s {b['ttft_p50_s'] * 1000:.0f} / {b['ttft_p90_s'] * 1000:.0f}, "
+                          f"{b['tpot_p50_s'] * 1000:.0f}, {b['attainment']:.0%}" for r in bare for b in [r[key]]) + "."]
     g = doc["goodput"]
     lines += ["", f"Goodput on these rates: measured {g['measured']:g} req/s, predicted {g['predicted']:g} req/s.",
               "", "Not modelled: " + ", ".join([*NOT_MODELLED, *([] if doc.get("conditional_disagg") else [LOCAL_OFF]),

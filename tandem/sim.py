@@ -54,9 +54,19 @@ same ones the nodes fit online, see tandem/perfmodel.py):
   above count that too. Of the idle prefill nodes, the one holding the longest prefix takes a
   request (Tandem's router credits a held prefix against load). A prefill engine keeps
   ``prefill_cache_tokens`` (0: no bound), least recently used out first; a decode engine what
-  its running requests leave of ``kv_capacity_tokens``.
+  its running requests leave of ``kv_capacity_tokens``. Blocks of ``block_tokens`` (32: a node's
+  --block-size default).
+- **The KV store** (``store_ram_tokens``, 0: none; with prefix caching): each node keeps the
+  whole ``chunk_tokens`` chunks of the prompts it computes (a prefill node's, a decode node's own
+  prefills) in a RAM tier of ``store_ram_tokens``, least recently used out first to an unbounded
+  disk tier (``store_disk``) or gone; a node holds a prompt's longest run of stored chunks from
+  its start, and those past what its engine holds are loaded before the prefill at the
+  coordinator's per-token costs (``coordinator/prefix.LOAD_S_PER_TOKEN``: RAM, disk), a disk
+  chunk going back into RAM. Where a prefill goes, the cost counts: prefill after the held
+  prefix plus its load.
 
-Not modelled yet (the simulator says so in its results): the KV store's tiers and network contention.
+Not modelled yet (the simulator says so in its results): sharing chunks between nodes, and
+network contention.
 """
 
 from __future__ import annotations
@@ -73,9 +83,9 @@ from typing import Any
 from tandem.perfmodel import NodeModel, beside_s, chunk_steps, chunk_tokens
 
 ORDERS = ("fifo", "slack")
-NOT_MODELLED = ("the KV store's tiers", "transfer contention")
+NOT_MODELLED = ("KV store chunks shared between nodes", "transfer contention")
 NO_PREFIX_CACHE = "prefix caching (every prompt computed whole)"
-BLOCK_TOKENS = 16  # vLLM's default block: its prefix cache holds whole ones
+BLOCK_TOKENS = 32  # a Tandem node's engine block (its --block-size default): prefix caches hold whole ones
 LOCAL_OFF = "conditional disaggregation (every request prefilled in the prefill pool)"
 
 
@@ -169,6 +179,10 @@ class SimConfig:
     step_tokens: int = 256  # a decode node's prompt tokens per step (its --max-num-batched-tokens)
     prefix_cache: bool = False  # the engines' prefix caches (entries with input_ids)
     prefill_cache_tokens: int = 0  # each prefill engine's KV cache, which its prefix cache is; 0: unbounded
+    block_tokens: int = BLOCK_TOKENS  # the engines' block (their prefix caches hold whole ones)
+    store_ram_tokens: int = 0  # each node's KV store RAM tier (with prefix_cache); 0: no KV store
+    store_disk: bool = False  # a disk tier below it (unbounded)
+    chunk_tokens: int = 256  # the KV store's chunk (a node's --kvstore-chunk-tokens default)
 
     def __post_init__(self) -> None:
         if self.num_decode < 1 or self.num_prefill < (0 if self.local else 1):
@@ -187,6 +201,10 @@ class SimConfig:
             raise ValueError(f"step_tokens must be at least 1, got {self.step_tokens}")
         if self.prefill_cache_tokens < 0 or self.kv_capacity_tokens < 0:
             raise ValueError("KV cache sizes are token counts >= 0 (0: unbounded)")
+        if self.block_tokens < 1:
+            raise ValueError(f"block_tokens must be at least 1, got {self.block_tokens}")
+        if self.store_ram_tokens < 0 or self.chunk_tokens < 1 or (self.store_disk and not self.store_ram_tokens):
+            raise ValueError("a KV store needs store_ram_tokens >= 0, chunk_tokens >= 1, and a RAM tier under a disk one")
 
 
 @dataclass
@@ -216,15 +234,16 @@ class _Decode:
     local: list[int] = field(default_factory=list)  # requests it prefills itself, in order
     local_left: dict[int, int] = field(default_factory=dict)  # ... their prompt tokens not yet computed
     chunk: tuple[int, int] | None = None  # (request, tokens) of the local prefill in the step running
-    local_total: dict[int, tuple[int, int]] = field(default_factory=dict)  # ... (to compute in all, cached)
+    local_total: dict[int, tuple[int, int, float]] = field(default_factory=dict)  # ... (to compute, cached, load s)
 
 
 class PrefixCache:
     """An engine's prefix cache as the simulator keeps it: block keys (a prompt's whole blocks, each
     key chained to the blocks before it: ``block_keys``), least recently used first."""
 
-    def __init__(self, capacity_tokens: int = 0) -> None:
-        self.capacity = capacity_tokens // BLOCK_TOKENS if capacity_tokens else 0  # blocks; 0: unbounded
+    def __init__(self, capacity_tokens: int = 0, block_tokens: int = BLOCK_TOKENS) -> None:
+        self.block_tokens = block_tokens
+        self.capacity = max(1, capacity_tokens // block_tokens) if capacity_tokens else 0  # blocks; 0: unbounded
         self._blocks: OrderedDict[int, None] = OrderedDict()
 
     def __len__(self) -> int:
@@ -234,13 +253,13 @@ class PrefixCache:
         """Tokens of the prompt's longest cached prefix (whole blocks; never the whole prompt: the
         engine computes its last token in any case). ``touch``: the blocks found are used now."""
         n = 0
-        for key in keys[:max(0, prompt_tokens - 1) // BLOCK_TOKENS]:
+        for key in keys[:max(0, prompt_tokens - 1) // self.block_tokens]:
             if key not in self._blocks:
                 break
             n += 1
         if touch:
             self._use(keys[:n])
-        return n * BLOCK_TOKENS
+        return n * self.block_tokens
 
     def add(self, keys: Sequence[int], capacity: int | None = None) -> None:
         """The blocks are in the cache now, the latest used; the least recently used go past
@@ -261,12 +280,49 @@ class PrefixCache:
                 self._blocks.popitem(last=False)
 
 
-def block_keys(ids: Sequence[int]) -> list[int]:
+class StoreTiers:
+    """A node's KV store as the simulator keeps it: chunk keys in a RAM tier (least recently used
+    out first, to the disk tier when there is one) and a disk tier (unbounded)."""
+
+    def __init__(self, ram_tokens: int, disk: bool, chunk_tokens: int) -> None:
+        self.chunk_tokens = chunk_tokens
+        self.ram_chunks = max(1, ram_tokens // chunk_tokens)
+        self.ram: OrderedDict[int, None] = OrderedDict()
+        self.disk: set[int] | None = set() if disk else None
+
+    def held(self, keys: Sequence[int], prompt_tokens: int, touch: bool = False) -> tuple[int, int]:
+        """(tokens of the prompt's longest stored run of whole chunks from its start, never the
+        whole prompt; of them on disk only). ``touch``: loaded now (disk chunks back into RAM)."""
+        n = on_disk = 0
+        for key in keys[:max(0, prompt_tokens - 1) // self.chunk_tokens]:
+            if key in self.ram:
+                pass
+            elif self.disk is not None and key in self.disk:
+                on_disk += 1
+            else:
+                break
+            n += 1
+        if touch:
+            self.save(keys[:n])
+        return n * self.chunk_tokens, on_disk * self.chunk_tokens
+
+    def save(self, keys: Sequence[int]) -> None:
+        """The chunks into RAM, the latest used (a prompt's last chunk out first, as the engine's)."""
+        for key in reversed(keys):
+            self.ram[key] = None
+            self.ram.move_to_end(key)
+        while len(self.ram) > self.ram_chunks:
+            key, _ = self.ram.popitem(last=False)
+            if self.disk is not None:
+                self.disk.add(key)
+
+
+def block_keys(ids: Sequence[int], block_tokens: int = BLOCK_TOKENS) -> list[int]:
     """A prompt's whole blocks, each named by its tokens and the key of the block before it (two
     prompts share a block's key only when they share everything up to its end)."""
     keys, h = [], 0
-    for k in range(0, len(ids) - BLOCK_TOKENS + 1, BLOCK_TOKENS):
-        h = hash((h, tuple(ids[k:k + BLOCK_TOKENS])))
+    for k in range(0, len(ids) - block_tokens + 1, block_tokens):
+        h = hash((h, tuple(ids[k:k + block_tokens])))
         keys.append(h)
     return keys
 
@@ -297,31 +353,60 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
     joined_at: dict[int, float] = {}  # requests waiting at a decode node for a place in its batch
     # Prefix caching: each engine's cache; each request's block keys (none without input_ids or
     # with prefix caching off); what each queued request's prefill was counted at in ``queued_s``.
-    prefill_caches = [PrefixCache(cfg.prefill_cache_tokens) for _ in range(cfg.num_prefill)]
-    decode_caches = [PrefixCache() for _ in range(cfg.num_decode)]
+    prefill_caches = [PrefixCache(cfg.prefill_cache_tokens, cfg.block_tokens) for _ in range(cfg.num_prefill)]
+    decode_caches = [PrefixCache(0, cfg.block_tokens) for _ in range(cfg.num_decode)]
+    stores = cfg.store_ram_tokens > 0 and cfg.prefix_cache
+    prefill_stores = [StoreTiers(cfg.store_ram_tokens, cfg.store_disk, cfg.chunk_tokens) if stores else None
+                      for _ in range(cfg.num_prefill)]
+    decode_stores = [StoreTiers(cfg.store_ram_tokens, cfg.store_disk, cfg.chunk_tokens) if stores else None
+                     for _ in range(cfg.num_decode)]
     keys_of: dict[int, list[int]] = {}
+    chunks_of: dict[int, list[int]] = {}
     queued_cost: dict[int, float] = {}
 
     def keys(i: int) -> list[int]:
         if i not in keys_of:
             ids = getattr(trace[i], "input_ids", None) if cfg.prefix_cache else None
-            keys_of[i] = block_keys(ids) if ids else []
+            keys_of[i] = block_keys(ids, cfg.block_tokens) if ids else []
         return keys_of[i]
 
+    def chunks(i: int) -> list[int]:
+        if i not in chunks_of:
+            ids = getattr(trace[i], "input_ids", None) if stores else None
+            chunks_of[i] = block_keys(ids, cfg.chunk_tokens) if ids else []
+        return chunks_of[i]
+
+    def held_on(engine: PrefixCache, store: StoreTiers | None, i: int, touch: bool = False) -> tuple[int, float]:
+        """(prompt tokens of request ``i`` a node holds, seconds to load those its engine lacks)."""
+        from tandem.coordinator.prefix import LOAD_S_PER_TOKEN
+
+        n = trace[i].input_len
+        eng = engine.cached(keys(i), n, touch)
+        if store is None:
+            return eng, 0.0
+        stored, on_disk = store.held(chunks(i), n, touch)
+        if stored <= eng:
+            return eng, 0.0
+        disk = min(on_disk, stored - eng)
+        return stored, (stored - eng - disk) * LOAD_S_PER_TOKEN["ram"] + disk * LOAD_S_PER_TOKEN["disk"]
+
+    def prefill_cost(timings: Timings, i: int, held: tuple[int, float]) -> float:
+        return timings.prefill_s(trace[i].input_len - held[0], held[0]) + held[1]
+
     def pool_prefill_s(i: int) -> float:
-        """Its prefill past the longest prefix a prefill node holds (what the pool computes)."""
-        held = max((c.cached(keys(i), trace[i].input_len) for c in prefill_caches), default=0)
-        return cfg.prefill.prefill_s(trace[i].input_len - held, held)
+        """Its prefill where the prefill pool would do it cheapest: past the prefix a node holds,
+        and that prefix's load."""
+        return min(prefill_cost(cfg.prefill, i, held_on(c, s, i)) for c, s in zip(prefill_caches, prefill_stores))
 
     def decode_room(d: int) -> int:
         """Blocks decode node ``d``'s cache may keep beside its running requests (0: unbounded)."""
         if not cfg.kv_capacity_tokens:
             return 0
-        return max(1, (cfg.kv_capacity_tokens - decodes[d].reserved) // BLOCK_TOKENS)
+        return max(1, (cfg.kv_capacity_tokens - decodes[d].reserved) // cfg.block_tokens)
 
-    def decode_cached(d: int, i: int, touch: bool = False) -> int:
+    def decode_held(d: int, i: int, touch: bool = False) -> tuple[int, float]:
         decode_caches[d].trim(decode_room(d))
-        return decode_caches[d].cached(keys(i), trace[i].input_len, touch)
+        return held_on(decode_caches[d], decode_stores[d], i, touch)
 
     def admit(i: int, now: float) -> bool:
         """Admission, from the same profile: the prefill work ahead of it shared by the prefill
@@ -363,9 +448,9 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             b, ctx = load(dn)
             # (admission's estimates.queued_prefill_s: the queued prompts share the steps' fixed cost)
             queue_s = sum(dec.prefill_s(t) - dec.prefill_s(0) for t in dn.local_left.values() if t > 0)
-            held = decode_cached(decodes.index(dn), i)
-            own = e.input_len - held
-            run_s = dec.prefill_s(own, held)
+            held = decode_held(decodes.index(dn), i)
+            own = e.input_len - held[0]
+            run_s = prefill_cost(dec, i, held)
             beside = chunk_steps(sum(dn.local_left.values()) + own, cfg.step_tokens, b) * beside_s(dec, b, ctx)
             return queue_s + run_s + beside, (run_s + beside) / max(e.output_len, MIN_OTHERS_TOKENS)
 
@@ -420,12 +505,11 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
     def dispatch(now: float) -> None:
         nonlocal queued_s
         while idle and (i := next_request(now)) is not None:
-            # the idle node holding the longest prefix of it (the first of those)
-            node = max(idle, key=lambda n: (prefill_caches[n].cached(keys(i), trace[i].input_len), -n))
+            # the idle node where it costs least (the prefix it holds), the first of those
+            node = min(idle, key=lambda n: (prefill_cost(cfg.prefill, i, held_on(prefill_caches[n], prefill_stores[n], i)), n))
             idle.remove(node)
             out[i].prefill_node = node
-            held = prefill_caches[node].cached(keys(i), trace[i].input_len, touch=True)
-            took = cfg.prefill.prefill_s(trace[i].input_len - held, held)
+            took = prefill_cost(cfg.prefill, i, held_on(prefill_caches[node], prefill_stores[node], i, touch=True))
             queued_s -= queued_cost.pop(i)
             busy_until[node] = now + took
             push(now + took, PREFILLED, node, i)
@@ -447,9 +531,10 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             r = dn.local[0]
             left = dn.local_left[r]
             c = min(chunk_tokens(cfg.step_tokens, len(dn.running)), left)
-            total, held = dn.local_total[r]
+            total, held, load_s = dn.local_total[r]
             done = total - left
-            took = cfg.decode.prefill_s(done + c, held) - (cfg.decode.prefill_s(done, held) if done else 0.0)
+            # (the held prefix's load goes before its first chunk)
+            took = cfg.decode.prefill_s(done + c, held) - (cfg.decode.prefill_s(done, held) if done else -load_s)
             dn.chunk = (r, c)
         if not dn.running and dn.chunk is None:
             dn.stepping = False
@@ -474,9 +559,9 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
                 out[i].local, out[i].decode_node = True, d
                 dn.assigned += 1
                 dn.local.append(i)
-                held = decode_cached(d, i, touch=True)
+                held, load_s = decode_held(d, i, touch=True)
                 dn.local_left[i] = e.input_len - held
-                dn.local_total[i] = (e.input_len - held, held)
+                dn.local_total[i] = (e.input_len - held, held, load_s)
                 if not dn.stepping:
                     dn.stepping = True
                     push(now, START, d, -1)
@@ -489,6 +574,8 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             idle.append(node)
             idle.sort()
             prefill_caches[node].add(keys(i))
+            if (store := prefill_stores[node]) is not None:
+                store.save(chunks(i))
             o, e = out[i], trace[i]
             o.ttft_s = now - o.arrival_s
             produced_start[i] = now
@@ -532,6 +619,8 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
                     del dn.local_left[r], dn.local_total[r]
                     dn.local.pop(0)
                     decode_caches[node].add(keys(r), decode_room(node))
+                    if (store := decode_stores[node]) is not None:
+                        store.save(chunks(r))
                     e, o = trace[r], out[r]
                     o.ttft_s = now - o.arrival_s
                     if e.output_len <= 1:

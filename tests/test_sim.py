@@ -366,10 +366,14 @@ def prompts(*spec: tuple[float, list[int]], output_len: int = 3) -> list[Prompt]
 
 
 def test_the_prefix_cache_finds_whole_blocks_from_the_start_and_drops_the_least_recently_used() -> None:
-    from tandem.sim import BLOCK_TOKENS, PrefixCache, block_keys
+    from functools import partial
 
-    a, b = list(range(100, 164)), list(range(200, 264))  # four blocks each
-    cache = PrefixCache(capacity_tokens=8 * BLOCK_TOKENS)
+    from tandem.sim import PrefixCache
+    from tandem.sim import block_keys as keys_of
+
+    block_keys = partial(keys_of, block_tokens=16)
+    a, b = list(range(100, 164)), list(range(200, 264))  # four 16-token blocks each
+    cache = PrefixCache(capacity_tokens=8 * 16, block_tokens=16)
     cache.add(block_keys(a))
     assert cache.cached(block_keys(a + [1] * 20), 84) == 64  # a's four blocks; the tail's one whole block is not held
     assert cache.cached(block_keys(a), 64) == 48  # never the whole prompt: its last token is computed
@@ -385,12 +389,17 @@ def test_the_prefix_cache_finds_whole_blocks_from_the_start_and_drops_the_least_
     assert cache.cached(block_keys(a + longer), 80) == 48 and cache.cached(block_keys(b + longer), 80) == 48
     cache.add(block_keys(list(range(400, 464))))  # four more: b's three, the oldest now, and a's third
     assert cache.cached(block_keys(b), 64) == 0 and cache.cached(block_keys(a), 64) == 32
+    # the simulator's engines keep the blocks a node's engines do
+    from tandem.node.config import NodeConfig
+
+    t = Timings((0.01, 0.0, 0.0), (0.01, 0.0, 0.0))
+    assert SimConfig(1, 1, t, t, order="fifo").block_tokens == NodeConfig.__dataclass_fields__["block_size"].default
 
 
 def test_the_simulator_computes_only_what_no_engine_holds_and_routes_to_the_holder() -> None:
     t = Timings((0.0, 0.001, 0.0), (0.010, 0.0, 0.0))  # 1 ms a computed prompt token
     a = list(range(100, 612))  # 512 tokens: 32 blocks
-    cfg = SimConfig(1, 1, t, t, order="fifo", prefix_cache=True)
+    cfg = SimConfig(1, 1, t, t, order="fifo", prefix_cache=True, block_tokens=16)
     first, again, longer = simulate(cfg, prompts((0.0, a), (10.0, a), (20.0, a + list(range(700, 764)))))
     assert first.ttft_s == pytest.approx(0.512)
     assert again.ttft_s == pytest.approx(0.016)  # 31 blocks held; the last block computed
@@ -398,12 +407,12 @@ def test_the_simulator_computes_only_what_no_engine_holds_and_routes_to_the_hold
     off = simulate(SimConfig(1, 1, t, t, order="fifo"), prompts((0.0, a), (10.0, a)))
     assert [o.ttft_s for o in off] == [pytest.approx(0.512)] * 2
     # a prefill engine too small for the prompt keeps what fits of its head
-    small = simulate(SimConfig(1, 1, t, t, order="fifo", prefix_cache=True, prefill_cache_tokens=256),
+    small = simulate(SimConfig(1, 1, t, t, order="fifo", prefix_cache=True, block_tokens=16, prefill_cache_tokens=256),
                      prompts((0.0, a), (10.0, a)))
     assert small[1].ttft_s == pytest.approx(0.256)
     # two prefill nodes, both idle: the one holding the prefix takes it
     b = list(range(1000, 1512))
-    outs = simulate(SimConfig(2, 1, t, t, order="fifo", prefix_cache=True),
+    outs = simulate(SimConfig(2, 1, t, t, order="fifo", prefix_cache=True, block_tokens=16),
                     prompts((0.0, a), (0.0, b), (10.0, b), (20.0, a)))
     assert [o.prefill_node for o in outs] == [0, 1, 1, 0]
     assert [o.ttft_s for o in outs[2:]] == [pytest.approx(0.016)] * 2
@@ -413,14 +422,81 @@ def test_a_decode_node_prefilling_locally_uses_what_its_engine_holds() -> None:
     t = Timings((0.0, 0.001, 0.0), (0.010, 0.0, 0.0))
     a = list(range(100, 612))
     cfg = SimConfig(0, 1, t, t, local=True, order="slack", slo_ttft_s=5.0, slo_tpot_s=1.0, step_tokens=512,
-                    prefix_cache=True)
+                    prefix_cache=True, block_tokens=16)
     first, again = simulate(cfg, prompts((0.0, a), (10.0, a)))
     assert first.local and again.local
     assert first.ttft_s == pytest.approx(0.512) and again.ttft_s == pytest.approx(0.016)
     # its KV cache mostly held by a running request (460 of 600 tokens): 8 blocks stay cached beside
     # it, the running one's 3 prompt blocks (used last) and the first 5 of the prompt's
     tight = simulate(SimConfig(0, 1, t, t, local=True, order="slack", slo_ttft_s=5.0, slo_tpot_s=1.0,
-                               step_tokens=512, prefix_cache=True, kv_capacity_tokens=600),
+                               step_tokens=512, prefix_cache=True, block_tokens=16, kv_capacity_tokens=600),
                      [Prompt(0.0, 512, 3, a), Prompt(0.6, 60, 400, list(range(2000, 2060))),
                       Prompt(1.0, 512, 3, a)])
     assert tight[2].ttft_s == pytest.approx(0.512 - 0.080)
+
+
+def test_a_nodes_kv_store_holds_chunks_its_engine_dropped_and_they_load_at_the_tiers_costs() -> None:
+    from tandem.coordinator.prefix import LOAD_S_PER_TOKEN
+    from tandem.sim import StoreTiers, block_keys
+
+    # the tiers alone: RAM keeps one 256-token chunk, the rest goes to disk; a disk hit comes back
+    store = StoreTiers(256, True, 256)
+    a = list(range(100, 700))  # two whole chunks and a tail
+    keys = block_keys(a, 256)
+    store.save(keys)
+    assert store.held(keys, 600) == (512, 256)  # the head in RAM, the second chunk on disk
+    assert store.held(keys, 512) == (256, 0)  # never the whole prompt
+    other = block_keys(list(range(2000, 2300)), 256)
+    store.save(other)  # another prompt's chunk: a's head out to disk too
+    assert store.held(keys, 600) == (512, 512)
+    store.held(keys, 600, touch=True)  # loaded: a's chunks back into RAM (its head kept), the other's out
+    assert store.held(keys, 600) == (512, 256) and store.held(other, 300) == (256, 256)
+    assert StoreTiers(256, False, 256).held(keys, 600) == (0, 0)
+    # in the cluster: an engine that keeps 64 tokens, a RAM tier over a disk tier
+    t = Timings((0.0, 0.001, 0.0), (0.010, 0.0, 0.0))
+    base = dict(order="fifo", prefix_cache=True, prefill_cache_tokens=64)
+    trace = prompts((0.0, a), (10.0, a))
+    bare = simulate(SimConfig(1, 1, t, t, **base), trace)
+    assert bare[1].ttft_s == pytest.approx(0.536)  # the engine's two blocks only
+    ram = simulate(SimConfig(1, 1, t, t, store_ram_tokens=4096, **base), trace)
+    assert ram[1].ttft_s == pytest.approx(0.088 + (512 - 64) * LOAD_S_PER_TOKEN["ram"])
+    disk = simulate(SimConfig(1, 1, t, t, store_ram_tokens=256, store_disk=True, **base), trace)
+    assert disk[1].ttft_s == pytest.approx(0.088 + 192 * LOAD_S_PER_TOKEN["ram"] + 256 * LOAD_S_PER_TOKEN["disk"])
+    gone = simulate(SimConfig(1, 1, t, t, store_ram_tokens=256, **base), trace)  # no disk: the second chunk is gone
+    assert gone[1].ttft_s == pytest.approx(0.344 + (256 - 64) * LOAD_S_PER_TOKEN["ram"])
+    with pytest.raises(ValueError, match="RAM tier under a disk"):
+        SimConfig(1, 1, t, t, store_disk=True, **base)
+
+
+def test_validation_rows_say_what_the_simulator_would_have_said_without_the_caches(tmp_path, monkeypatch) -> None:
+    # One rate of a multi-turn trace, the real cluster's run stubbed: each row carries the simulator's
+    # prediction and, where they differ, its predictions without the KV store and without the prefix
+    # caches; the report shows the KV memory both sides had and those predictions.
+    import argparse
+
+    from tandem.bench import compare
+    from tandem.plan_validate import rate_rows, write_report
+
+    measured = {"slo_attainment": 1.0, "ttft_s": {"p50": 0.05, "p90": 0.09}, "tpot_s": {"p50": 0.02, "p90": 0.03},
+                "failed": 0}
+    monkeypatch.setattr(compare, "_run", lambda target, entries, slo: measured)
+    t = Timings((0.002, 4e-4, 5e-8), (0.008, 5e-4, 1e-6))
+    cfg = SimConfig(1, 1, t, t, order="slack", slo_ttft_s=1.5, slo_tpot_s=0.1, prefix_cache=True,
+                    prefill_cache_tokens=2048, kv_capacity_tokens=20000, store_ram_tokens=8192, store_disk=True)
+    args = argparse.Namespace(slo_ttft=1.5, slo_tpot=0.1, workload="multi-turn", duration=60.0, max_model_len=2048,
+                              prefixes=4)  # four conversations, long ones: more than the prefill engine holds
+    row, = rate_rows("http://x", cfg, args, [2.0])
+    assert row["measured"]["ttft_p50_s"] == 0.05
+    with_all, no_store, none = (row[k]["ttft_p50_s"] for k in ("predicted", "predicted_without_kv_store",
+                                                                "predicted_without_prefix_cache"))
+    assert with_all < no_store < none  # each cache takes work off the prefill node
+    doc = {"workload": "multi-turn", "slo": {"ttft_s": 1.5, "tpot_s": 0.1}, "duration_s": 40.0, "fits": "profile",
+           "goal": "within 15 %", "rows": [row], "goodput": {"measured": 2.0, "predicted": 2.0},
+           "transfer_modelled": True, "prefix_cache": True, "prefill_cache_tokens": 2048,
+           "kv_capacity_tokens": 20000, "store_ram_tokens": 8192, "store_disk": True}
+    write_report(tmp_path, doc)
+    text = (tmp_path / "validate.md").read_text()
+    assert "the prefill engine's cache 2,048 tokens, the decode engine's 20,000, a KV store on each node: RAM " \
+           "8,192 tokens over a disk tier" in text
+    assert "Without the KV store the simulator would have said" in text
+    assert "Without the engines' prefix caches (and the KV store)" in text
