@@ -301,7 +301,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
                     help="the engines' prefix caches: a prompt's prefix that a node's engine holds is not computed "
                          "again (the prefix-heavy and multi-turn workloads share prefixes; the others do not)")
     ap.add_argument("--prefill-cache-tokens", type=int, default=0,
-                    help="a prefill node's KV cache (its prefix cache) in tokens (0: unbounded)")
+                    help="a prefill node's KV cache (its prefix cache) in tokens (0: --kv-capacity-tokens, and with "
+                         "that 0 too, unbounded)")
     ap.add_argument("--store-ram-tokens", type=int, default=0,
                     help="each node's KV store RAM tier in tokens (0: no KV store; with --prefix-cache on)")
     ap.add_argument("--store-disk", action="store_true", help="a disk tier below each node's RAM tier")
@@ -410,6 +411,20 @@ def plan_parallel(settings: list[tuple[str, int, str, int]], gpus: int, workload
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    bad = [f"--{k.replace('_', '-')}" for k in ("store_ram_tokens", "prefill_cache_tokens", "kv_capacity_tokens",
+                                                 "prefixes") if getattr(args, k) < 0]
+    if bad:
+        print(f"tandem plan: {', '.join(bad)} must be >= 0", file=sys.stderr)
+        return 2
+    if args.store_disk and not args.store_ram_tokens:
+        print("tandem plan: --store-disk needs --store-ram-tokens (chunks on disk load through RAM)", file=sys.stderr)
+        return 2
+    if args.store_ram_tokens and args.prefix_cache == "off":
+        print("tandem plan: --store-ram-tokens needs --prefix-cache on (the KV store is found by the prompt's "
+              "token ids, as the prefix caches are)", file=sys.stderr)
+        return 2
+    if not args.prefill_cache_tokens:  # a prefill engine's cache as large as a decode engine's, when that is given
+        args.prefill_cache_tokens = args.kv_capacity_tokens
     if args.parallel:
         try:
             settings = parse_parallel(args.parallel)
@@ -418,7 +433,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                 kv_bytes_per_token=args.kv_bytes_per_token, max_batch=args.max_batch,
                                 order=args.order, requests=args.requests, seeds=args.seeds,
                                 max_model_len=args.max_model_len, min_duration_s=args.min_duration_s,
-                                admission=args.admission == "on", prefix_cache=args.prefix_cache == "on")
+                                admission=args.admission == "on", prefix_cache=args.prefix_cache == "on",
+                                store_ram_tokens=args.store_ram_tokens, store_disk=args.store_disk,
+                                prefixes=args.prefixes)
         except (OSError, ValueError) as exc:
             print(f"tandem plan: {exc}", file=sys.stderr)
             return 2
@@ -449,21 +466,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from tandem.plan_live import cmd_live
 
         return cmd_live(args, prefill, decode)
-    if args.store_disk and not args.store_ram_tokens:
-        print("tandem plan: --store-disk needs --store-ram-tokens (chunks on disk load through RAM)", file=sys.stderr)
-        return 2
     if args.admission == "on" and args.conditional_disagg == "on":
         print("tandem plan: the simulator does not model admission and local prefills together; give one of "
               "--admission on, --conditional-disagg on", file=sys.stderr)
         return 2
-    doc = plan(prefill, decode, args.nodes, args.workload, args.slo_ttft, args.slo_tpot,
-               kv_bytes_per_token=args.kv_bytes_per_token, max_batch=args.max_batch,
-               kv_capacity_tokens=args.kv_capacity_tokens, order=args.order, requests=args.requests,
-               seeds=args.seeds, max_model_len=args.max_model_len, min_duration_s=args.min_duration_s,
-               admission=args.admission == "on", local=args.conditional_disagg == "on",
-               prefix_cache=args.prefix_cache == "on", prefill_cache_tokens=args.prefill_cache_tokens,
-               store_ram_tokens=args.store_ram_tokens, store_disk=args.store_disk, prefixes=args.prefixes,
-               progress=lambda m: print("  " + m, flush=True))
+    try:
+        doc = plan(prefill, decode, args.nodes, args.workload, args.slo_ttft, args.slo_tpot,
+                   kv_bytes_per_token=args.kv_bytes_per_token, max_batch=args.max_batch,
+                   kv_capacity_tokens=args.kv_capacity_tokens, order=args.order, requests=args.requests,
+                   seeds=args.seeds, max_model_len=args.max_model_len, min_duration_s=args.min_duration_s,
+                   admission=args.admission == "on", local=args.conditional_disagg == "on",
+                   prefix_cache=args.prefix_cache == "on", prefill_cache_tokens=args.prefill_cache_tokens,
+                   store_ram_tokens=args.store_ram_tokens, store_disk=args.store_disk, prefixes=args.prefixes,
+                   progress=lambda m: print("  " + m, flush=True))
+    except ValueError as exc:
+        print(f"tandem plan: {exc}", file=sys.stderr)
+        return 2
     report = write_report(Path(args.out), doc)
     print("\n".join(table(doc)))
     print(f"best: {doc['best']} ({doc['took_s']} s); wrote {report}")

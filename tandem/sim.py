@@ -51,8 +51,8 @@ same ones the nodes fit online, see tandem/perfmodel.py):
   as KV) by a hash of their tokens chained to the blocks before (vLLM's prefix cache); a prefill
   computes only the tokens past the longest run of them from the prompt's start (the last prompt
   token always: ``prefill_s`` of the uncached tokens after the cached ones), and the predictions
-  above count that too. Of the idle prefill nodes, the one holding the longest prefix takes a
-  request (Tandem's router credits a held prefix against load). A prefill engine keeps
+  above count that too. Of the idle prefill nodes, the one where it costs least (prefill after what it
+  holds, and the load) takes a request (Tandem's router credits a held prefix against load). A prefill engine keeps
   ``prefill_cache_tokens`` (0: no bound), least recently used out first; a decode engine what
   its running requests leave of ``kv_capacity_tokens``. Blocks of ``block_tokens`` (32: a node's
   --block-size default).
@@ -74,18 +74,17 @@ from __future__ import annotations
 import heapq
 import json
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tandem.perfmodel import NodeModel, beside_s, chunk_steps, chunk_tokens
+from tandem.simcache import BLOCK_TOKENS, PrefixCache, StoreTiers, block_keys
 
 ORDERS = ("fifo", "slack")
 NOT_MODELLED = ("KV store chunks shared between nodes", "transfer contention")
 NO_PREFIX_CACHE = "prefix caching (every prompt computed whole)"
-BLOCK_TOKENS = 32  # a Tandem node's engine block (its --block-size default): prefix caches hold whole ones
 LOCAL_OFF = "conditional disaggregation (every request prefilled in the prefill pool)"
 
 
@@ -204,7 +203,7 @@ class SimConfig:
         if self.block_tokens < 1:
             raise ValueError(f"block_tokens must be at least 1, got {self.block_tokens}")
         if self.store_ram_tokens < 0 or self.chunk_tokens < 1 or (self.store_disk and not self.store_ram_tokens):
-            raise ValueError("a KV store needs store_ram_tokens >= 0, chunk_tokens >= 1, and a RAM tier under a disk one")
+            raise ValueError("a KV store needs store_ram_tokens >= 0, chunk_tokens >= 1, and a RAM tier over a disk one")
 
 
 @dataclass
@@ -235,96 +234,6 @@ class _Decode:
     local_left: dict[int, int] = field(default_factory=dict)  # ... their prompt tokens not yet computed
     chunk: tuple[int, int] | None = None  # (request, tokens) of the local prefill in the step running
     local_total: dict[int, tuple[int, int, float]] = field(default_factory=dict)  # ... (to compute, cached, load s)
-
-
-class PrefixCache:
-    """An engine's prefix cache as the simulator keeps it: block keys (a prompt's whole blocks, each
-    key chained to the blocks before it: ``block_keys``), least recently used first."""
-
-    def __init__(self, capacity_tokens: int = 0, block_tokens: int = BLOCK_TOKENS) -> None:
-        self.block_tokens = block_tokens
-        self.capacity = max(1, capacity_tokens // block_tokens) if capacity_tokens else 0  # blocks; 0: unbounded
-        self._blocks: OrderedDict[int, None] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._blocks)
-
-    def cached(self, keys: Sequence[int], prompt_tokens: int, touch: bool = False) -> int:
-        """Tokens of the prompt's longest cached prefix (whole blocks; never the whole prompt: the
-        engine computes its last token in any case). ``touch``: the blocks found are used now."""
-        n = 0
-        for key in keys[:max(0, prompt_tokens - 1) // self.block_tokens]:
-            if key not in self._blocks:
-                break
-            n += 1
-        if touch:
-            self._use(keys[:n])
-        return n * self.block_tokens
-
-    def add(self, keys: Sequence[int], capacity: int | None = None) -> None:
-        """The blocks are in the cache now, the latest used; the least recently used go past
-        ``capacity`` blocks (default: the cache's own; 0: unbounded)."""
-        self._use(keys)
-        self.trim(self.capacity if capacity is None else capacity)
-
-    def _use(self, keys: Sequence[int]) -> None:
-        # A prompt's last block first, as vLLM frees a request's blocks: of one prompt's blocks
-        # the tail goes first, and the prefix its head is for others stays findable longest.
-        for key in reversed(keys):
-            self._blocks[key] = None
-            self._blocks.move_to_end(key)
-
-    def trim(self, capacity: int) -> None:
-        if capacity > 0:
-            while len(self._blocks) > capacity:
-                self._blocks.popitem(last=False)
-
-
-class StoreTiers:
-    """A node's KV store as the simulator keeps it: chunk keys in a RAM tier (least recently used
-    out first, to the disk tier when there is one) and a disk tier (unbounded)."""
-
-    def __init__(self, ram_tokens: int, disk: bool, chunk_tokens: int) -> None:
-        self.chunk_tokens = chunk_tokens
-        self.ram_chunks = max(1, ram_tokens // chunk_tokens)
-        self.ram: OrderedDict[int, None] = OrderedDict()
-        self.disk: set[int] | None = set() if disk else None
-
-    def held(self, keys: Sequence[int], prompt_tokens: int, touch: bool = False) -> tuple[int, int]:
-        """(tokens of the prompt's longest stored run of whole chunks from its start, never the
-        whole prompt; of them on disk only). ``touch``: loaded now (disk chunks back into RAM)."""
-        n = on_disk = 0
-        for key in keys[:max(0, prompt_tokens - 1) // self.chunk_tokens]:
-            if key in self.ram:
-                pass
-            elif self.disk is not None and key in self.disk:
-                on_disk += 1
-            else:
-                break
-            n += 1
-        if touch:
-            self.save(keys[:n])
-        return n * self.chunk_tokens, on_disk * self.chunk_tokens
-
-    def save(self, keys: Sequence[int]) -> None:
-        """The chunks into RAM, the latest used (a prompt's last chunk out first, as the engine's)."""
-        for key in reversed(keys):
-            self.ram[key] = None
-            self.ram.move_to_end(key)
-        while len(self.ram) > self.ram_chunks:
-            key, _ = self.ram.popitem(last=False)
-            if self.disk is not None:
-                self.disk.add(key)
-
-
-def block_keys(ids: Sequence[int], block_tokens: int = BLOCK_TOKENS) -> list[int]:
-    """A prompt's whole blocks, each named by its tokens and the key of the block before it (two
-    prompts share a block's key only when they share everything up to its end)."""
-    keys, h = [], 0
-    for k in range(0, len(ids) - block_tokens + 1, block_tokens):
-        h = hash((h, tuple(ids[k:k + block_tokens])))
-        keys.append(h)
-    return keys
 
 
 def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
@@ -378,12 +287,12 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
 
     def held_on(engine: PrefixCache, store: StoreTiers | None, i: int, touch: bool = False) -> tuple[int, float]:
         """(prompt tokens of request ``i`` a node holds, seconds to load those its engine lacks)."""
-        from tandem.coordinator.prefix import LOAD_S_PER_TOKEN
-
         n = trace[i].input_len
         eng = engine.cached(keys(i), n, touch)
         if store is None:
             return eng, 0.0
+        from tandem.coordinator.prefix import LOAD_S_PER_TOKEN  # (only with a store: it imports the coordinator)
+
         stored, on_disk = store.held(chunks(i), n, touch)
         if stored <= eng:
             return eng, 0.0
@@ -399,10 +308,12 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         return min(prefill_cost(cfg.prefill, i, held_on(c, s, i)) for c, s in zip(prefill_caches, prefill_stores))
 
     def decode_room(d: int) -> int:
-        """Blocks decode node ``d``'s cache may keep beside its running requests (0: unbounded)."""
+        """Blocks decode node ``d``'s cache may keep (0: unbounded): what its running requests'
+        reservations leave, and their prompts' own blocks (held by them, not evictable)."""
         if not cfg.kv_capacity_tokens:
             return 0
-        return max(1, (cfg.kv_capacity_tokens - decodes[d].reserved) // cfg.block_tokens)
+        running = sum(trace[r].input_len // cfg.block_tokens for _, r in decodes[d].running)
+        return max(1, (cfg.kv_capacity_tokens - decodes[d].reserved) // cfg.block_tokens + running)
 
     def decode_held(d: int, i: int, touch: bool = False) -> tuple[int, float]:
         decode_caches[d].trim(decode_room(d))

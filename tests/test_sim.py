@@ -199,6 +199,14 @@ def test_tandem_plan_command_writes_its_report(tmp_path, capsys) -> None:
     args = build_parser().parse_args(["plan", "--profile", str(tmp_path / "missing.json"), "--slo-ttft", "1",
                                       "--slo-tpot", "0.1"])
     assert args.fn(args) == 2
+    # KV flags that cannot work: a clear error, no plan
+    for flags, said in ((["--store-disk"], "--store-disk needs --store-ram-tokens"),
+                        (["--store-ram-tokens", "-5"], "--store-ram-tokens must be >= 0"),
+                        (["--store-ram-tokens", "4096", "--prefix-cache", "off"], "needs --prefix-cache on")):
+        args = build_parser().parse_args(["plan", "--profile", str(prof), "--slo-ttft", "1", "--slo-tpot", "0.1",
+                                          "--out", str(tmp_path / "bad"), *flags])
+        assert args.fn(args) == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_validation_reads_the_nodes_profiles_and_the_goodput_each_side_implies(tmp_path) -> None:
@@ -426,13 +434,13 @@ def test_a_decode_node_prefilling_locally_uses_what_its_engine_holds() -> None:
     first, again = simulate(cfg, prompts((0.0, a), (10.0, a)))
     assert first.local and again.local
     assert first.ttft_s == pytest.approx(0.512) and again.ttft_s == pytest.approx(0.016)
-    # its KV cache mostly held by a running request (460 of 600 tokens): 8 blocks stay cached beside
-    # it, the running one's 3 prompt blocks (used last) and the first 5 of the prompt's
+    # its KV cache mostly held by a running request (460 of 600 tokens reserved): 8 more blocks stay
+    # cached beside the running one's own 3 prompt blocks (held by it): the prompt's first 8
     tight = simulate(SimConfig(0, 1, t, t, local=True, order="slack", slo_ttft_s=5.0, slo_tpot_s=1.0,
                                step_tokens=512, prefix_cache=True, block_tokens=16, kv_capacity_tokens=600),
                      [Prompt(0.0, 512, 3, a), Prompt(0.6, 60, 400, list(range(2000, 2060))),
                       Prompt(1.0, 512, 3, a)])
-    assert tight[2].ttft_s == pytest.approx(0.512 - 0.080)
+    assert tight[2].ttft_s == pytest.approx(0.512 - 0.128)
 
 
 def test_a_nodes_kv_store_holds_chunks_its_engine_dropped_and_they_load_at_the_tiers_costs() -> None:
@@ -464,7 +472,7 @@ def test_a_nodes_kv_store_holds_chunks_its_engine_dropped_and_they_load_at_the_t
     assert disk[1].ttft_s == pytest.approx(0.088 + 192 * LOAD_S_PER_TOKEN["ram"] + 256 * LOAD_S_PER_TOKEN["disk"])
     gone = simulate(SimConfig(1, 1, t, t, store_ram_tokens=256, **base), trace)  # no disk: the second chunk is gone
     assert gone[1].ttft_s == pytest.approx(0.344 + (256 - 64) * LOAD_S_PER_TOKEN["ram"])
-    with pytest.raises(ValueError, match="RAM tier under a disk"):
+    with pytest.raises(ValueError, match="RAM tier over a disk"):
         SimConfig(1, 1, t, t, store_disk=True, **base)
 
 
