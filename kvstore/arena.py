@@ -75,6 +75,11 @@ class Arena:
         off = self._offset(slot)
         return self._mm[off:off + self.slot_bytes]
 
+    def view(self, slot: int) -> memoryview:
+        """The slot itself, no copy (release it, ``with``, before the arena closes)."""
+        off = self._offset(slot)
+        return memoryview(self._mm)[off:off + self.slot_bytes]
+
     def write(self, slot: int, data: bytes | memoryview) -> None:
         if len(data) != self.slot_bytes:
             raise ValueError(f"a slot holds {self.slot_bytes} bytes, got {len(data)}")

@@ -207,16 +207,16 @@ class NodeStore:
         COUNTS.add("hits.disk" if data is not None else "misses.disk")
 
     def _write_one(self, task: _Task) -> None:
+        """Straight from the slot (pinned until the write ends: no copy of the chunk on the way)."""
         assert self.disk is not None
         try:
-            data = self.arena.read(task.slot)  # a copy: the slot may be reused once unpinned
-        finally:
-            self.unpin([task.key])
-        try:
-            self.disk.put(task.key, data)
+            with self.arena.view(task.slot) as data:
+                self.disk.put(task.key, data)
         except OSError as exc:
             COUNTS.add("dropped_saves")
             logger.warning("KV store: could not write a chunk to %s: %s", self.disk.root, exc)
+        finally:
+            self.unpin([task.key])
 
     def drop_ram(self) -> bool:
         """Forget every RAM chunk not in use (the disk keeps its copies, their cached pages dropped, so

@@ -36,7 +36,7 @@ def test_keys_name_the_whole_prefix_and_bind_model_and_layout() -> None:
 
 
 def test_disk_tier_survives_a_restart_and_keeps_its_cap_and_order(tmp_path: Path) -> None:
-    disk = DiskTier(tmp_path, cap_bytes=3 * (tiers._HEADER.size + 100), durable=False)
+    disk = DiskTier(tmp_path, cap_bytes=3 * tiers.chunk_file_bytes(100), durable=False)
     for k in (b"c" * 32, b"a" * 32, b"b" * 32):  # written in this order (not the keys' order)
         disk.put(k, k[:1] * 100)
         os.utime(disk._path(k), (0, len(disk)))  # distinct mtimes: the restart keeps the order
@@ -120,8 +120,8 @@ def test_disk_writes_are_dropped_and_counted_when_the_disk_falls_behind(tmp_path
         store.saved(keys[1:], ok=True)  # each queued for the disk: two fit, three are dropped
         assert tiers.COUNTS.get("dropped_saves") == dropped + 3
         assert store.count_ready(keys, 0) == 6  # RAM has them all: the caller never waited
-        # The two queued keep their slots pinned (the one being written copied its slot out first).
-        assert store.index.drop_unpinned() == 2
+        # The two queued keep their slots pinned, and so does the one being written (from the slot itself).
+        assert store.index.drop_unpinned() == 3
     finally:
         gate.set()
         store.flush()
@@ -353,3 +353,53 @@ def test_a_save_counts_the_prompts_whole_run_as_used_so_tail_first_keeps_its_hea
     store.saved(reserved, True, run=[a, b, c])  # ...and saves them: its whole run was used, head last
     assert store.reserve_for_save(x) is not None  # full: the tail goes first
     assert store.index.ready(a) and store.index.ready(b) and not store.index.has(c)
+
+
+def test_disk_chunks_move_in_whole_pages_and_version_1_files_are_still_read(tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path, cap_bytes=1 << 22, durable=True)
+    key, data = b"p" * 32, os.urandom(5000)
+    disk.put(key, memoryview(data))  # (a slot's view, as the store writes it)
+    raw = disk._path(key).read_bytes()
+    assert len(raw) == tiers.chunk_file_bytes(5000) == 3 * tiers.PAGE and raw[tiers.PAGE:tiers.PAGE + 5000] == data
+    assert disk.get(key) == data and disk.held == len(raw)
+    # A chunk an older Tandem wrote (the header, then the payload) reads back after an upgrade.
+    old_key, old = b"v" * 32, os.urandom(700)
+    header = tiers._HEADER.pack(tiers.MAGIC, 1, 0, old_key, len(old), __import__("hashlib").sha256(old).digest())
+    disk._path(old_key).parent.mkdir(exist_ok=True)
+    disk._path(old_key).write_bytes(header + old)
+    again = DiskTier(tmp_path, cap_bytes=1 << 22)
+    assert again.get(old_key) == old and again.get(key) == data
+    disk._path(old_key).write_bytes(header + old[:-1])  # and a truncated one is still a miss
+    assert again.get(old_key) is None and old_key not in again
+
+
+@pytest.mark.parametrize("refuses", ["the flag", "the write"])
+def test_a_filesystem_that_refuses_o_direct_gets_buffered_writes(tmp_path: Path, refuses: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import fcntl as real_fcntl
+
+    if not tiers._O_DIRECT:
+        pytest.skip("no O_DIRECT on this platform")
+    disk = DiskTier(tmp_path, cap_bytes=1 << 22, durable=False)
+    disk.put(b"s" * 32, b"x" * 4096)
+    assert disk.direct and disk.get(b"s" * 32) == b"x" * 4096
+    refused = OSError(errno.EINVAL, "Invalid argument")
+    set_flags, pwrite = real_fcntl.fcntl, os.pwrite
+
+    def fcntl(fd: int, cmd: int, arg: int = 0) -> int:
+        if refuses == "the flag" and cmd == real_fcntl.F_SETFL and arg & tiers._O_DIRECT:
+            raise refused
+        return set_flags(fd, cmd, arg)
+
+    def write(fd: int, data: memoryview, at: int) -> int:
+        if refuses == "the write" and set_flags(fd, real_fcntl.F_GETFL) & tiers._O_DIRECT:
+            raise refused
+        return pwrite(fd, data, at)
+
+    monkeypatch.setattr(tiers.fcntl, "fcntl", fcntl)
+    monkeypatch.setattr(tiers.os, "pwrite", write)
+    disk.put(b"t" * 32, b"y" * 10)  # refused: said once, written through the page cache all the same
+    assert not disk.direct
+    disk.put(b"u" * 32, b"z" * 5000)
+    assert [disk.get(k * 32) for k in (b"s", b"t", b"u")] == [b"x" * 4096, b"y" * 10, b"z" * 5000]
