@@ -1,5 +1,7 @@
 """A node's KV store as its connector's scheduler half sees it: the shared RAM arena's index over
-an optional disk tier, with one background thread for the disk.
+an optional disk tier, with two background threads for the disk: one promotes (disk -> RAM, a
+request waits on it), one writes behind (RAM -> disk, nothing waits on it), so a promotion never
+queues behind writes.
 
   count_ready(keys, start)   leading chunks ready in RAM from chunk ``start``
   promote(keys, start)       read the chunks that follow from disk into RAM slots
@@ -50,12 +52,17 @@ class NodeStore:
             for k in disk.keys():  # what an earlier run left
                 self._note("+", k, "disk")
             disk.on_change = lambda op, k: self._note(op, k, "disk")
+        # Writes behind are bounded (a full queue drops the write, counted); promotions are not: each
+        # holds a reserved slot already, so the arena bounds them.
         self._tasks: queue.Queue[_Task | None] = queue.Queue(maxsize=queue_chunks)
+        self._promotes: queue.Queue[_Task | None] = queue.Queue()
         self._promoting: set[bytes] = set()
-        self._io: threading.Thread | None = None
+        self._threads: list[tuple[queue.Queue[_Task | None], threading.Thread]] = []
         if disk is not None:
-            self._io = threading.Thread(target=self._run, name="kvstore-io", daemon=True)
-            self._io.start()
+            for q, name in ((self._promotes, "kvstore-promote"), (self._tasks, "kvstore-write")):
+                t = threading.Thread(target=self._run, args=(q,), name=name, daemon=True)
+                t.start()
+                self._threads.append((q, t))
 
     def _note(self, op: str, key: bytes, tier: str) -> None:
         with self._events_lock:
@@ -66,7 +73,7 @@ class NodeStore:
         with self._events_lock:
             if self._events:
                 return True
-        return bool(self._tasks.unfinished_tasks)
+        return bool(self._tasks.unfinished_tasks or self._promotes.unfinished_tasks)
 
     def take_events(self) -> list[tuple[str, str, str]]:
         """What entered or left a tier since the last call (kvstore/held.py)."""
@@ -102,11 +109,7 @@ class NodeStore:
                 slot = self.index.reserve(k)
                 if slot is None:
                     break
-                try:
-                    self._tasks.put_nowait(_Task("promote", k, slot))
-                except queue.Full:
-                    self.index.fill_done(k, ok=False)
-                    break
+                self._promotes.put_nowait(_Task("promote", k, slot))
                 self._promoting.add(k)
                 n += 1
         return n
@@ -168,11 +171,11 @@ class NodeStore:
                 COUNTS.add("dropped_saves")
                 self.unpin([k])
 
-    # the disk thread --------------------------------------------------------
-    def _run(self) -> None:
+    # the disk threads -------------------------------------------------------
+    def _run(self, tasks: queue.Queue[_Task | None]) -> None:
         assert self.disk is not None
         while True:
-            task = self._tasks.get()
+            task = tasks.get()
             try:
                 if task is None:
                     return
@@ -184,7 +187,7 @@ class NodeStore:
                 logger.warning("KV store: %s of chunk %s failed: %s", task.kind if task else "?",
                                task.key.hex()[:16] if task else "?", exc)
             finally:
-                self._tasks.task_done()
+                tasks.task_done()
 
     def _promote_one(self, task: _Task) -> None:
         assert self.disk is not None
@@ -236,18 +239,19 @@ class NodeStore:
         return {"ram": ram, "disk": self.disk.held if self.disk is not None else 0}
 
     def flush(self, timeout_s: float = 30.0) -> None:
-        """Wait until the disk thread has nothing left (tests, shutdown)."""
+        """Wait until the disk threads have nothing left (tests, shutdown)."""
         import time
 
         deadline = time.monotonic() + timeout_s
-        while self._tasks.unfinished_tasks and time.monotonic() < deadline:
+        while (self._tasks.unfinished_tasks or self._promotes.unfinished_tasks) and time.monotonic() < deadline:
             time.sleep(0.005)
 
     def close(self, timeout_s: float = 10.0) -> None:
-        if self._io is not None:
+        for q, t in self._threads:
             try:
-                self._tasks.put(None, timeout=timeout_s)
+                q.put(None, timeout=timeout_s)
             except queue.Full:
-                logger.warning("KV store: the disk thread did not drain in %.0f s", timeout_s)
-            self._io.join(timeout=timeout_s)
-            self._io = None
+                logger.warning("KV store: the disk writes did not drain in %.0f s", timeout_s)
+        for _, t in self._threads:
+            t.join(timeout=timeout_s)
+        self._threads = []

@@ -102,7 +102,7 @@ def _stall_writes(disk: DiskTier) -> threading.Event:
     return gate
 
 
-def test_disk_writes_are_dropped_and_counted_when_the_disk_falls_behind(tmp_path: Path) -> None:
+def test_disk_writes_are_dropped_and_counted_when_the_disk_falls_behind_and_promotions_pass_them(tmp_path: Path) -> None:
     from tandem.kvstore.nodestore import NodeStore
 
     disk = DiskTier(tmp_path / "disk", 1 << 20, durable=False)
@@ -122,6 +122,15 @@ def test_disk_writes_are_dropped_and_counted_when_the_disk_falls_behind(tmp_path
         assert store.count_ready(keys, 0) == 6  # RAM has them all: the caller never waited
         # The two queued keep their slots pinned, and so does the one being written (from the slot itself).
         assert store.index.drop_unpinned() == 3
+        # A promotion has its own lane: it neither waits behind the stalled writes nor is dropped by
+        # their full queue.
+        up = b"u" * 32
+        DiskTier.put(disk, up, b"\x07" * 4096)  # (the class's own put: this one is not stalled)
+        assert store.promote([up], 0) == 1
+        assert store.wait_promoted([up], 10) and store.count_ready([up], 0) == 1
+        with store.arena.view(store.index.pin(up)) as data:
+            assert bytes(data) == b"\x07" * 4096
+        store.unpin([up])
     finally:
         gate.set()
         store.flush()

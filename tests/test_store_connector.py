@@ -260,7 +260,7 @@ def test_a_lookup_waits_in_its_step_for_chunks_coming_up_from_disk(tmp_path: Pat
         if save is not None:  # (the second round finds them stored already)
             step(worker, TandemConnectorMetadata(store_saves=[save]), lambda s: "a" in s[0])
             sched.saves_done(worker.worker_meta().saves)
-        disk_store._tasks.join()  # written behind to disk
+        disk_store.flush()  # written behind to disk (and the last round's promotion ended)
         assert disk_store.drop_ram()  # out of RAM: on disk only
         # The chunks start up from disk; without waiting the request is asked again a step later, with
         # the wait it loads in this step.
