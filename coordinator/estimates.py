@@ -63,7 +63,7 @@ def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None =
     if not model.prefill.samples:
         return Estimate(node, None, cached_tokens=cached)
     held = cached.tokens
-    idle_s = prefill_after_load(model, tokens, held) + load_s(cached.loaded, cached.disk)
+    idle_s = prefill_after_load(model, tokens, held) + load_s(cached.loaded, cached.disk, model)
     where = order.predict(node, tokens - held, arrival, ttft_s, held) if order is not None else None
     if where is not None:
         f = node.factor("ttft", where.wait_s + idle_s)  # (both parts scaled alike: the calibration's share)
@@ -405,7 +405,7 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
     step, batch, context, budget, queue = view.step, view.batch, view.context, view.step_tokens, view.queue
     raw_queue_s = queued_prefill_s(model, queue)
     cached = cached.capped(prompt_tokens - 1)  # the last prompt token is always computed
-    idle_s = prefill_after_load(model, prompt_tokens, cached.tokens) + load_s(cached.loaded, cached.disk)
+    idle_s = prefill_after_load(model, prompt_tokens, cached.tokens) + load_s(cached.loaded, cached.disk, model)
     chunks = chunk_steps(sum(queue) + prompt_tokens - cached.tokens, budget, batch)
     # Its chunks' steps carry the batch too: what the batch adds to each.
     raw_batch_s = chunks * beside_s(model, batch, context)

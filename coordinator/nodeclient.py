@@ -155,7 +155,8 @@ class NodeClient:
             self._fits = msg.fits
             fits = {f.name: FitView(tuple(f.terms), tuple(f.coefficients), int(f.samples)) for f in msg.fits}
             empty = FitView((), (), 0)
-            self.model = ModelView(fits.get("prefill", empty), fits.get("decode", empty), fits.get("transfer", empty))
+            self.model = ModelView(fits.get("prefill", empty), fits.get("decode", empty), fits.get("transfer", empty),
+                                   fits.get("load", empty))
 
     def calibrated(self, kind: str, raw_s: float) -> float:
         """A raw ``kind`` prediction for this node (the fitted model's), as its finished requests

@@ -6,20 +6,16 @@ prefill costs when that much of the prompt is cached or loaded instead of comput
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
-from tandem.perfmodel import ModelView
+from tandem.perfmodel import LOAD_MIN_SAMPLES, LOAD_S_PER_TOKEN, ModelView
 
 from tandem.kvstore.held import ChunkIndex
 
 from .nodeclient import NodeClient
 
 ROUTINGS = ("prefix", "least-loaded", "random")
-# A prompt token loaded from a KV store instead of computed: its copy into the engine's blocks (and from
-# disk, its read, check and promotion first). Measured with `tandem bench kvstore` (2 cores, fp32,
-# 16 KiB of KV per token): a RAM hit about 6 ms per 1K tokens over the engine's own cache, a disk
-# hit about 37 ms more.
-LOAD_S_PER_TOKEN = {"ram": 6e-6, "disk": 4.2e-5}
 
 
 class Held(NamedTuple):
@@ -71,6 +67,20 @@ def prefill_after_load(model: ModelView, tokens: int, held: int) -> float:
     return model.prefill_s(tokens - held, held)
 
 
-def load_s(held: int, on_disk: int) -> float:
-    """Loading ``held`` prompt tokens, ``on_disk`` of them from the disk tier."""
+def load_s(held: int, on_disk: int, model: ModelView | None = None) -> float:
+    """Loading ``held`` prompt tokens, ``on_disk`` of them from the disk tier, on the node whose
+    model this is: its learned load fit once it has timed ``LOAD_MIN_SAMPLES`` loads, else the
+    per-token constants (``LOAD_S_PER_TOKEN``, the fit's prior)."""
+    learned = model.store_load_s if model is not None and model.load.samples >= LOAD_MIN_SAMPLES else None
+    return load_cost_s(held, on_disk, learned)
+
+
+def load_cost_s(held: int, on_disk: int, learned: Callable[[int, int], float] | None = None) -> float:
+    """What loading ``held`` prompt tokens, ``on_disk`` of them from the disk tier, adds to a
+    prefill: ``learned(held, on_disk)`` (a node's load fit) or the per-token constants. (The
+    simulator's too.)"""
+    if held <= 0:
+        return 0.0
+    if learned is not None:
+        return learned(held, on_disk)
     return (held - on_disk) * LOAD_S_PER_TOKEN["ram"] + on_disk * LOAD_S_PER_TOKEN["disk"]

@@ -20,6 +20,10 @@ logger = logging.getLogger(__name__)
 # Called in the node's process with each batch of the KV store's events (kvstore/held.py): the
 # node's daemon registers its HeldChunks.apply here.
 STORE_EVENT_SINKS: list[Callable[[list[tuple[str, str, str]]], None]] = []
+# Called in the node's process, once a step in which the KV store loaded or promoted, with (prompt
+# tokens loaded into the engine's blocks, chunks promoted from disk): the node's NodePerf.saw_store_loads,
+# which tells a prefill that loaded from one that computed (tandem/node/perf.py).
+STORE_LOAD_SINKS: list[Callable[[int, int], None]] = []
 
 
 def empty_stats() -> dict[str, Any]:
@@ -157,7 +161,14 @@ class TandemPromMetrics(KVConnectorPromMetrics):
                     sink(data["store_events"])
                 except Exception:  # never into vLLM's output handling (it would fail every request)
                     logger.exception("KV store events: a sink failed")
-        for name, n in (data.get("store") or {}).items():
+        counts = data.get("store") or {}
+        if counts.get("hit_tokens") or counts.get("hits.disk"):
+            for load_sink in STORE_LOAD_SINKS:
+                try:
+                    load_sink(int(counts.get("hit_tokens", 0)), int(counts.get("hits.disk", 0)))
+                except Exception:
+                    logger.exception("KV store loads: a sink failed")
+        for name, n in counts.items():
             kind, _, rest = name.partition(".")
             if kind == "hits" and rest in ("ram", "disk"):
                 self._st_hits.labels(*values, rest).inc(n)

@@ -9,7 +9,10 @@ ms after 300–700 cached and 80 ms after more, where the form without ``h`` sai
 for both; refitted on those calls, p50 / p90 error 11.8 / 25.4 % without ``h``, 8.0
 / 19.1 % with it, 7.8 / 18.5 % with a fourth coefficient for ``n·h`` instead:
 not worth one); a decode step of ``B`` requests holding ``L`` context tokens in all
-takes ``d + e·B + f·L``; a KV transfer of ``x`` bytes takes ``g + h·x``.
+takes ``d + e·B + f·L``; a KV transfer of ``x`` bytes takes ``g + h·x``; and
+``k + r·t + s·u`` is what loading ``t`` prompt tokens from the node's KV store,
+``u`` of them from its disk tier, adds to a prefill (learned as the node
+serves, from a prior of the per-token constants ``LOAD_S_PER_TOKEN``).
 
 Each model is an ``OnlineFit``: least squares over its samples with
 exponential forgetting (the newest ``half_life`` samples count as much as all
@@ -197,6 +200,34 @@ def transfer_fit(half_life: float = 200.0) -> OnlineFit:
     return OnlineFit(("const", "bytes"), (1.0, 1e8), half_life)
 
 
+# A prompt token loaded from a KV store instead of computed: its copy into the engine's blocks (and from
+# disk, its read, check and promotion first). Measured with `tandem bench kvstore` (2 cores, fp32,
+# 16 KiB of KV per token): a RAM hit about 6 ms per 1K tokens over the engine's own cache, a disk
+# hit about 37 ms more. The load fit's prior, and what the coordinator predicts with until a node
+# has timed ``LOAD_MIN_SAMPLES`` loads of its own (the twenty-fifth sitting's prefills that loaded
+# took 1.19-1.38x their computed part's profile, where these said a few per cent).
+LOAD_S_PER_TOKEN = {"ram": 6e-6, "disk": 4.2e-5}
+LOAD_MIN_SAMPLES = 5
+
+
+def load_fit(half_life: float = 100.0, prior: bool = True) -> OnlineFit:
+    """seconds ≈ k + r·tokens + s·disk_tokens that a prefill spends on ``tokens`` of its prompt
+    loaded from the node's KV store, ``disk_tokens`` of them promoted from its disk tier first,
+    over what computing the rest after them takes: the copy into the engine's blocks, the read and
+    check of a disk chunk, and the step the request sits out meanwhile (k). Its prior, a tenth of a load's
+    worth that forgetting never erodes, is ``LOAD_S_PER_TOKEN``: the loads a node times decide the
+    directions they span (on a workload whose loads all come from disk, the disk cost) and it
+    settles what they leave undetermined. ``samples`` counts the node's own loads only."""
+    f = OnlineFit(("const", "tokens", "disk_tokens"), (1.0, 1e3, 1e3), half_life)
+    if prior:
+        ram, disk = LOAD_S_PER_TOKEN["ram"], LOAD_S_PER_TOKEN["disk"] - LOAD_S_PER_TOKEN["ram"]
+        for t, d in ((256, 0), (2048, 0), (256, 256), (2048, 2048), (2048, 256)):
+            f.add((1.0, t, d), t * ram + d * disk)
+        f.hold_as_prior(weight=0.1)
+        f.samples = 0
+    return f
+
+
 def chunk_tokens(step_tokens: int, batch: float) -> int:
     """A prompt's tokens in one engine step beside a decode batch of ``batch``: vLLM's scheduler
     gives each running stream its token first and the prompt the rest of the step's
@@ -226,6 +257,7 @@ class _Predicts:
     prefill: OnlineFit | FitView
     decode: OnlineFit | FitView
     transfer: OnlineFit | FitView
+    load: OnlineFit | FitView
 
     def prefill_s(self, tokens: int, cached: int = 0) -> float:
         """A prefill of ``tokens`` uncached prompt tokens after ``cached`` ones found cached."""
@@ -237,6 +269,11 @@ class _Predicts:
     def transfer_s(self, nbytes: int) -> float:
         return self.transfer.predict((1.0, nbytes))
 
+    def store_load_s(self, tokens: int, disk_tokens: int = 0) -> float:
+        """What loading ``tokens`` prompt tokens from the KV store, ``disk_tokens`` of them from
+        its disk tier, adds to a prefill."""
+        return self.load.predict((1.0, tokens, disk_tokens)) if tokens > 0 else 0.0
+
 
 @dataclass
 class NodeModel(_Predicts):
@@ -245,6 +282,7 @@ class NodeModel(_Predicts):
     prefill: OnlineFit = field(default_factory=prefill_fit)
     decode: OnlineFit = field(default_factory=decode_fit)
     transfer: OnlineFit = field(default_factory=transfer_fit)
+    load: OnlineFit = field(default_factory=load_fit)
 
     # observations --------------------------------------------------------------
     def saw_prefill(self, tokens: int, seconds: float, cached: int = 0) -> None:
@@ -257,6 +295,11 @@ class NodeModel(_Predicts):
     def saw_transfer(self, nbytes: int, seconds: float) -> None:
         self.transfer.add((1.0, nbytes), seconds)
 
+    def saw_load(self, tokens: int, disk_tokens: int, seconds: float) -> None:
+        """A prefill that loaded ``tokens`` from the KV store, ``disk_tokens`` of them promoted from
+        disk, took ``seconds`` longer than its computed part predicts."""
+        self.load.add((1.0, tokens, disk_tokens), seconds)
+
     def queue_s(self, queued_prompts: Sequence[int]) -> float:
         """Time until a prefill queued behind these (uncached token counts) starts."""
         return sum(self.prefill_s(n) for n in queued_prompts)
@@ -265,12 +308,14 @@ class NodeModel(_Predicts):
         return self.prefill.samples >= min_samples or self.decode.samples >= min_samples
 
     def state(self) -> dict[str, object]:
-        return {"prefill": self.prefill.state(), "decode": self.decode.state(), "transfer": self.transfer.state()}
+        return {"prefill": self.prefill.state(), "decode": self.decode.state(), "transfer": self.transfer.state(),
+                "load": self.load.state()}
 
     @classmethod
     def from_state(cls, st: dict) -> NodeModel:
         return cls(OnlineFit.from_state(st["prefill"]), OnlineFit.from_state(st["decode"]),
-                   OnlineFit.from_state(st["transfer"]))
+                   OnlineFit.from_state(st["transfer"]),
+                   OnlineFit.from_state(st["load"]) if "load" in st else load_fit())
 
 
 @dataclass(frozen=True)
@@ -302,6 +347,7 @@ class ModelView(_Predicts):
     prefill: FitView = _EMPTY
     decode: FitView = _EMPTY
     transfer: FitView = _EMPTY
+    load: FitView = _EMPTY
 
     # ``_Predicts``' predictions unrolled (the same sums): admission makes hundreds a request.
     def prefill_s(self, tokens: int, cached: int = 0) -> float:
@@ -316,12 +362,16 @@ class ModelView(_Predicts):
         c0, c1, _ = self.transfer.c3
         return c0 + c1 * nbytes
 
+    def store_load_s(self, tokens: int, disk_tokens: int = 0) -> float:
+        c0, c1, c2 = self.load.c3
+        return c0 + c1 * tokens + c2 * disk_tokens if tokens > 0 else 0.0
+
     @classmethod
     def of(cls, model: NodeModel) -> ModelView:
         def view(f: OnlineFit) -> FitView:
             return FitView(f.names, tuple(f.coefficients()), f.samples) if f.samples else _EMPTY
 
-        return cls(view(model.prefill), view(model.decode), view(model.transfer))
+        return cls(view(model.prefill), view(model.decode), view(model.transfer), view(model.load))
 
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "fp8": 1}

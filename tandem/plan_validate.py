@@ -132,9 +132,12 @@ def learned_timings(grpc_address: str, source: str) -> Timings:
         call = pb_grpc.NodeMonitorStub(ch).Watch(pb.WatchRequest(), timeout=10)
         msg = next(iter(call))
         call.cancel()
-    fits = {f.name: tuple(max(0.0, c) for c in f.coefficients) for f in msg.fits if f.samples}
+    from tandem.perfmodel import LOAD_MIN_SAMPLES
+
+    fits = {f.name: tuple(max(0.0, c) for c in f.coefficients) for f in msg.fits
+            if f.samples >= (LOAD_MIN_SAMPLES if f.name == "load" else 1)}
     return Timings(fits.get("prefill", (0.0, 0.0, 0.0)), fits.get("decode", (0.0, 0.0, 0.0)),  # type: ignore[arg-type]
-                   fits.get("transfer", (0.0, 0.0)), source)  # type: ignore[arg-type]
+                   fits.get("transfer", (0.0, 0.0)), source, fits.get("load", (0.0, 0.0, 0.0)))  # type: ignore[arg-type]
 
 
 def describe(local: bool) -> str:

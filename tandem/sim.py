@@ -61,7 +61,8 @@ same ones the nodes fit online, see tandem/perfmodel.py):
   prefills) in a RAM tier of ``store_ram_tokens``, least recently used out first to an unbounded
   disk tier (``store_disk``) or gone; a node holds a prompt's longest run of stored chunks from
   its start, and those past what its engine holds are loaded before the prefill at the
-  coordinator's per-token costs (``coordinator/prefix.LOAD_S_PER_TOKEN``: RAM, disk), a disk
+  coordinator's costs (``coordinator/prefix.load_cost_s``: the node's learned load fit,
+  ``Timings.store_load``, or the per-token constants), a disk
   chunk going back into RAM. Where a prefill goes, the cost counts: prefill after the held
   prefix plus its load.
 
@@ -74,12 +75,12 @@ from __future__ import annotations
 import heapq
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tandem.perfmodel import NodeModel, beside_s, chunk_steps, chunk_tokens
+from tandem.perfmodel import LOAD_MIN_SAMPLES, NodeModel, beside_s, chunk_steps, chunk_tokens, load_fit
 from tandem.simcache import BLOCK_TOKENS, PrefixCache, StoreTiers, block_keys
 
 ORDERS = ("fifo", "slack")
@@ -98,9 +99,12 @@ class Timings:
     decode: tuple[float, float, float]
     transfer: tuple[float, float] = (0.0, 0.0)
     source: str = ""
+    # What loading t prompt tokens from the KV store, u of them from disk, adds to a prefill,
+    # k + r·t + s·u (a node's learned load fit); (0, 0, 0): the per-token constants.
+    store_load: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     def __post_init__(self) -> None:
-        for name, want in (("prefill", 3), ("decode", 3), ("transfer", 2)):
+        for name, want in (("prefill", 3), ("decode", 3), ("transfer", 2), ("store_load", 3)):
             v = getattr(self, name)
             if len(v) != want or not all(isinstance(c, (int, float)) and math.isfinite(c) and c >= 0 for c in v):
                 raise ValueError(f"{self.source or 'a profile'}: {name} needs {want} finite coefficients >= 0, got {list(v)}")
@@ -119,13 +123,21 @@ class Timings:
         g, h = self.transfer
         return g + h * nbytes
 
+    def learned_load(self) -> Callable[[int, int], float] | None:
+        """The load fit's prediction for t tokens, u from disk (None: none learned, the constants apply)."""
+        if not any(self.store_load):
+            return None
+        k, r, s = self.store_load
+        return lambda t, u: k + r * t + s * u
+
     @classmethod
     def of_model(cls, model: NodeModel, source: str = "") -> Timings:
-        def coef(fit: Any, n: int) -> tuple[float, ...]:
-            c = tuple(fit.coefficients()) if fit.samples else ()
+        def coef(fit: Any, n: int, min_samples: int = 1) -> tuple[float, ...]:
+            c = tuple(fit.coefficients()) if fit.samples >= min_samples else ()
             return c if len(c) == n else (0.0,) * n
 
-        return cls(coef(model.prefill, 3), coef(model.decode, 3), coef(model.transfer, 2), source)  # type: ignore[arg-type]
+        return cls(coef(model.prefill, 3), coef(model.decode, 3), coef(model.transfer, 2), source,  # type: ignore[arg-type]
+                   coef(model.load, 3, LOAD_MIN_SAMPLES))  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: str | Path) -> Timings:
@@ -137,7 +149,8 @@ class Timings:
             if isinstance(doc, dict) and "model" in doc:
                 return cls.of_model(NodeModel.from_state(doc["model"]), str(path))
             return cls(tuple(map(float, doc["prefill"])), tuple(map(float, doc["decode"])),  # type: ignore[arg-type]
-                       tuple(map(float, doc.get("transfer", (0.0, 0.0)))), str(path))  # type: ignore[arg-type]
+                       tuple(map(float, doc.get("transfer", (0.0, 0.0)))), str(path),  # type: ignore[arg-type]
+                       tuple(map(float, doc.get("load", (0.0, 0.0, 0.0)))))  # type: ignore[arg-type]
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             if isinstance(exc, ValueError) and str(path) in str(exc):
                 raise
@@ -155,6 +168,10 @@ class Timings:
         if any(self.transfer):
             for x in (10**4, 10**6, 10**8, 10**9):
                 m.saw_transfer(x, self.transfer_s(x))
+        if (learned := self.learned_load()) is not None:
+            m.load = load_fit(prior=False)  # exactly these times
+            for t, u in ((256, 0), (1024, 0), (4096, 0), (256, 256), (1024, 512), (4096, 4096)):
+                m.saw_load(t, u, learned(t, u))
         return m
 
     def doc(self) -> dict[str, Any]:
@@ -285,19 +302,20 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             chunks_of[i] = block_keys(ids, cfg.chunk_tokens) if ids else []
         return chunks_of[i]
 
-    def held_on(engine: PrefixCache, store: StoreTiers | None, i: int, touch: bool = False) -> tuple[int, float]:
-        """(prompt tokens of request ``i`` a node holds, seconds to load those its engine lacks)."""
+    def held_on(engine: PrefixCache, store: StoreTiers | None, i: int, timings: Timings,
+                touch: bool = False) -> tuple[int, float]:
+        """(prompt tokens of request ``i`` a node with these timings holds, seconds to load those
+        its engine lacks)."""
         n = trace[i].input_len
         eng = engine.cached(keys(i), n, touch)
         if store is None:
             return eng, 0.0
-        from tandem.coordinator.prefix import LOAD_S_PER_TOKEN  # (only with a store: it imports the coordinator)
+        from tandem.coordinator.prefix import load_cost_s  # (only with a store: it imports the coordinator)
 
         stored, on_disk = store.held(chunks(i), n, touch)
         if stored <= eng:
             return eng, 0.0
-        disk = min(on_disk, stored - eng)
-        return stored, (stored - eng - disk) * LOAD_S_PER_TOKEN["ram"] + disk * LOAD_S_PER_TOKEN["disk"]
+        return stored, load_cost_s(stored - eng, min(on_disk, stored - eng), timings.learned_load())
 
     def prefill_cost(timings: Timings, i: int, held: tuple[int, float]) -> float:
         return timings.prefill_s(trace[i].input_len - held[0], held[0]) + held[1]
@@ -305,7 +323,7 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
     def pool_prefill_s(i: int) -> float:
         """Its prefill where the prefill pool would do it cheapest: past the prefix a node holds,
         and that prefix's load."""
-        return min(prefill_cost(cfg.prefill, i, held_on(c, s, i)) for c, s in zip(prefill_caches, prefill_stores))
+        return min(prefill_cost(cfg.prefill, i, held_on(c, s, i, cfg.prefill)) for c, s in zip(prefill_caches, prefill_stores))
 
     def decode_room(d: int) -> int:
         """Blocks decode node ``d``'s cache may keep (0: unbounded): what its running requests'
@@ -317,7 +335,7 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
 
     def decode_held(d: int, i: int, touch: bool = False) -> tuple[int, float]:
         decode_caches[d].trim(decode_room(d))
-        return held_on(decode_caches[d], decode_stores[d], i, touch)
+        return held_on(decode_caches[d], decode_stores[d], i, cfg.decode, touch)
 
     def admit(i: int, now: float) -> bool:
         """Admission, from the same profile: the prefill work ahead of it shared by the prefill
@@ -417,10 +435,11 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         nonlocal queued_s
         while idle and (i := next_request(now)) is not None:
             # the idle node where it costs least (the prefix it holds), the first of those
-            node = min(idle, key=lambda n: (prefill_cost(cfg.prefill, i, held_on(prefill_caches[n], prefill_stores[n], i)), n))
+            node = min(idle, key=lambda n: (prefill_cost(cfg.prefill, i, held_on(prefill_caches[n], prefill_stores[n], i, cfg.prefill)), n))
             idle.remove(node)
             out[i].prefill_node = node
-            took = prefill_cost(cfg.prefill, i, held_on(prefill_caches[node], prefill_stores[node], i, touch=True))
+            took = prefill_cost(cfg.prefill, i, held_on(prefill_caches[node], prefill_stores[node], i, cfg.prefill,
+                                                          touch=True))
             queued_s -= queued_cost.pop(i)
             busy_until[node] = now + took
             push(now + took, PREFILLED, node, i)

@@ -186,6 +186,81 @@ def test_a_local_prefill_beside_a_batch_is_a_sample_less_what_the_batch_added() 
     assert fresh.model.prefill.samples == 0
 
 
+def test_a_prefill_that_loaded_from_the_kv_store_teaches_the_load_fit_not_the_prefill_fit() -> None:
+    """Its time holds the load: as a prefill sample it would inflate the prefill fit, and admission
+    adds the load again. Past what the prefill fit says its computed part takes, it is a load sample."""
+    clock = Clock()
+    perf = NodePerf(clock)
+    took = lambda n, h: 0.01 + 2e-4 * n + 1e-7 * n * (n + 2 * h)  # noqa: E731
+    for n, h in [(n, h) for n in range(50, 1000, 90) for h in (0, 512, 1536)]:
+        with perf.prefill(n + h) as run:
+            clock.t += took(n, h)
+            run.uncached_tokens = n
+    prefill_before = perf.model.prefill.samples
+    load = lambda t, u: 0.012 + 2e-5 * t + 5e-5 * u  # noqa: E731  (a step sat out, the copy, a disk read)
+    for i in range(120):
+        n, h = 96 + (i * 37) % 200, 512 + (i * 256) % 1536
+        loaded = min(h, 256 * (1 + i % 4))
+        disk = 256 * (i % 3 == 0)  # chunks promoted from disk meanwhile: (loaded, of them from disk)
+        with perf.prefill(n + h) as run:
+            perf.saw_store_loads(loaded, disk)  # the engine's step stats, while it runs
+            clock.t += took(n, h) + load(loaded, disk)
+            run.uncached_tokens = n
+    assert perf.model.prefill.samples == prefill_before
+    assert perf.model.load.samples == 120
+    # (its prior, the per-token constants, weighs a tenth of a load: a trace of it stays)
+    assert perf.model.store_load_s(600) == pytest.approx(load(600, 0), rel=0.05)
+    assert perf.model.store_load_s(600, 256) == pytest.approx(load(600, 256), rel=0.05)
+    assert {f.name: f.samples for f in perf.load().fits}["load"] == 120
+    # On a decode node, beside a batch: its own share, past the computed part, is a load sample...
+    for b in (1, 4, 16):
+        for ctx in (100, 5000):
+            perf.model.saw_decode_step(b, ctx, 0.005)
+    perf.decode_started("x", 100)
+    perf.decode_output("x", 1)
+    with perf.prefill(900) as run:
+        perf.saw_store_loads(512, 0)
+        clock.t += 0.5
+        perf.decode_output("x", 1)
+        run.uncached_tokens = 388
+    assert (perf.model.prefill.samples, perf.model.load.samples) == (prefill_before, 121)
+    # ... unless a stream joined meanwhile (its KV may have loaded from the store beside its
+    # transfer): whose load it was is not known, no sample of either fit.
+    perf.decode_started("y", 100)
+    with perf.prefill(900) as run:
+        perf.saw_store_loads(512, 0)
+        clock.t += 0.5
+        perf.decode_output("y", 1)
+        run.uncached_tokens = 388
+    assert (perf.model.prefill.samples, perf.model.load.samples) == (prefill_before, 121)
+
+
+def test_the_kv_stores_step_counts_reach_the_load_sinks() -> None:
+    from tandem.kvtransfer import stats
+
+    seen: list[tuple[int, int]] = []
+    metrics = stats.TandemPromMetrics.__new__(stats.TandemPromMetrics)  # (only its store half runs here)
+    for name in ("_st_hits", "_st_misses", "_st_tokens", "_st_bytes", "_st_evict", "_st_dropped", "_st_corrupt",
+                 "_st_saves", "_st_save_step", "_st_held", "_st_load"):
+        setattr(metrics, name, _Any())
+    stats.STORE_LOAD_SINKS.append(lambda t, d: seen.append((t, d)))
+    try:
+        metrics._observe_store({"store": {"hits.ram": 2, "hit_tokens": 512}}, [])
+        metrics._observe_store({"store": {"hits.disk": 1, "misses": 3}}, [])
+        metrics._observe_store({"store": {"misses": 1}}, [])  # nothing loaded: not called
+    finally:
+        stats.STORE_LOAD_SINKS.pop()
+    assert seen == [(512, 0), (0, 1)]
+
+
+class _Any:
+    def __getattr__(self, name: str) -> _Any:
+        return self
+
+    def __call__(self, *a: object, **k: object) -> _Any:
+        return self
+
+
 def test_prefill_busy_is_the_share_of_recent_time_with_a_prefill_running() -> None:
     clock = Clock()
     perf = NodePerf(clock)

@@ -124,6 +124,42 @@ def test_state_round_trip_predicts_the_same() -> None:
     assert OnlineFit.from_state(m.prefill.state()).samples == m.prefill.samples
 
 
+def test_a_learned_load_cost_replaces_the_coordinators_constants_once_it_has_samples() -> None:
+    from tandem.coordinator.prefix import load_s
+    from tandem.perfmodel import LOAD_MIN_SAMPLES, LOAD_S_PER_TOKEN, ModelView
+
+    m = NodeModel()
+    ram, disk = LOAD_S_PER_TOKEN["ram"], LOAD_S_PER_TOKEN["disk"]
+    # Its prior is the constants: before any load it predicts them.
+    assert m.store_load_s(512, 256) == pytest.approx(256 * ram + 256 * disk, rel=1e-3)
+    assert load_s(0, 0, ModelView.of(m)) == 0.0
+    truth = lambda t, u: 0.012 + 2e-5 * t + 1e-4 * u  # noqa: E731
+    for i in range(LOAD_MIN_SAMPLES):
+        assert load_s(512, 256, ModelView.of(m)) == pytest.approx(256 * ram + 256 * disk)  # the constants
+        m.saw_load(256 * (i + 1), 256 * (i % 2), truth(256 * (i + 1), 256 * (i % 2)))
+    for i in range(200):
+        t = 256 * (1 + i % 8)
+        m.saw_load(t, 256 * (i % 3), truth(t, 256 * (i % 3)))
+    view = ModelView.of(m)
+    assert view.load.samples == LOAD_MIN_SAMPLES + 200
+    assert load_s(512, 0, view) == pytest.approx(truth(512, 0), rel=0.02)
+    assert load_s(512, 256, view) == pytest.approx(truth(512, 256), rel=0.02)
+    assert load_s(0, 0, view) == 0.0  # nothing held: no step sat out either
+    # Loads that all come from disk are learned; what they leave undetermined (RAM apart from disk)
+    # the prior settles: a finite RAM-only cost, below the disk one.
+    d = NodeModel()
+    for i in range(200):
+        t = 256 * (1 + i % 4)
+        d.saw_load(t, t, t * 1e-4)
+    assert d.store_load_s(512, 512) == pytest.approx(0.0512, rel=0.02)
+    assert 0 <= d.store_load_s(512, 0) < d.store_load_s(512, 512)
+    # The fit travels with the model's state; a state from before it had one starts from the prior.
+    assert NodeModel.from_state(m.state()).store_load_s(512, 3) == pytest.approx(m.store_load_s(512, 3), rel=1e-9)
+    old = m.state()
+    del old["load"]
+    assert NodeModel.from_state(old).load.samples == 0
+
+
 def test_queue_time_is_the_prefills_ahead() -> None:
     m = NodeModel()
     for n in range(16, 2048, 64):

@@ -472,6 +472,14 @@ def test_a_nodes_kv_store_holds_chunks_its_engine_dropped_and_they_load_at_the_t
     assert disk[1].ttft_s == pytest.approx(0.088 + 192 * LOAD_S_PER_TOKEN["ram"] + 256 * LOAD_S_PER_TOKEN["disk"])
     gone = simulate(SimConfig(1, 1, t, t, store_ram_tokens=256, **base), trace)  # no disk: the second chunk is gone
     assert gone[1].ttft_s == pytest.approx(0.344 + (256 - 64) * LOAD_S_PER_TOKEN["ram"])
+    # a node's learned load fit (k + r·t + s·u for t tokens loaded, u of them from disk) replaces the constants
+    learned = Timings(t.prefill, t.decode, store_load=(0.02, 1e-5, 3e-5))
+    ram = simulate(SimConfig(1, 1, learned, t, store_ram_tokens=4096, **base), trace)
+    assert ram[1].ttft_s == pytest.approx(0.088 + 0.02 + 1e-5 * (512 - 64))
+    disk = simulate(SimConfig(1, 1, learned, t, store_ram_tokens=256, store_disk=True, **base), trace)
+    assert disk[1].ttft_s == pytest.approx(0.088 + 0.02 + 1e-5 * 448 + 3e-5 * 256)
+    # and travels with a simulated node's model (what it reports: the coordinator predicts alike)
+    assert Timings.of_model(learned.to_model()).store_load == pytest.approx((0.02, 1e-5, 3e-5), rel=1e-6)
     with pytest.raises(ValueError, match="RAM tier over a disk"):
         SimConfig(1, 1, t, t, store_disk=True, **base)
 

@@ -23,6 +23,12 @@ batch of 32 whose steps took 57 ms read as 35 ms). Transfer: a
 stream that came with a KV handle, from its start to its first token, is one
 sample of (KV bytes, seconds): the fetch plus the one step that produces the
 token, which is what a request waits for between its first and second token.
+Load: a prefill that would be a sample (alone, or its own share beside a
+batch) but loaded part of its prompt from the node's KV store
+(``saw_store_loads``, the engine's per-step counts) is not a prefill sample but
+one of (tokens loaded, of them promoted from disk, its time over what the
+prefill fit says its computed part takes); with a stream joining the batch
+meanwhile (its KV may have loaded beside its transfer) it is none.
 
 The fitted coefficients and sample counts are Prometheus gauges
 (``tandem_perf_coefficient{model,term}``, ``tandem_perf_samples{model}``),
@@ -119,6 +125,11 @@ class NodePerf:
         # other (the batch counts a stream that was not in its first steps).
         self._left_at = -math.inf
         self._joined_at = -math.inf
+        # The node's KV store's loads, as its engine reports them (saw_store_loads): prompt tokens
+        # loaded in all, and of them promoted from disk. A prefill that loaded is not a sample of the
+        # prefill fit (its time holds the load) but of the load fit, past what its computed part takes.
+        self._store_tokens = 0
+        self._store_disk = 0
         self._queue: dict[int, int] = {}  # prefills here now (insertion order: oldest first) -> tokens
         self._ids = itertools.count()
         self._changed: asyncio.Event | None = None
@@ -153,6 +164,7 @@ class NodePerf:
         self._prefill_starts += 1
         self._prefill_epoch += 1
         starts, joins, t0 = self._prefill_starts, self._joins, self._clock()
+        stored0 = (self._store_tokens, self._store_disk)
         if self._busy_since is None:
             self._busy_since = t0
         key = next(self._ids)
@@ -174,28 +186,41 @@ class NodePerf:
             took = self._clock() - t0
             undisturbed = self._prefill_starts == starts and self._joins == joins and self._batch == 0
             cached = max(0, tokens - (run.uncached_tokens or 0))  # (0 when the prompt's length is not given)
+            loaded, disk = self._store_tokens - stored0[0], self._store_disk - stored0[1]
+            # A load is this prefill's only when nothing else here could have loaded meanwhile (no
+            # other prefill, no stream joining).
+            mine = not (loaded or disk) or (self._joins == joins and disk <= loaded <= cached)
+            own = None
             if ok and alone and undisturbed and run.uncached_tokens is not None:
-                self.model.saw_prefill(run.uncached_tokens, took, cached)
+                own = took
             elif ok and sole and self._prefill_starts == starts and run.uncached_tokens and took > 0:
-                self._saw_prefill_beside(run.uncached_tokens, took, areas, cached)
+                own = self._own_share(run.uncached_tokens, took, areas)
+            if own is not None and mine and run.uncached_tokens is not None:
+                if loaded:
+                    self.model.saw_load(loaded, disk, max(0.0, own - self.model.prefill_s(run.uncached_tokens, cached)))
+                else:
+                    self.model.saw_prefill(run.uncached_tokens, own, cached)
             self._export(force=self._prefills_running == 0)  # idle now: show the last samples too
 
-    def _saw_prefill_beside(self, tokens: int, took: float, areas: tuple[float, float], cached: int = 0) -> None:
-        """A prefill of ``tokens`` (after ``cached`` found cached) that shared its steps with a
-        decode batch took ``took`` seconds; ``areas``: the batch's integrals when it started. The
-        prefill's own share is a sample."""
+    def saw_store_loads(self, tokens: int, disk_tokens: int) -> None:
+        """The engine's KV store loaded ``tokens`` prompt tokens into its blocks and promoted
+        ``disk_tokens`` from disk (kvtransfer/stats.py, once a step that did)."""
+        self._store_tokens += tokens
+        self._store_disk += disk_tokens
+
+    def _own_share(self, tokens: int, took: float, areas: tuple[float, float]) -> float | None:
+        """A prefill of ``tokens`` uncached that shared its steps with a decode batch took ``took``
+        seconds; ``areas``: the batch's integrals when it started. Its own share (None: not known)."""
         if not self.model.decode.samples:
-            return  # what the batch added is not known yet
+            return None  # what the batch added is not known yet
         self._advance_means(self._clock())
         batch = (self._batch_area - areas[0]) / took
         context = (self._context_area - areas[1]) / took
         if batch <= 0:
-            self.model.saw_prefill(tokens, took, cached)  # no stream decoded while it ran
-            return
+            return took  # no stream decoded while it ran
         steps = chunk_steps(tokens, self.step_tokens or VLLM_STEP_TOKENS, batch)
         own = took - steps * beside_s(self.model, batch, context)
-        if own > 0:
-            self.model.saw_prefill(tokens, own, cached)
+        return own if own > 0 else None
 
     # decode --------------------------------------------------------------------
     def decode_started(self, rid: str, context_tokens: int, kv_bytes: int = 0, interval: int = 1) -> None:
@@ -289,7 +314,8 @@ class NodePerf:
         """What the node is doing now and how fast it is (the NodeMonitor stream's message)."""
         view = ModelView.of(self.model)
         fits = [pb.PerfFit(name=name, terms=list(f.terms), coefficients=list(f.coefficients), samples=f.samples)
-                for name, f in (("prefill", view.prefill), ("decode", view.decode), ("transfer", view.transfer))]
+                for name, f in (("prefill", view.prefill), ("decode", view.decode), ("transfer", view.transfer),
+                                ("load", view.load))]
         batch_mean, context_mean = self.decode_means()
         kv_tokens, kv_free, waiting = self.kv_room() or (0, 0, 0)
         return pb.NodeLoad(node_id=node_id, engine_id=engine_id, prefill_queue=list(self._queue.values()),
@@ -321,7 +347,7 @@ class NodePerf:
             return
         self._exported_at = now
         for name, fit in (("prefill", self.model.prefill), ("decode", self.model.decode),
-                          ("transfer", self.model.transfer)):
+                          ("transfer", self.model.transfer), ("load", self.model.load)):
             _export_fit(name, fit)
 
 

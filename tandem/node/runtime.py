@@ -102,6 +102,11 @@ async def run_node(cfg: NodeConfig, service_name: str,
     perf = NodePerf(step_tokens=cfg.max_num_batched_tokens)
     if isinstance(engine, EngineHost):
         perf.kv_room = engine.kv_room.tokens
+        if cfg.kvstore_ram_gib:
+            from tandem.kvtransfer.stats import STORE_LOAD_SINKS
+
+            chunk = cfg.kvstore_chunk_tokens
+            STORE_LOAD_SINKS.append(lambda tokens, disk_chunks: perf.saw_store_loads(tokens, disk_chunks * chunk))
     loop = asyncio.get_running_loop()
     for picture in (held, engine_held):
         if picture is not None:
