@@ -52,16 +52,22 @@ def test_prefill_samples_fit_the_prefill_time() -> None:
     assert perf.model.prefill_s(1000) == pytest.approx(0.01 + 2e-4 * 1000, rel=1e-6)
 
 
-def test_a_prefill_after_a_cached_prefix_is_a_sample_of_its_new_tokens_after_it() -> None:
-    # A prompt of ``tokens`` the engine found ``tokens - uncached`` of cached: the sample is the
-    # uncached tokens after that many (their attention to the cached ones costs)
-    clock = Clock()
-    perf = NodePerf(clock)
+def _feed_prefills_after_prefixes(clock: Clock, perf: NodePerf):  # type: ignore[no-untyped-def]
+    """Prefills of n new tokens after h cached, each alone, timed exactly by the returned ``took(n, h)``."""
     took = lambda n, h: 0.01 + 2e-4 * n + 1e-7 * n * (n + 2 * h)  # noqa: E731
     for n, h in [(n, h) for n in range(50, 1000, 90) for h in (0, 512, 1536)]:
         with perf.prefill(n + h) as run:
             clock.t += took(n, h)
             run.uncached_tokens = n
+    return took
+
+
+def test_a_prefill_after_a_cached_prefix_is_a_sample_of_its_new_tokens_after_it() -> None:
+    # A prompt of ``tokens`` the engine found ``tokens - uncached`` of cached: the sample is the
+    # uncached tokens after that many (their attention to the cached ones costs)
+    clock = Clock()
+    perf = NodePerf(clock)
+    took = _feed_prefills_after_prefixes(clock, perf)
     assert perf.model.prefill_s(100, 1000) == pytest.approx(took(100, 1000), rel=1e-6)
     assert perf.model.prefill_s(100) == pytest.approx(took(100, 0), rel=1e-6)
 
@@ -191,11 +197,7 @@ def test_a_prefill_that_loaded_from_the_kv_store_teaches_the_load_fit_not_the_pr
     adds the load again. Past what the prefill fit says its computed part takes, it is a load sample."""
     clock = Clock()
     perf = NodePerf(clock)
-    took = lambda n, h: 0.01 + 2e-4 * n + 1e-7 * n * (n + 2 * h)  # noqa: E731
-    for n, h in [(n, h) for n in range(50, 1000, 90) for h in (0, 512, 1536)]:
-        with perf.prefill(n + h) as run:
-            clock.t += took(n, h)
-            run.uncached_tokens = n
+    took = _feed_prefills_after_prefixes(clock, perf)
     prefill_before = perf.model.prefill.samples
     load = lambda t, u: 0.012 + 2e-5 * t + 5e-5 * u  # noqa: E731  (a step sat out, the copy, a disk read)
     for i in range(120):
