@@ -3,6 +3,8 @@
 import asyncio
 import time
 
+import pytest
+
 from tandem.local.etcd_server import LocalEtcd
 from tandem.membership import MembershipView, NodeRecord, Registration
 
@@ -187,3 +189,38 @@ def test_membership_over_tls_to_an_etcd_that_asks_clients_for_a_certificate(tmp_
         monkeypatch.setenv("TANDEM_ETCD_KEY", daemon.key)
         assert asyncio.run(register_and_see(etcd.url)) == {"p0"}
         assert asyncio.run(refused(etcd.url.replace("https://", "http://")))  # plaintext to a TLS etcd
+
+
+def test_local_etcd_picks_new_ports_when_one_is_taken_before_it_binds(monkeypatch) -> None:
+    import socket
+
+    from tandem.local import etcd_server
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    real = etcd_server.free_port
+    picks = iter([taken])
+    monkeypatch.setattr(etcd_server, "free_port", lambda host: next(picks, None) or real(host))
+    try:
+        with LocalEtcd() as etcd:
+            assert etcd.client_port != taken
+            assert etcd.probe() == "ok"
+    finally:
+        squatter.close()
+
+
+def test_local_etcd_keeps_ports_it_was_given_and_says_which_is_taken() -> None:
+    import socket
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    etcd = LocalEtcd(client_port=squatter.getsockname()[1])
+    try:
+        with pytest.raises(RuntimeError, match="address already in use"):
+            etcd.start(timeout_s=10)
+    finally:
+        etcd.stop()
+        squatter.close()

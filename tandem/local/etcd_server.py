@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -20,6 +19,10 @@ from tandem.tls import TlsConfig
 from .supervisor import OK, REFUSED, SILENT
 
 logger = logging.getLogger(__name__)
+
+
+class _PortTaken(Exception):
+    """etcd exited because one of its ports was bound by another process."""
 
 
 def etcd_binary() -> str:
@@ -48,15 +51,38 @@ class LocalEtcd:
         """``tls``: serve clients over TLS with this certificate and, with its CA, take only
         clients whose certificate that CA signed."""
         self.host = host
-        self.client_port = client_port or free_port(host)
-        self.peer_port = peer_port or free_port(host)
         self.tls = tls if tls is not None and tls.on else None
-        self.url = f"{'https' if self.tls else 'http'}://{host}:{self.client_port}"
+        # Ports we picked ourselves may be taken between picking and etcd's bind; then the
+        # first start picks again. Ports the caller named are kept, and so are ports a
+        # started server has had (a restart must come back at the same URL).
+        self._repick = not client_port and not peer_port
+        self._set_ports(client_port or free_port(host), peer_port or free_port(host))
         self._dir = tempfile.mkdtemp(prefix="tandem-etcd-")
         self._proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout_s: float = 20.0) -> LocalEtcd:
-        """Start it (again: a restart keeps the data dir, so registrations survive as etcd's do)."""
+    def _set_ports(self, client_port: int, peer_port: int) -> None:
+        self.client_port, self.peer_port = client_port, peer_port
+        self.url = f"{'https' if self.tls else 'http'}://{self.host}:{self.client_port}"
+
+    def start(self, timeout_s: float = 20.0, bind_tries: int = 3) -> LocalEtcd:
+        """Start it (again: a restart keeps the data dir, so registrations survive as etcd's do).
+        On a first start with ports picked here, a port another process took meanwhile
+        ("address already in use") is retried on new ports, ``bind_tries`` times in all."""
+        for attempt in range(1, bind_tries + 1):
+            try:
+                return self._start_once(timeout_s)
+            except _PortTaken:
+                if not self._repick or attempt == bind_tries:
+                    raise RuntimeError(f"etcd could not bind {self.url} or its peer port "
+                                       f"{self.peer_port}: address already in use; see {self._dir}/etcd.log")
+                logger.warning("etcd: a port was taken before etcd bound it (%s, peer %d); trying new ports",
+                               self.url, self.peer_port)
+                shutil.rmtree(self._dir, ignore_errors=True)
+                os.makedirs(self._dir)
+                self._set_ports(free_port(self.host), free_port(self.host))
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout_s: float) -> LocalEtcd:
         cmd = [
             etcd_binary(), "--name", "tandem", "--data-dir", self._dir,
             "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
@@ -72,15 +98,24 @@ class LocalEtcd:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
+                if "address already in use" in self._log_text():
+                    raise _PortTaken()
                 raise RuntimeError(f"etcd exited with code {self._proc.returncode}; see {self._dir}/etcd.log")
-            try:
-                with socket.create_connection((self.host, self.client_port), timeout=0.5):
-                    logger.info("etcd serving at %s (data in %s)", self.url, self._dir)
-                    return self
-            except OSError:
-                time.sleep(0.1)
+            # Its own /health, not a bare connect: a port taken by another process accepts
+            # connections too.
+            if self.probe(0.5) == OK and self._proc.poll() is None:
+                logger.info("etcd serving at %s (data in %s)", self.url, self._dir)
+                self._repick = False
+                return self
+            time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"etcd did not start listening on {self.url} within {timeout_s:.0f} s")
+
+    def _log_text(self) -> str:
+        try:
+            return Path(self._dir, "etcd.log").read_text(errors="replace")
+        except OSError:
+            return ""
 
     @property
     def pid(self) -> int | None:
