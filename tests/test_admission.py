@@ -5,6 +5,7 @@ prefill as fast.)"""
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 
@@ -596,6 +597,21 @@ def test_raw_predictions_that_scatter_wider_than_outcomes_are_drawn_to_what_happ
         steady.learn(raw, raw * 1.3)
     a, b = steady.line()
     assert b == pytest.approx(1.3, rel=0.01) and a == pytest.approx(0.0, abs=1e-4)
+
+
+def test_a_line_that_predicts_the_finished_requests_worse_than_the_factor_is_not_used() -> None:
+    # Local prefills (the twenty-sixth sitting's 0:2 logs): most take what the model says, one in
+    # ten waits ~0.5 s more (for KV room, behind a queue). A line through them has a positive
+    # intercept that triples the short prefills' predictions; the factor scales them by ~1.1.
+    rng = random.Random(5)
+    cal = Calibration.of("ttft_local")
+    for i in range(400):
+        raw = rng.uniform(0.05, 0.4)
+        cal.learn(raw, raw + (0.5 if i % 10 == 0 else 0.0))
+    a, b = cal._fit()
+    assert a > 0.01  # the line there is, the one that used to be used
+    assert cal.line() is None and cal.line_err > cal.factor_err
+    assert cal(0.06) == pytest.approx(0.06 * math.exp(cal.log_bias)) and cal(0.06) < 0.06 * 1.2 < a + b * 0.06
 
 
 def test_a_decode_node_refusal_on_tpot_uses_its_calibrated_prediction() -> None:
