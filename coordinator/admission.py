@@ -89,6 +89,8 @@ class Plan:
     tpot_factor: float = 1.0  # divided by these, less waited_s; what the nodes learn from)
     waited_s: float = 0.0  # of ttft_s, the time a batch request waited in the batch queue (traffic.py)
     prefill_held: int = 0  # prompt tokens the prefilling node holds (cached or loaded there, not computed)
+    prefill_run_s: float = 0.0  # a local prefill's own time on an idle node, model only (what it adds
+    # to the TTFT of the local prefills queued behind it: estimates._local_queue)
 
 
 # Predictions this close are the same, and the load decides: two nodes of one kind differ by the
@@ -284,7 +286,8 @@ class Admission:
             assert chosen.ttft is not None
             plan = Plan(None, chosen.ttft.node, chosen.ttft_s, chosen.tpot.seconds if chosen.tpot else None,
                         local=True, ttft_factor=chosen.ttft.factor,
-                        tpot_factor=chosen.tpot.factor if chosen.tpot else 1.0)
+                        tpot_factor=chosen.tpot.factor if chosen.tpot else 1.0,
+                        prefill_run_s=chosen.ttft.idle_seconds or 0.0)
         else:
             plan = Plan(p.node if p else None, d.node if d else None, p.seconds if p else None,
                         d.seconds if d else None, ttft_factor=p.factor if p else 1.0,

@@ -122,22 +122,35 @@ def _prefill_queue(node: NodeClient, own: Tally, oldest_left: Callable[[int], in
     return mine + reported[len(mine):]
 
 
-def _local_queue(node: NodeClient, budget: int, batch: int, context: int) -> list[int]:
-    """Prompt tokens still to prefill of the local prefills on a decode node (``_prefill_queue``).
-    Of this coordinator's own, the oldest (the engine runs them in turn) has been running since it
-    was sent, or since the one before it ended, and is that far through (a share of what its
-    prefill and the steps beside it take). Counted whole, it was most of the TTFT refusals of the
-    sixteenth sitting's 0:1 run: each one's queue was one prefill, counted from its start whatever
-    share of it had run."""
-    def left(first: int) -> int:
-        began = max(node.prefilling_since.get(next(iter(node.prefilling)), 0.0), node.prefilled_at)
-        takes = node.calibrated("ttft_local", node.model.prefill_s(first)
-                                + chunk_steps(first, budget, batch) * beside_s(node.model, batch, context))
-        if takes <= 0:
-            return first
-        return round(first * (1.0 - min(1.0, max(0.0, time.perf_counter() - began) / takes)))
+def _local_queue(node: NodeClient, budget: int, batch: int, context: int) -> tuple[list[int], float]:
+    """The local prefills on a decode node: their prompt tokens still to prefill each
+    (``_prefill_queue``), and what they add to the TTFT of a prompt behind them (model only,
+    ``queued_prefill_s``). Of this coordinator's own, the oldest (the engine runs them in turn) has
+    been running since it was sent, or since the one before it ended, and is that far through (a
+    share of what its prefill and the steps beside it take). Counted whole, it was most of the TTFT
+    refusals of the sixteenth sitting's 0:1 run: each one's queue was one prefill, counted from its
+    start whatever share of it had run. Each of this coordinator's own takes what admission
+    predicted for it (``NodeClient.prefilling_run_s``: the attention over its held prefix and its
+    store load in it); reckoned from its tokens, a prompt of 100 new tokens after 1,024 held came
+    to 54 ms where the model says 84."""
+    model = node.model
+    own = [k for k, t in node.prefilling.items() if t > 0]
+    share = [1.0]  # of the oldest, the share still to run
 
-    return _prefill_queue(node, node.prefilling, left)
+    def left(first: int) -> int:
+        began = max(node.prefilling_since.get(own[0], 0.0), node.prefilled_at)
+        run = node.prefilling_run_s.get(own[0]) or model.prefill_s(first)
+        takes = node.calibrated("ttft_local", run + chunk_steps(first, budget, batch) * beside_s(model, batch, context))
+        if takes > 0:
+            share[0] = 1.0 - min(1.0, max(0.0, time.perf_counter() - began) / takes)
+        return round(first * share[0])
+
+    queue = _prefill_queue(node, node.prefilling, left)
+    runs = [node.prefilling_run_s.get(k, 0.0) for k in own[:len(queue)]]
+    if runs and runs[0]:  # the oldest: the share of it still to run
+        base = model.prefill_s(0)
+        runs[0] = base + share[0] * (runs[0] - base)
+    return queue, queued_prefill_s(model, queue, runs)
 
 
 def step_tokens(load: pb.NodeLoad | None) -> int:
@@ -145,7 +158,7 @@ def step_tokens(load: pb.NodeLoad | None) -> int:
     return (load.step_tokens if load is not None else 0) or DEFAULT_STEP_TOKENS
 
 
-def queued_prefill_s(model: ModelView, queue: list[int]) -> float:
+def queued_prefill_s(model: ModelView, queue: list[int], runs: list[float] = ()) -> float:
     """What the local prefills queued on a decode node (tokens still to prefill each) add to the
     TTFT of a prompt behind them: their tokens' share of the prefill fit, without its constant.
     The engine runs prompts in chunks of its per-step budget back to back, the next prompt's first
@@ -153,9 +166,11 @@ def queued_prefill_s(model: ModelView, queue: list[int]) -> float:
     (the constant, about one step: 18 ms of 18 + 0.27 / token on the twentieth sitting's decode
     nodes). Counted once per queued prompt, as until then, it put the TTFTs of prompts that
     found a local prefill ahead 8 % over the actual in the median on that sitting's 0:2 multi-turn
-    run at 4.5 req/s (p50 / p90 error 23 / 74 %; without it, on the same log, -2 %, 17 / 60 %)."""
+    run at 4.5 req/s (p50 / p90 error 23 / 74 %; without it, on the same log, -2 %, 17 / 60 %).
+    ``runs``: the first prompts' own times where known (0: not known), in place of their tokens'."""
     base = model.prefill_s(0)
-    return sum(model.prefill_s(t) - base for t in queue if t > 0)
+    return sum((runs[i] if i < len(runs) and runs[i] else model.prefill_s(t)) - base
+               for i, t in enumerate(queue) if t > 0)
 
 
 def decode_load(node: NodeClient, load: pb.NodeLoad | None = None) -> tuple[int, int]:
@@ -185,6 +200,7 @@ class DecodeView:
     step_now: float  # its step with the batch it has: ``step(batch, context)``
     step_tokens: int  # its per-step token budget (``step_tokens``)
     queue: list[int]  # its local prefills' tokens still to prefill (``_local_queue``)
+    queue_s: float  # what they add to the TTFT of a prompt behind them (model only)
     # this coordinator's streams there with a TPOT objective: (seconds left within it, tokens to
     # come); asked only for a decision that protects running streams (else empty)
     tpot_left: list[tuple[float, int]]
@@ -199,7 +215,7 @@ def decode_view(node: NodeClient, tpot_left: bool = True) -> DecodeView:
     now = time.perf_counter()
     left = [got for b in node.budgets.values() if (got := b(now)) is not None] if tpot_left else []
     return DecodeView(node, load, batch, context, step, step(batch, context), budget,
-                      _local_queue(node, budget, batch, context), left)
+                      *_local_queue(node, budget, batch, context), left)
 
 
 def kv_wait(node: NodeClient, tokens: int, step_s: float, batch: int) -> tuple[float, int]:
@@ -403,7 +419,7 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
         return None
     view = view or decode_view(node, tpot_left=False)
     step, batch, context, budget, queue = view.step, view.batch, view.context, view.step_tokens, view.queue
-    raw_queue_s = queued_prefill_s(model, queue)
+    raw_queue_s = view.queue_s
     cached = cached.capped(prompt_tokens - 1)  # the last prompt token is always computed
     idle_s = prefill_after_load(model, prompt_tokens, cached.tokens) + load_s(cached.loaded, cached.disk, model)
     chunks = chunk_steps(sum(queue) + prompt_tokens - cached.tokens, budget, batch)

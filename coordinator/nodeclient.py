@@ -84,6 +84,9 @@ class NodeClient:
     inflight: Tally = field(default_factory=lambda: Tally())  # this coordinator's requests there -> tokens
     prefilling: Tally = field(default_factory=lambda: Tally())  # of those, local prefills not done yet -> tokens
     prefilling_since: dict[int, float] = field(default_factory=dict)  # -> when each was sent (perf_counter)
+    # -> the model's time for each one's prefill alone, as admission predicted it (its held prefix's
+    # attention and its store load in it); absent: not predicted (its tokens say)
+    prefilling_run_s: dict[int, float] = field(default_factory=dict)
     prefilled_at: float = 0.0  # when the last local prefill there ended (perf_counter)
     # Of those, streams reserved there whose KV is being prefilled elsewhere -> prompt tokens: the
     # node has not seen them yet, and their blocks come out of its free KV room when they arrive.

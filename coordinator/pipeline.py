@@ -277,8 +277,10 @@ class Pipeline:
                         t_dec = time.perf_counter()
                         prefilling = legs_end.enter_context(ExitStack())  # a local prefill, until its first token
                         if local:  # its work there: less the prefix admission credited the node with
-                            held = req.plan.prefill_held if req.plan is not None and leg == 0 else 0
-                            prefilling.enter_context(self.router.track_prefill(dnode, max(1, len(context) - held)))
+                            # (a later leg computes it all: the node that held its prefix failed)
+                            held, run_s = (plan.prefill_held, plan.prefill_run_s) if leg == 0 else (0, 0.0)
+                            prefilling.enter_context(self.router.track_prefill(dnode, max(1, len(context) - held),
+                                                                               run_s))
                         started = False  # its tokens came on this leg
                         try:
                             async with aclosing(self._decode(req, dnode, prompt, sampling, handle, leg,

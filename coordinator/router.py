@@ -229,11 +229,14 @@ class Router:
             node.budgets.pop(key, None)
 
     @contextmanager
-    def track_prefill(self, node: NodeClient, tokens: int) -> Iterator[NodeClient]:
-        """A decode node prefilling a request itself, until its first token (or the block exits)."""
+    def track_prefill(self, node: NodeClient, tokens: int, run_s: float = 0.0) -> Iterator[NodeClient]:
+        """A decode node prefilling a request itself, until its first token (or the block exits):
+        ``tokens`` to compute, taking ``run_s`` alone as admission predicted it (0: not predicted)."""
         key = next(_keys)
         node.prefilling[key] = tokens
         node.prefilling_since[key] = time.perf_counter()
+        if run_s > 0:
+            node.prefilling_run_s[key] = run_s
         try:
             yield node
         finally:
@@ -241,6 +244,7 @@ class Router:
                 node.prefilled_at = time.perf_counter()
             del node.prefilling[key]
             del node.prefilling_since[key]
+            node.prefilling_run_s.pop(key, None)
 
     @contextmanager
     def track_awaiting(self, node: NodeClient, tokens: int) -> Iterator[NodeClient]:

@@ -375,8 +375,13 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         def local_ttft(dn: _Decode) -> tuple[float, float]:
             """(its TTFT there, what its prefill adds to each of the node's streams' tokens)"""
             b, ctx = load(dn)
-            # (admission's estimates.queued_prefill_s: the queued prompts share the steps' fixed cost)
-            queue_s = sum(dec.prefill_s(t) - dec.prefill_s(0) for t in dn.local_left.values() if t > 0)
+            # What the prompts queued there have still to run, each past its held prefix and with its
+            # load, less the steps' fixed cost, which they share (admission's estimates._local_queue)
+            queue_s = 0.0
+            for r, left in dn.local_left.items():
+                total, held_r, load_r = dn.local_total[r]
+                done = total - left
+                queue_s += dec.prefill_s(total, held_r) - (dec.prefill_s(done, held_r) if done else dec.prefill_s(0) - load_r)
             held = decode_held(decodes.index(dn), i)
             own = e.input_len - held[0]
             run_s = prefill_cost(dec, i, held)

@@ -784,6 +784,26 @@ def test_a_queued_prefill_counts_what_it_computes_not_the_whole_prompt_the_node_
     run(go)
 
 
+def test_a_queued_local_prefill_counts_what_admission_predicted_for_it_not_its_tokens() -> None:
+    def go():
+        # The prefill ahead computes 100 tokens, but after a held prefix (their attention over it)
+        # and a load from the node's store: admission predicted 0.25 s for it alone, where 100
+        # tokens alone take 0.11 s (0.01 s + 1 ms a token).
+        r = cluster({"d0": pb.NodeLoad(fits=fits(), step_tokens=1000)})
+        d0 = r._nodes["d0"]
+        alone = local_estimate(d0, 100, 16).ttft.seconds
+        with r.track_prefill(d0, 100, run_s=0.25):
+            # (The constant comes once, with this one's.)
+            assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.24, abs=0.005)
+        with r.track_prefill(d0, 100):  # not predicted (a migrated leg): its tokens say
+            assert local_estimate(d0, 100, 16).ttft.seconds == pytest.approx(alone + 0.10, abs=0.005)
+        assert not d0.prefilling_run_s
+        # What admission predicts for a local prefill alone is what its plan carries.
+        plan = Admission(r).plan("r", 100, 16, Slo())
+        assert plan.local and plan.prefill_run_s == pytest.approx(local_estimate(d0, 100, 16).ttft.idle_seconds)
+    run(go)
+
+
 def _stream(r: Router, node_id: str, secs: float, tokens: int):  # type: ignore[no-untyped-def]
     """A running stream of this coordinator's on a decode node with ``secs`` left of its TPOT
     objective for ``tokens`` more tokens (held until the returned context exits)."""
