@@ -77,7 +77,7 @@ async def _profile(args: argparse.Namespace) -> int:
     from tandem.node.engine import EngineHost
     from tandem.node.perf import NodePerf
     from tandem.profile import Profiler, cache_file, load_cached, node_cores, node_settings, profile_key, save
-    from tandem.sim import Timings
+    from tandem.timings import Timings
 
     if not args.etcd:
         args.etcd = "unused://profile"  # a profile registers nowhere

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.perfmodel import NodeModel
-from tandem.sim import Timings
+from tandem.timings import Timings
 
 
 def rows_of(path: str | Path, model: str, hardware: str, tensor_parallel: int) -> list[dict[str, Any]]:

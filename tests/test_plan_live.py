@@ -10,7 +10,7 @@ import pytest
 
 from tandem.mix import Mix, Scrape, parse
 from tandem.plan_live import LivePlanner, Options, Pools, choose_move
-from tandem.sim import Timings
+from tandem.timings import Timings
 
 BOUNDS = (16.0, 64.0, 256.0, 1024.0, math.inf)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tandem.profile_table import fit_table
-from tandem.sim import Timings
+from tandem.timings import Timings
 
 COLUMNS = ["model", "hardware", "prompt_size", "batch_size", "token_size", "peak_power", "average_power",
            "prompt_time", "token_time", "e2e_time", "tensor_parallel"]

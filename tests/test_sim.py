@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from tandem.sim import SimConfig, Timings, attainment, simulate
+from tandem.sim import SimConfig, attainment, simulate
+from tandem.timings import Timings
 
 
 @dataclass

@@ -12,7 +12,7 @@ from tandem.kvtransfer.handle import CONSUME, PRODUCE, TransferHandle
 from tandem.node.config import NodeConfig
 from tandem.node.simengine import SimEngine
 from tandem.sampling import Sampling
-from tandem.sim import Timings
+from tandem.timings import Timings
 
 T = Timings((0.2, 0.0, 0.0), (0.01, 0.0, 0.0))  # prefills of 200 ms, steps of 10 ms
 

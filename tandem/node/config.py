@@ -157,7 +157,7 @@ class NodeConfig:
         if self.simulate:
             if self.kvstore_ram_gib:
                 raise ValueError("--simulate: a simulated node has no KV store (--kvstore-ram-gib must be 0)")
-            from tandem.sim import Timings
+            from tandem.timings import Timings
 
             from tandem.node.simengine import model_facts
 

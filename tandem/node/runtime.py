@@ -29,7 +29,7 @@ from tandem.grpcserve import StopSignals, start_grpc
 from tandem.membership import DrainAsk, NodeRecord, Registration
 from tandem.netutil import reserve_port
 from tandem.profile import node_cores, node_settings, seed_from_profile
-from tandem.sim import Timings
+from tandem.timings import Timings
 
 from . import monitor
 from .calls import SERVICE_NAME as CALLS_SERVICE

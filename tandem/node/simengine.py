@@ -2,7 +2,7 @@
 API, etcd record and metrics, with an engine that only keeps time.
 
 It stands in for ``EngineHost`` (same calls) and imports neither vLLM nor torch. Its times come
-from a profile (``tandem.sim.Timings``: a node's cached profile file or plain coefficients): one
+from a profile (``tandem.timings.Timings``: a node's cached profile file or plain coefficients): one
 prefill at a time takes ``prefill_s(uncached tokens)``; the running requests advance together in
 decode steps of ``step_s(batch, context)``; a request that arrives with a KV handle waits
 ``transfer_s(bytes)`` before it joins (no bytes move: the handles are fake, and only a simulated
@@ -29,7 +29,7 @@ from tandem.errors import InvalidRequest
 from tandem.kvtransfer.handle import CONSUME, HANDLE, PRODUCE, TransferHandle
 from tandem.perfmodel import kv_bytes_per_token
 from tandem.sampling import Sampling
-from tandem.sim import Timings
+from tandem.timings import Timings
 
 from .config import NodeConfig
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 def test_tandem_profile_measures_and_caches_where_a_node_finds_it(tiny_model: Path, tmp_path: Path) -> None:
     from tandem.node.config import NodeConfig
     from tandem.profile import cache_file, node_cores, node_settings, profile_key
-    from tandem.sim import Timings
+    from tandem.timings import Timings
 
     cache = tmp_path / "profiles"
     proc = subprocess.run([sys.executable, "-m", "tandem.cli", "profile", "--model", str(tiny_model), "--cores", "0",
