@@ -219,6 +219,48 @@ def ttft_parts(path: str) -> dict[str, dict[str, float]]:
     return out
 
 
+REPLAY_TTFT_LINE = re.compile(r"^(\S+ \S+) .*\(ttft ([\d.]+) s, .*e2e ([\d.]+) s, prefill (\S+)( \(local\))?, .*"
+                              r"predicted ttft ([\d.]+) s, .*learned factors x([\d.]+),")
+
+
+def replay_ttft(path: str) -> dict[str, dict[str, float]]:
+    """Admission's TTFT error had each node's TTFT calibration been each form (coordinator/
+    calibration.py), per kind (prefilled on a prefill node, on a decode node): the model's own
+    prediction (the logged one over its learned factor; batch requests' waits in the batch queue
+    are left in) put through the calibration learned from the requests of its node finished
+    before it arrived; ``model``: none, ``factor``: a factor only, ``calibration``: as shipped (a
+    line while it scores better)."""
+    rows: dict[str, list[tuple[float, float, float, str, float]]] = {"prefill node": [], "decode node (local)": []}
+    for line in open(path, encoding="utf-8", errors="replace"):
+        m = REPLAY_TTFT_LINE.search(line)
+        if not m or float(m.group(2)) <= 0 or float(m.group(6)) <= 0:
+            continue
+        end = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        rows["decode node (local)" if m.group(5) else "prefill node"].append(
+            (end - float(m.group(3)), end, float(m.group(2)), m.group(4), float(m.group(6)) / float(m.group(7))))
+    out: dict[str, dict[str, float]] = {}
+    kinds = {"prefill node": "ttft", "decode node (local)": "ttft_local"}
+    for where, rs in rows.items():
+        if len(rs) < 5:
+            continue
+        events = sorted([(r[0], 0, i) for i, r in enumerate(rs)] + [(r[1], 1, i) for i, r in enumerate(rs)])
+        for form in ("model", "factor", "calibration"):
+            cal: dict[str, Calibration] = {}
+            predicted: dict[int, float] = {}
+            err = []
+            for _, finished, i in events:
+                _, _, ttft, node, model = rs[i]
+                c = cal.setdefault(node, Calibration.of(kinds[where]))
+                c.lines = form == "calibration"
+                if not finished:
+                    predicted[i] = model if form == "model" else c(model)
+                    continue
+                c.learn(model, ttft)
+                err.append(abs(predicted[i] - ttft) / ttft)
+            out.setdefault(where, {"requests": len(rs)}).update({f"{form}_{k}": v for k, v in p50_p90(err).items()})
+    return out
+
+
 ADMITTED_LOCAL = re.compile(r"request (\S+): admitted, prefills on decode node ([^;]*)")
 FINISHED_LOCAL = re.compile(r"request (\S+): \w+ after \d+ tokens \(ttft ([\d.]+) s, .*\(local\), .*"
                             r"predicted ttft ([\d.]+) s")
@@ -417,6 +459,10 @@ def main(argv: list[str] | None = None) -> int:
                  f"known, p50 {e['rest_p50']:.1%} p90 {e['rest_p90']:.1%}" if "wait_p50" in e else "")
         print(f"TTFT, prefilled on a {where} ({e['requests']:.0f} requests, {e['waited_share']:.0%} waited over 20 ms "
               f"before their call): error p50 {e['p50']:.1%} p90 {e['p90']:.1%}{split}")
+    for where, e in replay_ttft(args.log).items():
+        print(f"TTFT on a {where} replayed ({e['requests']:.0f} requests) with each node's calibration: none "
+              f"p50 {e['model_p50']:.1%} p90 {e['model_p90']:.1%}; a factor p50 {e['factor_p50']:.1%} p90 "
+              f"{e['factor_p90']:.1%}; as shipped p50 {e['calibration_p50']:.1%} p90 {e['calibration_p90']:.1%}")
     for name, e in ttft_local_room(args.log).items():
         print(f"TTFT of local prefills, {name} ({e['requests']:.0f} requests): error p50 {e['p50']:.1%} "
               f"p90 {e['p90']:.1%}, median signed {e['signed_p50']:+.1%}")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import datetime
+import random
 from pathlib import Path
 
 import pytest
 
 from tandem.bench.forecast import (Batch, Req, analyse, read, replay_factor, ttft_local_by_batch, ttft_local_by_credit,
-                                    ttft_local_by_later, ttft_local_room, ttft_parts)
+                                    replay_ttft, ttft_local_by_later, ttft_local_room, ttft_parts)
 
 
 def test_the_batch_over_a_life_is_its_time_average() -> None:
@@ -194,3 +195,27 @@ def test_tpot_that_follows_the_batch_and_the_nodes_own_prefills_is_fitted_with_b
     assert "shares: prefill" not in res and res["shares: fetch"]["requests"] == 40
     assert res["batch and KV fetches' share of its life (oracle)"]["p90"] < 0.01
     assert res["batch (oracle)"]["p90"] > 0.02
+
+
+def test_ttft_calibration_replayed_learns_a_steady_bias_and_a_line_that_scores_worse_is_left(tmp_path: Path) -> None:
+    # Local prefills every second, each answered in 1 s: the model says 0.1-0.4 s and they take
+    # 1.3x that; one in ten waits 0.5 s more (for KV room). A factor learns the 1.3x; the line
+    # through them (a positive intercept) would lift the short ones more, and scores worse.
+    t0 = datetime.datetime(2026, 12, 4, 3, 0, 0).timestamp()
+    lines = []
+    rng = random.Random(3)
+    for i in range(300):
+        model = rng.uniform(0.1, 0.4)
+        ttft = model * 1.3 + (0.5 if rng.random() < 0.1 else 0.0)
+        stamp = datetime.datetime.fromtimestamp(t0 + i + 1.0).strftime("%Y-%m-%d %H:%M:%S,%f")[:-3]
+        lines.append(f"{stamp} INFO coordinator tandem.coordinator.request: request req-{i}: length after 20 tokens "
+                     f"(ttft {ttft:.3f} s, tpot 50.0 ms, e2e 1.000 s, prefill decode-0 (local), decode decode-0, "
+                     f"migrations 0, dispatch 0.000 s, prefill call {ttft:.3f} s; predicted ttft {model * 1.1:.4f} s, "
+                     f"tpot 50.0 ms, learned factors x1.1000, x1.0000, of the ttft waiting 0.000 s)")
+    log = tmp_path / "coordinator.log"
+    log.write_text("\n".join(lines) + "\n")
+    got = replay_ttft(str(log))["decode node (local)"]
+    assert got["requests"] == 300
+    assert got["model_p50"] == pytest.approx(0.3 / 1.3, abs=0.005)  # 1.3x what the model says
+    assert got["factor_p50"] < 0.1 and got["calibration_p50"] < 0.1  # (the waits lift the factor a little)
+    assert got["calibration_p90"] <= got["factor_p90"] + 0.01
