@@ -144,3 +144,35 @@ def test_a_daemon_that_never_comes_back_from_restarting_in_place_is_killed_and_s
         assert whats[:3] == ["restarting-in-place", "start-failed", "restarting"], whats
     finally:
         sup.stop()
+
+
+def test_a_coordinator_started_on_port_0_comes_back_on_the_ports_it_bound(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # A stand-in for `tandem coordinator`: binds --grpc-port and --http-port (0: any free one)
+    # and says which on its READY line, as the coordinator does.
+    import sys
+
+    from tandem.local.cluster import READY_LINE, Daemon
+
+    script = (
+        "import socket, sys, time\n"
+        "ports = dict(zip(sys.argv[1::2], sys.argv[2::2]))\n"
+        "g, h = socket.socket(), socket.socket()\n"
+        "g.bind(('127.0.0.1', int(ports['--grpc-port']))); h.bind(('127.0.0.1', int(ports['--http-port'])))\n"
+        "g.listen(); h.listen()\n"
+        f"print('{READY_LINE} role=coordinator grpc=127.0.0.1:%d http=http://127.0.0.1:%d'"
+        " % (g.getsockname()[1], h.getsockname()[1]), flush=True)\n"
+        "time.sleep(60)\n")
+    d = Daemon("coordinator", "coordinator", [sys.executable, "-c", script, "--grpc-port", "0", "--http-port", "0"],
+               tmp_path / "coordinator.log")
+    try:
+        d.start()
+        d.wait_ready(time.monotonic() + 20)
+        first = dict(d.info)
+        assert first["grpc"] != "127.0.0.1:0" and not first["http"].endswith(":0")
+        d.pin_ports()
+        d.kill()
+        d.start()
+        d.wait_ready(time.monotonic() + 20)
+        assert (d.info["grpc"], d.info["http"]) == (first["grpc"], first["http"])
+    finally:
+        d.kill()

@@ -25,7 +25,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .etcd_server import LocalEtcd
-from tandem.netutil import free_port
 from tandem.node.config import READY_LINE, RESTARTING_LINE, core_spec
 from tandem.tls import TlsConfig
 from .supervisor import OK, REFUSED, SILENT, Event, Supervisor
@@ -80,6 +79,14 @@ class Daemon:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name} was not ready in time; last lines of {self.log_path}:\n"
                                    f"{tail(self.log_path)}")
+
+    def pin_ports(self) -> None:
+        """A ready coordinator started on port 0: its command line takes the ports it bound, so a
+        restart comes back at the same addresses."""
+        for flag, key in (("--grpc-port", "grpc"), ("--http-port", "http")):
+            port = self.info.get(key, "").rpartition(":")[2]
+            if flag in self.argv and port.isdigit():
+                self.argv[len(self.argv) - 1 - self.argv[::-1].index(flag) + 1] = port  # (the last one counts)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -318,8 +325,11 @@ class LocalCluster:
                 coordinator = Daemon(
                     name, "coordinator",
                     self._cli("coordinator", *common, *self.tls_args(coordinator=True),
-                              "--grpc-port", str((s.grpc_port if fixed else 0) or free_port(s.host)),
-                              "--http-port", str((s.http_port if fixed else 0) or free_port(s.host)),
+                              # 0: it binds a free port itself and says which (``pin_ports``
+                              # keeps them for a restart); a port picked here could be taken
+                              # before it binds
+                              "--grpc-port", str(s.grpc_port if fixed else 0),
+                              "--http-port", str(s.http_port if fixed else 0),
                               *(["--max-model-len", str(s.max_model_len)] if s.max_model_len else []),
                               *s.extra_coordinator_args),
                     # its front door takes the client CA's certificates, not the daemons'
@@ -344,6 +354,8 @@ class LocalCluster:
                 d.start()
                 self.nodes.append(d)
             self._wait_ready([*self.coordinators, *self.nodes], timeout_s, progress, stop)
+            for c in self.coordinators:
+                c.pin_ports()
             if s.supervise:
                 self.supervisor = Supervisor(self.daemons, on_event=self.on_event).start()
         except BaseException:
