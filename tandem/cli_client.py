@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
+import signal
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -118,9 +121,15 @@ def cmd_status(args: argparse.Namespace) -> int:
             if not args.watch:
                 print("\n".join(status_table(await client.status())))
                 return 0
+            # Ctrl-C ends it between two calls, never by cancelling one in flight: a grpc.aio call
+            # cancelled by asyncio.run's own SIGINT handling could leave the channel's close hung
+            # (seen once in CI: 30 s). A second Ctrl-C stops it at once.
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGINT, lambda: os._exit(130) if stop.is_set() else stop.set())
             prev: dict[str, int] | None = None
             at = time.monotonic()
-            while True:  # until Ctrl-C
+            while not stop.is_set():
                 st = await client.status()
                 now = time.monotonic()
                 lines = status_table(st, prev, now - at)
@@ -129,7 +138,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                                  + f"\n\n{time.strftime('%H:%M:%S')}  every {args.watch:g} s  (Ctrl-C stops)\n")
                 sys.stdout.flush()
                 prev, at = {n.node_id: n.served for n in st.nodes}, now
-                await asyncio.sleep(args.watch)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), args.watch)
+            return 0
 
     try:
         return asyncio.run(go())
