@@ -17,7 +17,7 @@ what it stood on.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tandem.perfmodel import ModelView, beside_s, chunk_steps, chunk_tokens, kv_bytes_per_token
@@ -158,7 +158,7 @@ def step_tokens(load: pb.NodeLoad | None) -> int:
     return (load.step_tokens if load is not None else 0) or DEFAULT_STEP_TOKENS
 
 
-def queued_prefill_s(model: ModelView, queue: list[int], runs: list[float] = ()) -> float:
+def queued_prefill_s(model: ModelView, queue: list[int], runs: Sequence[float] = ()) -> float:
     """What the local prefills queued on a decode node (tokens still to prefill each) add to the
     TTFT of a prompt behind them: their tokens' share of the prefill fit, without its constant.
     The engine runs prompts in chunks of its per-step budget back to back, the next prompt's first
