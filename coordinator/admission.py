@@ -369,10 +369,11 @@ class Admission:
                 # Every stream running there is this coordinator's, and it knows what each has left of
                 # its objective: none may be pushed past it (``pushed``), by the step with this request
                 # in the batch and the node's recent share of local prefills beside it, or by the
-                # plain step and this prefill's stall once, whichever is more for it.
+                # plain step and this prefill's stall once, whichever is more for it, on top of the
+                # stall of the local prefills queued there ahead of it.
                 pushes = pushed(view.tpot_left, n.calibrated("tpot", view.step_now),
                                 n.calibrated("tpot", step(batch + 1, context + prompt_tokens)), est.stall_s,
-                                n.calibrated("tpot", n.model.step_s(batch + 1, context + prompt_tokens)))
+                                n.calibrated("tpot", n.model.step_s(batch + 1, context + prompt_tokens)), est.ahead_s)
                 if pushes:
                     # (Above the objective, so a miss; the fewest pushed first.)
                     harmful.append((est, n, slo.tpot_s * (1.0 + pushes),

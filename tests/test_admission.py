@@ -881,6 +881,11 @@ def test_a_local_prefill_whose_stall_would_push_a_running_stream_past_its_tpot_i
             assert "no prefill node to send it to" in str(err.value)
             # A 50-token one stalls it some 60 ms: prefilled there.
             assert Admission(r).plan("r", 50, 16, Slo(tpot_s=0.1)).local
+            # ... but not behind a local prefill queued there that stalls the stream 0.15 s anyway:
+            # of its 0.2 s to spare, 0.05 s is left, less than the newcomer's stall.
+            with r.track_prefill(r._nodes["d0"], 100, run_s=0.16):
+                with pytest.raises(Rejected, match="push 1 of its running streams past their TPOT objective"):
+                    Admission(r).plan("r", 50, 16, Slo(tpot_s=0.1))
             # Off: the stall is spread over the newcomer's tokens and checked against the objective.
             assert Admission(r, protect=False).plan("r", 1000, 16, Slo(tpot_s=0.1)).local
     run(go)
