@@ -29,7 +29,8 @@ known: which of the two parts the error is in. Local prefills' TTFT error also a
 admission predicted a wait for room in the decode node's KV cache, and for those over 1 s; by the
 batch at admission; by the local prefills admitted to the same node while theirs ran; and, with
 the decode nodes' logs beside the coordinator's (decode-*.log, as `tandem bench compare` leaves
-them), by whether the prefix admission credited the node with is what its engine had.
+them), by whether the prefix admission credited the node with is what its engine had. And the TTFT error
+replayed with each node's calibration as none, a factor, and as shipped (``replay_ttft``).
 
     python -m tandem.bench.forecast bench/results/compare/tandem-1p1d/coordinator.log
 """
