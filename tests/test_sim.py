@@ -444,6 +444,24 @@ def test_a_decode_node_prefilling_locally_uses_what_its_engine_holds() -> None:
     assert tight[2].ttft_s == pytest.approx(0.512 - 0.128)
 
 
+def test_a_local_prefill_queued_after_a_held_prefix_counts_its_attention_over_it() -> None:
+    # prefill 1 ms a token plus attention, 1 µs per new token per token it attends to; no prefill pool
+    t = Timings((0.0, 0.001, 1e-6), (0.010, 0.0, 0.0))
+    a = list(range(100, 1108))  # 1,008 tokens: 63 whole blocks
+    cfg = SimConfig(0, 2, t, t, local=True, order="slack", slo_ttft_s=60.0, slo_tpot_s=1.0, step_tokens=4096,
+                    prefix_cache=True, block_tokens=16)
+    outs = simulate(cfg, [Prompt(0.0, 1008, 1, a),  # warms decode node 0's cache with ``a``
+                          Prompt(10.0, 1108, 1, a + list(range(5000, 5100))),  # 100 new after a: node 0
+                          Prompt(10.0, 200, 1, list(range(6000, 6200))),  # 200 fresh: node 1, idle
+                          Prompt(10.0, 50, 1, list(range(7000, 7050)))])
+    assert [o.decode_node for o in outs[:3]] == [0, 0, 1]
+    # Behind them: node 0's prefill is 100 tokens, but 0.1 + 1e-6 x 100 x (100 + 2,016) = 0.31 s;
+    # node 1's 200 tokens take 0.2 + 1e-6 x 200 x 200 = 0.24 s. Counted by its tokens (0.11 s),
+    # node 0's queue looked the shorter.
+    assert outs[1].ttft_s == pytest.approx(0.3116, abs=1e-3) and outs[2].ttft_s == pytest.approx(0.24, abs=1e-3)
+    assert outs[3].decode_node == 1
+
+
 def test_a_nodes_kv_store_holds_chunks_its_engine_dropped_and_they_load_at_the_tiers_costs() -> None:
     from tandem.coordinator.prefix import LOAD_S_PER_TOKEN
     from tandem.sim import StoreTiers, block_keys
