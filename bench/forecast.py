@@ -48,7 +48,7 @@ import sys
 from dataclasses import dataclass
 
 from tandem.bench.metrics import percentile
-from tandem.coordinator.calibration import MIN_SLOPE, Calibration
+from tandem.coordinator.calibration import MAX_RATIO, MIN_SLOPE, Calibration
 
 LINE = re.compile(r"^(\S+ \S+) .*after (\d+) tokens \(ttft ([\d.]+) s, tpot ([\d.]+) ms, e2e ([\d.]+) s, "
                   r".*decode (\S+), migrations (\d+).*predicted ttft [\d.]+ s, tpot ([\d.]+) ms"
@@ -224,13 +224,23 @@ REPLAY_TTFT_LINE = re.compile(r"^(\S+ \S+) .*\(ttft ([\d.]+) s, .*e2e ([\d.]+) s
                               r"predicted ttft ([\d.]+) s, .*learned factors x([\d.]+),")
 
 
+def _always_line(c: Calibration, raw_s: float) -> float:
+    """``c``'s prediction had it used its line whenever it had one (before the twenty-seventh
+    sitting), whatever the line scored."""
+    fit = c._fit() if c.lined else None
+    if fit is None:
+        return c(raw_s)
+    return min(raw_s * MAX_RATIO, max(raw_s / MAX_RATIO, fit[0] + fit[1] * raw_s))
+
+
 def replay_ttft(path: str) -> dict[str, dict[str, float]]:
     """Admission's TTFT error had each node's TTFT calibration been each form (coordinator/
     calibration.py), per kind (prefilled on a prefill node, on a decode node): the model's own
     prediction (the logged one over its learned factor; batch requests' waits in the batch queue
     are left in) put through the calibration learned from the requests of its node finished
-    before it arrived; ``model``: none, ``factor``: a factor only, ``calibration``: as shipped (a
-    line while it scores better)."""
+    before it arrived; ``model``: none, ``factor``: a factor only, ``line``: a line whenever there
+    is one (as until the twenty-seventh sitting), ``calibration``: as shipped (a line while it
+    scores better)."""
     rows: dict[str, list[tuple[float, float, float, str, float]]] = {"prefill node": [], "decode node (local)": []}
     for line in open(path, encoding="utf-8", errors="replace"):
         m = REPLAY_TTFT_LINE.search(line)
@@ -245,16 +255,16 @@ def replay_ttft(path: str) -> dict[str, dict[str, float]]:
         if len(rs) < 5:
             continue
         events = sorted([(r[0], 0, i) for i, r in enumerate(rs)] + [(r[1], 1, i) for i, r in enumerate(rs)])
-        for form in ("model", "factor", "calibration"):
+        for form in ("model", "factor", "line", "calibration"):
             cal: dict[str, Calibration] = {}
             predicted: dict[int, float] = {}
             err = []
             for _, finished, i in events:
                 _, _, ttft, node, model = rs[i]
                 c = cal.setdefault(node, Calibration.of(kinds[where]))
-                c.lines = form == "calibration"
+                c.lines = form in ("line", "calibration")
                 if not finished:
-                    predicted[i] = model if form == "model" else c(model)
+                    predicted[i] = model if form == "model" else _always_line(c, model) if form == "line" else c(model)
                     continue
                 c.learn(model, ttft)
                 err.append(abs(predicted[i] - ttft) / ttft)
@@ -463,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     for where, e in replay_ttft(args.log).items():
         print(f"TTFT on a {where} replayed ({e['requests']:.0f} requests) with each node's calibration: none "
               f"p50 {e['model_p50']:.1%} p90 {e['model_p90']:.1%}; a factor p50 {e['factor_p50']:.1%} p90 "
-              f"{e['factor_p90']:.1%}; as shipped p50 {e['calibration_p50']:.1%} p90 {e['calibration_p90']:.1%}")
+              f"{e['factor_p90']:.1%}; a line whenever there is one p50 {e['line_p50']:.1%} p90 "
+              f"{e['line_p90']:.1%}; as shipped p50 {e['calibration_p50']:.1%} p90 {e['calibration_p90']:.1%}")
     for name, e in ttft_local_room(args.log).items():
         print(f"TTFT of local prefills, {name} ({e['requests']:.0f} requests): error p50 {e['p50']:.1%} "
               f"p90 {e['p90']:.1%}, median signed {e['signed_p50']:+.1%}")

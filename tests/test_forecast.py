@@ -219,3 +219,4 @@ def test_ttft_calibration_replayed_learns_a_steady_bias_and_a_line_that_scores_w
     assert got["model_p50"] == pytest.approx(0.3 / 1.3, abs=0.005)  # 1.3x what the model says
     assert got["factor_p50"] < 0.1 and got["calibration_p50"] < 0.1  # (the waits lift the factor a little)
     assert got["calibration_p90"] <= got["factor_p90"] + 0.01
+    assert got["line_p50"] > 0.1 > got["calibration_p50"]  # the line used whenever there was one: worse
