@@ -52,12 +52,14 @@ def test_tpots_that_follow_the_batch_are_found_by_the_oracle_and_the_log_is_read
     assert t["p50"] == pytest.approx(0.25) and t["wait_p50"] == pytest.approx(0.25) and t["rest_p90"] == pytest.approx(0)
 
 
-def finished(rid: str, ttft: float, pred: float, call: float = 0.3) -> str:
-    """A coordinator log's line for a request that prefilled on its decode node and finished."""
-    return (f"2026-12-02 06:30:57,833 INFO coordinator tandem.coordinator.request: request {rid}: length after "
-            f"51 tokens (ttft {ttft:.3f} s, tpot 72.9 ms, e2e 5.399 s, prefill decode-0 (local), decode "
+def finished(rid: str, ttft: float, pred: float, call: float = 0.3, stamp: str = "2026-12-02 06:30:57,833",
+             e2e: float = 5.399, factor: float = 0.8717) -> str:
+    """A coordinator log's line for a request that prefilled on its decode node and finished
+    (at ``stamp``, its TTFT prediction carrying its node's learned ``factor``)."""
+    return (f"{stamp} INFO coordinator tandem.coordinator.request: request {rid}: length after "
+            f"51 tokens (ttft {ttft:.3f} s, tpot 72.9 ms, e2e {e2e:.3f} s, prefill decode-0 (local), decode "
             f"decode-0, migrations 0, dispatch 0.003 s, prefill call {call:.3f} s; predicted ttft {pred:.3f} s, tpot "
-            "69.8 ms, learned factors x0.8717, x0.7120, of the ttft waiting 0.000 s)")
+            f"69.8 ms, learned factors x{factor:.4f}, x0.7120, of the ttft waiting 0.000 s)")
 
 
 def test_local_prefills_ttft_error_is_split_by_the_kv_room_wait_admission_predicted(tmp_path: Path) -> None:
@@ -208,10 +210,7 @@ def test_ttft_calibration_replayed_learns_a_steady_bias_and_a_line_that_scores_w
         model = rng.uniform(0.1, 0.4)
         ttft = model * 1.3 + (0.5 if rng.random() < 0.1 else 0.0)
         stamp = datetime.datetime.fromtimestamp(t0 + i + 1.0).strftime("%Y-%m-%d %H:%M:%S,%f")[:-3]
-        lines.append(f"{stamp} INFO coordinator tandem.coordinator.request: request req-{i}: length after 20 tokens "
-                     f"(ttft {ttft:.3f} s, tpot 50.0 ms, e2e 1.000 s, prefill decode-0 (local), decode decode-0, "
-                     f"migrations 0, dispatch 0.000 s, prefill call {ttft:.3f} s; predicted ttft {model * 1.1:.4f} s, "
-                     f"tpot 50.0 ms, learned factors x1.1000, x1.0000, of the ttft waiting 0.000 s)")
+        lines.append(finished(f"req-{i}", ttft, model * 1.1, call=ttft, stamp=stamp, e2e=1.0, factor=1.1))
     log = tmp_path / "coordinator.log"
     log.write_text("\n".join(lines) + "\n")
     got = replay_ttft(str(log))["decode node (local)"]

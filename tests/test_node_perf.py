@@ -218,22 +218,21 @@ def test_a_prefill_that_loaded_from_the_kv_store_teaches_the_load_fit_not_the_pr
     for b in (1, 4, 16):
         for ctx in (100, 5000):
             perf.model.saw_decode_step(b, ctx, 0.005)
+    def loaded_prefill_beside(stream: str) -> None:  # 388 of 900 computed, 512 loaded, while ``stream`` decodes
+        with perf.prefill(900) as run:
+            perf.saw_store_loads(512, 0)
+            clock.t += 0.5
+            perf.decode_output(stream, 1)
+            run.uncached_tokens = 388
+
     perf.decode_started("x", 100)
     perf.decode_output("x", 1)
-    with perf.prefill(900) as run:
-        perf.saw_store_loads(512, 0)
-        clock.t += 0.5
-        perf.decode_output("x", 1)
-        run.uncached_tokens = 388
+    loaded_prefill_beside("x")
     assert (perf.model.prefill.samples, perf.model.load.samples) == (prefill_before, 121)
     # ... unless a stream joined meanwhile (its KV may have loaded from the store beside its
     # transfer): whose load it was is not known, no sample of either fit.
     perf.decode_started("y", 100)
-    with perf.prefill(900) as run:
-        perf.saw_store_loads(512, 0)
-        clock.t += 0.5
-        perf.decode_output("y", 1)
-        run.uncached_tokens = 388
+    loaded_prefill_beside("y")
     assert (perf.model.prefill.samples, perf.model.load.samples) == (prefill_before, 121)
 
 
