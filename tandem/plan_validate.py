@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from tandem.node.config import DECODE_STEP_TOKENS
-from tandem.sim import LOCAL_OFF, NO_PREFIX_CACHE, NOT_MODELLED, SimConfig, simulate, summary
+from tandem.sim import LOCAL_OFF, NO_PREFIX_CACHE, NOT_MODELLED, SimConfig, simulate
+from tandem.simresults import summary
 from tandem.timings import Timings
 
 PROFILE_LINE = re.compile(r"(?:cached profile|cached in) (\S+\.json)")

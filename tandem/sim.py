@@ -73,13 +73,13 @@ network contention.
 from __future__ import annotations
 
 import heapq
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from tandem.perfmodel import beside_s, chunk_steps, chunk_tokens
 from tandem.simcache import BLOCK_TOKENS, PrefixCache, StoreTiers, block_keys
+from tandem.simresults import Outcome
 from tandem.timings import Timings
 
 ORDERS = ("fifo", "slack")
@@ -131,21 +131,6 @@ class SimConfig:
             raise ValueError(f"block_tokens must be at least 1, got {self.block_tokens}")
         if self.store_ram_tokens < 0 or self.chunk_tokens < 1 or (self.store_disk and not self.store_ram_tokens):
             raise ValueError("a KV store needs store_ram_tokens >= 0, chunk_tokens >= 1, and a RAM tier over a disk one")
-
-
-@dataclass
-class Outcome:
-    arrival_s: float
-    ttft_s: float = math.nan
-    tpot_s: float = 0.0  # 0 for a one-token output
-    e2e_s: float = math.nan
-    prefill_node: int = -1
-    decode_node: int = -1
-    completed: bool = False
-    never_fits: bool = False  # larger than a decode node's whole KV cache
-    refused: bool = False  # admission predicted it would miss an objective
-    decode_wait_s: float = 0.0  # its KV arrived at the decode node -> it joined the running batch
-    local: bool = False  # prefilled on its decode node (conditional disaggregation)
 
 
 @dataclass
@@ -477,28 +462,3 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
                         dn.waiting.insert(0, r)
             step(node, now)
     return out
-
-
-def attainment(outcomes: Sequence[Outcome], slo_ttft_s: float, slo_tpot_s: float) -> float:
-    """The share of requests that completed within both objectives."""
-    if not outcomes:
-        return 0.0
-    ok = sum(1 for o in outcomes if o.completed and o.ttft_s <= slo_ttft_s and o.tpot_s <= slo_tpot_s)
-    return ok / len(outcomes)
-
-
-def summary(outcomes: Sequence[Outcome], slo_ttft_s: float, slo_tpot_s: float) -> dict[str, float]:
-    done = [o for o in outcomes if o.completed]
-
-    from tandem.bench.metrics import percentile  # the measurements' own, so the two compare
-
-    def pct(vals: list[float], q: float) -> float:
-        return percentile(vals, q * 100) if vals else math.nan
-
-    ttft = [o.ttft_s for o in done]
-    tpot = [o.tpot_s for o in done if o.tpot_s > 0]
-    return {"requests": len(outcomes), "completed": len(done), "refused": sum(1 for o in outcomes if o.refused),
-            "local_prefill_share": sum(1 for o in done if o.local) / len(done) if done else math.nan,
-            "attainment": attainment(outcomes, slo_ttft_s, slo_tpot_s),
-            "ttft_p50_s": pct(ttft, 0.5), "ttft_p90_s": pct(ttft, 0.9),
-            "tpot_p50_s": pct(tpot, 0.5), "tpot_p90_s": pct(tpot, 0.9)}

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from tandem.sim import SimConfig, attainment, simulate
+from tandem.sim import SimConfig, simulate
+from tandem.simresults import attainment
 from tandem.timings import Timings
 
 
@@ -118,7 +119,7 @@ def test_a_probe_lasts_long_enough_for_the_cluster_to_fill() -> None:
 
 def test_a_probe_whose_last_arrivals_miss_does_not_meet_the_target() -> None:
     from tandem.plan import steady_attainment
-    from tandem.sim import Outcome
+    from tandem.simresults import Outcome
 
     # 90 % overall, but a backlog building: the middle third met 100 %, the last 70 %; one more
     # third that way is 40 %
@@ -252,7 +253,7 @@ def test_plan_parallel_ranks_per_node_parallel_settings_by_goodput_per_gpu(tmp_p
 
 def test_admission_refuses_what_would_miss_so_the_admitted_meet_their_objectives() -> None:
     from tandem.plan import trace
-    from tandem.sim import summary
+    from tandem.simresults import summary
 
     t = Timings((0.02, 4e-4, 0.0), (0.01, 2e-3, 0.0))
     over = trace("code", 8.0, 1500, 0, 2048)  # one prefill node serves ~3 req/s of these
