@@ -10,6 +10,28 @@ from typing import Any
 GOAL = 0.9  # the SLO attainment that counts as serving a rate (DistServe goodput)
 
 
+TABLED = ("ttft_replay",)  # systems' facts the report shows in a table of their own, not in the list
+REPLAY_FORMS = (("model", "none"), ("factor", "a factor"), ("line", "a line whenever there is one"),
+                ("calibration", "as shipped"))
+
+
+def _replay_lines(systems: list[dict[str, Any]]) -> list[str]:
+    """The TTFT calibration replayed on each Tandem system's own requests (its ``ttft_replay``
+    fact): whether the calibration as shipped helps or hurts on this run, per kind of prefill."""
+    rows = [(s["name"], where, r) for s in systems for where, r in s.get("facts", {}).get("ttft_replay", {}).items()]
+    if not rows:
+        return []
+    out = ["", "Admission's TTFT error replayed on the run's own requests with each calibration form (each "
+           "prediction through the calibration its node had learned from the requests finished before it "
+           "arrived; `python -m tandem.bench.forecast LOG`; p50 / p90, every rate pooled):", "",
+           "| system | prefilled on | requests | " + " | ".join(name for _, name in REPLAY_FORMS) + " |",
+           "|---|---|---:|" + "---:|" * len(REPLAY_FORMS)]
+    for name, where, r in rows:
+        cells = [f"{r[f'{k}_p50']:.0%} / {r[f'{k}_p90']:.0%}" if f"{k}_p90" in r else "–" for k, _ in REPLAY_FORMS]
+        out.append(f"| {name} | {where} | {int(r.get('requests', 0))} | " + " | ".join(cells) + " |")
+    return out
+
+
 def save_plot(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -203,6 +225,7 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
             spread = ", ".join(f"{n}: {c}" for n, c in sorted(f.get("prefills_per_node", {}).items()))
             lines.append(f"| {s['name']} | {s['goodput_rps']:.2f} | {f['prefill_token_hit_rate']:.1%} | {store} | "
                          f"{f.get('engine_preemptions', '–')} | {spread} |")
+    lines += _replay_lines(systems)
     lines += ["", "Prediction error per node (TTFT by the node that prefilled, TPOT by the decode node; "
               "p50 / p90, every request of every rate pooled):", ""]
     for s in systems:
@@ -224,7 +247,7 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
         lines.append(f"- **{s['name']}** ({s['version']}):")
         lines += [f"  - `{' '.join(c)}`" for c in s["commands"]]
         lines += [f"  - note: {n}" for n in s.get("notes", [])]
-        lines += [f"  - {k.replace('_', ' ')}: {v}" for k, v in s.get("facts", {}).items()]
+        lines += [f"  - {k.replace('_', ' ')}: {v}" for k, v in s.get("facts", {}).items() if k not in TABLED]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -360,6 +360,19 @@ def cache_facts(cluster: LocalCluster, started: dict[str, dict[str, float]] | No
     return out
 
 
+def replay_facts(log: Path) -> dict[str, Any]:
+    """Admission's TTFT error replayed on the run's own requests with each calibration form
+    (bench/forecast.py's ``replay_ttft``), from the coordinator's log: what the report's
+    calibration table shows. Nothing when the log has too few finished requests."""
+    from tandem.bench.forecast import replay_ttft
+
+    if not log.exists():
+        return {}
+    replay = replay_ttft(str(log))
+    return {"ttft_replay": {where: {k: round(v, 4) for k, v in r.items()} for where, r in replay.items()}} \
+        if replay else {}
+
+
 def prefills_on_decode_nodes(flags: list[str]) -> bool:
     """Whether a coordinator started with these flags (and this environment) lets its decode nodes
     prefill: read by the coordinator's own argument parser, as the coordinator will read them."""
@@ -394,6 +407,8 @@ def start_tandem(model: str, num_prefill: int, num_decode: int, max_model_len: i
     cmds = [cluster.coordinator.argv[1:]] + [d.argv[1:] for d in cluster.nodes]  # type: ignore[union-attr]
     from tandem import __version__
 
+    log = Path(spec.log_dir) / "coordinator.log"
     return System(f"tandem-{num_prefill}:{num_decode}{variant}", cluster.http_url, cmds,
-                  f"tandem {__version__} on {vllm_version()}", cluster.stop, facts=lambda: cache_facts(cluster, started),
+                  f"tandem {__version__} on {vllm_version()}", cluster.stop,
+                  facts=lambda: {**cache_facts(cluster, started), **replay_facts(log)},
                   nodes={d.name: d.info["grpc"] for d in cluster.nodes})

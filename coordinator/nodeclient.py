@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from tandem.kvstore.held import ChunkIndex
 from tandem.membership import NodeRecord
-from tandem.perfmodel import FitView, ModelView
+from tandem.perfmodel import FITS, FitView, ModelView
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 
@@ -158,8 +158,7 @@ class NodeClient:
             self._fits = msg.fits
             fits = {f.name: FitView(tuple(f.terms), tuple(f.coefficients), int(f.samples)) for f in msg.fits}
             empty = FitView((), (), 0)
-            self.model = ModelView(fits.get("prefill", empty), fits.get("decode", empty), fits.get("transfer", empty),
-                                   fits.get("load", empty))
+            self.model = ModelView(*(fits.get(name, empty) for name in FITS))
 
     def calibrated(self, kind: str, raw_s: float) -> float:
         """A raw ``kind`` prediction for this node (the fitted model's), as its finished requests

@@ -250,14 +250,21 @@ def beside_s(model: Steps, batch: float, context_tokens: float) -> float:
     return max(0.0, model.step_s(batch, context_tokens) - model.step_s(0, 0)) if batch > 0 else 0.0
 
 
+FITS = ("prefill", "decode", "transfer", "load")  # a node's fits; ModelView takes them in this order
+
+
 class _Predicts:
-    """The predictions (seconds) from three fits, whatever holds them: a ``NodeModel``'s own
-    fits, or the coefficients a ``ModelView`` carries."""
+    """The predictions (seconds) from a node's fits (``FITS``, each an attribute by its name),
+    whatever holds them: a ``NodeModel``'s own fits, or the coefficients a ``ModelView`` carries."""
 
     prefill: OnlineFit | FitView
     decode: OnlineFit | FitView
     transfer: OnlineFit | FitView
     load: OnlineFit | FitView
+
+    def named(self) -> list[tuple[str, OnlineFit | FitView]]:
+        """(name, fit) of each of ``FITS``: how a node reports and exports them."""
+        return [(name, getattr(self, name)) for name in FITS]
 
     def prefill_s(self, tokens: int, cached: int = 0) -> float:
         """A prefill of ``tokens`` uncached prompt tokens after ``cached`` ones found cached."""
@@ -371,7 +378,7 @@ class ModelView(_Predicts):
         def view(f: OnlineFit) -> FitView:
             return FitView(f.names, tuple(f.coefficients()), f.samples) if f.samples else _EMPTY
 
-        return cls(view(model.prefill), view(model.decode), view(model.transfer), view(model.load))
+        return cls(*(view(f) for _, f in model.named()))
 
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "fp8": 1}

@@ -219,3 +219,28 @@ def test_ttft_calibration_replayed_learns_a_steady_bias_and_a_line_that_scores_w
     assert got["factor_p50"] < 0.1 and got["calibration_p50"] < 0.1  # (the waits lift the factor a little)
     assert got["calibration_p90"] <= got["factor_p90"] + 0.01
     assert got["line_p50"] > 0.1 > got["calibration_p50"]  # the line used whenever there was one: worse
+
+
+def test_bench_compare_reports_the_calibration_replay_of_its_own_run(tmp_path: Path) -> None:
+    # `tandem bench compare` keeps the replay of each Tandem system's coordinator log among its
+    # facts, and the report shows it as a table (not in the facts' list).
+    from tandem.bench.compare_report import _replay_lines
+    from tandem.bench.systems import replay_facts
+
+    t0 = datetime.datetime(2026, 12, 4, 3, 0, 0).timestamp()
+    lines = []
+    for i in range(300):
+        model = 0.1 + 0.01 * (i % 7)
+        stamp = datetime.datetime.fromtimestamp(t0 + i + 1.0).strftime("%Y-%m-%d %H:%M:%S,%f")[:-3]
+        lines.append(finished(f"req-{i}", model * 1.25, model, call=model * 1.25, stamp=stamp, e2e=1.0, factor=1.0))
+    log = tmp_path / "coordinator.log"
+    log.write_text("\n".join(lines) + "\n")
+    facts = replay_facts(log)
+    got = facts["ttft_replay"]["decode node (local)"]
+    assert got["requests"] == 300 and got["model_p50"] == pytest.approx(0.2, abs=0.001)  # the model: 1/1.25 the time
+    assert got["factor_p50"] < 0.1 < got["model_p50"]  # a factor learns the 1.25x (at ~50 requests' memory)
+    rows = [line for line in _replay_lines([{"name": "tandem-0:2", "facts": facts}]) if line.startswith("| tandem")]
+    assert rows == [f"| tandem-0:2 | decode node (local) | 300 | 20% / 20% | "
+                    f"{got['factor_p50']:.0%} / {got['factor_p90']:.0%} | {got['line_p50']:.0%} / {got['line_p90']:.0%} | "
+                    f"{got['calibration_p50']:.0%} / {got['calibration_p90']:.0%} |"]
+    assert replay_facts(tmp_path / "absent.log") == {} and _replay_lines([{"name": "vllm", "facts": {}}]) == []

@@ -314,8 +314,7 @@ class NodePerf:
         """What the node is doing now and how fast it is (the NodeMonitor stream's message)."""
         view = ModelView.of(self.model)
         fits = [pb.PerfFit(name=name, terms=list(f.terms), coefficients=list(f.coefficients), samples=f.samples)
-                for name, f in (("prefill", view.prefill), ("decode", view.decode), ("transfer", view.transfer),
-                                ("load", view.load))]
+                for name, f in view.named()]
         batch_mean, context_mean = self.decode_means()
         kv_tokens, kv_free, waiting = self.kv_room() or (0, 0, 0)
         return pb.NodeLoad(node_id=node_id, engine_id=engine_id, prefill_queue=list(self._queue.values()),
@@ -346,8 +345,7 @@ class NodePerf:
         if not force and now - self._exported_at < EXPORT_EVERY_S:
             return
         self._exported_at = now
-        for name, fit in (("prefill", self.model.prefill), ("decode", self.model.decode),
-                          ("transfer", self.model.transfer), ("load", self.model.load)):
+        for name, fit in self.model.named():
             _export_fit(name, fit)
 
 
