@@ -409,9 +409,9 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
                    view: DecodeView | None = None) -> LocalEstimate | None:
     """None when the node has no prefill or no decode model yet.
 
-    TTFT = the prefills queued there (its own report, or this coordinator's local prefills
-    still running there, whichever holds more tokens) + this prompt's prefill, both from the
-    node's prefill model (profiled on its own engine, chunks included), + one decode step of
+    TTFT = the prefills queued there (``_local_queue``: this coordinator's local prefills still
+    running there, each at what admission predicted for it, then what the node reports beyond
+    them) + this prompt's prefill, both from the node's prefill model (profiled on its own engine, chunks included), + one decode step of
     its running batch per chunk (``step_tokens`` a step, less a token per stream) beside them, + the
     wait for room in its KV cache for those prompts' blocks (``kv_wait``; with ``kv_room``);
     ``cached``: what the node holds of the prompt (its engine's prefix cache, its KV store), not

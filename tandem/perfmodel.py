@@ -27,7 +27,7 @@ processes: a node's startup profile is cached that way. What a node reports to
 the coordinator is only the fitted coefficients (``ModelView``), enough to
 predict with. Who feeds it: tandem/node/perf.py (every request a node serves)
 and tandem/profile.py (a short profile at node start); who predicts with it:
-coordinator/admission.py.
+coordinator/estimates.py (for admission), tandem/sim.py and tandem/plan.py.
 """
 
 from __future__ import annotations
