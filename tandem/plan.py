@@ -349,8 +349,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
                          "the fits they have learned while serving (read before each rate: the rates before it "
                          "and the warm-up), as admission predicts")
     ap.add_argument("--conditional-disagg", default="off", choices=["on", "off"],
-                    help="on: the simulator may prefill a request on the decode node (as the coordinator decides, "
-                         "admission off), and a plan also weighs 0:N (no prefill pool); with --validate the real "
+                    help="on: the simulator may prefill a request on the decode node (as the coordinator decides; "
+                         "with --admission on, as Tandem ships, refused when the option chosen is predicted to "
+                         "miss), and a plan also weighs 0:N (no prefill pool); with --validate the real "
                          "cluster too; with --live, match the coordinator's (a 0:N cluster is planned, and the last "
                          "prefill node may go); off: always disaggregated")
     from tandem.plan_live import add_args as add_live_args
@@ -468,10 +469,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from tandem.plan_live import cmd_live
 
         return cmd_live(args, prefill, decode)
-    if args.admission == "on" and args.conditional_disagg == "on":
-        print("tandem plan: the simulator does not model admission and local prefills together; give one of "
-              "--admission on, --conditional-disagg on", file=sys.stderr)
-        return 2
     try:
         doc = plan(prefill, decode, args.nodes, args.workload, args.slo_ttft, args.slo_tpot,
                    kv_bytes_per_token=args.kv_bytes_per_token, max_batch=args.max_batch,

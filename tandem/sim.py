@@ -25,8 +25,10 @@ same ones the nodes fit online, see tandem/perfmodel.py):
 - **Admission** (``admission``, off by default): at arrival, the prefill work ahead shared by the
   prefill pool plus the request's own prefill against the TTFT objective, and a step of the least
   loaded decode node with it added against TPOT; a request predicted to miss either is refused
-  (it counts as missed). Tandem's own admission predicts per node, calibrates per node, and
-  may prefill on a decode node instead; this does not.
+  (it counts as missed). With conditional disaggregation on too (as Tandem ships), the choice
+  below is made first and the request is refused when the option chosen is predicted to miss
+  (with no prefill pool: also when its prefill would push the chosen node's streams past TPOT).
+  Tandem's own admission predicts per node and calibrates per node; this does not.
 
 - **Conditional disaggregation** (``local``, off by default): at arrival the request is
   prefilled on a decode node itself when Tandem's admission would choose that (the same rule,
@@ -42,9 +44,8 @@ same ones the nodes fit online, see tandem/perfmodel.py):
   comes with the last chunk, and it joins the batch at the next step (no transfer). With no
   prefill pool (P:D 0:N) every request prefills on a decode node: the soonest start among the
   nodes meeting both objectives (or all), and of those within the coordinator's tie band
-  (``TIE_REL`` / ``TIE_ABS_S``) the one with the fewest requests sent there (the coordinator
-  also passes over nodes whose streams the prefill would push past TPOT while another will do;
-  this does not).
+  (``TIE_REL`` / ``TIE_ABS_S``) the one with the fewest requests sent there, passing over nodes
+  whose streams the prefill would push past TPOT while another will do (as the coordinator does).
 
 - **Prefix caching** (``prefix_cache``, off by default; entries with ``input_ids``): each
   node's engine keeps the whole blocks of the prompts it computed (or, on a decode node, took in
@@ -120,9 +121,6 @@ class SimConfig:
             raise ValueError("the slack order needs the TTFT objective (slo_ttft_s)")
         if self.admission and (self.slo_ttft_s <= 0 or self.slo_tpot_s <= 0):
             raise ValueError("admission needs both objectives (slo_ttft_s, slo_tpot_s)")
-        if self.admission and self.local:
-            raise ValueError("admission and local prefills are not modelled together (admission here refuses "
-                             "before it would look at a decode node)")
         if self.step_tokens < 1:
             raise ValueError(f"step_tokens must be at least 1, got {self.step_tokens}")
         if self.prefill_cache_tokens < 0 or self.kv_capacity_tokens < 0:
@@ -252,8 +250,10 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         ctx += sum(trace[w].input_len for w in dn.waiting) + sum(trace[r].input_len for r in dn.local)
         return dn.assigned, ctx
 
-    def local_choice(i: int, now: float) -> int | None:
-        """The decode node to prefill request ``i`` on, or None for the prefill pool (admission's rule)."""
+    def local_choice(i: int, now: float) -> tuple[int | None, bool]:
+        """The decode node to prefill request ``i`` on, or None for the prefill pool (admission's rule),
+        and whether that choice is predicted to meet both objectives without pushing the chosen
+        decode node's streams past TPOT (what admission, when on, refuses by)."""
         from tandem.coordinator.admission import LOCAL_GAIN
         from tandem.coordinator.estimates import MIN_OTHERS_TOKENS
 
@@ -266,6 +266,10 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
 
         def meets(ttft: float, tpot_missed: bool) -> bool:  # both objectives
             return (cfg.slo_ttft_s <= 0 or ttft <= cfg.slo_ttft_s) and not tpot_missed
+
+        def harms(dn: _Decode, harm: float) -> bool:  # its prefill pushes the node's streams past TPOT
+            b, ctx = load(dn)
+            return cfg.slo_tpot_s > 0 and b > 0 and dec.step_s(b, ctx) + harm > cfg.slo_tpot_s
 
         def local_ttft(dn: _Decode) -> tuple[float, float]:
             """(its TTFT there, what its prefill adds to each of the node's streams' tokens)"""
@@ -289,35 +293,37 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             # it are alike, and the least loaded of them takes it.
             from tandem.coordinator.admission import tied
 
-            starts = [local_ttft(dn)[0] for dn in decodes]
-            pool = [d for d, dn in enumerate(decodes) if meets(starts[d], tpot_misses(dn))] or list(range(len(decodes)))
-            low = min(starts[d] for d in pool)
-            alike = [d for d in pool if tied(starts[d], low)]
-            return min(alike, key=lambda d: (decodes[d].assigned, d))
+            est = [local_ttft(dn) for dn in decodes]
+            ok = [meets(t, tpot_misses(dn)) and not harms(dn, harm) for (t, harm), dn in zip(est, decodes)]
+            pool = [d for d in range(len(decodes)) if ok[d]] or list(range(len(decodes)))
+            low = min(est[d][0] for d in pool)
+            alike = [d for d in pool if tied(est[d][0], low)]
+            d = min(alike, key=lambda d: (decodes[d].assigned, d))
+            return d, ok[d]
         wait = (queued_s + sum(max(0.0, t - now) for t in busy_until)) / cfg.num_prefill
         remote = wait + pool_prefill_s(i)
         remote_tpot_misses = tpot_misses(min(decodes, key=lambda x: x.assigned))
         best: tuple[float, int] | None = None
+        remote_ok = meets(remote, remote_tpot_misses)
         for d, dn in enumerate(decodes):
             b, ctx = load(dn)
             ttft, harm = local_ttft(dn)
             if cfg.slo_tpot_s > 0:
-                if b and dec.step_s(b, ctx) + harm > cfg.slo_tpot_s:
+                if harms(dn, harm):
                     continue
             elif b and dn.local:
                 continue
             if best is None or ttft < best[0]:
                 best = (ttft, d)
         if best is None:
-            return None
+            return None, remote_ok
         local, d = best
         local_ok = meets(local, tpot_misses(decodes[d]))
-        remote_ok = meets(remote, remote_tpot_misses)
         if local_ok != remote_ok:
-            return d if local_ok else None
+            return (d, True) if local_ok else (None, True)
         if not local_ok:
-            return None
-        return d if wait > 0 and local < remote * (1 - LOCAL_GAIN) else None
+            return None, False
+        return (d, True) if wait > 0 and local < remote * (1 - LOCAL_GAIN) else (None, True)
 
     def next_request(now: float) -> int | None:
         while queue:
@@ -381,10 +387,11 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         now, _, kind, node, i = heapq.heappop(events)
         if kind == ARRIVE:
             e = trace[i]
-            if cfg.admission and not admit(i, now):
+            d, ok = local_choice(i, now) if cfg.local else (None, True)
+            if cfg.admission and not (ok if cfg.local else admit(i, now)):
                 out[i].refused = True
                 continue
-            if cfg.local and (d := local_choice(i, now)) is not None:
+            if d is not None:
                 dn = decodes[d]
                 out[i].local, out[i].decode_node = True, d
                 dn.assigned += 1

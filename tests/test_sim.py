@@ -332,6 +332,33 @@ def test_with_no_prefill_pool_every_request_prefills_on_a_decode_node_and_a_plan
     assert doc["local"] and not any("conditional" in x for x in doc["not_modelled"])
 
 
+def test_admission_with_local_prefills_refuses_what_no_option_meets_and_serves_the_rest() -> None:
+    # Tandem as shipped: conditional disaggregation and admission together. Prefill 1 ms per token,
+    # steps 10 ms, TTFT objective 0.5 s.
+    t = Timings((0.0, 0.001, 0.0), (0.010, 0.0, 0.0))
+    both = dict(order="slack", slo_ttft_s=0.5, slo_tpot_s=0.1, step_tokens=64, local=True, admission=True)
+    # 0:2: a prompt of 800 tokens takes 0.8 s on any node, idle or not: refused at once; the short
+    # ones around it are served, each on a decode node, the two nodes sharing them
+    reqs = [Req(0.0, 200, 5), Req(0.01, 800, 5), Req(0.02, 200, 5), Req(0.03, 200, 5)]
+    outs = simulate(SimConfig(0, 2, t, t, **both), reqs)
+    assert [o.refused for o in outs] == [False, True, False, False]
+    assert all(o.completed and o.local and o.ttft_s <= 0.5 for o in outs if not o.refused)
+    assert {o.decode_node for o in outs if not o.refused} == {0, 1}
+    # without admission the long one is served, late
+    late = simulate(SimConfig(0, 2, t, t, **dict(both, admission=False)), reqs)[1]
+    assert late.completed and not late.refused and late.ttft_s > 0.5
+    # 1:1: the second of three at once goes to the idle decode node (the prefill node is busy),
+    # the third would wait 0.4 s there and 0.2 s behind the local one, and meets its objective
+    # either way: nothing refused
+    three = simulate(SimConfig(1, 1, t, t, **both), [Req(0.0, 200, 5) for _ in range(3)])
+    assert not any(o.refused for o in three) and [o.local for o in three] == [False, True, False]
+    # with a 0.35 s objective the third and fourth meet it nowhere (0.4 s at least behind the
+    # prefill node's first or the local one): refused, as the coordinator would
+    tight = simulate(SimConfig(1, 1, t, t, **dict(both, slo_ttft_s=0.35)), [Req(0.0, 200, 5) for _ in range(4)])
+    assert [o.refused for o in tight] == [False, False, True, True] and tight[1].local
+    assert all(o.ttft_s <= 0.35 for o in tight if not o.refused)
+
+
 def test_plan_validate_reads_a_nodes_learned_fits_from_its_monitor_stream() -> None:
     import threading
     from concurrent import futures
