@@ -296,6 +296,7 @@ TANDEM_VARIANTS: dict[str, tuple[list[str], list[str]]] = {
     # nodes whose engine step does not wait for chunks coming up from disk (asked again each step)
     "-nopromotewait": ([], ["--kvstore-promote-wait-ms", "0"]),
     "-disagg": (["--admission", "off", "--conditional-disagg", "off"], []),
+    "-nolocal": (["--conditional-disagg", "off"], []),  # admission on, always disaggregated
     "-fifo": (["--prefill-order", "fifo"], []),  # every prefill sent at once, the engine's arrival order
     # every prefill sent at once, vLLM's priority scheduling by deadline
     "-engine": (["--prefill-order", "engine"], ["--scheduling-policy", "priority"]),

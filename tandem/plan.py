@@ -321,7 +321,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kvstore-disk", action="store_true", help="--validate: a disk tier below it")
     ap.add_argument("--order", default="slack", choices=["slack", "fifo"], help="the coordinator's prefill queue order")
     ap.add_argument("--admission", default="off", choices=["on", "off"],
-                    help="model admission: refuse at arrival what the profile predicts will miss an objective")
+                    help="model admission: refuse at arrival what the profile predicts will miss an objective; "
+                         "with --validate the real cluster's admission too (off: it accepts everything)")
     ap.add_argument("--requests", type=int, default=2000,
                     help="requests per simulated probe, at least (and at least --min-duration-s of arrivals)")
     ap.add_argument("--min-duration-s", type=float, default=MIN_DURATION_S,

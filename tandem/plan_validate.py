@@ -1,9 +1,10 @@
 """`tandem plan --validate`: the simulator's predictions against a real cluster, side by side.
 
 It starts a real 1:1 cluster on this host (the seeded bench model unless
-``--model``) with admission off, always disaggregated or, with
-``--conditional-disagg on``, prefilling on the decode node where the
-coordinator chooses to (the simulator then applies the same rule), reads the
+``--model``), always disaggregated or, with ``--conditional-disagg on``,
+prefilling on the decode node where the coordinator chooses to (the simulator
+then applies the same rule), with admission off or, with ``--admission on``,
+on (the simulator's admission with it; both on is Tandem as shipped), reads the
 profiles its two nodes started from, and for each rate
 sends one seeded trace to the cluster and plays the very same trace through
 the simulator. The report puts measured and predicted SLO attainment, TTFT
@@ -72,9 +73,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     rates = [float(r) for r in args.rates.split(",")]
     cores = sorted(os.sched_getaffinity(0))
     local = getattr(args, "conditional_disagg", "off") == "on"
+    admission = getattr(args, "admission", "off") == "on"
     fits = getattr(args, "fits", "profile")
-    variant = "-noadmit" if local else "-disagg"
-    print(f"starting a real 1:1 cluster ({describe(local)}) on cores {cores} ...", flush=True)
+    variant = {(True, True): "", (True, False): "-noadmit", (False, True): "-nolocal",
+               (False, False): "-disagg"}[(local, admission)]
+    print(f"starting a real 1:1 cluster ({describe(local, admission)}) on cores {cores} ...", flush=True)
     system = systems.start_tandem(model, 1, 1, args.max_model_len, out, cores, variant)
     rows: list[dict[str, Any]] = []
     try:
@@ -90,7 +93,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         # engines' KV caches as the bench gives them (systems.MEMORY), their prefix caches with them
         cfg = SimConfig(1, 1, prefill, decode, kv_bytes_per_token=per_token, max_batch=args.max_batch,
                         order="slack", slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot, local=local,
-                        step_tokens=DECODE_STEP_TOKENS, prefix_cache=getattr(args, "prefix_cache", "on") == "on",
+                        admission=admission, step_tokens=DECODE_STEP_TOKENS, prefix_cache=getattr(args, "prefix_cache", "on") == "on",
                         prefill_cache_tokens=int(systems.MEMORY.kv_cache_gib * 2**30) // per_token,
                         kv_capacity_tokens=int(systems.MEMORY.decode_gib * 2**30) // per_token,
                         store_ram_tokens=int(ram_gib * 2**30) // per_token, store_disk=disk)
@@ -106,7 +109,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         rows = rate_rows(system.target, cfg, args, rates, fresh)
     finally:
         system.stop()
-    doc = {"transfer_modelled": any(decode.transfer), "conditional_disagg": local, "fits": fits,
+    doc = {"transfer_modelled": any(decode.transfer), "conditional_disagg": local, "admission": admission,
+           "fits": fits,
            "prefix_cache": cfg.prefix_cache, "prefill_cache_tokens": cfg.prefill_cache_tokens,
            "kv_capacity_tokens": cfg.kv_capacity_tokens, "store_ram_tokens": cfg.store_ram_tokens,
            "store_disk": cfg.store_disk, "prefixes": getattr(args, "prefixes", 0),
@@ -142,9 +146,10 @@ def learned_timings(grpc_address: str, source: str) -> Timings:
                    fits.get("transfer", (0.0, 0.0)), source, fits.get("load", (0.0, 0.0, 0.0)))  # type: ignore[arg-type]
 
 
-def describe(local: bool) -> str:
-    return ("admission off, a request prefilled on the decode node where the coordinator chooses to" if local
-            else "always disaggregated, admission off")
+def describe(local: bool, admission: bool = False) -> str:
+    how = ("a request prefilled on the decode node where the coordinator chooses to" if local
+           else "always disaggregated")
+    return f"{'admission on' if admission else 'admission off'}, {how}{' (as shipped)' if local and admission else ''}"
 
 
 def rate_rows(target: str, cfg: SimConfig, args: argparse.Namespace, rates: list[float],
@@ -283,7 +288,8 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
     lines = [f"# tandem plan --validate: {doc['workload']}, 1:1 on this host", "",
              f"SLOs TTFT ≤ {doc['slo']['ttft_s'] * 1000:.0f} ms, TPOT ≤ {doc['slo']['tpot_s'] * 1000:.0f} ms; "
              f"{doc['duration_s']:g} s of arrivals per rate; the same seeded trace to the real cluster "
-             f"({describe(doc.get('conditional_disagg', False))}) and to the simulator, whose times come from "
+             f"({describe(doc.get('conditional_disagg', False), doc.get('admission', False))}) and to the simulator, "
+             "whose times come from "
              + ("the fits the two nodes had learned while serving, read before each rate"
                 if doc.get("fits") == "learned" else "the profiles the two nodes started from")
              + ". Goal: " + doc["goal"] + ".", ""]

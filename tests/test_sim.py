@@ -563,3 +563,8 @@ def test_validation_rows_say_what_the_simulator_would_have_said_without_the_cach
            "8,192 tokens over a disk tier" in text
     assert "Without the KV store the simulator would have said" in text
     assert "Without the engines' prefix caches (and the KV store)" in text
+    assert "(admission off, always disaggregated)" in text
+    # Tandem as shipped on the real side (`--admission on --conditional-disagg on`): the report says so
+    write_report(tmp_path, {**doc, "admission": True, "conditional_disagg": True})
+    assert ("(admission on, a request prefilled on the decode node where the coordinator chooses to (as shipped))"
+            in (tmp_path / "validate.md").read_text())
