@@ -411,12 +411,12 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
 
     TTFT = the prefills queued there (``_local_queue``: this coordinator's local prefills still
     running there, each at what admission predicted for it, then what the node reports beyond
-    them) + this prompt's prefill, both from the node's prefill model (profiled on its own engine, chunks included), + one decode step of
-    its running batch per chunk (``step_tokens`` a step, less a token per stream) beside them, + the
-    wait for room in its KV cache for those prompts' blocks (``kv_wait``; with ``kv_room``);
-    ``cached``: what the node holds of the prompt (its engine's prefix cache, its KV store), not
-    computed. TPOT = a step of the
-    batch with this request added (its KV is already there). Harm: every running stream
+    them) + this prompt's prefill, both from the node's prefill model (profiled on its own
+    engine, chunks included), + one decode step of its running batch per chunk (``step_tokens`` a
+    step, less a token per stream) beside them, + the wait for room in its KV cache for those
+    prompts' blocks (``kv_wait``; with ``kv_room``); ``cached``: what the node holds of the prompt
+    (its engine's prefix cache, its KV store), not computed. TPOT = a step of the batch with this
+    request added (its KV is already there). Harm: every running stream
     waits for the prefill's chunks once, spread over its tokens (this request's ``max_tokens``
     stands in for theirs, which the coordinator does not know). ``life``, ``view``: as
     ``decode_estimate``'s."""

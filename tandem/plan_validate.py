@@ -93,7 +93,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         # engines' KV caches as the bench gives them (systems.MEMORY), their prefix caches with them
         cfg = SimConfig(1, 1, prefill, decode, kv_bytes_per_token=per_token, max_batch=args.max_batch,
                         order="slack", slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot, local=local,
-                        admission=admission, step_tokens=DECODE_STEP_TOKENS, prefix_cache=getattr(args, "prefix_cache", "on") == "on",
+                        admission=admission, step_tokens=DECODE_STEP_TOKENS,
+                        prefix_cache=getattr(args, "prefix_cache", "on") == "on",
                         prefill_cache_tokens=int(systems.MEMORY.kv_cache_gib * 2**30) // per_token,
                         kv_capacity_tokens=int(systems.MEMORY.decode_gib * 2**30) // per_token,
                         store_ram_tokens=int(ram_gib * 2**30) // per_token, store_disk=disk)
