@@ -25,10 +25,15 @@ same ones the nodes fit online, see tandem/perfmodel.py):
 - **Admission** (``admission``, off by default): at arrival, the prefill work ahead shared by the
   prefill pool plus the request's own prefill against the TTFT objective, and a step of the least
   loaded decode node with it added against TPOT; a request predicted to miss either is refused
-  (it counts as missed). With conditional disaggregation on too (as Tandem ships), the choice
-  below is made first and the request is refused when the option chosen is predicted to miss
-  (with no prefill pool: also when its prefill would push the chosen node's streams past TPOT).
-  Tandem's own admission predicts per node and calibrates per node; this does not.
+  (it counts as missed). With admission, running streams are protected as the coordinator's
+  ``--protect-streams`` (on by default) protects them: each knows what it has left of its TPOT
+  objective, and a newcomer that would push one past it (``coordinator/estimates.pushed``: at
+  the step with it in the batch, after the stall of the local prefills queued there and, for a
+  local prefill, its own stall once) is prefilled locally only where it pushes nobody, and is
+  refused when every decode node would be pushed (a disaggregated request still joins the least
+  loaded decode node when its prefill ends, not one chosen by this). With conditional disaggregation on too (as Tandem ships), the choice below is
+  made first and the request is refused when the option chosen is predicted to miss. Tandem's
+  own admission predicts per node and calibrates per node; this does not.
 
 - **Conditional disaggregation** (``local``, off by default): at arrival the request is
   prefilled on a decode node itself when Tandem's admission would choose that (the same rule,
@@ -230,6 +235,37 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         decode_caches[d].trim(decode_room(d))
         return held_on(decode_caches[d], decode_stores[d], i, cfg.decode, touch)
 
+    def budgets(dn: _Decode, now: float) -> list[tuple[float, int]]:
+        """What each stream running on a decode node has left of its TPOT objective: (seconds until
+        its last token is due, tokens still to come), as the coordinator's ``NodeClient.budgets``
+        keeps them (its output length standing in for ``max_tokens``)."""
+        return [(produced_start[r] + cfg.slo_tpot_s * (trace[r].output_len - 1) - now, fin - dn.step_no)
+                for fin, r in dn.running if fin > dn.step_no]
+
+    def local_queue_s(dn: _Decode) -> float:
+        """What the prompts queued on a decode node have still to run, each past its held prefix
+        and with its load, less the steps' fixed cost, which they share (``estimates._local_queue``)."""
+        dec, queue_s = cfg.decode, 0.0
+        for r, left in dn.local_left.items():
+            total, held_r, load_r = dn.local_total[r]
+            done = total - left
+            queue_s += dec.prefill_s(total, held_r) - (dec.prefill_s(done, held_r) if done else dec.prefill_s(0) - load_r)
+        return queue_s
+
+    def pushes(dn: _Decode, i: int, now: float, stall_s: float = 0.0) -> int:
+        """With admission (the coordinator's ``--protect-streams``, on by default): how many of the
+        node's running streams request ``i`` would push past their TPOT objective by joining its
+        batch (after ``stall_s`` once, its prefill there), on top of the local prefills queued
+        there already (``estimates.pushed``)."""
+        if not (cfg.admission and cfg.slo_tpot_s > 0 and dn.running):
+            return 0
+        from tandem.coordinator.estimates import pushed
+
+        e = trace[i]
+        b, ctx = load(dn)
+        step_new = cfg.decode.step_s(b + 1, ctx + e.input_len + e.output_len // 2)
+        return pushed(budgets(dn, now), cfg.decode.step_s(b, ctx), step_new, stall_s, step_new, local_queue_s(dn))
+
     def admit(i: int, now: float) -> bool:
         """Admission, from the same profile: the prefill work ahead of it shared by the prefill
         pool, plus its own prefill, against the TTFT objective; a step of the least loaded decode
@@ -241,7 +277,8 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         b = min(dn.assigned + 1, cfg.max_batch)
         ctx = (dn.base + len(dn.running) * dn.step_no) + e.input_len + e.output_len // 2
         tpot = cfg.decode.step_s(b, ctx) if e.output_len > 1 else 0.0
-        return ttft <= cfg.slo_ttft_s and tpot <= cfg.slo_tpot_s
+        pushing = e.output_len > 1 and all(pushes(d, i, now) for d in decodes)  # no decode node pushes nobody
+        return ttft <= cfg.slo_ttft_s and tpot <= cfg.slo_tpot_s and not pushing
 
     def load(dn: _Decode) -> tuple[int, int]:
         """(requests, their context tokens) on a decode node as the coordinator counts them: every
@@ -267,25 +304,25 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         def meets(ttft: float, tpot_missed: bool) -> bool:  # both objectives
             return (cfg.slo_ttft_s <= 0 or ttft <= cfg.slo_ttft_s) and not tpot_missed
 
-        def harms(dn: _Decode, harm: float) -> bool:  # its prefill pushes the node's streams past TPOT
+        def harms(dn: _Decode, harm: float, stall_s: float) -> bool:
+            """Its prefill there pushes the node's streams past TPOT: protected (with admission),
+            any stream pushed past its own objective; else their step with its stall spread over
+            their tokens past the objective."""
+            if cfg.admission:
+                return pushes(dn, i, now, stall_s) > 0
             b, ctx = load(dn)
             return cfg.slo_tpot_s > 0 and b > 0 and dec.step_s(b, ctx) + harm > cfg.slo_tpot_s
 
-        def local_ttft(dn: _Decode) -> tuple[float, float]:
-            """(its TTFT there, what its prefill adds to each of the node's streams' tokens)"""
+        def local_ttft(dn: _Decode) -> tuple[float, float, float]:
+            """(its TTFT there, what its prefill adds to each of the node's streams' tokens, the
+            whole stall it makes them wait once)"""
             b, ctx = load(dn)
-            # What the prompts queued there have still to run, each past its held prefix and with its
-            # load, less the steps' fixed cost, which they share (admission's estimates._local_queue)
-            queue_s = 0.0
-            for r, left in dn.local_left.items():
-                total, held_r, load_r = dn.local_total[r]
-                done = total - left
-                queue_s += dec.prefill_s(total, held_r) - (dec.prefill_s(done, held_r) if done else dec.prefill_s(0) - load_r)
             held = decode_held(decodes.index(dn), i)
             own = e.input_len - held[0]
             run_s = prefill_cost(dec, i, held)
             beside = chunk_steps(sum(dn.local_left.values()) + own, cfg.step_tokens, b) * beside_s(dec, b, ctx)
-            return queue_s + run_s + beside, (run_s + beside) / max(e.output_len, MIN_OTHERS_TOKENS)
+            return (local_queue_s(dn) + run_s + beside, (run_s + beside) / max(e.output_len, MIN_OTHERS_TOKENS),
+                    run_s + beside)
 
         if not cfg.num_prefill:
             # No prefill pool: a decode node whatever it costs: among those meeting both objectives (or
@@ -294,7 +331,7 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             from tandem.coordinator.admission import tied
 
             est = [local_ttft(dn) for dn in decodes]
-            ok = [meets(t, tpot_misses(dn)) and not harms(dn, harm) for (t, harm), dn in zip(est, decodes)]
+            ok = [meets(t, tpot_misses(dn)) and not harms(dn, harm, stall) for (t, harm, stall), dn in zip(est, decodes)]
             pool = [d for d in range(len(decodes)) if ok[d]] or list(range(len(decodes)))
             low = min(est[d][0] for d in pool)
             alike = [d for d in pool if tied(est[d][0], low)]
@@ -304,12 +341,14 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         remote = wait + pool_prefill_s(i)
         remote_tpot_misses = tpot_misses(min(decodes, key=lambda x: x.assigned))
         best: tuple[float, int] | None = None
-        remote_ok = meets(remote, remote_tpot_misses)
+        # (protected: with no decode node that would take it without pushing a stream, a miss)
+        remote_ok = (meets(remote, remote_tpot_misses)
+                     and not (e.output_len > 1 and all(pushes(dn, i, now) for dn in decodes)))
         for d, dn in enumerate(decodes):
             b, ctx = load(dn)
-            ttft, harm = local_ttft(dn)
+            ttft, harm, stall = local_ttft(dn)
             if cfg.slo_tpot_s > 0:
-                if harms(dn, harm):
+                if harms(dn, harm, stall):
                     continue
             elif b and dn.local:
                 continue

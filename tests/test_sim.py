@@ -359,6 +359,24 @@ def test_admission_with_local_prefills_refuses_what_no_option_meets_and_serves_t
     assert all(o.ttft_s <= 0.35 for o in tight if not o.refused)
 
 
+def test_with_admission_running_streams_are_protected_by_what_each_has_left_of_its_objective() -> None:
+    # One decode node, no prefill pool; steps 14 ms whatever the batch, prefill 1 ms a token, TPOT
+    # objective 20 ms. A (100 tokens) runs from 10 ms, due by 1.99 s. B's 200-token prefill at 1 s
+    # stalls it 0.2 s, within the slack A has built up (0.6 s): admitted, though spread over B's
+    # own two tokens the stall would have looked like 100 ms a token. C's 600 tokens at 1.45 s
+    # would stall A past its objective by the coordinator's rule (``estimates.pushed``): refused.
+    t = Timings((0.0, 0.001, 0.0), (0.014, 0.0, 0.0))
+    reqs = [Req(0.0, 10, 100), Req(1.0, 200, 2), Req(1.45, 600, 2)]
+    cfg = dict(order="slack", slo_ttft_s=1.0, slo_tpot_s=0.02, step_tokens=64, local=True)
+    a, b, c = simulate(SimConfig(0, 1, t, t, admission=True, **cfg), reqs)
+    assert a.completed and a.tpot_s <= 0.02
+    assert b.completed and b.local and not b.refused
+    assert c.refused
+    # without admission nobody is refused (and C stalls A)
+    served = simulate(SimConfig(0, 1, t, t, **cfg), reqs)
+    assert not any(o.refused for o in served) and served[0].tpot_s > a.tpot_s
+
+
 def test_plan_validate_reads_a_nodes_learned_fits_from_its_monitor_stream() -> None:
     import threading
     from concurrent import futures
