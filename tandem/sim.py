@@ -31,9 +31,10 @@ same ones the nodes fit online, see tandem/perfmodel.py):
   the step with it in the batch, after the stall of the local prefills queued there and, for a
   local prefill, its own stall once) is prefilled locally only where it pushes nobody, and is
   refused when every decode node would be pushed (a disaggregated request still joins the least
-  loaded decode node when its prefill ends, not one chosen by this). With conditional disaggregation on too (as Tandem ships), the choice below is
-  made first and the request is refused when the option chosen is predicted to miss. Tandem's
-  own admission predicts per node and calibrates per node; this does not.
+  loaded decode node when its prefill ends, not one chosen by this). With conditional
+  disaggregation on too (as Tandem ships), the choice below is made first and the request is
+  refused when the option chosen is predicted to miss. Tandem's own admission predicts per node
+  and calibrates per node; this does not.
 
 - **Conditional disaggregation** (``local``, off by default): at arrival the request is
   prefilled on a decode node itself when Tandem's admission would choose that (the same rule,
@@ -249,7 +250,8 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         for r, left in dn.local_left.items():
             total, held_r, load_r = dn.local_total[r]
             done = total - left
-            queue_s += dec.prefill_s(total, held_r) - (dec.prefill_s(done, held_r) if done else dec.prefill_s(0) - load_r)
+            queue_s += dec.prefill_s(total, held_r) - (dec.prefill_s(done, held_r) if done
+                                                         else dec.prefill_s(0) - load_r)
         return queue_s
 
     def pushes(dn: _Decode, i: int, now: float, stall_s: float = 0.0) -> int:
@@ -331,7 +333,8 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
             from tandem.coordinator.admission import tied
 
             est = [local_ttft(dn) for dn in decodes]
-            ok = [meets(t, tpot_misses(dn)) and not harms(dn, harm, stall) for (t, harm, stall), dn in zip(est, decodes)]
+            ok = [meets(t, tpot_misses(dn)) and not harms(dn, harm, stall)
+                  for (t, harm, stall), dn in zip(est, decodes)]
             pool = [d for d in range(len(decodes)) if ok[d]] or list(range(len(decodes)))
             low = min(est[d][0] for d in pool)
             alike = [d for d in pool if tied(est[d][0], low)]
