@@ -369,7 +369,10 @@ def replay_facts(log: Path) -> dict[str, Any]:
 
     if not log.exists():
         return {}
-    replay = replay_ttft(str(log))
+    try:
+        replay = replay_ttft(str(log))
+    except Exception as exc:  # (a log it cannot read must not cost the system's other facts)
+        return {"ttft_replay_error": repr(exc)}
     return {"ttft_replay": {where: {k: round(v, 4) for k, v in r.items()} for where, r in replay.items()}} \
         if replay else {}
 

@@ -243,3 +243,5 @@ def test_bench_compare_reports_the_calibration_replay_of_its_own_run(tmp_path: P
     cells = [f"{got[f'{k}_p50']:.0%} / {got[f'{k}_p90']:.0%}" for k in ("factor", "line", "calibration")]
     assert rows == ["| tandem-0:2 | decode node (local) | 300 | 20% / 20% | " + " | ".join(cells) + " |"]
     assert replay_facts(tmp_path / "absent.log") == {} and _replay_lines([{"name": "vllm", "facts": {}}]) == []
+    (tmp_path / "unreadable.log").mkdir()  # a log that cannot be read: said, not raised
+    assert "ttft_replay_error" in replay_facts(tmp_path / "unreadable.log")
