@@ -268,6 +268,11 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         step_new = cfg.decode.step_s(b + 1, ctx + e.input_len + e.output_len // 2)
         return pushed(budgets(dn, now), cfg.decode.step_s(b, ctx), step_new, stall_s, step_new, local_queue_s(dn))
 
+    def pushes_everywhere(i: int, now: float) -> bool:
+        """No decode node would take request ``i`` into its batch without pushing a stream past its
+        objective (``pushes``): protected, a miss wherever it goes."""
+        return trace[i].output_len > 1 and all(pushes(dn, i, now) for dn in decodes)
+
     def admit(i: int, now: float) -> bool:
         """Admission, from the same profile: the prefill work ahead of it shared by the prefill
         pool, plus its own prefill, against the TTFT objective; a step of the least loaded decode
@@ -279,8 +284,7 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         b = min(dn.assigned + 1, cfg.max_batch)
         ctx = (dn.base + len(dn.running) * dn.step_no) + e.input_len + e.output_len // 2
         tpot = cfg.decode.step_s(b, ctx) if e.output_len > 1 else 0.0
-        pushing = e.output_len > 1 and all(pushes(d, i, now) for d in decodes)  # no decode node pushes nobody
-        return ttft <= cfg.slo_ttft_s and tpot <= cfg.slo_tpot_s and not pushing
+        return ttft <= cfg.slo_ttft_s and tpot <= cfg.slo_tpot_s and not pushes_everywhere(i, now)
 
     def load(dn: _Decode) -> tuple[int, int]:
         """(requests, their context tokens) on a decode node as the coordinator counts them: every
@@ -344,9 +348,7 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         remote = wait + pool_prefill_s(i)
         remote_tpot_misses = tpot_misses(min(decodes, key=lambda x: x.assigned))
         best: tuple[float, int] | None = None
-        # (protected: with no decode node that would take it without pushing a stream, a miss)
-        remote_ok = (meets(remote, remote_tpot_misses)
-                     and not (e.output_len > 1 and all(pushes(dn, i, now) for dn in decodes)))
+        remote_ok = meets(remote, remote_tpot_misses) and not pushes_everywhere(i, now)
         for d, dn in enumerate(decodes):
             b, ctx = load(dn)
             ttft, harm, stall = local_ttft(dn)
