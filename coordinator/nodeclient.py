@@ -158,7 +158,7 @@ class NodeClient:
             self._fits = msg.fits
             fits = {f.name: FitView(tuple(f.terms), tuple(f.coefficients), int(f.samples)) for f in msg.fits}
             empty = FitView((), (), 0)
-            self.model = ModelView(*(fits.get(name, empty) for name in FITS))
+            self.model = ModelView(**{name: fits.get(name, empty) for name in FITS})
 
     def calibrated(self, kind: str, raw_s: float) -> float:
         """A raw ``kind`` prediction for this node (the fitted model's), as its finished requests

@@ -250,7 +250,7 @@ def beside_s(model: Steps, batch: float, context_tokens: float) -> float:
     return max(0.0, model.step_s(batch, context_tokens) - model.step_s(0, 0)) if batch > 0 else 0.0
 
 
-FITS = ("prefill", "decode", "transfer", "load")  # a node's fits; ModelView takes them in this order
+FITS = ("prefill", "decode", "transfer", "load")  # a node's fits, each an attribute of that name
 
 
 class _Predicts:
@@ -378,7 +378,7 @@ class ModelView(_Predicts):
         def view(f: OnlineFit) -> FitView:
             return FitView(f.names, tuple(f.coefficients()), f.samples) if f.samples else _EMPTY
 
-        return cls(*(view(f) for _, f in model.named()))
+        return cls(**{name: view(f) for name, f in model.named()})
 
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "fp8": 1}

@@ -218,6 +218,7 @@ def test_a_prefill_that_loaded_from_the_kv_store_teaches_the_load_fit_not_the_pr
     for b in (1, 4, 16):
         for ctx in (100, 5000):
             perf.model.saw_decode_step(b, ctx, 0.005)
+
     def loaded_prefill_beside(stream: str) -> None:  # 388 of 900 computed, 512 loaded, while ``stream`` decodes
         with perf.prefill(900) as run:
             perf.saw_store_loads(512, 0)
