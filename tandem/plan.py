@@ -23,7 +23,8 @@ from typing import Any
 from tandem.bench.goodput import find_goodput
 from tandem.bench.workloads import WORKLOADS, generate
 from tandem.mix import Mix
-from tandem.sim import LOCAL_OFF, NO_PREFIX_CACHE, NOT_MODELLED, SimConfig, simulate
+from tandem.sim import simulate
+from tandem.simconfig import LOCAL_OFF, NO_PREFIX_CACHE, NOT_MODELLED, SimConfig
 from tandem.simresults import attainment, summary
 from tandem.timings import Timings
 

@@ -40,7 +40,8 @@ from tandem.client import Client
 from tandem.errors import TandemError
 from tandem.membership import add_etcd_tls_args, check_etcd_tls, use_etcd_tls
 from tandem.mix import Mix, Scrape, scrape
-from tandem.sim import SimConfig, simulate
+from tandem.sim import simulate
+from tandem.simconfig import SimConfig
 from tandem.simresults import attainment
 from tandem.timings import Timings
 from tandem.tls import TlsConfig, add_tls_args

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from tandem.node.config import DECODE_STEP_TOKENS
-from tandem.sim import LOCAL_OFF, NO_PREFIX_CACHE, NOT_MODELLED, SimConfig, simulate
+from tandem.sim import simulate
+from tandem.simconfig import LOCAL_OFF, NO_PREFIX_CACHE, NOT_MODELLED, SimConfig
 from tandem.simresults import summary
 from tandem.timings import Timings
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from tandem.sim import SimConfig, simulate
+from tandem.sim import simulate
+from tandem.simconfig import SimConfig
 from tandem.simresults import attainment
 from tandem.timings import Timings
 
