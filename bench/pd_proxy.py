@@ -39,6 +39,7 @@ class Proxy:
     def __init__(self, prefill: str, decode: str) -> None:
         self.prefill, self.decode = prefill.rstrip("/"), decode.rstrip("/")
         self.session: aiohttp.ClientSession | None = None
+        self.healthy = False
 
     async def start(self, app: web.Application) -> None:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None),
@@ -81,11 +82,14 @@ class Proxy:
         assert self.session is not None
         for base in (self.prefill, self.decode):
             try:
-                async with self.session.get(base + "/health") as r:
+                async with self.session.get(base + "/health", timeout=aiohttp.ClientTimeout(total=5)) as r:
                     if r.status != 200:
                         return web.Response(status=503, text=f"{base} answers {r.status}")
-            except aiohttp.ClientError as exc:
-                return web.Response(status=503, text=f"{base}: {exc}")
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                return web.Response(status=503, text=f"{base}: {exc!r}")
+        if not self.healthy:
+            self.healthy = True
+            print(f"both servers answer /health: {self.prefill}, {self.decode}", flush=True)
         return web.Response(text="ok")
 
 
@@ -107,7 +111,9 @@ def main() -> None:
     import uvloop
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    web.run_app(app, host=args.host, port=args.port, print=None)
+    print(f"pd_proxy starting on {args.host}:{args.port} (prefill {args.prefill}, decode {args.decode})", flush=True)
+    # reuse_port: `tandem bench compare` holds the port (tandem.netutil.reserve_port) until it answers
+    web.run_app(app, host=args.host, port=args.port, print=None, reuse_port=True)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ the CPU fixes in bench/nixl-fixes/.
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from tandem.local.cluster import ClusterSpec, LocalCluster, core_plan
 from tandem.kvtransfer.transport import DEFAULT_CPU_UCX_TLS
-from tandem.netutil import free_port
+from tandem.netutil import free_port, reserve_port
 from tandem.node.config import core_spec
 
 if TYPE_CHECKING:
@@ -109,18 +111,25 @@ def _log_tails(logs: list[Path], lines: int = 15) -> str:
 
 def _wait_http(url: str, procs: list[subprocess.Popen[bytes]], logs: list[Path], timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
+    last = "no answer yet"
     while True:
         for proc, log in zip(procs, logs):
             if proc.poll() is not None:
                 raise RuntimeError(f"a server exited with {proc.returncode} before {url} was up\n"
                                    + _log_tails([log]))
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not come up in {timeout_s:.0f} s\n" + _log_tails(logs))
+            raise RuntimeError(f"{url} did not come up in {timeout_s:.0f} s (its /health, last: {last})\n"
+                               + _log_tails(logs))
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as r:
                 if r.status == 200:
                     return
-        except OSError:
+                last = f"HTTP {r.status}"
+        except urllib.error.HTTPError as exc:  # the proxy's 503 says which server is not up yet
+            last = f"HTTP {exc.code}: {exc.read()[:200].decode(errors='replace')}"
+            time.sleep(1)
+        except (OSError, http.client.HTTPException) as exc:
+            last = repr(exc)
             time.sleep(1)
 
 
@@ -260,13 +269,19 @@ def start_vllm_nixl(model: str, cores: list[int], max_model_len: int, log_dir: P
         procs.spawn(cmd, env, log_dir / f"{name}-{role}.log")
         commands.append(_shown(env, cmd))
         urls.append(f"http://127.0.0.1:{port}")
-    port = free_port()
+    # held until the proxy listens on it (SO_REUSEPORT): the two servers starting beside it pick ports
+    # of their own (ZMQ, NIXL's side channel) and must not take this one in the meantime
+    reservation = reserve_port()
+    port = reservation.getsockname()[1]
     cmd = [sys.executable, "-m", "tandem.bench.pd_proxy", "--prefill", urls[0], "--decode", urls[1],
            "--port", str(port)]
     procs.spawn(cmd, {}, log_dir / f"{name}-proxy.log")
     commands.append(_shown({}, cmd))
     url = f"http://127.0.0.1:{port}"
-    procs.wait(url)
+    try:
+        procs.wait(url)
+    finally:
+        reservation.close()
     notes = ["the decode server computes every output token, the first included, after pulling the KV: "
              "its TTFT includes the transfer (vLLM's toy-proxy flow)"]
     if fixed:
