@@ -45,7 +45,9 @@ logger = logging.getLogger(__name__)
 # 2: decode steps timed on the engine's clock, each stream out of the batch at its own end, and a
 # batch of 32 (version 1's short runs read a batch's steps 2x too cheap: its tail was counted whole)
 # 3: prefills after a cached prefix too (their new tokens attend to it: perfmodel.py's form)
-PROFILE_VERSION = 3
+# 4: a decode step is one sample, not one per stream in it (node/perf.py): the batch of 32's steps
+# no longer outweigh, and with the fit's half-life erase, the small batches' measured before them
+PROFILE_VERSION = 4
 MODES = ("auto", "fresh", "off")
 PREFILL_LENGTHS = (16, 64, 128, 256, 512, 1024, 2048)
 PREFILL_REPEATS = 2

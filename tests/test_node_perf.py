@@ -352,19 +352,36 @@ def test_a_span_of_steps_that_a_stream_joined_or_left_midway_is_no_sample() -> N
     perf.decode_output("b", 1, EngineClock(1.10, 1))  # b joins (its first token) in the step at 1.10
     perf.decode_output("a", 1, EngineClock(1.10, 3))  # a's step at 1.10 had b in it, and b is counted: a sample
     assert perf.model.decode.samples == 2
-    perf.decode_output("b", 1, EngineClock(1.20, 2))
     perf.decode_output("a", 2, EngineClock(1.30, 5))  # two steps from 1.10, b was in both: a sample
-    assert perf.model.decode.samples == 4
+    assert perf.model.decode.samples == 3
+    perf.decode_output("b", 2, EngineClock(1.30, 3))  # the same two steps, sampled already
+    assert perf.model.decode.samples == 3
     perf.decode_started("c", 100)
     perf.decode_output("c", 1, EngineClock(1.40, 1))  # c joins at 1.40
     perf.decode_output("a", 2, EngineClock(1.50, 7))  # a's two steps from 1.30: c was in only one
-    assert perf.model.decode.samples == 4
+    assert perf.model.decode.samples == 3
     perf.decode_output("c", 1, EngineClock(1.50, 2))  # one step: a sample
-    assert perf.model.decode.samples == 5
+    assert perf.model.decode.samples == 4
     perf.decode_ended("c")  # c's last token came at 1.50
-    perf.decode_output("b", 2, EngineClock(1.50, 4))  # b's span 1.20..1.50 held c: no sample
+    perf.decode_output("b", 2, EngineClock(1.50, 5))  # b's span 1.30..1.50 held c: no sample
     perf.decode_output("a", 1, EngineClock(1.55, 8))  # after c left: a sample
-    assert perf.model.decode.samples == 6
+    assert perf.model.decode.samples == 5
+
+
+def test_a_step_is_one_sample_however_many_streams_it_carried() -> None:
+    """Every stream in a step reports the step's end: the fit sees the step once, so a step of
+    many streams weighs no more than one of few, and the fit's half-life is steps, not tokens."""
+    from tandem.node.perf import EngineClock
+
+    perf = NodePerf(Clock())
+    for rid in "abcd":
+        perf.decode_started(rid, 100)
+        perf.decode_output(rid, 1, EngineClock(1.00, 1))  # all four join in one step
+    for k in range(1, 6):
+        for rid in "abcd":  # each step's end, reported by each of its four streams
+            perf.decode_output(rid, 1, EngineClock(1.00 + 0.04 * k, 1 + k))
+        assert perf.model.decode.samples == k
+    assert perf.model.step_s(4, 4 * 103) == pytest.approx(0.04, rel=0.05)
 
 
 def test_the_engines_kv_room_comes_from_vllms_scheduler_stats_and_goes_out_in_the_load() -> None:
