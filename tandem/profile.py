@@ -47,7 +47,8 @@ logger = logging.getLogger(__name__)
 # 3: prefills after a cached prefix too (their new tokens attend to it: perfmodel.py's form)
 # 4: a decode step is one sample, not one per stream in it (node/perf.py): the batch of 32's steps
 # no longer outweigh, and with the fit's half-life erase, the small batches' measured before them
-PROFILE_VERSION = 4
+# 5: large batches at long contexts too (16 x 512, 32 x 384), the corner a loaded node decodes in
+PROFILE_VERSION = 5
 MODES = ("auto", "fresh", "off")
 PREFILL_LENGTHS = (16, 64, 128, 256, 512, 1024, 2048)
 PREFILL_REPEATS = 2
@@ -55,8 +56,14 @@ PREFILL_REPEATS = 2
 # prefix each time), so that the fit tells the new tokens' attention to the cached ones apart
 PREFIX_RUNS = ((256, 32), (512, 128), (1024, 64), (1024, 256), (1536, 32))
 # (batch, prompt tokens): batches of several sizes and contexts, so that the decode fit can tell
-# the per-request cost from the per-context-token cost.
-DECODE_RUNS = ((1, 32), (1, 512), (4, 64), (4, 384), (8, 128), (16, 64), (8, 1024), (32, 64))
+# the per-request cost from the per-context-token cost. The last two are where a loaded node
+# decodes (a chat run at 1:1: 16-20 streams of ~450 tokens each); without them the runs' long
+# contexts came at small batches only, and the fit's context term was a guess there: profiled
+# twice in a row on the bench model, 1.42 us a context token without, 1.63 with, where 16
+# streams at 1,200-1,750 tokens each, measured beside a busy prefill node that morning, stepped
+# at ~2 us (47.8 and 60.3 ms predicted without them, 52.9 and 67.2 with, for 57.8 and 71.3 ms
+# measured). They add ~15 s to a profile of the bench model on one core.
+DECODE_RUNS = ((1, 32), (1, 512), (4, 64), (4, 384), (8, 128), (16, 64), (8, 1024), (32, 64), (16, 512), (32, 384))
 DECODE_STEPS = 12  # steps of each run's whole batch, after its last prompt
 
 
