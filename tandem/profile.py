@@ -60,9 +60,9 @@ PREFIX_RUNS = ((256, 32), (512, 128), (1024, 64), (1024, 256), (1536, 32))
 # decodes (a chat run at 1:1: 16-20 streams of ~450 tokens each); without them the runs' long
 # contexts came at small batches only, and the fit's context term was a guess there: profiled
 # twice in a row on the bench model, 1.42 us a context token without, 1.63 with, where 16
-# streams at 1,200-1,750 tokens each, measured beside a busy prefill node that morning, stepped
-# at ~2 us (47.8 and 60.3 ms predicted without them, 52.9 and 67.2 with, for 57.8 and 71.3 ms
-# measured). They add ~15 s to a profile of the bench model on one core.
+# streams on a 1:1 cluster stepped 2.0 us a token slower as their contexts grew from 510 to
+# 1,432 tokens each (39.8 -> 69.0 ms; 32.1 -> 53.1 predicted without them, 34.9 -> 58.9 with).
+# They add ~15 s to a profile of the bench model on one core.
 DECODE_RUNS = ((1, 32), (1, 512), (4, 64), (4, 384), (8, 128), (16, 64), (8, 1024), (32, 64), (16, 512), (32, 384))
 DECODE_STEPS = 12  # steps of each run's whole batch, after its last prompt
 
