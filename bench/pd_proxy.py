@@ -82,7 +82,8 @@ class Proxy:
         assert self.session is not None
         for base in (self.prefill, self.decode):
             try:
-                async with self.session.get(base + "/health", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                # (both within `tandem bench compare`'s 2 s wait for an answer, so it hears which)
+                async with self.session.get(base + "/health", timeout=aiohttp.ClientTimeout(total=0.8)) as r:
                     if r.status != 200:
                         return web.Response(status=503, text=f"{base} answers {r.status}")
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:

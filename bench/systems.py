@@ -125,8 +125,13 @@ def _wait_http(url: str, procs: list[subprocess.Popen[bytes]], logs: list[Path],
                 if r.status == 200:
                     return
                 last = f"HTTP {r.status}"
+            time.sleep(1)
         except urllib.error.HTTPError as exc:  # the proxy's 503 says which server is not up yet
-            last = f"HTTP {exc.code}: {exc.read()[:200].decode(errors='replace')}"
+            try:
+                body = exc.read()[:200].decode(errors="replace")
+            except OSError:
+                body = ""
+            last = f"HTTP {exc.code}: {body}"
             time.sleep(1)
         except (OSError, http.client.HTTPException) as exc:
             last = repr(exc)
@@ -271,17 +276,14 @@ def start_vllm_nixl(model: str, cores: list[int], max_model_len: int, log_dir: P
         urls.append(f"http://127.0.0.1:{port}")
     # held until the proxy listens on it (SO_REUSEPORT): the two servers starting beside it pick ports
     # of their own (ZMQ, NIXL's side channel) and must not take this one in the meantime
-    reservation = reserve_port()
-    port = reservation.getsockname()[1]
-    cmd = [sys.executable, "-m", "tandem.bench.pd_proxy", "--prefill", urls[0], "--decode", urls[1],
-           "--port", str(port)]
-    procs.spawn(cmd, {}, log_dir / f"{name}-proxy.log")
-    commands.append(_shown({}, cmd))
-    url = f"http://127.0.0.1:{port}"
-    try:
+    with reserve_port() as reservation:
+        port = reservation.getsockname()[1]
+        cmd = [sys.executable, "-m", "tandem.bench.pd_proxy", "--prefill", urls[0], "--decode", urls[1],
+               "--port", str(port)]
+        procs.spawn(cmd, {}, log_dir / f"{name}-proxy.log")
+        commands.append(_shown({}, cmd))
+        url = f"http://127.0.0.1:{port}"
         procs.wait(url)
-    finally:
-        reservation.close()
     notes = ["the decode server computes every output token, the first included, after pulling the KV: "
              "its TTFT includes the transfer (vLLM's toy-proxy flow)"]
     if fixed:

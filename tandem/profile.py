@@ -45,8 +45,9 @@ logger = logging.getLogger(__name__)
 # 2: decode steps timed on the engine's clock, each stream out of the batch at its own end, and a
 # batch of 32 (version 1's short runs read a batch's steps 2x too cheap: its tail was counted whole)
 # 3: prefills after a cached prefix too (their new tokens attend to it: perfmodel.py's form)
-# 4: a decode step is one sample, not one per stream in it (node/perf.py): the batch of 32's steps
-# no longer outweigh, and with the fit's half-life erase, the small batches' measured before them
+# 4: a decode step is one sample, not one per stream in it (node/perf.py); counted per stream, the
+# batch of 32's steps outweighed the small batches measured before them and, through the fit's
+# half-life, erased them
 # 5: large batches at long contexts too (16 x 512, 32 x 384), the corner a loaded node decodes in
 PROFILE_VERSION = 5
 MODES = ("auto", "fresh", "off")
@@ -65,6 +66,7 @@ PREFIX_RUNS = ((256, 32), (512, 128), (1024, 64), (1024, 256), (1536, 32))
 # They add ~15 s to a profile of the bench model on one core.
 DECODE_RUNS = ((1, 32), (1, 512), (4, 64), (4, 384), (8, 128), (16, 64), (8, 1024), (32, 64), (16, 512), (32, 384))
 DECODE_STEPS = 12  # steps of each run's whole batch, after its last prompt
+KV_SLACK_TOKENS = 32  # a stream's KV beyond its tokens (its last block's rest; the default block is 32)
 
 
 def default_cache_dir() -> Path:
@@ -237,6 +239,12 @@ class Profiler:
             # Enough tokens each that the whole batch decodes DECODE_STEPS steps together once the
             # last prompt is in (the engine takes step_tokens of prompts a step).
             steps = DECODE_STEPS + -(-batch * n // (self.perf.step_tokens or VLLM_STEP_TOKENS))
+            # No more streams than the engine's KV cache holds whole (a block of slack each): past
+            # that vLLM preempts, and the recomputed prompts would be timed as decode steps.
+            room = self.perf.kv_room()
+            if room is not None and room[0] > 0:
+                batch = max(1, min(batch, room[0] // (min(n, self.max_len) + steps + KV_SLACK_TOKENS)))
+                steps = DECODE_STEPS + -(-batch * n // (self.perf.step_tokens or VLLM_STEP_TOKENS))
             n = min(n, self.max_len - steps - 1)
             if n < 1:  # a context too short for this run's prompts and steps
                 done += 1

@@ -108,6 +108,7 @@ async def _profile(args: argparse.Namespace) -> int:
         else:
             t0 = time.monotonic()
             perf = NodePerf(step_tokens=cfg.max_num_batched_tokens)
+            perf.kv_room = engine.kv_room.tokens  # (as a node's: its decode runs fit the engine's KV cache)
             await Profiler(engine, perf, engine.vocab_size, engine.max_model_len, cfg.max_num_seqs, progress=bar,
                            seed=int.from_bytes(os.urandom(4), "little")).run()
             model = perf.model

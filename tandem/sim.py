@@ -82,7 +82,6 @@ network contention.
 from __future__ import annotations
 
 import heapq
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,7 +106,13 @@ class _Decode:
     chunk: tuple[int, int] | None = None  # (request, tokens) of the local prefill in the step running
     local_total: dict[int, tuple[int, int, float]] = field(default_factory=dict)  # ... (to compute, cached, load s)
     fetching: set[int] = field(default_factory=set)  # requests whose KV is on its way here
-    arrivals: deque[tuple[float, int]] = field(default_factory=deque)  # (when, output tokens) sent here
+    arrivals: Any = field(default_factory=lambda: _arrivals())  # those sent here lately (admission's)
+
+
+def _arrivals() -> Any:
+    from tandem.coordinator.nodeclient import Arrivals  # (the coordinator's; grpc only when simulating)
+
+    return Arrivals()
 
 
 def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
@@ -233,25 +238,21 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
 
     def life_tpot(dn: _Decode, i: int, now: float) -> float:
         """Request ``i``'s step on a decode node over its life, as admission forecasts it
-        (``estimates.life_load``): each request there stays for as many of its steps as it has
-        tokens to come, and requests keep arriving at the node's rate over the last
-        ``ARRIVAL_WINDOW_S``, each staying their mean output length. (Until the twenty-ninth
-        sitting the simulator checked the step of the batch now, one request added: on a chat run
-        at 1:1 it refused 7 of 120 requests where the coordinator refused 17, and its batch came
-        out 16.4 where the real one was 13.7.)"""
-        from tandem.coordinator.nodeclient import ARRIVAL_WINDOW_S
-
+        (``estimates.life_load``): each request there stays for the tokens it has to come, and
+        requests keep arriving at the node's recent rate (``Arrivals``), each staying their mean
+        output. Unlike the coordinator, which books a decode node before the prefill, this one
+        counts a disaggregated request there once its prefill ends. (Until the twenty-ninth
+        sitting: the step of the batch now, one request added.)"""
         e = trace[i]
         tokens, mine = e.output_len, e.input_len + e.output_len // 2
         b, ctx = load(dn)
+        # to come: the running's steps left; the first token made, the rest; a local prefill's, all
         lefts = ([fin - dn.step_no for fin, _ in dn.running]
-                 + [trace[r].output_len for r in (*dn.waiting, *dn.fetching, *dn.local)])
+                 + [trace[r].output_len - 1 for r in (*dn.waiting, *dn.fetching)]
+                 + [trace[r].output_len for r in dn.local])
         if not lefts or tokens < 1:
             return cfg.decode.step_s(b + 1, ctx + mine)
-        while dn.arrivals and dn.arrivals[0][0] <= now - ARRIVAL_WINDOW_S:
-            dn.arrivals.popleft()
-        rate = len(dn.arrivals) / ARRIVAL_WINDOW_S
-        mean = sum(t for _, t in dn.arrivals) / len(dn.arrivals) if dn.arrivals else 0.0
+        rate, mean = dn.arrivals.rate(now)
         staying = sum(min(max(n, 0), tokens) for n in lefts) / tokens
         per_step = rate * cfg.decode.step_s(b + 1, ctx)
         arriving = per_step * (mean - mean * mean / (2 * tokens) if tokens > mean else tokens / 2)
@@ -260,8 +261,8 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
 
     def admit(i: int, now: float) -> bool:
         """Admission, from the same profile: the prefill work ahead of it shared by the prefill
-        pool, plus its own prefill, against the TTFT objective; a step of the least loaded decode
-        node with it added (its batch, their contexts half way through it), against TPOT."""
+        pool, plus its own prefill, against the TTFT objective; its step over its life on the
+        least loaded decode node (``life_tpot``) against TPOT."""
         e = trace[i]
         ahead = queued_s + sum(max(0.0, t - now) for t in busy_until)
         ttft = ahead / cfg.num_prefill + pool_prefill_s(i)
@@ -273,7 +274,7 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
         """(requests, their context tokens) on a decode node as the coordinator counts them: every
         one sent there (running, waiting for a place, its KV arriving, prefilling there)."""
         ctx = dn.base + len(dn.running) * dn.step_no
-        ctx += sum(trace[w].input_len for w in dn.waiting) + sum(trace[r].input_len for r in dn.local)
+        ctx += sum(trace[r].input_len for r in (*dn.waiting, *dn.fetching, *dn.local))
         return dn.assigned, ctx
 
     def local_choice(i: int, now: float) -> tuple[int | None, bool]:
@@ -420,7 +421,7 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
                 dn = decodes[d]
                 out[i].local, out[i].decode_node = True, d
                 dn.assigned += 1
-                dn.arrivals.append((now, e.output_len))
+                dn.arrivals.add(e.output_len, now)
                 dn.local.append(i)
                 held, load_s = decode_held(d, i, touch=True)
                 dn.local_left[i] = e.input_len - held
@@ -451,7 +452,7 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
                 continue
             d = min(range(cfg.num_decode), key=lambda k: (decodes[k].assigned, k))
             decodes[d].assigned += 1
-            decodes[d].arrivals.append((now, e.output_len))
+            decodes[d].arrivals.add(e.output_len, now)
             decodes[d].fetching.add(i)
             o.decode_node = d
             push(now + cfg.decode.transfer_s(e.input_len * cfg.kv_bytes_per_token), JOIN, d, i)

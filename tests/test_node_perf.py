@@ -381,7 +381,26 @@ def test_a_step_is_one_sample_however_many_streams_it_carried() -> None:
         for rid in "abcd":  # each step's end, reported by each of its four streams
             perf.decode_output(rid, 1, EngineClock(1.00 + 0.04 * k, 1 + k))
         assert perf.model.decode.samples == k
-    assert perf.model.step_s(4, 4 * 103) == pytest.approx(0.04, rel=0.05)
+
+
+def test_a_step_that_a_stream_since_ended_took_part_in_is_no_sample() -> None:
+    from tandem.node.perf import EngineClock
+
+    perf = NodePerf(Clock())
+    for rid in "ac":
+        perf.decode_started(rid, 100)
+        perf.decode_output(rid, 1, EngineClock(1.40, 1))  # both join in one step
+    perf.decode_output("a", 1, EngineClock(1.50, 2))  # a and c: a sample
+    perf.decode_started("d", 100)
+    perf.decode_output("d", 1, EngineClock(1.60, 1))  # d joins at 1.60
+    perf.decode_output("a", 1, EngineClock(1.60, 3))  # a's step 1.50..1.60: a sample
+    assert perf.model.decode.samples == 2
+    perf.decode_output("c", 2, EngineClock(1.70, 3))  # c's two steps from 1.50: d joined midway, none
+    perf.decode_ended("c")  # c's last token came at 1.70
+    perf.decode_output("a", 1, EngineClock(1.70, 4))  # a's step to 1.70 held c, which the batch no longer counts
+    assert perf.model.decode.samples == 2
+    perf.decode_output("a", 1, EngineClock(1.80, 5))  # after c left: a sample
+    assert perf.model.decode.samples == 3
 
 
 def test_the_engines_kv_room_comes_from_vllms_scheduler_stats_and_goes_out_in_the_load() -> None:

@@ -153,12 +153,16 @@ class SteppingEngine:
         self.waiting: dict[str, list] = {}
         self.live: dict[str, list] = {}  # rid -> [its queue, tokens to make, tokens made]
         self.loop: asyncio.Task | None = None
+        self.need: dict[str, int] = {}  # rid -> its prompt and output tokens
+        self.peak_tokens = self.peak_batch = 0  # the most KV the live streams needed at once, and streams
 
     async def _steps(self) -> None:
         await asyncio.sleep(0)  # the run's other streams arrive first
         while self.live or self.waiting:
             for rid in list(self.waiting)[:4]:
                 self.live[rid] = self.waiting.pop(rid)
+            self.peak_batch = max(self.peak_batch, len(self.live))
+            self.peak_tokens = max(self.peak_tokens, sum(self.need[r] for r in self.live))
             self.clock.t += 0.002 + 0.003 * len(self.live)
             for rid, st in list(self.live.items()):
                 st[2] += 1
@@ -173,6 +177,7 @@ class SteppingEngine:
     async def generate(self, rid, prompt, sampling, kv):
         q: asyncio.Queue = asyncio.Queue()
         self.waiting[rid] = [q, sampling.max_tokens, 0]
+        self.need[rid] = len(prompt) + sampling.max_tokens
         if self.loop is None:
             self.loop = asyncio.get_running_loop().create_task(self._steps())
         while True:
@@ -192,3 +197,20 @@ def test_a_decode_runs_streams_leave_its_batch_at_their_own_ends() -> None:
                          progress=lambda _: None).run())
     for batch in (1, 8, 32):
         assert perf.model.step_s(batch, batch * 100) == pytest.approx(0.002 + 0.003 * batch, rel=0.05)
+
+
+def test_a_decode_run_takes_no_more_streams_than_the_engines_kv_cache_holds() -> None:
+    """Past its KV cache vLLM preempts streams, and the prompts it recomputes would be timed as
+    decode steps: a run's batch is capped by the engine's KV room (its prompts, steps and a
+    block of slack each)."""
+    clock = Clock()
+    perf = NodePerf(clock)
+    perf.kv_room = lambda: (2000, 2000, 0)
+    engine = SteppingEngine(clock)
+    asyncio.run(Profiler(engine, perf, vocab_size=1000, max_model_len=600, max_num_seqs=64,
+                         progress=lambda _: None).run())
+    assert 0 < engine.peak_tokens <= 2000 and 4 < engine.peak_batch < 32
+    uncapped = SteppingEngine(clock)
+    asyncio.run(Profiler(uncapped, NodePerf(clock), vocab_size=1000, max_model_len=600, max_num_seqs=64,
+                         progress=lambda _: None).run())
+    assert uncapped.peak_batch == 32 and uncapped.peak_tokens > 2000

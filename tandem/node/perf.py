@@ -126,7 +126,8 @@ class NodePerf:
         self._left_at = -math.inf
         self._joined_at = -math.inf
         # The end of the latest step sampled, on the engine's clock. Every stream in a step reports
-        # it: one sample a step, not one a stream. (Until the twenty-ninth sitting each stream's
+        # it: one sample a step, not one a stream (a simulated engine has no such clock: its gaps,
+        # timed here, are still one sample a stream). (Until the twenty-ninth sitting each stream's
         # report was a sample: a step of 20 streams counted 20 times, so the fit's half-life of 500
         # samples held about a second at load, one batch size, and read across batch sizes from
         # there. Replayed on a chat run's steps at 1:1, the steps 1-10 s ahead came out 5.6 % low at
