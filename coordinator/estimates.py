@@ -286,6 +286,18 @@ def stepper(node: NodeClient, load: pb.NodeLoad | None = None):  # type: ignore[
     return step
 
 
+def forward_batch(lefts: Sequence[int], tokens: int, per_step: float, mean_tokens: float,
+                  others: float = 1.0) -> float:
+    """The mean batch over the ``tokens`` steps of a newcomer's life (``life_load``'s, and the
+    simulator's): the streams there, ``others`` for each of ``lefts`` (their tokens to come), stay
+    as long as those last, and requests arrive at ``per_step`` a step, each staying
+    ``mean_tokens`` steps (the mean over [0, tokens] of per_step * min(t, mean_tokens))."""
+    staying = sum(min(max(n, 0), tokens) for n in lefts) / tokens * others
+    arriving = per_step * (mean_tokens - mean_tokens * mean_tokens / (2 * tokens) if tokens > mean_tokens
+                           else tokens / 2)
+    return staying + arriving
+
+
 def life_load(node: NodeClient, tokens: int, view: DecodeView | None = None) -> tuple[float, float]:
     """(streams, context tokens) a new request of ``tokens`` output tokens on this decode node
     decodes beside, on average over its steps (its TPOT is their mean step).
@@ -308,14 +320,8 @@ def life_load(node: NodeClient, tokens: int, view: DecodeView | None = None) -> 
             return float(batch), float(context)
         return (batch + load.decode_batch_mean) / 2, (context + load.decode_context_mean) / 2
     others = max(1.0, batch / len(lefts))  # the node's streams per one of this coordinator's
-    staying = sum(min(max(n, 0), tokens) for n in lefts) / tokens * others
     rate, mean_tokens = node.arrivals.rate()
-    per_step = rate * others * view.step(batch + 1, context)  # requests arriving a step
-    # Those arriving over its steps at per_step, each staying mean_tokens steps: the mean over
-    # [0, tokens] of per_step * min(t, mean_tokens).
-    arriving = per_step * (mean_tokens - mean_tokens * mean_tokens / (2 * tokens) if tokens > mean_tokens
-                           else tokens / 2)
-    life = staying + arriving
+    life = forward_batch(lefts, tokens, rate * others * view.step(batch + 1, context), mean_tokens, others)
     if batch:
         each = context / batch
     else:  # the recent streams' mean context stands in for the arrivals'

@@ -92,6 +92,12 @@ from tandem.simconfig import SimConfig
 from tandem.simresults import Outcome
 from tandem.timings import Timings
 
+def _arrivals() -> Any:
+    from tandem.coordinator.nodeclient import Arrivals  # (the coordinator's; grpc only when simulating)
+
+    return Arrivals()
+
+
 @dataclass
 class _Decode:
     running: list[tuple[int, int]] = field(default_factory=list)  # heap of (finish step, request)
@@ -106,13 +112,7 @@ class _Decode:
     chunk: tuple[int, int] | None = None  # (request, tokens) of the local prefill in the step running
     local_total: dict[int, tuple[int, int, float]] = field(default_factory=dict)  # ... (to compute, cached, load s)
     fetching: set[int] = field(default_factory=set)  # requests whose KV is on its way here
-    arrivals: Any = field(default_factory=lambda: _arrivals())  # those sent here lately (admission's)
-
-
-def _arrivals() -> Any:
-    from tandem.coordinator.nodeclient import Arrivals  # (the coordinator's; grpc only when simulating)
-
-    return Arrivals()
+    arrivals: Any = field(default_factory=_arrivals)  # those sent here lately (admission's)
 
 
 def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
@@ -252,11 +252,10 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
                  + [trace[r].output_len for r in dn.local])
         if not lefts or tokens < 1:
             return cfg.decode.step_s(b + 1, ctx + mine)
+        from tandem.coordinator.estimates import forward_batch
+
         rate, mean = dn.arrivals.rate(now)
-        staying = sum(min(max(n, 0), tokens) for n in lefts) / tokens
-        per_step = rate * cfg.decode.step_s(b + 1, ctx)
-        arriving = per_step * (mean - mean * mean / (2 * tokens) if tokens > mean else tokens / 2)
-        life = staying + arriving
+        life = forward_batch(lefts, tokens, rate * cfg.decode.step_s(b + 1, ctx), mean)
         return cfg.decode.step_s(life + 1, life * ctx / b + mine)
 
     def admit(i: int, now: float) -> bool:
