@@ -336,13 +336,19 @@ def add_args(ap: argparse.ArgumentParser) -> None:
                          "and 8, each with its profile and its node's KV cache in tokens), ranked by goodput per GPU")
     ap.add_argument("--gpus", type=int, default=64, help="--parallel: GPUs in all")
     ap.add_argument("--validate", action="store_true",
-                    help="instead of a plan: run a real 1:1 cluster on this host at --rates and the simulator on the "
-                         "same traces, and report predicted against measured attainment, TTFT and TPOT (the "
+                    help="instead of a plan: run a real cluster (--split) on this host at --rates and the "
+                         "simulator on the same traces, and report predicted against measured attainment, TTFT and TPOT (the "
                          "simulator takes the profiles the nodes started from; --profile, --order and the KV "
                          "flags are for plans only)")
     ap.add_argument("--simulated", default="", metavar="P:D,...",
-                    help="--validate: instead of the real 1:1 cluster, these splits as simulated nodes (times from "
+                    help="--validate: instead of the real cluster, these splits as simulated nodes (times from "
                          "--profile) against the simulator: a check of its cluster model, labelled as simulated")
+    ap.add_argument("--split", default="1:1", metavar="P:D",
+                    help="--validate: the real cluster's split, a core a node (1:1, or 0:2 with "
+                         "--conditional-disagg on); a pool's nodes' times are averaged for the simulator")
+    ap.add_argument("--reps", type=int, default=1,
+                    help="--validate: run the sweep this many times on fresh seeded traces (same cluster) and "
+                         "report each rate's mean and the spread of the errors")
     ap.add_argument("--rates", default="0.5,1,1.5,2", help="--validate: arrival rates, req/s")
     ap.add_argument("--duration", type=float, default=60.0, help="--validate: seconds of arrivals per rate")
     ap.add_argument("--model", default="", help="--validate: the model (default: the seeded bench model)")

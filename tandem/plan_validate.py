@@ -1,15 +1,19 @@
 """`tandem plan --validate`: the simulator's predictions against a real cluster, side by side.
 
-It starts a real 1:1 cluster on this host (the seeded bench model unless
-``--model``), always disaggregated or, with ``--conditional-disagg on``,
+It starts a real cluster on this host (1:1 by default, ``--split``; the seeded
+bench model unless ``--model``), always disaggregated or, with ``--conditional-disagg on``,
 prefilling on the decode node where the coordinator chooses to (the simulator
 then applies the same rule), with admission off or, with ``--admission on``,
 on (the simulator's admission with it; both on is Tandem as shipped), reads the
-profiles its two nodes started from, and for each rate
+profiles its nodes started from (a pool's averaged: the simulator has one set of times a pool), and for each rate
 sends one seeded trace to the cluster and plays the very same trace through
 the simulator. The report puts measured and predicted SLO attainment, TTFT
 and TPOT side by side with the error of each, and the goodput each implies
 (the highest rate with at least 90 % attainment). The goal is within 15 %.
+With ``--reps N`` the whole sweep runs N times on fresh seeded traces, on the
+same cluster, and the report adds each rate's mean over the repetitions and
+how far each one's error strayed: one probe of a minute is a few dozen
+streams, and its TPOT median moves by ±20 % from one to the next.
 """
 
 from __future__ import annotations
@@ -76,15 +80,31 @@ def cmd_validate(args: argparse.Namespace) -> int:
     local = getattr(args, "conditional_disagg", "off") == "on"
     admission = getattr(args, "admission", "off") == "on"
     fits = getattr(args, "fits", "profile")
+    reps = getattr(args, "reps", 1)
+    try:
+        num_prefill, num_decode = parse_split(getattr(args, "split", "1:1"), local, len(cores))
+    except ValueError as exc:
+        print(f"tandem plan --validate: {exc}", file=sys.stderr)
+        return 2
+    if reps < 1:
+        print("tandem plan --validate: --reps must be at least 1", file=sys.stderr)
+        return 2
     variant = {(True, True): "", (True, False): "-noadmit", (False, True): "-nolocal",
                (False, False): "-disagg"}[(local, admission)]
-    print(f"starting a real 1:1 cluster ({describe(local, admission)}) on cores {cores} ...", flush=True)
-    system = systems.start_tandem(model, 1, 1, args.max_model_len, out, cores, variant)
+    split = f"{num_prefill}:{num_decode}"
+    print(f"starting a real {split} cluster ({describe(local, admission)}) on cores {cores} ...", flush=True)
+    system = systems.start_tandem(model, num_prefill, num_decode, args.max_model_len, out, cores, variant)
     rows: list[dict[str, Any]] = []
+    pool = {"prefill": [f"prefill-{k}" for k in range(num_prefill)],
+            "decode": [f"decode-{k}" for k in range(num_decode)]}
     try:
-        logs = out / f"tandem-1p1d{variant}"
-        pre_path, dec_path = node_profile(logs / "prefill-0.log"), node_profile(logs / "decode-0.log")
-        prefill, decode = Timings.load(pre_path), Timings.load(dec_path)
+        logs = out / f"tandem-{num_prefill}p{num_decode}d{variant}"
+        paths = {name: node_profile(logs / f"{name}.log") for names in pool.values() for name in names}
+        decode = Timings.mean([Timings.load(paths[n]) for n in pool["decode"]])
+        # (0:N: no prefill pool; the decode nodes' own prefill fits are what they prefill with)
+        prefill = Timings.mean([Timings.load(paths[n]) for n in pool["prefill"]]) if num_prefill else decode
+        pre_path = ", ".join(str(paths[n]) for n in pool["prefill"]) or "none (no prefill pool)"
+        dec_path = ", ".join(str(paths[n]) for n in pool["decode"])
         from tandem.node.simengine import model_facts
         from tandem.perfmodel import kv_bytes_per_token
 
@@ -92,7 +112,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         per_token = kv_bytes_per_token({**facts, "dtype": "float32"})  # the nodes' --dtype default
         # the coordinator's defaults (no SLO of its own: the trace's go with each request); the
         # engines' KV caches as the bench gives them (systems.MEMORY), their prefix caches with them
-        cfg = SimConfig(1, 1, prefill, decode, kv_bytes_per_token=per_token, max_batch=args.max_batch,
+        cfg = SimConfig(num_prefill, num_decode, prefill, decode, kv_bytes_per_token=per_token, max_batch=args.max_batch,
                         order="slack", slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot, local=local,
                         admission=admission, step_tokens=DECODE_STEP_TOKENS,
                         prefix_cache=getattr(args, "prefix_cache", "on") == "on",
@@ -104,28 +124,80 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
         warm_up(system, args.workload, args.max_model_len)
         def learned() -> SimConfig:  # before each rate: the fits the nodes learned over the rates before it
-            return replace(cfg, prefill=learned_timings(system.nodes["prefill-0"], "prefill-0, learned"),
-                           decode=learned_timings(system.nodes["decode-0"], "decode-0, learned"))
+            def of(kind: str) -> Timings:
+                return Timings.mean([learned_timings(system.nodes[n], f"{n}, learned") for n in pool[kind]])
+
+            dec = of("decode")
+            return replace(cfg, prefill=of("prefill") if num_prefill else dec, decode=dec)
 
         fresh: Callable[[], SimConfig] | None = learned if fits == "learned" else None
-        rows = rate_rows(system.target, cfg, args, rates, fresh)
+        for rep in range(reps):
+            if reps > 1:
+                print(f"repetition {rep + 1} of {reps}", flush=True)
+            rows += [{**r, "rep": rep} for r in rate_rows(system.target, cfg, args, rates, fresh, seed=7000 + 1000 * rep)]
     finally:
         system.stop()
-    doc = {"transfer_modelled": any(decode.transfer), "conditional_disagg": local, "admission": admission,
-           "fits": fits,
+    first = [r for r in rows if r["rep"] == 0]
+    doc = {"split": split, "reps": reps, "transfer_modelled": any(decode.transfer), "conditional_disagg": local,
+           "admission": admission, "fits": fits,
            "prefix_cache": cfg.prefix_cache, "prefill_cache_tokens": cfg.prefill_cache_tokens,
            "kv_capacity_tokens": cfg.kv_capacity_tokens, "store_ram_tokens": cfg.store_ram_tokens,
            "store_disk": cfg.store_disk, "prefixes": getattr(args, "prefixes", 0),
            "workload": args.workload, "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
            "duration_s": args.duration, "model": model, "prefill_profile": prefill.doc(), "decode_profile": decode.doc(),
-           "rows": rows, "goodput": {"measured": goodput(rows, "measured_attainment"),
-                                     "predicted": goodput(rows, "predicted_attainment")},
+           "rows": rows, "goodput": {"measured": goodput(first, "measured_attainment"),
+                                     "predicted": goodput(first, "predicted_attainment")},
            "goal": "predictions within 15 % of measurement"}
+    if reps > 1:
+        doc["over_reps"] = over_reps(rows)
+        means = doc["over_reps"]
+        doc["goodput"] = {"measured": goodput(means, "measured_attainment"),
+                          "predicted": goodput(means, "predicted_attainment"), "of": f"the mean over {reps} repetitions"}
     (out / "validate.json").write_text(json.dumps(doc, indent=1) + "\n")
     write_report(out, doc)
     print(f"goodput measured {doc['goodput']['measured']:g} req/s, predicted {doc['goodput']['predicted']:g} req/s; "
           f"wrote {out / 'validate.md'}")
     return 0
+
+
+def parse_split(split: str, local: bool, cores: int) -> tuple[int, int]:
+    """``P:D`` for a real cluster on this host: a core a node at least, and a prefill pool unless the
+    decode nodes prefill (conditional disaggregation); ValueError saying which."""
+    try:
+        p, d = (int(x) for x in split.split(":"))
+    except ValueError:
+        raise ValueError(f"--split {split!r}: want P:D, e.g. 1:1 or 0:2") from None
+    if d < 1 or p < 0 or (p == 0 and not local):
+        raise ValueError(f"--split {split}: a cluster needs a decode node, and a prefill pool unless "
+                         "--conditional-disagg on (0:N: the decode nodes prefill what they decode)")
+    if p + d > cores:
+        raise ValueError(f"--split {split}: {p + d} nodes on {cores} cores; a real node needs a core of its own "
+                         "(more as simulated nodes: --simulated)")
+    return p, d
+
+
+STRAY_KEYS = ("attainment", "ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s")
+
+
+def over_reps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each rate over the repetitions: the mean of each measured and predicted figure, the error of
+    those means, and the smallest and largest error of a single repetition."""
+    out = []
+    for rate in sorted({r["rate"] for r in rows}):
+        mine = [r for r in rows if r["rate"] == rate]
+
+        def mean(side: str, k: str) -> float:
+            vals = [r[side][k] for r in mine if not math.isnan(r[side][k])]
+            return sum(vals) / len(vals) if vals else math.nan
+
+        m = {k: mean("measured", k) for k in STRAY_KEYS}
+        p = {k: mean("predicted", k) for k in STRAY_KEYS}
+        errs = {k: [e for r in mine if not math.isnan(e := r["error"][k])] for k in STRAY_KEYS}
+        out.append({"rate": rate, "reps": len(mine), "measured": m, "predicted": p,
+                    "error": {k: rel_error(p[k], m[k]) for k in STRAY_KEYS},
+                    "error_range": {k: [min(v), max(v)] if v else [math.nan, math.nan] for k, v in errs.items()},
+                    "measured_attainment": m["attainment"], "predicted_attainment": p["attainment"]})
+    return out
 
 
 def learned_timings(grpc_address: str, source: str) -> Timings:
@@ -155,19 +227,19 @@ def describe(local: bool, admission: bool = False) -> str:
 
 
 def rate_rows(target: str, cfg: SimConfig, args: argparse.Namespace, rates: list[float],
-              fresh: Callable[[], SimConfig] | None = None) -> list[dict[str, Any]]:
-    """Each rate's seeded trace sent to ``target`` and played through the simulator: side by side.
-    ``fresh``: the simulator's configuration made again before each rate (the nodes' learned fits)."""
+              fresh: Callable[[], SimConfig] | None = None, seed: int = 7000) -> list[dict[str, Any]]:
+    """Each rate's seeded trace (``seed`` for the first rate, one more for each next) sent to
+    ``target`` and played through the simulator: side by side. ``fresh``: the simulator's
+    configuration made again before each rate (the nodes' learned fits)."""
     from tandem.bench.compare import _run
     from tandem.bench.workloads import generate, materialize
 
     slo = (args.slo_ttft, args.slo_tpot)
     rows = []
     for k, rate in enumerate(rates):
-        seed = 7000 + k
-        entries = generate(args.workload, rate=rate, duration_s=args.duration, seed=seed,
+        entries = generate(args.workload, rate=rate, duration_s=args.duration, seed=seed + k,
                            max_model_len=args.max_model_len, prefixes_n=getattr(args, "prefixes", 0) or None)
-        materialize(entries, seed, 600)
+        materialize(entries, seed + k, 600)
         if fresh is not None:
             cfg = fresh()
         predicted = summary(simulate(cfg, entries), *slo)  # before the run: only what was known then
@@ -205,7 +277,7 @@ def side_by_side(measured: dict[str, Any], predicted: dict[str, float], rate: fl
     print(f"  {rate:g} req/s: attainment measured {m['attainment']:.0%} predicted {p['attainment']:.0%}; "
           f"TTFT p50 {m['ttft_p50_s'] * 1000:.0f} / {p['ttft_p50_s'] * 1000:.0f} ms; TPOT p50 "
           f"{m['tpot_p50_s'] * 1000:.1f} / {p['tpot_p50_s'] * 1000:.1f} ms; prefilled on the decode node "
-          f"{share(row['local_share']['measured'])} / {share(row['local_share']['predicted'])}", flush=True)
+          f"{pct(row['local_share']['measured'])} / {pct(row['local_share']['predicted'])}", flush=True)
     return row
 
 
@@ -262,16 +334,14 @@ def validate_simulated(args: argparse.Namespace, profile: Path) -> int:
     return 0
 
 
-def share(v: float | None) -> str:
+def pct(v: float | None) -> str:
+    """A share or an error as a percentage; a dash for none."""
     return "–" if v is None or math.isnan(v) else f"{v:.0%}"
 
 
 def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     def ms(v: float) -> str:
         return "–" if v is None or math.isnan(v) else f"{v * 1000:.0f}"
-
-    def err(v: float) -> str:
-        return "–" if v is None or math.isnan(v) else f"{v:.0%}"
 
     lines = ["| req/s | attainment measured / predicted | TTFT p50 ms m / p (err) | TTFT p90 ms m / p (err) | "
              "TPOT p50 ms m / p (err) | TPOT p90 ms m / p (err) | prefilled on the decode node m / p |",
@@ -280,20 +350,39 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
         m, p, e = r["measured"], r["predicted"], r["error"]
         loc = r.get("local_share", {})
         lines.append(f"| {r['rate']:g} | {m['attainment']:.0%} / {p['attainment']:.0%} | "
-                     + " | ".join(f"{ms(m[k])} / {ms(p[k])} ({err(e[k])})"
+                     + " | ".join(f"{ms(m[k])} / {ms(p[k])} ({pct(e[k])})"
                                   for k in ("ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s"))
-                     + f" | {share(loc.get('measured'))} / {share(loc.get('predicted'))} |")
+                     + f" | {pct(loc.get('measured'))} / {pct(loc.get('predicted'))} |")
+    return lines
+
+
+def reps_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """``over_reps``' rows as a table: the means (their error), each figure's range of single errors."""
+    def val(k: str, v: float) -> str:  # attainment in per cent, TTFT in whole ms, TPOT to a tenth
+        if k == "attainment" or math.isnan(v):
+            return pct(v)
+        return f"{v * 1000:.0f}" if k.startswith("ttft") else f"{v * 1000:.1f}"
+
+    def fig(r: dict[str, Any], k: str) -> str:
+        lo, hi = r["error_range"][k]
+        spread = "–" if math.isnan(lo) else f"{pct(lo)}–{pct(hi)}"
+        return f"{val(k, r['measured'][k])} / {val(k, r['predicted'][k])} ({pct(r['error'][k])}; {spread})"
+
+    lines = ["| req/s | reps | attainment m / p | TTFT p50 ms | TTFT p90 ms | TPOT p50 ms | TPOT p90 ms |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['rate']:g} | {r['reps']} | " + " | ".join(fig(r, k) for k in STRAY_KEYS) + " |")
     return lines
 
 
 def write_report(out: Path, doc: dict[str, Any]) -> None:
-    lines = [f"# tandem plan --validate: {doc['workload']}, 1:1 on this host", "",
+    lines = [f"# tandem plan --validate: {doc['workload']}, {doc.get('split', '1:1')} on this host", "",
              f"SLOs TTFT ≤ {doc['slo']['ttft_s'] * 1000:.0f} ms, TPOT ≤ {doc['slo']['tpot_s'] * 1000:.0f} ms; "
              f"{doc['duration_s']:g} s of arrivals per rate; the same seeded trace to the real cluster "
              f"({describe(doc.get('conditional_disagg', False), doc.get('admission', False))}) and to the simulator, "
              "whose times come from "
-             + ("the fits the two nodes had learned while serving, read before each rate"
-                if doc.get("fits") == "learned" else "the profiles the two nodes started from")
+             + ("the fits the nodes had learned while serving, read before each rate (a pool's averaged)"
+                if doc.get("fits") == "learned" else "the profiles the nodes started from (a pool's averaged)")
              + ". Goal: " + doc["goal"] + ".", ""]
     if "kv_capacity_tokens" in doc:
         lines += [f"KV memory, the same on both sides: the prefill engine's cache {doc['prefill_cache_tokens']:,} "
@@ -301,7 +390,15 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
                   + (f", a KV store on each node: RAM {doc['store_ram_tokens']:,} tokens"
                      + (" over a disk tier" if doc.get("store_disk") else "") if doc.get("store_ram_tokens") else "")
                   + ("" if doc.get("prefix_cache") else "; the simulator's prefix caches off") + ".", ""]
-    lines += table_lines(doc["rows"])
+    reps = doc.get("reps", 1)
+    if reps > 1:
+        for rep in range(reps):
+            lines += [f"Repetition {rep + 1} (seeds from {7000 + 1000 * rep}):", "",
+                      *table_lines([r for r in doc["rows"] if r.get("rep") == rep]), ""]
+        lines += [f"The mean over the {reps} repetitions, and in brackets the error of the means; then the "
+                  "smallest and largest error of one repetition:", "", *reps_lines(doc["over_reps"])]
+    else:
+        lines += table_lines(doc["rows"])
     for key, what in (("predicted_without_kv_store", "the KV store"),
                       ("predicted_without_prefix_cache", "the engines' prefix caches (and the KV store)")):
         bare = [r for r in doc["rows"] if key in r]
@@ -311,7 +408,8 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
                           f"{r['rate']:g} req/s {b['ttft_p50_s'] * 1000:.0f} / {b['ttft_p90_s'] * 1000:.0f}, "
                           f"{b['tpot_p50_s'] * 1000:.0f}, {b['attainment']:.0%}" for r in bare for b in [r[key]]) + "."]
     g = doc["goodput"]
-    lines += ["", f"Goodput on these rates: measured {g['measured']:g} req/s, predicted {g['predicted']:g} req/s.",
+    lines += ["", f"Goodput on these rates{' (' + g['of'] + ')' if 'of' in g else ''}: measured {g['measured']:g} "
+              f"req/s, predicted {g['predicted']:g} req/s.",
               "", "Not modelled: " + ", ".join([*NOT_MODELLED, *([] if doc.get("conditional_disagg") else [LOCAL_OFF]),
                                                  *([] if doc.get("prefix_cache", True) else [NO_PREFIX_CACHE])]) + "."]
     if not doc["transfer_modelled"] and doc.get("fits") != "learned":

@@ -99,5 +99,19 @@ class Timings:
                 m.saw_load(t, u, learned(t, u))
         return m
 
+    @classmethod
+    def mean(cls, nodes: list[Timings], source: str = "") -> Timings:
+        """Several nodes' times as one (each coefficient their mean: the mean of their predictions,
+        the forms being linear in them): the simulator has one set of times for a pool."""
+        if not nodes:
+            raise ValueError("no timings to average")
+
+        def avg(name: str) -> tuple[float, ...]:  # over the nodes that have the fit (a transfer, a load)
+            have = [getattr(t, name) for t in nodes if any(getattr(t, name))] or [getattr(nodes[0], name)]
+            return tuple(sum(c) / len(have) for c in zip(*have))
+
+        return cls(avg("prefill"), avg("decode"), avg("transfer"), source or " + ".join(t.source for t in nodes),  # type: ignore[arg-type]
+                   avg("store_load"))  # type: ignore[arg-type]
+
     def doc(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,0 +1,102 @@
+"""`tandem plan --validate`'s own logic: the split it runs, a pool's times as one, repetitions
+summed up (the real cluster's runs stubbed; the e2e path is `tandem plan --validate` itself)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import pytest
+
+from tandem.simconfig import SimConfig
+from tandem.timings import Timings
+
+
+def test_a_pools_times_are_the_mean_of_its_nodes_and_a_missing_fit_does_not_dilute_it() -> None:
+    a = Timings((0.01, 1e-4, 0.0), (0.02, 1e-3, 1e-6), (0.001, 1e-9), "a", (0.02, 1e-5, 3e-5))
+    b = Timings((0.03, 3e-4, 2e-8), (0.04, 3e-3, 3e-6), (0.0, 0.0), "b")
+    m = Timings.mean([a, b])
+    assert m.prefill == pytest.approx((0.02, 2e-4, 1e-8)) and m.decode == pytest.approx((0.03, 2e-3, 2e-6))
+    # the mean of the predictions (the forms are linear in their coefficients)
+    assert m.step_s(12, 3000) == pytest.approx((a.step_s(12, 3000) + b.step_s(12, 3000)) / 2)
+    assert m.prefill_s(700, 64) == pytest.approx((a.prefill_s(700, 64) + b.prefill_s(700, 64)) / 2)
+    # b learned no transfer and no KV store load: a's stand, not halved
+    assert m.transfer == a.transfer and m.store_load == a.store_load
+    assert m.source == "a + b" and Timings.mean([a], "pool").source == "pool"
+    with pytest.raises(ValueError, match="no timings"):
+        Timings.mean([])
+
+
+def test_the_split_validated_must_fit_this_host_and_have_a_way_to_prefill() -> None:
+    from tandem.plan_validate import parse_split
+
+    assert parse_split("1:1", False, 2) == (1, 1)
+    assert parse_split("0:2", True, 2) == (0, 2)
+    for split, local, cores, said in (("0:2", False, 2, "--conditional-disagg on"),
+                                      ("1:2", True, 2, "3 nodes on 2 cores"),
+                                      ("2:0", True, 4, "needs a decode node"),
+                                      ("one-one", True, 2, "want P:D")):
+        with pytest.raises(ValueError, match=said):
+            parse_split(split, local, cores)
+
+
+def _row(rate: float, rep: int, measured_tpot: float, predicted_tpot: float, attainment: float) -> dict:
+    from tandem.plan_validate import rel_error
+
+    m = {"attainment": attainment, "ttft_p50_s": 0.2, "ttft_p90_s": 0.3, "tpot_p50_s": measured_tpot,
+         "tpot_p90_s": math.nan}
+    p = {"attainment": 0.9, "ttft_p50_s": 0.22, "ttft_p90_s": 0.3, "tpot_p50_s": predicted_tpot, "tpot_p90_s": 0.05}
+    return {"rate": rate, "rep": rep, "measured": m, "predicted": p,
+            "error": {k: rel_error(p[k], m[k]) for k in p}, "measured_attainment": attainment,
+            "predicted_attainment": 0.9}
+
+
+def test_repetitions_give_each_rate_its_means_and_the_spread_of_single_errors(tmp_path) -> None:
+    from tandem.plan_validate import over_reps, write_report
+
+    # one repetition 20 % low on TPOT, the other 20 % high: each misses 15 %, their means agree
+    rows = [_row(1.0, 0, 0.030, 0.024, 0.95), _row(1.0, 1, 0.020, 0.024, 0.85),
+            _row(2.0, 0, 0.040, 0.036, 0.70), _row(2.0, 1, 0.040, 0.044, 0.80)]
+    one, two = over_reps(rows)
+    assert one["rate"] == 1.0 and one["reps"] == 2
+    assert one["measured"]["tpot_p50_s"] == pytest.approx(0.025) and one["predicted"]["tpot_p50_s"] == pytest.approx(0.024)
+    assert one["error"]["tpot_p50_s"] == pytest.approx(0.04)
+    assert one["error_range"]["tpot_p50_s"] == pytest.approx([0.2, 0.2])  # both 20 % off, in opposite ways
+    assert two["error_range"]["tpot_p50_s"] == pytest.approx([0.1, 0.1])
+    assert one["measured_attainment"] == pytest.approx(0.9)
+    # a figure no repetition measured has no mean and no error, not a crash
+    assert math.isnan(one["measured"]["tpot_p90_s"]) and math.isnan(one["error"]["tpot_p90_s"])
+    doc = {"workload": "chat", "split": "0:2", "reps": 2, "slo": {"ttft_s": 0.5, "tpot_s": 0.05},
+           "duration_s": 60.0, "fits": "learned", "goal": "within 15 %", "rows": rows, "over_reps": [one, two],
+           "goodput": {"measured": 1.0, "predicted": 2.0, "of": "the mean over 2 repetitions"},
+           "transfer_modelled": True, "conditional_disagg": True, "admission": True}
+    write_report(tmp_path, doc)
+    text = (tmp_path / "validate.md").read_text()
+    assert "chat, 0:2 on this host" in text
+    assert "Repetition 1 (seeds from 7000)" in text and "Repetition 2 (seeds from 8000)" in text
+    assert "| 1 | 2 | 90% / 90% (0%; 5%–6%) | 200 / 220 (10%; 10%–10%) |" in text
+    assert "25.0 / 24.0 (4%; 20%–20%) | – / 50.0 (–; –) |" in text
+    assert "(the mean over 2 repetitions): measured 1 req/s, predicted 2 req/s" in text
+
+
+def test_a_repetition_plays_fresh_seeded_traces(monkeypatch) -> None:
+    from tandem.bench import compare
+    from tandem.plan_validate import rate_rows
+
+    sent: list[tuple[float, int]] = []
+    measured = {"slo_attainment": 1.0, "ttft_s": {"p50": 0.05, "p90": 0.09}, "tpot_s": {"p50": 0.02, "p90": 0.03},
+                "failed": 0}
+
+    def run(target, entries, slo):  # type: ignore[no-untyped-def]
+        sent.append((round(entries[0].arrival_s, 9), entries[0].input_len))
+        return measured
+
+    monkeypatch.setattr(compare, "_run", run)
+    t = Timings((0.002, 4e-4, 5e-8), (0.008, 5e-4, 1e-6))
+    cfg = SimConfig(1, 1, t, t, order="slack", slo_ttft_s=1.5, slo_tpot_s=0.1)
+    args = argparse.Namespace(slo_ttft=1.5, slo_tpot=0.1, workload="chat", duration=20.0, max_model_len=2048)
+    rate_rows("http://x", cfg, args, [1.0, 2.0])
+    rate_rows("http://x", cfg, args, [1.0, 2.0])
+    rate_rows("http://x", cfg, args, [1.0, 2.0], seed=8000)
+    assert sent[:2] == sent[2:4]  # the same seed, the same traces
+    assert sent[4] != sent[0] and sent[5] != sent[1]  # another repetition's are its own
