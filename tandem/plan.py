@@ -96,6 +96,16 @@ def probe_size(rate: float, requests: int, min_duration_s: float) -> int:
     return max(requests, math.ceil(rate * min_duration_s))
 
 
+def probe_attainment(cfg: SimConfig, workload: str | Mix, slo_ttft_s: float, slo_tpot_s: float, rate: float,
+                     seed: int, *, requests: int = 2000, max_model_len: int = 2048,
+                     min_duration_s: float = MIN_DURATION_S, prefixes: int = 0) -> float:
+    """One seeded probe of a plan at ``rate``: the attainment the cluster would hold there
+    (``steady_attainment``)."""
+    entries = trace(workload, rate, probe_size(rate, requests, min_duration_s), seed, max_model_len,
+                    cfg.prefix_cache, prefixes)
+    return steady_attainment(simulate(cfg, entries), slo_ttft_s, slo_tpot_s)
+
+
 def ratio_goodput(cfg: SimConfig, workload: str | Mix, slo_ttft_s: float, slo_tpot_s: float, *, requests: int = 2000,
                   seeds: int = 2, max_model_len: int = 2048, start_rate: float = 1.0,
                   rel_tol: float = 0.05, min_duration_s: float = MIN_DURATION_S, prefixes: int = 0) -> dict[str, Any]:
@@ -107,8 +117,8 @@ def ratio_goodput(cfg: SimConfig, workload: str | Mix, slo_ttft_s: float, slo_tp
     ids = cfg.prefix_cache
 
     def measure(rate: float, seed: int) -> float:
-        return steady_attainment(simulate(cfg, trace(workload, rate, n(rate), seed, max_model_len, ids, prefixes)),
-                                 slo_ttft_s, slo_tpot_s)
+        return probe_attainment(cfg, workload, slo_ttft_s, slo_tpot_s, rate, seed, requests=requests,
+                                max_model_len=max_model_len, min_duration_s=min_duration_s, prefixes=prefixes)
 
     res = find_goodput(measure, start_rate=start_rate, seeds=seeds, rel_tol=rel_tol, budget_s=600.0, max_probes=40,
                        min_rate=start_rate / 64)

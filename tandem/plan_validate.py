@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.node.config import DECODE_STEP_TOKENS
+from tandem.plan import MIN_DURATION_S, probe_attainment, ratio_goodput
 from tandem.sim import simulate
 from tandem.simconfig import LOCAL_OFF, NO_PREFIX_CACHE, NOT_MODELLED, SimConfig
 from tandem.simresults import summary
@@ -137,6 +139,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             rows += [{**r, "rep": rep} for r in rate_rows(system.target, cfg, args, rates, fresh, seed=7000 + 1000 * rep)]
     finally:
         system.stop()
+    print("the planner on the nodes' startup profiles ...", flush=True)
+    planner = planner_view(cfg, args, rates)
     first = [r for r in rows if r["rep"] == 0]
     doc = {"split": split, "reps": reps, "transfer_modelled": any(decode.transfer), "conditional_disagg": local,
            "admission": admission, "fits": fits,
@@ -153,11 +157,30 @@ def cmd_validate(args: argparse.Namespace) -> int:
         means = doc["over_reps"]
         doc["goodput"] = {"measured": goodput(means, "measured_attainment"),
                           "predicted": goodput(means, "predicted_attainment"), "of": f"the mean over {reps} repetitions"}
+    doc["planner"] = planner
     (out / "validate.json").write_text(json.dumps(doc, indent=1) + "\n")
     write_report(out, doc)
     print(f"goodput measured {doc['goodput']['measured']:g} req/s, predicted {doc['goodput']['predicted']:g} req/s; "
           f"wrote {out / 'validate.md'}")
     return 0
+
+
+PLAN_SEEDS = 2  # as `tandem plan` probes
+
+
+def planner_view(cfg: SimConfig, args: argparse.Namespace, rates: list[float]) -> dict[str, Any]:
+    """What `tandem plan` says of this split from the nodes' startup profiles (``cfg`` as the
+    cluster started; the plan's own long probes, not the validation's traces): its goodput, and
+    its attainment at each rate measured (the median over its seeds)."""
+    nodes = cfg.num_prefill + cfg.num_decode
+    slo = (args.slo_ttft, args.slo_tpot)
+    prefixes = getattr(args, "prefixes", 0)
+    row = ratio_goodput(cfg, args.workload, *slo, seeds=PLAN_SEEDS, max_model_len=args.max_model_len,
+                        start_rate=max(0.25, nodes / 4), prefixes=prefixes)
+    at = {f"{rate:g}": statistics.median(probe_attainment(cfg, args.workload, *slo, rate, seed,
+                                                          max_model_len=args.max_model_len, prefixes=prefixes)
+                                         for seed in range(PLAN_SEEDS)) for rate in rates}
+    return {"goodput_rps": row["goodput_rps"], "attainment": at, "limited_by": row["limited_by"]}
 
 
 def parse_split(split: str, local: bool, cores: int) -> tuple[int, int]:
@@ -385,8 +408,10 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
                 if doc.get("fits") == "learned" else "the profiles the nodes started from (a pool's averaged)")
              + ". Goal: " + doc["goal"] + ".", ""]
     if "kv_capacity_tokens" in doc:
-        lines += [f"KV memory, the same on both sides: the prefill engine's cache {doc['prefill_cache_tokens']:,} "
-                  f"tokens, the decode engine's {doc['kv_capacity_tokens']:,}"
+        engines = (f"the prefill engine's cache {doc['prefill_cache_tokens']:,} tokens, the decode engine's "
+                   f"{doc['kv_capacity_tokens']:,}" if not doc.get("split", "1:1").startswith("0:")
+                   else f"each decode engine's cache {doc['kv_capacity_tokens']:,} tokens")
+        lines += [f"KV memory, the same on both sides: {engines}"
                   + (f", a KV store on each node: RAM {doc['store_ram_tokens']:,} tokens"
                      + (" over a disk tier" if doc.get("store_disk") else "") if doc.get("store_ram_tokens") else "")
                   + ("" if doc.get("prefix_cache") else "; the simulator's prefix caches off") + ".", ""]
@@ -412,6 +437,11 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
               f"req/s, predicted {g['predicted']:g} req/s.",
               "", "Not modelled: " + ", ".join([*NOT_MODELLED, *([] if doc.get("conditional_disagg") else [LOCAL_OFF]),
                                                  *([] if doc.get("prefix_cache", True) else [NO_PREFIX_CACHE])]) + "."]
+    if (pl := doc.get("planner")) is not None:
+        lines += ["", f"`tandem plan` on the nodes' startup profiles (its own probes of "
+                  f"{MIN_DURATION_S:g} s or more, not these traces) puts this split's goodput at "
+                  f"{pl['goodput_rps']:.3g} req/s (then {pl['limited_by']} gives out); its attainment at these rates: "
+                  + ", ".join(f"{rate} req/s {pct(a)}" for rate, a in pl["attainment"].items()) + "."]
     if not doc["transfer_modelled"] and doc.get("fits") != "learned":
         lines.append("The decode node's profile has no KV transfer timings (a node's startup profile has none; "
                      "`tandem profile` adds them): transfers take no time in the simulator.")

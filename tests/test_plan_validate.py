@@ -100,3 +100,25 @@ def test_a_repetition_plays_fresh_seeded_traces(monkeypatch) -> None:
     rate_rows("http://x", cfg, args, [1.0, 2.0], seed=8000)
     assert sent[:2] == sent[2:4]  # the same seed, the same traces
     assert sent[4] != sent[0] and sent[5] != sent[1]  # another repetition's are its own
+
+
+def test_the_report_says_what_the_planner_says_of_the_split_at_the_rates_measured(tmp_path) -> None:
+    from tandem.plan_validate import planner_view, write_report
+
+    # one core's worth of a small model: the plan's probes meet the objectives at 0.5 req/s, and
+    # its goodput search finds where they stop
+    t = Timings((0.01, 2e-4, 0.0), (0.012, 5e-4, 1e-6))
+    cfg = SimConfig(1, 1, t, t, order="slack", slo_ttft_s=1.0, slo_tpot_s=0.05, admission=True)
+    args = argparse.Namespace(slo_ttft=1.0, slo_tpot=0.05, workload="chat", max_model_len=2048)
+    view = planner_view(cfg, args, [0.5, 50.0])
+    assert view["attainment"]["0.5"] >= 0.9 > view["attainment"]["50"]
+    assert 0.5 <= view["goodput_rps"] < 50
+    doc = {"workload": "chat", "split": "0:2", "slo": {"ttft_s": 1.0, "tpot_s": 0.05}, "duration_s": 60.0,
+           "fits": "profile", "goal": "within 15 %", "rows": [], "goodput": {"measured": 0.5, "predicted": 0.5},
+           "transfer_modelled": True, "kv_capacity_tokens": 20000, "prefill_cache_tokens": 20000,
+           "prefix_cache": True, "planner": {**view, "attainment": {"0.5": 0.95, "50": 0.1}}}
+    write_report(tmp_path, doc)
+    text = (tmp_path / "validate.md").read_text()
+    assert "KV memory, the same on both sides: each decode engine's cache 20,000 tokens." in text  # no prefill pool
+    assert f"puts this split's goodput at {view['goodput_rps']:.3g} req/s" in text
+    assert "its attainment at these rates: 0.5 req/s 95%, 50 req/s 10%." in text
