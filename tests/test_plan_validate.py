@@ -122,3 +122,18 @@ def test_the_report_says_what_the_planner_says_of_the_split_at_the_rates_measure
     assert "KV memory, the same on both sides: each decode engine's cache 20,000 tokens." in text  # no prefill pool
     assert f"puts this split's goodput at {view['goodput_rps']:.3g} req/s" in text
     assert "its attainment at these rates: 0.5 req/s 95%, 50 req/s 10%." in text
+
+
+def test_a_plan_warns_when_its_best_splits_attainment_never_gets_far_above_the_target(tmp_path) -> None:
+    from tandem.plan import ceiling, sensitivity_note, table
+
+    flat = {"prefill": 0, "decode": 2, "goodput_rps": 2.1, "per_node_rps": 1.05, "limited_by": "TTFT (prefill)",
+            "probes": [[0.5, 0.936], [1.0, 0.93], [2.0, 0.907], [2.5, 0.862]]}
+    steep = {**flat, "prefill": 1, "decode": 1, "probes": [[0.5, 1.0], [1.0, 0.99], [2.0, 0.5]]}
+    assert ceiling(flat) == 0.936 and ceiling(steep) == 1.0
+    doc = {"rows": [flat, steep], "best": "0:2"}
+    note = " ".join(sensitivity_note(doc))
+    assert "0:2 never gets above 94% of requests in SLO" in note
+    assert not sensitivity_note({**doc, "best": "1:1"})  # 10 points of room: no warning
+    assert not sensitivity_note({**doc, "best": "none"})
+    assert table(doc)[2].endswith("| TTFT (prefill) | 94% |")
