@@ -1,0 +1,304 @@
+"""What the simulator (tandem/sim.py) decides with: a cluster's state as the event loop leaves it,
+and the predictions admission and conditional disaggregation make from it. The event loop moves
+the state on; these read it (``local_choice``, ``admit`` and what they call), and keep the
+caches' recency as a real node would (``touch``).
+
+- **Admission** (``admission``, off by default): at arrival, the prefill work ahead shared by the
+  prefill pool plus the request's own prefill against the TTFT objective, and its step over its
+  life on the least loaded decode node against TPOT (the batch there as admission forecasts it,
+  ``estimates.life_load``: each request there for as many steps as it has tokens to come, and
+  arrivals at the node's recent rate); a request predicted to miss either is refused
+  (it counts as missed). With admission, running streams are protected as the coordinator's
+  ``--protect-streams`` (on by default) protects them: each knows what it has left of its TPOT
+  objective, and a newcomer that would push one past it (``coordinator/estimates.pushed``: at
+  the step with it in the batch, after the stall of the local prefills queued there and, for a
+  local prefill, its own stall once) is prefilled locally only where it pushes nobody, and is
+  refused when every decode node would be pushed (a disaggregated request still joins the least
+  loaded decode node when its prefill ends, not one chosen by this). With conditional
+  disaggregation on too (as Tandem ships), the choice below is made first and the request is
+  refused when the option chosen is predicted to miss. Tandem's own admission predicts per node
+  and calibrates per node; this does not.
+
+- **Conditional disaggregation** (``local``, off by default): at arrival the request is
+  prefilled on a decode node itself when Tandem's admission would choose that (the same rule,
+  ``coordinator/admission._choose``, on this simulator's predictions): predicted to meet the TTFT
+  objective where the prefill pool would not, or, with work queued in the pool, to start
+  ``LOCAL_GAIN`` sooner (each option's TPOT checked too); never where its prefill would push the
+  node's streams past the TPOT objective (with none set: never beside another local prefill). A
+  node's load is every request sent there, as the coordinator counts it. There the prompt goes in
+  chunks inside the node's decode steps (vLLM's chunked prefill: ``step_tokens`` a step, less
+  one for each stream decoding there, whose tokens the scheduler takes first): each such step
+  takes the chunk's share of the decode node's own prefill time plus what the batch's step costs
+  over an empty one (admission's ``beside``); its first token
+  comes with the last chunk, and it joins the batch at the next step (no transfer). With no
+  prefill pool (P:D 0:N) every request prefills on a decode node: the soonest start among the
+  nodes meeting both objectives (or all), and of those within the coordinator's tie band
+  (``TIE_REL`` / ``TIE_ABS_S``) the one with the fewest requests sent there, passing over nodes
+  whose streams the prefill would push past TPOT while another will do (as the coordinator does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tandem.perfmodel import beside_s, chunk_steps
+from tandem.simcache import PrefixCache, StoreTiers, block_keys
+from tandem.simconfig import SimConfig
+from tandem.simresults import Outcome
+from tandem.timings import Timings
+
+
+def _arrivals() -> Any:
+    from tandem.coordinator.nodeclient import Arrivals  # (the coordinator's; grpc only when simulating)
+
+    return Arrivals()
+
+
+@dataclass
+class _Decode:
+    running: list[tuple[int, int]] = field(default_factory=list)  # heap of (finish step, request)
+    waiting: list[int] = field(default_factory=list)
+    assigned: int = 0
+    step_no: int = 0
+    base: int = 0  # Σ (prompt + 1 − join step) of the running: context = base + B·step_no
+    reserved: int = 0  # KV tokens reserved by the running requests
+    stepping: bool = False
+    local: list[int] = field(default_factory=list)  # requests it prefills itself, in order
+    local_left: dict[int, int] = field(default_factory=dict)  # ... their prompt tokens not yet computed
+    chunk: tuple[int, int] | None = None  # (request, tokens) of the local prefill in the step running
+    local_total: dict[int, tuple[int, int, float]] = field(default_factory=dict)  # ... (to compute, cached, load s)
+    fetching: set[int] = field(default_factory=set)  # requests whose KV is on its way here
+    arrivals: Any = field(default_factory=_arrivals)  # those sent here lately (admission's)
+
+
+class ClusterState:
+    """A simulated cluster's state (what the event loop keeps) and the predictions made from it."""
+
+    def __init__(self, cfg: SimConfig, trace: Sequence[Any]) -> None:
+        self.cfg, self.trace = cfg, trace
+        self.out = [Outcome(e.arrival_s) for e in trace]
+        self.queue: list[tuple[float, int]] = []  # (deadline or arrival, request)
+        self.late: list[int] = []  # slack order: requests that can no longer meet their deadline, oldest first
+        self.idle = list(range(cfg.num_prefill))
+        self.busy_until = [0.0] * cfg.num_prefill  # when each prefill node's current prefill ends
+        self.queued_s = 0.0  # prefill time of the requests waiting at the coordinator
+        self.decodes = [_Decode() for _ in range(cfg.num_decode)]
+        self.produced_start: dict[int, float] = {}
+        self.joined_at: dict[int, float] = {}  # requests waiting at a decode node for a place in its batch
+        # Prefix caching: each engine's cache; each request's block keys (none without input_ids or
+        # with prefix caching off); what each queued request's prefill was counted at in ``queued_s``.
+        self.prefill_caches = [PrefixCache(cfg.prefill_cache_tokens, cfg.block_tokens) for _ in range(cfg.num_prefill)]
+        self.decode_caches = [PrefixCache(0, cfg.block_tokens) for _ in range(cfg.num_decode)]
+        self.stores = cfg.store_ram_tokens > 0 and cfg.prefix_cache
+
+        def tiers() -> StoreTiers | None:
+            return StoreTiers(cfg.store_ram_tokens, cfg.store_disk, cfg.chunk_tokens) if self.stores else None
+
+        self.prefill_stores = [tiers() for _ in range(cfg.num_prefill)]
+        self.decode_stores = [tiers() for _ in range(cfg.num_decode)]
+        self.keys_of: dict[int, list[int]] = {}
+        self.chunks_of: dict[int, list[int]] = {}
+        self.queued_cost: dict[int, float] = {}
+
+    def keys(self, i: int) -> list[int]:
+        if i not in self.keys_of:
+            ids = getattr(self.trace[i], "input_ids", None) if self.cfg.prefix_cache else None
+            self.keys_of[i] = block_keys(ids, self.cfg.block_tokens) if ids else []
+        return self.keys_of[i]
+
+    def chunks(self, i: int) -> list[int]:
+        if i not in self.chunks_of:
+            ids = getattr(self.trace[i], "input_ids", None) if self.stores else None
+            self.chunks_of[i] = block_keys(ids, self.cfg.chunk_tokens) if ids else []
+        return self.chunks_of[i]
+
+    def held_on(self, engine: PrefixCache, store: StoreTiers | None, i: int, timings: Timings,
+                touch: bool = False) -> tuple[int, float]:
+        """(prompt tokens of request ``i`` a node with these timings holds, seconds to load those
+        its engine lacks)."""
+        n = self.trace[i].input_len
+        eng = engine.cached(self.keys(i), n, touch)
+        if store is None:
+            return eng, 0.0
+        from tandem.coordinator.prefix import load_cost_s  # (only with a store: it imports the coordinator)
+
+        stored, on_disk = store.held(self.chunks(i), n, touch)
+        if stored <= eng:
+            return eng, 0.0
+        return stored, load_cost_s(stored - eng, min(on_disk, stored - eng), timings.learned_load())
+
+    def prefill_cost(self, timings: Timings, i: int, held: tuple[int, float]) -> float:
+        return timings.prefill_s(self.trace[i].input_len - held[0], held[0]) + held[1]
+
+    def pool_prefill_s(self, i: int) -> float:
+        """Its prefill where the prefill pool would do it cheapest: past the prefix a node holds,
+        and that prefix's load."""
+        pre = self.cfg.prefill
+        return min(self.prefill_cost(pre, i, self.held_on(c, s, i, pre)) for c, s in zip(self.prefill_caches,
+                                                                                         self.prefill_stores))
+
+    def decode_room(self, d: int) -> int:
+        """Blocks decode node ``d``'s cache may keep (0: unbounded): what its running requests'
+        reservations leave, and their prompts' own blocks (held by them, not evictable)."""
+        if not self.cfg.kv_capacity_tokens:
+            return 0
+        running = sum(self.trace[r].input_len // self.cfg.block_tokens for _, r in self.decodes[d].running)
+        return max(1, (self.cfg.kv_capacity_tokens - self.decodes[d].reserved) // self.cfg.block_tokens + running)
+
+    def decode_held(self, d: int, i: int, touch: bool = False) -> tuple[int, float]:
+        self.decode_caches[d].trim(self.decode_room(d))
+        return self.held_on(self.decode_caches[d], self.decode_stores[d], i, self.cfg.decode, touch)
+
+    def budgets(self, dn: _Decode, now: float) -> list[tuple[float, int]]:
+        """What each stream running on a decode node has left of its TPOT objective: (seconds until
+        its last token is due, tokens still to come), as the coordinator's ``NodeClient.budgets``
+        keeps them (its output length standing in for ``max_tokens``)."""
+        return [(self.produced_start[r] + self.cfg.slo_tpot_s * (self.trace[r].output_len - 1) - now, fin - dn.step_no)
+                for fin, r in dn.running if fin > dn.step_no]
+
+    def local_queue_s(self, dn: _Decode) -> float:
+        """What the prompts queued on a decode node have still to run, each past its held prefix
+        and with its load, less the steps' fixed cost, which they share (``estimates._local_queue``)."""
+        dec, queue_s = self.cfg.decode, 0.0
+        for r, left in dn.local_left.items():
+            total, held_r, load_r = dn.local_total[r]
+            done = total - left
+            queue_s += dec.prefill_s(total, held_r) - (dec.prefill_s(done, held_r) if done
+                                                         else dec.prefill_s(0) - load_r)
+        return queue_s
+
+    def pushes(self, dn: _Decode, i: int, now: float, stall_s: float = 0.0) -> int:
+        """With admission (the coordinator's ``--protect-streams``, on by default): how many of the
+        node's running streams request ``i`` would push past their TPOT objective by joining its
+        batch (after ``stall_s`` once, its prefill there), on top of the local prefills queued
+        there already (``estimates.pushed``)."""
+        if not (self.cfg.admission and self.cfg.slo_tpot_s > 0 and dn.running):
+            return 0
+        from tandem.coordinator.estimates import pushed
+
+        e = self.trace[i]
+        b, ctx = self.load(dn)
+        step_new = self.cfg.decode.step_s(b + 1, ctx + e.input_len + e.output_len // 2)
+        return pushed(self.budgets(dn, now), self.cfg.decode.step_s(b, ctx), step_new, stall_s, step_new,
+                      self.local_queue_s(dn))
+
+    def pushes_everywhere(self, i: int, now: float) -> bool:
+        """No decode node would take request ``i`` into its batch without pushing a stream past its
+        objective (``pushes``): protected, a miss wherever it goes."""
+        return self.trace[i].output_len > 1 and all(self.pushes(dn, i, now) for dn in self.decodes)
+
+    def life_tpot(self, dn: _Decode, i: int, now: float) -> float:
+        """Request ``i``'s step on a decode node over its life, as admission forecasts it
+        (``estimates.life_load``): each request there stays for the tokens it has to come, and
+        requests keep arriving at the node's recent rate (``Arrivals``), each staying their mean
+        output. Unlike the coordinator, which books a decode node before the prefill, this one
+        counts a disaggregated request there once its prefill ends. (Until the twenty-ninth
+        sitting: the step of the batch now, one request added.)"""
+        e = self.trace[i]
+        tokens, mine = e.output_len, e.input_len + e.output_len // 2
+        b, ctx = self.load(dn)
+        # to come: the running's steps left; the first token made, the rest; a local prefill's, all
+        lefts = ([fin - dn.step_no for fin, _ in dn.running]
+                 + [self.trace[r].output_len - 1 for r in (*dn.waiting, *dn.fetching)]
+                 + [self.trace[r].output_len for r in dn.local])
+        if not lefts or tokens < 1:
+            return self.cfg.decode.step_s(b + 1, ctx + mine)
+        from tandem.coordinator.estimates import forward_batch
+
+        rate, mean = dn.arrivals.rate(now)
+        life = forward_batch(lefts, tokens, rate * self.cfg.decode.step_s(b + 1, ctx), mean)
+        return self.cfg.decode.step_s(life + 1, life * ctx / b + mine)
+
+    def admit(self, i: int, now: float) -> bool:
+        """Admission, from the same profile: the prefill work ahead of it shared by the prefill
+        pool, plus its own prefill, against the TTFT objective; its step over its life on the
+        least loaded decode node (``life_tpot``) against TPOT."""
+        e = self.trace[i]
+        ahead = self.queued_s + sum(max(0.0, t - now) for t in self.busy_until)
+        ttft = ahead / self.cfg.num_prefill + self.pool_prefill_s(i)
+        dn = min(self.decodes, key=lambda d: d.assigned)
+        tpot = self.life_tpot(dn, i, now) if e.output_len > 1 else 0.0
+        return ttft <= self.cfg.slo_ttft_s and tpot <= self.cfg.slo_tpot_s and not self.pushes_everywhere(i, now)
+
+    def load(self, dn: _Decode) -> tuple[int, int]:
+        """(requests, their context tokens) on a decode node as the coordinator counts them: every
+        one sent there (running, waiting for a place, its KV arriving, prefilling there)."""
+        ctx = dn.base + len(dn.running) * dn.step_no
+        ctx += sum(self.trace[r].input_len for r in (*dn.waiting, *dn.fetching, *dn.local))
+        return dn.assigned, ctx
+
+    def local_choice(self, i: int, now: float) -> tuple[int | None, bool]:
+        """The decode node to prefill request ``i`` on, or None for the prefill pool (admission's rule),
+        and whether that choice is predicted to meet both objectives without pushing the chosen
+        decode node's streams past TPOT (what admission, when on, refuses by)."""
+        from tandem.coordinator.admission import LOCAL_GAIN
+        from tandem.coordinator.estimates import MIN_OTHERS_TOKENS
+
+        e, dec = self.trace[i], self.cfg.decode
+
+        def tpot_misses(dn: _Decode) -> bool:  # its step over its life there
+            return self.cfg.slo_tpot_s > 0 and e.output_len > 1 and self.life_tpot(dn, i, now) > self.cfg.slo_tpot_s
+
+        def meets(ttft: float, tpot_missed: bool) -> bool:  # both objectives
+            return (self.cfg.slo_ttft_s <= 0 or ttft <= self.cfg.slo_ttft_s) and not tpot_missed
+
+        def harms(dn: _Decode, harm: float, stall_s: float) -> bool:
+            """Its prefill there pushes the node's streams past TPOT: protected (with admission),
+            any stream pushed past its own objective; else their step with its stall spread over
+            their tokens past the objective."""
+            if self.cfg.admission:
+                return self.pushes(dn, i, now, stall_s) > 0
+            b, ctx = self.load(dn)
+            return self.cfg.slo_tpot_s > 0 and b > 0 and dec.step_s(b, ctx) + harm > self.cfg.slo_tpot_s
+
+        def local_ttft(dn: _Decode) -> tuple[float, float, float]:
+            """(its TTFT there, what its prefill adds to each of the node's streams' tokens, the
+            whole stall it makes them wait once)"""
+            b, ctx = self.load(dn)
+            held = self.decode_held(self.decodes.index(dn), i)
+            own = e.input_len - held[0]
+            run_s = self.prefill_cost(dec, i, held)
+            beside = chunk_steps(sum(dn.local_left.values()) + own, self.cfg.step_tokens, b) * beside_s(dec, b, ctx)
+            return (self.local_queue_s(dn) + run_s + beside, (run_s + beside) / max(e.output_len, MIN_OTHERS_TOKENS),
+                    run_s + beside)
+
+        if not self.cfg.num_prefill:
+            # No prefill pool: a decode node whatever it costs: among those meeting both objectives (or
+            # all, with none), the soonest start; those within the coordinator's TIE_REL / TIE_ABS_S of
+            # it are alike, and the least loaded of them takes it.
+            from tandem.coordinator.admission import tied
+
+            est = [local_ttft(dn) for dn in self.decodes]
+            ok = [meets(t, tpot_misses(dn)) and not harms(dn, harm, stall)
+                  for (t, harm, stall), dn in zip(est, self.decodes)]
+            pool = [d for d in range(len(self.decodes)) if ok[d]] or list(range(len(self.decodes)))
+            low = min(est[d][0] for d in pool)
+            alike = [d for d in pool if tied(est[d][0], low)]
+            d = min(alike, key=lambda d: (self.decodes[d].assigned, d))
+            return d, ok[d]
+        wait = (self.queued_s + sum(max(0.0, t - now) for t in self.busy_until)) / self.cfg.num_prefill
+        remote = wait + self.pool_prefill_s(i)
+        remote_tpot_misses = tpot_misses(min(self.decodes, key=lambda x: x.assigned))
+        best: tuple[float, int] | None = None
+        remote_ok = meets(remote, remote_tpot_misses) and not self.pushes_everywhere(i, now)
+        for d, dn in enumerate(self.decodes):
+            b, ctx = self.load(dn)
+            ttft, harm, stall = local_ttft(dn)
+            if self.cfg.slo_tpot_s > 0:
+                if harms(dn, harm, stall):
+                    continue
+            elif b and dn.local:
+                continue
+            if best is None or ttft < best[0]:
+                best = (ttft, d)
+        if best is None:
+            return None, remote_ok
+        local, d = best
+        local_ok = meets(local, tpot_misses(self.decodes[d]))
+        if local_ok != remote_ok:
+            return (d, True) if local_ok else (None, True)
+        if not local_ok:
+            return None, False
+        return (d, True) if wait > 0 and local < remote * (1 - LOCAL_GAIN) else (None, True)
