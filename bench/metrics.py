@@ -56,13 +56,20 @@ class RequestTiming:
 
     def meets(self, slo_ttft: float | None, slo_tpot: float | None) -> bool:
         """Both objectives met (the TTFT objective: its own, where it had one)."""
+        return not self.missed(slo_ttft, slo_tpot)
+
+    def missed(self, slo_ttft: float | None, slo_tpot: float | None) -> str:
+        """Why it missed, the first reason that applies: "refused" (by admission), "failed", "ttft",
+        "tpot"; "" when it met both objectives (the TTFT objective: its own, where it had one)."""
+        if self.rejected:
+            return "refused"
         if not self.ok or self.ttft is None:
-            return False
+            return "failed"
         slo_ttft = self.slo_ttft if self.slo_ttft is not None else slo_ttft
         if slo_ttft is not None and self.ttft > slo_ttft:
-            return False
+            return "ttft"
         tpot = self.tpot
-        return not (slo_tpot is not None and tpot is not None and tpot > slo_tpot)
+        return "tpot" if slo_tpot is not None and tpot is not None and tpot > slo_tpot else ""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -158,6 +165,9 @@ def summarize(reqs: list[RequestTiming], duration_s: float, slo_ttft: float | No
         "e2e_s": _dist([r.e2e for r in ok if r.e2e is not None]),
         "slo": {"ttft_s": slo_ttft, "tpot_s": slo_tpot},
         "slo_attainment": len(met) / len(reqs) if reqs else math.nan,
+        # the requests that missed, by why (RequestTiming.missed): refused, failed, late first token, slow
+        "missed": {why: sum(r.missed(slo_ttft, slo_tpot) == why for r in reqs)
+                   for why in ("refused", "failed", "ttft", "tpot")},
         # With SLO tiers: attainment per TTFT objective (ms).
         "attainment_by_ttft_slo": {f"{t * 1000:.0f}": sum(r.meets(slo_ttft, slo_tpot) for r in rs) / len(rs)
                                    for t, rs in _by_slo(reqs).items()},

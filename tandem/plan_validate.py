@@ -216,7 +216,9 @@ def over_reps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         m = {k: mean("measured", k) for k in STRAY_KEYS}
         p = {k: mean("predicted", k) for k in STRAY_KEYS}
         errs = {k: [e for r in mine if not math.isnan(e := r["error"][k])] for k in STRAY_KEYS}
-        out.append({"rate": rate, "reps": len(mine), "measured": m, "predicted": p,
+        missed = {side: {k: sum(r.get("missed", {}).get(side, {}).get(k, 0) for r in mine) for k in MISSES}
+                  for side in ("measured", "predicted")}
+        out.append({"rate": rate, "reps": len(mine), "measured": m, "predicted": p, "missed": missed,
                     "error": {k: rel_error(p[k], m[k]) for k in STRAY_KEYS},
                     "error_range": {k: [min(v), max(v)] if v else [math.nan, math.nan] for k, v in errs.items()},
                     "measured_attainment": m["attainment"], "predicted_attainment": p["attainment"]})
@@ -292,6 +294,8 @@ def side_by_side(measured: dict[str, Any], predicted: dict[str, float], rate: fl
                         "ttft_p90_s": measured["ttft_s"]["p90"], "tpot_p50_s": measured["tpot_s"]["p50"],
                         "tpot_p90_s": measured["tpot_s"]["p90"], "failed": measured["failed"]},
            "predicted": {k: predicted[k] for k in ("attainment", "ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s")}}
+    # the requests that missed, by why (refused, failed, late first token, slow): where the two part
+    row["missed"] = {"measured": measured.get("missed", {}), "predicted": predicted.get("missed", {})}
     row["error"] = {k: rel_error(row["predicted"][k], row["measured"][k]) for k in row["predicted"]}
     # the share prefilled on the decode node (conditional disaggregation), measured and simulated
     row["local_share"] = {"measured": measured.get("local_prefill_share", math.nan),
@@ -300,7 +304,8 @@ def side_by_side(measured: dict[str, Any], predicted: dict[str, float], rate: fl
     print(f"  {rate:g} req/s: attainment measured {m['attainment']:.0%} predicted {p['attainment']:.0%}; "
           f"TTFT p50 {m['ttft_p50_s'] * 1000:.0f} / {p['ttft_p50_s'] * 1000:.0f} ms; TPOT p50 "
           f"{m['tpot_p50_s'] * 1000:.1f} / {p['tpot_p50_s'] * 1000:.1f} ms; prefilled on the decode node "
-          f"{pct(row['local_share']['measured'])} / {pct(row['local_share']['predicted'])}", flush=True)
+          f"{pct(row['local_share']['measured'])} / {pct(row['local_share']['predicted'])}; missed "
+          f"{misses(row['missed']['measured'])} / {misses(row['missed']['predicted'])}", flush=True)
     return row
 
 
@@ -357,6 +362,14 @@ def validate_simulated(args: argparse.Namespace, profile: Path) -> int:
     return 0
 
 
+MISSES = ("refused", "ttft", "tpot")  # the reasons a report shows (failures are a column of their own)
+
+
+def misses(counts: dict[str, int]) -> str:
+    """Requests missed by why, as ``refused-TTFT-TPOT`` counts (a dash: not known)."""
+    return "–" if not counts else "-".join(str(counts.get(k, 0)) for k in MISSES)
+
+
 def pct(v: float | None) -> str:
     """A share or an error as a percentage; a dash for none."""
     return "–" if v is None or math.isnan(v) else f"{v:.0%}"
@@ -367,15 +380,18 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
         return "–" if v is None or math.isnan(v) else f"{v * 1000:.0f}"
 
     lines = ["| req/s | attainment measured / predicted | TTFT p50 ms m / p (err) | TTFT p90 ms m / p (err) | "
-             "TPOT p50 ms m / p (err) | TPOT p90 ms m / p (err) | prefilled on the decode node m / p |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "TPOT p50 ms m / p (err) | TPOT p90 ms m / p (err) | prefilled on the decode node m / p | "
+             "missed: refused-TTFT-TPOT m / p |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         m, p, e = r["measured"], r["predicted"], r["error"]
         loc = r.get("local_share", {})
         lines.append(f"| {r['rate']:g} | {m['attainment']:.0%} / {p['attainment']:.0%} | "
                      + " | ".join(f"{ms(m[k])} / {ms(p[k])} ({pct(e[k])})"
                                   for k in ("ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s"))
-                     + f" | {pct(loc.get('measured'))} / {pct(loc.get('predicted'))} |")
+                     + f" | {pct(loc.get('measured'))} / {pct(loc.get('predicted'))} | "
+                     f"{misses(r.get('missed', {}).get('measured', {}))} / "
+                     f"{misses(r.get('missed', {}).get('predicted', {}))} |")
     return lines
 
 
@@ -391,10 +407,12 @@ def reps_lines(rows: list[dict[str, Any]]) -> list[str]:
         spread = "–" if math.isnan(lo) else f"{pct(lo)}–{pct(hi)}"
         return f"{val(k, r['measured'][k])} / {val(k, r['predicted'][k])} ({pct(r['error'][k])}; {spread})"
 
-    lines = ["| req/s | reps | attainment m / p | TTFT p50 ms | TTFT p90 ms | TPOT p50 ms | TPOT p90 ms |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| req/s | reps | attainment m / p | TTFT p50 ms | TTFT p90 ms | TPOT p50 ms | TPOT p90 ms | "
+             "missed in all: refused-TTFT-TPOT m / p |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['rate']:g} | {r['reps']} | " + " | ".join(fig(r, k) for k in STRAY_KEYS) + " |")
+        lines.append(f"| {r['rate']:g} | {r['reps']} | " + " | ".join(fig(r, k) for k in STRAY_KEYS)
+                     + f" | {misses(r['missed']['measured'])} / {misses(r['missed']['predicted'])} |")
     return lines
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -32,7 +33,7 @@ def attainment(outcomes: Sequence[Outcome], slo_ttft_s: float, slo_tpot_s: float
     return ok / len(outcomes)
 
 
-def summary(outcomes: Sequence[Outcome], slo_ttft_s: float, slo_tpot_s: float) -> dict[str, float]:
+def summary(outcomes: Sequence[Outcome], slo_ttft_s: float, slo_tpot_s: float) -> dict[str, Any]:
     done = [o for o in outcomes if o.completed]
 
     from tandem.bench.metrics import percentile  # the measurements' own, so the two compare
@@ -45,5 +46,11 @@ def summary(outcomes: Sequence[Outcome], slo_ttft_s: float, slo_tpot_s: float) -
     return {"requests": len(outcomes), "completed": len(done), "refused": sum(1 for o in outcomes if o.refused),
             "local_prefill_share": sum(1 for o in done if o.local) / len(done) if done else math.nan,
             "attainment": attainment(outcomes, slo_ttft_s, slo_tpot_s),
+            # the requests that missed, by why, as bench/metrics.py counts a run's ("failed": could never
+            # fit a decode node's KV cache)
+            "missed": {"refused": sum(1 for o in outcomes if o.refused),
+                       "failed": sum(1 for o in outcomes if not o.refused and not o.completed),
+                       "ttft": sum(1 for o in done if o.ttft_s > slo_ttft_s),
+                       "tpot": sum(1 for o in done if o.ttft_s <= slo_ttft_s and o.tpot_s > slo_tpot_s)},
             "ttft_p50_s": pct(ttft, 0.5), "ttft_p90_s": pct(ttft, 0.9),
             "tpot_p50_s": pct(tpot, 0.5), "tpot_p90_s": pct(tpot, 0.9)}

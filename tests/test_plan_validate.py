@@ -48,7 +48,9 @@ def _row(rate: float, rep: int, measured_tpot: float, predicted_tpot: float, att
     p = {"attainment": 0.9, "ttft_p50_s": 0.22, "ttft_p90_s": 0.3, "tpot_p50_s": predicted_tpot, "tpot_p90_s": 0.05}
     return {"rate": rate, "rep": rep, "measured": m, "predicted": p,
             "error": {k: rel_error(p[k], m[k]) for k in p}, "measured_attainment": attainment,
-            "predicted_attainment": 0.9}
+            "predicted_attainment": 0.9,
+            "missed": {"measured": {"refused": 2, "failed": 0, "ttft": 1, "tpot": 3},
+                       "predicted": {"refused": 1, "failed": 0, "ttft": 1, "tpot": 1}}}
 
 
 def test_repetitions_give_each_rate_its_means_and_the_spread_of_single_errors(tmp_path) -> None:
@@ -75,7 +77,8 @@ def test_repetitions_give_each_rate_its_means_and_the_spread_of_single_errors(tm
     assert "chat, 0:2 on this host" in text
     assert "Repetition 1 (seeds from 7000)" in text and "Repetition 2 (seeds from 8000)" in text
     assert "| 1 | 2 | 90% / 90% (0%; 5%–6%) | 200 / 220 (10%; 10%–10%) |" in text
-    assert "25.0 / 24.0 (4%; 20%–20%) | – / 50.0 (–; –) |" in text
+    assert "25.0 / 24.0 (4%; 20%–20%) | – / 50.0 (–; –) | 4-2-6 / 2-2-2 |" in text  # misses summed
+    assert "| 100% / 100% | 2-1-3 / 1-1-1 |" not in text and "| – / – | 2-1-3 / 1-1-1 |" in text  # a repetition's
     assert "(the mean over 2 repetitions): measured 1 req/s, predicted 2 req/s" in text
 
 
@@ -137,3 +140,22 @@ def test_a_plan_warns_when_its_best_splits_attainment_never_gets_far_above_the_t
     assert not sensitivity_note({**doc, "best": "1:1"})  # 10 points of room: no warning
     assert not sensitivity_note({**doc, "best": "none"})
     assert table(doc)[2].endswith("| TTFT (prefill) | 94% |")
+
+
+def test_misses_are_counted_by_why_alike_in_a_run_and_in_the_simulator() -> None:
+    from tandem.bench.metrics import RequestTiming, summarize
+    from tandem.simresults import Outcome, summary
+
+    def req(ttft: float, tpot: float, **kw) -> RequestTiming:  # type: ignore[no-untyped-def]
+        return RequestTiming(sent=0.0, first_token=ttft, token_times=[ttft, ttft + 10 * tpot], output_tokens=11, **kw)
+
+    reqs = [req(0.1, 0.02), req(0.9, 0.02), req(0.1, 0.09), req(0.9, 0.09),  # met, late, slow, late (first)
+            RequestTiming(sent=0.0, ok=False, rejected=True), RequestTiming(sent=0.0, ok=False, error="reset"),
+            req(0.9, 0.02, slo_ttft=1.0)]  # its own objective: met
+    got = summarize(reqs, 10.0, 0.5, 0.05)
+    assert got["missed"] == {"refused": 1, "failed": 1, "ttft": 2, "tpot": 1}
+    assert got["slo_attainment"] == pytest.approx(2 / 7)
+    outs = [Outcome(0.0, 0.1, 0.02, completed=True), Outcome(0.0, 0.9, 0.02, completed=True),
+            Outcome(0.0, 0.1, 0.09, completed=True), Outcome(0.0, 0.9, 0.09, completed=True),
+            Outcome(0.0, refused=True), Outcome(0.0, never_fits=True)]
+    assert summary(outs, 0.5, 0.05)["missed"] == {"refused": 1, "failed": 1, "ttft": 2, "tpot": 1}
