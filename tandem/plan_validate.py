@@ -1,13 +1,14 @@
 """`tandem plan --validate`: the simulator's predictions against a real cluster, side by side.
 
 It starts a real cluster on this host (1:1 by default, ``--split``; the seeded
-bench model unless ``--model``), always disaggregated or, with ``--conditional-disagg on``,
-prefilling on the decode node where the coordinator chooses to (the simulator
-then applies the same rule), with admission off or, with ``--admission on``,
-on (the simulator's admission with it; both on is Tandem as shipped), reads the
-profiles its nodes started from (a pool's averaged: the simulator has one set of times a pool), and for each rate
-sends one seeded trace to the cluster and plays the very same trace through
-the simulator. The report puts measured and predicted SLO attainment, TTFT
+bench model unless ``--model``), always disaggregated or, with
+``--conditional-disagg on``, prefilling on the decode node where the
+coordinator chooses to (the simulator then applies the same rule), with
+admission off or, with ``--admission on``, on (the simulator's admission with
+it; both on is Tandem as shipped), reads the profiles its nodes started from
+(a pool's averaged: the simulator has one set of times a pool), and for each
+rate sends one seeded trace to the cluster and plays the very same trace
+through the simulator. The report puts measured and predicted SLO attainment, TTFT
 and TPOT side by side with the error of each, and the goodput each implies
 (the highest rate with at least 90 % attainment). The goal is within 15 %.
 With ``--reps N`` the whole sweep runs N times on fresh seeded traces, on the
@@ -114,8 +115,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         per_token = kv_bytes_per_token({**facts, "dtype": "float32"})  # the nodes' --dtype default
         # the coordinator's defaults (no SLO of its own: the trace's go with each request); the
         # engines' KV caches as the bench gives them (systems.MEMORY), their prefix caches with them
-        cfg = SimConfig(num_prefill, num_decode, prefill, decode, kv_bytes_per_token=per_token, max_batch=args.max_batch,
-                        order="slack", slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot, local=local,
+        cfg = SimConfig(num_prefill, num_decode, prefill, decode, kv_bytes_per_token=per_token,
+                        max_batch=args.max_batch, order="slack", slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot, local=local,
                         admission=admission, step_tokens=DECODE_STEP_TOKENS,
                         prefix_cache=getattr(args, "prefix_cache", "on") == "on",
                         prefill_cache_tokens=int(systems.MEMORY.kv_cache_gib * 2**30) // per_token,
@@ -136,7 +137,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         for rep in range(reps):
             if reps > 1:
                 print(f"repetition {rep + 1} of {reps}", flush=True)
-            rows += [{**r, "rep": rep} for r in rate_rows(system.target, cfg, args, rates, fresh, seed=7000 + 1000 * rep)]
+            seed = 7000 + 1000 * rep
+            rows += [{**r, "rep": rep} for r in rate_rows(system.target, cfg, args, rates, fresh, seed=seed)]
     finally:
         system.stop()
     print("the planner on the nodes' startup profiles ...", flush=True)
@@ -148,7 +150,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
            "kv_capacity_tokens": cfg.kv_capacity_tokens, "store_ram_tokens": cfg.store_ram_tokens,
            "store_disk": cfg.store_disk, "prefixes": getattr(args, "prefixes", 0),
            "workload": args.workload, "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot},
-           "duration_s": args.duration, "model": model, "prefill_profile": prefill.doc(), "decode_profile": decode.doc(),
+           "duration_s": args.duration, "model": model, "prefill_profile": prefill.doc(),
+           "decode_profile": decode.doc(),
            "rows": rows, "goodput": {"measured": goodput(first, "measured_attainment"),
                                      "predicted": goodput(first, "predicted_attainment")},
            "goal": "predictions within 15 % of measurement"}
@@ -156,7 +159,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         doc["over_reps"] = over_reps(rows)
         means = doc["over_reps"]
         doc["goodput"] = {"measured": goodput(means, "measured_attainment"),
-                          "predicted": goodput(means, "predicted_attainment"), "of": f"the mean over {reps} repetitions"}
+                          "predicted": goodput(means, "predicted_attainment"),
+                          "of": f"the mean over {reps} repetitions"}
     doc["planner"] = planner
     (out / "validate.json").write_text(json.dumps(doc, indent=1) + "\n")
     write_report(out, doc)

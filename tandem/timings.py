@@ -110,8 +110,8 @@ class Timings:
             have = [getattr(t, name) for t in nodes if any(getattr(t, name))] or [getattr(nodes[0], name)]
             return tuple(sum(c) / len(have) for c in zip(*have))
 
-        return cls(avg("prefill"), avg("decode"), avg("transfer"), source or " + ".join(t.source for t in nodes),  # type: ignore[arg-type]
-                   avg("store_load"))  # type: ignore[arg-type]
+        named = source or " + ".join(t.source for t in nodes)
+        return cls(avg("prefill"), avg("decode"), avg("transfer"), named, avg("store_load"))  # type: ignore[arg-type]
 
     def doc(self) -> dict[str, Any]:
         return asdict(self)

@@ -61,7 +61,8 @@ def test_repetitions_give_each_rate_its_means_and_the_spread_of_single_errors(tm
             _row(2.0, 0, 0.040, 0.036, 0.70), _row(2.0, 1, 0.040, 0.044, 0.80)]
     one, two = over_reps(rows)
     assert one["rate"] == 1.0 and one["reps"] == 2
-    assert one["measured"]["tpot_p50_s"] == pytest.approx(0.025) and one["predicted"]["tpot_p50_s"] == pytest.approx(0.024)
+    assert one["measured"]["tpot_p50_s"] == pytest.approx(0.025)
+    assert one["predicted"]["tpot_p50_s"] == pytest.approx(0.024)
     assert one["error"]["tpot_p50_s"] == pytest.approx(0.04)
     assert one["error_range"]["tpot_p50_s"] == pytest.approx([0.2, 0.2])  # both 20 % off, in opposite ways
     assert two["error_range"]["tpot_p50_s"] == pytest.approx([0.1, 0.1])
