@@ -82,10 +82,12 @@ class _Cluster(ClusterState):
         self.seq = 0
 
     def push(self, t: float, kind: int, node: int, req: int) -> None:
+        """An event at ``t`` (ties run in the order pushed)."""
         self.seq += 1
         heapq.heappush(self.events, (t, self.seq, kind, node, req))
 
     def run(self) -> list[Outcome]:
+        """Every arrival, then events in time order until none is left; each request's Outcome."""
         for i, e in enumerate(self.trace):
             self.push(e.arrival_s, ARRIVE, -1, i)
         while self.events:
@@ -103,6 +105,7 @@ class _Cluster(ClusterState):
         return self.out
 
     def next_request(self, now: float) -> int | None:
+        """The coordinator's next request for an idle prefill node (``order``), or None."""
         cfg, queue = self.cfg, self.queue
         while queue:
             key, i = queue[0]
@@ -116,6 +119,7 @@ class _Cluster(ClusterState):
         return heapq.heappop(self.late) if self.late else None
 
     def dispatch(self, now: float) -> None:
+        """Idle prefill nodes take queued requests, each the node where it costs least."""
         pre = self.cfg.prefill
         while self.idle and (i := self.next_request(now)) is not None:
             # the idle node where it costs least (the prefix it holds), the first of those

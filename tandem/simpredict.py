@@ -58,6 +58,8 @@ def _arrivals() -> Any:
 
 @dataclass
 class _Decode:
+    """A decode node's state: its batch, the requests waiting or arriving, its own prefills."""
+
     running: list[tuple[int, int]] = field(default_factory=list)  # heap of (finish step, request)
     waiting: list[int] = field(default_factory=list)
     assigned: int = 0
@@ -103,12 +105,15 @@ class ClusterState:
         self.queued_cost: dict[int, float] = {}
 
     def keys(self, i: int) -> list[int]:
+        """Request ``i``'s prompt as chained block keys (the engines' prefix caches): none without
+        ``input_ids`` or with prefix caching off."""
         if i not in self.keys_of:
             ids = getattr(self.trace[i], "input_ids", None) if self.cfg.prefix_cache else None
             self.keys_of[i] = block_keys(ids, self.cfg.block_tokens) if ids else []
         return self.keys_of[i]
 
     def chunks(self, i: int) -> list[int]:
+        """Request ``i``'s prompt as chained chunk keys (the KV store's): none without a store."""
         if i not in self.chunks_of:
             ids = getattr(self.trace[i], "input_ids", None) if self.stores else None
             self.chunks_of[i] = block_keys(ids, self.cfg.chunk_tokens) if ids else []
@@ -130,6 +135,7 @@ class ClusterState:
         return stored, load_cost_s(stored - eng, min(on_disk, stored - eng), timings.learned_load())
 
     def prefill_cost(self, timings: Timings, i: int, held: tuple[int, float]) -> float:
+        """Request ``i``'s prefill with these times past ``held`` (tokens held, seconds to load them)."""
         return timings.prefill_s(self.trace[i].input_len - held[0], held[0]) + held[1]
 
     def pool_prefill_s(self, i: int) -> float:
@@ -148,6 +154,7 @@ class ClusterState:
         return max(1, (self.cfg.kv_capacity_tokens - self.decodes[d].reserved) // self.cfg.block_tokens + running)
 
     def decode_held(self, d: int, i: int, touch: bool = False) -> tuple[int, float]:
+        """``held_on`` decode node ``d``, its cache trimmed first to what its running requests leave."""
         self.decode_caches[d].trim(self.decode_room(d))
         return self.held_on(self.decode_caches[d], self.decode_stores[d], i, self.cfg.decode, touch)
 
