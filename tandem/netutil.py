@@ -2,11 +2,46 @@
 
 from __future__ import annotations
 
+import random
 import socket
+from pathlib import Path
+
+
+LOW_PORT = 20000  # free_port picks from here up to the kernel's ephemeral range
+_handed: set[int] = set()  # ports free_port gave out in this process (never twice)
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for ports it picks itself (outgoing connections, bind to 0)."""
+    try:
+        lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (bind to 0, read it, close)."""
+    """A port that was free a moment ago, for a server that binds it later, in another process.
+
+    Taken below the kernel's ephemeral range (from LOW_PORT), so that no outgoing connection can
+    be given it in the meantime: a vLLM server binds its ports half a minute after they are chosen,
+    and a port bound to 0 once came back as another process's connection in that time (NIXL's
+    side channel: "Address already in use"). Not one this process gave out already. Where the
+    ephemeral range leaves no room below it, the kernel's pick (bind to 0).
+    """
+    lo, _ = ephemeral_range()
+    candidates = list(range(LOW_PORT, lo))
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        if port in _handed:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
