@@ -30,9 +30,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     ephemeral range leaves no room below it, the kernel's pick (bind to 0).
     """
     lo, _ = ephemeral_range()
-    candidates = list(range(LOW_PORT, lo))
-    random.shuffle(candidates)
-    for port in candidates[:200]:
+    below = range(LOW_PORT, lo)
+    for port in random.sample(below, min(200, len(below))):
         if port in _handed:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -370,9 +370,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--gpus", type=int, default=64, help="--parallel: GPUs in all")
     ap.add_argument("--validate", action="store_true",
                     help="instead of a plan: run a real cluster (--split) on this host at --rates and the "
-                         "simulator on the same traces, and report predicted against measured attainment, TTFT and TPOT (the "
-                         "simulator takes the profiles the nodes started from; --profile, --order and the KV "
-                         "flags are for plans only)")
+                         "simulator on the same traces, and report predicted against measured attainment, TTFT "
+                         "and TPOT, and the misses by cause (the simulator takes the profiles the nodes started "
+                         "from; --profile, --order and the KV flags are for plans only)")
     ap.add_argument("--simulated", default="", metavar="P:D,...",
                     help="--validate: instead of the real cluster, these splits as simulated nodes (times from "
                          "--profile) against the simulator: a check of its cluster model, labelled as simulated")
