@@ -153,12 +153,15 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
     for f in doc.get("failed", []):
         lines += ["", f"**{f['name']} did not start**, so it has no results in this run:", "", "```",
                   f["error"], "```"]
-    lines += ["", "Per system and rate (medians over the repetitions): requests refused by admission, "
-              "share prefilled on a decode node, and Tandem's prediction error |actual - predicted| / actual "
+    lines += ["", "Per system and rate (medians over the repetitions): requests refused by admission, and the "
+              "served ones that missed all the same, by a late first token or over the TPOT objective (a "
+              "request late in both counts as late); share prefilled on a decode node, and Tandem's "
+              "prediction error |actual - predicted| / actual "
               "(client-side TTFT/TPOT against what admission predicted), p50 / p90, and in brackets the median "
               "signed error (predicted - actual) / actual: below 0, predictions too low.", "",
-              "| system | rate | refused (of them: not even on an idle node) | local prefill | TTFT error p50 / p90 | TPOT error p50 / p90 |",
-              "|---|---:|---:|---:|---:|---:|"]
+              "| system | rate | refused (of them: not even on an idle node) | served, first token late | "
+              "served, over TPOT | local prefill | TTFT error p50 / p90 | TPOT error p50 / p90 |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for s in systems:
         for r in s["sweep"]:
             reps = r["reps"]
@@ -174,7 +177,10 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
                        med(lambda rep, k=k: rep["prediction_error"][k]["p90"]),
                        med(lambda rep, k=k: rep["prediction_error"][k].get("bias", float("nan"))))
                    for k in ("ttft", "tpot")}
-            cells = [f"{refused:.0%} ({hopeless:.0%})", "–" if local != local else f"{local:.0%}"]
+            late = [med(lambda rep, k=k: rep["missed"][k] / rep["requests"] if "missed" in rep and rep["requests"]
+                        else float("nan")) for k in ("ttft", "tpot")]  # (results from before it was counted: –)
+            cells = [f"{refused:.0%} ({hopeless:.0%})", *("–" if v != v else f"{v:.0%}" for v in late),
+                     "–" if local != local else f"{local:.0%}"]
             cells += ["–" if e[0] != e[0] else f"{e[0]:.0%} / {e[1]:.0%}" + ("" if e[2] != e[2] else f" ({e[2]:+.0%})")
                       for e in (err["ttft"], err["tpot"])]
             lines.append(f"| {s['name']} | {r['rate']} | " + " | ".join(cells) + " |")

@@ -137,6 +137,14 @@ def test_compare_reports_a_system_that_did_not_start_and_measures_the_rest(
     report = (tmp_path / "report.md").read_text()
     assert "**vllm-colocated did not start**" in report and "boom" in report
     assert "| tandem-2:1 | " in report and "| 25.0% | – | 7 | p0: 3, p1: 1 |" in report  # its cache facts
+    # the misses by cause: refused, then the served ones late by their first token or over TPOT
+    row = doc["systems"][0]["sweep"][0]
+    rep = row["reps"][0]
+    assert set(rep["missed"]) == {"refused", "failed", "ttft", "tpot"} and rep["missed"]["refused"] == rep["rejected"]
+    share = [f"{rep['missed'][k] / rep['requests']:.0%}" for k in ("ttft", "tpot")]
+    assert "| served, first token late | served, over TPOT |" in report
+    assert f"| tandem-2:1 | {row['rate']} | {rep['rejected'] / rep['requests']:.0%} (" in report
+    assert f"%) | {share[0]} | {share[1]} | " in report
     # colocated vLLM is given all of 2:1's KV memory: 2 x 0.05 + 0.3 (engines) + 3 x 0.1 (RAM tiers)
     assert doc["memory"]["tandem_kv_gib"] == {"2:1": pytest.approx(0.7)}
     assert doc["memory"]["colocated_kv_gib"] == pytest.approx(0.7)
