@@ -129,7 +129,7 @@ def test_the_report_says_what_the_planner_says_of_the_split_at_the_rates_measure
 
 
 def test_a_plan_warns_when_its_best_splits_attainment_never_gets_far_above_the_target(tmp_path) -> None:
-    from tandem.plan import ceiling, sensitivity_note, table
+    from tandem.plan_report import ceiling, sensitivity_note, table
 
     flat = {"prefill": 0, "decode": 2, "goodput_rps": 2.1, "per_node_rps": 1.05, "limited_by": "TTFT (prefill)",
             "probes": [[0.5, 0.936], [1.0, 0.93], [2.0, 0.907], [2.5, 0.862]]}
