@@ -27,15 +27,15 @@ import re
 import statistics
 import sys
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import astuple, replace
 from pathlib import Path
 from typing import Any
 
 from tandem.node.config import DECODE_STEP_TOKENS
+from tandem.nodespeed import Speed
 from tandem.plan import MIN_DURATION_S, probe_attainment, ratio_goodput
-from tandem.sim import simulate
+from tandem.sim import SPEED_DRAWS, simulate_summary
 from tandem.simconfig import LOCAL_OFF, NO_PREFIX_CACHE, NOT_MODELLED, SimConfig
-from tandem.simresults import summary
 from tandem.timings import Timings
 
 PROFILE_LINE = re.compile(r"(?:cached profile|cached in) (\S+\.json)")
@@ -126,14 +126,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from tandem.bench.compare import warm_up
 
         warm_up(system, args.workload, args.max_model_len)
-        def learned() -> SimConfig:  # before each rate: the fits the nodes learned over the rates before it
-            def of(kind: str) -> Timings:
-                return Timings.mean([learned_timings(system.nodes[n], f"{n}, learned") for n in pool[kind]])
+        def fresh_cfg() -> SimConfig:
+            """Before each rate: the fits the nodes learned over the rates before it, and how far
+            their work strayed from them (a pool's the mean of those measured; none: at its fits)."""
+            seen = {kind: [learned(system.nodes[n], f"{n}, learned") for n in pool[kind]] for kind in pool}
 
-            dec = of("decode")
-            return replace(cfg, prefill=of("prefill") if num_prefill else dec, decode=dec)
+            def speed(kind: str, of: str) -> Speed:
+                return Speed.mean([s[of] for _, s in seen[kind] if of in s])
 
-        fresh: Callable[[], SimConfig] | None = learned if fits == "learned" else None
+            dec = Timings.mean([t for t, _ in seen["decode"]])
+            return replace(cfg, prefill=Timings.mean([t for t, _ in seen["prefill"]]) if num_prefill else dec,
+                           decode=dec, prefill_speed=speed("prefill", "prefill"), decode_speed=speed("decode", "decode"))
+
+        fresh: Callable[[], SimConfig] | None = fresh_cfg if fits == "learned" else None
         for rep in range(reps):
             if reps > 1:
                 print(f"repetition {rep + 1} of {reps}", flush=True)
@@ -230,8 +235,15 @@ def over_reps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def learned_timings(grpc_address: str, source: str) -> Timings:
+    """A node's fits as it has learned them while serving (``learned``)."""
+    return learned(grpc_address, source)[0]
+
+
+def learned(grpc_address: str, source: str) -> tuple[Timings, dict[str, Speed]]:
     """A node's fits as it has learned them while serving (its NodeMonitor stream's latest message):
-    what admission predicts with. A negative coefficient (a fit's noise) counts as 0."""
+    what admission predicts with. A negative coefficient (a fit's noise) counts as 0. With them,
+    how far its prefills and steps stray from its fits, by kind (``NodeLoad.speeds``; a kind not
+    measured yet is absent)."""
     import grpc
 
     from tandem.proto import tandem_pb2 as pb
@@ -245,8 +257,9 @@ def learned_timings(grpc_address: str, source: str) -> Timings:
 
     fits = {f.name: tuple(max(0.0, c) for c in f.coefficients) for f in msg.fits
             if f.samples >= (LOAD_MIN_SAMPLES if f.name == "load" else 1)}
+    speeds = {f.name: Speed(*f.coefficients) for f in msg.speeds}
     return Timings(fits.get("prefill", (0.0, 0.0, 0.0)), fits.get("decode", (0.0, 0.0, 0.0)),  # type: ignore[arg-type]
-                   fits.get("transfer", (0.0, 0.0)), source, fits.get("load", (0.0, 0.0, 0.0)))  # type: ignore[arg-type]
+                   fits.get("transfer", (0.0, 0.0)), source, fits.get("load", (0.0, 0.0, 0.0))), speeds  # type: ignore[arg-type]
 
 
 def describe(local: bool, admission: bool = False) -> str:
@@ -271,21 +284,24 @@ def rate_rows(target: str, cfg: SimConfig, args: argparse.Namespace, rates: list
         materialize(entries, seed + k, 600)
         if fresh is not None:
             cfg = fresh()
-        predicted = summary(simulate(cfg, entries), *slo)  # before the run: only what was known then
-        # what the simulator said without the KV store, and without the engines' prefix caches too,
-        # where that differs
+        predicted = simulate_summary(cfg, entries, *slo)  # before the run: only what was known then
+        # what the simulator said with every node exactly at its fit, without the KV store, and
+        # without the engines' prefix caches too, where that differs
         bare = {}
+        if cfg.prefill_speed.varies or cfg.decode_speed.varies:
+            bare["predicted_at_fit"] = replace(cfg, prefill_speed=Speed(), decode_speed=Speed())
         if cfg.prefix_cache and cfg.store_ram_tokens:
             bare["predicted_without_kv_store"] = replace(cfg, store_ram_tokens=0, store_disk=False)
         if cfg.prefix_cache:
             bare["predicted_without_prefix_cache"] = replace(cfg, prefix_cache=False)
         row = side_by_side(_run(target, entries, slo), predicted, rate, len(entries))
         for key, other in bare.items():
-            said = summary(simulate(other, entries), *slo)
+            said = simulate_summary(other, entries, *slo)
             if json.dumps(said, sort_keys=True) != json.dumps(predicted, sort_keys=True):
                 row[key] = said
         row["decode_fit"], row["prefill_fit"] = list(cfg.decode.decode), list(cfg.prefill.prefill)
         row["local_prefill_fit"] = list(cfg.decode.prefill)  # the decode node's own prefills
+        row["speed"] = {"prefill": astuple(cfg.prefill_speed), "decode": astuple(cfg.decode_speed)}
         row["measured_attainment"], row["predicted_attainment"] = row["measured"]["attainment"], row["predicted"]["attainment"]
         rows.append(row)
     return rows
@@ -371,7 +387,7 @@ MISSES = ("refused", "ttft", "tpot")  # the reasons a report shows (failures are
 
 def misses(counts: dict[str, int]) -> str:
     """Requests missed by why, as ``refused-TTFT-TPOT`` counts (a dash: not known)."""
-    return "–" if not counts else "-".join(str(counts.get(k, 0)) for k in MISSES)
+    return "–" if not counts else "-".join(f"{round(counts.get(k, 0), 1):g}" for k in MISSES)
 
 
 def pct(v: float | None) -> str:
@@ -446,7 +462,15 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
                   "smallest and largest error of one repetition:", "", *reps_lines(doc["over_reps"])]
     else:
         lines += table_lines(doc["rows"])
-    for key, what in (("predicted_without_kv_store", "the KV store"),
+    speeds = [(r["rate"], r["speed"]) for r in doc["rows"] if any(Speed(*v).varies for v in r.get("speed", {}).values())]
+    if speeds:
+        lines += ["", "The simulator's nodes strayed from their fits as the real nodes measured their own work "
+                  "straying (tandem/nodespeed.py; each rate's figure the mean over "
+                  f"{SPEED_DRAWS} draws): " + "; ".join(
+                      f"before {rate:g} req/s prefill {Speed(*sp['prefill']).describe()}, decode "
+                      f"{Speed(*sp['decode']).describe()}" for rate, sp in speeds) + "."]
+    for key, what in (("predicted_at_fit", "the nodes' speeds varying (every node exactly at its fit)"),
+                      ("predicted_without_kv_store", "the KV store"),
                       ("predicted_without_prefix_cache", "the engines' prefix caches (and the KV store)")):
         bare = [r for r in doc["rows"] if key in r]
         if bare:

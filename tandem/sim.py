@@ -45,6 +45,12 @@ same ones the nodes fit online, see tandem/perfmodel.py):
   chunk going back into RAM. Where a prefill goes, the cost counts: prefill after the held
   prefix plus its load.
 
+- **Node speed** (``prefill_speed``, ``decode_speed``; off by default): each node's work takes
+  its fit's time times a factor drawn as tandem/nodespeed.py measures real nodes' (a slow part
+  that lasts about a second, and each piece's own jitter), which the predictions above do not
+  see, as a real coordinator's predictions from a node's fit do not; the coordinator's view of a
+  busy prefill node is the predicted end. Seeded (``speed_seed``).
+
 Not modelled yet (the simulator says so in its results): sharing chunks between nodes, and
 network contention.
 """
@@ -52,16 +58,21 @@ network contention.
 from __future__ import annotations
 
 import heapq
+import random
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
+from tandem.nodespeed import NodeSpeed
 from tandem.perfmodel import beside_s, chunk_tokens
 from tandem.simcache import PrefixCache, StoreTiers, block_keys
 from tandem.simconfig import SimConfig
 from tandem.simpredict import ClusterState
-from tandem.simresults import Outcome
+from tandem.simresults import Outcome, mean_summary, summary
 
-__all__ = ["PrefixCache", "StoreTiers", "block_keys", "simulate"]
+__all__ = ["PrefixCache", "StoreTiers", "block_keys", "simulate", "simulate_summary"]
+
+SPEED_DRAWS = 4  # draws of the nodes' speeds a summary averages, where they vary
 
 ARRIVE, PREFILLED, JOIN, STEPPED, START = range(5)  # events, in the order a tie at one instant runs them
 
@@ -73,6 +84,15 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
     return _Cluster(cfg, trace).run()
 
 
+def simulate_summary(cfg: SimConfig, trace: Sequence[Any], slo_ttft_s: float, slo_tpot_s: float,
+                     draws: int = SPEED_DRAWS) -> dict[str, Any]:
+    """``simresults.summary`` of ``trace`` against these objectives; where the nodes' speeds vary,
+    the mean over ``draws`` draws of them (seeds ``speed_seed`` on)."""
+    varies = cfg.prefill_speed.varies or cfg.decode_speed.varies
+    runs = [replace(cfg, speed_seed=cfg.speed_seed + k) for k in range(draws if varies else 1)]
+    return mean_summary([summary(simulate(c, trace), slo_ttft_s, slo_tpot_s) for c in runs])
+
+
 class _Cluster(ClusterState):
     """The event loop: arrivals, prefills, KV arriving, decode steps, each moving the state on."""
 
@@ -80,6 +100,16 @@ class _Cluster(ClusterState):
         super().__init__(cfg, trace)
         self.events: list[tuple[float, int, int, int, int]] = []  # (time, seq, kind, node, request)
         self.seq = 0
+        # each node's speed against its fit (prefill nodes first), unseen by the predictions
+        rng = random.Random(cfg.speed_seed)
+        self.speeds = ([NodeSpeed(cfg.prefill_speed, rng) for _ in range(cfg.num_prefill)]
+                       + [NodeSpeed(cfg.decode_speed, rng) for _ in range(cfg.num_decode)])
+
+    def ran(self, node: int, now: float, took: float) -> float:
+        """What work predicted at ``took`` seconds, starting at ``now`` on ``node`` (prefill nodes
+        first, then decode nodes), took."""
+        speed = self.speeds[node]
+        return took * speed.factor(now) if speed.speed.varies else took
 
     def push(self, t: float, kind: int, node: int, req: int) -> None:
         """An event at ``t`` (ties run in the order pushed)."""
@@ -130,8 +160,8 @@ class _Cluster(ClusterState):
             took = self.prefill_cost(pre, i, self.held_on(self.prefill_caches[node], self.prefill_stores[node], i, pre,
                                                            touch=True))
             self.queued_s -= self.queued_cost.pop(i)
-            self.busy_until[node] = now + took
-            self.push(now + took, PREFILLED, node, i)
+            self.busy_until[node] = now + took  # as predicted: the coordinator's view
+            self.push(now + self.ran(node, now, took), PREFILLED, node, i)
 
     def step(self, d: int, now: float) -> None:
         """Decode node ``d`` starts a step: requests waiting join its batch while there is room, a
@@ -166,7 +196,7 @@ class _Cluster(ClusterState):
             took += beside_s(cfg.decode, b, ctx)  # the chunk's own time holds the step's overhead
         else:
             took += cfg.decode.step_s(b, ctx)
-        self.push(now + took, STEPPED, d, -1)
+        self.push(now + self.ran(cfg.num_prefill + d, now, took), STEPPED, d, -1)
 
     def arrive(self, i: int, now: float) -> None:
         """Request ``i`` arrives: refused, prefilled on a decode node, or queued for the prefill pool."""

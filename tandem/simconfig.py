@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tandem.nodespeed import Speed
 from tandem.simcache import BLOCK_TOKENS
 from tandem.timings import Timings
 
@@ -36,6 +37,12 @@ class SimConfig:
     store_ram_tokens: int = 0  # each node's KV store RAM tier (with prefix_cache); 0: no KV store
     store_disk: bool = False  # a disk tier below it (unbounded)
     chunk_tokens: int = 256  # the KV store's chunk (a node's --kvstore-chunk-tokens default)
+    # How far each node's times stray from its fit, unseen by the predictions (tandem/nodespeed.py):
+    # a prefill node's prefills, a decode node's steps (with a local prefill's chunks in them).
+    # Speed(): every node runs exactly at its fit. ``speed_seed``: the draws'.
+    prefill_speed: Speed = Speed()
+    decode_speed: Speed = Speed()
+    speed_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.num_decode < 1 or self.num_prefill < (0 if self.local else 1):

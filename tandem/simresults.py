@@ -54,3 +54,17 @@ def summary(outcomes: Sequence[Outcome], slo_ttft_s: float, slo_tpot_s: float) -
                        "tpot": sum(1 for o in done if o.ttft_s <= slo_ttft_s and o.tpot_s > slo_tpot_s)},
             "ttft_p50_s": pct(ttft, 0.5), "ttft_p90_s": pct(ttft, 0.9),
             "tpot_p50_s": pct(tpot, 0.5), "tpot_p90_s": pct(tpot, 0.9)}
+
+
+def mean_summary(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Several draws' ``summary`` of one trace (node speeds drawn anew) as one: each figure's mean,
+    the misses' counts too (one draw: its own)."""
+    if len(summaries) == 1:
+        return summaries[0]
+
+    def mean(vals: list[Any]) -> Any:
+        if isinstance(vals[0], dict):
+            return {k: mean([v[k] for v in vals]) for k in vals[0]}
+        return sum(vals) / len(vals)
+
+    return {k: mean([s[k] for s in summaries]) for k in summaries[0]}

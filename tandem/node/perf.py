@@ -30,6 +30,11 @@ one of (tokens loaded, of them promoted from disk, its time over what the
 prefill fit says its computed part takes); with a stream joining the batch
 meanwhile (its KV may have loaded beside its transfer) it is none.
 
+Speed: each prefill and decode step sample, before the fit learns it, is also
+a sample of how far the node's time strays from what its fit said
+(tandem/nodespeed.py's ``SpeedTracker``): the slow part that lasts about a
+second and the jitter, which admission cannot see and the simulator draws.
+
 The fitted coefficients and sample counts are Prometheus gauges
 (``tandem_perf_coefficient{model,term}``, ``tandem_perf_samples{model}``),
 refreshed at most once a second. ``load()`` is the node's state as the
@@ -51,12 +56,16 @@ from dataclasses import dataclass
 
 from prometheus_client import Gauge
 
+from tandem.nodespeed import Speed, SpeedTracker
 from tandem.perfmodel import VLLM_STEP_TOKENS, ModelView, NodeModel, OnlineFit, beside_s, chunk_steps
 from tandem.proto import tandem_pb2 as pb
 
 COEFFICIENT = Gauge("tandem_perf_coefficient", "A fitted coefficient of this node's performance model "
                     "(seconds per unit of the term)", ["model", "term"])
 SAMPLES = Gauge("tandem_perf_samples", "Timings the node's performance model was fitted from", ["model"])
+SPEED = Gauge("tandem_perf_speed", "How this node's times stray from its fit (tandem/nodespeed.py): the log "
+              "time factor's slow part (sd, tau_s in seconds) and jitter (jitter_sd)", ["model", "term"])
+SPEED_TERMS = ("sd", "tau_s", "jitter_sd")
 EXPORT_EVERY_S = 1.0
 BUSY_WINDOW_S = 10.0
 BATCH_MEAN_S = 10.0  # time constant of the decode batch's moving average
@@ -115,6 +124,11 @@ class NodePerf:
         self._batch_area = 0.0
         self._context_area = 0.0
         self._exported_at = -float("inf")
+        # how far prefills and decode steps stray from what the fit said just before (nodespeed.py),
+        # and the estimates as last exported (recomputed at most once an EXPORT_EVERY_S)
+        self.speed = {"prefill": SpeedTracker(), "decode": SpeedTracker()}
+        self._speeds: list[pb.PerfFit] = []
+        self._speeds_at = -float("inf")
         self._prefill_epoch = 0  # changes whenever a prefill starts or ends
         self._busy: deque[tuple[float, float]] = deque()  # recent spans with a prefill running (start, end)
         self._busy_since: float | None = None  # start of the span running now
@@ -207,6 +221,7 @@ class NodePerf:
                 if loaded:
                     self.model.saw_load(loaded, disk, max(0.0, own - self.model.prefill_s(run.uncached_tokens, cached)))
                 else:
+                    self.speed["prefill"].add(self._clock(), own, self.model.prefill_s(run.uncached_tokens, cached))
                     self.model.saw_prefill(run.uncached_tokens, own, cached)
             self._export(force=self._prefills_running == 0)  # idle now: show the last samples too
 
@@ -259,19 +274,23 @@ class NodePerf:
                 if (steps > 0 and engine.token_at > began and self._left_at <= began
                         and (steps == 1 or self._joined_at <= began) and began >= self._sampled_to):
                     self._sampled_to = engine.token_at
-                    self.model.saw_decode_step(self._batch, self._batch_context,
-                                               (engine.token_at - last_engine.token_at) / steps)
+                    self._saw_step((engine.token_at - last_engine.token_at) / steps, now)
                     self._export()
             elif engine is None and new_tokens == s.interval:
                 # Timed here: one step since its last output, or its stream interval's steps (more:
                 # coalesced behind a slow reader, no sample).
-                self.model.saw_decode_step(self._batch, self._batch_context, (now - s.last_output) / new_tokens)
+                self._saw_step((now - s.last_output) / new_tokens, now)
                 self._export()
         s.last_output = now
         s.epoch = self._prefill_epoch
         s.context += new_tokens
         self._advance_means(now)
         self._batch_context += new_tokens
+
+    def _saw_step(self, seconds: float, now: float) -> None:
+        """One step of the batch running now took ``seconds``: a sample of the fit, and of the speed."""
+        self.speed["decode"].add(now, seconds, self.model.step_s(self._batch, self._batch_context))
+        self.model.saw_decode_step(self._batch, self._batch_context, seconds)
 
     def decode_ended(self, rid: str) -> None:
         s = self._streams.pop(rid, None)
@@ -331,7 +350,8 @@ class NodePerf:
                            decode_waiting=len(self._streams) - self._batch, fits=fits, sent_at=time.time(),
                            step_tokens=self.step_tokens, prefill_busy=self.prefill_busy(),
                            decode_batch_mean=batch_mean, decode_context_mean=context_mean,
-                           kv_tokens=kv_tokens, kv_free_tokens=kv_free, engine_waiting=waiting)
+                           kv_tokens=kv_tokens, kv_free_tokens=kv_free, engine_waiting=waiting,
+                           speeds=self._speeds)
 
     def changed(self) -> asyncio.Event:
         """Set when work started or ended since the event was taken (take a new one after)."""
@@ -356,6 +376,21 @@ class NodePerf:
         self._exported_at = now
         for name, fit in self.model.named():
             _export_fit(name, fit)
+        if now - self._speeds_at >= EXPORT_EVERY_S:
+            self._speeds_at = now
+            self._speeds = []
+            for name, tracker in self.speed.items():
+                est = tracker.estimate()
+                if est is not None:
+                    coefficients = (est.sd, est.tau_s, est.jitter_sd)
+                    for term, c in zip(SPEED_TERMS, coefficients):
+                        SPEED.labels(name, term).set(c)
+                    self._speeds.append(pb.PerfFit(name=name, terms=list(SPEED_TERMS), coefficients=coefficients,
+                                                   samples=tracker.samples))
+
+    def speeds(self) -> dict[str, Speed]:
+        """The speeds as last exported, by kind (a kind without enough samples yet is absent)."""
+        return {f.name: Speed(*f.coefficients) for f in self._speeds}
 
 
 def _export_fit(name: str, fit: OnlineFit) -> None:
