@@ -13,13 +13,14 @@ objective and never saw a stream go over it; the real coordinator's streams went
 sitting, 1:1: 82 of 519 served requests over TPOT, the simulator ~0).
 
 - ``Speed``: the slow part as an Ornstein-Uhlenbeck process in the log of the time factor
-  (stationary standard deviation ``sd``, time constant ``tau_s``) and the jitter of each piece of
-  work (``jitter_sd``), independent.
+  (stationary standard deviation ``sd``, time constant ``tau_s``), the jitter of each piece of
+  work (``jitter_sd``), independent, and how far the factor's mean sits from 1 (``bias``, its
+  log: a fit that keeps predicting a node a few per cent fast, as the one a decode node learns
+  beside a busy prefill node at 1:1 appeared to in the thirty-first sitting's replays).
 - ``SpeedTracker`` measures it on a node: each timed piece of work's log(seconds / what the fit
   said just before) into 1 s windows; the windows' spread, their spread within, and how alike
-  neighbouring windows are give the three (``estimate``).
-- ``NodeSpeed`` draws it in the simulator (tandem/sim.py), seeded, each factor's mean 1 so a
-  node's mean time stays its fit's.
+  neighbouring windows are give the three, and their mean the bias (``estimate``).
+- ``NodeSpeed`` draws it in the simulator (tandem/sim.py), seeded, each factor's mean exp(bias).
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ MIN_RHO, MAX_RHO = 0.01, 0.99
 @dataclass(frozen=True)
 class Speed:
     """A node's time factor against its fit: log factor = an Ornstein-Uhlenbeck process (stationary
-    standard deviation ``sd``, time constant ``tau_s``) plus independent jitter (``jitter_sd``)."""
+    standard deviation ``sd``, time constant ``tau_s``) plus independent jitter (``jitter_sd``),
+    shifted so that the factor's mean is exp(``bias``)."""
 
     sd: float = 0.0
     tau_s: float = 1.0
     jitter_sd: float = 0.0
+    bias: float = 0.0
 
     def __post_init__(self) -> None:
         if self.sd < 0 or self.jitter_sd < 0 or self.tau_s <= 0:
@@ -52,7 +55,7 @@ class Speed:
 
     @property
     def varies(self) -> bool:
-        return self.sd > 0 or self.jitter_sd > 0
+        return self.sd > 0 or self.jitter_sd > 0 or self.bias != 0
 
     @classmethod
     def mean(cls, speeds: list[Speed]) -> Speed:
@@ -61,11 +64,13 @@ class Speed:
             return cls()
         n = len(speeds)
         return cls(math.sqrt(sum(s.sd ** 2 for s in speeds) / n), sum(s.tau_s for s in speeds) / n,
-                   math.sqrt(sum(s.jitter_sd ** 2 for s in speeds) / n))
+                   math.sqrt(sum(s.jitter_sd ** 2 for s in speeds) / n), sum(s.bias for s in speeds) / n)
 
     def describe(self) -> str:
-        return (f"slow part sd {self.sd:.3f} over {self.tau_s:.1f} s, jitter sd {self.jitter_sd:.3f}"
-                if self.varies else "exactly its fit")
+        if not self.varies:
+            return "exactly its fit"
+        return (f"slow part sd {self.sd:.3f} over {self.tau_s:.1f} s, jitter sd {self.jitter_sd:.3f}, "
+                f"{math.exp(self.bias) - 1:+.1%} on average")
 
 
 def window_correlation(x: float) -> float:
@@ -135,15 +140,20 @@ class SpeedTracker:
         per_window = sum(1.0 / w[1] for w in ws) / len(ws)  # the mean of 1/samples a window
         pairs = [(a, b) for (wa, a), (wb, b) in zip(zip(ws, means), zip(ws[1:], means[1:])) if wb[0] == wa[0] + 1]
         cov = sum((a - m) * (b - m) for a, b in pairs) / len(pairs) if pairs else 0.0
+        # The bias from the windows' mean, a time average: more pieces of work fit in a fast second
+        # than in a slow one, so a mean over the pieces would read low.
+        mean_log = m
         var, x, jitter = 0.0, 1.0, within
         for _ in range(20):
             jitter = max(0.0, within - var * (1.0 - window_share(x)))
             slow = var_means - jitter * per_window
             if len(pairs) < MIN_WINDOWS or slow <= 0 or cov <= 0:
-                return Speed(0.0, 1.0, math.sqrt(max(0.0, within)))
+                var, jitter = 0.0, max(0.0, within)
+                return Speed(0.0, 1.0, math.sqrt(jitter), mean_log + jitter / 2.0)
             x = _windows_per_tau(min(MAX_RHO, max(MIN_RHO, cov / slow)))
             var = slow / window_share(x)
-        return Speed(math.sqrt(var), self.window_s / x, math.sqrt(jitter))
+        # the bias: log of the factor's mean, exp(mean log + variance / 2) for a lognormal
+        return Speed(math.sqrt(var), self.window_s / x, math.sqrt(jitter), mean_log + (var + jitter) / 2.0)
 
 
 class NodeSpeed:
@@ -153,7 +163,8 @@ class NodeSpeed:
         self.speed, self.rng = speed, rng
         self.x = rng.gauss(0.0, speed.sd) if speed.sd else 0.0  # the slow part's log, stationary from the start
         self.at = 0.0
-        self.mean_log = -(speed.sd ** 2 + speed.jitter_sd ** 2) / 2.0  # E[exp(N(0, s))] = exp(s^2 / 2)
+        # E[exp(N(0, s))] = exp(s^2 / 2): each factor's mean exp(bias)
+        self.mean_log = speed.bias - (speed.sd ** 2 + speed.jitter_sd ** 2) / 2.0
 
     def factor(self, now: float) -> float:
         s = self.speed

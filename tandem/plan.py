@@ -17,12 +17,14 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import astuple, replace
 from pathlib import Path
 from typing import Any
 
 from tandem.bench.goodput import find_goodput
 from tandem.bench.workloads import WORKLOADS, generate
 from tandem.mix import Mix
+from tandem.nodespeed import Speed
 from tandem.plan_report import table, write_report
 from tandem.sim import simulate
 from tandem.simconfig import LOCAL_OFF, NO_PREFIX_CACHE, NOT_MODELLED, SimConfig
@@ -104,7 +106,8 @@ def probe_attainment(cfg: SimConfig, workload: str | Mix, slo_ttft_s: float, slo
     (``steady_attainment``)."""
     entries = trace(workload, rate, probe_size(rate, requests, min_duration_s), seed, max_model_len,
                     cfg.prefix_cache, prefixes)
-    return steady_attainment(simulate(cfg, entries), slo_ttft_s, slo_tpot_s)
+    # (the nodes' speeds, where they vary, drawn anew with each probe's seed)
+    return steady_attainment(simulate(replace(cfg, speed_seed=seed), entries), slo_ttft_s, slo_tpot_s)
 
 
 def ratio_goodput(cfg: SimConfig, workload: str | Mix, slo_ttft_s: float, slo_tpot_s: float, *, requests: int = 2000,
@@ -150,7 +153,7 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
          requests: int = 2000, seeds: int = 2, max_model_len: int = 2048, min_duration_s: float = MIN_DURATION_S,
          also: tuple[int, ...] = (), admission: bool = False, local: bool = False, prefix_cache: bool = True,
          prefill_cache_tokens: int = 0, store_ram_tokens: int = 0, store_disk: bool = False, prefixes: int = 0,
-         progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+         speed: Speed = Speed(), progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     """P:D splits of ``nodes`` (and the prefill counts in ``also``, always), best goodput per node
     first: every split when there are at most COARSE_SPLITS; else one in ``step`` (so that about
     COARSE_SPLITS are), then every split within a step of the best of those (goodput rises, then
@@ -159,7 +162,8 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
     engines' prefix caches, a prefill engine's ``prefill_cache_tokens`` (0: unbounded), a decode
     engine's ``kv_capacity_tokens``; with ``store_ram_tokens`` a KV store on each node (a RAM tier
     of that many tokens, over a disk tier with ``store_disk``). ``prefixes``: the workload's
-    prefixes or conversations (0: its own number)."""
+    prefixes or conversations (0: its own number). ``speed``: how far every node's times stray
+    from its profile, unseen by admission (tandem/nodespeed.py; default: exactly at it)."""
     if nodes < 2:
         raise ValueError("a plan needs at least 2 nodes (a split of them)")
     if isinstance(workload, str) and workload not in WORKLOADS:
@@ -173,7 +177,7 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
         cfg = SimConfig(p, nodes - p, prefill, decode, kv_bytes_per_token, max_batch, kv_capacity_tokens, order,
                         slo_ttft_s, slo_tpot_s, admission, local, prefix_cache=prefix_cache,
                         prefill_cache_tokens=prefill_cache_tokens, store_ram_tokens=store_ram_tokens,
-                        store_disk=store_disk)
+                        store_disk=store_disk, prefill_speed=speed, decode_speed=speed)
         row = ratio_goodput(cfg, workload, slo_ttft_s, slo_tpot_s, requests=requests, seeds=seeds,
                             max_model_len=max_model_len, start_rate=max(0.25, nodes / 4),
                             min_duration_s=min_duration_s, prefixes=prefixes)
@@ -199,7 +203,7 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
             "splits_evaluated": len(rows), "splits": nodes - lo, "search_step": step, "rel_tol": 0.05,
             "admission": admission, "local": local, "prefix_cache": prefix_cache,
             "prefill_cache_tokens": prefill_cache_tokens, "store_ram_tokens": store_ram_tokens,
-            "store_disk": store_disk, "prefixes": prefixes,
+            "store_disk": store_disk, "prefixes": prefixes, "node_speed": list(astuple(speed)),
             "not_modelled": [*NOT_MODELLED, *([] if local else [LOCAL_OFF]), *([] if prefix_cache else [NO_PREFIX_CACHE])],
             "transfer_modelled": any(decode.transfer), "rows": rows,
             "best": best, "took_s": round(time.monotonic() - t0, 2)}
@@ -258,6 +262,11 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--out", default="bench/results/plan")
+    ap.add_argument("--node-speed", default="", metavar="SD[,TAU_S[,JITTER_SD[,BIAS]]]",
+                    help="every node's times stray from its profile as a node measures its own "
+                         "(tandem_perf_speed: the log time factor's slow part, its time constant in seconds, "
+                         "default 1, each piece's jitter, default 0, and the log of its mean, default 0), unseen "
+                         "by admission; default: exactly at the profile")
     ap.add_argument("--parallel", default="", metavar="NAME=GPUS:PROFILE[:KV_TOKENS],...",
                     help="instead of one plan: per-node parallel settings on --gpus GPUs (e.g. tensor parallel 4 "
                          "and 8, each with its profile and its node's KV cache in tokens), ranked by goodput per GPU")
@@ -292,6 +301,20 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     from tandem.plan_live import add_args as add_live_args
 
     add_live_args(ap)
+
+
+def parse_speed(spec: str) -> Speed:
+    """``SD[,TAU_S[,JITTER_SD[,BIAS]]]`` -> Speed (empty: none); ValueError saying what is wrong."""
+    if not spec.strip():
+        return Speed()
+    parts = spec.split(",")
+    try:
+        values = [float(v) for v in parts]
+    except ValueError:
+        raise ValueError(f"{spec!r}: want numbers, SD[,TAU_S[,JITTER_SD[,BIAS]]], e.g. 0.11,1,0.1") from None
+    if len(values) > 4:
+        raise ValueError(f"{spec!r}: at most four numbers, SD,TAU_S,JITTER_SD,BIAS")
+    return Speed(*values)
 
 
 def parse_parallel(spec: str) -> list[tuple[str, int, str, int]]:
@@ -361,6 +384,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print("tandem plan: --store-ram-tokens needs --prefix-cache on (the KV store is found by the prompt's "
               "token ids, as the prefix caches are)", file=sys.stderr)
         return 2
+    try:
+        speed = parse_speed(getattr(args, "node_speed", ""))
+    except ValueError as exc:
+        print(f"tandem plan: --node-speed: {exc}", file=sys.stderr)
+        return 2
     if not args.prefill_cache_tokens:  # a prefill engine's cache as large as a decode engine's, when that is given
         args.prefill_cache_tokens = args.kv_capacity_tokens
     if args.parallel:
@@ -412,7 +440,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                    admission=args.admission == "on", local=args.conditional_disagg == "on",
                    prefix_cache=args.prefix_cache == "on", prefill_cache_tokens=args.prefill_cache_tokens,
                    store_ram_tokens=args.store_ram_tokens, store_disk=args.store_disk, prefixes=args.prefixes,
-                   progress=lambda m: print("  " + m, flush=True))
+                   speed=speed, progress=lambda m: print("  " + m, flush=True))
     except ValueError as exc:
         print(f"tandem plan: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tandem.nodespeed import Speed
+
 
 def table(doc: dict[str, Any]) -> list[str]:
     lines = ["| P:D | goodput req/s | per node | TTFT p90 at goodput | TPOT p90 at goodput | gives out first | "
@@ -75,6 +77,9 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
           "![plan](plan.png)" if plotted else "(plan.png needs matplotlib: pip install 'tandem-serve[dev]')", "",
           f"Admission: {'on (a request predicted to miss is refused, and counts as missed)' if doc.get('admission') else 'off (`--admission on` models it)'}. "
           f"Not modelled yet: {', '.join(doc['not_modelled'])}."]
+    if (speed := Speed(*doc.get("node_speed", ()))).varies:
+        md.append(f"Every node's times stray from its profile, unseen by admission: {speed.describe()} "
+                     "(--node-speed).")
     if not doc["transfer_modelled"]:
         md.append("The decode profile has no KV transfer timings: transfers take no time here.")
     (out / "plan.md").write_text("\n".join(md) + "\n")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 import statistics
+from dataclasses import replace
 
 import pytest
 
@@ -24,7 +25,7 @@ def _track(speed: Speed, seed: int, seconds: float = 600.0, step_s: float = 0.03
     return tracker
 
 
-@pytest.mark.parametrize("speed", [Speed(0.14, 1.0, 0.09), Speed(0.1, 5.0, 0.1), Speed(0.05, 0.5, 0.15)])
+@pytest.mark.parametrize("speed", [Speed(0.14, 1.0, 0.09, 0.05), Speed(0.1, 5.0, 0.1, -0.03), Speed(0.05, 0.5, 0.15)])
 def test_the_tracker_reads_back_the_speed_a_node_ran_at(speed: Speed) -> None:
     got = [_track(speed, seed).estimate() for seed in range(4)]
     assert all(g is not None for g in got)
@@ -34,6 +35,8 @@ def test_the_tracker_reads_back_the_speed_a_node_ran_at(speed: Speed) -> None:
     assert sd == pytest.approx(speed.sd, rel=0.2)
     assert tau == pytest.approx(speed.tau_s, rel=0.35)
     assert jitter == pytest.approx(speed.jitter_sd, rel=0.1)
+    # the bias a time average (a fast second holds more steps than a slow one, and is not worth more)
+    assert statistics.mean(g.bias for g in got) == pytest.approx(speed.bias, abs=0.015)  # type: ignore[union-attr]
 
 
 def test_a_node_that_only_jitters_has_no_slow_part_and_a_fresh_tracker_says_nothing() -> None:
@@ -68,7 +71,7 @@ def test_speed_checks_and_pool_mean() -> None:
         Speed(-0.1)
     with pytest.raises(ValueError):
         Speed(0.1, 0.0)
-    assert not Speed().varies and Speed(0.0, 1.0, 0.1).varies
+    assert not Speed().varies and Speed(0.0, 1.0, 0.1).varies and Speed(bias=0.05).varies
     pool = Speed.mean([Speed(0.3, 1.0, 0.0), Speed(0.4, 3.0, 0.0)])
     assert pool.sd == pytest.approx(math.sqrt((0.09 + 0.16) / 2)) and pool.tau_s == 2.0
     assert Speed.mean([]) == Speed()
@@ -92,8 +95,8 @@ def test_a_node_measures_and_exports_how_far_its_steps_stray_from_its_fit() -> N
     speeds = {f.name: f for f in perf.load().speeds}
     assert "prefill" not in speeds  # no prefill timed here
     d = speeds["decode"]
-    assert list(d.terms) == ["sd", "tau_s", "jitter_sd"] and d.samples > 3000
-    assert 0.08 < d.coefficients[0] < 0.25 and 0.3 < d.coefficients[1] < 3.0
+    assert list(d.terms) == ["sd", "tau_s", "jitter_sd", "bias"] and d.samples > 3000
+    assert 0.08 < d.coefficients[0] < 0.25 and 0.3 < d.coefficients[1] < 3.0 and abs(d.coefficients[3]) < 0.05
     assert perf.speeds()["decode"] == Speed(*d.coefficients)
 
 
@@ -120,3 +123,31 @@ def test_the_simulator_runs_nodes_at_their_drawn_speeds_unseen_by_admission() ->
     assert simulate_summary(base, reqs, 1.0, 0.1)["attainment"] == 1.0
     mean = simulate_summary(speedy, reqs, 1.0, 0.025, draws=3)
     assert 0.0 < mean["attainment"] < 1.0 and mean["missed"]["tpot"] > 0
+
+
+def test_plan_takes_a_node_speed_and_a_node_that_strays_serves_less_within_tpot(tmp_path) -> None:
+    from tandem.plan import parse_speed, plan
+    from tandem.plan_report import write_report
+
+    assert parse_speed("") == Speed() and parse_speed("0.1") == Speed(0.1)
+    assert parse_speed("0.11,2,0.1") == Speed(0.11, 2.0, 0.1)
+    for bad in ("x", "0.1,1,0.1,0,4", "-0.1", "0.1,0"):
+        with pytest.raises(ValueError):
+            parse_speed(bad)
+    # decode-bound, with admission packing batches up to the TPOT objective by the profile: where
+    # the steps stray, streams go over it
+    from tandem.plan import probe_attainment
+
+    t = Timings((0.005, 0.00001, 0.0), (0.01, 0.004, 0.0))
+    cfg = SimConfig(1, 1, t, t, slo_ttft_s=2.0, slo_tpot_s=0.05, admission=True)
+    strayed = replace(cfg, prefill_speed=Speed(0.2, 1.0, 0.1), decode_speed=Speed(0.2, 1.0, 0.1))
+    for rate in (0.5, 1.0):
+        assert probe_attainment(strayed, "chat", 2.0, 0.05, rate, 0, requests=300) < probe_attainment(
+            cfg, "chat", 2.0, 0.05, rate, 0, requests=300)
+    kw = dict(requests=300, seeds=1, admission=True)
+    exact = plan(t, t, 2, "chat", 2.0, 0.05, **kw)
+    strays = plan(t, t, 2, "chat", 2.0, 0.05, speed=Speed(0.2, 1.0, 0.1), **kw)
+    assert strays["node_speed"] == [0.2, 1.0, 0.1, 0.0] and exact["node_speed"] == [0.0, 1.0, 0.0, 0.0]
+    assert strays["rows"][0]["probes"] != exact["rows"][0]["probes"]
+    assert "slow part sd 0.200 over 1.0 s" in write_report(tmp_path, strays).read_text()
+    assert "stray" not in write_report(tmp_path / "x", exact).read_text()

@@ -64,8 +64,9 @@ COEFFICIENT = Gauge("tandem_perf_coefficient", "A fitted coefficient of this nod
                     "(seconds per unit of the term)", ["model", "term"])
 SAMPLES = Gauge("tandem_perf_samples", "Timings the node's performance model was fitted from", ["model"])
 SPEED = Gauge("tandem_perf_speed", "How this node's times stray from its fit (tandem/nodespeed.py): the log "
-              "time factor's slow part (sd, tau_s in seconds) and jitter (jitter_sd)", ["model", "term"])
-SPEED_TERMS = ("sd", "tau_s", "jitter_sd")
+              "time factor's slow part (sd, tau_s in seconds), jitter (jitter_sd) and the log of its mean (bias)",
+              ["model", "term"])
+SPEED_TERMS = ("sd", "tau_s", "jitter_sd", "bias")
 EXPORT_EVERY_S = 1.0
 BUSY_WINDOW_S = 10.0
 BATCH_MEAN_S = 10.0  # time constant of the decode batch's moving average
@@ -382,7 +383,7 @@ class NodePerf:
             for name, tracker in self.speed.items():
                 est = tracker.estimate()
                 if est is not None:
-                    coefficients = (est.sd, est.tau_s, est.jitter_sd)
+                    coefficients = (est.sd, est.tau_s, est.jitter_sd, est.bias)
                     for term, c in zip(SPEED_TERMS, coefficients):
                         SPEED.labels(name, term).set(c)
                     self._speeds.append(pb.PerfFit(name=name, terms=list(SPEED_TERMS), coefficients=coefficients,
