@@ -463,12 +463,14 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
     else:
         lines += table_lines(doc["rows"])
     speeds = [(r["rate"], r["speed"]) for r in doc["rows"] if any(Speed(*v).varies for v in r.get("speed", {}).values())]
+    pool_less = doc.get("split", "1:1").startswith("0:")  # (no prefill pool: the decode nodes' speed only)
     if speeds:
         lines += ["", "The simulator's nodes strayed from their fits as the real nodes measured their own work "
                   "straying (tandem/nodespeed.py; each rate's figure the mean over "
                   f"{SPEED_DRAWS} draws): " + "; ".join(
-                      f"before {rate:g} req/s prefill {Speed(*sp['prefill']).describe()}, decode "
-                      f"{Speed(*sp['decode']).describe()}" for rate, sp in speeds) + "."]
+                      f"before {rate:g} req/s "
+                      + ("" if pool_less else f"prefill {Speed(*sp['prefill']).describe()}, ")
+                      + f"decode {Speed(*sp['decode']).describe()}" for rate, sp in speeds) + "."]
     for key, what in (("predicted_at_fit", "the nodes' speeds varying (every node exactly at its fit)"),
                       ("predicted_without_kv_store", "the KV store"),
                       ("predicted_without_prefix_cache", "the engines' prefix caches (and the KV store)")):

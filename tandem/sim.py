@@ -13,8 +13,9 @@ same ones the nodes fit online, see tandem/perfmodel.py):
   this single queue does not). Each prefill node runs one prefill at a time:
   ``prefill_s(tokens)``.
 - **First token.** The prefill produces the first token (TTFT ends there).
-- **Transfer.** The decode node with the fewest requests assigned takes the
-  request; its KV arrives ``transfer_s(bytes)`` later (transfers do not
+- **Transfer.** The decode node with the fewest requests assigned when it
+  arrived takes the request (booked then, as the coordinator books it: it
+  counts in that node's load from then on); its KV arrives ``transfer_s(bytes)`` later (transfers do not
   contend with each other: a simplification).
 - **Decode.** Continuous batching: a step of B running requests holding L
   context tokens takes ``step_s(B, L)`` and gives each of them a token; a
@@ -218,14 +219,27 @@ class _Cluster(ClusterState):
                 dn.stepping = True
                 self.push(now, START, d, -1)
             return
+        if self.decodes_it(i):  # its decode node booked now, as the coordinator books it
+            d = min(range(cfg.num_decode), key=lambda k: (self.decodes[k].assigned, k))
+            dn = self.decodes[d]
+            dn.assigned += 1
+            dn.arrivals.add(e.output_len, now)
+            dn.booked.add(i)
+            o.decode_node = d
         heapq.heappush(self.queue, (e.arrival_s if cfg.order == "fifo" else e.arrival_s + cfg.slo_ttft_s, i))
         self.queued_cost[i] = self.pool_prefill_s(i)
         self.queued_s += self.queued_cost[i]
         self.dispatch(now)
 
+    def decodes_it(self, i: int) -> bool:
+        """Request ``i`` goes on to a decode node after its prefill: more than one token, and a
+        prompt and output that fit a decode node's KV cache."""
+        e, cap = self.trace[i], self.cfg.kv_capacity_tokens
+        return e.output_len > 1 and not (cap and e.input_len + e.output_len > cap)
+
     def prefilled(self, node: int, i: int, now: float) -> None:
         """Prefill node ``node`` finished request ``i``: its first token; its KV on the way to the
-        decode node with the fewest requests."""
+        decode node booked for it at its arrival."""
         cfg = self.cfg
         self.idle.append(node)
         self.idle.sort()
@@ -239,15 +253,13 @@ class _Cluster(ClusterState):
         if e.output_len <= 1:
             o.e2e_s, o.completed = o.ttft_s, True
             return
-        if cfg.kv_capacity_tokens and e.input_len + e.output_len > cfg.kv_capacity_tokens:
+        if not self.decodes_it(i):
             o.never_fits = True  # can never fit a decode node: not completed
             return
-        d = min(range(cfg.num_decode), key=lambda k: (self.decodes[k].assigned, k))
+        d = o.decode_node
         dn = self.decodes[d]
-        dn.assigned += 1
-        dn.arrivals.add(e.output_len, now)
+        dn.booked.discard(i)
         dn.fetching.add(i)
-        o.decode_node = d
         self.push(now + cfg.decode.transfer_s(e.input_len * cfg.kv_bytes_per_token), JOIN, d, i)
 
     def join(self, node: int, i: int, now: float) -> None:

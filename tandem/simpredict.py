@@ -72,6 +72,7 @@ class _Decode:
     chunk: tuple[int, int] | None = None  # (request, tokens) of the local prefill in the step running
     local_total: dict[int, tuple[int, int, float]] = field(default_factory=dict)  # ... (to compute, cached, load s)
     fetching: set[int] = field(default_factory=set)  # requests whose KV is on its way here
+    booked: set[int] = field(default_factory=set)  # requests to come here, their prefill still in the pool
     arrivals: Any = field(default_factory=_arrivals)  # those sent here lately (admission's)
 
 
@@ -200,15 +201,15 @@ class ClusterState:
         """Request ``i``'s step on a decode node over its life, as admission forecasts it
         (``estimates.life_load``): each request there stays for the tokens it has to come, and
         requests keep arriving at the node's recent rate (``Arrivals``), each staying their mean
-        output. Unlike the coordinator, which books a decode node before the prefill, this one
-        counts a disaggregated request there once its prefill ends. (Until the twenty-ninth
+        output. A disaggregated request counts there from its arrival, as the coordinator books
+        it (until the thirty-first sitting: once its prefill ended). (Until the twenty-ninth
         sitting: the step of the batch now, one request added.)"""
         e = self.trace[i]
         tokens, mine = e.output_len, e.input_len + e.output_len // 2
         b, ctx = self.load(dn)
         # to come: the running's steps left; the first token made, the rest; a local prefill's, all
         lefts = ([fin - dn.step_no for fin, _ in dn.running]
-                 + [self.trace[r].output_len - 1 for r in (*dn.waiting, *dn.fetching)]
+                 + [self.trace[r].output_len - 1 for r in (*dn.waiting, *dn.fetching, *dn.booked)]
                  + [self.trace[r].output_len for r in dn.local])
         if not lefts or tokens < 1:
             return self.cfg.decode.step_s(b + 1, ctx + mine)
@@ -231,9 +232,10 @@ class ClusterState:
 
     def load(self, dn: _Decode) -> tuple[int, int]:
         """(requests, their context tokens) on a decode node as the coordinator counts them: every
-        one sent there (running, waiting for a place, its KV arriving, prefilling there)."""
+        one sent there (running, waiting for a place, its KV arriving, prefilling there or booked
+        there while the prefill pool has it)."""
         ctx = dn.base + len(dn.running) * dn.step_no
-        ctx += sum(self.trace[r].input_len for r in (*dn.waiting, *dn.fetching, *dn.local))
+        ctx += sum(self.trace[r].input_len for r in (*dn.waiting, *dn.fetching, *dn.local, *dn.booked))
         return dn.assigned, ctx
 
     def local_choice(self, i: int, now: float) -> tuple[int | None, bool]:

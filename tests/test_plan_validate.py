@@ -160,3 +160,33 @@ def test_misses_are_counted_by_why_alike_in_a_run_and_in_the_simulator() -> None
             Outcome(0.0, 0.1, 0.09, completed=True), Outcome(0.0, 0.9, 0.09, completed=True),
             Outcome(0.0, refused=True), Outcome(0.0, never_fits=True)]
     assert summary(outs, 0.5, 0.05)["missed"] == {"refused": 1, "failed": 1, "ttft": 2, "tpot": 1}
+
+
+def test_with_the_nodes_measured_speeds_a_rate_is_simulated_at_them_and_at_the_fits_beside(monkeypatch, tmp_path) -> None:
+    from dataclasses import replace
+
+    from tandem.bench import compare
+    from tandem.nodespeed import Speed
+    from tandem.plan_validate import rate_rows, write_report
+
+    measured = {"slo_attainment": 0.8, "ttft_s": {"p50": 0.05, "p90": 0.09}, "tpot_s": {"p50": 0.02, "p90": 0.03},
+                "failed": 0}
+    monkeypatch.setattr(compare, "_run", lambda target, entries, slo: measured)
+    t = Timings((0.002, 4e-4, 5e-8), (0.008, 5e-4, 1e-6))
+    cfg = SimConfig(1, 1, t, t, order="slack", slo_ttft_s=1.5, slo_tpot_s=0.1, prefix_cache=False)
+    args = argparse.Namespace(slo_ttft=1.5, slo_tpot=0.1, workload="chat", duration=20.0, max_model_len=2048)
+    still = rate_rows("http://x", cfg, args, [2.0])[0]
+    assert "predicted_at_fit" not in still and still["speed"]["decode"] == (0.0, 1.0, 0.0, 0.0)
+    strays = replace(cfg, decode_speed=Speed(0.2, 1.0, 0.1, 0.1), prefill_speed=Speed(0.0, 1.0, 0.2))
+    row = rate_rows("http://x", strays, args, [2.0])[0]
+    assert row["speed"] == {"prefill": (0.0, 1.0, 0.2, 0.0), "decode": (0.2, 1.0, 0.1, 0.1)}
+    assert row["predicted_at_fit"]["tpot_p50_s"] == pytest.approx(still["predicted"]["tpot_p50_s"])
+    assert row["predicted"]["tpot_p50_s"] > still["predicted"]["tpot_p50_s"]  # +10 % on average
+    doc = {"workload": "chat", "split": "1:1", "slo": {"ttft_s": 1.5, "tpot_s": 0.1}, "duration_s": 20.0,
+           "fits": "learned", "goal": "within 15 %", "rows": [still, row], "goodput": {"measured": 2, "predicted": 2},
+           "transfer_modelled": True}
+    write_report(tmp_path, doc)
+    text = (tmp_path / "validate.md").read_text()
+    assert ("before 2 req/s prefill slow part sd 0.000 over 1.0 s, jitter sd 0.200, +0.0% on average, decode slow "
+            "part sd 0.200 over 1.0 s, jitter sd 0.100, +10.5% on average.") in text
+    assert "Without the nodes' speeds varying (every node exactly at its fit) the simulator would have said" in text

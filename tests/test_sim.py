@@ -599,3 +599,15 @@ def test_validation_rows_say_what_the_simulator_would_have_said_without_the_cach
     write_report(tmp_path, {**doc, "admission": True, "conditional_disagg": True})
     assert ("(admission on, a request prefilled on the decode node where the coordinator chooses to (as shipped))"
             in (tmp_path / "validate.md").read_text())
+
+
+def test_a_disaggregated_request_counts_on_its_decode_node_from_its_arrival() -> None:
+    # As the coordinator books a decode node at admission: a second request arriving while the
+    # first is still in the prefill pool sees it in the decode batch it would join.
+    t = Timings((0.5, 0.0, 0.0), (0.01, 0.02, 0.0))  # prefill 0.5 s; a step 30 ms alone, 50 ms for two
+    cfg = SimConfig(1, 1, t, t, order="fifo", slo_ttft_s=2.0, slo_tpot_s=0.04, admission=True)
+    first, second = simulate(cfg, [Req(0.0, 100, 50), Req(0.01, 100, 50)])
+    assert not first.refused and first.decode_node == 0 and first.completed
+    assert second.refused  # two streams' step: over the TPOT objective
+    later = simulate(cfg, [Req(0.0, 100, 50), Req(5.0, 100, 50)])[1]  # the first one is gone by then
+    assert not later.refused and later.completed
