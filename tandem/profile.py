@@ -234,20 +234,19 @@ class Profiler:
                     run.uncached_tokens = h + n - cached
             done += 1
             self.progress(f"profile {done}/{total}: prefill of {n} tokens after {h} cached")
+        def steps_of(batch: int, n: int) -> int:
+            # Enough tokens each that the whole batch decodes DECODE_STEPS steps together once the
+            # last of its n-token prompts is in (the engine takes step_tokens of prompts a step).
+            return DECODE_STEPS + -(-batch * n // (self.perf.step_tokens or VLLM_STEP_TOKENS))
+
         for batch, n in DECODE_RUNS:
             batch = min(batch, self.max_seqs)
-
-            def steps_of(batch: int, n: int = n) -> int:
-                # Enough tokens each that the whole batch decodes DECODE_STEPS steps together once
-                # the last prompt is in (the engine takes step_tokens of prompts a step).
-                return DECODE_STEPS + -(-batch * n // (self.perf.step_tokens or VLLM_STEP_TOKENS))
-
             # No more streams than the engine's KV cache holds whole (a block of slack each): past
             # that vLLM preempts, and the recomputed prompts would be timed as decode steps.
             room = self.perf.kv_room()
             if room is not None and room[0] > 0:
-                batch = max(1, min(batch, room[0] // (min(n, self.max_len) + steps_of(batch) + KV_SLACK_TOKENS)))
-            steps = steps_of(batch)
+                batch = max(1, min(batch, room[0] // (min(n, self.max_len) + steps_of(batch, n) + KV_SLACK_TOKENS)))
+            steps = steps_of(batch, n)
             n = min(n, self.max_len - steps - 1)
             if n < 1:  # a context too short for this run's prompts and steps
                 done += 1
