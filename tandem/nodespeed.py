@@ -133,7 +133,7 @@ class SpeedTracker:
         if len(ws) < MIN_WINDOWS:
             return None
         within_n = sum(w[1] - 1 for w in ws)
-        within = sum(w[3] - w[2] * w[2] / w[1] for w in ws) / within_n if within_n >= MIN_WITHIN else 0.0
+        within = sum(w[3] - w[2] * w[2] / w[1] for w in ws) / max(1, within_n)
         means = [w[2] / w[1] for w in ws]
         m = sum(means) / len(means)
         var_means = sum((v - m) ** 2 for v in means) / len(means)
@@ -143,13 +143,17 @@ class SpeedTracker:
         # The bias from the windows' mean, a time average: more pieces of work fit in a fast second
         # than in a slow one, so a mean over the pieces would read low.
         mean_log = m
+        if within_n < MIN_WITHIN:
+            # Too few windows with more than one piece of work (a prefill node's, say) to tell the
+            # jitter from the slow part: all of the windows' spread is taken as jitter.
+            jitter = var_means / per_window
+            return Speed(0.0, 1.0, math.sqrt(jitter), mean_log + jitter / 2.0)
         var, x, jitter = 0.0, 1.0, within
         for _ in range(20):
             jitter = max(0.0, within - var * (1.0 - window_share(x)))
             slow = var_means - jitter * per_window
-            if len(pairs) < MIN_WINDOWS or slow <= 0 or cov <= 0:
-                var, jitter = 0.0, max(0.0, within)
-                return Speed(0.0, 1.0, math.sqrt(jitter), mean_log + jitter / 2.0)
+            if len(pairs) < MIN_WINDOWS or slow <= 0 or cov <= 0:  # no slow part seen: jitter only
+                return Speed(0.0, 1.0, math.sqrt(max(0.0, within)), mean_log + max(0.0, within) / 2.0)
             x = _windows_per_tau(min(MAX_RHO, max(MIN_RHO, cov / slow)))
             var = slow / window_share(x)
         # the bias: log of the factor's mean, exp(mean log + variance / 2) for a lognormal

@@ -48,9 +48,10 @@ same ones the nodes fit online, see tandem/perfmodel.py):
 
 - **Node speed** (``prefill_speed``, ``decode_speed``; off by default): each node's work takes
   its fit's time times a factor drawn as tandem/nodespeed.py measures real nodes' (a slow part
-  that lasts about a second, and each piece's own jitter), which the predictions above do not
-  see, as a real coordinator's predictions from a node's fit do not; the coordinator's view of a
-  busy prefill node is the predicted end. Seeded (``speed_seed``).
+  that lasts about a second, each piece's own jitter, and a bias: the factor's mean), which the
+  predictions above do not see, as a real coordinator's predictions from a node's fit do not;
+  the coordinator's view of a busy prefill node is the predicted end until the prefill ends.
+  Seeded (``speed_seed``).
 
 Not modelled yet (the simulator says so in its results): sharing chunks between nodes, and
 network contention.
@@ -243,6 +244,7 @@ class _Cluster(ClusterState):
         cfg = self.cfg
         self.idle.append(node)
         self.idle.sort()
+        self.busy_until[node] = now  # (done, sooner or later than predicted: nothing left there)
         self.prefill_caches[node].add(self.keys(i))
         if (store := self.prefill_stores[node]) is not None:
             store.save(self.chunks(i))

@@ -48,6 +48,18 @@ def test_a_node_that_only_jitters_has_no_slow_part_and_a_fresh_tracker_says_noth
     assert fresh.estimate() is None  # too few windows
 
 
+def test_sparse_work_reads_as_jitter_not_as_a_node_at_its_fit() -> None:
+    # a prefill every 2-3 s: windows of one piece each, the jitter cannot be told from a slow part
+    rng, drawn, tracker, t = random.Random(5), NodeSpeed(Speed(0.0, 1.0, 0.2), random.Random(6)), SpeedTracker(), 0.0
+    for _ in range(60):
+        t += rng.uniform(2.0, 3.0)
+        took = 0.3 * drawn.factor(t)
+        tracker.add(t, took, 0.3)
+    got = tracker.estimate()
+    assert got is not None and got.sd == 0.0 and got.jitter_sd == pytest.approx(0.2, rel=0.3)
+    assert abs(got.bias) < 0.08
+
+
 def test_window_formulas_at_their_limits() -> None:
     assert window_correlation(1e-3) == pytest.approx(1.0, abs=1e-3) and window_correlation(50.0) < 0.02
     assert window_share(1e-3) == pytest.approx(1.0, abs=1e-3) and window_share(50.0) == pytest.approx(2 / 50, rel=0.05)
@@ -97,7 +109,11 @@ def test_a_node_measures_and_exports_how_far_its_steps_stray_from_its_fit() -> N
     d = speeds["decode"]
     assert list(d.terms) == ["sd", "tau_s", "jitter_sd", "bias"] and d.samples > 3000
     assert 0.08 < d.coefficients[0] < 0.25 and 0.3 < d.coefficients[1] < 3.0 and abs(d.coefficients[3]) < 0.05
+    assert d.coefficients[2] < d.coefficients[0]  # the jitter (0.05) read below the slow part (0.15)
     assert perf.speeds()["decode"] == Speed(*d.coefficients)
+    # the startup profile's runs are not the node's speed: measured afresh once it holds its profile
+    perf.hold_profile()
+    assert perf.load().speeds == [] and perf.speed["decode"].samples == 0
 
 
 def test_the_simulator_runs_nodes_at_their_drawn_speeds_unseen_by_admission() -> None:
@@ -151,3 +167,18 @@ def test_plan_takes_a_node_speed_and_a_node_that_strays_serves_less_within_tpot(
     assert strays["rows"][0]["probes"] != exact["rows"][0]["probes"]
     assert "slow part sd 0.200 over 1.0 s" in write_report(tmp_path, strays).read_text()
     assert "stray" not in write_report(tmp_path / "x", exact).read_text()
+
+
+def test_a_node_speed_is_refused_where_a_plan_would_not_use_it(capsys) -> None:
+    import argparse
+
+    from tandem.plan import add_args, cmd_plan
+
+    ap = argparse.ArgumentParser()
+    add_args(ap)
+    for extra in (["--validate"], ["--live"], ["--parallel", "a=1:x.json"]):
+        args = ap.parse_args(["--slo-ttft", "1", "--slo-tpot", "0.1", "--node-speed", "0.1,1,0.1", *extra])
+        assert cmd_plan(args) == 2
+        assert "--node-speed is for a plan" in capsys.readouterr().err
+    args = ap.parse_args(["--slo-ttft", "1", "--slo-tpot", "0.1", "--node-speed", "0.1,x"])
+    assert cmd_plan(args) == 2 and "want numbers" in capsys.readouterr().err

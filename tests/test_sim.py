@@ -611,3 +611,22 @@ def test_a_disaggregated_request_counts_on_its_decode_node_from_its_arrival() ->
     assert second.refused  # two streams' step: over the TPOT objective
     later = simulate(cfg, [Req(0.0, 100, 50), Req(5.0, 100, 50)])[1]  # the first one is gone by then
     assert not later.refused and later.completed
+
+
+def test_every_booking_ends_with_its_request() -> None:
+    # single-token outputs, requests too large for a decode node's cache, refusals and ordinary ones:
+    # once the trace has played out, no decode node holds a booking or counts a request
+    from tandem.sim import _Cluster
+
+    t = Timings((0.05, 1e-4, 0.0), (0.01, 0.002, 1e-6))
+    reqs = [Req(0.05 * k, [300, 900, 100][k % 3], [1, 40, 200][k % 4 % 3] if k % 4 else 1) for k in range(300)]
+    for admission in (False, True):
+        cfg = SimConfig(1, 2, t, t, order="slack", slo_ttft_s=0.5, slo_tpot_s=0.02, admission=admission,
+                        kv_capacity_tokens=1000)
+        run = _Cluster(cfg, reqs)
+        out = run.run()
+        assert all(dn.assigned == 0 and not dn.booked and not dn.fetching for dn in run.decodes)
+        assert all(o.decode_node == -1 for o, e in zip(out, reqs) if e.output_len <= 1 or o.never_fits or o.refused)
+        assert any(o.completed and o.decode_node >= 0 for o in out)
+        assert admission or any(o.never_fits for o in out)
+        assert admission == any(o.refused for o in out)

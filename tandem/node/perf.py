@@ -171,6 +171,10 @@ class NodePerf:
         together), so forgetting must not wash it out (plan --validate, twelfth sitting: a fit
         from serving alone swung its batch term 1.0 → 2.7 → 0 ms between rates)."""
         self.model.decode.hold_as_prior()
+        # what the profile's runs strayed from a fit still being learned over a deliberately wide
+        # grid says nothing of the node's speed while serving: its speed is measured from here on
+        self.speed = {"prefill": SpeedTracker(), "decode": SpeedTracker()}
+        self._speeds, self._speeds_at = [], -float("inf")
         self._export(force=True)
 
     # prefill -------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -732,8 +733,11 @@ def test_two_coordinator_workers_behind_one_address_and_a_stream_interval(cluste
             results = list(ex.map(one, range(16)))
         for got, sizes in results:
             assert got == want
-            # the prefill's token, the decode's first at once, then groups of 4 and the rest
-            assert sizes == [1, 1, 4, 4, 4, 1]
+            # the prefill's token, the decode's first at once, then groups of 4 and the rest; groups
+            # ready together may travel in one message (a busy relay), never a group split
+            assert sizes[:2] == [1, 1] and sum(sizes) == 15, sizes
+            assert set(itertools.accumulate(sizes)) <= set(itertools.accumulate([1, 1, 4, 4, 4, 1])), sizes
+            assert len(sizes) < 15  # fewer messages than tokens
         # both workers served (16 connections the kernel spread over the two)
         served = {w: len(re.findall(rf"coordinator-w{w} .*: request \S+: length after 15 tokens", log.read_text()))
                   for w in (0, 1)}
