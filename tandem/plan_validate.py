@@ -286,7 +286,7 @@ def rate_rows(target: str, cfg: SimConfig, args: argparse.Namespace, rates: list
         # what the simulator said with every node exactly at its fit, without the KV store, and
         # without the engines' prefix caches too, where that differs
         bare = {}
-        if cfg.prefill_speed.varies or cfg.decode_speed.varies:
+        if cfg.speeds_vary:
             bare["predicted_at_fit"] = replace(cfg, prefill_speed=Speed(), decode_speed=Speed())
         if cfg.prefix_cache and cfg.store_ram_tokens:
             bare["predicted_without_kv_store"] = replace(cfg, store_ram_tokens=0, store_disk=False)

@@ -90,8 +90,7 @@ def simulate_summary(cfg: SimConfig, trace: Sequence[Any], slo_ttft_s: float, sl
                      draws: int = SPEED_DRAWS) -> dict[str, Any]:
     """``simresults.summary`` of ``trace`` against these objectives; where the nodes' speeds vary,
     the mean over ``draws`` draws of them (seeds ``speed_seed`` on)."""
-    varies = cfg.prefill_speed.varies or cfg.decode_speed.varies
-    runs = [replace(cfg, speed_seed=cfg.speed_seed + k) for k in range(draws if varies else 1)]
+    runs = [replace(cfg, speed_seed=cfg.speed_seed + k) for k in range(draws if cfg.speeds_vary else 1)]
     return mean_summary([summary(simulate(c, trace), slo_ttft_s, slo_tpot_s) for c in runs])
 
 

@@ -44,6 +44,11 @@ class SimConfig:
     decode_speed: Speed = Speed()
     speed_seed: int = 0
 
+    @property
+    def speeds_vary(self) -> bool:
+        """Whether any node strays from its fit (then a figure is a mean over draws)."""
+        return self.prefill_speed.varies or self.decode_speed.varies
+
     def __post_init__(self) -> None:
         if self.num_decode < 1 or self.num_prefill < (0 if self.local else 1):
             raise ValueError("a cluster needs a decode node, and a prefill node unless its decode nodes prefill "

@@ -127,9 +127,10 @@ class NodePerf:
         self._exported_at = -float("inf")
         # how far prefills and decode steps stray from what the fit said just before (nodespeed.py),
         # and the estimates as last exported (recomputed at most once an EXPORT_EVERY_S)
-        self.speed = {"prefill": SpeedTracker(), "decode": SpeedTracker()}
+        self.speed: dict[str, SpeedTracker] = {}
         self._speeds: list[pb.PerfFit] = []
         self._speeds_at = -float("inf")
+        self._measure_speed_afresh()
         self._prefill_epoch = 0  # changes whenever a prefill starts or ends
         self._busy: deque[tuple[float, float]] = deque()  # recent spans with a prefill running (start, end)
         self._busy_since: float | None = None  # start of the span running now
@@ -173,9 +174,12 @@ class NodePerf:
         self.model.decode.hold_as_prior()
         # what the profile's runs strayed from a fit still being learned over a deliberately wide
         # grid says nothing of the node's speed while serving: its speed is measured from here on
+        self._measure_speed_afresh()
+        self._export(force=True)
+
+    def _measure_speed_afresh(self) -> None:
         self.speed = {"prefill": SpeedTracker(), "decode": SpeedTracker()}
         self._speeds, self._speeds_at = [], -float("inf")
-        self._export(force=True)
 
     # prefill -------------------------------------------------------------------
     @contextmanager
