@@ -205,6 +205,7 @@ class _Cluster(ClusterState):
         d, ok = self.local_choice(i, now) if cfg.local else (None, True)
         if cfg.admission and not (ok if cfg.local else self.admit(i, now)):
             o.refused = True
+            self.raw.pop(i, None)
             return
         if d is not None:
             dn = self.decodes[d]
@@ -249,6 +250,9 @@ class _Cluster(ClusterState):
             store.save(self.chunks(i))
         o, e = self.out[i], self.trace[i]
         o.ttft_s = now - o.arrival_s
+        self.learn(None, "ttft", self.raw.get(i, (0.0, 0.0))[0], o.ttft_s)
+        if not (e.output_len > 1 and self.decodes_it(i)):  # (no TPOT to learn from)
+            self.raw.pop(i, None)
         self.produced_start[i] = now
         self.dispatch(now)
         if e.output_len <= 1:
@@ -288,6 +292,7 @@ class _Cluster(ClusterState):
             o.e2e_s = now - o.arrival_s
             o.tpot_s = (now - self.produced_start.pop(r)) / (e.output_len - 1)
             o.completed = True
+            self.learn(dn, "tpot", self.raw.pop(r, (0.0, 0.0))[1], o.tpot_s)
         if dn.chunk is not None:  # a local prefill's chunk went with the step
             r, c = dn.chunk
             dn.chunk = None
@@ -300,7 +305,9 @@ class _Cluster(ClusterState):
                     store.save(self.chunks(r))
                 e, o = self.trace[r], self.out[r]
                 o.ttft_s = now - o.arrival_s
+                self.learn(dn, "ttft_local", self.raw.get(r, (0.0, 0.0))[0], o.ttft_s)
                 if e.output_len <= 1:
+                    self.raw.pop(r, None)
                     o.e2e_s, o.completed = o.ttft_s, True
                     dn.assigned -= 1
                 else:

@@ -43,6 +43,9 @@ class SimConfig:
     prefill_speed: Speed = Speed()
     decode_speed: Speed = Speed()
     speed_seed: int = 0
+    # The coordinator's calibration (coordinator/calibration.py): each decode node's TPOT and local
+    # TTFT predictions, and the prefill pool's TTFT ones, as its finished requests say they turn out.
+    calibrate: bool = True
 
     @property
     def speeds_vary(self) -> bool:

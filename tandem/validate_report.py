@@ -114,6 +114,7 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
                       + ("" if pool_less else f"prefill {Speed(*sp['prefill']).describe()}, ")
                       + f"decode {Speed(*sp['decode']).describe()}" for rate, sp in speeds) + "."]
     for key, what in (("predicted_at_fit", "the nodes' speeds varying (every node exactly at its fit)"),
+                      ("predicted_uncalibrated", "the coordinator's calibration (every prediction raw)"),
                       ("predicted_without_kv_store", "the KV store"),
                       ("predicted_without_prefix_cache", "the engines' prefix caches (and the KV store)")):
         bare = [r for r in doc["rows"] if key in r]

@@ -190,3 +190,29 @@ def test_with_the_nodes_measured_speeds_a_rate_is_simulated_at_them_and_at_the_f
     assert ("before 2 req/s prefill slow part sd 0.000 over 1.0 s, jitter sd 0.200, +0.0% on average, decode slow "
             "part sd 0.200 over 1.0 s, jitter sd 0.100, +10.5% on average.") in text
     assert "Without the nodes' speeds varying (every node exactly at its fit) the simulator would have said" in text
+
+
+def test_with_admission_a_rate_is_simulated_calibrated_as_the_coordinator_and_raw_beside(monkeypatch, tmp_path) -> None:
+    from dataclasses import replace
+
+    from tandem.bench import compare
+    from tandem.nodespeed import Speed
+    from tandem.plan_validate import rate_rows, write_report
+
+    measured = {"slo_attainment": 0.8, "ttft_s": {"p50": 0.05, "p90": 0.09}, "tpot_s": {"p50": 0.02, "p90": 0.03},
+                "failed": 0}
+    monkeypatch.setattr(compare, "_run", lambda target, entries, slo: measured)
+    t = Timings((0.002, 4e-4, 5e-8), (0.008, 5e-4, 1e-6))
+    args = argparse.Namespace(slo_ttft=1.5, slo_tpot=0.03, workload="chat", duration=60.0, max_model_len=2048)
+    cfg = SimConfig(1, 1, t, t, order="slack", slo_ttft_s=1.5, slo_tpot_s=0.03, admission=True, prefix_cache=False,
+                    decode_speed=Speed(bias=math.log(1.5)))  # slower than its fit: calibration learns it
+    row = rate_rows("http://x", cfg, args, [2.0])[0]
+    raw, cal = row["predicted_uncalibrated"], row["predicted"]
+    assert cal["attainment"] > raw["attainment"] + 0.15 and cal["tpot_p90_s"] < raw["tpot_p90_s"]
+    assert "predicted_uncalibrated" not in rate_rows("http://x", replace(cfg, calibrate=False), args, [2.0])[0]
+    doc = {"workload": "chat", "split": "1:1", "slo": {"ttft_s": 1.5, "tpot_s": 0.03}, "duration_s": 60.0,
+           "fits": "learned", "goal": "within 15 %", "rows": [row], "goodput": {"measured": 2, "predicted": 2},
+           "transfer_modelled": True}
+    write_report(tmp_path, doc)
+    assert ("Without the coordinator's calibration (every prediction raw) the simulator would have said"
+            in (tmp_path / "validate.md").read_text())

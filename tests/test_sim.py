@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 import random
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -630,3 +630,30 @@ def test_every_booking_ends_with_its_request() -> None:
         assert any(o.completed and o.decode_node >= 0 for o in out)
         assert admission or any(o.never_fits for o in out)
         assert admission == any(o.refused for o in out)
+
+
+def test_admission_calibrates_its_predictions_by_the_finished_requests_as_the_coordinator_does() -> None:
+    """The decode node runs 1.5x slower than its fit says (a constant node speed, unseen by the
+    predictions). Raw, admission fills its batch to what the fit allows and most streams go over
+    TPOT; calibrated (the coordinator's ``Calibration``, learned from the requests finished so far),
+    it learns the factor and, once it has, admits only what the node really serves in time."""
+    from tandem.nodespeed import Speed
+    from tandem.sim import _Cluster
+
+    t = Timings((0.001, 1e-6, 0.0), (0.010, 0.002, 0.0))
+    reqs = [Req(0.1 * k, 16, 20) for k in range(600)]
+    cfg = SimConfig(1, 1, t, t, slo_ttft_s=1.0, slo_tpot_s=0.030, admission=True,
+                    decode_speed=Speed(bias=math.log(1.5)))
+
+    def late(out: list, start: int = 0) -> float:
+        served = [o for o in out[start:] if o.completed]
+        return sum(o.tpot_s > 0.030 for o in served) / len(served)
+
+    raw = simulate(replace(cfg, calibrate=False), reqs)
+    cluster = _Cluster(cfg, reqs)
+    calibrated = cluster.run()
+    assert late(raw) > 0.3
+    assert late(calibrated, 300) < 0.05 and sum(not o.refused for o in calibrated[300:]) > 100
+    learned = cluster.decodes[0].cal["tpot"]
+    assert learned.samples > 100 and learned(0.020) == pytest.approx(0.030, rel=0.1)
+    assert cluster.decodes[0].cal["ttft_local"].samples == 0 and cluster.pool_cal.samples > 100
