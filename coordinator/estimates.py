@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from tandem.perfmodel import ModelView, beside_s, chunk_steps, chunk_tokens, kv_bytes_per_token
 from tandem.proto import tandem_pb2 as pb
@@ -272,12 +273,17 @@ def stepper(node: NodeClient, load: pb.NodeLoad | None = None):  # type: ignore[
         load = node.fresh_load()
     busy = min(1.0, max(0.0, load.prefill_busy)) if load is not None else 0.0
     model = node.model
-    if busy <= 0.0:
-        return model.step_s
-    if not model.prefill.samples:
+    if busy > 0.0 and not model.prefill.samples:
         stretch = 1.0 - min(MAX_PREFILL_BUSY, busy)
         return lambda b, ctx: model.step_s(b, ctx) / stretch
-    budget = step_tokens(load)
+    return shared_step(model, busy, step_tokens(load))
+
+
+def shared_step(model: Any, busy: float, budget: int) -> Callable[[float, float], float]:
+    """``model``'s decode step as streams see it with local prefills beside them ``busy`` of the
+    time, chunks of up to ``budget`` tokens a step (``stepper``'s; the simulator's too)."""
+    if busy <= 0.0:
+        return model.step_s
 
     def step(b: float, ctx: float) -> float:
         pure = model.step_s(b, ctx)

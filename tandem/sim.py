@@ -212,6 +212,8 @@ class _Cluster(ClusterState):
             o.local, o.decode_node = True, d
             dn.assigned += 1
             dn.arrivals.add(e.output_len, now)
+            if not dn.local:
+                dn.busy_since = now
             dn.local.append(i)
             held, load_s = self.decode_held(d, i, touch=True)
             dn.local_left[i] = e.input_len - held
@@ -300,6 +302,9 @@ class _Cluster(ClusterState):
             if not dn.local_left[r]:  # its last: the first token, and it joins the batch next step
                 del dn.local_left[r], dn.local_total[r]
                 dn.local.pop(0)
+                if not dn.local:
+                    dn.busy.append((dn.busy_since, now))
+                    dn.busy_since = None
                 self.decode_caches[node].add(self.keys(r), self.decode_room(node))
                 if (store := self.decode_stores[node]) is not None:
                     store.save(self.chunks(r))

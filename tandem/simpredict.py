@@ -7,7 +7,9 @@ caches' recency as a real node would (``touch``).
   prefill pool plus the request's own prefill against the TTFT objective, and its step over its
   life on the least loaded decode node against TPOT (the batch there as admission forecasts it,
   ``estimates.life_load``: each request there for as many steps as it has tokens to come, and
-  arrivals at the node's recent rate); a request predicted to miss either is refused
+  arrivals at the node's recent rate), each step as its streams see it with the node's local
+  prefills beside them the share of the last 10 s they ran (``estimates.stepper`` on a node's
+  ``prefill_busy``; until the thirty-second sitting, the plain step); a request predicted to miss either is refused
   (it counts as missed). With admission, running streams are protected as the coordinator's
   ``--protect-streams`` (on by default) protects them: each knows what it has left of its TPOT
   objective, and a newcomer that would push one past it (``coordinator/estimates.pushed``: at
@@ -51,7 +53,8 @@ caches' recency as a real node would (``touch``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +90,10 @@ class _Decode:
     fetching: set[int] = field(default_factory=set)  # requests whose KV is on its way here
     booked: set[int] = field(default_factory=set)  # requests to come here, their prefill still in the pool
     arrivals: Any = field(default_factory=_arrivals)  # those sent here lately (admission's)
+    # spans of time with a local prefill here (start, end), and the start of the one now: its
+    # ``prefill_busy`` as a node reports it
+    busy: deque[tuple[float, float]] = field(default_factory=deque)
+    busy_since: float | None = None
     # how its predictions turn out, per kind (tpot, ttft_local): the coordinator's calibration
     cal: dict[str, Calibration] = field(default_factory=lambda: {k: Calibration.of(k) for k in ("tpot", "ttft_local")})
 
@@ -134,6 +141,20 @@ class ClusterState:
         """A request's outcome against the raw prediction it was admitted on (0: none made)."""
         if self.cfg.calibrate and raw_s > 0:
             (self.pool_cal if dn is None else dn.cal[kind]).learn(raw_s, actual_s)
+
+    def stepper(self, dn: _Decode, now: float) -> Callable[[float, float], float]:
+        """A decode node's step as its streams see it, with its local prefills beside them the
+        share of the last ``BUSY_WINDOW_S`` they ran (the coordinator's ``estimates.stepper`` on
+        the node's ``prefill_busy``)."""
+        from tandem.coordinator.estimates import shared_step
+        from tandem.node.perf import BUSY_WINDOW_S
+
+        start = now - BUSY_WINDOW_S
+        while dn.busy and dn.busy[0][1] <= start:
+            dn.busy.popleft()
+        spans = [*dn.busy, *([(dn.busy_since, now)] if dn.busy_since is not None else [])]
+        busy = min(1.0, sum(e - max(b, start) for b, e in spans if e > start) / BUSY_WINDOW_S)
+        return shared_step(self.cfg.decode, busy, self.cfg.step_tokens)
 
     def keys(self, i: int) -> list[int]:
         """Request ``i``'s prompt as chained block keys (the engines' prefix caches): none without
@@ -218,8 +239,9 @@ class ClusterState:
 
         e = self.trace[i]
         b, ctx = self.load(dn)
-        step_new = self.calibrated(dn, "tpot", self.cfg.decode.step_s(b + 1, ctx + e.input_len + e.output_len // 2))
-        return pushed(self.budgets(dn, now), self.calibrated(dn, "tpot", self.cfg.decode.step_s(b, ctx)), step_new,
+        step = self.stepper(dn, now)
+        step_new = self.calibrated(dn, "tpot", step(b + 1, ctx + e.input_len + e.output_len // 2))
+        return pushed(self.budgets(dn, now), self.calibrated(dn, "tpot", step(b, ctx)), step_new,
                       stall_s, step_new, self.calibrated(dn, "ttft_local", self.local_queue_s(dn)))
 
     def pushes_everywhere(self, i: int, now: float) -> bool:
@@ -241,13 +263,14 @@ class ClusterState:
         lefts = ([fin - dn.step_no for fin, _ in dn.running]
                  + [self.trace[r].output_len - 1 for r in (*dn.waiting, *dn.fetching, *dn.booked)]
                  + [self.trace[r].output_len for r in dn.local])
+        step = self.stepper(dn, now)
         if not lefts or tokens < 1:
-            return self.cfg.decode.step_s(b + 1, ctx + mine)
+            return step(b + 1, ctx + mine)
         from tandem.coordinator.estimates import forward_batch
 
         rate, mean = dn.arrivals.rate(now)
-        life = forward_batch(lefts, tokens, rate * self.cfg.decode.step_s(b + 1, ctx), mean)
-        return self.cfg.decode.step_s(life + 1, life * ctx / b + mine)
+        life = forward_batch(lefts, tokens, rate * step(b + 1, ctx), mean)
+        return step(life + 1, life * ctx / b + mine)
 
     def admit(self, i: int, now: float) -> bool:
         """Admission, from the same profile: the prefill work ahead of it shared by the prefill
@@ -296,7 +319,8 @@ class ClusterState:
                 return self.pushes(dn, i, now, stall_s) > 0
             b, ctx = self.load(dn)
             return (self.cfg.slo_tpot_s > 0 and b > 0
-                    and self.calibrated(dn, "tpot", dec.step_s(b, ctx)) + harm > self.cfg.slo_tpot_s)
+                    and max(self.calibrated(dn, "tpot", self.stepper(dn, now)(b, ctx)),
+                            self.calibrated(dn, "tpot", dec.step_s(b, ctx)) + harm) > self.cfg.slo_tpot_s)
 
         def local_ttft(dn: _Decode) -> tuple[float, float, float, float]:
             """(its TTFT there, what its prefill adds to each of the node's streams' tokens, the

@@ -657,3 +657,25 @@ def test_admission_calibrates_its_predictions_by_the_finished_requests_as_the_co
     learned = cluster.decodes[0].cal["tpot"]
     assert learned.samples > 100 and learned(0.020) == pytest.approx(0.030, rel=0.1)
     assert cluster.decodes[0].cal["ttft_local"].samples == 0 and cluster.pool_cal.samples > 100
+
+
+def test_a_decode_nodes_recent_local_prefills_lengthen_the_step_its_predictions_use() -> None:
+    """As a node reports ``prefill_busy`` and the coordinator's ``estimates.stepper`` reads it: the
+    share of the last 10 s a local prefill ran there makes the step the predictions use the
+    harmonic mean of a plain step and one carrying a chunk; 10 s on, the plain step again."""
+    from tandem.coordinator.estimates import shared_step
+    from tandem.sim import _Cluster
+
+    t = Timings((0.0, 0.001, 0.0), (0.010, 0.0, 0.0))
+    cfg = SimConfig(1, 1, t, t, order="slack", slo_ttft_s=1.0, slo_tpot_s=0.1, step_tokens=64, local=True)
+    cluster = _Cluster(cfg, [Req(0.0, 200, 5) for _ in range(3)])
+    out = cluster.run()
+    dn = cluster.decodes[0]
+    assert out[1].local and dn.busy_since is None and len(dn.busy) == 1
+    start, end = dn.busy[0]
+    assert start == 0.0 and end == pytest.approx(out[1].ttft_s)  # from its arrival to its first token
+    share = (end - start) / 10.0
+    step = cluster.stepper(dn, end)(4, 800)
+    assert step == pytest.approx(shared_step(t, share, 64)(4, 800))
+    assert t.step_s(4, 800) < step < t.prefill_s(64) + t.step_s(4, 800)
+    assert cluster.stepper(dn, end + 10.5)(4, 800) == t.step_s(4, 800) and not dn.busy
