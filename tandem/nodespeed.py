@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 WINDOW_S = 1.0
 KEEP_WINDOWS = 600  # the latest windows with work in them
+KEEP_S = 600.0  # ... and none older than this: a node idle for long reports no speed, not a stale one
 MIN_WINDOWS = 30  # windows, and neighbouring pairs of them, before an estimate
 MIN_WITHIN = 10  # samples past each window's first, for the jitter
 # The correlation of neighbouring windows is read within these (a time constant of ~0.1 s to ~100 s)
@@ -101,8 +102,8 @@ def _windows_per_tau(rho: float) -> float:
 class SpeedTracker:
     """A node's timed work against what its fit predicted for it, in ``WINDOW_S`` windows."""
 
-    def __init__(self, window_s: float = WINDOW_S, keep: int = KEEP_WINDOWS) -> None:
-        self.window_s = window_s
+    def __init__(self, window_s: float = WINDOW_S, keep: int = KEEP_WINDOWS, keep_s: float = KEEP_S) -> None:
+        self.window_s, self.keep_s = window_s, keep_s
         # (window index, samples, Σ log ratio, Σ its square), oldest first
         self.windows: deque[list[float]] = deque(maxlen=keep)
         self.samples = 0
@@ -122,13 +123,21 @@ class SpeedTracker:
             self.windows.append([k, 1, r, r * r])
         self.samples += 1
 
-    def estimate(self) -> Speed | None:
-        """The ``Speed`` these windows say (None: too few yet), read as an Ornstein-Uhlenbeck
+    def forget(self, now: float) -> None:
+        """Drop the windows that ended over ``keep_s`` before ``now``."""
+        while self.windows and (self.windows[0][0] + 1) * self.window_s < now - self.keep_s:
+            self.windows.popleft()
+
+    def estimate(self, now: float | None = None) -> Speed | None:
+        """The ``Speed`` these windows say (None: too few yet; with ``now``, of those that ended
+        within ``keep_s`` of it), read as an Ornstein-Uhlenbeck
         process's would be: the spread within windows is the jitter plus what the slow part moves
         inside one (``1 - window_share``); the spread of the windows' means is the slow part's
         ``window_share`` plus the jitter over each window's samples; how alike neighbouring
         windows' means are gives the time constant (the jitter is not in that at all). Solved by
         going round those three a few times from no slow part."""
+        if now is not None:
+            self.forget(now)
         ws = list(self.windows)
         if len(ws) < MIN_WINDOWS:
             return None

@@ -48,6 +48,14 @@ def test_a_node_that_only_jitters_has_no_slow_part_and_a_fresh_tracker_says_noth
     assert fresh.estimate() is None  # too few windows
 
 
+def test_a_tracker_forgets_windows_older_than_it_keeps() -> None:
+    tracker = _track(Speed(0.1, 1.0, 0.1), 0, seconds=100.0)
+    assert tracker.estimate(100.0) is not None
+    assert tracker.estimate(100.0 + tracker.keep_s - 50.0) is not None  # the last ~50 windows are still kept
+    assert len(tracker.windows) < 60
+    assert tracker.estimate(102.0 + tracker.keep_s) is None and not tracker.windows  # idle for longer: nothing
+
+
 def test_sparse_work_reads_as_jitter_not_as_a_node_at_its_fit() -> None:
     # a prefill every 2-3 s: windows of one piece each, the jitter cannot be told from a slow part
     rng, drawn, tracker, t = random.Random(5), NodeSpeed(Speed(0.0, 1.0, 0.2), random.Random(6)), SpeedTracker(), 0.0
@@ -104,6 +112,7 @@ def test_a_node_measures_and_exports_how_far_its_steps_stray_from_its_fit() -> N
         clock.t += (0.02 + 1e-6 * perf._batch_context) * drawn.factor(clock.t)
         perf.decode_output("a", 1)
     perf.decode_ended("a")  # idle: exported now
+    idle_at = clock.t
     speeds = {f.name: f for f in perf.load().speeds}
     assert "prefill" not in speeds  # no prefill timed here
     d = speeds["decode"]
@@ -111,6 +120,10 @@ def test_a_node_measures_and_exports_how_far_its_steps_stray_from_its_fit() -> N
     assert 0.08 < d.coefficients[0] < 0.25 and 0.3 < d.coefficients[1] < 3.0 and abs(d.coefficients[3]) < 0.05
     assert d.coefficients[2] < d.coefficients[0]  # the jitter (0.05) read below the slow part (0.15)
     assert perf.speeds()["decode"] == Speed(*d.coefficients)
+    # idle past what a tracker keeps: no speed exported, rather than an old one
+    clock.t = idle_at + 700.0
+    perf._export(force=True)
+    assert perf.load().speeds == [] and perf.speeds() == {}
     # the startup profile's runs are not the node's speed: measured afresh once it holds its profile
     perf.hold_profile()
     assert perf.load().speeds == [] and perf.speed["decode"].samples == 0

@@ -46,6 +46,7 @@ prefills here now, the decode batch, and the fitted coefficients;
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import time
@@ -389,13 +390,17 @@ class NodePerf:
             self._speeds_at = now
             self._speeds = []
             for name, tracker in self.speed.items():
-                est = tracker.estimate()
-                if est is not None:
-                    coefficients = (est.sd, est.tau_s, est.jitter_sd, est.bias)
-                    for term, c in zip(SPEED_TERMS, coefficients):
-                        SPEED.labels(name, term).set(c)
-                    self._speeds.append(pb.PerfFit(name=name, terms=list(SPEED_TERMS), coefficients=coefficients,
-                                                   samples=tracker.samples))
+                est = tracker.estimate(now)
+                if est is None:  # (too little work lately: no figure, rather than an old one)
+                    for term in SPEED_TERMS:
+                        with contextlib.suppress(KeyError):
+                            SPEED.remove(name, term)
+                    continue
+                coefficients = (est.sd, est.tau_s, est.jitter_sd, est.bias)
+                for term, c in zip(SPEED_TERMS, coefficients):
+                    SPEED.labels(name, term).set(c)
+                self._speeds.append(pb.PerfFit(name=name, terms=list(SPEED_TERMS), coefficients=coefficients,
+                                               samples=tracker.samples))
 
     def speeds(self) -> dict[str, Speed]:
         """The speeds as last exported, by kind (a kind without enough samples yet is absent)."""
