@@ -59,12 +59,14 @@ network contention.
 
 from __future__ import annotations
 
+import copy
 import heapq
 import random
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
+from tandem.coordinator.calibration import Calibration
 from tandem.nodespeed import NodeSpeed
 from tandem.perfmodel import beside_s, chunk_tokens
 from tandem.simcache import PrefixCache, StoreTiers, block_keys
@@ -72,7 +74,7 @@ from tandem.simconfig import SimConfig
 from tandem.simpredict import ClusterState
 from tandem.simresults import Outcome, mean_summary, summary
 
-__all__ = ["PrefixCache", "StoreTiers", "block_keys", "simulate", "simulate_summary"]
+__all__ = ["Learned", "PrefixCache", "StoreTiers", "block_keys", "simulate", "simulate_draws", "simulate_summary"]
 
 SPEED_DRAWS = 4  # draws of the nodes' speeds a summary averages, where they vary
 
@@ -86,25 +88,54 @@ def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
     return _Cluster(cfg, trace).run()
 
 
+@dataclass
+class Learned:
+    """What a simulated coordinator learned from its finished requests (its calibrations: the
+    prefill pool's, each decode node's), to start the next trace with, as a real coordinator
+    serving one trace after another keeps its own."""
+
+    pool: Calibration
+    decode: list[dict[str, Calibration]]
+
+
 def simulate_summary(cfg: SimConfig, trace: Sequence[Any], slo_ttft_s: float, slo_tpot_s: float,
                      draws: int = SPEED_DRAWS) -> dict[str, Any]:
     """``simresults.summary`` of ``trace`` against these objectives; where the nodes' speeds vary,
     the mean over ``draws`` draws of them (seeds ``speed_seed`` on)."""
-    runs = [replace(cfg, speed_seed=cfg.speed_seed + k) for k in range(draws if cfg.speeds_vary else 1)]
-    return mean_summary([summary(simulate(c, trace), slo_ttft_s, slo_tpot_s) for c in runs])
+    return simulate_draws(cfg, trace, slo_ttft_s, slo_tpot_s, draws)[0]
+
+
+def simulate_draws(cfg: SimConfig, trace: Sequence[Any], slo_ttft_s: float, slo_tpot_s: float,
+                   draws: int = SPEED_DRAWS, learned: Sequence[Learned] = ()) -> tuple[dict[str, Any], list[Learned]]:
+    """``simulate_summary``, each draw starting from what the same draw learned on the trace
+    before (``learned``, by draw; none: afresh); with what each learned by this trace's end."""
+    sums, after = [], []
+    for k in range(draws if cfg.speeds_vary else 1):
+        cluster = _Cluster(replace(cfg, speed_seed=cfg.speed_seed + k), trace, learned[k] if k < len(learned) else None)
+        sums.append(summary(cluster.run(), slo_ttft_s, slo_tpot_s))
+        after.append(cluster.learned())
+    return mean_summary(sums), after
 
 
 class _Cluster(ClusterState):
     """The event loop: arrivals, prefills, KV arriving, decode steps, each moving the state on."""
 
-    def __init__(self, cfg: SimConfig, trace: Sequence[Any]) -> None:
+    def __init__(self, cfg: SimConfig, trace: Sequence[Any], learned: Learned | None = None) -> None:
         super().__init__(cfg, trace)
+        if learned is not None and len(learned.decode) == len(self.decodes):
+            self.pool_cal = copy.deepcopy(learned.pool)
+            for dn, cal in zip(self.decodes, learned.decode):
+                dn.cal = copy.deepcopy(cal)
         self.events: list[tuple[float, int, int, int, int]] = []  # (time, seq, kind, node, request)
         self.seq = 0
         # each node's speed against its fit (prefill nodes first), unseen by the predictions
         rng = random.Random(cfg.speed_seed)
         self.speeds = ([NodeSpeed(cfg.prefill_speed, rng) for _ in range(cfg.num_prefill)]
                        + [NodeSpeed(cfg.decode_speed, rng) for _ in range(cfg.num_decode)])
+
+    def learned(self) -> Learned:
+        """Its calibrations as they stand (copies)."""
+        return Learned(copy.deepcopy(self.pool_cal), [copy.deepcopy(dn.cal) for dn in self.decodes])
 
     def ran(self, node: int, now: float, took: float) -> float:
         """What work predicted at ``took`` seconds, starting at ``now`` on ``node`` (prefill nodes

@@ -26,8 +26,8 @@ caches' recency as a real node would (``touch``).
   steps, the pushes included) and ``ttft_local``, and the prefill pool's ``ttft`` (one for the
   pool: these predictions are the pool's, where the coordinator's are each prefill node's). Each
   request teaches with the raw predictions of the option it took, as ``coordinator/request.account``
-  does. The calibrations start afresh with each trace (a real coordinator's carry over from the
-  requests before). (Until the thirty-second sitting the simulator predicted raw. On that
+  does. A trace starts with none learned unless given what one before taught (``sim.Learned``:
+  `tandem plan --validate` carries them from rate to rate, as the real coordinator's carry). (Until the thirty-second sitting the simulator predicted raw. On that
   sitting's 1:1 chat run the real coordinator's TPOT factor fell to x0.79-0.87 twice as the load
   rose, admitting streams whose raw predictions were over the objective, and 18 of 25 went over
   it; replayed calibrated, the simulator's mean attainment error fell 9.6 -> 8.8 points, and

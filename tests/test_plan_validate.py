@@ -206,7 +206,9 @@ def test_with_admission_a_rate_is_simulated_calibrated_as_the_coordinator_and_ra
     args = argparse.Namespace(slo_ttft=1.5, slo_tpot=0.03, workload="chat", duration=60.0, max_model_len=2048)
     cfg = SimConfig(1, 1, t, t, order="slack", slo_ttft_s=1.5, slo_tpot_s=0.03, admission=True, prefix_cache=False,
                     decode_speed=Speed(bias=math.log(1.5)))  # slower than its fit: calibration learns it
-    row = rate_rows("http://x", cfg, args, [2.0])[0]
+    carry: list = []  # what the simulated coordinator learned: each rate starts from the one before's
+    row = rate_rows("http://x", cfg, args, [2.0], carry=carry)[0]
+    assert len(carry) == 4 and carry[0].decode[0]["tpot"].samples > 50
     raw, cal = row["predicted_uncalibrated"], row["predicted"]
     assert cal["attainment"] > raw["attainment"] + 0.15 and cal["tpot_p90_s"] < raw["tpot_p90_s"]
     assert "predicted_uncalibrated" not in rate_rows("http://x", replace(cfg, calibrate=False), args, [2.0])[0]

@@ -679,3 +679,28 @@ def test_a_decode_nodes_recent_local_prefills_lengthen_the_step_its_predictions_
     assert step == pytest.approx(shared_step(t, share, 64)(4, 800))
     assert t.step_s(4, 800) < step < t.prefill_s(64) + t.step_s(4, 800)
     assert cluster.stepper(dn, end + 10.5)(4, 800) == t.step_s(4, 800) and not dn.busy
+
+
+def test_what_a_simulated_coordinator_learned_carries_into_the_next_trace() -> None:
+    """As a real coordinator serving one rate after another keeps its calibrations: the next trace
+    starts from them (a node 1.5x slower than its fit, learned on the first trace, is not
+    over-admitted at the start of the second), and they are copies (a run leaves them as they were)."""
+    from tandem.nodespeed import Speed
+    from tandem.sim import _Cluster, simulate_draws
+
+    t = Timings((0.001, 1e-6, 0.0), (0.010, 0.002, 0.0))
+    reqs = [Req(0.1 * k, 16, 20) for k in range(300)]
+    cfg = SimConfig(1, 1, t, t, slo_ttft_s=1.0, slo_tpot_s=0.030, admission=True,
+                    decode_speed=Speed(bias=math.log(1.5)))
+    first, learned = simulate_draws(cfg, reqs, 1.0, 0.030)  # (4 draws: the node's speed varies)
+    assert len(learned) == 4 and learned[0].decode[0]["tpot"](0.020) == pytest.approx(0.030, rel=0.1)
+    before = learned[0].decode[0]["tpot"].samples
+
+    def late_early(cluster: _Cluster) -> int:  # TPOT misses among the first 100 requests
+        return sum(o.completed and o.tpot_s > 0.030 for o in cluster.run()[:100])
+
+    afresh, carried = _Cluster(cfg, reqs), _Cluster(cfg, reqs, learned[0])
+    assert late_early(afresh) >= 10 and late_early(carried) <= 2
+    assert learned[0].decode[0]["tpot"].samples == before  # (the run learned on its own copy)
+    again, after = simulate_draws(cfg, reqs, 1.0, 0.030, learned=learned)
+    assert again["missed"]["tpot"] < first["missed"]["tpot"] and after[0].decode[0]["tpot"].samples > before
