@@ -371,9 +371,9 @@ class Admission:
                 # in the batch and the node's recent share of local prefills beside it, or by the
                 # plain step and this prefill's stall once, whichever is more for it, on top of the
                 # stall of the local prefills queued there ahead of it.
-                pushes = pushed(view.tpot_left, n.calibrated("tpot", view.step_now),
-                                n.calibrated("tpot", step(batch + 1, context + prompt_tokens)), est.stall_s,
-                                n.calibrated("tpot", n.model.step_s(batch + 1, context + prompt_tokens)), est.ahead_s)
+                # (The steps at their fit, not calibrated: see ``estimates.pushed``.)
+                pushes = pushed(view.tpot_left, view.step_now, step(batch + 1, context + prompt_tokens), est.stall_s,
+                                n.model.step_s(batch + 1, context + prompt_tokens), est.ahead_s)
                 if pushes:
                     # (Above the objective, so a miss; the fewest pushed first.)
                     harmful.append((est, n, slo.tpot_s * (1.0 + pushes),

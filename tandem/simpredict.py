@@ -21,9 +21,9 @@ caches' recency as a real node would (``touch``).
   refused when the option chosen is predicted to miss.
 
 - **Calibration** (``calibrate``, on by default, as the coordinator always calibrates): every
-  prediction above goes through the coordinator's own ``Calibration`` (coordinator/calibration.py),
-  learned from the simulated requests as they finish: each decode node's ``tpot`` (its streams'
-  steps, the pushes included) and ``ttft_local``, and the prefill pool's ``ttft`` (one for the
+  prediction above but the pushes' steps goes through the coordinator's own ``Calibration``
+  (coordinator/calibration.py), learned from the simulated requests as they finish: each decode
+  node's ``tpot`` and ``ttft_local``, and the prefill pool's ``ttft`` (one for the
   pool: these predictions are the pool's, where the coordinator's are each prefill node's). Each
   request teaches with the raw predictions of the option it took, as ``coordinator/request.account``
   does. A trace starts with none learned unless given what one before taught (``sim.Learned``:
@@ -240,9 +240,9 @@ class ClusterState:
         e = self.trace[i]
         b, ctx = self.load(dn)
         step = self.stepper(dn, now)
-        step_new = self.calibrated(dn, "tpot", step(b + 1, ctx + e.input_len + e.output_len // 2))
-        return pushed(self.budgets(dn, now), self.calibrated(dn, "tpot", step(b, ctx)), step_new,
-                      stall_s, step_new, self.calibrated(dn, "ttft_local", self.local_queue_s(dn)))
+        step_new = step(b + 1, ctx + e.input_len + e.output_len // 2)  # (at the fit: ``estimates.pushed``)
+        return pushed(self.budgets(dn, now), step(b, ctx), step_new, stall_s, step_new,
+                      self.calibrated(dn, "ttft_local", self.local_queue_s(dn)))
 
     def pushes_everywhere(self, i: int, now: float) -> bool:
         """No decode node would take request ``i`` into its batch without pushing a stream past its
