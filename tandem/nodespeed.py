@@ -106,7 +106,11 @@ class SpeedTracker:
         self.window_s, self.keep_s = window_s, keep_s
         # (window index, samples, Σ log ratio, Σ its square), oldest first
         self.windows: deque[list[float]] = deque(maxlen=keep)
-        self.samples = 0
+
+    @property
+    def samples(self) -> int:
+        """The pieces of work in the windows kept."""
+        return int(sum(w[1] for w in self.windows))
 
     def add(self, at: float, seconds: float, predicted: float) -> None:
         """Work that the fit predicted at ``predicted`` seconds took ``seconds``, ending at ``at``."""
@@ -121,7 +125,6 @@ class SpeedTracker:
             w[3] += r * r
         else:
             self.windows.append([k, 1, r, r * r])
-        self.samples += 1
 
     def forget(self, now: float) -> None:
         """Drop the windows that ended over ``keep_s`` before ``now``."""

@@ -294,9 +294,10 @@ def rate_rows(target: str, cfg: SimConfig, args: argparse.Namespace, rates: list
         if fresh is not None:
             cfg = fresh()
         # before the run: only what was known then
-        predicted, learned = simulate_draws(cfg, entries, *slo, learned=carry or ())
+        predicted, taught = simulate_draws(cfg, entries, *slo, learned=carry or ())
         # what the simulator said with every node exactly at its fit, without the KV store, and
-        # without the engines' prefix caches too, where that differs
+        # without the engines' prefix caches too, where that differs (each from the calibrations
+        # the main chain of rates carried here: what it says of this rate alone)
         bare = {}
         if cfg.speeds_vary:
             bare["predicted_at_fit"] = replace(cfg, prefill_speed=Speed(), decode_speed=Speed())
@@ -317,7 +318,7 @@ def rate_rows(target: str, cfg: SimConfig, args: argparse.Namespace, rates: list
         row["measured_attainment"], row["predicted_attainment"] = row["measured"]["attainment"], row["predicted"]["attainment"]
         rows.append(row)
         if carry is not None:
-            carry[:] = learned
+            carry[:] = taught
     return rows
 
 

@@ -111,7 +111,9 @@ def simulate_draws(cfg: SimConfig, trace: Sequence[Any], slo_ttft_s: float, slo_
     before (``learned``, by draw; none: afresh); with what each learned by this trace's end."""
     sums, after = [], []
     for k in range(draws if cfg.speeds_vary else 1):
-        cluster = _Cluster(replace(cfg, speed_seed=cfg.speed_seed + k), trace, learned[k] if k < len(learned) else None)
+        # (a draw with no such draw before, the speeds having varied only now: the last one's)
+        cluster = _Cluster(replace(cfg, speed_seed=cfg.speed_seed + k), trace,
+                           learned[min(k, len(learned) - 1)] if learned else None)
         sums.append(summary(cluster.run(), slo_ttft_s, slo_tpot_s))
         after.append(cluster.learned())
     return mean_summary(sums), after
@@ -122,8 +124,9 @@ class _Cluster(ClusterState):
 
     def __init__(self, cfg: SimConfig, trace: Sequence[Any], learned: Learned | None = None) -> None:
         super().__init__(cfg, trace)
-        if learned is not None and len(learned.decode) == len(self.decodes):
+        if learned is not None:
             self.pool_cal = copy.deepcopy(learned.pool)
+            # (a decode node the cluster before lacked starts afresh, as a newly joined one does)
             for dn, cal in zip(self.decodes, learned.decode):
                 dn.cal = copy.deepcopy(cal)
         self.events: list[tuple[float, int, int, int, int]] = []  # (time, seq, kind, node, request)
@@ -254,7 +257,7 @@ class _Cluster(ClusterState):
                 self.push(now, START, d, -1)
             return
         if self.decodes_it(i):  # its decode node booked now, as the coordinator books it
-            d = min(range(cfg.num_decode), key=lambda k: (self.decodes[k].assigned, k))
+            d = self.booked_node()
             dn = self.decodes[d]
             dn.assigned += 1
             dn.arrivals.add(e.output_len, now)
@@ -283,16 +286,15 @@ class _Cluster(ClusterState):
             store.save(self.chunks(i))
         o, e = self.out[i], self.trace[i]
         o.ttft_s = now - o.arrival_s
-        self.learn(None, "ttft", self.raw.get(i, (0.0, 0.0))[0], o.ttft_s)
-        if not (e.output_len > 1 and self.decodes_it(i)):  # (no TPOT to learn from)
-            self.raw.pop(i, None)
         self.produced_start[i] = now
         self.dispatch(now)
         if e.output_len <= 1:
             o.e2e_s, o.completed = o.ttft_s, True
+            self.finished(i)
             return
         if not self.decodes_it(i):
             o.never_fits = True  # can never fit a decode node: not completed
+            self.raw.pop(i, None)
             return
         d = o.decode_node
         dn = self.decodes[d]
@@ -325,7 +327,7 @@ class _Cluster(ClusterState):
             o.e2e_s = now - o.arrival_s
             o.tpot_s = (now - self.produced_start.pop(r)) / (e.output_len - 1)
             o.completed = True
-            self.learn(dn, "tpot", self.raw.pop(r, (0.0, 0.0))[1], o.tpot_s)
+            self.finished(r)
         if dn.chunk is not None:  # a local prefill's chunk went with the step
             r, c = dn.chunk
             dn.chunk = None
@@ -341,10 +343,9 @@ class _Cluster(ClusterState):
                     store.save(self.chunks(r))
                 e, o = self.trace[r], self.out[r]
                 o.ttft_s = now - o.arrival_s
-                self.learn(dn, "ttft_local", self.raw.get(r, (0.0, 0.0))[0], o.ttft_s)
                 if e.output_len <= 1:
-                    self.raw.pop(r, None)
                     o.e2e_s, o.completed = o.ttft_s, True
+                    self.finished(r)
                     dn.assigned -= 1
                 else:
                     self.produced_start[r] = now

@@ -15,23 +15,23 @@ caches' recency as a real node would (``touch``).
   objective, and a newcomer that would push one past it (``coordinator/estimates.pushed``: at
   the step with it in the batch, after the stall of the local prefills queued there and, for a
   local prefill, its own stall once) is prefilled locally only where it pushes nobody, and is
-  refused when every decode node would be pushed (a disaggregated request still joins the least
-  loaded decode node when its prefill ends, not one chosen by this). With conditional
+  refused when every decode node would be pushed (a disaggregated request is still booked on the
+  least loaded decode node, not one chosen by this). With conditional
   disaggregation on too (as Tandem ships), the choice below is made first and the request is
   refused when the option chosen is predicted to miss.
 
 - **Calibration** (``calibrate``, on by default, as the coordinator always calibrates): every
   prediction above but the pushes' steps goes through the coordinator's own ``Calibration``
-  (coordinator/calibration.py), learned from the simulated requests as they finish: each decode
+  (coordinator/calibration.py), learned from the simulated requests as they complete: each decode
   node's ``tpot`` and ``ttft_local``, and the prefill pool's ``ttft`` (one for the
   pool: these predictions are the pool's, where the coordinator's are each prefill node's). Each
   request teaches with the raw predictions of the option it took, as ``coordinator/request.account``
   does. A trace starts with none learned unless given what one before taught (``sim.Learned``:
-  `tandem plan --validate` carries them from rate to rate, as the real coordinator's carry). (Until the thirty-second sitting the simulator predicted raw. On that
-  sitting's 1:1 chat run the real coordinator's TPOT factor fell to x0.79-0.87 twice as the load
-  rose, admitting streams whose raw predictions were over the objective, and 18 of 25 went over
-  it; replayed calibrated, the simulator's mean attainment error fell 9.6 -> 8.8 points, and
-  9.8 -> 6.9 with the nodes at their fits.)
+  `tandem plan --validate` carries them from rate to rate, as the real coordinator's carry). (Until the thirty-second sitting the simulator predicted raw. On
+  that sitting's 1:1 chat run the real coordinator began each rate with a flat TPOT line, learned
+  as the rate before drained, that let in streams whose raw predictions were over the objective;
+  replayed calibrated, and carried from rate to rate, the simulator's mean attainment error fell
+  9.6 -> 5.6 points.)
 
 - **Conditional disaggregation** (``local``, off by default): at arrival the request is
   prefilled on a decode node itself when Tandem's admission would choose that (the same rule,
@@ -142,19 +142,30 @@ class ClusterState:
         if self.cfg.calibrate and raw_s > 0:
             (self.pool_cal if dn is None else dn.cal[kind]).learn(raw_s, actual_s)
 
+    def finished(self, i: int) -> None:
+        """Request ``i`` completed: its TTFT and TPOT teach the calibrations of where it ran, as
+        ``coordinator/request.account`` does at a request's end (its TTFT on the prefill pool's,
+        or on its decode node's local one)."""
+        raw = self.raw.pop(i, None)
+        if raw is None:
+            return
+        o = self.out[i]
+        dn = self.decodes[o.decode_node] if o.decode_node >= 0 else None
+        if o.local:
+            self.learn(dn, "ttft_local", raw[0], o.ttft_s)
+        else:
+            self.learn(None, "ttft", raw[0], o.ttft_s)
+        if o.tpot_s > 0 and dn is not None:
+            self.learn(dn, "tpot", raw[1], o.tpot_s)
+
     def stepper(self, dn: _Decode, now: float) -> Callable[[float, float], float]:
         """A decode node's step as its streams see it, with its local prefills beside them the
         share of the last ``BUSY_WINDOW_S`` they ran (the coordinator's ``estimates.stepper`` on
         the node's ``prefill_busy``)."""
         from tandem.coordinator.estimates import shared_step
-        from tandem.node.perf import BUSY_WINDOW_S
+        from tandem.node.perf import busy_share
 
-        start = now - BUSY_WINDOW_S
-        while dn.busy and dn.busy[0][1] <= start:
-            dn.busy.popleft()
-        spans = [*dn.busy, *([(dn.busy_since, now)] if dn.busy_since is not None else [])]
-        busy = min(1.0, sum(e - max(b, start) for b, e in spans if e > start) / BUSY_WINDOW_S)
-        return shared_step(self.cfg.decode, busy, self.cfg.step_tokens)
+        return shared_step(self.cfg.decode, busy_share(dn.busy, dn.busy_since, now), self.cfg.step_tokens)
 
     def keys(self, i: int) -> list[int]:
         """Request ``i``'s prompt as chained block keys (the engines' prefix caches): none without
@@ -228,11 +239,12 @@ class ClusterState:
                                                          else dec.prefill_s(0) - load_r)
         return queue_s
 
-    def pushes(self, dn: _Decode, i: int, now: float, stall_s: float = 0.0) -> int:
+    def pushes(self, dn: _Decode, i: int, now: float, local: tuple[float, float] | None = None) -> int:
         """With admission (the coordinator's ``--protect-streams``, on by default): how many of the
         node's running streams request ``i`` would push past their TPOT objective by joining its
-        batch (after ``stall_s`` once, its prefill there), on top of the local prefills queued
-        there already (``estimates.pushed``)."""
+        batch, on top of the local prefills queued there already (``estimates.pushed``). ``local``:
+        prefilled there, (its stall once, the queued ones' stall), calibrated as its local TTFT
+        there, beside the plain step (``admission._local``'s; else ``decode_estimate``'s)."""
         if not (self.cfg.admission and self.cfg.slo_tpot_s > 0 and dn.running):
             return 0
         from tandem.coordinator.estimates import pushed
@@ -240,9 +252,13 @@ class ClusterState:
         e = self.trace[i]
         b, ctx = self.load(dn)
         step = self.stepper(dn, now)
-        step_new = step(b + 1, ctx + e.input_len + e.output_len // 2)  # (at the fit: ``estimates.pushed``)
-        return pushed(self.budgets(dn, now), step(b, ctx), step_new, stall_s, step_new,
-                      self.calibrated(dn, "ttft_local", self.local_queue_s(dn)))
+        mine = ctx + e.input_len + e.output_len // 2
+        step_new = step(b + 1, mine)  # (the steps at the fit: ``estimates.pushed``)
+        if local is not None:
+            return pushed(self.budgets(dn, now), step(b, ctx), step_new, local[0], self.cfg.decode.step_s(b + 1, mine),
+                          local[1])
+        return pushed(self.budgets(dn, now), step(b, ctx), step_new,
+                      ahead_s=self.calibrated(dn, "ttft_local", self.local_queue_s(dn)))
 
     def pushes_everywhere(self, i: int, now: float) -> bool:
         """No decode node would take request ``i`` into its batch without pushing a stream past its
@@ -279,11 +295,16 @@ class ClusterState:
         e = self.trace[i]
         ahead = self.queued_s + sum(max(0.0, t - now) for t in self.busy_until)
         ttft = ahead / self.cfg.num_prefill + self.pool_prefill_s(i)
-        dn = min(self.decodes, key=lambda d: d.assigned)
+        dn = self.decodes[self.booked_node()]
         tpot = self.life_tpot(dn, i, now) if e.output_len > 1 else 0.0
         self.raw[i] = (ttft, tpot)
         return (self.calibrated(None, "ttft", ttft) <= self.cfg.slo_ttft_s
                 and self.calibrated(dn, "tpot", tpot) <= self.cfg.slo_tpot_s and not self.pushes_everywhere(i, now))
+
+    def booked_node(self) -> int:
+        """The decode node a disaggregated request is booked on at its arrival: the fewest
+        requests sent there, the first of those."""
+        return min(range(len(self.decodes)), key=lambda k: (self.decodes[k].assigned, k))
 
     def load(self, dn: _Decode) -> tuple[int, int]:
         """(requests, their context tokens) on a decode node as the coordinator counts them: every
@@ -311,29 +332,33 @@ class ClusterState:
         def meets(ttft: float, tpot_missed: bool) -> bool:  # both objectives
             return (self.cfg.slo_ttft_s <= 0 or ttft <= self.cfg.slo_ttft_s) and not tpot_missed
 
-        def harms(dn: _Decode, harm: float, stall_s: float) -> bool:
+        def harms(dn: _Decode, harm: float, stall_s: float, ahead_s: float) -> bool:
             """Its prefill there pushes the node's streams past TPOT: protected (with admission),
-            any stream pushed past its own objective; else their step with its stall spread over
-            their tokens past the objective."""
+            any stream pushed past its own objective (``pushes``, after the stall of the prefills
+            queued there, ``ahead_s``, and its own); else their step (with the node's recent local
+            prefills beside, or plain with its stall spread over their tokens, whichever is more)
+            past the objective."""
             if self.cfg.admission:
-                return self.pushes(dn, i, now, stall_s) > 0
+                return self.pushes(dn, i, now, (stall_s, ahead_s)) > 0
             b, ctx = self.load(dn)
             return (self.cfg.slo_tpot_s > 0 and b > 0
                     and max(self.calibrated(dn, "tpot", self.stepper(dn, now)(b, ctx)),
                             self.calibrated(dn, "tpot", dec.step_s(b, ctx)) + harm) > self.cfg.slo_tpot_s)
 
-        def local_ttft(dn: _Decode) -> tuple[float, float, float, float]:
+        def local_ttft(dn: _Decode) -> tuple[float, float, float, float, float]:
             """(its TTFT there, what its prefill adds to each of the node's streams' tokens, the
-            whole stall it makes them wait once: calibrated as the node's local TTFTs; its TTFT raw)"""
+            whole stall it makes them wait once, the stall of the prefills queued there before it:
+            calibrated as the node's local TTFTs; its TTFT raw)"""
             b, ctx = self.load(dn)
             held = self.decode_held(self.decodes.index(dn), i)
             own = e.input_len - held[0]
             run_s = self.prefill_cost(dec, i, held)
             beside = chunk_steps(sum(dn.local_left.values()) + own, self.cfg.step_tokens, b) * beside_s(dec, b, ctx)
-            raw = self.local_queue_s(dn) + run_s + beside
+            queue = self.local_queue_s(dn)
+            raw = queue + run_s + beside
             f = self.calibrated(dn, "ttft_local", raw) / raw if raw > 0 else 1.0
             stall = (run_s + beside) * f
-            return raw * f, stall / max(e.output_len, MIN_OTHERS_TOKENS), stall, raw
+            return raw * f, stall / max(e.output_len, MIN_OTHERS_TOKENS), stall, queue * f, raw
 
         if not self.cfg.num_prefill:
             # No prefill pool: a decode node whatever it costs: among those meeting both objectives (or
@@ -342,26 +367,26 @@ class ClusterState:
             from tandem.coordinator.admission import tied
 
             est = [local_ttft(dn) for dn in self.decodes]
-            ok = [meets(t, tpot_misses(dn)) and not harms(dn, harm, stall)
-                  for (t, harm, stall, _), dn in zip(est, self.decodes)]
+            ok = [meets(t, tpot_misses(dn)) and not harms(dn, harm, stall, ahead)
+                  for (t, harm, stall, ahead, _), dn in zip(est, self.decodes)]
             pool = [d for d in range(len(self.decodes)) if ok[d]] or list(range(len(self.decodes)))
             low = min(est[d][0] for d in pool)
             alike = [d for d in pool if tied(est[d][0], low)]
             d = min(alike, key=lambda d: (self.decodes[d].assigned, d))
-            self.raw[i] = (est[d][3], raw_tpot(self.decodes[d]))
+            self.raw[i] = (est[d][4], raw_tpot(self.decodes[d]))
             return d, ok[d]
         raw_wait = (self.queued_s + sum(max(0.0, t - now) for t in self.busy_until)) / self.cfg.num_prefill
         raw_remote = raw_wait + self.pool_prefill_s(i)
         f = self.calibrated(None, "ttft", raw_remote) / raw_remote if raw_remote > 0 else 1.0
         wait, remote = raw_wait * f, raw_remote * f  # (both parts scaled alike, as the coordinator's)
-        booked = min(self.decodes, key=lambda x: x.assigned)  # where it would decode (``arrive``)
+        booked = self.decodes[self.booked_node()]  # where it would decode
         best: tuple[float, int, float] | None = None
         remote_ok = meets(remote, tpot_misses(booked)) and not self.pushes_everywhere(i, now)
         for d, dn in enumerate(self.decodes):
             b, ctx = self.load(dn)
-            ttft, harm, stall, raw = local_ttft(dn)
+            ttft, harm, stall, ahead, raw = local_ttft(dn)
             if self.cfg.slo_tpot_s > 0:
-                if harms(dn, harm, stall):
+                if harms(dn, harm, stall, ahead):
                     continue
             elif b and dn.local:
                 continue

@@ -830,6 +830,13 @@ def test_a_newcomer_that_would_push_a_running_stream_past_its_tpot_goes_elsewher
             assert Admission(r, "off", local=False).plan("r", 100, 16, Slo(tpot_s=0.1)).decode.node_id == "d0"
             # Without a TPOT objective nothing is protected.
             Admission(r, local=False).plan("r", 100, 16, Slo())
+            # The node's TPOT calibration, a flat line reading both steps lower (requests of every raw
+            # prediction took ~10 ms a token), does not hide the push: the steps are the fit's.
+            rng = random.Random(0)
+            for _ in range(60):
+                r._nodes["d0"].calibrate("tpot", rng.uniform(0.01, 0.05), 0.010)
+            assert r._nodes["d0"].calibrated("tpot", 0.015) < 0.013
+            assert decode_estimate(r._nodes["d0"], 100, 16).pushes == 1
         # A second decode node, busier (more of this coordinator's streams) but pushing nobody, takes it.
         r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(**busy), "d1": pb.NodeLoad(**busy)})
         with _stream(r, "d1", 9.0, 100), _stream(r, "d1", 9.0, 100), _stream(r, "d1", 9.0, 100):

@@ -705,3 +705,26 @@ def test_what_a_simulated_coordinator_learned_carries_into_the_next_trace() -> N
     assert learned[0].decode[0]["tpot"].samples == before  # (the run learned on its own copy)
     again, after = simulate_draws(cfg, reqs, 1.0, 0.030, learned=learned)
     assert again["missed"]["tpot"] < first["missed"]["tpot"] and after[0].decode[0]["tpot"].samples > before
+
+
+def test_each_request_teaches_the_calibration_of_where_it_ran_when_it_completes() -> None:
+    """As ``coordinator/request.account`` does at a request's end: one prefilled in the pool teaches
+    the pool's TTFT calibration, one prefilled on its decode node that node's local TTFT one, and
+    every request with a TPOT its decode node's TPOT one; with each one's own raw prediction."""
+    from tandem.sim import _Cluster
+
+    t = Timings((0.0, 0.001, 0.0), (0.010, 0.0, 0.0))
+    cfg = SimConfig(1, 1, t, t, order="slack", slo_ttft_s=1.0, slo_tpot_s=0.1, step_tokens=64, local=True,
+                    admission=True)
+    reqs = [Req(0.0, 200, 5) for _ in range(3)] + [Req(5.0, 200, 1)]  # (the last: one token, no TPOT)
+    cluster = _Cluster(cfg, reqs)
+    taught: list[tuple[str, float, float]] = []
+    cluster.learn = lambda dn, kind, raw, actual: taught.append((kind, raw, actual))  # type: ignore[method-assign]
+    out = cluster.run()
+    assert [o.local for o in out] == [False, True, False, False] and all(o.completed for o in out)
+    kinds = sorted(k for k, _, _ in taught)
+    assert kinds == ["tpot"] * 3 + ["ttft"] * 3 + ["ttft_local"]
+    local_ttft = next((raw, actual) for k, raw, actual in taught if k == "ttft_local")
+    assert local_ttft[1] == pytest.approx(out[1].ttft_s) and local_ttft[0] == pytest.approx(0.2, rel=0.1)
+    assert sorted(a for k, _, a in taught if k == "tpot") == pytest.approx(sorted(o.tpot_s for o in out[:3]))
+    assert not cluster.raw  # (nothing left behind)

@@ -73,6 +73,18 @@ BUSY_WINDOW_S = 10.0
 BATCH_MEAN_S = 10.0  # time constant of the decode batch's moving average
 
 
+def busy_share(spans: deque[tuple[float, float]], since: float | None, now: float,
+               window_s: float = BUSY_WINDOW_S) -> float:
+    """The share of the last ``window_s`` seconds before ``now`` covered by ``spans`` (start, end;
+    oldest first; those ended before the window are dropped from it) and by the one running
+    since ``since`` (None: none): a node's ``prefill_busy``, and the simulator's."""
+    start = now - window_s
+    while spans and spans[0][1] <= start:
+        spans.popleft()
+    running = [(since, now)] if since is not None else []
+    return min(1.0, sum(e - max(s, start) for s, e in (*spans, *running) if e > start) / window_s)
+
+
 @dataclass
 class PrefillRun:
     uncached_tokens: int | None = None
@@ -128,9 +140,6 @@ class NodePerf:
         self._exported_at = -float("inf")
         # how far prefills and decode steps stray from what the fit said just before (nodespeed.py),
         # and the estimates as last exported (recomputed at most once an EXPORT_EVERY_S)
-        self.speed: dict[str, SpeedTracker] = {}
-        self._speeds: list[pb.PerfFit] = []
-        self._speeds_at = -float("inf")
         self._measure_speed_afresh()
         self._prefill_epoch = 0  # changes whenever a prefill starts or ends
         self._busy: deque[tuple[float, float]] = deque()  # recent spans with a prefill running (start, end)
@@ -179,8 +188,9 @@ class NodePerf:
         self._export(force=True)
 
     def _measure_speed_afresh(self) -> None:
-        self.speed = {"prefill": SpeedTracker(), "decode": SpeedTracker()}
-        self._speeds, self._speeds_at = [], -float("inf")
+        self.speed: dict[str, SpeedTracker] = {"prefill": SpeedTracker(), "decode": SpeedTracker()}
+        self._speeds: list[pb.PerfFit] = []
+        self._speeds_at = -float("inf")
 
     # prefill -------------------------------------------------------------------
     @contextmanager
@@ -341,15 +351,11 @@ class NodePerf:
     def prefill_busy(self, window_s: float = BUSY_WINDOW_S) -> float:
         """The share of the last ``window_s`` seconds during which a prefill ran here (on a decode
         node: the part of its steps its streams shared with local prefills)."""
-        now = self._clock()
-        start = now - window_s
-        while self._busy and self._busy[0][1] <= start:
-            self._busy.popleft()
-        spans = [*self._busy, *([(self._busy_since, now)] if self._busy_since is not None else [])]
-        return min(1.0, sum(e - max(s, start) for s, e in spans if e > start) / window_s)
+        return busy_share(self._busy, self._busy_since, self._clock(), window_s)
 
     def load(self, node_id: str = "", engine_id: str = "") -> pb.NodeLoad:
         """What the node is doing now and how fast it is (the NodeMonitor stream's message)."""
+        self._export()  # (rate-limited: an idle node's speeds age out too)
         view = ModelView.of(self.model)
         fits = [pb.PerfFit(name=name, terms=list(f.terms), coefficients=list(f.coefficients), samples=f.samples)
                 for name, f in view.named()]
@@ -404,6 +410,7 @@ class NodePerf:
 
     def speeds(self) -> dict[str, Speed]:
         """The speeds as last exported, by kind (a kind without enough samples yet is absent)."""
+        self._export()
         return {f.name: Speed(*f.coefficients) for f in self._speeds}
 
 
