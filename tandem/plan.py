@@ -389,9 +389,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"tandem plan: --node-speed: {exc}", file=sys.stderr)
         return 2
-    if speed.varies and (args.parallel or args.live or args.validate):
-        print("tandem plan: --node-speed is for a plan (--validate --fits learned takes the speeds the nodes "
-              "measure; --parallel and --live do not take one)", file=sys.stderr)
+    if speed.varies and (args.parallel or args.validate):
+        print("tandem plan: --node-speed is for a plan or --live (--validate --fits learned takes the speeds the "
+              "nodes measure; --parallel does not take one)", file=sys.stderr)
         return 2
     if not args.prefill_cache_tokens:  # a prefill engine's cache as large as a decode engine's, when that is given
         args.prefill_cache_tokens = args.kv_capacity_tokens

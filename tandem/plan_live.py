@@ -40,6 +40,7 @@ from tandem.client import Client
 from tandem.errors import TandemError
 from tandem.membership import add_etcd_tls_args, check_etcd_tls, use_etcd_tls
 from tandem.mix import Mix, Scrape, scrape
+from tandem.nodespeed import Speed
 from tandem.sim import simulate
 from tandem.simconfig import SimConfig
 from tandem.simresults import attainment
@@ -101,6 +102,7 @@ class Options:
     min_duration_s: float = 300.0  # of arrivals per simulated probe (tandem.plan.MIN_DURATION_S)
     admission: bool = False  # model the coordinator's admission (its default is on: --admission on)
     local: bool = False  # the coordinator's conditional disaggregation (--conditional-disagg on): 0:N splits too
+    speed: Speed = Speed()  # how far every node's times stray from its profile (plan --node-speed)
 
 
 class LivePlanner:
@@ -151,13 +153,13 @@ class LivePlanner:
                    kv_bytes_per_token=self.o.kv_bytes_per_token, max_batch=self.o.max_batch,
                    kv_capacity_tokens=self.o.kv_capacity_tokens, order=self.o.order, requests=self.o.requests,
                    seeds=self.o.seeds, max_model_len=self.o.max_model_len, min_duration_s=self.o.min_duration_s,
-                   also=(P,), admission=self.o.admission, local=self.o.local,
+                   also=(P,), admission=self.o.admission, local=self.o.local, speed=self.o.speed,
                    prefix_cache=False)  # (a measured mix has lengths, no token ids: nothing to cache)
         rows = {(r["prefill"], r["decode"]): r["goodput_rps"] for r in doc["rows"]}
         best = max(rows, key=lambda k: (rows[k], -abs(k[0] - P)))  # ties: the split nearest the current one
         cfg = SimConfig(P, D, self.prefill, self.decode, self.o.kv_bytes_per_token, self.o.max_batch,
                         self.o.kv_capacity_tokens, self.o.order, self.o.slo_ttft_s, self.o.slo_tpot_s, self.o.admission,
-                        self.o.local)
+                        self.o.local, prefill_speed=self.o.speed, decode_speed=self.o.speed)
         n = probe_size(mix.rate, self.o.requests, self.o.min_duration_s)
         predicted = attainment(simulate(cfg, mix.trace(mix.rate, n, 0, self.o.max_model_len)),
                                self.o.slo_ttft_s, self.o.slo_tpot_s)
@@ -242,14 +244,12 @@ def cmd_live(args: argparse.Namespace, prefill: Timings, decode: Timings) -> int
     # TANDEM_API_KEY, as for every client; an https --metrics-url is verified with --tls-ca
     client = Client(args.target, tls=tls, retries=0)
     metrics_ctx = tls.client_ssl_context() if args.metrics_url.startswith("https://") else None
-    local = args.conditional_disagg == "on"
-    if local and args.admission == "on":  # (the coordinator's defaults: both on)
-        print("tandem plan --live: the simulator models admission or local prefills, not both: it plans with "
-              "local prefills (0:N splits too) and without admission", flush=True)
+    from tandem.plan import parse_speed
+
     opts = Options(args.slo_ttft, args.slo_tpot, args.window_s, args.every_s, args.min_gain, args.confirm,
                    args.min_requests, min(args.requests, 600), 1, args.max_model_len, args.kv_bytes_per_token,
                    args.max_batch, args.kv_capacity_tokens, args.order, args.min_duration_s,
-                   args.admission == "on" and not local, local)
+                   args.admission == "on", args.conditional_disagg == "on", parse_speed(getattr(args, "node_speed", "")))
     planner = LivePlanner(prefill, decode, opts)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

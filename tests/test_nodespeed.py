@@ -188,7 +188,7 @@ def test_a_node_speed_is_refused_where_a_plan_would_not_use_it(capsys) -> None:
 
     ap = argparse.ArgumentParser()
     add_args(ap)
-    for extra in (["--validate"], ["--live"], ["--parallel", "a=1:x.json"]):
+    for extra in (["--validate"], ["--parallel", "a=1:x.json"]):
         args = ap.parse_args(["--slo-ttft", "1", "--slo-tpot", "0.1", "--node-speed", "0.1,1,0.1", *extra])
         assert cmd_plan(args) == 2
         assert "--node-speed is for a plan" in capsys.readouterr().err

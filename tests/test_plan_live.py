@@ -141,3 +141,25 @@ def test_with_conditional_disaggregation_the_last_prefill_node_may_go_and_0_to_n
     lp = LivePlanner(SLOW_PREFILL, SLOW_PREFILL, Options(slo_ttft_s=2.0, slo_tpot_s=0.2, min_requests=20, requests=300))
     lp.step(scrape(0, [], [], 0, 0), now)
     assert lp.step(scrape(60, [30] * 100, [150] * 100, 100, 0), now)["action"] == "waiting: a pool has no routable node"
+
+
+def test_the_live_planner_models_admission_and_local_prefills_together_and_a_node_speed() -> None:
+    """The coordinator's defaults (admission and conditional disaggregation both on) are what the
+    live planner simulates, and with --node-speed its nodes stray from their profile as real ones
+    do: a TPOT-tight mix is predicted to meet its objectives less often."""
+    from tandem.nodespeed import Speed
+
+    t = Timings((0.002, 4e-4, 5e-8), (0.008, 5e-4, 1e-6))
+    now = Pools(prefill=[("p0", 0)], decode=[("d0", 0)])
+    rng = random.Random(3)
+    window = scrape(60, [rng.randint(200, 400) for _ in range(120)], [rng.randint(100, 200) for _ in range(120)],
+                    120, 0)
+    said = {}
+    for name, speed in (("exact", Speed()), ("strays", Speed(0.2, 1.0, 0.1, 0.1))):
+        lp = LivePlanner(t, t, Options(slo_ttft_s=1.0, slo_tpot_s=0.02, min_requests=20, requests=300,
+                                       admission=True, local=True, speed=speed))
+        lp.step(scrape(0, [], [], 0, 0), now)
+        rec = lp.step(window, now)
+        assert "0:2" in rec["goodput_rps"]  # (local prefills: a split without a prefill pool is weighed)
+        said[name] = rec["predicted_attainment"]
+    assert said["strays"] < said["exact"]
