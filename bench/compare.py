@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import json
 import os
-import random
 import shlex
 import statistics
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from .metrics import summarize
 from .run import first_model
 from .systems import (TANDEM_VARIANTS, System, check_nixl, prefills_on_decode_nodes, start_tandem, start_vllm_colocated,
                       start_vllm_nixl)
-from .workloads import FIRST_TOKEN_ID, TraceEntry, assign_tiers, corpus, generate, materialize
+from .workloads import TraceEntry, assign_tiers, generate, materialize, warm_entries
 
 
 
@@ -111,11 +110,12 @@ def _spaced(workload: str, n: int, gap_s: float, seed: int, max_model_len: int) 
 
 
 def warm_corpus(system: System, args: argparse.Namespace) -> None:
-    """--warm-prefixes: each prefix of the corpus once, one at a time, unmeasured (as a deployment's
-    shared system prompts or documents have been seen before the traffic being measured)."""
-    prefixes = corpus(args.prefixes or 4, args.max_model_len, 600, random.Random(f"corpus:{args.seed}"))
-    entries = [TraceEntry(0.0, len(p) + 8, 2, i, p + [FIRST_TOKEN_ID + i % 7] * 8) for i, p in enumerate(prefixes)]
-    print(f"  {system.name}: warming {len(entries)} prefixes of the corpus ...", flush=True)
+    """--warm-prefixes: each prefix of prefix-heavy's corpus, or each of multi-turn's conversations
+    under way, once, one at a time, unmeasured (as a deployment has seen its shared system prompts,
+    documents and the conversations in progress before the traffic being measured)."""
+    entries = warm_entries(args.workload, args.prefixes, args.max_model_len, 600, args.seed)
+    what = "conversations under way" if args.workload == "multi-turn" else "prefixes of the corpus"
+    print(f"  {system.name}: warming {len(entries)} {what} ...", flush=True)
     t = 0.0
     for e in entries:  # one at a time: a warm-up, not load
         e.arrival_s = t
@@ -216,7 +216,9 @@ def add_compare_args(ap: argparse.ArgumentParser) -> None:
                     help="prefix-heavy: shared prefixes; multi-turn: conversations at once (the working set)")
     ap.add_argument("--warm-prefixes", action="store_true",
                     help="prefix-heavy: one corpus of prefixes for every probe (the tails still differ), each "
-                         "prefix sent once before the sweep: steady state, not each probe's first sights")
+                         "prefix sent once before the sweep; multi-turn: the conversations are already under "
+                         "way (0 to 3/4 of the context each) and the same for every probe, each sent once "
+                         "before the sweep: steady state, not each probe's first sights")
     ap.add_argument("--kv-cache-gib", type=float, default=2.0,
                     help="each engine's own KV cache (fractions too: make it smaller than the working set); "
                          "each prefill engine's when --decode-kv-cache-gib is given")
@@ -284,8 +286,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     known = {f"tandem{v}" for v in TANDEM_VARIANTS} | {"vllm-colocated", "vllm-nixl", "vllm-nixl-fixed"}
     if set(wanted) - known:
         raise SystemExit(f"unknown system(s) {sorted(set(wanted) - known)}; known: {sorted(known)}")
-    if args.warm_prefixes and args.workload != "prefix-heavy":
-        raise SystemExit("--warm-prefixes warms prefix-heavy's corpus of prefixes; use it with --workload prefix-heavy")
+    if args.warm_prefixes and args.workload not in ("prefix-heavy", "multi-turn"):
+        raise SystemExit("--warm-prefixes warms prefix-heavy's corpus of prefixes or multi-turn's conversations; "
+                         "use it with --workload prefix-heavy or multi-turn")
     extra = {w for w in shlex.split(args.tandem_flags) if w.startswith("--")}
     for name in wanted:  # a variant's own flags win silently otherwise (the last one given)
         own = TANDEM_VARIANTS[name.removeprefix("tandem")][0] if name.startswith("tandem") else []

@@ -57,7 +57,10 @@ def _memory_line(doc: dict[str, Any]) -> str:
     elif mem["kvstore_ram_gib"]:
         line += f"; colocated vLLM's cache {mem['colocated_kv_gib']:g} GiB (one engine cache plus one RAM tier)"
     line += f". Working set: {doc['prefixes']} prefixes / conversations" if doc.get("prefixes") else ""
-    if doc.get("warm_prefixes"):
+    if doc.get("warm_prefixes") and doc.get("workload") == "multi-turn":
+        line += (" (conversations already under way, 0 to 3/4 of the context each, the same for every probe and "
+                 "each sent once before the sweep: steady state, not each probe's first turns)")
+    elif doc.get("warm_prefixes"):
         line += (" (one corpus of prefixes for every probe, each prefix sent once before the sweep: steady state, "
                  "not each probe's first sights)")
     return line + "."

@@ -6,7 +6,9 @@ code       input around 800, output around 30
 prefix-heavy  many requests sharing a few long prefixes (``prefixes`` of them, 4 by default)
 multi-turn  conversations: each turn resends the conversation so far (earlier turns and a
            stand-in for each reply) and adds about 64 tokens; ``prefixes`` conversations at once
-           (16 by default), one restarting when it would outgrow the context
+           (16 by default), one restarting when it would outgrow the context; with a corpus
+           seed (`bench compare --warm-prefixes`), the conversations are already under way
+           (``under_way``) and the same for every probe: steady state, not each probe's first turns
 burst      chat lengths with bursty (gamma, shape 0.2) arrivals
 Arrivals are open-loop: Poisson (exponential gaps), or gamma with a burstiness
 factor (shape; 1 is Poisson, smaller is burstier), as in vLLM's benchmark.
@@ -74,14 +76,17 @@ def generate(name: str, *, rate: float, duration_s: float, seed: int = 0, max_mo
              prefixes_n: int | None = None, corpus_seed: int | None = None) -> list[TraceEntry]:
     """A seeded trace: the same arguments give the same trace. ``prefixes_n``: prefix-heavy's shared
     prefixes, multi-turn's conversations at once (the working set). ``corpus_seed``: prefix-heavy's
-    prefixes from this seed instead of ``seed`` (one corpus of prefixes under traces that differ)."""
+    prefixes, or multi-turn's conversations under way, from this seed instead of ``seed`` (one
+    corpus under traces that differ)."""
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; one of {', '.join(WORKLOADS)}")
     rng = random.Random(f"{name}:{seed}")
     shape = burstiness if burstiness is not None else (0.2 if name == "burst" else 1.0)
     times = arrivals(rng, rate, duration_s, shape)
     if name == "multi-turn":
-        return _multi_turn(rng, times, max_model_len, vocab_size, prefixes_n or 16)
+        start = None if corpus_seed is None else under_way(
+            prefixes_n or 16, max_model_len, vocab_size, random.Random(f"conversations:{corpus_seed}"))
+        return _multi_turn(rng, times, max_model_len, vocab_size, prefixes_n or 16, start)
     prefixes: list[list[int]] = []
     if name == "prefix-heavy":
         prefixes = corpus(prefixes_n or 4, max_model_len, vocab_size,
@@ -107,23 +112,66 @@ def corpus(n: int, max_model_len: int, vocab_size: int, rng: random.Random) -> l
     return [[rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(plen)] for _ in range(n)]
 
 
+def _turn(rng: random.Random) -> tuple[int, int]:
+    """A turn's new user message and its reply, in tokens."""
+    return _clip(rng.gauss(64, 16), 16, 128), _clip(rng.gauss(64, 16), 16, 128)
+
+
+def under_way(n: int, max_model_len: int, vocab_size: int,
+              rng: random.Random) -> tuple[list[int], list[list[int]]]:
+    """multi-turn's ``n`` conversations already under way: one system prompt, and each conversation
+    that prompt and the earlier turns (messages and replies) of a length drawn evenly between the
+    prompt alone and three quarters of the context: what a service holds in steady state."""
+    def tokens(k: int) -> list[int]:
+        return [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(k)]
+
+    system = tokens(min(256, max_model_len // 8))
+    out = []
+    for _ in range(n):
+        target, h = rng.uniform(len(system), 0.75 * max_model_len), list(system)
+        while True:
+            user, reply = _turn(rng)
+            if len(h) + user + reply > target:
+                break
+            h += tokens(user) + tokens(reply)
+        out.append(h)
+    return system, out
+
+
 def _multi_turn(rng: random.Random, times: list[float], max_model_len: int, vocab_size: int,
-                conversations: int) -> list[TraceEntry]:
+                conversations: int, start: tuple[list[int], list[list[int]]] | None = None) -> list[TraceEntry]:
     def tokens(n: int) -> list[int]:
         return [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(n)]
 
-    system = tokens(min(256, max_model_len // 8))  # every conversation starts with the same instructions
-    history: list[list[int]] = [list(system) for _ in range(conversations)]
+    if start is None:
+        system = tokens(min(256, max_model_len // 8))  # every conversation starts with the same instructions
+        history: list[list[int]] = [list(system) for _ in range(conversations)]
+    else:
+        system, history = start[0], [list(h) for h in start[1]]
     out = []
     for t in times:
-        c = rng.randrange(conversations)
-        user, reply = _clip(rng.gauss(64, 16), 16, 128), _clip(rng.gauss(64, 16), 16, 128)
+        c = rng.randrange(len(history))
+        user, reply = _turn(rng)
         if len(history[c]) + user + reply + 1 > max_model_len:
             history[c] = list(system)  # a new conversation in its place
         ids = history[c] + tokens(user)
         out.append(TraceEntry(t, len(ids), reply, c, ids))
         history[c] = ids + tokens(reply)  # the next turn resends this one and a stand-in for its reply
     return out
+
+
+def warm_entries(workload: str, n: int | None, max_model_len: int, vocab_size: int, corpus_seed: int) -> list[TraceEntry]:
+    """What ``--warm-prefixes`` sends before the sweep, one at a time: each of prefix-heavy's
+    prefixes, or each of multi-turn's conversations under way (``n`` of them; None: the workload's
+    own number, as ``generate`` takes it), with a few tokens of its own after
+    it and a 2-token reply (arrival times are the caller's)."""
+    if workload == "multi-turn":
+        seen = under_way(n or 16, max_model_len, vocab_size, random.Random(f"conversations:{corpus_seed}"))[1]
+    elif workload == "prefix-heavy":
+        seen = corpus(n or 4, max_model_len, vocab_size, random.Random(f"corpus:{corpus_seed}"))
+    else:
+        raise ValueError(f"{workload!r} has no corpus to warm (prefix-heavy and multi-turn do)")
+    return [TraceEntry(0.0, len(p) + 8, 2, i, p + [FIRST_TOKEN_ID + i % 7] * 8) for i, p in enumerate(seen)]
 
 
 def save_trace(path: str | Path, entries: list[TraceEntry]) -> None:

@@ -225,3 +225,31 @@ def test_a_prefix_corpus_is_shared_by_traces_of_different_seeds() -> None:
     assert [e.input_ids for e in a] != [e.input_ids for e in b]  # ...under different requests
     c = generate("prefix-heavy", rate=5, duration_s=10, seed=1, max_model_len=2048, prefixes_n=3)
     assert {tuple(e.input_ids[:1024]) for e in c} != pa  # without a corpus: the trace's own seed
+
+
+def test_multi_turn_conversations_under_way_are_one_corpus_and_warmed_as_they_start() -> None:
+    import hashlib
+
+    from tandem.bench.workloads import generate, warm_entries
+
+    plain = generate("multi-turn", rate=8, duration_s=30, seed=3, max_model_len=2048, prefixes_n=6)
+    digest = hashlib.sha256(repr([(e.arrival_s, e.input_ids, e.output_len) for e in plain]).encode()).hexdigest()
+    # without a corpus seed the trace is what it was before conversations could be under way
+    assert digest[:16] == "f7656e42f912ed1b"
+    a = generate("multi-turn", rate=8, duration_s=30, seed=1, max_model_len=2048, prefixes_n=6, corpus_seed=7)
+    b = generate("multi-turn", rate=8, duration_s=30, seed=2, max_model_len=2048, prefixes_n=6, corpus_seed=7)
+    warm = warm_entries("multi-turn", 6, 2048, 600, corpus_seed=7)
+    starts = [e.input_ids[:-8] for e in warm]
+    assert len(starts) == 6 and max(map(len, starts)) > 600  # some well under way ...
+    assert all(s[:256] == starts[0][:256] for s in starts)  # ... after one system prompt
+    assert all(len(s) <= 0.75 * 2048 for s in starts)
+    for trace in (a, b):
+        first: dict[int, list[int]] = {}
+        for e in trace:
+            first.setdefault(e.prefix_id, e.input_ids)
+            assert e.input_len + e.output_len < 2048
+        # each conversation's first turn in a probe resends what the warm-up sent, then a message
+        assert all(ids[:len(starts[c])] == starts[c] and len(ids) >= len(starts[c]) + 16 for c, ids in first.items())
+    assert [e.input_ids for e in a] != [e.input_ids for e in b]  # different turns on one corpus
+    with pytest.raises(ValueError, match="no corpus"):
+        warm_entries("chat", 4, 2048, 600, corpus_seed=7)
