@@ -108,6 +108,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 info.kv_chunks_disk = sum(1 for t in n.chunks.held.values() if t == "disk")
                 info.kv_chunks_ram = len(n.chunks.held) - info.kv_chunks_disk
                 info.kv_engine_blocks = len(n.blocks.held)
+                info.fits.extend(n.load.fits)
+                info.speeds.extend(n.load.speeds)
             nodes.append(info)
         return pb.ClusterStatusResponse(cluster=self.cluster, model=self.pipeline.served_model, nodes=nodes)
 

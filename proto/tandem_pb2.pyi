@@ -125,7 +125,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "role", "grpc_address", "kv_address", "model", "outstanding", "served", "draining", "down", "prefill_queue", "decode_batch", "perf_samples", "load_age_s", "kv_chunks_ram", "kv_chunks_disk", "kv_engine_blocks")
+    __slots__ = ("node_id", "role", "grpc_address", "kv_address", "model", "outstanding", "served", "draining", "down", "prefill_queue", "decode_batch", "perf_samples", "load_age_s", "kv_chunks_ram", "kv_chunks_disk", "kv_engine_blocks", "fits", "speeds")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +142,8 @@ class NodeInfo(_message.Message):
     KV_CHUNKS_RAM_FIELD_NUMBER: _ClassVar[int]
     KV_CHUNKS_DISK_FIELD_NUMBER: _ClassVar[int]
     KV_ENGINE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    FITS_FIELD_NUMBER: _ClassVar[int]
+    SPEEDS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: str
     grpc_address: str
@@ -158,7 +160,9 @@ class NodeInfo(_message.Message):
     kv_chunks_ram: int
     kv_chunks_disk: int
     kv_engine_blocks: int
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., grpc_address: _Optional[str] = ..., kv_address: _Optional[str] = ..., model: _Optional[str] = ..., outstanding: _Optional[int] = ..., served: _Optional[int] = ..., draining: _Optional[bool] = ..., down: _Optional[bool] = ..., prefill_queue: _Optional[int] = ..., decode_batch: _Optional[int] = ..., perf_samples: _Optional[int] = ..., load_age_s: _Optional[float] = ..., kv_chunks_ram: _Optional[int] = ..., kv_chunks_disk: _Optional[int] = ..., kv_engine_blocks: _Optional[int] = ...) -> None: ...
+    fits: _containers.RepeatedCompositeFieldContainer[PerfFit]
+    speeds: _containers.RepeatedCompositeFieldContainer[PerfFit]
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., grpc_address: _Optional[str] = ..., kv_address: _Optional[str] = ..., model: _Optional[str] = ..., outstanding: _Optional[int] = ..., served: _Optional[int] = ..., draining: _Optional[bool] = ..., down: _Optional[bool] = ..., prefill_queue: _Optional[int] = ..., decode_batch: _Optional[int] = ..., perf_samples: _Optional[int] = ..., load_age_s: _Optional[float] = ..., kv_chunks_ram: _Optional[int] = ..., kv_chunks_disk: _Optional[int] = ..., kv_engine_blocks: _Optional[int] = ..., fits: _Optional[_Iterable[_Union[PerfFit, _Mapping]]] = ..., speeds: _Optional[_Iterable[_Union[PerfFit, _Mapping]]] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
     __slots__ = ("cluster", "model", "nodes")

@@ -153,7 +153,8 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
          requests: int = 2000, seeds: int = 2, max_model_len: int = 2048, min_duration_s: float = MIN_DURATION_S,
          also: tuple[int, ...] = (), admission: bool = False, local: bool = False, prefix_cache: bool = True,
          prefill_cache_tokens: int = 0, store_ram_tokens: int = 0, store_disk: bool = False, prefixes: int = 0,
-         speed: Speed = Speed(), progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+         speed: Speed = Speed(), decode_speed: Speed | None = None,
+         progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     """P:D splits of ``nodes`` (and the prefill counts in ``also``, always), best goodput per node
     first: every split when there are at most COARSE_SPLITS; else one in ``step`` (so that about
     COARSE_SPLITS are), then every split within a step of the best of those (goodput rises, then
@@ -163,7 +164,9 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
     engine's ``kv_capacity_tokens``; with ``store_ram_tokens`` a KV store on each node (a RAM tier
     of that many tokens, over a disk tier with ``store_disk``). ``prefixes``: the workload's
     prefixes or conversations (0: its own number). ``speed``: how far every node's times stray
-    from its profile, unseen by admission (tandem/nodespeed.py; default: exactly at it)."""
+    from its profile, unseen by admission (tandem/nodespeed.py; default: exactly at it); with
+    ``decode_speed``, ``speed`` is the prefills' and that the decode steps'."""
+    step_speed = speed if decode_speed is None else decode_speed
     if nodes < 2:
         raise ValueError("a plan needs at least 2 nodes (a split of them)")
     if isinstance(workload, str) and workload not in WORKLOADS:
@@ -177,7 +180,7 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
         cfg = SimConfig(p, nodes - p, prefill, decode, kv_bytes_per_token, max_batch, kv_capacity_tokens, order,
                         slo_ttft_s, slo_tpot_s, admission, local, prefix_cache=prefix_cache,
                         prefill_cache_tokens=prefill_cache_tokens, store_ram_tokens=store_ram_tokens,
-                        store_disk=store_disk, prefill_speed=speed, decode_speed=speed)
+                        store_disk=store_disk, prefill_speed=speed, decode_speed=step_speed)
         row = ratio_goodput(cfg, workload, slo_ttft_s, slo_tpot_s, requests=requests, seeds=seeds,
                             max_model_len=max_model_len, start_rate=max(0.25, nodes / 4),
                             min_duration_s=min_duration_s, prefixes=prefixes)
@@ -204,6 +207,7 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
             "admission": admission, "local": local, "prefix_cache": prefix_cache,
             "prefill_cache_tokens": prefill_cache_tokens, "store_ram_tokens": store_ram_tokens,
             "store_disk": store_disk, "prefixes": prefixes, "node_speed": list(astuple(speed)),
+            "decode_speed": list(astuple(step_speed)),
             "not_modelled": [*NOT_MODELLED, *([] if local else [LOCAL_OFF]), *([] if prefix_cache else [NO_PREFIX_CACHE])],
             "transfer_modelled": any(decode.transfer), "rows": rows,
             "best": best, "took_s": round(time.monotonic() - t0, 2)}
@@ -291,7 +295,9 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--fits", default="profile", choices=["profile", "learned"],
                     help="--validate: the simulator's times from the profiles the nodes started from, or from "
                          "the fits they have learned while serving (read before each rate: the rates before it "
-                         "and the warm-up), as admission predicts")
+                         "and the warm-up), as admission predicts; --live: from the profiles (with --node-speed), "
+                         "or from what the routable nodes have learned and how far their work strays from it, "
+                         "as the coordinator's cluster status gives them at each decision")
     ap.add_argument("--conditional-disagg", default="off", choices=["on", "off"],
                     help="on: the simulator may prefill a request on the decode node (as the coordinator decides; "
                          "with --admission on, as Tandem ships, refused when the option chosen is predicted to "
@@ -388,6 +394,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         speed = parse_speed(getattr(args, "node_speed", ""))
     except ValueError as exc:
         print(f"tandem plan: --node-speed: {exc}", file=sys.stderr)
+        return 2
+    if speed.varies and args.live and args.fits == "learned":
+        print("tandem plan --live: --node-speed or --fits learned, not both (the nodes' measured speeds come "
+              "with their learned fits)", file=sys.stderr)
         return 2
     if speed.varies and (args.parallel or args.validate):
         print("tandem plan: --node-speed is for a plan or --live (--validate --fits learned takes the speeds the "

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,8 @@ from tandem.tls import TlsConfig, add_tls_args
 class Pools:
     prefill: list[tuple[str, int]]  # (node id, requests in flight there) of routable nodes
     decode: list[tuple[str, int]]
+    # node id -> its fits and speeds as it last reported them (the nodes that have reported any)
+    learned: dict[str, tuple[Timings, dict[str, Speed]]] = field(default_factory=dict)
 
     @property
     def split(self) -> tuple[int, int]:
@@ -59,13 +61,46 @@ class Pools:
 
 
 def pools(client: Client) -> Pools:
-    """The coordinator's routable nodes (up, not draining) by role."""
+    """The coordinator's routable nodes (up, not draining) by role, with what each has learned."""
+    from tandem.plan_validate import learned_from
+
     st = client.status(timeout_s=5)
     out = Pools([], [])
     for n in st.nodes:
         if not n.down and not n.draining:
             getattr(out, n.role).append((n.node_id, n.outstanding))
+            try:
+                out.learned[n.node_id] = learned_from(n.fits, n.speeds, f"{n.node_id}, learned")
+            except ValueError:  # no load message yet (or fits without both kinds): not learned
+                pass
     return out
+
+
+@dataclass
+class Fits:
+    """What the planner simulates a pool's nodes with: their times, and how far their work strays."""
+    prefill: Timings
+    decode: Timings
+    prefill_speed: Speed = field(default_factory=Speed)
+    decode_speed: Speed = field(default_factory=Speed)
+    source: str = "profiles"
+
+
+def learned_fits(now: Pools, profiles: Fits) -> Fits:
+    """``--fits learned``: each pool's fits as its routable nodes have learned them while serving,
+    and how far their prefills and steps stray from those, as the coordinator last heard them from
+    each node (its cluster status), averaged over the pool. A node that has reported none yet is
+    left out and named; a pool none of whose nodes has keeps ``profiles``' times. With no prefill
+    pool, the decode nodes' own prefill fits and speeds stand for it (they prefill what they decode)."""
+    seen = {kind: [now.learned[n] for n, _ in getattr(now, kind) if n in now.learned] for kind in ("prefill", "decode")}
+    missed = [n for n, _ in now.prefill + now.decode if n not in now.learned]
+    dec = Timings.mean([t for t, _ in seen["decode"]]) if seen["decode"] else profiles.decode
+    pre_from = seen["prefill"] or ([] if now.prefill else seen["decode"])
+    pre = Timings.mean([t for t, _ in pre_from]) if pre_from else profiles.prefill
+    source = (f"learned by {len(seen['prefill']) + len(seen['decode'])} node(s)"
+              + (f"; none reported yet by {', '.join(missed)}" if missed else ""))
+    return Fits(pre, dec, Speed.mean([s["prefill"] for _, s in pre_from if "prefill" in s]),
+                Speed.mean([s["decode"] for _, s in seen["decode"] if "decode" in s]), source)
 
 
 def choose_move(current: tuple[int, int], best: tuple[int, int], now: Pools, local: bool = False
@@ -106,10 +141,13 @@ class Options:
 
 
 class LivePlanner:
-    """One decision per ``step(scrape, pools)``; ``switch`` (when given) performs a move."""
+    """One decision per ``step(scrape, pools)``; ``switch`` (when given) performs a move. Its
+    ``fits`` (the profiles', with --node-speed's speed for every node) may be replaced between
+    steps (``learned_fits``)."""
 
     def __init__(self, prefill: Timings, decode: Timings, opts: Options) -> None:
-        self.prefill, self.decode, self.o = prefill, decode, opts
+        self.o = opts
+        self.fits = Fits(prefill, decode, opts.speed, opts.speed)
         self.snaps: deque[Scrape] = deque()
         self.streak = 0
         self.prediction: tuple[Scrape, float] | None = None  # (from when, predicted attainment)
@@ -126,7 +164,9 @@ class LivePlanner:
         while len(self.snaps) > 1 and snap.at - self.snaps[1].at >= self.o.window_s:
             self.snaps.popleft()
         P, D = now.split
-        rec: dict[str, Any] = {"split": f"{P}:{D}", "window_s": round(snap.at - self.snaps[0].at, 1)}
+        f = self.fits
+        rec: dict[str, Any] = {"split": f"{P}:{D}", "window_s": round(snap.at - self.snaps[0].at, 1),
+                               "fits": f.source}
         if self.prediction is not None:  # what the last prediction said, against what happened since
             since, predicted = self.prediction
             seen = Mix.between(since, snap)
@@ -149,17 +189,18 @@ class LivePlanner:
                              f"waiting: {mix.served} of {self.o.min_requests} requests served in the window")
             self.streak = 0
             return rec
-        doc = plan(self.prefill, self.decode, P + D, mix, self.o.slo_ttft_s, self.o.slo_tpot_s,
+        doc = plan(f.prefill, f.decode, P + D, mix, self.o.slo_ttft_s, self.o.slo_tpot_s,
                    kv_bytes_per_token=self.o.kv_bytes_per_token, max_batch=self.o.max_batch,
                    kv_capacity_tokens=self.o.kv_capacity_tokens, order=self.o.order, requests=self.o.requests,
                    seeds=self.o.seeds, max_model_len=self.o.max_model_len, min_duration_s=self.o.min_duration_s,
-                   also=(P,), admission=self.o.admission, local=self.o.local, speed=self.o.speed,
+                   also=(P,), admission=self.o.admission, local=self.o.local, speed=f.prefill_speed,
+                   decode_speed=f.decode_speed,
                    prefix_cache=False)  # (a measured mix has lengths, no token ids: nothing to cache)
         rows = {(r["prefill"], r["decode"]): r["goodput_rps"] for r in doc["rows"]}
         best = max(rows, key=lambda k: (rows[k], -abs(k[0] - P)))  # ties: the split nearest the current one
-        cfg = SimConfig(P, D, self.prefill, self.decode, self.o.kv_bytes_per_token, self.o.max_batch,
+        cfg = SimConfig(P, D, f.prefill, f.decode, self.o.kv_bytes_per_token, self.o.max_batch,
                         self.o.kv_capacity_tokens, self.o.order, self.o.slo_ttft_s, self.o.slo_tpot_s, self.o.admission,
-                        self.o.local, prefill_speed=self.o.speed, decode_speed=self.o.speed)
+                        self.o.local, prefill_speed=f.prefill_speed, decode_speed=f.decode_speed)
         n = probe_size(mix.rate, self.o.requests, self.o.min_duration_s)
         predicted = attainment(simulate(cfg, mix.trace(mix.rate, n, 0, self.o.max_model_len)),
                                self.o.slo_ttft_s, self.o.slo_tpot_s)
@@ -187,7 +228,7 @@ def line(rec: dict[str, Any]) -> str:
     if mix["attainment"] is not None:
         parts.append(f"met {mix['attainment'] * 100:.0f}%")
     if "best" in rec:
-        parts.append(f"predicted {rec['predicted_attainment'] * 100:.0f}%; best {rec['best']} "
+        parts.append(f"predicted {rec['predicted_attainment'] * 100:.0f}% (fits: {rec['fits']}); best {rec['best']} "
                      + " ".join(f"{k}={v:.2f}" for k, v in rec["goodput_rps"].items()))
     if "check" in rec and rec["check"]["measured_attainment"] is not None:
         c = rec["check"]
@@ -251,6 +292,7 @@ def cmd_live(args: argparse.Namespace, prefill: Timings, decode: Timings) -> int
                    args.max_batch, args.kv_capacity_tokens, args.order, args.min_duration_s,
                    args.admission == "on", args.conditional_disagg == "on", parse_speed(getattr(args, "node_speed", "")))
     planner = LivePlanner(prefill, decode, opts)
+    profiles = planner.fits
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "live.jsonl"
@@ -271,6 +313,8 @@ def cmd_live(args: argparse.Namespace, prefill: Timings, decode: Timings) -> int
             t = time.monotonic()
             try:
                 snap, now = scrape(args.metrics_url, t, context=metrics_ctx), pools(client)
+                if args.fits == "learned":
+                    planner.fits = learned_fits(now, profiles)
                 rec = planner.step(snap, now)
             except (OSError, ValueError, TandemError, http.client.HTTPException) as exc:  # unreachable, restarted
                 rec = {"error": f"{type(exc).__name__}: {exc}"}

@@ -27,7 +27,7 @@ import os
 import re
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import astuple, replace
 from pathlib import Path
 from typing import Any
@@ -245,9 +245,7 @@ def learned_timings(grpc_address: str, source: str) -> Timings:
 
 def learned(grpc_address: str, source: str) -> tuple[Timings, dict[str, Speed]]:
     """A node's fits as it has learned them while serving (its NodeMonitor stream's latest message):
-    what admission predicts with. A negative coefficient (a fit's noise) counts as 0. With them,
-    how far its prefills and steps stray from its fits, by kind (``NodeLoad.speeds``; a kind not
-    measured yet is absent)."""
+    what admission predicts with, and how far its work strays from them (``learned_from``)."""
     import grpc
 
     from tandem.proto import tandem_pb2 as pb
@@ -257,14 +255,20 @@ def learned(grpc_address: str, source: str) -> tuple[Timings, dict[str, Speed]]:
         call = pb_grpc.NodeMonitorStub(ch).Watch(pb.WatchRequest(), timeout=10)
         msg = next(iter(call))
         call.cancel()
+    return learned_from(msg.fits, msg.speeds, source)
+
+
+def learned_from(fits: Iterable[Any], speeds: Iterable[Any], source: str) -> tuple[Timings, dict[str, Speed]]:
+    """A node's ``PerfFit``s as the simulator's times (a negative coefficient, a fit's noise, counts
+    as 0; a fit with no samples, or a load fit with fewer than admission uses, is left at 0), and
+    its speeds by kind (a kind not measured yet is absent)."""
     from tandem.perfmodel import LOAD_MIN_SAMPLES
 
-    fits = {f.name: tuple(max(0.0, c) for c in f.coefficients) for f in msg.fits
-            if f.samples >= (LOAD_MIN_SAMPLES if f.name == "load" else 1)}
-    speeds = {f.name: Speed(*f.coefficients) for f in msg.speeds}
-    timings = Timings(fits.get("prefill", (0.0, 0.0, 0.0)), fits.get("decode", (0.0, 0.0, 0.0)),  # type: ignore[arg-type]
-                      fits.get("transfer", (0.0, 0.0)), source, fits.get("load", (0.0, 0.0, 0.0)))  # type: ignore[arg-type]
-    return timings, speeds
+    got = {f.name: tuple(max(0.0, c) for c in f.coefficients) for f in fits
+           if f.samples >= (LOAD_MIN_SAMPLES if f.name == "load" else 1)}
+    timings = Timings(got.get("prefill", (0.0, 0.0, 0.0)), got.get("decode", (0.0, 0.0, 0.0)),  # type: ignore[arg-type]
+                      got.get("transfer", (0.0, 0.0)), source, got.get("load", (0.0, 0.0, 0.0)))  # type: ignore[arg-type]
+    return timings, {f.name: Speed(*f.coefficients) for f in speeds}
 
 
 def rate_rows(target: str, cfg: SimConfig, args: argparse.Namespace, rates: list[float],

@@ -163,3 +163,63 @@ def test_the_live_planner_models_admission_and_local_prefills_together_and_a_nod
         assert "0:2" in rec["goodput_rps"]  # (local prefills: a split without a prefill pool is weighed)
         said[name] = rec["predicted_attainment"]
     assert said["strays"] < said["exact"]
+
+
+def test_fits_learned_are_each_pools_nodes_means_and_a_node_without_any_is_left_out() -> None:
+    """--live --fits learned: before each decision, what the routable nodes have learned and how far
+    their work strays (as the coordinator's status gives them), averaged by pool; a pool none of
+    whose nodes has reported keeps the profiles'; with no prefill pool the decode nodes' prefill
+    fits stand for it. The planner then predicts with them: decode nodes 3x slower than the
+    profile predict worse."""
+    from tandem.nodespeed import Speed
+    from tandem.plan_live import Fits, learned_fits
+    from tandem.plan_validate import learned_from
+    from tandem.proto import tandem_pb2 as pb
+
+    prof = Timings((0.002, 4e-4, 5e-8), (0.008, 5e-4, 1e-6), source="profile")
+    slow = Timings((0.004, 8e-4, 1e-7), (0.024, 1.5e-3, 3e-6), source="slow")
+    fast = Timings((0.002, 4e-4, 5e-8), (0.012, 5e-4, 1e-6), source="fast")
+    told = {"p0": (prof, {"prefill": Speed(0.1, 1.0, 0.05, 0.02)}),
+            "d0": (slow, {"decode": Speed(0.2, 2.0, 0.1, 0.04), "prefill": Speed(0.3)}),
+            "d1": (fast, {})}
+    profiles = Fits(prof, prof)
+    f = learned_fits(Pools([("p0", 0)], [("d0", 0), ("d1", 0), ("d2", 0)], told), profiles)
+    assert f.decode.decode == pytest.approx(tuple((a + b) / 2 for a, b in zip(slow.decode, fast.decode)))
+    assert f.prefill == prof and f.prefill_speed == Speed.mean([Speed(0.1, 1.0, 0.05, 0.02)])
+    assert f.decode_speed == Speed.mean([Speed(0.2, 2.0, 0.1, 0.04)])  # d1 measured none yet
+    assert f.source == "learned by 3 node(s); none reported yet by d2"
+    # no prefill pool: the decode nodes' prefill fits and speeds; no node has reported: the profiles
+    zero = learned_fits(Pools([], [("d0", 0)], told), profiles)
+    assert zero.prefill.prefill == pytest.approx(slow.prefill) and zero.prefill_speed.sd == pytest.approx(0.3)
+    none = learned_fits(Pools([("p9", 0)], [("d9", 0)], told), profiles)
+    assert (none.prefill, none.decode) == (prof, prof) and not none.decode_speed.varies
+    # what the status carries becomes those times: negative noise as 0, a fit with no samples left out
+    info = pb.NodeInfo(fits=[pb.PerfFit(name="prefill", coefficients=[0.01, 4e-4, 0.0], samples=9),
+                             pb.PerfFit(name="decode", coefficients=[0.02, -1e-5, 3e-6], samples=40),
+                             pb.PerfFit(name="transfer", coefficients=[0.001, 1e-9], samples=0)],
+                       speeds=[pb.PerfFit(name="decode", coefficients=[0.2, 2.0, 0.1, 0.04])])
+    t, sp = learned_from(info.fits, info.speeds, "d0, learned")
+    assert t.decode == (0.02, 0.0, 3e-6) and t.transfer == (0.0, 0.0) and sp == {"decode": Speed(0.2, 2.0, 0.1, 0.04)}
+
+    rng = random.Random(4)
+    window = scrape(60, [rng.randint(200, 400) for _ in range(120)], [rng.randint(100, 200) for _ in range(120)],
+                    120, 0)
+    pair = Pools([("p0", 0)], [("d0", 0)], told)
+    said = {}
+    for name in ("profiles", "learned"):
+        lp = LivePlanner(prof, prof, Options(slo_ttft_s=1.0, slo_tpot_s=0.03, min_requests=20, requests=300))
+        if name == "learned":
+            lp.fits = learned_fits(pair, lp.fits)
+        lp.step(scrape(0, [], [], 0, 0), pair)
+        rec = lp.step(window, pair)
+        assert rec["fits"] == lp.fits.source
+        said[name] = rec["predicted_attainment"]
+    assert said["learned"] < said["profiles"]
+
+
+def test_live_refuses_a_node_speed_with_learned_fits(tmp_path) -> None:
+    from tandem.cli import build_parser
+
+    args = build_parser().parse_args(["plan", "--live", "--slo-ttft", "1", "--slo-tpot", "0.05", "--fits", "learned",
+                                      "--node-speed", "0.1", "--out", str(tmp_path)])
+    assert args.fn(args) == 2

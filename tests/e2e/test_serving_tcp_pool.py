@@ -330,7 +330,8 @@ def test_kv_control_ports_take_only_tls_peers_and_the_tools_dial_with_the_client
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         s = json.loads((tmp_path / "bench" / "results.json").read_text())["summary"]
         assert s["completed"] == s["requests"] > 0, (target, s)
-    # `tandem plan --live` reads the cluster's status and its HTTPS /metrics with them; without, it cannot
+    # `tandem plan --live` reads the cluster's status and its HTTPS /metrics with them, and with
+    # --fits learned every node's fits over the nodes' TLS; without, it cannot
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps({"prefill": [0.05, 1e-4, 0.0], "decode": [0.02, 0.001, 0.0],
                                    "transfer": [0.005, 0.0]}))
@@ -339,13 +340,14 @@ def test_kv_control_ports_take_only_tls_peers_and_the_tools_dial_with_the_client
         out = subprocess.run([sys.executable, "-m", "tandem.cli", "plan", "--live", "--profile", str(profile),
                               "--slo-ttft", "0.5", "--slo-tpot", "0.05", "--target", cluster.grpc_address,
                               "--metrics-url", cluster.http_url + "/metrics", "--every-s", "1", "--live-for-s", "1.5",
-                              "--max-model-len", str(MAX_MODEL_LEN), "--out", str(out_dir), *extra],
+                              "--max-model-len", str(MAX_MODEL_LEN), "--fits", "learned", "--out", str(out_dir),
+                              *extra],
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         recs = [json.loads(x) for x in (out_dir / "live.jsonl").read_text().splitlines()]
         assert recs and all(("error" in r) == (name == "without") for r in recs), (name, recs)
         if name == "with":
-            assert all(r["split"] == "1:2" for r in recs), recs
+            assert all(r["split"] == "1:2" and r["fits"] == "learned by 3 node(s)" for r in recs), recs
 
 
 def test_frozen_decode_node_mid_stream_is_migrated_and_rejoins_when_it_resumes(cluster: LocalCluster, stub,
