@@ -24,6 +24,7 @@ from pathlib import Path
 
 WORKLOADS = ("chat", "summarize", "code", "prefix-heavy", "multi-turn", "burst")
 FIRST_TOKEN_ID = 5  # ids below are the tiny model's special tokens
+SET_SIZES = {"prefix-heavy": 4, "multi-turn": 16}  # prefixes / conversations at once, unless given
 
 
 @dataclass
@@ -83,14 +84,13 @@ def generate(name: str, *, rate: float, duration_s: float, seed: int = 0, max_mo
     rng = random.Random(f"{name}:{seed}")
     shape = burstiness if burstiness is not None else (0.2 if name == "burst" else 1.0)
     times = arrivals(rng, rate, duration_s, shape)
+    n = prefixes_n or SET_SIZES.get(name, 0)
     if name == "multi-turn":
-        start = None if corpus_seed is None else under_way(
-            prefixes_n or 16, max_model_len, vocab_size, random.Random(f"conversations:{corpus_seed}"))
-        return _multi_turn(rng, times, max_model_len, vocab_size, prefixes_n or 16, start)
+        start = None if corpus_seed is None else under_way(n, max_model_len, vocab_size, corpus_rng(name, corpus_seed))
+        return _multi_turn(rng, times, max_model_len, vocab_size, n, start)
     prefixes: list[list[int]] = []
     if name == "prefix-heavy":
-        prefixes = corpus(prefixes_n or 4, max_model_len, vocab_size,
-                          rng if corpus_seed is None else random.Random(f"corpus:{corpus_seed}"))
+        prefixes = corpus(n, max_model_len, vocab_size, rng if corpus_seed is None else corpus_rng(name, corpus_seed))
     out = []
     for t in times:
         if name == "prefix-heavy":
@@ -112,6 +112,21 @@ def corpus(n: int, max_model_len: int, vocab_size: int, rng: random.Random) -> l
     return [[rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(plen)] for _ in range(n)]
 
 
+def corpus_rng(workload: str, seed: int) -> random.Random:
+    """The generator of a workload's corpus (prefix-heavy's prefixes, multi-turn's conversations
+    under way): the trace and the warm-up draw the same one."""
+    return random.Random(f"{'conversations' if workload == 'multi-turn' else 'corpus'}:{seed}")
+
+
+def _ids(rng: random.Random, n: int, vocab_size: int) -> list[int]:
+    return [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(n)]
+
+
+def _system(rng: random.Random, max_model_len: int, vocab_size: int) -> list[int]:
+    """multi-turn's system prompt: every conversation starts with the same instructions."""
+    return _ids(rng, min(256, max_model_len // 8), vocab_size)
+
+
 def _turn(rng: random.Random) -> tuple[int, int]:
     """A turn's new user message and its reply, in tokens."""
     return _clip(rng.gauss(64, 16), 16, 128), _clip(rng.gauss(64, 16), 16, 128)
@@ -122,10 +137,7 @@ def under_way(n: int, max_model_len: int, vocab_size: int,
     """multi-turn's ``n`` conversations already under way: one system prompt, and each conversation
     that prompt and the earlier turns (messages and replies) of a length drawn evenly between the
     prompt alone and three quarters of the context: what a service holds in steady state."""
-    def tokens(k: int) -> list[int]:
-        return [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(k)]
-
-    system = tokens(min(256, max_model_len // 8))
+    system = _system(rng, max_model_len, vocab_size)
     out = []
     for _ in range(n):
         target, h = rng.uniform(len(system), 0.75 * max_model_len), list(system)
@@ -133,18 +145,15 @@ def under_way(n: int, max_model_len: int, vocab_size: int,
             user, reply = _turn(rng)
             if len(h) + user + reply > target:
                 break
-            h += tokens(user) + tokens(reply)
+            h += _ids(rng, user, vocab_size) + _ids(rng, reply, vocab_size)
         out.append(h)
     return system, out
 
 
 def _multi_turn(rng: random.Random, times: list[float], max_model_len: int, vocab_size: int,
                 conversations: int, start: tuple[list[int], list[list[int]]] | None = None) -> list[TraceEntry]:
-    def tokens(n: int) -> list[int]:
-        return [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(n)]
-
     if start is None:
-        system = tokens(min(256, max_model_len // 8))  # every conversation starts with the same instructions
+        system = _system(rng, max_model_len, vocab_size)
         history: list[list[int]] = [list(system) for _ in range(conversations)]
     else:
         system, history = start[0], [list(h) for h in start[1]]
@@ -154,9 +163,9 @@ def _multi_turn(rng: random.Random, times: list[float], max_model_len: int, voca
         user, reply = _turn(rng)
         if len(history[c]) + user + reply + 1 > max_model_len:
             history[c] = list(system)  # a new conversation in its place
-        ids = history[c] + tokens(user)
+        ids = history[c] + _ids(rng, user, vocab_size)
         out.append(TraceEntry(t, len(ids), reply, c, ids))
-        history[c] = ids + tokens(reply)  # the next turn resends this one and a stand-in for its reply
+        history[c] = ids + _ids(rng, reply, vocab_size)  # the next turn resends this one and a stand-in for its reply
     return out
 
 
@@ -165,10 +174,11 @@ def warm_entries(workload: str, n: int | None, max_model_len: int, vocab_size: i
     prefixes, or each of multi-turn's conversations under way (``n`` of them; None: the workload's
     own number, as ``generate`` takes it), with a few tokens of its own after
     it and a 2-token reply (arrival times are the caller's)."""
+    size, rng = n or SET_SIZES.get(workload, 0), corpus_rng(workload, corpus_seed)
     if workload == "multi-turn":
-        seen = under_way(n or 16, max_model_len, vocab_size, random.Random(f"conversations:{corpus_seed}"))[1]
+        seen = under_way(size, max_model_len, vocab_size, rng)[1]
     elif workload == "prefix-heavy":
-        seen = corpus(n or 4, max_model_len, vocab_size, random.Random(f"corpus:{corpus_seed}"))
+        seen = corpus(size, max_model_len, vocab_size, rng)
     else:
         raise ValueError(f"{workload!r} has no corpus to warm (prefix-heavy and multi-turn do)")
     return [TraceEntry(0.0, len(p) + 8, 2, i, p + [FIRST_TOKEN_ID + i % 7] * 8) for i, p in enumerate(seen)]

@@ -165,7 +165,8 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
     of that many tokens, over a disk tier with ``store_disk``). ``prefixes``: the workload's
     prefixes or conversations (0: its own number). ``speed``: how far every node's times stray
     from its profile, unseen by admission (tandem/nodespeed.py; default: exactly at it); with
-    ``decode_speed``, ``speed`` is the prefills' and that the decode steps'."""
+    ``decode_speed``, ``speed`` is the prefill nodes' and ``decode_speed`` the decode nodes' (their
+    local prefills too: the simulator draws a speed a node)."""
     step_speed = speed if decode_speed is None else decode_speed
     if nodes < 2:
         raise ValueError("a plan needs at least 2 nodes (a split of them)")
@@ -394,6 +395,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         speed = parse_speed(getattr(args, "node_speed", ""))
     except ValueError as exc:
         print(f"tandem plan: --node-speed: {exc}", file=sys.stderr)
+        return 2
+    if args.fits == "learned" and not (args.live or args.validate):
+        print("tandem plan: --fits learned is for --live or --validate (a plan has no running nodes to learn "
+              "from; give it --profile)", file=sys.stderr)
         return 2
     if speed.varies and args.live and args.fits == "learned":
         print("tandem plan --live: --node-speed or --fits learned, not both (the nodes' measured speeds come "

@@ -71,7 +71,8 @@ def pools(client: Client) -> Pools:
             getattr(out, n.role).append((n.node_id, n.outstanding))
             try:
                 out.learned[n.node_id] = learned_from(n.fits, n.speeds, f"{n.node_id}, learned")
-            except ValueError:  # no load message yet (or fits without both kinds): not learned
+            except (ValueError, TypeError):  # no load message yet, fits without both kinds, or a speed
+                # of another version's shape: not learned (named in the decision's fits)
                 pass
     return out
 

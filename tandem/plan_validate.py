@@ -132,15 +132,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
         def fresh_cfg() -> SimConfig:
             """Before each rate: the fits the nodes learned over the rates before it, and how far
             their work strayed from them (a pool's the mean of those measured; none: at its fits)."""
-            seen = {kind: [learned(system.nodes[n], f"{n}, learned") for n in pool[kind]] for kind in pool}
+            from tandem.plan_live import Fits, Pools, learned_fits
 
-            def speed(kind: str, of: str) -> Speed:
-                return Speed.mean([s[of] for _, s in seen[kind] if of in s])
-
-            dec = Timings.mean([t for t, _ in seen["decode"]])
-            return replace(cfg, prefill=Timings.mean([t for t, _ in seen["prefill"]]) if num_prefill else dec,
-                           decode=dec, prefill_speed=speed("prefill", "prefill"),
-                           decode_speed=speed("decode", "decode"))
+            now = Pools([(n, 0) for n in pool["prefill"]], [(n, 0) for n in pool["decode"]],
+                        {n: learned(system.nodes[n], f"{n}, learned") for names in pool.values() for n in names})
+            f = learned_fits(now, Fits(cfg.prefill, cfg.decode))
+            return replace(cfg, prefill=f.prefill, decode=f.decode, prefill_speed=f.prefill_speed,
+                           decode_speed=f.decode_speed)
 
         fresh: Callable[[], SimConfig] | None = fresh_cfg if fits == "learned" else None
         carry: list[Learned] = []  # the simulated coordinator's calibrations, from rate to rate

@@ -179,13 +179,14 @@ def test_fits_learned_are_each_pools_nodes_means_and_a_node_without_any_is_left_
     prof = Timings((0.002, 4e-4, 5e-8), (0.008, 5e-4, 1e-6), source="profile")
     slow = Timings((0.004, 8e-4, 1e-7), (0.024, 1.5e-3, 3e-6), source="slow")
     fast = Timings((0.002, 4e-4, 5e-8), (0.012, 5e-4, 1e-6), source="fast")
-    told = {"p0": (prof, {"prefill": Speed(0.1, 1.0, 0.05, 0.02)}),
+    mid = Timings((0.003, 5e-4, 6e-8), (0.01, 6e-4, 1e-6), source="mid")
+    told = {"p0": (mid, {"prefill": Speed(0.1, 1.0, 0.05, 0.02)}),
             "d0": (slow, {"decode": Speed(0.2, 2.0, 0.1, 0.04), "prefill": Speed(0.3)}),
             "d1": (fast, {})}
     profiles = Fits(prof, prof)
     f = learned_fits(Pools([("p0", 0)], [("d0", 0), ("d1", 0), ("d2", 0)], told), profiles)
     assert f.decode.decode == pytest.approx(tuple((a + b) / 2 for a, b in zip(slow.decode, fast.decode)))
-    assert f.prefill == prof and f.prefill_speed == Speed.mean([Speed(0.1, 1.0, 0.05, 0.02)])
+    assert f.prefill == mid and f.prefill_speed == Speed.mean([Speed(0.1, 1.0, 0.05, 0.02)])
     assert f.decode_speed == Speed.mean([Speed(0.2, 2.0, 0.1, 0.04)])  # d1 measured none yet
     assert f.source == "learned by 3 node(s); none reported yet by d2"
     # no prefill pool: the decode nodes' prefill fits and speeds; no node has reported: the profiles
@@ -217,9 +218,39 @@ def test_fits_learned_are_each_pools_nodes_means_and_a_node_without_any_is_left_
     assert said["learned"] < said["profiles"]
 
 
-def test_live_refuses_a_node_speed_with_learned_fits(tmp_path) -> None:
+def test_learned_fits_are_refused_with_a_node_speed_or_without_live_nodes(tmp_path, capsys) -> None:
     from tandem.cli import build_parser
 
-    args = build_parser().parse_args(["plan", "--live", "--slo-ttft", "1", "--slo-tpot", "0.05", "--fits", "learned",
-                                      "--node-speed", "0.1", "--out", str(tmp_path)])
-    assert args.fn(args) == 2
+    base = ["plan", "--slo-ttft", "1", "--slo-tpot", "0.05", "--fits", "learned", "--out", str(tmp_path)]
+    args = build_parser().parse_args([*base, "--live", "--node-speed", "0.1"])
+    assert args.fn(args) == 2 and "--node-speed or --fits learned, not both" in capsys.readouterr().err
+    args = build_parser().parse_args(base)
+    assert args.fn(args) == 2 and "--fits learned is for --live or --validate" in capsys.readouterr().err
+
+
+def test_the_pools_carry_what_each_routable_node_has_learned_as_the_status_gives_it() -> None:
+    """`pools` reads the coordinator's status: a node that has sent no load message yet (no fits),
+    one whose speed has another version's shape, and a draining one are not learned from."""
+    from tandem.plan_live import pools
+    from tandem.proto import tandem_pb2 as pb
+
+    def fits(step: float) -> list[pb.PerfFit]:
+        return [pb.PerfFit(name="prefill", coefficients=[0.01, 4e-4, 0.0], samples=5),
+                pb.PerfFit(name="decode", coefficients=[step, 5e-4, 1e-6], samples=50)]
+
+    status = pb.ClusterStatusResponse(nodes=[
+        pb.NodeInfo(node_id="p0", role="prefill", outstanding=2, fits=fits(0.008)),
+        pb.NodeInfo(node_id="d0", role="decode", fits=fits(0.02),
+                    speeds=[pb.PerfFit(name="decode", coefficients=[0.2, 2.0, 0.1, 0.01])]),
+        pb.NodeInfo(node_id="d1", role="decode"),  # no load message yet
+        pb.NodeInfo(node_id="d2", role="decode", fits=fits(0.03), speeds=[pb.PerfFit(name="decode", coefficients=[1, 2, 3, 4, 5])]),
+        pb.NodeInfo(node_id="d3", role="decode", draining=True, fits=fits(0.04))])
+
+    class Client:
+        def status(self, timeout_s: float) -> pb.ClusterStatusResponse:
+            return status
+
+    now = pools(Client())  # type: ignore[arg-type]
+    assert now.prefill == [("p0", 2)] and [n for n, _ in now.decode] == ["d0", "d1", "d2"]
+    assert sorted(now.learned) == ["d0", "p0"] and now.learned["d0"][0].decode == (0.02, 5e-4, 1e-6)
+    assert now.learned["d0"][1]["decode"].bias == 0.01

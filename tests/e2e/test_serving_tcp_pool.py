@@ -330,8 +330,8 @@ def test_kv_control_ports_take_only_tls_peers_and_the_tools_dial_with_the_client
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         s = json.loads((tmp_path / "bench" / "results.json").read_text())["summary"]
         assert s["completed"] == s["requests"] > 0, (target, s)
-    # `tandem plan --live` reads the cluster's status and its HTTPS /metrics with them, and with
-    # --fits learned every node's fits over the nodes' TLS; without, it cannot
+    # `tandem plan --live` reads the cluster's status and its HTTPS /metrics with them (with --fits
+    # learned, every node's learned fits come in that status); without, it cannot
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps({"prefill": [0.05, 1e-4, 0.0], "decode": [0.02, 0.001, 0.0],
                                    "transfer": [0.005, 0.0]}))
