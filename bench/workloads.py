@@ -54,6 +54,11 @@ def _clip(x: float, lo: int, hi: int) -> int:
     return int(min(hi, max(lo, round(x))))
 
 
+def _ids(rng: random.Random, n: int, vocab_size: int) -> list[int]:
+    """``n`` token ids drawn from ``rng`` (none of the special tokens)."""
+    return [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(n)]
+
+
 def _lengths(name: str, rng: random.Random, ctx: int) -> tuple[int, int]:
     if name in ("chat", "burst", "prefix-heavy"):
         out = _clip(rng.gauss(250, 50), 16, 512)
@@ -97,11 +102,11 @@ def generate(name: str, *, rate: float, duration_s: float, seed: int = 0, max_mo
             pid = rng.randrange(len(prefixes))
             suffix_len = _clip(rng.gauss(64, 16), 8, 128)
             olen = min(_clip(rng.gauss(128, 32), 16, 256), max_model_len - len(prefixes[pid]) - suffix_len - 1)
-            ids = prefixes[pid] + [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(suffix_len)]
+            ids = prefixes[pid] + _ids(rng, suffix_len, vocab_size)
             out.append(TraceEntry(t, len(ids), max(1, olen), pid, ids if with_ids else None))
             continue
         ilen, olen = _lengths(name, rng, max_model_len)
-        ids = [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(ilen)] if with_ids else None
+        ids = _ids(rng, ilen, vocab_size) if with_ids else None
         out.append(TraceEntry(t, ilen, olen, None, ids))
     return out
 
@@ -109,17 +114,13 @@ def generate(name: str, *, rate: float, duration_s: float, seed: int = 0, max_mo
 def corpus(n: int, max_model_len: int, vocab_size: int, rng: random.Random) -> list[list[int]]:
     """prefix-heavy's shared prefixes: ``n`` of min(1024, context / 2) tokens."""
     plen = min(1024, max_model_len // 2)
-    return [[rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(plen)] for _ in range(n)]
+    return [_ids(rng, plen, vocab_size) for _ in range(n)]
 
 
 def corpus_rng(workload: str, seed: int) -> random.Random:
     """The generator of a workload's corpus (prefix-heavy's prefixes, multi-turn's conversations
     under way): the trace and the warm-up draw the same one."""
     return random.Random(f"{'conversations' if workload == 'multi-turn' else 'corpus'}:{seed}")
-
-
-def _ids(rng: random.Random, n: int, vocab_size: int) -> list[int]:
-    return [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(n)]
 
 
 def _system(rng: random.Random, max_model_len: int, vocab_size: int) -> list[int]:
@@ -229,8 +230,8 @@ def materialize(entries: list[TraceEntry], seed: int, vocab_size: int, block_tok
         for h in e.hash_ids or []:
             if h not in blocks:
                 brng = random.Random(f"block:{seed}:{h}")
-                blocks[h] = [brng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(block_tokens)]
+                blocks[h] = _ids(brng, block_tokens, vocab_size)
             ids.extend(blocks[h])
         ids = ids[: e.input_len]
-        ids += [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(e.input_len - len(ids))]
+        ids += _ids(rng, e.input_len - len(ids), vocab_size)
         e.input_ids = ids

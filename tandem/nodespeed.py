@@ -28,7 +28,9 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 WINDOW_S = 1.0
 KEEP_WINDOWS = 600  # the latest windows with work in them
@@ -57,6 +59,12 @@ class Speed:
     @property
     def varies(self) -> bool:
         return self.sd > 0 or self.jitter_sd > 0 or self.bias != 0
+
+    @classmethod
+    def by_kind(cls, fits: Iterable[Any]) -> dict[str, Speed]:
+        """A node's speeds as it sends them (``PerfFit`` messages: ``NodeLoad.speeds``,
+        ``NodeInfo.speeds``), by kind; a kind not measured yet is absent."""
+        return {f.name: cls(*f.coefficients) for f in fits}
 
     @classmethod
     def mean(cls, speeds: list[Speed]) -> Speed:

@@ -62,15 +62,13 @@ class Pools:
 
 def pools(client: Client) -> Pools:
     """The coordinator's routable nodes (up, not draining) by role, with what each has learned."""
-    from tandem.plan_validate import learned_from
-
     st = client.status(timeout_s=5)
     out = Pools([], [])
     for n in st.nodes:
         if not n.down and not n.draining:
             getattr(out, n.role).append((n.node_id, n.outstanding))
             try:
-                out.learned[n.node_id] = learned_from(n.fits, n.speeds, f"{n.node_id}, learned")
+                out.learned[n.node_id] = (Timings.from_fits(n.fits, f"{n.node_id}, learned"), Speed.by_kind(n.speeds))
             except (ValueError, TypeError):  # no load message yet, fits without both kinds, or a speed
                 # of another version's shape: not learned (named in the decision's fits)
                 pass

@@ -27,7 +27,7 @@ import os
 import re
 import statistics
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import astuple, replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from typing import Any
 from tandem.node.config import DECODE_STEP_TOKENS
 from tandem.nodespeed import Speed
 from tandem.plan import probe_attainment, ratio_goodput
+from tandem.plan_live import Fits, Pools, learned_fits
 from tandem.sim import Learned, simulate_draws
 from tandem.simconfig import SimConfig
 from tandem.timings import Timings
@@ -132,8 +133,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
         def fresh_cfg() -> SimConfig:
             """Before each rate: the fits the nodes learned over the rates before it, and how far
             their work strayed from them (a pool's the mean of those measured; none: at its fits)."""
-            from tandem.plan_live import Fits, Pools, learned_fits
-
             now = Pools([(n, 0) for n in pool["prefill"]], [(n, 0) for n in pool["decode"]],
                         {n: learned(system.nodes[n], f"{n}, learned") for names in pool.values() for n in names})
             f = learned_fits(now, Fits(cfg.prefill, cfg.decode))
@@ -243,7 +242,8 @@ def learned_timings(grpc_address: str, source: str) -> Timings:
 
 def learned(grpc_address: str, source: str) -> tuple[Timings, dict[str, Speed]]:
     """A node's fits as it has learned them while serving (its NodeMonitor stream's latest message):
-    what admission predicts with, and how far its work strays from them (``learned_from``)."""
+    what admission predicts with (``Timings.from_fits``), and how far its work strays from them
+    (``Speed.by_kind``)."""
     import grpc
 
     from tandem.proto import tandem_pb2 as pb
@@ -253,20 +253,7 @@ def learned(grpc_address: str, source: str) -> tuple[Timings, dict[str, Speed]]:
         call = pb_grpc.NodeMonitorStub(ch).Watch(pb.WatchRequest(), timeout=10)
         msg = next(iter(call))
         call.cancel()
-    return learned_from(msg.fits, msg.speeds, source)
-
-
-def learned_from(fits: Iterable[Any], speeds: Iterable[Any], source: str) -> tuple[Timings, dict[str, Speed]]:
-    """A node's ``PerfFit``s as the simulator's times (a negative coefficient, a fit's noise, counts
-    as 0; a fit with no samples, or a load fit with fewer than admission uses, is left at 0), and
-    its speeds by kind (a kind not measured yet is absent)."""
-    from tandem.perfmodel import LOAD_MIN_SAMPLES
-
-    got = {f.name: tuple(max(0.0, c) for c in f.coefficients) for f in fits
-           if f.samples >= (LOAD_MIN_SAMPLES if f.name == "load" else 1)}
-    timings = Timings(got.get("prefill", (0.0, 0.0, 0.0)), got.get("decode", (0.0, 0.0, 0.0)),  # type: ignore[arg-type]
-                      got.get("transfer", (0.0, 0.0)), source, got.get("load", (0.0, 0.0, 0.0)))  # type: ignore[arg-type]
-    return timings, {f.name: Speed(*f.coefficients) for f in speeds}
+    return Timings.from_fits(msg.fits, source), Speed.by_kind(msg.speeds)
 
 
 def rate_rows(target: str, cfg: SimConfig, args: argparse.Namespace, rates: list[float],

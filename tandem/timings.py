@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,17 @@ class Timings:
             for t, u in ((256, 0), (1024, 0), (4096, 0), (256, 256), (1024, 512), (4096, 4096)):
                 m.saw_load(t, u, learned(t, u))
         return m
+
+    @classmethod
+    def from_fits(cls, fits: Iterable[Any], source: str) -> Timings:
+        """A node's fits as it has learned them while serving (``PerfFit`` messages: ``NodeLoad.fits``,
+        ``NodeInfo.fits``) as times: a negative coefficient, a fit's noise, counts as 0; a fit with no
+        samples, or a load fit with fewer than admission uses, is left at 0. ValueError when the
+        prefill or the decode fit is missing (a node that has sent no load message yet)."""
+        got = {f.name: tuple(max(0.0, c) for c in f.coefficients) for f in fits
+               if f.samples >= (LOAD_MIN_SAMPLES if f.name == "load" else 1)}
+        return cls(got.get("prefill", (0.0, 0.0, 0.0)), got.get("decode", (0.0, 0.0, 0.0)),  # type: ignore[arg-type]
+                   got.get("transfer", (0.0, 0.0)), source, got.get("load", (0.0, 0.0, 0.0)))  # type: ignore[arg-type]
 
     @classmethod
     def mean(cls, nodes: list[Timings], source: str = "") -> Timings:

@@ -173,7 +173,6 @@ def test_fits_learned_are_each_pools_nodes_means_and_a_node_without_any_is_left_
     profile predict worse."""
     from tandem.nodespeed import Speed
     from tandem.plan_live import Fits, learned_fits
-    from tandem.plan_validate import learned_from
     from tandem.proto import tandem_pb2 as pb
 
     prof = Timings((0.002, 4e-4, 5e-8), (0.008, 5e-4, 1e-6), source="profile")
@@ -199,7 +198,7 @@ def test_fits_learned_are_each_pools_nodes_means_and_a_node_without_any_is_left_
                              pb.PerfFit(name="decode", coefficients=[0.02, -1e-5, 3e-6], samples=40),
                              pb.PerfFit(name="transfer", coefficients=[0.001, 1e-9], samples=0)],
                        speeds=[pb.PerfFit(name="decode", coefficients=[0.2, 2.0, 0.1, 0.04])])
-    t, sp = learned_from(info.fits, info.speeds, "d0, learned")
+    t, sp = Timings.from_fits(info.fits, "d0, learned"), Speed.by_kind(info.speeds)
     assert t.decode == (0.02, 0.0, 3e-6) and t.transfer == (0.0, 0.0) and sp == {"decode": Speed(0.2, 2.0, 0.1, 0.04)}
 
     rng = random.Random(4)
