@@ -12,7 +12,9 @@ probe sends open-loop Poisson arrivals at one rate over gRPC and measures, per r
   (from /proc) divided by the requests and tokens it relayed.
 
 A probe whose load generator fell behind its schedule (it shares its core with the nodes)
-says so: the rate it reached is reported beside the one asked for. With py-spy installed
+says so: the rate it reached is reported beside the one asked for, with its send lag and how
+busy the load side's cores were; a probe where they were saturated is marked load-bound (its
+latencies measured the load side as much as the coordinator). With py-spy installed
 the report adds where the coordinator's time goes at the highest rate (top functions).
 
 The baseline, measured in the same run at the same rates on the same core (``--floor``, on by
@@ -50,6 +52,29 @@ def cpu_seconds(pid: int) -> float:
 
 def tree_cpu_seconds(pids: list[int]) -> float:
     return sum(cpu_seconds(p) for p in pids)
+
+
+def cores_busy_seconds(cores: set[int]) -> tuple[float, float]:
+    """(busy, all) seconds the cores have counted since boot (/proc/stat; idle and iowait are not busy)."""
+    busy = every = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *ticks = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
+            t = [int(x) for x in ticks]
+            every += sum(t[:8])  # (guest time is in user already)
+            busy += sum(t[:8]) - t[3] - t[4]
+    hz = os.sysconf("SC_CLK_TCK")
+    return busy / hz, every / hz
+
+
+# A probe whose load generator sent late or whose other cores were this busy measured the load side
+# as much as the coordinator: its latencies are marked, not read as the coordinator's.
+LOAD_LAG_MS = 5.0
+LOAD_BUSY = 0.9
+
+
+def load_bound(row: dict[str, Any]) -> bool:
+    return row["send_lag_p99_ms"] > LOAD_LAG_MS or row.get("load_cores_busy", 0.0) >= LOAD_BUSY
 
 
 def pct(vals: list[float], q: float) -> float:
@@ -179,12 +204,15 @@ async def probe_http(base_url: str, rate: float, duration_s: float, prompt_token
 
 
 def measured_probe(address: str, rate: float, args: argparse.Namespace, seed: int,
-                   cpu: Callable[[], float], http_url: str = "") -> dict[str, Any]:
+                   cpu: Callable[[], float], http_url: str = "", load_cores: set[int] | frozenset[int] = frozenset()
+                   ) -> dict[str, Any]:
     """One probe (``probe``, or ``probe_http`` at ``http_url`` when given) and what ``cpu`` (CPU
     seconds of the process(es) under test) counted over it: the probe's row with that CPU's share
-    of the wall time and per request and token."""
+    of the wall time and per request and token; with ``load_cores`` (those of the load generator
+    and the nodes), how busy they were (``load_cores_busy``, 0-1)."""
     import uvloop
 
+    b0 = cores_busy_seconds(set(load_cores)) if load_cores else None
     c0, w0 = cpu(), time.perf_counter()
     if http_url:
         row = uvloop.run(probe_http(http_url, rate, args.duration, args.prompt_tokens, args.output_tokens, seed))
@@ -193,6 +221,9 @@ def measured_probe(address: str, rate: float, args: argparse.Namespace, seed: in
     used, wall = cpu() - c0, time.perf_counter() - w0
     row.update({"cpu_share": used / wall, "cpu_us_per_request": used / max(1, row["requests"]) * 1e6,
                 "cpu_us_per_token": used / max(1, row["tokens"]) * 1e6, "tokens_per_s": row["tokens"] / wall})
+    if b0 is not None:
+        b1 = cores_busy_seconds(set(load_cores))
+        row["load_cores_busy"] = (b1[0] - b0[0]) / max(1e-9, b1[1] - b0[1])
     return row
 
 
@@ -296,7 +327,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
                         spy = threading.Thread(target=lambda: top.extend(py_spy_top(pid, args.duration * 0.8, out)))
                         spy.start()
                     row = measured_probe(cluster.grpc_address, rate, args, k, lambda: tree_cpu_seconds(pids),
-                                         http_url=cluster.http_url if api == "http" else "")
+                                         http_url=cluster.http_url if api == "http" else "", load_cores=set(rest))
                     if spy is not None:
                         spy.join()
                     row["coordinator_cpu_share"] = row.pop("cpu_share")
@@ -308,7 +339,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
                     print(f"  {api}, {rate:g} req/s (sent {row['sent_rate']:.0f}): {added}, TTFT p50 "
                           f"{row['ttft_p50_ms']:.2f} ms; coordinator CPU {row['coordinator_cpu_share']:.0%}, "
                           f"{row['cpu_us_per_request']:.0f} us/request, {row['cpu_us_per_token']:.1f} us/token; "
-                          f"errors {row['errors']}", flush=True)
+                          f"errors {row['errors']}; {_load_side(row)}", flush=True)
     floor = [r for mode in modes for r in measure_floor(rates, args, mine, set(rest), mode)] if args.floor else []
     for row in rows:
         base = next((b for b in floor if b["node_calls"] == row["node_calls"] and b["rate"] == row["rate"]), None)
@@ -355,12 +386,13 @@ def measure_floor(rates: list[float], args: argparse.Namespace, mine: set[int], 
         address = f"127.0.0.1:{relay_port}"
         uvloop.run(probe(address, 20, 3, args.prompt_tokens, args.output_tokens, 99))  # warm-up
         for k, rate in enumerate(rates):
-            row = measured_probe(address, rate, args, k, lambda: cpu_seconds(relay))
+            row = measured_probe(address, rate, args, k, lambda: cpu_seconds(relay), load_cores=rest)
             row["node_calls"] = mode
             rows.append(row)
             print(f"  baseline ({mode}), grpc.aio alone making the same calls, {rate:g} req/s (sent {row['sent_rate']:.0f}): "
-                  f"CPU {row['cpu_share']:.0%}, {row['cpu_us_per_request']:.0f} us/request; errors {row['errors']}",
-                  flush=True)
+                  f"added TTFT p50 {row['added_ttft_p50_ms']:.2f} ms, p99 {row['added_ttft_p99_ms']:.2f} ms; "
+                  f"CPU {row['cpu_share']:.0%}, {row['cpu_us_per_request']:.0f} us/request; errors {row['errors']}; "
+                  f"{_load_side(row)}", flush=True)
     finally:
         for proc in procs:
             proc.terminate()
@@ -373,6 +405,13 @@ def measure_floor(rates: list[float], args: argparse.Namespace, mine: set[int], 
             if proc.stdout is not None:
                 proc.stdout.close()
     return rows
+
+
+def _load_side(row: dict[str, Any]) -> str:
+    busy = row.get("load_cores_busy")
+    words = f"load side: send lag p99 {row['send_lag_p99_ms']:.1f} ms" + (
+        "" if busy is None else f", its cores {busy:.0%} busy")
+    return words + (" (load-bound: these latencies are not the coordinator's alone)" if load_bound(row) else "")
 
 
 def write_report(out: Path, doc: dict[str, Any]) -> None:
@@ -401,6 +440,9 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
             a2.plot(sent, [r["cpu_us_per_request"] for r in mine], marker="o",
                     label=f"coordinator, {api}, --node-calls {mode}")
         base = of(floor, mode)
+        if base and base[0].get("added_ttft_p99_ms") is not None:
+            a1.plot([r["sent_rate"] for r in base], [r["added_ttft_p99_ms"] for r in base], marker="o",
+                    linestyle="--", label=f"p99, grpc.aio alone ({mode})")
         if base:
             a2.plot([r["sent_rate"] for r in base], [r["cpu_us_per_request"] for r in base], marker="o",
                     linestyle="--", label=f"grpc.aio alone, the same calls ({mode})")
@@ -425,31 +467,44 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
              "`call`: a gRPC call each.", "",
              "`http`: the clients stream /v1/completions as server-sent events (no node timings come back, so "
              "no added TTFT; the TTFT is the client's, the simulated prefill's 2 ms in it).", "",
+             "The load side (the load generator and the simulated nodes, on the other cores) is measured too: "
+             "its send lag p99 (how late requests left against their Poisson times) and how busy its cores were. "
+             f"A row marked † had a send lag p99 over {LOAD_LAG_MS:g} ms or its cores {LOAD_BUSY:.0%} busy: its "
+             "latencies measured the load side as much as the coordinator.", "",
              "| api | node calls | asked req/s | sent req/s | added TTFT p50 | p99 | TTFT p50 | coordinator CPU | "
-             "CPU/request | CPU/token | tokens/s | errors |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "CPU/request | CPU/token | tokens/s | errors | load side: lag p99, busy |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def ms(v: float | None) -> str:
         return "–" if v is None else f"{v:.2f} ms"
+
+    def side(r: dict[str, Any]) -> str:
+        busy = r.get("load_cores_busy")
+        return (f"{r['send_lag_p99_ms']:.1f} ms, {'–' if busy is None else f'{busy:.0%}'}"
+                f"{' †' if load_bound(r) else ''}")
 
     for r in rows:
         lines.append(f"| {r.get('api', 'grpc')} | {r.get('node_calls', 'call')} | {r['rate']:g} | {r['sent_rate']:.0f} | "
                      f"{ms(r['added_ttft_p50_ms'])} | {ms(r['added_ttft_p99_ms'])} | {ms(r.get('ttft_p50_ms'))} | "
                      f"{r['coordinator_cpu_share']:.0%} | {r['cpu_us_per_request']:.0f} us | "
-                     f"{r['cpu_us_per_token']:.1f} us | {r['tokens_per_s']:.0f} | {r['errors']} |")
+                     f"{r['cpu_us_per_token']:.1f} us | {r['tokens_per_s']:.0f} | {r['errors']} | {side(r)} |")
     if floor:
         lines += ["", "The baseline in the same run, same core and rates: grpc.aio alone doing what a request "
                   "costs (the client's stream, a Prefill and a Decode: as calls, or as messages on one stream a "
-                  "node) with the same messages and nothing else (bench/grpc_floor.py).", "",
-                  "| node calls | asked req/s | sent req/s | its CPU/request | the coordinator's | "
-                  "Tandem's own (the difference) |", "|---|---:|---:|---:|---:|---:|"]
+                  "node) with the same messages and nothing else (bench/grpc_floor.py). Its added TTFT is what "
+                  "the library and this load side add with no coordinator code at all.", "",
+                  "| node calls | asked req/s | sent req/s | its added TTFT p50 | p99 | its CPU/request | "
+                  "the coordinator's | Tandem's own (the difference) | load side: lag p99, busy |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for b in floor:
             r = next((r for r in rows if r.get("node_calls", "call") == b.get("node_calls", "call")
                       and r.get("api", "grpc") == "grpc" and r["rate"] == b["rate"]), None)
             if r is None:
                 continue
             lines.append(f"| {b.get('node_calls', 'call')} | {b['rate']:g} | {b['sent_rate']:.0f} | "
+                         f"{ms(b.get('added_ttft_p50_ms'))} | {ms(b.get('added_ttft_p99_ms'))} | "
                          f"{b['cpu_us_per_request']:.0f} us | {r['cpu_us_per_request']:.0f} us | "
-                         f"{r['cpu_us_per_request'] - b['cpu_us_per_request']:.0f} us |")
+                         f"{r['cpu_us_per_request'] - b['cpu_us_per_request']:.0f} us | {side(b)} |")
     lines += ["", "![coordinator](coordinator.png)", ""]
     if doc["top_functions"]:
         lines += [f"Where the coordinator's time goes at the highest rate ({apis[0]}, `--node-calls {modes[0]}`; "

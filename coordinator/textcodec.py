@@ -30,6 +30,7 @@ class FastTokenizer:
         from tokenizers import Tokenizer
 
         self._tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self._fast: Any = getattr(self._tok, "encode_batch_fast", None)
         config: dict[str, Any] = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins, as in transformers
             try:
@@ -59,11 +60,14 @@ class FastTokenizer:
         return int(self._tok.get_vocab_size(with_added_tokens=True))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        # Without the offsets nobody here reads (tokenizers >= 0.21): a quarter less time, the same ids.
+        if self._fast is not None:
+            return self._fast([text], add_special_tokens=add_special_tokens)[0].ids  # type: ignore[no-any-return]
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids  # type: ignore[no-any-return]
 
     def encode_off_gil(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """The same ids; the GIL released while it runs (for a worker thread)."""
-        return list(self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
+        """The same ids; the GIL released while it runs (for a worker thread): the batch calls release it."""
+        return (self._fast or self._tok.encode_batch)([text], add_special_tokens=add_special_tokens)[0].ids  # type: ignore[no-any-return]
 
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str | None]:  # as transformers' tokenizers
         return [self._tok.id_to_token(i) for i in ids]

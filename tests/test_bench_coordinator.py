@@ -79,3 +79,31 @@ def test_the_relay_bench_refuses_an_unknown_front_end(tmp_path, tiny_model) -> N
                               model=str(tiny_model), out=str(tmp_path))
     with pytest.raises(SystemExit, match="--apis: some of grpc, http"):
         cmd_relay(args)
+
+
+def test_the_coordinator_bench_marks_probes_whose_load_side_was_saturated(tmp_path) -> None:
+    from tandem.bench.coordinator_load import cores_busy_seconds, load_bound, write_report
+
+    cores = set(os.sched_getaffinity(0))
+    busy, every = cores_busy_seconds(cores)
+    assert 0 < busy <= every
+    assert cores_busy_seconds(set()) == (0.0, 0.0)
+
+    def row(rate: float, lag_ms: float, busy: float, **kw: object) -> dict:
+        return {"rate": rate, "sent_rate": rate, "added_ttft_p50_ms": 1.5, "added_ttft_p99_ms": 9.0,
+                "ttft_p50_ms": 3.5, "send_lag_p99_ms": lag_ms, "load_cores_busy": busy, "cpu_share": 0.3,
+                "cpu_us_per_request": 800.0, "cpu_us_per_token": 50.0, "tokens_per_s": 100.0, "errors": 0,
+                "node_calls": "stream", **kw}
+
+    calm, lagging, busy_side = row(100, 1.0, 0.4), row(200, 30.0, 0.6), row(300, 1.0, 0.97)
+    assert not load_bound(calm) and load_bound(lagging) and load_bound(busy_side)
+    rows = [dict(r, api="grpc", coordinator_cpu_share=0.5, cpu_us_per_request=1800.0)
+            for r in (calm, lagging, busy_side)]
+    write_report(tmp_path, {"rows": rows, "floor_rows": [calm, lagging, busy_side], "node_calls": ["stream"],
+                            "apis": ["grpc"], "prefill_nodes": 4, "decode_nodes": 4, "profile": {},
+                            "prompt_tokens": 64, "output_tokens": 16, "coordinator_cores": [0],
+                            "other_cores": [1], "goal": "g", "top_functions": []})
+    report = (tmp_path / "report.md").read_text()
+    assert "| 1.0 ms, 40% |" in report and "| 30.0 ms, 60% † |" in report and "| 1.0 ms, 97% † |" in report
+    # the baseline's own added TTFT and what Tandem's code costs beside it
+    assert "| stream | 100 | 100 | 1.50 ms | 9.00 ms | 800 us | 1800 us | 1000 us | 1.0 ms, 40% |" in report
