@@ -17,7 +17,9 @@ the batch each assumes). It then scores batch forecasts of growing knowledge:
 
 ``admission`` is what the coordinator predicted (and, where the log gives it, the same without
 the factor each node learned from finished requests). If ``oracle`` is close and ``forward`` is not,
-the error is the arrivals after admission, which no prediction made at admission can know.
+the error is the arrivals after admission, which no prediction made at admission can know. How
+large that part must be: the least error of any prediction made at admission, with the arrivals
+drawn as a Poisson process at the node's rate (forecast_bound.py).
 
 How much of the TPOT error is the decode nodes' other work: their own prefills (0:N, conditional
 disaggregation) and, with their logs beside the coordinator's, their KV fetches: the share of each
@@ -446,6 +448,15 @@ def main(argv: list[str] | None = None) -> int:
     print("TPOT error with the batch forecast from:")
     for name, e in res.items():
         print(f"  {name:21s} p50 {e['p50']:6.1%}  p90 {e['p90']:6.1%}")
+    from tandem.bench.forecast_bound import arrivals_bound
+
+    bound = arrivals_bound(reqs, fit["const_s"], fit["per_stream_s"])
+    if bound:
+        d, m = bound["drawn"], bound["measured"]
+        print(f"the least TPOT error of any prediction at admission, the arrivals after it drawn (Poisson at "
+              f"each node's rate, {bound['arrivals_per_life']['mean']:.1f} a life on average; the streams' stays "
+              f"known; forecast_bound.py): p50 {d['p50']:.1%} p90 {d['p90']:.1%} against the draws; against the "
+              f"measured TPOT p50 {m['p50']:.1%} p90 {m['p90']:.1%}")
     if all(r.factor > 0 for r in reqs) and args.factor_rates:
         print("admission's TPOT error with its calibration learned at (weight a request): a line, or a factor")
         for rate in (float(x) for x in args.factor_rates.split(",")):

@@ -245,3 +245,33 @@ def test_bench_compare_reports_the_calibration_replay_of_its_own_run(tmp_path: P
     assert replay_facts(tmp_path / "absent.log") == {} and _replay_lines([{"name": "vllm", "facts": {}}]) == []
     (tmp_path / "unreadable.log").mkdir()  # a log that cannot be read: said, not raised
     assert "ttft_replay_error" in replay_facts(tmp_path / "unreadable.log")
+
+
+def test_the_least_tpot_error_at_admission_is_the_spread_the_arrivals_leave() -> None:
+    import numpy as np
+
+    from tandem.bench.forecast_bound import arrivals_bound, draw_tpots, weighted_median
+
+    # The minimiser of sum(w · |v - x|): the value where the weights reach half.
+    assert weighted_median(np.array([3.0, 1.0, 2.0]), np.array([1.0, 1.0, 1.0])) == 2.0
+    assert weighted_median(np.array([1.0, 2.0, 3.0]), np.array([1.0, 1.0, 5.0])) == 3.0
+    rng = np.random.default_rng(0)
+    # No arrivals: the batch known at the start is the whole story (2 streams for the life).
+    assert np.allclose(draw_tpots(4.0, 8.0, 0.0, np.array([1.0]), 0.01, 0.002, 5, rng), 0.014)
+    # Arrivals at 2/s each staying 1 s over a 10 s life: ~2 more streams for most of it (each one
+    # arriving in the last second stays less), on top of the request alone.
+    mean = draw_tpots(10.0, 10.0, 2.0, np.array([1.0]), 0.0, 1.0, 4000, rng).mean()
+    assert mean == pytest.approx(1.0 + 2.0 * (1.0 - 0.5 / 10.0), rel=0.03)
+
+    # Requests every second on one node, each decoding 4 s.
+    def reqs(tpot: float) -> list[Req]:
+        return [Req(float(i), i + 4.0, 200, tpot, tpot, "d") for i in range(60)]
+
+    # A step that does not grow with the batch: nothing to forecast, no error at all.
+    flat = arrivals_bound(reqs(0.01), 0.01, 0.0)
+    assert flat["drawn"]["p90"] == 0.0 and flat["measured"]["p90"] == pytest.approx(0.0, abs=1e-12)
+    # A step that grows with it: the arrivals' spread is an error no prediction removes, and it
+    # grows with the step's share per stream.
+    small, large = arrivals_bound(reqs(0.02), 0.01, 0.001), arrivals_bound(reqs(0.02), 0.01, 0.004)
+    assert 0.0 < small["drawn"]["p90"] < large["drawn"]["p90"]
+    assert small["arrivals_per_life"]["mean"] == pytest.approx(4.0, rel=0.1)
