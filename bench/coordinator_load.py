@@ -8,6 +8,11 @@ probe sends open-loop Poisson arrivals at one rate over gRPC and measures, per r
   reports it): ingress, tokenizing (prompts are text), admission, routing, any wait in
   the coordinator's prefill queue (none while the nodes keep up), the prefill call's
   round trip, the relay of the first token;
+- **inside the coordinator**: the same, as the coordinator timed it (the request's finish
+  carries its parts): from its receipt (after tokenizing) to the prefill call's going out, and
+  from the first token's return to its hand-off to the client's stream. No client stack, no
+  load generator and no node call in it; beside it, the prefill call's time less the node's
+  own (the node stream's round trip);
 - **CPU per request and per token**: the coordinator process's CPU time over the probe
   (from /proc) divided by the requests and tokens it relayed.
 
@@ -116,6 +121,7 @@ async def probe(address: str, rate: float, duration_s: float, prompt_tokens: int
     channels = [grpc.aio.insecure_channel(address) for _ in range(4)]
     stubs = [pb_grpc.CoordinatorStub(ch) for ch in channels]
     added, ttfts, errors, tokens, messages, lag = [], [], 0, 0, 0, []
+    inside, node_call = [], []
 
     async def one(i: int, at: float) -> None:
         nonlocal errors, tokens, messages
@@ -137,6 +143,9 @@ async def probe(address: str, rate: float, duration_s: float, prompt_tokens: int
                     if first is not None:
                         ttfts.append(first - t0)
                         added.append(first - t0 - t.prefill_s)
+                    if t.ttft_s > 0:  # (as the coordinator timed them)
+                        inside.append(t.dispatch_s + max(0.0, t.ttft_s - t.dispatch_s - t.prefill_call_s))
+                        node_call.append(t.prefill_call_s - t.prefill_s)
         except grpc.aio.AioRpcError:
             errors += 1
 
@@ -146,7 +155,11 @@ async def probe(address: str, rate: float, duration_s: float, prompt_tokens: int
     return {"rate": rate, "requests": i, "sent_rate": i / sent_s if sent_s else 0.0, "errors": errors,
             "tokens": tokens, "messages": messages, "added_ttft_p50_ms": pct(added, 0.5) * 1000, "added_ttft_p99_ms": pct(added, 0.99) * 1000,
             "ttft_p50_ms": pct(ttfts, 0.5) * 1000, "ttft_p99_ms": pct(ttfts, 0.99) * 1000,
-            "send_lag_p99_ms": pct(lag, 0.99) * 1000}
+            "send_lag_p99_ms": pct(lag, 0.99) * 1000,
+            "inside_p50_ms": pct(inside, 0.5) * 1000 if inside else None,
+            "inside_p99_ms": pct(inside, 0.99) * 1000 if inside else None,
+            "node_call_p50_ms": pct(node_call, 0.5) * 1000 if node_call else None,
+            "node_call_p99_ms": pct(node_call, 0.99) * 1000 if node_call else None}
 
 
 async def probe_http(base_url: str, rate: float, duration_s: float, prompt_tokens: int, output_tokens: int,
@@ -336,6 +349,10 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
                     rows.append(row)
                     added = ("added TTFT n/a" if row["added_ttft_p50_ms"] is None else
                              f"added TTFT p50 {row['added_ttft_p50_ms']:.2f} ms, p99 {row['added_ttft_p99_ms']:.2f} ms")
+                    if row.get("inside_p50_ms") is not None:
+                        added += (f" (inside the coordinator p50 {row['inside_p50_ms']:.2f} ms, p99 "
+                                  f"{row['inside_p99_ms']:.2f} ms; node call beyond the node's time p50 "
+                                  f"{row['node_call_p50_ms']:.2f} ms)")
                     print(f"  {api}, {rate:g} req/s (sent {row['sent_rate']:.0f}): {added}, TTFT p50 "
                           f"{row['ttft_p50_ms']:.2f} ms; coordinator CPU {row['coordinator_cpu_share']:.0%}, "
                           f"{row['cpu_us_per_request']:.0f} us/request, {row['cpu_us_per_token']:.1f} us/token; "
@@ -437,6 +454,9 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
             if api == "grpc":  # (an HTTP stream carries no node timings: no added TTFT)
                 a1.plot(sent, [r["added_ttft_p50_ms"] for r in mine], marker="o", label=f"p50, {mode}")
                 a1.plot(sent, [r["added_ttft_p99_ms"] for r in mine], marker="o", label=f"p99, {mode}")
+                if all(r.get("inside_p99_ms") is not None for r in mine):
+                    a1.plot(sent, [r["inside_p99_ms"] for r in mine], marker="s",
+                            label=f"p99 inside the coordinator, {mode}")
             a2.plot(sent, [r["cpu_us_per_request"] for r in mine], marker="o",
                     label=f"coordinator, {api}, --node-calls {mode}")
         base = of(floor, mode)
@@ -471,9 +491,13 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
              "its send lag p99 (how late requests left against their Poisson times) and how busy its cores were. "
              f"A row marked † had a send lag p99 over {LOAD_LAG_MS:g} ms or its cores {LOAD_BUSY:.0%} busy: its "
              "latencies measured the load side as much as the coordinator.", "",
-             "| api | node calls | asked req/s | sent req/s | added TTFT p50 | p99 | TTFT p50 | coordinator CPU | "
-             "CPU/request | CPU/token | tokens/s | errors | load side: lag p99, busy |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "Inside: the same time as the coordinator measured it, from its receipt of the request (after "
+             "tokenizing) to the prefill call's going out and from the first token's return to its hand-off "
+             "to the client's stream; node call: the prefill call's time less the node's own.", "",
+             "| api | node calls | asked req/s | sent req/s | added TTFT p50 | p99 | inside p50 | p99 | "
+             "node call p50 | TTFT p50 | coordinator CPU | CPU/request | CPU/token | tokens/s | errors | "
+             "load side: lag p99, busy |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def ms(v: float | None) -> str:
         return "–" if v is None else f"{v:.2f} ms"
@@ -485,7 +509,8 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
 
     for r in rows:
         lines.append(f"| {r.get('api', 'grpc')} | {r.get('node_calls', 'call')} | {r['rate']:g} | {r['sent_rate']:.0f} | "
-                     f"{ms(r['added_ttft_p50_ms'])} | {ms(r['added_ttft_p99_ms'])} | {ms(r.get('ttft_p50_ms'))} | "
+                     f"{ms(r['added_ttft_p50_ms'])} | {ms(r['added_ttft_p99_ms'])} | {ms(r.get('inside_p50_ms'))} | "
+                     f"{ms(r.get('inside_p99_ms'))} | {ms(r.get('node_call_p50_ms'))} | {ms(r.get('ttft_p50_ms'))} | "
                      f"{r['coordinator_cpu_share']:.0%} | {r['cpu_us_per_request']:.0f} us | "
                      f"{r['cpu_us_per_token']:.1f} us | {r['tokens_per_s']:.0f} | {r['errors']} | {side(r)} |")
     if floor:
