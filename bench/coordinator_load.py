@@ -8,11 +8,12 @@ probe sends open-loop Poisson arrivals at one rate over gRPC and measures, per r
   reports it): ingress, tokenizing (prompts are text), admission, routing, any wait in
   the coordinator's prefill queue (none while the nodes keep up), the prefill call's
   round trip, the relay of the first token;
-- **inside the coordinator**: the same, as the coordinator timed it (the request's finish
-  carries its parts): from its receipt (after tokenizing) to the prefill call's going out, and
-  from the first token's return to its hand-off to the client's stream. No client stack, no
-  load generator and no node call in it; beside it, the prefill call's time less the node's
-  own (the node stream's round trip);
+- **inside the coordinator**: the part of it the coordinator timed (the request's finish
+  carries its parts): from its receipt (after tokenizing) to the prefill call's going out
+  (its turn in the prefill order included), and from the first token's return to its
+  detokenizing (the message's build and write come after). No client stack, no load generator
+  and no node call in it; beside it, the prefill call's time less the node's own (the node
+  stream's round trip, and the coordinator's wake-up for the reply);
 - **CPU per request and per token**: the coordinator process's CPU time over the probe
   (from /proc) divided by the requests and tokens it relayed.
 
