@@ -492,9 +492,9 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
              "its send lag p99 (how late requests left against their Poisson times) and how busy its cores were. "
              f"A row marked † had a send lag p99 over {LOAD_LAG_MS:g} ms or its cores {LOAD_BUSY:.0%} busy: its "
              "latencies measured the load side as much as the coordinator.", "",
-             "Inside: the same time as the coordinator measured it, from its receipt of the request (after "
-             "tokenizing) to the prefill call's going out and from the first token's return to its hand-off "
-             "to the client's stream; node call: the prefill call's time less the node's own.", "",
+             "Inside: the part the coordinator timed, from its receipt of the request (after tokenizing) to "
+             "the prefill call's going out and from the first token's return to its detokenizing (not the "
+             "message's write); node call: the prefill call's time less the node's own.", "",
              "| api | node calls | asked req/s | sent req/s | added TTFT p50 | p99 | inside p50 | p99 | "
              "node call p50 | TTFT p50 | coordinator CPU | CPU/request | CPU/token | tokens/s | errors | "
              "load side: lag p99, busy |",
