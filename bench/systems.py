@@ -382,7 +382,7 @@ def replay_facts(log: Path) -> dict[str, Any]:
     """Admission's TTFT error replayed on the run's own requests with each calibration form
     (bench/forecast.py's ``replay_ttft``), from the coordinator's log: what the report's
     calibration table shows. Nothing when the log has too few finished requests."""
-    from tandem.bench.forecast import replay_ttft
+    from tandem.bench.forecast_ttft import replay_ttft
 
     if not log.exists():
         return {}

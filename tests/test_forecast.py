@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tandem.bench.forecast import (Batch, Req, analyse, read, replay_factor, ttft_local_by_batch, ttft_local_by_credit,
-                                    replay_ttft, ttft_local_by_later, ttft_local_room, ttft_parts)
+from tandem.bench.forecast import Batch, Req, analyse, read, replay_factor
+from tandem.bench.forecast_ttft import (replay_ttft, ttft_local_by_batch, ttft_local_by_credit, ttft_local_by_later,
+                                        ttft_local_room, ttft_parts)
 
 
 def test_the_batch_over_a_life_is_its_time_average() -> None:
