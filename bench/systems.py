@@ -380,7 +380,7 @@ def cache_facts(cluster: LocalCluster, started: dict[str, dict[str, float]] | No
 
 def replay_facts(log: Path) -> dict[str, Any]:
     """Admission's TTFT error replayed on the run's own requests with each calibration form
-    (bench/forecast.py's ``replay_ttft``), from the coordinator's log: what the report's
+    (bench/forecast_ttft.py's ``replay_ttft``), from the coordinator's log: what the report's
     calibration table shows. Nothing when the log has too few finished requests."""
     from tandem.bench.forecast_ttft import replay_ttft
 
