@@ -82,7 +82,8 @@ def test_the_relay_bench_refuses_an_unknown_front_end(tmp_path, tiny_model) -> N
 
 
 def test_the_coordinator_bench_marks_probes_whose_load_side_was_saturated(tmp_path) -> None:
-    from tandem.bench.coordinator_load import cores_busy_seconds, load_bound, write_report
+    from tandem.bench.coordinator_load import cores_busy_seconds
+    from tandem.bench.coordinator_report import load_bound, write_report
 
     cores = set(os.sched_getaffinity(0))
     busy, every = cores_busy_seconds(cores)
@@ -107,3 +108,17 @@ def test_the_coordinator_bench_marks_probes_whose_load_side_was_saturated(tmp_pa
     assert "| 1.0 ms, 40% |" in report and "| 30.0 ms, 60% † |" in report and "| 1.0 ms, 97% † |" in report
     # the baseline's own added TTFT and what Tandem's code costs beside it
     assert "| stream | 100 | 100 | 1.50 ms | 9.00 ms | 800 us | 1800 us | 1000 us | 1.0 ms, 40% |" in report
+
+
+def test_the_coordinator_bench_times_inside_the_coordinator_from_the_finish_s_parts() -> None:
+    from tandem.bench.coordinator_load import inside_s
+    from tandem.proto import tandem_pb2 as pb
+
+    # Remote prefill: 1 ms to the call, a 5 ms call, 0.5 ms to the first token's hand-off.
+    assert inside_s(pb.Timings(ttft_s=0.0065, dispatch_s=0.001, prefill_call_s=0.005, prefill_s=0.004)) == \
+        pytest.approx(0.0015)
+    # A local prefill: its call is the whole span after the dispatch, nothing of it counted.
+    assert inside_s(pb.Timings(ttft_s=0.05, dispatch_s=0.002, prefill_call_s=0.048, prefill_s=0.048,
+                               local_prefill=True)) == pytest.approx(0.002)
+    # Rounding that puts the call past the TTFT never counts time back.
+    assert inside_s(pb.Timings(ttft_s=0.006, dispatch_s=0.001, prefill_call_s=0.0051)) == pytest.approx(0.001)
