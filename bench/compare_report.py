@@ -161,10 +161,13 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
               "request late in both counts as late); share prefilled on a decode node, and Tandem's "
               "prediction error |actual - predicted| / actual "
               "(client-side TTFT/TPOT against what admission predicted), p50 / p90, and in brackets the median "
-              "signed error (predicted - actual) / actual: below 0, predictions too low.", "",
+              "signed error (predicted - actual) / actual: below 0, predictions too low. The last column: the "
+              "TPOT error of the requests that finished before the probe's last request was sent (requests "
+              "kept arriving over their whole decode, as in a cluster's steady state).", "",
               "| system | rate | refused (of them: not even on an idle node) | served, first token late | "
-              "served, over TPOT | local prefill | TTFT error p50 / p90 | TPOT error p50 / p90 |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "served, over TPOT | local prefill | TTFT error p50 / p90 | TPOT error p50 / p90 | "
+              "TPOT error, arrivals on |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in systems:
         for r in s["sweep"]:
             reps = r["reps"]
@@ -176,16 +179,16 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
             refused = med(lambda rep: rep["rejected"] / rep["requests"] if rep["requests"] else 0.0)
             hopeless = med(lambda rep: rep.get("rejected_hopeless", 0) / rep["requests"] if rep["requests"] else 0.0)
             local = med(lambda rep: rep.get("local_prefill_share", float("nan")))
-            err = {k: (med(lambda rep, k=k: rep["prediction_error"][k]["p50"]),
-                       med(lambda rep, k=k: rep["prediction_error"][k]["p90"]),
-                       med(lambda rep, k=k: rep["prediction_error"][k].get("bias", float("nan"))))
-                   for k in ("ttft", "tpot")}
+            err = {k: (med(lambda rep, k=k: rep["prediction_error"].get(k, {}).get("p50", float("nan"))),
+                       med(lambda rep, k=k: rep["prediction_error"].get(k, {}).get("p90", float("nan"))),
+                       med(lambda rep, k=k: rep["prediction_error"].get(k, {}).get("bias", float("nan"))))
+                   for k in ("ttft", "tpot", "tpot_arriving")}  # (results from before it was counted: –)
             late = [med(lambda rep, k=k: rep["missed"][k] / rep["requests"] if "missed" in rep and rep["requests"]
                         else float("nan")) for k in ("ttft", "tpot")]  # (results from before it was counted: –)
             cells = [f"{refused:.0%} ({hopeless:.0%})", *("–" if v != v else f"{v:.0%}" for v in late),
                      "–" if local != local else f"{local:.0%}"]
             cells += ["–" if e[0] != e[0] else f"{e[0]:.0%} / {e[1]:.0%}" + ("" if e[2] != e[2] else f" ({e[2]:+.0%})")
-                      for e in (err["ttft"], err["tpot"])]
+                      for e in (err["ttft"], err["tpot"], err["tpot_arriving"])]
             lines.append(f"| {s['name']} | {r['rate']} | " + " | ".join(cells) + " |")
     if doc.get("ttft_tiers"):
         lines += ["", f"SLO tiers: each request's TTFT objective is {' or '.join(f'{k:g}x' for k in doc['ttft_tiers'])} "

@@ -12,7 +12,8 @@ the batch each assumes). It then scores batch forecasts of growing knowledge:
   fourteenth sitting).
 - ``forward``: the streams there now for as much of the request's life as each really stays
   (what admission now forecasts from their tokens to come), plus arrivals at the last 20 s
-  rate, each staying the recent mean decode time.
+  rate (counted as admission counts them, ``Arrivals``: over the time since they began where
+  that is shorter), each staying the recent mean decode time.
 - ``oracle``: the batch's true average over the request's life (unknowable at admission).
 
 ``admission`` is what the coordinator predicted (and, where the log gives it, the same without
@@ -51,6 +52,7 @@ from dataclasses import dataclass
 
 from tandem.bench.metrics import percentile
 from tandem.coordinator.calibration import MIN_SLOPE, Calibration
+from tandem.coordinator.nodeclient import Arrivals
 
 LINE = re.compile(r"^(\S+ \S+) .*after (\d+) tokens \(ttft ([\d.]+) s, tpot ([\d.]+) ms, e2e ([\d.]+) s, "
                   r".*decode (\S+), migrations (\d+).*predicted ttft [\d.]+ s, tpot ([\d.]+) ms"
@@ -150,7 +152,7 @@ def analyse(all_reqs: list[Req]) -> dict[str, dict[str, float]]:
 def _forecasts(reqs: list[Req]) -> dict[str, list[float]]:
     """The batch each forecast expects over each request's life, on one decode node."""
     batch = Batch(reqs)
-    starts = [r.start for r in reqs]
+    arrivals = Arrivals(RATE_WINDOW_S)
     forecasts: dict[str, list[float]] = {"now": [], "half": [], "forward": [],
                                          "oracle": [batch.mean(r.start, r.end) for r in reqs]}
     for r in reqs:
@@ -160,7 +162,8 @@ def _forecasts(reqs: list[Req]) -> dict[str, list[float]]:
         recent = batch.mean(r.start - MEAN_WINDOW_S, r.start)
         forecasts["half"].append((len(others) + recent) / 2 + 1)
         staying = sum(min(q.end - r.start, life) for q in others) / life
-        rate = (bisect.bisect_left(starts, r.start) - bisect.bisect_left(starts, r.start - RATE_WINDOW_S)) / RATE_WINDOW_S
+        rate = arrivals.rate(r.start)[0]
+        arrivals.add(r.tokens, r.start)
         done = [q.end - q.start for q in reqs if r.start - 120 < q.end <= r.start]
         stay = statistics.mean(done) if done else life
         # arrivals at ``rate``, each staying ``stay``: the mean over the life of rate · min(t, stay)

@@ -30,29 +30,44 @@ ARRIVAL_WINDOW_S = 20.0  # the recent requests to a decode node that admission's
 
 class Arrivals:
     """The requests sent to a node over the last ``window_s`` seconds: their rate, and the mean
-    of the output tokens each asked for."""
+    of the output tokens each asked for.
 
-    def __init__(self, window_s: float = ARRIVAL_WINDOW_S) -> None:
+    After a window without any, arrivals are counted over the time since they began coming again
+    (at least ``least_s``), not the whole window: load that starts after an idle spell is not
+    averaged with the idle time. (Counted over the whole window, a 2 req/s chat probe read about a
+    quarter of its rate over its first 5 s and half over its first 10: admission's TPOT forecasts
+    there ran 25 % short, and its TPOT error p90 over the probe was 31.7 % against 19.5 % without
+    its first 20 s; the thirty-fifth sitting's run.)"""
+
+    def __init__(self, window_s: float = ARRIVAL_WINDOW_S, least_s: float = ARRIVAL_WINDOW_S / 4) -> None:
         self.window_s = window_s
+        self.least_s = least_s
         self._seen: deque[tuple[float, int]] = deque()
         self._tokens = 0
+        self._since = 0.0  # when the arrivals in the window began, after a window without any
 
     def add(self, tokens: int, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         self._forget(now)
+        if not self._seen:
+            self._since = now
         self._seen.append((now, tokens))
         self._tokens += tokens
 
     def rate(self, now: float | None = None) -> tuple[float, float]:
-        """(requests a second, their mean output tokens) over the window up to ``now``."""
-        self._forget(time.monotonic() if now is None else now)
+        """(requests a second, their mean output tokens) over the window up to ``now``, or since
+        the arrivals began coming again where that is shorter (but ``least_s`` at least)."""
+        now = time.monotonic() if now is None else now
+        self._forget(now)
         n = len(self._seen)
-        return n / self.window_s, (self._tokens / n if n else 0.0)
+        if not n:
+            return 0.0, 0.0
+        span = min(self.window_s, max(self.least_s, now - self._since))
+        return n / span, self._tokens / n
 
     def _forget(self, now: float) -> None:
         while self._seen and self._seen[0][0] <= now - self.window_s:
             self._tokens -= self._seen.popleft()[1]
-
 
 class Tally(dict[int, int]):
     """Requests -> tokens, with the tokens' sum kept as they come and go (``total``): admission

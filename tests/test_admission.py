@@ -392,9 +392,10 @@ def test_tpot_looks_ahead_with_the_tokens_its_streams_have_to_come_and_the_arriv
         with r.track(node, 100, lambda: 5), r.track(node, 100, lambda: 100):
             d = decode_estimate(node, 100, 11)
             staying = (5 + 11) / 11
-            # They arrived within the window: 2 in 20 s, asking 52.5 tokens on average; a step of the
-            # batch with the request is 8 ms, so 0.0008 arrive a step, each staying past its 11 steps.
-            arriving = 2 / 20 * 0.008 * 11 / 2
+            # They arrived just now, after an idle window: 2 counted over the least span (5 s), asking
+            # 52.5 tokens on average; a step of the batch with the request is 8 ms, so 0.0032 arrive
+            # a step, each staying past its 11 steps.
+            arriving = 2 / 5 * 0.008 * 11 / 2
             each = 0.005 + 0.001 * (staying + arriving + 1)
             assert d.seconds == pytest.approx((0.008 + 9 * each) / 10)
             assert f"{staying + arriving:.1f} + 1 over its life" in d.detail
@@ -402,7 +403,7 @@ def test_tpot_looks_ahead_with_the_tokens_its_streams_have_to_come_and_the_arriv
             # steps, so 52.5 - 52.5^2 / 400 of them are there on average, a step's worth each.
             d = decode_estimate(node, 100, 200)
             staying = (5 + 100) / 200
-            arriving = 2 / 20 * 0.008 * (52.5 - 52.5 ** 2 / 400)
+            arriving = 2 / 5 * 0.008 * (52.5 - 52.5 ** 2 / 400)
             assert f"{staying + arriving:.1f} + 1 over its life" in d.detail
             each = 0.005 + 0.001 * (staying + arriving + 1)
             assert d.seconds == pytest.approx((0.008 + 198 * each) / 199)
@@ -411,12 +412,28 @@ def test_tpot_looks_ahead_with_the_tokens_its_streams_have_to_come_and_the_arriv
 
 
 def test_arrivals_count_the_requests_of_the_last_window() -> None:
-    a = Arrivals(window_s=10.0)
+    a = Arrivals(window_s=10.0, least_s=2.5)
     a.add(100, now=0.0)
     a.add(300, now=5.0)
-    assert a.rate(now=9.0) == (0.2, 200.0)
-    assert a.rate(now=12.0) == (0.1, 300.0)  # the first is out of the window
-    assert a.rate(now=20.0) == (0.0, 0.0)
+    a.add(200, now=10.5)
+    assert a.rate(now=11.0) == (0.2, 250.0)  # the first is out of the window
+    assert a.rate(now=16.0) == (0.1, 200.0)
+    assert a.rate(now=21.0) == (0.0, 0.0)
+
+
+def test_arrivals_after_an_idle_window_are_counted_over_the_time_since_they_began() -> None:
+    a = Arrivals(window_s=10.0, least_s=2.5)
+    a.add(100, now=100.0)
+    assert a.rate(now=101.0) == (1 / 2.5, 100.0)  # not less than least_s
+    a.add(300, now=103.0)
+    a.add(200, now=104.0)
+    assert a.rate(now=104.0) == (3 / 4.0, 200.0)  # over the 4 s since they began, not the idle window
+    assert a.rate(now=112.0) == (2 / 10.0, 250.0)  # a whole window since they began: the window
+    a.add(100, now=113.0)  # the window still holds some: the arrivals go on, no new beginning
+    assert a.rate(now=113.5) == (2 / 10.0, 150.0)
+    assert a.rate(now=124.0) == (0.0, 0.0)
+    a.add(100, now=130.0)  # a new beginning
+    assert a.rate(now=131.0) == (1 / 2.5, 100.0)
 
 
 def test_the_engines_own_prefix_cache_is_credited_without_a_load_and_the_store_beyond_it_with_one() -> None:

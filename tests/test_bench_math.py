@@ -147,6 +147,18 @@ def test_refused_requests_are_misses_and_predictions_are_scored() -> None:
     assert list(by["tpot"]) == ["d0"] and by["tpot"]["d0"]["n"] == 1
 
 
+def test_the_tpot_error_while_arrivals_go_on_leaves_out_what_decodes_past_the_last_send() -> None:
+    a = req(0, 0.5, 0.1, 11)  # decodes until 1.5 s
+    a.predicted_tpot = 0.12  # 20 % high
+    b = req(1, 1.2, 0.1, 31)  # decodes until 4.2 s, after the last send (3 s)
+    b.predicted_tpot = 0.15  # 50 % high: the batch it was forecast shrank when the arrivals stopped
+    c = req(3, 3.5, 0.1, 2)
+    err = summarize([a, b, c], 10.0, 1.0, 1.0)["prediction_error"]
+    assert err["tpot"]["n"] == 2 and err["tpot"]["p90"] == pytest.approx(0.47)
+    assert err["tpot_arriving"]["n"] == 1 and err["tpot_arriving"]["p90"] == pytest.approx(0.2)
+    assert summarize([], 10.0, 1.0, 1.0)["prediction_error"]["tpot_arriving"]["n"] == 0
+
+
 def test_the_report_has_the_overload_table_and_errors_per_node(tmp_path: Path) -> None:
     from tandem.bench.compare import write_report
 

@@ -276,13 +276,15 @@ def test_admission_refuses_what_would_miss_so_the_admitted_meet_their_objectives
 def test_admission_checks_tpot_over_the_life_ahead_as_the_coordinator_forecasts_it() -> None:
     """Long streams arriving every 0.1 s: each newcomer's step with the batch now is within the
     objective (10 + 2 ms a stream, 30 ms: up to 9 streams), but over its 1,000 tokens the streams
-    there stay and others keep arriving at the recent rate (``estimates.life_load``), so from the
-    seventh on the forecast is over it and they are refused."""
+    there stay and others keep arriving at the recent rate (``estimates.life_load``; the arrivals
+    of the last 0.4 s counted over 5 s at least, ``Arrivals.least_s``: 0.8 a second for the fifth,
+    each staying its 1,000 tokens), so from the fifth on the forecast is over it and they are
+    refused."""
     t = Timings((0.001, 1e-6, 0.0), (0.010, 0.002, 0.0))
     reqs = [Req(0.1 * k, 16, 1000) for k in range(10)]
     out = simulate(SimConfig(1, 1, t, t, slo_ttft_s=1.0, slo_tpot_s=0.030, admission=True), reqs)
-    assert [o.refused for o in out] == [False] * 6 + [True] * 4  # 6 streams: 10 + 2 x 7 = 24 ms now
-    assert all(o.tpot_s <= 0.030 for o in out[:6])
+    assert [o.refused for o in out] == [False] * 4 + [True] * 6  # 4 streams: 10 + 2 x 5 = 20 ms now
+    assert all(o.tpot_s <= 0.030 for o in out[:4])
 
 
 def test_a_decode_pool_past_its_capacity_fails_a_probe_before_its_objectives_do() -> None:
