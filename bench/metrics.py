@@ -142,7 +142,8 @@ def arriving(reqs: list[RequestTiming]) -> list[RequestTiming]:
     whole decode, as in a cluster's steady state. A probe's arrivals stop at its end, which no
     forecast of the arrival rate made at admission sees: the batches of the requests still
     decoding then shrink, and their TPOT comes in under what was predicted for them (on the
-    thirty-fifth sitting's 2 req/s chat probes, the last 10 s of admissions came 25-30 % under)."""
+    thirty-fifth sitting's 2 req/s chat probes, a probe's last admissions were predicted 23-32 %
+    over what they took, median)."""
     last = max((r.sent for r in reqs), default=0.0)
     return [r for r in reqs if r.token_times and r.token_times[-1] <= last]
 
