@@ -162,7 +162,7 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
               "prediction error |actual - predicted| / actual "
               "(client-side TTFT/TPOT against what admission predicted), p50 / p90, and in brackets the median "
               "signed error (predicted - actual) / actual: below 0, predictions too low. The last column: the "
-              "TPOT error of the requests that finished before the probe's last request was sent (requests "
+              "TPOT error of the requests that finished before the last served request of the probe was sent (requests "
               "kept arriving over their whole decode, as in a cluster's steady state).", "",
               "| system | rate | refused (of them: not even on an idle node) | served, first token late | "
               "served, over TPOT | local prefill | TTFT error p50 / p90 | TPOT error p50 / p90 | "

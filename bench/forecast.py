@@ -12,8 +12,9 @@ the batch each assumes). It then scores batch forecasts of growing knowledge:
   fourteenth sitting).
 - ``forward``: the streams there now for as much of the request's life as each really stays
   (what admission now forecasts from their tokens to come), plus arrivals at the last 20 s
-  rate (counted as admission counts them, ``Arrivals``: over the time since they began where
-  that is shorter), each staying the recent mean decode time.
+  rate (counted by admission's rule, ``Arrivals``: over the time since they began where that is
+  shorter; here at each request's first token, where admission counts at its arrival), each
+  staying the recent mean decode time.
 - ``oracle``: the batch's true average over the request's life (unknowable at admission).
 
 ``admission`` is what the coordinator predicted (and, where the log gives it, the same without
@@ -52,7 +53,6 @@ from dataclasses import dataclass
 
 from tandem.bench.metrics import percentile
 from tandem.coordinator.calibration import MIN_SLOPE, Calibration
-from tandem.coordinator.nodeclient import Arrivals
 
 LINE = re.compile(r"^(\S+ \S+) .*after (\d+) tokens \(ttft ([\d.]+) s, tpot ([\d.]+) ms, e2e ([\d.]+) s, "
                   r".*decode (\S+), migrations (\d+).*predicted ttft [\d.]+ s, tpot ([\d.]+) ms"
@@ -151,6 +151,8 @@ def analyse(all_reqs: list[Req]) -> dict[str, dict[str, float]]:
 
 def _forecasts(reqs: list[Req]) -> dict[str, list[float]]:
     """The batch each forecast expects over each request's life, on one decode node."""
+    from tandem.coordinator.nodeclient import Arrivals  # (grpc and the protos only when analysing)
+
     batch = Batch(reqs)
     arrivals = Arrivals(RATE_WINDOW_S)
     forecasts: dict[str, list[float]] = {"now": [], "half": [], "forward": [],

@@ -138,9 +138,9 @@ def ttft_breakdown(reqs: list[RequestTiming]) -> dict[str, dict[str, float]]:
 
 
 def arriving(reqs: list[RequestTiming]) -> list[RequestTiming]:
-    """The requests that finished before the last one was sent: requests kept arriving over their
-    whole decode, as in a cluster's steady state. A probe's arrivals stop at its end, which no
-    forecast of the arrival rate made at admission sees: the batches of the requests still
+    """The requests that finished before the last of ``reqs`` (the served ones) was sent: requests
+    kept arriving over their whole decode, as in a cluster's steady state. A probe's arrivals stop
+    at its end, which no forecast of the arrival rate made at admission sees: the batches of the requests still
     decoding then shrink, and their TPOT comes in under what was predicted for them (on the
     thirty-fifth sitting's 2 req/s chat probes, a probe's last admissions were predicted 23-32 %
     over what they took, median)."""

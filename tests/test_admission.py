@@ -434,6 +434,9 @@ def test_arrivals_after_an_idle_window_are_counted_over_the_time_since_they_bega
     assert a.rate(now=124.0) == (0.0, 0.0)
     a.add(100, now=130.0)  # a new beginning
     assert a.rate(now=131.0) == (1 / 2.5, 100.0)
+    assert Arrivals(window_s=8.0).least_s == 2.0  # a quarter of the window by default
+    with pytest.raises(ValueError, match="least_s"):
+        Arrivals(window_s=10.0, least_s=0.0)
 
 
 def test_the_engines_own_prefix_cache_is_credited_without_a_load_and_the_store_beyond_it_with_one() -> None:
