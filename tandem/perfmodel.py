@@ -9,7 +9,8 @@ ms after 300–700 cached and 80 ms after more, where the form without ``h`` sai
 for both; refitted on those calls, p50 / p90 error 11.8 / 25.4 % without ``h``, 8.0
 / 19.1 % with it, 7.8 / 18.5 % with a fourth coefficient for ``n·h`` instead:
 not worth one); a decode step of ``B`` requests holding ``L`` context tokens in all
-takes ``d + e·B + f·L``; a KV transfer of ``x`` bytes takes ``g + h·x``; and
+takes ``d + e·B + f·L + j·(B − DECODE_KNEE)⁺`` (flat over a few streams, then
+rising: ``decode_features``); a KV transfer of ``x`` bytes takes ``g + h·x``; and
 ``k + r·t + s·u`` is what loading ``t`` prompt tokens from the node's KV store,
 ``u`` of them from its disk tier, adds to a prefill (learned as the node
 serves, from a prior of the per-token constants ``LOAD_S_PER_TOKEN``).
@@ -190,9 +191,29 @@ def prefill_fit(half_life: float = 200.0) -> OnlineFit:
     return OnlineFit(("const", "tokens", "tokens2"), (1.0, 1e3, 1e6), half_life)
 
 
+# The batch past which a decode step grows by what each stream adds (``decode_features``).
+DECODE_KNEE = 4
+DECODE_TERMS = ("const", "batch", "context", "batch_over_knee")
+
+
+def decode_features(batch: float, context_tokens: float) -> tuple[float, float, float, float]:
+    """A decode step's features: 1, the batch, its context tokens, and the batch past
+    ``DECODE_KNEE`` (a hinge). A small batch's step is the weights' read and the step's overhead,
+    whatever the batch; past a few streams their compute adds to it. Measured on the bench model,
+    one core, 300-token contexts (the thirty-seventh sitting): 12.4, 13.8, 11.8, 12.0, 12.7, 13.2 ms
+    at batches 1-6, then 16.3, 17.8, 17.9, 26.9, 35.1 ms at 8, 10, 12, 16, 24. A line through the
+    profile's batches (1-32) read ~0.85 ms a stream from the start: 16.7 ms at a batch of 5 whose
+    requests took 14.6 ms, and admission refused requests for a TPOT objective of 16.3 ms that
+    the streams it served at that batch met. With the hinge the fit keeps the line's slope where
+    the data has it and may lay it flat below the knee (each coefficient ≥ 0: the step stays
+    convex and rising in the batch). On a GPU the flat part reaches further; a knee at 4 is then
+    no worse than the line it replaces. The profile's batches (1, 4, 8, 16, 32) pin it."""
+    return (1.0, batch, context_tokens, max(0.0, batch - DECODE_KNEE))
+
+
 def decode_fit(half_life: float = 500.0) -> OnlineFit:
-    """seconds per step ≈ d + e·batch + f·context (all running requests' tokens)."""
-    return OnlineFit(("const", "batch", "context"), (1.0, 10.0, 1e4), half_life)
+    """seconds per step ≈ d + e·batch + f·context (all running requests' tokens) + j·(batch − knee)⁺."""
+    return OnlineFit(DECODE_TERMS, (1.0, 10.0, 1e4, 10.0), half_life)
 
 
 def transfer_fit(half_life: float = 200.0) -> OnlineFit:
@@ -271,7 +292,7 @@ class _Predicts:
         return self.prefill.predict((1.0, tokens, tokens * (tokens + 2 * cached)))
 
     def step_s(self, batch: int, context_tokens: int) -> float:
-        return self.decode.predict((1.0, batch, context_tokens))
+        return self.decode.predict(decode_features(batch, context_tokens))
 
     def transfer_s(self, nbytes: int) -> float:
         return self.transfer.predict((1.0, nbytes))
@@ -297,7 +318,7 @@ class NodeModel(_Predicts):
         self.prefill.add((1.0, tokens, tokens * (tokens + 2 * cached)), seconds)
 
     def saw_decode_step(self, batch: int, context_tokens: int, seconds: float) -> None:
-        self.decode.add((1.0, batch, context_tokens), seconds)
+        self.decode.add(decode_features(batch, context_tokens), seconds)
 
     def saw_transfer(self, nbytes: int, seconds: float) -> None:
         self.transfer.add((1.0, nbytes), seconds)
@@ -320,9 +341,13 @@ class NodeModel(_Predicts):
 
     @classmethod
     def from_state(cls, st: dict) -> NodeModel:
-        return cls(OnlineFit.from_state(st["prefill"]), OnlineFit.from_state(st["decode"]),
-                   OnlineFit.from_state(st["transfer"]),
-                   OnlineFit.from_state(st["load"]) if "load" in st else load_fit())
+        """ValueError when a fit's terms are not this version's (a cache from an older Tandem)."""
+        fits = {name: OnlineFit.from_state(st[name]) for name in FITS if name in st}
+        for name, f in fits.items():
+            want = NodeModel.__dataclass_fields__[name].default_factory().names  # type: ignore[misc]
+            if f.names != want:
+                raise ValueError(f"the {name} fit's terms are {list(f.names)}, not {list(want)}")
+        return cls(fits["prefill"], fits["decode"], fits["transfer"], fits.get("load") or load_fit())
 
 
 @dataclass(frozen=True)
@@ -335,6 +360,13 @@ class FitView:
 
     def predict(self, x: Sequence[float]) -> float:
         return sum(c * v for c, v in zip(self.coefficients, x))
+
+    @cached_property
+    def c4(self) -> tuple[float, float, float, float]:
+        """The first four coefficients (zeros for those it lacks: a decode fit reported without the
+        hinge is a line)."""
+        c = tuple(self.coefficients[:4])
+        return c + (0.0,) * (4 - len(c))  # type: ignore[return-value]
 
     @cached_property
     def c3(self) -> tuple[float, float, float]:
@@ -362,8 +394,8 @@ class ModelView(_Predicts):
         return c0 + c1 * tokens + c2 * (tokens * (tokens + 2 * cached))
 
     def step_s(self, batch: int, context_tokens: int) -> float:
-        c0, c1, c2 = self.decode.c3
-        return c0 + c1 * batch + c2 * context_tokens
+        c0, c1, c2, c3 = self.decode.c4
+        return c0 + c1 * batch + c2 * context_tokens + (c3 * (batch - DECODE_KNEE) if batch > DECODE_KNEE else 0.0)
 
     def transfer_s(self, nbytes: int) -> float:
         c0, c1, _ = self.transfer.c3

@@ -49,7 +49,8 @@ logger = logging.getLogger(__name__)
 # batch of 32's steps outweighed the small batches measured before them and, through the fit's
 # half-life, erased them
 # 5: large batches at long contexts too (16 x 512, 32 x 384), the corner a loaded node decodes in
-PROFILE_VERSION = 5
+# 6: the decode fit's hinge past a batch of 4 (perfmodel.py's ``decode_features``)
+PROFILE_VERSION = 6
 MODES = ("auto", "fresh", "off")
 PREFILL_LENGTHS = (16, 64, 128, 256, 512, 1024, 2048)
 PREFILL_REPEATS = 2

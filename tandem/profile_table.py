@@ -11,8 +11,9 @@ The fit uses the forms the nodes fit online (tandem/perfmodel.py):
 
 - prefill ``a + b·n + c·n²`` from the rows with one prompt (n = prompt_size):
   the simulator runs one prefill at a time;
-- decode step ``d + e·B + f·L`` from every row, B = batch_size and L the
-  batch's mean context over the decode, B · (prompt_size + token_size / 2).
+- decode step ``d + e·B + f·L + j·(B − DECODE_KNEE)⁺`` from every row, B =
+  batch_size and L the batch's mean context over the decode, B · (prompt_size
+  + token_size / 2).
 
 KV transfer times are not in the table: give them (``--transfer``) or the plan
 says transfers take no time. ``fit_table`` reports each row's error against

@@ -11,17 +11,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tandem.perfmodel import LOAD_MIN_SAMPLES, NodeModel, load_fit
+from tandem.perfmodel import DECODE_KNEE, LOAD_MIN_SAMPLES, NodeModel, load_fit
 
 
 @dataclass(frozen=True)
 class Timings:
     """A node's times in seconds: prefill ``a + b·n + c·n·(n + 2h)`` of n uncached tokens after h
     cached (tandem/perfmodel.py); decode step
-    ``d + e·B + f·L`` for B requests holding L context tokens; KV transfer ``g + h·bytes``."""
+    ``d + e·B + f·L + j·(B − DECODE_KNEE)⁺`` for B requests holding L context tokens (given as
+    three, a line: j = 0); KV transfer ``g + h·bytes``."""
 
     prefill: tuple[float, float, float]
-    decode: tuple[float, float, float]
+    decode: tuple[float, ...]
     transfer: tuple[float, float] = (0.0, 0.0)
     source: str = ""
     # What loading t prompt tokens from the KV store, u of them from disk, adds to a prefill,
@@ -29,10 +30,13 @@ class Timings:
     store_load: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     def __post_init__(self) -> None:
-        for name, want in (("prefill", 3), ("decode", 3), ("transfer", 2), ("store_load", 3)):
+        if len(self.decode) == 3:  # a line (a published table's, a plain file's): no hinge
+            object.__setattr__(self, "decode", (*self.decode, 0.0))
+        for name, want in (("prefill", 3), ("decode", 4), ("transfer", 2), ("store_load", 3)):
             v = getattr(self, name)
             if len(v) != want or not all(isinstance(c, (int, float)) and math.isfinite(c) and c >= 0 for c in v):
-                raise ValueError(f"{self.source or 'a profile'}: {name} needs {want} finite coefficients >= 0, got {list(v)}")
+                need = "3 or 4" if name == "decode" else want
+                raise ValueError(f"{self.source or 'a profile'}: {name} needs {need} finite coefficients >= 0, got {list(v)}")
         if not any(self.prefill) or not any(self.decode):
             raise ValueError(f"{self.source or 'a profile'} has no prefill or no decode timings")
 
@@ -41,8 +45,8 @@ class Timings:
         return a + b * tokens + c * tokens * (tokens + 2 * cached)
 
     def step_s(self, batch: int, context_tokens: int) -> float:
-        d, e, f = self.decode
-        return d + e * batch + f * context_tokens
+        d, e, f, j = self.decode
+        return d + e * batch + f * context_tokens + (j * (batch - DECODE_KNEE) if batch > DECODE_KNEE else 0.0)
 
     def transfer_s(self, nbytes: int) -> float:
         g, h = self.transfer
@@ -61,14 +65,14 @@ class Timings:
             c = tuple(fit.coefficients()) if fit.samples >= min_samples else ()
             return c if len(c) == n else (0.0,) * n
 
-        return cls(coef(model.prefill, 3), coef(model.decode, 3), coef(model.transfer, 2), source,  # type: ignore[arg-type]
+        return cls(coef(model.prefill, 3), coef(model.decode, 4), coef(model.transfer, 2), source,  # type: ignore[arg-type]
                    coef(model.load, 3, LOAD_MIN_SAMPLES))  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: str | Path) -> Timings:
         """A node's cached profile (tandem/profile.py's file) or a plain file of coefficients:
         ``{"prefill": [a, b, c], "decode": [d, e, f], "transfer": [g, h]}`` (e.g. from a
-        published table)."""
+        published table; the decode step's hinge coefficient a fourth, when there is one)."""
         try:
             doc = json.loads(Path(path).read_text())
             if isinstance(doc, dict) and "model" in doc:
@@ -88,7 +92,7 @@ class Timings:
         m = NodeModel()
         for n in (16, 64, 256, 512, 1024, 2048, 4096, 8192):
             m.saw_prefill(n, self.prefill_s(n))
-        for b, ctx in ((1, 64), (1, 2048), (4, 512), (8, 8192), (32, 4096), (64, 32768), (16, 1024)):
+        for b, ctx in ((1, 64), (1, 2048), (4, 512), (8, 8192), (32, 4096), (64, 32768), (16, 1024), (2, 256)):
             m.saw_decode_step(b, ctx, self.step_s(b, ctx))
         if any(self.transfer):
             for x in (10**4, 10**6, 10**8, 10**9):

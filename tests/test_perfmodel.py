@@ -53,11 +53,50 @@ def test_decode_steps_and_transfers_fit_their_linear_forms() -> None:
         m.saw_decode_step(batch, ctx, 0.004 + 0.0003 * batch + 2e-7 * ctx)
         nbytes = rng.randint(1 << 16, 1 << 28)
         m.saw_transfer(nbytes, 0.0008 + nbytes / 7e9)
-    d, e, f = m.decode.coefficients()
-    assert rel(d, 0.004) < 1e-4 and rel(e, 0.0003) < 1e-4 and rel(f, 2e-7) < 1e-4
+    d, e, f, k = m.decode.coefficients()
+    assert rel(d, 0.004) < 1e-4 and rel(e, 0.0003) < 1e-4 and rel(f, 2e-7) < 1e-4 and k < 1e-9
     g, h = m.transfer.coefficients()
     assert rel(g, 0.0008) < 1e-4 and rel(h, 1 / 7e9) < 1e-4
     assert rel(m.step_s(33, 20_000), 0.004 + 0.0003 * 33 + 2e-7 * 20_000) < 1e-4
+
+
+def test_a_decode_step_flat_over_small_batches_is_fitted_flat_there() -> None:
+    """A step that small batches barely move (the weights' read) and larger ones add to, as a
+    CPU's measured: the hinge past DECODE_KNEE lays it flat where a line could not."""
+    from tandem.perfmodel import DECODE_KNEE, OnlineFit
+
+    def truth(b: int, ctx: int) -> float:
+        return 0.012 + 1e-4 * b + 1e-7 * ctx + 0.001 * max(0, b - DECODE_KNEE)
+
+    m = NodeModel()
+    line = OnlineFit(("const", "batch", "context"), (1.0, 10.0, 1e4))
+    for b in (1, 2, 4, 8, 16, 32):  # the profile's batches (and a few of serving's)
+        for n in (64, 384, 1024):
+            m.saw_decode_step(b, b * n, truth(b, b * n))
+            line.add((1.0, b, b * n), truth(b, b * n))
+    for b in (1, 3, 5, 12, 30):
+        assert rel(m.step_s(b, b * 300), truth(b, b * 300)) < 0.01
+    # the line it replaces over-reads a batch of 5 (by 9 % here)
+    assert line.predict((1.0, 5, 1500)) > 1.05 * truth(5, 1500)
+    assert all(c >= 0 for c in m.decode.coefficients())
+    # a node reporting the line only (three coefficients) still predicts with it
+    from tandem.perfmodel import FitView, ModelView
+
+    view = ModelView(decode=FitView(("const", "batch", "context"), (0.01, 0.001, 0.0), 9))
+    assert view.step_s(8, 0) == pytest.approx(0.018)
+
+
+def test_a_cached_model_of_another_form_is_refused() -> None:
+    from tandem.perfmodel import OnlineFit
+
+    m = NodeModel()
+    m.saw_decode_step(2, 100, 0.01)
+    st = m.state()
+    st["decode"] = decode_line = OnlineFit(("const", "batch", "context"), (1.0, 10.0, 1e4)).state()  # a cache from before the hinge
+    assert decode_line["names"] == ["const", "batch", "context"]
+    with pytest.raises(ValueError, match="decode fit's terms"):
+        NodeModel.from_state(st)
+    assert NodeModel.from_state(m.state()).step_s(2, 100) == pytest.approx(m.step_s(2, 100))
 
 
 def test_noisy_timings_predict_within_the_noise() -> None:
@@ -169,19 +208,19 @@ def test_queue_time_is_the_prefills_ahead() -> None:
 
 
 def test_a_held_prior_keeps_what_the_profile_set_apart_when_serving_moves_features_together() -> None:
-    from tandem.perfmodel import decode_fit
+    from tandem.perfmodel import decode_features, decode_fit
 
     def truth(b: int, ctx: int) -> float:
         return 0.010 + 0.002 * b + 1e-6 * ctx
 
-    off_line = (1.0, 2, 16000)  # long contexts in a small batch: a point serving never saw
+    off_line = (2, 16000)  # long contexts in a small batch: a point serving never saw
     worst = {"held": 0.0, "alone": 0.0}
     for seed in range(5):
         rng = random.Random(seed)
         held, alone = decode_fit(), decode_fit()
         for b in (1, 4, 8, 16, 32):  # the profile: batches and contexts apart
             for n in (32, 256, 1024):
-                held.add((1.0, b, b * n), truth(b, b * n))
+                held.add(decode_features(b, b * n), truth(b, b * n))
         held.hold_as_prior()
         # serving: every stream holds ~400 tokens (context moves with the batch), steps 5 % slower
         # than the profile said, and noisy
@@ -189,24 +228,24 @@ def test_a_held_prior_keeps_what_the_profile_set_apart_when_serving_moves_featur
             b = rng.randint(1, 40)
             ctx = int(b * rng.gauss(400, 20))
             y = truth(b, ctx) * 1.05 * (1 + rng.gauss(0, 0.1))
-            held.add((1.0, b, ctx), y)
-            alone.add((1.0, b, ctx), y)
+            held.add(decode_features(b, ctx), y)
+            alone.add(decode_features(b, ctx), y)
         # along what serving saw, both learned it
-        assert held.predict((1.0, 20, 8000)) == pytest.approx(truth(20, 8000) * 1.05, rel=0.05)
+        assert held.predict(decode_features(20, 8000)) == pytest.approx(truth(20, 8000) * 1.05, rel=0.05)
         for name, f in (("held", held), ("alone", alone)):
-            worst[name] = max(worst[name], abs(f.predict(off_line) / truth(2, 16000) - 1))
+            worst[name] = max(worst[name], abs(f.predict(decode_features(*off_line)) / truth(2, 16000) - 1))
     # off it, the held prior still tells batch from context; serving alone splits them by its noise
     assert worst["held"] < 0.15 and worst["alone"] > 0.3, worst
     assert held.state()["weight"] > alone.state()["weight"]  # the prior is in its saved statistics
 
 
 def test_holding_a_prior_twice_keeps_it() -> None:
-    from tandem.perfmodel import decode_fit
+    from tandem.perfmodel import decode_features, decode_fit
 
     f = decode_fit()
     for b in (1, 4, 16):
         for n in (64, 512):
-            f.add((1.0, b, b * n), 0.01 + 0.001 * b + 1e-6 * b * n)
+            f.add(decode_features(b, b * n), 0.01 + 0.001 * b + 1e-6 * b * n)
     before = f.coefficients()
     f.hold_as_prior()
     f.hold_as_prior()  # nothing new since: the prior stays as it was

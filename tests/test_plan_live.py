@@ -199,7 +199,7 @@ def test_fits_learned_are_each_pools_nodes_means_and_a_node_without_any_is_left_
                              pb.PerfFit(name="transfer", coefficients=[0.001, 1e-9], samples=0)],
                        speeds=[pb.PerfFit(name="decode", coefficients=[0.2, 2.0, 0.1, 0.04])])
     t, sp = Timings.from_fits(info.fits, "d0, learned"), Speed.by_kind(info.speeds)
-    assert t.decode == (0.02, 0.0, 3e-6) and t.transfer == (0.0, 0.0) and sp == {"decode": Speed(0.2, 2.0, 0.1, 0.04)}
+    assert t.decode == (0.02, 0.0, 3e-6, 0.0) and t.transfer == (0.0, 0.0) and sp == {"decode": Speed(0.2, 2.0, 0.1, 0.04)}
 
     rng = random.Random(4)
     window = scrape(60, [rng.randint(200, 400) for _ in range(120)], [rng.randint(100, 200) for _ in range(120)],
@@ -251,5 +251,5 @@ def test_the_pools_carry_what_each_routable_node_has_learned_as_the_status_gives
 
     now = pools(Client())  # type: ignore[arg-type]
     assert now.prefill == [("p0", 2)] and [n for n, _ in now.decode] == ["d0", "d1", "d2"]
-    assert sorted(now.learned) == ["d0", "p0"] and now.learned["d0"][0].decode == (0.02, 5e-4, 1e-6)
+    assert sorted(now.learned) == ["d0", "p0"] and now.learned["d0"][0].decode == (0.02, 5e-4, 1e-6, 0.0)
     assert now.learned["d0"][1]["decode"].bias == 0.01

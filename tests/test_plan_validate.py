@@ -16,7 +16,7 @@ def test_a_pools_times_are_the_mean_of_its_nodes_and_a_missing_fit_does_not_dilu
     a = Timings((0.01, 1e-4, 0.0), (0.02, 1e-3, 1e-6), (0.001, 1e-9), "a", (0.02, 1e-5, 3e-5))
     b = Timings((0.03, 3e-4, 2e-8), (0.04, 3e-3, 3e-6), (0.0, 0.0), "b")
     m = Timings.mean([a, b])
-    assert m.prefill == pytest.approx((0.02, 2e-4, 1e-8)) and m.decode == pytest.approx((0.03, 2e-3, 2e-6))
+    assert m.prefill == pytest.approx((0.02, 2e-4, 1e-8)) and m.decode == pytest.approx((0.03, 2e-3, 2e-6, 0.0))
     # the mean of the predictions (the forms are linear in their coefficients)
     assert m.step_s(12, 3000) == pytest.approx((a.step_s(12, 3000) + b.step_s(12, 3000)) / 2)
     assert m.prefill_s(700, 64) == pytest.approx((a.prefill_s(700, 64) + b.prefill_s(700, 64)) / 2)

@@ -417,7 +417,7 @@ def test_plan_validate_reads_a_nodes_learned_fits_from_its_monitor_stream() -> N
     server.start()
     try:
         t = learned_timings(f"127.0.0.1:{port}", "decode-0, learned")
-        assert t.prefill == (0.01, 1e-4, 0.0) and t.decode == (0.02, 0.003, 0.0)  # a negative one counts as 0
+        assert t.prefill == (0.01, 1e-4, 0.0) and t.decode == (0.02, 0.003, 0.0, 0.0)  # a negative one counts as 0
         assert t.transfer == (0.0, 0.0) and t.step_s(10, 1000) == pytest.approx(0.05)
     finally:
         server.stop(0)
