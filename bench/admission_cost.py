@@ -29,7 +29,7 @@ from typing import Any
 
 LAYOUT = {"num_layers": 4, "block_size": 16, "num_kv_heads": 4, "head_size": 64, "dtype": "float32"}
 # Fits of the shape the twentieth sitting's CPU nodes learned (seconds): prefill a + b·tokens,
-# decode step c + d·batch + e·context, transfer f + g·bytes.
+# decode step c + d·batch + e·context (a line: no hinge past a batch of 4), transfer f + g·bytes.
 PREFILL = (0.018, 0.00027, 0.0)
 DECODE = (0.02, 0.001, 2e-6)
 TRANSFER = (0.002, 1e-9)

@@ -140,8 +140,9 @@ class OnlineFit:
 
     def _nnls(self) -> list[float]:
         """Least squares with coef ≥ 0, approximately: solve on the free set, drop the most
-        negative, repeat (features never come back, unlike Lawson-Hanson; with three features
-        and the forms here that is the same answer in practice)."""
+        negative, repeat (features never come back, unlike Lawson-Hanson; with three or four
+        features and the forms here that is the same answer in practice: a step that only bends
+        up drops the batch's own term, one that never bends drops the hinge)."""
         k = len(self.names)
         xtx, xty, weight = self._xtx, self._xty, self.weight
         if self._prior_xtx is not None and self._prior_xty is not None:
@@ -207,7 +208,9 @@ def decode_features(batch: float, context_tokens: float) -> tuple[float, float, 
     the streams it served at that batch met. With the hinge the fit keeps the line's slope where
     the data has it and may lay it flat below the knee (each coefficient ≥ 0: the step stays
     convex and rising in the batch). On a GPU the flat part reaches further; a knee at 4 is then
-    no worse than the line it replaces. The profile's batches (1, 4, 8, 16, 32) pin it."""
+    no worse than the line it replaces. The profile's batches (1, 4, 8, 16, 32) pin it. (Admission
+    takes the step at a request's mean batch over its life; for a batch that swings across the
+    knee the step at the mean is a little under the mean of its steps, which the line never was.)"""
     return (1.0, batch, context_tokens, max(0.0, batch - DECODE_KNEE))
 
 
@@ -341,13 +344,25 @@ class NodeModel(_Predicts):
 
     @classmethod
     def from_state(cls, st: dict) -> NodeModel:
-        """ValueError when a fit's terms are not this version's (a cache from an older Tandem)."""
+        """ValueError when a fit's terms are not this version's. A decode fit saved as the line it
+        was before the hinge (an older profile file) is read as that line: the hinge's statistics
+        zero, so its coefficient stays 0 until samples come."""
+        st = dict(st)
+        if "decode" in st and list(st["decode"].get("names", ())) == list(DECODE_TERMS[:3]):
+            st["decode"] = _with_hinge(st["decode"])
         fits = {name: OnlineFit.from_state(st[name]) for name in FITS if name in st}
         for name, f in fits.items():
             want = NodeModel.__dataclass_fields__[name].default_factory().names  # type: ignore[misc]
             if f.names != want:
                 raise ValueError(f"the {name} fit's terms are {list(f.names)}, not {list(want)}")
         return cls(fits["prefill"], fits["decode"], fits["transfer"], fits.get("load") or load_fit())
+
+
+def _with_hinge(line: dict) -> dict:
+    """A saved three-term decode fit (``OnlineFit.state()``) as the four-term one, the hinge unseen."""
+    xtx = [[float(v) for v in row] + [0.0] for row in line["xtx"]] + [[0.0] * 4]
+    return {**line, "names": list(DECODE_TERMS), "scale": [*line["scale"], decode_fit().scale[3]], "xtx": xtx,
+            "xty": [*line["xty"], 0.0]}
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,7 @@ async def _profile(args: argparse.Namespace) -> int:
     from tandem.node.engine import EngineHost
     from tandem.node.perf import NodePerf
     from tandem.profile import Profiler, cache_file, load_cached, node_cores, node_settings, profile_key, save
+    from tandem.perfmodel import DECODE_KNEE
     from tandem.timings import Timings
 
     if not args.etcd:
@@ -124,12 +125,12 @@ async def _profile(args: argparse.Namespace) -> int:
         engine.shutdown()
     t = Timings.of_model(model, str(path))
     a, b, c = t.prefill
-    d, e, f = t.decode
+    d, e, f, j = t.decode
     g, h = t.transfer
     print(f"prefill  {a * 1000:.2f} ms + {b * 1e6:.2f} us/token + {c * 1e9:.3f} ns/token^2   (512 tokens: "
           f"{t.prefill_s(512) * 1000:.1f} ms)")
-    print(f"decode   {d * 1000:.2f} ms + {e * 1000:.3f} ms/request + {f * 1e6:.3f} us/context token   "
-          f"(batch 16 x 512: {t.step_s(16, 16 * 512) * 1000:.1f} ms per step)")
+    print(f"decode   {d * 1000:.2f} ms + {e * 1000:.3f} ms/request + {f * 1e6:.3f} us/context token + "
+          f"{j * 1000:.3f} ms/request past {DECODE_KNEE}   (batch 16 x 512: {t.step_s(16, 16 * 512) * 1000:.1f} ms per step)")
     print(f"transfer {g * 1000:.2f} ms + {h * 1e9:.3f} s/GB" if any(t.transfer) else
           "transfer (not measured)")
     return 0

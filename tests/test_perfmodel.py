@@ -86,17 +86,26 @@ def test_a_decode_step_flat_over_small_batches_is_fitted_flat_there() -> None:
     assert view.step_s(8, 0) == pytest.approx(0.018)
 
 
-def test_a_cached_model_of_another_form_is_refused() -> None:
+def test_a_saved_decode_line_reads_as_that_line_and_another_form_is_refused() -> None:
     from tandem.perfmodel import OnlineFit
 
     m = NodeModel()
     m.saw_decode_step(2, 100, 0.01)
-    st = m.state()
-    st["decode"] = decode_line = OnlineFit(("const", "batch", "context"), (1.0, 10.0, 1e4)).state()  # a cache from before the hinge
-    assert decode_line["names"] == ["const", "batch", "context"]
-    with pytest.raises(ValueError, match="decode fit's terms"):
-        NodeModel.from_state(st)
     assert NodeModel.from_state(m.state()).step_s(2, 100) == pytest.approx(m.step_s(2, 100))
+    # a profile file from before the hinge: its decode fit a line, which it still predicts
+    line = OnlineFit(("const", "batch", "context"), (1.0, 10.0, 1e4))
+    for b in (1, 4, 8, 16, 32):
+        for n in (64, 512):
+            line.add((1.0, b, b * n), 0.01 + 0.001 * b + 1e-6 * b * n)
+    st = {**m.state(), "decode": line.state()}
+    old = NodeModel.from_state(st)
+    assert old.decode.names[-1] == "batch_over_knee" and old.decode.coefficients()[-1] == 0.0
+    for b in (1, 5, 20):
+        assert old.step_s(b, b * 300) == pytest.approx(line.predict((1.0, b, b * 300)), rel=1e-6)
+    old.saw_decode_step(6, 1800, 0.02)  # and it learns on in the new form
+    bad = {**m.state(), "decode": OnlineFit(("const", "tokens"), (1.0, 1.0)).state()}
+    with pytest.raises(ValueError, match="decode fit's terms"):
+        NodeModel.from_state(bad)
 
 
 def test_noisy_timings_predict_within_the_noise() -> None:
