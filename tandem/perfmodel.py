@@ -214,6 +214,13 @@ def decode_features(batch: float, context_tokens: float) -> tuple[float, float, 
     return (1.0, batch, context_tokens, max(0.0, batch - DECODE_KNEE))
 
 
+def decode_step_s(coefficients: tuple[float, float, float, float], batch: float, context_tokens: float) -> float:
+    """The step ``decode_features`` gives with these four coefficients, unrolled (``ModelView``'s and
+    ``Timings``' predictions: admission and the simulator make hundreds a request)."""
+    d, e, f, j = coefficients
+    return d + e * batch + f * context_tokens + (j * (batch - DECODE_KNEE) if batch > DECODE_KNEE else 0.0)
+
+
 def decode_fit(half_life: float = 500.0) -> OnlineFit:
     """seconds per step ≈ d + e·batch + f·context (all running requests' tokens) + j·(batch − knee)⁺."""
     return OnlineFit(DECODE_TERMS, (1.0, 10.0, 1e4, 10.0), half_life)
@@ -351,10 +358,10 @@ class NodeModel(_Predicts):
         if "decode" in st and list(st["decode"].get("names", ())) == list(DECODE_TERMS[:3]):
             st["decode"] = _with_hinge(st["decode"])
         fits = {name: OnlineFit.from_state(st[name]) for name in FITS if name in st}
+        terms = {name: f.names for name, f in cls().named()}
         for name, f in fits.items():
-            want = NodeModel.__dataclass_fields__[name].default_factory().names  # type: ignore[misc]
-            if f.names != want:
-                raise ValueError(f"the {name} fit's terms are {list(f.names)}, not {list(want)}")
+            if f.names != terms[name]:
+                raise ValueError(f"the {name} fit's terms are {list(f.names)}, not {list(terms[name])}")
         return cls(fits["prefill"], fits["decode"], fits["transfer"], fits.get("load") or load_fit())
 
 
@@ -409,8 +416,7 @@ class ModelView(_Predicts):
         return c0 + c1 * tokens + c2 * (tokens * (tokens + 2 * cached))
 
     def step_s(self, batch: int, context_tokens: int) -> float:
-        c0, c1, c2, c3 = self.decode.c4
-        return c0 + c1 * batch + c2 * context_tokens + (c3 * (batch - DECODE_KNEE) if batch > DECODE_KNEE else 0.0)
+        return decode_step_s(self.decode.c4, batch, context_tokens)
 
     def transfer_s(self, nbytes: int) -> float:
         c0, c1, _ = self.transfer.c3

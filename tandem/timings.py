@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tandem.perfmodel import DECODE_KNEE, LOAD_MIN_SAMPLES, NodeModel, load_fit
+from tandem.perfmodel import LOAD_MIN_SAMPLES, NodeModel, decode_step_s, load_fit
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,7 @@ class Timings:
         return a + b * tokens + c * tokens * (tokens + 2 * cached)
 
     def step_s(self, batch: int, context_tokens: int) -> float:
-        d, e, f, j = self.decode
-        return d + e * batch + f * context_tokens + (j * (batch - DECODE_KNEE) if batch > DECODE_KNEE else 0.0)
+        return decode_step_s(self.decode, batch, context_tokens)  # type: ignore[arg-type]
 
     def transfer_s(self, nbytes: int) -> float:
         g, h = self.transfer
