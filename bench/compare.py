@@ -343,6 +343,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                    "how": f"preset: {args.k_ttft} x unloaded TTFT {pre['unloaded_ttft_s'] * 1000:.1f} ms, "
                           f"{args.k_tpot} x unloaded TPOT {pre['unloaded_tpot_s'] * 1000:.2f} ms"}
     slo = (slo_doc["ttft_s"], slo_doc["tpot_s"])
+    print(f"SLO: TTFT {slo[0] * 1000:.0f} ms, TPOT {slo[1] * 1000:.1f} ms ({slo_doc['how']})", flush=True)
     systems_doc = []
     starters = []
     for name in wanted:  # in the order given (run the same systems in reverse to see drift)
