@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from tandem.membership import MembershipView, add_etcd_tls_args, check_etcd_tls,
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 from tandem.tls import TlsConfig, add_tls_args
 
-from .admission import MODES, Admission, Slo
+from .admission import DEFAULT_TRIAL_S, MODES, Admission, Slo
 from .callstream import call_mode_of
 from .prefillq import ORDERS, PrefillOrder
 from .traffic import BatchQueue, Quotas, parse_quotas
@@ -58,6 +59,7 @@ class CoordinatorConfig:
     protect_streams: str = "on"  # a newcomer may not push a running stream past its TPOT objective
     kv_room: str = "on"  # admission predicts the wait for room in a decode node's KV cache
     admission_candidates: int = 8  # the most nodes of each pool a request's predictions look at (0: all)
+    admission_trial_s: float = DEFAULT_TRIAL_S  # at most one close miss each this many seconds tried on idle nodes (0: none)
     conditional_disagg: str = "on"  # a decode node may prefill a request itself when that is predicted faster
     prefill_order: str = "slack"  # where the prefill queue lives and its order (prefillq.py)
     prefill_depth: int = 1  # with slack: requests each prefill node runs at a time
@@ -109,6 +111,8 @@ class CoordinatorConfig:
             raise ValueError(f"--protect-streams must be on or off, got {self.protect_streams!r}")
         if self.admission_candidates < 0:
             raise ValueError(f"--admission-candidates must be >= 0, got {self.admission_candidates}")
+        if not (self.admission_trial_s >= 0 and math.isfinite(self.admission_trial_s)):
+            raise ValueError(f"--admission-trial-s must be >= 0, got {self.admission_trial_s}")
         if self.kv_room not in ("on", "off"):
             raise ValueError(f"--kv-room must be on or off, got {self.kv_room!r}")
         if self.conditional_disagg not in ("on", "off"):
@@ -198,6 +202,11 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
                     help="the most nodes of each pool a request's predictions look at: those holding the most "
                          "of its prompt, then the least loaded; 0: every node (admission's cost per request "
                          "grows with the pool)")
+    ap.add_argument("--admission-trial-s", type=float, default=env("TANDEM_ADMISSION_TRIAL_S", f"{DEFAULT_TRIAL_S:g}"),
+                    help="a request predicted to miss its SLO by at most 1.5x, whose nodes are idle, is served "
+                         "anyway as a trial, at most one each this many seconds: a node's model learns only from "
+                         "what it serves, so one that reads the node slow would otherwise refuse for good "
+                         "(0: never; each refused request is refused)")
     ap.add_argument("--conditional-disagg", default=env("TANDEM_CONDITIONAL_DISAGG", "on"),
                     help="on: a decode node prefills a request itself when that is predicted to start it "
                          "clearly sooner (or to meet its SLO where the prefill pool would not) without "
@@ -262,7 +271,7 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
                           local=cfg.conditional_disagg == "on", headroom=cfg.admission_headroom,
                           order=PrefillOrder(router, cfg.prefill_order, cfg.prefill_depth), routing=cfg.routing,
                           protect=cfg.protect_streams == "on", kv_room=cfg.kv_room == "on",
-                          candidates=cfg.admission_candidates)
+                          candidates=cfg.admission_candidates, trial_s=cfg.admission_trial_s)
     pipeline = Pipeline(router, codec, max_model_len, cfg.served_model_name, PipelineConfig(
         prefill_timeout_s=cfg.prefill_timeout_s, decode_timeout_s=cfg.decode_timeout_s, stall_s=cfg.stall_s,
         migration_limit=cfg.migration_limit, stream_interval=cfg.stream_interval), admission,

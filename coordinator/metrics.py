@@ -53,7 +53,8 @@ RETRIES = Counter("tandem_prefill_retries", "Prefill calls retried on another no
 NODES_DOWN = Counter("tandem_nodes_marked_down", "Times a node was taken out of routing after a failed call",
                      ["role"])
 ADMISSIONS = Counter("tandem_admission_decisions", "New requests by admission's decision: admitted, rejected, "
-                     "over_slo_admitted (admission off), unpredicted (no node model yet), over_quota, "
+                     "over_slo_admitted (admission off), trial (a close miss tried on idle nodes), unpredicted (no node "
+                     "model yet), over_quota, "
                      "batch_admitted, batch_queue_full, batch_expired", ["decision"])
 # A node's predictions of one kind go through a line, learned online from its finished requests
 # (coordinator/calibration.py): predicted = intercept + slope x the model's own; until a line can be

@@ -137,6 +137,42 @@ def test_a_miss_from_queued_work_says_when_to_retry() -> None:
     run(go)
 
 
+def test_a_close_miss_on_idle_nodes_is_tried_at_most_once_an_interval_and_a_far_miss_never() -> None:
+    def go():
+        r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(fits=fits())})
+        now = [100.0]
+        adm = Admission(r, local=False, trial_s=10.0, clock=lambda: now[0])
+        # A TTFT of 0.11 s predicted: against 0.05 s a far miss (2.2x), refused whenever asked.
+        with pytest.raises(Rejected, match="not met even on an idle node"):
+            adm.plan("far", 100, 16, Slo(ttft_s=0.05))
+        # Against 0.08 s a close one (1.4x): the nodes are idle, so it goes ahead, predictions and all.
+        plan = adm.plan("close", 100, 16, Slo(ttft_s=0.08))
+        assert plan.prefill.node_id == "p0" and plan.decode.node_id == "d0" and plan.ttft_s == pytest.approx(0.11)
+        # The next within the interval is refused.
+        now[0] += 9.9
+        with pytest.raises(Rejected):
+            adm.plan("close-2", 100, 16, Slo(ttft_s=0.08))
+        now[0] += 0.1
+        # Not while a node it would start on has work: this coordinator's request on the decode node,
+        # or a prefill queued in the prefill node's report (then 0.17 s against 0.15 s).
+        with r.track(r._nodes["d0"]):
+            with pytest.raises(Rejected):
+                adm.plan("busy", 100, 16, Slo(ttft_s=0.08))
+        r._nodes["p0"].saw_load(pb.NodeLoad(prefill_queue=[50], fits=fits()))
+        with pytest.raises(Rejected) as err:
+            adm.plan("queued", 100, 16, Slo(ttft_s=0.15))
+        assert err.value.retry_after_s is not None  # waiting helps: the queue ends
+        r._nodes["p0"].saw_load(pb.NodeLoad(fits=fits()))
+        assert adm.plan("idle-again", 100, 16, Slo(ttft_s=0.08)).prefill.node_id == "p0"
+        # Trials off (0): the same close miss is refused.
+        now[0] += 60
+        with pytest.raises(Rejected):
+            Admission(r, local=False, trial_s=0, clock=lambda: now[0]).plan("off", 100, 16, Slo(ttft_s=0.08))
+        with pytest.raises(ValueError, match="admission-trial-s"):
+            Admission(r, trial_s=-1)
+    run(go)
+
+
 def test_the_cluster_default_fills_what_the_request_leaves_unset() -> None:
     def go():
         r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(fits=fits())})
