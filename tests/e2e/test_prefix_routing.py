@@ -60,10 +60,13 @@ def test_a_held_prefix_draws_its_requests_and_other_prompts_go_by_load(cluster: 
         assert prefill_node(stub, shared + ids(40, salt)) == holder
     assert cached() == before + 4 * 512
     # Nothing held for these: the idle nodes are alike and the one that served less takes them. Each is
-    # sent once the coordinator has ended the last one's accounting: a client's stream can end first,
-    # and a node still counted busy then is not idle (CI saw the third go to the holder that way).
+    # sent once the coordinator has ended the last one's accounting and the nodes' own load reports
+    # show nothing queued or running: a client's stream can end first, and a node still counted busy,
+    # or still reporting the last prefill in its queue, is not idle (CI saw the third go to the holder
+    # both ways).
     def idle() -> bool:
-        return all(n.outstanding == 0 for n in stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=10).nodes)
+        return all(n.outstanding == 0 and n.prefill_queue == 0 and n.decode_batch == 0
+                   for n in stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=10).nodes)
 
     took = []
     for salt in range(20, 23):
