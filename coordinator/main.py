@@ -206,7 +206,7 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
                     help="a request predicted to miss its SLO by at most 1.5x, whose nodes are idle, is served "
                          "anyway as a trial, at most one each this many seconds: a node's model learns only from "
                          "what it serves, so one that reads the node slow would otherwise refuse for good "
-                         "(0: never; each refused request is refused)")
+                         "(0: never: every predicted miss is refused)")
     ap.add_argument("--conditional-disagg", default=env("TANDEM_CONDITIONAL_DISAGG", "on"),
                     help="on: a decode node prefills a request itself when that is predicted to start it "
                          "clearly sooner (or to meet its SLO where the prefill pool would not) without "

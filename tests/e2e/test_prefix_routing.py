@@ -55,22 +55,23 @@ def test_a_held_prefix_draws_its_requests_and_other_prompts_go_by_load(cluster: 
     wait_until(lambda: chunks().get(holder, 0) >= 2, 30, f"the coordinator to learn what {holder} holds")
     other = next(n for n in chunks() if n != holder)
     assert chunks()[other] == 0
-    before = cached()
-    for salt in range(3, 7):  # the same 512 tokens, then a new tail each time
-        assert prefill_node(stub, shared + ids(40, salt)) == holder
-    assert cached() == before + 4 * 512
-    # Nothing held for these: the idle nodes are alike and the one that served less takes them. Each is
-    # sent once the coordinator has ended the last one's accounting and the nodes' own load reports
-    # show nothing queued or running: a client's stream can end first, and a node still counted busy,
-    # or still reporting the last prefill in its queue, is not idle (CI saw the third go to the holder
-    # both ways).
+    # Each request is sent once the coordinator has ended the last one's accounting and the nodes' own
+    # load reports show nothing queued or running: a client's stream can end first, and a node still
+    # counted busy, or still reporting the last prefill in its queue, reads a longer TTFT (CI saw a
+    # request go past its prefix's holder, and a by-load one to the holder, both ways).
     def idle() -> bool:
         return all(n.outstanding == 0 and n.prefill_queue == 0 and n.decode_batch == 0
                    for n in stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=10).nodes)
 
+    before = cached()
+    for salt in range(3, 7):  # the same 512 tokens, then a new tail each time
+        wait_until(idle, 30, "the cluster to be idle")
+        assert prefill_node(stub, shared + ids(40, salt)) == holder
+    assert cached() == before + 4 * 512
+    # Nothing held for these: the idle nodes are alike and the one that served less takes them.
     took = []
     for salt in range(20, 23):
-        wait_until(idle, 30, "the coordinator to end the last request's accounting")
+        wait_until(idle, 30, "the cluster to be idle")
         took.append(prefill_node(stub, ids(300, salt)))
     assert set(took) == {other}, took
 
