@@ -19,13 +19,9 @@ served) is not predicted: it is picked by load and never causes a refusal.
 With admission ``off`` the same predictions route the request and nothing
 is refused (for comparison runs). A migrated leg does not come here at all.
 
-A model can only learn from what its node serves, so one that reads a node
-slower than it is would refuse for good: every request refused, no node serves
-one, no fit or calibration moves. So a close miss (within ``TRIAL_MARGIN`` of
-each objective it misses, and only its own objectives) on nodes with nothing
-running is admitted as a *trial*, at most one each ``--admission-trial-s``: it
-was a miss either way (refused), on idle nodes it takes nothing from another
-request, and its outcome is a sample of the nodes as they are now.
+A close miss on idle nodes may be served as a *trial* instead (trials.py): a
+model learns only from what its node serves, so one reading a node slow would
+otherwise refuse for good.
 """
 
 from __future__ import annotations
@@ -47,6 +43,7 @@ from .prefillq import PrefillOrder
 from .prefix import ROUTINGS, Held, held_prefixes
 from .nodeclient import NodeClient
 from .router import Router
+from .trials import Trials
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +52,6 @@ MAX_SLO_MS = 3_600_000.0
 DEFAULT_CANDIDATES = 8  # the most nodes of each pool a request's predictions look at (--admission-candidates)
 NO_HOLD = Held()
 LOCAL_GAIN = 0.2  # prefill on the decode node when that starts this much sooner (and both meet the SLO)
-# A trial (see the module's doc): a request predicted to miss its objectives by at most this factor, on
-# idle nodes, at most one each DEFAULT_TRIAL_S. The thirty-eighth sitting's first bench run: the decode
-# node's startup profile, taken while the VM ran ~30 % slower (the profile took 22.9 s, 16.1 s when
-# taken again 14 minutes later), predicted 13-14 ms steps against a 9 ms objective, and admission
-# refused all 236 requests of its four probes (10 minutes) with the nodes idle.
-TRIAL_MARGIN = 1.5
-DEFAULT_TRIAL_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -212,14 +202,6 @@ def candidates(nodes: list[NodeClient], held: dict[str, Held], k: int,
     return holders + heapq.nsmallest(k - len(holders), (n for n in nodes if n.node_id not in taken), key=load)
 
 
-def _idle(node: NodeClient) -> bool:
-    """Nothing of this coordinator's on it, and nothing queued or running in its last load report."""
-    if node.outstanding:
-        return False
-    load = node.fresh_load()
-    return load is None or not (load.prefill_queue or load.decode_batch or load.decode_waiting)
-
-
 def prefill_rank(node: NodeClient) -> tuple[int, int]:
     """A prefill node's load for ``candidates``: the prompt tokens queued or running there, this
     coordinator's or the node's report (other coordinators' too), whichever is more."""
@@ -263,14 +245,9 @@ class Admission:
             raise ValueError(f"--admission-candidates must be >= 0, got {candidates}")
         self.candidates = candidates
         self.order = order or PrefillOrder(router, "slack")
-        # At most one trial each this many seconds; 0: none, a close miss is refused like any other (the
-        # default here, for decisions on a synthetic cluster; the coordinator passes --admission-trial-s,
-        # DEFAULT_TRIAL_S unless set).
-        if not (trial_s >= 0 and math.isfinite(trial_s)):
-            raise ValueError(f"--admission-trial-s must be >= 0, got {trial_s}")
-        self.trial_s = trial_s
-        self.clock = clock
-        self._last_trial = -math.inf
+        # Trials (trials.py), at most one each this many seconds; 0: none (the default here, for
+        # decisions on a synthetic cluster; the coordinator passes --admission-trial-s).
+        self.trials = Trials(trial_s, clock)
 
     def plan(self, rid: str, prompt_tokens: int, max_tokens: int, slo: Slo, count: bool = True,
              arrival: float | None = None, prompt_ids: list[int] | None = None) -> Plan:
@@ -345,10 +322,10 @@ class Admission:
                             f", prefills on decode node {plan.decode.node_id}" if plan.local else "",  # type: ignore[union-attr]
                             chosen.ttft.detail if chosen.ttft else "-", chosen.tpot.detail if chosen.tpot else "-")
             return plan
-        if count and self._trial(plan, misses):
+        if count and self.trials.take((plan.prefill, plan.decode), misses):
             decide("trial")
             logger.info("request %s: admitted as a trial on idle nodes (at most one each %g s), though "
-                        "predicted to miss: %s; %s", rid, self.trial_s,
+                        "predicted to miss: %s; %s", rid, self.trials.interval_s,
                         "; ".join(f"{what} {e.seconds * 1000:.0f} ms > {limit * 1000:.0f} ms"  # type: ignore[operator]
                                   for what, e, limit in misses),
                         chosen.tpot.detail if chosen.tpot else "-")
@@ -384,22 +361,6 @@ class Admission:
         if count:
             logger.info("request %s: %s", rid, msg)
         raise Rejected(msg, plan.ttft_s, plan.tpot_s, retry)
-
-    def _trial(self, plan: Plan, misses: list[tuple[str, Estimate, float]]) -> bool:
-        """Whether a request every node is predicted to miss goes ahead as a trial (the module's doc):
-        each miss its own TTFT or TPOT by at most ``TRIAL_MARGIN``, the nodes it would start on idle
-        (nothing of this coordinator's, nothing in their last load report), the last trial at least
-        ``trial_s`` ago."""
-        if self.trial_s <= 0 or self.clock() - self._last_trial < self.trial_s:
-            return False
-        for what, e, limit in misses:
-            if what not in ("TTFT", "TPOT") or e.seconds is None or e.seconds > limit * TRIAL_MARGIN:
-                return False
-        nodes = [n for n in (plan.prefill, plan.decode) if n is not None]
-        if not nodes or not all(_idle(n) for n in nodes):
-            return False
-        self._last_trial = self.clock()
-        return True
 
     def _local(self, decoders: list[NodeClient], prompt_tokens: int, max_tokens: int, slo: Slo,
                held: dict[str, Held], lives: dict[str, tuple[float, float]], views: dict[str, DecodeView],

@@ -18,10 +18,11 @@ from tandem.membership import MembershipView, add_etcd_tls_args, check_etcd_tls,
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 from tandem.tls import TlsConfig, add_tls_args
 
-from .admission import DEFAULT_TRIAL_S, MODES, Admission, Slo
+from .admission import MODES, Admission, Slo
 from .callstream import call_mode_of
 from .prefillq import ORDERS, PrefillOrder
 from .traffic import BatchQueue, Quotas, parse_quotas
+from .trials import DEFAULT_TRIAL_S
 from .grpc_api import SERVICE_NAME, CoordinatorServicer
 from .http_api import OpenAIHttp
 from .pipeline import Pipeline
