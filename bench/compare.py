@@ -240,7 +240,7 @@ def add_compare_args(ap: argparse.ArgumentParser) -> None:
                     help="which systems, comma separated, run in this order (tandem runs every P:D ratio "
                          "that fits the cores): "
                          "tandem (admission on, conditional disaggregation on), tandem-headroom (admission "
-                         "with 10 %% TPOT headroom), tandem-unprotected (a newcomer may push running streams past their "
+                         "with 10 %% TPOT headroom), tandem-margin (a TPOT margin under overload, by the share refused), tandem-unprotected (a newcomer may push running streams past their "
                          "TPOT objective), tandem-roomblind (admission does not predict the wait for room in "
                          "a decode node's KV cache), tandem-syncload (KV store hits load before the step that "
                          "computes the prompt's rest, not beside it), tandem-noadmit (admission off), tandem-nolocal (admission on, "

@@ -304,6 +304,7 @@ TANDEM_VARIANTS: dict[str, tuple[list[str], list[str]]] = {
     "": ([], []),
     "-noadmit": (["--admission", "off"], []),
     "-headroom": (["--admission-headroom", "0.1"], []),  # TPOT checked against 90 % of its objective
+    "-margin": (["--admission-overload-margin", "0.25"], []),  # a TPOT margin under overload (pressure.py)
     # each newcomer checked against its own objective only (running streams' budgets not protected)
     "-unprotected": (["--protect-streams", "off"], []),
     # admission that does not predict the wait for room in a decode node's KV cache

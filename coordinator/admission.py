@@ -43,6 +43,7 @@ from .prefillq import PrefillOrder
 from .prefix import ROUTINGS, Held, held_prefixes
 from .nodeclient import NodeClient
 from .router import Router
+from .pressure import Pressure
 from .trials import Trials
 
 logger = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ class Admission:
     def __init__(self, router: Router, mode: str = "on", default_slo: Slo = Slo(), local: bool = True,
                  headroom: float = 0.0, order: PrefillOrder | None = None, routing: str = "prefix",
                  rng: random.Random | None = None, protect: bool = True, kv_room: bool = True,
-                 candidates: int = DEFAULT_CANDIDATES, trial_s: float = 0.0,
+                 candidates: int = DEFAULT_CANDIDATES, trial_s: float = 0.0, overload_margin: float = 0.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if mode not in MODES:
             raise ValueError(f"--admission must be on or off, got {mode!r}")
@@ -248,6 +249,13 @@ class Admission:
         # Trials (trials.py), at most one each this many seconds; 0: none (the default here, for
         # decisions on a synthetic cluster; the coordinator passes --admission-trial-s).
         self.trials = Trials(trial_s, clock)
+        # The overload margin (pressure.py): up to this share of the TPOT objective kept free, by the
+        # recent share of load refusals; 0: none (the default here; the coordinator passes
+        # --admission-overload-margin).
+        self.pressure = Pressure(overload_margin, clock=clock)
+        if headroom + overload_margin >= 1.0:
+            raise ValueError(f"--admission-headroom plus --admission-overload-margin must be below 1, got "
+                             f"{headroom} + {overload_margin}")
 
     def plan(self, rid: str, prompt_tokens: int, max_tokens: int, slo: Slo, count: bool = True,
              arrival: float | None = None, prompt_ids: list[int] | None = None) -> Plan:
@@ -258,7 +266,10 @@ class Admission:
         routing (without them, no node gets credit for a cached prefix)."""
         decide = _Decisions(count)
         asked = slo.over(self.default_slo)
-        keep = 1.0 - self.headroom
+        margin = self.pressure.margin() if self.mode == "on" else 0.0
+        if count:
+            m.OVERLOAD_MARGIN.set(margin)
+        keep = 1.0 - self.headroom - margin
         slo = Slo(asked.ttft_s, None if asked.tpot_s is None else asked.tpot_s * keep)
         arrival = time.perf_counter() if arrival is None else arrival
         decoders = self.router.routable_nodes("decode")
@@ -317,6 +328,8 @@ class Admission:
         if not misses or self.mode == "off":
             decision = "admitted" if not misses else "over_slo_admitted"
             decide(decision)
+            if count and self.mode == "on":
+                self.pressure.note(False)
             if count:  # what each prediction stood on, to compare with the finish's actual times
                 logger.info("request %s: %s%s: %s; %s", rid, decision,
                             f", prefills on decode node {plan.decode.node_id}" if plan.local else "",  # type: ignore[union-attr]
@@ -324,6 +337,7 @@ class Admission:
             return plan
         if count and self.trials.take((plan.prefill, plan.decode), misses):
             decide("trial")
+            self.pressure.note(False)
             logger.info("request %s: admitted as a trial on idle nodes (at most one each %g s), though "
                         "predicted to miss: %s; %s", rid, self.trials.interval_s,
                         "; ".join(f"{what} {e.seconds * 1000:.0f} ms > {limit * 1000:.0f} ms"  # type: ignore[operator]
@@ -349,14 +363,17 @@ class Admission:
                              f"objective: {e.detail}")
                 waits.append(1)
                 continue
-            never = e.idle_seconds is not None and e.idle_seconds > limit
-            target = (f" (the SLO {limit / keep * 1000:.0f} ms less {self.headroom:.0%} headroom)"
-                      if self.headroom and what == "TPOT" else "")
+            # (Against the whole objective: a TPOT miss only by the headroom or margin is load.)
+            never = e.idle_seconds is not None and e.idle_seconds > (limit / keep if what == "TPOT" else limit)
+            target = (f" (the SLO {limit / keep * 1000:.0f} ms less {_kept(self.headroom, margin)})"
+                      if keep < 1.0 and what == "TPOT" else "")
             parts.append(f"predicted {what} {e.seconds * 1000:.0f} ms > {limit * 1000:.0f} ms{target} "
                          f"({e.detail}){'; not met even on an idle node' if never else ''}")
             if not never:
                 waits.append(max(1, math.ceil(e.seconds - limit)) if what == "TTFT" else 1)
         retry = max(waits) if len(waits) == len(misses) else None
+        if count and retry is not None:  # a refusal waiting could help is load (one no idle node meets says nothing)
+            self.pressure.note(True)
         msg = f"request refused, no node is predicted to meet its SLO: {'; '.join(parts)}"
         if count:
             logger.info("request %s: %s", rid, msg)
@@ -430,6 +447,15 @@ class Admission:
         est, n, theirs, why = min(harmful, key=lambda h: h[2])
         others = Estimate(n, theirs, describe=lambda: f"{n.node_id}: {why} (no prefill node to send it to)")
         return _Option(est.ttft, est.tpot, local=True, others=others)
+
+
+def _kept(headroom: float, margin: float) -> str:
+    """What the TPOT objective was admitted against less, in words."""
+    def pct(x: float) -> str:
+        return f"{x:.0%}" if x >= 0.01 else f"{x:.1%}"
+
+    parts = ([f"{pct(headroom)} headroom"] if headroom else []) + ([f"{pct(margin)} overload margin"] if margin else [])
+    return " and ".join(parts)
 
 
 def _all_known(view: DecodeView) -> bool:

@@ -22,6 +22,7 @@ from .admission import MODES, Admission, Slo
 from .callstream import call_mode_of
 from .prefillq import ORDERS, PrefillOrder
 from .traffic import BatchQueue, Quotas, parse_quotas
+from .pressure import DEFAULT_MARGIN
 from .trials import DEFAULT_TRIAL_S
 from .grpc_api import SERVICE_NAME, CoordinatorServicer
 from .http_api import OpenAIHttp
@@ -60,6 +61,7 @@ class CoordinatorConfig:
     protect_streams: str = "on"  # a newcomer may not push a running stream past its TPOT objective
     kv_room: str = "on"  # admission predicts the wait for room in a decode node's KV cache
     admission_candidates: int = 8  # the most nodes of each pool a request's predictions look at (0: all)
+    admission_overload_margin: float = DEFAULT_MARGIN  # TPOT share kept free, times the recent share of load refusals
     admission_trial_s: float = DEFAULT_TRIAL_S  # at most one close miss each this many seconds tried on idle nodes (0: none)
     conditional_disagg: str = "on"  # a decode node may prefill a request itself when that is predicted faster
     prefill_order: str = "slack"  # where the prefill queue lives and its order (prefillq.py)
@@ -108,6 +110,10 @@ class CoordinatorConfig:
             raise ValueError(f"--prefill-depth must be at least 1, got {self.prefill_depth}")
         if not 0.0 <= self.admission_headroom < 1.0:
             raise ValueError(f"--admission-headroom must be in [0, 1), got {self.admission_headroom}")
+        if not 0.0 <= self.admission_overload_margin < 1.0:
+            raise ValueError(f"--admission-overload-margin must be in [0, 1), got {self.admission_overload_margin}")
+        if self.admission_headroom + self.admission_overload_margin >= 1.0:
+            raise ValueError("--admission-headroom plus --admission-overload-margin must be below 1")
         if self.protect_streams not in ("on", "off"):
             raise ValueError(f"--protect-streams must be on or off, got {self.protect_streams!r}")
         if self.admission_candidates < 0:
@@ -203,6 +209,13 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
                     help="the most nodes of each pool a request's predictions look at: those holding the most "
                          "of its prompt, then the least loaded; 0: every node (admission's cost per request "
                          "grows with the pool)")
+    ap.add_argument("--admission-overload-margin", type=float,
+                    default=env("TANDEM_ADMISSION_OVERLOAD_MARGIN", f"{DEFAULT_MARGIN:g}"),
+                    help="under overload, admit against a tighter TPOT objective: less this share of it times the "
+                         "share of recent requests refused for load (so ~0 at light load, up to this when "
+                         "nearly all are refused), for the served ones to keep their objective when the batch "
+                         "is held at its edge, e.g. 0.25 (default 0: never; not shown to help on this project's "
+                         "2-core runs)")
     ap.add_argument("--admission-trial-s", type=float, default=env("TANDEM_ADMISSION_TRIAL_S", f"{DEFAULT_TRIAL_S:g}"),
                     help="a request predicted to miss its SLO by at most 1.5x, whose nodes are idle, is served "
                          "anyway as a trial, at most one each this many seconds: a node's model learns only from "
@@ -272,7 +285,8 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
                           local=cfg.conditional_disagg == "on", headroom=cfg.admission_headroom,
                           order=PrefillOrder(router, cfg.prefill_order, cfg.prefill_depth), routing=cfg.routing,
                           protect=cfg.protect_streams == "on", kv_room=cfg.kv_room == "on",
-                          candidates=cfg.admission_candidates, trial_s=cfg.admission_trial_s)
+                          candidates=cfg.admission_candidates, trial_s=cfg.admission_trial_s,
+                          overload_margin=cfg.admission_overload_margin)
     pipeline = Pipeline(router, codec, max_model_len, cfg.served_model_name, PipelineConfig(
         prefill_timeout_s=cfg.prefill_timeout_s, decode_timeout_s=cfg.decode_timeout_s, stall_s=cfg.stall_s,
         migration_limit=cfg.migration_limit, stream_interval=cfg.stream_interval), admission,

@@ -357,6 +357,53 @@ def test_headroom_and_a_decode_node_busy_with_local_prefills() -> None:
     run(go)
 
 
+def test_the_overload_margin_tightens_tpot_by_the_recent_share_of_load_refusals() -> None:
+    def go():
+        r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(fits=fits())})
+        now = [100.0]
+        adm = Admission(r, local=False, overload_margin=0.25, clock=lambda: now[0])
+        # No refusals yet, no margin: TPOT 6 ms against 6.5 ms is met.
+        assert adm.plan("calm", 100, 16, Slo(tpot_s=0.0065)).tpot_s == pytest.approx(0.006)
+        assert adm.pressure.margin() == 0.0
+        # Refusals no idle node would avoid are not load: no margin from them.
+        for i in range(20):
+            with pytest.raises(Rejected, match="not met even on an idle node"):
+                adm.plan(f"never-{i}", 100, 16, Slo(tpot_s=0.002))
+        assert adm.pressure.margin() == 0.0
+        # A decode batch of 60 refuses twenty requests for load (waiting helps): after one admission,
+        # the share of load refusals over the last ~20 decisions is 1 - 0.95^20, the margin ~0.16.
+        r._nodes["d0"].saw_load(pb.NodeLoad(decode_batch=60, fits=fits()))
+        for i in range(20):
+            with pytest.raises(Rejected):
+                adm.plan(f"load-{i}", 100, 16, Slo(tpot_s=0.02))
+        assert adm.pressure.margin() == pytest.approx(0.25 * (1 - 0.95 ** 20))
+        # Back to idle: the same request is now refused, 6 ms against 6.5 ms less the margin, as
+        # load (a Retry-After, not "not met even on an idle node": the whole objective is).
+        r._nodes["d0"].saw_load(pb.NodeLoad(fits=fits()))
+        with pytest.raises(Rejected, match="overload margin") as err:
+            adm.plan("tight", 100, 16, Slo(tpot_s=0.0065))
+        assert err.value.retry_after_s == 1 and "idle node" not in str(err.value)
+        # TTFT keeps no margin.
+        assert adm.plan("ttft", 100, 16, Slo(ttft_s=0.111)).ttft_s == pytest.approx(0.11)
+        # A quiet minute and the pressure is gone.
+        now[0] += 60
+        assert adm.pressure.margin() < 0.001
+        assert adm.plan("calm-again", 100, 16, Slo(tpot_s=0.0065)).tpot_s == pytest.approx(0.006)
+        # Off (0, the default of the class) or with admission off: never a margin.
+        off = Admission(r, local=False)
+        r._nodes["d0"].saw_load(pb.NodeLoad(decode_batch=60, fits=fits()))
+        for i in range(20):
+            with pytest.raises(Rejected):
+                off.plan(f"load-{i}", 100, 16, Slo(tpot_s=0.02))
+        r._nodes["d0"].saw_load(pb.NodeLoad(fits=fits()))
+        assert off.plan("calm", 100, 16, Slo(tpot_s=0.0065)).tpot_s == pytest.approx(0.006)
+        with pytest.raises(ValueError, match="overload-margin"):
+            Admission(r, overload_margin=1.0)
+        with pytest.raises(ValueError, match="below 1"):
+            Admission(r, headroom=0.5, overload_margin=0.5)
+    run(go)
+
+
 def test_idle_nodes_whose_fits_differ_take_turns_and_a_queue_still_decides() -> None:
     def go():
         # p1 restarted from its cached profile: it predicts 2.5x what p0, warm, does. Both idle.
