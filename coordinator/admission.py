@@ -271,6 +271,7 @@ class Admission:
             m.OVERLOAD_MARGIN.set(margin)
         keep = 1.0 - self.headroom - margin
         slo = Slo(asked.ttft_s, None if asked.tpot_s is None else asked.tpot_s * keep)
+        base_tpot = None if asked.tpot_s is None else asked.tpot_s * (1.0 - self.headroom)  # without the margin
         arrival = time.perf_counter() if arrival is None else arrival
         decoders = self.router.routable_nodes("decode")
         prefills = self.router.routable_nodes("prefill")
@@ -363,8 +364,9 @@ class Admission:
                              f"objective: {e.detail}")
                 waits.append(1)
                 continue
-            # (Against the whole objective: a TPOT miss only by the headroom or margin is load.)
-            never = e.idle_seconds is not None and e.idle_seconds > (limit / keep if what == "TPOT" else limit)
+            # (A TPOT miss only by the overload margin is load: the objective less the headroom alone.)
+            never = e.idle_seconds is not None and e.idle_seconds > (
+                limit / keep * (1.0 - self.headroom) if what == "TPOT" else limit)
             target = (f" (the SLO {limit / keep * 1000:.0f} ms less {_kept(self.headroom, margin)})"
                       if keep < 1.0 and what == "TPOT" else "")
             parts.append(f"predicted {what} {e.seconds * 1000:.0f} ms > {limit * 1000:.0f} ms{target} "
@@ -372,7 +374,9 @@ class Admission:
             if not never:
                 waits.append(max(1, math.ceil(e.seconds - limit)) if what == "TTFT" else 1)
         retry = max(waits) if len(waits) == len(misses) else None
-        if count and retry is not None:  # a refusal waiting could help is load (one no idle node meets says nothing)
+        # Load, for the overload margin: a refusal waiting could help (one no idle node would avoid
+        # says nothing of the load), and not one the margin alone caused (it would feed itself).
+        if count and retry is not None and (not margin or chosen.misses(Slo(asked.ttft_s, base_tpot))):
             self.pressure.note(True)
         msg = f"request refused, no node is predicted to meet its SLO: {'; '.join(parts)}"
         if count:

@@ -212,8 +212,8 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--admission-overload-margin", type=float,
                     default=env("TANDEM_ADMISSION_OVERLOAD_MARGIN", f"{DEFAULT_MARGIN:g}"),
                     help="under overload, admit against a tighter TPOT objective: less this share of it times the "
-                         "share of recent requests refused for load (so ~0 at light load, up to this when "
-                         "nearly all are refused), for the served ones to keep their objective when the batch "
+                         "share of the last ~10 s of requests refused for load (so ~0 at light load, near this "
+                         "when nearly all are refused), for the served ones to keep their objective when the batch "
                          "is held at its edge, e.g. 0.25 (default 0: never; not shown to help on this project's "
                          "2-core runs)")
     ap.add_argument("--admission-trial-s", type=float, default=env("TANDEM_ADMISSION_TRIAL_S", f"{DEFAULT_TRIAL_S:g}"),

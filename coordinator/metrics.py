@@ -56,8 +56,8 @@ ADMISSIONS = Counter("tandem_admission_decisions", "New requests by admission's 
                      "over_slo_admitted (admission off), trial (a close miss tried on idle nodes), unpredicted (no node "
                      "model yet), over_quota, "
                      "batch_admitted, batch_queue_full, batch_expired", ["decision"])
-OVERLOAD_MARGIN = Gauge("tandem_admission_overload_margin", "Share of the TPOT objective admission keeps free now, "
-                        "by the recent share of load refusals (coordinator/pressure.py)",
+OVERLOAD_MARGIN = Gauge("tandem_admission_overload_margin", "Share of the TPOT objective admission kept free at its "
+                        "last decision, by the recent share of load refusals (coordinator/pressure.py)",
                         multiprocess_mode="livemostrecent")
 # A node's predictions of one kind go through a line, learned online from its finished requests
 # (coordinator/calibration.py): predicted = intercept + slope x the model's own; until a line can be

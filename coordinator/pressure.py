@@ -15,8 +15,11 @@ So the margin follows the pressure: it is ``margin`` times the share of the rece
 were refusals waiting could help (load, not an objective no idle node meets). When demand far
 exceeds what admission lets in, a refused request's place is taken by the next arrival, and the
 margin buys the served ones their objective; when nearly everything is admitted, there is next to
-no margin. The share is a moving average over ``window`` decisions, decaying toward 0 with a time
-constant of ``decay_s`` while none are made (a quiet spell is not overload).
+no margin. The share is refusals over decisions, each counted with a weight that decays with a
+time constant of ``decay_s`` (about the last 10 s of decisions), over one more decision than were
+made: so a quiet spell, whose weights have decayed away, is no overload either. Only refusals that
+the margin did not cause count (one refused only by it would feed it), and none that no idle node
+would avoid (they say nothing of the load).
 """
 
 from __future__ import annotations
@@ -25,41 +28,49 @@ import math
 import time
 from collections.abc import Callable
 
-# Off by default: measured side by side at 2 and 4 req/s (thirty-ninth sitting, ``margin39``), 0.25
-# held the margin at 5-12 % under overload and its TPOT p50 half a millisecond lower, but served as
-# many in-SLO (2.13 and 2.42 req/s against 2.50 and 2.26) and one or two points less at 2 req/s (98
-# and 96 % against 99 and 99 %): the served streams' TPOT misses came in bursts of a slow spell (18 of
+# Off by default: measured side by side at 2 and 4 req/s (thirty-ninth sitting, ``margin39``; an
+# earlier form, a 20-decision moving average that also decayed between decisions), 0.25 held the
+# margin at 5-12 % under overload and its TPOT p50 half a millisecond lower, but served as many
+# in-SLO (2.13 and 2.42 req/s against 2.50 and 2.26) and one or two points less at 2 req/s (98 and
+# 96 % against 99 and 99 %): the served streams' TPOT misses came in bursts of a slow spell (18 of
 # one probe's with the margin, 23 of one without) that a margin of a tenth does not cover. The
 # flag, and ``bench compare``'s tandem-margin, are there to measure it again.
 DEFAULT_MARGIN = 0.0
-WINDOW = 20  # decisions in the moving average
 DECAY_S = 10.0
 
 
 class Pressure:
     """The recent share of load refusals, and the TPOT margin it asks for."""
 
-    def __init__(self, margin: float, window: int = WINDOW, decay_s: float = DECAY_S,
+    def __init__(self, margin: float, decay_s: float = DECAY_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not (0.0 <= margin < 1.0):
             raise ValueError(f"--admission-overload-margin must be in [0, 1), got {margin}")
         self.scale = margin
-        self.weight = 1.0 / max(1, window)
         self.decay_s = decay_s
         self.clock = clock
-        self._share = 0.0
+        self._refused = 0.0  # decayed counts, as of ``_at``
+        self._decided = 0.0
         self._at = clock()
 
+    def _decay(self) -> float:
+        now = self.clock()
+        f = math.exp(-max(0.0, now - self._at) / self.decay_s)
+        self._refused *= f
+        self._decided *= f
+        self._at = now
+        return f
+
     def share(self) -> float:
-        """The recent share of decisions that were load refusals (decayed to now)."""
-        return self._share * math.exp(-max(0.0, self.clock() - self._at) / self.decay_s)
+        """The recent share of decisions that were load refusals (over one decision more than made)."""
+        self._decay()
+        return self._refused / (self._decided + 1.0)
 
     def note(self, refused: bool) -> None:
-        """One admission decision: a refusal waiting could help (True), or an admission (a refusal
-        no idle node would avoid is not noted: it says nothing of the load)."""
-        share = self.share()
-        self._share = share + self.weight * ((1.0 if refused else 0.0) - share)
-        self._at = self.clock()
+        """One admission decision: a refusal for load (True), or an admission."""
+        self._decay()
+        self._refused += 1.0 if refused else 0.0
+        self._decided += 1.0
 
     def margin(self) -> float:
         """The share of the TPOT objective to keep free now."""
