@@ -61,7 +61,7 @@ class CoordinatorConfig:
     protect_streams: str = "on"  # a newcomer may not push a running stream past its TPOT objective
     kv_room: str = "on"  # admission predicts the wait for room in a decode node's KV cache
     admission_candidates: int = 8  # the most nodes of each pool a request's predictions look at (0: all)
-    admission_overload_margin: float = DEFAULT_MARGIN  # TPOT share kept free, times the recent share of load refusals
+    admission_overload_margin: float = DEFAULT_MARGIN  # TPOT share kept free, x the recent share refused for load
     admission_trial_s: float = DEFAULT_TRIAL_S  # at most one close miss each this many seconds tried on idle nodes (0: none)
     conditional_disagg: str = "on"  # a decode node may prefill a request itself when that is predicted faster
     prefill_order: str = "slack"  # where the prefill queue lives and its order (prefillq.py)

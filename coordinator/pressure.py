@@ -7,9 +7,9 @@ its objective, so the prediction's scatter (p90 ~20 % here) and any slow spell o
 many of them over together. The thirty-ninth sitting's chat runs at 2 x colocated vLLM's goodput
 (1:1, objectives 557 ms / 19 ms, 4 req/s): of the ~134 requests a probe served, 3-49 went over
 TPOT; in one run admitting against 90 % of the objective (``--admission-headroom 0.1``) left 0-2,
-and served 2.15-2.33 in-SLO req/s against 1.58-2.03 (the same code served 2.26-2.50 in another). But a fixed headroom refuses requests at moderate load
-that would have met their objective (the sixth sitting, with a far rougher TPOT prediction: 82 ->
-78 % attainment at 2 req/s, 71 -> 66 % at 3).
+and served 2.15-2.33 in-SLO req/s against 1.58-2.03 (the same code served 2.26-2.50 in another).
+But a fixed headroom refuses requests at moderate load that would have met their objective (the
+sixth sitting, with a far rougher TPOT prediction: 82 -> 78 % attainment at 2 req/s, 71 -> 66 % at 3).
 
 So the margin follows the pressure: it is ``margin`` times the share of the recent decisions that
 were refusals waiting could help (load, not an objective no idle node meets). When demand far
@@ -53,13 +53,12 @@ class Pressure:
         self._decided = 0.0
         self._at = clock()
 
-    def _decay(self) -> float:
+    def _decay(self) -> None:
         now = self.clock()
         f = math.exp(-max(0.0, now - self._at) / self.decay_s)
         self._refused *= f
         self._decided *= f
         self._at = now
-        return f
 
     def share(self) -> float:
         """The recent share of decisions that were load refusals (over one decision more than made)."""
