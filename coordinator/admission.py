@@ -329,9 +329,8 @@ class Admission:
         if not misses or self.mode == "off":
             decision = "admitted" if not misses else "over_slo_admitted"
             decide(decision)
-            if count and self.mode == "on":
-                self.pressure.note(False)
             if count:  # what each prediction stood on, to compare with the finish's actual times
+                self.pressure.note(False)  # (with admission off it is never asked: no margin)
                 logger.info("request %s: %s%s: %s; %s", rid, decision,
                             f", prefills on decode node {plan.decode.node_id}" if plan.local else "",  # type: ignore[union-attr]
                             chosen.ttft.detail if chosen.ttft else "-", chosen.tpot.detail if chosen.tpot else "-")
@@ -365,9 +364,8 @@ class Admission:
                 waits.append(1)
                 continue
             # (A TPOT miss only by the overload margin is load: the objective less the headroom alone.)
-            never = e.idle_seconds is not None and e.idle_seconds > (
-                limit / keep * (1.0 - self.headroom) if what == "TPOT" else limit)
-            target = (f" (the SLO {limit / keep * 1000:.0f} ms less {_kept(self.headroom, margin)})"
+            never = e.idle_seconds is not None and e.idle_seconds > (base_tpot if what == "TPOT" else limit)
+            target = (f" (the SLO {asked.tpot_s * 1000:.0f} ms less {_kept(self.headroom, margin)})"  # type: ignore[operator]
                       if keep < 1.0 and what == "TPOT" else "")
             parts.append(f"predicted {what} {e.seconds * 1000:.0f} ms > {limit * 1000:.0f} ms{target} "
                          f"({e.detail}){'; not met even on an idle node' if never else ''}")
