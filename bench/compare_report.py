@@ -165,9 +165,9 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
               "TPOT error of the requests that finished before the last served request of the probe was sent (requests "
               "kept arriving over their whole decode, as in a cluster's steady state).", "",
               "| system | rate | refused (of them: not even on an idle node) | served, first token late | "
-              "served, over TPOT | local prefill | TTFT error p50 / p90 | TPOT error p50 / p90 | "
+              "served, over TPOT | local prefill | served on a prefill node | TTFT error p50 / p90 | TPOT error p50 / p90 | "
               "TPOT error, arrivals on |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in systems:
         for r in s["sweep"]:
             reps = r["reps"]
@@ -179,6 +179,7 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
             refused = med(lambda rep: rep["rejected"] / rep["requests"] if rep["requests"] else 0.0)
             hopeless = med(lambda rep: rep.get("rejected_hopeless", 0) / rep["requests"] if rep["requests"] else 0.0)
             local = med(lambda rep: rep.get("local_prefill_share", float("nan")))
+            colocated = med(lambda rep: rep.get("colocated_share", float("nan")))
             err = {k: (med(lambda rep, k=k: rep["prediction_error"].get(k, {}).get("p50", float("nan"))),
                        med(lambda rep, k=k: rep["prediction_error"].get(k, {}).get("p90", float("nan"))),
                        med(lambda rep, k=k: rep["prediction_error"].get(k, {}).get("bias", float("nan"))))
@@ -186,7 +187,7 @@ def write_report(out: Path, doc: dict[str, Any]) -> Path:
             late = [med(lambda rep, k=k: rep["missed"][k] / rep["requests"] if "missed" in rep and rep["requests"]
                         else float("nan")) for k in ("ttft", "tpot")]  # (results from before it was counted: –)
             cells = [f"{refused:.0%} ({hopeless:.0%})", *("–" if v != v else f"{v:.0%}" for v in late),
-                     "–" if local != local else f"{local:.0%}"]
+                     *("–" if v != v else f"{v:.0%}" for v in (local, colocated))]
             cells += ["–" if e[0] != e[0] else f"{e[0]:.0%} / {e[1]:.0%}" + ("" if e[2] != e[2] else f" ({e[2]:+.0%})")
                       for e in (err["ttft"], err["tpot"], err["tpot_arriving"])]
             lines.append(f"| {s['name']} | {r['rate']} | " + " | ".join(cells) + " |")

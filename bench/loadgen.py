@@ -76,6 +76,7 @@ async def _openai_one(session: object, url: str, model: str, e: TraceEntry, t0: 
             rt.predicted_tpot = _ms(resp.headers.get("x-tandem-predicted-tpot-ms"))
             if "x-tandem-prefill" in resp.headers:
                 rt.local_prefill = resp.headers["x-tandem-prefill"] == "local"
+                rt.colocated = resp.headers["x-tandem-prefill"] == "colocated"
             rt.prefill_node = resp.headers.get("x-tandem-prefill-node", "")
             rt.decode_node = resp.headers.get("x-tandem-decode-node", "")
             async for raw in resp.content:

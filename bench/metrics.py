@@ -31,6 +31,7 @@ class RequestTiming:
     predicted_ttft: float | None = None  # Tandem's admission prediction, when the server says
     predicted_tpot: float | None = None
     local_prefill: bool | None = None  # Tandem: prefilled on its decode node
+    colocated: bool | None = None  # Tandem: served whole on a prefill node (--colocate; HTTP only)
     prefill_node: str = ""  # Tandem: the nodes the predictions were for
     decode_node: str = ""
     server: dict[str, float] = field(default_factory=dict)  # Tandem over gRPC: the coordinator's own timings
@@ -156,6 +157,7 @@ def summarize(reqs: list[RequestTiming], duration_s: float, slo_ttft: float | No
     met = [r for r in reqs if r.meets(slo_ttft, slo_tpot)]
     out_tokens = sum(r.output_tokens for r in ok)
     local = [r.local_prefill for r in ok if r.local_prefill is not None]
+    colocated = [r.colocated for r in ok if r.colocated is not None]
     return {
         "requests": len(reqs),
         "completed": len(ok),
@@ -163,6 +165,7 @@ def summarize(reqs: list[RequestTiming], duration_s: float, slo_ttft: float | No
         "rejected_hopeless": sum(r.hopeless for r in reqs),
         "failed": len(reqs) - len(ok) - sum(r.rejected for r in reqs),
         "local_prefill_share": sum(local) / len(local) if local else math.nan,
+        "colocated_share": sum(colocated) / len(colocated) if colocated else math.nan,
         "prediction_error": {"ttft": _error([(r.ttft, r.predicted_ttft) for r in ok]),
                              "tpot": _error([(r.tpot, r.predicted_tpot) for r in ok]),
                              "tpot_arriving": _error([(r.tpot, r.predicted_tpot) for r in arriving(ok)])},

@@ -315,6 +315,10 @@ TANDEM_VARIANTS: dict[str, tuple[list[str], list[str]]] = {
     "-nopromotewait": ([], ["--kvstore-promote-wait-ms", "0"]),
     "-disagg": (["--admission", "off", "--conditional-disagg", "off"], []),
     "-nolocal": (["--conditional-disagg", "off"], []),  # admission on, always disaggregated
+    # a prefill node serves a request whole when the disaggregated choice would miss its SLO
+    "-colocate": (["--colocate", "on"], []),
+    # and with no prefill on the decode node: overflow goes to the prefill node's spare time only
+    "-colocateonly": (["--colocate", "on", "--conditional-disagg", "off"], []),
     "-fifo": (["--prefill-order", "fifo"], []),  # every prefill sent at once, the engine's arrival order
     # every prefill sent at once, vLLM's priority scheduling by deadline
     "-engine": (["--prefill-order", "engine"], ["--scheduling-policy", "priority"]),

@@ -49,6 +49,7 @@ from .trials import Trials
 logger = logging.getLogger(__name__)
 
 MODES = ("on", "off")
+COLOCATE = ("off", "on", "always")  # --colocate
 MAX_SLO_MS = 3_600_000.0
 DEFAULT_CANDIDATES = 8  # the most nodes of each pool a request's predictions look at (--admission-candidates)
 NO_HOLD = Held()
@@ -90,6 +91,7 @@ class Plan:
     ttft_s: float | None = None
     tpot_s: float | None = None
     local: bool = False  # the decode node prefills it (no prefill node)
+    colocated: bool = False  # and that "decode node" is a prefill node, serving it whole (--colocate)
     queued_s: float = 0.0  # of ttft_s, the wait for work already queued there
     ttft_factor: float = 1.0  # the calibration factors in ttft_s / tpot_s (their model-only values:
     tpot_factor: float = 1.0  # divided by these, less waited_s; what the nodes learn from)
@@ -161,6 +163,7 @@ class _Option:
     ttft: Estimate | None
     tpot: Estimate | None
     local: bool = False
+    colocated: bool = False  # local, on a prefill node: served whole there (--colocate)
     # A local prefill with no prefill pool to send it to instead: its decode node's running
     # streams' step, with the prefill's stall spread over their tokens.
     others: Estimate | None = None
@@ -207,7 +210,7 @@ def prefill_rank(node: NodeClient) -> tuple[int, int]:
     """A prefill node's load for ``candidates``: the prompt tokens queued or running there, this
     coordinator's or the node's report (other coordinators' too), whichever is more."""
     load = node.fresh_load()
-    return max(node.inflight.total, sum(load.prefill_queue) if load is not None else 0), 0
+    return max(node.prefills.total, sum(load.prefill_queue) if load is not None else 0), 0
 
 
 class Admission:
@@ -215,7 +218,7 @@ class Admission:
                  headroom: float = 0.0, order: PrefillOrder | None = None, routing: str = "prefix",
                  rng: random.Random | None = None, protect: bool = True, kv_room: bool = True,
                  candidates: int = DEFAULT_CANDIDATES, trial_s: float = 0.0, overload_margin: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 colocate: str = "off", clock: Callable[[], float] = time.monotonic) -> None:
         if mode not in MODES:
             raise ValueError(f"--admission must be on or off, got {mode!r}")
         if routing not in ROUTINGS:
@@ -235,6 +238,13 @@ class Admission:
         self.mode = mode
         self.default_slo = default_slo
         self.local = local  # conditional disaggregation: a decode node may prefill a request itself
+        # on: a prefill node may serve a request whole (prefill and decode there, no KV moved) when
+        # the disaggregated choice would miss its SLO and that would not (``_choose``); always: every
+        # request it is predicted to serve within its SLO that way, running streams kept within
+        # theirs (the prefill pool as colocated engines, for comparison runs); off: never.
+        if colocate not in COLOCATE:
+            raise ValueError(f"--colocate must be one of {', '.join(COLOCATE)}, got {colocate!r}")
+        self.colocate = colocate
         # A newcomer may not push a running stream past its TPOT objective (estimates.pushed); off:
         # it is checked against its own objective only, a local prefill's stall against the
         # objective spread over the newcomer's tokens (as until the eighteenth sitting).
@@ -299,14 +309,24 @@ class Admission:
         remote = _Option(p, d) if p is not None else None
         local = self._local(decoders, prompt_tokens, max_tokens, slo, held, lives, views,
                             alone=self.router.pool_absent("prefill")) if self.local else None
-        chosen = _choose(remote, local, slo)
+        home = None
+        if self.colocate != "off" and max_tokens > 1 and prefills:
+            # The prefill nodes as decode nodes of their own: their streams, their batch over the
+            # request's life, what a prefill there would do to those streams.
+            hviews = {n.node_id: decode_view(n, self.protect) for n in prefills}
+            hlives = {n.node_id: life_load(n, max_tokens, hviews[n.node_id]) for n in prefills}
+            home = self._local(prefills, prompt_tokens, max_tokens, slo, held, hlives, hviews)
+            if home is not None:
+                home.colocated = True
+        always = self.colocate == "always" and home is not None and not home.misses(slo)
+        chosen = home if always else _choose(remote, local, slo, home)
         if chosen is None:  # no prefill node, and no decode node that could do it: the pipeline waits
             decide("unpredicted")
             return Plan(None, d.node if d else None)
         if chosen.local:
             assert chosen.ttft is not None
             plan = Plan(None, chosen.ttft.node, chosen.ttft_s, chosen.tpot.seconds if chosen.tpot else None,
-                        local=True, ttft_factor=chosen.ttft.factor,
+                        local=True, colocated=chosen.colocated, ttft_factor=chosen.ttft.factor,
                         tpot_factor=chosen.tpot.factor if chosen.tpot else 1.0,
                         prefill_run_s=chosen.ttft.idle_seconds or 0.0)
         else:
@@ -332,7 +352,8 @@ class Admission:
             if count:  # what each prediction stood on, to compare with the finish's actual times
                 self.pressure.note(False)  # (with admission off it is never asked: no margin)
                 logger.info("request %s: %s%s: %s; %s", rid, decision,
-                            f", prefills on decode node {plan.decode.node_id}" if plan.local else "",  # type: ignore[union-attr]
+                            (f", served whole on prefill node {plan.decode.node_id}" if plan.colocated  # type: ignore[union-attr]
+                             else f", prefills on decode node {plan.decode.node_id}" if plan.local else ""),  # type: ignore[union-attr]
                             chosen.ttft.detail if chosen.ttft else "-", chosen.tpot.detail if chosen.tpot else "-")
             return plan
         if count and self.trials.take((plan.prefill, plan.decode), misses):
@@ -470,10 +491,23 @@ def _all_known(view: DecodeView) -> bool:
     return len(view.tpot_left) >= (load.decode_batch if load is not None else len(view.node.inflight))
 
 
-def _choose(remote: _Option | None, local: _Option | None, slo: Slo) -> _Option | None:
+def _choose(remote: _Option | None, local: _Option | None, slo: Slo, home: _Option | None = None
+            ) -> _Option | None:
     """Disaggregated unless prefilling on the decode node is predicted to meet the SLO where the
     prefill pool would not, or, when the prefill pool has work queued, to start clearly sooner
-    (``LOCAL_GAIN``); with no prefill node, the decode node."""
+    (``LOCAL_GAIN``); with no prefill node, the decode node. And when that choice misses the SLO
+    (a decode pool at its TPOT objective's edge, most often), ``home``, a prefill node serving the
+    request whole, if it meets it: the prefill pool's spare time decodes (``--colocate``)."""
+    chosen = _choose_disagg(remote, local, slo)
+    if home is None or home.ttft_s is None or chosen is None or chosen.ttft_s is None:
+        return chosen  # (no prefill pool, or a node not predicted: routed by load as before)
+    if chosen.misses(slo) and not home.misses(slo):
+        return home
+    return chosen
+
+
+def _choose_disagg(remote: _Option | None, local: _Option | None, slo: Slo) -> _Option | None:
+    """``_choose`` without colocation."""
     if local is None or local.ttft_s is None:
         return remote if remote is not None or local is None else local  # (no prefill pool: unpredicted)
     if remote is None or remote.ttft_s is None:

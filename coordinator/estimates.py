@@ -17,7 +17,7 @@ what it stood on.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,13 +67,16 @@ def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None =
     idle_s = prefill_after_load(model, tokens, held) + load_s(cached.loaded, cached.disk, model)
     where = order.predict(node, tokens - held, arrival, ttft_s, held) if order is not None else None
     if where is not None:
-        f = node.factor("ttft", where.wait_s + idle_s)  # (both parts scaled alike: the calibration's share)
-        wait_s, run_s = where.wait_s * f, idle_s * f
+        # The prompts of the requests it serves whole (--colocate) go to its engine at once, not
+        # through the prefill order: what is left of them runs before this one.
+        raw_wait_s = where.wait_s + queued_prefill_s(model, [t for t in node.prefilling.values() if t > 0])
+        f = node.factor("ttft", raw_wait_s + idle_s)  # (both parts scaled alike: the calibration's share)
+        wait_s, run_s = raw_wait_s * f, idle_s * f
         return Estimate(node, wait_s + run_s, idle_s, queue_s=wait_s, pushes=where.pushes, factor=f,
                         cached_tokens=cached, describe=lambda:
                         f"{node.node_id}: {wait_s * 1000:.0f} ms before its turn ({order.order} order) + "  # type: ignore[union-attr]
                         f"prefill {run_s * 1000:.0f} ms{_calibrated(f)}{_held(cached)}")
-    queue = _prefill_queue(node, node.inflight)
+    queue = _prefill_queue(node, {**node.prefills, **node.prefilling} if node.prefilling else node.prefills)
     raw_queue_s = sum(model.prefill_s(t) for t in queue)
     f = node.factor("ttft", raw_queue_s + idle_s)
     queue_s, run_s = raw_queue_s * f, idle_s * f
@@ -106,7 +109,7 @@ def _calibrated(f: float) -> str:
     return f" (x{f:.2f}, learned)" if abs(f - 1.0) >= 0.005 else ""
 
 
-def _prefill_queue(node: NodeClient, own: Tally, oldest_left: Callable[[int], int] | None = None) -> list[int]:
+def _prefill_queue(node: NodeClient, own: Mapping[int, int], oldest_left: Callable[[int], int] | None = None) -> list[int]:
     """Tokens to prefill of the prefills waiting or running there: this coordinator's own
     (``own``: each one's prompt less what admission credited the node with holding, the oldest
     as ``oldest_left`` says is left of it), and, when the node reports more prefills than that,
@@ -135,6 +138,14 @@ def _local_queue(node: NodeClient, budget: int, batch: int, context: int) -> tup
     store load in it); reckoned from its tokens, a prompt of 100 new tokens after 1,024 held came
     to 54 ms where the model says 84."""
     model = node.model
+    if node.sent:
+        # A prefill node (--colocate): its engine runs the prefill calls sent to it (past their
+        # turn in the prefill order) as well, begun before these; what its report lists beyond
+        # both, whole prompts.
+        sent = [t for t in node.sent.values() if t > 0]
+        queue = _prefill_queue(node, {**node.sent, **node.prefilling})
+        runs = [0.0] * len(sent) + [node.prefilling_run_s.get(k, 0.0) for k, t in node.prefilling.items() if t > 0]
+        return queue, queued_prefill_s(model, queue, runs[:len(queue)])
     own = [k for k, t in node.prefilling.items() if t > 0]
     share = [1.0]  # of the oldest, the share still to run
 

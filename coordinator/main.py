@@ -18,7 +18,7 @@ from tandem.membership import MembershipView, add_etcd_tls_args, check_etcd_tls,
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 from tandem.tls import TlsConfig, add_tls_args
 
-from .admission import MODES, Admission, Slo
+from .admission import COLOCATE, MODES, Admission, Slo
 from .callstream import call_mode_of
 from .prefillq import ORDERS, PrefillOrder
 from .traffic import BatchQueue, Quotas, parse_quotas
@@ -64,6 +64,7 @@ class CoordinatorConfig:
     admission_overload_margin: float = DEFAULT_MARGIN  # TPOT share kept free, x the recent share refused for load
     admission_trial_s: float = DEFAULT_TRIAL_S  # at most one close miss each this many seconds tried on idle nodes (0: none)
     conditional_disagg: str = "on"  # a decode node may prefill a request itself when that is predicted faster
+    colocate: str = "off"  # a prefill node may serve a request whole (admission.COLOCATE)
     prefill_order: str = "slack"  # where the prefill queue lives and its order (prefillq.py)
     prefill_depth: int = 1  # with slack: requests each prefill node runs at a time
     routing: str = "prefix"  # how a prefill node is picked (prefix.py ROUTINGS)
@@ -124,6 +125,8 @@ class CoordinatorConfig:
             raise ValueError(f"--kv-room must be on or off, got {self.kv_room!r}")
         if self.conditional_disagg not in ("on", "off"):
             raise ValueError(f"--conditional-disagg must be on or off, got {self.conditional_disagg!r}")
+        if self.colocate not in COLOCATE:
+            raise ValueError(f"--colocate must be one of {', '.join(COLOCATE)}, got {self.colocate!r}")
         parse_quotas(self.tenant_quota)  # ValueError naming the bad part
         if self.default_tenant_quota < 0 or self.quota_burst_s <= 0:
             raise ValueError("--default-tenant-quota must be >= 0 and --quota-burst-s positive")
@@ -225,6 +228,12 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
                     help="on: a decode node prefills a request itself when that is predicted to start it "
                          "clearly sooner (or to meet its SLO where the prefill pool would not) without "
                          "pushing its running streams past the TPOT objective | off: always disaggregated")
+    ap.add_argument("--colocate", default=env("TANDEM_COLOCATE", "off"),
+                    help="on: a prefill node serves a request whole (prefills and decodes it, no KV moved) when "
+                         "the disaggregated choice is predicted to miss its SLO and that is not, without pushing "
+                         "the node's running streams past their TPOT objective: the prefill pool's spare time "
+                         "decodes | always: every request a prefill node is predicted to serve within its SLO that way (the prefill pool as "
+                         "colocated engines, for comparison) | off (default): never")
     ap.add_argument("--prefill-order", default=env("TANDEM_PREFILL_ORDER", "slack"),
                     help="slack: requests wait here and each prefill node gets --prefill-depth at a time, "
                          "earliest deadline first among those that can still meet their TTFT objective | "
@@ -286,7 +295,7 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
                           order=PrefillOrder(router, cfg.prefill_order, cfg.prefill_depth), routing=cfg.routing,
                           protect=cfg.protect_streams == "on", kv_room=cfg.kv_room == "on",
                           candidates=cfg.admission_candidates, trial_s=cfg.admission_trial_s,
-                          overload_margin=cfg.admission_overload_margin)
+                          overload_margin=cfg.admission_overload_margin, colocate=cfg.colocate)
     pipeline = Pipeline(router, codec, max_model_len, cfg.served_model_name, PipelineConfig(
         prefill_timeout_s=cfg.prefill_timeout_s, decode_timeout_s=cfg.decode_timeout_s, stall_s=cfg.stall_s,
         migration_limit=cfg.migration_limit, stream_interval=cfg.stream_interval), admission,

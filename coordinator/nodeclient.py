@@ -95,6 +95,15 @@ class Tally(dict[int, int]):
         super().__delitem__(key)
 
 
+class _PrefillStub(pb_grpc.PrefillNodeStub):
+    """A prefill node's calls, one gRPC call each: its Prefill and Release, and the Decode of a
+    request it serves whole (--colocate)."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        super().__init__(channel)
+        self.Decode = pb_grpc.DecodeNodeStub(channel).Decode
+
+
 @dataclass
 class NodeClient:
     record: NodeRecord
@@ -105,7 +114,11 @@ class NodeClient:
     load: pb.NodeLoad | None = None  # its latest NodeMonitor message
     load_at: float = -1e9  # monotonic time it came
     model: ModelView = field(default_factory=ModelView)
-    inflight: Tally = field(default_factory=lambda: Tally())  # this coordinator's requests there -> tokens
+    # This coordinator's requests there -> tokens: on a decode node, its streams (their context);
+    # on a prefill node, the streams it serves whole (--colocate), its prefill calls being in ``prefills``.
+    inflight: Tally = field(default_factory=lambda: Tally())
+    prefills: Tally = field(default_factory=lambda: Tally())  # a prefill node's prefill calls -> tokens to compute
+    sent: Tally = field(default_factory=lambda: Tally())  # of those, the ones sent to its engine (past their turn)
     prefilling: Tally = field(default_factory=lambda: Tally())  # of those, local prefills not done yet -> tokens
     prefilling_since: dict[int, float] = field(default_factory=dict)  # -> when each was sent (perf_counter)
     # -> the model's time for each one's prefill alone, as admission predicted it (its held prefix's
@@ -159,7 +172,7 @@ class NodeClient:
 
     def _bind(self) -> None:
         if self.record.role == "prefill":
-            self.stub = pb_grpc.PrefillNodeStub(self.channel)
+            self.stub = _PrefillStub(self.channel)
         else:
             self.stub = pb_grpc.DecodeNodeStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)

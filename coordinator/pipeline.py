@@ -352,7 +352,7 @@ class Pipeline:
                 logger.warning("request %s: not migrated again (limit %d): %s", req.request_id,
                                self.cfg.migration_limit, failed.error)
             raise failed.error from failed
-        m.MIGRATIONS.labels("decode", failed.cause).inc()
+        m.MIGRATIONS.labels(failed.node.record.role, failed.cause).inc()  # (a prefill node serving it whole: --colocate)
         logger.warning("request %s: migrating after %d tokens sent: %s", req.request_id, len(prog.sent),
                        failed.error)
 
@@ -404,14 +404,15 @@ class Pipeline:
             try:
                 with self.router.track(node, work):
                     async with order.turn(node, turn, req.deadline):
-                        call = node.calls.Prefill(  # type: ignore[attr-defined]
-                            pb.PrefillRequest(request_id=f"{req.request_id}-p{leg}.{attempt}",
-                                              prompt_token_ids=context,
-                                              sampling=to_proto(sampling, pb.SamplingParams), hold_kv=hold_kv,
-                                              priority=order.engine_priority(node, turn)),
-                            timeout=self._timeout(req, self.cfg.prefill_timeout_s))
-                        t0 = req.prefill_sent_at = time.perf_counter()
-                        resp = await self.watch.wait(call, node, orphaned)
+                        with self.router.track_sent(node, work):
+                            call = node.calls.Prefill(  # type: ignore[attr-defined]
+                                pb.PrefillRequest(request_id=f"{req.request_id}-p{leg}.{attempt}",
+                                                  prompt_token_ids=context,
+                                                  sampling=to_proto(sampling, pb.SamplingParams), hold_kv=hold_kv,
+                                                  priority=order.engine_priority(node, turn)),
+                                timeout=self._timeout(req, self.cfg.prefill_timeout_s))
+                            t0 = req.prefill_sent_at = time.perf_counter()
+                            resp = await self.watch.wait(call, node, orphaned)
             except NodeGone as gone:
                 logger.info("request %s: %s; another node", req.request_id, gone)
                 avoid.add(node.node_id)

@@ -43,7 +43,8 @@ class Prepared:
                 out["x-tandem-predicted-ttft-ms"] = f"{self.plan.ttft_s * 1000:.1f}"
             if self.plan.tpot_s is not None:
                 out["x-tandem-predicted-tpot-ms"] = f"{self.plan.tpot_s * 1000:.2f}"
-            out["x-tandem-prefill"] = "local" if self.plan.local else "disaggregated"
+            out["x-tandem-prefill"] = ("colocated" if self.plan.colocated else "local" if self.plan.local
+                                       else "disaggregated")
             # The nodes the predictions are for (a retry or migration may move it later).
             prefill = self.plan.decode if self.plan.local else self.plan.prefill
             if prefill is not None:
@@ -84,7 +85,7 @@ class FinishEvent:
     predicted_tpot_s: float = 0.0
     dispatch_s: float = 0.0  # received -> the first prefill (or local decode) call sent: admission, routing, its turn
     prefill_call_s: float = 0.0  # that call, as the coordinator saw it, until the first token came
-    local_prefill: bool = False  # its decode node prefilled it (conditional disaggregation)
+    local_prefill: bool = False  # its decode node prefilled it (conditional disaggregation; or --colocate)
 
 
 Event = TokenEvent | FinishEvent

@@ -209,12 +209,14 @@ class Router:
         """Count a request (of ``tokens`` prompt tokens) as outstanding on ``node`` until the block
         exits (cancel included). ``left``: on a decode node, how many output tokens it has still to
         come (at most), asked whenever admission looks ahead there; ``budget``: what it has left of
-        its TPOT objective (``NodeClient.budgets``)."""
+        its TPOT objective (``NodeClient.budgets``). On a prefill node, one without ``left`` is a
+        prefill call (``NodeClient.prefills``), one with it a stream it serves whole (--colocate)."""
         to_come = left() if left is not None else 0
         node.outstanding += 1
         node.served += 1
         key = next(_keys)
-        node.inflight[key] = tokens
+        tally = node.prefills if left is None and node.record.role == "prefill" else node.inflight
+        tally[key] = tokens
         if left is not None:
             node.left[key] = left
             node.arrivals.add(to_come)
@@ -224,9 +226,20 @@ class Router:
             yield node
         finally:
             node.outstanding -= 1
-            del node.inflight[key]
+            del tally[key]
             node.left.pop(key, None)
             node.budgets.pop(key, None)
+
+    @contextmanager
+    def track_sent(self, node: NodeClient, tokens: int) -> Iterator[NodeClient]:
+        """A prefill call in a prefill node's engine (past its turn in the prefill order), until it
+        answers: what a prompt the node serves whole (--colocate) runs behind there."""
+        key = next(_keys)
+        node.sent[key] = tokens
+        try:
+            yield node
+        finally:
+            del node.sent[key]
 
     @contextmanager
     def track_prefill(self, node: NodeClient, tokens: int, run_s: float = 0.0) -> Iterator[NodeClient]:

@@ -41,17 +41,21 @@ logger = logging.getLogger(__name__)
 
 DECODES = Counter("tandem_decode_requests", "Decode requests by outcome", ["outcome"])
 DECODE_INFLIGHT = Gauge("tandem_decode_inflight", "Decode requests in flight on this node")
-LOCAL_PREFILLS = Counter("tandem_decode_local_prefills", "Requests prefilled on this decode node itself "
-                         "(conditional disaggregation)")
+LOCAL_PREFILLS = Counter("tandem_decode_local_prefills", "Requests prefilled on this node itself: on a decode "
+                         "node, conditional disaggregation; on a prefill node, the requests it served whole (--colocate)")
 KV_WAIT_SECONDS = Histogram("tandem_decode_kv_wait_seconds",
                             "Decode call start to its first new token (KV pull plus one step)",
                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 
 
 class DecodeServicer(pb_grpc.DecodeNodeServicer):
-    def __init__(self, engine: EngineHost, perf: NodePerf) -> None:
+    """``handles=False``: a prefill node's, serving whole the requests the coordinator colocates
+    there (``prefill_here`` only: its engine produces KV, it pulls none)."""
+
+    def __init__(self, engine: EngineHost, perf: NodePerf, handles: bool = True) -> None:
         self.engine = engine
         self.perf = perf
+        self.handles = handles
         self.kv_bytes_per_token = kv_bytes_per_token(engine.layout())
 
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> None:
@@ -94,6 +98,9 @@ class DecodeServicer(pb_grpc.DecodeNodeServicer):
         local = request.prefill_here
         if local and request.HasField("handle"):
             raise InvalidRequest("prefill_here takes no KV handle")
+        if not local and not self.handles:
+            raise InvalidRequest("this prefill node decodes only the requests it prefills itself (prefill_here); "
+                                 "a KV handle goes to a decode node")
         if not local and not request.HasField("handle"):
             raise InvalidRequest("decode needs a KV handle (or prefill_here)")
         if not prompt:

@@ -3,6 +3,10 @@
 A request's life here: Prefill -> engine (max_tokens=1, kv "produce") -> the
 engine holds the blocks under a lease -> the decode node pulls them and acks,
 or Release frees them, or the lease runs out.
+
+With ``--colocate`` on the coordinator, a request may instead be served whole
+here (a Decode call with ``prefill_here``, decode_node/server.py's servicer):
+the engine prefills and decodes it like a colocated vLLM, and no KV moves.
 """
 
 from __future__ import annotations
@@ -128,11 +132,17 @@ class PrefillServicer(pb_grpc.PrefillNodeServicer):
 
 
 def add_servicer(server: grpc.aio.Server, engine: EngineHost, perf: NodePerf) -> NodeCallsServicer:
-    """The PrefillNode service, and the NodeCalls service carrying its calls as messages (returned:
-    the node closes its streams when it stops)."""
+    """The PrefillNode service; the DecodeNode service for the requests the coordinator serves
+    whole here (``--colocate``: prefill and decode on this node, no KV moved; a KV handle is
+    refused); and the NodeCalls service carrying both as messages (returned: the node closes its
+    streams when it stops)."""
+    from tandem.decode_node.server import DecodeServicer
+
     servicer = PrefillServicer(engine, perf)
+    whole = DecodeServicer(engine, perf, handles=False)
     pb_grpc.add_PrefillNodeServicer_to_server(servicer, server)
-    return add_calls_servicer(server, prefill=servicer)
+    pb_grpc.add_DecodeNodeServicer_to_server(whole, server)
+    return add_calls_servicer(server, prefill=servicer, decode=whole)
 
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PrefillNode"].full_name

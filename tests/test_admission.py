@@ -17,6 +17,7 @@ from tandem.coordinator.estimates import (decode_estimate, decode_load, decode_v
                                           prefill_estimate, queued_prefill_s)
 from tandem.coordinator.calibration import MAX_RATIO, MIN_SAMPLES, MIN_SLOPE, RATE, Calibration
 from tandem.coordinator.nodeclient import Arrivals, Tally
+from tandem.coordinator.prefillq import PrefillOrder
 from tandem.coordinator.prefix import Held
 from tandem.coordinator.router import Router
 from tandem.errors import InvalidRequest, Rejected, openai_error_body
@@ -788,7 +789,7 @@ def test_a_request_looks_at_the_prefix_holders_and_the_least_loaded_nodes_of_a_b
         by_id = {n.node_id: n for n in nodes}
         with r.track(by_id["p0"], 900), r.track(by_id["p1"], 700), r.track(by_id["p2"], 500), \
                 r.track(by_id["p5"], 5000):
-            tokens = lambda n: n.inflight.total  # noqa: E731
+            tokens = lambda n: n.prefills.total  # noqa: E731
             # Up to k, all of them; 0: all of them.
             assert candidates(nodes, {}, 6, tokens) == nodes and candidates(nodes, {}, 0, tokens) == nodes
             # Past k: the least loaded (p3, p4 idle, then p2).
@@ -1050,4 +1051,78 @@ def test_a_prompt_whose_blocks_do_not_fit_waits_until_enough_streams_end() -> No
         r = cluster({"d0": pb.NodeLoad(decode_batch=3, fits=fits())})
         with r.track(r._nodes["d0"], 600, lambda: 10):
             assert kv_wait(r._nodes["d0"], 10_000, 0.008, 0) == (0.0, 0)
+    run(go)
+
+
+def test_a_prefill_node_serves_a_request_whole_where_the_decode_pool_would_miss_its_tpot() -> None:
+    def go():
+        # d0 as in the test above: a newcomer would push its stream at the edge past its objective.
+        busy = dict(decode_batch=9, fits=fits(decode=(0.005, 0.001, 0.0)))
+        r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(**busy)})
+        p0, slo = r._nodes["p0"], Slo(ttft_s=1.0, tpot_s=0.1)
+        with _stream(r, "d0", 1.45, 100):
+            with pytest.raises(Rejected):
+                Admission(r, local=False).plan("r", 100, 16, slo)
+            with pytest.raises(ValueError, match="--colocate must be one of off, on, always"):
+                Admission(r, colocate="yes")
+            # --colocate on: the idle prefill node prefills and decodes it (a step of 6 ms there).
+            plan = Admission(r, local=False, colocate="on").plan("r", 100, 16, slo)
+            assert plan.local and plan.colocated and plan.prefill is None and plan.decode is p0
+            assert plan.tpot_s == pytest.approx(0.006) and plan.ttft_s == pytest.approx(0.11, rel=0.05)
+            # Its streams count there as a decode node's (its prefill calls apart): the next
+            # newcomer sees a batch of one on p0, and p0's prefill queue stays empty.
+            with r.track(p0, 100, lambda: 15, lambda now: (1.0, 15)):
+                assert decode_load(p0) == (1, 100) and prefill_estimate(p0, 100).queue_s == 0.0
+                plan = Admission(r, local=False, colocate="on").plan("r", 100, 16, slo)
+                # (its 15 tokens to come over the newcomer's 16: 6.9 ms a step)
+                assert plan.colocated and plan.tpot_s == pytest.approx(0.00694, rel=0.01)
+            # A prompt it is prefilling to serve whole went to its engine at once, not through the
+            # prefill order: a prefill sent there waits for it (0.001 s a token of its 500).
+            order = Admission(r).order
+            assert prefill_estimate(p0, 100, order, time.perf_counter(), 1.0).queue_s == 0.0
+            with r.track_prefill(p0, 500):  # (nothing in the prefill order: the node's whole queue, 0.51 s)
+                assert prefill_estimate(p0, 100, order, time.perf_counter(), 1.0).queue_s == pytest.approx(0.51)
+
+
+            # A stream on p0 at its edge is protected as on a decode node: nowhere left, refused.
+            with _stream(r, "p0", 0.0995, 16):
+                with pytest.raises(Rejected):
+                    Admission(r, local=False, colocate="on").plan("r", 100, 16, slo)
+            # A request of one token has nothing to decode: the prefill pool alone serves it.
+            assert not Admission(r, local=False, colocate="on").plan("r", 100, 1, slo).local
+        # Where the decode pool meets the objective, disaggregated as before; "always": on p0 anyway.
+        r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(**busy)})
+        plan = Admission(r, local=False, colocate="on").plan("r", 100, 16, Slo(ttft_s=1.0, tpot_s=0.1))
+        assert not plan.local and plan.prefill.node_id == "p0" and plan.decode.node_id == "d0"
+        plan = Admission(r, local=False, colocate="always").plan("r", 100, 16, Slo(ttft_s=1.0, tpot_s=0.1))
+        assert plan.colocated and plan.decode.node_id == "p0"
+    run(go)
+
+
+def test_a_prompt_a_prefill_node_serves_whole_counts_before_the_prefill_orders_next() -> None:
+    async def go():
+        r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(fits=fits())})
+        p0, order, now = r._nodes["p0"], PrefillOrder(r, "slack"), time.perf_counter()
+        async with order.turn(p0, order.entry(p0, "a", 100, now, 5.0)):  # the order's prefill running there
+            behind = prefill_estimate(p0, 100, order, now, 1.0).queue_s
+            assert behind > 0.0
+            with r.track_prefill(p0, 500):  # and a prompt p0 serves whole (--colocate): 0.5 s more
+                assert prefill_estimate(p0, 100, order, now, 1.0).queue_s == pytest.approx(behind + 0.5, abs=1e-3)  # (its run goes on meanwhile)
+
+    asyncio.run(go())
+
+
+def test_a_prompt_served_whole_on_a_prefill_node_waits_for_the_prefill_calls_its_engine_runs() -> None:
+    def go():
+        # p0 reports a 2,000-token prefill call of this coordinator's and a 100-token prompt it
+        # serves whole (prefill 0.01 s + 1 ms a token): a newcomer there waits for both, 2.1 s.
+        r = cluster({"p0": pb.NodeLoad(prefill_queue=[2000, 100], fits=fits()), "d0": pb.NodeLoad(fits=fits())})
+        p0 = r._nodes["p0"]
+        with r.track(p0, 2000), r.track_sent(p0, 2000), r.track_prefill(p0, 100):
+            est = local_estimate(p0, 100, 16)
+            assert est.ttft.queue_s == pytest.approx(2.1) and est.ttft.seconds == pytest.approx(2.21)
+        # Before the report lists the prompt it serves whole: both still counted.
+        r._nodes["p0"].saw_load(pb.NodeLoad(prefill_queue=[2000], fits=fits()))
+        with r.track(p0, 2000), r.track_sent(p0, 2000), r.track_prefill(p0, 100):
+            assert local_estimate(p0, 100, 16).ttft.queue_s == pytest.approx(2.1)
     run(go)

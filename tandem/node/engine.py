@@ -215,6 +215,11 @@ class EngineHost:
         return int(self._engine.vllm_config.cache_config.block_size)
 
     @property
+    def step_tokens(self) -> int:
+        """The engine's per-step token budget, as it runs (vLLM's default where the node set none)."""
+        return int(self._engine.vllm_config.scheduler_config.max_num_batched_tokens)
+
+    @property
     def dead(self) -> bool:
         return self._engine is not None and bool(self._engine.errored)
 

@@ -29,6 +29,7 @@ from tandem.grpcserve import StopSignals, start_grpc
 from tandem.membership import DrainAsk, NodeRecord, Registration
 from tandem.netutil import reserve_port
 from tandem.profile import node_cores, node_settings, seed_from_profile
+from tandem.proto import tandem_pb2 as pb
 from tandem.timings import Timings
 
 from . import monitor
@@ -50,6 +51,11 @@ RESTART_EXIT = 75
 def work_held() -> float:
     """Requests in flight plus KV blocks held here, from this process's own metrics."""
     return sum(s.value for fam in REGISTRY.collect() for s in fam.samples if s.name in BUSY_METRICS)
+
+
+def _served_whole(role: str) -> tuple[str, ...]:
+    """A prefill node's DecodeNode service (the requests it serves whole: --colocate)."""
+    return (pb.DESCRIPTOR.services_by_name["DecodeNode"].full_name,) if role == "prefill" else ()
 
 
 async def run_node(cfg: NodeConfig, service_name: str,
@@ -99,7 +105,9 @@ async def run_node(cfg: NodeConfig, service_name: str,
         raise
     finally:
         reservation.close()
-    perf = NodePerf(step_tokens=cfg.max_num_batched_tokens)
+    # The engine's per-step budget as it runs: a prefill node's is vLLM's default unless set, and
+    # the streams it serves whole (colocated) see its prefills in steps of that size.
+    perf = NodePerf(step_tokens=getattr(engine, "step_tokens", 0) or cfg.max_num_batched_tokens)
     if isinstance(engine, EngineHost):
         perf.kv_room = engine.kv_room.tokens
         if cfg.kvstore_ram_gib:
@@ -133,7 +141,8 @@ async def run_node(cfg: NodeConfig, service_name: str,
                                              engine_held))
 
     grpc_server = await start_grpc(cfg.host, cfg.grpc_port, service_name, add_services,
-                                   more_services=(monitor.SERVICE_NAME, CALLS_SERVICE), tls=cfg.tls)
+                                   more_services=(monitor.SERVICE_NAME, CALLS_SERVICE, *_served_whole(cfg.role)),
+                                   tls=cfg.tls)
     httpd, _ = start_http_server(cfg.metrics_port, addr=cfg.host)
     metrics_address = f"{cfg.host}:{httpd.server_port}"
 

@@ -766,6 +766,55 @@ def test_two_coordinator_workers_behind_one_address_and_a_stream_interval(cluste
     assert coord.proc is not None and coord.proc.returncode == 0, log.read_text()[-3000:]
 
 
+def test_a_prefill_node_serves_a_request_whole_with_colocate(cluster: LocalCluster, references, tiny_model: Path,
+                                                            tmp_path: Path) -> None:
+    """A coordinator with --colocate always (and no prefill on the decode node): the prefill node
+    prefills and decodes the request itself, no KV moves, and greedy output is a plain engine's; a
+    one-token request stays a plain prefill; a KV handle sent to the prefill node's Decode is refused."""
+    grpc_port = free_port()
+    log = tmp_path / "coordinator-colocate.log"
+    coord = Daemon("coordinator-colocate", "coordinator", [
+        sys.executable, "-m", "tandem.cli", "coordinator", "--etcd", cluster.etcd_url, "--cluster",
+        cluster.spec.cluster, "--model", str(tiny_model), "--grpc-port", str(grpc_port), "--http-port", "0",
+        "--max-model-len", str(MAX_MODEL_LEN), "--colocate", "always", "--conditional-disagg", "off"], log)
+    coord.start()
+    try:
+        coord.wait_ready(time.monotonic() + 120)
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+            stub = pb_grpc.CoordinatorStub(ch)
+            p_before, d_before = node_metrics(cluster, "prefill"), node_metrics(cluster, "decode")
+            n, max_tokens = GREEDY[1]
+            ids = prompt_ids(n, 1)
+            out, msgs = generate(stub, ids, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            t = msgs[-1].finish.timings
+            assert (t.prefill_node, t.decode_node, t.local_prefill) == ("prefill-0", "prefill-0", True)
+            assert out == references[1]
+            one, msgs = generate(stub, ids, max_tokens=1, temperature=0.0, ignore_eos=True)
+            assert one == references[1][:1] and msgs[-1].finish.timings.decode_node == ""
+            p_after, d_after = node_metrics(cluster, "prefill"), node_metrics(cluster, "decode")
+        # The prefill node's engine computed the prompt (twice: the one-token request's prefill too)
+        # and ran the decode; the decode node saw neither request.
+        assert metric(p_after, "tandem_decode_local_prefills_total") - \
+            metric(p_before, "tandem_decode_local_prefills_total") == 1
+        assert metric(p_after, "vllm:generation_tokens_total") - \
+            metric(p_before, "vllm:generation_tokens_total") == max_tokens + 1
+        assert metric(d_after, "tandem_decode_requests_total") == metric(d_before, "tandem_decode_requests_total")
+        assert metric(d_after, "vllm:prompt_tokens_total") == metric(d_before, "vllm:prompt_tokens_total")
+        assert "served whole on prefill node prefill-0" in log.read_text()
+        # The prefill node decodes only what it prefills itself.
+        node = next(d for d in cluster.nodes if d.role == "prefill")
+        with grpc.insecure_channel(node.info["grpc"]) as ch:
+            with pytest.raises(grpc.RpcError) as err:
+                list(pb_grpc.DecodeNodeStub(ch).Decode(pb.DecodeRequest(
+                    request_id="handle-to-prefill", prompt_token_ids=ids,
+                    sampling=pb.SamplingParams(max_tokens=4), handle=pb.KVHandle(engine_id="x")), timeout=30))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "decodes only the requests it prefills itself" in err.value.details()
+    finally:
+        coord.stop()
+    assert coord.proc is not None and coord.proc.returncode == 0, log.read_text()[-3000:]
+
+
 def _status_of(post, auth: str, body: dict) -> int:
     try:
         post(auth, body)
