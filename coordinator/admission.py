@@ -295,6 +295,14 @@ class Admission:
                for n in prefills]
         # A node where it would push queued requests past their objective only when every node would.
         pre = [e for e in pre if not e.pushes] or pre
+        # Prefill nodes serving streams whole (--colocate): their state as decode nodes, and what this
+        # prompt's prefill there would do to those streams (a node pushing none of them past their
+        # TPOT objective first, as above).
+        hviews = ({n.node_id: decode_view(n, self.protect) for n in prefills} if self.colocate != "off"
+                  else {})
+        stalls = {e.node.node_id: _stalled(hviews[e.node.node_id], slo, e.idle_seconds) for e in pre
+                  if e.idle_seconds is not None and e.node.node_id in hviews}
+        pre = [e for e in pre if not stalls.get(e.node.node_id)] or pre
         # Each decode node's state, and its batch over the request's life, looked at once (O(its streams)).
         views = ({n.node_id: decode_view(n, self.protect) for n in decoders} if max_tokens > 1 or self.local
                  else {})
@@ -307,13 +315,17 @@ class Admission:
         p = (self.rng.choice(pre) if self.routing == "random" else _best(pre)) if pre else None
         d = _best(dec) if dec else None
         remote = _Option(p, d) if p is not None else None
+        if remote is not None and p is not None and (pushes := stalls.get(p.node.node_id, 0)):
+            # (Above the objective, so a miss: the disaggregated choice gives way as any miss does.)
+            remote.others = Estimate(p.node, slo.tpot_s * (1.0 + pushes),  # type: ignore[operator]
+                                     describe=lambda: f"{p.node.node_id}: its prefill there would push {pushes} "
+                                     f"of the streams that node serves whole past their TPOT objective")
         local = self._local(decoders, prompt_tokens, max_tokens, slo, held, lives, views,
                             alone=self.router.pool_absent("prefill")) if self.local else None
         home = None
         if self.colocate != "off" and max_tokens > 1 and prefills:
             # The prefill nodes as decode nodes of their own: their streams, their batch over the
             # request's life, what a prefill there would do to those streams.
-            hviews = {n.node_id: decode_view(n, self.protect) for n in prefills}
             hlives = {n.node_id: life_load(n, max_tokens, hviews[n.node_id]) for n in prefills}
             home = self._local(prefills, prompt_tokens, max_tokens, slo, held, hlives, hviews)
             if home is not None:
@@ -380,8 +392,8 @@ class Admission:
                 waits.append(1)
                 continue
             if what == "others":
-                parts.append(f"prefilling it on the decode node would push its running streams past the TPOT "
-                             f"objective: {e.detail}")
+                parts.append(f"prefilling it {'there' if chosen.ttft is not None and chosen.ttft.node.record.role == 'prefill' else 'on the decode node'} "
+                             f"would push running streams past the TPOT objective: {e.detail}")
                 waits.append(1)
                 continue
             # (A TPOT miss only by the overload margin is load: the objective less the headroom alone.)
@@ -479,6 +491,19 @@ def _kept(headroom: float, margin: float) -> str:
 
     parts = ([f"{pct(headroom)} headroom"] if headroom else []) + ([f"{pct(margin)} overload margin"] if margin else [])
     return " and ".join(parts)
+
+
+def _stalled(view: DecodeView, slo: Slo, stall_s: float) -> int:
+    """On a prefill node serving streams whole (--colocate): how many of them a prefill sent there
+    would push past their TPOT objective, waiting ``stall_s`` (its prefill alone) for it once at
+    their plain step, behind the prompts queued in its engine (``pushed``; a stream missing anyway
+    is not counted). 0 without a TPOT objective, with protection off (no budgets asked), or where
+    this coordinator does not know every stream there."""
+    if slo.tpot_s is None or not view.tpot_left or not _all_known(view):
+        return 0
+    model = view.node.model
+    plain = model.step_s(view.batch, view.context)
+    return pushed(view.tpot_left, view.step_now, view.step_now, stall_s, plain, view.queue_s)
 
 
 def _all_known(view: DecodeView) -> bool:

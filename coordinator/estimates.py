@@ -68,7 +68,7 @@ def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None =
     where = order.predict(node, tokens - held, arrival, ttft_s, held) if order is not None else None
     if where is not None:
         # The prompts of the requests it serves whole (--colocate) go to its engine at once, not
-        # through the prefill order: what is left of them runs before this one.
+        # through the prefill order: they run before this one (counted whole, however far along).
         raw_wait_s = where.wait_s + queued_prefill_s(model, [t for t in node.prefilling.values() if t > 0])
         f = node.factor("ttft", raw_wait_s + idle_s)  # (both parts scaled alike: the calibration's share)
         wait_s, run_s = raw_wait_s * f, idle_s * f

@@ -1082,8 +1082,6 @@ def test_a_prefill_node_serves_a_request_whole_where_the_decode_pool_would_miss_
             assert prefill_estimate(p0, 100, order, time.perf_counter(), 1.0).queue_s == 0.0
             with r.track_prefill(p0, 500):  # (nothing in the prefill order: the node's whole queue, 0.51 s)
                 assert prefill_estimate(p0, 100, order, time.perf_counter(), 1.0).queue_s == pytest.approx(0.51)
-
-
             # A stream on p0 at its edge is protected as on a decode node: nowhere left, refused.
             with _stream(r, "p0", 0.0995, 16):
                 with pytest.raises(Rejected):
@@ -1096,6 +1094,28 @@ def test_a_prefill_node_serves_a_request_whole_where_the_decode_pool_would_miss_
         assert not plan.local and plan.prefill.node_id == "p0" and plan.decode.node_id == "d0"
         plan = Admission(r, local=False, colocate="always").plan("r", 100, 16, Slo(ttft_s=1.0, tpot_s=0.1))
         assert plan.colocated and plan.decode.node_id == "p0"
+    run(go)
+
+
+def test_a_prefill_that_would_push_the_streams_a_prefill_node_serves_whole_goes_elsewhere_or_is_refused() -> None:
+    def go():
+        # p0 serves one stream whole: 16 tokens to come at 6 ms (batch 1), 0.15 s left of its
+        # objective. A 100-token prefill there stalls it 0.11 s: 0.096 + 0.11 > 0.15.
+        r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(fits=fits())})
+        slo = Slo(ttft_s=1.0, tpot_s=0.1)
+        with _stream(r, "p0", 0.15, 16):
+            with pytest.raises(Rejected) as err:
+                Admission(r, local=False, colocate="on").plan("r", 100, 16, slo)
+            assert "would push running streams past the TPOT objective" in str(err.value)
+            assert "push 1 of the streams that node serves whole" in str(err.value)
+            assert err.value.retry_after_s == 1
+            # The decode node prefills it instead (conditional disaggregation), or with colocation
+            # off nothing is checked (no stream is served whole there then).
+            assert Admission(r, colocate="on").plan("r", 100, 16, slo).decode.node_id == "d0"
+            assert Admission(r, local=False).plan("r", 100, 16, slo).prefill.node_id == "p0"
+        with _stream(r, "p0", 0.25, 16):  # time enough for the stall: disaggregated as ever
+            plan = Admission(r, local=False, colocate="on").plan("r", 100, 16, slo)
+            assert plan.prefill.node_id == "p0" and plan.decode.node_id == "d0"
     run(go)
 
 
