@@ -392,8 +392,9 @@ class Admission:
                 waits.append(1)
                 continue
             if what == "others":
-                parts.append(f"prefilling it {'there' if chosen.ttft is not None and chosen.ttft.node.record.role == 'prefill' else 'on the decode node'} "
-                             f"would push running streams past the TPOT objective: {e.detail}")
+                where = "prefill" if e.node.record.role == "prefill" else "decode"  # (a prefill node's: --colocate)
+                parts.append(f"prefilling it on the {where} node would push its running streams past the TPOT "
+                             f"objective: {e.detail}")
                 waits.append(1)
                 continue
             # (A TPOT miss only by the overload margin is load: the objective less the headroom alone.)

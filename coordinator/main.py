@@ -232,8 +232,8 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
                     help="on: a prefill node serves a request whole (prefills and decodes it, no KV moved) when "
                          "the disaggregated choice is predicted to miss its SLO and that is not, without pushing "
                          "the node's running streams past their TPOT objective: the prefill pool's spare time "
-                         "decodes | always: every request a prefill node is predicted to serve within its SLO that way (the prefill pool as "
-                         "colocated engines, for comparison) | off (default): never")
+                         "decodes | always: every request a prefill node is predicted to serve within its SLO "
+                         "that way (the prefill pool as colocated engines, for comparison) | off (default): never")
     ap.add_argument("--prefill-order", default=env("TANDEM_PREFILL_ORDER", "slack"),
                     help="slack: requests wait here and each prefill node gets --prefill-depth at a time, "
                          "earliest deadline first among those that can still meet their TTFT objective | "

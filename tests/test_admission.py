@@ -1106,7 +1106,8 @@ def test_a_prefill_that_would_push_the_streams_a_prefill_node_serves_whole_goes_
         with _stream(r, "p0", 0.15, 16):
             with pytest.raises(Rejected) as err:
                 Admission(r, local=False, colocate="on").plan("r", 100, 16, slo)
-            assert "would push running streams past the TPOT objective" in str(err.value)
+            assert "prefilling it on the prefill node would push its running streams past the TPOT objective" \
+                in str(err.value)
             assert "push 1 of the streams that node serves whole" in str(err.value)
             assert err.value.retry_after_s == 1
             # The decode node prefills it instead (conditional disaggregation), or with colocation
