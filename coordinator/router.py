@@ -41,7 +41,7 @@ from tandem.tls import FileWatch, TlsConfig
 
 from . import metrics as m
 from .callstream import call_mode_of
-from .nodeclient import NodeClient
+from .nodeclient import NodeClient, Tally
 
 logger = logging.getLogger(__name__)
 
@@ -234,12 +234,8 @@ class Router:
     def track_sent(self, node: NodeClient, tokens: int) -> Iterator[NodeClient]:
         """A prefill call in a prefill node's engine (past its turn in the prefill order), until it
         answers: what a prompt the node serves whole (--colocate) runs behind there."""
-        key = next(_keys)
-        node.sent[key] = tokens
-        try:
+        with _counted(node.sent, tokens):
             yield node
-        finally:
-            del node.sent[key]
 
     @contextmanager
     def track_prefill(self, node: NodeClient, tokens: int, run_s: float = 0.0) -> Iterator[NodeClient]:
@@ -265,12 +261,8 @@ class Router:
         prefill node computes, until its first token there (admission's KV room counts them: the
         node's reports do not yet; for the moments between its blocks' allocation and its first
         token, both do, on the safe side)."""
-        key = next(_keys)
-        node.awaiting[key] = tokens
-        try:
+        with _counted(node.awaiting, tokens):
             yield node
-        finally:
-            del node.awaiting[key]
 
     # health -----------------------------------------------------------------
     async def check(self, node: NodeClient) -> bool:
@@ -374,3 +366,14 @@ def _stop_watching(node: NodeClient) -> None:
     if node.watcher is not None:
         node.watcher.cancel()
         node.watcher = None
+
+
+@contextmanager
+def _counted(tally: Tally, tokens: int) -> Iterator[None]:
+    """``tokens`` in ``tally`` under a key of their own until the block exits."""
+    key = next(_keys)
+    tally[key] = tokens
+    try:
+        yield
+    finally:
+        del tally[key]

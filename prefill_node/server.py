@@ -131,18 +131,17 @@ class PrefillServicer(pb_grpc.PrefillNodeServicer):
         return pb.ReleaseResponse()
 
 
-def add_servicer(server: grpc.aio.Server, engine: EngineHost, perf: NodePerf) -> NodeCallsServicer:
-    """The PrefillNode service; the DecodeNode service for the requests the coordinator serves
-    whole here (``--colocate``: prefill and decode on this node, no KV moved; a KV handle is
-    refused); and the NodeCalls service carrying both as messages (returned: the node closes its
-    streams when it stops)."""
-    from tandem.decode_node.server import DecodeServicer
-
+def add_servicer(server: grpc.aio.Server, engine: EngineHost, perf: NodePerf,
+                 whole: pb_grpc.DecodeNodeServicer) -> NodeCallsServicer:
+    """The PrefillNode service; ``whole``, the DecodeNode service for the requests the coordinator
+    serves whole here (``--colocate``: prefill and decode on this node, no KV moved; made by the
+    caller with ``handles=False``, so a KV handle is refused); and the NodeCalls service carrying
+    both as messages (returned: the node closes its streams when it stops)."""
     servicer = PrefillServicer(engine, perf)
-    whole = DecodeServicer(engine, perf, handles=False)
     pb_grpc.add_PrefillNodeServicer_to_server(servicer, server)
     pb_grpc.add_DecodeNodeServicer_to_server(whole, server)
-    return add_calls_servicer(server, prefill=servicer, decode=whole)
+    # (tandem/cli.py makes ``whole``: decode_node/server.py's servicer, which this module does not import)
+    return add_calls_servicer(server, prefill=servicer, decode=whole)  # type: ignore[arg-type]
 
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PrefillNode"].full_name

@@ -53,7 +53,13 @@ def cmd_node(role: str, args: argparse.Namespace) -> int:
 
         pin_process(cfg.cores)
     if role == "prefill":
-        from tandem.prefill_node.server import SERVICE_NAME, add_servicer
+        from tandem.decode_node.server import DecodeServicer
+        from tandem.prefill_node.server import SERVICE_NAME
+        from tandem.prefill_node.server import add_servicer as add_prefill
+
+        def add_servicer(server, engine, perf):  # type: ignore[no-untyped-def]
+            # and the Decode calls of the requests it serves whole (--colocate), those only
+            return add_prefill(server, engine, perf, DecodeServicer(engine, perf, handles=False))
     else:
         from tandem.decode_node.server import SERVICE_NAME, add_servicer
     code = _run(run_node(cfg, SERVICE_NAME, add_servicer))
