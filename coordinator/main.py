@@ -85,6 +85,7 @@ class CoordinatorConfig:
     etcd_ca: str = ""  # an https:// etcd (membership.py)
     etcd_cert: str = ""
     etcd_key: str = ""
+    cores: str = ""  # CPU cores the coordinator (its workers too) runs on; empty: wherever the OS puts it
 
     @property
     def tls(self) -> TlsConfig:
@@ -141,6 +142,10 @@ class CoordinatorConfig:
         if self.workers < 1:
             raise ValueError(f"--workers must be at least 1, got {self.workers}")
         call_mode_of(self.node_calls)  # ValueError naming the flag
+        if self.cores:
+            from tandem.node.config import check_cores
+
+            check_cores(self.cores)
         if self.api_keys_file and not Path(self.api_keys_file).is_file():
             raise ValueError(f"--api-keys-file {self.api_keys_file!r} is not a file")
         check_keys(self.api_keys_file)  # ValueError naming the entry, never the key
@@ -245,6 +250,11 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
                          "same without that credit) | random (for comparison)")
     ap.add_argument("--prefill-depth", type=int, default=env("TANDEM_PREFILL_DEPTH", "1"),
                     help="with --prefill-order slack: prefills each node runs at a time")
+    ap.add_argument("--cores", default=env("TANDEM_CORES", ""),
+                    help="CPU cores the coordinator runs on, its --workers too, e.g. 0 or 0-1 (default: any). "
+                         "Where it shares a host with nodes pinned by their --cores, pin it too, beside the "
+                         "prefill nodes: left free it takes the decode nodes' cores when the prefill cores are "
+                         "busy, and their streams' steps slow")
     ap.add_argument("--tenant-quota", default=env("TANDEM_TENANT_QUOTA", ""),
                     help="token quotas, TENANT=TOKENS_PER_SECOND,... (a request costs prompt + max_tokens)")
     ap.add_argument("--default-tenant-quota", type=float, default=env("TANDEM_DEFAULT_TENANT_QUOTA", "0"),

@@ -117,6 +117,10 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"tandem coordinator: {exc}", file=sys.stderr)
         return 2
+    if cfg.cores and index is None:  # (the workers it starts inherit them)
+        from .node.config import pin_process
+
+        pin_process(cfg.cores)
     if cfg.workers > 1 and index is None:  # this process supervises; the workers serve
         return run_workers(cfg.workers, args.given_argv, cfg.host, cfg.grpc_port, cfg.http_port)
     _run(run_coordinator(cfg))

@@ -135,11 +135,7 @@ class NodeConfig:
         if self.drain_grace_s < 0:
             raise ValueError(f"--drain-grace-s must be >= 0, got {self.drain_grace_s}")
         if self.cores:
-            wanted = parse_cores(self.cores)
-            missing = wanted - set(os.sched_getaffinity(0))
-            if missing:
-                raise ValueError(f"--cores {self.cores}: cores {sorted(missing)} are not available to this "
-                                 f"process (it may use {sorted(os.sched_getaffinity(0))})")
+            check_cores(self.cores)
         if self.kvstore_ram_gib < 0 or self.kvstore_disk_gib < 0:
             raise ValueError("--kvstore-ram-gib and --kvstore-disk-gib must be >= 0")
         if self.kvstore_promote_wait_ms < 0:
@@ -189,6 +185,14 @@ def parse_cores(spec: str) -> set[int]:
             raise ValueError(f"--cores {spec!r}: {part!r} is not a valid range")
         out.update(range(a, b + 1))
     return out
+
+
+def check_cores(spec: str) -> None:
+    """ValueError unless ``spec`` parses and every core in it is one this process may run on."""
+    missing = parse_cores(spec) - set(os.sched_getaffinity(0))
+    if missing:
+        raise ValueError(f"--cores {spec}: cores {sorted(missing)} are not available to this "
+                         f"process (it may use {sorted(os.sched_getaffinity(0))})")
 
 
 def pin_threads(pid: int | str, cores: set[int]) -> None:
