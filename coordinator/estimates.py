@@ -165,6 +165,15 @@ def _local_queue(node: NodeClient, budget: int, batch: int, context: int) -> tup
     return queue, queued_prefill_s(model, queue, runs)
 
 
+def backlog_s(node: NodeClient) -> float:
+    """On a prefill node serving streams whole (--colocate): what every prompt this coordinator
+    has for it stalls those streams, model only (``queued_prefill_s``): its prefill calls, in its
+    engine or still waiting their turn in the prefill order (``NodeClient.prefills``; they all
+    run within a stream's few seconds), and the prompts it serves whole; what its report lists
+    beyond those, whole prompts."""
+    return queued_prefill_s(node.model, _prefill_queue(node, {**node.prefills, **node.prefilling}))
+
+
 def step_tokens(load: pb.NodeLoad | None) -> int:
     """A decode node's per-step token budget (``NodeLoad.step_tokens``), as its load reports it."""
     return (load.step_tokens if load is not None else 0) or DEFAULT_STEP_TOKENS

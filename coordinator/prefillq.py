@@ -186,6 +186,19 @@ class PrefillOrder:
         ahead = order[:order.index(new)]
         return Prediction(start - now + sum(e.run_s for e in ahead), pushes)
 
+    def pushed_by(self, node: NodeClient, run_s: float) -> int:
+        """How many more of the requests waiting here for ``node`` would miss their TTFT objective
+        if the node first ran ``run_s`` of work that skips this queue (a prompt it serves whole,
+        --colocate, goes to its engine at once). 0 where nothing waits here (``fifo``, ``engine``)."""
+        q = self._queues.get(_key(node))
+        if not self.holds or q is None or not q.waiting or run_s <= 0:
+            return 0
+        now = time.perf_counter()
+        rest = [e for e in q.waiting if not _starved(e, now)]
+        start = _free_at(q.running, now) + sum(e.run_s for e in q.waiting if _starved(e, now))
+        late = [sum(e.has_slo for e in schedule(rest, t)[1]) for t in (start, start + run_s)]
+        return max(0, late[1] - late[0])
+
     @asynccontextmanager
     async def turn(self, node: NodeClient, e: Entry, give_up_at: float | None = None) -> AsyncIterator[None]:
         """Hold ``e`` until it may go to ``node``, and for as long as its call runs there.

@@ -35,7 +35,7 @@ caches' recency as a real node would (``touch``).
 
 - **Conditional disaggregation** (``local``, off by default): at arrival the request is
   prefilled on a decode node itself when Tandem's admission would choose that (the same rule,
-  ``coordinator/admission._choose``, on this simulator's predictions): predicted to meet the TTFT
+  ``coordinator/choice.choose``, on this simulator's predictions): predicted to meet the TTFT
   objective where the prefill pool would not, or, with work queued in the pool, to start
   ``LOCAL_GAIN`` sooner (each option's TPOT checked too); never where its prefill would push the
   node's streams past the TPOT objective (with none set: never beside another local prefill). A
@@ -244,7 +244,7 @@ class ClusterState:
         node's running streams request ``i`` would push past their TPOT objective by joining its
         batch, on top of the local prefills queued there already (``estimates.pushed``). ``local``:
         prefilled there, (its stall once, the queued ones' stall), calibrated as its local TTFT
-        there, beside the plain step (``admission._local``'s; else ``decode_estimate``'s)."""
+        there, beside the plain step (``choice.local_option``'s; else ``decode_estimate``'s)."""
         if not (self.cfg.admission and self.cfg.slo_tpot_s > 0 and dn.running):
             return 0
         from tandem.coordinator.estimates import pushed
@@ -318,7 +318,7 @@ class ClusterState:
         """The decode node to prefill request ``i`` on, or None for the prefill pool (admission's rule),
         and whether that choice is predicted to meet both objectives without pushing the chosen
         decode node's streams past TPOT (what admission, when on, refuses by)."""
-        from tandem.coordinator.admission import LOCAL_GAIN
+        from tandem.coordinator.choice import LOCAL_GAIN
         from tandem.coordinator.estimates import MIN_OTHERS_TOKENS
 
         e, dec = self.trace[i], self.cfg.decode
@@ -364,7 +364,7 @@ class ClusterState:
             # No prefill pool: a decode node whatever it costs: among those meeting both objectives (or
             # all, with none), the soonest start; those within the coordinator's TIE_REL / TIE_ABS_S of
             # it are alike, and the least loaded of them takes it.
-            from tandem.coordinator.admission import tied
+            from tandem.coordinator.choice import tied
 
             est = [local_ttft(dn) for dn in self.decodes]
             ok = [meets(t, tpot_misses(dn)) and not harms(dn, harm, stall, ahead)

@@ -12,7 +12,8 @@ import time
 import grpc
 import pytest
 
-from tandem.coordinator.admission import Admission, Slo, candidates
+from tandem.coordinator.admission import Admission, Slo
+from tandem.coordinator.choice import candidates
 from tandem.coordinator.estimates import (decode_estimate, decode_load, decode_view, kv_wait, local_estimate,
                                           prefill_estimate, queued_prefill_s)
 from tandem.coordinator.calibration import MAX_RATIO, MIN_SAMPLES, MIN_SLOPE, RATE, Calibration
@@ -1117,6 +1118,11 @@ def test_a_prefill_that_would_push_the_streams_a_prefill_node_serves_whole_goes_
         with _stream(r, "p0", 0.25, 16):  # time enough for the stall: disaggregated as ever
             plan = Admission(r, local=False, colocate="on").plan("r", 100, 16, slo)
             assert plan.prefill.node_id == "p0" and plan.decode.node_id == "d0"
+            # But not for two: a prefill call admitted there before it, still waiting its turn in the
+            # prefill order (not yet in the engine), stalls the stream too (0.1 s more).
+            with r.track(r._nodes["p0"], 100):
+                with pytest.raises(Rejected, match="push 1 of the streams that node serves whole"):
+                    Admission(r, local=False, colocate="on").plan("r", 100, 16, slo)
     run(go)
 
 
@@ -1129,6 +1135,38 @@ def test_a_prompt_a_prefill_node_serves_whole_counts_before_the_prefill_orders_n
             assert behind > 0.0
             with r.track_prefill(p0, 500):  # and a prompt p0 serves whole (--colocate): 0.5 s more
                 assert prefill_estimate(p0, 100, order, now, 1.0).queue_s == pytest.approx(behind + 0.5, abs=1e-3)  # (its run goes on meanwhile)
+
+    asyncio.run(go())
+
+
+def test_a_prompt_served_whole_may_not_push_the_prefill_orders_waiting_requests_past_their_ttft() -> None:
+    async def go():
+        r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(fits=fits())})
+        p0 = r._nodes["p0"]
+        adm = Admission(r, local=False, colocate="always")
+        order, now, done = adm.order, time.perf_counter(), asyncio.Event()
+
+        async def hold(e):  # type: ignore[no-untyped-def]
+            async with order.turn(p0, e):
+                await done.wait()
+
+        # A 100-token prefill (0.11 s) running on p0 and one waiting in the prefill order behind
+        # it, due 0.25 s from now: it starts by 0.11 s and ends by 0.22 s, in time.
+        running = asyncio.ensure_future(hold(order.entry(p0, "a", 100, now, 5.0)))
+        await asyncio.sleep(0)
+        waiting = asyncio.ensure_future(hold(order.entry(p0, "b", 100, now, 0.25)))
+        await asyncio.sleep(0)
+        try:
+            # A prompt served whole goes to the engine at once, ahead of it: 0.11 s more makes it late.
+            assert order.pushed_by(p0, 0.01) == 0 and order.pushed_by(p0, 0.11) == 1
+            slo = Slo(ttft_s=1.0, tpot_s=0.1)
+            plan = adm.plan("r", 100, 16, slo)
+            assert not plan.colocated and plan.prefill is p0  # through the prefill order, after it
+            assert adm.plan("r", 5, 16, slo).colocated  # 0.015 s: it still makes its deadline
+            assert PrefillOrder(r, "fifo").pushed_by(p0, 1.0) == 0  # no queue held here
+        finally:
+            done.set()
+            await asyncio.gather(running, waiting)
 
     asyncio.run(go())
 
