@@ -133,7 +133,7 @@ async def _grpc_one(stub: object, e: TraceEntry, t0: float, timeout_s: float,
                 t = msg.finish.timings
                 rt.predicted_ttft = t.predicted_ttft_s or None
                 rt.predicted_tpot = t.predicted_tpot_s or None
-                rt.local_prefill = t.local_prefill
+                rt.local_prefill, rt.colocated = t.local_prefill and not t.colocated, t.colocated
                 rt.prefill_node, rt.decode_node = t.prefill_node, t.decode_node
                 rt.server = {"ttft_s": t.ttft_s, "dispatch_s": t.dispatch_s, "prefill_call_s": t.prefill_call_s,
                              "prefill_s": t.prefill_s}

@@ -31,7 +31,7 @@ class RequestTiming:
     predicted_ttft: float | None = None  # Tandem's admission prediction, when the server says
     predicted_tpot: float | None = None
     local_prefill: bool | None = None  # Tandem: prefilled on its decode node
-    colocated: bool | None = None  # Tandem: served whole on a prefill node (--colocate; HTTP only)
+    colocated: bool | None = None  # Tandem: served whole on a prefill node (--colocate)
     prefill_node: str = ""  # Tandem: the nodes the predictions were for
     decode_node: str = ""
     server: dict[str, float] = field(default_factory=dict)  # Tandem over gRPC: the coordinator's own timings

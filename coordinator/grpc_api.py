@@ -140,7 +140,7 @@ def _finish_pb(ev: FinishEvent) -> pb.Finish:
                            prefill_node=ev.prefill_node, decode_node=ev.decode_node,
                            predicted_ttft_s=ev.predicted_ttft_s, predicted_tpot_s=ev.predicted_tpot_s,
                            local_prefill=ev.local_prefill, dispatch_s=ev.dispatch_s,
-                           prefill_call_s=ev.prefill_call_s),
+                           prefill_call_s=ev.prefill_call_s, colocated=ev.colocated),
         migrations=ev.migrations,
     )
 

@@ -242,6 +242,7 @@ class Pipeline:
                     if local:
                         assert dnode is not None
                         out.prefill_node, out.local_prefill = dnode.node_id, True
+                        out.colocated = dnode.record.role == "prefill"
                         prompt, sampling = context, left
                     else:
                         if dnode is not None:

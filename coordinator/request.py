@@ -86,6 +86,7 @@ class FinishEvent:
     dispatch_s: float = 0.0  # received -> the first prefill (or local decode) call sent: admission, routing, its turn
     prefill_call_s: float = 0.0  # that call, as the coordinator saw it, until the first token came
     local_prefill: bool = False  # its decode node prefilled it (conditional disaggregation; or --colocate)
+    colocated: bool = False  # and that node is a prefill node, serving it whole (--colocate)
 
 
 Event = TokenEvent | FinishEvent

@@ -69,7 +69,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("ttft_s", "e2e_s", "prefill_s", "decode_s", "prefill_node", "decode_node", "predicted_ttft_s", "predicted_tpot_s", "local_prefill", "dispatch_s", "prefill_call_s")
+    __slots__ = ("ttft_s", "e2e_s", "prefill_s", "decode_s", "prefill_node", "decode_node", "predicted_ttft_s", "predicted_tpot_s", "local_prefill", "dispatch_s", "prefill_call_s", "colocated")
     TTFT_S_FIELD_NUMBER: _ClassVar[int]
     E2E_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_S_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class Timings(_message.Message):
     LOCAL_PREFILL_FIELD_NUMBER: _ClassVar[int]
     DISPATCH_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_CALL_S_FIELD_NUMBER: _ClassVar[int]
+    COLOCATED_FIELD_NUMBER: _ClassVar[int]
     ttft_s: float
     e2e_s: float
     prefill_s: float
@@ -92,7 +93,8 @@ class Timings(_message.Message):
     local_prefill: bool
     dispatch_s: float
     prefill_call_s: float
-    def __init__(self, ttft_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., prefill_node: _Optional[str] = ..., decode_node: _Optional[str] = ..., predicted_ttft_s: _Optional[float] = ..., predicted_tpot_s: _Optional[float] = ..., local_prefill: _Optional[bool] = ..., dispatch_s: _Optional[float] = ..., prefill_call_s: _Optional[float] = ...) -> None: ...
+    colocated: bool
+    def __init__(self, ttft_s: _Optional[float] = ..., e2e_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., prefill_node: _Optional[str] = ..., decode_node: _Optional[str] = ..., predicted_ttft_s: _Optional[float] = ..., predicted_tpot_s: _Optional[float] = ..., local_prefill: _Optional[bool] = ..., dispatch_s: _Optional[float] = ..., prefill_call_s: _Optional[float] = ..., colocated: _Optional[bool] = ...) -> None: ...
 
 class Finish(_message.Message):
     __slots__ = ("reason", "usage", "timings", "stop_reason", "migrations")

@@ -132,7 +132,7 @@ def test_a_short_prompt_prefills_on_a_decode_node_while_the_prefill_queue_is_lon
                 os.kill(pid, signal.SIGCONT)
         assert all(f.result(timeout=120).first_token >= 0 for f in pending)
     t = fin.timings
-    assert t.local_prefill and t.prefill_node == t.decode_node and fin.reason == "length", fin
+    assert t.local_prefill and not t.colocated and t.prefill_node == t.decode_node and fin.reason == "length", fin
     assert t.predicted_ttft_s > 0
     assert got == references[tuple(SHORT)]  # greedy output as a plain engine's
     # Its decode node computed the prompt itself (vLLM's own count), and says it prefilled locally.

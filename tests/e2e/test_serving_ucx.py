@@ -787,7 +787,7 @@ def test_a_prefill_node_serves_a_request_whole_with_colocate(cluster: LocalClust
             ids = prompt_ids(n, 1)
             out, msgs = generate(stub, ids, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
             t = msgs[-1].finish.timings
-            assert (t.prefill_node, t.decode_node, t.local_prefill) == ("prefill-0", "prefill-0", True)
+            assert (t.prefill_node, t.decode_node, t.local_prefill, t.colocated) == ("prefill-0", "prefill-0", True, True)
             assert out == references[1]
             one, msgs = generate(stub, ids, max_tokens=1, temperature=0.0, ignore_eos=True)
             assert one == references[1][:1] and msgs[-1].finish.timings.decode_node == ""
