@@ -53,20 +53,20 @@ def best(estimates: list[Estimate]) -> Estimate:
     if learning:
         return min(learning, key=lambda e: (e.node.served, e.node.node_id))
     if known:
-        best = min(known, key=lambda e: e.seconds)  # type: ignore[arg-type,return-value]
-        low = best.seconds
+        top = min(known, key=lambda e: e.seconds)  # type: ignore[arg-type,return-value]
+        low = top.seconds
         assert low is not None
 
         def alike(e: Estimate) -> bool:
             assert e.seconds is not None
-            if abs(e.cached_tokens.tokens - best.cached_tokens.tokens) >= AFFINITY_TOKENS:
+            if abs(e.cached_tokens.tokens - top.cached_tokens.tokens) >= AFFINITY_TOKENS:
                 return False  # a prefix held on one node is a real difference, not fit noise
             if tied(e.seconds, low):
                 return True
             # Two idle nodes: only their fits differ, and a node just restarted carries its cached
             # profile's (taken at startup, a few times slower than what a node serving warm
             # predicts). Within IDLE_TIE of each other they take turns, and both keep learning.
-            return e.queue_s == 0 and best.queue_s == 0 and e.seconds <= low * IDLE_TIE
+            return e.queue_s == 0 and top.queue_s == 0 and e.seconds <= low * IDLE_TIE
 
         pool = [e for e in known if alike(e)]
     else:
