@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--factor-rates", default="0.1,0.05,0.02,0.01,0",
                     help="replay each node's TPOT calibration learned at these weights a request (0: the "
                          "line over all the log so far, the factor left at 1; logs that give the factors only)")
+    ap.add_argument("--slo-tpot-ms", type=float, default=0.0,
+                    help="the run's TPOT objective: with it, the streams prefill nodes served whole (--colocate) "
+                         "over and within it, and the prefill calls beside them (forecast_whole.py)")
     args = ap.parse_args(argv)
     reqs = read(args.log)
     if len(reqs) < 10:
@@ -267,6 +270,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"TTFT of local prefills with none queued, {name} on its node ({e['requests']:.0f} requests): "
               f"error p50 {e['p50']:.1%} p90 {e['p90']:.1%}; actual / predicted p10 {e['ratio_p10']:.2f} "
               f"p50 {e['ratio_p50']:.2f} p90 {e['ratio_p90']:.2f}")
+    if args.slo_tpot_ms > 0:
+        from tandem.bench.forecast_whole import whole_streams
+
+        for name, e in whole_streams(args.log, args.slo_tpot_ms / 1000).items():
+            print(f"streams served whole on a prefill node, {name} the TPOT objective ({e['streams']:.0f}): TPOT "
+                  f"p50 {e['tpot_ms_p50']:.1f} ms (predicted {e['predicted_tpot_ms_p50']:.1f}); prefill calls "
+                  f"on that node during their decode, median {e['stall_known_s_p50']:.2f} s admitted before them "
+                  f"and {e['stall_later_s_p50']:.2f} s after")
     return 0
 
 

@@ -276,3 +276,37 @@ def test_the_least_tpot_error_at_admission_is_the_spread_the_arrivals_leave() ->
     small, large = arrivals_bound(reqs(0.02), 0.01, 0.001), arrivals_bound(reqs(0.02), 0.01, 0.004)
     assert 0.0 < small["drawn"]["p90"] < large["drawn"]["p90"]
     assert small["arrivals_per_life"]["mean"] == pytest.approx(4.0, rel=0.1)
+
+
+def test_the_streams_a_prefill_node_serves_whole_are_split_by_their_tpot_objective_with_the_prefills_beside_them(
+        tmp_path: Path) -> None:
+    from tandem.bench.forecast_whole import whole_streams
+
+    def line(end: str, rid: str, tokens: int, ttft: float, tpot_ms: float, e2e: float, prefill: str, decode: str,
+             call: float, pred_ms: float = 15.0) -> str:
+        return (f"2026-12-06 08:00:{end} INFO coordinator tandem.coordinator.request: request {rid}: length after "
+                f"{tokens} tokens (ttft {ttft:.3f} s, tpot {tpot_ms:.1f} ms, e2e {e2e:.3f} s, prefill {prefill}, "
+                f"decode {decode}, migrations 0, dispatch 0.001 s, prefill call {call:.3f} s; predicted ttft 0.100 s, "
+                f"tpot {pred_ms:.1f} ms, learned factors x1.0000, x1.0000, of the ttft waiting 0.000 s)")
+
+    # "whole": received at 08:00:00, first token at 0.1 s, decoding until 3.1 s (101 tokens, 30 ms each).
+    # "before" was admitted at -0.5 s (a prefill call of 0.4 s ending at 0.3 s: 0.2 s of it in the
+    # decode); "after" at 1.0 s (0.5 s, all of it in the decode); "far" long after it ended.
+    # "calm" is served whole later, with no prefill beside it, within the objective.
+    log = tmp_path / "coordinator.log"
+    log.write_text("\n".join([
+        line("00,800", "before", 20, 0.8, 10.0, 1.3, "prefill-0", "decode-0", 0.4),  # received 07:59:59.500
+        line("03,100", "whole", 101, 0.1, 30.0, 3.1, "prefill-0 (local)", "prefill-0", 0.1, 18.0),
+        line("03,500", "after", 20, 0.5, 10.0, 2.5, "prefill-0", "decode-0", 0.5),  # received 1.0 s, call 1.0-1.5 s
+        line("30,000", "far", 20, 0.5, 10.0, 1.0, "prefill-0", "decode-0", 0.5),
+        line("40,000", "calm", 21, 0.1, 12.0, 1.0, "prefill-0 (local)", "prefill-0", 0.1),
+        line("41,000", "local", 21, 0.1, 40.0, 1.0, "decode-0 (local)", "decode-0", 0.1),  # a decode node's own
+    ]) + "\n")
+    got = whole_streams(str(log), 0.019)
+    assert set(got) == {"over", "within"}
+    over, within = got["over"], got["within"]
+    assert over["streams"] == 1 and over["tpot_ms_p50"] == pytest.approx(30.0) and over["predicted_tpot_ms_p50"] == 18.0
+    assert over["stall_known_s_p50"] == pytest.approx(0.2, abs=1e-3)
+    assert over["stall_later_s_p50"] == pytest.approx(0.5, abs=1e-3)
+    assert within == {"streams": 1, "tpot_ms_p50": 12.0, "predicted_tpot_ms_p50": 15.0, "stall_known_s_p50": 0.0,
+                      "stall_later_s_p50": 0.0}

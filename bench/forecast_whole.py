@@ -1,0 +1,81 @@
+"""The streams prefill nodes serve whole (--colocate) and the prefill calls beside them, in a
+coordinator log (``python -m tandem.bench.forecast LOG --slo-tpot-ms X`` prints it): how many went
+over the TPOT objective, how their TPOT compares with what admission predicted, and how long the
+prefill calls sent to the same node stalled each one's decode (a prefill call's span is read from its
+finish line: it ends at the first token, ``prefill call`` seconds long), apart by whether the call
+was admitted before the stream (known to admission) or after it."""
+
+from __future__ import annotations
+
+import datetime
+import re
+import statistics
+from dataclasses import dataclass
+
+FINISH = re.compile(r"^(\S+ \S+) .*request \S+: \w+ after (\d+) tokens \(ttft ([\d.]+) s, tpot ([\d.]+) ms, "
+                    r"e2e ([\d.]+) s, prefill (\S+)( \(local\))?, decode (\S+), .*prefill call ([\d.]+) s; "
+                    r"predicted ttft [\d.]+ s, tpot ([\d.]+) ms")
+
+
+@dataclass
+class _Finished:
+    start: float  # when it was received (its finish less its e2e), epoch seconds
+    tokens: int
+    ttft_s: float
+    tpot_s: float
+    e2e_s: float
+    prefill: str
+    local: bool
+    decode: str
+    call_s: float
+    predicted_tpot_s: float
+
+
+def read(path: str) -> list[_Finished]:
+    out = []
+    for line in open(path, encoding="utf-8", errors="replace"):
+        m = FINISH.search(line)
+        if not m:
+            continue
+        end = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        e2e = float(m.group(5))
+        out.append(_Finished(end - e2e, int(m.group(2)), float(m.group(3)), float(m.group(4)) / 1000, e2e,
+                             m.group(6), bool(m.group(7)), m.group(8), float(m.group(9)),
+                             float(m.group(10)) / 1000))
+    return out
+
+
+def whole_streams(path: str, slo_tpot_s: float) -> dict[str, dict[str, float]]:
+    """By outcome ("over" / "within" the TPOT objective): the streams served whole on a prefill node
+    (prefilled there, decoded there), their median TPOT actual and predicted (ms), and the median
+    seconds of prefill calls on that node during their decode, those admitted before them and after.
+    Empty without such streams."""
+    reqs = read(path)
+    calls: dict[str, list[tuple[float, float, float]]] = {}  # node -> (admitted, call start, call end)
+    for r in reqs:
+        if not r.local and r.prefill != "-":
+            end = r.start + r.ttft_s
+            calls.setdefault(r.prefill, []).append((r.start, end - r.call_s, end))
+    decoders = {r.decode for r in reqs if not r.local}  # nodes that took KV: the decode pool
+    out: dict[str, dict[str, float]] = {}
+    groups: dict[str, list[tuple[float, float, float, float]]] = {"over": [], "within": []}
+    for r in reqs:
+        if not (r.local and r.decode == r.prefill and r.decode in calls and r.decode not in decoders) or r.tokens < 2:
+            continue
+        a, b = r.start + r.ttft_s, r.start + r.e2e_s
+        known = later = 0.0
+        for admitted, s, e in calls[r.decode]:
+            overlap = max(0.0, min(b, e) - max(a, s))
+            if admitted < r.start:
+                known += overlap
+            else:
+                later += overlap
+        groups["over" if r.tpot_s > slo_tpot_s else "within"].append((r.tpot_s, r.predicted_tpot_s, known, later))
+    for name, rows in groups.items():
+        if rows:
+            out[name] = {"streams": len(rows),
+                         "tpot_ms_p50": statistics.median(x[0] for x in rows) * 1000,
+                         "predicted_tpot_ms_p50": statistics.median(x[1] for x in rows) * 1000,
+                         "stall_known_s_p50": statistics.median(x[2] for x in rows),
+                         "stall_later_s_p50": statistics.median(x[3] for x in rows)}
+    return out
