@@ -482,36 +482,38 @@ def test_admission_refuses_an_slo_no_node_can_meet_before_any_engine_work(cluste
 
 def test_fuzzing_every_method_and_the_kv_port_crashes_nothing(cluster: LocalCluster, stub) -> None:
     """Random bytes and hostile messages to every method of every daemon's services (taken from the
-    service descriptors, so methods added later are covered) and random bytes to the KV port."""
+    service descriptors, so methods added later are covered) and random bytes to the KV port. A
+    prefill node serves DecodeNode (--colocate), NodeMonitor and NodeCalls too: both nodes get those."""
     from google.protobuf.message_factory import GetMessageClass
 
     rng = random.Random(1234)
-    address = {"Coordinator": cluster.grpc_address, "PrefillNode": next(d for d in cluster.nodes if d.role == "prefill").info["grpc"],
-               "DecodeNode": next(d for d in cluster.nodes if d.role == "decode").info["grpc"],
-               "NodeMonitor": next(d for d in cluster.nodes if d.role == "decode").info["grpc"],
-               "NodeCalls": next(d for d in cluster.nodes if d.role == "decode").info["grpc"]}
+    prefill = next(d for d in cluster.nodes if d.role == "prefill").info["grpc"]
+    decode = next(d for d in cluster.nodes if d.role == "decode").info["grpc"]
+    targets = {"Coordinator": [cluster.grpc_address], "PrefillNode": [prefill], "DecodeNode": [decode, prefill],
+               "NodeMonitor": [decode, prefill], "NodeCalls": [decode, prefill]}
     codes: dict[str, set[grpc.StatusCode]] = {}
     for service in pb.DESCRIPTOR.services_by_name.values():
-        with grpc.insecure_channel(address[service.name]) as ch:
-            for method in service.methods:
-                path = f"/{service.full_name}/{method.name}"
-                call = ch.unary_stream(path) if method.server_streaming else ch.unary_unary(path)
-                seen = codes.setdefault(path, set())
-                payloads = [bytes([0x0F]) + rng.randbytes(rng.randrange(1, 200)) for _ in range(15)]
-                payloads += [_random_message(GetMessageClass(method.input_type), rng).SerializeToString()
-                             for _ in range(25)]
-                for raw in payloads:
-                    try:
-                        result = call(raw, timeout=60)
-                        if method.server_streaming:  # its first message is enough (Watch never ends)
-                            next(iter(result), None)
-                            result.cancel()
-                        seen.add(grpc.StatusCode.OK)
-                    except grpc.RpcError as exc:
-                        assert exc.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED), \
-                            f"{path}: {exc.code()} {exc.details()}"
-                        seen.add(exc.code())
-                assert grpc.StatusCode.INVALID_ARGUMENT in seen, path  # at least the garbage bytes
+        for address in targets[service.name]:
+            with grpc.insecure_channel(address) as ch:
+                for method in service.methods:
+                    path = f"/{service.full_name}/{method.name}"
+                    call = ch.unary_stream(path) if method.server_streaming else ch.unary_unary(path)
+                    seen = codes.setdefault(f"{address}{path}", set())
+                    payloads = [bytes([0x0F]) + rng.randbytes(rng.randrange(1, 200)) for _ in range(15)]
+                    payloads += [_random_message(GetMessageClass(method.input_type), rng).SerializeToString()
+                                 for _ in range(25)]
+                    for raw in payloads:
+                        try:
+                            result = call(raw, timeout=60)
+                            if method.server_streaming:  # its first message is enough (Watch never ends)
+                                next(iter(result), None)
+                                result.cancel()
+                            seen.add(grpc.StatusCode.OK)
+                        except grpc.RpcError as exc:
+                            assert exc.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED), \
+                                f"{address}{path}: {exc.code()} {exc.details()}"
+                            seen.add(exc.code())
+                    assert grpc.StatusCode.INVALID_ARGUMENT in seen, f"{address}{path}"  # at least the garbage bytes
     kv = next(d for d in cluster.nodes if d.role == "prefill").info["kv"]
     host, port = kv.rsplit(":", 1)
     junk = [rng.randbytes(64), b"\xff\xff\xff\xff", struct.pack("!I", 12) + b"not json at all",
