@@ -194,8 +194,9 @@ class Admission:
         # Prefill nodes serving streams whole (--colocate): their state as decode nodes, and what this
         # prompt's prefill there would do to those streams (a node pushing none of them past their
         # TPOT objective first, as above).
-        hviews = ({n.node_id: decode_view(n, self.protect) for n in prefills} if self.colocate != "off"
-                  else {})
+        # (Only those that say they serve requests whole: a prefill node of an older version does not.)
+        whole = [n for n in prefills if n.record.serves_whole] if self.colocate != "off" else []
+        hviews = {n.node_id: decode_view(n, self.protect) for n in whole}
         stalls = {e.node.node_id: stalled(hviews[e.node.node_id], slo, e.idle_seconds) for e in pre
                   if e.idle_seconds is not None and e.node.node_id in hviews}
         pre = [e for e in pre if not stalls.get(e.node.node_id)] or pre
@@ -219,11 +220,11 @@ class Admission:
         local = local_option(decoders, prompt_tokens, max_tokens, slo, held, lives, views, self.protect,
                              self.kv_room, alone=self.router.pool_absent("prefill")) if self.local else None
         home = None
-        if self.colocate != "off" and max_tokens > 1 and prefills:
+        if max_tokens > 1 and whole:
             # The prefill nodes as decode nodes of their own: their streams, their batch over the
             # request's life, what a prefill there would do to those streams.
-            hlives = {n.node_id: life_load(n, max_tokens, hviews[n.node_id]) for n in prefills}
-            home = local_option(prefills, prompt_tokens, max_tokens, slo, held, hlives, hviews, self.protect,
+            hlives = {n.node_id: life_load(n, max_tokens, hviews[n.node_id]) for n in whole}
+            home = local_option(whole, prompt_tokens, max_tokens, slo, held, hlives, hviews, self.protect,
                                 self.kv_room)
             if home is not None:
                 home.colocated = True

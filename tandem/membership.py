@@ -43,6 +43,9 @@ class NodeRecord:
     engine_id: str = ""  # new with every process start; KV handles name it
     draining: bool = False  # finishing what it holds; takes no new work
     scheduling: str = "fcfs"  # its engine's scheduling policy: fcfs or priority (PrefillRequest.priority)
+    # a prefill node that serves a request whole (DecodeNode calls with prefill_here: --colocate);
+    # one that does not say so (an older version) is never asked to
+    serves_whole: bool = False
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

@@ -5,6 +5,7 @@ prefill as fast.)"""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import random
 import time
@@ -43,7 +44,7 @@ def cluster(loads: dict[str, pb.NodeLoad | None]) -> Router:
     for i, (node_id, load) in enumerate(loads.items()):
         role = "prefill" if node_id.startswith("p") else "decode"
         r.on_membership(node_id, NodeRecord(node_id, role, f"127.0.0.1:{9300 + i}", "x:1", "tiny", 4096,
-                                            layout=LAYOUT))
+                                            layout=LAYOUT, serves_whole=role == "prefill"))
         if load is not None:
             r._nodes[node_id].saw_load(load)
     return r
@@ -1095,6 +1096,10 @@ def test_a_prefill_node_serves_a_request_whole_where_the_decode_pool_would_miss_
         assert not plan.local and plan.prefill.node_id == "p0" and plan.decode.node_id == "d0"
         plan = Admission(r, local=False, colocate="always").plan("r", 100, 16, Slo(ttft_s=1.0, tpot_s=0.1))
         assert plan.colocated and plan.decode.node_id == "p0"
+        # A prefill node that does not say it serves requests whole (an older version's record) never does.
+        r._nodes["p0"].record = dataclasses.replace(r._nodes["p0"].record, serves_whole=False)
+        plan = Admission(r, local=False, colocate="always").plan("r", 100, 16, Slo(ttft_s=1.0, tpot_s=0.1))
+        assert not plan.colocated and plan.prefill.node_id == "p0" and plan.decode.node_id == "d0"
     run(go)
 
 

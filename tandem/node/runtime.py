@@ -150,6 +150,7 @@ async def run_node(cfg: NodeConfig, service_name: str,
         node_id=cfg.node_id, role=cfg.role, grpc_address=f"{cfg.host}:{grpc_server.port}", kv_address=kv_address,
         model=cfg.served_model_name, max_model_len=engine.max_model_len, metrics_address=metrics_address,
         layout=engine.layout(), version=__version__, engine_id=engine_id, scheduling=cfg.scheduling_policy,
+        serves_whole=bool(_served_whole(cfg.role)),
     )
     registration = Registration(cfg.etcd, cfg.cluster, record, cfg.ttl_s)
     await registration.start()
