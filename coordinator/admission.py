@@ -309,6 +309,13 @@ class Admission:
             if not never:
                 waits.append(max(1, math.ceil(e.seconds - limit)) if what == "TTFT" else 1)
         retry = max(waits) if len(waits) == len(misses) else None
+        if whole and max_tokens > 1 and chosen is not home:  # (--colocate: why not that either)
+            if home is None:
+                parts.append("no prefill node could serve it whole (each would push the streams it serves past "
+                             "their TPOT objective, or has no model yet)")
+            elif home_misses := home.misses(slo):
+                parts.append(f"served whole on prefill node {home.ttft.node.node_id}: "  # type: ignore[union-attr]
+                             + "; ".join(_brief(*miss) for miss in home_misses))
         # Load, for the overload margin: a refusal waiting could help (one no idle node would avoid
         # says nothing of the load), and not one the margin alone caused (it would feed itself).
         if count and retry is not None and (not margin or chosen.misses(Slo(asked.ttft_s, base_tpot))):
@@ -317,6 +324,17 @@ class Admission:
         if count:
             logger.info("request %s: %s", rid, msg)
         raise Rejected(msg, plan.ttft_s, plan.tpot_s, retry)
+
+
+def _brief(what: str, e: Estimate, limit: float) -> str:
+    """One of an option's misses (``Option.misses``) in a few words, with what its prediction stood on."""
+    if what == "queue":
+        return f"it would push {e.pushes} queued request(s) past their TTFT objective"
+    if what == "streams":
+        return f"it would push {e.pushes} running stream(s) past their TPOT objective"
+    if what == "others":
+        return "its prefill would push the node's running streams past the TPOT objective"
+    return f"predicted {what} {e.seconds * 1000:.0f} ms > {limit * 1000:.0f} ms ({e.detail})"  # type: ignore[operator]
 
 
 def _kept(headroom: float, margin: float) -> str:

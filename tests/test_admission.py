@@ -1086,7 +1086,7 @@ def test_a_prefill_node_serves_a_request_whole_where_the_decode_pool_would_miss_
                 assert prefill_estimate(p0, 100, order, time.perf_counter(), 1.0).queue_s == pytest.approx(0.51)
             # A stream on p0 at its edge is protected as on a decode node: nowhere left, refused.
             with _stream(r, "p0", 0.0995, 16):
-                with pytest.raises(Rejected):
+                with pytest.raises(Rejected, match=r"no prefill node could serve it whole \(each would push"):
                     Admission(r, local=False, colocate="on").plan("r", 100, 16, slo)
             # A request of one token has nothing to decode: the prefill pool alone serves it.
             assert not Admission(r, local=False, colocate="on").plan("r", 100, 1, slo).local
@@ -1168,6 +1168,10 @@ def test_a_prompt_served_whole_may_not_push_the_prefill_orders_waiting_requests_
             plan = adm.plan("r", 100, 16, slo)
             assert not plan.colocated and plan.prefill is p0  # through the prefill order, after it
             assert adm.plan("r", 5, 16, slo).colocated  # 0.015 s: it still makes its deadline
+            # With a TTFT objective the prefill order cannot meet either (0.33 s behind both), refused:
+            # the refusal says why it was not served whole.
+            with pytest.raises(Rejected, match=r"served whole on prefill node p0: it would push 1 queued request"):
+                Admission(r, local=False, colocate="on", order=order).plan("r", 100, 16, Slo(ttft_s=0.3, tpot_s=0.1))
             assert PrefillOrder(r, "fifo").pushed_by(p0, 1.0) == 0  # no queue held here
         finally:
             done.set()
