@@ -261,7 +261,8 @@ def add_compare_args(ap: argparse.ArgumentParser) -> None:
                          "prefill what they decode")
     ap.add_argument("--tandem-flags", default="",
                     help="more coordinator flags for every Tandem system, after its variant's (e.g. "
-                         "\"--conditional-disagg off\" to compare routing policies on the prefill pool alone)")
+                         "\"--conditional-disagg off\" to compare routing policies on the prefill pool alone; "
+                         "each coordinator runs on its first prefill node's cores unless they give --cores)")
     ap.add_argument("--slo-ttft", type=float, default=None)
     ap.add_argument("--slo-tpot", type=float, default=None)
     ap.add_argument("--k-ttft", type=float, default=5.0, help="preset: SLO TTFT = k x unloaded TTFT")

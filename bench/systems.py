@@ -299,8 +299,8 @@ def start_vllm_nixl(model: str, cores: list[int], max_model_len: int, log_dir: P
 
 # variant -> (coordinator flags, node flags)
 TANDEM_VARIANTS: dict[str, tuple[list[str], list[str]]] = {
-    # as shipped: admission on (by each request's SLO), conditional disaggregation on, the prefill
-    # queue held at the coordinator in deadline-slack order
+    # as shipped: admission on (by each request's SLO), conditional disaggregation and colocation
+    # on, the prefill queue held at the coordinator in deadline-slack order
     "": ([], []),
     "-noadmit": (["--admission", "off"], []),
     "-headroom": (["--admission-headroom", "0.1"], []),  # TPOT checked against 90 % of its objective
@@ -315,9 +315,11 @@ TANDEM_VARIANTS: dict[str, tuple[list[str], list[str]]] = {
     "-nopromotewait": ([], ["--kvstore-promote-wait-ms", "0"]),
     "-disagg": (["--admission", "off", "--conditional-disagg", "off"], []),
     "-nolocal": (["--conditional-disagg", "off"], []),  # admission on, always disaggregated
-    # a prefill node serves a request whole when the disaggregated choice would miss its SLO
+    # a prefill node serves a request whole when the disaggregated choice would miss its SLO (as
+    # shipped since the forty-first sitting; the variant names it)
     "-colocate": (["--colocate", "on"], []),
-    # and with no prefill on the decode node: overflow goes to the prefill node's spare time only
+    "-nocolocate": (["--colocate", "off"], []),  # never: the shipped code until then
+    # with no prefill on the decode node: overflow goes to the prefill node's spare time only
     "-colocateonly": (["--colocate", "on", "--conditional-disagg", "off"], []),
     "-fifo": (["--prefill-order", "fifo"], []),  # every prefill sent at once, the engine's arrival order
     # every prefill sent at once, vLLM's priority scheduling by deadline
@@ -413,14 +415,21 @@ def prefills_on_decode_nodes(flags: list[str]) -> bool:
 
 def start_tandem(model: str, num_prefill: int, num_decode: int, max_model_len: int, log_dir: Path,
                  cores: list[int], variant: str = "", coordinator_flags: list[str] | None = None) -> System:
-    """Tandem at P:D, its variant's flags, then ``coordinator_flags`` (compare's --tandem-flags)."""
+    """Tandem at P:D, its variant's flags, then ``coordinator_flags`` (compare's --tandem-flags). Its
+    coordinator runs on the first prefill node's cores unless those flags say where (``--cores``):
+    left to float on a host whose nodes are pinned, it took the decode node's core whenever the
+    prefill core was busy, and the decode node's streams missed TPOT more often (the fortieth
+    sitting's runs with colocation); 0:N, no prefill node: it floats."""
     flags = TANDEM_VARIANTS[variant][0] + list(coordinator_flags or [])
+    plan = core_plan(num_prefill, num_decode, cores)
+    if num_prefill and not any(f == "--cores" or f.startswith("--cores=") for f in flags):
+        flags += ["--cores", plan[0]]
     store_dir = Path(MEMORY.kvstore_root) / f"{num_prefill}p{num_decode}d{variant}" if MEMORY.kvstore_root else None
     if store_dir is not None:
         shutil.rmtree(store_dir, ignore_errors=True)  # every system starts cold: nothing from a run before
     spec = ClusterSpec(model=model, num_prefill=num_prefill, num_decode=num_decode, max_model_len=max_model_len,
                        kv_cache_gib=MEMORY.kv_cache_gib, decode_kv_cache_gib=MEMORY.decode_kv_cache_gib,
-                       cores=core_plan(num_prefill, num_decode, cores),
+                       cores=plan,
                        log_dir=str(log_dir / f"tandem-{num_prefill}p{num_decode}d{variant}"),
                        kvstore_ram_gib=MEMORY.kvstore_ram_gib,
                        kvstore_root=str(store_dir or ""),

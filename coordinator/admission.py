@@ -137,7 +137,8 @@ class Admission:
         # on: a prefill node may serve a request whole (prefill and decode there, no KV moved) when
         # the disaggregated choice would miss its SLO and that would not (``choose``); always: every
         # request it is predicted to serve within its SLO that way, running streams kept within
-        # theirs (the prefill pool as colocated engines, for comparison runs); off: never.
+        # theirs (the prefill pool as colocated engines, for comparison runs); off: never (the default
+        # here, for decisions on a synthetic cluster; the coordinator passes --colocate, on by default).
         if colocate not in COLOCATE:
             raise ValueError(f"--colocate must be one of {', '.join(COLOCATE)}, got {colocate!r}")
         self.colocate = colocate

@@ -64,7 +64,7 @@ class CoordinatorConfig:
     admission_overload_margin: float = DEFAULT_MARGIN  # TPOT share kept free, x the recent share refused for load
     admission_trial_s: float = DEFAULT_TRIAL_S  # at most one close miss each this many seconds tried on idle nodes (0: none)
     conditional_disagg: str = "on"  # a decode node may prefill a request itself when that is predicted faster
-    colocate: str = "off"  # a prefill node may serve a request whole (admission.COLOCATE)
+    colocate: str = "on"  # a prefill node may serve a request whole (admission.COLOCATE)
     prefill_order: str = "slack"  # where the prefill queue lives and its order (prefillq.py)
     prefill_depth: int = 1  # with slack: requests each prefill node runs at a time
     routing: str = "prefix"  # how a prefill node is picked (prefix.py ROUTINGS)
@@ -233,12 +233,13 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
                     help="on: a decode node prefills a request itself when that is predicted to start it "
                          "clearly sooner (or to meet its SLO where the prefill pool would not) without "
                          "pushing its running streams past the TPOT objective | off: always disaggregated")
-    ap.add_argument("--colocate", default=env("TANDEM_COLOCATE", "off"),
-                    help="on: a prefill node serves a request whole (prefills and decodes it, no KV moved) when "
-                         "the disaggregated choice is predicted to miss its SLO and that is not, without pushing "
+    ap.add_argument("--colocate", default=env("TANDEM_COLOCATE", "on"),
+                    help="on (default): a prefill node serves a request whole (prefills and decodes it, no KV "
+                         "moved) when the disaggregated choice is predicted to miss its SLO and that is not, without pushing "
                          "the node's running streams past their TPOT objective: the prefill pool's spare time "
                          "decodes | always: every request a prefill node is predicted to serve within its SLO "
-                         "that way (the prefill pool as colocated engines, for comparison) | off (default): never")
+                         "that way (the prefill pool as colocated engines, for comparison) | off: never (always "
+                         "disaggregated, or prefilled on a decode node: --conditional-disagg)")
     ap.add_argument("--prefill-order", default=env("TANDEM_PREFILL_ORDER", "slack"),
                     help="slack: requests wait here and each prefill node gets --prefill-depth at a time, "
                          "earliest deadline first among those that can still meet their TTFT objective | "

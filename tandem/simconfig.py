@@ -11,7 +11,8 @@ from tandem.simcache import BLOCK_TOKENS
 from tandem.timings import Timings
 
 ORDERS = ("fifo", "slack")
-NOT_MODELLED = ("KV store chunks shared between nodes", "transfer contention")
+NOT_MODELLED = ("KV store chunks shared between nodes", "transfer contention",
+                "colocation (a prefill node serving a request whole: the coordinator's --colocate)")
 NO_PREFIX_CACHE = "prefix caching (every prompt computed whole)"
 LOCAL_OFF = "conditional disaggregation (every request prefilled in the prefill pool)"
 
