@@ -12,13 +12,15 @@ import re
 import statistics
 from dataclasses import dataclass
 
-FINISH = re.compile(r"^(\S+ \S+) .*request \S+: \w+ after (\d+) tokens \(ttft ([\d.]+) s, tpot ([\d.]+) ms, "
+WHOLE = re.compile(r"request (\S+): admitted, served whole on prefill node ")
+FINISH = re.compile(r"^(\S+ \S+) .*request (\S+): \w+ after (\d+) tokens \(ttft ([\d.]+) s, tpot ([\d.]+) ms, "
                     r"e2e ([\d.]+) s, prefill (\S+)( \(local\))?, decode (\S+), .*prefill call ([\d.]+) s; "
                     r"predicted ttft [\d.]+ s, tpot ([\d.]+) ms")
 
 
 @dataclass
 class _Finished:
+    rid: str
     start: float  # when it was received (its finish less its e2e), epoch seconds
     tokens: int
     ttft_s: float
@@ -31,40 +33,44 @@ class _Finished:
     predicted_tpot_s: float
 
 
-def read(path: str) -> list[_Finished]:
-    out = []
+def read(path: str) -> tuple[list[_Finished], set[str]]:
+    """The finished requests, and the ids of those admission served whole on a prefill node."""
+    out, whole = [], set()
     for line in open(path, encoding="utf-8", errors="replace"):
+        if w := WHOLE.search(line):
+            whole.add(w.group(1))
+            continue
         m = FINISH.search(line)
         if not m:
             continue
         end = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-        e2e = float(m.group(5))
-        out.append(_Finished(end - e2e, int(m.group(2)), float(m.group(3)), float(m.group(4)) / 1000, e2e,
-                             m.group(6), bool(m.group(7)), m.group(8), float(m.group(9)),
-                             float(m.group(10)) / 1000))
-    return out
+        e2e = float(m.group(6))
+        out.append(_Finished(m.group(2), end - e2e, int(m.group(3)), float(m.group(4)), float(m.group(5)) / 1000, e2e,
+                             m.group(7), bool(m.group(8)), m.group(9), float(m.group(10)),
+                             float(m.group(11)) / 1000))
+    return out, whole
 
 
 def whole_streams(path: str, slo_tpot_s: float) -> dict[str, dict[str, float]]:
     """By outcome ("over" / "within" the TPOT objective): the streams served whole on a prefill node
-    (prefilled there, decoded there), their median TPOT actual and predicted (ms), and the median
+    (admitted so, and prefilled and decoded there), their median TPOT actual and predicted (ms), and the median
     seconds of prefill calls on that node during their decode, those admitted before them and after.
     Empty without such streams."""
-    reqs = read(path)
+    reqs, whole = read(path)
     calls: dict[str, list[tuple[float, float, float]]] = {}  # node -> (admitted, call start, call end)
     for r in reqs:
-        if not r.local and r.prefill != "-":
+        if not r.local:
             end = r.start + r.ttft_s
             calls.setdefault(r.prefill, []).append((r.start, end - r.call_s, end))
-    decoders = {r.decode for r in reqs if not r.local}  # nodes that took KV: the decode pool
     out: dict[str, dict[str, float]] = {}
     groups: dict[str, list[tuple[float, float, float, float]]] = {"over": [], "within": []}
     for r in reqs:
-        if not (r.local and r.decode == r.prefill and r.decode in calls and r.decode not in decoders) or r.tokens < 2:
+        # (served whole from its first leg to its last: a migration would have moved it to the decode pool)
+        if r.rid not in whole or not (r.local and r.decode == r.prefill) or r.tokens < 2:
             continue
         a, b = r.start + r.ttft_s, r.start + r.e2e_s
         known = later = 0.0
-        for admitted, s, e in calls[r.decode]:
+        for admitted, s, e in calls.get(r.decode, ()):
             overlap = max(0.0, min(b, e) - max(a, s))
             if admitted < r.start:
                 known += overlap

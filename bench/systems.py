@@ -313,8 +313,8 @@ TANDEM_VARIANTS: dict[str, tuple[list[str], list[str]]] = {
     "-syncload": ([], ["--kvstore-load", "sync"]),
     # nodes whose engine step does not wait for chunks coming up from disk (asked again each step)
     "-nopromotewait": ([], ["--kvstore-promote-wait-ms", "0"]),
-    "-disagg": (["--admission", "off", "--conditional-disagg", "off"], []),
-    "-nolocal": (["--conditional-disagg", "off"], []),  # admission on, always disaggregated
+    "-disagg": (["--admission", "off", "--conditional-disagg", "off", "--colocate", "off"], []),
+    "-nolocal": (["--conditional-disagg", "off", "--colocate", "off"], []),  # admission on, always disaggregated
     # a prefill node serves a request whole when the disaggregated choice would miss its SLO (as
     # shipped since the forty-first sitting; the variant names it)
     "-colocate": (["--colocate", "on"], []),

@@ -225,15 +225,13 @@ class Admission:
             # The prefill nodes as decode nodes of their own: their streams, their batch over the
             # request's life, what a prefill there would do to those streams.
             hlives = {n.node_id: life_load(n, max_tokens, hviews[n.node_id]) for n in whole}
+            # Its prompt goes to the node's engine at once, ahead of the requests waiting in the
+            # prefill order there: one it would push past their TTFT objective is a miss, as a
+            # prefill-order request's would be ("queue").
             home = local_option(whole, prompt_tokens, max_tokens, slo, held, hlives, hviews, self.protect,
-                                self.kv_room)
+                                self.kv_room, queue_pushes=self.order.pushed_by)
             if home is not None:
                 home.colocated = True
-                if home.ttft is not None and home.ttft.idle_seconds:
-                    # Its prompt goes to the node's engine at once, ahead of the requests waiting in
-                    # the prefill order there: one it would push past their TTFT objective is a
-                    # miss, as a prefill-order request's would be ("queue").
-                    home.ttft.pushes = self.order.pushed_by(home.ttft.node, home.ttft.idle_seconds)
         always = self.colocate == "always" and home is not None and not home.misses(slo)
         chosen = home if always else choose(remote, local, slo, home)
         if chosen is None:  # no prefill node, and no decode node that could do it: the pipeline waits
@@ -313,7 +311,7 @@ class Admission:
         if whole and max_tokens > 1 and chosen is not home:  # (--colocate: why not that either)
             if home is None:
                 parts.append("no prefill node could serve it whole (each would push the streams it serves past "
-                             "their TPOT objective, or has no model yet)")
+                             "their TPOT objective, is prefilling beside them, or has no model yet)")
             elif home_misses := home.misses(slo):
                 parts.append(f"served whole on prefill node {home.ttft.node.node_id}: "  # type: ignore[union-attr]
                              + "; ".join(_brief(*miss) for miss in home_misses))

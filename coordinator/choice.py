@@ -131,14 +131,19 @@ def prefill_rank(node: NodeClient) -> tuple[int, int]:
 
 def local_option(decoders: list[NodeClient], prompt_tokens: int, max_tokens: int, slo: Slo,
                  held: dict[str, Held], lives: dict[str, tuple[float, float]], views: dict[str, DecodeView],
-                 protect: bool = True, kv_room: bool = True, alone: bool = False) -> Option | None:
+                 protect: bool = True, kv_room: bool = True, alone: bool = False,
+                 queue_pushes: Callable[[NodeClient, float], int] | None = None) -> Option | None:
     """The best decode node to prefill this request itself, among those where that does not
     push the streams they are decoding past the TPOT objective (with none set: where no other
     prefill is running): the soonest start among those that meet both of its objectives, or
     with none, among them all. ``alone``: there is no prefill pool to send it to instead (none
     registered, none coming back), so with no such node the best of the rest, carrying what it
     would do to their streams (a miss: admission refuses it). ``protect``, ``kv_room``: admission's
-    (``Admission.protect``: its streams' budgets asked; ``Admission.kv_room``)."""
+    (``Admission.protect``: its streams' budgets asked; ``Admission.kv_room``). ``queue_pushes``:
+    on prefill nodes (--colocate), how many requests waiting in the prefill order for a node a
+    prefill of so many seconds sent straight to its engine would push past their TTFT objective
+    (``PrefillOrder.pushed_by``): a node that pushes any is a "queue" miss, passed over while
+    another meets the objectives."""
     fits: list[tuple[LocalEstimate, NodeClient]] = []
     harmful: list[tuple[LocalEstimate, NodeClient, float, str]] = []
     unknown: list[NodeClient] = []
@@ -149,6 +154,8 @@ def local_option(decoders: list[NodeClient], prompt_tokens: int, max_tokens: int
         if est is None:
             unknown.append(n)
             continue
+        if queue_pushes is not None and est.ttft.idle_seconds:
+            est.ttft.pushes = queue_pushes(n, est.ttft.idle_seconds)
         batch, context, step = view.batch, view.context, view.step
         if protect and slo.tpot_s is not None and batch and all_known(view):
             # Every stream running there is this coordinator's, and it knows what each has left of

@@ -100,7 +100,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
                (False, False): "-disagg"}[(local, admission)]
     split = f"{num_prefill}:{num_decode}"
     print(f"starting a real {split} cluster ({describe(local, admission)}) on cores {cores} ...", flush=True)
-    system = systems.start_tandem(model, num_prefill, num_decode, args.max_model_len, out, cores, variant)
+    # (colocation off: the simulator does not model a prefill node serving a request whole)
+    system = systems.start_tandem(model, num_prefill, num_decode, args.max_model_len, out, cores, variant,
+                                  ["--colocate", "off"])
     rows: list[dict[str, Any]] = []
     pool = {"prefill": [f"prefill-{k}" for k in range(num_prefill)],
             "decode": [f"decode-{k}" for k in range(num_decode)]}
@@ -361,7 +363,8 @@ def validate_simulated(args: argparse.Namespace, profile: Path) -> int:
         print(f"simulated nodes {p}:{d} (profile {profile}) ...", flush=True)
         spec = ClusterSpec(model=model, num_prefill=p, num_decode=d, max_model_len=args.max_model_len,
                            log_dir=str(out / f"sim-{p}x{d}" / "logs"), extra_node_args=["--simulate", str(profile)],
-                           extra_coordinator_args=["--conditional-disagg", "off", "--admission", "off"])
+                           extra_coordinator_args=["--conditional-disagg", "off", "--admission", "off",
+                                                   "--colocate", "off"])
         with LocalCluster(spec) as cluster:
             rows = rate_rows(cluster.http_url, cfg, args, rates)
         clusters.append({"split": f"{p}:{d}", "rows": rows,

@@ -1172,7 +1172,20 @@ def test_a_prompt_served_whole_may_not_push_the_prefill_orders_waiting_requests_
             # the refusal says why it was not served whole.
             with pytest.raises(Rejected, match=r"served whole on prefill node p0: it would push 1 queued request"):
                 Admission(r, local=False, colocate="on", order=order).plan("r", 100, 16, Slo(ttft_s=0.3, tpot_s=0.1))
-            assert PrefillOrder(r, "fifo").pushed_by(p0, 1.0) == 0  # no queue held here
+        finally:
+            done.set()
+            await asyncio.gather(running, waiting)
+        # With a second prefill node that pushes nobody, that one serves it whole.
+        r = cluster({"p0": pb.NodeLoad(fits=fits()), "p1": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(fits=fits())})
+        adm = Admission(r, local=False, colocate="always")
+        order, p0, done = adm.order, r._nodes["p0"], asyncio.Event()
+        running = asyncio.ensure_future(hold(order.entry(p0, "a", 100, now, 5.0)))
+        await asyncio.sleep(0)
+        waiting = asyncio.ensure_future(hold(order.entry(p0, "b", 100, now, 0.25)))
+        await asyncio.sleep(0)
+        try:
+            plan = adm.plan("r", 100, 16, Slo(ttft_s=1.0, tpot_s=0.1))
+            assert plan.colocated and plan.decode.node_id == "p1"
         finally:
             done.set()
             await asyncio.gather(running, waiting)

@@ -293,8 +293,13 @@ def test_the_streams_a_prefill_node_serves_whole_are_split_by_their_tpot_objecti
     # "before" was admitted at -0.5 s (a prefill call of 0.4 s ending at 0.3 s: 0.2 s of it in the
     # decode); "after" at 1.0 s (0.5 s, all of it in the decode); "far" long after it ended.
     # "calm" is served whole later, with no prefill beside it, within the objective.
+    def whole(rid: str) -> str:
+        return (f"2026-12-06 08:00:00,000 INFO coordinator tandem.coordinator.admission: request {rid}: admitted, "
+                "served whole on prefill node prefill-0: prefill-0 (prefill here): queue 0 prompts 0 ms")
+
     log = tmp_path / "coordinator.log"
     log.write_text("\n".join([
+        whole("whole"), whole("calm"),
         line("00,800", "before", 20, 0.8, 10.0, 1.3, "prefill-0", "decode-0", 0.4),  # received 07:59:59.500
         line("03,100", "whole", 101, 0.1, 30.0, 3.1, "prefill-0 (local)", "prefill-0", 0.1, 18.0),
         line("03,500", "after", 20, 0.5, 10.0, 2.5, "prefill-0", "decode-0", 0.5),  # received 1.0 s, call 1.0-1.5 s
@@ -310,3 +315,7 @@ def test_the_streams_a_prefill_node_serves_whole_are_split_by_their_tpot_objecti
     assert over["stall_later_s_p50"] == pytest.approx(0.5, abs=1e-3)
     assert within == {"streams": 1, "tpot_ms_p50": 12.0, "predicted_tpot_ms_p50": 15.0, "stall_known_s_p50": 0.0,
                       "stall_later_s_p50": 0.0}
+    # A node that served streams whole and no prefill call at all: they count too.
+    log.write_text("\n".join([whole("calm"), line("40,000", "calm", 21, 0.1, 12.0, 1.0, "prefill-0 (local)",
+                                                   "prefill-0", 0.1)]) + "\n")
+    assert whole_streams(str(log), 0.019)["within"]["streams"] == 1
