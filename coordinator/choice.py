@@ -166,10 +166,14 @@ def local_option(decoders: list[NodeClient], prompt_tokens: int, max_tokens: int
             # (The steps at their fit, not calibrated: see ``estimates.pushed``.)
             # (On a prefill node, every prompt it has to prefill stalls them: those in its engine,
             # which run before this one, and the prefill calls still waiting their turn in the
-            # prefill order, after it: ``backlog_s``.)
-            ahead = max(est.ahead_s, backlog_s(n)) if n.record.role == "prefill" else est.ahead_s
-            pushes = pushed(view.tpot_left, view.step_now, step(batch + 1, context + prompt_tokens), est.stall_s,
-                            n.model.step_s(batch + 1, context + prompt_tokens), ahead)
+            # prefill order, after it: ``backlog_s``; and its streams are judged at the plain step,
+            # ``stalled``'s reason.)
+            plain = n.model.step_s(batch + 1, context + prompt_tokens)
+            if n.record.role == "prefill":
+                ahead, now, new = max(est.ahead_s, backlog_s(n)), n.model.step_s(batch, context), plain
+            else:
+                ahead, now, new = est.ahead_s, view.step_now, step(batch + 1, context + prompt_tokens)
+            pushes = pushed(view.tpot_left, now, new, est.stall_s, plain, ahead)
             if pushes:
                 # (Above the objective, so a miss; the fewest pushed first.)
                 harmful.append((est, n, slo.tpot_s * (1.0 + pushes),
@@ -221,13 +225,18 @@ def stalled(view: DecodeView, slo: Slo, stall_s: float) -> int:
     protection off (no budgets asked), or where this coordinator does not know every stream there.
     (Counting only the engine's queue, as the fortieth sitting did, each prefill of a burst found
     the same slack free: the streams served whole that missed their objective on its runs had
-    waited 0.8-1.2 s in the median for prefills admitted after them, those that met it 0.6-0.7.)"""
+    waited 0.8-1.2 s in the median for prefills admitted after them, those that met it 0.6-0.7.)
+
+    The streams are judged at the node's plain step, not at its step with its recent share of
+    prefills beside it (``DecodeView.step_now``, ``estimates.stepper``): that share is this pool's
+    own prefills, the ones this check lets in one by one, so at the shared pace a stream whose
+    slack they would take counted as missing anyway and was not protected (the share read
+    0.24-0.44 at the admissions of streams served whole on the forty-first sitting's colo41b, a
+    stream at the edge paced at ~1.5 x its plain step, and the check fired 6 times in 242)."""
     if slo.tpot_s is None or not view.tpot_left or not all_known(view):
         return 0
-    model = view.node.model
-    plain = model.step_s(view.batch, view.context)
-    return pushed(view.tpot_left, view.step_now, view.step_now, stall_s, plain,
-                  max(view.queue_s, backlog_s(view.node)))
+    plain = view.node.model.step_s(view.batch, view.context)
+    return pushed(view.tpot_left, plain, plain, stall_s, plain, max(view.queue_s, backlog_s(view.node)))
 
 
 def all_known(view: DecodeView) -> bool:

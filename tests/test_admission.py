@@ -1128,6 +1128,14 @@ def test_a_prefill_that_would_push_the_streams_a_prefill_node_serves_whole_goes_
             with r.track(r._nodes["p0"], 100):
                 with pytest.raises(Rejected, match="push 1 of the streams that node serves whole"):
                     Admission(r, local=False, colocate="on").plan("r", 100, 16, slo)
+        # p0 prefilled half of the last 10 s: at that share its stream's pace is 11.7 ms a token, and its
+        # 16 tokens would take 0.19 s > 0.15 s left. That share is the prefills this check lets in: the
+        # stream is judged at its plain step (6 ms), and protected from this one as before.
+        r = cluster({"p0": pb.NodeLoad(fits=fits(), prefill_busy=0.5), "d0": pb.NodeLoad(fits=fits())})
+        with _stream(r, "p0", 0.15, 16):
+            assert decode_view(r._nodes["p0"]).step_now == pytest.approx(0.0117, rel=0.01)
+            with pytest.raises(Rejected, match="push 1 of the streams that node serves whole"):
+                Admission(r, local=False, colocate="on").plan("r", 100, 16, slo)
     run(go)
 
 
