@@ -232,7 +232,8 @@ def stalled(view: DecodeView, slo: Slo, stall_s: float) -> int:
     own prefills, the ones this check lets in one by one, so at the shared pace a stream whose
     slack they would take counted as missing anyway and was not protected (the share read
     0.24-0.44 at the admissions of streams served whole on the forty-first sitting's colo41b, a
-    stream at the edge paced at ~1.5 x its plain step, and the check fired 6 times in 242)."""
+    stream at the edge paced at ~1.5 x its plain step, and the check fired 6 times for the 242
+    requests admitted to be served whole)."""
     if slo.tpot_s is None or not view.tpot_left or not all_known(view):
         return 0
     plain = view.node.model.step_s(view.batch, view.context)
