@@ -12,6 +12,8 @@ import re
 import statistics
 from dataclasses import dataclass
 
+from tandem.bench.forecast_work import overlap_s
+
 WHOLE = re.compile(r"request (\S+): admitted, served whole on prefill node ")
 FINISH = re.compile(r"^(\S+ \S+) .*request (\S+): \w+ after (\d+) tokens \(ttft ([\d.]+) s, tpot ([\d.]+) ms, "
                     r"e2e ([\d.]+) s, prefill (\S+)( \(local\))?, decode (\S+), .*prefill call ([\d.]+) s; "
@@ -68,14 +70,9 @@ def whole_streams(path: str, slo_tpot_s: float) -> dict[str, dict[str, float]]:
         # (served whole from its first leg to its last: a migration would have moved it to the decode pool)
         if r.rid not in whole or not (r.local and r.decode == r.prefill) or r.tokens < 2:
             continue
-        a, b = r.start + r.ttft_s, r.start + r.e2e_s
-        known = later = 0.0
-        for admitted, s, e in calls.get(r.decode, ()):
-            overlap = max(0.0, min(b, e) - max(a, s))
-            if admitted < r.start:
-                known += overlap
-            else:
-                later += overlap
+        a, b, spans = r.start + r.ttft_s, r.start + r.e2e_s, calls.get(r.decode, [])
+        known = overlap_s(spans, a, b, admitted_before=r.start)
+        later = overlap_s(spans, a, b) - known
         groups["over" if r.tpot_s > slo_tpot_s else "within"].append((r.tpot_s, r.predicted_tpot_s, known, later))
     for name, rows in groups.items():
         if rows:

@@ -29,6 +29,14 @@ def _lstsq_errors(cols: list[list[float]], y: list[float]) -> dict[str, float]:
 FETCHED = re.compile(r"^(\S+ \S+) .*request \S+: fetched \d+ blocks \((\d+) bytes\) in ([\d.]+) s")
 
 
+def overlap_s(spans: list[tuple[float, float, float]], a: float, b: float,
+              admitted_before: float | None = None) -> float:
+    """Seconds of [a, b] that ``spans`` ((admitted, start, end) each) cover, counting only those
+    admitted before ``admitted_before`` when given (overlapping spans count each)."""
+    return sum(max(0.0, min(b, hi) - max(a, lo)) for adm, lo, hi in spans
+               if admitted_before is None or adm < admitted_before)
+
+
 def _spans(path: str, node_logs: list[str]) -> dict[str, dict[str, list[tuple[float, float, float]]]]:
     """What else each decode node did beside decoding, as (admitted, start, end) spans: its local
     prefill calls (from the coordinator's finished lines: arrival + dispatch, for the call's time;
@@ -67,9 +75,7 @@ def tpot_by_node_work(path: str, node_logs: list[str] | None = None) -> dict[str
         return {}
 
     def share(kind: str, node: str, a: float, b: float, admitted_before: float | None = None) -> float:
-        busy = sum(max(0.0, min(b, hi) - max(a, lo)) for adm, lo, hi in spans[kind].get(node, [])
-                   if admitted_before is None or adm < admitted_before)
-        return busy / (b - a) if b > a else 0.0
+        return overlap_s(spans[kind].get(node, []), a, b, admitted_before) / (b - a) if b > a else 0.0
 
     rows: list[tuple[Req, float, float]] = []
     for node in sorted({r.node for r in reqs}):

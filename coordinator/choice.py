@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .estimates import DecodeView, Estimate, LocalEstimate, backlog_s, local_estimate, pushed
+from .estimates import DecodeView, Estimate, LocalEstimate, local_estimate, pushed
 from .nodeclient import NodeClient
 from .prefix import Held
 
@@ -170,7 +170,7 @@ def local_option(decoders: list[NodeClient], prompt_tokens: int, max_tokens: int
             # ``stalled``'s reason.)
             plain = n.model.step_s(batch + 1, context + prompt_tokens)
             if n.record.role == "prefill":
-                ahead, now, new = max(est.ahead_s, backlog_s(n)), n.model.step_s(batch, context), plain
+                ahead, now, new = max(est.ahead_s, view.backlog_s), n.model.step_s(batch, context), plain
             else:
                 ahead, now, new = est.ahead_s, view.step_now, step(batch + 1, context + prompt_tokens)
             pushes = pushed(view.tpot_left, now, new, est.stall_s, plain, ahead)
@@ -237,7 +237,7 @@ def stalled(view: DecodeView, slo: Slo, stall_s: float) -> int:
     if slo.tpot_s is None or not view.tpot_left or not all_known(view):
         return 0
     plain = view.node.model.step_s(view.batch, view.context)
-    return pushed(view.tpot_left, plain, plain, stall_s, plain, max(view.queue_s, backlog_s(view.node)))
+    return pushed(view.tpot_left, plain, plain, stall_s, plain, max(view.queue_s, view.backlog_s))
 
 
 def all_known(view: DecodeView) -> bool:

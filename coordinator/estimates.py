@@ -225,6 +225,9 @@ class DecodeView:
     # this coordinator's streams there with a TPOT objective: (seconds left within it, tokens to
     # come); asked only for a decision that protects running streams (else empty)
     tpot_left: list[tuple[float, int]]
+    # on a prefill node (--colocate): what every prompt this coordinator has for it stalls the
+    # streams it serves whole (``backlog_s``); elsewhere 0
+    backlog_s: float = 0.0
 
 
 def decode_view(node: NodeClient, tpot_left: bool = True) -> DecodeView:
@@ -236,7 +239,8 @@ def decode_view(node: NodeClient, tpot_left: bool = True) -> DecodeView:
     now = time.perf_counter()
     left = [got for b in node.budgets.values() if (got := b(now)) is not None] if tpot_left else []
     return DecodeView(node, load, batch, context, step, step(batch, context), budget,
-                      *_local_queue(node, budget, batch, context), left)
+                      *_local_queue(node, budget, batch, context), left,
+                      backlog_s(node) if node.record.role == "prefill" else 0.0)
 
 
 def kv_wait(node: NodeClient, tokens: int, step_s: float, batch: int) -> tuple[float, int]:

@@ -119,6 +119,14 @@ def _free_at(running: list[Entry], now: float) -> float:
     return now + sum(max(0.0, e.run_s - (now - e.started)) for e in running)
 
 
+def _scheduled(q: _NodeQueue, now: float) -> tuple[list[Entry], float]:
+    """(the waiting requests the schedule orders, when it starts): those starved go first (``_next``),
+    once the node is free of what it runs, then the schedule over the rest."""
+    starved = [e for e in q.waiting if _starved(e, now)]
+    rest = [e for e in q.waiting if not _starved(e, now)]
+    return rest, _free_at(q.running, now) + sum(e.run_s for e in starved)
+
+
 class PrefillOrder:
     def __init__(self, router: Router, order: str = "slack", depth: int = 1) -> None:
         if order not in ORDERS:
@@ -173,10 +181,7 @@ class PrefillOrder:
             ahead = [e for e in q.running[1:] if e.urgent or e.deadline <= new.deadline]
             start = _free_at(q.running[:1], now)
             return Prediction(start - now + sum(e.run_s for e in ahead), 0)
-        # Those starved go first (_next), then the schedule.
-        starved = [e for e in q.waiting if _starved(e, now)]
-        rest = [e for e in q.waiting if not _starved(e, now)]
-        start = _free_at(q.running, now) + sum(e.run_s for e in starved)
+        rest, start = _scheduled(q, now)
         _, before_late = schedule(rest, start)
         on_time, late = schedule([*rest, new], start)
         # Moore-Hodgson may swap whom it gives up: what counts is how many more miss with it
@@ -193,9 +198,7 @@ class PrefillOrder:
         q = self._queues.get(_key(node))
         if not self.holds or q is None or not q.waiting or run_s <= 0:
             return 0
-        now = time.perf_counter()
-        rest = [e for e in q.waiting if not _starved(e, now)]
-        start = _free_at(q.running, now) + sum(e.run_s for e in q.waiting if _starved(e, now))
+        rest, start = _scheduled(q, now=time.perf_counter())
         late = [sum(e.has_slo for e in schedule(rest, t)[1]) for t in (start, start + run_s)]
         return max(0, late[1] - late[0])
 
