@@ -24,7 +24,7 @@ from typing import Any
 from tandem.perfmodel import ModelView, beside_s, chunk_steps, chunk_tokens, kv_bytes_per_token
 from tandem.proto import tandem_pb2 as pb
 
-from .nodeclient import NodeClient, Tally
+from .nodeclient import NodeClient
 from .prefillq import PrefillOrder
 from .prefix import Held, load_s, prefill_after_load
 
@@ -385,7 +385,17 @@ def pushed(tpot_left: list[tuple[float, int]], step_now: float, step_new: float,
     over TPOT. The step fit itself is the node's own measure of its steps (their bias there
     within 1.5 %). Replayed in the simulator with the calibrations carried from rate to rate, the
     raw steps took the mean attainment of that run's six rates from 76 % to 80 %, and the TPOT
-    misses at 2.5 req/s from 33 and 14 to none."""
+    misses at 2.5 req/s from 33 and 14 to none.
+
+    On a decode node those steps have its recent share of local prefills beside them
+    (``DecodeView.step_now``); on a prefill node serving streams whole they are its plain steps
+    (``choice.stalled``: there the share is the pool's own prefills, the ones the check lets in).
+    The plain step on decode nodes too was tried on the forty-second sitting and not kept: in the
+    simulator it gained 0-4 points of attainment (1:1 and 0:2 chat), but on two order-balanced
+    1:1 chat runs (60 s probes, 455 ms / 14.4 ms) it refused more and let no fewer streams go over
+    TPOT: attainment at 2 req/s 74, 45, 68 and 57 % against 90, 85, 82 and 88 %, at 3 req/s 36,
+    46, 32, 50 % against 67, 64, 52, 52 %. A decode node's local prefills keep coming, and the
+    shared step is the pace a newcomer decoding there meets too."""
     if not tpot_left or step_new <= 0:
         return 0
     slower = step_new if slower is None else slower
