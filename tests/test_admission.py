@@ -1139,6 +1139,25 @@ def test_a_prefill_that_would_push_the_streams_a_prefill_node_serves_whole_goes_
     run(go)
 
 
+def test_a_prefill_call_beside_the_streams_a_prefill_node_serves_whole_counts_what_their_batch_adds() -> None:
+    def go():
+        # p0 decodes 3 streams it serves whole: each step carrying the prefill takes their step over
+        # an empty one longer (0.005 + 0.001 * 3 against 0.005: 3 ms). In its 2048-token steps a
+        # 100-token prompt is one such step: 0.11 s alone, 0.113 s beside them.
+        whole = dict(decode_batch=3, step_tokens=2048, fits=fits())
+        r = cluster({"p0": pb.NodeLoad(**whole), "p1": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(**whole)})
+        assert prefill_estimate(r._nodes["p1"], 100).seconds == pytest.approx(0.11)
+        assert prefill_estimate(r._nodes["p0"], 100).seconds == pytest.approx(0.113)
+        # In 64-token steps it takes two (61 prompt tokens a step beside 3 streams): 6 ms.
+        r._nodes["p0"].saw_load(pb.NodeLoad(**{**whole, "step_tokens": 64}))
+        assert prefill_estimate(r._nodes["p0"], 100).seconds == pytest.approx(0.116)
+        # A decode node's batch is not a prefill call's business (its local prefills count their own).
+        assert prefill_estimate(r._nodes["d0"], 100).seconds == pytest.approx(0.11)
+        # The idle p1 is the sooner of the two prefill nodes.
+        assert Admission(r, local=False, colocate="off").plan("r", 100, 16, Slo()).prefill.node_id == "p1"
+    run(go)
+
+
 def test_a_prompt_a_prefill_node_serves_whole_counts_before_the_prefill_orders_next() -> None:
     async def go():
         r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(fits=fits())})
