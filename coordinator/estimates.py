@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tandem.perfmodel import ModelView, beside_s, chunk_steps, chunk_tokens, kv_bytes_per_token
+from tandem.perfmodel import VLLM_STEP_TOKENS, ModelView, beside_s, chunk_steps, chunk_tokens, kv_bytes_per_token
 from tandem.proto import tandem_pb2 as pb
 
 from .nodeclient import NodeClient
@@ -64,43 +64,49 @@ def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None =
     if not model.prefill.samples:
         return Estimate(node, None, cached_tokens=cached)
     held = cached.tokens
-    idle_s = (prefill_after_load(model, tokens, held) + load_s(cached.loaded, cached.disk, model)
-              + beside_whole_s(node, tokens - held))
+    idle_s = prefill_after_load(model, tokens, held) + load_s(cached.loaded, cached.disk, model)
+    batch_s = beside_whole_s(node, tokens - held)  # (not in ``idle_s``: on an idle node there is no batch)
     where = order.predict(node, tokens - held, arrival, ttft_s, held) if order is not None else None
     if where is not None:
         # The prompts of the requests it serves whole (--colocate) go to its engine at once, not
         # through the prefill order: they run before this one (counted whole, however far along).
         raw_wait_s = where.wait_s + queued_prefill_s(model, [t for t in node.prefilling.values() if t > 0])
-        f = node.factor("ttft", raw_wait_s + idle_s)  # (both parts scaled alike: the calibration's share)
-        wait_s, run_s = raw_wait_s * f, idle_s * f
+        f = node.factor("ttft", raw_wait_s + idle_s + batch_s)  # (all parts scaled alike: the calibration's share)
+        wait_s, run_s = raw_wait_s * f, (idle_s + batch_s) * f
         return Estimate(node, wait_s + run_s, idle_s, queue_s=wait_s, pushes=where.pushes, factor=f,
                         cached_tokens=cached, describe=lambda:
                         f"{node.node_id}: {wait_s * 1000:.0f} ms before its turn ({order.order} order) + "  # type: ignore[union-attr]
-                        f"prefill {run_s * 1000:.0f} ms{_calibrated(f)}{_held(cached)}")
+                        f"prefill {run_s * 1000:.0f} ms{_beside_whole(batch_s * f)}{_calibrated(f)}{_held(cached)}")
     queue = _prefill_queue(node, {**node.prefills, **node.prefilling} if node.prefilling else node.prefills)
     raw_queue_s = sum(model.prefill_s(t) for t in queue)
-    f = node.factor("ttft", raw_queue_s + idle_s)
-    queue_s, run_s = raw_queue_s * f, idle_s * f
+    f = node.factor("ttft", raw_queue_s + idle_s + batch_s)
+    queue_s, run_s = raw_queue_s * f, (idle_s + batch_s) * f
     return Estimate(node, queue_s + run_s, idle_s, queue_s=queue_s, factor=f, cached_tokens=cached, describe=lambda:
                     f"{node.node_id}: queue {len(queue)} prompts {queue_s * 1000:.0f} ms + prefill "
-                    f"{run_s * 1000:.0f} ms{_calibrated(f)}{_held(cached)}")
+                    f"{run_s * 1000:.0f} ms{_beside_whole(batch_s * f)}{_calibrated(f)}{_held(cached)}")
 
 
 def beside_whole_s(node: NodeClient, tokens: int) -> float:
     """On a prefill node serving streams whole (--colocate): what their decode batch adds to the
-    engine steps that carry a prefill of ``tokens`` (``beside_s`` a step, as for a local prefill
-    on a decode node; its budget, vLLM's default 2048 tokens there, takes most prompts in one
-    step). The node fits its prefills net of that (``NodePerf._own_share``), so without it a
-    prefill call sent beside such streams was predicted as if alone: on the forty-first and
-    forty-second sittings' colocation runs those with 3 or more streams beside them took 1.03-1.07
-    x their prediction in the median, those with none 0.95-0.98 x. 0 elsewhere, or with no stream there."""
+    engine steps that carry a prefill of ``tokens`` (``beside_s`` a step, as for a local prefill on
+    a decode node; the node's budget, vLLM's 2048 tokens by default there, holds most prompts in one
+    step). The batch is ``decode_load``'s: the streams producing tokens there and those whose
+    prompts are still in its engine, which run first and decode beside this one. The node fits its
+    prefills net of what a batch adds (``NodePerf._own_share``), so without this a prefill call
+    beside such streams was predicted as if alone (the forty-second sitting: docs/PERFORMANCE.md).
+    0 elsewhere, or with no stream there. (The prefill calls queued ahead of it run beside them
+    too; their wait is still counted without it.)"""
     if node.record.role != "prefill":
         return 0.0
     load = node.fresh_load()
     batch, context = decode_load(node, load)
     if not batch:
         return 0.0
-    return chunk_steps(tokens, step_tokens(load), batch) * beside_s(node.model, batch, context)
+    return chunk_steps(tokens, step_tokens(node, load), batch) * beside_s(node.model, batch, context)
+
+
+def _beside_whole(seconds: float) -> str:
+    return f" ({seconds * 1000:.0f} ms of it beside the streams it serves whole)" if seconds else ""
 
 
 def block_tokens(node: NodeClient) -> int:
@@ -192,9 +198,12 @@ def backlog_s(node: NodeClient) -> float:
     return queued_prefill_s(node.model, _prefill_queue(node, {**node.prefills, **node.prefilling}))
 
 
-def step_tokens(load: pb.NodeLoad | None) -> int:
-    """A decode node's per-step token budget (``NodeLoad.step_tokens``), as its load reports it."""
-    return (load.step_tokens if load is not None else 0) or DEFAULT_STEP_TOKENS
+def step_tokens(node: NodeClient, load: pb.NodeLoad | None) -> int:
+    """A node's per-step token budget (``NodeLoad.step_tokens``), as its load reports it; not
+    reported, a decode node's default (``DEFAULT_STEP_TOKENS``) or on a prefill node vLLM's, as
+    the node itself takes it (``NodePerf``)."""
+    default = VLLM_STEP_TOKENS if node.record.role == "prefill" else DEFAULT_STEP_TOKENS
+    return (load.step_tokens if load is not None else 0) or default
 
 
 def queued_prefill_s(model: ModelView, queue: list[int], runs: Sequence[float] = ()) -> float:
@@ -252,7 +261,7 @@ def decode_view(node: NodeClient, tpot_left: bool = True) -> DecodeView:
     """``tpot_left``: ask each stream what it has left of its objective (admission's ``protect``)."""
     load = node.fresh_load()
     batch, context = decode_load(node, load)
-    budget = step_tokens(load)
+    budget = step_tokens(node, load)
     step = stepper(node, load)
     now = time.perf_counter()
     left = [got for b in node.budgets.values() if (got := b(now)) is not None] if tpot_left else []
@@ -318,7 +327,7 @@ def stepper(node: NodeClient, load: pb.NodeLoad | None = None):  # type: ignore[
     if busy > 0.0 and not model.prefill.samples:
         stretch = 1.0 - min(MAX_PREFILL_BUSY, busy)
         return lambda b, ctx: model.step_s(b, ctx) / stretch
-    return shared_step(model, busy, step_tokens(load))
+    return shared_step(model, busy, step_tokens(node, load))
 
 
 def shared_step(model: Any, busy: float, budget: int) -> Callable[[float, float], float]:
@@ -408,12 +417,10 @@ def pushed(tpot_left: list[tuple[float, int]], step_now: float, step_new: float,
     On a decode node those steps have its recent share of local prefills beside them
     (``DecodeView.step_now``); on a prefill node serving streams whole they are its plain steps
     (``choice.stalled``: there the share is the pool's own prefills, the ones the check lets in).
-    The plain step on decode nodes too was tried on the forty-second sitting and not kept: in the
-    simulator it gained 0-4 points of attainment (1:1 and 0:2 chat), but on two order-balanced
-    1:1 chat runs (60 s probes, 455 ms / 14.4 ms) it refused more and let no fewer streams go over
-    TPOT: attainment at 2 req/s 74, 45, 68 and 57 % against 90, 85, 82 and 88 %, at 3 req/s 36,
-    46, 32, 50 % against 67, 64, 52, 52 %. A decode node's local prefills keep coming, and the
-    shared step is the pace a newcomer decoding there meets too."""
+    The plain step on decode nodes too was tried on the forty-second sitting and not kept: on two
+    order-balanced 1:1 chat runs it refused more and let no fewer streams go over TPOT
+    (docs/PERFORMANCE.md, push42). A decode node's local prefills keep coming, and the shared
+    step is the pace a newcomer decoding there meets too."""
     if not tpot_left or step_new <= 0:
         return 0
     slower = step_new if slower is None else slower

@@ -1128,12 +1128,12 @@ def test_a_prefill_that_would_push_the_streams_a_prefill_node_serves_whole_goes_
             with r.track(r._nodes["p0"], 100):
                 with pytest.raises(Rejected, match="push 1 of the streams that node serves whole"):
                     Admission(r, local=False, colocate="on").plan("r", 100, 16, slo)
-        # p0 prefilled half of the last 10 s: at that share its stream's pace is 11.7 ms a token, and its
+        # p0 prefilled half of the last 10 s: at that share its stream's pace is 12.0 ms a token, and its
         # 16 tokens would take 0.19 s > 0.15 s left. That share is the prefills this check lets in: the
         # stream is judged at its plain step (6 ms), and protected from this one as before.
         r = cluster({"p0": pb.NodeLoad(fits=fits(), prefill_busy=0.5), "d0": pb.NodeLoad(fits=fits())})
         with _stream(r, "p0", 0.15, 16):
-            assert decode_view(r._nodes["p0"]).step_now == pytest.approx(0.0117, rel=0.01)
+            assert decode_view(r._nodes["p0"]).step_now == pytest.approx(0.0120, rel=0.01)
             with pytest.raises(Rejected, match="push 1 of the streams that node serves whole"):
                 Admission(r, local=False, colocate="on").plan("r", 100, 16, slo)
     run(go)
@@ -1147,10 +1147,16 @@ def test_a_prefill_call_beside_the_streams_a_prefill_node_serves_whole_counts_wh
         whole = dict(decode_batch=3, step_tokens=2048, fits=fits())
         r = cluster({"p0": pb.NodeLoad(**whole), "p1": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(**whole)})
         assert prefill_estimate(r._nodes["p1"], 100).seconds == pytest.approx(0.11)
-        assert prefill_estimate(r._nodes["p0"], 100).seconds == pytest.approx(0.113)
+        est = prefill_estimate(r._nodes["p0"], 100)
+        assert est.seconds == pytest.approx(0.113)
+        assert est.idle_seconds == pytest.approx(0.11)  # (on an idle node there is no batch)
+        assert "3 ms of it beside the streams it serves whole" in est.detail
         # In 64-token steps it takes two (61 prompt tokens a step beside 3 streams): 6 ms.
         r._nodes["p0"].saw_load(pb.NodeLoad(**{**whole, "step_tokens": 64}))
         assert prefill_estimate(r._nodes["p0"], 100).seconds == pytest.approx(0.116)
+        # Unreported, the budget is vLLM's 2048 tokens, as the node takes it: one step again.
+        r._nodes["p0"].saw_load(pb.NodeLoad(**{**whole, "step_tokens": 0}))
+        assert prefill_estimate(r._nodes["p0"], 100).seconds == pytest.approx(0.113)
         # A decode node's batch is not a prefill call's business (its local prefills count their own).
         assert prefill_estimate(r._nodes["d0"], 100).seconds == pytest.approx(0.11)
         # The idle p1 is the sooner of the two prefill nodes.
