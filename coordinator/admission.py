@@ -142,7 +142,7 @@ class Admission:
         if colocate not in COLOCATE:
             raise ValueError(f"--colocate must be one of {', '.join(COLOCATE)}, got {colocate!r}")
         self.colocate = colocate
-        # A newcomer may not push a running stream past its TPOT objective (estimates.pushed); off:
+        # A newcomer may not push a running stream past its TPOT objective (pace.pushed); off:
         # it is checked against its own objective only, a local prefill's stall against the
         # objective spread over the newcomer's tokens (as until the eighteenth sitting).
         self.protect = protect

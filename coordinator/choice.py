@@ -15,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .estimates import DecodeView, Estimate, LocalEstimate, local_estimate, pushed
+from .estimates import DecodeView, Estimate, LocalEstimate, local_estimate
 from .nodeclient import NodeClient
+from .pace import pushed
 from .prefix import Held
 
 if TYPE_CHECKING:
@@ -163,7 +164,7 @@ def local_option(decoders: list[NodeClient], prompt_tokens: int, max_tokens: int
             # in the batch and the node's recent share of local prefills beside it, or by the
             # plain step and this prefill's stall once, whichever is more for it, on top of the
             # stall of the local prefills queued there ahead of it.
-            # (The steps at their fit, not calibrated: see ``estimates.pushed``.)
+            # (The steps at their fit, not calibrated: see ``pace.pushed``.)
             # (On a prefill node, every prompt it has to prefill stalls them: those in its engine,
             # which run before this one, and the prefill calls still waiting their turn in the
             # prefill order, after it: ``backlog_s``; and its streams are judged at the plain step,
@@ -228,7 +229,7 @@ def stalled(view: DecodeView, slo: Slo, stall_s: float) -> int:
     waited 0.8-1.2 s in the median for prefills admitted after them, those that met it 0.6-0.7.)
 
     The streams are judged at the node's plain step, not at its step with its recent share of
-    prefills beside it (``DecodeView.step_now``, ``estimates.stepper``): that share is this pool's
+    prefills beside it (``DecodeView.step_now``, ``pace.stepper``): that share is this pool's
     own prefills, the ones this check lets in one by one, so at the shared pace a stream whose
     slack they would take counted as missing anyway and was not protected (the share read
     0.24-0.44 at the admissions of streams served whole on the forty-first sitting's colo41b, a

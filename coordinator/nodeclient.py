@@ -133,7 +133,7 @@ class NodeClient:
     left: dict[int, Callable[[], int]] = field(default_factory=dict)
     # Of those with a TPOT objective: (seconds it has left within it, tokens it has left to make),
     # asked with the time now (perf_counter); None once nothing is left to protect (admission's
-    # check that a newcomer pushes no running stream past its objective, estimates.pushed).
+    # check that a newcomer pushes no running stream past its objective, pace.pushed).
     budgets: dict[int, Callable[[float], tuple[float, int] | None]] = field(default_factory=dict)
     arrivals: Arrivals = field(default_factory=lambda: Arrivals())
     # How this node's predictions turn out, per kind (ttft, ttft_local, tpot), learned online from

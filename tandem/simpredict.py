@@ -8,11 +8,11 @@ caches' recency as a real node would (``touch``).
   life on the least loaded decode node against TPOT (the batch there as admission forecasts it,
   ``estimates.life_load``: each request there for as many steps as it has tokens to come, and
   arrivals at the node's recent rate), each step as its streams see it with the node's local
-  prefills beside them the share of the last 10 s they ran (``estimates.stepper`` on a node's
+  prefills beside them the share of the last 10 s they ran (``pace.stepper`` on a node's
   ``prefill_busy``; until the thirty-second sitting, the plain step); a request predicted to miss either is refused
   (it counts as missed). With admission, running streams are protected as the coordinator's
   ``--protect-streams`` (on by default) protects them: each knows what it has left of its TPOT
-  objective, and a newcomer that would push one past it (``coordinator/estimates.pushed``: at
+  objective, and a newcomer that would push one past it (``coordinator/pace.pushed``: at
   the step with it in the batch, after the stall of the local prefills queued there and, for a
   local prefill, its own stall once) is prefilled locally only where it pushes nobody, and is
   refused when every decode node would be pushed (a disaggregated request is still booked on the
@@ -160,9 +160,9 @@ class ClusterState:
 
     def stepper(self, dn: _Decode, now: float) -> Callable[[float, float], float]:
         """A decode node's step as its streams see it, with its local prefills beside them the
-        share of the last ``BUSY_WINDOW_S`` they ran (the coordinator's ``estimates.stepper`` on
+        share of the last ``BUSY_WINDOW_S`` they ran (the coordinator's ``pace.stepper`` on
         the node's ``prefill_busy``)."""
-        from tandem.coordinator.estimates import shared_step
+        from tandem.coordinator.pace import shared_step
         from tandem.node.perf import busy_share
 
         return shared_step(self.cfg.decode, busy_share(dn.busy, dn.busy_since, now), self.cfg.step_tokens)
@@ -242,18 +242,18 @@ class ClusterState:
     def pushes(self, dn: _Decode, i: int, now: float, local: tuple[float, float] | None = None) -> int:
         """With admission (the coordinator's ``--protect-streams``, on by default): how many of the
         node's running streams request ``i`` would push past their TPOT objective by joining its
-        batch, on top of the local prefills queued there already (``estimates.pushed``). ``local``:
+        batch, on top of the local prefills queued there already (``pace.pushed``). ``local``:
         prefilled there, (its stall once, the queued ones' stall), calibrated as its local TTFT
         there, beside the plain step (``choice.local_option``'s; else ``decode_estimate``'s)."""
         if not (self.cfg.admission and self.cfg.slo_tpot_s > 0 and dn.running):
             return 0
-        from tandem.coordinator.estimates import pushed
+        from tandem.coordinator.pace import pushed
 
         e = self.trace[i]
         b, ctx = self.load(dn)
         step = self.stepper(dn, now)
         mine = ctx + e.input_len + e.output_len // 2
-        step_new = step(b + 1, mine)  # (the steps at the fit: ``estimates.pushed``)
+        step_new = step(b + 1, mine)  # (the steps at the fit: ``pace.pushed``)
         if local is not None:
             return pushed(self.budgets(dn, now), step(b, ctx), step_new, local[0], self.cfg.decode.step_s(b + 1, mine),
                           local[1])
@@ -282,7 +282,7 @@ class ClusterState:
         step = self.stepper(dn, now)
         if not lefts or tokens < 1:
             return step(b + 1, ctx + mine)
-        from tandem.coordinator.estimates import forward_batch
+        from tandem.coordinator.pace import forward_batch
 
         rate, mean = dn.arrivals.rate(now)
         life = forward_batch(lefts, tokens, rate * step(b + 1, ctx), mean)

@@ -379,7 +379,7 @@ def test_with_admission_running_streams_are_protected_by_what_each_has_left_of_i
     # objective 20 ms. A (100 tokens) runs from 10 ms, due by 1.99 s. B's 200-token prefill at 1 s
     # stalls it 0.2 s, within the slack A has built up (0.6 s): admitted, though spread over B's
     # own two tokens the stall would have looked like 100 ms a token. C's 600 tokens at 1.45 s
-    # would stall A past its objective by the coordinator's rule (``estimates.pushed``): refused.
+    # would stall A past its objective by the coordinator's rule (``pace.pushed``): refused.
     t = Timings((0.0, 0.001, 0.0), (0.014, 0.0, 0.0))
     reqs = [Req(0.0, 10, 100), Req(1.0, 200, 2), Req(1.45, 600, 2)]
     cfg = dict(order="slack", slo_ttft_s=1.0, slo_tpot_s=0.02, step_tokens=64, local=True)
@@ -662,10 +662,10 @@ def test_admission_calibrates_its_predictions_by_the_finished_requests_as_the_co
 
 
 def test_a_decode_nodes_recent_local_prefills_lengthen_the_step_its_predictions_use() -> None:
-    """As a node reports ``prefill_busy`` and the coordinator's ``estimates.stepper`` reads it: the
+    """As a node reports ``prefill_busy`` and the coordinator's ``pace.stepper`` reads it: the
     share of the last 10 s a local prefill ran there makes the step the predictions use the
     harmonic mean of a plain step and one carrying a chunk; 10 s on, the plain step again."""
-    from tandem.coordinator.estimates import shared_step
+    from tandem.coordinator.pace import shared_step
     from tandem.sim import _Cluster
 
     t = Timings((0.0, 0.001, 0.0), (0.010, 0.0, 0.0))
