@@ -65,11 +65,12 @@ def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None =
     held = cached.tokens
     idle_s = prefill_after_load(model, tokens, held) + load_s(cached.loaded, cached.disk, model)
     batch_s = beside_whole_s(node, tokens - held)  # (not in ``idle_s``: on an idle node there is no batch)
-    where = order.predict(node, tokens - held, arrival, ttft_s, held) if order is not None else None
+    where = order.predict(node, tokens - held, arrival, ttft_s, held, batch_s) if order is not None else None
     if where is not None:
         # The prompts of the requests it serves whole (--colocate) go to its engine at once, not
         # through the prefill order: they run before this one (counted whole, however far along).
-        raw_wait_s = where.wait_s + queued_prefill_s(model, [t for t in node.prefilling.values() if t > 0])
+        whole = [t for t in node.prefilling.values() if t > 0]
+        raw_wait_s = where.wait_s + queued_prefill_s(model, whole) + beside_whole_s(node, *whole)
         f = node.factor("ttft", raw_wait_s + idle_s + batch_s)  # (all parts scaled alike: the calibration's share)
         wait_s, run_s = raw_wait_s * f, (idle_s + batch_s) * f
         return Estimate(node, wait_s + run_s, idle_s, queue_s=wait_s, pushes=where.pushes, factor=f,
@@ -77,7 +78,7 @@ def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None =
                         f"{node.node_id}: {wait_s * 1000:.0f} ms before its turn ({order.order} order) + "  # type: ignore[union-attr]
                         f"prefill {run_s * 1000:.0f} ms{_beside_whole(batch_s * f)}{_calibrated(f)}{_held(cached)}")
     queue = _prefill_queue(node, {**node.prefills, **node.prefilling} if node.prefilling else node.prefills)
-    raw_queue_s = sum(model.prefill_s(t) for t in queue)
+    raw_queue_s = sum(model.prefill_s(t) for t in queue) + beside_whole_s(node, *queue)
     f = node.factor("ttft", raw_queue_s + idle_s + batch_s)
     queue_s, run_s = raw_queue_s * f, (idle_s + batch_s) * f
     return Estimate(node, queue_s + run_s, idle_s, queue_s=queue_s, factor=f, cached_tokens=cached, describe=lambda:
@@ -85,23 +86,25 @@ def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None =
                     f"{run_s * 1000:.0f} ms{_beside_whole(batch_s * f)}{_calibrated(f)}{_held(cached)}")
 
 
-def beside_whole_s(node: NodeClient, tokens: int) -> float:
+def beside_whole_s(node: NodeClient, *prompts: int) -> float:
     """On a prefill node serving streams whole (--colocate): what their decode batch adds to the
-    engine steps that carry a prefill of ``tokens`` (``beside_s`` a step, as for a local prefill on
-    a decode node; the node's budget, vLLM's 2048 tokens by default there, holds most prompts in one
-    step). The batch is ``decode_load``'s: the streams producing tokens there and those whose
-    prompts are still in its engine, which run first and decode beside this one. The node fits its
-    prefills net of what a batch adds (``NodePerf._own_share``), so without this a prefill call
-    beside such streams was predicted as if alone (the forty-second sitting: docs/PERFORMANCE.md).
-    0 elsewhere, or with no stream there. (The prefill calls queued ahead of it run beside them
-    too; their wait is still counted without it.)"""
-    if node.record.role != "prefill":
+    engine steps that carry prefills of ``prompts`` tokens each (``beside_s`` a step, as for a
+    local prefill on a decode node; the node's budget, vLLM's 2048 tokens by default there, holds
+    most prompts in one step). The batch is ``decode_load``'s: the streams producing tokens there
+    and those whose prompts are still in its engine, which run first and decode beside this one.
+    The node fits its prefills net of what a batch adds (``NodePerf._own_share``), so without this
+    a prefill call beside such streams was predicted as if alone (the forty-second sitting:
+    docs/PERFORMANCE.md). The prompts queued ahead of a call run beside them too: their wait
+    counts it as well (the prefill order's entries with it, ``PrefillOrder.entry``, as the batch
+    was when each was made). 0 elsewhere, or with no stream there."""
+    if node.record.role != "prefill" or not prompts:
         return 0.0
     load = node.fresh_load()
     batch, context = decode_load(node, load)
     if not batch:
         return 0.0
-    return chunk_steps(tokens, step_tokens(node, load), batch) * beside_s(node.model, batch, context)
+    budget = step_tokens(node, load)
+    return sum(chunk_steps(t, budget, batch) for t in prompts if t > 0) * beside_s(node.model, batch, context)
 
 
 def _beside_whole(seconds: float) -> str:

@@ -34,6 +34,7 @@ from tandem.sampling import Sampling, to_proto
 
 from . import metrics as m
 from .admission import Admission, Plan, Slo
+from .estimates import beside_whole_s
 from .nodecalls import NodeCallFailed, Watchdog, stream_ended_early
 from .prefillq import NodeGone
 from .nodeclient import NodeClient
@@ -394,7 +395,7 @@ class Pipeline:
             work = max(1, len(context) - held)
             # A migrated leg: its client is mid-stream, it goes first.
             turn = order.entry(node, req.request_id, work, req.received, ttft_s, urgent=leg > 0,
-                               cached=len(context) - work)
+                               cached=len(context) - work, beside_s=beside_whole_s(node, work))
 
             def orphaned(resp: pb.PrefillResponse, node: NodeClient = node) -> None:
                 # Answered, but the request was cancelled meanwhile: nobody will fetch its blocks.

@@ -146,10 +146,11 @@ class PrefillOrder:
         return self.order == "slack"
 
     def entry(self, node: NodeClient, rid: str, tokens: int, arrival: float, ttft_s: float | None,
-              urgent: bool = False, cached: int = 0) -> Entry:
-        """``tokens`` to compute there, after ``cached`` the node holds."""
+              urgent: bool = False, cached: int = 0, beside_s: float = 0.0) -> Entry:
+        """``tokens`` to compute there, after ``cached`` the node holds; ``beside_s``: what the
+        streams the node serves whole add to its steps (``estimates.beside_whole_s``)."""
         model = node.model
-        run_s = model.prefill_s(tokens, cached) if model.prefill.samples else 0.0
+        run_s = model.prefill_s(tokens, cached) + beside_s if model.prefill.samples else 0.0
         deadline = arrival + (ttft_s if ttft_s is not None else NO_SLO_S)
         return Entry(rid, tokens, arrival, deadline, run_s, urgent, ttft_s is not None, next(self._seq))
 
@@ -166,7 +167,7 @@ class PrefillOrder:
         return max(1, int((time.time() + (e.deadline - time.perf_counter())) * 1000))
 
     def predict(self, node: NodeClient, tokens: int, arrival: float, ttft_s: float | None,
-                cached: int = 0) -> Prediction | None:
+                cached: int = 0, beside_s: float = 0.0) -> Prediction | None:
         """Where a new request would wait on ``node``; None where this coordinator keeps no
         queue for it (``fifo``) or nothing is queued. With ``engine`` nobody is counted as
         pushed: vLLM orders what it holds, the coordinator only sends."""
@@ -174,7 +175,7 @@ class PrefillOrder:
         if self.order == "fifo" or q is None or not (q.waiting or q.running):
             return None
         now = time.perf_counter()
-        new = self.entry(node, "", tokens, arrival, ttft_s, cached=cached)
+        new = self.entry(node, "", tokens, arrival, ttft_s, cached=cached, beside_s=beside_s)
         if self.order == "engine":
             # vLLM runs the earliest deadlines first; which one it runs now is not known here:
             # the earliest sent counts as running.

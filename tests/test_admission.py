@@ -15,8 +15,8 @@ import pytest
 
 from tandem.coordinator.admission import Admission, Slo
 from tandem.coordinator.choice import candidates
-from tandem.coordinator.estimates import (decode_estimate, decode_load, decode_view, kv_wait, local_estimate,
-                                          prefill_estimate, queued_prefill_s)
+from tandem.coordinator.estimates import (beside_whole_s, decode_estimate, decode_load, decode_view, kv_wait,
+                                          local_estimate, prefill_estimate, queued_prefill_s)
 from tandem.coordinator.calibration import MAX_RATIO, MIN_SAMPLES, MIN_SLOPE, RATE, Calibration
 from tandem.coordinator.nodeclient import Arrivals, Tally
 from tandem.coordinator.prefillq import PrefillOrder
@@ -1159,9 +1159,29 @@ def test_a_prefill_call_beside_the_streams_a_prefill_node_serves_whole_counts_wh
         assert prefill_estimate(r._nodes["p0"], 100).seconds == pytest.approx(0.113)
         # A decode node's batch is not a prefill call's business (its local prefills count their own).
         assert prefill_estimate(r._nodes["d0"], 100).seconds == pytest.approx(0.11)
+        # The prompts queued ahead of it run beside the streams too: two 100-token ones reported
+        # there wait 2 x 0.113 s (0.22 s counted alone).
+        r._nodes["p0"].saw_load(pb.NodeLoad(**whole, prefill_queue=[100, 100]))
+        assert prefill_estimate(r._nodes["p0"], 100).queue_s == pytest.approx(0.226)
+        r._nodes["p0"].saw_load(pb.NodeLoad(**whole))
         # The idle p1 is the sooner of the two prefill nodes.
         assert Admission(r, local=False, colocate="off").plan("r", 100, 16, Slo()).prefill.node_id == "p1"
     run(go)
+
+
+def test_the_prefill_orders_entries_on_a_node_serving_streams_whole_count_their_batch() -> None:
+    async def go():
+        # p0 decodes 3 streams it serves whole: a 100-token prefill there takes 0.113 s, not 0.11.
+        r = cluster({"p0": pb.NodeLoad(decode_batch=3, fits=fits()), "d0": pb.NodeLoad(fits=fits())})
+        p0, order, now = r._nodes["p0"], PrefillOrder(r, "slack"), time.perf_counter()
+        ahead = order.entry(p0, "a", 100, now, 5.0, beside_s=beside_whole_s(p0, 100))
+        assert ahead.run_s == pytest.approx(0.113)
+        async with order.turn(p0, ahead):  # running there: the next one waits for its end
+            behind = prefill_estimate(p0, 100, order, now, 1.0)
+            assert behind.queue_s == pytest.approx(0.113, abs=0.005)
+            assert behind.seconds == pytest.approx(0.226, abs=0.005)
+
+    asyncio.run(go())
 
 
 def test_a_prompt_a_prefill_node_serves_whole_counts_before_the_prefill_orders_next() -> None:
