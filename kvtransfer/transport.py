@@ -65,6 +65,20 @@ MAX_RETIRED_WORKERS = 64
 _RETIRED_WORKERS: list[tuple[object, ...]] = []
 
 
+def _keep_forever(retired: tuple[object, ...]) -> None:
+    """Hold ``retired`` past the interpreter's own shutdown too: one reference more than anything
+    will ever drop, so its destructors never run. At exit Python clears module globals, and an
+    endpoint's destructor (``closeBlocking``) progresses its worker, which retiring promises never
+    happens, and cancels its requests in flight. (Once a unit-test run printed its results and
+    then kept a core busy for minutes inside such a destructor, ``cancelInflightRequests``; which
+    endpoint's was not found, and neither an abandoned send nor receive, retired or not, to a
+    live or killed peer, hung at exit in isolation.) The OS takes the memory back at exit."""
+    import ctypes
+
+    _RETIRED_WORKERS.append(retired)
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(retired))
+
+
 class DataPlane(Protocol):
     """Moves one fetch as a sequence of chunks (one per layer), so that packing,
     moving and unpacking overlap instead of running one after another."""
@@ -159,7 +173,7 @@ class UcxDataPlane:
     def retire(self, peer: object) -> None:
         with self._lock:
             self._retired = True
-            _RETIRED_WORKERS.append((self._worker, peer, self._abandoned))
+            _keep_forever((self._worker, peer, self._abandoned))
 
     def local_info(self) -> dict[str, Any]:
         return {"ucx_address": bytes(self._worker.address.tobytes()).hex()}
