@@ -27,7 +27,7 @@ from tandem.mix import Mix
 from tandem.nodespeed import Speed
 from tandem.plan_report import table, write_report
 from tandem.sim import simulate
-from tandem.simconfig import LOCAL_OFF, NO_PREFIX_CACHE, NOT_MODELLED, SimConfig
+from tandem.simconfig import COLOCATE_OFF, LOCAL_OFF, NO_PREFIX_CACHE, NOT_MODELLED, SimConfig
 from tandem.simresults import attainment, summary
 from tandem.timings import Timings
 
@@ -151,7 +151,8 @@ def limited_by(outcomes: list[Any], slo_ttft_s: float, slo_tpot_s: float) -> str
 def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo_ttft_s: float, slo_tpot_s: float, *,
          kv_bytes_per_token: int = 0, max_batch: int = 64, kv_capacity_tokens: int = 0, order: str = "slack",
          requests: int = 2000, seeds: int = 2, max_model_len: int = 2048, min_duration_s: float = MIN_DURATION_S,
-         also: tuple[int, ...] = (), admission: bool = False, local: bool = False, prefix_cache: bool = True,
+         also: tuple[int, ...] = (), admission: bool = False, local: bool = False, colocate: bool = False,
+         prefix_cache: bool = True,
          prefill_cache_tokens: int = 0, store_ram_tokens: int = 0, store_disk: bool = False, prefixes: int = 0,
          speed: Speed = Speed(), decode_speed: Speed | None = None,
          progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
@@ -159,7 +160,9 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
     first: every split when there are at most COARSE_SPLITS; else one in ``step`` (so that about
     COARSE_SPLITS are), then every split within a step of the best of those (goodput rises, then
     falls, with P). ``local``: conditional disaggregation (the simulator's), and 0:N among the
-    splits (no prefill pool: the decode nodes prefill what they decode). ``prefix_cache``: the
+    splits (no prefill pool: the decode nodes prefill what they decode). ``colocate``: a prefill
+    node serves a request whole where the disaggregated choice is predicted to miss the SLO and
+    that is not (the coordinator's --colocate; splits with a prefill pool). ``prefix_cache``: the
     engines' prefix caches, a prefill engine's ``prefill_cache_tokens`` (0: unbounded), a decode
     engine's ``kv_capacity_tokens``; with ``store_ram_tokens`` a KV store on each node (a RAM tier
     of that many tokens, over a disk tier with ``store_disk``). ``prefixes``: the workload's
@@ -179,7 +182,8 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
 
     def run(p: int) -> None:
         cfg = SimConfig(p, nodes - p, prefill, decode, kv_bytes_per_token, max_batch, kv_capacity_tokens, order,
-                        slo_ttft_s, slo_tpot_s, admission, local, prefix_cache=prefix_cache,
+                        slo_ttft_s, slo_tpot_s, admission, local, colocate=colocate and p > 0,
+                        prefix_cache=prefix_cache,
                         prefill_cache_tokens=prefill_cache_tokens, store_ram_tokens=store_ram_tokens,
                         store_disk=store_disk, prefill_speed=speed, decode_speed=step_speed)
         row = ratio_goodput(cfg, workload, slo_ttft_s, slo_tpot_s, requests=requests, seeds=seeds,
@@ -205,11 +209,12 @@ def plan(prefill: Timings, decode: Timings, nodes: int, workload: str | Mix, slo
             "max_batch": max_batch, "kv_capacity_tokens": kv_capacity_tokens, "order": order,
             "requests_per_probe": requests, "min_duration_s": min_duration_s, "seeds": seeds,
             "splits_evaluated": len(rows), "splits": nodes - lo, "search_step": step, "rel_tol": 0.05,
-            "admission": admission, "local": local, "prefix_cache": prefix_cache,
+            "admission": admission, "local": local, "colocate": colocate, "prefix_cache": prefix_cache,
             "prefill_cache_tokens": prefill_cache_tokens, "store_ram_tokens": store_ram_tokens,
             "store_disk": store_disk, "prefixes": prefixes, "node_speed": list(astuple(speed)),
             "decode_speed": list(astuple(step_speed)),
-            "not_modelled": [*NOT_MODELLED, *([] if local else [LOCAL_OFF]), *([] if prefix_cache else [NO_PREFIX_CACHE])],
+            "not_modelled": [*NOT_MODELLED, *([] if local else [LOCAL_OFF]), *([] if colocate else [COLOCATE_OFF]),
+                             *([] if prefix_cache else [NO_PREFIX_CACHE])],
             "transfer_modelled": any(decode.transfer), "rows": rows,
             "best": best, "took_s": round(time.monotonic() - t0, 2)}
 
@@ -305,6 +310,12 @@ def add_args(ap: argparse.ArgumentParser) -> None:
                          "miss), and a plan also weighs 0:N (no prefill pool); with --validate the real "
                          "cluster too; with --live, match the coordinator's (a 0:N cluster is planned, and the last "
                          "prefill node may go); off: always disaggregated")
+    ap.add_argument("--colocate", default="off", choices=["on", "off"],
+                    help="on: the simulator lets a prefill node serve a request whole, prefill and decode on its "
+                         "own engine, where the disaggregated choice is predicted to miss the SLO and that is not "
+                         "(the coordinator's --colocate, on by default there); the pool's prefills then run in "
+                         "that engine's steps beside those streams; with --validate the real cluster too; with "
+                         "--live, match the coordinator's; off: every request decoded in the decode pool")
     from tandem.plan_live import add_args as add_live_args
 
     add_live_args(ap)
@@ -457,6 +468,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                    kv_capacity_tokens=args.kv_capacity_tokens, order=args.order, requests=args.requests,
                    seeds=args.seeds, max_model_len=args.max_model_len, min_duration_s=args.min_duration_s,
                    admission=args.admission == "on", local=args.conditional_disagg == "on",
+                   colocate=args.colocate == "on",
                    prefix_cache=args.prefix_cache == "on", prefill_cache_tokens=args.prefill_cache_tokens,
                    store_ram_tokens=args.store_ram_tokens, store_disk=args.store_disk, prefixes=args.prefixes,
                    speed=speed, progress=lambda m: print("  " + m, flush=True))

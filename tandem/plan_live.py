@@ -137,6 +137,7 @@ class Options:
     admission: bool = False  # model the coordinator's admission (its default is on: --admission on)
     local: bool = False  # the coordinator's conditional disaggregation (--conditional-disagg on): 0:N splits too
     speed: Speed = Speed()  # how far every node's times stray from its profile (plan --node-speed)
+    colocate: bool = False  # the coordinator's colocation (--colocate on, its default)
 
 
 class LivePlanner:
@@ -192,14 +193,16 @@ class LivePlanner:
                    kv_bytes_per_token=self.o.kv_bytes_per_token, max_batch=self.o.max_batch,
                    kv_capacity_tokens=self.o.kv_capacity_tokens, order=self.o.order, requests=self.o.requests,
                    seeds=self.o.seeds, max_model_len=self.o.max_model_len, min_duration_s=self.o.min_duration_s,
-                   also=(P,), admission=self.o.admission, local=self.o.local, speed=f.prefill_speed,
+                   also=(P,), admission=self.o.admission, local=self.o.local, colocate=self.o.colocate,
+                   speed=f.prefill_speed,
                    decode_speed=f.decode_speed,
                    prefix_cache=False)  # (a measured mix has lengths, no token ids: nothing to cache)
         rows = {(r["prefill"], r["decode"]): r["goodput_rps"] for r in doc["rows"]}
         best = max(rows, key=lambda k: (rows[k], -abs(k[0] - P)))  # ties: the split nearest the current one
         cfg = SimConfig(P, D, f.prefill, f.decode, self.o.kv_bytes_per_token, self.o.max_batch,
                         self.o.kv_capacity_tokens, self.o.order, self.o.slo_ttft_s, self.o.slo_tpot_s, self.o.admission,
-                        self.o.local, prefill_speed=f.prefill_speed, decode_speed=f.decode_speed)
+                        self.o.local, colocate=self.o.colocate and P > 0, prefill_speed=f.prefill_speed,
+                        decode_speed=f.decode_speed)
         n = probe_size(mix.rate, self.o.requests, self.o.min_duration_s)
         predicted = attainment(simulate(cfg, mix.trace(mix.rate, n, 0, self.o.max_model_len)),
                                self.o.slo_ttft_s, self.o.slo_tpot_s)
@@ -289,7 +292,8 @@ def cmd_live(args: argparse.Namespace, prefill: Timings, decode: Timings) -> int
     opts = Options(args.slo_ttft, args.slo_tpot, args.window_s, args.every_s, args.min_gain, args.confirm,
                    args.min_requests, min(args.requests, 600), 1, args.max_model_len, args.kv_bytes_per_token,
                    args.max_batch, args.kv_capacity_tokens, args.order, args.min_duration_s,
-                   args.admission == "on", args.conditional_disagg == "on", parse_speed(getattr(args, "node_speed", "")))
+                   args.admission == "on", args.conditional_disagg == "on",
+                   parse_speed(getattr(args, "node_speed", "")), getattr(args, "colocate", "off") == "on")
     planner = LivePlanner(prefill, decode, opts)
     profiles = planner.fits
     out = Path(args.out)

@@ -86,6 +86,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     cores = sorted(os.sched_getaffinity(0))
     local = getattr(args, "conditional_disagg", "off") == "on"
     admission = getattr(args, "admission", "off") == "on"
+    colocate = getattr(args, "colocate", "off") == "on"
     fits = getattr(args, "fits", "profile")
     reps = getattr(args, "reps", 1)
     try:
@@ -99,10 +100,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     variant = {(True, True): "", (True, False): "-noadmit", (False, True): "-nolocal",
                (False, False): "-disagg"}[(local, admission)]
     split = f"{num_prefill}:{num_decode}"
-    print(f"starting a real {split} cluster ({describe(local, admission)}) on cores {cores} ...", flush=True)
-    # (colocation off: the simulator does not model a prefill node serving a request whole)
+    print(f"starting a real {split} cluster ({describe(local, admission, colocate)}) on cores {cores} ...",
+          flush=True)
     system = systems.start_tandem(model, num_prefill, num_decode, args.max_model_len, out, cores, variant,
-                                  ["--colocate", "off"])
+                                  ["--colocate", "on" if colocate else "off"])
     rows: list[dict[str, Any]] = []
     pool = {"prefill": [f"prefill-{k}" for k in range(num_prefill)],
             "decode": [f"decode-{k}" for k in range(num_decode)]}
@@ -123,7 +124,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         # engines' KV caches as the bench gives them (systems.MEMORY), their prefix caches with them
         cfg = SimConfig(num_prefill, num_decode, prefill, decode, kv_bytes_per_token=per_token,
                         max_batch=args.max_batch, order="slack", slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot, local=local,
-                        admission=admission, step_tokens=DECODE_STEP_TOKENS,
+                        admission=admission, colocate=colocate and num_prefill > 0, step_tokens=DECODE_STEP_TOKENS,
                         prefix_cache=getattr(args, "prefix_cache", "on") == "on",
                         prefill_cache_tokens=int(systems.MEMORY.kv_cache_gib * 2**30) // per_token,
                         kv_capacity_tokens=int(systems.MEMORY.decode_gib * 2**30) // per_token,
@@ -154,7 +155,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     planner = planner_view(cfg, args, rates)
     first = [r for r in rows if r["rep"] == 0]
     doc = {"split": split, "reps": reps, "transfer_modelled": any(decode.transfer), "conditional_disagg": local,
-           "admission": admission, "fits": fits,
+           "admission": admission, "colocate": colocate, "fits": fits,
            "prefix_cache": cfg.prefix_cache, "prefill_cache_tokens": cfg.prefill_cache_tokens,
            "kv_capacity_tokens": cfg.kv_capacity_tokens, "store_ram_tokens": cfg.store_ram_tokens,
            "store_disk": cfg.store_disk, "prefixes": getattr(args, "prefixes", 0),

@@ -26,6 +26,16 @@ same ones the nodes fit online, see tandem/perfmodel.py):
 - **Admission** and **conditional disaggregation** (``admission``, ``local``; off by default):
   what they decide and how, in tandem/simpredict.py.
 
+- **Colocation** (``colocate``, off by default; the coordinator's --colocate, on by default
+  there): a prefill node serves a request whole when the choice above is predicted to miss the
+  SLO and that is not (tandem/simpredict.py, ``home_choice``). Each prefill node then is an
+  engine like a decode node's: its prompts (the streams it serves whole, and the prefill calls
+  the coordinator sends it, one at a time, as before) go in chunks of up to
+  ``prefill_step_tokens`` in its steps, beside the batch of the streams it serves whole, in the
+  order they reached it; a prefill call's last chunk gives its first token and sends its KV on to
+  its decode node, a prompt served whole joins the batch. A prompt served whole goes to the
+  engine at once, past the requests waiting for the pool.
+
 - **Prefix caching** (``prefix_cache``, off by default; entries with ``input_ids``): each
   node's engine keeps the whole blocks of the prompts it computed (or, on a decode node, took in
   as KV) by a hash of their tokens chained to the blocks before (vLLM's prefix cache); a prefill
@@ -71,14 +81,14 @@ from tandem.nodespeed import NodeSpeed
 from tandem.perfmodel import beside_s, chunk_tokens
 from tandem.simcache import PrefixCache, StoreTiers, block_keys
 from tandem.simconfig import SimConfig
-from tandem.simpredict import ClusterState
+from tandem.simpredict import ClusterState, _Decode
 from tandem.simresults import Outcome, mean_summary, summary
 
 __all__ = ["Learned", "PrefixCache", "StoreTiers", "block_keys", "simulate", "simulate_draws", "simulate_summary"]
 
 SPEED_DRAWS = 4  # draws of the nodes' speeds a summary averages, where they vary
 
-ARRIVE, PREFILLED, JOIN, STEPPED, START = range(5)  # events, in the order a tie at one instant runs them
+ARRIVE, PREFILLED, JOIN, STEPPED, START, HSTEPPED, HSTART = range(7)  # events (H: a prefill node's engine)
 
 
 def simulate(cfg: SimConfig, trace: Sequence[Any]) -> list[Outcome]:
@@ -163,10 +173,10 @@ class _Cluster(ClusterState):
                 self.prefilled(node, i, now)
             elif kind == JOIN:
                 self.join(node, i, now)
-            elif kind == START:
-                self.step(node, now)
+            elif kind in (START, HSTART):
+                self.step(self.homes[node] if kind == HSTART else self.decodes[node], now)
             else:
-                self.stepped(node, now)
+                self.stepped(self.homes[node] if kind == HSTEPPED else self.decodes[node], now)
         return self.out
 
     def next_request(self, now: float) -> int | None:
@@ -184,28 +194,66 @@ class _Cluster(ClusterState):
         return heapq.heappop(self.late) if self.late else None
 
     def dispatch(self, now: float) -> None:
-        """Idle prefill nodes take queued requests, each the node where it costs least."""
+        """Idle prefill nodes take queued requests, each the node where it costs least (with
+        colocation, one whose streams served whole it would not push past their objective first).
+        With colocation the prefill goes into the node's engine, behind the prompts it serves
+        whole that are there, and runs in its steps beside their batch."""
         pre = self.cfg.prefill
         while self.idle and (i := self.next_request(now)) is not None:
             # the idle node where it costs least (the prefix it holds), the first of those
-            node = min(self.idle, key=lambda n: (self.prefill_cost(pre, i, self.held_on(
+            node = min(self.idle, key=lambda n: (self.stalls(n, i, now), self.prefill_cost(pre, i, self.held_on(
                 self.prefill_caches[n], self.prefill_stores[n], i, pre)), n))
             self.idle.remove(node)
             self.out[i].prefill_node = node
-            took = self.prefill_cost(pre, i, self.held_on(self.prefill_caches[node], self.prefill_stores[node], i, pre,
-                                                           touch=True))
+            held = self.held_on(self.prefill_caches[node], self.prefill_stores[node], i, pre, touch=True)
+            took = self.prefill_cost(pre, i, held)
             self.queued_s -= self.queued_cost.pop(i)
+            if self.homes:
+                home = self.homes[node]
+                self.busy_until[node] = now + self.local_queue_s(home) + took  # as predicted: the coordinator's view
+                self.engine_prefill(home, i, held, now, leaves=True)
+                continue
             self.busy_until[node] = now + took  # as predicted: the coordinator's view
             self.push(now + self.ran(node, now, took), PREFILLED, node, i)
 
-    def step(self, d: int, now: float) -> None:
-        """Decode node ``d`` starts a step: requests waiting join its batch while there is room, a
-        chunk of its local prefill at the head of its queue rides along; nothing to do, it idles."""
-        cfg, trace, dn = self.cfg, self.trace, self.decodes[d]
+    def stalls(self, p: int, i: int, now: float) -> bool:
+        """With colocation and admission: whether prefilling request ``i`` on prefill node ``p``
+        pushes a stream it serves whole past its objective (``stalls_everywhere``'s test)."""
+        if not (self.homes and self.cfg.admission and self.homes[p].running):
+            return False
+        from tandem.coordinator.pace import pushed
+
+        h, pre = self.homes[p], self.cfg.prefill
+        b, ctx = self.load(h)
+        plain = pre.step_s(b, ctx)
+        stall = self.prefill_cost(pre, i, self.engine_held(h, i))
+        return pushed(self.budgets(h, now), plain, plain, stall, plain, self.backlog_s(h)) > 0
+
+    def engine_prefill(self, dn: _Decode, i: int, held: tuple[int, float], now: float, leaves: bool = False) -> None:
+        """Request ``i``'s prompt into an engine's queue of prefills, past ``held`` (tokens, load
+        seconds); ``leaves``: a prefill node's prefill call, decoded elsewhere."""
+        if not dn.local:
+            dn.busy_since = now
+        dn.local.append(i)
+        if leaves:
+            dn.leaves.add(i)
+        n = self.trace[i].input_len - held[0]
+        dn.local_left[i] = n
+        dn.local_total[i] = (n, held[0], held[1])
+        if not dn.stepping:
+            dn.stepping = True
+            self.push(now, HSTART if dn.home else START, dn.index, -1)
+
+    def step(self, dn: _Decode, now: float) -> None:
+        """An engine (a decode node's, or with colocation a prefill node's) starts a step: requests
+        waiting join its batch while there is room, a chunk of the prefill at the head of its
+        queue rides along; nothing to do, it idles."""
+        cfg, trace, t = self.cfg, self.trace, self.timings(dn)
+        cap = cfg.prefill_cache_tokens if dn.home else cfg.kv_capacity_tokens
         while dn.waiting and len(dn.running) < cfg.max_batch:
             i = dn.waiting[0]
             need = trace[i].input_len + trace[i].output_len
-            if cfg.kv_capacity_tokens and dn.reserved + need > cfg.kv_capacity_tokens and dn.running:
+            if cap and dn.reserved + need > cap and dn.running:
                 break
             dn.waiting.pop(0)
             self.out[i].decode_wait_s = now - self.joined_at.pop(i)
@@ -216,11 +264,11 @@ class _Cluster(ClusterState):
         if dn.local:  # a chunk of the local prefill at its head rides in this step
             r = dn.local[0]
             left = dn.local_left[r]
-            c = min(chunk_tokens(cfg.step_tokens, len(dn.running)), left)
+            c = min(chunk_tokens(self.budget(dn), len(dn.running)), left)
             total, held, load_s = dn.local_total[r]
             done = total - left
             # (the held prefix's load goes before its first chunk)
-            took = cfg.decode.prefill_s(done + c, held) - (cfg.decode.prefill_s(done, held) if done else -load_s)
+            took = t.prefill_s(done + c, held) - (t.prefill_s(done, held) if done else -load_s)
             dn.chunk = (r, c)
         if not dn.running and dn.chunk is None:
             dn.stepping = False
@@ -228,16 +276,33 @@ class _Cluster(ClusterState):
         dn.stepping = True
         b, ctx = len(dn.running), dn.base + len(dn.running) * dn.step_no
         if dn.chunk is not None:
-            took += beside_s(cfg.decode, b, ctx)  # the chunk's own time holds the step's overhead
+            took += beside_s(t, b, ctx)  # the chunk's own time holds the step's overhead
         else:
-            took += cfg.decode.step_s(b, ctx)
-        self.push(now + self.ran(cfg.num_prefill + d, now, took), STEPPED, d, -1)
+            took += t.step_s(b, ctx)
+        if dn.home:
+            self.push(now + self.ran(dn.index, now, took), HSTEPPED, dn.index, -1)
+        else:
+            self.push(now + self.ran(cfg.num_prefill + dn.index, now, took), STEPPED, dn.index, -1)
 
     def arrive(self, i: int, now: float) -> None:
-        """Request ``i`` arrives: refused, prefilled on a decode node, or queued for the prefill pool."""
+        """Request ``i`` arrives: refused, prefilled on a decode node, served whole on a prefill
+        node (colocation: where the choice so far is predicted to miss the SLO and that is not),
+        or queued for the prefill pool."""
         cfg, e, o = self.cfg, self.trace[i], self.out[i]
-        d, ok = self.local_choice(i, now) if cfg.local else (None, True)
-        if cfg.admission and not (ok if cfg.local else self.admit(i, now)):
+        if cfg.local:
+            d, ok = self.local_choice(i, now)
+        else:
+            d, ok = None, self.admit(i, now) if cfg.admission or self.homes else True
+        if self.homes and not ok and e.output_len > 1 and (home := self.home_choice(i, now)) is not None:
+            p, raw_ttft, raw_tpot = home
+            h = self.homes[p]
+            o.local, o.colocated, o.prefill_node = True, True, p
+            h.assigned += 1
+            h.arrivals.add(e.output_len, now)
+            self.raw[i] = (raw_ttft, raw_tpot)
+            self.engine_prefill(h, i, self.engine_held(h, i, touch=True), now)
+            return
+        if cfg.admission and not ok:
             o.refused = True
             self.raw.pop(i, None)
             return
@@ -246,15 +311,7 @@ class _Cluster(ClusterState):
             o.local, o.decode_node = True, d
             dn.assigned += 1
             dn.arrivals.add(e.output_len, now)
-            if not dn.local:
-                dn.busy_since = now
-            dn.local.append(i)
-            held, load_s = self.decode_held(d, i, touch=True)
-            dn.local_left[i] = e.input_len - held
-            dn.local_total[i] = (e.input_len - held, held, load_s)
-            if not dn.stepping:
-                dn.stepping = True
-                self.push(now, START, d, -1)
+            self.engine_prefill(dn, i, self.decode_held(d, i, touch=True), now)
             return
         if self.decodes_it(i):  # its decode node booked now, as the coordinator books it
             d = self.booked_node()
@@ -313,10 +370,10 @@ class _Cluster(ClusterState):
             dn.stepping = True
             self.push(now, START, node, -1)
 
-    def stepped(self, node: int, now: float) -> None:
-        """Decode node ``node``'s step ended: a token each, the finished leave, a local prefill's
-        chunk counted (its last: the first token, and it joins the batch); the next step starts."""
-        dn = self.decodes[node]
+    def stepped(self, dn: _Decode, now: float) -> None:
+        """An engine's step ended: a token each, the finished leave, a prefill's chunk counted (its
+        last: the first token, and it joins the batch, or a prefill node's prefill call goes on
+        to its decode node); the next step starts."""
         dn.step_no += 1
         while dn.running and dn.running[0][0] <= dn.step_no:
             _, r = heapq.heappop(dn.running)
@@ -338,8 +395,18 @@ class _Cluster(ClusterState):
                 if not dn.local:
                     dn.busy.append((dn.busy_since, now))
                     dn.busy_since = None
-                self.decode_caches[node].add(self.keys(r), self.decode_room(node))
-                if (store := self.decode_stores[node]) is not None:
+                if r in dn.leaves:  # a prefill call: on to its decode node
+                    dn.leaves.discard(r)
+                    self.prefilled(dn.index, r, now)
+                    self.step(dn, now)
+                    return
+                if dn.home:
+                    self.prefill_caches[dn.index].add(self.keys(r))
+                    store = self.prefill_stores[dn.index]
+                else:
+                    self.decode_caches[dn.index].add(self.keys(r), self.decode_room(dn.index))
+                    store = self.decode_stores[dn.index]
+                if store is not None:
                     store.save(self.chunks(r))
                 e, o = self.trace[r], self.out[r]
                 o.ttft_s = now - o.arrival_s
@@ -351,4 +418,4 @@ class _Cluster(ClusterState):
                     self.produced_start[r] = now
                     self.joined_at[r] = now
                     dn.waiting.insert(0, r)
-        self.step(node, now)
+        self.step(dn, now)

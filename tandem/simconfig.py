@@ -11,8 +11,8 @@ from tandem.simcache import BLOCK_TOKENS
 from tandem.timings import Timings
 
 ORDERS = ("fifo", "slack")
-NOT_MODELLED = ("KV store chunks shared between nodes", "transfer contention",
-                "colocation (a prefill node serving a request whole: the coordinator's --colocate)")
+NOT_MODELLED = ("KV store chunks shared between nodes", "transfer contention")
+COLOCATE_OFF = "colocation (every request decoded in the decode pool: the coordinator's --colocate off)"
 NO_PREFIX_CACHE = "prefix caching (every prompt computed whole)"
 LOCAL_OFF = "conditional disaggregation (every request prefilled in the prefill pool)"
 
@@ -32,6 +32,12 @@ class SimConfig:
     admission: bool = False  # refuse at arrival what is predicted to miss an objective
     local: bool = False  # conditional disaggregation: prefill on a decode node when admission would
     step_tokens: int = 256  # a decode node's prompt tokens per step (its --max-num-batched-tokens)
+    # Colocation (the coordinator's --colocate): a prefill node serves a request whole, prefill
+    # and decode on its own engine, when the disaggregated choice is predicted to miss the SLO and
+    # that is not. Its engine then runs the pool's prefills in steps beside those streams, of up
+    # to ``prefill_step_tokens`` (vLLM's default budget there).
+    colocate: bool = False
+    prefill_step_tokens: int = 2048
     prefix_cache: bool = False  # the engines' prefix caches (entries with input_ids)
     prefill_cache_tokens: int = 0  # each prefill engine's KV cache, which its prefix cache is; 0: unbounded
     block_tokens: int = BLOCK_TOKENS  # the engines' block (their prefix caches hold whole ones)
@@ -63,8 +69,12 @@ class SimConfig:
             raise ValueError("the slack order needs the TTFT objective (slo_ttft_s)")
         if self.admission and (self.slo_ttft_s <= 0 or self.slo_tpot_s <= 0):
             raise ValueError("admission needs both objectives (slo_ttft_s, slo_tpot_s)")
-        if self.step_tokens < 1:
-            raise ValueError(f"step_tokens must be at least 1, got {self.step_tokens}")
+        if self.step_tokens < 1 or self.prefill_step_tokens < 1:
+            raise ValueError(f"step_tokens and prefill_step_tokens must be at least 1, got {self.step_tokens}, "
+                             f"{self.prefill_step_tokens}")
+        if self.colocate and (self.num_prefill < 1 or self.slo_ttft_s <= 0 or self.slo_tpot_s <= 0):
+            raise ValueError("colocation needs a prefill node and both objectives (slo_ttft_s, slo_tpot_s): "
+                             "it serves a request whole where the disaggregated choice is predicted to miss them")
         if self.prefill_cache_tokens < 0 or self.kv_capacity_tokens < 0:
             raise ValueError("KV cache sizes are token counts >= 0 (0: unbounded)")
         if self.block_tokens < 1:

@@ -33,6 +33,19 @@ caches' recency as a real node would (``touch``).
   replayed calibrated, and carried from rate to rate, the simulator's mean attainment error fell
   9.6 -> 5.6 points.)
 
+- **Colocation** (``colocate``, off by default): where the choice above (the prefill pool, or a
+  decode node's local prefill) is predicted to miss the SLO, a prefill node serves the request
+  whole if that is predicted to meet it (``home_choice``, ``choice.choose``'s *home*): its TTFT
+  behind the prompts in that node's engine, its TPOT over its life among the streams the node
+  serves whole with the node's prefills beside them (``stepper`` on its share of time
+  prefilling, at the node's step budget), and with admission, none of those streams pushed past
+  its objective (at the plain step, behind every prompt the coordinator has for the node,
+  ``backlog_s``) and no request waiting for the pool pushed past its TTFT (``queue_pushed``,
+  the prefill order's ``pushed_by``). A prefill call is kept off a node whose streams it would
+  push past theirs while another will do, and with every node pushing one, the disaggregated
+  choice misses (``stalls_everywhere``, ``choice.stalled``). Not modelled: the beside term in a
+  prefill call's own TTFT prediction (``estimates.beside_whole_s``).
+
 - **Conditional disaggregation** (``local``, off by default): at arrival the request is
   prefilled on a decode node itself when Tandem's admission would choose that (the same rule,
   ``coordinator/choice.choose``, on this simulator's predictions): predicted to meet the TTFT
@@ -74,8 +87,13 @@ def _arrivals() -> Any:
 
 @dataclass
 class _Decode:
-    """A decode node's state: its batch, the requests waiting or arriving, its own prefills."""
+    """A decode node's state: its batch, the requests waiting or arriving, its own prefills. With
+    colocation a prefill node's engine is one too (``home``): its batch is the streams it serves
+    whole, and its prefills are those and the pool's prefill calls (``leaves``)."""
 
+    index: int = 0  # among the decode nodes, or (``home``) the prefill nodes
+    home: bool = False  # a prefill node's engine (colocation)
+    leaves: set[int] = field(default_factory=set)  # of ``local``: prefill calls whose requests decode elsewhere
     running: list[tuple[int, int]] = field(default_factory=list)  # heap of (finish step, request)
     waiting: list[int] = field(default_factory=list)
     assigned: int = 0
@@ -109,7 +127,10 @@ class ClusterState:
         self.idle = list(range(cfg.num_prefill))
         self.busy_until = [0.0] * cfg.num_prefill  # when each prefill node's current prefill ends
         self.queued_s = 0.0  # prefill time of the requests waiting at the coordinator
-        self.decodes = [_Decode() for _ in range(cfg.num_decode)]
+        self.decodes = [_Decode(index=d) for d in range(cfg.num_decode)]
+        # colocation: each prefill node's engine, which runs the pool's prefills and the streams it
+        # serves whole
+        self.homes = [_Decode(index=p, home=True) for p in range(cfg.num_prefill)] if cfg.colocate else []
         self.produced_start: dict[int, float] = {}
         self.joined_at: dict[int, float] = {}  # requests waiting at a decode node for a place in its batch
         # Prefix caching: each engine's cache; each request's block keys (none without input_ids or
@@ -145,12 +166,13 @@ class ClusterState:
     def finished(self, i: int) -> None:
         """Request ``i`` completed: its TTFT and TPOT teach the calibrations of where it ran, as
         ``coordinator/request.account`` does at a request's end (its TTFT on the prefill pool's,
-        or on its decode node's local one)."""
+        or on its decode node's local one; served whole, its prefill node's)."""
         raw = self.raw.pop(i, None)
         if raw is None:
             return
         o = self.out[i]
-        dn = self.decodes[o.decode_node] if o.decode_node >= 0 else None
+        dn = (self.homes[o.prefill_node] if o.colocated else self.decodes[o.decode_node] if o.decode_node >= 0
+              else None)
         if o.local:
             self.learn(dn, "ttft_local", raw[0], o.ttft_s)
         else:
@@ -158,14 +180,22 @@ class ClusterState:
         if o.tpot_s > 0 and dn is not None:
             self.learn(dn, "tpot", raw[1], o.tpot_s)
 
+    def timings(self, dn: _Decode) -> Timings:
+        """An engine's times: a decode node's, or (colocation) a prefill node's."""
+        return self.cfg.prefill if dn.home else self.cfg.decode
+
+    def budget(self, dn: _Decode) -> int:
+        """An engine's prompt tokens a step."""
+        return self.cfg.prefill_step_tokens if dn.home else self.cfg.step_tokens
+
     def stepper(self, dn: _Decode, now: float) -> Callable[[float, float], float]:
         """A decode node's step as its streams see it, with its local prefills beside them the
         share of the last ``BUSY_WINDOW_S`` they ran (the coordinator's ``pace.stepper`` on
-        the node's ``prefill_busy``)."""
+        the node's ``prefill_busy``; on a prefill node, all its prefills, as it reports them)."""
         from tandem.coordinator.pace import shared_step
         from tandem.node.perf import busy_share
 
-        return shared_step(self.cfg.decode, busy_share(dn.busy, dn.busy_since, now), self.cfg.step_tokens)
+        return shared_step(self.timings(dn), busy_share(dn.busy, dn.busy_since, now), self.budget(dn))
 
     def keys(self, i: int) -> list[int]:
         """Request ``i``'s prompt as chained block keys (the engines' prefix caches): none without
@@ -221,6 +251,13 @@ class ClusterState:
         self.decode_caches[d].trim(self.decode_room(d))
         return self.held_on(self.decode_caches[d], self.decode_stores[d], i, self.cfg.decode, touch)
 
+    def engine_held(self, dn: _Decode, i: int, touch: bool = False) -> tuple[int, float]:
+        """``held_on`` an engine: a decode node's (``decode_held``) or a prefill node's."""
+        if dn.home:
+            return self.held_on(self.prefill_caches[dn.index], self.prefill_stores[dn.index], i, self.cfg.prefill,
+                                touch)
+        return self.decode_held(dn.index, i, touch)
+
     def budgets(self, dn: _Decode, now: float) -> list[tuple[float, int]]:
         """What each stream running on a decode node has left of its TPOT objective: (seconds until
         its last token is due, tokens still to come), as the coordinator's ``NodeClient.budgets``
@@ -231,7 +268,7 @@ class ClusterState:
     def local_queue_s(self, dn: _Decode) -> float:
         """What the prompts queued on a decode node have still to run, each past its held prefix
         and with its load, less the steps' fixed cost, which they share (``estimates._local_queue``)."""
-        dec, queue_s = self.cfg.decode, 0.0
+        dec, queue_s = self.timings(dn), 0.0
         for r, left in dn.local_left.items():
             total, held_r, load_r = dn.local_total[r]
             done = total - left
@@ -251,8 +288,14 @@ class ClusterState:
 
         e = self.trace[i]
         b, ctx = self.load(dn)
-        step = self.stepper(dn, now)
         mine = ctx + e.input_len + e.output_len // 2
+        if dn.home:
+            # A prefill node's streams served whole: judged at its plain steps, behind every prompt
+            # this coordinator has for it (``choice.local_option``, ``choice.stalled``).
+            plain, (stall, ahead) = self.cfg.prefill.step_s, local or (0.0, 0.0)
+            return pushed(self.budgets(dn, now), plain(b, ctx), plain(b + 1, mine), stall, plain(b + 1, mine),
+                          max(ahead, self.backlog_s(dn)))
+        step = self.stepper(dn, now)
         step_new = step(b + 1, mine)  # (the steps at the fit: ``pace.pushed``)
         if local is not None:
             return pushed(self.budgets(dn, now), step(b, ctx), step_new, local[0], self.cfg.decode.step_s(b + 1, mine),
@@ -278,7 +321,7 @@ class ClusterState:
         # to come: the running's steps left; the first token made, the rest; a local prefill's, all
         lefts = ([fin - dn.step_no for fin, _ in dn.running]
                  + [self.trace[r].output_len - 1 for r in (*dn.waiting, *dn.fetching, *dn.booked)]
-                 + [self.trace[r].output_len for r in dn.local])
+                 + [self.trace[r].output_len for r in dn.local if r not in dn.leaves])
         step = self.stepper(dn, now)
         if not lefts or tokens < 1:
             return step(b + 1, ctx + mine)
@@ -299,7 +342,8 @@ class ClusterState:
         tpot = self.life_tpot(dn, i, now) if e.output_len > 1 else 0.0
         self.raw[i] = (ttft, tpot)
         return (self.calibrated(None, "ttft", ttft) <= self.cfg.slo_ttft_s
-                and self.calibrated(dn, "tpot", tpot) <= self.cfg.slo_tpot_s and not self.pushes_everywhere(i, now))
+                and self.calibrated(dn, "tpot", tpot) <= self.cfg.slo_tpot_s and not self.pushes_everywhere(i, now)
+                and not self.stalls_everywhere(i, now))
 
     def booked_node(self) -> int:
         """The decode node a disaggregated request is booked on at its arrival: the fewest
@@ -311,15 +355,106 @@ class ClusterState:
         one sent there (running, waiting for a place, its KV arriving, prefilling there or booked
         there while the prefill pool has it)."""
         ctx = dn.base + len(dn.running) * dn.step_no
-        ctx += sum(self.trace[r].input_len for r in (*dn.waiting, *dn.fetching, *dn.local, *dn.booked))
+        ctx += sum(self.trace[r].input_len for r in (*dn.waiting, *dn.fetching, *dn.local, *dn.booked)
+                   if r not in dn.leaves)
         return dn.assigned, ctx
+
+    def engine_ttft(self, dn: _Decode, i: int) -> tuple[float, float, float, float, float, float]:
+        """Request ``i`` prefilled on an engine that decodes it (a decode node's local prefill, or a
+        prefill node serving it whole): (its TTFT there, what its prefill adds to each of the
+        node's streams' tokens, the whole stall it makes them wait once, the stall of the prefills
+        queued there before it: calibrated as the node's local TTFTs; its TTFT raw; its prefill
+        alone, raw)."""
+        from tandem.coordinator.estimates import MIN_OTHERS_TOKENS
+
+        e, t = self.trace[i], self.timings(dn)
+        b, ctx = self.load(dn)
+        held = self.engine_held(dn, i)
+        own = e.input_len - held[0]
+        run_s = self.prefill_cost(t, i, held)
+        beside = chunk_steps(sum(dn.local_left.values()) + own, self.budget(dn), b) * beside_s(t, b, ctx)
+        queue = self.local_queue_s(dn)
+        raw = queue + run_s + beside
+        f = self.calibrated(dn, "ttft_local", raw) / raw if raw > 0 else 1.0
+        stall = (run_s + beside) * f
+        return raw * f, stall / max(e.output_len, MIN_OTHERS_TOKENS), stall, queue * f, raw, run_s
+
+    def backlog_s(self, home: _Decode) -> float:
+        """On a prefill node (colocation): what every prompt this coordinator has for it stalls the
+        streams it serves whole, model only (``estimates.backlog_s``): those in its engine, and its
+        share of the requests waiting for the prefill pool."""
+        return self.local_queue_s(home) + self.queued_s / self.cfg.num_prefill
+
+    def stalls_everywhere(self, i: int, now: float) -> bool:
+        """With admission and colocation: every prefill node would push a stream it serves whole
+        past its TPOT objective by prefilling request ``i`` (``choice.stalled``: the prefill alone
+        once, at the plain step, behind its backlog); a node with no stream there never does."""
+        if not (self.homes and self.cfg.admission):
+            return False
+        from tandem.coordinator.pace import pushed
+
+        pre = self.cfg.prefill
+        for h in self.homes:
+            if not h.running:
+                return False
+            b, ctx = self.load(h)
+            plain = pre.step_s(b, ctx)
+            stall = self.prefill_cost(pre, i, self.engine_held(h, i))
+            if not pushed(self.budgets(h, now), plain, plain, stall, plain, self.backlog_s(h)):
+                return False
+        return True
+
+    def queue_pushed(self, p: int, run_s: float, now: float) -> int:
+        """How many more of the requests waiting for the prefill pool would miss their TTFT
+        objective if prefill node ``p`` first ran ``run_s`` of work that skips the queue (a prompt
+        it serves whole: ``PrefillOrder.pushed_by``): the queue in its order, each to the node free
+        first."""
+        if not self.queue:
+            return 0
+        waiting = sorted(self.queue)
+
+        def late(free: list[float]) -> int:
+            n = 0
+            for _, r in waiting:
+                k = min(range(len(free)), key=free.__getitem__)
+                free[k] += self.queued_cost[r]
+                n += free[k] > self.trace[r].arrival_s + self.cfg.slo_ttft_s
+            return n
+
+        free = [max(now, t) for t in self.busy_until]
+        after = list(free)
+        after[p] += run_s
+        return max(0, late(after) - late(free))
+
+    def home_choice(self, i: int, now: float) -> tuple[int, float, float] | None:
+        """Colocation: the prefill node to serve request ``i`` whole, with its raw TTFT and TPOT
+        there, or None: among the nodes where it meets both objectives (its TPOT over its life
+        with the node's prefills beside, ``life_tpot``), pushes none of the streams that node
+        serves whole past theirs (with admission: ``pushes``) and pushes no request waiting for
+        the pool past its TTFT (``queue_pushed``), the soonest start; those tied with it, the
+        fewest served whole there (``choice.local_option`` over the prefill nodes)."""
+        from tandem.coordinator.choice import tied
+
+        meet: list[tuple[float, int, float, float]] = []
+        for h in self.homes:
+            ttft, _, stall, ahead, raw, run_s = self.engine_ttft(h, i)
+            tpot = self.life_tpot(h, i, now)
+            if ttft > self.cfg.slo_ttft_s or self.calibrated(h, "tpot", tpot) > self.cfg.slo_tpot_s:
+                continue
+            if self.pushes(h, i, now, (stall, ahead)) or self.queue_pushed(h.index, run_s, now):
+                continue
+            meet.append((ttft, h.index, raw, tpot))
+        if not meet:
+            return None
+        low = min(m[0] for m in meet)
+        _, p, raw, tpot = min((m for m in meet if tied(m[0], low)), key=lambda m: (self.homes[m[1]].assigned, m[1]))
+        return p, raw, tpot
 
     def local_choice(self, i: int, now: float) -> tuple[int | None, bool]:
         """The decode node to prefill request ``i`` on, or None for the prefill pool (admission's rule),
         and whether that choice is predicted to meet both objectives without pushing the chosen
         decode node's streams past TPOT (what admission, when on, refuses by)."""
         from tandem.coordinator.choice import LOCAL_GAIN
-        from tandem.coordinator.estimates import MIN_OTHERS_TOKENS
 
         e, dec = self.trace[i], self.cfg.decode
 
@@ -346,19 +481,7 @@ class ClusterState:
                             self.calibrated(dn, "tpot", dec.step_s(b, ctx)) + harm) > self.cfg.slo_tpot_s)
 
         def local_ttft(dn: _Decode) -> tuple[float, float, float, float, float]:
-            """(its TTFT there, what its prefill adds to each of the node's streams' tokens, the
-            whole stall it makes them wait once, the stall of the prefills queued there before it:
-            calibrated as the node's local TTFTs; its TTFT raw)"""
-            b, ctx = self.load(dn)
-            held = self.decode_held(self.decodes.index(dn), i)
-            own = e.input_len - held[0]
-            run_s = self.prefill_cost(dec, i, held)
-            beside = chunk_steps(sum(dn.local_left.values()) + own, self.cfg.step_tokens, b) * beside_s(dec, b, ctx)
-            queue = self.local_queue_s(dn)
-            raw = queue + run_s + beside
-            f = self.calibrated(dn, "ttft_local", raw) / raw if raw > 0 else 1.0
-            stall = (run_s + beside) * f
-            return raw * f, stall / max(e.output_len, MIN_OTHERS_TOKENS), stall, queue * f, raw
+            return self.engine_ttft(dn, i)[:5]
 
         if not self.cfg.num_prefill:
             # No prefill pool: a decode node whatever it costs: among those meeting both objectives (or
@@ -381,7 +504,8 @@ class ClusterState:
         wait, remote = raw_wait * f, raw_remote * f  # (both parts scaled alike, as the coordinator's)
         booked = self.decodes[self.booked_node()]  # where it would decode
         best: tuple[float, int, float] | None = None
-        remote_ok = meets(remote, tpot_misses(booked)) and not self.pushes_everywhere(i, now)
+        remote_ok = (meets(remote, tpot_misses(booked)) and not self.pushes_everywhere(i, now)
+                     and not self.stalls_everywhere(i, now))
         for d, dn in enumerate(self.decodes):
             b, ctx = self.load(dn)
             ttft, harm, stall, ahead, raw = local_ttft(dn)

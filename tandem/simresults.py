@@ -22,7 +22,8 @@ class Outcome:
     never_fits: bool = False  # larger than a decode node's whole KV cache
     refused: bool = False  # admission predicted it would miss an objective
     decode_wait_s: float = 0.0  # its KV arrived at the decode node -> it joined the running batch
-    local: bool = False  # prefilled on its decode node (conditional disaggregation)
+    local: bool = False  # prefilled on the node that decodes it (conditional disaggregation, colocation)
+    colocated: bool = False  # served whole on prefill node ``prefill_node`` (colocation)
 
 
 def attainment(outcomes: Sequence[Outcome], slo_ttft_s: float, slo_tpot_s: float) -> float:
@@ -44,7 +45,9 @@ def summary(outcomes: Sequence[Outcome], slo_ttft_s: float, slo_tpot_s: float) -
     ttft = [o.ttft_s for o in done]
     tpot = [o.tpot_s for o in done if o.tpot_s > 0]
     return {"requests": len(outcomes), "completed": len(done), "refused": sum(1 for o in outcomes if o.refused),
-            "local_prefill_share": sum(1 for o in done if o.local) / len(done) if done else math.nan,
+            "local_prefill_share": (sum(1 for o in done if o.local and not o.colocated) / len(done) if done
+                                    else math.nan),
+            "colocated_share": sum(1 for o in done if o.colocated) / len(done) if done else math.nan,
             "attainment": attainment(outcomes, slo_ttft_s, slo_tpot_s),
             # the requests that missed, by why, as bench/metrics.py counts a run's ("failed": could never
             # fit a decode node's KV cache)

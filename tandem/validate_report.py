@@ -12,15 +12,17 @@ from typing import Any
 from tandem.nodespeed import Speed
 from tandem.plan import MIN_DURATION_S
 from tandem.sim import SPEED_DRAWS
-from tandem.simconfig import LOCAL_OFF, NO_PREFIX_CACHE, NOT_MODELLED
+from tandem.simconfig import COLOCATE_OFF, LOCAL_OFF, NO_PREFIX_CACHE, NOT_MODELLED
 
 STRAY_KEYS = ("attainment", "ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s")
 
 
-def describe(local: bool, admission: bool = False) -> str:
+def describe(local: bool, admission: bool = False, colocate: bool = False) -> str:
     how = ("a request prefilled on the decode node where the coordinator chooses to" if local
            else "always disaggregated")
-    return f"{'admission on' if admission else 'admission off'}, {how}{' (as shipped)' if local and admission else ''}"
+    whole = ", colocation on" if colocate else ", colocation off"
+    shipped = " (as shipped)" if local and admission and colocate else ""
+    return f"{'admission on' if admission else 'admission off'}, {how}{whole}{shipped}"
 
 
 MISSES = ("refused", "ttft", "tpot")  # the reasons a report shows (failures are a column of their own)
@@ -78,10 +80,11 @@ def reps_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def write_report(out: Path, doc: dict[str, Any]) -> None:
+    how = describe(doc.get("conditional_disagg", False), doc.get("admission", False), doc.get("colocate", False))
     lines = [f"# tandem plan --validate: {doc['workload']}, {doc.get('split', '1:1')} on this host", "",
              f"SLOs TTFT ≤ {doc['slo']['ttft_s'] * 1000:.0f} ms, TPOT ≤ {doc['slo']['tpot_s'] * 1000:.0f} ms; "
              f"{doc['duration_s']:g} s of arrivals per rate; the same seeded trace to the real cluster "
-             f"({describe(doc.get('conditional_disagg', False), doc.get('admission', False))}) and to the simulator, "
+             f"({how}) and to the simulator, "
              "whose times come from "
              + ("the fits the nodes had learned while serving, read before each rate (a pool's averaged)"
                 if doc.get("fits") == "learned" else "the profiles the nodes started from (a pool's averaged)")
@@ -127,6 +130,7 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
     lines += ["", f"Goodput on these rates{' (' + g['of'] + ')' if 'of' in g else ''}: measured {g['measured']:g} "
               f"req/s, predicted {g['predicted']:g} req/s.",
               "", "Not modelled: " + ", ".join([*NOT_MODELLED, *([] if doc.get("conditional_disagg") else [LOCAL_OFF]),
+                                                 *([] if doc.get("colocate") else [COLOCATE_OFF]),
                                                  *([] if doc.get("prefix_cache", True) else [NO_PREFIX_CACHE])]) + "."]
     if (pl := doc.get("planner")) is not None:
         lines += ["", f"`tandem plan` on the nodes' startup profiles (its own probes of "

@@ -190,6 +190,14 @@ def test_tandem_plan_command_writes_its_report(tmp_path, capsys) -> None:
     assert "| 2:1 (best) |" in md and "transfers take no time" in md
     assert (tmp_path / "plan" / "plan.png").stat().st_size > 0
     assert "best: 2:1" in capsys.readouterr().out
+    assert not doc["colocate"] and any(m.startswith("colocation") for m in doc["not_modelled"])
+    # the coordinator's colocation, asked for: modelled
+    args = build_parser().parse_args(["plan", "--profile", str(prof), "--nodes", "2", "--workload", "code",
+                                      "--slo-ttft", "2", "--slo-tpot", "0.05", "--requests", "200", "--seeds", "1",
+                                      "--admission", "on", "--colocate", "on", "--out", str(tmp_path / "colo")])
+    assert args.fn(args) == 0
+    doc = json.loads((tmp_path / "colo" / "plan.json").read_text())
+    assert doc["colocate"] and not any(m.startswith("colocation") for m in doc["not_modelled"])
     # objectives no split can meet: said so, and the search stops instead of bisecting towards 0
     args = build_parser().parse_args(["plan", "--profile", str(prof), "--nodes", "2", "--workload", "code",
                                       "--slo-ttft", "0.01", "--slo-tpot", "0.05", "--requests", "200", "--seeds", "1",
@@ -596,11 +604,15 @@ def test_validation_rows_say_what_the_simulator_would_have_said_without_the_cach
            "8,192 tokens over a disk tier" in text
     assert "Without the KV store the simulator would have said" in text
     assert "Without the engines' prefix caches (and the KV store)" in text
-    assert "(admission off, always disaggregated)" in text
-    # Tandem as shipped on the real side (`--admission on --conditional-disagg on`): the report says so
-    write_report(tmp_path, {**doc, "admission": True, "conditional_disagg": True})
-    assert ("(admission on, a request prefilled on the decode node where the coordinator chooses to (as shipped))"
-            in (tmp_path / "validate.md").read_text())
+    assert "(admission off, always disaggregated, colocation off)" in text
+    # Tandem as shipped on the real side (`--admission on --conditional-disagg on --colocate on`): the
+    # report says so, and colocation is no longer among what is not modelled
+    write_report(tmp_path, {**doc, "admission": True, "conditional_disagg": True, "colocate": True})
+    shipped = (tmp_path / "validate.md").read_text()
+    assert ("(admission on, a request prefilled on the decode node where the coordinator chooses to, colocation on "
+            "(as shipped))") in shipped
+    assert "colocation" not in shipped.split("Not modelled:")[1].split("\n")[0]
+    assert "colocation (every request decoded in the decode pool" in text.split("Not modelled:")[1]
 
 
 def test_a_disaggregated_request_counts_on_its_decode_node_from_its_arrival() -> None:
@@ -730,3 +742,74 @@ def test_each_request_teaches_the_calibration_of_where_it_ran_when_it_completes(
     assert local_ttft[1] == pytest.approx(out[1].ttft_s) and local_ttft[0] == pytest.approx(0.2, rel=0.1)
     assert sorted(a for k, _, a in taught if k == "tpot") == pytest.approx(sorted(o.tpot_s for o in out[:3]))
     assert not cluster.raw  # (nothing left behind)
+
+
+def test_colocation_serves_whole_on_a_prefill_node_what_the_decode_pool_would_refuse() -> None:
+    # Prefill 1 ms a token; a step 10 ms + 2 ms a stream: at a 15 ms objective a node decodes two.
+    t = Timings((0.0, 0.001, 0.0), (0.010, 0.002, 0.0))
+    base = dict(order="slack", slo_ttft_s=1.0, slo_tpot_s=0.015, admission=True)
+    # Two long streams fill the decode node; a third at 0.5 s would step it at 16 ms; a one-token
+    # request (no decode) follows it.
+    reqs = [Req(0.0, 100, 200), Req(0.0, 100, 200), Req(0.5, 100, 50), Req(0.55, 100, 1)]
+    off = simulate(SimConfig(1, 1, t, t, **base), reqs)
+    on = simulate(SimConfig(1, 1, t, t, colocate=True, **base), reqs)
+    assert off[2].refused and not on[2].refused
+    assert [(o.ttft_s, o.tpot_s) for o in on[:2]] == [(o.ttft_s, o.tpot_s) for o in off[:2]]
+    # The idle prefill node serves it whole: its prefill, then its own steps at 12 ms (a batch of
+    # one), one of them carrying the next request's prefill (0.1 s and the batch's 2 ms beside).
+    whole = on[2]
+    assert whole.colocated and whole.local and whole.prefill_node == 0 and whole.decode_node == -1
+    assert whole.ttft_s == pytest.approx(0.1)
+    assert whole.tpot_s == pytest.approx((0.102 + 48 * 0.012) / 49) and whole.tpot_s <= 0.015
+    # That prefill call waited for the prompt served whole ahead of it in the node's engine (until
+    # 0.6 s), then ran beside its stream: 0.05 + 0.102 s.
+    assert on[3].ttft_s == pytest.approx(0.152) and not on[3].colocated
+    with pytest.raises(ValueError, match="colocation needs a prefill node and both objectives"):
+        SimConfig(1, 1, t, t, order="fifo", colocate=True)
+
+
+def test_a_prefill_call_that_would_push_a_stream_served_whole_past_its_objective_goes_elsewhere() -> None:
+    t = Timings((0.0, 0.001, 0.0), (0.010, 0.002, 0.0))
+    base = dict(order="slack", slo_ttft_s=1.0, slo_tpot_s=0.015, admission=True, colocate=True)
+    # As above, but a 150-token one-token request comes once the stream served whole is decoding
+    # (its first token at 0.6 s, four more by 0.65 s): 45 tokens at 12 ms and a 0.15 s stall take
+    # 0.69 s of the 0.685 s it has left; a 100-token one (0.64 s) would not.
+    reqs = [Req(0.0, 100, 200), Req(0.0, 100, 200), Req(0.5, 100, 50), Req(0.65, 150, 1)]
+    one = simulate(SimConfig(1, 1, t, t, **base), reqs)
+    assert one[2].colocated and one[3].refused  # the only prefill node would push it
+    assert not simulate(SimConfig(1, 1, t, t, **base), [*reqs[:3], Req(0.65, 100, 1)])[3].refused
+    two = simulate(SimConfig(2, 1, t, t, **base), reqs)
+    assert two[2].colocated and not two[3].refused
+    assert two[3].prefill_node != two[2].prefill_node and two[3].ttft_s == pytest.approx(0.15)
+    assert two[2].tpot_s == pytest.approx(0.012)  # nothing ran beside it
+
+
+def test_a_prompt_served_whole_may_not_push_the_requests_waiting_for_the_pool_past_their_ttft() -> None:
+    from tandem.sim import _Cluster
+
+    t = Timings((0.0, 0.001, 0.0), (0.010, 0.002, 0.0))
+    reqs = [Req(0.0, 100, 2), Req(0.0, 100, 2), Req(0.0, 100, 2)]
+    c = _Cluster(SimConfig(1, 1, t, t, order="slack", slo_ttft_s=0.35, slo_tpot_s=0.1, colocate=True), reqs)
+    # The prefill node busy until 0.1 s; two requests waiting, 0.1 s each, due at 0.35 s: they end at
+    # 0.2 and 0.3 s. A prompt served whole first (0.1 s) makes the second end at 0.4 s, late.
+    c.busy_until[0] = 0.1
+    for i in (0, 1):
+        c.queue.append((0.35, i))
+        c.queued_cost[i] = 0.1
+    assert c.queue_pushed(0, 0.04, 0.0) == 0
+    assert c.queue_pushed(0, 0.1, 0.0) == 1
+
+
+def test_colocation_turns_the_decode_pools_refusals_into_requests_served_in_slo() -> None:
+    from tandem.plan import trace
+    from tandem.sim import simulate_summary
+
+    # About this host's 1:1 cluster (0.33 ms a prompt token; 8.9 ms a step and 0.77 ms a stream) at
+    # 3 req/s of chat, 1.5 x its goodput without colocation, at a TPOT-tight objective.
+    t = Timings((0.02, 0.00033, 0.0), (0.0089, 0.00077, 0.0))
+    tr = trace("chat", 3.0, 360, 0, 2048)
+    cfg = SimConfig(1, 1, t, t, order="slack", slo_ttft_s=0.475, slo_tpot_s=0.0178, admission=True, local=True)
+    off = simulate_summary(cfg, tr, 0.475, 0.0178)
+    on = simulate_summary(replace(cfg, colocate=True), tr, 0.475, 0.0178)
+    assert off["colocated_share"] == 0.0 and on["colocated_share"] > 0.1
+    assert on["refused"] < off["refused"] and on["attainment"] > off["attainment"] + 0.05
