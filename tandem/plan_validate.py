@@ -293,7 +293,7 @@ def rate_rows(target: str, cfg: SimConfig, args: argparse.Namespace, rates: list
         bare = {}
         if cfg.speeds_vary:
             bare["predicted_at_fit"] = replace(cfg, prefill_speed=Speed(), decode_speed=Speed())
-        if cfg.calibrate and (cfg.admission or cfg.local):
+        if cfg.calibrate and (cfg.admission or cfg.local or cfg.colocate):
             bare["predicted_uncalibrated"] = replace(cfg, calibrate=False)
         if cfg.prefix_cache and cfg.store_ram_tokens:
             bare["predicted_without_kv_store"] = replace(cfg, store_ram_tokens=0, store_disk=False)

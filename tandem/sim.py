@@ -73,7 +73,7 @@ import copy
 import heapq
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tandem.coordinator.calibration import Calibration
@@ -106,6 +106,7 @@ class Learned:
 
     pool: Calibration
     decode: list[dict[str, Calibration]]
+    homes: list[dict[str, Calibration]] = field(default_factory=list)  # colocation: each prefill node's engine's
 
 
 def simulate_summary(cfg: SimConfig, trace: Sequence[Any], slo_ttft_s: float, slo_tpot_s: float,
@@ -139,6 +140,8 @@ class _Cluster(ClusterState):
             # (a decode node the cluster before lacked starts afresh, as a newly joined one does)
             for dn, cal in zip(self.decodes, learned.decode):
                 dn.cal = copy.deepcopy(cal)
+            for h, cal in zip(self.homes, learned.homes):
+                h.cal = copy.deepcopy(cal)
         self.events: list[tuple[float, int, int, int, int]] = []  # (time, seq, kind, node, request)
         self.seq = 0
         # each node's speed against its fit (prefill nodes first), unseen by the predictions
@@ -148,7 +151,8 @@ class _Cluster(ClusterState):
 
     def learned(self) -> Learned:
         """Its calibrations as they stand (copies)."""
-        return Learned(copy.deepcopy(self.pool_cal), [copy.deepcopy(dn.cal) for dn in self.decodes])
+        return Learned(copy.deepcopy(self.pool_cal), [copy.deepcopy(dn.cal) for dn in self.decodes],
+                       [copy.deepcopy(h.cal) for h in self.homes])
 
     def ran(self, node: int, now: float, took: float) -> float:
         """What work predicted at ``took`` seconds, starting at ``now`` on ``node`` (prefill nodes
@@ -200,6 +204,7 @@ class _Cluster(ClusterState):
         whole that are there, and runs in its steps beside their batch."""
         pre = self.cfg.prefill
         while self.idle and (i := self.next_request(now)) is not None:
+            self.queued_s -= self.queued_cost.pop(i)  # (before ``stalls``: not in the backlog of its own)
             # the idle node where it costs least (the prefix it holds), the first of those
             node = min(self.idle, key=lambda n: (self.stalls(n, i, now), self.prefill_cost(pre, i, self.held_on(
                 self.prefill_caches[n], self.prefill_stores[n], i, pre)), n))
@@ -207,7 +212,6 @@ class _Cluster(ClusterState):
             self.out[i].prefill_node = node
             held = self.held_on(self.prefill_caches[node], self.prefill_stores[node], i, pre, touch=True)
             took = self.prefill_cost(pre, i, held)
-            self.queued_s -= self.queued_cost.pop(i)
             if self.homes:
                 home = self.homes[node]
                 self.busy_until[node] = now + self.local_queue_s(home) + took  # as predicted: the coordinator's view

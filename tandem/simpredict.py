@@ -40,11 +40,13 @@ caches' recency as a real node would (``touch``).
   serves whole with the node's prefills beside them (``stepper`` on its share of time
   prefilling, at the node's step budget), and with admission, none of those streams pushed past
   its objective (at the plain step, behind every prompt the coordinator has for the node,
-  ``backlog_s``) and no request waiting for the pool pushed past its TTFT (``queue_pushed``,
-  the prefill order's ``pushed_by``). A prefill call is kept off a node whose streams it would
-  push past theirs while another will do, and with every node pushing one, the disaggregated
-  choice misses (``stalls_everywhere``, ``choice.stalled``). Not modelled: the beside term in a
-  prefill call's own TTFT prediction (``estimates.beside_whole_s``).
+  ``backlog_s``; without admission, their step within the objective, as for a local prefill)
+  and no request waiting for the pool pushed past its TTFT (``queue_pushed``, the prefill
+  order's ``pushed_by``). A prefill call is kept off a node whose streams it would push past
+  theirs while another will do, and with every node pushing one, the disaggregated choice misses
+  (``stalls_everywhere``, ``choice.stalled``); the pool's wait counts the prompts its nodes serve
+  whole (``pool_wait_s``). Not modelled: the beside term in a prefill call's own TTFT prediction
+  (``estimates.beside_whole_s``).
 
 - **Conditional disaggregation** (``local``, off by default): at arrival the request is
   prefilled on a decode node itself when Tandem's admission would choose that (the same rule,
@@ -265,11 +267,14 @@ class ClusterState:
         return [(self.produced_start[r] + self.cfg.slo_tpot_s * (self.trace[r].output_len - 1) - now, fin - dn.step_no)
                 for fin, r in dn.running if fin > dn.step_no]
 
-    def local_queue_s(self, dn: _Decode) -> float:
-        """What the prompts queued on a decode node have still to run, each past its held prefix
-        and with its load, less the steps' fixed cost, which they share (``estimates._local_queue``)."""
+    def local_queue_s(self, dn: _Decode, only: Sequence[int] | None = None) -> float:
+        """What the prompts queued on a decode node (``only``: those of them) have still to run,
+        each past its held prefix and with its load, less the steps' fixed cost, which they share
+        (``estimates._local_queue``)."""
         dec, queue_s = self.timings(dn), 0.0
         for r, left in dn.local_left.items():
+            if only is not None and r not in only:
+                continue
             total, held_r, load_r = dn.local_total[r]
             done = total - left
             queue_s += dec.prefill_s(total, held_r) - (dec.prefill_s(done, held_r) if done
@@ -336,7 +341,7 @@ class ClusterState:
         pool, plus its own prefill, against the TTFT objective; its step over its life on the
         least loaded decode node (``life_tpot``) against TPOT."""
         e = self.trace[i]
-        ahead = self.queued_s + sum(max(0.0, t - now) for t in self.busy_until)
+        ahead = self.queued_s + self.pool_wait_s(now)
         ttft = ahead / self.cfg.num_prefill + self.pool_prefill_s(i)
         dn = self.decodes[self.booked_node()]
         tpot = self.life_tpot(dn, i, now) if e.output_len > 1 else 0.0
@@ -379,6 +384,20 @@ class ClusterState:
         stall = (run_s + beside) * f
         return raw * f, stall / max(e.output_len, MIN_OTHERS_TOKENS), stall, queue * f, raw, run_s
 
+    def pool_wait_s(self, now: float) -> float:
+        """The prefill pool's work ahead of a new prefill call, summed over its nodes, as predicted:
+        each node's call in progress (``busy_until``), and with colocation the prompts it serves
+        whole that its engine runs before its next call (those that came after the call in
+        progress; the ones before it are in ``busy_until``), as the coordinator's
+        ``prefill_estimate`` counts a node's prompts served whole (not the beside term)."""
+        wait = sum(max(0.0, t - now) for t in self.busy_until)
+        for h in self.homes:
+            calls = [k for k, r in enumerate(h.local) if r in h.leaves]
+            after = h.local[calls[-1] + 1:] if calls else h.local
+            if after:
+                wait += self.local_queue_s(h, after)
+        return wait
+
     def backlog_s(self, home: _Decode) -> float:
         """On a prefill node (colocation): what every prompt this coordinator has for it stalls the
         streams it serves whole, model only (``estimates.backlog_s``): those in its engine, and its
@@ -409,7 +428,7 @@ class ClusterState:
         objective if prefill node ``p`` first ran ``run_s`` of work that skips the queue (a prompt
         it serves whole: ``PrefillOrder.pushed_by``): the queue in its order, each to the node free
         first."""
-        if not self.queue:
+        if not self.queue or self.cfg.order == "fifo":  # (fifo: the coordinator holds no queue)
             return 0
         waiting = sorted(self.queue)
 
@@ -437,12 +456,24 @@ class ClusterState:
 
         meet: list[tuple[float, int, float, float]] = []
         for h in self.homes:
-            ttft, _, stall, ahead, raw, run_s = self.engine_ttft(h, i)
+            ttft, harm, stall, ahead, raw, run_s = self.engine_ttft(h, i)
             tpot = self.life_tpot(h, i, now)
             if ttft > self.cfg.slo_ttft_s or self.calibrated(h, "tpot", tpot) > self.cfg.slo_tpot_s:
                 continue
-            if self.pushes(h, i, now, (stall, ahead)) or self.queue_pushed(h.index, run_s, now):
+            if self.queue_pushed(h.index, run_s, now):
                 continue
+            if self.cfg.admission:
+                if self.pushes(h, i, now, (stall, ahead)):
+                    continue
+            elif h.assigned:
+                # Unprotected (no budgets asked): the streams' step, with the node's recent prefills
+                # beside or plain with this one's stall spread over their tokens, whichever is more,
+                # within the objective (``choice.local_option``'s, ``local_choice``'s ``harms``).
+                b, ctx = self.load(h)
+                theirs = max(self.calibrated(h, "tpot", self.stepper(h, now)(b, ctx)),
+                             self.calibrated(h, "tpot", self.cfg.prefill.step_s(b, ctx)) + harm)
+                if theirs > self.cfg.slo_tpot_s:
+                    continue
             meet.append((ttft, h.index, raw, tpot))
         if not meet:
             return None
@@ -498,7 +529,7 @@ class ClusterState:
             d = min(alike, key=lambda d: (self.decodes[d].assigned, d))
             self.raw[i] = (est[d][4], raw_tpot(self.decodes[d]))
             return d, ok[d]
-        raw_wait = (self.queued_s + sum(max(0.0, t - now) for t in self.busy_until)) / self.cfg.num_prefill
+        raw_wait = (self.queued_s + self.pool_wait_s(now)) / self.cfg.num_prefill
         raw_remote = raw_wait + self.pool_prefill_s(i)
         f = self.calibrated(None, "ttft", raw_remote) / raw_remote if raw_remote > 0 else 1.0
         wait, remote = raw_wait * f, raw_remote * f  # (both parts scaled alike, as the coordinator's)

@@ -784,8 +784,46 @@ def test_a_prefill_call_that_would_push_a_stream_served_whole_past_its_objective
     assert two[2].tpot_s == pytest.approx(0.012)  # nothing ran beside it
 
 
+def test_a_prompt_served_whole_may_not_push_the_streams_that_node_serves_whole_past_their_objective() -> None:
+    t = Timings((0.0, 0.001, 0.0), (0.010, 0.002, 0.0))
+    base = dict(order="slack", slo_ttft_s=1.0, slo_tpot_s=0.015, admission=True, colocate=True)
+    whole = [Req(0.0, 100, 200), Req(0.0, 100, 200), Req(0.5, 100, 50)]  # the third served whole on p0
+    # A fourth the full decode pool would miss for: on p0 its 150-token prefill (0.15 s) and the batch
+    # of two (14 ms) would take the stream there 45 x 14 ms + 0.15 s = 0.78 s of the 0.685 s it has left.
+    out = simulate(SimConfig(1, 1, t, t, **base), [*whole, Req(0.65, 150, 50)])
+    assert out[2].colocated and out[3].refused
+    # A 10-token prompt (0.64 s): served whole beside it, and both within the objective.
+    out = simulate(SimConfig(1, 1, t, t, **base), [*whole, Req(0.65, 10, 50)])
+    assert out[3].colocated and out[3].ttft_s == pytest.approx(0.022)
+    assert max(o.tpot_s for o in out[2:]) <= 0.015
+
+
+def test_the_prefill_pools_wait_counts_the_prompts_its_nodes_serve_whole() -> None:
+    t = Timings((0.0, 0.001, 0.0), (0.010, 0.002, 0.0))
+    base = dict(order="slack", slo_ttft_s=1.0, slo_tpot_s=0.015, admission=True, colocate=True)
+    # An 800-token prompt served whole on p0 from 0.5 s: a 300-token prefill call at 0.55 s waits
+    # 0.75 s for it and takes 0.3 s, over its 1 s objective: refused. A 100-token one is in time.
+    whole = [Req(0.0, 100, 200), Req(0.0, 100, 200), Req(0.5, 800, 50)]
+    out = simulate(SimConfig(1, 1, t, t, **base), [*whole, Req(0.55, 300, 1)])
+    assert out[2].colocated and out[3].refused
+    out = simulate(SimConfig(1, 1, t, t, **base), [*whole, Req(0.55, 100, 1)])
+    assert not out[3].refused and out[3].ttft_s == pytest.approx(0.85 + 0.002)  # (and beside its stream)
+
+
 def test_a_prompt_served_whole_may_not_push_the_requests_waiting_for_the_pool_past_their_ttft() -> None:
     from tandem.sim import _Cluster
+
+    # In a run: a 300-token call on p0 from 0.5 s to 0.8 s, a 100-token one waiting behind it (due
+    # 0.4 s after its arrival at 0.55 s: it ends at 0.9 s), and at 0.56 s a request the full decode
+    # pool would miss for. Served whole on p0 it starts before the waiting one (0.34 s: in time
+    # itself) and makes it end at 1.0 s, late: refused. With a 0.5 s objective both are in time.
+    t = Timings((0.0, 0.001, 0.0), (0.010, 0.002, 0.0))
+    reqs = [Req(0.0, 100, 200), Req(0.0, 100, 200), Req(0.5, 300, 1), Req(0.55, 100, 1), Req(0.56, 100, 50)]
+    for ttft_s, served in ((0.4, False), (0.5, True)):
+        out = simulate(SimConfig(1, 1, t, t, order="slack", slo_ttft_s=ttft_s, slo_tpot_s=0.015, admission=True,
+                                 colocate=True), reqs)
+        assert out[4].colocated is served and out[4].refused is not served
+        assert out[3].ttft_s <= ttft_s
 
     t = Timings((0.0, 0.001, 0.0), (0.010, 0.002, 0.0))
     reqs = [Req(0.0, 100, 2), Req(0.0, 100, 2), Req(0.0, 100, 2)]
@@ -813,3 +851,9 @@ def test_colocation_turns_the_decode_pools_refusals_into_requests_served_in_slo(
     on = simulate_summary(replace(cfg, colocate=True), tr, 0.475, 0.0178)
     assert off["colocated_share"] == 0.0 and on["colocated_share"] > 0.1
     assert on["refused"] < off["refused"] and on["attainment"] > off["attainment"] + 0.05
+    # what the prefill node's engine learned of its predictions carries into the next trace, as
+    # the decode nodes' does
+    from tandem.sim import simulate_draws
+
+    _, learned = simulate_draws(replace(cfg, colocate=True), tr, 0.475, 0.0178)
+    assert [h["tpot"].samples > 0 and h["ttft_local"].samples > 0 for h in learned[0].homes] == [True]
