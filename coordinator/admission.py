@@ -283,20 +283,8 @@ class Admission:
         parts, waits = [], []
         for what, e, limit in misses:
             assert e.seconds is not None
-            if what == "queue":
-                parts.append(f"predicted TTFT {e.seconds * 1000:.0f} ms meets {limit * 1000:.0f} ms only by pushing "
-                             f"{e.pushes} queued request(s) past theirs ({e.detail})")
-                waits.append(1)
-                continue
-            if what == "streams":
-                parts.append(f"predicted TPOT {e.seconds * 1000:.0f} ms meets {limit * 1000:.0f} ms only by pushing "
-                             f"{e.pushes} running stream(s) past theirs ({e.detail})")
-                waits.append(1)
-                continue
-            if what == "others":
-                where = "prefill" if e.node.record.role == "prefill" else "decode"  # (a prefill node's: --colocate)
-                parts.append(f"prefilling it on the {where} node would push its running streams past the TPOT "
-                             f"objective: {e.detail}")
+            if what in PUSHES:  # others' objectives: load, it may pass
+                parts.append(_brief(what, e, limit))
                 waits.append(1)
                 continue
             # (A TPOT miss only by the overload margin is load: the objective less the headroom alone.)
@@ -325,15 +313,23 @@ class Admission:
         raise Rejected(msg, plan.ttft_s, plan.tpot_s, retry)
 
 
+PUSHES = ("queue", "streams", "others")  # the misses that are other requests' objectives (``Option.misses``)
+
+
 def _brief(what: str, e: Estimate, limit: float) -> str:
-    """One of an option's misses (``Option.misses``) in a few words, with what its prediction stood on."""
+    """One of an option's misses (``Option.misses``) in words, with what its prediction stood on:
+    the refusal's own and its line on serving the request whole (--colocate) say them alike."""
+    assert e.seconds is not None
     if what == "queue":
-        return f"it would push {e.pushes} queued request(s) past their TTFT objective"
+        return (f"predicted TTFT {e.seconds * 1000:.0f} ms meets {limit * 1000:.0f} ms only by pushing "
+                f"{e.pushes} queued request(s) past theirs ({e.detail})")
     if what == "streams":
-        return f"it would push {e.pushes} running stream(s) past their TPOT objective"
+        return (f"predicted TPOT {e.seconds * 1000:.0f} ms meets {limit * 1000:.0f} ms only by pushing "
+                f"{e.pushes} running stream(s) past theirs ({e.detail})")
     if what == "others":
-        return "its prefill would push the node's running streams past the TPOT objective"
-    return f"predicted {what} {e.seconds * 1000:.0f} ms > {limit * 1000:.0f} ms ({e.detail})"  # type: ignore[operator]
+        where = "prefill" if e.node.record.role == "prefill" else "decode"  # (a prefill node's: --colocate)
+        return f"prefilling it on the {where} node would push its running streams past the TPOT objective: {e.detail}"
+    return f"predicted {what} {e.seconds * 1000:.0f} ms > {limit * 1000:.0f} ms ({e.detail})"
 
 
 def _kept(headroom: float, margin: float) -> str:
