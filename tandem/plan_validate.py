@@ -327,11 +327,16 @@ def side_by_side(measured: dict[str, Any], predicted: dict[str, float], rate: fl
     # the share prefilled on the decode node (conditional disaggregation), measured and simulated
     row["local_share"] = {"measured": measured.get("local_prefill_share", math.nan),
                           "predicted": predicted.get("local_prefill_share", math.nan)}
+    # and the share a prefill node served whole (colocation)
+    row["colocated_share"] = {"measured": measured.get("colocated_share", math.nan),
+                              "predicted": predicted.get("colocated_share", math.nan)}
     m, p = row["measured"], row["predicted"]
     print(f"  {rate:g} req/s: attainment measured {m['attainment']:.0%} predicted {p['attainment']:.0%}; "
           f"TTFT p50 {m['ttft_p50_s'] * 1000:.0f} / {p['ttft_p50_s'] * 1000:.0f} ms; TPOT p50 "
           f"{m['tpot_p50_s'] * 1000:.1f} / {p['tpot_p50_s'] * 1000:.1f} ms; prefilled on the decode node "
-          f"{pct(row['local_share']['measured'])} / {pct(row['local_share']['predicted'])}; missed "
+          f"{pct(row['local_share']['measured'])} / {pct(row['local_share']['predicted'])}; served whole on "
+          f"the prefill node {pct(row['colocated_share']['measured'])} / "
+          f"{pct(row['colocated_share']['predicted'])}; missed "
           f"{misses(row['missed']['measured'])} / {misses(row['missed']['predicted'])}", flush=True)
     return row
 

@@ -44,15 +44,16 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
 
     lines = ["| req/s | attainment measured / predicted | TTFT p50 ms m / p (err) | TTFT p90 ms m / p (err) | "
              "TPOT p50 ms m / p (err) | TPOT p90 ms m / p (err) | prefilled on the decode node m / p | "
-             "missed: refused-TTFT-TPOT m / p |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "served whole on a prefill node m / p | missed: refused-TTFT-TPOT m / p |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         m, p, e = r["measured"], r["predicted"], r["error"]
-        loc = r.get("local_share", {})
+        loc, whole = r.get("local_share", {}), r.get("colocated_share", {})
         lines.append(f"| {r['rate']:g} | {m['attainment']:.0%} / {p['attainment']:.0%} | "
                      + " | ".join(f"{ms(m[k])} / {ms(p[k])} ({pct(e[k])})"
                                   for k in ("ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s"))
                      + f" | {pct(loc.get('measured'))} / {pct(loc.get('predicted'))} | "
+                     f"{pct(whole.get('measured'))} / {pct(whole.get('predicted'))} | "
                      f"{misses(r.get('missed', {}).get('measured', {}))} / "
                      f"{misses(r.get('missed', {}).get('predicted', {}))} |")
     return lines

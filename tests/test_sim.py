@@ -605,6 +605,7 @@ def test_validation_rows_say_what_the_simulator_would_have_said_without_the_cach
     assert "Without the KV store the simulator would have said" in text
     assert "Without the engines' prefix caches (and the KV store)" in text
     assert "(admission off, always disaggregated, colocation off)" in text
+    assert "| served whole on a prefill node m / p |" in text
     # Tandem as shipped on the real side (`--admission on --conditional-disagg on --colocate on`): the
     # report says so, and colocation is no longer among what is not modelled
     write_report(tmp_path, {**doc, "admission": True, "conditional_disagg": True, "colocate": True})
