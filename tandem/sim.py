@@ -220,19 +220,6 @@ class _Cluster(ClusterState):
             self.busy_until[node] = now + took  # as predicted: the coordinator's view
             self.push(now + self.ran(node, now, took), PREFILLED, node, i)
 
-    def stalls(self, p: int, i: int, now: float) -> bool:
-        """With colocation and admission: whether prefilling request ``i`` on prefill node ``p``
-        pushes a stream it serves whole past its objective (``stalls_everywhere``'s test)."""
-        if not (self.homes and self.cfg.admission and self.homes[p].running):
-            return False
-        from tandem.coordinator.pace import pushed
-
-        h, pre = self.homes[p], self.cfg.prefill
-        b, ctx = self.load(h)
-        plain = pre.step_s(b, ctx)
-        stall = self.prefill_cost(pre, i, self.engine_held(h, i))
-        return pushed(self.budgets(h, now), plain, plain, stall, plain, self.backlog_s(h)) > 0
-
     def engine_prefill(self, dn: _Decode, i: int, held: tuple[int, float], now: float, leaves: bool = False) -> None:
         """Request ``i``'s prompt into an engine's queue of prefills, past ``held`` (tokens, load
         seconds); ``leaves``: a prefill node's prefill call, decoded elsewhere."""
