@@ -301,7 +301,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--fits", default="profile", choices=["profile", "learned"],
                     help="--validate: the simulator's times from the profiles the nodes started from, or from "
                          "the fits they have learned while serving (read before each rate: the rates before it "
-                         "and the warm-up), as admission predicts; --live: from the profiles (with --node-speed), "
+                         "and the warm-up, 45 s at a request a second so that the nodes have measured their "
+                         "speeds too), as admission predicts; --live: from the profiles (with --node-speed), "
                          "or from what the routable nodes have learned and how far their work strays from it, "
                          "as the coordinator's cluster status gives them at each decision")
     ap.add_argument("--conditional-disagg", default="off", choices=["on", "off"],

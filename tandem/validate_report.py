@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tandem.nodespeed import Speed
+from tandem.nodespeed import MIN_WINDOWS, Speed
 from tandem.plan import MIN_DURATION_S
 from tandem.sim import SPEED_DRAWS
 from tandem.simconfig import COLOCATE_OFF, LOCAL_OFF, NO_PREFIX_CACHE, NOT_MODELLED
@@ -117,6 +117,11 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
                       f"before {rate:g} req/s "
                       + ("" if pool_less else f"prefill {Speed(*sp['prefill']).describe()}, ")
                       + f"decode {Speed(*sp['decode']).describe()}" for rate, sp in speeds) + "."]
+    unmeasured = sorted({r["rate"] for r in doc["rows"] if not any(Speed(*v).varies for v in r.get("speed", {}).values())})
+    if doc.get("fits") == "learned" and unmeasured:
+        lines += ["", "No node had measured its speed yet before " + ", ".join(f"{r:g}" for r in unmeasured)
+                  + f" req/s (a node needs {MIN_WINDOWS} one-second windows with work first): there the "
+                  "simulator's nodes ran exactly at their fits, steadier than the real ones."]
     for key, what in (("predicted_at_fit", "the nodes' speeds varying (every node exactly at its fit)"),
                       ("predicted_uncalibrated", "the coordinator's calibration (every prediction raw)"),
                       ("predicted_without_kv_store", "the KV store"),

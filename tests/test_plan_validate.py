@@ -190,6 +190,10 @@ def test_with_the_nodes_measured_speeds_a_rate_is_simulated_at_them_and_at_the_f
     assert ("before 2 req/s prefill slow part sd 0.000 over 1.0 s, jitter sd 0.200, +0.0% on average, decode slow "
             "part sd 0.200 over 1.0 s, jitter sd 0.100, +10.5% on average.") in text
     assert "Without the nodes' speeds varying (every node exactly at its fit) the simulator would have said" in text
+    # the rate before any speed was measured is named: the simulator ran steadier than the cluster there
+    assert "No node had measured its speed yet before 2 req/s (a node needs 30 one-second windows" in text
+    write_report(tmp_path, {**doc, "rows": [row]})
+    assert "No node had measured" not in (tmp_path / "validate.md").read_text()
 
 
 def test_with_admission_a_rate_is_simulated_calibrated_as_the_coordinator_and_raw_beside(monkeypatch, tmp_path) -> None:
@@ -218,3 +222,19 @@ def test_with_admission_a_rate_is_simulated_calibrated_as_the_coordinator_and_ra
     write_report(tmp_path, doc)
     assert ("Without the coordinator's calibration (every prediction raw) the simulator would have said"
             in (tmp_path / "validate.md").read_text())
+
+
+def test_with_learned_fits_the_nodes_get_enough_work_to_measure_their_speeds_before_the_first_rate(monkeypatch) -> None:
+    from tandem.bench import compare
+    from tandem.nodespeed import MIN_WINDOWS
+    from tandem.plan_validate import SPEED_WARM_S, warm_speeds
+
+    sent = []
+    monkeypatch.setattr(compare, "_run", lambda target, entries, slo: sent.append((entries, slo)) or {})
+    warm_speeds("http://x", "chat", 2048)
+    (entries, slo), = sent
+    assert slo == (None, None)  # unmeasured
+    assert len(entries) == SPEED_WARM_S
+    arrivals = [e.arrival_s for e in entries]
+    assert arrivals == [float(i) for i in range(SPEED_WARM_S)]  # one a second
+    assert arrivals[-1] >= MIN_WINDOWS + 1  # more one-second windows with work than a speed needs, and their pairs
