@@ -192,7 +192,7 @@ SPEED_WARM_S = 45
 
 
 def warm_speeds(target: str, workload: str, max_model_len: int) -> None:
-    """``SPEED_WARM_S`` requests of ``workload``, one a second, unmeasured (``SPEED_WARM_S``)."""
+    """``SPEED_WARM_S`` requests of ``workload``, one a second, unmeasured."""
     from tandem.bench.compare import _run, _spaced
 
     _run(target, _spaced(workload, SPEED_WARM_S, 1.0, 4243, max_model_len), (None, None))
