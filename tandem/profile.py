@@ -36,6 +36,7 @@ from typing import Any
 
 from tandem import __version__
 from tandem.kvtransfer.handle import NO_STORE
+from tandem.local.model import GENERATOR
 from tandem.node.perf import EngineClock, NodePerf
 from tandem.perfmodel import VLLM_STEP_TOKENS, NodeModel
 from tandem.sampling import Sampling
@@ -76,12 +77,22 @@ def default_cache_dir() -> Path:
 
 
 def _model_identity(model_dir: str) -> list[object]:
-    """What tells one model's files from another's: names, sizes and change times."""
-    out: list[object] = []
-    for p in sorted(Path(model_dir).iterdir()):
-        if p.is_file():
+    """What tells one model's files from another's: names, sizes and change times. A model Tandem
+    seeded itself (its ``tandem_model.json`` names the generator, seed and shape) is that file's
+    word and the sizes: every bench and validation run makes its own copy under its ``--out``,
+    timed exactly alike, which change times alone would profile afresh each time."""
+    root = Path(model_dir)
+    seeded = None
+    try:
+        doc = json.loads((root / "tandem_model.json").read_text())
+        seeded = doc if isinstance(doc, dict) and doc.get("generator") == GENERATOR else None
+    except (OSError, ValueError):
+        pass
+    out: list[object] = [["tandem_model.json", seeded]] if seeded else []
+    for p in sorted(root.iterdir()):
+        if p.is_file() and not (seeded and p.name == "tandem_model.json"):
             st = p.stat()
-            out.append([p.name, st.st_size, st.st_mtime_ns])
+            out.append([p.name, st.st_size] if seeded else [p.name, st.st_size, st.st_mtime_ns])
     return out
 
 

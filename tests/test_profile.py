@@ -214,3 +214,32 @@ def test_a_decode_run_takes_no_more_streams_than_the_engines_kv_cache_holds() ->
     asyncio.run(Profiler(uncapped, NodePerf(clock), vocab_size=1000, max_model_len=600, max_num_seqs=64,
                          progress=lambda _: None).run())
     assert uncapped.peak_batch == 32 and uncapped.peak_tokens > 2000
+
+
+def test_a_seeded_model_made_again_elsewhere_keeps_its_profile_and_another_seeded_shape_does_not(tmp_path: Path) -> None:
+    import os
+
+    from tandem.local.model import GENERATOR
+
+    def seeded(name: str, layers: int, mtime: int) -> str:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "tandem_model.json").write_text(json.dumps({"generator": GENERATOR, "seed": 0,
+                                                         "spec": {"num_hidden_layers": layers}}))
+        (d / "model.safetensors").write_bytes(b"w" * 64)
+        for f in d.iterdir():
+            os.utime(f, ns=(mtime, mtime))
+        return str(d)
+
+    settings = {"dtype": "float32", "block_size": 16}
+    one, again = seeded("a", 8, 10**18), seeded("b", 8, 2 * 10**18)  # made twice, an hour apart, elsewhere
+    assert profile_key(one, settings, 1) == profile_key(again, settings, 1)
+    assert profile_key(seeded("c", 4, 10**18), settings, 1) != profile_key(one, settings, 1)  # another shape
+    (Path(again) / "model.safetensors").write_bytes(b"w" * 65)  # a file of another size: not the same model
+    assert profile_key(again, settings, 1) != profile_key(one, settings, 1)
+    # a model of anyone else's (no generator named) is still told by its files' change times too
+    plain = [seeded(n, 8, t) for n, t in (("d", 10**18), ("e", 2 * 10**18))]
+    for d in plain:
+        (Path(d) / "tandem_model.json").write_text("{}")
+        os.utime(Path(d) / "tandem_model.json", ns=(10**18, 10**18))
+    assert profile_key(plain[0], settings, 1) != profile_key(plain[1], settings, 1)

@@ -16,6 +16,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+GENERATOR = "tandem.local.model.make_tiny_model"  # what a seeded model's tandem_model.json names
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -143,7 +145,7 @@ def make_tiny_model(path: str | os.PathLike[str], seed: int = 0,
     model.to(torch.float32)
     model.save_pretrained(out, safe_serialization=True)
     (out / "tandem_model.json").write_text(
-        json.dumps({"generator": "tandem.local.model.make_tiny_model", "seed": seed,
+        json.dumps({"generator": GENERATOR, "seed": seed,
                     "spec": spec.__dict__}, indent=2, sort_keys=True) + "\n")
     return out
 
