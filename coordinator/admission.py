@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from tandem.errors import InvalidRequest, Rejected
 
 from . import metrics as m
-from .choice import Option, best, candidates, choose, local_option, prefill_rank, stalled
+from .choice import Option, best, candidates, choose, choose_disagg, local_option, prefill_rank, stalled
 from .estimates import Estimate, decode_estimate, decode_load, decode_view, life_load, prefill_estimate
 from .prefillq import PrefillOrder
 from .prefix import ROUTINGS, Held, held_prefixes
@@ -265,10 +265,11 @@ class Admission:
             decide(decision)
             if count:  # what each prediction stood on, to compare with the finish's actual times
                 self.pressure.note(False)  # (with admission off it is never asked: no margin)
-                logger.info("request %s: %s%s: %s; %s", rid, decision,
+                logger.info("request %s: %s%s: %s; %s%s", rid, decision,
                             (f", served whole on prefill node {plan.decode.node_id}" if plan.colocated  # type: ignore[union-attr]
                              else f", prefills on decode node {plan.decode.node_id}" if plan.local else ""),  # type: ignore[union-attr]
-                            chosen.ttft.detail if chosen.ttft else "-", chosen.tpot.detail if chosen.tpot else "-")
+                            chosen.ttft.detail if chosen.ttft else "-", chosen.tpot.detail if chosen.tpot else "-",
+                            _instead(chosen, remote, local, slo))
             return plan
         if count and self.trials.take((plan.prefill, plan.decode), misses):
             decide("trial")
@@ -330,6 +331,14 @@ def _brief(what: str, e: Estimate, limit: float) -> str:
         where = "prefill" if e.node.record.role == "prefill" else "decode"  # (a prefill node's: --colocate)
         return f"prefilling it on the {where} node would push its running streams past the TPOT objective: {e.detail}"
     return f"predicted {what} {e.seconds * 1000:.0f} ms > {limit * 1000:.0f} ms ({e.detail})"
+
+
+def _instead(chosen: Option, remote: Option | None, local: Option | None, slo: Slo) -> str:
+    """Why a request served whole (--colocate) was not disaggregated: the misses of the choice it
+    would otherwise have had, words as a refusal's (empty for any other, or none missed)."""
+    other = choose_disagg(remote, local, slo) if chosen.colocated else None
+    misses = other.misses(slo) if other is not None else []
+    return "; the disaggregated choice: " + "; ".join(_brief(*miss) for miss in misses) if misses else ""
 
 
 def _kept(headroom: float, margin: float) -> str:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import math
 import random
+import re
 import time
 
 import grpc
@@ -1056,7 +1058,9 @@ def test_a_prompt_whose_blocks_do_not_fit_waits_until_enough_streams_end() -> No
     run(go)
 
 
-def test_a_prefill_node_serves_a_request_whole_where_the_decode_pool_would_miss_its_tpot() -> None:
+def test_a_prefill_node_serves_a_request_whole_where_the_decode_pool_would_miss_its_tpot(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="tandem.coordinator.admission")
+
     def go():
         # d0 as in the test above: a newcomer would push its stream at the edge past its objective.
         busy = dict(decode_batch=9, fits=fits(decode=(0.005, 0.001, 0.0)))
@@ -1071,6 +1075,11 @@ def test_a_prefill_node_serves_a_request_whole_where_the_decode_pool_would_miss_
             plan = Admission(r, local=False, colocate="on").plan("r", 100, 16, slo)
             assert plan.local and plan.colocated and plan.prefill is None and plan.decode is p0
             assert plan.tpot_s == pytest.approx(0.006) and plan.ttft_s == pytest.approx(0.11, rel=0.05)
+            # Its line says why not disaggregated: d0's miss, worded as a refusal words it.
+            line = caplog.records[-1].getMessage()
+            assert "admitted, served whole on prefill node p0" in line
+            assert re.search(r"; the disaggregated choice: predicted TPOT \d+ ms meets 100 ms only by pushing 1 "
+                             r"running stream\(s\) past theirs \(d0", line), line
             # Its streams count there as a decode node's (its prefill calls apart): the next
             # newcomer sees a batch of one on p0, and p0's prefill queue stays empty.
             with r.track(p0, 100, lambda: 15, lambda now: (1.0, 15)):
@@ -1096,6 +1105,7 @@ def test_a_prefill_node_serves_a_request_whole_where_the_decode_pool_would_miss_
         assert not plan.local and plan.prefill.node_id == "p0" and plan.decode.node_id == "d0"
         plan = Admission(r, local=False, colocate="always").plan("r", 100, 16, Slo(ttft_s=1.0, tpot_s=0.1))
         assert plan.colocated and plan.decode.node_id == "p0"
+        assert "disaggregated choice" not in caplog.records[-1].getMessage()  # (it would have met the SLO)
         # A prefill node that does not say it serves requests whole (an older version's record) never does.
         r._nodes["p0"].record = dataclasses.replace(r._nodes["p0"].record, serves_whole=False)
         plan = Admission(r, local=False, colocate="always").plan("r", 100, 16, Slo(ttft_s=1.0, tpot_s=0.1))
