@@ -232,7 +232,7 @@ def test_a_seeded_model_made_again_elsewhere_keeps_its_profile_and_another_seede
         return str(d)
 
     settings = {"dtype": "float32", "block_size": 16}
-    one, again = seeded("a", 8, 10**18), seeded("b", 8, 2 * 10**18)  # made twice, an hour apart, elsewhere
+    one, again = seeded("a", 8, 10**18), seeded("b", 8, 2 * 10**18)  # made twice, at different times, elsewhere
     assert profile_key(one, settings, 1) == profile_key(again, settings, 1)
     assert profile_key(seeded("c", 4, 10**18), settings, 1) != profile_key(one, settings, 1)  # another shape
     (Path(again) / "model.safetensors").write_bytes(b"w" * 65)  # a file of another size: not the same model
