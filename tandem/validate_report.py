@@ -80,6 +80,12 @@ def reps_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _speed_measured(row: dict[str, Any]) -> bool:
+    """Whether the simulator ran this rate's nodes at a speed the real nodes had measured (not
+    exactly at their fits)."""
+    return any(Speed(*v).varies for v in row.get("speed", {}).values())
+
+
 def write_report(out: Path, doc: dict[str, Any]) -> None:
     how = describe(doc.get("conditional_disagg", False), doc.get("admission", False), doc.get("colocate", False))
     lines = [f"# tandem plan --validate: {doc['workload']}, {doc.get('split', '1:1')} on this host", "",
@@ -107,8 +113,7 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
                   "smallest and largest error of one repetition:", "", *reps_lines(doc["over_reps"])]
     else:
         lines += table_lines(doc["rows"])
-    speeds = [(r["rate"], r["speed"]) for r in doc["rows"]
-              if any(Speed(*v).varies for v in r.get("speed", {}).values())]
+    speeds = [(r["rate"], r["speed"]) for r in doc["rows"] if _speed_measured(r)]
     pool_less = doc.get("split", "1:1").startswith("0:")  # (no prefill pool: the decode nodes' speed only)
     if speeds:
         lines += ["", "The simulator's nodes strayed from their fits as the real nodes measured their own work "
@@ -117,7 +122,7 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
                       f"before {rate:g} req/s "
                       + ("" if pool_less else f"prefill {Speed(*sp['prefill']).describe()}, ")
                       + f"decode {Speed(*sp['decode']).describe()}" for rate, sp in speeds) + "."]
-    unmeasured = sorted({r["rate"] for r in doc["rows"] if not any(Speed(*v).varies for v in r.get("speed", {}).values())})
+    unmeasured = sorted({r["rate"] for r in doc["rows"] if not _speed_measured(r)})
     if doc.get("fits") == "learned" and unmeasured:
         lines += ["", "No node had measured its speed yet before " + ", ".join(f"{r:g}" for r in unmeasured)
                   + f" req/s (a node needs {MIN_WINDOWS} one-second windows with work first): there the "
