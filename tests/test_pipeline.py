@@ -504,3 +504,58 @@ def test_a_prompt_served_whole_whose_node_leaves_while_it_waits_goes_to_the_deco
     fin = evs[-1]
     assert fin.reason == "length" and not fin.colocated and fin.migrations == 1
     assert [t for e in evs if isinstance(e, TokenEvent) for t in e.token_ids] == [100, 101, 102, 103]
+
+
+def test_a_local_prefill_waits_for_the_turn_of_the_one_its_decode_node_runs(tiny_model: Path) -> None:
+    """A decode node prefilling a request itself: with the prefill order holding the queue, the
+    prompt goes to its engine only once the local prefill running there has its first token (vLLM
+    would run it in the steps of that one's last chunk, and make that one late), counted in the
+    node's local-prefill queue meanwhile."""
+    fits = [pb.PerfFit(name="prefill", terms=["const", "tokens", "tokens2"], coefficients=[0.01, 0.001, 0], samples=9),
+            pb.PerfFit(name="decode", terms=["const", "batch", "context"], coefficients=[0.005, 0.001, 0], samples=9)]
+    prefill, decode = FakePrefill(), FakeDecode([100, 101, 102, 103])
+
+    async def go() -> tuple[list, int, int]:
+        p = make(tiny_model, prefill, [decode])
+        p.router._nodes["prefill-0"].saw_load(pb.NodeLoad(prefill_queue=[3000, 3000], fits=fits))  # ~6 s queued
+        node = p.router._nodes["decode-1"]
+        node.saw_load(pb.NodeLoad(fits=fits))
+        order = p.admission.order
+        done = await order.wait(node, order.entry(node, "a", 20, time.perf_counter(), 5.0))  # its local prefill
+        task = asyncio.ensure_future(collect(p, Sampling(max_tokens=4)))
+        await asyncio.sleep(0.2)
+        sent_while_held, waiting = len(decode.requests), node.prefills.total
+        done()
+        return await task, sent_while_held, waiting
+
+    evs, sent_while_held, waiting = asyncio.run(go())
+    assert sent_while_held == 0 and waiting == 3
+    fin = evs[-1]
+    assert fin.local_prefill and fin.prefill_node == fin.decode_node == "decode-1" and not prefill.calls
+    assert fin.predicted_ttft_s == pytest.approx(0.013 + 0.03, abs=0.002)  # after the 20-token one (0.03 s)
+    assert fin.dispatch_s >= 0.2 and [t for e in evs if isinstance(e, TokenEvent) for t in e.token_ids] == [
+        100, 101, 102, 103]
+
+
+def test_with_local_turns_off_a_local_prefill_goes_to_its_node_at_once(tiny_model: Path) -> None:
+    """--local-turns off (for comparison): the prompt is sent to the decode node's engine while the
+    turn there is held, as before the turns."""
+    fits = [pb.PerfFit(name="prefill", terms=["const", "tokens", "tokens2"], coefficients=[0.01, 0.001, 0], samples=9),
+            pb.PerfFit(name="decode", terms=["const", "batch", "context"], coefficients=[0.005, 0.001, 0], samples=9)]
+    decode = FakeDecode([100, 101, 102, 103])
+
+    async def go() -> list:
+        p = make(tiny_model, FakePrefill(), [decode])
+        p.router._nodes["prefill-0"].saw_load(pb.NodeLoad(prefill_queue=[3000, 3000], fits=fits))
+        node = p.router._nodes["decode-1"]
+        node.saw_load(pb.NodeLoad(fits=fits))
+        order = p.admission.order
+        order.local_turns = False
+        done = await order.wait(node, order.entry(node, "a", 20, time.perf_counter(), 5.0))
+        try:
+            return await collect(p, Sampling(max_tokens=4))
+        finally:
+            done()
+
+    evs = asyncio.run(go())
+    assert len(decode.requests) == 1 and evs[-1].local_prefill and evs[-1].dispatch_s < 0.1
