@@ -130,11 +130,8 @@ def ttft_local_room(path: str, slow_s: float = 1.0) -> dict[str, dict[str, float
     return out
 
 
-# What was ahead of a local prefill at admission: "queue N prompts" (in the engine), or, with its turn
-# in the prefill order (the forty-fifth sitting on), "X ms before its turn" (something there: one).
-AHEAD = r"\(prefill here\): (?:queue (\d+) prompts|(?P<turn>\d+) ms before its turn)"
-LOCAL_PARTS = re.compile(r"request (\S+): admitted, prefills on decode node [^:]*: \S+ " + AHEAD +
-                         r"[^;]*? beside a batch of (\d+) [^;]*; .*? step ([\d.]+) ms")
+LOCAL_PARTS = re.compile(r"request (\S+): admitted, prefills on decode node [^:]*: \S+ \(prefill here\): queue (\d+) "
+                         r"prompts [^;]*? beside a batch of (\d+) [^;]*; .*? step ([\d.]+) ms")
 BATCH_BUCKETS = ((0, 0), (1, 4), (5, 8), (9, 12), (13, 16), (17, 10**9))
 
 
@@ -155,7 +152,7 @@ def ttft_local_by_batch(path: str) -> dict[str, dict[str, float]]:
         if ": admitted, prefills on decode node" in line:
             m = LOCAL_PARTS.search(line)
             if m and m.group(2) == "0" and "for KV room" not in line.split(";")[0]:
-                seen[m.group(1)] = (int(m.group(4)), float(m.group(5)) / 1000)
+                seen[m.group(1)] = (int(m.group(3)), float(m.group(4)) / 1000)
         elif "(local)" in line and (m := FINISHED_LOCAL.search(line)) and m.group(1) in seen:
             ttft, pred = float(m.group(2)), float(m.group(3))
             if ttft > 0 and pred > 0:
@@ -171,7 +168,8 @@ def ttft_local_by_batch(path: str) -> dict[str, dict[str, float]]:
     return out
 
 
-ADMITTED_LOCAL_AT = re.compile(r"^(\S+ \S+) .*request (\S+): admitted, prefills on decode node ([^:]+): \S+ " + AHEAD)
+ADMITTED_LOCAL_AT = re.compile(r"^(\S+ \S+) .*request (\S+): admitted, prefills on decode node ([^:]+): \S+ "
+                               r"\(prefill here\): queue (\d+) prompts")
 LATER_BUCKETS = ((0, 0), (1, 1), (2, 10**9))
 
 
@@ -193,7 +191,7 @@ def ttft_local_by_later(path: str) -> dict[str, dict[str, float]]:
             m = ADMITTED_LOCAL_AT.search(line)
             if m:
                 at = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-                admitted[m.group(2)] = (at, m.group(3), int(m.group(4)) if m.group("turn") is None else 1)
+                admitted[m.group(2)] = (at, m.group(3), int(m.group(4)))
         elif "(local)" in line and (m := FINISHED_LOCAL.search(line)):
             finished[m.group(1)] = (float(m.group(2)), float(m.group(3)))
     starts: dict[str, list[float]] = {}

@@ -130,27 +130,6 @@ def test_local_prefills_ttft_error_is_split_by_the_local_prefills_admitted_to_th
     assert none["requests"] == 2 and none["ratio_p10"] == pytest.approx(0.82) and none["ratio_p90"] == pytest.approx(0.98)
 
 
-def test_a_local_prefill_that_waited_for_its_turn_counts_as_queued_ahead(tmp_path: Path) -> None:
-    """Since its turn in the prefill order (the forty-fifth sitting), an admission line says "X ms before
-    its turn" where it said "queue N prompts": something was there ahead of it, so it is left out of
-    the splits of those with none queued, and still counts as admitted after the ones before it."""
-    def admitted(at: str, rid: str, ahead: str) -> str:
-        return (f"2026-12-02 06:30:{at} INFO coordinator tandem.coordinator.admission: request {rid}: admitted, "
-                f"prefills on decode node decode-0: decode-0 (prefill here): {ahead} + prefill 200 ms "
-                f"+ 2 steps beside a batch of 3 56 ms (x0.87, learned); decode-0 (prefill here): batch 3 now, "
-                "3.4 + 1 over its life, step 40.0 ms")
-
-    log = tmp_path / "coordinator.log"
-    log.write_text("\n".join([
-        admitted("50,000", "a", "queue 0 prompts 0 ms"), finished("a", 0.500, 0.400),
-        admitted("50,100", "b", "120 ms before its turn (prefill order)"), finished("b", 0.450, 0.350),
-    ]) + "\n")
-    later = ttft_local_by_later(str(log))
-    assert set(later) == {"1 admitted after it"} and later["1 admitted after it"]["requests"] == 1
-    by_batch = ttft_local_by_batch(str(log))
-    assert set(by_batch) == {"batch 1-4"} and by_batch["batch 1-4"]["requests"] == 1
-
-
 def test_local_prefills_ttft_error_is_split_by_whether_the_credited_prefix_was_the_engines(tmp_path: Path) -> None:
     def admitted(rid: str, held: int) -> str:
         there = f", {held} tokens held there" if held else ""
