@@ -303,9 +303,6 @@ TANDEM_VARIANTS: dict[str, tuple[list[str], list[str]]] = {
     # on, the prefill queue held at the coordinator in deadline-slack order
     "": ([], []),
     "-noadmit": (["--admission", "off"], []),
-    # the prompts nodes prefill themselves sent to their engines at once, not in turn (before the
-    # forty-fifth sitting)
-    "-atonce": (["--local-turns", "off"], []),
     "-headroom": (["--admission-headroom", "0.1"], []),  # TPOT checked against 90 % of its objective
     "-margin": (["--admission-overload-margin", "0.25"], []),  # a TPOT margin under overload (pressure.py)
     # each newcomer checked against its own objective only (running streams' budgets not protected)

@@ -37,7 +37,7 @@ from tandem.errors import InvalidRequest, Rejected
 
 from . import metrics as m
 from .choice import Option, best, candidates, choose, choose_disagg, local_option, prefill_rank, stalled
-from .estimates import (Estimate, batch_beside_s, decode_estimate, decode_load, decode_view, life_load,
+from .estimates import (Estimate, beside_whole_s, decode_estimate, decode_load, decode_view, life_load,
                         prefill_estimate)
 from .prefillq import PrefillOrder
 from .prefix import ROUTINGS, Held, held_prefixes
@@ -219,19 +219,19 @@ class Admission:
             remote.others = Estimate(p.node, slo.tpot_s * (1.0 + pushes),  # type: ignore[operator]
                                      describe=lambda: f"{p.node.node_id}: its prefill there would push {pushes} "
                                      f"of the streams that node serves whole past their TPOT objective")
-        # A prompt a node prefills itself waits for its turn in the prefill order there, as a
-        # prefill call does (``PrefillOrder.takes_local``): behind those the order puts ahead of
-        # it; one it would push past their TTFT objective is a miss ("queue").
-        turn = ((lambda n, tokens, cached: self.order.predict(n, tokens, arrival, slo.ttft_s, cached,
-                                                              batch_beside_s(n, tokens)))
-                if self.order.takes_local else None)
         local = local_option(decoders, prompt_tokens, max_tokens, slo, held, lives, views, self.protect,
-                             self.kv_room, alone=self.router.pool_absent("prefill"), turn=turn) if self.local else None
+                             self.kv_room, alone=self.router.pool_absent("prefill")) if self.local else None
         home = None
         if max_tokens > 1 and whole:
             # The prefill nodes as decode nodes of their own: their streams, their batch over the
             # request's life, what a prefill there would do to those streams.
             hlives = {n.node_id: life_load(n, max_tokens, hviews[n.node_id]) for n in whole}
+            # Its prompt waits for its turn in the prefill order there, as a prefill call does
+            # (where the order holds the queue): it waits behind those the order puts ahead of it,
+            # and one it would push past their TTFT objective is a miss ("queue").
+            turn = ((lambda n, tokens, cached: self.order.predict(n, tokens, arrival, slo.ttft_s, cached,
+                                                                  beside_whole_s(n, tokens)))
+                    if self.order.holds else None)
             home = local_option(whole, prompt_tokens, max_tokens, slo, held, hlives, hviews, self.protect,
                                 self.kv_room, turn=turn)
             if home is not None:

@@ -141,12 +141,12 @@ def local_option(decoders: list[NodeClient], prompt_tokens: int, max_tokens: int
     with none, among them all. ``alone``: there is no prefill pool to send it to instead (none
     registered, none coming back), so with no such node the best of the rest, carrying what it
     would do to their streams (a miss: admission refuses it). ``protect``, ``kv_room``: admission's
-    (``Admission.protect``: its streams' budgets asked; ``Admission.kv_room``). ``turn``:
-    where a prompt of so many tokens to compute (after so many held) would wait in the prefill
-    order for a node (``PrefillOrder.predict``; None: nothing queued there), which a prompt a
-    node prefills itself waits in (``PrefillOrder.takes_local``): its TTFT waits that long,
-    and a node where it would push requests waiting there past their TTFT objective is a
-    "queue" miss, passed over while another meets the objectives."""
+    (``Admission.protect``: its streams' budgets asked; ``Admission.kv_room``). ``turn``: on
+    prefill nodes (--colocate), where a prompt of so many tokens to compute (after so many held)
+    would wait in the prefill order for a node (``PrefillOrder.predict``; None: nothing queued
+    there), which its prompt served whole waits in too: its TTFT waits that long, and a node
+    where it would push requests waiting there past their TTFT objective is a "queue" miss,
+    passed over while another meets the objectives."""
     fits: list[tuple[LocalEstimate, NodeClient]] = []
     harmful: list[tuple[LocalEstimate, NodeClient, float, str]] = []
     unknown: list[NodeClient] = []
@@ -203,7 +203,7 @@ def local_option(decoders: list[NodeClient], prompt_tokens: int, max_tokens: int
                                 "local prefills beside it or with this one's stall spread over their tokens, "
                                 "whichever is more)"))
                 continue
-        elif batch and not alone and (n.prefilling or n.prefills or (view.load is not None and view.load.prefill_queue)):
+        elif batch and not alone and (n.prefilling or (view.load is not None and view.load.prefill_queue)):
             continue
         fits.append((est, n))
     if fits:

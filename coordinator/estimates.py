@@ -68,10 +68,9 @@ def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None =
     where = order.predict(node, tokens - held, arrival, ttft_s, held, batch_s) if order is not None else None
     if where is not None:
         # The prompts of the requests it serves whole (--colocate) take their turns in the prefill
-        # order, as its calls do (``where``); where the order takes none (``engine``, ``fifo``,
-        # --local-turns off) they go to its engine at once and run before this one (counted whole,
-        # however far along).
-        whole = [] if order.takes_local else [t for t in node.prefilling.values() if t > 0]  # type: ignore[union-attr]
+        # order, as its calls do (``where``); where the order holds none (``engine``, ``fifo``) they
+        # go to its engine at once and run before this one (counted whole, however far along).
+        whole = [] if order.holds else [t for t in node.prefilling.values() if t > 0]  # type: ignore[union-attr]
         raw_wait_s = where.wait_s + queued_prefill_s(model, whole) + beside_whole_s(node, *whole)
         f = node.factor("ttft", raw_wait_s + idle_s + batch_s)  # (all parts scaled alike: the calibration's share)
         wait_s, run_s = raw_wait_s * f, (idle_s + batch_s) * f
@@ -99,17 +98,7 @@ def beside_whole_s(node: NodeClient, *prompts: int) -> float:
     docs/PERFORMANCE.md). The prompts queued ahead of a call run beside them too: their wait
     counts it as well (the prefill order's entries with it, ``PrefillOrder.entry``, as the batch
     was when each was made). 0 elsewhere, or with no stream there."""
-    if node.record.role != "prefill":
-        return 0.0
-    return batch_beside_s(node, *prompts)
-
-
-def batch_beside_s(node: NodeClient, *prompts: int) -> float:
-    """What the decode batch a node runs adds to the engine steps that carry prefills of ``prompts``
-    tokens each, in its per-step budget (``beside_whole_s`` on a prefill node; on a decode node,
-    its local prefills'): what a prompt the node prefills itself holds its turn in the prefill
-    order for (``PrefillOrder.entry``) beside its own prefill."""
-    if not prompts:
+    if node.record.role != "prefill" or not prompts:
         return 0.0
     load = node.fresh_load()
     batch, context = decode_load(node, load)
@@ -184,10 +173,6 @@ def _local_queue(node: NodeClient, budget: int, batch: int, context: int) -> tup
         queue = _prefill_queue(node, {**node.sent, **node.prefilling})
         runs = [0.0] * len(sent) + [node.prefilling_run_s.get(k, 0.0) for k, t in node.prefilling.items() if t > 0]
         return queue, queued_prefill_s(model, queue, runs[:len(queue)])
-    # Its local prefills in its engine, then (a decode node's, the prefill order holding the queue)
-    # those waiting for their turn there, which the engine runs after them. (A prefill node's
-    # ``prefills`` are its prefill calls, most of them waiting their turn, not in its engine.)
-    waiting = node.prefills if node.record.role == "decode" else {}
     own = [k for k, t in node.prefilling.items() if t > 0]
     share = [1.0]  # of the oldest, the share still to run
 
@@ -199,7 +184,7 @@ def _local_queue(node: NodeClient, budget: int, batch: int, context: int) -> tup
             share[0] = 1.0 - min(1.0, max(0.0, time.perf_counter() - began) / takes)
         return round(first * share[0])
 
-    queue = _prefill_queue(node, {**node.prefilling, **waiting}, left if own else None)
+    queue = _prefill_queue(node, node.prefilling, left)
     runs = [node.prefilling_run_s.get(k, 0.0) for k in own[:len(queue)]]
     if runs and runs[0]:  # the oldest: the share of it still to run
         base = model.prefill_s(0)
@@ -417,10 +402,10 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
     request added (its KV is already there). Harm: every running stream
     waits for the prefill's chunks once, spread over its tokens (this request's ``max_tokens``
     stands in for theirs, which the coordinator does not know). ``life``, ``view``: as
-    ``decode_estimate``'s. ``wait_s``: the wait for its turn in the prefill order there (where the
-    order holds the queue: ``PrefillOrder.predict``, model seconds; the prompts ahead of it each in
-    steps of their own, their beside terms in it), in place of the engine's queue; its own steps
-    beside the batch are then its own prompt's only."""
+    ``decode_estimate``'s. ``wait_s``: on a prefill node serving it whole, the wait for its turn in
+    the prefill order (``PrefillOrder.predict``, model seconds; the prompts ahead of it there each
+    in steps of their own, their beside terms in it), in place of the engine's queue; its own
+    steps beside the batch are then its own prompt's only."""
     model = node.model
     if not (model.prefill.samples and model.decode.samples):
         return None

@@ -67,7 +67,6 @@ class CoordinatorConfig:
     colocate: str = "on"  # a prefill node may serve a request whole (admission.COLOCATE)
     prefill_order: str = "slack"  # where the prefill queue lives and its order (prefillq.py)
     prefill_depth: int = 1  # with slack: requests each prefill node runs at a time
-    local_turns: str = "on"  # with slack: a prompt a node prefills itself takes its turn in the order too
     routing: str = "prefix"  # how a prefill node is picked (prefix.py ROUTINGS)
     slo_ttft_ms: float = 0.0  # cluster default SLOs for requests that set none; 0: none
     slo_tpot_ms: float = 0.0
@@ -111,8 +110,6 @@ class CoordinatorConfig:
             raise ValueError(f"--routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
         if self.prefill_depth < 1:
             raise ValueError(f"--prefill-depth must be at least 1, got {self.prefill_depth}")
-        if self.local_turns not in ("on", "off"):
-            raise ValueError(f"--local-turns must be on or off, got {self.local_turns!r}")
         if not 0.0 <= self.admission_headroom < 1.0:
             raise ValueError(f"--admission-headroom must be in [0, 1), got {self.admission_headroom}")
         if not 0.0 <= self.admission_overload_margin < 1.0:
@@ -254,11 +251,6 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
                          "same without that credit) | random (for comparison)")
     ap.add_argument("--prefill-depth", type=int, default=env("TANDEM_PREFILL_DEPTH", "1"),
                     help="with --prefill-order slack: prefills each node runs at a time")
-    ap.add_argument("--local-turns", default=env("TANDEM_LOCAL_TURNS", "on"),
-                    help="with --prefill-order slack: on (default): a prompt a node prefills itself (a decode "
-                         "node's local prefill, one a prefill node serves whole) waits for its turn in the "
-                         "order on that node, as a prefill call does, so no other prompt shares its engine "
-                         "steps | off: it goes to the node's engine at once (for comparison)")
     ap.add_argument("--cores", default=env("TANDEM_CORES", ""),
                     help="CPU cores the coordinator runs on, its --workers too, e.g. 0 or 0-1 (default: any). "
                          "Where it shares a host with nodes pinned by their --cores, pin it too, beside the "
@@ -311,8 +303,7 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
     admission = Admission(router, cfg.admission,
                           Slo.from_ms(cfg.slo_ttft_ms or None, cfg.slo_tpot_ms or None, "--slo-"),
                           local=cfg.conditional_disagg == "on", headroom=cfg.admission_headroom,
-                          order=PrefillOrder(router, cfg.prefill_order, cfg.prefill_depth, cfg.local_turns == "on"),
-                          routing=cfg.routing,
+                          order=PrefillOrder(router, cfg.prefill_order, cfg.prefill_depth), routing=cfg.routing,
                           protect=cfg.protect_streams == "on", kv_room=cfg.kv_room == "on",
                           candidates=cfg.admission_candidates, trial_s=cfg.admission_trial_s,
                           overload_margin=cfg.admission_overload_margin, colocate=cfg.colocate)

@@ -117,8 +117,7 @@ class NodeClient:
     # This coordinator's requests there -> tokens: on a decode node, its streams (their context);
     # on a prefill node, the streams it serves whole (--colocate), its prefill calls being in ``prefills``.
     inflight: Tally = field(default_factory=lambda: Tally())
-    # a prefill node's prefill calls, and the prompts a node prefills itself waiting for their turn
-    # in the prefill order (``Router.track_turn``) -> tokens to compute
+    # a prefill node's prefill calls (and prompts it serves whole waiting their turn) -> tokens to compute
     prefills: Tally = field(default_factory=lambda: Tally())
     sent: Tally = field(default_factory=lambda: Tally())  # of those, the ones sent to its engine (past their turn)
     prefilling: Tally = field(default_factory=lambda: Tally())  # of those, local prefills not done yet -> tokens

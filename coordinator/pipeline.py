@@ -34,7 +34,7 @@ from tandem.sampling import Sampling, to_proto
 
 from . import metrics as m
 from .admission import Admission, Plan, Slo
-from .estimates import batch_beside_s, beside_whole_s
+from .estimates import beside_whole_s
 from .nodecalls import NodeCallFailed, Watchdog, stream_ended_early
 from .prefillq import NodeGone
 from .nodeclient import NodeClient
@@ -235,11 +235,10 @@ class Pipeline:
                     # over the pool (and an empty decode pool costs no prefill work).
                     dnode = legs_end.enter_context(self.router.track(first or await self.router.acquire("decode", avoid),
                                                                      len(context), to_come, stream_budget))
-                # A prompt a node prefills itself (a local prefill on a decode node, or one a prefill
-                # node serves whole, --colocate) waits for its turn in the prefill order there first
-                # (``PrefillOrder.takes_local``), as a prefill node's prefill calls do.
-                takes_turn = local and dnode is not None and self.admission.order.takes_local
-                if leg == 0 and local and not takes_turn:  # its call goes now
+                # A prompt a prefill node serves whole (--colocate) waits for its turn in the prefill
+                # order there first (when the order holds the queue), as the node's prefill calls do.
+                whole_turn = local and dnode is not None and dnode.record.role == "prefill" and self.admission.order.holds
+                if leg == 0 and local and not whole_turn:  # its call goes now
                     out.dispatch_s = time.perf_counter() - req.received
                     m.QUEUE.observe(out.dispatch_s)
                 consumed = False  # a completed decode fetched (and so freed) the handle's blocks
@@ -288,9 +287,9 @@ class Pipeline:
                                 # (a later leg computes it all: the node that held its prefix failed)
                                 held, run_s = (plan.prefill_held, plan.prefill_run_s) if leg == 0 else (0, 0.0)
                                 work = max(1, len(context) - held)
-                                if takes_turn:  # (its turn ends with its first token, ``prefilling``'s)
+                                if whole_turn:  # (its turn ends with its first token, ``prefilling``'s)
                                     try:
-                                        prefilling.callback(await self._local_turn(req, dnode, work,
+                                        prefilling.callback(await self._whole_turn(req, dnode, work,
                                                                                    len(context) - work, leg))
                                     except NodeCallFailed:  # (it went nowhere: the next leg says where it did)
                                         out.prefill_node, out.local_prefill, out.colocated = "", False, False
@@ -453,18 +452,17 @@ class Pipeline:
             m.PREFILL.observe(time.perf_counter() - t0)
             return resp, node
 
-    async def _local_turn(self, req: Prepared, node: NodeClient, work: int, cached: int, leg: int
+    async def _whole_turn(self, req: Prepared, node: NodeClient, work: int, cached: int, leg: int
                           ) -> Callable[[], None]:
-        """Wait for the turn of a prompt ``node`` prefills itself (a decode node's local prefill, or
-        a prompt a prefill node serves whole) in its prefill order (``work`` tokens to compute after
-        ``cached`` held, beside the node's batch; a later leg first, as a migrated prefill call
-        goes), counted in ``NodeClient.prefills`` meanwhile (``Router.track_turn``); what it returns
-        ends the turn. A node that leaves routing meanwhile fails the leg (NodeCallFailed,
-        retryable: the next leg goes elsewhere), and nothing was sent to it."""
+        """Wait for the turn of a prompt prefill node ``node`` serves whole in its prefill order
+        (``work`` tokens to compute after ``cached`` held; a later leg, none yet: a migrated one goes
+        first), counted with the node's prefill calls meanwhile (``Router.track_turn``); what it
+        returns ends the turn. A node that leaves routing meanwhile fails the leg (NodeCallFailed,
+        retryable: the next leg goes to the decode pool), and nothing was sent to it."""
         order = self.admission.order
         ttft_s = req.slo.over(self.admission.default_slo).ttft_s
         turn = order.entry(node, req.request_id, work, req.received, ttft_s, urgent=leg > 0, cached=cached,
-                           beside_s=batch_beside_s(node, work))
+                           beside_s=beside_whole_s(node, work))
         with self.router.track_turn(node, work):
             try:
                 return await order.wait(node, turn, req.deadline)

@@ -25,18 +25,14 @@ done, or first once it has been late longer than its objective (no starvation).
 Admission asks ``predict`` where a new request would go and whether it would
 push a queued one past its deadline (then it is refused, not them).
 
-A prompt a node prefills itself (a decode node's local prefill; one a prefill
-node serves whole, --colocate) takes its turn here too, in that node's queue,
-from its arrival until its first token (``wait``), like a prefill call: with the
-prefill depth of one, no other prompt of this coordinator's is in that engine
-meanwhile (``takes_local``; --local-turns off sends it at once, for comparison).
-Until the forty-fifth sitting it went to the engine at once, and vLLM gives a
-prompt that reaches it whatever budget the next step leaves: on a prefill node
-(2,048 tokens a step) a prompt of 39 ms took 145 when a 119 ms one admitted 3 ms
-after it joined its step, and the TTFT error of the prompts served whole was p90
-59 % on burst44 and 42 % on goals44 (16-20 % for those no prompt joined and none
-was queued ahead of); on a decode node (256) the local prefills another was
-admitted beside ran 1.22-1.35 x their prediction in the median (0.98 x alone).
+A prompt a prefill node serves whole (--colocate) takes its turn here too, from
+its arrival until its first token (``wait``), like a prefill call: with the
+prefill depth of one, no other prompt is in that engine meanwhile. Until the
+forty-fifth sitting it went to the engine at once, and vLLM ran whatever prompts
+reached it while a step ran in one step (2,048 tokens of budget there): a prompt
+of 39 ms took 145 when a 119 ms one admitted 3 ms after it joined its step, and
+the TTFT error of the prompts served whole was p90 59 % on burst44 and 42 % on
+goals44 (16-20 % for those no prompt joined and none was queued ahead of).
 """
 
 from __future__ import annotations
@@ -141,7 +137,7 @@ def _scheduled(q: _NodeQueue, now: float) -> tuple[list[Entry], float]:
 
 
 class PrefillOrder:
-    def __init__(self, router: Router, order: str = "slack", depth: int = 1, local_turns: bool = True) -> None:
+    def __init__(self, router: Router, order: str = "slack", depth: int = 1) -> None:
         if order not in ORDERS:
             raise ValueError(f"--prefill-order must be one of {', '.join(ORDERS)}, got {order!r}")
         if depth < 1:
@@ -149,7 +145,6 @@ class PrefillOrder:
         self.router = router
         self.order = order
         self.depth = depth
-        self.local_turns = local_turns
         self._queues: dict[tuple[str, str], _NodeQueue] = {}  # (node id, engine id): a restart is a new queue
         self._seq = itertools.count()
         self._warned: set[str] = set()
@@ -158,12 +153,6 @@ class PrefillOrder:
     def holds(self) -> bool:
         """Requests wait here (``slack``), not in the node's engine."""
         return self.order == "slack"
-
-    @property
-    def takes_local(self) -> bool:
-        """The prompts nodes prefill themselves (a decode node's local prefills, a prefill node's
-        prompts served whole) wait for their turns here too (``holds``, and --local-turns on)."""
-        return self.holds and self.local_turns
 
     def entry(self, node: NodeClient, rid: str, tokens: int, arrival: float, ttft_s: float | None,
               urgent: bool = False, cached: int = 0, beside_s: float = 0.0) -> Entry:

@@ -257,11 +257,9 @@ class Router:
 
     @contextmanager
     def track_turn(self, node: NodeClient, tokens: int) -> Iterator[NodeClient]:
-        """A prompt ``node`` prefills itself (a decode node's local prefill, or one a prefill node
-        serves whole, --colocate) waiting for its turn in the prefill order there: ``tokens`` to
-        compute, in ``NodeClient.prefills`` until it goes (on a prefill node with its prefill calls:
-        what its streams' backlog and its load count; on a decode node, its local prefills' queue
-        after those in its engine)."""
+        """A prompt prefill node ``node`` serves whole (--colocate) waiting for its turn in the
+        prefill order there: ``tokens`` to compute, counted with the node's prefill calls
+        (``NodeClient.prefills``: what its streams' backlog and its load count) until it goes."""
         with _counted(node.prefills, tokens):
             yield node
 

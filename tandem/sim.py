@@ -33,11 +33,8 @@ same ones the nodes fit online, see tandem/perfmodel.py):
   the coordinator sends it, one at a time, as before) go in chunks of up to
   ``prefill_step_tokens`` in its steps, beside the batch of the streams it serves whole, in the
   order they reached it; a prefill call's last chunk gives its first token and sends its KV on to
-  its decode node, a prompt served whole joins the batch. With the slack order a prompt served
-  whole waits for its node's turn, as the coordinator's does (its prefill order): an idle node
-  takes the next of its own when that is due no later than the pool's next (every request has
-  the same objective: the first come), and takes nothing else until its first token. With fifo
-  it goes to the engine at once, past the requests waiting for the pool.
+  its decode node, a prompt served whole joins the batch. A prompt served whole goes to the
+  engine at once, past the requests waiting for the pool.
 
 - **Prefix caching** (``prefix_cache``, off by default; entries with ``input_ids``): each
   node's engine keeps the whole blocks of the prompts it computed (or, on a decode node, took in
@@ -74,7 +71,6 @@ from __future__ import annotations
 
 import copy
 import heapq
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -207,24 +203,7 @@ class _Cluster(ClusterState):
         With colocation the prefill goes into the node's engine, behind the prompts it serves
         whole that are there, and runs in its steps beside their batch."""
         pre = self.cfg.prefill
-        while self.idle:
-            # A prompt an idle node is to serve whole goes first when it is due no later than the
-            # pool's next (slack order, ``turns``); its turn lasts until its first token.
-            due = self.queue[0][0] if self.queue else math.inf
-            mine = [n for n in self.idle if self.turns and self.pinned[n] and self.pinned[n][0][0] <= due]
-            if mine:
-                node = min(mine, key=lambda n: self.pinned[n][0])
-                _, i = heapq.heappop(self.pinned[node])
-                self.pinned_s[node] -= self.pinned_cost.pop(i)
-                self.idle.remove(node)
-                self.whole_on[node] = i
-                home = self.homes[node]
-                held = self.engine_held(home, i, touch=True)
-                self.busy_until[node] = now + self.local_queue_s(home) + self.prefill_cost(pre, i, held)
-                self.engine_prefill(home, i, held, now)
-                continue
-            if (i := self.next_request(now)) is None:
-                break
+        while self.idle and (i := self.next_request(now)) is not None:
             self.queued_s -= self.queued_cost.pop(i)  # (before ``stalls``: not in the backlog of its own)
             # the idle node where it costs least (the prefix it holds), the first of those
             node = min(self.idle, key=lambda n: (self.stalls(n, i, now), self.prefill_cost(pre, i, self.held_on(
@@ -312,12 +291,6 @@ class _Cluster(ClusterState):
             h.assigned += 1
             h.arrivals.add(e.output_len, now)
             self.raw[i] = (raw_ttft, raw_tpot)
-            if self.turns:  # its turn on that node first (the coordinator's prefill order)
-                heapq.heappush(self.pinned[p], (e.arrival_s + cfg.slo_ttft_s, i))
-                self.pinned_cost[i] = cost = self.prefill_cost(cfg.prefill, i, self.engine_held(h, i))
-                self.pinned_s[p] += cost
-                self.dispatch(now)
-                return
             self.engine_prefill(h, i, self.engine_held(h, i, touch=True), now)
             return
         if cfg.admission and not ok:
@@ -436,10 +409,4 @@ class _Cluster(ClusterState):
                     self.produced_start[r] = now
                     self.joined_at[r] = now
                     dn.waiting.insert(0, r)
-                if dn.home and self.whole_on.get(dn.index) == r:  # its turn there is over: the next goes
-                    del self.whole_on[dn.index]
-                    self.idle.append(dn.index)
-                    self.idle.sort()
-                    self.busy_until[dn.index] = now
-                    self.dispatch(now)
         self.step(dn, now)

@@ -24,20 +24,14 @@ class Colocation:
     queued_s: float
     cfg: Any
     trace: Any
-    turns: bool
-    pinned: list[list[tuple[float, int]]]
-    pinned_s: list[float]
 
     def pool_wait_s(self, now: float) -> float:
         """The prefill pool's work ahead of a new prefill call, summed over its nodes, as predicted:
         each node's call in progress (``busy_until``), and with colocation the prompts it serves
-        whole: with the slack order (``turns``) those waiting for their turn (one in its turn is in
-        ``busy_until``); else those its engine runs before its next call (those that came after the
-        call in progress; the ones before it are in ``busy_until``), as the coordinator's
+        whole that its engine runs before its next call (those that came after the call in
+        progress; the ones before it are in ``busy_until``), as the coordinator's
         ``prefill_estimate`` counts a node's prompts served whole (not the beside term)."""
         wait = sum(max(0.0, t - now) for t in self.busy_until)
-        if self.turns:
-            return wait + sum(self.pinned_s)
         for h in self.homes:
             calls = [k for k, r in enumerate(h.local) if r in h.leaves]
             after = h.local[calls[-1] + 1:] if calls else h.local
@@ -45,21 +39,11 @@ class Colocation:
                 wait += self.local_queue_s(h, after)
         return wait
 
-    def turn_wait_s(self, p: int) -> float:
-        """Colocation with the slack order: how long a prompt to be served whole on prefill node
-        ``p`` waits for its turn there (``PrefillOrder.predict``; every request has the same TTFT
-        objective here, so the earliest deadline first is the first come): the prompt in its engine
-        now, those waiting to be served whole there, and its share of the requests waiting for the
-        pool, model only."""
-        return self.local_queue_s(self.homes[p]) + self.pinned_s[p] + self.queued_s / self.cfg.num_prefill
-
     def backlog_s(self, home: _Decode) -> float:
         """On a prefill node (colocation): what every prompt this coordinator has for it stalls the
-        streams it serves whole, model only (``estimates.backlog_s``): those in its engine, those
-        waiting for their turn to be served whole there, and its share of the requests waiting for
-        the prefill pool."""
-        return self.local_queue_s(home) + self.queued_s / self.cfg.num_prefill + (
-            self.pinned_s[home.index] if self.turns else 0.0)
+        streams it serves whole, model only (``estimates.backlog_s``): those in its engine, and its
+        share of the requests waiting for the prefill pool."""
+        return self.local_queue_s(home) + self.queued_s / self.cfg.num_prefill
 
     def stalls_everywhere(self, i: int, now: float) -> bool:
         """With admission and colocation: every prefill node would push a stream it serves whole
@@ -81,21 +65,44 @@ class Colocation:
         stall = self.prefill_cost(pre, i, self.engine_held(h, i))
         return pushed(self.budgets(h, now), plain, plain, stall, plain, self.backlog_s(h)) > 0
 
+    def queue_pushed(self, p: int, run_s: float, now: float) -> int:
+        """How many more of the requests waiting for the prefill pool would miss their TTFT
+        objective if prefill node ``p`` first ran ``run_s`` of work that skips the queue (a prompt
+        it serves whole: ``PrefillOrder.pushed_by``): the queue in its order, each to the node free
+        first."""
+        if not self.queue or self.cfg.order == "fifo":  # (fifo: the coordinator holds no queue)
+            return 0
+        waiting = sorted(self.queue)
+
+        def late(free: list[float]) -> int:
+            n = 0
+            for _, r in waiting:
+                k = min(range(len(free)), key=free.__getitem__)
+                free[k] += self.queued_cost[r]
+                n += free[k] > self.trace[r].arrival_s + self.cfg.slo_ttft_s
+            return n
+
+        free = [max(now, t) for t in self.busy_until]
+        after = list(free)
+        after[p] += run_s
+        return max(0, late(after) - late(free))
+
     def home_choice(self, i: int, now: float) -> tuple[int, float, float] | None:
         """Colocation: the prefill node to serve request ``i`` whole, with its raw TTFT and TPOT
         there, or None: among the nodes where it meets both objectives (its TPOT over its life
         with the node's prefills beside, ``life_tpot``), pushes none of the streams that node
-        serves whole past theirs (with admission: ``pushes``), the soonest start; those tied with
-        it, the fewest served whole there (``choice.local_option`` over the prefill nodes). (It
-        waits for its turn behind the requests waiting for the pool, ``turn_wait_s``: it pushes
-        none of them past their TTFT, all due before it.)"""
+        serves whole past theirs (with admission: ``pushes``) and pushes no request waiting for
+        the pool past its TTFT (``queue_pushed``), the soonest start; those tied with it, the
+        fewest served whole there (``choice.local_option`` over the prefill nodes)."""
         from tandem.coordinator.choice import tied
 
         meet: list[tuple[float, int, float, float]] = []
         for h in self.homes:
-            ttft, harm, stall, ahead, raw, _ = self.engine_ttft(h, i)
+            ttft, harm, stall, ahead, raw, run_s = self.engine_ttft(h, i)
             tpot = self.life_tpot(h, i, now)
             if ttft > self.cfg.slo_ttft_s or self.calibrated(h, "tpot", tpot) > self.cfg.slo_tpot_s:
+                continue
+            if self.queue_pushed(h.index, run_s, now):
                 continue
             if self.cfg.admission:
                 if self.pushes(h, i, now, (stall, ahead)):

@@ -36,13 +36,13 @@ caches' recency as a real node would (``touch``).
 - **Colocation** (``colocate``, off by default): where the choice above (the prefill pool, or a
   decode node's local prefill) is predicted to miss the SLO, a prefill node serves the request
   whole if that is predicted to meet it (``home_choice``, ``choice.choose``'s *home*): its TTFT
-  behind the prompts in that node's engine (with the slack order, behind what that node's turn
-  goes to first: ``turn_wait_s``), its TPOT over its life among the streams the node
+  behind the prompts in that node's engine, its TPOT over its life among the streams the node
   serves whole with the node's prefills beside them (``stepper`` on its share of time
   prefilling, at the node's step budget), and with admission, none of those streams pushed past
   its objective (at the plain step, behind every prompt the coordinator has for the node,
-  ``backlog_s``; without admission, their step within the objective, as for a local prefill).
-  A prefill call is kept off a node whose streams it would push past
+  ``backlog_s``; without admission, their step within the objective, as for a local prefill)
+  and no request waiting for the pool pushed past its TTFT (``queue_pushed``, the prefill
+  order's ``pushed_by``). A prefill call is kept off a node whose streams it would push past
   theirs while another will do, and with every node pushing one, the disaggregated choice misses
   (``stalls_everywhere``, ``choice.stalled``); the pool's wait counts the prompts its nodes serve
   whole (``pool_wait_s``). Not modelled: the beside term in a prefill call's own TTFT prediction
@@ -134,14 +134,6 @@ class ClusterState(Colocation):
         # colocation: each prefill node's engine, which runs the pool's prefills and the streams it
         # serves whole
         self.homes = [_Decode(index=p, home=True) for p in range(cfg.num_prefill)] if cfg.colocate else []
-        # colocation with the slack order: the prompts each prefill node is to serve whole, waiting
-        # for their turn there (deadline, request), their prefills' predicted seconds in all, each
-        # one's; and the prompt served whole whose turn a node is in (until its first token)
-        self.turns = bool(self.homes) and cfg.order == "slack"
-        self.pinned: list[list[tuple[float, int]]] = [[] for _ in self.homes]
-        self.pinned_s = [0.0] * len(self.homes)
-        self.pinned_cost: dict[int, float] = {}
-        self.whole_on: dict[int, int] = {}
         self.produced_start: dict[int, float] = {}
         self.joined_at: dict[int, float] = {}  # requests waiting at a decode node for a place in its batch
         # Prefix caching: each engine's cache; each request's block keys (none without input_ids or
@@ -386,14 +378,8 @@ class ClusterState(Colocation):
         held = self.engine_held(dn, i)
         own = e.input_len - held[0]
         run_s = self.prefill_cost(t, i, held)
-        if dn.home and self.turns:
-            # Served whole with the slack order: behind everything the node's turn is given to first
-            # (``turn_wait_s``), its own prompt alone in its steps (the coordinator's ``wait_s``).
-            queue = self.turn_wait_s(dn.index)
-            beside = chunk_steps(own, self.budget(dn), b) * beside_s(t, b, ctx)
-        else:
-            beside = chunk_steps(sum(dn.local_left.values()) + own, self.budget(dn), b) * beside_s(t, b, ctx)
-            queue = self.local_queue_s(dn)
+        beside = chunk_steps(sum(dn.local_left.values()) + own, self.budget(dn), b) * beside_s(t, b, ctx)
+        queue = self.local_queue_s(dn)
         raw = queue + run_s + beside
         f = self.calibrated(dn, "ttft_local", raw) / raw if raw > 0 else 1.0
         stall = (run_s + beside) * f
