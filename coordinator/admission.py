@@ -37,8 +37,7 @@ from tandem.errors import InvalidRequest, Rejected
 
 from . import metrics as m
 from .choice import Option, best, candidates, choose, choose_disagg, local_option, prefill_rank, stalled
-from .estimates import (Estimate, beside_whole_s, decode_estimate, decode_load, decode_view, life_load,
-                        prefill_estimate)
+from .estimates import Estimate, decode_estimate, decode_load, decode_view, life_load, prefill_estimate
 from .prefillq import PrefillOrder
 from .prefix import ROUTINGS, Held, held_prefixes
 from .nodeclient import NodeClient
@@ -226,14 +225,11 @@ class Admission:
             # The prefill nodes as decode nodes of their own: their streams, their batch over the
             # request's life, what a prefill there would do to those streams.
             hlives = {n.node_id: life_load(n, max_tokens, hviews[n.node_id]) for n in whole}
-            # Its prompt waits for its turn in the prefill order there, as a prefill call does
-            # (where the order holds the queue): it waits behind those the order puts ahead of it,
-            # and one it would push past their TTFT objective is a miss ("queue").
-            turn = ((lambda n, tokens, cached: self.order.predict(n, tokens, arrival, slo.ttft_s, cached,
-                                                                  beside_whole_s(n, tokens)))
-                    if self.order.holds else None)
+            # Its prompt goes to the node's engine at once, ahead of the requests waiting in the
+            # prefill order there: one it would push past their TTFT objective is a miss, as a
+            # prefill-order request's would be ("queue").
             home = local_option(whole, prompt_tokens, max_tokens, slo, held, hlives, hviews, self.protect,
-                                self.kv_room, turn=turn)
+                                self.kv_room, queue_pushes=self.order.pushed_by)
             if home is not None:
                 home.colocated = True
         always = self.colocate == "always" and home is not None and not home.misses(slo)

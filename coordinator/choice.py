@@ -22,7 +22,6 @@ from .prefix import Held
 
 if TYPE_CHECKING:
     from .admission import Slo
-    from .prefillq import Prediction
 
 NO_HOLD = Held()
 LOCAL_GAIN = 0.2  # prefill on the decode node when that starts this much sooner (and both meet the SLO)
@@ -134,36 +133,30 @@ def prefill_rank(node: NodeClient) -> tuple[int, int]:
 def local_option(decoders: list[NodeClient], prompt_tokens: int, max_tokens: int, slo: Slo,
                  held: dict[str, Held], lives: dict[str, tuple[float, float]], views: dict[str, DecodeView],
                  protect: bool = True, kv_room: bool = True, alone: bool = False,
-                 turn: Callable[[NodeClient, int, int], Prediction | None] | None = None) -> Option | None:
+                 queue_pushes: Callable[[NodeClient, float], int] | None = None) -> Option | None:
     """The best decode node to prefill this request itself, among those where that does not
     push the streams they are decoding past the TPOT objective (with none set: where no other
     prefill is running): the soonest start among those that meet both of its objectives, or
     with none, among them all. ``alone``: there is no prefill pool to send it to instead (none
     registered, none coming back), so with no such node the best of the rest, carrying what it
     would do to their streams (a miss: admission refuses it). ``protect``, ``kv_room``: admission's
-    (``Admission.protect``: its streams' budgets asked; ``Admission.kv_room``). ``turn``: on
-    prefill nodes (--colocate), where a prompt of so many tokens to compute (after so many held)
-    would wait in the prefill order for a node (``PrefillOrder.predict``; None: nothing queued
-    there), which its prompt served whole waits in too: its TTFT waits that long, and a node
-    where it would push requests waiting there past their TTFT objective is a "queue" miss,
-    passed over while another meets the objectives."""
+    (``Admission.protect``: its streams' budgets asked; ``Admission.kv_room``). ``queue_pushes``:
+    on prefill nodes (--colocate), how many requests waiting in the prefill order for a node a
+    prefill of so many seconds sent straight to its engine would push past their TTFT objective
+    (``PrefillOrder.pushed_by``): a node that pushes any is a "queue" miss, passed over while
+    another meets the objectives."""
     fits: list[tuple[LocalEstimate, NodeClient]] = []
     harmful: list[tuple[LocalEstimate, NodeClient, float, str]] = []
     unknown: list[NodeClient] = []
     for n in decoders:
         view = views[n.node_id]
-        cached = held.get(n.node_id, Held())
-        where = None
-        if turn is not None:
-            c = cached.capped(prompt_tokens - 1).tokens
-            where = turn(n, prompt_tokens - c, c)
-        est = local_estimate(n, prompt_tokens, max_tokens, cached, lives.get(n.node_id), kv_room, view,
-                             where.wait_s if where is not None else None)
+        est = local_estimate(n, prompt_tokens, max_tokens, held.get(n.node_id, Held()), lives.get(n.node_id),
+                             kv_room, view)
         if est is None:
             unknown.append(n)
             continue
-        if where is not None:
-            est.ttft.pushes = where.pushes
+        if queue_pushes is not None and est.ttft.idle_seconds:
+            est.ttft.pushes = queue_pushes(n, est.ttft.idle_seconds)
         batch, context, step = view.batch, view.context, view.step
         if protect and slo.tpot_s is not None and batch and all_known(view):
             # Every stream running there is this coordinator's, and it knows what each has left of

@@ -67,10 +67,9 @@ def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None =
     batch_s = beside_whole_s(node, tokens - held)  # (not in ``idle_s``: on an idle node there is no batch)
     where = order.predict(node, tokens - held, arrival, ttft_s, held, batch_s) if order is not None else None
     if where is not None:
-        # The prompts of the requests it serves whole (--colocate) take their turns in the prefill
-        # order, as its calls do (``where``); where the order holds none (``engine``, ``fifo``) they
-        # go to its engine at once and run before this one (counted whole, however far along).
-        whole = [] if order.holds else [t for t in node.prefilling.values() if t > 0]  # type: ignore[union-attr]
+        # The prompts of the requests it serves whole (--colocate) go to its engine at once, not
+        # through the prefill order: they run before this one (counted whole, however far along).
+        whole = [t for t in node.prefilling.values() if t > 0]
         raw_wait_s = where.wait_s + queued_prefill_s(model, whole) + beside_whole_s(node, *whole)
         f = node.factor("ttft", raw_wait_s + idle_s + batch_s)  # (all parts scaled alike: the calibration's share)
         wait_s, run_s = raw_wait_s * f, (idle_s + batch_s) * f
@@ -389,7 +388,7 @@ class LocalEstimate:
 
 def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached: Held = Held(),
                    life: tuple[float, float] | None = None, kv_room: bool = True,
-                   view: DecodeView | None = None, wait_s: float | None = None) -> LocalEstimate | None:
+                   view: DecodeView | None = None) -> LocalEstimate | None:
     """None when the node has no prefill or no decode model yet.
 
     TTFT = the prefills queued there (``_local_queue``: this coordinator's local prefills still
@@ -402,19 +401,16 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
     request added (its KV is already there). Harm: every running stream
     waits for the prefill's chunks once, spread over its tokens (this request's ``max_tokens``
     stands in for theirs, which the coordinator does not know). ``life``, ``view``: as
-    ``decode_estimate``'s. ``wait_s``: on a prefill node serving it whole, the wait for its turn in
-    the prefill order (``PrefillOrder.predict``, model seconds; the prompts ahead of it there each
-    in steps of their own, their beside terms in it), in place of the engine's queue; its own
-    steps beside the batch are then its own prompt's only."""
+    ``decode_estimate``'s."""
     model = node.model
     if not (model.prefill.samples and model.decode.samples):
         return None
     view = view or decode_view(node, tpot_left=False)
     step, batch, context, budget, queue = view.step, view.batch, view.context, view.step_tokens, view.queue
-    raw_queue_s = view.queue_s if wait_s is None else wait_s
+    raw_queue_s = view.queue_s
     cached = cached.capped(prompt_tokens - 1)  # the last prompt token is always computed
     idle_s = prefill_after_load(model, prompt_tokens, cached.tokens) + load_s(cached.loaded, cached.disk, model)
-    chunks = chunk_steps((sum(queue) if wait_s is None else 0) + prompt_tokens - cached.tokens, budget, batch)
+    chunks = chunk_steps(sum(queue) + prompt_tokens - cached.tokens, budget, batch)
     # Its chunks' steps carry the batch too: what the batch adds to each.
     raw_batch_s = chunks * beside_s(model, batch, context)
     # Every block of the prompt comes out of the free ones (a prefix-cached block the engine holds
@@ -426,10 +422,8 @@ def local_estimate(node: NodeClient, prompt_tokens: int, max_tokens: int, cached
     queue_s, run_s, batch_s, room_s = raw_queue_s * f, idle_s * f, raw_batch_s * f, raw_room_s * f
     ttft = Estimate(node, queue_s + run_s + batch_s + room_s, idle_s, queue_s=queue_s + room_s, factor=f,
                     cached_tokens=cached,
-                    describe=lambda: f"{node.node_id} (prefill here): "
-                    + (f"queue {len(queue)} prompts {queue_s * 1000:.0f} ms" if wait_s is None
-                       else f"{queue_s * 1000:.0f} ms before its turn (prefill order)")
-                    + f" + prefill {run_s * 1000:.0f} ms + {chunks} steps beside a batch of {batch} "
+                    describe=lambda: f"{node.node_id} (prefill here): queue {len(queue)} prompts {queue_s * 1000:.0f} ms + "
+                    f"prefill {run_s * 1000:.0f} ms + {chunks} steps beside a batch of {batch} "
                     f"{batch_s * 1000:.0f} ms{_room(room_s, short)}{_calibrated(f)}{_held(cached)}")
     tpot = None
     if max_tokens > 1:

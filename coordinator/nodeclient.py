@@ -117,8 +117,7 @@ class NodeClient:
     # This coordinator's requests there -> tokens: on a decode node, its streams (their context);
     # on a prefill node, the streams it serves whole (--colocate), its prefill calls being in ``prefills``.
     inflight: Tally = field(default_factory=lambda: Tally())
-    # a prefill node's prefill calls (and prompts it serves whole waiting their turn) -> tokens to compute
-    prefills: Tally = field(default_factory=lambda: Tally())
+    prefills: Tally = field(default_factory=lambda: Tally())  # a prefill node's prefill calls -> tokens to compute
     sent: Tally = field(default_factory=lambda: Tally())  # of those, the ones sent to its engine (past their turn)
     prefilling: Tally = field(default_factory=lambda: Tally())  # of those, local prefills not done yet -> tokens
     prefilling_since: dict[int, float] = field(default_factory=dict)  # -> when each was sent (perf_counter)

@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 
-from tandem.errors import DeadlineExceeded, InvalidRequest, NodeFailed, Rejected
+from tandem.errors import DeadlineExceeded, InvalidRequest, Rejected
 from tandem.proto import tandem_pb2 as pb
 from tandem.sampling import Sampling, to_proto
 
@@ -235,10 +235,7 @@ class Pipeline:
                     # over the pool (and an empty decode pool costs no prefill work).
                     dnode = legs_end.enter_context(self.router.track(first or await self.router.acquire("decode", avoid),
                                                                      len(context), to_come, stream_budget))
-                # A prompt a prefill node serves whole (--colocate) waits for its turn in the prefill
-                # order there first (when the order holds the queue), as the node's prefill calls do.
-                whole_turn = local and dnode is not None and dnode.record.role == "prefill" and self.admission.order.holds
-                if leg == 0 and local and not whole_turn:  # its call goes now
+                if leg == 0 and local:  # its call goes now (a prefill node's: after its turn there)
                     out.dispatch_s = time.perf_counter() - req.received
                     m.QUEUE.observe(out.dispatch_s)
                 consumed = False  # a completed decode fetched (and so freed) the handle's blocks
@@ -263,7 +260,7 @@ class Pipeline:
                             dnode = legs_end.enter_context(self.router.track(
                                 await self.router.acquire("decode", avoid), len(context), to_come, stream_budget))
                             awaiting.enter_context(self.router.track_awaiting(dnode, len(context)))
-                        if not prog.sent:  # (its first token: leg 0's, or a later one's whose leg 0 sent none)
+                        if leg == 0:
                             out.prefill_s, out.prefill_node = pre.prefill_s, pnode.node_id
                             out.dispatch_s = req.prefill_sent_at - req.received
                             m.QUEUE.observe(out.dispatch_s)
@@ -281,24 +278,13 @@ class Pipeline:
                         out.decode_node = dnode.node_id
                         t_dec = time.perf_counter()
                         prefilling = legs_end.enter_context(ExitStack())  # a local prefill, until its first token
+                        if local:  # its work there: less the prefix admission credited the node with
+                            # (a later leg computes it all: the node that held its prefix failed)
+                            held, run_s = (plan.prefill_held, plan.prefill_run_s) if leg == 0 else (0, 0.0)
+                            prefilling.enter_context(self.router.track_prefill(dnode, max(1, len(context) - held),
+                                                                               run_s))
                         started = False  # its tokens came on this leg
                         try:
-                            if local:  # its work there: less the prefix admission credited the node with
-                                # (a later leg computes it all: the node that held its prefix failed)
-                                held, run_s = (plan.prefill_held, plan.prefill_run_s) if leg == 0 else (0, 0.0)
-                                work = max(1, len(context) - held)
-                                if whole_turn:  # (its turn ends with its first token, ``prefilling``'s)
-                                    try:
-                                        prefilling.callback(await self._whole_turn(req, dnode, work,
-                                                                                   len(context) - work, leg))
-                                    except NodeCallFailed:  # (it went nowhere: the next leg says where it did)
-                                        out.prefill_node, out.local_prefill, out.colocated = "", False, False
-                                        raise
-                                    t_dec = time.perf_counter()
-                                    if not prog.sent:
-                                        out.dispatch_s = t_dec - req.received
-                                        m.QUEUE.observe(out.dispatch_s)
-                                prefilling.enter_context(self.router.track_prefill(dnode, work, run_s))
                             async with aclosing(self._decode(req, dnode, prompt, sampling, handle, leg,
                                                              local)) as stream:
                                 async for msg in stream:
@@ -451,24 +437,6 @@ class Pipeline:
                     _cancel(call)
             m.PREFILL.observe(time.perf_counter() - t0)
             return resp, node
-
-    async def _whole_turn(self, req: Prepared, node: NodeClient, work: int, cached: int, leg: int
-                          ) -> Callable[[], None]:
-        """Wait for the turn of a prompt prefill node ``node`` serves whole in its prefill order
-        (``work`` tokens to compute after ``cached`` held; a later leg, none yet: a migrated one goes
-        first), counted with the node's prefill calls meanwhile (``Router.track_turn``); what it
-        returns ends the turn. A node that leaves routing meanwhile fails the leg (NodeCallFailed,
-        retryable: the next leg goes to the decode pool), and nothing was sent to it."""
-        order = self.admission.order
-        ttft_s = req.slo.over(self.admission.default_slo).ttft_s
-        turn = order.entry(node, req.request_id, work, req.received, ttft_s, urgent=leg > 0, cached=cached,
-                           beside_s=beside_whole_s(node, work))
-        with self.router.track_turn(node, work):
-            try:
-                return await order.wait(node, turn, req.deadline)
-            except NodeGone as gone:
-                raise NodeCallFailed(NodeFailed(str(gone)), node, retryable=True, node_failed=False,
-                                     cause="left") from gone
 
     def _decode(self, req: Prepared, node: NodeClient, prompt: list[int], sampling: Sampling,
                 handle: pb.KVHandle | None, leg: int, local: bool = False) -> AsyncIterator[pb.DecodeResponse]:

@@ -24,15 +24,6 @@ schedule finds late anyway is not dropped: it runs when the on-time ones are
 done, or first once it has been late longer than its objective (no starvation).
 Admission asks ``predict`` where a new request would go and whether it would
 push a queued one past its deadline (then it is refused, not them).
-
-A prompt a prefill node serves whole (--colocate) takes its turn here too, from
-its arrival until its first token (``wait``), like a prefill call: with the
-prefill depth of one, no other prompt is in that engine meanwhile. Until the
-forty-fifth sitting it went to the engine at once, and vLLM ran whatever prompts
-reached it while a step ran in one step (2,048 tokens of budget there): a prompt
-of 39 ms took 145 when a 119 ms one admitted 3 ms after it joined its step, and
-the TTFT error of the prompts served whole was p90 59 % on burst44 and 42 % on
-goals44 (16-20 % for those no prompt joined and none was queued ahead of).
 """
 
 from __future__ import annotations
@@ -41,7 +32,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -201,27 +192,34 @@ class PrefillOrder:
         ahead = order[:order.index(new)]
         return Prediction(start - now + sum(e.run_s for e in ahead), pushes)
 
+    def pushed_by(self, node: NodeClient, run_s: float) -> int:
+        """How many more of the requests waiting here for ``node`` would miss their TTFT objective
+        if the node first ran ``run_s`` of work that skips this queue (a prompt it serves whole,
+        --colocate, goes to its engine at once). 0 where nothing waits here (``fifo``, ``engine``)."""
+        q = self._queues.get(_key(node))
+        if not self.holds or q is None or not q.waiting or run_s <= 0:
+            return 0
+        rest, start = _scheduled(q, now=time.perf_counter())
+        late = [sum(e.has_slo for e in schedule(rest, t)[1]) for t in (start, start + run_s)]
+        return max(0, late[1] - late[0])
+
     @asynccontextmanager
     async def turn(self, node: NodeClient, e: Entry, give_up_at: float | None = None) -> AsyncIterator[None]:
-        """Hold ``e`` until it may go to ``node``, and for as long as its call runs there (``wait``)."""
-        done = await self.wait(node, e, give_up_at)
-        try:
-            yield
-        finally:
-            done()
-
-    async def wait(self, node: NodeClient, e: Entry, give_up_at: float | None = None) -> Callable[[], None]:
-        """Hold ``e`` until it may go to ``node``; what it returns ends its turn there (once its
-        prefill is done: a prefill call's answer, or the first token of a prompt the node serves
-        whole). NodeGone when the node leaves routing before its turn (or as it comes: a node that
-        just failed a call wakes the next one before the caller has marked it down);
+        """Hold ``e`` until it may go to ``node``, and for as long as its call runs there.
+        NodeGone when the node leaves routing before its turn (or as it comes: a node that just
+        failed a call wakes the next one before the caller has marked it down);
         DeadlineExceeded at ``give_up_at`` (perf_counter; the client's deadline)."""
         key = _key(node)
         q = self._queues.setdefault(key, _NodeQueue())
         if not self.holds:
             e.started = time.perf_counter()
             q.running.append(e)
-            return lambda: self._end(key, q, e)
+            try:
+                yield
+            finally:
+                q.running.remove(e)
+                self._forget(key, q)
+            return
         q.waiting.append(e)
         WAITING.inc()
         try:
@@ -252,11 +250,9 @@ class PrefillOrder:
             self._forget(key, q)
             raise
         WAIT.observe(e.started - e.queued)
-        return lambda: self._end(key, q, e)
-
-    def _end(self, key: tuple[str, str], q: _NodeQueue, e: Entry) -> None:
-        """``e``'s turn is over: the next one goes."""
-        if e in q.running:  # (once)
+        try:
+            yield
+        finally:
             q.running.remove(e)
             self._pump(q)
             self._forget(key, q)

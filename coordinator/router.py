@@ -256,14 +256,6 @@ class Router:
             node.prefilling_run_s.pop(key, None)
 
     @contextmanager
-    def track_turn(self, node: NodeClient, tokens: int) -> Iterator[NodeClient]:
-        """A prompt prefill node ``node`` serves whole (--colocate) waiting for its turn in the
-        prefill order there: ``tokens`` to compute, counted with the node's prefill calls
-        (``NodeClient.prefills``: what its streams' backlog and its load count) until it goes."""
-        with _counted(node.prefills, tokens):
-            yield node
-
-    @contextmanager
     def track_awaiting(self, node: NodeClient, tokens: int) -> Iterator[NodeClient]:
         """A stream reserved on decode node ``node`` (``track``) whose ``tokens`` prompt tokens a
         prefill node computes, until its first token there (admission's KV room counts them: the

@@ -1197,26 +1197,17 @@ def test_the_prefill_orders_entries_on_a_node_serving_streams_whole_count_their_
 def test_a_prompt_a_prefill_node_serves_whole_counts_before_the_prefill_orders_next() -> None:
     async def go():
         r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(fits=fits())})
-        p0, now = r._nodes["p0"], time.perf_counter()
-        # engine: the queue lives in vLLM, and a prompt p0 serves whole (--colocate) goes to its engine
-        # at once: a prefill call behind the order's running one waits 0.5 s more for one of 500 tokens.
-        order = PrefillOrder(r, "engine")
-        async with order.turn(p0, order.entry(p0, "a", 100, now, 5.0)):
+        p0, order, now = r._nodes["p0"], PrefillOrder(r, "slack"), time.perf_counter()
+        async with order.turn(p0, order.entry(p0, "a", 100, now, 5.0)):  # the order's prefill running there
             behind = prefill_estimate(p0, 100, order, now, 1.0).queue_s
             assert behind > 0.0
-            with r.track_prefill(p0, 500):
+            with r.track_prefill(p0, 500):  # and a prompt p0 serves whole (--colocate): 0.5 s more
                 assert prefill_estimate(p0, 100, order, now, 1.0).queue_s == pytest.approx(behind + 0.5, abs=1e-3)  # (its run goes on meanwhile)
-        # slack: that prompt takes its turn in the order (``PrefillOrder.wait``), and counts there, once.
-        order = PrefillOrder(r, "slack")
-        async with order.turn(p0, order.entry(p0, "a", 500, now, 5.0)):
-            with r.track_prefill(p0, 500):
-                assert prefill_estimate(p0, 100, order, now, 1.0).queue_s == pytest.approx(0.51, abs=1e-3)
 
     asyncio.run(go())
 
 
-def test_a_prompt_served_whole_waits_its_turn_in_the_prefill_order_and_may_not_push_the_waiting_past_their_ttft(
-        ) -> None:
+def test_a_prompt_served_whole_may_not_push_the_prefill_orders_waiting_requests_past_their_ttft() -> None:
     async def go():
         r = cluster({"p0": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(fits=fits())})
         p0 = r._nodes["p0"]
@@ -1234,17 +1225,31 @@ def test_a_prompt_served_whole_waits_its_turn_in_the_prefill_order_and_may_not_p
         waiting = asyncio.ensure_future(hold(order.entry(p0, "b", 100, now, 0.25)))
         await asyncio.sleep(0)
         try:
-            # Served whole, a 100-token prompt due in 1 s waits its turn behind both (0.22 s), then
-            # its prefill (0.11 s): predicted so, and served whole (--colocate always).
+            # A prompt served whole goes to the engine at once, ahead of it: 0.11 s more makes it late.
+            assert order.pushed_by(p0, 0.01) == 0 and order.pushed_by(p0, 0.11) == 1
             slo = Slo(ttft_s=1.0, tpot_s=0.1)
             plan = adm.plan("r", 100, 16, slo)
-            assert plan.colocated and plan.decode is p0
-            assert plan.ttft_s == pytest.approx(0.33, abs=0.01) and plan.queued_s == pytest.approx(0.22, abs=0.01)
-            # Due in 0.24 s, the order would put it before the waiting one, which would then be late:
-            # the order runs it last instead (0.22 s behind both) and it misses its own objective.
-            assert adm.plan("r", 5, 16, Slo(ttft_s=1.0, tpot_s=0.1)).colocated  # (5 tokens due in 1 s: in time)
-            with pytest.raises(Rejected, match=r"served whole on prefill node p0: predicted TTFT 3\d\d ms > 240 ms"):
-                Admission(r, local=False, colocate="on", order=order).plan("r", 100, 16, Slo(ttft_s=0.24, tpot_s=0.1))
+            assert not plan.colocated and plan.prefill is p0  # through the prefill order, after it
+            assert adm.plan("r", 5, 16, slo).colocated  # 0.015 s: it still makes its deadline
+            # With a TTFT objective the prefill order cannot meet either (0.33 s behind both), refused:
+            # the refusal says why it was not served whole.
+            with pytest.raises(Rejected, match=r"served whole on prefill node p0: predicted TTFT \d+ ms meets 300 ms "
+                                               r"only by pushing 1 queued request"):
+                Admission(r, local=False, colocate="on", order=order).plan("r", 100, 16, Slo(ttft_s=0.3, tpot_s=0.1))
+        finally:
+            done.set()
+            await asyncio.gather(running, waiting)
+        # With a second prefill node that pushes nobody, that one serves it whole.
+        r = cluster({"p0": pb.NodeLoad(fits=fits()), "p1": pb.NodeLoad(fits=fits()), "d0": pb.NodeLoad(fits=fits())})
+        adm = Admission(r, local=False, colocate="always")
+        order, p0, done = adm.order, r._nodes["p0"], asyncio.Event()
+        running = asyncio.ensure_future(hold(order.entry(p0, "a", 100, now, 5.0)))
+        await asyncio.sleep(0)
+        waiting = asyncio.ensure_future(hold(order.entry(p0, "b", 100, now, 0.25)))
+        await asyncio.sleep(0)
+        try:
+            plan = adm.plan("r", 100, 16, Slo(ttft_s=1.0, tpot_s=0.1))
+            assert plan.colocated and plan.decode.node_id == "p1"
         finally:
             done.set()
             await asyncio.gather(running, waiting)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from pathlib import Path
 
@@ -423,84 +422,3 @@ def test_observe_many_and_add_record_what_as_many_observations_and_inc_would(mod
         add(counted, n)
     assert [s.value for f in reg.collect() if f.name == "counted" for s in f.samples
             if s.name == "counted_total"] == [20]
-
-
-class FakeHome(FakePrefill):
-    """A prefill node that serves requests whole (--colocate): Prefill calls, and Decode streams that
-    prefill the prompt there (``prefill_here``)."""
-
-    def __init__(self, tokens: list[int]) -> None:
-        super().__init__()
-        self.decode = FakeDecode(tokens)
-
-    def Decode(self, req: pb.DecodeRequest, timeout: float | None = None) -> FakeCall:
-        return self.decode.Decode(req, timeout)
-
-
-def make_colocated(tiny_model: Path, stubs: list[tuple[str, object, bool]]) -> Pipeline:
-    """A pipeline over ``stubs`` (role, stub, serves whole), every node with a model, whose admission
-    serves each request whole on a prefill node that can (``--colocate always``, no local prefill)."""
-    from tandem.coordinator.admission import Admission
-
-    fits = [pb.PerfFit(name="prefill", terms=["const", "tokens", "tokens2"], coefficients=[0.01, 0.001, 0], samples=9),
-            pb.PerfFit(name="decode", terms=["const", "batch", "context"], coefficients=[0.005, 0.001, 0], samples=9)]
-    router = Router("tiny", watch_loads=False, node_calls="call")
-    for i, (role, stub, whole) in enumerate(stubs):
-        node_id = f"{role}-{i}"
-        router.on_membership(node_id, NodeRecord(node_id, role, f"127.0.0.1:{9000 + i}", "x:1", "tiny", 512,
-                                                 serves_whole=whole))
-        router._nodes[node_id].stub = stub
-        router._nodes[node_id].saw_load(pb.NodeLoad(fits=fits))
-    return Pipeline(router, TextCodec(str(tiny_model)), lambda: 512, "tiny",
-                    admission=Admission(router, local=False, colocate="always"))
-
-
-def test_a_prompt_a_prefill_node_serves_whole_waits_for_its_turn_in_the_prefill_order(tiny_model: Path) -> None:
-    """With the prefill order holding the queue (slack, depth 1), a prompt served whole goes to the
-    node's engine only when the prefill running there is done, and counts as that node's prefill
-    work while it waits; its TTFT's dispatch part is that wait."""
-    home = FakeHome([100, 101, 102, 103])
-
-    async def go() -> tuple[list, int, float]:
-        p = make_colocated(tiny_model, [("prefill", home, True), ("decode", FakeDecode([1]), False)])
-        node, order = p.router._nodes["prefill-0"], p.admission.order
-        done = await order.wait(node, order.entry(node, "a", 100, time.perf_counter(), 5.0))  # a call running there
-        task = asyncio.ensure_future(collect(p, Sampling(max_tokens=4)))
-        await asyncio.sleep(0.2)
-        sent_while_held, waiting = len(home.decode.requests), node.prefills.total
-        done()
-        return await task, sent_while_held, waiting
-
-    evs, sent_while_held, waiting = asyncio.run(go())
-    assert sent_while_held == 0 and waiting == 3  # held back, counted as its 3 prompt tokens to compute
-    (req,) = home.decode.requests
-    assert req.prefill_here and list(req.prompt_token_ids) == [5, 6, 7]
-    fin = evs[-1]
-    assert fin.colocated and fin.prefill_node == fin.decode_node == "prefill-0" and fin.migrations == 0
-    assert fin.dispatch_s >= 0.2 and [t for e in evs if isinstance(e, TokenEvent) for t in e.token_ids] == [
-        100, 101, 102, 103]
-
-
-def test_a_prompt_served_whole_whose_node_leaves_while_it_waits_goes_to_the_decode_pool(tiny_model: Path) -> None:
-    """Nothing was sent to the node: the next leg prefills on another prefill node and decodes on the
-    decode pool, and the client sees one stream."""
-    home, other, decode = FakeHome([100, 101, 102, 103]), FakePrefill(first=100), FakeDecode([101, 102, 103])
-
-    async def go() -> list:
-        p = make_colocated(tiny_model, [("prefill", home, True), ("prefill", other, False), ("decode", decode, False)])
-        node, order = p.router._nodes["prefill-0"], p.admission.order
-        done = await order.wait(node, order.entry(node, "a", 100, time.perf_counter(), 5.0))
-        try:
-            task = asyncio.ensure_future(collect(p, Sampling(max_tokens=4)))
-            await asyncio.sleep(0.05)
-            node.record = dataclasses.replace(node.record, draining=True)  # it leaves routing while the prompt waits
-            return await task
-        finally:
-            done()
-
-    evs = asyncio.run(go())
-    assert not home.decode.requests and not home.calls
-    assert len(other.calls) == 1 and len(decode.requests) == 1
-    fin = evs[-1]
-    assert fin.reason == "length" and not fin.colocated and fin.migrations == 1
-    assert [t for e in evs if isinstance(e, TokenEvent) for t in e.token_ids] == [100, 101, 102, 103]
