@@ -330,6 +330,9 @@ TANDEM_VARIANTS: dict[str, tuple[list[str], list[str]]] = {
     # decode engines that take vLLM's own per-step budget on this backend (2048 tokens, as colocated
     # vLLM's) instead of Tandem's 256: a prompt they prefill goes in fewer, longer steps
     "-bigstep": ([], ["--max-num-batched-tokens", "2048"]),
+    # engines that start a prompt in whatever budget a step has left, beside another prompt's last
+    # chunk (vLLM's own scheduling; Tandem's nodes until the forty-sixth sitting)
+    "-sharedsteps": ([], ["--prompt-steps", "shared"]),
 }
 
 

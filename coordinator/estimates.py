@@ -70,7 +70,8 @@ def prefill_estimate(node: NodeClient, tokens: int, order: PrefillOrder | None =
         # The prompts of the requests it serves whole (--colocate) go to its engine at once, not
         # through the prefill order: they run before this one (counted whole, however far along).
         whole = [t for t in node.prefilling.values() if t > 0]
-        raw_wait_s = where.wait_s + queued_prefill_s(model, whole) + beside_whole_s(node, *whole)
+        raw_wait_s = where.wait_s + queued_prefill_s(model, whole, own_steps=node.record.own_steps) \
+            + beside_whole_s(node, *whole)
         f = node.factor("ttft", raw_wait_s + idle_s + batch_s)  # (all parts scaled alike: the calibration's share)
         wait_s, run_s = raw_wait_s * f, (idle_s + batch_s) * f
         return Estimate(node, wait_s + run_s, idle_s, queue_s=wait_s, pushes=where.pushes, factor=f,
@@ -171,7 +172,7 @@ def _local_queue(node: NodeClient, budget: int, batch: int, context: int) -> tup
         sent = [t for t in node.sent.values() if t > 0]
         queue = _prefill_queue(node, {**node.sent, **node.prefilling})
         runs = [0.0] * len(sent) + [node.prefilling_run_s.get(k, 0.0) for k, t in node.prefilling.items() if t > 0]
-        return queue, queued_prefill_s(model, queue, runs[:len(queue)])
+        return queue, queued_prefill_s(model, queue, runs[:len(queue)], node.record.own_steps)
     own = [k for k, t in node.prefilling.items() if t > 0]
     share = [1.0]  # of the oldest, the share still to run
 
@@ -188,7 +189,7 @@ def _local_queue(node: NodeClient, budget: int, batch: int, context: int) -> tup
     if runs and runs[0]:  # the oldest: the share of it still to run
         base = model.prefill_s(0)
         runs[0] = base + share[0] * (runs[0] - base)
-    return queue, queued_prefill_s(model, queue, runs)
+    return queue, queued_prefill_s(model, queue, runs, node.record.own_steps)
 
 
 def backlog_s(node: NodeClient) -> float:
@@ -197,10 +198,12 @@ def backlog_s(node: NodeClient) -> float:
     engine or still waiting their turn in the prefill order (``NodeClient.prefills``; they all
     run within a stream's few seconds), and the prompts it serves whole; what its report lists
     beyond those, whole prompts."""
-    return queued_prefill_s(node.model, _prefill_queue(node, {**node.prefills, **node.prefilling}))
+    return queued_prefill_s(node.model, _prefill_queue(node, {**node.prefills, **node.prefilling}),
+                            own_steps=node.record.own_steps)
 
 
-def queued_prefill_s(model: ModelView, queue: list[int], runs: Sequence[float] = ()) -> float:
+def queued_prefill_s(model: ModelView, queue: list[int], runs: Sequence[float] = (), own_steps: bool = False
+                     ) -> float:
     """What the local prefills queued on a decode node (tokens still to prefill each) add to the
     TTFT of a prompt behind them: their tokens' share of the prefill fit, without its constant.
     The engine runs prompts in chunks of its per-step budget back to back, the next prompt's first
@@ -209,8 +212,11 @@ def queued_prefill_s(model: ModelView, queue: list[int], runs: Sequence[float] =
     nodes). Counted once per queued prompt, as until then, it put the TTFTs of prompts that
     found a local prefill ahead 8 % over the actual in the median on that sitting's 0:2 multi-turn
     run at 4.5 req/s (p50 / p90 error 23 / 74 %; without it, on the same log, -2 %, 17 / 60 %).
-    ``runs``: the first prompts' own times where known (0: not known), in place of their tokens'."""
-    base = model.prefill_s(0)
+    ``runs``: the first prompts' own times where known (0: not known), in place of their tokens'.
+    ``own_steps``: the node's engine starts each prompt in a step of its own (``--prompt-steps
+    own``, ``NodeRecord.own_steps``): no step is shared, and each queued prompt costs its whole
+    prefill, the constant with it."""
+    base = 0.0 if own_steps else model.prefill_s(0)
     return sum((runs[i] if i < len(runs) and runs[i] else model.prefill_s(t)) - base
                for i, t in enumerate(queue) if t > 0)
 

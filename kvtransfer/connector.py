@@ -15,7 +15,8 @@ block server binds; producers), advertise (host:port put in handles, when
 decode nodes reach the server through a NAT or proxy; default: address),
 port_reserved (the daemon holds that port with SO_REUSEPORT until the server
 is up), lease_s, transport (auto | ucx | tcp), kv_secret_file, tls_cert, tls_key,
-tls_ca, tls_server_name (secure.py: the control connection's TLS; paths only).
+tls_ca, tls_server_name (secure.py: the control connection's TLS; paths only),
+prompt_steps (own | shared: scheduler_side.PromptSteps; default shared, vLLM's own).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class TandemConnector(KVConnectorBase_V1):
             ensure_engine_logging("kv-sched")  # the engine core's process: its lines reach the node's log
             self._sched = SchedulerSide(engine_id, block_size, str(extra.get("advertise") or address), lease_s,
                                         store=open_store_scheduler(store, block_size) if store else None,
-                                        secret=secret)
+                                        secret=secret, own_steps=extra.get("prompt_steps") == "own")
         else:
             mc, pc = vllm_config.model_config, vllm_config.parallel_config
             if kv_cache_config is None:

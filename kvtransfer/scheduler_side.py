@@ -8,6 +8,8 @@ land in are sent to the worker half as a load job; with the node's KV store on,
 the chunks it has ready in RAM are copied from there and only the rest is pulled.
 Any other request, with the node's KV store on: its stored prefix is loaded
 from the store, and its prompt saved there when it finishes (store_side.py).
+Both roles, with ``own_steps`` (``PromptSteps``): a prompt the engine computes
+starts in a step of its own, after the one before it has had its last chunk.
 """
 
 from __future__ import annotations
@@ -37,10 +39,86 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+class PromptSteps:
+    """Prompts in steps of their own: a prompt the engine would compute does not start in a step
+    that already carries another prompt's chunk (one still prefilling, or one this step starts).
+
+    vLLM's scheduler fills each step's token budget: it runs the running requests first (decodes,
+    and a prompt's next chunk), then starts waiting prompts in whatever budget is left. A prompt
+    that arrives while another's last chunk is being scheduled joins that step, and the first
+    prompt's first token waits for the second prompt's compute too: on the forty-fourth sitting's
+    burst run, a prompt predicted at 39 ms took 145 ms when a 119 ms one, sent 3 ms later, shared
+    its step; a decode node's 97-token local prefill predicted at 33 ms took 82 ms beside the
+    first chunk of the next. Held back a step instead, the second starts right after (the engine
+    never idles: the gate only ever holds a prompt while another is in the step), each prompt's
+    TTFT is its own compute plus that of the prompts ahead of it, and that is what the
+    coordinator predicts (coordinator/estimates.py: the queue ahead on the node). What it costs:
+    the step's spare budget, and on a decode node one more step per held prompt, which its
+    decodes use.
+
+    Requests whose prompt arrives as KV (a decode node's transfers) are not held and do not
+    hold others: they compute at most their last token. The scheduler asks again each step
+    (the connector's ``None``: "not known yet"); a held request keeps its place in the queue."""
+
+    def __init__(self) -> None:
+        self._prompts: dict[str, Request] = {}  # started and maybe still prefilling (the engine's objects)
+        self._started = False  # a prompt started in the step being scheduled
+        self._asked: dict[str, int] = {}  # asked about in the step being scheduled: its cached tokens
+        self.held = 0  # how many times a prompt was held back a step
+        self._reported = 0  # of them, handed to the node's metric (take_held)
+
+    @staticmethod
+    def computes(request: Request, num_computed_tokens: int) -> bool:
+        """Whether the engine would compute more of the prompt than its last token."""
+        return request.num_tokens - num_computed_tokens > 1
+
+    def hold(self, request: Request, num_computed_tokens: int) -> bool:
+        """Whether ``request``, a prompt the engine would compute, waits for a later step."""
+        self._asked[request.request_id] = num_computed_tokens
+        if self._started:
+            self.held += 1
+            return True
+        from vllm.v1.request import RequestStatus
+
+        for rid, other in list(self._prompts.items()):
+            if other.is_finished():
+                del self._prompts[rid]
+            elif rid != request.request_id and other.status == RequestStatus.RUNNING \
+                    and other.num_computed_tokens < other.num_prompt_tokens:
+                self.held += 1
+                return True  # its next chunk is in this step (running requests are scheduled first)
+        return False
+
+    def started(self, request: Request, num_external_tokens: int) -> None:
+        """``request`` was given its first blocks and tokens in this step: a prompt, unless the
+        engine's cache and the connector's load hold all of it but its last token."""
+        cached = self._asked.pop(request.request_id, None)
+        if cached is not None and self.computes(request, cached + num_external_tokens):
+            self._prompts[request.request_id] = request
+            self._started = True
+
+    def step_built(self) -> None:
+        self._started = False
+        self._asked.clear()
+        for rid, r in list(self._prompts.items()):
+            if r.is_finished() or r.num_computed_tokens >= r.num_prompt_tokens:
+                del self._prompts[rid]
+
+    def finished(self, request: Request) -> None:
+        self._prompts.pop(request.request_id, None)
+
+    def take_held(self) -> int:
+        """Prompts held back a step since the last call (tandem_engine_prompts_held_total)."""
+        n, self._reported = self.held - self._reported, self.held
+        return n
+
+
 class SchedulerSide:
     def __init__(self, engine_id: str, block_size: int, address: str, lease_s: float,
-                 store: StoreScheduler | None = None, secret: bytes | None = None) -> None:
+                 store: StoreScheduler | None = None, secret: bytes | None = None,
+                 own_steps: bool = False) -> None:
         self.engine_id = engine_id
+        self.steps = PromptSteps() if own_steps else None
         self.secret = secret  # signs each handle (capability.py)
         self.store = store
         self.block_size = block_size
@@ -56,9 +134,12 @@ class SchedulerSide:
             return None
         return p
 
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         p = self._consume_params(request)
         if p is None:
+            if self.steps is not None and self.steps.computes(request, num_computed_tokens) \
+                    and self.steps.hold(request, num_computed_tokens):
+                return None, False  # (before the store's lookup, which pins what it finds)
             if self.store is not None and not self._is_consumer(request):
                 return self.store.lookup(request, num_computed_tokens)
             return 0, False
@@ -75,6 +156,8 @@ class SchedulerSide:
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         p = self._consume_params(request)
         if p is None:
+            if self.steps is not None:
+                self.steps.started(request, num_external_tokens)
             if self.store is not None and not self._is_consumer(request):
                 job, failed = self.store.after_alloc(request, blocks.get_block_ids()[0], num_external_tokens)
                 if job is not None:
@@ -124,6 +207,8 @@ class SchedulerSide:
         from vllm.v1.request import RequestStatus
 
         ended_early = request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED)
+        if self.steps is not None:
+            self.steps.finished(request)
         delay, params = self._finished(request, block_ids, ended_early)
         if self.store is not None:
             t0 = time.perf_counter()
@@ -193,16 +278,23 @@ class SchedulerSide:
             COUNTS.add("save_step_ns", int((time.perf_counter() - t0) * 1e9))
 
     def take_stats(self) -> TandemKVStats | None:
-        """The KV store's counts since the last call (the store lives in this process)."""
+        """The KV store's counts since the last call (the store lives in this process), and the
+        prompts held back a step since then (``PromptSteps``)."""
         data = self.store.stats() if self.store is not None else None
-        if data is None:
+        held = self.steps.take_held() if self.steps is not None else 0
+        if data is None and not held:
             return None
         stats = TandemKVStats(data=empty_stats())
-        stats.data["store"] = data["counts"]
-        stats.data["store_held"] = data["held"]
-        stats.data["store_events"] = data["events"]
+        if data is not None:
+            stats.data["store"] = data["counts"]
+            stats.data["store_held"] = data["held"]
+            stats.data["store_events"] = data["events"]
+        if held:
+            stats.data["prompts_held"] = held
         return stats
 
     def build_connector_meta(self) -> TandemConnectorMetadata:
+        if self.steps is not None:
+            self.steps.step_built()
         meta, self._meta = self._meta, TandemConnectorMetadata(lease_s=self.lease_s)
         return meta

@@ -64,6 +64,8 @@ class TandemKVStats(KVConnectorStats):
             d["store_load_bytes"] = d.get("store_load_bytes", 0) + o["store_load_bytes"]
         if o.get("store_events"):
             d["store_events"] = list(d.get("store_events", [])) + list(o["store_events"])
+        if o.get("prompts_held"):
+            d["prompts_held"] = d.get("prompts_held", 0) + o["prompts_held"]
         return self
 
     def reduce(self) -> dict[str, int | float]:
@@ -78,7 +80,7 @@ class TandemKVStats(KVConnectorStats):
         return (not d["bytes_sent"] and not d["bytes_recv"] and not d["fetch_seconds"]
                 and not d["fetch_failures"] and not d.get("fetch_aborts") and d["blocks_held"] is None
                 and not d.get("store") and d.get("store_held") is None and not d.get("store_load_seconds")
-                and not d.get("store_save_seconds") and not d.get("store_events"))
+                and not d.get("store_save_seconds") and not d.get("store_events") and not d.get("prompts_held"))
 
 
 class TandemPromMetrics(KVConnectorPromMetrics):
@@ -130,8 +132,12 @@ class TandemPromMetrics(KVConnectorPromMetrics):
             "blocks (the copier thread, beside the step; a sync load, --kvstore-load sync, on the worker's thread "
             "before the forward)", labelnames=[*labelnames, "direction"],
             buckets=[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25])
+        self._prompts_held = self._counter_cls(
+            "tandem_engine_prompts_held", "Times the engine's scheduler held a prompt back a step so that it "
+            "starts in a step carrying no other prompt's chunk (--prompt-steps own)", labelnames=labelnames)
         for values in per_engine_labelvalues.values():
             self._held.labels(*values).set(0)
+            self._prompts_held.labels(*values)
             self._aborts.labels(*values)
             self._bytes.labels(*values, "sent")
             self._bytes.labels(*values, "received")
@@ -152,6 +158,8 @@ class TandemPromMetrics(KVConnectorPromMetrics):
             self._fail.labels(*values).inc(data["fetch_failures"])
         if data.get("fetch_aborts"):
             self._aborts.labels(*values).inc(data["fetch_aborts"])
+        if data.get("prompts_held"):
+            self._prompts_held.labels(*values).inc(data["prompts_held"])
         self._observe_store(data, values)
 
     def _observe_store(self, data: dict[str, Any], values: list[object]) -> None:

@@ -46,6 +46,9 @@ class NodeRecord:
     # a prefill node that serves a request whole (DecodeNode calls with prefill_here: --colocate);
     # one that does not say so (an older version) is never asked to
     serves_whole: bool = False
+    # its engine starts each prompt in a step no other prompt's chunk is in (--prompt-steps own);
+    # one that does not say so fills a step's spare budget with the next prompt, as vLLM does
+    own_steps: bool = False
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

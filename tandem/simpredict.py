@@ -270,16 +270,17 @@ class ClusterState(Colocation):
 
     def local_queue_s(self, dn: _Decode, only: Sequence[int] | None = None) -> float:
         """What the prompts queued on a decode node (``only``: those of them) have still to run,
-        each past its held prefix and with its load, less the steps' fixed cost, which they share
-        (``estimates._local_queue``)."""
+        each past its held prefix and with its load (``estimates._local_queue``). Its engine, as
+        this simulator's engines do, starts each prompt in a step of its own (the nodes'
+        ``--prompt-steps own``), so a prompt not begun costs its whole prefill, the steps' fixed
+        cost with it (``estimates.queued_prefill_s``)."""
         dec, queue_s = self.timings(dn), 0.0
         for r, left in dn.local_left.items():
             if only is not None and r not in only:
                 continue
             total, held_r, load_r = dn.local_total[r]
             done = total - left
-            queue_s += dec.prefill_s(total, held_r) - (dec.prefill_s(done, held_r) if done
-                                                         else dec.prefill_s(0) - load_r)
+            queue_s += dec.prefill_s(total, held_r) - (dec.prefill_s(done, held_r) if done else -load_r)
         return queue_s
 
     def pushes(self, dn: _Decode, i: int, now: float, local: tuple[float, float] | None = None) -> int:

@@ -61,6 +61,7 @@ class NodeConfig:
     engine_args: dict = field(default_factory=dict)  # vLLM's own flags from the command line (engine_args.py)
     kv_load_failure_policy: str = "fail"
     scheduling_policy: str = "fcfs"  # the engine's: fcfs | priority (the coordinator's --prefill-order engine)
+    prompt_steps: str = "own"  # own: a prompt starts in a step no other prompt's chunk is in | shared (vLLM's)
     drain_grace_s: float = 30.0
     profile: str = "auto"  # startup profile: auto (cached or run) | fresh | off
     profile_cache: str = ""  # directory of cached profiles; empty: ~/.cache/tandem/profiles
@@ -95,6 +96,8 @@ class NodeConfig:
             raise ValueError(f"--kv-transport must be auto, ucx or tcp, got {self.transport!r}")
         if self.kv_load_failure_policy not in ("fail", "recompute"):
             raise ValueError(f"--kv-load-failure-policy must be fail or recompute, got {self.kv_load_failure_policy!r}")
+        if self.prompt_steps not in ("own", "shared"):
+            raise ValueError(f"--prompt-steps must be own or shared, got {self.prompt_steps!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"--scheduling-policy must be fcfs or priority, got {self.scheduling_policy!r}")
         if self.max_num_batched_tokens < 0:
@@ -275,6 +278,11 @@ def add_node_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--scheduling-policy", default=_env("scheduling_policy", "fcfs"),
                     help="the engine's queue order: fcfs (arrival) | priority (lowest PrefillRequest.priority "
                          "first: run prefill nodes so for the coordinator's --prefill-order engine)")
+    ap.add_argument("--prompt-steps", default=_env("prompt_steps", "own"), choices=["own", "shared"],
+                    help="own: a prompt the engine computes starts in a step that carries no other prompt's "
+                         "chunk, so its first token never waits for a prompt sent after it "
+                         "(kvtransfer/scheduler_side.py: PromptSteps) | shared: vLLM's own scheduling, a new "
+                         "prompt fills whatever budget the step has left")
     ap.add_argument("--kv-load-failure-policy", default=_env("kv_load_failure_policy", "fail"),
                     help="decode nodes, when a request's KV cannot be fetched: fail (that request ends with "
                          "ABORTED and the coordinator prefills it again elsewhere) | recompute (prefill it here)")

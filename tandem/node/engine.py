@@ -152,6 +152,7 @@ class EngineHost:
                     "port_reserved": self.kv_port_reserved,
                     "lease_s": cfg.lease_s,
                     "transport": cfg.transport,
+                    "prompt_steps": cfg.prompt_steps,
                     "kv_secret_file": cfg.kv_secret_file,
                     # the KV control connection's TLS: the node's own files (paths; secure.py)
                     **self._kv_tls_files().to_extra(),

@@ -151,6 +151,8 @@ async def run_node(cfg: NodeConfig, service_name: str,
         model=cfg.served_model_name, max_model_len=engine.max_model_len, metrics_address=metrics_address,
         layout=engine.layout(), version=__version__, engine_id=engine_id, scheduling=cfg.scheduling_policy,
         serves_whole=bool(_served_whole(cfg.role)),
+        # (a simulated engine runs one prompt at a time, each its whole prefill: simengine.py)
+        own_steps=bool(cfg.simulate) or cfg.prompt_steps == "own",
     )
     registration = Registration(cfg.etcd, cfg.cluster, record, cfg.ttl_s)
     await registration.start()

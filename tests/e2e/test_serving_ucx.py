@@ -77,6 +77,11 @@ REFERENCE_CASES = [{"prompt_token_ids": prompt_ids(n, salt), "max_tokens": mt, "
     # ... and the decode is a plain engine continuing from prompt + that token
     {"prompt_token_ids": SEEDED_PROMPT, "extend_with": [len(GREEDY)], "max_tokens": 11, "temperature": 0.9,
      "seed": SEED, "ignore_eos": True}]
+SEEDED_FIRST, SEEDED_REST = len(GREEDY), len(GREEDY) + 1
+# Long prompts sent to the decode node at once, each several of its 256-token steps
+TOGETHER = [prompt_ids(MAX_MODEL_LEN - 24, 50 + k) for k in range(3)]
+TOGETHER_FROM = len(REFERENCE_CASES)
+REFERENCE_CASES += [{"prompt_token_ids": ids, "max_tokens": 4, "ignore_eos": True} for ids in TOGETHER]
 
 
 def test_greedy_and_seeded_equal_a_plain_engine(cluster: LocalCluster, stub, references) -> None:
@@ -96,8 +101,8 @@ def test_greedy_and_seeded_equal_a_plain_engine(cluster: LocalCluster, stub, ref
     after = node_metrics(cluster, "decode")
     for (ids, _, out), expected in zip(got, references):
         assert out == expected, f"prompt of {len(ids)} tokens diverged from the plain engine"
-    assert seeded[:1] == references[-2]
-    assert seeded[1:] == references[-1]
+    assert seeded[:1] == references[SEEDED_FIRST]
+    assert seeded[1:] == references[SEEDED_REST]
 
     # vLLM's own counters on the decode engine: every prompt token arrived over the transfer;
     # the only token it computed itself per request is the first generated one (part of its prompt).
@@ -822,6 +827,35 @@ def test_a_prefill_node_serves_a_request_whole_with_colocate(cluster: LocalClust
     finally:
         coord.stop()
     assert coord.proc is not None and coord.proc.returncode == 0, log.read_text()[-3000:]
+
+
+def test_prompts_sent_to_one_engine_at_once_start_in_steps_of_their_own(cluster: LocalCluster, references) -> None:
+    """Three long prompts sent at once for the decode node to prefill itself (its engine takes 256
+    tokens a step, so each runs for several steps): its scheduler holds each later prompt back
+    until the one before has had its last chunk (--prompt-steps own, the default), which its
+    metric counts, and greedy output is still a plain engine's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    node = next(d for d in cluster.nodes if d.role == "decode")
+    before = node_metrics(cluster, "decode")
+    with grpc.insecure_channel(node.info["grpc"]) as ch:
+        decode = pb_grpc.DecodeNodeStub(ch)
+
+        def run(k: int) -> list[int]:
+            req = pb.DecodeRequest(request_id=f"together-{k}-{time.monotonic_ns()}", prompt_token_ids=TOGETHER[k],
+                                   sampling=pb.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+                                   prefill_here=True)
+            return [t for m in decode.Decode(req, timeout=120) for t in m.token_ids]
+
+        with ThreadPoolExecutor(len(TOGETHER)) as pool:
+            outs = list(pool.map(run, range(len(TOGETHER))))
+    assert outs == references[TOGETHER_FROM:TOGETHER_FROM + len(TOGETHER)]
+    # Whether they reached the engine together or one while another's chunks ran, a later one was
+    # asked about in the step that carried an earlier one's last chunk (the earlier chunks fill
+    # whole steps), and held.
+    wait_until(lambda: metric(node_metrics(cluster, "decode"), "tandem_engine_prompts_held_total")
+               > metric(before, "tandem_engine_prompts_held_total"), 10,
+               "the decode engine's held prompts counted")
 
 
 def _status_of(post, auth: str, body: dict) -> int:
