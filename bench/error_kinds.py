@@ -1,0 +1,108 @@
+"""Admission's prediction error by where a request's prompt was computed, pooled over coordinator
+logs and compared between systems (variants) in a table and a PNG.
+
+A request's finish line in a coordinator log gives its TTFT and TPOT, what admission predicted,
+and where it ran: a prefill call (prefill node, then a decode node), a prompt a prefill node
+served whole (--colocate: ``prefill prefill-0 (local), decode prefill-0``), or a decode node's
+local prefill. The bench report's per-node errors mix the first two on a prefill node; this
+tells them apart. Error: |predicted - actual| / actual, the coordinator's own TTFT (received to
+first token) and TPOT.
+
+    python -m tandem.bench.error_kinds --png docs/perf/steps46-error.png \\
+        own=bench/results/steps46/tandem-1p1d/coordinator.log,bench/results/burst46/tandem-1p1d/coordinator.log \\
+        shared=bench/results/steps46/tandem-1p1d-sharedsteps/coordinator.log,...
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+from tandem.bench.metrics import percentile
+
+LINE = re.compile(r"tokens \(ttft ([\d.]+) s, tpot ([\d.]+) ms, .*prefill (\S+)( \(local\))?, decode (\S+),"
+                  r".*predicted ttft ([\d.]+) s, tpot ([\d.]+) ms")
+KINDS = [("ttft", "call", "TTFT, prefill calls"), ("ttft", "whole", "TTFT, served whole\n(prefill node)"),
+         ("ttft", "local", "TTFT, local prefills\n(decode node)"), ("tpot", "decode", "TPOT, decode nodes"),
+         ("tpot", "whole", "TPOT, served whole\n(prefill node)")]
+
+
+def errors(paths: list[str]) -> dict[tuple[str, str], list[float]]:
+    """(metric, kind) -> the relative errors of the finished requests in ``paths``."""
+    out: dict[tuple[str, str], list[float]] = {(m, k): [] for m, k, _ in KINDS}
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                m = LINE.search(line)
+                if m is None:
+                    continue
+                ttft, tpot, prefill, local, _decode, p_ttft, p_tpot = m.groups()
+                kind = "call" if not local else "whole" if prefill.startswith("prefill") else "local"
+                if float(ttft) > 0:
+                    out[("ttft", kind)].append(abs(float(p_ttft) - float(ttft)) / float(ttft))
+                if float(tpot) > 0:
+                    out[("tpot", "whole" if kind == "whole" else "decode")].append(
+                        abs(float(p_tpot) - float(tpot)) / float(tpot))
+    return out
+
+
+def table(systems: dict[str, dict[tuple[str, str], list[float]]]) -> str:
+    rows = ["| kind | " + " | ".join(f"{name}: n, p50 / p90" for name in systems) + " |",
+            "|---|" + "---:|" * len(systems)]
+    for m, k, label in KINDS:
+        cells = []
+        for errs in systems.values():
+            e = errs[(m, k)]
+            cells.append(f"{len(e)}, {percentile(e, 50) * 100:.0f} / {percentile(e, 90) * 100:.0f} %" if e else "–")
+        rows.append(f"| {label.replace(chr(10), ' ')} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot(systems: dict[str, dict[tuple[str, str], list[float]]], path: str, title: str, goal: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    w = 0.8 / len(systems)
+    for j, (name, errs) in enumerate(systems.items()):
+        vals = [percentile(errs[(m, k)], 90) * 100 if errs[(m, k)] else 0.0 for m, k, _ in KINDS]
+        xs = [i + (j - (len(systems) - 1) / 2) * w for i in range(len(KINDS))]
+        for x, v, (m, k, _) in zip(xs, vals, KINDS):
+            ax.text(x, v + 0.5, f"{v:.0f}%\n(n={len(errs[(m, k)])})", ha="center", fontsize=7)
+        ax.bar(xs, vals, w, label=name)
+    ax.axhline(goal, color="grey", ls="--", lw=1, label=f"goal: {goal:.0f} %")
+    ax.set_xticks(range(len(KINDS)))
+    ax.set_xticklabels([label for _, _, label in KINDS], fontsize=8)
+    ax.set_ylabel("prediction error p90 (%)")
+    ax.set_title(title, fontsize=9, wrap=True)
+    ax.set_ylim(0, max(ax.get_ylim()[1] * 1.3, 2 * goal))
+    ax.legend(fontsize=8, loc="upper center", ncol=len(systems) + 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m tandem.bench.error_kinds", description=__doc__.split("\n\n")[0])
+    ap.add_argument("systems", nargs="+", metavar="NAME=LOG[,LOG...]",
+                    help="a system's name and its coordinator logs, pooled")
+    ap.add_argument("--png", default="", help="draw the p90s here")
+    ap.add_argument("--title", default="Admission's prediction error p90 by where the prompt ran")
+    ap.add_argument("--goal", type=float, default=20.0, help="the goal line, percent (issue 8: 20)")
+    args = ap.parse_args(argv)
+    systems = {}
+    for spec in args.systems:
+        name, sep, logs = spec.partition("=")
+        if not sep or not logs:
+            ap.error(f"expected NAME=LOG[,LOG...], got {spec!r}")
+        systems[name] = errors(logs.split(","))
+    print(table(systems))
+    if args.png:
+        plot(systems, args.png, args.title, args.goal)
+        print(f"wrote {args.png}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
