@@ -8,7 +8,7 @@ land in are sent to the worker half as a load job; with the node's KV store on,
 the chunks it has ready in RAM are copied from there and only the rest is pulled.
 Any other request, with the node's KV store on: its stored prefix is loaded
 from the store, and its prompt saved there when it finishes (store_side.py).
-Both roles, with ``own_steps`` (``PromptSteps``): a prompt the engine computes
+Producer and consumer alike, with ``own_steps`` (``PromptSteps``): a prompt the engine computes
 starts in a step of its own, after the one before it has had its last chunk.
 """
 
