@@ -2,9 +2,9 @@
 logs and compared between systems (variants) in a table and a PNG.
 
 A request's finish line in a coordinator log gives its TTFT and TPOT, what admission predicted,
-and where it ran: a prefill call (prefill node, then a decode node), a prompt a prefill node
-served whole (--colocate: ``prefill prefill-0 (local), decode prefill-0``), or a decode node's
-local prefill. The bench report's per-node errors mix the first two on a prefill node; this
+and where it ran (forecast_whole.read): a prefill call (prefill node, then a decode node), a
+prompt a prefill node served whole (--colocate: admitted so, and prefilled and decoded there), or
+a decode node's local prefill. The bench report's per-node errors mix the first two on a prefill node; this
 tells them apart. Error: |predicted - actual| / actual, the coordinator's own TTFT (received to
 first token) and TPOT.
 
@@ -16,13 +16,11 @@ first token) and TPOT.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
+from tandem.bench.forecast_whole import read
 from tandem.bench.metrics import percentile
 
-LINE = re.compile(r"tokens \(ttft ([\d.]+) s, tpot ([\d.]+) ms, .*prefill (\S+)( \(local\))?, decode (\S+),"
-                  r".*predicted ttft ([\d.]+) s, tpot ([\d.]+) ms")
 KINDS = [("ttft", "call", "TTFT, prefill calls"), ("ttft", "whole", "TTFT, served whole\n(prefill node)"),
          ("ttft", "local", "TTFT, local prefills\n(decode node)"), ("tpot", "decode", "TPOT, decode nodes"),
          ("tpot", "whole", "TPOT, served whole\n(prefill node)")]
@@ -32,18 +30,14 @@ def errors(paths: list[str]) -> dict[tuple[str, str], list[float]]:
     """(metric, kind) -> the relative errors of the finished requests in ``paths``."""
     out: dict[tuple[str, str], list[float]] = {(m, k): [] for m, k, _ in KINDS}
     for path in paths:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                m = LINE.search(line)
-                if m is None:
-                    continue
-                ttft, tpot, prefill, local, _decode, p_ttft, p_tpot = m.groups()
-                kind = "call" if not local else "whole" if prefill.startswith("prefill") else "local"
-                if float(ttft) > 0:
-                    out[("ttft", kind)].append(abs(float(p_ttft) - float(ttft)) / float(ttft))
-                if float(tpot) > 0:
-                    out[("tpot", "whole" if kind == "whole" else "decode")].append(
-                        abs(float(p_tpot) - float(tpot)) / float(tpot))
+        finished, whole = read(path)
+        for f in finished:
+            kind = "call" if not f.local else "whole" if f.rid in whole else "local"
+            if f.ttft_s > 0:
+                out[("ttft", kind)].append(abs(f.predicted_ttft_s - f.ttft_s) / f.ttft_s)
+            if f.tpot_s > 0:
+                out[("tpot", "whole" if kind == "whole" else "decode")].append(
+                    abs(f.predicted_tpot_s - f.tpot_s) / f.tpot_s)
     return out
 
 

@@ -17,7 +17,7 @@ from tandem.bench.forecast_work import overlap_s
 WHOLE = re.compile(r"request (\S+): admitted, served whole on prefill node ")
 FINISH = re.compile(r"^(\S+ \S+) .*request (\S+): \w+ after (\d+) tokens \(ttft ([\d.]+) s, tpot ([\d.]+) ms, "
                     r"e2e ([\d.]+) s, prefill (\S+)( \(local\))?, decode (\S+), .*prefill call ([\d.]+) s; "
-                    r"predicted ttft [\d.]+ s, tpot ([\d.]+) ms")
+                    r"predicted ttft ([\d.]+) s, tpot ([\d.]+) ms")
 
 
 @dataclass
@@ -33,6 +33,7 @@ class _Finished:
     decode: str
     call_s: float
     predicted_tpot_s: float
+    predicted_ttft_s: float
 
 
 def read(path: str) -> tuple[list[_Finished], set[str]]:
@@ -49,7 +50,7 @@ def read(path: str) -> tuple[list[_Finished], set[str]]:
         e2e = float(m.group(6))
         out.append(_Finished(m.group(2), end - e2e, int(m.group(3)), float(m.group(4)), float(m.group(5)) / 1000, e2e,
                              m.group(7), bool(m.group(8)), m.group(9), float(m.group(10)),
-                             float(m.group(11)) / 1000))
+                             float(m.group(12)) / 1000, float(m.group(11))))
     return out, whole
 
 

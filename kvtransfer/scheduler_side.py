@@ -80,10 +80,8 @@ class PromptSteps:
             return True
         from vllm.v1.request import RequestStatus
 
-        for rid, other in list(self._prompts.items()):
-            if other.is_finished():
-                del self._prompts[rid]
-            elif rid != request.request_id and other.status == RequestStatus.RUNNING \
+        for rid, other in self._prompts.items():  # (a finished one is not RUNNING; step_built drops it)
+            if rid != request.request_id and other.status == RequestStatus.RUNNING \
                     and other.num_computed_tokens < other.num_prompt_tokens:
                 self.held += 1
                 return True  # its next chunk is in this step (running requests are scheduled first)

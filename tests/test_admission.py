@@ -817,6 +817,8 @@ def test_queued_local_prefills_share_the_steps_fixed_cost() -> None:
         r = cluster({"d0": pb.NodeLoad(fits=fits(prefill=(0.01, 0.001, 1e-6)), step_tokens=1000)})
         d0 = r._nodes["d0"]
         assert queued_prefill_s(d0.model, [100, 0, 200]) == pytest.approx(0.35)
+        # An engine that starts each prompt in a step of its own (--prompt-steps own): the constant each.
+        assert queued_prefill_s(d0.model, [100, 0, 200], own_steps=True) == pytest.approx(0.37)
         alone = local_estimate(d0, 50, 16).ttft.seconds
         with r.track_prefill(d0, 100), r.track_prefill(d0, 200):
             assert local_estimate(d0, 50, 16).ttft.seconds == pytest.approx(alone + 0.35, abs=0.005)

@@ -19,7 +19,9 @@ def finish(rid: str, ttft: float, tpot_ms: float, where: str, p_ttft: float, p_t
 def test_errors_are_told_apart_by_where_the_prompt_ran(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     log = tmp_path / "coordinator.log"
     log.write_text(
-        finish("a", 0.500, 20.0, "prefill prefill-0, decode decode-0", 0.400, 25.0)  # call: 20 %, 25 %
+        "2026-12-06 22:09:33,000 INFO coordinator tandem.coordinator.admission: request b: admitted, served whole "
+        "on prefill node prefill-0 ...\n"
+        + finish("a", 0.500, 20.0, "prefill prefill-0, decode decode-0", 0.400, 25.0)  # call: 20 %, 25 %
         + finish("b", 0.200, 40.0, "prefill prefill-0 (local), decode prefill-0", 0.300, 30.0)  # whole: 50 %, 25 %
         + finish("c", 0.100, 10.0, "prefill decode-0 (local), decode decode-0", 0.110, 10.0)  # local: 10 %, 0
         + "2026-12-06 22:09:35,000 INFO coordinator tandem.coordinator.admission: request d: admitted ...\n")
