@@ -8,6 +8,11 @@ a decode node's local prefill. The bench report's per-node errors mix the first 
 tells them apart. Error: |predicted - actual| / actual, the coordinator's own TTFT (received to
 first token) and TPOT.
 
+``--pace-gain G --pace-hold-s S`` replays each TTFT prediction as if admission had taken the
+prefilling node's pace (coordinator/nodeclient.py) with that gain and fading, from the reading its
+finish line logs, whether or not the run took it (``--pace off`` logs it too); ``--pace-grid``
+prints the p90s over a grid of both, to choose them.
+
     python -m tandem.bench.error_kinds --png docs/perf/steps46-error.png \\
         own=bench/results/steps46/tandem-1p1d/coordinator.log,bench/results/burst46/tandem-1p1d/coordinator.log \\
         shared=bench/results/steps46/tandem-1p1d-sharedsteps/coordinator.log,...
@@ -16,6 +21,7 @@ first token) and TPOT.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from tandem.bench.forecast_whole import read
@@ -26,19 +32,48 @@ KINDS = [("ttft", "call", "TTFT, prefill calls"), ("ttft", "whole", "TTFT, serve
          ("tpot", "whole", "TPOT, served whole\n(prefill node)")]
 
 
-def errors(paths: list[str]) -> dict[tuple[str, str], list[float]]:
-    """(metric, kind) -> the relative errors of the finished requests in ``paths``."""
+def repaced(predicted_s: float, pace: tuple[float, bool, float, float] | None,
+             gain: float | None, hold_s: float) -> float:
+    """A TTFT prediction as admission would have made it taking the logged pace with ``gain`` and
+    ``hold_s`` (nodeclient.py's PACE_GAIN and PACE_HOLD_S; 0: none): ``predicted_s`` as logged
+    with ``gain`` None, or without a reading."""
+    if gain is None or pace is None:
+        return predicted_s
+    factor, applied, deviation, age = pace
+    unpaced = predicted_s / factor if applied else predicted_s
+    return unpaced * math.exp(gain * deviation * math.exp(-age / hold_s)) if math.isfinite(age) else unpaced
+
+
+def errors(paths: list[str], gain: float | None = None, hold_s: float = 4.0) -> dict[tuple[str, str], list[float]]:
+    """(metric, kind) -> the relative errors of the finished requests in ``paths`` (their TTFT
+    predictions replayed with the pace at ``gain``: ``repaced``)."""
     out: dict[tuple[str, str], list[float]] = {(m, k): [] for m, k, _ in KINDS}
     for path in paths:
         finished, whole = read(path)
         for f in finished:
             kind = "call" if not f.local else "whole" if f.rid in whole else "local"
             if f.ttft_s > 0:
-                out[("ttft", kind)].append(abs(f.predicted_ttft_s - f.ttft_s) / f.ttft_s)
+                predicted = repaced(f.predicted_ttft_s, f.pace, gain, hold_s)
+                out[("ttft", kind)].append(abs(predicted - f.ttft_s) / f.ttft_s)
             if f.tpot_s > 0:
                 out[("tpot", "whole" if kind == "whole" else "decode")].append(
                     abs(f.predicted_tpot_s - f.tpot_s) / f.tpot_s)
     return out
+
+
+def grid(logs: dict[str, list[str]], gains: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+         holds: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)) -> str:
+    """Each system's TTFT error p90 by kind, its predictions replayed at each pace gain and hold."""
+    ttft = [(m, k, label) for m, k, label in KINDS if m == "ttft"]
+    rows = ["| system | gain | hold s | " + " | ".join(label.split(chr(10))[0] for _, _, label in ttft) + " |",
+            "|---|---:|---:|" + "---:|" * len(ttft)]
+    for name, paths in logs.items():
+        for gain in gains:
+            for hold in holds if gain else holds[:1]:
+                errs = errors(paths, gain, hold)
+                cells = [f"{percentile(errs[(m, k)], 90) * 100:.1f} %" if errs[(m, k)] else "–" for m, k, _ in ttft]
+                rows.append(f"| {name} | {gain:.1f} | {hold:.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def table(systems: dict[str, dict[tuple[str, str], list[float]]]) -> str:
@@ -85,14 +120,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--png", default="", help="draw the p90s here")
     ap.add_argument("--title", default="Admission's prediction error p90 by where the prompt ran")
     ap.add_argument("--goal", type=float, default=20.0, help="the goal line, percent (issue 8: 20)")
+    ap.add_argument("--pace-gain", type=float, default=None,
+                    help="replay the TTFT predictions taking the logged pace with this gain (0: none)")
+    ap.add_argument("--pace-hold-s", type=float, default=4.0, help="... fading over this many seconds")
+    ap.add_argument("--pace-grid", action="store_true", help="print the TTFT p90s over gains and hold times")
     args = ap.parse_args(argv)
-    systems = {}
+    if args.pace_hold_s <= 0:
+        ap.error("--pace-hold-s must be positive")
+    logs: dict[str, list[str]] = {}
     for spec in args.systems:
-        name, sep, logs = spec.partition("=")
-        if not sep or not logs:
+        name, sep, paths = spec.partition("=")
+        if not sep or not paths:
             ap.error(f"expected NAME=LOG[,LOG...], got {spec!r}")
-        systems[name] = errors(logs.split(","))
+        logs[name] = paths.split(",")
+    systems = {name: errors(paths, args.pace_gain, args.pace_hold_s) for name, paths in logs.items()}
     print(table(systems))
+    if args.pace_grid:
+        print(grid(logs))
     if args.png:
         plot(systems, args.png, args.title, args.goal)
         print(f"wrote {args.png}", file=sys.stderr)

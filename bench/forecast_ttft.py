@@ -16,7 +16,7 @@ from tandem.coordinator.calibration import MAX_RATIO, Calibration
 
 
 TTFT_LINE = re.compile(r"ttft ([\d.]+) s, .*prefill \S+( \(local\))?, .*dispatch ([\d.]+) s, prefill call ([\d.]+) s; "
-                       r"predicted ttft ([\d.]+) s, .*of the ttft waiting ([\d.]+) s\)")
+                       r"predicted ttft ([\d.]+) s, .*of the ttft waiting ([\d.]+) s[;)]")
 
 
 def ttft_parts(path: str) -> dict[str, dict[str, float]]:

@@ -18,6 +18,8 @@ WHOLE = re.compile(r"request (\S+): admitted, served whole on prefill node ")
 FINISH = re.compile(r"^(\S+ \S+) .*request (\S+): \w+ after (\d+) tokens \(ttft ([\d.]+) s, tpot ([\d.]+) ms, "
                     r"e2e ([\d.]+) s, prefill (\S+)( \(local\))?, decode (\S+), .*prefill call ([\d.]+) s; "
                     r"predicted ttft ([\d.]+) s, tpot ([\d.]+) ms")
+# the prefilling node's pace at admission (coordinator --pace; absent before the forty-seventh sitting)
+PACE = re.compile(r"; pace x([\d.]+)( not applied)? from ([-+][\d.]+) ([\d.]+|inf) s old\)")
 
 
 @dataclass
@@ -34,6 +36,9 @@ class _Finished:
     call_s: float
     predicted_tpot_s: float
     predicted_ttft_s: float
+    # the node's pace at admission: (the factor, whether in predicted_ttft_s, its log deviation,
+    # its age in seconds); None where the log does not say
+    pace: tuple[float, bool, float, float] | None = None
 
 
 def read(path: str) -> tuple[list[_Finished], set[str]]:
@@ -48,9 +53,11 @@ def read(path: str) -> tuple[list[_Finished], set[str]]:
             continue
         end = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
         e2e = float(m.group(6))
+        p = PACE.search(line)
+        pace = (float(p.group(1)), not p.group(2), float(p.group(3)), float(p.group(4))) if p else None
         out.append(_Finished(m.group(2), end - e2e, int(m.group(3)), float(m.group(4)), float(m.group(5)) / 1000, e2e,
                              m.group(7), bool(m.group(8)), m.group(9), float(m.group(10)),
-                             float(m.group(12)) / 1000, float(m.group(11))))
+                             float(m.group(12)) / 1000, float(m.group(11)), pace))
     return out, whole
 
 

@@ -333,6 +333,9 @@ TANDEM_VARIANTS: dict[str, tuple[list[str], list[str]]] = {
     # engines that start a prompt in whatever budget a step has left, beside another prompt's last
     # chunk (vLLM's own scheduling; Tandem's nodes until the forty-sixth sitting)
     "-sharedsteps": ([], ["--prompt-steps", "shared"]),
+    # TTFT predictions from the fit and its calibration only, not scaled by how fast the node runs
+    # now (its pace, logged all the same; as shipped until the forty-seventh sitting)
+    "-nopace": (["--pace", "off"], []),
 }
 
 

@@ -96,6 +96,10 @@ class Plan:
     prefill_held: int = 0  # prompt tokens the prefilling node holds (cached or loaded there, not computed)
     prefill_run_s: float = 0.0  # a local prefill's own time on an idle node, model only (what it adds
     # to the TTFT of the local prefills queued behind it: estimates._local_queue)
+    # The prefilling node's pace when admitted (NodeClient.pace: the factor, the reading, its age),
+    # in ttft_s with --pace on (then in ttft_factor too); for the log either way
+    pace: tuple[float, float, float] = (1.0, 0.0, math.inf)
+    paced: bool = False
 
 
 
@@ -247,6 +251,8 @@ class Admission:
             plan = Plan(p.node if p else None, d.node if d else None, p.seconds if p else None,
                         d.seconds if d else None, ttft_factor=p.factor if p else 1.0,
                         tpot_factor=d.factor if d else 1.0)
+        if (ttft_node := plan.decode if plan.local else plan.prefill) is not None:
+            plan.pace, plan.paced = ttft_node.pace(), ttft_node.paced
         if plan.ttft_s is None and plan.tpot_s is None:
             decide("unpredicted")
             return plan

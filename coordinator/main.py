@@ -20,6 +20,7 @@ from tandem.tls import TlsConfig, add_tls_args
 
 from .admission import COLOCATE, MODES, Admission, Slo
 from .callstream import call_mode_of
+from .nodeclient import PACES
 from .prefillq import ORDERS, PrefillOrder
 from .traffic import BatchQueue, Quotas, parse_quotas
 from .pressure import DEFAULT_MARGIN
@@ -57,6 +58,7 @@ class CoordinatorConfig:
     pool_wait_s: float = 10.0
     probe_timeout_s: float = 1.0
     admission: str = "on"
+    pace: str = "on"  # scale TTFT predictions by how fast each node runs now (nodeclient.py, PACES)
     admission_headroom: float = 0.0  # admit against the TPOT objective less this share
     protect_streams: str = "on"  # a newcomer may not push a running stream past its TPOT objective
     kv_room: str = "on"  # admission predicts the wait for room in a decode node's KV cache
@@ -142,6 +144,8 @@ class CoordinatorConfig:
         if self.workers < 1:
             raise ValueError(f"--workers must be at least 1, got {self.workers}")
         call_mode_of(self.node_calls)  # ValueError naming the flag
+        if self.pace not in PACES:
+            raise ValueError(f"--pace must be on or off, got {self.pace!r}")
         if self.cores:
             from tandem.node.config import check_cores
 
@@ -202,6 +206,10 @@ def add_coordinator_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--admission", default=env("TANDEM_ADMISSION", "on"),
                     help="on: refuse (RESOURCE_EXHAUSTED / HTTP 429) a request that no node is predicted to "
                          "serve within its SLO | off: admit everything (for comparison)")
+    ap.add_argument("--pace", default=env("TANDEM_PACE", "on"), choices=PACES,
+                    help="on: scale each TTFT prediction by how fast the node has run over the last second "
+                         "or so against its fitted model (what its load messages say) | off: by its fit "
+                         "and learned calibration only (the reading is still logged, for comparison)")
     ap.add_argument("--admission-headroom", type=float, default=env("TANDEM_ADMISSION_HEADROOM", "0"),
                     help="admit only what is predicted to meet its TPOT objective less this share (a "
                          "decode batch grows after a request joins it; 0.1 measured no better than 0 "
@@ -293,7 +301,7 @@ async def run_coordinator(cfg: CoordinatorConfig) -> None:
     # after a certificate rotation the old channels to the nodes close once no call on them can be left
     router = Router(cfg.served_model_name, pool_wait_s=cfg.pool_wait_s, probe_timeout_s=cfg.probe_timeout_s,
                     tls=cfg.tls, retire_channels_after_s=max(cfg.decode_timeout_s, cfg.prefill_timeout_s) + 60,
-                    node_calls=cfg.node_calls)
+                    node_calls=cfg.node_calls, pace=cfg.pace)
     view = MembershipView(cfg.etcd, cfg.cluster, on_change=router.on_membership)
     await view.start()
 

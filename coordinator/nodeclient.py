@@ -6,6 +6,7 @@ arrivals admission's forward view counts (``Arrivals``), and how its predictions
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,6 +26,20 @@ from .calibration import Calibration
 from .callstream import NodeStream, call_mode_of
 
 LOAD_STALE_S = 5.0  # a load message older than this no longer counts (the stream broke)
+PACES = ("on", "off")
+# How much of a node's pace now (its load message's ``paces``: tandem/nodespeed.py, Pace) a TTFT
+# prediction takes: PACE_GAIN of the reading's log deviation, fading with its age over PACE_HOLD_S.
+# On this host a core's speed over one second correlates 0.6-0.7 with the next second's, 0.5 two
+# seconds on and 0.4 five seconds on (the forty-seventh sitting: fixed work pinned on each core;
+# across the two cores 0.3-0.4 at any lag, so each node reads its own).
+PACE_GAIN = 0.6
+PACE_HOLD_S = 4.0
+PACE_KINDS = ("ttft", "ttft_local")  # a stream's TPOT spans many seconds: the pace now says little of it
+# Only a prefill node's TTFT predictions take it (its prefill calls, and the streams it serves whole):
+# a decode node's freshest pace is its decode steps', which did not foretell its local prefills
+# (replayed on two 1:1 chat runs, their TTFT error p90 went 32 -> 34 % and 24 -> 30 %, where the
+# prefill node's went 39 -> 30 % and 44 -> 29 % on one and held on the other).
+PACE_ROLES = ("prefill",)
 ARRIVAL_WINDOW_S = 20.0  # the recent requests to a decode node that admission's forward view counts
 
 
@@ -142,6 +157,7 @@ class NodeClient:
     chunks: ChunkIndex = field(default_factory=ChunkIndex)  # what its KV store holds (prefix routing)
     blocks: ChunkIndex = field(default_factory=ChunkIndex)  # what its engine's prefix cache holds
     call_mode: str = "stream"  # its Prefill / Decode calls: on one NodeCalls stream, or a gRPC call each
+    pace_on: bool = True  # TTFT predictions take its pace now (--pace)
     stub: object = field(init=False)
     stream: NodeStream | None = field(init=False, default=None)  # with call_mode "stream"
     health: object = field(init=False)
@@ -199,9 +215,29 @@ class NodeClient:
 
     def calibrated(self, kind: str, raw_s: float) -> float:
         """A raw ``kind`` prediction for this node (the fitted model's), as its finished requests
-        say such predictions turn out (itself until one has finished)."""
+        say such predictions turn out (itself until one has finished), and for a TTFT as fast as
+        the node runs now (``pace``; with --pace on)."""
         c = self.calibrations.get(kind)
-        return c(raw_s) if c is not None else raw_s
+        out = c(raw_s) if c is not None else raw_s
+        return out * self.pace()[0] if self.paced and kind in PACE_KINDS else out
+
+    @property
+    def paced(self) -> bool:
+        """Its TTFT predictions take its pace (--pace on, and a role whose pace foretells them)."""
+        return self.pace_on and self.record.role in PACE_ROLES
+
+    def pace(self) -> tuple[float, float, float]:
+        """(what a TTFT prediction here is scaled by, the log deviation it stood on, its age in
+        seconds): the freshest of the node's paces (on a prefill node serving streams whole, its
+        steps say how fast its engine runs too), faded with its age; (1, 0, inf) without one."""
+        load = self.fresh_load()
+        paces = [f for f in load.paces if len(f.coefficients) == 3] if load is not None else []
+        if not paces:
+            return 1.0, 0.0, math.inf
+        latest = min(paces, key=lambda f: f.coefficients[2])
+        deviation, _weight, age = latest.coefficients
+        age += max(0.0, time.monotonic() - self.load_at)
+        return math.exp(PACE_GAIN * deviation * math.exp(-age / PACE_HOLD_S)), deviation, age
 
     def factor(self, kind: str, raw_s: float) -> float:
         """``calibrated(kind, raw_s)`` over ``raw_s``: what the log calls the learned factor."""

@@ -165,11 +165,13 @@ def account(req: Prepared, plan: Plan, prog: Progress, leg: int, router: Router,
     # (TTFT's parts too: until its prefill call went out, then that call until the first token.)
     logger.info("request %s: %s after %d tokens (ttft %.3f s, tpot %.1f ms, e2e %.3f s, prefill %s%s, "
                 "decode %s, migrations %d, dispatch %.3f s, prefill call %.3f s; predicted ttft %.3f s, "
-                "tpot %.1f ms, learned factors x%.4f, x%.4f, of the ttft waiting %.3f s)",
+                "tpot %.1f ms, learned factors x%.4f, x%.4f, of the ttft waiting %.3f s; pace x%.4f%s from %+.4f "
+                "%.2f s old)",
                 rid, out.reason, out.completion_tokens, out.ttft_s, tpot * 1000, out.e2e_s, out.prefill_node,
                 " (local)" if out.local_prefill else "", out.decode_node or "-", leg, out.dispatch_s,
                 out.prefill_call_s, out.predicted_ttft_s, out.predicted_tpot_s * 1000, plan.ttft_factor,
-                plan.tpot_factor, plan.queued_s + plan.waited_s)  # (a batch request's wait in the batch queue too)
+                plan.tpot_factor, plan.queued_s + plan.waited_s,  # (a batch request's wait in the batch queue too)
+                plan.pace[0], "" if plan.paced else " not applied", plan.pace[1], plan.pace[2])
     if log_prompts_enabled():
         logger.info("request %s: prompt %r -> output %r", rid,
                     decode(req.prompt_ids), decode(prog.detok.ids))

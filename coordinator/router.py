@@ -41,7 +41,7 @@ from tandem.tls import FileWatch, TlsConfig
 
 from . import metrics as m
 from .callstream import call_mode_of
-from .nodeclient import NodeClient, Tally
+from .nodeclient import PACES, NodeClient, Tally
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +53,14 @@ _keys = itertools.count()
 class Router:
     def __init__(self, model: str, pool_wait_s: float = 10.0, probe_timeout_s: float = 1.0,
                  watch_loads: bool = True, tls: TlsConfig | None = None, retire_channels_after_s: float = 3600.0,
-                 node_calls: str = "stream") -> None:
+                 node_calls: str = "stream", pace: str = "on") -> None:
         """``retire_channels_after_s``: after a certificate rotation, the old channels close this long
         after new calls moved off them (longer than any call's deadline: none is cut short)."""
         self.model = model
         self.node_calls = call_mode_of(node_calls)  # --node-calls (callstream.py)
+        if pace not in PACES:
+            raise ValueError(f"--pace must be on or off, got {pace!r}")
+        self.pace = pace  # --pace (nodeclient.py)
         self.tls = tls or TlsConfig()  # mutual TLS to the nodes when on
         self.retire_channels_after_s = retire_channels_after_s
         self._retired: dict[grpc.aio.Channel, asyncio.TimerHandle] = {}  # old channels -> when they close
@@ -108,7 +111,7 @@ class Router:
                 old.retire()
                 for kind in old.calibrations:
                     m.forget_calibration(node_id, kind)
-            node = NodeClient(record, channel, call_mode=self.node_calls)
+            node = NodeClient(record, channel, call_mode=self.node_calls, pace_on=self.pace == "on")
             self._nodes[node_id] = node
             if self.watch_loads:
                 node.watcher = asyncio.get_running_loop().create_task(self._watch(node), name=f"load-{node_id}")

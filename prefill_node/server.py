@@ -26,7 +26,7 @@ from tandem.kvtransfer.transport import TransferError
 from tandem.node.calls import NodeCallsServicer, add_calls_servicer
 from tandem.node.engine import EngineHost
 from tandem.node.handles import MAX_REQUEST_ID_CHARS, handle_from_proto, handle_to_proto
-from tandem.node.perf import NodePerf
+from tandem.node.perf import NodePerf, engine_prefill_s
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 from tandem.sampling import from_proto
@@ -95,6 +95,7 @@ class PrefillServicer(pb_grpc.PrefillNodeServicer):
             if final is None or not final.outputs or not final.outputs[0].token_ids:
                 raise RuntimeError("the engine returned no token")
             run.uncached_tokens = len(prompt) - (final.num_cached_tokens or 0)
+            run.engine_s = engine_prefill_s(final)
         PROMPT_TOKENS.inc(len(prompt))
         CACHED_TOKENS.inc(final.num_cached_tokens or 0)
         comp = final.outputs[0]
@@ -109,8 +110,9 @@ class PrefillServicer(pb_grpc.PrefillNodeServicer):
             if not params:
                 raise RuntimeError("the engine held no KV blocks for this request")
             resp.handle.CopyFrom(handle_to_proto(TransferHandle.from_params(params)))
-        logger.info("request %s: prefilled %d tokens (%d cached) in %.3f s", rid, len(prompt),
-                    resp.num_cached_tokens, resp.prefill_s)
+        logger.info("request %s: prefilled %d tokens (%d cached) in %.3f s%s", rid, len(prompt),
+                    resp.num_cached_tokens, resp.prefill_s,
+                    f" ({run.engine_s:.3f} s from its first step)" if run.engine_s is not None else "")
         return resp
 
     async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:

@@ -207,7 +207,7 @@ class PerfFit(_message.Message):
     def __init__(self, name: _Optional[str] = ..., terms: _Optional[_Iterable[str]] = ..., coefficients: _Optional[_Iterable[float]] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class NodeLoad(_message.Message):
-    __slots__ = ("node_id", "engine_id", "prefill_queue", "decode_batch", "decode_context", "decode_waiting", "fits", "sent_at", "step_tokens", "prefill_busy", "decode_batch_mean", "decode_context_mean", "kv_whole", "kv_ram", "kv_disk", "kv_gone", "kv_namespace", "kv_chunk_tokens", "eng_whole", "eng_held", "eng_gone", "eng_namespace", "eng_block_tokens", "kv_tokens", "kv_free_tokens", "engine_waiting", "speeds")
+    __slots__ = ("node_id", "engine_id", "prefill_queue", "decode_batch", "decode_context", "decode_waiting", "fits", "sent_at", "step_tokens", "prefill_busy", "decode_batch_mean", "decode_context_mean", "kv_whole", "kv_ram", "kv_disk", "kv_gone", "kv_namespace", "kv_chunk_tokens", "eng_whole", "eng_held", "eng_gone", "eng_namespace", "eng_block_tokens", "kv_tokens", "kv_free_tokens", "engine_waiting", "speeds", "paces")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_QUEUE_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +235,7 @@ class NodeLoad(_message.Message):
     KV_FREE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_WAITING_FIELD_NUMBER: _ClassVar[int]
     SPEEDS_FIELD_NUMBER: _ClassVar[int]
+    PACES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     engine_id: str
     prefill_queue: _containers.RepeatedScalarFieldContainer[int]
@@ -262,7 +263,8 @@ class NodeLoad(_message.Message):
     kv_free_tokens: int
     engine_waiting: int
     speeds: _containers.RepeatedCompositeFieldContainer[PerfFit]
-    def __init__(self, node_id: _Optional[str] = ..., engine_id: _Optional[str] = ..., prefill_queue: _Optional[_Iterable[int]] = ..., decode_batch: _Optional[int] = ..., decode_context: _Optional[int] = ..., decode_waiting: _Optional[int] = ..., fits: _Optional[_Iterable[_Union[PerfFit, _Mapping]]] = ..., sent_at: _Optional[float] = ..., step_tokens: _Optional[int] = ..., prefill_busy: _Optional[float] = ..., decode_batch_mean: _Optional[float] = ..., decode_context_mean: _Optional[float] = ..., kv_whole: _Optional[bool] = ..., kv_ram: _Optional[_Iterable[bytes]] = ..., kv_disk: _Optional[_Iterable[bytes]] = ..., kv_gone: _Optional[_Iterable[bytes]] = ..., kv_namespace: _Optional[bytes] = ..., kv_chunk_tokens: _Optional[int] = ..., eng_whole: _Optional[bool] = ..., eng_held: _Optional[_Iterable[bytes]] = ..., eng_gone: _Optional[_Iterable[bytes]] = ..., eng_namespace: _Optional[bytes] = ..., eng_block_tokens: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ..., engine_waiting: _Optional[int] = ..., speeds: _Optional[_Iterable[_Union[PerfFit, _Mapping]]] = ...) -> None: ...
+    paces: _containers.RepeatedCompositeFieldContainer[PerfFit]
+    def __init__(self, node_id: _Optional[str] = ..., engine_id: _Optional[str] = ..., prefill_queue: _Optional[_Iterable[int]] = ..., decode_batch: _Optional[int] = ..., decode_context: _Optional[int] = ..., decode_waiting: _Optional[int] = ..., fits: _Optional[_Iterable[_Union[PerfFit, _Mapping]]] = ..., sent_at: _Optional[float] = ..., step_tokens: _Optional[int] = ..., prefill_busy: _Optional[float] = ..., decode_batch_mean: _Optional[float] = ..., decode_context_mean: _Optional[float] = ..., kv_whole: _Optional[bool] = ..., kv_ram: _Optional[_Iterable[bytes]] = ..., kv_disk: _Optional[_Iterable[bytes]] = ..., kv_gone: _Optional[_Iterable[bytes]] = ..., kv_namespace: _Optional[bytes] = ..., kv_chunk_tokens: _Optional[int] = ..., eng_whole: _Optional[bool] = ..., eng_held: _Optional[_Iterable[bytes]] = ..., eng_gone: _Optional[_Iterable[bytes]] = ..., eng_namespace: _Optional[bytes] = ..., eng_block_tokens: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ..., engine_waiting: _Optional[int] = ..., speeds: _Optional[_Iterable[_Union[PerfFit, _Mapping]]] = ..., paces: _Optional[_Iterable[_Union[PerfFit, _Mapping]]] = ...) -> None: ...
 
 class NodeCall(_message.Message):
     __slots__ = ("call_id", "prefill", "decode", "cancel")

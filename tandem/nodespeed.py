@@ -200,3 +200,44 @@ class NodeSpeed:
         if s.jitter_sd:
             x += self.rng.gauss(0.0, s.jitter_sd)
         return math.exp(x + self.mean_log)
+
+
+PACE_TAU_S = 1.0  # "now": recent work, forgotten over this much time
+PACE_LONG_S = 60.0  # ... read against the node's lean over this much (the coordinator's calibration learns that)
+
+
+class Pace:
+    """How fast the node runs against its fit now, for admission: the log of each timed piece of
+    work's seconds over what the fit said just before, averaged with weights that fade over
+    ``tau_s`` of time, less the same average over ``long_s`` (the node's lasting lean, which the
+    coordinator's calibration learns from finished requests). The slow part of a node's speed
+    (``Speed``) lasts about a second or two: a prediction made now for work that starts now can
+    read it where the fit alone cannot."""
+
+    def __init__(self, tau_s: float = PACE_TAU_S, long_s: float = PACE_LONG_S) -> None:
+        self.tau_s, self.long_s = tau_s, long_s
+        self.at: float | None = None  # the latest piece of work's end
+        self.fast = [0.0, 0.0]  # Σ weight · log ratio, Σ weight, as of ``at``
+        self.slow = [0.0, 0.0]
+
+    def add(self, at: float, seconds: float, predicted: float) -> None:
+        """Work that the fit predicted at ``predicted`` seconds took ``seconds``, ending at ``at``."""
+        if seconds <= 0 or predicted <= 0:
+            return
+        r = math.log(seconds / predicted)
+        dt = max(0.0, at - self.at) if self.at is not None else 0.0
+        for acc, tau in ((self.fast, self.tau_s), (self.slow, self.long_s)):
+            keep = math.exp(-dt / tau)
+            acc[0] = acc[0] * keep + r
+            acc[1] = acc[1] * keep + 1.0
+        self.at = at if self.at is None else max(self.at, at)
+
+    def read(self, now: float) -> tuple[float, float, float] | None:
+        """(how far the recent work's log ratio sits from the long-run one, the recent pieces'
+        weight as of ``now``, seconds since the latest ended); None before any work."""
+        if self.at is None:
+            return None
+        fast = self.fast[0] / self.fast[1]
+        slow = self.slow[0] / self.slow[1]
+        age = max(0.0, now - self.at)
+        return fast - slow, self.fast[1] * math.exp(-age / self.tau_s), age

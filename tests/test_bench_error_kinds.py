@@ -34,3 +34,32 @@ def test_errors_are_told_apart_by_where_the_prompt_ran(tmp_path: Path, capsys: p
     main([f"x={log}", f"y={log},{log}", "--png", str(png)])
     assert "| TTFT, prefill calls | 1, 20 / 20 % | 2, 20 / 20 % |" in capsys.readouterr().out
     assert png.stat().st_size > 0
+
+
+def test_ttft_predictions_replay_with_the_logged_pace_at_any_gain(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    import math
+
+    def paced(line: str, pace: str) -> str:
+        return line.replace("waiting 0.000 s)", f"waiting 0.000 s; pace {pace})")
+
+    dev = math.log(1.25)
+    log = tmp_path / "coordinator.log"
+    log.write_text(
+        # not applied (--pace off): predicted 0.4 against 0.5 taken; a full gain of a fresh reading meets it
+        paced(finish("a", 0.500, 20.0, "prefill prefill-0, decode decode-0", 0.400, 25.0),
+              f"x1.1000 not applied from +{dev:.4f} 0.00 s old")
+        # applied (x1.25 in 0.5): unpaced 0.4, against 0.4 taken
+        + paced(finish("b", 0.400, 20.0, "prefill prefill-0, decode decode-0", 0.500, 25.0),
+                f"x1.2500 from +{dev:.4f} 0.00 s old")
+        # no reading (inf old): replayed as it was logged
+        + paced(finish("c", 0.100, 10.0, "prefill decode-0 (local), decode decode-0", 0.110, 10.0),
+                "x1.0000 not applied from +0.0000 inf s old"))
+    assert errors([str(log)])[("ttft", "call")] == pytest.approx([0.2, 0.25])  # as logged
+    assert errors([str(log)], gain=0.0)[("ttft", "call")] == pytest.approx([0.2, 0.0], abs=1e-4)
+    full = errors([str(log)], gain=1.0, hold_s=4.0)
+    assert full[("ttft", "call")] == pytest.approx([0.0, 0.25], abs=1e-4)
+    assert full[("ttft", "local")] == pytest.approx([0.1])
+    main([f"x={log}", "--pace-grid"])
+    out = capsys.readouterr().out
+    assert "| x | 0.0 | 1 | 18.0 % | – | 10.0 % |" in out and "| x | 1.0 | 8 | 22.5 % | – | 10.0 % |" in out

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Gauge
 
-from tandem.nodespeed import Speed, SpeedTracker
+from tandem.nodespeed import Pace, Speed, SpeedTracker
 from tandem.perfmodel import VLLM_STEP_TOKENS, ModelView, NodeModel, OnlineFit, beside_s, chunk_steps
 from tandem.proto import tandem_pb2 as pb
 
@@ -67,7 +67,11 @@ SAMPLES = Gauge("tandem_perf_samples", "Timings the node's performance model was
 SPEED = Gauge("tandem_perf_speed", "How this node's times stray from its fit (tandem/nodespeed.py): the log "
               "time factor's slow part (sd, tau_s in seconds), jitter (jitter_sd) and the log of its mean (bias)",
               ["model", "term"])
+PACE = Gauge("tandem_perf_pace", "How far this node's latest work strayed from its fit (tandem/nodespeed.py, Pace): "
+             "the log time factor over about the last second less its one-minute mean (what admission scales "
+             "a prefill node's TTFT predictions by)", ["model"])
 SPEED_TERMS = ("sd", "tau_s", "jitter_sd", "bias")
+PACE_TERMS = ("deviation", "weight", "age_s")
 EXPORT_EVERY_S = 1.0
 BUSY_WINDOW_S = 10.0
 BATCH_MEAN_S = 10.0  # time constant of the decode batch's moving average
@@ -88,6 +92,17 @@ def busy_share(spans: deque[tuple[float, float]], since: float | None, now: floa
 @dataclass
 class PrefillRun:
     uncached_tokens: int | None = None
+    # Its time in the engine, from its first step to its token (``engine_prefill_s``; None: not given)
+    engine_s: float | None = None
+
+
+def engine_prefill_s(out: object) -> float | None:
+    """For a vLLM ``RequestOutput`` with its first token: the engine core's time from the request's
+    first step to that token (its stats), which leaves out its wait in the engine's queue; None
+    without them (a simulated engine)."""
+    stats = getattr(out, "metrics", None)
+    began, token = getattr(stats, "scheduled_ts", 0.0), getattr(stats, "first_token_ts", 0.0)
+    return token - began if began and token > began else None
 
 
 @dataclass
@@ -119,9 +134,11 @@ class EngineClock:
 
 
 class NodePerf:
-    def __init__(self, clock: Callable[[], float] = time.monotonic, step_tokens: int = 0) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, step_tokens: int = 0,
+                 own_steps: bool = False) -> None:
         self.model = NodeModel()
         self.step_tokens = step_tokens  # the engine's per-step token budget (reported; 0: not set)
+        self.own_steps = own_steps  # its engine starts each prompt in steps of its own (--prompt-steps own)
         self._clock = clock
         self._prefills_running = 0
         self._prefill_starts = 0
@@ -189,6 +206,8 @@ class NodePerf:
 
     def _measure_speed_afresh(self) -> None:
         self.speed: dict[str, SpeedTracker] = {"prefill": SpeedTracker(), "decode": SpeedTracker()}
+        # ... and how far they strayed just now (nodespeed.py's Pace: what admission scales by)
+        self.pace: dict[str, Pace] = {"prefill": Pace(), "decode": Pace()}
         self._speeds: list[pb.PerfFit] = []
         self._speeds_at = -float("inf")
 
@@ -200,6 +219,7 @@ class NodePerf:
         completes having run alone."""
         sole = self._prefills_running == 0
         alone = sole and self._batch == 0
+        no_batch, joins0 = self._batch == 0, self._joins
         self._advance_means(self._clock())
         areas = (self._batch_area, self._context_area)
         self._prefills_running += 1
@@ -237,12 +257,20 @@ class NodePerf:
                 own = took
             elif ok and sole and self._prefill_starts == starts and run.uncached_tokens and took > 0:
                 own = self._own_share(run.uncached_tokens, took, areas)
+            fit_s = self.model.prefill_s(run.uncached_tokens, cached) if run.uncached_tokens is not None else 0.0
             if own is not None and mine and run.uncached_tokens is not None:
                 if loaded:
-                    self.model.saw_load(loaded, disk, max(0.0, own - self.model.prefill_s(run.uncached_tokens, cached)))
+                    self.model.saw_load(loaded, disk, max(0.0, own - fit_s))
                 else:
-                    self.speed["prefill"].add(self._clock(), own, self.model.prefill_s(run.uncached_tokens, cached))
+                    self.speed["prefill"].add(self._clock(), own, fit_s)
                     self.model.saw_prefill(run.uncached_tokens, own, cached)
+            # The pace: with prompts in steps of their own and no decode batch here meanwhile, the
+            # engine's own time for it (from its first step), so that a prefill that waited behind
+            # others counts too; otherwise the sample's, if it is one.
+            steps_own = self.own_steps and no_batch and self._joins == joins0 and self._batch == 0
+            pace_s = run.engine_s if run.engine_s is not None and steps_own else own
+            if ok and pace_s and fit_s and mine and not loaded:
+                self.pace["prefill"].add(self._clock(), pace_s, fit_s)
             self._export(force=self._prefills_running == 0)  # idle now: show the last samples too
 
     def saw_store_loads(self, tokens: int, disk_tokens: int) -> None:
@@ -309,7 +337,9 @@ class NodePerf:
 
     def _saw_step(self, seconds: float, now: float) -> None:
         """One step of the batch running now took ``seconds``: a sample of the fit, and of the speed."""
-        self.speed["decode"].add(now, seconds, self.model.step_s(self._batch, self._batch_context))
+        fit_s = self.model.step_s(self._batch, self._batch_context)
+        self.speed["decode"].add(now, seconds, fit_s)
+        self.pace["decode"].add(now, seconds, fit_s)
         self.model.saw_decode_step(self._batch, self._batch_context, seconds)
 
     def decode_ended(self, rid: str) -> None:
@@ -367,7 +397,7 @@ class NodePerf:
                            step_tokens=self.step_tokens, prefill_busy=self.prefill_busy(),
                            decode_batch_mean=batch_mean, decode_context_mean=context_mean,
                            kv_tokens=kv_tokens, kv_free_tokens=kv_free, engine_waiting=waiting,
-                           speeds=self._speeds)
+                           speeds=self._speeds, paces=self.paces())
 
     def changed(self) -> asyncio.Event:
         """Set when work started or ended since the event was taken (take a new one after)."""
@@ -394,6 +424,9 @@ class NodePerf:
             _export_fit(name, fit)
         if now - self._speeds_at >= EXPORT_EVERY_S:
             self._speeds_at = now
+            for name, pace in self.pace.items():
+                if (read := pace.read(now)) is not None:
+                    PACE.labels(name).set(read[0])
             self._speeds = []
             for name, tracker in self.speed.items():
                 est = tracker.estimate(now)
@@ -407,6 +440,12 @@ class NodePerf:
                     SPEED.labels(name, term).set(c)
                 self._speeds.append(pb.PerfFit(name=name, terms=list(SPEED_TERMS), coefficients=coefficients,
                                                samples=tracker.samples))
+
+    def paces(self) -> list[pb.PerfFit]:
+        """How fast the node runs now, by kind with timed work (``Pace.read``: terms ``PACE_TERMS``)."""
+        now = self._clock()
+        return [pb.PerfFit(name=name, terms=list(PACE_TERMS), coefficients=list(read))
+                for name, pace in self.pace.items() if (read := pace.read(now)) is not None]
 
     def speeds(self) -> dict[str, Speed]:
         """The speeds as last exported, by kind (a kind without enough samples yet is absent)."""

@@ -107,7 +107,8 @@ async def run_node(cfg: NodeConfig, service_name: str,
         reservation.close()
     # The engine's per-step budget as it runs: a prefill node's is vLLM's default unless set, and
     # the streams it serves whole (colocated) see its prefills in steps of that size.
-    perf = NodePerf(step_tokens=getattr(engine, "step_tokens", 0) or cfg.max_num_batched_tokens)
+    perf = NodePerf(step_tokens=getattr(engine, "step_tokens", 0) or cfg.max_num_batched_tokens,
+                    own_steps=bool(cfg.simulate) or cfg.prompt_steps == "own")
     if isinstance(engine, EngineHost):
         perf.kv_room = engine.kv_room.tokens
         if cfg.kvstore_ram_gib:
