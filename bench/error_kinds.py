@@ -8,10 +8,12 @@ a decode node's local prefill. The bench report's per-node errors mix the first 
 tells them apart. Error: |predicted - actual| / actual, the coordinator's own TTFT (received to
 first token) and TPOT.
 
-``--pace-gain G --pace-hold-s S`` replays each TTFT prediction as if admission had taken the
-prefilling node's pace (coordinator/nodeclient.py) with that gain and fading, from the reading its
-finish line logs, whether or not the run took it (``--pace off`` logs it too); ``--pace-grid``
-prints the p90s over a grid of both, to choose them.
+``--pace-gain G --pace-hold-s S`` replays each TTFT prediction on a prefill node (a prefill call,
+or a prompt served whole) as if admission had taken the node's pace (coordinator/nodeclient.py)
+with that gain and fading, from the reading its finish line logs, whether or not the run took it
+(``--pace off`` logs it too); ``--pace-grid`` prints the p90s over a grid of both, to choose them.
+A decode node's local prefills are never paced (``PACE_ROLES``) and replay as logged. A batch
+request's wait in the batch queue is scaled with the rest (the log does not tell it apart).
 
     python -m tandem.bench.error_kinds --png docs/perf/steps46-error.png \\
         own=bench/results/steps46/tandem-1p1d/coordinator.log,bench/results/burst46/tandem-1p1d/coordinator.log \\
@@ -53,7 +55,7 @@ def errors(paths: list[str], gain: float | None = None, hold_s: float = 4.0) -> 
         for f in finished:
             kind = "call" if not f.local else "whole" if f.rid in whole else "local"
             if f.ttft_s > 0:
-                predicted = repaced(f.predicted_ttft_s, f.pace, gain, hold_s)
+                predicted = repaced(f.predicted_ttft_s, f.pace, gain if kind != "local" else None, hold_s)
                 out[("ttft", kind)].append(abs(predicted - f.ttft_s) / f.ttft_s)
             if f.tpot_s > 0:
                 out[("tpot", "whole" if kind == "whole" else "decode")].append(

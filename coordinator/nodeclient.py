@@ -35,11 +35,13 @@ PACES = ("on", "off")
 PACE_GAIN = 0.6
 PACE_HOLD_S = 4.0
 PACE_KINDS = ("ttft", "ttft_local")  # a stream's TPOT spans many seconds: the pace now says little of it
-# Only a prefill node's TTFT predictions take it (its prefill calls, and the streams it serves whole):
-# a decode node's freshest pace is its decode steps', which did not foretell its local prefills
-# (replayed on two 1:1 chat runs, their TTFT error p90 went 32 -> 34 % and 24 -> 30 %, where the
-# prefill node's went 39 -> 30 % and 44 -> 29 % on one and held on the other).
+# Only a prefill node's TTFT predictions take it (its prefill calls, and the streams it serves whole),
+# and only its prefills' pace: a decode node's freshest pace is its decode steps', which did not
+# foretell its local prefills (replayed on two 1:1 chat runs, their TTFT error p90 went 32 -> 34 %
+# and 24 -> 30 %, where the prefill node's went 39 -> 30 % and 44 -> 29 % on one and held on the
+# other). Decode steps are bandwidth-bound, prefills compute-bound.
 PACE_ROLES = ("prefill",)
+PACE_OF = "prefill"
 ARRIVAL_WINDOW_S = 20.0  # the recent requests to a decode node that admission's forward view counts
 
 
@@ -228,14 +230,13 @@ class NodeClient:
 
     def pace(self) -> tuple[float, float, float]:
         """(what a TTFT prediction here is scaled by, the log deviation it stood on, its age in
-        seconds): the freshest of the node's paces (on a prefill node serving streams whole, its
-        steps say how fast its engine runs too), faded with its age; (1, 0, inf) without one."""
+        seconds): the node's prefills' pace (``PACE_OF``), faded with its age; (1, 0, inf) without
+        one."""
         load = self.fresh_load()
-        paces = [f for f in load.paces if len(f.coefficients) == 3] if load is not None else []
+        paces = [f for f in load.paces if f.name == PACE_OF and len(f.coefficients) == 3] if load is not None else []
         if not paces:
             return 1.0, 0.0, math.inf
-        latest = min(paces, key=lambda f: f.coefficients[2])
-        deviation, _weight, age = latest.coefficients
+        deviation, _weight, age = paces[0].coefficients
         age += max(0.0, time.monotonic() - self.load_at)
         return math.exp(PACE_GAIN * deviation * math.exp(-age / PACE_HOLD_S)), deviation, age
 

@@ -139,14 +139,32 @@ def test_admission_scales_ttft_by_the_nodes_pace_and_not_tpot_and_not_with_pace_
 def test_a_decode_nodes_local_prefill_is_not_paced() -> None:
     def go():
         slow = math.log(1.25)
-        decode_load = pb.NodeLoad(fits=fits(), paces=[pb.PerfFit(name="decode", terms=["deviation", "weight", "age_s"],
-                                                                 coefficients=[slow, 30.0, 0.0])])
+        terms = ["deviation", "weight", "age_s"]
+        decode_load = pb.NodeLoad(fits=fits(), paces=[pb.PerfFit(name="decode", terms=terms, coefficients=[0.5, 30.0, 0.0]),
+                                                      pb.PerfFit(name="prefill", terms=terms, coefficients=[slow, 1.0, 2.0])])
         r = cluster({"d0": decode_load})  # no prefill pool: the decode node prefills
         d0 = r._nodes["d0"]
+        # the prefills' reading, though the steps' is fresher; logged, not taken
         assert d0.pace()[1] == slow and not d0.paced
         plan = Admission(r).plan("r", 100, 16, Slo())
         assert plan.local and not plan.paced and plan.pace[1] == slow  # logged, not taken
         assert d0.calibrated("ttft_local", 0.2) == 0.2
+    run(go)
+
+
+def test_a_prefill_node_serving_streams_whole_is_paced_by_its_prefills_not_its_steps() -> None:
+    def go():
+        terms = ["deviation", "weight", "age_s"]
+        load = pb.NodeLoad(fits=fits(), paces=[pb.PerfFit(name="decode", terms=terms, coefficients=[0.5, 30.0, 0.0]),
+                                               pb.PerfFit(name="prefill", terms=terms, coefficients=[-0.1, 2.0, 0.0])])
+        p0 = cluster({"p0": load})._nodes["p0"]
+        factor, dev, _ = p0.pace()
+        assert dev == -0.1 and factor < 1.0 and p0.paced
+        assert p0.calibrated("ttft_local", 0.2) == pytest.approx(0.2 * factor)  # a prompt it serves whole
+        # a node whose prefills were never timed: not paced, whatever its steps say
+        p0.saw_load(pb.NodeLoad(fits=fits(), paces=[pb.PerfFit(name="decode", terms=terms,
+                                                               coefficients=[0.5, 30.0, 0.0])]))
+        assert p0.pace() == (1.0, 0.0, math.inf) and p0.calibrated("ttft", 0.2) == 0.2
     run(go)
 
 

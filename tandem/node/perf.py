@@ -219,7 +219,7 @@ class NodePerf:
         completes having run alone."""
         sole = self._prefills_running == 0
         alone = sole and self._batch == 0
-        no_batch, joins0 = self._batch == 0, self._joins
+        no_batch = self._batch == 0
         self._advance_means(self._clock())
         areas = (self._batch_area, self._context_area)
         self._prefills_running += 1
@@ -266,8 +266,10 @@ class NodePerf:
                     self.model.saw_prefill(run.uncached_tokens, own, cached)
             # The pace: with prompts in steps of their own and no decode batch here meanwhile, the
             # engine's own time for it (from its first step), so that a prefill that waited behind
-            # others counts too; otherwise the sample's, if it is one.
-            steps_own = self.own_steps and no_batch and self._joins == joins0 and self._batch == 0
+            # others counts too; otherwise the sample's, if it is one. (The engine's time leaves out
+            # the few ms this daemon adds, which the fit holds: a constant lean, read against the
+            # minute's mean, unless the two kinds of sample change their mix.)
+            steps_own = self.own_steps and no_batch and self._joins == joins and self._batch == 0
             pace_s = run.engine_s if run.engine_s is not None and steps_own else own
             if ok and pace_s and fit_s and mine and not loaded:
                 self.pace["prefill"].add(self._clock(), pace_s, fit_s)
