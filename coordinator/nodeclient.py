@@ -233,7 +233,10 @@ class NodeClient:
         seconds): the node's prefills' pace (``PACE_OF``), faded with its age; (1, 0, inf) without
         one."""
         load = self.fresh_load()
-        paces = [f for f in load.paces if f.name == PACE_OF and len(f.coefficients) == 3] if load is not None else []
+        # (a reading that is not three finite numbers, age at least 0, is no reading: one bad message
+        # must not make every prediction here NaN)
+        paces = [f for f in load.paces if f.name == PACE_OF and len(f.coefficients) == 3
+                 and all(math.isfinite(c) for c in f.coefficients) and f.coefficients[2] >= 0] if load is not None else []
         if not paces:
             return 1.0, 0.0, math.inf
         deviation, _weight, age = paces[0].coefficients

@@ -165,6 +165,10 @@ def test_a_prefill_node_serving_streams_whole_is_paced_by_its_prefills_not_its_s
         p0.saw_load(pb.NodeLoad(fits=fits(), paces=[pb.PerfFit(name="decode", terms=terms,
                                                                coefficients=[0.5, 30.0, 0.0])]))
         assert p0.pace() == (1.0, 0.0, math.inf) and p0.calibrated("ttft", 0.2) == 0.2
+        # a malformed reading is none: no NaN reaches a prediction
+        for bad in ([math.nan, 1.0, 0.0], [0.1, 1.0, math.inf], [0.1, 1.0, -1.0], [0.1, 1.0]):
+            p0.saw_load(pb.NodeLoad(fits=fits(), paces=[pb.PerfFit(name="prefill", terms=terms, coefficients=bad)]))
+            assert p0.pace() == (1.0, 0.0, math.inf) and p0.calibrated("ttft", 0.2) == 0.2, bad
     run(go)
 
 
