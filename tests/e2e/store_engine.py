@@ -2,22 +2,25 @@
 the engine's own prefix cache is emptied before each round, so a round's cached tokens came from
 the store. Prints, per round, every case's token ids and cached prompt tokens as JSON.
 
-Usage: python store_engine.py MODEL MAX_MODEL_LEN STORE_DIR ROUNDS CHUNK_TOKENS < cases.json
+Usage: python store_engine.py MODEL MAX_MODEL_LEN STORE_DIR ROUNDS CHUNK_TOKENS [LOAD] < cases.json
 (cases as reference_engine.py takes them; STORE_DIR '-' for a RAM tier alone)
+
+The engine runs in this one process (vLLM's in-process engine core): the connector's scheduler and
+worker sides share it, where a node's engine has them in two processes; the clusters' tests
+(test_serving_ucx.py) cover that, with the store's RAM and disk tiers.
 """
 
-import asyncio
 import json
 import os
 import socket
 import sys
+import time
 
 
-async def main() -> None:
+def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import SamplingParams
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.v1.engine.async_llm import AsyncLLM
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM, SamplingParams
 
     from tandem.kvstore.keys import model_identity
 
@@ -34,29 +37,34 @@ async def main() -> None:
              "kvstore_dir": "" if store_dir == "-" else store_dir, "kvstore_disk_bytes": 1 << 30,
              "kvstore_chunk_blocks": chunk // 32, "kvstore_model_id": model_identity(model),
              "kvstore_load": load}
-    eng = AsyncLLM.from_engine_args(AsyncEngineArgs(
-        model=model, dtype="float32", enforce_eager=True, max_model_len=max_len, block_size=32,
-        kv_transfer_config={"kv_connector": "TandemConnector",
-                            "kv_connector_module_path": "tandem.kvtransfer.connector",
-                            "kv_role": "kv_both", "kv_connector_extra_config": extra}))
+    llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=max_len, block_size=32,
+              kv_transfer_config={"kv_connector": "TandemConnector",
+                                  "kv_connector_module_path": "tandem.kvtransfer.connector",
+                                  "kv_role": "kv_both", "kv_connector_extra_config": extra})
+    assert not os.path.exists(arena), "the engine drops the arena's name once it has it mapped"
+    def settle() -> None:
+        """Step until the engine holds no block: a round's saves hold theirs until a step sees them
+        done. Then its cache is empty (the store's RAM tier keeps what was saved)."""
+        deadline = time.monotonic() + 60
+        while not llm.reset_prefix_cache():
+            assert time.monotonic() < deadline, "the engine still holds blocks a minute after the round"
+            llm.llm_engine.step()
+            time.sleep(0.02)
+
     try:
-        assert not os.path.exists(arena), "the engine core drops the arena's name once it has it mapped"
-        for r in range(rounds):
-            await eng.reset_prefix_cache()
+        for _ in range(rounds):
+            settle()
             outs, cached = [], []
-            for i, c in enumerate(cases):
+            for c in cases:
                 sp = SamplingParams(max_tokens=c["max_tokens"], temperature=0.0, detokenize=False)
-                final = None
-                async for out in eng.generate({"prompt_token_ids": c["prompt_token_ids"]}, sp,
-                                              request_id=f"r{r}-{i}"):
-                    final = out
+                (final,) = llm.generate([{"prompt_token_ids": c["prompt_token_ids"]}], sp, use_tqdm=False)
                 outs.append(list(final.outputs[0].token_ids))
                 cached.append(final.num_cached_tokens or 0)
             print("ROUND " + json.dumps({"outputs": outs, "cached": cached}), flush=True)
-            await asyncio.sleep(0.5)  # the last saves reach the store before the next round looks
+        settle()  # the last round's saves are in the store ...
     finally:
-        eng.shutdown()
+        llm.llm_engine.engine_core.shutdown()  # ... and the connector's shutdown writes what is queued for the disk
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()
