@@ -298,6 +298,7 @@ def start_vllm_nixl(model: str, cores: list[int], max_model_len: int, log_dir: P
 
 
 # variant -> (coordinator flags, node flags)
+DECODE_CORES = "@decode"  # in a variant's coordinator flags: the first decode node's cores, once planned
 TANDEM_VARIANTS: dict[str, tuple[list[str], list[str]]] = {
     # as shipped: admission on (by each request's SLO), conditional disaggregation and colocation
     # on, the prefill queue held at the coordinator in deadline-slack order
@@ -336,6 +337,9 @@ TANDEM_VARIANTS: dict[str, tuple[list[str], list[str]]] = {
     # TTFT predictions from the fit and its calibration only, not scaled by how fast the node runs
     # now (its pace, logged all the same; as shipped until the forty-seventh sitting)
     "-nopace": (["--pace", "off"], []),
+    # the coordinator on the first decode node's cores instead of the first prefill node's: whether
+    # its work (admission, the token relay) slows the prefills it shares a core with
+    "-coordondecode": (["--cores", DECODE_CORES], []),
 }
 
 
@@ -419,6 +423,15 @@ def prefills_on_decode_nodes(flags: list[str]) -> bool:
     return ap.parse_known_args(flags)[0].conditional_disagg != "off"
 
 
+def coordinator_argv(variant: str, plan: list[str], num_prefill: int, extra: list[str]) -> list[str]:
+    """The coordinator's flags for a variant on nodes pinned by ``plan`` (prefill nodes' cores
+    first): the variant's, then ``extra``; ``--cores`` the first prefill node's unless they say."""
+    flags = [plan[num_prefill] if f == DECODE_CORES else f for f in TANDEM_VARIANTS[variant][0] + extra]
+    if num_prefill and not any(f == "--cores" or f.startswith("--cores=") for f in flags):
+        flags += ["--cores", plan[0]]
+    return flags
+
+
 def start_tandem(model: str, num_prefill: int, num_decode: int, max_model_len: int, log_dir: Path,
                  cores: list[int], variant: str = "", coordinator_flags: list[str] | None = None) -> System:
     """Tandem at P:D, its variant's flags, then ``coordinator_flags`` (compare's --tandem-flags). Its
@@ -426,10 +439,8 @@ def start_tandem(model: str, num_prefill: int, num_decode: int, max_model_len: i
     left to float on a host whose nodes are pinned, it took the decode node's core whenever the
     prefill core was busy, and the decode node's streams missed TPOT more often (the fortieth
     sitting's runs with colocation); 0:N, no prefill node: it floats."""
-    flags = TANDEM_VARIANTS[variant][0] + list(coordinator_flags or [])
     plan = core_plan(num_prefill, num_decode, cores)
-    if num_prefill and not any(f == "--cores" or f.startswith("--cores=") for f in flags):
-        flags += ["--cores", plan[0]]
+    flags = coordinator_argv(variant, plan, num_prefill, coordinator_flags or [])
     store_dir = Path(MEMORY.kvstore_root) / f"{num_prefill}p{num_decode}d{variant}" if MEMORY.kvstore_root else None
     if store_dir is not None:
         shutil.rmtree(store_dir, ignore_errors=True)  # every system starts cold: nothing from a run before

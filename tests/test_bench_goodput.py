@@ -177,6 +177,17 @@ def test_ratios_parse_and_a_bad_one_is_refused() -> None:
             parse_ratios(bad)
 
 
+def test_the_coordinator_sits_beside_the_prefill_nodes_unless_its_flags_or_variant_say() -> None:
+    from tandem.bench.systems import coordinator_argv
+
+    plan = ["0", "1"]  # 1:1, prefill node's cores first
+    assert coordinator_argv("", plan, 1, []) == ["--cores", "0"]
+    assert coordinator_argv("-coordondecode", plan, 1, []) == ["--cores", "1"]
+    assert coordinator_argv("-nopace", ["0-1", "2", "3"], 1, ["--cores", "3"]) == ["--pace", "off", "--cores", "3"]
+    assert coordinator_argv("-coordondecode", ["0", "1", "2", "3"], 2, []) == ["--cores", "2"]
+    assert coordinator_argv("", ["0", "1"], 0, []) == []  # 0:N: no prefill node, it floats
+
+
 def test_tandem_flags_a_variant_sets_itself_are_refused_before_any_work() -> None:
     from tandem.cli import build_parser
 

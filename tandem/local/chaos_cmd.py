@@ -23,23 +23,26 @@ from .cluster import ClusterSpec, LocalCluster
 from .proxy import TcpProxy
 
 
-def chaos_cluster_spec(model: str, log_dir: str, kv_port: int, kv_proxy: str, tls: bool = False) -> ClusterSpec:
+def chaos_cluster_spec(model: str, log_dir: str, kv_port: int, kv_proxy: str, tls: bool = False,
+                       kvstore_ram_gib: float = 0.0) -> ClusterSpec:
     """2 coordinators, 2 prefill and 2 decode nodes, supervised. prefill-0 binds its KV on
     ``kv_port`` and advertises ``kv_proxy`` (the proxy in front of it), over TCP only, so that
     the cut-kv scenario can cut its KV path; the rest move KV over UCX. ``tls``: every port
-    (and etcd, and the KV control connections) mutual TLS."""
+    (and etcd, and the KV control connections) mutual TLS. ``kvstore_ram_gib``: each node's KV
+    store RAM tier (0: none)."""
     return ClusterSpec(model=model, num_prefill=2, num_decode=2, num_coordinators=2, ttl_s=3, lease_s=KV_LEASE_S,
-                       log_dir=log_dir, supervise=True, tls=tls,
+                       log_dir=log_dir, supervise=True, tls=tls, kvstore_ram_gib=kvstore_ram_gib,
                        extra_coordinator_args=["--stall-s", "2", "--pool-wait-s", "20"],
                        node_args={"prefill-0": ["--kv-port", str(kv_port), "--kv-advertise", kv_proxy,
                                                 "--kv-transport", "tcp"]})
 
 
 @contextmanager
-def chaos_cluster(model: str, log_dir: str, tls: bool = False) -> Iterator[tuple[LocalCluster, TcpProxy]]:
+def chaos_cluster(model: str, log_dir: str, tls: bool = False,
+                  kvstore_ram_gib: float = 0.0) -> Iterator[tuple[LocalCluster, TcpProxy]]:
     kv_port = free_port()
     with TcpProxy(f"127.0.0.1:{kv_port}") as proxy, \
-            LocalCluster(chaos_cluster_spec(model, log_dir, kv_port, proxy.address, tls)) as cluster:
+            LocalCluster(chaos_cluster_spec(model, log_dir, kv_port, proxy.address, tls, kvstore_ram_gib)) as cluster:
         yield cluster, proxy
 
 
