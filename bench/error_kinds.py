@@ -5,8 +5,10 @@ A request's finish line in a coordinator log gives its TTFT and TPOT, what admis
 and where it ran (forecast_whole.read): a prefill call (prefill node, then a decode node), a
 prompt a prefill node served whole (--colocate: admitted so, and prefilled and decoded there), or
 a decode node's local prefill. The bench report's per-node errors mix the first two on a prefill node; this
-tells them apart. Error: |predicted - actual| / actual, the coordinator's own TTFT (received to
-first token) and TPOT.
+tells them apart. Of the prefill calls, those admission predicted no wait for ("nothing queued":
+no prompt ahead of them, no batch queue) are also shown alone: their error is the prefill's own,
+the floor under the rest. Error: |predicted - actual| / actual, the coordinator's own TTFT
+(received to first token) and TPOT.
 
 ``--pace-gain G --pace-hold-s S`` replays each TTFT prediction on a prefill node (a prefill call,
 or a prompt served whole) as if admission had taken the node's pace (coordinator/nodeclient.py)
@@ -29,7 +31,8 @@ import sys
 from tandem.bench.forecast_whole import read
 from tandem.bench.metrics import percentile
 
-KINDS = [("ttft", "call", "TTFT, prefill calls"), ("ttft", "whole", "TTFT, served whole\n(prefill node)"),
+KINDS = [("ttft", "call", "TTFT, prefill calls"), ("ttft", "lone", "TTFT, prefill calls\nnothing queued"),
+         ("ttft", "whole", "TTFT, served whole\n(prefill node)"),
          ("ttft", "local", "TTFT, local prefills\n(decode node)"), ("tpot", "decode", "TPOT, decode nodes"),
          ("tpot", "whole", "TPOT, served whole\n(prefill node)")]
 
@@ -57,6 +60,8 @@ def errors(paths: list[str], gain: float | None = None, hold_s: float = 4.0) -> 
             if f.ttft_s > 0:
                 predicted = repaced(f.predicted_ttft_s, f.pace, gain if kind != "local" else None, hold_s)
                 out[("ttft", kind)].append(abs(predicted - f.ttft_s) / f.ttft_s)
+                if kind == "call" and f.predicted_wait_s == 0:
+                    out[("ttft", "lone")].append(out[("ttft", kind)][-1])
             if f.tpot_s > 0:
                 out[("tpot", "whole" if kind == "whole" else "decode")].append(
                     abs(f.predicted_tpot_s - f.tpot_s) / f.tpot_s)

@@ -20,6 +20,8 @@ FINISH = re.compile(r"^(\S+ \S+) .*request (\S+): \w+ after (\d+) tokens \(ttft 
                     r"predicted ttft ([\d.]+) s, tpot ([\d.]+) ms")
 # the prefilling node's pace at admission (coordinator --pace; absent before the forty-seventh sitting)
 PACE = re.compile(r"; pace x([\d.]+)( not applied)? from ([-+][\d.]+) ([\d.]+|inf) s old\)")
+# of its predicted TTFT, the wait: for its turn in a prefill queue, and a batch request's in the batch queue
+WAIT = re.compile(r"of the ttft waiting ([\d.]+) s[;)]")
 
 
 @dataclass
@@ -39,6 +41,8 @@ class _Finished:
     # the node's pace at admission: (the factor, whether in predicted_ttft_s, its log deviation,
     # its age in seconds); None where the log does not say
     pace: tuple[float, bool, float, float] | None = None
+    # of predicted_ttft_s, the wait before its prefill's turn; None where the log does not say
+    predicted_wait_s: float | None = None
 
 
 def read(path: str) -> tuple[list[_Finished], set[str]]:
@@ -55,9 +59,11 @@ def read(path: str) -> tuple[list[_Finished], set[str]]:
         e2e = float(m.group(6))
         p = PACE.search(line)
         pace = (float(p.group(1)), not p.group(2), float(p.group(3)), float(p.group(4))) if p else None
+        w = WAIT.search(line)
         out.append(_Finished(m.group(2), end - e2e, int(m.group(3)), float(m.group(4)), float(m.group(5)) / 1000, e2e,
                              m.group(7), bool(m.group(8)), m.group(9), float(m.group(10)),
-                             float(m.group(12)) / 1000, float(m.group(11)), pace))
+                             float(m.group(12)) / 1000, float(m.group(11)), pace,
+                             float(w.group(1)) if w else None))
     return out, whole
 
 

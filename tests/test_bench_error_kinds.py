@@ -9,11 +9,12 @@ import pytest
 from tandem.bench.error_kinds import errors, main, table
 
 
-def finish(rid: str, ttft: float, tpot_ms: float, where: str, p_ttft: float, p_tpot_ms: float) -> str:
+def finish(rid: str, ttft: float, tpot_ms: float, where: str, p_ttft: float, p_tpot_ms: float,
+           wait_s: float = 0.0) -> str:
     return (f"2026-12-06 22:09:34,214 INFO coordinator tandem.coordinator.request: request {rid}: length after "
             f"205 tokens (ttft {ttft:.3f} s, tpot {tpot_ms:.1f} ms, e2e 5.703 s, {where}, migrations 0, "
             f"dispatch 0.002 s, prefill call 0.301 s; predicted ttft {p_ttft:.3f} s, tpot {p_tpot_ms:.1f} ms, "
-            f"learned factors x1.0000, x1.0000, of the ttft waiting 0.000 s)\n")
+            f"learned factors x1.0000, x1.0000, of the ttft waiting {wait_s:.3f} s)\n")
 
 
 def test_errors_are_told_apart_by_where_the_prompt_ran(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -24,15 +25,20 @@ def test_errors_are_told_apart_by_where_the_prompt_ran(tmp_path: Path, capsys: p
         + finish("a", 0.500, 20.0, "prefill prefill-0, decode decode-0", 0.400, 25.0)  # call: 20 %, 25 %
         + finish("b", 0.200, 40.0, "prefill prefill-0 (local), decode prefill-0", 0.300, 30.0)  # whole: 50 %, 25 %
         + finish("c", 0.100, 10.0, "prefill decode-0 (local), decode decode-0", 0.110, 10.0)  # local: 10 %, 0
-        + "2026-12-06 22:09:35,000 INFO coordinator tandem.coordinator.admission: request d: admitted ...\n")
+        + "2026-12-06 22:09:35,000 INFO coordinator tandem.coordinator.admission: request d: admitted ...\n"
+        # a call predicted to wait 0.3 s for its turn: 40 %, and not among those with nothing queued
+        + finish("e", 1.000, 20.0, "prefill prefill-0, decode decode-0", 0.600, 20.0, wait_s=0.3))
     e = errors([str(log)])
-    assert e[("ttft", "call")] == pytest.approx([0.2]) and e[("ttft", "whole")] == pytest.approx([0.5])
+    assert e[("ttft", "call")] == pytest.approx([0.2, 0.4]) and e[("ttft", "whole")] == pytest.approx([0.5])
+    assert e[("ttft", "lone")] == pytest.approx([0.2])
     assert e[("ttft", "local")] == pytest.approx([0.1])
-    assert e[("tpot", "decode")] == pytest.approx([0.25, 0.0]) and e[("tpot", "whole")] == pytest.approx([0.25])
+    assert e[("tpot", "decode")] == pytest.approx([0.25, 0.0, 0.0]) and e[("tpot", "whole")] == pytest.approx([0.25])
     assert "| TTFT, served whole (prefill node) | 1, 50 / 50 % |" in table({"x": e})
     png = tmp_path / "e.png"
     main([f"x={log}", f"y={log},{log}", "--png", str(png)])
-    assert "| TTFT, prefill calls | 1, 20 / 20 % | 2, 20 / 20 % |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| TTFT, prefill calls | 2, 30 / 38 % | 4, 30 / 40 % |" in out
+    assert "| TTFT, prefill calls nothing queued | 1, 20 / 20 % | 2, 20 / 20 % |" in out
     assert png.stat().st_size > 0
 
 
@@ -62,4 +68,6 @@ def test_ttft_predictions_replay_with_the_logged_pace_at_any_gain(tmp_path: Path
     assert full[("ttft", "local")] == pytest.approx([0.1])
     main([f"x={log}", "--pace-grid"])
     out = capsys.readouterr().out
-    assert "| x | 0.0 | 1 | 18.0 % | – | 10.0 % |" in out and "| x | 1.0 | 8 | 22.5 % | – | 10.0 % |" in out
+    # (both calls had nothing queued: the second column repeats the first)
+    assert "| x | 0.0 | 1 | 18.0 % | 18.0 % | – | 10.0 % |" in out
+    assert "| x | 1.0 | 8 | 22.5 % | 22.5 % | – | 10.0 % |" in out
