@@ -10,6 +10,11 @@ no prompt ahead of them, no batch queue) are also shown alone: their error is th
 the floor under the rest. Error: |predicted - actual| / actual, the coordinator's own TTFT
 (received to first token) and TPOT.
 
+``--floor`` asks how much of the calls' error any recalibration could remove: for the calls with
+nothing queued, the one scale factor that, chosen in hindsight on those very calls, gives their
+predictions the lowest p90, and that p90. What stays is each prefill's own scatter around the model,
+which no factor learned before it (the calibration, the pace) can remove.
+
 ``--pace-gain G --pace-hold-s S`` replays each TTFT prediction on a prefill node (a prefill call,
 or a prompt served whole) as if admission had taken the node's pace (coordinator/nodeclient.py)
 with that gain and fading, from the reading its finish line logs, whether or not the run took it
@@ -66,6 +71,43 @@ def errors(paths: list[str], gain: float | None = None, hold_s: float = 4.0) -> 
                 out[("tpot", "whole" if kind == "whole" else "decode")].append(
                     abs(f.predicted_tpot_s - f.tpot_s) / f.tpot_s)
     return out
+
+
+def lone_calls(paths: list[str]) -> list[tuple[float, float]]:
+    """(predicted, actual) TTFT of the prefill calls admission predicted no wait for."""
+    out = []
+    for path in paths:
+        finished, _ = read(path)
+        out += [(f.predicted_ttft_s, f.ttft_s) for f in finished
+                if not f.local and f.predicted_wait_s == 0 and f.ttft_s > 0 and f.predicted_ttft_s > 0]
+    return out
+
+
+def best_scale(pairs: list[tuple[float, float]], lo: float = 0.5, hi: float = 2.0,
+               steps: int = 601) -> tuple[float, float]:
+    """The factor k (``lo`` to ``hi`` on a log grid) whose scaled predictions k * predicted have the
+    lowest p90 of |k * predicted - actual| / actual over ``pairs``, and that p90."""
+    best = (math.inf, 1.0)
+    for i in range(steps):
+        k = lo * (hi / lo) ** (i / (steps - 1))
+        best = min(best, (percentile([abs(k * p - a) / a for p, a in pairs], 90), k))
+    return best[1], best[0]
+
+
+def floor(logs: dict[str, list[str]]) -> str:
+    """Each system's calls with nothing queued: their p90 as predicted, and at the best scale
+    factor chosen in hindsight (``best_scale``)."""
+    rows = ["| system | calls with nothing queued | TTFT error p90 as predicted | best factor in hindsight | "
+            "its p90 |", "|---|---:|---:|---:|---:|"]
+    for name, paths in logs.items():
+        pairs = lone_calls(paths)
+        if not pairs:
+            rows.append(f"| {name} | 0 | – | – | – |")
+            continue
+        k, p90 = best_scale(pairs)
+        as_is = percentile([abs(p - a) / a for p, a in pairs], 90)
+        rows.append(f"| {name} | {len(pairs)} | {as_is * 100:.1f} % | x{k:.3f} | {p90 * 100:.1f} % |")
+    return "\n".join(rows)
 
 
 def grid(logs: dict[str, list[str]], gains: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
@@ -131,6 +173,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="replay the TTFT predictions taking the logged pace with this gain (0: none)")
     ap.add_argument("--pace-hold-s", type=float, default=4.0, help="... fading over this many seconds")
     ap.add_argument("--pace-grid", action="store_true", help="print the TTFT p90s over gains and hold times")
+    ap.add_argument("--floor", action="store_true",
+                    help="print, for the prefill calls with nothing queued, the p90 at the best scale factor "
+                         "chosen in hindsight: the error no recalibration removes")
     args = ap.parse_args(argv)
     if args.pace_hold_s <= 0:
         ap.error("--pace-hold-s must be positive")
@@ -144,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     print(table(systems))
     if args.pace_grid:
         print(grid(logs))
+    if args.floor:
+        print(floor(logs))
     if args.png:
         plot(systems, args.png, args.title, args.goal)
         print(f"wrote {args.png}", file=sys.stderr)

@@ -71,3 +71,26 @@ def test_ttft_predictions_replay_with_the_logged_pace_at_any_gain(tmp_path: Path
     # (both calls had nothing queued: the second column repeats the first)
     assert "| x | 0.0 | 1 | 18.0 % | 18.0 % | – | 10.0 % |" in out
     assert "| x | 1.0 | 8 | 22.5 % | 22.5 % | – | 10.0 % |" in out
+
+
+def test_the_floor_is_the_p90_at_the_best_factor_chosen_in_hindsight(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    from tandem.bench.error_kinds import best_scale, lone_calls
+
+    call = "prefill prefill-0, decode decode-0"
+    log = tmp_path / "coordinator.log"
+    # Calls with nothing queued, each predicted at 0.8 of what it took: a factor of 1.25 removes all
+    # of it. A call that waited (predicted far off) and a local prefill do not count.
+    log.write_text("".join(finish(f"r{i}", t, 20.0, call, 0.8 * t, 20.0) for i, t in enumerate((0.2, 0.3, 0.5, 0.9)))
+                   + finish("q", 1.000, 20.0, call, 0.100, 20.0, wait_s=0.05)
+                   + finish("l", 1.000, 20.0, "prefill decode-0 (local), decode decode-0", 0.100, 20.0))
+    pairs = lone_calls([str(log)])
+    assert len(pairs) == 4
+    k, p90 = best_scale(pairs)
+    assert k == pytest.approx(1.25, rel=0.01) and p90 < 0.01
+    # Scatter no factor removes: half the calls predicted 10 % short, half 10 % long; the best
+    # factor is 1 and leaves 10 %.
+    k, p90 = best_scale([(0.9, 1.0), (1.1, 1.0), (0.45, 0.5), (0.55, 0.5)])
+    assert k == pytest.approx(1.0, abs=0.01) and p90 == pytest.approx(0.10, abs=0.005)
+    main([f"x={log}", "--floor"])
+    assert "| x | 4 | 20.0 % | x1.25" in capsys.readouterr().out
