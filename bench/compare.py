@@ -253,7 +253,10 @@ def add_compare_args(ap: argparse.ArgumentParser) -> None:
                          "in arrival order), tandem-engine (sent at once, vLLM priority scheduling by "
                          "deadline), tandem-leastloaded and tandem-random (routing that ignores what the "
                          "nodes' KV stores hold), tandem-bigstep (nodes with a 2048-token step budget, "
-                         "vLLM's default here, instead of the decode nodes' 256), "
+                         "vLLM's default here, instead of the decode nodes' 256), tandem-sharedsteps (engines "
+                         "that start a prompt beside another's last chunk), tandem-nopace (TTFT predictions not "
+                         "scaled by a prefill node's pace), tandem-coordondecode (the coordinator on the decode "
+                         "node's cores, not the prefill node's), "
                          "vllm-colocated, vllm-nixl, vllm-nixl-fixed")
     ap.add_argument("--ratios", default="",
                     help="Tandem's P:D ratios, e.g. 2:1,1:1 (default: every ratio with a core per node; nodes "
@@ -295,7 +298,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.warm_prefixes and args.workload not in ("prefix-heavy", "multi-turn"):
         raise SystemExit("--warm-prefixes warms prefix-heavy's corpus of prefixes or multi-turn's conversations; "
                          "use it with --workload prefix-heavy or multi-turn")
-    extra = {w for w in shlex.split(args.tandem_flags) if w.startswith("--")}
+    extra = {w.split("=", 1)[0] for w in shlex.split(args.tandem_flags) if w.startswith("--")}
     for name in wanted:  # a variant's own flags win silently otherwise (the last one given)
         own = TANDEM_VARIANTS[name.removeprefix("tandem")][0] if name.startswith("tandem") else []
         if extra & set(own):

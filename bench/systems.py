@@ -297,8 +297,9 @@ def start_vllm_nixl(model: str, cores: list[int], max_model_len: int, log_dir: P
                   facts=lambda: {"decode_prompt_tokens_by_source": prompt_tokens_by_source(urls[1])})
 
 
-# variant -> (coordinator flags, node flags)
 DECODE_CORES = "@decode"  # in a variant's coordinator flags: the first decode node's cores, once planned
+
+# variant -> (coordinator flags, node flags)
 TANDEM_VARIANTS: dict[str, tuple[list[str], list[str]]] = {
     # as shipped: admission on (by each request's SLO), conditional disaggregation and colocation
     # on, the prefill queue held at the coordinator in deadline-slack order

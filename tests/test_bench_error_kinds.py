@@ -75,7 +75,7 @@ def test_ttft_predictions_replay_with_the_logged_pace_at_any_gain(tmp_path: Path
 
 def test_the_floor_is_the_p90_at_the_best_factor_chosen_in_hindsight(tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture) -> None:
-    from tandem.bench.error_kinds import best_scale, lone_calls
+    from tandem.bench.error_kinds import best_line, best_scale, lone_calls
 
     call = "prefill prefill-0, decode decode-0"
     log = tmp_path / "coordinator.log"
@@ -92,5 +92,10 @@ def test_the_floor_is_the_p90_at_the_best_factor_chosen_in_hindsight(tmp_path: P
     # factor is 1 and leaves 10 %.
     k, p90 = best_scale([(0.9, 1.0), (1.1, 1.0), (0.45, 0.5), (0.55, 0.5)])
     assert k == pytest.approx(1.0, abs=0.01) and p90 == pytest.approx(0.10, abs=0.005)
+    # A line (the calibration's form) removes an offset a factor cannot: actual = 0.05 + 1.1 x predicted.
+    offset = [(p, 0.05 + 1.1 * p) for p in (0.1, 0.2, 0.4, 0.8, 1.6)]
+    assert best_scale(offset)[1] > 0.05
+    a, b, p90 = best_line(offset)
+    assert a == pytest.approx(0.05, abs=0.005) and b == pytest.approx(1.1, abs=0.01) and p90 < 0.005
     main([f"x={log}", "--floor"])
     assert "| x | 4 | 20.0 % | x1.25" in capsys.readouterr().out

@@ -195,6 +195,10 @@ def test_tandem_flags_a_variant_sets_itself_are_refused_before_any_work() -> Non
                                       "--tandem-flags", "--routing least-loaded"])
     with pytest.raises(SystemExit, match="--routing, which tandem-random sets itself"):
         args.fn(args)
+    args = build_parser().parse_args(["bench", "compare", "--systems", "tandem-coordondecode",
+                                      "--tandem-flags=--cores=1"])  # a flag given as --flag=value too
+    with pytest.raises(SystemExit, match="--cores, which tandem-coordondecode sets itself"):
+        args.fn(args)
     args = build_parser().parse_args(["bench", "compare", "--workload", "chat", "--warm-prefixes"])
     with pytest.raises(SystemExit, match="--workload prefix-heavy"):
         args.fn(args)

@@ -6,8 +6,11 @@ Usage: python store_engine.py MODEL MAX_MODEL_LEN STORE_DIR ROUNDS CHUNK_TOKENS 
 (cases as reference_engine.py takes them; STORE_DIR '-' for a RAM tier alone)
 
 The engine runs in this one process (vLLM's in-process engine core): the connector's scheduler and
-worker sides share it, where a node's engine has them in two processes; the clusters' tests
-(test_serving_ucx.py) cover that, with the store's RAM and disk tiers.
+worker sides share it, where a node's engine has them in two processes. test_serving_ucx.py covers
+that, with the store's RAM and disk tiers, its prefill node loading sync and its decode node async.
+vLLM says its CPU backend does not support this single-process mode (OpenMP is left unset). It
+computes the same tokens here: the clusters' tests hold the nodes' tokens to reference_engine.py's,
+which runs the same way.
 """
 
 import json
@@ -42,6 +45,7 @@ def main() -> None:
                                   "kv_connector_module_path": "tandem.kvtransfer.connector",
                                   "kv_role": "kv_both", "kv_connector_extra_config": extra})
     assert not os.path.exists(arena), "the engine drops the arena's name once it has it mapped"
+
     def settle() -> None:
         """Step until the engine holds no block: a round's saves hold theirs until a step sees them
         done. Then its cache is empty (the store's RAM tier keeps what was saved)."""

@@ -1,5 +1,6 @@
 """The supervised cluster of 2 coordinators, 2 prefill and 2 decode nodes (mutual TLS everywhere,
-each node with a KV store's RAM tier), built once for two things, in this order:
+each node with a KV store's RAM tier, for the routing tests: the chaos load's prompts are shorter
+than a store chunk), built once for two things, in this order:
 
 1. Prefix-aware routing, through a coordinator of its own that always disaggregates: the stores'
    events reach it, a prompt that shares a held prefix goes to the prefill node that holds it (its

@@ -43,9 +43,12 @@ BENCH_SERVE = (
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    # The prefill node's KV store loads its hits before the step that computes the rest (sync); the
+    # decode node's, beside it (async, the default): both across the engine's processes.
     spec = ClusterSpec(model=str(tiny_model), transport="ucx", max_model_len=MAX_MODEL_LEN,
                        log_dir=str(tmp_path_factory.mktemp("logs-ucx")), lease_s=20,
-                       kvstore_ram_gib=0.05, kvstore_root=str(tmp_path_factory.mktemp("kvstore")))
+                       kvstore_ram_gib=0.05, kvstore_root=str(tmp_path_factory.mktemp("kvstore")),
+                       node_args={"prefill-0": ["--kvstore-load", "sync"]})
     with LocalCluster(spec) as c:
         yield c
 
@@ -632,6 +635,8 @@ def test_a_prompt_comes_back_from_the_kv_stores_ram_then_its_disk_with_the_same_
         assert run() == cold
         wait_until(lambda: counts()[0] >= tokens0 + 512, 10, "the second load, from disk")
         assert counts()[1:] == (ram0 + 2, disk0 + 1)
+        # The prefill node's loads ran before their steps (its --kvstore-load sync).
+        assert "from the KV store's RAM tier (before its step)" in (cluster.log_dir / f"{prefill.name}.log").read_text()
     finally:
         ch.close()
         dch.close()
