@@ -60,7 +60,7 @@ CI_SCENARIOS = ("kill-decode", "drain-prefill", "kill-coordinator", "cut-kv", "f
 SWITCH_PROBES = 6  # requests sent at most, after a switch, until the switched node has served one
 SWITCH_WAIT_S = 5.0  # how long a switch waits for its node to hold a request
 LONG_STREAMS, LONG_TOKENS = 4, 900  # streams started just before the first switch, so it has work to finish
-REPLAY_AT_ONCE = 8  # replayed requests in flight at once (one at a time, the long streams took a minute)
+REPLAY_AT_ONCE = 8  # replayed requests in flight at once (one at a time, the four long streams took ~45 s)
 # A node's log line when a drain begins (tandem/node/runtime.py): what it held then.
 DRAIN_LINE = re.compile(r"draining \S+ \(asked by tandem role\): .*?\((\d+) requests and KV blocks held now")
 KV_LEASE_S = 10.0
