@@ -11,12 +11,9 @@ import datetime
 import re
 
 from tandem.bench.forecast import p50_p90
+from tandem.bench.forecast_whole import read
 from tandem.bench.metrics import percentile
 from tandem.coordinator.calibration import MAX_RATIO, Calibration
-
-
-TTFT_LINE = re.compile(r"ttft ([\d.]+) s, .*prefill \S+( \(local\))?, .*dispatch ([\d.]+) s, prefill call ([\d.]+) s; "
-                       r"predicted ttft ([\d.]+) s, .*of the ttft waiting ([\d.]+) s[;)]")
 
 
 def ttft_parts(path: str) -> dict[str, dict[str, float]]:
@@ -28,11 +25,10 @@ def ttft_parts(path: str) -> dict[str, dict[str, float]]:
     own queued there to place the request among)."""
     out: dict[str, dict[str, float]] = {}
     rows: dict[str, list[tuple[float, float, float, float]]] = {"prefill node": [], "decode node (local)": []}
-    for line in open(path, encoding="utf-8", errors="replace"):
-        m = TTFT_LINE.search(line)
-        if m and float(m.group(1)) > 0 and float(m.group(5)) > 0:
-            rows["decode node (local)" if m.group(2) else "prefill node"].append(
-                (float(m.group(1)), float(m.group(3)), float(m.group(5)), float(m.group(6))))
+    for f in read(path)[0]:
+        if f.ttft_s > 0 and f.predicted_ttft_s > 0 and f.dispatch_s is not None and f.predicted_wait_s is not None:
+            rows["decode node (local)" if f.local else "prefill node"].append(
+                (f.ttft_s, f.dispatch_s, f.predicted_ttft_s, f.predicted_wait_s))
     for where, rs in rows.items():
         if len(rs) < 5:
             continue
@@ -45,10 +41,6 @@ def ttft_parts(path: str) -> dict[str, dict[str, float]]:
             out[where].update({f"{part}_{k}": v for part, err in (("wait", wait), ("rest", rest))
                                for k, v in p50_p90(err).items()})
     return out
-
-
-REPLAY_TTFT_LINE = re.compile(r"^(\S+ \S+) .*\(ttft ([\d.]+) s, .*e2e ([\d.]+) s, prefill (\S+)( \(local\))?, .*"
-                              r"predicted ttft ([\d.]+) s, .*learned factors x([\d.]+),")
 
 
 def _always_line(c: Calibration, raw_s: float) -> float:
@@ -69,13 +61,10 @@ def replay_ttft(path: str) -> dict[str, dict[str, float]]:
     is one (as until the twenty-seventh sitting), ``calibration``: as shipped (a line while it
     scores better)."""
     rows: dict[str, list[tuple[float, float, float, str, float]]] = {"prefill node": [], "decode node (local)": []}
-    for line in open(path, encoding="utf-8", errors="replace"):
-        m = REPLAY_TTFT_LINE.search(line)
-        if not m or float(m.group(2)) <= 0 or float(m.group(6)) <= 0:
-            continue
-        end = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-        rows["decode node (local)" if m.group(5) else "prefill node"].append(
-            (end - float(m.group(3)), end, float(m.group(2)), m.group(4), float(m.group(6)) / float(m.group(7))))
+    for f in read(path)[0]:
+        if f.ttft_s > 0 and f.predicted_ttft_s > 0 and f.ttft_factor:
+            rows["decode node (local)" if f.local else "prefill node"].append(
+                (f.start, f.start + f.e2e_s, f.ttft_s, f.prefill, f.predicted_ttft_s / f.ttft_factor))
     out: dict[str, dict[str, float]] = {}
     kinds = {"prefill node": "ttft", "decode node (local)": "ttft_local"}
     for where, rs in rows.items():

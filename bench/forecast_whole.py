@@ -22,6 +22,10 @@ FINISH = re.compile(r"^(\S+ \S+) .*request (\S+): \w+ after (\d+) tokens \(ttft 
 PACE = re.compile(r"; pace x([\d.]+)( not applied)? from ([-+][\d.]+) ([\d.]+|inf) s old\)")
 # of its predicted TTFT, the wait: for its turn in a prefill queue, and a batch request's in the batch queue
 WAIT = re.compile(r"of the ttft waiting ([\d.]+) s[;)]")
+# how long it waited before its prefill call went out (measured), and the TTFT calibration's learned
+# factor in its prediction
+DISPATCH = re.compile(r", dispatch ([\d.]+) s, prefill call ")
+LEARNED = re.compile(r"learned factors x([\d.]+),")
 
 
 @dataclass
@@ -43,6 +47,8 @@ class _Finished:
     pace: tuple[float, bool, float, float] | None = None
     # of predicted_ttft_s, the wait before its prefill's turn; None where the log does not say
     predicted_wait_s: float | None = None
+    dispatch_s: float | None = None  # the wait before its prefill call went out; None where the log does not say
+    ttft_factor: float | None = None  # the learned factor in predicted_ttft_s; None where the log does not say
 
 
 def read(path: str) -> tuple[list[_Finished], set[str]]:
@@ -59,11 +65,12 @@ def read(path: str) -> tuple[list[_Finished], set[str]]:
         e2e = float(m.group(6))
         p = PACE.search(line)
         pace = (float(p.group(1)), not p.group(2), float(p.group(3)), float(p.group(4))) if p else None
-        w = WAIT.search(line)
+        w, d, f = WAIT.search(line), DISPATCH.search(line), LEARNED.search(line)
         out.append(_Finished(m.group(2), end - e2e, int(m.group(3)), float(m.group(4)), float(m.group(5)) / 1000, e2e,
                              m.group(7), bool(m.group(8)), m.group(9), float(m.group(10)),
                              float(m.group(12)) / 1000, float(m.group(11)), pace,
-                             float(w.group(1)) if w else None))
+                             float(w.group(1)) if w else None, float(d.group(1)) if d else None,
+                             float(f.group(1)) if f else None))
     return out, whole
 
 

@@ -166,6 +166,9 @@ class NodeClient:
     monitor: object = field(init=False)
     watcher: asyncio.Task[None] | None = None
     _fits: object = None  # the fits the model was last built from (NodeLoad.fits)
+    # its latest load message's prefills' pace (``PACE_OF``): (log deviation, age in seconds when
+    # sent); None without a valid reading
+    _pace: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         self._bind()
@@ -204,6 +207,11 @@ class NodeClient:
 
     def saw_load(self, msg: pb.NodeLoad) -> None:
         self.load, self.load_at = msg, time.monotonic()
+        # (a reading that is not three finite numbers, age at least 0, is no reading: one bad message
+        # must not make every prediction here NaN)
+        paces = [f.coefficients for f in msg.paces if f.name == PACE_OF and len(f.coefficients) == 3
+                 and all(math.isfinite(c) for c in f.coefficients) and f.coefficients[2] >= 0]
+        self._pace = (paces[0][0], paces[0][2]) if paces else None
         if msg.eng_whole or msg.eng_held or msg.eng_gone or msg.eng_namespace:
             self.blocks.update(msg.eng_whole, msg.eng_held, (), msg.eng_gone, msg.eng_namespace, msg.eng_block_tokens)
         if msg.kv_whole or msg.kv_ram or msg.kv_disk or msg.kv_gone or msg.kv_namespace:
@@ -232,14 +240,9 @@ class NodeClient:
         """(what a TTFT prediction here is scaled by, the log deviation it stood on, its age in
         seconds): the node's prefills' pace (``PACE_OF``), faded with its age; (1, 0, inf) without
         one."""
-        load = self.fresh_load()
-        # (a reading that is not three finite numbers, age at least 0, is no reading: one bad message
-        # must not make every prediction here NaN)
-        paces = [f for f in load.paces if f.name == PACE_OF and len(f.coefficients) == 3
-                 and all(math.isfinite(c) for c in f.coefficients) and f.coefficients[2] >= 0] if load is not None else []
-        if not paces:
+        if self._pace is None or self.fresh_load() is None:
             return 1.0, 0.0, math.inf
-        deviation, _weight, age = paces[0].coefficients
+        deviation, age = self._pace
         age += max(0.0, time.monotonic() - self.load_at)
         return math.exp(PACE_GAIN * deviation * math.exp(-age / PACE_HOLD_S)), deviation, age
 
