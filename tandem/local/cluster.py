@@ -322,20 +322,11 @@ class LocalCluster:
             for i in range(s.num_coordinators):
                 name = "coordinator" if i == 0 else f"coordinator-{i}"
                 fixed = i == 0  # the spec's ports are the first coordinator's
-                coordinator = Daemon(
-                    name, "coordinator",
-                    self._cli("coordinator", *common, *self.tls_args(coordinator=True),
-                              # 0: it binds a free port itself and says which (``pin_ports``
-                              # keeps them for a restart); a port picked here could be taken
-                              # before it binds
-                              "--grpc-port", str(s.grpc_port if fixed else 0),
-                              "--http-port", str(s.http_port if fixed else 0),
-                              *(["--max-model-len", str(s.max_model_len)] if s.max_model_len else []),
-                              *s.extra_coordinator_args),
-                    # its front door takes the client CA's certificates, not the daemons'
-                    self.log_dir / f"{name}.log", tls=self.client_tls)
-                coordinator.start()
-                self.coordinators.append(coordinator)
+                # 0: it binds a free port itself and says which (``pin_ports`` keeps them for a
+                # restart); a port picked here could be taken before it binds
+                self.coordinators.append(self.add_coordinator(
+                    name, *s.extra_coordinator_args, grpc_port=s.grpc_port if fixed else 0,
+                    http_port=s.http_port if fixed else 0))
             plan = s.cores or core_plan(s.num_prefill, s.num_decode)
             roles = ["prefill"] * s.num_prefill + ["decode"] * s.num_decode
             counters = {"prefill": 0, "decode": 0}
@@ -362,6 +353,24 @@ class LocalCluster:
             self.stop()
             raise
         return self
+
+    def add_coordinator(self, name: str, *args: str, grpc_port: int = 0, http_port: int = 0,
+                        command: list[str] | None = None, env: dict[str, str] | None = None) -> Daemon:
+        """Another coordinator on this cluster's etcd, started (not yet ready), logging to
+        <log dir>/<name>.log: the cluster's etcd, name, model, host, TLS and max model length,
+        then ``args`` (a flag there overrides the cluster's: ``--cluster other`` sees other nodes).
+        Ports 0: it binds free ones and says which (``info``). ``command``: what runs
+        ``tandem`` (this Python's ``-m tandem.cli``). Not this cluster's to supervise or stop:
+        the caller stops it (``start`` keeps its own in ``coordinators``)."""
+        s = self.spec
+        argv = [*(command or self._cli()), "coordinator", "--etcd", self.etcd_url, "--cluster", s.cluster,
+                "--model", s.model, "--host", s.host, *self.tls_args(coordinator=True),
+                "--grpc-port", str(grpc_port), "--http-port", str(http_port),
+                *(["--max-model-len", str(s.max_model_len)] if s.max_model_len else []), *args]
+        # its front door takes the client CA's certificates, not the daemons'
+        d = Daemon(name, "coordinator", argv, self.log_dir / f"{name}.log", env=env or {}, tls=self.client_tls)
+        d.start()
+        return d
 
     @staticmethod
     def _wait_ready(pending: list[Daemon], timeout_s: float, progress: Callable[[str], None] | None,

@@ -14,7 +14,6 @@ than a store chunk), built once for two things, in this order:
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 
 from tandem.local.chaos import CI_SCENARIOS
 from tandem.local.chaos_cmd import chaos_cluster, run_scenarios
-from tandem.local.cluster import Daemon, LocalCluster
+from tandem.local.cluster import LocalCluster
 from tandem.proto import tandem_pb2 as pb
 from tandem.proto import tandem_pb2_grpc as pb_grpc
 
@@ -57,18 +56,13 @@ def prefill_node(stub, prompt: list[int]) -> str:  # type: ignore[no-untyped-def
 
 
 @pytest.fixture(scope="class")
-def router(supervised, tiny_model: Path):
+def router(supervised):
     """A third coordinator over the same nodes, which prefills every request on a prefill node: on
     a tiny model a local prefill on a decode node (conditional disaggregation) is a timing call
     either way. Class-scoped: stopped before the chaos begins. Yields its stub and a reader of one of its
     metrics."""
     cluster: LocalCluster = supervised[0]
-    coord = Daemon("coordinator-routing", "coordinator", [
-        sys.executable, "-m", "tandem.cli", "coordinator", "--etcd", cluster.etcd_url, "--cluster",
-        cluster.spec.cluster, "--model", str(tiny_model), "--host", cluster.spec.host, "--grpc-port", "0",
-        "--http-port", "0", *cluster.tls_args(coordinator=True), "--conditional-disagg", "off"],
-        cluster.log_dir / "coordinator-routing.log", tls=cluster.client_tls)
-    coord.start()
+    coord = cluster.add_coordinator("coordinator-routing", "--conditional-disagg", "off")
     try:
         coord.wait_ready(time.monotonic() + 120)
         ctx = cluster.client_tls.client_ssl_context()

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tandem.local.cluster import ClusterSpec, Daemon, LocalCluster
+from tandem.local.cluster import ClusterSpec, LocalCluster
 from tandem.local.procs import process_tree
 from tandem.netutil import free_port
 from tandem.proto import tandem_pb2 as pb
@@ -542,14 +542,9 @@ def test_fuzzing_every_method_and_the_kv_port_crashes_nothing(cluster: LocalClus
     assert log.count("rejected a malformed request") <= 2 and "Traceback" not in log
 
 
-def test_empty_pools_answer_unavailable(cluster: LocalCluster, tiny_model: Path, tmp_path: Path) -> None:
+def test_empty_pools_answer_unavailable(cluster: LocalCluster) -> None:
     # A second coordinator on an empty cluster name: it sees no nodes at all.
-    port = free_port()
-    d = Daemon("coordinator-empty", "coordinator",
-               [sys.executable, "-m", "tandem.cli", "coordinator", "--etcd", cluster.etcd_url, "--cluster", "empty",
-                "--model", str(tiny_model), "--grpc-port", str(port), "--http-port", str(free_port())],
-               tmp_path / "coordinator-empty.log")
-    d.start()
+    d = cluster.add_coordinator("coordinator-empty", "--cluster", "empty")
     try:
         d.wait_ready(time.monotonic() + 60)
         with grpc.insecure_channel(d.info["grpc"]) as ch:
@@ -643,25 +638,19 @@ def test_a_prompt_comes_back_from_the_kv_stores_ram_then_its_disk_with_the_same_
 
 
 def test_api_keys_refuse_before_any_work_and_a_request_runs_as_its_keys_tenant(
-        cluster: LocalCluster, tiny_model: Path, tmp_path: Path) -> None:
+        cluster: LocalCluster, tmp_path: Path) -> None:
     """A second coordinator over the same nodes, with API keys on (TANDEM_API_KEYS adds one too)."""
     import secrets
 
     acme, env_key, beta = (secrets.token_urlsafe(24) for _ in range(3))
     keys = tmp_path / "keys"
     keys.write_text(f"# tenant=key\nacme={acme}\n")
-    grpc_port, http_port = free_port(), free_port()
-    coord = Daemon("coordinator-keys", "coordinator", [
-        sys.executable, "-m", "tandem.cli", "coordinator", "--etcd", cluster.etcd_url, "--cluster",
-        cluster.spec.cluster, "--model", str(tiny_model), "--grpc-port", str(grpc_port), "--http-port",
-        str(http_port), "--max-model-len", str(MAX_MODEL_LEN), "--api-keys-file", str(keys),
-        "--tenant-quota", "acme=1"], tmp_path / "coordinator-keys.log",
-        env={"TANDEM_API_KEYS": f"ops={env_key}"})
-    coord.start()
+    coord = cluster.add_coordinator("coordinator-keys", "--api-keys-file", str(keys), "--tenant-quota", "acme=1",
+                                    env={"TANDEM_API_KEYS": f"ops={env_key}"})
     try:
         coord.wait_ready(time.monotonic() + 120)
         before = {r: node_metrics(cluster, r) for r in ("prefill", "decode")}
-        url = f"http://127.0.0.1:{http_port}"
+        url = coord.info["http"]
 
         def post(auth: str | None, body: dict, headers: dict | None = None) -> dict:
             h = {"Content-Type": "application/json", **({"Authorization": auth} if auth else {}), **(headers or {})}
@@ -677,7 +666,7 @@ def test_api_keys_refuse_before_any_work_and_a_request_runs_as_its_keys_tenant(
             assert json.loads(he.value.read())["error"]["type"] == "authentication_error"
         with urllib.request.urlopen(url + "/ready", timeout=10) as r:  # probes need no key
             assert r.status == 200
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+        with grpc.insecure_channel(coord.info["grpc"]) as ch:
             keyed = pb_grpc.CoordinatorStub(ch)
             req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6, 7, 8]),
                                      sampling=pb.SamplingParams(max_tokens=4, ignore_eos=True))
@@ -705,7 +694,7 @@ def test_api_keys_refuse_before_any_work_and_a_request_runs_as_its_keys_tenant(
             keys.write_text(f"beta={beta}\n")
             wait_until(lambda: _status_of(post, f"Bearer {beta}", small) == 200, timeout_s=10, what="beta's key")
             assert _status_of(post, f"Bearer {acme}", small) == 401
-        logs = (tmp_path / "coordinator-keys.log").read_text()
+        logs = coord.log_path.read_text()
         assert "API keys reloaded" in logs
         for secret in (acme, env_key, beta):
             assert secret not in logs, "an API key is in the coordinator's log"
@@ -713,21 +702,16 @@ def test_api_keys_refuse_before_any_work_and_a_request_runs_as_its_keys_tenant(
         coord.stop()
 
 
-def test_two_coordinator_workers_behind_one_address_and_a_stream_interval(cluster: LocalCluster, stub,
-                                                                           tiny_model: Path, tmp_path: Path) -> None:
+def test_two_coordinator_workers_behind_one_address_and_a_stream_interval(cluster: LocalCluster, stub) -> None:
     """A second coordinator over the same nodes: --workers 2 (two processes on one gRPC and one HTTP
     port, /metrics summed over both) and --stream-interval 4 (vLLM's engine on the decode node
     groups the tokens: the same tokens in fewer messages)."""
     from concurrent.futures import ThreadPoolExecutor
 
     grpc_port, http_port = free_port(), free_port()
-    log = tmp_path / "coordinator-workers.log"
-    coord = Daemon("coordinator-workers", "coordinator", [
-        sys.executable, "-m", "tandem.cli", "coordinator", "--etcd", cluster.etcd_url, "--cluster",
-        cluster.spec.cluster, "--model", str(tiny_model), "--grpc-port", str(grpc_port), "--http-port",
-        str(http_port), "--max-model-len", str(MAX_MODEL_LEN), "--stream-interval", "4",
-        "--conditional-disagg", "off", "--workers", "2"], log)
-    coord.start()
+    coord = cluster.add_coordinator("coordinator-workers", "--stream-interval", "4", "--conditional-disagg", "off",
+                                    "--workers", "2", grpc_port=grpc_port, http_port=http_port)
+    log = coord.log_path
     try:
         coord.wait_ready(time.monotonic() + 120)
         assert coord.info["workers"] == "2" and coord.info["grpc"].endswith(f":{grpc_port}")
@@ -785,21 +769,15 @@ def test_two_coordinator_workers_behind_one_address_and_a_stream_interval(cluste
     assert coord.proc is not None and coord.proc.returncode == 0, log.read_text()[-3000:]
 
 
-def test_a_prefill_node_serves_a_request_whole_with_colocate(cluster: LocalCluster, references, tiny_model: Path,
-                                                            tmp_path: Path) -> None:
+def test_a_prefill_node_serves_a_request_whole_with_colocate(cluster: LocalCluster, references) -> None:
     """A coordinator with --colocate always (and no prefill on the decode node): the prefill node
     prefills and decodes the request itself, no KV moves, and greedy output is a plain engine's; a
     one-token request stays a plain prefill; a KV handle sent to the prefill node's Decode is refused."""
-    grpc_port = free_port()
-    log = tmp_path / "coordinator-colocate.log"
-    coord = Daemon("coordinator-colocate", "coordinator", [
-        sys.executable, "-m", "tandem.cli", "coordinator", "--etcd", cluster.etcd_url, "--cluster",
-        cluster.spec.cluster, "--model", str(tiny_model), "--grpc-port", str(grpc_port), "--http-port", "0",
-        "--max-model-len", str(MAX_MODEL_LEN), "--colocate", "always", "--conditional-disagg", "off"], log)
-    coord.start()
+    coord = cluster.add_coordinator("coordinator-colocate", "--colocate", "always", "--conditional-disagg", "off")
+    log = coord.log_path
     try:
         coord.wait_ready(time.monotonic() + 120)
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+        with grpc.insecure_channel(coord.info["grpc"]) as ch:
             stub = pb_grpc.CoordinatorStub(ch)
             p_before, d_before = node_metrics(cluster, "prefill"), node_metrics(cluster, "decode")
             n, max_tokens = GREEDY[1]
@@ -910,7 +888,7 @@ def test_the_grafana_dashboard_reads_only_metrics_the_cluster_exports(cluster: L
     assert metric(coord, "vllm:time_to_first_token_seconds_count", model_name="") == 0
 
 
-def test_a_coordinator_only_install_serves_against_the_clusters_nodes(cluster: LocalCluster, stub, tiny_model: Path,
+def test_a_coordinator_only_install_serves_against_the_clusters_nodes(cluster: LocalCluster, stub,
                                                                        tmp_path: Path) -> None:
     """The wheel built from this repository, in a fresh virtual environment with its core
     dependencies only (no vLLM, torch or UCX), runs a coordinator over this cluster's nodes."""
@@ -934,11 +912,7 @@ def test_a_coordinator_only_install_serves_against_the_clusters_nodes(cluster: L
                               "print([m for m in ('vllm', 'torch', 'ucxx', 'transformers') if u.find_spec(m)])"],
                              capture_output=True, text=True, timeout=60)
     assert present.stdout.strip() == "[]", present.stdout + present.stderr
-    coord = Daemon("coordinator-wheel", "coordinator", [
-        str(venv / "bin" / "tandem"), "coordinator", "--etcd", cluster.etcd_url, "--cluster", cluster.spec.cluster,
-        "--model", str(tiny_model), "--grpc-port", str(free_port()), "--http-port", str(free_port()),
-        "--max-model-len", str(MAX_MODEL_LEN)], tmp_path / "coordinator-wheel.log")
-    coord.start()
+    coord = cluster.add_coordinator("coordinator-wheel", command=[str(venv / "bin" / "tandem")])
     try:
         coord.wait_ready(time.monotonic() + 120)
         ids = prompt_ids(30, 61)
