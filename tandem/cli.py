@@ -380,6 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_relay_bench_args(brl)
     brl.set_defaults(fn=cmd_relay_bench)
 
+    from tandem.bench.prefill_scatter import add_args as add_scatter_args
+    from tandem.bench.prefill_scatter import cmd_scatter
+
+    bsc = bsub.add_parser("scatter", help="how far a prefill's time scatters on one pinned core, alone: the floor "
+                                          "under admission's TTFT error on this host")
+    add_scatter_args(bsc)
+    bsc.set_defaults(fn=cmd_scatter)
+
     from tandem.bench.shift import add_args as add_shift_args
     from tandem.bench.shift import cmd_shift
 
