@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 
 from tandem.bench.forecast_whole import read
 from tandem.bench.metrics import percentile
@@ -124,21 +125,45 @@ def best_line(pairs: list[tuple[float, float]]) -> tuple[float, float, float]:
     return best[1], best[2], best[0]
 
 
+def engine_errors(paths: list[str]) -> tuple[list[float], list[float]]:
+    """The prefill calls' own engine time (first step to first token) in the prefill nodes' logs
+    beside each coordinator log (prefill-*.log, those with uncached tokens), each node's under a
+    quadratic in uncached tokens fitted in hindsight on that node's calls, and the same with the
+    pace carried (bench/prefill_scatter.py's ``hindsight_errors``): pooled errors of each."""
+    from tandem.bench.prefill_scatter import hindsight_errors, node_prefills
+
+    quad: list[float] = []
+    paced: list[float] = []
+    for path in paths:
+        for node_log in sorted(Path(path).parent.glob("prefill-*.log")):
+            samples = sorted((s for s in node_prefills(node_log).values() if s[0] > 0), key=lambda s: s[2])
+            if len(samples) >= 8:
+                q, p = hindsight_errors(samples)
+                quad += q
+                paced += p
+    return quad, paced
+
+
 def floor(logs: dict[str, list[str]]) -> str:
     """Each system's calls with nothing queued: their p90 as predicted (as logged), at the best scale
     factor chosen in hindsight (``best_scale``), and at the best line in hindsight
-    (``best_line``)."""
+    (``best_line``); and every prefill call's own engine time against a quadratic in its tokens
+    fitted in hindsight, alone and with the pace carried (``engine_errors``)."""
     rows = ["| system | calls with nothing queued | TTFT error p90 as predicted | best factor in hindsight | "
-            "its p90 | best line in hindsight, its p90 |", "|---|---:|---:|---:|---:|---:|"]
+            "its p90 | best line in hindsight, its p90 | prefill calls' engine time: quadratic in hindsight, "
+            "p90 | with the pace carried |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, paths in logs.items():
+        quad, paced = engine_errors(paths)
+        engine = (f"{percentile(quad, 90) * 100:.1f} % (n {len(quad)}) | {percentile(paced, 90) * 100:.1f} %"
+                  if quad else "– | –")
         pairs = lone_calls(paths)
         if len(pairs) < 3:
-            rows.append(f"| {name} | {len(pairs)} | – | – | – | – |")
+            rows.append(f"| {name} | {len(pairs)} | – | – | – | – | {engine} |")
             continue
         k, p90 = best_scale(pairs)
         as_is = percentile([abs(p - a) / a for p, a in pairs], 90)
         rows.append(f"| {name} | {len(pairs)} | {as_is * 100:.1f} % | x{k:.3f} | {p90 * 100:.1f} % | "
-                    f"{best_line(pairs)[2] * 100:.1f} % |")
+                    f"{best_line(pairs)[2] * 100:.1f} % | {engine} |")
     return "\n".join(rows)
 
 
@@ -207,7 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pace-grid", action="store_true", help="print the TTFT p90s over gains and hold times")
     ap.add_argument("--floor", action="store_true",
                     help="print, for the prefill calls with nothing queued, the p90 at the best scale factor "
-                         "and with a line fitted in hindsight: the error no constant recalibration removes")
+                         "and with a line fitted in hindsight: the error no constant recalibration removes; and "
+                         "(from the prefill nodes' logs beside each coordinator log) every prefill call's engine "
+                         "time against a quadratic in its tokens fitted in hindsight, and with the pace carried")
     args = ap.parse_args(argv)
     if args.pace_hold_s <= 0:
         ap.error("--pace-hold-s must be positive")

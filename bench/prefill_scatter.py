@@ -49,11 +49,26 @@ from typing import Any
 PHASES = ("node-serial", "node-open", "engine-idle", "engine-memory")  # the order they run in
 # A core's worth of memory traffic: copying 512 MiB over and over (no cache holds it)
 _MEMORY_HOG = "import numpy as np\na = np.ones(64 << 20)\nb = np.empty_like(a)\nwhile True:\n    np.copyto(b, a)\n"
-# the coordinator's id for a request of ours (its client id); a prefill node's finish line for a
-# request: the coordinator's id, uncached tokens, its engine's time
+# the coordinator's id for a request of ours (its client id)
 _CLIENT_ID = re.compile(r"request (req-\S+): client id '(scatter-[\w-]+)'")
+# a prefill node's finish line for a prefill call: the coordinator's id, tokens, cached tokens, its
+# engine's time from its first step
 _PREFILLED = re.compile(r"^(\S+ \S+) .*request (\S+?)-p\d+\.\d+: prefilled (\d+) tokens \((\d+) cached\) "
                         r"in [\d.]+ s \(([\d.]+) s from its first step\)")
+
+
+def node_prefills(path: str | Path) -> dict[str, tuple[int, float, float]]:
+    """A prefill node's log: its prefill calls by the coordinator's request id, each as (uncached
+    tokens, its engine's seconds from its first step, when that step began (epoch seconds))."""
+    import datetime
+
+    out = {}
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        if m := _PREFILLED.search(line):
+            took = float(m.group(5))
+            end = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            out[m.group(2)] = (int(m.group(3)) - int(m.group(4)), took, end - took)
+    return out
 
 
 def p90_error(predicted: list[float], actual: list[float], q: float = 90.0) -> float:
@@ -107,6 +122,16 @@ def carried(predicted: list[float], samples: list[tuple[int, float, float]]) -> 
     return out
 
 
+def hindsight_errors(samples: list[tuple[int, float, float]]) -> tuple[list[float], list[float]]:
+    """|predicted - actual| / actual of each of ``samples`` ((tokens, seconds, started at), in the order
+    they started) under the quadratic in tokens fitted on them, and under it with the pace carried."""
+    tokens, times = [k for k, _, _ in samples], [t for _, t, _ in samples]
+    coef = fit_relative(tokens, times, 2)
+    pred = [poly(coef, k) for k in tokens]
+    return ([abs(p - t) / t for p, t in zip(pred, times)],
+            [abs(p - t) / t for p, t in zip(carried(pred, samples), times)])
+
+
 def quarters(predicted: list[float], actual: list[float]) -> list[float]:
     """The median of actual / predicted in each quarter of the run, in order (the host's drift)."""
     from tandem.bench.metrics import percentile
@@ -130,9 +155,8 @@ def summarize(varied: list[tuple[int, float, float]], fixed: list[float] | None 
         pred = [poly(coef, k) for k in tokens]
         out["varied"][name] = {"coefficients": coef, "p50": p90_error(pred, times, 50), "p90": p90_error(pred, times),
                                "drift": quarters(pred, times)}
-        if name == "quadratic":
-            paced = carried(pred, varied)
-            out["varied"]["carried"] = {"p50": p90_error(paced, times, 50), "p90": p90_error(paced, times)}
+    _, paced = hindsight_errors(varied)
+    out["varied"]["carried"] = {"p50": percentile(paced, 50), "p90": percentile(paced, 90)}
     if fixed:
         const, const_p90 = best_constant(fixed)
         out["fixed"] = {"n": len(fixed), **{f"p{q}_s": percentile(fixed, q) for q in (10, 50, 90)},
@@ -210,17 +234,13 @@ def node_phases(args: argparse.Namespace, vocab: int, rnd: random.Random) -> dic
         time.sleep(1.0)  # the node's log pump
     finally:
         system.stop()
-    import datetime
-
     ours = {m.group(1): m.group(2).rsplit("-", 1)[0][len("scatter-"):]
             for line in (logs / "coordinator.log").read_text(encoding="utf-8", errors="replace").splitlines()
             if (m := _CLIENT_ID.search(line))}
     out: dict[str, list[tuple[int, float, float]]] = {p: [] for p in phases}
-    for line in (logs / "prefill-0.log").read_text(encoding="utf-8", errors="replace").splitlines():
-        if (m := _PREFILLED.search(line)) and m.group(2) in ours:
-            took = float(m.group(5))
-            end = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            out[ours[m.group(2)]].append((int(m.group(3)) - int(m.group(4)), took, end - took))
+    for rid, sample in node_prefills(logs / "prefill-0.log").items():
+        if rid in ours:
+            out[ours[rid]].append(sample)
     for phase, samples in out.items():
         if len(samples) != args.n:
             raise RuntimeError(f"{phase}: the prefill node logged {len(samples)} of its {args.n} prefills ({logs})")

@@ -98,4 +98,15 @@ def test_the_floor_is_the_p90_at_the_best_factor_chosen_in_hindsight(tmp_path: P
     a, b, p90 = best_line(offset)
     assert a == pytest.approx(0.05, abs=0.005) and b == pytest.approx(1.1, abs=0.01) and p90 < 0.005
     main([f"x={log}", "--floor"])
-    assert "| x | 4 | 20.0 % | x1.25" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| x | 4 | 20.0 % | x1.25" in out and out.rstrip().endswith("| – | – |")  # no prefill node's log beside
+    # The prefill node's log beside it: ten calls whose engine time is a line in their uncached tokens
+    # (a quadratic fits it exactly), and one all cached (not counted).
+    lines = [f"2026-12-07 05:41:{10 + 2 * i:02d},456 INFO prefill tandem.prefill_node.server: request r{i}-p0.0: "
+             f"prefilled {100 + 60 * i} tokens (32 cached) in {0.03 + 0.001 * (68 + 60 * i):.3f} s "
+             f"({0.02 + 0.001 * (68 + 60 * i):.3f} s from its first step)\n" for i in range(10)]
+    lines.append("2026-12-07 05:41:59,000 INFO prefill tandem.prefill_node.server: request c-p0.0: prefilled 64 "
+                 "tokens (64 cached) in 0.011 s (0.010 s from its first step)\n")
+    (tmp_path / "prefill-0.log").write_text("".join(lines))
+    main([f"x={log}", "--floor"])
+    assert capsys.readouterr().out.rstrip().endswith("| 0.0 % (n 10) | 0.0 % |")
