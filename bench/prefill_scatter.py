@@ -51,15 +51,16 @@ PHASES = ("node-serial", "node-open", "engine-idle", "engine-memory")  # the ord
 _MEMORY_HOG = "import numpy as np\na = np.ones(64 << 20)\nb = np.empty_like(a)\nwhile True:\n    np.copyto(b, a)\n"
 # the coordinator's id for a request of ours (its client id)
 _CLIENT_ID = re.compile(r"request (req-\S+): client id '(scatter-[\w-]+)'")
-# a prefill node's finish line for a prefill call: the coordinator's id, tokens, cached tokens, its
-# engine's time from its first step
-_PREFILLED = re.compile(r"^(\S+ \S+) .*request (\S+?)-p\d+\.\d+: prefilled (\d+) tokens \((\d+) cached\) "
+# a prefill node's finish line for a prefill call: the call's id (the coordinator's request id, then
+# -p<leg>.<attempt>), tokens, cached tokens, its engine's time from its first step
+_PREFILLED = re.compile(r"^(\S+ \S+) .*request (\S+?-p\d+\.\d+): prefilled (\d+) tokens \((\d+) cached\) "
                         r"in [\d.]+ s \(([\d.]+) s from its first step\)")
 
 
 def node_prefills(path: str | Path) -> dict[str, tuple[int, float, float]]:
-    """A prefill node's log: its prefill calls by the coordinator's request id, each as (uncached
-    tokens, its engine's seconds from its first step, when that step began (epoch seconds))."""
+    """A prefill node's log: its prefill calls by their own id (a request's retries and later legs
+    apart: the coordinator's request id is the part before the last "-p"), each as (uncached tokens,
+    its engine's seconds from its first step, when that step began (epoch seconds))."""
     import datetime
 
     out = {}
@@ -71,7 +72,7 @@ def node_prefills(path: str | Path) -> dict[str, tuple[int, float, float]]:
     return out
 
 
-def p90_error(predicted: list[float], actual: list[float], q: float = 90.0) -> float:
+def error_at(predicted: list[float], actual: list[float], q: float = 90.0) -> float:
     """The ``q``th percentile of |predicted - actual| / actual (interpolated, as bench/metrics.py)."""
     from tandem.bench.metrics import percentile
 
@@ -82,10 +83,10 @@ def best_constant(times: list[float], steps: int = 400) -> tuple[float, float]:
     """(the one number that, predicting every one of ``times``, gives them the lowest p90 error;
     that p90), searched over ``steps`` + 1 values from their least to their most."""
     lo, hi = min(times), max(times)
-    best = (hi, p90_error([hi] * len(times), times))
+    best = (hi, error_at([hi] * len(times), times))
     for k in range(steps + 1):
         c = lo + (hi - lo) * k / steps
-        e = p90_error([c] * len(times), times)
+        e = error_at([c] * len(times), times)
         if e < best[1]:
             best = (c, e)
     return best
@@ -144,7 +145,9 @@ def quarters(predicted: list[float], actual: list[float]) -> list[float]:
 
 def summarize(varied: list[tuple[int, float, float]], fixed: list[float] | None = None) -> dict[str, Any]:
     """A phase's numbers from its prefills of varied lengths, (tokens, seconds, started at) each
-    in the order they started: the fits' error and drift, the quadratic's with the pace carried;
+    in the order they started (started at: epoch seconds from a node's log, or this process's
+    perf_counter for an engine here; only differences count): the fits' error and drift, the
+    quadratic's with the pace carried;
     with ``fixed`` (the times of prompts all one length), their spread and best constant."""
     from tandem.bench.metrics import percentile
 
@@ -153,7 +156,7 @@ def summarize(varied: list[tuple[int, float, float]], fixed: list[float] | None 
     for name, degree in (("line", 1), ("quadratic", 2)):
         coef = fit_relative(tokens, times, degree)
         pred = [poly(coef, k) for k in tokens]
-        out["varied"][name] = {"coefficients": coef, "p50": p90_error(pred, times, 50), "p90": p90_error(pred, times),
+        out["varied"][name] = {"coefficients": coef, "p50": error_at(pred, times, 50), "p90": error_at(pred, times),
                                "drift": quarters(pred, times)}
     _, paced = hindsight_errors(varied)
     out["varied"]["carried"] = {"p50": percentile(paced, 50), "p90": percentile(paced, 90)}
@@ -161,7 +164,7 @@ def summarize(varied: list[tuple[int, float, float]], fixed: list[float] | None 
         const, const_p90 = best_constant(fixed)
         out["fixed"] = {"n": len(fixed), **{f"p{q}_s": percentile(fixed, q) for q in (10, 50, 90)},
                         "best_constant_s": const, "best_constant_p90": const_p90,
-                        "best_constant_p50": p90_error([const] * len(fixed), fixed, 50),
+                        "best_constant_p50": error_at([const] * len(fixed), fixed, 50),
                         "drift": quarters([const] * len(fixed), fixed)}
     return out
 
@@ -206,7 +209,7 @@ def node_phases(args: argparse.Namespace, vocab: int, rnd: random.Random) -> dic
     errors: list[BaseException] = []
     try:
         for i in range(10):  # warm-up
-            _post(system.target, f"warm-{i}", [rnd.randrange(5, vocab) for _ in range(args.fixed_tokens)], 1)
+            _post(system.target, f"warm-{i}", [rnd.randrange(5, vocab) for _ in range(args.max_tokens)], 1)
         for phase in phases:
             print(f"{phase}:", flush=True)
             lengths = _lengths(args, rnd)
@@ -238,12 +241,13 @@ def node_phases(args: argparse.Namespace, vocab: int, rnd: random.Random) -> dic
             for line in (logs / "coordinator.log").read_text(encoding="utf-8", errors="replace").splitlines()
             if (m := _CLIENT_ID.search(line))}
     out: dict[str, list[tuple[int, float, float]]] = {p: [] for p in phases}
-    for rid, sample in node_prefills(logs / "prefill-0.log").items():
-        if rid in ours:
+    for call, sample in node_prefills(logs / "prefill-0.log").items():
+        if (rid := call.rsplit("-p", 1)[0]) in ours:
             out[ours[rid]].append(sample)
     for phase, samples in out.items():
         if len(samples) != args.n:
-            raise RuntimeError(f"{phase}: the prefill node logged {len(samples)} of its {args.n} prefills ({logs})")
+            raise RuntimeError(f"{phase}: the prefill node logged {len(samples)} prefill calls for its {args.n} "
+                               f"requests (a retry is one more) ({logs})")
         samples.sort(key=lambda s: s[2])
     return out
 
@@ -275,8 +279,12 @@ def engine_phases(args: argparse.Namespace, vocab: int, rnd: random.Random) -> d
             varied = _engine_phase(llm, _lengths(args, rnd), rnd, vocab, "varied")
         finally:
             if hog is not None:
+                died = hog.poll()
                 hog.kill()
                 hog.wait()
+                if died is not None:
+                    raise RuntimeError(f"{phase}: the memory-streaming process exited (code {died}) before the "
+                                       "phase ended: the phase ran without it")
         out[phase] = {"varied": varied, "fixed": fixed}
     return out
 

@@ -383,8 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tandem.bench.prefill_scatter import add_args as add_scatter_args
     from tandem.bench.prefill_scatter import cmd_scatter
 
-    bsc = bsub.add_parser("scatter", help="how far a prefill's time scatters on one pinned core, alone: the floor "
-                                          "under admission's TTFT error on this host")
+    bsc = bsub.add_parser("scatter", help="how far a prefill's time scatters around a model of its tokens fitted in "
+                                          "hindsight, through a real 1:1 cluster and in one engine pinned alone: "
+                                          "the floor under admission's TTFT error on this host")
     add_scatter_args(bsc)
     bsc.set_defaults(fn=cmd_scatter)
 

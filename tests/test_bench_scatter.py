@@ -43,8 +43,8 @@ def test_a_phase_summary_reports_the_fits_error_and_the_hosts_drift(tmp_path) ->
     q = s["varied"]["quadratic"]
     assert q["drift"][3] / q["drift"][0] == pytest.approx(1.1, rel=0.02)
     assert 0.03 < q["p90"] < 0.1  # the slow half is the error no fit in tokens removes
-    # ... and the previous prefill's deviation, carried (at the pace's gain, faded over half a second),
-    # takes half of each half's own off
+    # ... and the previous prefill's deviation, carried (at the pace's gain, faded by its age: the
+    # prefills here are under a second apart), takes much of the step off
     assert s["varied"]["carried"]["p90"] < 0.75 * q["p90"]
     assert "fixed" not in summarize(varied)
     doc = {"model": "/m/bench-model", "core": 0, "n": 80, "fixed_tokens": 300, "min_tokens": 50, "max_tokens": 840,
