@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import datetime
 import glob
 import os
 import re
@@ -53,6 +52,7 @@ from dataclasses import dataclass
 
 from tandem.bench.metrics import percentile
 from tandem.coordinator.calibration import MIN_SLOPE, Calibration
+from tandem.logs import log_time
 
 LINE = re.compile(r"^(\S+ \S+) .*after (\d+) tokens \(ttft ([\d.]+) s, tpot ([\d.]+) ms, e2e ([\d.]+) s, "
                   r".*decode (\S+), migrations (\d+).*predicted ttft [\d.]+ s, tpot ([\d.]+) ms"
@@ -79,7 +79,7 @@ def read(path: str) -> list[Req]:
         m = LINE.search(line)
         if not m:
             continue
-        end = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        end = log_time(m.group(1))
         tokens, ttft, e2e = int(m.group(2)), float(m.group(3)), float(m.group(5))
         tpot, predicted = float(m.group(4)) / 1000, float(m.group(8)) / 1000
         # A TPOT of one or two gaps says little; a migrated request's prediction was for another node.

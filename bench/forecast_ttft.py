@@ -7,13 +7,13 @@ local prefills admitted after them."""
 from __future__ import annotations
 
 import bisect
-import datetime
 import re
 
 from tandem.bench.forecast import p50_p90
 from tandem.bench.forecast_whole import read
 from tandem.bench.metrics import percentile
 from tandem.coordinator.calibration import MAX_RATIO, Calibration
+from tandem.logs import log_time
 
 
 def ttft_parts(path: str) -> dict[str, dict[str, float]]:
@@ -179,7 +179,7 @@ def ttft_local_by_later(path: str) -> dict[str, dict[str, float]]:
         if ": admitted, prefills on decode node" in line:
             m = ADMITTED_LOCAL_AT.search(line)
             if m:
-                at = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                at = log_time(m.group(1))
                 admitted[m.group(2)] = (at, m.group(3), int(m.group(4)))
         elif "(local)" in line and (m := FINISHED_LOCAL.search(line)):
             finished[m.group(1)] = (float(m.group(2)), float(m.group(3)))

@@ -7,12 +7,12 @@ was admitted before the stream (known to admission) or after it."""
 
 from __future__ import annotations
 
-import datetime
 import re
 import statistics
 from dataclasses import dataclass
 
 from tandem.bench.forecast_work import overlap_s
+from tandem.logs import log_time
 
 WHOLE = re.compile(r"request (\S+): admitted, served whole on prefill node ")
 FINISH = re.compile(r"^(\S+ \S+) .*request (\S+): \w+ after (\d+) tokens \(ttft ([\d.]+) s, tpot ([\d.]+) ms, "
@@ -61,7 +61,7 @@ def read(path: str) -> tuple[list[_Finished], set[str]]:
         m = FINISH.search(line)
         if not m:
             continue
-        end = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        end = log_time(m.group(1))
         e2e = float(m.group(6))
         p = PACE.search(line)
         pace = (float(p.group(1)), not p.group(2), float(p.group(3)), float(p.group(4))) if p else None

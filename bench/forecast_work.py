@@ -4,12 +4,12 @@ request's decode life, and how far the best fits of TPOT get with and without th
 
 from __future__ import annotations
 
-import datetime
 import os
 import re
 import statistics
 
 from tandem.bench.forecast import Req, _forecasts, p50_p90, read
+from tandem.logs import log_time
 
 LOCAL_SPAN = re.compile(r"^(\S+ \S+) .*after \d+ tokens \(ttft [\d.]+ s, tpot [\d.]+ ms, e2e ([\d.]+) s, "
                         r"prefill (\S+) \(local\), .*dispatch ([\d.]+) s, prefill call ([\d.]+) s")
@@ -45,7 +45,7 @@ def _spans(path: str, node_logs: list[str]) -> dict[str, dict[str, list[tuple[fl
     out: dict[str, dict[str, list[tuple[float, float, float]]]] = {"prefill": {}, "fetch": {}}
     for line in open(path, encoding="utf-8", errors="replace"):
         if "(local)" in line and (m := LOCAL_SPAN.search(line)):
-            end = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            end = log_time(m.group(1))
             arrived = end - float(m.group(2))
             start = arrived + float(m.group(4))
             out["prefill"].setdefault(m.group(3), []).append((arrived, start, start + float(m.group(5))))
@@ -53,7 +53,7 @@ def _spans(path: str, node_logs: list[str]) -> dict[str, dict[str, list[tuple[fl
         node = os.path.basename(log).rsplit(".", 1)[0]
         for line in open(log, encoding="utf-8", errors="replace"):
             if ": fetched " in line and (m := FETCHED.search(line)):
-                end = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                end = log_time(m.group(1))
                 out["fetch"].setdefault(node, []).append((end - float(m.group(3)), end - float(m.group(3)), end))
     return out
 

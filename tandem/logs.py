@@ -22,6 +22,16 @@ def setup_logging(component: str, level: str | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+LOG_TIME_FORMAT = "%Y-%m-%d %H:%M:%S,%f"  # logging's %(asctime)s, as the lines above start
+
+
+def log_time(stamp: str) -> float:
+    """Epoch seconds of a log line's "2026-12-07 05:41:26,456" (its first two fields), local time."""
+    import datetime
+
+    return datetime.datetime.strptime(stamp, LOG_TIME_FORMAT).timestamp()
+
+
 def ensure_engine_logging(label: str) -> None:
     """In a vLLM engine process (its core: the connector's scheduler half; its worker), which
     configures only vLLM's loggers: a handler for Tandem's, in the daemons' format, ``label``
