@@ -298,6 +298,12 @@ class LocalCluster:
         return next(d for d in self.nodes if d.name == name)
 
     # lifecycle --------------------------------------------------------------
+    def _common_args(self) -> list[str]:
+        """Every daemon's flags for this cluster: its etcd, name, model, host and max model length."""
+        s = self.spec
+        return ["--etcd", self.etcd_url, "--cluster", s.cluster, "--model", s.model, "--host", s.host,
+                *(["--max-model-len", str(s.max_model_len)] if s.max_model_len else [])]
+
     def _cli(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "tandem.cli", *args]
 
@@ -317,7 +323,6 @@ class LocalCluster:
                 from tandem.membership import use_etcd_tls
 
                 use_etcd_tls(self.tls.cert, self.tls.key, self.tls.ca)
-            common = ["--etcd", self.etcd_url, "--cluster", s.cluster, "--model", s.model, "--host", s.host]
             secret = self._kv_secret()
             for i in range(s.num_coordinators):
                 name = "coordinator" if i == 0 else f"coordinator-{i}"
@@ -333,13 +338,12 @@ class LocalCluster:
             for role, cores in zip(roles, plan):
                 name = f"{role}-{counters[role]}"
                 counters[role] += 1
-                argv = self._cli(role, *common, *self.tls_args(), "--node-id", name, "--cores", cores,
+                argv = self._cli(role, *self._common_args(), *self.tls_args(), "--node-id", name, "--cores", cores,
                                  "--kv-cache-gib", str(s.kv_cache_gib),
                                  "--decode-kv-cache-gib", str(s.decode_kv_cache_gib),
                                  "--kv-transport", s.transport,
                                  *(["--kv-secret-file", secret] if secret else []),
                                  "--ttl-s", str(s.ttl_s), "--kv-lease-s", str(s.lease_s),
-                                 *(["--max-model-len", str(s.max_model_len)] if s.max_model_len else []),
                                  *self._kvstore_args(name), *s.extra_node_args, *s.node_args.get(name, []))
                 d = Daemon(name, role, argv, self.log_dir / f"{name}.log", tls=self.tls)
                 d.start()
@@ -362,11 +366,8 @@ class LocalCluster:
         Ports 0: it binds free ones and says which (``info``). ``command``: what runs
         ``tandem`` (this Python's ``-m tandem.cli``). Not this cluster's to supervise or stop:
         the caller stops it (``start`` keeps its own in ``coordinators``)."""
-        s = self.spec
-        argv = [*(command or self._cli()), "coordinator", "--etcd", self.etcd_url, "--cluster", s.cluster,
-                "--model", s.model, "--host", s.host, *self.tls_args(coordinator=True),
-                "--grpc-port", str(grpc_port), "--http-port", str(http_port),
-                *(["--max-model-len", str(s.max_model_len)] if s.max_model_len else []), *args]
+        argv = [*(command or self._cli()), "coordinator", *self._common_args(), *self.tls_args(coordinator=True),
+                "--grpc-port", str(grpc_port), "--http-port", str(http_port), *args]
         # its front door takes the client CA's certificates, not the daemons'
         d = Daemon(name, "coordinator", argv, self.log_dir / f"{name}.log", env=env or {}, tls=self.client_tls)
         d.start()
