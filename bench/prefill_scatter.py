@@ -46,6 +46,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tandem.logs import log_time
+
 PHASES = ("node-serial", "node-open", "engine-idle", "engine-memory")  # the order they run in
 # A core's worth of memory traffic: copying 512 MiB over and over (no cache holds it)
 _MEMORY_HOG = "import numpy as np\na = np.ones(64 << 20)\nb = np.empty_like(a)\nwhile True:\n    np.copyto(b, a)\n"
@@ -61,35 +63,22 @@ def node_prefills(path: str | Path) -> dict[str, tuple[int, float, float]]:
     """A prefill node's log: its prefill calls by their own id (a request's retries and later legs
     apart: the coordinator's request id is the part before the last "-p"), each as (uncached tokens,
     its engine's seconds from its first step, when that step began (epoch seconds))."""
-    import datetime
-
     out = {}
     for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
         if m := _PREFILLED.search(line):
             took = float(m.group(5))
-            end = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            end = log_time(m.group(1))
             out[m.group(2)] = (int(m.group(3)) - int(m.group(4)), took, end - took)
     return out
 
 
-def error_at(predicted: list[float], actual: list[float], q: float = 90.0) -> float:
-    """The ``q``th percentile of |predicted - actual| / actual (interpolated, as bench/metrics.py)."""
-    from tandem.bench.metrics import percentile
-
-    return percentile([abs(p - a) / a for p, a in zip(predicted, actual)], q)
-
-
-def best_constant(times: list[float], steps: int = 400) -> tuple[float, float]:
+def best_constant(times: list[float], steps: int = 601) -> tuple[float, float]:
     """(the one number that, predicting every one of ``times``, gives them the lowest p90 error;
-    that p90), searched over ``steps`` + 1 values from their least to their most."""
-    lo, hi = min(times), max(times)
-    best = (hi, error_at([hi] * len(times), times))
-    for k in range(steps + 1):
-        c = lo + (hi - lo) * k / steps
-        e = error_at([c] * len(times), times)
-        if e < best[1]:
-            best = (c, e)
-    return best
+    that p90): error_kinds' ``best_scale`` of a prediction of 1, over ``steps`` factors from their
+    least to their most."""
+    from tandem.bench.error_kinds import best_scale
+
+    return best_scale([(1.0, t) for t in times], min(times), max(times), steps)
 
 
 def fit_relative(tokens: list[int], times: list[float], degree: int) -> list[float]:
@@ -123,14 +112,16 @@ def carried(predicted: list[float], samples: list[tuple[int, float, float]]) -> 
     return out
 
 
-def hindsight_errors(samples: list[tuple[int, float, float]]) -> tuple[list[float], list[float]]:
+def hindsight_errors(samples: list[tuple[int, float, float]],
+                     coef: list[float] | None = None) -> tuple[list[float], list[float]]:
     """|predicted - actual| / actual of each of ``samples`` ((tokens, seconds, started at), in the order
-    they started) under the quadratic in tokens fitted on them, and under it with the pace carried."""
-    tokens, times = [k for k, _, _ in samples], [t for _, t, _ in samples]
-    coef = fit_relative(tokens, times, 2)
-    pred = [poly(coef, k) for k in tokens]
-    return ([abs(p - t) / t for p, t in zip(pred, times)],
-            [abs(p - t) / t for p, t in zip(carried(pred, samples), times)])
+    they started) under the polynomial ``coef`` in tokens (default: the quadratic fitted on them),
+    and under it with the pace carried."""
+    if coef is None:
+        coef = fit_relative([k for k, _, _ in samples], [t for _, t, _ in samples], 2)
+    pred = [poly(coef, k) for k, _, _ in samples]
+    return ([abs(p - t) / t for p, (_, t, _) in zip(pred, samples)],
+            [abs(p - t) / t for p, (_, t, _) in zip(carried(pred, samples), samples)])
 
 
 def quarters(predicted: list[float], actual: list[float]) -> list[float]:
@@ -149,22 +140,23 @@ def summarize(varied: list[tuple[int, float, float]], fixed: list[float] | None 
     perf_counter for an engine here; only differences count): the fits' error and drift, the
     quadratic's with the pace carried;
     with ``fixed`` (the times of prompts all one length), their spread and best constant."""
+    from tandem.bench.forecast import p50_p90
     from tandem.bench.metrics import percentile
 
     tokens, times = [k for k, _, _ in varied], [t for _, t, _ in varied]
     out: dict[str, Any] = {"varied": {"n": len(varied)}}
     for name, degree in (("line", 1), ("quadratic", 2)):
         coef = fit_relative(tokens, times, degree)
-        pred = [poly(coef, k) for k in tokens]
-        out["varied"][name] = {"coefficients": coef, "p50": error_at(pred, times, 50), "p90": error_at(pred, times),
-                               "drift": quarters(pred, times)}
-    _, paced = hindsight_errors(varied)
-    out["varied"]["carried"] = {"p50": percentile(paced, 50), "p90": percentile(paced, 90)}
+        errors, paced = hindsight_errors(varied, coef)
+        out["varied"][name] = {"coefficients": coef, **p50_p90(errors),
+                               "drift": quarters([poly(coef, k) for k in tokens], times)}
+        if name == "quadratic":
+            out["varied"]["carried"] = p50_p90(paced)
     if fixed:
         const, const_p90 = best_constant(fixed)
         out["fixed"] = {"n": len(fixed), **{f"p{q}_s": percentile(fixed, q) for q in (10, 50, 90)},
                         "best_constant_s": const, "best_constant_p90": const_p90,
-                        "best_constant_p50": error_at([const] * len(fixed), fixed, 50),
+                        "best_constant_p50": percentile([abs(const - t) / t for t in fixed], 50),
                         "drift": quarters([const] * len(fixed), fixed)}
     return out
 
